@@ -1,0 +1,5 @@
+"""fp8_gemm."""
+
+from .__about__ import __version__
+
+__all__ = ["__version__"]

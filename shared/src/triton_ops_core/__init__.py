@@ -1,0 +1,71 @@
+"""triton-ops-core: exceptions, input validation, data models and device helpers shared by triton-ops kernels."""
+
+from .__about__ import __version__
+from .device import (
+    DevicePeaks,
+    can_run_on,
+    device_name,
+    device_peaks,
+    has_gpu,
+    is_hopper,
+    is_interpreter,
+    kernel_device,
+    measure_copy_bandwidth,
+    supports_fp8,
+)
+from .exceptions import (
+    DeviceMismatchError,
+    InvalidArgumentError,
+    LayoutError,
+    MisalignedInputError,
+    NumericalOverflowError,
+    ShapeMismatchError,
+    TritonKernelError,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+)
+from .models import FP8Format, KernelMetrics, TensorSpec, TrialResult, TuningResult, dtype_from_name, dtype_name
+from .validation import (
+    FP8GEMMInput,
+    GatedMLPInput,
+    RMSNormRoPEInput,
+    validate_fp8_gemm_inputs,
+    validate_gated_mlp_inputs,
+    validate_rmsnorm_rope_inputs,
+)
+
+__all__ = [
+    "__version__",
+    "DeviceMismatchError",
+    "DevicePeaks",
+    "FP8Format",
+    "FP8GEMMInput",
+    "GatedMLPInput",
+    "InvalidArgumentError",
+    "KernelMetrics",
+    "LayoutError",
+    "MisalignedInputError",
+    "NumericalOverflowError",
+    "RMSNormRoPEInput",
+    "ShapeMismatchError",
+    "TensorSpec",
+    "TrialResult",
+    "TritonKernelError",
+    "TuningResult",
+    "UnsupportedDeviceError",
+    "UnsupportedDtypeError",
+    "can_run_on",
+    "device_name",
+    "device_peaks",
+    "dtype_from_name",
+    "dtype_name",
+    "has_gpu",
+    "is_hopper",
+    "is_interpreter",
+    "kernel_device",
+    "measure_copy_bandwidth",
+    "supports_fp8",
+    "validate_fp8_gemm_inputs",
+    "validate_gated_mlp_inputs",
+    "validate_rmsnorm_rope_inputs",
+]

@@ -1,0 +1,81 @@
+"""pytest plugin shared by every triton-ops package's tests (registered as a ``pytest11`` entry point).
+
+- On a machine without a usable GPU it sets ``TRITON_INTERPRET=1`` before test modules import triton, so
+  kernels run on CPU tensors through Triton's interpreter.
+- ``@pytest.mark.gpu`` marks tests that need a compiled kernel on a GPU; they are skipped, with a reason,
+  under the interpreter.
+- Hypothesis profiles: ``interpreter`` (default without a GPU: no deadline, few examples, since each program
+  instance costs about a millisecond) and ``gpu``. ``HYPOTHESIS_PROFILE`` overrides the choice.
+- The ``device`` fixture is the device kernels run on in this session.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _gpu_visible() -> bool:
+    # Decided without importing torch's CUDA state: an explicit choice wins, else ask torch.
+    if os.environ.get("TRITON_INTERPRET", "").strip() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if not _gpu_visible():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "interpreter",
+        max_examples=12,
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile("gpu", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if _gpu_visible() else "interpreter"))
+except ImportError:  # hypothesis is optional for running the plain tests
+    pass
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a compiled kernel on a CUDA GPU (skipped under the interpreter)")
+    config.addinivalue_line("markers", "slow: long-running even on a GPU")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from .device import has_gpu, is_interpreter
+
+    if has_gpu() and not is_interpreter():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (running under the Triton interpreter)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """The device kernels run on here: ``cuda`` on a GPU, else ``cpu`` (interpreter)."""
+    from .testing import test_device
+
+    return test_device()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import torch
+    import triton
+
+    from .device import device_name, is_interpreter
+
+    mode = "Triton interpreter on CPU" if is_interpreter() else "compiled kernels"
+    return f"triton-ops: {mode}; device {device_name()}; torch {torch.__version__}; triton {triton.__version__}"
