@@ -66,9 +66,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def device():
     """The device kernels run on here: ``cuda`` on a GPU, else ``cpu`` (interpreter)."""
-    from .testing import test_device
+    from .testing import device_for_tests
 
-    return test_device()
+    return device_for_tests()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

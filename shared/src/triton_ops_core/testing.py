@@ -10,7 +10,7 @@ import torch
 from .device import has_gpu, is_interpreter
 
 
-def test_device() -> torch.device:
+def device_for_tests() -> torch.device:
     """The device tests run kernels on: CUDA when a GPU is used, else the CPU (under the interpreter)."""
     return torch.device("cuda") if has_gpu() and not is_interpreter() else torch.device("cpu")
 
@@ -47,9 +47,10 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` in place with NaN (floats) or an extreme value, so unwritten elements are caught."""
     if t.dtype.is_floating_point:
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return t.view(torch.uint8).fill_(0x7F)  # NaN in both FP8 formats
+            t.view(torch.uint8).fill_(0x7F)  # NaN in both FP8 formats
+            return t
         return t.fill_(float("nan"))
     return t.fill_(torch.iinfo(t.dtype).max)
 
 
-__all__ = ["assert_close_rel", "poison_", "relative_error", "test_device"]
+__all__ = ["assert_close_rel", "poison_", "relative_error", "device_for_tests"]
