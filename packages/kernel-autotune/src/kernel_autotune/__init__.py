@@ -1,5 +1,42 @@
-"""kernel_autotune."""
+"""kernel_autotune: launch configs for Triton kernels, tuned once and served from disk.
+
+Kernels call :func:`select_config`; users tune with :class:`TritonAutoTuner` or ``python -m kernel_autotune tune``.
+"""
 
 from .__about__ import __version__
+from .cache import CacheFileWarning, cache_dir, cache_file
+from .keys import bucket_problem, device_key, make_key, next_pow2
+from .measure import CudaEventTimer, Timer, WallClockTimer
+from .search import TuningError
+from .select import clear_memo, config_source, select_config, tuning_session
+from .space import (
+    ConfigSpace,
+    block_fits,
+    elements_per_thread_at_most,
+    shared_memory_fits,
+    threads_at_most_block,
+)
 
-__all__ = ["__version__"]
+__all__ = [
+    "CacheFileWarning",
+    "ConfigSpace",
+    "CudaEventTimer",
+    "Timer",
+    "TuningError",
+    "WallClockTimer",
+    "__version__",
+    "block_fits",
+    "bucket_problem",
+    "cache_dir",
+    "cache_file",
+    "clear_memo",
+    "config_source",
+    "device_key",
+    "elements_per_thread_at_most",
+    "make_key",
+    "next_pow2",
+    "select_config",
+    "shared_memory_fits",
+    "threads_at_most_block",
+    "tuning_session",
+]

@@ -1,0 +1,314 @@
+"""The persistent config cache: one JSON file per kernel, merged under a file lock, replaced atomically.
+
+Layout: ``$KERNEL_AUTOTUNE_CACHE_DIR/<kernel name>.json`` (default ``~/.cache/triton-ops/autotune``)::
+
+    {"format": "kernel-autotune-configs", "format_version": 1,
+     "entries": {"<canonical key JSON>": {"key": {...}, "config": {...}, "latency_ms": ..., ...}}}
+
+A kernel package's shipped ``tuned_configs.json`` has the same schema (several kernels in one file).
+No pickle anywhere: a cache file is data, never code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .keys import key_string, relaxed_key_string
+
+FORMAT = "kernel-autotune-configs"
+FORMAT_VERSION = 1
+ENV_CACHE_DIR = "KERNEL_AUTOTUNE_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/triton-ops/autotune")
+LOCK_TIMEOUT_S = 120.0
+
+Entry = dict[str, Any]
+
+
+class CacheFileWarning(UserWarning):
+    """A cache or shipped file could not be used (corrupt, foreign or from a newer format); it is ignored."""
+
+
+_warned: set[tuple[str, str]] = set()
+_warn_lock = threading.Lock()
+
+
+def _warn_once(path: Path, reason: str) -> None:
+    with _warn_lock:
+        token = (str(path), reason)
+        if token in _warned:
+            return
+        _warned.add(token)
+    warnings.warn(f"kernel-autotune: ignoring {path}: {reason}", CacheFileWarning, stacklevel=3)
+
+
+def cache_dir() -> Path:
+    """The cache directory: ``$KERNEL_AUTOTUNE_CACHE_DIR`` or ``~/.cache/triton-ops/autotune`` (read each call)."""
+    env = os.environ.get(ENV_CACHE_DIR, "").strip()
+    return Path(env).expanduser() if env else DEFAULT_CACHE_DIR.expanduser()
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def cache_file(kernel: str, directory: Path | str | None = None) -> Path:
+    """The file holding ``kernel``'s entries (name made filesystem-safe)."""
+    safe = _UNSAFE.sub("_", kernel).lstrip(".") or "_"
+    return Path(directory if directory is not None else cache_dir()) / f"{safe}.json"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("key"), dict)
+            and isinstance(entry.get("config"), dict) and isinstance(entry["key"].get("kernel"), str))
+
+
+def parse_document(doc: Any) -> tuple[dict[str, Entry] | None, str | None]:
+    """Entries of a parsed JSON document, or ``(None, reason)`` when it is not one of ours."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None, f"not a kernel-autotune file (no \"format\": \"{FORMAT}\")"
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        return None, f"format_version {version!r} is not supported (this kernel-autotune reads <= {FORMAT_VERSION})"
+    entries = doc.get("entries")
+    if not isinstance(entries, dict):
+        return None, "\"entries\" is not an object"
+    good = {k: v for k, v in entries.items() if _valid_entry(v)}
+    if len(good) != len(entries):
+        return good, f"{len(entries) - len(good)} malformed entries skipped"
+    return good, None
+
+
+def _read(path: Path) -> tuple[dict[str, Entry] | None, str | None]:
+    """(entries, problem): entries None means the whole file is unusable; missing file -> ({}, None)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        return None, f"corrupt JSON ({e})"
+    return parse_document(doc)
+
+
+# Parsed files, re-read only when their inode, size or mtime changes: a lookup costs one stat.
+_parsed: dict[str, tuple[tuple[int, int, int], dict[str, Entry], dict[str, Entry]]] = {}
+_parsed_lock = threading.Lock()
+
+
+def _relaxed_index(entries: Mapping[str, Entry]) -> dict[str, Entry]:
+    index: dict[str, Entry] = {}
+    # Sorted so that, among entries differing only in versions, the newest tuning wins deterministically.
+    for entry in sorted(entries.values(), key=lambda e: str(e.get("tuned_at", ""))):
+        index[relaxed_key_string(entry["key"])] = entry
+    return index
+
+
+def _load(path: Path) -> tuple[dict[str, Entry], dict[str, Entry]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return {}, {}
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # os.replace gives a new inode
+    p = str(path)
+    with _parsed_lock:
+        hit = _parsed.get(p)
+    if hit is not None and hit[0] == stamp:
+        return hit[1], hit[2]
+    entries, problem = _read(path)
+    if problem is not None:
+        _warn_once(path, problem)
+    entries = entries or {}
+    relaxed = _relaxed_index(entries)
+    with _parsed_lock:
+        _parsed[p] = (stamp, entries, relaxed)
+    return entries, relaxed
+
+
+def read_entries(path: Path | str) -> dict[str, Entry]:
+    """All valid entries of a cache or shipped file ({} when missing; warns once if corrupt or foreign)."""
+    return dict(_load(Path(path))[0])
+
+
+def lookup(path: Path | str, key: Mapping[str, Any], *, relaxed: bool = False) -> Entry | None:
+    """The entry for ``key`` in ``path``; with ``relaxed``, fall back to one that differs only in versions."""
+    entries, index = _load(Path(path))
+    entry = entries.get(key_string(key))
+    if entry is None and relaxed:
+        entry = index.get(relaxed_key_string(key))
+    return entry
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+
+class _Lock:
+    """An inter-process lock on ``<path>.lock`` (``filelock`` when installed, else ``fcntl``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(str(path) + ".lock")
+        self._impl: Any = None
+        self._fd: int | None = None
+
+    def __enter__(self) -> _Lock:
+        try:
+            from filelock import FileLock
+        except ImportError:
+            import fcntl
+
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        else:
+            self._impl = FileLock(str(self.path), timeout=LOCK_TIMEOUT_S)
+            self._impl.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._impl is not None:
+            self._impl.release()
+        elif self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+
+
+def document(entries: Mapping[str, Entry]) -> dict[str, Any]:
+    """A complete file document for ``entries``."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "entries": {k: entries[k] for k in sorted(entries)}}
+
+
+def write_document(path: Path, entries: Mapping[str, Entry]) -> None:
+    """Write ``entries`` to ``path`` atomically: a temporary file in the same directory, then os.replace.
+
+    Readers see the old file or the new one, never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(document(entries), f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def update(path: Path | str, change: Callable[[dict[str, Entry]], dict[str, Entry]]) -> dict[str, Entry]:
+    """Read-modify-write ``path`` under its lock: ``change`` gets the current entries, returns the new ones.
+
+    Holding the lock across the read and the write is what makes concurrent writers merge instead of
+    overwrite. An unusable existing file is reported once, moved aside to ``<name>.corrupt``, and
+    replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _Lock(path):
+        current, problem = _read(path)
+        if current is None:
+            _warn_once(path, f"{problem}; moved aside to {path.name}.corrupt")
+            try:
+                os.replace(path, Path(str(path) + ".corrupt"))
+            except OSError:
+                pass
+            current = {}
+        new = change(dict(current))
+        write_document(path, new)
+    _notify_write()
+    return new
+
+
+def store(path: Path | str, entries: Iterable[Entry]) -> None:
+    """Merge ``entries`` into the file at ``path`` (same key: the new entry wins)."""
+    new = {key_string(e["key"]): e for e in entries}
+
+    def merge(current: dict[str, Entry]) -> dict[str, Entry]:
+        current.update(new)
+        return current
+
+    update(path, merge)
+
+
+def remove(path: Path | str, predicate: Callable[[Entry], bool]) -> int:
+    """Remove the entries for which ``predicate`` is true; returns how many went."""
+    removed = 0
+
+    def drop(current: dict[str, Entry]) -> dict[str, Entry]:
+        nonlocal removed
+        keep = {k: e for k, e in current.items() if not predicate(e)}
+        removed = len(current) - len(keep)
+        return keep
+
+    if Path(path).exists():
+        update(path, drop)
+    return removed
+
+
+def cache_files(directory: Path | str | None = None) -> list[Path]:
+    """The cache files in ``directory`` (default: the cache directory)."""
+    d = Path(directory) if directory is not None else cache_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.glob("*.json") if not p.name.startswith("."))
+
+
+# Writers call back here so select_config's in-process memo never serves a config older than the disk.
+_write_listeners: list[Callable[[], None]] = []
+
+
+def _notify_write() -> None:
+    for listener in _write_listeners:
+        listener()
+
+
+def forget_parsed() -> None:
+    """Drop the parsed-file cache and the warned-about set (tests; a long-lived process after manual edits)."""
+    with _parsed_lock:
+        _parsed.clear()
+    with _warn_lock:
+        _warned.clear()
+
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "ENV_CACHE_DIR",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CacheFileWarning",
+    "cache_dir",
+    "cache_file",
+    "cache_files",
+    "document",
+    "forget_parsed",
+    "lookup",
+    "parse_document",
+    "read_entries",
+    "remove",
+    "store",
+    "update",
+    "write_document",
+]

@@ -1,0 +1,160 @@
+"""The search: time every candidate config, record failures, pick the fastest.
+
+Shared by ``TritonAutoTuner.tune`` and ``select_config``'s tune-on-first-use, so both measure the
+same way and write the same cache entries.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from triton_ops_core.exceptions import TritonKernelError
+from triton_ops_core.models import KernelMetrics, TrialResult
+
+from .cache import now_iso
+from .measure import Runner, Timer, Timing, measure
+
+
+class TuningError(TritonKernelError, RuntimeError):
+    """Every candidate config failed (each failure is listed), or there was nothing to try."""
+
+
+@dataclass
+class SearchOutcome:
+    """What a search found: the best config, its timing, every trial, and the default's timing."""
+
+    best_config: dict[str, Any]
+    best: Timing
+    trials: list[TrialResult]
+    default_config: dict[str, Any] | None = None
+    default: Timing | None = None
+    seconds: float = 0.0
+    verified: dict[str, float] = field(default_factory=dict)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line naming the failure (compile error, out of resources, ...), for the trial record."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    if not first:
+        frames = traceback.extract_tb(e.__traceback__)
+        first = f"at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{type(e).__name__}: {first}"[:500]
+
+
+def _recover(device: torch.device | str | int | None) -> None:
+    # A failed launch may leave queued work behind; drain it so the next config's timing is clean.
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a sticky CUDA error will surface on the next config as its own failure
+            pass
+
+
+def search(
+    configs: Sequence[Mapping[str, Any]],
+    make_runner: Callable[[dict[str, Any]], Runner],
+    *,
+    timer: Timer,
+    warmup_runs: int,
+    benchmark_runs: int,
+    time_budget_ms: float | None = None,
+    device: torch.device | str | int | None = None,
+    default_config: Mapping[str, Any] | None = None,
+    verify_default: bool = True,
+    progress: Callable[[dict[str, Any], TrialResult], None] | None = None,
+) -> SearchOutcome:
+    """Time each config (plus ``default_config`` when it is not among them) and return the fastest.
+
+    A config whose runner cannot be built, fails to compile, runs out of resources or raises
+    anything else is recorded as a failed trial and skipped. When the winner is not the
+    default, both are timed once more, alternately, and the faster of that re-check wins: the
+    chosen config is never slower than the heuristic default on the measurement that decides.
+    """
+    start = time.perf_counter()
+    candidates = [dict(c) for c in configs]
+    default = dict(default_config) if default_config is not None else None
+    if default is not None and default not in candidates:
+        candidates.append(default)
+    if not candidates:
+        raise TuningError("no config to try: the config space is empty for this problem (every config was pruned)")
+
+    trials: list[TrialResult] = []
+    timings: list[tuple[dict[str, Any], Timing]] = []
+    default_timing: Timing | None = None
+
+    def run_one(cfg: dict[str, Any]) -> Timing:
+        return measure(make_runner(dict(cfg)), cfg, timer, warmup_runs=warmup_runs, benchmark_runs=benchmark_runs,
+                       time_budget_ms=time_budget_ms, device=device)
+
+    for cfg in candidates:
+        try:
+            t = run_one(cfg)
+        except Exception as e:  # noqa: BLE001 - any failure of one config is recorded, never fatal
+            trial = TrialResult(cfg, error=describe_error(e))
+            _recover(device)
+        else:
+            trial = TrialResult(cfg, latency_ms=t.median_ms, latency_std_ms=t.std_ms)
+            timings.append((cfg, t))
+            if cfg == default:
+                default_timing = t
+        trials.append(trial)
+        if progress is not None:
+            progress(cfg, trial)
+
+    if not timings:
+        failures = "; ".join(f"{t.config}: {t.error}" for t in trials[:8])
+        raise TuningError(f"all {len(trials)} configs failed: {failures}")
+    best_cfg, best = min(timings, key=lambda ct: ct[1].median_ms)
+    verified: dict[str, float] = {}
+    if default_timing is not None and best_cfg != default:
+        best_cfg, best, verified = _recheck(best_cfg, default, run_one)
+    return SearchOutcome(best_cfg, best, trials, default, default_timing, time.perf_counter() - start, verified)
+
+
+def _recheck(best_cfg: dict[str, Any], default: dict[str, Any], run_one: Callable[[dict[str, Any]], Timing],
+             ) -> tuple[dict[str, Any], Timing, dict[str, float]]:
+    # Alternate best, default, best, default: drift in clocks or temperature hits both alike.
+    b1, d1 = run_one(best_cfg), run_one(default)
+    b2, d2 = run_one(best_cfg), run_one(default)
+    best_ms = (b1.median_ms + b2.median_ms) / 2
+    default_ms = (d1.median_ms + d2.median_ms) / 2
+    verified = {"best_ms": best_ms, "default_ms": default_ms}
+    if default_ms < best_ms:
+        return default, min(d1, d2, key=lambda t: t.median_ms), verified
+    return best_cfg, min(b1, b2, key=lambda t: t.median_ms), verified
+
+
+def make_entry(
+    key: Mapping[str, Any],
+    outcome: SearchOutcome,
+    metrics: KernelMetrics,
+    *,
+    source: str,
+    keep_trials: bool = True,
+) -> dict[str, Any]:
+    """The cache entry recording ``outcome`` under ``key`` (plain JSON types only)."""
+    entry: dict[str, Any] = {
+        "key": dict(key),
+        "config": dict(outcome.best_config),
+        "latency_ms": outcome.best.median_ms,
+        "metrics": metrics.to_dict(),
+        "default_config": outcome.default_config,
+        "default_latency_ms": outcome.default.median_ms if outcome.default is not None else None,
+        "tuning_time_s": round(outcome.seconds, 4),
+        "tuned_at": now_iso(),
+        "source": source,
+    }
+    if outcome.verified:
+        entry["verified"] = dict(outcome.verified)
+    if keep_trials:
+        entry["trials"] = [t.to_dict() for t in outcome.trials]
+    return entry
+
+
+__all__ = ["SearchOutcome", "TuningError", "describe_error", "make_entry", "search"]
