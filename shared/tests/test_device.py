@@ -1,5 +1,5 @@
+import pytest
 import torch
-
 from triton_ops_core import (
     UnsupportedDeviceError,
     can_run_on,
@@ -10,9 +10,7 @@ from triton_ops_core import (
     kernel_device,
     supports_fp8,
 )
-from triton_ops_core.testing import assert_close_rel, poison_, relative_error, device_for_tests
-
-import pytest
+from triton_ops_core.testing import assert_close_rel, device_for_tests, poison_, relative_error
 
 
 def test_interpreter_flag_follows_environment(monkeypatch):

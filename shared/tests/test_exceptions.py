@@ -1,5 +1,4 @@
 import pytest
-
 from triton_ops_core import exceptions as exc
 
 

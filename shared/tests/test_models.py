@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from triton_ops_core import FP8Format, InvalidArgumentError, KernelMetrics, TensorSpec, TrialResult, TuningResult
 
 
@@ -81,6 +80,7 @@ def test_tuning_result_json_round_trip():
         TrialResult({"BLOCK_SIZE": 64, "num_warps": 4}, 0.5, 0.01),
         TrialResult({"BLOCK_SIZE": 1024, "num_warps": 8}, error="OutOfResources: shared memory"),
     )
-    result = TuningResult({"BLOCK_SIZE": 64, "num_warps": 4}, KernelMetrics.from_timing(0.5), trials, "k", {"tokens": 64})
+    best = {"BLOCK_SIZE": 64, "num_warps": 4}
+    result = TuningResult(best, KernelMetrics.from_timing(0.5), trials, "k", {"tokens": 64})
     assert trials[0].ok and not trials[1].ok
     assert TuningResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result

@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from triton_ops_core import (
     DeviceMismatchError,
     InvalidArgumentError,

@@ -135,7 +135,7 @@ def measure_copy_bandwidth(nbytes: int = 512 * 2**20, device: torch.device | str
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_peaks(device: torch.device | str | None = None, measure: bool = False) -> DevicePeaks:
     """Peak figures of ``device``: measured when ``measure`` is True (copy only), else from the table.
 

@@ -120,7 +120,9 @@ def check_last_dim_contiguous(t: torch.Tensor, name: str) -> None:
 
 def check_contiguous(t: torch.Tensor, name: str) -> None:
     if not t.is_contiguous():
-        raise LayoutError(f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())} for shape {list(t.shape)}")
+        raise LayoutError(
+            f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())} for shape {list(t.shape)}"
+        )
 
 
 def check_alignment(t: torch.Tensor, name: str, alignment: int = 16) -> None:

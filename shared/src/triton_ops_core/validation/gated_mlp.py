@@ -9,8 +9,8 @@ import torch
 from ..exceptions import InvalidArgumentError, ShapeMismatchError
 from ..models import TensorSpec
 from .common import (
-    HALF_DTYPES,
     FLOAT_DTYPES,
+    HALF_DTYPES,
     check_choice,
     check_dim_size,
     check_dtype,
