@@ -1,0 +1,138 @@
+"""Launch configurations of the FP8 GEMM kernels: the config spaces and the analytical defaults.
+
+Three kernels, three spaces. The defaults come from measurements on the lent H100 (docs/fp8-gemm-kernel.md);
+``select_config`` (kernel-autotune) may replace them with tuned or cached configs, keyed by the M bucket, N, K,
+the scale granularities and the accumulation mode (in the kernel name).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .__about__ import __version__
+
+try:  # kernel-autotune is a declared dependency; its config API landed after this package began
+    from kernel_autotune import ConfigSpace, select_config
+except ImportError:  # an older kernel-autotune: use the analytical configs alone
+    ConfigSpace = None  # type: ignore[assignment,misc]
+    select_config = None  # type: ignore[assignment]
+
+TUNED = Path(__file__).with_name("tuned_configs.json")
+
+_SMEM_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block
+
+
+def _tma_fits(cfg: dict[str, Any], problem: Any) -> bool:
+    stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_N"] * cfg["BLOCK_K"]  # FP8: one byte each
+    epilogue = cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4
+    return stage * cfg["num_stages"] + epilogue <= _SMEM_BYTES and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 256
+
+
+def _decode_fits(cfg: dict[str, Any], problem: Any) -> bool:
+    return problem is None or cfg["BLOCK_M"] >= min(64, problem.get("m", 1))
+
+
+_TMA_PARAMS = {
+    "BLOCK_M": [64, 128],
+    "BLOCK_N": [64, 128, 256],
+    "BLOCK_K": [64, 128],
+    "GROUP_M": [8],
+    "num_warps": [4, 8],
+    "num_stages": [2, 3, 4, 5],
+    "PERSISTENT": [True, False],
+    "FAITHFUL_ACC": [1, 2],
+}
+_PTR_PARAMS = {
+    "BLOCK_M": [32, 64, 128],
+    "BLOCK_N": [32, 64, 128],
+    "BLOCK_K": [64, 128],
+    "GROUP_M": [8],
+    "num_warps": [4, 8],
+    "num_stages": [2, 3, 4],
+}
+_DECODE_PARAMS = {
+    "BLOCK_M": [16, 32, 64],
+    "BLOCK_N": [32, 64, 128],
+    "BLOCK_K": [128, 256, 512],
+    "SPLIT_K": [1, 2, 4, 8],
+    "num_warps": [4, 8],
+    "num_stages": [2, 3, 4, 5],
+}
+
+if ConfigSpace is not None:
+    FP8_GEMM_CONFIGS = ConfigSpace(_TMA_PARAMS, constraints=[_tma_fits])
+    FP8_GEMM_PTR_CONFIGS = ConfigSpace(_PTR_PARAMS)
+    FP8_GEMM_DECODE_CONFIGS = ConfigSpace(_DECODE_PARAMS, constraints=[_decode_fits])
+else:
+    FP8_GEMM_CONFIGS = _TMA_PARAMS
+    FP8_GEMM_PTR_CONFIGS = _PTR_PARAMS
+    FP8_GEMM_DECODE_CONFIGS = _DECODE_PARAMS
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@lru_cache(maxsize=8)
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_heuristic(m: int, n: int, k: int, blocked: bool, interpreter: bool) -> dict[str, Any]:
+    """Tiles for the tensor-descriptor kernel: 128x256x128 (8 warps, 3 stages) for large problems."""
+    if interpreter:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 2,
+                "PERSISTENT": True, "FAITHFUL_ACC": 1}
+    block_n = 256 if n >= 2048 and m >= 128 else 128
+    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
+            "num_stages": 3 if block_n == 256 else 4, "PERSISTENT": False, "FAITHFUL_ACC": 1}
+
+
+def ptr_heuristic(m: int, n: int, k: int, interpreter: bool) -> dict[str, Any]:
+    if interpreter:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device, interpreter: bool) -> dict[str, Any]:
+    """Small M: the whole of M in one tile, narrow column blocks, and split-K until every SM streams weight."""
+    block_m = max(16, _next_pow2(m))
+    if interpreter:
+        return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
+    block_k = 128 if blocked else 256
+    block_n = 64
+    n_blocks = -(-n // block_n)
+    k_tiles = -(-k // block_k)
+    target = 2 * num_sms(device)
+    split = 1
+    while n_blocks * split < target and split * 2 <= max(1, k_tiles // 4):
+        split *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
+            "num_stages": 4}
+
+
+def choose(kernel: str, problem: dict[str, int], dtypes: tuple, device: torch.device, default: Any,
+           space: Any) -> dict[str, Any]:
+    """The launch config: kernel-autotune's (cached, shipped or tuned) when available, else ``default()``."""
+    if select_config is None:
+        return default()
+    return select_config(kernel, version=__version__, problem=problem, dtypes=dtypes, device=device,
+                         default=default, bucket=("m",), shipped=TUNED, space=space, bench=None)
+
+
+__all__ = [
+    "FP8_GEMM_CONFIGS",
+    "FP8_GEMM_DECODE_CONFIGS",
+    "FP8_GEMM_PTR_CONFIGS",
+    "choose",
+    "decode_heuristic",
+    "num_sms",
+    "ptr_heuristic",
+    "tma_heuristic",
+]

@@ -1,0 +1,213 @@
+"""Triton kernels of the FP8 GEMM: a persistent tensor-descriptor (TMA) kernel, a pointer kernel for unaligned
+operands, and a split-K decode kernel for small M.
+
+Scale modes (constexpr): ``A_MODE`` 0 tensor, 1 row, 2 block (1x128); ``B_MODE`` 0 tensor, 1 channel, 2 block
+(128x128). Tensor/row/channel scales are applied once in the epilogue; block scales are applied to each 128-deep
+K block's partial product inside the loop (DeepSeek-V3 style), which is also what keeps that partial product in
+fp32. ``ACC`` selects how FP8 tensor-core partial sums reach the fp32 accumulator on Hopper:
+0 fast (the tensor core's reduced-precision accumulation over the whole K loop), 1 faithful (a fresh partial
+per K block, added to the fp32 accumulator), 2 faithful through ``max_num_imprecise_acc = BLOCK_K``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SCALE_BLOCK = 128
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M row tiles share their B column tiles while they are hot in L2.
+    group_size = GROUP_M * num_pid_n
+    group_id = tile_id // group_size
+    first_m = group_id * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group_size) % rows
+    pid_n = (tile_id % group_size) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _block_scales(as_ptr, bs_ptr, offs_m, offs_n, kb, M, N, KB, NB,
+                  A_MODE: tl.constexpr, B_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The [BLOCK_M, BLOCK_N] factor of K block ``kb`` for the block-scaled operands (1 for the others).
+    if A_MODE == 2:
+        sa = tl.load(as_ptr + offs_m * KB + kb, mask=offs_m < M, other=0.0)
+    else:
+        sa = tl.full([BLOCK_M], 1.0, tl.float32)
+    if B_MODE == 2:
+        sb = tl.load(bs_ptr + kb * NB + offs_n // 128, mask=offs_n < N, other=0.0)
+    else:
+        sb = tl.full([BLOCK_N], 1.0, tl.float32)
+    return sa[:, None] * sb[None, :]
+
+
+@triton.jit
+def _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N,
+              A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # Per-tensor, per-row and per-channel scales are constant along K: one multiply here instead of per K block.
+    if A_MODE == 0:
+        if B_MODE == 0:
+            acc = acc * (tl.load(as_ptr) * tl.load(bs_ptr))
+        else:
+            acc = acc * tl.load(as_ptr)
+    elif A_MODE == 1:
+        acc = acc * tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if B_MODE == 1:
+        acc = acc * tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    elif B_MODE == 0:
+        if A_MODE != 0:
+            acc = acc * tl.load(bs_ptr)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _accumulate(acc, a, b, scale, ACC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_K: tl.constexpr):
+    if BLOCKED:
+        acc += tl.dot(a, b) * scale
+    elif ACC == 0:
+        acc = tl.dot(a, b, acc)
+    elif ACC == 1:
+        acc += tl.dot(a, b)
+    else:
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+    return acc
+
+
+@triton.jit
+def fp8_gemm_tma_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
+    M, N, K, stride_am, stride_b, stride_cm, KB, NB, num_progs,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    """Persistent GEMM over tensor descriptors: program ``pid`` takes tiles pid, pid + num_progs, ..."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_KMAJOR:  # b is the transposed view of a row-major [N, K] weight
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    BLOCKED: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
+
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    for tile_id in tl.range(tl.program_id(0), num_tiles, num_progs, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ki in tl.range(0, k_tiles, warp_specialize=WARP_SPEC):
+            off_k = ki * BLOCK_K
+            a = a_desc.load([off_m, off_k])
+            if B_KMAJOR:
+                b = b_desc.load([off_n, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_n])
+            scale = 1.0
+            if BLOCKED:
+                scale = _block_scales(as_ptr, bs_ptr, offs_m, offs_n, off_k // 128, M, N, KB, NB,
+                                      A_MODE, B_MODE, BLOCK_M, BLOCK_N)
+            acc = _accumulate(acc, a, b, scale, ACC, BLOCKED, BLOCK_K)
+        acc = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.jit
+def fp8_gemm_ptr_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, KB, NB,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """GEMM through plain masked pointers: any strides, any sizes (the path for K or N that TMA cannot take)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    BLOCKED: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ki in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - ki * BLOCK_K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        scale = 1.0
+        if BLOCKED:
+            scale = _block_scales(as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, M, N, KB, NB,
+                                  A_MODE, B_MODE, BLOCK_M, BLOCK_N)
+        acc = _accumulate(acc, a, b, scale, ACC, BLOCKED, BLOCK_K)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    acc = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def fp8_gemm_decode_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, KB, NB, tiles_per_split,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Small-M GEMM (decode): one program per (BLOCK_N columns, K slice); the whole of M in one tile.
+
+    Memory-bound: the weight streams once, in wide K-contiguous loads. With ``SPLIT_K > 1`` each program
+    writes its fp32 partial to ``ws``; the last program of a column block to finish (a counter per block,
+    reset by that program) sums the partials in a fixed order, so the result is deterministic.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BLOCKED: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_first = pid_k * tiles_per_split
+    k_last = tl.minimum(k_first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_first * BLOCK_K + offs_k[None, :]) * stride_ak
+    b_ptrs = (b_ptr + (k_first * BLOCK_K + offs_k[:, None]).to(tl.int64) * stride_bk
+              + offs_n[None, :].to(tl.int64) * stride_bn)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ki in range(k_first, k_last):
+        k_left = K - ki * BLOCK_K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        scale = 1.0
+        if BLOCKED:
+            scale = _block_scales(as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, M, N, KB, NB,
+                                  A_MODE, B_MODE, BLOCK_M, BLOCK_N)
+        acc = _accumulate(acc, a, b, scale, ACC, BLOCKED, BLOCK_K)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    mask_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if SPLIT_K == 1:
+        acc = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_tile + pid_k * M * N, acc, mask=mask_c)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_tile + s * M * N, mask=mask_c, other=0.0, cache_modifier=".cg")
+            total = _epilogue(total, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
+            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask_c)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
