@@ -1,5 +1,28 @@
-"""fused_rmsnorm_rope."""
+"""fused_rmsnorm_rope: RMSNorm + rotary position embedding in one Triton kernel, at the memory-bandwidth limit.
 
+- ``fused_rmsnorm_rope(x, weight, cos, sin, eps, *, position_ids, rotary_dim, head_dim, layout, gemma)``
+- ``fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, position_ids, eps, *, rotary_dim, layout, gemma, inplace)``
+- ``FusedRMSNormRoPE(hidden_dim, head_dim, eps)``: the module.
+- ``reference``: the pure-PyTorch references; ``RMSNORM_ROPE_CONFIGS``: the tunable launch configs.
+"""
+
+from . import reference
 from .__about__ import __version__
+from .config import RMSNORM_ROPE_CONFIGS, heuristic_config
+from .module import FusedRMSNormRoPE
+from .ops import QKNormRoPEFunction, RMSNormRoPEFunction, fused_qk_norm_rope, fused_rmsnorm_rope
+from .reference import qk_norm_rope_reference, rmsnorm_rope_reference
 
-__all__ = ["__version__"]
+__all__ = [
+    "RMSNORM_ROPE_CONFIGS",
+    "FusedRMSNormRoPE",
+    "QKNormRoPEFunction",
+    "RMSNormRoPEFunction",
+    "__version__",
+    "fused_qk_norm_rope",
+    "fused_rmsnorm_rope",
+    "heuristic_config",
+    "qk_norm_rope_reference",
+    "reference",
+    "rmsnorm_rope_reference",
+]

@@ -1,0 +1,102 @@
+"""Launch configs: the tunable space, the measured heuristic, and the cached lookup on the call path.
+
+A config is ``{"num_warps": w, "ROWS_PER_PROG": r}``: ``w`` warps share one row held in registers, and each program
+handles ``r`` consecutive tokens (several rows per program amortize the per-program setup for small rows).
+
+The heuristic (``heuristic_config``) was measured on the lent H100 (see the package README, "Performance"): the
+number of warps grows with the padded row size so every thread keeps 8-16 elements (one or two 16-byte vectors
+per tile), and rows of at most 1024 elements go two to a program.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .__about__ import __version__
+
+try:  # the tuner is an optional accelerator of the lookup, never a requirement of the call
+    from kernel_autotune import ConfigSpace, select_config
+except ImportError:  # pragma: no cover - exercised only when kernel-autotune predates ConfigSpace
+    ConfigSpace = None
+    select_config = None
+
+SHIPPED_CONFIGS = Path(__file__).with_name("tuned_configs.json")
+FWD_KERNEL = "fused_rmsnorm_rope.fwd"
+QK_FWD_KERNEL = "fused_rmsnorm_rope.qk_fwd"
+
+
+def _fits(cfg: dict[str, Any], problem: dict[str, int] | None) -> bool:
+    """Prune configs that waste threads on padding or put too much of a large row in one program."""
+    if problem is None:
+        return True
+    elems = problem["row_elems"]
+    if cfg["num_warps"] * 32 * 2 > max(elems, 64):  # under 2 elements a thread: idle lanes
+        return False
+    if cfg["ROWS_PER_PROG"] > 1 and elems * cfg["ROWS_PER_PROG"] > 8192:
+        return False
+    return cfg["ROWS_PER_PROG"] <= max(problem["tokens"], 1)
+
+
+_SPACE_PARAMS = {"num_warps": [1, 2, 4, 8, 16], "ROWS_PER_PROG": [1, 2, 4]}
+
+if ConfigSpace is not None:
+    RMSNORM_ROPE_CONFIGS = ConfigSpace(_SPACE_PARAMS, constraints=[_fits])
+else:  # pragma: no cover
+    RMSNORM_ROPE_CONFIGS = None
+
+
+def heuristic_config(row_elems: int, tokens: int) -> dict[str, int]:
+    """The measured default: ``row_elems`` is the padded number of elements of one row (one token)."""
+    if row_elems <= 512:
+        warps = 1
+    elif row_elems <= 1024:
+        warps = 2
+    elif row_elems <= 2048:
+        warps = 4
+    elif row_elems <= 4096:
+        warps = 8
+    else:
+        warps = 16
+    rows = 2 if row_elems <= 1024 and tokens >= 4096 else 1
+    return {"num_warps": warps, "ROWS_PER_PROG": rows}
+
+
+_cache: dict[tuple, dict[str, int]] = {}
+
+
+def get_config(kernel: str, row_elems: int, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """The config of one launch; after the first call for a (kernel, size, token bucket, dtype, device) a dict hit."""
+    bucket = max(int(tokens), 1).bit_length()
+    key = (kernel, row_elems, bucket, dtype, device)
+    cfg = _cache.get(key)
+    if cfg is None:
+        default = heuristic_config(row_elems, tokens)
+        if select_config is not None:
+            cfg = dict(select_config(
+                kernel,
+                version=__version__,
+                problem={"tokens": int(tokens), "row_elems": int(row_elems)},
+                dtypes=(dtype,),
+                device=device,
+                default=default,
+                bucket=("tokens",),
+                shipped=SHIPPED_CONFIGS,
+                space=RMSNORM_ROPE_CONFIGS,
+                bench=None,
+            ))
+        else:  # pragma: no cover
+            cfg = default
+        cfg = {"num_warps": int(cfg["num_warps"]), "ROWS_PER_PROG": int(cfg["ROWS_PER_PROG"])}
+        _cache[key] = cfg
+    return cfg
+
+
+def clear_config_cache() -> None:
+    """Forget the in-process config lookups (tests and tuning scripts)."""
+    _cache.clear()
+
+
+__all__ = ["RMSNORM_ROPE_CONFIGS", "clear_config_cache", "get_config", "heuristic_config"]

@@ -1,0 +1,221 @@
+"""``fused_rmsnorm_rope``: RMSNorm over the hidden vector, then RoPE on every head, in one launch; and its autograd.
+
+The call path is kept short on purpose (decode calls it with a handful of tokens, where the host is the cost):
+validation, a dict lookup of the launch config, one ``torch.empty`` and one launch. Autograd's Function is
+entered only when a gradient is wanted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton_ops_core.validation.rmsnorm_rope import validate_rmsnorm_rope_inputs
+
+from ..config import FWD_KERNEL, get_config
+from .kernels import _norm_rope_bwd_kernel, _rmsnorm_rope_fwd_kernel, next_pow2
+
+
+def collapse_rows(t: torch.Tensor, n_inner: int) -> tuple[torch.Tensor, int, int, int]:
+    """View ``t`` ``[*batch, seq, *inner]`` as ``[B, seq, *inner]`` through strides, without copying when possible.
+
+    Returns ``(t, B, stride_b, stride_s)``; ``t`` is a contiguous copy only when the batch dimensions cannot be
+    addressed with one stride (a rare permuted view).
+    """
+    shape, strides = t.shape, t.stride()
+    nb = t.dim() - n_inner - 1
+    batch, stride_b, ok = 1, 0, True
+    prev = None
+    for d in range(nb):
+        if shape[d] == 1:
+            continue
+        if prev is not None and strides[prev] != strides[d] * shape[d]:
+            ok = False
+        prev = d
+        batch *= shape[d]
+    if not ok:
+        t = t.contiguous()
+        strides = t.stride()
+        prev = nb - 1 if nb else None
+    if prev is not None:
+        stride_b = strides[prev] if ok else strides[nb - 1]
+    return t, batch, stride_b, strides[nb]
+
+
+def position_strides(position_ids: torch.Tensor | None, lead_rank: int) -> tuple[torch.Tensor | None, int, int]:
+    """Strides ``(stride_b, stride_s)`` addressing ``position_ids`` by (flattened batch, seq)."""
+    if position_ids is None:
+        return None, 0, 0
+    if position_ids.dim() == 1:
+        return position_ids, 0, position_ids.stride(0)
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        return position_ids, 0, position_ids.stride(1)
+    pos, _, stride_b, stride_s = collapse_rows(position_ids, 0)
+    return pos, stride_b, stride_s
+
+
+def table_strides(cos: torch.Tensor) -> tuple[int, int]:
+    """Strides ``(stride_b, stride_pos)`` of a cos/sin table: 2-D tables are shared by every batch row."""
+    if cos.dim() == 2:
+        return 0, cos.stride(0)
+    return (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def backward_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of a backward launch: two waves on a GPU (each reduces its rows' dweight), a few on the CPU."""
+    if device.type == "cuda":
+        return max(1, min(n_rows, 2 * _sm_count(device)))
+    return max(1, min(n_rows, 4))
+
+
+def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                position_ids: torch.Tensor | None, eps: float, head_dim: int, rotary_dim: int,
+                interleaved: bool, gemma: bool, store_rstd: bool,
+                config: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_rows = x.numel() // hidden if hidden else 0
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if store_rstd else None
+    if n_rows == 0:
+        return y, rstd
+    xv, _, sxb, sxs = collapse_rows(x, 1)
+    seq = x.shape[-2]
+    pos, spb, sps = position_strides(position_ids, x.dim() - 1)
+    scb, scs = table_strides(cos)
+    num_heads = hidden // head_dim
+    heads_pad = next_pow2(num_heads)
+    half_pad = next_pow2(rotary_dim // 2)
+    pass_pad = next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 1
+    if config is None:
+        config = get_config(FWD_KERNEL, heads_pad * (2 * half_pad + (pass_pad if head_dim > rotary_dim else 0)),
+                            n_rows, x.dtype, x.device)
+    rows = config["ROWS_PER_PROG"]
+    grid = ((n_rows + rows - 1) // rows,)
+    _rmsnorm_rope_fwd_kernel[grid](
+        xv, y, weight, cos, sin, xv if pos is None else pos, xv if rstd is None else rstd,
+        n_rows, seq, cos.shape[-2],
+        sxb, sxs, seq * hidden, hidden, spb, sps, scb, scs,
+        eps,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim,
+        HEADS_PAD=heads_pad, HALF_PAD=half_pad, PASS_PAD=pass_pad,
+        INTERLEAVED=interleaved, GEMMA=gemma, HAS_POS=pos is not None, STORE_RSTD=store_rstd,
+        ROWS_PER_PROG=rows, EVEN_ROWS=n_rows % rows == 0,
+        num_warps=config["num_warps"],
+    )
+    return y, rstd
+
+
+def launch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               position_ids: torch.Tensor | None, rstd: torch.Tensor, num_heads: int, head_dim: int,
+               rotary_dim: int, interleaved: bool, gemma: bool, per_head: bool,
+               num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (x's shape and dtype, contiguous) and dweight (fp32) of one norm+rope group.
+
+    ``x`` and ``dy`` are ``[*batch, seq, hidden]`` (``per_head=False``) or ``[*batch, seq, heads, head_dim]``.
+    """
+    n_inner = 2 if per_head else 1
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_rows = x.numel() // (num_heads * head_dim) if x.numel() else 0
+    w_len = head_dim if per_head else num_heads * head_dim
+    if n_rows == 0:
+        return dx, torch.zeros(w_len, dtype=torch.float32, device=x.device)
+    xv, _, sxb, sxs = collapse_rows(x, n_inner)
+    dyv, _, sdyb, sdys = collapse_rows(dy, n_inner)
+    dxv, _, sdxb, sdxs = collapse_rows(dx, n_inner)
+    sxh, sdyh, sdxh = (xv.stride(-2), dyv.stride(-2), dxv.stride(-2)) if per_head else (head_dim,) * 3
+    seq = x.shape[-1 - n_inner]
+    pos, spb, sps = position_strides(position_ids, x.dim() - n_inner)
+    scb, scs = table_strides(cos)
+    nprog = backward_programs(n_rows, x.device)
+    dw_part = torch.empty((nprog, w_len), dtype=torch.float32, device=x.device)
+    _norm_rope_bwd_kernel[(nprog,)](
+        dyv, xv, dxv, weight, cos, sin, xv if pos is None else pos, rstd, dw_part,
+        n_rows, seq, cos.shape[-2],
+        sdyb, sdys, sdyh, sxb, sxs, sxh, sdxb, sdxs, sdxh,
+        spb, sps, scb, scs,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim,
+        HEADS_PAD=next_pow2(num_heads), HALF_PAD=next_pow2(rotary_dim // 2),
+        PASS_PAD=next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 1,
+        INTERLEAVED=interleaved, GEMMA=gemma, PER_HEAD=per_head, HAS_POS=pos is not None,
+        num_warps=num_warps,
+    )
+    return dx, dw_part.sum(0)
+
+
+class RMSNormRoPEFunction(torch.autograd.Function):
+    """Autograd of ``fused_rmsnorm_rope``: gradients for ``x`` and ``weight``; cos/sin are constants."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, position_ids, eps, head_dim, rotary_dim, interleaved, gemma):
+        y, rstd = _launch_fwd(x, weight, cos, sin, position_ids, eps, head_dim, rotary_dim, interleaved, gemma,
+                              store_rstd=True)
+        ctx.save_for_backward(x, weight, cos, sin, position_ids, rstd)
+        ctx.cfg = (head_dim, rotary_dim, interleaved, gemma)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, cos, sin, position_ids, rstd = ctx.saved_tensors
+        head_dim, rotary_dim, interleaved, gemma = ctx.cfg
+        num_heads = x.shape[-1] // head_dim
+        warps = get_config(FWD_KERNEL, next_pow2(x.shape[-1]), rstd.numel(), x.dtype, x.device)["num_warps"]
+        dx, dw = launch_bwd(dy, x, weight, cos, sin, position_ids, rstd, num_heads, head_dim, rotary_dim,
+                            interleaved, gemma, per_head=False, num_warps=warps)
+        dweight = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dweight, None, None, None, None, None, None, None, None
+
+
+def fused_rmsnorm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    position_ids: torch.Tensor | None = None,
+    rotary_dim: int | None = None,
+    head_dim: int | None = None,
+    layout: str = "neox",
+    gemma: bool = False,
+) -> torch.Tensor:
+    """RMSNorm over the last dimension, then rotary embedding on every head, in one kernel launch.
+
+    Computes ``y = x * rsqrt(mean(x^2) + eps) * w`` (``w = 1 + weight`` when ``gemma``), views ``y`` as heads of
+    ``head_dim`` and returns ``y * cos + rotate(y) * sin`` on the first ``rotary_dim`` elements of every head (the
+    rest passes through), with ``x``'s shape and dtype. Math is fp32 whatever the input dtype.
+
+    Args:
+        x: ``[..., seq, hidden]`` fp16/bf16/fp32, unit stride in ``hidden`` (other strides free).
+        weight: ``[hidden]``, any float dtype.
+        cos, sin: ``[seq, rot]`` (position = index in the sequence), a cache ``[max_position, rot]`` indexed by
+            ``position_ids``, or per token ``[batch or 1, seq, rot]``. ``rot`` is ``head_dim`` or ``rotary_dim``.
+        eps: added to the mean square.
+        position_ids: int32/int64 ``[seq]``, ``[batch or 1, seq]`` or ``x.shape[:-1]``. An id outside
+            ``[0, max_position)`` makes that token's rotary elements NaN (no out-of-bounds read, no host sync).
+        rotary_dim: rotated elements per head (even, default: the width of ``cos``).
+        head_dim: elements per head (default: the width of ``cos``); must divide ``hidden``.
+        layout: ``"neox"`` (rotate halves, Llama/Qwen) or ``"interleaved"`` (rotate pairs, GPT-J).
+        gemma: use ``1 + weight`` (Gemma's RMSNorm).
+
+    Returns:
+        A new tensor of ``x``'s shape and dtype. Differentiable in ``x`` and ``weight`` (Triton backward).
+    """
+    info = validate_rmsnorm_rope_inputs(x, weight, cos, sin, eps, position_ids=position_ids, rotary_dim=rotary_dim,
+                                        head_dim=head_dim, layout=layout, gemma=gemma)
+    interleaved = layout == "interleaved"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormRoPEFunction.apply(x, weight, cos, sin, position_ids, info.eps, info.head_dim,
+                                         info.rotary_dim, interleaved, gemma)
+    y, _ = _launch_fwd(x, weight, cos, sin, position_ids, info.eps, info.head_dim, info.rotary_dim, interleaved,
+                       gemma, store_rstd=False)
+    return y
+
+
+__all__ = ["RMSNormRoPEFunction", "fused_rmsnorm_rope"]
