@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from .common import (
     check_kernel_device,
     check_last_dim_contiguous,
     check_ndim,
+    check_positive,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -59,18 +61,24 @@ def validate_gated_mlp_inputs(
     gate_bias: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     weight_layout: str = "separate",
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> GatedMLPInput:
     """Check a ``fused_gated_mlp`` call and return its sizes.
 
     ``x`` is ``[..., hidden]``; with ``weight_layout="separate"`` ``gate_weight`` and ``up_weight`` are
     ``[intermediate, hidden]`` (``nn.Linear`` layout); with ``"concatenated"`` or ``"interleaved"``, ``gate_weight``
     is the packed ``[2 * intermediate, hidden]`` weight and ``up_weight`` is None. Biases are ``[intermediate]``
-    (``[2 * intermediate]`` when packed, passed as ``gate_bias``).
+    (``[2 * intermediate]`` when packed, passed as ``gate_bias``). ``alpha`` and ``limit`` (``"swiglu_oai"``'s
+    sigmoid scale and clamp) must be finite, ``limit`` positive.
     """
     check_tensor(x, "x")
     check_tensor(gate_weight, "gate_weight")
     check_choice(activation, "activation", ACTIVATIONS)
     check_choice(weight_layout, "weight_layout", WEIGHT_LAYOUTS)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InvalidArgumentError(f"alpha: expected a finite number, got {alpha!r}")
+    check_positive(limit, "limit")
     check_dtype(x, "x", HALF_DTYPES + (torch.float32,))
     check_kernel_device(x, "x")
     check_ndim(x, "x", minimum=1)

@@ -1,0 +1,214 @@
+"""Triton kernels of the fused gated MLP: ``act(x @ Wg^T + bg) * (x @ Wu^T + bu)`` in one pass.
+
+Every program owns a ``[BLOCK_M, BLOCK_N]`` tile of the output and computes the same tile of BOTH projections,
+in two fp32 accumulators, from one read of the ``x`` tile per K step. The activation and the product happen in
+the epilogue, so the two ``[tokens, intermediate]`` projections never reach device memory.
+
+Two kernels, chosen on the host by the number of tokens:
+
+- ``_gated_mlp_decode_kernel`` (few tokens): the weights are the only large operand, so the job is streaming
+  them at copy bandwidth. Narrow ``BLOCK_N`` gives many programs; optional split-K gives more when the
+  intermediate size alone cannot fill the GPU. Split-K partial sums meet in an fp32 workspace through atomics and
+  the last program of a tile (counted by a per-tile semaphore) applies the activation and resets the workspace,
+  so a call needs one launch and the workspace stays zeroed between calls.
+- ``_gated_mlp_prefill_kernel`` (many tokens): a classic tiled GEMM with grouped tile order (programs that run
+  together share weight tiles in L2) and, on Hopper, tensor descriptors (TMA) for the operand loads.
+
+Both run unchanged under Triton's CPU interpreter; bf16 arithmetic is unreliable there, so everything after the
+dot happens in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Activation codes (constexpr): the host maps names to these.
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+ACT_SWIGLU_OAI = 3
+
+
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Both projections of one K step. ``UPCAST`` (interpreter only): its bf16/fp16 ``tl.dot`` is wrong, so the
+    operands go to fp32 first; on a GPU the tensor cores take the 16-bit operands directly."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        wg = wg.to(tl.float32)
+        wu = wu.to(tl.float32)
+    acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=DOT_PRECISION)
+    acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=DOT_PRECISION)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gate_times_up(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    """``act(gate) * up`` in fp32. Clamps use ``tl.where`` so NaN passes through as in ``torch.clamp``."""
+    if ACTIVATION == 0:  # silu
+        out = gate * _sigmoid(gate) * up
+    elif ACTIVATION == 1:  # gelu, exact (erf)
+        out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    elif ACTIVATION == 2:  # gelu, tanh approximation: 0.5 g (1 + tanh(z)) == g * sigmoid(2 z)
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        out = gate * _sigmoid(2.0 * z) * up
+    else:  # swiglu_oai (gpt-oss): clamped gate and up, (up + 1)
+        g = tl.where(gate > limit, limit, gate)
+        u = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
+        out = g * _sigmoid(alpha * g) * (u + 1.0)
+    return out
+
+
+@triton.jit
+def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+              ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr):
+    mask_n = offs_n < N
+    if HAS_GATE_BIAS:
+        acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_UP_BIAS:
+        acc_u += tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = _gate_times_up(acc_g, acc_u, alpha, limit, ACTIVATION)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gated_mlp_decode_kernel(
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K,
+    stride_xm, stride_wg, stride_wu, stride_om,
+    alpha, limit,
+    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # This split's K range, in whole BLOCK_K tiles.
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_start = pid_k * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_start + tiles_per_split * BLOCK_K)
+
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
+    wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k + offs_k) < k_end
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+
+    if SPLIT_K == 1:
+        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                  ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+    else:
+        # Partial sums meet in the fp32 workspace [2, M, N]; the program that arrives last for this tile
+        # (the semaphore counts arrivals) reads the totals, resetting them to zero for the next call.
+        mask = mask_m[:, None] & mask_n[None, :]
+        ws_g = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        ws_u = ws_g + M.to(tl.int64) * N
+        tl.atomic_add(ws_g, acc_g, mask=mask, sem="relaxed")
+        tl.atomic_add(ws_u, acc_u, mask=mask, sem="relaxed")
+        # Every thread's partial sums are issued before the arrival is published (release).
+        tl.debug_barrier()
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # .cg reads L2, where the atomics landed (never a stale L1 line).
+            acc_g = tl.load(ws_g, mask=mask, other=0.0, cache_modifier=".cg")
+            acc_u = tl.load(ws_u, mask=mask, other=0.0, cache_modifier=".cg")
+            zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            tl.store(ws_g, zeros, mask=mask)
+            tl.store(ws_u, zeros, mask=mask)
+            tl.atomic_xchg(lock, 0, sem="relaxed")
+            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                      ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gated_mlp_prefill_kernel(
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wg, stride_wu, stride_om,
+    alpha, limit,
+    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Many tokens: one program per [BLOCK_M, BLOCK_N] output tile, in grouped order for L2 reuse."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row-tiles sweep the column tiles together, so a weight tile loaded once from HBM
+    # serves GROUP_M programs from L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        # Out-of-bounds rows and columns of a descriptor load read as zero: no masks in the loop.
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[N, K], strides=[stride_wg, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[N, K], strides=[stride_wu, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            x = x_desc.load([off_m, k])
+            wg = wg_desc.load([off_n, k])
+            wu = wu_desc.load([off_n, k])
+            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + offs_k[None, :]
+        wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + offs_k[None, :]
+        for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            mask_k = (k + offs_k) < K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
+
+    _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+              ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)

@@ -1,0 +1,178 @@
+"""Launch configurations of the fused gated MLP: the search space, the heuristic, and the choice per call.
+
+A config is a plain dict:
+
+- ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``: the tile (tokens x intermediate x hidden).
+- ``SPLIT_K``: decode path only; programs that share one output tile, each summing a slice of ``hidden``.
+- ``GROUP_M``: prefill path only; row tiles that sweep the columns together (L2 reuse of weight tiles).
+- ``num_warps``, ``num_stages``: Triton launch options (``num_stages`` is the software-pipelining depth).
+
+Which kernel runs follows from the number of tokens ``M``: ``M <= DECODE_MAX_TOKENS`` takes the decode kernel
+(weights streamed at copy bandwidth), larger ``M`` the prefill GEMM. The config chosen for a call comes from
+``kernel_autotune.select_config`` (tuned caches, shipped H100 results, opt-in tune-on-first-use) with
+:func:`heuristic_config` as the default when nothing is cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .__about__ import __version__
+
+DECODE_MAX_TOKENS = 64
+"""Token counts up to this run the decode kernel (one row tile; weights streamed once)."""
+
+KERNEL_NAME = "fused_gated_mlp.fwd"
+SHIPPED_CONFIGS = Path(__file__).with_name("tuned_configs.json")
+
+_SPACE_AXES: dict[str, list[int]] = {
+    "BLOCK_M": [16, 32, 64, 128],
+    "BLOCK_N": [16, 32, 64, 128],
+    "BLOCK_K": [32, 64, 128, 256],
+    "SPLIT_K": [1, 2, 4, 8],
+    "GROUP_M": [1, 8],
+    "num_warps": [4, 8],
+    "num_stages": [3, 4, 5, 6],
+}
+
+# Shared memory of an H100 program (227 KB); the pipeline keeps num_stages copies of the x tile and both
+# weight tiles.
+_SMEM_LIMIT = 227 * 1024
+
+
+def decode_block_m(tokens: int) -> int:
+    """The row tile of the decode kernel: the smallest of 16, 32, 64 holding ``tokens`` (tl.dot needs 16)."""
+    return 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+
+
+def _pipeline_bytes(cfg: Mapping[str, int], element_size: int = 2) -> int:
+    tile = (cfg["BLOCK_M"] + 2 * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * element_size
+    return tile * cfg["num_stages"]
+
+
+def _fits(cfg: Mapping[str, int], problem: Mapping[str, int] | None) -> bool:
+    """Prune the cartesian product to configs that make sense for the problem's path."""
+    if _pipeline_bytes(cfg) > _SMEM_LIMIT:
+        return False
+    tokens = None if problem is None else problem.get("tokens")
+    decode = tokens is not None and tokens <= DECODE_MAX_TOKENS
+    if tokens is None:
+        # No problem given: keep every config either path could use.
+        return _fits(cfg, {"tokens": 1}) or _fits(cfg, {"tokens": DECODE_MAX_TOKENS + 1})
+    if decode:
+        return (cfg["BLOCK_M"] == decode_block_m(tokens) and cfg["GROUP_M"] == 1
+                and cfg["BLOCK_N"] <= 64 and cfg["BLOCK_K"] >= 64)
+    # Prefill: tensor-core sized tiles; both fp32 accumulators live in registers, so cap their size.
+    acc_regs = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    return (cfg["SPLIT_K"] == 1 and cfg["GROUP_M"] == 8 and cfg["BLOCK_M"] >= 64 and cfg["BLOCK_N"] >= 64
+            and cfg["BLOCK_K"] <= 128 and acc_regs <= 128)
+
+
+class _ConfigSpace:
+    """The cartesian product of ``axes`` pruned by ``constraints`` (the contract of kernel_autotune.ConfigSpace,
+    used only while that package does not provide it)."""
+
+    def __init__(self, axes: Mapping[str, Sequence[int]],
+                 constraints: Sequence[Callable[[dict, Mapping[str, int] | None], bool]] = ()) -> None:
+        self.axes = {k: list(v) for k, v in axes.items()}
+        self.constraints = list(constraints)
+
+    def configs(self, problem: Mapping[str, int] | None = None) -> list[dict]:
+        keys = list(self.axes)
+        out = []
+        for values in itertools.product(*(self.axes[k] for k in keys)):
+            cfg = dict(zip(keys, values))
+            if all(c(cfg, problem) for c in self.constraints):
+                out.append(cfg)
+        return out
+
+
+try:  # the team's autotuner; until it ships ConfigSpace/select_config, the heuristic decides alone
+    from kernel_autotune import ConfigSpace as _AutotuneSpace
+    from kernel_autotune import select_config as _select_config
+except ImportError:
+    _AutotuneSpace = _ConfigSpace
+    _select_config = None
+
+GATED_MLP_CONFIGS = _AutotuneSpace(_SPACE_AXES, constraints=[_fits])
+"""Every launch config worth trying; ``GATED_MLP_CONFIGS.configs({"tokens": m, ...})`` lists a problem's."""
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # the interpreter: pretend to be an H100 so the CPU picks the configs the GPU would
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=4096)
+def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, sms: int) -> tuple:
+    if tokens <= DECODE_MAX_TOKENS:
+        block_m = decode_block_m(tokens)
+        # Narrow column tiles: the weights are the only big operand, and many programs keep many loads in flight.
+        block_n = 32 if block_m <= 32 else 64
+        block_k = 256 if block_m <= 16 else 128
+        if element_size == 4:
+            block_k //= 2
+        split_k = 1
+        n_tiles = -(-intermediate // block_n)
+        # More programs (split-K) until about two per SM, while each still streams several K tiles.
+        while n_tiles * split_k < 2 * sms and hidden // (2 * split_k * block_k) >= 4 and split_k < 8:
+            split_k *= 2
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "GROUP_M": 1,
+               "num_warps": 4, "num_stages": 4}
+    elif element_size == 4:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8,
+               "num_warps": 8, "num_stages": 3}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8,
+               "num_warps": 8, "num_stages": 3}
+    return tuple(sorted(cfg.items()))
+
+
+def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                     device: torch.device) -> dict:
+    """The analytical choice, used when no tuned config is cached or shipped."""
+    return dict(_heuristic(tokens, hidden, intermediate, torch.empty((), dtype=dtype).element_size(),
+                           _sm_count(device)))
+
+
+def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                            device: torch.device) -> dict:
+    """The config a call uses: through ``kernel_autotune.select_config`` when available, else the heuristic."""
+    if _select_config is None:
+        return heuristic_config(tokens, hidden, intermediate, dtype, device)
+    cfg = _select_config(
+        KERNEL_NAME,
+        version=__version__,
+        problem={"tokens": tokens, "hidden": hidden, "intermediate": intermediate},
+        dtypes=(dtype,),
+        device=device,
+        default=lambda: heuristic_config(tokens, hidden, intermediate, dtype, device),
+        bucket=("tokens",),
+        shipped=SHIPPED_CONFIGS,
+        space=GATED_MLP_CONFIGS,
+        bench=None,
+    )
+    # A cached config from another token bucket may belong to the other path: keep only what fits this one.
+    if not _fits(cfg, {"tokens": tokens}):
+        return heuristic_config(tokens, hidden, intermediate, dtype, device)
+    return cfg
+
+
+__all__ = [
+    "DECODE_MAX_TOKENS",
+    "GATED_MLP_CONFIGS",
+    "decode_block_m",
+    "heuristic_config",
+    "select_gated_mlp_config",
+]
