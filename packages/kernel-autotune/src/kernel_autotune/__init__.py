@@ -9,6 +9,7 @@ from .keys import bucket_problem, device_key, make_key, next_pow2
 from .measure import CudaEventTimer, Timer, WallClockTimer
 from .search import TuningError
 from .select import clear_memo, config_source, select_config, tuning_session
+from .tuner import TritonAutoTuner, result_from_entry
 from .space import (
     ConfigSpace,
     block_fits,
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigSpace",
     "CudaEventTimer",
     "Timer",
+    "TritonAutoTuner",
     "TuningError",
     "WallClockTimer",
     "__version__",
@@ -35,6 +37,7 @@ __all__ = [
     "elements_per_thread_at_most",
     "make_key",
     "next_pow2",
+    "result_from_entry",
     "select_config",
     "shared_memory_fits",
     "threads_at_most_block",

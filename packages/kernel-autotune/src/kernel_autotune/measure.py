@@ -34,13 +34,20 @@ class WallClockTimer:
 
 
 class CudaEventTimer:
-    """CUDA events around one launch, with L2 flushed first (a ``zero_`` over a buffer of twice the L2 size)."""
+    """CUDA events around one launch, with L2 flushed first (a ``zero_`` over a buffer of twice the L2 size).
 
-    def __init__(self, device: torch.device | str | int | None = None, flush_l2: bool = True) -> None:
+    Before the start event the GPU is also kept busy for ``cushion_cycles`` clock cycles (``torch.cuda._sleep``):
+    while it waits, the host runs the Python of the call and queues its launches, so the events time the
+    kernels and not the host overhead of a small call (which would hide the difference between configs).
+    """
+
+    def __init__(self, device: torch.device | str | int | None = None, flush_l2: bool = True,
+                 cushion_cycles: int = 200_000) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.flush_l2 = flush_l2
+        self.cushion_cycles = cushion_cycles
         self._flush: torch.Tensor | None = None
 
     def _flush_buffer(self) -> torch.Tensor:
@@ -54,6 +61,8 @@ class CudaEventTimer:
         with torch.cuda.device(self.device):
             if self.flush_l2:
                 self._flush_buffer().zero_()
+            if self.cushion_cycles > 0:
+                torch.cuda._sleep(self.cushion_cycles)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()

@@ -1,0 +1,166 @@
+"""The registry of tunable kernel families, so the ``tune`` command can find kernels it does not import.
+
+A kernel package makes itself tunable in one of two ways, neither of which makes kernel-autotune import it
+before it is needed:
+
+- an entry point in its ``pyproject.toml``::
+
+      [project.entry-points."kernel_autotune.tunables"]
+      my_kernels = "my_kernels.tuning:tunable"     # a zero-argument callable returning a Tunable
+
+- or a call at import time of one of its modules (then pass ``--module my_kernels.tuning`` to the CLI)::
+
+      register_tunable("my_kernels", tunable)
+
+The triton-ops kernel families (``fused_rmsnorm_rope``, ``fused_gated_mlp``, ``fp8_gemm``) are registered here
+as built-ins (``kernel_autotune.families``); their factories import the kernel package only when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from triton_ops_core.exceptions import InvalidArgumentError
+
+ENTRY_POINT_GROUP = "kernel_autotune.tunables"
+
+Shape = Mapping[str, Any]
+
+
+@dataclass
+class Tunable:
+    """A kernel family the ``tune`` command can tune.
+
+    ``prepare(shape, device)`` allocates random inputs of one benchmark shape and returns a zero-argument
+    callable running the family's public operation once on them; the operation must take its launch
+    configs from ``select_config`` with a ``space``. ``shapes`` are the benchmark shapes ``tune --all``
+    uses. ``reset`` clears the package's own memo of configs, if it keeps one. ``shipped`` is the path of
+    the package's ``tuned_configs.json``; ``prefixes`` are the kernel-name prefixes that belong to the
+    family (default: its name), used to export its entries.
+    """
+
+    name: str
+    prepare: Callable[[Shape, torch.device], Callable[[], Any]]
+    shapes: Sequence[Shape] = ()
+    reset: Callable[[], None] | None = None
+    shipped: Path | None = None
+    prefixes: tuple[str, ...] = ()
+    describe: Callable[[Shape], str] | None = None
+    requires_gpu_feature: Callable[[torch.device], str | None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.prefixes:
+            self.prefixes = (self.name,)
+
+    def label(self, shape: Shape) -> str:
+        """A short text naming ``shape`` in tables."""
+        if self.describe is not None:
+            return self.describe(shape)
+        return ",".join(f"{k}={v}" for k, v in shape.items())
+
+    def owns(self, kernel: str) -> bool:
+        """Whether a cache entry of ``kernel`` belongs to this family."""
+        return any(kernel == p or kernel.startswith(p + ".") for p in self.prefixes)
+
+
+TunableFactory = Callable[[], Tunable]
+
+_registered: dict[str, TunableFactory] = {}
+_builtin: dict[str, tuple[str, TunableFactory]] = {}   # name -> (distribution import name, factory)
+
+
+def register_tunable(name: str, factory: TunableFactory | Tunable) -> None:
+    """Register a kernel family under ``name``: ``factory`` is a zero-argument callable returning a
+    :class:`Tunable` (called only when the family is tuned), or a ``Tunable`` itself. A later
+    registration of the same name replaces the earlier one."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"name: expected a non-empty string, got {name!r}")
+    if isinstance(factory, Tunable):
+        tunable = factory
+        factory = lambda: tunable  # noqa: E731
+    if not callable(factory):
+        raise InvalidArgumentError(f"factory: expected a zero-argument callable returning a Tunable, got {factory!r}")
+    _registered[name] = factory
+
+
+def unregister_tunable(name: str) -> None:
+    """Remove a family registered with :func:`register_tunable` (built-ins and entry points stay)."""
+    _registered.pop(name, None)
+
+
+def _register_builtin(name: str, package: str, factory: TunableFactory) -> None:
+    _builtin[name] = (package, factory)
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    try:
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # pragma: no cover - Python < 3.10 signature
+        eps = entry_points().get(ENTRY_POINT_GROUP, [])
+    return {ep.name: ep for ep in eps}
+
+
+def _load_builtins() -> None:
+    importlib.import_module(".families", __package__)
+
+
+def available_tunables() -> dict[str, str]:
+    """Every known family and where it comes from: ``"registered"``, ``"entry point"``, ``"built-in"``, or
+    ``"built-in (package not installed)"``."""
+    _load_builtins()
+    out: dict[str, str] = {}
+    for name, (package, _) in _builtin.items():
+        installed = importlib.util.find_spec(package) is not None
+        out[name] = "built-in" if installed else "built-in (package not installed)"
+    for name in _entry_points():
+        out[name] = "entry point"
+    for name in _registered:
+        out[name] = "registered"
+    return dict(sorted(out.items()))
+
+
+def get_tunable(name: str) -> Tunable:
+    """The family ``name``: a registered one first, then an entry point, then a built-in."""
+    _load_builtins()
+    factory: Callable[[], Any] | None = _registered.get(name)
+    if factory is None:
+        ep = _entry_points().get(name)
+        if ep is not None:
+            factory = ep.load()
+    if factory is None and name in _builtin:
+        package, factory = _builtin[name]
+        if importlib.util.find_spec(package) is None:
+            raise InvalidArgumentError(f"kernel family {name!r}: its package {package!r} is not installed")
+    if factory is None:
+        known = ", ".join(available_tunables()) or "none"
+        raise InvalidArgumentError(f"kernel family {name!r} is not registered (known: {known})")
+    tunable = factory() if not isinstance(factory, Tunable) else factory
+    if not isinstance(tunable, Tunable):
+        raise InvalidArgumentError(f"kernel family {name!r}: its factory returned {type(tunable).__name__}, not a Tunable")
+    return tunable
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import modules that register families at import time (the CLI's ``--module``)."""
+    for mod in modules:
+        importlib.import_module(mod)
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Tunable",
+    "TunableFactory",
+    "available_tunables",
+    "get_tunable",
+    "import_modules",
+    "register_tunable",
+    "unregister_tunable",
+]
