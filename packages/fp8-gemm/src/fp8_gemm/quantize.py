@@ -1,0 +1,615 @@
+"""FP8 quantization and dequantization: Triton kernels that find the absolute maximum and cast in one place.
+
+Scale convention (one rule for every granularity, shared with the GEMM and with :mod:`fp8_gemm.reference`)::
+
+    dequantized = quantized.float() * scale
+    scale       = amax / fmt.max_value          (float32, IEEE division; 1.0 where amax == 0)
+    quantized   = fp8(x.float() * (1.0 / scale)) (the reciprocal is an IEEE float32 division, then one multiply)
+
+``x * (1/scale)`` and ``x / scale`` round differently; we use the multiply (one reciprocal per scale group, a
+multiply per element) and the reference does exactly the same, so results are bit-identical to torch's own cast
+of the same float32 values. Triton's plain ``/`` on float32 is an approximate division on NVIDIA GPUs, so the
+kernels divide with ``tl.math.div_rn`` (correctly rounded, what torch does).
+
+Only finite values enter the absolute maximum: NaN stays NaN, and an infinity saturates to +-448 in E4M3 (it has
+no infinities; torch >= 2.13 and the hardware conversion do the same) and stays infinite in E5M2; neither changes
+the scale of its group.
+
+Triton's interpreter casts float32 to FP8 wrongly (lost rounding carries, no ties-to-even). Under the
+interpreter the kernels therefore round in integer arithmetic (the ``EMULATE`` constexpr); on a GPU they use
+the hardware conversion and pay nothing for the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton_ops_core.device import is_interpreter, supports_fp8
+from triton_ops_core.exceptions import (
+    InvalidArgumentError,
+    NumericalOverflowError,
+    ShapeMismatchError,
+    UnsupportedDtypeError,
+)
+from triton_ops_core.models import FP8Format
+from triton_ops_core.validation import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    SCALE_BLOCK,
+    check_choice,
+    check_dtype,
+    check_kernel_device,
+    check_ndim,
+    check_same_device,
+    check_tensor,
+)
+
+GRANULARITIES = ("tensor", "row", "channel", "block")
+ROLES = ("activation", "weight")
+ACTIVATION_BLOCK = (1, SCALE_BLOCK)
+WEIGHT_BLOCK = (SCALE_BLOCK, SCALE_BLOCK)
+# Below the smallest normal float32 a scale's reciprocal would overflow to infinity.
+_MIN_SCALE = 2.0**-126
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device-side helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_scale(amax, given, HAS_GIVEN: tl.constexpr, MAX_VALUE: tl.constexpr):
+    """Scale, its reciprocal and an overflow flag for scale groups with absolute maximum ``amax``.
+
+    With a given scale the group keeps it unless ``amax * (1/given)`` exceeds the format's range (or the given
+    scale is not a positive finite number); then the group falls back to the dynamic scale, so nothing clips.
+    """
+    dyn = tl.math.div_rn(amax, tl.full(amax.shape, MAX_VALUE, tl.float32))
+    dyn = tl.where(amax > 0, tl.maximum(dyn, 2.0**-126), 1.0)
+    if HAS_GIVEN:
+        inv_given = tl.math.div_rn(tl.full(given.shape, 1.0, tl.float32), given)
+        bad = (given <= 0) | (given != given) | (inv_given == 0)
+        over = bad | (amax * inv_given > MAX_VALUE)
+        scale = tl.where(over, dyn, given)
+    else:
+        over = amax < 0  # all False, with amax's shape
+        scale = dyn
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    return scale, inv, over
+
+
+@triton.jit
+def _finite_abs(x):
+    """|x| with NaN and infinities replaced by 0: non-finite values never set a scale."""
+    a = tl.abs(x)
+    return tl.where(a < float("inf"), a, 0.0)
+
+
+@triton.jit
+def _fp8_bits_rne(v, IS_E4M3: tl.constexpr):
+    """float32 -> FP8 bit pattern (uint8) with round-to-nearest-even, exactly as torch's cast (c10) does it.
+
+    Only used under the interpreter, whose own cast is wrong. Normal results round the float32 mantissa in
+    integer arithmetic; subnormal results come from adding a power of two whose ulp is the FP8 subnormal step.
+    Too large values and infinities saturate to 448 in E4M3 (it has no infinity, as torch >= 2.13 and the
+    hardware's conversion do) and become infinite in E5M2.
+    """
+    if IS_E4M3:
+        MAN: tl.constexpr = 3
+        BIAS: tl.constexpr = 7
+        MAX_CODE: tl.constexpr = 0x7E
+        OVER_CODE: tl.constexpr = 0x7E  # saturate: E4M3 has no infinity
+        INF_CODE: tl.constexpr = 0x7E
+        MAGIC: tl.constexpr = 16384.0  # 2**14: its float32 ulp is 2**-9, E4M3's subnormal step
+    else:
+        MAN: tl.constexpr = 2
+        BIAS: tl.constexpr = 15
+        MAX_CODE: tl.constexpr = 0x7B
+        OVER_CODE: tl.constexpr = 0x7C
+        INF_CODE: tl.constexpr = 0x7C
+        MAGIC: tl.constexpr = 128.0  # 2**7: its float32 ulp is 2**-16, E5M2's subnormal step
+    SHIFT: tl.constexpr = 23 - MAN
+    MAGIC_BITS: tl.constexpr = (127 + 24 - BIAS - MAN) << 23
+    MIN_NORMAL_BITS: tl.constexpr = (127 + 1 - BIAS) << 23
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    absb = bits & 0x7FFFFFFF
+    odd = (absb >> SHIFT) & 1
+    normal = ((absb + ((1 << (SHIFT - 1)) - 1) + odd) >> SHIFT) - ((127 - BIAS) << MAN)
+    absf = absb.to(tl.float32, bitcast=True)
+    sub = (absf + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
+    code = tl.where(absb < MIN_NORMAL_BITS, sub, normal)
+    code = tl.where(code > MAX_CODE, OVER_CODE, code)
+    code = tl.where(absb == 0x7F800000, INF_CODE, code)
+    code = tl.where(absb > 0x7F800000, 0x7F, code)
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _store_fp8(ptrs, v, mask, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr):
+    """Cast float32 ``v`` to FP8 and store it; ``ptrs`` point to uint8 under EMULATE, to the FP8 dtype else."""
+    if EMULATE:
+        tl.store(ptrs, _fp8_bits_rne(v, IS_E4M3), mask=mask)
+    else:
+        # The hardware conversion (cvt.rn.satfinite) saturates infinities to the largest finite value: what we
+        # want for E4M3, which has none. E5M2 has infinities and keeps them, as torch's cast does: one select.
+        if IS_E4M3:
+            y = v.to(tl.float8e4nv)
+        else:
+            is_inf = tl.abs(v) == float("inf")
+            y = v.to(tl.float8e5).to(tl.uint8, bitcast=True)
+            y = tl.where(is_inf, tl.where(v > 0, 0x7C, 0xFC).to(tl.uint8), y)
+            y = y.to(tl.float8e5, bitcast=True)
+        tl.store(ptrs, y, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels. Every kernel sees a row-major [R, C] problem (unit column stride, any row stride): the host wrapper
+# transposes column-major inputs first, so a [N, K] weight passed as ``w.t()`` is read along its rows.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quant_lines_kernel(
+    x_ptr, q_ptr, scale_ptr, given_ptr, flag_ptr,
+    R, C, stride_xr, stride_qr,
+    MAX_VALUE: tl.constexpr, REDUCE_ROWS: tl.constexpr, HAS_GIVEN: tl.constexpr,
+    IS_E4M3: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    """One scale per row (``REDUCE_ROWS`` False: per-token) or per column (True: per-channel of a [K, N] weight).
+
+    A program owns BLOCK_R rows (or BLOCK_C columns) and walks the reduced dimension twice: once for the
+    absolute maximum, once to cast (the second read hits L2). ``SINGLE``: the whole line fits one tile and stays
+    in registers, one read.
+    """
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    if REDUCE_ROWS:
+        cols = pid * BLOCK_C + cols
+        line_mask = cols < C
+        amax = tl.zeros((BLOCK_C,), tl.float32)
+    else:
+        rows = pid * BLOCK_R + rows
+        line_mask = rows < R
+        amax = tl.zeros((BLOCK_R,), tl.float32)
+    row_off_x = rows.to(tl.int64) * stride_xr
+    if SINGLE:
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + row_off_x[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if REDUCE_ROWS:
+            amax = tl.max(_finite_abs(x), axis=0)
+        else:
+            amax = tl.max(_finite_abs(x), axis=1)
+    else:
+        if REDUCE_ROWS:
+            n_steps = tl.cdiv(R, BLOCK_R)
+        else:
+            n_steps = tl.cdiv(C, BLOCK_C)
+        for step in range(0, n_steps):
+            if REDUCE_ROWS:
+                r = step * BLOCK_R + rows
+                mask = (r[:, None] < R) & line_mask[None, :]
+                x = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
+                amax = tl.maximum(amax, tl.max(_finite_abs(x.to(tl.float32)), axis=0))
+            else:
+                c = step * BLOCK_C + cols
+                mask = line_mask[:, None] & (c[None, :] < C)
+                x = tl.load(x_ptr + row_off_x[:, None] + c[None, :], mask=mask, other=0.0)
+                amax = tl.maximum(amax, tl.max(_finite_abs(x.to(tl.float32)), axis=1))
+    if REDUCE_ROWS:
+        line = cols
+    else:
+        line = rows
+    given = amax
+    if HAS_GIVEN:
+        given = tl.load(given_ptr + line, mask=line_mask, other=1.0)
+    scale, inv, over = _group_scale(amax, given, HAS_GIVEN, MAX_VALUE)
+    tl.store(scale_ptr + line, scale, mask=line_mask)
+    if HAS_GIVEN:
+        n_over = tl.sum((over & line_mask).to(tl.int32), axis=0)
+        tl.atomic_add(flag_ptr, n_over, mask=n_over > 0)
+    if REDUCE_ROWS:
+        inv2 = inv[None, :]
+    else:
+        inv2 = inv[:, None]
+    if SINGLE:
+        _store_fp8(q_ptr + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], x * inv2, mask,
+                   IS_E4M3, EMULATE)
+    else:
+        if REDUCE_ROWS:
+            n_steps = tl.cdiv(R, BLOCK_R)
+        else:
+            n_steps = tl.cdiv(C, BLOCK_C)
+        for step in range(0, n_steps):
+            if REDUCE_ROWS:
+                r = step * BLOCK_R + rows
+                c = cols
+                mask = (r[:, None] < R) & line_mask[None, :]
+            else:
+                r = rows
+                c = step * BLOCK_C + cols
+                mask = line_mask[:, None] & (c[None, :] < C)
+            r64 = r.to(tl.int64)
+            x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            _store_fp8(q_ptr + r64[:, None] * stride_qr + c[None, :], x * inv2, mask, IS_E4M3, EMULATE)
+
+
+@triton.jit
+def _quant_blocks_kernel(
+    x_ptr, q_ptr, scale_ptr, given_ptr, flag_ptr,
+    R, C, stride_xr, stride_qr, stride_sr,
+    MAX_VALUE: tl.constexpr, GROUP_ROWS: tl.constexpr, HAS_GIVEN: tl.constexpr,
+    IS_E4M3: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Block scales, one read: a [BLOCK_R, BLOCK_C] tile per program, BLOCK_C = the block's width.
+
+    ``GROUP_ROWS`` 1: 1xBLOCK_C blocks (activations), one scale per tile row; else the tile is one
+    BLOCK_R x BLOCK_C block (weights) with one scale.
+    """
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GROUP_ROWS == 1:
+        amax = tl.max(_finite_abs(x), axis=1)
+        s_off = r64 * stride_sr + pid_c
+        s_mask = rows < R
+        given = amax
+        if HAS_GIVEN:
+            given = tl.load(given_ptr + s_off, mask=s_mask, other=1.0)
+        scale, inv, over = _group_scale(amax, given, HAS_GIVEN, MAX_VALUE)
+        tl.store(scale_ptr + s_off, scale, mask=s_mask)
+        if HAS_GIVEN:
+            n_over = tl.sum((over & s_mask).to(tl.int32), axis=0)
+            tl.atomic_add(flag_ptr, n_over, mask=n_over > 0)
+        y = x * inv[:, None]
+    else:
+        amax = tl.max(tl.max(_finite_abs(x), axis=1), axis=0)
+        s_off = pid_r * stride_sr + pid_c
+        given = amax
+        if HAS_GIVEN:
+            given = tl.load(given_ptr + s_off)
+        scale, inv, over = _group_scale(amax, given, HAS_GIVEN, MAX_VALUE)
+        tl.store(scale_ptr + s_off, scale)
+        if HAS_GIVEN:
+            tl.atomic_add(flag_ptr, 1, mask=over)
+        y = x * inv
+    _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], y, mask, IS_E4M3, EMULATE)
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-tensor absolute maximum, pass one: tile maxima merged with an integer atomic max on the float bits
+    (non-negative floats order like their bit patterns)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
+    amax = tl.max(tl.max(_finite_abs(x.to(tl.float32)), axis=1), axis=0)
+    tl.atomic_max(amax_ptr, amax.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _quant_tensor_kernel(
+    x_ptr, q_ptr, scale_ptr, amax_ptr, given_ptr, flag_ptr,
+    R, C, stride_xr, stride_qr,
+    MAX_VALUE: tl.constexpr, HAS_GIVEN: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per-tensor scaling, pass two: every program derives the scale from the amax; program 0 writes it."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    given = amax
+    if HAS_GIVEN:
+        given = tl.load(given_ptr)
+    scale, inv, over = _group_scale(amax, given, HAS_GIVEN, MAX_VALUE)
+    first = (pid_r == 0) & (pid_c == 0)
+    if first:
+        tl.store(scale_ptr, scale)
+        if HAS_GIVEN:
+            tl.store(flag_ptr, over.to(tl.int32))
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launch heuristics: memory-bound kernels want 4-16 K elements per program and enough programs to fill the GPU.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _tile_config(r: int, c: int, elements: int = 8192) -> dict[str, int]:
+    block_c = min(_pow2(c), elements)
+    block_r = max(1, min(_pow2(r), elements // block_c))
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 8 if block_r * block_c >= 4096 else 4}
+
+
+def _lines_config(r: int, c: int, reduce_rows: bool) -> dict[str, int]:
+    if reduce_rows:  # per-column scales: a strip of columns per program, walking all rows
+        block_c = min(_pow2(c), 64)
+        block_r = min(_pow2(r), 64)
+        return {"BLOCK_R": block_r, "BLOCK_C": block_c, "SINGLE": r <= block_r, "num_warps": 4}
+    block_c = min(_pow2(c), 8192)  # a whole row of up to 8192 stays in registers: one read
+    block_r = max(1, min(_pow2(r), 4096 // block_c))
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "SINGLE": c <= block_c,
+            "num_warps": 8 if block_r * block_c >= 4096 else 4}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_block_size(block_size: object, role: str) -> tuple[int, int]:
+    if block_size is None:
+        return ACTIVATION_BLOCK if role == "activation" else WEIGHT_BLOCK
+    size = tuple(block_size) if isinstance(block_size, (tuple, list)) else block_size
+    if size not in (ACTIVATION_BLOCK, WEIGHT_BLOCK):
+        raise InvalidArgumentError(
+            f"block_size: expected {ACTIVATION_BLOCK} (activations) or {WEIGHT_BLOCK} (weights), got {block_size!r}"
+        )
+    return size  # type: ignore[return-value]
+
+
+def scale_shape(shape: tuple[int, ...], granularity: str, block_size: tuple[int, int] | None = None,
+                role: str = "activation") -> tuple[int, ...]:
+    """The shape of the scale ``quantize_fp8`` returns for a tensor of ``shape``.
+
+    ``tensor``: ``(1,)``; ``row``: ``(*shape[:-1], 1)``; ``channel`` (2-D ``[K, N]``): ``(1, N)``; ``block``
+    (2-D): ``(ceil(M / bm), ceil(K / bk))`` for ``block_size = (bm, bk)``.
+    """
+    check_choice(granularity, "granularity", GRANULARITIES)
+    if granularity == "tensor":
+        return (1,)
+    if granularity == "row":
+        return (*shape[:-1], 1)
+    if granularity == "channel":
+        return (1, shape[1])
+    bm, bk = _check_block_size(block_size, role)
+    return (_cdiv(shape[0], bm), _cdiv(shape[1], bk))
+
+
+def _validate(t, fmt, granularity, scale, block_size, role):
+    check_tensor(t, "t")
+    fmt = FP8Format.from_name(fmt)
+    check_choice(granularity, "granularity", GRANULARITIES)
+    check_choice(role, "role", ROLES)
+    check_dtype(t, "t", FLOAT_DTYPES)
+    if granularity in ("channel", "block"):
+        check_ndim(t, "t", exact=2)
+    else:
+        check_ndim(t, "t", minimum=1)
+    if block_size is not None and granularity != "block":
+        raise InvalidArgumentError(f"block_size: only applies to granularity 'block', got granularity {granularity!r}")
+    block = _check_block_size(block_size, role) if granularity == "block" else None
+    check_kernel_device(t, "t")
+    if not supports_fp8(t.device):
+        raise UnsupportedDtypeError(
+            f"t: FP8 needs a GPU with FP8 support (compute capability 8.9+), got {torch.cuda.get_device_name(t.device)}"
+        )
+    expected = scale_shape(tuple(t.shape), granularity, block, role)
+    if scale is not None:
+        check_tensor(scale, "scale")
+        check_same_device(t=t, scale=scale)
+        check_dtype(scale, "scale", (torch.float32,))
+        ok = scale.numel() == 1 if granularity == "tensor" else tuple(scale.shape) == expected
+        if not ok:
+            raise ShapeMismatchError(
+                f"scale: expected shape {list(expected)} for granularity {granularity!r} and t of shape "
+                f"{list(t.shape)}, got {list(scale.shape)}"
+            )
+    return fmt, block, expected
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 or t.shape[-1] == 1
+
+
+def _column_major(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) >= t.shape[0]
+
+
+def _quantize_2d(x, fmt, granularity, given, block, amax_out=None):
+    """Row-major ``x`` ``[R, C]``: returns ``(q, scale, overflow_count)``; ``overflow_count`` is a device int32
+    tensor (or None without a given scale)."""
+    r, c = x.shape
+    emulate = is_interpreter()
+    q = torch.empty((r, c), dtype=fmt.torch_dtype, device=x.device)
+    q_arg = q.view(torch.uint8) if emulate else q
+    has_given = given is not None
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if has_given else None
+    common = {"MAX_VALUE": fmt.max_value, "IS_E4M3": fmt.name == "e4m3", "EMULATE": emulate}
+    stride_xr = x.stride(0) if r > 1 else c
+    if granularity in ("row", "channel"):
+        reduce_rows = granularity == "channel"
+        scale = torch.empty((1, c) if reduce_rows else (r, 1), dtype=torch.float32, device=x.device)
+        given_arg = given.reshape(-1).contiguous() if has_given else scale
+        cfg = _lines_config(r, c, reduce_rows)
+        n_prog = _cdiv(c, cfg["BLOCK_C"]) if reduce_rows else _cdiv(r, cfg["BLOCK_R"])
+        _quant_lines_kernel[(n_prog,)](
+            x, q_arg, scale, given_arg, flag if has_given else scale, r, c, stride_xr, c,
+            REDUCE_ROWS=reduce_rows, HAS_GIVEN=has_given, **common, **cfg,
+        )
+    elif granularity == "block":
+        bm, bk = block
+        scale = torch.empty((_cdiv(r, bm), _cdiv(c, bk)), dtype=torch.float32, device=x.device)
+        given_arg = given.contiguous() if has_given else scale
+        block_r = 32 if bm == 1 else bm
+        _quant_blocks_kernel[(_cdiv(r, block_r), _cdiv(c, bk))](
+            x, q_arg, scale, given_arg, flag if has_given else scale, r, c, stride_xr, c, scale.stride(0),
+            GROUP_ROWS=bm, HAS_GIVEN=has_given, BLOCK_R=block_r, BLOCK_C=bk, num_warps=8 if bm > 1 else 4,
+            **common,
+        )
+    else:
+        scale = torch.empty((1,), dtype=torch.float32, device=x.device)
+        amax = torch.zeros((1,), dtype=torch.int32, device=x.device)
+        # A contiguous tensor is one long row: long tiles, no row masks.
+        flat = x.is_contiguous()
+        rr, cc, sr = (1, r * c, r * c) if flat else (r, c, stride_xr)
+        cfg = _tile_config(rr, cc)
+        grid = (_cdiv(rr, cfg["BLOCK_R"]), _cdiv(cc, cfg["BLOCK_C"]))
+        _amax_kernel[grid](x, amax, rr, cc, sr, **cfg)
+        given_arg = given.reshape(1).contiguous() if has_given else scale
+        _quant_tensor_kernel[grid](
+            x, q_arg, scale, amax, given_arg, flag if has_given else scale, rr, cc, sr, cc,
+            HAS_GIVEN=has_given, **common, **cfg,
+        )
+        if amax_out is not None:
+            amax_out.append(amax.view(torch.float32))
+    return q, scale, flag
+
+
+def _quantize(t, fmt, granularity, scale, block_size, strict, role, amax_out=None):
+    fmt, block, expected = _validate(t, fmt, granularity, scale, block_size, role)
+    given = scale
+    transposed = False
+    if t.dim() == 2 and not _row_major(t) and _column_major(t):
+        # A column-major [K, N] operand (a weight stored [N, K] and passed as w.t()) is a row-major [N, K]
+        # problem with the roles of rows and columns swapped: read it along its contiguous dimension.
+        transposed = True
+        x = t.t()
+        gran = {"row": "channel", "channel": "row"}.get(granularity, granularity)
+        blk = (block[1], block[0]) if block is not None else None
+        if blk is not None and blk not in (ACTIVATION_BLOCK, WEIGHT_BLOCK):
+            x, transposed, gran, blk = t.contiguous(), False, granularity, block
+        elif given is not None and granularity != "tensor":
+            given = given.t()
+    else:
+        x = t if t.dim() == 2 and _row_major(t) else t.reshape(-1, t.shape[-1])
+        if not _row_major(x):
+            x = x.contiguous()
+        gran, blk = granularity, block
+    q, s, flag = _quantize_2d(x, fmt, gran, given, blk, amax_out)
+    if transposed:
+        q = q.t()
+        s = s.t().contiguous() if gran != "tensor" else s
+    else:
+        q = q.view(t.shape)
+        s = s.view(expected)
+    if strict and flag is not None:
+        n_over = int(flag.item())
+        if n_over:
+            raise NumericalOverflowError(
+                f"t: {n_over} scale group(s) ({granularity}) exceed the {fmt.name} range (max {fmt.max_value:g}) "
+                "with the given scale; pass strict=False to have the scale raised instead"
+            )
+    return q, s
+
+
+def quantize_fp8(
+    t: torch.Tensor,
+    fmt: str | FP8Format | torch.dtype = "e4m3",
+    granularity: str = "tensor",
+    *,
+    scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] | None = None,
+    strict: bool = False,
+    role: str = "activation",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``t`` to FP8; returns ``(quantized, scale)`` with ``dequantized = quantized.float() * scale``.
+
+    Args:
+        t: fp16, bf16 or fp32; any rank for ``tensor`` and ``row``, 2-D for ``channel`` and ``block``. A 2-D
+            column-major ``t`` (e.g. ``linear.weight.t()``) is read along its contiguous dimension and the
+            result keeps that layout (``quantized.t()`` is then contiguous).
+        fmt: ``"e4m3"`` (``torch.float8_e4m3fn``, max 448) or ``"e5m2"`` (``torch.float8_e5m2``, max 57344).
+        granularity: ``"tensor"`` (scale ``[1]``), ``"row"`` (per token: ``[M, 1]``, or ``[*lead, 1]``),
+            ``"channel"`` (per output column of a ``[K, N]`` weight used as ``a @ b``: ``[1, N]``; for an
+            ``nn.Linear`` weight ``[out, in]`` pass ``weight.t()``, one scale per output feature) or ``"block"``
+            (``[ceil(M/bm), ceil(K/bk)]``). These are the shapes ``fp8_gemm`` accepts.
+        scale: a given scale of that shape (float32), used as is unless some value of its group would exceed
+            the format's range; that group's scale is then raised to ``amax / max_value`` so nothing clips, and
+            the returned scale says so. A non-positive or non-finite given scale counts as overflowing.
+        block_size: ``(1, 128)`` (activations, DeepSeek-V3 style) or ``(128, 128)`` (weights); default by ``role``.
+        strict: raise ``NumericalOverflowError`` when a given scale had to be raised (synchronizes the GPU).
+        role: ``"activation"`` or ``"weight"``: picks the default ``block_size``.
+
+    Without a given scale the absolute maximum of each group is computed in the kernel (non-finite values
+    excluded); an all-zero group gets scale 1. NaN stays NaN.
+    """
+    return _quantize(t, fmt, granularity, scale, block_size, strict, role)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dequantization
+# --------------------------------------------------------------------------------------------------------------
+
+
+def expand_scale(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Broadcast a scale of any granularity to ``shape`` (block scales repeat over their 128-wide blocks).
+
+    Per dimension, a scale size equal to the tensor's is per element, 1 is the whole dimension, and
+    ``ceil(n / 128)`` is 128-wide blocks (the cases coincide only where they mean the same thing).
+    """
+    if scale.numel() == 1:
+        return scale.reshape(()).expand(shape)
+    if scale.dim() != len(shape):
+        raise ShapeMismatchError(
+            f"scale: expected {len(shape)} dimensions (or one value) for a tensor of shape {list(shape)}, "
+            f"got shape {list(scale.shape)}"
+        )
+    out = scale
+    for dim, (s, n) in enumerate(zip(scale.shape, shape)):
+        if s in (n, 1):
+            continue
+        if s == _cdiv(n, SCALE_BLOCK):
+            out = out.repeat_interleave(SCALE_BLOCK, dim=dim).narrow(dim, 0, n)
+            continue
+        raise ShapeMismatchError(
+            f"scale: size {s} in dimension {dim} fits neither {n} (per element), 1 (whole dimension) nor "
+            f"{_cdiv(n, SCALE_BLOCK)} ({SCALE_BLOCK}-wide blocks) for a tensor of shape {list(shape)}"
+        )
+    return out.expand(shape)
+
+
+def dequantize_fp8(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The exact inverse of :func:`quantize_fp8`'s scaling: ``(quantized.float() * scale).to(dtype)``.
+
+    ``scale`` may have any granularity ``quantize_fp8`` returns; the product is formed in float32 and rounded
+    once to ``dtype`` (fp16, bf16 or fp32).
+    """
+    check_tensor(quantized, "quantized")
+    check_tensor(scale, "scale")
+    check_dtype(quantized, "quantized", FP8_DTYPES)
+    check_dtype(scale, "scale", (torch.float32,))
+    check_same_device(quantized=quantized, scale=scale)
+    if dtype not in FLOAT_DTYPES:
+        raise UnsupportedDtypeError(
+            f"dtype: expected float16, bfloat16 or float32, got {str(dtype).removeprefix('torch.')}"
+        )
+    return (quantized.float() * expand_scale(scale, tuple(quantized.shape))).to(dtype)
+
+
+def fp8_max(fmt: str | FP8Format | torch.dtype = "e4m3") -> float:
+    """The largest finite value of the format (448 for E4M3, 57344 for E5M2)."""
+    return FP8Format.from_name(fmt).max_value
+
+
+__all__ = [
+    "ACTIVATION_BLOCK",
+    "GRANULARITIES",
+    "WEIGHT_BLOCK",
+    "dequantize_fp8",
+    "expand_scale",
+    "fp8_max",
+    "quantize_fp8",
+    "scale_shape",
+]
