@@ -1,5 +1,38 @@
-"""fp8_gemm."""
+"""fp8_gemm: FP8 quantization (tensor, row, channel and block scales), the FP8 GEMM and FP8Linear, in Triton."""
 
 from .__about__ import __version__
+from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
+from .gemm import fp8_gemm
+from .linear import FP8Linear, convert_to_fp8
+from .quantize import (
+    ACTIVATION_BLOCK,
+    GRANULARITIES,
+    WEIGHT_BLOCK,
+    dequantize_fp8,
+    expand_scale,
+    fp8_max,
+    quantize_fp8,
+    scale_shape,
+)
+from .scaling import DelayedScaler, ScaleTracker
 
-__all__ = ["__version__"]
+__all__ = [
+    "ACTIVATION_BLOCK",
+    "GRANULARITIES",
+    "WEIGHT_BLOCK",
+    "DelayedScaler",
+    "FP8Linear",
+    "ScaleTracker",
+    "__version__",
+    "convert_to_fp8",
+    "dequantize_fp8",
+    "expand_scale",
+    "fp8_gemm",
+    "fp8_max",
+    "outlier_activations",
+    "quantization_sqnr",
+    "quantize_fp8",
+    "scale_shape",
+    "sqnr_db",
+    "sqnr_report",
+]
