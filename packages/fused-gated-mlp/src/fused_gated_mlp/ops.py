@@ -76,6 +76,11 @@ def _split_k_workspace(device: torch.device, ws_numel: int, lock_numel: int) -> 
     return ws, lock
 
 
+def _new_output(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # One place that allocates the result, so tests can hand the kernel a poisoned buffer.
+    return torch.empty((m, n), dtype=dtype, device=device)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's matmul setting (TF32 only where the user allowed it); halves are exact anyway.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -97,7 +102,7 @@ def gated_mlp_forward(
     """Launch the fused kernel on validated 2-D operands (``[M, K]``, ``[N, K]`` views with unit last stride)."""
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
-    out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    out = _new_output(M, N, x2d.dtype, x2d.device)
     if M == 0 or N == 0:
         return out
     cfg = dict(config) if config is not None else select_gated_mlp_config(M, K_dim, N, x2d.dtype, x2d.device)
