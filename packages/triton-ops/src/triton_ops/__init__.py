@@ -1,5 +1,72 @@
-"""triton_ops."""
+"""triton-ops: fused Triton kernels for transformer inference, in one import.
+
+``pip install triton-ops`` installs every package of the family; this module re-exports their documented API:
+
+- RMSNorm + RoPE (``fused-rmsnorm-rope``): ``fused_rmsnorm_rope``, ``fused_qk_norm_rope``, ``FusedRMSNormRoPE``
+- gated MLP (``fused-gated-mlp``): ``fused_gated_mlp``, ``FusedGatedMLP``
+- FP8 (``fp8-gemm``): ``quantize_fp8``, ``dequantize_fp8``, ``fp8_gemm``, ``FP8Linear``
+- tuning (``kernel-autotune``): ``TritonAutoTuner`` and the config spaces ``RMSNORM_ROPE_CONFIGS``,
+  ``GATED_MLP_CONFIGS``, ``FP8_GEMM_CONFIGS``
+- the shared exceptions and data models (``triton-ops-core``)
+- ``BenchmarkSuite``: the benchmark suite (``triton_ops.benchmark``)
+
+Without a GPU, set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors (slowly).
+"""
+
+from fp8_gemm import FP8_GEMM_CONFIGS, FP8Linear, dequantize_fp8, fp8_gemm, quantize_fp8
+from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, fused_gated_mlp
+from fused_rmsnorm_rope import RMSNORM_ROPE_CONFIGS, FusedRMSNormRoPE, fused_qk_norm_rope, fused_rmsnorm_rope
+from kernel_autotune import ConfigSpace, TritonAutoTuner, select_config
+from triton_ops_core import (
+    DeviceMismatchError,
+    FP8Format,
+    InvalidArgumentError,
+    KernelMetrics,
+    LayoutError,
+    MisalignedInputError,
+    NumericalOverflowError,
+    ShapeMismatchError,
+    TensorSpec,
+    TrialResult,
+    TritonKernelError,
+    TuningResult,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+)
 
 from .__about__ import __version__
+from .benchmark import BenchmarkSuite
 
-__all__ = ["__version__"]
+__all__ = [
+    "FP8_GEMM_CONFIGS",
+    "GATED_MLP_CONFIGS",
+    "RMSNORM_ROPE_CONFIGS",
+    "BenchmarkSuite",
+    "ConfigSpace",
+    "DeviceMismatchError",
+    "FP8Format",
+    "FP8Linear",
+    "FusedGatedMLP",
+    "FusedRMSNormRoPE",
+    "InvalidArgumentError",
+    "KernelMetrics",
+    "LayoutError",
+    "MisalignedInputError",
+    "NumericalOverflowError",
+    "ShapeMismatchError",
+    "TensorSpec",
+    "TrialResult",
+    "TritonAutoTuner",
+    "TritonKernelError",
+    "TuningResult",
+    "UnsupportedDeviceError",
+    "UnsupportedDtypeError",
+    "__version__",
+    "dequantize_fp8",
+    "fp8_gemm",
+    "fused_gated_mlp",
+    "fused_qk_norm_rope",
+    "fused_rmsnorm_rope",
+    "quantize_fp8",
+    "select_config",
+]

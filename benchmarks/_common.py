@@ -1,0 +1,85 @@
+"""Command line shared by the benchmark entry points: options, output files, the summary and the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import ROOT
+
+DEFAULT_OUT = ROOT / "docs" / "benchmarks"
+
+# Share of the time budget each family gets when the whole suite runs (unused time carries over).
+SHARES = {"rmsnorm-rope": 0.30, "gated-mlp": 0.35, "fp8-gemm": 0.35}
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the .md/.json/.png reports (default on a GPU: docs/benchmarks; without a GPU "
+                        "nothing is written unless --out is given)")
+    p.add_argument("--quick", action="store_true", help="a few representative shapes only")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up runs per measurement (default 10)")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per measurement, at most (default 100)")
+    p.add_argument("--rep-ms", type=float, default=60.0,
+                   help="cap on the time of the timed runs of one measurement, ms (default 60)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget of the whole run: cases past it are reported as skipped")
+    p.add_argument("--compile-budget-s", type=float, default=None,
+                   help="cap on time spent compiling torch.compile baselines; past it they are n/a")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    p.add_argument("--no-liger", action="store_true", help="leave out Liger-Kernel")
+    p.add_argument("--no-graphs", action="store_true", help="leave out CUDA-graph timings")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG")
+    return p.parse_args(argv)
+
+
+def make_suite(args: argparse.Namespace):
+    from triton_ops.benchmark import BenchmarkSuite
+
+    return BenchmarkSuite(
+        warmup_runs=args.warmup, benchmark_runs=args.runs, max_ms_per_measurement=args.rep_ms,
+        cuda_graphs=not args.no_graphs, compile_baselines=not args.no_compile, liger=not args.no_liger,
+        time_budget_s=args.budget_s, compile_budget_s=args.compile_budget_s,
+    )
+
+
+def run_groups(groups: dict[str, Callable], description: str, argv: Sequence[str] | None = None,
+               combined: bool = False) -> int:
+    """Run the named families' sweeps into one suite, write their reports, print the summary; 0 if all correct."""
+    args = parse_args(description, argv)
+    suite = make_suite(args)
+    mode = "full sweep" if not args.quick else "quick sweep"
+    if not suite.on_gpu:
+        mode = "no GPU: small shapes under the Triton interpreter, correctness only"
+    print(f"triton-ops benchmarks ({', '.join(groups)}): {mode}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    budget = args.budget_s
+    total_share = sum(SHARES.get(g, 1.0) for g in groups)
+    used_share = 0.0
+    for name, runner in groups.items():
+        if budget is not None:  # this family may run until its share of the budget (plus what earlier ones left)
+            used_share += SHARES.get(name, 1.0)
+            suite.time_budget_s = (time.monotonic() - start) + max(0.0, budget - (time.monotonic() - start)) * (
+                SHARES.get(name, 1.0) / max(1e-9, total_share - used_share + SHARES.get(name, 1.0)))
+        t0 = time.monotonic()
+        runner(suite, quick=args.quick)
+        print(f"{name}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    out = args.out if args.out is not None else (DEFAULT_OUT if suite.measure else None)
+    if out is not None:
+        written = []
+        for name in groups:
+            if any(r.group == name for r in suite.results):
+                files = suite.save_report(out / f"{name}.md", groups=[name], plot=not args.no_plots)
+                written += files.values()
+        if combined and suite.measure:
+            files = suite.save_report(out / suite.report_name(), plot=not args.no_plots,
+                                      title=f"triton-ops benchmarks on {suite.environment.get('device')}")
+            written += files.values()
+        print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    print(f"\n== summary ({time.monotonic() - start:.0f} s) ==")
+    print(suite.summary())
+    return 1 if suite.failed else 0

@@ -1,0 +1,180 @@
+"""Pure-PyTorch versions of each op, written the way a PyTorch user would: the eager baselines.
+
+The correctness references come from the kernel packages' own ``reference`` modules where they exist, evaluated
+in float64 (CPU, small cases) or float32 (large GPU cases); these functions are the eager baselines (run in the
+input's dtype, as Hugging Face models do) and what ``torch.compile`` compiles.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def rope_tables(seq: int, head_dim: int, dtype: torch.dtype, device, base: float = 10000.0):
+    """cos/sin of the neox (rotate_half) layout, ``[seq, head_dim]``, as Llama builds them."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(y: torch.Tensor) -> torch.Tensor:
+    half = y.shape[-1] // 2
+    return torch.cat((-y[..., half:], y[..., :half]), dim=-1)
+
+
+def rmsnorm_rope_eager(x, weight, cos, sin, eps: float = 1e-6, position_ids=None):
+    """Llama-style RMSNorm (statistics in fp32, cast back, times weight) then neox RoPE on every head."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    head_dim = cos.shape[-1]
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]  # [..., seq, head_dim]
+    y = y.view(*y.shape[:-1], -1, head_dim)
+    out = y * cos.unsqueeze(-2) + _rotate_half(y) * sin.unsqueeze(-2)
+    return out.view(x.shape)
+
+
+def rmsnorm_rope_exact(x, weight, cos, sin, eps: float = 1e-6, position_ids=None, dtype=torch.float64):
+    """The same computation carried out entirely in ``dtype`` (the correctness reference)."""
+    return rmsnorm_rope_eager(x.to(dtype), weight.to(dtype), cos.to(dtype), sin.to(dtype), eps, position_ids)
+
+
+def qk_norm_rope_eager(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6, position_ids=None):
+    """Qwen3-style per-head RMSNorm of q and k then neox RoPE, on ``[batch, seq, heads, head_dim]``."""
+    def norm(t, w):
+        tf = t.float()
+        return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype) * w
+
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    qn, kn = norm(q, q_weight), norm(k, k_weight)
+    return qn * c + _rotate_half(qn) * s, kn * c + _rotate_half(kn) * s
+
+
+def qk_norm_rope_exact(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6, position_ids=None,
+                       dtype=torch.float64):
+    q2, k2 = qk_norm_rope_eager(q.to(dtype), k.to(dtype), q_weight.to(dtype), k_weight.to(dtype), cos.to(dtype),
+                                sin.to(dtype), eps, position_ids)
+    return torch.cat((q2.flatten(), k2.flatten()))
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
+
+
+def gated_mlp_eager(x, gate_weight, up_weight, activation: str = "silu"):
+    """``act(x @ Wg^T) * (x @ Wu^T)``: two cuBLAS GEMMs, two intermediates written and read back."""
+    return _ACTIVATIONS[activation](F.linear(x, gate_weight)) * F.linear(x, up_weight)
+
+
+def gated_mlp_exact(x, gate_weight, up_weight, activation: str = "silu", dtype=torch.float64):
+    return gated_mlp_eager(x.to(dtype), gate_weight.to(dtype), up_weight.to(dtype), activation)
+
+
+def quantize_fp8_eager(x: torch.Tensor, granularity: str = "tensor", fp8_dtype=torch.float8_e4m3fn,
+                       block: int = 128):
+    """Dynamic scaling in plain PyTorch: absolute maximum, scale = amax / fmax, divide, clamp, cast.
+
+    ``scale`` is the dequantization factor (``x ~= q * scale``); ``tensor``: a scalar, ``row``: ``[M, 1]``,
+    ``block``: ``[M, K / block]`` (1 x ``block`` groups along the last dimension).
+    """
+    fmax = FP8_MAX[fp8_dtype]
+    xf = x.float()
+    # x * (1 / scale): one reciprocal per group, then a multiply (fp8_gemm's convention, bit for bit).
+    if granularity == "tensor":
+        amax = xf.abs().amax()
+        scale = amax.clamp(min=2.0**-126) / fmax
+        q = (xf * (1.0 / scale)).clamp(-fmax, fmax).to(fp8_dtype)
+    elif granularity == "row":
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        scale = amax.clamp(min=2.0**-126) / fmax
+        q = (xf * (1.0 / scale)).clamp(-fmax, fmax).to(fp8_dtype)
+    elif granularity == "block":
+        m, k = xf.shape
+        xb = xf.view(m, k // block, block)
+        amax = xb.abs().amax(dim=-1, keepdim=True)
+        scale = amax.clamp(min=2.0**-126) / fmax
+        q = (xb * (1.0 / scale)).clamp(-fmax, fmax).to(fp8_dtype).view(m, k)
+        scale = scale.squeeze(-1)
+    else:
+        raise ValueError(f"granularity: {granularity!r}")
+    return q, scale
+
+
+# --------------------------------------------------------------------------- the kernel packages' references
+# Each kernel package ships its reference (same arguments as the kernel). The suite uses it for the eager and
+# torch.compile baselines (run in the input dtype) and, on upcast inputs, for the correctness reference; the
+# functions above stand in only when a package is not importable.
+
+def _package_attr(module: str, attr: str):
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception:
+        return None
+
+
+def rmsnorm_rope_baseline():
+    """``f(x, weight, cos, sin, eps, position_ids)``: the package reference, else the Llama-style eager version."""
+    pkg = _package_attr("fused_rmsnorm_rope.reference", "rmsnorm_rope_reference")
+    if pkg is None:
+        return rmsnorm_rope_eager
+
+    def f(x, weight, cos, sin, eps=1e-6, position_ids=None):
+        return pkg(x, weight, cos, sin, eps, position_ids=position_ids)
+
+    return f
+
+
+def rmsnorm_rope_reference(x, weight, cos, sin, eps=1e-6, position_ids=None, dtype=torch.float64):
+    f = rmsnorm_rope_baseline()
+    return f(x.to(dtype), weight.to(dtype), cos.to(dtype), sin.to(dtype), eps, position_ids)
+
+
+def qk_norm_rope_baseline():
+    pkg = _package_attr("fused_rmsnorm_rope.reference", "qk_norm_rope_reference")
+    if pkg is None:
+        return qk_norm_rope_eager
+
+    def f(q, k, q_weight, k_weight, cos, sin, eps=1e-6, position_ids=None):
+        return pkg(q, k, q_weight, k_weight, cos, sin, position_ids, eps)
+
+    return f
+
+
+def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps=1e-6, position_ids=None, dtype=torch.float64):
+    qo, ko = qk_norm_rope_baseline()(q.to(dtype), k.to(dtype), q_weight.to(dtype), k_weight.to(dtype),
+                                     cos.to(dtype), sin.to(dtype), eps, position_ids)
+    return torch.cat((qo.flatten(), ko.flatten()))
+
+
+def gated_mlp_baseline():
+    pkg = _package_attr("fused_gated_mlp", "gated_mlp_reference")
+    if pkg is None:
+        return gated_mlp_eager
+
+    def f(x, gate_weight, up_weight, activation="silu"):
+        return pkg(x, gate_weight, up_weight, activation)
+
+    return f
+
+
+def gated_mlp_reference(x, gate_weight, up_weight, activation="silu", dtype=torch.float64):
+    return gated_mlp_baseline()(x.to(dtype), gate_weight.to(dtype), up_weight.to(dtype), activation)
+
+
+def quantize_fp8_spec(x: torch.Tensor, granularity: str):
+    """``(quantized, scale)`` as ``quantize_fp8`` must return them: the package's bit-exact reference."""
+    pkg = _package_attr("fp8_gemm.reference", "quantize_fp8_reference")
+    if pkg is None:
+        return quantize_fp8_eager(x, granularity)
+    return pkg(x, "e4m3", granularity)

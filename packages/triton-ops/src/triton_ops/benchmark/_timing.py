@@ -1,0 +1,125 @@
+"""Device timing: warm-up, L2 flushed before every run, CUDA events, optional CUDA-graph replay.
+
+One measurement is capped in time (``max_ms``) rather than only in runs, so a sweep over small and large
+problems has a predictable length: a 10 us kernel gets ``benchmark_runs`` runs, a 5 ms one as many as fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._model import Timing
+
+# Larger than any current GPU's L2 (H100: 50 MB, H200: 60 MB, B200: 126 MB): zeroing it evicts the operands.
+_FLUSH_BYTES = 256 * 2**20
+
+
+class CudaTimer:
+    """Times a zero-argument callable on the current CUDA device.
+
+    Each run is preceded by a write of a 256 MiB buffer, so no operand is served from L2 (caches overstate
+    bandwidth by up to 1.6x); the flush runs before the start event and is not counted. The number of runs is
+    ``benchmark_runs``, reduced so one measurement takes about ``max_ms`` (at least ``min_runs``).
+    """
+
+    def __init__(self, warmup_runs: int = 10, benchmark_runs: int = 100, *, max_ms: float = 100.0,
+                 min_runs: int = 10, flush_l2: bool = True, device: torch.device | str | None = None) -> None:
+        self.warmup_runs = warmup_runs
+        self.benchmark_runs = benchmark_runs
+        self.max_ms = max_ms
+        self.min_runs = min_runs
+        self.device = torch.device(device or "cuda")
+        self._flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=self.device) if flush_l2 else None
+
+    def _flush_l2(self) -> None:
+        if self._flush is not None:
+            self._flush.zero_()
+
+    def __call__(self, fn: Callable[[], Any]) -> Timing:
+        for _ in range(self.warmup_runs):
+            fn()
+        torch.cuda.synchronize(self.device)
+        # Estimate the cost of one run (flush excluded) to choose the number of runs.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._flush_l2()
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize(self.device)
+        estimate = max(start.elapsed_time(end) / 3, 1e-3)
+        runs = int(max(self.min_runs, min(self.benchmark_runs, self.max_ms / estimate)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+        for i in range(runs):
+            self._flush_l2()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(self.device)
+        return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+    def graph_ms(self, fn: Callable[[], Any], calls: int = 20, replays: int = 20) -> float:
+        """Per-call time of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls (no host overhead).
+
+        The calls inside one replay run back to back, so their operands may sit in L2: this is the time a
+        decode step captured in a graph sees for a small op, not a cold-cache figure.
+        """
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        samples = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            samples.append(start.elapsed_time(end) / calls)
+        del graph
+        return Timing.from_samples(samples).median_ms
+
+
+class CopyBandwidth:
+    """Device-to-device copy bandwidth (bytes read plus written, GB/s), cached per size.
+
+    ``peak()`` copies 1 GiB once per run; ``same_bytes(n)`` copies a buffer whose read plus write is ``n``
+    bytes, the ceiling for an op moving ``n`` bytes (small transfers cannot reach peak).
+    """
+
+    def __init__(self, timer: CudaTimer, peak_bytes: int = 2**30) -> None:
+        self.timer = timer
+        self.peak_bytes = peak_bytes
+        self._cache: dict[int, float] = {}
+        self._peak: float | None = None
+
+    def _measure(self, src_bytes: int) -> float:
+        src_bytes = max(16, src_bytes - src_bytes % 16)
+        if src_bytes not in self._cache:
+            src = torch.empty(src_bytes // 2, dtype=torch.bfloat16, device=self.timer.device).uniform_()
+            dst = torch.empty_like(src)
+            t = self.timer(lambda: dst.copy_(src))
+            self._cache[src_bytes] = 2 * src_bytes / (t.median_ms * 1e-3) / 1e9
+            del src, dst
+        return self._cache[src_bytes]
+
+    def peak(self) -> float:
+        if self._peak is None:
+            self._peak = self._measure(self.peak_bytes)
+        return self._peak
+
+    def same_bytes(self, bytes_moved: int) -> float:
+        return self._measure(bytes_moved // 2)
