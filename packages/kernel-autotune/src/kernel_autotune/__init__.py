@@ -1,15 +1,17 @@
 """kernel_autotune: launch configs for Triton kernels, tuned once and served from disk.
 
 Kernels call :func:`select_config`; users tune with :class:`TritonAutoTuner` or ``python -m kernel_autotune tune``.
+See docs/autotune.md.
 """
 
 from .__about__ import __version__
 from .cache import CacheFileWarning, cache_dir, cache_file
 from .keys import bucket_problem, device_key, make_key, next_pow2
 from .measure import CudaEventTimer, Timer, WallClockTimer
+from .registry import Tunable, available_tunables, get_tunable, register_tunable, unregister_tunable
 from .search import TuningError
 from .select import clear_memo, config_source, select_config, tuning_session
-from .tuner import TritonAutoTuner, result_from_entry
+from .session import KernelTuning, tune_operation
 from .space import (
     ConfigSpace,
     block_fits,
@@ -17,16 +19,20 @@ from .space import (
     shared_memory_fits,
     threads_at_most_block,
 )
+from .tuner import TritonAutoTuner, result_from_entry
 
 __all__ = [
     "CacheFileWarning",
     "ConfigSpace",
     "CudaEventTimer",
+    "KernelTuning",
     "Timer",
     "TritonAutoTuner",
+    "Tunable",
     "TuningError",
     "WallClockTimer",
     "__version__",
+    "available_tunables",
     "block_fits",
     "bucket_problem",
     "cache_dir",
@@ -35,11 +41,15 @@ __all__ = [
     "config_source",
     "device_key",
     "elements_per_thread_at_most",
+    "get_tunable",
     "make_key",
     "next_pow2",
+    "register_tunable",
     "result_from_entry",
     "select_config",
     "shared_memory_fits",
     "threads_at_most_block",
+    "tune_operation",
     "tuning_session",
+    "unregister_tunable",
 ]

@@ -269,11 +269,33 @@ def remove(path: Path | str, predicate: Callable[[Entry], bool]) -> int:
 
 
 def cache_files(directory: Path | str | None = None) -> list[Path]:
-    """The cache files in ``directory`` (default: the cache directory)."""
+    """The cache files in ``directory`` (default: the cache directory), without the trial side files."""
     d = Path(directory) if directory is not None else cache_dir()
     if not d.is_dir():
         return []
-    return sorted(p for p in d.glob("*.json") if not p.name.startswith("."))
+    return sorted(p for p in d.glob("*.json") if not p.name.startswith(".") and not p.name.endswith(TRIALS_SUFFIX))
+
+
+TRIALS_SUFFIX = ".trials.json"
+
+
+def trials_file(path: Path | str) -> Path:
+    """The side file holding every trial of the entries in cache file ``path``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".json") + TRIALS_SUFFIX)
+
+
+def store_trials(path: Path | str, key: Mapping[str, Any], trials: Iterable[Any]) -> None:
+    """Record the trials of ``key``'s tuning in the side file of cache file ``path``."""
+    items = [t.to_dict() if hasattr(t, "to_dict") else dict(t) for t in trials]
+    store(trials_file(path), [{"key": dict(key), "config": {}, "trials": items}])
+
+
+def load_trials(path: Path | str, key: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The trials recorded for ``key`` next to cache file ``path`` ([] when none)."""
+    entry = lookup(trials_file(path), key)
+    trials = entry.get("trials") if entry else None
+    return [t for t in trials if isinstance(t, dict) and "config" in t] if isinstance(trials, list) else []
 
 
 # Writers call back here so select_config's in-process memo never serves a config older than the disk.
@@ -304,11 +326,14 @@ __all__ = [
     "cache_files",
     "document",
     "forget_parsed",
+    "load_trials",
     "lookup",
     "parse_document",
     "read_entries",
     "remove",
     "store",
+    "store_trials",
+    "trials_file",
     "update",
     "write_document",
 ]

@@ -79,7 +79,7 @@ def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def _matches(entry: dict[str, Any], prefixes: Sequence[str], device: str | None) -> bool:
     kernel = entry["key"]["kernel"]
-    if prefixes and not any(kernel == p or kernel.startswith(p + ".") or kernel.startswith(p) for p in prefixes):
+    if prefixes and not any(kernel.startswith(p) for p in prefixes):
         return False
     return device is None or entry["key"].get("device") == device
 
@@ -92,7 +92,10 @@ def _all_entries(directory: Path | None = None) -> dict[str, dict[str, Any]]:
 
 
 def _strip(entry: dict[str, Any], trials: bool) -> dict[str, Any]:
-    return entry if trials else {k: v for k, v in entry.items() if k != "trials"}
+    if not trials:
+        return entry
+    path = _cache.cache_file(entry["key"]["kernel"])
+    return {**entry, "trials": _cache.load_trials(path, entry["key"])}
 
 
 class _Progress:
@@ -211,10 +214,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 row["error"] = r.skipped
             else:
                 e = r.entry
-                trials = e.get("trials", [])
                 row.update(config=e["config"], latency_ms=e["latency_ms"], default_config=e.get("default_config"),
                            default_latency_ms=e.get("default_latency_ms"), verified=e.get("verified"),
-                           trials=len(trials), failed=sum(1 for t in trials if t.get("error")),
+                           trials=e.get("trials_total", 0), failed=e.get("trials_failed", 0),
                            kernel_seconds=e.get("tuning_time_s"))
             rows.append(row)
         progress.step(label)
@@ -433,7 +435,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
         removed = 0
         for path in files:
             removed += len(_cache.read_entries(path))
-            for p in (path, Path(str(path) + ".lock"), Path(str(path) + ".corrupt")):
+            side = _cache.trials_file(path)
+            for p in (path, Path(str(path) + ".lock"), Path(str(path) + ".corrupt"), side, Path(str(side) + ".lock")):
                 try:
                     p.unlink()
                 except FileNotFoundError:
@@ -441,7 +444,10 @@ def cmd_clear(args: argparse.Namespace) -> int:
         _cache.forget_parsed()
         print(f"cleared {removed} entries ({len(files)} files) from {_cache.cache_dir()}")
         return 0
-    removed = sum(_cache.remove(p, lambda e: _matches(e, args.kernel or [], args.device)) for p in files)
+    pick = lambda e: _matches(e, args.kernel or [], args.device)  # noqa: E731
+    removed = sum(_cache.remove(p, pick) for p in files)
+    for p in files:
+        _cache.remove(_cache.trials_file(p), pick)
     print(f"cleared {removed} entries from {_cache.cache_dir()}")
     return 0
 
@@ -510,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--kernel", action="append", help="kernel name or prefix (repeatable)")
     p.add_argument("--device", help="only entries of this device name (e.g. 'NVIDIA H100 80GB HBM3')")
-    p.add_argument("--trials", action="store_true", help="keep every trial (default: best config and timing only)")
+    p.add_argument("--trials", action="store_true", help="include every trial (default: best config and timing only)")
     p.add_argument("--merge", action="store_true", help="merge into the output file if it exists")
     p.set_defaults(func=cmd_export)
 

@@ -136,9 +136,12 @@ def make_entry(
     metrics: KernelMetrics,
     *,
     source: str,
-    keep_trials: bool = True,
 ) -> dict[str, Any]:
-    """The cache entry recording ``outcome`` under ``key`` (plain JSON types only)."""
+    """The cache entry recording ``outcome`` under ``key`` (plain JSON types only).
+
+    Trials are counted here but kept in a side file (``cache.store_trials``): the entry a lookup parses
+    stays small, so a cold lookup costs well under a millisecond.
+    """
     entry: dict[str, Any] = {
         "key": dict(key),
         "config": dict(outcome.best_config),
@@ -152,8 +155,8 @@ def make_entry(
     }
     if outcome.verified:
         entry["verified"] = dict(outcome.verified)
-    if keep_trials:
-        entry["trials"] = [t.to_dict() for t in outcome.trials]
+    entry["trials_total"] = len(outcome.trials)
+    entry["trials_failed"] = sum(1 for t in outcome.trials if not t.ok)
     return entry
 
 

@@ -172,6 +172,7 @@ def _tune_here(key, problem, space, bench, fallback, device) -> dict[str, Any]:
                                         latency_min_ms=outcome.best.min_ms, latency_max_ms=outcome.best.max_ms)
     entry = make_entry(key, outcome, metrics, source="select_config")
     _cache.store(_cache.cache_file(key["kernel"]), [entry])
+    _cache.store_trials(_cache.cache_file(key["kernel"]), key, outcome.trials)
     for rec in _session.recorded:
         rec.append(entry)
     return dict(outcome.best_config)

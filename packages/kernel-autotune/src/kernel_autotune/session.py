@@ -115,6 +115,7 @@ def tune_operation(
                                             latency_min_ms=outcome.best.min_ms, latency_max_ms=outcome.best.max_ms)
         entry = make_entry(key, outcome, metrics, source="kernel_autotune tune")
         _cache.store(_cache.cache_file(key["kernel"]), [entry])
+        _cache.store_trials(_cache.cache_file(key["kernel"]), key, outcome.trials)
         clear_memo()
         results.append(KernelTuning(key["kernel"], key, entry=entry, outcome=outcome))
     return results

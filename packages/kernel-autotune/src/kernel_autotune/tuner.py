@@ -71,7 +71,6 @@ class TritonAutoTuner:
         flush_l2: bool = True,
         cache: bool = True,
         cache_dir: Path | str | None = None,
-        keep_trials: bool = True,
     ) -> None:
         if not isinstance(config_space, ConfigSpace):
             raise InvalidArgumentError(f"config_space: expected a ConfigSpace, got {type(config_space).__name__}")
@@ -126,7 +125,7 @@ class TritonAutoTuner:
         entry = _cache.lookup(self._cache_path(), key)
         if entry is None or not self.config_space.allows(entry["config"], _problem_dict(problem_size)):
             return None
-        return result_from_entry(entry)
+        return result_from_entry(entry, _cache.load_trials(self._cache_path(), key))
 
     # ---- tuning ---------------------------------------------------------------------------------
 
@@ -177,7 +176,7 @@ class TritonAutoTuner:
         if self.cache and not force:
             entry = _cache.lookup(self._cache_path(), key)
             if entry is not None and self.config_space.allows(entry["config"], problem):
-                return result_from_entry(entry)
+                return result_from_entry(entry, _cache.load_trials(self._cache_path(), key))
         timer = self.timer or default_timer(device, flush_l2=self.flush_l2)
         outcome = search(
             self.config_space.configs(problem), self._runner(args, kwargs), timer=timer,
@@ -192,7 +191,8 @@ class TritonAutoTuner:
         entry = make_entry(key, outcome, metrics, source="TritonAutoTuner")
         if self.cache:
             _cache.store(self._cache_path(), [entry])
-        return result_from_entry(entry)
+            _cache.store_trials(self._cache_path(), key, outcome.trials)
+        return result_from_entry(entry, outcome.trials)
 
 
 def _peak_bandwidth(device: torch.device | str | int | None) -> float | None:
@@ -205,16 +205,16 @@ def _peak_bandwidth(device: torch.device | str | int | None) -> float | None:
     return peak or None
 
 
-def result_from_entry(entry: Mapping[str, Any]) -> TuningResult:
-    """A ``TuningResult`` from a cache entry (trials are empty when the entry was stored without them)."""
+def result_from_entry(entry: Mapping[str, Any], trials: Iterable[Any] = ()) -> TuningResult:
+    """A ``TuningResult`` from a cache entry and its trials (``TrialResult`` objects or their dicts)."""
     metrics = entry.get("metrics")
     if isinstance(metrics, dict) and metrics.get("latency_ms"):
         km = KernelMetrics.from_dict(metrics)
     else:
         km = KernelMetrics(latency_ms=float(entry.get("latency_ms") or 0.0))
-    trials = tuple(TrialResult.from_dict(t) for t in entry.get("trials", ()) if isinstance(t, dict) and "config" in t)
+    parsed = tuple(t if isinstance(t, TrialResult) else TrialResult.from_dict(t) for t in trials)
     key = dict(entry["key"])
-    return TuningResult(dict(entry["config"]), km, trials, str(key.get("kernel", "")), key)
+    return TuningResult(dict(entry["config"]), km, parsed, str(key.get("kernel", "")), key)
 
 
 __all__ = ["TritonAutoTuner", "result_from_entry"]
