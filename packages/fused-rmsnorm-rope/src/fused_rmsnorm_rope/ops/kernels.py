@@ -19,74 +19,84 @@ import triton.language as tl
 @triton.jit
 def _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps, COS, SIN, stride_cb, stride_cs,
                   HAS_POS: tl.constexpr):
-    """Split ``row`` into (batch, seq) and find its cos/sin rows; ``pos_ok`` is False for an out-of-range id."""
+    """Split ``row`` into (batch, seq) and find its cos/sin rows.
+
+    ``bad`` is 0.0, or NaN for an out-of-range position id: added to cos/sin it poisons that token's rotary
+    elements instead of reading out of bounds (the id is clamped to 0 for the load). A scalar added to the tables
+    rather than a mask, since Triton 3.9's interpreter rejects masks combined with a scalar bool.
+    """
     b = (row // seq_len).to(tl.int64)
     s = (row % seq_len).to(tl.int64)
     if HAS_POS:
         pos = tl.load(POS + b * stride_pb + s * stride_ps).to(tl.int64)
         pos_ok = (pos >= 0) & (pos < max_pos)
         pos = tl.where(pos_ok, pos, 0)
+        bad = tl.where(pos_ok, 0.0, float("nan"))
     else:
         pos = s
-        pos_ok = s >= 0
+        bad = 0.0
     off = b * stride_cb + pos * stride_cs
-    return b, s, COS + off, SIN + off, pos_ok
+    return b, s, COS + off, SIN + off, bad
 
 
 @triton.jit
-def _load_pair(ptr, h, j, stride_h, mask, second_off, INTERLEAVED: tl.constexpr):
-    """Load the two rotary halves at ``ptr + h * stride_h`` as fp32 tiles (``h`` may be a scalar 0)."""
+def _load_pair(ptr, h, j, stride_h, hmask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The two rotary halves of the rows ``h`` (a ``[rows, 1]`` tile) at ``ptr + h * stride_h``, fp32 ``[rows, HALF_PAD]``.
+
+    Interleaved rows are loaded as one contiguous ``[rows, 2 * HALF_PAD]`` tile (vectorized) and split into even and
+    odd elements in registers.
+    """
+    HALF_PAD: tl.constexpr = j.shape[1]
     if INTERLEAVED:
-        t = tl.arange(0, 2)[None, None, :]
-        offs = (h * stride_h + 2 * j)[:, :, None] + t
-        v = tl.load(ptr + offs, mask=mask[:, :, None] & (t < 2), other=0.0).to(tl.float32)
-        a, b = tl.split(v)
+        c = tl.arange(0, 2 * HALF_PAD)[None, :]
+        offs = h * stride_h + c
+        v = tl.load(ptr + offs, mask=hmask & (c < 2 * HALF), other=0.0).to(tl.float32)
+        a, b = tl.split(tl.reshape(v, [offs.shape[0], HALF_PAD, 2]))
     else:
-        a = tl.load(ptr + h * stride_h + j, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(ptr + h * stride_h + second_off + j, mask=mask, other=0.0).to(tl.float32)
+        m = hmask & (j < HALF)
+        a = tl.load(ptr + h * stride_h + j, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(ptr + h * stride_h + HALF + j, mask=m, other=0.0).to(tl.float32)
     return a, b
 
 
 @triton.jit
-def _load_table_pair(ptr, j, mask, pos_ok, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """cos or sin of one token for both halves, ``[1, HALF_PAD]`` fp32; NaN where the position id is invalid."""
-    if INTERLEAVED:
-        t = tl.arange(0, 2)[None, None, :]
-        offs = (2 * j)[:, :, None] + t
-        v = tl.load(ptr + offs, mask=mask[:, :, None] & (t < 2) & pos_ok, other=float("nan")).to(tl.float32)
-        a, b = tl.split(v)
-    else:
-        a = tl.load(ptr + j, mask=mask & pos_ok, other=float("nan")).to(tl.float32)
-        b = tl.load(ptr + HALF + j, mask=mask & pos_ok, other=float("nan")).to(tl.float32)
-    return a, b
+def _load_table_pair(ptr, j, bad, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """cos or sin of one token for both halves, ``[1, HALF_PAD]`` fp32, plus ``bad`` (0, or NaN: invalid id)."""
+    h0 = tl.arange(0, 1)[:, None]
+    a, b = _load_pair(ptr, h0, j, 0, h0 < 1, HALF, INTERLEAVED)
+    return a + bad, b + bad
 
 
 @triton.jit
-def _store_pair(ptr, h, j, stride_h, mask, second_off, a, b, INTERLEAVED: tl.constexpr):
+def _store_pair(ptr, h, j, stride_h, hmask, HALF: tl.constexpr, a, b, INTERLEAVED: tl.constexpr):
     dtype = ptr.dtype.element_ty
+    HALF_PAD: tl.constexpr = j.shape[1]
     if INTERLEAVED:
-        t = tl.arange(0, 2)[None, None, :]
-        offs = (h * stride_h + 2 * j)[:, :, None] + t
-        tl.store(ptr + offs, tl.join(a, b).to(dtype), mask=mask[:, :, None] & (t < 2))
+        c = tl.arange(0, 2 * HALF_PAD)[None, :]
+        offs = h * stride_h + c
+        v = tl.reshape(tl.join(a, b), [offs.shape[0], 2 * HALF_PAD])
+        tl.store(ptr + offs, v.to(dtype), mask=hmask & (c < 2 * HALF))
     else:
-        tl.store(ptr + h * stride_h + j, a.to(dtype), mask=mask)
-        tl.store(ptr + h * stride_h + second_off + j, b.to(dtype), mask=mask)
+        m = hmask & (j < HALF)
+        tl.store(ptr + h * stride_h + j, a.to(dtype), mask=m)
+        tl.store(ptr + h * stride_h + HALF + j, b.to(dtype), mask=m)
 
 
 @triton.jit
-def _load_weights(W, h, j, p, rmask, pmask, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
+def _load_weights(W, h, j, p, hmask, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
                   INTERLEAVED: tl.constexpr, GEMMA: tl.constexpr, PER_HEAD: tl.constexpr, HAS_PASS: tl.constexpr):
     """The weight tiles matching the row tiles; per-head weights are one ``[1, *]`` tile broadcast over heads."""
     if PER_HEAD:
-        w1, w2 = _load_pair(W, 0, j, 0, j < ROT_DIM // 2, ROT_DIM // 2, INTERLEAVED)
+        h0 = tl.arange(0, 1)[:, None]
+        w1, w2 = _load_pair(W, h0, j, 0, h0 < 1, ROT_DIM // 2, INTERLEAVED)
     else:
-        w1, w2 = _load_pair(W, h, j, HEAD_DIM, rmask, ROT_DIM // 2, INTERLEAVED)
+        w1, w2 = _load_pair(W, h, j, HEAD_DIM, hmask, ROT_DIM // 2, INTERLEAVED)
     wp = w1
     if HAS_PASS:
         if PER_HEAD:
             wp = tl.load(W + ROT_DIM + p, mask=p < HEAD_DIM - ROT_DIM, other=0.0).to(tl.float32)
         else:
-            wp = tl.load(W + h * HEAD_DIM + ROT_DIM + p, mask=pmask, other=0.0).to(tl.float32)
+            wp = tl.load(W + h * HEAD_DIM + ROT_DIM + p, mask=hmask & (p < HEAD_DIM - ROT_DIM), other=0.0).to(tl.float32)
     if GEMMA:
         w1 += 1.0
         w2 += 1.0
@@ -95,12 +105,27 @@ def _load_weights(W, h, j, p, rmask, pmask, HEAD_DIM: tl.constexpr, ROT_DIM: tl.
 
 
 @triton.jit
-def _norm_rope_row_fwd(X, Y, W, cos_row, sin_row, pos_ok, RSTD, eps, stride_xh, stride_yh,
+def _weights_for(W, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
+                 HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, GEMMA: tl.constexpr, PER_HEAD: tl.constexpr):
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    j = tl.arange(0, HALF_PAD)[None, :]
+    p = tl.arange(0, PASS_PAD)[None, :]
+    hmask = h < NUM_HEADS
+    return _load_weights(W, h, j, p, hmask, HEAD_DIM, ROT_DIM, INTERLEAVED, GEMMA, PER_HEAD,
+                         HEAD_DIM > ROT_DIM)
+
+
+@triton.jit
+def _norm_rope_row_fwd(X, Y, w1, w2, wp, cos_row, sin_row, bad, RSTD, eps, stride_xh, stride_yh,
                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
                        HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
                        INTERLEAVED: tl.constexpr, GEMMA: tl.constexpr, PER_HEAD: tl.constexpr,
                        STORE_RSTD: tl.constexpr):
-    """Normalize one row (X, Y point at its start), rotate it, write it; store rstd when training."""
+    """Normalize one row (X, Y point at its start), rotate it, write it; store rstd when training.
+
+    The weight tiles (w1, w2, wp) come from the caller, loaded once per program for all its rows.
+    """
     HALF: tl.constexpr = ROT_DIM // 2
     PASS: tl.constexpr = HEAD_DIM - ROT_DIM
     HAS_PASS: tl.constexpr = PASS > 0
@@ -108,10 +133,9 @@ def _norm_rope_row_fwd(X, Y, W, cos_row, sin_row, pos_ok, RSTD, eps, stride_xh, 
     j = tl.arange(0, HALF_PAD)[None, :]
     p = tl.arange(0, PASS_PAD)[None, :]
     hmask = h < NUM_HEADS
-    rmask = hmask & (j < HALF)
     pmask = hmask & (p < PASS)
 
-    x1, x2 = _load_pair(X, h, j, stride_xh, rmask, HALF, INTERLEAVED)
+    x1, x2 = _load_pair(X, h, j, stride_xh, hmask, HALF, INTERLEAVED)
     ss = x1 * x1 + x2 * x2
     if PER_HEAD:
         sumsq = tl.sum(ss, axis=1)
@@ -137,15 +161,14 @@ def _norm_rope_row_fwd(X, Y, W, cos_row, sin_row, pos_ok, RSTD, eps, stride_xh, 
         else:
             tl.store(RSTD, rstd)
 
-    w1, w2, wp = _load_weights(W, h, j, p, rmask, pmask, HEAD_DIM, ROT_DIM, INTERLEAVED, GEMMA, PER_HEAD, HAS_PASS)
-    c1, c2 = _load_table_pair(cos_row, j, j < HALF, pos_ok, HALF, INTERLEAVED)
-    s1, s2 = _load_table_pair(sin_row, j, j < HALF, pos_ok, HALF, INTERLEAVED)
+    c1, c2 = _load_table_pair(cos_row, j, bad, HALF, INTERLEAVED)
+    s1, s2 = _load_table_pair(sin_row, j, bad, HALF, INTERLEAVED)
     n1 = x1 * r * w1
     n2 = x2 * r * w2
     # y = n * cos + rotate_half(n) * sin, rotate_half(n) = (-n2, n1) on the two halves
     y1 = n1 * c1 - n2 * s1
     y2 = n2 * c2 + n1 * s2
-    _store_pair(Y, h, j, stride_yh, rmask, HALF, y1, y2, INTERLEAVED)
+    _store_pair(Y, h, j, stride_yh, hmask, HALF, y1, y2, INTERLEAVED)
     if HAS_PASS:
         tl.store(Y + h * stride_yh + ROT_DIM + p, (xp * r * wp).to(Y.dtype.element_ty), mask=pmask)
 
@@ -163,13 +186,15 @@ def _rmsnorm_rope_fwd_kernel(
 ):
     """``fused_rmsnorm_rope`` forward: ROWS_PER_PROG tokens per program, the norm over the whole hidden vector."""
     pid = tl.program_id(0)
+    w1, w2, wp = _weights_for(W, NUM_HEADS, HEAD_DIM, ROT_DIM, HEADS_PAD, HALF_PAD, PASS_PAD, INTERLEAVED, GEMMA,
+                              False)
     for i in tl.static_range(ROWS_PER_PROG):
         row = pid * ROWS_PER_PROG + i
         if EVEN_ROWS or row < n_rows:
-            b, s, cos_row, sin_row, pos_ok = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
+            b, s, cos_row, sin_row, bad = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
                                                            COS, SIN, stride_cb, stride_cs, HAS_POS)
-            _norm_rope_row_fwd(X + b * stride_xb + s * stride_xs, Y + b * stride_yb + s * stride_ys, W,
-                               cos_row, sin_row, pos_ok, RSTD + row, eps, HEAD_DIM, HEAD_DIM,
+            _norm_rope_row_fwd(X + b * stride_xb + s * stride_xs, Y + b * stride_yb + s * stride_ys, w1, w2, wp,
+                               cos_row, sin_row, bad, RSTD + row, eps, HEAD_DIM, HEAD_DIM,
                                NUM_HEADS, HEAD_DIM, ROT_DIM, HEADS_PAD, HALF_PAD, PASS_PAD,
                                INTERLEAVED, GEMMA, False, STORE_RSTD)
 
@@ -189,17 +214,23 @@ def _qk_norm_rope_fwd_kernel(
 ):
     """``fused_qk_norm_rope`` forward: per token, every q head then every k head, in one program."""
     pid = tl.program_id(0)
+    qw1, qw2, qwp = _weights_for(QW, NUM_Q_HEADS, HEAD_DIM, ROT_DIM, Q_HEADS_PAD, HALF_PAD, PASS_PAD, INTERLEAVED,
+                                 GEMMA, True)
+    kw1, kw2, kwp = _weights_for(KW, NUM_K_HEADS, HEAD_DIM, ROT_DIM, K_HEADS_PAD, HALF_PAD, PASS_PAD, INTERLEAVED,
+                                 GEMMA, True)
     for i in tl.static_range(ROWS_PER_PROG):
         row = pid * ROWS_PER_PROG + i
         if EVEN_ROWS or row < n_rows:
-            b, s, cos_row, sin_row, pos_ok = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
+            b, s, cos_row, sin_row, bad = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
                                                            COS, SIN, stride_cb, stride_cs, HAS_POS)
-            _norm_rope_row_fwd(Q + b * stride_qb + s * stride_qs, QO + b * stride_qob + s * stride_qos, QW,
-                               cos_row, sin_row, pos_ok, QRSTD + row * NUM_Q_HEADS, eps, stride_qh, stride_qoh,
+            _norm_rope_row_fwd(Q + b * stride_qb + s * stride_qs, QO + b * stride_qob + s * stride_qos,
+                               qw1, qw2, qwp,
+                               cos_row, sin_row, bad, QRSTD + row * NUM_Q_HEADS, eps, stride_qh, stride_qoh,
                                NUM_Q_HEADS, HEAD_DIM, ROT_DIM, Q_HEADS_PAD, HALF_PAD, PASS_PAD,
                                INTERLEAVED, GEMMA, True, STORE_RSTD)
-            _norm_rope_row_fwd(K + b * stride_kb + s * stride_ks, KO + b * stride_kob + s * stride_kos, KW,
-                               cos_row, sin_row, pos_ok, KRSTD + row * NUM_K_HEADS, eps, stride_kh, stride_koh,
+            _norm_rope_row_fwd(K + b * stride_kb + s * stride_ks, KO + b * stride_kob + s * stride_kos,
+                               kw1, kw2, kwp,
+                               cos_row, sin_row, bad, KRSTD + row * NUM_K_HEADS, eps, stride_kh, stride_koh,
                                NUM_K_HEADS, HEAD_DIM, ROT_DIM, K_HEADS_PAD, HALF_PAD, PASS_PAD,
                                INTERLEAVED, GEMMA, True, STORE_RSTD)
 
@@ -207,8 +238,10 @@ def _qk_norm_rope_fwd_kernel(
 @triton.jit
 def _group_mean(v, PER_HEAD: tl.constexpr, N: tl.constexpr):
     if PER_HEAD:
-        return (tl.sum(v, axis=1) / N)[:, None]
-    return tl.sum(tl.sum(v, axis=1), axis=0) / N
+        m = (tl.sum(v, axis=1) / N)[:, None]
+    else:
+        m = tl.sum(tl.sum(v, axis=1), axis=0) / N
+    return m
 
 
 @triton.jit
@@ -236,26 +269,25 @@ def _norm_rope_bwd_kernel(
     j = tl.arange(0, HALF_PAD)[None, :]
     p = tl.arange(0, PASS_PAD)[None, :]
     hmask = h < NUM_HEADS
-    rmask = hmask & (j < HALF)
     pmask = hmask & (p < PASS)
-    w1, w2, wp = _load_weights(W, h, j, p, rmask, pmask, HEAD_DIM, ROT_DIM, INTERLEAVED, GEMMA, PER_HEAD, HAS_PASS)
+    w1, w2, wp = _load_weights(W, h, j, p, hmask, HEAD_DIM, ROT_DIM, INTERLEAVED, GEMMA, PER_HEAD, HAS_PASS)
     acc1 = tl.zeros([HEADS_PAD, HALF_PAD], tl.float32)
     acc2 = tl.zeros([HEADS_PAD, HALF_PAD], tl.float32)
     accp = tl.zeros([HEADS_PAD, PASS_PAD], tl.float32)
     for row in range(pid, n_rows, nprog):
-        b, s, cos_row, sin_row, pos_ok = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
+        b, s, cos_row, sin_row, bad = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
                                                        COS, SIN, stride_cb, stride_cs, HAS_POS)
         x_row = X + b * stride_xb + s * stride_xs
         dy_row = DY + b * stride_dyb + s * stride_dys
-        x1, x2 = _load_pair(x_row, h, j, stride_xh, rmask, HALF, INTERLEAVED)
-        g1, g2 = _load_pair(dy_row, h, j, stride_dyh, rmask, HALF, INTERLEAVED)
+        x1, x2 = _load_pair(x_row, h, j, stride_xh, hmask, HALF, INTERLEAVED)
+        g1, g2 = _load_pair(dy_row, h, j, stride_dyh, hmask, HALF, INTERLEAVED)
         if PER_HEAD:
             r = tl.load(RSTD + row * NUM_HEADS + tl.arange(0, HEADS_PAD),
                         mask=tl.arange(0, HEADS_PAD) < NUM_HEADS, other=0.0)[:, None]
         else:
             r = tl.load(RSTD + row)
-        c1, c2 = _load_table_pair(cos_row, j, j < HALF, pos_ok, HALF, INTERLEAVED)
-        s1, s2 = _load_table_pair(sin_row, j, j < HALF, pos_ok, HALF, INTERLEAVED)
+        c1, c2 = _load_table_pair(cos_row, j, bad, HALF, INTERLEAVED)
+        s1, s2 = _load_table_pair(sin_row, j, bad, HALF, INTERLEAVED)
         n1 = x1 * r
         n2 = x2 * r
         dz1 = g1 * c1 + g2 * s2
@@ -279,19 +311,19 @@ def _norm_rope_bwd_kernel(
             m = _group_mean(dot, PER_HEAD, GROUP)
         dx1 = r * (dn1 - n1 * m)
         dx2 = r * (dn2 - n2 * m)
-        _store_pair(DX + b * stride_dxb + s * stride_dxs, h, j, stride_dxh, rmask, HALF, dx1, dx2, INTERLEAVED)
+        _store_pair(DX + b * stride_dxb + s * stride_dxs, h, j, stride_dxh, hmask, HALF, dx1, dx2, INTERLEAVED)
 
     if PER_HEAD:
         # one [HEAD_DIM] partial per program: the heads share the weight
         dw_row = DW_PART + pid * HEAD_DIM
-        jm = j < HALF
-        _store_pair(dw_row, 0, j, 0, jm, HALF, tl.sum(acc1, axis=0)[None, :], tl.sum(acc2, axis=0)[None, :],
+        h0 = tl.arange(0, 1)[:, None]
+        _store_pair(dw_row, h0, j, 0, h0 < 1, HALF, tl.sum(acc1, axis=0)[None, :], tl.sum(acc2, axis=0)[None, :],
                     INTERLEAVED)
         if HAS_PASS:
             tl.store(dw_row + ROT_DIM + p, tl.sum(accp, axis=0)[None, :], mask=p < PASS)
     else:
         dw_row = DW_PART + pid * (NUM_HEADS * HEAD_DIM)
-        _store_pair(dw_row, h, j, HEAD_DIM, rmask, HALF, acc1, acc2, INTERLEAVED)
+        _store_pair(dw_row, h, j, HEAD_DIM, hmask, HALF, acc1, acc2, INTERLEAVED)
         if HAS_PASS:
             tl.store(dw_row + h * HEAD_DIM + ROT_DIM + p, accp, mask=pmask)
 
