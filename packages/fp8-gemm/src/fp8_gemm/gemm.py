@@ -108,6 +108,7 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
         cfg = config or cfgs.choose(name, problem, dtypes, a.device,
                                     lambda: cfgs.decode_heuristic(m, n, k, blocked, a.device, interp),
                                     cfgs.FP8_GEMM_DECODE_CONFIGS)
+        cfg = _fit_block_k(cfg, blocked)
         k_tiles = triton.cdiv(k, cfg["BLOCK_K"])
         split = max(1, min(cfg["SPLIT_K"], k_tiles))
         per_split = triton.cdiv(k_tiles, split)
@@ -124,9 +125,15 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
     elif path == "tma":
         cfg = config or cfgs.choose(name, problem, dtypes, a.device,
                                     lambda: cfgs.tma_heuristic(m, n, k, blocked, interp), cfgs.FP8_GEMM_CONFIGS)
+        cfg = _fit_block_k(cfg, blocked)
         if not interp:
             _ensure_allocator()
         kmajor, lead = _b_layout(b)
+        if not kmajor:
+            # FP8 wgmma reads B K-major only; a row-major B tile would be transposed through registers at a
+            # tenth of the speed. One copy of b (K*N bytes) is far cheaper for M > 64.
+            b = b.t().contiguous().t()
+            kmajor, lead = True, b.stride(1)
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         progs = min(tiles, cfgs.num_sms(a.device)) if cfg["PERSISTENT"] else tiles
         fp8_gemm_tma_kernel[(progs,)](
@@ -134,10 +141,12 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
             A_MODE=a_mode, B_MODE=b_mode, B_KMAJOR=kmajor, HAS_BIAS=bias is not None,
             ACC=0 if fast_accum else cfg["FAITHFUL_ACC"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], FLATTEN=bool(cfg.get("FLATTEN", False)),
-            WARP_SPEC=bool(cfg.get("WARP_SPEC", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            WARP_SPEC=bool(cfg.get("WARP_SPEC", False)), PROMOTE_K=cfg.get("PROMOTE_K", cfg["BLOCK_K"]),
+            EPI_SUBTILE=bool(cfg.get("EPI_SUBTILE", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
         cfg = config or cfgs.choose(name, problem, dtypes, a.device,
                                     lambda: cfgs.ptr_heuristic(m, n, k, interp), cfgs.FP8_GEMM_PTR_CONFIGS)
+        cfg = _fit_block_k(cfg, blocked)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         fp8_gemm_ptr_kernel[grid](
             a, b, out, a_s, b_s, bias_arg, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -146,6 +155,13 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return {"path": path, **cfg}
+
+
+def _fit_block_k(cfg: dict[str, Any], blocked: bool) -> dict[str, Any]:
+    # Block scales change every 128 along K: a K tile must not straddle two scale blocks.
+    if blocked and cfg["BLOCK_K"] > 128:
+        return {**cfg, "BLOCK_K": 128}
+    return cfg
 
 
 def fp8_gemm(

@@ -30,18 +30,18 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block_scales(as_ptr, bs_ptr, offs_m, offs_n, kb, M, N, KB, NB,
-                  A_MODE: tl.constexpr, B_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The [BLOCK_M, BLOCK_N] factor of K block ``kb`` for the block-scaled operands (1 for the others).
+def _block_scaled(p, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, KB, NB,
+                  A_MODE: tl.constexpr, B_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Scale the partial product of K block ``kb`` by the block-scaled operands' factors, row vector and column
+    # vector separately (an outer-product tile would cost a second accumulator's worth of registers).
     if A_MODE == 2:
-        sa = tl.load(as_ptr + offs_m * KB + kb, mask=offs_m < M, other=0.0)
-    else:
-        sa = tl.full([BLOCK_M], 1.0, tl.float32)
+        p = p * tl.load(as_ptr + offs_m * KB + kb, mask=offs_m < M, other=0.0)[:, None]
     if B_MODE == 2:
-        sb = tl.load(bs_ptr + kb * NB + offs_n // 128, mask=offs_n < N, other=0.0)
-    else:
-        sb = tl.full([BLOCK_N], 1.0, tl.float32)
-    return sa[:, None] * sb[None, :]
+        if 128 % BLOCK_N == 0:  # the tile lies inside one 128-wide scale block: one scalar
+            p = p * tl.load(bs_ptr + kb * NB + (pid_n * BLOCK_N) // 128)
+        else:
+            p = p * tl.load(bs_ptr + kb * NB + offs_n // 128, mask=offs_n < N, other=0.0)[None, :]
+    return p
 
 
 @triton.jit
@@ -66,15 +66,18 @@ def _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N,
 
 
 @triton.jit
-def _accumulate(acc, a, b, scale, ACC: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_K: tl.constexpr):
-    if BLOCKED:
-        acc += tl.dot(a, b) * scale
+def _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, KB, NB,
+                A_MODE: tl.constexpr, B_MODE: tl.constexpr, ACC: tl.constexpr, PROMOTE_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    if (A_MODE == 2) or (B_MODE == 2):
+        acc += _block_scaled(tl.dot(a, b), as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, KB, NB,
+                             A_MODE, B_MODE, BLOCK_N)
     elif ACC == 0:
         acc = tl.dot(a, b, acc)
     elif ACC == 1:
         acc += tl.dot(a, b)
     else:
-        acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE_K)
     return acc
 
 
@@ -84,7 +87,8 @@ def fp8_gemm_tma_kernel(
     M, N, K, stride_am, stride_b, stride_cm, KB, NB, num_progs,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, PROMOTE_K: tl.constexpr,
+    EPI_SUBTILE: tl.constexpr,
 ):
     """Persistent GEMM over tensor descriptors: program ``pid`` takes tiles pid, pid + num_progs, ..."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -94,8 +98,12 @@ def fp8_gemm_tma_kernel(
     else:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
                                            block_shape=[BLOCK_K, BLOCK_N])
-    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
-    BLOCKED: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
+    if EPI_SUBTILE:  # store the tile in two halves: half the epilogue's shared memory, one more pipeline stage
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N // 2])
+    else:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N])
 
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -115,13 +123,15 @@ def fp8_gemm_tma_kernel(
                 b = b_desc.load([off_n, off_k]).T
             else:
                 b = b_desc.load([off_k, off_n])
-            scale = 1.0
-            if BLOCKED:
-                scale = _block_scales(as_ptr, bs_ptr, offs_m, offs_n, off_k // 128, M, N, KB, NB,
-                                      A_MODE, B_MODE, BLOCK_M, BLOCK_N)
-            acc = _accumulate(acc, a, b, scale, ACC, BLOCKED, BLOCK_K)
+            acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, off_k // 128, pid_n, M, N, KB, NB,
+                              A_MODE, B_MODE, ACC, PROMOTE_K, BLOCK_N)
         acc = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        if EPI_SUBTILE:
+            c0, c1 = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+            c_desc.store([off_m, off_n], c0.to(c_desc.dtype))
+            c_desc.store([off_m, off_n + BLOCK_N // 2], c1.to(c_desc.dtype))
+        else:
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
 @triton.jit
@@ -135,7 +145,6 @@ def fp8_gemm_ptr_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    BLOCKED: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -146,11 +155,8 @@ def fp8_gemm_ptr_kernel(
         k_left = K - ki * BLOCK_K
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-        scale = 1.0
-        if BLOCKED:
-            scale = _block_scales(as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, M, N, KB, NB,
-                                  A_MODE, B_MODE, BLOCK_M, BLOCK_N)
-        acc = _accumulate(acc, a, b, scale, ACC, BLOCKED, BLOCK_K)
+        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, KB, NB,
+                          A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     acc = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
@@ -173,7 +179,6 @@ def fp8_gemm_decode_kernel(
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    BLOCKED: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -187,11 +192,8 @@ def fp8_gemm_decode_kernel(
         k_left = K - ki * BLOCK_K
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-        scale = 1.0
-        if BLOCKED:
-            scale = _block_scales(as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, M, N, KB, NB,
-                                  A_MODE, B_MODE, BLOCK_M, BLOCK_N)
-        acc = _accumulate(acc, a, b, scale, ACC, BLOCKED, BLOCK_K)
+        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, KB, NB,
+                          A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     mask_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
