@@ -131,6 +131,7 @@ class ImplResult:
     message: str = ""
     timing: Timing | None = None
     graph_ms: float | None = None
+    host_ms: float | None = None
     gbps: float | None = None
     pct_copy_same: float | None = None
     pct_peak: float | None = None

@@ -54,7 +54,7 @@ def _check_word(r: ImplResult) -> str:
     if r.status == OK:
         return f"ok ({_err(r)})"
     if r.status == FAIL:
-        return f"**FAIL** ({_err(r)} > {r.tol:.0e})"
+        return f"**FAIL** ({_err(r)} > {r.tol:.2g})"
     return f"**{r.status}**" if r.status in ("error",) else r.status
 
 
@@ -106,7 +106,7 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
     if show_cublas:
         head += ["% of cuBLAS"]
     if show_graph:
-        head += ["CUDA graph"]
+        head += ["CUDA graph", "host time per call"]
     if show_mem:
         head += ["peak mem (eager)"]
     head += [f"{b} (speedup)" for b in baselines]
@@ -122,7 +122,7 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
             if show_cublas:
                 row += [_num(o.pct_cublas, 1, " %")]
             if show_graph:
-                row += [fmt_time(o.graph_ms)]
+                row += [fmt_time(o.graph_ms), fmt_time(o.host_ms)]
             if show_mem:
                 eager = c.impl("eager")
                 row += [f"{_bytes(o.peak_mem_bytes)} ({_bytes(eager.peak_mem_bytes if eager else None)})"]
@@ -135,18 +135,19 @@ def all_measurements_table(cases: Sequence[CaseResult], timed: bool) -> list[str
     head = ["case", "dtype", "impl", "role", "status", "rel. error (tol)"]
     if timed:
         head += ["median", "IQR", "std", "runs", "GB/s", "% copy same bytes", "TFLOP/s", "% cuBLAS", "CUDA graph",
-                 "peak mem", "first call"]
+                 "host/call", "peak mem", "first call"]
     head += ["note"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in cases:
         for r in c.impls:
-            tol = f"{r.tol:.0e}" if r.tol is not None and math.isfinite(r.tol) else "-"
+            tol = f"{r.tol:.2g}" if r.tol is not None and math.isfinite(r.tol) else "-"
             row = [c.name, c.dtype, r.name, r.role, r.status if r.status != FAIL else "**FAIL**", f"{_err(r)} ({tol})"]
             if timed:
                 t = r.timing
                 row += [fmt_time(r.ms), fmt_time(t.iqr_ms) if t else "-", fmt_time(t.std_ms) if t else "-",
                         str(t.runs) if t else "-", _num(r.gbps), _num(r.pct_copy_same, 1, " %"), _num(r.tflops, 1),
-                        _num(r.pct_cublas, 1, " %"), fmt_time(r.graph_ms), _bytes(r.peak_mem_bytes),
+                        _num(r.pct_cublas, 1, " %"), fmt_time(r.graph_ms), fmt_time(r.host_ms),
+                        _bytes(r.peak_mem_bytes),
                         "-" if r.first_call_s is None else f"{r.first_call_s:.2f} s"]
             note = "; ".join(x for x in (r.message, r.note) if x)
             row += [note.replace("|", "/")[:160] or "-"]
@@ -217,7 +218,7 @@ def summary_lines(results: Sequence[CaseResult], timed: bool) -> list[str]:
     for r in failed:
         for o in r.ours:
             if o.status != OK:
-                lines.append(f"  FAIL {r.group} {r.name} {r.dtype} {o.name}: {o.status} {o.message}")
+                lines.append(f"  {o.status.upper()}: {r.group} {r.name} {r.dtype} {o.name}: {o.message}")
     for r, i in baseline_fail:
         lines.append(f"  baseline outside tolerance: {r.group} {r.name} {r.dtype} {i.name}: {i.message}")
     if not timed:

@@ -255,6 +255,7 @@ class BenchmarkSuite:
         try:
             r.timing = self._timer(impl.fn)
             if impl.graph and self.cuda_graphs and self._gpu_timer is not None:
+                r.host_ms = self._gpu_timer.host_ms(impl.fn)
                 try:
                     r.graph_ms = self._gpu_timer.graph_ms(impl.fn)
                 except Exception as exc:

@@ -6,6 +6,7 @@ problems has a predictable length: a 10 us kernel gets ``benchmark_runs`` runs, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,6 +92,18 @@ class CudaTimer:
             samples.append(start.elapsed_time(end) / calls)
         del graph
         return Timing.from_samples(samples).median_ms
+
+
+    def host_ms(self, fn: Callable[[], Any], calls: int = 200) -> float:
+        """Wall-clock time per call of ``calls`` back-to-back launches (the host's cost, when it exceeds the
+        device's: what decode without CUDA graphs pays)."""
+        fn()
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - t0) * 1e3 / calls
 
 
 class CopyBandwidth:

@@ -1,0 +1,64 @@
+"""Every kernel family through the suite on small shapes (the interpreter on CPU; compiled kernels on a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from triton_ops.benchmark import BenchmarkSuite
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2] if (HERE.parents[2] / "benchmarks" / "__main__.py").is_file() else None
+
+
+@pytest.fixture
+def suite() -> BenchmarkSuite:
+    # Correctness only: the small shapes here are for the gate, not for timing.
+    return BenchmarkSuite(measure=False, progress=False, verbose=False)
+
+
+def _assert_all_correct(results) -> None:
+    assert results
+    for r in results:
+        for i in r.impls:
+            assert i.status in ("ok", "n/a"), (r.name, r.dtype, i.name, i.status, i.error, i.message)
+        assert any(i.role == "ours" and i.status == "ok" for i in r.impls)
+
+
+def test_rmsnorm_rope_cases(suite) -> None:
+    _assert_all_correct(suite.benchmark_rmsnorm_rope(shapes=[(2, 4, 128)], dtypes=(torch.float16,), head_dim=64))
+    _assert_all_correct(suite.benchmark_rmsnorm_rope_decode(num_tokens=(3,), hidden_dims=(128,), head_dim=64,
+                                                            max_position=32))
+    _assert_all_correct(suite.benchmark_qk_norm_rope(batch_sizes=(1,), seq_lens=(3,), num_q_heads=2,
+                                                     num_kv_heads=1, head_dim=64))
+
+
+def test_gated_mlp_cases(suite) -> None:
+    _assert_all_correct(suite.benchmark_gated_mlp(batch_sizes=(3,), hidden_dims=(), intermediate_dims=(),
+                                                  shapes=[(64, 48)], dtypes=(torch.bfloat16,)))
+
+
+def test_fp8_cases(suite) -> None:
+    _assert_all_correct(suite.benchmark_fp8_gemm(sizes=[(16, 32, 64)], granularities=("tensor", "row"),
+                                                 decode_m=(1,), decode_nk=[(32, 64)]))
+    _assert_all_correct(suite.benchmark_quantize_fp8(shapes=[(4, 256)], granularities=("tensor", "row", "block")))
+    _assert_all_correct(suite.benchmark_fp8_linear(batch_sizes=(2,), in_features=64, out_features=32))
+
+
+@pytest.mark.skipif(REPO is None, reason="needs the monorepo checkout (benchmarks/)")
+def test_benchmarks_cli_without_gpu(tmp_path) -> None:
+    """``python -m benchmarks.bench_gated_mlp`` without a GPU: correctness only, exit 0, writes only with --out."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("on a GPU this would run the full sweep")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gated_mlp", "--out", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Timings need a GPU" in proc.stdout
+    assert "0 failing" in proc.stdout
+    md = (tmp_path / "gated-mlp.md").read_text()
+    assert "Timings need a GPU" in md and "| triton-ops | ours | ok |" in md
