@@ -433,6 +433,10 @@ def _quantize_2d(x, fmt, granularity, given, block, amax_out=None):
     r, c = x.shape
     emulate = is_interpreter()
     q = torch.empty((r, c), dtype=fmt.torch_dtype, device=x.device)
+    if r == 0 or c == 0:  # nothing to read: every (empty) group has amax 0, hence scale 1
+        shapes = {"row": (r, 1), "channel": (1, c), "tensor": (1,)}
+        shape = shapes.get(granularity) or (_cdiv(r, block[0]), _cdiv(c, block[1]))
+        return q, torch.ones(shape, dtype=torch.float32, device=x.device), None
     q_arg = q.view(torch.uint8) if emulate else q
     has_given = given is not None
     flag = torch.zeros(1, dtype=torch.int32, device=x.device) if has_given else None
