@@ -402,8 +402,9 @@ def _validate(t, fmt, granularity, scale, block_size, role):
     block = _check_block_size(block_size, role) if granularity == "block" else None
     check_kernel_device(t, "t")
     if not supports_fp8(t.device):
+        name = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else str(t.device)
         raise UnsupportedDtypeError(
-            f"t: FP8 needs a GPU with FP8 support (compute capability 8.9+), got {torch.cuda.get_device_name(t.device)}"
+            f"t: FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or higher), got {name}"
         )
     expected = scale_shape(tuple(t.shape), granularity, block, role)
     if scale is not None:

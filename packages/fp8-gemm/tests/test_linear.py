@@ -1,0 +1,164 @@
+"""FP8Linear and convert_to_fp8: forward against a float64 reference, state_dict round trip, bad inputs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.testing import assert_close_rel
+
+from fp8_gemm import FP8Linear, convert_to_fp8, quantize_fp8
+from fp8_gemm.reference import fp8_matmul_reference, quantize_fp8_reference
+
+# Output rounding only: relative Frobenius error of rounding to the output dtype, with margin.
+TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
+
+
+def _linear(in_f, out_f, bias, device, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias, device=device)
+    return lin
+
+
+def _reference(mod: FP8Linear, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, mod.in_features)
+    a_q, a_s = quantize_fp8_reference(x2, "e4m3", mod.activation_granularity)
+    out = fp8_matmul_reference(a_q, mod.weight.t(), a_s, mod.weight_scale, mod.bias)
+    return out.reshape(*x.shape[:-1], mod.out_features)
+
+
+@pytest.mark.parametrize(
+    ("w_gran", "a_gran"),
+    [("channel", "row"), ("tensor", "tensor"), ("block", "block"), ("channel", "block"), ("block", "row")],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_forward_matches_reference(device, w_gran, a_gran, dtype):
+    lin = _linear(200, 136, True, device)
+    mod = FP8Linear.from_linear(lin, weight_granularity=w_gran, activation_granularity=a_gran)
+    x = torch.randn(3, 5, 200, device=device).to(dtype)
+    out = mod(x)
+    assert out.dtype == dtype and out.shape == (3, 5, 136)
+    assert_close_rel(out, _reference(mod, x), TOL[dtype], f"FP8Linear({w_gran}, {a_gran}) {dtype}")
+    # The weight the GEMM uses is the quantized one, close to the original (E4M3: 2**-4 relative at worst).
+    assert_close_rel(mod.dequantized_weight(), lin.weight.detach(), 0.05, "dequantized weight")
+
+
+def test_weight_quantization_is_per_output_feature(device):
+    lin = _linear(256, 64, False, device)
+    with torch.no_grad():
+        lin.weight[3] *= 1000  # one huge output row must not coarsen the others
+    mod = FP8Linear.from_linear(lin)
+    assert mod.bias is None and mod.weight.shape == (64, 256) and mod.weight.is_contiguous()
+    assert mod.weight_scale.shape == (1, 64)
+    q_ref, s_ref = quantize_fp8_reference(lin.weight.detach().t(), "e4m3", "channel")
+    assert torch.equal(mod.weight_scale, s_ref)
+    assert torch.equal(mod.weight.view(torch.uint8), q_ref.t().contiguous().view(torch.uint8))
+    x = torch.randn(7, 256, device=device)
+    assert_close_rel(mod(x), _reference(mod, x), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("w_gran", ["channel", "tensor", "block"])
+def test_state_dict_round_trip(device, w_gran):
+    lin = _linear(160, 130, True, device, seed=3)
+    mod = FP8Linear.from_linear(lin, weight_granularity=w_gran)
+    sd = mod.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias"}
+    assert sd["weight"].dtype == torch.float8_e4m3fn and sd["weight_scale"].dtype == torch.float32
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = FP8Linear(160, 130, weight_granularity=w_gran, device=device)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh.weight.view(torch.uint8), mod.weight.view(torch.uint8))
+    assert torch.equal(fresh.weight_scale, mod.weight_scale)
+    x = torch.randn(4, 160, device=device, dtype=torch.bfloat16)
+    assert torch.equal(fresh(x), mod(x))
+    # A module of another weight granularity has another scale shape: loading must fail loudly.
+    if w_gran != "block":
+        other = FP8Linear(160, 130, weight_granularity="block", device=device)
+        with pytest.raises(RuntimeError, match="weight_scale"):
+            other.load_state_dict(sd)
+
+
+def test_nan_in_activation_is_quantized_to_nan_without_touching_other_rows(device):
+    mod = FP8Linear.from_linear(_linear(64, 32, True, device))
+    x = torch.randn(4, 64, device=device)
+    x[1, 5] = float("nan")
+    a_q, a_s = quantize_fp8(x, "e4m3", "row")
+    assert a_q.float()[1, 5].isnan() and torch.isfinite(a_s).all()
+    out = mod(x)
+    assert torch.isfinite(out[[0, 2, 3]]).all()
+
+
+@pytest.mark.gpu
+def test_nan_in_activation_propagates_to_its_output_row(device):
+    # Under the interpreter the GEMM reads the FP8 NaN pattern as a finite number (its FP8 upcast), so only a
+    # compiled kernel can show the propagation.
+    mod = FP8Linear.from_linear(_linear(64, 32, True, device))
+    x = torch.randn(4, 64, device=device)
+    x[1, 5] = float("nan")
+    out = mod(x)
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+def test_convert_to_fp8_replaces_every_linear(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Sequential(nn.Linear(128, 128), nn.ReLU()), nn.Linear(128, 32)
+    ).to(device)
+    x = torch.randn(6, 64, device=device)
+    ref = model(x).detach()
+    convert_to_fp8(model)
+    kinds = [type(m) for m in model.modules()]
+    assert nn.Linear not in kinds and kinds.count(FP8Linear) == 3
+    out = model(x)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.995
+    keep = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)).to(device)
+    convert_to_fp8(keep, filter_fn=lambda name, lin: name != "1")
+    assert isinstance(keep[0], FP8Linear) and type(keep[1]) is nn.Linear
+    assert isinstance(convert_to_fp8(nn.Linear(16, 16).to(device)), FP8Linear)
+
+
+def test_bad_inputs(device):
+    mod = FP8Linear.from_linear(_linear(64, 32, True, device))
+    with pytest.raises(ShapeMismatchError, match="x: expected last dimension 64"):
+        mod(torch.randn(4, 63, device=device))
+    with pytest.raises(UnsupportedDtypeError, match="x: expected dtype"):
+        mod(torch.ones(4, 64, device=device, dtype=torch.int32))
+    with pytest.raises(InvalidArgumentError, match="x: expected a torch.Tensor"):
+        mod([1.0] * 64)
+    with pytest.raises(InvalidArgumentError, match="weight_granularity"):
+        FP8Linear(64, 32, weight_granularity="row")
+    with pytest.raises(InvalidArgumentError, match="activation_granularity"):
+        FP8Linear(64, 32, activation_granularity="channel")
+    with pytest.raises(InvalidArgumentError, match="in_features"):
+        FP8Linear(0, 32)
+    with pytest.raises(InvalidArgumentError, match="out_features"):
+        FP8Linear(8, True)
+    with pytest.raises(UnsupportedDtypeError, match="dtype"):
+        FP8Linear(8, 8, dtype=torch.int8)
+    with pytest.raises(InvalidArgumentError, match="linear: expected an nn.Linear"):
+        FP8Linear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(ShapeMismatchError, match=r"weight: expected shape \[32, 64\]"):
+        mod.load_weight(torch.randn(64, 32, device=device))
+    with pytest.raises(InvalidArgumentError, match="model: expected an nn.Module"):
+        convert_to_fp8("model")
+
+
+def test_unsupported_gpu_raises_unsupported_dtype(device, monkeypatch):
+    import fp8_gemm.linear as linear_mod
+    import fp8_gemm.quantize as quant_mod
+
+    mod = FP8Linear.from_linear(_linear(32, 16, True, device))
+    monkeypatch.setattr(linear_mod, "supports_fp8", lambda d=None: False)
+    monkeypatch.setattr(quant_mod, "supports_fp8", lambda d=None: False)
+    with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):
+        mod(torch.randn(2, 32, device=device))
+    with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):
+        FP8Linear.from_linear(_linear(32, 16, True, device))
+    with pytest.raises(UnsupportedDtypeError, match="FP8"):
+        quantize_fp8(torch.randn(2, 32, device=device))
