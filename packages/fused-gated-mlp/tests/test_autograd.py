@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _gated_mlp_helpers import make_inputs, pack, reference64
-from triton_ops_core.testing import assert_close_rel
-
 from fused_gated_mlp import FusedGatedMLPFunction, fused_gated_mlp
+from triton_ops_core.testing import assert_close_rel
 
 ACTS = ["silu", "gelu", "gelu_tanh", "swiglu_oai"]
 

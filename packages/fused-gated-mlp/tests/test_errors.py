@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused_gated_mlp import FusedGatedMLP, fused_gated_mlp
 from triton_ops_core.exceptions import (
     DeviceMismatchError,
     InvalidArgumentError,
@@ -12,8 +13,6 @@ from triton_ops_core.exceptions import (
     UnsupportedDeviceError,
     UnsupportedDtypeError,
 )
-
-from fused_gated_mlp import FusedGatedMLP, fused_gated_mlp
 
 
 @pytest.fixture

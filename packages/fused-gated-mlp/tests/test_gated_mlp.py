@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _gated_mlp_helpers import TOL, make_inputs, pack, reference64
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from triton_ops_core.testing import assert_close_rel, poison_, relative_error, device_for_tests
-
 from fused_gated_mlp import DECODE_MAX_TOKENS, fused_gated_mlp, ops
 from fused_gated_mlp.ops import gated_mlp_forward
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from triton_ops_core.testing import assert_close_rel, device_for_tests, poison_, relative_error
 
 ACTS = ["silu", "gelu", "gelu_tanh", "swiglu_oai"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_ops_core.testing import assert_close_rel
-
 from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, heuristic_config, select_gated_mlp_config
 from fused_gated_mlp.configs import DECODE_MAX_TOKENS, decode_block_m
+from triton_ops_core.testing import assert_close_rel
 
 
 def test_from_linear_matches_llama_mlp(device):

@@ -86,7 +86,8 @@ def _gated_mlp_decode_kernel(
     alpha, limit,
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights."""
     pid_n = tl.program_id(0)
@@ -103,25 +104,42 @@ def _gated_mlp_decode_kernel(
     k_start = pid_k * tiles_per_split * BLOCK_K
     k_end = tl.minimum(K, k_start + tiles_per_split * BLOCK_K)
 
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
-    wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
-    wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
-        else:
-            mask_k = (k + offs_k) < k_end
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
-        x_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
+    if USE_TMA:
+        # TMA: the copy engine streams weight tiles into a NUM_STAGES-deep shared-memory ring (many bytes in
+        # flight per SM, few registers); rows past N and columns past K read as zero, so no masks.
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[N, K], strides=[stride_wg, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[N, K], strides=[stride_wu, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            x = x_desc.load([off_m, k])
+            wg = wg_desc.load([off_n, k])
+            wu = wu_desc.load([off_n, k])
+            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+    else:
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
+        wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
+        wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
+        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
+                wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
+            else:
+                mask_k = (k + offs_k) < k_end
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
 
     if SPLIT_K == 1:
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,

@@ -56,6 +56,8 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+POINTER_PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
+
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -116,6 +118,11 @@ def gated_mlp_forward(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     strides = (x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0))
+    use_tma = (cfg.get("USE_TMA", True) and K_dim > 0
+               and (x2d.device.type == "cpu" or is_hopper(x2d.device))
+               and _tma_ok(x2d, gate_weight, up_weight))
+    if use_tma and x2d.device.type == "cuda":
+        _ensure_tma_allocator()
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
     if path == "decode":
@@ -130,14 +137,14 @@ def gated_mlp_forward(
         K._gated_mlp_decode_kernel[(grid_n, split_k, grid_m)](
             x2d, gate_weight, up_weight, bg, bu, out, ws, lock,
             M, N, K_dim, *strides, float(alpha), float(limit),
-            SPLIT_K=split_k, EVEN_K=even_k, **common,
+            SPLIT_K=split_k, EVEN_K=even_k, NUM_STAGES=cfg["num_stages"], USE_TMA=use_tma, **common,
         )
         return out
-    use_tma = (cfg.get("USE_TMA", True) and K_dim > 0
-               and (x2d.device.type == "cpu" or is_hopper(x2d.device))
-               and _tma_ok(x2d, gate_weight, up_weight))
-    if use_tma and x2d.device.type == "cuda":
-        _ensure_tma_allocator()
+    if not use_tma and config is None and x2d.element_size() == 2:
+        # Without TMA the pointer GEMM keeps operands in registers: larger tiles spill (seen in ptxas reports).
+        cfg.update(POINTER_PREFILL_CONFIG)
+        common.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     K._gated_mlp_prefill_kernel[grid](
         x2d, gate_weight, up_weight, bg, bu, out,
