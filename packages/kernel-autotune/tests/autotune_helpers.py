@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-
 from kernel_autotune import ConfigSpace, Tunable, register_tunable, select_config
 
 
@@ -44,7 +43,7 @@ def scale_launch(x, y, alpha, *, BLOCK_SIZE, num_warps):
 
 OP_SPACE = ConfigSpace({"BLOCK_SIZE": [16, 32, 64], "num_warps": [1, 2]},
                        constraints=[lambda c, p: p is None or c["BLOCK_SIZE"] <= max(16, p["n"])])
-SLEEP_S = {16: 0.006, 32: 0.0, 64: 0.003}   # BLOCK_SIZE 32 wins by milliseconds, far above timer noise
+SLEEP_S = {16: 0.02, 32: 0.0, 64: 0.01}   # BLOCK_SIZE 32 wins by 10 ms, far above the interpreter's own cost
 RESETS = []
 
 

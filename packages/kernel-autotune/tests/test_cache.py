@@ -3,7 +3,6 @@ import multiprocessing as mp
 import warnings
 
 import pytest
-
 from kernel_autotune import CacheFileWarning, cache
 from kernel_autotune.keys import key_string
 
@@ -61,7 +60,8 @@ def test_corrupt_or_foreign_files_are_reported_once_and_ignored(cache_dir, conte
     with pytest.warns(CacheFileWarning, match="moved aside"):
         cache.store(path, [entry(1)])
     assert cache.lookup(path, entry(1)["key"])["config"] == entry(1)["config"]
-    assert (cache_dir / "k.fwd.json.corrupt").read_bytes() == (content if isinstance(content, bytes) else content.encode())
+    raw = content if isinstance(content, bytes) else content.encode()
+    assert (cache_dir / "k.fwd.json.corrupt").read_bytes() == raw
 
 
 def test_malformed_entries_are_skipped_with_a_warning(cache_dir):

@@ -1,7 +1,5 @@
 import pytest
 import torch
-from triton_ops_core.exceptions import InvalidArgumentError
-
 from kernel_autotune import (
     ConfigSpace,
     block_fits,
@@ -13,6 +11,7 @@ from kernel_autotune import (
     threads_at_most_block,
 )
 from kernel_autotune.keys import key_string, relaxed_key_string
+from triton_ops_core.exceptions import InvalidArgumentError
 
 PARAMS = {"BLOCK_SIZE": [16, 32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
 

@@ -544,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m kernel_autotune``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.cache_dir:
+    previous = os.environ.get(_cache.ENV_CACHE_DIR)
+    if args.cache_dir:  # through the environment, so select_config and subprocesses see it too
         os.environ[_cache.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser().resolve())
     from triton_ops_core.exceptions import TritonKernelError
 
@@ -553,6 +554,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TritonKernelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:  # main() called in a process that goes on (tests, notebooks) leaves its environment as it was
+        if args.cache_dir:
+            if previous is None:
+                os.environ.pop(_cache.ENV_CACHE_DIR, None)
+            else:
+                os.environ[_cache.ENV_CACHE_DIR] = previous
 
 
 __all__ = ["build_parser", "main", "parse_shape"]

@@ -144,7 +144,8 @@ def get_tunable(name: str) -> Tunable:
         raise InvalidArgumentError(f"kernel family {name!r} is not registered (known: {known})")
     tunable = factory() if not isinstance(factory, Tunable) else factory
     if not isinstance(tunable, Tunable):
-        raise InvalidArgumentError(f"kernel family {name!r}: its factory returned {type(tunable).__name__}, not a Tunable")
+        raise InvalidArgumentError(
+            f"kernel family {name!r}: its factory returned {type(tunable).__name__}, not a Tunable")
     return tunable
 
 

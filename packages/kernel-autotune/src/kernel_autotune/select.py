@@ -145,7 +145,8 @@ def _select_slow(name, version, problem, dtypes, device, default, bucket, shippe
                 return dict(entry["config"]), "shipped"
     fallback = dict(default() if callable(default) else default)
     if not isinstance(fallback, dict) or not fallback:
-        raise InvalidArgumentError(f"default: expected a non-empty config dict (or a callable returning one), got {fallback!r}")
+        raise InvalidArgumentError(
+            f"default: expected a non-empty config dict (or a callable returning one), got {fallback!r}")
     if (forced or tuning_enabled()) and space is not None and bench is not None:
         return _tune_here(key, problem, space, bench, fallback, device), "tuned"
     return fallback, "default"

@@ -127,7 +127,8 @@ def shared_memory_fits(estimate: Callable[[Config, Problem | None], int], limit_
     return check
 
 
-def elements_per_thread_at_most(block_params: Sequence[str], limit: int, *, warps_param: str = "num_warps") -> Constraint:
+def elements_per_thread_at_most(block_params: Sequence[str], limit: int, *,
+                                warps_param: str = "num_warps") -> Constraint:
     """Drop configs whose tile, spread over the block's threads, exceeds ``limit`` elements per thread.
 
     A stand-in for the register limit: past a few hundred fp32 values per thread the kernel spills.

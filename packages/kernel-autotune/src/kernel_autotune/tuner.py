@@ -85,7 +85,8 @@ class TritonAutoTuner:
         self.config_space = config_space
         self.warmup_runs = int(warmup_runs)
         self.benchmark_runs = int(benchmark_runs)
-        self.name = name or getattr(kernel_fn, "__name__", None) or getattr(getattr(kernel_fn, "fn", None), "__name__", "kernel")
+        self.name = (name or getattr(kernel_fn, "__name__", None)
+                     or getattr(getattr(kernel_fn, "fn", None), "__name__", "kernel"))
         self.version = str(version)
         self.grid = grid
         self.config_arg = config_arg
@@ -108,7 +109,8 @@ class TritonAutoTuner:
             return [d if isinstance(d, str) else dtype_name(d) for d in dtypes]
         return [dtype_name(a.dtype) for a in args if isinstance(a, torch.Tensor)]
 
-    def key(self, *args: Any, problem_size: Mapping[str, int] | Sequence[int], device: torch.device | str | int | None = "cuda:0",
+    def key(self, *args: Any, problem_size: Mapping[str, int] | Sequence[int],
+            device: torch.device | str | int | None = "cuda:0",
             dtypes: Iterable[torch.dtype | str] | None = None) -> dict[str, Any]:
         """The cache key of a call: kernel name and version, bucketed problem, dtypes, GPU name, Triton version."""
         return make_key(self.name, version=self.version, problem=_problem_dict(problem_size),

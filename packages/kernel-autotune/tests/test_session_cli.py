@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+
+import autotune_helpers as h
+import torch
+from conftest import subprocess_env
+from kernel_autotune import cache, clear_memo, config_source, get_tunable, tune_operation
+from kernel_autotune.cli import main
+
+
+def test_tune_operation_finds_the_kernel_and_caches_the_fastest(cache_dir):
+    x = torch.randn(40)
+    h.RESETS.clear()
+    results = tune_operation(lambda: h.scale_op(x), reset=lambda: h.RESETS.append(1), warmup_runs=1,
+                             benchmark_runs=2, device="cpu")
+    assert [r.kernel for r in results] == ["toy_scale.fwd"]
+    entry = results[0].entry
+    assert entry["config"]["BLOCK_SIZE"] == 32
+    assert entry["default_config"] == {"BLOCK_SIZE": 64, "num_warps": 2}
+    assert entry["key"]["problem"] == {"n": 64}
+    assert entry["trials_total"] == 5  # 2 block sizes x 2 warps, plus the default
+    assert len(h.RESETS) >= 6
+    clear_memo()
+    assert h.scale_op(x).allclose(2 * x)
+    assert config_source("toy_scale.fwd", version="1.0", problem={"n": 40}, dtypes=(torch.float32,),
+                         device=x.device, bucket=("n",)) == "cache"
+
+
+def run_cli(cache_dir, *args, **env):
+    proc = subprocess.run([sys.executable, "-m", "kernel_autotune", *args], capture_output=True, text=True,
+                          env=subprocess_env(cache_dir, **env), timeout=180)
+    return proc
+
+
+def test_cli_tune_show_export_import_clear_ship(cache_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    p = run_cli(cache_dir, "tune", "toy_scale", "--module", "autotune_helpers", "--warmup", "1", "--runs", "2",
+                "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "toy_scale.fwd" in p.stdout and "BLOCK_SIZE=32" in p.stdout
+    assert "cached lookup in a fresh process" in p.stdout
+    report = json.loads((out / "report.json").read_text())
+    rows = [r for r in report["rows"] if "config" in r]
+    assert len(rows) == 2 and all(r["config"]["BLOCK_SIZE"] == 32 for r in rows)
+    assert report["cold_start"]["hits"] == 2 and report["cold_start"]["hot_lookup_us"] < 100
+    assert "| toy_scale |" in (out / "report.md").read_text()
+    shipped = cache.read_entries(out / "toy_scale" / "tuned_configs.json")
+    assert len(shipped) == 2 and all("trials" not in e for e in shipped.values())
+
+    p = run_cli(cache_dir, "show", "--kernel", "toy_scale")
+    assert p.returncode == 0 and "2 tuned configs" in p.stdout and "n=64" in p.stdout and "n=128" in p.stdout
+
+    # The other commands in this process (each subprocess pays ~3 s of torch import on the CI machine).
+    exported = tmp_path / "exported.json"
+    assert main(["export", str(exported), "--kernel", "toy_scale.fwd"]) == 0
+    assert len(cache.read_entries(exported)) == 2
+    assert "exported 2" in capsys.readouterr().out
+
+    other = tmp_path / "other-cache"
+    assert main(["--cache-dir", str(other), "import", str(exported)]) == 0
+    assert "imported 2" in capsys.readouterr().out
+    assert len(cache.read_entries(other / "toy_scale.fwd.json")) == 2
+
+    target = tmp_path / "pkg" / "tuned_configs.json"
+    monkeypatch.setenv("TOY_SHIPPED", str(target))
+    assert main(["ship", str(out)]) == 0
+    assert cache.read_entries(target) == shipped
+
+    assert main(["clear", "--kernel", "toy_scale"]) == 0
+    assert "cleared 2" in capsys.readouterr().out
+    assert cache.read_entries(cache_dir / "toy_scale.fwd.json") == {}
+    assert main(["--cache-dir", str(other), "clear"]) == 0
+    assert not list(other.glob("*.json"))
+
+
+def test_cli_errors_are_clean(cache_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    p = run_cli(cache_dir, "import", str(bad))
+    assert p.returncode != 0 and "not a kernel-autotune file" in p.stderr
+
+
+def test_cli_in_process_errors_and_list(capsys):
+    assert main(["tune", "no_such_family"]) == 2
+    assert "not registered" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    assert "fused_rmsnorm_rope" in capsys.readouterr().out
+
+
+def test_registry_resolves_registered_families():
+    t = get_tunable("toy_scale")
+    assert t.owns("toy_scale.fwd") and not t.owns("toy_scaleX.fwd") and t.label({"n": 3}) == "n=3"
