@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from triton_ops_core.models import dtype_name
-from triton_ops_core.testing import relative_error
 
 from . import _references as ref
+from ._compare import relative_error
 from ._model import Case, Impl
 
 if TYPE_CHECKING:
