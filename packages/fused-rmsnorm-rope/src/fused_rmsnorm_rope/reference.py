@@ -10,7 +10,7 @@ import torch
 
 
 def rotate(v: torch.Tensor, layout: str = "neox") -> torch.Tensor:
-    """``rotate_half`` of the last dimension: neox ``(-v2, v1)`` on halves, interleaved ``(-v_odd, v_even)`` on pairs."""
+    """``rotate_half`` of the last dim: neox ``(-v2, v1)`` on halves, interleaved ``(-v_odd, v_even)`` on pairs."""
     if layout == "interleaved":
         return torch.stack((-v[..., 1::2], v[..., 0::2]), dim=-1).flatten(-2)
     half = v.shape[-1] // 2

@@ -41,7 +41,7 @@ def _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps, COS, SIN, st
 
 @triton.jit
 def _load_pair(ptr, h, j, stride_h, hmask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """The two rotary halves of the rows ``h`` (a ``[rows, 1]`` tile) at ``ptr + h * stride_h``, fp32 ``[rows, HALF_PAD]``.
+    """The two rotary halves of rows ``h`` (a ``[rows, 1]`` tile) at ``ptr + h * stride_h``: fp32 ``[rows, HALF_PAD]``.
 
     Interleaved rows are loaded as one contiguous ``[rows, 2 * HALF_PAD]`` tile (vectorized) and split into even and
     odd elements in registers.
@@ -96,7 +96,8 @@ def _load_weights(W, h, j, p, hmask, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constex
         if PER_HEAD:
             wp = tl.load(W + ROT_DIM + p, mask=p < HEAD_DIM - ROT_DIM, other=0.0).to(tl.float32)
         else:
-            wp = tl.load(W + h * HEAD_DIM + ROT_DIM + p, mask=hmask & (p < HEAD_DIM - ROT_DIM), other=0.0).to(tl.float32)
+            pm = hmask & (p < HEAD_DIM - ROT_DIM)
+            wp = tl.load(W + h * HEAD_DIM + ROT_DIM + p, mask=pm, other=0.0).to(tl.float32)
     if GEMMA:
         w1 += 1.0
         w2 += 1.0

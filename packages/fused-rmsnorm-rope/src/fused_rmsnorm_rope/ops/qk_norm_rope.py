@@ -11,37 +11,29 @@ import torch
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.validation.rmsnorm_rope import validate_qk_norm_rope_inputs
 
-from ..config import FWD_KERNEL, QK_FWD_KERNEL, get_config
+from ..config import QK_FWD_KERNEL, get_config
 from .kernels import _qk_norm_rope_fwd_kernel, next_pow2
+from .launch import Plan, PlanCache, call_key
 from .rmsnorm_rope import collapse_rows, launch_bwd, position_strides, table_strides
 
+_PLANS = PlanCache()
 
-def _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, interleaved, gemma,
-                   store_rstd, inplace, config=None):
+
+def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store_rstd, inplace, config=None) -> Plan:
+    """Everything but the tensors of a q/k launch (inputs already validated)."""
     head_dim = q.shape[-1]
     hq, hk = q.shape[-2], k.shape[-2]
     n_rows = q.numel() // (hq * head_dim) if q.numel() else 0
-    if inplace:
-        qo, ko = q, k
-    else:
-        qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if store_rstd:
-        q_rstd = torch.empty((n_rows, hq), dtype=torch.float32, device=q.device)
-        k_rstd = torch.empty((n_rows, hk), dtype=torch.float32, device=q.device)
-    else:
-        q_rstd = k_rstd = None
-    if n_rows == 0:
-        return qo, ko, q_rstd, k_rstd
     qv, _, sqb, sqs = collapse_rows(q, 2)
     kv, _, skb, sks = collapse_rows(k, 2)
-    if inplace and (qv is not q or kv is not k):
-        # a permuted batch layout was copied: write back through the copies, then into the caller's views
-        qo_v, ko_v = qv, kv
+    # outputs: q/k themselves (in place; their contiguous copies when not addressable), else new contiguous tensors
+    if inplace:
+        qo_strides = (sqb, sqs, qv.stride(-2))
+        ko_strides = (skb, sks, kv.stride(-2))
     else:
-        qo_v, ko_v = qo, ko
-    _, _, sqob, sqos = collapse_rows(qo_v, 2)
-    _, _, skob, skos = collapse_rows(ko_v, 2)
+        seq = q.shape[-3]
+        qo_strides = (seq * hq * head_dim, hq * head_dim, head_dim)
+        ko_strides = (seq * hk * head_dim, hk * head_dim, head_dim)
     seq = q.shape[-3]
     pos, spb, sps = position_strides(position_ids, q.dim() - 2)
     scb, scs = table_strides(cos)
@@ -53,56 +45,79 @@ def _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary
         config = get_config(QK_FWD_KERNEL, (hq_pad + hk_pad) * (2 * half_pad + (pass_pad if has_pass else 0)),
                             n_rows, q.dtype, q.device)
     rows = config["ROWS_PER_PROG"]
-    grid = ((n_rows + rows - 1) // rows,)
-    _qk_norm_rope_fwd_kernel[grid](
-        qv, kv, qo_v, ko_v, q_weight, k_weight, cos, sin, qv if pos is None else pos,
-        qv if q_rstd is None else q_rstd, qv if k_rstd is None else k_rstd,
-        n_rows, seq, cos.shape[-2],
-        sqb, sqs, qv.stride(-2), skb, sks, kv.stride(-2),
-        sqob, sqos, qo_v.stride(-2), skob, skos, ko_v.stride(-2),
-        spb, sps, scb, scs,
-        eps,
-        NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HEAD_DIM=head_dim, ROT_DIM=rotary_dim,
-        Q_HEADS_PAD=hq_pad, K_HEADS_PAD=hk_pad, HALF_PAD=half_pad, PASS_PAD=pass_pad,
-        INTERLEAVED=interleaved, GEMMA=gemma, HAS_POS=pos is not None, STORE_RSTD=store_rstd,
-        ROWS_PER_PROG=rows, EVEN_ROWS=n_rows % rows == 0,
-        num_warps=config["num_warps"],
-    )
-    if qo_v is not qo:
-        qo.copy_(qo_v)
-    if ko_v is not ko:
-        ko.copy_(ko_v)
-    return qo, ko, q_rstd, k_rstd
+    tail = (n_rows, seq, cos.shape[-2],
+            sqb, sqs, qv.stride(-2), skb, sks, kv.stride(-2), *qo_strides, *ko_strides,
+            spb, sps, scb, scs,
+            eps,
+            hq, hk, head_dim, rotary_dim, hq_pad, hk_pad, half_pad, pass_pad,
+            interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0)
+    extra = (qv is not q, kv is not k, pos is not None and pos is not position_ids)
+    return Plan(_qk_norm_rope_fwd_kernel, (max(1, (n_rows + rows - 1) // rows),), tail, config["num_warps"], n_rows,
+                extra=extra)
+
+
+def _run_qk(plan: Plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd: bool, inplace: bool):
+    n_rows = plan.n_rows
+    copy_q, copy_k, copy_pos = plan.extra
+    qv = q.contiguous() if copy_q else q
+    kv = k.contiguous() if copy_k else k
+    if inplace:
+        qo, ko = qv, kv
+    else:
+        qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if store_rstd:
+        q_rstd = torch.empty((n_rows, q.shape[-2]), dtype=torch.float32, device=q.device)
+        k_rstd = torch.empty((n_rows, k.shape[-2]), dtype=torch.float32, device=q.device)
+    else:
+        q_rstd = k_rstd = None
+    if n_rows == 0:
+        return qo, ko, q_rstd, k_rstd
+    if position_ids is not None and copy_pos:
+        position_ids = position_ids.contiguous()
+    plan.launch(qv, kv, qo, ko, q_weight, k_weight, cos, sin, qv if position_ids is None else position_ids,
+                qv if q_rstd is None else q_rstd, qv if k_rstd is None else k_rstd)
+    if inplace and copy_q:
+        q.copy_(qo)
+    if inplace and copy_k:
+        k.copy_(ko)
+    return (q, k, None, None) if inplace else (qo, ko, q_rstd, k_rstd)
+
+
+def _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, interleaved, gemma,
+                   store_rstd, inplace, config=None):
+    """One q/k launch without the plan cache (benchmarks pass an explicit ``config``)."""
+    plan = _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store_rstd, inplace, config)
+    return _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd, inplace)
 
 
 class QKNormRoPEFunction(torch.autograd.Function):
     """Autograd of ``fused_qk_norm_rope`` (out of place): gradients for q, k, q_weight and k_weight."""
 
     @staticmethod
-    def forward(ctx, q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, interleaved, gemma):
-        qo, ko, q_rstd, k_rstd = _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim,
-                                                interleaved, gemma, store_rstd=True, inplace=False)
+    def forward(ctx, q, k, q_weight, k_weight, cos, sin, position_ids, plan):
+        qo, ko, q_rstd, k_rstd = _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd=True,
+                                         inplace=False)
         ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, position_ids, q_rstd, k_rstd)
-        ctx.cfg = (rotary_dim, interleaved, gemma)
+        ctx.plan = plan
         return qo, ko
 
     @staticmethod
     def backward(ctx, dqo, dko):
         q, k, q_weight, k_weight, cos, sin, position_ids, q_rstd, k_rstd = ctx.saved_tensors
-        rotary_dim, interleaved, gemma = ctx.cfg
+        info = ctx.plan.info
+        rotary_dim, interleaved, gemma = info.rotary_dim, info.layout == "interleaved", info.gemma
         head_dim = q.shape[-1]
         grads = []
         for t, w, rstd, g in ((q, q_weight, q_rstd, dqo), (k, k_weight, k_rstd, dko)):
             if g is None:
                 g = torch.zeros_like(t)
             heads = t.shape[-2]
-            warps = get_config(FWD_KERNEL, next_pow2(heads) * next_pow2(head_dim), rstd.shape[0], t.dtype,
-                               t.device)["num_warps"]
             dx, dw = launch_bwd(g, t, w, cos, sin, position_ids, rstd, heads, head_dim, rotary_dim, interleaved,
-                                gemma, per_head=True, num_warps=warps)
+                                gemma, per_head=True, num_warps=ctx.plan.num_warps)
             grads.append((dx, dw.to(w.dtype)))
         (dq, dqw), (dk, dkw) = grads
-        return dq, dk, dqw, dkw, None, None, None, None, None, None, None
+        return dq, dk, dqw, dkw, None, None, None, None
 
 
 def fused_qk_norm_rope(
@@ -134,18 +149,27 @@ def fused_qk_norm_rope(
     Returns:
         ``(q_out, k_out)`` with q's and k's shapes and dtype (contiguous unless ``inplace``).
     """
-    info = validate_qk_norm_rope_inputs(q, k, q_weight, k_weight, cos, sin, position_ids, eps,
-                                        rotary_dim=rotary_dim, layout=layout, gemma=gemma)
-    interleaved = layout == "interleaved"
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
-    if wants_grad and inplace:
-        raise InvalidArgumentError("inplace: expected False when a gradient is wanted (q, k or a weight requires "
-                                   "grad), got True; run in-place under torch.no_grad()")
+    wants_grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
+                                                 for t in (q, k, q_weight, k_weight))
+    key = call_key(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, inplace,
+                   wants_grad)
+    plan = _PLANS.get(key)
+    if plan is None:
+        info = validate_qk_norm_rope_inputs(q, k, q_weight, k_weight, cos, sin, position_ids, eps,
+                                            rotary_dim=rotary_dim, layout=layout, gemma=gemma)
+        if not isinstance(inplace, bool):
+            raise InvalidArgumentError(f"inplace: expected a bool, got {inplace!r}")
+        if wants_grad and inplace:
+            raise InvalidArgumentError("inplace: expected False when a gradient is wanted (q, k or a weight "
+                                       "requires grad), got True; run in-place under torch.no_grad()")
+        plan = _qk_plan(q, k, cos, position_ids, info.eps, info.rotary_dim, layout == "interleaved", gemma,
+                        store_rstd=wants_grad, inplace=inplace)
+        plan.info = info
+        _PLANS.put(key, plan)
     if wants_grad:
-        return QKNormRoPEFunction.apply(q, k, q_weight, k_weight, cos, sin, position_ids, info.eps,
-                                        info.rotary_dim, interleaved, gemma)
-    qo, ko, _, _ = _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, info.eps, info.rotary_dim,
-                                  interleaved, gemma, store_rstd=False, inplace=inplace)
+        return QKNormRoPEFunction.apply(q, k, q_weight, k_weight, cos, sin, position_ids, plan)
+    qo, ko, _, _ = _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd=False,
+                           inplace=inplace)
     return qo, ko
 
 

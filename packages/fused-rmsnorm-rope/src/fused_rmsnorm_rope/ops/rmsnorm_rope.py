@@ -14,6 +14,7 @@ from triton_ops_core.validation.rmsnorm_rope import validate_rmsnorm_rope_inputs
 
 from ..config import FWD_KERNEL, get_config
 from .kernels import _norm_rope_bwd_kernel, _rmsnorm_rope_fwd_kernel, next_pow2
+from .launch import Plan, PlanCache, call_key
 
 
 def collapse_rows(t: torch.Tensor, n_inner: int) -> tuple[torch.Tensor, int, int, int]:
@@ -61,7 +62,7 @@ def table_strides(cos: torch.Tensor) -> tuple[int, int]:
     return (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -73,16 +74,15 @@ def backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
-def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                position_ids: torch.Tensor | None, eps: float, head_dim: int, rotary_dim: int,
-                interleaved: bool, gemma: bool, store_rstd: bool,
-                config: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+_PLANS = PlanCache()
+
+
+def _fwd_plan(x: torch.Tensor, cos: torch.Tensor, position_ids: torch.Tensor | None, eps: float, head_dim: int,
+              rotary_dim: int, interleaved: bool, gemma: bool, store_rstd: bool,
+              config: dict[str, int] | None = None) -> Plan:
+    """Everything but the tensors of a forward launch (x must already be validated)."""
     hidden = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = x.numel() // hidden if hidden else 0
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if store_rstd else None
-    if n_rows == 0:
-        return y, rstd
     xv, _, sxb, sxs = collapse_rows(x, 1)
     seq = x.shape[-2]
     pos, spb, sps = position_strides(position_ids, x.dim() - 1)
@@ -90,24 +90,44 @@ def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: t
     num_heads = hidden // head_dim
     heads_pad = next_pow2(num_heads)
     half_pad = next_pow2(rotary_dim // 2)
-    pass_pad = next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 1
+    has_pass = head_dim > rotary_dim
+    pass_pad = next_pow2(head_dim - rotary_dim) if has_pass else 1
     if config is None:
-        config = get_config(FWD_KERNEL, heads_pad * (2 * half_pad + (pass_pad if head_dim > rotary_dim else 0)),
-                            n_rows, x.dtype, x.device)
+        config = get_config(FWD_KERNEL, heads_pad * (2 * half_pad + (pass_pad if has_pass else 0)), n_rows,
+                            x.dtype, x.device)
     rows = config["ROWS_PER_PROG"]
-    grid = ((n_rows + rows - 1) // rows,)
-    _rmsnorm_rope_fwd_kernel[grid](
-        xv, y, weight, cos, sin, xv if pos is None else pos, xv if rstd is None else rstd,
-        n_rows, seq, cos.shape[-2],
-        sxb, sxs, seq * hidden, hidden, spb, sps, scb, scs,
-        eps,
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim,
-        HEADS_PAD=heads_pad, HALF_PAD=half_pad, PASS_PAD=pass_pad,
-        INTERLEAVED=interleaved, GEMMA=gemma, HAS_POS=pos is not None, STORE_RSTD=store_rstd,
-        ROWS_PER_PROG=rows, EVEN_ROWS=n_rows % rows == 0,
-        num_warps=config["num_warps"],
-    )
+    tail = (n_rows, seq, cos.shape[-2],
+            sxb, sxs, seq * hidden, hidden, spb, sps, scb, scs,
+            eps,
+            num_heads, head_dim, rotary_dim, heads_pad, half_pad, pass_pad,
+            interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0)
+    # extra: whether x / position_ids must be copied to be addressed by (batch, seq) strides (rare permuted views)
+    extra = (xv is not x, pos is not None and pos is not position_ids)
+    return Plan(_rmsnorm_rope_fwd_kernel, (max(1, (n_rows + rows - 1) // rows),), tail, config["num_warps"], n_rows,
+                extra=extra)
+
+
+def _run_fwd(plan: Plan, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             position_ids: torch.Tensor | None, store_rstd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(plan.n_rows, dtype=torch.float32, device=x.device) if store_rstd else None
+    if plan.n_rows == 0:
+        return y, rstd
+    copy_x, copy_pos = plan.extra
+    xv = x.contiguous() if copy_x else x
+    if position_ids is not None and copy_pos:
+        position_ids = position_ids.contiguous()
+    plan.launch(xv, y, weight, cos, sin, xv if position_ids is None else position_ids, xv if rstd is None else rstd)
     return y, rstd
+
+
+def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                position_ids: torch.Tensor | None, eps: float, head_dim: int, rotary_dim: int,
+                interleaved: bool, gemma: bool, store_rstd: bool,
+                config: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward launch without the plan cache (benchmarks pass an explicit ``config``)."""
+    plan = _fwd_plan(x, cos, position_ids, eps, head_dim, rotary_dim, interleaved, gemma, store_rstd, config)
+    return _run_fwd(plan, x, weight, cos, sin, position_ids, store_rstd)
 
 
 def launch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -153,23 +173,21 @@ class RMSNormRoPEFunction(torch.autograd.Function):
     """Autograd of ``fused_rmsnorm_rope``: gradients for ``x`` and ``weight``; cos/sin are constants."""
 
     @staticmethod
-    def forward(ctx, x, weight, cos, sin, position_ids, eps, head_dim, rotary_dim, interleaved, gemma):
-        y, rstd = _launch_fwd(x, weight, cos, sin, position_ids, eps, head_dim, rotary_dim, interleaved, gemma,
-                              store_rstd=True)
+    def forward(ctx, x, weight, cos, sin, position_ids, plan):
+        y, rstd = _run_fwd(plan, x, weight, cos, sin, position_ids, store_rstd=True)
         ctx.save_for_backward(x, weight, cos, sin, position_ids, rstd)
-        ctx.cfg = (head_dim, rotary_dim, interleaved, gemma)
+        ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, cos, sin, position_ids, rstd = ctx.saved_tensors
-        head_dim, rotary_dim, interleaved, gemma = ctx.cfg
-        num_heads = x.shape[-1] // head_dim
-        warps = get_config(FWD_KERNEL, next_pow2(x.shape[-1]), rstd.numel(), x.dtype, x.device)["num_warps"]
-        dx, dw = launch_bwd(dy, x, weight, cos, sin, position_ids, rstd, num_heads, head_dim, rotary_dim,
-                            interleaved, gemma, per_head=False, num_warps=warps)
+        info = ctx.plan.info
+        interleaved = info.layout == "interleaved"
+        dx, dw = launch_bwd(dy, x, weight, cos, sin, position_ids, rstd, info.num_heads, info.head_dim,
+                            info.rotary_dim, interleaved, info.gemma, per_head=False, num_warps=ctx.plan.num_warps)
         dweight = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dweight, None, None, None, None, None, None, None, None
+        return dx, dweight, None, None, None, None
 
 
 def fused_rmsnorm_rope(
@@ -207,15 +225,19 @@ def fused_rmsnorm_rope(
     Returns:
         A new tensor of ``x``'s shape and dtype. Differentiable in ``x`` and ``weight`` (Triton backward).
     """
-    info = validate_rmsnorm_rope_inputs(x, weight, cos, sin, eps, position_ids=position_ids, rotary_dim=rotary_dim,
-                                        head_dim=head_dim, layout=layout, gemma=gemma)
-    interleaved = layout == "interleaved"
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return RMSNormRoPEFunction.apply(x, weight, cos, sin, position_ids, info.eps, info.head_dim,
-                                         info.rotary_dim, interleaved, gemma)
-    y, _ = _launch_fwd(x, weight, cos, sin, position_ids, info.eps, info.head_dim, info.rotary_dim, interleaved,
-                       gemma, store_rstd=False)
-    return y
+    train = torch.is_grad_enabled() and (getattr(x, "requires_grad", False) or getattr(weight, "requires_grad", False))
+    key = call_key(x, weight, cos, sin, position_ids, eps, rotary_dim, head_dim, layout, gemma, train)
+    plan = _PLANS.get(key)
+    if plan is None:
+        info = validate_rmsnorm_rope_inputs(x, weight, cos, sin, eps, position_ids=position_ids,
+                                            rotary_dim=rotary_dim, head_dim=head_dim, layout=layout, gemma=gemma)
+        plan = _fwd_plan(x, cos, position_ids, info.eps, info.head_dim, info.rotary_dim, layout == "interleaved",
+                         gemma, store_rstd=train)
+        plan.info = info
+        _PLANS.put(key, plan)
+    if train:
+        return RMSNormRoPEFunction.apply(x, weight, cos, sin, position_ids, plan)
+    return _run_fwd(plan, x, weight, cos, sin, position_ids, store_rstd=False)[0]
 
 
 __all__ = ["RMSNormRoPEFunction", "fused_rmsnorm_rope"]

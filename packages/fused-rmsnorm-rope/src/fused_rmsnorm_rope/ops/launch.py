@@ -1,0 +1,90 @@
+"""The host side of every launch: call signatures, cached launch plans, and the direct launcher.
+
+Decode calls these ops with a handful of tokens, where the GPU work takes a few microseconds and the host decides the
+latency. A call is therefore keyed by the metadata its validation and launch depend on (shapes, strides, dtypes,
+devices, 16-byte alignment of the data pointers, the options): the first call with a key validates and builds a
+``Plan`` (every scalar argument and constexpr of the kernel, precomputed); later calls with the same key skip both,
+since the same metadata would validate the same way. After the first compiled launch, the plan keeps Triton's
+``CompiledKernel`` launcher and calls it directly, bypassing the JIT's per-call argument binding and specialization
+(the key already fixes everything Triton specializes on: pointer alignment, and the integers, which derive from
+shapes and strides).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from triton.compiler import CompiledKernel
+
+MAX_PLANS = 4096
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What validation and specialization read from a tensor (raises AttributeError for a non-tensor)."""
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+
+
+_Tensor = torch.Tensor
+
+
+def call_key(*parts: Any) -> tuple | None:
+    """A flat key of a call, or None when an argument is not a tensor or not hashable (validation will say why).
+
+    Includes ``TRITON_INTERPRET``: whether CPU tensors are allowed depends on it.
+    """
+    key = [os.environ.get("TRITON_INTERPRET")]
+    for p in parts:
+        if isinstance(p, _Tensor):
+            key += (p.shape, p.stride(), p.dtype, p.device, p.data_ptr() % 16)
+        else:
+            key.append(p)
+    return tuple(key)
+
+
+class Plan:
+    """One call signature's launch: kernel, grid, scalar tail of the arguments, warps, and the direct launcher."""
+
+    __slots__ = ("kernel", "grid", "tail", "num_warps", "runner", "n_rows", "info", "extra")
+
+    def __init__(self, kernel: Any, grid: tuple[int, ...], tail: tuple, num_warps: int, n_rows: int,
+                 info: Any = None, extra: Any = None) -> None:
+        self.kernel, self.grid, self.tail, self.num_warps = kernel, grid, tail, num_warps
+        self.n_rows, self.info, self.extra = n_rows, info, extra
+        self.runner: Callable[..., None] | None = None
+
+    def launch(self, *tensors: torch.Tensor) -> None:
+        """Launch with the tensor arguments (in the kernel's order) followed by the plan's scalar tail."""
+        if self.runner is not None:
+            self.runner(*tensors, *self.tail)
+            return
+        compiled = self.kernel[self.grid](*tensors, *self.tail, num_warps=self.num_warps)
+        if isinstance(compiled, CompiledKernel):
+            self.runner = compiled[self.grid]
+
+
+class PlanCache:
+    """A bounded dict of plans (cleared when full: shapes in a serving loop repeat, so it refills at once)."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, Plan] = {}
+
+    def get(self, key: tuple) -> Plan | None:
+        try:
+            return self._plans.get(key)
+        except TypeError:  # an unhashable argument: validation rejects it
+            return None
+
+    def put(self, key: tuple, plan: Plan) -> Plan:
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+__all__ = ["MAX_PLANS", "Plan", "PlanCache", "call_key", "tensor_key"]
