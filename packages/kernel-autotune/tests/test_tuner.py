@@ -126,3 +126,29 @@ def test_bad_arguments():
         TritonAutoTuner(scale_launch, {"BLOCK_SIZE": [16]})
     with pytest.raises(InvalidArgumentError, match="problem_size"):
         make_tuner().tune(problem_size="big", device="cpu")
+
+
+def test_coordinate_search_tries_fewer_configs_and_finds_the_separable_optimum(cache_dir):
+    space = ConfigSpace({"A": [1, 2, 3, 4], "B": [1, 2, 3, 4], "C": [1, 2]})
+    cost = lambda c: abs(c["A"] - 3) + abs(c["B"] - 2) + (c["C"] - 1) + 1.0  # noqa: E731 - separable, min at (3,2,1)
+    tuner = TritonAutoTuner(lambda **cfg: None, space, 0, 1, name="coord", timer=lambda fn, cfg: cost(cfg),
+                            strategy="coordinate", default={"A": 1, "B": 4, "C": 2})
+    result = tuner.tune(problem_size={"n": 1}, device="cpu")
+    assert result.best_config == {"A": 3, "B": 2, "C": 1}
+    assert len(result.trials) < space.size() / 2
+    assert result.trials[0].config == {"A": 1, "B": 4, "C": 2}  # the default is tried first
+
+
+def test_max_seconds_stops_the_search_but_keeps_the_best_so_far(cache_dir):
+    import time as _time
+
+    space = ConfigSpace({"A": list(range(20))})
+
+    def slow_timer(fn, cfg):
+        _time.sleep(0.02)
+        return 10.0 - cfg["A"] * 0.1
+
+    tuner = TritonAutoTuner(lambda **cfg: None, space, 0, 1, name="deadline", timer=slow_timer, max_seconds=0.05)
+    result = tuner.tune(problem_size={"n": 1}, device="cpu")
+    assert 1 <= len(result.trials) < 20
+    assert result.best_config == max((t.config for t in result.trials), key=lambda c: c["A"])

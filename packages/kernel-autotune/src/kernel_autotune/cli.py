@@ -194,7 +194,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         try:
             runner = tunable.prepare(shape, device)
             results = tune_operation(runner, reset=tunable.reset, warmup_runs=args.warmup, benchmark_runs=args.runs,
-                                     time_budget_ms=args.budget_ms, device=device)
+                                     time_budget_ms=args.budget_ms, strategy=args.strategy,
+                                     max_seconds=args.max_seconds or None, device=device)
         except Exception as e:  # noqa: BLE001 - one shape failing must not stop the sweep
             from .search import describe_error
 
@@ -232,7 +233,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "device": device_name(device) if device.type == "cuda" else device_key(device),
         "device_key": device_key(device), "triton": triton_version(), "torch": _torch_version(),
         "cache_dir": str(_cache.cache_dir()), "warmup_runs": args.warmup, "benchmark_runs": args.runs,
-        "time_budget_ms": args.budget_ms, "total_seconds": round(total, 2), "rows": rows, "cold_start": cold,
+        "time_budget_ms": args.budget_ms, "strategy": args.strategy, "max_seconds": args.max_seconds,
+        "total_seconds": round(total, 2), "rows": rows, "cold_start": cold,
         "skipped_families": skipped_families,
     }
     print(render_table(rows))
@@ -348,7 +350,8 @@ def _write_outputs(out: Path, report: dict[str, Any], tunables: dict[str, Any], 
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
     header, rows = _report_rows(report["rows"])
     md = [f"# kernel-autotune tuning report: {report['device']}", "",
-          f"triton {report['triton']}, torch {report['torch']}; warm-up {report['warmup_runs']}, up to "
+          f"triton {report['triton']}, torch {report['torch']}; {report['strategy']} search "
+          f"(at most {report['max_seconds']} s per kernel); warm-up {report['warmup_runs']}, up to "
           f"{report['benchmark_runs']} timed runs per config (time budget {report['time_budget_ms']} ms); "
           f"{report['total_seconds']} s in all.", "",
           "Times are medians of CUDA-event timings with L2 flushed, of the whole operation with this kernel's "
@@ -500,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="warm-up runs per config (default 5)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per config at most (default 50)")
     p.add_argument("--budget-ms", type=float, default=200.0, help="time budget of the timed runs per config, ms")
+    p.add_argument("--strategy", choices=["coordinate", "exhaustive"], default="coordinate",
+                   help="coordinate (default): one parameter at a time from the heuristic default; "
+                        "exhaustive: every config of the pruned space")
+    p.add_argument("--max-seconds", type=float, default=60.0,
+                   help="stop trying new configs of one kernel after this long (default 60; 0: no limit)")
     p.add_argument("--module", action="append", help="import this module first (it may call register_tunable)")
     p.add_argument("--out", help="write report.json, report.md and <family>/tuned_configs.json here")
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process lookup timing")

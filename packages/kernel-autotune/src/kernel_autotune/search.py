@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from triton_ops_core.exceptions import TritonKernelError
+from triton_ops_core.exceptions import InvalidArgumentError, TritonKernelError
 from triton_ops_core.models import KernelMetrics, TrialResult
 
 from .cache import now_iso
@@ -56,6 +56,9 @@ def _recover(device: torch.device | str | int | None) -> None:
             pass
 
 
+STRATEGIES = ("exhaustive", "coordinate")
+
+
 def search(
     configs: Sequence[Mapping[str, Any]],
     make_runner: Callable[[dict[str, Any]], Runner],
@@ -67,54 +70,114 @@ def search(
     device: torch.device | str | int | None = None,
     default_config: Mapping[str, Any] | None = None,
     verify_default: bool = True,
+    strategy: str = "exhaustive",
+    max_seconds: float | None = None,
     progress: Callable[[dict[str, Any], TrialResult], None] | None = None,
 ) -> SearchOutcome:
-    """Time each config (plus ``default_config`` when it is not among them) and return the fastest.
+    """Time the candidate configs (plus ``default_config`` when it is not among them) and return the fastest.
+
+    ``strategy="exhaustive"`` times every config; ``"coordinate"`` starts from the default and changes one
+    parameter at a time, keeping each improvement (at most two passes): a few dozen configs instead of
+    hundreds, for spaces where each compile costs seconds. ``max_seconds`` stops trying new configs once
+    that much time has passed (the best so far wins; the default is always tried first).
 
     A config whose runner cannot be built, fails to compile, runs out of resources or raises
     anything else is recorded as a failed trial and skipped. When the winner is not the
     default, both are timed once more, alternately, and the faster of that re-check wins: the
     chosen config is never slower than the heuristic default on the measurement that decides.
     """
+    if strategy not in STRATEGIES:
+        raise InvalidArgumentError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     start = time.perf_counter()
     candidates = [dict(c) for c in configs]
     default = dict(default_config) if default_config is not None else None
-    if default is not None and default not in candidates:
-        candidates.append(default)
+    if default is not None:
+        candidates = [default] + [c for c in candidates if c != default]  # tried first, whatever the deadline
     if not candidates:
         raise TuningError("no config to try: the config space is empty for this problem (every config was pruned)")
 
     trials: list[TrialResult] = []
-    timings: list[tuple[dict[str, Any], Timing]] = []
-    default_timing: Timing | None = None
+    timings: dict[str, tuple[dict[str, Any], Timing]] = {}
+    tried: set[str] = set()
 
     def run_one(cfg: dict[str, Any]) -> Timing:
         return measure(make_runner(dict(cfg)), cfg, timer, warmup_runs=warmup_runs, benchmark_runs=benchmark_runs,
                        time_budget_ms=time_budget_ms, device=device)
 
-    for cfg in candidates:
+    def out_of_time() -> bool:
+        return max_seconds is not None and bool(timings) and time.perf_counter() - start > max_seconds
+
+    def attempt(cfg: dict[str, Any]) -> Timing | None:
+        name = _cfg_id(cfg)
+        if name in tried:
+            return timings[name][1] if name in timings else None
+        tried.add(name)
         try:
             t = run_one(cfg)
         except Exception as e:  # noqa: BLE001 - any failure of one config is recorded, never fatal
             trial = TrialResult(cfg, error=describe_error(e))
             _recover(device)
+            t = None
         else:
             trial = TrialResult(cfg, latency_ms=t.median_ms, latency_std_ms=t.std_ms)
-            timings.append((cfg, t))
-            if cfg == default:
-                default_timing = t
+            timings[name] = (cfg, t)
         trials.append(trial)
         if progress is not None:
             progress(cfg, trial)
+        return t
+
+    if strategy == "exhaustive":
+        for cfg in candidates:
+            if out_of_time():
+                break
+            attempt(cfg)
+    else:
+        _coordinate(candidates, attempt, out_of_time)
 
     if not timings:
         failures = "; ".join(f"{t.config}: {t.error}" for t in trials[:8])
         raise TuningError(f"all {len(trials)} configs failed: {failures}")
-    best_cfg, best = min(timings, key=lambda ct: ct[1].median_ms)
+    best_cfg, best = min(timings.values(), key=lambda ct: ct[1].median_ms)
+    default_hit = timings.get(_cfg_id(default)) if default is not None else None
+    default_timing = default_hit[1] if default_hit is not None else None
     verified: dict[str, float] = {}
-    if default_timing is not None and best_cfg != default:
+    if verify_default and default_timing is not None and best_cfg != default:
         best_cfg, best, verified = _recheck(best_cfg, default, run_one)
     return SearchOutcome(best_cfg, best, trials, default, default_timing, time.perf_counter() - start, verified)
+
+
+def _cfg_id(cfg: Mapping[str, Any]) -> str:
+    return repr(sorted(cfg.items()))
+
+
+def _coordinate(candidates: list[dict[str, Any]], attempt: Callable[[dict[str, Any]], Timing | None],
+                out_of_time: Callable[[], bool]) -> None:
+    # The start: the default (first candidate) or, if it fails, the first config that runs.
+    current, current_t = None, None
+    for cfg in candidates:
+        if out_of_time():
+            return
+        current_t = attempt(cfg)
+        if current_t is not None:
+            current = cfg
+            break
+    if current is None:
+        return
+    params = list(dict.fromkeys(k for c in candidates for k in c))
+    for _ in range(2):
+        improved = False
+        for p in params:
+            others = [q for q in params if q != p]
+            for cfg in candidates:
+                if cfg.get(p) == current.get(p) or any(cfg.get(q) != current.get(q) for q in others):
+                    continue
+                if out_of_time():
+                    return
+                t = attempt(cfg)
+                if t is not None and t.median_ms < current_t.median_ms:
+                    current, current_t, improved = cfg, t, True
+        if not improved:
+            return
 
 
 def _recheck(best_cfg: dict[str, Any], default: dict[str, Any], run_one: Callable[[dict[str, Any]], Timing],
@@ -160,4 +223,4 @@ def make_entry(
     return entry
 
 
-__all__ = ["SearchOutcome", "TuningError", "describe_error", "make_entry", "search"]
+__all__ = ["STRATEGIES", "SearchOutcome", "TuningError", "describe_error", "make_entry", "search"]

@@ -27,6 +27,8 @@ ENV_TUNE = "KERNEL_AUTOTUNE"
 ENV_WARMUP = "KERNEL_AUTOTUNE_WARMUP_RUNS"
 ENV_RUNS = "KERNEL_AUTOTUNE_BENCHMARK_RUNS"
 ENV_BUDGET = "KERNEL_AUTOTUNE_TIME_BUDGET_MS"
+ENV_STRATEGY = "KERNEL_AUTOTUNE_STRATEGY"
+ENV_MAX_SECONDS = "KERNEL_AUTOTUNE_MAX_SECONDS"
 _TRUTHY = {"1", "true", "yes", "on"}
 
 # memo key -> (config, where it came from). Filled on the slow path, read on every call.
@@ -163,11 +165,14 @@ def _tune_here(key, problem, space, bench, fallback, device) -> dict[str, Any]:
     from .search import make_entry, search
 
     budget = os.environ.get(ENV_BUDGET, "").strip()
+    max_s = os.environ.get(ENV_MAX_SECONDS, "").strip()
     timer: Timer = _session.timer or default_timer(device)
     outcome = search(
         space.configs(problem), bench, timer=timer,
         warmup_runs=_env_int(ENV_WARMUP, 10), benchmark_runs=_env_int(ENV_RUNS, 100),
         time_budget_ms=float(budget) if budget else None, device=device, default_config=fallback,
+        strategy=os.environ.get(ENV_STRATEGY, "").strip() or "exhaustive",
+        max_seconds=float(max_s) if max_s else None,
     )
     metrics = KernelMetrics.from_timing(max(outcome.best.median_ms, 1e-9), latency_std_ms=outcome.best.std_ms,
                                         latency_min_ms=outcome.best.min_ms, latency_max_ms=outcome.best.max_ms)

@@ -69,6 +69,8 @@ def tune_operation(
     warmup_runs: int = 5,
     benchmark_runs: int = 50,
     time_budget_ms: float | None = 200.0,
+    strategy: str = "exhaustive",
+    max_seconds: float | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[dict[str, Any], Any], None] | None = None,
 ) -> list[KernelTuning]:
@@ -101,7 +103,8 @@ def tune_operation(
         try:
             outcome = search(call["space"].configs(call["problem"]), make_runner, timer=timer,
                              warmup_runs=warmup_runs, benchmark_runs=benchmark_runs, time_budget_ms=time_budget_ms,
-                             device=device, default_config=default_cfg, progress=progress)
+                             device=device, default_config=default_cfg, strategy=strategy,
+                             max_seconds=max_seconds, progress=progress)
         except TuningError as e:
             results.append(KernelTuning(key["kernel"], key, skipped=str(e)))
             continue

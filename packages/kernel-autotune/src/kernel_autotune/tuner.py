@@ -48,7 +48,10 @@ class TritonAutoTuner:
     argument ``config_arg=config`` when ``config_arg`` is set).
 
     ``timer(fn, config) -> ms`` times one run; the default is CUDA events with L2 flushed on a GPU, the wall
-    clock under the interpreter. ``time_budget_ms`` caps the timed runs per config by time. Results go to
+    clock under the interpreter. ``time_budget_ms`` caps the timed runs per config by time. ``strategy`` is
+    ``"exhaustive"`` (every config) or ``"coordinate"`` (one parameter at a time from the default);
+    ``max_seconds`` bounds a search (the best config found by then wins). ``default`` (a config, or a
+    callable of the problem dict) is the heuristic baseline, always timed too. Results go to
     ``cache_dir`` (default: ``$KERNEL_AUTOTUNE_CACHE_DIR`` or ``~/.cache/triton-ops/autotune``) unless
     ``cache=False``.
     """
@@ -68,6 +71,8 @@ class TritonAutoTuner:
         default: Mapping[str, Any] | Callable[[dict[str, int]], Mapping[str, Any]] | None = None,
         timer: Timer | None = None,
         time_budget_ms: float | None = None,
+        strategy: str = "exhaustive",
+        max_seconds: float | None = None,
         flush_l2: bool = True,
         cache: bool = True,
         cache_dir: Path | str | None = None,
@@ -94,6 +99,8 @@ class TritonAutoTuner:
         self.default = default
         self.timer = timer
         self.time_budget_ms = time_budget_ms
+        self.strategy = strategy
+        self.max_seconds = max_seconds
         self.flush_l2 = flush_l2
         self.cache = cache
         self.cache_dir = cache_dir
@@ -183,7 +190,8 @@ class TritonAutoTuner:
         outcome = search(
             self.config_space.configs(problem), self._runner(args, kwargs), timer=timer,
             warmup_runs=self.warmup_runs, benchmark_runs=self.benchmark_runs, time_budget_ms=self.time_budget_ms,
-            device=device, default_config=self._default_config(problem), progress=progress,
+            device=device, default_config=self._default_config(problem), strategy=self.strategy,
+            max_seconds=self.max_seconds, progress=progress,
         )
         metrics = KernelMetrics.from_timing(
             max(outcome.best.median_ms, 1e-9), bytes_moved=bytes_moved, flops=flops, work_items=work_items,
