@@ -320,7 +320,8 @@ def _gated_case(suite, m, h, i, dtype, activation) -> Case:
         params={"M": m, "hidden": h, "intermediate": i, "activation": activation},
         bytes_moved=(2 * i * h + m * h + m * i) * es, flops=2 * m * h * 2 * i,
         panel="decode (M <= 64): weight streaming" if decode else "prefill: TFLOP/s",
-        x=m, x_label="tokens M", metric="gbps" if decode else "tflops",
+        x=(2 * i * h + m * h + m * i) * es / 2**20 if decode else 2 * m * h * 2 * i / 1e9,
+        x_label="MB moved (weights + x + out)" if decode else "GFLOP per call", metric="gbps" if decode else "tflops",
         cublas="cuBLAS cat-GEMM" if suite.on_gpu else None,
     )
 
@@ -402,7 +403,8 @@ def _fp8_gemm_case(suite, m, n, k, granularity, out_dtype, decode) -> Case:
         bytes_moved=m * k + k * n + m * n * torch.empty((), dtype=out_dtype).element_size(),
         flops=2 * m * n * k,
         panel=("decode: weight streaming (GB/s)" if decode else f"GEMM: TFLOP/s, {granularity} scales"),
-        x=(m if decode else m), x_label="M" if decode else "M = N = K" if m == n == k else "M",
+        x=(m * k + k * n) / 2**20 if decode else 2 * m * n * k / 1e9,
+        x_label="MB of operands (weights + x)" if decode else "GFLOP per call",
         metric="gbps" if decode else "tflops",
         cublas={"triton-ops": "cuBLAS _scaled_mm", "triton-ops fast-accum": "cuBLAS _scaled_mm fast-accum"}
         if suite.on_gpu else None,
@@ -484,6 +486,6 @@ def _fp8_linear_case(suite, m, fin, fout, dtype) -> Case:
         impls=[ours, Impl("bf16 nn.Linear", lambda: lin(x))], tol=FP8_LINEAR_TOL,
         params={"M": m, "in_features": fin, "out_features": fout},
         bytes_moved=fin * fout + m * fin * es + m * fout * es, flops=2 * m * fin * fout,
-        panel="FP8Linear vs bf16 nn.Linear", x=m, x_label="tokens M", metric="tflops",
+        panel="FP8Linear vs bf16 nn.Linear", x=2 * m * fin * fout / 1e9, x_label="GFLOP per call", metric="tflops",
         note="tolerance against the unquantized product: FP8's own error (3-4 % on random data)",
     )
