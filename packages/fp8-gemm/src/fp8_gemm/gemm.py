@@ -7,11 +7,11 @@ split-K kernel for decode (M <= 64), where the weight stream is the whole cost.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import triton
-
 from triton_ops_core.device import is_hopper, is_interpreter, supports_fp8
 from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.validation.fp8_gemm import validate_fp8_gemm_inputs
@@ -39,18 +39,14 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_alloc)
 
 
-def _quantize(t: torch.Tensor, granularity: str, scale: torch.Tensor | None, is_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a non-FP8 operand to E4M3 (the quantization kernels of this package)."""
+def _quantize(t: torch.Tensor, granularity: str, scale: torch.Tensor | None,
+              is_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a non-FP8 operand to E4M3 with this package's quantization kernels (``quantize_fp8``)."""
     from .quantize import quantize_fp8
 
-    if not is_b:
-        return quantize_fp8(t, "e4m3", granularity, scale=scale)
-    # b's per-channel / 128x128 scales are those of the [N, K] weight it is the transpose of: quantize that.
-    gran = {"channel": "row"}.get(granularity, granularity)
-    if scale is not None and granularity == "block":
-        scale = scale.t()
-    q, s = quantize_fp8(t.t(), "e4m3", gran, scale=scale)
-    return q.t(), (s.t() if granularity == "block" else s)
+    if scale is not None and granularity in ("row", "channel"):  # validation allows [M] / [N]: give the 2-D form
+        scale = scale.reshape(-1, 1) if granularity == "row" else scale.reshape(1, -1)
+    return quantize_fp8(t, "e4m3", granularity, scale=scale, role="weight" if is_b else "activation")
 
 
 def _prepare_operand(t: torch.Tensor, scale: torch.Tensor | None, gran: str | None, default: str, is_b: bool):
@@ -92,40 +88,55 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+@functools.lru_cache(maxsize=4096)
+def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: bool, device: torch.device,
+          dtypes: tuple, interp: bool) -> dict[str, Any]:
+    """The launch config of one problem (memoized: the hot path pays for it once per shape)."""
+    blocked = a_mode == 2 or b_mode == 2
+    problem = {"m": m, "n": n, "k": k}
+    name = f"fp8_gemm.{path}.a{a_mode}b{b_mode}.{'fast' if fast else 'faithful'}"
+    if path == "decode":
+        cfg = cfgs.choose(name, problem, dtypes, device,
+                          lambda: cfgs.decode_heuristic(m, n, k, blocked, device, interp),
+                          cfgs.FP8_GEMM_DECODE_CONFIGS)
+    elif path == "tma":
+        cfg = cfgs.choose(name, problem, dtypes, device,
+                          lambda: cfgs.tma_heuristic(m, n, k, blocked, fast, interp), cfgs.FP8_GEMM_CONFIGS)
+    else:
+        cfg = cfgs.choose(name, problem, dtypes, device, lambda: cfgs.ptr_heuristic(m, n, k, interp),
+                          cfgs.FP8_GEMM_PTR_CONFIGS)
+    return _fit_block_k(dict(cfg), blocked)
+
+
 def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None) -> dict[str, Any]:
+    """Pick the kernel and its config, then launch it; returns the path and config used."""
     m, k = a.shape
     n = b.shape[1]
     interp = is_interpreter()
-    blocked = a_mode == 2 or b_mode == 2
     path = path or _pick_path(a, b, out, m)
-    kb = -(-k // 128)
+    blocked = a_mode == 2 or b_mode == 2
+    if config is None:
+        cfg = _plan(path, m, n, k, a_mode, b_mode, bool(fast_accum), a.device, (a.dtype, b.dtype, out.dtype), interp)
+    else:
+        cfg = _fit_block_k(config, blocked)
     nb = -(-n // 128)
+    sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == 2 else (0, 0)
     bias_arg = bias if bias is not None else a_s
-    problem = {"m": m, "n": n, "k": k}
-    name = f"fp8_gemm.{path}.a{a_mode}b{b_mode}.{'fast' if fast_accum else 'faithful'}"
-    dtypes = (a.dtype, b.dtype, out.dtype)
+    common = dict(A_MODE=a_mode, B_MODE=b_mode, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
     if path == "decode":
-        cfg = config or cfgs.choose(name, problem, dtypes, a.device,
-                                    lambda: cfgs.decode_heuristic(m, n, k, blocked, a.device, interp),
-                                    cfgs.FP8_GEMM_DECODE_CONFIGS)
-        cfg = _fit_block_k(cfg, blocked)
         k_tiles = triton.cdiv(k, cfg["BLOCK_K"])
-        split = max(1, min(cfg["SPLIT_K"], k_tiles))
-        per_split = triton.cdiv(k_tiles, split)
+        per_split = triton.cdiv(k_tiles, max(1, min(cfg["SPLIT_K"], k_tiles)))
         split = triton.cdiv(k_tiles, per_split)  # no empty K slices
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-        ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=a.device)
-        cnt = _counters(a.device, grid[0])
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
+        cnt = _counters(a.device, grid[0]) if split > 1 else out
         fp8_gemm_decode_kernel[grid](
             a, b, out, a_s, b_s, bias_arg, ws, cnt, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1), kb, nb, per_split,
-            A_MODE=a_mode, B_MODE=b_mode, HAS_BIAS=bias is not None, ACC=0 if fast_accum else 1,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            out.stride(0), out.stride(1), sa_m, sa_k, nb, per_split,
+            ACC=0 if fast_accum else 1, SPLIT_K=split, **common)
     elif path == "tma":
-        cfg = config or cfgs.choose(name, problem, dtypes, a.device,
-                                    lambda: cfgs.tma_heuristic(m, n, k, blocked, interp), cfgs.FP8_GEMM_CONFIGS)
-        cfg = _fit_block_k(cfg, blocked)
         if not interp:
             _ensure_allocator()
         kmajor, lead = _b_layout(b)
@@ -134,26 +145,24 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
             # tenth of the speed. One copy of b (K*N bytes) is far cheaper for M > 64.
             b = b.t().contiguous().t()
             kmajor, lead = True, b.stride(1)
+        if a_mode == 2 and cfg.get("A_SCALE_T", True):
+            # [M, K/128] scales read per K block as a column: store them K-block-major so that read is contiguous.
+            a_s = a_s.t().contiguous()
+            sa_m, sa_k = 1, a_s.stride(0)
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         progs = min(tiles, cfgs.num_sms(a.device)) if cfg["PERSISTENT"] else tiles
         fp8_gemm_tma_kernel[(progs,)](
-            a, b, out, a_s, b_s, bias_arg, m, n, k, a.stride(0), lead, out.stride(0), kb, nb, progs,
-            A_MODE=a_mode, B_MODE=b_mode, B_KMAJOR=kmajor, HAS_BIAS=bias is not None,
-            ACC=0 if fast_accum else cfg["FAITHFUL_ACC"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], FLATTEN=bool(cfg.get("FLATTEN", False)),
-            WARP_SPEC=bool(cfg.get("WARP_SPEC", False)), PROMOTE_K=cfg.get("PROMOTE_K", cfg["BLOCK_K"]),
-            EPI_SUBTILE=bool(cfg.get("EPI_SUBTILE", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            a, b, out, a_s, b_s, bias_arg, m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, progs,
+            B_KMAJOR=kmajor, ACC=0 if fast_accum else cfg["FAITHFUL_ACC"], GROUP_M=cfg["GROUP_M"],
+            FLATTEN=bool(cfg.get("FLATTEN", False)), WARP_SPEC=bool(cfg.get("WARP_SPEC", False)),
+            PROMOTE_K=cfg.get("PROMOTE_K", cfg["BLOCK_K"]), EPI_SUBTILE=bool(cfg.get("EPI_SUBTILE", False)),
+            **common)
     else:
-        cfg = config or cfgs.choose(name, problem, dtypes, a.device,
-                                    lambda: cfgs.ptr_heuristic(m, n, k, interp), cfgs.FP8_GEMM_PTR_CONFIGS)
-        cfg = _fit_block_k(cfg, blocked)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         fp8_gemm_ptr_kernel[grid](
             a, b, out, a_s, b_s, bias_arg, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1), kb, nb,
-            A_MODE=a_mode, B_MODE=b_mode, HAS_BIAS=bias is not None, ACC=0 if fast_accum else 1,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            out.stride(0), out.stride(1), sa_m, sa_k, nb,
+            ACC=0 if fast_accum else 1, GROUP_M=cfg["GROUP_M"], **common)
     return {"path": path, **cfg}
 
 

@@ -28,8 +28,10 @@ _SMEM_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block
 
 def _tma_fits(cfg: dict[str, Any], problem: Any) -> bool:
     stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_N"] * cfg["BLOCK_K"]  # FP8: one byte each
-    epilogue = cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4
-    return stage * cfg["num_stages"] + epilogue <= _SMEM_BYTES and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 256
+    epilogue = cfg["BLOCK_M"] * cfg["BLOCK_N"] * 2 // (2 if cfg["EPI_SUBTILE"] else 1)  # 16-bit output
+    fits = stage * cfg["num_stages"] + epilogue <= _SMEM_BYTES
+    # the fp32 accumulator: at most 128 registers a thread
+    return fits and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 32 * cfg["num_warps"]
 
 
 def _decode_fits(cfg: dict[str, Any], problem: Any) -> bool:
@@ -37,13 +39,15 @@ def _decode_fits(cfg: dict[str, Any], problem: Any) -> bool:
 
 
 _TMA_PARAMS = {
-    "BLOCK_M": [64, 128],
+    "BLOCK_M": [64, 128, 256],
     "BLOCK_N": [64, 128, 256],
     "BLOCK_K": [64, 128],
-    "GROUP_M": [8],
+    "GROUP_M": [8, 16],
     "num_warps": [4, 8],
     "num_stages": [2, 3, 4, 5],
     "PERSISTENT": [True, False],
+    "FLATTEN": [True, False],
+    "EPI_SUBTILE": [False, True],
     "FAITHFUL_ACC": [1, 2],
 }
 _PTR_PARAMS = {
@@ -84,14 +88,27 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tma_heuristic(m: int, n: int, k: int, blocked: bool, interpreter: bool) -> dict[str, Any]:
-    """Tiles for the tensor-descriptor kernel: 128x256x128 (8 warps, 3 stages) for large problems."""
+def tma_heuristic(m: int, n: int, k: int, blocked: bool, fast: bool, interpreter: bool) -> dict[str, Any]:
+    """Tiles for the tensor-descriptor kernel, from the H100 measurements (docs/fp8-gemm-kernel.md).
+
+    Fast accumulation: 128x256x128, 3 stages, persistent. Faithful: 256x128x128 with promotion through
+    ``max_num_imprecise_acc`` (each warpgroup then holds two 64-row partial sums, and the promotion of one
+    overlaps the tensor-core work of the other), 4 stages with a split epilogue store.
+    """
     if interpreter:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 2,
-                "PERSISTENT": True, "FAITHFUL_ACC": 1}
-    block_n = 256 if n >= 2048 and m >= 128 else 128
-    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
-            "num_stages": 3 if block_n == 256 else 4, "PERSISTENT": False, "FAITHFUL_ACC": 1}
+                "PERSISTENT": True, "FLATTEN": False, "EPI_SUBTILE": False, "FAITHFUL_ACC": 1}
+    if blocked:
+        cfg = (128, 128, 4, True, 1)
+    elif fast:
+        cfg = (128, 256, 3, False, 1)
+    else:
+        cfg = (256, 128, 4, True, 2)
+    bm, bn, stages, sub, acc = cfg
+    if -(-m // bm) * -(-n // bn) < 2 * 132 // 3:  # too few tiles for the SMs: smaller tiles
+        bm, bn, stages, sub = 128, 128, 4, False
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": stages,
+            "PERSISTENT": True, "FLATTEN": True, "EPI_SUBTILE": sub, "FAITHFUL_ACC": acc}
 
 
 def ptr_heuristic(m: int, n: int, k: int, interpreter: bool) -> dict[str, Any]:
@@ -106,14 +123,21 @@ def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device
     if interpreter:
         return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
     small = block_m <= 16
-    # Measured on the H100 (M = 1..64, N, K in {4096, 11264}): narrow column blocks keep every SM streaming
-    # for M <= 16; from M = 32 on the activation re-reads favour 64 columns and long K tiles.
-    block_n, block_k, stages = (32, 256, 4) if small else (64, 512, 3)
-    n_blocks = -(-n // block_n)
+    # Measured on the H100 (M = 1..64, N, K in {4096, 11264}, CUDA-graph timed, weights rotated past L2).
+    # M <= 16: 32 columns a program keep every SM streaming; split K in two when that leaves too few programs.
+    # M = 17..64: the activation is re-read by every program, so wider column blocks once N gives enough of
+    # them; else 32 columns, or 64 with K split in two when K is long.
     split = 1
-    if k >= 8192 and n_blocks < (2 if small else 1) * num_sms(device):
-        split = 2
-        block_k = 256
+    if small:
+        block_n, block_k, stages = 32, 256, 4
+        if k >= 8192 and -(-n // block_n) < 2 * num_sms(device):
+            split = 2
+    elif -(-n // 64) >= num_sms(device):
+        block_n, block_k, stages = 64, 128, 6
+    elif k >= 8192:
+        block_n, block_k, stages, split = 64, 256, 4, 2
+    else:
+        block_n, block_k, stages = 32, 256, 4
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
             "num_stages": stages}
 

@@ -30,12 +30,12 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block_scaled(p, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, KB, NB,
+def _block_scaled(p, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
                   A_MODE: tl.constexpr, B_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
     # Scale the partial product of K block ``kb`` by the block-scaled operands' factors, row vector and column
     # vector separately (an outer-product tile would cost a second accumulator's worth of registers).
     if A_MODE == 2:
-        p = p * tl.load(as_ptr + offs_m * KB + kb, mask=offs_m < M, other=0.0)[:, None]
+        p = p * tl.load(as_ptr + offs_m * SA_M + kb * SA_K, mask=offs_m < M, other=0.0)[:, None]
     if B_MODE == 2:
         if 128 % BLOCK_N == 0:  # the tile lies inside one 128-wide scale block: one scalar
             p = p * tl.load(bs_ptr + kb * NB + (pid_n * BLOCK_N) // 128)
@@ -66,11 +66,11 @@ def _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N,
 
 
 @triton.jit
-def _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, KB, NB,
+def _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
                 A_MODE: tl.constexpr, B_MODE: tl.constexpr, ACC: tl.constexpr, PROMOTE_K: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     if (A_MODE == 2) or (B_MODE == 2):
-        acc += _block_scaled(tl.dot(a, b), as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, KB, NB,
+        acc += _block_scaled(tl.dot(a, b), as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
                              A_MODE, B_MODE, BLOCK_N)
     elif ACC == 0:
         acc = tl.dot(a, b, acc)
@@ -84,7 +84,7 @@ def _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, KB, 
 @triton.jit
 def fp8_gemm_tma_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
-    M, N, K, stride_am, stride_b, stride_cm, KB, NB, num_progs,
+    M, N, K, stride_am, stride_b, stride_cm, SA_M, SA_K, NB, num_progs,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, PROMOTE_K: tl.constexpr,
@@ -123,7 +123,7 @@ def fp8_gemm_tma_kernel(
                 b = b_desc.load([off_n, off_k]).T
             else:
                 b = b_desc.load([off_k, off_n])
-            acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, off_k // 128, pid_n, M, N, KB, NB,
+            acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, off_k // 128, pid_n, M, N, SA_M, SA_K, NB,
                               A_MODE, B_MODE, ACC, PROMOTE_K, BLOCK_N)
         acc = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
         if EPI_SUBTILE:
@@ -137,7 +137,7 @@ def fp8_gemm_tma_kernel(
 @triton.jit
 def fp8_gemm_ptr_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
-    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, KB, NB,
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, SA_M, SA_K, NB,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -155,7 +155,7 @@ def fp8_gemm_ptr_kernel(
         k_left = K - ki * BLOCK_K
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, KB, NB,
+        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, SA_M, SA_K, NB,
                           A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -167,7 +167,7 @@ def fp8_gemm_ptr_kernel(
 @triton.jit
 def fp8_gemm_decode_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, KB, NB, tiles_per_split,
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, SA_M, SA_K, NB, tiles_per_split,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -192,7 +192,7 @@ def fp8_gemm_decode_kernel(
         k_left = K - ki * BLOCK_K
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, KB, NB,
+        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, SA_M, SA_K, NB,
                           A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
