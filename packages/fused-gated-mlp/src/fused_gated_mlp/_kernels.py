@@ -87,7 +87,7 @@ def _gated_mlp_decode_kernel(
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights."""
     pid_n = tl.program_id(0)
@@ -146,26 +146,36 @@ def _gated_mlp_decode_kernel(
                   ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
     else:
         # Partial sums meet in the fp32 workspace [2, M, N]; the program that arrives last for this tile
-        # (the semaphore counts arrivals) reads the totals, resetting them to zero for the next call.
+        # (the semaphore counts arrivals) reads the totals and resets them to zero for the next call.
         mask = mask_m[:, None] & mask_n[None, :]
         ws_g = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         ws_u = ws_g + M.to(tl.int64) * N
         tl.atomic_add(ws_g, acc_g, mask=mask, sem="relaxed")
         tl.atomic_add(ws_u, acc_u, mask=mask, sem="relaxed")
-        # Every thread's partial sums are issued before the arrival is published (release).
+        # Classic threadfence reduction: every thread waits until its own partial sums are performed at GPU
+        # scope (membar.gl), then one thread counts the arrival. A barrier alone does not wait for in-flight
+        # atomics (wrong sums were seen on an H100 with 32- and 64-row tiles without the fence).
+        one = 1
+        if not INTERPRET:  # the interpreter runs programs one after another: nothing to order there
+            fenced = tl.inline_asm_elementwise("membar.gl;\n\tmov.u32 $0, 0;", "=r,r",
+                                               [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                                               pack=1)
+            one = 1 + tl.sum(fenced, axis=0)  # the asm's 0, unknown to the compiler: keeps the fence in place
         tl.debug_barrier()
         lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+        arrived = tl.atomic_add(lock, one, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            # .cg reads L2, where the atomics landed (never a stale L1 line).
-            acc_g = tl.load(ws_g, mask=mask, other=0.0, cache_modifier=".cg")
-            acc_u = tl.load(ws_u, mask=mask, other=0.0, cache_modifier=".cg")
+            # Read the totals with atomics too: they are served by L2, where the sums live.
             zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_g = tl.atomic_add(ws_g, zeros, mask=mask, sem="relaxed")
+            acc_u = tl.atomic_add(ws_u, zeros, mask=mask, sem="relaxed")
+            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                      ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+            # The epilogue consumed every read; only then clear the tile for the next call.
+            tl.debug_barrier()
             tl.store(ws_g, zeros, mask=mask)
             tl.store(ws_u, zeros, mask=mask)
             tl.atomic_xchg(lock, 0, sem="relaxed")
-            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
-                      ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -137,7 +137,8 @@ def gated_mlp_forward(
         K._gated_mlp_decode_kernel[(grid_n, split_k, grid_m)](
             x2d, gate_weight, up_weight, bg, bu, out, ws, lock,
             M, N, K_dim, *strides, float(alpha), float(limit),
-            SPLIT_K=split_k, EVEN_K=even_k, NUM_STAGES=cfg["num_stages"], USE_TMA=use_tma, **common,
+            SPLIT_K=split_k, EVEN_K=even_k, NUM_STAGES=cfg["num_stages"], USE_TMA=use_tma,
+            INTERPRET=x2d.device.type == "cpu", **common,
         )
         return out
     if not use_tma and config is None and x2d.element_size() == 2:
