@@ -32,6 +32,11 @@ def test_report_from_recorded_results(recorded_json) -> None:
     # GEMM: % of cuBLAS per accumulation mode, speedups only against the matching baselines
     fast = next(line for line in md.splitlines() if "| triton-ops fast-accum | ok" in line)
     assert "98.8 %" in fast and "840.0 us (0.99x)" in fast and "870.0 us |" in fast
+    assert "% of datasheet peak" in md and "65.4 %" in fast  # 1293.5 TFLOP/s of the H100's dense 1979
+    # an attached accuracy table, rendered under its group
+    assert "### FP8 GEMM accuracy" in md
+    assert "| tensor x tensor | 16384 | 1.30e-04 | 3.10e-03 | 1.30e-04 | 3.10e-03 |" in md
+    assert "| block 1x128 x 128x128 | 16384 | 1.20e-04 | 1.20e-04 | - | - |" in md
 
 
 def test_summary_counts_failures(recorded_json) -> None:

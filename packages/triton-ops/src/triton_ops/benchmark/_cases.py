@@ -322,7 +322,7 @@ def _gated_case(suite, m, h, i, dtype, activation) -> Case:
         panel="decode (M <= 64): weight streaming" if decode else "prefill: TFLOP/s",
         x=(2 * i * h + m * h + m * i) * es / 2**20 if decode else 2 * m * h * 2 * i / 1e9,
         x_label="MB moved (weights + x + out)" if decode else "GFLOP per call", metric="gbps" if decode else "tflops",
-        cublas="cuBLAS cat-GEMM" if suite.on_gpu else None,
+        cublas="cuBLAS cat-GEMM" if suite.on_gpu else None, compute_dtype="bf16",
     )
 
 
@@ -408,7 +408,7 @@ def _fp8_gemm_case(suite, m, n, k, granularity, out_dtype, decode) -> Case:
         metric="gbps" if decode else "tflops",
         cublas={"triton-ops": "cuBLAS _scaled_mm", "triton-ops fast-accum": "cuBLAS _scaled_mm fast-accum"}
         if suite.on_gpu else None,
-        speedup_pairs=pairs,
+        speedup_pairs=pairs, compute_dtype="fp8",
     )
 
 
@@ -487,5 +487,84 @@ def _fp8_linear_case(suite, m, fin, fout, dtype) -> Case:
         params={"M": m, "in_features": fin, "out_features": fout},
         bytes_moved=fin * fout + m * fin * es + m * fout * es, flops=2 * m * fin * fout,
         panel="FP8Linear vs bf16 nn.Linear", x=2 * m * fin * fout / 1e9, x_label="GFLOP per call", metric="tflops",
+        compute_dtype="fp8",
         note="tolerance against the unquantized product: FP8's own error (3-4 % on random data)",
     )
+
+
+# --------------------------------------------------------------------------- FP8 accuracy (no timing)
+
+_GRANULARITY_PAIRS = [("tensor", "tensor", "tensor x tensor"), ("row", "channel", "row x channel"),
+                      ("block", "block", "block 1x128 x 128x128")]
+
+
+def fp8_accuracy_tables(suite: BenchmarkSuite, m: int, n: int, ks: Sequence[int]) -> list[dict[str, Any]]:
+    """The GEMM's own error (fp32 output, against the float64 product of the same FP8 operands) per scale
+    granularity and K, and quantization SQNR per granularity (the package's ``sqnr_report``)."""
+    from fp8_gemm import fp8_gemm, quantize_fp8
+    from fp8_gemm.reference import fp8_matmul_reference
+
+    dev = _device(suite)
+    rows = []
+    for k in ks:
+        a16 = _randn((m, k), torch.bfloat16, dev)
+        b16 = _randn((k, n), torch.bfloat16, dev, scale=k ** -0.5)
+        for ga, gb, label in _GRANULARITY_PAIRS:
+            a8, sa = quantize_fp8(a16, "e4m3", ga)
+            b8, sb = quantize_fp8(b16, "e4m3", gb, role="weight")
+            ref64 = fp8_matmul_reference(a8, b8, sa, sb)
+            row: list[Any] = [label, k]
+            for fast in (False, True):
+                row.append(_try_error(ref64, fp8_gemm, a8, b8, a_scale=sa, b_scale=sb, out_dtype=torch.float32,
+                                      fast_accum=fast))
+            if suite.on_gpu and ga != "block":
+                b_cm = b8.t().contiguous().t()  # cuBLAS wants b column-major
+                sa_c = sa.reshape(1).float() if ga == "tensor" else sa.reshape(m, 1).float()
+                sb_c = sb.reshape(1).float() if gb == "tensor" else sb.reshape(1, n).float()
+                # cuBLAS's row-wise scaling produces bf16 only: its figure then includes bf16 rounding.
+                out_dtype = torch.float32 if ga == "tensor" else torch.bfloat16
+                for fast in (False, True):
+                    row.append(_try_error(ref64, torch._scaled_mm, a8, b_cm, scale_a=sa_c, scale_b=sb_c,
+                                          out_dtype=out_dtype, use_fast_accum=fast))
+            else:
+                row += [None, None]
+            rows.append(row)
+        del a16, b16
+    tables = [{
+        "group": "fp8-gemm",
+        "title": f"FP8 GEMM accuracy: the kernel's own error ({m} x {n} x K, fp32 output)",
+        "note": "relative Frobenius error against the float64 product of the same dequantized FP8 operands (so only "
+                "accumulation and output rounding count); cuBLAS's row-wise scaling outputs bf16 only (its column "
+                "then includes bf16 rounding, ~3e-3); block scales have no cuBLAS counterpart in torch"
+                + ("" if suite.on_gpu else "; under the interpreter accumulation is exact, so only a GPU run can "
+                   "show the difference between the modes"),
+        "columns": ["scales (a x b)", "K", "triton-ops (faithful)", "triton-ops fast-accum", "cuBLAS _scaled_mm",
+                    "cuBLAS fast-accum"],
+        "rows": rows,
+    }]
+    try:
+        from fp8_gemm import sqnr_report
+
+        sq = sqnr_report(256, 1024, device=dev)
+        tables.append({
+            "group": "fp8-gemm",
+            "title": "Quantization accuracy: SQNR per granularity (E4M3, 256 x 1024)",
+            "note": "SQNR of dequantize(quantize(x)) in dB on Gaussian data and on activations whose 4 outlier "
+                    "columns are 100x larger; noise ratio = outlier-case relative error / normal-case (1.0: the "
+                    "outliers cost nothing), on all values and on the ordinary columns alone",
+            "columns": ["granularity", "SQNR normal (dB)", "SQNR outliers (dB)", "SQNR outliers, ordinary columns (dB)",
+                        "noise ratio", "noise ratio, ordinary columns"],
+            "rows": [[r["granularity"], r["sqnr_db"], r["sqnr_outliers_db"], r["sqnr_outliers_inliers_db"],
+                      r["noise_ratio"], r["inlier_noise_ratio"]] for r in sq],
+        })
+    except Exception as exc:  # an older fp8-gemm without the accuracy helpers
+        tables.append({"group": "fp8-gemm", "title": "Quantization accuracy", "note": f"not available: {exc}",
+                       "columns": ["-"], "rows": []})
+    return tables
+
+
+def _try_error(ref: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> float | str:
+    try:
+        return relative_error(fn(*args, **kwargs), ref)
+    except Exception as exc:
+        return f"{type(exc).__name__}"

@@ -71,6 +71,7 @@ class Case:
     metric: str = "gbps"  # what the plot shows: "gbps" (memory-bound) or "tflops"
     cublas: str | dict[str, str] | None = None  # what "% of cuBLAS" divides by (per ours implementation)
     speedup_pairs: dict[str, Sequence[str]] | None = None  # ours name -> baselines it is compared with
+    compute_dtype: str | None = None  # "fp8" or "bf16": the datasheet peak "% of datasheet" divides by
     note: str = ""
 
 
@@ -137,6 +138,7 @@ class ImplResult:
     pct_peak: float | None = None
     tflops: float | None = None
     pct_cublas: float | None = None
+    pct_datasheet: float | None = None
     peak_mem_bytes: int | None = None
     first_call_s: float | None = None
     note: str = ""
@@ -176,6 +178,7 @@ class CaseResult:
     metric: str = "gbps"
     cublas: str | dict[str, str] | None = None
     speedup_pairs: dict[str, list[str]] | None = None
+    compute_dtype: str | None = None
     note: str = ""
     impls: list[ImplResult] = field(default_factory=list)
 

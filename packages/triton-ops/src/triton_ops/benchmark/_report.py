@@ -96,6 +96,7 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
     show_gbps = metric == "gbps" or not any(c.flops for c in cases)
     show_tflops = metric == "tflops"
     show_cublas = any(r.pct_cublas is not None for c in cases for r in c.ours)
+    show_datasheet = any(r.pct_datasheet is not None for c in cases for r in c.ours)
     show_graph = any(r.graph_ms is not None for c in cases for r in c.impls)
     show_mem = any(r.peak_mem_bytes is not None for c in cases for r in c.impls)
     head = ["case", "dtype"] + (["impl"] if multi else []) + ["check (rel. err)", "time (IQR)"]
@@ -105,6 +106,8 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
         head += ["TFLOP/s"]
     if show_cublas:
         head += ["% of cuBLAS"]
+    if show_datasheet:
+        head += ["% of datasheet peak"]
     if show_graph:
         head += ["CUDA graph", "host time per call"]
     if show_mem:
@@ -121,6 +124,8 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
                 row += [_num(o.tflops, 1)]
             if show_cublas:
                 row += [_num(o.pct_cublas, 1, " %")]
+            if show_datasheet:
+                row += [_num(o.pct_datasheet, 1, " %")]
             if show_graph:
                 row += [fmt_time(o.graph_ms), fmt_time(o.host_ms)]
             if show_mem:
@@ -153,6 +158,28 @@ def all_measurements_table(cases: Sequence[CaseResult], timed: bool) -> list[str
             row += [note.replace("|", "/")[:160] or "-"]
             lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def extra_table(table: dict[str, Any]) -> list[str]:
+    """An accuracy study or other table the suite attached to a group."""
+    out = [f"### {table['title']}", ""]
+    if table.get("note"):
+        out += [f"_{table['note']}_", ""]
+    cols = table["columns"]
+    out += ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for row in table["rows"]:
+        out.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return out + [""]
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "NaN" if math.isnan(v) else "inf"
+        return f"{v:.2e}" if abs(v) < 0.01 and v != 0 else f"{v:.2f}"
+    return str(v)
 
 
 def headline_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
@@ -269,7 +296,8 @@ def environment_lines(env: dict[str, Any], peak_copy_gbps: float | None, timing_
 
 
 def render_markdown(results: Sequence[CaseResult], *, environment: dict[str, Any], peak_copy_gbps: float | None,
-                    timing_note: str | None, title: str | None = None, plots: dict[str, str] | None = None) -> str:
+                    timing_note: str | None, title: str | None = None, plots: dict[str, str] | None = None,
+                    tables: Sequence[dict[str, Any]] = ()) -> str:
     groups = list(dict.fromkeys(r.group for r in results))
     if title is None:
         title = (GROUP_TITLES.get(groups[0], groups[0]) if len(groups) == 1 else "triton-ops benchmarks") + \
@@ -291,6 +319,9 @@ def render_markdown(results: Sequence[CaseResult], *, environment: dict[str, Any
                 out += [*panel_table(cases), ""]
             else:
                 out += [*all_measurements_table(cases, timed=False), ""]
+        for table in tables:
+            if table.get("group") == group:
+                out += extra_table(table)
         if timed:
             out += ["<details><summary>Every measurement</summary>", "",
                     *all_measurements_table(gres, timed=True), "", "</details>", ""]

@@ -16,7 +16,7 @@ from triton_ops_core.device import has_gpu, is_interpreter
 
 from . import _cases
 from ._compare import relative_error
-from ._env import collect_environment, device_tag
+from ._env import collect_environment, datasheet_tflops, device_tag
 from ._model import ERROR, FAIL, NA, OK, SKIPPED, Case, CaseResult, ImplResult, Timing
 from ._report import render_markdown, summary_lines
 
@@ -70,6 +70,8 @@ class BenchmarkSuite:
         self.time_budget_s = time_budget_s
         self.compile_budget = _cases.CompileBudget(compile_budget_s)
         self.results: list[CaseResult] = []
+        # Extra tables (accuracy studies): {"group", "title", "note", "columns", "rows"}, rendered after a group.
+        self.tables: list[dict[str, Any]] = []
         self.environment: dict[str, Any] = {}
         self.peak_copy_gbps: float | None = None
         self._started = time.monotonic()
@@ -149,6 +151,13 @@ class BenchmarkSuite:
         """``FP8Linear`` (activation quantization + FP8 GEMM) against bf16 ``nn.Linear``."""
         return self.run(_cases.fp8_linear_cases(self, batch_sizes, in_features, out_features, dtype), "fp8-linear")
 
+    def benchmark_fp8_accuracy(self, m: int = 1024, n: int = 1024, ks: Sequence[int] = (4096, 16384)) -> None:
+        """Accuracy tables of the FP8 path (no timing): the GEMM's own error with fp32 output, per scale
+        granularity and K, for both accumulation modes and cuBLAS; and quantization SQNR per granularity on
+        normal data and on activations with outlier channels."""
+        self._ensure_environment()
+        self.tables.extend(_cases.fp8_accuracy_tables(self, m, n, ks))
+
     # ------------------------------------------------------------------ engine
 
     def run(self, factories: Iterable[CaseFactory], label: str = "cases") -> list[CaseResult]:
@@ -204,7 +213,7 @@ class BenchmarkSuite:
         result = CaseResult(
             group=case.group, name=case.name, dtype=case.dtype, tol=case.tol, params=dict(case.params),
             bytes_moved=case.bytes_moved, flops=case.flops, panel=case.panel, x=case.x, x_label=case.x_label,
-            metric=case.metric, cublas=case.cublas, note=case.note,
+            metric=case.metric, cublas=case.cublas, note=case.note, compute_dtype=case.compute_dtype,
             speedup_pairs={k: list(v) for k, v in case.speedup_pairs.items()} if case.speedup_pairs else None,
         )
         try:
@@ -284,6 +293,9 @@ class BenchmarkSuite:
                     r.pct_peak = 100 * r.gbps / self.peak_copy_gbps
             if result.flops:
                 r.tflops = result.flops / seconds / 1e12
+                peak = datasheet_tflops(self.environment.get("device", ""), result.compute_dtype)
+                if peak:
+                    r.pct_datasheet = 100 * r.tflops / peak
             if cublas is not None and cublas.timing is not None:
                 r.pct_cublas = 100 * cublas.timing.median_ms / r.timing.median_ms
 
@@ -302,12 +314,14 @@ class BenchmarkSuite:
             "timing": self.timing_note if self.measure else "not timed (no GPU): correctness only",
             "settings": {"warmup_runs": self.warmup_runs, "benchmark_runs": self.benchmark_runs},
             "results": [r.to_dict() for r in self.results],
+            "tables": self.tables,
         }
 
     def save_json(self, path: str | os.PathLike, groups: Sequence[str] | None = None) -> Path:
         data = self.to_dict()
         if groups is not None:
             data["results"] = [r for r in data["results"] if r["group"] in groups]
+            data["tables"] = [t for t in data["tables"] if t["group"] in groups]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
@@ -323,14 +337,17 @@ class BenchmarkSuite:
         suite.peak_copy_gbps = data.get("peak_copy_gbps")
         suite.timing_note = data.get("timing", suite.timing_note)
         suite.results = [CaseResult.from_dict(r) for r in data.get("results", [])]
+        suite.tables = list(data.get("tables", []))
         return suite
 
     def generate_report(self, groups: Sequence[str] | None = None, *, title: str | None = None,
                         plots: dict[str, str] | None = None) -> str:
         """The Markdown report: environment, summary, one table per panel, every measurement."""
         results = [r for r in self.results if groups is None or r.group in groups]
+        tables = [t for t in self.tables if groups is None or t["group"] in groups]
         return render_markdown(results, environment=self.environment, peak_copy_gbps=self.peak_copy_gbps,
-                               timing_note=self.timing_note if self.measure else None, title=title, plots=plots)
+                               timing_note=self.timing_note if self.measure else None, title=title, plots=plots,
+                               tables=tables)
 
     def save_report(self, path: str | os.PathLike, groups: Sequence[str] | None = None, *,
                     title: str | None = None, plot: bool = True) -> dict[str, Path]:
