@@ -104,125 +104,123 @@ def accuracy_vs_k():
 
 
 TOP: set = set()
-def V(name, bm, bn, bk, w, st, pers=False, flat=False, ws=False, promote=None, sub=False, modes=("fast", "acc1", "acc2")):
-    return (name, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": st,
-                   "PERSISTENT": pers, "FLATTEN": flat, "WARP_SPEC": ws, "PROMOTE_K": promote or bk,
-                   "EPI_SUBTILE": sub}, modes)
+def V(name, bm, bn, bk, w, st, pers=False, flat=False, sub=False, acc=2, ctas=1, group=8, a_t=True):
+    return (name, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": w, "num_stages": st,
+                   "PERSISTENT": pers, "FLATTEN": flat, "EPI_SUBTILE": sub, "FAITHFUL_ACC": acc,
+                   "CTAS_PER_SM": ctas, "A_SCALE_T": a_t})
 
 
-TMA_VARIANTS = [
-    V("128x256x128 s3 pers flat", 128, 256, 128, 8, 3, True, True),
-    V("128x256x128 s4 pers flat sub", 128, 256, 128, 8, 4, True, True, sub=True),
-    V("128x256x128 s4 sub", 128, 256, 128, 8, 4, sub=True),
-    V("128x256x128 s4 pers flat sub ws", 128, 256, 128, 8, 4, True, True, True, sub=True, modes=("fast", "acc2")),
+FAITHFUL_VARIANTS = [
     V("256x128x128 s3 pers flat", 256, 128, 128, 8, 3, True, True),
-    V("256x128x128 s4 pers flat sub", 256, 128, 128, 8, 4, True, True, sub=True),
-    V("128x256x256 s2 P128", 128, 256, 256, 8, 2, promote=128, modes=("acc1", "acc2")),
-    V("128x256x256 s2 sub P128", 128, 256, 256, 8, 2, True, True, promote=128, sub=True, modes=("acc1", "acc2")),
-    V("128x128x256 s3 pers flat P128", 128, 128, 256, 8, 3, True, True, promote=128, modes=("acc1", "acc2")),
-    V("128x256x128 s3 pers flat G16", 128, 256, 128, 8, 3, True, True, modes=("fast", "acc2")),
+    V("256x128x128 s4 sub", 256, 128, 128, 8, 4, sub=True),
+    V("256x128x128 s4 pers flat sub G16", 256, 128, 128, 8, 4, True, True, True, group=16),
+    V("128x128x128 w4 s3 sub 2cta", 128, 128, 128, 4, 3, sub=True),
+    V("128x128x128 w4 s3 pers flat sub 2cta", 128, 128, 128, 4, 3, True, True, True, ctas=2),
+    V("128x256x128 s4 pers flat sub", 128, 256, 128, 8, 4, True, True, True),
 ]
+FAST_VARIANTS = [
+    V("128x256x128 s4 pers flat sub", 128, 256, 128, 8, 4, True, True, True),
+    V("128x256x128 s3 pers flat G16", 128, 256, 128, 8, 3, True, True, group=16),
+]
+BLOCK_VARIANTS = [
+    V("128x128x128 s4 pers flat (a scales [M,KB])", 128, 128, 128, 8, 4, True, True, a_t=False),
+    V("128x128x128 w4 s3 sub 2cta", 128, 128, 128, 4, 3, sub=True),
+    V("256x128x128 s3 pers flat sub", 256, 128, 128, 8, 3, True, True, True),
+    V("128x256x128 s3 pers flat", 128, 256, 128, 8, 3, True, True),
+    V("128x128x128 s3 pers flat", 128, 128, 128, 8, 3, True, True),
+]
+
+
+def baselines(a_q, a_s, b_q, w_s, m, n, k, full=True):
+    base = {}
+    for fast in (False, True):
+        ms = bench(lambda: torch._scaled_mm(a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16,
+                                            use_fast_accum=fast))
+        base["cublas_fast" if fast else "cublas"] = tflops(m, n, k, ms)
+    if full:
+        sa_row = a_s.expand(m, 1).contiguous()
+        sb_col = w_s.expand(1, n).contiguous()
+        ms = bench(lambda: torch._scaled_mm(a_q, b_q, scale_a=sa_row, scale_b=sb_col, out_dtype=torch.bfloat16))
+        base["cublas_rowwise"] = tflops(m, n, k, ms)
+        a_bf, b_bf = (a_q.float() * a_s).bfloat16(), (b_q.float() * w_s).bfloat16()
+        base["bf16_matmul"] = tflops(m, n, k, bench(lambda: a_bf @ b_bf))
+    return base
 
 
 def large():
     out_rows = []
+    best = {}
     for size in (4096, 8192):
         m = n = k = size
         a_q, a_s, w_q, w_s = operands(m, n, k, seed=size)
         b_q = w_q.t()
-        a_bf, b_bf = (a_q.float() * a_s).bfloat16(), (b_q.float() * w_s).bfloat16()
-        base = {}
-        for fast in (False, True):
-            ms = bench(lambda: torch._scaled_mm(a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16,
-                                                use_fast_accum=fast))
-            base["cublas_fast" if fast else "cublas"] = tflops(m, n, k, ms)
-        sa_row = a_s.expand(m, 1).contiguous()
-        sb_col = w_s.expand(1, n).contiguous()
-        try:
-            ms = bench(lambda: torch._scaled_mm(a_q, b_q, scale_a=sa_row, scale_b=sb_col, out_dtype=torch.bfloat16))
-            base["cublas_rowwise"] = tflops(m, n, k, ms)
-        except Exception as e:  # noqa: BLE001
-            base["cublas_rowwise"] = f"ERR {e}"[:60]
-        base["bf16_matmul"] = tflops(m, n, k, bench(lambda: a_bf @ b_bf))
-        ref = torch._scaled_mm(a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16).float()
-        log(f"{size}^3 baselines TFLOP/s:", {kk: (round(v) if isinstance(v, float) else v) for kk, v in base.items()})
-        row = {"size": size, **base, "variants": {}}
-        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        s1a, s1b = a_s.reshape(1), w_s.reshape(1)
-        for name, base_cfg, modes in TMA_VARIANTS:
-            if time.time() - T0 > BUDGET_S * 0.6:
-                log("time budget: skipping", name)
-                continue
-            for mode in modes:
-                if size == 8192 and f"{name} {mode}" not in TOP:
-                    continue
-                cfg = {**base_cfg, "FAITHFUL_ACC": 2 if mode == "acc2" else 1}
-                if name.endswith("G16"):
-                    cfg["GROUP_M"] = 16
-                fn = lambda: _launch(a_q, b_q, out, s1a, s1b, None, 0, 0, mode == "fast", "tma", cfg)  # noqa: E731
-                try:
-                    t = time.time()
-                    fn()
-                    torch.cuda.synchronize()
-                    err = rel(out.float(), ref.double()) if size == 4096 else float("nan")
-                    ms = bench(fn)
-                    res = tflops(m, n, k, ms)
-                    ref_base = base["cublas_fast"] if mode == "fast" else base["cublas"]
-                    log(f"  {size} {name:30s} {mode:5s} {res:7.0f} TFLOP/s {res / ref_base:5.2f}x  "
-                        f"err-vs-cublas {err:.1e} ({time.time() - t:.1f}s)")
-                    row["variants"][f"{name} {mode}"] = res
-                except Exception as e:  # noqa: BLE001
-                    log(f"  {size} {name:30s} {mode:5s} ERR {type(e).__name__}: {str(e)[:200]}")
-        # granularity speeds with the default config (faithful), and row-major b
-        for ag, bg in (("row", "channel"), ("block", "block"), ("block", "block128")):
-            a_sc = sa_row.reshape(-1) if ag == "row" else torch.full((m, k // 128), float(a_s), device="cuda")
-            b_sc = sb_col.reshape(-1) if bg == "channel" else torch.full((k // 128, n // 128), float(w_s),
-                                                                         device="cuda")
-            cfg128 = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4,
-                      "PERSISTENT": True, "FLATTEN": True, "FAITHFUL_ACC": 1}
-            try:
-                if bg == "block128":
-                    ms = bench(lambda: _launch(a_q, b_q, out, a_sc, b_sc, None, 2, 2, False, "tma", cfg128))
-                else:
-                    ms = bench(lambda: fp8_gemm(a_q, b_q, a_scale=a_sc, b_scale=b_sc, out_dtype=torch.bfloat16))
-                row[f"ours_{ag}_{bg}"] = tflops(m, n, k, ms)
-                log(f"  {size} default faithful {ag}/{bg}: {row[f'ours_{ag}_{bg}']:.0f}")
-            except Exception as e:  # noqa: BLE001
-                log(f"  {size} {ag}/{bg} ERR {type(e).__name__}: {str(e)[:200]}")
+        base = baselines(a_q, a_s, b_q, w_s, m, n, k)
+        log(f"{size}^3 baselines TFLOP/s:", {kk: round(v) for kk, v in base.items()})
+        row = {"size": size, **base, "ours": {}, "variants": {}}
+        a_row, b_chan = a_s.expand(m).contiguous(), w_s.expand(n).contiguous()
+        a_blk = torch.full((m, k // 128), float(a_s), device="cuda")
+        b_blk = torch.full((k // 128, n // 128), float(w_s), device="cuda")
         b_rm = b_q.contiguous()
-        for fast in (False, True):
+        ref = torch._scaled_mm(a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16).double()
+        cases = {
+            "fast tensor": (b_q, a_s, w_s, True),
+            "faithful tensor": (b_q, a_s, w_s, False),
+            "fast row/channel": (b_q, a_row, b_chan, True),
+            "faithful row/channel": (b_q, a_row, b_chan, False),
+            "block/block": (b_q, a_blk, b_blk, False),
+            "faithful tensor, row-major b": (b_rm, a_s, w_s, False),
+        }
+        for name, (bb, sa, sb, fast) in cases.items():
+            fn = lambda: fp8_gemm(a_q, bb, a_scale=sa, b_scale=sb, out_dtype=torch.bfloat16, fast_accum=fast)  # noqa
             try:
-                ms = bench(lambda: fp8_gemm(a_q, b_rm, a_scale=a_s, b_scale=w_s, out_dtype=torch.bfloat16,
-                                            fast_accum=fast))
-                log(f"  {size} default row-major b fast={fast}: {tflops(m, n, k, ms):.0f}")
-                row[f"ours_rowmajor_b_fast{fast}"] = tflops(m, n, k, ms)
+                err = rel(fn().float(), ref)
+                res = tflops(m, n, k, bench(fn))
+                ratio = res / base["cublas_fast" if fast else "cublas"]
+                row["ours"][name] = (res, ratio, err)
+                log(f"  {size} ours {name:30s} {res:6.0f} TFLOP/s {ratio:5.2f}x  err-vs-cublas {err:.1e}")
             except Exception as e:  # noqa: BLE001
-                log(f"  {size} row-major b ERR {type(e).__name__}: {str(e)[:200]}")
-        out_rows.append(row)
+                log(f"  {size} ours {name} ERR {type(e).__name__}: {str(e)[:200]}")
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        for group, variants, fast, modes in (("faithful", FAITHFUL_VARIANTS, False, (0, 0)),
+                                             ("fast", FAST_VARIANTS, True, (0, 0)),
+                                             ("block", BLOCK_VARIANTS, False, (2, 2))):
+            sa, sb = (a_s.reshape(1), w_s.reshape(1)) if modes == (0, 0) else (a_blk, b_blk)
+            for name, cfg in variants:
+                if size == 8192 and f"{group} {name}" not in best:
+                    continue
+                if time.time() - T0 > BUDGET_S * 0.6:
+                    log("time budget: skipping", name)
+                    continue
+                fn = lambda: _launch(a_q, b_q, out, sa, sb, None, modes[0], modes[1], fast, "tma", cfg)  # noqa
+                try:
+                    fn()
+                    err = rel(out.float(), ref)
+                    res = tflops(m, n, k, bench(fn))
+                    ratio = res / base["cublas_fast" if fast else "cublas"]
+                    row["variants"][f"{group} {name}"] = (res, ratio, err)
+                    log(f"  {size} {group:8s} {name:40s} {res:6.0f} {ratio:5.2f}x err {err:.1e}")
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {size} {group} {name} ERR {type(e).__name__}: {str(e)[:200]}")
         if size == 4096:
-            for mode in ("fast", "acc1", "acc2"):
-                ranked = sorted((v, kk) for kk, v in row["variants"].items() if kk.endswith(" " + mode))
-                TOP.update(kk for _, kk in ranked[-3:])
+            for group in ("faithful", "fast", "block"):
+                ranked = sorted((v[0], kk) for kk, v in row["variants"].items() if kk.startswith(group))
+                best.update({kk: v for v, kk in ranked[-2:]})
+        again = baselines(a_q, a_s, b_q, w_s, m, n, k, full=False)
+        row["cublas_again"] = again
+        log(f"{size}^3 cuBLAS again:", {kk: round(v) for kk, v in again.items()})
+        out_rows.append(row)
     RESULTS["large"] = out_rows
 
 
 DECODE_VARIANTS = [
-    # BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, fast (None: the heuristic); small: BLOCK_M 16, big: 32/64
+    # BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, fast (None: the heuristic), for M >= 32 only
     None,
-    (32, 256, 1, 4, 4, False, "small"),
-    (32, 256, 2, 4, 4, False, "small"),
-    (32, 512, 2, 4, 3, False, "small"),
-    (64, 256, 2, 4, 4, False, "small"),
-    (32, 512, 1, 4, 3, False, "small"),
-    (32, 256, 1, 4, 4, False, "big"),
-    (64, 256, 1, 4, 4, False, "big"),
-    (64, 512, 1, 4, 3, False, "big"),
-    (64, 256, 1, 8, 4, False, "big"),
-    (128, 256, 1, 8, 3, False, "big"),
+    (32, 128, 1, 4, 6, False, "big"),
+    (64, 128, 2, 4, 6, False, "big"),
+    (32, 256, 2, 4, 4, False, "big"),
     (64, 128, 1, 4, 6, False, "big"),
+    (128, 256, 1, 8, 3, False, "big"),
     (64, 256, 2, 4, 4, False, "big"),
-    (64, 512, 1, 4, 3, True, "big"),
-    (32, 256, 1, 4, 4, True, "big"),
 ]
 
 
@@ -259,12 +257,12 @@ def decode():
     rows = []
     bw_cache = {}
     for n, k in ((4096, 4096), (11264, 4096), (4096, 11264), (11264, 11264)):
-        wbytes = n * k
+        wbytes = n * k  # noqa
         if wbytes not in bw_cache:
             bw_cache[wbytes] = measure_copy_bandwidth(nbytes=wbytes)
         copy = bw_cache[wbytes]
         copies = max(2, -(-160 * 2**20 // wbytes))  # rotate weights: together well over the 50 MB L2
-        for m in (1, 16, 64):
+        for m in (1, 16, 32, 64):
             if time.time() - T0 > BUDGET_S * 0.95:
                 log("time budget: skipping decode", m, n, k)
                 continue
@@ -286,7 +284,7 @@ def decode():
             outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in sets]
             best = 0.0
             for v in DECODE_VARIANTS:
-                if v is not None and (v[6] == "small") != (m <= 16):
+                if v is not None and m <= 16:
                     continue
                 cfg = None if v is None else {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": v[0],
                                               "BLOCK_K": v[1], "SPLIT_K": v[2], "num_warps": v[3], "num_stages": v[4]}
@@ -307,6 +305,10 @@ def decode():
             eager_fns = [lambda a_q=a_q, a_s=a_s, b_q=b_q, w_s=w_s: fp8_gemm(
                 a_q, b_q, a_scale=a_s, b_scale=w_s, out_dtype=torch.bfloat16) for a_q, a_s, b_q, w_s in sets]
             row["ours_eager_pct"] = pct(bench(lambda: [f() for f in eager_fns]))
+            eager_cublas = [lambda a_q=a_q, a_s=a_s, b_q=b_q, w_s=w_s: torch._scaled_mm(
+                a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16) for a_q, a_s, b_q, w_s in sets]
+            row["cublas_eager_pct"] = pct(bench(lambda: [f() for f in eager_cublas]))
+            row["ours_graph_pct"] = pct(bench(lambda: [f() for f in eager_fns], graph=True))
             row["best_pct"] = best
             rows.append(row)
             log("decode", json.dumps({kk: (round(v, 1) if isinstance(v, float) else

@@ -150,7 +150,7 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
             a_s = a_s.t().contiguous()
             sa_m, sa_k = 1, a_s.stride(0)
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        progs = min(tiles, cfgs.num_sms(a.device)) if cfg["PERSISTENT"] else tiles
+        progs = min(tiles, cfgs.num_sms(a.device) * cfg.get("CTAS_PER_SM", 1)) if cfg["PERSISTENT"] else tiles
         fp8_gemm_tma_kernel[(progs,)](
             a, b, out, a_s, b_s, bias_arg, m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, progs,
             B_KMAJOR=kmajor, ACC=0 if fast_accum else cfg["FAITHFUL_ACC"], GROUP_M=cfg["GROUP_M"],
