@@ -104,10 +104,10 @@ def accuracy_vs_k():
 
 
 TOP: set = set()
-def V(name, bm, bn, bk, w, st, pers=False, flat=False, sub=False, acc=2, ctas=1, group=8, a_t=True):
+def V(name, bm, bn, bk, w, st, pers=False, flat=False, sub=False, acc=2, ctas=1, group=8, a_t=True, promote=None):
     return (name, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": w, "num_stages": st,
                    "PERSISTENT": pers, "FLATTEN": flat, "EPI_SUBTILE": sub, "FAITHFUL_ACC": acc,
-                   "CTAS_PER_SM": ctas, "A_SCALE_T": a_t})
+                   "CTAS_PER_SM": ctas, "A_SCALE_T": a_t, "PROMOTE_K": promote or bk})
 
 
 FAITHFUL_VARIANTS = [
@@ -117,6 +117,8 @@ FAITHFUL_VARIANTS = [
     V("128x128x128 w4 s3 sub 2cta", 128, 128, 128, 4, 3, sub=True),
     V("128x128x128 w4 s3 pers flat sub 2cta", 128, 128, 128, 4, 3, True, True, True, ctas=2),
     V("128x256x128 s4 pers flat sub", 128, 256, 128, 8, 4, True, True, True),
+    V("256x128x256 s2 pers flat sub P128", 256, 128, 256, 8, 2, True, True, True, promote=128),
+    V("256x128x256 s2 sub P128", 256, 128, 256, 8, 2, sub=True, promote=128),
 ]
 FAST_VARIANTS = [
     V("128x256x128 s4 pers flat sub", 128, 256, 128, 8, 4, True, True, True),
