@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def run_groups(groups: dict[str, Callable], description: str, argv: Sequence[str
         mode = "no GPU: small shapes under the Triton interpreter, correctness only"
     print(f"triton-ops benchmarks ({', '.join(groups)}): {mode}", file=sys.stderr, flush=True)
     start = time.monotonic()
+    out = args.out if args.out is not None else (DEFAULT_OUT if suite.measure else None)
+    written: list[Path] = []
+    crashed: list[str] = []
     budget = args.budget_s
     total_share = sum(SHARES.get(g, 1.0) for g in groups)
     used_share = 0.0
@@ -66,20 +70,25 @@ def run_groups(groups: dict[str, Callable], description: str, argv: Sequence[str
             suite.time_budget_s = (time.monotonic() - start) + max(0.0, budget - (time.monotonic() - start)) * (
                 SHARES.get(name, 1.0) / max(1e-9, total_share - used_share + SHARES.get(name, 1.0)))
         t0 = time.monotonic()
-        runner(suite, quick=args.quick)
+        try:
+            runner(suite, quick=args.quick)
+        except Exception:  # report what ran; the exit status says the run broke
+            traceback.print_exc()
+            crashed.append(name)
         print(f"{name}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
-    out = args.out if args.out is not None else (DEFAULT_OUT if suite.measure else None)
+        if out is not None and any(r.group == name for r in suite.results):
+            # written as soon as the family is done, so a run stopped later still leaves its reports
+            files = suite.save_report(out / f"{name}.md", groups=[name], plot=not args.no_plots)
+            written += files.values()
+            print("wrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr, flush=True)
     if out is not None:
-        written = []
-        for name in groups:
-            if any(r.group == name for r in suite.results):
-                files = suite.save_report(out / f"{name}.md", groups=[name], plot=not args.no_plots)
-                written += files.values()
         if combined and suite.measure:
             files = suite.save_report(out / suite.report_name(), plot=not args.no_plots,
                                       title=f"triton-ops benchmarks on {suite.environment.get('device')}")
             written += files.values()
-        print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+            print("wrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)
     print(f"\n== summary ({time.monotonic() - start:.0f} s) ==")
     print(suite.summary())
-    return 1 if suite.failed else 0
+    if crashed:
+        print(f"the sweep of {', '.join(crashed)} stopped with an exception (traceback above)")
+    return 1 if suite.failed or crashed else 0

@@ -156,7 +156,11 @@ class BenchmarkSuite:
         granularity and K, for both accumulation modes and cuBLAS; and quantization SQNR per granularity on
         normal data and on activations with outlier channels."""
         self._ensure_environment()
-        self.tables.extend(_cases.fp8_accuracy_tables(self, m, n, ks))
+        try:
+            self.tables.extend(_cases.fp8_accuracy_tables(self, m, n, ks))
+        except Exception as exc:
+            self.tables.append({"group": "fp8-gemm", "title": "FP8 accuracy", "columns": ["-"], "rows": [],
+                                "note": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
 
     # ------------------------------------------------------------------ engine
 
@@ -198,7 +202,10 @@ class BenchmarkSuite:
         finally:
             del case
             if self.on_gpu:
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.empty_cache()
+                except Exception:  # a kernel left the device in an error state: later cases report it
+                    pass
 
     def over_budget(self) -> bool:
         return self.time_budget_s is not None and time.monotonic() - self._started > self.time_budget_s
@@ -229,7 +236,10 @@ class BenchmarkSuite:
             result.impls.append(self._run_impl(case, impl, reference))
         del reference
         if self.measure:
-            self._derive_metrics(result)
+            try:
+                self._derive_metrics(result)
+            except Exception as exc:  # the copy ceiling could not be measured (out of memory, a device error)
+                result.note = (result.note + "; " if result.note else "") + f"metrics: {type(exc).__name__}: {exc}"
         return result
 
     def _run_impl(self, case: Case, impl, reference: torch.Tensor | None) -> ImplResult:
@@ -361,7 +371,11 @@ class BenchmarkSuite:
             from ._plots import plot_results
 
             results = [r for r in self.results if groups is None or r.group in groups]
-            png = plot_results(results, path.with_suffix(".png"), title=title)
+            try:
+                png = plot_results(results, path.with_suffix(".png"), title=title)
+            except Exception as exc:  # a plot is never worth losing the report
+                print(f"plot {path.with_suffix('.png')} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                png = None
             if png is not None:
                 written["png"] = png
                 plots["all"] = png.name
