@@ -17,8 +17,9 @@ REPO = HERE.parents[2] if (HERE.parents[2] / "benchmarks" / "__main__.py").is_fi
 
 @pytest.fixture
 def suite() -> BenchmarkSuite:
-    # Correctness only: the small shapes here are for the gate, not for timing.
-    return BenchmarkSuite(measure=False, progress=False, verbose=False)
+    # Correctness only: the small shapes here are for the gate, not for timing (and on a GPU, no torch.compile
+    # or Liger baselines: the full suite covers them).
+    return BenchmarkSuite(measure=False, progress=False, verbose=False, compile_baselines=False, liger=False)
 
 
 def _assert_all_correct(results) -> None:
