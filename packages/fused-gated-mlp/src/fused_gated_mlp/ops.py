@@ -133,7 +133,8 @@ def gated_mlp_forward(
             ws, lock = _split_k_workspace(x2d.device, 2 * M * N, grid_m * grid_n)
         else:
             ws, lock = out, out
-        even_k = K_dim % (cfg["BLOCK_K"] * split_k) == 0
+        # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
+        even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
         K._gated_mlp_decode_kernel[(grid_n, split_k, grid_m)](
             x2d, gate_weight, up_weight, bg, bu, out, ws, lock,
             M, N, K_dim, *strides, float(alpha), float(limit),
