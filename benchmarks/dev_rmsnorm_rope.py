@@ -9,6 +9,8 @@ best, which is how ``heuristic_config`` was set. Then decode (64 tokens x 4096 w
 wall time per call, CUDA-graph replay) and ``fused_qk_norm_rope`` on Qwen3-8B-like shapes. Results go to
 ``DIR/rmsnorm_rope.json``; a table is printed last.
 """
+# Lambdas below close over loop variables on purpose: each is timed at once, inside its iteration.
+# ruff: noqa: B023
 
 from __future__ import annotations
 
@@ -42,6 +44,27 @@ def tables(n: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
 
 def bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def host_us(fn, n: int = 2000) -> float:
+    """Wall time per call of back-to-back calls (host-bound when the kernel is tiny)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def graph_us(fn) -> float:
+    """One call captured in a CUDA graph, replayed under do_bench: the GPU-side cost without the host."""
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay) * 1e3
 
 
 def copy_ms(nbytes: int) -> float:
@@ -105,18 +128,8 @@ def decode(results: dict) -> None:
         fn = lambda: fused_rmsnorm_rope(x, w, cos, sin, position_ids=pos)  # noqa: E731
         rec = {"case": f"decode {n}x{h} position_ids", "dtype": str(dtype).removeprefix("torch.")}
         rec["do_bench_us"] = bench(fn) * 1e3
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(2000):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        rec["host_us_per_call"] = (t1 - t0) / 2000 * 1e6
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        rec["cuda_graph_us"] = bench(g.replay) * 1e3
+        rec["host_us_per_call"] = host_us(fn)
+        rec["cuda_graph_us"] = graph_us(fn)
         rec["copy_us"] = copy_ms(x.numel() * x.element_size()) * 1e3
         torch._dynamo.reset()
         cf = torch.compile(rmsnorm_rope_reference, dynamic=False)
@@ -142,6 +155,10 @@ def qk(results: dict, args) -> None:
             rec["copy_ms"] = copy_ms(nbytes)
             rec["pct_of_copy"] = 100 * rec["copy_ms"] / rec["fused_ms"]
             rec["GBps"] = 2 * nbytes / rec["fused_ms"] / 1e6
+            if s == 1:  # decode: host cost per call and CUDA-graph replay
+                fn = lambda: fused_qk_norm_rope(q, k, w, w, cos, sin, pos)  # noqa: E731
+                rec["host_us_per_call"] = host_us(fn)
+                rec["cuda_graph_us"] = graph_us(fn)
             if args.sweep and (b, s) == (1, 4096) and dtype == torch.float16:
                 sweep = {}
                 for cfg in RMSNORM_ROPE_CONFIGS.configs({"tokens": b * s, "row_elems": (hq + hk) * d}):
@@ -172,14 +189,16 @@ def table(results: dict) -> str:
             f"{r.get('eager_ms', float('nan')) * 1e3:.1f} | {c / r['fused_ms'] if c else float('nan'):.2f} | "
             f"{r.get('best', '-')} |")
     for r in results["decode"]:
-        lines.append(f"| {r['case']} | {r['dtype']} | do_bench {r['do_bench_us']:.1f} us, host {r['host_us_per_call']:.1f}"
-                     f" us/call, graph {r['cuda_graph_us']:.1f} us, copy {r['copy_us']:.1f} us, compile "
-                     f"{r['compile_us']:.1f} us |")
+        lines.append(f"| {r['case']} | {r['dtype']} | do_bench {r['do_bench_us']:.1f} us, "
+                     f"host {r['host_us_per_call']:.1f} us/call, graph {r['cuda_graph_us']:.1f} us, "
+                     f"copy {r['copy_us']:.1f} us, compile {r['compile_us']:.1f} us |")
     for r in results["qk"]:
         c = r.get("compile_ms")
+        extra = (f" host {r['host_us_per_call']:.1f} us/call, graph {r['cuda_graph_us']:.1f} us |"
+                 if "host_us_per_call" in r else "")
         lines.append(f"| {r['case']} | {r['dtype']} | {r['fused_ms'] * 1e3:.1f} us | {r['GBps']:.0f} GB/s | "
                      f"{r['pct_of_copy']:.1f} % copy | compile {c * 1e3 if c else float('nan'):.1f} us | "
-                     f"{r.get('best', '-')} |")
+                     f"{r.get('best', '-')} |{extra}")
     return "\n".join(lines)
 
 
