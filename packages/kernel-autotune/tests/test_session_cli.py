@@ -35,14 +35,14 @@ def run_cli(cache_dir, *args, **env):
 
 def test_cli_tune_show_export_import_clear_ship(cache_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    p = run_cli(cache_dir, "tune", "toy_scale", "--module", "autotune_helpers", "--warmup", "1", "--runs", "2",
+    p = run_cli(cache_dir, "tune", "toy_scale", "--module", "autotune_helpers", "--warmup", "1", "--runs", "3",
                 "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "toy_scale.fwd" in p.stdout and "BLOCK_SIZE=32" in p.stdout
     assert "cached lookup in a fresh process" in p.stdout
     report = json.loads((out / "report.json").read_text())
     rows = [r for r in report["rows"] if "config" in r]
-    assert len(rows) == 2 and all(r["config"]["BLOCK_SIZE"] == 32 for r in rows)
+    assert len(rows) == 2 and all(r["config"]["BLOCK_SIZE"] == 32 for r in rows), p.stdout
     assert report["cold_start"]["hits"] == 2 and report["cold_start"]["hot_lookup_us"] < 100
     assert "| toy_scale |" in (out / "report.md").read_text()
     shipped = cache.read_entries(out / "toy_scale" / "tuned_configs.json")
