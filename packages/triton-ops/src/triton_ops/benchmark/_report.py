@@ -32,7 +32,10 @@ def _num(v: float | None, digits: int = 0, suffix: str = "") -> str:
 def _bytes(n: int | None) -> str:
     if n is None:
         return "-"
-    return f"{n / 2**20:,.1f} MiB"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} B"
 
 
 def _err(r: ImplResult) -> str:
