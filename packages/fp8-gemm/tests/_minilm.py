@@ -159,9 +159,8 @@ class MiniLM(nn.Module):
         self.position = nn.Embedding(cfg["max_position_embeddings"], h)
         self.token_type = nn.Embedding(cfg["type_vocab_size"], h)
         self.emb_norm = nn.LayerNorm(h, eps=eps)
-        self.layers = nn.ModuleList(
-            _Layer(h, cfg["intermediate_size"], cfg["num_attention_heads"], eps) for _ in range(cfg["num_hidden_layers"])
-        )
+        n_layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        self.layers = nn.ModuleList(_Layer(h, cfg["intermediate_size"], heads, eps) for _ in range(n_layers))
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = torch.float32):
         """Returns ``(last_hidden_state, sentence_embedding)``, both float32."""

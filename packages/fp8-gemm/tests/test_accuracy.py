@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from fp8_gemm import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
 
 

@@ -6,12 +6,11 @@ import io
 
 import pytest
 import torch
+from fp8_gemm import FP8Linear, convert_to_fp8, quantize_fp8
+from fp8_gemm.reference import fp8_matmul_reference, quantize_fp8_reference
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.testing import assert_close_rel
-
-from fp8_gemm import FP8Linear, convert_to_fp8, quantize_fp8
-from fp8_gemm.reference import fp8_matmul_reference, quantize_fp8_reference
 
 # Output rounding only: relative Frobenius error of rounding to the output dtype, with margin.
 TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fp8_gemm import dequantize_fp8, expand_scale, quantize_fp8, scale_shape
+from fp8_gemm.reference import group_amax, overflow_groups, quantize_fp8_reference
 from hypothesis import given
 from hypothesis import strategies as st
 from triton_ops_core.exceptions import (
@@ -17,9 +19,6 @@ from triton_ops_core.exceptions import (
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
-
-from fp8_gemm import dequantize_fp8, expand_scale, quantize_fp8, scale_shape
-from fp8_gemm.reference import group_amax, overflow_groups, quantize_fp8_reference
 
 CASES = [("tensor", None), ("row", None), ("channel", None), ("block", (1, 128)), ("block", (128, 128))]
 CASE_IDS = ["tensor", "row", "channel", "block1x128", "block128x128"]
@@ -202,9 +201,9 @@ def test_invalid_given_scale_counts_as_overflow(device, bad):
 
 def test_per_tensor_given_scale_accepts_any_single_value_shape(device):
     x = torch.randn(8, 16, device=device)
-    for given in (torch.tensor(0.05, device=device), torch.tensor([0.05], device=device),
-                  torch.tensor([[0.05]], device=device)):
-        _, s = quantize_fp8(x, "e4m3", "tensor", scale=given)
+    for one in (torch.tensor(0.05, device=device), torch.tensor([0.05], device=device),
+                torch.tensor([[0.05]], device=device)):
+        _, s = quantize_fp8(x, "e4m3", "tensor", scale=one)
         assert s.shape == (1,) and s.item() == pytest.approx(0.05)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_quantize import CASE_IDS, CASES, FMTS, assert_same_fp8, wide_range
-
 from fp8_gemm import DelayedScaler, dequantize_fp8, expand_scale, quantize_fp8
 from fp8_gemm.reference import quantize_fp8_reference
+from test_quantize import CASE_IDS, CASES, FMTS, assert_same_fp8, wide_range
 
 pytestmark = pytest.mark.gpu
 

@@ -12,9 +12,8 @@ import os
 import pytest
 import torch
 from _minilm import SENTENCES, cosine_report, find_minilm_dir, load_minilm
-from triton_ops_core.device import is_interpreter
-
 from fp8_gemm import FP8Linear, convert_to_fp8
+from triton_ops_core.device import is_interpreter
 
 MODEL_DIR = find_minilm_dir()
 pytestmark = [

