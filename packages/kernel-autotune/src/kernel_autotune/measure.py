@@ -36,10 +36,13 @@ class WallClockTimer:
 class CudaEventTimer:
     """CUDA events around one launch, with L2 flushed first (a ``zero_`` over a buffer of twice the L2 size).
 
-    Before the start event the GPU is also kept busy for ``cushion_cycles`` clock cycles (``torch.cuda._sleep``):
-    while it waits, the host runs the Python of the call and queues its launches, so the events time the
-    kernels and not the host overhead of a small call (which would hide the difference between configs).
+    Before the start event the GPU is also kept busy (``torch.cuda._sleep``) for at least ``cushion_cycles``
+    clock cycles, and for twice the shortest host time a call took to return: while the GPU waits, the host
+    runs the Python of the call and queues its launches, so the events time the kernels and not the host
+    overhead of a small call (which would hide the difference between configs).
     """
+
+    CYCLES_PER_US = 2000  # ~2 GHz: an over-estimate of the clock only lengthens the wait
 
     def __init__(self, device: torch.device | str | int | None = None, flush_l2: bool = True,
                  cushion_cycles: int = 200_000) -> None:
@@ -48,6 +51,7 @@ class CudaEventTimer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.flush_l2 = flush_l2
         self.cushion_cycles = cushion_cycles
+        self._host_us = 0.0
         self._flush: torch.Tensor | None = None
 
     def _flush_buffer(self) -> torch.Tensor:
@@ -62,11 +66,17 @@ class CudaEventTimer:
             if self.flush_l2:
                 self._flush_buffer().zero_()
             if self.cushion_cycles > 0:
-                torch.cuda._sleep(self.cushion_cycles)
+                cycles = max(self.cushion_cycles, int(2 * self._host_us * self.CYCLES_PER_US))
+                torch.cuda._sleep(min(cycles, 200_000_000))  # never more than ~0.1 s
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
+            host = time.perf_counter()
             fn()
+            host_us = (time.perf_counter() - host) * 1e6
+            # The smallest host time seen: a call that synchronizes inside would otherwise report the wait
+            # itself, and the cushion would double run after run.
+            self._host_us = host_us if self._host_us == 0 else min(self._host_us, host_us)
             end.record()
             end.synchronize()
             return float(start.elapsed_time(end))
