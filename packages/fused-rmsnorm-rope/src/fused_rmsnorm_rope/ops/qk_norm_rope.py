@@ -35,7 +35,7 @@ def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store
         qo_strides = (seq * hq * head_dim, hq * head_dim, head_dim)
         ko_strides = (seq * hk * head_dim, hk * head_dim, head_dim)
     seq = q.shape[-3]
-    pos, spb, sps = position_strides(position_ids, q.dim() - 2)
+    pos, spb, sps = position_strides(position_ids)
     scb, scs = table_strides(cos)
     hq_pad, hk_pad = next_pow2(hq), next_pow2(hk)
     half_pad = next_pow2(rotary_dim // 2)

@@ -1,8 +1,8 @@
 """``fused_rmsnorm_rope``: RMSNorm over the hidden vector, then RoPE on every head, in one launch; and its autograd.
 
-The call path is kept short on purpose (decode calls it with a handful of tokens, where the host is the cost):
-validation, a dict lookup of the launch config, one ``torch.empty`` and one launch. Autograd's Function is
-entered only when a gradient is wanted.
+The call path is kept short on purpose (decode calls it with a handful of tokens, where the host is the cost): a
+lookup of the call's cached launch plan (validation and config selection happen only on a miss), one ``torch.empty``
+and one launch. Autograd's Function is entered only when a gradient is wanted.
 """
 
 from __future__ import annotations
@@ -17,40 +17,41 @@ from .kernels import _norm_rope_bwd_kernel, _rmsnorm_rope_fwd_kernel, next_pow2
 from .launch import Plan, PlanCache, call_key
 
 
-def collapse_rows(t: torch.Tensor, n_inner: int) -> tuple[torch.Tensor, int, int, int]:
-    """View ``t`` ``[*batch, seq, *inner]`` as ``[B, seq, *inner]`` through strides, without copying when possible.
-
-    Returns ``(t, B, stride_b, stride_s)``; ``t`` is a contiguous copy only when the batch dimensions cannot be
-    addressed with one stride (a rare permuted view).
-    """
-    shape, strides = t.shape, t.stride()
-    nb = t.dim() - n_inner - 1
-    batch, stride_b, ok = 1, 0, True
-    prev = None
+def _batch_stride(shape: torch.Size, strides: tuple[int, ...], nb: int) -> int | None:
+    """The one stride that walks the first ``nb`` dims flattened, or None if none does (0 when they are all 1)."""
+    stride, prev = 0, None
     for d in range(nb):
         if shape[d] == 1:
             continue
         if prev is not None and strides[prev] != strides[d] * shape[d]:
-            ok = False
-        prev = d
-        batch *= shape[d]
-    if not ok:
+            return None
+        prev, stride = d, strides[d]
+    return stride
+
+
+def collapse_rows(t: torch.Tensor, n_inner: int) -> tuple[torch.Tensor, int, int, int]:
+    """View ``t`` ``[*batch, seq, *inner]`` as ``[B, seq, *inner]`` through strides, without copying when possible.
+
+    Returns ``(t, B, stride_b, stride_s)``; ``t`` is a contiguous copy only when the batch dimensions cannot be
+    addressed with one stride (a permuted view).
+    """
+    nb = t.dim() - n_inner - 1
+    batch = 1
+    for d in range(nb):
+        batch *= t.shape[d]
+    stride_b = _batch_stride(t.shape, t.stride(), nb)
+    if stride_b is None:
         t = t.contiguous()
-        strides = t.stride()
-        prev = nb - 1 if nb else None
-    if prev is not None:
-        stride_b = strides[prev] if ok else strides[nb - 1]
-    return t, batch, stride_b, strides[nb]
+        stride_b = _batch_stride(t.shape, t.stride(), nb)
+    return t, batch, stride_b, t.stride(nb)
 
 
-def position_strides(position_ids: torch.Tensor | None, lead_rank: int) -> tuple[torch.Tensor | None, int, int]:
-    """Strides ``(stride_b, stride_s)`` addressing ``position_ids`` by (flattened batch, seq)."""
+def position_strides(position_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
+    """``(ids, stride_b, stride_s)`` addressing ``position_ids`` by (flattened batch, seq); ids copied if needed."""
     if position_ids is None:
         return None, 0, 0
     if position_ids.dim() == 1:
         return position_ids, 0, position_ids.stride(0)
-    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
-        return position_ids, 0, position_ids.stride(1)
     pos, _, stride_b, stride_s = collapse_rows(position_ids, 0)
     return pos, stride_b, stride_s
 
@@ -85,7 +86,7 @@ def _fwd_plan(x: torch.Tensor, cos: torch.Tensor, position_ids: torch.Tensor | N
     n_rows = x.numel() // hidden if hidden else 0
     xv, _, sxb, sxs = collapse_rows(x, 1)
     seq = x.shape[-2]
-    pos, spb, sps = position_strides(position_ids, x.dim() - 1)
+    pos, spb, sps = position_strides(position_ids)
     scb, scs = table_strides(cos)
     num_heads = hidden // head_dim
     heads_pad = next_pow2(num_heads)
@@ -151,7 +152,7 @@ def launch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: tor
     dxv, _, sdxb, sdxs = collapse_rows(dx, n_inner)
     sxh, sdyh, sdxh = (xv.stride(-2), dyv.stride(-2), dxv.stride(-2)) if per_head else (head_dim,) * 3
     seq = x.shape[-1 - n_inner]
-    pos, spb, sps = position_strides(position_ids, x.dim() - n_inner)
+    pos, spb, sps = position_strides(position_ids)
     scb, scs = table_strides(cos)
     nprog = backward_programs(n_rows, x.device)
     dw_part = torch.empty((nprog, w_len), dtype=torch.float32, device=x.device)
