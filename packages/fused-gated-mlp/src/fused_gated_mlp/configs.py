@@ -34,10 +34,10 @@ _SPACE_AXES: dict[str, list[int]] = {
     "BLOCK_M": [16, 32, 64, 128],
     "BLOCK_N": [16, 32, 64, 128],
     "BLOCK_K": [32, 64, 128, 256],
-    "SPLIT_K": [1, 2, 4, 8],
+    "SPLIT_K": [1, 2, 3, 4, 6, 8],
     "GROUP_M": [1, 8],
     "num_warps": [4, 8],
-    "num_stages": [3, 4, 5, 6],
+    "num_stages": [2, 3, 4, 5, 6],
 }
 
 # Shared memory of an H100 program (227 KB); the pipeline keeps num_stages copies of the x tile and both
