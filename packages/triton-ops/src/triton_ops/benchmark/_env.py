@@ -50,12 +50,15 @@ def _nvidia_smi() -> dict[str, str]:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit; ``GIT_COMMIT`` names it where the tree was copied without its .git (a GPU box)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path.cwd())
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        pass
+    return os.environ.get("GIT_COMMIT") or None
 
 
 def collect_environment(measured: bool) -> dict[str, Any]:
