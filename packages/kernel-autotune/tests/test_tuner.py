@@ -152,3 +152,14 @@ def test_max_seconds_stops_the_search_but_keeps_the_best_so_far(cache_dir):
     result = tuner.tune(problem_size={"n": 1}, device="cpu")
     assert 1 <= len(result.trials) < 20
     assert result.best_config == max((t.config for t in result.trials), key=lambda c: c["A"])
+
+
+def test_coordinate_search_starts_on_the_grid_when_the_default_is_off_it(cache_dir):
+    space = ConfigSpace({"A": [16, 32, 64], "B": [2, 4, 8]})
+    cost = lambda c: abs(c["A"] - 64) / 16 + abs(c["B"] - 2) + 1.0  # noqa: E731 - min at (64, 2)
+    tuner = TritonAutoTuner(lambda **cfg: None, space, 0, 1, name="coord_off", timer=lambda fn, cfg: cost(cfg),
+                            strategy="coordinate", default={"A": 24, "B": 6})   # values the grid does not list
+    result = tuner.tune(problem_size={"n": 1}, device="cpu")
+    assert result.best_config == {"A": 64, "B": 2}
+    assert result.trials[0].config == {"A": 24, "B": 6}
+    assert result.trials[1].config in ({"A": 16, "B": 4}, {"A": 32, "B": 4}, {"A": 16, "B": 8}, {"A": 32, "B": 8})

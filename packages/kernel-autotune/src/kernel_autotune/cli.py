@@ -236,6 +236,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "time_budget_ms": args.budget_ms, "strategy": args.strategy, "max_seconds": args.max_seconds,
         "total_seconds": round(total, 2), "rows": rows, "cold_start": cold,
         "skipped_families": skipped_families,
+        "clock": ("CUDA-event timings with L2 flushed" if device.type == "cuda"
+                  else "wall-clock timings under the Triton interpreter (meaningless for a GPU)"),
     }
     print(render_table(rows))
     if cold:
@@ -354,7 +356,7 @@ def _write_outputs(out: Path, report: dict[str, Any], tunables: dict[str, Any], 
           f"(at most {report['max_seconds']} s per kernel); warm-up {report['warmup_runs']}, up to "
           f"{report['benchmark_runs']} timed runs per config (time budget {report['time_budget_ms']} ms); "
           f"{report['total_seconds']} s in all.", "",
-          "Times are medians of CUDA-event timings with L2 flushed, of the whole operation with this kernel's "
+          f"Times are medians of {report['clock']}, of the whole operation with this kernel's "
           "config overridden; `default` is the package's heuristic config timed in the same run.", "",
           _markdown(header, rows), ""]
     if report.get("cold_start") and "error" not in report["cold_start"]:

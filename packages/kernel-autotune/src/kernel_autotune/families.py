@@ -130,7 +130,8 @@ def _fp8_gemm() -> Tunable:
         return lambda: fp8_gemm(a, b, a_scale=a_scale, b_scale=w_scale, out_dtype=out_dtype)
 
     def describe(shape: Mapping[str, Any]) -> str:
-        return f"M={shape['m']} N={shape['n']} K={shape['k']} e4m3->{shape.get('dtype', shape.get('out_dtype'))}"
+        out = shape.get("dtype", shape.get("out_dtype", "bfloat16"))
+        return f"M={shape['m']} N={shape['n']} K={shape['k']} e4m3->{out}"
 
     def needs(device: torch.device) -> str | None:
         from triton_ops_core.device import supports_fp8

@@ -61,7 +61,10 @@ class Tunable:
     def label(self, shape: Shape) -> str:
         """A short text naming ``shape`` in tables."""
         if self.describe is not None:
-            return self.describe(shape)
+            try:
+                return self.describe(shape)
+            except (KeyError, TypeError, ValueError):  # a hand-written --shape missing a field: plain text
+                pass
         return ",".join(f"{k}={v}" for k, v in shape.items())
 
     def owns(self, kernel: str) -> bool:

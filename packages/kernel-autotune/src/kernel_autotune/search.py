@@ -6,6 +6,7 @@ same way and write the same cache entries.
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -89,7 +90,8 @@ def search(
     if strategy not in STRATEGIES:
         raise InvalidArgumentError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     start = time.perf_counter()
-    candidates = [dict(c) for c in configs]
+    grid = [dict(c) for c in configs]
+    candidates = list(grid)
     default = dict(default_config) if default_config is not None else None
     if default is not None:
         candidates = [default] + [c for c in candidates if c != default]  # tried first, whatever the deadline
@@ -132,7 +134,7 @@ def search(
                 break
             attempt(cfg)
     else:
-        _coordinate(candidates, attempt, out_of_time)
+        _coordinate(grid or candidates, attempt, out_of_time, default)
 
     if not timings:
         failures = "; ".join(f"{t.config}: {t.error}" for t in trials[:8])
@@ -142,7 +144,10 @@ def search(
     default_timing = default_hit[1] if default_hit is not None else None
     verified: dict[str, float] = {}
     if verify_default and default_timing is not None and best_cfg != default:
-        best_cfg, best, verified = _recheck(best_cfg, default, run_one)
+        try:
+            best_cfg, best, default_timing, verified = _recheck(best_cfg, default, run_one)
+        except Exception:  # noqa: BLE001 - both ran before; a failure now keeps the search's own verdict
+            _recover(device)
     return SearchOutcome(best_cfg, best, trials, default, default_timing, time.perf_counter() - start, verified)
 
 
@@ -150,11 +155,30 @@ def _cfg_id(cfg: Mapping[str, Any]) -> str:
     return repr(sorted(cfg.items()))
 
 
-def _coordinate(candidates: list[dict[str, Any]], attempt: Callable[[dict[str, Any]], Timing | None],
-                out_of_time: Callable[[], bool]) -> None:
-    # The start: the default (first candidate) or, if it fails, the first config that runs.
+def _distance(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[int, float]:
+    """How far config ``a`` is from ``b``: parameters that differ, then the summed log2 ratio of numeric ones."""
+    differ, spread = 0, 0.0
+    for k in set(a) | set(b):
+        x, y = a.get(k), b.get(k)
+        if x == y:
+            continue
+        differ += 1
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x > 0 and y > 0:
+            spread += abs(math.log2(x / y))
+        else:
+            spread += 8.0
+    return differ, spread
+
+
+def _coordinate(grid: list[dict[str, Any]], attempt: Callable[[dict[str, Any]], Timing | None],
+                out_of_time: Callable[[], bool], default: dict[str, Any] | None) -> None:
+    if default is not None:
+        attempt(default)  # the baseline, timed whatever happens next
+    # Walk the grid from its config nearest the default (the default itself when it is on the grid; a heuristic
+    # may pick values the grid does not list, and a walk has to start on the grid to have neighbours).
+    ordered = sorted(grid, key=lambda c: _distance(c, default)) if default is not None else grid
     current, current_t = None, None
-    for cfg in candidates:
+    for cfg in ordered:
         if out_of_time():
             return
         current_t = attempt(cfg)
@@ -163,12 +187,12 @@ def _coordinate(candidates: list[dict[str, Any]], attempt: Callable[[dict[str, A
             break
     if current is None:
         return
-    params = list(dict.fromkeys(k for c in candidates for k in c))
+    params = list(dict.fromkeys(k for c in grid for k in c))
     for _ in range(2):
         improved = False
         for p in params:
             others = [q for q in params if q != p]
-            for cfg in candidates:
+            for cfg in grid:
                 if cfg.get(p) == current.get(p) or any(cfg.get(q) != current.get(q) for q in others):
                     continue
                 if out_of_time():
@@ -180,17 +204,22 @@ def _coordinate(candidates: list[dict[str, Any]], attempt: Callable[[dict[str, A
             return
 
 
+def _combine(a: Timing, b: Timing) -> Timing:
+    return Timing(median_ms=(a.median_ms + b.median_ms) / 2, std_ms=(a.std_ms + b.std_ms) / 2,
+                  min_ms=min(a.min_ms, b.min_ms), max_ms=max(a.max_ms, b.max_ms), runs=a.runs + b.runs)
+
+
 def _recheck(best_cfg: dict[str, Any], default: dict[str, Any], run_one: Callable[[dict[str, Any]], Timing],
-             ) -> tuple[dict[str, Any], Timing, dict[str, float]]:
-    # Alternate best, default, best, default: drift in clocks or temperature hits both alike.
+             ) -> tuple[dict[str, Any], Timing, Timing, dict[str, float]]:
+    # Alternate best, default, best, default: drift in clocks or temperature hits both alike. The re-check's
+    # timings replace the search's for both configs, so the reported pair is measured alike.
     b1, d1 = run_one(best_cfg), run_one(default)
     b2, d2 = run_one(best_cfg), run_one(default)
-    best_ms = (b1.median_ms + b2.median_ms) / 2
-    default_ms = (d1.median_ms + d2.median_ms) / 2
-    verified = {"best_ms": best_ms, "default_ms": default_ms}
-    if default_ms < best_ms:
-        return default, min(d1, d2, key=lambda t: t.median_ms), verified
-    return best_cfg, min(b1, b2, key=lambda t: t.median_ms), verified
+    best, dflt = _combine(b1, b2), _combine(d1, d2)
+    verified = {"best_ms": best.median_ms, "default_ms": dflt.median_ms}
+    if dflt.median_ms < best.median_ms:
+        return default, dflt, dflt, verified
+    return best_cfg, best, dflt, verified
 
 
 def make_entry(
