@@ -49,8 +49,8 @@ GRANULARITIES = ("tensor", "row", "channel", "block")
 ROLES = ("activation", "weight")
 ACTIVATION_BLOCK = (1, SCALE_BLOCK)
 WEIGHT_BLOCK = (SCALE_BLOCK, SCALE_BLOCK)
-# Below the smallest normal float32 a scale's reciprocal would overflow to infinity.
-_MIN_SCALE = 2.0**-126
+# Programs of the per-tensor overflow fix-up: idle unless a given scale overflowed, then a grid-stride loop.
+_FIXUP_PROGRAMS = 512
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,30 +297,70 @@ def _amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, BLOCK_R: tl.constexpr, BLOCK_
 
 @triton.jit
 def _quant_tensor_kernel(
-    x_ptr, q_ptr, scale_ptr, amax_ptr, given_ptr, flag_ptr,
-    R, C, stride_xr, stride_qr,
-    MAX_VALUE: tl.constexpr, HAS_GIVEN: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
+    x_ptr, q_ptr, scale_ptr, amax_ptr, R, C, stride_xr, stride_qr,
+    MAX_VALUE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per-tensor scaling, pass two: every program derives the scale from the amax; program 0 writes it."""
+    """Dynamic per-tensor scaling, pass two: every program derives the scale from the amax; program 0 writes it."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-    given = amax
-    if HAS_GIVEN:
-        given = tl.load(given_ptr)
-    scale, inv, over = _group_scale(amax, given, HAS_GIVEN, MAX_VALUE)
-    first = (pid_r == 0) & (pid_c == 0)
-    if first:
+    scale, inv, over = _group_scale(amax, amax, False, MAX_VALUE)
+    if (pid_r == 0) & (pid_c == 0):
         tl.store(scale_ptr, scale)
-        if HAS_GIVEN:
-            tl.store(flag_ptr, over.to(tl.int32))
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     r64 = rows.to(tl.int64)
     x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
+
+
+@triton.jit
+def _quant_tensor_given_kernel(
+    x_ptr, q_ptr, amax_ptr, given_ptr, R, C, stride_xr, stride_qr,
+    IS_E4M3: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Static/delayed per-tensor scale, one read: cast with the given scale while recording the amax.
+
+    If the amax turns out to exceed the given scale's range, ``_tensor_fixup_kernel`` (launched right after,
+    on the device, no host round trip) rewrites the tensor with the raised scale; otherwise it does nothing.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tile_amax = tl.max(tl.max(_finite_abs(x), axis=1), axis=0)
+    tl.atomic_max(amax_ptr, tile_amax.to(tl.int32, bitcast=True))
+    given = tl.load(given_ptr)
+    inv = tl.math.div_rn(tl.full(given.shape, 1.0, tl.float32), given)
+    _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
+
+
+@triton.jit
+def _tensor_fixup_kernel(
+    x_ptr, q_ptr, scale_ptr, amax_ptr, given_ptr, flag_ptr, R, C, stride_xr, stride_qr, tiles_c, n_tiles,
+    MAX_VALUE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Settle a given per-tensor scale against the full amax: write the final scale and overflow flag, and only
+    on overflow re-cast the tensor with the raised scale (a few idle programs otherwise)."""
+    pid = tl.program_id(0)
+    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    given = tl.load(given_ptr)
+    scale, inv, over = _group_scale(amax, given, True, MAX_VALUE)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+        tl.store(flag_ptr, over.to(tl.int32))
+    if over:
+        for t in range(pid, n_tiles, tl.num_programs(0)):
+            rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = (rows[:, None] < R) & (cols[None, :] < C)
+            r64 = rows.to(tl.int64)
+            x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -471,12 +511,20 @@ def _quantize_2d(x, fmt, granularity, given, block, amax_out=None):
         rr, cc, sr = (1, r * c, r * c) if flat else (r, c, stride_xr)
         cfg = _tile_config(rr, cc)
         grid = (_cdiv(rr, cfg["BLOCK_R"]), _cdiv(cc, cfg["BLOCK_C"]))
-        _amax_kernel[grid](x, amax, rr, cc, sr, **cfg)
-        given_arg = given.reshape(1).contiguous() if has_given else scale
-        _quant_tensor_kernel[grid](
-            x, q_arg, scale, amax, given_arg, flag if has_given else scale, rr, cc, sr, cc,
-            HAS_GIVEN=has_given, **common, **cfg,
-        )
+        common.pop("MAX_VALUE")
+        if has_given:
+            # One read in the common case: cast with the given scale, then settle it against the amax.
+            given_arg = given.reshape(1).contiguous()
+            _quant_tensor_given_kernel[grid](x, q_arg, amax, given_arg, rr, cc, sr, cc, **common, **cfg)
+            n_tiles = grid[0] * grid[1]
+            _tensor_fixup_kernel[(min(n_tiles, _FIXUP_PROGRAMS),)](
+                x, q_arg, scale, amax, given_arg, flag, rr, cc, sr, cc, grid[1], n_tiles,
+                MAX_VALUE=fmt.max_value, **common, **cfg,
+            )
+        else:
+            _amax_kernel[grid](x, amax, rr, cc, sr, **cfg)
+            _quant_tensor_kernel[grid](x, q_arg, scale, amax, rr, cc, sr, cc, MAX_VALUE=fmt.max_value,
+                                       **common, **cfg)
         if amax_out is not None:
             amax_out.append(amax.view(torch.float32))
     return q, scale, flag
