@@ -91,3 +91,10 @@ def test_cli_in_process_errors_and_list(capsys):
 def test_registry_resolves_registered_families():
     t = get_tunable("toy_scale")
     assert t.owns("toy_scale.fwd") and not t.owns("toy_scaleX.fwd") and t.label({"n": 3}) == "n=3"
+
+
+def test_a_zero_time_budget_still_times_the_default(cache_dir):
+    x = torch.randn(40)
+    results = tune_operation(lambda: h.scale_op(x), warmup_runs=0, benchmark_runs=1, device="cpu", total_seconds=0.0)
+    entry = results[0].entry
+    assert entry["trials_total"] == 1 and entry["config"] == entry["default_config"]

@@ -180,8 +180,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     skipped_families: dict[str, str] = {}
     progress = _Progress(len(jobs), "tuning")
     started = time.perf_counter()
-    for tunable, shape in jobs:
+    for index, (tunable, shape) in enumerate(jobs):
         label = tunable.label(shape)
+        shape_seconds = None
+        if args.total_seconds:  # share what is left of the sweep's budget evenly among the shapes still to do
+            left = args.total_seconds - (time.perf_counter() - started)
+            shape_seconds = max(0.0, left) / (len(jobs) - index)
         if tunable.requires_gpu_feature is not None and tunable.name not in skipped_families:
             reason = tunable.requires_gpu_feature(device)
             if reason:
@@ -195,7 +199,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             runner = tunable.prepare(shape, device)
             results = tune_operation(runner, reset=tunable.reset, warmup_runs=args.warmup, benchmark_runs=args.runs,
                                      time_budget_ms=args.budget_ms, strategy=args.strategy,
-                                     max_seconds=args.max_seconds or None, device=device)
+                                     max_seconds=args.max_seconds or None, total_seconds=shape_seconds,
+                                     device=device)
         except Exception as e:  # noqa: BLE001 - one shape failing must not stop the sweep
             from .search import describe_error
 
@@ -234,6 +239,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "device_key": device_key(device), "triton": triton_version(), "torch": _torch_version(),
         "cache_dir": str(_cache.cache_dir()), "warmup_runs": args.warmup, "benchmark_runs": args.runs,
         "time_budget_ms": args.budget_ms, "strategy": args.strategy, "max_seconds": args.max_seconds,
+        "total_seconds_budget": args.total_seconds or None,
         "total_seconds": round(total, 2), "rows": rows, "cold_start": cold,
         "skipped_families": skipped_families,
         "clock": ("CUDA-event timings with L2 flushed" if device.type == "cuda"
@@ -510,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exhaustive: every config of the pruned space")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="stop trying new configs of one kernel after this long (default 60; 0: no limit)")
+    p.add_argument("--total-seconds", type=float, default=0.0,
+                   help="time budget of the whole sweep, shared evenly among the shapes left (default 0: none); "
+                        "each kernel's default config is timed whatever the budget, so it can be overrun a little")
     p.add_argument("--module", action="append", help="import this module first (it may call register_tunable)")
     p.add_argument("--out", help="write report.json, report.md and <family>/tuned_configs.json here")
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process lookup timing")

@@ -71,6 +71,7 @@ def tune_operation(
     time_budget_ms: float | None = 200.0,
     strategy: str = "exhaustive",
     max_seconds: float | None = None,
+    total_seconds: float | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[dict[str, Any], Any], None] | None = None,
 ) -> list[KernelTuning]:
@@ -79,10 +80,20 @@ def tune_operation(
     ``reset`` clears the kernel package's own memo of configs (if it keeps one) so an override reaches the
     launch. Kernels whose ``select_config`` call has no ``space`` are reported as skipped. Each tuned entry
     is stored in the cache right away, so the kernels tuned later in the same operation run with it.
+    ``max_seconds`` bounds each kernel's search; ``total_seconds`` bounds the whole operation's, shared evenly
+    among the kernels still to tune (each kernel's default is timed whatever the budget).
     """
+    import time
+
+    started = time.perf_counter()
     timer = timer or default_timer(device)
     results: list[KernelTuning] = []
-    for call in discover(runner, reset, device):
+    calls = discover(runner, reset, device)
+    for index, call in enumerate(calls):
+        limit = max_seconds
+        if total_seconds is not None:
+            share = max(0.0, total_seconds - (time.perf_counter() - started)) / (len(calls) - index)
+            limit = share if limit is None else min(limit, share)
         key = call["key"]
         if call["space"] is None:
             results.append(KernelTuning(key["kernel"], key, skipped="select_config was called without a space"))
@@ -104,7 +115,7 @@ def tune_operation(
             outcome = search(call["space"].configs(call["problem"]), make_runner, timer=timer,
                              warmup_runs=warmup_runs, benchmark_runs=benchmark_runs, time_budget_ms=time_budget_ms,
                              device=device, default_config=default_cfg, strategy=strategy,
-                             max_seconds=max_seconds, progress=progress)
+                             max_seconds=limit, progress=progress)
         except TuningError as e:
             results.append(KernelTuning(key["kernel"], key, skipped=str(e)))
             continue
