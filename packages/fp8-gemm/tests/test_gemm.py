@@ -237,7 +237,7 @@ def test_bad_inputs(kwargs, exc, fragment):
 def test_gpu_without_fp8_tensor_cores(monkeypatch):
     import fp8_gemm.gemm as gemm
 
-    monkeypatch.setattr(gemm, "supports_fp8", lambda device=None: False)
+    monkeypatch.setattr(gemm, "_device_caps", lambda device, interpreter: (False, False))
     with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):
         fp8_gemm(_fp8((4, 8)), _fp8((8, 6)), a_scale=ONE, b_scale=ONE)
 

@@ -24,6 +24,8 @@ _A_MODE = {"tensor": 0, "row": 1, "block": 2}
 _B_MODE = {"tensor": 0, "channel": 1, "block": 2}
 DECODE_MAX_M = 64
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
+_INTERP = is_interpreter()
 
 
 def _alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -53,9 +55,18 @@ def _prepare_operand(t: torch.Tensor, scale: torch.Tensor | None, gran: str | No
     if t.dtype != FP8:
         gran = gran or default
         t, scale = _quantize(t, gran, scale, is_b)
-    scale = scale.to(torch.float32)
-    scale = scale.reshape(-1).contiguous() if gran != "block" else scale.contiguous()
+    # The kernels read tensor/row/channel scales as a flat vector, block scales row-major (validated fp32).
+    if gran != "block" and scale.dim() != 1:
+        scale = scale.reshape(-1)
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
     return t, scale, gran
+
+
+@functools.lru_cache(maxsize=16)
+def _device_caps(device: torch.device, interpreter: bool) -> tuple[bool, bool]:
+    """(FP8 tensor cores?, tensor-memory accelerator?) of ``device``, asked once per device."""
+    return supports_fp8(device), interpreter or is_hopper(device)
 
 
 def _b_layout(b: torch.Tensor) -> tuple[bool, int] | None:
@@ -74,7 +85,7 @@ def _pick_path(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, m: int) -> s
     b_ok = layout is not None and b.data_ptr() % 16 == 0 and layout[1] % 16 == 0
     a_ok = a.stride(1) == 1 and a.data_ptr() % 16 == 0 and a.stride(0) % 16 == 0
     c_ok = out.data_ptr() % 16 == 0 and (out.stride(0) * out.element_size()) % 16 == 0
-    tma_device = is_interpreter() or is_hopper(a.device)
+    tma_device = _device_caps(a.device, _INTERP)[1]
     return "tma" if (a_ok and b_ok and c_ok and tma_device) else "ptr"
 
 
@@ -112,7 +123,7 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
     """Pick the kernel and its config, then launch it; returns the path and config used."""
     m, k = a.shape
     n = b.shape[1]
-    interp = is_interpreter()
+    interp = _INTERP
     path = path or _pick_path(a, b, out, m)
     blocked = a_mode == 2 or b_mode == 2
     if config is None:
@@ -145,10 +156,6 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
             # tenth of the speed. One copy of b (K*N bytes) is far cheaper for M > 64.
             b = b.t().contiguous().t()
             kmajor, lead = True, b.stride(1)
-        if a_mode == 2 and cfg.get("A_SCALE_T", True):
-            # [M, K/128] scales read per K block as a column: store them K-block-major so that read is contiguous.
-            a_s = a_s.t().contiguous()
-            sa_m, sa_k = 1, a_s.stride(0)
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         progs = min(tiles, cfgs.num_sms(a.device) * cfg.get("CTAS_PER_SM", 1)) if cfg["PERSISTENT"] else tiles
         fp8_gemm_tma_kernel[(progs,)](
@@ -208,7 +215,7 @@ def fp8_gemm(
             tensor cores. ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError, LayoutError as named.
     """
     spec = validate_fp8_gemm_inputs(a, b, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, bias=bias)
-    if not supports_fp8(a.device):
+    if not _device_caps(a.device, _INTERP)[0]:
         raise UnsupportedDtypeError(
             f"a: FP8 GEMM needs FP8 tensor cores (compute capability 8.9 or higher), got "
             f"{torch.cuda.get_device_name(a.device) if a.device.type == 'cuda' else a.device}")

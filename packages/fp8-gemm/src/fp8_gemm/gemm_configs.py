@@ -123,21 +123,22 @@ def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device
     if interpreter:
         return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
     small = block_m <= 16
-    # Measured on the H100 (M = 1..64, N, K in {4096, 11264}, CUDA-graph timed, weights rotated past L2).
-    # M <= 16: 32 columns a program keep every SM streaming; split K in two when that leaves too few programs.
-    # M = 17..64: the activation is re-read by every program, so wider column blocks once N gives enough of
-    # them; else 32 columns, or 64 with K split in two when K is long.
+    # Measured on the H100 (M = 1..64, N, K in {4096, 11264}; CUDA-graph timed, weights rotated past L2):
+    # M <= 16: 32 columns a program keep every SM streaming; K split in two when that leaves too few programs.
+    # M = 17..64: every program re-reads the activation, so fewer, wider programs once N gives enough of them
+    # (32 columns for M <= 32, 64 for M <= 64, 128-deep K tiles, 6 stages); else 32 columns, K split in two
+    # when K is long.
     split = 1
     if small:
         block_n, block_k, stages = 32, 256, 4
         if k >= 8192 and -(-n // block_n) < 2 * num_sms(device):
             split = 2
     elif -(-n // 64) >= num_sms(device):
-        block_n, block_k, stages = 64, 128, 6
-    elif k >= 8192:
-        block_n, block_k, stages, split = 64, 256, 4, 2
+        block_n, block_k, stages = (32 if block_m <= 32 else 64), 128, 6
     else:
         block_n, block_k, stages = 32, 256, 4
+        if k >= 8192:
+            split = 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
             "num_stages": stages}
 
