@@ -114,28 +114,76 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _decode(bm: int, bn: int, bk: int, split: int, stages: int) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 1, "num_warps": 4,
+            "num_stages": stages}
+
+
+def _prefill(stages: int) -> dict:
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": 8,
+            "num_stages": stages}
+
+
+# Winners of the bf16 sweep on the lent H100 SXM (132 SMs), 2026-11-22 (benchmarks/dev_gated_mlp.py sweep):
+# (row tile or prefill token bucket, hidden, intermediate) -> config. Decode rows: 16 stands for M <= 16.
+_H100_SMS = 132
+_H100_BF16: dict[tuple[int, int, int], dict] = {
+    (16, 4096, 5632): _decode(16, 64, 128, 1, 4),
+    (32, 4096, 5632): _decode(32, 16, 128, 1, 3),
+    (64, 4096, 5632): _decode(64, 16, 128, 1, 4),
+    (16, 4096, 11264): _decode(16, 32, 128, 1, 3),
+    (32, 4096, 11264): _decode(32, 64, 128, 1, 3),
+    (64, 4096, 11264): _decode(64, 32, 64, 1, 4),
+    (16, 6144, 22528): _decode(16, 64, 128, 1, 3),
+    (32, 6144, 22528): _decode(32, 64, 128, 1, 4),
+    (64, 6144, 22528): _decode(64, 64, 128, 1, 4),
+    (16, 2880, 2880): _decode(16, 32, 256, 1, 3),
+    (32, 2880, 2880): _decode(32, 64, 128, 2, 4),
+    (64, 2880, 2880): _decode(64, 32, 128, 1, 4),
+    (2048, 4096, 5632): _prefill(4),
+    (8192, 4096, 5632): _prefill(3),
+    (2048, 4096, 11264): _prefill(4),
+    (8192, 4096, 11264): _prefill(3),
+    (2048, 6144, 22528): _prefill(3),
+    (8192, 6144, 22528): _prefill(4),
+    (2048, 2880, 2880): _prefill(4),
+    (8192, 2880, 2880): _prefill(4),
+}
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=4096)
 def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, sms: int) -> tuple:
-    if tokens <= DECODE_MAX_TOKENS:
+    decode = tokens <= DECODE_MAX_TOKENS
+    if element_size == 2 and sms == _H100_SMS:
+        row = decode_block_m(tokens) if decode else min(max(_pow2_at_least(tokens), 2048), 8192)
+        tuned = _H100_BF16.get((row, hidden, intermediate))
+        if tuned is not None:
+            return tuple(sorted(tuned.items()))
+    if decode:
+        # The rule the sweep's winners follow: 64 columns per program with 16/32-row tiles (mma.sync), 32 with
+        # 64-row tiles (wgmma; wider tiles spill), 128-wide K steps; split-K only when the column tiles alone
+        # leave most SMs idle (it helped the 2880-wide gpt-oss layer, and hurt every larger one).
         block_m = decode_block_m(tokens)
-        # Narrow column tiles: the weights are the only big operand, and many programs keep many loads in flight.
-        block_n = 32 if block_m <= 32 else 64
-        block_k = 256 if block_m <= 16 else 128
-        if element_size == 4:
-            block_k //= 2
-        split_k = 1
+        block_n = 64 if block_m <= 32 else 32
+        block_k = 128 if element_size == 2 else 64
         n_tiles = -(-intermediate // block_n)
-        # More programs (split-K) until about two per SM, while each still streams several K tiles.
-        while n_tiles * split_k < 2 * sms and hidden // (2 * split_k * block_k) >= 4 and split_k < 8:
-            split_k *= 2
-        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "GROUP_M": 1,
-               "num_warps": 4, "num_stages": 4}
+        split_k = 1
+        if n_tiles < 0.6 * sms:
+            split_k = min(4, max(2, round(sms / n_tiles / 1.5)))
+            while split_k > 1 and hidden < 4 * split_k * block_k:  # keep several K steps per slice
+                split_k -= 1
+        cfg = _decode(block_m, block_n, block_k, split_k, 3 if block_m == 16 else 4)
     elif element_size == 4:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8,
                "num_warps": 8, "num_stages": 3}
     else:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8,
-               "num_warps": 8, "num_stages": 3}
+        # 128 x (2 x 128) x 64, 8 warps: the best prefill tile at every measured size; 4 stages won at 2048 tokens
+        # more often, 3 at 8192.
+        cfg = _prefill(4 if tokens <= 4096 else 3)
     return tuple(sorted(cfg.items()))
 
 

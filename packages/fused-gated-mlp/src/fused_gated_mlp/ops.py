@@ -8,6 +8,7 @@ recomputed projections, which is that of ``torch.nn.functional.linear``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,6 +46,12 @@ def _ensure_tma_allocator() -> None:
     current = _allocation._allocator.get()
     if isinstance(current, _allocation.NullAllocator):
         triton.set_allocator(_alloc_descriptor_scratch)
+
+
+@functools.cache
+def _is_hopper(index: int | None) -> bool:
+    # Asked on every launch: cached, since the device query costs microseconds of host time.
+    return is_hopper(torch.device("cuda", index if index is not None else torch.cuda.current_device()))
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -119,7 +126,7 @@ def gated_mlp_forward(
     )
     strides = (x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0))
     use_tma = (cfg.get("USE_TMA", True) and K_dim > 0
-               and (x2d.device.type == "cpu" or is_hopper(x2d.device))
+               and (x2d.device.type == "cpu" or _is_hopper(x2d.device.index))
                and _tma_ok(x2d, gate_weight, up_weight))
     if use_tma and x2d.device.type == "cuda":
         _ensure_tma_allocator()
