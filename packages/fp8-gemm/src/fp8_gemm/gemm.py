@@ -112,7 +112,7 @@ def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: boo
                           cfgs.FP8_GEMM_DECODE_CONFIGS)
     elif path == "tma":
         cfg = cfgs.choose(name, problem, dtypes, device,
-                          lambda: cfgs.tma_heuristic(m, n, k, blocked, fast, interp), cfgs.FP8_GEMM_CONFIGS)
+                          lambda: cfgs.tma_heuristic(m, n, k, blocked, fast, device, interp), cfgs.FP8_GEMM_CONFIGS)
     else:
         cfg = cfgs.choose(name, problem, dtypes, device, lambda: cfgs.ptr_heuristic(m, n, k, interp),
                           cfgs.FP8_GEMM_PTR_CONFIGS)

@@ -12,14 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kernel_autotune import ConfigSpace, select_config
 
 from .__about__ import __version__
-
-try:  # kernel-autotune is a declared dependency; its config API landed after this package began
-    from kernel_autotune import ConfigSpace, select_config
-except ImportError:  # an older kernel-autotune: use the analytical configs alone
-    ConfigSpace = None  # type: ignore[assignment,misc]
-    select_config = None  # type: ignore[assignment]
 
 TUNED = Path(__file__).with_name("tuned_configs.json")
 
@@ -67,14 +62,9 @@ _DECODE_PARAMS = {
     "num_stages": [2, 3, 4, 5],
 }
 
-if ConfigSpace is not None:
-    FP8_GEMM_CONFIGS = ConfigSpace(_TMA_PARAMS, constraints=[_tma_fits])
-    FP8_GEMM_PTR_CONFIGS = ConfigSpace(_PTR_PARAMS)
-    FP8_GEMM_DECODE_CONFIGS = ConfigSpace(_DECODE_PARAMS, constraints=[_decode_fits])
-else:
-    FP8_GEMM_CONFIGS = _TMA_PARAMS
-    FP8_GEMM_PTR_CONFIGS = _PTR_PARAMS
-    FP8_GEMM_DECODE_CONFIGS = _DECODE_PARAMS
+FP8_GEMM_CONFIGS = ConfigSpace(_TMA_PARAMS, constraints=[_tma_fits])
+FP8_GEMM_PTR_CONFIGS = ConfigSpace(_PTR_PARAMS)
+FP8_GEMM_DECODE_CONFIGS = ConfigSpace(_DECODE_PARAMS, constraints=[_decode_fits])
 
 
 def _next_pow2(x: int) -> int:
@@ -88,7 +78,8 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tma_heuristic(m: int, n: int, k: int, blocked: bool, fast: bool, interpreter: bool) -> dict[str, Any]:
+def tma_heuristic(m: int, n: int, k: int, blocked: bool, fast: bool, device: torch.device,
+                  interpreter: bool) -> dict[str, Any]:
     """Tiles for the tensor-descriptor kernel, from the H100 measurements (docs/fp8-gemm-kernel.md).
 
     Fast accumulation: 128x256x128, 3 stages, persistent. Faithful: 256x128x128 with promotion through
@@ -105,7 +96,7 @@ def tma_heuristic(m: int, n: int, k: int, blocked: bool, fast: bool, interpreter
     else:
         cfg = (256, 128, 4, True, 2)
     bm, bn, stages, sub, acc = cfg
-    if -(-m // bm) * -(-n // bn) < 2 * 132 // 3:  # too few tiles for the SMs: smaller tiles
+    if -(-m // bm) * -(-n // bn) < 2 * num_sms(device) // 3:  # too few tiles for the SMs: smaller tiles
         bm, bn, stages, sub = 128, 128, 4, False
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": stages,
             "PERSISTENT": True, "FLATTEN": True, "EPI_SUBTILE": sub, "FAITHFUL_ACC": acc}
@@ -145,9 +136,7 @@ def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device
 
 def choose(kernel: str, problem: dict[str, int], dtypes: tuple, device: torch.device, default: Any,
            space: Any) -> dict[str, Any]:
-    """The launch config: kernel-autotune's (cached, shipped or tuned) when available, else ``default()``."""
-    if select_config is None:
-        return default()
+    """The launch config: kernel-autotune's cached, shipped or tuned one, else ``default()``."""
     return select_config(kernel, version=__version__, problem=problem, dtypes=dtypes, device=device,
                          default=default, bucket=("m",), shipped=TUNED, space=space, bench=None)
 
