@@ -103,18 +103,25 @@ def _gated_mlp() -> Tunable:
 
 # ---- fp8_gemm --------------------------------------------------------------------------------------
 
+# ``scaling``: "tensor" (one scale per operand, the cuBLAS comparison at 4096^3 and 8192^3) or "row" (per-row
+# activations and per-channel weights, what FP8Linear and bf16 inputs use). The kernel name includes the
+# scaling modes, so each is its own cache entry.
 FP8_GEMM_SHAPES: tuple[dict[str, Any], ...] = tuple(
-    [{"m": s, "n": s, "k": s, "out_dtype": "bfloat16"} for s in (4096, 8192)]
-    + [{"m": m, "n": n, "k": k, "out_dtype": "bfloat16"} for m in (1, 16, 64) for n, k in ((4096, 4096), (11264, 4096))]
-    + [{"m": 16, "n": 4096, "k": 11264, "out_dtype": "bfloat16"}]
+    [{"m": s, "n": s, "k": s, "scaling": "tensor", "out_dtype": "bfloat16"} for s in (4096, 8192)]
+    + [{"m": 8192, "n": 8192, "k": 8192, "scaling": "row", "out_dtype": "bfloat16"}]
+    + [{"m": m, "n": n, "k": k, "scaling": "row", "out_dtype": "bfloat16"}
+       for m in (1, 16, 64) for n, k in ((4096, 4096), (11264, 4096))]
+    + [{"m": 16, "n": 4096, "k": 11264, "scaling": "row", "out_dtype": "bfloat16"}]
 )
 
 
-def _fp8_quantize_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Per-tensor E4M3 scaling done with torch: the GEMM is what is tuned, not the quantizer.
-    amax = t.abs().amax().float().clamp(min=1e-12)
+def _fp8_quantize(t: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # E4M3 scaling done with torch: the GEMM is what is tuned, not the quantizer. Per row of ``t`` (an
+    # activation's tokens, or an [N, K] weight's output channels) or one scale for the tensor.
+    amax = (t.abs().amax(dim=1) if per_row else t.abs().amax()).float().clamp(min=1e-12)
     scale = amax / 448.0
-    return (t.float() / scale).to(torch.float8_e4m3fn), scale.reshape(())
+    q = (t.float() / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
+    return q, scale.contiguous()
 
 
 def _fp8_gemm() -> Tunable:
@@ -124,14 +131,17 @@ def _fp8_gemm() -> Tunable:
     def prepare(shape: Mapping[str, Any], device: torch.device) -> Callable[[], Any]:
         m, n, k = int(shape["m"]), int(shape["n"]), int(shape["k"])
         out_dtype = getattr(torch, str(shape.get("dtype", shape.get("out_dtype", "bfloat16"))))
-        a, a_scale = _fp8_quantize_tensor(torch.randn(m, k, device=device))
-        w, w_scale = _fp8_quantize_tensor(torch.randn(n, k, device=device) * k ** -0.5)
+        per_row = shape.get("scaling", "tensor") == "row"
+        a, a_scale = _fp8_quantize(torch.randn(m, k, device=device), per_row)
+        w, w_scale = _fp8_quantize(torch.randn(n, k, device=device) * k ** -0.5, per_row)
         b = w.t()  # [K, N] view of an nn.Linear-style [N, K] weight
-        return lambda: fp8_gemm(a, b, a_scale=a_scale, b_scale=w_scale, out_dtype=out_dtype)
+        fast = bool(shape.get("fast_accum", 0))
+        return lambda: fp8_gemm(a, b, a_scale=a_scale, b_scale=w_scale, out_dtype=out_dtype, fast_accum=fast)
 
     def describe(shape: Mapping[str, Any]) -> str:
         out = shape.get("dtype", shape.get("out_dtype", "bfloat16"))
-        return f"M={shape['m']} N={shape['n']} K={shape['k']} e4m3->{out}"
+        extra = " fast-acc" if shape.get("fast_accum") else ""
+        return f"M={shape['m']} N={shape['n']} K={shape['k']} e4m3 {shape.get('scaling', 'tensor')}->{out}{extra}"
 
     def needs(device: torch.device) -> str | None:
         from triton_ops_core.device import supports_fp8
