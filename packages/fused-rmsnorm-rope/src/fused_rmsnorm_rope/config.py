@@ -51,10 +51,10 @@ def heuristic_config(row_elems: int, tokens: int, qk: bool = False) -> dict[str,
     """The measured default: ``row_elems`` is the padded number of elements of one row (one token).
 
     Measured on the H100 (fp16, head_dim 128, L2 flushed): 4 warps were best or within 1 % for rows of 2048, 4096
-    and 8192 elements with at least 8192 tokens (up to 22 % faster than 16 warps on 8192-element rows); 8 warps
-    were best for 2048 tokens of 4096 elements (fewer programs: more warps each keep more bytes in flight); two or
-    four rows per program were never faster (2-13 % slower). The QK kernel (q then k heads in one program) was best
-    with 8 warps on 32 + 8 heads of 128.
+    and 8192 elements with at least 8192 tokens (9 % faster than 16 warps on 8192-element rows, 23 % on 4096);
+    8 warps were best for 2048 tokens of 4096 elements (3 % over 4: fewer programs, so each keeps more bytes in
+    flight); two or four rows per program were 3-13 % slower at the best warp count. The QK kernel (q then k heads
+    in one program) was best with 8 warps on 32 + 8 heads of 128 (37.1 µs against 37.6 with 2 and 40.9 with 16).
     """
     if row_elems <= 256:
         warps = 1

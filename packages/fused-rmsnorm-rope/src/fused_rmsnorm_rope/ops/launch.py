@@ -47,21 +47,30 @@ def call_key(*parts: Any) -> tuple | None:
 class Plan:
     """One call signature's launch: kernel, grid, scalar tail of the arguments, warps, and the direct launcher."""
 
-    __slots__ = ("kernel", "grid", "tail", "num_warps", "runner", "n_rows", "info", "extra")
+    __slots__ = ("kernel", "grid", "tail", "num_warps", "runner", "direct", "n_rows", "info", "extra")
 
     def __init__(self, kernel: Any, grid: tuple[int, ...], tail: tuple, num_warps: int, n_rows: int,
                  info: Any = None, extra: Any = None) -> None:
+        # CompiledKernel's launcher reads grid[0], grid[1] and grid[2]: always keep three dimensions
+        grid = tuple(grid) + (1,) * (3 - len(grid))
         self.kernel, self.grid, self.tail, self.num_warps = kernel, grid, tail, num_warps
         self.n_rows, self.info, self.extra = n_rows, info, extra
         self.runner: Callable[..., None] | None = None
+        self.direct = True  # False once the direct launcher failed: JIT launches only from then on
 
     def launch(self, *tensors: torch.Tensor) -> None:
         """Launch with the tensor arguments (in the kernel's order) followed by the plan's scalar tail."""
         if self.runner is not None:
-            self.runner(*tensors, *self.tail)
-            return
+            try:
+                self.runner(*tensors, *self.tail)
+                return
+            except (IndexError, TypeError, AttributeError, ValueError):
+                # the launcher's calling convention is Triton-internal: if a Triton version changes it, the
+                # error is raised before anything is enqueued, so fall back to the JIT path for good
+                self.runner = None
+                self.direct = False
         compiled = self.kernel[self.grid](*tensors, *self.tail, num_warps=self.num_warps)
-        if isinstance(compiled, CompiledKernel):
+        if self.direct and isinstance(compiled, CompiledKernel):
             self.runner = compiled[self.grid]
 
 

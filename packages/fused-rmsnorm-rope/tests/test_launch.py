@@ -1,0 +1,67 @@
+"""The launch plan's direct launcher, against a stand-in with the calling convention of Triton's CompiledKernel
+(the interpreter returns no CompiledKernel, so this is how the CPU suite covers that path)."""
+
+from __future__ import annotations
+
+import fused_rmsnorm_rope.ops.launch as launch
+
+
+class FakeCompiled:
+    """Mimics ``CompiledKernel.__getitem__``: its runner reads grid[0], grid[1] and grid[2]."""
+
+    def __init__(self, log, fail=False):
+        self.log, self.fail = log, fail
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            if self.fail:
+                raise TypeError("launcher signature changed")
+            self.log.append(("direct", (grid[0], grid[1], grid[2]), args))
+
+        return runner
+
+
+class FakeJit:
+    def __init__(self, fail_direct=False):
+        self.log, self.fail_direct = [], fail_direct
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps):
+            self.log.append(("jit", grid, args, num_warps))
+            return FakeCompiled(self.log, self.fail_direct)
+
+        return run
+
+
+def test_direct_launcher_after_first_launch(monkeypatch):
+    monkeypatch.setattr(launch, "CompiledKernel", FakeCompiled)
+    jit = FakeJit()
+    plan = launch.Plan(jit, (7,), (1, 2.0, True), 4, 7)
+    assert plan.grid == (7, 1, 1)
+    plan.launch("a", "b")
+    plan.launch("c", "d")
+    plan.launch("e", "f")
+    assert [e[0] for e in jit.log] == ["jit", "direct", "direct"]
+    assert jit.log[1] == ("direct", (7, 1, 1), ("c", "d", 1, 2.0, True))
+    assert jit.log[0][3] == 4
+
+
+def test_failing_direct_launcher_falls_back_to_jit_for_good(monkeypatch):
+    monkeypatch.setattr(launch, "CompiledKernel", FakeCompiled)
+    jit = FakeJit(fail_direct=True)
+    plan = launch.Plan(jit, (3, 2), (5,), 8, 6)
+    for i in range(4):
+        plan.launch(i)
+    assert [e[0] for e in jit.log] == ["jit"] * 4
+    assert plan.runner is None and not plan.direct
+
+
+def test_call_key_is_none_safe_and_distinguishes_alignment():
+    import torch
+
+    a = torch.zeros(33)
+    k1 = launch.call_key(a[:32], 1e-6, "neox")
+    k2 = launch.call_key(a[1:], 1e-6, "neox")
+    assert k1 != k2 and hash(k1) is not None
+    cache = launch.PlanCache()
+    assert cache.get(launch.call_key([1, 2])) is None  # unhashable argument: no plan, no error
