@@ -136,8 +136,8 @@ BLOCK_VARIANTS = [
 def baselines(a_q, a_s, b_q, w_s, m, n, k, full=True):
     base = {}
     for fast in (False, True):
-        ms = bench(lambda: torch._scaled_mm(a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16,
-                                            use_fast_accum=fast))
+        ms = bench(lambda fast=fast: torch._scaled_mm(a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16,
+                                                      use_fast_accum=fast))
         base["cublas_fast" if fast else "cublas"] = tflops(m, n, k, ms)
     if full:
         sa_row = a_s.expand(m, 1).contiguous()
@@ -270,14 +270,14 @@ def decode():
                 continue
             sets = [operands(m, n, k, seed=m + n + k + i) for i in range(copies)]
             sets = [(a_q, a_s, w_q.t(), w_s) for a_q, a_s, w_q, w_s in sets]
-            pct = lambda ms: wbytes * copies / (ms * 1e-3) / 1e9 / copy * 100  # noqa: E731
+            pct = lambda ms, w=wbytes * copies, c=copy: w / (ms * 1e-3) / 1e9 / c * 100  # noqa: E731
             row = {"M": m, "N": n, "K": k, "copy_GBps": copy}
             for fast in (False, True):
                 try:
                     fns = [lambda a_q=a_q, a_s=a_s, b_q=b_q, w_s=w_s: torch._scaled_mm(
-                        a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16, use_fast_accum=fast)
+                        a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16, use_fast_accum=fast)  # noqa: B023
                         for a_q, a_s, b_q, w_s in sets]
-                    row["cublas_fast_pct" if fast else "cublas_pct"] = pct(bench(lambda: [f() for f in fns],
+                    row["cublas_fast_pct" if fast else "cublas_pct"] = pct(bench(lambda fns=fns: [f() for f in fns],
                                                                                graph=True))
                 except Exception as e:  # noqa: BLE001
                     row["cublas_fast_pct" if fast else "cublas_pct"] = f"ERR {e}"[:60]
@@ -298,7 +298,7 @@ def decode():
                     info = fns[0]()
                     torch.cuda.synchronize()
                     err = rel(outs[0].float(), ref)
-                    p = pct(bench(lambda: [f() for f in fns], graph=True))
+                    p = pct(bench(lambda fns=fns: [f() for f in fns], graph=True))
                     key = "heur" if v is None else "x".join(map(str, v[:5])) + ("F" if v[5] else "")
                     row[key] = (p, err, info.get("SPLIT_K"))
                     best = max(best, p)
@@ -306,11 +306,11 @@ def decode():
                     log(f"  decode {m} {n} {k} {v} ERR {type(e).__name__}: {str(e)[:200]}")
             eager_fns = [lambda a_q=a_q, a_s=a_s, b_q=b_q, w_s=w_s: fp8_gemm(
                 a_q, b_q, a_scale=a_s, b_scale=w_s, out_dtype=torch.bfloat16) for a_q, a_s, b_q, w_s in sets]
-            row["ours_eager_pct"] = pct(bench(lambda: [f() for f in eager_fns]))
+            row["ours_eager_pct"] = pct(bench(lambda fns=eager_fns: [f() for f in fns]))
             eager_cublas = [lambda a_q=a_q, a_s=a_s, b_q=b_q, w_s=w_s: torch._scaled_mm(
                 a_q, b_q, scale_a=a_s, scale_b=w_s, out_dtype=torch.bfloat16) for a_q, a_s, b_q, w_s in sets]
-            row["cublas_eager_pct"] = pct(bench(lambda: [f() for f in eager_cublas]))
-            row["ours_graph_pct"] = pct(bench(lambda: [f() for f in eager_fns], graph=True))
+            row["cublas_eager_pct"] = pct(bench(lambda fns=eager_cublas: [f() for f in fns]))
+            row["ours_graph_pct"] = pct(bench(lambda fns=eager_fns: [f() for f in fns], graph=True))
             row["best_pct"] = best
             rows.append(row)
             log("decode", json.dumps({kk: (round(v, 1) if isinstance(v, float) else
