@@ -98,3 +98,28 @@ def test_a_zero_time_budget_still_times_the_default(cache_dir):
     results = tune_operation(lambda: h.scale_op(x), warmup_runs=0, benchmark_runs=1, device="cpu", total_seconds=0.0)
     entry = results[0].entry
     assert entry["trials_total"] == 1 and entry["config"] == entry["default_config"]
+
+
+def test_cli_show_json_file_and_export_with_trials(cache_dir, tmp_path, capsys):
+    x = torch.randn(40)
+    tune_operation(lambda: h.scale_op(x), warmup_runs=0, benchmark_runs=1, device="cpu")
+    assert main(["show", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown) == 1 and shown[0]["key"]["kernel"] == "toy_scale.fwd"
+
+    full = tmp_path / "full.json"
+    assert main(["export", str(full), "--trials"]) == 0
+    (entry,) = cache.read_entries(full).values()
+    assert len(entry["trials"]) == entry["trials_total"] >= 2
+
+    other = {"key": dict(entry["key"], kernel="toy_scale.bwd"), "config": {"BLOCK_SIZE": 16, "num_warps": 1}}
+    cache.write_document(full, {"x": other})
+    assert main(["export", str(full), "--merge"]) == 0
+    merged = cache.read_entries(full)
+    assert {e["key"]["kernel"] for e in merged.values()} == {"toy_scale.fwd", "toy_scale.bwd"}
+    capsys.readouterr()
+    assert main(["show", "--file", str(full), "--kernel", "toy_scale.bwd"]) == 0
+    out = capsys.readouterr().out
+    assert "1 tuned configs" in out and "BLOCK_SIZE=16" in out
+    assert main(["show", "--device", "some other GPU"]) == 0
+    assert "no tuned configs" in capsys.readouterr().out
