@@ -13,6 +13,8 @@ import pytest
 import torch
 from _gemm_ref import FP8, gemm_ref, make_operands, quantize_ref
 from fp8_gemm.gemm import _launch, _pick_path, fp8_gemm
+from hypothesis import given
+from hypothesis import strategies as st
 from triton_ops_core.exceptions import (
     DeviceMismatchError,
     InvalidArgumentError,
@@ -270,3 +272,22 @@ def test_half_inputs_with_given_scales(quantizer, a_gran, b_gran):
     a_q2 = (a.float() / _expand(a_s, m, k, a_gran, False).float()).to(FP8)
     b_q2 = (b.float() / _expand(b_s, k, n, b_gran, True).float()).to(FP8)
     assert_close_rel(out, gemm_ref(a_q2, a_s, a_gran, b_q2, b_s, b_gran), KERNEL_TOL + 1e-5)
+
+
+@given(
+    m=st.integers(1, 140),
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),
+    a_gran=st.sampled_from(A_GRANS),
+    b_gran=st.sampled_from(B_GRANS),
+    kmajor=st.booleans(),
+    fast=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(m, n, k, a_gran, b_gran, kmajor, fast, seed):
+    # Any size, any granularity pair, either layout of b, either accumulation: the path is chosen from the
+    # shape and strides (decode up to M = 64, tensor descriptors when aligned, pointers otherwise).
+    a_q, a_s, b_q, b_s = make_operands(m, n, k, a_gran, b_gran, DEV, kmajor_b=kmajor, seed=seed)
+    out = _run(a_q, a_s, b_q, b_s, out_dtype=torch.float32, fast_accum=fast)
+    ref = gemm_ref(a_q.cpu(), a_s.cpu(), a_gran, b_q.cpu(), b_s.cpu(), b_gran)
+    assert_close_rel(out, ref, FAST_TOL if fast else KERNEL_TOL)
