@@ -48,6 +48,11 @@ def _ensure_tma_allocator() -> None:
         triton.set_allocator(_alloc_descriptor_scratch)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain integer math: triton.cdiv is a JIT function and costs microseconds per host call.
+    return -(-a // b)
+
+
 @functools.cache
 def _is_hopper(index: int | None) -> bool:
     # Asked on every launch: cached, since the device query costs microseconds of host time.
@@ -134,8 +139,8 @@ def gated_mlp_forward(
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
     if path == "decode":
         split_k = cfg.get("SPLIT_K", 1)
-        grid_n = triton.cdiv(N, cfg["BLOCK_N"])
-        grid_m = triton.cdiv(M, cfg["BLOCK_M"])
+        grid_n = _cdiv(N, cfg["BLOCK_N"])
+        grid_m = _cdiv(M, cfg["BLOCK_M"])
         if split_k > 1:
             ws, lock = _split_k_workspace(x2d.device, 2 * M * N, grid_m * grid_n)
         else:
@@ -154,7 +159,7 @@ def gated_mlp_forward(
         cfg.update(POINTER_PREFILL_CONFIG)
         common.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     K._gated_mlp_prefill_kernel[grid](
         x2d, gate_weight, up_weight, bg, bu, out,
         M, N, K_dim, *strides, float(alpha), float(limit),
