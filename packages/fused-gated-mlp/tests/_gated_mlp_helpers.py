@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 # Relative error allowed against a float64 reference: the output is rounded to the input dtype once.
-TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 2e-5}
+# fp32: 1e-4 leaves room for cancellation when a test draws a single output element.
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
 def make_inputs(m, hidden, inter, dtype, device, *, bias=False, layout="separate", seed=0, lead=None):
