@@ -38,8 +38,16 @@ def group_amax(x: torch.Tensor, granularity: str, block_size: tuple[int, int] | 
 def scale_from_amax(amax: torch.Tensor, fmt: str | FP8Format = "e4m3") -> torch.Tensor:
     """``amax / max_value`` with the kernels' guards (1.0 for an all-zero group, at least 2**-126)."""
     fmt = FP8Format.from_name(fmt)
-    dyn = (amax.float() / fmt.max_value).clamp_min(2.0**-126)
+    amax = amax.float()
+    dyn = _ieee_div(amax, torch.full_like(amax, fmt.max_value)).clamp_min(2.0**-126)
     return torch.where(amax > 0, dyn, torch.ones_like(dyn))
+
+
+def _ieee_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` correctly rounded on every device. Both operands must be tensors on one device: PyTorch's CUDA
+    division by a Python scalar multiplies by the scalar's reciprocal instead (one bit less exact), and so does
+    ``1.0 / t`` through ``reciprocal() * 1.0`` in some versions."""
+    return torch.div(a, b)
 
 
 def quantize_fp8_reference(
@@ -60,13 +68,13 @@ def quantize_fp8_reference(
         s = dyn
     else:
         given = scale.float().reshape(amax.shape)
-        inv_given = 1.0 / given
+        inv_given = _ieee_div(torch.ones_like(given), given)
         bad = ~(given > 0) | (inv_given == 0)
         over = bad | (amax * inv_given > fmt.max_value)
         s = torch.where(over, dyn, given)
     shape = scale_shape(tuple(t.shape), granularity, block_size, role)
     s = s.reshape(shape).contiguous()
-    inv = 1.0 / s
+    inv = _ieee_div(torch.ones_like(s), s)
     scaled = t.float() * expand_scale(inv, tuple(t.shape))
     if fmt.name == "e4m3":
         # E4M3 has no infinity: saturate, as torch >= 2.13 does (older torch made infinities NaN).
@@ -81,7 +89,7 @@ def overflow_groups(t: torch.Tensor, scale: torch.Tensor, fmt: str | FP8Format =
     fmt = FP8Format.from_name(fmt)
     amax = group_amax(t, granularity, block_size, role)
     given = scale.float().reshape(amax.shape)
-    inv_given = 1.0 / given
+    inv_given = _ieee_div(torch.ones_like(given), given)
     over = ~(given > 0) | (inv_given == 0) | (amax * inv_given > fmt.max_value)
     return int(over.sum())
 

@@ -53,7 +53,8 @@ class DelayedScaler:
         if self.amax_history is None:
             return None
         amax = self.amax_history.amax().reshape(1)
-        dyn = (amax / self.fmt.max_value).clamp_min(2.0**-126) * float(2**self.margin)
+        # Tensor / tensor: CUDA's division by a Python scalar multiplies by its reciprocal (not IEEE division).
+        dyn = torch.div(amax, torch.full_like(amax, self.fmt.max_value)).clamp_min(2.0**-126) * float(2**self.margin)
         return torch.where(amax > 0, dyn, torch.ones_like(dyn))
 
     def quantize(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
