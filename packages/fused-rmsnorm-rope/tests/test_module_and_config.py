@@ -57,3 +57,31 @@ def test_get_config_is_memoized(monkeypatch, tmp_path):
     a = get_config("fused_rmsnorm_rope.fwd", 4096, 100, torch.float16, torch.device("cpu"))
     b = get_config("fused_rmsnorm_rope.fwd", 4096, 120, torch.float16, torch.device("cpu"))  # same bucket
     assert a is b and a == heuristic_config(4096, 100)
+
+
+def test_select_config_gets_a_working_bench_and_its_answer_is_used(device, monkeypatch):
+    import fused_rmsnorm_rope.config as config
+    from fused_rmsnorm_rope import clear_caches, fused_rmsnorm_rope
+
+    seen = []
+
+    def fake_select_config(name, *, problem, default, space, bench, **kw):
+        assert space is RMSNORM_ROPE_CONFIGS and bench is not None
+        cfg = {"num_warps": 2, "ROWS_PER_PROG": 2}
+        bench(cfg)()  # the tuner would time this: it must launch the kernel with cfg
+        seen.append((name, dict(problem)))
+        return cfg
+
+    monkeypatch.setattr(config, "select_config", fake_select_config)
+    clear_caches()
+    try:
+        x = torch.randn(3, 5, 64, device=device)
+        w = torch.randn(64, device=device)
+        cos, sin = rope_tables(5, 16, device=device, random=True)
+        check_rmsnorm_rope(fused_rmsnorm_rope(x, w, cos, sin), x, w, cos, sin)  # odd rows: 2 rows per program
+        assert seen == [("fused_rmsnorm_rope.fwd", {"tokens": 15, "row_elems": 64})]
+        q, k = torch.randn(1, 5, 4, 16, device=device), torch.randn(1, 5, 2, 16, device=device)
+        pkg.fused_qk_norm_rope(q, k, w[:16], w[:16], cos, sin)
+        assert seen[-1][0] == "fused_rmsnorm_rope.qk_fwd"
+    finally:
+        clear_caches()

@@ -13,12 +13,24 @@ from .module import FusedRMSNormRoPE
 from .ops import QKNormRoPEFunction, RMSNormRoPEFunction, fused_qk_norm_rope, fused_rmsnorm_rope
 from .reference import qk_norm_rope_reference, rmsnorm_rope_reference
 
+
+def clear_caches() -> None:
+    """Forget cached launch plans and config lookups, e.g. after tuning, so the next calls pick the new configs."""
+    from .config import clear_config_cache
+    from .ops import qk_norm_rope, rmsnorm_rope
+
+    clear_config_cache()
+    rmsnorm_rope._PLANS.clear()
+    qk_norm_rope._PLANS.clear()
+
+
 __all__ = [
     "RMSNORM_ROPE_CONFIGS",
     "FusedRMSNormRoPE",
     "QKNormRoPEFunction",
     "RMSNormRoPEFunction",
     "__version__",
+    "clear_caches",
     "fused_qk_norm_rope",
     "fused_rmsnorm_rope",
     "heuristic_config",

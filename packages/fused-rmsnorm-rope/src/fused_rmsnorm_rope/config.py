@@ -9,6 +9,7 @@ package README, "Performance").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,14 @@ def heuristic_config(row_elems: int, tokens: int, qk: bool = False) -> dict[str,
 _cache: dict[tuple, dict[str, int]] = {}
 
 
-def get_config(kernel: str, row_elems: int, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """The config of one launch; after the first call for a (kernel, size, token bucket, dtype, device) a dict hit."""
+def get_config(kernel: str, row_elems: int, tokens: int, dtype: torch.dtype, device: torch.device,
+               bench: Callable[[dict[str, Any]], Callable[[], Any]] | None = None) -> dict[str, int]:
+    """The config of one launch; after the first call for a (kernel, size, token bucket, dtype, device) a dict hit.
+
+    ``bench(config)`` returns a callable launching the kernel once with ``config`` on the caller's tensors: with
+    ``KERNEL_AUTOTUNE=1`` (or inside ``kernel_autotune.tuning_session``), ``select_config`` tunes the problem with
+    it on first use and caches the result on disk.
+    """
     bucket = max(int(tokens), 1).bit_length()
     key = (kernel, row_elems, bucket, dtype, device)
     cfg = _cache.get(key)
@@ -90,7 +97,7 @@ def get_config(kernel: str, row_elems: int, tokens: int, dtype: torch.dtype, dev
                 bucket=("tokens",),
                 shipped=SHIPPED_CONFIGS,
                 space=RMSNORM_ROPE_CONFIGS,
-                bench=None,
+                bench=bench,
             ))
         else:  # pragma: no cover
             cfg = default
@@ -100,7 +107,7 @@ def get_config(kernel: str, row_elems: int, tokens: int, dtype: torch.dtype, dev
 
 
 def clear_config_cache() -> None:
-    """Forget the in-process config lookups (tests and tuning scripts)."""
+    """Forget the in-process config lookups (tests and tuning scripts; see also ``fused_rmsnorm_rope.clear_caches``)."""
     _cache.clear()
 
 

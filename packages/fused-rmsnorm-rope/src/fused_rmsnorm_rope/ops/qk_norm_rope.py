@@ -19,7 +19,8 @@ from .rmsnorm_rope import collapse_rows, launch_bwd, position_strides, table_str
 _PLANS = PlanCache()
 
 
-def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store_rstd, inplace, config=None) -> Plan:
+def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store_rstd, inplace, config=None,
+             bench=None) -> Plan:
     """Everything but the tensors of a q/k launch (inputs already validated)."""
     head_dim = q.shape[-1]
     hq, hk = q.shape[-2], k.shape[-2]
@@ -43,7 +44,7 @@ def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store
     pass_pad = next_pow2(head_dim - rotary_dim) if has_pass else 1
     if config is None:
         config = get_config(QK_FWD_KERNEL, (hq_pad + hk_pad) * (2 * half_pad + (pass_pad if has_pass else 0)),
-                            n_rows, q.dtype, q.device)
+                            n_rows, q.dtype, q.device, bench)
     rows = config["ROWS_PER_PROG"]
     tail = (n_rows, seq, cos.shape[-2],
             sqb, sqs, qv.stride(-2), skb, sks, kv.stride(-2), *qo_strides, *ko_strides,
@@ -162,8 +163,14 @@ def fused_qk_norm_rope(
         if wants_grad and inplace:
             raise InvalidArgumentError("inplace: expected False when a gradient is wanted (q, k or a weight "
                                        "requires grad), got True; run in-place under torch.no_grad()")
-        plan = _qk_plan(q, k, cos, position_ids, info.eps, info.rotary_dim, layout == "interleaved", gemma,
-                        store_rstd=wants_grad, inplace=inplace)
+        interleaved = layout == "interleaved"
+
+        def bench(cfg):  # for tune-on-first-use (KERNEL_AUTOTUNE=1) only; never in place
+            return lambda: _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, info.eps, info.rotary_dim,
+                                          interleaved, gemma, False, False, cfg)
+
+        plan = _qk_plan(q, k, cos, position_ids, info.eps, info.rotary_dim, interleaved, gemma,
+                        store_rstd=wants_grad, inplace=inplace, bench=bench)
         plan.info = info
         _PLANS.put(key, plan)
     if wants_grad:

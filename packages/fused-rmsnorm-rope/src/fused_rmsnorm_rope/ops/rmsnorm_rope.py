@@ -8,6 +8,7 @@ and one launch. Autograd's Function is entered only when a gradient is wanted.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from triton_ops_core.validation.rmsnorm_rope import validate_rmsnorm_rope_inputs
@@ -80,7 +81,7 @@ _PLANS = PlanCache()
 
 def _fwd_plan(x: torch.Tensor, cos: torch.Tensor, position_ids: torch.Tensor | None, eps: float, head_dim: int,
               rotary_dim: int, interleaved: bool, gemma: bool, store_rstd: bool,
-              config: dict[str, int] | None = None) -> Plan:
+              config: dict[str, int] | None = None, bench=None) -> Plan:
     """Everything but the tensors of a forward launch (x must already be validated)."""
     hidden = x.shape[-1]
     n_rows = x.numel() // hidden if hidden else 0
@@ -95,7 +96,7 @@ def _fwd_plan(x: torch.Tensor, cos: torch.Tensor, position_ids: torch.Tensor | N
     pass_pad = next_pow2(head_dim - rotary_dim) if has_pass else 1
     if config is None:
         config = get_config(FWD_KERNEL, heads_pad * (2 * half_pad + (pass_pad if has_pass else 0)), n_rows,
-                            x.dtype, x.device)
+                            x.dtype, x.device, bench)
     rows = config["ROWS_PER_PROG"]
     tail = (n_rows, seq, cos.shape[-2],
             sxb, sxs, seq * hidden, hidden, spb, sps, scb, scs,
@@ -232,8 +233,14 @@ def fused_rmsnorm_rope(
     if plan is None:
         info = validate_rmsnorm_rope_inputs(x, weight, cos, sin, eps, position_ids=position_ids,
                                             rotary_dim=rotary_dim, head_dim=head_dim, layout=layout, gemma=gemma)
-        plan = _fwd_plan(x, cos, position_ids, info.eps, info.head_dim, info.rotary_dim, layout == "interleaved",
-                         gemma, store_rstd=train)
+        interleaved = layout == "interleaved"
+
+        def bench(cfg: dict) -> Callable[[], object]:  # for tune-on-first-use (KERNEL_AUTOTUNE=1) only
+            return lambda: _launch_fwd(x, weight, cos, sin, position_ids, info.eps, info.head_dim, info.rotary_dim,
+                                       interleaved, gemma, False, cfg)
+
+        plan = _fwd_plan(x, cos, position_ids, info.eps, info.head_dim, info.rotary_dim, interleaved, gemma,
+                         store_rstd=train, bench=bench)
         plan.info = info
         _PLANS.put(key, plan)
     if train:
