@@ -3,7 +3,8 @@
 A "row" is one token. It holds ``NUM_HEADS`` heads of ``HEAD_DIM`` elements, ``stride_h`` apart (``HEAD_DIM`` for a
 hidden vector, anything for q/k heads inside a packed QKV output). The row is held in registers as tiles
 ``[HEADS_PAD, HALF_PAD]``: the two rotary halves (neox: ``[0, R/2)`` and ``[R/2, R)``; interleaved: even and odd
-elements, loaded as one contiguous ``[.., 2]`` tile and split so loads stay vectorized) and the pass-through tail
+elements, loaded as one contiguous ``[HEADS_PAD, 2 * HALF_PAD]`` tile and split in registers so loads stay
+vectorized) and the pass-through tail
 ``[R, HEAD_DIM)``. The rotation then pairs elements of the same tile position: no shuffles, no second read.
 
 The sum of squares is taken over the whole row (``PER_HEAD=False``, weight ``[NUM_HEADS * HEAD_DIM]``) or per head
@@ -193,7 +194,7 @@ def _rmsnorm_rope_fwd_kernel(
         row = pid * ROWS_PER_PROG + i
         if EVEN_ROWS or row < n_rows:
             b, s, cos_row, sin_row, bad = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
-                                                           COS, SIN, stride_cb, stride_cs, HAS_POS)
+                                                        COS, SIN, stride_cb, stride_cs, HAS_POS)
             _norm_rope_row_fwd(X + b * stride_xb + s * stride_xs, Y + b * stride_yb + s * stride_ys, w1, w2, wp,
                                cos_row, sin_row, bad, RSTD + row, eps, HEAD_DIM, HEAD_DIM,
                                NUM_HEADS, HEAD_DIM, ROT_DIM, HEADS_PAD, HALF_PAD, PASS_PAD,
@@ -223,7 +224,7 @@ def _qk_norm_rope_fwd_kernel(
         row = pid * ROWS_PER_PROG + i
         if EVEN_ROWS or row < n_rows:
             b, s, cos_row, sin_row, bad = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
-                                                           COS, SIN, stride_cb, stride_cs, HAS_POS)
+                                                        COS, SIN, stride_cb, stride_cs, HAS_POS)
             _norm_rope_row_fwd(Q + b * stride_qb + s * stride_qs, QO + b * stride_qob + s * stride_qos,
                                qw1, qw2, qwp,
                                cos_row, sin_row, bad, QRSTD + row * NUM_Q_HEADS, eps, stride_qh, stride_qoh,
@@ -277,7 +278,7 @@ def _norm_rope_bwd_kernel(
     accp = tl.zeros([HEADS_PAD, PASS_PAD], tl.float32)
     for row in range(pid, n_rows, nprog):
         b, s, cos_row, sin_row, bad = _token_tables(row, seq_len, max_pos, POS, stride_pb, stride_ps,
-                                                       COS, SIN, stride_cb, stride_cs, HAS_POS)
+                                                    COS, SIN, stride_cb, stride_cs, HAS_POS)
         x_row = X + b * stride_xb + s * stride_xs
         dy_row = DY + b * stride_dyb + s * stride_dys
         x1, x2 = _load_pair(x_row, h, j, stride_xh, hmask, HALF, INTERLEAVED)
