@@ -195,8 +195,13 @@ def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.d
 
 
 def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                            device: torch.device) -> dict:
-    """The config a call uses: through ``kernel_autotune.select_config`` when available, else the heuristic."""
+                            device: torch.device, bench: Callable[[dict], Callable[[], object]] | None = None
+                            ) -> dict:
+    """The config a call uses: through ``kernel_autotune.select_config`` when available, else the heuristic.
+
+    ``bench(config)`` returns a zero-argument callable running the kernel once with ``config``: with
+    ``KERNEL_AUTOTUNE=1`` a problem with no cached or shipped entry is tuned on first use with it.
+    """
     if _select_config is None:
         return heuristic_config(tokens, hidden, intermediate, dtype, device)
     cfg = _select_config(
@@ -209,7 +214,7 @@ def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: 
         bucket=("tokens",),
         shipped=SHIPPED_CONFIGS,
         space=GATED_MLP_CONFIGS,
-        bench=None,
+        bench=bench,
     )
     # A cached config from another token bucket may belong to the other path: keep only what fits this one.
     if not _fits(cfg, {"tokens": tokens}):

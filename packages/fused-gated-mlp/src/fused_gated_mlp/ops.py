@@ -119,7 +119,14 @@ def gated_mlp_forward(
     out = _new_output(M, N, x2d.dtype, x2d.device)
     if M == 0 or N == 0:
         return out
-    cfg = dict(config) if config is not None else select_gated_mlp_config(M, K_dim, N, x2d.dtype, x2d.device)
+    if config is not None:
+        cfg = dict(config)
+    else:
+        def bench(candidate: dict):  # for opt-in tune-on-first-use (KERNEL_AUTOTUNE=1)
+            return functools.partial(gated_mlp_forward, x2d, gate_weight, up_weight, gate_bias, up_bias,
+                                     activation, alpha, limit, candidate)
+
+        cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, x2d.device, bench=bench)
     act = _ACTIVATION_CODES[activation]
     bg = gate_bias.contiguous() if gate_bias is not None else out
     bu = up_bias.contiguous() if up_bias is not None else out
