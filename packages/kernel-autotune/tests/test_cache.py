@@ -87,8 +87,10 @@ def _writer(args):
 
 
 def test_concurrent_writers_lose_nothing(cache_dir):
-    workers, count = 4, 15
-    ctx = mp.get_context("spawn")  # fresh interpreters: separate processes, no shared locks or memory
+    workers, count = 4, 25
+    # Separate processes (separate file descriptors and locks); fork where there is one: spawning would
+    # re-import torch in every worker, seconds each on the CI machine.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers) as pool:
         pool.map(_writer, [(str(cache_dir), w, count) for w in range(workers)])
     entries = cache.read_entries(cache.cache_file("k.fwd"))
