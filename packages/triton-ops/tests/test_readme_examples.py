@@ -1,7 +1,8 @@
 """Every Python example of the root README and of docs/quickstart.md runs as written (under the interpreter on CPU).
 
 Each ```python block is written to a file and run with ``runpy`` in a fresh namespace: blocks must be
-self-contained, and ``@triton.jit`` kernels in them can read their source, as in a user's script.
+self-contained, and ``@triton.jit`` kernels in them can read their source, as in a user's script. A block whose
+first line is ``# needs a GPU`` (sizes too large for the interpreter) runs only where a GPU is used.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ def _blocks() -> list:
         if not path.is_file():
             continue
         text = path.read_text()
-        for i, match in enumerate(FENCE.finditer(text)):
+        for match in FENCE.finditer(text):
             line = text.count("\n", 0, match.start()) + 1
-            params.append(pytest.param(doc, line, match.group(1), id=f"{doc}:{line}"))
-            del i
+            code = match.group(1)
+            marks = [pytest.mark.gpu] if code.lstrip().lower().startswith("# needs a gpu") else []
+            params.append(pytest.param(doc, line, code, id=f"{doc}:{line}", marks=marks))
     return params
 
 
