@@ -22,6 +22,8 @@ the hardware conversion and pay nothing for the CPU path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -372,12 +374,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=4096)
 def _tile_config(r: int, c: int, elements: int = 8192) -> dict[str, int]:
     block_c = min(_pow2(c), elements)
     block_r = max(1, min(_pow2(r), elements // block_c))
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 8 if block_r * block_c >= 4096 else 4}
 
 
+@functools.lru_cache(maxsize=4096)
 def _lines_config(r: int, c: int, reduce_rows: bool) -> dict[str, int]:
     if reduce_rows:  # per-column scales: a strip of columns per program, walking all rows
         block_c = min(_pow2(c), 64)
@@ -427,6 +431,20 @@ def scale_shape(shape: tuple[int, ...], granularity: str, block_size: tuple[int,
     return (_cdiv(shape[0], bm), _cdiv(shape[1], bk))
 
 
+_FP8_OK: dict[int, bool] = {}
+
+
+def _fp8_ok(device: torch.device) -> bool:
+    # A GPU's capability never changes: ask once per CUDA device (this is on every call's path).
+    if device.type != "cuda":
+        return supports_fp8(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _FP8_OK.get(idx)
+    if ok is None:
+        ok = _FP8_OK[idx] = supports_fp8(torch.device("cuda", idx))
+    return ok
+
+
 def _validate(t, fmt, granularity, scale, block_size, role):
     check_tensor(t, "t")
     fmt = FP8Format.from_name(fmt)
@@ -441,7 +459,7 @@ def _validate(t, fmt, granularity, scale, block_size, role):
         raise InvalidArgumentError(f"block_size: only applies to granularity 'block', got granularity {granularity!r}")
     block = _check_block_size(block_size, role) if granularity == "block" else None
     check_kernel_device(t, "t")
-    if not supports_fp8(t.device):
+    if not _fp8_ok(t.device):
         name = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else str(t.device)
         raise UnsupportedDtypeError(
             f"t: FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or higher), got {name}"
