@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FP8_GEMM_TOL = 6e-3        # fp32 accumulation + bf16 output rounding, operands exact (dequantized FP8)
 FP8_GEMM_FAST_TOL = 1e-2   # Hopper's reduced-precision accumulation grows with K (fp8-on-hopper notes)
+QUANT_BASELINE_TOL = 1e-3  # eager/compiled quantization: a few values one rounding step off is still the op
 FP8_LINEAR_TOL = 8e-2      # against the unquantized product: E4M3's 3 mantissa bits cost 3-4 % on random data
 
 
@@ -440,10 +441,11 @@ def _quant_case(suite, m, k, granularity, dtype) -> Case:
     err = _quant_error(x, granularity)
     impls = [
         _ours("triton-ops", "fp8_gemm", "quantize_fp8", lambda f: f(x, "e4m3", granularity), error_fn=err),
-        Impl("eager", lambda: ref.quantize_fp8_eager(x, granularity), error_fn=err),
+        Impl("eager", lambda: ref.quantize_fp8_eager(x, granularity), error_fn=err, tol=QUANT_BASELINE_TOL),
         _compiled(suite, "torch.compile", ref.quantize_fp8_eager, x, granularity),
     ]
     impls[2].error_fn = err
+    impls[2].tol = QUANT_BASELINE_TOL
     es = x.element_size()
     n_scales = 1 if granularity == "tensor" else m if granularity == "row" else m * (k // 128)
     return Case(
@@ -451,7 +453,9 @@ def _quant_case(suite, m, k, granularity, dtype) -> Case:
         impls=impls, tol=1e-6, params={"M": m, "K": k, "granularity": granularity, "fmt": "e4m3"},
         bytes_moved=m * k * (es + 1) + 4 * n_scales, panel="quantize_fp8 (dynamic, E4M3)",
         x=m * k * (es + 1) / 2**20, x_label="MB moved",
-        note="error = max(fraction of values differing from the bit-exact reference, relative error of the scale)",
+        note="error = max(fraction of values differing from the bit-exact reference, relative error of the scale); "
+             "ours must match it (1e-6), the baselines may round a few values differently (a compiled division "
+             "need not be IEEE-exact): 1e-3",
     )
 
 
