@@ -169,7 +169,10 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, s
         # leave most SMs idle (it helped the 2880-wide gpt-oss layer, and hurt every larger one).
         block_m = decode_block_m(tokens)
         block_n = 64 if block_m <= 32 else 32
-        block_k = 128 if element_size == 2 else 64
+        block_k = 128
+        if element_size == 4:
+            # fp32 (ieee dot on FMA units): smaller tiles, or ptxas spills (seen in its resource report).
+            block_n, block_k = 32, 64 if block_m == 16 else 32
         n_tiles = -(-intermediate // block_n)
         split_k = 1
         if n_tiles < 0.6 * sms:
