@@ -224,7 +224,7 @@ class BenchmarkSuite:
             speedup_pairs={k: list(v) for k, v in case.speedup_pairs.items()} if case.speedup_pairs else None,
         )
         try:
-            reference = case.reference() if case.reference is not None else None
+            reference = _exact(case.reference) if case.reference is not None else None
         except Exception as exc:
             for impl in case.impls:
                 result.impls.append(ImplResult(impl.name, impl.role, ERROR,
@@ -390,6 +390,16 @@ class BenchmarkSuite:
     def report_name(self) -> str:
         """``report-h100.md`` on an H100: the name of the combined report for this device."""
         return f"report-{device_tag(self.environment.get('device', 'device'))}.md"
+
+
+def _exact(reference: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Evaluate a reference with TF32 off: a float32 reference GEMM must not round its inputs to 10 bits."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return reference()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _cublas_for(result: CaseResult, name: str) -> str:
