@@ -14,14 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kernel_autotune import ConfigSpace, select_config
 
 from .__about__ import __version__
-
-try:  # the tuner is an optional accelerator of the lookup, never a requirement of the call
-    from kernel_autotune import ConfigSpace, select_config
-except ImportError:  # pragma: no cover - exercised only when kernel-autotune predates ConfigSpace
-    ConfigSpace = None
-    select_config = None
 
 SHIPPED_CONFIGS = Path(__file__).with_name("tuned_configs.json")
 FWD_KERNEL = "fused_rmsnorm_rope.fwd"
@@ -42,10 +37,7 @@ def _fits(cfg: dict[str, Any], problem: dict[str, int] | None) -> bool:
 
 _SPACE_PARAMS = {"num_warps": [1, 2, 4, 8, 16], "ROWS_PER_PROG": [1, 2, 4]}
 
-if ConfigSpace is not None:
-    RMSNORM_ROPE_CONFIGS = ConfigSpace(_SPACE_PARAMS, constraints=[_fits])
-else:  # pragma: no cover
-    RMSNORM_ROPE_CONFIGS = None
+RMSNORM_ROPE_CONFIGS = ConfigSpace(_SPACE_PARAMS, constraints=[_fits])
 
 
 def heuristic_config(row_elems: int, tokens: int, qk: bool = False) -> dict[str, int]:
@@ -86,21 +78,18 @@ def get_config(kernel: str, row_elems: int, tokens: int, dtype: torch.dtype, dev
     cfg = _cache.get(key)
     if cfg is None:
         default = heuristic_config(row_elems, tokens, qk=kernel == QK_FWD_KERNEL)
-        if select_config is not None:
-            cfg = dict(select_config(
-                kernel,
-                version=__version__,
-                problem={"tokens": int(tokens), "row_elems": int(row_elems)},
-                dtypes=(dtype,),
-                device=device,
-                default=default,
-                bucket=("tokens",),
-                shipped=SHIPPED_CONFIGS,
-                space=RMSNORM_ROPE_CONFIGS,
-                bench=bench,
-            ))
-        else:  # pragma: no cover
-            cfg = default
+        cfg = select_config(
+            kernel,
+            version=__version__,
+            problem={"tokens": int(tokens), "row_elems": int(row_elems)},
+            dtypes=(dtype,),
+            device=device,
+            default=default,
+            bucket=("tokens",),
+            shipped=SHIPPED_CONFIGS,
+            space=RMSNORM_ROPE_CONFIGS,
+            bench=bench,
+        )
         cfg = {"num_warps": int(cfg["num_warps"]), "ROWS_PER_PROG": int(cfg["ROWS_PER_PROG"])}
         _cache[key] = cfg
     return cfg
