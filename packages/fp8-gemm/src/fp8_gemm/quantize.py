@@ -286,15 +286,19 @@ def _quant_blocks_kernel(
 
 
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-tensor absolute maximum, pass one: tile maxima merged with an integer atomic max on the float bits
-    (non-negative floats order like their bit patterns)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
-    amax = tl.max(tl.max(_finite_abs(x.to(tl.float32)), axis=1), axis=0)
-    tl.atomic_max(amax_ptr, amax.to(tl.int32, bitcast=True))
+def _amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, tiles_c, n_tiles, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-tensor absolute maximum, pass one. A persistent grid walks the tiles and merges its running maximum
+    with ONE integer atomic max on the float bits per program (non-negative floats order like their bits):
+    an atomic per tile would serialize thousands of atomics on one address."""
+    amax = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
+        amax = tl.maximum(amax, _finite_abs(x.to(tl.float32)))
+    m = tl.max(tl.max(amax, axis=1), axis=0)
+    tl.atomic_max(amax_ptr, m.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -320,24 +324,28 @@ def _quant_tensor_kernel(
 
 @triton.jit
 def _quant_tensor_given_kernel(
-    x_ptr, q_ptr, amax_ptr, given_ptr, R, C, stride_xr, stride_qr,
+    x_ptr, q_ptr, amax_ptr, given_ptr, R, C, stride_xr, stride_qr, tiles_c, n_tiles,
     IS_E4M3: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Static/delayed per-tensor scale, one read: cast with the given scale while recording the amax.
+    """Static/delayed per-tensor scale, one read: cast with the given scale while recording the amax
+    (persistent grid, one atomic per program).
 
     If the amax turns out to exceed the given scale's range, ``_tensor_fixup_kernel`` (launched right after,
     on the device, no host round trip) rewrites the tensor with the raised scale; otherwise it does nothing.
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    r64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tile_amax = tl.max(tl.max(_finite_abs(x), axis=1), axis=0)
-    tl.atomic_max(amax_ptr, tile_amax.to(tl.int32, bitcast=True))
     given = tl.load(given_ptr)
     inv = tl.math.div_rn(tl.full(given.shape, 1.0, tl.float32), given)
-    _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
+    amax = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        r64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, _finite_abs(x))
+        _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
+    m = tl.max(tl.max(amax, axis=1), axis=0)
+    tl.atomic_max(amax_ptr, m.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -432,6 +440,14 @@ def scale_shape(shape: tuple[int, ...], granularity: str, block_size: tuple[int,
 
 
 _FP8_OK: dict[int, bool] = {}
+
+
+@functools.cache
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent grid: a few per SM on a GPU; few under the interpreter (programs run serially)."""
+    if device.type != "cuda":
+        return 4
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _fp8_ok(device: torch.device) -> bool:
@@ -533,14 +549,17 @@ def _quantize_2d(x, fmt, granularity, given, block, amax_out=None):
         if has_given:
             # One read in the common case: cast with the given scale, then settle it against the amax.
             given_arg = given.reshape(1).contiguous()
-            _quant_tensor_given_kernel[grid](x, q_arg, amax, given_arg, rr, cc, sr, cc, **common, **cfg)
             n_tiles = grid[0] * grid[1]
+            _quant_tensor_given_kernel[(min(n_tiles, _persistent_programs(x.device)),)](
+                x, q_arg, amax, given_arg, rr, cc, sr, cc, grid[1], n_tiles, **common, **cfg)
             _tensor_fixup_kernel[(min(n_tiles, _FIXUP_PROGRAMS),)](
                 x, q_arg, scale, amax, given_arg, flag, rr, cc, sr, cc, grid[1], n_tiles,
                 MAX_VALUE=fmt.max_value, **common, **cfg,
             )
         else:
-            _amax_kernel[grid](x, amax, rr, cc, sr, **cfg)
+            n_tiles = grid[0] * grid[1]
+            _amax_kernel[(min(n_tiles, _persistent_programs(x.device)),)](
+                x, amax, rr, cc, sr, grid[1], n_tiles, **cfg)
             _quant_tensor_kernel[grid](x, q_arg, scale, amax, rr, cc, sr, cc, MAX_VALUE=fmt.max_value,
                                        **common, **cfg)
         if amax_out is not None:
