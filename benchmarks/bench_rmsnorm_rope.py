@@ -28,10 +28,12 @@ def run(suite, quick: bool = False) -> None:
         suite.benchmark_rmsnorm_rope_decode()
         suite.benchmark_qk_norm_rope(batch_sizes=(1,), seq_lens=(8192,))
         return
-    suite.benchmark_rmsnorm_rope(shapes=SHAPES, dtypes=(torch.float16, torch.bfloat16))
+    # Ordered so that a run cut short by --budget-s loses the least: bf16 prefill, decode, QK-norm, then fp16.
+    suite.benchmark_rmsnorm_rope(shapes=SHAPES, dtypes=(torch.bfloat16,))
     suite.benchmark_rmsnorm_rope_decode(num_tokens=(64,), hidden_dims=(4096,), dtypes=(torch.bfloat16,))
     suite.benchmark_qk_norm_rope(batch_sizes=(1, 8), seq_lens=(2048,), dtypes=(torch.bfloat16,))
     suite.benchmark_qk_norm_rope(batch_sizes=(1,), seq_lens=(8192,), dtypes=(torch.bfloat16,), packed=False)
+    suite.benchmark_rmsnorm_rope(shapes=SHAPES, dtypes=(torch.float16,))
 
 
 def main(argv=None) -> int:

@@ -282,8 +282,8 @@ def _qk_case(suite, b, s, dtype, nq, nk, hd, packed, eps=1e-6) -> Case:
 def gated_mlp_cases(suite: BenchmarkSuite, batch_sizes: Sequence[int], dims: Sequence[tuple[int, int]],
                     dtypes: Sequence[torch.dtype], activation: str) -> list[CaseFactory]:
     out = []
-    for h, i in dims:
-        for m in batch_sizes:
+    for m in batch_sizes:  # decode sizes first, prefill last (the heaviest)
+        for h, i in dims:
             for dtype in dtypes:
                 def build(m=m, h=h, i=i, dtype=dtype) -> Case:
                     return _gated_case(suite, m, h, i, dtype, activation)
