@@ -28,9 +28,11 @@ from .models import FP8Format, KernelMetrics, TensorSpec, TrialResult, TuningRes
 from .validation import (
     FP8GEMMInput,
     GatedMLPInput,
+    QKNormRoPEInput,
     RMSNormRoPEInput,
     validate_fp8_gemm_inputs,
     validate_gated_mlp_inputs,
+    validate_qk_norm_rope_inputs,
     validate_rmsnorm_rope_inputs,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "LayoutError",
     "MisalignedInputError",
     "NumericalOverflowError",
+    "QKNormRoPEInput",
     "RMSNormRoPEInput",
     "ShapeMismatchError",
     "TensorSpec",
@@ -67,5 +70,6 @@ __all__ = [
     "supports_fp8",
     "validate_fp8_gemm_inputs",
     "validate_gated_mlp_inputs",
+    "validate_qk_norm_rope_inputs",
     "validate_rmsnorm_rope_inputs",
 ]
