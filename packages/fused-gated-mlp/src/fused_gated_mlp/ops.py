@@ -32,6 +32,7 @@ _ACTIVATION_CODES = {
 # ----------------------------------------------------------------------------------------------------------------
 
 def _alloc_descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Called by Triton at launch, on the launching (current) device.
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -114,6 +115,11 @@ def gated_mlp_forward(
     config: dict | None = None,
 ) -> torch.Tensor:
     """Launch the fused kernel on validated 2-D operands (``[M, K]``, ``[N, K]`` views with unit last stride)."""
+    if x2d.device.type == "cuda" and x2d.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
+        with torch.cuda.device(x2d.device):
+            return gated_mlp_forward(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit,
+                                     config)
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
     out = _new_output(M, N, x2d.dtype, x2d.device)
