@@ -33,6 +33,7 @@ def test_shape_mismatches(ops_in):
     _raises(ShapeMismatchError, "up_weight", fused_gated_mlp, x, wg, wu[:4])
     _raises(ShapeMismatchError, "up_weight", fused_gated_mlp, x, wg, wu[:, :8])
     _raises(ShapeMismatchError, "gate_weight", fused_gated_mlp, x, wg[0], wu)
+    _raises(ShapeMismatchError, "x", fused_gated_mlp, x[:, :0], wg[:, :0], wu[:, :0])
     _raises(ShapeMismatchError, "gate_bias", fused_gated_mlp, x, wg, wu, gate_bias=torch.zeros(7, device=x.device))
     _raises(ShapeMismatchError, "up_bias", fused_gated_mlp, x, wg, wu, up_bias=torch.zeros(9, device=x.device))
     _raises(ShapeMismatchError, "gate_weight", fused_gated_mlp, x, wg[:7], weight_layout="interleaved")

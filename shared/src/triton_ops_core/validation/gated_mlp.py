@@ -84,6 +84,8 @@ def validate_gated_mlp_inputs(
     check_ndim(x, "x", minimum=1)
     check_last_dim_contiguous(x, "x")
     hidden = x.shape[-1]
+    if hidden == 0:
+        raise ShapeMismatchError(f"x: expected a non-empty hidden (last) dimension, got shape {list(x.shape)}")
     packed = weight_layout != "separate"
 
     check_ndim(gate_weight, "gate_weight", exact=2)
