@@ -144,9 +144,15 @@ class _Layer(nn.Module):
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d) + bias
         ctx = (scores.softmax(-1) @ v.float()).to(x.dtype).transpose(1, 2).reshape(b, t, h)
-        x = self.attn_norm((self.attn_out(ctx) + x).float()).to(x.dtype)
+        x = _norm(self.attn_norm, self.attn_out(ctx) + x)
         y = self.output(F.gelu(self.intermediate(x).float()).to(x.dtype))
-        return self.out_norm((y + x).float()).to(x.dtype)
+        return _norm(self.out_norm, y + x)
+
+
+def _norm(norm: nn.LayerNorm, y: torch.Tensor) -> torch.Tensor:
+    """LayerNorm in fp32 whatever the activations' and the module's dtypes."""
+    w = norm.weight.float()
+    return F.layer_norm(y.float(), norm.normalized_shape, w, norm.bias.float(), norm.eps).to(y.dtype)
 
 
 class MiniLM(nn.Module):
@@ -167,7 +173,7 @@ class MiniLM(nn.Module):
         t = input_ids.shape[1]
         pos = torch.arange(t, device=input_ids.device)
         x = self.word(input_ids) + self.position(pos)[None] + self.token_type(torch.zeros_like(input_ids))
-        x = self.emb_norm(x).to(dtype)
+        x = _norm(self.emb_norm, x).to(dtype)
         bias = ((1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min).to(x.device)
         for layer in self.layers:
             x = layer(x, bias)
