@@ -18,7 +18,9 @@ SHARES = {"rmsnorm-rope": 0.30, "gated-mlp": 0.35, "fp8-gemm": 0.35}
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
+    script = Path(sys.argv[0]).stem
+    prog = "python -m benchmarks" + ("" if script in ("__main__", "") else f".{script}")
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the .md/.json/.png reports (default on a GPU: docs/benchmarks; without a GPU "
                         "nothing is written unless --out is given)")
