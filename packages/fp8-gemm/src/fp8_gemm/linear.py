@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from triton_ops_core.device import supports_fp8
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
-from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_tensor
+from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_kernel_device, check_tensor
 
-from .quantize import WEIGHT_BLOCK, quantize_fp8, scale_shape
+from .quantize import WEIGHT_BLOCK, _quantize_activation, quantize_fp8, scale_shape
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
@@ -136,11 +136,12 @@ class FP8Linear(nn.Module):
             raise ShapeMismatchError(
                 f"x: expected last dimension {self.in_features} (in_features), got shape {list(x.shape)}"
             )
+        check_kernel_device(x, "x")
         _require_fp8(x.device, "x")
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        a_q, a_s = quantize_fp8(x2, "e4m3", self.activation_granularity)
+        a_q, a_s = _quantize_activation(x2, self.activation_granularity)
         # The bias keeps its own dtype: the GEMM adds it in fp32 before the one output rounding.
         out = fp8_gemm(a_q, self.weight.t(), a_scale=a_s, b_scale=self.weight_scale, out_dtype=x.dtype,
                        bias=self.bias, fast_accum=self.fast_accum)

@@ -604,6 +604,13 @@ def _quantize(t, fmt, granularity, scale, block_size, strict, role, amax_out=Non
     return q, s
 
 
+def _quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3, dynamic scales, for a validated 2-D row-major activation (FP8Linear's hot path: no re-validation)."""
+    block = ACTIVATION_BLOCK if granularity == "block" else None
+    q, s, _ = _quantize_2d(x, FP8Format.E4M3, granularity, None, block)
+    return q, s
+
+
 def quantize_fp8(
     t: torch.Tensor,
     fmt: str | FP8Format | torch.dtype = "e4m3",
