@@ -43,7 +43,9 @@ def test_matches_float64_reference(m, hidden, inter, activation, bias, layout, d
         packed_b = pack(bg, bu, layout) if bias else None
         out = fused_gated_mlp(x, pack(wg, wu, layout), None, activation, gate_bias=packed_b, weight_layout=layout)
     assert out.shape == (m, inter) and out.dtype == dtype and out.device == x.device
-    assert_close_rel(out, ref, TOL[dtype])
+    # A tiny result (fp16 subnormals) cannot be closer to the float64 reference than its own rounding allows.
+    output_rounding = relative_error(ref.to(dtype), ref)
+    assert_close_rel(out, ref, TOL[dtype] + 2 * output_rounding)
 
 
 @pytest.mark.parametrize("cfg", [DECODE_SPLIT3, DECODE_PLAIN, PREFILL_TMA, PREFILL_PTR],
