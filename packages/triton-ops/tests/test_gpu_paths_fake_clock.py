@@ -105,7 +105,7 @@ def test_gpu_only_paths_fill_every_metric(gpu_suite) -> None:
     assert set(names) == {"triton-ops", "triton-ops fast-accum", "cuBLAS _scaled_mm", "cuBLAS _scaled_mm fast-accum",
                           "bf16 matmul"}
     for r in fp8.impls:
-        assert r.status in ("ok", "error"), (r.name, r.status, r.message)  # _scaled_mm on CPU depends on torch
+        assert r.status in ("ok", "n/a"), (r.name, r.status, r.message)  # _scaled_mm on CPU depends on torch
     if names["cuBLAS _scaled_mm"].status == "ok":
         assert names["triton-ops"].pct_cublas is not None
         assert set(fp8.speedups(names["triton-ops fast-accum"])) == {"cuBLAS _scaled_mm fast-accum", "bf16 matmul"}

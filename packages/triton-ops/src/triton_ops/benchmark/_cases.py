@@ -310,7 +310,7 @@ def _gated_case(suite, m, h, i, dtype, activation) -> Case:
     if suite.on_gpu:
         w_cat = torch.cat((wg, wu), 0)
         # One concatenated cuBLAS GEMM, no activation: a ceiling for the GEMM part (its output is [M, 2I]).
-        impls.append(Impl("cuBLAS cat-GEMM", lambda: F.linear(x, w_cat), gpu_only=True,
+        impls.append(Impl("cuBLAS cat-GEMM", lambda: F.linear(x, w_cat), gpu_only=True, optional=True,
                           error_fn=lambda out: 0.0 if out.shape == (m, 2 * i) else math.nan,
                           note="GEMM only (x @ [Wg; Wu]^T), no activation"))
     if activation == "silu":
@@ -386,14 +386,15 @@ def _fp8_gemm_case(suite, m, n, k, granularity, out_dtype, decode) -> Case:
         sa_c = sa.reshape(1) if granularity == "tensor" else sa
         sb_c = sb.reshape(1) if granularity == "tensor" else sb
         impls += [
-            Impl("cuBLAS _scaled_mm", gpu_only=True, fn=lambda: torch._scaled_mm(
+            Impl("cuBLAS _scaled_mm", gpu_only=True, optional=True, fn=lambda: torch._scaled_mm(
                 a8, b8, scale_a=sa_c.float(), scale_b=sb_c.float(), out_dtype=out_dtype)),
-            Impl("cuBLAS _scaled_mm fast-accum", gpu_only=True, tol=FP8_GEMM_FAST_TOL, fn=lambda: torch._scaled_mm(
+            Impl("cuBLAS _scaled_mm fast-accum", gpu_only=True, optional=True, tol=FP8_GEMM_FAST_TOL,
+                 fn=lambda: torch._scaled_mm(
                 a8, b8, scale_a=sa_c.float(), scale_b=sb_c.float(), out_dtype=out_dtype, use_fast_accum=True)),
         ]
         b16 = b16_t.t()
         # bf16 GEMM on the unquantized operands: compared by shape only (its values are not the FP8 product).
-        impls.append(Impl("bf16 matmul", lambda: a16 @ b16, gpu_only=True,
+        impls.append(Impl("bf16 matmul", lambda: a16 @ b16, gpu_only=True, optional=True,
                           error_fn=lambda out: 0.0 if out.shape == (m, n) else math.nan,
                           note="unquantized bf16 operands"))
     name = f"{m}x{n}x{k}" if not decode else f"decode M={m} N={n} K={k}"
