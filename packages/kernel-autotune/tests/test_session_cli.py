@@ -3,10 +3,16 @@ import subprocess
 import sys
 
 import autotune_helpers as h
+import pytest
 import torch
 from conftest import subprocess_env
 from kernel_autotune import cache, clear_memo, config_source, get_tunable, tune_operation
 from kernel_autotune.cli import main
+from triton_ops_core.device import is_interpreter
+
+# These tests drive a real kernel on CPU tensors with injected or wall-clock timers: the interpreter's world.
+# test_gpu.py covers the same tuner with CUDA events on a GPU.
+pytestmark = pytest.mark.skipif(not is_interpreter(), reason="CPU-interpreter test (GPU variant: test_gpu.py)")
 
 
 def test_tune_operation_finds_the_kernel_and_caches_the_fastest(cache_dir):

@@ -8,8 +8,13 @@ import triton
 from autotune_helpers import FAKE_MS, SCALE_SPACE, fake_timer, scale_grid, scale_kernel, scale_launch
 from conftest import subprocess_env
 from kernel_autotune import ConfigSpace, TritonAutoTuner, TuningError, cache
+from triton_ops_core.device import is_interpreter
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.models import TuningResult
+
+# These tests drive a real kernel on CPU tensors with injected or wall-clock timers: the interpreter's world.
+# test_gpu.py covers the same tuner with CUDA events on a GPU.
+pytestmark = pytest.mark.skipif(not is_interpreter(), reason="CPU-interpreter test (GPU variant: test_gpu.py)")
 
 
 def make_tuner(**over):
@@ -40,6 +45,7 @@ def test_persists_and_a_fresh_process_gets_it_back_without_timing(cache_dir):
 import json, torch
 from autotune_helpers import SCALE_SPACE, scale_grid, scale_kernel
 from kernel_autotune import TritonAutoTuner
+
 
 def no_timing(fn, config):
     raise AssertionError("timed a config although the result is cached")
