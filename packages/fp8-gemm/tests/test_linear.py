@@ -155,6 +155,7 @@ def test_unsupported_gpu_raises_unsupported_dtype(device, monkeypatch):
     mod = FP8Linear.from_linear(_linear(32, 16, True, device))
     monkeypatch.setattr(linear_mod, "supports_fp8", lambda d=None: False)
     monkeypatch.setattr(quant_mod, "supports_fp8", lambda d=None: False)
+    monkeypatch.setattr(quant_mod, "_FP8_OK", {})  # the per-device answer is cached on the GPU path
     with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):
         mod(torch.randn(2, 32, device=device))
     with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):

@@ -84,7 +84,7 @@ def test_module_trains(device):
     cos, sin = rope_tables(3, 16, device=device)
     g = torch.randn(2, 3, 64, device=device)
     (m(x, cos, sin) * g).sum().backward()  # not a square loss: RoPE preserves norms, its dx would cancel to ~0
-    w64 = torch.ones(64, dtype=torch.float64, requires_grad=True)
+    w64 = torch.ones(64, dtype=torch.float64, device=device, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
     (rmsnorm_rope_reference(x64, w64, cos.double(), sin.double(), eps=1e-5) * g.double()).sum().backward()
     assert_close_rel(m.weight.grad, w64.grad, 1e-5, "weight.grad")
