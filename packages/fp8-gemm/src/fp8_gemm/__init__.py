@@ -2,7 +2,8 @@
 
 from .__about__ import __version__
 from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
-from .gemm import fp8_gemm
+from .gemm import clear_caches, fp8_gemm
+from .gemm_configs import FP8_GEMM_CONFIGS, FP8_GEMM_DECODE_CONFIGS, FP8_GEMM_PTR_CONFIGS
 from .linear import FP8Linear, convert_to_fp8
 from .quantize import (
     ACTIVATION_BLOCK,
@@ -18,12 +19,16 @@ from .scaling import DelayedScaler, ScaleTracker
 
 __all__ = [
     "ACTIVATION_BLOCK",
+    "FP8_GEMM_CONFIGS",
+    "FP8_GEMM_DECODE_CONFIGS",
+    "FP8_GEMM_PTR_CONFIGS",
     "GRANULARITIES",
     "WEIGHT_BLOCK",
     "DelayedScaler",
     "FP8Linear",
     "ScaleTracker",
     "__version__",
+    "clear_caches",
     "convert_to_fp8",
     "dequantize_fp8",
     "expand_scale",

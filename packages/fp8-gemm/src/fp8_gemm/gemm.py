@@ -119,6 +119,11 @@ def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: boo
     return _fit_block_k(dict(cfg), blocked)
 
 
+def clear_caches() -> None:
+    """Forget memoized launch plans, e.g. after tuning, so the next calls look their configs up again."""
+    _plan.cache_clear()
+
+
 def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None) -> dict[str, Any]:
     """Pick the kernel and its config, then launch it; returns the path and config used."""
     m, k = a.shape
@@ -230,4 +235,4 @@ def fp8_gemm(
     return out
 
 
-__all__ = ["fp8_gemm"]
+__all__ = ["clear_caches", "fp8_gemm"]

@@ -48,7 +48,9 @@ RMSNORM_ROPE_SHAPES: tuple[dict[str, Any], ...] = (
 
 def _rmsnorm_rope() -> Tunable:
     pkg = importlib.import_module("fused_rmsnorm_rope")
-    reset = getattr(importlib.import_module("fused_rmsnorm_rope.config"), "clear_config_cache", None)
+    # The package memoizes configs in its launch plans too: clear_caches() forgets both, so overrides apply.
+    reset = getattr(pkg, "clear_caches", None) or getattr(
+        importlib.import_module("fused_rmsnorm_rope.config"), "clear_config_cache", None)
 
     def prepare(shape: Mapping[str, Any], device: torch.device) -> Callable[[], Any]:
         b, s, h, hd = (int(shape[k]) for k in ("batch", "seq", "hidden", "head_dim"))
@@ -148,8 +150,10 @@ def _fp8_gemm() -> Tunable:
 
         return None if supports_fp8(device) else "this device has no FP8 tensor cores"
 
-    return Tunable("fp8_gemm", prepare, FP8_GEMM_SHAPES, shipped=_shipped("fp8_gemm"), describe=describe,
-                   requires_gpu_feature=needs)
+    # fp8_gemm memoizes each shape's launch plan: clear it so each override reaches the kernel.
+    reset = getattr(pkg, "clear_caches", None)
+    return Tunable("fp8_gemm", prepare, FP8_GEMM_SHAPES, reset=reset, shipped=_shipped("fp8_gemm"),
+                   describe=describe, requires_gpu_feature=needs)
 
 
 _register_builtin("fused_rmsnorm_rope", "fused_rmsnorm_rope", _rmsnorm_rope)
