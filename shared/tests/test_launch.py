@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import fused_rmsnorm_rope.ops.launch as launch
+import triton_ops_core.launch as launch
 
 
 class FakeCompiled:
@@ -26,8 +26,8 @@ class FakeJit:
         self.log, self.fail_direct = [], fail_direct
 
     def __getitem__(self, grid):
-        def run(*args, num_warps):
-            self.log.append(("jit", grid, args, num_warps))
+        def run(*args, num_warps, **options):
+            self.log.append(("jit", grid, args, num_warps, options))
             return FakeCompiled(self.log, self.fail_direct)
 
         return run
@@ -65,3 +65,10 @@ def test_call_key_is_none_safe_and_distinguishes_alignment():
     assert k1 != k2 and hash(k1) is not None
     cache = launch.PlanCache()
     assert cache.get(launch.call_key([1, 2])) is None  # unhashable argument: no plan, no error
+
+
+def test_launch_options_reach_the_jit_call(monkeypatch):
+    monkeypatch.setattr(launch, "CompiledKernel", FakeCompiled)
+    jit = FakeJit()
+    launch.Plan(jit, (2,), (), 4, num_stages=3).launch("t")
+    assert jit.log[0][4] == {"num_stages": 3}

@@ -1,4 +1,6 @@
-"""The host side of every launch: call signatures, cached launch plans, and the direct launcher.
+"""The host side of a kernel launch: call signatures, cached launch plans, and the direct launcher.
+
+Shared by the kernel packages (first written for fused-rmsnorm-rope).
 
 Decode calls these ops with a handful of tokens, where the GPU work takes a few microseconds and the host decides the
 latency. A call is therefore keyed by the metadata its validation and launch depend on (shapes, strides, dtypes,
@@ -47,13 +49,14 @@ def call_key(*parts: Any) -> tuple | None:
 class Plan:
     """One call signature's launch: kernel, grid, scalar tail of the arguments, warps, and the direct launcher."""
 
-    __slots__ = ("kernel", "grid", "tail", "num_warps", "runner", "direct", "n_rows", "info", "extra")
+    __slots__ = ("kernel", "grid", "tail", "num_warps", "options", "runner", "direct", "n_rows", "info", "extra")
 
-    def __init__(self, kernel: Any, grid: tuple[int, ...], tail: tuple, num_warps: int, n_rows: int,
-                 info: Any = None, extra: Any = None) -> None:
+    def __init__(self, kernel: Any, grid: tuple[int, ...], tail: tuple, num_warps: int, n_rows: int = 0,
+                 info: Any = None, extra: Any = None, **options: Any) -> None:
         # CompiledKernel's launcher reads grid[0], grid[1] and grid[2]: always keep three dimensions
         grid = tuple(grid) + (1,) * (3 - len(grid))
         self.kernel, self.grid, self.tail, self.num_warps = kernel, grid, tail, num_warps
+        self.options = options  # further launch options of the JIT call (num_stages, ...)
         self.n_rows, self.info, self.extra = n_rows, info, extra
         self.runner: Callable[..., None] | None = None
         self.direct = True  # False once the direct launcher failed: JIT launches only from then on
@@ -69,7 +72,7 @@ class Plan:
                 # error is raised before anything is enqueued, so fall back to the JIT path for good
                 self.runner = None
                 self.direct = False
-        compiled = self.kernel[self.grid](*tensors, *self.tail, num_warps=self.num_warps)
+        compiled = self.kernel[self.grid](*tensors, *self.tail, num_warps=self.num_warps, **self.options)
         if self.direct and isinstance(compiled, CompiledKernel):
             self.runner = compiled[self.grid]
 
