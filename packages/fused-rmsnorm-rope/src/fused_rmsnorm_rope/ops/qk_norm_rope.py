@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.validation.rmsnorm_rope import validate_qk_norm_rope_inputs
 
 from ..config import QK_FWD_KERNEL, get_config
 from .kernels import _qk_norm_rope_fwd_kernel, next_pow2
-from triton_ops_core.launch import Plan, PlanCache, call_key
 from .rmsnorm_rope import collapse_rows, launch_bwd, position_strides, table_strides
 
 _PLANS = PlanCache()

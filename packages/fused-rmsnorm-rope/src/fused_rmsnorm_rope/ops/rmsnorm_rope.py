@@ -11,11 +11,11 @@ import functools
 from collections.abc import Callable
 
 import torch
+from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.validation.rmsnorm_rope import validate_rmsnorm_rope_inputs
 
 from ..config import FWD_KERNEL, get_config
 from .kernels import _norm_rope_bwd_kernel, _rmsnorm_rope_fwd_kernel, next_pow2
-from triton_ops_core.launch import Plan, PlanCache, call_key
 
 
 def _batch_stride(shape: torch.Size, strides: tuple[int, ...], nb: int) -> int | None:
