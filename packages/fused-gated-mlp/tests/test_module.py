@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _gated_mlp_helpers import TOL, make_inputs, reference64
-from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, fused_gated_mlp, heuristic_config, select_gated_mlp_config
+from fused_gated_mlp import (
+    GATED_MLP_CONFIGS,
+    FusedGatedMLP,
+    clear_caches,
+    fused_gated_mlp,
+    heuristic_config,
+    select_gated_mlp_config,
+)
 from fused_gated_mlp.configs import DECODE_MAX_TOKENS, decode_block_m
 from triton_ops_core.testing import assert_close_rel
 
@@ -63,6 +70,7 @@ def test_tune_on_first_use_runs_our_kernel(device, monkeypatch, tmp_path):
     monkeypatch.setenv("KERNEL_AUTOTUNE_WARMUP_RUNS", "1")
     monkeypatch.setenv("KERNEL_AUTOTUNE_BENCHMARK_RUNS", "1")
     kernel_autotune.clear_memo()
+    clear_caches()  # a cached launch plan of an earlier call would skip the config choice
     try:
         x, wg, wu, _, _ = make_inputs(3, 40, 24, torch.float32, device, seed=21)
         out = fused_gated_mlp(x, wg, wu)
@@ -70,3 +78,4 @@ def test_tune_on_first_use_runs_our_kernel(device, monkeypatch, tmp_path):
         assert any(tmp_path.iterdir()), "tuning wrote no cache entry"
     finally:
         kernel_autotune.clear_memo()
+        clear_caches()

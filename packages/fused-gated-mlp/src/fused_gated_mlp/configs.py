@@ -193,7 +193,7 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, s
 def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
                      device: torch.device) -> dict:
     """The analytical choice, used when no tuned config is cached or shipped."""
-    return dict(_heuristic(tokens, hidden, intermediate, torch.empty((), dtype=dtype).element_size(),
+    return dict(_heuristic(tokens, hidden, intermediate, dtype.itemsize,
                            _sm_count(device)))
 
 

@@ -4,20 +4,27 @@ Forward runs the Triton kernels of ``_kernels``. Backward is a composite of PyTo
 the two projections from the saved inputs (nothing ``[tokens, intermediate]``-sized is kept between forward and
 backward) and applies the analytic derivative of each activation; it is exact up to the rounding of the
 recomputed projections, which is that of ``torch.nn.functional.linear``.
+
+The call path is short on purpose (decode calls it with a handful of tokens, where the host is the cost): a lookup
+of the call's cached launch plan (``triton_ops_core.launch``; validation and config selection happen only on a
+miss), one ``torch.empty`` and one launch. Autograd's Function is entered only when a gradient is wanted.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import triton
+from triton.runtime import _allocation
 from triton_ops_core.device import is_hopper
+from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.validation.gated_mlp import validate_gated_mlp_inputs
 
 from . import _kernels as K
-from .configs import DECODE_MAX_TOKENS, select_gated_mlp_config
+from .configs import DECODE_MAX_TOKENS, _heuristic, select_gated_mlp_config
 
 _ACTIVATION_CODES = {
     "silu": K.ACT_SILU,
@@ -40,12 +47,9 @@ def _ensure_tma_allocator() -> None:
     """Device-side tensor descriptors need global scratch, handed out by ``triton.set_allocator``'s allocator.
 
     The allocator lives in a ContextVar (per thread), and a user's own allocator wins: ours is installed only
-    where none is set.
+    where none is set. Checked before every TMA launch (a ContextVar read): the first launch of each thread sets it.
     """
-    from triton.runtime import _allocation
-
-    current = _allocation._allocator.get()
-    if isinstance(current, _allocation.NullAllocator):
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_alloc_descriptor_scratch)
 
 
@@ -80,9 +84,13 @@ def _split_k_workspace(device: torch.device, ws_numel: int, lock_numel: int) -> 
     The decode kernel leaves both zeroed after every call (the last program of a tile resets its part), so they
     are allocated once and reused; a separate pair per stream keeps concurrent streams from sharing counters.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # The raw stream handle is what Triton's launcher reads too (no Stream object built per call).
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
-    ws, lock = _workspaces.get(key, (None, None))
+    pair = _workspaces.get(key)
+    if pair is not None and pair[0].numel() >= ws_numel and pair[1].numel() >= lock_numel:
+        return pair
+    ws, lock = pair if pair is not None else (None, None)
     if ws is None or ws.numel() < ws_numel:
         ws = torch.zeros(max(ws_numel, 1 << 16), dtype=torch.float32, device=device)
     if lock is None or lock.numel() < lock_numel:
@@ -92,7 +100,8 @@ def _split_k_workspace(device: torch.device, ws_numel: int, lock_numel: int) -> 
 
 
 def _new_output(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # One place that allocates the result, so tests can hand the kernel a poisoned buffer.
+    # One place that allocates the result, so tests can hand the kernel a poisoned buffer. The launch plan
+    # assumes a contiguous [m, n] result (its row stride is n).
     return torch.empty((m, n), dtype=dtype, device=device)
 
 
@@ -101,6 +110,92 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _build_plan(
+    x2d: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    config: dict | None = None,
+    bench: Callable[[dict], Callable[[], object]] | None = None,
+) -> Plan:
+    """Everything of a launch but its tensors: kernel, grid, scalar and constexpr tail (in the kernel's signature
+    order), warps, stages. ``extra`` holds what the per-call part needs: ``(N, device, is_cuda, workspace sizes,
+    copy gate bias, copy up bias, TMA on a GPU)``; workspace sizes are None for the prefill kernel, ``()`` for
+    the decode kernel without split-K. A plan without kernel (empty output) launches nothing."""
+    M, K_dim = x2d.shape
+    N = gate_weight.shape[0]
+    device = x2d.device
+    is_cuda = device.type == "cuda"
+    if M == 0 or N == 0:
+        return Plan(None, (1,), (), 0, n_rows=M, extra=(N, device, is_cuda, None, False, False, False))
+    if config is not None:
+        cfg = dict(config)
+    else:
+        cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device, bench=bench)
+    on_cpu = device.type == "cpu"
+    use_tma = bool(cfg.get("USE_TMA", True) and K_dim > 0 and (on_cpu or _is_hopper(device.index))
+                   and _tma_ok(x2d, gate_weight, up_weight))
+    # The path follows the token count; a forced config may name it (tests run both paths on any size).
+    path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
+    if path != "decode" and not use_tma and config is None and x2d.element_size() == 2:
+        # Without TMA the pointer GEMM keeps operands in registers: larger tiles spill (seen in ptxas reports).
+        cfg.update(POINTER_PREFILL_CONFIG)
+    # The output is a fresh contiguous [M, N] tensor: its row stride is N.
+    head = (M, N, K_dim, x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), N, float(alpha), float(limit),
+            _ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None,
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+    precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
+    grid_m, grid_n = _cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])
+    if path == "decode":
+        split_k = cfg.get("SPLIT_K", 1)
+        # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
+        even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
+        kernel = K._gated_mlp_decode_kernel
+        grid: tuple[int, ...] = (grid_n, split_k, grid_m)
+        tail = head + (split_k, even_k, cfg["num_stages"], use_tma) + precision + (on_cpu,)
+        workspace: tuple[int, ...] | None = (2 * M * N, grid_m * grid_n) if split_k > 1 else ()
+    else:
+        kernel = K._gated_mlp_prefill_kernel
+        grid = (grid_m * grid_n,)
+        tail = head + (cfg.get("GROUP_M", 8), cfg["num_stages"], use_tma) + precision
+        workspace = None
+    # The kernels read biases with unit stride: a strided view (an interleaved packed bias) is copied per call.
+    copy_gb = gate_bias is not None and not gate_bias.is_contiguous()
+    copy_ub = up_bias is not None and not up_bias.is_contiguous()
+    extra = (N, device, is_cuda, workspace, copy_gb, copy_ub, use_tma and is_cuda)
+    return Plan(kernel, grid, tail, cfg["num_warps"], n_rows=M, info=cfg, extra=extra,
+                num_stages=cfg["num_stages"])
+
+
+def _run(plan: Plan, x2d: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+         gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None) -> torch.Tensor:
+    """The per-call part of a forward: allocate the output, pick the workspace, launch the plan."""
+    n, device, is_cuda, workspace, copy_gb, copy_ub, tma = plan.extra
+    if is_cuda and device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
+        with torch.cuda.device(device):
+            return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias)
+    out = _new_output(plan.n_rows, n, x2d.dtype, device)
+    if plan.kernel is None:
+        return out
+    bg = out if gate_bias is None else gate_bias.contiguous() if copy_gb else gate_bias
+    bu = out if up_bias is None else up_bias.contiguous() if copy_ub else up_bias
+    if tma:
+        _ensure_tma_allocator()
+    if workspace is None:
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, out)
+    elif workspace:
+        ws, lock = _split_k_workspace(device, *workspace)
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, out, ws, lock)
+    else:
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, out, out, out)
+    return out
 
 
 def gated_mlp_forward(
@@ -114,71 +209,28 @@ def gated_mlp_forward(
     limit: float,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Launch the fused kernel on validated 2-D operands (``[M, K]``, ``[N, K]`` views with unit last stride)."""
-    if x2d.device.type == "cuda" and x2d.device.index != torch.cuda.current_device():
-        # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
-        with torch.cuda.device(x2d.device):
-            return gated_mlp_forward(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit,
-                                     config)
-    M, K_dim = x2d.shape
-    N = gate_weight.shape[0]
-    out = _new_output(M, N, x2d.dtype, x2d.device)
-    if M == 0 or N == 0:
-        return out
-    if config is not None:
-        cfg = dict(config)
-    else:
-        def bench(candidate: dict):  # for opt-in tune-on-first-use (KERNEL_AUTOTUNE=1)
-            return functools.partial(gated_mlp_forward, x2d, gate_weight, up_weight, gate_bias, up_bias,
-                                     activation, alpha, limit, candidate)
+    """Launch the fused kernel on validated 2-D operands (``[M, K]``, ``[N, K]`` views with unit last stride).
 
-        cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, x2d.device, bench=bench)
-    act = _ACTIVATION_CODES[activation]
-    bg = gate_bias.contiguous() if gate_bias is not None else out
-    bu = up_bias.contiguous() if up_bias is not None else out
-    common = dict(
-        ACTIVATION=act, HAS_GATE_BIAS=gate_bias is not None, HAS_UP_BIAS=up_bias is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=_dot_precision(x2d.dtype), UPCAST=x2d.device.type == "cpu" and x2d.dtype != torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    strides = (x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0))
-    use_tma = (cfg.get("USE_TMA", True) and K_dim > 0
-               and (x2d.device.type == "cpu" or _is_hopper(x2d.device.index))
-               and _tma_ok(x2d, gate_weight, up_weight))
-    if use_tma and x2d.device.type == "cuda":
-        _ensure_tma_allocator()
-    # The path follows the token count; a forced config may name it (tests run both paths on any size).
-    path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
-    if path == "decode":
-        split_k = cfg.get("SPLIT_K", 1)
-        grid_n = _cdiv(N, cfg["BLOCK_N"])
-        grid_m = _cdiv(M, cfg["BLOCK_M"])
-        if split_k > 1:
-            ws, lock = _split_k_workspace(x2d.device, 2 * M * N, grid_m * grid_n)
-        else:
-            ws, lock = out, out
-        # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
-        even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
-        K._gated_mlp_decode_kernel[(grid_n, split_k, grid_m)](
-            x2d, gate_weight, up_weight, bg, bu, out, ws, lock,
-            M, N, K_dim, *strides, float(alpha), float(limit),
-            SPLIT_K=split_k, EVEN_K=even_k, NUM_STAGES=cfg["num_stages"], USE_TMA=use_tma,
-            INTERPRET=x2d.device.type == "cpu", **common,
-        )
-        return out
-    if not use_tma and config is None and x2d.element_size() == 2:
-        # Without TMA the pointer GEMM keeps operands in registers: larger tiles spill (seen in ptxas reports).
-        cfg.update(POINTER_PREFILL_CONFIG)
-        common.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
-    K._gated_mlp_prefill_kernel[grid](
-        x2d, gate_weight, up_weight, bg, bu, out,
-        M, N, K_dim, *strides, float(alpha), float(limit),
-        GROUP_M=cfg.get("GROUP_M", 8), NUM_STAGES=cfg["num_stages"], USE_TMA=use_tma, **common,
-    )
-    return out
+    Builds the launch plan on every call (no plan cache): for explicit configs, tuning and tests;
+    ``fused_gated_mlp`` is the cached path.
+    """
+
+    def bench(candidate: dict) -> Callable[[], object]:  # for opt-in tune-on-first-use (KERNEL_AUTOTUNE=1)
+        return functools.partial(gated_mlp_forward, x2d, gate_weight, up_weight, gate_bias, up_bias,
+                                 activation, alpha, limit, candidate)
+
+    plan = _build_plan(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config,
+                       bench if config is None else None)
+    return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias)
+
+
+_PLANS = PlanCache()
+
+
+def clear_caches() -> None:
+    """Forget cached launch plans and memoized configs, e.g. after tuning, so the next calls choose again."""
+    _PLANS.clear()
+    _heuristic.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,13 +270,17 @@ class FusedGatedMLPFunction(torch.autograd.Function):
     """Autograd of ``act(x @ Wg^T + bg) * (x @ Wu^T + bu)``: Triton forward, recomputing composite backward."""
 
     @staticmethod
-    def forward(ctx, x, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config):
-        hidden = x.shape[-1]
-        x2d = x.reshape(-1, hidden)
-        out = gated_mlp_forward(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config)
+    def forward(ctx, x, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config, plan=None):
+        # ``plan``: the cached launch plan of this call (``fused_gated_mlp``); None builds one from ``config``.
+        x2d = _as_2d(x)
+        if plan is None:
+            out = gated_mlp_forward(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit,
+                                    config)
+        else:
+            out = _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias)
         ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias)
         ctx.activation, ctx.alpha, ctx.limit = activation, alpha, limit
-        return out.reshape(*x.shape[:-1], gate_weight.shape[0])
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], gate_weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -247,7 +303,7 @@ class FusedGatedMLPFunction(torch.autograd.Function):
         dwu = du.t() @ x2d if need[2] else None
         dbg = d_gate.sum(0).to(bg.dtype) if bg is not None and need[3] else None
         dbu = d_up.sum(0).to(bu.dtype) if bu is not None and need[4] else None
-        return dx, dwg, dwu, dbg, dbu, None, None, None, None
+        return dx, dwg, dwu, dbg, dbu, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,8 +367,50 @@ def fused_gated_mlp(
     Raises:
         ShapeMismatchError, UnsupportedDtypeError, DeviceMismatchError, UnsupportedDeviceError, LayoutError,
         InvalidArgumentError: from ``triton_ops_core`` validation, naming the offending argument.
+
+    Repeated calls are cheap on the host: a call is keyed by the metadata validation and launch depend on
+    (shapes, strides, dtypes, devices, 16-byte alignment of the data, the options); the first call with a key
+    validates and builds a launch plan, later ones only allocate the output and launch (see
+    ``triton_ops_core.launch``). ``clear_caches()`` forgets the plans.
     """
-    spec = validate_gated_mlp_inputs(
+    key = call_key(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
+                   alpha.__class__, limit.__class__,  # True == 1: keep a bool (rejected) apart from an int
+                   _config_key(config),
+                   # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
+                   getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _new_plan(key, x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha,
+                         limit, config)
+    if weight_layout != "separate":
+        gate_weight, up_weight = split_packed(gate_weight, weight_layout)
+        if gate_bias is not None:
+            gate_bias, up_bias = split_packed(gate_bias, weight_layout)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or gate_weight.requires_grad or (up_weight is not None and up_weight.requires_grad)
+        or (gate_bias is not None and gate_bias.requires_grad) or (up_bias is not None and up_bias.requires_grad)
+    ):
+        return FusedGatedMLPFunction.apply(x, gate_weight, up_weight, gate_bias, up_bias, activation,
+                                           float(alpha), float(limit), config, plan)
+    out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.extra[0])
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    # The [tokens, hidden] view the kernels read; the same for the plan and for every call of its key.
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _config_key(config: dict | None) -> tuple | None:
+    # A dict is unhashable: its items are (a config with unhashable values is never cached; see PlanCache.get).
+    return None if config is None else (tuple(config.items()),)
+
+
+def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor | None,
+              gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, activation: str, weight_layout: str,
+              alpha: float, limit: float, config: dict | None) -> Plan:
+    """The first call of a key: validate, choose the config, build the plan and cache it."""
+    validate_gated_mlp_inputs(
         x, gate_weight, up_weight, activation, gate_bias=gate_bias, up_bias=up_bias,
         weight_layout=weight_layout, alpha=alpha, limit=limit,
     )
@@ -320,13 +418,19 @@ def fused_gated_mlp(
         gate_weight, up_weight = split_packed(gate_weight, weight_layout)
         if gate_bias is not None:
             gate_bias, up_bias = split_packed(gate_bias, weight_layout)
-    tensors = (x, gate_weight, up_weight, gate_bias, up_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return FusedGatedMLPFunction.apply(x, gate_weight, up_weight, gate_bias, up_bias, activation,
-                                           float(alpha), float(limit), config)
-    out = gated_mlp_forward(x.reshape(-1, spec.hidden_dim), gate_weight, up_weight, gate_bias, up_bias,
-                            activation, alpha, limit, config)
-    return out.reshape(*x.shape[:-1], spec.intermediate_dim)
+    x2d = _as_2d(x)
+
+    def bench(candidate: dict) -> Callable[[], object]:  # for opt-in tune-on-first-use (KERNEL_AUTOTUNE=1)
+        return functools.partial(gated_mlp_forward, x2d, gate_weight, up_weight, gate_bias, up_bias,
+                                 activation, alpha, limit, candidate)
+
+    plan = _build_plan(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config,
+                       bench if config is None else None)
+    try:
+        _PLANS.put(key, plan)
+    except TypeError:  # an unhashable value inside ``config``: that call is planned anew each time
+        pass
+    return plan
 
 
 def gated_mlp_reference(
@@ -363,4 +467,5 @@ def gated_mlp_reference(
     return g * torch.sigmoid(alpha * g) * (u + 1)
 
 
-__all__ = ["FusedGatedMLPFunction", "fused_gated_mlp", "gated_mlp_forward", "gated_mlp_reference", "split_packed"]
+__all__ = ["FusedGatedMLPFunction", "clear_caches", "fused_gated_mlp", "gated_mlp_forward", "gated_mlp_reference",
+           "split_packed"]

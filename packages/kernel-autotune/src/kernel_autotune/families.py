@@ -99,8 +99,8 @@ def _gated_mlp() -> Tunable:
     def describe(shape: Mapping[str, Any]) -> str:
         return f"M={shape['tokens']} H={shape['hidden']} I={shape['intermediate']} {shape.get('dtype')}"
 
-    return Tunable("fused_gated_mlp", prepare, GATED_MLP_SHAPES, shipped=_shipped("fused_gated_mlp"),
-                   describe=describe)
+    return Tunable("fused_gated_mlp", prepare, GATED_MLP_SHAPES, reset=getattr(pkg, "clear_caches", None),
+                   shipped=_shipped("fused_gated_mlp"), describe=describe)
 
 
 # ---- fp8_gemm --------------------------------------------------------------------------------------
