@@ -128,3 +128,15 @@ def test_tf32_switch_is_part_of_the_key(device, counts):
     assert counts["build"] == 2
     precisions = sorted(p.tail[-3] for p in ops._PLANS._plans.values())
     assert precisions == ["ieee", "tf32"]
+
+
+def test_gated_mlp_forward_caches_plans_per_config(device, counts):
+    # The benchmark and tuning entry point: no validation, plans cached per (metadata, config).
+    split = {"path": "decode", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "GROUP_M": 1,
+             "num_warps": 4, "num_stages": 2}
+    for cfg in (split, {**split, "SPLIT_K": 1}):
+        for seed in range(2):
+            x, wg, wu, _, _ = make_inputs(3, 96, 20, torch.float32, device, seed=20 + seed)
+            out = ops.gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
+            assert_close_rel(out, reference64(x, wg, wu, "silu"), TOL[torch.float32])
+    assert counts == {"validate": 0, "build": 2}
