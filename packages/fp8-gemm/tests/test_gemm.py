@@ -240,6 +240,7 @@ def test_gpu_without_fp8_tensor_cores(monkeypatch):
     import fp8_gemm.gemm as gemm
 
     monkeypatch.setattr(gemm, "_device_caps", lambda device, interpreter: (False, False))
+    gemm.clear_caches()  # the capability is checked on a call signature's first call
     with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):
         fp8_gemm(_fp8((4, 8)), _fp8((8, 6)), a_scale=ONE, b_scale=ONE)
 

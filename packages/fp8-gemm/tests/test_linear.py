@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from fp8_gemm import FP8Linear, convert_to_fp8, quantize_fp8
+from fp8_gemm import FP8Linear, clear_caches, convert_to_fp8, quantize_fp8
 from fp8_gemm.reference import fp8_matmul_reference, quantize_fp8_reference
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
@@ -156,6 +156,7 @@ def test_unsupported_gpu_raises_unsupported_dtype(device, monkeypatch):
     monkeypatch.setattr(linear_mod, "supports_fp8", lambda d=None: False)
     monkeypatch.setattr(quant_mod, "supports_fp8", lambda d=None: False)
     monkeypatch.setattr(quant_mod, "_FP8_OK", {})  # the per-device answer is cached on the GPU path
+    clear_caches()  # the capability is checked on a call signature's first call
     with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):
         mod(torch.randn(2, 32, device=device))
     with pytest.raises(UnsupportedDtypeError, match="FP8 tensor cores"):

@@ -14,6 +14,7 @@ import torch
 import triton
 from triton_ops_core.device import is_hopper, is_interpreter, supports_fp8
 from triton_ops_core.exceptions import UnsupportedDtypeError
+from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.validation.fp8_gemm import validate_fp8_gemm_inputs
 
 from . import gemm_configs as cfgs
@@ -33,12 +34,18 @@ def _alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
 
 
 def _ensure_allocator() -> None:
-    # Device-side tensor descriptors live in a global scratch buffer that Triton asks an allocator for.
-    from triton.runtime import _allocation
+    # Device-side tensor descriptors live in a global scratch buffer that Triton asks an allocator for. Triton
+    # keeps it in a ContextVar (per thread), so the TMA path checks it on every call: one lookup.
+    global _ALLOCATION
+    if _ALLOCATION is None:
+        from triton.runtime import _allocation
 
-    current = _allocation._allocator.get()
-    if isinstance(current, _allocation.NullAllocator):
+        _ALLOCATION = _allocation
+    if isinstance(_ALLOCATION._allocator.get(), _ALLOCATION.NullAllocator):
         triton.set_allocator(_alloc)
+
+
+_ALLOCATION: Any = None
 
 
 def _quantize(t: torch.Tensor, granularity: str, scale: torch.Tensor | None,
@@ -49,18 +56,6 @@ def _quantize(t: torch.Tensor, granularity: str, scale: torch.Tensor | None,
     if scale is not None and granularity in ("row", "channel"):  # validation allows [M] / [N]: give the 2-D form
         scale = scale.reshape(-1, 1) if granularity == "row" else scale.reshape(1, -1)
     return quantize_fp8(t, "e4m3", granularity, scale=scale, role="weight" if is_b else "activation")
-
-
-def _prepare_operand(t: torch.Tensor, scale: torch.Tensor | None, gran: str | None, default: str, is_b: bool):
-    if t.dtype != FP8:
-        gran = gran or default
-        t, scale = _quantize(t, gran, scale, is_b)
-    # The kernels read tensor/row/channel scales as a flat vector, block scales row-major (validated fp32).
-    if gran != "block" and scale.dim() != 1:
-        scale = scale.reshape(-1)
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
-    return t, scale, gran
 
 
 @functools.lru_cache(maxsize=16)
@@ -120,12 +115,19 @@ def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: boo
 
 
 def clear_caches() -> None:
-    """Forget memoized launch plans, e.g. after tuning, so the next calls look their configs up again."""
+    """Forget memoized configs and launch plans (of ``fp8_gemm``, ``quantize_fp8`` and ``FP8Linear``), e.g. after
+    tuning, so the next calls look their configs up and validate again."""
+    from . import linear, quantize
+
     _plan.cache_clear()
+    _CALLS.clear()
+    quantize._PLANS.clear()
+    linear._PLANS.clear()
 
 
-def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None) -> dict[str, Any]:
-    """Pick the kernel and its config, then launch it; returns the path and config used."""
+def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None) -> Plan:
+    """The launch of one call signature: kernel, grid, scalar tail and options (``extra`` says what the
+    per-call tensors need; ``info`` is the path and config)."""
     m, k = a.shape
     n = b.shape[1]
     interp = _INTERP
@@ -137,45 +139,69 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
         cfg = _fit_block_k(config, blocked)
     nb = -(-n // 128)
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == 2 else (0, 0)
-    bias_arg = bias if bias is not None else a_s
-    common = dict(A_MODE=a_mode, B_MODE=b_mode, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
-                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+    has_bias = bias is not None
+    info = {"path": path, **cfg}
+    # Constexprs go positionally, in the kernels' signature order (the direct launcher takes every argument).
     if path == "decode":
         k_tiles = triton.cdiv(k, cfg["BLOCK_K"])
         per_split = triton.cdiv(k_tiles, max(1, min(cfg["SPLIT_K"], k_tiles)))
         split = triton.cdiv(k_tiles, per_split)  # no empty K slices
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-        ws = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
-        cnt = _counters(a.device, grid[0]) if split > 1 else out
-        fp8_gemm_decode_kernel[grid](
-            a, b, out, a_s, b_s, bias_arg, ws, cnt, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1), sa_m, sa_k, nb, per_split,
-            ACC=0 if fast_accum else 1, SPLIT_K=split, **common)
-    elif path == "tma":
-        if not interp:
-            _ensure_allocator()
+        tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+                sa_m, sa_k, nb, per_split,
+                a_mode, b_mode, has_bias, 0 if fast_accum else 1, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
+                split)
+        return Plan(fp8_gemm_decode_kernel, grid, tail, cfg["num_warps"], info=info, extra=(path, split, grid[0]),
+                    num_stages=cfg["num_stages"])
+    if path == "tma":
         kmajor, lead = _b_layout(b)
-        if not kmajor:
+        copy_b = not kmajor
+        if copy_b:
             # FP8 wgmma reads B K-major only; a row-major B tile would be transposed through registers at a
-            # tenth of the speed. One copy of b (K*N bytes) is far cheaper for M > 64.
-            b = b.t().contiguous().t()
-            kmajor, lead = True, b.stride(1)
+            # tenth of the speed. One copy of b (K*N bytes, made per call) is far cheaper for M > 64.
+            kmajor, lead = True, k
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         progs = min(tiles, cfgs.num_sms(a.device) * cfg.get("CTAS_PER_SM", 1)) if cfg["PERSISTENT"] else tiles
-        fp8_gemm_tma_kernel[(progs,)](
-            a, b, out, a_s, b_s, bias_arg, m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, progs,
-            B_KMAJOR=kmajor, ACC=0 if fast_accum else cfg["FAITHFUL_ACC"], GROUP_M=cfg["GROUP_M"],
-            FLATTEN=bool(cfg.get("FLATTEN", False)), WARP_SPEC=bool(cfg.get("WARP_SPEC", False)),
-            PROMOTE_K=cfg.get("PROMOTE_K", cfg["BLOCK_K"]), EPI_SUBTILE=bool(cfg.get("EPI_SUBTILE", False)),
-            **common)
-    else:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        fp8_gemm_ptr_kernel[grid](
-            a, b, out, a_s, b_s, bias_arg, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1), sa_m, sa_k, nb,
-            ACC=0 if fast_accum else 1, GROUP_M=cfg["GROUP_M"], **common)
-    return {"path": path, **cfg}
+        tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, progs,
+                a_mode, b_mode, kmajor, has_bias, 0 if fast_accum else cfg["FAITHFUL_ACC"],
+                cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], bool(cfg.get("FLATTEN", False)),
+                bool(cfg.get("WARP_SPEC", False)), cfg.get("PROMOTE_K", cfg["BLOCK_K"]),
+                bool(cfg.get("EPI_SUBTILE", False)))
+        return Plan(fp8_gemm_tma_kernel, (progs,), tail, cfg["num_warps"], info=info, extra=(path, copy_b, 0),
+                    num_stages=cfg["num_stages"])
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            sa_m, sa_k, nb,
+            a_mode, b_mode, has_bias, 0 if fast_accum else 1, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
+            cfg["GROUP_M"])
+    return Plan(fp8_gemm_ptr_kernel, grid, tail, cfg["num_warps"], info=info, extra=(path, False, 0),
+                num_stages=cfg["num_stages"])
+
+
+def _run_launch(plan: Plan, a, b, out, a_s, b_s, bias) -> None:
+    """Launch ``plan`` with this call's tensors (output, split-K workspace and counters are per call)."""
+    path, flag, n_cnt = plan.extra
+    bias_arg = a_s if bias is None else bias
+    if path == "decode":
+        if flag > 1:  # split K: fp32 partials, and the device's shared arrival counters
+            ws = torch.empty((flag, out.shape[0], out.shape[1]), dtype=torch.float32, device=out.device)
+            plan.launch(a, b, out, a_s, b_s, bias_arg, ws, _counters(out.device, n_cnt))
+        else:
+            plan.launch(a, b, out, a_s, b_s, bias_arg, out, out)
+        return
+    if path == "tma":
+        if not _INTERP:
+            _ensure_allocator()
+        if flag:  # b row-major [K, N]: give the kernel a K-major copy
+            b = b.t().contiguous().t()
+    plan.launch(a, b, out, a_s, b_s, bias_arg)
+
+
+def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None) -> dict[str, Any]:
+    """Pick the kernel and its config, then launch it (no plan cache); returns the path and config used."""
+    plan = _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path, config)
+    _run_launch(plan, a, b, out, a_s, b_s, bias)
+    return plan.info
 
 
 def _fit_block_k(cfg: dict[str, Any], blocked: bool) -> dict[str, Any]:
@@ -219,20 +245,88 @@ def fp8_gemm(
         UnsupportedDtypeError: dtypes outside the above, an FP8 operand without its scale, or a GPU without FP8
             tensor cores. ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError, LayoutError as named.
     """
+    try:
+        key = call_key(a, b, a_scale, b_scale, out_dtype, bias, fast_accum)
+    except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says which
+        key = None
+    call = _CALLS.get(key) if key is not None else None
+    if call is None:
+        call = _new_call(a, b, a_scale, b_scale, out_dtype, bias, fast_accum, key)
+    return call.run(a, b, a_scale, b_scale, bias)
+
+
+class _Call:
+    """One call signature of ``fp8_gemm``: what to do with each operand and the kernel launch (built on the
+    first call, which validates; the key fixes every metadata the decisions read)."""
+
+    __slots__ = ("m", "n", "out_dtype", "kind", "a_prep", "b_prep", "a_mode", "b_mode", "fast", "launch")
+
+    def __init__(self, spec, fast_accum: bool, a_scale, b_scale) -> None:
+        self.m, self.n, self.out_dtype = spec.m, spec.n, spec.out_dtype
+        # kind 1: empty output; 2: K == 0 (bias or zeros); 0: a launch
+        self.kind = 1 if spec.m == 0 or spec.n == 0 else 2 if spec.k == 0 else 0
+        self.a_prep = _operand_prep(spec.a.dtype, a_scale, spec.a_granularity, "row")
+        self.b_prep = _operand_prep(spec.b.dtype, b_scale, spec.b_granularity, "channel")
+        self.a_mode = _A_MODE[spec.a_granularity or "row"]
+        self.b_mode = _B_MODE[spec.b_granularity or "channel"]
+        self.fast = bool(fast_accum)
+        self.launch: Plan | None = None
+
+    def run(self, a, b, a_scale, b_scale, bias) -> torch.Tensor:
+        out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=a.device)
+        if self.kind:
+            if self.kind == 1:
+                return out
+            return out.copy_(bias.expand(self.m, self.n) if bias is not None else torch.zeros_like(out))
+        a, a_s = _apply_prep(self.a_prep, a, a_scale, False)
+        b, b_s = _apply_prep(self.b_prep, b, b_scale, True)
+        plan = self.launch
+        if plan is None:
+            plan = self.launch = _launch_plan(a, b, out, a_s, b_s, bias, self.a_mode, self.b_mode, self.fast)
+        _run_launch(plan, a, b, out, a_s, b_s, bias)
+        return out
+
+
+def _operand_prep(dtype: torch.dtype, scale: torch.Tensor | None, gran: str | None, default: str) -> tuple:
+    """How an operand reaches the kernel: ``(0, _)`` as is (FP8, its scale's elements already in the order the
+    kernel reads them), ``(1, gran)`` FP8 with a scale to flatten or copy, ``(2, gran)`` quantized here."""
+    if dtype != FP8:
+        return 2, gran or default
+    return (0 if scale.is_contiguous() else 1), gran
+
+
+def _apply_prep(prep: tuple, t: torch.Tensor, scale: torch.Tensor, is_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    kind, gran = prep
+    if kind == 0:
+        return t, scale  # the kernel reads the data pointer only: a [M, 1] scale serves as a flat [M] one
+    if kind == 2:
+        t, scale = _quantize(t, gran, scale, is_b)
+    return t, _flat_scale(scale, gran)
+
+
+def _flat_scale(scale: torch.Tensor, gran: str) -> torch.Tensor:
+    # The kernels read tensor/row/channel scales as a flat vector, block scales row-major (validated fp32).
+    if gran != "block" and scale.dim() != 1:
+        scale = scale.reshape(-1)
+    return scale if scale.is_contiguous() else scale.contiguous()
+
+
+def _new_call(a, b, a_scale, b_scale, out_dtype, bias, fast_accum, key) -> _Call:
     spec = validate_fp8_gemm_inputs(a, b, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, bias=bias)
     if not _device_caps(a.device, _INTERP)[0]:
         raise UnsupportedDtypeError(
             f"a: FP8 GEMM needs FP8 tensor cores (compute capability 8.9 or higher), got "
             f"{torch.cuda.get_device_name(a.device) if a.device.type == 'cuda' else a.device}")
-    out = torch.empty((spec.m, spec.n), dtype=spec.out_dtype, device=a.device)
-    if spec.m == 0 or spec.n == 0:
-        return out
-    if spec.k == 0:
-        return out.copy_(bias.expand(spec.m, spec.n) if bias is not None else torch.zeros_like(out))
-    a_q, a_s, a_gran = _prepare_operand(a, a_scale, spec.a_granularity, "row", is_b=False)
-    b_q, b_s, b_gran = _prepare_operand(b, b_scale, spec.b_granularity, "channel", is_b=True)
-    _launch(a_q, b_q, out, a_s, b_s, bias, _A_MODE[a_gran], _B_MODE[b_gran], fast_accum)
-    return out
+    call = _Call(spec, fast_accum, a_scale, b_scale)
+    if key is not None:
+        try:
+            _CALLS.put(key, call)
+        except TypeError:  # an unhashable option: no caching, same results
+            pass
+    return call
+
+
+_CALLS = PlanCache()
 
 
 __all__ = ["clear_caches", "fp8_gemm"]

@@ -14,12 +14,16 @@ import torch
 from torch import nn
 from triton_ops_core.device import supports_fp8
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_kernel_device, check_tensor
 
-from .quantize import WEIGHT_BLOCK, _quantize_activation, quantize_fp8, scale_shape
+from .quantize import WEIGHT_BLOCK, _activation_plan, quantize_fp8, scale_shape
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
+# Call plans of FP8Linear.forward, keyed by the input's and the module's buffers' metadata (weights loaded later
+# with the same layout reuse them; the plans hold no tensors).
+_PLANS = PlanCache()
 
 
 def _require_fp8(device: torch.device, what: str) -> None:
@@ -128,7 +132,32 @@ class FP8Linear(nn.Module):
         return w_kn.t().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .gemm import fp8_gemm
+        # Buffers straight from their dicts: nn.Module's attribute lookup costs on a path this short.
+        buffers = self._buffers
+        weight, weight_scale, bias = buffers["weight"], buffers["weight_scale"], self._parameters["bias"]
+        try:
+            key = call_key(x, weight, weight_scale, bias, self.activation_granularity, self.fast_accum,
+                           self.in_features, self.out_features)
+        except (AttributeError, RuntimeError, TypeError):  # x not a tensor: validation says so
+            key = None
+        plan = _PLANS.get(key) if key is not None else None
+        if plan is None:
+            plan = self._plan(x, key)
+        quant, gemm, flat = plan
+        if flat:  # x is already the row-major [M, K] activation
+            x2 = x
+        else:
+            x2 = x.reshape(-1, self.in_features)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+        a_q, a_s, _ = quant.run(x2, None)
+        # The bias keeps its own dtype: the GEMM adds it in fp32 before the one output rounding.
+        out = gemm.run(a_q, weight.t(), a_s, weight_scale, bias)
+        return out if flat else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _plan(self, x: torch.Tensor, key: tuple | None) -> tuple:
+        """Validate a call signature once: the activation's quantization plan and the GEMM's call plan."""
+        from .gemm import _new_call
 
         check_tensor(x, "x")
         check_dtype(x, "x", FLOAT_DTYPES)
@@ -141,11 +170,15 @@ class FP8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        a_q, a_s = _quantize_activation(x2, self.activation_granularity)
-        # The bias keeps its own dtype: the GEMM adds it in fp32 before the one output rounding.
-        out = fp8_gemm(a_q, self.weight.t(), a_scale=a_s, b_scale=self.weight_scale, out_dtype=x.dtype,
-                       bias=self.bias, fast_accum=self.fast_accum)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        quant = _activation_plan(x2, self.activation_granularity)
+        # the GEMM's plan depends on the quantized activation's metadata only (fresh tensors: a fixed layout)
+        a_q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        a_s = torch.empty(quant.scale_shape, dtype=torch.float32, device=x.device)
+        gemm = _new_call(a_q, self.weight.t(), a_s, self.weight_scale, x.dtype, self.bias, self.fast_accum, None)
+        plan = (quant, gemm, x.dim() == 2 and x.stride(-1) == 1)
+        if key is not None:
+            _PLANS.put(key, plan)
+        return plan
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

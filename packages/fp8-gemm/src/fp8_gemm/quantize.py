@@ -34,6 +34,7 @@ from triton_ops_core.exceptions import (
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
+from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.models import FP8Format
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
@@ -502,113 +503,205 @@ def _column_major(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) >= t.shape[0]
 
 
-def _quantize_2d(x, fmt, granularity, given, block, amax_out=None):
-    """Row-major ``x`` ``[R, C]``: returns ``(q, scale, overflow_count)``; ``overflow_count`` is a device int32
-    tensor (or None without a given scale)."""
+def _as_rows(t: torch.Tensor, mode: int) -> torch.Tensor:
+    """``t`` as the row-major 2-D problem the kernels read (``mode``: see ``_QuantPlan``)."""
+    if mode == 0:
+        return t
+    if mode == 1:
+        return t.t()
+    if mode == 2:
+        return t.contiguous()
+    x = t.reshape(-1, t.shape[-1])
+    return x if mode == 3 else x.contiguous()
+
+
+class _QuantPlan:
+    """Everything but the tensors of one ``quantize_fp8`` call signature: how ``t`` becomes the row-major 2-D
+    problem, how the given scale reaches the kernel, the launches and the output views.
+
+    ``x_mode``: 0 ``t``, 1 ``t.t()`` (column-major input), 2 ``t.contiguous()``, 3 ``t.reshape(-1, C)``, 4 the
+    reshape made contiguous. ``given_mode``: 0 the given scale as is (its elements already lie in the order the
+    kernel reads), 1 flattened and contiguous, 2 contiguous, 3 transposed then contiguous.
+    """
+
+    __slots__ = ("x_mode", "given_mode", "gran", "dtype", "emulate", "r", "c", "scale_shape", "launches",
+                 "transposed", "out_shape", "expected", "has_given", "fmt", "granularity", "reshape")
+
+    def run(self, t: torch.Tensor, given: torch.Tensor | None,
+            amax_out: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(q, scale, overflow_count)`` in the caller's layout; ``overflow_count`` is a device int32 tensor
+        (None without a given scale)."""
+        x = _as_rows(t, self.x_mode)
+        device = t.device
+        q = torch.empty((self.r, self.c), dtype=self.dtype, device=device)
+        flag = None
+        if not self.launches:  # nothing to read: every (empty) group has amax 0, hence scale 1
+            s = torch.ones(self.scale_shape, dtype=torch.float32, device=device)
+        else:
+            q_arg = q.view(torch.uint8) if self.emulate else q
+            s = torch.empty(self.scale_shape, dtype=torch.float32, device=device)
+            g = given
+            if self.has_given:
+                gm = self.given_mode
+                if gm == 1:
+                    g = given.reshape(-1).contiguous()
+                elif gm == 2:
+                    g = given.contiguous()
+                elif gm == 3:
+                    g = given.t().contiguous()
+                flag = torch.zeros(1, dtype=torch.int32, device=device)
+            gran = self.gran
+            if gran == "tensor":
+                amax = torch.zeros((1,), dtype=torch.int32, device=device)
+                first, second = self.launches
+                if self.has_given:
+                    first.launch(x, q_arg, amax, g)
+                    second.launch(x, q_arg, s, amax, g, flag)
+                else:
+                    first.launch(x, amax)
+                    second.launch(x, q_arg, s, amax)
+                if amax_out is not None:
+                    amax_out.append(amax.view(torch.float32))
+            else:
+                self.launches[0].launch(x, q_arg, s, g if self.has_given else s, flag if self.has_given else s)
+        if self.transposed:
+            return q.t(), (s.t().contiguous() if self.gran != "tensor" else s), flag
+        if self.reshape:
+            return q.view(self.out_shape), s.view(self.expected), flag
+        return q, s, flag
+
+
+def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str, block) -> None:
+    """The launches of a row-major ``x`` ``[R, C]`` (kernels, grids and scalar tails)."""
     r, c = x.shape
     emulate = is_interpreter()
-    q = torch.empty((r, c), dtype=fmt.torch_dtype, device=x.device)
-    if r == 0 or c == 0:  # nothing to read: every (empty) group has amax 0, hence scale 1
-        shapes = {"row": (r, 1), "channel": (1, c), "tensor": (1,)}
-        shape = shapes.get(granularity) or (_cdiv(r, block[0]), _cdiv(c, block[1]))
-        return q, torch.ones(shape, dtype=torch.float32, device=x.device), None
-    q_arg = q.view(torch.uint8) if emulate else q
-    has_given = given is not None
-    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if has_given else None
-    common = {"MAX_VALUE": fmt.max_value, "IS_E4M3": fmt.name == "e4m3", "EMULATE": emulate}
+    plan.r, plan.c, plan.gran, plan.dtype, plan.emulate = r, c, granularity, fmt.torch_dtype, emulate
+    if granularity in ("row", "channel"):
+        plan.scale_shape = (1, c) if granularity == "channel" else (r, 1)
+    elif granularity == "block":
+        plan.scale_shape = (_cdiv(r, block[0]), _cdiv(c, block[1]))
+    else:
+        plan.scale_shape = (1,)
+    if r == 0 or c == 0:
+        plan.launches = ()
+        return
+    has_given = plan.has_given
+    max_value, is_e4m3 = fmt.max_value, fmt.name == "e4m3"
     stride_xr = x.stride(0) if r > 1 else c
+    # Constexprs go positionally, in each kernel's signature order (the direct launcher takes every argument).
     if granularity in ("row", "channel"):
         reduce_rows = granularity == "channel"
-        scale = torch.empty((1, c) if reduce_rows else (r, 1), dtype=torch.float32, device=x.device)
-        given_arg = given.reshape(-1).contiguous() if has_given else scale
         cfg = _lines_config(r, c, reduce_rows)
         n_prog = _cdiv(c, cfg["BLOCK_C"]) if reduce_rows else _cdiv(r, cfg["BLOCK_R"])
-        _quant_lines_kernel[(n_prog,)](
-            x, q_arg, scale, given_arg, flag if has_given else scale, r, c, stride_xr, c,
-            REDUCE_ROWS=reduce_rows, HAS_GIVEN=has_given, **common, **cfg,
-        )
+        tail = (r, c, stride_xr, c, max_value, reduce_rows, has_given, is_e4m3, emulate, cfg["BLOCK_R"],
+                cfg["BLOCK_C"], cfg["SINGLE"])
+        plan.launches = (Plan(_quant_lines_kernel, (n_prog,), tail, cfg["num_warps"]),)
     elif granularity == "block":
         bm, bk = block
-        scale = torch.empty((_cdiv(r, bm), _cdiv(c, bk)), dtype=torch.float32, device=x.device)
-        given_arg = given.contiguous() if has_given else scale
         block_r = 32 if bm == 1 else bm
-        _quant_blocks_kernel[(_cdiv(r, block_r), _cdiv(c, bk))](
-            x, q_arg, scale, given_arg, flag if has_given else scale, r, c, stride_xr, c, scale.stride(0),
-            GROUP_ROWS=bm, HAS_GIVEN=has_given, BLOCK_R=block_r, BLOCK_C=bk, num_warps=8 if bm > 1 else 4,
-            **common,
-        )
+        tail = (r, c, stride_xr, c, _cdiv(c, bk), max_value, bm, has_given, is_e4m3, emulate, block_r, bk)
+        plan.launches = (Plan(_quant_blocks_kernel, (_cdiv(r, block_r), _cdiv(c, bk)), tail, 8 if bm > 1 else 4),)
     else:
-        scale = torch.empty((1,), dtype=torch.float32, device=x.device)
-        amax = torch.zeros((1,), dtype=torch.int32, device=x.device)
         # A contiguous tensor is one long row: long tiles, no row masks.
         flat = x.is_contiguous()
         rr, cc, sr = (1, r * c, r * c) if flat else (r, c, stride_xr)
         cfg = _tile_config(rr, cc)
         grid = (_cdiv(rr, cfg["BLOCK_R"]), _cdiv(cc, cfg["BLOCK_C"]))
-        common.pop("MAX_VALUE")
+        n_tiles = grid[0] * grid[1]
+        br, bc, warps = cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["num_warps"]
         if has_given:
             # One read in the common case: cast with the given scale, then settle it against the amax.
-            given_arg = given.reshape(1).contiguous()
-            n_tiles = grid[0] * grid[1]
-            _quant_tensor_given_kernel[(min(n_tiles, _persistent_programs(x.device)),)](
-                x, q_arg, amax, given_arg, rr, cc, sr, cc, grid[1], n_tiles, **common, **cfg)
-            _tensor_fixup_kernel[(min(n_tiles, _FIXUP_PROGRAMS),)](
-                x, q_arg, scale, amax, given_arg, flag, rr, cc, sr, cc, grid[1], n_tiles,
-                MAX_VALUE=fmt.max_value, **common, **cfg,
+            plan.launches = (
+                Plan(_quant_tensor_given_kernel, (min(n_tiles, _persistent_programs(x.device)),),
+                     (rr, cc, sr, cc, grid[1], n_tiles, is_e4m3, emulate, br, bc), warps),
+                Plan(_tensor_fixup_kernel, (min(n_tiles, _FIXUP_PROGRAMS),),
+                     (rr, cc, sr, cc, grid[1], n_tiles, max_value, is_e4m3, emulate, br, bc), warps),
             )
         else:
-            n_tiles = grid[0] * grid[1]
-            _amax_kernel[(min(n_tiles, _persistent_programs(x.device)),)](
-                x, amax, rr, cc, sr, grid[1], n_tiles, **cfg)
-            _quant_tensor_kernel[grid](x, q_arg, scale, amax, rr, cc, sr, cc, MAX_VALUE=fmt.max_value,
-                                       **common, **cfg)
-        if amax_out is not None:
-            amax_out.append(amax.view(torch.float32))
-    return q, scale, flag
+            plan.launches = (
+                Plan(_amax_kernel, (min(n_tiles, _persistent_programs(x.device)),),
+                     (rr, cc, sr, grid[1], n_tiles, br, bc), warps),
+                Plan(_quant_tensor_kernel, grid, (rr, cc, sr, cc, max_value, is_e4m3, emulate, br, bc), warps),
+            )
 
 
-def _quantize(t, fmt, granularity, scale, block_size, strict, role, amax_out=None):
-    fmt, block, expected = _validate(t, fmt, granularity, scale, block_size, role)
-    given = scale
-    transposed = False
+def _build_plan(t: torch.Tensor, fmt: FP8Format, granularity: str, given: torch.Tensor | None, block,
+                expected: tuple[int, ...]) -> _QuantPlan:
+    """The plan of a validated call (the layout decisions of the quantization, taken once per signature)."""
+    plan = _QuantPlan()
+    plan.fmt, plan.granularity, plan.expected, plan.has_given = fmt, granularity, expected, given is not None
+    plan.transposed = False
+    plan.out_shape = t.shape
+    transpose_given = False
     if t.dim() == 2 and not _row_major(t) and _column_major(t):
         # A column-major [K, N] operand (a weight stored [N, K] and passed as w.t()) is a row-major [N, K]
         # problem with the roles of rows and columns swapped: read it along its contiguous dimension.
-        transposed = True
-        x = t.t()
         gran = {"row": "channel", "channel": "row"}.get(granularity, granularity)
         blk = (block[1], block[0]) if block is not None else None
         if blk is not None and blk not in (ACTIVATION_BLOCK, WEIGHT_BLOCK):
-            x, transposed, gran, blk = t.contiguous(), False, granularity, block
-        elif given is not None and granularity != "tensor":
-            given = given.t()
+            plan.x_mode, gran, blk = 2, granularity, block
+        else:
+            plan.x_mode, plan.transposed = 1, True
+            transpose_given = given is not None and granularity != "tensor"
     else:
-        x = t if t.dim() == 2 and _row_major(t) else t.reshape(-1, t.shape[-1])
-        if not _row_major(x):
-            x = x.contiguous()
         gran, blk = granularity, block
-    q, s, flag = _quantize_2d(x, fmt, gran, given, blk, amax_out)
-    if transposed:
-        q = q.t()
-        s = s.t().contiguous() if gran != "tensor" else s
-    else:
-        q = q.view(t.shape)
-        s = s.view(expected)
-    if strict and flag is not None:
+        if t.dim() == 2 and _row_major(t):
+            plan.x_mode = 0
+        else:
+            plan.x_mode = 3 if _row_major(t.reshape(-1, t.shape[-1])) else 4
+    x = _as_rows(t, plan.x_mode)
+    plan.given_mode = 0
+    if given is not None:
+        g = given.t() if transpose_given else given
+        if gran == "block":
+            plan.given_mode = 0 if g.is_contiguous() else (3 if transpose_given else 2)
+        elif gran == "tensor" or g.is_contiguous():
+            plan.given_mode = 0  # one value, or the groups' scales already in line order
+        else:
+            plan.given_mode = 1
+    _plan_2d(plan, x, fmt, gran, blk)
+    # the views of the outputs, skipped when they would not change the shape (views cost on the hot path)
+    plan.reshape = tuple(plan.out_shape) != (plan.r, plan.c) or tuple(expected) != tuple(plan.scale_shape)
+    return plan
+
+
+_PLANS = PlanCache()
+
+
+def _put(key: tuple | None, plan):
+    if key is not None:
+        try:
+            _PLANS.put(key, plan)
+        except TypeError:  # an unhashable option (a list block_size): no caching, same results
+            pass
+    return plan
+
+
+def _quantize(t, fmt, granularity, scale, block_size, strict, role, amax_out=None):
+    try:
+        key = call_key(t, fmt, granularity, scale, block_size, role)
+    except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says which
+        key = None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        fmt_, block, expected = _validate(t, fmt, granularity, scale, block_size, role)
+        plan = _put(key, _build_plan(t, fmt_, granularity, scale, block, expected))
+    q, s, flag = plan.run(t, scale, amax_out)
+    if strict and flag is not None:  # the one host synchronization, only when asked for
         n_over = int(flag.item())
         if n_over:
             raise NumericalOverflowError(
-                f"t: {n_over} scale group(s) ({granularity}) exceed the {fmt.name} range (max {fmt.max_value:g}) "
-                "with the given scale; pass strict=False to have the scale raised instead"
+                f"t: {n_over} scale group(s) ({granularity}) exceed the {plan.fmt.name} range "
+                f"(max {plan.fmt.max_value:g}) with the given scale; pass strict=False to have the scale raised instead"
             )
     return q, s
 
 
-def _quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3, dynamic scales, for a validated 2-D row-major activation (FP8Linear's hot path: no re-validation)."""
+def _activation_plan(x: torch.Tensor, granularity: str) -> _QuantPlan:
+    """E4M3 with dynamic scales for a validated 2-D row-major activation (FP8Linear: no re-validation)."""
     block = ACTIVATION_BLOCK if granularity == "block" else None
-    q, s, _ = _quantize_2d(x, FP8Format.E4M3, granularity, None, block)
-    return q, s
+    return _build_plan(x, FP8Format.E4M3, granularity, None, block,
+                       scale_shape(tuple(x.shape), granularity, block, "activation"))
 
 
 def quantize_fp8(
