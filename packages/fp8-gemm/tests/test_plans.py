@@ -15,6 +15,10 @@ from triton_ops_core.exceptions import NumericalOverflowError, ShapeMismatchErro
 from triton_ops_core.testing import assert_close_rel, device_for_tests, poison_
 
 DEV = device_for_tests()
+# The interpreter accumulates exactly; Hopper's FP8 wgmma keeps partial sums in reduced precision within a K block
+# (about 1e-4 relative even when promoted every block: ../shared/notes/fp8-on-hopper.md), the mma.sync decode path
+# does not. test_gemm_gpu.py holds the accuracy contract; these tests are about plans.
+GEMM_TOL = 1e-5 if DEV.type == "cpu" else 3e-4
 
 
 @pytest.fixture
@@ -59,11 +63,17 @@ def test_gemm_repeated_calls_reuse_plan_with_new_data(gemm_validations, m, n, k,
     a_q, a_s, b_q, b_s = make_operands(m, n, k, "row", "channel", DEV, kmajor_b=kmajor)
     path = gemm_mod._pick_path(a_q, b_q, torch.empty(m, n, device=DEV), m)
     assert path == {4: "decode", 80: "tma", 72: "ptr"}[m] or DEV.type == "cuda"
+    first = None
     for seed in range(3):
         a_q, a_s, b_q, b_s = make_operands(m, n, k, "row", "channel", DEV, kmajor_b=kmajor, seed=seed)
         bias = torch.randn(n, device=DEV)
         out = fp8_gemm(a_q, b_q, a_scale=a_s, b_scale=b_s, bias=bias, out_dtype=torch.float32)
-        assert_close_rel(out, gemm_ref(a_q, a_s, "row", b_q, b_s, "channel", bias), 1e-5, f"seed {seed}")
+        assert_close_rel(out, gemm_ref(a_q, a_s, "row", b_q, b_s, "channel", bias), GEMM_TOL, f"seed {seed}")
+        if first is None:  # launched through the JIT; the calls after it go through the plan's direct launcher
+            first = (a_q, a_s, b_q, b_s, bias, out)
+    a_q, a_s, b_q, b_s, bias, out = first
+    again = fp8_gemm(a_q, b_q, a_scale=a_s, b_scale=b_s, bias=bias, out_dtype=torch.float32)
+    assert torch.equal(again, out), "the direct launcher must compute exactly what the JIT launch computed"
     assert len(gemm_validations) == 1
     if DEV.type == "cuda":  # later calls went through Triton's compiled launcher directly
         assert all(call.launch.runner is not None for call in gemm_mod._CALLS._plans.values())
