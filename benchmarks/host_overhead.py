@@ -1,0 +1,63 @@
+"""Host (CPU) time per call of decode-size calls against their baselines: ``python -m benchmarks.host_overhead``.
+
+A decode step issues one small call after another; when the GPU work takes a few microseconds, the Python and launch
+path decides the latency. This times repeated calls without synchronizing (the host's cost per call, which bounds
+the call rate outside CUDA graphs). Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def host_us(fn, n: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    per_call = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    return per_call
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("host overhead needs a GPU: nothing measured")
+        return 0
+    import fp8_gemm
+    import fused_gated_mlp
+    import fused_rmsnorm_rope
+
+    bf = torch.bfloat16
+    for m in (1, 32):
+        x = torch.randn(m, 4096, device="cuda", dtype=bf)
+        wg = torch.randn(11264, 4096, device="cuda", dtype=bf) * 0.02
+        wu = torch.randn(11264, 4096, device="cuda", dtype=bf) * 0.02
+        ours = host_us(lambda: fused_gated_mlp.fused_gated_mlp(x, wg, wu))
+        eager = host_us(lambda: torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()))
+        print(f"host/call gated M={m}: ours {ours:.1f} us, eager {eager:.1f} us")
+    a = torch.randn(1, 4096, device="cuda").to(torch.float8_e4m3fn)
+    w = torch.randn(11264, 4096, device="cuda").to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(1, 1, device="cuda"), torch.ones(1, 11264, device="cuda")
+    ours = host_us(lambda: fp8_gemm.fp8_gemm(a, w.t(), a_scale=sa, b_scale=sb, out_dtype=bf))
+    cublas = host_us(lambda: torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, out_dtype=bf))
+    print(f"host/call fp8_gemm M=1: ours {ours:.1f} us, _scaled_mm {cublas:.1f} us")
+    lin = torch.nn.Linear(4096, 11264, bias=False, device="cuda", dtype=bf)
+    q = fp8_gemm.FP8Linear.from_linear(lin)
+    xb = torch.randn(1, 4096, device="cuda", dtype=bf)
+    print(f"host/call FP8Linear M=1: {host_us(lambda: q(xb)):.1f} us, bf16 nn.Linear {host_us(lambda: lin(xb)):.1f} us")
+    x = torch.randn(64, 1, 4096, device="cuda", dtype=bf)
+    cos = torch.randn(4096, 128, device="cuda", dtype=bf)
+    pos = torch.randint(0, 4096, (64, 1), device="cuda")
+    wn = torch.ones(4096, device="cuda", dtype=bf)
+    ours = host_us(lambda: fused_rmsnorm_rope.fused_rmsnorm_rope(x, wn, cos, cos, position_ids=pos))
+    print(f"host/call rmsnorm_rope decode: {ours:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
