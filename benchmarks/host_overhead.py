@@ -24,6 +24,15 @@ def host_us(fn, n: int = 300) -> float:
     return per_call
 
 
+def _gated_mlp(module, m: int, dtype: torch.dtype) -> None:
+    x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+    wg = torch.randn(11264, 4096, device="cuda", dtype=dtype) * 0.02
+    wu = torch.randn(11264, 4096, device="cuda", dtype=dtype) * 0.02
+    ours = host_us(lambda: module.fused_gated_mlp(x, wg, wu))
+    eager = host_us(lambda: torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()))
+    print(f"host/call gated M={m}: ours {ours:.1f} us, eager {eager:.1f} us")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("host overhead needs a GPU: nothing measured")
@@ -34,12 +43,7 @@ def main() -> int:
 
     bf = torch.bfloat16
     for m in (1, 32):
-        x = torch.randn(m, 4096, device="cuda", dtype=bf)
-        wg = torch.randn(11264, 4096, device="cuda", dtype=bf) * 0.02
-        wu = torch.randn(11264, 4096, device="cuda", dtype=bf) * 0.02
-        ours = host_us(lambda: fused_gated_mlp.fused_gated_mlp(x, wg, wu))
-        eager = host_us(lambda: torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()))
-        print(f"host/call gated M={m}: ours {ours:.1f} us, eager {eager:.1f} us")
+        _gated_mlp(fused_gated_mlp, m, bf)
     a = torch.randn(1, 4096, device="cuda").to(torch.float8_e4m3fn)
     w = torch.randn(11264, 4096, device="cuda").to(torch.float8_e4m3fn)
     sa, sb = torch.ones(1, 1, device="cuda"), torch.ones(1, 11264, device="cuda")
