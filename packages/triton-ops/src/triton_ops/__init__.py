@@ -13,12 +13,7 @@
 Without a GPU, set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors (slowly).
 """
 
-from fp8_gemm import FP8Linear, dequantize_fp8, fp8_gemm, quantize_fp8
-
-try:
-    from fp8_gemm import FP8_GEMM_CONFIGS
-except ImportError:  # fp8-gemm 0.1.0 keeps its config space in the configs module
-    from fp8_gemm.gemm_configs import FP8_GEMM_CONFIGS
+from fp8_gemm import FP8_GEMM_CONFIGS, FP8Linear, dequantize_fp8, fp8_gemm, quantize_fp8
 from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, fused_gated_mlp
 from fused_rmsnorm_rope import RMSNORM_ROPE_CONFIGS, FusedRMSNormRoPE, fused_qk_norm_rope, fused_rmsnorm_rope
 from kernel_autotune import ConfigSpace, TritonAutoTuner, select_config
