@@ -212,3 +212,57 @@ def test_fp8_gemm_rejections():
         validate_fp8_gemm_inputs(a, b, out_dtype=torch.int32)
     with pytest.raises(DeviceMismatchError, match=r"^b"):
         validate_fp8_gemm_inputs(a, b.to("meta"))
+
+
+# ---------------------------------------------------------------- QK-norm + RoPE
+
+@st.composite
+def qk_case(draw):
+    head_dim = draw(st.sampled_from([4, 8, 16]))
+    q_heads = draw(st.integers(1, 4))
+    kv_heads = draw(st.integers(1, q_heads))
+    batch, seq = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    dtype = draw(FLOATS)
+    packed = draw(st.booleans())
+    if packed:  # q and k as strided views of one packed QKV projection output
+        qkv = torch.randn(batch, seq, (q_heads + 2 * kv_heads) * head_dim).to(dtype)
+        q = qkv[..., : q_heads * head_dim].view(batch, seq, q_heads, head_dim)
+        k = qkv[..., q_heads * head_dim: (q_heads + kv_heads) * head_dim].view(batch, seq, kv_heads, head_dim)
+    else:
+        q = torch.randn(batch, seq, q_heads, head_dim).to(dtype)
+        k = torch.randn(batch, seq, kv_heads, head_dim).to(dtype)
+    w = torch.randn(head_dim).to(dtype)
+    cos, sin = torch.randn(seq, head_dim).to(dtype), torch.randn(seq, head_dim).to(dtype)
+    return q, k, w, w.clone(), cos, sin
+
+
+@given(qk_case())
+def test_qk_norm_rope_accepts_good_inputs(case):
+    from triton_ops_core import validate_qk_norm_rope_inputs
+
+    q, k, qw, kw, cos, sin = case
+    info = validate_qk_norm_rope_inputs(q, k, qw, kw, cos, sin)
+    assert (info.num_q_heads, info.num_kv_heads, info.head_dim) == (q.shape[2], k.shape[2], q.shape[3])
+    assert info.seq_len == q.shape[1] and info.num_tokens == q.shape[0] * q.shape[1]
+
+
+@given(qk_case(), BAD_DTYPES)
+def test_qk_norm_rope_rejections(case, bad):
+    from triton_ops_core import validate_qk_norm_rope_inputs
+
+    q, k, qw, kw, cos, sin = case
+    with pytest.raises(UnsupportedDtypeError, match=r"^q"):
+        validate_qk_norm_rope_inputs(q.to(bad), k, qw, kw, cos, sin)
+    other = torch.float16 if q.dtype != torch.float16 else torch.bfloat16
+    with pytest.raises(UnsupportedDtypeError, match=r"^k"):
+        validate_qk_norm_rope_inputs(q, k.to(other), qw, kw, cos, sin)
+    with pytest.raises(ShapeMismatchError, match=r"^k"):
+        validate_qk_norm_rope_inputs(q, torch.randn(*k.shape[:-1], k.shape[-1] * 2).to(k.dtype), qw, kw, cos, sin)
+    with pytest.raises(ShapeMismatchError, match=r"^k"):
+        validate_qk_norm_rope_inputs(q, k[:, :-1] if k.shape[1] > 1 else torch.cat([k, k], 1), qw, kw, cos, sin)
+    with pytest.raises(ShapeMismatchError, match=r"^q_weight"):
+        validate_qk_norm_rope_inputs(q, k, torch.randn(q.shape[-1] + 1).to(qw.dtype), kw, cos, sin)
+    with pytest.raises(ShapeMismatchError, match=r"^q"):
+        validate_qk_norm_rope_inputs(q[0, 0], k[0, 0], qw, kw, cos, sin)
+    with pytest.raises(DeviceMismatchError, match=r"^k_weight"):
+        validate_qk_norm_rope_inputs(q, k, qw, kw.to("meta"), cos, sin)
