@@ -145,37 +145,135 @@ def _gated_mlp_decode_kernel(
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
                   ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
     else:
-        # Partial sums meet in the fp32 workspace [2, M, N]; the program that arrives last for this tile
-        # (the semaphore counts arrivals) reads the totals and resets them to zero for the next call.
-        mask = mask_m[:, None] & mask_n[None, :]
-        ws_g = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        ws_u = ws_g + M.to(tl.int64) * N
-        tl.atomic_add(ws_g, acc_g, mask=mask, sem="relaxed")
-        tl.atomic_add(ws_u, acc_u, mask=mask, sem="relaxed")
-        # Classic threadfence reduction: every thread waits until its own partial sums are performed at GPU
-        # scope (membar.gl), then one thread counts the arrival. A barrier alone does not wait for in-flight
-        # atomics (wrong sums were seen on an H100 with 32- and 64-row tiles without the fence).
-        one = 1
-        if not INTERPRET:  # the interpreter runs programs one after another: nothing to order there
-            fenced = tl.inline_asm_elementwise("membar.gl;\n\tmov.u32 $0, 0;", "=r,r",
-                                               [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
-                                               pack=1)
-            one = 1 + tl.sum(fenced, axis=0)  # the asm's 0, unknown to the compiler: keeps the fence in place
-        tl.debug_barrier()
         lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(lock, one, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            # Read the totals with atomics too: they are served by L2, where the sums live.
-            zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_g = tl.atomic_add(ws_g, zeros, mask=mask, sem="relaxed")
-            acc_u = tl.atomic_add(ws_u, zeros, mask=mask, sem="relaxed")
-            _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
-                      ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
-            # The epilogue consumed every read; only then clear the tile for the next call.
-            tl.debug_barrier()
-            tl.store(ws_g, zeros, mask=mask)
-            tl.store(ws_u, zeros, mask=mask)
-            tl.atomic_xchg(lock, 0, sem="relaxed")
+        _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, 1, SPLIT_K,
+                       bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                       ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, BLOCK_M, BLOCK_N, INTERPRET)
+
+
+@triton.jit
+def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, total_units,
+                   bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                   ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """Add a partial sum of an output tile that several programs share; the program that completes the tile
+    finishes it.
+
+    Partial sums meet in the fp32 workspace ``[2, M, N]``; ``lock`` counts the K units (split-K slices or
+    stream-K steps) summed so far, so the program whose ``units`` bring it to ``total_units`` reads the totals,
+    applies the epilogue and resets workspace and counter to zero for the next call.
+    """
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws_g = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    ws_u = ws_g + M.to(tl.int64) * N
+    tl.atomic_add(ws_g, acc_g, mask=mask, sem="relaxed")
+    tl.atomic_add(ws_u, acc_u, mask=mask, sem="relaxed")
+    # Classic threadfence reduction: every thread waits until its own partial sums are performed at GPU
+    # scope (membar.gl), then one thread counts the arrival. A barrier alone does not wait for in-flight
+    # atomics (wrong sums were seen on an H100 with 32- and 64-row tiles without the fence).
+    fence = 0
+    if not INTERPRET:  # the interpreter runs programs one after another: nothing to order there
+        fenced = tl.inline_asm_elementwise("membar.gl;\n\tmov.u32 $0, 0;", "=r,r",
+                                           [tl.full([1], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                                           pack=1)
+        fence = tl.sum(fenced, axis=0)  # the asm's 0, unknown to the compiler: keeps the fence in place
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lock, units + fence, sem="acq_rel")
+    if arrived + units == total_units:
+        # Read the totals with atomics too: they are served by L2, where the sums live.
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.atomic_add(ws_g, zeros, mask=mask, sem="relaxed")
+        acc_u = tl.atomic_add(ws_u, zeros, mask=mask, sem="relaxed")
+        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                  ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+        # The epilogue consumed every read; only then clear the tile for the next call.
+        tl.debug_barrier()
+        tl.store(ws_g, zeros, mask=mask)
+        tl.store(ws_u, zeros, mask=mask)
+        tl.atomic_xchg(lock, 0, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gated_mlp_streamk_kernel(
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K,
+    stride_xm, stride_wg, stride_wu, stride_om,
+    alpha, limit,
+    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Few tokens, stream-K: grid (programs, M tiles). The work of an M tile, ``N tiles x K steps`` units in
+    column-tile-major order, is cut into one equal contiguous range per program, so every program streams the
+    same number of weight bytes in one software-pipelined loop: no second wave, no idle SM while the last
+    tiles finish, one pipeline fill per program. A program owns whole tiles in the middle of its range; the
+    tiles cut by its ends are shared with its neighbours and meet in the workspace (``_meet_partials``).
+    """
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n_progs = tl.num_programs(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    total = n_tiles * k_tiles
+    start = ((pid * total.to(tl.int64)) // n_progs).to(tl.int32)
+    end = (((pid + 1) * total.to(tl.int64)) // n_progs).to(tl.int32)
+    off_m = pid_m * BLOCK_M
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+
+    tile = start // k_tiles
+    kk = start - tile * k_tiles
+    seg = 0  # K steps summed into the accumulators since the last flush
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[N, K], strides=[stride_wg, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[N, K], strides=[stride_wu, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K])
+    for u in tl.range(start, end, num_stages=NUM_STAGES):
+        off_n = tile * BLOCK_N
+        off_k = kk * BLOCK_K
+        if USE_TMA:
+            x = x_desc.load([off_m, off_k])
+            wg = wg_desc.load([off_n, off_k])
+            wu = wu_desc.load([off_n, off_k])
+        else:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (off_k + offs_k)[None, :]
+            wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (off_k + offs_k)[None, :]
+            wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (off_k + offs_k)[None, :]
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
+                wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
+            else:
+                mask_k = (off_k + offs_k) < K
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+        seg += 1
+        tile_done = kk == k_tiles - 1
+        if tile_done | (u == end - 1):
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            if seg == k_tiles:  # the whole K range of this tile ran here: finish it directly
+                _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                          ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+            else:
+                _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock_ptr + pid_m * n_tiles + tile,
+                               seg, k_tiles, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                               ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, BLOCK_M, BLOCK_N, INTERPRET)
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            seg = 0
+        tile = tl.where(tile_done, tile + 1, tile)
+        kk = tl.where(tile_done, 0, kk + 1)
 
 
 @triton.jit(do_not_specialize=["M"])

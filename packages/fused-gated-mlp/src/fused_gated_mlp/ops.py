@@ -24,7 +24,7 @@ from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.validation.gated_mlp import validate_gated_mlp_inputs
 
 from . import _kernels as K
-from .configs import DECODE_MAX_TOKENS, _heuristic, select_gated_mlp_config
+from .configs import DECODE_MAX_TOKENS, _heuristic, _sm_count, select_gated_mlp_config
 
 _ACTIVATION_CODES = {
     "silu": K.ACT_SILU,
@@ -152,7 +152,18 @@ def _build_plan(
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
     precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
     grid_m, grid_n = _cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])
-    if path == "decode":
+    stream_k = path == "decode" and K_dim > 0 and bool(cfg.get("STREAM_K") or cfg.get("NUM_PROGRAMS"))
+    if stream_k:
+        # One equal range of (column tile, K step) units per program: STREAM_K programs per SM (NUM_PROGRAMS,
+        # when given, fixes the count: tests use it to cut tiles at chosen places).
+        n_tiles = grid_n
+        total = n_tiles * _cdiv(K_dim, cfg["BLOCK_K"])
+        programs = cfg.get("NUM_PROGRAMS") or cfg["STREAM_K"] * _sm_count(device)
+        kernel = K._gated_mlp_streamk_kernel
+        grid = (max(1, min(programs, total)), grid_m)
+        tail = head + (use_tma or K_dim % cfg["BLOCK_K"] == 0, cfg["num_stages"], use_tma) + precision + (on_cpu,)
+        workspace = (2 * M * N, grid_m * n_tiles)
+    elif path == "decode":
         split_k = cfg.get("SPLIT_K", 1)
         # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
         even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
