@@ -119,6 +119,119 @@ def quant_bandwidth():
     return rows
 
 
+@section("tensor_sweep")
+def tensor_sweep():
+    """Per-tensor scaling variants, timed as the published suite times them (L2 flushed, events, median), each
+    checked bit for bit against the reference: the shipped two-kernel path (cast pass in reverse or forward
+    tile order), the one-launch cooperative kernel (dynamic, given scale, delayed history) over programs per SM,
+    tile sizes and tile order; the given-scale and DelayedScaler paths of the package; row and block."""
+    from fp8_gemm import DelayedScaler, quantize_fp8
+    from fp8_gemm import quantize as Q
+    from fp8_gemm.reference import quantize_fp8_reference
+    from triton_ops.benchmark._timing import CopyBandwidth, CudaTimer
+    from triton_ops_core.launch import Plan
+    from triton_ops_core.models import FP8Format
+
+    timer = CudaTimer(5, 60, max_ms=30.0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for m, k in ((4096, 4096), (8192, 8192), (2048, 4096), (4096, 11264)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        nbytes = m * k * 3 + 4
+        copies = sorted(nbytes / CopyBandwidth(timer).same_bytes(nbytes) / 1e3 for _ in range(3))
+        amax = float(x.float().abs().amax())
+        static = torch.tensor([amax / 448.0 * 2], device="cuda")
+        q_dyn, s_dyn = quantize_fp8_reference(x, "e4m3", "tensor")
+        q_st, s_st = quantize_fp8_reference(x, "e4m3", "tensor", scale=static)
+        row = {"M": m, "K": k, "copy_us": copies, "variants": {}}
+
+        def record(name, fn, ref):
+            try:
+                q, s = fn()
+                torch.cuda.synchronize()
+                ok = torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(
+                    s.reshape(-1), ref[1].reshape(-1))
+                if not ok:
+                    bad = (q.view(torch.uint8) != ref[0].view(torch.uint8)).float().mean().item()
+                    row["variants"][name] = ("WRONG", bad, float(s.reshape(-1)[0]), float(ref[1].reshape(-1)[0]))
+                    log(f"  WRONG {m}x{k} {name}: {bad:.2e} mismatched, scale {float(s.reshape(-1)[0])!r}")
+                    return
+                row["variants"][name] = (timer(fn).median_ms * 1e3,)
+            except Exception as e:  # noqa: BLE001
+                row["variants"][name] = ("ERR", f"{type(e).__name__}: {str(e)[:200]}")
+                log(f"  ERR {m}x{k} {name}: {type(e).__name__}: {str(e)[:200]}")
+
+        record("pkg dynamic (two kernels)", lambda: quantize_fp8(x, "e4m3", "tensor"), (q_dyn, s_dyn))
+        plan = Q._build_plan(x, FP8Format.E4M3, "tensor", None, None, (1,))
+        first, second = plan.launches
+        fwd = Plan(second.kernel, second.grid, second.tail[:-1] + (False,), second.num_warps)
+
+        def two_kernel_forward():
+            q = torch.empty_like(x, dtype=torch.float8_e4m3fn)
+            s = torch.empty(1, device="cuda")
+            am = torch.zeros(1, dtype=torch.int32, device="cuda")
+            first.launch(x, am)
+            fwd.launch(x, q, s, am)
+            return q, s
+
+        record("two kernels, forward cast", two_kernel_forward, (q_dyn, s_dyn))
+        record("pkg static scale (cast + fixup kernels)", lambda: quantize_fp8(x, "e4m3", "tensor", scale=static),
+               (q_st, s_st))
+        scaler = DelayedScaler("e4m3", history_len=16)
+        scaler(x * 2)  # history holds 2 * amax: the delayed scale holds x
+        hist_scale = scaler.scale()
+        q_del, s_del = quantize_fp8_reference(x, "e4m3", "tensor", scale=hist_scale)
+        record("pkg DelayedScaler (host history)", lambda: scaler(x), (q_del, s_del))
+        sync = torch.zeros(4, dtype=torch.int32, device="cuda")
+        hist = torch.zeros(16, device="cuda")
+
+        def coop(mode, pps, bc, warps, reverse, coop_launch, given=None):
+            n_tiles = -(-x.numel() // bc)
+            grid = (min(n_tiles, pps * sms),)
+
+            if mode == 2:  # a later call of a scaler whose history holds 2 * amax
+                sync[3] = 1
+                hist.zero_()
+                hist[0] = amax * 2
+
+            def run():
+                q = torch.empty_like(x, dtype=torch.float8_e4m3fn)
+                s = torch.empty(1, device="cuda")
+                flag = torch.empty(1, dtype=torch.int32, device="cuda")
+                Q._quant_tensor_coop_kernel[grid](
+                    x, q, s, given if given is not None else s, flag, hist, sync, 1, x.numel(), x.numel(),
+                    x.numel(), n_tiles, n_tiles, 16, 1.0, MAX_VALUE=448.0, MODE=mode, IS_E4M3=True, EMULATE=False,
+                    BLOCK_R=1, BLOCK_C=bc, HIST_BLOCK=16, REVERSE=reverse, num_warps=warps,
+                    launch_cooperative_grid=coop_launch)
+                return q, s
+            return run
+
+        for pps in (1, 2, 4):
+            for bc in (4096, 8192, 16384):
+                record(f"coop dyn p{pps} {bc} rev", coop(0, pps, bc, 8, True, True), (q_dyn, s_dyn))
+        record("coop dyn p2 8192 fwd", coop(0, 2, 8192, 8, False, True), (q_dyn, s_dyn))
+        record("coop dyn p2 8192 rev plain-launch", coop(0, 2, 8192, 8, True, False), (q_dyn, s_dyn))
+        record("coop dyn p4 4096 w4 rev", coop(0, 4, 4096, 4, True, True), (q_dyn, s_dyn))
+        for pps, bc in ((2, 8192), (4, 8192), (4, 4096), (8, 4096)):
+            record(f"coop static p{pps} {bc}", coop(1, pps, bc, 8, True, True, static), (q_st, s_st))
+        small = torch.tensor([amax / 448.0 / 4], device="cuda")  # overflows: the re-cast path
+        record("coop static OVERFLOW p2 8192", coop(1, 2, 8192, 8, True, True, small),
+               quantize_fp8_reference(x, "e4m3", "tensor", scale=small))
+        q_h, s_h = quantize_fp8_reference(x, "e4m3", "tensor", scale=torch.tensor([amax * 2 / 448.0],
+                                                                                     device="cuda"))
+        for pps, bc in ((2, 8192), (4, 8192), (4, 4096)):
+            record(f"coop delayed p{pps} {bc}", coop(2, pps, bc, 8, True, True), (q_h, s_h))
+        record("row", lambda: quantize_fp8(x, "e4m3", "row"), quantize_fp8_reference(x, "e4m3", "row"))
+        record("block", lambda: quantize_fp8(x, "e4m3", "block"), quantize_fp8_reference(x, "e4m3", "block"))
+        med = copies[1]
+        ranked = sorted((v[0], kk) for kk, v in row["variants"].items() if isinstance(v[0], float))
+        log(f"quant {m}x{k}: copy {copies[0]:.1f}/{med:.1f}/{copies[2]:.1f} us")
+        for v, kk in ranked:
+            log(f"    {v:7.1f} us {100 * med / v:5.1f}% copy  {kk}")
+        rows.append(row)
+    return rows
+
+
 @section("real_model")
 def real_model():
     from _minilm import SENTENCES, cosine_report, find_minilm_dir, load_minilm
@@ -231,8 +344,8 @@ def main() -> None:
     skip = set(args.skip.split(","))
     t0 = time.time()
     env()
-    for name, fn in [("quant_bandwidth", quant_bandwidth), ("real_model", real_model), ("sqnr", sqnr),
-                     ("fp8_linear", fp8_linear)]:
+    for name, fn in [("tensor_sweep", tensor_sweep), ("quant_bandwidth", quant_bandwidth),
+                     ("real_model", real_model), ("sqnr", sqnr), ("fp8_linear", fp8_linear)]:
         if name not in skip:
             fn()
         (out_dir / "fp8_quant.json").write_text(json.dumps(RESULTS, indent=1, default=str))

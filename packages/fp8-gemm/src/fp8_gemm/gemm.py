@@ -1,8 +1,9 @@
 """``fp8_gemm``: ``a @ b`` on E4M3 operands with fp32 accumulation and scales of any granularity.
 
-Three kernels (gemm_kernels.py): a persistent tensor-descriptor (TMA) kernel for aligned operands on Hopper,
-a masked-pointer kernel for the rest (K or N not a multiple of 16, odd strides, GPUs without TMA), and a
-split-K kernel for decode (M <= 64), where the weight stream is the whole cost.
+Four kernels (gemm_kernels.py): a persistent tensor-descriptor (TMA) kernel for aligned operands on Hopper,
+a masked-pointer kernel for the rest (K or N not a multiple of 16, odd strides, GPUs without TMA), and for
+decode (M <= 64), where the weight stream is the whole cost, a stream-K kernel (every SM streams an equal
+share of the weight) and a split-K kernel.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.validation.fp8_gemm import validate_fp8_gemm_inputs
 
+from . import _scratch
 from . import gemm_configs as cfgs
-from .gemm_kernels import fp8_gemm_decode_kernel, fp8_gemm_ptr_kernel, fp8_gemm_tma_kernel
+from .gemm_kernels import fp8_gemm_decode_kernel, fp8_gemm_ptr_kernel, fp8_gemm_streamk_kernel, fp8_gemm_tma_kernel
 
 FP8 = torch.float8_e4m3fn
 _A_MODE = {"tensor": 0, "row": 1, "block": 2}
 _B_MODE = {"tensor": 0, "channel": 1, "block": 2}
 DECODE_MAX_M = 64
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 # Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
 _INTERP = is_interpreter()
 
@@ -84,14 +85,21 @@ def _pick_path(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, m: int) -> s
     return "tma" if (a_ok and b_ok and c_ok and tma_device) else "ptr"
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    # Split-K arrival counters: zero at rest, reset by the program that consumes them, so one buffer serves
-    # every call on the device (and CUDA-graph replays).
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+def _decode_scratch(device: torch.device, ws_numel: int, n_cnt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials (written before they are read) and arrival counters (zero at rest, reset by the program
+    that consumes them) of the current stream: no allocation or memset per call, and no sharing between
+    streams that may run at once."""
+    return (_scratch.scratch("gemm.partials", device, ws_numel, torch.float32, zeroed=False),
+            _scratch.scratch("gemm.counters", device, n_cnt, torch.int32, zeroed=True))
+
+
+def _b_desc_mode(b: torch.Tensor, device: torch.device) -> int:
+    """How the stream-K kernel may read b through a tensor descriptor: 1 K-major, 2 row-major, 0 not at all
+    (not Hopper, or a base or leading stride that is not 16-byte aligned)."""
+    layout = _b_layout(b)
+    if layout is None or not _device_caps(device, _INTERP)[1] or b.data_ptr() % 16 or layout[1] % 16:
+        return 0
+    return 1 if layout[0] else 2
 
 
 @functools.lru_cache(maxsize=4096)
@@ -142,6 +150,18 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
     has_bias = bias is not None
     info = {"path": path, **cfg}
     # Constexprs go positionally, in the kernels' signature order (the direct launcher takes every argument).
+    if path == "decode" and cfg.get("STREAM_K", 0):
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        n_tiles = triton.cdiv(n, bn)
+        total = n_tiles * triton.cdiv(k, bk)
+        progs = max(1, min(total, cfgs.num_sms(a.device) * cfg["STREAM_K"]))
+        b_desc = _b_desc_mode(b, a.device) if cfg.get("B_DESC", False) else 0
+        even = k % bk == 0 and n % bn == 0
+        tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+                sa_m, sa_k, nb, progs,
+                a_mode, b_mode, has_bias, 0 if fast_accum else 1, bm, bn, bk, b_desc, even, not interp)
+        return Plan(fp8_gemm_streamk_kernel, (progs,), tail, cfg["num_warps"], info={**info, "programs": progs},
+                    extra=("streamk", 2 * progs * bm * bn, n_tiles, b_desc != 0), num_stages=cfg["num_stages"])
     if path == "decode":
         k_tiles = triton.cdiv(k, cfg["BLOCK_K"])
         per_split = triton.cdiv(k_tiles, max(1, min(cfg["SPLIT_K"], k_tiles)))
@@ -151,8 +171,8 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
                 sa_m, sa_k, nb, per_split,
                 a_mode, b_mode, has_bias, 0 if fast_accum else 1, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
                 split)
-        return Plan(fp8_gemm_decode_kernel, grid, tail, cfg["num_warps"], info=info, extra=(path, split, grid[0]),
-                    num_stages=cfg["num_stages"])
+        return Plan(fp8_gemm_decode_kernel, grid, tail, cfg["num_warps"], info=info,
+                    extra=(path, split * m * n, grid[0], False), num_stages=cfg["num_stages"])
     if path == "tma":
         kmajor, lead = _b_layout(b)
         copy_b = not kmajor
@@ -167,33 +187,33 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
                 cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], bool(cfg.get("FLATTEN", False)),
                 bool(cfg.get("WARP_SPEC", False)), cfg.get("PROMOTE_K", cfg["BLOCK_K"]),
                 bool(cfg.get("EPI_SUBTILE", False)))
-        return Plan(fp8_gemm_tma_kernel, (progs,), tail, cfg["num_warps"], info=info, extra=(path, copy_b, 0),
+        return Plan(fp8_gemm_tma_kernel, (progs,), tail, cfg["num_warps"], info=info, extra=(path, copy_b, 0, True),
                     num_stages=cfg["num_stages"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             sa_m, sa_k, nb,
             a_mode, b_mode, has_bias, 0 if fast_accum else 1, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
             cfg["GROUP_M"])
-    return Plan(fp8_gemm_ptr_kernel, grid, tail, cfg["num_warps"], info=info, extra=(path, False, 0),
+    return Plan(fp8_gemm_ptr_kernel, grid, tail, cfg["num_warps"], info=info, extra=(path, False, 0, False),
                 num_stages=cfg["num_stages"])
 
 
 def _run_launch(plan: Plan, a, b, out, a_s, b_s, bias) -> None:
-    """Launch ``plan`` with this call's tensors (output, split-K workspace and counters are per call)."""
-    path, flag, n_cnt = plan.extra
+    """Launch ``plan`` with this call's tensors (the output is per call; partials and counters are the
+    stream's scratch buffers)."""
+    path, flag, n_cnt, descriptors = plan.extra
     bias_arg = a_s if bias is None else bias
-    if path == "decode":
-        if flag > 1:  # split K: fp32 partials, and the device's shared arrival counters
-            ws = torch.empty((flag, out.shape[0], out.shape[1]), dtype=torch.float32, device=out.device)
-            plan.launch(a, b, out, a_s, b_s, bias_arg, ws, _counters(out.device, n_cnt))
+    if descriptors and not _INTERP:
+        _ensure_allocator()
+    if path == "streamk" or path == "decode":
+        if path == "streamk" or n_cnt and plan.grid[1] > 1:  # partial sums meet in the scratch buffers
+            ws, cnt = _decode_scratch(out.device, flag, n_cnt)
+            plan.launch(a, b, out, a_s, b_s, bias_arg, ws, cnt)
         else:
             plan.launch(a, b, out, a_s, b_s, bias_arg, out, out)
         return
-    if path == "tma":
-        if not _INTERP:
-            _ensure_allocator()
-        if flag:  # b row-major [K, N]: give the kernel a K-major copy
-            b = b.t().contiguous().t()
+    if path == "tma" and flag:  # b row-major [K, N]: give the kernel a K-major copy
+        b = b.t().contiguous().t()
     plan.launch(a, b, out, a_s, b_s, bias_arg)
 
 

@@ -213,3 +213,108 @@ def fp8_gemm_decode_kernel(
             total = _epilogue(total, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
             tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask_c)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _owner(u, total, n_progs):
+    # The program whose contiguous range [p * total // n_progs, (p + 1) * total // n_progs) holds unit u.
+    return ((u + 1) * n_progs - 1) // total
+
+
+@triton.jit(do_not_specialize=["M", "SA_M", "SA_K", "NB", "n_progs"])
+def fp8_gemm_streamk_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, SA_M, SA_K, NB, n_progs,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_DESC: tl.constexpr,
+    EVEN: tl.constexpr, FENCE: tl.constexpr,
+):
+    """Small-M GEMM (decode), stream-K: the ``N tiles x K tiles`` units of work, K innermost, cut into one equal
+    contiguous range per program (a grid of a few programs per SM), so every SM streams the same number of
+    weight bytes in one software-pipelined loop: no wave tail, no idle SM, one pipeline fill per program.
+
+    A tile wholly inside a program's range is finished there. A tile cut by range ends is shared by neighbours:
+    each writes its fp32 partial to its own workspace slot (slot 0: the program's first segment, 1: its last),
+    then adds the K units it covered to the tile's counter; the program that completes the count sums the
+    slots in program order (deterministic), applies the epilogue and resets the counter for the next call.
+    ``B_DESC``: 0 masked pointers, 1 a tensor descriptor over a K-major b (``[N, K]`` rows), 2 over a
+    row-major ``[K, N]`` b. ``FENCE``: make the partials visible at GPU scope before counting (GPU only).
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    total = n_tiles * k_tiles
+    start = (pid * total) // n_progs
+    end = ((pid + 1) * total) // n_progs
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_bn = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    if B_DESC == 1:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    elif B_DESC == 2:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    tile = start // k_tiles
+    kk = start - tile * k_tiles
+    seg_first = start
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for u in tl.range(start, end):
+        off_n = tile * BLOCK_N
+        off_k = kk * BLOCK_K
+        offs_n = off_n + offs_bn
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (off_k + offs_k)[None, :] * stride_ak
+        if EVEN:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & ((off_k + offs_k) < K)[None, :], other=0.0)
+        if B_DESC == 1:
+            b = b_desc.load([off_n, off_k]).T
+        elif B_DESC == 2:
+            b = b_desc.load([off_k, off_n])
+        else:
+            b_ptrs = (b_ptr + (off_k + offs_k)[:, None].to(tl.int64) * stride_bk
+                      + offs_n[None, :].to(tl.int64) * stride_bn)
+            if EVEN:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=((off_k + offs_k) < K)[:, None] & (offs_n < N)[None, :], other=0.0)
+        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, off_k // 128, tile, M, N, SA_M, SA_K, NB,
+                          A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
+        tile_done = kk == k_tiles - 1
+        if tile_done | (u == end - 1):
+            seg = u + 1 - seg_first
+            mask_c = mask_m[:, None] & (offs_n < N)[None, :]
+            c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+            if seg == k_tiles:  # the whole K range of this tile ran here
+                out = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
+                tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
+            else:
+                slot_offs = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
+                slot = 2 * pid + (seg_first != start).to(tl.int32)
+                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + slot_offs, acc)
+                fence = 0
+                if FENCE:  # every thread's partial reaches GPU scope before the count says so
+                    fenced = tl.inline_asm_elementwise("membar.gl;\n\tmov.u32 $0, 0;", "=r,r",
+                                                       [tl.full([1], 0, tl.int32)], dtype=tl.int32,
+                                                       is_pure=False, pack=1)
+                    fence = tl.sum(fenced, axis=0)
+                tl.debug_barrier()
+                arrived = tl.atomic_add(cnt_ptr + tile, seg + fence, sem="acq_rel", scope="gpu")
+                if arrived + seg == k_tiles:
+                    # Sum the partials of the tile's programs in program order: the same sum on every call.
+                    t0 = tile * k_tiles
+                    total_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    for p in range(_owner(t0, total, n_progs), _owner(t0 + k_tiles - 1, total, n_progs) + 1):
+                        p_slot = 2 * p + ((p * total) // n_progs < t0).to(tl.int32)
+                        total_acc += tl.load(ws_ptr + p_slot * (BLOCK_M * BLOCK_N) + slot_offs,
+                                             cache_modifier=".cg")
+                    out = _epilogue(total_acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE,
+                                    HAS_BIAS)
+                    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
+                    tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            seg_first = u + 1
+        tile = tl.where(tile_done, tile + 1, tile)
+        kk = tl.where(tile_done, 0, kk + 1)

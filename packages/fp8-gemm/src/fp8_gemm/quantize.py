@@ -306,11 +306,15 @@ def _amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, tiles_c, n_tiles, BLOCK_R: tl
 def _quant_tensor_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr, R, C, stride_xr, stride_qr,
     MAX_VALUE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """Dynamic per-tensor scaling, pass two: every program derives the scale from the amax; program 0 writes it."""
+    """Dynamic per-tensor scaling, pass two: every program derives the scale from the amax; program 0 writes it.
+    ``REVERSE``: programs take the tiles last to first, so the first ones read what the amax pass left in L2."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if REVERSE:
+        pid_r = tl.num_programs(0) - 1 - pid_r
+        pid_c = tl.num_programs(1) - 1 - pid_c
     amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
     scale, inv, over = _group_scale(amax, amax, False, MAX_VALUE)
     if (pid_r == 0) & (pid_c == 0):
@@ -372,6 +376,102 @@ def _tensor_fixup_kernel(
             r64 = rows.to(tl.int64)
             x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
+
+
+@triton.jit
+def _grid_barrier(sync_ptr, n_progs):
+    """Wait until every program of the grid has arrived (``sync_ptr[1]`` counts arrivals). Only for grids whose
+    programs are all resident at once: a cooperative launch on a GPU, a single program under the interpreter."""
+    arrived = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") + 1
+    while arrived < n_progs:
+        arrived = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _tile_ptrs(t, tiles_c, R, C, stride_xr, stride_qr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    r64 = rows.to(tl.int64)
+    return r64[:, None] * stride_xr + cols[None, :], r64[:, None] * stride_qr + cols[None, :], mask
+
+
+@triton.jit
+def _quant_tensor_coop_kernel(
+    x_ptr, q_ptr, scale_ptr, given_ptr, flag_ptr, hist_ptr, sync_ptr,
+    R, C, stride_xr, stride_qr, tiles_c, n_tiles, hist_len, margin_mul,
+    MAX_VALUE: tl.constexpr, MODE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HIST_BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Per-tensor scaling in ONE launch of co-resident programs (a cooperative grid): program ``pid`` owns tiles
+    pid, pid + P, ...; the programs meet once at a grid barrier, where the tensor's amax is known.
+
+    ``MODE`` 0, dynamic: an amax pass, the barrier, then the cast pass, in reverse tile order (``REVERSE``) so it
+    first reads the tiles the amax pass read last, still in L2. 1, a given scale (``given_ptr``): cast and amax
+    in one pass; after the barrier, only if the amax overflows the given scale, re-cast with the raised one.
+    2, delayed scaling: the given scale is ``max(hist) / MAX_VALUE * margin_mul``, computed here from the amax
+    history; the first call (``calls == 0``) is dynamic; the last program out records this call's amax in
+    ``hist[calls % hist_len]``. ``sync_ptr`` (int32): amax bits, arrivals, departures (zero at rest: the last
+    program out resets them), then the call count of MODE 2.
+    """
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    if MODE == 2:
+        calls = tl.load(sync_ptr + 3)
+        hoffs = tl.arange(0, HIST_BLOCK)
+        hmax = tl.max(tl.load(hist_ptr + hoffs, mask=hoffs < hist_len, other=0.0), axis=0)
+        g = tl.math.div_rn(hmax, tl.full(hmax.shape, MAX_VALUE, tl.float32))
+        g = tl.maximum(g, 2.0**-126) * margin_mul
+        given = tl.where(hmax > 0, g, 1.0)
+        dynamic = calls == 0
+    elif MODE == 1:
+        given = tl.load(given_ptr)
+        dynamic = given != given  # False, as a tensor: one code path for MODE 1 and 2
+    else:
+        given = 1.0
+        dynamic = True
+    n_mine = tl.cdiv(n_tiles - pid, n_progs)
+    amax = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    if dynamic:
+        for i in range(0, n_mine):
+            xo, qo, mask = _tile_ptrs(pid + i * n_progs, tiles_c, R, C, stride_xr, stride_qr, BLOCK_R, BLOCK_C)
+            amax = tl.maximum(amax, _finite_abs(tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)))
+    else:
+        inv_given = tl.math.div_rn(tl.full(given.shape, 1.0, tl.float32), given)
+        for i in range(0, n_mine):
+            xo, qo, mask = _tile_ptrs(pid + i * n_progs, tiles_c, R, C, stride_xr, stride_qr, BLOCK_R, BLOCK_C)
+            x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, _finite_abs(x))
+            _store_fp8(q_ptr + qo, x * inv_given, mask, IS_E4M3, EMULATE)
+    m = tl.max(tl.max(amax, axis=1), axis=0)
+    tl.atomic_max(sync_ptr, m.to(tl.int32, bitcast=True), sem="relaxed", scope="gpu")
+    _grid_barrier(sync_ptr, n_progs)
+    total_amax = tl.atomic_max(sync_ptr, 0, sem="relaxed", scope="gpu").to(tl.float32, bitcast=True)
+    if dynamic:
+        scale, inv, over = _group_scale(total_amax, total_amax, False, MAX_VALUE)
+        recast = total_amax == total_amax
+    else:
+        scale, inv, over = _group_scale(total_amax, given, True, MAX_VALUE)
+        recast = over
+    if recast:
+        for i in range(0, n_mine):
+            j = n_mine - 1 - i if REVERSE else i
+            xo, qo, mask = _tile_ptrs(pid + j * n_progs, tiles_c, R, C, stride_xr, stride_qr, BLOCK_R, BLOCK_C)
+            x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
+            _store_fp8(q_ptr + qo, x * inv, mask, IS_E4M3, EMULATE)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+        if MODE != 0:
+            tl.store(flag_ptr, over.to(tl.int32))
+    departed = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel", scope="gpu")
+    if departed == n_progs - 1:  # everyone has read the amax: record it, then reset for the next call
+        if MODE == 2:
+            tl.store(hist_ptr + calls % hist_len, total_amax)
+            tl.store(sync_ptr + 3, calls + 1)
+        tl.store(sync_ptr, 0)
+        tl.store(sync_ptr + 1, 0)
+        tl.store(sync_ptr + 2, 0)
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -621,7 +721,7 @@ def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str
             plan.launches = (
                 Plan(_amax_kernel, (min(n_tiles, _persistent_programs(x.device)),),
                      (rr, cc, sr, grid[1], n_tiles, br, bc), warps),
-                Plan(_quant_tensor_kernel, grid, (rr, cc, sr, cc, max_value, is_e4m3, emulate, br, bc), warps),
+                Plan(_quant_tensor_kernel, grid, (rr, cc, sr, cc, max_value, is_e4m3, emulate, br, bc, True), warps),
             )
 
 

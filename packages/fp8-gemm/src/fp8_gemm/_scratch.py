@@ -1,0 +1,38 @@
+"""Scratch buffers that kernels keep between calls: one set per (device, stream).
+
+Split-K / stream-K partial sums, arrival counters and grid-barrier words are zero at rest (the program that
+consumes them resets them), so a buffer serves every call without a memset launch, and CUDA-graph replays too.
+Two launches on different streams may run at the same time and must not share counters: the buffers are keyed
+by the current stream (calls on one stream run one after another).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _stream_id(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0  # the interpreter runs every launch to completion in order
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else -1)
+
+
+def scratch(name: str, device: torch.device, numel: int, dtype: torch.dtype, zeroed: bool,
+            stream: int | None = None) -> torch.Tensor:
+    """A buffer of at least ``numel`` elements for ``name`` on ``device`` and the current stream (``stream``
+    overrides the stream id, for tests). ``zeroed``: all zero when first made (counters); else uninitialized
+    (partials written before they are read)."""
+    key = (name, device, _stream_id(device) if stream is None else stream, dtype)
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < numel:
+        size = max(numel, 2 * buf.numel() if buf is not None else 0, 1024)
+        buf = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
+        _BUFFERS[key] = buf
+    return buf
+
+
+def clear() -> None:
+    """Drop every buffer (the next call allocates fresh ones)."""
+    _BUFFERS.clear()
