@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "packages" / "fp8-gemm" / "tests"
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(ROOT))
 
 RESULTS: dict[str, object] = {}
 LINES: list[str] = []
@@ -129,8 +130,6 @@ def tensor_sweep():
     from fp8_gemm import quantize as Q
     from fp8_gemm.reference import quantize_fp8_reference
     from triton_ops.benchmark._timing import CopyBandwidth, CudaTimer
-    from triton_ops_core.launch import Plan
-    from triton_ops_core.models import FP8Format
 
     timer = CudaTimer(5, 60, max_ms=30.0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -161,27 +160,20 @@ def tensor_sweep():
                 row["variants"][name] = ("ERR", f"{type(e).__name__}: {str(e)[:200]}")
                 log(f"  ERR {m}x{k} {name}: {type(e).__name__}: {str(e)[:200]}")
 
-        record("pkg dynamic (two kernels)", lambda: quantize_fp8(x, "e4m3", "tensor"), (q_dyn, s_dyn))
-        plan = Q._build_plan(x, FP8Format.E4M3, "tensor", None, None, (1,))
-        first, second = plan.launches
-        fwd = Plan(second.kernel, second.grid, second.tail[:-1] + (False,), second.num_warps)
+        record("pkg dynamic", lambda: quantize_fp8(x, "e4m3", "tensor"), (q_dyn, s_dyn))
+        record("pkg static scale", lambda: quantize_fp8(x, "e4m3", "tensor", scale=static), (q_st, s_st))
+        for margin in (0, 1):
+            scaler = DelayedScaler("e4m3", history_len=16, margin=margin)
+            scaler(x)  # steady state: the history holds amax(x)
+            ref = quantize_fp8_reference(x, "e4m3", "tensor", scale=scaler.scale())
+            record(f"pkg DelayedScaler margin {margin}", lambda: scaler(x), ref)
+        from benchmarks.bench_fp8_gemm import block_quantize_eager, delayed_quantize_eager, static_quantize_eager
 
-        def two_kernel_forward():
-            q = torch.empty_like(x, dtype=torch.float8_e4m3fn)
-            s = torch.empty(1, device="cuda")
-            am = torch.zeros(1, dtype=torch.int32, device="cuda")
-            first.launch(x, am)
-            fwd.launch(x, q, s, am)
-            return q, s
-
-        record("two kernels, forward cast", two_kernel_forward, (q_dyn, s_dyn))
-        record("pkg static scale (cast + fixup kernels)", lambda: quantize_fp8(x, "e4m3", "tensor", scale=static),
-               (q_st, s_st))
-        scaler = DelayedScaler("e4m3", history_len=16)
-        scaler(x * 2)  # history holds 2 * amax: the delayed scale holds x
-        hist_scale = scaler.scale()
-        q_del, s_del = quantize_fp8_reference(x, "e4m3", "tensor", scale=hist_scale)
-        record("pkg DelayedScaler (host history)", lambda: scaler(x), (q_del, s_del))
+        record("eager block (IEEE div)", lambda: block_quantize_eager(x),
+               quantize_fp8_reference(x, "e4m3", "block"))
+        record("eager static", lambda: static_quantize_eager(x, static), (q_st, s_st))
+        hist = torch.full((16,), amax, device="cuda")  # margin 1: scale = 2 * amax / 448, the static one
+        record("eager delayed", lambda: delayed_quantize_eager(x, hist), (q_st, s_st))
         sync = torch.zeros(4, dtype=torch.int32, device="cuda")
         hist = torch.zeros(16, device="cuda")
 
@@ -206,21 +198,17 @@ def tensor_sweep():
                 return q, s
             return run
 
-        for pps in (1, 2, 4):
-            for bc in (4096, 8192, 16384):
-                record(f"coop dyn p{pps} {bc} rev", coop(0, pps, bc, 8, True, True), (q_dyn, s_dyn))
-        record("coop dyn p2 8192 fwd", coop(0, 2, 8192, 8, False, True), (q_dyn, s_dyn))
-        record("coop dyn p2 8192 rev plain-launch", coop(0, 2, 8192, 8, True, False), (q_dyn, s_dyn))
-        record("coop dyn p4 4096 w4 rev", coop(0, 4, 4096, 4, True, True), (q_dyn, s_dyn))
-        for pps, bc in ((2, 8192), (4, 8192), (4, 4096), (8, 4096)):
-            record(f"coop static p{pps} {bc}", coop(1, pps, bc, 8, True, True, static), (q_st, s_st))
+        for pps, bc, w in ((4, 8192, 8), (4, 4096, 8), (3, 8192, 8), (6, 4096, 4), (4, 8192, 4)):
+            record(f"coop dyn p{pps} {bc} w{w} rev", coop(0, pps, bc, w, True, True), (q_dyn, s_dyn))
+        record("coop dyn p4 8192 fwd", coop(0, 4, 8192, 8, False, True), (q_dyn, s_dyn))
+        for pps, bc, w in ((4, 8192, 8), (3, 8192, 8), (6, 4096, 4), (4, 16384, 4)):
+            record(f"coop static p{pps} {bc} w{w}", coop(1, pps, bc, w, True, True, static), (q_st, s_st))
         small = torch.tensor([amax / 448.0 / 4], device="cuda")  # overflows: the re-cast path
-        record("coop static OVERFLOW p2 8192", coop(1, 2, 8192, 8, True, True, small),
+        record("coop static OVERFLOW p4 8192", coop(1, 4, 8192, 8, True, True, small),
                quantize_fp8_reference(x, "e4m3", "tensor", scale=small))
         q_h, s_h = quantize_fp8_reference(x, "e4m3", "tensor", scale=torch.tensor([amax * 2 / 448.0],
                                                                                      device="cuda"))
-        for pps, bc in ((2, 8192), (4, 8192), (4, 4096)):
-            record(f"coop delayed p{pps} {bc}", coop(2, pps, bc, 8, True, True), (q_h, s_h))
+        record("coop delayed p4 8192", coop(2, 4, 8192, 8, True, True), (q_h, s_h))
         record("row", lambda: quantize_fp8(x, "e4m3", "row"), quantize_fp8_reference(x, "e4m3", "row"))
         record("block", lambda: quantize_fp8(x, "e4m3", "block"), quantize_fp8_reference(x, "e4m3", "block"))
         med = copies[1]

@@ -90,11 +90,11 @@ def test_tma_variants(acc, subtile):
     assert_close_rel(out, gemm_ref(a_q.cpu(), a_s.cpu(), "block", b_q.cpu(), b_s.cpu(), "block"), KERNEL_TOL)
 
 
-@pytest.mark.parametrize("split", [1, 3])
-def test_decode_split_k_repeatable(split):
+@pytest.mark.parametrize("split, n, k", [(1, 40, 330), (3, 40, 330), (2, 64, 256)], ids=["s1", "s3", "s2-even"])
+def test_decode_split_k_repeatable(split, n, k):
     # Split-K partials are summed by the last program in a fixed order: identical results on repeated calls
-    # (which also shows the arrival counters were reset).
-    m, n, k = 3, 40, 330
+    # (which also shows the arrival counters were reset). 64 x 256: whole tiles, the loads without masks.
+    m = 3
     a_q, a_s, b_q, b_s = make_operands(m, n, k, "row", "block", DEV, seed=13)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
     outs = []
@@ -104,6 +104,49 @@ def test_decode_split_k_repeatable(split):
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert_close_rel(outs[0], gemm_ref(a_q.cpu(), a_s.cpu(), "row", b_q.cpu(), b_s.cpu(), "block"), KERNEL_TOL)
+
+
+@pytest.mark.parametrize(
+    "m, n, k, grans, kmajor, block_n, programs, desc, nested",
+    [(3, 40, 330, ("row", "block"), False, 32, 1, False, False),
+     (5, 96, 256, ("tensor", "channel"), True, 32, 2, True, False),
+     (1, 64, 320, ("row", "channel"), False, 32, 3, True, True),
+     (7, 48, 200, ("block", "tensor"), True, 16, 1, False, True)],
+    ids=["ptr-flat", "desc-kmajor-flat", "desc-rowmajor-nested", "ptr-nested"],
+)
+def test_decode_stream_k(m, n, k, grans, kmajor, block_n, programs, desc, nested):
+    # Ranges cut across tiles (programs per SM x SMs programs over N/BLOCK_N x K/64 units): tiles finished whole
+    # by one program and tiles shared by two or three, whose partials meet in the workspace. Repeated calls
+    # give identical results (fixed summation order, counters reset).
+    a_q, a_s, b_q, b_s = make_operands(m, n, k, *grans, DEV, kmajor_b=kmajor, seed=m + n)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 64, "STREAM_K": programs, "B_DESC": desc,
+           "NESTED": nested, "num_warps": 4, "num_stages": 1}
+    outs = []
+    for _ in range(2):
+        out = poison_(torch.empty(m, n, dtype=torch.float32, device=DEV))
+        info = _launch(a_q, b_q, out, a_s.reshape(-1) if grans[0] != "block" else a_s,
+                       b_s.reshape(-1) if grans[1] != "block" else b_s, None, _A[grans[0]], _B[grans[1]], False,
+                       "decode", cfg)
+        outs.append(out)
+    assert info["programs"] >= 2
+    assert torch.equal(outs[0], outs[1])
+    assert_close_rel(outs[0], gemm_ref(a_q.cpu(), a_s.cpu(), grans[0], b_q.cpu(), b_s.cpu(), grans[1]), KERNEL_TOL)
+
+
+def test_scratch_buffers_are_per_stream():
+    # Two streams get different counters and partials (they may run at once); one stream reuses its own; a
+    # larger request replaces the buffer with a zeroed one.
+    from fp8_gemm import _scratch
+
+    dev = torch.device(DEV)
+    a = _scratch.scratch("test.counters", dev, 10, torch.int32, zeroed=True, stream=1)
+    b = _scratch.scratch("test.counters", dev, 10, torch.int32, zeroed=True, stream=2)
+    assert a.data_ptr() != b.data_ptr()
+    assert _scratch.scratch("test.counters", dev, 8, torch.int32, zeroed=True, stream=1).data_ptr() == a.data_ptr()
+    a[:10] = 7
+    grown = _scratch.scratch("test.counters", dev, 5000, torch.int32, zeroed=True, stream=1)
+    assert grown.numel() >= 5000 and not grown.any()
+    assert _scratch._stream_id(torch.device("cpu")) == 0
 
 
 def test_strided_operands_take_pointer_path():

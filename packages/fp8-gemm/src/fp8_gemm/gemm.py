@@ -159,7 +159,8 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         even = k % bk == 0 and n % bn == 0
         tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
                 sa_m, sa_k, nb, progs,
-                a_mode, b_mode, has_bias, 0 if fast_accum else 1, bm, bn, bk, b_desc, even, not interp)
+                a_mode, b_mode, has_bias, 0 if fast_accum else 1, bm, bn, bk, b_desc, even, not interp,
+                bool(cfg.get("NESTED", False)))
         return Plan(fp8_gemm_streamk_kernel, (progs,), tail, cfg["num_warps"], info={**info, "programs": progs},
                     extra=("streamk", 2 * progs * bm * bn, n_tiles, b_desc != 0), num_stages=cfg["num_stages"])
     if path == "decode":
@@ -170,7 +171,7 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
                 sa_m, sa_k, nb, per_split,
                 a_mode, b_mode, has_bias, 0 if fast_accum else 1, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
-                split)
+                split, k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0)
         return Plan(fp8_gemm_decode_kernel, grid, tail, cfg["num_warps"], info=info,
                     extra=(path, split * m * n, grid[0], False), num_stages=cfg["num_stages"])
     if path == "tma":

@@ -164,18 +164,20 @@ def fp8_gemm_ptr_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SA_M", "SA_K", "NB", "tiles_per_split"])
 def fp8_gemm_decode_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, SA_M, SA_K, NB, tiles_per_split,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Small-M GEMM (decode): one program per (BLOCK_N columns, K slice); the whole of M in one tile.
 
     Memory-bound: the weight streams once, in wide K-contiguous loads. With ``SPLIT_K > 1`` each program
     writes its fp32 partial to ``ws``; the last program of a column block to finish (a counter per block,
-    reset by that program) sums the partials in a fixed order, so the result is deterministic.
+    reset by that program) sums the partials in a fixed order, so the result is deterministic. ``EVEN``: K and
+    N are multiples of the tile, so the weight loads need no masks.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -189,9 +191,13 @@ def fp8_gemm_decode_kernel(
               + offs_n[None, :].to(tl.int64) * stride_bn)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for ki in range(k_first, k_last):
-        k_left = K - ki * BLOCK_K
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        if EVEN:
+            a = tl.load(a_ptrs, mask=offs_m[:, None] < M, other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - ki * BLOCK_K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
         acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, SA_M, SA_K, NB,
                           A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
         a_ptrs += BLOCK_K * stride_ak
@@ -221,24 +227,83 @@ def _owner(u, total, n_progs):
     return ((u + 1) * n_progs - 1) // total
 
 
+@triton.jit
+def _sk_operands(a_ptr, b_ptr, b_desc, offs_m, mask_m, offs_k, offs_n, off_n, off_k, K, N, stride_am, stride_ak,
+                 stride_bk, stride_bn, B_DESC: tl.constexpr, EVEN: tl.constexpr):
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (off_k + offs_k)[None, :] * stride_ak
+    if EVEN:
+        a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & ((off_k + offs_k) < K)[None, :], other=0.0)
+    if B_DESC == 1:
+        b = b_desc.load([off_n, off_k]).T
+    elif B_DESC == 2:
+        b = b_desc.load([off_k, off_n])
+    else:
+        b_ptrs = (b_ptr + (off_k + offs_k)[:, None].to(tl.int64) * stride_bk
+                  + offs_n[None, :].to(tl.int64) * stride_bn)
+        if EVEN:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=((off_k + offs_k) < K)[:, None] & (offs_n < N)[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _sk_finish(acc, seg, first_seg, tile, pid, total, n_progs, k_tiles, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr,
+               cnt_ptr, offs_m, mask_m, offs_n, offs_bn, M, N, stride_cm, stride_cn,
+               A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FENCE: tl.constexpr):
+    """Finish a segment of ``seg`` K tiles of ``tile``: store it if it is the whole K range, else leave the
+    partial in this program's slot and, if it completes the tile's count, sum every slot and store."""
+    mask_c = mask_m[:, None] & (offs_n < N)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if seg == k_tiles:  # the whole K range of this tile ran here
+        out = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        slot_offs = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
+        slot = 2 * pid + (1 - first_seg)
+        tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + slot_offs, acc)
+        fence = 0
+        if FENCE:  # every thread's partial reaches GPU scope before the count says so
+            fenced = tl.inline_asm_elementwise("membar.gl;\n\tmov.u32 $0, 0;", "=r,r",
+                                               [tl.full([1], 0, tl.int32)], dtype=tl.int32,
+                                               is_pure=False, pack=1)
+            fence = tl.sum(fenced, axis=0)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, seg + fence, sem="acq_rel", scope="gpu")
+        if arrived + seg == k_tiles:
+            # Sum the partials of the tile's programs in program order: the same sum on every call.
+            t0 = tile * k_tiles
+            total_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for p in range(_owner(t0, total, n_progs), _owner(t0 + k_tiles - 1, total, n_progs) + 1):
+                p_slot = 2 * p + ((p * total) // n_progs < t0).to(tl.int32)
+                total_acc += tl.load(ws_ptr + p_slot * (BLOCK_M * BLOCK_N) + slot_offs, cache_modifier=".cg")
+            out = _epilogue(total_acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
 @triton.jit(do_not_specialize=["M", "SA_M", "SA_K", "NB", "n_progs"])
 def fp8_gemm_streamk_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, SA_M, SA_K, NB, n_progs,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_DESC: tl.constexpr,
-    EVEN: tl.constexpr, FENCE: tl.constexpr,
+    EVEN: tl.constexpr, FENCE: tl.constexpr, NESTED: tl.constexpr,
 ):
     """Small-M GEMM (decode), stream-K: the ``N tiles x K tiles`` units of work, K innermost, cut into one equal
     contiguous range per program (a grid of a few programs per SM), so every SM streams the same number of
-    weight bytes in one software-pipelined loop: no wave tail, no idle SM, one pipeline fill per program.
+    weight bytes: no wave tail, no idle SM.
 
     A tile wholly inside a program's range is finished there. A tile cut by range ends is shared by neighbours:
     each writes its fp32 partial to its own workspace slot (slot 0: the program's first segment, 1: its last),
     then adds the K units it covered to the tile's counter; the program that completes the count sums the
     slots in program order (deterministic), applies the epilogue and resets the counter for the next call.
-    ``B_DESC``: 0 masked pointers, 1 a tensor descriptor over a K-major b (``[N, K]`` rows), 2 over a
-    row-major ``[K, N]`` b. ``FENCE``: make the partials visible at GPU scope before counting (GPU only).
+    ``NESTED``: one software-pipelined loop per segment (else one flat loop over the whole range). ``B_DESC``:
+    0 masked pointers, 1 a tensor descriptor over a K-major b (``[N, K]`` rows), 2 over a row-major ``[K, N]``
+    b. ``FENCE``: make the partials visible at GPU scope before counting (GPU only).
     """
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -250,71 +315,49 @@ def fp8_gemm_streamk_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_bn = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
+    b_desc = b_ptr
     if B_DESC == 1:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
     elif B_DESC == 2:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
                                            block_shape=[BLOCK_K, BLOCK_N])
-    tile = start // k_tiles
-    kk = start - tile * k_tiles
-    seg_first = start
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for u in tl.range(start, end):
-        off_n = tile * BLOCK_N
-        off_k = kk * BLOCK_K
-        offs_n = off_n + offs_bn
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (off_k + offs_k)[None, :] * stride_ak
-        if EVEN:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & ((off_k + offs_k) < K)[None, :], other=0.0)
-        if B_DESC == 1:
-            b = b_desc.load([off_n, off_k]).T
-        elif B_DESC == 2:
-            b = b_desc.load([off_k, off_n])
-        else:
-            b_ptrs = (b_ptr + (off_k + offs_k)[:, None].to(tl.int64) * stride_bk
-                      + offs_n[None, :].to(tl.int64) * stride_bn)
-            if EVEN:
-                b = tl.load(b_ptrs)
-            else:
-                b = tl.load(b_ptrs, mask=((off_k + offs_k) < K)[:, None] & (offs_n < N)[None, :], other=0.0)
-        acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, off_k // 128, tile, M, N, SA_M, SA_K, NB,
-                          A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
-        tile_done = kk == k_tiles - 1
-        if tile_done | (u == end - 1):
-            seg = u + 1 - seg_first
-            mask_c = mask_m[:, None] & (offs_n < N)[None, :]
-            c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-            if seg == k_tiles:  # the whole K range of this tile ran here
-                out = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
-                tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
-            else:
-                slot_offs = offs_m[:, None] * BLOCK_N + offs_bn[None, :]
-                slot = 2 * pid + (seg_first != start).to(tl.int32)
-                tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + slot_offs, acc)
-                fence = 0
-                if FENCE:  # every thread's partial reaches GPU scope before the count says so
-                    fenced = tl.inline_asm_elementwise("membar.gl;\n\tmov.u32 $0, 0;", "=r,r",
-                                                       [tl.full([1], 0, tl.int32)], dtype=tl.int32,
-                                                       is_pure=False, pack=1)
-                    fence = tl.sum(fenced, axis=0)
-                tl.debug_barrier()
-                arrived = tl.atomic_add(cnt_ptr + tile, seg + fence, sem="acq_rel", scope="gpu")
-                if arrived + seg == k_tiles:
-                    # Sum the partials of the tile's programs in program order: the same sum on every call.
-                    t0 = tile * k_tiles
-                    total_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                    for p in range(_owner(t0, total, n_progs), _owner(t0 + k_tiles - 1, total, n_progs) + 1):
-                        p_slot = 2 * p + ((p * total) // n_progs < t0).to(tl.int32)
-                        total_acc += tl.load(ws_ptr + p_slot * (BLOCK_M * BLOCK_N) + slot_offs,
-                                             cache_modifier=".cg")
-                    out = _epilogue(total_acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE,
-                                    HAS_BIAS)
-                    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_c)
-                    tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+    if NESTED:
+        u = start
+        while u < end:
+            tile = u // k_tiles
+            k0 = u - tile * k_tiles
+            k1 = tl.minimum(k_tiles, k0 + (end - u))
+            off_n = tile * BLOCK_N
+            offs_n = off_n + offs_bn
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            seg_first = u + 1
-        tile = tl.where(tile_done, tile + 1, tile)
-        kk = tl.where(tile_done, 0, kk + 1)
+            for kk in tl.range(k0, k1):
+                a, b = _sk_operands(a_ptr, b_ptr, b_desc, offs_m, mask_m, offs_k, offs_n, off_n, kk * BLOCK_K, K, N,
+                                    stride_am, stride_ak, stride_bk, stride_bn, B_DESC, EVEN)
+                acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (kk * BLOCK_K) // 128, tile, M, N,
+                                  SA_M, SA_K, NB, A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
+            _sk_finish(acc, k1 - k0, (u == start).to(tl.int32), tile, pid, total, n_progs, k_tiles, c_ptr, as_ptr,
+                       bs_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_m, mask_m, offs_n, offs_bn, M, N, stride_cm,
+                       stride_cn, A_MODE, B_MODE, HAS_BIAS, BLOCK_M, BLOCK_N, FENCE)
+            u += k1 - k0
+    else:
+        tile = start // k_tiles
+        kk = start - tile * k_tiles
+        seg_first = start
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for u in tl.range(start, end):
+            off_n = tile * BLOCK_N
+            offs_n = off_n + offs_bn
+            a, b = _sk_operands(a_ptr, b_ptr, b_desc, offs_m, mask_m, offs_k, offs_n, off_n, kk * BLOCK_K, K, N,
+                                stride_am, stride_ak, stride_bk, stride_bn, B_DESC, EVEN)
+            acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (kk * BLOCK_K) // 128, tile, M, N,
+                              SA_M, SA_K, NB, A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
+            tile_done = kk == k_tiles - 1
+            if tile_done | (u == end - 1):
+                _sk_finish(acc, u + 1 - seg_first, (seg_first == start).to(tl.int32), tile, pid, total, n_progs,
+                           k_tiles, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_m, mask_m, offs_n,
+                           offs_bn, M, N, stride_cm, stride_cn, A_MODE, B_MODE, HAS_BIAS, BLOCK_M, BLOCK_N, FENCE)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                seg_first = u + 1
+            tile = tl.where(tile_done, tile + 1, tile)
+            kk = tl.where(tile_done, 0, kk + 1)

@@ -48,12 +48,16 @@ from triton_ops_core.validation import (
     check_tensor,
 )
 
+from . import _scratch
+
 GRANULARITIES = ("tensor", "row", "channel", "block")
 ROLES = ("activation", "weight")
 ACTIVATION_BLOCK = (1, SCALE_BLOCK)
 WEIGHT_BLOCK = (SCALE_BLOCK, SCALE_BLOCK)
-# Programs of the per-tensor overflow fix-up: idle unless a given scale overflowed, then a grid-stride loop.
-_FIXUP_PROGRAMS = 512
+# Per-tensor scaling: tile elements and programs per SM of the cooperative kernel (H100: 4 x 8192 streamed best,
+# docs/fp8-gemm.md); fewer programs per SM if a GPU cannot keep that many resident.
+_TENSOR_TILE = 8192
+_TENSOR_PROGS_PER_SM = 4
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -287,98 +291,6 @@ def _quant_blocks_kernel(
 
 
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, R, C, stride_xr, tiles_c, n_tiles, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-tensor absolute maximum, pass one. A persistent grid walks the tiles and merges its running maximum
-    with ONE integer atomic max on the float bits per program (non-negative floats order like their bits):
-    an atomic per tile would serialize thousands of atomics on one address."""
-    amax = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
-        amax = tl.maximum(amax, _finite_abs(x.to(tl.float32)))
-    m = tl.max(tl.max(amax, axis=1), axis=0)
-    tl.atomic_max(amax_ptr, m.to(tl.int32, bitcast=True))
-
-
-@triton.jit
-def _quant_tensor_kernel(
-    x_ptr, q_ptr, scale_ptr, amax_ptr, R, C, stride_xr, stride_qr,
-    MAX_VALUE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
-):
-    """Dynamic per-tensor scaling, pass two: every program derives the scale from the amax; program 0 writes it.
-    ``REVERSE``: programs take the tiles last to first, so the first ones read what the amax pass left in L2."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    if REVERSE:
-        pid_r = tl.num_programs(0) - 1 - pid_r
-        pid_c = tl.num_programs(1) - 1 - pid_c
-    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-    scale, inv, over = _group_scale(amax, amax, False, MAX_VALUE)
-    if (pid_r == 0) & (pid_c == 0):
-        tl.store(scale_ptr, scale)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    r64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
-
-
-@triton.jit
-def _quant_tensor_given_kernel(
-    x_ptr, q_ptr, amax_ptr, given_ptr, R, C, stride_xr, stride_qr, tiles_c, n_tiles,
-    IS_E4M3: tl.constexpr, EMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Static/delayed per-tensor scale, one read: cast with the given scale while recording the amax
-    (persistent grid, one atomic per program).
-
-    If the amax turns out to exceed the given scale's range, ``_tensor_fixup_kernel`` (launched right after,
-    on the device, no host round trip) rewrites the tensor with the raised scale; otherwise it does nothing.
-    """
-    given = tl.load(given_ptr)
-    inv = tl.math.div_rn(tl.full(given.shape, 1.0, tl.float32), given)
-    amax = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        r64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, _finite_abs(x))
-        _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
-    m = tl.max(tl.max(amax, axis=1), axis=0)
-    tl.atomic_max(amax_ptr, m.to(tl.int32, bitcast=True))
-
-
-@triton.jit
-def _tensor_fixup_kernel(
-    x_ptr, q_ptr, scale_ptr, amax_ptr, given_ptr, flag_ptr, R, C, stride_xr, stride_qr, tiles_c, n_tiles,
-    MAX_VALUE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Settle a given per-tensor scale against the full amax: write the final scale and overflow flag, and only
-    on overflow re-cast the tensor with the raised scale (a few idle programs otherwise)."""
-    pid = tl.program_id(0)
-    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-    given = tl.load(given_ptr)
-    scale, inv, over = _group_scale(amax, given, True, MAX_VALUE)
-    if pid == 0:
-        tl.store(scale_ptr, scale)
-        tl.store(flag_ptr, over.to(tl.int32))
-    if over:
-        for t in range(pid, n_tiles, tl.num_programs(0)):
-            rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
-            cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask = (rows[:, None] < R) & (cols[None, :] < C)
-            r64 = rows.to(tl.int64)
-            x = tl.load(x_ptr + r64[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], x * inv, mask, IS_E4M3, EMULATE)
-
-
-@triton.jit
 def _grid_barrier(sync_ptr, n_progs):
     """Wait until every program of the grid has arrived (``sync_ptr[1]`` counts arrivals). Only for grids whose
     programs are all resident at once: a cooperative launch on a GPU, a single program under the interpreter."""
@@ -544,11 +456,10 @@ _FP8_OK: dict[int, bool] = {}
 
 
 @functools.cache
-def _persistent_programs(device: torch.device) -> int:
-    """Programs of a persistent grid: a few per SM on a GPU; few under the interpreter (programs run serially)."""
+def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _fp8_ok(device: torch.device) -> bool:
@@ -625,12 +536,12 @@ class _QuantPlan:
     """
 
     __slots__ = ("x_mode", "given_mode", "gran", "dtype", "emulate", "r", "c", "scale_shape", "launches",
-                 "transposed", "out_shape", "expected", "has_given", "fmt", "granularity", "reshape")
+                 "transposed", "out_shape", "expected", "has_given", "fmt", "granularity", "reshape", "delayed")
 
     def run(self, t: torch.Tensor, given: torch.Tensor | None,
-            amax_out: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            delayed: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(q, scale, overflow_count)`` in the caller's layout; ``overflow_count`` is a device int32 tensor
-        (None without a given scale)."""
+        (None without a given scale). ``delayed``: the (history, state) buffers of a ``DelayedScaler``."""
         x = _as_rows(t, self.x_mode)
         device = t.device
         q = torch.empty((self.r, self.c), dtype=self.dtype, device=device)
@@ -650,18 +561,14 @@ class _QuantPlan:
                 elif gm == 3:
                     g = given.t().contiguous()
                 flag = torch.zeros(1, dtype=torch.int32, device=device)
+            elif delayed is not None:
+                flag = torch.empty(1, dtype=torch.int32, device=device)
             gran = self.gran
             if gran == "tensor":
-                amax = torch.zeros((1,), dtype=torch.int32, device=device)
-                first, second = self.launches
-                if self.has_given:
-                    first.launch(x, q_arg, amax, g)
-                    second.launch(x, q_arg, s, amax, g, flag)
-                else:
-                    first.launch(x, amax)
-                    second.launch(x, q_arg, s, amax)
-                if amax_out is not None:
-                    amax_out.append(amax.view(torch.float32))
+                hist, sync = delayed if delayed is not None else (s, _scratch.scratch(
+                    "quantize.sync", device, 4, torch.int32, zeroed=True))
+                _launch_coop(self, x, q_arg, s, g if self.has_given else s, flag if flag is not None else s, hist,
+                             sync)
             else:
                 self.launches[0].launch(x, q_arg, s, g if self.has_given else s, flag if self.has_given else s)
         if self.transposed:
@@ -702,33 +609,43 @@ def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str
         tail = (r, c, stride_xr, c, _cdiv(c, bk), max_value, bm, has_given, is_e4m3, emulate, block_r, bk)
         plan.launches = (Plan(_quant_blocks_kernel, (_cdiv(r, block_r), _cdiv(c, bk)), tail, 8 if bm > 1 else 4),)
     else:
-        # A contiguous tensor is one long row: long tiles, no row masks.
+        # One cooperative launch (see _quant_tensor_coop_kernel). A contiguous tensor is one long row: long
+        # tiles, no row masks.
         flat = x.is_contiguous()
         rr, cc, sr = (1, r * c, r * c) if flat else (r, c, stride_xr)
-        cfg = _tile_config(rr, cc)
-        grid = (_cdiv(rr, cfg["BLOCK_R"]), _cdiv(cc, cfg["BLOCK_C"]))
-        n_tiles = grid[0] * grid[1]
-        br, bc, warps = cfg["BLOCK_R"], cfg["BLOCK_C"], cfg["num_warps"]
-        if has_given:
-            # One read in the common case: cast with the given scale, then settle it against the amax.
-            plan.launches = (
-                Plan(_quant_tensor_given_kernel, (min(n_tiles, _persistent_programs(x.device)),),
-                     (rr, cc, sr, cc, grid[1], n_tiles, is_e4m3, emulate, br, bc), warps),
-                Plan(_tensor_fixup_kernel, (min(n_tiles, _FIXUP_PROGRAMS),),
-                     (rr, cc, sr, cc, grid[1], n_tiles, max_value, is_e4m3, emulate, br, bc), warps),
-            )
-        else:
-            plan.launches = (
-                Plan(_amax_kernel, (min(n_tiles, _persistent_programs(x.device)),),
-                     (rr, cc, sr, grid[1], n_tiles, br, bc), warps),
-                Plan(_quant_tensor_kernel, grid, (rr, cc, sr, cc, max_value, is_e4m3, emulate, br, bc, True), warps),
-            )
+        cfg = _tile_config(rr, cc, _TENSOR_TILE)
+        br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
+        tiles_c = _cdiv(cc, bc)
+        n_tiles = _cdiv(rr, br) * tiles_c
+        hist_len, margin_mul = plan.delayed or (1, 1.0)
+        mode = 2 if plan.delayed else 1 if has_given else 0
+        progs = 1 if emulate else min(n_tiles, _TENSOR_PROGS_PER_SM * _sm_count(x.device))
+        tail = (rr, cc, sr, cc, tiles_c, n_tiles, hist_len, margin_mul, max_value, mode, is_e4m3, emulate, br, bc,
+                _pow2(hist_len), True)
+        options = {} if emulate else {"launch_cooperative_grid": True}
+        plan.launches = (Plan(_quant_tensor_coop_kernel, (progs,), tail, cfg["num_warps"], **options),)
+
+
+def _launch_coop(plan: _QuantPlan, *tensors: torch.Tensor) -> None:
+    """Launch the cooperative per-tensor kernel; if the GPU cannot keep that many programs resident (the launch
+    is refused before anything runs), halve the programs for good and retry."""
+    launch = plan.launches[0]
+    try:
+        launch.launch(*tensors)
+    except RuntimeError as exc:
+        if "cooperative" not in str(exc) or launch.grid[0] <= 1:
+            raise
+        plan.launches = (Plan(launch.kernel, (max(1, launch.grid[0] // 2),), launch.tail, launch.num_warps,
+                              **launch.options),)
+        _launch_coop(plan, *tensors)
 
 
 def _build_plan(t: torch.Tensor, fmt: FP8Format, granularity: str, given: torch.Tensor | None, block,
-                expected: tuple[int, ...]) -> _QuantPlan:
-    """The plan of a validated call (the layout decisions of the quantization, taken once per signature)."""
+                expected: tuple[int, ...], delayed: tuple[int, float] | None = None) -> _QuantPlan:
+    """The plan of a validated call (the layout decisions of the quantization, taken once per signature).
+    ``delayed``: (history length, 2**margin) of a DelayedScaler (per-tensor only)."""
     plan = _QuantPlan()
+    plan.delayed = delayed
     plan.fmt, plan.granularity, plan.expected, plan.has_given = fmt, granularity, expected, given is not None
     plan.transposed = False
     plan.out_shape = t.shape
@@ -777,7 +694,7 @@ def _put(key: tuple | None, plan):
     return plan
 
 
-def _quantize(t, fmt, granularity, scale, block_size, strict, role, amax_out=None):
+def _quantize(t, fmt, granularity, scale, block_size, strict, role):
     try:
         key = call_key(t, fmt, granularity, scale, block_size, role)
     except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says which
@@ -786,14 +703,36 @@ def _quantize(t, fmt, granularity, scale, block_size, strict, role, amax_out=Non
     if plan is None:
         fmt_, block, expected = _validate(t, fmt, granularity, scale, block_size, role)
         plan = _put(key, _build_plan(t, fmt_, granularity, scale, block, expected))
-    q, s, flag = plan.run(t, scale, amax_out)
+    q, s, flag = plan.run(t, scale)
+    _check_overflow(strict, flag, granularity, plan.fmt)
+    return q, s
+
+
+def _check_overflow(strict: bool, flag: torch.Tensor | None, granularity: str, fmt: FP8Format) -> None:
     if strict and flag is not None:  # the one host synchronization, only when asked for
         n_over = int(flag.item())
         if n_over:
             raise NumericalOverflowError(
-                f"t: {n_over} scale group(s) ({granularity}) exceed the {plan.fmt.name} range "
-                f"(max {plan.fmt.max_value:g}) with the given scale; pass strict=False to have the scale raised instead"
+                f"t: {n_over} scale group(s) ({granularity}) exceed the {fmt.name} range "
+                f"(max {fmt.max_value:g}) with the given scale; pass strict=False to have the scale raised instead"
             )
+
+
+def _quantize_delayed(t: torch.Tensor, fmt: FP8Format, hist: torch.Tensor, state: torch.Tensor, margin: int,
+                      strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor E4M3/E5M2 with a delayed scale, in one launch: the kernel derives the scale from the amax
+    history ``hist`` and records this call's amax there (``state``: the kernel's barrier words and call count)."""
+    try:
+        key = call_key(t, fmt, "delayed", hist.numel(), margin)
+    except (AttributeError, RuntimeError, TypeError):
+        key = None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        fmt_, _, expected = _validate(t, fmt, "tensor", None, None, "activation")
+        plan = _put(key, _build_plan(t, fmt_, "tensor", None, None, expected,
+                                     delayed=(hist.numel(), float(2**margin))))
+    q, s, flag = plan.run(t, None, (hist, state))
+    _check_overflow(strict, flag, "tensor", plan.fmt)
     return q, s
 
 

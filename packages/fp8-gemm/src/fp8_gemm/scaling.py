@@ -2,8 +2,9 @@
 
 Dynamic per-tensor scaling reads a tensor twice (amax, then cast). Delayed scaling (as in Transformer Engine)
 uses the largest amax of the last ``history_len`` calls instead, and records this call's amax for the next
-one. A value beyond the delayed scale's range is caught in the kernel: the scale is raised so nothing clips
-(or ``NumericalOverflowError`` in strict mode). Everything stays on the device; no call synchronizes unless
+one: one read, in one kernel launch that also keeps the history on the device. A value beyond the delayed
+scale's range is caught in the kernel: the scale is raised so nothing clips (or ``NumericalOverflowError`` in
+strict mode). Everything stays on the device; no call synchronizes unless
 ``strict`` is set.
 """
 
@@ -13,7 +14,7 @@ import torch
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.models import FP8Format
 
-from .quantize import _quantize
+from .quantize import _quantize_delayed
 
 
 class DelayedScaler:
@@ -41,16 +42,18 @@ class DelayedScaler:
         self.margin = margin
         self.strict = strict
         self.amax_history: torch.Tensor | None = None
+        self._state: torch.Tensor | None = None  # the kernel's barrier words and its call count
         self.calls = 0
 
     def reset(self) -> None:
         """Forget the history: the next call scales dynamically."""
         self.amax_history = None
+        self._state = None
         self.calls = 0
 
     def scale(self) -> torch.Tensor | None:
         """The scale the next call will use (``[1]`` float32 on the history's device), or None before any call."""
-        if self.amax_history is None:
+        if self.amax_history is None or self.calls == 0:
             return None
         amax = self.amax_history.amax().reshape(1)
         # Tensor / tensor: CUDA's division by a Python scalar multiplies by its reciprocal (not IEEE division).
@@ -58,15 +61,16 @@ class DelayedScaler:
         return torch.where(amax > 0, dyn, torch.ones_like(dyn))
 
     def quantize(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize ``t`` per tensor with the delayed scale and record its amax."""
-        given = self.scale()
-        if given is not None and given.device != t.device:
-            given = given.to(t.device)
-        amax_out: list[torch.Tensor] = []
-        q, s = _quantize(t, self.fmt, "tensor", given, None, self.strict, "activation", amax_out)
-        if self.amax_history is None or self.amax_history.device != t.device:
+        """Quantize ``t`` per tensor with the delayed scale and record its amax: one kernel launch that reads
+        ``t`` once (twice on the first call, or when ``t`` outgrows the history's range), with the history kept
+        and updated on the device (no host synchronization unless ``strict``)."""
+        if self.amax_history is None:
             self.amax_history = torch.zeros(self.history_len, dtype=torch.float32, device=t.device)
-        self.amax_history[self.calls % self.history_len] = amax_out[0].reshape(())
+            self._state = torch.zeros(4, dtype=torch.int32, device=t.device)
+        elif self.amax_history.device != t.device:
+            self.amax_history = self.amax_history.to(t.device)
+            self._state = self._state.to(t.device)
+        q, s = _quantize_delayed(t, self.fmt, self.amax_history, self._state, self.margin, self.strict)
         self.calls += 1
         return q, s
 
