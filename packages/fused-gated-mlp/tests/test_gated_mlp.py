@@ -21,9 +21,7 @@ DECODE_PLAIN = {**DECODE_SPLIT3, "SPLIT_K": 1, "BLOCK_K": 32}
 PREFILL_TMA = {"path": "prefill", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 1, "GROUP_M": 2,
                "num_warps": 4, "num_stages": 2}
 PREFILL_PTR = {**PREFILL_TMA, "USE_TMA": False, "BLOCK_K": 32}
-# Stream-K: 7 programs over ragged (column tile x K step) ranges, so tiles are cut between two or three programs.
-DECODE_STREAMK = {**DECODE_SPLIT3, "SPLIT_K": 1, "NUM_PROGRAMS": 7}
-DECODE_STREAMK_PTR = {**DECODE_STREAMK, "USE_TMA": False, "BLOCK_K": 32}
+DECODE_TMA = {**DECODE_PLAIN, "USE_TMA": True}
 
 
 @given(
@@ -51,9 +49,8 @@ def test_matches_float64_reference(m, hidden, inter, activation, bias, layout, d
     assert_close_rel(out, ref, TOL[dtype] + 2 * output_rounding)
 
 
-@pytest.mark.parametrize("cfg", [DECODE_SPLIT3, DECODE_PLAIN, DECODE_STREAMK, DECODE_STREAMK_PTR, PREFILL_TMA,
-                                 PREFILL_PTR],
-                         ids=["decode-splitk", "decode", "streamk-tma", "streamk-ptr", "prefill-tma", "prefill-ptr"])
+@pytest.mark.parametrize("cfg", [DECODE_SPLIT3, DECODE_PLAIN, DECODE_TMA, PREFILL_TMA, PREFILL_PTR],
+                         ids=["decode-splitk", "decode", "decode-tma", "prefill-tma", "prefill-ptr"])
 @pytest.mark.parametrize("activation", ACTS)
 def test_every_kernel_variant(device, cfg, activation):
     # Sizes that are no multiple of any block: ragged M, N and K tiles, several split-K slices.
@@ -70,34 +67,6 @@ def test_split_k_workspace_is_left_clean(device):
         assert_close_rel(out, reference64(x, wg, wu, "silu"), TOL[torch.float32])
 
 
-@given(
-    m=st.integers(1, 40),
-    hidden=st.sampled_from([16, 40, 64, 100]),
-    inter=st.integers(1, 70),
-    programs=st.integers(1, 12),
-    block_k=st.sampled_from([16, 32]),
-    use_tma=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_stream_k_any_cut(m, hidden, inter, programs, block_k, use_tma, seed):
-    # Any number of programs over any tile grid: a tile owned by one program, cut between several, programs with
-    # no work at all; the workspace and counters must also be left clean for the next example.
-    x, wg, wu, bg, bu = make_inputs(m, hidden, inter, torch.float32, device_for_tests(), bias=True, seed=seed)
-    cfg = {**DECODE_STREAMK, "BLOCK_K": block_k, "NUM_PROGRAMS": programs, "USE_TMA": use_tma}
-    out = gated_mlp_forward(x, wg, wu, bg, bu, "gelu", 1.702, 7.0, cfg)
-    assert_close_rel(out, reference64(x, wg, wu, "gelu", bg, bu), TOL[torch.float32])
-
-
-def test_stream_k_with_programs_per_sm(device):
-    # The production form of the config: STREAM_K programs per SM, more programs than (tile x K step) units.
-    x, wg, wu, _, _ = make_inputs(3, 64, 40, torch.float32, device, seed=8)
-    cfg = {**DECODE_STREAMK, "STREAM_K": 2}
-    del cfg["NUM_PROGRAMS"]
-    out = gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
-    assert_close_rel(out, reference64(x, wg, wu, "silu"), TOL[torch.float32])
-
-
 def test_decode_and_prefill_agree_at_the_boundary(device):
     x, wg, wu, _, _ = make_inputs(DECODE_MAX_TOKENS + 1, 64, 40, torch.float32, device, seed=1)
     ref = reference64(x, wg, wu, "silu")
@@ -105,8 +74,8 @@ def test_decode_and_prefill_agree_at_the_boundary(device):
     assert_close_rel(fused_gated_mlp(x[:DECODE_MAX_TOKENS], wg, wu), ref[:DECODE_MAX_TOKENS], TOL[torch.float32])
 
 
-@pytest.mark.parametrize("cfg", [None, DECODE_SPLIT3, DECODE_STREAMK, PREFILL_TMA, PREFILL_PTR],
-                         ids=["auto", "decode-splitk", "streamk", "prefill-tma", "prefill-ptr"])
+@pytest.mark.parametrize("cfg", [None, DECODE_SPLIT3, DECODE_TMA, PREFILL_TMA, PREFILL_PTR],
+                         ids=["auto", "decode-splitk", "decode-tma", "prefill-tma", "prefill-ptr"])
 def test_every_output_element_written(device, monkeypatch, cfg):
     # The output buffer starts as NaN: any element the kernel skips stays NaN and fails the comparison.
     monkeypatch.setattr(ops, "_new_output", lambda m, n, dtype, dev: poison_(torch.empty(m, n, dtype=dtype,
@@ -146,8 +115,8 @@ def test_interleaved_follows_gpt_oss(device):
     assert_close_rel(out, expected, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("cfg", [None, DECODE_SPLIT3, DECODE_STREAMK, PREFILL_TMA],
-                         ids=["auto", "decode-splitk", "streamk", "prefill"])
+@pytest.mark.parametrize("cfg", [None, DECODE_SPLIT3, DECODE_TMA, PREFILL_TMA],
+                         ids=["auto", "decode-splitk", "decode-tma", "prefill"])
 def test_nan_and_inf_propagate(device, cfg):
     x, wg, wu, _, _ = make_inputs(9, 48, 20, torch.float32, device, seed=6)
     x[2, 5] = float("nan")

@@ -81,18 +81,13 @@ def test_split_k_is_race_free(m):
 
 
 @pytest.mark.parametrize("m", [1, 16, 64])
-@pytest.mark.parametrize("per_sm", [1, 2])
 @pytest.mark.parametrize("use_tma", [True, False])
-def test_stream_k_is_race_free(m, per_sm, use_tma):
-    # Stream-K over every SM, repeated: tiles cut between programs meet through atomics and a counter; a missing
-    # fence or a stale workspace shows as a moving error. 5632 / 64 column tiles x 32 K steps do not divide evenly.
+def test_decode_pointer_and_tma_loads(m, use_tma):
+    # Pointer loads are the decode default; descriptors stay available through the config.
     x, wg, wu, bg, bu = _inputs(m, 4096, 5632, bias=True, seed=m)
-    ref = _ref32(x, wg, wu, "gelu", bg, bu)
-    cfg = {**heuristic_config(m, 4096, 5632, torch.bfloat16, x.device), "BLOCK_N": 64, "BLOCK_K": 128,
-           "num_stages": 3, "STREAM_K": per_sm, "USE_TMA": use_tma, "path": "decode"}
-    for _ in range(5):
-        out = ops.gated_mlp_forward(x, wg, wu, bg, bu, "gelu", 1.702, 7.0, cfg)
-        assert_close_rel(out, ref, 1e-2)
+    cfg = {**heuristic_config(m, 4096, 5632, torch.bfloat16, x.device), "USE_TMA": use_tma}
+    out = ops.gated_mlp_forward(x, wg, wu, bg, bu, "gelu", 1.702, 7.0, cfg)
+    assert_close_rel(out, _ref32(x, wg, wu, "gelu", bg, bu), 1e-2)
 
 
 @pytest.mark.parametrize("use_tma", [True, False])

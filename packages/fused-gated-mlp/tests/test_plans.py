@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _gated_mlp_helpers import TOL, make_inputs, pack, reference64
-from fused_gated_mlp import clear_caches, fused_gated_mlp, ops
+from fused_gated_mlp import DECODE_MAX_TOKENS, clear_caches, fused_gated_mlp, ops
 from triton_ops_core.exceptions import InvalidArgumentError, UnsupportedDtypeError
 from triton_ops_core.testing import assert_close_rel
 
@@ -54,24 +54,27 @@ def test_repeated_calls_reuse_the_plan_with_new_data(device, counts):
 
 
 def test_new_strides_alignment_or_options_get_new_plans(device, counts):
-    x, wg, wu, _, _ = make_inputs(4, 32, 16, torch.float32, device, seed=1)
+    # Prefill-sized (TMA is the prefill default; decode streams with plain loads), still one program per call.
+    m = DECODE_MAX_TOKENS + 1
+    x, wg, wu, _, _ = make_inputs(m, 32, 16, torch.float32, device, seed=1)
     fused_gated_mlp(x, wg, wu)
     builds = 1
     # A row-strided view of x: another stride.
-    wide = torch.randn(4, 48, device=device)
+    wide = torch.randn(m, 48, device=device)
     xs = wide[:, 8:40]
     assert_close_rel(fused_gated_mlp(xs, wg, wu), reference64(xs, wg, wu, "silu"), TOL[torch.float32])
     builds += 1
     assert counts["build"] == builds
     # A pointer 4 bytes past a 16-byte boundary: same shape and strides, other alignment (TMA must turn off).
-    buf = torch.randn(4 * 32 + 1, device=device)
-    xm = buf[1:].view(4, 32)
+    buf = torch.randn(m * 32 + 1, device=device)
+    xm = buf[1:].view(m, 32)
     assert xm.data_ptr() % 16 != x.data_ptr() % 16
     assert_close_rel(fused_gated_mlp(xm, wg, wu), reference64(xm, wg, wu, "silu"), TOL[torch.float32])
     builds += 1
     assert counts["build"] == builds
     plans = list(ops._PLANS._plans.values())
-    assert [p.tail[-4] for p in plans] == [True, True, False], "USE_TMA must follow the operands' alignment"
+    # The prefill tail ends (..., NUM_STAGES, USE_TMA, DOT_PRECISION, UPCAST).
+    assert [p.tail[-3] for p in plans] == [True, True, False], "USE_TMA must follow the operands' alignment"
     # Options are part of the key too.
     fused_gated_mlp(x, wg, wu, "swiglu_oai", limit=3.0)
     fused_gated_mlp(x, wg, wu, "swiglu_oai", limit=4.0)

@@ -124,21 +124,22 @@ def _prefill(stages: int) -> dict:
             "num_stages": stages}
 
 
-# Winners of the bf16 sweep on the lent H100 SXM (132 SMs), 2026-11-22 (benchmarks/dev_gated_mlp.py sweep):
+# Winners of the bf16 sweeps on the lent H100 SXM (132 SMs), 2026-11-22: decode from benchmarks/dev_gated_mlp_decode.py
+# (grid kernel, plain loads; L2 flushed before every run), prefill from benchmarks/dev_gated_mlp.py sweep.
 # (row tile or prefill token bucket, hidden, intermediate) -> config. Decode rows: 16 stands for M <= 16.
 _H100_SMS = 132
 _H100_BF16: dict[tuple[int, int, int], dict] = {
-    (16, 4096, 5632): _decode(16, 64, 128, 1, 4),
-    (32, 4096, 5632): _decode(32, 16, 128, 1, 3),
-    (64, 4096, 5632): _decode(64, 16, 128, 1, 4),
+    (16, 4096, 5632): _decode(16, 32, 128, 1, 4),
+    (32, 4096, 5632): _decode(32, 64, 128, 1, 4),
+    (64, 4096, 5632): _decode(64, 32, 128, 1, 3),
     (16, 4096, 11264): _decode(16, 32, 128, 1, 3),
-    (32, 4096, 11264): _decode(32, 64, 128, 1, 3),
-    (64, 4096, 11264): _decode(64, 32, 64, 1, 4),
-    (16, 6144, 22528): _decode(16, 64, 128, 1, 3),
-    (32, 6144, 22528): _decode(32, 64, 128, 1, 4),
+    (32, 4096, 11264): _decode(32, 32, 128, 1, 3),
+    (64, 4096, 11264): _decode(64, 32, 128, 1, 4),
+    (16, 6144, 22528): _decode(16, 64, 256, 1, 3),
+    (32, 6144, 22528): _decode(32, 64, 256, 1, 3),
     (64, 6144, 22528): _decode(64, 64, 128, 1, 4),
-    (16, 2880, 2880): _decode(16, 32, 256, 1, 3),
-    (32, 2880, 2880): _decode(32, 64, 128, 2, 4),
+    (16, 2880, 2880): _decode(16, 32, 256, 1, 4),
+    (32, 2880, 2880): _decode(32, 32, 256, 1, 4),
     (64, 2880, 2880): _decode(64, 32, 128, 1, 4),
     (2048, 4096, 5632): _prefill(4),
     (8192, 4096, 5632): _prefill(3),
@@ -164,11 +165,11 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, s
         if tuned is not None:
             return tuple(sorted(tuned.items()))
     if decode:
-        # The rule the sweep's winners follow: 64 columns per program with 16/32-row tiles (mma.sync), 32 with
-        # 64-row tiles (wgmma; wider tiles spill), 128-wide K steps; split-K only when the column tiles alone
-        # leave most SMs idle (it helped the 2880-wide gpt-oss layer, and hurt every larger one).
+        # The rule most of the sweep's winners follow: 32 columns per program and 128-wide K steps (within 1-4 %
+        # of the best tile at every measured shape), 4 stages but 3 for 64-row tiles; split-K only when the column
+        # tiles alone leave most SMs idle.
         block_m = decode_block_m(tokens)
-        block_n = 64 if block_m <= 32 else 32
+        block_n = 32
         block_k = 128
         if element_size == 4:
             # fp32 (ieee dot on FMA units): smaller tiles, or ptxas spills (seen in its resource report).
@@ -179,7 +180,7 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, s
             split_k = min(4, max(2, round(sms / n_tiles / 1.5)))
             while split_k > 1 and hidden < 4 * split_k * block_k:  # keep several K steps per slice
                 split_k -= 1
-        cfg = _decode(block_m, block_n, block_k, split_k, 3 if block_m == 16 else 4)
+        cfg = _decode(block_m, block_n, block_k, split_k, 3 if block_m == 64 else 4)
     elif element_size == 4:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8,
                "num_warps": 8, "num_stages": 3}

@@ -24,7 +24,7 @@ from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.validation.gated_mlp import validate_gated_mlp_inputs
 
 from . import _kernels as K
-from .configs import DECODE_MAX_TOKENS, _heuristic, _sm_count, select_gated_mlp_config
+from .configs import DECODE_MAX_TOKENS, _heuristic, select_gated_mlp_config
 
 _ACTIVATION_CODES = {
     "silu": K.ACT_SILU,
@@ -139,10 +139,12 @@ def _build_plan(
     else:
         cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device, bench=bench)
     on_cpu = device.type == "cpu"
-    use_tma = bool(cfg.get("USE_TMA", True) and K_dim > 0 and (on_cpu or _is_hopper(device.index))
-                   and _tma_ok(x2d, gate_weight, up_weight))
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
+    # Tensor descriptors (TMA) by default for the prefill GEMM only: the decode kernel streamed its weights 2-15 %
+    # faster with plain wide loads on the H100, at every required shape (benchmarks/dev_gated_mlp_decode.py).
+    use_tma = bool(cfg.get("USE_TMA", path != "decode") and K_dim > 0 and (on_cpu or _is_hopper(device.index))
+                   and _tma_ok(x2d, gate_weight, up_weight))
     if path != "decode" and not use_tma and config is None and x2d.element_size() == 2:
         # Without TMA the pointer GEMM keeps operands in registers: larger tiles spill (seen in ptxas reports).
         cfg.update(POINTER_PREFILL_CONFIG)
@@ -152,18 +154,7 @@ def _build_plan(
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
     precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
     grid_m, grid_n = _cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])
-    stream_k = path == "decode" and K_dim > 0 and bool(cfg.get("STREAM_K") or cfg.get("NUM_PROGRAMS"))
-    if stream_k:
-        # One equal range of (column tile, K step) units per program: STREAM_K programs per SM (NUM_PROGRAMS,
-        # when given, fixes the count: tests use it to cut tiles at chosen places).
-        n_tiles = grid_n
-        total = n_tiles * _cdiv(K_dim, cfg["BLOCK_K"])
-        programs = cfg.get("NUM_PROGRAMS") or cfg["STREAM_K"] * _sm_count(device)
-        kernel = K._gated_mlp_streamk_kernel
-        grid = (max(1, min(programs, total)), grid_m)
-        tail = head + (use_tma or K_dim % cfg["BLOCK_K"] == 0, cfg["num_stages"], use_tma) + precision + (on_cpu,)
-        workspace = (2 * M * N, grid_m * n_tiles)
-    elif path == "decode":
+    if path == "decode":
         split_k = cfg.get("SPLIT_K", 1)
         # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
         even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
