@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from triton_ops_core.models import dtype_name
 
 from . import _references as ref
+from ._ceilings import weights_read
 from ._compare import relative_error
 from ._model import Case, Impl
 
@@ -313,6 +314,10 @@ def _gated_case(suite, m, h, i, dtype, activation) -> Case:
         impls.append(Impl("cuBLAS cat-GEMM", lambda: F.linear(x, w_cat), gpu_only=True, optional=True,
                           error_fn=lambda out: 0.0 if out.shape == (m, 2 * i) else math.nan,
                           note="GEMM only (x @ [Wg; Wu]^T), no activation"))
+        if decode:
+            # Both weights read once and nothing else: the streaming bound under this timing.
+            impls.append(Impl("weights read", weights_read(wg, wu), role="ceiling", gpu_only=True, optional=True,
+                              error_fn=lambda out: 0.0, note="reads Wg and Wu once (no GEMM): the streaming ceiling"))
     if activation == "silu":
         impls.append(_liger(suite, "liger", lambda: _liger_swiglu(x, wg, wu)))
     return Case(
