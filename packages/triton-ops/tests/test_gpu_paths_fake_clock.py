@@ -64,6 +64,7 @@ def gpu_suite(fake_cuda, monkeypatch) -> BenchmarkSuite:
     suite._gpu_timer = timing.CudaTimer(1, 2, max_ms=1.0, min_runs=1, device="cpu")
     suite._copy = timing.CopyBandwidth(suite._gpu_timer, peak_bytes=1 << 16)
     suite._timer = suite._gpu_timer
+    suite._clean_timer = timing.CudaTimer(1, 2, max_ms=1.0, min_runs=1, device="cpu", flush_by="read")
     suite.environment = {"device": "NVIDIA H100 80GB HBM3", "timed": True}
     suite.peak_copy_gbps = suite._copy.peak()
     return suite
@@ -77,6 +78,15 @@ def test_cuda_timer_counts_runs_and_flushes(fake_cuda, monkeypatch) -> None:
     assert t.runs == 7 and len(calls) == 3 + 3 + 7  # warm-up, estimate, timed runs
     assert len(flushes) == 1 + 7  # once before the estimate, then before every timed run
     assert timer.graph_ms(lambda: calls.append(1)) >= 0 and timer.host_ms(lambda: None, calls=5) >= 0
+
+
+def test_read_flush_leaves_the_buffer_alone(fake_cuda) -> None:
+    timer = timing.CudaTimer(1, 2, min_runs=1, device="cpu", flush_by="read")
+    timer._flush.fill_(1.0)
+    timer._flush_l2()
+    assert timer._sink.item() == timer._flush.numel()  # it read every element and wrote none
+    with pytest.raises(ValueError, match="flush_by"):
+        timing.CudaTimer(device="cpu", flush_by="clean")
 
 
 def test_copy_bandwidth_is_cached_per_size(fake_cuda) -> None:
@@ -99,6 +109,13 @@ def test_gpu_only_paths_fill_every_metric(gpu_suite) -> None:
     assert gated.impl("cuBLAS cat-GEMM").status == "ok"
     assert ours.tflops > 0 and ours.pct_cublas > 0 and ours.pct_datasheet > 0
     assert ours.peak_mem_bytes == 2 << 20
+    assert ours.clean_ms is None, "compute-bound panels are timed once"
+
+    decode = gpu_suite.benchmark_gated_mlp(batch_sizes=(2,), hidden_dims=(), intermediate_dims=(),
+                                           shapes=[(64, 48)], dtypes=(torch.bfloat16,))[0]
+    ours, ceiling = decode.impl("triton-ops"), decode.impl("weights read")
+    assert ceiling.role == "ceiling" and ceiling.status == "ok" and "weights read" not in decode.speedups(ours)
+    assert ours.clean_ms > 0 and ours.clean_pct_peak > 0 and ceiling.clean_ms > 0
 
     fp8 = gpu_suite.benchmark_fp8_gemm(sizes=[(32, 32, 64)], granularities=("row",), decode_m=(), decode_nk=())[0]
     names = {r.name: r for r in fp8.impls}
@@ -111,3 +128,4 @@ def test_gpu_only_paths_fill_every_metric(gpu_suite) -> None:
         assert set(fp8.speedups(names["triton-ops fast-accum"])) == {"cuBLAS _scaled_mm fast-accum", "bf16 matmul"}
     md = gpu_suite.generate_report()
     assert "CUDA graph" in md and "% of datasheet peak" in md and "peak mem (eager)" in md
+    assert "clean L2: time (% of peak copy)" in md and "L2 zero-filled / clean L2" in md

@@ -34,7 +34,8 @@ def weights_read(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]
     """A zero-argument callable reading ``a`` and ``b`` (contiguous, same size, one device) once each."""
     if a.numel() != b.numel() or not (a.is_contiguous() and b.is_contiguous()):
         raise ValueError("weights_read: a and b must be contiguous and of the same size")
-    programs = 2 * torch.cuda.get_device_properties(a.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2
+    programs = 2 * sms
     sums = torch.empty(programs, dtype=torch.float32, device=a.device)
     flat_a, flat_b, n = a.view(-1), b.view(-1), a.numel()
 

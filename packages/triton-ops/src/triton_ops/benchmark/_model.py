@@ -141,6 +141,8 @@ class ImplResult:
     pct_datasheet: float | None = None
     peak_mem_bytes: int | None = None
     first_call_s: float | None = None
+    clean_ms: float | None = None  # median with L2 emptied by a read (no dirty lines to write back); gbps panels
+    clean_pct_peak: float | None = None
     note: str = ""
 
     @property

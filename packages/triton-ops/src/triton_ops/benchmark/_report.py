@@ -102,9 +102,12 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
     show_datasheet = any(r.pct_datasheet is not None for c in cases for r in c.ours)
     show_graph = any(r.graph_ms is not None for c in cases for r in c.impls)
     show_mem = any(r.peak_mem_bytes is not None for c in cases for r in c.impls)
+    show_clean = any(r.clean_ms is not None for c in cases for r in c.ours)
     head = ["case", "dtype"] + (["impl"] if multi else []) + ["check (rel. err)", "time (IQR)"]
     if show_gbps:
         head += ["GB/s", "% of copy, same bytes", "% of peak copy"]
+    if show_clean:
+        head += ["clean L2: time (% of peak copy)"]
     if show_tflops:
         head += ["TFLOP/s"]
     if show_cublas:
@@ -123,6 +126,8 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
             row = [c.name, c.dtype] + ([o.name] if multi else []) + [_check_word(o), t]
             if show_gbps:
                 row += [_num(o.gbps), _num(o.pct_copy_same, 1, " %"), _num(o.pct_peak, 1, " %")]
+            if show_clean:
+                row += [_clean_cell(o)]
             if show_tflops:
                 row += [_num(o.tflops, 1)]
             if show_cublas:
@@ -139,11 +144,20 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
     return lines
 
 
+def _clean_cell(r: ImplResult) -> str:
+    if r.clean_ms is None:
+        return "-"
+    return f"{fmt_time(r.clean_ms)} ({_num(r.clean_pct_peak, 1, ' %')})"
+
+
 def all_measurements_table(cases: Sequence[CaseResult], timed: bool) -> list[str]:
     head = ["case", "dtype", "impl", "role", "status", "rel. error (tol)"]
+    show_clean = timed and any(r.clean_ms is not None for c in cases for r in c.impls)
     if timed:
         head += ["median", "IQR", "std", "runs", "GB/s", "% copy same bytes", "TFLOP/s", "% cuBLAS", "CUDA graph",
                  "host/call", "peak mem", "first call"]
+    if show_clean:
+        head += ["clean L2 (% of peak copy)"]
     head += ["note"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in cases:
@@ -157,6 +171,8 @@ def all_measurements_table(cases: Sequence[CaseResult], timed: bool) -> list[str
                         _num(r.pct_cublas, 1, " %"), fmt_time(r.graph_ms), fmt_time(r.host_ms),
                         _bytes(r.peak_mem_bytes),
                         "-" if r.first_call_s is None else f"{r.first_call_s:.2f} s"]
+            if show_clean:
+                row += [_clean_cell(r)]
             note = "; ".join(x for x in (r.message, r.note) if x)
             row += [note.replace("|", "/")[:160] or "-"]
             lines.append("| " + " | ".join(row) + " |")
@@ -193,7 +209,7 @@ def headline_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
         ours_all = [o for c in cases for o in c.ours]
         correct = sum(o.status == OK for o in ours_all)
         speed: dict[str, list[float]] = {}
-        pct_copy, pct_cublas = [], []
+        pct_copy, pct_cublas, pct_peak, clean_peak = [], [], [], []
         for c in cases:
             if not c.ours:
                 continue
@@ -203,6 +219,10 @@ def headline_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
                     speed.setdefault(name, []).append(s)
             if o.pct_copy_same is not None and c.metric == "gbps":
                 pct_copy.append(o.pct_copy_same)
+            if o.pct_peak is not None and c.metric == "gbps":
+                pct_peak.append(o.pct_peak)
+            if o.clean_pct_peak is not None:
+                clean_peak.append(o.clean_pct_peak)
             if o.pct_cublas is not None:
                 pct_cublas.append(o.pct_cublas)
         rows.append({
@@ -210,6 +230,8 @@ def headline_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
             "speedups": {k: (geomean(v), min(v), max(v)) for k, v in speed.items()},
             "pct_copy": (_median(pct_copy), min(pct_copy), max(pct_copy)) if pct_copy else None,
             "pct_cublas": (_median(pct_cublas), min(pct_cublas), max(pct_cublas)) if pct_cublas else None,
+            "pct_peak": (_median(pct_peak), min(pct_peak), max(pct_peak)) if pct_peak else None,
+            "clean_pct_peak": (_median(clean_peak), min(clean_peak), max(clean_peak)) if clean_peak else None,
         })
     return rows
 
@@ -221,17 +243,24 @@ def _median(xs: Sequence[float]) -> float:
 
 
 def headline_table(results: Sequence[CaseResult]) -> list[str]:
-    lines = ["| kernel | cases | correct | speedup (geo-mean, min-max) | % of copy bw, same bytes (median, min-max) "
-             "| % of cuBLAS (median) |", "| --- | --- | --- | --- | --- | --- |"]
-    for row in headline_rows(results):
+    rows = headline_rows(results)
+    show_peak = any(row["pct_peak"] for row in rows)
+    head = ("| kernel | cases | correct | speedup (geo-mean, min-max) | % of copy bw, same bytes (median, min-max) "
+            + ("| % of peak copy bw (median, min-max): L2 zero-filled / clean L2 " if show_peak else "")
+            + "| % of cuBLAS (median) |")
+    lines = [head, "|" + " --- |" * (7 if show_peak else 6)]
+
+    def span(p: tuple | None) -> str:
+        return "-" if p is None else f"{p[0]:.0f} % ({p[1]:.0f}-{p[2]:.0f})"
+
+    for row in rows:
         sp = "; ".join(f"{g:.2f}x vs {name} ({lo:.2f}-{hi:.2f})" for name, (g, lo, hi) in row["speedups"].items()
                        if g is not None) or "-"
-        pc = row["pct_copy"]
         pb = row["pct_cublas"]
+        peak = f"{span(row['pct_peak'])} / {span(row['clean_pct_peak'])} | " if show_peak else ""
         lines.append(
             f"| {GROUP_TITLES.get(row['group'], row['group'])}: {row['panel']} | {row['cases']} | "
-            f"{row['correct']}/{row['kernels']} | {sp} | "
-            f"{'-' if pc is None else f'{pc[0]:.0f} % ({pc[1]:.0f}-{pc[2]:.0f})'} | "
+            f"{row['correct']}/{row['kernels']} | {sp} | {span(row['pct_copy'])} | {peak}"
             f"{'-' if pb is None else f'{pb[0]:.0f} %'} |"
         )
     return lines
