@@ -106,33 +106,6 @@ def test_decode_split_k_repeatable(split, n, k):
     assert_close_rel(outs[0], gemm_ref(a_q.cpu(), a_s.cpu(), "row", b_q.cpu(), b_s.cpu(), "block"), KERNEL_TOL)
 
 
-@pytest.mark.parametrize(
-    "m, n, k, grans, kmajor, block_n, programs, desc, nested",
-    [(3, 40, 330, ("row", "block"), False, 32, 1, False, False),
-     (5, 96, 256, ("tensor", "channel"), True, 32, 2, True, False),
-     (1, 64, 320, ("row", "channel"), False, 32, 3, True, True),
-     (7, 48, 200, ("block", "tensor"), True, 16, 1, False, True)],
-    ids=["ptr-flat", "desc-kmajor-flat", "desc-rowmajor-nested", "ptr-nested"],
-)
-def test_decode_stream_k(m, n, k, grans, kmajor, block_n, programs, desc, nested):
-    # Ranges cut across tiles (programs per SM x SMs programs over N/BLOCK_N x K/64 units): tiles finished whole
-    # by one program and tiles shared by two or three, whose partials meet in the workspace. Repeated calls
-    # give identical results (fixed summation order, counters reset).
-    a_q, a_s, b_q, b_s = make_operands(m, n, k, *grans, DEV, kmajor_b=kmajor, seed=m + n)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 64, "STREAM_K": programs, "B_DESC": desc,
-           "NESTED": nested, "num_warps": 4, "num_stages": 1}
-    outs = []
-    for _ in range(2):
-        out = poison_(torch.empty(m, n, dtype=torch.float32, device=DEV))
-        info = _launch(a_q, b_q, out, a_s.reshape(-1) if grans[0] != "block" else a_s,
-                       b_s.reshape(-1) if grans[1] != "block" else b_s, None, _A[grans[0]], _B[grans[1]], False,
-                       "decode", cfg)
-        outs.append(out)
-    assert info["programs"] >= 2
-    assert torch.equal(outs[0], outs[1])
-    assert_close_rel(outs[0], gemm_ref(a_q.cpu(), a_s.cpu(), grans[0], b_q.cpu(), b_s.cpu(), grans[1]), KERNEL_TOL)
-
-
 def test_scratch_buffers_are_per_stream():
     # Two streams get different counters and partials (they may run at once); one stream reuses its own; a
     # larger request replaces the buffer with a zeroed one.

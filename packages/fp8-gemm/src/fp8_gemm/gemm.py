@@ -1,9 +1,8 @@
 """``fp8_gemm``: ``a @ b`` on E4M3 operands with fp32 accumulation and scales of any granularity.
 
-Four kernels (gemm_kernels.py): a persistent tensor-descriptor (TMA) kernel for aligned operands on Hopper,
-a masked-pointer kernel for the rest (K or N not a multiple of 16, odd strides, GPUs without TMA), and for
-decode (M <= 64), where the weight stream is the whole cost, a stream-K kernel (every SM streams an equal
-share of the weight) and a split-K kernel.
+Three kernels (gemm_kernels.py): a persistent tensor-descriptor (TMA) kernel for aligned operands on Hopper,
+a masked-pointer kernel for the rest (K or N not a multiple of 16, odd strides, GPUs without TMA), and a
+split-K kernel for decode (M <= 64), where the weight stream is the whole cost.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from triton_ops_core.validation.fp8_gemm import validate_fp8_gemm_inputs
 
 from . import _scratch
 from . import gemm_configs as cfgs
-from .gemm_kernels import fp8_gemm_decode_kernel, fp8_gemm_ptr_kernel, fp8_gemm_streamk_kernel, fp8_gemm_tma_kernel
+from .gemm_kernels import fp8_gemm_decode_kernel, fp8_gemm_ptr_kernel, fp8_gemm_tma_kernel
 
 FP8 = torch.float8_e4m3fn
 _A_MODE = {"tensor": 0, "row": 1, "block": 2}
@@ -93,15 +92,6 @@ def _decode_scratch(device: torch.device, ws_numel: int, n_cnt: int) -> tuple[to
             _scratch.scratch("gemm.counters", device, n_cnt, torch.int32, zeroed=True))
 
 
-def _b_desc_mode(b: torch.Tensor, device: torch.device) -> int:
-    """How the stream-K kernel may read b through a tensor descriptor: 1 K-major, 2 row-major, 0 not at all
-    (not Hopper, or a base or leading stride that is not 16-byte aligned)."""
-    layout = _b_layout(b)
-    if layout is None or not _device_caps(device, _INTERP)[1] or b.data_ptr() % 16 or layout[1] % 16:
-        return 0
-    return 1 if layout[0] else 2
-
-
 @functools.lru_cache(maxsize=4096)
 def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: bool, device: torch.device,
           dtypes: tuple, interp: bool) -> dict[str, Any]:
@@ -150,19 +140,6 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
     has_bias = bias is not None
     info = {"path": path, **cfg}
     # Constexprs go positionally, in the kernels' signature order (the direct launcher takes every argument).
-    if path == "decode" and cfg.get("STREAM_K", 0):
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        n_tiles = triton.cdiv(n, bn)
-        total = n_tiles * triton.cdiv(k, bk)
-        progs = max(1, min(total, cfgs.num_sms(a.device) * cfg["STREAM_K"]))
-        b_desc = _b_desc_mode(b, a.device) if cfg.get("B_DESC", False) else 0
-        even = k % bk == 0 and n % bn == 0
-        tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-                sa_m, sa_k, nb, progs,
-                a_mode, b_mode, has_bias, 0 if fast_accum else 1, bm, bn, bk, b_desc, even, not interp,
-                bool(cfg.get("NESTED", False)))
-        return Plan(fp8_gemm_streamk_kernel, (progs,), tail, cfg["num_warps"], info={**info, "programs": progs},
-                    extra=("streamk", 2 * progs * bm * bn, n_tiles, b_desc != 0), num_stages=cfg["num_stages"])
     if path == "decode":
         k_tiles = triton.cdiv(k, cfg["BLOCK_K"])
         per_split = triton.cdiv(k_tiles, max(1, min(cfg["SPLIT_K"], k_tiles)))
@@ -206,8 +183,8 @@ def _run_launch(plan: Plan, a, b, out, a_s, b_s, bias) -> None:
     bias_arg = a_s if bias is None else bias
     if descriptors and not _INTERP:
         _ensure_allocator()
-    if path == "streamk" or path == "decode":
-        if path == "streamk" or n_cnt and plan.grid[1] > 1:  # partial sums meet in the scratch buffers
+    if path == "decode":
+        if plan.grid[1] > 1:  # split K: the partial sums meet in the stream's scratch buffers
             ws, cnt = _decode_scratch(out.device, flag, n_cnt)
             plan.launch(a, b, out, a_s, b_s, bias_arg, ws, cnt)
         else:

@@ -109,27 +109,29 @@ def ptr_heuristic(m: int, n: int, k: int, interpreter: bool) -> dict[str, Any]:
 
 
 def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device, interpreter: bool) -> dict[str, Any]:
-    """Small M: the whole of M in one tile, narrow column blocks, and split-K until every SM streams weight."""
+    """Small M: the whole of M in one tile, narrow column blocks, split-K where the columns alone give too few
+    programs. Measured on the H100 (M = 1, 16, 64; N, K in {4096, 11264}; L2 flushed before every run; two
+    sweeps of 150 configs per shape, docs/fp8-gemm-kernel.md); every rule below lands within 2 % of the best
+    config of its shape, where configs differ by up to 50 % (block scales cap the K tile at 128 later):
+
+    - a small weight (<= 16 MB): 32 columns, 512-deep K tiles, 4 stages;
+    - M > 16 with N >= 64 columns per SM: 128 columns a program, so each program re-reads the [M, K]
+      activation for 4x more weight (the re-reads, not the weight, limited 32-wide tiles at M = 64);
+    - K >= 8192 with fewer than 2 column blocks per SM: K split in 4 for M <= 16 (6 stages without a split
+      for M > 16, where every split re-reads the activation);
+    - else 32 columns, 256-deep K tiles, 4 stages.
+    """
     block_m = max(16, _next_pow2(m))
     if interpreter:
         return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
-    small = block_m <= 16
-    # Measured on the H100 (M = 1..64, N, K in {4096, 11264}; CUDA-graph timed, weights rotated past L2):
-    # M <= 16: 32 columns a program keep every SM streaming; K split in two when that leaves too few programs.
-    # M = 17..64: every program re-reads the activation, so fewer, wider programs once N gives enough of them
-    # (32 columns for M <= 32, 64 for M <= 64, 128-deep K tiles, 6 stages); else 32 columns, K split in two
-    # when K is long.
-    split = 1
-    if small:
-        block_n, block_k, stages = 32, 256, 4
-        if k >= 8192 and -(-n // block_n) < 2 * num_sms(device):
-            split = 2
-    elif -(-n // 64) >= num_sms(device):
-        block_n, block_k, stages = (32 if block_m <= 32 else 64), 128, 6
-    else:
-        block_n, block_k, stages = 32, 256, 4
-        if k >= 8192:
-            split = 2
+    sms = num_sms(device)
+    block_n, block_k, split, stages = 32, 256, 1, 4
+    if n * k <= 2**24:
+        block_k = 512
+    elif m > 16 and n >= 64 * sms:
+        block_n = 128
+    elif k >= 8192 and -(-n // 32) < 2 * sms:
+        split, stages = (4, 3) if m <= 16 else (1, 6)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
             "num_stages": stages}
 
