@@ -30,15 +30,16 @@ def pack(wg, wu, layout):
     return torch.stack([wg, wu], dim=1).reshape(2 * wg.shape[0], *wg.shape[1:])
 
 
-def reference64(x, wg, wu, activation, bg=None, bu=None, alpha=1.702, limit=7.0):
-    """``act(gate) * up`` in float64 from the (rounded) inputs, written independently of the package."""
-    x, wg, wu = x.double().cpu(), wg.double().cpu(), wu.double().cpu()
+def reference64(x, wg, wu, activation, bg=None, bu=None, alpha=1.702, limit=7.0, dtype=torch.float64):
+    """``act(gate) * up`` in float64 (or ``dtype``) from the (rounded) inputs, written independently of the
+    package."""
+    x, wg, wu = x.to(dtype).cpu(), wg.to(dtype).cpu(), wu.to(dtype).cpu()
     gate = x @ wg.T
     up = x @ wu.T
     if bg is not None:
-        gate = gate + bg.double().cpu()
+        gate = gate + bg.to(dtype).cpu()
     if bu is not None:
-        up = up + bu.double().cpu()
+        up = up + bu.to(dtype).cpu()
     if activation == "silu":
         return F.silu(gate) * up
     if activation == "gelu":

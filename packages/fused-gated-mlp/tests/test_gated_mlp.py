@@ -44,9 +44,11 @@ def test_matches_float64_reference(m, hidden, inter, activation, bias, layout, d
         packed_b = pack(bg, bu, layout) if bias else None
         out = fused_gated_mlp(x, pack(wg, wu, layout), None, activation, gate_bias=packed_b, weight_layout=layout)
     assert out.shape == (m, inter) and out.dtype == dtype and out.device == x.device
-    # A tiny result (fp16 subnormals) cannot be closer to the float64 reference than its own rounding allows.
+    # A tiny result (fp16 subnormals) cannot be closer to the float64 reference than its own rounding allows, nor
+    # than fp32 arithmetic allows (exact GELU of a very negative gate cancels in 1 + erf, in torch's fp32 too).
     output_rounding = relative_error(ref.to(dtype), ref)
-    assert_close_rel(out, ref, TOL[dtype] + 2 * output_rounding)
+    fp32_floor = relative_error(reference64(x, wg, wu, activation, bg, bu, dtype=torch.float32), ref)
+    assert_close_rel(out, ref, TOL[dtype] + 2 * output_rounding + 4 * fp32_floor)
 
 
 @pytest.mark.parametrize("cfg", [DECODE_SPLIT3, DECODE_PLAIN, DECODE_TMA, PREFILL_TMA, PREFILL_PTR],
