@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+from dev_gated_mlp import bench_ms, precompile, weights  # the sweep script beside this one (run from benchmarks/)
+from triton_ops.benchmark._ceilings import weights_read
 
 T0 = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/gated_mlp_out"))
@@ -54,56 +54,6 @@ def candidates(bm):
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=1, num_warps=4,
                         num_stages=stages, USE_TMA=tma, path="decode"))
     return out
-
-
-def weights(hidden, inter, dtype=torch.bfloat16):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    s = 1.0 / hidden**0.5
-    return [(torch.randn(inter, hidden, device="cuda", generator=g) * s).to(dtype) for _ in range(2)]
-
-
-def _compile_worker(jobs):
-    from fused_gated_mlp.ops import gated_mlp_forward
-
-    done, cache = 0, {}
-    for cfg, hidden, inter, m in jobs:
-        if (hidden, inter) not in cache:
-            cache = {(hidden, inter): weights(hidden, inter)}
-        wg, wu = cache[(hidden, inter)]
-        x = torch.randn(m, hidden, device="cuda").to(torch.bfloat16)
-        try:
-            gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
-            torch.cuda.synchronize()
-            done += 1
-        except Exception as exc:  # resources: reported, not fatal
-            print("compile failed", cfg, repr(exc)[:200], flush=True)
-    return done
-
-
-def precompile(jobs, workers=14):
-    chunks = [jobs[i::workers] for i in range(workers)]
-    with mp.get_context("spawn").Pool(workers) as pool:
-        n = sum(pool.map(_compile_worker, [c for c in chunks if c]))
-    log(f"precompiled {n}/{len(jobs)}")
-
-
-@triton.jit
-def _read_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """Streaming-read ceiling: each program sums an equal contiguous range of both buffers."""
-    pid = tl.program_id(0)
-    per = tl.cdiv(tl.cdiv(n, tl.num_programs(0)), BLOCK) * BLOCK
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in tl.range(pid * per, tl.minimum(n, (pid + 1) * per), BLOCK, num_stages=4):
-        offs = i + tl.arange(0, BLOCK)
-        acc += tl.load(a_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        acc += tl.load(b_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid, tl.sum(acc, 0))
-
-
-def bench_ms(fn, rep=20, warmup=5):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 _FLUSH = None
@@ -137,7 +87,6 @@ def main():
         for cfg in candidates(block_m(m)):
             jobs.append((cfg, 4096, 5632, m))
     precompile(jobs)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     for _ in range(300):  # clocks up before the first timing
         spin @ spin
@@ -151,10 +100,8 @@ def main():
         src = torch.empty(wbytes // 4, device="cuda", dtype=torch.bfloat16).normal_()
         dst = torch.empty_like(src)
         t_copy = bench_ms(lambda: dst.copy_(src), rep=40)
-        sums = torch.empty(4 * sms, device="cuda")
-        flat_g, flat_u = wg.view(-1), wu.view(-1)
-        t_read = min(bench_ms(lambda: _read_kernel[(p,)](flat_g, flat_u, sums, flat_g.numel(), BLOCK=4096,
-                                                          num_warps=8), rep=40) for p in (sms, 2 * sms, 4 * sms))
+        read_fn = weights_read(wg, wu)
+        t_read = bench_ms(read_fn, rep=40)
         for m in DECODE_M:
             if time.time() - T0 > BUDGET_S:
                 log("budget reached")
@@ -181,8 +128,6 @@ def main():
             heur_ms = rows[0][0] if rows and rows[0][1] is heur else float("nan")
             rows.sort(key=lambda r: r[0])
             pct = lambda ms: 100 * t_copy / ms  # noqa: E731  (same bytes moved as the copy)
-            read_fn = lambda: _read_kernel[(2 * sms,)](flat_g, flat_u, sums, flat_g.numel(), BLOCK=4096,  # noqa: E731
-                                                        num_warps=8)
             clean = {"copy": clean_ms(lambda: dst.copy_(src)), "read": clean_ms(read_fn),
                      "cat": clean_ms(lambda: F.linear(x, wcat)),
                      "heur": clean_ms(lambda: gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, heur))}
