@@ -37,28 +37,33 @@ def _scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, dyn, torch.ones_like(dyn))
 
 
-def _cast(xf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (xf * _ieee_div(torch.ones_like(scale), scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Three elementwise passes: the multiply (a bf16 ``x`` times the float32 reciprocal of a scale with at least
+    one dimension promotes to float32 inside the multiply, no separate ``x.float()`` pass), the clamp in place,
+    the cast."""
+    if scale.dim() == 0:  # a 0-dim float32 tensor would not promote a bf16 x: the product would round to bf16
+        scale = scale.reshape(1)
+    return (x * _ieee_div(torch.ones_like(scale), scale)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def block_quantize_eager(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """1 x ``block`` scales in plain PyTorch, dividing as the package's reference does (IEEE tensor divisions)."""
     m, k = x.shape
-    xb = x.float().view(m, k // block, block)
-    scale = _scale(xb.abs().amax(dim=-1, keepdim=True))
+    xb = x.view(m, k // block, block)
+    scale = _scale(xb.abs().amax(dim=-1, keepdim=True).float())
     return _cast(xb, scale).view(m, k), scale.squeeze(-1)
 
 
 def static_quantize_eager(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A given per-tensor scale, as a user writes it (no overflow check): one read."""
-    return _cast(x.float(), scale), scale
+    """A given per-tensor scale, as a user writes it (no overflow check): multiply, clamp, cast."""
+    return _cast(x, scale), scale
 
 
 def delayed_quantize_eager(x: torch.Tensor, hist: torch.Tensor, margin: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Delayed scaling in plain PyTorch (Transformer Engine's recipe): the scale from the amax history, this
     call's amax recorded in the history (a roll, then a write), the cast."""
     scale = _scale(hist.amax().reshape(1)) * float(2**margin)
-    q = _cast(x.float(), scale)
+    q = _cast(x, scale)
     hist.copy_(hist.roll(1))
     hist[0] = x.abs().amax().float()
     return q, scale

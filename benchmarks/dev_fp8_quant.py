@@ -231,6 +231,175 @@ def _report(m, k, copies, row):
         log(f"    {v:7.1f} us {100 * med / v:5.1f}% copy  {kk}")
 
 
+def _host_us(fn, n: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return dt
+
+
+def _kernel_us(fn, flush, n: int = 20) -> dict:
+    """Device time of each kernel ``fn`` launches (profiler), L2 flushed before every call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            flush()
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if "quant" in e.key or "fixup" in e.key:
+            out[e.key[:60]] = (round(e.device_time_total / max(1, e.count), 1), e.count)
+    return out
+
+
+@section("static_diag")
+def static_diag():
+    """The given per-tensor scale (the suite's "static" case): the shipped cooperative kernel (MODE 1) in the
+    suite's order of calls against the two-launch grid kernel over tile sizes; host time per call; kernel times;
+    the eager baseline's old (x.float() first) and new formula; DelayedScaler for reference."""
+    from fp8_gemm import DelayedScaler, _scratch, quantize_fp8
+    from fp8_gemm import quantize as Q
+    from fp8_gemm.reference import quantize_fp8_reference
+    from triton_ops.benchmark._timing import CopyBandwidth, CudaTimer
+    from triton_ops_core.launch import Plan
+
+    from benchmarks.bench_fp8_gemm import FP8_MAX, _ieee_div, _scale, static_quantize_eager
+
+    timer = CudaTimer(10, 100, max_ms=60.0)
+    clean = CudaTimer(10, 100, max_ms=30.0, flush_by="read")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = {}
+
+    def check(fn, ref):
+        q, s = fn()
+        torch.cuda.synchronize()
+        return torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(
+            s.reshape(-1), ref[1].reshape(-1))
+
+    def old_eager(x, scale):
+        xf = x.float()
+        return (xf * _ieee_div(torch.ones_like(scale), scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+    xs = {}
+    for m, k in ((4096, 4096), (8192, 8192)):
+        xs[(m, k)] = (torch.randn((m, k), device="cuda") * 1.0).to(torch.bfloat16)
+    # the suite's order: dynamic per-tensor (shares the cooperative kernel's barrier words), block, then static
+    for (m, k), x in xs.items():
+        t = timer(lambda: quantize_fp8(x, "e4m3", "tensor")).median_ms * 1e3
+        log(f"{m}x{k} dynamic tensor {t:.1f} us")
+    sync = _scratch.scratch("quantize.sync", torch.device("cuda", 0), 4, torch.int32, zeroed=True)
+    log(f"sync words after dynamic runs: {sync[:4].tolist()}")
+    for (m, k), x in xs.items():
+        row = rows[f"{m}x{k}"] = {}
+        n = x.numel()
+        nbytes = 3 * n + 4
+        copy_us = nbytes / CopyBandwidth(timer).same_bytes(nbytes) / 1e3
+        row["copy_us"] = copy_us
+        amax = x.float().abs().amax().reshape(1)
+        static = _scale(amax) * 2.0
+        ref = quantize_fp8_reference(x, "e4m3", "tensor", scale=static)
+        n_tiles = -(-n // 8192)
+        progs = min(n_tiles, 4 * sms)
+        coop = Plan(Q._quant_tensor_coop_kernel, (progs,), (1, n, n, n, n_tiles, n_tiles, 1, 1.0, 448.0, 1, True,
+                                                            False, 1, 8192, 1, True), 8,
+                    launch_cooperative_grid=True)
+        syncd = torch.device("cuda", 0)
+
+        def old():
+            q = torch.empty((1, n), dtype=torch.float8_e4m3fn, device="cuda")
+            s = torch.empty(1, device="cuda")
+            flag = torch.empty(1, dtype=torch.int32, device="cuda")
+            coop.launch(x, q, s, static, flag, s, _scratch.scratch("quantize.sync", syncd, 4, torch.int32, True))
+            return q.view(m, k), s
+
+        variants = {"old coop MODE 1": old}
+        for tile, warps in ((8192, 8), (4096, 8), (4096, 4), (2048, 4), (16384, 8), (8192, 4)):
+            def new(tile=tile, warps=warps):
+                Q._GIVEN_TILE, Q._GIVEN_WARPS = tile, warps
+                return quantize_fp8(x, "e4m3", "tensor", scale=static)
+            variants[f"new grid {tile} w{warps}"] = new
+        for name, fn in variants.items():
+            Q._PLANS.clear()
+            ok = check(fn, ref)
+            if name.startswith("new"):
+                fn()  # keep the plan of this variant for the timed calls
+                plan = next(iter(Q._PLANS._plans.values()))
+                fn = (lambda plan=plan: plan.run(x, static))
+            tm = timer(fn)
+            tc = clean(fn).median_ms * 1e3
+            r = {"ok": ok, "us": tm.median_ms * 1e3, "p25": tm.p25_ms * 1e3, "p75": tm.p75_ms * 1e3,
+                 "min": tm.min_ms * 1e3, "clean_us": tc, "pct_copy": 100 * copy_us / (tm.median_ms * 1e3)}
+            row[name] = r
+            log(f"{m}x{k} {name:>20}: ok={ok} {r['us']:.1f} us (p25 {r['p25']:.1f} p75 {r['p75']:.1f} min "
+                f"{r['min']:.1f}) clean {tc:.1f} us, {r['pct_copy']:.1f}% of copy ({copy_us:.1f} us)")
+        log(f"sync words now: {sync[:4].tolist()}")
+        Q._GIVEN_TILE, Q._GIVEN_WARPS = 8192, 8
+        Q._PLANS.clear()
+        quantize_fp8(x, "e4m3", "tensor", scale=static)
+        plan = next(iter(Q._PLANS._plans.values()))
+        a_only = lambda: plan.launches[0].launch(x, torch.empty_like(x, dtype=torch.float8_e4m3fn), static,  # noqa: E731
+                                                 _scratch.scratch("quantize.over", syncd, 2, torch.int32, True))
+        row["grid kernel alone"] = timer(a_only).median_ms * 1e3
+        log(f"{m}x{k} grid kernel alone (no fix-up launch): {row['grid kernel alone']:.1f} us")
+        small = static / 8  # overflows: the re-cast path
+        ref_small = quantize_fp8_reference(x, "e4m3", "tensor", scale=small)
+        ok = check(lambda: quantize_fp8(x, "e4m3", "tensor", scale=small), ref_small)
+        row["overflow"] = (ok, timer(lambda: quantize_fp8(x, "e4m3", "tensor", scale=small)).median_ms * 1e3)
+        log(f"{m}x{k} overflow (re-cast launch): ok={ok} {row['overflow'][1]:.1f} us; over words "
+            f"{_scratch.scratch('quantize.over', syncd, 2, torch.int32, True)[:2].tolist()}")
+        scaler = DelayedScaler("e4m3", history_len=16, margin=1)
+        scaler(x)
+        row["delayed"] = (timer(lambda: scaler(x)).median_ms * 1e3, clean(lambda: scaler(x)).median_ms * 1e3)
+        row["eager old"] = timer(lambda: old_eager(x, static)).median_ms * 1e3
+        row["eager new"] = timer(lambda: static_quantize_eager(x, static)).median_ms * 1e3
+        row["eager new ok"] = check(lambda: static_quantize_eager(x, static), ref)
+        log(f"{m}x{k} delayed {row['delayed'][0]:.1f} / clean {row['delayed'][1]:.1f} us; eager old "
+            f"{row['eager old']:.1f} us, new {row['eager new']:.1f} us (bit-exact {row['eager new ok']})")
+        flush = timer._flush_l2
+        row["host_us"] = {"old": _host_us(old), "new": _host_us(lambda: quantize_fp8(x, "e4m3", "tensor",
+                                                                                     scale=static)),
+                          "delayed": _host_us(lambda: scaler(x))}
+        row["kernels_old"] = _kernel_us(old, flush)
+        row["kernels_new"] = _kernel_us(lambda: quantize_fp8(x, "e4m3", "tensor", scale=static), flush)
+        log(f"{m}x{k} host us/call {row['host_us']}; kernels old {row['kernels_old']}; new {row['kernels_new']}")
+    return rows
+
+
+@section("decode_fast")
+def decode_fast():
+    """M = 64, N = K = 11264: the faithful and the fast-accumulation decode configs and times, alternated."""
+    from fp8_gemm import fp8_gemm
+    from fp8_gemm import gemm as G
+    from triton_ops.benchmark._timing import CudaTimer
+
+    timer = CudaTimer(10, 100, max_ms=60.0)
+    a = torch.randn(64, 11264, device="cuda").to(torch.float8_e4m3fn)
+    w = torch.randn(11264, 11264, device="cuda").to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(1, device="cuda"), torch.ones(1, device="cuda")
+    out = {}
+    for fast in (False, True):
+        fp8_gemm(a, w.t(), a_scale=sa, b_scale=sb, out_dtype=torch.bfloat16, fast_accum=fast)
+    out["configs"] = [str(getattr(c, "launch", c).info) for c in G._CALLS._plans.values()]
+    log(f"decode configs: {out['configs']}")
+    for rep in range(3):
+        for fast in (False, True):
+            t = timer(lambda: fp8_gemm(a, w.t(), a_scale=sa, b_scale=sb, out_dtype=torch.bfloat16,
+                                       fast_accum=fast))
+            out[f"{fast}-{rep}"] = (t.median_ms * 1e3, t.p25_ms * 1e3, t.p75_ms * 1e3)
+            log(f"decode M=64 11264^2 fast={fast}: {t.median_ms * 1e3:.1f} us (IQR "
+                f"{(t.p75_ms - t.p25_ms) * 1e3:.1f})")
+    return out
+
+
 @section("real_model")
 def real_model():
     from _minilm import SENTENCES, cosine_report, find_minilm_dir, load_minilm
@@ -343,7 +512,8 @@ def main() -> None:
     skip = set(args.skip.split(","))
     t0 = time.time()
     env()
-    for name, fn in [("tensor_sweep", tensor_sweep), ("quant_bandwidth", quant_bandwidth),
+    for name, fn in [("static_diag", static_diag), ("decode_fast", decode_fast),
+                     ("tensor_sweep", tensor_sweep), ("quant_bandwidth", quant_bandwidth),
                      ("real_model", real_model), ("sqnr", sqnr), ("fp8_linear", fp8_linear)]:
         if name not in skip:
             fn()

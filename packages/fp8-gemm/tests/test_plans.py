@@ -218,6 +218,49 @@ def test_quantize_strict_and_bad_inputs_raise_on_repeated_calls(quant_validation
     assert len(quant_validations) == 3  # the bad call validates (and raises) every time
 
 
+def test_quantize_given_per_tensor_scale_grid_path(quant_validations, monkeypatch):
+    """A given per-tensor scale on more tiles than the cooperative grid has programs: two launches per call
+    (the casting grid, the fix-up), one validation, no host synchronization unless strict, the overflow words
+    zero at rest after every call (a scale that holds, one that overflows, invalid ones), results bit-exact."""
+    from fp8_gemm import _scratch
+    from triton_ops_core.launch import Plan
+
+    shape = (40, 1000) if DEV.type == "cpu" else (2048, 4096)  # 5 tiles / 1024 tiles (more than 4 per SM)
+    torch.manual_seed(8)
+    x = torch.randn(shape, device=DEV) * 3
+    dyn = quantize_fp8_reference(x, "e4m3", "tensor")[1]
+    launches = []
+    real_launch = Plan.launch
+
+    def counting(self, *tensors):
+        launches.append(getattr(self.kernel, "__name__", str(self.kernel)))
+        return real_launch(self, *tensors)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a non-strict quantize_fp8 call must not synchronize")
+
+    monkeypatch.setattr(Plan, "launch", counting)
+    given = torch.empty(1, device=DEV)
+    for value in (dyn * 2, dyn / 4, torch.zeros(1, device=DEV), torch.full((1,), float("nan"), device=DEV), dyn):
+        given.copy_(value)
+        ref = quantize_fp8_reference(x, "e4m3", "tensor", scale=given)
+        launches.clear()
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", no_sync)
+            m.setattr(torch.cuda, "synchronize", no_sync)
+            q, s = quantize_fp8(x, "e4m3", "tensor", scale=given)
+        assert len(launches) == 2, launches
+        assert torch.equal(s, ref[1]) and _same_fp8(q, ref[0]), f"given {value.item()}"
+        words = _scratch.scratch("quantize.over", x.device, 2, torch.int32, zeroed=True)
+        assert words[:2].tolist() == [0, 0], "the overflow words must be zero at rest"
+    assert len(quant_validations) == 1
+    (plan,) = quant_mod._PLANS._plans.values()
+    assert [p.kernel for p in plan.launches] == [quant_mod._quant_tensor_given_kernel,
+                                                 quant_mod._quant_tensor_given_fixup_kernel]
+    with pytest.raises(NumericalOverflowError, match="1 scale group"):
+        quantize_fp8(x, "e4m3", "tensor", scale=dyn / 4, strict=True)
+
+
 def test_delayed_scaler_uses_cached_plans(quant_validations):
     scaler = DelayedScaler(history_len=2)
     for seed in range(3):
