@@ -218,14 +218,25 @@ def test_quantize_strict_and_bad_inputs_raise_on_repeated_calls(quant_validation
     assert len(quant_validations) == 3  # the bad call validates (and raises) every time
 
 
-def test_quantize_given_per_tensor_scale_grid_path(quant_validations, monkeypatch):
-    """A given per-tensor scale on more tiles than the cooperative grid has programs: two launches per call
-    (the casting grid, the fix-up), one validation, no host synchronization unless strict, the overflow words
-    zero at rest after every call (a scale that holds, one that overflows, invalid ones), results bit-exact."""
+@pytest.mark.parametrize("path", ["grid", "cooperative"])
+def test_quantize_given_per_tensor_scale_host_path(quant_validations, monkeypatch, path):
+    """A given per-tensor scale (the benchmark's "static" case), repeated with new values in the same scale
+    tensor: one validation, no host synchronization unless strict, the launches of the path every call, the
+    kernels' device words zero at rest after every call (a scale that holds, one that overflows, invalid ones),
+    results bit-exact. ``grid``: a large tensor (more than 4 tiles per program of the cooperative grid; under
+    the interpreter that grid is one program), the casting grid and its fix-up launch; ``cooperative``: one
+    launch with a grid barrier."""
     from fp8_gemm import _scratch
     from triton_ops_core.launch import Plan
 
-    shape = (40, 1000) if DEV.type == "cpu" else (2048, 4096)  # 5 tiles / 1024 tiles (more than 4 per SM)
+    if path == "grid":
+        shape = (40, 1000) if DEV.type == "cpu" else (8192, 8192)  # 5 tiles / 8192 tiles (H100: 528 programs)
+        kernels = [quant_mod._quant_tensor_given_kernel, quant_mod._quant_tensor_given_fixup_kernel]
+        words = ("quantize.over", 2)
+    else:
+        shape = (4, 1000)
+        kernels = [quant_mod._quant_tensor_coop_kernel]
+        words = ("quantize.sync", 4)
     torch.manual_seed(8)
     x = torch.randn(shape, device=DEV) * 3
     dyn = quantize_fp8_reference(x, "e4m3", "tensor")[1]
@@ -233,7 +244,7 @@ def test_quantize_given_per_tensor_scale_grid_path(quant_validations, monkeypatc
     real_launch = Plan.launch
 
     def counting(self, *tensors):
-        launches.append(getattr(self.kernel, "__name__", str(self.kernel)))
+        launches.append(self.kernel)
         return real_launch(self, *tensors)
 
     def no_sync(*args, **kwargs):
@@ -249,14 +260,11 @@ def test_quantize_given_per_tensor_scale_grid_path(quant_validations, monkeypatc
             m.setattr(torch.Tensor, "item", no_sync)
             m.setattr(torch.cuda, "synchronize", no_sync)
             q, s = quantize_fp8(x, "e4m3", "tensor", scale=given)
-        assert len(launches) == 2, launches
+        assert launches == kernels
         assert torch.equal(s, ref[1]) and _same_fp8(q, ref[0]), f"given {value.item()}"
-        words = _scratch.scratch("quantize.over", x.device, 2, torch.int32, zeroed=True)
-        assert words[:2].tolist() == [0, 0], "the overflow words must be zero at rest"
+        state = _scratch.scratch(words[0], x.device, words[1], torch.int32, zeroed=True)
+        assert state[: words[1]].tolist() == [0] * words[1], "the kernels' device words must be zero at rest"
     assert len(quant_validations) == 1
-    (plan,) = quant_mod._PLANS._plans.values()
-    assert [p.kernel for p in plan.launches] == [quant_mod._quant_tensor_given_kernel,
-                                                 quant_mod._quant_tensor_given_fixup_kernel]
     with pytest.raises(NumericalOverflowError, match="1 scale group"):
         quantize_fp8(x, "e4m3", "tensor", scale=dyn / 4, strict=True)
 

@@ -58,6 +58,9 @@ WEIGHT_BLOCK = (SCALE_BLOCK, SCALE_BLOCK)
 # docs/fp8-gemm.md); fewer programs per SM if a GPU cannot keep that many resident.
 _TENSOR_TILE = 8192
 _TENSOR_PROGS_PER_SM = 4
+# A given per-tensor scale takes the two-launch grid path (no grid barrier) beyond this many tiles per program
+# of the cooperative grid (H100: from 17 M elements; docs/fp8-gemm.md).
+_GIVEN_GRID_TILES_PER_PROG = 4
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -682,13 +685,12 @@ def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str
         tiles_c = _cdiv(cc, bc)
         n_tiles = _cdiv(rr, br) * tiles_c
         progs = 1 if emulate else min(n_tiles, _TENSOR_PROGS_PER_SM * _sm_count(x.device))
-        if has_given and not plan.delayed and n_tiles > progs:
-            # A given scale and more tiles than the cooperative grid has programs (on the H100 from 4 M
-            # elements): a plain grid that casts and flags overflowing tiles, then a small launch that stores
-            # the scale and re-casts only after an overflow (_quant_tensor_given_kernel). No grid barrier, so
-            # no program waits for the slowest: 89 % / 95 % of copy at 4096^2 / 8192^2 bf16 (H100), against
-            # 81 % / 89 % cooperative. Fewer tiles keep the one cooperative launch (one launch less on the host,
-            # which decides the time of small tensors).
+        if has_given and not plan.delayed and n_tiles > _GIVEN_GRID_TILES_PER_PROG * progs:
+            # A given scale on a large tensor: a plain grid that casts and flags overflowing tiles, then a small
+            # launch that stores the scale and re-casts only after an overflow (_quant_tensor_given_kernel).
+            # No grid barrier, so no program waits for the slowest: 95 % of copy at 8192^2 bf16 on the H100
+            # against 89 % cooperative. It costs one more launch on the host (10-30 us on the benchmark
+            # machine), which smaller tensors do not earn back: 4096^2 gains 2 us on the device (88 % vs 82 %).
             consts = (max_value, is_e4m3, emulate, br, bc)
             fix_progs = min(n_tiles, 2 if emulate else _sm_count(x.device))
             plan.launches = (
