@@ -90,24 +90,20 @@ def quantize_fp8_eager(x: torch.Tensor, granularity: str = "tensor", fp8_dtype=t
     """
     fmax = FP8_MAX[fp8_dtype]
     xf = x.float()
-    # x * (1 / scale): one reciprocal per group, then a multiply (fp8_gemm's convention, bit for bit).
-    if granularity == "tensor":
-        amax = xf.abs().amax()
-        scale = amax.clamp(min=2.0**-126) / fmax
-        q = (xf * (1.0 / scale)).clamp(-fmax, fmax).to(fp8_dtype)
-    elif granularity == "row":
-        amax = xf.abs().amax(dim=-1, keepdim=True)
-        scale = amax.clamp(min=2.0**-126) / fmax
-        q = (xf * (1.0 / scale)).clamp(-fmax, fmax).to(fp8_dtype)
-    elif granularity == "block":
+    # x * (1 / scale): one reciprocal per group, then a multiply (fp8_gemm's convention, bit for bit). Both
+    # divisions take tensor operands: PyTorch's CUDA division by a Python scalar multiplies by the scalar's
+    # reciprocal instead, which puts the scale one bit off for some inputs (and ~0.5 % of the values with it).
+    if granularity == "block":
         m, k = xf.shape
-        xb = xf.view(m, k // block, block)
-        amax = xb.abs().amax(dim=-1, keepdim=True)
-        scale = amax.clamp(min=2.0**-126) / fmax
-        q = (xb * (1.0 / scale)).clamp(-fmax, fmax).to(fp8_dtype).view(m, k)
-        scale = scale.squeeze(-1)
-    else:
+        xf = xf.view(m, k // block, block)
+    if granularity not in ("tensor", "row", "block"):
         raise ValueError(f"granularity: {granularity!r}")
+    amax = xf.abs().amax() if granularity == "tensor" else xf.abs().amax(dim=-1, keepdim=True)
+    amax = amax.clamp(min=2.0**-126)
+    scale = amax / torch.full_like(amax, fmax)
+    q = (xf * (torch.ones_like(scale) / scale)).clamp(-fmax, fmax).to(fp8_dtype)
+    if granularity == "block":
+        q, scale = q.view(x.shape), scale.squeeze(-1)
     return q, scale
 
 
