@@ -25,7 +25,9 @@ def headline(json_path: Path) -> str:
     lines = [
         f"Measured on {env.get('device', '?')} (torch {env.get('torch')}, triton {env.get('triton')}, "
         f"{env.get('date_utc', '')}), every baseline in the same run; speedup = baseline time / ours, "
-        "geometric mean over the shapes of each row; bandwidth as % of a device copy of the same bytes.",
+        "geometric mean over the shapes of each row; bandwidth as % of a device copy of the same bytes, and of the "
+        "peak copy bandwidth with L2 emptied before each run by a zero-fill (dirty lines for the timed kernel to "
+        "write back) or by a read (clean L2; above 100 % where the outputs stay in L2).",
         "",
         *headline_table(suite.results),
     ]
