@@ -36,7 +36,7 @@ def test_every_granularity_at_size(m, n, k, a_gran, b_gran):
 @pytest.mark.parametrize(
     "m, n, k",
     [(1, 4096, 4096), (16, 11264, 4096), (2048, 14336, 4096), (1024, 4096, 11264), (333, 2880, 1000),
-     (4096, 4096, 4096)],
+     (4096, 4096, 4096), (16400, 2880, 2880)],
 )
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_required_sizes_bias_dtypes(m, n, k, out_dtype):

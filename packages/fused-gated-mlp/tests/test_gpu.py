@@ -50,6 +50,15 @@ def test_required_sizes_bf16(m, hidden, inter):
     assert_close_rel(out, _ref32(x, wg, wu), 1e-2)
 
 
+@pytest.mark.parametrize("hidden,inter", [(2048, 5632), (8192, 28672)], ids=["H2048-I5632", "H8192-I28672"])
+@pytest.mark.parametrize("m", [1, 64, 16400])
+def test_hidden_range_and_long_prefill(m, hidden, inter):
+    # The ends of the supported hidden range (LLaMA-70B's 8192 x 28672 layer) and a prefill past 16384 tokens.
+    x, wg, wu, _, _ = _inputs(m, hidden, inter, seed=m + hidden)
+    out = fused_gated_mlp(x, wg, wu)
+    assert_close_rel(out, _ref32(x, wg, wu), 1e-2)
+
+
 @pytest.mark.parametrize("m", [1, 8, 64, 2048])
 def test_gpt_oss_interleaved_swiglu(m):
     x, wg, wu, bg, bu = _inputs(m, 2880, 2880, bias=True, seed=7)
