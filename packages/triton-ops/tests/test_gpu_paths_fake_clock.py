@@ -71,13 +71,28 @@ def gpu_suite(fake_cuda, monkeypatch) -> BenchmarkSuite:
 
 
 def test_cuda_timer_counts_runs_and_flushes(fake_cuda, monkeypatch) -> None:
-    timer = timing.CudaTimer(3, 7, max_ms=1e9, min_runs=2, device="cpu")
+    timer = timing.CudaTimer(3, 7, max_ms=1e9, min_runs=2, device="cpu", max_attempts=1)
     calls, flushes = [], []
     monkeypatch.setattr(timer, "_flush_l2", lambda: flushes.append(1))
     t = timer(lambda: calls.append(1))
     assert t.runs == 7 and len(calls) == 3 + 3 + 7  # warm-up, estimate, timed runs
     assert len(flushes) == 1 + 7  # once before the estimate, then before every timed run
     assert timer.graph_ms(lambda: calls.append(1)) >= 0 and timer.host_ms(lambda: None, calls=5) >= 0
+
+
+def test_unstable_measurements_are_repeated(fake_cuda, monkeypatch) -> None:
+    def timing_of(median, iqr):
+        return timing.Timing(median, median - iqr / 2, median + iqr / 2, iqr, median - iqr, 10)
+
+    timer = timing.CudaTimer(1, 2, device="cpu", max_attempts=3)
+    warm = []
+    queue = [timing_of(1.0, 0.6), timing_of(0.9, 0.05), timing_of(5.0, 0.0)]
+    monkeypatch.setattr(timer, "_measure", lambda fn, warmup=True: (warm.append(warmup), queue.pop(0))[1])
+    t = timer(lambda: None)
+    assert (t.median_ms, t.attempts, warm) == (0.9, 2, [True, False])  # stable on the 2nd: no 3rd measurement
+    queue[:] = [timing_of(1.0, 0.6), timing_of(2.0, 0.7), timing_of(1.5, 0.9)]
+    t = timer(lambda: None)
+    assert (t.median_ms, t.attempts) == (2.0, 3) and t.unstable  # never stable: the steadiest (IQR / median)
 
 
 def test_read_flush_leaves_the_buffer_alone(fake_cuda) -> None:

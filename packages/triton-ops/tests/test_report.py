@@ -89,3 +89,18 @@ def test_case_result_round_trip(recorded_json) -> None:
     data = json.loads(recorded_json.read_text())
     for d in data["results"]:
         assert CaseResult.from_dict(d).to_dict() == CaseResult.from_dict(CaseResult.from_dict(d).to_dict()).to_dict()
+
+
+def test_unstable_timings_are_marked(recorded_json, tmp_path) -> None:
+    data = json.loads(open(recorded_json).read())
+    case = next(r for r in data["results"] if r["name"] == "2x1024x4096")
+    ours = next(i for i in case["impls"] if i["role"] == "ours")
+    ours["timing"].update(p25_ms=0.010, p75_ms=0.030, attempts=3)  # IQR 20 us on an 18.5 us median
+    path = tmp_path / "unstable.json"
+    path.write_text(json.dumps(data))
+    md = BenchmarkSuite.from_json(path).generate_report()
+    row = next(line for line in md.splitlines() if line.startswith("| 2x1024x4096 | bfloat16 | ok"))
+    assert "18.5 us (20.0 us) †" in row
+    assert "† unstable: interquartile range above a quarter of the median, most often host stalls" in md
+    stable = BenchmarkSuite.from_json(recorded_json).generate_report()
+    assert "†" not in stable

@@ -85,10 +85,17 @@ class Timing:
     std_ms: float
     min_ms: float
     runs: int
+    attempts: int = 1  # measurements taken: an unstable one (see ``unstable``) is repeated, the steadiest kept
 
     @property
     def iqr_ms(self) -> float:
         return self.p75_ms - self.p25_ms
+
+    @property
+    def unstable(self) -> bool:
+        """Interquartile range above a quarter of the median: the runs did not measure one thing (most often the
+        host stalled while the GPU waited for the next launch)."""
+        return self.iqr_ms > 0.25 * self.median_ms
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> Timing:
@@ -109,7 +116,8 @@ class Timing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Timing:
-        return cls(**{k: d[k] for k in ("median_ms", "p25_ms", "p75_ms", "std_ms", "min_ms", "runs")})
+        return cls(**{k: d[k] for k in ("median_ms", "p25_ms", "p75_ms", "std_ms", "min_ms", "runs")},
+                   attempts=d.get("attempts", 1))
 
 
 def _quantile(sorted_xs: Sequence[float], q: float) -> float:

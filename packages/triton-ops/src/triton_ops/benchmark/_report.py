@@ -85,7 +85,7 @@ def _baseline_cell(case: CaseResult, ours: ImplResult, name: str) -> str:
         return "FAIL" if b.status == FAIL else b.status
     if b.timing is None:
         return "ok"
-    cell = fmt_time(b.ms)
+    cell = fmt_time(b.ms) + _mark(b)
     if ours.ms and (case.speedups(ours).get(name) is not None):
         cell += f" ({b.ms / ours.ms:.2f}x)"
     return cell
@@ -122,7 +122,7 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in cases:
         for o in c.ours:
-            t = "-" if o.timing is None else f"{fmt_time(o.ms)} ({fmt_time(o.timing.iqr_ms)})"
+            t = "-" if o.timing is None else f"{fmt_time(o.ms)} ({fmt_time(o.timing.iqr_ms)})" + _mark(o)
             row = [c.name, c.dtype] + ([o.name] if multi else []) + [_check_word(o), t]
             if show_gbps:
                 row += [_num(o.gbps), _num(o.pct_copy_same, 1, " %"), _num(o.pct_peak, 1, " %")]
@@ -141,7 +141,17 @@ def panel_table(cases: Sequence[CaseResult]) -> list[str]:
                 row += [f"{_bytes(o.peak_mem_bytes)} ({_bytes(eager.peak_mem_bytes if eager else None)})"]
             row += [_baseline_cell(c, o, b) for b in baselines]
             lines.append("| " + " | ".join(row) + " |")
+    if any(r.timing is not None and r.timing.unstable for c in cases for r in c.impls):
+        lines += ["", UNSTABLE_NOTE]
     return lines
+
+
+UNSTABLE_NOTE = ("† unstable: interquartile range above a quarter of the median, most often host stalls (the L2 "
+                 "flush hides only ~90 us of host time per run); read with care.")
+
+
+def _mark(r: ImplResult) -> str:
+    return " †" if r.timing is not None and r.timing.unstable else ""
 
 
 def _clean_cell(r: ImplResult) -> str:
@@ -166,7 +176,7 @@ def all_measurements_table(cases: Sequence[CaseResult], timed: bool) -> list[str
             row = [c.name, c.dtype, r.name, r.role, r.status if r.status != FAIL else "**FAIL**", f"{_err(r)} ({tol})"]
             if timed:
                 t = r.timing
-                row += [fmt_time(r.ms), fmt_time(t.iqr_ms) if t else "-", fmt_time(t.std_ms) if t else "-",
+                row += [fmt_time(r.ms) + _mark(r), fmt_time(t.iqr_ms) if t else "-", fmt_time(t.std_ms) if t else "-",
                         str(t.runs) if t else "-", _num(r.gbps), _num(r.pct_copy_same, 1, " %"), _num(r.tflops, 1),
                         _num(r.pct_cublas, 1, " %"), fmt_time(r.graph_ms), fmt_time(r.host_ms),
                         _bytes(r.peak_mem_bytes),

@@ -92,7 +92,8 @@ class BenchmarkSuite:
         self.timing_note = (
             f"median of up to {benchmark_runs} runs (at most ~{max_ms_per_measurement:g} ms of runs per "
             f"measurement) after {warmup_runs} warm-up runs, L2 {'flushed' if flush_l2 else 'not flushed'} "
-            "before every run (zero-filled), CUDA events; spread = interquartile range"
+            "before every run (zero-filled), CUDA events; spread = interquartile range (a measurement whose IQR "
+            "exceeds a quarter of its median is taken again, up to three times, and the steadiest kept)"
             + ("; bandwidth-bound cases are timed again with L2 emptied by a read (\"clean L2\": no dirty lines "
                "for the timed kernel to write back)" if flush_l2 else "")
         )

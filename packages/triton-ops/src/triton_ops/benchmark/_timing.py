@@ -28,10 +28,11 @@ class CudaTimer:
 
     def __init__(self, warmup_runs: int = 10, benchmark_runs: int = 100, *, max_ms: float = 100.0,
                  min_runs: int = 10, flush_l2: bool = True, device: torch.device | str | None = None,
-                 flush_by: str = "write") -> None:
+                 flush_by: str = "write", max_attempts: int = 3) -> None:
         if flush_by not in ("write", "read"):
             raise ValueError(f"flush_by: expected 'write' or 'read', got {flush_by!r}")
         self.warmup_runs = warmup_runs
+        self.max_attempts = max(1, max_attempts)
         self.benchmark_runs = benchmark_runs
         self.max_ms = max_ms
         self.min_runs = min_runs
@@ -54,7 +55,21 @@ class CudaTimer:
             torch.sum(self._flush, dim=None, out=self._sink)
 
     def __call__(self, fn: Callable[[], Any]) -> Timing:
-        for _ in range(self.warmup_runs):
+        """Warm up, then measure; a measurement whose spread says it is unstable (``Timing.unstable``: the host
+        stalled during some runs, and the flush hides only ~90 us of host time per run) is taken again, up to
+        ``max_attempts`` in all, and the steadiest one (smallest IQR relative to its median) is returned."""
+        best: Timing | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            t = self._measure(fn, warmup=attempt == 1)
+            if best is None or t.iqr_ms / t.median_ms < best.iqr_ms / best.median_ms:
+                best = t
+            if not best.unstable:
+                break
+        best.attempts = attempt
+        return best
+
+    def _measure(self, fn: Callable[[], Any], warmup: bool = True) -> Timing:
+        for _ in range(self.warmup_runs if warmup else 0):
             fn()
         torch.cuda.synchronize(self.device)
         # Estimate the cost of one run (flush excluded) to choose the number of runs.
