@@ -160,9 +160,9 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
     """Add a partial sum of an output tile that several programs share; the program that completes the tile
     finishes it.
 
-    Partial sums meet in the fp32 workspace ``[2, M, N]``; ``lock`` counts the K units (split-K slices or
-    stream-K steps) summed so far, so the program whose ``units`` bring it to ``total_units`` reads the totals,
-    applies the epilogue and resets workspace and counter to zero for the next call.
+    Partial sums meet in the fp32 workspace ``[2, M, N]``; ``lock`` counts the K slices summed so far (each
+    program adds its ``units``), so the program that brings it to ``total_units`` reads the totals, applies the
+    epilogue and resets workspace and counter to zero for the next call.
     """
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_g = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
