@@ -25,6 +25,11 @@ FP8 = torch.float8_e4m3fn
 _A_MODE = {"tensor": 0, "row": 1, "block": 2}
 _B_MODE = {"tensor": 0, "channel": 1, "block": 2}
 DECODE_MAX_M = 64
+# fp16/bf16 activations of at most this many elements (M * K) are quantized per row inside the decode GEMM: one
+# launch instead of two, which saves ~30-40 us of host time per call. Every program reads the whole activation to
+# find its row maxima, so the GPU time grows with M * K: at this size it matches the two launches' (H100, M = 1
+# at K = 4096 and 11264, M = 4 at K = 4096); larger activations quantize in their own launch (docs/fp8-gemm.md).
+FUSED_ROW_QUANT_MAX = 16384
 # Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
 _INTERP = is_interpreter()
 
@@ -123,16 +128,23 @@ def clear_caches() -> None:
     linear._PLANS.clear()
 
 
-def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None) -> Plan:
+def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None,
+                 quant_a=False) -> Plan:
     """The launch of one call signature: kernel, grid, scalar tail and options (``extra`` says what the
-    per-call tensors need; ``info`` is the path and config)."""
+    per-call tensors need; ``info`` is the path and config). ``quant_a``: ``a`` is unquantized and the decode
+    kernel quantizes it per row (``a_mode`` 3); the tiles are those of the row-scaled FP8 call, so both give
+    bit-identical results."""
     m, k = a.shape
     n = b.shape[1]
     interp = _INTERP
-    path = path or _pick_path(a, b, out, m)
+    path = "decode" if quant_a else path or _pick_path(a, b, out, m)
     blocked = a_mode == 2 or b_mode == 2
     if config is None:
-        cfg = _plan(path, m, n, k, a_mode, b_mode, bool(fast_accum), a.device, (a.dtype, b.dtype, out.dtype), interp)
+        cfg_a_mode, a_dtype = (1, FP8) if quant_a else (a_mode, a.dtype)
+        cfg = _plan(path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype),
+                    interp)
+        if quant_a:
+            cfg = cfgs.fused_decode_config(cfg, n, interp)
     else:
         cfg = _fit_block_k(config, blocked)
     nb = -(-n // 128)
@@ -148,7 +160,8 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
                 sa_m, sa_k, nb, per_split,
                 a_mode, b_mode, has_bias, 0 if fast_accum else 1, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
-                split, k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0)
+                split, k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0, bool(quant_a), interp)
+        tail += _amax_tile(m, k) if quant_a else (1, 1)
         return Plan(fp8_gemm_decode_kernel, grid, tail, cfg["num_warps"], info=info,
                     extra=(path, split * m * n, grid[0], False), num_stages=cfg["num_stages"])
     if path == "tma":
@@ -174,6 +187,16 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
             cfg["GROUP_M"])
     return Plan(fp8_gemm_ptr_kernel, grid, tail, cfg["num_warps"], info=info, extra=(path, False, 0, False),
                 num_stages=cfg["num_stages"])
+
+
+_AMAX_TILE = 8192
+
+
+def _amax_tile(m: int, k: int) -> tuple[int, int]:
+    """Row-maximum tile of the fused activation quantization: the rows rounded up to a power of two,
+    ``_AMAX_TILE`` elements in all (a single token's row in one or two loads), no wider than K needs."""
+    rows = triton.next_power_of_2(m)
+    return rows, max(16, min(triton.next_power_of_2(k), _AMAX_TILE // rows))
 
 
 def _run_launch(plan: Plan, a, b, out, a_s, b_s, bias) -> None:
@@ -257,7 +280,8 @@ class _Call:
     """One call signature of ``fp8_gemm``: what to do with each operand and the kernel launch (built on the
     first call, which validates; the key fixes every metadata the decisions read)."""
 
-    __slots__ = ("m", "n", "out_dtype", "kind", "a_prep", "b_prep", "a_mode", "b_mode", "fast", "launch")
+    __slots__ = ("m", "n", "out_dtype", "kind", "a_prep", "b_prep", "a_mode", "b_mode", "fast", "launch",
+                 "fused")
 
     def __init__(self, spec, fast_accum: bool, a_scale, b_scale) -> None:
         self.m, self.n, self.out_dtype = spec.m, spec.n, spec.out_dtype
@@ -269,6 +293,9 @@ class _Call:
         self.b_mode = _B_MODE[spec.b_granularity or "channel"]
         self.fast = bool(fast_accum)
         self.launch: Plan | None = None
+        # A small unquantized activation with dynamic row scales: quantized inside the decode GEMM.
+        self.fused = (self.kind == 0 and self.a_prep == (2, "row") and a_scale is None and spec.m <= DECODE_MAX_M
+                      and spec.m * spec.k <= FUSED_ROW_QUANT_MAX)
 
     def run(self, a, b, a_scale, b_scale, bias) -> torch.Tensor:
         out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=a.device)
@@ -276,8 +303,15 @@ class _Call:
             if self.kind == 1:
                 return out
             return out.copy_(bias.expand(self.m, self.n) if bias is not None else torch.zeros_like(out))
-        a, a_s = _apply_prep(self.a_prep, a, a_scale, False)
         b, b_s = _apply_prep(self.b_prep, b, b_scale, True)
+        if self.fused:
+            plan = self.launch
+            if plan is None:  # A_MODE 3: no scale tensor for a (b's stands in for the unused pointer)
+                plan = self.launch = _launch_plan(a, b, out, b_s, b_s, bias, 3, self.b_mode, self.fast,
+                                                  quant_a=True)
+            _run_launch(plan, a, b, out, b_s, b_s, bias)
+            return out
+        a, a_s = _apply_prep(self.a_prep, a, a_scale, False)
         plan = self.launch
         if plan is None:
             plan = self.launch = _launch_plan(a, b, out, a_s, b_s, bias, self.a_mode, self.b_mode, self.fast)

@@ -110,6 +110,20 @@ def ptr_heuristic(m: int, n: int, k: int, interpreter: bool) -> dict[str, Any]:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
+def fused_decode_config(cfg: dict[str, Any], n: int, interpreter: bool) -> dict[str, Any]:
+    """The decode config when the kernel also quantizes the activation per row: wider column blocks.
+
+    Every program reads the whole activation for its row maxima, so fewer, wider programs repeat less of it.
+    Only ``BLOCK_N`` changes (the K tiles and splits, hence the sums, stay those of the two-launch path). On the
+    H100 (M = 1 and 4, bf16): 128 columns took 11264^2 from 71 to 63 us (the GEMM alone: 58), 11264 x 4096 from
+    31 to 29 (27), 4096 x 11264 from 32 to 31; with 512-deep K tiles (weights <= 16 MB) 32 stays best and 128
+    does not fit in shared memory.
+    """
+    if interpreter or cfg["BLOCK_K"] > 256 or n < 4096:
+        return cfg
+    return {**cfg, "BLOCK_N": 128}
+
+
 def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device, interpreter: bool) -> dict[str, Any]:
     """Small M: the whole of M in one tile, narrow column blocks, split-K where the columns alone give too few
     programs. Measured on the H100 (M = 1, 16, 64; N, K in {4096, 11264}; L2 flushed before every run; two
@@ -151,6 +165,7 @@ __all__ = [
     "FP8_GEMM_PTR_CONFIGS",
     "choose",
     "decode_heuristic",
+    "fused_decode_config",
     "num_sms",
     "ptr_heuristic",
     "tma_heuristic",

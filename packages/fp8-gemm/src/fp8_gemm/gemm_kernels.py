@@ -1,7 +1,8 @@
 """Triton kernels of the FP8 GEMM: a persistent tensor-descriptor (TMA) kernel, a pointer kernel for unaligned
 operands, and a split-K decode kernel for small M.
 
-Scale modes (constexpr): ``A_MODE`` 0 tensor, 1 row, 2 block (1x128); ``B_MODE`` 0 tensor, 1 channel, 2 block
+Scale modes (constexpr): ``A_MODE`` 0 tensor, 1 row, 2 block (1x128), 3 per row applied by the caller (the
+decode kernel's in-kernel activation quantization); ``B_MODE`` 0 tensor, 1 channel, 2 block
 (128x128). Tensor/row/channel scales are applied once in the epilogue; block scales are applied to each 128-deep
 K block's partial product inside the loop (DeepSeek-V3 style), which is also what keeps that partial product in
 fp32. ``ACC`` selects how FP8 tensor-core partial sums reach the fp32 accumulator on Hopper:
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .quantize import _finite_abs, _fp8_bits_rne, _group_scale
 
 SCALE_BLOCK = 128
 
@@ -164,13 +167,44 @@ def fp8_gemm_ptr_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _row_scales(a_ptr, M, K, stride_am, stride_ak, BLOCK_M: tl.constexpr, AMAX_M: tl.constexpr,
+                AMAX_K: tl.constexpr):
+    """Per-row E4M3 scales of the unquantized ``a`` (rows 0..M-1) and their reciprocals, as the row quantizer
+    computes them (finite values only set the maximum), spread over the dot's ``BLOCK_M`` rows.
+
+    The maxima come from ``[AMAX_M, AMAX_K]`` tiles, ``AMAX_M`` the next power of two of M: a single token reads
+    its row in one or two wide loads rather than a long loop of latency-bound ones in 16-row tiles.
+    """
+    rows = tl.arange(0, AMAX_M)
+    cols = tl.arange(0, AMAX_K)
+    amax = tl.zeros((AMAX_M,), tl.float32)
+    row_ptrs = a_ptr + rows[:, None] * stride_am
+    for k in range(0, K, AMAX_K):
+        c = k + cols
+        x = tl.load(row_ptrs + c[None, :] * stride_ak, mask=(rows[:, None] < M) & (c[None, :] < K), other=0.0)
+        amax = tl.maximum(amax, tl.max(_finite_abs(x.to(tl.float32)), axis=1))
+    scale, inv, _ = _group_scale(amax, amax, False, 448.0)
+    # rows AMAX_M.. of the dot tile are masked (zero) rows: scale and reciprocal 0 there
+    pick = tl.arange(0, BLOCK_M)[:, None] == rows[None, :]
+    return tl.sum(tl.where(pick, scale[None, :], 0.0), axis=1), tl.sum(tl.where(pick, inv[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _to_e4m3(v, EMULATE: tl.constexpr):
+    """float32 -> E4M3 in registers, bit-identical to the quantizer's store (saturating, NaN kept)."""
+    if EMULATE:
+        return _fp8_bits_rne(v, True).to(tl.float8e4nv, bitcast=True)
+    return v.to(tl.float8e4nv)
+
+
 @triton.jit(do_not_specialize=["M", "SA_M", "SA_K", "NB", "tiles_per_split"])
 def fp8_gemm_decode_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, SA_M, SA_K, NB, tiles_per_split,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, QUANT_A: tl.constexpr, EMULATE: tl.constexpr, AMAX_M: tl.constexpr, AMAX_K: tl.constexpr,
 ):
     """Small-M GEMM (decode): one program per (BLOCK_N columns, K slice); the whole of M in one tile.
 
@@ -178,6 +212,12 @@ def fp8_gemm_decode_kernel(
     writes its fp32 partial to ``ws``; the last program of a column block to finish (a counter per block,
     reset by that program) sums the partials in a fixed order, so the result is deterministic. ``EVEN``: K and
     N are multiples of the tile, so the weight loads need no masks.
+
+    ``QUANT_A``: ``a`` is the unquantized (fp16/bf16/fp32) activation, quantized here per row exactly as
+    ``quantize_fp8(a, granularity="row")`` does (``A_MODE`` 3: the row scales stay in registers), so a call is
+    one launch. Every program first finds the row maxima over the whole of K (``a`` is a few rows: L2 serves
+    the repeated reads), then casts each ``a`` tile before its dot. ``EMULATE``: the interpreter's FP8 cast is
+    wrong; round in integer arithmetic there.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -186,6 +226,8 @@ def fp8_gemm_decode_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k_first = pid_k * tiles_per_split
     k_last = tl.minimum(k_first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    if QUANT_A:
+        a_scale, a_inv = _row_scales(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, AMAX_M, AMAX_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_first * BLOCK_K + offs_k[None, :]) * stride_ak
     b_ptrs = (b_ptr + (k_first * BLOCK_K + offs_k[:, None]).to(tl.int64) * stride_bk
               + offs_n[None, :].to(tl.int64) * stride_bn)
@@ -198,6 +240,8 @@ def fp8_gemm_decode_kernel(
             k_left = K - ki * BLOCK_K
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        if QUANT_A:
+            a = _to_e4m3(a.to(tl.float32) * a_inv[:, None], EMULATE)
         acc = _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, (ki * BLOCK_K) // 128, pid_n, M, N, SA_M, SA_K, NB,
                           A_MODE, B_MODE, ACC, BLOCK_K, BLOCK_N)
         a_ptrs += BLOCK_K * stride_ak
@@ -205,6 +249,8 @@ def fp8_gemm_decode_kernel(
     mask_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     if SPLIT_K == 1:
+        if QUANT_A:
+            acc = acc * a_scale[:, None]
         acc = _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
     else:
@@ -216,6 +262,8 @@ def fp8_gemm_decode_kernel(
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(ws_tile + s * M * N, mask=mask_c, other=0.0, cache_modifier=".cg")
+            if QUANT_A:
+                total = total * a_scale[:, None]
             total = _epilogue(total, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N, A_MODE, B_MODE, HAS_BIAS)
             tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask_c)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")

@@ -150,9 +150,12 @@ class FP8Linear(nn.Module):
             x2 = x.reshape(-1, self.in_features)
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
-        a_q, a_s, _ = quant.run(x2, None)
-        # The bias keeps its own dtype: the GEMM adds it in fp32 before the one output rounding.
-        out = gemm.run(a_q, weight.t(), a_s, weight_scale, bias)
+        if quant is None:  # a few tokens: quantized per row inside the GEMM, one launch
+            out = gemm.run(x2, weight.t(), None, weight_scale, bias)
+        else:
+            a_q, a_s, _ = quant.run(x2, None)
+            # The bias keeps its own dtype: the GEMM adds it in fp32 before the one output rounding.
+            out = gemm.run(a_q, weight.t(), a_s, weight_scale, bias)
         return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
     def _plan(self, x: torch.Tensor, key: tuple | None) -> tuple:
@@ -170,11 +173,17 @@ class FP8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        quant = _activation_plan(x2, self.activation_granularity)
-        # the GEMM's plan depends on the quantized activation's metadata only (fresh tensors: a fixed layout)
-        a_q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        a_s = torch.empty(quant.scale_shape, dtype=torch.float32, device=x.device)
-        gemm = _new_call(a_q, self.weight.t(), a_s, self.weight_scale, x.dtype, self.bias, self.fast_accum, None)
+        if self.activation_granularity == "row":
+            # fp8_gemm quantizes a small activation per row inside its decode kernel (same result, one launch)
+            gemm = _new_call(x2, self.weight.t(), None, self.weight_scale, x.dtype, self.bias, self.fast_accum, None)
+            quant = None
+        if self.activation_granularity != "row" or not gemm.fused:
+            quant = _activation_plan(x2, self.activation_granularity)
+            # the GEMM's plan depends on the quantized activation's metadata only (fresh tensors: a fixed layout)
+            a_q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+            a_s = torch.empty(quant.scale_shape, dtype=torch.float32, device=x.device)
+            gemm = _new_call(a_q, self.weight.t(), a_s, self.weight_scale, x.dtype, self.bias, self.fast_accum,
+                             None)
         plan = (quant, gemm, x.dim() == 2 and x.stride(-1) == 1)
         if key is not None:
             _PLANS.put(key, plan)
