@@ -19,6 +19,7 @@ from triton_ops_core.exceptions import (
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
+from triton_ops_core.models import FP8Format
 
 CASES = [("tensor", None), ("row", None), ("channel", None), ("block", (1, 128)), ("block", (128, 128))]
 CASE_IDS = ["tensor", "row", "channel", "block1x128", "block128x128"]
@@ -184,6 +185,32 @@ def test_given_scale_used_as_is_or_raised_on_overflow(device, fmt, granularity, 
     # A scale that covers the data passes strict mode untouched.
     q2, s2 = quantize_fp8(x, fmt, granularity, scale=dyn * 2, block_size=block, strict=True)
     assert torch.equal(s2, dyn * 2)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kept", "raised"),
+    [("e4m3", (448.0, 452.0, 464.0), (464.0625, 470.0, 479.0)),
+     ("e5m2", (57344.0, 60000.0, 61439.99609375), (61440.0, 61500.0))],
+)
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_overflow_means_rounding_past_the_largest_value(device, fmt, kept, raised, granularity):
+    # With scale 1 the scaled values are the data. Up to the threshold they only round to the largest value
+    # (E4M3: the tie at 464 rounds to 448, mantissa even; E5M2: 61440 is a tie that rounds to infinity).
+    limit = FP8Format.from_name(fmt).overflow_threshold
+    for peak, expect_over in [(v, False) for v in kept] + [(v, True) for v in raised]:
+        assert (peak > limit) == expect_over
+        x = torch.randn(3, 40, device=device).clamp(-1, 1)
+        x[1, 7] = -peak
+        ones = torch.ones((1,) if granularity == "tensor" else (3, 1), device=device)
+        q, s = quantize_fp8(x, fmt, granularity, scale=ones)
+        q_ref, s_ref = quantize_fp8_reference(x, fmt, granularity, scale=ones)
+        assert torch.equal(s, s_ref)
+        assert_same_fp8(q, q_ref)
+        group = 0 if granularity == "tensor" else 1
+        assert bool(s.reshape(-1)[group] != 1) == expect_over, (fmt, peak)
+        assert overflow_groups(x, ones, fmt, granularity) == int(expect_over)
+        if not expect_over:
+            assert q.float()[1, 7] == -FP8Format.from_name(fmt).max_value
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])

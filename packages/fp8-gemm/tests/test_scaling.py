@@ -7,6 +7,7 @@ import torch
 from fp8_gemm import DelayedScaler, ScaleTracker, dequantize_fp8
 from fp8_gemm.reference import quantize_fp8_reference
 from triton_ops_core.exceptions import InvalidArgumentError, NumericalOverflowError
+from triton_ops_core.models import FP8Format
 
 
 def _assert_same(q, ref):
@@ -48,6 +49,24 @@ def test_growth_beyond_history_raises_scale_or_strict_error(device):
     strict(x)
     with pytest.raises(NumericalOverflowError):
         strict(x * 10)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("peak", [7.428401947021484, 4.482937812805176, 2.348099946975708])
+def test_steady_state_keeps_its_scale_with_margin_zero(device, fmt, peak):
+    # The same tensor again, with an amax for which amax * (1 / (amax / max)) rounds to just above the largest
+    # value (checked below): that is rounding, not overflow, so the delayed scale holds and strict mode is quiet.
+    max_value = FP8Format.from_name(fmt).max_value
+    amax = torch.tensor([peak])
+    assert float(amax * (torch.ones(1) / torch.div(amax, torch.full_like(amax, max_value)))) > max_value
+    x = torch.randn(16, 96, generator=torch.Generator().manual_seed(0)).clamp(-2, 2).to(device)
+    x[3, 5] = -peak
+    scaler = DelayedScaler(fmt, history_len=4, margin=0, strict=True)
+    _, s0 = scaler(x)
+    for _ in range(2):
+        q, s = scaler(x)
+        assert torch.equal(s, s0)
+        assert q.float()[3, 5] == -max_value
 
 
 def test_margin_and_reset(device):

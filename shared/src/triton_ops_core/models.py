@@ -200,6 +200,18 @@ class FP8Format:
 
         return getattr(tl, self.triton_dtype_name)
 
+    @property
+    def overflow_threshold(self) -> float:
+        """The largest float32 value that the cast to this format rounds to ``max_value`` rather than clips
+        (E4M3, which saturates) or makes infinite (E5M2): ``max_value`` plus half its step, less one float32 step
+        when that midpoint rounds away from ``max_value`` (E5M2's largest value has an odd mantissa).
+
+        E4M3: 464 (448 plus 16; the tie rounds to 448, whose mantissa is even). E5M2: 61439.996 (57344 plus
+        4096 is a tie that rounds up, to infinity). A scaled value up to this threshold only rounds; past it,
+        a given scale no longer holds the data.
+        """
+        return 464.0 if self.name == "e4m3" else 61439.99609375
+
     @classmethod
     def from_name(cls, name: str | FP8Format | torch.dtype) -> FP8Format:
         if isinstance(name, FP8Format):

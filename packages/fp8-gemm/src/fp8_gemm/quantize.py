@@ -72,21 +72,33 @@ _GIVEN_GRID_TILES_PER_PROG = 4
 def _group_scale(amax, given, HAS_GIVEN: tl.constexpr, MAX_VALUE: tl.constexpr):
     """Scale, its reciprocal and an overflow flag for scale groups with absolute maximum ``amax``.
 
-    With a given scale the group keeps it unless ``amax * (1/given)`` exceeds the format's range (or the given
-    scale is not a positive finite number); then the group falls back to the dynamic scale, so nothing clips.
+    With a given scale the group keeps it unless ``amax * (1/given)`` would not round to the format's largest
+    value (``_overflows``), or the given scale is not a positive finite number; then the group falls back to the
+    dynamic scale, so nothing clips.
     """
     dyn = tl.math.div_rn(amax, tl.full(amax.shape, MAX_VALUE, tl.float32))
     dyn = tl.where(amax > 0, tl.maximum(dyn, 2.0**-126), 1.0)
     if HAS_GIVEN:
         inv_given = tl.math.div_rn(tl.full(given.shape, 1.0, tl.float32), given)
         bad = (given <= 0) | (given != given) | (inv_given == 0)
-        over = bad | (amax * inv_given > MAX_VALUE)
+        over = bad | _overflows(amax * inv_given, MAX_VALUE)
         scale = tl.where(over, dyn, given)
     else:
         over = amax < 0  # all False, with amax's shape
         scale = dyn
     inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     return scale, inv, over
+
+
+@triton.jit
+def _overflows(v, MAX_VALUE: tl.constexpr):
+    """Whether a scaled absolute value ``v`` no longer rounds to the format's largest value: E4M3 (max 448)
+    above 464, E5M2 (max 57344) from 61440, where the cast turns to infinity (``FP8Format.overflow_threshold``).
+    Values between the largest value and the threshold only round, so a given scale that yields them holds."""
+    bound = 61439.99609375
+    if MAX_VALUE == 448.0:
+        bound = 464.0
+    return v > bound
 
 
 @triton.jit
@@ -410,7 +422,7 @@ def _quant_tensor_given_kernel(
     _store_fp8(q_ptr + qo, x * inv_given, mask, IS_E4M3, EMULATE)
     amax = tl.max(tl.max(_finite_abs(x), axis=1), axis=0)
     bad = (given <= 0) | (given != given) | (inv_given == 0)
-    over = bad | (amax * inv_given > MAX_VALUE)
+    over = bad | _overflows(amax * inv_given, MAX_VALUE)
     tl.atomic_max(over_ptr, amax.to(tl.int32, bitcast=True) + 1, mask=over, sem="relaxed", scope="gpu")
 
 
@@ -795,8 +807,9 @@ def _check_overflow(strict: bool, flag: torch.Tensor | None, granularity: str, f
         n_over = int(flag.item())
         if n_over:
             raise NumericalOverflowError(
-                f"t: {n_over} scale group(s) ({granularity}) exceed the {fmt.name} range "
-                f"(max {fmt.max_value:g}) with the given scale; pass strict=False to have the scale raised instead"
+                f"t: {n_over} scale group(s) ({granularity}) exceed the {fmt.name} range (max {fmt.max_value:g}, "
+                f"values up to {fmt.overflow_threshold:g} round to it) with the given scale; pass strict=False to "
+                "have the scale raised instead"
             )
 
 
@@ -846,9 +859,10 @@ def quantize_fp8(
             ``"channel"`` (per output column of a ``[K, N]`` weight used as ``a @ b``: ``[1, N]``; for an
             ``nn.Linear`` weight ``[out, in]`` pass ``weight.t()``, one scale per output feature) or ``"block"``
             (``[ceil(M/bm), ceil(K/bk)]``). These are the shapes ``fp8_gemm`` accepts.
-        scale: a given scale of that shape (float32), used as is unless some value of its group would exceed
-            the format's range; that group's scale is then raised to ``amax / max_value`` so nothing clips, and
-            the returned scale says so. A non-positive or non-finite given scale counts as overflowing.
+        scale: a given scale of that shape (float32), used as is unless some value of its group would not
+            round to the format's largest value (``FP8Format.overflow_threshold``: 464 for E4M3); that group's
+            scale is then raised to ``amax / max_value`` so nothing clips, and the returned scale says so. A
+            non-positive or non-finite given scale counts as overflowing.
         block_size: ``(1, 128)`` (activations, DeepSeek-V3 style) or ``(128, 128)`` (weights); default by ``role``.
         strict: raise ``NumericalOverflowError`` when a given scale had to be raised (synchronizes the GPU).
         role: ``"activation"`` or ``"weight"``: picks the default ``block_size``.

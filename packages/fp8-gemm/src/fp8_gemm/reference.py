@@ -70,7 +70,7 @@ def quantize_fp8_reference(
         given = scale.float().reshape(amax.shape)
         inv_given = _ieee_div(torch.ones_like(given), given)
         bad = ~(given > 0) | (inv_given == 0)
-        over = bad | (amax * inv_given > fmt.max_value)
+        over = bad | (amax * inv_given > fmt.overflow_threshold)
         s = torch.where(over, dyn, given)
     shape = scale_shape(tuple(t.shape), granularity, block_size, role)
     s = s.reshape(shape).contiguous()
@@ -90,7 +90,7 @@ def overflow_groups(t: torch.Tensor, scale: torch.Tensor, fmt: str | FP8Format =
     amax = group_amax(t, granularity, block_size, role)
     given = scale.float().reshape(amax.shape)
     inv_given = _ieee_div(torch.ones_like(given), given)
-    over = ~(given > 0) | (inv_given == 0) | (amax * inv_given > fmt.max_value)
+    over = ~(given > 0) | (inv_given == 0) | (amax * inv_given > fmt.overflow_threshold)
     return int(over.sum())
 
 
