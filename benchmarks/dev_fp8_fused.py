@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import triton
+from host_overhead import host_us  # beside this script (run from benchmarks/ or as a path)
 
 T0 = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/fp8_fused_out"))
@@ -29,30 +30,6 @@ RESULTS: dict = {"torch": torch.__version__, "triton": triton.__version__, "rows
 
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
-
-
-def host_us(fn, n=200):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    per_call = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return per_call
-
-
-def loop_us(fn, n=200):
-    """Wall time per call of back-to-back calls, synchronized at the end: max(host, GPU) per call."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def main():
@@ -79,7 +56,7 @@ def main():
                 outs[mode] = q(x)
                 row[mode] = {f"gpu_{fl}_us": t(lambda: q(x)).median_ms * 1e3 for fl, t in timers.items()}
                 row[mode]["host_us"] = host_us(lambda: q(x))
-                row[mode]["loop_us"] = loop_us(lambda: q(x))
+                row[mode]["loop_us"] = host_us(lambda: q(x), until_done=True)
             row["identical"] = bool(torch.equal(outs["fused"], outs["two"]))
             a_q, a_s = quantize_fp8(x, "e4m3", "row")
             w_t, w_s = q.weight.t(), q.weight_scale
@@ -88,7 +65,7 @@ def main():
                                 for fl, t in timers.items()}
             row["linear"] = {f"gpu_{fl}_us": t(lambda: lin(x)).median_ms * 1e3 for fl, t in timers.items()}
             row["linear"]["host_us"] = host_us(lambda: lin(x))
-            row["linear"]["loop_us"] = loop_us(lambda: lin(x))
+            row["linear"]["loop_us"] = host_us(lambda: lin(x), until_done=True)
             RESULTS["rows"].append(row)
             f, tw, li = row["fused"], row["two"], row["linear"]
             log(f"M={m:2d} N={n:5d} K={k:5d} identical={row['identical']} | GPU zero/clean us: fused "

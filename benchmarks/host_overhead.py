@@ -12,13 +12,17 @@ import time
 import torch
 
 
-def host_us(fn, n: int = 300) -> float:
+def host_us(fn, n: int = 300, *, until_done: bool = False) -> float:
+    """Microseconds per call of ``n`` back-to-back calls: the host's cost (default), or with ``until_done`` the
+    wall time until the GPU finished them all, what an eager decode loop sees (the larger of host and GPU time)."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    if until_done:
+        torch.cuda.synchronize()
     per_call = (time.perf_counter() - start) / n * 1e6
     torch.cuda.synchronize()
     return per_call
@@ -31,6 +35,16 @@ def _gated_mlp(module, m: int, dtype: torch.dtype) -> None:
     ours = host_us(lambda: module.fused_gated_mlp(x, wg, wu))
     eager = host_us(lambda: torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()))
     print(f"host/call gated M={m}: ours {ours:.1f} us, eager {eager:.1f} us")
+
+
+def _fp8_linear(module, fin: int, fout: int, dtype: torch.dtype) -> None:
+    lin = torch.nn.Linear(fin, fout, bias=False, device="cuda", dtype=dtype)
+    q = module.FP8Linear.from_linear(lin)
+    x = torch.randn(1, fin, device="cuda", dtype=dtype)
+    ours, base = host_us(lambda: q(x)), host_us(lambda: lin(x))
+    ours_loop, base_loop = host_us(lambda: q(x), until_done=True), host_us(lambda: lin(x), until_done=True)
+    print(f"host/call FP8Linear M=1 {fin}->{fout}: {ours:.1f} us, bf16 nn.Linear {base:.1f} us | eager loop "
+          f"(until the GPU is done) per call: FP8Linear {ours_loop:.1f} us, nn.Linear {base_loop:.1f} us")
 
 
 def main() -> int:
@@ -50,10 +64,8 @@ def main() -> int:
     ours = host_us(lambda: fp8_gemm.fp8_gemm(a, w.t(), a_scale=sa, b_scale=sb, out_dtype=bf))
     cublas = host_us(lambda: torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, out_dtype=bf))
     print(f"host/call fp8_gemm M=1: ours {ours:.1f} us, _scaled_mm {cublas:.1f} us")
-    lin = torch.nn.Linear(4096, 11264, bias=False, device="cuda", dtype=bf)
-    q = fp8_gemm.FP8Linear.from_linear(lin)
-    xb = torch.randn(1, 4096, device="cuda", dtype=bf)
-    print(f"host/call FP8Linear M=1: {host_us(lambda: q(xb)):.1f} us, bf16 nn.Linear {host_us(lambda: lin(xb)):.1f} us")
+    for fin, fout in ((4096, 11264), (4096, 4096)):
+        _fp8_linear(fp8_gemm, fin, fout, bf)
     x = torch.randn(64, 1, 4096, device="cuda", dtype=bf)
     cos = torch.randn(4096, 128, device="cuda", dtype=bf)
     pos = torch.randint(0, 4096, (64, 1), device="cuda")

@@ -173,6 +173,31 @@ def _store_fp8(ptrs, v, mask, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _line_steps(R, C, REDUCE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tiles along the reduced dimension of ``_quant_lines_kernel``."""
+    n = tl.cdiv(C, BLOCK_C)
+    if REDUCE_ROWS:
+        n = tl.cdiv(R, BLOCK_R)
+    return n
+
+
+@triton.jit
+def _line_tile(step, rows, cols, line_mask, R, C, REDUCE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """Rows (int64), columns and mask of tile ``step`` along the reduced dimension: the next BLOCK_R rows of
+    the program's columns (``REDUCE_ROWS``), else the next BLOCK_C columns of its rows."""
+    if REDUCE_ROWS:
+        r = step * BLOCK_R + rows
+        c = cols
+        mask = (r[:, None] < R) & line_mask[None, :]
+    else:
+        r = rows
+        c = step * BLOCK_C + cols
+        mask = line_mask[:, None] & (c[None, :] < C)
+    return r.to(tl.int64), c, mask
+
+
+@triton.jit
 def _quant_lines_kernel(
     x_ptr, q_ptr, scale_ptr, given_ptr, flag_ptr,
     R, C, stride_xr, stride_qr,
@@ -197,30 +222,22 @@ def _quant_lines_kernel(
         rows = pid * BLOCK_R + rows
         line_mask = rows < R
         amax = tl.zeros((BLOCK_R,), tl.float32)
-    row_off_x = rows.to(tl.int64) * stride_xr
     if SINGLE:
         mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + row_off_x[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
         if REDUCE_ROWS:
             amax = tl.max(_finite_abs(x), axis=0)
         else:
             amax = tl.max(_finite_abs(x), axis=1)
     else:
-        if REDUCE_ROWS:
-            n_steps = tl.cdiv(R, BLOCK_R)
-        else:
-            n_steps = tl.cdiv(C, BLOCK_C)
-        for step in range(0, n_steps):
+        for step in range(0, _line_steps(R, C, REDUCE_ROWS, BLOCK_R, BLOCK_C)):
+            r64, c, mask = _line_tile(step, rows, cols, line_mask, R, C, REDUCE_ROWS, BLOCK_R, BLOCK_C)
+            x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :], mask=mask, other=0.0).to(tl.float32)
             if REDUCE_ROWS:
-                r = step * BLOCK_R + rows
-                mask = (r[:, None] < R) & line_mask[None, :]
-                x = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
-                amax = tl.maximum(amax, tl.max(_finite_abs(x.to(tl.float32)), axis=0))
+                amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=0))
             else:
-                c = step * BLOCK_C + cols
-                mask = line_mask[:, None] & (c[None, :] < C)
-                x = tl.load(x_ptr + row_off_x[:, None] + c[None, :], mask=mask, other=0.0)
-                amax = tl.maximum(amax, tl.max(_finite_abs(x.to(tl.float32)), axis=1))
+                amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=1))
     if REDUCE_ROWS:
         line = cols
     else:
@@ -241,20 +258,8 @@ def _quant_lines_kernel(
         _store_fp8(q_ptr + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], x * inv2, mask,
                    IS_E4M3, EMULATE)
     else:
-        if REDUCE_ROWS:
-            n_steps = tl.cdiv(R, BLOCK_R)
-        else:
-            n_steps = tl.cdiv(C, BLOCK_C)
-        for step in range(0, n_steps):
-            if REDUCE_ROWS:
-                r = step * BLOCK_R + rows
-                c = cols
-                mask = (r[:, None] < R) & line_mask[None, :]
-            else:
-                r = rows
-                c = step * BLOCK_C + cols
-                mask = line_mask[:, None] & (c[None, :] < C)
-            r64 = r.to(tl.int64)
+        for step in range(0, _line_steps(R, C, REDUCE_ROWS, BLOCK_R, BLOCK_C)):
+            r64, c, mask = _line_tile(step, rows, cols, line_mask, R, C, REDUCE_ROWS, BLOCK_R, BLOCK_C)
             x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :], mask=mask, other=0.0).to(tl.float32)
             _store_fp8(q_ptr + r64[:, None] * stride_qr + c[None, :], x * inv2, mask, IS_E4M3, EMULATE)
 

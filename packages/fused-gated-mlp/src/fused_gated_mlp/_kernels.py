@@ -49,6 +49,35 @@ def _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION: tl.constexpr, UPCAST: tl.const
 
 
 @triton.jit
+def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
+                    acc_g, acc_u, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Both projections of rows ``offs_m`` and columns ``offs_n`` over ``k_start..k_end``, with plain (wide,
+    K-contiguous) loads, ``NUM_STAGES`` deep. ``EVEN_K``: the range is whole BLOCK_K tiles, no K mask."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
+    wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k + offs_k) < k_end
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    return acc_g, acc_u
+
+
+@triton.jit
 def _gate_times_up(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     """``act(gate) * up`` in fp32. Clamps use ``tl.where`` so NaN passes through as in ``torch.clamp``."""
     if ACTIVATION == 0:  # silu
@@ -95,9 +124,6 @@ def _gated_mlp_decode_kernel(
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
 
     # This split's K range, in whole BLOCK_K tiles.
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
@@ -124,23 +150,9 @@ def _gated_mlp_decode_kernel(
             wu = wu_desc.load([off_n, k])
             acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
     else:
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
-        wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
-        wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
-        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
-                wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
-            else:
-                mask_k = (k + offs_k) < k_end
-                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
+        acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
+                                       stride_xm, stride_wg, stride_wu, acc_g, acc_u,
+                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST)
 
     if SPLIT_K == 1:
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
@@ -238,21 +250,9 @@ def _gated_mlp_prefill_kernel(
             wu = wu_desc.load([off_n, k])
             acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
     else:
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-        wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + offs_k[None, :]
-        wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + offs_k[None, :]
-        for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-            mask_k = (k + offs_k) < K
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
+        acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, 0, K,
+                                       stride_xm, stride_wg, stride_wu, acc_g, acc_u,
+                                       BLOCK_K, False, NUM_STAGES, DOT_PRECISION, UPCAST)
 
     _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
               ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
