@@ -136,6 +136,20 @@ def test_fp8_linear_decode_is_one_launch_and_unchanged(device, monkeypatch, shap
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, k", [(64, 256), (16, 1024), (3, 5000)])
+def test_fused_tiles_fit_with_wide_activations(m, k, dtype):
+    # 64 rows of a float32 activation in 512-deep K tiles would overflow shared memory at the two-launch
+    # path's pipeline depth: the fused config trims stages.
+    clear_caches()
+    a = _activation(m, k, dtype, "cuda", k)
+    b_q, b_s = _weight(384, k, "channel", "cuda", m)
+    out = fp8_gemm(a, b_q, b_scale=b_s, out_dtype=torch.float32)
+    assert _fused_calls() == [True]
+    _assert_identical(out, _two_launches(lambda: fp8_gemm(a, b_q, b_scale=b_s, out_dtype=torch.float32)))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (11264, 4096), (4096, 11264), (2880, 2880)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -144,7 +144,7 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         cfg = _plan(path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype),
                     interp)
         if quant_a:
-            cfg = cfgs.fused_decode_config(cfg, n, interp)
+            cfg = cfgs.fused_decode_config(cfg, n, a.element_size(), interp)
     else:
         cfg = _fit_block_k(config, blocked)
     nb = -(-n // 128)

@@ -110,18 +110,29 @@ def ptr_heuristic(m: int, n: int, k: int, interpreter: bool) -> dict[str, Any]:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-def fused_decode_config(cfg: dict[str, Any], n: int, interpreter: bool) -> dict[str, Any]:
-    """The decode config when the kernel also quantizes the activation per row: wider column blocks.
+# Shared memory the fused decode kernel's pipeline may take (of the H100's 227 KB a program; the rest is the
+# compiler's scratch for layout conversions).
+_FUSED_SMEM = 160 * 1024
+
+
+def fused_decode_config(cfg: dict[str, Any], n: int, a_element_size: int, interpreter: bool) -> dict[str, Any]:
+    """The decode config when the kernel also quantizes the activation per row: wider column blocks, and a
+    pipeline that fits the unquantized (2- or 4-byte) activation tiles in shared memory.
 
     Every program reads the whole activation for its row maxima, so fewer, wider programs repeat less of it.
-    Only ``BLOCK_N`` changes (the K tiles and splits, hence the sums, stay those of the two-launch path). On the
-    H100 (M = 1 and 4, bf16): 128 columns took 11264^2 from 71 to 63 us (the GEMM alone: 58), 11264 x 4096 from
-    31 to 29 (27), 4096 x 11264 from 32 to 31; with 512-deep K tiles (weights <= 16 MB) 32 stays best and 128
-    does not fit in shared memory.
+    Only ``BLOCK_N`` and the stages change (the K tiles and splits, hence the sums, stay those of the two-launch
+    path). On the H100 (M = 1 and 4, bf16): 128 columns took 11264^2 from 71 to 63 us (the GEMM alone: 58),
+    11264 x 4096 from 31 to 29 (27), 4096 x 11264 from 32 to 31; with 512-deep K tiles (weights <= 16 MB) 32
+    stays best.
     """
-    if interpreter or cfg["BLOCK_K"] > 256 or n < 4096:
+    if interpreter:
         return cfg
-    return {**cfg, "BLOCK_N": 128}
+    cfg = dict(cfg)
+    if cfg["BLOCK_K"] <= 256 and n >= 4096:
+        cfg["BLOCK_N"] = 128
+    stage_bytes = cfg["BLOCK_K"] * (cfg["BLOCK_M"] * a_element_size + cfg["BLOCK_N"])
+    cfg["num_stages"] = max(1, min(cfg["num_stages"], _FUSED_SMEM // stage_bytes))
+    return cfg
 
 
 def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device, interpreter: bool) -> dict[str, Any]:
