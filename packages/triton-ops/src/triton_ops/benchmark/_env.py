@@ -50,7 +50,10 @@ def _nvidia_smi() -> dict[str, str]:
 
 
 def _git_commit() -> str | None:
-    """The checkout's commit; ``GIT_COMMIT`` names it where the tree was copied without its .git (a GPU box)."""
+    """The checkout's commit: ``GIT_COMMIT`` when set (a tree copied to a GPU box may carry a stale .git), else
+    git's HEAD."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path.cwd())
@@ -58,7 +61,7 @@ def _git_commit() -> str | None:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("GIT_COMMIT") or None
+    return None
 
 
 def collect_environment(measured: bool) -> dict[str, Any]:
