@@ -25,6 +25,10 @@ QUANT_BASELINE_TOL = 1e-3
 # torch.compile's generated kernels divide approximately: with 32 scales per row of 4096 a few more values land
 # one rounding step away than with one scale per row or tensor
 QUANT_COMPILED_BLOCK_TOL = 4e-3
+# The compiled delayed-scaling baseline's amax / 448 came out one float32 ulp off on the H100 (0.01248604990541935
+# for 0.012486048974096775); every value whose scaled magnitude sits on a rounding boundary then lands one FP8
+# step away: 2e-7 of the values in one draw, 0.6 % in another (4096 x 4096)
+QUANT_COMPILED_DELAYED_TOL = 1e-2
 
 
 def _ieee_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,8 +126,9 @@ def _quant_extra_cases(suite, shapes, with_block: bool, dtype=torch.bfloat16):
                          Impl("eager", lambda: delayed_quantize_eager(x, hist, 0), error_fn=err,
                               tol=QUANT_BASELINE_TOL),
                          _compiled(suite, "torch.compile", delayed_quantize_eager, x, hist, 0)]
+                impls[2].error_fn, impls[2].tol = err, QUANT_COMPILED_DELAYED_TOL
                 note = "DelayedScaler(history_len=16, margin=0) in steady state: scale and history on the device"
-            if len(impls) > 2:
+            if len(impls) > 2 and impls[2].error_fn is None:
                 impls[2].error_fn, impls[2].tol = err, QUANT_BASELINE_TOL
             n_scales = 1
         impls[2].error_fn = impls[2].error_fn or err
