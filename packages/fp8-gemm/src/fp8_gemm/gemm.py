@@ -246,7 +246,8 @@ def fp8_gemm(
 
     Args:
         a: ``[M, K]``, ``float8_e4m3fn`` (with ``a_scale``) or fp16/bf16/fp32 (quantized here, per row unless
-            ``a_scale`` says otherwise). Unit stride along K.
+            ``a_scale`` says otherwise; a small one, ``M * K <= 16384``, without ``a_scale`` is quantized inside
+            the GEMM kernel: one launch, the same result). Unit stride along K.
         b: ``[K, N]``, ``float8_e4m3fn`` (with ``b_scale``) or fp16/bf16/fp32 (quantized here, per output
             channel). Row-major ``[K, N]`` or the transposed view of a row-major ``[N, K]`` weight (``w.t()``,
             the layout of ``nn.Linear`` and cuBLAS).
