@@ -166,3 +166,22 @@ def test_fused_at_decode_sizes(monkeypatch, m, n, k, dtype):
     if m > 1:
         assert out[0].isnan().all() and torch.isfinite(out[1:]).all()
     clear_caches()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fin, fout", [(4096, 4096), (11264, 4096)])  # the second splits K (scratch buffers)
+def test_fp8_linear_one_launch_in_a_cuda_graph(fin, fout):
+    torch.manual_seed(0)
+    mod = FP8Linear.from_linear(nn.Linear(fin, fout, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, fin, device="cuda", dtype=torch.bfloat16)
+    clear_caches()
+    mod(x)  # validates, compiles and plans outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mod(x)
+    for scale in (1e-3, 1.0, 300.0):
+        x.copy_(torch.randn_like(x) * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_identical(out, mod(x))
+    clear_caches()
