@@ -340,7 +340,8 @@ def aot():
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     common_sig = dict(x_ptr="*bf16", wg_ptr="*bf16", wu_ptr="*bf16", bg_ptr="*fp32", bu_ptr="*fp32",
                       out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
-                      stride_xm="i32", stride_wg="i32", stride_wu="i32", stride_om="i32", alpha="fp32", limit="fp32")
+                      stride_xm="i32", stride_wg="i32", stride_wu="i32", stride_om="i32", stride_bg="i32",
+                      stride_bu="i32", alpha="fp32", limit="fp32")
 
     def build(fn, consts, cfg):
         names = fn.arg_names

@@ -95,13 +95,13 @@ def _gate_times_up(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
-              ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr):
+def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
+              alpha, limit, ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr):
     mask_n = offs_n < N
     if HAS_GATE_BIAS:
-        acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bg_ptr + offs_n * stride_bg, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_UP_BIAS:
-        acc_u += tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bu_ptr + offs_n * stride_bu, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = _gate_times_up(acc_g, acc_u, alpha, limit, ACTIVATION)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
@@ -111,7 +111,7 @@ def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, strid
 def _gated_mlp_decode_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K,
-    stride_xm, stride_wg, stride_wu, stride_om,
+    stride_xm, stride_wg, stride_wu, stride_om, stride_bg, stride_bu,
     alpha, limit,
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -155,18 +155,18 @@ def _gated_mlp_decode_kernel(
                                        BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST)
 
     if SPLIT_K == 1:
-        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
-                  ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
+                  alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
     else:
         lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
         _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, 1, SPLIT_K,
-                       bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                       bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om, alpha, limit,
                        ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 @triton.jit
 def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, total_units,
-                   bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
+                   bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om, alpha, limit,
                    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
     """Add a partial sum of an output tile that several programs share; the program that completes the tile
@@ -197,8 +197,8 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_g = tl.atomic_add(ws_g, zeros, mask=mask, sem="relaxed")
         acc_u = tl.atomic_add(ws_u, zeros, mask=mask, sem="relaxed")
-        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
-                  ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
+                  alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
         # The epilogue consumed every read; only then clear the tile for the next call.
         tl.debug_barrier()
         tl.store(ws_g, zeros, mask=mask)
@@ -210,7 +210,7 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
 def _gated_mlp_prefill_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_wg, stride_wu, stride_om,
+    stride_xm, stride_wg, stride_wu, stride_om, stride_bg, stride_bu,
     alpha, limit,
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -254,5 +254,5 @@ def _gated_mlp_prefill_kernel(
                                        stride_xm, stride_wg, stride_wu, acc_g, acc_u,
                                        BLOCK_K, False, NUM_STAGES, DOT_PRECISION, UPCAST)
 
-    _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, out_ptr, stride_om, alpha, limit,
-              ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+    _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
+              alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)

@@ -126,14 +126,14 @@ def _build_plan(
 ) -> Plan:
     """Everything of a launch but its tensors: kernel, grid, scalar and constexpr tail (in the kernel's signature
     order), warps, stages. ``extra`` holds what the per-call part needs: ``(N, device, is_cuda, workspace sizes,
-    copy gate bias, copy up bias, TMA on a GPU)``; workspace sizes are None for the prefill kernel, ``()`` for
+    TMA on a GPU)``; workspace sizes are None for the prefill kernel, ``()`` for
     the decode kernel without split-K. A plan without kernel (empty output) launches nothing."""
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
     device = x2d.device
     is_cuda = device.type == "cuda"
     if M == 0 or N == 0:
-        return Plan(None, (1,), (), 0, n_rows=M, extra=(N, device, is_cuda, None, False, False, False))
+        return Plan(None, (1,), (), 0, n_rows=M, extra=(N, device, is_cuda, None, False))
     if config is not None:
         cfg = dict(config)
     else:
@@ -149,7 +149,10 @@ def _build_plan(
         # Without TMA the pointer GEMM keeps operands in registers: larger tiles spill (seen in ptxas reports).
         cfg.update(POINTER_PREFILL_CONFIG)
     # The output is a fresh contiguous [M, N] tensor: its row stride is N.
-    head = (M, N, K_dim, x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), N, float(alpha), float(limit),
+    # Biases are read with their own stride: the halves of an interleaved packed bias are strided views.
+    bias_strides = (1 if gate_bias is None else gate_bias.stride(0), 1 if up_bias is None else up_bias.stride(0))
+    head = (M, N, K_dim, x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), N, *bias_strides,
+            float(alpha), float(limit),
             _ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None,
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
     precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
@@ -167,10 +170,7 @@ def _build_plan(
         grid = (grid_m * grid_n,)
         tail = head + (cfg.get("GROUP_M", 8), cfg["num_stages"], use_tma) + precision
         workspace = None
-    # The kernels read biases with unit stride: a strided view (an interleaved packed bias) is copied per call.
-    copy_gb = gate_bias is not None and not gate_bias.is_contiguous()
-    copy_ub = up_bias is not None and not up_bias.is_contiguous()
-    extra = (N, device, is_cuda, workspace, copy_gb, copy_ub, use_tma and is_cuda)
+    extra = (N, device, is_cuda, workspace, use_tma and is_cuda)
     return Plan(kernel, grid, tail, cfg["num_warps"], n_rows=M, info=cfg, extra=extra,
                 num_stages=cfg["num_stages"])
 
@@ -178,7 +178,7 @@ def _build_plan(
 def _run(plan: Plan, x2d: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
          gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None) -> torch.Tensor:
     """The per-call part of a forward: allocate the output, pick the workspace, launch the plan."""
-    n, device, is_cuda, workspace, copy_gb, copy_ub, tma = plan.extra
+    n, device, is_cuda, workspace, tma = plan.extra
     if is_cuda and device.index != torch.cuda.current_device():
         # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
         with torch.cuda.device(device):
@@ -186,8 +186,8 @@ def _run(plan: Plan, x2d: torch.Tensor, gate_weight: torch.Tensor, up_weight: to
     out = _new_output(plan.n_rows, n, x2d.dtype, device)
     if plan.kernel is None:
         return out
-    bg = out if gate_bias is None else gate_bias.contiguous() if copy_gb else gate_bias
-    bu = out if up_bias is None else up_bias.contiguous() if copy_ub else up_bias
+    bg = out if gate_bias is None else gate_bias
+    bu = out if up_bias is None else up_bias
     if tma:
         _ensure_tma_allocator()
     if workspace is None:
