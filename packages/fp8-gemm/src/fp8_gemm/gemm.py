@@ -172,7 +172,8 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
             # tenth of the speed. One copy of b (K*N bytes, made per call) is far cheaper for M > 64.
             kmajor, lead = True, k
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        progs = min(tiles, cfgs.num_sms(a.device) * cfg.get("CTAS_PER_SM", 1)) if cfg["PERSISTENT"] else tiles
+        progs = cfgs.persistent_programs(tiles, cfgs.num_sms(a.device) * cfg.get("CTAS_PER_SM", 1)) \
+            if cfg["PERSISTENT"] else tiles
         tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, progs,
                 a_mode, b_mode, kmajor, has_bias, 0 if fast_accum else cfg["FAITHFUL_ACC"],
                 cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], bool(cfg.get("FLATTEN", False)),

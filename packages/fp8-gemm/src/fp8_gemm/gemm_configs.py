@@ -78,6 +78,20 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def persistent_programs(tiles: int, slots: int) -> int:
+    """Programs of a persistent grid: as many waves as ``slots`` resident programs need, with the tiles spread
+    evenly over the fewest programs that keep that number of waves.
+
+    512 tiles (4096^3 in 128x256) on 132 SMs take 4 waves either way; 128 programs of exactly 4 tiles each ran
+    1.5 % faster than 132 programs of 3 or 4 tiles (H100, fast accumulation: 98.1-98.4 against 99.6-99.8 us;
+    8192^3, 2048 tiles: 16 each, equal or better). Fewer programs than that cost a whole wave (124: 119 us).
+    """
+    if tiles <= slots:
+        return max(tiles, 1)
+    waves = -(-tiles // slots)
+    return -(-tiles // waves)
+
+
 def tma_heuristic(m: int, n: int, k: int, blocked: bool, fast: bool, device: torch.device,
                   interpreter: bool) -> dict[str, Any]:
     """Tiles for the tensor-descriptor kernel, from the H100 measurements (docs/fp8-gemm-kernel.md).
@@ -178,6 +192,7 @@ __all__ = [
     "decode_heuristic",
     "fused_decode_config",
     "num_sms",
+    "persistent_programs",
     "ptr_heuristic",
     "tma_heuristic",
 ]
