@@ -43,6 +43,10 @@ def test_gated_mlp_cases(suite) -> None:
                                                   shapes=[(64, 48)], dtypes=(torch.bfloat16,)))
 
 
+def test_gpt_oss_expert_cases(suite) -> None:
+    _assert_all_correct(suite.benchmark_gpt_oss_expert(batch_sizes=(3,), hidden=64, intermediate=48))
+
+
 def test_fp8_cases(suite) -> None:
     _assert_all_correct(suite.benchmark_fp8_gemm(sizes=[(16, 32, 64)], granularities=("tensor", "row"),
                                                  decode_m=(1,), decode_nk=[(32, 64)]))

@@ -332,6 +332,53 @@ def _gated_case(suite, m, h, i, dtype, activation) -> Case:
     )
 
 
+def gpt_oss_expert_cases(suite: BenchmarkSuite, batch_sizes: Sequence[int], hidden: int, intermediate: int,
+                         dtypes: Sequence[torch.dtype]) -> list[CaseFactory]:
+    out = []
+    for m in batch_sizes:
+        for dtype in dtypes:
+            def build(m=m, dtype=dtype) -> Case:
+                return _gpt_oss_case(suite, m, hidden, intermediate, dtype)
+
+            out.append(CaseFactory(f"gated-mlp:gpt-oss M{m} H{hidden} I{intermediate}", build))
+    return out
+
+
+def _gpt_oss_case(suite, m, h, i, dtype) -> Case:
+    """One gpt-oss expert as the checkpoint stores it (interleaved packed weight and bias, clamped SwiGLU),
+    against the model's own PyTorch formulation."""
+    dev = _device(suite)
+    x = _randn((m, h), dtype, dev, scale=2.0)
+    w = _randn((2 * i, h), dtype, dev, scale=h ** -0.5)
+    b = _randn((2 * i,), dtype, dev, scale=0.1)
+    es = x.element_size()
+    decode = m <= 64
+    impls = [
+        _ours("triton-ops", "fused_gated_mlp", "fused_gated_mlp",
+              lambda f: f(x, w, activation="swiglu_oai", weight_layout="interleaved", gate_bias=b),
+              track_memory=True),
+        Impl("eager (gpt-oss code)", lambda: ref.gpt_oss_expert_eager(x, w, b), track_memory=True),
+        _compiled(suite, "torch.compile", ref.gpt_oss_expert_eager, x, w, b),
+    ]
+    if suite.on_gpu:
+        impls.append(Impl("cuBLAS GEMM + bias", lambda: F.linear(x, w, b), gpu_only=True, optional=True,
+                          error_fn=lambda out: 0.0 if out.shape == (m, 2 * i) else math.nan,
+                          note="the packed GEMM with its bias only, no activation"))
+    return Case(
+        group="gated-mlp", name=f"gpt-oss expert M={m} H={h} I={i}", dtype=dtype_name(dtype),
+        reference=lambda: ref.gpt_oss_expert_exact(x, w, b, dtype=_ref_dtype(m * i * 2 if suite.on_gpu else 0)),
+        impls=impls, tol=TOLERANCES[dtype],
+        params={"M": m, "hidden": h, "intermediate": i, "activation": "swiglu_oai", "layout": "interleaved"},
+        bytes_moved=(2 * i * h + 2 * i + m * h + m * i) * es, flops=2 * m * h * 2 * i,
+        panel=("gpt-oss expert, decode: interleaved packed weight + bias, clamped SwiGLU" if decode
+               else "gpt-oss expert, prefill: TFLOP/s"),
+        x=(2 * i * h + m * h + m * i) * es / 2**20 if decode else 2 * m * h * 2 * i / 1e9,
+        x_label="MB moved (weights + x + out)" if decode else "GFLOP per call",
+        metric="gbps" if decode else "tflops", cublas="cuBLAS GEMM + bias" if suite.on_gpu else None,
+        compute_dtype="bf16",
+    )
+
+
 def _liger_swiglu(x, wg, wu) -> Callable[[], torch.Tensor]:
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 

@@ -77,6 +77,21 @@ def gated_mlp_eager(x, gate_weight, up_weight, activation: str = "silu"):
     return _ACTIVATIONS[activation](F.linear(x, gate_weight)) * F.linear(x, up_weight)
 
 
+def gpt_oss_expert_eager(x, weight, bias, alpha: float = 1.702, limit: float = 7.0):
+    """One gpt-oss expert MLP as the model's PyTorch code computes it: one GEMM on the interleaved packed
+    ``[2 * I, H]`` weight with its bias, gate = even columns, up = odd columns, then the clamped SwiGLU
+    ``gate * sigmoid(alpha * gate) * (up + 1)`` (gate clamped above at ``limit``, up to ``[-limit, limit]``)."""
+    gate_up = F.linear(x, weight, bias)
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def gpt_oss_expert_exact(x, weight, bias, dtype=torch.float64):
+    return gpt_oss_expert_eager(x.to(dtype), weight.to(dtype), bias.to(dtype))
+
+
 def gated_mlp_exact(x, gate_weight, up_weight, activation: str = "silu", dtype=torch.float64):
     return gated_mlp_eager(x.to(dtype), gate_weight.to(dtype), up_weight.to(dtype), activation)
 

@@ -136,6 +136,14 @@ class BenchmarkSuite:
         dims = [*((h, i) for h in hidden_dims for i in intermediate_dims), *shapes]
         return self.run(_cases.gated_mlp_cases(self, batch_sizes, dims, dtypes, activation), "gated-mlp")
 
+    def benchmark_gpt_oss_expert(self, batch_sizes: Sequence[int] = (1, 8, 32, 64, 2048), hidden: int = 2880,
+                                 intermediate: int = 2880,
+                                 dtypes: Sequence[torch.dtype] = (torch.bfloat16,)) -> list[CaseResult]:
+        """One gpt-oss expert MLP as the checkpoint stores it (interleaved packed ``[2 * I, H]`` weight and bias,
+        ``swiglu_oai``) through ``fused_gated_mlp``, against the model's own PyTorch code, its ``torch.compile``
+        and the packed cuBLAS GEMM alone."""
+        return self.run(_cases.gpt_oss_expert_cases(self, batch_sizes, hidden, intermediate, dtypes), "gated-mlp")
+
     def benchmark_fp8_gemm(self, sizes: Sequence[tuple[int, int, int]] = ((4096, 4096, 4096), (8192, 8192, 8192)),
                            granularities: Sequence[str] = ("tensor", "row"), *,
                            decode_m: Sequence[int] = (1, 16, 64),
