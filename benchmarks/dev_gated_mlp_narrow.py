@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from dev_gated_mlp import precompile, weights  # beside this script (run from benchmarks/)
+from fused_gated_mlp.configs import decode_block_m
 
 T0 = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/gated_mlp_narrow"))
@@ -31,10 +32,6 @@ DECODE_M = [1, 8, 32, 64]
 
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
-
-
-def block_m(m):
-    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def candidates(bm):
@@ -53,7 +50,7 @@ def main():
     from triton_ops.benchmark._ceilings import weights_read
     from triton_ops.benchmark._timing import CopyBandwidth, CudaTimer
 
-    jobs = [(cfg, h, i, m) for h, i in SHAPES for m in DECODE_M for cfg in candidates(block_m(m))]
+    jobs = [(cfg, h, i, m) for h, i in SHAPES for m in DECODE_M for cfg in candidates(decode_block_m(m))]
     precompile(jobs)
     timers = {"zero": CudaTimer(10, 60, max_ms=30.0), "clean": CudaTimer(10, 60, max_ms=30.0, flush_by="read")}
     peak = CopyBandwidth(timers["zero"]).peak()
@@ -74,7 +71,7 @@ def main():
             cat = {k: t(lambda: F.linear(x, wcat)).median_ms for k, t in timers.items()}
             heur = heuristic_config(m, hidden, inter, torch.bfloat16, x.device)
             rows = []
-            for cfg in [heur] + candidates(block_m(m)):
+            for cfg in [heur] + candidates(decode_block_m(m)):
                 try:
                     out = gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
                 except Exception as exc:  # noqa: BLE001
