@@ -26,9 +26,9 @@ _A_MODE = {"tensor": 0, "row": 1, "block": 2}
 _B_MODE = {"tensor": 0, "channel": 1, "block": 2}
 DECODE_MAX_M = 64
 # fp16/bf16 activations of at most this many elements (M * K) are quantized per row inside the decode GEMM: one
-# launch instead of two, which saves ~30-40 us of host time per call. Every program reads the whole activation to
-# find its row maxima, so the GPU time grows with M * K: at this size it matches the two launches' (H100, M = 1
-# at K = 4096 and 11264, M = 4 at K = 4096); larger activations quantize in their own launch (docs/fp8-gemm.md).
+# launch instead of two, which saves tens of microseconds of host time per call. Every program reads the whole
+# activation to find its row maxima, so the GPU time grows with M * K: at this size it matches the two launches'
+# (H100, M = 1 at K = 4096 and 11264, M = 4 at K = 4096); larger ones quantize in their own launch (docs/fp8-gemm.md).
 FUSED_ROW_QUANT_MAX = 16384
 # Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
 _INTERP = is_interpreter()

@@ -173,11 +173,12 @@ class FP8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
+        quant, gemm = None, None
         if self.activation_granularity == "row":
             # fp8_gemm quantizes a small activation per row inside its decode kernel (same result, one launch)
-            gemm = _new_call(x2, self.weight.t(), None, self.weight_scale, x.dtype, self.bias, self.fast_accum, None)
-            quant = None
-        if self.activation_granularity != "row" or not gemm.fused:
+            call = _new_call(x2, self.weight.t(), None, self.weight_scale, x.dtype, self.bias, self.fast_accum, None)
+            gemm = call if call.fused else None
+        if gemm is None:
             quant = _activation_plan(x2, self.activation_granularity)
             # the GEMM's plan depends on the quantized activation's metadata only (fresh tensors: a fixed layout)
             a_q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
