@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "packages" / "fp8-gemm" / "tests"
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT))
+from benchmarks.host_overhead import host_us  # noqa: E402  (the checkout's root is on the path only now)
 
 RESULTS: dict[str, object] = {}
 LINES: list[str] = []
@@ -231,18 +232,6 @@ def _report(m, k, copies, row):
         log(f"    {v:7.1f} us {100 * med / v:5.1f}% copy  {kk}")
 
 
-def _host_us(fn, n: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return dt
-
-
 def _kernel_us(fn, flush, n: int = 20) -> dict:
     """Device time of each kernel ``fn`` launches (profiler), L2 flushed before every call."""
     from torch.profiler import ProfilerActivity, profile
@@ -358,9 +347,9 @@ def static_diag():
         log(f"{m}x{k} delayed {row['delayed'][0]:.1f} / clean {row['delayed'][1]:.1f} us; eager old "
             f"{row['eager old']:.1f} us, new {row['eager new']:.1f} us (bit-exact {row['eager new ok']})")
         flush = timer._flush_l2
-        row["host_us"] = {"old": _host_us(old), "new": _host_us(lambda: quantize_fp8(x, "e4m3", "tensor",
-                                                                                     scale=static)),
-                          "delayed": _host_us(lambda: scaler(x))}
+        row["host_us"] = {"old": host_us(old, 200),
+                          "new": host_us(lambda: quantize_fp8(x, "e4m3", "tensor", scale=static), 200),
+                          "delayed": host_us(lambda: scaler(x), 200)}
         row["kernels_old"] = _kernel_us(old, flush)
         row["kernels_new"] = _kernel_us(lambda: quantize_fp8(x, "e4m3", "tensor", scale=static), flush)
         log(f"{m}x{k} host us/call {row['host_us']}; kernels old {row['kernels_old']}; new {row['kernels_new']}")
