@@ -21,35 +21,31 @@ DEV = device_for_tests()
 GEMM_TOL = 1e-5 if DEV.type == "cpu" else 3e-4
 
 
-@pytest.fixture
-def gemm_validations(monkeypatch):
-    """Counts the GEMM's validations (the shared validate_fp8_gemm_inputs, as the op calls it)."""
+def _count_calls(monkeypatch, module, name: str):
+    """Replace ``module.name`` by a wrapper that records each call; fresh plan caches before and after."""
     clear_caches()
     calls = []
-    real = gemm_mod.validate_fp8_gemm_inputs
+    real = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gemm_mod, "validate_fp8_gemm_inputs", counting)
+    monkeypatch.setattr(module, name, counting)
     yield calls
     clear_caches()
+
+
+@pytest.fixture
+def gemm_validations(monkeypatch):
+    """Counts the GEMM's validations (the shared validate_fp8_gemm_inputs, as the op calls it)."""
+    yield from _count_calls(monkeypatch, gemm_mod, "validate_fp8_gemm_inputs")
 
 
 @pytest.fixture
 def quant_validations(monkeypatch):
-    clear_caches()
-    calls = []
-    real = quant_mod._validate
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(quant_mod, "_validate", counting)
-    yield calls
-    clear_caches()
+    """Counts the quantizer's validations."""
+    yield from _count_calls(monkeypatch, quant_mod, "_validate")
 
 
 def _same_fp8(q: torch.Tensor, ref: torch.Tensor) -> bool:
