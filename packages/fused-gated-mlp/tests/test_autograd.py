@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _gated_mlp_helpers import make_inputs, pack, reference64
-from fused_gated_mlp import FusedGatedMLPFunction, fused_gated_mlp
+from fused_gated_mlp import fused_gated_mlp
 from triton_ops_core.testing import assert_close_rel
 
 ACTS = ["silu", "gelu", "gelu_tanh", "swiglu_oai"]
@@ -81,5 +81,5 @@ def test_no_graph_without_grad(device):
         out = fused_gated_mlp(x, wg, wu)
     assert out.grad_fn is None
     out = fused_gated_mlp(x, wg, wu)
-    assert out.grad_fn is not None and "FusedGatedMLPFunction" in type(out.grad_fn).__name__
-    assert FusedGatedMLPFunction.__doc__
+    # autograd records the registered op (register_autograd), not a private Function
+    assert out.grad_fn is not None and "fused_gated_mlp" in type(out.grad_fn).__name__

@@ -5,9 +5,14 @@ Free of pytest so benchmarks can use them too.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
 
 from .device import has_gpu, is_interpreter
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def device_for_tests() -> torch.device:
@@ -53,4 +58,47 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(torch.iinfo(t.dtype).max)
 
 
-__all__ = ["assert_close_rel", "poison_", "relative_error", "device_for_tests"]
+def _bits(t: object) -> object:
+    # FP8 tensors compared by their bytes: torch has no arithmetic (hence no allclose) on them
+    if isinstance(t, torch.Tensor):
+        return t.detach().clone().view(torch.uint8) if t.dtype in _FP8 else t.detach().clone()
+    return t
+
+
+def opcheck_op(op: torch._ops.OpOverload, args: Sequence[object]) -> None:
+    """``torch.library.opcheck`` of ``op`` on ``args``; inputs holding FP8 tensors skip its schema test.
+
+    The schema test compares every input before and after the call with ``torch.allclose``, which torch does not
+    implement for FP8; for those, the inputs are compared bit for bit here instead (an op that mutates an input
+    its schema does not declare fails either way).
+    """
+    has_fp8 = any(isinstance(a, torch.Tensor) and a.dtype in _FP8 for a in args)
+    if not has_fp8:
+        torch.library.opcheck(op, tuple(args))
+        return
+    before = [_bits(a) for a in args]
+    torch.library.opcheck(op, tuple(args),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    op(*args)
+    for i, (a, b) in enumerate(zip(args, before)):
+        if isinstance(a, torch.Tensor) and not torch.equal(_bits(a), b):
+            raise AssertionError(f"{op}: input {i} changed, but the schema declares no mutation")
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[dict[str, int]]:
+    """Count the frames ``torch.compile`` compiles inside the block: ``{"frames": n}`` once the block ends.
+
+    A function compiled once and then called with new sizes without recompiling counts 1.
+    """
+    from torch._dynamo.utils import counters
+
+    start = counters["stats"]["unique_graphs"]
+    result = {"frames": 0}
+    try:
+        yield result
+    finally:
+        result["frames"] = counters["stats"]["unique_graphs"] - start
+
+
+__all__ = ["assert_close_rel", "count_compiles", "device_for_tests", "opcheck_op", "poison_", "relative_error"]

@@ -15,11 +15,14 @@ import triton
 from triton_ops_core.device import is_hopper, is_interpreter, supports_fp8
 from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.validation.fp8_gemm import validate_fp8_gemm_inputs
 
 from . import _scratch
 from . import gemm_configs as cfgs
 from .gemm_kernels import fp8_gemm_decode_kernel, fp8_gemm_ptr_kernel, fp8_gemm_tma_kernel
+from .quantize import _PLANS as _QUANTIZE_PLANS
+from .quantize import quantize_fp8
 
 FP8 = torch.float8_e4m3fn
 _A_MODE = {"tensor": 0, "row": 1, "block": 2}
@@ -56,8 +59,6 @@ _ALLOCATION: Any = None
 def _quantize(t: torch.Tensor, granularity: str, scale: torch.Tensor | None,
               is_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a non-FP8 operand to E4M3 with this package's quantization kernels (``quantize_fp8``)."""
-    from .quantize import quantize_fp8
-
     if scale is not None and granularity in ("row", "channel"):  # validation allows [M] / [N]: give the 2-D form
         scale = scale.reshape(-1, 1) if granularity == "row" else scale.reshape(1, -1)
     return quantize_fp8(t, "e4m3", granularity, scale=scale, role="weight" if is_b else "activation")
@@ -120,12 +121,15 @@ def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: boo
 def clear_caches() -> None:
     """Forget memoized configs and launch plans (of ``fp8_gemm``, ``quantize_fp8`` and ``FP8Linear``), e.g. after
     tuning, so the next calls look their configs up and validate again."""
-    from . import linear, quantize
-
     _plan.cache_clear()
     _CALLS.clear()
-    quantize._PLANS.clear()
-    linear._PLANS.clear()
+    _QUANTIZE_PLANS.clear()
+    for clear in _CACHE_CLEARERS:
+        clear()
+
+
+# modules built on this one (linear) register their caches' clear() here: this module never imports them
+_CACHE_CLEARERS: list = []
 
 
 def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None,
@@ -267,7 +271,17 @@ def fp8_gemm(
     Raises:
         UnsupportedDtypeError: dtypes outside the above, an FP8 operand without its scale, or a GPU without FP8
             tensor cores. ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError, LayoutError as named.
+
+    Registered as ``torch.ops.triton_ops.fp8_gemm``, so ``torch.compile(fullgraph=True)``, CUDA graphs and
+    ``torch.export`` take it as one node. Not differentiable (FP8 operands have no gradient); ``FP8Linear`` is.
     """
+    if direct_call_ok(a, b, a_scale, b_scale, bias):  # plain eager: no dispatcher round trip
+        return _gemm(a, b, a_scale, b_scale, out_dtype, bias, fast_accum)
+    return _gemm_op(a, b, a_scale, b_scale, out_dtype, bias, fast_accum)
+
+
+def _gemm(a, b, a_scale, b_scale, out_dtype, bias, fast_accum) -> torch.Tensor:
+    """The op's implementation: the call's cached plan (built and validated on the first call of its key)."""
     try:
         key = call_key(a, b, a_scale, b_scale, out_dtype, bias, fast_accum)
     except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says which
@@ -276,6 +290,24 @@ def fp8_gemm(
     if call is None:
         call = _new_call(a, b, a_scale, b_scale, out_dtype, bias, fast_accum, key)
     return call.run(a, b, a_scale, b_scale, bias)
+
+
+@torch.library.custom_op(op_name("fp8_gemm"), mutates_args=())
+def _gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None,
+             out_dtype: torch.dtype | None, bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
+    return _gemm(a, b, a_scale, b_scale, out_dtype, bias, fast_accum)
+
+
+@_gemm_op.register_fake
+def _(a, b, a_scale, b_scale, out_dtype, bias, fast_accum):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=default_out_dtype(a.dtype, out_dtype))
+
+
+def default_out_dtype(a_dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The result's dtype: ``out_dtype``, else a's dtype when half precision, else bfloat16."""
+    if out_dtype is not None:
+        return out_dtype
+    return a_dtype if a_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 class _Call:

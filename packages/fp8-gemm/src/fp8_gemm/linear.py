@@ -15,15 +15,18 @@ from torch import nn
 from triton_ops_core.device import supports_fp8
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.launch import PlanCache, call_key
+from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_kernel_device, check_tensor
 
-from .quantize import WEIGHT_BLOCK, _activation_plan, quantize_fp8, scale_shape
+from .gemm import _CACHE_CLEARERS, _new_call
+from .quantize import WEIGHT_BLOCK, _activation_plan, expand_scale, quantize_fp8, scale_shape
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
 # Call plans of FP8Linear.forward, keyed by the input's and the module's buffers' metadata (weights loaded later
 # with the same layout reuse them; the plans hold no tensors).
 _PLANS = PlanCache()
+_CACHE_CLEARERS.append(_PLANS.clear)
 
 
 def _require_fp8(device: torch.device, what: str) -> None:
@@ -50,7 +53,9 @@ class FP8Linear(nn.Module):
         fast_accum: the GEMM's fast accumulation (see ``fp8_gemm``); faithful fp32 accumulation by default.
         device, dtype: of the bias (and of the zero weight a fresh module starts with); ``dtype`` fp16/bf16/fp32.
 
-    Buffers ``weight`` (``float8_e4m3fn`` ``[out, in]``) and ``weight_scale`` travel with ``state_dict``.
+    Buffers ``weight`` (``float8_e4m3fn`` ``[out, in]``) and ``weight_scale`` travel with ``state_dict``. The forward
+    is :func:`fp8_linear` (``torch.ops.triton_ops.fp8_linear``): gradients reach ``x`` and a trainable bias, never
+    the FP8 weight.
     Build one from a trained layer with :meth:`from_linear`, or set a weight with :meth:`load_weight`.
     """
 
@@ -126,74 +131,127 @@ class FP8Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the GEMM multiplies by, ``[out, in]``, in ``dtype``."""
-        from .quantize import expand_scale
-
         w_kn = self.weight.t().float() * expand_scale(self.weight_scale, (self.in_features, self.out_features))
         return w_kn.t().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Buffers straight from their dicts: nn.Module's attribute lookup costs on a path this short.
-        buffers = self._buffers
-        weight, weight_scale, bias = buffers["weight"], buffers["weight_scale"], self._parameters["bias"]
-        try:
-            key = call_key(x, weight, weight_scale, bias, self.activation_granularity, self.fast_accum,
-                           self.in_features, self.out_features)
-        except (AttributeError, RuntimeError, TypeError):  # x not a tensor: validation says so
-            key = None
-        plan = _PLANS.get(key) if key is not None else None
-        if plan is None:
-            plan = self._plan(x, key)
-        quant, gemm, flat = plan
-        if flat:  # x is already the row-major [M, K] activation
-            x2 = x
-        else:
-            x2 = x.reshape(-1, self.in_features)
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-        if quant is None:  # a few tokens: quantized per row inside the GEMM, one launch
-            out = gemm.run(x2, weight.t(), None, weight_scale, bias)
-        else:
-            a_q, a_s, _ = quant.run(x2, None)
-            # The bias keeps its own dtype: the GEMM adds it in fp32 before the one output rounding.
-            out = gemm.run(a_q, weight.t(), a_s, weight_scale, bias)
-        return out if flat else out.reshape(*x.shape[:-1], self.out_features)
-
-    def _plan(self, x: torch.Tensor, key: tuple | None) -> tuple:
-        """Validate a call signature once: the activation's quantization plan and the GEMM's call plan."""
-        from .gemm import _new_call
-
-        check_tensor(x, "x")
-        check_dtype(x, "x", FLOAT_DTYPES)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ShapeMismatchError(
-                f"x: expected last dimension {self.in_features} (in_features), got shape {list(x.shape)}"
-            )
-        check_kernel_device(x, "x")
-        _require_fp8(x.device, "x")
-        x2 = x.reshape(-1, self.in_features)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        quant, gemm = None, None
-        if self.activation_granularity == "row":
-            # fp8_gemm quantizes a small activation per row inside its decode kernel (same result, one launch)
-            call = _new_call(x2, self.weight.t(), None, self.weight_scale, x.dtype, self.bias, self.fast_accum, None)
-            gemm = call if call.fused else None
-        if gemm is None:
-            quant = _activation_plan(x2, self.activation_granularity)
-            # the GEMM's plan depends on the quantized activation's metadata only (fresh tensors: a fixed layout)
-            a_q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
-            a_s = torch.empty(quant.scale_shape, dtype=torch.float32, device=x.device)
-            gemm = _new_call(a_q, self.weight.t(), a_s, self.weight_scale, x.dtype, self.bias, self.fast_accum,
-                             None)
-        plan = (quant, gemm, x.dim() == 2 and x.stride(-1) == 1)
-        if key is not None:
-            _PLANS.put(key, plan)
-        return plan
+        weight, weight_scale, bias = self._buffers["weight"], self._buffers["weight_scale"], self._parameters["bias"]
+        return fp8_linear(x, weight, weight_scale, bias, self.activation_granularity, self.fast_accum)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight_granularity={self.weight_granularity!r}, "
                 f"activation_granularity={self.activation_granularity!r}, fast_accum={self.fast_accum}")
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               activation_granularity: str = "row", fast_accum: bool = False) -> torch.Tensor:
+    """``FP8Linear``'s forward as a function: ``x @ dequant(weight)^T + bias`` with ``x`` quantized per call.
+
+    Args:
+        x: ``[..., in_features]``, fp16/bf16/fp32.
+        weight: ``float8_e4m3fn`` ``[out_features, in_features]``; weight_scale: its scale in the GEMM's ``[K, N]``
+            convention (``[1]``, ``[1, out]`` or 128x128 blocks), as ``FP8Linear`` stores them.
+        bias: ``[out_features]`` or None. activation_granularity, fast_accum: as ``FP8Linear``'s.
+
+    Returns ``[..., out_features]`` in x's dtype. Registered as ``torch.ops.triton_ops.fp8_linear``. Differentiable
+    in ``x`` and ``bias``: the input gradient is ``grad @ dequant(weight)`` in the gradient's dtype (the
+    activation's quantization passes the gradient straight through); the FP8 weight gets none.
+    """
+    if direct_call_ok(x, weight, weight_scale, bias):  # plain eager: no dispatcher round trip
+        return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+    return _linear_op(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+
+
+def _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum) -> torch.Tensor:
+    try:
+        key = call_key(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+    except (AttributeError, RuntimeError, TypeError):  # x not a tensor: validation says so
+        key = None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_accum, key)
+    quant, gemm, flat = plan
+    if flat:  # x is already the row-major [M, K] activation
+        x2 = x
+    else:
+        x2 = x.reshape(-1, weight.shape[1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+    if quant is None:  # a few tokens: quantized per row inside the GEMM, one launch
+        out = gemm.run(x2, weight.t(), None, weight_scale, bias)
+    else:
+        a_q, a_s, _ = quant.run(x2, None)
+        # The bias keeps its own dtype: the GEMM adds it in fp32 before the one output rounding.
+        out = gemm.run(a_q, weight.t(), a_s, weight_scale, bias)
+    return out if flat else out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_accum, key) -> tuple:
+    """Validate a call signature once: the activation's quantization plan and the GEMM's call plan."""
+    out_features, in_features = weight.shape
+    check_tensor(x, "x")
+    check_dtype(x, "x", FLOAT_DTYPES)
+    check_choice(activation_granularity, "activation_granularity", ACTIVATION_GRANULARITIES)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ShapeMismatchError(
+            f"x: expected last dimension {in_features} (in_features), got shape {list(x.shape)}"
+        )
+    check_kernel_device(x, "x")
+    _require_fp8(x.device, "x")
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    quant, gemm = None, None
+    if activation_granularity == "row":
+        # fp8_gemm quantizes a small activation per row inside its decode kernel (same result, one launch)
+        call = _new_call(x2, weight.t(), None, weight_scale, x.dtype, bias, fast_accum, None)
+        gemm = call if call.fused else None
+    if gemm is None:
+        quant = _activation_plan(x2, activation_granularity)
+        # the GEMM's plan depends on the quantized activation's metadata only (fresh tensors: a fixed layout)
+        a_q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        a_s = torch.empty(quant.scale_shape, dtype=torch.float32, device=x.device)
+        gemm = _new_call(a_q, weight.t(), a_s, weight_scale, x.dtype, bias, fast_accum, None)
+    plan = (quant, gemm, x.dim() == 2 and x.stride(-1) == 1)
+    if key is not None:
+        _PLANS.put(key, plan)
+    return plan
+
+
+@torch.library.custom_op(op_name("fp8_linear"), mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               activation_granularity: str, fast_accum: bool) -> torch.Tensor:
+    return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+
+
+@_linear_op.register_fake
+def _(x, weight, weight_scale, bias, activation_granularity, fast_accum):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, weight_scale, bias, _, _ = inputs
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.x_shape = x.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    weight, weight_scale = ctx.saved_tensors
+    out_features, in_features = weight.shape
+    g2 = grad.reshape(-1, out_features)
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        w_kn = weight.t().float() * expand_scale(weight_scale, (in_features, out_features))
+        dx = (g2 @ w_kn.t().to(grad.dtype)).reshape(ctx.x_shape)
+    if ctx.needs_input_grad[3]:
+        dbias = g2.float().sum(0).to(ctx.bias_dtype)
+    return dx, None, None, dbias, None, None
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def convert_to_fp8(
@@ -226,4 +284,4 @@ def convert_to_fp8(
     return model
 
 
-__all__ = ["ACTIVATION_GRANULARITIES", "WEIGHT_GRANULARITIES", "FP8Linear", "convert_to_fp8"]
+__all__ = ["ACTIVATION_GRANULARITIES", "WEIGHT_GRANULARITIES", "FP8Linear", "convert_to_fp8", "fp8_linear"]

@@ -35,6 +35,7 @@ from triton_ops_core.exceptions import (
     UnsupportedDtypeError,
 )
 from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.models import FP8Format
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
@@ -874,8 +875,39 @@ def quantize_fp8(
 
     Without a given scale the absolute maximum of each group is computed in the kernel (non-finite values
     excluded); an all-zero group gets scale 1. NaN stays NaN.
+
+    Registered as ``torch.ops.triton_ops.quantize_fp8`` (``fmt`` as its name, ``block_size`` as a list). With
+    ``strict=True`` the call synchronizes with the GPU, which a CUDA-graph capture does not allow.
     """
-    return _quantize(t, fmt, granularity, scale, block_size, strict, role)
+    if direct_call_ok(t, scale):  # plain eager: no dispatcher round trip
+        return _quantize(t, fmt, granularity, scale, block_size, strict, role)
+    return _quantize_op(t, FP8Format.from_name(fmt).name, granularity, scale,
+                        None if block_size is None else list(block_size), strict, role)
+
+
+@torch.library.custom_op(op_name("quantize_fp8"), mutates_args=())
+def _quantize_op(t: torch.Tensor, fmt: str, granularity: str, scale: torch.Tensor | None,
+                 block_size: list[int] | None, strict: bool, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = _quantize(t, fmt, granularity, scale, None if block_size is None else tuple(block_size), strict, role)
+    # the op's outputs must not alias its inputs: a given per-tensor scale kept as is comes back as a copy
+    return q, (s.clone() if s is scale else s)
+
+
+@_quantize_op.register_fake
+def _(t, fmt, granularity, scale, block_size, strict, role):
+    block = _check_block_size(block_size, role) if granularity == "block" else None
+    s = t.new_empty(scale_shape(tuple(t.shape), granularity, block, role), dtype=torch.float32)
+    dtype = FP8Format.from_name(fmt).torch_dtype
+    if _keeps_column_major(t, granularity, block):
+        return t.new_empty(t.shape[::-1], dtype=dtype).t(), s
+    return t.new_empty(t.shape, dtype=dtype), s
+
+
+def _keeps_column_major(t: torch.Tensor, granularity: str, block: tuple[int, int] | None) -> bool:
+    """Whether the result of ``t`` comes back column-major (see ``_build_plan``)."""
+    if not (t.dim() == 2 and not _row_major(t) and _column_major(t)):
+        return False
+    return granularity != "block" or (block[1], block[0]) in (ACTIVATION_BLOCK, WEIGHT_BLOCK)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -915,7 +947,16 @@ def dequantize_fp8(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
     ``scale`` may have any granularity ``quantize_fp8`` returns; the product is formed in float32 and rounded
     once to ``dtype`` (fp16, bf16 or fp32).
+
+    Registered as ``torch.ops.triton_ops.dequantize_fp8``, a composite of PyTorch operations
+    (CompositeImplicitAutograd): ``torch.compile`` fuses it with its neighbours and autograd differentiates it.
     """
+    if direct_call_ok(quantized, scale):
+        return _dequantize(quantized, scale, dtype)
+    return torch.ops.triton_ops.dequantize_fp8(quantized, scale, dtype)
+
+
+def _dequantize(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     check_tensor(quantized, "quantized")
     check_tensor(scale, "scale")
     check_dtype(quantized, "quantized", FP8_DTYPES)
@@ -926,6 +967,10 @@ def dequantize_fp8(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
             f"dtype: expected float16, bfloat16 or float32, got {str(dtype).removeprefix('torch.')}"
         )
     return (quantized.float() * expand_scale(scale, tuple(quantized.shape))).to(dtype)
+
+
+torch.library.define(op_name("dequantize_fp8"), "(Tensor quantized, Tensor scale, ScalarType dtype) -> Tensor")
+torch.library.impl(op_name("dequantize_fp8"), "CompositeImplicitAutograd", func=_dequantize)
 
 
 def fp8_max(fmt: str | FP8Format | torch.dtype = "e4m3") -> float:

@@ -7,13 +7,12 @@ The activation applies to the gate projection (LLaMA / Hugging Face convention).
 from .__about__ import __version__
 from .configs import DECODE_MAX_TOKENS, GATED_MLP_CONFIGS, heuristic_config, select_gated_mlp_config
 from .module import FusedGatedMLP
-from .ops import FusedGatedMLPFunction, clear_caches, fused_gated_mlp, gated_mlp_reference, split_packed
+from .ops import clear_caches, fused_gated_mlp, gated_mlp_reference, split_packed
 
 __all__ = [
     "DECODE_MAX_TOKENS",
     "GATED_MLP_CONFIGS",
     "FusedGatedMLP",
-    "FusedGatedMLPFunction",
     "__version__",
     "clear_caches",
     "fused_gated_mlp",

@@ -1,4 +1,4 @@
-"""``fused_gated_mlp``: the launcher, the autograd Function and the public function.
+"""``fused_gated_mlp``: the launcher, the op's registration with its fake and autograd, and the public function.
 
 Forward runs the Triton kernels of ``_kernels``. Backward is a composite of PyTorch operations that recomputes
 the two projections from the saved inputs (nothing ``[tokens, intermediate]``-sized is kept between forward and
@@ -7,12 +7,14 @@ recomputed projections, which is that of ``torch.nn.functional.linear``.
 
 The call path is short on purpose (decode calls it with a handful of tokens, where the host is the cost): a lookup
 of the call's cached launch plan (``triton_ops_core.launch``; validation and config selection happen only on a
-miss), one ``torch.empty`` and one launch. Autograd's Function is entered only when a gradient is wanted.
+miss), one ``torch.empty`` and one launch. The dispatcher (``torch.ops.triton_ops.fused_gated_mlp``) is entered
+when tracing, under a mode, or when autograd must record the call (``triton_ops_core.library``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable
 
@@ -21,6 +23,7 @@ import triton
 from triton.runtime import _allocation
 from triton_ops_core.device import is_hopper
 from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.validation.gated_mlp import validate_gated_mlp_inputs
 
 from . import _kernels as K
@@ -281,44 +284,109 @@ def _activation_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, 
     return d_gate, d_up
 
 
-class FusedGatedMLPFunction(torch.autograd.Function):
-    """Autograd of ``act(x @ Wg^T + bg) * (x @ Wu^T + bu)``: Triton forward, recomputing composite backward."""
+def _pack(gate: torch.Tensor, up: torch.Tensor, layout: str) -> torch.Tensor:
+    """The inverse of ``split_packed``: one ``[2 * intermediate, ...]`` tensor from the two halves."""
+    if layout == "concatenated":
+        return torch.cat([gate, up])
+    return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
-    @staticmethod
-    def forward(ctx, x, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config, plan=None):
-        # ``plan``: the cached launch plan of this call (``fused_gated_mlp``); None builds one from ``config``.
-        x2d = _as_2d(x)
-        if plan is None:
-            out = gated_mlp_forward(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit,
-                                    config)
-        else:
-            out = _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias)
-        ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias)
-        ctx.activation, ctx.alpha, ctx.limit = activation, alpha, limit
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], gate_weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, wg, wu, bg, bu = ctx.saved_tensors
-        hidden, inter = x.shape[-1], wg.shape[0]
-        x2d = x.reshape(-1, hidden)
-        gate = torch.nn.functional.linear(x2d, wg).float()
-        up = torch.nn.functional.linear(x2d, wu).float()
-        if bg is not None:
-            gate += bg.float()
-        if bu is not None:
-            up += bu.float()
-        grad = grad_out.reshape(-1, inter).float()
-        d_gate, d_up = _activation_grads(gate, up, grad, ctx.activation, ctx.alpha, ctx.limit)
-        del gate, up, grad
-        dg, du = d_gate.to(x.dtype), d_up.to(x.dtype)
-        need = ctx.needs_input_grad
-        dx = (dg @ wg + du @ wu).reshape(x.shape) if need[0] else None
-        dwg = dg.t() @ x2d if need[1] else None
-        dwu = du.t() @ x2d if need[2] else None
-        dbg = d_gate.sum(0).to(bg.dtype) if bg is not None and need[3] else None
-        dbu = d_up.sum(0).to(bu.dtype) if bu is not None and need[4] else None
-        return dx, dwg, dwu, dbg, dbu, None, None, None, None, None
+def _gated_mlp_backward(x, wg, wu, bg, bu, grad_out, activation, alpha, limit, need):
+    """Gradients of ``act(x @ wg^T + bg) * (x @ wu^T + bu)`` (separate halves), recomputing the projections."""
+    hidden, inter = x.shape[-1], wg.shape[0]
+    x2d = x.reshape(-1, hidden)
+    gate = torch.nn.functional.linear(x2d, wg).float()
+    up = torch.nn.functional.linear(x2d, wu).float()
+    if bg is not None:
+        gate += bg.float()
+    if bu is not None:
+        up += bu.float()
+    grad = grad_out.reshape(-1, inter).float()
+    d_gate, d_up = _activation_grads(gate, up, grad, activation, alpha, limit)
+    del gate, up, grad
+    dg, du = d_gate.to(x.dtype), d_up.to(x.dtype)
+    dx = (dg @ wg + du @ wu).reshape(x.shape) if need[0] else None
+    dwg = dg.t() @ x2d if need[1] else None
+    dwu = du.t() @ x2d if need[2] else None
+    dbg = d_gate.sum(0).to(bg.dtype) if bg is not None and need[3] else None
+    dbu = d_up.sum(0).to(bu.dtype) if bu is not None and need[4] else None
+    return dx, dwg, dwu, dbg, dbu
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: triton_ops::fused_gated_mlp
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.compiler.assume_constant_result  # a forced config is a constant of the traced program (dynamo cannot trace json)
+def _config_to_json(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _config_from_json(config: str | None) -> dict | None:
+    # The op's schema carries a forced config as JSON text (a schema has no dicts); parsed once per distinct text.
+    return None if config is None else json.loads(config)
+
+
+def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
+             config: dict | None) -> torch.Tensor:
+    """The op's implementation: the call's cached plan (built on the first call of its key), then one launch."""
+    key = call_key(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
+                   alpha.__class__, limit.__class__,  # True == 1: keep a bool (rejected) apart from an int
+                   _config_key(config),
+                   # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
+                   getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _new_plan(key, x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha,
+                         limit, config)
+    if weight_layout != "separate":
+        gate_weight, up_weight = split_packed(gate_weight, weight_layout)
+        if gate_bias is not None:
+            gate_bias, up_bias = split_packed(gate_bias, weight_layout)
+    out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.extra[0])
+
+
+@torch.library.custom_op(op_name("fused_gated_mlp"), mutates_args=())
+def _gated_mlp_op(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor | None,
+                  gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, activation: str, weight_layout: str,
+                  alpha: float, limit: float, config: str | None) -> torch.Tensor:
+    return _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
+                    _config_from_json(config))
+
+
+@_gated_mlp_op.register_fake
+def _(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, config):
+    inter = gate_weight.shape[0] if weight_layout == "separate" else gate_weight.shape[0] // 2
+    return x.new_empty((*x.shape[:-1], inter))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, _ = inputs
+    ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias)
+    ctx.options = (activation, weight_layout, alpha, limit)
+
+
+def _backward(ctx, grad_out):
+    x, wg, wu, bg, bu = ctx.saved_tensors
+    activation, layout, alpha, limit = ctx.options
+    need = list(ctx.needs_input_grad[:5])
+    if layout == "separate":
+        grads = _gated_mlp_backward(x, wg, wu, bg, bu, grad_out, activation, alpha, limit, need)
+        return (*grads, None, None, None, None, None)
+    # packed: the gradients of both halves, packed back into the layout of the weight (and bias) given
+    wg, wu = split_packed(wg, layout)
+    if bg is not None:
+        bg, bu = split_packed(bg, layout)
+    need = [need[0], need[1], need[1], need[3], need[3]]
+    dx, dwg, dwu, dbg, dbu = _gated_mlp_backward(x, wg, wu, bg, bu, grad_out, activation, alpha, limit, need)
+    dw = _pack(dwg, dwu, layout) if need[1] else None
+    db = _pack(dbg, dbu, layout) if dbg is not None else None
+    return dx, dw, None, db, None, None, None, None, None, None
+
+
+_gated_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,6 +447,9 @@ def fused_gated_mlp(
     Gradients flow to ``x``, the weights and the biases (composite PyTorch backward recomputing the
     projections; see the module docstring).
 
+    Registered as ``torch.ops.triton_ops.fused_gated_mlp`` (a forced ``config`` travels as JSON text), so
+    ``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.export`` take it as one node.
+
     Raises:
         ShapeMismatchError, UnsupportedDtypeError, DeviceMismatchError, UnsupportedDeviceError, LayoutError,
         InvalidArgumentError: from ``triton_ops_core`` validation, naming the offending argument.
@@ -388,27 +459,11 @@ def fused_gated_mlp(
     validates and builds a launch plan, later ones only allocate the output and launch (see
     ``triton_ops_core.launch``). ``clear_caches()`` forgets the plans.
     """
-    key = call_key(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-                   alpha.__class__, limit.__class__,  # True == 1: keep a bool (rejected) apart from an int
-                   _config_key(config),
-                   # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
-                   getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _new_plan(key, x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha,
-                         limit, config)
-    if weight_layout != "separate":
-        gate_weight, up_weight = split_packed(gate_weight, weight_layout)
-        if gate_bias is not None:
-            gate_bias, up_bias = split_packed(gate_bias, weight_layout)
-    if torch.is_grad_enabled() and (
-        x.requires_grad or gate_weight.requires_grad or (up_weight is not None and up_weight.requires_grad)
-        or (gate_bias is not None and gate_bias.requires_grad) or (up_bias is not None and up_bias.requires_grad)
-    ):
-        return FusedGatedMLPFunction.apply(x, gate_weight, up_weight, gate_bias, up_bias, activation,
-                                           float(alpha), float(limit), config, plan)
-    out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias)
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.extra[0])
+    if direct_call_ok(x, gate_weight, up_weight, gate_bias, up_bias):  # plain eager: no dispatcher round trip
+        return _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
+                        config)
+    return _gated_mlp_op(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
+                         None if config is None else _config_to_json(config))
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -439,8 +494,9 @@ def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
         return functools.partial(gated_mlp_forward, x2d, gate_weight, up_weight, gate_bias, up_bias,
                                  activation, alpha, limit, candidate)
 
+    tune = config is None and not capturing(x.device)  # never a config search inside a CUDA-graph capture
     plan = _build_plan(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config,
-                       bench if config is None else None)
+                       bench if tune else None)
     _put(key, plan)
     return plan
 
@@ -479,5 +535,5 @@ def gated_mlp_reference(
     return g * torch.sigmoid(alpha * g) * (u + 1)
 
 
-__all__ = ["FusedGatedMLPFunction", "clear_caches", "fused_gated_mlp", "gated_mlp_forward", "gated_mlp_reference",
+__all__ = ["clear_caches", "fused_gated_mlp", "gated_mlp_forward", "gated_mlp_reference",
            "split_packed"]

@@ -10,7 +10,7 @@ from . import reference
 from .__about__ import __version__
 from .config import RMSNORM_ROPE_CONFIGS, heuristic_config
 from .module import FusedRMSNormRoPE
-from .ops import QKNormRoPEFunction, RMSNormRoPEFunction, fused_qk_norm_rope, fused_rmsnorm_rope
+from .ops import fused_qk_norm_rope, fused_rmsnorm_rope
 from .reference import qk_norm_rope_reference, rmsnorm_rope_reference
 
 
@@ -27,8 +27,6 @@ def clear_caches() -> None:
 __all__ = [
     "RMSNORM_ROPE_CONFIGS",
     "FusedRMSNormRoPE",
-    "QKNormRoPEFunction",
-    "RMSNormRoPEFunction",
     "__version__",
     "clear_caches",
     "fused_qk_norm_rope",

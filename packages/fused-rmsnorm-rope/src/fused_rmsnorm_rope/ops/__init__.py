@@ -1,6 +1,7 @@
-"""Triton kernels and their autograd Functions, side by side (one module per op)."""
+"""One module per op: kernels' launchers, the op's registration under ``torch.ops.triton_ops``, its fake and its
+autograd, side by side (the Triton kernels themselves live in ``kernels``)."""
 
-from .qk_norm_rope import QKNormRoPEFunction, fused_qk_norm_rope
-from .rmsnorm_rope import RMSNormRoPEFunction, fused_rmsnorm_rope
+from .qk_norm_rope import fused_qk_norm_rope
+from .rmsnorm_rope import fused_rmsnorm_rope
 
-__all__ = ["QKNormRoPEFunction", "RMSNormRoPEFunction", "fused_qk_norm_rope", "fused_rmsnorm_rope"]
+__all__ = ["fused_qk_norm_rope", "fused_rmsnorm_rope"]

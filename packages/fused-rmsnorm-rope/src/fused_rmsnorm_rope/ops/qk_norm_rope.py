@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.validation.rmsnorm_rope import validate_qk_norm_rope_inputs
 
 from ..config import QK_FWD_KERNEL, get_config
 from .kernels import _qk_norm_rope_fwd_kernel, next_pow2
-from .rmsnorm_rope import collapse_rows, launch_bwd, position_strides, table_strides
+from .rmsnorm_rope import collapse_rows, launch_bwd, position_strides, row_rstd, table_strides
 
 _PLANS = PlanCache()
 
@@ -92,33 +93,99 @@ def _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary
     return _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd, inplace)
 
 
-class QKNormRoPEFunction(torch.autograd.Function):
-    """Autograd of ``fused_qk_norm_rope`` (out of place): gradients for q, k, q_weight and k_weight."""
+def _plan_for(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, inplace) -> Plan:
+    """The cached plan of a call (validated and configured on the first call of its key)."""
+    key = call_key(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, inplace)
+    plan = _PLANS.get(key)
+    if plan is None:
+        info = validate_qk_norm_rope_inputs(q, k, q_weight, k_weight, cos, sin, position_ids, eps,
+                                            rotary_dim=rotary_dim, layout=layout, gemma=gemma)
+        interleaved = layout == "interleaved"
 
-    @staticmethod
-    def forward(ctx, q, k, q_weight, k_weight, cos, sin, position_ids, plan):
-        qo, ko, q_rstd, k_rstd = _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd=True,
-                                         inplace=False)
-        ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, position_ids, q_rstd, k_rstd)
-        ctx.plan = plan
-        return qo, ko
+        def bench(cfg):  # for tune-on-first-use (KERNEL_AUTOTUNE=1) only; never in place
+            return lambda: _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, info.eps, info.rotary_dim,
+                                          interleaved, gemma, False, False, cfg)
 
-    @staticmethod
-    def backward(ctx, dqo, dko):
-        q, k, q_weight, k_weight, cos, sin, position_ids, q_rstd, k_rstd = ctx.saved_tensors
-        info = ctx.plan.info
-        rotary_dim, interleaved, gemma = info.rotary_dim, info.layout == "interleaved", info.gemma
-        head_dim = q.shape[-1]
-        grads = []
-        for t, w, rstd, g in ((q, q_weight, q_rstd, dqo), (k, k_weight, k_rstd, dko)):
-            if g is None:
-                g = torch.zeros_like(t)
-            heads = t.shape[-2]
-            dx, dw = launch_bwd(g, t, w, cos, sin, position_ids, rstd, heads, head_dim, rotary_dim, interleaved,
-                                gemma, per_head=True, num_warps=ctx.plan.num_warps)
-            grads.append((dx, dw.to(w.dtype)))
-        (dq, dqw), (dk, dkw) = grads
-        return dq, dk, dqw, dkw, None, None, None, None
+        plan = _qk_plan(q, k, cos, position_ids, info.eps, info.rotary_dim, interleaved, gemma,
+                        store_rstd=False, inplace=inplace, bench=None if capturing(q.device) else bench)
+        plan.info = info
+        _PLANS.put(key, plan)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: triton_ops::fused_qk_norm_rope, its in-place variant and its backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(op_name("fused_qk_norm_rope"), mutates_args=())
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None, eps: float,
+                     rotary_dim: int | None, layout: str, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = _plan_for(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, False)
+    qo, ko, _, _ = _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, False, False)
+    return qo, ko
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op(op_name("fused_qk_norm_rope_"), mutates_args=("q", "k"))
+def _qk_norm_rope_inplace_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                             cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None, eps: float,
+                             rotary_dim: int | None, layout: str, gemma: bool) -> None:
+    plan = _plan_for(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, True)
+    _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, False, True)
+
+
+@_qk_norm_rope_inplace_op.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma):
+    return None
+
+
+@torch.library.custom_op(op_name("fused_qk_norm_rope_backward"), mutates_args=())
+def _qk_norm_rope_backward_op(dq_out: torch.Tensor, dk_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              position_ids: torch.Tensor | None, eps: float, rotary_dim: int | None, layout: str,
+                              gemma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dq_weight, dk_weight)``: dq/dk in q's dtype (contiguous), the weight gradients in fp32."""
+    plan = _plan_for(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, False)
+    info = plan.info
+    grads = []
+    for t, w, g in ((q, q_weight, dq_out), (k, k_weight, dk_out)):
+        grads += launch_bwd(g, t, w, cos, sin, position_ids, row_rstd(t, info.eps, 2), t.shape[-2], t.shape[-1],
+                            info.rotary_dim, layout == "interleaved", gemma, per_head=True,
+                            num_warps=plan.num_warps)
+    dq, dqw, dk, dkw = grads
+    return dq, dk, dqw, dkw
+
+
+@_qk_norm_rope_backward_op.register_fake
+def _(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(q.shape[-1:], dtype=torch.float32),
+            k.new_empty(k.shape[-1:], dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, position_ids)
+    ctx.options = (eps, rotary_dim, layout, gemma)
+
+
+def _backward(ctx, dq_out, dk_out):
+    q, k, q_weight, k_weight, cos, sin, position_ids = ctx.saved_tensors
+    # an output that took no part in the loss gets no gradient from autograd
+    dq_out = torch.zeros_like(q) if dq_out is None else dq_out
+    dk_out = torch.zeros_like(k) if dk_out is None else dk_out
+    dq, dk, dqw, dkw = _qk_norm_rope_backward_op(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, position_ids,
+                                                 *ctx.options)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dqw.to(q_weight.dtype) if need[2] else None,
+            dkw.to(k_weight.dtype) if need[3] else None, None, None, None, None, None, None, None)
+
+
+_qk_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_qk_norm_rope(
@@ -148,36 +215,29 @@ def fused_qk_norm_rope(
             differentiable.
 
     Returns:
-        ``(q_out, k_out)`` with q's and k's shapes and dtype (contiguous unless ``inplace``).
+        ``(q_out, k_out)`` with q's and k's shapes and dtype (contiguous unless ``inplace``). Differentiable in q, k
+        and both weights (Triton backward) unless ``inplace``.
+
+    Registered as ``torch.ops.triton_ops.fused_qk_norm_rope``, ``fused_qk_norm_rope_`` (in place: mutates q and k,
+    as its schema says) and ``fused_qk_norm_rope_backward``.
     """
-    wants_grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
-                                                 for t in (q, k, q_weight, k_weight))
-    key = call_key(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, inplace,
-                   wants_grad)
-    plan = _PLANS.get(key)
-    if plan is None:
-        info = validate_qk_norm_rope_inputs(q, k, q_weight, k_weight, cos, sin, position_ids, eps,
-                                            rotary_dim=rotary_dim, layout=layout, gemma=gemma)
-        if not isinstance(inplace, bool):
-            raise InvalidArgumentError(f"inplace: expected a bool, got {inplace!r}")
-        if wants_grad and inplace:
+    if not isinstance(inplace, bool):
+        raise InvalidArgumentError(f"inplace: expected a bool, got {inplace!r}")
+    if inplace:
+        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, q_weight, k_weight)):
             raise InvalidArgumentError("inplace: expected False when a gradient is wanted (q, k or a weight "
                                        "requires grad), got True; run in-place under torch.no_grad()")
-        interleaved = layout == "interleaved"
-
-        def bench(cfg):  # for tune-on-first-use (KERNEL_AUTOTUNE=1) only; never in place
-            return lambda: _launch_qk_fwd(q, k, q_weight, k_weight, cos, sin, position_ids, info.eps, info.rotary_dim,
-                                          interleaved, gemma, False, False, cfg)
-
-        plan = _qk_plan(q, k, cos, position_ids, info.eps, info.rotary_dim, interleaved, gemma,
-                        store_rstd=wants_grad, inplace=inplace, bench=bench)
-        plan.info = info
-        _PLANS.put(key, plan)
-    if wants_grad:
-        return QKNormRoPEFunction.apply(q, k, q_weight, k_weight, cos, sin, position_ids, plan)
-    qo, ko, _, _ = _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd=False,
-                           inplace=inplace)
-    return qo, ko
+        if direct_call_ok(q, k, q_weight, k_weight, cos, sin, position_ids):
+            plan = _plan_for(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, True)
+            _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, False, True)
+        else:
+            _qk_norm_rope_inplace_op(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma)
+        return q, k
+    if direct_call_ok(q, k, q_weight, k_weight, cos, sin, position_ids):  # plain eager: no dispatcher round trip
+        plan = _plan_for(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma, False)
+        qo, ko, _, _ = _run_qk(plan, q, k, q_weight, k_weight, cos, sin, position_ids, False, False)
+        return qo, ko
+    return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, position_ids, eps, rotary_dim, layout, gemma)
 
 
-__all__ = ["QKNormRoPEFunction", "fused_qk_norm_rope"]
+__all__ = ["fused_qk_norm_rope"]

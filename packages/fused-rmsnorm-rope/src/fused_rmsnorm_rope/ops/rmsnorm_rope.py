@@ -2,7 +2,7 @@
 
 The call path is kept short on purpose (decode calls it with a handful of tokens, where the host is the cost): a
 lookup of the call's cached launch plan (validation and config selection happen only on a miss), one ``torch.empty``
-and one launch. Autograd's Function is entered only when a gradient is wanted.
+and one launch. The dispatcher is entered only when tracing, under a mode, or when autograd must record the call.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.validation.rmsnorm_rope import validate_rmsnorm_rope_inputs
 
 from ..config import FWD_KERNEL, get_config
@@ -171,25 +172,84 @@ def launch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: tor
     return dx, dw_part.sum(0)
 
 
-class RMSNormRoPEFunction(torch.autograd.Function):
-    """Autograd of ``fused_rmsnorm_rope``: gradients for ``x`` and ``weight``; cos/sin are constants."""
+def _plan_for(x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma) -> Plan:
+    """The cached forward plan of a call (validated and configured on the first call of its key)."""
+    key = call_key(x, weight, cos, sin, position_ids, eps, rotary_dim, head_dim, layout, gemma)
+    plan = _PLANS.get(key)
+    if plan is None:
+        info = validate_rmsnorm_rope_inputs(x, weight, cos, sin, eps, position_ids=position_ids,
+                                            rotary_dim=rotary_dim, head_dim=head_dim, layout=layout, gemma=gemma)
+        interleaved = layout == "interleaved"
 
-    @staticmethod
-    def forward(ctx, x, weight, cos, sin, position_ids, plan):
-        y, rstd = _run_fwd(plan, x, weight, cos, sin, position_ids, store_rstd=True)
-        ctx.save_for_backward(x, weight, cos, sin, position_ids, rstd)
-        ctx.plan = plan
-        return y
+        def bench(cfg: dict) -> Callable[[], object]:  # for tune-on-first-use (KERNEL_AUTOTUNE=1) only
+            return lambda: _launch_fwd(x, weight, cos, sin, position_ids, info.eps, info.head_dim, info.rotary_dim,
+                                       interleaved, gemma, False, cfg)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, cos, sin, position_ids, rstd = ctx.saved_tensors
-        info = ctx.plan.info
-        interleaved = info.layout == "interleaved"
-        dx, dw = launch_bwd(dy, x, weight, cos, sin, position_ids, rstd, info.num_heads, info.head_dim,
-                            info.rotary_dim, interleaved, info.gemma, per_head=False, num_warps=ctx.plan.num_warps)
-        dweight = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dweight, None, None, None, None
+        plan = _fwd_plan(x, cos, position_ids, info.eps, info.head_dim, info.rotary_dim, interleaved, gemma,
+                         store_rstd=False, bench=None if capturing(x.device) else bench)
+        plan.info = info
+        _PLANS.put(key, plan)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: triton_ops::fused_rmsnorm_rope and its backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(op_name("fused_rmsnorm_rope"), mutates_args=())
+def _rmsnorm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                     position_ids: torch.Tensor | None, rotary_dim: int | None, head_dim: int | None, layout: str,
+                     gemma: bool) -> torch.Tensor:
+    plan = _plan_for(x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma)
+    return _run_fwd(plan, x, weight, cos, sin, position_ids, store_rstd=False)[0]
+
+
+@_rmsnorm_rope_op.register_fake
+def _(x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma):
+    return x.new_empty(x.shape)
+
+
+def row_rstd(x: torch.Tensor, eps: float, n_inner: int) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) in fp32 per norm group, flattened over the rows: what the forward kernel used
+    (recomputed for the backward, so the forward never stores it)."""
+    ms = x.float().square().mean(-1)
+    return torch.rsqrt(ms + eps).reshape(-1, *ms.shape[ms.dim() - n_inner + 1:]).contiguous()
+
+
+@torch.library.custom_op(op_name("fused_rmsnorm_rope_backward"), mutates_args=())
+def _rmsnorm_rope_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, eps: float, position_ids: torch.Tensor | None,
+                              rotary_dim: int | None, head_dim: int | None, layout: str,
+                              gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)``: dx in x's dtype (contiguous), dweight in fp32."""
+    plan = _plan_for(x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma)
+    info = plan.info
+    rstd = row_rstd(x, info.eps, 1)
+    return launch_bwd(dy, x, weight, cos, sin, position_ids, rstd, info.num_heads, info.head_dim, info.rotary_dim,
+                      layout == "interleaved", gemma, per_head=False, num_warps=plan.num_warps)
+
+
+@_rmsnorm_rope_backward_op.register_fake
+def _(dy, x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma = inputs
+    ctx.save_for_backward(x, weight, cos, sin, position_ids)
+    ctx.options = (eps, rotary_dim, head_dim, layout, gemma)
+
+
+def _backward(ctx, dy):
+    x, weight, cos, sin, position_ids = ctx.saved_tensors
+    eps, rotary_dim, head_dim, layout, gemma = ctx.options
+    dx, dw = _rmsnorm_rope_backward_op(dy, x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout,
+                                       gemma)
+    dweight = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+    return (dx if ctx.needs_input_grad[0] else None), dweight, None, None, None, None, None, None, None, None
+
+
+_rmsnorm_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_rmsnorm_rope(
@@ -226,26 +286,14 @@ def fused_rmsnorm_rope(
 
     Returns:
         A new tensor of ``x``'s shape and dtype. Differentiable in ``x`` and ``weight`` (Triton backward).
+
+    Registered as ``torch.ops.triton_ops.fused_rmsnorm_rope`` (backward: ``fused_rmsnorm_rope_backward``), so
+    ``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.export`` take it as one node.
     """
-    train = torch.is_grad_enabled() and (getattr(x, "requires_grad", False) or getattr(weight, "requires_grad", False))
-    key = call_key(x, weight, cos, sin, position_ids, eps, rotary_dim, head_dim, layout, gemma, train)
-    plan = _PLANS.get(key)
-    if plan is None:
-        info = validate_rmsnorm_rope_inputs(x, weight, cos, sin, eps, position_ids=position_ids,
-                                            rotary_dim=rotary_dim, head_dim=head_dim, layout=layout, gemma=gemma)
-        interleaved = layout == "interleaved"
-
-        def bench(cfg: dict) -> Callable[[], object]:  # for tune-on-first-use (KERNEL_AUTOTUNE=1) only
-            return lambda: _launch_fwd(x, weight, cos, sin, position_ids, info.eps, info.head_dim, info.rotary_dim,
-                                       interleaved, gemma, False, cfg)
-
-        plan = _fwd_plan(x, cos, position_ids, info.eps, info.head_dim, info.rotary_dim, interleaved, gemma,
-                         store_rstd=train, bench=bench)
-        plan.info = info
-        _PLANS.put(key, plan)
-    if train:
-        return RMSNormRoPEFunction.apply(x, weight, cos, sin, position_ids, plan)
-    return _run_fwd(plan, x, weight, cos, sin, position_ids, store_rstd=False)[0]
+    if direct_call_ok(x, weight, cos, sin, position_ids):  # plain eager: no dispatcher round trip
+        plan = _plan_for(x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma)
+        return _run_fwd(plan, x, weight, cos, sin, position_ids, store_rstd=False)[0]
+    return _rmsnorm_rope_op(x, weight, cos, sin, eps, position_ids, rotary_dim, head_dim, layout, gemma)
 
 
-__all__ = ["RMSNormRoPEFunction", "fused_rmsnorm_rope"]
+__all__ = ["fused_rmsnorm_rope", "row_rstd"]
