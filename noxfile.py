@@ -92,7 +92,10 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     env = {} if _gpu_present() else {"TRITON_INTERPRET": "1"}
     folder = PACKAGES[dist][0]
     session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
-    session.run("pytest", "-q", "-p", "no:cacheprovider", f"{folder}/tests", *session.posargs, env=env)
+    # The shared plugin (interpreter without a GPU, the gpu marker, hypothesis profiles) is loaded here, by our
+    # own test command: it is no pytest11 entry point, so installing triton-ops-core changes no other project's runs.
+    session.run("pytest", "-q", "-p", "triton_ops_core.pytest_plugin", "-p", "no:cacheprovider", f"{folder}/tests",
+                *session.posargs, env=env)
 
 
 @nox.session(python="3.11")

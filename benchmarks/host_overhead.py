@@ -72,6 +72,15 @@ def main() -> int:
     wn = torch.ones(4096, device="cuda", dtype=bf)
     ours = host_us(lambda: fused_rmsnorm_rope.fused_rmsnorm_rope(x, wn, cos, cos, position_ids=pos))
     print(f"host/call rmsnorm_rope decode: {ours:.1f} us")
+    qkv = torch.randn(1, 1, 48 * 128, device="cuda", dtype=bf)
+    q, k = qkv[..., : 32 * 128].unflatten(-1, (32, 128)), qkv[..., 32 * 128: 40 * 128].unflatten(-1, (8, 128))
+    qw = torch.ones(128, device="cuda", dtype=bf)
+    pos1 = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    ours = host_us(lambda: fused_rmsnorm_rope.fused_qk_norm_rope(q, k, qw, qw, cos, cos, pos1))
+    print(f"host/call qk_norm_rope decode (packed QKV, 1 token): {ours:.1f} us")
+    x1 = torch.randn(1, 4096, device="cuda", dtype=bf)
+    ours = host_us(lambda: fp8_gemm.quantize_fp8(x1, "e4m3", "row"))
+    print(f"host/call quantize_fp8 row, 1 x 4096: {ours:.1f} us")
     return 0
 
 

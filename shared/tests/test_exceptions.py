@@ -10,7 +10,6 @@ from triton_ops_core import exceptions as exc
         (exc.DeviceMismatchError, ValueError),
         (exc.UnsupportedDeviceError, RuntimeError),
         (exc.LayoutError, ValueError),
-        (exc.MisalignedInputError, exc.LayoutError),
         (exc.InvalidArgumentError, ValueError),
         (exc.NumericalOverflowError, ArithmeticError),
     ],

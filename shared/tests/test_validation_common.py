@@ -8,7 +8,6 @@ from triton_ops_core import (
     DeviceMismatchError,
     InvalidArgumentError,
     LayoutError,
-    MisalignedInputError,
     ShapeMismatchError,
     UnsupportedDeviceError,
     UnsupportedDtypeError,
@@ -120,15 +119,6 @@ def test_layout_checks():
         v.check_last_dim_contiguous(t.t(), "a")
     with pytest.raises(LayoutError, match=r"^a: expected a contiguous tensor"):
         v.check_contiguous(t[:, :3], "a")
-
-
-def test_alignment_checks():
-    t = torch.empty(8, 16, dtype=torch.float16)  # rows of 32 bytes
-    v.check_alignment(t, "b", 16)
-    with pytest.raises(MisalignedInputError, match=r"^b: expected a data pointer aligned to 16 bytes"):
-        v.check_alignment(t.view(-1)[1:], "b", 16)
-    with pytest.raises(MisalignedInputError, match=r"^b: expected strides that are multiples of 16 bytes"):
-        v.check_alignment(torch.empty(8, 12, dtype=torch.float16)[:, :4], "b", 16)
 
 
 @given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.text(max_size=2)))

@@ -336,7 +336,7 @@ def test_dequantize_bad_inputs(device):
 
 
 def test_scale_shapes_match_the_gemm_validation():
-    from triton_ops_core.validation.fp8_gemm import a_scale_granularity, b_scale_granularity
+    from fp8_gemm.validation import a_scale_granularity, b_scale_granularity
 
     m, k, n = 70, 300, 260
     assert a_scale_granularity(torch.ones(scale_shape((m, k), "tensor")), m, k) == "tensor"

@@ -19,11 +19,13 @@ DOCUMENTED = {
     "quantize_fp8": "fp8_gemm",
     "dequantize_fp8": "fp8_gemm",
     "FP8Linear": "fp8_gemm",
+    "fp8_linear": "fp8_gemm",
+    "convert_to_fp8": "fp8_gemm",
     "TritonAutoTuner": "kernel_autotune",
     "BenchmarkSuite": "triton_ops.benchmark",
 }
 EXCEPTIONS = ["TritonKernelError", "ShapeMismatchError", "UnsupportedDtypeError", "DeviceMismatchError",
-              "UnsupportedDeviceError", "LayoutError", "MisalignedInputError", "InvalidArgumentError",
+              "UnsupportedDeviceError", "LayoutError", "InvalidArgumentError",
               "NumericalOverflowError"]
 MODELS = ["TensorSpec", "KernelMetrics", "TrialResult", "TuningResult", "FP8Format"]
 
@@ -68,3 +70,11 @@ def test_star_import_matches_all() -> None:
     missing = [n for n in triton_ops.__all__ if n not in ns]
     assert not missing
     assert isinstance(triton_ops.__version__, str) and triton_ops.__version__.count(".") >= 2
+
+
+def test_every_public_op_is_registered_in_one_namespace() -> None:
+    import torch
+
+    for name in triton_ops.REGISTERED_OPS:
+        op = getattr(torch.ops.triton_ops, name).default
+        assert isinstance(op, torch._ops.OpOverload) and op.namespace == "triton_ops", name

@@ -17,7 +17,6 @@ from .exceptions import (
     DeviceMismatchError,
     InvalidArgumentError,
     LayoutError,
-    MisalignedInputError,
     NumericalOverflowError,
     ShapeMismatchError,
     TritonKernelError,
@@ -25,31 +24,16 @@ from .exceptions import (
     UnsupportedDtypeError,
 )
 from .models import FP8Format, KernelMetrics, TensorSpec, TrialResult, TuningResult, dtype_from_name, dtype_name
-from .validation import (
-    FP8GEMMInput,
-    GatedMLPInput,
-    QKNormRoPEInput,
-    RMSNormRoPEInput,
-    validate_fp8_gemm_inputs,
-    validate_gated_mlp_inputs,
-    validate_qk_norm_rope_inputs,
-    validate_rmsnorm_rope_inputs,
-)
 
 __all__ = [
     "__version__",
     "DeviceMismatchError",
     "DevicePeaks",
     "FP8Format",
-    "FP8GEMMInput",
-    "GatedMLPInput",
     "InvalidArgumentError",
     "KernelMetrics",
     "LayoutError",
-    "MisalignedInputError",
     "NumericalOverflowError",
-    "QKNormRoPEInput",
-    "RMSNormRoPEInput",
     "ShapeMismatchError",
     "TensorSpec",
     "TrialResult",
@@ -68,8 +52,4 @@ __all__ = [
     "kernel_device",
     "measure_copy_bandwidth",
     "supports_fp8",
-    "validate_fp8_gemm_inputs",
-    "validate_gated_mlp_inputs",
-    "validate_qk_norm_rope_inputs",
-    "validate_rmsnorm_rope_inputs",
 ]

@@ -33,10 +33,6 @@ class LayoutError(TritonKernelError, ValueError):
     """A tensor's memory layout (strides, contiguity) is not one the kernel can address."""
 
 
-class MisalignedInputError(LayoutError):
-    """A tensor's data pointer or row stride is not aligned as the kernel requires (e.g. TMA's 16 bytes)."""
-
-
 class InvalidArgumentError(TritonKernelError, ValueError):
     """A non-tensor argument (an option name, eps, block size) has an invalid value."""
 
@@ -52,7 +48,6 @@ __all__ = [
     "DeviceMismatchError",
     "UnsupportedDeviceError",
     "LayoutError",
-    "MisalignedInputError",
     "InvalidArgumentError",
     "NumericalOverflowError",
 ]

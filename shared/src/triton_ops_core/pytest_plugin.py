@@ -1,4 +1,6 @@
-"""pytest plugin shared by every triton-ops package's tests (registered as a ``pytest11`` entry point).
+"""pytest plugin shared by every triton-ops package's tests, loaded by their test commands with
+``-p triton_ops_core.pytest_plugin`` (nox and ``.ci/gpu`` pass it). It is deliberately no ``pytest11`` entry point:
+installing triton-ops-core must not change how other projects' tests run.
 
 - On a machine without a usable GPU it sets ``TRITON_INTERPRET=1`` before test modules import triton, so
   kernels run on CPU tensors through Triton's interpreter.

@@ -16,13 +16,13 @@ from triton_ops_core.device import is_hopper, is_interpreter, supports_fp8
 from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.validation.fp8_gemm import validate_fp8_gemm_inputs
 
 from . import _scratch
 from . import gemm_configs as cfgs
 from .gemm_kernels import fp8_gemm_decode_kernel, fp8_gemm_ptr_kernel, fp8_gemm_tma_kernel
 from .quantize import _PLANS as _QUANTIZE_PLANS
 from .quantize import quantize_fp8
+from .validation import validate_fp8_gemm_inputs
 
 FP8 = torch.float8_e4m3fn
 _A_MODE = {"tensor": 0, "row": 1, "block": 2}

@@ -35,12 +35,11 @@ from triton_ops_core.exceptions import (
     UnsupportedDtypeError,
 )
 from triton_ops_core.launch import Plan, PlanCache, call_key
-from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.models import FP8Format
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     FP8_DTYPES,
-    SCALE_BLOCK,
     check_choice,
     check_dtype,
     check_kernel_device,
@@ -50,6 +49,7 @@ from triton_ops_core.validation import (
 )
 
 from . import _scratch
+from .validation import SCALE_BLOCK
 
 GRANULARITIES = ("tensor", "row", "channel", "block")
 ROLES = ("activation", "weight")
@@ -810,6 +810,10 @@ def _quantize(t, fmt, granularity, scale, block_size, strict, role):
 
 def _check_overflow(strict: bool, flag: torch.Tensor | None, granularity: str, fmt: FP8Format) -> None:
     if strict and flag is not None:  # the one host synchronization, only when asked for
+        if capturing(flag.device):
+            raise InvalidArgumentError(
+                "strict: True reads the overflow count on the host, which a CUDA-graph capture does not allow; "
+                "pass strict=False inside a captured region (the returned scale shows any raised group)")
         n_over = int(flag.item())
         if n_over:
             raise NumericalOverflowError(

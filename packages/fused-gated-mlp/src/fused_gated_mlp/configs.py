@@ -16,11 +16,11 @@ Which kernel runs follows from the number of tokens ``M``: ``M <= DECODE_MAX_TOK
 from __future__ import annotations
 
 import functools
-import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from kernel_autotune import ConfigSpace, select_config
 
 from .__about__ import __version__
 
@@ -73,33 +73,7 @@ def _fits(cfg: Mapping[str, int], problem: Mapping[str, int] | None) -> bool:
             and cfg["BLOCK_K"] <= 128 and acc_regs <= 128)
 
 
-class _ConfigSpace:
-    """The cartesian product of ``axes`` pruned by ``constraints`` (the contract of kernel_autotune.ConfigSpace,
-    used only while that package does not provide it)."""
-
-    def __init__(self, axes: Mapping[str, Sequence[int]],
-                 constraints: Sequence[Callable[[dict, Mapping[str, int] | None], bool]] = ()) -> None:
-        self.axes = {k: list(v) for k, v in axes.items()}
-        self.constraints = list(constraints)
-
-    def configs(self, problem: Mapping[str, int] | None = None) -> list[dict]:
-        keys = list(self.axes)
-        out = []
-        for values in itertools.product(*(self.axes[k] for k in keys)):
-            cfg = dict(zip(keys, values))
-            if all(c(cfg, problem) for c in self.constraints):
-                out.append(cfg)
-        return out
-
-
-try:  # the team's autotuner; until it ships ConfigSpace/select_config, the heuristic decides alone
-    from kernel_autotune import ConfigSpace as _AutotuneSpace
-    from kernel_autotune import select_config as _select_config
-except Exception:  # noqa: BLE001 - a missing or half-installed autotuner must not break the kernel
-    _AutotuneSpace = _ConfigSpace
-    _select_config = None
-
-GATED_MLP_CONFIGS = _AutotuneSpace(_SPACE_AXES, constraints=[_fits])
+GATED_MLP_CONFIGS = ConfigSpace(_SPACE_AXES, constraints=[_fits])
 """Every launch config worth trying; ``GATED_MLP_CONFIGS.configs({"tokens": m, ...})`` lists a problem's."""
 
 
@@ -201,14 +175,12 @@ def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.d
 def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
                             device: torch.device, bench: Callable[[dict], Callable[[], object]] | None = None
                             ) -> dict:
-    """The config a call uses: through ``kernel_autotune.select_config`` when available, else the heuristic.
+    """The config a call uses: ``kernel_autotune.select_config`` (tuned cache, shipped table, else the heuristic).
 
     ``bench(config)`` returns a zero-argument callable running the kernel once with ``config``: with
     ``KERNEL_AUTOTUNE=1`` a problem with no cached or shipped entry is tuned on first use with it.
     """
-    if _select_config is None:
-        return heuristic_config(tokens, hidden, intermediate, dtype, device)
-    cfg = _select_config(
+    cfg = select_config(
         KERNEL_NAME,
         version=__version__,
         problem={"tokens": tokens, "hidden": hidden, "intermediate": intermediate},

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
-from triton_ops_core.validation.gated_mlp import ACTIVATIONS
 
 from .ops import fused_gated_mlp
+from .validation import ACTIVATIONS
 
 
 class FusedGatedMLP(nn.Module):

@@ -24,10 +24,10 @@ from triton.runtime import _allocation
 from triton_ops_core.device import is_hopper
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.library import capturing, direct_call_ok, op_name
-from triton_ops_core.validation.gated_mlp import validate_gated_mlp_inputs
 
 from . import _kernels as K
 from .configs import DECODE_MAX_TOKENS, _heuristic, select_gated_mlp_config
+from .validation import validate_gated_mlp_inputs
 
 _ACTIVATION_CODES = {
     "silu": K.ACT_SILU,

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from .keys import key_string, relaxed_key_string
 
 FORMAT = "kernel-autotune-configs"
@@ -160,34 +162,17 @@ def lookup(path: Path | str, key: Mapping[str, Any], *, relaxed: bool = False) -
 
 
 class _Lock:
-    """An inter-process lock on ``<path>.lock`` (``filelock`` when installed, else ``fcntl``)."""
+    """An inter-process lock on ``<path>.lock`` (``filelock``, which torch itself depends on)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(str(path) + ".lock")
-        self._impl: Any = None
-        self._fd: int | None = None
+        self._impl = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
 
     def __enter__(self) -> _Lock:
-        try:
-            from filelock import FileLock
-        except ImportError:
-            import fcntl
-
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        else:
-            self._impl = FileLock(str(self.path), timeout=LOCK_TIMEOUT_S)
-            self._impl.acquire()
+        self._impl.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._impl is not None:
-            self._impl.release()
-        elif self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+        self._impl.release()
 
 
 def document(entries: Mapping[str, Entry]) -> dict[str, Any]:

@@ -4,16 +4,20 @@
 
 - RMSNorm + RoPE (``fused-rmsnorm-rope``): ``fused_rmsnorm_rope``, ``fused_qk_norm_rope``, ``FusedRMSNormRoPE``
 - gated MLP (``fused-gated-mlp``): ``fused_gated_mlp``, ``FusedGatedMLP``
-- FP8 (``fp8-gemm``): ``quantize_fp8``, ``dequantize_fp8``, ``fp8_gemm``, ``FP8Linear``
+- FP8 (``fp8-gemm``): ``quantize_fp8``, ``dequantize_fp8``, ``fp8_gemm``, ``fp8_linear``, ``FP8Linear``,
+  ``convert_to_fp8``
 - tuning (``kernel-autotune``): ``TritonAutoTuner`` and the config spaces ``RMSNORM_ROPE_CONFIGS``,
   ``GATED_MLP_CONFIGS``, ``FP8_GEMM_CONFIGS``
 - the shared exceptions and data models (``triton-ops-core``)
 - ``BenchmarkSuite``: the benchmark suite (``triton_ops.benchmark``)
 
+Every op is registered under ``torch.ops.triton_ops`` (``REGISTERED_OPS`` lists them): ``torch.compile``,
+CUDA graphs and ``torch.export`` take each as one node.
+
 Without a GPU, set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors (slowly).
 """
 
-from fp8_gemm import FP8_GEMM_CONFIGS, FP8Linear, dequantize_fp8, fp8_gemm, quantize_fp8
+from fp8_gemm import FP8_GEMM_CONFIGS, FP8Linear, convert_to_fp8, dequantize_fp8, fp8_gemm, fp8_linear, quantize_fp8
 from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, fused_gated_mlp
 from fused_rmsnorm_rope import RMSNORM_ROPE_CONFIGS, FusedRMSNormRoPE, fused_qk_norm_rope, fused_rmsnorm_rope
 from kernel_autotune import ConfigSpace, TritonAutoTuner, select_config
@@ -23,7 +27,6 @@ from triton_ops_core import (
     InvalidArgumentError,
     KernelMetrics,
     LayoutError,
-    MisalignedInputError,
     NumericalOverflowError,
     ShapeMismatchError,
     TensorSpec,
@@ -37,9 +40,16 @@ from triton_ops_core import (
 from .__about__ import __version__
 from .benchmark import BenchmarkSuite
 
+# The ops the packages above register when imported (the backward ops are what autograd calls).
+REGISTERED_OPS = (
+    "fused_rmsnorm_rope", "fused_rmsnorm_rope_backward", "fused_qk_norm_rope", "fused_qk_norm_rope_",
+    "fused_qk_norm_rope_backward", "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear",
+)
+
 __all__ = [
     "FP8_GEMM_CONFIGS",
     "GATED_MLP_CONFIGS",
+    "REGISTERED_OPS",
     "RMSNORM_ROPE_CONFIGS",
     "BenchmarkSuite",
     "ConfigSpace",
@@ -51,7 +61,6 @@ __all__ = [
     "InvalidArgumentError",
     "KernelMetrics",
     "LayoutError",
-    "MisalignedInputError",
     "NumericalOverflowError",
     "ShapeMismatchError",
     "TensorSpec",
@@ -62,8 +71,10 @@ __all__ = [
     "UnsupportedDeviceError",
     "UnsupportedDtypeError",
     "__version__",
+    "convert_to_fp8",
     "dequantize_fp8",
     "fp8_gemm",
+    "fp8_linear",
     "fused_gated_mlp",
     "fused_qk_norm_rope",
     "fused_rmsnorm_rope",

@@ -1,12 +1,8 @@
-"""Input validation: reusable checks and one validator per kernel family."""
+"""Input validation building blocks shared by every kernel package: dtype, device, shape and stride checks that
+raise the named exceptions of ``triton_ops_core.exceptions``. Each op's own validator lives with the op, in its
+package."""
 
 from .common import *  # noqa: F401,F403
 from .common import __all__ as _common_all
-from .fp8_gemm import *  # noqa: F401,F403
-from .fp8_gemm import __all__ as _fp8_all
-from .gated_mlp import *  # noqa: F401,F403
-from .gated_mlp import __all__ as _mlp_all
-from .rmsnorm_rope import *  # noqa: F401,F403
-from .rmsnorm_rope import __all__ as _rope_all
 
-__all__ = [*_common_all, *_fp8_all, *_mlp_all, *_rope_all]
+__all__ = [*_common_all]

@@ -11,7 +11,6 @@ from ..exceptions import (
     DeviceMismatchError,
     InvalidArgumentError,
     LayoutError,
-    MisalignedInputError,
     ShapeMismatchError,
     UnsupportedDeviceError,
     UnsupportedDtypeError,
@@ -125,19 +124,6 @@ def check_contiguous(t: torch.Tensor, name: str) -> None:
         )
 
 
-def check_alignment(t: torch.Tensor, name: str, alignment: int = 16) -> None:
-    """Data pointer and every non-unit stride aligned to ``alignment`` bytes (TMA needs 16)."""
-    if t.data_ptr() % alignment:
-        raise MisalignedInputError(f"{name}: expected a data pointer aligned to {alignment} bytes, got offset "
-                                   f"{t.data_ptr() % alignment}")
-    for dim, stride in enumerate(t.stride()):
-        if t.shape[dim] > 1 and stride != 1 and (stride * t.element_size()) % alignment:
-            raise MisalignedInputError(
-                f"{name}: expected strides that are multiples of {alignment} bytes, got stride {stride} "
-                f"({stride * t.element_size()} bytes) in dimension {dim}"
-            )
-
-
 def check_positive(value: float, name: str) -> None:
     if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
         raise InvalidArgumentError(f"{name}: expected a positive finite number, got {value!r}")
@@ -152,7 +138,6 @@ __all__ = [
     "FLOAT_DTYPES",
     "FP8_DTYPES",
     "HALF_DTYPES",
-    "check_alignment",
     "check_choice",
     "check_contiguous",
     "check_dim_size",

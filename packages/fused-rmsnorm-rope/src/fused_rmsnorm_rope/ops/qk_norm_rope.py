@@ -11,9 +11,9 @@ import torch
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.library import capturing, direct_call_ok, op_name
-from triton_ops_core.validation.rmsnorm_rope import validate_qk_norm_rope_inputs
 
 from ..config import QK_FWD_KERNEL, get_config
+from ..validation import validate_qk_norm_rope_inputs
 from .kernels import _qk_norm_rope_fwd_kernel, next_pow2
 from .rmsnorm_rope import collapse_rows, launch_bwd, position_strides, row_rstd, table_strides
 

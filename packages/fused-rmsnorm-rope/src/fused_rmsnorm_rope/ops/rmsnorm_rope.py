@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.library import capturing, direct_call_ok, op_name
-from triton_ops_core.validation.rmsnorm_rope import validate_rmsnorm_rope_inputs
 
 from ..config import FWD_KERNEL, get_config
+from ..validation import validate_rmsnorm_rope_inputs
 from .kernels import _norm_rope_bwd_kernel, _rmsnorm_rope_fwd_kernel, next_pow2
 
 

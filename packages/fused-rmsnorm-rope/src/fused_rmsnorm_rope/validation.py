@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ..exceptions import InvalidArgumentError, ShapeMismatchError
-from ..models import TensorSpec
-from .common import (
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.models import TensorSpec
+from triton_ops_core.validation.common import (
     FLOAT_DTYPES,
     check_choice,
     check_dim_size,

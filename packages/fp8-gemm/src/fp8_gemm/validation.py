@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ..exceptions import ShapeMismatchError, UnsupportedDtypeError
-from ..models import TensorSpec
-from .common import (
+from triton_ops_core.exceptions import ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.models import TensorSpec
+from triton_ops_core.validation.common import (
     FP8_DTYPES,
     HALF_DTYPES,
     check_dim_size,

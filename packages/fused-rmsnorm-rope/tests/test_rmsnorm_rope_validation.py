@@ -1,18 +1,17 @@
-"""Every kernel validator accepts good inputs and rejects each bad one with the right exception, naming the argument."""
+"""The op validators of this package accept good inputs and reject each bad one with the right exception,
+naming the argument."""
 
 import pytest
 import torch
-from hypothesis import assume, given
+from fused_rmsnorm_rope.validation import validate_qk_norm_rope_inputs, validate_rmsnorm_rope_inputs
+from hypothesis import given
 from hypothesis import strategies as st
-from triton_ops_core import (
+from triton_ops_core.exceptions import (
     DeviceMismatchError,
     InvalidArgumentError,
     ShapeMismatchError,
     UnsupportedDeviceError,
     UnsupportedDtypeError,
-    validate_fp8_gemm_inputs,
-    validate_gated_mlp_inputs,
-    validate_rmsnorm_rope_inputs,
 )
 
 FLOATS = st.sampled_from([torch.float16, torch.bfloat16, torch.float32])
@@ -113,107 +112,6 @@ def test_rmsnorm_rope_misc_rejections(monkeypatch):
             validate_rmsnorm_rope_inputs(x, w, c, c)
 
 
-# ---------------------------------------------------------------- gated MLP
-
-@st.composite
-def mlp_case(draw):
-    m, h, i = draw(st.integers(1, 5)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
-    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16]))
-    return torch.randn(m, h).to(dtype), torch.randn(i, h).to(dtype), torch.randn(i, h).to(dtype)
-
-
-@given(mlp_case())
-def test_gated_mlp_accepts_good_inputs(case):
-    x, wg, wu = case
-    info = validate_gated_mlp_inputs(x, wg, wu, "silu")
-    assert (info.num_tokens, info.hidden_dim, info.intermediate_dim) == (x.shape[0], x.shape[1], wg.shape[0])
-    packed = validate_gated_mlp_inputs(x, torch.cat([wg, wu]), None, "gelu", weight_layout="concatenated")
-    assert packed.intermediate_dim == wg.shape[0]
-
-
-@given(mlp_case(), st.integers(1, 3))
-def test_gated_mlp_rejects_shape_mismatch(case, extra):
-    x, wg, wu = case
-    with pytest.raises(ShapeMismatchError, match=r"^up_weight"):
-        validate_gated_mlp_inputs(x, wg, torch.randn(wu.shape[0] + extra, wu.shape[1]).to(wu.dtype))
-    with pytest.raises(ShapeMismatchError, match=r"^gate_weight"):
-        validate_gated_mlp_inputs(x, torch.randn(wg.shape[0], wg.shape[1] + extra).to(wg.dtype), wu)
-
-
-@given(mlp_case(), st.text(min_size=1, max_size=8))
-def test_gated_mlp_rejects_unknown_activation(case, name):
-    assume(name not in ("silu", "gelu", "gelu_tanh", "swiglu_oai"))
-    x, wg, wu = case
-    with pytest.raises(InvalidArgumentError, match=r"^activation"):
-        validate_gated_mlp_inputs(x, wg, wu, name)
-
-
-@given(mlp_case())
-def test_gated_mlp_rejects_dtype_and_device_mismatch(case):
-    x, wg, wu = case
-    other = torch.float16 if x.dtype == torch.bfloat16 else torch.bfloat16
-    with pytest.raises(UnsupportedDtypeError, match=r"^up_weight"):
-        validate_gated_mlp_inputs(x, wg, wu.to(other))
-    with pytest.raises(DeviceMismatchError, match=r"^gate_weight"):
-        validate_gated_mlp_inputs(x, wg.to("meta"), wu)
-
-
-def test_gated_mlp_bias_and_packed_rejections():
-    x, wg, wu = torch.randn(2, 8).half(), torch.randn(6, 8).half(), torch.randn(6, 8).half()
-    with pytest.raises(ShapeMismatchError, match=r"^gate_bias"):
-        validate_gated_mlp_inputs(x, wg, wu, gate_bias=torch.randn(5).half())
-    with pytest.raises(ShapeMismatchError, match=r"^gate_weight"):
-        validate_gated_mlp_inputs(x, torch.randn(7, 8).half(), None, weight_layout="interleaved")
-    with pytest.raises(InvalidArgumentError, match=r"^up_weight"):
-        validate_gated_mlp_inputs(x, torch.cat([wg, wu]), wu, weight_layout="concatenated")
-    with pytest.raises(InvalidArgumentError, match=r"^weight_layout"):
-        validate_gated_mlp_inputs(x, wg, wu, weight_layout="zigzag")
-
-
-# ---------------------------------------------------------------- FP8 GEMM
-
-@given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 300), st.sampled_from(["tensor", "row", "block"]),
-       st.sampled_from(["tensor", "channel", "block"]))
-def test_fp8_gemm_scale_granularity_from_shapes(m, k, n, ga, gb):
-    a = torch.randn(m, k).to(torch.float8_e4m3fn)
-    b = torch.randn(k, n).to(torch.float8_e4m3fn)
-    kb, nb = -(-k // 128), -(-n // 128)
-    a_scale = {"tensor": torch.ones(()), "row": torch.ones(m, 1), "block": torch.ones(m, kb)}[ga]
-    b_scale = {"tensor": torch.ones(1), "channel": torch.ones(1, n), "block": torch.ones(kb, nb)}[gb]
-    # small shapes make some granularities coincide (one row, one block): only shapes that are unambiguous count
-    assume(not (ga != "tensor" and a_scale.numel() == 1) and not (gb != "tensor" and b_scale.numel() == 1))
-    assume(not (ga == "block" and kb == 1) and not (gb == "block" and (kb, nb) == (1, n)))
-    info = validate_fp8_gemm_inputs(a, b, a_scale=a_scale, b_scale=b_scale)
-    assert (info.m, info.n, info.k) == (m, n, k)
-    assert (info.a_granularity, info.b_granularity) == (ga, gb)
-    assert info.flops == 2 * m * n * k
-
-
-def test_fp8_gemm_rejections():
-    a, b = torch.randn(4, 32).half(), torch.randn(32, 8).half()
-    validate_fp8_gemm_inputs(a, b)
-    with pytest.raises(ShapeMismatchError, match=r"^b: expected size 32 in dimension 0"):
-        validate_fp8_gemm_inputs(a, torch.randn(31, 8).half())
-    with pytest.raises(ShapeMismatchError, match=r"^a: expected 2 dimensions"):
-        validate_fp8_gemm_inputs(a[None], b)
-    with pytest.raises(UnsupportedDtypeError, match=r"^a: expected dtype"):
-        validate_fp8_gemm_inputs(a.to(torch.int8), b)
-    with pytest.raises(UnsupportedDtypeError, match=r"^a_scale: expected a scale tensor"):
-        validate_fp8_gemm_inputs(a.to(torch.float8_e4m3fn), b)
-    with pytest.raises(ShapeMismatchError, match=r"^a_scale"):
-        validate_fp8_gemm_inputs(a.to(torch.float8_e4m3fn), b, a_scale=torch.ones(3))
-    with pytest.raises(ShapeMismatchError, match=r"^b_scale"):
-        validate_fp8_gemm_inputs(a, b.to(torch.float8_e4m3fn), b_scale=torch.ones(7))
-    with pytest.raises(UnsupportedDtypeError, match=r"^a_scale"):
-        validate_fp8_gemm_inputs(a, b, a_scale=torch.ones(1, dtype=torch.float16))
-    with pytest.raises(ShapeMismatchError, match=r"^bias"):
-        validate_fp8_gemm_inputs(a, b, bias=torch.randn(9).half())
-    with pytest.raises(UnsupportedDtypeError, match=r"^out_dtype"):
-        validate_fp8_gemm_inputs(a, b, out_dtype=torch.int32)
-    with pytest.raises(DeviceMismatchError, match=r"^b"):
-        validate_fp8_gemm_inputs(a, b.to("meta"))
-
-
 # ---------------------------------------------------------------- QK-norm + RoPE
 
 @st.composite
@@ -238,7 +136,6 @@ def qk_case(draw):
 
 @given(qk_case())
 def test_qk_norm_rope_accepts_good_inputs(case):
-    from triton_ops_core import validate_qk_norm_rope_inputs
 
     q, k, qw, kw, cos, sin = case
     info = validate_qk_norm_rope_inputs(q, k, qw, kw, cos, sin)
@@ -248,7 +145,6 @@ def test_qk_norm_rope_accepts_good_inputs(case):
 
 @given(qk_case(), BAD_DTYPES)
 def test_qk_norm_rope_rejections(case, bad):
-    from triton_ops_core import validate_qk_norm_rope_inputs
 
     q, k, qw, kw, cos, sin = case
     with pytest.raises(UnsupportedDtypeError, match=r"^q"):

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from ..exceptions import InvalidArgumentError, ShapeMismatchError
-from ..models import TensorSpec
-from .common import (
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.models import TensorSpec
+from triton_ops_core.validation.common import (
     FLOAT_DTYPES,
     HALF_DTYPES,
     check_choice,
