@@ -91,7 +91,7 @@ def test_cli_in_process_errors_and_list(capsys):
     assert main(["tune", "no_such_family"]) == 2
     assert "not registered" in capsys.readouterr().err
     assert main(["list"]) == 0
-    assert "fused_rmsnorm_rope" in capsys.readouterr().out
+    assert "toy_scale\tregistered" in capsys.readouterr().out
 
 
 def test_registry_resolves_registered_families():

@@ -131,7 +131,7 @@ def _tune_jobs(args: argparse.Namespace) -> list[tuple[Any, dict[str, Any]]]:
 
     import_modules(args.module or [])
     if args.all:
-        names = [n for n, how in available_tunables().items() if "not installed" not in how]
+        names = list(available_tunables())
     else:
         names = list(args.families)
     if not names:

@@ -12,14 +12,13 @@ before it is needed:
 
       register_tunable("my_kernels", tunable)
 
-The triton-ops kernel families (``fused_rmsnorm_rope``, ``fused_gated_mlp``, ``fp8_gemm``) are registered here
-as built-ins (``kernel_autotune.families``); their factories import the kernel package only when called.
+kernel-autotune knows no kernel family of its own: the triton-ops kernel packages (``fused_rmsnorm_rope``,
+``fused_gated_mlp``, ``fp8_gemm``) declare theirs through the entry point, each in its ``tuning`` module.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,6 @@ class Tunable:
 TunableFactory = Callable[[], Tunable]
 
 _registered: dict[str, TunableFactory] = {}
-_builtin: dict[str, tuple[str, TunableFactory]] = {}   # name -> (distribution import name, factory)
 
 
 def register_tunable(name: str, factory: TunableFactory | Tunable) -> None:
@@ -93,12 +91,8 @@ def register_tunable(name: str, factory: TunableFactory | Tunable) -> None:
 
 
 def unregister_tunable(name: str) -> None:
-    """Remove a family registered with :func:`register_tunable` (built-ins and entry points stay)."""
+    """Remove a family registered with :func:`register_tunable` (entry points stay)."""
     _registered.pop(name, None)
-
-
-def _register_builtin(name: str, package: str, factory: TunableFactory) -> None:
-    _builtin[name] = (package, factory)
 
 
 def _entry_points() -> dict[str, Any]:
@@ -111,18 +105,9 @@ def _entry_points() -> dict[str, Any]:
     return {ep.name: ep for ep in eps}
 
 
-def _load_builtins() -> None:
-    importlib.import_module(".families", __package__)
-
-
 def available_tunables() -> dict[str, str]:
-    """Every known family and where it comes from: ``"registered"``, ``"entry point"``, ``"built-in"``, or
-    ``"built-in (package not installed)"``."""
-    _load_builtins()
+    """Every known family and where it comes from: ``"registered"`` or ``"entry point"``."""
     out: dict[str, str] = {}
-    for name, (package, _) in _builtin.items():
-        installed = importlib.util.find_spec(package) is not None
-        out[name] = "built-in" if installed else "built-in (package not installed)"
     for name in _entry_points():
         out[name] = "entry point"
     for name in _registered:
@@ -131,20 +116,17 @@ def available_tunables() -> dict[str, str]:
 
 
 def get_tunable(name: str) -> Tunable:
-    """The family ``name``: a registered one first, then an entry point, then a built-in."""
-    _load_builtins()
+    """The family ``name``: a registered one first, then an entry point."""
     factory: Callable[[], Any] | None = _registered.get(name)
     if factory is None:
         ep = _entry_points().get(name)
         if ep is not None:
             factory = ep.load()
-    if factory is None and name in _builtin:
-        package, factory = _builtin[name]
-        if importlib.util.find_spec(package) is None:
-            raise InvalidArgumentError(f"kernel family {name!r}: its package {package!r} is not installed")
     if factory is None:
         known = ", ".join(available_tunables()) or "none"
-        raise InvalidArgumentError(f"kernel family {name!r} is not registered (known: {known})")
+        raise InvalidArgumentError(
+            f"kernel family {name!r} is not registered (known: {known}); a package run from source, without "
+            f"installed metadata, registers its family with --module <package>.tuning")
     tunable = factory() if not isinstance(factory, Tunable) else factory
     if not isinstance(tunable, Tunable):
         raise InvalidArgumentError(
