@@ -1,12 +1,13 @@
-"""Test helpers for the GEMM: torch-side E4M3 quantization of any granularity and the float64 reference.
+"""Test helpers for the GEMM: E4M3 operands of any granularity and the float64 reference.
 
-The quantization here is torch's own cast (correct on CPU, unlike the interpreter's), so the GEMM tests do not
-depend on the package's quantization kernels.
+The operands come from the package's PyTorch reference quantization (``fp8_gemm.reference``: torch's own cast,
+correct on CPU, unlike the interpreter's), so the GEMM tests do not depend on the package's quantization kernels.
 """
 
 from __future__ import annotations
 
 import torch
+from fp8_gemm.reference import quantize_fp8_reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -29,27 +30,10 @@ def _expand(scale: torch.Tensor, rows: int, cols: int, gran: str, is_b: bool) ->
 def quantize_ref(t: torch.Tensor, gran: str, is_b: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 quantization with amax scaling: a [M, K] by tensor/row/block(1x128), b [K, N] by
     tensor/channel/block(128x128). Returns (q, scale) with the scale shapes fp8_gemm takes."""
-    t32 = t.float()
-    rows, cols = t32.shape
+    q, scale = quantize_fp8_reference(t.float(), "e4m3", gran, role="weight" if is_b else "activation")
     if gran == "tensor":
-        scale = t32.abs().amax().clamp(min=1e-12) / FP8_MAX
-    elif gran == "row":
-        scale = t32.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
-    elif gran == "channel":
-        scale = t32.abs().amax(dim=0).clamp(min=1e-12) / FP8_MAX
-    elif is_b:
-        rb, cb = -(-rows // BLOCK), -(-cols // BLOCK)
-        pad = torch.zeros(rb * BLOCK, cb * BLOCK)
-        pad[:rows, :cols] = t32.abs()
-        scale = pad.reshape(rb, BLOCK, cb, BLOCK).amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
-    else:
-        cb = -(-cols // BLOCK)
-        pad = torch.zeros(rows, cb * BLOCK)
-        pad[:, :cols] = t32.abs()
-        scale = pad.reshape(rows, cb, BLOCK).amax(dim=2).clamp(min=1e-12) / FP8_MAX
-    full = _expand(scale, rows, cols, gran, is_b).to(torch.float32)
-    q = (t32 / full).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale.to(torch.float32)
+        return q, scale.reshape(())
+    return q, (scale.reshape(-1) if gran in ("row", "channel") else scale)  # [M] / [N]: the flat forms
 
 
 def dequant(q: torch.Tensor, scale: torch.Tensor, gran: str, is_b: bool = False) -> torch.Tensor:

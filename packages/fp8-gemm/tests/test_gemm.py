@@ -6,9 +6,6 @@ kernel paths; accumulation precision on Hopper is checked by the GPU tests in te
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 from _gemm_ref import FP8, gemm_ref, make_operands, quantize_ref
@@ -167,31 +164,8 @@ def test_empty_and_k_zero():
     assert torch.equal(out, bias.expand(4, 8))
 
 
-def _torch_quantize_fp8(t, fmt="e4m3", granularity="tensor", *, scale=None, block_size=None):
-    """Stand-in with the quantization helper's signature, used only while fp8_gemm.quantize is absent."""
-    if scale is not None:
-        return (t.float() / scale.reshape(-1, 1) if scale.numel() > 1 else t.float() / scale).clamp(
-            -448, 448).to(FP8), scale
-    return quantize_ref(t, granularity)
-
-
-@pytest.fixture
-def quantizer(monkeypatch):
-    try:
-        import fp8_gemm.quantize as q  # noqa: F401
-
-        if hasattr(q, "quantize_fp8"):
-            return "package"
-    except ImportError:
-        pass
-    mod = types.ModuleType("fp8_gemm.quantize")
-    mod.quantize_fp8 = _torch_quantize_fp8
-    monkeypatch.setitem(sys.modules, "fp8_gemm.quantize", mod)
-    return "stand-in"
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_auto_quantized_inputs(quantizer, dtype):
+def test_auto_quantized_inputs(dtype):
     m, n, k = 70, 48, 160
     g = torch.Generator().manual_seed(23)
     a = torch.randn(m, k, generator=g).to(dtype)
@@ -208,7 +182,7 @@ def test_auto_quantized_inputs(quantizer, dtype):
     assert relative_error(out, exact) < 0.08
 
 
-def test_auto_quantized_weight_transposed_view(quantizer):
+def test_auto_quantized_weight_transposed_view():
     g = torch.Generator().manual_seed(29)
     x = torch.randn(3, 64, generator=g, dtype=torch.float32).to(torch.bfloat16)
     w = torch.randn(40, 64, generator=g, dtype=torch.float32).to(torch.bfloat16)  # nn.Linear layout [N, K]
@@ -275,7 +249,7 @@ def test_wrong_device():
 
 
 @pytest.mark.parametrize("a_gran, b_gran", [("row", "block"), ("block", "channel"), ("tensor", "tensor")])
-def test_half_inputs_with_given_scales(quantizer, a_gran, b_gran):
+def test_half_inputs_with_given_scales(a_gran, b_gran):
     # fp16/bf16 operands with static scales (1 % headroom, so no group overflows and gets its scale raised):
     # quantized with exactly those scales, then the same GEMM as for FP8 inputs.
     from _gemm_ref import _expand, dequant

@@ -14,6 +14,7 @@ import pytest
 import torch
 from triton_ops.benchmark import BenchmarkSuite, _cases
 from triton_ops.benchmark import _timing as timing
+from triton_ops_core import device as core_device
 
 
 class _Event:
@@ -49,7 +50,7 @@ def fake_cuda(monkeypatch):
         "max_memory_allocated": lambda *a: 3 << 20,
     }.items():
         monkeypatch.setattr(torch.cuda, name, value)
-    monkeypatch.setattr(timing, "_FLUSH_BYTES", 1 << 16)
+    monkeypatch.setattr(core_device, "FLUSH_BYTES", 1 << 16)
     monkeypatch.setattr(_cases, "_device", lambda suite: torch.device("cpu"))
 
 
@@ -97,10 +98,10 @@ def test_unstable_measurements_are_repeated(fake_cuda, monkeypatch) -> None:
 
 def test_read_flush_leaves_the_buffer_alone(fake_cuda) -> None:
     timer = timing.CudaTimer(1, 2, min_runs=1, device="cpu", flush_by="read")
-    timer._flush.fill_(1.0)
+    timer._flush._buffer.fill_(1.0)
     timer._flush_l2()
-    assert timer._sink.item() == timer._flush.numel()  # it read every element and wrote none
-    with pytest.raises(ValueError, match="flush_by"):
+    assert timer._flush._sink.item() == timer._flush._buffer.numel()  # it read every element and wrote none
+    with pytest.raises(ValueError, match="expected 'write' or 'read'"):
         timing.CudaTimer(device="cpu", flush_by="clean")
 
 

@@ -23,6 +23,48 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
 
 
+def sm_count(device: torch.device, cpu: int) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (asked once per GPU: the query costs microseconds), else
+    ``cpu``: what a kernel's grid heuristic should assume under the interpreter, which each caller states."""
+    if device.type != "cuda":
+        return cpu
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Larger than any current GPU's L2 (H100: 50 MB, H200: 60 MB, B200: 126 MB): writing or reading it evicts a kernel's
+# operands. One size for the tuner and the benchmarks, so both rank configs under the same conditions.
+FLUSH_BYTES = 256 * 2**20
+
+
+class L2Flush:
+    """Empties the L2 cache of a CUDA ``device`` before a timed run (call it; it enqueues one kernel).
+
+    ``by="write"`` zero-fills a 256 MiB buffer: L2 is left full of dirty lines, which the timed kernel writes back to
+    HBM as it evicts them (about 10 us on an H100). ``by="read"`` sums the buffer: L2 is left full of clean lines, as
+    after a layer that only read its operands, and eviction costs nothing.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, by: str = "write") -> None:
+        if by not in ("write", "read"):
+            from .exceptions import InvalidArgumentError
+
+            raise InvalidArgumentError(f"by: expected 'write' or 'read', got {by!r}")
+        self.by = by
+        self._buffer = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32, device=device or "cuda")
+        self._sink = torch.empty((), dtype=torch.float32, device=self._buffer.device)
+
+    def __call__(self) -> None:
+        if self.by == "write":
+            self._buffer.zero_()
+        else:
+            torch.sum(self._buffer, dim=None, out=self._sink)
+
+
 def has_gpu() -> bool:
     """True when a CUDA device is usable by torch."""
     return torch.cuda.is_available()
@@ -107,10 +149,35 @@ _PEAK_TABLE: dict[str, DevicePeaks] = {
         "measured on the lent H100, 2026-11-22 (copy, cuBLAS bf16, cuBLAS FP8 at 8192^3)",
     ),
     "H100 PCIe": DevicePeaks("NVIDIA H100 PCIe", 2000.0, 756.0, 1513.0, "datasheet (dense)"),
-    "H200": DevicePeaks("NVIDIA H200", 4300.0, 790.0, 1979.0, "measured copy and bf16 on a lent H200; FP8 datasheet"),
+    "H200": DevicePeaks("NVIDIA H200", 4300.0, 790.0, 1979.0,
+                        "measured copy and cuBLAS bf16 on a lent H200 (datasheet bf16: 989); FP8 datasheet"),
     "A100": DevicePeaks("NVIDIA A100", 1555.0, 312.0, 0.0, "datasheet (40GB SXM), no FP8"),
     "L40S": DevicePeaks("NVIDIA L40S", 864.0, 362.0, 733.0, "datasheet (dense)"),
 }
+
+
+# Dense tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity): what "% of datasheet" divides by. The
+# table above holds what the lent GPUs measured (cuBLAS at 8192^3), which is below these.
+DATASHEET_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 80GB HBM3": {"bf16": 989.4, "fp8": 1978.9},  # H100 SXM5
+    "H100 SXM": {"bf16": 989.4, "fp8": 1978.9},
+    "H100 NVL": {"bf16": 835.0, "fp8": 1670.0},
+    "H100 PCIe": {"bf16": 756.0, "fp8": 1513.0},
+    "H200": {"bf16": 989.4, "fp8": 1978.9},
+    "L40S": {"bf16": 362.1, "fp8": 733.0},
+    "L4": {"bf16": 121.0, "fp8": 242.0},
+    "A100": {"bf16": 312.0},
+}
+
+
+def datasheet_tflops(device_name: str, compute_dtype: str | None) -> float | None:
+    """The datasheet's dense TFLOP/s of ``device_name`` for ``"bf16"`` or ``"fp8"``; None when unknown."""
+    if not compute_dtype:
+        return None
+    for key, peaks in DATASHEET_TFLOPS.items():
+        if key in device_name:
+            return peaks.get(compute_dtype)
+    return None
 
 
 def _table_lookup(name: str) -> DevicePeaks | None:
@@ -155,8 +222,12 @@ def device_peaks(device: torch.device | str | None = None, measure: bool = False
 
 
 __all__ = [
+    "DATASHEET_TFLOPS",
+    "FLUSH_BYTES",
+    "L2Flush",
     "DevicePeaks",
     "can_run_on",
+    "datasheet_tflops",
     "device_name",
     "device_peaks",
     "has_gpu",
@@ -164,5 +235,6 @@ __all__ = [
     "is_interpreter",
     "kernel_device",
     "measure_copy_bandwidth",
+    "sm_count",
     "supports_fp8",
 ]

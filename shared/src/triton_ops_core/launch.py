@@ -29,6 +29,18 @@ def tensor_key(t: torch.Tensor) -> tuple:
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1): block sizes and size buckets (plain integer math:
+    ``triton.next_power_of_2`` is a JIT function and costs microseconds per host call)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``, in integer math."""
+    return -(-a // b)
+
+
 _Tensor = torch.Tensor
 
 
@@ -99,4 +111,4 @@ class PlanCache:
         self._plans.clear()
 
 
-__all__ = ["MAX_PLANS", "Plan", "PlanCache", "call_key", "tensor_key"]
+__all__ = ["MAX_PLANS", "Plan", "PlanCache", "call_key", "cdiv", "next_pow2", "tensor_key"]

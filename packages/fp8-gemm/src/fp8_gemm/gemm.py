@@ -8,25 +8,36 @@ split-K kernel for decode (M <= 64), where the weight stream is the whole cost.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
-from triton_ops_core.device import is_hopper, is_interpreter, supports_fp8
+from triton_ops_core.device import is_hopper, is_interpreter, sm_count, supports_fp8
 from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
 
 from . import _scratch
 from . import gemm_configs as cfgs
-from .gemm_kernels import fp8_gemm_decode_kernel, fp8_gemm_ptr_kernel, fp8_gemm_tma_kernel
+from .gemm_kernels import (
+    A_BLOCK,
+    A_ROW,
+    A_ROW_IN_KERNEL,
+    A_TENSOR,
+    B_BLOCK,
+    B_CHANNEL,
+    B_TENSOR,
+    fp8_gemm_decode_kernel,
+    fp8_gemm_ptr_kernel,
+    fp8_gemm_tma_kernel,
+)
 from .quantize import _PLANS as _QUANTIZE_PLANS
 from .quantize import quantize_fp8
 from .validation import validate_fp8_gemm_inputs
 
 FP8 = torch.float8_e4m3fn
-_A_MODE = {"tensor": 0, "row": 1, "block": 2}
-_B_MODE = {"tensor": 0, "channel": 1, "block": 2}
+_A_MODE = {"tensor": A_TENSOR, "row": A_ROW, "block": A_BLOCK}
+_B_MODE = {"tensor": B_TENSOR, "channel": B_CHANNEL, "block": B_BLOCK}
 DECODE_MAX_M = 64
 # fp16/bf16 activations of at most this many elements (M * K) are quantized per row inside the decode GEMM: one
 # launch instead of two, which saves tens of microseconds of host time per call. Every program reads the whole
@@ -102,7 +113,7 @@ def _decode_scratch(device: torch.device, ws_numel: int, n_cnt: int) -> tuple[to
 def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: bool, device: torch.device,
           dtypes: tuple, interp: bool) -> dict[str, Any]:
     """The launch config of one problem (memoized: the hot path pays for it once per shape)."""
-    blocked = a_mode == 2 or b_mode == 2
+    blocked = a_mode == A_BLOCK or b_mode == B_BLOCK
     problem = {"m": m, "n": n, "k": k}
     name = f"fp8_gemm.{path}.a{a_mode}b{b_mode}.{'fast' if fast else 'faithful'}"
     if path == "decode":
@@ -132,19 +143,28 @@ def clear_caches() -> None:
 _CACHE_CLEARERS: list = []
 
 
+class LaunchNeeds(NamedTuple):
+    """A plan's ``extra``: what the per-call part of a launch needs."""
+
+    path: str  # "decode", "tma" or "ptr"
+    flag: int | bool  # decode: split-K partials' elements (0 without split-K); tma: b needs a K-major copy
+    n_counters: int  # decode: tile arrival counters of split K
+    descriptors: bool  # device-side tensor descriptors: Triton needs its scratch allocator
+
+
 def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, config=None,
                  quant_a=False) -> Plan:
     """The launch of one call signature: kernel, grid, scalar tail and options (``extra`` says what the
     per-call tensors need; ``info`` is the path and config). ``quant_a``: ``a`` is unquantized and the decode
-    kernel quantizes it per row (``a_mode`` 3); the tiles are those of the row-scaled FP8 call, so both give
-    bit-identical results."""
+    kernel quantizes it per row (``a_mode`` A_ROW_IN_KERNEL); the tiles are those of the row-scaled FP8 call, so
+    both give bit-identical results."""
     m, k = a.shape
     n = b.shape[1]
     interp = _INTERP
     path = "decode" if quant_a else path or _pick_path(a, b, out, m)
-    blocked = a_mode == 2 or b_mode == 2
+    blocked = a_mode == A_BLOCK or b_mode == B_BLOCK
     if config is None:
-        cfg_a_mode, a_dtype = (1, FP8) if quant_a else (a_mode, a.dtype)
+        cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
         cfg = _plan(path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype),
                     interp)
         if quant_a:
@@ -152,7 +172,7 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
     else:
         cfg = _fit_block_k(config, blocked)
     nb = -(-n // 128)
-    sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == 2 else (0, 0)
+    sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     has_bias = bias is not None
     info = {"path": path, **cfg}
     # Constexprs go positionally, in the kernels' signature order (the direct launcher takes every argument).
@@ -167,7 +187,7 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
                 split, k % cfg["BLOCK_K"] == 0 and n % cfg["BLOCK_N"] == 0, bool(quant_a), interp)
         tail += _amax_tile(m, k) if quant_a else (1, 1)
         return Plan(fp8_gemm_decode_kernel, grid, tail, cfg["num_warps"], info=info,
-                    extra=(path, split * m * n, grid[0], False), num_stages=cfg["num_stages"])
+                    extra=LaunchNeeds(path, split * m * n, grid[0], False), num_stages=cfg["num_stages"])
     if path == "tma":
         kmajor, lead = _b_layout(b)
         copy_b = not kmajor
@@ -176,21 +196,21 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
             # tenth of the speed. One copy of b (K*N bytes, made per call) is far cheaper for M > 64.
             kmajor, lead = True, k
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        progs = cfgs.persistent_programs(tiles, cfgs.num_sms(a.device) * cfg.get("CTAS_PER_SM", 1)) \
+        progs = cfgs.persistent_programs(tiles, sm_count(a.device, cpu=4) * cfg.get("CTAS_PER_SM", 1)) \
             if cfg["PERSISTENT"] else tiles
         tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, progs,
                 a_mode, b_mode, kmajor, has_bias, 0 if fast_accum else cfg["FAITHFUL_ACC"],
                 cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["GROUP_M"], bool(cfg.get("FLATTEN", False)),
                 bool(cfg.get("WARP_SPEC", False)), cfg.get("PROMOTE_K", cfg["BLOCK_K"]),
                 bool(cfg.get("EPI_SUBTILE", False)))
-        return Plan(fp8_gemm_tma_kernel, (progs,), tail, cfg["num_warps"], info=info, extra=(path, copy_b, 0, True),
-                    num_stages=cfg["num_stages"])
+        return Plan(fp8_gemm_tma_kernel, (progs,), tail, cfg["num_warps"], info=info,
+                    extra=LaunchNeeds(path, copy_b, 0, True), num_stages=cfg["num_stages"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     tail = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             sa_m, sa_k, nb,
             a_mode, b_mode, has_bias, 0 if fast_accum else 1, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
             cfg["GROUP_M"])
-    return Plan(fp8_gemm_ptr_kernel, grid, tail, cfg["num_warps"], info=info, extra=(path, False, 0, False),
+    return Plan(fp8_gemm_ptr_kernel, grid, tail, cfg["num_warps"], info=info, extra=LaunchNeeds(path, False, 0, False),
                 num_stages=cfg["num_stages"])
 
 
@@ -207,7 +227,7 @@ def _amax_tile(m: int, k: int) -> tuple[int, int]:
 def _run_launch(plan: Plan, a, b, out, a_s, b_s, bias) -> None:
     """Launch ``plan`` with this call's tensors (the output is per call; partials and counters are the
     stream's scratch buffers)."""
-    path, flag, n_cnt, descriptors = plan.extra
+    path, flag, n_cnt, descriptors = plan.extra  # see LaunchNeeds
     bias_arg = a_s if bias is None else bias
     if descriptors and not _INTERP:
         _ensure_allocator()
@@ -340,8 +360,8 @@ class _Call:
         b, b_s = _apply_prep(self.b_prep, b, b_scale, True)
         if self.fused:
             plan = self.launch
-            if plan is None:  # A_MODE 3: no scale tensor for a (b's stands in for the unused pointer)
-                plan = self.launch = _launch_plan(a, b, out, b_s, b_s, bias, 3, self.b_mode, self.fast,
+            if plan is None:  # no scale tensor for a (b's stands in for the unused pointer)
+                plan = self.launch = _launch_plan(a, b, out, b_s, b_s, bias, A_ROW_IN_KERNEL, self.b_mode, self.fast,
                                                   quant_a=True)
             _run_launch(plan, a, b, out, b_s, b_s, bias)
             return out

@@ -7,12 +7,13 @@ the scale granularities and the accumulation mode (in the kernel name).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from kernel_autotune import ConfigSpace, select_config
+from triton_ops_core.device import sm_count
+from triton_ops_core.launch import next_pow2
 
 from .__about__ import __version__
 
@@ -67,17 +68,6 @@ FP8_GEMM_PTR_CONFIGS = ConfigSpace(_PTR_PARAMS)
 FP8_GEMM_DECODE_CONFIGS = ConfigSpace(_DECODE_PARAMS, constraints=[_decode_fits])
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-@lru_cache(maxsize=8)
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def persistent_programs(tiles: int, slots: int) -> int:
     """Programs of a persistent grid: as many waves as ``slots`` resident programs need, with the tiles spread
     evenly over the fewest programs that keep that number of waves.
@@ -112,7 +102,7 @@ def tma_heuristic(m: int, n: int, k: int, blocked: bool, fast: bool, device: tor
     else:
         cfg = (256, 128, 4, True, 2)
     bm, bn, stages, sub, acc = cfg
-    if -(-m // bm) * -(-n // bn) < 2 * num_sms(device) // 3:  # too few tiles for the SMs: smaller tiles
+    if -(-m // bm) * -(-n // bn) < 2 * sm_count(device, cpu=4) // 3:  # too few tiles for the SMs: smaller tiles
         bm, bn, stages, sub = 128, 128, 4, False
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": stages,
             "PERSISTENT": True, "FLATTEN": True, "EPI_SUBTILE": sub, "FAITHFUL_ACC": acc}
@@ -162,10 +152,10 @@ def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device
       for M > 16, where every split re-reads the activation);
     - else 32 columns, 256-deep K tiles, 4 stages.
     """
-    block_m = max(16, _next_pow2(m))
+    block_m = max(16, next_pow2(m))
     if interpreter:
         return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
-    sms = num_sms(device)
+    sms = sm_count(device, cpu=4)
     block_n, block_k, split, stages = 32, 256, 1, 4
     if n * k <= 2**24:
         block_k = 512
@@ -191,7 +181,6 @@ __all__ = [
     "choose",
     "decode_heuristic",
     "fused_decode_config",
-    "num_sms",
     "persistent_programs",
     "ptr_heuristic",
     "tma_heuristic",

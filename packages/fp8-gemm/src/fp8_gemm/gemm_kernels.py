@@ -19,6 +19,10 @@ from .quantize import _finite_abs, _fp8_bits_rne, _group_scale
 
 SCALE_BLOCK = 128
 
+# The values of the A_MODE / B_MODE constexprs, by name (the host passes these; the kernels compare with the numbers)
+A_TENSOR, A_ROW, A_BLOCK, A_ROW_IN_KERNEL = 0, 1, 2, 3
+B_TENSOR, B_CHANNEL, B_BLOCK = 0, 1, 2
+
 
 @triton.jit
 def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):

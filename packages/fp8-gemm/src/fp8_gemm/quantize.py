@@ -27,14 +27,14 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton_ops_core.device import is_interpreter, supports_fp8
+from triton_ops_core.device import is_interpreter, sm_count, supports_fp8
 from triton_ops_core.exceptions import (
     InvalidArgumentError,
     NumericalOverflowError,
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
-from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.models import FP8Format
 from triton_ops_core.validation import (
@@ -471,25 +471,21 @@ def _quant_tensor_given_fixup_kernel(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=4096)
 def _tile_config(r: int, c: int, elements: int = 8192) -> dict[str, int]:
-    block_c = min(_pow2(c), elements)
-    block_r = max(1, min(_pow2(r), elements // block_c))
+    block_c = min(next_pow2(c), elements)
+    block_r = max(1, min(next_pow2(r), elements // block_c))
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 8 if block_r * block_c >= 4096 else 4}
 
 
 @functools.lru_cache(maxsize=4096)
 def _lines_config(r: int, c: int, reduce_rows: bool) -> dict[str, int]:
     if reduce_rows:  # per-column scales: a strip of columns per program, walking all rows
-        block_c = min(_pow2(c), 64)
-        block_r = min(_pow2(r), 64)
+        block_c = min(next_pow2(c), 64)
+        block_r = min(next_pow2(r), 64)
         return {"BLOCK_R": block_r, "BLOCK_C": block_c, "SINGLE": r <= block_r, "num_warps": 4}
-    block_c = min(_pow2(c), 8192)  # a whole row of up to 8192 stays in registers: one read
-    block_r = max(1, min(_pow2(r), 4096 // block_c))
+    block_c = min(next_pow2(c), 8192)  # a whole row of up to 8192 stays in registers: one read
+    block_r = max(1, min(next_pow2(r), 4096 // block_c))
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "SINGLE": c <= block_c,
             "num_warps": 8 if block_r * block_c >= 4096 else 4}
 
@@ -497,10 +493,6 @@ def _lines_config(r: int, c: int, reduce_rows: bool) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_block_size(block_size: object, role: str) -> tuple[int, int]:
@@ -529,17 +521,10 @@ def scale_shape(shape: tuple[int, ...], granularity: str, block_size: tuple[int,
     if granularity == "channel":
         return (1, shape[1])
     bm, bk = _check_block_size(block_size, role)
-    return (_cdiv(shape[0], bm), _cdiv(shape[1], bk))
+    return (cdiv(shape[0], bm), cdiv(shape[1], bk))
 
 
 _FP8_OK: dict[int, bool] = {}
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _fp8_ok(device: torch.device) -> bool:
@@ -672,7 +657,7 @@ def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str
     if granularity in ("row", "channel"):
         plan.scale_shape = (1, c) if granularity == "channel" else (r, 1)
     elif granularity == "block":
-        plan.scale_shape = (_cdiv(r, block[0]), _cdiv(c, block[1]))
+        plan.scale_shape = (cdiv(r, block[0]), cdiv(c, block[1]))
     else:
         plan.scale_shape = (1,)
     if r == 0 or c == 0:
@@ -685,24 +670,24 @@ def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str
     if granularity in ("row", "channel"):
         reduce_rows = granularity == "channel"
         cfg = _lines_config(r, c, reduce_rows)
-        n_prog = _cdiv(c, cfg["BLOCK_C"]) if reduce_rows else _cdiv(r, cfg["BLOCK_R"])
+        n_prog = cdiv(c, cfg["BLOCK_C"]) if reduce_rows else cdiv(r, cfg["BLOCK_R"])
         tail = (r, c, stride_xr, c, max_value, reduce_rows, has_given, is_e4m3, emulate, cfg["BLOCK_R"],
                 cfg["BLOCK_C"], cfg["SINGLE"])
         plan.launches = (Plan(_quant_lines_kernel, (n_prog,), tail, cfg["num_warps"]),)
     elif granularity == "block":
         bm, bk = block
         block_r = 32 if bm == 1 else bm
-        tail = (r, c, stride_xr, c, _cdiv(c, bk), max_value, bm, has_given, is_e4m3, emulate, block_r, bk)
-        plan.launches = (Plan(_quant_blocks_kernel, (_cdiv(r, block_r), _cdiv(c, bk)), tail, 8 if bm > 1 else 4),)
+        tail = (r, c, stride_xr, c, cdiv(c, bk), max_value, bm, has_given, is_e4m3, emulate, block_r, bk)
+        plan.launches = (Plan(_quant_blocks_kernel, (cdiv(r, block_r), cdiv(c, bk)), tail, 8 if bm > 1 else 4),)
     else:
         # A contiguous tensor is one long row: long tiles, no row masks.
         flat = x.is_contiguous()
         rr, cc, sr = (1, r * c, r * c) if flat else (r, c, stride_xr)
         cfg = _tile_config(rr, cc, _TENSOR_TILE)
         br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
-        tiles_c = _cdiv(cc, bc)
-        n_tiles = _cdiv(rr, br) * tiles_c
-        progs = 1 if emulate else min(n_tiles, _TENSOR_PROGS_PER_SM * _sm_count(x.device))
+        tiles_c = cdiv(cc, bc)
+        n_tiles = cdiv(rr, br) * tiles_c
+        progs = 1 if emulate else min(n_tiles, _TENSOR_PROGS_PER_SM * sm_count(x.device, cpu=1))
         if has_given and not plan.delayed and n_tiles > _GIVEN_GRID_TILES_PER_PROG * progs:
             # A given scale on a large tensor: a plain grid that casts and flags overflowing tiles, then a small
             # launch that stores the scale and re-casts only after an overflow (_quant_tensor_given_kernel).
@@ -710,7 +695,7 @@ def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str
             # against 89 % cooperative. It costs one more launch on the host (10-30 us on the benchmark
             # machine), which smaller tensors do not earn back: 4096^2 gains 2 us on the device (88 % vs 82 %).
             consts = (max_value, is_e4m3, emulate, br, bc)
-            fix_progs = min(n_tiles, 2 if emulate else _sm_count(x.device))
+            fix_progs = min(n_tiles, 2 if emulate else sm_count(x.device, cpu=1))
             plan.launches = (
                 Plan(_quant_tensor_given_kernel, (n_tiles,), (rr, cc, sr, cc, tiles_c, *consts), cfg["num_warps"]),
                 Plan(_quant_tensor_given_fixup_kernel, (fix_progs,), (rr, cc, sr, cc, tiles_c, n_tiles, *consts),
@@ -721,7 +706,7 @@ def _plan_2d(plan: _QuantPlan, x: torch.Tensor, fmt: FP8Format, granularity: str
         hist_len, margin_mul = plan.delayed or (1, 1.0)
         mode = 2 if plan.delayed else 1 if has_given else 0
         tail = (rr, cc, sr, cc, tiles_c, n_tiles, hist_len, margin_mul, max_value, mode, is_e4m3, emulate, br, bc,
-                _pow2(hist_len), True)
+                next_pow2(hist_len), True)
         options = {} if emulate else {"launch_cooperative_grid": True}
         plan.launches = (Plan(_quant_tensor_coop_kernel, (progs,), tail, cfg["num_warps"], **options),)
 
@@ -936,12 +921,12 @@ def expand_scale(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     for dim, (s, n) in enumerate(zip(scale.shape, shape)):
         if s in (n, 1):
             continue
-        if s == _cdiv(n, SCALE_BLOCK):
+        if s == cdiv(n, SCALE_BLOCK):
             out = out.repeat_interleave(SCALE_BLOCK, dim=dim).narrow(dim, 0, n)
             continue
         raise ShapeMismatchError(
             f"scale: size {s} in dimension {dim} fits neither {n} (per element), 1 (whole dimension) nor "
-            f"{_cdiv(n, SCALE_BLOCK)} ({SCALE_BLOCK}-wide blocks) for a tensor of shape {list(shape)}"
+            f"{cdiv(n, SCALE_BLOCK)} ({SCALE_BLOCK}-wide blocks) for a tensor of shape {list(shape)}"
         )
     return out.expand(shape)
 

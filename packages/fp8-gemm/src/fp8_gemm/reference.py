@@ -8,13 +8,10 @@ cast, non-finite values left out of the absolute maximum, infinities saturated t
 from __future__ import annotations
 
 import torch
+from triton_ops_core.launch import cdiv
 from triton_ops_core.models import FP8Format
 
 from .quantize import ACTIVATION_BLOCK, WEIGHT_BLOCK, expand_scale, scale_shape
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def group_amax(x: torch.Tensor, granularity: str, block_size: tuple[int, int] | None = None,
@@ -30,9 +27,9 @@ def group_amax(x: torch.Tensor, granularity: str, block_size: tuple[int, int] | 
         return a.amax(dim=0, keepdim=True)
     bm, bk = block_size or (ACTIVATION_BLOCK if role == "activation" else WEIGHT_BLOCK)
     m, k = a.shape
-    padded = torch.zeros((_cdiv(m, bm) * bm, _cdiv(k, bk) * bk), dtype=a.dtype, device=a.device)
+    padded = torch.zeros((cdiv(m, bm) * bm, cdiv(k, bk) * bk), dtype=a.dtype, device=a.device)
     padded[:m, :k] = a
-    return padded.view(_cdiv(m, bm), bm, _cdiv(k, bk), bk).amax(dim=(1, 3))
+    return padded.view(cdiv(m, bm), bm, cdiv(k, bk), bk).amax(dim=(1, 3))
 
 
 def scale_from_amax(amax: torch.Tensor, fmt: str | FP8Format = "e4m3") -> torch.Tensor:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from triton_ops_core.exceptions import ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.launch import cdiv
 from triton_ops_core.models import TensorSpec
 from triton_ops_core.validation.common import (
     FP8_DTYPES,
@@ -22,10 +23,6 @@ GRANULARITIES = ("tensor", "row", "channel", "block")
 SCALE_BLOCK = 128
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def a_scale_granularity(scale: torch.Tensor, m: int, k: int, name: str = "a_scale") -> str:
     """Granularity of the scale of ``a`` ``[M, K]`` from its shape: ``tensor`` (one value), ``row`` (``[M]`` or
     ``[M, 1]``) or ``block`` (1x128 blocks: ``[M, ceil(K/128)]``)."""
@@ -33,10 +30,10 @@ def a_scale_granularity(scale: torch.Tensor, m: int, k: int, name: str = "a_scal
         return "tensor"
     if tuple(scale.shape) in ((m,), (m, 1)):
         return "row"
-    if tuple(scale.shape) == (m, _cdiv(k, SCALE_BLOCK)):
+    if tuple(scale.shape) == (m, cdiv(k, SCALE_BLOCK)):
         return "block"
     raise ShapeMismatchError(
-        f"{name}: expected one value (per-tensor), [{m}] or [{m}, 1] (per-row), or [{m}, {_cdiv(k, SCALE_BLOCK)}] "
+        f"{name}: expected one value (per-tensor), [{m}] or [{m}, 1] (per-row), or [{m}, {cdiv(k, SCALE_BLOCK)}] "
         f"(1x{SCALE_BLOCK} blocks) for a of shape [{m}, {k}], got {list(scale.shape)}"
     )
 
@@ -48,11 +45,11 @@ def b_scale_granularity(scale: torch.Tensor, k: int, n: int, name: str = "b_scal
         return "tensor"
     if tuple(scale.shape) in ((n,), (1, n)):
         return "channel"
-    if tuple(scale.shape) == (_cdiv(k, SCALE_BLOCK), _cdiv(n, SCALE_BLOCK)):
+    if tuple(scale.shape) == (cdiv(k, SCALE_BLOCK), cdiv(n, SCALE_BLOCK)):
         return "block"
     raise ShapeMismatchError(
         f"{name}: expected one value (per-tensor), [{n}] or [1, {n}] (per-channel), or "
-        f"[{_cdiv(k, SCALE_BLOCK)}, {_cdiv(n, SCALE_BLOCK)}] ({SCALE_BLOCK}x{SCALE_BLOCK} blocks) for b of shape "
+        f"[{cdiv(k, SCALE_BLOCK)}, {cdiv(n, SCALE_BLOCK)}] ({SCALE_BLOCK}x{SCALE_BLOCK} blocks) for b of shape "
         f"[{k}, {n}], got {list(scale.shape)}"
     )
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 from kernel_autotune import ConfigSpace, select_config
+from triton_ops_core.device import sm_count
+from triton_ops_core.launch import next_pow2
 
 from .__about__ import __version__
 
@@ -77,17 +79,6 @@ GATED_MLP_CONFIGS = ConfigSpace(_SPACE_AXES, constraints=[_fits])
 """Every launch config worth trying; ``GATED_MLP_CONFIGS.configs({"tokens": m, ...})`` lists a problem's."""
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 132  # the interpreter: pretend to be an H100 so the CPU picks the configs the GPU would
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _decode(bm: int, bn: int, bk: int, split: int, stages: int) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 1, "num_warps": 4,
             "num_stages": stages}
@@ -126,15 +117,11 @@ _H100_BF16: dict[tuple[int, int, int], dict] = {
 }
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 @functools.lru_cache(maxsize=4096)
 def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, sms: int) -> tuple:
     decode = tokens <= DECODE_MAX_TOKENS
     if element_size == 2 and sms == _H100_SMS:
-        row = decode_block_m(tokens) if decode else min(max(_pow2_at_least(tokens), 2048), 8192)
+        row = decode_block_m(tokens) if decode else min(max(next_pow2(tokens), 2048), 8192)
         tuned = _H100_BF16.get((row, hidden, intermediate))
         if tuned is not None:
             return tuple(sorted(tuned.items()))
@@ -168,8 +155,8 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, s
 def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
                      device: torch.device) -> dict:
     """The analytical choice, used when no tuned config is cached or shipped."""
-    return dict(_heuristic(tokens, hidden, intermediate, dtype.itemsize,
-                           _sm_count(device)))
+    # the interpreter takes an H100's SM count, so the CPU picks the configs the GPU would
+    return dict(_heuristic(tokens, hidden, intermediate, dtype.itemsize, sm_count(device, cpu=132)))
 
 
 def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,

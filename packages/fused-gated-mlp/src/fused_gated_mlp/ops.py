@@ -17,12 +17,13 @@ import functools
 import json
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
 from triton.runtime import _allocation
 from triton_ops_core.device import is_hopper
-from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 
 from . import _kernels as K
@@ -54,11 +55,6 @@ def _ensure_tma_allocator() -> None:
     """
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_alloc_descriptor_scratch)
-
-
-def _cdiv(a: int, b: int) -> int:
-    # Plain integer math: triton.cdiv is a JIT function and costs microseconds per host call.
-    return -(-a // b)
 
 
 @functools.cache
@@ -115,6 +111,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+class LaunchNeeds(NamedTuple):
+    """A plan's ``extra``: what the per-call part of a launch needs."""
+
+    n: int  # output columns (the intermediate size)
+    device: torch.device
+    is_cuda: bool
+    workspace: tuple[int, ...] | None  # split-K sizes (partials, semaphores); () without split-K; None: prefill
+    tma: bool  # device-side tensor descriptors on a GPU: Triton needs its scratch allocator
+
+
 def _build_plan(
     x2d: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -128,15 +134,14 @@ def _build_plan(
     bench: Callable[[dict], Callable[[], object]] | None = None,
 ) -> Plan:
     """Everything of a launch but its tensors: kernel, grid, scalar and constexpr tail (in the kernel's signature
-    order), warps, stages. ``extra`` holds what the per-call part needs: ``(N, device, is_cuda, workspace sizes,
-    TMA on a GPU)``; workspace sizes are None for the prefill kernel, ``()`` for
-    the decode kernel without split-K. A plan without kernel (empty output) launches nothing."""
+    order), warps, stages. ``extra`` holds what the per-call part needs (``LaunchNeeds``). A plan without kernel
+    (empty output) launches nothing."""
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
     device = x2d.device
     is_cuda = device.type == "cuda"
     if M == 0 or N == 0:
-        return Plan(None, (1,), (), 0, n_rows=M, extra=(N, device, is_cuda, None, False))
+        return Plan(None, (1,), (), 0, n_rows=M, extra=LaunchNeeds(N, device, is_cuda, None, False))
     if config is not None:
         cfg = dict(config)
     else:
@@ -159,7 +164,7 @@ def _build_plan(
             _ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None,
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
     precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
-    grid_m, grid_n = _cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])
+    grid_m, grid_n = cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"])
     if path == "decode":
         split_k = cfg.get("SPLIT_K", 1)
         # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
@@ -173,7 +178,7 @@ def _build_plan(
         grid = (grid_m * grid_n,)
         tail = head + (cfg.get("GROUP_M", 8), cfg["num_stages"], use_tma) + precision
         workspace = None
-    extra = (N, device, is_cuda, workspace, use_tma and is_cuda)
+    extra = LaunchNeeds(N, device, is_cuda, workspace, use_tma and is_cuda)
     return Plan(kernel, grid, tail, cfg["num_warps"], n_rows=M, info=cfg, extra=extra,
                 num_stages=cfg["num_stages"])
 
@@ -345,7 +350,7 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_l
         if gate_bias is not None:
             gate_bias, up_bias = split_packed(gate_bias, weight_layout)
     out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias)
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.extra[0])
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.extra.n)
 
 
 @torch.library.custom_op(op_name("fused_gated_mlp"), mutates_args=())

@@ -14,15 +14,10 @@ from typing import Any
 import torch
 from triton_ops_core.device import is_interpreter
 from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.launch import next_pow2
 from triton_ops_core.models import dtype_name
 
 CPU_INTERPRETER = "cpu-interpreter"
-
-
-def next_pow2(n: int) -> int:
-    """The smallest power of two >= ``n`` (1 for n <= 1): the bucket of a problem dimension."""
-    n = int(n)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def bucket_problem(problem: Mapping[str, int], bucket: Iterable[str] = ()) -> dict[str, int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from triton_ops_core.device import L2Flush
 
 Runner = Callable[[], Any]
 
@@ -34,7 +35,8 @@ class WallClockTimer:
 
 
 class CudaEventTimer:
-    """CUDA events around one launch, with L2 flushed first (a ``zero_`` over a buffer of twice the L2 size).
+    """CUDA events around one launch, with L2 flushed first (``triton_ops_core.device.L2Flush``: the benchmark
+    suite's flush, so tuner and benchmark rank configs under the same conditions).
 
     Before the start event the GPU is also kept busy (``torch.cuda._sleep``) for at least ``cushion_cycles``
     clock cycles, and for twice the shortest host time a call took to return: while the GPU waits, the host
@@ -52,19 +54,14 @@ class CudaEventTimer:
         self.flush_l2 = flush_l2
         self.cushion_cycles = cushion_cycles
         self._host_us = 0.0
-        self._flush: torch.Tensor | None = None
-
-    def _flush_buffer(self) -> torch.Tensor:
-        if self._flush is None:
-            props = torch.cuda.get_device_properties(self.device)
-            l2 = int(getattr(props, "L2_cache_size", 0) or 0) or 64 * 2**20
-            self._flush = torch.empty(2 * l2 // 4, dtype=torch.int32, device=self.device)
-        return self._flush
+        self._flush: L2Flush | None = None
 
     def __call__(self, fn: Runner, config: Mapping[str, Any]) -> float:
         with torch.cuda.device(self.device):
             if self.flush_l2:
-                self._flush_buffer().zero_()
+                if self._flush is None:
+                    self._flush = L2Flush(self.device)
+                self._flush()
             if self.cushion_cycles > 0:
                 cycles = max(self.cushion_cycles, int(2 * self._host_us * self.CYCLES_PER_US))
                 torch.cuda._sleep(min(cycles, 200_000_000))  # never more than ~0.1 s

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.launch import next_pow2
 
 Config = dict[str, Any]
 Problem = Mapping[str, int]
@@ -92,10 +93,6 @@ class ConfigSpace:
 # Constraint builders for the limits every kernel meets. Each returns a (config, problem) -> bool.
 
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def block_fits(param: str, dim: str, *, at_least: int = 1) -> Constraint:
     """Drop configs whose ``param`` exceeds the next power of two of ``problem[dim]``.
 
@@ -107,7 +104,7 @@ def block_fits(param: str, dim: str, *, at_least: int = 1) -> Constraint:
     def check(cfg: Config, problem: Problem | None) -> bool:
         if problem is None or dim not in problem:
             return True
-        return cfg[param] <= max(at_least, _next_pow2(problem[dim]))
+        return cfg[param] <= max(at_least, next_pow2(problem[dim]))
 
     check.__name__ = f"block_fits({param}<={dim})"
     return check

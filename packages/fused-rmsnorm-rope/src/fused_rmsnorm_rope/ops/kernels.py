@@ -328,7 +328,3 @@ def _norm_rope_bwd_kernel(
         _store_pair(dw_row, h, j, HEAD_DIM, hmask, HALF, acc1, acc2, INTERLEAVED)
         if HAS_PASS:
             tl.store(dw_row + h * HEAD_DIM + ROT_DIM + p, accp, mask=pmask)
-
-
-def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))

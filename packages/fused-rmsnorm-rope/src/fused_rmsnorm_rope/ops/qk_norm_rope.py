@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 from triton_ops_core.exceptions import InvalidArgumentError
-from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.launch import Plan, PlanCache, call_key, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 
 from ..config import QK_FWD_KERNEL, get_config
 from ..validation import validate_qk_norm_rope_inputs
-from .kernels import _qk_norm_rope_fwd_kernel, next_pow2
-from .rmsnorm_rope import collapse_rows, launch_bwd, position_strides, row_rstd, table_strides
+from .kernels import _qk_norm_rope_fwd_kernel
+from .rmsnorm_rope import RowCopies, collapse_rows, launch_bwd, position_strides, row_rstd, table_strides
 
 _PLANS = PlanCache()
 
@@ -53,7 +53,7 @@ def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store
             eps,
             hq, hk, head_dim, rotary_dim, hq_pad, hk_pad, half_pad, pass_pad,
             interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0)
-    extra = (qv is not q, kv is not k, pos is not None and pos is not position_ids)
+    extra = RowCopies(qv is not q, kv is not k, pos is not None and pos is not position_ids)
     return Plan(_qk_norm_rope_fwd_kernel, (max(1, (n_rows + rows - 1) // rows),), tail, config["num_warps"], n_rows,
                 extra=extra)
 

@@ -7,16 +7,17 @@ and one launch. The dispatcher is entered only when tracing, under a mode, or wh
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-from triton_ops_core.launch import Plan, PlanCache, call_key
+from triton_ops_core.device import sm_count
+from triton_ops_core.launch import Plan, PlanCache, call_key, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 
 from ..config import FWD_KERNEL, get_config
 from ..validation import validate_rmsnorm_rope_inputs
-from .kernels import _norm_rope_bwd_kernel, _rmsnorm_rope_fwd_kernel, next_pow2
+from .kernels import _norm_rope_bwd_kernel, _rmsnorm_rope_fwd_kernel
 
 
 def _batch_stride(shape: torch.Size, strides: tuple[int, ...], nb: int) -> int | None:
@@ -65,19 +66,21 @@ def table_strides(cos: torch.Tensor) -> tuple[int, int]:
     return (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def backward_programs(n_rows: int, device: torch.device) -> int:
     """Programs of a backward launch: two waves on a GPU (each reduces its rows' dweight), a few on the CPU."""
-    if device.type == "cuda":
-        return max(1, min(n_rows, 2 * _sm_count(device)))
-    return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, 2 * sm_count(device, cpu=2)))
 
 
 _PLANS = PlanCache()
+
+
+class RowCopies(NamedTuple):
+    """A plan's ``extra``: which inputs must be made contiguous per call to be addressed by (batch, seq) strides
+    (rare permuted views). ``y`` is the second tensor of a q/k launch (unused by the single-tensor op)."""
+
+    x: bool
+    y: bool
+    position_ids: bool
 
 
 def _fwd_plan(x: torch.Tensor, cos: torch.Tensor, position_ids: torch.Tensor | None, eps: float, head_dim: int,
@@ -104,8 +107,7 @@ def _fwd_plan(x: torch.Tensor, cos: torch.Tensor, position_ids: torch.Tensor | N
             eps,
             num_heads, head_dim, rotary_dim, heads_pad, half_pad, pass_pad,
             interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0)
-    # extra: whether x / position_ids must be copied to be addressed by (batch, seq) strides (rare permuted views)
-    extra = (xv is not x, pos is not None and pos is not position_ids)
+    extra = RowCopies(xv is not x, False, pos is not None and pos is not position_ids)
     return Plan(_rmsnorm_rope_fwd_kernel, (max(1, (n_rows + rows - 1) // rows),), tail, config["num_warps"], n_rows,
                 extra=extra)
 
@@ -116,7 +118,7 @@ def _run_fwd(plan: Plan, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tenso
     rstd = torch.empty(plan.n_rows, dtype=torch.float32, device=x.device) if store_rstd else None
     if plan.n_rows == 0:
         return y, rstd
-    copy_x, copy_pos = plan.extra
+    copy_x, _, copy_pos = plan.extra
     xv = x.contiguous() if copy_x else x
     if position_ids is not None and copy_pos:
         position_ids = position_ids.contiguous()

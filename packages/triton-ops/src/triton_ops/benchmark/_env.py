@@ -104,25 +104,3 @@ def device_tag(name: str) -> str:
             return known.lower()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
     return slug or "device"
-
-
-# Dense tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity): what "% of datasheet" divides by.
-DATASHEET_TFLOPS: dict[str, dict[str, float]] = {
-    "H100 80GB HBM3": {"bf16": 989.4, "fp8": 1978.9},  # H100 SXM5
-    "H100 SXM": {"bf16": 989.4, "fp8": 1978.9},
-    "H100 NVL": {"bf16": 835.0, "fp8": 1670.0},
-    "H100 PCIe": {"bf16": 756.0, "fp8": 1513.0},
-    "H200": {"bf16": 989.4, "fp8": 1978.9},
-    "L40S": {"bf16": 362.1, "fp8": 733.0},
-    "L4": {"bf16": 121.0, "fp8": 242.0},
-    "A100": {"bf16": 312.0},
-}
-
-
-def datasheet_tflops(device_name: str, compute_dtype: str | None) -> float | None:
-    if not compute_dtype:
-        return None
-    for key, peaks in DATASHEET_TFLOPS.items():
-        if key in device_name:
-            return peaks.get(compute_dtype)
-    return None

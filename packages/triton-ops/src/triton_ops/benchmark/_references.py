@@ -7,10 +7,12 @@ input's dtype, as Hugging Face models do) and what ``torch.compile`` compiles.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
+from fp8_gemm.reference import quantize_fp8_reference as _quantize_fp8_reference
+from fused_gated_mlp import gated_mlp_reference as _gated_mlp_reference
+from fused_rmsnorm_rope.reference import qk_norm_rope_reference as _qk_norm_rope_reference
+from fused_rmsnorm_rope.reference import rmsnorm_rope_reference as _rmsnorm_rope_reference
 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
@@ -124,24 +126,15 @@ def quantize_fp8_eager(x: torch.Tensor, granularity: str = "tensor", fp8_dtype=t
 
 # --------------------------------------------------------------------------- the kernel packages' references
 # Each kernel package ships its reference (same arguments as the kernel). The suite uses it for the eager and
-# torch.compile baselines (run in the input dtype) and, on upcast inputs, for the correctness reference; the
-# functions above stand in only when a package is not importable.
-
-def _package_attr(module: str, attr: str):
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except Exception:
-        return None
+# torch.compile baselines (run in the input dtype) and, on upcast inputs, for the correctness reference. The umbrella
+# depends on every kernel package: a missing one is an error, never a silently swapped reference.
 
 
 def rmsnorm_rope_baseline():
-    """``f(x, weight, cos, sin, eps, position_ids)``: the package reference, else the Llama-style eager version."""
-    pkg = _package_attr("fused_rmsnorm_rope.reference", "rmsnorm_rope_reference")
-    if pkg is None:
-        return rmsnorm_rope_eager
+    """``f(x, weight, cos, sin, eps, position_ids)``: the package's reference."""
 
     def f(x, weight, cos, sin, eps=1e-6, position_ids=None):
-        return pkg(x, weight, cos, sin, eps, position_ids=position_ids)
+        return _rmsnorm_rope_reference(x, weight, cos, sin, eps, position_ids=position_ids)
 
     return f
 
@@ -152,12 +145,8 @@ def rmsnorm_rope_reference(x, weight, cos, sin, eps=1e-6, position_ids=None, dty
 
 
 def qk_norm_rope_baseline():
-    pkg = _package_attr("fused_rmsnorm_rope.reference", "qk_norm_rope_reference")
-    if pkg is None:
-        return qk_norm_rope_eager
-
     def f(q, k, q_weight, k_weight, cos, sin, eps=1e-6, position_ids=None):
-        return pkg(q, k, q_weight, k_weight, cos, sin, position_ids, eps)
+        return _qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, position_ids, eps)
 
     return f
 
@@ -169,12 +158,8 @@ def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps=1e-6, positio
 
 
 def gated_mlp_baseline():
-    pkg = _package_attr("fused_gated_mlp", "gated_mlp_reference")
-    if pkg is None:
-        return gated_mlp_eager
-
     def f(x, gate_weight, up_weight, activation="silu"):
-        return pkg(x, gate_weight, up_weight, activation)
+        return _gated_mlp_reference(x, gate_weight, up_weight, activation)
 
     return f
 
@@ -185,7 +170,4 @@ def gated_mlp_reference(x, gate_weight, up_weight, activation="silu", dtype=torc
 
 def quantize_fp8_spec(x: torch.Tensor, granularity: str):
     """``(quantized, scale)`` as ``quantize_fp8`` must return them: the package's bit-exact reference."""
-    pkg = _package_attr("fp8_gemm.reference", "quantize_fp8_reference")
-    if pkg is None:
-        return quantize_fp8_eager(x, granularity)
-    return pkg(x, "e4m3", granularity)
+    return _quantize_fp8_reference(x, "e4m3", granularity)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from triton_ops_core.device import has_gpu, is_interpreter
+from triton_ops_core.device import datasheet_tflops, has_gpu, is_interpreter
 
 from . import _cases
 from ._compare import relative_error
-from ._env import collect_environment, datasheet_tflops, device_tag
+from ._env import collect_environment, device_tag
 from ._model import ERROR, FAIL, NA, OK, SKIPPED, Case, CaseResult, ImplResult, Timing
 from ._report import render_markdown, summary_lines
 

@@ -11,11 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from triton_ops_core.device import L2Flush
 
 from ._model import Timing
-
-# Larger than any current GPU's L2 (H100: 50 MB, H200: 60 MB, B200: 126 MB): zeroing it evicts the operands.
-_FLUSH_BYTES = 256 * 2**20
 
 
 class CudaTimer:
@@ -29,30 +27,20 @@ class CudaTimer:
     def __init__(self, warmup_runs: int = 10, benchmark_runs: int = 100, *, max_ms: float = 100.0,
                  min_runs: int = 10, flush_l2: bool = True, device: torch.device | str | None = None,
                  flush_by: str = "write", max_attempts: int = 3) -> None:
-        if flush_by not in ("write", "read"):
-            raise ValueError(f"flush_by: expected 'write' or 'read', got {flush_by!r}")
         self.warmup_runs = warmup_runs
         self.max_attempts = max(1, max_attempts)
         self.benchmark_runs = benchmark_runs
         self.max_ms = max_ms
         self.min_runs = min_runs
         self.device = torch.device(device or "cuda")
-        # "write" zero-fills the buffer: L2 is left full of dirty lines, which the timed kernel writes back to HBM
-        # as it evicts them (~50 MB on an H100, ~10 us). "read" sums the buffer: L2 is left full of clean lines,
-        # as after a layer that only read its operands, and eviction costs nothing.
+        # "write" leaves L2 full of dirty lines, which the timed kernel writes back; "read" leaves clean ones
+        # (triton_ops_core.device.L2Flush, the same flush the tuner uses)
         self.flush_by = flush_by
-        self._flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.float32, device=self.device) if flush_l2 else None
-        if self._flush is not None and flush_by == "read":
-            self._flush.zero_()
-        self._sink = torch.empty((), dtype=torch.float32, device=self.device) if flush_l2 else None
+        self._flush = L2Flush(self.device, flush_by) if flush_l2 else None
 
     def _flush_l2(self) -> None:
-        if self._flush is None:
-            return
-        if self.flush_by == "write":
-            self._flush.zero_()
-        else:
-            torch.sum(self._flush, dim=None, out=self._sink)
+        if self._flush is not None:
+            self._flush()
 
     def __call__(self, fn: Callable[[], Any]) -> Timing:
         """Warm up, then measure; a measurement whose spread says it is unstable (``Timing.unstable``: the host
