@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fp8_gemm.gemm as gemm_mod
 import fp8_gemm.quantize as quant_mod
+import fp8_gemm.quantize_kernels as quant_kernels
 import pytest
 import torch
 from _gemm_ref import FP8, gemm_ref, make_operands
@@ -227,11 +228,11 @@ def test_quantize_given_per_tensor_scale_host_path(quant_validations, monkeypatc
 
     if path == "grid":
         shape = (40, 1000) if DEV.type == "cpu" else (8192, 8192)  # 5 tiles / 8192 tiles (H100: 528 programs)
-        kernels = [quant_mod._quant_tensor_given_kernel, quant_mod._quant_tensor_given_fixup_kernel]
+        kernels = [quant_kernels._quant_tensor_given_kernel, quant_kernels._quant_tensor_given_fixup_kernel]
         words = ("quantize.over", 2)
     else:
         shape = (4, 1000)
-        kernels = [quant_mod._quant_tensor_coop_kernel]
+        kernels = [quant_kernels._quant_tensor_coop_kernel]
         words = ("quantize.sync", 4)
     torch.manual_seed(8)
     x = torch.randn(shape, device=DEV) * 3

@@ -31,8 +31,8 @@ from .gemm_kernels import (
     fp8_gemm_ptr_kernel,
     fp8_gemm_tma_kernel,
 )
-from .quantize import _PLANS as _QUANTIZE_PLANS
 from .quantize import quantize_fp8
+from .quantize_plan import _PLANS as _QUANTIZE_PLANS
 from .validation import validate_fp8_gemm_inputs
 
 FP8 = torch.float8_e4m3fn

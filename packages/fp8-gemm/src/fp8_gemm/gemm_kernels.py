@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quantize import _finite_abs, _fp8_bits_rne, _group_scale
+from .quantize_kernels import _finite_abs, _fp8_bits_rne, _group_scale
 
 SCALE_BLOCK = 128
 

@@ -21,6 +21,9 @@ from triton_ops_core.validation.common import (
 
 GRANULARITIES = ("tensor", "row", "channel", "block")
 SCALE_BLOCK = 128
+# The block shapes of block scaling: 1x128 activation groups (DeepSeek-V3 style), 128x128 weight blocks.
+ACTIVATION_BLOCK = (1, SCALE_BLOCK)
+WEIGHT_BLOCK = (SCALE_BLOCK, SCALE_BLOCK)
 
 
 def a_scale_granularity(scale: torch.Tensor, m: int, k: int, name: str = "a_scale") -> str:
@@ -136,8 +139,10 @@ def validate_fp8_gemm_inputs(
 
 
 __all__ = [
+    "ACTIVATION_BLOCK",
     "GRANULARITIES",
     "SCALE_BLOCK",
+    "WEIGHT_BLOCK",
     "FP8GEMMInput",
     "a_scale_granularity",
     "b_scale_granularity",
