@@ -89,8 +89,8 @@ def _prefill(stages: int) -> dict:
             "num_stages": stages}
 
 
-# Winners of the bf16 sweeps on the lent H100 SXM (132 SMs), 2026-11-22: decode from benchmarks/dev_gated_mlp_decode.py
-# (grid kernel, plain loads; L2 flushed before every run), prefill from benchmarks/dev_gated_mlp.py sweep.
+# Winners of the bf16 sweeps on the lent H100 SXM (132 SMs), 2026-11-22: decode from benchmarks/dev/gated_mlp_decode.py
+# (grid kernel, plain loads; L2 flushed before every run), prefill from benchmarks/dev/gated_mlp.py sweep.
 # (row tile or prefill token bucket, hidden, intermediate) -> config. Decode rows: 16 stands for M <= 16.
 _H100_SMS = 132
 _H100_BF16: dict[tuple[int, int, int], dict] = {

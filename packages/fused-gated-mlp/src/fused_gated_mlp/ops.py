@@ -150,7 +150,7 @@ def _build_plan(
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
     # Tensor descriptors (TMA) by default for the prefill GEMM only: the decode kernel streamed its weights 2-15 %
-    # faster with plain wide loads on the H100, at every required shape (benchmarks/dev_gated_mlp_decode.py).
+    # faster with plain wide loads on the H100, at every required shape (benchmarks/dev/gated_mlp_decode.py).
     use_tma = bool(cfg.get("USE_TMA", path != "decode") and K_dim > 0 and (on_cpu or _is_hopper(device.index))
                    and _tma_ok(x2d, gate_weight, up_weight))
     if path != "decode" and not use_tma and config is None and x2d.element_size() == 2:

@@ -1,13 +1,15 @@
-"""Device measurements of fused-rmsnorm-rope (the kernel owner's script; the official suite lives beside it).
+"""Device measurements of fused-rmsnorm-rope (the kernel owner's script; the official suite is ``benchmarks``).
 
-    python benchmarks/dev_rmsnorm_rope.py [--sweep] [--no-compile] [--out DIR] [--budget SECONDS]
+    python -m benchmarks.dev.rmsnorm_rope [--no-compile] [--out DIR] [--budget SECONDS]
 
 On the GPU, for each issue shape and dtype: the fused kernel, a device copy of the same bytes (read + write of x),
 eager PyTorch and ``torch.compile`` of the reference, all timed with ``triton.testing.do_bench`` (median, L2 flushed
-between runs) in this one process. ``--sweep`` also times every config of ``RMSNORM_ROPE_CONFIGS`` and reports the
-best, which is how ``heuristic_config`` was set. Then decode (64 tokens x 4096 with position_ids: do_bench, host
-wall time per call, CUDA-graph replay) and ``fused_qk_norm_rope`` on Qwen3-8B-like shapes. Results go to
-``DIR/rmsnorm_rope.json``; a table is printed last.
+between runs) in this one process. Then decode (64 tokens x 4096 with position_ids: do_bench, host wall time per
+call, CUDA-graph replay) and ``fused_qk_norm_rope`` on Qwen3-8B-like shapes. Results go to
+``DIR/rmsnorm_rope.json``; a table is printed last. Published: packages/fused-rmsnorm-rope/README.md, "Performance".
+
+The ``--sweep`` option, which timed every config of ``RMSNORM_ROPE_CONFIGS`` (how ``heuristic_config`` was set),
+launched the package's private kernel launchers and was removed: see this script at commit b1f7c59.
 """
 # Lambdas below close over loop variables on purpose: each is timed at once, inside its iteration.
 # ruff: noqa: B023
@@ -23,9 +25,7 @@ from pathlib import Path
 
 import torch
 import triton
-from fused_rmsnorm_rope import RMSNORM_ROPE_CONFIGS, fused_qk_norm_rope, fused_rmsnorm_rope, heuristic_config
-from fused_rmsnorm_rope.ops.qk_norm_rope import _launch_qk_fwd
-from fused_rmsnorm_rope.ops.rmsnorm_rope import _launch_fwd
+from fused_rmsnorm_rope import fused_qk_norm_rope, fused_rmsnorm_rope, heuristic_config
 from fused_rmsnorm_rope.reference import qk_norm_rope_reference, rmsnorm_rope_reference
 from triton.testing import do_bench
 
@@ -92,16 +92,6 @@ def prefill(args, results: dict) -> None:
             rec["copy_ms"] = copy_ms(nbytes)
             rec["fused_ms"] = bench(lambda: fused_rmsnorm_rope(x, w, cos, sin))
             rec["heuristic"] = heuristic_config(row_elems(h), b * s)
-            if args.sweep and dtype == torch.float16:
-                sweep = {}
-                for cfg in RMSNORM_ROPE_CONFIGS.configs({"tokens": b * s, "row_elems": row_elems(h)}):
-                    if cfg["num_warps"] < 2:
-                        continue
-                    ms = bench(lambda: _launch_fwd(x, w, cos, sin, None, 1e-6, HEAD_DIM, HEAD_DIM, False, False,
-                                                   False, config=cfg))
-                    sweep[f"w{cfg['num_warps']}_r{cfg['ROWS_PER_PROG']}"] = ms
-                rec["sweep_ms"] = sweep
-                rec["best"] = min(sweep, key=sweep.get)
             if not args.no_compile and nbytes <= 2**31 and (dtype == torch.float16 or not args.fp16_compile_only):
                 key = (b, s, h, dtype)
                 torch._dynamo.reset()
@@ -159,16 +149,6 @@ def qk(results: dict, args) -> None:
                 fn = lambda: fused_qk_norm_rope(q, k, w, w, cos, sin, pos)  # noqa: E731
                 rec["host_us_per_call"] = host_us(fn)
                 rec["cuda_graph_us"] = graph_us(fn)
-            if args.sweep and (b, s) == (1, 4096) and dtype == torch.float16:
-                sweep = {}
-                for cfg in RMSNORM_ROPE_CONFIGS.configs({"tokens": b * s, "row_elems": (hq + hk) * d}):
-                    if cfg["num_warps"] < 2:
-                        continue
-                    ms = bench(lambda: _launch_qk_fwd(q, k, w, w, cos, sin, pos, 1e-6, d, False, False, False,
-                                                      False, config=cfg))
-                    sweep[f"w{cfg['num_warps']}_r{cfg['ROWS_PER_PROG']}"] = ms
-                rec["sweep_ms"] = sweep
-                rec["best"] = min(sweep, key=sweep.get)
             if not args.no_compile and time.time() - START < args.budget:
                 torch._dynamo.reset()
                 cf = torch.compile(qk_norm_rope_reference, dynamic=False)
@@ -179,7 +159,7 @@ def qk(results: dict, args) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| shape | dtype | fused us | GB/s | % copy | % 3017 | compile us | eager us | x compile | best cfg |",
+    lines = ["| shape | dtype | fused us | GB/s | % copy | % 3017 | compile us | eager us | x compile | heuristic |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["prefill"]:
         c = r.get("compile_ms")
@@ -187,7 +167,7 @@ def table(results: dict) -> str:
             f"| {tuple(r['shape'])} | {r['dtype']} | {r['fused_ms'] * 1e3:.1f} | {r['fused_GBps']:.0f} | "
             f"{r['pct_of_copy']:.1f} | {r['pct_of_peak_3017']:.1f} | {c * 1e3 if c else float('nan'):.1f} | "
             f"{r.get('eager_ms', float('nan')) * 1e3:.1f} | {c / r['fused_ms'] if c else float('nan'):.2f} | "
-            f"{r.get('best', '-')} |")
+            f"w{r['heuristic']['num_warps']}_r{r['heuristic']['ROWS_PER_PROG']} |")
     for r in results["decode"]:
         lines.append(f"| {r['case']} | {r['dtype']} | do_bench {r['do_bench_us']:.1f} us, "
                      f"host {r['host_us_per_call']:.1f} us/call, graph {r['cuda_graph_us']:.1f} us, "
@@ -197,14 +177,12 @@ def table(results: dict) -> str:
         extra = (f" host {r['host_us_per_call']:.1f} us/call, graph {r['cuda_graph_us']:.1f} us |"
                  if "host_us_per_call" in r else "")
         lines.append(f"| {r['case']} | {r['dtype']} | {r['fused_ms'] * 1e3:.1f} us | {r['GBps']:.0f} GB/s | "
-                     f"{r['pct_of_copy']:.1f} % copy | compile {c * 1e3 if c else float('nan'):.1f} us | "
-                     f"{r.get('best', '-')} |{extra}")
+                     f"{r['pct_of_copy']:.1f} % copy | compile {c * 1e3 if c else float('nan'):.1f} us |{extra}")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=150.0, help="seconds after which prefill cases are skipped")

@@ -1,14 +1,16 @@
 # ruff: noqa: B023  (the timed lambdas run inside the loop iteration that defines them)
 """Device script: the decode configs of fused-gated-mlp (tiles, stages, TMA or plain loads) against cuBLAS and a copy.
 
-    python benchmarks/dev_gated_mlp_decode.py      # writes $OUT/gated_mlp_decode.json and a log
+    python -m benchmarks.dev.gated_mlp_decode      # writes $OUT/gated_mlp_decode.json and a log
 
 For every required decode shape (bf16, M = 1, 8, 32, 64; intermediate 5632 / 11264 with hidden 4096, 22528 with
 hidden 6144, plus gpt-oss 2880 x 2880) it times, in one run with L2 flushed before every run: a copy of the same
 bytes, a read-only Triton kernel over both weights (the streaming ceiling), cuBLAS on the concatenated weight,
 eager, the package's current choice, and every candidate; each candidate is checked against a float32 reference
 first. The best ones are timed again with L2 emptied by a read instead of do_bench's zero-fill, which leaves ~50 MB
-of dirty lines that every timed kernel must first write back (it costs the smaller layers ~10 us).
+of dirty lines that every timed kernel must first write back (it costs the smaller layers ~10 us). The streaming
+ceiling is the suite's own: its gated-MLP case at each shape times that kernel with the same zero-fill as do_bench
+and again with L2 emptied by a read. Published: docs/benchmarks/dev/gated-mlp/DECODE-SWEEP.md.
 
 What it found on the H100 (2026-11-22): plain wide loads beat tensor descriptors by 2-15 % at every required shape
 (the TMA tiles are at most 256 elements wide), and a stream-K variant (equal work per program over all SMs,
@@ -26,12 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from dev_gated_mlp import bench_ms, precompile, weights  # the sweep script beside this one (run from benchmarks/)
-from triton_ops.benchmark._ceilings import weights_read
+
+from .gated_mlp import bench_ms, precompile, weights
+from .suite_timing import gated_mlp_case, sweep_suite
 
 T0 = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/gated_mlp_out"))
-OUT.mkdir(parents=True, exist_ok=True)
 SHAPES = [(4096, 5632), (4096, 11264), (6144, 22528), (2880, 2880)]
 DECODE_M = [1, 8, 32, 64]
 BUDGET_S = float(os.environ.get("DECODE_BUDGET_S", "420"))
@@ -82,11 +84,13 @@ def main():
     from fused_gated_mlp import heuristic_config
     from fused_gated_mlp.ops import gated_mlp_forward
 
+    OUT.mkdir(parents=True, exist_ok=True)
     jobs = []
     for m in (8, 32, 64):
         for cfg in candidates(block_m(m)):
             jobs.append((cfg, 4096, 5632, m))
     precompile(jobs)
+    suite = sweep_suite(max_ms=40.0)  # for the weights-read ceiling
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     for _ in range(300):  # clocks up before the first timing
         spin @ spin
@@ -100,8 +104,8 @@ def main():
         src = torch.empty(wbytes // 4, device="cuda", dtype=torch.bfloat16).normal_()
         dst = torch.empty_like(src)
         t_copy = bench_ms(lambda: dst.copy_(src), rep=40)
-        read_fn = weights_read(wg, wu)
-        t_read = bench_ms(read_fn, rep=40)
+        read = gated_mlp_case(suite, 1, hidden, inter).impl("weights read")  # the same for every M
+        t_read = read.ms
         for m in DECODE_M:
             if time.time() - T0 > BUDGET_S:
                 log("budget reached")
@@ -128,7 +132,7 @@ def main():
             heur_ms = rows[0][0] if rows and rows[0][1] is heur else float("nan")
             rows.sort(key=lambda r: r[0])
             pct = lambda ms: 100 * t_copy / ms  # noqa: E731  (same bytes moved as the copy)
-            clean = {"copy": clean_ms(lambda: dst.copy_(src)), "read": clean_ms(read_fn),
+            clean = {"copy": clean_ms(lambda: dst.copy_(src)), "read": read.clean_ms,
                      "cat": clean_ms(lambda: F.linear(x, wcat)),
                      "heur": clean_ms(lambda: gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, heur))}
             for i, (_, c) in enumerate(rows[:3]):

@@ -1,15 +1,16 @@
 # ruff: noqa: B023  (the timed lambdas run inside the loop iteration that defines them)
 """Device script of the fused-gated-mlp package: config sweep and the benchmark against eager / compile / cuBLAS.
 
-    python benchmarks/dev_gated_mlp.py sweep   # time candidate configs per shape (parallel precompile first)
-    python benchmarks/dev_gated_mlp.py bench   # final numbers with the package's own config choice
-    python benchmarks/dev_gated_mlp.py all     # sweep, then bench with the sweep's winners (what ran on the H100)
-    python benchmarks/dev_gated_mlp.py aot     # no GPU needed: compile the heuristic's configs for sm_90 and print
-                                               # registers, spills (stack bytes), shared memory, TMA/wgmma use
+    python -m benchmarks.dev.gated_mlp sweep   # time candidate configs per shape (parallel precompile first)
+    python -m benchmarks.dev.gated_mlp bench   # final numbers with the package's own config choice
+    python -m benchmarks.dev.gated_mlp all     # sweep, then bench with the sweep's winners (what ran on the H100)
 
 Shapes: intermediate 5632 / 11264 with hidden 4096, 22528 with hidden 6144 (and gpt-oss 2880x2880), bf16;
 decode M = 1, 8, 32, 64 (reported as % of the measured copy bandwidth, weight bytes) and prefill M = 2048, 8192
-(TFLOP/s and ratio to eager). Writes JSON (and in bench mode a Markdown table and a PNG) under $OUT.
+(TFLOP/s and ratio to eager). Writes JSON (and in bench mode a Markdown table and a PNG) under $OUT. Published:
+docs/benchmarks/dev/gated-mlp/RESULTS.md. Candidates run through the public launcher with an explicit config
+(``fused_gated_mlp.ops.gated_mlp_forward``). The ``aot`` mode (sm_90 registers, spills and shared memory
+without a GPU) compiled the package's private kernel objects and was removed: see this script at commit 8363412.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 
 T0 = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/gated_mlp_out"))
-OUT.mkdir(parents=True, exist_ok=True)
 SHAPES = [(4096, 5632), (4096, 11264), (6144, 22528), (2880, 2880)]
 DECODE_M = [1, 8, 32, 64]
 PREFILL_M = [2048, 8192]
@@ -324,55 +324,6 @@ def bench(tuned=None):
     plot(rows)
 
 
-def aot():
-    """Compile for sm_90 without a GPU (ptxas ships with triton) and report each kernel's resources."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from fused_gated_mlp import _kernels as K
-    from fused_gated_mlp import heuristic_config
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", 90, 32)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    common_sig = dict(x_ptr="*bf16", wg_ptr="*bf16", wu_ptr="*bf16", bg_ptr="*fp32", bu_ptr="*fp32",
-                      out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
-                      stride_xm="i32", stride_wg="i32", stride_wu="i32", stride_om="i32", stride_bg="i32",
-                      stride_bu="i32", alpha="fp32", limit="fp32")
-
-    def build(fn, consts, cfg):
-        names = fn.arg_names
-        sig = {k: ("constexpr" if k in consts else common_sig[k]) for k in names}
-        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-        c = triton.compile(src, target=target, options=dict(num_warps=cfg["num_warps"],
-                                                             num_stages=cfg["num_stages"]))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(c.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-        ptx = c.asm["ptx"]
-        return (f"regs {m.group(1)} stack {m.group(2)} smem {c.metadata.shared} "
-                f"{'wgmma' if 'wgmma' in ptx else 'mma.sync'} {'tma' if 'cp.async.bulk.tensor' in ptx else 'ld'}")
-
-    for m in (1, 32, 64, 2048, 8192):
-        for hidden, inter in SHAPES:
-            cfg = heuristic_config(m, hidden, inter, torch.bfloat16, torch.device("cpu"))
-            consts = dict(ACTIVATION=0, HAS_GATE_BIAS=False, HAS_UP_BIAS=False, BLOCK_M=cfg["BLOCK_M"],
-                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["num_stages"],
-                          USE_TMA=True, DOT_PRECISION="tf32", UPCAST=False)
-            if m <= 64:
-                consts.update(SPLIT_K=cfg["SPLIT_K"], EVEN_K=True, INTERPRET=False)
-                info = build(K._gated_mlp_decode_kernel, consts, cfg)
-            else:
-                consts.update(GROUP_M=cfg["GROUP_M"])
-                info = build(K._gated_mlp_prefill_kernel, consts, cfg)
-            print(f"M={m:5d} H={hidden} I={inter}: {cfg} -> {info}", flush=True)
-
-
 def write_markdown(env, rows):
     lines = [f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, copy {env['peak_copy_GBps']:.0f}"
              " GB/s", "", "| M | hidden | inter | fused us | eager us | compile us | cat GEMM us | fused vs eager |"
@@ -414,11 +365,13 @@ def plot(rows):
     fig.savefig(OUT / "gated_mlp_bench.png", dpi=110)
 
 
-if __name__ == "__main__":
-    mode = sys.argv[1] if len(sys.argv) > 1 else "bench"
-    if mode == "aot":
-        aot()
-        sys.exit(0)
+MODES = ("sweep", "bench", "all")
+
+
+def main(mode: str) -> None:
+    if mode not in MODES:
+        sys.exit(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    OUT.mkdir(parents=True, exist_ok=True)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {__import__('triton').__version__}")
     if mode == "sweep":
         sweep()
@@ -427,3 +380,7 @@ if __name__ == "__main__":
     else:  # all: tune, then benchmark with the winners
         bench(sweep())
     log("done")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench")

@@ -2,12 +2,13 @@
 """Device script: decode tiles for gated-MLP layers whose column tiles alone under-fill the GPU (gpt-oss: hidden
 2880, intermediate 2880 per expert), with plain loads: split-K and narrow column blocks.
 
-    python benchmarks/dev_gated_mlp_narrow.py      # writes $OUT/gated_mlp_narrow.json and a log
+    python -m benchmarks.dev.gated_mlp_narrow      # writes $OUT/gated_mlp_narrow.json and a log
 
 32-column tiles give 90 programs for 2880 columns on 132 SMs, and the plain-load sweep of
-``dev_gated_mlp_decode.py`` tried no split-K. Timed as the published suite times (CudaTimer: L2 zero-filled, and
-again emptied by a read), beside the package's current choice, one cuBLAS GEMM on the concatenated weights and
-the weights-read ceiling; each candidate is checked against a float32 reference first.
+``benchmarks.dev.gated_mlp_decode`` tried no split-K. Timed as the published suite times (L2 zero-filled, and
+again emptied by a read for the best five), beside the suite's own case at each shape: the package's current
+choice, one cuBLAS GEMM on the concatenated weights and the weights-read ceiling. Each candidate is checked
+against a float32 reference first. Published: docs/benchmarks/dev/gated-mlp/DECODE-SWEEP.md (session 3).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from dev_gated_mlp import precompile, weights  # beside this script (run from benchmarks/)
 from fused_gated_mlp.configs import decode_block_m
+
+from .gated_mlp import precompile, weights
+from .suite_timing import gated_mlp_case, sweep_suite, timed
 
 T0 = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/gated_mlp_narrow"))
-OUT.mkdir(parents=True, exist_ok=True)
 SHAPES = [(2880, 2880)]
 DECODE_M = [1, 8, 32, 64]
 
@@ -44,52 +46,49 @@ def candidates(bm):
     return out
 
 
+def zero_and_clean(result) -> dict:
+    """Milliseconds of one of the suite's implementations: L2 zero-filled, and emptied by a read."""
+    return {"zero": result.ms, "clean": result.clean_ms}
+
+
 def main():
     from fused_gated_mlp import heuristic_config
     from fused_gated_mlp.ops import gated_mlp_forward
-    from triton_ops.benchmark._ceilings import weights_read
-    from triton_ops.benchmark._timing import CopyBandwidth, CudaTimer
 
+    OUT.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, h, i, m) for h, i in SHAPES for m in DECODE_M for cfg in candidates(decode_block_m(m))]
     precompile(jobs)
-    timers = {"zero": CudaTimer(10, 60, max_ms=30.0), "clean": CudaTimer(10, 60, max_ms=30.0, flush_by="read")}
-    peak = CopyBandwidth(timers["zero"]).peak()
+    suite = sweep_suite(benchmark_runs=60, max_ms=30.0)
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    for _ in range(300):
+    for _ in range(300):  # clocks up before the first timing
         spin @ spin
     torch.cuda.synchronize()
-    results = {"device": torch.cuda.get_device_name(), "peak_copy_gbps": peak, "rows": []}
+    results = {"device": torch.cuda.get_device_name(), "rows": []}
     for hidden, inter in SHAPES:
         wg, wu = weights(hidden, inter)
-        wcat = torch.cat([wg, wu])
         wbytes = 2 * inter * hidden * 2
-        pct = lambda ms: 100 * wbytes / (ms * 1e-3) / 1e9 / peak  # noqa: E731
-        read = {k: t(weights_read(wg, wu)).median_ms for k, t in timers.items()}
         for m in DECODE_M:
+            base = gated_mlp_case(suite, m, hidden, inter)
+            cat, read = zero_and_clean(base.impl("cuBLAS cat-GEMM")), zero_and_clean(base.impl("weights read"))
+            peak = results["peak_copy_gbps"] = suite.peak_copy_gbps  # measured with the suite's first case
+            pct = lambda ms: 100 * wbytes / (ms * 1e-3) / 1e9 / peak  # noqa: E731
             x = torch.randn(m, hidden, device="cuda").to(torch.bfloat16)
             ref = F.silu(F.linear(x.float(), wg.float())) * F.linear(x.float(), wu.float())
-            cat = {k: t(lambda: F.linear(x, wcat)).median_ms for k, t in timers.items()}
             heur = heuristic_config(m, hidden, inter, torch.bfloat16, x.device)
             rows = []
             for cfg in [heur] + candidates(decode_block_m(m)):
-                try:
-                    out = gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
-                except Exception as exc:  # noqa: BLE001
-                    log("skip", cfg, repr(exc)[:100])
+                fn = lambda: gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
+                r = timed(suite, str(cfg), fn, reference=lambda: ref)
+                if r.timing is None:  # out of resources, or wrong: reported, never timed
+                    log(r.status, m, cfg, r.message[:100])
                     continue
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                if not err < 1e-2:
-                    log("WRONG", m, cfg, err)
-                    continue
-                rows.append((timers["zero"](lambda: gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0,
-                                                                       cfg)).median_ms, cfg))
-            heur_ms = rows[0][0]
+                rows.append((r.ms, cfg))
+            heur_ms = rows[0][0] if rows and rows[0][1] is heur else float("nan")
             rows.sort(key=lambda r: r[0])
             top = []
             for ms, cfg in rows[:5]:
-                clean = timers["clean"](lambda: gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0,
-                                                                   cfg)).median_ms
-                top.append({"zero_ms": ms, "clean_ms": clean, "cfg": cfg})
+                fn = lambda: gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
+                top.append({"zero_ms": ms, "clean_ms": timed(suite, str(cfg), fn, clean=True).clean_ms, "cfg": cfg})
             row = {"M": m, "hidden": hidden, "inter": inter, "heur": heur, "heur_ms": heur_ms, "cat_ms": cat,
                    "read_ms": read, "top": top}
             results["rows"].append(row)
