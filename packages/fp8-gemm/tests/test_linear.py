@@ -9,7 +9,12 @@ import torch
 from fp8_gemm import FP8Linear, clear_caches, convert_to_fp8, quantize_fp8
 from fp8_gemm.reference import fp8_matmul_reference, quantize_fp8_reference
 from torch import nn
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.exceptions import (
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+)
 from triton_ops_core.testing import assert_close_rel
 
 # Output rounding only: relative Frobenius error of rounding to the output dtype, with margin.
@@ -163,3 +168,10 @@ def test_unsupported_gpu_raises_unsupported_dtype(device, monkeypatch):
         FP8Linear.from_linear(_linear(32, 16, True, device))
     with pytest.raises(UnsupportedDtypeError, match="FP8"):
         quantize_fp8(torch.randn(2, 32, device=device))
+
+
+def test_from_linear_on_the_meta_device_says_so():
+    with torch.device("meta"):
+        lin = nn.Linear(64, 32)
+    with pytest.raises(UnsupportedDeviceError, match=r"^weight: on the meta device"):
+        FP8Linear.from_linear(lin)

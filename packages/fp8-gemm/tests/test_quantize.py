@@ -222,8 +222,16 @@ def test_invalid_given_scale_counts_as_overflow(device, bad):
     q_ref, s_ref = quantize_fp8_reference(x, "e4m3", "row", scale=given)
     assert torch.equal(s, s_ref) and torch.isfinite(s).all() and s[2, 0] > 0
     assert_same_fp8(q, q_ref)
-    with pytest.raises(NumericalOverflowError):
+    # strict mode names the bad scale (not an overflow of the data)
+    with pytest.raises(InvalidArgumentError, match=r"^scale: expected positive finite values, got (0|-1|nan|inf) "):
         quantize_fp8(x, "e4m3", "row", scale=given, strict=True)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), float("-inf")])
+def test_strict_rejects_an_invalid_per_tensor_scale(device, bad):
+    x = torch.randn(8, 256, device=device)
+    with pytest.raises(InvalidArgumentError, match=r"^scale: expected positive finite values"):
+        quantize_fp8(x, scale=torch.tensor([bad], device=device), strict=True)
 
 
 def test_per_tensor_given_scale_accepts_any_single_value_shape(device):

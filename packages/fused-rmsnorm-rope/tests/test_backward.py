@@ -11,9 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from triton_ops_core.testing import assert_close_rel
 
-# the interpreter's runtime loop bound (range(pid, n_rows, nprog)) trips a numpy deprecation; harmless
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-
 
 def _grads(x, w, cos, sin, g, **kw):
     xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()

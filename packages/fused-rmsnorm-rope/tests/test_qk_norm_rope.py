@@ -9,9 +9,6 @@ from fused_rmsnorm_rope import fused_qk_norm_rope
 from hypothesis import given
 from hypothesis import strategies as st
 
-# the interpreter's runtime loop bound (range(pid, n_rows, nprog)) trips a numpy deprecation; harmless
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-
 
 @st.composite
 def qk_cases(draw):

@@ -9,8 +9,6 @@ from _rope_helpers import DEVICE, check_qk, check_rmsnorm_rope, rope_tables
 from fused_rmsnorm_rope import FusedRMSNormRoPE, fused_qk_norm_rope, fused_rmsnorm_rope
 from triton_ops_core.testing import count_compiles, opcheck_op
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-
 OPS = ("fused_rmsnorm_rope", "fused_rmsnorm_rope_backward", "fused_qk_norm_rope", "fused_qk_norm_rope_",
        "fused_qk_norm_rope_backward")
 

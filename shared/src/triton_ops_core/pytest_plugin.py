@@ -52,9 +52,23 @@ except ImportError:  # hypothesis is optional for running the plain tests
     pass
 
 
+# Warnings that Triton's interpreter raises from its own numpy code on every interpreted program, thousands per
+# session: numpy >= 1.25 deprecates its array-to-scalar conversions (triton/runtime/interpreter.py), and NaN/Inf
+# inputs, which tests feed on purpose, make its numpy arithmetic warn. They say nothing about our code.
+INTERPRETER_WARNINGS = (
+    "ignore:Conversion of an array with ndim > 0 to a scalar is deprecated:DeprecationWarning",
+    "ignore:invalid value encountered:RuntimeWarning:triton.runtime.interpreter",
+    "ignore:overflow encountered:RuntimeWarning:triton.runtime.interpreter",
+    "ignore:divide by zero encountered:RuntimeWarning:triton.runtime.interpreter",
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a compiled kernel on a CUDA GPU (skipped under the interpreter)")
     config.addinivalue_line("markers", "slow: long-running even on a GPU")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        for spec in INTERPRETER_WARNINGS:
+            config.addinivalue_line("filterwarnings", spec)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

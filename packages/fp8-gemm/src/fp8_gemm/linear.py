@@ -13,7 +13,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from triton_ops_core.device import supports_fp8
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.exceptions import (
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+)
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_kernel_device, check_tensor
@@ -30,6 +35,10 @@ _CACHE_CLEARERS.append(_PLANS.clear)
 
 
 def _require_fp8(device: torch.device, what: str) -> None:
+    if device.type == "meta":
+        raise UnsupportedDeviceError(
+            f"{what}: on the meta device (no values to quantize); materialize the model first (load or move its "
+            "weights to a GPU), then convert it")
     if not supports_fp8(device):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
         raise UnsupportedDtypeError(

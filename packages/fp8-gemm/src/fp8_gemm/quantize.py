@@ -144,9 +144,24 @@ def _quantize(t, fmt, granularity, scale, block_size, strict, role):
     if plan is None:
         fmt_, block, expected = _validate(t, fmt, granularity, scale, block_size, role)
         plan = _put(key, _build_plan(t, fmt_, granularity, scale, block, expected))
+    if strict and scale is not None:
+        _check_given_scale(scale)
     q, s, flag = plan.run(t, scale)
     _check_overflow(strict, flag, granularity, plan.fmt)
     return q, s
+
+
+def _check_given_scale(scale: torch.Tensor) -> None:
+    """Strict mode: a given scale must hold positive finite values (one host synchronization, which strict mode
+    makes anyway). Without strict, such a group counts as overflowing and gets its dynamic scale (documented)."""
+    if capturing(scale.device):
+        return  # the overflow check that follows raises the capture error
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        first = scale.reshape(-1)[bad.reshape(-1)][0].item()
+        raise InvalidArgumentError(
+            f"scale: expected positive finite values, got {first:g} ({int(bad.sum())} of {scale.numel()} "
+            "invalid); strict=False would replace each invalid group's scale with its dynamic one")
 
 
 def _check_overflow(strict: bool, flag: torch.Tensor | None, granularity: str, fmt: FP8Format) -> None:
