@@ -134,18 +134,25 @@ def test_strided_operands_take_pointer_path():
     assert_close_rel(out, gemm_ref(a_q, a_s, "row", b_q, b_s, "tensor"), KERNEL_TOL)
 
 
-@pytest.mark.parametrize("where", ["scale", pytest.param("payload", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("where", ["scale", "payload", "input"])
 def test_nan_propagates_and_stays_local(where):
-    # A NaN in a's row 7 (its scale, or an E4M3 NaN payload: the interpreter's FP8 upcast loses those, so that
-    # case runs on the GPU only) and in b's scale of column 5 reach exactly that row and column.
+    # A NaN in a's row 7 (its scale, an E4M3 NaN payload, or a bf16 input quantized per row: the interpreter's FP8
+    # upcast loses payloads, and the GEMM restores the GPU's behaviour there) and in b's scale of column 5 reach
+    # exactly that row and column.
     m, n, k = 80, 48, 256
     a_q, a_s, b_q, b_s = make_operands(m, n, k, "row", "channel", "cpu", kmajor_b=True, seed=19)
     a_q, a_s, b_s = a_q.clone(), a_s.clone(), b_s.clone()
     if where == "payload":
         a_q.view(torch.uint8)[7, 100] = 0x7F  # E4M3 NaN
-    else:
+    elif where == "scale":
         a_s[7] = float("nan")
     b_s[5] = float("nan")
+    if where == "input":  # unquantized activation: fp8_gemm quantizes it per row (its row 7 keeps the NaN)
+        a = (a_q.float() * a_s.reshape(-1, 1)).to(torch.bfloat16)
+        a[7, 100] = float("nan")
+        out = fp8_gemm(a.to(DEV), b_q.to(DEV), b_scale=b_s.to(DEV), out_dtype=torch.float32).cpu()
+        assert out[7].isnan().all() and out[:, 5].isnan().all()
+        return
     out = _run(a_q.to(DEV), a_s.to(DEV), b_q.to(DEV), b_s.to(DEV), out_dtype=torch.float32).cpu()
     assert out[7].isnan().all() and out[:, 5].isnan().all()
     rest = torch.ones(m, n, dtype=torch.bool)

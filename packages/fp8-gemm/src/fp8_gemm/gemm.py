@@ -357,6 +357,8 @@ class _Call:
             if self.kind == 1:
                 return out
             return out.copy_(bias.expand(self.m, self.n) if bias is not None else torch.zeros_like(out))
+        if _INTERP:
+            nan_rows, nan_cols = _nan_lines(a, 1), _nan_lines(b, 0)
         b, b_s = _apply_prep(self.b_prep, b, b_scale, True)
         if self.fused:
             plan = self.launch
@@ -364,13 +366,27 @@ class _Call:
                 plan = self.launch = _launch_plan(a, b, out, b_s, b_s, bias, A_ROW_IN_KERNEL, self.b_mode, self.fast,
                                                   quant_a=True)
             _run_launch(plan, a, b, out, b_s, b_s, bias)
-            return out
-        a, a_s = _apply_prep(self.a_prep, a, a_scale, False)
-        plan = self.launch
-        if plan is None:
-            plan = self.launch = _launch_plan(a, b, out, a_s, b_s, bias, self.a_mode, self.b_mode, self.fast)
-        _run_launch(plan, a, b, out, a_s, b_s, bias)
+        else:
+            a, a_s = _apply_prep(self.a_prep, a, a_scale, False)
+            plan = self.launch
+            if plan is None:
+                plan = self.launch = _launch_plan(a, b, out, a_s, b_s, bias, self.a_mode, self.b_mode, self.fast)
+            _run_launch(plan, a, b, out, a_s, b_s, bias)
+        if _INTERP:
+            out[nan_rows] = float("nan")
+            out[:, nan_cols] = float("nan")
         return out
+
+
+def _nan_lines(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows (``dim=1``) or columns (``dim=0``) of an operand holding a NaN (for E4M3: its NaN payload 0x7F/0xFF).
+
+    The GPU's tensor cores carry a NaN into every sum it enters; the interpreter upcasts FP8 to fp16 for its dot
+    and turns the payload into a number. Under the interpreter the GEMM marks those output rows and columns NaN
+    itself, so CPU results propagate NaN as the GPU's do.
+    """
+    nan = (t.view(torch.uint8) & 0x7F) == 0x7F if t.dtype == FP8 else torch.isnan(t)
+    return nan.any(dim=dim)
 
 
 def _operand_prep(dtype: torch.dtype, scale: torch.Tensor | None, gran: str | None, default: str) -> tuple:
