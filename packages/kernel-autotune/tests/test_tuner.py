@@ -9,7 +9,7 @@ from autotune_helpers import FAKE_MS, SCALE_SPACE, fake_timer, scale_grid, scale
 from conftest import subprocess_env
 from kernel_autotune import ConfigSpace, TritonAutoTuner, TuningError, cache
 from triton_ops_core.device import is_interpreter
-from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.exceptions import InvalidArgumentError, UnsupportedDeviceError
 from triton_ops_core.models import TuningResult
 
 # These tests drive a real kernel on CPU tensors with injected or wall-clock timers: the interpreter's world.
@@ -169,3 +169,11 @@ def test_coordinate_search_starts_on_the_grid_when_the_default_is_off_it(cache_d
     assert result.best_config == {"A": 64, "B": 2}
     assert result.trials[0].config == {"A": 24, "B": 6}
     assert result.trials[1].config in ({"A": 16, "B": 4}, {"A": 32, "B": 4}, {"A": 16, "B": 8}, {"A": 32, "B": 8})
+
+
+def test_tuning_on_a_device_that_cannot_run_kernels_says_why(monkeypatch):
+    # the CPU without the interpreter: Triton itself would say "0 active drivers"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x = torch.randn(16)
+    with pytest.raises(UnsupportedDeviceError, match=r"^device: cannot run a Triton kernel on cpu: .*INTERPRET=1"):
+        make_tuner().tune(x, torch.empty_like(x), problem_size={"n": 16}, device="cpu", n=16, alpha=1.0)

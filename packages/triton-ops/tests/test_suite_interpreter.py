@@ -63,7 +63,7 @@ def test_benchmarks_cli_without_gpu(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gated_mlp", "--out", str(tmp_path)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Timings need a GPU" in proc.stdout
+    assert "No timings: this run checked correctness only" in proc.stdout
     assert "0 failing" in proc.stdout
     md = (tmp_path / "gated-mlp.md").read_text()
-    assert "Timings need a GPU" in md and "| triton-ops | ours | ok |" in md
+    assert "under the Triton interpreter on the CPU" in md and "| triton-ops | ours | ok |" in md

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.device import can_run_on
+from triton_ops_core.exceptions import InvalidArgumentError, UnsupportedDeviceError
 from triton_ops_core.models import KernelMetrics, TrialResult, TuningResult, dtype_name
 
 from . import cache as _cache
@@ -28,6 +29,17 @@ def _is_triton_kernel(fn: Any) -> bool:
     except ImportError:  # pragma: no cover - triton is a dependency
         return False
     return isinstance(fn, KernelInterface)
+
+
+def _check_runnable(device: torch.device | str | int | None) -> None:
+    """Tuning launches the kernel: say plainly when it cannot run here (Triton's own error is "0 active drivers")."""
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    if not can_run_on(dev):
+        where = ("a CPU device runs Triton kernels only under its interpreter: set TRITON_INTERPRET=1 before "
+                 "importing triton (timings are then the interpreter's, not a GPU's)") if dev.type == "cpu" else (
+                 "TRITON_INTERPRET=1 is set: kernels run on CPU tensors only" if dev.type == "cuda" else
+                 "expected a CUDA device, or the CPU under the interpreter")
+        raise UnsupportedDeviceError(f"device: cannot run a Triton kernel on {dev}: {where}")
 
 
 def _problem_dict(problem_size: Mapping[str, int] | Sequence[int]) -> dict[str, int]:
@@ -186,6 +198,7 @@ class TritonAutoTuner:
             entry = _cache.lookup(self._cache_path(), key)
             if entry is not None and self.config_space.allows(entry["config"], problem):
                 return result_from_entry(entry, _cache.load_trials(self._cache_path(), key))
+        _check_runnable(device)  # a cached answer needs no kernel; a search does
         timer = self.timer or default_timer(device, flush_l2=self.flush_l2)
         outcome = search(
             self.config_space.configs(problem), self._runner(args, kwargs), timer=timer,

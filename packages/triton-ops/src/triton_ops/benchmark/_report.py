@@ -291,7 +291,7 @@ def summary_lines(results: Sequence[CaseResult], timed: bool) -> list[str]:
     for r, i in baseline_fail:
         lines.append(f"  baseline outside tolerance: {r.group} {r.name} {r.dtype} {i.name}: {i.message}")
     if not timed:
-        lines.append("Timings need a GPU: this run checked correctness only (Triton interpreter on the CPU).")
+        lines.append("No timings: this run checked correctness only (timings need a GPU).")
         return lines
     for row in headline_rows(results):
         sp = ", ".join(f"{g:.2f}x vs {n}" for n, (g, _, _) in row["speedups"].items() if g is not None)
@@ -330,7 +330,8 @@ def environment_lines(env: dict[str, Any], peak_copy_gbps: float | None, timing_
     if timing_note:
         lines.append(f"- Timing: {timing_note}")
     else:
-        lines.append("- **Timings need a GPU**: this run checked correctness only, under the Triton interpreter.")
+        where = "under the Triton interpreter on the CPU" if env.get("interpreter") else "without timing"
+        lines.append(f"- **No timings**: this run checked correctness only, {where} (timings need a GPU).")
     lines.append("- Correctness: every implementation is checked first against a float64 (float32 for the largest "
                  "GPU cases) reference by relative Frobenius error; a result above the tolerance is marked **FAIL** "
                  "and not timed. Speedup = baseline time / our time (above 1: ours is faster).")
