@@ -5,6 +5,7 @@
     nox -s build               wheels + sdists of all six distributions, each installed alone and imported
     nox -s release-check -- fp8-gemm-v0.2.0
     nox -s bench               the benchmark suite (full sweep on a GPU; interpreter correctness run without)
+    nox -s quickstart          docs/quickstart.md's install command, as written, in a clean venv, then an example
 
 Without a GPU, tests run kernels under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. torch 2.13.0's CPU
 build is the torch of every CPU session: it declares no triton dependency, so any triton can be paired with it.
@@ -181,6 +182,30 @@ def release_check(session: nox.Session) -> None:
     if not built or not all(name.startswith(expected_prefix) for name in built):
         session.error(f"built {built}, expected only {expected_prefix} artifacts")
     session.log(f"release-check ok: {built}")
+
+
+@nox.session(python="3.11")
+def quickstart(session: nox.Session) -> None:
+    """docs/quickstart.md's install-from-clone command in a clean venv, as a newcomer runs it, then one example."""
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    block = re.search(r"<!-- install-from-clone[^\n]*\n```bash\n(.*?)```", text, re.S)
+    if block is None:
+        session.error("docs/quickstart.md: no install-from-clone block")
+    installs = [line.split(" #")[0].split()[2:] for line in block.group(1).splitlines()
+                if line.startswith("pip install ")]
+    if not installs:
+        session.error("docs/quickstart.md: the install-from-clone block has no pip install line")
+    # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build); the interpreter's numpy
+    session.install(TORCH, "numpy<2.4")
+    for args in installs:
+        session.install(*args)  # run from the checkout's root, where the command's ./ paths point
+    example = (
+        "import torch; from triton_ops import fused_gated_mlp; x = torch.randn(2, 64); "
+        "w = torch.randn(32, 64) / 8; out = fused_gated_mlp(x, w, w); "
+        "ref = torch.nn.functional.silu(x @ w.T) * (x @ w.T); "
+        "assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5); print('quick start install works:', out.shape)"
+    )
+    session.run("python", "-c", example, env={"TRITON_INTERPRET": "1"})
 
 
 @nox.session(python="3.11", default=False)
