@@ -7,6 +7,8 @@ input's dtype, as Hugging Face models do) and what ``torch.compile`` compiles.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from fp8_gemm.reference import quantize_fp8_reference as _quantize_fp8_reference
@@ -130,30 +132,73 @@ def quantize_fp8_eager(x: torch.Tensor, granularity: str = "tensor", fp8_dtype=t
 # depends on every kernel package: a missing one is an error, never a silently swapped reference.
 
 
+class _NormState:
+    """What an RMSNorm module's forward reads from ``self`` (``weight``, ``variance_epsilon``): transformers' own
+    forward runs on it unchanged, without building a module (and a parameter) per call."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        self.weight, self.variance_epsilon = weight, eps
+
+
+def _transformers_module(name: str):
+    """``transformers.models.<name>.modeling_<name>``, or None where transformers is not installed."""
+    try:
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except ImportError:
+        return None
+
+
+def _rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_half) -> torch.Tensor:
+    # [..., seq, heads, head_dim] against [..., seq, head_dim] tables: the models' q * cos + rotate_half(q) * sin
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return y * c + rotate_half(y) * s
+
+
 def rmsnorm_rope_baseline():
-    """``f(x, weight, cos, sin, eps, position_ids)``: the package's reference."""
+    """``f(x, weight, cos, sin, eps, position_ids)``, the code users run: transformers' own ``LlamaRMSNorm`` forward
+    and its rotary formula (``q * cos + rotate_half(q) * sin``) in the input dtype; without transformers, the same
+    code written out (``rmsnorm_rope_eager``)."""
+    llama = _transformers_module("llama")
+    if llama is None:
+        return rmsnorm_rope_eager
 
     def f(x, weight, cos, sin, eps=1e-6, position_ids=None):
-        return _rmsnorm_rope_reference(x, weight, cos, sin, eps, position_ids=position_ids)
+        y = llama.LlamaRMSNorm.forward(_NormState(weight, eps), x)
+        if position_ids is not None:
+            cos, sin = cos[position_ids], sin[position_ids]
+        y = y.view(*y.shape[:-1], -1, cos.shape[-1])
+        return _rope(y, cos, sin, llama.rotate_half).view(x.shape)
 
     return f
 
 
 def rmsnorm_rope_reference(x, weight, cos, sin, eps=1e-6, position_ids=None, dtype=torch.float64):
-    f = rmsnorm_rope_baseline()
-    return f(x.to(dtype), weight.to(dtype), cos.to(dtype), sin.to(dtype), eps, position_ids)
+    """The correctness reference: the package's reference, all in ``dtype``."""
+    return _rmsnorm_rope_reference(x.to(dtype), weight.to(dtype), cos.to(dtype), sin.to(dtype), eps,
+                                   position_ids=position_ids)
 
 
 def qk_norm_rope_baseline():
+    """``f(q, k, q_weight, k_weight, cos, sin, eps, position_ids)``: transformers' own ``Qwen3RMSNorm`` forward on each
+    head, then the rotary formula, in the input dtype; without transformers, ``qk_norm_rope_eager``."""
+    qwen3 = _transformers_module("qwen3")
+    if qwen3 is None:
+        return qk_norm_rope_eager
+
     def f(q, k, q_weight, k_weight, cos, sin, eps=1e-6, position_ids=None):
-        return _qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, position_ids, eps)
+        qn = qwen3.Qwen3RMSNorm.forward(_NormState(q_weight, eps), q)
+        kn = qwen3.Qwen3RMSNorm.forward(_NormState(k_weight, eps), k)
+        if position_ids is not None:
+            cos, sin = cos[position_ids], sin[position_ids]
+        return _rope(qn, cos, sin, qwen3.rotate_half), _rope(kn, cos, sin, qwen3.rotate_half)
 
     return f
 
 
 def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps=1e-6, position_ids=None, dtype=torch.float64):
-    qo, ko = qk_norm_rope_baseline()(q.to(dtype), k.to(dtype), q_weight.to(dtype), k_weight.to(dtype),
-                                     cos.to(dtype), sin.to(dtype), eps, position_ids)
+    """The correctness reference: the package's reference, all in ``dtype``, q and k flattened into one vector."""
+    qo, ko = _qk_norm_rope_reference(q.to(dtype), k.to(dtype), q_weight.to(dtype), k_weight.to(dtype),
+                                     cos.to(dtype), sin.to(dtype), position_ids, eps)
     return torch.cat((qo.flatten(), ko.flatten()))
 
 
