@@ -41,6 +41,9 @@ else:
     os.environ.setdefault("PIP_EXTRA_INDEX_URL", "https://download.pytorch.org/whl/cpu")
 # The oldest triton we support (what torch 2.10/2.11 ship, and what the lent H100 runs) and the newest.
 TRITONS = ["3.6.0", "3.9.0"]
+# The umbrella's model integration (patch_model) is tested against the oldest transformers we support, beside the
+# oldest triton, and the newest, beside the newest: transformers changes its module code between releases.
+TRANSFORMERS = {"3.6.0": "transformers==5.0.0", "3.9.0": "transformers"}
 
 # distribution -> (folder, import name, sibling distributions it depends on)
 PACKAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -90,6 +93,8 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     session.install(*_base_requirements(triton))
     # Non-editable installs: the tests import what a user would get, so a missing dependency or file fails here.
     session.install(*_local_folders(dist))
+    if dist == "triton-ops":
+        session.install(TRANSFORMERS[triton])
     env = {} if _gpu_present() else {"TRITON_INTERPRET": "1"}
     folder = PACKAGES[dist][0]
     session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")

@@ -11,6 +11,9 @@
 - the shared exceptions and data models (``triton-ops-core``)
 - ``BenchmarkSuite``: the benchmark suite (``triton_ops.benchmark``)
 
+``patch_model(model)`` puts them into a Hugging Face Llama / Mistral / Qwen2 / Qwen3 model (``triton_ops.models``);
+``triton_ops.layers`` holds the forward-only layers it swaps in.
+
 Every op is registered under ``torch.ops.triton_ops`` (``REGISTERED_OPS`` lists them): ``torch.compile``,
 CUDA graphs and ``torch.export`` take each as one node.
 
@@ -37,8 +40,10 @@ from triton_ops_core import (
     UnsupportedDtypeError,
 )
 
+from . import layers
 from .__about__ import __version__
 from .benchmark import BenchmarkSuite
+from .models import UnsupportedModelError, patch_model
 
 # The ops the packages above register when imported (the backward ops are what autograd calls).
 REGISTERED_OPS = (
@@ -52,6 +57,7 @@ __all__ = [
     "REGISTERED_OPS",
     "RMSNORM_ROPE_CONFIGS",
     "BenchmarkSuite",
+    "UnsupportedModelError",
     "ConfigSpace",
     "DeviceMismatchError",
     "FP8Format",
@@ -78,6 +84,8 @@ __all__ = [
     "fused_gated_mlp",
     "fused_qk_norm_rope",
     "fused_rmsnorm_rope",
+    "layers",
+    "patch_model",
     "quantize_fp8",
     "select_config",
 ]

@@ -1,0 +1,60 @@
+"""Forward-only layers that replace a Hugging Face module's ``forward`` and read their state from it.
+
+They follow the layer contract of Hugging Face's ``kernels`` library: no ``__init__``, no state of their own, only
+``forward`` and the class attributes ``can_torch_compile`` / ``has_backward``; the attributes they read are declared
+by annotation. :func:`triton_ops.patch_model` swaps them into an instantiated model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fused_gated_mlp import fused_gated_mlp
+from torch import nn
+from triton_ops_core.exceptions import InvalidArgumentError
+
+# transformers' ``config.hidden_act`` names -> the fused kernel's activation
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
+
+
+def kernel_activation(hidden_act: str) -> str:
+    """The fused kernel's activation for a transformers ``hidden_act``; InvalidArgumentError if it has none."""
+    act = HF_ACTIVATIONS.get(hidden_act)
+    if act is None:
+        raise InvalidArgumentError(
+            f"hidden_act: expected one of {', '.join(map(repr, HF_ACTIVATIONS))} (those the fused gated MLP "
+            f"computes), got {hidden_act!r}")
+    return act
+
+
+class GatedMLP(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` with gate, up and the activation in one kernel.
+
+    Replaces the ``forward`` of transformers' ``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``Qwen3MLP`` and the other
+    gated MLPs with the same attributes. ``down_proj`` stays the model's own module (an ``nn.Linear`` or an
+    ``FP8Linear``). Differentiable (the fused op has a backward).
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Module
+    config: Any  # reads config.hidden_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = HF_ACTIVATIONS[self.config.hidden_act]
+        gate, up = self.gate_proj, self.up_proj
+        h = fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias)
+        return self.down_proj(h)
+
+
+__all__ = ["HF_ACTIVATIONS", "GatedMLP", "kernel_activation"]

@@ -1,0 +1,125 @@
+"""patch_model on small random Llama / Qwen3 / Mistral models built from transformers' own classes: the patched
+model computes what the unpatched one does (prefill and a cached decode step, fp8 off and on), generate() runs, and
+unsupported models get a named error. Runs under the interpreter on CPU (fp32) and on a GPU (bf16)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from triton_ops import FP8Linear, patch_model
+from triton_ops.layers import GatedMLP
+from triton_ops.models import UnsupportedModelError
+from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.testing import device_for_tests
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = device_for_tests()
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64}
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
+    "mistral": lambda: transformers.MistralConfig(**SMALL),
+}
+CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def _model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = getattr(transformers, CLASSES[kind])(CONFIGS[kind]()).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():  # weights large enough that the logits are not all alike
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def _prefill_and_step(model, ids):
+    """Logits of a prefill and of one decode step through transformers' own cache (its argument is ``cache`` from
+    transformers 5.2x on, ``past_key_values`` before)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        step = model(nxt, use_cache=True, **{name: cache})
+    return out.logits, step.logits
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_patched_model_computes_what_the_model_computes(kind):
+    model = _model(kind)
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    summary = model.triton_ops_patch
+    assert summary.gated_mlps == 2 and summary.fp8_linears == 0
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, type(reference.model.layers[0].mlp)) and type(mlp).forward is GatedMLP.forward
+    assert mlp.gate_proj.weight is model.model.layers[0].mlp.gate_proj.weight  # no second copy
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    ours_prefill, ours_step = _prefill_and_step(model, ids)
+    ref_prefill, ref_step = _prefill_and_step(reference, ids)
+    tol = 0.999 if DTYPE == torch.bfloat16 else 0.999999
+    assert _cosine(ours_prefill, ref_prefill) >= tol and _cosine(ours_step, ref_step) >= tol
+
+
+def test_fp8_patch_converts_every_linear_but_the_lm_head():
+    model = _model("llama")
+    reference = copy.deepcopy(model)
+    patch_model(model, fp8=True)
+    assert model.triton_ops_patch.fp8_linears == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert type(model.lm_head) is torch.nn.Linear and isinstance(model.model.layers[1].mlp.down_proj, FP8Linear)
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    (ours, ours_step), (ref, ref_step) = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
+    # E4M3 weights and activations: a few percent of error per layer, the logits still point the same way
+    assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
+
+
+def test_generate_runs_on_a_patched_model():
+    model = patch_model(_model("qwen3"))
+    reference = _model("qwen3")
+    ids = torch.randint(0, 128, (1, 5), device=DEVICE)
+    with torch.no_grad():
+        ours = model.generate(ids, max_new_tokens=4, do_sample=False)
+        ref = reference.generate(ids, max_new_tokens=4, do_sample=False)
+    assert ours.shape == ref.shape == (1, 9)
+    assert torch.equal(ours[0, 5], ref[0, 5])  # the prefill's greedy token; later ones may part at a near tie
+
+
+def test_gradients_flow_through_the_patched_mlp():
+    model = patch_model(_model("llama"))
+    ids = torch.randint(0, 128, (1, 4), device=DEVICE)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    grad = model.model.layers[0].mlp.gate_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_unsupported_and_repeated_patching_are_named_errors():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match=r"supports config.model_type in 'llama', .* got 'gpt2'"):
+        patch_model(gpt2)
+    with pytest.raises(InvalidArgumentError, match=r"expected a transformers model"):
+        patch_model("llama")
+    model = patch_model(_model("llama"))
+    with pytest.raises(InvalidArgumentError, match=r"already patched"):
+        patch_model(model)
+
+
+def test_an_activation_without_a_kernel_changes_nothing():
+    config = CONFIGS["llama"]()
+    config.hidden_act = "relu"
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(InvalidArgumentError, match=r"hidden_act: expected one of .* got 'relu'"):
+        patch_model(model)
+    assert type(model.model.layers[0].mlp) is transformers.models.llama.modeling_llama.LlamaMLP
