@@ -11,6 +11,7 @@ import pytest
 import torch
 from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP
+from triton_ops.layers import RMSNorm as RMSNormLayer
 from triton_ops.models import UnsupportedModelError
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.testing import device_for_tests
@@ -61,7 +62,10 @@ def test_patched_model_computes_what_the_model_computes(kind):
     reference = copy.deepcopy(model)
     patch_model(model)
     summary = model.triton_ops_patch
+    # two layers' norms and the final norm; Qwen3 also normalizes q and k per head
     assert summary.gated_mlps == 2 and summary.fp8_linears == 0
+    assert summary.rms_norms == 2 * 2 + 1 + (2 * 2 if kind == "qwen3" else 0)
+    assert type(model.model.norm).forward is RMSNormLayer.forward
     mlp = model.model.layers[0].mlp
     assert isinstance(mlp, type(reference.model.layers[0].mlp)) and type(mlp).forward is GatedMLP.forward
     assert mlp.gate_proj.weight is model.model.layers[0].mlp.gate_proj.weight  # no second copy

@@ -2,15 +2,16 @@
 
 - ``fused_rmsnorm_rope(x, weight, cos, sin, eps, *, position_ids, rotary_dim, head_dim, layout, gemma)``
 - ``fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, position_ids, eps, *, rotary_dim, layout, gemma, inplace)``
-- ``FusedRMSNormRoPE(hidden_dim, head_dim, eps)``: the module.
+- ``rmsnorm(x, weight, eps, *, gemma)``, ``fused_add_rmsnorm(x, residual, weight, eps, *, gemma, inplace)``
+- ``FusedRMSNormRoPE(hidden_dim, head_dim, eps)``, ``RMSNorm``, ``FusedAddRMSNorm``: the modules.
 - ``reference``: the pure-PyTorch references; ``RMSNORM_ROPE_CONFIGS``: the tunable launch configs.
 """
 
 from . import reference
 from .__about__ import __version__
 from .config import RMSNORM_ROPE_CONFIGS, heuristic_config
-from .module import FusedRMSNormRoPE
-from .ops import fused_qk_norm_rope, fused_rmsnorm_rope
+from .module import FusedAddRMSNorm, FusedRMSNormRoPE, RMSNorm
+from .ops import fused_add_rmsnorm, fused_qk_norm_rope, fused_rmsnorm_rope, rmsnorm, rmsnorm_reference
 from .reference import qk_norm_rope_reference, rmsnorm_rope_reference
 
 
@@ -18,21 +19,28 @@ def clear_caches() -> None:
     """Forget cached launch plans and config lookups, e.g. after tuning, so the next calls pick the new configs."""
     from .config import clear_config_cache
     from .ops import qk_norm_rope, rmsnorm_rope
+    from .ops.rmsnorm import _PLANS as norm_plans
 
     clear_config_cache()
     rmsnorm_rope._PLANS.clear()
+    norm_plans.clear()
     qk_norm_rope._PLANS.clear()
 
 
 __all__ = [
     "RMSNORM_ROPE_CONFIGS",
+    "FusedAddRMSNorm",
     "FusedRMSNormRoPE",
+    "RMSNorm",
     "__version__",
     "clear_caches",
+    "fused_add_rmsnorm",
     "fused_qk_norm_rope",
     "fused_rmsnorm_rope",
     "heuristic_config",
     "qk_norm_rope_reference",
     "reference",
+    "rmsnorm",
+    "rmsnorm_reference",
     "rmsnorm_rope_reference",
 ]

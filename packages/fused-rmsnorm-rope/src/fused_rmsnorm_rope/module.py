@@ -1,12 +1,13 @@
-"""``FusedRMSNormRoPE``: an ``nn.Module`` holding the RMSNorm weight, applying norm + RoPE in one launch."""
+"""The modules: ``FusedRMSNormRoPE`` (norm + RoPE in one launch), ``RMSNorm`` and ``FusedAddRMSNorm``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from triton_ops_core.exceptions import ShapeMismatchError
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.validation.common import check_choice, check_positive
 
+from .ops.rmsnorm import fused_add_rmsnorm, rmsnorm
 from .ops.rmsnorm_rope import fused_rmsnorm_rope
 
 
@@ -46,4 +47,54 @@ class FusedRMSNormRoPE(nn.Module):
                 f"{extra}, gemma={self.gemma}")
 
 
-__all__ = ["FusedRMSNormRoPE"]
+
+
+def _hf_norm_state(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    """``(weight, eps)`` of a transformers RMSNorm (``variance_epsilon`` in Llama/Qwen/Mistral, ``eps`` in others)."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, (int, float)):
+        raise InvalidArgumentError(
+            f"norm: expected an RMSNorm module with a 1-D weight and variance_epsilon (or eps), got "
+            f"{type(norm).__name__}")
+    return weight, float(eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension in one pass (``rmsnorm``): ``weight`` ``[hidden]`` (ones; zeros with
+    ``gemma=True``, whose norm scales by ``1 + weight``). :meth:`from_module` adopts a transformers norm's weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, gemma: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ShapeMismatchError(f"hidden_size: expected a positive integer, got {hidden_size!r}")
+        check_positive(eps, "eps")
+        self.eps, self.gemma = float(eps), bool(gemma)
+        self.weight = nn.Parameter((torch.zeros if gemma else torch.ones)(hidden_size, device=device, dtype=dtype))
+
+    @classmethod
+    def from_module(cls, norm: nn.Module, *, gemma: bool = False) -> RMSNorm:
+        """A module sharing ``norm``'s weight (``LlamaRMSNorm``, ``Qwen3RMSNorm``, ...): no copy."""
+        weight, eps = _hf_norm_state(norm)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.eps, module.gemma = eps, bool(gemma)
+        module.weight = weight
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rmsnorm(x, self.weight, self.eps, gemma=self.gemma)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, gemma={self.gemma}"
+
+
+class FusedAddRMSNorm(RMSNorm):
+    """``residual = x + residual; y = RMSNorm(residual)`` in one pass: ``forward(x, residual) -> (y, residual)``."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_add_rmsnorm(x, residual, self.weight, self.eps, gemma=self.gemma)
+
+
+__all__ = ["FusedAddRMSNorm", "FusedRMSNormRoPE", "RMSNorm"]

@@ -22,7 +22,16 @@ Without a GPU, set ``TRITON_INTERPRET=1`` before importing to run the kernels on
 
 from fp8_gemm import FP8_GEMM_CONFIGS, FP8Linear, convert_to_fp8, dequantize_fp8, fp8_gemm, fp8_linear, quantize_fp8
 from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, fused_gated_mlp
-from fused_rmsnorm_rope import RMSNORM_ROPE_CONFIGS, FusedRMSNormRoPE, fused_qk_norm_rope, fused_rmsnorm_rope
+from fused_rmsnorm_rope import (
+    RMSNORM_ROPE_CONFIGS,
+    FusedAddRMSNorm,
+    FusedRMSNormRoPE,
+    RMSNorm,
+    fused_add_rmsnorm,
+    fused_qk_norm_rope,
+    fused_rmsnorm_rope,
+    rmsnorm,
+)
 from kernel_autotune import ConfigSpace, TritonAutoTuner, select_config
 from triton_ops_core import (
     DeviceMismatchError,
@@ -48,7 +57,8 @@ from .models import UnsupportedModelError, patch_model
 # The ops the packages above register when imported (the backward ops are what autograd calls).
 REGISTERED_OPS = (
     "fused_rmsnorm_rope", "fused_rmsnorm_rope_backward", "fused_qk_norm_rope", "fused_qk_norm_rope_",
-    "fused_qk_norm_rope_backward", "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear",
+    "fused_qk_norm_rope_backward", "rmsnorm", "fused_add_rmsnorm", "fused_add_rmsnorm_",
+    "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear",
 )
 
 __all__ = [
@@ -63,7 +73,9 @@ __all__ = [
     "FP8Format",
     "FP8Linear",
     "FusedGatedMLP",
+    "FusedAddRMSNorm",
     "FusedRMSNormRoPE",
+    "RMSNorm",
     "InvalidArgumentError",
     "KernelMetrics",
     "LayoutError",
@@ -81,11 +93,13 @@ __all__ = [
     "dequantize_fp8",
     "fp8_gemm",
     "fp8_linear",
+    "fused_add_rmsnorm",
     "fused_gated_mlp",
     "fused_qk_norm_rope",
     "fused_rmsnorm_rope",
     "layers",
     "patch_model",
     "quantize_fp8",
+    "rmsnorm",
     "select_config",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from fused_gated_mlp import fused_gated_mlp
+from fused_rmsnorm_rope import rmsnorm
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
@@ -57,4 +58,19 @@ class GatedMLP(nn.Module):
         return self.down_proj(h)
 
 
-__all__ = ["HF_ACTIVATIONS", "GatedMLP", "kernel_activation"]
+class RMSNorm(nn.Module):
+    """RMSNorm in one pass (``fused_rmsnorm_rope.rmsnorm``), for transformers' ``LlamaRMSNorm``, ``Qwen3RMSNorm``,
+    ``MistralRMSNorm`` and the like (``weight`` and ``variance_epsilon``). The output has the input's dtype (the
+    models' own forward returns ``weight.dtype`` when the weight is wider than the activation)."""
+
+    can_torch_compile = True
+    has_backward = True
+
+    weight: torch.Tensor
+    variance_epsilon: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+
+
+__all__ = ["HF_ACTIVATIONS", "GatedMLP", "RMSNorm", "kernel_activation"]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from fp8_gemm import FP8Linear, convert_to_fp8
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from ..layers import GatedMLP, kernel_activation
+from ..layers import GatedMLP, RMSNorm, kernel_activation
 
 # config.model_type of the decoders whose layers we know: each has a gated MLP with gate_proj/up_proj/down_proj.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -32,6 +33,7 @@ class PatchSummary:
 
     model_type: str
     gated_mlps: int = 0  # MLPs whose gate/up projections and activation run in one kernel
+    rms_norms: int = 0  # RMSNorm modules computed in one pass
     fp8_linears: int = 0  # nn.Linear layers now FP8Linear
     notes: list[str] = field(default_factory=list)  # what was left as it was, and why
 
@@ -61,6 +63,13 @@ def _gated_mlps(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _rms_norms(model: nn.Module) -> list[nn.Module]:
+    """Every transformers RMSNorm of the model: a ``*RMSNorm`` module with a 1-D ``weight`` and ``variance_epsilon``."""
+    return [m for m in model.modules()
+            if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), (int, float))]
+
+
 def _model_type(model: object) -> str:
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model: expected a transformers model (an nn.Module), got {type(model).__name__}")
@@ -81,6 +90,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_lm_head: bool = Fals
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3 and the models
     that share their layers). What is replaced:
 
+    - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
+      in one pass (:class:`triton_ops.layers.RMSNorm`).
     - ``fp8=False``: every gated MLP runs its gate and up projections and the activation in one kernel
       (:class:`triton_ops.layers.GatedMLP`; ``down_proj`` unchanged). Weights are shared, not copied.
     - ``fp8=True``: every ``nn.Linear`` but the LM head (``fp8_lm_head=True`` converts it too) becomes an
@@ -89,7 +100,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_lm_head: bool = Fals
       FP8 gated-MLP kernel yet, and on the H200 FP8 everywhere (778 us per 4-layer decode step) beat the bf16 fused
       MLP (845 us).
 
-    The rest of the model (attention, norms, rotary embedding, LM head) is transformers' own. The patched model
+    The rest of the model (attention, rotary embedding, residual adds, LM head) is transformers' own. The patched model
     works with ``generate()``, its caches and ``torch.compile`` (the kernels are registered custom ops).
     ``model.triton_ops_patch`` says what was replaced (:class:`PatchSummary`).
 
@@ -127,7 +138,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_lm_head: bool = Fals
         for mlp in mlps:
             mlp.__class__ = _patched_class(type(mlp), GatedMLP)
         summary.gated_mlps = len(mlps)
-    summary.notes.append("attention, RMSNorm and rotary embedding: transformers' own")
+    norms = _rms_norms(model)
+    for norm in norms:
+        norm.__class__ = _patched_class(type(norm), RMSNorm)
+    summary.rms_norms = len(norms)
+    summary.notes.append("attention, rotary embedding and the residual adds: transformers' own")
     model.triton_ops_patch = summary
     return model
 

@@ -1,0 +1,305 @@
+"""``rmsnorm`` and ``fused_add_rmsnorm``: the decoder layer's RMSNorm, alone or with the residual add before it.
+
+A decoder layer computes ``residual = x + residual`` then ``norm(residual)``: in eager that is an add kernel, then
+five more (``pow``, ``mean``, ``add``, ``rsqrt``, ``mul``) that each read and write the activation. Here one program
+normalizes one row (token): it reads ``x`` (and the residual), writes the new residual and the normalized row, and
+computes in fp32 whatever the input dtype. The registered ops (``torch.ops.triton_ops.rmsnorm``,
+``fused_add_rmsnorm``, the in-place ``fused_add_rmsnorm_``) have composite PyTorch backwards.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.launch import Plan, PlanCache, call_key, next_pow2
+from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.validation import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_kernel_device,
+    check_last_dim_contiguous,
+    check_ndim,
+    check_positive,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+
+# One pass keeps the row in registers up to this many elements (Llama-70B's 8192 included); longer rows loop twice
+# over the row (sum of squares, then normalize) in tiles of this size.
+MAX_ONE_PASS = 8192
+
+
+@triton.jit
+def _rmsnorm_kernel(X, R, Y, R_OUT, W, n_rows, N, stride_x, stride_r, stride_y, stride_ro, eps,
+                    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row, y_row = X + row * stride_x, Y + row * stride_y
+    r_row, ro_row = R + row * stride_r, R_OUT + row * stride_ro
+    cols = tl.arange(0, BLOCK)
+    if ONE_PASS:
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            # the new residual is rounded to the activation dtype, as the model's own add rounds it; the norm reads
+            # that rounded sum, as the model's next norm does
+            s = x + tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s = s.to(R_OUT.dtype.element_ty)
+            tl.store(ro_row + cols, s, mask=mask)
+            x = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = w + 1.0
+        tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                s = x + tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
+                s = s.to(R_OUT.dtype.element_ty)
+                tl.store(ro_row + c, s, mask=mask)
+                x = s.to(tl.float32)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            if HAS_RESIDUAL:  # the program's own stores above: read back in the rounded dtype
+                x = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            if GEMMA:
+                w = w + 1.0
+            tl.store(y_row + c, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+
+class NormNeeds(NamedTuple):
+    """A plan's ``extra``: the hidden size, and whether x / the residual must be copied to be walked by one row
+    stride (views that have none; rare)."""
+
+    n: int
+    copy_x: bool
+    copy_residual: bool
+
+
+def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, gemma: bool) -> None:
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_dtype(x, "x", FLOAT_DTYPES)
+    check_dtype(weight, "weight", FLOAT_DTYPES)
+    check_ndim(x, "x", minimum=1)
+    check_ndim(weight, "weight", exact=1)
+    if weight.shape[0] != x.shape[-1]:
+        raise ShapeMismatchError(
+            f"weight: expected shape [{x.shape[-1]}] (x's last dimension), got {list(weight.shape)}")
+    check_positive(eps, "eps")
+    if not isinstance(gemma, bool):
+        raise InvalidArgumentError(f"gemma: expected a bool, got {gemma!r}")
+    check_last_dim_contiguous(x, "x")
+    check_last_dim_contiguous(weight, "weight")
+    if residual is not None:
+        check_tensor(residual, "residual")
+        check_same_dtype(x=x, residual=residual)
+        if residual.shape != x.shape:
+            raise ShapeMismatchError(f"residual: expected x's shape {list(x.shape)}, got {list(residual.shape)}")
+        check_last_dim_contiguous(residual, "residual")
+    check_same_device(x=x, weight=weight, residual=residual)
+    check_kernel_device(x, "x")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # the [n_rows, N] view the kernel walks with one row stride (a copy only for views that have none)
+    return t.reshape(-1, t.shape[-1])
+
+
+_PLANS = PlanCache()
+
+
+def _plan(x, weight, eps, residual, gemma, inplace: bool) -> Plan:
+    """The cached launch of a call signature (validated on its first call). ``inplace``: the new residual is
+    written into ``residual`` itself, else into a fresh contiguous tensor."""
+    key = call_key(x, weight, eps, residual, gemma, inplace)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    _validate(x, weight, eps, residual, gemma)
+    n = x.shape[-1]
+    n_rows = x.numel() // n if n else 0
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
+    copy_x, copy_r = x2.data_ptr() != x.data_ptr(), residual is not None and r2.data_ptr() != residual.data_ptr()
+    stride_ro = (r2.stride(0) if not copy_r else n) if inplace else n
+    block = min(next_pow2(n), MAX_ONE_PASS)
+    # rows of 16+ KB stream best with more warps; a short row needs few
+    warps = 8 if block * x.element_size() >= 16384 else 4 if block >= 1024 else 2
+    tail = (n_rows, n, x2.stride(0) if not copy_x else n, r2.stride(0) if not copy_r else n, n, stride_ro,
+            float(eps), residual is not None, bool(gemma), block, n <= MAX_ONE_PASS)
+    plan = Plan(_rmsnorm_kernel, (max(1, n_rows),), tail, warps, n_rows, extra=NormNeeds(n, copy_x, copy_r))
+    return _PLANS.put(key, plan)
+
+
+def _forward(x, weight, eps, residual, gemma, residual_out) -> torch.Tensor:
+    """One launch; ``residual_out`` is the new residual's destination (``residual`` itself, or a fresh tensor)."""
+    inplace = residual_out is not None and residual_out is residual
+    plan = _plan(x, weight, eps, residual, gemma, inplace)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if plan.n_rows == 0:
+        return y
+    x2 = _rows(x).contiguous() if plan.extra.copy_x else _rows(x)
+    y2 = y.view(-1, plan.extra.n)
+    if residual is None:
+        plan.launch(x2, x2, y2, y2, weight)
+        return y
+    r2 = _rows(residual).contiguous() if plan.extra.copy_residual else _rows(residual)
+    ro2 = r2 if inplace else residual_out.view(-1, plan.extra.n)
+    plan.launch(x2, r2, y2, ro2, weight)
+    if inplace and plan.extra.copy_residual:
+        residual.copy_(r2.view(residual.shape))  # a residual without one row stride: written back
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: triton_ops::rmsnorm, fused_add_rmsnorm, fused_add_rmsnorm_
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(op_name("rmsnorm"), mutates_args=())
+def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    return _forward(x, weight, eps, None, gemma, None)
+
+
+@_rmsnorm_op.register_fake
+def _(x, weight, eps, gemma):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(op_name("fused_add_rmsnorm"), mutates_args=())
+def _fused_add_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                  gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _forward(x, weight, eps, residual, gemma, new_residual), new_residual
+
+
+@_fused_add_op.register_fake
+def _(x, residual, weight, eps, gemma):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op(op_name("fused_add_rmsnorm_"), mutates_args=("residual",))
+def _fused_add_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                          gemma: bool) -> torch.Tensor:
+    return _forward(x, weight, eps, residual, gemma, residual)
+
+
+@_fused_add_inplace_op.register_fake
+def _(x, residual, weight, eps, gemma):
+    return x.new_empty(x.shape)
+
+
+def _norm_backward(s: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, grad: torch.Tensor,
+                   need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``y = s * rstd(s) * w`` in fp32: ``ds = rstd * (g w - s_hat * mean(g w s_hat))`` and
+    ``dw = sum(g s_hat)`` over the rows."""
+    s32, g32 = s.float(), grad.float()
+    w32 = weight.float() + 1.0 if gemma else weight.float()
+    rstd = torch.rsqrt(s32.square().mean(-1, keepdim=True) + eps)
+    s_hat = s32 * rstd
+    gw = g32 * w32
+    ds = rstd * (gw - s_hat * (gw * s_hat).mean(-1, keepdim=True))
+    dw = (g32 * s_hat).reshape(-1, s.shape[-1]).sum(0).to(weight.dtype) if need_weight else None
+    return ds.to(s.dtype), dw
+
+
+def _rmsnorm_setup(ctx, inputs, output) -> None:
+    x, weight, eps, gemma = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.gemma = eps, gemma
+
+
+def _rmsnorm_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx, dw = _norm_backward(x, weight, ctx.eps, ctx.gemma, grad, ctx.needs_input_grad[1])
+    return dx if ctx.needs_input_grad[0] else None, dw, None, None
+
+
+def _fused_add_setup(ctx, inputs, output) -> None:
+    _, _, weight, eps, gemma = inputs
+    ctx.save_for_backward(output[1], weight)  # the new residual: what the norm read
+    ctx.eps, ctx.gemma = eps, gemma
+
+
+def _fused_add_backward(ctx, grad_y, grad_residual):
+    s, weight = ctx.saved_tensors
+    ds, dw = _norm_backward(s, weight, ctx.eps, ctx.gemma,
+                            torch.zeros_like(s) if grad_y is None else grad_y, ctx.needs_input_grad[2])
+    if grad_residual is not None:
+        ds = ds + grad_residual
+    need = ctx.needs_input_grad
+    return ds if need[0] else None, ds if need[1] else None, dw, None, None
+
+
+_rmsnorm_op.register_autograd(_rmsnorm_backward, setup_context=_rmsnorm_setup)
+_fused_add_op.register_autograd(_fused_add_backward, setup_context=_fused_add_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension (``1 + weight`` with ``gemma``), in one pass.
+
+    Args:
+        x: ``[..., hidden]`` fp16/bf16/fp32, unit stride in ``hidden`` (any hidden size: rows longer than 8192
+            loop twice over the row). weight: ``[hidden]``, any float dtype. eps: added to the mean square.
+        gemma: scale by ``1 + weight`` (Gemma's RMSNorm).
+
+    Returns a new tensor of x's shape and dtype; math in fp32, one rounding. Differentiable in x and weight.
+    Registered as ``torch.ops.triton_ops.rmsnorm``.
+    """
+    if direct_call_ok(x, weight):  # plain eager: no dispatcher round trip
+        return _forward(x, weight, eps, None, gemma, None)
+    return _rmsnorm_op(x, weight, eps, gemma)
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                      gemma: bool = False, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder layer's ``residual = x + residual; y = rmsnorm(residual)`` in one pass: returns ``(y, residual)``.
+
+    The new residual is rounded to the activation dtype (as the model's own add rounds it) and the norm reads that
+    rounded sum. With ``inplace=True`` the new residual is written into ``residual`` itself (not differentiable)
+    and returned. Registered as ``torch.ops.triton_ops.fused_add_rmsnorm`` and ``fused_add_rmsnorm_`` (in place).
+    """
+    if not isinstance(inplace, bool):
+        raise InvalidArgumentError(f"inplace: expected a bool, got {inplace!r}")
+    if inplace:
+        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, residual, weight)):
+            raise InvalidArgumentError("inplace: expected False when a gradient is wanted, got True; run in-place "
+                                       "under torch.no_grad()")
+        if direct_call_ok(x, residual, weight):
+            return _forward(x, weight, eps, residual, gemma, residual), residual
+        return _fused_add_inplace_op(x, residual, weight, eps, gemma), residual
+    if direct_call_ok(x, residual, weight):
+        new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return _forward(x, weight, eps, residual, gemma, new_residual), new_residual
+    return _fused_add_op(x, residual, weight, eps, gemma)
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The same math in PyTorch, in x's dtype (cast to float64 for a reference); with ``residual``, of the sum."""
+    if residual is not None:
+        x = x + residual
+    w = weight.to(x.dtype) + 1 if gemma else weight.to(x.dtype)
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+__all__ = ["MAX_ONE_PASS", "fused_add_rmsnorm", "rmsnorm", "rmsnorm_reference"]
