@@ -101,4 +101,57 @@ def count_compiles() -> Iterator[dict[str, int]]:
         result["frames"] = counters["stats"]["unique_graphs"] - start
 
 
-__all__ = ["assert_close_rel", "count_compiles", "device_for_tests", "opcheck_op", "poison_", "relative_error"]
+# How the fuzz tests spoil one tensor argument of a valid call.
+TENSOR_MUTATIONS = ("int32", "float64", "bool", "shorter_last_dim", "strided_last_dim", "meta", "list", "zero_dim",
+                    "extra_dim", "empty_first_dim")
+
+
+def mutate(t: torch.Tensor, how: str) -> object:
+    """``t`` spoiled one way (see ``TENSOR_MUTATIONS``): a wrong dtype, shape, layout, device or type."""
+    if how == "int32":
+        return torch.ones(t.shape, dtype=torch.int32, device=t.device)
+    if how == "float64":
+        return t.double()
+    if how == "bool":
+        return t != 0
+    if how == "shorter_last_dim":
+        return t[..., : max(t.shape[-1] - 1, 0)] if t.dim() else t
+    if how == "strided_last_dim":
+        return torch.stack([t, t], dim=-1)[..., 0] if t.dim() else t  # last stride 2
+    if how == "meta":
+        return t.to("meta")
+    if how == "list":
+        return t.tolist()
+    if how == "zero_dim":
+        return t.reshape(-1)[0] if t.numel() else torch.tensor(0.0, device=t.device)
+    if how == "extra_dim":
+        return t.unsqueeze(0).expand(2, *t.shape)
+    if how == "empty_first_dim":
+        return t[:0] if t.dim() else t
+    raise ValueError(f"how: unknown mutation {how!r}")
+
+
+def named_error_or_result(fn, *args, **kwargs) -> object:
+    """Call ``fn``: a ``TritonKernelError`` (a named error of ours) returns None, a result returns it, and any other
+    exception (a Triton compile error, an IndexError, a CUDA error...) fails the caller's test."""
+    from .exceptions import TritonKernelError
+
+    try:
+        return fn(*args, **kwargs)
+    except TritonKernelError:
+        return None
+    except Exception as err:  # noqa: BLE001 - exactly what must not happen
+        raise AssertionError(f"{type(err).__name__} escaped instead of a named error: {err}") from err
+
+
+__all__ = [
+    "TENSOR_MUTATIONS",
+    "assert_close_rel",
+    "count_compiles",
+    "device_for_tests",
+    "mutate",
+    "named_error_or_result",
+    "opcheck_op",
+    "poison_",
+    "relative_error",
+]

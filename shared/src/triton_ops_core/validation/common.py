@@ -41,7 +41,7 @@ def check_dtype(t: torch.Tensor, name: str, allowed: Sequence[torch.dtype]) -> N
 
 def check_same_dtype(**tensors: torch.Tensor | None) -> None:
     """All given tensors (None skipped) share one dtype; the message names the first that differs."""
-    items = [(n, t) for n, t in tensors.items() if t is not None]
+    items = [(n, check_tensor(t, n)) for n, t in tensors.items() if t is not None]
     if not items:
         return
     first_name, first = items[0]
@@ -87,7 +87,8 @@ def check_divisible(value: int, divisor: int, name: str, what: str = "") -> None
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    items = [(n, t) for n, t in tensors.items() if t is not None]
+    """All given tensors (None skipped) live on one device; a non-tensor among them is named as such."""
+    items = [(n, check_tensor(t, n)) for n, t in tensors.items() if t is not None]
     if not items:
         return
     first_name, first = items[0]

@@ -147,24 +147,26 @@ def _plan(x, weight, eps, residual, gemma, inplace: bool) -> Plan:
     return _PLANS.put(key, plan)
 
 
-def _forward(x, weight, eps, residual, gemma, residual_out) -> torch.Tensor:
-    """One launch; ``residual_out`` is the new residual's destination (``residual`` itself, or a fresh tensor)."""
-    inplace = residual_out is not None and residual_out is residual
-    plan = _plan(x, weight, eps, residual, gemma, inplace)
+def _forward(x, weight, eps, residual, gemma, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch: ``(y, new residual)`` (None without ``residual``; ``residual`` itself with ``inplace``)."""
+    plan = _plan(x, weight, eps, residual, gemma, inplace)  # validates first: nothing is allocated for bad input
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    new_residual = None
+    if residual is not None:
+        new_residual = residual if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if plan.n_rows == 0:
-        return y
+        return y, new_residual
     x2 = _rows(x).contiguous() if plan.extra.copy_x else _rows(x)
     y2 = y.view(-1, plan.extra.n)
     if residual is None:
         plan.launch(x2, x2, y2, y2, weight)
-        return y
+        return y, None
     r2 = _rows(residual).contiguous() if plan.extra.copy_residual else _rows(residual)
-    ro2 = r2 if inplace else residual_out.view(-1, plan.extra.n)
+    ro2 = r2 if inplace else new_residual.view(-1, plan.extra.n)
     plan.launch(x2, r2, y2, ro2, weight)
     if inplace and plan.extra.copy_residual:
         residual.copy_(r2.view(residual.shape))  # a residual without one row stride: written back
-    return y
+    return y, new_residual
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def _forward(x, weight, eps, residual, gemma, residual_out) -> torch.Tensor:
 
 @torch.library.custom_op(op_name("rmsnorm"), mutates_args=())
 def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-    return _forward(x, weight, eps, None, gemma, None)
+    return _forward(x, weight, eps, None, gemma)[0]
 
 
 @_rmsnorm_op.register_fake
@@ -184,8 +186,7 @@ def _(x, weight, eps, gemma):
 @torch.library.custom_op(op_name("fused_add_rmsnorm"), mutates_args=())
 def _fused_add_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                   gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _forward(x, weight, eps, residual, gemma, new_residual), new_residual
+    return _forward(x, weight, eps, residual, gemma)
 
 
 @_fused_add_op.register_fake
@@ -196,7 +197,7 @@ def _(x, residual, weight, eps, gemma):
 @torch.library.custom_op(op_name("fused_add_rmsnorm_"), mutates_args=("residual",))
 def _fused_add_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                           gemma: bool) -> torch.Tensor:
-    return _forward(x, weight, eps, residual, gemma, residual)
+    return _forward(x, weight, eps, residual, gemma, inplace=True)[0]
 
 
 @_fused_add_inplace_op.register_fake
@@ -266,7 +267,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: 
     Registered as ``torch.ops.triton_ops.rmsnorm``.
     """
     if direct_call_ok(x, weight):  # plain eager: no dispatcher round trip
-        return _forward(x, weight, eps, None, gemma, None)
+        return _forward(x, weight, eps, None, gemma)[0]
     return _rmsnorm_op(x, weight, eps, gemma)
 
 
@@ -285,11 +286,10 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
             raise InvalidArgumentError("inplace: expected False when a gradient is wanted, got True; run in-place "
                                        "under torch.no_grad()")
         if direct_call_ok(x, residual, weight):
-            return _forward(x, weight, eps, residual, gemma, residual), residual
+            return _forward(x, weight, eps, residual, gemma, inplace=True)[0], residual
         return _fused_add_inplace_op(x, residual, weight, eps, gemma), residual
     if direct_call_ok(x, residual, weight):
-        new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        return _forward(x, weight, eps, residual, gemma, new_residual), new_residual
+        return _forward(x, weight, eps, residual, gemma)
     return _fused_add_op(x, residual, weight, eps, gemma)
 
 
