@@ -175,3 +175,47 @@ def test_from_linear_on_the_meta_device_says_so():
         lin = nn.Linear(64, 32)
     with pytest.raises(UnsupportedDeviceError, match=r"^weight: on the meta device"):
         FP8Linear.from_linear(lin)
+
+
+def test_trainable_fp8_linear_gradients_against_float64(device):
+    """Input gradient through the quantized weight; weight and bias gradients in high precision."""
+    from fp8_gemm import TrainableFP8Linear
+    from fp8_gemm.quantize import expand_scale
+
+    lin = _linear(64, 24, True, device, seed=5)
+    layer = TrainableFP8Linear(lin)
+    assert layer.weight is lin.weight  # the trained parameter itself
+    x = torch.randn(2, 5, 64, device=device, requires_grad=True)
+    g = torch.randn(2, 5, 24, device=device)
+    out = layer(x)
+    out.backward(g)
+    w_q, w_s = quantize_fp8(lin.weight.detach().t(), "e4m3", "channel", role="weight")
+    w_deq = (w_q.double() * expand_scale(w_s, (64, 24)).double()).t()  # [out, in]
+    assert_close_rel(x.grad, g.double() @ w_deq, 1e-5, "dx")
+    assert_close_rel(lin.weight.grad, g.double().reshape(-1, 24).t() @ x.detach().double().reshape(-1, 64), 1e-5,
+                     "dweight")
+    assert_close_rel(lin.bias.grad, g.double().sum((0, 1)), 1e-5, "dbias")
+    # the forward is FP8Linear's on the freshly quantized weight
+    assert torch.equal(out.detach(), layer.to_inference()(x.detach()))
+
+
+def test_fine_tuning_with_trainable_fp8_follows_the_float_model(device):
+    def train(fp8: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).to(device)
+        if fp8:
+            convert_to_fp8(model, trainable=True)
+        x, target = torch.randn(16, 32, device=device), torch.randn(16, 8, device=device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for _ in range(10):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    fp8, ref = train(True), train(False)
+    assert all(b < a for a, b in zip(fp8, fp8[1:])), fp8  # every step lowers the loss
+    assert abs(fp8[-1] - ref[-1]) < 0.05 * ref[-1] and fp8[-1] < 0.85 * fp8[0], (fp8, ref)

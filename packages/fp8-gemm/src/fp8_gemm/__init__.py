@@ -4,7 +4,7 @@ from .__about__ import __version__
 from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
 from .gemm import clear_caches, fp8_gemm
 from .gemm_configs import FP8_GEMM_CONFIGS, FP8_GEMM_DECODE_CONFIGS, FP8_GEMM_PTR_CONFIGS
-from .linear import FP8Linear, convert_to_fp8, fp8_linear
+from .linear import FP8Linear, TrainableFP8Linear, convert_to_fp8, fp8_linear
 from .quantize import (
     ACTIVATION_BLOCK,
     GRANULARITIES,
@@ -27,6 +27,7 @@ __all__ = [
     "DelayedScaler",
     "FP8Linear",
     "ScaleTracker",
+    "TrainableFP8Linear",
     "__version__",
     "clear_caches",
     "convert_to_fp8",

@@ -263,6 +263,76 @@ def _backward(ctx, grad):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _TrainableFP8(torch.autograd.Function):
+    """Forward: the weight quantized to E4M3 on every call, then the FP8 GEMM (``fp8_linear``). Backward: the
+    input gradient through the quantized weight, the weight and bias gradients in high precision."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_granularity, activation_granularity, fast_accum):
+        block = WEIGHT_BLOCK if weight_granularity == "block" else None
+        w_q, w_s = quantize_fp8(weight.detach().t(), "e4m3", weight_granularity, block_size=block, role="weight")
+        ctx.save_for_backward(x, w_q, w_s)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return fp8_linear(x.detach(), w_q.t(), w_s, None if bias is None else bias.detach(), activation_granularity,
+                          fast_accum)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_q, w_s = ctx.saved_tensors  # w_q: the [K, N] column-major operand of the forward's GEMM
+        k, n = w_q.shape
+        g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            w_kn = w_q.float() * expand_scale(w_s, (k, n))
+            dx = (g2 @ w_kn.t().to(grad.dtype)).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = g2.t().to(x.dtype) @ x2  # [N, K], the master weight's layout, in the activations' precision
+        if ctx.needs_input_grad[2]:
+            db = g2.float().sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None
+
+
+class TrainableFP8Linear(nn.Module):
+    """An ``nn.Linear`` whose forward runs in FP8, for fine-tuning: the high-precision ``weight`` is the trained
+    parameter, quantized to E4M3 on every call (per output channel by default), and the activation per call.
+
+    Gradients: the input's through the quantized weight (as ``FP8Linear``'s); the weight's and the bias's in high
+    precision (``grad^T @ x``, ``grad.sum()``), the way torchao's float8 training keeps a high-precision master
+    weight, here without FP8 GEMMs in the backward. The weight is read twice per forward (quantization, then the
+    GEMM), so for inference convert to ``FP8Linear`` (:meth:`to_inference`).
+    """
+
+    def __init__(self, linear: nn.Linear, *, weight_granularity: str = "channel", activation_granularity: str = "row",
+                 fast_accum: bool = False) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise InvalidArgumentError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        check_choice(weight_granularity, "weight_granularity", WEIGHT_GRANULARITIES)
+        check_choice(activation_granularity, "activation_granularity", ACTIVATION_GRANULARITIES)
+        check_dtype(linear.weight, "weight", FLOAT_DTYPES)
+        _require_fp8(linear.weight.device, "weight")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # shared with the adopted layer: no copy
+        self.weight_granularity, self.activation_granularity = weight_granularity, activation_granularity
+        self.fast_accum = bool(fast_accum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TrainableFP8.apply(x, self.weight, self.bias, self.weight_granularity, self.activation_granularity,
+                                   self.fast_accum)
+
+    def to_inference(self) -> FP8Linear:
+        """An ``FP8Linear`` with this weight quantized once (for serving the fine-tuned layer)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return FP8Linear.from_linear(linear, weight_granularity=self.weight_granularity,
+                                     activation_granularity=self.activation_granularity, fast_accum=self.fast_accum)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight_granularity={self.weight_granularity!r}, "
+                f"activation_granularity={self.activation_granularity!r}, trainable")
+
+
 def convert_to_fp8(
     model: nn.Module,
     *,
@@ -270,18 +340,22 @@ def convert_to_fp8(
     activation_granularity: str = "row",
     fast_accum: bool = False,
     filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    trainable: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` (in place) by :meth:`FP8Linear.from_linear`; returns ``model``.
 
     ``filter_fn(qualified_name, linear)`` returning False keeps that layer in high precision. A bare
-    ``nn.Linear`` passed as ``model`` is returned converted.
+    ``nn.Linear`` passed as ``model`` is returned converted. ``trainable=True`` converts to
+    :class:`TrainableFP8Linear` instead (fine-tuning: the weights stay high-precision parameters).
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model: expected an nn.Module, got {type(model).__name__}")
     kwargs = {"weight_granularity": weight_granularity, "activation_granularity": activation_granularity,
               "fast_accum": fast_accum}
+    convert = (lambda lin: TrainableFP8Linear(lin, **kwargs)) if trainable else (
+        lambda lin: FP8Linear.from_linear(lin, **kwargs))
     if type(model) is nn.Linear:
-        return FP8Linear.from_linear(model, **kwargs) if filter_fn is None or filter_fn("", model) else model
+        return convert(model) if filter_fn is None or filter_fn("", model) else model
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is not nn.Linear:
@@ -289,8 +363,9 @@ def convert_to_fp8(
             full = f"{name}.{child_name}" if name else child_name
             if filter_fn is not None and not filter_fn(full, child):
                 continue
-            setattr(module, child_name, FP8Linear.from_linear(child, **kwargs))
+            setattr(module, child_name, convert(child))
     return model
 
 
-__all__ = ["ACTIVATION_GRANULARITIES", "WEIGHT_GRANULARITIES", "FP8Linear", "convert_to_fp8", "fp8_linear"]
+__all__ = ["ACTIVATION_GRANULARITIES", "WEIGHT_GRANULARITIES", "FP8Linear", "TrainableFP8Linear", "convert_to_fp8",
+           "fp8_linear"]
