@@ -141,3 +141,13 @@ def test_export_of_module(device):
     assert "triton_ops.fp8_linear.default" in targets
     with torch.no_grad():
         assert _equal(exported.module()(x), mod(x))
+
+
+def test_ops_without_a_backward_say_so_when_a_gradient_is_requested(device):
+    x = torch.randn(4, 128, device=device, requires_grad=True)
+    _, s = quantize_fp8(x, "e4m3", "row")
+    with pytest.raises(RuntimeError, match=r"backward through triton_ops\.quantize_fp8"):
+        s.sum().backward()
+    out = fp8_gemm(x.bfloat16(), torch.randn(32, 128, device=device).t().bfloat16())
+    with pytest.raises(RuntimeError, match=r"backward through triton_ops\.fp8_gemm"):
+        out.float().sum().backward()

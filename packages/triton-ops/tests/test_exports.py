@@ -25,6 +25,7 @@ DOCUMENTED = {
     "dequantize_fp8": "fp8_gemm",
     "FP8Linear": "fp8_gemm",
     "fp8_linear": "fp8_gemm",
+    "TrainableFP8Linear": "fp8_gemm",
     "convert_to_fp8": "fp8_gemm",
     "TritonAutoTuner": "kernel_autotune",
     "BenchmarkSuite": "triton_ops.benchmark",

@@ -20,7 +20,16 @@ CUDA graphs and ``torch.export`` take each as one node.
 Without a GPU, set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors (slowly).
 """
 
-from fp8_gemm import FP8_GEMM_CONFIGS, FP8Linear, convert_to_fp8, dequantize_fp8, fp8_gemm, fp8_linear, quantize_fp8
+from fp8_gemm import (
+    FP8_GEMM_CONFIGS,
+    FP8Linear,
+    TrainableFP8Linear,
+    convert_to_fp8,
+    dequantize_fp8,
+    fp8_gemm,
+    fp8_linear,
+    quantize_fp8,
+)
 from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, fused_gated_mlp
 from fused_rmsnorm_rope import (
     RMSNORM_ROPE_CONFIGS,
@@ -82,6 +91,7 @@ __all__ = [
     "NumericalOverflowError",
     "ShapeMismatchError",
     "TensorSpec",
+    "TrainableFP8Linear",
     "TrialResult",
     "TritonAutoTuner",
     "TritonKernelError",
