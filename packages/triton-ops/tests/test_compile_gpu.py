@@ -10,8 +10,10 @@ import torch
 from torch import nn
 from triton_ops import (
     FP8Linear,
+    FusedAddRMSNorm,
     FusedGatedMLP,
     FusedRMSNormRoPE,
+    RMSNorm,
     convert_to_fp8,
     fp8_gemm,
     fused_qk_norm_rope,
@@ -50,6 +52,7 @@ def _cases():
     lin = FP8Linear.from_linear(nn.Linear(1024, 2048, device="cuda", dtype=BF16))
     qw, kw = torch.randn(128, device="cuda", dtype=BF16), torch.randn(128, device="cuda", dtype=BF16)
     w = torch.randn(2048, 1024, device="cuda", dtype=BF16) * 0.03
+    norm, add_norm = RMSNorm(4096, device="cuda", dtype=BF16), FusedAddRMSNorm(4096, device="cuda", dtype=BF16)
 
     def qk(qkv):
         q = qkv[..., : 32 * 128].unflatten(-1, (32, 128))
@@ -66,6 +69,8 @@ def _cases():
         ("quantize_fp8", lambda x: quantize_fp8(x, "e4m3", "row"),
          lambda m: torch.randn(m, 1024, device="cuda", dtype=BF16)),
         ("fp8_gemm", lambda x: fp8_gemm(x, w.t()), lambda m: torch.randn(m, 1024, device="cuda", dtype=BF16)),
+        ("RMSNorm", norm, lambda m: torch.randn(1, m, 4096, device="cuda", dtype=BF16)),
+        ("FusedAddRMSNorm", lambda x: add_norm(x, x * 0.5), lambda m: torch.randn(1, m, 4096, device="cuda", dtype=BF16)),
     ]
 
 
