@@ -70,7 +70,8 @@ def _cases():
          lambda m: torch.randn(m, 1024, device="cuda", dtype=BF16)),
         ("fp8_gemm", lambda x: fp8_gemm(x, w.t()), lambda m: torch.randn(m, 1024, device="cuda", dtype=BF16)),
         ("RMSNorm", norm, lambda m: torch.randn(1, m, 4096, device="cuda", dtype=BF16)),
-        ("FusedAddRMSNorm", lambda x: add_norm(x, x * 0.5), lambda m: torch.randn(1, m, 4096, device="cuda", dtype=BF16)),
+        ("FusedAddRMSNorm", lambda x: add_norm(x, x * 0.5),
+         lambda m: torch.randn(1, m, 4096, device="cuda", dtype=BF16)),
     ]
 
 
