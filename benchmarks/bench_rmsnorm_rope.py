@@ -22,6 +22,7 @@ def run(suite, quick: bool = False) -> None:
                                      head_dim=64)
         suite.benchmark_rmsnorm_rope_decode(num_tokens=(4,), hidden_dims=(256,), head_dim=64, max_position=64)
         suite.benchmark_qk_norm_rope(batch_sizes=(1,), seq_lens=(6,), num_q_heads=4, num_kv_heads=2, head_dim=64)
+        suite.benchmark_add_rmsnorm(num_tokens=(3,), hidden_dims=(200,), dtypes=(torch.float16, torch.bfloat16))
         return
     if quick:
         suite.benchmark_rmsnorm_rope(shapes=SHAPES[:2], dtypes=(torch.bfloat16,))
@@ -33,6 +34,7 @@ def run(suite, quick: bool = False) -> None:
     suite.benchmark_rmsnorm_rope_decode(num_tokens=(64,), hidden_dims=(4096,), dtypes=(torch.bfloat16,))
     suite.benchmark_qk_norm_rope(batch_sizes=(1, 8), seq_lens=(2048,), dtypes=(torch.bfloat16,))
     suite.benchmark_qk_norm_rope(batch_sizes=(1,), seq_lens=(8192,), dtypes=(torch.bfloat16,), packed=False)
+    suite.benchmark_add_rmsnorm(num_tokens=(1, 64, 2048, 8192), hidden_dims=(4096,))
     suite.benchmark_rmsnorm_rope(shapes=SHAPES, dtypes=(torch.float16,))
 
 

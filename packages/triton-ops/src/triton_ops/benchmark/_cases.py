@@ -278,6 +278,47 @@ def _qk_case(suite, b, s, dtype, nq, nk, hd, packed, eps=1e-6) -> Case:
     )
 
 
+def add_rmsnorm_cases(suite: BenchmarkSuite, num_tokens: Sequence[int], hidden_dims: Sequence[int],
+                      dtypes: Sequence[torch.dtype]) -> list[CaseFactory]:
+    out = []
+    for n in num_tokens:
+        for h in hidden_dims:
+            for dtype in dtypes:
+                def build(n=n, h=h, dtype=dtype) -> Case:
+                    return _add_rmsnorm_case(suite, n, h, dtype)
+
+                out.append(CaseFactory(f"rmsnorm-rope:add-rmsnorm {n}x{h}", build))
+    return out
+
+
+def _add_rmsnorm_case(suite, n, h, dtype, eps=1e-6) -> Case:
+    dev = _device(suite)
+    x, r = _randn((n, h), dtype, dev), _randn((n, h), dtype, dev)
+    w = (1 + 0.1 * torch.randn(h, device=dev)).to(dtype)
+    es = x.element_size()
+    base = ref.add_rmsnorm_baseline()
+
+    def flat(out: Any) -> torch.Tensor:
+        y, s = out
+        return torch.cat((y.reshape(-1), s.reshape(-1)))
+
+    kw = {"graph": True, "check": flat}
+    impls = [
+        _ours("triton-ops", "fused_rmsnorm_rope", "fused_add_rmsnorm", lambda f: f(x, r, w, eps), **kw),
+        Impl("eager", lambda: base(x, r, w, eps), **kw),
+        _compiled(suite, "torch.compile", base, x, r, w, eps),
+    ]
+    impls[2].check, impls[2].graph = flat, True
+    return Case(
+        group="rmsnorm-rope", name=f"add+rmsnorm {n} tok x {h}", dtype=dtype_name(dtype),
+        reference=lambda: ref.add_rmsnorm_reference(x, r, w, eps, dtype=_ref_dtype(2 * x.numel())), impls=impls,
+        tol=TOLERANCES[dtype], params={"tokens": n, "hidden": h},
+        bytes_moved=4 * x.numel() * es + h * es,  # x and residual read; the new residual and y written
+        panel="residual add + RMSNorm (decoder layer)", x=n, x_label="tokens",
+        note="transformers' own add + LlamaRMSNorm as the eager baseline; CUDA-graph column: replayed per call",
+    )
+
+
 # --------------------------------------------------------------------------- gated MLP
 
 def gated_mlp_cases(suite: BenchmarkSuite, batch_sizes: Sequence[int], dims: Sequence[tuple[int, int]],

@@ -178,6 +178,34 @@ def rmsnorm_rope_reference(x, weight, cos, sin, eps=1e-6, position_ids=None, dty
                                    position_ids=position_ids)
 
 
+def add_rmsnorm_eager(x, residual, weight, eps: float = 1e-6):
+    """The decoder layer's residual add then Llama's RMSNorm, in the input dtype: ``(y, new residual)``."""
+    s = x + residual
+    sf = s.float()
+    return (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype) * weight, s
+
+
+def add_rmsnorm_baseline():
+    """``f(x, residual, weight, eps)``: the residual add and transformers' own ``LlamaRMSNorm`` forward, as a decoder
+    layer runs them, in the input dtype; without transformers, ``add_rmsnorm_eager``."""
+    llama = _transformers_module("llama")
+    if llama is None:
+        return add_rmsnorm_eager
+
+    def f(x, residual, weight, eps=1e-6):
+        s = x + residual
+        return llama.LlamaRMSNorm.forward(_NormState(weight, eps), s), s
+
+    return f
+
+
+def add_rmsnorm_reference(x, residual, weight, eps=1e-6, dtype=torch.float64):
+    """The correctness reference in ``dtype``: the norm of the sum, then the sum, flattened into one vector."""
+    s = x.to(dtype) + residual.to(dtype)
+    y = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * weight.to(dtype)
+    return torch.cat((y.flatten(), s.flatten()))
+
+
 def qk_norm_rope_baseline():
     """``f(q, k, q_weight, k_weight, cos, sin, eps, position_ids)``: transformers' own ``Qwen3RMSNorm`` forward on each
     head, then the rotary formula, in the input dtype; without transformers, ``qk_norm_rope_eager``."""

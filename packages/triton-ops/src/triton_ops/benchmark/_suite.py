@@ -118,6 +118,13 @@ class BenchmarkSuite:
         return self.run(_cases.rmsnorm_rope_decode_cases(self, num_tokens, hidden_dims, dtypes, head_dim,
                                                          max_position), "rmsnorm-rope decode")
 
+    def benchmark_add_rmsnorm(self, num_tokens: Sequence[int] = (1, 64, 2048, 8192),
+                              hidden_dims: Sequence[int] = (4096,),
+                              dtypes: Sequence[torch.dtype] = (torch.bfloat16,)) -> list[CaseResult]:
+        """``fused_add_rmsnorm`` (the decoder layer's residual add + RMSNorm in one pass) against transformers' own
+        add + ``LlamaRMSNorm`` in eager and under ``torch.compile``."""
+        return self.run(_cases.add_rmsnorm_cases(self, num_tokens, hidden_dims, dtypes), "add + rmsnorm")
+
     def benchmark_qk_norm_rope(self, batch_sizes: Sequence[int] = (1,), seq_lens: Sequence[int] = (8192,),
                                dtypes: Sequence[torch.dtype] = (torch.bfloat16,), *, num_q_heads: int = 32,
                                num_kv_heads: int = 8, head_dim: int = 128, packed: bool = True) -> list[CaseResult]:
