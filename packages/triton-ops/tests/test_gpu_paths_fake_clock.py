@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from triton_ops.benchmark import BenchmarkSuite, _cases
+from triton_ops.benchmark import _references as ref
 from triton_ops.benchmark import _timing as timing
 from triton_ops_core import device as core_device
 
@@ -42,6 +43,10 @@ class _Graph:
 def fake_cuda(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a real GPU is present: the real paths run instead")
+    # The suite's eager baselines import transformers' modules on first use; transformers cannot be imported once
+    # torch.cuda is faked below, so import them first (whatever ran before this test).
+    for name in ("llama", "qwen3"):
+        ref._transformers_module(name)
     for name, value in {
         "synchronize": lambda *a, **k: None, "Event": _Event, "Stream": lambda *a, **k: _Stream(),
         "current_stream": lambda *a, **k: _Stream(), "stream": lambda s: contextlib.nullcontext(),
