@@ -67,7 +67,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 
 def _base_requirements(triton: str) -> list[str]:
-    reqs = [TORCH, f"triton=={triton}", "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"]
+    reqs = [TORCH, f"triton=={triton}", "pytest>=8", "hypothesis>=6.100"]
     # triton < 3.7's interpreter breaks on numpy 2.4 (triton issue 9171)
     reqs.append("numpy<2.4" if _version_tuple(triton) < (3, 7) else "numpy")
     return reqs
@@ -100,9 +100,8 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
     # The shared plugin (interpreter without a GPU, the gpu marker, hypothesis profiles) is loaded here, by our
     # own test command: it is no pytest11 entry point, so installing triton-ops-core changes no other project's runs.
-    # One worker per core (pytest-xdist): interpreted kernels are CPU-bound, and the tests are independent.
-    session.run("pytest", "-q", "-n", "auto", "-p", "triton_ops_core.pytest_plugin", "-p", "no:cacheprovider",
-                f"{folder}/tests", *session.posargs, env=env)
+    session.run("pytest", "-q", "-p", "triton_ops_core.pytest_plugin", "-p", "no:cacheprovider", f"{folder}/tests",
+                *session.posargs, env=env)
 
 
 @nox.session(python="3.11")
