@@ -44,6 +44,10 @@ TRITONS = ["3.6.0", "3.9.0"]
 # The umbrella's model integration (patch_model) is tested against the oldest transformers we support, beside the
 # oldest triton, and the newest, beside the newest: transformers changes its module code between releases.
 TRANSFORMERS = {"3.6.0": "transformers==5.0.0", "3.9.0": "transformers"}
+# Hugging Face's `kernels` beside the newest transformers only (the route of docs/kernels-hub.md): transformers 5.0
+# fails to import its models with kernels 0.17 installed, and kernels 0.10 (what 5.0 asks for) loads no local kernel
+# on a CPU-only torch.
+KERNELS = {"3.9.0": ["kernels>=0.17"]}
 
 # distribution -> (folder, import name, sibling distributions it depends on)
 PACKAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -52,14 +56,15 @@ PACKAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fused-rmsnorm-rope": ("packages/fused-rmsnorm-rope", "fused_rmsnorm_rope", ("triton-ops-core", "kernel-autotune")),
     "fused-gated-mlp": ("packages/fused-gated-mlp", "fused_gated_mlp", ("triton-ops-core", "kernel-autotune")),
     "fp8-gemm": ("packages/fp8-gemm", "fp8_gemm", ("triton-ops-core", "kernel-autotune")),
+    "fused-moe": ("packages/fused-moe", "fused_moe", ("triton-ops-core",)),
     "triton-ops": (
         "packages/triton-ops",
         "triton_ops",
-        ("triton-ops-core", "kernel-autotune", "fused-rmsnorm-rope", "fused-gated-mlp", "fp8-gemm"),
+        ("triton-ops-core", "kernel-autotune", "fused-rmsnorm-rope", "fused-gated-mlp", "fp8-gemm", "fused-moe"),
     ),
 }
 SHORT = {"triton-ops-core": "core", "kernel-autotune": "autotune", "fused-rmsnorm-rope": "rmsnorm-rope",
-         "fused-gated-mlp": "gated-mlp", "fp8-gemm": "fp8-gemm", "triton-ops": "umbrella"}
+         "fused-gated-mlp": "gated-mlp", "fp8-gemm": "fp8-gemm", "fused-moe": "moe", "triton-ops": "umbrella"}
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -67,7 +72,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 
 def _base_requirements(triton: str) -> list[str]:
-    reqs = [TORCH, f"triton=={triton}", "pytest>=8", "hypothesis>=6.100"]
+    reqs = [TORCH, f"triton=={triton}", "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"]
     # triton < 3.7's interpreter breaks on numpy 2.4 (triton issue 9171)
     reqs.append("numpy<2.4" if _version_tuple(triton) < (3, 7) else "numpy")
     return reqs
@@ -77,6 +82,21 @@ def _local_folders(dist: str) -> list[str]:
     """The package and its sibling dependencies as local folders, so pip resolves the names here, not on PyPI."""
     folder, _, deps = PACKAGES[dist]
     return [str(ROOT / PACKAGES[d][0]) for d in deps] + [str(ROOT / folder)]
+
+
+# The environment of every test process (nox's own environment otherwise passes through):
+# - Bytecode. Where PYTHONDONTWRITEBYTECODE is set (the CI machine's environment sets it, as many CI images do),
+#   every process compiled torch, triton and transformers from source again (uv writes no bytecode at install):
+#   `import torch, triton` cost 9.5 s of CPU instead of 5.3 s on the 2-core machine, paid by each session's
+#   pytest, each xdist worker and each subprocess test. The bytecode is written instead, once per venv, under
+#   .nox/pycache (PYTHONPYCACHEPREFIX: nothing beside the checkout's sources).
+# - One torch/OpenMP thread per process: pytest-xdist already runs one worker per core. An explicit
+#   OMP_NUM_THREADS is kept.
+_TEST_PROCESS_ENV = {
+    "PYTHONDONTWRITEBYTECODE": "",  # an empty value is unset, for Python
+    "PYTHONPYCACHEPREFIX": str(ROOT / ".nox" / "pycache"),
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+}
 
 
 def _gpu_present() -> bool:
@@ -94,14 +114,23 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     # Non-editable installs: the tests import what a user would get, so a missing dependency or file fails here.
     session.install(*_local_folders(dist))
     if dist == "triton-ops":
+        session.install(TRANSFORMERS[triton], *KERNELS.get(triton, []))
+    elif dist == "fused-moe":  # its tests compare with transformers' GptOssMLP / Qwen3-MoE block
         session.install(TRANSFORMERS[triton])
     env = {} if _gpu_present() else {"TRITON_INTERPRET": "1"}
+    env.update(_TEST_PROCESS_ENV)
     folder = PACKAGES[dist][0]
-    session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
+    # (also the first import of torch in this venv: it writes the bytecode every later process reads)
+    session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)",
+                env=env)
     # The shared plugin (interpreter without a GPU, the gpu marker, hypothesis profiles) is loaded here, by our
     # own test command: it is no pytest11 entry point, so installing triton-ops-core changes no other project's runs.
-    session.run("pytest", "-q", "-p", "triton_ops_core.pytest_plugin", "-p", "no:cacheprovider", f"{folder}/tests",
-                *session.posargs, env=env)
+    # pytest-xdist: one worker per core (interpreted kernels are single-threaded Python). worksteal hands each
+    # worker a contiguous half of the tests (a module's tests stay together, so a module-scoped fixture is mostly
+    # set up once) and lets an idle worker take over the rest of the other's share. PYTEST_XDIST_AUTO_NUM_WORKERS
+    # sets the count; posargs `-n 0` run serially (`nox -s "tests-3.11(triton39-core)" -- -n 0`).
+    session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
+                "-p", "no:cacheprovider", f"{folder}/tests", *session.posargs, env=env)
 
 
 @nox.session(python="3.11")

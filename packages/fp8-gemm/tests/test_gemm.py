@@ -119,6 +119,23 @@ def test_scratch_buffers_are_per_stream():
     assert _scratch._stream_id(torch.device("cpu")) == 0
 
 
+def test_calls_through_the_registered_op_keep_no_scratch_buffer():
+    # torch.compile's CUDA graphs refuse a buffer made during a call that outlives it: inside per_call() (the
+    # registered ops' implementations) every request gets a buffer of its own, zeroed when asked, never kept.
+    from fp8_gemm import _scratch
+
+    dev = torch.device(DEV)
+    kept = _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3)
+    kept[:] = 5
+    with _scratch.per_call():
+        with _scratch.per_call():  # nested ops (FP8Linear -> its GEMM) stay per call
+            inner = _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3)
+        outer = _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3)
+    assert len({kept.data_ptr(), inner.data_ptr(), outer.data_ptr()}) == 3
+    assert not inner.any() and not outer.any() and inner.numel() == 16
+    assert _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3).data_ptr() == kept.data_ptr()
+
+
 def test_strided_operands_take_pointer_path():
     # a with a row stride past K (a slice of a wider buffer), b neither row- nor column-major contiguous.
     m, n, k = 72, 24, 96

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -39,13 +38,51 @@ def scale_launch(x, y, alpha, *, BLOCK_SIZE, num_warps):
     scale_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, y, n, alpha, BLOCK_SIZE=BLOCK_SIZE, num_warps=num_warps)
 
 
+# ---- a fake clock: timings that do not depend on the machine's speed or load ---------------------
+
+
+class FakeClock:
+    """A clock that only moves when told to: code under test calls ``advance(ms)`` where a real kernel would spend
+    time (the toy operation below advances it by its config's cost), and ``timer`` (a kernel_autotune ``Timer``)
+    reads it around one run. The tuner's verdict then follows the costs exactly, on any machine under any load (a
+    wall-clock test flipped under pytest-xdist on a 2-core machine), while the kernel itself still really runs.
+
+    Unlike ``fake_timer`` above, ``timer`` ignores the config it is handed: it times what the run did, so a config
+    override that never reached the launch shows up as a wrong winner.
+    """
+
+    def __init__(self) -> None:
+        self.now_ms = 0.0
+        self.runs = 0
+
+    def advance(self, ms: float) -> None:
+        self.now_ms += ms
+
+    def timer(self, fn, config):
+        self.runs += 1
+        start = self.now_ms
+        fn()
+        return self.now_ms - start
+
+    def default_timer(self, device=None, flush_l2=True):
+        """A stand-in for ``kernel_autotune.measure.default_timer`` (patched into the module that calls it)."""
+        return self.timer
+
+
+CLOCK = FakeClock()
+
 # ---- a fake family for the CLI: one operation, one kernel, configs whose time is known --------------
 
 OP_SPACE = ConfigSpace({"BLOCK_SIZE": [16, 32, 64], "num_warps": [1, 2]},
                        constraints=[lambda c, p: p is None or c["BLOCK_SIZE"] <= max(16, p["n"])])
-# BLOCK_SIZE 32 wins by 30 ms or more: far above the interpreter's own cost, even on a loaded 2-core machine.
-SLEEP_S = {16: 0.05, 32: 0.0, 64: 0.03}
+# What one call of scale_op costs on CLOCK, in ms: BLOCK_SIZE 32 with 1 warp is the fastest, the default
+# (64, 2 warps) is 3.2 ms.
+OP_MS = {16: 5.0, 32: 1.0, 64: 3.0}
 RESETS = []
+
+
+def op_ms(cfg) -> float:
+    return OP_MS[cfg["BLOCK_SIZE"]] + 0.1 * cfg["num_warps"]
 
 
 def scale_op(x, alpha=2.0):
@@ -53,7 +90,7 @@ def scale_op(x, alpha=2.0):
     cfg = select_config("toy_scale.fwd", version="1.0", problem={"n": x.numel()}, dtypes=(x.dtype,), device=x.device,
                         default={"BLOCK_SIZE": 64, "num_warps": 2}, bucket=("n",), space=OP_SPACE)
     y = torch.empty_like(x)
-    time.sleep(SLEEP_S[cfg["BLOCK_SIZE"]])
+    CLOCK.advance(op_ms(cfg))
     scale_launch(x, y, alpha, **cfg)
     return y
 
@@ -69,3 +106,10 @@ def toy_tunable() -> Tunable:
 
 
 register_tunable("toy_scale", toy_tunable)
+
+if os.environ.get("TOY_FAKE_CLOCK") == "1":
+    # `python -m kernel_autotune tune toy_scale --module autotune_helpers` in a test's subprocess: this module is
+    # imported before anything is tuned, so the CLI's tuning times scale_op on CLOCK instead of the wall clock.
+    import kernel_autotune.session
+
+    kernel_autotune.session.default_timer = CLOCK.default_timer

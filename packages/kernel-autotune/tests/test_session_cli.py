@@ -18,11 +18,13 @@ pytestmark = pytest.mark.skipif(not is_interpreter(), reason="CPU-interpreter te
 def test_tune_operation_finds_the_kernel_and_caches_the_fastest(cache_dir):
     x = torch.randn(40)
     h.RESETS.clear()
+    # Timed on the fake clock that scale_op advances by its config's cost: the verdict cannot flip under load.
     results = tune_operation(lambda: h.scale_op(x), reset=lambda: h.RESETS.append(1), warmup_runs=1,
-                             benchmark_runs=2, device="cpu")
+                             benchmark_runs=2, device="cpu", timer=h.CLOCK.timer)
     assert [r.kernel for r in results] == ["toy_scale.fwd"]
     entry = results[0].entry
-    assert entry["config"]["BLOCK_SIZE"] == 32
+    assert entry["config"] == {"BLOCK_SIZE": 32, "num_warps": 1}
+    assert entry["latency_ms"] == pytest.approx(1.1) and entry["default_latency_ms"] == pytest.approx(3.2)
     assert entry["default_config"] == {"BLOCK_SIZE": 64, "num_warps": 2}
     assert entry["key"]["problem"] == {"n": 64}
     assert entry["trials_total"] == 5  # 2 block sizes x 2 warps, plus the default
@@ -41,23 +43,28 @@ def run_cli(cache_dir, *args, **env):
 
 def test_cli_tune_show_export_import_clear_ship(cache_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    # TOY_FAKE_CLOCK: the CLI process times scale_op on autotune_helpers' fake clock (see there), not the wall clock
     p = run_cli(cache_dir, "tune", "toy_scale", "--module", "autotune_helpers", "--warmup", "1", "--runs", "3",
-                "--out", str(out))
+                "--out", str(out), TOY_FAKE_CLOCK="1")
     assert p.returncode == 0, p.stderr
     assert "toy_scale.fwd" in p.stdout and "BLOCK_SIZE=32" in p.stdout
     assert "cached lookup in a fresh process" in p.stdout
     report = json.loads((out / "report.json").read_text())
     rows = [r for r in report["rows"] if "config" in r]
-    assert len(rows) == 2 and all(r["config"]["BLOCK_SIZE"] == 32 for r in rows), p.stdout
+    assert len(rows) == 2 and all(r["config"] == {"BLOCK_SIZE": 32, "num_warps": 1} for r in rows), p.stdout
+    assert all(r["latency_ms"] == pytest.approx(1.1) and r["default_latency_ms"] == pytest.approx(3.2) for r in rows)
     assert report["cold_start"]["hits"] == 2 and report["cold_start"]["hot_lookup_us"] < 100
     assert "| toy_scale |" in (out / "report.md").read_text()
     shipped = cache.read_entries(out / "toy_scale" / "tuned_configs.json")
     assert len(shipped) == 2 and all("trials" not in e for e in shipped.values())
 
-    p = run_cli(cache_dir, "show", "--kernel", "toy_scale")
-    assert p.returncode == 0 and "2 tuned configs" in p.stdout and "n=64" in p.stdout and "n=128" in p.stdout
+    # The other commands in this process (each subprocess pays ~3 s of torch import on the CI machine); the cache
+    # the subprocess wrote is read back here, and tune's cold-start report above already read it in a fresh process.
+    capsys.readouterr()
+    assert main(["show", "--kernel", "toy_scale"]) == 0
+    shown = capsys.readouterr().out
+    assert "2 tuned configs" in shown and "n=64" in shown and "n=128" in shown
 
-    # The other commands in this process (each subprocess pays ~3 s of torch import on the CI machine).
     exported = tmp_path / "exported.json"
     assert main(["export", str(exported), "--kernel", "toy_scale.fwd"]) == 0
     assert len(cache.read_entries(exported)) == 2
@@ -83,8 +90,11 @@ def test_cli_tune_show_export_import_clear_ship(cache_dir, tmp_path, capsys, mon
 def test_cli_errors_are_clean(cache_dir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
-    p = run_cli(cache_dir, "import", str(bad))
-    assert p.returncode != 0 and "not a kernel-autotune file" in p.stderr
+    # SystemExit with a message: `python -m kernel_autotune` prints it to stderr and exits 1, no traceback
+    with pytest.raises(SystemExit, match="not a kernel-autotune file") as e:
+        main(["import", str(bad)])
+    assert isinstance(e.value.code, str)
+    assert not cache_dir.exists() or not list(cache_dir.glob("*.json"))
 
 
 def test_cli_in_process_errors_and_list(capsys):

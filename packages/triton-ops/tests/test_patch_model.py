@@ -13,6 +13,7 @@ from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP
 from triton_ops.layers import RMSNorm as RMSNormLayer
 from triton_ops.models import UnsupportedModelError
+from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, QKNormRopeAttention
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.testing import device_for_tests
 
@@ -50,7 +51,9 @@ def _prefill_and_step(model, ids):
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+        # The same next token for every model compared: each model's own greedy token would part at a near tie of
+        # the prefill's logits (bf16 on a GPU), and the two decode steps would then see different inputs.
+        nxt = ids[:, :1]
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         step = model(nxt, use_cache=True, **{name: cache})
     return out.logits, step.logits
@@ -65,7 +68,13 @@ def test_patched_model_computes_what_the_model_computes(kind):
     # two layers' norms and the final norm; Qwen3 also normalizes q and k per head
     assert summary.gated_mlps == 2 and summary.fp8_linears == 0
     assert summary.rms_norms == 2 * 2 + 1 + (2 * 2 if kind == "qwen3" else 0)
+    assert summary.fused_residual_adds == 2
+    assert summary.qk_norm_rope_attentions == (2 if kind == "qwen3" else 0)
     assert type(model.model.norm).forward is RMSNormLayer.forward
+    layer = model.model.layers[1]
+    # (transformers' decoder-layer base class wraps a subclass's forward: unwrap before comparing)
+    assert inspect.unwrap(type(layer).forward) is FusedAddNormDecoderLayer.forward
+    assert (inspect.unwrap(type(layer.self_attn).forward) is QKNormRopeAttention.forward) == (kind == "qwen3")
     mlp = model.model.layers[0].mlp
     assert isinstance(mlp, type(reference.model.layers[0].mlp)) and type(mlp).forward is GatedMLP.forward
     assert mlp.gate_proj.weight is model.model.layers[0].mlp.gate_proj.weight  # no second copy
@@ -127,3 +136,81 @@ def test_an_activation_without_a_kernel_changes_nothing():
     with pytest.raises(InvalidArgumentError, match=r"hidden_act: expected one of .* got 'relu'"):
         patch_model(model)
     assert type(model.model.layers[0].mlp) is transformers.models.llama.modeling_llama.LlamaMLP
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_patched_qwen3_attention_follows_the_configured_attention_and_a_static_cache(attn_implementation):
+    # The fused q/k-norm + RoPE attention calls the attention function the config names, and updates a StaticCache
+    # (the compiled path's cache) as transformers' own attention does: the greedy tokens agree.
+    reference = _model("qwen3")
+    reference.config._attn_implementation = attn_implementation
+    model = patch_model(copy.deepcopy(reference))
+    ids = torch.randint(0, 128, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+        ours_logits = model(ids).logits
+        ours = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+        ref = reference.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert _cosine(ours_logits, ref_logits) >= (0.999 if DTYPE == torch.bfloat16 else 0.999999)
+    assert torch.equal(ours[:, 6], ref[:, 6])
+
+
+def test_gradients_flow_through_the_patched_qwen3_attention_and_layers():
+    model = patch_model(_model("qwen3"))
+    reference = _model("qwen3")
+    ids = torch.randint(0, 128, (1, 5), device=DEVICE)
+    model.train()
+    reference.train()
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    for name in ("self_attn.q_norm.weight", "self_attn.k_proj.weight", "post_attention_layernorm.weight"):
+        ours = model.model.layers[0].get_parameter(name).grad
+        ref = reference.model.layers[0].get_parameter(name).grad
+        assert ours is not None and torch.isfinite(ours).all()
+        assert _cosine(ours, ref) >= (0.99 if DTYPE == torch.bfloat16 else 0.9999)
+
+
+def test_a_patched_decoder_layer_takes_the_attention_arguments_by_keyword_only():
+    model = patch_model(_model("llama"))
+    hidden = torch.randn(1, 3, 64, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(InvalidArgumentError, match=r"by keyword .* got 1 positional"):
+        model.model.layers[0](hidden, None)
+
+
+def _gpt_oss(seed: int = 0):
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                       sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    config._attn_implementation = "eager"  # gpt-oss's attention sinks: transformers runs it eager
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():  # random experts and biases large enough that routing and clamping matter
+        for name, p in model.named_parameters():
+            if "experts" in name or "router" in name or p.dim() == 2:
+                p.normal_(0.0, 0.08 if p.dim() >= 2 else 0.5)
+    return model
+
+
+def test_patched_gpt_oss_runs_its_experts_in_the_fused_moe():
+    from triton_ops.layers import GptOssMoE
+
+    model = _gpt_oss()
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    summary = model.triton_ops_patch
+    assert summary.moe_blocks == 2 and summary.gated_mlps == 0 and summary.fused_residual_adds == 2
+    mlp = model.model.layers[0].mlp
+    assert type(mlp).forward is GptOssMoE.forward
+    assert mlp.experts.gate_up_proj is model.model.layers[0].mlp.experts.gate_up_proj  # shared, not copied
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    ours_prefill, ours_step = _prefill_and_step(model, ids)
+    ref_prefill, ref_step = _prefill_and_step(reference, ids)
+    tol = 0.999 if DTYPE == torch.bfloat16 else 0.99999
+    assert _cosine(ours_prefill, ref_prefill) >= tol and _cosine(ours_step, ref_step) >= tol
+    with torch.no_grad():  # what GptOssMLP returns: (output, router scores)
+        x = torch.randn(2, 3, 64, device=DEVICE, dtype=DTYPE)
+        out, scores = mlp(x)
+        ref_out, ref_scores = reference.model.layers[0].mlp(x)
+    assert out.shape == ref_out.shape and scores.shape == ref_scores.shape
+    assert _cosine(out, ref_out) >= tol

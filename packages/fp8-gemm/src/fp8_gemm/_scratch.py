@@ -4,13 +4,35 @@ Split-K / stream-K partial sums, arrival counters and grid-barrier words are zer
 consumes them resets them), so a buffer serves every call without a memset launch, and CUDA-graph replays too.
 Two launches on different streams may run at the same time and must not share counters: the buffers are keyed
 by the current stream (calls on one stream run one after another).
+
+Kept buffers are for plain eager calls only. A call through the registered op (``torch.compile``, its CUDA graphs)
+or under CUDA-graph capture gets buffers of its own, freed after it: torch.compile's CUDA graphs allocate from a
+private pool and refuse to record while a tensor made there stays alive without being an output ("tensors in the
+cudagraph pool not tracked as outputs", seen on a whole FP8 Llama), and a kept buffer would be one. The price there
+is one small memset for the counters per split-K call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 
 _BUFFERS: dict[tuple, torch.Tensor] = {}
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def per_call() -> Iterator[None]:
+    """Inside, :func:`scratch` hands out buffers for this call only (the registered ops' implementations run in it)."""
+    depth = getattr(_LOCAL, "per_call", 0)
+    _LOCAL.per_call = depth + 1
+    try:
+        yield
+    finally:
+        _LOCAL.per_call = depth
 
 
 def _stream_id(device: torch.device) -> int:
@@ -24,6 +46,8 @@ def scratch(name: str, device: torch.device, numel: int, dtype: torch.dtype, zer
     """A buffer of at least ``numel`` elements for ``name`` on ``device`` and the current stream (``stream``
     overrides the stream id, for tests). ``zeroed``: all zero when first made (counters); else uninitialized
     (partials written before they are read)."""
+    if getattr(_LOCAL, "per_call", 0) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=device)
     key = (name, device, _stream_id(device) if stream is None else stream, dtype)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:

@@ -315,7 +315,8 @@ def _gemm(a, b, a_scale, b_scale, out_dtype, bias, fast_accum) -> torch.Tensor:
 @torch.library.custom_op(op_name("fp8_gemm"), mutates_args=())
 def _gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None,
              out_dtype: torch.dtype | None, bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
-    return _gemm(a, b, a_scale, b_scale, out_dtype, bias, fast_accum)
+    with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
+        return _gemm(a, b, a_scale, b_scale, out_dtype, bias, fast_accum)
 
 
 @_gemm_op.register_fake

@@ -4,6 +4,7 @@
 
 - RMSNorm + RoPE (``fused-rmsnorm-rope``): ``fused_rmsnorm_rope``, ``fused_qk_norm_rope``, ``FusedRMSNormRoPE``
 - gated MLP (``fused-gated-mlp``): ``fused_gated_mlp``, ``FusedGatedMLP``
+- mixture of experts (``fused-moe``): ``fused_moe``, ``FusedMoE``
 - FP8 (``fp8-gemm``): ``quantize_fp8``, ``dequantize_fp8``, ``fp8_gemm``, ``fp8_linear``, ``FP8Linear``,
   ``convert_to_fp8``
 - tuning (``kernel-autotune``): ``TritonAutoTuner`` and the config spaces ``RMSNORM_ROPE_CONFIGS``,
@@ -12,7 +13,8 @@
 - ``BenchmarkSuite``: the benchmark suite (``triton_ops.benchmark``)
 
 ``patch_model(model)`` puts them into a Hugging Face Llama / Mistral / Qwen2 / Qwen3 model (``triton_ops.models``);
-``triton_ops.layers`` holds the forward-only layers it swaps in.
+``triton_ops.layers`` holds the forward-only layers it swaps in. ``triton_ops.parallel`` (imported on first use;
+``tensor_parallel_plan``, ``parallelize_model``) splits them over GPUs with ``torch.distributed``.
 
 Every op is registered under ``torch.ops.triton_ops`` (``REGISTERED_OPS`` lists them): ``torch.compile``,
 CUDA graphs and ``torch.export`` take each as one node.
@@ -31,6 +33,7 @@ from fp8_gemm import (
     quantize_fp8,
 )
 from fused_gated_mlp import GATED_MLP_CONFIGS, FusedGatedMLP, fused_gated_mlp
+from fused_moe import FusedMoE, fused_moe
 from fused_rmsnorm_rope import (
     RMSNORM_ROPE_CONFIGS,
     FusedAddRMSNorm,
@@ -63,11 +66,24 @@ from .__about__ import __version__
 from .benchmark import BenchmarkSuite
 from .models import UnsupportedModelError, patch_model
 
+_PARALLEL = ("tensor_parallel_plan", "parallelize_model")
+
+
+def __getattr__(name: str):
+    # Tensor parallelism (triton_ops.parallel, docs/tensor-parallel.md) imports torch.distributed: on first use only.
+    if name == "parallel" or name in _PARALLEL:
+        import importlib
+
+        module = importlib.import_module(".parallel", __name__)
+        return module if name == "parallel" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # The ops the packages above register when imported (the backward ops are what autograd calls).
 REGISTERED_OPS = (
     "fused_rmsnorm_rope", "fused_rmsnorm_rope_backward", "fused_qk_norm_rope", "fused_qk_norm_rope_",
     "fused_qk_norm_rope_backward", "rmsnorm", "fused_add_rmsnorm", "fused_add_rmsnorm_",
-    "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear",
+    "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear", "moe_route", "moe_experts",
 )
 
 __all__ = [
@@ -82,6 +98,7 @@ __all__ = [
     "FP8Format",
     "FP8Linear",
     "FusedGatedMLP",
+    "FusedMoE",
     "FusedAddRMSNorm",
     "FusedRMSNormRoPE",
     "RMSNorm",
@@ -105,6 +122,7 @@ __all__ = [
     "fp8_linear",
     "fused_add_rmsnorm",
     "fused_gated_mlp",
+    "fused_moe",
     "fused_qk_norm_rope",
     "fused_rmsnorm_rope",
     "layers",

@@ -2,7 +2,9 @@
 
 They follow the layer contract of Hugging Face's ``kernels`` library: no ``__init__``, no state of their own, only
 ``forward`` and the class attributes ``can_torch_compile`` / ``has_backward``; the attributes they read are declared
-by annotation. :func:`triton_ops.patch_model` swaps them into an instantiated model.
+by annotation. :func:`triton_ops.patch_model` swaps them into an instantiated model; :mod:`triton_ops.hub` writes a
+local ``kernels`` repository whose ``layers`` is this module, for ``kernels.kernelize`` and transformers'
+``KernelConfig`` (docs/kernels-hub.md).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 import torch
 from fused_gated_mlp import fused_gated_mlp
+from fused_moe import fused_moe
 from fused_rmsnorm_rope import rmsnorm
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
@@ -52,7 +55,7 @@ class GatedMLP(nn.Module):
     config: Any  # reads config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = HF_ACTIVATIONS[self.config.hidden_act]
+        act = kernel_activation(self.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
         gate, up = self.gate_proj, self.up_proj
         h = fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias)
         return self.down_proj(h)
@@ -73,4 +76,25 @@ class RMSNorm(nn.Module):
         return rmsnorm(hidden_states, self.weight, self.variance_epsilon)
 
 
-__all__ = ["HF_ACTIVATIONS", "GatedMLP", "RMSNorm", "kernel_activation"]
+class GptOssMoE(nn.Module):
+    """gpt-oss's mixture of experts (``GptOssMLP``: ``router`` + ``experts``) as :func:`fused_moe.fused_moe`:
+    routing, the grouped expert GEMMs with the clamped SwiGLU and the weighted combine in five launches, only the
+    experts the tokens chose read. Returns ``(output, router_scores)`` as ``GptOssMLP`` does. Forward only (the
+    fused op has no backward); the router's own forward is not called, so transformers' router-logit recording
+    (``output_router_logits``) sees nothing.
+    """
+
+    can_torch_compile = True
+    has_backward = False
+
+    router: nn.Module  # weight [E, H], bias [E], top_k
+    experts: nn.Module  # gate_up_proj [E, H, 2I] (gate/up interleaved), gate_up_proj_bias, down_proj, alpha, limit
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r, e = self.router, self.experts
+        return fused_moe(hidden_states, r.weight, r.bias, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj,
+                         e.down_proj_bias, int(r.top_k), "swiglu_oai", float(e.alpha), float(e.limit),
+                         return_router_scores=True)
+
+
+__all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "kernel_activation"]

@@ -1,0 +1,492 @@
+"""Model-level benchmark: whole transformers decoders, unpatched against ``patch_model``, on one GPU.
+
+    python -m benchmarks.bench_model                       # Llama-3-8B and Qwen3-8B shapes, every part
+    python -m benchmarks.bench_model --models gpt-oss-20b  # gpt-oss-20b's shape (42 GB of weights)
+    python -m benchmarks.bench_model --models llama3-8b --parts decode,generate
+    python -m benchmarks.bench_model --tiny                # a 2-layer model: checks the harness (CPU: interpreter)
+
+Each model is built from a transformers config with random bf16 weights on the GPU (nothing is downloaded), in
+three variants: transformers as it is, ``patch_model(model)`` and ``patch_model(model, fp8=True)``. Measured, per
+variant, in one run:
+
+- ``decode``: GPU time of one decode step (the profiler's kernel time, so host time is excluded) and the kernels
+  it launches, at each batch size and context length, through a ``StaticCache`` (the cache of the compiled path);
+  tokens/s on the GPU = batch / step time.
+- ``generate``: ``generate()`` as users call it, ms per new token (prefill excluded: two lengths are timed and
+  subtracted): eager with the default cache, and transformers' documented fast path (``cache_implementation=
+  "static"``, which compiles the forward with CUDA graphs), batch 1.
+- ``prefill``: GPU time of a 2k-token prefill (batch 1, CUDA events), eager.
+- ``accuracy``: the patched variants' last-token logits against the unpatched model's (cosine) and the greedy
+  tokens of ``generate()`` (agreement over the new tokens).
+
+The floor: every weight a decode step reads (all parameters but the input embedding) divided by the copy bandwidth
+measured in the same run. Writes ``model-<device>.md`` / ``.json`` (and a plot of tokens/s against batch size) to
+``--out`` (default ``docs/benchmarks`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import ROOT
+
+PARTS = ("decode", "generate", "prefill", "accuracy")
+VARIANTS = ("transformers", "patched", "patched-fp8")
+# also known: FP8 with 128x128 weight blocks and 1x128 activation blocks
+EXTRA_VARIANTS = ("patched-fp8-block",)
+# Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
+MODELS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=8192 + 256, rms_norm_eps=1e-5),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     rope_theta=1000000.0, max_position_embeddings=8192 + 256, rms_norm_eps=1e-6),
+    # openai/gpt-oss-20b: 24 layers alternating sliding (128) and full attention with sinks, 32 experts, top 4.
+    # transformers runs its attention eager (the sinks); 42 GB of random bf16 weights.
+    "gpt-oss-20b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128, rope_theta=150000.0,
+                        rms_norm_eps=1e-5, attn_implementation="eager"),
+}
+DEFAULT_MODELS = ("llama3-8b", "qwen3-8b")
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=512)
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    decode: list[dict[str, Any]] = field(default_factory=list)  # batch, context, gpu_us, kernels, tokens_per_s
+    generate: dict[str, Any] = field(default_factory=dict)  # eager / static-compiled ms per token
+    prefill: dict[str, Any] = field(default_factory=dict)
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    weight_bytes: int = 0
+    peak_memory_gib: float | None = None
+    patch: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------- the models
+
+
+def build_config(name: str, tiny: bool):
+    from transformers import AutoConfig
+
+    spec = dict(MODELS[name])
+    model_type = spec.pop("model_type")
+    if tiny:
+        spec.update(TINY)
+    attn = spec.pop("attn_implementation", "sdpa")
+    config = AutoConfig.for_model(model_type, **spec)
+    config.tie_word_embeddings = False
+    config._attn_implementation = attn
+    return config
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """The causal LM with random weights, built directly on ``device`` (the same weights for the same seed)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=config._attn_implementation)
+    return model.eval()
+
+
+def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    import triton_ops
+
+    model = build_model(config, device, dtype)
+    if variant == "patched":
+        triton_ops.patch_model(model)
+    elif variant == "patched-fp8":
+        triton_ops.patch_model(model, fp8=True, weight_granularity="channel", activation_granularity="row")
+    elif variant == "patched-fp8-block":
+        triton_ops.patch_model(model, fp8=True, weight_granularity="block", activation_granularity="block")
+    return model
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads from weights: every parameter and FP8 buffer but the input embedding."""
+    embed = model.get_input_embeddings().weight
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not embed and t.is_floating_point()}
+    skip = {id(b) for name, b in model.named_buffers() if "rotary" in name or "inv_freq" in name}
+    return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in skip)
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers 5.2x renamed the forward's ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def static_cache(model: torch.nn.Module, max_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+@torch.inference_mode()
+def fill_cache(model, cache, batch: int, context: int, chunk: int = 2048) -> None:
+    """Prefill ``context`` random tokens into ``cache``, a chunk at a time (bounded activation memory)."""
+    kw = cache_kwarg(model)
+    vocab = model.config.vocab_size
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
+        ids = torch.randint(0, vocab, (batch, n), device=model.device)
+        model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1)
+
+
+def profiled_gpu_us(fn: Callable[[], Any], steps: int, top: int = 10) -> tuple[float, float, list[dict[str, Any]]]:
+    """Kernel time per call on the GPU (sum of the profiler's CUDA kernel durations), kernels per call, and the
+    ``top`` kernels by time (name, us and launches per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name, [0.0, 0])
+        entry[0] += e.device_time
+        entry[1] += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    breakdown = [{"kernel": name[:90].replace("|", "/"), "us": t / steps, "launches": n / steps}
+                 for name, (t, n) in ranked]
+    total_us = sum(e.device_time for e in kernels)
+    return total_us / steps, len(kernels) / steps, breakdown
+
+
+@torch.inference_mode()
+def measure_decode(model, batch: int, context: int, steps: int) -> dict[str, Any]:
+    kw = cache_kwarg(model)
+    cache = static_cache(model, context + 3 + 2 * steps)
+    fill_cache(model, cache, batch, context)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
+
+    def step():
+        return model(input_ids=ids, **{kw: cache}, use_cache=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    gpu_us, kernels, breakdown = profiled_gpu_us(step, steps)
+    return {"batch": batch, "context": context, "gpu_us": gpu_us, "kernels": kernels,
+            "tokens_per_s": batch / (gpu_us * 1e-6), "eager_wall_ms": wall_ms, "top_kernels": breakdown}
+
+
+@torch.inference_mode()
+def generate_ms_per_token(model, batch: int, prompt: int, new: int, static: bool) -> dict[str, Any]:
+    """ms per new token of ``generate()``: (time for ``new + 1`` tokens - time for 1) / ``new``."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=model.device)
+    extra = {"cache_implementation": "static"} if static else {}
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    run(new + 1)  # warm-up; with the static cache this compiles (twice: prefill shape and decode shape)
+    first_s = time.perf_counter() - t0
+    long, short = min(run(new + 1) for _ in range(2)), min(run(1) for _ in range(2))
+    ms = (long - short) / new * 1e3
+    return {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms, "first_call_s": first_s, "batch": batch}
+
+
+@torch.inference_mode()
+def measure_prefill(model, tokens: int) -> dict[str, Any]:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=model.device)
+
+    def run():
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"tokens": tokens, "ms": sorted(times)[len(times) // 2]}
+
+
+@torch.inference_mode()
+def reference_outputs(model, prompt_ids: torch.Tensor, new: int) -> dict[str, torch.Tensor]:
+    logits = model(input_ids=prompt_ids, use_cache=False).logits[:, -1].float()
+    tokens = model.generate(prompt_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    return {"logits": logits, "tokens": tokens[:, prompt_ids.shape[1]:]}
+
+
+def compare_outputs(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, Any]:
+    cos = torch.nn.functional.cosine_similarity(ref["logits"].double(), out["logits"].double(), dim=-1)
+    same = (ref["tokens"] == out["tokens"]).float()
+    # agreement up to the first difference: after one greedy token differs, the continuations are unrelated
+    first_diff = [int(row.argmin()) if not bool(row.all()) else row.numel() for row in same]
+    return {"logits_cosine_min": float(cos.min()), "greedy_agreement": float(same.mean()),
+            "greedy_steps_before_first_difference": min(first_diff),
+            "finite": bool(torch.isfinite(out["logits"]).all())}
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = sorted(times)[len(times) // 2]
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+
+
+def run_variant(name: str, variant: str, config, args, device, ref: dict | None) -> tuple[VariantResult, dict]:
+    res = VariantResult(variant)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = make_variant(variant, config, device, torch.bfloat16)
+    res.weight_bytes = decode_weight_bytes(model)
+    summary = getattr(model, "triton_ops_patch", None)
+    res.patch = None if summary is None else str(asdict(summary))
+    outputs: dict = {}
+
+    def attempt(part: str, fn: Callable[..., Any], *fn_args: Any) -> Any:
+        try:
+            return fn(*fn_args)
+        except Exception as exc:  # a failing part is reported, and the other parts still run
+            res.errors.append(f"{part}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            print(f"  {name}/{variant} {part} failed: {res.errors[-1]}", flush=True)
+            return None
+
+    if "accuracy" in args.parts:
+        prompt = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)).to(device)
+        outputs = attempt("accuracy", reference_outputs, model, prompt, args.accuracy_tokens) or {}
+        if ref is not None and outputs:
+            res.accuracy = compare_outputs(ref, outputs)
+    if "decode" in args.parts:
+        for batch, context in args.decode_points:
+            point = attempt(f"decode b{batch} c{context}", measure_decode, model, batch, context, args.steps)
+            if point:
+                res.decode.append(point)
+                print(f"  {name}/{variant} decode b={batch} ctx={context}: {point['gpu_us']:.0f} us GPU, "
+                      f"{point['kernels']:.0f} kernels, eager wall {point['eager_wall_ms']:.1f} ms", flush=True)
+    if "prefill" in args.parts:
+        res.prefill = attempt("prefill", measure_prefill, model, args.prefill_tokens) or {}
+    if "generate" in args.parts:
+        for mode, static in (("eager", False), ("static-compiled", True)):
+            if static and args.no_compile:
+                continue
+            g = attempt(f"generate {mode}", generate_ms_per_token, model, 1, 128, args.new_tokens, static)
+            if g:
+                res.generate[mode] = g
+                print(f"  {name}/{variant} generate {mode}: {g['ms_per_token']:.2f} ms/token "
+                      f"(first call {g['first_call_s']:.0f} s)", flush=True)
+        torch._dynamo.reset()
+    res.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
+    return res, outputs  # the model goes with this frame: the next variant's weights fit
+
+
+def run_model(name: str, args, device, bandwidth: float, entry: dict[str, Any], save: Callable[[], None]) -> None:
+    """Fill ``entry`` (a model's section of the report) variant by variant, calling ``save`` after each."""
+    config = build_config(name, args.tiny)
+    entry.update(model=name, layers=config.num_hidden_layers, hidden=config.hidden_size, floor_us={}, variants=[])
+    ref = None
+    for variant in args.variants:
+        print(f"{name}: {variant}", flush=True)
+        res, outputs = run_variant(name, variant, config, args, device, ref)
+        if variant == "transformers":
+            ref = outputs or None
+        entry["floor_us"][variant] = res.weight_bytes / (bandwidth * 1e9) * 1e6
+        entry["variants"].append(asdict(res))
+        save()
+
+
+# ----------------------------------------------------------------------------------------------------- reports
+
+
+def _fmt(x: float | None, spec: str = ".0f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def render(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [f"# Whole models on the {env['device']}", "",
+             f"Command: `{env['command']}`; torch {env['torch']}, triton {env['triton']}, transformers "
+             f"{env['transformers']}, CUDA {env['cuda']}; {env['date_utc']}. Copy bandwidth measured in this run: "
+             f"{report['copy_gbps']:,.0f} GB/s (1 GiB device-to-device, bytes read + written).", "",
+             "Random bf16 weights built on the GPU from each model's published config; sdpa attention; a "
+             "`StaticCache`. GPU time = the profiler's kernel time of one decode step (no host time); floor = the "
+             "weights a step reads (every parameter but the input embedding) / the measured copy bandwidth.", ""]
+    for model in report["models"]:
+        lines += _model_section(model)
+    return "\n".join(lines) + "\n"
+
+
+def _model_section(model: dict[str, Any]) -> list[str]:
+    variants = model["variants"]
+    base = {(p["batch"], p["context"]): p["gpu_us"] for p in variants[0]["decode"]} if variants else {}
+    lines = [f"## {model['model']} ({model['layers']} layers, hidden {model['hidden']})", "",
+             "### Decode step, GPU time", "",
+             "| variant | batch | context | GPU time | kernels | tokens/s (GPU) | vs transformers | floor | x floor |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in variants:
+        floor = model["floor_us"][v["variant"]]
+        for p in v["decode"]:
+            b = base.get((p["batch"], p["context"]))
+            lines.append(f"| {v['variant']} | {p['batch']} | {p['context']} | {p['gpu_us']:,.0f} us | "
+                         f"{p['kernels']:.0f} | {p['tokens_per_s']:,.0f} | {_fmt(b and b / p['gpu_us'], '.2f')}x | "
+                         f"{floor:,.0f} us | {p['gpu_us'] / floor:.2f}x |")
+    lines += ["", "### generate(), batch 1, as users see it (ms per new token; prefill excluded)", "",
+              "| variant | eager | tokens/s | static cache + torch.compile (transformers' fast path) | tokens/s | "
+              "first call (compiles) | floor | x floor |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in variants:
+        e, s = v["generate"].get("eager", {}), v["generate"].get("static-compiled", {})
+        floor_ms = model["floor_us"][v["variant"]] / 1e3
+        lines.append(f"| {v['variant']} | {_fmt(e.get('ms_per_token'), '.2f')} ms | {_fmt(e.get('tokens_per_s'))} | "
+                     f"{_fmt(s.get('ms_per_token'), '.2f')} ms | {_fmt(s.get('tokens_per_s'))} | "
+                     f"{_fmt(s.get('first_call_s'))} s | {floor_ms:.2f} ms | "
+                     f"{_fmt(s.get('ms_per_token') and s['ms_per_token'] / floor_ms, '.2f')}x |")
+    lines += ["", "### Prefill, accuracy, memory", "",
+              "| variant | prefill | logits cosine (min) | greedy agreement | steps before first difference | "
+              "peak memory | weight bytes |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for v in variants:
+        pf, acc = v["prefill"], v["accuracy"]
+        lines.append(f"| {v['variant']} | {_fmt(pf.get('ms'), '.2f')} ms ({pf.get('tokens', '-')} tokens) | "
+                     f"{_fmt(acc.get('logits_cosine_min'), '.5f')} | {_fmt(acc.get('greedy_agreement'), '.2f')} | "
+                     f"{acc.get('greedy_steps_before_first_difference', '-')} | "
+                     f"{_fmt(v['peak_memory_gib'], '.1f')} GiB | "
+                     f"{v['weight_bytes'] / 1e9:.2f} GB |")
+    for v in variants:
+        first = v["decode"][0] if v["decode"] else None
+        if first and first.get("top_kernels"):
+            lines += ["", f"Where a decode step's GPU time goes, {v['variant']}, batch {first['batch']}, context "
+                      f"{first['context']} (top kernels):", "", "| kernel | us per step | launches per step |",
+                      "| --- | --- | --- |"]
+            lines += [f"| `{k['kernel']}` | {k['us']:,.0f} | {k['launches']:.0f} |" for k in first["top_kernels"]]
+    errors = [f"- {v['variant']}: {e}" for v in variants for e in v["errors"]]
+    if errors:
+        lines += ["", "Failed parts:", "", *errors]
+    return lines + [""]
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for v in model["variants"]:
+            pts = sorted((p["batch"], p["tokens_per_s"]) for p in v["decode"] if p["context"] == min(
+                q["context"] for q in v["decode"]))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=v["variant"])
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s (GPU time)", title=model["model"])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_model", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",
+                   help="decode points, BATCHxCONTEXT, comma-separated")
+    p.add_argument("--steps", type=int, default=5, help="profiled decode steps per point")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per timed generate()")
+    p.add_argument("--accuracy-tokens", type=int, default=32, help="greedy tokens compared")
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--no-compile", action="store_true", help="leave out the static-cache compiled generate()")
+    p.add_argument("--tiny", action="store_true", help="2 small layers: checks the harness")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default docs/benchmarks on a GPU)")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.parts = [x for x in args.parts.split(",") if x]
+    args.decode_points = [tuple(int(v) for v in pt.split("x")) for pt in args.decode.split(",") if pt]
+    for what, got, known in (("model", args.models, MODELS), ("variant", args.variants, VARIANTS + EXTRA_VARIANTS),
+                             ("part", args.parts, PARTS)):
+        bad = [g for g in got if g not in known]
+        if bad:
+            p.error(f"unknown {what}(s) {bad}; known: {', '.join(known)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_model needs a GPU: it times whole models (the kernels' correctness under the interpreter is "
+              "covered by the tests, e.g. packages/triton-ops/tests/test_patch_model.py)", file=sys.stderr)
+        return 2
+    import transformers
+    from triton_ops.benchmark._env import collect_environment, device_tag
+
+    device = torch.device("cuda")
+    env = collect_environment(measured=True)
+    env["transformers"] = transformers.__version__
+    bandwidth = copy_bandwidth_gbps(device)
+    report = {"environment": env, "copy_gbps": bandwidth, "models": []}
+    out = args.out or ROOT / "docs" / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"model-{device_tag(env['device'])}" + ("-tiny" if args.tiny else "")
+    for name in args.models:
+        entry: dict[str, Any] = {}
+        report["models"].append(entry)
+        # saved after each variant: a run cut short keeps what it measured
+        run_model(name, args, device, bandwidth, entry, lambda: write_reports(report, out, stem))
+    print((out / f"{stem}.md").read_text())
+    return 1 if any(v["errors"] for m in report["models"] for v in m["variants"]) else 0
+
+
+def write_reports(report: dict[str, Any], out: Path, stem: str) -> None:
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    report_md = render(report)
+    if plot(report, out / f"{stem}.png"):
+        report_md += f"\n![tokens/s against batch size]({stem}.png)\n"
+    (out / f"{stem}.md").write_text(report_md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

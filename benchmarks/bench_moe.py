@@ -1,0 +1,194 @@
+"""gpt-oss-20b's mixture of experts (``fused_moe``) against transformers' ``GptOssMLP`` eager and its
+torch.compile: ``python -m benchmarks.bench_moe``.
+
+On a GPU: bf16, the gpt-oss-20b layer (hidden 2880, 32 experts, top 4, expert intermediate 2880, biases) at 1, 8,
+64 and 512 tokens (``--quick``: 1 and 64). Every implementation is checked against an fp32 reference of the same
+bf16 inputs before it is timed. Each case also reports the weight-read floor: the bytes of the experts the
+routing actually touches (plus the router) over 4.25e12 B/s (the H200's nominal HBM bandwidth, 4.8 TB/s, less the
+~11 % no kernel gets), and our time as a percentage of that floor. The suite's bandwidth columns use the same
+bytes (``bytes_moved``), so "% of copy bw" is over the bytes actually needed.
+
+Without a GPU: a tiny layer (hidden 64, 8 experts, top 2, intermediate 48) at 1 and 5 tokens under the Triton
+interpreter, correctness only (our kernel and transformers' eager module against the fp32 reference).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from ._common import run_groups
+
+GROUP = "moe"
+FLOOR_BPS = 4.25e12  # bytes per second the weight-read floor divides by
+GPT_OSS_20B = {"hidden": 2880, "intermediate": 2880, "experts": 32, "top_k": 4}
+TINY = {"hidden": 64, "intermediate": 48, "experts": 8, "top_k": 2}
+TOL_BF16 = 1.6e-2
+
+
+def _weights(shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random gpt-oss-layout parameters (transformers' names), scaled so the projections are O(1)."""
+    h, i, e = shape["hidden"], shape["intermediate"], shape["experts"]
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*s, scale):
+        return (torch.randn(*s, device=device, generator=g) * scale).to(dtype)
+
+    return {
+        "router.weight": rnd(e, h, scale=3 * h ** -0.5), "router.bias": rnd(e, scale=0.5),
+        "experts.gate_up_proj": rnd(e, h, 2 * i, scale=3 * h ** -0.5),
+        "experts.gate_up_proj_bias": rnd(e, 2 * i, scale=0.5),
+        "experts.down_proj": rnd(e, i, h, scale=i ** -0.5), "experts.down_proj_bias": rnd(e, h, scale=0.5),
+    }
+
+
+def _transformers_mlp(shape: dict, params: dict[str, torch.Tensor]):
+    """transformers' ``GptOssMLP`` holding ``params`` (shared, not copied); None when transformers is missing."""
+    try:
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    except Exception:
+        return None
+    cfg = GptOssConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                       num_local_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
+                       experts_implementation="eager")
+    with torch.device("meta"):
+        mlp = GptOssMLP(cfg)
+    for name, value in params.items():
+        owner, attr = name.split(".")
+        setattr(getattr(mlp, owner), attr, torch.nn.Parameter(value, requires_grad=False))
+    return mlp.eval()
+
+
+def _touched_bytes(x: torch.Tensor, params: dict[str, torch.Tensor], top_k: int) -> tuple[int, int]:
+    """(experts hit, bytes a forward must read: router + the hit experts' weights and biases + x, + the output)."""
+    from fused_moe import route_reference
+
+    w = params["router.weight"]
+    ids, _ = route_reference(x.float(), w.float(), params["router.bias"].float(), top_k, round_to=x.dtype)
+    hit = int(ids.unique().numel())
+    es = x.element_size()
+    per_expert = sum(params[n][0].numel() for n in ("experts.gate_up_proj", "experts.gate_up_proj_bias",
+                                                    "experts.down_proj", "experts.down_proj_bias")) * es
+    router = (w.numel() + params["router.bias"].numel()) * es
+    return hit, hit * per_expert + router + 2 * x.numel() * es
+
+
+def _compiled(suite, name: str, fn):
+    """``torch.compile`` of ``fn`` as an optional baseline (n/a without a GPU, when disabled or out of budget)."""
+    from triton_ops.benchmark._model import Impl
+
+    if not suite.compile_baselines:
+        return Impl(name, lambda: None, unavailable="needs a GPU" if not suite.on_gpu else "disabled",
+                    optional=True, gpu_only=True)
+    budget = suite.compile_budget
+    if budget.exhausted():
+        return Impl(name, lambda: None, optional=True, gpu_only=True,
+                    unavailable=f"skipped: compile time budget ({budget.seconds:g} s) spent")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=False)
+    state = {"first": True}
+
+    def run():
+        if state["first"]:
+            t0 = time.perf_counter()
+            out = compiled()
+            budget.spent += time.perf_counter() - t0
+            state["first"] = False
+            return out
+        return compiled()
+
+    return Impl(name, run, optional=True, gpu_only=True)
+
+
+def _case(suite, t: int, shape: dict, dtype: torch.dtype):
+    from fused_moe import fused_moe, moe_reference
+    from triton_ops.benchmark._model import Case, Impl
+
+    dev = torch.device("cuda") if suite.on_gpu else torch.device("cpu")
+    params = _weights(shape, dtype, dev, seed=t)
+    x = (torch.randn(t, shape["hidden"], device=dev, generator=torch.Generator(device=dev).manual_seed(t + 1))
+         .to(dtype))
+    k = shape["top_k"]
+    p = [params[n] for n in ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+                             "experts.down_proj", "experts.down_proj_bias")]
+    hit, nbytes = _touched_bytes(x, params, k)
+    floor_us = nbytes / FLOOR_BPS * 1e6
+    mlp = _transformers_mlp(shape, params)
+    x3 = x[None]
+    impls = [Impl("triton-ops", lambda: fused_moe(x, *p, k), role="ours", graph=suite.on_gpu, track_memory=True)]
+    if mlp is not None:
+        def eager():
+            with torch.no_grad():
+                return mlp(x3)
+
+        impls.append(Impl("transformers eager", eager, check=lambda out: out[0][0], track_memory=True))
+        impls.append(_compiled(suite, "torch.compile", eager))
+        impls[-1].check = lambda out: out[0][0]
+    else:
+        impls.append(Impl("transformers eager", lambda: None, optional=True, unavailable="transformers missing"))
+    h, i, e = shape["hidden"], shape["intermediate"], shape["experts"]
+    return Case(
+        group=GROUP, name=f"gpt-oss MoE T={t} H={h} I={i} E={e} k={k}", dtype=str(dtype).removeprefix("torch."),
+        reference=lambda: moe_reference(*(a.float() for a in (x, *p)), k, round_to=dtype),
+        impls=impls, tol=TOL_BF16 if dtype == torch.bfloat16 else 1e-5,
+        params={"tokens": t, "hidden": h, "intermediate": i, "experts": e, "top_k": k, "experts_hit": hit,
+                "bytes_touched": nbytes, "weight_read_floor_us": round(floor_us, 2)},
+        bytes_moved=nbytes, flops=2 * t * k * 3 * h * i,
+        panel="gpt-oss MoE: bytes of the experts hit (+ router, x, out)", x=nbytes / 2**20,
+        x_label="MB needed (experts hit + router)", metric="gbps",
+        note=f"{hit} of {e} experts hit; weight-read floor {floor_us:.1f} us at {FLOOR_BPS / 1e12:.2f} TB/s",
+    )
+
+
+def _floor_table(suite) -> None:
+    """Our time against the weight-read floor, per case (a table in the report, and lines on stderr)."""
+    rows = []
+    for r in suite.results:
+        if r.group != GROUP:
+            continue
+        floor = r.params.get("weight_read_floor_us")
+        cells = [r.params.get("tokens"), r.params.get("experts_hit"), floor]
+        for name in ("triton-ops", "transformers eager", "torch.compile"):
+            impl = r.impl(name)
+            ms = impl.ms if impl is not None else None
+            cells.append(round(ms * 1e3, 1) if ms else "-")
+        ours = r.impl("triton-ops")
+        graph = ours.graph_ms if ours is not None else None
+        cells.append(round(graph * 1e3, 1) if graph else "-")
+        cells.append(f"{100 * floor / (ours.ms * 1e3):.0f} %" if ours is not None and ours.ms and floor else "-")
+        rows.append(cells)
+    if not rows:
+        return
+    suite.tables.append({
+        "group": GROUP, "title": "gpt-oss MoE: time against the weight-read floor",
+        "note": f"floor = bytes of the experts hit (+ router, x, out) / {FLOOR_BPS:.3g} B/s; times are medians in us",
+        "columns": ["tokens", "experts hit", "floor (us)", "triton-ops (us)", "transformers eager (us)",
+                    "torch.compile (us)", "triton-ops in a CUDA graph (us)", "floor / ours"],
+        "rows": rows,
+    })
+    for row in rows:
+        print("  [moe floor] " + ", ".join(f"{c}={v}" for c, v in zip(suite.tables[-1]["columns"], row)),
+              file=sys.stderr)
+
+
+def run(suite, quick: bool = False) -> None:
+    from triton_ops.benchmark._cases import CaseFactory
+
+    if not suite.on_gpu:
+        cases = [(t, TINY) for t in (1, 5)]
+    else:
+        cases = [(t, GPT_OSS_20B) for t in ((1, 64) if quick else (1, 8, 64, 512))]
+    suite.run([CaseFactory(f"{GROUP}:T{t}", lambda t=t, s=s: _case(suite, t, s, torch.bfloat16)) for t, s in cases],
+              label=GROUP)
+    _floor_table(suite)
+
+
+def main(argv=None) -> int:
+    return run_groups({GROUP: run}, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""fused_moe: a mixture-of-experts feed-forward block in Triton (gpt-oss-20b's ``GptOssMLP``; Qwen3-MoE /
+Mixtral-style experts too).
+
+Routing (router GEMM, top-k, softmax over the chosen), grouping of the tokens by expert on the device, a grouped
+GEMM for gate/up with the bias and the (clamped) SwiGLU in its epilogue, a grouped GEMM for down with the bias and
+the routing weight, and a deterministic combine. See ``fused_moe``, ``moe_route``, ``moe_experts`` and
+``FusedMoE``.
+"""
+
+from .__about__ import __version__
+from .configs import DECODE_MAX_TOKENS, MoEConfig, select_config
+from .module import FusedMoE
+from .ops import (
+    ExpertGroups,
+    MoEBackwardError,
+    clear_caches,
+    fused_moe,
+    max_tiles,
+    moe_align,
+    moe_experts,
+    moe_route,
+)
+from .reference import align_reference, moe_experts_reference, moe_reference, route_reference
+
+__all__ = [
+    "DECODE_MAX_TOKENS",
+    "ExpertGroups",
+    "FusedMoE",
+    "MoEBackwardError",
+    "MoEConfig",
+    "__version__",
+    "align_reference",
+    "clear_caches",
+    "fused_moe",
+    "max_tiles",
+    "moe_align",
+    "moe_experts",
+    "moe_experts_reference",
+    "moe_reference",
+    "moe_route",
+    "route_reference",
+    "select_config",
+]

@@ -1,0 +1,435 @@
+"""Triton kernels of the mixture of experts: routing, grouping by expert, two grouped GEMMs, the combine.
+
+One forward is five launches (seven in prefill), all of a size fixed by (tokens, top_k, experts) so that nothing
+waits for the host (no sync on the routing result; CUDA-graph safe):
+
+1. ``_route_kernel``: router logits ``x @ Wr^T + br`` for ``BLOCK_T`` tokens (every expert in one tile, fp32
+   accumulation, rounded to the input dtype as the model's ``F.linear`` does), top-k by repeated arg-max (ties go
+   to the lowest expert index), softmax over the k chosen (or, without renormalization, the full softmax taken at
+   the k chosen). Writes ``topk_ids [T, k]`` (int32) and ``topk_weights [T, k]`` (fp32).
+2. ``_align_kernel`` (one program; past ``ALIGN_CHUNK`` pairs ``_align_count_kernel``, ``_align_scan_kernel``
+   and ``_align_scatter_kernel``: a program per chunk of pairs around a one-program scan): groups the
+   ``P = T * k`` (token, slot) pairs by expert. Counts per expert, exclusive offsets, and a stable order:
+   ``sorted_pair[offsets[e] + r]`` is the r-th pair (in pair order) routed to expert ``e``. It also writes the
+   tile table of the grouped GEMMs: tile ``i`` covers sorted rows ``tile_start[i] ..`` of expert
+   ``tile_expert[i]``, ``-1`` past the last tile. Experts without a token get no tile, so their weights are never
+   read. Integer work only: no float atomics anywhere.
+3. ``_gate_up_kernel``: program ``(i, n)`` computes ``BLOCK_M`` sorted rows x ``BLOCK_N`` intermediate columns
+   of both projections of expert ``tile_expert[i]``, gathering its tokens' rows of ``x``; bias and the activation
+   (clamped SwiGLU, SiLU, GELU) in the epilogue; writes ``h [P, I]`` (sorted row order, input dtype). With few
+   tokens the host picks ``BLOCK_M`` at least the token count, so each expert hit has exactly one tile and each
+   (expert, N-tile) program streams its slice of the expert's weights once for all the expert's tokens.
+4. ``_down_kernel``: the same tiles over ``h``: ``(h @ W2[e] + b2[e]) * topk_weight`` in fp32, written to
+   ``y [P, H]`` at the pair's own row (``token * k + slot``).
+5. ``_combine_kernel``: ``out[t] = sum_j y[t * k + j]`` in a fixed order (j = 0..k-1): deterministic.
+
+Weights are addressed through their strides, so transformers' layouts are read where they lie: gpt-oss's
+``gate_up_proj [E, H, 2I]`` (gate and up interleaved column by column) and ``down_proj [E, I, H]``, or
+Qwen3-MoE / Mixtral's ``[E, 2I, H]`` (gate rows, then up rows) and ``[E, H, I]``. A stride of 1 is specialized by
+Triton's JIT, so whichever dimension is contiguous gets the wide loads.
+
+Everything after a dot happens in fp32 (the interpreter's bf16 arithmetic is unreliable; on a GPU it is the
+accumulator's type anyway); ``UPCAST`` (interpreter only) also feeds fp32 operands to ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Activation codes (constexpr): the host maps names to these.
+ACT_SWIGLU_OAI = 0
+ACT_SILU = 1
+ACT_GELU = 2
+
+
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # interpreter only: its 16-bit dot is wrong, fp32 operands give the exact products
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _round(v, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """``v`` (fp32) rounded to ``DTYPE``. ``EMULATE_BF16`` (interpreter only): its fp32 -> bf16 cast truncates,
+    so round to nearest even on the bits first (the cast of the result is then exact)."""
+    if EMULATE_BF16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        v = b.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
+
+
+@triton.jit
+def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    """``act(gate) * up`` in fp32. Clamps use ``tl.where`` so NaN passes through as in ``torch.clamp``."""
+    if ACTIVATION == 0:  # swiglu_oai (gpt-oss): gate clamped above, up clamped both sides, (up + 1)
+        g = tl.where(gate > limit, limit, gate)
+        u = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
+        out = g * _sigmoid(alpha * g) * (u + 1.0)
+    elif ACTIVATION == 1:  # silu (SwiGLU: Qwen3-MoE, Mixtral)
+        out = gate * _sigmoid(gate) * up
+    else:  # gelu, exact (erf)
+        out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Routing
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["T"])
+def _route_kernel(
+    # inputs
+    x_ptr, w_ptr, b_ptr,
+    # outputs
+    ids_ptr, wts_ptr,
+    # sizes and strides
+    T, E, H, stride_xt, stride_we, stride_b,
+    # options
+    HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_KP: tl.constexpr, RENORMALIZE: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    # tiles
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
+    w_ptrs = w_ptr + offs_e.to(tl.int64)[None, :] * stride_we + offs_k[:, None]
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        mask_k = (k + offs_k) < H
+        x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+        acc = _dot(x, w, acc, DOT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_e * stride_b, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+    if ROUND_LOGITS:
+        # The model's router is an F.linear in the input dtype: its logits (hence its choice of experts and
+        # their ties) are rounded once to that dtype. Same here, so the experts chosen are the model's.
+        acc = _round(acc, x_ptr.dtype.element_ty, EMULATE_BF16).to(tl.float32)
+
+    col = offs_e[None, :] + tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32)
+    valid = col < E
+    # Selection key: a NaN logit never wins, so a token with NaN still gets k distinct, valid experts (its own
+    # weights, hence its own output, are NaN; no other token is touched).
+    key = tl.where(acc != acc, float("-inf"), acc)
+    avail = valid
+    kcol = tl.arange(0, BLOCK_KP)[None, :]
+    ids = tl.zeros((BLOCK_T, BLOCK_KP), dtype=tl.int32)
+    vals = tl.full((BLOCK_T, BLOCK_KP), float("-inf"), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.where(avail, key, float("-inf")), axis=1)
+        hit = avail & (key == best[:, None])
+        idx = tl.min(tl.where(hit, col, BLOCK_E), axis=1)  # lowest index among equals
+        sel = col == idx[:, None]
+        val = tl.sum(tl.where(sel, acc, 0.0), axis=1)
+        ids = tl.where(kcol == j, idx[:, None], ids)
+        vals = tl.where(kcol == j, val[:, None], vals)
+        avail = avail & (col != idx[:, None])
+
+    kmask = kcol < TOP_K
+    if RENORMALIZE:  # softmax over the k chosen logits (gpt-oss; == Qwen3-MoE / Mixtral with norm_topk_prob)
+        vmax = tl.max(tl.where(kmask, vals, float("-inf")), axis=1)
+        num = tl.where(kmask, tl.exp(vals - vmax[:, None]), 0.0)
+        den = tl.sum(num, axis=1)
+    else:  # the full softmax over every expert, taken at the k chosen
+        vmax = tl.max(tl.where(valid, acc, float("-inf")), axis=1)
+        num = tl.where(kmask, tl.exp(vals - vmax[:, None]), 0.0)
+        den = tl.sum(tl.where(valid, tl.exp(acc - vmax[:, None]), 0.0), axis=1)
+    wts = num / den[:, None]
+    out_offs = offs_t.to(tl.int64)[:, None] * TOP_K + kcol
+    out_mask = mask_t[:, None] & kmask
+    tl.store(ids_ptr + out_offs, ids, mask=out_mask)
+    tl.store(wts_ptr + out_offs, wts, mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Grouping by expert
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_table(counts, starts, offs_e, mask_e, tile_expert_ptr, tile_start_ptr, E, MAX_TILES,
+                TILE_M: tl.constexpr, BLOCK_TILES: tl.constexpr):
+    """Expert ``e`` owns tiles ``[tile_end[e] - tiles[e], tile_end[e])``; write each tile's expert and first row."""
+    tiles = tl.where(mask_e, (counts + TILE_M - 1) // TILE_M, 0)
+    tile_end = tl.cumsum(tiles, 0)
+    tile_begin = tile_end - tiles
+    for i0 in range(0, MAX_TILES, BLOCK_TILES):
+        offs_i = i0 + tl.arange(0, BLOCK_TILES)
+        # tile i belongs to the first expert whose tile range ends after i (ends are non-decreasing)
+        owner = tl.sum(((tile_end[None, :] <= offs_i[:, None]) & mask_e[None, :]).to(tl.int32), axis=1)
+        is_owner = offs_e[None, :] == owner[:, None]
+        first = tl.sum(tl.where(is_owner, tile_begin[None, :], 0), axis=1)
+        row0 = tl.sum(tl.where(is_owner, starts[None, :], 0), axis=1)
+        live = owner < E
+        mask_i = offs_i < MAX_TILES
+        tl.store(tile_expert_ptr + offs_i, tl.where(live, owner, -1), mask=mask_i)
+        tl.store(tile_start_ptr + offs_i, tl.where(live, row0 + (offs_i - first) * TILE_M, 0), mask=mask_i)
+
+
+@triton.jit(do_not_specialize=["P", "MAX_TILES"])
+def _align_kernel(
+    # input: the flattened [T * k] expert ids
+    ids_ptr,
+    # outputs
+    offsets_ptr, sorted_ptr, tile_expert_ptr, tile_start_ptr,
+    # sizes
+    P, E, MAX_TILES,
+    # tiles
+    TILE_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr,
+):
+    """The whole grouping in one program: decode (a few hundred pairs, one step of ``BLOCK_P``)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    # pass 1: tokens per expert
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        e = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1)
+        counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    ends = tl.cumsum(counts, 0)
+    starts = ends - counts
+    tl.store(offsets_ptr + offs_e, starts, mask=mask_e)
+    tl.store(offsets_ptr + E, P)
+    # pass 2: a stable order of the pairs within each expert (rank = earlier pairs of that expert)
+    running = starts
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        e = tl.load(ids_ptr + offs_p, mask=mask_p, other=-1)
+        onehot = (e[:, None] == offs_e[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, 0) - onehot
+        pos = tl.sum(onehot * (rank + running[None, :]), axis=1)
+        tl.store(sorted_ptr + pos, offs_p, mask=mask_p)
+        running += tl.sum(onehot, axis=0)
+    _tile_table(counts, starts, offs_e, mask_e, tile_expert_ptr, tile_start_ptr, E, MAX_TILES, TILE_M, BLOCK_TILES)
+
+
+# Prefill: the same grouping in three launches, so that tens of thousands of pairs are not walked by one program.
+
+@triton.jit(do_not_specialize=["P"])
+def _align_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """counts[c, e]: the pairs of chunk ``c`` (``BLOCK_P`` pairs) routed to expert ``e``."""
+    c = tl.program_id(0)
+    offs_p = c * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_e = tl.arange(0, BLOCK_E)
+    e = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1)
+    counts = tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + c.to(tl.int64) * E + offs_e, counts, mask=offs_e < E)
+
+
+@triton.jit(do_not_specialize=["P", "N_CHUNKS", "MAX_TILES"])
+def _align_scan_kernel(counts_ptr, base_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, P, E, N_CHUNKS,
+                       MAX_TILES, TILE_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_TILES: tl.constexpr):
+    """One program: expert offsets, each chunk's first row per expert (``base[c, e]``), the tile table."""
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, N_CHUNKS, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = (offs_c < N_CHUNKS)[:, None] & mask_e[None, :]
+        totals += tl.sum(tl.load(counts_ptr + offs_c.to(tl.int64)[:, None] * E + offs_e[None, :], mask=m, other=0),
+                         axis=0)
+    starts = tl.cumsum(totals, 0) - totals
+    tl.store(offsets_ptr + offs_e, starts, mask=mask_e)
+    tl.store(offsets_ptr + E, P)
+    running = starts
+    for c0 in range(0, N_CHUNKS, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = (offs_c < N_CHUNKS)[:, None] & mask_e[None, :]
+        ptrs = offs_c.to(tl.int64)[:, None] * E + offs_e[None, :]
+        cnt = tl.load(counts_ptr + ptrs, mask=m, other=0)
+        tl.store(base_ptr + ptrs, running[None, :] + tl.cumsum(cnt, 0) - cnt, mask=m)
+        running += tl.sum(cnt, axis=0)
+    _tile_table(totals, starts, offs_e, mask_e, tile_expert_ptr, tile_start_ptr, E, MAX_TILES, TILE_M, BLOCK_TILES)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """sorted[base[c, e] + rank] = p: the chunk's pairs at their stable place in expert order."""
+    c = tl.program_id(0)
+    offs_p = c * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    offs_e = tl.arange(0, BLOCK_E)
+    e = tl.load(ids_ptr + offs_p, mask=mask_p, other=-1)
+    onehot = (e[:, None] == offs_e[None, :]).to(tl.int32)
+    rank = tl.cumsum(onehot, 0) - onehot
+    base = tl.load(base_ptr + c.to(tl.int64) * E + offs_e, mask=offs_e < E, other=0)
+    pos = tl.sum(onehot * (rank + base[None, :]), axis=1)
+    tl.store(sorted_ptr + pos, offs_p, mask=mask_p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Grouped GEMM: gate/up with bias and activation
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["MAX_TILES"])
+def _gate_up_kernel(
+    # inputs
+    x_ptr, w_ptr, b_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    # output
+    h_ptr,
+    # sizes and strides (N: the intermediate size, K: hidden)
+    N, K, MAX_TILES, stride_xt, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_hm,
+    alpha, limit,
+    # options
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(tile_expert_ptr + pid_t)
+    if expert < 0:  # past the last tile: this launch had fewer (expert, tile) pairs than its worst case
+        return
+    row0 = tl.load(tile_start_ptr + pid_t)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
+    token = (pair // TOP_K).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    if INTERLEAVED:
+        # gpt-oss: packed columns 2j (gate j) and 2j + 1 (up j); one contiguous [BLOCK_K, 2 * BLOCK_N] tile per
+        # K step, split into the two halves in the epilogue.
+        offs_c = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        mask_c = offs_c < 2 * N
+        w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_c.to(tl.int64)[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_c[None, :], other=0.0)
+            else:
+                mask_k = (k + offs_k) < K
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            acc = _dot(x, w, acc, DOT_PRECISION, UPCAST)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(b_base + offs_c * stride_bn, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        # concatenated: gate columns [0, N), up columns [N, 2N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        wg_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+        wu_ptrs = wg_ptrs + N * stride_wn
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                wg = tl.load(wg_ptrs, mask=mask_n[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mask_k = (k + offs_k) < K
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            gate = _dot(x, wg, gate, DOT_PRECISION, UPCAST)
+            up = _dot(x, wu, up, DOT_PRECISION, UPCAST)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K * stride_wk
+            wu_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            gate += tl.load(b_base + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            up += tl.load(b_base + (N + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = _activate(gate, up, alpha, limit, ACTIVATION)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, _round(out, h_ptr.dtype.element_ty, EMULATE_BF16), mask=mask_m[:, None] & (offs_n < N)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Grouped GEMM: down with bias and the routing weight
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["MAX_TILES"])
+def _down_kernel(
+    # inputs
+    h_ptr, w_ptr, b_ptr, wts_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    # output: [P, N] fp32, row = the pair's index (token * k + slot)
+    y_ptr,
+    # sizes and strides (N: hidden, K: the intermediate size)
+    N, K, MAX_TILES, stride_hm, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_ym,
+    # options
+    HAS_BIAS: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(tile_expert_ptr + pid_t)
+    if expert < 0:
+        return
+    row0 = tl.load(tile_start_ptr + pid_t)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_k[None, :]
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
+              + offs_n.to(tl.int64)[None, :] * stride_wn)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = (k + offs_k) < K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n,
+                       other=0.0).to(tl.float32)[None, :]
+    pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
+    acc = acc * tl.load(wts_ptr + pair, mask=mask_m, other=0.0)[:, None]
+    y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Combine
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["T"])
+def _combine_kernel(y_ptr, out_ptr, T, N, stride_ym, stride_ot,
+                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                    EMULATE_BF16: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_t < T)[:, None] & (offs_n < N)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # a fixed order of the k terms: the same bits on every run
+        rows = offs_t.to(tl.int64) * TOP_K + j
+        acc += tl.load(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
+             _round(acc, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)

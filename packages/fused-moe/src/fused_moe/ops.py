@@ -1,0 +1,559 @@
+"""The mixture of experts: launchers, the ops' registration with their fakes, and the public functions.
+
+Two registered ops, forward only:
+
+- ``torch.ops.triton_ops.moe_route(hidden, router_weight, router_bias, top_k, renormalize)`` returns
+  ``(topk_ids int32 [T, k], topk_weights fp32 [T, k])``: router GEMM, top-k, softmax (kernel 1 of ``_kernels``).
+- ``torch.ops.triton_ops.moe_experts(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
+  down_proj_bias, activation, gate_up_layout, transposed, alpha, limit)`` returns ``[..., H]``: grouping by
+  expert, the two grouped GEMMs and the combine (kernels 2 to 5).
+
+``fused_moe`` is the two in a row (gpt-oss's ``GptOssMLP``); ``moe_experts`` alone serves routers of other
+shapes. Every launch has a size fixed by (tokens, top_k, experts) and the routing result never goes to the host,
+so a forward can be captured in a CUDA graph. No gradient: a backward raises ``MoEBackwardError``.
+
+As in the other packages, plain eager calls skip the dispatcher (``triton_ops_core.library.direct_call_ok``), and
+a call is validated and planned once per call signature (shapes, strides, dtypes, devices, 16-byte alignment,
+options; ``triton_ops_core.launch``): later calls of the signature allocate their buffers and launch through
+Triton's compiled launchers. ``clear_caches()`` forgets the plans.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from triton_ops_core.exceptions import ShapeMismatchError, TritonKernelError
+from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
+from triton_ops_core.library import direct_call_ok, op_name
+
+from . import _kernels as K
+from .configs import MoEConfig, select_config
+from .validation import validate_experts_inputs, validate_route_inputs
+
+_ACTIVATION_CODES = {"swiglu_oai": K.ACT_SWIGLU_OAI, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
+
+
+class MoEBackwardError(TritonKernelError, NotImplementedError):
+    """A gradient was asked of a forward-only MoE op (inference first: no backward is implemented)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host-side helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul setting (TF32 only where the user allowed it); halves are exact anyway.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(device: torch.device, dtype: torch.dtype) -> bool:
+    # The interpreter's 16-bit tl.dot is wrong: fp32 operands there (a constexpr, free on the GPU).
+    return device.type == "cpu" and dtype != torch.float32
+
+
+def _emulate_bf16(device: torch.device, dtype: torch.dtype) -> bool:
+    # The interpreter's fp32 -> bf16 cast truncates: the kernels round on the bits there (constexpr).
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # One place that allocates every buffer and output, so tests can hand the kernels poisoned memory.
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _config(num_tokens: int, top_k: int, hidden: int, inter: int, experts: int, device: torch.device) -> MoEConfig:
+    # one place the ops ask for tiles (tests force small tiles through it)
+    return select_config(num_tokens, top_k, hidden, inter, experts, device.type == "cuda")
+
+
+_PLANS = PlanCache()
+
+
+def _put(key: tuple | None, plan) -> None:
+    if key is None:
+        return
+    try:
+        _PLANS.put(key, plan)
+    except TypeError:  # an unhashable option: that call is planned anew each time
+        pass
+
+
+def clear_caches() -> None:
+    """Forget the cached launch plans and memoized configs (e.g. after changing ``configs``)."""
+    _PLANS.clear()
+    select_config.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
+                renormalize: bool) -> Plan:
+    """Everything of the routing launch but its tensors (x, weight, bias, ids, weights)."""
+    t, h = x2d.shape
+    e = router_weight.shape[0]
+    on_cpu = x2d.device.type == "cpu"
+    if t == 0:
+        return Plan(None, (1,), (), 0, n_rows=0)
+    block_e = max(16, next_pow2(e))
+    # interpreter: one program for up to 64 tokens (each program instance costs ~1 ms there); GPU: 16 tokens
+    block_t = min(64, max(16, next_pow2(t))) if on_cpu else 16
+    block_k = min(64 if on_cpu else 128 if block_e <= 64 else 64, max(16, next_pow2(h)))
+    tail = (t, e, h, x2d.stride(0), router_weight.stride(0), 1 if router_bias is None else router_bias.stride(0),
+            # HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16
+            router_bias is not None, top_k, next_pow2(top_k), renormalize, x2d.dtype != torch.float32,
+            _emulate_bf16(x2d.device, x2d.dtype),
+            # BLOCK_T, BLOCK_E, BLOCK_K, DOT_PRECISION, UPCAST
+            block_t, block_e, block_k, _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype))
+    return Plan(K._route_kernel, (cdiv(t, block_t),), tail, 4 if block_e <= 64 else 8, n_rows=t)
+
+
+def _route(plan: Plan, x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
+           top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = x2d.shape[0]
+    ids = _empty((t, top_k), torch.int32, device=x2d.device)
+    wts = _empty((t, top_k), torch.float32, device=x2d.device)
+    if plan.kernel is not None:
+        plan.launch(x2d, router_weight, router_weight if router_bias is None else router_bias, ids, wts)
+    return ids, wts
+
+
+class ExpertGroups(NamedTuple):
+    """The (token, slot) pairs grouped by expert, and the tile table of the grouped GEMMs (all int32, on the
+    device of the ids; pair ``p`` is token ``p // k``, slot ``p % k``).
+
+    - ``offsets [E + 1]``: rows ``offsets[e] .. offsets[e + 1]`` of the sorted order belong to expert ``e``
+      (``offsets[E] == T * k``); counts are ``offsets.diff()``.
+    - ``sorted_pairs [T * k]``: the pairs in expert order, stable (pair order within an expert).
+    - ``tile_expert [max_tiles]``: the expert of each ``block_m``-row tile, ``-1`` past the last tile.
+    - ``tile_start [max_tiles]``: the first sorted row of each tile (0 past the last).
+    """
+
+    offsets: torch.Tensor
+    sorted_pairs: torch.Tensor
+    tile_expert: torch.Tensor
+    tile_start: torch.Tensor
+
+
+def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """The most ``block_m``-row tiles ``num_pairs`` pairs over ``num_experts`` experts can need (launch size)."""
+    if num_pairs == 0:
+        return 0
+    return min(num_pairs, cdiv(num_pairs, block_m) + min(num_experts, num_pairs))
+
+
+class _AlignPlan(NamedTuple):
+    """The grouping's launches: one program (``single``), or count / scan / scatter over chunks of pairs."""
+
+    tiles: int  # the tile table's length
+    chunks: int  # 0: the one-program kernel
+    single: Plan | None
+    count: Plan | None = None
+    scan: Plan | None = None
+    scatter: Plan | None = None
+
+
+# Pairs per program of the chunked grouping (prefill); at most this many pairs go through the one-program kernel.
+ALIGN_CHUNK = 512
+_INTERPRETER_ALIGN_CHUNK = 1 << 30  # under the interpreter one program is cheapest (tests lower it)
+
+
+def _align_plan(num_pairs: int, num_experts: int, block_m: int, device: torch.device,
+                chunk: int | None = None) -> _AlignPlan:
+    """The grouping of ``num_pairs`` pairs; tensors (ids, offsets, sorted, tile_expert, tile_start)."""
+    tiles = max_tiles(num_pairs, num_experts, block_m)
+    if num_pairs == 0:
+        return _AlignPlan(tiles, 0, None)
+    block_e = max(16, next_pow2(num_experts))
+    # a [BLOCK_P, BLOCK_E] one-hot per step: kept near 16k elements so it stays in registers on a GPU
+    cap = max(16, 16384 // block_e)
+    block_tiles = min(cap, max(16, next_pow2(tiles)))
+    warps = 8 if device.type == "cuda" else 4
+    if chunk is None:
+        chunk = ALIGN_CHUNK if device.type == "cuda" else _INTERPRETER_ALIGN_CHUNK
+    chunk = min(cap, chunk)
+    if num_pairs <= chunk:
+        tail = (num_pairs, num_experts, tiles, block_m, min(cap, max(16, next_pow2(num_pairs))), block_e,
+                block_tiles)
+        return _AlignPlan(tiles, 0, Plan(K._align_kernel, (1,), tail, warps))
+    chunk = next_pow2(chunk)
+    chunks = cdiv(num_pairs, chunk)
+    block_c = min(max(16, next_pow2(chunks)), max(16, 16384 // block_e))
+    return _AlignPlan(
+        tiles, chunks, None,
+        Plan(K._align_count_kernel, (chunks,), (num_pairs, num_experts, chunk, block_e), 4),
+        Plan(K._align_scan_kernel, (1,), (num_pairs, num_experts, chunks, tiles, block_m, block_c, block_e,
+                                          block_tiles), warps),
+        Plan(K._align_scatter_kernel, (chunks,), (num_pairs, num_experts, chunk, block_e), 4),
+    )
+
+
+def _align(plan: _AlignPlan, ids: torch.Tensor, num_experts: int) -> ExpertGroups:
+    dev = ids.device
+    groups = ExpertGroups(_empty((num_experts + 1,), torch.int32, device=dev),
+                          _empty((ids.numel(),), torch.int32, device=dev),
+                          _empty((plan.tiles,), torch.int32, device=dev),
+                          _empty((plan.tiles,), torch.int32, device=dev))
+    if plan.single is not None:
+        plan.single.launch(ids, *groups)
+    elif plan.chunks:
+        counts = _empty((plan.chunks, num_experts), torch.int32, device=dev)
+        base = _empty((plan.chunks, num_experts), torch.int32, device=dev)
+        plan.count.launch(ids, counts)
+        plan.scan.launch(counts, base, groups.offsets, groups.tile_expert, groups.tile_start)
+        plan.scatter.launch(ids, base, groups.sorted_pairs)
+    else:
+        groups.offsets.zero_()
+    return groups
+
+
+def _flat(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    # [T, k] routing tensors as the [T * k] vectors the kernels index (a copy only when not already so)
+    t = t.reshape(-1)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int | None = None) -> ExpertGroups:
+    """Group the pairs of ``topk_ids [T, k]`` (int32/int64, ids in ``[0, num_experts)``) by expert, on the
+    device, without a host sync: one launch up to ``chunk`` pairs (default ``ALIGN_CHUNK`` on a GPU, unbounded
+    under the interpreter), else three (count per chunk, scan, scatter). See ``ExpertGroups``;
+    ``align_reference`` is its PyTorch twin."""
+    ids = _flat(topk_ids)
+    return _align(_align_plan(ids.numel(), num_experts, block_m, ids.device, chunk), ids, num_experts)
+
+
+def _weight_strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """(expert, K, N) strides of a ``[E, K, N]`` (transposed, ``x @ W``) or ``[E, N, K]`` (``F.linear``) weight."""
+    if transposed:
+        return w.stride(0), w.stride(1), w.stride(2)
+    return w.stride(0), w.stride(2), w.stride(1)
+
+
+class _ExpertsPlan(NamedTuple):
+    """The launches of ``moe_experts`` for one call signature (``Plan``: kernel, grid, scalar tail)."""
+
+    rows: int  # tokens
+    k: int
+    experts: int
+    inter: int
+    hidden: int
+    align: Plan
+    gate_up: Plan
+    down: Plan
+    combine: Plan
+
+
+def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
+                  down_proj: torch.Tensor, down_proj_bias: torch.Tensor | None, activation: str,
+                  gate_up_layout: str, transposed: bool, alpha: float, limit: float) -> _ExpertsPlan:
+    t, h = x2d.shape
+    e = gate_up_proj.shape[0]
+    inter = (gate_up_proj.shape[2] if transposed else gate_up_proj.shape[1]) // 2
+    dev, dtype = x2d.device, x2d.dtype
+    p = t * k
+    cfg = _config(t, k, h, inter, e, dev)
+    align = _align_plan(p, e, cfg.block_m, dev)
+    tiles = align.tiles
+    if t == 0:
+        none = Plan(None, (1,), (), 0)
+        return _ExpertsPlan(t, k, e, inter, h, align, none, none, none)
+    precision, upcast, emulate = _dot_precision(dtype), _upcast(dev, dtype), _emulate_bf16(dev, dtype)
+    b1, b2 = gate_up_proj_bias, down_proj_bias
+    # gate/up: h = act(x @ W1[e] + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
+    gate_up = Plan(K._gate_up_kernel, (tiles, cdiv(inter, cfg.gate_up_block_n)), (
+        inter, h, tiles, x2d.stride(0), *_weight_strides(gate_up_proj, transposed),
+        0 if b1 is None else b1.stride(0), 1 if b1 is None else b1.stride(1), inter, float(alpha), float(limit),
+        # TOP_K, ACTIVATION, HAS_BIAS, INTERLEAVED
+        k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved",
+        # BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, EMULATE_BF16
+        cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
+        precision, upcast, emulate), cfg.num_warps)
+    # down: y[pair] = (h @ W2[e] + b2[e]) * weight, fp32; y is a fresh contiguous [p, hidden]
+    down = Plan(K._down_kernel, (tiles, cdiv(h, cfg.down_block_n)), (
+        h, inter, tiles, inter, *_weight_strides(down_proj, transposed),
+        0 if b2 is None else b2.stride(0), 1 if b2 is None else b2.stride(1), h,
+        b2 is not None,
+        cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
+        precision, upcast), cfg.num_warps)
+    # combine: out[t] = sum_j y[t * k + j], fixed order; out is a fresh contiguous [t, hidden]
+    block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
+    block_n = min(256, max(16, next_pow2(h)))
+    combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
+                   (t, h, h, h, k, block_t, block_n, emulate), 4)
+    return _ExpertsPlan(t, k, e, inter, h, align, gate_up, down, combine)
+
+
+def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+             gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
+             down_proj_bias: torch.Tensor | None) -> torch.Tensor:
+    """The per-call part: allocate the buffers, launch the grouping, the two grouped GEMMs and the combine."""
+    t, h, p, dev = plan.rows, plan.hidden, plan.rows * plan.k, x2d.device
+    out = _empty((t, h), x2d.dtype, device=dev)
+    if t == 0:
+        return out
+    groups = _align(plan.align, _flat(topk_ids), plan.experts)
+    sorted_pairs, offsets, tile_expert, tile_start = groups.sorted_pairs, groups.offsets, *groups[2:]
+    hmid = _empty((p, plan.inter), x2d.dtype, device=dev)
+    b1 = gate_up_proj if gate_up_proj_bias is None else gate_up_proj_bias
+    plan.gate_up.launch(x2d, gate_up_proj, b1, sorted_pairs, offsets, tile_expert, tile_start, hmid)
+    y = _empty((p, h), torch.float32, device=dev)
+    b2 = down_proj if down_proj_bias is None else down_proj_bias
+    plan.down.launch(hmid, down_proj, b2, _flat(topk_weights, torch.float32), sorted_pairs, offsets, tile_expert,
+                     tile_start, y)
+    plan.combine.launch(y, out)
+    return out
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return None
+
+
+def _tf32(x: object) -> bool:
+    # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
+    return getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
+def _route_impl(hidden, router_weight, router_bias, top_k, renormalize):
+    """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
+    key = call_key("route", hidden, router_weight, router_bias, top_k, top_k.__class__, renormalize,
+                   renormalize.__class__, _tf32(hidden))
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        validate_route_inputs(hidden, router_weight, router_bias, top_k, renormalize)
+        plan = _route_plan(_as_2d(hidden), router_weight, router_bias, top_k, renormalize)
+        _put(key, plan)
+    x2d = _as_2d(hidden)
+    ctx = _on_device(hidden.device)
+    if ctx is not None:
+        with ctx:
+            ids, wts = _route(plan, x2d, router_weight, router_bias, top_k)
+    else:
+        ids, wts = _route(plan, x2d, router_weight, router_bias, top_k)
+    if hidden.dim() != 2:  # [..., k], like the hidden states' leading dimensions
+        lead = hidden.shape[:-1]
+        ids, wts = ids.reshape(*lead, top_k), wts.reshape(*lead, top_k)
+    return ids, wts
+
+
+def _rows(t):
+    # [..., k] routing tensors as [T, k] (anything else goes to validation unchanged, which names it)
+    return t.reshape(-1, t.shape[-1]) if isinstance(t, torch.Tensor) and t.dim() else t
+
+
+def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                  activation, gate_up_layout, transposed, alpha, limit):
+    """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
+    key = call_key("experts", hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
+                   down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, alpha.__class__,
+                   limit.__class__, transposed.__class__, _tf32(hidden))
+    ids2d, w2d = _rows(topk_ids), _rows(topk_weights)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        validate_experts_inputs(hidden, ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                                activation, gate_up_layout, transposed, alpha, limit)
+        plan = _experts_plan(_as_2d(hidden), ids2d.shape[1], gate_up_proj, gate_up_proj_bias, down_proj,
+                             down_proj_bias, activation, gate_up_layout, transposed, alpha, limit)
+        _put(key, plan)
+    ctx = _on_device(hidden.device)
+    args = (plan, _as_2d(hidden), ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias)
+    if ctx is not None:
+        with ctx:
+            out = _experts(*args)
+    else:
+        out = _experts(*args)
+    return out if hidden.dim() == 2 else out.reshape(hidden.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: triton_ops::moe_route, triton_ops::moe_experts
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(op_name("moe_route"), mutates_args=())
+def _route_op(hidden: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
+              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route_impl(hidden, router_weight, router_bias, top_k, renormalize)
+
+
+@_route_op.register_fake
+def _(hidden, router_weight, router_bias, top_k, renormalize):
+    shape = (*hidden.shape[:-1], top_k)
+    return (hidden.new_empty(shape, dtype=torch.int32), hidden.new_empty(shape, dtype=torch.float32))
+
+
+@torch.library.custom_op(op_name("moe_experts"), mutates_args=())
+def _experts_op(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
+                down_proj_bias: torch.Tensor | None, activation: str, gate_up_layout: str, transposed: bool,
+                alpha: float, limit: float) -> torch.Tensor:
+    return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
+                         down_proj_bias, activation, gate_up_layout, transposed, alpha, limit)
+
+
+@_experts_op.register_fake
+def _(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
+      gate_up_layout, transposed, alpha, limit):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _route_backward(ctx, *grads):
+    raise MoEBackwardError(
+        "triton_ops::moe_route has no backward (the fused MoE is forward-only, for inference): run the forward "
+        "under torch.no_grad() / torch.inference_mode(), or use transformers' own module for training")
+
+
+def _experts_backward(ctx, grad):
+    raise MoEBackwardError(
+        "triton_ops::moe_experts has no backward (the fused MoE is forward-only, for inference): run the forward "
+        "under torch.no_grad() / torch.inference_mode(), or use transformers' own module for training")
+
+
+_route_op.register_autograd(_route_backward, setup_context=_no_context)
+_experts_op.register_autograd(_experts_backward, setup_context=_no_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+
+def moe_route(hidden: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None = None,
+              top_k: int = 4, *, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router: ``logits = hidden @ router_weight^T + router_bias``, the ``top_k`` largest, their weights.
+
+    Args:
+        hidden: ``[..., H]``, float16, bfloat16 or float32, unit stride in the last dimension.
+        router_weight: ``[E, H]`` in ``hidden``'s dtype (``GptOssTopKRouter.weight``), unit last stride.
+        router_bias: ``[E]`` or None.
+        top_k: experts per token, ``1 <= top_k <= E``.
+        renormalize: True (gpt-oss; Qwen3-MoE / Mixtral with ``norm_topk_prob``): softmax over the k chosen
+            logits. False: the softmax over all E logits, taken at the k chosen.
+
+    Returns:
+        ``(topk_ids, topk_weights)``, both ``[..., top_k]``: int32 expert ids in descending order of their
+        logit (ties: the lowest expert id first), fp32 weights. Logits accumulate in fp32 and are rounded to
+        ``hidden``'s dtype before the choice, as the model's ``F.linear`` rounds them.
+
+    Registered as ``torch.ops.triton_ops.moe_route``; no gradient (``MoEBackwardError`` on backward).
+
+    Raises:
+        ShapeMismatchError, UnsupportedDtypeError, DeviceMismatchError, UnsupportedDeviceError, LayoutError,
+        InvalidArgumentError: naming the offending argument.
+    """
+    if direct_call_ok(hidden, router_weight, router_bias):
+        return _route_impl(hidden, router_weight, router_bias, top_k, renormalize)
+    return _route_op(hidden, router_weight, router_bias, top_k, renormalize)
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    gate_up_proj_bias: torch.Tensor | None,
+    down_proj: torch.Tensor,
+    down_proj_bias: torch.Tensor | None,
+    activation: str = "swiglu_oai",
+    *,
+    gate_up_layout: str = "interleaved",
+    transposed: bool = True,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    """The experts of a given routing: ``out[t] = sum_j w[t, j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])``
+    with ``e = topk_ids[t, j]``, ``act(gate, up)`` the gated activation of the two halves of ``W1``'s output.
+
+    Args:
+        hidden: ``[..., H]``, float16, bfloat16 or float32, unit last stride.
+        topk_ids: ``[..., k]`` int32/int64 expert ids in ``[0, E)`` (out-of-range ids are not checked on the
+            device: that would need a host sync), one row per token of ``hidden``.
+        topk_weights: ``[..., k]`` routing weights (any float dtype; used in fp32).
+        gate_up_proj: ``transposed=True`` (gpt-oss): ``[E, H, 2I]``; ``transposed=False`` (Qwen3-MoE, Mixtral in
+            transformers 5): ``[E, 2I, H]``. Any strides; read in place.
+        gate_up_proj_bias: ``[E, 2I]`` (packed like the weight's 2I columns) or None.
+        down_proj: ``[E, I, H]`` (``transposed=True``) or ``[E, H, I]``.
+        down_proj_bias: ``[E, H]`` or None.
+        activation: ``"swiglu_oai"`` (gpt-oss: ``g = gate.clamp(max=limit)``, ``u = up.clamp(-limit, limit)``,
+            ``g * sigmoid(alpha * g) * (u + 1)``), ``"silu"`` (``silu(gate) * up``) or ``"gelu"`` (exact GELU).
+        gate_up_layout: ``"interleaved"`` (gpt-oss: gate and up alternate, column 2j is gate j) or
+            ``"concatenated"`` (gate first, then up).
+        alpha, limit: ``"swiglu_oai"``'s parameters (gpt-oss: 1.702, 7.0).
+
+    Returns:
+        ``[..., H]`` in ``hidden``'s dtype. Products accumulate in fp32; the intermediate activation is rounded
+        to ``hidden``'s dtype (as the model's own GEMMs do); bias, routing weight and the sum of the k terms are
+        fp32, in a fixed order (deterministic, no atomics).
+
+    Registered as ``torch.ops.triton_ops.moe_experts``; no gradient (``MoEBackwardError`` on backward).
+    """
+    if direct_call_ok(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias):
+        return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
+                             down_proj_bias, activation, gate_up_layout, transposed, alpha, limit)
+    return _experts_op(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                       activation, gate_up_layout, transposed, alpha, limit)
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    gate_up_proj: torch.Tensor,
+    gate_up_proj_bias: torch.Tensor | None,
+    down_proj: torch.Tensor,
+    down_proj_bias: torch.Tensor | None,
+    top_k: int = 4,
+    activation: str = "swiglu_oai",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    *,
+    gate_up_layout: str = "interleaved",
+    transposed: bool = True,
+    renormalize: bool = True,
+    return_router_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A mixture-of-experts feed-forward block: ``moe_route`` then ``moe_experts``.
+
+    The defaults are gpt-oss's ``GptOssMLP``: pass ``mlp.router.weight``, ``mlp.router.bias``,
+    ``mlp.experts.gate_up_proj``, ``mlp.experts.gate_up_proj_bias``, ``mlp.experts.down_proj``,
+    ``mlp.experts.down_proj_bias`` as they are (no copies). Qwen3-MoE / Mixtral-style experts:
+    ``router_bias=None``, biases None, ``activation="silu"``, ``gate_up_layout="concatenated"``,
+    ``transposed=False`` (and ``renormalize=config.norm_topk_prob``).
+
+    Returns ``[..., H]`` in ``hidden``'s dtype; with ``return_router_scores=True`` also the routing weights
+    ``[T, top_k]`` in ``hidden``'s dtype (what ``GptOssMLP`` returns beside its output).
+
+    Raises:
+        ShapeMismatchError (also when the router's and the experts' expert counts differ), UnsupportedDtypeError,
+        DeviceMismatchError, UnsupportedDeviceError, LayoutError, InvalidArgumentError.
+    """
+    if (isinstance(router_weight, torch.Tensor) and isinstance(gate_up_proj, torch.Tensor)
+            and router_weight.dim() >= 1 and gate_up_proj.dim() >= 1
+            and router_weight.shape[0] != gate_up_proj.shape[0]):
+        raise ShapeMismatchError(
+            f"router_weight: expected {gate_up_proj.shape[0]} experts (rows) to match gate_up_proj's experts, "
+            f"got {router_weight.shape[0]}")
+    ids, wts = moe_route(hidden, router_weight, router_bias, top_k, renormalize=renormalize)
+    out = moe_experts(hidden, ids, wts, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
+                      gate_up_layout=gate_up_layout, transposed=transposed, alpha=alpha, limit=limit)
+    if return_router_scores:
+        return out, wts.reshape(-1, wts.shape[-1]).to(hidden.dtype)
+    return out
+
+
+__all__ = ["ExpertGroups", "MoEBackwardError", "clear_caches", "fused_moe", "max_tiles", "moe_align",
+           "moe_experts", "moe_route"]

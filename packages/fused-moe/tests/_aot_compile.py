@@ -1,0 +1,85 @@
+"""Compile each fused_moe kernel for sm_90 (Hopper) with Triton's own compiler and ptxas, without a GPU.
+
+Run as a script by ``test_compile_sm90.py`` in a process without ``TRITON_INTERPRET`` (the interpreter's CPU runs
+never lower a kernel, so errors that only compilation finds, such as layouts of ``tl.split`` or scalar stores,
+would otherwise wait for a GPU). Prints one ``OK``/``FAIL`` line per kernel; exit status 3 when this Triton has no
+ahead-of-time API this script knows (the test then skips).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+except ImportError:
+    sys.exit(3)
+
+from fused_moe import _kernels as K  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+I32 = "i32"
+
+
+def build(fn, types: dict, consts: dict, name: str, warps: int = 4) -> bool:
+    sig = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
+    try:
+        src = ASTSource(fn, sig, constexprs=consts)
+    except TypeError:
+        sys.exit(3)
+    try:
+        triton_compile(src, target=TARGET, options={"num_warps": warps, "num_stages": consts.get("NUM_STAGES", 3)})
+    except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
+        print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}")
+        return False
+    print(f"OK {name}")
+    return True
+
+
+def main() -> int:
+    ok = True
+    route_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "ids_ptr": "*i32", "wts_ptr": "*fp32",
+                   **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we", "stride_b"], I32)}
+    ok &= build(K._route_kernel, route_types, dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True,
+                                                   ROUND_LOGITS=True, EMULATE_BF16=False, BLOCK_T=16, BLOCK_E=32,
+                                                   BLOCK_K=128, DOT_PRECISION="tf32", UPCAST=False), "route")
+    align_types = {**dict.fromkeys(["ids_ptr", "offsets_ptr", "sorted_ptr", "tile_expert_ptr", "tile_start_ptr"],
+                                   "*i32"), **dict.fromkeys(["P", "E", "MAX_TILES"], I32)}
+    ok &= build(K._align_kernel, align_types,
+                dict(TILE_M=16, BLOCK_P=256, BLOCK_E=32, BLOCK_TILES=16), "align", warps=8)
+    ok &= build(K._align_count_kernel, {"ids_ptr": "*i64", "counts_ptr": "*i32", "P": I32, "E": I32},
+                dict(BLOCK_P=512, BLOCK_E=32), "align_count")
+    ok &= build(K._align_scan_kernel, {**dict.fromkeys(["counts_ptr", "base_ptr", "offsets_ptr", "tile_expert_ptr",
+                                                        "tile_start_ptr"], "*i32"),
+                                       **dict.fromkeys(["P", "E", "N_CHUNKS", "MAX_TILES"], I32)},
+                dict(TILE_M=64, BLOCK_C=64, BLOCK_E=32, BLOCK_TILES=512), "align_scan", warps=8)
+    ok &= build(K._align_scatter_kernel, {"ids_ptr": "*i64", "base_ptr": "*i32", "sorted_ptr": "*i32", "P": I32,
+                                          "E": I32}, dict(BLOCK_P=512, BLOCK_E=32), "align_scatter")
+    gate_up_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "h_ptr": "*bf16",
+                     **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
+                     **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_wn",
+                                      "stride_be", "stride_bn", "stride_hm"], I32), "alpha": "fp32", "limit": "fp32"}
+    for interleaved, bm, bn, warps, stages in ((True, 16, 32, 4, 4), (False, 64, 64, 8, 3)):
+        ok &= build(K._gate_up_kernel, gate_up_types,
+                    dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_K=64, EVEN_K=True, NUM_STAGES=stages, DOT_PRECISION="tf32", UPCAST=False,
+                         EMULATE_BF16=False), f"gate_up interleaved={interleaved} BLOCK_M={bm}", warps=warps)
+    down_types = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "wts_ptr": "*fp32", "y_ptr": "*fp32",
+                  **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
+                  **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_wn",
+                                   "stride_be", "stride_bn", "stride_ym"], I32)}
+    ok &= build(K._down_kernel, down_types, dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, EVEN_K=False,
+                                                 NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False), "down")
+    ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "T": I32, "N": I32, "stride_ym": I32,
+                                    "stride_ot": I32}, dict(TOP_K=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False),
+                "combine")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

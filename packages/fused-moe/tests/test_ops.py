@@ -1,0 +1,88 @@
+"""The registered ops: torch.ops.triton_ops.moe_route / moe_experts, opcheck, torch.compile(fullgraph=True)
+equal to eager (function and module), torch.export, and the named error when a gradient is asked for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _moe_helpers import make_moe, to_layout
+from fused_moe import FusedMoE, MoEBackwardError, fused_moe, moe_experts, moe_route
+from triton_ops_core.testing import opcheck_op
+
+ROUTE = torch.ops.triton_ops.moe_route.default
+EXPERTS = torch.ops.triton_ops.moe_experts.default
+
+
+def test_ops_are_registered():
+    assert isinstance(ROUTE, torch._ops.OpOverload) and isinstance(EXPERTS, torch._ops.OpOverload)
+    assert "renormalize" in str(ROUTE._schema) and "gate_up_layout" in str(EXPERTS._schema)
+
+
+@pytest.mark.parametrize("dtype,bias,lead", [(torch.float32, True, None), (torch.bfloat16, False, (2, 3))])
+def test_opcheck_route(device, dtype, bias, lead):
+    x, rw, rb, *_ = make_moe(4, 32, 8, 8, dtype=dtype, device=device, seed=1, bias=bias, lead=lead)
+    opcheck_op(ROUTE, (x, rw, rb, 3, True))
+
+
+@pytest.mark.parametrize("layout,transposed,bias,ids_dtype", [
+    ("interleaved", True, True, torch.int32), ("concatenated", False, False, torch.int64)])
+def test_opcheck_experts(device, layout, transposed, bias, ids_dtype):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(5, 32, 16, 6, device=device, seed=2, bias=bias)
+    w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
+    ids, wts = moe_route(x, rw, rb, 2)
+    opcheck_op(EXPERTS, (x, ids.to(ids_dtype), wts, w1, b1, w2, b2, "swiglu_oai", layout, transposed, 1.702, 7.0))
+
+
+def test_compiled_function_and_module_equal_eager(device):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(0, 32, 16, 8, device=device, seed=3, lead=(2, 3))
+    eager = fused_moe(x, rw, rb, w1, b1, w2, b2, 4)
+    compiled = torch.compile(lambda x: fused_moe(x, rw, rb, w1, b1, w2, b2, 4), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager)
+    module = FusedMoE(32, 16, 8, 4, device=device)
+    with torch.no_grad():
+        for p, v in zip((module.router.weight, module.router.bias, module.experts.gate_up_proj,
+                         module.experts.gate_up_proj_bias, module.experts.down_proj, module.experts.down_proj_bias),
+                        (rw, rb, w1, b1, w2, b2)):
+            p.copy_(v)
+        out, scores = module(x)
+        cout, cscores = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(out, eager) and torch.equal(cout, out) and torch.equal(cscores, scores)
+    assert scores.shape == (6, 4) and scores.dtype == x.dtype
+
+
+def test_export_of_module(device):
+    module = FusedMoE(32, 16, 4, 2, device=device)
+    x = torch.randn(2, 3, 32, device=device)
+    exported = torch.export.export(module, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"triton_ops.moe_route.default", "triton_ops.moe_experts.default"} <= targets
+    with torch.no_grad():
+        got, want = exported.module()(x), module(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_backward_raises_a_named_error(device):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(3, 32, 16, 4, device=device, seed=4)
+    x.requires_grad_(True)
+    out = fused_moe(x, rw, rb, w1, b1, w2, b2, 2)  # the forward works with grad enabled (model(x) outside no_grad)
+    with pytest.raises(MoEBackwardError, match="moe_experts"):
+        out.sum().backward()
+    x2 = x.detach()
+    rw.requires_grad_(True)
+    _, wts = moe_route(x2, rw, rb, 2)
+    with pytest.raises(MoEBackwardError, match="moe_route"):
+        wts.sum().backward()
+    assert issubclass(MoEBackwardError, NotImplementedError)
+
+
+def test_experts_under_compile_with_external_routing(device):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(7, 32, 16, 8, device=device, seed=5)
+    w1c, b1c, w2c = to_layout(w1, b1, w2, "concatenated", False)
+
+    def block(x):  # Qwen3-MoE style: the router is plain PyTorch, the experts the op
+        probs = torch.softmax(torch.nn.functional.linear(x, rw), dim=-1)
+        wts, ids = torch.topk(probs, 2, dim=-1)
+        return moe_experts(x, ids, wts / wts.sum(-1, keepdim=True), w1c, b1c, w2c, b2, "silu",
+                           gate_up_layout="concatenated", transposed=False)
+
+    assert torch.equal(torch.compile(block, fullgraph=True, backend="aot_eager")(x), block(x))

@@ -1,0 +1,116 @@
+"""Routing and grouping against their PyTorch twins: expert ids and the grouping exactly, weights closely; ties,
+NaN, every top_k, empty experts, all pairs to one expert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _moe_helpers import f64, make_moe
+from fused_moe import align_reference, max_tiles, moe_align, moe_route, route_reference
+from hypothesis import given
+from hypothesis import strategies as st
+from triton_ops_core.testing import device_for_tests
+
+DEVICE = device_for_tests()
+
+
+@pytest.mark.parametrize("t,top_k", [(1, 1), (1, 4), (3, 2), (17, 3), (64, 4), (64, 1)])
+def test_route_matches_reference_fp32(device, t, top_k):
+    x, rw, rb, *_ = make_moe(t, 48, 8, 8, seed=t * 10 + top_k, router_scale=4.0, device=DEVICE)
+    ids, wts = moe_route(x, rw, rb, top_k)
+    assert ids.dtype == torch.int32 and wts.dtype == torch.float32 and ids.shape == (t, top_k)
+    rids, rwts = route_reference(*f64(x, rw, rb), top_k)
+    assert torch.equal(ids.cpu().long(), rids)
+    torch.testing.assert_close(wts.cpu().double(), rwts, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(wts.sum(-1), torch.ones(t, device=device))
+
+
+@pytest.mark.parametrize("experts,top_k", [(4, 4), (32, 4), (128, 8), (20, 6)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_expert_counts_and_full_softmax(device, experts, top_k, renormalize):
+    x, rw, rb, *_ = make_moe(9, 40, 8, experts, seed=experts, router_scale=4.0, device=DEVICE)
+    ids, wts = moe_route(x, rw, None, top_k, renormalize=renormalize)
+    rids, rwts = route_reference(*f64(x, rw), None, top_k, renormalize=renormalize)
+    assert torch.equal(ids.cpu().long(), rids)
+    torch.testing.assert_close(wts.cpu().double(), rwts, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_16bit_rounds_logits_like_the_model(device, dtype):
+    x, rw, rb, *_ = make_moe(33, 64, 8, 16, dtype=dtype, seed=3, router_scale=4.0, device=DEVICE)
+    ids, wts = moe_route(x, rw, rb, 4)
+    # the model's router: F.linear in the input dtype (fp32 accumulation, one rounding)
+    rids, rwts = route_reference(*(t.float().cpu() for t in (x, rw, rb)), 4, round_to=dtype)
+    assert torch.equal(ids.cpu().long(), rids)
+    torch.testing.assert_close(wts.cpu(), rwts, atol=1e-6, rtol=1e-5)
+
+
+def test_route_ties_go_to_the_lowest_expert(device):
+    x = torch.zeros(5, 16, device=device)
+    rw = torch.randn(8, 16, device=device)
+    rb = torch.tensor([0.0, 1.0, 1.0, 0.5, 1.0, 1.0, 0.0, 0.5], device=device)  # logits are the bias
+    ids, wts = moe_route(x, rw, rb, 3)
+    assert ids.tolist() == [[1, 2, 4]] * 5
+    torch.testing.assert_close(wts, torch.full((5, 3), 1 / 3, device=device))
+    ids, wts = moe_route(x, rw, torch.zeros(8, device=device), 4)  # every logit equal
+    assert ids.tolist() == [[0, 1, 2, 3]] * 5
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+def test_route_nan_token_gets_valid_distinct_experts(device):
+    x, rw, rb, *_ = make_moe(4, 16, 8, 8, seed=5, device=DEVICE)
+    x[2, 3] = float("nan")
+    ids, wts = moe_route(x, rw, rb, 4)
+    assert ((ids >= 0) & (ids < 8)).all()
+    assert all(len(set(r)) == 4 for r in ids.tolist())
+    assert torch.isnan(wts[2]).all() and torch.isfinite(wts[[0, 1, 3]]).all()
+
+
+def test_route_leading_dims_and_empty(device):
+    x, rw, rb, *_ = make_moe(0, 16, 8, 8, seed=6, lead=(2, 3), device=DEVICE)
+    ids, wts = moe_route(x, rw, rb, 2)
+    assert ids.shape == (2, 3, 2) and wts.shape == (2, 3, 2)
+    ids, wts = moe_route(x[:, :0], rw, rb, 2)
+    assert ids.shape == (2, 0, 2)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+@pytest.mark.parametrize("pattern", ["random", "one_expert", "two_experts", "last_expert"])
+def test_align_matches_reference(device, block_m, pattern):
+    gen = torch.Generator().manual_seed(block_m)
+    t, k, e = 37, 4, 12
+    if pattern == "random":
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    elif pattern == "one_expert":
+        ids = torch.full((t, k), 5)
+    elif pattern == "two_experts":
+        ids = torch.tensor([[3, 9, 3, 9]] * t)
+    else:
+        ids = torch.full((t, k), e - 1)
+    ids = ids.int().to(device)
+    want = align_reference(ids, e, block_m)
+    for chunk in (None, 32):  # one program; and the chunked prefill path (count, scan, scatter)
+        got = moe_align(ids, e, block_m, chunk=chunk)
+        for name, a, b in zip(want._fields, got, want):
+            assert torch.equal(a.cpu(), b), (name, chunk)
+
+
+@given(t=st.integers(1, 70), k=st.integers(1, 4), e=st.integers(4, 40), block_m=st.sampled_from([16, 32, 64]),
+       int64=st.booleans(), seed=st.integers(0, 2**16), chunk=st.sampled_from([None, 16, 32]))
+def test_align_property(t, k, e, block_m, int64, seed, chunk):
+    gen = torch.Generator().manual_seed(seed)
+    hot = torch.randint(1, e + 1, (1,), generator=gen).item()  # often few experts get every pair
+    ids = torch.stack([torch.randperm(hot, generator=gen)[:k] for _ in range(t)]) if hot >= k else \
+        torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    ids = ids.to(torch.int64 if int64 else torch.int32).to(DEVICE)
+    # chunk: the prefill path (count per chunk of pairs, scan, scatter) on small sizes
+    got, want = moe_align(ids, e, block_m, chunk=chunk), align_reference(ids, e, block_m)
+    for name, a, b in zip(want._fields, got, want):
+        assert torch.equal(a.cpu(), b), name
+    assert got.tile_expert.numel() == max_tiles(t * k, e, block_m)
+
+
+def test_max_tiles_bound_is_tight_enough():
+    assert max_tiles(0, 32, 16) == 0
+    assert max_tiles(4, 32, 16) == 4  # one token, top-4: four experts, one tile each
+    assert max_tiles(256, 32, 64) == 36

@@ -1,0 +1,588 @@
+"""Tensor parallelism for triton-ops' modules and patched models, through PyTorch's own engine.
+
+The styles here are :class:`torch.distributed.tensor.parallel.ParallelStyle` subclasses for
+:func:`torch.distributed.tensor.parallel.parallelize_module`. Like PyTorch's ``ColwiseParallel`` /
+``RowwiseParallel`` they store each sharded weight as a ``DTensor`` parameter or buffer (so ``state_dict``,
+``torch.distributed.checkpoint`` and ``full_tensor()`` see the global tensor), but the forward runs on the local
+shards: the module's ``DTensor`` s are swapped for their local tensors (the same storage, no copy) for the duration
+of the call, so our Triton kernels receive plain tensors and every rank launches exactly what one process launches on
+its slice. Communication happens only at the boundaries the engine would use: none after a column-parallel layer,
+one all-reduce after a row-parallel one (one per attention block and one per gated MLP).
+
+- :class:`ColwiseParallel` / :class:`RowwiseParallel`: ``nn.Linear`` and ``FP8Linear`` (the FP8 weight and its
+  scales sharded together: per-channel scales follow the output rows, a per-tensor scale is replicated, 128x128
+  block scales are sharded by blocks where every shard boundary falls on a block boundary, :class:`ShardingError`
+  otherwise). ``FP8Linear`` quantizes its activation per row (or per tensor / block) on each rank, from the rank's
+  own input.
+- :class:`GatedColwiseParallel`: ``FusedGatedMLP`` (and any module with ``gate_proj`` / ``up_proj``) column-parallel;
+  each rank holds the same output columns of gate and up, so its gate and up stay together, and computes its slice of
+  the intermediate. Pair it with a :class:`RowwiseParallel` (or PyTorch's) down projection.
+- :class:`GatedMLPParallel`: a whole gated MLP (transformers' ``LlamaMLP``-like module, patched or not): gate and up
+  column-parallel, down row-parallel, one all-reduce.
+- :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 model;
+  :func:`parallelize_model` applies it.
+- :func:`shard_packed_gate_up`: one rank's slice of a packed ``[2 * intermediate, hidden]`` gate/up weight, packed
+  again per rank (for ``fused_gated_mlp(..., weight_layout="concatenated" | "interleaved")``).
+
+See docs/tensor-parallel.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from fp8_gemm import FP8Linear, TrainableFP8Linear
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torch.distributed.tensor.placement_types import Placement
+from triton_ops_core.exceptions import InvalidArgumentError
+
+from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+
+FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                    if hasattr(torch, n))
+
+
+class ShardingError(InvalidArgumentError):
+    """A module or model cannot be split the way the plan asks (block scales across a shard boundary, head counts
+    not divisible by the tensor-parallel size, a module the style does not know)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------------------------
+
+def _mesh_1d(mesh: DeviceMesh) -> None:
+    if mesh.ndim != 1:
+        raise ShardingError(f"device_mesh: expected a 1-D mesh (the tensor-parallel dimension), got {mesh.ndim}-D; "
+                            "slice it first (mesh['tp'])")
+
+
+def _bounds(size: int, world: int, rank: int) -> tuple[int, int]:
+    """``[start, end)`` of ``rank``'s chunk of ``size`` under DTensor's ``Shard`` (``torch.chunk``) split."""
+    chunk = -(-size // world)
+    start = min(rank * chunk, size)
+    return start, min(start + chunk, size)
+
+
+def _rank(mesh: DeviceMesh) -> int:
+    return mesh.get_local_rank()
+
+
+def _shard(tensor: torch.Tensor, mesh: DeviceMesh, placement: Placement, src_data_rank: int | None) -> DTensor:
+    """``tensor`` (the full tensor on every rank) as a DTensor with ``placement``.
+
+    ``src_data_rank=None``: each rank keeps its own slice (every rank loaded the same weights). An int: that rank's
+    tensor is scattered / broadcast (``distribute_tensor``), FP8 tensors as their bytes (collectives know no FP8).
+    The local shard is a fresh contiguous tensor, so the full tensor can be freed.
+    """
+    tensor = tensor.detach()
+    if isinstance(tensor, DTensor):
+        raise ShardingError("expected a plain tensor to shard, got a DTensor (is this module parallelized twice?)")
+    if src_data_rank is not None and mesh.size() > 1:
+        if tensor.dtype in _FP8_DTYPES:
+            d = distribute_tensor(tensor.view(torch.uint8), mesh, [placement], src_data_rank=src_data_rank)
+            return DTensor.from_local(d.to_local().view(tensor.dtype), mesh, [placement], run_check=False,
+                                      shape=tensor.shape, stride=tensor.stride())
+        return distribute_tensor(tensor, mesh, [placement], src_data_rank=src_data_rank)
+    local = tensor
+    if isinstance(placement, Shard):
+        dim = placement.dim % tensor.dim()
+        start, end = _bounds(tensor.shape[dim], mesh.size(), _rank(mesh))
+        local = tensor.narrow(dim, start, end - start)
+    local = local.clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(local, mesh, [placement], run_check=False, shape=tensor.shape, stride=tensor.stride())
+
+
+def _set(owner: nn.Module, name: str, value: DTensor) -> None:
+    """Put a DTensor where ``owner.name`` is: a parameter stays a parameter, a buffer a buffer."""
+    param = owner._parameters.get(name)
+    if param is not None:
+        owner._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
+    else:
+        owner._buffers[name] = value
+
+
+def _tensor(owner: nn.Module, name: str) -> torch.Tensor | None:
+    if name in owner._parameters:
+        return owner._parameters[name]
+    return owner._buffers.get(name)
+
+
+def _check_block(size: int, world: int, what: str) -> None:
+    """128x128 block scales shard only where every rank's boundary falls on a block boundary."""
+    if world == 1:
+        return
+    chunk = -(-size // world)
+    if chunk % FP8_BLOCK:
+        raise ShardingError(
+            f"{what}: FP8 128x128 block scales cannot be sharded over {world} ranks: each rank would hold {chunk} "
+            f"of the {size} features, which is not a multiple of {FP8_BLOCK}, so a block would straddle two ranks. "
+            f"Quantize this layer per channel (weight_granularity='channel') or per tensor, or pick a tensor-parallel "
+            f"size that divides it into multiples of {FP8_BLOCK}")
+
+
+def _partition_linear(module: nn.Module, mesh: DeviceMesh, kind: str, src: int | None, what: str) -> list[str]:
+    """Shard an ``nn.Linear`` or ``FP8Linear`` column-wise (``kind="col"``) or row-wise (``"row"``) in place;
+    returns the names of the module's tensors that became DTensors."""
+    world = mesh.size()
+    if isinstance(module, TrainableFP8Linear):
+        raise ShardingError(f"{what}: TrainableFP8Linear is not supported by tensor parallelism (it quantizes its "
+                            "full weight per call); shard the nn.Linear, or convert with to_inference() first")
+    if isinstance(module, FP8Linear):
+        gran = module.weight_granularity
+        if gran == "block":
+            attr = "out_features" if kind == "col" else "in_features"
+            size = getattr(module, attr)
+            _check_block(size, world, f"{what} ({attr}={size})")
+        # the scale is in the GEMM's [K, N] convention: [1] tensor, [1, N] channel, [K/128, N/128] blocks
+        if kind == "col":
+            scale_placement: Placement = Replicate() if gran == "tensor" else Shard(1)
+        else:
+            scale_placement = Shard(0) if gran == "block" else Replicate()
+        placements = {"weight": Shard(0) if kind == "col" else Shard(1), "weight_scale": scale_placement}
+    elif isinstance(module, nn.Linear):
+        placements = {"weight": Shard(0) if kind == "col" else Shard(1)}
+    else:
+        raise ShardingError(f"{what}: expected an nn.Linear or an FP8Linear, got {type(module).__name__}")
+    if _tensor(module, "bias") is not None:
+        placements["bias"] = Shard(0) if kind == "col" else Replicate()
+    for name, placement in placements.items():
+        _set(module, name, _shard(_tensor(module, name), mesh, placement, src))
+    return list(placements)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward on local shards
+# ----------------------------------------------------------------------------------------------------------------
+
+def _local(t: DTensor) -> torch.Tensor:
+    # Inference: the DTensor's own local tensor. With a gradient to record: to_local(), a view autograd follows.
+    if t.requires_grad and torch.is_grad_enabled():
+        return t.to_local()
+    return t._local_tensor
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[tuple, dict]]]:
+    """The module's input (its first positional argument, else its first tensor keyword) and how to put it back."""
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return value, lambda x, key=key: (args, {**kwargs, key: x})
+    raise InvalidArgumentError("expected the module's input tensor as its first argument")
+
+
+def _norm(placement: Placement, ndim: int) -> Placement:
+    if isinstance(placement, Shard) and placement.dim < 0:
+        return Shard(placement.dim % ndim)
+    return placement
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
+def _to_replicated(x: torch.Tensor, mesh: DeviceMesh, layout: Placement) -> torch.Tensor:
+    """A column-parallel layer's input as this rank's full local tensor; its gradient is summed over ranks."""
+    if not isinstance(x, DTensor):
+        layout = _norm(layout, x.dim())
+        if isinstance(layout, Replicate):
+            if not (x.requires_grad and torch.is_grad_enabled()):
+                return x  # inference: already the replicated input, nothing to do
+            x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        else:
+            x = DTensor.from_local(x, mesh, [layout], run_check=False)
+    if x.placements != (Replicate(),):
+        x = x.redistribute(placements=[Replicate()])
+    return x.to_local(grad_placements=[Partial()])
+
+
+def _to_last_dim_shard(x: torch.Tensor, mesh: DeviceMesh, layout: Placement, in_features: int) -> torch.Tensor:
+    """A row-parallel layer's input as this rank's slice of the last dimension."""
+    last = Shard(x.dim() - 1)
+    if not isinstance(x, DTensor):
+        layout = _norm(layout, x.dim())
+        if layout == last:
+            return x  # already this rank's slice (a column-parallel layer's local output)
+        if isinstance(layout, Replicate) and not (x.requires_grad and torch.is_grad_enabled()):
+            start, end = _bounds(in_features, mesh.size(), _rank(mesh))
+            return x.narrow(-1, start, end - start)
+        x = DTensor.from_local(x, mesh, [layout], run_check=False)
+    if _norm(x.placements[0], x.dim()) != last:
+        x = x.redistribute(placements=[last])
+    return _local(x)
+
+
+def _from_last_dim_shard(out: torch.Tensor, mesh: DeviceMesh, global_n: int, layout: Placement,
+                         use_local_output: bool) -> torch.Tensor:
+    """A column-parallel layer's local output: kept as this rank's shard, or redistributed to ``layout``."""
+    layout = _norm(layout, out.dim())
+    last = Shard(out.dim() - 1)
+    if use_local_output and (layout == last or mesh.size() == 1):
+        return out  # this rank's slice (or, alone, the whole): no communication, no copy
+    shape = (*out.shape[:-1], global_n)
+    d = DTensor.from_local(out, mesh, [last], run_check=False, shape=torch.Size(shape),
+                           stride=_contiguous_stride(shape))
+    if layout != last:
+        d = d.redistribute(placements=[layout])
+    return d.to_local() if use_local_output else d
+
+
+def _reduce(out: torch.Tensor, mesh: DeviceMesh, bias: torch.Tensor | None, layout: Placement,
+            use_local_output: bool) -> torch.Tensor:
+    """A row-parallel layer's partial output summed over ranks (all-reduce, or reduce-scatter to a shard), plus the
+    bias once."""
+    layout = _norm(layout, out.dim())
+    if bias is not None and isinstance(bias, DTensor):
+        bias = _local(bias)
+    if (isinstance(layout, Replicate) and use_local_output
+            and not (out.requires_grad and torch.is_grad_enabled())):
+        if mesh.size() > 1:
+            dist.all_reduce(out, group=mesh.get_group())  # in place: out is the kernel's fresh result
+        return out if bias is None else out + bias
+    if bias is not None and not isinstance(layout, Replicate):
+        # the bias goes into one rank's partial sum, so the reduction adds it once whatever the output layout
+        out = out + bias if _rank(mesh) == 0 else out
+        bias = None
+    d = DTensor.from_local(out, mesh, [Partial()], run_check=False).redistribute(placements=[layout])
+    if use_local_output:
+        d = d.to_local()
+        return d if bias is None else d + bias
+    return d if bias is None else d + DTensor.from_local(bias, mesh, [Replicate()], run_check=False)
+
+
+class _LocalShardStyle(ParallelStyle):
+    """Shards a module tree's tensors into DTensors at ``_apply``; each forward runs on their local shards.
+
+    Subclasses define ``_partition(module, mesh)`` (shard in place; return ``[(owner, name), ...]`` of the tensors
+    that became DTensors and ``[(owner, "bias")]`` of the biases to add after the reduction), ``_input`` and
+    ``_output``.
+    """
+
+    def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
+                 use_local_output: bool = True) -> None:
+        super().__init__()
+        self.input_layouts = input_layouts
+        self.output_layouts = output_layouts
+        self.use_local_output = use_local_output
+
+    # -- subclass hooks
+    def _partition(self, module: nn.Module, mesh: DeviceMesh) -> tuple[list, list]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _input(self, module: nn.Module, x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _output(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh,
+                biases: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- the engine's entry point
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _mesh_1d(device_mesh)
+        if getattr(module, "_triton_ops_tp", None) is not None:
+            raise ShardingError(f"{type(module).__name__}: already parallelized ({module._triton_ops_tp!r})")
+        entries, bias_owners = self._partition(module, device_mesh)
+        mesh = device_mesh
+        stash: list[list] = []  # one frame per active call (a module is not re-entered, but be safe)
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x, put = _first_tensor(args, kwargs)
+            x = self._input(mod, x, mesh)
+            frame = []
+            for owner, name in entries:
+                table = owner._parameters if name in owner._parameters else owner._buffers
+                value = table[name]
+                if isinstance(value, DTensor):
+                    local = _local(value)
+                    table[name] = local
+                    frame.append((table, name, value, local))
+            biases = []
+            for owner, name in bias_owners:
+                # a row-parallel forward computes its partial product only: the bias is added after the reduction
+                table = owner._parameters
+                value = table.get(name)
+                if value is not None:
+                    table[name] = None
+                    frame.append((table, name, value, None))
+                    biases.append(value)
+            stash.append((frame, biases))
+            return put(x)
+
+        def post_hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            if not stash:  # the pre-hook itself failed: nothing was swapped
+                return out
+            frame, biases = stash.pop()
+            for table, name, original, current in reversed(frame):
+                if table[name] is current:
+                    table[name] = original
+            if isinstance(out, torch.Tensor):
+                return self._output(mod, out, mesh, biases)
+            return out
+
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+        module._triton_ops_tp = self
+        return module
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(input_layouts={self.input_layouts}, output_layouts={self.output_layouts}, "
+                f"use_local_output={self.use_local_output})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Styles
+# ----------------------------------------------------------------------------------------------------------------
+
+class ColwiseParallel(_LocalShardStyle):
+    """Column-parallel ``nn.Linear`` / ``FP8Linear``: weight rows (output features), the bias and the per-channel or
+    block scales sharded; the input replicated; the output this rank's slice of the last dimension.
+
+    Keyword Args (as PyTorch's ``ColwiseParallel``):
+        input_layouts: layout of a plain-tensor input (default ``Replicate()``); a ``DTensor`` input is
+            redistributed to ``Replicate()`` whatever it is.
+        output_layouts: ``Shard(-1)`` (default: no communication) or ``Replicate()`` (all-gather, e.g. an LM head).
+        use_local_output: return a plain tensor (default) or a ``DTensor``.
+    """
+
+    def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
+                 use_local_output: bool = True) -> None:
+        super().__init__(input_layouts=input_layouts or Replicate(), output_layouts=output_layouts or Shard(-1),
+                         use_local_output=use_local_output)
+
+    def _partition(self, module, mesh):
+        names = _partition_linear(module, mesh, "col", self.src_data_rank, type(module).__name__)
+        return [(module, n) for n in names], []
+
+    def _input(self, module, x, mesh):
+        return _to_replicated(x, mesh, self.input_layouts)
+
+    def _output(self, module, out, mesh, biases):
+        return _from_last_dim_shard(out, mesh, module.out_features, self.output_layouts, self.use_local_output)
+
+
+class RowwiseParallel(_LocalShardStyle):
+    """Row-parallel ``nn.Linear`` / ``FP8Linear``: weight columns (input features) sharded, with FP8 block scales;
+    per-tensor and per-channel scales and the bias replicated. The input is this rank's slice of the last
+    dimension; the output is all-reduced (``Replicate()``, default) or reduce-scattered (``Shard(d)``), the bias
+    added once. ``FP8Linear`` quantizes each rank's slice of the activation with its own scales.
+    """
+
+    def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
+                 use_local_output: bool = True) -> None:
+        super().__init__(input_layouts=input_layouts or Shard(-1), output_layouts=output_layouts or Replicate(),
+                         use_local_output=use_local_output)
+
+    def _partition(self, module, mesh):
+        names = _partition_linear(module, mesh, "row", self.src_data_rank, type(module).__name__)
+        return [(module, n) for n in names if n != "bias"], [(module, "bias")]
+
+    def _input(self, module, x, mesh):
+        return _to_last_dim_shard(x, mesh, self.input_layouts, module.in_features)
+
+    def _output(self, module, out, mesh, biases):
+        return _reduce(out, mesh, biases[0] if biases else None, self.output_layouts, self.use_local_output)
+
+
+def _gate_up(module: nn.Module, what: str) -> tuple[nn.Module, nn.Module]:
+    gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+    if not isinstance(gate, nn.Module) or not isinstance(up, nn.Module):
+        raise ShardingError(f"{what}: expected a gated MLP with gate_proj and up_proj layers, got "
+                            f"{type(module).__name__}")
+    if _tensor(gate, "weight") is None or _tensor(up, "weight") is None or gate.weight.shape != up.weight.shape:
+        raise ShardingError(f"{what}: expected gate_proj and up_proj weights of one shape")
+    return gate, up
+
+
+def _intermediate(gate: nn.Module) -> int:
+    return getattr(gate, "out_features", None) or gate.weight.shape[0]
+
+
+class GatedColwiseParallel(_LocalShardStyle):
+    """Column-parallel ``FusedGatedMLP`` (or any module with ``gate_proj`` / ``up_proj`` layers, ``nn.Linear`` or
+    ``FP8Linear``): each rank holds the same output rows of gate and up, so its gate and up columns stay together
+    and the fused kernel computes the rank's slice of ``act(gate) * up`` with no communication. The output is that
+    slice (``Shard(-1)``), ready for a row-parallel down projection (:class:`RowwiseParallel` or PyTorch's).
+    """
+
+    def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
+                 use_local_output: bool = True) -> None:
+        super().__init__(input_layouts=input_layouts or Replicate(), output_layouts=output_layouts or Shard(-1),
+                         use_local_output=use_local_output)
+
+    def _partition(self, module, mesh):
+        gate, up = _gate_up(module, type(module).__name__)
+        entries = []
+        for child, name in ((gate, "gate_proj"), (up, "up_proj")):
+            entries += [(child, n) for n in _partition_linear(child, mesh, "col", self.src_data_rank, name)]
+        return entries, []
+
+    def _input(self, module, x, mesh):
+        return _to_replicated(x, mesh, self.input_layouts)
+
+    def _output(self, module, out, mesh, biases):
+        return _from_last_dim_shard(out, mesh, _intermediate(module.gate_proj), self.output_layouts,
+                                    self.use_local_output)
+
+
+class GatedMLPParallel(_LocalShardStyle):
+    """A whole gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``: transformers' ``LlamaMLP`` / ``Qwen3MLP``
+    as they are, or patched by ``patch_model`` with the fused kernel or FP8 layers): gate and up column-parallel
+    (per rank together), down row-parallel, one all-reduce of the output; the forward in between is the module's
+    own, on local shards. The input is replicated (a ``DTensor`` input is redistributed to ``Replicate()``).
+    """
+
+    def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
+                 use_local_output: bool = True) -> None:
+        super().__init__(input_layouts=input_layouts or Replicate(), output_layouts=output_layouts or Replicate(),
+                         use_local_output=use_local_output)
+
+    def _partition(self, module, mesh):
+        gate, up = _gate_up(module, type(module).__name__)
+        down = getattr(module, "down_proj", None)
+        if not isinstance(down, nn.Module):
+            raise ShardingError(f"{type(module).__name__}: expected a down_proj layer")
+        entries = []
+        for child, name in ((gate, "gate_proj"), (up, "up_proj")):
+            entries += [(child, n) for n in _partition_linear(child, mesh, "col", self.src_data_rank, name)]
+        names = _partition_linear(down, mesh, "row", self.src_data_rank, "down_proj")
+        entries += [(down, n) for n in names if n != "bias"]
+        return entries, [(down, "bias")]
+
+    def _input(self, module, x, mesh):
+        return _to_replicated(x, mesh, self.input_layouts)
+
+    def _output(self, module, out, mesh, biases):
+        return _reduce(out, mesh, biases[0] if biases else None, self.output_layouts, self.use_local_output)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed gate/up weights
+# ----------------------------------------------------------------------------------------------------------------
+
+def shard_packed_gate_up(weight: torch.Tensor, layout: str, world_size: int, rank: int) -> torch.Tensor:
+    """``rank``'s share of a packed ``[2 * intermediate, ...]`` gate/up weight (or bias), packed again in ``layout``.
+
+    A plain ``Shard(0)`` of a ``"concatenated"`` weight would give rank 0 all of the gate and the last rank all of
+    the up projection; this gives every rank the same intermediate rows of both, so
+    ``fused_gated_mlp(x, shard, weight_layout=layout)`` computes the rank's slice of the intermediate. (The
+    ``DTensor`` placement of such a shard is ``_StridedShard(0, split_factor=2)``, as transformers' packed styles
+    use.) ``"interleaved"`` rows ``[g0, u0, g1, u1, ...]`` shard contiguously.
+    """
+    if layout not in ("concatenated", "interleaved"):
+        raise InvalidArgumentError(f"layout: expected 'concatenated' or 'interleaved', got {layout!r}")
+    if weight.shape[0] % 2:
+        raise ShardingError(f"weight: expected an even number of rows (packed gate and up), got {weight.shape[0]}")
+    inter = weight.shape[0] // 2
+    start, end = _bounds(inter, world_size, rank)
+    if layout == "concatenated":
+        return torch.cat([weight[start:end], weight[inter + start:inter + end]])
+    return weight[2 * start:2 * end].clone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan for a model
+# ----------------------------------------------------------------------------------------------------------------
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers" and len(module) > 0:
+            return name, module
+    raise UnsupportedModelError("model: no decoder layers (an nn.ModuleList named 'layers') found")
+
+
+def _tp_size(tp: DeviceMesh | int | None) -> int:
+    if isinstance(tp, DeviceMesh):
+        _mesh_1d(tp)
+        return tp.size()
+    if tp is None:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise InvalidArgumentError(f"tp: expected a DeviceMesh, a positive int or None, got {tp!r}")
+    return tp
+
+
+def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *,
+                         lm_head: bool = True) -> dict[str, ParallelStyle]:
+    """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 model (a causal LM or its
+    base model), patched by ``patch_model`` (bf16 or FP8) or not.
+
+    - ``layers.*.self_attn.q_proj`` / ``k_proj`` / ``v_proj``: :class:`ColwiseParallel`, whole heads per rank
+      (transformers' attention reshapes with ``-1`` heads, so it runs on the local heads unchanged);
+    - ``layers.*.self_attn.o_proj``: :class:`RowwiseParallel` (one all-reduce);
+    - ``layers.*.mlp``: :class:`GatedMLPParallel` (gate/up column-, down row-parallel, one all-reduce);
+    - ``lm_head`` (``lm_head=True``, a causal LM): :class:`ColwiseParallel` with the logits gathered
+      (``output_layouts=Replicate()``), as transformers' ``"colwise_gather_output"``; ``lm_head=False`` leaves it
+      replicated;
+    - not in the plan, so replicated (every rank keeps its full copy): the embedding, every RMSNorm (the layers',
+      the final one, Qwen3's QK-norms), the rotary embedding.
+
+    ``tp`` (the 1-D mesh, or its size; default the world size) is checked against the head counts: the attention
+    heads and the key/value heads must divide by it (:class:`ShardingError` otherwise). Apply the plan after
+    ``patch_model`` (required with ``fp8=True``: the full weights are quantized, then sharded with their scales).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model, nn.Module) or model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model: tensor_parallel_plan supports config.model_type in {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}"
+            f", got {model_type!r}")
+    world = _tp_size(tp)
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    kv_heads = kv_heads or heads
+    for name, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if count % world:
+            raise ShardingError(
+                f"model: config.{name}={count} is not divisible by the tensor-parallel size {world}; attention is "
+                "split by whole heads, and uneven head counts are not supported")
+    prefix, layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or any(not hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise UnsupportedModelError(f"model: {prefix}.{i}.self_attn has no q_proj/k_proj/v_proj/o_proj")
+        if mlp is None or any(not hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            raise UnsupportedModelError(f"model: {prefix}.{i}.mlp is not a gated MLP (gate_proj/up_proj/down_proj)")
+    layer = f"{prefix}.*"
+    plan: dict[str, ParallelStyle] = {
+        f"{layer}.self_attn.q_proj": ColwiseParallel(),
+        f"{layer}.self_attn.k_proj": ColwiseParallel(),
+        f"{layer}.self_attn.v_proj": ColwiseParallel(),
+        f"{layer}.self_attn.o_proj": RowwiseParallel(),
+        f"{layer}.mlp": GatedMLPParallel(),
+    }
+    head = getattr(model, "lm_head", None)
+    if lm_head and isinstance(head, (nn.Linear, FP8Linear)):
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    return plan
+
+
+def parallelize_model(model: nn.Module, device_mesh: DeviceMesh | None = None, *, lm_head: bool = True,
+                      src_data_rank: int | None = None) -> nn.Module:
+    """``parallelize_module(model, mesh, tensor_parallel_plan(model, mesh))``; returns ``model``.
+
+    ``device_mesh`` defaults to a 1-D mesh over the whole world on the current accelerator (or CPU). With
+    ``src_data_rank=None`` (default) every rank keeps its own slice of the weights it loaded; an int scatters that
+    rank's weights instead (PyTorch's default, at the cost of a collective per tensor).
+    """
+    if device_mesh is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        device_mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    plan = tensor_parallel_plan(model, device_mesh, lm_head=lm_head)
+    parallelize_module(model, device_mesh, plan, src_data_rank=src_data_rank)
+    model.triton_ops_tp_plan = plan
+    return model
+
+
+__all__ = ["FP8_BLOCK", "ColwiseParallel", "GatedColwiseParallel", "GatedMLPParallel", "RowwiseParallel",
+           "ShardingError", "parallelize_model", "shard_packed_gate_up", "tensor_parallel_plan"]

@@ -1,0 +1,79 @@
+"""Tensor parallelism (triton_ops.parallel) on CPU: two processes in a gloo group, kernels under the interpreter.
+
+One spawn of two ranks runs every case of ``_tp_cases`` (processes and imports cost more than the cases); the one
+test below reports every failing case. Every case compares a parallelized module or model with the same seeded one
+in one process: FusedGatedMLP column-parallel with a row-parallel down projection, a whole gated MLP with its
+gradients, packed gate/up weights, FP8Linear column- and row-parallel with per-channel / per-tensor / block scales,
+the block-scale and head-count errors, and small random Llama and Qwen3 models (transformers' own classes, fp32),
+patched (bf16 kernels and FP8) or not, prefill + cached decode step + generate().
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORLD = 2
+TIMEOUT_S = 240
+
+pytest.importorskip("transformers")
+if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available on this platform", allow_module_level=True)
+
+sys.path.insert(0, str(HERE))
+import _tp_cases  # noqa: E402  (the cases the ranks run; nothing heavy at import)
+
+CASE_NAMES = sorted(_tp_cases.CASES)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("tp")
+    try:
+        ctx = mp.start_processes(_tp_cases.worker, args=(WORLD, _free_port(), str(out), CASE_NAMES), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    except (OSError, RuntimeError) as e:  # a sandbox without process spawning or sockets
+        pytest.skip(f"cannot start {WORLD} processes with a local gloo group here: {e}")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {"ranks": ranks}
+
+
+def test_every_case_matches_one_process(results):
+    # One test for all cases: pytest-xdist hands a module's tests to different workers, and each worker would
+    # spawn its own pair of ranks (twice the CPU, and both past the deadline under load). Every failing case is named.
+    for rank in results["ranks"]:
+        assert rank["_env"]["TRITON_INTERPRET"] == "1"
+        assert rank["_env"]["interpreter"] in (True, None)
+    failures = []
+    for name in CASE_NAMES:
+        for r, rank in enumerate(results["ranks"]):
+            res = rank.get(name)
+            if res is None:
+                failures.append(f"rank {r} did not run {name}")
+            elif not res["ok"]:
+                failures.append(f"rank {r}, {name}:\n{res.get('error')}")
+    assert not failures, "\n\n".join(failures)
