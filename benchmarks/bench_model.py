@@ -168,7 +168,7 @@ def profiled_gpu_us(fn: Callable[[], Any], steps: int, top: int = 10) -> tuple[f
         entry[0] += e.device_time
         entry[1] += 1
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
-    breakdown = [{"kernel": name[:90].replace("|", "/"), "us": t / steps, "launches": n / steps}
+    breakdown = [{"kernel": name[:90], "us": t / steps, "launches": n / steps}
                  for name, (t, n) in ranked]
     total_us = sum(e.device_time for e in kernels)
     return total_us / steps, len(kernels) / steps, breakdown
@@ -237,10 +237,16 @@ def measure_prefill(model, tokens: int) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def reference_outputs(model, prompt_ids: torch.Tensor, new: int) -> dict[str, torch.Tensor]:
+def reference_outputs(model, prompt_ids: torch.Tensor, new: int,
+                      sequence: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The last prompt token's logits, ``new`` greedy tokens, and the logits of every new position when the model
+    reads ``sequence`` (default: the prompt and its own greedy tokens; pass the reference's to teacher-force)."""
     logits = model(input_ids=prompt_ids, use_cache=False).logits[:, -1].float()
     tokens = model.generate(prompt_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    return {"logits": logits, "tokens": tokens[:, prompt_ids.shape[1]:]}
+    if sequence is None:
+        sequence = tokens
+    forced = model(input_ids=sequence, use_cache=False).logits[:, prompt_ids.shape[1] - 1:-1].float()
+    return {"logits": logits, "tokens": tokens[:, prompt_ids.shape[1]:], "sequence": sequence, "forced": forced}
 
 
 def compare_outputs(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -248,8 +254,12 @@ def compare_outputs(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) 
     same = (ref["tokens"] == out["tokens"]).float()
     # agreement up to the first difference: after one greedy token differs, the continuations are unrelated
     first_diff = [int(row.argmin()) if not bool(row.all()) else row.numel() for row in same]
+    # teacher-forced: both models read the reference's tokens, so every position compares like with like
+    forced_cos = torch.nn.functional.cosine_similarity(ref["forced"].double(), out["forced"].double(), dim=-1)
+    forced_top1 = (ref["forced"].argmax(-1) == out["forced"].argmax(-1)).float().mean()
     return {"logits_cosine_min": float(cos.min()), "greedy_agreement": float(same.mean()),
             "greedy_steps_before_first_difference": min(first_diff),
+            "forced_cosine_min": float(forced_cos.min()), "forced_top1_agreement": float(forced_top1),
             "finite": bool(torch.isfinite(out["logits"]).all())}
 
 
@@ -294,7 +304,8 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
 
     if "accuracy" in args.parts:
         prompt = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)).to(device)
-        outputs = attempt("accuracy", reference_outputs, model, prompt, args.accuracy_tokens) or {}
+        outputs = attempt("accuracy", reference_outputs, model, prompt, args.accuracy_tokens,
+                          None if ref is None else ref["sequence"]) or {}
         if ref is not None and outputs:
             res.accuracy = compare_outputs(ref, outputs)
     if "decode" in args.parts:
@@ -382,12 +393,14 @@ def _model_section(model: dict[str, Any]) -> list[str]:
                      f"{_fmt(s.get('ms_per_token') and s['ms_per_token'] / floor_ms, '.2f')}x |")
     lines += ["", "### Prefill, accuracy, memory", "",
               "| variant | prefill | logits cosine (min) | greedy agreement | steps before first difference | "
-              "peak memory | weight bytes |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              "teacher-forced top-1 agreement | teacher-forced cosine (min) | peak memory | weight bytes |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
         pf, acc = v["prefill"], v["accuracy"]
         lines.append(f"| {v['variant']} | {_fmt(pf.get('ms'), '.2f')} ms ({pf.get('tokens', '-')} tokens) | "
                      f"{_fmt(acc.get('logits_cosine_min'), '.5f')} | {_fmt(acc.get('greedy_agreement'), '.2f')} | "
                      f"{acc.get('greedy_steps_before_first_difference', '-')} | "
+                     f"{_fmt(acc.get('forced_top1_agreement'), '.3f')} | {_fmt(acc.get('forced_cosine_min'), '.5f')} | "
                      f"{_fmt(v['peak_memory_gib'], '.1f')} GiB | "
                      f"{v['weight_bytes'] / 1e9:.2f} GB |")
     for v in variants:
@@ -396,7 +409,8 @@ def _model_section(model: dict[str, Any]) -> list[str]:
             lines += ["", f"Where a decode step's GPU time goes, {v['variant']}, batch {first['batch']}, context "
                       f"{first['context']} (top kernels):", "", "| kernel | us per step | launches per step |",
                       "| --- | --- | --- |"]
-            lines += [f"| `{k['kernel']}` | {k['us']:,.0f} | {k['launches']:.0f} |" for k in first["top_kernels"]]
+            lines += [f"| `{k['kernel'].replace('|', '/')}` | {k['us']:,.0f} | {k['launches']:.0f} |"
+                      for k in first["top_kernels"]]
     errors = [f"- {v['variant']}: {e}" for v in variants for e in v["errors"]]
     if errors:
         lines += ["", "Failed parts:", "", *errors]

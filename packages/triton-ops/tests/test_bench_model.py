@@ -1,0 +1,69 @@
+"""The model-level benchmark's harness (benchmarks/bench_model.py) on tiny models under the interpreter: variants are
+built and patched, the accuracy comparison sees what it should, and the report renders. Timing runs only on a GPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2] if (HERE.parents[2] / "benchmarks" / "bench_model.py").is_file() else None
+pytestmark = pytest.mark.skipif(REPO is None, reason="needs the monorepo checkout (benchmarks/)")
+
+
+@pytest.fixture(scope="module")
+def bm():
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import bench_model
+    finally:
+        sys.path.remove(str(REPO))
+    return bench_model
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "qwen3-8b", "gpt-oss-20b"])
+def test_patched_variant_agrees_with_the_unpatched_model(bm, name):
+    config = bm.build_config(name, tiny=True)
+    if name == "gpt-oss-20b":
+        config.layer_types = ["sliding_attention", "full_attention"]
+    device = torch.device("cpu")
+    reference = bm.make_variant("transformers", config, device, torch.float32)
+    patched = bm.make_variant("patched", config, device, torch.float32)
+    assert patched.triton_ops_patch.fused_residual_adds == config.num_hidden_layers
+    prompt = torch.randint(0, config.vocab_size, (2, 6))
+    ref = bm.reference_outputs(reference, prompt, 3)
+    acc = bm.compare_outputs(ref, bm.reference_outputs(patched, prompt, 3, ref["sequence"]))
+    assert acc["finite"] and acc["forced_top1_agreement"] == 1.0 and acc["forced_cosine_min"] > 0.99999
+    # the weights a decode step reads: every parameter but the input embedding
+    embed = reference.get_input_embeddings().weight
+    expected = sum(p.numel() * p.element_size() for p in reference.parameters() if p is not embed)
+    assert bm.decode_weight_bytes(reference) == expected
+
+
+def test_a_changed_model_is_seen_by_the_comparison(bm):
+    ref = {"logits": torch.randn(2, 10), "tokens": torch.tensor([[1, 2, 3], [4, 5, 6]]),
+           "forced": torch.randn(2, 3, 10)}
+    other = {"logits": -ref["logits"], "tokens": torch.tensor([[1, 9, 3], [4, 5, 6]]), "forced": -ref["forced"]}
+    acc = bm.compare_outputs(ref, other)
+    assert acc["logits_cosine_min"] < -0.99 and acc["forced_top1_agreement"] == 0.0
+    assert acc["greedy_agreement"] == pytest.approx(5 / 6) and acc["greedy_steps_before_first_difference"] == 1
+
+
+def test_report_renders_every_part_and_names_failures(bm):
+    point = {"batch": 1, "context": 8, "gpu_us": 20.0, "kernels": 5, "tokens_per_s": 5e4, "eager_wall_ms": 1.0,
+             "top_kernels": [{"kernel": "k|1", "us": 12.0, "launches": 2}]}
+    variant = {"variant": "transformers", "decode": [point], "generate": {"eager": {"ms_per_token": 1.0,
+               "tokens_per_s": 1000.0}}, "prefill": {"tokens": 16, "ms": 2.0}, "accuracy": {}, "weight_bytes": 100,
+               "peak_memory_gib": 1.0, "errors": ["generate static-compiled: RuntimeError: boom"]}
+    report = {"environment": {"device": "X", "command": "c", "torch": "t", "triton": "tr", "transformers": "tf",
+                              "cuda": "c", "date_utc": "d"}, "copy_gbps": 4000.0,
+              "models": [{"model": "m", "layers": 2, "hidden": 4, "floor_us": {"transformers": 10.0},
+                          "variants": [variant]}]}
+    md = bm.render(report)
+    assert "| transformers | 1 | 8 | 20 us | 5 | 50,000 | 1.00x | 10 us | 2.00x |" in md
+    assert "2.00 ms (16 tokens)" in md and "generate static-compiled: RuntimeError: boom" in md
+    assert "`k/1`" in md and "`k|1`" not in md  # a kernel name never breaks the table
