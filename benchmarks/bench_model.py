@@ -6,7 +6,8 @@
     python -m benchmarks.bench_model --tiny                # a 2-layer model: checks the harness (CPU: interpreter)
 
 Each model is built from a transformers config with random bf16 weights on the GPU (nothing is downloaded), in
-three variants: transformers as it is, ``patch_model(model)`` and ``patch_model(model, fp8=True)``. Measured, per
+three variants: transformers as it is, ``patch_model(model)`` and ``patch_model(model, fp8=True, fp8_recipe="channel")``
+(``--variants`` adds ``patched-fp8-default``, FP8's default recipe, and ``patched-fp8-block``). Measured, per
 variant, in one run:
 
 - ``decode``: GPU time of one decode step (the profiler's kernel time, so host time is excluded) and the kernels
@@ -44,8 +45,8 @@ from . import ROOT
 
 PARTS = ("decode", "generate", "prefill", "accuracy")
 VARIANTS = ("transformers", "patched", "patched-fp8")
-# also known: FP8 with 128x128 weight blocks and 1x128 activation blocks
-EXTRA_VARIANTS = ("patched-fp8-block",)
+# also known: FP8's default recipe (blocks, MLP output projections kept), and blocks on every Linear
+EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-block")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -112,10 +113,12 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     model = build_model(config, device, dtype)
     if variant == "patched":
         triton_ops.patch_model(model)
-    elif variant == "patched-fp8":
-        triton_ops.patch_model(model, fp8=True, weight_granularity="channel", activation_granularity="row")
+    elif variant == "patched-fp8":  # every Linear but the LM head, per-channel weights, per-row activations
+        triton_ops.patch_model(model, fp8=True, fp8_recipe="channel")
+    elif variant == "patched-fp8-default":
+        triton_ops.patch_model(model, fp8=True)
     elif variant == "patched-fp8-block":
-        triton_ops.patch_model(model, fp8=True, weight_granularity="block", activation_granularity="block")
+        triton_ops.patch_model(model, fp8=True, fp8_recipe="block")
     return model
 
 

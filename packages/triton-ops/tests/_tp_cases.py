@@ -301,16 +301,18 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
     ref, tp = _hf_model(kind, num_hidden_layers=layers), _hf_model(kind, num_hidden_layers=layers)
     if fp8:
         plain = _hf_model(kind, num_hidden_layers=layers)  # the fp32 model, unpatched
+    # the tiny model's 64-wide projections cannot split 128x128 blocks over 2 ranks: per-channel FP8 (every Linear)
+    recipe = {"fp8_recipe": "channel"} if fp8 else {}
     if patch:
-        patch_model(ref, fp8=fp8)
+        patch_model(ref, fp8=fp8, **recipe)
     if patch and not reverse:
-        patch_model(tp, fp8=fp8)
+        patch_model(tp, fp8=fp8, **recipe)
     if helper:  # every rank keeps its own slice (src_data_rank=None)
         parallelize_model(tp, mesh)
     else:  # PyTorch's default: rank 0's weights scattered
         parallelize_module(tp, mesh, tensor_parallel_plan(tp, mesh))
     if patch and reverse:
-        patch_model(tp, fp8=fp8)
+        patch_model(tp, fp8=fp8, **recipe)
     assert isinstance(tp.model.layers[0].self_attn.q_proj.weight, DTensor)
     assert isinstance(tp.lm_head.weight, DTensor)  # 131 rows: 66 and 65, the logits gathered from uneven shards
     assert type(tp.model.embed_tokens.weight) is torch.nn.Parameter  # replicated: left as it is

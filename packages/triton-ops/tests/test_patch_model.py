@@ -86,10 +86,18 @@ def test_patched_model_computes_what_the_model_computes(kind):
     assert _cosine(ours_prefill, ref_prefill) >= tol and _cosine(ours_step, ref_step) >= tol
 
 
+def test_fp8_default_recipe_keeps_the_mlp_output_projections():
+    model = patch_model(_model("llama"), fp8=True)
+    assert model.triton_ops_patch.fp8_linears == 2 * 6  # q, k, v, o, gate, up per layer; down_proj kept
+    layer = model.model.layers[1]
+    assert type(layer.mlp.down_proj) is torch.nn.Linear and layer.mlp.up_proj.weight_granularity == "block"
+    assert any("kept in their dtype by the 'default'" in n for n in model.triton_ops_patch.notes)
+
+
 def test_fp8_patch_converts_every_linear_but_the_lm_head():
     model = _model("llama")
     reference = copy.deepcopy(model)
-    patch_model(model, fp8=True)
+    patch_model(model, fp8=True, fp8_recipe="channel")
     assert model.triton_ops_patch.fp8_linears == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert type(model.lm_head) is torch.nn.Linear and isinstance(model.model.layers[1].mlp.down_proj, FP8Linear)
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)

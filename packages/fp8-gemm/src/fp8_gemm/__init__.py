@@ -1,4 +1,8 @@
-"""fp8_gemm: FP8 quantization (tensor, row, channel and block scales), the FP8 GEMM and FP8Linear, in Triton."""
+"""fp8_gemm: FP8 quantization (tensor, row, channel and block scales), the FP8 GEMM and FP8Linear, in Triton.
+
+Recipes (what ``convert_to_fp8`` converts, and how): :mod:`fp8_gemm.recipes`; a PyTorch emulation for accuracy
+measurements: :mod:`fp8_gemm.emulate`.
+"""
 
 from .__about__ import __version__
 from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
@@ -15,6 +19,7 @@ from .quantize import (
     quantize_fp8,
     scale_shape,
 )
+from .recipes import RECIPES, FP8Recipe
 from .scaling import DelayedScaler, ScaleTracker
 
 __all__ = [
@@ -23,9 +28,11 @@ __all__ = [
     "FP8_GEMM_DECODE_CONFIGS",
     "FP8_GEMM_PTR_CONFIGS",
     "GRANULARITIES",
+    "RECIPES",
     "WEIGHT_BLOCK",
     "DelayedScaler",
     "FP8Linear",
+    "FP8Recipe",
     "ScaleTracker",
     "TrainableFP8Linear",
     "__version__",

@@ -23,8 +23,10 @@ from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_kernel_device, check_tensor
 
+from . import _scratch
 from .gemm import _CACHE_CLEARERS, _new_call
 from .quantize import WEIGHT_BLOCK, _activation_plan, expand_scale, quantize_fp8, scale_shape
+from .recipes import FP8Recipe, resolve_recipe, select_linears
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
@@ -232,7 +234,8 @@ def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_acc
 @torch.library.custom_op(op_name("fp8_linear"), mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                activation_granularity: str, fast_accum: bool) -> torch.Tensor:
-    return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+    with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
+        return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum)
 
 
 @_linear_op.register_fake
@@ -336,34 +339,44 @@ class TrainableFP8Linear(nn.Module):
 def convert_to_fp8(
     model: nn.Module,
     *,
-    weight_granularity: str = "channel",
-    activation_granularity: str = "row",
+    recipe: str | FP8Recipe | None = None,
+    weight_granularity: str | None = None,
+    activation_granularity: str | None = None,
     fast_accum: bool = False,
     filter_fn: Callable[[str, nn.Linear], bool] | None = None,
     trainable: bool = False,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` (in place) by :meth:`FP8Linear.from_linear`; returns ``model``.
+    """Replace the ``nn.Linear`` layers of ``model`` (in place) by :meth:`FP8Linear.from_linear`; returns ``model``.
 
-    ``filter_fn(qualified_name, linear)`` returning False keeps that layer in high precision. A bare
-    ``nn.Linear`` passed as ``model`` is returned converted. ``trainable=True`` converts to
+    ``recipe`` (a name from ``fp8_gemm.recipes.RECIPES`` or an ``FP8Recipe``) sets the scales and which Linears
+    stay in high precision. Without arguments the ``"default"`` recipe applies: 128x128 weight blocks, 1x128
+    activation blocks, and every MLP output projection (``down_proj``) kept in its dtype (docs/fp8-gemm.md,
+    "Recipes", has the measurements). ``recipe="block"`` converts every Linear with blocks; ``recipe="channel"``
+    every Linear with per-channel weights and per-row activations (the default before recipes).
+
+    ``weight_granularity`` / ``activation_granularity``: with a ``recipe``, they override its scales (its rule of
+    kept layers stays); without one, every Linear is converted with them, as before recipes existed (an unnamed one
+    is ``"channel"`` / ``"row"``). ``filter_fn(qualified_name, linear)`` returning False also keeps that layer. A
+    bare ``nn.Linear`` passed as ``model`` is returned converted. ``trainable=True`` converts to
     :class:`TrainableFP8Linear` instead (fine-tuning: the weights stay high-precision parameters).
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model: expected an nn.Module, got {type(model).__name__}")
-    kwargs = {"weight_granularity": weight_granularity, "activation_granularity": activation_granularity,
+    r = resolve_recipe(recipe, weight_granularity, activation_granularity)
+    kwargs = {"weight_granularity": r.weight_granularity, "activation_granularity": r.activation_granularity,
               "fast_accum": fast_accum}
     convert = (lambda lin: TrainableFP8Linear(lin, **kwargs)) if trainable else (
         lambda lin: FP8Linear.from_linear(lin, **kwargs))
     if type(model) is nn.Linear:
         return convert(model) if filter_fn is None or filter_fn("", model) else model
-    for name, module in list(model.named_modules()):
+    modules = dict(model.named_modules())
+    done: dict[int, nn.Module] = {}  # a Linear shared by two parents is converted once
+    for name in select_linears(model, r, filter_fn):
+        done[id(modules[name])] = convert(modules[name])
+    for module in list(modules.values()):
         for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            full = f"{name}.{child_name}" if name else child_name
-            if filter_fn is not None and not filter_fn(full, child):
-                continue
-            setattr(module, child_name, convert(child))
+            if type(child) is nn.Linear and id(child) in done:
+                setattr(module, child_name, done[id(child)])
     return model
 
 
