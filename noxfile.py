@@ -2,7 +2,7 @@
 
     nox -s tests-3.11          every package's tests, each in its own venv, across the triton matrix
     nox -s lint                ruff
-    nox -s build               wheels + sdists of all six distributions, each installed alone and imported
+    nox -s build               wheels + sdists of all seven distributions, each installed alone and imported
     nox -s release-check -- fp8-gemm-v0.2.0
     nox -s bench               the benchmark suite (full sweep on a GPU; interpreter correctness run without)
     nox -s quickstart          docs/quickstart.md's install command, as written, in a clean venv, then an example
