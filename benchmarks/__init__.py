@@ -1,7 +1,7 @@
 """The triton-ops benchmark suite, runnable from a checkout.
 
     python -m benchmarks                       # every kernel: full sweep on a GPU, interpreter check without one
-    python -m benchmarks.bench_rmsnorm_rope    # one family (also bench_gated_mlp, bench_fp8_gemm)
+    python -m benchmarks.bench_rmsnorm_rope    # one family (also bench_gated_mlp, bench_fp8_gemm, bench_moe)
 
 Each takes ``--out DIR`` (default ``docs/benchmarks`` on a GPU) and ``--quick``. Without a GPU the kernels run on
 small shapes under Triton's interpreter, correctness is checked, nothing is timed, and the exit status is non-zero
