@@ -29,6 +29,7 @@ See docs/tensor-parallel.md.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,8 @@ from triton_ops_core.exceptions import InvalidArgumentError
 from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
+# patch_model's models whose layers the plan knows (gpt-oss's experts would need expert parallelism)
+TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t != "gpt_oss")
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
 
@@ -277,16 +280,19 @@ class _LocalShardStyle(ParallelStyle):
         self.output_layouts = output_layouts
         self.use_local_output = use_local_output
 
-    # -- subclass hooks
-    def _partition(self, module: nn.Module, mesh: DeviceMesh) -> tuple[list, list]:  # pragma: no cover
-        raise NotImplementedError
+    # -- subclass hooks (ParallelStyle is an ABC: a style lacking one cannot be instantiated)
+    @abstractmethod
+    def _partition(self, module: nn.Module, mesh: DeviceMesh) -> tuple[list, list]:
+        """Shard the module's weights in place; returns what ``_output`` needs (names, biases)."""
 
-    def _input(self, module: nn.Module, x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _input(self, module: nn.Module, x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        """The local activation the sharded forward reads."""
 
+    @abstractmethod
     def _output(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh,
-                biases: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+                biases: list[torch.Tensor]) -> torch.Tensor:
+        """The module's output from the local result (the all-reduce of a row-parallel layer, its bias once)."""
 
     # -- the engine's entry point
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -533,10 +539,11 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
     ``patch_model`` (required with ``fp8=True``: the full weights are quantized, then sharded with their scales).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if not isinstance(model, nn.Module) or model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model, nn.Module) or model_type not in TP_MODEL_TYPES:
+        why = " (its mixture of experts is not split yet)" if model_type == "gpt_oss" else ""
         raise UnsupportedModelError(
-            f"model: tensor_parallel_plan supports config.model_type in {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}"
-            f", got {model_type!r}")
+            f"model: tensor_parallel_plan supports config.model_type in {', '.join(map(repr, TP_MODEL_TYPES))}"
+            f", got {model_type!r}{why}")
     world = _tp_size(tp)
     config = model.config
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
