@@ -170,7 +170,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         recipe_name = fp8_recipe if isinstance(fp8_recipe, str) else fp8_recipe.name
         if kept:
             summary.notes.append(f"{kept} Linear layers kept in their dtype by the {recipe_name!r} FP8 recipe")
-        summary.notes.append("gate/up projections run as two FP8 GEMMs (no FP8 gated-MLP kernel yet)")
+        if mlps:
+            summary.notes.append("gate/up projections run as two FP8 GEMMs (no FP8 gated-MLP kernel yet)")
         if lm_head is not None and not fp8_lm_head:
             summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
     else:
@@ -183,8 +184,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         moe.__class__ = _patched_class(type(moe), GptOssMoE)
     summary.moe_blocks = len(moes)
     if moes:
-        summary.notes.append("experts stay in their dtype with fp8=True (no FP8 grouped GEMM yet)" if fp8 else
-                             "router logits are not recorded for output_router_logits (the router runs in the kernel)")
+        summary.notes.append("router logits are not recorded for output_router_logits (the router runs in the kernel)")
+        if fp8:
+            summary.notes.append("experts stay in their dtype with fp8=True (no FP8 grouped GEMM yet)")
     norms = _rms_norms(model)
     for norm in norms:
         norm.__class__ = _patched_class(type(norm), RMSNorm)
