@@ -85,9 +85,24 @@ def fp8_cases(race: bool = False):
         FP8Linear.from_linear(lin)(_rand(3, 4096))
 
 
+def moe_cases(race: bool = False):
+    from fused_moe import fused_moe
+
+    # decode (a few experts hit, the rest skipped), a grouped prefill, an empty batch, both layouts
+    e, h, i = 8, 256, 192
+    for t, layout, transposed in ((1, "interleaved", True), (37, "interleaved", True), (0, "interleaved", True),
+                                  (300, "concatenated", False)):
+        gu = _rand(e, h, 2 * i, scale=h ** -0.5) if transposed else _rand(e, 2 * i, h, scale=h ** -0.5)
+        down = _rand(e, i, h, scale=i ** -0.5) if transposed else _rand(e, h, i, scale=i ** -0.5)
+        fused_moe(_rand(t, h), _rand(e, h), _rand(e), gu, _rand(e, 2 * i), down, _rand(e, h), top_k=2,
+                  activation="swiglu_oai" if layout == "interleaved" else "silu",
+                  gate_up_layout=layout, transposed=transposed)
+
+
 def main(tool: str) -> int:
     race = tool == "racecheck"
-    cases = [gated_mlp_cases, fp8_cases] if race else [rmsnorm_rope_cases, rmsnorm_cases, gated_mlp_cases, fp8_cases]
+    cases = [gated_mlp_cases, fp8_cases] if race else \
+        [rmsnorm_rope_cases, rmsnorm_cases, gated_mlp_cases, fp8_cases, moe_cases]
     for case in cases:
         case(race)
         torch.cuda.synchronize()

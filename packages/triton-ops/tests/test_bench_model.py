@@ -26,18 +26,22 @@ def bm():
 
 
 @pytest.mark.parametrize("name", ["llama3-8b", "qwen3-8b", "gpt-oss-20b"])
-def test_patched_variant_agrees_with_the_unpatched_model(bm, name):
+def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     config = bm.build_config(name, tiny=True)
     if name == "gpt-oss-20b":
         config.layer_types = ["sliding_attention", "full_attention"]
-    device = torch.device("cpu")
+    device = torch.device(device)
     reference = bm.make_variant("transformers", config, device, torch.float32)
     patched = bm.make_variant("patched", config, device, torch.float32)
     assert patched.triton_ops_patch.fused_residual_adds == config.num_hidden_layers
-    prompt = torch.randint(0, config.vocab_size, (2, 6))
+    prompt = torch.randint(0, config.vocab_size, (2, 6), device=device)
     ref = bm.reference_outputs(reference, prompt, 3)
     acc = bm.compare_outputs(ref, bm.reference_outputs(patched, prompt, 3, ref["sequence"]))
-    assert acc["finite"] and acc["forced_top1_agreement"] == 1.0 and acc["forced_cosine_min"] > 0.99999
+    assert acc["finite"]
+    if device.type == "cpu":  # the interpreter computes fp32 exactly like the model
+        assert acc["forced_top1_agreement"] == 1.0 and acc["forced_cosine_min"] > 0.99999
+    else:  # compiled kernels' fp32 dots may use TF32 (cuBLAS does not): near-tied tokens can flip
+        assert acc["forced_cosine_min"] > 0.999
     # the weights a decode step reads: every parameter but the input embedding
     embed = reference.get_input_embeddings().weight
     expected = sum(p.numel() * p.element_size() for p in reference.parameters() if p is not embed)

@@ -27,6 +27,25 @@ pytest.importorskip("transformers")
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available on this platform", allow_module_level=True)
 
+
+
+def _interpreter_broken() -> bool:
+    """triton < 3.7's interpreter fails on numpy >= 2.4 (triton issue 9171): a GPU machine may carry that pair, and
+    these ranks run on CPU tensors under the interpreter (test_tensor_parallel_gpu.py covers the GPU)."""
+    import re
+
+    import numpy
+    import triton
+
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+    return version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4)
+
+
+if _interpreter_broken():
+    pytest.skip("Triton's interpreter (the ranks' CPU kernels) cannot run with this numpy", allow_module_level=True)
+
 sys.path.insert(0, str(HERE))
 import _tp_cases  # noqa: E402  (the cases the ranks run; nothing heavy at import)
 

@@ -1,0 +1,100 @@
+"""Tensor parallelism on one GPU: a single-rank NCCL group (world size 1) runs the documented plan on a patched
+Llama, bf16 and FP8. With one rank every shard is the whole tensor, so the parallelized model must give the
+unsharded model's logits exactly, and one decode step must launch the same kernels (NCCL's aside): the plan adds
+no copy and no launch of its own. The runs on two GPUs are their own issue (machines of several GPUs are not lent
+here); the CPU tests run two gloo ranks (test_tensor_parallel.py)."""
+
+from __future__ import annotations
+
+import inspect
+import socket
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.gpu
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60), device_id=torch.device("cuda", 0))
+    try:
+        yield init_device_mesh("cuda", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _llama(seed: int = 0) -> torch.nn.Module:
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                                      max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.04)
+    return model
+
+
+def _decode_kernels(model, ids) -> tuple[torch.Tensor, Counter]:
+    """One cached decode step's logits and the CUDA kernels it launched, by name (NCCL's left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+        nxt = ids[:, -1:]
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model(nxt, use_cache=True, **{name: cache})  # warm-up: plans and configs chosen
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step = model(nxt, use_cache=True, **{name: cache}).logits
+            torch.cuda.synchronize()
+    kernels = Counter(e.name for e in prof.events() if e.device_type.name == "CUDA" and "nccl" not in e.name.lower())
+    return step, kernels
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_single_rank_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh, fp8):
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops import patch_model
+    from triton_ops.parallel import tensor_parallel_plan
+
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9 or newer")
+    ref, tp = _llama(), _llama()
+    recipe = {"fp8_recipe": "channel"} if fp8 else {}
+    patch_model(ref, fp8=fp8, **recipe)
+    patch_model(tp, fp8=fp8, **recipe)
+    parallelize_module(tp, mesh, tensor_parallel_plan(tp, mesh))
+    assert any(isinstance(p, DTensor) for p in tp.parameters())
+    ids = torch.randint(0, 1000, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    with torch.no_grad():
+        want, got = ref(ids).logits, tp(ids).logits
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want_step, want_kernels = _decode_kernels(ref, ids)
+    got_step, got_kernels = _decode_kernels(tp, ids)
+    torch.testing.assert_close(got_step, want_step, rtol=0, atol=0)
+    extra, missing = got_kernels - want_kernels, want_kernels - got_kernels
+    assert not extra and not missing, f"extra kernels {dict(extra)}; missing {dict(missing)}"
