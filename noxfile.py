@@ -2,7 +2,7 @@
 
     nox -s tests-3.11          every package's tests, each in its own venv, across the triton matrix
     nox -s lint                ruff
-    nox -s build               wheels + sdists of all seven distributions, each installed alone and imported
+    nox -s build               wheels + sdists of all eight distributions, each installed alone and imported
     nox -s release-check -- fp8-gemm-v0.2.0
     nox -s bench               the benchmark suite (full sweep on a GPU; interpreter correctness run without)
     nox -s quickstart          docs/quickstart.md's install command, as written, in a clean venv, then an example
@@ -57,14 +57,17 @@ PACKAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fused-gated-mlp": ("packages/fused-gated-mlp", "fused_gated_mlp", ("triton-ops-core", "kernel-autotune")),
     "fp8-gemm": ("packages/fp8-gemm", "fp8_gemm", ("triton-ops-core", "kernel-autotune")),
     "fused-moe": ("packages/fused-moe", "fused_moe", ("triton-ops-core",)),
+    "decode-attention": ("packages/decode-attention", "decode_attention", ("triton-ops-core",)),
     "triton-ops": (
         "packages/triton-ops",
         "triton_ops",
-        ("triton-ops-core", "kernel-autotune", "fused-rmsnorm-rope", "fused-gated-mlp", "fp8-gemm", "fused-moe"),
+        ("triton-ops-core", "kernel-autotune", "fused-rmsnorm-rope", "fused-gated-mlp", "fp8-gemm", "fused-moe",
+         "decode-attention"),
     ),
 }
 SHORT = {"triton-ops-core": "core", "kernel-autotune": "autotune", "fused-rmsnorm-rope": "rmsnorm-rope",
-         "fused-gated-mlp": "gated-mlp", "fp8-gemm": "fp8-gemm", "fused-moe": "moe", "triton-ops": "umbrella"}
+         "fused-gated-mlp": "gated-mlp", "fp8-gemm": "fp8-gemm", "fused-moe": "moe", "decode-attention": "attention",
+         "triton-ops": "umbrella"}
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

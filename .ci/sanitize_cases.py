@@ -99,10 +99,31 @@ def moe_cases(race: bool = False):
                   gate_up_layout=layout, transposed=transposed)
 
 
+def attention_cases(race: bool = False):
+    from decode_attention import decode_attention
+
+    # decode over a static cache with a masked tail (the default splits the KV length: partials + combine), one
+    # program holding all rows (num_splits=1), gpt-oss-style sinks + window + causal rows, an additive mask, a padded
+    # head dim, strided slices of a bigger cache, a long query (80 rows: two row blocks), an empty cache and batch
+    for b, hq, hkv, sq, s, d in ((1, 8, 2, 1, 301, 128), (3, 16, 2, 3, 77, 64), (2, 8, 2, 20, 45, 80)):
+        q = _rand(b, sq, hq, d).transpose(1, 2)
+        cache_k, cache_v = _rand(b, 2 * hkv, 2 * s, d), _rand(b, 2 * hkv, 2 * s, d)
+        k, v = cache_k[:, ::2], cache_v[:, ::2]  # every other head of a bigger cache
+        mask = torch.zeros(b, 1, sq, 2 * s, dtype=torch.bool, device=DEV)
+        mask[..., : s] = True
+        decode_attention(q, k, v, mask)
+        decode_attention(q, k, v, mask, num_splits=1)
+        decode_attention(q, k[:, :, :s], v[:, :, :s], sinks=_rand(hq), sliding_window=17, is_causal=True)
+        additive = torch.where(mask, 0.0, float("-inf")).to(BF16)
+        decode_attention(q, k, v, additive, scale=0.1)
+        decode_attention(q, k[:, :, :0], v[:, :, :0])
+        decode_attention(q[:0], k[:0], v[:0])
+
+
 def main(tool: str) -> int:
     race = tool == "racecheck"
     cases = [gated_mlp_cases, fp8_cases] if race else \
-        [rmsnorm_rope_cases, rmsnorm_cases, gated_mlp_cases, fp8_cases, moe_cases]
+        [rmsnorm_rope_cases, rmsnorm_cases, gated_mlp_cases, fp8_cases, moe_cases, attention_cases]
     for case in cases:
         case(race)
         torch.cuda.synchronize()

@@ -41,6 +41,7 @@ def _activation(shape, device, dtype, seed=1):
 def test_emulation_matches_fp8linear(device, w_gran, a_gran, dtype):
     lin = _layer(200, 136, device, dtype)
     real = FP8Linear.from_linear(lin, weight_granularity=w_gran, activation_granularity=a_gran)
+    real.path = "w8a8"  # what the emulation emulates (15 rows would take the weight-only decode kernel)
     emu = EmulatedFP8Linear(lin, weight_granularity=w_gran, activation_granularity=a_gran)
     # the same E4M3 weight, bit for bit
     assert torch.equal(emu.weight, real.dequantized_weight(torch.float32))

@@ -1,11 +1,109 @@
-"""This package's kernel-autotune family: found by name (entry point, or the tuning module's registration), its
-benchmark shapes, and a prepared call that runs the kernel."""
+"""This package's kernel-autotune family (found by name, its shapes, a prepared call that runs the GEMM), and config
+selection keyed by the device: the shipped H100 entries serve the H100 only, the heuristics read the device's SM
+count, and ``choose`` tunes on first use when handed a bench (GPUs simulated on the CPU)."""
 
 from __future__ import annotations
 
-from kernel_autotune.testing import check_family
+import kernel_autotune
+import kernel_autotune.select as sel
+import pytest
+import torch
+from fp8_gemm import gemm_configs as cfgs
+from kernel_autotune import UntunedDeviceWarning
+from kernel_autotune.testing import H100_SXM, H200, SMALL_GPU, check_family
+from triton_ops_core.device import simulate_device
+
+CPU = torch.device("cpu")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fn, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERNEL_AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TRITON_OPS_AUTOTUNE", raising=False)
+    monkeypatch.delenv("KERNEL_AUTOTUNE", raising=False)
+    sel.reset_warnings()
+    kernel_autotune.clear_memo()
+    yield
+    sel.reset_warnings()
+    kernel_autotune.clear_memo()
 
 
 def test_the_family_is_found_and_runs(device):
     small = {"m": 2, "n": 32, "k": 64, "scaling": "row", "out_dtype": "float32"}
-    check_family("fp8_gemm", "fp8-gemm", small, device)
+    tunable = check_family("fp8_gemm", "fp8-gemm", small, device)
+    faithful, fast = tunable.prepare({**small, "scaling": "tensor", "fast_accum": 2}, device)()  # both modes
+    assert faithful.shape == fast.shape == (2, 32) and torch.isfinite(faithful).all() and torch.isfinite(fast).all()
+    assert "faithful+fast" in tunable.label({**small, "fast_accum": 2})
+    assert {s["fast_accum"] for s in tunable.shapes} == {0, 1, 2}
+
+
+def test_the_decode_heuristic_reads_the_sm_count():
+    # K = 11264 and 4096 / 32 = 128 column blocks: fewer than 2 per SM on 132 SMs, so K splits in 4; not on 28 SMs
+    with simulate_device(H200):
+        assert cfgs.decode_heuristic(16, 4096, 11264, False, CPU, interpreter=False)["SPLIT_K"] == 4
+    with simulate_device(SMALL_GPU):
+        assert cfgs.decode_heuristic(16, 4096, 11264, False, CPU, interpreter=False)["SPLIT_K"] == 1
+
+
+def _choose(bench=None, m=4096):
+    name = "fp8_gemm.tma.a0b0.faithful"
+    return cfgs.choose(name, {"m": m, "n": 4096, "k": 4096}, FP8_DTYPES, CPU,
+                       lambda: cfgs.tma_heuristic(m, 4096, 4096, False, False, CPU, False), cfgs.FP8_GEMM_CONFIGS,
+                       bench=bench)
+
+
+def test_shipped_h100_entries_serve_the_h100_only(monkeypatch):
+    monkeypatch.setenv("TRITON_OPS_AUTOTUNE", "0")
+    with simulate_device(H100_SXM):
+        shipped = _choose()
+        assert shipped["EPI_SUBTILE"] is True and shipped["BLOCK_M"] == 256
+    with simulate_device(H200), pytest.warns(UntunedDeviceWarning, match="fp8_gemm has no tuned configs"):
+        assert _choose() == cfgs.tma_heuristic(4096, 4096, 4096, False, False, CPU, False)
+
+
+def test_choose_tunes_on_first_use_when_handed_a_bench(monkeypatch):
+    class Clock:
+        now = 0.0
+
+        def timer(self, fn, config):
+            start = self.now
+            fn()
+            return self.now - start
+
+    clock = Clock()
+    monkeypatch.setattr(sel, "default_timer", lambda device=None, flush_l2=True: clock.timer)
+    monkeypatch.setenv("KERNEL_AUTOTUNE_WARMUP_RUNS", "1")
+    monkeypatch.setenv("KERNEL_AUTOTUNE_BENCHMARK_RUNS", "1")
+    monkeypatch.setenv("KERNEL_AUTOTUNE_MAX_SECONDS", "5")
+    ran = []
+
+    def bench(cfg):  # on this clock each pipeline stage costs 1 ms: the winner has 2, the heuristic 4
+        def run():
+            ran.append(cfg)
+            clock.now += cfg["num_stages"]
+        return run
+
+    with simulate_device(H200), pytest.warns(UntunedDeviceWarning, match="tuned on first use"):
+        tuned = _choose(bench=bench, m=2048)
+        assert ran and tuned["num_stages"] == 2
+        assert kernel_autotune.config_source("fp8_gemm.tma.a0b0.faithful", version=cfgs.__version__,
+                                             problem={"m": 2048, "n": 4096, "k": 4096}, dtypes=FP8_DTYPES,
+                                             device=CPU, bucket=("m",)) == "tuned"
+
+
+@pytest.mark.gpu
+def test_the_shipped_configs_of_this_gpu_are_the_ones_used(tmp_path, monkeypatch):
+    # every benchmark shape once, with an empty cache and no tuning: each kernel call whose problem has a shipped
+    # entry for this GPU (name and compute capability) must have been served exactly that entry
+    from kernel_autotune.testing import check_shipped_served
+    from triton_ops_core.device import device_info
+
+    monkeypatch.setenv("KERNEL_AUTOTUNE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TRITON_OPS_AUTOTUNE", "0")
+    served, shipped = check_shipped_served("fp8_gemm", torch.device("cuda"))
+    print(f"\nfp8_gemm on {device_info().describe()}: {served} calls served from {shipped} shipped entries")
+    if shipped == 0:
+        pytest.skip(f"no shipped fp8_gemm entries for {device_info().name} yet "
+                    "(python -m kernel_autotune tune --all --write-shipped writes them)")
+    assert served > 0

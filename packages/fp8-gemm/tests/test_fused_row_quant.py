@@ -125,11 +125,13 @@ def test_given_activation_scale_is_not_fused(device):
 def test_fp8_linear_decode_is_one_launch_and_unchanged(device, monkeypatch, shape):
     torch.manual_seed(0)
     mod = FP8Linear.from_linear(nn.Linear(200, 72, device=device))
+    mod.path = "w8a8"  # decode's default is the weight-only kernel; this is the W8A8 path's one-launch form
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
     clear_caches()
     out = mod(x)
-    # FP8Linear keeps its own plans: (activation quantizer or None, GEMM call, flat input)
-    assert [(quant is None, gemm.fused) for quant, gemm, _ in linear_mod._PLANS._plans.values()] == [(True, True)]
+    # FP8Linear keeps its own plans: (weight-only plan or None, activation quantizer or None, GEMM call, flat input)
+    assert [(wo is None, quant is None, gemm.fused)
+            for wo, quant, gemm, _ in linear_mod._PLANS._plans.values()] == [(True, True, True)]
     ref = _two_launches(lambda: mod(x))
     _assert_identical(out, ref)
     assert out.shape == (*shape[:-1], 72)

@@ -42,6 +42,7 @@ def _reference(mod: FP8Linear, x: torch.Tensor) -> torch.Tensor:
 def test_forward_matches_reference(device, w_gran, a_gran, dtype):
     lin = _linear(200, 136, True, device)
     mod = FP8Linear.from_linear(lin, weight_granularity=w_gran, activation_granularity=a_gran)
+    mod.path = "w8a8"  # 15 rows would take the weight-only decode kernel (tests/test_weight_only.py)
     x = torch.randn(3, 5, 200, device=device).to(dtype)
     out = mod(x)
     assert out.dtype == dtype and out.shape == (3, 5, 136)
@@ -55,6 +56,7 @@ def test_weight_quantization_is_per_output_feature(device):
     with torch.no_grad():
         lin.weight[3] *= 1000  # one huge output row must not coarsen the others
     mod = FP8Linear.from_linear(lin)
+    mod.path = "w8a8"  # the W8A8 reference below; 7 rows would take the weight-only decode kernel
     assert mod.bias is None and mod.weight.shape == (64, 256) and mod.weight.is_contiguous()
     assert mod.weight_scale.shape == (1, 64)
     q_ref, s_ref = quantize_fp8_reference(lin.weight.detach().t(), "e4m3", "channel")

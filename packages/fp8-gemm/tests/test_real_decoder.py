@@ -90,6 +90,7 @@ def test_kernels_compute_what_the_emulation_computes_on_the_first_layer(decoder,
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         lin = layer.get_submodule(name)
         real = convert_to_fp8(lin)  # a bare Linear: the default recipe's scales (blocks)
+        real.path = "w8a8"  # what the emulation emulates (16 tokens would take the weight-only decode kernel)
         assert isinstance(real, FP8Linear) and real.weight_granularity == "block"
         emu = EmulatedFP8Linear(lin, weight_granularity="block", activation_granularity="block")
         x = inputs[name]

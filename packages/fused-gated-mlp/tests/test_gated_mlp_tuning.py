@@ -1,11 +1,87 @@
-"""This package's kernel-autotune family: found by name (entry point, or the tuning module's registration), its
-benchmark shapes, and a prepared call that runs the kernel."""
+"""This package's kernel-autotune family (found by name, its shapes, a prepared call that runs the kernel), and config
+selection keyed by the device: the H100's measured table serves the H100 only, the heuristic reads the device's
+properties, an untuned GPU is announced once (GPUs simulated on the CPU)."""
 
 from __future__ import annotations
 
-from kernel_autotune.testing import check_family
+import kernel_autotune
+import pytest
+import torch
+from fused_gated_mlp import configs
+from kernel_autotune import UntunedDeviceWarning
+from kernel_autotune.select import reset_warnings
+from kernel_autotune.testing import H100_SXM, H200, SMALL_GPU, check_family
+from triton_ops_core.device import simulate_device
 
 
 def test_the_family_is_found_and_runs(device):
     small = {"tokens": 2, "hidden": 32, "intermediate": 16, "dtype": "float32"}
-    check_family("fused_gated_mlp", "fused-gated-mlp", small, device)
+    tunable = check_family("fused_gated_mlp", "fused-gated-mlp", small, device)
+    out = tunable.prepare({**small, "gpt_oss": 1}, device)()  # the gpt-oss expert's call
+    assert out.shape == (2, 16) and torch.isfinite(out.float()).all()
+    assert "gpt-oss expert" in tunable.label({**small, "gpt_oss": 1})
+
+
+CPU = torch.device("cpu")
+
+
+def test_the_h100_table_serves_the_h100_only():
+    # (M <= 16, 6144 -> 22528): the H100's sweep found 64 x 256 tiles, 3 stages; the rule says 32 x 128, 4 stages
+    with simulate_device(H100_SXM):
+        h100 = configs.heuristic_config(1, 6144, 22528, torch.bfloat16, CPU)
+    with simulate_device(H200):  # same SM count and capability, another GPU: the rules, not the H100's table
+        h200 = configs.heuristic_config(1, 6144, 22528, torch.bfloat16, CPU)
+    assert (h100["BLOCK_N"], h100["BLOCK_K"], h100["num_stages"]) == (64, 256, 3)
+    assert (h200["BLOCK_N"], h200["BLOCK_K"], h200["num_stages"]) == (32, 128, 4)
+
+
+def test_the_heuristic_reads_sm_count_and_shared_memory():
+    # few column tiles (1024 / 32 = 32) for 132 SMs: split K; for 28 SMs they are plenty
+    with simulate_device(H200):
+        assert configs.heuristic_config(1, 4096, 1024, torch.bfloat16, CPU)["SPLIT_K"] == 3
+        prefill = configs.heuristic_config(2048, 4096, 11264, torch.bfloat16, CPU)
+        assert prefill["num_stages"] == 4 and configs.space_for(CPU) is configs.GATED_MLP_CONFIGS
+    with simulate_device(SMALL_GPU):  # 28 SMs, 99 KB of shared memory per block
+        assert configs.heuristic_config(1, 4096, 1024, torch.bfloat16, CPU)["SPLIT_K"] == 1
+        prefill = configs.heuristic_config(2048, 4096, 11264, torch.bfloat16, CPU)
+        assert configs._pipeline_bytes(prefill) <= 99 * 1024 and prefill["num_stages"] == 2
+        space = configs.space_for(CPU)
+        problem = {"tokens": 2048, "hidden": 4096, "intermediate": 11264}
+        assert prefill in space.configs(problem)
+        assert all(configs._pipeline_bytes(c) <= 99 * 1024 for c in space.configs(problem))
+
+
+def test_an_untuned_gpu_is_announced_once_and_uses_the_heuristic(monkeypatch):
+    monkeypatch.setenv("TRITON_OPS_AUTOTUNE", "0")
+    reset_warnings()
+    with simulate_device(H200), pytest.warns(UntunedDeviceWarning) as record:
+        for m in (1, 2048):
+            cfg = configs.select_gated_mlp_config(m, 4096, 11264, torch.bfloat16, CPU)
+            assert cfg == configs.heuristic_config(m, 4096, 11264, torch.bfloat16, CPU)
+    text = [str(w.message) for w in record if issubclass(w.category, UntunedDeviceWarning)]
+    assert len(text) == 1 and "fused_gated_mlp has no tuned configs for NVIDIA H200" in text[0]
+    assert "python -m kernel_autotune tune fused_gated_mlp" in text[0]
+    with simulate_device(H100_SXM):  # the shipped H100 entry is served (prefill 2048 x 4096 -> 11264)
+        assert configs.select_gated_mlp_config(2048, 4096, 11264, torch.bfloat16, CPU)["num_stages"] == 4
+        src = kernel_autotune.config_source("fused_gated_mlp.fwd", version=configs.__version__,
+                                            problem={"tokens": 2048, "hidden": 4096, "intermediate": 11264},
+                                            dtypes=(torch.bfloat16,), device=CPU, bucket=("tokens",))
+        assert src == "shipped"
+    reset_warnings()
+
+
+@pytest.mark.gpu
+def test_the_shipped_configs_of_this_gpu_are_the_ones_used(tmp_path, monkeypatch):
+    # every benchmark shape once, with an empty cache and no tuning: each kernel call whose problem has a shipped
+    # entry for this GPU (name and compute capability) must have been served exactly that entry
+    from kernel_autotune.testing import check_shipped_served
+    from triton_ops_core.device import device_info
+
+    monkeypatch.setenv("KERNEL_AUTOTUNE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TRITON_OPS_AUTOTUNE", "0")
+    served, shipped = check_shipped_served("fused_gated_mlp", torch.device("cuda"))
+    print(f"\nfused_gated_mlp on {device_info().describe()}: {served} calls served from {shipped} shipped entries")
+    if shipped == 0:
+        pytest.skip(f"no shipped fused_gated_mlp entries for {device_info().name} yet "
+                    "(python -m kernel_autotune tune --all --write-shipped writes them)")
+    assert served > 0

@@ -64,6 +64,7 @@ def test_tune_on_first_use_runs_our_kernel(device, monkeypatch, tmp_path):
     # KERNEL_AUTOTUNE=1: a problem with no cached entry is tuned through the bench callable the launcher hands to
     # kernel_autotune; the winner must be a valid config that computes the right result.
     kernel_autotune = pytest.importorskip("kernel_autotune")
+    monkeypatch.delenv("TRITON_OPS_AUTOTUNE", raising=False)  # the old variable counts only when the new is unset
     monkeypatch.setenv("KERNEL_AUTOTUNE", "1")
     monkeypatch.setenv("KERNEL_AUTOTUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("KERNEL_AUTOTUNE_MAX_SECONDS", "2")

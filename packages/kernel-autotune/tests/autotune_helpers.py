@@ -113,3 +113,11 @@ if os.environ.get("TOY_FAKE_CLOCK") == "1":
     import kernel_autotune.session
 
     kernel_autotune.session.default_timer = CLOCK.default_timer
+
+if os.environ.get("TOY_SIMULATE") == "H200":
+    # the CLI subprocess acts as if on an H200 (the CPU interpreter runs the kernel): for --write-shipped
+    from kernel_autotune.testing import H200
+    from triton_ops_core.device import simulate_device
+
+    SIMULATION = simulate_device(H200)  # kept: the context manager's exit would run when it is collected
+    SIMULATION.__enter__()

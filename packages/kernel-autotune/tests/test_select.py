@@ -114,6 +114,7 @@ def test_no_tuning_without_the_environment_variable(cache_dir):
 
 
 def test_tune_on_first_use_with_kernel_autotune_1(cache_dir, monkeypatch):
+    monkeypatch.delenv("TRITON_OPS_AUTOTUNE", raising=False)  # the old variable counts only when the new is unset
     monkeypatch.setenv("KERNEL_AUTOTUNE", "1")
     monkeypatch.setenv("KERNEL_AUTOTUNE_WARMUP_RUNS", "1")
     monkeypatch.setenv("KERNEL_AUTOTUNE_BENCHMARK_RUNS", "3")

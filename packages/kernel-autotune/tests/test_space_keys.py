@@ -76,6 +76,7 @@ def test_key_names_everything_but_the_config_list():
     import triton
 
     assert k1["triton"] == triton.__version__ and k1["version"] == "1.2"
-    assert set(k1) == {"kernel", "version", "problem", "dtypes", "device", "triton"}
+    assert set(k1) == {"kernel", "version", "problem", "dtypes", "device", "capability", "triton"}
+    assert k1["capability"] is None  # the CPU; a GPU's is "9.0" (test_device_selection.py)
     k3 = dict(k1, version="9", triton="0.0")
     assert key_string(k3) != key_string(k1) and relaxed_key_string(k3) == relaxed_key_string(k1)

@@ -1,6 +1,7 @@
-"""patch_model on small random Llama / Qwen3 / Mistral models built from transformers' own classes: the patched
-model computes what the unpatched one does (prefill and a cached decode step, fp8 off and on), generate() runs, and
-unsupported models get a named error. Runs under the interpreter on CPU (fp32) and on a GPU (bf16)."""
+"""patch_model on small random Llama / Qwen3 / Mistral / Qwen2 models built from transformers' own classes: the
+patched model computes what the unpatched one does (prefill and a cached decode step, fp8 off and on; the attention
+through one packed q/k/v GEMM and the rotary kernel), generate() runs, and unsupported models get a named error.
+Runs under the interpreter on CPU (fp32) and on a GPU (bf16). More on the attention: test_patch_attention.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP
 from triton_ops.layers import RMSNorm as RMSNormLayer
 from triton_ops.models import UnsupportedModelError
-from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, QKNormRopeAttention
+from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, QKNormRopeAttention, RopeAttention
+from triton_ops.models.layers import PACKING_ATTR, QKVPacking
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.testing import device_for_tests
 
@@ -27,8 +29,10 @@ CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SMALL),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
     "mistral": lambda: transformers.MistralConfig(**SMALL),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL),  # q/k/v with biases
 }
-CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+           "qwen2": "Qwen2ForCausalLM"}
 
 
 def _model(kind: str, seed: int = 0):
@@ -59,8 +63,24 @@ def _prefill_and_step(model, ids):
     return out.logits, step.logits
 
 
+def assert_views_of_the_packed_weight(attn) -> None:
+    """q_proj / k_proj / v_proj weights (and biases) are views of the packed projection's rows: one copy."""
+    packed = attn.__dict__[PACKING_ATTR].linear
+    row = 0
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        for name in ("weight", "bias"):
+            t, whole = getattr(proj, name), getattr(packed, name)
+            if whole is None:
+                assert t is None
+                continue
+            assert t.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            assert t.data_ptr() == whole.data_ptr() + row * whole.stride(0) * whole.element_size()
+        row += proj.weight.shape[0]
+    assert row == packed.weight.shape[0]
+
+
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_patched_model_computes_what_the_model_computes(kind):
+def test_patched_model_computes_what_the_model_computes(kind, monkeypatch):
     model = _model(kind)
     reference = copy.deepcopy(model)
     patch_model(model)
@@ -70,18 +90,26 @@ def test_patched_model_computes_what_the_model_computes(kind):
     assert summary.rms_norms == 2 * 2 + 1 + (2 * 2 if kind == "qwen3" else 0)
     assert summary.fused_residual_adds == 2
     assert summary.qk_norm_rope_attentions == (2 if kind == "qwen3" else 0)
+    assert summary.rope_attentions == (0 if kind == "qwen3" else 2) and summary.packed_qkv == 2
     assert type(model.model.norm).forward is RMSNormLayer.forward
     layer = model.model.layers[1]
     # (transformers' decoder-layer base class wraps a subclass's forward: unwrap before comparing)
     assert inspect.unwrap(type(layer).forward) is FusedAddNormDecoderLayer.forward
-    assert (inspect.unwrap(type(layer.self_attn).forward) is QKNormRopeAttention.forward) == (kind == "qwen3")
+    attention = QKNormRopeAttention if kind == "qwen3" else RopeAttention
+    assert inspect.unwrap(type(layer.self_attn).forward) is attention.forward
+    assert isinstance(layer.self_attn, type(reference.model.layers[1].self_attn))
+    assert_views_of_the_packed_weight(layer.self_attn)
     mlp = model.model.layers[0].mlp
     assert isinstance(mlp, type(reference.model.layers[0].mlp)) and type(mlp).forward is GatedMLP.forward
     assert mlp.gate_proj.weight is model.model.layers[0].mlp.gate_proj.weight  # no second copy
     assert model.state_dict().keys() == reference.state_dict().keys()
+    packed_calls = []  # the attention's q/k/v ran as one GEMM: once per layer and forward
+    call = QKVPacking.__call__
+    monkeypatch.setattr(QKVPacking, "__call__", lambda self, x: packed_calls.append(x.shape) or call(self, x))
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
     ours_prefill, ours_step = _prefill_and_step(model, ids)
     ref_prefill, ref_step = _prefill_and_step(reference, ids)
+    assert packed_calls == [(2, 7, 64)] * 2 + [(2, 1, 64)] * 2
     tol = 0.999 if DTYPE == torch.bfloat16 else 0.999999
     assert _cosine(ours_prefill, ref_prefill) >= tol and _cosine(ours_step, ref_step) >= tol
 
@@ -92,6 +120,9 @@ def test_fp8_default_recipe_keeps_the_mlp_output_projections():
     layer = model.model.layers[1]
     assert type(layer.mlp.down_proj) is torch.nn.Linear and layer.mlp.up_proj.weight_granularity == "block"
     assert any("kept in their dtype by the 'default'" in n for n in model.triton_ops_patch.notes)
+    # this model's 64 q and 32 k/v rows would share 128-row weight blocks: its q/k/v stay three FP8 GEMMs
+    assert model.triton_ops_patch.packed_qkv == 0 and PACKING_ATTR not in vars(layer.self_attn)
+    assert any("not packed: FP8 weight blocks of 128 rows would straddle" in n for n in model.triton_ops_patch.notes)
 
 
 def test_fp8_patch_converts_every_linear_but_the_lm_head():
@@ -100,6 +131,13 @@ def test_fp8_patch_converts_every_linear_but_the_lm_head():
     patch_model(model, fp8=True, fp8_recipe="channel")
     assert model.triton_ops_patch.fp8_linears == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert type(model.lm_head) is torch.nn.Linear and isinstance(model.model.layers[1].mlp.down_proj, FP8Linear)
+    # q, k, v quantized together as one FP8Linear; each projection an FP8Linear viewing its rows and scales
+    attn = model.model.layers[1].self_attn
+    packed = attn.__dict__[PACKING_ATTR].linear
+    assert model.triton_ops_patch.packed_qkv == 2 and isinstance(packed, FP8Linear) and packed.out_features == 128
+    assert all(isinstance(p, FP8Linear) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.k_proj.weight.data_ptr() == packed.weight.data_ptr() + 64 * 64  # rows 64.. of the FP8 weight
+    assert attn.v_proj.weight_scale.data_ptr() == packed.weight_scale.data_ptr() + 96 * 4
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)
     (ours, ours_step), (ref, ref_step) = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
     # E4M3 weights and activations: a few percent of error per layer, the logits still point the same way

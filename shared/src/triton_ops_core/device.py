@@ -5,13 +5,17 @@ Tests, benchmarks and kernels ask these questions in one place so the answers ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 
 _TRUTHY = {"1", "true", "yes", "on"}
+_T = TypeVar("_T")
 
 
 def is_interpreter() -> bool:
@@ -25,7 +29,10 @@ def is_interpreter() -> bool:
 
 def sm_count(device: torch.device, cpu: int) -> int:
     """Streaming multiprocessors of a CUDA ``device`` (asked once per GPU: the query costs microseconds), else
-    ``cpu``: what a kernel's grid heuristic should assume under the interpreter, which each caller states."""
+    ``cpu``: what a kernel's grid heuristic should assume under the interpreter, which each caller states.
+    Inside :func:`simulate_device`, the simulated device's count, whatever ``device`` is."""
+    if _simulated is not None:
+        return _simulated.sm_count
     if device.type != "cuda":
         return cpu
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -221,20 +228,178 @@ def device_peaks(device: torch.device | str | None = None, measure: bool = False
     return table
 
 
+# ---- device identity and properties: what config selection keys on and what heuristics read -------------------
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Who a device is (``name`` and compute ``capability``: the key of every tuned-config table) and the properties
+    a launch heuristic may read when no table has an entry for it.
+
+    ``memory_bandwidth_gbps`` counts bytes read plus written, like :class:`DevicePeaks`: the measured figure for the
+    lent GPUs, else an estimate from the memory clock and bus width (0.0 when neither is known). ``is_gpu`` is
+    False for the CPU (the Triton interpreter), True for a CUDA device or a simulated one (:func:`simulate_device`).
+    """
+
+    name: str
+    capability: tuple[int, int] | None
+    sm_count: int
+    l2_bytes: int
+    smem_per_block: int
+    memory_bandwidth_gbps: float
+    is_gpu: bool
+    source: str = ""
+
+    @property
+    def capability_str(self) -> str | None:
+        """``"9.0"`` for compute capability 9.0; None for the CPU."""
+        return None if self.capability is None else f"{self.capability[0]}.{self.capability[1]}"
+
+    @property
+    def arch(self) -> str:
+        """``"sm_90"`` (or ``"cpu"``): the short form used in messages."""
+        return "cpu" if self.capability is None else f"sm_{self.capability[0]}{self.capability[1]}"
+
+    @property
+    def identity(self) -> tuple[str, str | None]:
+        """``(name, "9.0")``: what a device-keyed table is indexed by (never the SM count alone: an H200 has the H100's
+        132 SMs and 1.4x its bandwidth)."""
+        return self.name, self.capability_str
+
+    @property
+    def bandwidth_class(self) -> str:
+        """A coarse tier of the copy bandwidth: ``"low"`` (< 1 TB/s), ``"medium"`` (< 2), ``"high"`` (< 3.5, the
+        H100 SXM), ``"very high"`` (the H200, B200), or ``"unknown"``."""
+        bw = self.memory_bandwidth_gbps
+        if bw <= 0:
+            return "unknown"
+        return "low" if bw < 1000 else "medium" if bw < 2000 else "high" if bw < 3500 else "very high"
+
+    def bytes_in_flight_per_sm(self, latency_us: float = 0.6) -> float:
+        """Bytes each SM must have requested and not yet received to stream at the copy bandwidth (Little's law with
+        ``latency_us`` of memory latency): what a memory-bound kernel's program size should cover. 0 when unknown."""
+        if self.memory_bandwidth_gbps <= 0 or self.sm_count <= 0:
+            return 0.0
+        return self.memory_bandwidth_gbps * 1e3 * latency_us / self.sm_count
+
+    def describe(self) -> str:
+        """``"NVIDIA H200 (sm_90: 132 SMs, 60 MiB L2, 227 KiB shared memory per block, ~4300 GB/s)"``."""
+        if not self.is_gpu:
+            return self.name
+        bw = f", ~{self.memory_bandwidth_gbps:.0f} GB/s" if self.memory_bandwidth_gbps > 0 else ""
+        return (f"{self.name} ({self.arch}: {self.sm_count} SMs, {self.l2_bytes / 2**20:.0f} MiB L2, "
+                f"{self.smem_per_block // 1024} KiB shared memory per block{bw})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CPU_INTERPRETER = DeviceInfo("cpu-interpreter", None, 0, 0, 0, 0.0, False, "the CPU (Triton's interpreter)")
+
+_simulated: DeviceInfo | None = None
+_simulation_listeners: list = []
+
+
+def _estimated_bandwidth(props: object, name: str) -> tuple[float, str]:
+    table = _table_lookup(name)
+    if table is not None:
+        return table.memory_bandwidth_gbps, table.source
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz and bus_bits:
+        # double data rate; a copy reaches about 90 % of the interface's rate (H100: 3017 of 3352 GB/s)
+        return 0.9 * 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "estimated from the memory clock and bus width"
+    return 0.0, "unknown"
+
+
+@functools.cache
+def _cuda_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    bandwidth, where = _estimated_bandwidth(props, props.name)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 0) or 0
+    return DeviceInfo(props.name, (props.major, props.minor), props.multi_processor_count,
+                      int(getattr(props, "L2_cache_size", 0) or 0), int(smem), float(bandwidth), True,
+                      f"torch.cuda.get_device_properties; bandwidth: {where}")
+
+
+def device_info(device: torch.device | str | int | None = None) -> DeviceInfo:
+    """The identity and properties of ``device`` (``None``: the current CUDA device when kernels run on one).
+
+    A CPU device, or any device under the interpreter, is :data:`CPU_INTERPRETER`. Inside :func:`simulate_device`,
+    the simulated record, whatever ``device`` is. Asked once per GPU (then a dict hit).
+    """
+    if _simulated is not None:
+        return _simulated
+    if isinstance(device, int):
+        device = torch.device("cuda", device)
+    elif isinstance(device, str):
+        device = torch.device(device)
+    if is_interpreter() or not has_gpu() or (device is not None and device.type != "cuda"):
+        return CPU_INTERPRETER
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _cuda_info(index)
+
+
+@contextlib.contextmanager
+def simulate_device(info: DeviceInfo):
+    """Within this block :func:`device_info` and :func:`sm_count` answer ``info`` for every device: tests of config
+    selection on a GPU that is not there (an H200 record on the CPU interpreter). Callbacks registered with
+    :func:`on_device_change` (kernel-autotune's memo) run on entry and exit. Not thread-safe; tests only."""
+    global _simulated
+    if not isinstance(info, DeviceInfo):
+        from .exceptions import InvalidArgumentError
+
+        raise InvalidArgumentError(f"info: expected a DeviceInfo, got {type(info).__name__}")
+    previous = _simulated
+    _simulated = info
+    _notify_device_change()
+    try:
+        yield info
+    finally:
+        _simulated = previous
+        _notify_device_change()
+
+
+def on_device_change(callback) -> None:
+    """Call ``callback()`` whenever :func:`simulate_device` changes what :func:`device_info` answers."""
+    _simulation_listeners.append(callback)
+
+
+def _notify_device_change() -> None:
+    for callback in _simulation_listeners:
+        callback()
+
+
+def lookup_by_device(table: Mapping[tuple[str, str | None], _T], device: torch.device | str | int | None = None,
+                     ) -> _T | None:
+    """``table[(name, capability)]`` for ``device`` (``("NVIDIA H100 80GB HBM3", "9.0")``), or None.
+
+    The one way a package's in-code, device-specific table is consulted: an exact match of product name and compute
+    capability, never a match on SM count or a partial name (an H200 does not get the H100's table).
+    """
+    return table.get(device_info(device).identity)
+
+
 __all__ = [
+    "CPU_INTERPRETER",
     "DATASHEET_TFLOPS",
     "FLUSH_BYTES",
     "L2Flush",
+    "DeviceInfo",
     "DevicePeaks",
     "can_run_on",
     "datasheet_tflops",
+    "device_info",
     "device_name",
     "device_peaks",
     "has_gpu",
     "is_hopper",
     "is_interpreter",
     "kernel_device",
+    "lookup_by_device",
     "measure_copy_bandwidth",
+    "on_device_change",
+    "simulate_device",
     "sm_count",
     "supports_fp8",
 ]

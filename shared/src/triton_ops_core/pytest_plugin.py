@@ -9,6 +9,7 @@ installing triton-ops-core must not change how other projects' tests run.
 - Hypothesis profiles: ``interpreter`` (default without a GPU: no deadline, few examples, since each program
   instance costs about a millisecond) and ``gpu``. ``HYPOTHESIS_PROFILE`` overrides the choice.
 - The ``device`` fixture is the device kernels run on in this session.
+- ``TRITON_OPS_AUTOTUNE`` defaults to ``0`` (no tuning on first use) unless the environment sets it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def _gpu_visible() -> bool:
 
 if not _gpu_visible():
     os.environ["TRITON_INTERPRET"] = "1"
+# Tests never tune on first use (a GPU without shipped configs would otherwise search every shape a test meets, up to
+# 10 s each): they run the shipped configs or the heuristics. Tests of the tuning itself set the variable themselves.
+os.environ.setdefault("TRITON_OPS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

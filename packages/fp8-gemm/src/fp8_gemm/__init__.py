@@ -1,7 +1,8 @@
 """fp8_gemm: FP8 quantization (tensor, row, channel and block scales), the FP8 GEMM and FP8Linear, in Triton.
 
 Recipes (what ``convert_to_fp8`` converts, and how): :mod:`fp8_gemm.recipes`; a PyTorch emulation for accuracy
-measurements: :mod:`fp8_gemm.emulate`.
+measurements: :mod:`fp8_gemm.emulate`; the weight-only (W8A16) decode path that ``FP8Linear`` takes for at most
+``WEIGHT_ONLY_MAX_M`` rows: :mod:`fp8_gemm.weight_only`.
 """
 
 from .__about__ import __version__
@@ -21,6 +22,7 @@ from .quantize import (
 )
 from .recipes import RECIPES, FP8Recipe
 from .scaling import DelayedScaler, ScaleTracker
+from .weight_only import WEIGHT_ONLY_MAX_M
 
 __all__ = [
     "ACTIVATION_BLOCK",
@@ -30,6 +32,7 @@ __all__ = [
     "GRANULARITIES",
     "RECIPES",
     "WEIGHT_BLOCK",
+    "WEIGHT_ONLY_MAX_M",
     "DelayedScaler",
     "FP8Linear",
     "FP8Recipe",

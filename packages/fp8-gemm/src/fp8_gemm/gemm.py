@@ -15,7 +15,7 @@ import triton
 from triton_ops_core.device import is_hopper, is_interpreter, sm_count, supports_fp8
 from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key
-from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.library import capturing, direct_call_ok, op_name
 
 from . import _scratch
 from . import gemm_configs as cfgs
@@ -113,19 +113,26 @@ def _decode_scratch(device: torch.device, ws_numel: int, n_cnt: int) -> tuple[to
 def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: bool, device: torch.device,
           dtypes: tuple, interp: bool) -> dict[str, Any]:
     """The launch config of one problem (memoized: the hot path pays for it once per shape)."""
+    return _choose(path, m, n, k, a_mode, b_mode, fast, device, dtypes, interp)
+
+
+def _choose(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: bool, device: torch.device,
+            dtypes: tuple, interp: bool, bench=None) -> dict[str, Any]:
+    """``_plan``'s lookup, with a ``bench`` for kernel-autotune's tuning on first use."""
     blocked = a_mode == A_BLOCK or b_mode == B_BLOCK
     problem = {"m": m, "n": n, "k": k}
     name = f"fp8_gemm.{path}.a{a_mode}b{b_mode}.{'fast' if fast else 'faithful'}"
     if path == "decode":
         cfg = cfgs.choose(name, problem, dtypes, device,
                           lambda: cfgs.decode_heuristic(m, n, k, blocked, device, interp),
-                          cfgs.FP8_GEMM_DECODE_CONFIGS)
+                          cfgs.FP8_GEMM_DECODE_CONFIGS, bench)
     elif path == "tma":
         cfg = cfgs.choose(name, problem, dtypes, device,
-                          lambda: cfgs.tma_heuristic(m, n, k, blocked, fast, device, interp), cfgs.FP8_GEMM_CONFIGS)
+                          lambda: cfgs.tma_heuristic(m, n, k, blocked, fast, device, interp), cfgs.FP8_GEMM_CONFIGS,
+                          bench)
     else:
         cfg = cfgs.choose(name, problem, dtypes, device, lambda: cfgs.ptr_heuristic(m, n, k, interp),
-                          cfgs.FP8_GEMM_PTR_CONFIGS)
+                          cfgs.FP8_GEMM_PTR_CONFIGS, bench)
     return _fit_block_k(dict(cfg), blocked)
 
 
@@ -165,8 +172,20 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
     blocked = a_mode == A_BLOCK or b_mode == B_BLOCK
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
-        cfg = _plan(path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype),
-                    interp)
+        problem = (path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype), interp)
+        if not quant_a and not capturing(a.device):
+            # kernel-autotune's tuning on first use, when due (a GPU without shipped configs, TRITON_OPS_AUTOTUNE):
+            # candidates run on these operands into a scratch output; the answer lands in kernel-autotune's memo,
+            # where _plan's own lookup of the same key finds it
+            scratch: list[torch.Tensor] = []  # allocated only when a search runs
+
+            def bench(cand: dict[str, Any]):
+                if not scratch:
+                    scratch.append(torch.empty_like(out))
+                return lambda: _launch(a, b, scratch[0], a_s, b_s, bias, a_mode, b_mode, fast_accum, path, cand)
+
+            _choose(*problem, bench=bench)
+        cfg = _plan(*problem)
         if quant_a:
             cfg = cfgs.fused_decode_config(cfg, n, a.element_size(), interp)
     else:

@@ -1,12 +1,14 @@
 """Launch configurations of the FP8 GEMM kernels: the config spaces and the analytical defaults.
 
-Three kernels, three spaces. The defaults come from measurements on the lent H100 (docs/fp8-gemm-kernel.md);
-``select_config`` (kernel-autotune) may replace them with tuned or cached configs, keyed by the M bucket, N, K,
-the scale granularities and the accumulation mode (in the kernel name).
+Three kernels, three spaces. The defaults come from measurements on the lent H100 (docs/fp8-gemm-kernel.md), with
+their grid rules reading the device's SM count; ``select_config`` (kernel-autotune) may replace them with cached,
+shipped (the entries of this GPU's product name and compute capability) or tuned configs, keyed by the M bucket, N,
+K, the scale granularities and the accumulation mode (in the kernel name).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +170,18 @@ def decode_heuristic(m: int, n: int, k: int, blocked: bool, device: torch.device
 
 
 def choose(kernel: str, problem: dict[str, int], dtypes: tuple, device: torch.device, default: Any,
-           space: Any) -> dict[str, Any]:
-    """The launch config: kernel-autotune's cached, shipped or tuned one, else ``default()``."""
+           space: Any, bench: Callable[[dict[str, Any]], Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """The launch config: kernel-autotune's cached one, the shipped one of this GPU (product name and compute
+    capability), one tuned on first use, else ``default()`` (the heuristics above, which read the device's SM count).
+
+    ``bench(config)`` returns a zero-argument callable running the GEMM once with ``config`` on the caller's
+    operands; given one, a problem with nothing cached or shipped is tuned on first use when ``TRITON_OPS_AUTOTUNE``
+    says so (by default on a GPU this package ships no configs for; never in a CUDA-graph capture or a
+    ``torch.compile`` trace) and the result cached on disk. Without it (the plan cache's memoized path) the
+    heuristic answers, and the family is tuned by ``python -m kernel_autotune tune fp8_gemm``.
+    """
     return select_config(kernel, version=__version__, problem=problem, dtypes=dtypes, device=device,
-                         default=default, bucket=("m",), shipped=TUNED, space=space, bench=None)
+                         default=default, bucket=("m",), shipped=TUNED, space=space, bench=bench)
 
 
 __all__ = [

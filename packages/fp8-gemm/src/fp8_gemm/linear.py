@@ -1,4 +1,5 @@
-"""``FP8Linear``: an ``nn.Linear`` whose weight lives in E4M3, with activations quantized on every call.
+"""``FP8Linear``: an ``nn.Linear`` whose weight lives in E4M3, with activations quantized on every call (decode
+calls of at most 16 rows skip that: the weight-only kernel of ``weight_only`` reads them as they are).
 
 The weight keeps ``nn.Linear``'s ``[out_features, in_features]`` layout (``[N, K]``, row-major) and is handed to
 the GEMM as ``weight.t()``: a column-major ``[K, N]`` operand, the layout cuBLAS and our GEMM read along K.
@@ -21,12 +22,21 @@ from triton_ops_core.exceptions import (
 )
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_kernel_device, check_tensor
+from triton_ops_core.validation import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_dtype,
+    check_kernel_device,
+    check_ndim,
+    check_tensor,
+)
 
 from . import _scratch
 from .gemm import _CACHE_CLEARERS, _new_call
 from .quantize import WEIGHT_BLOCK, _activation_plan, expand_scale, quantize_fp8, scale_shape
 from .recipes import FP8Recipe, resolve_recipe, select_linears
+from .weight_only import PATHS, build_plan, use_weight_only
+from .weight_only import clear_caches as _clear_weight_only
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
@@ -34,6 +44,7 @@ ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
 # with the same layout reuse them; the plans hold no tensors).
 _PLANS = PlanCache()
 _CACHE_CLEARERS.append(_PLANS.clear)
+_CACHE_CLEARERS.append(_clear_weight_only)
 
 
 def _require_fp8(device: torch.device, what: str) -> None:
@@ -68,7 +79,15 @@ class FP8Linear(nn.Module):
     is :func:`fp8_linear` (``torch.ops.triton_ops.fp8_linear``): gradients reach ``x`` and a trainable bias, never
     the FP8 weight.
     Build one from a trained layer with :meth:`from_linear`, or set a weight with :meth:`load_weight`.
+
+    Decode: calls of at most ``fp8_gemm.weight_only.WEIGHT_ONLY_MAX_M`` (16) rows skip the activation's
+    quantization (weight-only W8A16 kernel, one launch: the output is x times the dequantized weight up to fp32
+    accumulation); ``activation_granularity`` and ``fast_accum`` apply to larger calls. The attribute ``path``
+    (``"auto"``, ``"weight_only"`` or ``"w8a8"``; not saved in ``state_dict``) forces either path, as
+    :func:`fp8_linear`'s ``path`` does.
     """
+
+    path: str = "auto"  # class default: set on an instance to force a path (tests, benchmarks)
 
     def __init__(
         self,
@@ -148,49 +167,56 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Buffers straight from their dicts: nn.Module's attribute lookup costs on a path this short.
         weight, weight_scale, bias = self._buffers["weight"], self._buffers["weight_scale"], self._parameters["bias"]
-        return fp8_linear(x, weight, weight_scale, bias, self.activation_granularity, self.fast_accum)
+        return fp8_linear(x, weight, weight_scale, bias, self.activation_granularity, self.fast_accum, self.path)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight_granularity={self.weight_granularity!r}, "
-                f"activation_granularity={self.activation_granularity!r}, fast_accum={self.fast_accum}")
+                f"activation_granularity={self.activation_granularity!r}, fast_accum={self.fast_accum}"
+                + (f", path={self.path!r}" if self.path != "auto" else ""))
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               activation_granularity: str = "row", fast_accum: bool = False) -> torch.Tensor:
-    """``FP8Linear``'s forward as a function: ``x @ dequant(weight)^T + bias`` with ``x`` quantized per call.
+               activation_granularity: str = "row", fast_accum: bool = False, path: str = "auto") -> torch.Tensor:
+    """``FP8Linear``'s forward as a function: ``x @ dequant(weight)^T + bias``.
 
     Args:
         x: ``[..., in_features]``, fp16/bf16/fp32.
         weight: ``float8_e4m3fn`` ``[out_features, in_features]``; weight_scale: its scale in the GEMM's ``[K, N]``
             convention (``[1]``, ``[1, out]`` or 128x128 blocks), as ``FP8Linear`` stores them.
-        bias: ``[out_features]`` or None. activation_granularity, fast_accum: as ``FP8Linear``'s.
+        bias: ``[out_features]`` or None. activation_granularity, fast_accum: as ``FP8Linear``'s (W8A8 path only).
+        path: ``"auto"`` (default): calls of at most 16 rows (``weight_only.WEIGHT_ONLY_MAX_M``: decode) take the
+            weight-only kernel, one launch with x unquantized (W8A16: the output is x times the dequantized weight
+            up to fp32 accumulation); larger calls quantize x per ``activation_granularity`` and run the FP8 GEMM
+            (W8A8). ``"weight_only"`` / ``"w8a8"`` force one path for every M.
 
     Returns ``[..., out_features]`` in x's dtype. Registered as ``torch.ops.triton_ops.fp8_linear``. Differentiable
     in ``x`` and ``bias``: the input gradient is ``grad @ dequant(weight)`` in the gradient's dtype (the
     activation's quantization passes the gradient straight through); the FP8 weight gets none.
     """
     if direct_call_ok(x, weight, weight_scale, bias):  # plain eager: no dispatcher round trip
-        return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum)
-    return _linear_op(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+        return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum, path)
+    return _linear_op(x, weight, weight_scale, bias, activation_granularity, fast_accum, path)
 
 
-def _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum) -> torch.Tensor:
+def _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum, path="auto") -> torch.Tensor:
     try:
-        key = call_key(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+        key = call_key(x, weight, weight_scale, bias, activation_granularity, fast_accum, path)
     except (AttributeError, RuntimeError, TypeError):  # x not a tensor: validation says so
         key = None
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_accum, key)
-    quant, gemm, flat = plan
+        plan = _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_accum, path, key)
+    weight_only, quant, gemm, flat = plan
     if flat:  # x is already the row-major [M, K] activation
         x2 = x
     else:
         x2 = x.reshape(-1, weight.shape[1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-    if quant is None:  # a few tokens: quantized per row inside the GEMM, one launch
+    if weight_only is not None:  # decode: x as it is, the FP8 weight up-converted in the kernel, one launch
+        out = weight_only.run(x2, weight, weight_scale, bias)
+    elif quant is None:  # a few tokens: quantized per row inside the GEMM, one launch
         out = gemm.run(x2, weight.t(), None, weight_scale, bias)
     else:
         a_q, a_s, _ = quant.run(x2, None)
@@ -199,12 +225,16 @@ def _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum) -
     return out if flat else out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_accum, key) -> tuple:
-    """Validate a call signature once: the activation's quantization plan and the GEMM's call plan."""
+def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_accum, path, key) -> tuple:
+    """Validate a call signature once: ``(weight-only plan, None, None, flat)``, or ``(None, the activation's
+    quantization plan or None, the GEMM's call plan, flat)``."""
+    check_tensor(weight, "weight")
+    check_ndim(weight, "weight", exact=2)
     out_features, in_features = weight.shape
     check_tensor(x, "x")
     check_dtype(x, "x", FLOAT_DTYPES)
     check_choice(activation_granularity, "activation_granularity", ACTIVATION_GRANULARITIES)
+    check_choice(path, "path", PATHS)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ShapeMismatchError(
             f"x: expected last dimension {in_features} (in_features), got shape {list(x.shape)}"
@@ -214,6 +244,12 @@ def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_acc
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    flat = x.dim() == 2 and x.stride(-1) == 1
+    if use_weight_only(path, x2.shape[0]):
+        plan = (build_plan(x2, weight, weight_scale, bias), None, None, flat)
+        if key is not None:
+            _PLANS.put(key, plan)
+        return plan
     quant, gemm = None, None
     if activation_granularity == "row":
         # fp8_gemm quantizes a small activation per row inside its decode kernel (same result, one launch)
@@ -225,7 +261,7 @@ def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_acc
         a_q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
         a_s = torch.empty(quant.scale_shape, dtype=torch.float32, device=x.device)
         gemm = _new_call(a_q, weight.t(), a_s, weight_scale, x.dtype, bias, fast_accum, None)
-    plan = (quant, gemm, x.dim() == 2 and x.stride(-1) == 1)
+    plan = (None, quant, gemm, flat)
     if key is not None:
         _PLANS.put(key, plan)
     return plan
@@ -233,18 +269,18 @@ def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_acc
 
 @torch.library.custom_op(op_name("fp8_linear"), mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-               activation_granularity: str, fast_accum: bool) -> torch.Tensor:
+               activation_granularity: str, fast_accum: bool, path: str = "auto") -> torch.Tensor:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum)
+        return _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum, path)
 
 
 @_linear_op.register_fake
-def _(x, weight, weight_scale, bias, activation_granularity, fast_accum):
+def _(x, weight, weight_scale, bias, activation_granularity, fast_accum, path="auto"):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, weight_scale, bias, _, _ = inputs
+    x, weight, weight_scale, bias = inputs[:4]
     ctx.save_for_backward(weight, weight_scale)
     ctx.x_shape = x.shape
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -260,7 +296,7 @@ def _backward(ctx, grad):
         dx = (g2 @ w_kn.t().to(grad.dtype)).reshape(ctx.x_shape)
     if ctx.needs_input_grad[3]:
         dbias = g2.float().sum(0).to(ctx.bias_dtype)
-    return dx, None, None, dbias, None, None
+    return dx, None, None, dbias, None, None, None
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)

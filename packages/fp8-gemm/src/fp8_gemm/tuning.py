@@ -1,11 +1,14 @@
 """This package's GEMM as a kernel-autotune family: the operation ``python -m kernel_autotune tune`` times, and the
-benchmark shapes it tunes.
+shapes it tunes: the benchmark suite's (4096^3 and 8192^3 with both scalings and both accumulation modes; decode
+M = 1, 16, 64 against (N, K) = (4096, 4096), (11264, 4096), (4096, 11264), (11264, 11264)) and ``FP8Linear``'s
+(4096 -> 11264, per-row activations and per-channel weights, M = 1, 64, 2048, 8192).
 
-kernel-autotune finds it through the ``kernel_autotune.tunables`` entry point in this package's ``pyproject.toml``;
-where the package runs from source without installed metadata, ``--module fp8_gemm.tuning`` registers it.
-``scaling``: "tensor" (one scale per operand, the cuBLAS comparison at 4096^3 and 8192^3) or "row" (per-row
-activations and per-channel weights, what FP8Linear and bf16 inputs use); the kernel name includes the scaling modes,
-so each is its own cache entry.
+kernel-autotune finds it through the ``kernel_autotune.tunables`` entry point in this package's ``pyproject.toml``
+(also when run from source: it reads the file beside ``src``); ``--module fp8_gemm.tuning`` registers it explicitly.
+``scaling``: "tensor" (one scale per operand, the cuBLAS comparison) or "row" (per-row activations and per-channel
+weights, what FP8Linear and bf16 inputs use); ``fast_accum``: 0 (faithful fp32 accumulation), 1 (fast), or 2 (both:
+the operation runs the GEMM once each way, so one shape tunes both kernels). The kernel name includes the scaling
+modes and the accumulation, so each is its own cache entry.
 """
 
 from __future__ import annotations
@@ -23,17 +26,29 @@ from .quantize import quantize_fp8
 
 NAME = "fp8_gemm"
 
+_BOTH = 2  # fast_accum value: the operation runs both accumulation modes (two kernels tuned by one shape)
+
+
+def _shape(m: int, n: int, k: int, scaling: str, fast_accum: int) -> dict[str, Any]:
+    return {"m": m, "n": n, "k": k, "scaling": scaling, "fast_accum": fast_accum, "out_dtype": "bfloat16"}
+
+
 SHAPES: tuple[dict[str, Any], ...] = tuple(
-    [{"m": s, "n": s, "k": s, "scaling": "tensor", "out_dtype": "bfloat16"} for s in (4096, 8192)]
-    + [{"m": 8192, "n": 8192, "k": 8192, "scaling": "row", "out_dtype": "bfloat16"}]
-    + [{"m": m, "n": n, "k": k, "scaling": "row", "out_dtype": "bfloat16"}
-       for m in (1, 16, 64) for n, k in ((4096, 4096), (11264, 4096))]
-    + [{"m": 16, "n": 4096, "k": 11264, "scaling": "row", "out_dtype": "bfloat16"}]
+    # FP8Linear (4096 -> 11264, row x channel, faithful) at the suite's batch sizes, first: its decode calls decide
+    # whether it beats bf16 nn.Linear
+    [_shape(m, 11264, 4096, "row", 0) for m in (1, 64, 2048, 8192)]
+    # the cuBLAS comparison: 4096^3 and 8192^3, both scalings, both accumulation modes
+    + [_shape(s, s, s, "tensor", fast) for s in (4096, 8192) for fast in (0, 1)]
+    + [_shape(s, s, s, "row", _BOTH) for s in (4096, 8192)]
+    # decode, per-tensor scales, both accumulation modes per shape
+    + [_shape(m, n, k, "tensor", _BOTH) for n, k in ((4096, 4096), (11264, 4096), (4096, 11264), (11264, 11264))
+       for m in (1, 16, 64)]
 )
 
 
 def prepare(shape: Mapping[str, Any], device: torch.device) -> Callable[[], Any]:
-    """E4M3 operands quantized beforehand (the GEMM is what is tuned, not the quantizer); returns the GEMM call."""
+    """E4M3 operands quantized beforehand (the GEMM is what is tuned, not the quantizer); returns the GEMM call (both
+    accumulation modes, one after the other, with ``fast_accum`` 2)."""
     m, n, k = int(shape["m"]), int(shape["n"]), int(shape["k"])
     out_dtype = getattr(torch, str(shape.get("dtype", shape.get("out_dtype", "bfloat16"))))
     per_row = shape.get("scaling", "tensor") == "row"
@@ -41,13 +56,17 @@ def prepare(shape: Mapping[str, Any], device: torch.device) -> Callable[[], Any]
     # the [K, N] view of an nn.Linear-style [N, K] weight, one scale per output channel (or per tensor)
     b, b_scale = quantize_fp8((torch.randn(n, k, device=device) * k ** -0.5).t(), "e4m3",
                               "channel" if per_row else "tensor", role="weight")
-    fast = bool(shape.get("fast_accum", 0))
-    return lambda: fp8_gemm(a, b, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, fast_accum=fast)
+    fast = int(shape.get("fast_accum", 0))
+    if fast == _BOTH:
+        return lambda: (fp8_gemm(a, b, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, fast_accum=False),
+                        fp8_gemm(a, b, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, fast_accum=True))
+    return lambda: fp8_gemm(a, b, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, fast_accum=bool(fast))
 
 
 def describe(shape: Mapping[str, Any]) -> str:
     out = shape.get("dtype", shape.get("out_dtype", "bfloat16"))
-    extra = " fast-acc" if shape.get("fast_accum") else ""
+    fast = int(shape.get("fast_accum", 0))
+    extra = " faithful+fast" if fast == _BOTH else " fast-acc" if fast else ""
     return f"M={shape['m']} N={shape['n']} K={shape['k']} e4m3 {shape.get('scaling', 'tensor')}->{out}{extra}"
 
 

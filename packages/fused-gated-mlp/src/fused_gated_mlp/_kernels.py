@@ -16,6 +16,15 @@ Two kernels, chosen on the host by the number of tokens:
 
 Both run unchanged under Triton's CPU interpreter; bf16 arithmetic is unreliable there, so everything after the
 dot happens in fp32.
+
+FP8 weights (weight-only, W8A16; constexpr ``W_SCALING``): both kernels load E4M3/E5M2 weight tiles (half the bytes
+of bf16: the point of the decode kernel) and convert them in registers to the activations' dtype. That conversion
+is exact (every E4M3 and E5M2 value is a bf16 and an fp16 value), so the tensor cores see the FP8 values
+themselves; the scales are applied in fp32 to the accumulators, never to the weights: per output channel
+(``W_SCALING == 1``) once in the epilogue, after all K (and after the split-K partial sums met) and before the bias
+and the activation; per 128x128 block (``W_SCALING == 2``) to each K step's partial product, inside the K loop.
+Prefill therefore runs bf16 (fp16) tensor-core dots on the FP8 values, not FP8 dots (FP8 x FP8 prefill would also
+quantize the activations: a later step).
 """
 
 from __future__ import annotations
@@ -29,6 +38,12 @@ ACT_GELU = 1
 ACT_GELU_TANH = 2
 ACT_SWIGLU_OAI = 3
 
+# Weight scaling codes (constexpr W_SCALING): plain weights, FP8 with one scale per output channel, FP8 with one
+# scale per 128 x 128 block (rows x K) of the weight (the 128 below is validation.SCALE_BLOCK).
+SCALE_NONE = 0
+SCALE_CHANNEL = 1
+SCALE_BLOCK = 2
+
 
 @triton.jit
 def _sigmoid(v):
@@ -36,22 +51,60 @@ def _sigmoid(v):
 
 
 @triton.jit
-def _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _block_scales(s_ptr, offs_n, N, stride_s, srow_mul, srow_off, k):
+    """``[BLOCK_N]`` scales of rows ``offs_n`` for the 128-wide K block holding column ``k`` (``W_SCALING == 2``).
+
+    Half-row ``n`` lies in scale row ``(n * srow_mul + srow_off) // 128``: ``(1, 0)`` for a weight of its own, and
+    for the halves of a packed weight quantized as one tensor ``(1, I)`` (concatenated: up rows start at ``I``) or
+    ``(2, 0|1)`` (interleaved: half-row ``n`` is packed row ``2n`` or ``2n + 1``)."""
+    rows = (offs_n * srow_mul + srow_off) // 128
+    return tl.load(s_ptr + rows * stride_s + k // 128, mask=offs_n < N, other=0.0)
+
+
+@triton.jit
+def _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+          W_SCALING: tl.constexpr):
     """Both projections of one K step. ``UPCAST`` (interpreter only): its bf16/fp16 ``tl.dot`` is wrong, so the
-    operands go to fp32 first; on a GPU the tensor cores take the 16-bit operands directly."""
+    operands go to fp32 first; on a GPU the tensor cores take the 16-bit operands directly.
+
+    FP8 weight tiles are converted to the activations' dtype (exact). With block scales (``W_SCALING == 2``) each K
+    step's partial product is scaled by its rows' block scales ``sg`` / ``su`` (``[BLOCK_N]``, fp32) before it joins
+    the accumulator; otherwise ``sg`` / ``su`` are unused."""
     if UPCAST:
         x = x.to(tl.float32)
         wg = wg.to(tl.float32)
         wu = wu.to(tl.float32)
-    acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=DOT_PRECISION)
-    acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=DOT_PRECISION)
+    wg = wg.to(x.dtype)  # FP8 -> x's dtype (a no-op for 16/32-bit weights, which share x's dtype)
+    wu = wu.to(x.dtype)
+    if W_SCALING == 2:
+        acc_g += tl.dot(x, tl.trans(wg), input_precision=DOT_PRECISION) * sg[None, :]
+        acc_u += tl.dot(x, tl.trans(wu), input_precision=DOT_PRECISION) * su[None, :]
+    else:
+        acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=DOT_PRECISION)
     return acc_g, acc_u
 
 
 @triton.jit
+def _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
+            srow_off_u, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr):
+    """One K step at column ``k``: the block scales of the step when there are any, then both dots."""
+    if W_SCALING == 2:
+        # K steps never straddle a 128-wide scale block: the host keeps BLOCK_K a divisor of 128 and every
+        # step's start a multiple of BLOCK_K.
+        sg = _block_scales(sg_ptr, offs_n, N, stride_sg, srow_mul, srow_off_g, k)
+        su = _block_scales(su_ptr, offs_n, N, stride_su, srow_mul, srow_off_u, k)
+    else:
+        sg = 1.0
+        su = 1.0
+    return _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION, UPCAST, W_SCALING)
+
+
+@triton.jit
 def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
-                    acc_g, acc_u, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr):
     """Both projections of rows ``offs_m`` and columns ``offs_n`` over ``k_start..k_end``, with plain (wide,
     K-contiguous) loads, ``NUM_STAGES`` deep. ``EVEN_K``: the range is whole BLOCK_K tiles, no K mask."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -70,7 +123,8 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+        acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
+                               srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
@@ -95,9 +149,13 @@ def _gate_times_up(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
-              alpha, limit, ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr):
+def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr, stride_sg,
+              stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
+              HAS_UP_BIAS: tl.constexpr, W_SCALING: tl.constexpr):
     mask_n = offs_n < N
+    if W_SCALING == 1:  # per output channel: the whole K sum at once, before the bias and the activation
+        acc_g *= tl.load(sg_ptr + offs_n * stride_sg, mask=mask_n, other=0.0)[None, :]
+        acc_u *= tl.load(su_ptr + offs_n * stride_su, mask=mask_n, other=0.0)[None, :]
     if HAS_GATE_BIAS:
         acc_g += tl.load(bg_ptr + offs_n * stride_bg, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_UP_BIAS:
@@ -109,11 +167,12 @@ def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, str
 
 @triton.jit(do_not_specialize=["M"])
 def _gated_mlp_decode_kernel(
-    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr, ws_ptr, lock_ptr,
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, sg_ptr, su_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_om, stride_bg, stride_bu,
+    stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
     alpha, limit,
-    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, W_SCALING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
@@ -148,27 +207,33 @@ def _gated_mlp_decode_kernel(
             x = x_desc.load([off_m, k])
             wg = wg_desc.load([off_n, k])
             wu = wu_desc.load([off_n, k])
-            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+            acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
+                                   srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
     else:
         acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                        stride_xm, stride_wg, stride_wu, acc_g, acc_u,
-                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST)
+                                       sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING)
 
     if SPLIT_K == 1:
-        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
-                  alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,
+                  stride_sg, stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                  W_SCALING)
     else:
         lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
         _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, 1, SPLIT_K,
-                       bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om, alpha, limit,
-                       ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, BLOCK_M, BLOCK_N, INTERPRET)
+                       bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr, stride_sg, stride_su,
+                       out_ptr, stride_om, alpha, limit,
+                       ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, W_SCALING, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 @triton.jit
 def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, total_units,
-                   bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om, alpha, limit,
+                   bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr, stride_sg, stride_su,
+                   out_ptr, stride_om, alpha, limit,
                    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                   W_SCALING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     """Add a partial sum of an output tile that several programs share; the program that completes the tile
     finishes it.
 
@@ -197,8 +262,9 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_g = tl.atomic_add(ws_g, zeros, mask=mask, sem="relaxed")
         acc_u = tl.atomic_add(ws_u, zeros, mask=mask, sem="relaxed")
-        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
-                  alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+        _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,
+                  stride_sg, stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+                  W_SCALING)
         # The epilogue consumed every read; only then clear the tile for the next call.
         tl.debug_barrier()
         tl.store(ws_g, zeros, mask=mask)
@@ -208,11 +274,12 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
 
 @triton.jit(do_not_specialize=["M"])
 def _gated_mlp_prefill_kernel(
-    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, out_ptr,
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, sg_ptr, su_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_om, stride_bg, stride_bu,
+    stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
     alpha, limit,
-    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, W_SCALING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -248,11 +315,14 @@ def _gated_mlp_prefill_kernel(
             x = x_desc.load([off_m, k])
             wg = wg_desc.load([off_n, k])
             wu = wu_desc.load([off_n, k])
-            acc_g, acc_u = _dot2(x, wg, wu, acc_g, acc_u, DOT_PRECISION, UPCAST)
+            acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
+                                   srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
     else:
         acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, 0, K,
                                        stride_xm, stride_wg, stride_wu, acc_g, acc_u,
-                                       BLOCK_K, False, NUM_STAGES, DOT_PRECISION, UPCAST)
+                                       sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                                       BLOCK_K, False, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING)
 
-    _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, out_ptr, stride_om,
-              alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+    _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,
+              stride_sg, stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
+              W_SCALING)

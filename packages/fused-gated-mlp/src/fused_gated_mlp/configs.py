@@ -9,8 +9,11 @@ A config is a plain dict:
 
 Which kernel runs follows from the number of tokens ``M``: ``M <= DECODE_MAX_TOKENS`` takes the decode kernel
 (weights streamed at copy bandwidth), larger ``M`` the prefill GEMM. The config chosen for a call comes from
-``kernel_autotune.select_config`` (tuned caches, shipped H100 results, opt-in tune-on-first-use) with
-:func:`heuristic_config` as the default when nothing is cached.
+``kernel_autotune.select_config``: the user's cache, the shipped ``tuned_configs.json`` entries of this GPU (product
+name and compute capability), tuning on first use (by default on a GPU without shipped entries, see
+``TRITON_OPS_AUTOTUNE``), else :func:`heuristic_config`: the H100's measured table on the H100 only (matched by name
+and capability, never by SM count: the H200 has the same 132 SMs and 1.4x the bandwidth), else rules reading the
+device's SM count and shared memory.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 from kernel_autotune import ConfigSpace, select_config
-from triton_ops_core.device import sm_count
+from triton_ops_core.device import device_info, sm_count
 from triton_ops_core.launch import next_pow2
 
 from .__about__ import __version__
@@ -58,14 +61,17 @@ def _pipeline_bytes(cfg: Mapping[str, int], element_size: int = 2) -> int:
 
 
 def _fits(cfg: Mapping[str, int], problem: Mapping[str, int] | None) -> bool:
-    """Prune the cartesian product to configs that make sense for the problem's path."""
-    if _pipeline_bytes(cfg) > _SMEM_LIMIT:
-        return False
+    """Prune the cartesian product to configs that make sense for the problem's path (and an H100's shared memory;
+    :func:`space_for` uses the device's)."""
+    return _pipeline_bytes(cfg) <= _SMEM_LIMIT and _path_fits(cfg, problem)
+
+
+def _path_fits(cfg: Mapping[str, int], problem: Mapping[str, int] | None) -> bool:
     tokens = None if problem is None else problem.get("tokens")
     decode = tokens is not None and tokens <= DECODE_MAX_TOKENS
     if tokens is None:
         # No problem given: keep every config either path could use.
-        return _fits(cfg, {"tokens": 1}) or _fits(cfg, {"tokens": DECODE_MAX_TOKENS + 1})
+        return _path_fits(cfg, {"tokens": 1}) or _path_fits(cfg, {"tokens": DECODE_MAX_TOKENS + 1})
     if decode:
         return (cfg["BLOCK_M"] == decode_block_m(tokens) and cfg["GROUP_M"] == 1
                 and cfg["BLOCK_N"] <= 64 and cfg["BLOCK_K"] >= 64)
@@ -76,7 +82,30 @@ def _fits(cfg: Mapping[str, int], problem: Mapping[str, int] | None) -> bool:
 
 
 GATED_MLP_CONFIGS = ConfigSpace(_SPACE_AXES, constraints=[_fits])
-"""Every launch config worth trying; ``GATED_MLP_CONFIGS.configs({"tokens": m, ...})`` lists a problem's."""
+"""Every launch config worth trying on an H100; ``GATED_MLP_CONFIGS.configs({"tokens": m, ...})`` lists a problem's.
+:func:`space_for` gives a device's (its shared memory per block)."""
+
+
+def _smem_limit(device: torch.device) -> int:
+    """Shared memory a program may take on ``device`` (the H100's 227 KB under the interpreter or when unknown)."""
+    smem = device_info(device).smem_per_block
+    return smem if smem > 0 else _SMEM_LIMIT
+
+
+@functools.lru_cache(maxsize=16)
+def _space_with_limit(limit: int) -> ConfigSpace:
+    if limit == _SMEM_LIMIT:
+        return GATED_MLP_CONFIGS
+
+    def smem_fits(cfg: Mapping[str, int], problem: Mapping[str, int] | None) -> bool:
+        return _pipeline_bytes(cfg) <= limit
+
+    return ConfigSpace(_SPACE_AXES, constraints=[_path_fits, smem_fits])
+
+
+def space_for(device: torch.device) -> ConfigSpace:
+    """The config space on ``device``: :data:`GATED_MLP_CONFIGS` with the device's shared memory per program."""
+    return _space_with_limit(_smem_limit(device))
 
 
 def _decode(bm: int, bn: int, bk: int, split: int, stages: int) -> dict:
@@ -92,7 +121,6 @@ def _prefill(stages: int) -> dict:
 # Winners of the bf16 sweeps on the lent H100 SXM (132 SMs), 2026-11-22: decode from benchmarks/dev/gated_mlp_decode.py
 # (grid kernel, plain loads; L2 flushed before every run), prefill from benchmarks/dev/gated_mlp.py sweep.
 # (row tile or prefill token bucket, hidden, intermediate) -> config. Decode rows: 16 stands for M <= 16.
-_H100_SMS = 132
 _H100_BF16: dict[tuple[int, int, int], dict] = {
     (16, 4096, 5632): _decode(16, 32, 128, 1, 4),
     (32, 4096, 5632): _decode(32, 64, 128, 1, 4),
@@ -117,12 +145,28 @@ _H100_BF16: dict[tuple[int, int, int], dict] = {
 }
 
 
+# Measured tables by device: (product name, compute capability) -> the table above's kind. Matched exactly
+# (triton_ops_core.device.lookup_by_device's rule): any other GPU, the H200 included, takes the rules below.
+_DEVICE_TABLES: dict[tuple[str, str | None], dict[tuple[int, int, int], dict]] = {
+    ("NVIDIA H100 80GB HBM3", "9.0"): _H100_BF16,
+}
+
+
+def _fit_stages(cfg: dict, smem: int) -> dict:
+    """Fewer pipeline stages until the tiles fit ``smem`` bytes (GPUs with less shared memory than Hopper's)."""
+    while cfg["num_stages"] > 2 and _pipeline_bytes(cfg) > smem:
+        cfg["num_stages"] -= 1
+    return cfg
+
+
 @functools.lru_cache(maxsize=4096)
-def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, sms: int) -> tuple:
+def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int,
+               device: tuple[str, str | None], sms: int, smem: int) -> tuple:
     decode = tokens <= DECODE_MAX_TOKENS
-    if element_size == 2 and sms == _H100_SMS:
+    table = _DEVICE_TABLES.get(device)
+    if element_size == 2 and table is not None:
         row = decode_block_m(tokens) if decode else min(max(next_pow2(tokens), 2048), 8192)
-        tuned = _H100_BF16.get((row, hidden, intermediate))
+        tuned = table.get((row, hidden, intermediate))
         if tuned is not None:
             return tuple(sorted(tuned.items()))
     if decode:
@@ -149,14 +193,17 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int, s
         # 128 x (2 x 128) x 64, 8 warps: the best prefill tile at every measured size; 4 stages won at 2048 tokens
         # more often, 3 at 8192.
         cfg = _prefill(4 if tokens <= 4096 else 3)
-    return tuple(sorted(cfg.items()))
+    return tuple(sorted(_fit_stages(cfg, smem).items()))
 
 
 def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
                      device: torch.device) -> dict:
-    """The analytical choice, used when no tuned config is cached or shipped."""
-    # the interpreter takes an H100's SM count, so the CPU picks the configs the GPU would
-    return dict(_heuristic(tokens, hidden, intermediate, dtype.itemsize, sm_count(device, cpu=132)))
+    """The analytical choice, used when no tuned config is cached or shipped: the device's measured table (the
+    H100's, matched by product name and compute capability), else rules reading its SM count and shared memory."""
+    # the interpreter takes an H100's SM count, so the CPU picks the configs the rules would pick on one
+    info = device_info(device)
+    return dict(_heuristic(tokens, hidden, intermediate, dtype.itemsize, info.identity,
+                           sm_count(device, cpu=132), _smem_limit(device)))
 
 
 def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
@@ -164,9 +211,11 @@ def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: 
                             ) -> dict:
     """The config a call uses: ``kernel_autotune.select_config`` (tuned cache, shipped table, else the heuristic).
 
-    ``bench(config)`` returns a zero-argument callable running the kernel once with ``config``: with
-    ``KERNEL_AUTOTUNE=1`` a problem with no cached or shipped entry is tuned on first use with it.
+    ``bench(config)`` returns a zero-argument callable running the kernel once with ``config``: a problem with no
+    cached or shipped entry is tuned on first use with it when ``TRITON_OPS_AUTOTUNE`` says so (by default on a GPU
+    this package ships no configs for; never in a CUDA-graph capture or a ``torch.compile`` trace).
     """
+    space = space_for(device)
     cfg = select_config(
         KERNEL_NAME,
         version=__version__,
@@ -176,11 +225,11 @@ def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: 
         default=lambda: heuristic_config(tokens, hidden, intermediate, dtype, device),
         bucket=("tokens",),
         shipped=SHIPPED_CONFIGS,
-        space=GATED_MLP_CONFIGS,
+        space=space,
         bench=bench,
     )
     # A cached config from another token bucket may belong to the other path: keep only what fits this one.
-    if not _fits(cfg, {"tokens": tokens}):
+    if not space.allows(cfg, {"tokens": tokens}):
         return heuristic_config(tokens, hidden, intermediate, dtype, device)
     return cfg
 
@@ -191,4 +240,5 @@ __all__ = [
     "decode_block_m",
     "heuristic_config",
     "select_gated_mlp_config",
+    "space_for",
 ]

@@ -5,6 +5,11 @@ the two projections from the saved inputs (nothing ``[tokens, intermediate]``-si
 backward) and applies the analytic derivative of each activation; it is exact up to the rounding of the
 recomputed projections, which is that of ``torch.nn.functional.linear``.
 
+FP8 weights (E4M3 or E5M2, weight-only: activations stay bf16/fp16/fp32) run the same two kernels with a constexpr
+switch: the weights are streamed as FP8, converted exactly to the activations' dtype in registers, and scaled in fp32
+(see ``_kernels``). Scales are per output channel (``[rows]``) or per 128 x 128 block
+(``[ceil(rows / 128), ceil(hidden / 128)]``); :func:`quantize_weight_fp8` makes both with PyTorch operations.
+
 The call path is short on purpose (decode calls it with a handful of tokens, where the host is the cost): a lookup
 of the call's cached launch plan (``triton_ops_core.launch``; validation and config selection happen only on a
 miss), one ``torch.empty`` and one launch. The dispatcher (``torch.ops.triton_ops.fused_gated_mlp``) is entered
@@ -23,12 +28,19 @@ import torch
 import triton
 from triton.runtime import _allocation
 from triton_ops_core.device import is_hopper
+from triton_ops_core.exceptions import InvalidArgumentError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv
 from triton_ops_core.library import capturing, direct_call_ok, op_name
+from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_ndim, check_tensor
 
 from . import _kernels as K
 from .configs import DECODE_MAX_TOKENS, _heuristic, select_gated_mlp_config
-from .validation import validate_gated_mlp_inputs
+from .validation import FP8_WEIGHT_DTYPES, SCALE_BLOCK, validate_gated_mlp_inputs
+
+FP8_SCALINGS = ("channel", "block")
+# FP8_WEIGHT_DTYPES: the weight dtypes the kernels stream as FP8 (every value of both converts exactly to bf16 and
+# fp16); SCALE_BLOCK: rows and columns of one block of a block-scaled weight (128, the DeepSeek-V3 / transformers
+# FP8 block). Both defined with the validation.
 
 _ACTIVATION_CODES = {
     "silu": K.ACT_SILU,
@@ -132,20 +144,37 @@ def _build_plan(
     limit: float,
     config: dict | None = None,
     bench: Callable[[dict], Callable[[], object]] | None = None,
+    *,
+    gate_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
+    scale_rows: tuple[int, int, int] = (1, 0, 0),
 ) -> Plan:
     """Everything of a launch but its tensors: kernel, grid, scalar and constexpr tail (in the kernel's signature
     order), warps, stages. ``extra`` holds what the per-call part needs (``LaunchNeeds``). A plan without kernel
-    (empty output) launches nothing."""
+    (empty output) launches nothing.
+
+    FP8 weights come with ``gate_scale`` / ``up_scale`` (the halves' views for a packed channel scale, the packed
+    tensor itself twice for a packed block scale); ``scale_rows`` = (multiplier, gate offset, up offset) maps a
+    half's row to its packed row for block scales (see ``_kernels._block_scales``)."""
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
     device = x2d.device
     is_cuda = device.type == "cuda"
     if M == 0 or N == 0:
         return Plan(None, (1,), (), 0, n_rows=M, extra=LaunchNeeds(N, device, is_cuda, None, False))
+    scaling = K.SCALE_NONE if gate_scale is None else K.SCALE_CHANNEL if gate_scale.dim() == 1 else K.SCALE_BLOCK
     if config is not None:
         cfg = dict(config)
     else:
-        cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device, bench=bench)
+        # FP8 weights take the activation dtype's config (the kernel is the same; only the weight bytes halve).
+        # No tune-on-first-use for them: tuned entries are keyed by the activation dtype, and an FP8 winner must
+        # not become the bf16 one.
+        cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device,
+                                      bench=bench if scaling == K.SCALE_NONE else None)
+    if scaling == K.SCALE_BLOCK and cfg["BLOCK_K"] > SCALE_BLOCK:
+        # Block scales apply per K step: a step must lie inside one 128-wide scale block. Block sizes are powers of
+        # two, so capping BLOCK_K at 128 (from 256 in some decode configs) makes it a divisor of 128.
+        cfg = {**cfg, "BLOCK_K": SCALE_BLOCK}  # a copy: a selected config may be a memoized object
     on_cpu = device.type == "cpu"
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
@@ -159,9 +188,13 @@ def _build_plan(
     # The output is a fresh contiguous [M, N] tensor: its row stride is N.
     # Biases are read with their own stride: the halves of an interleaved packed bias are strided views.
     bias_strides = (1 if gate_bias is None else gate_bias.stride(0), 1 if up_bias is None else up_bias.stride(0))
+    # Scales are read with their own stride too: element stride per channel (2 for the halves of an interleaved
+    # packed scale, 0 for a per-tensor scale expanded to [N]), row stride per block.
+    scale_strides = (1 if gate_scale is None else gate_scale.stride(0), 1 if up_scale is None else up_scale.stride(0))
     head = (M, N, K_dim, x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), N, *bias_strides,
+            *scale_strides, *scale_rows,
             float(alpha), float(limit),
-            _ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None,
+            _ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None, scaling,
             cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
     precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
     grid_m, grid_n = cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"])
@@ -184,27 +217,31 @@ def _build_plan(
 
 
 def _run(plan: Plan, x2d: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
-         gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None) -> torch.Tensor:
+         gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, gate_scale: torch.Tensor | None = None,
+         up_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The per-call part of a forward: allocate the output, pick the workspace, launch the plan."""
     n, device, is_cuda, workspace, tma = plan.extra
     if is_cuda and device.index != torch.cuda.current_device():
         # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
         with torch.cuda.device(device):
-            return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias)
+            return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale)
     out = _new_output(plan.n_rows, n, x2d.dtype, device)
     if plan.kernel is None:
         return out
+    # Absent operands get a placeholder pointer the kernel never reads (their constexpr switch is off).
     bg = out if gate_bias is None else gate_bias
     bu = out if up_bias is None else up_bias
+    sg = out if gate_scale is None else gate_scale
+    su = out if up_scale is None else up_scale
     if tma:
         _ensure_tma_allocator()
     if workspace is None:
-        plan.launch(x2d, gate_weight, up_weight, bg, bu, out)
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out)
     elif workspace:
         ws, lock = _split_k_workspace(device, *workspace)
-        plan.launch(x2d, gate_weight, up_weight, bg, bu, out, ws, lock)
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out, ws, lock)
     else:
-        plan.launch(x2d, gate_weight, up_weight, bg, bu, out, out, out)
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out, out, out)
     return out
 
 
@@ -218,25 +255,31 @@ def gated_mlp_forward(
     alpha: float,
     limit: float,
     config: dict | None = None,
+    *,
+    gate_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the fused kernel on validated 2-D operands (``[M, K]``, ``[N, K]`` views with unit last stride).
 
+    FP8 weights take their own ``gate_scale`` / ``up_scale`` (``[N]`` or ``[ceil(N/128), ceil(K/128)]``, fp32).
     No validation here (benchmarks, tuning candidates and tests call it with explicit configs); launch plans are
     cached by the same kind of key as ``fused_gated_mlp``'s, so timed repeats pay only the per-call part.
     """
-    key = call_key(_FORWARD, x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit,
-                   _config_key(config), x2d.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    key = call_key(_FORWARD, x2d, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, activation,
+                   alpha, limit, _config_key(config),
+                   x2d.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32)
     plan = _PLANS.get(key)
     if plan is None:
 
         def bench(candidate: dict) -> Callable[[], object]:  # for opt-in tune-on-first-use (KERNEL_AUTOTUNE=1)
             return functools.partial(gated_mlp_forward, x2d, gate_weight, up_weight, gate_bias, up_bias,
-                                     activation, alpha, limit, candidate)
+                                     activation, alpha, limit, candidate, gate_scale=gate_scale,
+                                     up_scale=up_scale)
 
         plan = _build_plan(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config,
-                           bench if config is None else None)
+                           bench if config is None else None, gate_scale=gate_scale, up_scale=up_scale)
         _put(key, plan)
-    return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias)
+    return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale)
 
 
 _PLANS = PlanCache()
@@ -334,9 +377,10 @@ def _config_from_json(config: str | None) -> dict | None:
 
 
 def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-             config: dict | None) -> torch.Tensor:
+             config: dict | None, gate_scale=None, up_scale=None) -> torch.Tensor:
     """The op's implementation: the call's cached plan (built on the first call of its key), then one launch."""
-    key = call_key(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
+    key = call_key(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, activation, weight_layout,
+                   alpha, limit,
                    alpha.__class__, limit.__class__,  # True == 1: keep a bool (rejected) apart from an int
                    _config_key(config),
                    # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
@@ -344,42 +388,67 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_l
     plan = _PLANS.get(key)
     if plan is None:
         plan = _new_plan(key, x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha,
-                         limit, config)
+                         limit, config, gate_scale, up_scale)
     if weight_layout != "separate":
         gate_weight, up_weight = split_packed(gate_weight, weight_layout)
         if gate_bias is not None:
             gate_bias, up_bias = split_packed(gate_bias, weight_layout)
-    out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias)
+        if gate_scale is not None:
+            gate_scale, up_scale = _split_packed_scale(gate_scale, weight_layout)
+    out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.extra.n)
 
 
 @torch.library.custom_op(op_name("fused_gated_mlp"), mutates_args=())
 def _gated_mlp_op(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor | None,
                   gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, activation: str, weight_layout: str,
-                  alpha: float, limit: float, config: str | None) -> torch.Tensor:
+                  alpha: float, limit: float, config: str | None, gate_scale: torch.Tensor | None = None,
+                  up_scale: torch.Tensor | None = None) -> torch.Tensor:
+    # The FP8 scales came last, with defaults, so calls written for the schema without them stay valid.
     return _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-                    _config_from_json(config))
+                    _config_from_json(config), gate_scale, up_scale)
 
 
 @_gated_mlp_op.register_fake
-def _(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, config):
+def _(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, config,
+      gate_scale=None, up_scale=None):
     inter = gate_weight.shape[0] if weight_layout == "separate" else gate_weight.shape[0] // 2
     return x.new_empty((*x.shape[:-1], inter))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, _ = inputs
-    ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias)
+    x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, _, gs, us = inputs
+    ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, gs, us)
     ctx.options = (activation, weight_layout, alpha, limit)
 
 
+def _no_fp8_gradients(ctx) -> None:
+    """FP8 weights and their scales are constants of the op: name the first one a gradient was asked for."""
+    # The dispatcher drops trailing arguments equal to their defaults (up_scale=None of a packed weight), and
+    # needs_input_grad has no entry for them.
+    needs = ctx.needs_input_grad
+    for name, i in (("gate_weight", 1), ("up_weight", 2), ("gate_scale", 10), ("up_scale", 11)):
+        if i < len(needs) and needs[i]:
+            raise InvalidArgumentError(
+                f"{name}: FP8 weights and their scales get no gradient from triton_ops.fused_gated_mlp; leave "
+                "requires_grad off for them (gradients still reach x and the biases, through the dequantized "
+                "weights)")
+
+
 def _backward(ctx, grad_out):
-    x, wg, wu, bg, bu = ctx.saved_tensors
+    x, wg, wu, bg, bu, gs, us = ctx.saved_tensors
     activation, layout, alpha, limit = ctx.options
     need = list(ctx.needs_input_grad[:5])
+    if gs is not None:
+        # FP8 weights: the input (and bias) gradient through the dequantized weights, in x's dtype (as the
+        # recomputed projections of the high-precision path); a transient copy of the weights for this backward.
+        _no_fp8_gradients(ctx)
+        wg = dequantize_weight_fp8(wg, gs, x.dtype)
+        wu = None if wu is None else dequantize_weight_fp8(wu, us, x.dtype)
+        need[1] = need[2] = False
     if layout == "separate":
         grads = _gated_mlp_backward(x, wg, wu, bg, bu, grad_out, activation, alpha, limit, need)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
     # packed: the gradients of both halves, packed back into the layout of the weight (and bias) given
     wg, wu = split_packed(wg, layout)
     if bg is not None:
@@ -388,7 +457,7 @@ def _backward(ctx, grad_out):
     dx, dwg, dwu, dbg, dbu = _gated_mlp_backward(x, wg, wu, bg, bu, grad_out, activation, alpha, limit, need)
     dw = _pack(dwg, dwu, layout) if need[1] else None
     db = _pack(dbg, dbu, layout) if dbg is not None else None
-    return dx, dw, None, db, None, None, None, None, None, None
+    return dx, dw, None, db, None, None, None, None, None, None, None, None
 
 
 _gated_mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -424,6 +493,8 @@ def fused_gated_mlp(
     alpha: float = 1.702,
     limit: float = 7.0,
     config: dict | None = None,
+    gate_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated MLP intermediate ``act(x @ Wg^T + bg) * (x @ Wu^T + bu)`` in one Triton kernel.
 
@@ -434,7 +505,8 @@ def fused_gated_mlp(
     Args:
         x: ``[..., hidden]``, float16, bfloat16 or float32, unit stride in the last dimension.
         gate_weight: ``[intermediate, hidden]`` (``nn.Linear`` layout), or with a packed ``weight_layout`` the
-            packed ``[2 * intermediate, hidden]`` weight holding both projections.
+            packed ``[2 * intermediate, hidden]`` weight holding both projections. In ``x``'s dtype, or FP8
+            (``float8_e4m3fn`` or ``float8_e5m2``, both weights alike) with ``gate_scale`` / ``up_scale``.
         up_weight: ``[intermediate, hidden]``; None with a packed layout.
         activation: ``"silu"`` (SwiGLU), ``"gelu"`` (exact, erf; GeGLU), ``"gelu_tanh"`` (tanh approximation)
             or ``"swiglu_oai"`` (gpt-oss: ``g = gate.clamp(max=limit)``, ``u = up.clamp(-limit, limit)``,
@@ -444,13 +516,33 @@ def fused_gated_mlp(
         weight_layout: ``"separate"``, ``"concatenated"`` (gate rows first, then up rows) or ``"interleaved"``
             (even rows gate, odd rows up, as gpt-oss stores ``mlp1``).
         alpha, limit: parameters of ``"swiglu_oai"`` (gpt-oss uses 1.702 and 7.0); ignored otherwise.
-        config: a launch config (see ``fused_gated_mlp.configs``) overriding the automatic choice.
+        config: a launch config (see ``fused_gated_mlp.configs``) overriding the automatic choice. With block
+            scales its ``BLOCK_K`` is capped at 128.
+        gate_scale, up_scale: float32 dequantization scales of FP8 weights (``W ~= W_fp8 * scale``), required
+            with FP8 weights and refused otherwise. Either per output channel, ``[intermediate]`` (any stride: a
+            per-tensor scale ``s`` is ``s.expand(intermediate)``), or per 128 x 128 block,
+            ``[ceil(intermediate / 128), ceil(hidden / 128)]`` (unit stride in the last dimension; sizes that are
+            no multiple of 128 end in a partial block). Both of one kind. With a packed layout pass the packed
+            weight's scale as ``gate_scale`` and leave ``up_scale`` None: ``[2 * intermediate]`` per channel, or
+            the 128 x 128 blocks of the packed ``[2 * intermediate, hidden]`` tensor, i.e.
+            ``[ceil(2 * intermediate / 128), ceil(hidden / 128)]`` (as :func:`quantize_weight_fp8` of the packed
+            weight returns it; a block may then hold rows of both halves).
 
     Returns:
         ``[..., intermediate]`` in ``x``'s dtype. Products accumulate in fp32; the activation runs in fp32.
 
+    FP8 weights (weight-only quantization, W8A16): the kernels read the weights as FP8, half the bytes of bf16 (the
+    decode kernel is bound by exactly that read), and convert them in registers to ``x``'s dtype, which is exact;
+    the scales multiply the fp32 accumulators: per channel once after the K sum, before the bias and the
+    activation; per block on every K step's partial product. So decode and prefill both compute in ``x``'s dtype
+    on the FP8 weight values (16-bit tensor-core dots, fp32 accumulation and scaling); FP8 x FP8 tensor-core
+    prefill, which would quantize ``x`` too, is not done here. E4M3 and E5M2 weights need a GPU of compute
+    capability 8.9 or higher (Triton's FP8 conversions), or the interpreter.
+
     Gradients flow to ``x``, the weights and the biases (composite PyTorch backward recomputing the
-    projections; see the module docstring).
+    projections; see the module docstring). With FP8 weights they flow to ``x`` and the biases through the
+    dequantized weights; FP8 weights and scales get none (``InvalidArgumentError`` at backward when one of them
+    requires a gradient).
 
     Registered as ``torch.ops.triton_ops.fused_gated_mlp`` (a forced ``config`` travels as JSON text), so
     ``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.export`` take it as one node.
@@ -464,11 +556,12 @@ def fused_gated_mlp(
     validates and builds a launch plan, later ones only allocate the output and launch (see
     ``triton_ops_core.launch``). ``clear_caches()`` forgets the plans.
     """
-    if direct_call_ok(x, gate_weight, up_weight, gate_bias, up_bias):  # plain eager: no dispatcher round trip
+    if direct_call_ok(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale):
+        # plain eager: no dispatcher round trip
         return _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-                        config)
+                        config, gate_scale, up_scale)
     return _gated_mlp_op(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-                         None if config is None else _config_to_json(config))
+                         None if config is None else _config_to_json(config), gate_scale, up_scale)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -483,27 +576,113 @@ def _config_key(config: dict | None) -> tuple | None:
 
 def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor | None,
               gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, activation: str, weight_layout: str,
-              alpha: float, limit: float, config: dict | None) -> Plan:
+              alpha: float, limit: float, config: dict | None, gate_scale: torch.Tensor | None = None,
+              up_scale: torch.Tensor | None = None) -> Plan:
     """The first call of a key: validate, choose the config, build the plan and cache it."""
     validate_gated_mlp_inputs(
         x, gate_weight, up_weight, activation, gate_bias=gate_bias, up_bias=up_bias,
-        weight_layout=weight_layout, alpha=alpha, limit=limit,
+        weight_layout=weight_layout, alpha=alpha, limit=limit, gate_scale=gate_scale, up_scale=up_scale,
     )
+    scale_rows = (1, 0, 0)
     if weight_layout != "separate":
+        inter = gate_weight.shape[0] // 2
         gate_weight, up_weight = split_packed(gate_weight, weight_layout)
         if gate_bias is not None:
             gate_bias, up_bias = split_packed(gate_bias, weight_layout)
+        if gate_scale is not None:
+            if gate_scale.dim() == 2:
+                # Half-row n is packed row n + I (concatenated) or 2n / 2n + 1 (interleaved).
+                scale_rows = (1, 0, inter) if weight_layout == "concatenated" else (2, 0, 1)
+            gate_scale, up_scale = _split_packed_scale(gate_scale, weight_layout)
     x2d = _as_2d(x)
 
     def bench(candidate: dict) -> Callable[[], object]:  # for opt-in tune-on-first-use (KERNEL_AUTOTUNE=1)
         return functools.partial(gated_mlp_forward, x2d, gate_weight, up_weight, gate_bias, up_bias,
-                                 activation, alpha, limit, candidate)
+                                 activation, alpha, limit, candidate)  # (not used with FP8 weights)
 
     tune = config is None and not capturing(x.device)  # never a config search inside a CUDA-graph capture
     plan = _build_plan(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config,
-                       bench if tune else None)
+                       bench if tune else None, gate_scale=gate_scale, up_scale=up_scale, scale_rows=scale_rows)
     _put(key, plan)
     return plan
+
+
+def _split_packed_scale(scale: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The halves' scales of a packed FP8 weight: views of a per-channel ``[2I]`` scale; a block scale stays the
+    packed tensor for both halves (the kernel maps each half's rows onto it, see ``_new_plan``)."""
+    if scale.dim() == 1:
+        return split_packed(scale, layout)
+    return scale, scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 weights: quantization with PyTorch operations (done once, when a model is converted)
+# ----------------------------------------------------------------------------------------------------------------
+
+def quantize_weight_fp8(
+    weight: torch.Tensor,
+    scaling: str = "channel",
+    dtype: torch.dtype = torch.float8_e4m3fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a ``[rows, hidden]`` weight to FP8 for :func:`fused_gated_mlp`: ``(weight_fp8, scale)``.
+
+    Dynamic absmax scaling in plain PyTorch (amax / fmax, divide, clamp, cast; no kernel): ``scale`` is the float32
+    dequantization factor, ``weight ~= weight_fp8 * scale``, with the largest magnitude of each group mapped to the
+    format's largest value (448 for E4M3, 57344 for E5M2); an all-zero group gets scale 1.
+
+    Args:
+        weight: ``[rows, hidden]``, float16, bfloat16 or float32, finite. A packed gate/up weight is quantized as
+            one tensor (its scale is the packed scale ``fused_gated_mlp`` takes as ``gate_scale``).
+        scaling: ``"channel"`` (one scale per row: ``[rows]``) or ``"block"`` (one per 128 x 128 block:
+            ``[ceil(rows / 128), ceil(hidden / 128)]``; partial edge blocks are scaled by their own values).
+        dtype: ``torch.float8_e4m3fn`` (default) or ``torch.float8_e5m2``.
+
+    Raises:
+        InvalidArgumentError, UnsupportedDtypeError, ShapeMismatchError: a bad option, dtype or shape, or a weight
+            holding NaN or infinity (no scale represents it).
+    """
+    check_choice(scaling, "scaling", FP8_SCALINGS)
+    if dtype not in FP8_WEIGHT_DTYPES:
+        raise UnsupportedDtypeError(
+            f"dtype: expected torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    check_tensor(weight, "weight")
+    check_dtype(weight, "weight", FLOAT_DTYPES)
+    check_ndim(weight, "weight", exact=2)
+    fmax = torch.finfo(dtype).max
+    w = weight.detach().float()
+    rows, cols = w.shape
+    if scaling == "channel":
+        amax = w.abs().amax(dim=1) if cols else w.new_zeros(rows)
+        groups = w
+    else:
+        pad_r, pad_c = -rows % SCALE_BLOCK, -cols % SCALE_BLOCK
+        # zero padding never raises a block's amax
+        padded = torch.nn.functional.pad(w, (0, pad_c, 0, pad_r))
+        groups = padded.view((rows + pad_r) // SCALE_BLOCK, SCALE_BLOCK, (cols + pad_c) // SCALE_BLOCK, SCALE_BLOCK)
+        amax = groups.abs().amax(dim=(1, 3))
+    if not bool(torch.isfinite(amax).all()):
+        raise InvalidArgumentError("weight: expected finite values (NaN or infinity has no FP8 scale)")
+    # Tensor / tensor: CUDA's division by a Python scalar multiplies by its reciprocal instead.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, fmax), torch.ones_like(amax))
+    if scaling == "channel":
+        q = (groups / scale[:, None]).clamp(-fmax, fmax).to(dtype)
+    else:
+        q = (groups / scale[:, None, :, None]).clamp(-fmax, fmax).to(dtype)
+        q = q.view(rows + pad_r, cols + pad_c)[:rows, :cols].contiguous()
+    return q, scale.contiguous()
+
+
+def dequantize_weight_fp8(weight: torch.Tensor, scale: torch.Tensor,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight * scale`` in ``dtype`` for an FP8 ``[rows, hidden]`` weight and its per-channel (``[rows]``) or
+    128 x 128 block (``[ceil(rows / 128), ceil(hidden / 128)]``) scale: the weights the kernels compute with.
+    (Products are formed in float32, then rounded to ``dtype``.)"""
+    w = weight.float()
+    if scale.dim() == 1:
+        return (w * scale.float()[:, None]).to(dtype)
+    rows, cols = w.shape
+    full = scale.float().repeat_interleave(SCALE_BLOCK, 0)[:rows].repeat_interleave(SCALE_BLOCK, 1)[:, :cols]
+    return (w * full).to(dtype)
 
 
 def gated_mlp_reference(
@@ -517,8 +696,16 @@ def gated_mlp_reference(
     weight_layout: str = "separate",
     alpha: float = 1.702,
     limit: float = 7.0,
+    gate_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The same function in plain PyTorch, computed in the inputs' dtype (cast to float64 for a reference)."""
+    """The same function in plain PyTorch, computed in the inputs' dtype (cast to float64 for a reference).
+
+    FP8 weights are dequantized with their scales (:func:`dequantize_weight_fp8`) to ``x``'s dtype first."""
+    if gate_scale is not None:
+        gate_weight = dequantize_weight_fp8(gate_weight, gate_scale, x.dtype)
+        if up_weight is not None:
+            up_weight = dequantize_weight_fp8(up_weight, up_scale, x.dtype)
     if weight_layout != "separate":
         gate_weight, up_weight = split_packed(gate_weight, weight_layout)
         if gate_bias is not None:
@@ -540,5 +727,5 @@ def gated_mlp_reference(
     return g * torch.sigmoid(alpha * g) * (u + 1)
 
 
-__all__ = ["clear_caches", "fused_gated_mlp", "gated_mlp_forward", "gated_mlp_reference",
-           "split_packed"]
+__all__ = ["FP8_SCALINGS", "FP8_WEIGHT_DTYPES", "SCALE_BLOCK", "clear_caches", "dequantize_weight_fp8",
+           "fused_gated_mlp", "gated_mlp_forward", "gated_mlp_reference", "quantize_weight_fp8", "split_packed"]

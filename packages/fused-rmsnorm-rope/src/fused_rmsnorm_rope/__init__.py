@@ -2,6 +2,7 @@
 
 - ``fused_rmsnorm_rope(x, weight, cos, sin, eps, *, position_ids, rotary_dim, head_dim, layout, gemma)``
 - ``fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, position_ids, eps, *, rotary_dim, layout, gemma, inplace)``
+- ``apply_rope(q, k, cos, sin, position_ids, *, rotary_dim, layout, inplace)``: RoPE alone on q and k (op ``rope``)
 - ``rmsnorm(x, weight, eps, *, gemma)``, ``fused_add_rmsnorm(x, residual, weight, eps, *, gemma, inplace)``
 - ``FusedRMSNormRoPE(hidden_dim, head_dim, eps)``, ``RMSNorm``, ``FusedAddRMSNorm``: the modules.
 - ``reference``: the pure-PyTorch references; ``RMSNORM_ROPE_CONFIGS``: the tunable launch configs.
@@ -11,7 +12,15 @@ from . import reference
 from .__about__ import __version__
 from .config import RMSNORM_ROPE_CONFIGS, heuristic_config
 from .module import FusedAddRMSNorm, FusedRMSNormRoPE, RMSNorm
-from .ops import fused_add_rmsnorm, fused_qk_norm_rope, fused_rmsnorm_rope, rmsnorm, rmsnorm_reference
+from .ops import (
+    apply_rope,
+    fused_add_rmsnorm,
+    fused_qk_norm_rope,
+    fused_rmsnorm_rope,
+    rmsnorm,
+    rmsnorm_reference,
+    rope_reference,
+)
 from .reference import qk_norm_rope_reference, rmsnorm_rope_reference
 
 
@@ -33,6 +42,7 @@ __all__ = [
     "FusedRMSNormRoPE",
     "RMSNorm",
     "__version__",
+    "apply_rope",
     "clear_caches",
     "fused_add_rmsnorm",
     "fused_qk_norm_rope",
@@ -43,4 +53,5 @@ __all__ = [
     "rmsnorm",
     "rmsnorm_reference",
     "rmsnorm_rope_reference",
+    "rope_reference",
 ]

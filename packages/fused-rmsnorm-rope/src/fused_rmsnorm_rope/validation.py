@@ -81,6 +81,27 @@ class QKNormRoPEInput:
         return 2 * (self.q.nbytes + self.k.nbytes)
 
 
+@dataclass(frozen=True)
+class RoPEInput:
+    """A validated call of ``apply_rope`` (``torch.ops.triton_ops.rope``): RoPE alone on q and k (GQA head counts)."""
+
+    q: TensorSpec
+    k: TensorSpec
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    num_tokens: int
+    seq_len: int
+    layout: str = "neox"
+    has_position_ids: bool = False
+
+    @property
+    def bytes_moved(self) -> int:
+        """q and k read once and written once (only their rotated elements must move; the kernel moves all)."""
+        return 2 * (self.q.nbytes + self.k.nbytes)
+
+
 def _check_options(eps: float, layout: str, gemma: object) -> None:
     check_positive(eps, "eps")
     check_choice(layout, "layout", ROPE_LAYOUTS)
@@ -269,11 +290,63 @@ def validate_qk_norm_rope_inputs(
     )
 
 
+def validate_rope_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    rotary_dim: int | None = None,
+    layout: str = "neox",
+) -> RoPEInput:
+    """Check an ``apply_rope`` call and return its sizes.
+
+    ``q`` is ``[..., seq, q_heads, head_dim]`` and ``k`` ``[..., seq, kv_heads, head_dim]`` with the same leading
+    dimensions and dtype, unit stride in ``head_dim`` and any other strides (views of a packed QKV output qualify);
+    ``cos``, ``sin``, ``position_ids`` and ``rotary_dim`` follow the module's conventions.
+    """
+    for name, t in (("q", q), ("k", k)):
+        check_tensor(t, name)
+        check_dtype(t, name, FLOAT_DTYPES)
+    check_same_dtype(q=q, k=k)
+    check_choice(layout, "layout", ROPE_LAYOUTS)
+    check_ndim(q, "q", minimum=3)
+    check_ndim(k, "k", minimum=3)
+    lead, seq, head_dim = tuple(q.shape[:-2]), q.shape[-3], q.shape[-1]
+    if tuple(k.shape[:-2]) != lead:
+        raise ShapeMismatchError(
+            f"k: expected leading dimensions {list(lead)} (those of q before heads), got {list(k.shape[:-2])}"
+        )
+    check_dim_size(k, "k", k.dim() - 1, head_dim, "q's head_dim")
+    width = _check_tables(cos, sin, lead, seq, position_ids)
+    _check_position_ids(position_ids, lead, seq)
+    check_same_device(q=q, k=k, cos=cos, sin=sin, position_ids=position_ids)
+    check_kernel_device(q, "q")
+    check_last_dim_contiguous(q, "q")
+    check_last_dim_contiguous(k, "k")
+    rotary = _check_rotary(rotary_dim, width, head_dim)
+    return RoPEInput(
+        q=TensorSpec.from_tensor(q),
+        k=TensorSpec.from_tensor(k),
+        num_q_heads=q.shape[-2],
+        num_kv_heads=k.shape[-2],
+        head_dim=head_dim,
+        rotary_dim=rotary,
+        num_tokens=q.numel() // (q.shape[-2] * head_dim) if q.numel() else 0,
+        seq_len=seq,
+        layout=layout,
+        has_position_ids=position_ids is not None,
+    )
+
+
 __all__ = [
     "POSITION_DTYPES",
     "ROPE_LAYOUTS",
     "QKNormRoPEInput",
     "RMSNormRoPEInput",
+    "RoPEInput",
     "validate_qk_norm_rope_inputs",
     "validate_rmsnorm_rope_inputs",
+    "validate_rope_inputs",
 ]

@@ -6,11 +6,18 @@ See docs/autotune.md.
 
 from .__about__ import __version__
 from .cache import CacheFileWarning, cache_dir, cache_file
-from .keys import bucket_problem, device_key, make_key, next_pow2
-from .measure import CudaEventTimer, Timer, WallClockTimer
+from .keys import bucket_problem, device_identity, device_key, make_key, next_pow2
+from .measure import CudaEventTimer, GpuTimer, Timer, WallClockTimer
 from .registry import Tunable, available_tunables, get_tunable, register_tunable, unregister_tunable
 from .search import TuningError
-from .select import clear_memo, config_source, select_config, tuning_session
+from .select import (
+    UntunedDeviceWarning,
+    clear_memo,
+    config_source,
+    select_config,
+    tuning_mode,
+    tuning_session,
+)
 from .session import KernelTuning, tune_operation
 from .space import (
     ConfigSpace,
@@ -25,11 +32,13 @@ __all__ = [
     "CacheFileWarning",
     "ConfigSpace",
     "CudaEventTimer",
+    "GpuTimer",
     "KernelTuning",
     "Timer",
     "TritonAutoTuner",
     "Tunable",
     "TuningError",
+    "UntunedDeviceWarning",
     "WallClockTimer",
     "__version__",
     "available_tunables",
@@ -39,6 +48,7 @@ __all__ = [
     "cache_file",
     "clear_memo",
     "config_source",
+    "device_identity",
     "device_key",
     "elements_per_thread_at_most",
     "get_tunable",
@@ -50,6 +60,7 @@ __all__ = [
     "shared_memory_fits",
     "threads_at_most_block",
     "tune_operation",
+    "tuning_mode",
     "tuning_session",
     "unregister_tunable",
 ]

@@ -11,6 +11,7 @@ No pickle anywhere: a cache file is data, never code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -18,13 +19,13 @@ import re
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from .keys import key_string, relaxed_key_string
+from .keys import key_string, legacy_key_string, relaxed_key_string
 
 FORMAT = "kernel-autotune-configs"
 FORMAT_VERSION = 1
@@ -110,52 +111,81 @@ def _read(path: Path) -> tuple[dict[str, Entry] | None, str | None]:
     return parse_document(doc)
 
 
+class _Parsed:
+    """One parsed file: its entries, their indexes for relaxed matching, and the devices it has entries for."""
+
+    __slots__ = ("devices", "entries", "legacy", "relaxed", "stamp")
+
+    def __init__(self, stamp: tuple[int, int, int], entries: dict[str, Entry]) -> None:
+        self.stamp = stamp
+        self.entries = entries
+        self.relaxed: dict[str, Entry] = {}
+        self.legacy: dict[str, Entry] = {}  # entries whose key has no "capability" (kernel-autotune 0.1)
+        self.devices: set[tuple[str, str | None]] = set()
+        # Sorted so that, among entries differing only in versions, the newest tuning wins deterministically.
+        for entry in sorted(entries.values(), key=lambda e: str(e.get("tuned_at", ""))):
+            key = entry["key"]
+            if "capability" in key:
+                self.relaxed[relaxed_key_string(key)] = entry
+            else:
+                self.legacy[legacy_key_string(key)] = entry
+            self.devices.add((str(key.get("device", "")), key.get("capability")))
+
+
+_EMPTY = _Parsed((0, 0, 0), {})
+
 # Parsed files, re-read only when their inode, size or mtime changes: a lookup costs one stat.
-_parsed: dict[str, tuple[tuple[int, int, int], dict[str, Entry], dict[str, Entry]]] = {}
+_parsed: dict[str, _Parsed] = {}
 _parsed_lock = threading.Lock()
 
 
-def _relaxed_index(entries: Mapping[str, Entry]) -> dict[str, Entry]:
-    index: dict[str, Entry] = {}
-    # Sorted so that, among entries differing only in versions, the newest tuning wins deterministically.
-    for entry in sorted(entries.values(), key=lambda e: str(e.get("tuned_at", ""))):
-        index[relaxed_key_string(entry["key"])] = entry
-    return index
-
-
-def _load(path: Path) -> tuple[dict[str, Entry], dict[str, Entry]]:
+def _load(path: Path) -> _Parsed:
     try:
         st = path.stat()
     except OSError:
-        return {}, {}
+        return _EMPTY
     stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # os.replace gives a new inode
     p = str(path)
     with _parsed_lock:
         hit = _parsed.get(p)
-    if hit is not None and hit[0] == stamp:
-        return hit[1], hit[2]
+    if hit is not None and hit.stamp == stamp:
+        return hit
     entries, problem = _read(path)
     if problem is not None:
         _warn_once(path, problem)
-    entries = entries or {}
-    relaxed = _relaxed_index(entries)
+    parsed = _Parsed(stamp, entries or {})
     with _parsed_lock:
-        _parsed[p] = (stamp, entries, relaxed)
-    return entries, relaxed
+        _parsed[p] = parsed
+    return parsed
 
 
 def read_entries(path: Path | str) -> dict[str, Entry]:
     """All valid entries of a cache or shipped file ({} when missing; warns once if corrupt or foreign)."""
-    return dict(_load(Path(path))[0])
+    return dict(_load(Path(path)).entries)
 
 
 def lookup(path: Path | str, key: Mapping[str, Any], *, relaxed: bool = False) -> Entry | None:
-    """The entry for ``key`` in ``path``; with ``relaxed``, fall back to one that differs only in versions."""
-    entries, index = _load(Path(path))
-    entry = entries.get(key_string(key))
+    """The entry for ``key`` in ``path``; with ``relaxed``, fall back to one that differs only in versions (and,
+    for an entry written before keys named the compute capability, one of the same product name)."""
+    parsed = _load(Path(path))
+    entry = parsed.entries.get(key_string(key))
     if entry is None and relaxed:
-        entry = index.get(relaxed_key_string(key))
+        entry = parsed.relaxed.get(relaxed_key_string(key))
+        if entry is None and parsed.legacy:
+            entry = parsed.legacy.get(legacy_key_string(key))
     return entry
+
+
+def devices(path: Path | str) -> set[tuple[str, str | None]]:
+    """The ``(device name, capability)`` pairs ``path`` has entries for (capability None: an entry from before keys
+    named it, which counts for every capability of that name)."""
+    return set(_load(Path(path)).devices)
+
+
+def has_device(path: Path | str, identity: tuple[str, str | None]) -> bool:
+    """Whether ``path`` (a shipped file) has any entry for the device ``(name, capability)``."""
+    present = _load(Path(path)).devices
+    return identity in present or (identity[0], None) in present
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -173,6 +203,29 @@ class _Lock:
 
     def __exit__(self, *exc: object) -> None:
         self._impl.release()
+
+
+TUNING_LOCK_SUFFIX = ".tuning.lock"
+TUNING_LOCK_TIMEOUT_S = 900.0
+
+
+@contextlib.contextmanager
+def tuning_lock(path: Path | str, timeout: float = TUNING_LOCK_TIMEOUT_S) -> Iterator[bool]:
+    """Held while a process tunes a kernel of cache file ``path`` on first use (``<path>.tuning.lock``): another
+    process that needs the same kernel waits, then finds the result in the cache instead of tuning it again (and two
+    tunings never share the GPU, which would skew both). Yields True once acquired, False after ``timeout`` s."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + TUNING_LOCK_SUFFIX, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def document(entries: Mapping[str, Entry]) -> dict[str, Any]:
@@ -309,8 +362,10 @@ __all__ = [
     "cache_dir",
     "cache_file",
     "cache_files",
+    "devices",
     "document",
     "forget_parsed",
+    "has_device",
     "load_trials",
     "lookup",
     "parse_document",
@@ -319,6 +374,7 @@ __all__ = [
     "store",
     "store_trials",
     "trials_file",
+    "tuning_lock",
     "update",
     "write_document",
 ]

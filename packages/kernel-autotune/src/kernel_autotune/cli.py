@@ -2,6 +2,8 @@
 
     python -m kernel_autotune tune fused_gated_mlp --shape tokens=64,hidden=4096,intermediate=11264
     python -m kernel_autotune tune --all --out tuned/          # every installed family, its benchmark shapes
+    python -m kernel_autotune tune --all --write-shipped       # ... and write the results into each package's
+                                                               # tuned_configs.json, keyed by this GPU
     python -m kernel_autotune show [--kernel fused_gated_mlp]
     python -m kernel_autotune export tuned_configs.json --kernel fused_gated_mlp
     python -m kernel_autotune import tuned_configs.json
@@ -49,6 +51,10 @@ def parse_shape(spec: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"shape {spec!r} is empty")
     return shape
 
+
+# The sweep that produces the shipped tables (tune --all --write-shipped): every family on its benchmark shapes in
+# 5 minutes, so it fits one 6-minute run on the GPU machine with the imports and the cold-start check.
+DEFAULT_SHIP_SECONDS = 300.0
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -99,16 +105,19 @@ def _strip(entry: dict[str, Any], trials: bool) -> dict[str, Any]:
 
 
 class _Progress:
-    """tqdm when installed, else one line per step on stderr."""
+    """tqdm when installed and stderr is a terminal, else one line per step on stderr (with the time so far)."""
 
     def __init__(self, total: int, desc: str) -> None:
         self.total, self.n, self.desc = total, 0, desc
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, desc=desc, unit="shape", file=sys.stderr, dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc=desc, unit="shape", file=sys.stderr, dynamic_ncols=True)
 
     def step(self, text: str) -> None:
         self.n += 1
@@ -116,7 +125,8 @@ class _Progress:
             self.bar.set_postfix_str(text[:60])
             self.bar.update(1)
         else:
-            print(f"[{self.n}/{self.total}] {self.desc}: {text}", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - self.started
+            print(f"[{self.n}/{self.total} {elapsed:.0f} s] {self.desc}: {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -136,14 +146,19 @@ def _tune_jobs(args: argparse.Namespace) -> list[tuple[Any, dict[str, Any]]]:
         names = list(args.families)
     if not names:
         raise SystemExit("tune: name kernel families (see `list`) or pass --all")
-    jobs = []
+    per_family = []
     for name in names:
         tunable = get_tunable(name)
         shapes = [dict(s) for s in (args.shape or tunable.shapes)]
         if args.dtypes:
             dtypes = [_DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
             shapes = [{**s, "dtype": d} for s in shapes for d in dtypes]
-        jobs += [(tunable, s) for s in shapes]
+        per_family.append([(tunable, s) for s in shapes])
+    # Families take turns, each in its own order (most important shapes first): a sweep that runs out of time
+    # (--total-seconds) loses the last shapes of every family, not a whole family.
+    jobs = []
+    for i in range(max((len(f) for f in per_family), default=0)):
+        jobs += [f[i] for f in per_family if i < len(f)]
     return jobs
 
 
@@ -168,6 +183,34 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _shipped_target(args: argparse.Namespace, device: Any) -> tuple[str, str | None] | None:
+    """The device identity ``--write-shipped`` writes entries under (None without the flag); refuses the CPU."""
+    if not args.write_shipped:
+        return None
+    from triton_ops_core.device import device_info
+
+    info = device_info(device)
+    if not info.is_gpu:
+        raise SystemExit("tune --write-shipped: the device is the CPU interpreter, whose timings say nothing about a "
+                         "GPU; run it on the GPU the entries are for")
+    return info.identity
+
+
+def write_shipped(path: Path, entries: Iterable[dict[str, Any]]) -> tuple[int, int]:
+    """Merge tuned ``entries`` into the shipped file ``path``: each replaces any entry of the same kernel, problem,
+    dtypes and device (name and capability), whatever versions it was tuned under; entries of other devices and
+    problems stay. Returns (entries written, entries kept)."""
+    from .keys import relaxed_key_string
+
+    new = {key_string(e["key"]): {k: v for k, v in e.items() if k != "trials"} for e in entries}
+    replaced = {relaxed_key_string(e["key"]) for e in new.values()}
+    current = _cache.read_entries(path)
+    kept = {k: e for k, e in current.items() if relaxed_key_string(e["key"]) not in replaced}
+    _cache.write_document(path, {**kept, **new})
+    _cache.forget_parsed()
+    return len(new), len(kept)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from triton_ops_core.device import device_name
 
@@ -175,13 +218,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .session import tune_operation
 
     device = _pick_device(args.device)
-    jobs = _tune_jobs(args)
+    jobs = _tune_jobs(args)  # imports --module first (a module may decide what the device is, in tests)
+    ship_as = _shipped_target(args, device)
+    if ship_as is not None and not args.total_seconds:
+        args.total_seconds = DEFAULT_SHIP_SECONDS
+    if ship_as is not None:
+        missing = sorted({t.name for t, _ in jobs if t.shipped is None})
+        if missing:
+            raise SystemExit(f"tune --write-shipped: {', '.join(missing)} declare no shipped file")
     rows: list[dict[str, Any]] = []
     skipped_families: dict[str, str] = {}
+    shipped_counts: dict[str, int] = {}
+    families = list(dict.fromkeys(t.name for t, _ in jobs))
+    print(f"tuning {len(jobs)} shapes of {', '.join(families) or 'no family'} on {device}"
+          + (f" within {args.total_seconds:.0f} s" if args.total_seconds else ""), file=sys.stderr, flush=True)
     progress = _Progress(len(jobs), "tuning")
     started = time.perf_counter()
     for index, (tunable, shape) in enumerate(jobs):
         label = tunable.label(shape)
+        if args.total_seconds and time.perf_counter() - started >= args.total_seconds:
+            rows.append({"family": tunable.name, "shape": label,
+                         "error": f"not started: the sweep's {args.total_seconds:.0f} s (--total-seconds) ran out"})
+            progress.step(f"{tunable.name} {label}: skipped, out of time")
+            continue
         shape_seconds = None
         if args.total_seconds:  # share what is left of the sweep's budget evenly among the shapes still to do
             left = args.total_seconds - (time.perf_counter() - started)
@@ -225,7 +284,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                            trials=e.get("trials_total", 0), failed=e.get("trials_failed", 0),
                            kernel_seconds=e.get("tuning_time_s"))
             rows.append(row)
-        progress.step(label)
+        if ship_as is not None:
+            done = [r.entry for r in results if r.entry is not None]
+            if done:
+                written, _ = write_shipped(tunable.shipped, done)
+                shipped_counts[tunable.name] = shipped_counts.get(tunable.name, 0) + written
+        progress.step(f"{tunable.name} {label}: " + "; ".join(_summary(r) for r in results) + f" ({seconds:.1f} s)")
         del runner
         _free_memory()
     progress.close()
@@ -250,9 +314,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(render_cold(cold))
     if args.out:
         _write_outputs(Path(args.out), report, {t.name: t for t, _ in jobs}, device_key(device))
+    if ship_as is not None:
+        for t in {t.name: t for t, _ in jobs}.values():
+            if shipped_counts.get(t.name):
+                n_dev = sum(1 for e in _cache.read_entries(t.shipped).values()
+                            if (e["key"].get("device"), e["key"].get("capability")) == ship_as)
+                n_all = len(_cache.read_entries(t.shipped))
+                print(f"shipped: {t.shipped}: {n_dev} entries for {ship_as[0]} ({ship_as[1]}), {n_all} in all",
+                      file=sys.stderr)
     n_err = sum(1 for r in rows if "error" in r)
     print(f"\n{len(tuned)} kernels tuned, {n_err} rows failed or skipped, {total:.1f} s in all", file=sys.stderr)
     return 0 if tuned or not rows else 1
+
+
+def _summary(result: Any) -> str:
+    """One kernel's outcome in a progress line."""
+    if result.entry is None:
+        return f"{result.kernel} not tuned"
+    e = result.entry
+    dflt = e.get("default_latency_ms")
+    vs = f" vs default {dflt * 1e3:.1f} us" if dflt else ""
+    return f"{result.kernel} {e['latency_ms'] * 1e3:.1f} us{vs}"
 
 
 def _torch_version() -> str:
@@ -447,7 +529,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
         for path in files:
             removed += len(_cache.read_entries(path))
             side = _cache.trials_file(path)
-            for p in (path, Path(str(path) + ".lock"), Path(str(path) + ".corrupt"), side, Path(str(side) + ".lock")):
+            for p in (path, Path(str(path) + ".lock"), Path(str(path) + ".corrupt"),
+                      Path(str(path) + _cache.TUNING_LOCK_SUFFIX), side, Path(str(side) + ".lock")):
                 try:
                     p.unlink()
                 except FileNotFoundError:
@@ -518,10 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop trying new configs of one kernel after this long (default 60; 0: no limit)")
     p.add_argument("--total-seconds", type=float, default=0.0,
                    help="time budget of the whole sweep, shared evenly among the shapes left (default 0: none); "
-                        "each kernel's default config is timed whatever the budget, so it can be overrun a little")
+                        "each kernel's default config is timed whatever the budget, so it can be overrun by about "
+                        "one shape; shapes not started by then are reported as skipped")
     p.add_argument("--module", action="append", help="import this module first (it may call register_tunable)")
     p.add_argument("--out", help="write report.json, report.md and <family>/tuned_configs.json here")
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process lookup timing")
+    p.add_argument("--write-shipped", action="store_true",
+                   help="write each shape's results into its family's shipped tuned_configs.json as soon as it is "
+                        "tuned, keyed by this GPU's name and compute capability (other devices' entries stay); "
+                        f"--total-seconds defaults to {DEFAULT_SHIP_SECONDS:.0f} then")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("show", help="list tuned configs")
@@ -581,4 +669,4 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ[_cache.ENV_CACHE_DIR] = previous
 
 
-__all__ = ["build_parser", "main", "parse_shape"]
+__all__ = ["DEFAULT_SHIP_SECONDS", "build_parser", "main", "parse_shape", "write_shipped"]

@@ -12,12 +12,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from triton_ops_core.device import is_interpreter
+from triton_ops_core.device import device_info
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import next_pow2
 from triton_ops_core.models import dtype_name
 
 CPU_INTERPRETER = "cpu-interpreter"
+_UNSET = object()
 
 
 def bucket_problem(problem: Mapping[str, int], bucket: Iterable[str] = ()) -> dict[str, int]:
@@ -43,32 +44,27 @@ def bucket_problem(problem: Mapping[str, int], bucket: Iterable[str] = ()) -> di
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _cuda_name(index: int | None) -> str:
-    return torch.cuda.get_device_name(index)
+def device_identity(device: torch.device | str | int | None = None) -> tuple[str, str | None]:
+    """``(product name, compute capability)`` of ``device``: ``("NVIDIA H200", "9.0")``, or
+    ``("cpu-interpreter", None)``. What every key, shipped table and warning names a GPU by.
+
+    ``None`` means the current CUDA device when one is usable (and the interpreter is off), else the CPU
+    interpreter. Inside ``triton_ops_core.device.simulate_device``, the simulated device.
+    """
+    if isinstance(device, str):
+        device = torch.device(device)
+    if isinstance(device, torch.device) and device.type not in ("cuda", "cpu") and not _simulating():
+        return device.type, None
+    return device_info(device).identity
+
+
+def _simulating() -> bool:
+    return device_info(torch.device("cpu")).is_gpu
 
 
 def device_key(device: torch.device | str | int | None = None) -> str:
-    """The device part of a key: the GPU's product name, or ``"cpu-interpreter"``.
-
-    ``None`` means the current CUDA device when one is usable (and the interpreter is off),
-    else the CPU interpreter.
-    """
-    if isinstance(device, int):
-        device = torch.device("cuda", device)
-    elif isinstance(device, str):
-        device = torch.device(device)
-    if device is None:
-        if torch.cuda.is_available() and not is_interpreter():
-            return _cuda_name(torch.cuda.current_device())
-        return CPU_INTERPRETER
-    if device.type == "cuda":
-        if is_interpreter() or not torch.cuda.is_available():
-            return CPU_INTERPRETER
-        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
-    if device.type == "cpu":
-        return CPU_INTERPRETER
-    return device.type
+    """The device name part of a key: the GPU's product name, or ``"cpu-interpreter"`` (see :func:`device_identity`)."""
+    return device_identity(device)[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,19 +89,23 @@ def make_key(
     device: torch.device | str | int | None = None,
     bucket: Iterable[str] = (),
     device_name: str | None = None,
+    capability: str | None | object = _UNSET,
 ) -> dict[str, Any]:
     """The full key dict of one tuned entry, with the problem bucketed.
 
-    ``device_name`` overrides the name found from ``device`` (to address another machine's entries).
+    The device is named by product name and compute capability (``"device"``, ``"capability"``). ``device_name``
+    and ``capability`` override what ``device`` says (to address another machine's entries).
     """
     if not isinstance(kernel, str) or not kernel:
         raise InvalidArgumentError(f"kernel name: expected a non-empty string, got {kernel!r}")
+    name, cap = device_identity(device) if device_name is None or capability is _UNSET else (None, None)
     return {
         "kernel": kernel,
         "version": str(version),
         "problem": bucket_problem(problem, bucket),
         "dtypes": dtype_names(dtypes),
-        "device": device_name if device_name is not None else device_key(device),
+        "device": device_name if device_name is not None else name,
+        "capability": cap if capability is _UNSET else capability,
         "triton": triton_version(),
     }
 
@@ -119,17 +119,26 @@ def relaxed_key_string(key: Mapping[str, Any]) -> str:
     """A key without the package and Triton versions: how a shipped file is matched as a fallback.
 
     Shipped results travel with the package they were tuned for; a newer Triton still runs the
-    same launch configs, so a shipped entry tuned under another Triton beats the heuristic.
+    same launch configs, so a shipped entry tuned under another Triton beats the heuristic. The device's
+    name and compute capability stay: a shipped entry only ever serves the GPU it was tuned on.
     """
     return key_string({k: v for k, v in key.items() if k not in ("version", "triton")})
+
+
+def legacy_key_string(key: Mapping[str, Any]) -> str:
+    """A relaxed key without the compute capability: how entries written before keys named it (kernel-autotune
+    0.1) are matched, by exact product name."""
+    return key_string({k: v for k, v in key.items() if k not in ("version", "triton", "capability")})
 
 
 __all__ = [
     "CPU_INTERPRETER",
     "bucket_problem",
+    "device_identity",
     "device_key",
     "dtype_names",
     "key_string",
+    "legacy_key_string",
     "make_key",
     "next_pow2",
     "relaxed_key_string",

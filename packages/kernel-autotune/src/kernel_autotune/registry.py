@@ -14,11 +14,17 @@ before it is needed:
 
 kernel-autotune knows no kernel family of its own: the triton-ops kernel packages (``fused_rmsnorm_rope``,
 ``fused_gated_mlp``, ``fp8_gemm``) declare theirs through the entry point, each in its ``tuning`` module.
+
+A distribution run from source (its ``src`` folder on ``PYTHONPATH``, nothing installed, as on the GPU machine) has
+no installed metadata; its entry points are then read from the ``pyproject.toml`` beside that ``src`` folder, so
+``tune --all`` finds the same families either way.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,9 +111,64 @@ def _entry_points() -> dict[str, Any]:
     return {ep.name: ep for ep in eps}
 
 
-def available_tunables() -> dict[str, str]:
-    """Every known family and where it comes from: ``"registered"`` or ``"entry point"``."""
+_SECTION = re.compile(r'^\[project\.entry-points\.(?:"kernel_autotune\.tunables"|kernel_autotune\.tunables)\]\s*$')
+_ASSIGN = re.compile(r'^\s*"?([A-Za-z0-9_.-]+)"?\s*=\s*"([A-Za-z0-9_.]+:[A-Za-z0-9_.]+)"\s*(?:#.*)?$')
+
+
+def _pyproject_entry_points(text: str) -> dict[str, str]:
+    """name -> ``"module:attr"`` of the ``kernel_autotune.tunables`` group in a ``pyproject.toml``'s text."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the section's plain ``name = "module:attr"`` lines
+        out: dict[str, str] = {}
+        inside = False
+        for line in text.splitlines():
+            if line.strip().startswith("["):
+                inside = bool(_SECTION.match(line.strip()))
+                continue
+            m = _ASSIGN.match(line) if inside else None
+            if m:
+                out[m.group(1)] = m.group(2)
+        return out
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return {}
+    group = doc.get("project", {}).get("entry-points", {}).get(ENTRY_POINT_GROUP, {})
+    return {str(k): str(v) for k, v in group.items() if isinstance(v, str)}
+
+
+def _source_entry_points() -> dict[str, str]:
+    """Families of distributions run from source: every ``sys.path`` folder named ``src`` whose parent holds a
+    ``pyproject.toml`` declaring the group."""
     out: dict[str, str] = {}
+    for entry in sys.path:
+        folder = Path(entry or ".")
+        if folder.name != "src":
+            continue
+        try:
+            text = (folder.parent / "pyproject.toml").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        for name, target in _pyproject_entry_points(text).items():
+            out.setdefault(name, target)
+    return out
+
+
+def _load_target(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def available_tunables() -> dict[str, str]:
+    """Every known family and where it comes from: ``"registered"``, ``"entry point"`` or ``"source"`` (a
+    ``pyproject.toml`` beside a ``src`` folder on ``sys.path``)."""
+    out: dict[str, str] = {}
+    for name in _source_entry_points():
+        out[name] = "source"
     for name in _entry_points():
         out[name] = "entry point"
     for name in _registered:
@@ -116,12 +177,16 @@ def available_tunables() -> dict[str, str]:
 
 
 def get_tunable(name: str) -> Tunable:
-    """The family ``name``: a registered one first, then an entry point."""
+    """The family ``name``: a registered one first, then an installed entry point, then one read from source."""
     factory: Callable[[], Any] | None = _registered.get(name)
     if factory is None:
         ep = _entry_points().get(name)
         if ep is not None:
             factory = ep.load()
+    if factory is None:
+        target = _source_entry_points().get(name)
+        if target is not None:
+            factory = _load_target(target)
     if factory is None:
         known = ", ".join(available_tunables()) or "none"
         raise InvalidArgumentError(

@@ -2,9 +2,12 @@
 
 ``pip install triton-ops`` installs every package of the family; this module re-exports their documented API:
 
-- RMSNorm + RoPE (``fused-rmsnorm-rope``): ``fused_rmsnorm_rope``, ``fused_qk_norm_rope``, ``FusedRMSNormRoPE``
+- RMSNorm + RoPE (``fused-rmsnorm-rope``): ``fused_rmsnorm_rope``, ``fused_qk_norm_rope``, ``apply_rope`` (RoPE
+  alone on q and k), ``FusedRMSNormRoPE``
 - gated MLP (``fused-gated-mlp``): ``fused_gated_mlp``, ``FusedGatedMLP``
 - mixture of experts (``fused-moe``): ``fused_moe``, ``FusedMoE``
+- decode attention (``decode-attention``): ``decode_attention`` (and ``triton_ops.models.attention_backend``:
+  transformers' attention backend ``"triton_ops"``)
 - FP8 (``fp8-gemm``): ``quantize_fp8``, ``dequantize_fp8``, ``fp8_gemm``, ``fp8_linear``, ``FP8Linear``,
   ``convert_to_fp8``
 - tuning (``kernel-autotune``): ``TritonAutoTuner`` and the config spaces ``RMSNORM_ROPE_CONFIGS``,
@@ -22,6 +25,7 @@ CUDA graphs and ``torch.export`` take each as one node.
 Without a GPU, set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors (slowly).
 """
 
+from decode_attention import decode_attention
 from fp8_gemm import (
     FP8_GEMM_CONFIGS,
     FP8Linear,
@@ -39,6 +43,7 @@ from fused_rmsnorm_rope import (
     FusedAddRMSNorm,
     FusedRMSNormRoPE,
     RMSNorm,
+    apply_rope,
     fused_add_rmsnorm,
     fused_qk_norm_rope,
     fused_rmsnorm_rope,
@@ -83,7 +88,9 @@ def __getattr__(name: str):
 REGISTERED_OPS = (
     "fused_rmsnorm_rope", "fused_rmsnorm_rope_backward", "fused_qk_norm_rope", "fused_qk_norm_rope_",
     "fused_qk_norm_rope_backward", "rmsnorm", "fused_add_rmsnorm", "fused_add_rmsnorm_",
+    "rope", "rope_", "rope_backward",
     "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear", "moe_route", "moe_experts",
+    "decode_attention",
 )
 
 __all__ = [
@@ -116,7 +123,9 @@ __all__ = [
     "UnsupportedDeviceError",
     "UnsupportedDtypeError",
     "__version__",
+    "apply_rope",
     "convert_to_fp8",
+    "decode_attention",
     "dequantize_fp8",
     "fp8_gemm",
     "fp8_linear",

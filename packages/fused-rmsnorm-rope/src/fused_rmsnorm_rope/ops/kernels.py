@@ -9,6 +9,9 @@ vectorized) and the pass-through tail
 
 The sum of squares is taken over the whole row (``PER_HEAD=False``, weight ``[NUM_HEADS * HEAD_DIM]``) or per head
 (``PER_HEAD=True``, weight ``[HEAD_DIM]`` shared by the heads: QK-norm). All math is fp32.
+
+The q/k kernel also rotates without normalizing (``NORM=False``: ``rope``, Llama-style attention) and applies the
+transposed rotation (``TRANSPOSE=True``: RoPE's backward, ``rope`` with ``-sin`` when the table's halves match).
 """
 
 from __future__ import annotations
@@ -123,10 +126,12 @@ def _norm_rope_row_fwd(X, Y, w1, w2, wp, cos_row, sin_row, bad, RSTD, eps, strid
                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
                        HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
                        INTERLEAVED: tl.constexpr, GEMMA: tl.constexpr, PER_HEAD: tl.constexpr,
-                       STORE_RSTD: tl.constexpr):
+                       STORE_RSTD: tl.constexpr, NORM: tl.constexpr, TRANSPOSE: tl.constexpr):
     """Normalize one row (X, Y point at its start), rotate it, write it; store rstd when training.
 
-    The weight tiles (w1, w2, wp) come from the caller, loaded once per program for all its rows.
+    The weight tiles (w1, w2, wp) come from the caller, loaded once per program for all its rows. ``NORM=False``
+    rotates x itself (weights, eps and RSTD unused); ``TRANSPOSE=True`` applies the transposed rotation (the
+    backward of RoPE: ``y1 = x1 c1 + x2 s2``, ``y2 = x2 c2 - x1 s1``).
     """
     HALF: tl.constexpr = ROT_DIM // 2
     PASS: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -138,41 +143,53 @@ def _norm_rope_row_fwd(X, Y, w1, w2, wp, cos_row, sin_row, bad, RSTD, eps, strid
     pmask = hmask & (p < PASS)
 
     x1, x2 = _load_pair(X, h, j, stride_xh, hmask, HALF, INTERLEAVED)
-    ss = x1 * x1 + x2 * x2
-    if PER_HEAD:
-        sumsq = tl.sum(ss, axis=1)
-    else:
-        sumsq = tl.sum(tl.sum(ss, axis=1), axis=0)
     xp = x1
     if HAS_PASS:
         xp = tl.load(X + h * stride_xh + ROT_DIM + p, mask=pmask, other=0.0).to(tl.float32)
+    if NORM:
+        ss = x1 * x1 + x2 * x2
         if PER_HEAD:
-            sumsq += tl.sum(xp * xp, axis=1)
+            sumsq = tl.sum(ss, axis=1)
         else:
-            sumsq += tl.sum(tl.sum(xp * xp, axis=1), axis=0)
+            sumsq = tl.sum(tl.sum(ss, axis=1), axis=0)
+        if HAS_PASS:
+            if PER_HEAD:
+                sumsq += tl.sum(xp * xp, axis=1)
+            else:
+                sumsq += tl.sum(tl.sum(xp * xp, axis=1), axis=0)
 
-    if PER_HEAD:
-        rstd = tl.rsqrt(sumsq / HEAD_DIM + eps)
-        r = rstd[:, None]
-    else:
-        rstd = tl.rsqrt(sumsq / (NUM_HEADS * HEAD_DIM) + eps)
-        r = rstd
-    if STORE_RSTD:
         if PER_HEAD:
-            tl.store(RSTD + tl.arange(0, HEADS_PAD), rstd, mask=tl.arange(0, HEADS_PAD) < NUM_HEADS)
+            rstd = tl.rsqrt(sumsq / HEAD_DIM + eps)
+            r = rstd[:, None]
         else:
-            tl.store(RSTD, rstd)
+            rstd = tl.rsqrt(sumsq / (NUM_HEADS * HEAD_DIM) + eps)
+            r = rstd
+        if STORE_RSTD:
+            if PER_HEAD:
+                tl.store(RSTD + tl.arange(0, HEADS_PAD), rstd, mask=tl.arange(0, HEADS_PAD) < NUM_HEADS)
+            else:
+                tl.store(RSTD, rstd)
+        n1 = x1 * r * w1
+        n2 = x2 * r * w2
+        np_ = xp * r * wp
+    else:
+        n1 = x1
+        n2 = x2
+        np_ = xp
 
     c1, c2 = _load_table_pair(cos_row, j, bad, HALF, INTERLEAVED)
     s1, s2 = _load_table_pair(sin_row, j, bad, HALF, INTERLEAVED)
-    n1 = x1 * r * w1
-    n2 = x2 * r * w2
-    # y = n * cos + rotate_half(n) * sin, rotate_half(n) = (-n2, n1) on the two halves
-    y1 = n1 * c1 - n2 * s1
-    y2 = n2 * c2 + n1 * s2
+    if TRANSPOSE:
+        # the transpose of the rotation below (RoPE's backward): dn1 = g1 c1 + g2 s2, dn2 = g2 c2 - g1 s1
+        y1 = n1 * c1 + n2 * s2
+        y2 = n2 * c2 - n1 * s1
+    else:
+        # y = n * cos + rotate_half(n) * sin, rotate_half(n) = (-n2, n1) on the two halves
+        y1 = n1 * c1 - n2 * s1
+        y2 = n2 * c2 + n1 * s2
     _store_pair(Y, h, j, stride_yh, hmask, HALF, y1, y2, INTERLEAVED)
     if HAS_PASS:
-        tl.store(Y + h * stride_yh + ROT_DIM + p, (xp * r * wp).to(Y.dtype.element_ty), mask=pmask)
+        tl.store(Y + h * stride_yh + ROT_DIM + p, np_.to(Y.dtype.element_ty), mask=pmask)
 
 
 @triton.jit
@@ -198,7 +215,7 @@ def _rmsnorm_rope_fwd_kernel(
             _norm_rope_row_fwd(X + b * stride_xb + s * stride_xs, Y + b * stride_yb + s * stride_ys, w1, w2, wp,
                                cos_row, sin_row, bad, RSTD + row, eps, HEAD_DIM, HEAD_DIM,
                                NUM_HEADS, HEAD_DIM, ROT_DIM, HEADS_PAD, HALF_PAD, PASS_PAD,
-                               INTERLEAVED, GEMMA, False, STORE_RSTD)
+                               INTERLEAVED, GEMMA, False, STORE_RSTD, True, False)
 
 
 @triton.jit
@@ -212,14 +229,20 @@ def _qk_norm_rope_fwd_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
     INTERLEAVED: tl.constexpr, GEMMA: tl.constexpr, HAS_POS: tl.constexpr, STORE_RSTD: tl.constexpr,
-    ROWS_PER_PROG: tl.constexpr, EVEN_ROWS: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr, EVEN_ROWS: tl.constexpr, NORM: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):
-    """``fused_qk_norm_rope`` forward: per token, every q head then every k head, in one program."""
+    """``fused_qk_norm_rope`` forward: per token, every q head then every k head, in one program.
+
+    ``NORM=False``: RoPE alone (``rope``; QW, KW, eps, the RSTDs unused); ``TRANSPOSE=True``: its backward.
+    """
     pid = tl.program_id(0)
-    qw1, qw2, qwp = _weights_for(QW, NUM_Q_HEADS, HEAD_DIM, ROT_DIM, Q_HEADS_PAD, HALF_PAD, PASS_PAD, INTERLEAVED,
-                                 GEMMA, True)
-    kw1, kw2, kwp = _weights_for(KW, NUM_K_HEADS, HEAD_DIM, ROT_DIM, K_HEADS_PAD, HALF_PAD, PASS_PAD, INTERLEAVED,
-                                 GEMMA, True)
+    if NORM:
+        qw1, qw2, qwp = _weights_for(QW, NUM_Q_HEADS, HEAD_DIM, ROT_DIM, Q_HEADS_PAD, HALF_PAD, PASS_PAD,
+                                     INTERLEAVED, GEMMA, True)
+        kw1, kw2, kwp = _weights_for(KW, NUM_K_HEADS, HEAD_DIM, ROT_DIM, K_HEADS_PAD, HALF_PAD, PASS_PAD,
+                                     INTERLEAVED, GEMMA, True)
+    else:  # placeholders: the row function reads no weight without NORM
+        qw1, qw2, qwp, kw1, kw2, kwp = 1.0, 1.0, 1.0, 1.0, 1.0, 1.0
     for i in tl.static_range(ROWS_PER_PROG):
         row = pid * ROWS_PER_PROG + i
         if EVEN_ROWS or row < n_rows:
@@ -229,12 +252,12 @@ def _qk_norm_rope_fwd_kernel(
                                qw1, qw2, qwp,
                                cos_row, sin_row, bad, QRSTD + row * NUM_Q_HEADS, eps, stride_qh, stride_qoh,
                                NUM_Q_HEADS, HEAD_DIM, ROT_DIM, Q_HEADS_PAD, HALF_PAD, PASS_PAD,
-                               INTERLEAVED, GEMMA, True, STORE_RSTD)
+                               INTERLEAVED, GEMMA, True, STORE_RSTD, NORM, TRANSPOSE)
             _norm_rope_row_fwd(K + b * stride_kb + s * stride_ks, KO + b * stride_kob + s * stride_kos,
                                kw1, kw2, kwp,
                                cos_row, sin_row, bad, KRSTD + row * NUM_K_HEADS, eps, stride_kh, stride_koh,
                                NUM_K_HEADS, HEAD_DIM, ROT_DIM, K_HEADS_PAD, HALF_PAD, PASS_PAD,
-                               INTERLEAVED, GEMMA, True, STORE_RSTD)
+                               INTERLEAVED, GEMMA, True, STORE_RSTD, NORM, TRANSPOSE)
 
 
 @triton.jit

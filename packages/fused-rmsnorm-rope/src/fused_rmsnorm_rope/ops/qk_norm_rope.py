@@ -21,8 +21,12 @@ _PLANS = PlanCache()
 
 
 def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store_rstd, inplace, config=None,
-             bench=None) -> Plan:
-    """Everything but the tensors of a q/k launch (inputs already validated)."""
+             bench=None, norm=True, transpose=False) -> Plan:
+    """Everything but the tensors of a q/k launch (inputs already validated).
+
+    ``norm=False``: RoPE alone (``apply_rope``), ``transpose=True``: its backward; both take the QK-norm kernel's
+    config (the same kernel and row sizes, minus the norm's reduction).
+    """
     head_dim = q.shape[-1]
     hq, hk = q.shape[-2], k.shape[-2]
     n_rows = q.numel() // (hq * head_dim) if q.numel() else 0
@@ -52,7 +56,7 @@ def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store
             spb, sps, scb, scs,
             eps,
             hq, hk, head_dim, rotary_dim, hq_pad, hk_pad, half_pad, pass_pad,
-            interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0)
+            interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0, norm, transpose)
     extra = RowCopies(qv is not q, kv is not k, pos is not None and pos is not position_ids)
     return Plan(_qk_norm_rope_fwd_kernel, (max(1, (n_rows + rows - 1) // rows),), tail, config["num_warps"], n_rows,
                 extra=extra)
@@ -77,8 +81,9 @@ def _run_qk(plan: Plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_
         return qo, ko, q_rstd, k_rstd
     if position_ids is not None and copy_pos:
         position_ids = position_ids.contiguous()
-    plan.launch(qv, kv, qo, ko, q_weight, k_weight, cos, sin, qv if position_ids is None else position_ids,
-                qv if q_rstd is None else q_rstd, qv if k_rstd is None else k_rstd)
+    plan.launch(qv, kv, qo, ko, qv if q_weight is None else q_weight, qv if k_weight is None else k_weight, cos, sin,
+                qv if position_ids is None else position_ids, qv if q_rstd is None else q_rstd,
+                qv if k_rstd is None else k_rstd)
     if inplace and copy_q:
         q.copy_(qo)
     if inplace and copy_k:

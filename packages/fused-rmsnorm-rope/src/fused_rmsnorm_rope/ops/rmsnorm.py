@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, PlanCache, call_key, next_pow2
-from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dtype,
@@ -28,6 +28,8 @@ from triton_ops_core.validation import (
     check_same_dtype,
     check_tensor,
 )
+
+from ..config import get_norm_config
 
 # One pass keeps the row in registers up to this many elements (Llama-70B's 8192 included); longer rows loop twice
 # over the row (sum of squares, then normalize) in tiles of this size.
@@ -124,11 +126,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 _PLANS = PlanCache()
 
 
-def _plan(x, weight, eps, residual, gemma, inplace: bool) -> Plan:
+def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = None) -> Plan:
     """The cached launch of a call signature (validated on its first call). ``inplace``: the new residual is
-    written into ``residual`` itself, else into a fresh contiguous tensor."""
+    written into ``residual`` itself, else into a fresh contiguous tensor. ``config`` (``{"num_warps": w}``, tuning
+    candidates): that launch config, and the plan is not cached."""
     key = call_key(x, weight, eps, residual, gemma, inplace)
-    plan = _PLANS.get(key)
+    plan = _PLANS.get(key) if config is None else None
     if plan is not None:
         return plan
     _validate(x, weight, eps, residual, gemma)
@@ -139,17 +142,28 @@ def _plan(x, weight, eps, residual, gemma, inplace: bool) -> Plan:
     copy_x, copy_r = x2.data_ptr() != x.data_ptr(), residual is not None and r2.data_ptr() != residual.data_ptr()
     stride_ro = (r2.stride(0) if not copy_r else n) if inplace else n
     block = min(next_pow2(n), MAX_ONE_PASS)
-    # rows of 16+ KB stream best with more warps; a short row needs few
-    warps = 8 if block * x.element_size() >= 16384 else 4 if block >= 1024 else 2
+    if config is None:
+        def bench(cfg: dict):  # tune-on-first-use candidates: never in place (a fresh residual output each run)
+            return lambda: _forward(x, weight, eps, residual, gemma, False, config=cfg)
+
+        # kernel-autotune: cached, shipped for this GPU, tuned on first use, else config.norm_heuristic (rows of
+        # 16+ KB stream best with 8 warps; a short row needs few); no search inside a CUDA-graph capture
+        config = get_norm_config(n, block, n_rows, x.dtype, x.device, residual=residual is not None,
+                                 bench=None if capturing(x.device) else bench)
+        cache = True
+    else:
+        cache = False
     tail = (n_rows, n, x2.stride(0) if not copy_x else n, r2.stride(0) if not copy_r else n, n, stride_ro,
             float(eps), residual is not None, bool(gemma), block, n <= MAX_ONE_PASS)
-    plan = Plan(_rmsnorm_kernel, (max(1, n_rows),), tail, warps, n_rows, extra=NormNeeds(n, copy_x, copy_r))
-    return _PLANS.put(key, plan)
+    plan = Plan(_rmsnorm_kernel, (max(1, n_rows),), tail, int(config["num_warps"]), n_rows,
+                extra=NormNeeds(n, copy_x, copy_r))
+    return _PLANS.put(key, plan) if cache else plan
 
 
-def _forward(x, weight, eps, residual, gemma, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(x, weight, eps, residual, gemma, inplace: bool = False,
+             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch: ``(y, new residual)`` (None without ``residual``; ``residual`` itself with ``inplace``)."""
-    plan = _plan(x, weight, eps, residual, gemma, inplace)  # validates first: nothing is allocated for bad input
+    plan = _plan(x, weight, eps, residual, gemma, inplace, config)  # validates first: nothing allocated for bad input
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_residual = None
     if residual is not None:

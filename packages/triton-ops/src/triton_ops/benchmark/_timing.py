@@ -1,46 +1,43 @@
 """Device timing: warm-up, L2 flushed before every run, CUDA events, optional CUDA-graph replay.
 
-One measurement is capped in time (``max_ms``) rather than only in runs, so a sweep over small and large
-problems has a predictable length: a 10 us kernel gets ``benchmark_runs`` runs, a 5 ms one as many as fit.
+The timer is kernel-autotune's (``kernel_autotune.measure.GpuTimer``): the tuner ranks configs with the same flush,
+the same events and the same graph replay as this suite measures them. This module adds the suite's policy on top:
+a measurement capped in time (``max_ms``) rather than only in runs, so a sweep over small and large problems has a
+predictable length (a 10 us kernel gets ``benchmark_runs`` runs, a 5 ms one as many as fit), and repeated when its
+spread says it is unstable.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from triton_ops_core.device import L2Flush
+from kernel_autotune.measure import GpuTimer
 
 from ._model import Timing
 
 
-class CudaTimer:
+class CudaTimer(GpuTimer):
     """Times a zero-argument callable on the current CUDA device.
 
     Each run is preceded by a write of a 256 MiB buffer, so no operand is served from L2 (caches overstate
     bandwidth by up to 1.6x); the flush runs before the start event and is not counted. The number of runs is
-    ``benchmark_runs``, reduced so one measurement takes about ``max_ms`` (at least ``min_runs``).
+    ``benchmark_runs``, reduced so one measurement takes about ``max_ms`` (at least ``min_runs``). ``graph_ms`` and
+    ``host_ms`` (CUDA-graph replay, host time per call) are :class:`kernel_autotune.measure.GpuTimer`'s.
     """
 
     def __init__(self, warmup_runs: int = 10, benchmark_runs: int = 100, *, max_ms: float = 100.0,
                  min_runs: int = 10, flush_l2: bool = True, device: torch.device | str | None = None,
                  flush_by: str = "write", max_attempts: int = 3) -> None:
+        # "write" leaves L2 full of dirty lines, which the timed kernel writes back; "read" leaves clean ones
+        # (triton_ops_core.device.L2Flush, the same flush the tuner uses)
+        super().__init__(torch.device(device or "cuda"), flush_l2=flush_l2, flush_by=flush_by)
         self.warmup_runs = warmup_runs
         self.max_attempts = max(1, max_attempts)
         self.benchmark_runs = benchmark_runs
         self.max_ms = max_ms
         self.min_runs = min_runs
-        self.device = torch.device(device or "cuda")
-        # "write" leaves L2 full of dirty lines, which the timed kernel writes back; "read" leaves clean ones
-        # (triton_ops_core.device.L2Flush, the same flush the tuner uses)
-        self.flush_by = flush_by
-        self._flush = L2Flush(self.device, flush_by) if flush_l2 else None
-
-    def _flush_l2(self) -> None:
-        if self._flush is not None:
-            self._flush()
 
     def __call__(self, fn: Callable[[], Any]) -> Timing:
         """Warm up, then measure; a measurement whose spread says it is unstable (``Timing.unstable``: the host
@@ -59,68 +56,11 @@ class CudaTimer:
     def _measure(self, fn: Callable[[], Any], warmup: bool = True) -> Timing:
         for _ in range(self.warmup_runs if warmup else 0):
             fn()
-        torch.cuda.synchronize(self.device)
+        self._synchronize()
         # Estimate the cost of one run (flush excluded) to choose the number of runs.
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self._flush_l2()
-        start.record()
-        for _ in range(3):
-            fn()
-        end.record()
-        torch.cuda.synchronize(self.device)
-        estimate = max(start.elapsed_time(end) / 3, 1e-3)
+        estimate = max(self.estimate_ms(fn, calls=3), 1e-3)
         runs = int(max(self.min_runs, min(self.benchmark_runs, self.max_ms / estimate)))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-        for i in range(runs):
-            self._flush_l2()
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize(self.device)
-        return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
-
-    def graph_ms(self, fn: Callable[[], Any], calls: int = 20, replays: int = 20) -> float:
-        """Per-call time of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls (no host overhead).
-
-        The calls inside one replay run back to back, so their operands may sit in L2: this is the time a
-        decode step captured in a graph sees for a small op, not a cold-cache figure.
-        """
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize(self.device)
-        samples = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize(self.device)
-            samples.append(start.elapsed_time(end) / calls)
-        del graph
-        return Timing.from_samples(samples).median_ms
-
-
-    def host_ms(self, fn: Callable[[], Any], calls: int = 200) -> float:
-        """Wall-clock time per call of ``calls`` back-to-back launches (the host's cost, when it exceeds the
-        device's: what decode without CUDA graphs pays)."""
-        fn()
-        torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize(self.device)
-        return (time.perf_counter() - t0) * 1e3 / calls
+        return Timing.from_samples(self.run_samples(fn, runs))
 
 
 class CopyBandwidth:

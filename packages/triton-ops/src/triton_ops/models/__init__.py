@@ -1,5 +1,10 @@
-"""Our kernels inside Hugging Face transformers models: :func:`patch_model`."""
+"""Our kernels inside Hugging Face transformers models: :func:`patch_model`.
 
+:mod:`.decoder_layers` holds the decoder-layer and attention forwards it swaps in, :mod:`.layers` the packed q/k/v
+projection (:class:`PackedQKVLinear`) its attentions run as one GEMM.
+"""
+
+from .layers import PackedQKVLinear
 from .patch import SUPPORTED_MODEL_TYPES, PatchSummary, UnsupportedModelError, patch_model
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "PatchSummary", "UnsupportedModelError", "patch_model"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "PackedQKVLinear", "PatchSummary", "UnsupportedModelError", "patch_model"]

@@ -2,9 +2,15 @@
 
 Like :mod:`triton_ops.layers` they hold no state: they read the attributes transformers documents on the module they
 replace (``self_attn``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``; ``q_proj`` ... ``o_proj``,
-``q_norm``, ``k_norm``, ``head_dim``, ``scaling``, ``layer_idx``, ``config``). What differs between transformers
-releases (the cache argument's name, ``Cache.update``'s signature, how the attention function is looked up) is found
-once, from the objects at hand, not from version numbers.
+``q_norm``, ``k_norm``, ``head_dim``, ``scaling``, ``layer_idx``, ``config``), plus the packed q/k/v projection
+``patch_model`` may attach (:mod:`triton_ops.models.layers`). What differs between transformers releases (the cache
+argument's name, ``Cache.update``'s signature, how the attention function is looked up) is found once, from the
+objects at hand, not from version numbers.
+
+The attentions: :class:`RopeAttention` (Llama, Mistral, Qwen2: packed QKV GEMM, then RoPE in place on its q/k views
+in one launch) and :class:`QKNormRopeAttention` (Qwen3: packed QKV GEMM, then QK-norm + RoPE in place in one
+launch); then, for both, the cache update, the attention function ``config._attn_implementation`` names (through
+transformers' ``ALL_ATTENTION_FUNCTIONS``, so any registered backend plugs in by name) and ``o_proj``.
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import torch
-from fused_rmsnorm_rope import fused_add_rmsnorm, fused_qk_norm_rope
+from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
+
+from .layers import packed_projections
 
 # The keyword arguments naming the KV cache: transformers 5.2x renamed ``past_key_values`` to ``cache``.
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -56,13 +63,54 @@ class FusedAddNormDecoderLayer(nn.Module):
         return residual + mlp_out
 
 
+class RopeAttention(nn.Module):
+    """Llama-style attention (Llama, Mistral, Qwen2) with q, k and v as one GEMM and the rotary embedding in one
+    kernel.
+
+    ``q_proj`` / ``k_proj`` / ``v_proj`` run as one packed GEMM when ``patch_model`` packed them (their output's q
+    and k are strided views, rotated in place by one :func:`~fused_rmsnorm_rope.apply_rope` launch), else as the
+    model's own three modules followed by the same launch; the cache update, the attention function the model's
+    config names (``config._attn_implementation``, looked up in transformers' ``ALL_ATTENTION_FUNCTIONS`` as the
+    model's own attention does) and ``o_proj`` are the model's own. With a gradient to record (training) the three
+    projections run separately and RoPE out of place, so the gradients reach ``q_proj`` / ``k_proj`` / ``v_proj``.
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    head_dim: int
+    scaling: float
+    attention_dropout: float
+    layer_idx: int
+    config: Any
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if args:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}: expected the cache and the rest by keyword, got {len(args)} positional")
+        q, k, v, grad = _project_qkv(self, hidden_states, ())
+        cos, sin = position_embeddings
+        if grad:
+            q, k = apply_rope(q, k, cos, sin)
+        else:  # into the projection's output (the packed buffer's q and k columns)
+            apply_rope(q, k, cos, sin, inplace=True)
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs)
+
+
 class QKNormRopeAttention(nn.Module):
     """Qwen3-style attention with the per-head q/k RMSNorm and the rotary embedding in one kernel.
 
     ``q_norm`` and ``k_norm`` (weights ``[head_dim]``) then RoPE on q and k run as one
     :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch instead of transformers' two norms and the rotation's
-    element-wise kernels; the projections, the cache update, the attention function the model's config names and
-    ``o_proj`` are the model's own.
+    element-wise kernels, in place on the output of the packed q/k/v GEMM when ``patch_model`` packed the
+    projections (see :class:`RopeAttention`, whose rules it follows); the cache update, the attention function the
+    model's config names and ``o_proj`` are the model's own.
     """
 
     can_torch_compile = True
@@ -86,25 +134,66 @@ class QKNormRopeAttention(nn.Module):
         if args:
             raise InvalidArgumentError(
                 f"{type(self).__name__}: expected the cache and the rest by keyword, got {len(args)} positional")
-        cache = next((kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs), None)
-        for name in _CACHE_NAMES:  # both names given (one None): neither goes on to the attention function
-            kwargs.pop(name, None)
-        cache_position = kwargs.pop("cache_position", None)
-        shape = hidden_states.shape[:-1]
-        q = self.q_proj(hidden_states).view(*shape, -1, self.head_dim)
-        k = self.k_proj(hidden_states).view(*shape, -1, self.head_dim)
-        v = self.v_proj(hidden_states).view(*shape, -1, self.head_dim).transpose(1, 2)
+        q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
+        q, k, v, grad = _project_qkv(self, hidden_states, (q_weight, k_weight))
         cos, sin = position_embeddings
-        q, k = fused_qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin,
-                                  eps=self.q_norm.variance_epsilon)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if cache is not None:
-            k, v = _update_cache(cache, k, v, self.layer_idx, cos, sin, cache_position, kwargs)
-        attention = _attention_function(type(self), self.config._attn_implementation)
-        out, weights = attention(self, q, k, v, attention_mask,
-                                 dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
-                                 sliding_window=getattr(self, "sliding_window", None), **kwargs)
-        return self.o_proj(out.reshape(*shape, -1).contiguous()), weights
+        q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=self.q_norm.variance_epsilon,
+                                  inplace=not grad)
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs)
+
+
+def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torch.Tensor, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """q, k, v as ``[..., seq, heads, head_dim]`` and whether a gradient is to be recorded.
+
+    Without a gradient: one GEMM when the projections are packed (q, k, v are views of its output), else the three
+    projections; either way q and k may be rotated in place. With one (``more``: further parameters the caller's
+    kernel differentiates): the three projections, whose weights are the model's parameters.
+    """
+    grad = torch.is_grad_enabled() and _records_grad(attn, hidden_states, more)
+    packing = None if grad else packed_projections(attn)
+    if packing is not None:
+        q, k, v = packing(hidden_states)
+    else:
+        q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+    head_dim = attn.head_dim
+    return q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (-1, head_dim)), v.unflatten(-1, (-1, head_dim)), grad
+
+
+def _records_grad(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torch.Tensor, ...]) -> bool:
+    """Whether autograd records this call (grad mode on): the input, a projection's weight or bias, or one of
+    ``more`` requires a gradient."""
+    return (hidden_states.requires_grad or any(t.requires_grad for t in more)
+            or any(getattr(t, "requires_grad", False) for m in (attn.q_proj, attn.k_proj, attn.v_proj)
+                   for t in (getattr(m, "weight", None), getattr(m, "bias", None))))
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor, attention_mask: torch.Tensor | None, shape: torch.Size, kwargs: dict) -> tuple:
+    """The rest of transformers' attention forward, from rotated ``[..., seq, heads, head_dim]`` q and k: the cache
+    update, the configured attention function, ``o_proj``."""
+    cache = next((kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs), None)
+    for name in _CACHE_NAMES:  # both names given (one None): neither goes on to the attention function
+        kwargs.pop(name, None)
+    cache_position = kwargs.pop("cache_position", None)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if cache is not None:
+        k, v = _update_cache(cache, k, v, attn.layer_idx, cos, sin, cache_position, kwargs)
+    attention = _attention_function(type(attn), attn.config._attn_implementation)
+    out, weights = attention(attn, q, k, v, attention_mask,
+                             dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
+                             **_sliding_window(attn), **kwargs)
+    return attn.o_proj(out.reshape(*shape, -1).contiguous()), weights
+
+
+def _sliding_window(attn: nn.Module) -> dict:
+    """The ``sliding_window`` argument the model's own attention passes: Qwen2/Qwen3 their layer's
+    ``self.sliding_window``, Mistral its config's, Llama none."""
+    if hasattr(attn, "sliding_window"):
+        return {"sliding_window": attn.sliding_window}
+    if hasattr(attn.config, "sliding_window"):
+        return {"sliding_window": attn.config.sliding_window}
+    return {}
 
 
 def _update_cache(cache, k, v, layer_idx: int, cos, sin, cache_position, kwargs: dict) -> tuple:
@@ -114,9 +203,16 @@ def _update_cache(cache, k, v, layer_idx: int, cos, sin, cache_position, kwargs:
     return cache.update(k, v, layer_idx, kwargs=kwargs)
 
 
-@cache
+# Per-class answers, in plain dicts: torch.compile traces a dict lookup, and warns about functools.cache wrappers.
+_CACHE_KWARGS: dict[type, bool] = {}
+_EAGER: dict[type, Callable] = {}
+
+
 def _takes_cache_kwargs(cache_cls: type) -> bool:
-    return "cache_kwargs" in inspect.signature(cache_cls.update).parameters
+    takes = _CACHE_KWARGS.get(cache_cls)
+    if takes is None:
+        takes = _CACHE_KWARGS[cache_cls] = "cache_kwargs" in inspect.signature(cache_cls.update).parameters
+    return takes
 
 
 def _attention_function(layer_cls: type, implementation: str | None) -> Callable:
@@ -131,12 +227,15 @@ def _attention_function(layer_cls: type, implementation: str | None) -> Callable
     return get_interface(implementation, eager) if get_interface else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-@cache
 def _eager_attention(layer_cls: type) -> Callable:
+    fn = _EAGER.get(layer_cls)
+    if fn is not None:
+        return fn
     # The patched class subclasses the model's own attention class: its module has eager_attention_forward.
     for cls in layer_cls.__mro__:
         fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
         if fn is not None:
+            _EAGER[layer_cls] = fn
             return fn
     raise InvalidArgumentError(f"{layer_cls.__name__}: its modeling module has no eager_attention_forward")
 
@@ -151,6 +250,20 @@ def has_qk_norm(attn: nn.Module) -> bool:
             and q_norm.variance_epsilon == k_norm.variance_epsilon)
 
 
+# Attention modules whose forward is transformers' Llama attention (up to the sliding window argument): what
+# RopeAttention replaces. Matched by class name (subclasses of the model's own class keep it).
+ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+
+
+def is_rope_attention(attn: nn.Module) -> bool:
+    """A Llama / Mistral / Qwen2 attention: transformers' class, its projections and the attributes its forward
+    reads (and no q/k norms: those are Qwen3's)."""
+    return (any(cls.__name__ in ROPE_ATTENTIONS for cls in type(attn).__mro__)
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling",
+                                               "config", "head_dim", "attention_dropout"))
+            and not hasattr(attn, "q_norm") and not hasattr(attn, "k_norm"))
+
+
 def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
     """A decoder layer with exactly the pre-norm residual structure this fusion assumes (no extra norms)."""
     norm = getattr(layer, "post_attention_layernorm", None)
@@ -162,4 +275,5 @@ def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
             and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
-__all__ = ["FusedAddNormDecoderLayer", "QKNormRopeAttention", "has_qk_norm", "is_pre_norm_decoder_layer"]
+__all__ = ["ROPE_ATTENTIONS", "FusedAddNormDecoderLayer", "QKNormRopeAttention", "RopeAttention", "has_qk_norm",
+           "is_pre_norm_decoder_layer", "is_rope_attention"]

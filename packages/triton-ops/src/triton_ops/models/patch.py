@@ -8,10 +8,12 @@ its class becomes a subclass whose ``forward`` is one of :mod:`triton_ops.layers
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from fp8_gemm import FP8Linear, FP8Recipe, convert_to_fp8
+from fp8_gemm.recipes import resolve_recipe, select_linears
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
@@ -19,9 +21,12 @@ from ..layers import GatedMLP, GptOssMoE, RMSNorm, kernel_activation
 from .decoder_layers import (
     FusedAddNormDecoderLayer,
     QKNormRopeAttention,
+    RopeAttention,
     has_qk_norm,
     is_pre_norm_decoder_layer,
+    is_rope_attention,
 )
+from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
 # config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, or
 # gpt-oss's mixture of experts (router + experts).
@@ -44,7 +49,9 @@ class PatchSummary:
     rms_norms: int = 0  # RMSNorm modules computed in one pass
     fused_residual_adds: int = 0  # decoder layers whose post-attention residual add runs inside the RMSNorm
     qk_norm_rope_attentions: int = 0  # attentions whose q/k norms and rotary embedding run as one kernel
-    fp8_linears: int = 0  # nn.Linear layers now FP8Linear
+    rope_attentions: int = 0  # Llama-style attentions whose rotary embedding (on q and k) runs as one kernel
+    packed_qkv: int = 0  # attentions whose q, k, v projections run as one GEMM (one FP8 GEMM with fp8)
+    fp8_linears: int = 0  # nn.Linear layers now FP8Linear (packed q/k/v count three: each keeps its module)
     notes: list[str] = field(default_factory=list)  # what was left as it was, and why
 
 
@@ -108,7 +115,8 @@ def _model_type(model: object) -> str:
 
 def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Recipe = "default",
                 fp8_lm_head: bool = False, weight_granularity: str | None = None,
-                activation_granularity: str | None = None, fast_accum: bool = False) -> nn.Module:
+                activation_granularity: str | None = None, fast_accum: bool = False,
+                pack_qkv: bool = True) -> nn.Module:
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss and the
@@ -132,13 +140,32 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       experts stay in their dtype; the attention's Linears become FP8).
     - Every pre-norm decoder layer adds the attention's output to the residual inside the post-attention RMSNorm
       (:class:`~triton_ops.models.decoder_layers.FusedAddNormDecoderLayer`: one launch for the add and the norm).
-    - Attentions with per-head ``q_norm`` / ``k_norm`` (Qwen3) normalize q and k and apply the rotary embedding in
-      one kernel (:class:`~triton_ops.models.decoder_layers.QKNormRopeAttention`).
+    - Attentions: Llama / Mistral / Qwen2 attentions apply the rotary embedding to q and k in one kernel
+      (:class:`~triton_ops.models.decoder_layers.RopeAttention`, :func:`fused_rmsnorm_rope.apply_rope`); attentions
+      with per-head ``q_norm`` / ``k_norm`` (Qwen3) normalize q and k and apply the rotary embedding in one kernel
+      (:class:`~triton_ops.models.decoder_layers.QKNormRopeAttention`). Both then update the cache and call the
+      attention function ``config._attn_implementation`` names, through transformers' ``ALL_ATTENTION_FUNCTIONS``
+      (sdpa, flash, eager, or any backend registered there by name), and ``o_proj``, as transformers does.
+    - ``pack_qkv=True`` (default): those attentions' ``q_proj``, ``k_proj``, ``v_proj`` run as one GEMM over a
+      packed ``[q + 2 * kv, hidden]`` weight (:class:`~triton_ops.models.layers.PackedQKVLinear`), whose output's q
+      and k are rotated in place (one launch): a decode step's three projections (two of them small, launch-bound)
+      become one. The projections' weights (and biases: Qwen2) become views of the packed weight, so there is one
+      copy and ``state_dict`` keeps its keys (loading into it writes the packed weight). With ``fp8``, projections
+      the recipe converts become one ``FP8Linear`` of the packed weight (one activation quantization), and
+      ``q_proj`` / ``k_proj`` / ``v_proj`` ``FP8Linear`` views of its rows and scales; projections the recipe
+      keeps stay packed in their dtype; a recipe converting only some of the three, or 128x128 weight blocks that
+      would straddle the q/k/v boundaries, leaves them unpacked (a note says so). Packing is skipped for
+      projections that are not plain ``nn.Linear`` with plain weights, or that carry forward hooks (they would be
+      bypassed), e.g. sharded by tensor parallelism first. Where a gradient is recorded (training), the three
+      projections run separately (their weights are the parameters that get the gradients). Move or cast the model
+      before patching: a packed bf16 weight is rebuilt on the first forward after a ``.to()``, and an FP8 one falls
+      back to the three projections. ``pack_qkv=False``: the model's three projections, then the same rotation
+      kernel.
 
-    The rest of the model (the projections of q, k, v and o unless ``fp8``, the attention function the config names,
-    Llama's rotary embedding, the MLP's residual add, the LM head) is transformers' own. The patched model
-    works with ``generate()``, its caches and ``torch.compile`` (the kernels are registered custom ops).
-    ``model.triton_ops_patch`` says what was replaced (:class:`PatchSummary`).
+    The rest of the model (the projection o, and q, k, v unless packed or ``fp8``; the attention function the
+    config names; the rotary embedding's tables; the MLP's residual add; the LM head) is transformers' own. The
+    patched model works with ``generate()``, its caches and ``torch.compile`` (the kernels are registered custom
+    ops). ``model.triton_ops_patch`` says what was replaced (:class:`PatchSummary`).
 
     Raises:
         UnsupportedModelError: a model type not listed above.
@@ -149,6 +176,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     model_type = _model_type(model)
     if getattr(model, "triton_ops_patch", None) is not None:
         raise InvalidArgumentError("model: already patched by patch_model (see model.triton_ops_patch)")
+    if not isinstance(pack_qkv, bool):
+        raise InvalidArgumentError(f"pack_qkv: expected a bool, got {pack_qkv!r}")
     summary = PatchSummary(model_type)
     mlps, moes = _gated_mlps(model), _moe_blocks(model)
     if not mlps and not moes:
@@ -156,15 +185,43 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             f"model: no gated MLP (gate_proj / up_proj nn.Linear, down_proj, config.hidden_act) and no gpt-oss "
             f"mixture of experts (router, experts) found in this {model_type!r} model; its layers are not the ones "
             f"patch_model knows")
+    attentions = _attentions(model)
+    unpacked: Counter[str] = Counter()  # why some attentions' q/k/v stay three GEMMs
+    packs: dict[str, str] = {}  # attention name -> "fp8" (one FP8Linear) or "linear" (one PackedQKVLinear)
+    if pack_qkv:
+        for name, attn, _ in attentions:
+            why = packable(attn.q_proj, attn.k_proj, attn.v_proj)
+            if why is None:
+                packs[name] = "linear"
+            else:
+                unpacked[why] += 1
     if fp8:
         lm_head = getattr(model, "lm_head", None)
 
         def keep(name: str, linear: nn.Linear) -> bool:
             return fp8_lm_head or linear is not lm_head
 
+        recipe = resolve_recipe(fp8_recipe, weight_granularity, activation_granularity)
+        _fp8_packs(model, packs, recipe, keep, unpacked)
+        fp8_packed = {f"{n}.{p}" for n, mode in packs.items() if mode == "fp8" for p in _QKV}
+
+        def convert(name: str, linear: nn.Linear) -> bool:  # the packed q/k/v are quantized together below
+            return keep(name, linear) and name not in fp8_packed
+
         before = sum(isinstance(m, FP8Linear) for m in model.modules())
         convert_to_fp8(model, recipe=fp8_recipe, weight_granularity=weight_granularity,
-                       activation_granularity=activation_granularity, fast_accum=fast_accum, filter_fn=keep)
+                       activation_granularity=activation_granularity, fast_accum=fast_accum, filter_fn=convert)
+        modules = dict(model.named_modules())
+        for name, mode in packs.items():
+            if mode == "fp8":
+                attn = modules[name]
+                linear, views = pack_fp8(attn.q_proj, attn.k_proj, attn.v_proj,
+                                         weight_granularity=recipe.weight_granularity,
+                                         activation_granularity=recipe.activation_granularity, fast_accum=fast_accum)
+                sizes = (views[0].out_features, views[1].out_features, views[2].out_features)
+                for proj, view in zip(_QKV, views):
+                    setattr(attn, proj, view)
+                QKVPacking.attach(attn, linear, sizes)
         summary.fp8_linears = sum(isinstance(m, FP8Linear) for m in model.modules()) - before
         kept = sum(type(m) is nn.Linear and m is not lm_head for m in model.modules())
         recipe_name = fp8_recipe if isinstance(fp8_recipe, str) else fp8_recipe.name
@@ -191,25 +248,76 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     for norm in norms:
         norm.__class__ = _patched_class(type(norm), RMSNorm)
     summary.rms_norms = len(norms)
-    _patch_layers(model, summary)
+    modules = dict(model.named_modules())
+    for name, mode in packs.items():
+        if mode == "linear":
+            attn = modules[name]
+            linear = PackedQKVLinear.from_linear(attn.q_proj, attn.k_proj, attn.v_proj, share=True)
+            QKVPacking.attach(attn, linear, linear.sizes)
+    summary.packed_qkv = len(packs)
+    if not pack_qkv and attentions:
+        summary.notes.append("q/k/v projections: three GEMMs (pack_qkv=False)")
+    for why, count in sorted(unpacked.items()):
+        summary.notes.append(f"q/k/v of {count} attention(s) not packed: {why}")
+    _patch_layers(model, attentions, summary)
     model.triton_ops_patch = summary
     return model
 
 
-def _patch_layers(model: nn.Module, summary: PatchSummary) -> None:
-    """The decoder layers' residual add into the post-attention norm; Qwen3's q/k norms with the rotary embedding."""
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _attentions(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
+    """``(name, module, layer)`` of every attention patch_model replaces: Qwen3's (q/k norms) and Llama-style."""
+    found = []
+    for name, module in model.named_modules():
+        if has_qk_norm(module):
+            found.append((name, module, QKNormRopeAttention))
+        elif is_rope_attention(module):
+            found.append((name, module, RopeAttention))
+    return found
+
+
+def _fp8_packs(model: nn.Module, packs: dict[str, str], recipe: FP8Recipe, keep, unpacked: Counter) -> None:
+    """With fp8: which packable attentions become one FP8Linear (the recipe converts all three projections and its
+    scales split at their boundaries), stay packed in their dtype (the recipe keeps all three), or stay unpacked."""
+    selected = set(select_linears(model, recipe, keep))
+    modules = dict(model.named_modules())
+    for name in list(packs):
+        projs = {f"{name}.{p}" for p in _QKV}
+        if projs <= selected:
+            attn = modules[name]
+            why = fp8_packable(attn.q_proj.out_features, attn.k_proj.out_features, recipe.weight_granularity)
+            if why is None:
+                packs[name] = "fp8"
+                continue
+        elif not projs & selected:
+            continue  # all three kept in their dtype by the recipe: packed as they are
+        else:
+            why = f"the {recipe.name!r} FP8 recipe converts only some of q/k/v"
+        del packs[name]
+        unpacked[why] += 1
+
+
+def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]], summary: PatchSummary) -> None:
+    """The decoder layers' residual add into the post-attention norm; the attentions' rotary embedding (with
+    Qwen3's q/k norms) in one kernel."""
     for module in list(model.modules()):
         if is_pre_norm_decoder_layer(module):
             module.__class__ = _patched_class(type(module), FusedAddNormDecoderLayer)
             summary.fused_residual_adds += 1
-        elif has_qk_norm(module):
-            module.__class__ = _patched_class(type(module), QKNormRopeAttention)
+    for _, attn, layer in attentions:
+        attn.__class__ = _patched_class(type(attn), layer)
+        if layer is QKNormRopeAttention:
             summary.qk_norm_rope_attentions += 1
+        else:
+            summary.rope_attentions += 1
     summary.notes.append("the MLP's residual add: transformers' own (it ends the layer)")
-    if not summary.qk_norm_rope_attentions:
+    if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
     else:
-        summary.notes.append("the attention itself (sdpa / flash / eager as configured): transformers' own")
+        summary.notes.append("the attention itself (the function config._attn_implementation names): "
+                             "transformers' own")
 
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "PatchSummary", "UnsupportedModelError", "patch_model"]

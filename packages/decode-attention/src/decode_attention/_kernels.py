@@ -1,0 +1,235 @@
+"""Triton kernels of decode attention: one pass over a KV head for all its query heads, and the split reduce.
+
+``_attention_kernel``, program ``(bh, split, m)``:
+
+- ``bh`` is one (batch, KV head). Its rows are the ``GROUP * SQ`` (query head of the group, query position) pairs,
+  row ``r`` = head ``hkv * GROUP + r // SQ``, position ``r % SQ``; program ``m`` takes rows
+  ``m * BLOCK_M ..``. With ``GROUP * SQ <= BLOCK_M`` (every decode and speculative-decoding shape) one program holds
+  all of them, so each K/V element of the head is read from HBM once per step: no ``repeat_kv``.
+- ``split`` takes the KV positions ``split * CHUNK .. + CHUNK`` (flash-decoding, when ``B * H_KV`` programs cannot
+  fill the GPU). With one split the program normalizes and writes the output; with several it writes its partial
+  row maxima, sums and unnormalized accumulators (fp32) for ``_combine_kernel``.
+- The KV loop takes ``BLOCK_N`` positions a step. First the step's validity ``[BLOCK_M, BLOCK_N]``: in range, the
+  mask (bool: nonzero attends; additive: an entry at or below ``mask_floor``, the lowest finite value of the mask's
+  dtype, or -inf, is masked), causal and sliding-window bounds (the queries are the last ``SQ`` positions). The K
+  and V loads are predicated on "some row attends this position": masked lanes issue no memory access, and
+  uninitialized memory there is never read. Causal and window bounds narrow the loop itself; with a mask, a first
+  pass over the mask alone (``TRIM_N`` positions a step) finds the first and last attended positions of the split,
+  and the loop covers only the blocks between them: a static cache's unused tail costs its mask bytes only.
+- Online softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 state; ``m_use`` stands in for a row max that is
+  still -inf so that no ``-inf - -inf`` NaN appears, while a NaN in the inputs still reaches the output.
+
+``_combine_kernel``, program ``(bh, r)``: merges the splits' partials of ``BLOCK_R`` rows in split order (fixed:
+deterministic, no atomics), adds the attention sink to the denominator, normalizes and writes.
+
+Sinks (gpt-oss's per-head logit) join the denominator only: ``out = sum_j e^(s_j - M) v_j / (sum_j e^(s_j - M) +
+e^(sink - M))``. A row with no attended position writes zeros (the sink alone gives zeros too).
+
+``UPCAST`` (interpreter only, a constexpr) feeds fp32 operands to ``tl.dot``: the interpreter's 16-bit dot is wrong.
+On a GPU the probabilities are rounded to the V dtype before the PV dot (``P_LOW``), as flash attention does.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Mask kinds (constexpr): the host maps the mask's dtype to these.
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_ADD = 2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # interpreter only: its 16-bit dot is wrong, fp32 operands give the exact products
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _finish(acc, m, denom, sink_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
+    """Normalized rows of a finished softmax state (``acc [R, D]``, ``m``/``denom [R]``, base 2); a sink joins the
+    denominator; rows with nothing attended give zeros (a NaN anywhere in the state stays NaN)."""
+    if HAS_SINKS:
+        sink = tl.load(sink_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m, sink)
+        m_f = tl.where(m_f == float("-inf"), 0.0, m_f)  # a -inf sink on an empty row: zeros, not NaN
+        scale = tl.exp2(m - m_f)
+        denom = denom * scale + tl.exp2(sink - m_f)
+        acc = acc * scale[:, None]
+    empty = denom == 0.0
+    return tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, denom)[:, None])
+
+
+@triton.jit
+def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (row, position) pairs of a tile attend (``[rows, cols]``), and the additive mask's values there."""
+    valid = row_ok[:, None] & (cols < end)[None, :]
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        valid = valid & (cols[None, :] > q_pos[:, None] - WINDOW)
+    madd = tl.where(valid, 0.0, 0.0)
+    if MASK_KIND != 0:
+        mv = tl.load(m_rows + cols[None, :] * stride_mn, mask=valid, other=0)
+        if MASK_KIND == 1:
+            valid = valid & (mv != 0)
+        else:
+            madd = mv.to(tl.float32)
+            # masked: at or below the dtype's lowest finite value, or -inf; a NaN entry stays (and propagates)
+            valid = valid & ~(madd <= mask_floor)
+    return valid, madd
+
+
+@triton.jit
+def _attention_kernel(
+    # tensors
+    q_ptr, k_ptr, v_ptr, mask_ptr, sink_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    # sizes
+    H_KV, GROUP, SQ, S, CHUNK, N_SPLITS, ROWS_PAD,
+    # strides, in elements (the last dimension of q, k, v is contiguous)
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mq, stride_mn,
+    # numbers
+    qk_scale, mask_floor, WINDOW,
+    # options
+    MASK_KIND: tl.constexpr, HAS_SINKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SPLIT: tl.constexpr,
+    # tiles (a constexpr head dim: the d-masks fold away or keep 16-element runs, and loads stay vectorized)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRIM_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    # 64-bit batch offsets: a large cache's batch stride times the batch index passes 2^31 elements
+    b = (pid_bh // H_KV).to(tl.int64)
+    hkv = pid_bh % H_KV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * SQ
+    sq = rows % SQ
+    head = hkv * GROUP + rows // SQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + sq[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_head = k_ptr + b * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_head = v_ptr + b * stride_vb + hkv.to(tl.int64) * stride_vh
+    # the position of each query row in the cache: the queries are its last SQ entries
+    q_pos = S - SQ + sq
+
+    # this split's positions, narrowed by the causal and window bounds of the block's rows
+    lo = pid_split * CHUNK
+    end = tl.minimum(lo + CHUNK, S)
+    if CAUSAL:
+        end = tl.minimum(end, S - SQ + tl.max(tl.where(row_ok, sq, 0), axis=0) + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, S - SQ + tl.min(tl.where(row_ok, sq, SQ), axis=0) - WINDOW + 1)
+    m_rows = mask_ptr
+    if MASK_KIND != 0:
+        m_rows = mask_ptr + b * stride_mb + head[:, None] * stride_mh + sq[:, None] * stride_mq
+        # the first and last positions some row attends, from the mask alone in TRIM_N-wide steps: the KV loop then
+        # covers only those blocks, so a static cache's unused tail (or left padding) costs its mask bytes, not
+        # loop steps
+        first = end
+        last = lo - 1
+        for t0 in range(lo, end, TRIM_N):
+            cols_t = t0 + tl.arange(0, TRIM_N)
+            valid_t, _ = _attended(cols_t, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND,
+                                   CAUSAL, HAS_WINDOW)
+            hit = tl.max(valid_t.to(tl.int32), axis=0) > 0
+            first = tl.minimum(first, tl.min(tl.where(hit, cols_t, end), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(hit, cols_t, lo - 1), axis=0))
+        # on the same block grid as before (first >= lo when anything attends; else an empty loop)
+        lo = tl.where(first < end, lo + ((first - lo) // BLOCK_N) * BLOCK_N, end)
+        end = tl.minimum(end, last + 1)
+
+    # pointers of the first step's tiles, advanced by BLOCK_N rows a step (the 64-bit start keeps a long cache's
+    # position offsets exact; the in-tile offsets stay 32-bit)
+    k_ptrs = k_head + lo.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_head + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, end, BLOCK_N):
+        cols = n0 + offs_n
+        valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND, CAUSAL,
+                                HAS_WINDOW)
+        # positions no row attends are never loaded (masked lanes issue no memory access)
+        need = tl.max(valid.to(tl.int32), axis=0) > 0
+        kv_ok = need[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        qk = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        if MASK_KIND == 2:
+            qk = qk + madd * 1.4426950408889634
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        if P_LOW:
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION, UPCAST)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    if SPLIT:
+        # partials at [bh, split, row] (rows padded to ROWS_PAD, head dim to BLOCK_D: no masks needed)
+        idx = (pid_bh.to(tl.int64) * N_SPLITS + pid_split) * ROWS_PAD + rows
+        tl.store(part_m_ptr + idx, m_i)
+        tl.store(part_l_ptr + idx, l_i)
+        tl.store(part_acc_ptr + idx[:, None] * BLOCK_D + offs_d[None, :], acc)
+    else:
+        out = _finish(acc, m_i, l_i, sink_ptr, head, row_ok, HAS_SINKS)
+        # out is [B, SQ, H_KV * GROUP, D], contiguous
+        o_row = (b * SQ + sq) * (H_KV * GROUP) + head
+        tl.store(out_ptr + o_row[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr,
+    H_KV, GROUP, SQ, N_SPLITS, ROWS_PAD,
+    HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)
+    hkv = pid_bh % H_KV
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < GROUP * SQ
+    sq = rows % SQ
+    head = hkv * GROUP + rows // SQ
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(0, N_SPLITS):  # in split order: the same sum on every run
+        idx = (pid_bh.to(tl.int64) * N_SPLITS + split) * ROWS_PAD + rows
+        m_s = tl.load(part_m_ptr + idx, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + idx, mask=row_ok, other=0.0)
+        a_s = tl.load(part_acc_ptr + idx[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        beta = tl.exp2(m_s - m_use)
+        denom = denom * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m = m_new
+    out = _finish(acc, m, denom, sink_ptr, head, row_ok, HAS_SINKS)
+    o_row = (b * SQ + sq) * (H_KV * GROUP) + head
+    tl.store(out_ptr + o_row[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

@@ -1,0 +1,323 @@
+"""Decode attention: the launcher, the op's registration with its fake, and the public function.
+
+One registered op, forward only: ``torch.ops.triton_ops.decode_attention(q, k, v, attn_mask, scale, sinks,
+sliding_window, is_causal, num_splits)`` returns ``[B, Sq, Hq, D]``. One launch of ``_attention_kernel`` (plus one
+of ``_combine_kernel`` when the KV length is split over programs); sizes fixed by the shapes, nothing read back on
+the host, so a call can be captured in a CUDA graph. No gradient: a backward raises
+``DecodeAttentionBackwardError``.
+
+As in the other packages, plain eager calls skip the dispatcher (``triton_ops_core.library.direct_call_ok``), and
+a call is validated and planned once per call signature (shapes, strides, dtypes, devices, 16-byte alignment,
+options; ``triton_ops_core.launch``): later calls allocate the output (and the split partials) and launch through
+Triton's compiled launchers. ``clear_caches()`` forgets the plans.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from triton_ops_core.device import sm_count
+from triton_ops_core.exceptions import TritonKernelError
+from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
+from triton_ops_core.library import direct_call_ok, op_name
+
+from . import _kernels as K
+from .validation import AttentionInput, validate_decode_attention
+
+
+class DecodeAttentionBackwardError(TritonKernelError, NotImplementedError):
+    """A gradient was asked of ``decode_attention`` (inference only: no backward is implemented)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch heuristics
+# ----------------------------------------------------------------------------------------------------------------
+
+# Flash-decoding: split the KV length until about this many programs per SM are in flight (several small CTAs per
+# SM keep enough loads outstanding to approach HBM bandwidth when B * Hkv is far below the SM count) ...
+PROGRAMS_PER_SM = 4
+# ... but give each split at least this many KV blocks (a shorter split pays its prologue and partial writes for
+# little streaming), and never more than this many splits (the combine reads every split's partials).
+MIN_SPLIT_BLOCKS = 2
+MAX_SPLITS = 128
+
+
+class Tiles(NamedTuple):
+    """Tile sizes of one call: query rows, KV positions per step, the padded head dim; warps and stages."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def _tiles(rows: int, head_dim: int, device: torch.device) -> Tiles:
+    """The tiles for ``rows`` (= group * Sq) query rows of one KV head (tests force small tiles through this)."""
+    block_d = max(16, next_pow2(head_dim))
+    if device.type != "cuda":
+        # interpreter: each program instance and each loop step cost host time, not FLOPs: few, large programs
+        return Tiles(min(128, max(16, next_pow2(rows))), 64, block_d, 4, 1)
+    # tl.dot needs 16 rows; decode (group * Sq <= 16) is one row block. K + V tiles of 16-32 KB per stage.
+    block_m = min(64, max(16, next_pow2(rows)))
+    block_n = 128 if block_d <= 64 else 64 if block_d <= 128 else 32
+    warps = 8 if block_m * block_d > 8192 else 4
+    return Tiles(block_m, block_n, block_d, warps, 2)
+
+
+def _trim_n(t: Tiles) -> int:
+    # positions per step of the pass that finds a split's attended range from the mask: ~8k mask elements a step
+    # ([BLOCK_M, TRIM_N] bytes), at least one KV block
+    return max(t.block_n, min(1024, 8192 // t.block_m))
+
+
+def _splits(programs: int, kv_len: int, block_n: int, device: torch.device, requested: int | None) -> int:
+    """How many programs share one KV head's positions (1 when the batch and heads already fill the device)."""
+    most = max(1, cdiv(kv_len, block_n))
+    if requested is not None:
+        return min(requested, most)
+    # the interpreter counts as one "SM": a split there only costs host time
+    want = cdiv(PROGRAMS_PER_SM * sm_count(device, cpu=1), max(1, programs))
+    return max(1, min(want, cdiv(kv_len, MIN_SPLIT_BLOCKS * block_n), MAX_SPLITS))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul setting (TF32 only where the user allowed it); halves are exact anyway.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _mask_strides(mask: torch.Tensor | None, shape4: tuple[int, ...] | None,
+                  target: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """(batch, head, query, key) strides of the mask broadcast to ``target`` (0 along broadcast dimensions)."""
+    if mask is None or shape4 is None:
+        return (0, 0, 0, 0)
+    strides = (0,) * (4 - mask.dim()) + tuple(mask.stride())
+    return tuple(0 if size == 1 and want != 1 else st  # type: ignore[return-value]
+                 for size, want, st in zip(shape4, target, strides))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan and launch
+# ----------------------------------------------------------------------------------------------------------------
+
+class _AttentionPlan(NamedTuple):
+    """The launches of one call signature (``Plan``: kernel, grid, scalar tail) and the buffers they need."""
+
+    out_shape: tuple[int, int, int, int]
+    main: Plan | None  # None: an empty output, nothing to launch
+    combine: Plan | None  # None: one split, the main kernel writes the output
+    partials: int  # rows of the split partials (bh * splits * rows_pad); 0 without splits
+    block_d: int
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+          scale: float | None, sinks: torch.Tensor | None, sliding_window: int | None, is_causal: bool,
+          num_splits: int | None, info: AttentionInput) -> _AttentionPlan:
+    b, hq, hkv, sq, s, d = info.batch, info.q_heads, info.kv_heads, info.q_len, info.kv_len, info.head_dim
+    out_shape = (b, sq, hq, d)
+    rows = info.group * sq
+    if b * hq * sq == 0:
+        return _AttentionPlan(out_shape, None, None, 0, 0)
+    dev, dtype = q.device, q.dtype
+    t = _tiles(rows, d, dev)
+    row_blocks = cdiv(rows, t.block_m)
+    bh = b * hkv
+    splits = _splits(bh * row_blocks, s, t.block_n, dev, num_splits)
+    chunk = cdiv(cdiv(max(s, 1), splits), t.block_n) * t.block_n
+    splits = max(1, cdiv(s, chunk))
+    rows_pad = row_blocks * t.block_m
+    if attn_mask is None:
+        mask_kind, mask_floor = K.MASK_NONE, 0.0
+    elif attn_mask.dtype == torch.bool:
+        mask_kind, mask_floor = K.MASK_BOOL, 0.0
+    else:
+        mask_kind, mask_floor = K.MASK_ADD, float(torch.finfo(attn_mask.dtype).min)
+    sm_b, sm_h, sm_q, sm_n = _mask_strides(attn_mask, info.mask_shape, (b, hq, sq, s))
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    on_cpu = dev.type != "cuda"
+    main = Plan(K._attention_kernel, (bh, splits, row_blocks), (
+        hkv, info.group, sq, s, chunk, splits, rows_pad,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sm_b, sm_h, sm_q, sm_n,
+        scale * K.LOG2E, mask_floor, sliding_window or 0,
+        # MASK_KIND, HAS_SINKS, CAUSAL, HAS_WINDOW, SPLIT
+        mask_kind, sinks is not None, is_causal, sliding_window is not None, splits > 1,
+        # HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, TRIM_N, DOT_PRECISION, UPCAST, P_LOW
+        d, t.block_m, t.block_n, t.block_d, _trim_n(t), _dot_precision(dtype), on_cpu and dtype != torch.float32,
+        not on_cpu and dtype != torch.float32), t.num_warps, num_stages=t.num_stages)
+    combine = None
+    if splits > 1:
+        block_r = min(128 if on_cpu else 16, max(2, next_pow2(rows)))
+        combine = Plan(K._combine_kernel, (bh, cdiv(rows, block_r)),
+                       (hkv, info.group, sq, splits, rows_pad, sinks is not None, d, block_r, t.block_d), 4)
+    return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # One place that allocates the output and the partials, so tests can hand the kernels poisoned memory.
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(plan: _AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+            sinks: torch.Tensor | None) -> torch.Tensor:
+    out = _empty(plan.out_shape, q.dtype, q.device)
+    if plan.main is None:
+        return out
+    mask = q if attn_mask is None else attn_mask  # never read without a mask (a constexpr says so)
+    sink = q if sinks is None else sinks
+    if plan.combine is None:
+        plan.main.launch(q, k, v, mask, sink, out, out, out, out)
+        return out
+    part_acc = _empty((plan.partials, plan.block_d), torch.float32, q.device)
+    part_m = _empty((plan.partials,), torch.float32, q.device)
+    part_l = _empty((plan.partials,), torch.float32, q.device)
+    plan.main.launch(q, k, v, mask, sink, out, part_acc, part_m, part_l)
+    plan.combine.launch(part_acc, part_m, part_l, sink, out)
+    return out
+
+
+_PLANS = PlanCache()
+
+
+def clear_caches() -> None:
+    """Forget the cached launch plans."""
+    _PLANS.clear()
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return None
+
+
+def _tf32(x: object) -> bool:
+    # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
+    return getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
+def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits):
+    """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
+    key = call_key("decode_attention", q, k, v, attn_mask, sinks, scale, scale.__class__, sliding_window,
+                   sliding_window.__class__, is_causal, is_causal.__class__, num_splits, num_splits.__class__,
+                   _tf32(q))
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        info = validate_decode_attention(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
+        plan = _plan(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, info)
+        if key is not None:
+            try:
+                _PLANS.put(key, plan)
+            except TypeError:  # an unhashable option: that call is planned anew each time
+                pass
+    ctx = _on_device(q.device)
+    if ctx is not None:
+        with ctx:
+            return _launch(plan, q, k, v, attn_mask, sinks)
+    return _launch(plan, q, k, v, attn_mask, sinks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: triton_ops::decode_attention
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(op_name("decode_attention"), mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                         scale: float | None, sinks: torch.Tensor | None, sliding_window: int | None,
+                         is_causal: bool, num_splits: int | None) -> torch.Tensor:
+    return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits):
+    b, hq, sq, d = q.shape
+    return q.new_empty((b, sq, hq, d))
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _backward(ctx, grad):
+    raise DecodeAttentionBackwardError(
+        "triton_ops::decode_attention has no backward (decode attention is forward-only, for inference): run the "
+        "forward under torch.no_grad() / torch.inference_mode(), or use torch's scaled_dot_product_attention for "
+        "training")
+
+
+_decode_attention_op.register_autograd(_backward, setup_context=_no_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    is_causal: bool = False,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention of a few query positions over a KV cache, grouped-query heads read once.
+
+    ``out[b, i, h] = sum_j softmax_j(q[b, h, i] . k[b, h // G, j] * scale + mask) v[b, h // G, j]`` with
+    ``G = Hq / Hkv``: one program handles one KV head for all its ``G`` query heads and all ``Sq`` query rows, so
+    each K/V element is read from memory once (no ``repeat_kv``); when ``B * Hkv`` programs cannot fill the GPU,
+    the KV length is split over several (flash-decoding) and a second kernel merges their partial softmaxes in a
+    fixed order (deterministic). Exact softmax, fp32 accumulation.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``, float16, bfloat16 or float32, any strides with a unit last one (transformers'
+            ``query.transpose(1, 2)`` as it is). ``Sq`` of 1 to 16 is what it is made for (decode, speculative
+            decoding); any ``Sq`` is computed correctly.
+        k, v: ``[B, Hkv, S, D]`` in ``q``'s dtype, any strides with a unit last one (a static cache's tensors, or
+            slices of a bigger cache), ``Hq % Hkv == 0`` (MHA, GQA, MQA). ``1 <= D <= 256`` (64, 80, 96, 128, 256
+            and others: the tile is padded to a power of two and masked).
+        attn_mask: None, a bool mask broadcastable to ``[B, Hq, Sq, S]`` (True attends; transformers passes
+            ``[B, 1, Sq, S]``), or an additive float mask (any float dtype) of such a shape, added to the scaled
+            logits. An additive entry of -inf or at most the mask dtype's lowest finite value (transformers' fill
+            value) masks its position. Blocks of positions that every query row of a KV head has masked skip their
+            K/V loads: a static cache's unused tail costs only the mask read, and whatever memory lies there
+            (even NaN) is never read.
+        scale: the logits' scale, default ``1 / sqrt(D)``.
+        sinks: optional ``[Hq]`` attention-sink logits (gpt-oss's ``sinks``, transformers' ``s_aux``), any float
+            dtype: each joins its head's softmax denominator only.
+        sliding_window: optional ``W``: query row ``i`` sits at position ``p = S - Sq + i`` (the queries are the
+            cache's last ``Sq`` entries) and attends only positions ``j > p - W`` (the ``W`` most recent, itself
+            included, as transformers' sliding-window layers); older positions are not loaded. With a static
+            cache, whose valid length is not ``S``, express the window in ``attn_mask`` instead.
+        is_causal: mask positions ``j > p`` (same alignment: the queries are the last ``Sq`` positions; this is
+            torch's ``is_causal`` when ``Sq == S``); positions past the last query are not loaded.
+        num_splits: how many programs share one KV head's positions, at most (default: chosen from the SM count,
+            the batch and the heads; 1 once ``B * Hkv`` programs fill the GPU).
+
+    Returns:
+        ``[B, Sq, Hq, D]`` contiguous in ``q``'s dtype: the layout transformers' attention functions return
+        (``reshape(B, Sq, Hq * D)`` gives the ``o_proj`` input). A query row with no attended position gives
+        zeros, as ``F.scaled_dot_product_attention`` does since torch 2.5 (before, it gave NaN; transformers'
+        eager attention, whose additive mask holds the dtype's lowest value, averages V over such a row). NaN in
+        an attended input gives NaN.
+
+    Registered as ``torch.ops.triton_ops.decode_attention``; no gradient (``DecodeAttentionBackwardError`` on
+    backward).
+
+    Raises:
+        ShapeMismatchError, UnsupportedDtypeError, DeviceMismatchError, UnsupportedDeviceError, LayoutError,
+        InvalidArgumentError: naming the offending argument.
+    """
+    if direct_call_ok(q, k, v, attn_mask, sinks):
+        return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
+    return _decode_attention_op(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
+
+
+__all__ = ["DecodeAttentionBackwardError", "Tiles", "clear_caches", "decode_attention"]

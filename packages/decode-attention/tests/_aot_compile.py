@@ -1,0 +1,75 @@
+"""Compile the decode-attention kernels for sm_90 (Hopper) with Triton's own compiler and ptxas, without a GPU.
+
+Run as a script by ``test_compile_sm90.py`` in a process without ``TRITON_INTERPRET`` (the interpreter never lowers
+a kernel, so errors that only compilation finds would otherwise wait for a GPU). Prints one ``OK``/``FAIL`` line per
+variant; exit status 3 when this Triton has no ahead-of-time API this script knows (the test then skips).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+except ImportError:
+    sys.exit(3)
+
+from decode_attention import _kernels as K  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+I32 = "i32"
+
+# (name, dtype, mask pointer type, MASK_KIND, HAS_SINKS, CAUSAL, HAS_WINDOW, SPLIT, HEAD_DIM, BLOCK_M, BLOCK_N,
+#  BLOCK_D, warps): the Llama decode step with transformers' bool mask, and every other option at once (sinks, a
+# window, causal, an additive mask, a padded head dim, fp16). fp32 (IEEE dots: ~10 s of compile on the CPU
+# machine) is left to the GPU tests.
+VARIANTS = [
+    ("llama decode bool mask split", "bf16", "*i1", K.MASK_BOOL, False, False, False, True, 128, 16, 64, 128, 4),
+    ("sinks window causal additive mask d=80", "fp16", "*bf16", K.MASK_ADD, True, True, True, False, 80, 64, 64,
+     128, 4),
+]
+
+
+def build(fn, types: dict, consts: dict, name: str, warps: int, stages: int = 2) -> bool:
+    sig = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
+    try:
+        src = ASTSource(fn, sig, constexprs=consts)
+    except TypeError:
+        sys.exit(3)
+    try:
+        triton_compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
+        print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}")
+        return False
+    print(f"OK {name}")
+    return True
+
+
+def main() -> int:
+    ok = True
+    ints = ["H_KV", "GROUP", "SQ", "S", "CHUNK", "N_SPLITS", "ROWS_PAD", "stride_qb", "stride_qh", "stride_qs",
+            "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh",
+            "stride_mq", "stride_mn", "WINDOW"]
+    for name, dt, mask_t, kind, sinks, causal, window, split, hd, bm, bn, bd, warps in VARIANTS:
+        types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "mask_ptr": mask_t, "sink_ptr": "*bf16",
+                 "out_ptr": f"*{dt}", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+                 "qk_scale": "fp32", "mask_floor": "fp32", **dict.fromkeys(ints, I32)}
+        consts = dict(MASK_KIND=kind, HAS_SINKS=sinks, CAUSAL=causal, HAS_WINDOW=window, SPLIT=split, HEAD_DIM=hd,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TRIM_N=max(bn, 8192 // bm),
+                      DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                      UPCAST=False, P_LOW=dt != "fp32")
+        ok &= build(K._attention_kernel, types, consts, name, warps)
+    combine_types = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "sink_ptr": "*fp32",
+                     "out_ptr": "*bf16", **dict.fromkeys(["H_KV", "GROUP", "SQ", "N_SPLITS", "ROWS_PAD"], I32)}
+    ok &= build(K._combine_kernel, combine_types, dict(HAS_SINKS=True, HEAD_DIM=64, BLOCK_R=8, BLOCK_D=64),
+                "combine", 4)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""decode_attention against a float64 reference (plain softmax attention with the KV heads repeated): GQA groups,
+query lengths, odd cache lengths, masks (bool, additive, padding, a static cache's masked tail holding NaN), sinks,
+sliding windows, causal rows, strided caches, split KV, fully masked rows, NaN propagation. Small shapes: every
+kernel runs under the interpreter on a CPU (and on a GPU with the same tolerances)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _attention_helpers import make_qkv, reference, tiles, valid_prefix_mask
+from decode_attention import decode_attention, ops
+from triton_ops_core.testing import assert_close_rel
+
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+@pytest.mark.parametrize("b,hq,hkv,sq,s,d,dtype", [
+    (1, 2, 2, 1, 1, 32, torch.float32),      # MHA, one position
+    (2, 8, 2, 1, 37, 64, torch.float32),     # GQA 4, decode
+    (1, 8, 1, 4, 300, 16, torch.float32),    # MQA (group 8), four query rows
+    (2, 4, 1, 2, 37, 80, torch.float16),     # head dim 80 (padded to 128)
+    (1, 16, 2, 3, 300, 96, torch.bfloat16),  # GQA 8, head dim 96
+])
+def test_matches_the_reference(device, b, hq, hkv, sq, s, d, dtype):
+    q, k, v = make_qkv(b, hq, hkv, sq, s, d, dtype=dtype, device=device, seed=s + d)
+    out = decode_attention(q, k, v)
+    assert out.shape == (b, sq, hq, d) and out.dtype == dtype and out.is_contiguous()
+    assert_close_rel(out, reference(q, k, v), TOL[dtype])
+
+
+def test_bool_padding_mask_and_per_head_masks(device):
+    q, k, v = make_qkv(2, 8, 2, 2, 37, 32, device=device, seed=1)
+    # transformers' [B, 1, Sq, S] (left padding on the first sequence)
+    mask = torch.ones(2, 1, 2, 37, dtype=torch.bool, device=device)
+    mask[0, :, :, :9] = False
+    assert_close_rel(decode_attention(q, k, v, mask), reference(q, k, v, mask), TOL[torch.float32])
+    # a 2-D [Sq, S] mask, and a random mask of its own per head
+    mask2 = torch.rand(2, 37, device=device) > 0.4
+    assert_close_rel(decode_attention(q, k, v, mask2), reference(q, k, v, mask2), TOL[torch.float32])
+    mask4 = torch.rand(2, 8, 2, 37, device=device) > 0.5
+    assert_close_rel(decode_attention(q, k, v, mask4), reference(q, k, v, mask4), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bfloat16])
+def test_additive_masks(device, mask_dtype):
+    q, k, v = make_qkv(1, 4, 2, 3, 37, 32, device=device, seed=2)
+    mask = torch.randn(1, 1, 3, 37, device=device).to(mask_dtype)
+    mask[..., 30:] = torch.finfo(mask_dtype).min  # transformers' fill value masks
+    mask[..., 0, 5] = float("-inf")
+    out = decode_attention(q, k, v, mask)
+    assert_close_rel(out, reference(q, k, v, mask), TOL[torch.float32])
+    # the same positions masked through a bool mask give the same output
+    keep = ~(mask <= torch.finfo(mask_dtype).min)
+    plain = decode_attention(q, k, v, torch.where(keep, mask, torch.zeros_like(mask)).masked_fill(~keep, float("-inf")))
+    assert_close_rel(plain, out, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_static_cache_reads_only_the_valid_positions(device, layout):
+    # a static cache of 300 positions, 37 and 20 valid (the tails hold NaN): the output is that of the valid
+    # prefixes alone, so the masked tail's K/V are never loaded
+    lengths, cache_len = [37, 20], 300
+    q, k, v = make_qkv(2, 8, 2, 2, 37, 32, device=device, seed=3, cache_len=cache_len, layout=layout)
+    k[1, :, 20:] = float("nan")
+    v[1, :, 20:] = float("nan")
+    mask = valid_prefix_mask(2, 2, cache_len, lengths, device=device)
+    out = decode_attention(q, k, v, mask)
+    assert torch.isfinite(out).all()
+    want = reference(q, torch.nan_to_num(k), torch.nan_to_num(v), mask)
+    assert_close_rel(out, want, TOL[torch.float32])
+    for i, n in enumerate(lengths):  # and the same as attention over the prefix alone
+        part = decode_attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], mask[i:i + 1, ..., :n])
+        assert_close_rel(part, out[i:i + 1], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_a_band_of_valid_positions(device, splits):
+    # left padding and a masked tail: only positions 50..89 of 150 attend; some splits attend nothing, the others
+    # part of their range (NaN outside the band: never loaded)
+    q, k, v = make_qkv(2, 4, 2, 2, 150, 16, device=device, seed=16)
+    mask = torch.zeros(2, 1, 2, 150, dtype=torch.bool, device=device)
+    mask[..., 50:90] = True
+    mask[1, :, 1, 60:70] = False
+    for t in (k, v):
+        t[:, :, :50] = float("nan")
+        t[:, :, 90:] = float("nan")
+    with tiles(16, 16):
+        out = decode_attention(q, k, v, mask, num_splits=splits)
+    assert torch.isfinite(out).all()
+    assert_close_rel(out, reference(q, torch.nan_to_num(k), torch.nan_to_num(v), mask), TOL[torch.float32])
+
+
+def test_strided_views_of_a_bigger_cache(device):
+    # k/v every other KV head of a bigger cache, 45 of its 64 positions; q a slice of a wider batch
+    q, k, v = make_qkv(3, 8, 4, 1, 64, 32, device=device, seed=4)
+    q, k, v = q[1:], k[1:, ::2, :45], v[1:, ::2, :45]
+    assert not k.is_contiguous()
+    assert_close_rel(decode_attention(q, k, v), reference(q, k, v), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("splits", [3])
+def test_split_kv_and_row_blocks(device, splits):
+    # small tiles: 16 KV positions a step, 16 query rows a program (group 8 x Sq 3 = two row blocks); 40 positions
+    # in 2 splits (32 + 8) or 3 (16 + 16 + 8)
+    q, k, v = make_qkv(1, 16, 2, 3, 40, 16, device=device, seed=5)
+    mask = torch.rand(1, 1, 3, 40, device=device) > 0.3
+    sinks = torch.randn(16, device=device)
+    with tiles(16, 16):
+        out = decode_attention(q, k, v, mask, sinks=sinks, num_splits=splits)
+        again = decode_attention(q, k, v, mask, sinks=sinks, num_splits=splits)
+        (plan,) = ops._PLANS._plans.values()
+    assert plan.combine is not None and plan.main.grid == (2, splits, 2)
+    assert torch.equal(out, again)  # deterministic: the splits are merged in a fixed order
+    assert_close_rel(out, reference(q, k, v, mask, sinks=sinks), TOL[torch.float32])
+
+
+def test_default_splits_follow_the_programs(device):
+    # one (batch, KV head): the default splits the KV length (on the interpreter too, which counts as one SM)
+    q, k, v = make_qkv(1, 4, 1, 1, 150, 16, device=device, seed=6)
+    with tiles(16, 16):
+        out = decode_attention(q, k, v)
+        (plan,) = ops._PLANS._plans.values()
+    assert plan.combine is not None
+    assert_close_rel(out, reference(q, k, v), TOL[torch.float32])
+
+
+def test_sinks_join_the_denominator_only(device):
+    q, k, v = make_qkv(2, 8, 2, 2, 37, 32, device=device, seed=7)
+    sinks = torch.randn(8, device=device) * 2
+    out = decode_attention(q, k, v, sinks=sinks)
+    assert_close_rel(out, reference(q, k, v, sinks=sinks), TOL[torch.float32])
+    # gpt-oss's eager attention: softmax over [logits, sink], the sink's column dropped
+    kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    logits = q @ kk.transpose(-1, -2) / 32 ** 0.5
+    combined = torch.cat([logits, sinks.view(1, 8, 1, 1).expand(2, 8, 2, 1)], dim=-1).softmax(-1)[..., :-1]
+    assert_close_rel(out, (combined @ vv).transpose(1, 2), 1e-5)
+    half = decode_attention(q.half(), k.half(), v.half(), sinks=sinks.bfloat16())  # sinks of another dtype
+    assert_close_rel(half, out, 2e-3)
+
+
+def test_sliding_window_and_causal(device):
+    # the window's older positions hold NaN: they are neither attended nor loaded
+    q, k, v = make_qkv(1, 4, 2, 3, 40, 32, device=device, seed=8)
+    k[:, :, :30] = float("nan")
+    v[:, :, :30] = float("nan")
+    out = decode_attention(q, k, v, sliding_window=8, is_causal=True)
+    assert torch.isfinite(out).all()
+    assert_close_rel(out, reference(q, k, v, sliding_window=8, is_causal=True), TOL[torch.float32])
+    # causal alone: query row i sees positions up to S - Sq + i; with a bool mask and sinks on top
+    q, k, v = make_qkv(2, 4, 1, 4, 37, 32, device=device, seed=9)
+    mask = torch.rand(2, 1, 4, 37, device=device) > 0.2
+    sinks = torch.randn(4, device=device)
+    for kwargs in ({"is_causal": True}, {"is_causal": True, "sinks": sinks}, {"sliding_window": 5}):
+        assert_close_rel(decode_attention(q, k, v, mask, **kwargs), reference(q, k, v, mask, **kwargs),
+                         TOL[torch.float32])
+    # Sq == S with is_causal is torch's causal attention
+    q, k, v = make_qkv(1, 4, 2, 6, 6, 16, device=device, seed=10)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            is_causal=True).transpose(1, 2)
+    assert_close_rel(decode_attention(q, k, v, is_causal=True), want, 1e-5)
+
+
+def test_a_long_query_is_correct(device):
+    # more rows than one program holds (group 4 x Sq 40 = 160 > 128): several row blocks, causal
+    q, k, v = make_qkv(1, 4, 1, 40, 64, 16, device=device, seed=11)
+    out = decode_attention(q, k, v, is_causal=True, scale=0.3)
+    assert_close_rel(out, reference(q, k, v, is_causal=True, scale=0.3), TOL[torch.float32])
+    # small tiles, 4 splits and a mask: row blocks whose causal bound ends before a split begins
+    mask = torch.rand(1, 1, 40, 64, device=device) > 0.2
+    with tiles(16, 16):
+        out = decode_attention(q, k, v, mask, is_causal=True, num_splits=4)
+    assert_close_rel(out, reference(q, k, v, mask, is_causal=True), TOL[torch.float32])
+
+
+def test_fully_masked_rows_give_zeros(device):
+    q, k, v = make_qkv(2, 4, 2, 2, 37, 32, device=device, seed=12)
+    mask = torch.rand(2, 1, 2, 37, device=device) > 0.5
+    mask[1, :, 0] = False  # batch 1, query row 0: nothing to attend
+    sinks = torch.randn(4, device=device)
+    for kw in ({}, {"sinks": sinks}):
+        out = decode_attention(q, k, v, mask, **kw)
+        assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0]))
+        assert_close_rel(out, reference(q, k, v, mask, **kw), TOL[torch.float32])
+    # torch's scaled_dot_product_attention (2.5 on) gives zeros there too
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            attn_mask=mask)
+    assert torch.equal(sdpa[1, :, 0], torch.zeros_like(sdpa[1, :, 0]))
+    # an empty cache: every row is fully masked
+    empty = decode_attention(q, k[:, :, :0], v[:, :, :0], sinks=sinks)
+    assert empty.shape == (2, 2, 4, 32) and torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_empty_batch_and_query(device):
+    q, k, v = make_qkv(2, 4, 2, 1, 5, 16, device=device, seed=13)
+    assert decode_attention(q[:0], k[:0], v[:0]).shape == (0, 1, 4, 16)
+    assert decode_attention(q[:, :, :0], k, v).shape == (2, 0, 4, 16)
+
+
+def test_nan_propagates(device):
+    q, k, v = make_qkv(1, 8, 2, 1, 37, 32, device=device, seed=14)
+    q[0, 0, 0, 3] = float("nan")  # query head 0
+    v[0, 1, 10, 0] = float("nan")  # KV head 1 (query heads 4..7) at an attended position
+    out = decode_attention(q, k, v)
+    assert torch.isnan(out[0, 0, 0]).all()
+    assert torch.isnan(out[0, 0, 4:, 0]).all()
+    assert torch.isfinite(out[0, 0, 1:4]).all()
+    # a NaN in an additive mask's entry and in a sink
+    q, k, v = make_qkv(1, 4, 1, 1, 37, 32, device=device, seed=15)
+    mask = torch.zeros(1, 4, 1, 37, device=device)
+    mask[0, 2, 0, 7] = float("nan")
+    sinks = torch.zeros(4, device=device)
+    sinks[1] = float("nan")
+    out = decode_attention(q, k, v, mask, sinks=sinks)
+    assert torch.isnan(out[0, 0, 2]).all() and torch.isnan(out[0, 0, 1]).all()
+    assert torch.isfinite(out[0, 0, 0]).all() and torch.isfinite(out[0, 0, 3]).all()

@@ -1,0 +1,267 @@
+"""The weight-only (W8A16) decode path of ``FP8Linear``: the launch config, the call plan and the launcher.
+
+A decode step multiplies a few token rows by every weight of the model: the weight bytes are the whole cost. For
+``M <= WEIGHT_ONLY_MAX_M`` rows, ``fp8_linear`` (hence ``FP8Linear`` and ``torch.ops.triton_ops.fp8_linear``) skips
+the activation's quantization and runs one kernel (``weight_only_kernels``): ``x`` read as it is (fp16/bf16/fp32),
+the E4M3 weight streamed from HBM once and up-converted in registers, the weight scale (per tensor, per output
+channel or 128x128 blocks) and the bias applied in fp32, the output in x's dtype. A decode row's output is therefore
+the exact product of the row with the dequantized weight, up to fp32 accumulation: more accurate than the W8A8 GEMM
+that larger M take (there the activation is quantized to E4M3, per row, per tensor or in 1x128 blocks, as the
+module's ``activation_granularity`` says; that setting does not apply to decode rows).
+
+Why 16 rows: the tensor-core row tile (``BLOCK_M``) is 16, the smallest an MMA takes, so every M from 1 to 16 runs
+the same binary, with the weight read once and the cost the weight's bytes whatever M is. Every column block also
+reads the ``[M, K]`` activation (from L2): ``2 M / BLOCK_N`` bytes per weight byte for 16-bit activations, which is
+1 at M = 16 with 32-column blocks. Past that the activation traffic outgrows the weight's, and a second row tile
+(or a 32-row one: twice the registers and shared-memory stages) costs more, while the W8A8 GEMM reads 1-byte
+activations in 128-column blocks for up to 64 rows on the FP8 tensor cores. A prefill (hundreds of rows) is
+compute-bound and belongs to the FP8 tensor cores. (benchmarks/bench_fp8_decode.py measures M = 1, 4 and 16.)
+
+Choosing the path (``fp8_linear(..., path=...)``, ``FP8Linear.path``): ``"auto"`` (the default: weight-only for
+``M <= WEIGHT_ONLY_MAX_M``, else W8A8), ``"weight_only"`` (every M; larger M read the weight once per 64-row tile),
+``"w8a8"`` (activation quantization and the FP8 GEMM for every M, as before this path existed).
+
+Host path of a call (the plan is cached per call signature in ``linear._PLANS``: M, dtypes, strides, devices,
+16-byte alignment, path): allocate the output, fetch the split-K workspace when the config splits K, launch through
+Triton's compiled launcher. No validation, no host sync, no other allocation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from triton_ops_core.device import is_interpreter, sm_count
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.launch import Plan, cdiv, next_pow2
+from triton_ops_core.validation import (
+    FLOAT_DTYPES,
+    check_dim_size,
+    check_dtype,
+    check_kernel_device,
+    check_ndim,
+    check_same_device,
+    check_tensor,
+)
+
+from . import _scratch
+from .validation import b_scale_granularity
+from .weight_only_kernels import SCALE_BLOCK, SCALE_BLOCK_SIZE, SCALE_CHANNEL, SCALE_TENSOR, fp8_weight_only_kernel
+
+WEIGHT_ONLY_MAX_M = 16
+"""Rows (tokens) up to which ``path="auto"`` takes the weight-only kernel (see the module docstring)."""
+PATHS = ("auto", "weight_only", "w8a8")
+
+_SCALE_MODE = {"tensor": SCALE_TENSOR, "channel": SCALE_CHANNEL, "block": SCALE_BLOCK}
+# Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
+_INTERP = is_interpreter()
+# Shared memory the pipeline's stages may take (of Hopper's 227 KB a program; the rest is the compiler's scratch for
+# layout conversions), as in the W8A8 decode kernel's fused config.
+_SMEM_BUDGET = 160 * 1024
+# The split-K scratch buffer's name (int32 counters, then fp32 partials; per device and stream, zero at rest: _scratch)
+_SCRATCH = "weight_only.split_k"
+
+
+def use_weight_only(path: str, m: int) -> bool:
+    """Whether a call of ``m`` rows with ``path`` takes the weight-only kernel."""
+    return path == "weight_only" or (path == "auto" and m <= WEIGHT_ONLY_MAX_M)
+
+
+# Rows up to which the CUDA-core FMA variant multiplies instead of the tensor cores, by the activation's element size.
+# fp32: the IEEE dot is itself FMAs over all 16 rows of its tile (16x the multiplies at M = 1), so few rows take the
+# FMA variant. fp16/bf16: the tensor cores, until an H100/H200 measurement says otherwise
+# (benchmarks/bench_fp8_decode.py times both).
+FMA_MAX_ROWS = {2: 0, 4: 4}
+
+
+@functools.lru_cache(maxsize=1024)
+def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sms: int,
+                       interpreter: bool) -> dict[str, Any]:
+    """The launch config of one problem, a heuristic from the N, K, scale mode, activation width and SM count (M
+    only picks the row tile and, above 4 rows, the column width: every M of a decode tile shares one binary).
+
+    - Tensor cores (``USE_DOT``), ``BLOCK_M`` 16 (the MMA's smallest row tile; the whole decode M in one tile), 64
+      for larger forced M. Up to ``FMA_MAX_ROWS`` rows: the FMA variant, ``BLOCK_M`` the rows' next power of two.
+    - 32 output columns a program (narrow: many programs, each streaming ``32 x K`` bytes); 64 when M > 4 and there
+      are still two column blocks per SM, which halves the re-reads of the ``[M, K]`` activation from L2.
+    - K tiles of 512 for weights up to 16 MB, else 256 (the W8A8 decode kernel's measured rules, H100); 128 with
+      block scales (a tile must not straddle two scale blocks: each K block's partial product is scaled alone);
+      32 for the fp32 IEEE dot (its FMA tile lives in registers), ``256 / BLOCK_M`` for the FMA variant.
+    - Split K when the column blocks alone leave the GPU short (fewer than two per SM, or under 3/4 of a wave at
+      K >= 8192): the smallest power of two giving two programs per SM, at most 16, keeping two K tiles per split.
+      On 132 SMs: 4096 -> 4096 (128 column blocks) runs unsplit, 14336 -> 4096 in 4, 4096 -> 1024 in 4 (16 with
+      block scales' 128-deep K tiles), 4096 -> 14336 and the lm_head unsplit.
+    - Pipeline stages: as many as fit ``_SMEM_BUDGET`` (x and weight tiles per stage), at most 4 (6 for K tiles of
+      128 or less).
+    """
+    blocked = scale_mode == SCALE_BLOCK
+    fma = m <= FMA_MAX_ROWS.get(x_bytes, 0)
+    block_m = next_pow2(m) if fma else 16 if m <= WEIGHT_ONLY_MAX_M else 64
+    if interpreter:  # few programs (each costs ~0.1 s there) that still exercise masks and split K on tiny tests
+        block_k = 64
+        return {"USE_DOT": not fma, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k,
+                "SPLIT_K": 2 if k > block_k else 1, "num_warps": 4, "num_stages": 1}
+    block_n = 64 if (m > 4 and cdiv(n, 64) >= 2 * sms) else 32
+    if fma:
+        block_k = 256 // block_m
+    elif x_bytes == 4:
+        block_k = 32
+    elif blocked:
+        block_k = 128
+    else:
+        block_k = 512 if n * k <= 2**24 else 256
+    cols, k_tiles = cdiv(n, block_n), cdiv(k, block_k)
+    split = 1
+    if not (cols >= 2 * sms or (4 * cols >= 3 * sms and k < 8192)):
+        split = max(1, min(next_pow2(cdiv(2 * sms, cols)), 16, k_tiles // 2))
+    stage = block_k * (block_m * x_bytes + block_n)
+    stages = max(1, min(6 if block_k <= 128 else 4, _SMEM_BUDGET // stage))
+    return {"USE_DOT": not fma, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+            "num_warps": 4, "num_stages": stages}
+
+
+def _check_config(cfg: dict[str, Any], scale_mode: int) -> dict[str, Any]:
+    """A given config (tests, benchmarks): the keys of ``weight_only_config`` and what the kernel requires."""
+    need = ("USE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+    missing = [key for key in need if key not in cfg]
+    if missing:
+        raise InvalidArgumentError(f"config: missing {missing}; expected the keys {list(need)}, got {sorted(cfg)}")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = cfg[key]
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise InvalidArgumentError(f"config: {key} must be a power of two, got {v!r}")
+    if cfg["USE_DOT"] and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+        raise InvalidArgumentError(f"config: tl.dot needs BLOCK_M, BLOCK_N and BLOCK_K >= 16, got {cfg}")
+    if scale_mode == SCALE_BLOCK and (cfg["BLOCK_N"] > SCALE_BLOCK_SIZE or
+                                      (cfg["USE_DOT"] and cfg["BLOCK_K"] > SCALE_BLOCK_SIZE)):
+        raise InvalidArgumentError(
+            f"config: with 128x128 block scales a tile must lie inside one scale block: BLOCK_N <= 128 (and "
+            f"BLOCK_K <= 128 with USE_DOT), got BLOCK_N={cfg['BLOCK_N']}, BLOCK_K={cfg['BLOCK_K']}")
+    if not isinstance(cfg["SPLIT_K"], int) or cfg["SPLIT_K"] < 1:
+        raise InvalidArgumentError(f"config: SPLIT_K must be a positive integer, got {cfg['SPLIT_K']!r}")
+    return cfg
+
+
+class WeightOnlyPlan:
+    """One call signature of the weight-only path: output shape and dtype, the launch, the split-K scratch sizes.
+
+    ``kind``: 0 a launch, 1 an empty output (M or N is 0), 2 K == 0 (the bias, or zeros).
+    """
+
+    __slots__ = ("m", "n", "out_dtype", "device", "kind", "launch", "scratch_numel", "config")
+
+    def __init__(self, m: int, n: int, out_dtype: torch.dtype, device: torch.device, kind: int,
+                 launch: Plan | None, scratch_numel: int, config: dict[str, Any] | None) -> None:
+        self.m, self.n, self.out_dtype, self.device, self.kind = m, n, out_dtype, device, kind
+        self.launch, self.scratch_numel, self.config = launch, scratch_numel, config
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+        """``x [M, K] @ dequant(weight)^T + bias`` for this signature's tensors (validated when the plan was made)."""
+        out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
+        if self.kind:
+            if self.kind == 2:
+                out.copy_(bias.expand(self.m, self.n)) if bias is not None else out.zero_()
+            return out
+        bias_arg = weight_scale if bias is None else bias  # any pointer: HAS_BIAS is off
+        if self.scratch_numel:  # split K: counters and partial sums in scratch (the stream's, or the call's own)
+            buf = _scratch.scratch(_SCRATCH, self.device, self.scratch_numel, torch.int32, zeroed=True)
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, buf)
+        else:
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, out)
+        return out
+
+
+def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               config: dict[str, Any] | None = None) -> WeightOnlyPlan:
+    """Validate one call signature and plan its launch.
+
+    Args:
+        x: ``[M, K]`` fp16/bf16/fp32 (any strides). weight: ``float8_e4m3fn`` ``[N, K]`` (``nn.Linear`` layout;
+            K-contiguous reads are the fast case). weight_scale: fp32, in the GEMM's ``[K, N]`` convention: one
+            value, ``[N]`` / ``[1, N]`` (per output channel) or ``[ceil(K/128), ceil(N/128)]`` (128x128 blocks;
+            K and N need not be multiples of 128: the last blocks are partial). bias: ``[N]`` or None.
+        config: a launch config (keys of ``weight_only_config``) instead of the heuristic's.
+
+    Raises:
+        UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
+        InvalidArgumentError (a bad ``config``).
+    """
+    check_tensor(x, "x")
+    check_dtype(x, "x", FLOAT_DTYPES)
+    check_ndim(x, "x", exact=2)
+    check_tensor(weight, "weight")
+    check_dtype(weight, "weight", (torch.float8_e4m3fn,))
+    check_ndim(weight, "weight", exact=2)
+    n, k = weight.shape
+    m = x.shape[0]
+    if x.shape[1] != k:
+        raise ShapeMismatchError(f"x: expected last dimension {k} (weight's in_features), got shape {list(x.shape)}")
+    check_tensor(weight_scale, "weight_scale")
+    check_dtype(weight_scale, "weight_scale", (torch.float32,))
+    granularity = b_scale_granularity(weight_scale, k, n, "weight_scale")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        check_dtype(bias, "bias", FLOAT_DTYPES)
+        check_ndim(bias, "bias", exact=1)
+        check_dim_size(bias, "bias", 0, n, "weight's out_features N")
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias)
+    check_kernel_device(x, "x")
+    kind = 1 if m == 0 or n == 0 else 2 if k == 0 else 0
+    if kind:
+        return WeightOnlyPlan(m, n, x.dtype, x.device, kind, None, 0, None)
+
+    mode = _SCALE_MODE[granularity]
+    if config is None:
+        cfg = weight_only_config(m, n, k, mode, x.element_size(), sm_count(x.device, cpu=4), _INTERP)
+    else:
+        cfg = _check_config(dict(config), mode)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    k_tiles = cdiv(k, bk)
+    per_split = cdiv(k_tiles, max(1, min(cfg["SPLIT_K"], k_tiles)))
+    split = cdiv(k_tiles, per_split)  # no empty K slices
+    grid = (cdiv(n, bn), split, cdiv(m, bm))
+    if mode == SCALE_TENSOR:
+        ss_k = ss_n = 0
+    elif mode == SCALE_CHANNEL:
+        ss_k, ss_n = 0, weight_scale.stride(-1)
+    else:
+        ss_k, ss_n = weight_scale.stride(0), weight_scale.stride(1)
+    # split K: one int32 counter per (column block, row tile), then the fp32 partials from a multiple of 16 elements
+    # (Triton specializes on that divisibility: the partials' loads stay vectorized)
+    n_cnt = grid[0] * grid[2]
+    ws_offset = -(-n_cnt // 16) * 16
+    scratch_numel = ws_offset + split * m * n if split > 1 else 0
+    # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
+    tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
+            bias.stride(0) if bias is not None else 0, per_split, ws_offset,
+            mode, bias is not None, bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
+            cfg["num_stages"], _INTERP)
+    launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
+                  num_stages=cfg["num_stages"])
+    return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, scratch_numel, launch.info)
+
+
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, *, config: dict[str, Any] | None = None) -> torch.Tensor:
+    """``x @ dequant(weight)^T + bias`` through the weight-only kernel for any M, with an optional launch config:
+    for tests and benchmarks (no plan cache; the public path is ``fp8_linear(..., path="weight_only")``).
+
+    ``x``: ``[..., K]``; the result ``[..., N]`` in x's dtype.
+    """
+    check_tensor(x, "x")
+    check_ndim(x, "x", minimum=1)
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    plan = build_plan(x2, weight, weight_scale, bias, config)
+    out = plan.run(x2, weight, weight_scale, bias)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.n)
+
+
+def clear_caches() -> None:
+    """Forget the memoized configs (``fp8_gemm.clear_caches`` calls this)."""
+    weight_only_config.cache_clear()
+
+
+__all__ = ["PATHS", "WEIGHT_ONLY_MAX_M", "WeightOnlyPlan", "build_plan", "use_weight_only", "weight_only_config",
+           "weight_only_linear"]

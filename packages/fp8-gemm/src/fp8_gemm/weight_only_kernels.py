@@ -1,0 +1,173 @@
+"""The Triton kernel of the weight-only (W8A16) decode path: ``out = x @ dequant(W)^T + bias`` in one launch.
+
+``x`` is the unquantized fp16/bf16/fp32 activation, read as it is; ``W`` is the ``float8_e4m3fn`` ``[N, K]`` weight
+of ``FP8Linear`` (K contiguous), streamed from HBM once and up-converted in registers. Every E4M3 value is exactly
+an fp16, a bf16 and an fp32 value, so the conversion loses nothing; the products go into an fp32 accumulator. The
+weight's scale is applied in fp32: per tensor and per output channel once in the epilogue, 128x128 blocks to each
+K block's partial sum inside the loop. The result is the product of ``x`` with the dequantized weight up to the
+fp32 accumulation (no activation quantization: W8A16, more accurate than the W8A8 GEMM).
+
+Grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: one program per ``BLOCK_N`` output columns, K slice and row
+tile. Decode has all of M (up to 16 rows) in one tile, so the weight is read exactly once; ``x`` (a few rows) is
+read by every column block and comes from L2.
+
+Two ways to multiply (``USE_DOT``, constexpr):
+
+- ``tl.dot`` with ``BLOCK_M = 16`` (the smallest MMA row tile; rows past M are masked, which costs registers,
+  not memory traffic): the weight tile ``[BLOCK_K, BLOCK_N]`` is converted to x's dtype (fp16/bf16, exact) and fed
+  to the tensor cores, which accumulate in fp32. fp32 activations take the IEEE (non-TF32) dot.
+- CUDA-core FMAs (``BLOCK_M`` 1, 2 or 4): ``x[m, k] * w[n, k]`` accumulated in an fp32 ``[BLOCK_M, BLOCK_N,
+  BLOCK_K]`` register tile, summed over K once after the loop. No shared memory round trip for the weight tile.
+
+Split K (``SPLIT_K > 1``): each program writes its fp32 partial to the ``[SPLIT_K, M, N]`` workspace; the last
+program of a column block to arrive (an int32 counter per block, reset by that program) sums the partials in the
+fixed order 0..SPLIT_K-1, applies scale and bias and writes the output. Integer atomics only: the result is
+deterministic, the same for every run and every arrival order. Counters and workspace share one scratch buffer
+(``_scratch``: the stream's, zero at rest; one lookup and one launch argument per call): the counters first, the
+fp32 partials from element ``ws_offset`` on.
+
+Under Triton's interpreter (``EMULATE``): its FP8 upcast reads E4M3 NaN (0x7F / 0xFF) as 480, and its bf16/fp16
+``tl.dot`` is unreliable; the weight is converted to fp32 with the NaN patterns restored, and the dot runs in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host
+SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCK = 0, 1, 2
+# Block scales change every 128 along K and N (DeepSeek-V3 128x128 weight blocks)
+SCALE_BLOCK_SIZE = 128
+
+
+@triton.jit
+def _dequant_type(w, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """An E4M3 tile in ``dtype`` (exact). Under the interpreter: fp32, with its NaN patterns kept NaN."""
+    if EMULATE:
+        bits = w.to(tl.uint8, bitcast=True)
+        return tl.where((bits & 0x7F) == 0x7F, float("nan"), w.to(tl.float32))
+    return w.to(dtype)
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """A 2-D tile, masked only along the dimensions that may run past the tensor (zero there)."""
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            return tl.load(ptrs)
+        return tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0)
+    if EVEN_COLS:
+        return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
+                    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-tensor or per-channel weight scale (block scales were applied in the loop), then the bias, in fp32."""
+    mask_n = offs_n < N
+    if SCALE_MODE == 0:
+        acc = acc * tl.load(s_ptr)
+    elif SCALE_MODE == 1:
+        acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def fp8_weight_only_kernel(
+    # tensors
+    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr,
+    # sizes and strides (M is not specialized: one binary serves every row count of a decode tile)
+    M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_sk, stride_sn, stride_bias,
+    tiles_per_split, ws_offset,
+    # constexprs
+    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3, x and out fp16/bf16/fp32.
+
+    ``EVEN_K`` / ``EVEN_N``: K / N are whole tiles (no masks on the weight along that dimension). With block
+    scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
+    tile never straddles two scale blocks along N (dot: nor along K). ``NUM_STAGES``: the K loop's software
+    pipeline depth (asynchronous copies into shared memory); given explicitly, so the FMA variant, whose loads
+    feed no ``tl.dot``, is pipelined too.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_first = pid_k * tiles_per_split
+    k_last = tl.minimum(k_first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    k_start = k_first * BLOCK_K
+    # the scale block column of this tile (block scales): constant over the tile since BLOCK_N divides 128
+    s_col = s_ptr + ((pid_n * BLOCK_N) // 128) * stride_sn
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    if USE_DOT:
+        # the [BLOCK_K, BLOCK_N] tile of W^T: K-contiguous columns, wide vector loads
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k)[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        # the [BLOCK_N, BLOCK_K] tile of W: K-contiguous rows
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :] * stride_wk
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for ki in tl.range(k_first, k_last, num_stages=NUM_STAGES):
+        k0 = ki * BLOCK_K
+        x = _load_tile(x_ptrs, offs_m, M, k0 + offs_k, K, False, EVEN_K)
+        if USE_DOT:
+            w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
+            if EMULATE:
+                xd = x.to(tl.float32)
+                wd = _dequant_type(w, tl.float32, True)
+            else:
+                xd = x
+                wd = _dequant_type(w, x_ptr.dtype.element_ty, False)
+            if SCALE_MODE == 2:
+                # the partial product of this K block times its scale, in fp32
+                acc += tl.dot(xd, wd, input_precision="ieee") * tl.load(s_col + (k0 // 128) * stride_sk)
+            else:
+                acc = tl.dot(xd, wd, acc, input_precision="ieee")
+        else:
+            w = _load_tile(w_ptrs, offs_n, N, k0 + offs_k, K, EVEN_N, EVEN_K)
+            xf = x.to(tl.float32)
+            if SCALE_MODE == 2:
+                # scale x by its K positions' block scale: cheaper than scaling the weight tile (x is shared by
+                # every column of the tile); one more fp32 rounding per product
+                kk = k0 + offs_k
+                xf = xf * tl.load(s_col + (kk // 128) * stride_sk, mask=kk < K, other=0.0)[None, :]
+            acc3 += xf[:, None, :] * _dequant_type(w, tl.float32, EMULATE)[None, :, :]
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+
+    mask_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        acc = _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE, HAS_BIAS)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        slice_stride = M.to(tl.int64) * N
+        ws_ptr = (cnt_ptr + ws_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+        ws_tile = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_tile + pid_k * slice_stride, acc, mask=mask_c)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            # the last of the column block: sum the partials in a fixed order (deterministic), read through L2
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_tile + s * slice_stride, mask=mask_c, other=0.0, cache_modifier=".cg")
+            total = _scale_and_bias(total, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE,
+                                    HAS_BIAS)
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_c)
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
+
+
+__all__ = ["SCALE_BLOCK", "SCALE_BLOCK_SIZE", "SCALE_CHANNEL", "SCALE_TENSOR", "fp8_weight_only_kernel"]

@@ -1,0 +1,311 @@
+"""The weight-only (W8A16) decode path of fp8_linear / FP8Linear (fp8_gemm.weight_only), under the interpreter.
+
+Against a float64 reference ``x @ dequant(W)^T + b`` for every weight scale mode (tensor, channel, 128x128 blocks),
+M in 1..16, N and K that are neither multiples of the tiles nor of 128, with and without bias, fp16/bf16/fp32
+activations; NaN propagation; routing and the forced paths; parity with the W8A8 path within FP8's activation
+quantization error; the registered op (opcheck, torch.compile aot_eager equal to eager, no recompilation per M);
+split-K scratch buffers (zero at rest, per-call buffers); validation errors.
+
+The E4M3 weights are cast with torch on the host (the interpreter's in-kernel FP8 casts are wrong; loading FP8 and
+converting it up is right, apart from the NaN pattern, which the kernel restores under the interpreter).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fp8_gemm import FP8Linear, _scratch, clear_caches, fp8_linear
+from fp8_gemm import linear as linear_mod
+from fp8_gemm import weight_only as wo
+from fp8_gemm.quantize import expand_scale
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.testing import (
+    TENSOR_MUTATIONS,
+    assert_close_rel,
+    count_compiles,
+    device_for_tests,
+    mutate,
+    named_error_or_result,
+    opcheck_op,
+)
+
+FP8 = torch.float8_e4m3fn
+DEV = device_for_tests()
+# The output's rounding only (the interpreter truncates fp32 -> bf16: up to 2**-8 per element), with margin. fp32:
+# the product with the dequantized weight up to fp32 accumulation; the W8A8 path's activation quantization would
+# cost ~3e-2 on this data.
+TOL = {torch.float32: 2e-6, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
+MODES = ("tensor", "channel", "block")
+
+
+def _weight(n: int, k: int, mode: str, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An E4M3 ``[N, K]`` weight (torch's cast, values from subnormals to 448) and a random positive scale of
+    ``mode`` in the GEMM's ``[K, N]`` convention."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 64
+    w[:, ::7] *= 2.0**-9  # some subnormal E4M3 values
+    q = w.clamp(-448, 448).to(FP8)
+    shape = {"tensor": (1,), "channel": (1, n), "block": (-(-k // 128), -(-n // 128))}[mode]
+    scale = torch.rand(shape, generator=g) * 0.02 + 0.001
+    return q.to(device), scale.to(device)
+
+
+def _activation(m: int, k: int, dtype, device, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # rows of different magnitudes (each row's own scale in the W8A8 path; here they must not interact)
+    return (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]).to(device=device, dtype=dtype)
+
+
+def _reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = q.shape
+    w = q.double() * expand_scale(scale, (k, n)).double().t()  # the dequantized [N, K] weight
+    out = x.double().reshape(-1, k) @ w.t()
+    if bias is not None:
+        out = out + bias.double()
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _plans() -> list[tuple]:
+    return list(linear_mod._PLANS._plans.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 16])
+def test_matches_float64_reference(mode, dtype, m):
+    # N = 150: two 128-wide scale blocks, the second partial; K = 200: the same along K; neither is a multiple of
+    # the interpreter's 16 x 32 tiles
+    q, s = _weight(150, 200, mode, DEV, seed=m)
+    bias = (torch.randn(150) * 3).to(device=DEV, dtype=dtype)
+    x = _activation(m, 200, dtype, DEV, seed=m + 1)
+    clear_caches()
+    out = fp8_linear(x, q, s, bias)
+    assert out.dtype == dtype and out.shape == (m, 150)
+    assert [p[0] is not None for p in _plans()] == [True]  # the weight-only plan served the call
+    assert_close_rel(out, _reference(x, q, s, bias), TOL[dtype], f"{mode} {dtype} M={m}")
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 16), n=st.integers(1, 70), k=st.integers(1, 300), mode=st.sampled_from(MODES),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_any_decode_shape(m, n, k, mode, dtype, bias, seed):
+    q, s = _weight(n, k, mode, DEV, seed)
+    b = torch.randn(n, device=DEV).to(dtype) if bias else None
+    x = _activation(m, k, dtype, DEV, seed + 1)
+    out = fp8_linear(x, q, s, b)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert_close_rel(out, _reference(x, q, s, b), TOL[dtype], f"M={m} N={n} K={k} {mode} {dtype} bias={bias}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("config", "m", "dtype"),
+    [
+        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, 3, torch.float16),
+        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3}, 2, torch.bfloat16),  # uneven
+        # FMA: a K tile across two scale blocks; two row tiles with split K
+        ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}, 1, torch.bfloat16),
+        ({"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}, 5, torch.float32),
+    ],
+)
+def test_kernel_variants(mode, config, m, dtype):
+    cfg = {**config, "num_warps": 4, "num_stages": 1}
+    q, s = _weight(40, 300, mode, DEV, seed=3)
+    bias = torch.randn(40, device=DEV).to(dtype)
+    x = _activation(m, 300, dtype, DEV, seed=4)
+    out = wo.weight_only_linear(x, q, s, bias, config=cfg)
+    assert_close_rel(out, _reference(x, q, s, bias), TOL[dtype], f"{config} {dtype}")
+
+
+def test_k_and_n_multiples_of_the_tiles_and_strided_inputs():
+    # EVEN_K and EVEN_N (no weight masks); then x with a non-unit K stride, a weight view with a row stride
+    q, s = _weight(64, 256, "block", DEV, seed=5)
+    x = _activation(3, 256, torch.float32, DEV)
+    assert_close_rel(wo.weight_only_linear(x, q, s), _reference(x, q, s, None), TOL[torch.float32], "even")
+    x_t = x.t().contiguous().t()  # strides (1, 3)
+    assert x_t.stride(1) != 1
+    assert_close_rel(wo.weight_only_linear(x_t, q, s), _reference(x, q, s, None), TOL[torch.float32], "x strided")
+    big = torch.zeros(64, 300, dtype=torch.uint8, device=DEV).view(FP8)
+    big[:, :256] = q
+    q_view = big[:, :256]  # row stride 300
+    assert_close_rel(wo.weight_only_linear(x, q_view, s), _reference(x, q, s, None), TOL[torch.float32], "w view")
+    s_t = s.t().contiguous().t()  # a column-major block scale
+    assert_close_rel(wo.weight_only_linear(x, q, s_t), _reference(x, q, s, None), TOL[torch.float32], "scale view")
+
+
+def test_nan_propagates_to_its_row_and_column_only():
+    q, s = _weight(40, 96, "channel", DEV, seed=6)
+    q.view(torch.uint8)[7, 11] = 0x7F  # an E4M3 NaN in output feature 7
+    x = _activation(4, 96, torch.bfloat16, DEV, seed=7)
+    x[2, 5] = float("nan")
+    out = fp8_linear(x, q, s, None)
+    assert out[2].isnan().all() and out[:, 7].isnan().all()
+    keep_rows, keep_cols = [0, 1, 3], [c for c in range(40) if c != 7]
+    assert torch.isfinite(out[keep_rows][:, keep_cols]).all()
+    # a NaN at the negative pattern 0xFF, on the FMA variant too
+    q.view(torch.uint8)[7, 11] = 0xFF
+    cfg = {"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
+    out = wo.weight_only_linear(x, q, s, config=cfg)
+    assert out[2].isnan().all() and out[:, 7].isnan().all()
+    assert torch.isfinite(out[keep_rows][:, keep_cols]).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forced_paths_agree_within_activation_quantization(mode):
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 72, device=DEV)
+    mod = FP8Linear.from_linear(lin, weight_granularity=mode, activation_granularity="row")
+    x = torch.randn(2, 3, 200, device=DEV)
+    ref = _reference(x, mod.weight, mod.weight_scale, mod.bias)
+    out_auto = mod(x)
+    mod.path = "w8a8"
+    out_w8a8 = mod(x)
+    mod.path = "weight_only"
+    out_forced = mod(x)
+    assert torch.equal(out_auto, out_forced)
+    err_wo = assert_close_rel(out_auto, ref, TOL[torch.float32], "weight-only")
+    # E4M3 rounds each activation by up to 2**-4 relative: the W8A8 result is a few percent off, not more
+    err_w8a8 = assert_close_rel(out_w8a8, ref, 0.06, "w8a8")
+    assert err_w8a8 > 100 * err_wo, (err_w8a8, err_wo)
+    assert_close_rel(out_auto, out_w8a8, 0.06, "weight-only vs w8a8")
+    assert "path='weight_only'" in repr(mod)
+
+
+def test_routing_by_row_count_and_the_path_argument():
+    torch.manual_seed(1)
+    mod = FP8Linear.from_linear(nn.Linear(64, 40, device=DEV), weight_granularity="block",
+                                activation_granularity="block")
+    clear_caches()
+    for m in (1, wo.WEIGHT_ONLY_MAX_M, wo.WEIGHT_ONLY_MAX_M + 1):
+        mod(torch.randn(m, 64, device=DEV))
+    assert [p[0] is not None for p in _plans()] == [True, True, False]
+    x = torch.randn(wo.WEIGHT_ONLY_MAX_M + 5, 64, device=DEV)
+    forced = fp8_linear(x, mod.weight, mod.weight_scale, mod.bias, "block", False, "weight_only")
+    assert _plans()[-1][0] is not None
+    assert_close_rel(forced, _reference(x, mod.weight, mod.weight_scale, mod.bias), TOL[torch.float32], "forced")
+    fp8_linear(x[:2], mod.weight, mod.weight_scale, mod.bias, "block", False, "w8a8")
+    assert _plans()[-1][0] is None
+    with pytest.raises(InvalidArgumentError, match="path"):
+        fp8_linear(x, mod.weight, mod.weight_scale, mod.bias, "block", False, "fast")
+    clear_caches()
+
+
+def test_plan_is_reused_and_follows_new_weights(monkeypatch):
+    calls = []
+    real = linear_mod.build_plan
+    monkeypatch.setattr(linear_mod, "build_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(2)
+    mod = FP8Linear.from_linear(nn.Linear(96, 48, device=DEV))
+    clear_caches()
+    x = torch.randn(1, 96, device=DEV)
+    for _ in range(3):
+        assert_close_rel(mod(x), _reference(x, mod.weight, mod.weight_scale, mod.bias), TOL[torch.float32])
+    mod.load_weight(torch.randn(48, 96, device=DEV))  # new values, same layout: the plan stays valid
+    assert_close_rel(mod(x), _reference(x, mod.weight, mod.weight_scale, mod.bias), TOL[torch.float32], "new w")
+    assert len(calls) == 1
+    mod(torch.randn(1, 1, 96, device=DEV))  # a new signature (3-D): one more plan
+    assert len(calls) == 2
+
+
+def test_split_k_is_deterministic_and_leaves_counters_at_zero():
+    q, s = _weight(48, 256, "channel", DEV, seed=8)
+    x = _activation(3, 256, torch.float32, DEV)
+    cfg = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4,
+           "num_stages": 1}
+    _scratch.clear()
+    first = wo.weight_only_linear(x, q, s, config=cfg)
+    assert torch.equal(first, wo.weight_only_linear(x, q, s, config=cfg))
+    (buf,) = [b for key, b in _scratch._BUFFERS.items() if key[0] == wo._SCRATCH]
+    # the counters (one per column block) are zero at rest: the next call and graph replays need it
+    assert not buf[:16].any() and buf[16:].view(torch.float32).abs().sum() > 0  # partials were there
+    with _scratch.per_call():  # registered-op calls and graph captures: a buffer of their own
+        assert torch.equal(first, wo.weight_only_linear(x, q, s, config=cfg))
+    assert len([key for key in _scratch._BUFFERS if key[0] == wo._SCRATCH]) == 1
+
+
+def test_empty_and_zero_k():
+    q, s = _weight(24, 64, "channel", DEV)
+    bias = torch.randn(24, device=DEV)
+    assert fp8_linear(torch.randn(0, 64, device=DEV), q, s, bias).shape == (0, 24)
+    assert fp8_linear(torch.randn(2, 0, 64, device=DEV), q, s, bias).shape == (2, 0, 24)
+    q0 = torch.zeros(24, 0, dtype=torch.uint8, device=DEV).view(FP8)
+    out = wo.weight_only_linear(torch.randn(3, 0, device=DEV), q0, torch.ones(1, device=DEV), bias)
+    assert torch.equal(out, bias.expand(3, 24))
+    assert not wo.weight_only_linear(torch.randn(3, 0, device=DEV), q0, torch.ones(1, device=DEV)).any()
+
+
+def test_validation_errors():
+    q, s = _weight(24, 200, "block", DEV)  # block scale [2, 1]
+    x = torch.randn(2, 200, device=DEV)
+    with pytest.raises(UnsupportedDtypeError, match="weight"):
+        wo.weight_only_linear(x, q.float(), s)
+    with pytest.raises(ShapeMismatchError, match="weight_scale"):
+        wo.weight_only_linear(x, q, torch.ones(2, 2, device=DEV))
+    with pytest.raises(ShapeMismatchError, match="bias"):
+        wo.weight_only_linear(x, q, s, torch.zeros(23, device=DEV))
+    with pytest.raises(ShapeMismatchError, match="x: expected last dimension 200"):
+        wo.weight_only_linear(torch.randn(2, 63, device=DEV), q, s)
+    with pytest.raises(UnsupportedDtypeError, match="x"):
+        wo.weight_only_linear(x.to(torch.int32), q, s)
+    bad = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4,
+           "num_stages": 1}
+    with pytest.raises(InvalidArgumentError, match="scale block"):
+        wo.weight_only_linear(x, q, s, config=bad)
+    with pytest.raises(InvalidArgumentError, match="BLOCK_K must be a power of two"):
+        wo.weight_only_linear(x, q, s, config={**bad, "BLOCK_N": 16, "BLOCK_K": 48})
+    with pytest.raises(InvalidArgumentError, match="missing"):
+        wo.weight_only_linear(x, q, s, config={"USE_DOT": True})
+
+
+@pytest.mark.parametrize(("mode", "requires_grad"), [("channel", True), ("block", False), ("tensor", False)])
+def test_opcheck(mode, requires_grad):
+    q, s = _weight(40, 160, mode, DEV, seed=9)
+    bias = torch.randn(40, device=DEV, dtype=torch.bfloat16)
+    x = _activation(3, 160, torch.bfloat16, DEV).reshape(1, 3, 160).requires_grad_(requires_grad)
+    opcheck_op(torch.ops.triton_ops.fp8_linear.default, (x, q, s, bias, "row", False, "auto"))
+    if not requires_grad:
+        opcheck_op(torch.ops.triton_ops.fp8_linear.default, (x, q, s, None, "block", False, "weight_only"))
+
+
+def test_compiled_equals_eager_without_recompiling_per_row_count():
+    torch.manual_seed(3)
+    mod = FP8Linear.from_linear(nn.Linear(64, 40, device=DEV, dtype=torch.bfloat16), weight_granularity="block",
+                                activation_granularity="block")
+    with torch.no_grad():
+        x = torch.randn(2, 1, 64, device=DEV, dtype=torch.bfloat16)
+        assert torch.equal(torch.compile(mod, fullgraph=True, backend="aot_eager")(x), mod(x))
+        fn = torch.compile(mod, fullgraph=True, dynamic=True, backend="aot_eager")
+        x = torch.randn(2, 1, 64, device=DEV, dtype=torch.bfloat16)
+        assert torch.equal(fn(x), mod(x))  # the one dynamic graph (Dynamo specializes a size of 1 on its own)
+        with count_compiles() as compiles:
+            for m in (3, 7, 16, 17):  # the row count is decided inside the op: no recompilation
+                x = torch.randn(m, 1, 64, device=DEV, dtype=torch.bfloat16)
+                assert torch.equal(fn(x), mod(x))
+        assert compiles["frames"] == 0, compiles
+
+
+def test_gradient_of_a_decode_call():
+    torch.manual_seed(4)
+    mod = FP8Linear.from_linear(nn.Linear(64, 24, device=DEV), weight_granularity="tensor")
+    mod.bias.requires_grad_(True)
+    x = torch.randn(1, 64, device=DEV, requires_grad=True)
+    g = torch.randn(1, 24, device=DEV)
+    out = mod(x)
+    assert_close_rel(out.detach(), _reference(x.detach(), mod.weight, mod.weight_scale, mod.bias), 2e-6)
+    out.backward(g)
+    w = mod.dequantized_weight(torch.float64)
+    assert_close_rel(x.grad, g.double() @ w, 1e-6, "dx")
+    assert_close_rel(mod.bias.grad, g.double().sum(0), 1e-6, "dbias")
+
+
+@settings(max_examples=30, deadline=None)
+@given(which=st.integers(0, 3), how=st.sampled_from(TENSOR_MUTATIONS), mode=st.sampled_from(MODES))
+def test_spoiled_arguments_give_named_errors(which, how, mode):
+    q, s = _weight(40, 160, mode, DEV, seed=10)
+    args = [_activation(2, 160, torch.bfloat16, DEV), q, s, torch.randn(40, device=DEV)]
+    args[which] = mutate(args[which], how)
+    named_error_or_result(fp8_linear, *args)

@@ -1,0 +1,55 @@
+"""The MoE launch heuristic reads the device's properties (SM count, shared memory per block): GPUs simulated on the
+CPU with ``triton_ops_core.device.simulate_device``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fused_moe import MoEConfig, select_config
+from triton_ops_core.device import DeviceInfo, simulate_device
+
+HOPPER = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
+SMALL = DeviceInfo("Simulated small GPU", (8, 6), 28, 4 * 2**20, 99 * 1024, 400.0, True, "simulated")
+GPT_OSS = dict(top_k=4, hidden=2880, intermediate=2880, num_experts=32)
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    select_config.cache_clear()
+    yield
+    select_config.cache_clear()
+
+
+def cfg(tokens: int, on_gpu=True) -> MoEConfig:
+    return select_config(tokens, GPT_OSS["top_k"], GPT_OSS["hidden"], GPT_OSS["intermediate"],
+                         GPT_OSS["num_experts"], on_gpu)
+
+
+def stage_bytes(c: MoEConfig) -> int:
+    return (c.block_m + 2 * c.gate_up_block_n) * max(c.gate_up_block_k, c.down_block_k) * 2
+
+
+def test_hopper_keeps_its_first_guesses():
+    with simulate_device(HOPPER):
+        assert cfg(1) == MoEConfig(16, 32, 64, 32, 64, 4, 4)  # 2880 = 45 x 64: K steps of 64
+        assert cfg(64) == MoEConfig(64, 64, 64, 64, 64, 4, 4)
+        assert cfg(2048) == MoEConfig(64, 64, 64, 128, 64, 8, 3)
+        assert cfg(64, on_gpu=torch.device("cuda", 0)) == cfg(64)  # the device itself may be passed
+
+
+def test_a_smaller_gpu_gets_tiles_that_fit_and_fill_it():
+    with simulate_device(SMALL):
+        decode = cfg(64)
+        assert decode.num_stages * stage_bytes(decode) <= SMALL.smem_per_block
+        # 32 experts hit x 45 column tiles of 64 fill two waves of 28 SMs: the wide tile stays
+        assert decode.gate_up_block_n == 64
+    narrow_gpu_wide = DeviceInfo("Simulated wide GPU", (9, 0), 1024, 60 * 2**20, 227 * 1024, 8000.0, True, "sim")
+    select_config.cache_clear()
+    with simulate_device(narrow_gpu_wide):  # 1440 programs of 64 columns are under two waves of 1024 SMs: narrower
+        assert cfg(64).gate_up_block_n == 32
+
+
+def test_the_interpreter_ignores_the_device():
+    with simulate_device(SMALL):
+        assert cfg(3, on_gpu=False) == cfg(3, on_gpu=torch.device("cpu"))
+        assert cfg(3, on_gpu=False).num_stages == 1

@@ -1,0 +1,154 @@
+"""``decode_attention`` as a transformers attention backend: ``register_attention_backend()``, then
+``model.set_attn_implementation("triton_ops")``.
+
+transformers' sdpa path expands the KV cache from ``Hkv`` to ``Hq`` heads (``repeat_kv``) in every layer whenever a
+mask is passed or the model is compiled, and reads a static cache's whole length; ``decode_attention`` reads each
+K/V element once and skips the masked tail. This module gives it transformers' attention-interface signature
+(``AttentionInterface``) and registers transformers' own ``sdpa_mask`` as the mask of the same name
+(``AttentionMaskInterface``): the backend receives the bool masks sdpa does (or None where sdpa would rely on
+``is_causal``).
+
+Which calls run ``decode_attention`` (the rest go to transformers' ``sdpa_attention_forward``, or, for gpt-oss's
+sinks, which sdpa cannot take, to the model's own ``eager_attention_forward``):
+
+- at most ``MAX_QUERY_LEN`` (16) query positions (decode, speculative decoding, short prompts), or any length with
+  attention sinks (``s_aux``: gpt-oss), since the fallback would be eager attention;
+- no dropout, no softcapping, no position bias, no gradient to record (the op is forward-only), tensors on a device
+  Triton runs on here, a bool or float mask (or None).
+
+The ``sliding_window`` argument is not applied by the kernel: transformers' mask already encodes the window, in the
+cache's own positions (a sliding-window cache rolls, so an index-based window would be wrong), as sdpa relies on.
+Without a mask and with more than one query, the call is causal as sdpa makes it (``module.is_causal``, upper-left
+aligned: with a longer cache, as in a static cache's prefill, the keys past the queries are dropped first).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from decode_attention import decode_attention
+from triton_ops_core.device import can_run_on
+from triton_ops_core.exceptions import InvalidArgumentError
+
+ATTENTION_NAME = "triton_ops"
+MAX_QUERY_LEN = 16
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MASK_DTYPES = (torch.bool, *_DTYPES)
+_MAX_HEAD_DIM = 256
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _ours(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object, dropout: float,
+          s_aux: torch.Tensor | None, kwargs: dict) -> bool:
+    """Whether ``decode_attention`` takes this call (everything else falls back)."""
+    if query.shape[2] > MAX_QUERY_LEN and s_aux is None:
+        return False
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return False
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.dtype not in _MASK_DTYPES
+                                       or attention_mask.shape[-1] != key.shape[2]):
+        return False
+    if query.dtype not in _DTYPES or query.shape[-1] > _MAX_HEAD_DIM or key.shape[-1] != query.shape[-1]:
+        return False
+    if value.shape != key.shape or query.shape[1] % key.shape[1]:
+        return False
+    return can_run_on(query.device) and not _needs_grad(query, key, value, s_aux)
+
+
+def _eager_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, causal: bool,
+                      kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own eager attention (gpt-oss's takes the sinks), given the additive mask it expects."""
+    eager: Callable | None = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise InvalidArgumentError(
+            f"{type(module).__name__}: attention sinks (s_aux) that decode_attention cannot take (dropout, a "
+            "gradient, softcapping, or a device Triton does not run on) need the model's eager_attention_forward, "
+            "and its modeling module has none")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and causal:
+        rows = torch.arange(q_len, device=query.device)[:, None]
+        attention_mask = torch.arange(kv_len, device=query.device)[None, :] <= rows  # sdpa's upper-left causal
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        low = torch.finfo(query.dtype).min
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        attention_mask = torch.where(attention_mask, zero, torch.full((), low, dtype=query.dtype,
+                                                                      device=query.device))
+        attention_mask = attention_mask.expand(query.shape[0], 1, q_len, kv_len)
+    return eager(module, query, key, value, attention_mask, dropout=dropout,
+                 scaling=module.scaling if scaling is None else scaling, s_aux=kwargs.pop("s_aux", None), **kwargs)
+
+
+def triton_ops_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface function (``ALL_ATTENTION_FUNCTIONS["triton_ops"]``).
+
+    Args:
+        module: the attention module (its ``is_causal`` is read, and its modeling module's
+            ``eager_attention_forward`` for a fallback with sinks).
+        query: ``[B, Hq, Sq, D]``; key, value: ``[B, Hkv, S, D]`` (the cache's tensors as they are).
+        attention_mask: what ``sdpa_mask`` makes (registered under the same name): a bool ``[B, 1, Sq, S]``
+            mask, or None where no mask is needed (then causal when ``Sq > 1``).
+        dropout, scaling: as transformers passes them; ``scaling`` None is ``1 / sqrt(D)``.
+        sliding_window: ignored (the mask encodes the window, see the module's docstring).
+        s_aux: gpt-oss's attention sinks ``[Hq]``, joining the softmax denominator.
+
+    Returns:
+        ``(attn_output [B, Sq, Hq, D] contiguous, None)``, as transformers' sdpa function returns.
+    """
+    is_causal = kwargs.pop("is_causal", None)
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    q_len = query.shape[2]
+    causal = bool(is_causal) and attention_mask is None and q_len > 1
+    if _ours(query, key, value, attention_mask, dropout, s_aux, kwargs):
+        if causal and key.shape[2] > q_len:
+            # sdpa's is_causal is upper-left aligned: the keys past the queries are never attended (a static
+            # cache's prefill); dropping them makes it decode_attention's bottom-right causal
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        out = decode_attention(query, key, value, attention_mask, scale=scaling, sinks=s_aux, is_causal=causal)
+        return out, None
+    if s_aux is not None:
+        out, _ = _eager_with_sinks(module, query, key, value, attention_mask, dropout, scaling, causal,
+                                   {**kwargs, "s_aux": s_aux, "sliding_window": sliding_window})
+        return out, None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, sliding_window=sliding_window, **kwargs)
+
+
+def register_attention_backend(name: str = ATTENTION_NAME) -> str:
+    """Register ``triton_ops_attention_forward`` with transformers under ``name`` (default ``"triton_ops"``), and
+    transformers' ``sdpa_mask`` as that name's mask function. Returns ``name``.
+
+    Then ``model.set_attn_implementation("triton_ops")`` (transformers 5.0 to 5.24 at least; also at load time,
+    ``from_pretrained(..., attn_implementation="triton_ops")``) routes every attention layer through it. Setting
+    ``model.config._attn_implementation = "triton_ops"`` works too, without transformers' checks. Idempotent.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"name: expected a non-empty str, got {name!r}")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, triton_ops_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+__all__ = ["ATTENTION_NAME", "MAX_QUERY_LEN", "register_attention_backend", "triton_ops_attention_forward"]

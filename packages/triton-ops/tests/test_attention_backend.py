@@ -1,0 +1,189 @@
+"""The "triton_ops" attention backend (decode_attention behind transformers' AttentionInterface) in small random
+Llama, Qwen3 and gpt-oss models: the same prefill and cached decode-step logits (DynamicCache and StaticCache, a
+padded batch, one and three new tokens) as transformers' sdpa (gpt-oss: eager, which takes its sinks), and the
+calls it hands back to transformers. CPU under the interpreter (fp32), or a GPU (bf16)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from triton_ops.models import attention_backend
+from triton_ops.models.attention_backend import (
+    ATTENTION_NAME,
+    MAX_QUERY_LEN,
+    register_attention_backend,
+    triton_ops_attention_forward,
+)
+from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.testing import device_for_tests
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = device_for_tests()
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+TINY = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 96, "max_position_embeddings": 64}
+
+
+def _config(kind: str):
+    if kind == "llama":
+        return transformers.LlamaConfig(**TINY)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**TINY)
+    return transformers.GptOssConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"])
+
+
+CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+
+
+def _model(kind: str, seed: int = 0):
+    config = _config(kind)
+    # transformers' own attention to compare with: sdpa, or eager for gpt-oss (sdpa cannot take its sinks)
+    config._attn_implementation = "eager" if kind == "gpt_oss" else "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, CLASSES[kind])(config).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():  # weights large enough that the attention is far from uniform
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or "sinks" in name:
+                p.normal_(0.0, 0.2 if p.dim() >= 2 else 1.0)
+    return model
+
+
+def _ours(model):
+    register_attention_backend()
+    ours = copy.deepcopy(model)
+    ours.set_attn_implementation(ATTENTION_NAME)
+    assert ours.config._attn_implementation == ATTENTION_NAME
+    return ours
+
+
+def _run(model, ids, mask, cache, steps):
+    """Logits of a prefill, then of each step's new tokens, through ``cache`` (``cache`` from transformers 5.2x on,
+    ``past_key_values`` before)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    logits = []
+    with torch.no_grad():
+        for new in [ids, *steps]:
+            if new is not ids:
+                mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+            out = model(new, attention_mask=mask, use_cache=True, **{name: cache})
+            logits.append(out.logits)
+    return logits
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    tol = 2e-2 if DTYPE == torch.bfloat16 else 2e-5
+    err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+    assert err <= tol, err
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt_oss"])
+def test_logits_match_transformers_attention(kind):
+    reference = _model(kind)
+    ours = _ours(reference)
+    calls = []
+    real = attention_backend.decode_attention
+    attention_backend.decode_attention = lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw)
+    try:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 96, (2, 7), generator=g).to(DEVICE)
+        mask = torch.ones(2, 7, dtype=torch.long, device=DEVICE)
+        mask[1, :2] = 0  # a left-padded sequence
+        steps = [torch.randint(0, 96, (2, n), generator=g).to(DEVICE) for n in (1, 3)]
+        for make_cache in (lambda m: transformers.DynamicCache(config=m.config),
+                           lambda m: transformers.StaticCache(config=m.config, max_cache_len=24)):
+            got = _run(ours, ids, mask, make_cache(ours), steps)
+            want = _run(reference, ids, mask, make_cache(reference), steps)
+            for a, b in zip(got, want):
+                _close(a, b)
+    finally:
+        attention_backend.decode_attention = real
+    # every layer's prefill (7 queries) and steps (1, then 3) ran decode_attention, with both caches
+    assert sorted(set(calls)) == [1, 3, 7] and len(calls) == 2 * 3 * 2
+
+
+def test_the_config_attribute_selects_it_too():
+    reference = _model("llama")
+    register_attention_backend()
+    ours = copy.deepcopy(reference)
+    ours.config._attn_implementation = ATTENTION_NAME
+    ids = torch.randint(0, 96, (1, 5), device=DEVICE)
+    with torch.no_grad():
+        _close(ours(ids).logits, reference(ids).logits)
+    assert transformers.AttentionInterface()[ATTENTION_NAME] is triton_ops_attention_forward
+    assert register_attention_backend() == ATTENTION_NAME  # idempotent
+    with pytest.raises(InvalidArgumentError, match="name"):
+        register_attention_backend("")
+
+
+def _attention_args(sq: int, s: int = 9, *, sinks: bool = False, grad: bool = False):
+    g = torch.Generator().manual_seed(sq)
+    q = torch.randn(2, 4, sq, 16, generator=g).to(DEVICE, DTYPE).requires_grad_(grad)
+    k = torch.randn(2, 1, s, 16, generator=g).to(DEVICE, DTYPE)
+    v = torch.randn(2, 1, s, 16, generator=g).to(DEVICE, DTYPE)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.scaling, module.training = True, 4, 0.25, False
+    if sinks:
+        module.sinks = torch.nn.Parameter(torch.randn(4, device=DEVICE, dtype=DTYPE))
+    return module, q, k, v
+
+
+def test_what_falls_back_to_transformers(monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    used = []
+    monkeypatch.setattr(attention_backend, "decode_attention", lambda *a, **kw: used.append("ours"))
+    real_sdpa = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda *a, **kw: used.append("sdpa") or real_sdpa(*a, **kw))
+    module, q, k, v = _attention_args(MAX_QUERY_LEN + 1, 20)
+    out, weights = triton_ops_attention_forward(module, q, k, v, None, scaling=0.25)  # a long prompt
+    assert used == ["sdpa"] and out.shape == (2, MAX_QUERY_LEN + 1, 4, 16) and weights is None
+    module, q, k, v = _attention_args(1, grad=True)
+    triton_ops_attention_forward(module, q, k, v, None)  # a gradient to record
+    triton_ops_attention_forward(module, q.detach(), k, v, None, dropout=0.1)  # dropout
+    assert used == ["sdpa"] * 3
+    try:  # softcapping: sdpa's answer (transformers 5.2x raises, earlier releases ignore it)
+        triton_ops_attention_forward(module, q.detach(), k, v, None, softcap=30.0)
+    except ValueError as exc:
+        assert "softcap" in str(exc)
+    assert used == ["sdpa"] * 4
+    triton_ops_attention_forward(module, q.detach(), k, v, None)
+    assert used[-1] == "ours"
+
+
+def test_sinks_fall_back_to_the_models_eager_attention():
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    module, q, k, v = _attention_args(3, sinks=True)
+    module.__class__ = type("GptOssLike", (torch.nn.Module,), {"__module__": modeling_gpt_oss.__name__})
+    mask = torch.rand(2, 1, 3, 9, device=DEVICE) > 0.3
+    with torch.no_grad():
+        ours, _ = triton_ops_attention_forward(module, q, k, v, mask, scaling=0.25, s_aux=module.sinks)
+    # with a gradient to record (the sinks are parameters), the model's eager attention runs, with the bool mask
+    # turned additive, and computes the same
+    eager, _ = triton_ops_attention_forward(module, q, k, v, mask, scaling=0.25, s_aux=module.sinks)
+    assert eager.requires_grad
+    _close(ours, eager.detach())
+    # no mask and several queries: causal, as sdpa would make it
+    with torch.no_grad():
+        ours, _ = triton_ops_attention_forward(module, q, k[:, :, :3], v[:, :, :3], None, s_aux=module.sinks)
+    eager, _ = triton_ops_attention_forward(module, q, k[:, :, :3], v[:, :, :3], None, s_aux=module.sinks)
+    _close(ours, eager.detach())
+    module.__class__ = torch.nn.Module  # a module whose modeling code has no eager attention: a named error
+    with pytest.raises(InvalidArgumentError, match="eager_attention_forward"):
+        triton_ops_attention_forward(module, q, k, v, mask, s_aux=module.sinks)
+
+
+def test_causal_prefill_over_a_longer_static_cache():
+    # no mask, 5 queries, a 9-position cache (a static cache's prefill): sdpa's upper-left causal attention
+    module, q, k, v = _attention_args(5)
+    with torch.no_grad():
+        ours, _ = triton_ops_attention_forward(module, q, k, v, None, scaling=0.25)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True, scale=0.25).transpose(1, 2)
+    _close(ours, want)
