@@ -58,6 +58,14 @@ def gated_mlp_cases(race: bool = False):
         return
     w, b = _rand(2 * 2880, 2880, scale=0.02), _rand(2 * 2880)
     fused_gated_mlp(_rand(4, 2880), w, None, "swiglu_oai", gate_bias=b, weight_layout="interleaved")
+    # FP8 weights (weight-only): per-channel and 128x128 block scales, decode and tiled paths, odd sizes
+    from fused_gated_mlp import quantize_weight_fp8
+
+    for m, h, i in ((1, 4096, 14336), (70, 300, 200), (3, 131, 45)):
+        for scaling in ("channel", "block"):
+            (qg, sg), (qu, su) = (quantize_weight_fp8(_rand(i, h, scale=h ** -0.5), scaling, torch.float8_e4m3fn)
+                                  for _ in range(2))
+            fused_gated_mlp(_rand(m, h), qg, qu, gate_scale=sg, up_scale=su)
 
 
 def fp8_cases(race: bool = False):
@@ -83,6 +91,13 @@ def fp8_cases(race: bool = False):
     if not race:
         lin = torch.nn.Linear(4096, 1000, device=DEV, dtype=BF16)
         FP8Linear.from_linear(lin)(_rand(3, 4096))
+    # weight-only decode (M <= 16: one launch, split-K partials and arrival counters), every weight scaling
+    for (n, k), gran in (((11264, 4096), "channel"), ((1000, 4096), "block"), ((333, 200), "tensor"),
+                         ((4096, 14336), "block")):
+        lin = torch.nn.Linear(k, n, bias=gran != "tensor", device=DEV, dtype=BF16)
+        layer = FP8Linear.from_linear(lin, weight_granularity=gran)
+        for m in ((1, 16) if race else (1, 3, 16)):
+            layer(_rand(m, k))
 
 
 def moe_cases(race: bool = False):

@@ -247,7 +247,8 @@ def test_fp8_block_scales_pack_when_aligned_and_the_views_compute_their_rows():
     reference = copy.deepcopy(model)
     patch_model(model, fp8=True)  # the default recipe: 128x128 blocks, down_proj kept
     summary = model.triton_ops_patch
-    assert summary.packed_qkv == 2 and summary.fp8_linears == 2 * 6  # q, k, v (views), o, gate, up
+    assert summary.packed_qkv == 2 and summary.fp8_linears == 2 * 4  # q, k, v (views), o
+    assert summary.fp8_gated_mlps == 2  # gate/up: FP8 weights in the fused MLP kernel
     attn = model.model.layers[0].self_attn
     packed = vars(attn)[PACKING_ATTR].linear
     assert isinstance(packed, FP8Linear) and packed.weight_granularity == "block"

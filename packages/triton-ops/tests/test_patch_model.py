@@ -10,6 +10,7 @@ import inspect
 
 import pytest
 import torch
+from fused_gated_mlp import FP8Projection
 from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP
 from triton_ops.layers import RMSNorm as RMSNormLayer
@@ -116,9 +117,13 @@ def test_patched_model_computes_what_the_model_computes(kind, monkeypatch):
 
 def test_fp8_default_recipe_keeps_the_mlp_output_projections():
     model = patch_model(_model("llama"), fp8=True)
-    assert model.triton_ops_patch.fp8_linears == 2 * 6  # q, k, v, o, gate, up per layer; down_proj kept
+    summary = model.triton_ops_patch
+    assert summary.fp8_linears == 2 * 4  # q, k, v, o per layer; down_proj kept; gate/up in the MLP kernel
+    assert summary.fp8_gated_mlps == summary.gated_mlps == 2
     layer = model.model.layers[1]
-    assert type(layer.mlp.down_proj) is torch.nn.Linear and layer.mlp.up_proj.weight_granularity == "block"
+    assert type(layer.mlp.down_proj) is torch.nn.Linear
+    assert isinstance(layer.mlp.up_proj, FP8Projection) and layer.mlp.up_proj.scaling == "block"
+    assert layer.mlp.gate_proj.weight.dtype == torch.float8_e4m3fn
     assert any("kept in their dtype by the 'default'" in n for n in model.triton_ops_patch.notes)
     # this model's 64 q and 32 k/v rows would share 128-row weight blocks: its q/k/v stay three FP8 GEMMs
     assert model.triton_ops_patch.packed_qkv == 0 and PACKING_ATTR not in vars(layer.self_attn)
@@ -129,7 +134,11 @@ def test_fp8_patch_converts_every_linear_but_the_lm_head():
     model = _model("llama")
     reference = copy.deepcopy(model)
     patch_model(model, fp8=True, fp8_recipe="channel")
-    assert model.triton_ops_patch.fp8_linears == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert model.triton_ops_patch.fp8_linears == 2 * 5  # q, k, v, o, down per layer
+    mlp = model.model.layers[0].mlp  # gate/up: FP8 weights inside the fused kernel (weight-only)
+    assert model.triton_ops_patch.fp8_gated_mlps == 2 and mlp.gate_proj.scaling == "channel"
+    assert mlp.gate_proj.weight.dtype == torch.float8_e4m3fn  # the one copy of the weight, in FP8
+    assert not any(p.dim() == 2 for p in mlp.gate_proj.parameters())  # no high-precision weight kept beside it
     assert type(model.lm_head) is torch.nn.Linear and isinstance(model.model.layers[1].mlp.down_proj, FP8Linear)
     # q, k, v quantized together as one FP8Linear; each projection an FP8Linear viewing its rows and scales
     attn = model.model.layers[1].self_attn

@@ -43,7 +43,9 @@ class GatedMLP(nn.Module):
 
     Replaces the ``forward`` of transformers' ``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``Qwen3MLP`` and the other
     gated MLPs with the same attributes. ``down_proj`` stays the model's own module (an ``nn.Linear`` or an
-    ``FP8Linear``). Differentiable (the fused op has a backward).
+    ``FP8Linear``). Differentiable (the fused op has a backward). ``gate_proj`` / ``up_proj`` may be
+    ``fused_gated_mlp.FP8Projection`` modules (FP8 weights and their scales, what ``patch_model(fp8=True)`` makes):
+    the kernel then reads the FP8 weights and keeps the activations in their dtype (weight-only FP8).
     """
 
     can_torch_compile = True
@@ -57,7 +59,9 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = kernel_activation(self.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
         gate, up = self.gate_proj, self.up_proj
-        h = fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias)
+        # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
+        h = fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
+                            gate_scale=getattr(gate, "weight_scale", None), up_scale=getattr(up, "weight_scale", None))
         return self.down_proj(h)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from fp8_gemm import FP8Linear, TrainableFP8Linear
+from fused_gated_mlp import FP8Projection
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -150,10 +151,22 @@ def _partition_linear(module: nn.Module, mesh: DeviceMesh, kind: str, src: int |
         else:
             scale_placement = Shard(0) if gran == "block" else Replicate()
         placements = {"weight": Shard(0) if kind == "col" else Shard(1), "weight_scale": scale_placement}
+    elif isinstance(module, FP8Projection):  # a gated MLP's FP8 gate/up (patch_model(fp8=True))
+        block = module.scaling == "block"
+        if block:
+            attr = "out_features" if kind == "col" else "in_features"
+            _check_block(getattr(module, attr), world, f"{what} ({attr}={getattr(module, attr)})")
+        # the scale is in the weight's [N, K] convention: [N] per channel, [N/128, K/128] blocks
+        if kind == "col":
+            scale_placement = Shard(0)
+        else:
+            scale_placement = Shard(1) if block else Replicate()
+        placements = {"weight": Shard(0) if kind == "col" else Shard(1), "weight_scale": scale_placement}
     elif isinstance(module, nn.Linear):
         placements = {"weight": Shard(0) if kind == "col" else Shard(1)}
     else:
-        raise ShardingError(f"{what}: expected an nn.Linear or an FP8Linear, got {type(module).__name__}")
+        raise ShardingError(f"{what}: expected an nn.Linear, an FP8Linear or an FP8Projection, got "
+                            f"{type(module).__name__}")
     if _tensor(module, "bias") is not None:
         placements["bias"] = Shard(0) if kind == "col" else Replicate()
     for name, placement in placements.items():

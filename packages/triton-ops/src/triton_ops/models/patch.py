@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from fp8_gemm import FP8Linear, FP8Recipe, convert_to_fp8
 from fp8_gemm.recipes import resolve_recipe, select_linears
+from fused_gated_mlp import FP8Projection, quantize_weight_fp8
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import GatedMLP, GptOssMoE, RMSNorm, kernel_activation
+from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .decoder_layers import (
     FusedAddNormDecoderLayer,
     QKNormRopeAttention,
@@ -52,6 +54,8 @@ class PatchSummary:
     rope_attentions: int = 0  # Llama-style attentions whose rotary embedding (on q and k) runs as one kernel
     packed_qkv: int = 0  # attentions whose q, k, v projections run as one GEMM (one FP8 GEMM with fp8)
     fp8_linears: int = 0  # nn.Linear layers now FP8Linear (packed q/k/v count three: each keeps its module)
+    fp8_gated_mlps: int = 0  # gated MLPs whose gate/up weights are FP8 inside the fused kernel (weight-only)
+    attention: str | None = None  # the attention implementation set on the model (None: left as it was)
     notes: list[str] = field(default_factory=list)  # what was left as it was, and why
 
 
@@ -116,7 +120,7 @@ def _model_type(model: object) -> str:
 def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Recipe = "default",
                 fp8_lm_head: bool = False, weight_granularity: str | None = None,
                 activation_granularity: str | None = None, fast_accum: bool = False,
-                pack_qkv: bool = True) -> nn.Module:
+                pack_qkv: bool = True, attention: bool = True) -> nn.Module:
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss and the
@@ -132,8 +136,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       blocks and 1x128 activation blocks and keeps every MLP output projection (``down_proj``) in the model's dtype;
       ``fp8_recipe="channel"`` converts every Linear with per-channel weights and per-row activations (faster at
       decode, +2.8 % perplexity on that model), ``"block"`` every Linear with blocks. ``weight_granularity`` /
-      ``activation_granularity`` override the recipe's scales, ``fast_accum`` is ``FP8Linear``'s. The MLP's gate and
-      up projections then run as two FP8 GEMMs (no FP8 gated-MLP kernel yet).
+      ``activation_granularity`` override the recipe's scales, ``fast_accum`` is ``FP8Linear``'s. A gated MLP whose
+      gate and up projections the recipe converts keeps its fused kernel with FP8 weights
+      (``fused_gated_mlp.FP8Projection``: E4M3 with the recipe's weight scales, 128x128 blocks or per channel;
+      the activations stay in the model's dtype, weight-only FP8, which reads half the bytes and skips the
+      activation's quantization). ``FP8Linear`` itself runs weight-only for up to 16 rows (decode).
 
     - gpt-oss: every mixture of experts (``router`` + ``experts``) runs as ``fused_moe`` (routing, grouped expert
       GEMMs with the clamped SwiGLU, weighted combine; :class:`triton_ops.layers.GptOssMoE`), with ``fp8`` too (the
@@ -162,6 +169,13 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       back to the three projections. ``pack_qkv=False``: the model's three projections, then the same rotation
       kernel.
 
+    - ``attention=True`` (default): the model's attention implementation becomes ``"triton_ops"``
+      (:mod:`triton_ops.models.attention_backend`): up to 16 query positions (decode) run
+      ``decode_attention.decode_attention``, which reads each K/V element once for all the query heads that share
+      it (no ``repeat_kv`` of the cache) and skips a static cache's masked tail; longer prompts run transformers'
+      sdpa (gpt-oss, whose attention sinks sdpa cannot take: our kernel at every length). Only a model on
+      ``"sdpa"`` or ``"eager"`` is switched (a flash-attention choice is left alone, with a note).
+
     The rest of the model (the projection o, and q, k, v unless packed or ``fp8``; the attention function the
     config names; the rotary embedding's tables; the MLP's residual add; the LM head) is transformers' own. The
     patched model works with ``generate()``, its caches and ``torch.compile`` (the kernels are registered custom
@@ -176,8 +190,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     model_type = _model_type(model)
     if getattr(model, "triton_ops_patch", None) is not None:
         raise InvalidArgumentError("model: already patched by patch_model (see model.triton_ops_patch)")
-    if not isinstance(pack_qkv, bool):
-        raise InvalidArgumentError(f"pack_qkv: expected a bool, got {pack_qkv!r}")
+    for flag, value in (("pack_qkv", pack_qkv), ("attention", attention)):
+        if not isinstance(value, bool):
+            raise InvalidArgumentError(f"{flag}: expected a bool, got {value!r}")
     summary = PatchSummary(model_type)
     mlps, moes = _gated_mlps(model), _moe_blocks(model)
     if not mlps and not moes:
@@ -204,9 +219,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         recipe = resolve_recipe(fp8_recipe, weight_granularity, activation_granularity)
         _fp8_packs(model, packs, recipe, keep, unpacked)
         fp8_packed = {f"{n}.{p}" for n, mode in packs.items() if mode == "fp8" for p in _QKV}
+        fused_fp8, split_fp8 = _fp8_gated_mlps(model, mlps, recipe, keep)
+        in_mlp_kernel = {f"{n}.{p}" for n in fused_fp8 for p in ("gate_proj", "up_proj")}
 
-        def convert(name: str, linear: nn.Linear) -> bool:  # the packed q/k/v are quantized together below
-            return keep(name, linear) and name not in fp8_packed
+        def convert(name: str, linear: nn.Linear) -> bool:  # packed q/k/v and fused gate/up are quantized below
+            return keep(name, linear) and name not in fp8_packed and name not in in_mlp_kernel
 
         before = sum(isinstance(m, FP8Linear) for m in model.modules())
         convert_to_fp8(model, recipe=fp8_recipe, weight_granularity=weight_granularity,
@@ -223,12 +240,27 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
                     setattr(attn, proj, view)
                 QKVPacking.attach(attn, linear, sizes)
         summary.fp8_linears = sum(isinstance(m, FP8Linear) for m in model.modules()) - before
+        scaling = "block" if recipe.weight_granularity == "block" else "channel"
+        for mlp in fused_fp8.values():
+            for proj in ("gate_proj", "up_proj"):
+                linear = getattr(mlp, proj)
+                q, scale = quantize_weight_fp8(linear.weight.detach(), scaling, torch.float8_e4m3fn)
+                setattr(mlp, proj, FP8Projection(q, scale, linear.bias))  # the bf16 weight is released
+        bf16_fused = [m for m in mlps if all(m is not o for o in (*split_fp8, *fused_fp8.values()))]
+        for mlp in [*fused_fp8.values(), *bf16_fused]:
+            mlp.__class__ = _patched_class(type(mlp), GatedMLP)
+        summary.fp8_gated_mlps = len(fused_fp8)
+        summary.gated_mlps = len(mlps) - len(split_fp8)
         kept = sum(type(m) is nn.Linear and m is not lm_head for m in model.modules())
         recipe_name = fp8_recipe if isinstance(fp8_recipe, str) else fp8_recipe.name
         if kept:
             summary.notes.append(f"{kept} Linear layers kept in their dtype by the {recipe_name!r} FP8 recipe")
-        if mlps:
-            summary.notes.append("gate/up projections run as two FP8 GEMMs (no FP8 gated-MLP kernel yet)")
+        if fused_fp8:
+            summary.notes.append(f"gate/up of {len(fused_fp8)} gated MLP(s): FP8 weights ({scaling} scales) in the "
+                                 "fused kernel, activations in the model's dtype (weight-only FP8)")
+        if split_fp8:
+            summary.notes.append(f"gate/up of {len(split_fp8)} gated MLP(s): two GEMMs (the {recipe_name!r} recipe "
+                                 "converts only one of them)")
         if lm_head is not None and not fp8_lm_head:
             summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
     else:
@@ -260,8 +292,48 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     for why, count in sorted(unpacked.items()):
         summary.notes.append(f"q/k/v of {count} attention(s) not packed: {why}")
     _patch_layers(model, attentions, summary)
+    if attention:
+        _set_attention(model, summary)
     model.triton_ops_patch = summary
     return model
+
+
+def _fp8_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe,
+                    keep) -> tuple[dict[str, nn.Module], list[nn.Module]]:
+    """With fp8: the gated MLPs whose gate and up projections the recipe converts (by name: their fused kernel
+    takes FP8 weights), and those where it converts only one of the two (two GEMMs, as the recipe says)."""
+    selected = set(select_linears(model, recipe, keep))
+    names = {id(m): n for n, m in model.named_modules()}
+    fused, split = {}, []
+    for mlp in mlps:
+        name = names[id(mlp)]
+        chosen = {f"{name}.gate_proj", f"{name}.up_proj"} & selected
+        if len(chosen) == 1:
+            split.append(mlp)
+            continue
+        kernel_activation(mlp.config.hidden_act)  # fused (FP8 or kept in its dtype): checked before any change
+        if chosen:
+            fused[name] = mlp
+    return fused, split
+
+
+def _set_attention(model: nn.Module, summary: PatchSummary) -> None:
+    """Route the model's attention through ``decode_attention`` (transformers' attention interface, by name)."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current not in ("sdpa", "eager", None):
+        summary.notes.append(f"attention implementation {current!r} left as it is (attention=True switches only "
+                             "'sdpa' and 'eager')")
+        return
+    register_attention_backend()
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if setter is None:
+            raise AttributeError
+        setter(ATTENTION_NAME)
+    except (AttributeError, ValueError, TypeError):  # older or stricter transformers: the config, as documented
+        config._attn_implementation = ATTENTION_NAME
+    summary.attention = ATTENTION_NAME
 
 
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -316,8 +388,7 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
     if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
     else:
-        summary.notes.append("the attention itself (the function config._attn_implementation names): "
-                             "transformers' own")
+        summary.notes.append("the attention core: the function config._attn_implementation names")
 
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "PatchSummary", "UnsupportedModelError", "patch_model"]
