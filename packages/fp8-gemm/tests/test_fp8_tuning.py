@@ -10,7 +10,7 @@ import pytest
 import torch
 from fp8_gemm import gemm_configs as cfgs
 from kernel_autotune import UntunedDeviceWarning
-from kernel_autotune.testing import H100_SXM, H200, SMALL_GPU, check_family
+from kernel_autotune.testing import H100_SXM, SMALL_GPU, UNTUNED_HOPPER, check_family
 from triton_ops_core.device import simulate_device
 
 CPU = torch.device("cpu")
@@ -40,7 +40,7 @@ def test_the_family_is_found_and_runs(device):
 
 def test_the_decode_heuristic_reads_the_sm_count():
     # K = 11264 and 4096 / 32 = 128 column blocks: fewer than 2 per SM on 132 SMs, so K splits in 4; not on 28 SMs
-    with simulate_device(H200):
+    with simulate_device(UNTUNED_HOPPER):
         assert cfgs.decode_heuristic(16, 4096, 11264, False, CPU, interpreter=False)["SPLIT_K"] == 4
     with simulate_device(SMALL_GPU):
         assert cfgs.decode_heuristic(16, 4096, 11264, False, CPU, interpreter=False)["SPLIT_K"] == 1
@@ -58,7 +58,7 @@ def test_shipped_h100_entries_serve_the_h100_only(monkeypatch):
     with simulate_device(H100_SXM):
         shipped = _choose()
         assert shipped["EPI_SUBTILE"] is True and shipped["BLOCK_M"] == 256
-    with simulate_device(H200), pytest.warns(UntunedDeviceWarning, match="fp8_gemm has no tuned configs"):
+    with simulate_device(UNTUNED_HOPPER), pytest.warns(UntunedDeviceWarning, match="fp8_gemm has no tuned configs"):
         assert _choose() == cfgs.tma_heuristic(4096, 4096, 4096, False, False, CPU, False)
 
 
@@ -84,7 +84,7 @@ def test_choose_tunes_on_first_use_when_handed_a_bench(monkeypatch):
             clock.now += cfg["num_stages"]
         return run
 
-    with simulate_device(H200), pytest.warns(UntunedDeviceWarning, match="tuned on first use"):
+    with simulate_device(UNTUNED_HOPPER), pytest.warns(UntunedDeviceWarning, match="tuned on first use"):
         tuned = _choose(bench=bench, m=2048)
         assert ran and tuned["num_stages"] == 2
         assert kernel_autotune.config_source("fp8_gemm.tma.a0b0.faithful", version=cfgs.__version__,

@@ -10,7 +10,7 @@ import torch
 from fused_gated_mlp import configs
 from kernel_autotune import UntunedDeviceWarning
 from kernel_autotune.select import reset_warnings
-from kernel_autotune.testing import H100_SXM, H200, SMALL_GPU, check_family
+from kernel_autotune.testing import H100_SXM, SMALL_GPU, UNTUNED_HOPPER, check_family
 from triton_ops_core.device import simulate_device
 
 
@@ -29,7 +29,7 @@ def test_the_h100_table_serves_the_h100_only():
     # (M <= 16, 6144 -> 22528): the H100's sweep found 64 x 256 tiles, 3 stages; the rule says 32 x 128, 4 stages
     with simulate_device(H100_SXM):
         h100 = configs.heuristic_config(1, 6144, 22528, torch.bfloat16, CPU)
-    with simulate_device(H200):  # same SM count and capability, another GPU: the rules, not the H100's table
+    with simulate_device(UNTUNED_HOPPER):  # same SM count and capability, another GPU: the rules, not the H100's table
         h200 = configs.heuristic_config(1, 6144, 22528, torch.bfloat16, CPU)
     assert (h100["BLOCK_N"], h100["BLOCK_K"], h100["num_stages"]) == (64, 256, 3)
     assert (h200["BLOCK_N"], h200["BLOCK_K"], h200["num_stages"]) == (32, 128, 4)
@@ -37,7 +37,7 @@ def test_the_h100_table_serves_the_h100_only():
 
 def test_the_heuristic_reads_sm_count_and_shared_memory():
     # few column tiles (1024 / 32 = 32) for 132 SMs: split K; for 28 SMs they are plenty
-    with simulate_device(H200):
+    with simulate_device(UNTUNED_HOPPER):
         assert configs.heuristic_config(1, 4096, 1024, torch.bfloat16, CPU)["SPLIT_K"] == 3
         prefill = configs.heuristic_config(2048, 4096, 11264, torch.bfloat16, CPU)
         assert prefill["num_stages"] == 4 and configs.space_for(CPU) is configs.GATED_MLP_CONFIGS
@@ -54,12 +54,12 @@ def test_the_heuristic_reads_sm_count_and_shared_memory():
 def test_an_untuned_gpu_is_announced_once_and_uses_the_heuristic(monkeypatch):
     monkeypatch.setenv("TRITON_OPS_AUTOTUNE", "0")
     reset_warnings()
-    with simulate_device(H200), pytest.warns(UntunedDeviceWarning) as record:
+    with simulate_device(UNTUNED_HOPPER), pytest.warns(UntunedDeviceWarning) as record:
         for m in (1, 2048):
             cfg = configs.select_gated_mlp_config(m, 4096, 11264, torch.bfloat16, CPU)
             assert cfg == configs.heuristic_config(m, 4096, 11264, torch.bfloat16, CPU)
     text = [str(w.message) for w in record if issubclass(w.category, UntunedDeviceWarning)]
-    assert len(text) == 1 and "fused_gated_mlp has no tuned configs for NVIDIA H200" in text[0]
+    assert len(text) == 1 and "fused_gated_mlp has no tuned configs for Simulated untuned Hopper GPU" in text[0]
     assert "python -m kernel_autotune tune fused_gated_mlp" in text[0]
     with simulate_device(H100_SXM):  # the shipped H100 entry is served (prefill 2048 x 4096 -> 11264)
         assert configs.select_gated_mlp_config(2048, 4096, 11264, torch.bfloat16, CPU)["num_stages"] == 4

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fused_rmsnorm_rope import config, heuristic_config
 from kernel_autotune import UntunedDeviceWarning
-from kernel_autotune.testing import H100_SXM, H200, SMALL_GPU, check_family
+from kernel_autotune.testing import H100_SXM, SMALL_GPU, UNTUNED_HOPPER, check_family
 from triton_ops_core.device import simulate_device
 from triton_ops_core.exceptions import InvalidArgumentError
 
@@ -78,8 +78,8 @@ def test_the_heuristic_scales_its_token_threshold_with_the_sm_count():
     # 8 warps while few programs per SM (<= 4096 rows on the H100's 132 SMs), else 4
     assert heuristic_config(4096, 2048) == heuristic_config(4096, 2048, device=CPU) == {"num_warps": 8,
                                                                                         "ROWS_PER_PROG": 1}
-    big = dataclasses.replace(H200, name="Simulated 264-SM GPU", sm_count=264)
-    with simulate_device(H200):
+    big = dataclasses.replace(UNTUNED_HOPPER, name="Simulated 264-SM GPU", sm_count=264)
+    with simulate_device(UNTUNED_HOPPER):
         assert heuristic_config(4096, 8192, device=CPU)["num_warps"] == 4
     with simulate_device(big):
         assert heuristic_config(4096, 8192, device=CPU)["num_warps"] == 8
@@ -96,7 +96,8 @@ def test_shipped_h100_entries_serve_the_h100_only(monkeypatch):
                                              problem={"tokens": 8192, "row_elems": 4096}, dtypes=(torch.bfloat16,),
                                              device=CPU, bucket=("tokens",)) == "shipped"
     config.clear_config_cache()
-    with simulate_device(H200), pytest.warns(UntunedDeviceWarning, match="fused_rmsnorm_rope has no tuned configs"):
+    warns = pytest.warns(UntunedDeviceWarning, match="fused_rmsnorm_rope has no tuned configs")
+    with simulate_device(UNTUNED_HOPPER), warns:
         assert config.get_config(*args) == heuristic_config(4096, 8192, device=CPU)
         assert kernel_autotune.config_source(config.FWD_KERNEL, version=config.__version__,
                                              problem={"tokens": 8192, "row_elems": 4096}, dtypes=(torch.bfloat16,),
@@ -121,7 +122,7 @@ def test_norm_kernels_take_tuned_configs_on_first_use(monkeypatch):
 
     assert config.get_norm_config(4096, 4096, 64, torch.bfloat16, CPU) == config.norm_heuristic(4096, 2)
     config.clear_config_cache()
-    with simulate_device(H200), pytest.warns(UntunedDeviceWarning, match="tuned on first use"):
+    with simulate_device(UNTUNED_HOPPER), pytest.warns(UntunedDeviceWarning, match="tuned on first use"):
         assert config.get_norm_config(4096, 4096, 64, torch.bfloat16, CPU, bench=bench) == {"num_warps": 8}
         assert set(ran) >= {4, 8, 16}
         ran.clear()

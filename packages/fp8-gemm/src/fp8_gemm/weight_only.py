@@ -63,9 +63,16 @@ _SMEM_BUDGET = 160 * 1024
 _SCRATCH = "weight_only.split_k"
 
 
+# Whether ``path="auto"`` takes the weight-only kernel for small M. Off: on the H200 (torch 2.11, triton 3.6) the
+# kernel gave wrong results for some shapes (14336 -> 4096 at M = 1: relative error ~1; 4096 -> 1024 channel:
+# overflow; split-K not deterministic) while every CPU-interpreter test passed. Until that is found and fixed, the
+# weight-only path runs only when asked for (``path="weight_only"``); "auto" is W8A8, as before.
+AUTO_WEIGHT_ONLY = False
+
+
 def use_weight_only(path: str, m: int) -> bool:
     """Whether a call of ``m`` rows with ``path`` takes the weight-only kernel."""
-    return path == "weight_only" or (path == "auto" and m <= WEIGHT_ONLY_MAX_M)
+    return path == "weight_only" or (path == "auto" and AUTO_WEIGHT_ONLY and m <= WEIGHT_ONLY_MAX_M)
 
 
 # Rows up to which the CUDA-core FMA variant multiplies instead of the tensor cores, by the activation's element size.

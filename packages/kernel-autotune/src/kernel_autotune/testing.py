@@ -17,6 +17,10 @@ from .registry import ENTRY_POINT_GROUP, Tunable, available_tunables, get_tunabl
 # (few SMs, Ampere-class shared memory) for heuristics that must read the properties.
 H100_SXM = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 50 * 2**20, 227 * 1024, 3017.0, True, "simulated")
 H200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
+# A Hopper-class GPU no package ships configs for (the H200 has shipped entries since it was tuned): what an untuned
+# device sees (the warning, the heuristics, tuning on first use)
+UNTUNED_HOPPER = DeviceInfo("Simulated untuned Hopper GPU", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True,
+                            "simulated")
 SMALL_GPU = DeviceInfo("Simulated small GPU", (8, 6), 28, 4 * 2**20, 99 * 1024, 400.0, True, "simulated")
 
 
@@ -79,4 +83,4 @@ def check_shipped_served(name: str, device: torch.device) -> tuple[int, int]:
     return served, len(mine)
 
 
-__all__ = ["H100_SXM", "H200", "SMALL_GPU", "check_family", "check_shipped_served"]
+__all__ = ["H100_SXM", "H200", "SMALL_GPU", "UNTUNED_HOPPER", "check_family", "check_shipped_served"]

@@ -224,7 +224,10 @@ def _attention_function(layer_cls: type, implementation: str | None) -> Callable
     if implementation in (None, "eager"):
         return eager
     get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
-    return get_interface(implementation, eager) if get_interface else ALL_ATTENTION_FUNCTIONS[implementation]
+    # `is not None`, not truthiness: Dynamo cannot branch on a bound method's truth value (a graph break on the H200)
+    if get_interface is not None:
+        return get_interface(implementation, eager)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def _eager_attention(layer_cls: type) -> Callable:
