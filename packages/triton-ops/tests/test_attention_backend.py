@@ -98,12 +98,18 @@ def test_logits_match_transformers_attention(kind):
                            lambda m: transformers.StaticCache(config=m.config, max_cache_len=24)):
             got = _run(ours, ids, mask, make_cache(ours), steps)
             want = _run(reference, ids, mask, make_cache(reference), steps)
-            for a, b in zip(got, want):
+            for i, (a, b) in enumerate(zip(got, want)):
+                if i == 0:  # the left-padded prompt's padding positions attend to nothing: no output to compare
+                    a, b = a[mask.bool()], b[mask.bool()]  # (zeros here; sdpa's CUDA kernels give other values)
                 _close(a, b)
     finally:
         attention_backend.decode_attention = real
-    # every layer's prefill (7 queries) and steps (1, then 3) ran decode_attention, with both caches
-    assert sorted(set(calls)) == [1, 3, 7] and len(calls) == 2 * 3 * 2
+    # every layer's prefill (7 queries) and steps (1, then 3) ran decode_attention, with both caches; with gpt-oss's
+    # sinks the 3-token step after a cache goes to eager attention (see attention_backend._ours)
+    if kind == "gpt_oss":
+        assert set(calls) <= {1, 7} and calls.count(1) == 2 * 2  # every 1-token step, both caches
+    else:
+        assert sorted(set(calls)) == [1, 3, 7] and len(calls) == 2 * 3 * 2
 
 
 def test_the_config_attribute_selects_it_too():

@@ -170,7 +170,8 @@ def test_pack_qkv_false_keeps_three_projections():
     assert summary.packed_qkv == 0 and summary.rope_attentions == 1
     assert "q/k/v projections: three GEMMs (pack_qkv=False)" in summary.notes
     attn = model.model.layers[0].self_attn
-    assert PACKING_ATTR not in vars(attn) and attn.q_proj.weight.untyped_storage().nbytes() == 64 * 64 * 4
+    w = attn.q_proj.weight
+    assert PACKING_ATTR not in vars(attn) and w.untyped_storage().nbytes() == 64 * 64 * w.element_size()
     ids = torch.randint(0, 128, (2, 5), device=DEVICE)
     assert _cosine(_logits(model, ids), _logits(reference, ids)) >= TOL
     with pytest.raises(InvalidArgumentError, match=r"pack_qkv: expected a bool"):
