@@ -4,16 +4,18 @@
 Per projection of Llama-3-8B (``in -> out``: 4096 -> 4096 q/o, 4096 -> 1024 k/v, 4096 -> 14336 gate/up,
 14336 -> 4096 down, 4096 -> 128256 lm_head) and M = 1, 4, 16 rows (bf16 activations, no bias):
 
-- ``weight-only channel`` / ``weight-only block``: ``FP8Linear`` as a decode step calls it (``path="auto"``: the
-  weight-only kernel, one launch), per-channel weights (the ``channel`` recipe) and 128x128 weight blocks (the
-  ``default`` / ``block`` recipes);
+- ``weight-only channel`` / ``weight-only block``: ``FP8Linear`` forced onto the weight-only kernel
+  (``path="weight_only"``: one launch), per-channel weights (the ``channel`` recipe) and 128x128 weight blocks (the
+  ``default`` / ``block`` recipes); the table's last column says which path ``path="auto"`` takes there
+  (``fp8_gemm.weight_only.use_weight_only``, drawn from this table on the H200);
 - ``W8A8 channel`` / ``W8A8 block``: the same modules forced onto the W8A8 path (``path="w8a8"``: per-row or 1x128
   activation quantization, then the FP8 GEMM's split-K decode kernel), what every call did before;
 - ``bf16 F.linear``: cuBLAS on the bf16 weight (twice the bytes);
 - ``_scaled_mm``: cuBLAS's FP8 GEMM on the same E4M3 weight with row/column scales, GEMM only (the activation
   quantized beforehand, not timed);
-- at M = 1, ``weight-only FMA channel``: the weight-only kernel's CUDA-core variant on the heuristic's grid, to
-  choose ``fp8_gemm.weight_only.FMA_MAX_ROWS`` (tensor cores by default for 16-bit activations).
+- at M = 1, ``weight-only dot channel``: the weight-only kernel's tensor-core variant with the config a 16-row
+  decode tile takes, against the CUDA-core FMA variant that ``path="auto"`` runs for one 16-bit row
+  (``fp8_gemm.weight_only.FMA_MAX_ROWS``).
 
 GPU time: median of CUDA-event timings, each call after a read of a 256 MiB buffer (L2 holds clean, unrelated lines,
 as after the previous layer of a decode step). The floor: the weight's bytes divided by the device copy bandwidth
@@ -128,16 +130,14 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return relative_error(out, ref)
 
 
-def _fma_plan(x, mod):
-    """The weight-only kernel's CUDA-core FMA variant on the heuristic's grid (split K kept), planned once."""
+def _dot_plan(x, mod):
+    """The weight-only kernel's tensor-core variant with a 16-row decode tile's config, for M = 1, planned once."""
     from fp8_gemm.weight_only import SCALE_CHANNEL, build_plan, weight_only_config
     from triton_ops_core.device import sm_count
 
     n, k = mod.weight.shape
-    cfg = dict(weight_only_config(x.shape[0], n, k, SCALE_CHANNEL, x.element_size(), sm_count(x.device, cpu=4),
-                                  False))
-    cfg.update(USE_DOT=False, BLOCK_M=1, BLOCK_K=min(cfg["BLOCK_K"], 256), num_stages=4)
-    return build_plan(x, mod.weight, mod.weight_scale, None, cfg)
+    cfg = weight_only_config(16, n, k, SCALE_CHANNEL, x.element_size(), sm_count(x.device, cpu=4), False)
+    return build_plan(x, mod.weight, mod.weight_scale, None, dict(cfg))
 
 
 def _impls(x, lin, mod_c, mod_b, include_w8a8_block: bool) -> list[tuple[str, str, Callable[[], Any], Any]]:
@@ -156,14 +156,15 @@ def _impls(x, lin, mod_c, mod_b, include_w8a8_block: bool) -> list[tuple[str, st
     x_q, x_s = quantize_fp8(x, "e4m3", "row")
     impls.append(("_scaled_mm", "W8A8",
                   lambda: torch._scaled_mm(x_q, wc.t(), scale_a=x_s, scale_b=sc, out_dtype=x.dtype), (wc, sc)))
-    if x.shape[0] == 1:  # the FMA variant, last (the budget cuts it first)
-        plan = _fma_plan(x, mod_c)
-        impls.append(("weight-only FMA channel", "weight-only", lambda: plan.run(x, wc, sc, None), (wc, sc)))
+    if x.shape[0] == 1:  # the tensor-core variant, last (the budget cuts it first)
+        plan = _dot_plan(x, mod_c)
+        impls.append(("weight-only dot channel", "weight-only", lambda: plan.run(x, wc, sc, None), (wc, sc)))
     return impls
 
 
 def run_shape(name: str, k: int, n: int, args, flush, bw: float, deadline: float) -> dict[str, Any]:
     from fp8_gemm import FP8Linear, fp8_linear
+    from fp8_gemm.weight_only import use_weight_only
 
     dev, dt = torch.device(DEVICE), torch.bfloat16
     torch.manual_seed(k + n)
@@ -172,11 +173,14 @@ def run_shape(name: str, k: int, n: int, args, flush, bw: float, deadline: float
         lin.weight.normal_(0.0, k**-0.5)
     mod_c = FP8Linear.from_linear(lin, weight_granularity="channel", activation_granularity="row")
     mod_b = FP8Linear.from_linear(lin, weight_granularity="block", activation_granularity="block")
+    mod_c.path = mod_b.path = "weight_only"  # the kernel at every M; what "auto" picks is reported beside it
     fp8_bytes = n * k
     entry: dict[str, Any] = {"name": name, "in": k, "out": n, "weight_mb_fp8": fp8_bytes / 1e6,
                              "floor_us_fp8": fp8_bytes / (bw * 1e3), "rows": []}
     for m in ROWS:
-        row: dict[str, Any] = {"M": m, "impls": {}}
+        row: dict[str, Any] = {"M": m, "impls": {}, "auto": {
+            g: "weight-only" if use_weight_only("auto", m, mod.weight, mod.weight_scale) else "W8A8"
+            for g, mod in (("channel", mod_c), ("block", mod_b))}}
         entry["rows"].append(row)
         x = torch.randn(m, k, device=dev, dtype=dt)
         refs: dict[int, torch.Tensor] = {}
@@ -237,12 +241,12 @@ def host_times(args) -> list[dict[str, Any]]:
         for recipe in ("channel", "block"):
             mod = FP8Linear.from_linear(lin, weight_granularity=recipe,
                                         activation_granularity="row" if recipe == "channel" else "block")
-            times: dict[str, list[float]] = {"auto": [], "w8a8": []}
+            times: dict[str, list[float]] = {"weight_only": [], "w8a8": []}
             for _ in range(2):  # alternated, the best of two: host time drifts within a run
-                for path in ("auto", "w8a8"):
+                for path in ("weight_only", "w8a8"):
                     mod.path = path
                     times[path].append(host_us(lambda mod=mod, x=x: mod(x)))
-            rec[f"weight-only {recipe}"], rec[f"W8A8 {recipe}"] = min(times["auto"]), min(times["w8a8"])
+            rec[f"weight-only {recipe}"], rec[f"W8A8 {recipe}"] = min(times["weight_only"]), min(times["w8a8"])
         rec["bf16 nn.Linear"] = min(host_us(lambda lin=lin, x=x: lin(x)) for _ in range(2))
         # the check: the one-launch path must cost the host no more than the path it replaces (10 % noise margin)
         rec["check_ok"] = all(rec[f"weight-only {r}"] <= 1.1 * rec[f"W8A8 {r}"] for r in ("channel", "block"))
@@ -258,14 +262,19 @@ SWEEP = [
     {"USE_DOT": True, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2},
     {"USE_DOT": True, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4},
     {"USE_DOT": True, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8},
-    {"USE_DOT": False, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1},  # FMA (M = 1 only)
+    # FMA (M <= 4: BLOCK_M is M's next power of two)
+    {"USE_DOT": False, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1},
     {"USE_DOT": False, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1},
+    {"USE_DOT": False, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 1},
+    {"USE_DOT": False, "BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1},
+    {"USE_DOT": False, "BLOCK_N": 16, "BLOCK_K": 1024, "SPLIT_K": 1},
+    {"USE_DOT": False, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 2},
     {"USE_DOT": False, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4},
 ]
 
 
 def sweep(args, flush, bw: float) -> list[dict[str, Any]]:
-    """The weight-only kernel's configs on every shape, M = 1 and 16, per-channel scales (for the heuristic); 4
+    """The weight-only kernel's configs on every shape, M = 1, 4 and 16, per-channel scales (for the heuristic); 4
     pipeline stages for K tiles of 256 and more, 6 below. Stops at ``--sweep-budget-s``."""
     deadline = time.monotonic() + args.sweep_budget_s
     from fp8_gemm import FP8Linear
@@ -275,14 +284,14 @@ def sweep(args, flush, bw: float) -> list[dict[str, Any]]:
     for name, k, n in SHAPES:
         lin = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
         mod = FP8Linear.from_linear(lin)
-        for m in (1, 16):
+        for m in (1, 4, 16):
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             ref = _reference(x, mod.weight, mod.weight_scale)
             for cfg in SWEEP:
-                if (not cfg["USE_DOT"] and m > 1) or time.monotonic() > deadline:
+                if (not cfg["USE_DOT"] and m > 4) or time.monotonic() > deadline:
                     continue
                 for stages in ((4,) if cfg["BLOCK_K"] >= 256 else (6,)):
-                    full = {**cfg, "BLOCK_M": 16 if cfg["USE_DOT"] else 1, "num_warps": 4, "num_stages": stages}
+                    full = {**cfg, "BLOCK_M": 16 if cfg["USE_DOT"] else m, "num_warps": 4, "num_stages": stages}
                     rec = {"shape": name, "M": m, **full}
                     try:
                         plan = build_plan(x, mod.weight, mod.weight_scale, None, full)
@@ -313,18 +322,22 @@ def render(report: dict[str, Any]) -> str:
         f"Copy bandwidth measured in this run: **{report['copy_gbps']:.0f} GB/s** (bytes read plus written). "
         "Floor = the weight's bytes / that bandwidth; each cell: GPU time (median, L2 holding unrelated clean lines) "
         "and % of the floor (bf16: of its own, doubled, bytes). bf16 activations, no bias.", "",
-        "- **weight-only**: `FP8Linear` at M <= 16 (`path=\"auto\"`): one launch, the activation unquantized "
-        "(W8A16). channel: per-channel weight scales; block: 128x128 weight blocks (the default recipe). "
-        "FMA (M = 1): the kernel's CUDA-core variant on the same grid, for choosing `FMA_MAX_ROWS`.",
+        "- **weight-only**: `FP8Linear` with `path=\"weight_only\"`: one launch, the activation unquantized "
+        "(W8A16). channel: per-channel weight scales; block: 128x128 weight blocks (the default recipe). The last "
+        "column says which path `path=\"auto\"` (the default) takes for that row count (channel / block): "
+        "`fp8_gemm.weight_only.use_weight_only`, a rule drawn from this table. "
+        "dot (M = 1): the kernel's tensor-core variant with a 16-row tile's config; at M = 1 `path=\"auto\"` runs its "
+        "CUDA-core FMA variant (`FMA_MAX_ROWS`).",
         "- **W8A8**: the same module with `path=\"w8a8\"` (activation quantized per row / in 1x128 blocks, then the "
         "FP8 GEMM); the path every decode call took before.",
         "- **_scaled_mm**: cuBLAS FP8 on the same weight, GEMM only (the activation quantized beforehand).", "",
     ]
-    labels = ["weight-only channel", "weight-only block", "weight-only FMA channel", "W8A8 channel", "W8A8 block",
+    labels = ["weight-only channel", "weight-only block", "weight-only dot channel", "W8A8 channel", "W8A8 block",
               "bf16 F.linear", "_scaled_mm"]
     present = [lb for lb in labels if any(lb in r["impls"] for s in report["shapes"] for r in s["rows"])]
-    lines += ["| projection (in -> out) | M | FP8 weight | floor | " + " | ".join(present) + " | weight-only vs W8A8 |",
-              "| --- | --- | --- | --- | " + " | ".join("---" for _ in present) + " | --- |"]
+    lines += ["| projection (in -> out) | M | FP8 weight | floor | " + " | ".join(present) +
+              " | weight-only vs W8A8 | auto takes |",
+              "| --- | --- | --- | --- | " + " | ".join("---" for _ in present) + " | --- | --- |"]
     for s in report["shapes"]:
         for r in s["rows"]:
             cells = []
@@ -338,7 +351,8 @@ def render(report: dict[str, Any]) -> str:
             wo, w8 = r["impls"].get("weight-only channel", {}), r["impls"].get("W8A8 channel", {})
             speed = f"{w8['us'] / wo['us']:.2f}x" if "us" in wo and "us" in w8 else "-"
             lines.append(f"| {s['name']} ({s['in']} -> {s['out']}) | {r['M']} | {s['weight_mb_fp8']:.1f} MB | "
-                         f"{s['floor_us_fp8']:.1f} us | " + " | ".join(cells) + f" | {speed} |")
+                         f"{s['floor_us_fp8']:.1f} us | " + " | ".join(cells) + f" | {speed} | "
+                         f"{r.get('auto', {}).get('channel', '-')} / {r.get('auto', {}).get('block', '-')} |")
     lines += ["", "Relative error against float64 (the dequantized weight for the FP8 paths; W8A8 and `_scaled_mm` "
               "include the activation's E4M3 rounding):", "",
               "| projection | M | " + " | ".join(present) + " |",
@@ -394,7 +408,7 @@ def run_interpreter() -> int:
             for m in (1, 4):
                 x = torch.randn(m, k)
                 ref = _reference(x, mod.weight, mod.weight_scale)
-                for label, path, tol in (("weight-only", "auto", 1e-5), ("W8A8", "w8a8", TOL["W8A8"])):
+                for label, path, tol in (("weight-only", "weight_only", 1e-5), ("W8A8", "w8a8", TOL["W8A8"])):
                     err = _rel(fp8_linear(x, mod.weight, mod.weight_scale, None, act, False, path), ref)
                     ok = err <= tol
                     bad += not ok

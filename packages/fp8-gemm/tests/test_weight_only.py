@@ -36,11 +36,6 @@ FP8 = torch.float8_e4m3fn
 DEV = device_for_tests()
 
 
-@pytest.fixture(autouse=True)
-def _auto_takes_weight_only(monkeypatch):
-    """These tests exercise the weight-only kernel as ``path="auto"`` would route it once it is re-enabled
-    (``weight_only.AUTO_WEIGHT_ONLY``, off by default until its H200 failures are fixed)."""
-    monkeypatch.setattr(wo, "AUTO_WEIGHT_ONLY", True)
 # The output's rounding only (the interpreter truncates fp32 -> bf16: up to 2**-8 per element), with margin. fp32:
 # the product with the dequantized weight up to fp32 accumulation; the W8A8 path's activation quantization would
 # cost ~3e-2 on this data.
@@ -226,12 +221,26 @@ def test_split_k_is_deterministic_and_leaves_counters_at_zero():
     _scratch.clear()
     first = wo.weight_only_linear(x, q, s, config=cfg)
     assert torch.equal(first, wo.weight_only_linear(x, q, s, config=cfg))
-    (buf,) = [b for key, b in _scratch._BUFFERS.items() if key[0] == wo._SCRATCH]
+    (cnt,) = [b for key, b in _scratch._BUFFERS.items() if key[0] == wo._COUNTERS]
+    (ws,) = [b for key, b in _scratch._BUFFERS.items() if key[0] == wo._PARTIALS]
     # the counters (one per column block) are zero at rest: the next call and graph replays need it
-    assert not buf[:16].any() and buf[16:].view(torch.float32).abs().sum() > 0  # partials were there
+    assert not cnt.any() and ws.abs().sum() > 0  # partials were there
     with _scratch.per_call():  # registered-op calls and graph captures: a buffer of their own
         assert torch.equal(first, wo.weight_only_linear(x, q, s, config=cfg))
-    assert len([key for key in _scratch._BUFFERS if key[0] == wo._SCRATCH]) == 1
+    assert len([key for key in _scratch._BUFFERS if key[0] in (wo._COUNTERS, wo._PARTIALS)]) == 2
+
+
+def test_split_k_after_a_call_with_fewer_column_blocks():
+    """A split-K call with more column blocks than the one before: its counters must be zero, not the earlier
+    call's partial sums (one shared counters-and-partials buffer gave wrong outputs on the H200 this way)."""
+    cfg = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
+    _scratch.clear()
+    # 1 column block with 8 K slices of 16 rows (many partials), then 20 column blocks with 2 slices of 2 rows
+    for m, n, split in ((16, 32, 8), (2, 640, 2)):
+        q, s = _weight(n, 512, "channel", DEV, seed=n)
+        x = _activation(m, 512, torch.float32, DEV)
+        out = wo.weight_only_linear(x, q, s, config={**cfg, "SPLIT_K": split})
+        assert_close_rel(out, _reference(x, q, s, None), TOL[torch.float32], f"M={m} N={n}")
 
 
 def test_empty_and_zero_k():
@@ -318,7 +327,34 @@ def test_spoiled_arguments_give_named_errors(which, how, mode):
     named_error_or_result(fp8_linear, *args)
 
 
-def test_auto_is_w8a8_while_the_weight_only_kernel_is_off_by_default(monkeypatch):
+def test_auto_takes_the_weight_only_kernel_unless_it_is_switched_off(monkeypatch):
+    assert wo.AUTO_WEIGHT_ONLY and wo.use_weight_only("auto", 16) and not wo.use_weight_only("auto", 17)
     monkeypatch.setattr(wo, "AUTO_WEIGHT_ONLY", False)
     assert not wo.use_weight_only("auto", 1) and wo.use_weight_only("weight_only", 1)
     assert not wo.use_weight_only("w8a8", 1)
+
+
+def test_gpu_heuristic_one_16_bit_row_takes_the_fma_tiles_the_h200_measured():
+    from fp8_gemm.weight_only_kernels import SCALE_BLOCK, SCALE_CHANNEL
+
+    for mode in (SCALE_CHANNEL, SCALE_BLOCK):
+        for n, k in ((4096, 4096), (1024, 4096), (4096, 14336), (128256, 4096)):
+            cfg = wo.weight_only_config(1, n, k, mode, 2, 132, False)
+            assert cfg["USE_DOT"] is False and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (1, 16, 512)
+            assert cfg["SPLIT_K"] == 1 and cfg["num_stages"] == 4
+            wo._check_config(dict(cfg), mode)
+            # two rows and more: the tensor cores, one 16-row tile
+            two = wo.weight_only_config(2, n, k, mode, 2, 132, False)
+            assert two["USE_DOT"] is True and two["BLOCK_M"] == 16
+    # fp32 activations keep the FMA variant up to 4 rows
+    assert wo.weight_only_config(4, 4096, 4096, SCALE_CHANNEL, 4, 132, False)["USE_DOT"] is False
+
+
+def test_auto_routes_decode_rows_by_the_measured_rule():
+    small = torch.empty(1024, 4096, dtype=FP8, device="meta")  # 2**22 elements
+    big = torch.empty(14336, 4096, dtype=FP8, device="meta")
+    channel, blocks = torch.ones(1, 14336, device="meta"), torch.ones(32, 112, device="meta")
+    assert wo.use_weight_only("auto", 16, small, torch.ones(1, 1024, device="meta"))
+    assert wo.use_weight_only("auto", 1, big, channel) and not wo.use_weight_only("auto", 2, big, channel)
+    assert not wo.use_weight_only("auto", 1, big, blocks)  # the FMA variant's block scales: W8A8 is faster
+    assert wo.use_weight_only("weight_only", 64, big, blocks) and not wo.use_weight_only("w8a8", 1, small, None)

@@ -13,13 +13,6 @@ from fp8_gemm.quantize import expand_scale
 from torch import nn
 from triton_ops_core.testing import assert_close_rel, count_compiles
 
-
-@pytest.fixture(autouse=True)
-def _auto_takes_weight_only(monkeypatch):
-    """These tests exercise the weight-only kernel as ``path="auto"`` would route it once it is re-enabled
-    (``weight_only.AUTO_WEIGHT_ONLY``, off by default until its H200 failures are fixed)."""
-    monkeypatch.setattr(wo, "AUTO_WEIGHT_ONLY", True)
-
 pytestmark = pytest.mark.gpu
 
 # (in_features K, out_features N): q/o, k/v, gate/up, down, lm_head
@@ -35,7 +28,11 @@ def _module(k: int, n: int, mode: str, dtype=torch.bfloat16, bias: bool = False,
     with torch.no_grad():
         lin.weight.normal_(0.0, k**-0.5)
         lin.weight[:, 3] *= 30  # an input channel far larger than the rest, as real layers have
-    return FP8Linear.from_linear(lin, weight_granularity=mode, activation_granularity=RECIPES[mode])
+    mod = FP8Linear.from_linear(lin, weight_granularity=mode, activation_granularity=RECIPES[mode])
+    # the kernel on every shape (``"auto"`` routes large weights with several rows, or block scales at one row, to
+    # W8A8: weight_only.use_weight_only)
+    mod.path = "weight_only"
+    return mod
 
 
 def _reference(x: torch.Tensor, mod: FP8Linear, chunk: int = 16384) -> torch.Tensor:
@@ -83,8 +80,8 @@ def test_one_launch_per_decode_call():
     from torch.profiler import ProfilerActivity, profile
 
     for mode in ("channel", "block"):
-        mod = _module(4096, 1024, mode)  # split K: the partial sums meet inside the one launch
-        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+        mod = _module(4096, 1024, mode)  # 4 rows: split K, the partial sums meet inside the one launch
+        x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
         mod(x)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -125,14 +122,13 @@ def test_split_k_deterministic_and_counters_zero_at_rest():
     for _ in range(5):
         assert torch.equal(mod(x), first)
     torch.cuda.synchronize()
-    (buf,) = [b for key, b in _scratch._BUFFERS.items() if key[0] == wo._SCRATCH]
-    n_cnt = plan.launch.grid[0] * plan.launch.grid[2]
-    assert not buf[:n_cnt].any()
+    (cnt,) = [b for key, b in _scratch._BUFFERS.items() if key[0] == wo._COUNTERS]
+    assert not cnt.any()
 
 
 def test_two_streams_at_once():
-    mod = _module(4096, 1024, "block", seed=5)
-    xs = [torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    mod = _module(4096, 1024, "block", seed=5)  # 4 rows: split K, each stream's own counters
+    xs = [torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     expected = [mod(x) for x in xs]
     streams = [torch.cuda.Stream() for _ in range(2)]
     torch.cuda.synchronize()

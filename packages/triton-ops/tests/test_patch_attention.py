@@ -352,13 +352,34 @@ def _gpu_model(kind: str):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_packed_attention_decodes_like_the_model(kind, fp8):
     model = _gpu_model(kind)
+    if fp8:
+        _round_to_the_default_recipes_fp8(model)
     reference = copy.deepcopy(model)
     patch_model(model, fp8=fp8)  # q 512 and k/v 128 rows: the default recipe's blocks pack too
     assert model.triton_ops_patch.packed_qkv == 2
     ids = torch.randint(0, 1024, (2, 33), device="cuda")
     ours, ref = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
+    # FP8: what is left is the prefill's activation quantization (1x128 E4M3 blocks, W8A8) and bf16 roundings; the
+    # decode step's rows take the weight-only path, which quantizes nothing
     for a, b in zip(ours, ref):
-        assert _cosine(a, b) >= (0.99 if fp8 else 0.999)
+        assert _cosine(a, b) >= (0.995 if fp8 else 0.999)
+
+
+def _round_to_the_default_recipes_fp8(model: nn.Module) -> None:
+    """Round, in place, the weights that ``patch_model(fp8=True)`` converts to the E4M3 values of its 128x128
+    blocks: the unpatched model then computes with the patched model's weights (up to the bf16 storage of the
+    rounded values), and a comparison measures the kernels and activation quantization, not the weights' FP8
+    rounding."""
+    from fp8_gemm.recipes import select_linears
+    from fused_gated_mlp import dequantize_weight_fp8, quantize_weight_fp8
+
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in select_linears(model, "default"):
+            if name.endswith("lm_head"):
+                continue
+            weight = modules[name].weight
+            weight.copy_(dequantize_weight_fp8(*quantize_weight_fp8(weight, "block")).to(weight.dtype))
 
 
 @pytest.mark.gpu

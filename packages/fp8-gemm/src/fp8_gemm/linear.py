@@ -81,8 +81,10 @@ class FP8Linear(nn.Module):
     Build one from a trained layer with :meth:`from_linear`, or set a weight with :meth:`load_weight`.
 
     Decode: calls of at most ``fp8_gemm.weight_only.WEIGHT_ONLY_MAX_M`` (16) rows skip the activation's
-    quantization (weight-only W8A16 kernel, one launch: the output is x times the dequantized weight up to fp32
-    accumulation); ``activation_granularity`` and ``fast_accum`` apply to larger calls. The attribute ``path``
+    quantization where that measured faster on the H200 (weight-only W8A16 kernel, one launch: the output is x
+    times the dequantized weight up to fp32 accumulation): weights of up to 2**24 elements, and single rows with
+    per-channel or per-tensor scales (``weight_only.use_weight_only``). ``activation_granularity`` and
+    ``fast_accum`` apply to the other calls. The attribute ``path``
     (``"auto"``, ``"weight_only"`` or ``"w8a8"``; not saved in ``state_dict``) forces either path, as
     :func:`fp8_linear`'s ``path`` does.
     """
@@ -185,10 +187,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         weight: ``float8_e4m3fn`` ``[out_features, in_features]``; weight_scale: its scale in the GEMM's ``[K, N]``
             convention (``[1]``, ``[1, out]`` or 128x128 blocks), as ``FP8Linear`` stores them.
         bias: ``[out_features]`` or None. activation_granularity, fast_accum: as ``FP8Linear``'s (W8A8 path only).
-        path: ``"auto"`` (default): calls of at most 16 rows (``weight_only.WEIGHT_ONLY_MAX_M``: decode) take the
-            weight-only kernel, one launch with x unquantized (W8A16: the output is x times the dequantized weight
-            up to fp32 accumulation); larger calls quantize x per ``activation_granularity`` and run the FP8 GEMM
-            (W8A8). ``"weight_only"`` / ``"w8a8"`` force one path for every M.
+        path: ``"auto"`` (default): decode calls (at most 16 rows, ``weight_only.WEIGHT_ONLY_MAX_M``) take the
+            weight-only kernel where the H200 measured it faster (weights of up to 2**24 elements; one row with
+            per-channel or per-tensor scales): one launch with x unquantized (W8A16: the output is x times the
+            dequantized weight up to fp32 accumulation); other calls quantize x per ``activation_granularity`` and
+            run the FP8 GEMM (W8A8). ``"weight_only"`` / ``"w8a8"`` force one path for every M.
 
     Returns ``[..., out_features]`` in x's dtype. Registered as ``torch.ops.triton_ops.fp8_linear``. Differentiable
     in ``x`` and ``bias``: the input gradient is ``grad @ dequant(weight)`` in the gradient's dtype (the
@@ -245,7 +248,7 @@ def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_acc
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     flat = x.dim() == 2 and x.stride(-1) == 1
-    if use_weight_only(path, x2.shape[0]):
+    if use_weight_only(path, x2.shape[0], weight, weight_scale):
         plan = (build_plan(x2, weight, weight_scale, bias), None, None, flat)
         if key is not None:
             _PLANS.put(key, plan)

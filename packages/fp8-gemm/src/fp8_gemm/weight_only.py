@@ -1,8 +1,10 @@
 """The weight-only (W8A16) decode path of ``FP8Linear``: the launch config, the call plan and the launcher.
 
 A decode step multiplies a few token rows by every weight of the model: the weight bytes are the whole cost. For
-``M <= WEIGHT_ONLY_MAX_M`` rows, ``fp8_linear`` (hence ``FP8Linear`` and ``torch.ops.triton_ops.fp8_linear``) skips
-the activation's quantization and runs one kernel (``weight_only_kernels``): ``x`` read as it is (fp16/bf16/fp32),
+``M <= WEIGHT_ONLY_MAX_M`` rows, where the H200 measured it faster (``use_weight_only``: weights of up to 2**24
+elements, and one row with per-channel or per-tensor scales), ``fp8_linear`` (hence ``FP8Linear`` and
+``torch.ops.triton_ops.fp8_linear``) skips the activation's quantization and runs one kernel
+(``weight_only_kernels``): ``x`` read as it is (fp16/bf16/fp32),
 the E4M3 weight streamed from HBM once and up-converted in registers, the weight scale (per tensor, per output
 channel or 128x128 blocks) and the bias applied in fp32, the output in x's dtype. A decode row's output is therefore
 the exact product of the row with the dequantized weight, up to fp32 accumulation: more accurate than the W8A8 GEMM
@@ -18,8 +20,9 @@ activations in 128-column blocks for up to 64 rows on the FP8 tensor cores. A pr
 compute-bound and belongs to the FP8 tensor cores. (benchmarks/bench_fp8_decode.py measures M = 1, 4 and 16.)
 
 Choosing the path (``fp8_linear(..., path=...)``, ``FP8Linear.path``): ``"auto"`` (the default: weight-only for
-``M <= WEIGHT_ONLY_MAX_M``, else W8A8), ``"weight_only"`` (every M; larger M read the weight once per 64-row tile),
-``"w8a8"`` (activation quantization and the FP8 GEMM for every M, as before this path existed).
+``M <= WEIGHT_ONLY_MAX_M`` by ``use_weight_only``'s measured rule, else W8A8), ``"weight_only"`` (every M; larger
+M read the weight once per 64-row tile), ``"w8a8"`` (activation quantization and the FP8 GEMM for every M, as before
+this path existed).
 
 Host path of a call (the plan is cached per call signature in ``linear._PLANS``: M, dtypes, strides, devices,
 16-byte alignment, path): allocate the output, fetch the split-K workspace when the config splits K, launch through
@@ -59,27 +62,50 @@ _INTERP = is_interpreter()
 # Shared memory the pipeline's stages may take (of Hopper's 227 KB a program; the rest is the compiler's scratch for
 # layout conversions), as in the W8A8 decode kernel's fused config.
 _SMEM_BUDGET = 160 * 1024
-# The split-K scratch buffer's name (int32 counters, then fp32 partials; per device and stream, zero at rest: _scratch)
-_SCRATCH = "weight_only.split_k"
+# The split-K scratch buffers' names (per device and stream: _scratch): int32 arrival counters, zero at rest, and fp32
+# partials. Two buffers, never one: in a shared buffer a later call with more column blocks took the previous call's
+# partials for counters (wrong sums, H200).
+_COUNTERS = "weight_only.counters"
+_PARTIALS = "weight_only.partials"
 
 
-# Whether ``path="auto"`` takes the weight-only kernel for small M. Off: on the H200 (torch 2.11, triton 3.6) the
-# kernel gave wrong results for some shapes (14336 -> 4096 at M = 1: relative error ~1; 4096 -> 1024 channel:
-# overflow; split-K not deterministic) while every CPU-interpreter test passed. Until that is found and fixed, the
-# weight-only path runs only when asked for (``path="weight_only"``); "auto" is W8A8, as before.
-AUTO_WEIGHT_ONLY = False
+# Whether ``path="auto"`` takes the weight-only kernel for M <= WEIGHT_ONLY_MAX_M. It was off for a while: on the H200
+# the split-K calls gave wrong sums after a call with fewer column blocks (the arrival counters shared a buffer with
+# the previous call's partials). Fixed and re-measured on the H200 (docs/benchmarks/fp8-decode-h200.md).
+AUTO_WEIGHT_ONLY = True
 
 
-def use_weight_only(path: str, m: int) -> bool:
-    """Whether a call of ``m`` rows with ``path`` takes the weight-only kernel."""
-    return path == "weight_only" or (path == "auto" and AUTO_WEIGHT_ONLY and m <= WEIGHT_ONLY_MAX_M)
+# ``path="auto"`` for decode rows, measured on the H200 (docs/benchmarks/fp8-decode-h200.md, Llama-3-8B's
+# projections, bf16 activations): the weight-only kernel beat the W8A8 path for weights of up to 2**24 elements (q/o,
+# k/v: 1.2-2.1x at M = 1, 4 and 16, any scales), and for one row with per-channel or per-tensor scales at every size
+# (gate/up 1.0x, down 1.19x, lm_head 1.09x); for larger weights with more rows (0.73-0.93x) or with 128x128 block
+# scales at one row (0.49-0.72x: the FMA variant scales x per K element) the W8A8 path is faster and takes them.
+WEIGHT_ONLY_MAX_ELEMENTS = 2**24
+
+
+def use_weight_only(path: str, m: int, weight: torch.Tensor | None = None,
+                    weight_scale: torch.Tensor | None = None) -> bool:
+    """Whether a call of ``m`` rows with ``path`` takes the weight-only kernel. For ``"auto"`` with a weight given,
+    the measured rule above; without one, every ``m <= WEIGHT_ONLY_MAX_M``."""
+    if path == "weight_only":
+        return True
+    if path != "auto" or not AUTO_WEIGHT_ONLY or m > WEIGHT_ONLY_MAX_M:
+        return False
+    if weight is None or weight.dim() != 2 or weight.numel() <= WEIGHT_ONLY_MAX_ELEMENTS:
+        return True
+    if m > 1:
+        return False
+    n, k = weight.shape
+    blocked = weight_scale is not None and b_scale_granularity(weight_scale, k, n, "weight_scale") == "block"
+    return not blocked
 
 
 # Rows up to which the CUDA-core FMA variant multiplies instead of the tensor cores, by the activation's element size.
 # fp32: the IEEE dot is itself FMAs over all 16 rows of its tile (16x the multiplies at M = 1), so few rows take the
-# FMA variant. fp16/bf16: the tensor cores, until an H100/H200 measurement says otherwise
-# (benchmarks/bench_fp8_decode.py times both).
-FMA_MAX_ROWS = {2: 0, 4: 4}
+# FMA variant. fp16/bf16: one row; measured on the H200 (bench_fp8_decode --sweep, Llama-3-8B's projections, M = 1),
+# 16 x 512 FMA tiles took 10.3 / 7.6 / 22.6 / 20.1 / 133.5 us where the best tensor-core tile took 12.8 / 8.2 /
+# 27.5 / 27.6 / 175.8 us (q/o, k/v, gate/up, down, lm_head).
+FMA_MAX_ROWS = {2: 1, 4: 4}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -89,7 +115,8 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
     only picks the row tile and, above 4 rows, the column width: every M of a decode tile shares one binary).
 
     - Tensor cores (``USE_DOT``), ``BLOCK_M`` 16 (the MMA's smallest row tile; the whole decode M in one tile), 64
-      for larger forced M. Up to ``FMA_MAX_ROWS`` rows: the FMA variant, ``BLOCK_M`` the rows' next power of two.
+      for larger forced M. Up to ``FMA_MAX_ROWS`` rows: the FMA variant, ``BLOCK_M`` the rows' next power of two;
+      one fp16/bf16 row: 16 columns and 512 of K a program, never split (measured, see ``FMA_MAX_ROWS``).
     - 32 output columns a program (narrow: many programs, each streaming ``32 x K`` bytes); 64 when M > 4 and there
       are still two column blocks per SM, which halves the re-reads of the ``[M, K]`` activation from L2.
     - K tiles of 512 for weights up to 16 MB, else 256 (the W8A8 decode kernel's measured rules, H100); 128 with
@@ -109,6 +136,11 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
         block_k = 64
         return {"USE_DOT": not fma, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k,
                 "SPLIT_K": 2 if k > block_k else 1, "num_warps": 4, "num_stages": 1}
+    if fma and block_m == 1 and x_bytes == 2:
+        # one 16-bit row: 16 columns x 512 of K a program, unsplit (the H200 sweep's best for every Llama-3-8B
+        # projection; a split cost 5-40 % there)
+        return {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4,
+                "num_stages": max(1, min(4, _SMEM_BUDGET // (512 * (2 + 16))))}
     block_n = 64 if (m > 4 and cdiv(n, 64) >= 2 * sms) else 32
     if fma:
         block_k = 256 // block_m
@@ -156,12 +188,12 @@ class WeightOnlyPlan:
     ``kind``: 0 a launch, 1 an empty output (M or N is 0), 2 K == 0 (the bias, or zeros).
     """
 
-    __slots__ = ("m", "n", "out_dtype", "device", "kind", "launch", "scratch_numel", "config")
+    __slots__ = ("m", "n", "out_dtype", "device", "kind", "launch", "counters", "partials", "config")
 
     def __init__(self, m: int, n: int, out_dtype: torch.dtype, device: torch.device, kind: int,
-                 launch: Plan | None, scratch_numel: int, config: dict[str, Any] | None) -> None:
+                 launch: Plan | None, counters: int, partials: int, config: dict[str, Any] | None) -> None:
         self.m, self.n, self.out_dtype, self.device, self.kind = m, n, out_dtype, device, kind
-        self.launch, self.scratch_numel, self.config = launch, scratch_numel, config
+        self.launch, self.counters, self.partials, self.config = launch, counters, partials, config
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
@@ -172,11 +204,12 @@ class WeightOnlyPlan:
                 out.copy_(bias.expand(self.m, self.n)) if bias is not None else out.zero_()
             return out
         bias_arg = weight_scale if bias is None else bias  # any pointer: HAS_BIAS is off
-        if self.scratch_numel:  # split K: counters and partial sums in scratch (the stream's, or the call's own)
-            buf = _scratch.scratch(_SCRATCH, self.device, self.scratch_numel, torch.int32, zeroed=True)
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, buf)
+        if self.counters:  # split K: counters and partial sums in scratch (the stream's, or the call's own)
+            cnt = _scratch.scratch(_COUNTERS, self.device, self.counters, torch.int32, zeroed=True)
+            ws = _scratch.scratch(_PARTIALS, self.device, self.partials, torch.float32, zeroed=False)
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws)
         else:
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, out)
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, out, out)
         return out
 
 
@@ -217,7 +250,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     check_kernel_device(x, "x")
     kind = 1 if m == 0 or n == 0 else 2 if k == 0 else 0
     if kind:
-        return WeightOnlyPlan(m, n, x.dtype, x.device, kind, None, 0, None)
+        return WeightOnlyPlan(m, n, x.dtype, x.device, kind, None, 0, 0, None)
 
     mode = _SCALE_MODE[granularity]
     if config is None:
@@ -235,19 +268,16 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         ss_k, ss_n = 0, weight_scale.stride(-1)
     else:
         ss_k, ss_n = weight_scale.stride(0), weight_scale.stride(1)
-    # split K: one int32 counter per (column block, row tile), then the fp32 partials from a multiple of 16 elements
-    # (Triton specializes on that divisibility: the partials' loads stay vectorized)
-    n_cnt = grid[0] * grid[2]
-    ws_offset = -(-n_cnt // 16) * 16
-    scratch_numel = ws_offset + split * m * n if split > 1 else 0
+    # split K: one int32 counter per (column block, row tile) and the [split, M, N] fp32 partials
+    counters, partials = (grid[0] * grid[2], split * m * n) if split > 1 else (0, 0)
     # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
     tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
-            bias.stride(0) if bias is not None else 0, per_split, ws_offset,
+            bias.stride(0) if bias is not None else 0, per_split,
             mode, bias is not None, bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP)
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"])
-    return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, scratch_numel, launch.info)
+    return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info)
 
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -270,5 +300,5 @@ def clear_caches() -> None:
     weight_only_config.cache_clear()
 
 
-__all__ = ["PATHS", "WEIGHT_ONLY_MAX_M", "WeightOnlyPlan", "build_plan", "use_weight_only", "weight_only_config",
-           "weight_only_linear"]
+__all__ = ["PATHS", "WEIGHT_ONLY_MAX_ELEMENTS", "WEIGHT_ONLY_MAX_M", "WeightOnlyPlan", "build_plan", "use_weight_only",
+           "weight_only_config", "weight_only_linear"]

@@ -22,9 +22,9 @@ Two ways to multiply (``USE_DOT``, constexpr):
 Split K (``SPLIT_K > 1``): each program writes its fp32 partial to the ``[SPLIT_K, M, N]`` workspace; the last
 program of a column block to arrive (an int32 counter per block, reset by that program) sums the partials in the
 fixed order 0..SPLIT_K-1, applies scale and bias and writes the output. Integer atomics only: the result is
-deterministic, the same for every run and every arrival order. Counters and workspace share one scratch buffer
-(``_scratch``: the stream's, zero at rest; one lookup and one launch argument per call): the counters first, the
-fp32 partials from element ``ws_offset`` on.
+deterministic, the same for every run and every arrival order. Counters and workspace are two scratch buffers
+(``_scratch``: the stream's; the counters zero at rest). They must stay apart: in one shared buffer a later call with
+more column blocks read the earlier call's partials as its counters.
 
 Under Triton's interpreter (``EMULATE``): its FP8 upcast reads E4M3 NaN (0x7F / 0xFF) as 480, and its bf16/fp16
 ``tl.dot`` is unreliable; the weight is converted to fp32 with the NaN patterns restored, and the dot runs in fp32.
@@ -79,10 +79,10 @@ def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
 @triton.jit(do_not_specialize=["M"])
 def fp8_weight_only_kernel(
     # tensors
-    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr,
+    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr,
     # sizes and strides (M is not specialized: one binary serves every row count of a decode tile)
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_sk, stride_sn, stride_bias,
-    tiles_per_split, ws_offset,
+    tiles_per_split,
     # constexprs
     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -153,7 +153,6 @@ def fp8_weight_only_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c)
     else:
         slice_stride = M.to(tl.int64) * N
-        ws_ptr = (cnt_ptr + ws_offset).to(tl.pointer_type(tl.float32), bitcast=True)
         ws_tile = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(ws_tile + pid_k * slice_stride, acc, mask=mask_c)
         tl.debug_barrier()  # every thread's partial is written before the counter says so

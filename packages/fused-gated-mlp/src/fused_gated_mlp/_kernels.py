@@ -74,6 +74,12 @@ def _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCAST: 
         x = x.to(tl.float32)
         wg = wg.to(tl.float32)
         wu = wu.to(tl.float32)
+    if wg.dtype == tl.float8e5 and x.dtype == tl.bfloat16:
+        # Triton's direct E5M2 -> bf16 conversion rebiases the exponent with integer arithmetic, which turns the
+        # Inf and NaN codes into finite numbers (seen on the H200); E5M2 -> fp16 is a byte shift that keeps them,
+        # and fp16 -> bf16 is a hardware conversion. Both steps are exact.
+        wg = wg.to(tl.float16)
+        wu = wu.to(tl.float16)
     wg = wg.to(x.dtype)  # FP8 -> x's dtype (a no-op for 16/32-bit weights, which share x's dtype)
     wu = wu.to(x.dtype)
     if W_SCALING == 2:
