@@ -104,3 +104,13 @@ def test_unstable_timings_are_marked(recorded_json, tmp_path) -> None:
     assert "† unstable: interquartile range above a quarter of the median, most often host stalls" in md
     stable = BenchmarkSuite.from_json(recorded_json).generate_report()
     assert "†" not in stable
+
+
+def test_cases_past_the_budget_are_counted_as_skipped_not_wrong() -> None:
+    from triton_ops.benchmark._model import ImplResult
+    from triton_ops.benchmark._report import headline_table
+
+    skipped = CaseResult(group="moe", name="T8192", dtype="", tol=0.0)
+    skipped.impls.append(ImplResult(name="triton-ops", role="ours", status="skipped", message="time budget spent"))
+    row = next(line for line in headline_table([skipped]) if line.startswith("| moe"))
+    assert "cases past the time budget | 1 | 0/1, 1 skipped |" in row

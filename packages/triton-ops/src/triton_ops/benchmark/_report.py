@@ -218,6 +218,7 @@ def headline_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
     for (group, panel), cases in _panels(results).items():
         ours_all = [o for c in cases for o in c.ours]
         correct = sum(o.status == OK for o in ours_all)
+        skipped = sum(all(i.status == "skipped" for i in c.impls) for c in cases)
         speed: dict[str, list[float]] = {}
         pct_copy, pct_cublas, pct_peak, clean_peak = [], [], [], []
         for c in cases:
@@ -237,6 +238,7 @@ def headline_rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
                 pct_cublas.append(o.pct_cublas)
         rows.append({
             "group": group, "panel": panel, "cases": len(cases), "kernels": len(ours_all), "correct": correct,
+            "skipped": skipped,
             "speedups": {k: (geomean(v), min(v), max(v)) for k, v in speed.items()},
             "pct_copy": (_median(pct_copy), min(pct_copy), max(pct_copy)) if pct_copy else None,
             "pct_cublas": (_median(pct_cublas), min(pct_cublas), max(pct_cublas)) if pct_cublas else None,
@@ -268,9 +270,12 @@ def headline_table(results: Sequence[CaseResult]) -> list[str]:
                        if g is not None) or "-"
         pb = row["pct_cublas"]
         peak = f"{span(row['pct_peak'])} / {span(row['clean_pct_peak'])} | " if show_peak else ""
+        # cases past the time budget (never run, so without a panel title) are said to be skipped, not wrong
+        panel = row["panel"] or "cases past the time budget"
+        skipped = f", {row['skipped']} skipped" if row.get("skipped") else ""
         lines.append(
-            f"| {GROUP_TITLES.get(row['group'], row['group'])}: {row['panel']} | {row['cases']} | "
-            f"{row['correct']}/{row['kernels']} | {sp} | {span(row['pct_copy'])} | {peak}"
+            f"| {GROUP_TITLES.get(row['group'], row['group'])}: {panel} | {row['cases']} | "
+            f"{row['correct']}/{row['kernels']}{skipped} | {sp} | {span(row['pct_copy'])} | {peak}"
             f"{'-' if pb is None else f'{pb[0]:.0f} %'} |"
         )
     return lines
