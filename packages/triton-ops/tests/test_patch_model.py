@@ -269,3 +269,41 @@ def test_patched_gpt_oss_runs_its_experts_in_the_fused_moe():
         ref_out, ref_scores = reference.model.layers[0].mlp(x)
     assert out.shape == ref_out.shape and scores.shape == ref_scores.shape
     assert _cosine(out, ref_out) >= tol
+
+
+def test_patched_gpt_oss_with_fp8_experts_matches_their_dequantized_weights():
+    from fused_moe import is_fp8_experts
+
+    model = _gpt_oss(seed=3)
+    reference = copy.deepcopy(model)
+    patch_model(model, fp8=True, fp8_experts=True)
+    summary = model.triton_ops_patch
+    assert summary.moe_blocks == summary.fp8_moe_blocks == 2
+    assert any("experts of 2 MoE block(s): FP8 weights" in note for note in summary.notes)
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        experts = layer.mlp.experts
+        assert is_fp8_experts(experts)
+        assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
+        assert not experts.gate_up_proj.requires_grad
+        assert layer.mlp.router.weight.dtype == DTYPE  # the router keeps the model's dtype
+        # the unpatched experts with the weights the FP8 ones stand for
+        with torch.no_grad():
+            ref_experts = ref_layer.mlp.experts
+            ref_experts.gate_up_proj.copy_(experts.gate_up_proj.float() * experts.gate_up_scale[:, None, :])
+            ref_experts.down_proj.copy_(experts.down_proj.float() * experts.down_scale[:, None, :])
+            x = torch.randn(2, 3, 64, device=DEVICE, dtype=DTYPE)
+            out, scores = layer.mlp(x)
+            ref_out, ref_scores = ref_layer.mlp(x)
+        assert _cosine(out, ref_out) >= (0.999 if DTYPE == torch.bfloat16 else 0.99999)
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    assert all(torch.isfinite(t).all() for t in _prefill_and_step(model, ids))
+    assert model.state_dict()["model.layers.0.mlp.experts.gate_up_scale"].shape == (4, 96)  # saved with the model
+
+
+def test_patched_gpt_oss_with_fp8_keeps_its_experts_by_default():
+    model = patch_model(_gpt_oss(), fp8=True)
+    assert model.triton_ops_patch.fp8_moe_blocks == 0
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == DTYPE
+    assert any("experts kept in their dtype" in note for note in model.triton_ops_patch.notes)
+    with pytest.raises(InvalidArgumentError, match="fp8_experts"):
+        patch_model(_gpt_oss(), fp8=True, fp8_experts="yes")

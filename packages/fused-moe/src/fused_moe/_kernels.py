@@ -50,9 +50,17 @@ def _sigmoid(v):
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``. An FP8 weight tile ``b`` (weight-only FP8 experts) is converted to ``a``'s dtype first:
+    exact, since every E4M3 / E5M2 value is an fp16, bf16 and fp32 value."""
     if UPCAST:  # interpreter only: its 16-bit dot is wrong, fp32 operands give the exact products
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    elif b.dtype != a.dtype:
+        if b.dtype == tl.float8e5 and a.dtype == tl.bfloat16:
+            # Triton's direct E5M2 -> bf16 conversion rebiases the exponent in integer arithmetic, which turns the
+            # Inf and NaN codes finite; through fp16 (a byte shift, then a hardware conversion) they stay.
+            b = b.to(tl.float16)
+        b = b.to(a.dtype)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -282,14 +290,15 @@ def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, P, E, BLOCK_P: tl.const
 @triton.jit(do_not_specialize=["MAX_TILES"])
 def _gate_up_kernel(
     # inputs
-    x_ptr, w_ptr, b_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
     # output
     h_ptr,
     # sizes and strides (N: the intermediate size, K: hidden)
-    N, K, MAX_TILES, stride_xt, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_hm,
-    alpha, limit,
-    # options
+    N, K, MAX_TILES, stride_xt, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_se, stride_sn,
+    stride_hm, alpha, limit,
+    # options (W_SCALED: FP8 weights, one fp32 scale per expert and output column, s [E, 2N])
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    W_SCALED: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
@@ -309,6 +318,7 @@ def _gate_up_kernel(
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     b_base = b_ptr + expert.to(tl.int64) * stride_be
+    s_base = s_ptr + expert.to(tl.int64) * stride_se
     if INTERLEAVED:
         # gpt-oss: packed columns 2j (gate j) and 2j + 1 (up j); one contiguous [BLOCK_K, 2 * BLOCK_N] tile per
         # K step, split into the two halves in the epilogue.
@@ -327,6 +337,8 @@ def _gate_up_kernel(
             acc = _dot(x, w, acc, DOT_PRECISION, UPCAST)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
+        if W_SCALED:  # the whole K sum of each column times its scale, before the bias
+            acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_base + offs_c * stride_bn, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -353,6 +365,9 @@ def _gate_up_kernel(
             x_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K * stride_wk
             wu_ptrs += BLOCK_K * stride_wk
+        if W_SCALED:
+            gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+            up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
         if HAS_BIAS:
             gate += tl.load(b_base + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             up += tl.load(b_base + (N + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -369,13 +384,14 @@ def _gate_up_kernel(
 @triton.jit(do_not_specialize=["MAX_TILES"])
 def _down_kernel(
     # inputs
-    h_ptr, w_ptr, b_ptr, wts_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    h_ptr, w_ptr, b_ptr, s_ptr, wts_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
     # output: [P, N] fp32, row = the pair's index (token * k + slot)
     y_ptr,
     # sizes and strides (N: hidden, K: the intermediate size)
-    N, K, MAX_TILES, stride_hm, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_ym,
-    # options
-    HAS_BIAS: tl.constexpr,
+    N, K, MAX_TILES, stride_hm, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_se, stride_sn,
+    stride_ym,
+    # options (W_SCALED: FP8 weights, one fp32 scale per expert and output column, s [E, N])
+    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -407,6 +423,8 @@ def _down_kernel(
         acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+    if W_SCALED:
+        acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n,
                        other=0.0).to(tl.float32)[None, :]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from .ops import fused_moe
+from .ops import fused_moe, quantize_experts_fp8
 from .validation import ACTIVATIONS
 
 
@@ -75,18 +75,58 @@ class FusedMoE(nn.Module):
         module.limit = float(getattr(experts, "limit", 7.0))
         return module
 
+    @torch.no_grad()
+    def quantize_experts_fp8(self, dtype: torch.dtype = torch.float8_e4m3fn) -> FusedMoE:
+        """Convert the experts' weights to FP8 in place (weight-only; :func:`fused_moe.quantize_experts_fp8`: one
+        scale per expert and output column), for half the weight bytes per decode step. ``experts.gate_up_proj``
+        and ``experts.down_proj`` become FP8 parameters (no gradient) and ``experts.gate_up_scale`` /
+        ``experts.down_scale`` fp32 buffers; the high-precision weights are released (no second copy), so this is
+        one-way. The router and the biases keep their dtype. Returns ``self``."""
+        convert_experts_to_fp8(self.experts, dtype)
+        return self
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[..., hidden_dim]`` to ``(output [..., hidden_dim], router_scores [tokens, top_k])``: the routing
         weights of the chosen experts, in ``hidden_states``' dtype, as ``GptOssMLP.forward`` returns them."""
         e = self.experts
+        scales = e._buffers
         return fused_moe(hidden_states, self.router.weight, self.router.bias, e.gate_up_proj, e.gate_up_proj_bias,
                          e.down_proj, e.down_proj_bias, self.top_k, self.activation, self.alpha, self.limit,
-                         return_router_scores=True)
+                         return_router_scores=True, gate_up_scale=scales.get("gate_up_scale"),
+                         down_scale=scales.get("down_scale"))
 
     def extra_repr(self) -> str:
         return (f"hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
-                f"alpha={self.alpha}, limit={self.limit}")
+                f"alpha={self.alpha}, limit={self.limit}"
+                + (f", experts={str(self.experts.gate_up_proj.dtype).removeprefix('torch.')} (fp8, per-column "
+                   "scales)" if is_fp8_experts(self.experts) else ""))
 
 
-__all__ = ["FusedMoE"]
+@torch.no_grad()
+def convert_experts_to_fp8(experts: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn,
+                           transposed: bool = True) -> nn.Module:
+    """Convert an experts module (``gate_up_proj``, ``down_proj``: gpt-oss's ``GptOssExperts`` or
+    ``FusedMoE.experts``) to weight-only FP8 in place: the two weights become FP8 parameters (no gradient) in the
+    same layout, ``gate_up_scale`` / ``down_scale`` fp32 buffers are registered beside them
+    (:func:`fused_moe.quantize_experts_fp8`), and the high-precision weights are released. Returns ``experts``.
+
+    Raises:
+        InvalidArgumentError: already converted. UnsupportedDtypeError, ShapeMismatchError: from the quantizer.
+    """
+    if is_fp8_experts(experts):
+        raise InvalidArgumentError("experts: already FP8 (converted before)")
+    q1, s1, q2, s2 = quantize_experts_fp8(experts.gate_up_proj, experts.down_proj, transposed=transposed, dtype=dtype)
+    experts.gate_up_proj = nn.Parameter(q1, requires_grad=False)
+    experts.down_proj = nn.Parameter(q2, requires_grad=False)
+    experts.register_buffer("gate_up_scale", s1)
+    experts.register_buffer("down_scale", s2)
+    return experts
+
+
+def is_fp8_experts(experts: nn.Module) -> bool:
+    """Whether an experts module holds FP8 weights with their scales (``FusedMoE.quantize_experts_fp8``)."""
+    return "gate_up_scale" in experts._buffers and "down_scale" in experts._buffers
+
+
+__all__ = ["FusedMoE", "convert_experts_to_fp8", "is_fp8_experts"]

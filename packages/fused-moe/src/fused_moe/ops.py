@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from triton_ops_core.exceptions import ShapeMismatchError, TritonKernelError
+from triton_ops_core.exceptions import ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
 
@@ -255,7 +255,8 @@ class _ExpertsPlan(NamedTuple):
 
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
                   down_proj: torch.Tensor, down_proj_bias: torch.Tensor | None, activation: str,
-                  gate_up_layout: str, transposed: bool, alpha: float, limit: float) -> _ExpertsPlan:
+                  gate_up_layout: str, transposed: bool, alpha: float, limit: float,
+                  gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None) -> _ExpertsPlan:
     t, h = x2d.shape
     e = gate_up_proj.shape[0]
     inter = (gate_up_proj.shape[2] if transposed else gate_up_proj.shape[1]) // 2
@@ -268,21 +269,23 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         none = Plan(None, (1,), (), 0)
         return _ExpertsPlan(t, k, e, inter, h, align, none, none, none)
     precision, upcast, emulate = _dot_precision(dtype), _upcast(dev, dtype), _emulate_bf16(dev, dtype)
-    b1, b2 = gate_up_proj_bias, down_proj_bias
-    # gate/up: h = act(x @ W1[e] + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
+    b1, b2, s1, s2 = gate_up_proj_bias, down_proj_bias, gate_up_scale, down_scale
+    # gate/up: h = act(x @ W1[e] (* s1[e]) + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
     gate_up = Plan(K._gate_up_kernel, (tiles, cdiv(inter, cfg.gate_up_block_n)), (
         inter, h, tiles, x2d.stride(0), *_weight_strides(gate_up_proj, transposed),
-        0 if b1 is None else b1.stride(0), 1 if b1 is None else b1.stride(1), inter, float(alpha), float(limit),
-        # TOP_K, ACTIVATION, HAS_BIAS, INTERLEAVED
-        k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved",
+        0 if b1 is None else b1.stride(0), 1 if b1 is None else b1.stride(1),
+        0 if s1 is None else s1.stride(0), 1 if s1 is None else s1.stride(1), inter, float(alpha), float(limit),
+        # TOP_K, ACTIVATION, HAS_BIAS, INTERLEAVED, W_SCALED
+        k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved", s1 is not None,
         # BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, EMULATE_BF16
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate), cfg.num_warps)
     # down: y[pair] = (h @ W2[e] + b2[e]) * weight, fp32; y is a fresh contiguous [p, hidden]
     down = Plan(K._down_kernel, (tiles, cdiv(h, cfg.down_block_n)), (
         h, inter, tiles, inter, *_weight_strides(down_proj, transposed),
-        0 if b2 is None else b2.stride(0), 1 if b2 is None else b2.stride(1), h,
-        b2 is not None,
+        0 if b2 is None else b2.stride(0), 1 if b2 is None else b2.stride(1),
+        0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
+        b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
         precision, upcast), cfg.num_warps)
     # combine: out[t] = sum_j y[t * k + j], fixed order; out is a fresh contiguous [t, hidden]
@@ -295,7 +298,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
 
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
              gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
-             down_proj_bias: torch.Tensor | None) -> torch.Tensor:
+             down_proj_bias: torch.Tensor | None, gate_up_scale: torch.Tensor | None = None,
+             down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The per-call part: allocate the buffers, launch the grouping, the two grouped GEMMs and the combine."""
     t, h, p, dev = plan.rows, plan.hidden, plan.rows * plan.k, x2d.device
     out = _empty((t, h), x2d.dtype, device=dev)
@@ -304,12 +308,15 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     groups = _align(plan.align, _flat(topk_ids), plan.experts)
     sorted_pairs, offsets, tile_expert, tile_start = groups.sorted_pairs, groups.offsets, *groups[2:]
     hmid = _empty((p, plan.inter), x2d.dtype, device=dev)
+    # absent biases and scales: any pointer (the kernels' HAS_BIAS / W_SCALED are off)
     b1 = gate_up_proj if gate_up_proj_bias is None else gate_up_proj_bias
-    plan.gate_up.launch(x2d, gate_up_proj, b1, sorted_pairs, offsets, tile_expert, tile_start, hmid)
+    s1 = gate_up_proj if gate_up_scale is None else gate_up_scale
+    plan.gate_up.launch(x2d, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, hmid)
     y = _empty((p, h), torch.float32, device=dev)
     b2 = down_proj if down_proj_bias is None else down_proj_bias
-    plan.down.launch(hmid, down_proj, b2, _flat(topk_weights, torch.float32), sorted_pairs, offsets, tile_expert,
-                     tile_start, y)
+    s2 = down_proj if down_scale is None else down_scale
+    plan.down.launch(hmid, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
+                     tile_expert, tile_start, y)
     plan.combine.launch(y, out)
     return out
 
@@ -354,21 +361,23 @@ def _rows(t):
 
 
 def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                  activation, gate_up_layout, transposed, alpha, limit):
+                  activation, gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None):
     """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
     key = call_key("experts", hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
-                   down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, alpha.__class__,
-                   limit.__class__, transposed.__class__, _tf32(hidden))
+                   down_proj_bias, gate_up_scale, down_scale, activation, gate_up_layout, transposed, alpha, limit,
+                   alpha.__class__, limit.__class__, transposed.__class__, _tf32(hidden))
     ids2d, w2d = _rows(topk_ids), _rows(topk_weights)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         validate_experts_inputs(hidden, ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                                activation, gate_up_layout, transposed, alpha, limit)
+                                activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale)
         plan = _experts_plan(_as_2d(hidden), ids2d.shape[1], gate_up_proj, gate_up_proj_bias, down_proj,
-                             down_proj_bias, activation, gate_up_layout, transposed, alpha, limit)
+                             down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
+                             down_scale)
         _put(key, plan)
     ctx = _on_device(hidden.device)
-    args = (plan, _as_2d(hidden), ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias)
+    args = (plan, _as_2d(hidden), ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+            gate_up_scale, down_scale)
     if ctx is not None:
         with ctx:
             out = _experts(*args)
@@ -397,14 +406,16 @@ def _(hidden, router_weight, router_bias, top_k, renormalize):
 def _experts_op(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
                 down_proj_bias: torch.Tensor | None, activation: str, gate_up_layout: str, transposed: bool,
-                alpha: float, limit: float) -> torch.Tensor:
+                alpha: float, limit: float, gate_up_scale: torch.Tensor | None = None,
+                down_scale: torch.Tensor | None = None) -> torch.Tensor:
     return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
-                         down_proj_bias, activation, gate_up_layout, transposed, alpha, limit)
+                         down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
+                         down_scale)
 
 
 @_experts_op.register_fake
 def _(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
-      gate_up_layout, transposed, alpha, limit):
+      gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
@@ -474,6 +485,8 @@ def moe_experts(
     transposed: bool = True,
     alpha: float = 1.702,
     limit: float = 7.0,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The experts of a given routing: ``out[t] = sum_j w[t, j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])``
     with ``e = topk_ids[t, j]``, ``act(gate, up)`` the gated activation of the two halves of ``W1``'s output.
@@ -493,6 +506,12 @@ def moe_experts(
         gate_up_layout: ``"interleaved"`` (gpt-oss: gate and up alternate, column 2j is gate j) or
             ``"concatenated"`` (gate first, then up).
         alpha, limit: ``"swiglu_oai"``'s parameters (gpt-oss: 1.702, 7.0).
+        gate_up_scale, down_scale: FP8 experts (weight-only): with ``gate_up_proj`` / ``down_proj`` in
+            ``float8_e4m3fn`` (or both ``float8_e5m2``), their fp32 scales, ``[E, 2I]`` and ``[E, H]``: one per
+            expert and output column, the weight being ``W[e][:, n] * scale[e, n]``
+            (:func:`quantize_experts_fp8`). The FP8 tiles are converted to ``hidden``'s dtype in registers (exact)
+            and the scale applied to each column's fp32 sum: half the weight bytes of bf16, the activations
+            unquantized. None (the default) for 16/32-bit weights.
 
     Returns:
         ``[..., H]`` in ``hidden``'s dtype. Products accumulate in fp32; the intermediate activation is rounded
@@ -501,11 +520,13 @@ def moe_experts(
 
     Registered as ``torch.ops.triton_ops.moe_experts``; no gradient (``MoEBackwardError`` on backward).
     """
-    if direct_call_ok(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias):
+    if direct_call_ok(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                      gate_up_scale, down_scale):
         return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
-                             down_proj_bias, activation, gate_up_layout, transposed, alpha, limit)
+                             down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
+                             down_scale)
     return _experts_op(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                       activation, gate_up_layout, transposed, alpha, limit)
+                       activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale)
 
 
 def fused_moe(
@@ -525,6 +546,8 @@ def fused_moe(
     transposed: bool = True,
     renormalize: bool = True,
     return_router_scores: bool = False,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A mixture-of-experts feed-forward block: ``moe_route`` then ``moe_experts``.
 
@@ -532,7 +555,9 @@ def fused_moe(
     ``mlp.experts.gate_up_proj``, ``mlp.experts.gate_up_proj_bias``, ``mlp.experts.down_proj``,
     ``mlp.experts.down_proj_bias`` as they are (no copies). Qwen3-MoE / Mixtral-style experts:
     ``router_bias=None``, biases None, ``activation="silu"``, ``gate_up_layout="concatenated"``,
-    ``transposed=False`` (and ``renormalize=config.norm_topk_prob``).
+    ``transposed=False`` (and ``renormalize=config.norm_topk_prob``). FP8 experts: ``gate_up_proj`` /
+    ``down_proj`` in FP8 with ``gate_up_scale`` / ``down_scale`` (see :func:`moe_experts`,
+    :func:`quantize_experts_fp8`); the router stays in ``hidden``'s dtype.
 
     Returns ``[..., H]`` in ``hidden``'s dtype; with ``return_router_scores=True`` also the routing weights
     ``[T, top_k]`` in ``hidden``'s dtype (what ``GptOssMLP`` returns beside its output).
@@ -549,11 +574,51 @@ def fused_moe(
             f"got {router_weight.shape[0]}")
     ids, wts = moe_route(hidden, router_weight, router_bias, top_k, renormalize=renormalize)
     out = moe_experts(hidden, ids, wts, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
-                      gate_up_layout=gate_up_layout, transposed=transposed, alpha=alpha, limit=limit)
+                      gate_up_layout=gate_up_layout, transposed=transposed, alpha=alpha, limit=limit,
+                      gate_up_scale=gate_up_scale, down_scale=down_scale)
     if return_router_scores:
         return out, wts.reshape(-1, wts.shape[-1]).to(hidden.dtype)
     return out
 
 
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+@torch.no_grad()
+def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, transposed: bool = True,
+                         dtype: torch.dtype = torch.float8_e4m3fn
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert weights in FP8 for :func:`moe_experts` / :func:`fused_moe`: ``(gate_up_fp8, gate_up_scale,
+    down_fp8, down_scale)``.
+
+    One scale per expert and output column (the column's absolute maximum mapped to the format's largest value,
+    448 for E4M3, 57344 for E5M2; an all-zero column gets scale 1), so ``W[e][:, n] ~= W_fp8[e][:, n] *
+    scale[e, n]``. The FP8 weights keep the layout given (``transposed=True``: gpt-oss's ``[E, H, 2I]`` and
+    ``[E, I, H]``; ``False``: ``[E, 2I, H]`` and ``[E, H, I]``), contiguous; the scales are fp32 ``[E, 2I]`` and
+    ``[E, H]``. Plain PyTorch, once per model (no kernel).
+
+    Raises:
+        UnsupportedDtypeError: ``dtype`` not an FP8 format, or weights not floating point.
+        ShapeMismatchError: weights not 3-D.
+    """
+    if dtype not in _FP8_MAX:
+        raise UnsupportedDtypeError(f"dtype: expected torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    out = []
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dtype in _FP8_MAX:
+            raise UnsupportedDtypeError(
+                f"{name}: expected a float16/bfloat16/float32 tensor, got "
+                f"{getattr(w, 'dtype', type(w).__name__)}")
+        if w.dim() != 3:
+            raise ShapeMismatchError(f"{name}: expected a 3-D [experts, ., .] weight, got shape {list(w.shape)}")
+        k_dim = 1 if transposed else 2  # the reduction dimension; the scales run along the other one
+        wf = w.float()
+        amax = wf.abs().amax(dim=k_dim)
+        scale = torch.where(amax > 0, amax / _FP8_MAX[dtype], torch.ones_like(amax))
+        q = (wf / scale.unsqueeze(k_dim)).clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype).contiguous()
+        out += [q, scale.contiguous()]
+    return out[0], out[1], out[2], out[3]
+
+
 __all__ = ["ExpertGroups", "MoEBackwardError", "clear_caches", "fused_moe", "max_tiles", "moe_align",
-           "moe_experts", "moe_route"]
+           "moe_experts", "moe_route", "quantize_experts_fp8"]

@@ -23,6 +23,8 @@ from triton_ops_core.validation.common import (
 )
 
 ACTIVATIONS = ("swiglu_oai", "silu", "gelu")
+# Weight-only FP8 experts: E4M3 or E5M2 weights with one fp32 scale per expert and output column
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 GATE_UP_LAYOUTS = ("interleaved", "concatenated")
 MAX_EXPERTS = 1024  # every expert's logit of a token lives in one tile of the routing kernel
 MAX_TOP_K = 64
@@ -117,6 +119,8 @@ def validate_experts_inputs(
     transposed: bool = True,
     alpha: float = 1.702,
     limit: float = 7.0,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> MoEInput:
     """Check a ``moe_experts`` call and return its sizes.
 
@@ -125,6 +129,10 @@ def validate_experts_inputs(
     ``[E, H, I]`` (``F.linear``). Biases are ``[E, 2I]`` and ``[E, H]`` or None. ``topk_ids`` is ``[T, k]``
     integer (int32 or int64) with ids in ``[0, E)`` (not checked on the device: that would sync), and
     ``topk_weights`` ``[T, k]`` floating point, where ``T`` is the number of tokens of ``hidden``.
+
+    FP8 experts: ``gate_up_proj`` and ``down_proj`` both ``float8_e4m3fn`` or both ``float8_e5m2``, with
+    ``gate_up_scale`` ``[E, 2I]`` and ``down_scale`` ``[E, H]`` in fp32 (one scale per expert and output column;
+    ``quantize_experts_fp8`` makes them); 16/32-bit weights take no scales.
     """
     x = _check_x(hidden)
     h = x.shape[-1]
@@ -138,7 +146,11 @@ def validate_experts_inputs(
     for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         check_tensor(w, name)
         check_ndim(w, name, exact=3)
-    check_same_dtype(hidden=x, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    fp8 = gate_up_proj.dtype in FP8_DTYPES or down_proj.dtype in FP8_DTYPES
+    if fp8:
+        check_same_dtype(gate_up_proj=gate_up_proj, down_proj=down_proj)
+    else:
+        check_same_dtype(hidden=x, gate_up_proj=gate_up_proj, down_proj=down_proj)
     e = gate_up_proj.shape[0]
     if e == 0:
         raise ShapeMismatchError(f"gate_up_proj: expected at least one expert, got shape {list(gate_up_proj.shape)}")
@@ -157,6 +169,22 @@ def validate_experts_inputs(
                         "the hidden size" if transposed else "the intermediate size")[d])
     _check_bias(gate_up_proj_bias, "gate_up_proj_bias", (e, two_i))
     _check_bias(down_proj_bias, "down_proj_bias", (e, h))
+    for name, scale, shape in (("gate_up_scale", gate_up_scale, (e, two_i)), ("down_scale", down_scale, (e, h))):
+        if not fp8:
+            if scale is not None:
+                raise InvalidArgumentError(
+                    f"{name}: scales go with FP8 expert weights (float8_e4m3fn / float8_e5m2); the weights are "
+                    f"{str(gate_up_proj.dtype).removeprefix('torch.')}")
+            continue
+        if scale is None:
+            raise InvalidArgumentError(
+                f"{name}: FP8 expert weights need their fp32 scales, {list(shape)} (one per expert and output "
+                "column; fused_moe.quantize_experts_fp8 makes weights and scales)")
+        check_tensor(scale, name)
+        check_dtype(scale, name, (torch.float32,))
+        check_ndim(scale, name, exact=2)
+        for d, size in enumerate(shape):
+            check_dim_size(scale, name, d, size)
 
     check_tensor(topk_ids, "topk_ids")
     check_tensor(topk_weights, "topk_weights")
@@ -174,10 +202,11 @@ def validate_experts_inputs(
     if e > MAX_EXPERTS:
         raise ShapeMismatchError(f"gate_up_proj: expected at most {MAX_EXPERTS} experts, got {e}")
     check_same_device(hidden=x, topk_ids=topk_ids, topk_weights=topk_weights, gate_up_proj=gate_up_proj,
-                      gate_up_proj_bias=gate_up_proj_bias, down_proj=down_proj, down_proj_bias=down_proj_bias)
+                      gate_up_proj_bias=gate_up_proj_bias, down_proj=down_proj, down_proj_bias=down_proj_bias,
+                      gate_up_scale=gate_up_scale, down_scale=down_scale)
     return MoEInput(num_tokens=t, hidden_dim=h, intermediate_dim=inter, num_experts=e, top_k=k,
                     activation=activation, gate_up_layout=gate_up_layout, transposed=transposed)
 
 
-__all__ = ["ACTIVATIONS", "GATE_UP_LAYOUTS", "MAX_EXPERTS", "MAX_TOP_K", "MoEInput", "validate_experts_inputs",
-           "validate_route_inputs"]
+__all__ = ["ACTIVATIONS", "FP8_DTYPES", "GATE_UP_LAYOUTS", "MAX_EXPERTS", "MAX_TOP_K", "MoEInput",
+           "validate_experts_inputs", "validate_route_inputs"]

@@ -96,9 +96,11 @@ class GptOssMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r, e = self.router, self.experts
+        scales = e._buffers  # FP8 experts (patch_model(fp8=True), fused_moe.convert_experts_to_fp8): their scales
         return fused_moe(hidden_states, r.weight, r.bias, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj,
                          e.down_proj_bias, int(r.top_k), "swiglu_oai", float(e.alpha), float(e.limit),
-                         return_router_scores=True)
+                         return_router_scores=True, gate_up_scale=scales.get("gate_up_scale"),
+                         down_scale=scales.get("down_scale"))
 
 
 __all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "kernel_activation"]

@@ -1,0 +1,141 @@
+"""Weight-only FP8 experts: ``quantize_experts_fp8`` and ``moe_experts`` / ``fused_moe`` with FP8 weights and
+per-column scales, against a float64 reference that uses the dequantized weights; validation of the scales; the
+registered op with the new arguments (opcheck, compile). Under the interpreter on CPU, compiled on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _moe_helpers import TOL, f64, make_moe, to_layout
+from fused_moe import FusedMoE, fused_moe, moe_experts, moe_experts_reference, moe_route, quantize_experts_fp8
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.testing import assert_close_rel, opcheck_op
+
+EXPERTS = torch.ops.triton_ops.moe_experts.default
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _dequant(q: torch.Tensor, scale: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``q * scale`` along the output columns (dimension 2 when transposed, else 1), float64 on the CPU."""
+    return q.double().cpu() * scale.double().cpu().unsqueeze(1 if transposed else 2)
+
+
+@pytest.mark.parametrize("fmt", FP8)
+@pytest.mark.parametrize("transposed", [True, False])
+def test_quantize_round_trip_and_scales(device, fmt, transposed):
+    _, _, _, w1, _, w2, _ = make_moe(1, 64, 24, 3, device=device, seed=11)
+    w1, _, w2 = to_layout(w1, None, w2, "interleaved", transposed)
+    w2[1].zero_()  # an expert whose down weights are all zero: scale 1, codes 0
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=transposed, dtype=fmt)
+    assert q1.dtype == q2.dtype == fmt and s1.dtype == s2.dtype == torch.float32
+    assert q1.shape == w1.shape and q2.shape == w2.shape
+    assert s1.shape == (3, 48) and s2.shape == (3, 64)
+    assert q1.is_contiguous() and q2.is_contiguous()
+    limit = 448.0 if fmt == torch.float8_e4m3fn else 57344.0
+    # each column's largest magnitude maps to the format's largest value
+    k_dim = 1 if transposed else 2
+    assert torch.allclose(q1.float().abs().amax(dim=k_dim), torch.full_like(s1, limit))
+    assert torch.equal(s2[1], torch.ones_like(s2[1])) and not q2[1].float().any()
+    rel = 2.0 ** -4 if fmt == torch.float8_e4m3fn else 2.0 ** -3  # half an ulp of the format, relative
+    for w, q, s in ((w1, q1, s1), (w2, q2, s2)):
+        w64, s64 = w.double().cpu(), s.double().cpu().unsqueeze(k_dim)
+        err = (_dequant(q, s, transposed) - w64).abs()
+        assert (err <= rel * w64.abs() + 1e-12 + s64 * 2.0 ** -9).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,transposed,bias", [("interleaved", True, True), ("concatenated", False, False)])
+@pytest.mark.parametrize("t", [1, 9])
+def test_fp8_experts_match_the_dequantized_reference(device, dtype, layout, transposed, bias, t):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 40, 6, dtype=dtype, device=device, seed=12 + t, bias=bias)
+    w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=transposed)
+    ids, wts = moe_route(x, rw, rb, 2)
+    activation = "swiglu_oai" if layout == "interleaved" else "silu"
+    out = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, gate_up_layout=layout, transposed=transposed,
+                      gate_up_scale=s1, down_scale=s2)
+    assert out.dtype == dtype and out.shape == x.shape
+    d1, d2 = _dequant(q1, s1, transposed), _dequant(q2, s2, transposed)
+    xd, idd, wtd, b1d, b2d = f64(x, ids, wts, b1, b2)
+    ref = moe_experts_reference(xd, idd, wtd, d1, b1d, d2, b2d, activation, gate_up_layout=layout,
+                                transposed=transposed, round_intermediate=dtype if dtype != torch.float32 else None)
+    assert_close_rel(out, ref, TOL[dtype])
+    # and close to the unquantized experts, within FP8's rounding of the weights
+    full = moe_experts(x, ids, wts, w1, b1, w2, b2, activation, gate_up_layout=layout, transposed=transposed)
+    assert_close_rel(out, full.double().cpu(), 0.08)
+
+
+def test_fused_moe_and_module_with_fp8_experts(device):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(5, 32, 16, 4, dtype=torch.bfloat16, device=device, seed=20)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+    out, scores = fused_moe(x, rw, rb, q1, b1, q2, b2, 2, return_router_scores=True, gate_up_scale=s1,
+                            down_scale=s2)
+    ids, wts = moe_route(x, rw, rb, 2)
+    assert torch.equal(out, moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2))
+    module = FusedMoE(32, 16, 4, 2, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        module.router.weight.copy_(rw)
+        module.router.bias.copy_(rb)
+        module.experts.gate_up_proj.copy_(w1)
+        module.experts.gate_up_proj_bias.copy_(b1)
+        module.experts.down_proj.copy_(w2)
+        module.experts.down_proj_bias.copy_(b2)
+    module.quantize_experts_fp8()
+    assert module.experts.gate_up_proj.dtype == torch.float8_e4m3fn and module.experts.down_proj.dtype == q2.dtype
+    assert torch.equal(module.experts.gate_up_scale, s1) and torch.equal(module.experts.down_scale, s2)
+    with torch.no_grad():
+        mout, mscores = module(x)
+    assert torch.equal(mout, out) and torch.equal(mscores, scores)
+    assert "fp8" in repr(module)
+
+
+def test_fp8_nan_code_reaches_only_its_tokens(device):
+    if device.type == "cpu":
+        pytest.skip("the interpreter reads the E4M3 NaN code as 480 (a GPU-only check)")
+    x, rw, rb, w1, b1, w2, b2 = make_moe(8, 32, 16, 4, dtype=torch.bfloat16, device=device, seed=21)
+    for fmt in FP8:
+        q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, dtype=fmt)
+        ids, wts = moe_route(x, rw, rb, 2)
+        e = int(ids[0, 0])
+        q2 = q2.clone()
+        q2[e, 3, 5] = float("nan")  # expert e's down projection, output column 5
+        out = moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2)
+        hit = (ids == e).any(dim=1)
+        assert out[hit, 5].isnan().all() and not out[~hit].isnan().any()
+        assert not out[:, [c for c in range(32) if c != 5]].isnan().any()
+
+
+def test_scale_validation(device):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(3, 32, 16, 4, device=device, seed=22)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+    ids, wts = moe_route(x, rw, rb, 2)
+    with pytest.raises(InvalidArgumentError, match="gate_up_scale: FP8 expert weights need"):
+        moe_experts(x, ids, wts, q1, b1, q2, b2, down_scale=s2)
+    with pytest.raises(InvalidArgumentError, match="down_scale: FP8 expert weights need"):
+        moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1)
+    with pytest.raises(InvalidArgumentError, match="scales go with FP8"):
+        moe_experts(x, ids, wts, w1, b1, w2, b2, gate_up_scale=s1, down_scale=s2)
+    with pytest.raises(ShapeMismatchError, match="down_scale"):
+        moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2[:, :-1])
+    with pytest.raises(UnsupportedDtypeError, match="gate_up_scale"):
+        moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1.double(), down_scale=s2)
+    with pytest.raises(UnsupportedDtypeError, match="down_proj"):  # one FP8 weight, one not
+        moe_experts(x, ids, wts, q1, b1, w2, b2, gate_up_scale=s1, down_scale=s2)
+    with pytest.raises(UnsupportedDtypeError, match="dtype"):
+        quantize_experts_fp8(w1, w2, dtype=torch.bfloat16)
+    with pytest.raises(UnsupportedDtypeError, match="gate_up_proj"):
+        quantize_experts_fp8(q1, w2)
+    with pytest.raises(ShapeMismatchError, match="down_proj"):
+        quantize_experts_fp8(w1, w2[0])
+
+
+def test_opcheck_and_compile_with_scales(device):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(5, 32, 16, 6, device=device, seed=23)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+    ids, wts = moe_route(x, rw, rb, 2)
+    assert "gate_up_scale" in str(EXPERTS._schema) and "down_scale" in str(EXPERTS._schema)
+    opcheck_op(EXPERTS, (x, ids, wts, q1, b1, q2, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, s1, s2))
+    eager = moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2)
+    fn = torch.compile(lambda x: moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2),
+                       fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(x), eager)
