@@ -136,6 +136,9 @@ class Recipe:
     keep: Callable[[str, int | None, int], bool] | None = None  # (name, layer index, number of layers) -> stays bf16
     static: bool = False  # calibrated static per-tensor activation scales (emulation only)
     smooth: float | None = None  # SmoothQuant alpha (emulation only)
+    # which Linears the migration applies to (None: every converted one). Those fed by an RMSNorm (q/k/v, gate/up)
+    # can fold it into the norm's weight and their own, with no kernel change; o_proj and down_proj cannot.
+    smooth_only: Callable[[str], bool] | None = None
     library: str | None = None  # the fp8_gemm recipe this row measures (backend "kernels" converts through it)
     note: str = ""
 
@@ -168,6 +171,10 @@ def _keep_down_all(name, idx, n):
     return name.endswith("down_proj")
 
 
+def _norm_fed(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
 def recipes() -> dict[str, Recipe]:
     rows = [
         Recipe("channel-row", "channel", "row", note="per-channel weights, per-row activations (the old default)"),
@@ -195,6 +202,12 @@ def recipes() -> dict[str, Recipe]:
                note="SmoothQuant migration (alpha 0.5) calibrated on a separate text"),
         Recipe("block-block+smoothquant", "block", "block", smooth=0.5,
                note="blocks with SmoothQuant migration (alpha 0.5) calibrated on a separate text"),
+        Recipe("block-block+keep-down-all+smooth-norm-fed", "block", "block", _keep_down_all, smooth=0.5,
+               smooth_only=_norm_fed,
+               note="the default's rule, plus SmoothQuant (alpha 0.5) on the Linears an RMSNorm feeds (foldable)"),
+        Recipe("channel-row+keep-down-all+smooth-norm-fed", "channel", "row", _keep_down_all, smooth=0.5,
+               smooth_only=_norm_fed,
+               note="per-channel/per-row, every down_proj bf16, SmoothQuant on the norm-fed Linears (foldable)"),
     ]
     out = {r.name: r for r in rows}
     try:
@@ -273,7 +286,7 @@ def build(base: nn.Module, recipe: Recipe | None, backend: str, *,
                 if recipe.static:
                     scale = float(st["amax"]) / 448.0
                 smooth = None
-                if recipe.smooth is not None:
+                if recipe.smooth is not None and (recipe.smooth_only is None or recipe.smooth_only(name)):
                     a = st["col"].clamp_min(1e-5)
                     w = lin.weight.detach().float().abs().amax(0).clamp_min(1e-5)
                     smooth = (a.pow(recipe.smooth) / w.pow(1 - recipe.smooth)).clamp_min(1e-5)
