@@ -1,0 +1,261 @@
+"""Layer-level benchmark: one decoder layer's decode step, unpatched against ``patch_model``, on one GPU.
+
+    python -m benchmarks.bench_decode_layer                     # Llama-3-8B and Qwen3-8B layers, M = 1, 8, 64
+    python -m benchmarks.bench_decode_layer --models llama3-8b --rows 1
+    python -m benchmarks.bench_decode_layer --tiny              # small layers (without a GPU: a correctness check)
+
+Each model is built from its published config with ONE decoder layer and random bf16 weights on the GPU (nothing
+is downloaded). A decode step is the base model's forward on ``M`` rows of one token each (``inputs_embeds``: no
+embedding lookup, no LM head; the final RMSNorm and the rotary tables' lookup are included) against a
+``StaticCache`` holding ``--context`` tokens (1k by default). Variants:
+
+- ``transformers``: the layer as transformers runs it (sdpa attention), eager;
+- ``transformers-compile``: the same under ``torch.compile`` (Inductor, default mode);
+- ``patched``: ``patch_model(model)`` (packed q/k/v, RoPE in place, ``decode_attention``, fused add + RMSNorm,
+  fused gated MLP);
+- ``patched-fp8-default``: ``patch_model(model, fp8=True)`` (128x128 weight blocks, ``down_proj`` kept in bf16);
+- ``patched-fp8``: ``patch_model(model, fp8=True, fp8_recipe="channel")`` (every Linear FP8, per channel).
+
+Measured per variant and row count, in one run: GPU time of a step (the profiler's kernel time: no host time) and
+its kernels, the attention kernels' share of it (kernels whose name says attention, sdpa, fmha or flash: the
+attention over the cache, reported apart), and the step replayed from a CUDA graph (event-timed; "n/a" where
+capture fails). The floor: the bytes of the layer's weights and the final norm (FP8 where the variant made them
+FP8) divided by the copy bandwidth measured in the same run. Writes ``decode-layer-<device>.md`` / ``.json`` to
+``--out`` (default ``docs/benchmarks`` on a GPU). Without a GPU (``--tiny`` under Triton's interpreter): the
+patched layers' outputs against transformers', no timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import ROOT
+from .bench_model import (
+    build_config,
+    cache_kwarg,
+    copy_bandwidth_gbps,
+    fill_cache,
+    make_variant,
+    profiled_gpu_us,
+    static_cache,
+)
+
+LAYER_MODELS = ("llama3-8b", "qwen3-8b")
+VARIANTS = ("transformers", "transformers-compile", "patched", "patched-fp8-default", "patched-fp8")
+ATTENTION_NAMES = ("attention", "sdpa", "fmha", "flash")
+
+
+def layer_config(name: str, tiny: bool):
+    config = build_config(name, tiny)
+    config.num_hidden_layers = 1
+    if hasattr(config, "layer_types") and config.layer_types:
+        config.layer_types = config.layer_types[:1]
+    return config
+
+
+def layer_bytes(model: torch.nn.Module) -> int:
+    """Bytes a step reads of weights: the decoder layer's parameters and buffers (FP8 weights and their scales
+    where converted) and the final norm's weight; the rotary tables are left out (a few rows are read)."""
+    base = model.model
+    tensors = {id(t): t for m in (base.layers[0], base.norm) for t in (*m.parameters(), *m.buffers())}
+    skip = {id(b) for name, b in base.layers[0].named_buffers() if "inv_freq" in name}
+    return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in skip)
+
+
+def build(variant: str, config, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The one-layer model of ``variant`` and the callable that runs its base model (compiled for the compile
+    variant)."""
+    model = make_variant("transformers" if variant == "transformers-compile" else variant, config, device,
+                         torch.bfloat16)
+    base = model.model
+    if variant == "transformers-compile":
+        base = torch.compile(base)
+    return model, base
+
+
+def make_step(model, base, rows: int, context: int, steps: int):
+    """A decode step of ``rows`` sequences of one token each, after ``context`` cached tokens."""
+    kw = cache_kwarg(model)
+    cache = static_cache(model, context + 8 + 4 * steps)
+    fill_cache(model, cache, rows, context)
+    x = torch.randn(rows, 1, model.config.hidden_size, device=model.device, dtype=torch.bfloat16)
+
+    @torch.inference_mode()
+    def step():
+        return base(inputs_embeds=x, **{kw: cache}, use_cache=True).last_hidden_state
+
+    return step
+
+
+def graph_us(step, reps: int = 20) -> float | str:
+    """Median time of the step replayed from a CUDA graph (a few replays per timing), or why it could not be
+    captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        torch.cuda.synchronize()
+        return f"n/a ({type(exc).__name__})"
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(5):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / 5)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(variant: str, config, args, device, bandwidth: float) -> dict[str, Any]:
+    model, base = build(variant, config, device)
+    nbytes = layer_bytes(model)
+    rec: dict[str, Any] = {"variant": variant, "weight_bytes": nbytes, "floor_us": nbytes / (bandwidth * 1e3),
+                           "rows": []}
+    for m in args.rows:
+        step = make_step(model, base, m, args.context, args.steps)
+        for _ in range(3):  # warm-up: compiles, plans, autotunes outside the timing
+            step()
+        torch.cuda.synchronize()
+        gpu_us, kernels, top = profiled_gpu_us(step, args.steps, top=64)
+        attn_us = sum(k["us"] for k in top if any(a in k["kernel"].lower() for a in ATTENTION_NAMES))
+        rec["rows"].append({"M": m, "gpu_us": gpu_us, "kernels": kernels, "attention_us": attn_us,
+                            "graph_us": graph_us(step), "top_kernels": top[:8]})
+        print(f"  {variant} M={m}: {gpu_us:.1f} us GPU ({kernels:.0f} kernels, attention {attn_us:.1f} us), "
+              f"floor {rec['floor_us']:.1f} us", file=sys.stderr)
+    del model, base
+    torch.cuda.empty_cache()
+    return rec
+
+
+def _cell(v: float | str | None) -> str:
+    return v if isinstance(v, str) else "-" if v is None else f"{v:.1f} us"
+
+
+def render(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [f"# One decoder layer's decode step on the {env.get('device', '?')}", "",
+             f"Command: `{report['command']}`; torch {env.get('torch')}, triton {env.get('triton')}, transformers "
+             f"{env.get('transformers')}; {env.get('date_utc', '')}, commit {env.get('git_commit')}. Copy "
+             f"bandwidth measured in this run: {report['copy_gbps']:,.0f} GB/s.", "",
+             f"One layer built from each model's config, random bf16 weights, a `StaticCache` of "
+             f"{report['context']} tokens; M rows of one token each. GPU time = the profiler's kernel time of a "
+             "step (no host time); attention = its attention kernels; graph = the step replayed from a CUDA graph; "
+             "floor = the layer's weight bytes (and the final norm's) / the copy bandwidth. The step includes the "
+             "final RMSNorm and the rotary table lookup (no embedding, no LM head).", ""]
+    for model in report["models"]:
+        lines += [f"## {model['name']} (hidden {model['hidden']}, MLP {model['intermediate']})", "",
+                  "| variant | M | GPU time | CUDA graph | kernels | attention | rest | floor | x floor | "
+                  "vs transformers | vs torch.compile |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        base = {r["M"]: r["gpu_us"] for v in model["variants"] if v["variant"] == "transformers" for r in v["rows"]}
+        comp = {r["M"]: r["gpu_us"] for v in model["variants"] if v["variant"] == "transformers-compile"
+                for r in v["rows"]}
+        for v in model["variants"]:
+            for r in v["rows"]:
+                t = r["gpu_us"]
+                vs_base = f"{base[r['M']] / t:.2f}x" if r["M"] in base else "-"
+                vs_comp = f"{comp[r['M']] / t:.2f}x" if r["M"] in comp else "-"
+                lines.append(
+                    f"| {v['variant']} | {r['M']} | {t:.1f} us | {_cell(r['graph_us'])} | {r['kernels']:.0f} | "
+                    f"{r['attention_us']:.1f} us | {t - r['attention_us']:.1f} us | {v['floor_us']:.1f} us | "
+                    f"{t / v['floor_us']:.2f}x | {vs_base} | {vs_comp} |")
+        for err in model.get("errors", []):
+            lines.append(f"\nFailed: {err}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def check_on_cpu(args) -> int:
+    """No GPU: the patched one-layer models against transformers' on a tiny config under the interpreter."""
+    bad = 0
+    for name in args.models:
+        config = layer_config(name, tiny=True)
+        ids = torch.randint(0, config.vocab_size, (2, 5))
+        ref = make_variant("transformers", config, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            want = ref.model(input_ids=ids).last_hidden_state
+        for variant in ("patched",):
+            model = make_variant(variant, config, torch.device("cpu"), torch.float32)
+            with torch.no_grad():
+                got = model.model(input_ids=ids).last_hidden_state
+            err = ((got - want).norm() / want.norm()).item()
+            ok = err < 1e-4
+            bad += not ok
+            print(f"{name} one layer, {variant}: rel. error {err:.1e} {'ok' if ok else 'FAIL'}")
+    print("no GPU: correctness only (timings need a GPU)")
+    return 1 if bad else 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode_layer", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(LAYER_MODELS), help=f"comma-separated, of {', '.join(LAYER_MODELS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--rows", default="1,8,64", help="row counts M (sequences of one token), comma-separated")
+    p.add_argument("--context", type=int, default=1024, help="tokens in the cache")
+    p.add_argument("--steps", type=int, default=10, help="profiled steps per measurement")
+    p.add_argument("--tiny", action="store_true", help="small layers: checks the harness")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default docs/benchmarks on a GPU)")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.rows = [int(r) for r in args.rows.split(",") if r]
+    for what, got, known in (("model", args.models, LAYER_MODELS), ("variant", args.variants, VARIANTS)):
+        bad = [g for g in got if g not in known]
+        if bad:
+            p.error(f"unknown {what}(s) {bad}; known: {', '.join(known)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        return check_on_cpu(args)
+    import transformers
+    from triton_ops.benchmark._env import collect_environment, device_tag
+
+    device = torch.device("cuda")
+    env = collect_environment(measured=True)
+    env["transformers"] = transformers.__version__
+    report: dict[str, Any] = {"environment": env, "copy_gbps": copy_bandwidth_gbps(device), "context": args.context,
+                              "command": "python -m benchmarks.bench_decode_layer " + " ".join(sys.argv[1:]),
+                              "models": []}
+    out = args.out or ROOT / "docs" / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"decode-layer-{device_tag(env['device'])}" + ("-tiny" if args.tiny else "")
+    t0 = time.monotonic()
+    for name in args.models:
+        config = layer_config(name, args.tiny)
+        entry: dict[str, Any] = {"name": name, "hidden": config.hidden_size,
+                                 "intermediate": config.intermediate_size, "variants": []}
+        report["models"].append(entry)
+        for variant in args.variants:
+            try:
+                entry["variants"].append(measure(variant, config, args, device, report["copy_gbps"]))
+            except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others still run
+                print(f"  {name} {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                entry.setdefault("errors", []).append(f"{variant}: {type(exc).__name__}: {str(exc)[:300]}")
+            (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+            (out / f"{stem}.md").write_text(render(report))
+    print(render(report))
+    print(f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    return 1 if any(m.get("errors") for m in report["models"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
