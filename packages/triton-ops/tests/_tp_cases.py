@@ -289,6 +289,285 @@ def uneven_heads_error(mesh):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Packed q/k/v under tensor parallelism
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Spy:
+    """Counts, while active, the packed q/k/v GEMMs run (QKVPacking calls) and the modules whose ColwiseParallel
+    hooks ran (a packed attention's q/k/v projections must not: their one GEMM stands in for them)."""
+
+    def __enter__(self):
+        from triton_ops.models.layers import QKVPacking
+        from triton_ops.parallel import ColwiseParallel
+
+        self.packed_calls, self.colwise_modules = 0, set()
+        self._saved = [(QKVPacking, "__call__", QKVPacking.__call__), (ColwiseParallel, "_input",
+                                                                      ColwiseParallel._input)]
+        call, inp = QKVPacking.__call__, ColwiseParallel._input
+
+        def counted_call(packing, x):
+            self.packed_calls += 1
+            return call(packing, x)
+
+        def recorded_input(style, module, x, mesh):
+            self.colwise_modules.add(id(module))
+            return inp(style, module, x, mesh)
+
+        QKVPacking.__call__, ColwiseParallel._input = counted_call, recorded_input
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+
+
+def _local_rows(t, rank, n):
+    return t[rank * n:(rank + 1) * n]
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.itemsize == 1:  # FP8: compare the bytes
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
+
+
+def _check_packed_qkv(tp, ref, mesh, *, fp8: bool = False) -> None:
+    """Every attention of the parallelized model keeps ONE packed q/k/v GEMM over this rank's heads: a local
+    ``[q_local + 2 * kv_local, hidden]`` weight whose rows the projections' DTensor weights (and FP8 scales) hold as
+    their local tensors (the same memory), the global tensors unchanged (``ref``: the same model patched in one
+    process), the rank's q/k/v equal to what the three sharded projections give, and ``torch.save`` of the state
+    dict working."""
+    import io
+
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+    from triton_ops.models.layers import PACKING_ATTR
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    cfg = tp.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q_local, kv_local = cfg.num_attention_heads * head_dim // world, cfg.num_key_value_heads * head_dim // world
+    x = torch.randn(2, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(7))
+    for layer, ref_layer in zip(tp.model.layers, ref.model.layers, strict=True):
+        attn, ref_attn = layer.self_attn, ref_layer.self_attn
+        packing = attn.__dict__.get(PACKING_ATTR)
+        assert packing is not None, "the attention lost its packed q/k/v projection"
+        assert packing.sharded and packing.fp8 == fp8 and packing.valid(attn), (packing.sharded, packing.fp8)
+        assert packing.sizes == (q_local, kv_local, kv_local), packing.sizes
+        packed = packing.packed_weight
+        assert type(packed) in (torch.Tensor, torch.nn.Parameter) and not isinstance(packed, DTensor)
+        assert packed.shape == (q_local + 2 * kv_local, cfg.hidden_size), packed.shape
+        start = 0
+        for name, n in zip(("q_proj", "k_proj", "v_proj"), packing.sizes, strict=True):
+            proj, ref_proj = getattr(attn, name), getattr(ref_attn, name)
+            w = proj.weight
+            assert isinstance(w, DTensor) and w.placements == (Shard(0),), (name, type(w))
+            assert w.shape == ref_proj.weight.shape, (name, w.shape)  # the global shape
+            local = w._local_tensor
+            # no second copy: the local shard IS rows [start, start + n) of the packed weight's memory
+            row_bytes = packed.stride(0) * packed.element_size()
+            assert local.data_ptr() == packed.data_ptr() + start * row_bytes, name
+            assert local.shape == (n, cfg.hidden_size) and local.stride() == packed.stride(), name
+            assert _same(local, _local_rows(ref_proj.weight, rank, n)), name
+            if fp8:
+                s_local, s_packed = proj.weight_scale._local_tensor, packing.linear.weight_scale
+                assert s_local.data_ptr() == s_packed[:, start:].data_ptr(), name  # per channel: [1, N]
+                assert torch.equal(s_local, ref_proj.weight_scale[:, rank * n:(rank + 1) * n]), name
+            else:
+                assert torch.equal(w.full_tensor(), ref_proj.weight), name  # the global tensor, all-gathered
+            start += n
+        with torch.no_grad():  # the one GEMM = the three sharded projections (their hooks, on local shards)
+            for got, proj in zip(packing(x), (attn.q_proj, attn.k_proj, attn.v_proj), strict=True):
+                torch.testing.assert_close(got, proj(x), rtol=1e-5, atol=1e-5)
+        assert attn.__dict__.get(PACKING_ATTR) is packing and packing.valid(attn)
+    # writes through: the projection's local shard and the packed weight are one memory
+    attn = tp.model.layers[0].self_attn
+    packing, local = attn.__dict__[PACKING_ATTR], attn.k_proj.weight._local_tensor
+    if not fp8:
+        before = packing.packed_weight[q_local, 0].item()
+        with torch.no_grad():
+            packing.packed_weight[q_local, 0] = before + 1.0
+            assert local[0, 0].item() == packing.packed_weight[q_local, 0].item() != before
+            packing.packed_weight[q_local, 0] = before
+    # torch.save of the state dict (DTensors over rows of one packed weight) and back
+    buf = io.BytesIO()
+    torch.save(tp.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    key = "model.layers.0.self_attn.v_proj.weight"
+    assert isinstance(state[key], DTensor) and _same(state[key].to_local(), attn.v_proj.weight._local_tensor)
+
+
+def _qkv_block(q_out: int, kv_out: int, hidden: int, seed: int = 8):
+    """A bare attention-like module: q_proj / k_proj / v_proj nn.Linear with biases (no head_dim)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    block = nn.Module()
+    for name, out in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
+        lin = nn.Linear(hidden, out, bias=True)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.05)
+        setattr(block, name, lin)
+    return block
+
+
+def _pack_fp8_block(block, granularity):
+    """What patch_model(fp8=True) does to an attention: one FP8Linear, q/k/v FP8Linear views of it, the packing."""
+    from triton_ops.models.layers import QKVPacking, pack_fp8
+
+    linear, views = pack_fp8(block.q_proj, block.k_proj, block.v_proj, weight_granularity=granularity,
+                             activation_granularity="row")
+    for name, view in zip(("q_proj", "k_proj", "v_proj"), views, strict=True):
+        setattr(block, name, view)
+    return QKVPacking.attach(block, linear, tuple(v.out_features for v in views))
+
+
+@case
+def packed_qkv_bias_and_fp8_scales(mesh):
+    """Packed q/k/v sharded by heads, module level: nn.Linear with biases (Qwen2-like) packs into one local
+    PackedQKVLinear, biases included; FP8 with per-tensor scales, and 128x128 block scales with whole blocks of each
+    of q, k and v per rank, into one local FP8Linear; blocks that would straddle two ranks: ShardingError."""
+    import copy
+
+    import torch
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops.models.layers import PACKING_ATTR, PackedQKVLinear, QKVPacking
+    from triton_ops.parallel import ColwiseParallel, PackedQKVParallel, ShardingError
+
+    def plan():
+        return {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
+                "": PackedQKVParallel()}
+
+    rank = mesh.get_local_rank()
+    # nn.Linear with biases: q 64, k/v 32 rows (32 / 16 per rank)
+    block = _qkv_block(64, 32, 64)
+    linear = PackedQKVLinear.from_linear(block.q_proj, block.k_proj, block.v_proj, share=True)
+    ref_packing = QKVPacking.attach(block, linear, linear.sizes)
+    ref = copy.deepcopy(block)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = ref_packing(x)
+        parallelize_module(block, mesh, plan())
+        packing = block.__dict__[PACKING_ATTR]
+        assert packing.sharded and not packing.fp8 and packing.valid(block) and packing.sizes == (32, 16, 16)
+        assert packing.packed_bias.shape == (64,) and type(packing.packed_bias) is torch.nn.Parameter
+        start = 0
+        for name, n in zip(("q_proj", "k_proj", "v_proj"), packing.sizes, strict=True):
+            proj, ref_proj = getattr(block, name), getattr(ref, name)
+            b = proj.bias
+            assert isinstance(b, DTensor) and b.placements == (Shard(0),) and b.shape == ref_proj.bias.shape
+            assert b._local_tensor.data_ptr() == packing.packed_bias[start:].data_ptr(), name
+            assert proj.weight._local_tensor.data_ptr() == packing.packed_weight[start:].data_ptr(), name
+            assert torch.equal(b.full_tensor(), ref_proj.bias) and torch.equal(b._local_tensor,
+                                                                                _local_rows(ref_proj.bias, rank, n))
+            start += n
+        for g, w_all, proj, n in zip(packing(x), want, (block.q_proj, block.k_proj, block.v_proj), packing.sizes,
+                                     strict=True):
+            torch.testing.assert_close(g, proj(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g, w_all[:, rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-5)
+    # FP8: q 256, k/v 256 rows over 2 ranks: 128 rows (one block) of each per rank; per tensor: 64 / 32 rows
+    for gran, q_out, kv_out, hidden in (("block", 256, 256, 128), ("tensor", 64, 32, 64)):
+        block = _qkv_block(q_out, kv_out, hidden)
+        ref_packing = _pack_fp8_block(block, gran)
+        ref = copy.deepcopy(block)
+        x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            want = ref_packing(x)  # one process: the packed FP8 GEMM over every head
+            parallelize_module(block, mesh, plan())
+            packing = block.__dict__[PACKING_ATTR]
+            q_l, kv_l = q_out // 2, kv_out // 2
+            assert packing is not ref_packing and packing.fp8 and packing.sharded and packing.valid(block)
+            assert packing.sizes == (q_l, kv_l, kv_l) and packing.linear.weight.shape == (q_l + 2 * kv_l, hidden)
+            scale = packing.linear.weight_scale
+            assert scale.shape == ((1, (q_l + 2 * kv_l) // 128) if gran == "block" else (1,)), scale.shape
+            start = 0
+            for name, n in zip(("q_proj", "k_proj", "v_proj"), packing.sizes, strict=True):
+                proj, ref_proj = getattr(block, name), getattr(ref, name)
+                w, s = proj.weight, proj.weight_scale
+                assert isinstance(w, DTensor) and w.placements == (Shard(0),) and w.shape == ref_proj.weight.shape
+                assert w._local_tensor.data_ptr() == packing.linear.weight[start:].data_ptr(), name
+                assert _same(w._local_tensor, _local_rows(ref_proj.weight, rank, n)), name
+                if gran == "block":  # this rank's one block column of the projection's scales, in the packed ones
+                    assert s.placements == (Shard(1),) and s._local_tensor.shape == (1, 1), s
+                    assert s._local_tensor.data_ptr() == scale[:, start // 128:].data_ptr(), name
+                    assert torch.equal(s._local_tensor, ref_proj.weight_scale[:, rank:rank + 1]), name
+                else:  # the one scale
+                    assert s.placements == (Replicate(),) and s._local_tensor.data_ptr() == scale.data_ptr()
+                    assert torch.equal(s._local_tensor, ref_proj.weight_scale)
+                assert torch.equal(proj.bias._local_tensor, _local_rows(ref_proj.bias, rank, n))
+                start += n
+            got = packing(x)
+            for g, w_all, proj, n in zip(got, want, (block.q_proj, block.k_proj, block.v_proj), packing.sizes,
+                                         strict=True):
+                # = the sharded projection on this rank, and this rank's columns of the one-process GEMM
+                torch.testing.assert_close(g, proj(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(g, w_all[:, rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-5)
+    # k/v of 128 rows: 64 per rank, half a block: refused by k_proj's ColwiseParallel, named, before packing
+    block = _qkv_block(256, 128, 128)
+    _pack_fp8_block(block, "block")
+    try:
+        parallelize_module(block, mesh, plan())
+    except ShardingError as e:
+        assert "out_features=128" in str(e) and "64" in str(e) and "128" in str(e), str(e)
+    else:
+        raise AssertionError("expected ShardingError")
+
+
+@case
+def packed_qkv_refusals_and_custom_plans(mesh):
+    """Uneven heads (the plan, and PackedQKVParallel in a custom plan), a plan in the wrong order: ShardingError
+    naming the counts / the order; a custom plan without PackedQKVParallel: the packing is rebuilt per rank at the
+    first forward."""
+    import torch
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops import patch_model
+    from triton_ops.models.layers import PACKING_ATTR
+    from triton_ops.parallel import ColwiseParallel, PackedQKVParallel, ShardingError, tensor_parallel_plan
+
+    def expect(fn, *fragments):
+        try:
+            fn()
+        except ShardingError as e:
+            assert all(f in str(e) for f in fragments), (fragments, str(e))
+        else:
+            raise AssertionError(f"expected ShardingError with {fragments}")
+
+    # 3 heads (and 3 kv heads) of 16 over 2 ranks
+    model = patch_model(_hf_model("llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=3,
+                                  num_hidden_layers=1))
+    attn = model.model.layers[0].self_attn
+    assert attn.__dict__.get(PACKING_ATTR) is not None
+    expect(lambda: tensor_parallel_plan(model, mesh), "num_attention_heads=3", "tensor-parallel size 2")
+    assert type(attn.q_proj.weight) is torch.nn.Parameter  # refused before anything was sharded
+    # a custom plan that shards q/k/v anyway: the packing style names the heads that do not divide
+    qkv = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel()}
+    expect(lambda: parallelize_module(attn, mesh, {**qkv, "": PackedQKVParallel()}),
+           "q_proj: 48 output features (3 heads of head_dim 16)", "tensor-parallel size 2")
+    # the packing style before the projections are sharded
+    model = patch_model(_hf_model("llama", num_hidden_layers=1))
+    attn = model.model.layers[0].self_attn
+    expect(lambda: parallelize_module(attn, mesh, {"": PackedQKVParallel(), **qkv}), "ColwiseParallel first")
+    # a plan without PackedQKVParallel (bf16): the stale packing is rebuilt over the rank's heads at the first forward
+    ref = patch_model(_hf_model("llama", num_hidden_layers=1))
+    model = patch_model(_hf_model("llama", num_hidden_layers=1))
+    plan = {k: v for k, v in tensor_parallel_plan(model, mesh).items() if not isinstance(v, PackedQKVParallel)}
+    parallelize_module(model, mesh, plan)
+    attn = model.model.layers[0].self_attn
+    stale = attn.__dict__[PACKING_ATTR]
+    assert not stale.sharded and not stale.valid(attn)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
+    _check_packed_qkv(model, ref, mesh)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Model cases
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -318,8 +597,15 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
     assert isinstance(tp.model.layers[0].self_attn.q_proj.weight, DTensor)
     assert isinstance(tp.lm_head.weight, DTensor)  # 131 rows: 66 and 65, the logits gathered from uneven shards
     assert type(tp.model.embed_tokens.weight) is torch.nn.Parameter  # replicated: left as it is
+    if patch:  # one packed q/k/v GEMM per attention and rank, over the rank's heads
+        _check_packed_qkv(tp, ref, mesh, fp8=fp8)
     want = _logits(ref, IDS, generate)
-    got = _logits(tp, IDS, generate, nxt=want[3])  # the same decode token (FP8 may pick another greedy one)
+    with _Spy() as spy:
+        got = _logits(tp, IDS, generate, nxt=want[3])  # the same decode token (FP8 may pick another greedy one)
+    if patch:  # every attention call ran the packed GEMM, none ran its three projections
+        qkv = {id(getattr(layer.self_attn, p)) for layer in tp.model.layers for p in ("q_proj", "k_proj", "v_proj")}
+        assert spy.packed_calls >= 2 * layers and not qkv & spy.colwise_modules, (spy.packed_calls, layers)
+        assert id(tp.lm_head) in spy.colwise_modules  # (the spy sees the styles that did run)
     if fp8:
         plain = _logits(plain, IDS, nxt=want[3])
         # Row-parallel FP8 layers quantize each rank's activation slice with its own scales, so the split model

@@ -5,7 +5,10 @@ test below reports every failing case. Every case compares a parallelized module
 in one process: FusedGatedMLP column-parallel with a row-parallel down projection, a whole gated MLP with its
 gradients, packed gate/up weights, FP8Linear column- and row-parallel with per-channel / per-tensor / block scales,
 the block-scale and head-count errors, and small random Llama and Qwen3 models (transformers' own classes, fp32),
-patched (bf16 kernels and FP8) or not, prefill + cached decode step + generate().
+patched (bf16 kernels and FP8) or not, prefill + cached decode step + generate(). Patched models keep one packed
+q/k/v GEMM per rank over its heads (PackedQKVParallel): checked per attention (local packed weight, DTensor shards
+that are its rows, the GEMM = the three sharded projections, torch.save) and during the forward; packed FP8 q/k/v
+with per-tensor and block scales; the packing's refusals.
 """
 
 from __future__ import annotations

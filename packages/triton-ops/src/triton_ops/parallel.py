@@ -19,6 +19,10 @@ one all-reduce after a row-parallel one (one per attention block and one per gat
   the intermediate. Pair it with a :class:`RowwiseParallel` (or PyTorch's) down projection.
 - :class:`GatedMLPParallel`: a whole gated MLP (transformers' ``LlamaMLP``-like module, patched or not): gate and up
   column-parallel, down row-parallel, one all-reduce.
+- :class:`PackedQKVParallel`: an attention whose q/k/v projections are column-parallel (whole heads per rank): the
+  packed q/k/v GEMM of ``patch_model`` rebuilt per rank over the rank's heads (one local
+  ``[q_local + 2 * kv_local, hidden]`` weight, bf16 or FP8 with its scales, which the projections' ``DTensor`` s
+  hold their local rows of), so each rank still runs one GEMM for q, k and v.
 - :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 model;
   :func:`parallelize_model` applies it.
 - :func:`shard_packed_gate_up`: one rank's slice of a packed ``[2 * intermediate, hidden]`` gate/up weight, packed
@@ -44,6 +48,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torch.distributed.tensor.placement_types import Placement
 from triton_ops_core.exceptions import InvalidArgumentError
 
+from .models.layers import PACKING_ATTR, TP_ATTR, pack_shards, shards_packable
 from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
@@ -352,7 +357,7 @@ class _LocalShardStyle(ParallelStyle):
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
-        module._triton_ops_tp = self
+        setattr(module, TP_ATTR, self)  # (a packed q/k/v GEMM checks which style hooked its projections)
         return module
 
     def __repr__(self) -> str:
@@ -486,6 +491,65 @@ class GatedMLPParallel(_LocalShardStyle):
         return _reduce(out, mesh, biases[0] if biases else None, self.output_layouts, self.use_local_output)
 
 
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+class PackedQKVParallel(ParallelStyle):
+    """An attention's packed q/k/v projection, per rank: for an attention whose ``q_proj`` / ``k_proj`` /
+    ``v_proj`` are already column-parallel (:class:`ColwiseParallel` with its default layouts, applied before this
+    style: :func:`tensor_parallel_plan` lists it after them) and which ``patch_model`` packed into one GEMM.
+
+    The rank's local rows of q, k and v (whole heads) are concatenated into one local
+    ``[q_local + 2 * kv_local, hidden]`` weight (a ``PackedQKVLinear``; with FP8 one ``FP8Linear`` with the rows'
+    per-tensor, per-channel or 128x128 block scales), and each projection's ``DTensor`` weight (bias, FP8 scale)
+    is re-pointed at its rows of it: the same ``DTensor`` mesh, placements and global shape (``state_dict`` and
+    ``full_tensor()`` unchanged), its local tensor the packed weight's memory (no second copy). The patched
+    attention then runs one GEMM per rank for q, k and v, the rank's heads, as one process runs one for all.
+
+    - An attention ``patch_model`` did not pack (``pack_qkv=False``, unpatched, or patched after parallelizing:
+      ``patch_model`` then packs the rank's shards itself) is left as it is.
+    - :class:`ShardingError`: the projections are not column-parallel yet (plan order), their local rows are not
+      whole heads (``attn.head_dim``; the count named), or the shards cannot be packed (other layouts, hooks added,
+      FP8 options that differ; the reason named). 128x128 block scales need whole blocks of each of q, k and v on
+      every rank, which :class:`ColwiseParallel` already requires of each projection.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _mesh_1d(device_mesh)
+        what = type(module).__name__
+        projections = [module._modules.get(name) for name in _QKV]
+        if any(p is None for p in projections):
+            raise ShardingError(f"{what}: expected an attention with q_proj, k_proj and v_proj")
+        sharded = [TP_ATTR in vars(p) for p in projections]
+        world = device_mesh.size()
+        head_dim = getattr(module, "head_dim", None)
+        if all(sharded) and isinstance(head_dim, int) and head_dim > 0:
+            for name, proj in zip(_QKV, projections):
+                rows = getattr(proj, "out_features", None)
+                if isinstance(rows, int) and rows % (head_dim * world):
+                    raise ShardingError(
+                        f"{what}.{name}: {rows} output features ({rows / head_dim:g} heads of head_dim {head_dim}) "
+                        f"are not divisible into whole heads over the tensor-parallel size {world}; attention is "
+                        "split by whole heads, and uneven head counts are not supported")
+        if module.__dict__.get(PACKING_ATTR) is None:
+            return module  # not packed by patch_model: nothing to rebuild
+        if not all(sharded):
+            raise ShardingError(
+                f"{what}: PackedQKVParallel packs this rank's shards of q_proj, k_proj and v_proj: parallelize them "
+                "with ColwiseParallel first (before this entry in the plan)")
+        why = shards_packable(*projections)
+        if why is None and _tensor(projections[0], "weight").device_mesh != device_mesh:
+            why = "q/k/v were sharded over another device mesh"
+        if why is not None:
+            raise ShardingError(f"{what}: cannot pack this rank's q/k/v shards into one GEMM: {why}. Leave this "
+                                "entry out of the plan to run the three sharded projections")
+        pack_shards(module)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Packed gate/up weights
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,6 +604,8 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
     - ``layers.*.self_attn.q_proj`` / ``k_proj`` / ``v_proj``: :class:`ColwiseParallel`, whole heads per rank
       (transformers' attention reshapes with ``-1`` heads, so it runs on the local heads unchanged);
     - ``layers.*.self_attn.o_proj``: :class:`RowwiseParallel` (one all-reduce);
+    - ``layers.*.self_attn``: :class:`PackedQKVParallel`: where ``patch_model`` packed q/k/v into one GEMM, the
+      packing is rebuilt over the rank's heads (one local GEMM; the projections' ``DTensor`` s view its weight);
     - ``layers.*.mlp``: :class:`GatedMLPParallel` (gate/up column-, down row-parallel, one all-reduce);
     - ``lm_head`` (``lm_head=True``, a causal LM): :class:`ColwiseParallel` with the logits gathered
       (``output_layouts=Replicate()``), as transformers' ``"colwise_gather_output"``; ``lm_head=False`` leaves it
@@ -579,6 +645,7 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
         f"{layer}.self_attn.k_proj": ColwiseParallel(),
         f"{layer}.self_attn.v_proj": ColwiseParallel(),
         f"{layer}.self_attn.o_proj": RowwiseParallel(),
+        f"{layer}.self_attn": PackedQKVParallel(),  # after q/k/v: packs their local shards (patched models)
         f"{layer}.mlp": GatedMLPParallel(),
     }
     head = getattr(model, "lm_head", None)
@@ -604,5 +671,5 @@ def parallelize_model(model: nn.Module, device_mesh: DeviceMesh | None = None, *
     return model
 
 
-__all__ = ["FP8_BLOCK", "ColwiseParallel", "GatedColwiseParallel", "GatedMLPParallel", "RowwiseParallel",
-           "ShardingError", "parallelize_model", "shard_packed_gate_up", "tensor_parallel_plan"]
+__all__ = ["FP8_BLOCK", "ColwiseParallel", "GatedColwiseParallel", "GatedMLPParallel", "PackedQKVParallel",
+           "RowwiseParallel", "ShardingError", "parallelize_model", "shard_packed_gate_up", "tensor_parallel_plan"]

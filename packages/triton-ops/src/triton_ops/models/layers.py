@@ -13,9 +13,14 @@ output q / k / v are then strided views, which the RoPE kernels rotate in place.
 - :class:`QKVPacking`: what ``patch_model`` attaches to an attention module: the packed layer, the sizes of the
   split, and the weights the projections held when it was made, to tell whether it still describes them (not after
   the model is moved or cast with ``.to()``, deep-copied, its weights reassigned by
-  ``load_state_dict(assign=True)``, sharded by tensor parallelism, or hooked). A packing that no longer holds is
-  rebuilt (``nn.Linear`` projections, in eager mode) or dropped: the attention then runs the three projections as
-  they are.
+  ``load_state_dict(assign=True)``, or hooked). A packing that no longer holds is rebuilt (``nn.Linear``
+  projections, and FP8 column-parallel shards, in eager mode) or dropped: the attention then runs the three
+  projections as they are.
+- Tensor parallelism (:mod:`triton_ops.parallel`): projections sharded column-wise by its ``ColwiseParallel`` (whole
+  heads per rank, their weights ``DTensor`` s) pack per rank: :func:`pack_shards` concatenates the rank's local
+  q / k / v rows (and per-channel or 128x128 block scales) into one local ``PackedQKVLinear`` or ``FP8Linear``
+  ``[q_local + 2 * kv_local, hidden]``, and re-points each projection's ``DTensor`` at its rows of it (one copy of
+  the weights; ``state_dict`` and ``full_tensor()`` still give the global tensors).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ PACKING_ATTR = "_triton_ops_qkv"
 # FP8Linear's block scales are [ceil(K / bk), ceil(N / bn)] over the GEMM's [K, N] weight (WEIGHT_BLOCK = (bk, bn)):
 # a block spans ROW_BLOCK output features, i.e. rows of the [out, in] weight.
 ROW_BLOCK = WEIGHT_BLOCK[1]
+# The attribute triton_ops.parallel's styles set on a module they sharded (the style itself, in its __dict__).
+TP_ATTR = "_triton_ops_tp"
 
 
 def _plain(t: torch.Tensor | None) -> bool:
@@ -39,15 +46,102 @@ def _plain(t: torch.Tensor | None) -> bool:
     return t is None or (type(t) in (torch.Tensor, nn.Parameter) and type(t.data) is torch.Tensor)
 
 
+def _sharded(module: nn.Module) -> bool:
+    """Whether a :mod:`triton_ops.parallel` style sharded this module (it marks the modules it hooks)."""
+    return TP_ATTR in module.__dict__
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    if name in module._parameters:
+        return module._parameters[name]
+    return module._buffers.get(name)
+
+
+def _shards_problem(lins: tuple[nn.Module, ...], names: tuple[str, ...]) -> str | None:
+    """None when the three projections are column-parallel shards whose local tensors one local GEMM can compute
+    (what ``triton_ops.parallel.ColwiseParallel`` makes with its default layouts); else why not.
+
+    The packed GEMM reads the attention's (replicated) input and returns the rank's columns, which is what each
+    sharded projection's hooks do with ``input_layouts=Replicate()``, ``output_layouts=Shard(-1)`` and
+    ``use_local_output=True``; other layouts, or hooks besides the style's, would be bypassed.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from ..parallel import ColwiseParallel  # parallel imports this module: imported when a module is sharded
+
+    styles = [m.__dict__.get(TP_ATTR) for m in lins]
+    if not all(isinstance(s, ColwiseParallel) for s in styles):
+        return "q/k/v projections are not all column-parallel (triton_ops.parallel.ColwiseParallel)"
+    if any(s.input_layouts != Replicate() or s.output_layouts != Shard(-1) or not s.use_local_output
+           for s in styles):
+        return ("a column-parallel q/k/v projection takes a sharded input or returns a gathered or DTensor output "
+                "(one local GEMM returns the rank's columns of the replicated input)")
+    if any(len(m._forward_hooks) != 1 or len(m._forward_pre_hooks) != 1 or "forward" in vars(m)
+           or hasattr(m, "_hf_hook") for m in lins):
+        return ("a q/k/v projection has forward hooks besides its tensor-parallel style's, or a replaced forward "
+                "(one GEMM would bypass them)")
+    mesh = None
+    for m in lins:
+        for name in names:
+            t = _tensor(m, name)
+            if t is None:
+                continue
+            if not isinstance(t, DTensor) or type(t._local_tensor) is not torch.Tensor:
+                return "q/k/v weights are not DTensors over plain local tensors"
+            if t.device_mesh.ndim != 1 or (mesh is not None and t.device_mesh != mesh):
+                return "q/k/v weights are not on one 1-D device mesh"
+            mesh = t.device_mesh
+            if name in ("weight", "bias") and t.placements != (Shard(0),):
+                return f"q/k/v {name}s are not sharded by rows (Shard(0)), got {t.placements}"
+    return None
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory as a tensor of its own (storage offset 0; no copy; it keeps ``t``'s storage alive).
+
+    A ``DTensor`` mirrors its local tensor's storage offset, and torch (2.13) can neither ``torch.save`` nor
+    deep-copy a ``DTensor`` whose local tensor starts inside its storage (k's and v's rows of a packed weight):
+    through DLPack the rows become a tensor of their own that reads and writes the packed weight's memory.
+    """
+    return torch.from_dlpack(t.detach())
+
+
+def _repoint(module: nn.Module, name: str, local: torch.Tensor) -> None:
+    """Make ``module``'s DTensor ``name`` (a parameter or buffer) hold ``local``'s memory as its local tensor: the
+    same mesh, placements, global shape and stride, a new ``DTensor`` (a parameter stays a parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    old = _tensor(module, name)
+    with torch.no_grad():
+        new = DTensor.from_local(_alias(local), old.device_mesh, old.placements, run_check=False, shape=old.shape,
+                                 stride=old.stride())
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = new
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t._local_tensor if t is not None and not _plain(t) else t
+
+
 def packable(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> str | None:
-    """None when the three projections can be packed into one ``nn.Linear``; else why not (for the summary)."""
+    """None when the three projections can be packed into one ``nn.Linear``; else why not (for the summary).
+
+    Plain ``nn.Linear`` with plain weights and no hooks pack; so do projections sharded column-wise by
+    ``triton_ops.parallel.ColwiseParallel`` (default layouts, no other hooks): their rank-local rows pack.
+    """
     lins = (q_proj, k_proj, v_proj)
     if not all(type(m) is nn.Linear for m in lins):
         return "q/k/v projections are not all nn.Linear"
-    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) or hasattr(m, "_hf_hook")
-           for m in lins):
+    if any(_sharded(m) for m in lins):
+        why = _shards_problem(lins, ("weight", "bias"))
+        if why is not None:
+            return why
+    elif any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) or hasattr(m, "_hf_hook")
+             for m in lins):
         return "a q/k/v projection has forward hooks or a replaced forward (one GEMM would bypass them)"
-    if not all(_plain(m.weight) and _plain(m.bias) for m in lins):
+    elif not all(_plain(m.weight) and _plain(m.bias) for m in lins):
         return "q/k/v weights are not plain tensors (sharded or wrapped)"
     if len({m.in_features for m in lins}) != 1 or k_proj.out_features != v_proj.out_features:
         return "q/k/v projections differ in input size, or k and v in output size"
@@ -98,35 +192,50 @@ class PackedQKVLinear(nn.Linear):
         model holds one copy of the weights, its ``state_dict`` keeps its keys and values, and
         ``load_state_dict`` into the projections writes the packed weight.
 
+        Projections sharded column-wise by ``triton_ops.parallel.ColwiseParallel`` (``DTensor`` weights): the
+        packed layer is this rank's, ``[q_local + 2 * kv_local, in_features]`` from the local rows, and with
+        ``share=True`` each projection's ``DTensor`` gets its rows of it as its local tensor (see
+        :meth:`share_with`).
+
         Raises:
             InvalidArgumentError: the projections cannot be packed (the message says why).
         """
         why = packable(q_proj, k_proj, v_proj)
         if why is not None:
             raise InvalidArgumentError(f"q_proj, k_proj, v_proj: expected three packable nn.Linear, but {why}")
-        w = q_proj.weight
-        packed = cls(q_proj.in_features, q_proj.out_features, k_proj.out_features, q_proj.bias is not None,
+        weights = [_local(m.weight) for m in (q_proj, k_proj, v_proj)]
+        w = weights[0]
+        packed = cls(q_proj.in_features, w.shape[0], weights[1].shape[0], q_proj.bias is not None,
                      device="meta", dtype=w.dtype)
         with torch.no_grad():
-            packed.weight = nn.Parameter(torch.cat([q_proj.weight, k_proj.weight, v_proj.weight]),
-                                         requires_grad=w.requires_grad)
+            packed.weight = nn.Parameter(torch.cat(weights), requires_grad=q_proj.weight.requires_grad)
             if q_proj.bias is not None:
-                packed.bias = nn.Parameter(torch.cat([q_proj.bias, k_proj.bias, v_proj.bias]),
+                packed.bias = nn.Parameter(torch.cat([_local(m.bias) for m in (q_proj, k_proj, v_proj)]),
                                            requires_grad=q_proj.bias.requires_grad)
         if share:
             packed.share_with(q_proj, k_proj, v_proj)
         return packed
 
     def share_with(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear) -> None:
-        """Make the projections' weights and biases views of this layer's (one copy of the weights)."""
+        """Make the projections' weights and biases views of this layer's (one copy of the weights).
+
+        A projection whose weight is a ``DTensor`` (a rank's shard) keeps a ``DTensor`` parameter (same mesh,
+        placements and global shape, so ``state_dict`` and ``full_tensor()`` give the global tensor) whose local
+        tensor holds its rows of this layer's weight: the same memory, as a tensor of its own (see ``_alias``).
+        """
         for lin, rows, name in zip((q_proj, k_proj, v_proj), self._row_ranges(), ("q_proj", "k_proj", "v_proj")):
-            if lin.weight.shape != (rows[1] - rows[0], self.in_features):
+            if _local(lin.weight).shape != (rows[1] - rows[0], self.in_features):
                 raise ShapeMismatchError(
-                    f"{name}: expected a weight of shape [{rows[1] - rows[0]}, {self.in_features}], got "
-                    f"{list(lin.weight.shape)}")
-            lin.weight = nn.Parameter(self.weight.data[rows[0]:rows[1]], requires_grad=lin.weight.requires_grad)
-            if self.bias is not None:
-                lin.bias = nn.Parameter(self.bias.data[rows[0]:rows[1]], requires_grad=lin.bias.requires_grad)
+                    f"{name}: expected a (local) weight of shape [{rows[1] - rows[0]}, {self.in_features}], got "
+                    f"{list(_local(lin.weight).shape)}")
+            for attr, packed in (("weight", self.weight), ("bias", self.bias)):
+                if packed is None:
+                    continue
+                old = lin._parameters[attr]
+                if _plain(old):
+                    setattr(lin, attr, nn.Parameter(packed.data[rows[0]:rows[1]], requires_grad=old.requires_grad))
+                else:
+                    _repoint(lin, attr, packed.data[rows[0]:rows[1]])
 
     def _row_ranges(self) -> list[tuple[int, int]]:
         q, kv = self.q_features, self.kv_features
@@ -185,8 +294,12 @@ def pack_fp8(q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, *, weight_
     Raises:
         InvalidArgumentError: the projections cannot be packed, or block scales would straddle their boundaries.
     """
-    why = packable(q_proj, k_proj, v_proj) or fp8_packable(q_proj.out_features, k_proj.out_features,
-                                                         weight_granularity)
+    if any(_sharded(m) for m in (q_proj, k_proj, v_proj)):
+        why = ("they are sharded by tensor parallelism (quantize the full weights: patch_model(fp8=True) before "
+               "parallelize_model)")
+    else:
+        why = packable(q_proj, k_proj, v_proj) or fp8_packable(q_proj.out_features, k_proj.out_features,
+                                                             weight_granularity)
     if why is not None:
         raise InvalidArgumentError(f"q_proj, k_proj, v_proj: expected projections packable in FP8, but {why}")
     packed = PackedQKVLinear.from_linear(q_proj, k_proj, v_proj)
@@ -200,6 +313,118 @@ def pack_fp8(q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, *, weight_
     return fp8, views  # type: ignore[return-value]
 
 
+def _fp8_shards_problem(lins: tuple[nn.Module, ...]) -> str | None:
+    """None when three column-parallel ``FP8Linear`` shards pack into one local ``FP8Linear``; else why not."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not all(type(m) is FP8Linear for m in lins):
+        return "q/k/v projections are not all FP8Linear"
+    why = _shards_problem(lins, ("weight", "bias", "weight_scale"))
+    if why is not None:
+        return why
+    q, k, v = lins
+    if len({(m.weight_granularity, m.activation_granularity, m.fast_accum, m.path, m.in_features)
+            for m in lins}) != 1 or k.out_features != v.out_features:
+        return ("q/k/v FP8Linear differ in scales, options (fast_accum, path) or input size, or k and v in output "
+                "size")
+    if len({m.bias is None for m in lins}) != 1:
+        return "some q/k/v projections have a bias and some do not"
+    tensors = [t for m in lins for t in (m.weight, m.weight_scale, m.bias) if t is not None]
+    if (len({m.weight.dtype for m in lins}) != 1 or len({m.bias.dtype for m in lins if m.bias is not None}) > 1
+            or len({t.device for t in tensors}) != 1):
+        return "q/k/v weights differ in dtype or device"
+    gran = q.weight_granularity
+    want = Replicate() if gran == "tensor" else Shard(1)
+    scales = [m.weight_scale for m in lins]
+    if any(s.placements != (want,) for s in scales):
+        return f"q/k/v {gran} weight scales are not placed {want} (as ColwiseParallel places them)"
+    rows = [_local(m.weight).shape[0] for m in lins]
+    if gran == "block":
+        why = fp8_packable(rows[0], rows[1], gran)
+        if why is not None:
+            return f"{why} on this rank"
+    if gran == "tensor" and not all(torch.equal(_local(s), _local(scales[0])) for s in scales[1:]):
+        return "q/k/v per-tensor FP8 scales differ (one packed weight has one scale)"
+    return None
+
+
+def _pack_fp8_shards(q_proj: FP8Linear, k_proj: FP8Linear, v_proj: FP8Linear) -> tuple[FP8Linear, tuple[int, ...]]:
+    """One local ``FP8Linear`` of the rank's q / k / v rows (weights, scales, biases concatenated), each
+    projection's ``DTensor`` s re-pointed at their rows of it; and the local split."""
+    lins = (q_proj, k_proj, v_proj)
+    why = _fp8_shards_problem(lins)
+    if why is not None:
+        raise InvalidArgumentError(f"q_proj, k_proj, v_proj: expected column-parallel FP8Linear shards to pack, but "
+                                   f"{why}")
+    weights = [_local(m.weight) for m in lins]
+    rows = tuple(w.shape[0] for w in weights)
+    gran = q_proj.weight_granularity
+    bias = q_proj.bias
+    with torch.no_grad():
+        # concatenated as bytes: a plain copy, whatever the FP8 dtype's operator coverage on the device
+        weight = torch.cat([w.view(torch.uint8) for w in weights]).view(weights[0].dtype)
+        scales = [_local(m.weight_scale) for m in lins]
+        scale = scales[0].clone() if gran == "tensor" else torch.cat(scales, dim=1)
+        if bias is not None:
+            bias = torch.cat([_local(m.bias) for m in lins])
+    packed = FP8Linear(q_proj.in_features, sum(rows), bias is not None, weight_granularity=gran,
+                       activation_granularity=q_proj.activation_granularity, fast_accum=q_proj.fast_accum,
+                       device="meta", dtype=bias.dtype if bias is not None else None)
+    for key, value in vars(q_proj).items():  # plain options set on the instance (e.g. a forced GEMM path)
+        if not key.startswith("_") and key not in ("in_features", "out_features", "training"):
+            setattr(packed, key, value)
+    packed.weight = weight
+    packed.weight_scale = scale
+    if bias is not None:
+        packed.bias = nn.Parameter(bias, requires_grad=False)
+    packed.train(q_proj.training)
+    start = 0
+    for m, n in zip(lins, rows):
+        _repoint(m, "weight", weight[start:start + n])
+        if gran == "channel":  # [1, N]: one scale per row
+            _repoint(m, "weight_scale", scale[:, start:start + n])
+        elif gran == "block":  # [K / 128, N / 128]: the rows' blocks (whole blocks: checked above)
+            _repoint(m, "weight_scale", scale[:, start // ROW_BLOCK:(start + n) // ROW_BLOCK])
+        else:  # the one scale, shared
+            _repoint(m, "weight_scale", scale)
+        if bias is not None:
+            _repoint(m, "bias", bias[start:start + n])
+        start += n
+    return packed, rows
+
+
+def shards_packable(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> str | None:
+    """None when the three projections are column-parallel shards (``triton_ops.parallel.ColwiseParallel``,
+    default layouts) that :func:`pack_shards` packs per rank: ``nn.Linear``, or ``FP8Linear`` with per-tensor,
+    per-channel or (whole 128-row blocks of each of q, k and v on this rank) block scales; else why not."""
+    lins = (q_proj, k_proj, v_proj)
+    if not all(_sharded(m) for m in lins):
+        return "q/k/v projections are not all sharded by tensor parallelism"
+    if all(type(m) is nn.Linear for m in lins):
+        return packable(q_proj, k_proj, v_proj)
+    return _fp8_shards_problem(lins)
+
+
+def pack_shards(attn: nn.Module) -> QKVPacking:
+    """Pack ``attn``'s column-parallel q / k / v shards into one GEMM on this rank, and attach it (replacing any
+    packing it had): a :class:`PackedQKVLinear` (``nn.Linear`` projections) or an ``FP8Linear`` of the rank's
+    ``[q_local + 2 * kv_local, hidden]`` rows; each projection's ``DTensor`` weight (bias, FP8 scale) keeps its
+    mesh, placements and global shape, its local tensor now its rows of the packed one (one copy of the weights).
+
+    Raises:
+        InvalidArgumentError: the projections cannot be packed (:func:`shards_packable` says why).
+    """
+    q, k, v = (attn._modules.get(name) for name in _QKV)
+    why = shards_packable(q, k, v)
+    if why is not None:
+        raise InvalidArgumentError(f"{type(attn).__name__}: expected column-parallel q/k/v shards to pack, but {why}")
+    if type(q) is nn.Linear:
+        linear = PackedQKVLinear.from_linear(q, k, v, share=True)
+        return QKVPacking.attach(attn, linear, linear.sizes)
+    linear, sizes = _pack_fp8_shards(q, k, v)
+    return QKVPacking.attach(attn, linear, sizes)
+
+
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
@@ -211,9 +436,14 @@ class QKVPacking:
     sharing the packed storage, and no hooks added since. The projections are read from the attention on each
     check (cheap dict reads: this runs once per layer and decode step), so one replaced or sharded after
     ``patch_model`` is noticed.
+
+    Under tensor parallelism (projections sharded column-wise, their weights ``DTensor`` s whose local tensors are
+    the rank's rows of ``linear``'s weight: :func:`pack_shards`) ``linear`` is the rank's own packed layer, the
+    sizes are the rank's, and each projection carries exactly its style's two hooks (which the one GEMM stands in
+    for: the input as it is, the rank's columns out).
     """
 
-    __slots__ = ("linear", "sizes", "fp8", "store", "weights", "packed_weight", "packed_bias")
+    __slots__ = ("linear", "sizes", "fp8", "store", "weights", "packed_weight", "packed_bias", "sharded", "hooks")
 
     def __init__(self, linear: nn.Module, sizes: tuple[int, int, int], projections: tuple[nn.Module, ...]) -> None:
         self.linear = linear
@@ -224,6 +454,9 @@ class QKVPacking:
         self.weights = tuple(getattr(p, self.store)["weight"] for p in projections)
         self.packed_weight = getattr(linear, self.store)["weight"]
         self.packed_bias = linear._parameters.get("bias")
+        self.sharded = _sharded(projections[0]) and not _plain(self.weights[0])  # DTensors (checked when packed)
+        # the forward hooks and pre-hooks each projection has: none, or its tensor-parallel style's one of each
+        self.hooks = 1 if self.sharded else 0
 
     @classmethod
     def attach(cls, attn: nn.Module, linear: nn.Module, sizes: tuple[int, int, int]) -> QKVPacking:
@@ -234,40 +467,64 @@ class QKVPacking:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(q, k, v)``: views of one GEMM's output ``[..., q + 2 * kv]``."""
+        if self.sharded and type(x) is not torch.Tensor:  # e.g. a DTensor input: replicated, as the style does
+            x = _replicated(x, self.weights[0])
         # straight to the GEMM: the packed layer is private to this packing (no hooks), and nn.Module's call and
         # attribute machinery cost microseconds per layer and decode step
         out = self.linear.forward(x) if self.fp8 else F.linear(x, self.packed_weight, self.packed_bias)
         return out.split(self.sizes, dim=-1)
 
     def valid(self, attn: nn.Module) -> bool:
-        modules, store = attn._modules, self.store
+        modules, store, hooks = attn._modules, self.store, self.hooks
         for name, weight in zip(_QKV, self.weights):
             module = modules.get(name)
-            if (module is None or module._forward_hooks or module._forward_pre_hooks
-                    or getattr(module, store).get("weight") is not weight):
+            if module is None or getattr(module, store).get("weight") is not weight:
+                return False
+            if hooks:  # sharded: exactly the style's hook of each kind
+                if len(module._forward_hooks) != hooks or len(module._forward_pre_hooks) != hooks:
+                    return False
+            elif module._forward_hooks or module._forward_pre_hooks:
                 return False
         if torch.compiler.is_compiling():  # no data pointers of traced tensors; the identities above are guarded
             return True
         # A model moved or cast with .to() keeps its Parameter objects but gives each its own new storage (and
-        # moves nothing outside the module tree, such as this packing); so does a deep copy.
-        return self.weights[0].data_ptr() == self.packed_weight.data_ptr()
+        # moves nothing outside the module tree, such as this packing); so does a deep copy. A DTensor's own
+        # data_ptr is not its local tensor's: compare the local one.
+        first = self.weights[0]._local_tensor if self.sharded else self.weights[0]
+        return first.data_ptr() == self.packed_weight.data_ptr()
+
+
+def _replicated(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A column-parallel projection's input as the rank's full local tensor (a DTensor input redistributed)."""
+    from torch.distributed.tensor import Replicate
+
+    from ..parallel import _to_replicated
+
+    return _to_replicated(x, weight.device_mesh, Replicate())
 
 
 def packed_projections(attn: nn.Module) -> QKVPacking | None:
-    """The attention's packing if it still holds (rebuilt once if the projections were moved or cast since, in
-    eager mode; dropped if they can no longer be packed, e.g. sharded); None to run the three projections."""
+    """The attention's packing if it still holds (rebuilt once if the projections were moved or cast since, or
+    sharded by tensor parallelism, in eager mode; dropped if they can no longer be packed); None to run the three
+    projections."""
     packing = attn.__dict__.get(PACKING_ATTR)
     if packing is None or packing.valid(attn):
         return packing
     if torch.compiler.is_compiling():  # no module changes while tracing: the projections, as they are
         return None
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    if packing.fp8 or packable(q, k, v) is not None:
+    if packing.fp8:
+        # FP8 views sharded since by a plan without PackedQKVParallel: packed again per rank
+        if all(_sharded(m) for m in (q, k, v)) and _fp8_shards_problem((q, k, v)) is None:
+            return pack_shards(attn)
+        del attn.__dict__[PACKING_ATTR]
+        return None
+    if packable(q, k, v) is not None:
         del attn.__dict__[PACKING_ATTR]
         return None
     linear = PackedQKVLinear.from_linear(q, k, v, share=True)
     return QKVPacking.attach(attn, linear, linear.sizes)
 
 
-__all__ = ["PACKING_ATTR", "PackedQKVLinear", "QKVPacking", "fp8_packable", "pack_fp8", "packable",
-           "packed_projections"]
+__all__ = ["PACKING_ATTR", "PackedQKVLinear", "QKVPacking", "fp8_packable", "pack_fp8", "pack_shards", "packable",
+           "packed_projections", "shards_packable"]
