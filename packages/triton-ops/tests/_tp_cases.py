@@ -649,6 +649,273 @@ def qwen3_fp8(mesh):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# gpt-oss: attention sinks sharded with the q heads, experts split by their intermediate dimension
+# ----------------------------------------------------------------------------------------------------------------
+
+def _gpt_oss(seed: int = 0, **overrides):
+    """A tiny random gpt-oss (transformers' own classes, fp32): 2 layers (sliding window 4, then full), 4 heads of
+    16 (2 kv heads), 4 experts of intermediate 48 (top 2); experts, router, biases (the attention's too) and sinks
+    large enough that the routing and the SwiGLU clamp (limit 7) matter."""
+    import torch
+    import transformers
+
+    cfg = {"hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "vocab_size": SMALL["vocab_size"], "num_local_experts": 4,
+           "num_experts_per_tok": 2, "max_position_embeddings": 64, "sliding_window": 4,
+           "layer_types": ["sliding_attention", "full_attention"], **overrides}
+    config = transformers.GptOssConfig(**cfg)
+    config._attn_implementation = "eager"  # the sinks: transformers runs gpt-oss's attention eager
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0.0, 0.3 if p.dim() >= 2 else 1.0)
+            elif "router" in name or "sinks" in name or p.dim() == 2:
+                p.normal_(0.0, 0.08 if p.dim() >= 2 else 0.5)
+            elif name.endswith("bias"):  # q/k/v (sharded with their rows) and o (added once after the reduction)
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _gate_up_pairs_clamped(model, ids) -> None:
+    """The test model's experts must reach the SwiGLU clamp (gate > limit or |up| > limit) for some token and
+    expert, or the case would not check that each rank clamps its whole gate/up pairs."""
+    import torch
+
+    hits = []
+
+    def hook(mod, args, out):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        e = mod.experts
+        gu = torch.einsum("th,ehn->etn", x, e.gate_up_proj) + e.gate_up_proj_bias[:, None]
+        hits.append(bool((gu[..., ::2] > e.limit).any() or (gu[..., 1::2].abs() > e.limit).any()))
+
+    handles = [layer.mlp.register_forward_hook(hook) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert any(hits), "the test experts never reach the SwiGLU clamp"
+
+
+class _MoESpy:
+    """Records, while active, the width of the experts' gate_up_proj that every fused_moe call of a patched MoE
+    reads (the rank's 2 * I / N columns, not all 2 * I)."""
+
+    def __enter__(self):
+        import triton_ops.layers as layers
+
+        self.widths, self._layers, self._saved = [], layers, layers.fused_moe
+
+        def spy(hidden, router_w, router_b, gate_up, *args, **kwargs):
+            self.widths.append(gate_up.shape[-1])
+            return self._saved(hidden, router_w, router_b, gate_up, *args, **kwargs)
+
+        layers.fused_moe = spy
+        return self
+
+    def __exit__(self, *exc):
+        self._layers.fused_moe = self._saved
+
+
+def _full(t):
+    """``t.full_tensor()``; an FP8 DTensor gathered as its bytes (gloo has no FP8 collectives)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if t.dtype.itemsize != 1:
+        return t.full_tensor()
+    local = t._local_tensor.view(torch.uint8)
+    full = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return full.full_tensor().view(t.dtype)
+
+
+def _check_experts(mlp, ref_mlp, mesh) -> None:
+    """The MoE's experts are DTensors over the rank's WHOLE gate/up pairs (FP8: with their scales), the router is
+    left replicated; the global tensors are the one-process ones."""
+    import torch
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    e, ref_e = mlp.experts, ref_mlp.experts
+    inter = ref_e.down_proj.shape[1] // world
+    j0, j1 = rank * inter, (rank + 1) * inter  # this rank's gate/up pairs j: columns 2j (gate) and 2j + 1 (up)
+    want = {"gate_up_proj": (Shard(2), ref_e.gate_up_proj[..., 2 * j0:2 * j1]),
+            "gate_up_proj_bias": (Shard(1), ref_e.gate_up_proj_bias[:, 2 * j0:2 * j1]),
+            "down_proj": (Shard(1), ref_e.down_proj[:, j0:j1]),
+            "down_proj_bias": (Replicate(), ref_e.down_proj_bias)}
+    if "gate_up_scale" in ref_e._buffers:
+        want.update(gate_up_scale=(Shard(1), ref_e.gate_up_scale[:, 2 * j0:2 * j1]),
+                    down_scale=(Replicate(), ref_e.down_scale))
+    for name, (placement, local) in want.items():
+        t = getattr(e, name)
+        assert isinstance(t, DTensor) and t.placements == (placement,), (name, type(t), getattr(t, "placements", 0))
+        assert _same(t._local_tensor, local) and t.shape == getattr(ref_e, name).shape, name
+        assert _same(_full(t), getattr(ref_e, name)), name
+    # the shard's even columns are gates j0..j1 and its odd ones their ups: no pair is split between ranks
+    gu = e.gate_up_proj._local_tensor
+    assert _same(gu[..., 0::2], ref_e.gate_up_proj[..., 0::2][..., j0:j1])
+    assert _same(gu[..., 1::2], ref_e.gate_up_proj[..., 1::2][..., j0:j1])
+    assert type(mlp.router.weight) is torch.nn.Parameter and torch.equal(mlp.router.weight, ref_mlp.router.weight)
+
+
+def _check_gpt_oss_shards(tp, ref, mesh) -> None:
+    """Every layer's sinks are a DTensor over the rank's query heads, its experts over the rank's gate/up pairs;
+    state_dict holds the global tensors."""
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    for layer, ref_layer in zip(tp.model.layers, ref.model.layers, strict=True):
+        sinks, ref_sinks = layer.self_attn.sinks, ref_layer.self_attn.sinks
+        assert isinstance(sinks, DTensor) and sinks.placements == (Shard(0),), sinks
+        assert torch.equal(sinks._local_tensor, _local_rows(ref_sinks, rank, ref_sinks.shape[0] // world))
+        assert torch.equal(sinks.full_tensor(), ref_sinks)
+        _check_experts(layer.mlp, ref_layer.mlp, mesh)
+    key = "model.layers.1.mlp.experts.gate_up_proj"
+    state = tp.state_dict()
+    assert isinstance(state[key], DTensor) and torch.equal(state[key].full_tensor(), ref.state_dict()[key])
+
+
+def _gpt_oss_case(mesh, *, patch: bool, generate: bool = False) -> None:
+    import torch
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops import patch_model
+    from triton_ops.parallel import AttentionSinksParallel, GptOssMoEParallel, parallelize_model, tensor_parallel_plan
+
+    ref, tp = _gpt_oss(), _gpt_oss()
+    _gate_up_pairs_clamped(ref, IDS)
+    if patch:
+        patch_model(ref)
+        patch_model(tp)
+        assert tp.config._attn_implementation == "triton_ops"  # the sinks reach decode_attention
+        plan = tensor_parallel_plan(tp, mesh)
+        parallelize_module(tp, mesh, plan)  # rank 0's weights scattered
+    else:
+        plan = parallelize_model(tp, mesh).triton_ops_tp_plan  # every rank keeps its own slice
+    assert isinstance(plan["model.layers.*.self_attn"], AttentionSinksParallel)
+    assert isinstance(plan["model.layers.*.mlp"], GptOssMoEParallel)
+    _check_gpt_oss_shards(tp, ref, mesh)
+    want = _logits(ref, IDS, generate)
+    with _MoESpy() as spy:
+        got = _logits(tp, IDS, generate, nxt=want[3])
+    if patch:  # every MoE call ran fused_moe on the rank's gate/up pairs
+        assert spy.widths and set(spy.widths) == {2 * 48 // mesh.size()}, spy.widths
+    for g, w in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+    if generate:
+        assert torch.equal(got[2], want[2]), (got[2], want[2])
+
+
+@case
+def gpt_oss_patched(mesh):
+    _gpt_oss_case(mesh, patch=True, generate=True)
+
+
+@case
+def gpt_oss_unpatched(mesh):
+    _gpt_oss_case(mesh, patch=False)
+
+
+@case
+def gpt_oss_moe_bf16_and_fp8_experts(mesh):
+    """The MoE alone, patched (fused_moe): bf16 experts against one process in bf16 (and as close to fp32 as it);
+    FP8 experts (convert_experts_to_fp8 before parallelizing) against one process with the same FP8 weights, the
+    scales sharded with their columns; a DTensor input; the unpatched MoE's backward refused."""
+    import copy
+
+    import torch
+    from fused_moe import convert_experts_to_fp8
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops.layers import GptOssMoE
+    from triton_ops.models.patch import _patched_class
+    from triton_ops.parallel import GptOssMoEParallel, ShardingError
+
+    model = _gpt_oss(num_hidden_layers=1, layer_types=["full_attention"])
+    plain = model.model.layers[0].mlp  # transformers' GptOssMLP, fp32
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        exact = plain(x)[0]
+    for fp8 in (False, True):
+        ref = copy.deepcopy(plain)
+        ref.__class__ = _patched_class(type(ref), GptOssMoE)
+        if fp8:
+            convert_experts_to_fp8(ref.experts)
+            xin = x
+        else:
+            ref = ref.to(torch.bfloat16)
+            xin = x.to(torch.bfloat16)
+        tp = copy.deepcopy(ref)
+        with torch.no_grad():
+            want, want_scores = ref(xin)
+            parallelize_module(tp, mesh, GptOssMoEParallel())
+            _check_experts(tp, ref, mesh)
+            got, scores = tp(xin)
+            assert torch.equal(scores, want_scores)  # the same routing on every rank, not reduced
+            if fp8:  # the same FP8 weights and scales: the one-process result up to the sum's order
+                torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+            else:  # bf16: two partial sums rounded to bf16, then added
+                assert _rel(got, want) < 1e-2, _rel(got, want)
+                assert _rel(got, exact) < 1.5 * _rel(want, exact) + 1e-3, (_rel(got, exact), _rel(want, exact))
+            # a DTensor input (sharded on the batch) is gathered first
+            torch.testing.assert_close(tp(distribute_tensor(xin, mesh, [Shard(0)]))[0], got, rtol=0, atol=0)
+    # transformers' own MoE (no kernel) split the same way: exact; a gradient to record is refused at backward
+    tp = copy.deepcopy(plain)
+    parallelize_module(tp, mesh, GptOssMoEParallel())
+    with torch.no_grad():
+        torch.testing.assert_close(tp(x)[0], exact, rtol=2e-5, atol=2e-5)
+    xg = x.clone().requires_grad_()
+    out = tp(xg)[0]
+    torch.testing.assert_close(out.detach(), exact, rtol=2e-5, atol=2e-5)
+    try:
+        out.sum().backward()
+    except ShardingError as e:
+        assert "forward-only" in str(e), str(e)
+    else:
+        raise AssertionError("expected ShardingError at backward")
+
+
+@case
+def gpt_oss_refusals(mesh):
+    """An intermediate size that does not divide by the tensor-parallel size: the plan and the MoE style refuse it,
+    naming the sizes, before anything is sharded; the sinks style before q_proj's; FP8 experts converted after
+    parallelizing."""
+    import torch
+    from fused_moe import convert_experts_to_fp8
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops.parallel import AttentionSinksParallel, GptOssMoEParallel, ShardingError, tensor_parallel_plan
+
+    def expect(fn, *fragments):
+        try:
+            fn()
+        except ShardingError as e:
+            assert all(f in str(e) for f in fragments), (fragments, str(e))
+        else:
+            raise AssertionError(f"expected ShardingError with {fragments}")
+
+    model = _gpt_oss(intermediate_size=45, num_hidden_layers=1, layer_types=["full_attention"])
+    mlp = model.model.layers[0].mlp
+    expect(lambda: tensor_parallel_plan(model, mesh), "intermediate size 45", "intermediate_size=45",
+           "tensor-parallel size 2")
+    expect(lambda: parallelize_module(mlp, mesh, GptOssMoEParallel()), "intermediate size 45",
+           "tensor-parallel size 2")
+    assert type(mlp.experts.gate_up_proj) is torch.nn.Parameter  # refused before anything was sharded
+    attn = _gpt_oss(num_hidden_layers=1, layer_types=["full_attention"]).model.layers[0].self_attn
+    expect(lambda: parallelize_module(attn, mesh, AttentionSinksParallel()), "ColwiseParallel first")
+    assert type(attn.sinks) is torch.nn.Parameter
+    # FP8 experts converted after the split (their scales never sharded): named at the first forward
+    mlp = _gpt_oss(num_hidden_layers=1, layer_types=["full_attention"]).model.layers[0].mlp
+    parallelize_module(mlp, mesh, GptOssMoEParallel())
+    convert_experts_to_fp8(mlp.experts)
+    with torch.no_grad():
+        expect(lambda: mlp(torch.randn(1, 2, 64)), "converted after parallelizing", "first, then parallelize")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Entry point of each rank
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -5,7 +5,10 @@ test below reports every failing case. Every case compares a parallelized module
 in one process: FusedGatedMLP column-parallel with a row-parallel down projection, a whole gated MLP with its
 gradients, packed gate/up weights, FP8Linear column- and row-parallel with per-channel / per-tensor / block scales,
 the block-scale and head-count errors, and small random Llama and Qwen3 models (transformers' own classes, fp32),
-patched (bf16 kernels and FP8) or not, prefill + cached decode step + generate(). Patched models keep one packed
+patched (bf16 kernels and FP8) or not, prefill + cached decode step + generate(); a small random gpt-oss, patched
+(fused_moe, decode_attention with sinks) or not, its sinks sharded with the q heads and its experts by whole gate/up
+pairs of their intermediate dimension, the MoE alone with bf16 and FP8 experts, the refusal of an intermediate size
+the ranks do not divide. Patched models keep one packed
 q/k/v GEMM per rank over its heads (PackedQKVParallel): checked per attention (local packed weight, DTensor shards
 that are its rows, the GEMM = the three sharded projections, torch.save) and during the forward; packed FP8 q/k/v
 with per-tensor and block scales; the packing's refusals.
@@ -101,14 +104,40 @@ def test_every_case_matches_one_process(results):
     assert not failures, "\n\n".join(failures)
 
 
-def test_gpt_oss_is_refused_with_its_reason():
-    # patch_model supports gpt-oss; its experts are not split yet, so the plan names the model and why.
+def _gpt_oss(**overrides):
     import transformers
-    from triton_ops.models import UnsupportedModelError
-    from triton_ops.parallel import tensor_parallel_plan
 
-    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
-                                       num_local_experts=4, num_experts_per_tok=2)
-    with pytest.raises(UnsupportedModelError, match=r"got 'gpt_oss' \(its mixture of experts is not split yet\)"):
-        tensor_parallel_plan(transformers.GptOssForCausalLM(config), None)
+    cfg = {"hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, "num_local_experts": 4,
+           "num_experts_per_tok": 2, **overrides}
+    return transformers.GptOssForCausalLM(transformers.GptOssConfig(**cfg))
+
+
+def test_gpt_oss_plan_shards_sinks_and_experts():
+    # the split itself runs in the ranks (gpt_oss_* cases); here: the plan's entries, without a process group
+    from triton_ops import parallel
+
+    plan = parallel.tensor_parallel_plan(_gpt_oss(), 2)
+    kinds = {key: type(style) for key, style in plan.items()}
+    assert kinds == {"model.layers.*.self_attn.q_proj": parallel.ColwiseParallel,
+                     "model.layers.*.self_attn.k_proj": parallel.ColwiseParallel,
+                     "model.layers.*.self_attn.v_proj": parallel.ColwiseParallel,
+                     "model.layers.*.self_attn.o_proj": parallel.RowwiseParallel,
+                     "model.layers.*.self_attn": parallel.AttentionSinksParallel,
+                     "model.layers.*.mlp": parallel.GptOssMoEParallel,
+                     "lm_head": parallel.ColwiseParallel}, kinds
+    assert list(plan).index("model.layers.*.self_attn") > list(plan).index("model.layers.*.self_attn.q_proj")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"intermediate_size": 45}, r"intermediate size 45 \(config.intermediate_size=45\) is not divisible by the "
+                                r"tensor-parallel size 2"),
+    ({"num_key_value_heads": 1}, r"config.num_key_value_heads=1 is not divisible by the tensor-parallel size 2"),
+    ({"num_attention_heads": 3, "num_key_value_heads": 3},
+     r"config.num_attention_heads=3 is not divisible by the tensor-parallel size 2"),
+])
+def test_gpt_oss_uneven_split_is_refused_with_the_sizes(overrides, message):
+    from triton_ops.parallel import ShardingError, tensor_parallel_plan
+
+    with pytest.raises(ShardingError, match=message):
+        tensor_parallel_plan(_gpt_oss(**overrides), 2)

@@ -7,7 +7,7 @@ The styles here are :class:`torch.distributed.tensor.parallel.ParallelStyle` sub
 shards: the module's ``DTensor`` s are swapped for their local tensors (the same storage, no copy) for the duration
 of the call, so our Triton kernels receive plain tensors and every rank launches exactly what one process launches on
 its slice. Communication happens only at the boundaries the engine would use: none after a column-parallel layer,
-one all-reduce after a row-parallel one (one per attention block and one per gated MLP).
+one all-reduce after a row-parallel one (one per attention block and one per gated MLP or mixture of experts).
 
 - :class:`ColwiseParallel` / :class:`RowwiseParallel`: ``nn.Linear`` and ``FP8Linear`` (the FP8 weight and its
   scales sharded together: per-channel scales follow the output rows, a per-tensor scale is replicated, 128x128
@@ -23,8 +23,13 @@ one all-reduce after a row-parallel one (one per attention block and one per gat
   packed q/k/v GEMM of ``patch_model`` rebuilt per rank over the rank's heads (one local
   ``[q_local + 2 * kv_local, hidden]`` weight, bf16 or FP8 with its scales, which the projections' ``DTensor`` s
   hold their local rows of), so each rank still runs one GEMM for q, k and v.
-- :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 model;
-  :func:`parallelize_model` applies it.
+- :class:`AttentionSinksParallel`: gpt-oss's per-head attention ``sinks`` sharded with the query heads (the rank's
+  local sinks seen by the attention's forward).
+- :class:`GptOssMoEParallel`: gpt-oss's mixture of experts (transformers' or ``fused_moe``, bf16 or FP8 experts)
+  split by the experts' intermediate dimension (whole gate/up pairs per rank, every expert on every rank), the
+  router replicated, one all-reduce.
+- :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 / gpt-oss
+  model; :func:`parallelize_model` applies it.
 - :func:`shard_packed_gate_up`: one rank's slice of a packed ``[2 * intermediate, hidden]`` gate/up weight, packed
   again per rank (for ``fused_gated_mlp(..., weight_layout="concatenated" | "interleaved")``).
 
@@ -52,8 +57,8 @@ from .models.layers import PACKING_ATTR, TP_ATTR, pack_shards, shards_packable
 from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
-# patch_model's models whose layers the plan knows (gpt-oss's experts would need expert parallelism)
-TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t != "gpt_oss")
+# patch_model's models whose layers the plan knows (gpt-oss's experts split by their intermediate dimension)
+TP_MODEL_TYPES = SUPPORTED_MODEL_TYPES
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
 
@@ -312,6 +317,17 @@ class _LocalShardStyle(ParallelStyle):
                 biases: list[torch.Tensor]) -> torch.Tensor:
         """The module's output from the local result (the all-reduce of a row-parallel layer, its bias once)."""
 
+    # -- overridable defaults
+    def _local_value(self, owner: nn.Module, name: str, value: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+        """The plain tensor swapped in for ``owner.name`` during the forward: the DTensor's local tensor."""
+        return _local(value)
+
+    def _finish(self, module: nn.Module, out: Any, mesh: DeviceMesh, biases: list[torch.Tensor]) -> Any:
+        """The module's output: ``_output`` of a tensor output; anything else (a tuple) as it is."""
+        if isinstance(out, torch.Tensor):
+            return self._output(module, out, mesh, biases)
+        return out
+
     # -- the engine's entry point
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _mesh_1d(device_mesh)
@@ -329,7 +345,7 @@ class _LocalShardStyle(ParallelStyle):
                 table = owner._parameters if name in owner._parameters else owner._buffers
                 value = table[name]
                 if isinstance(value, DTensor):
-                    local = _local(value)
+                    local = self._local_value(owner, name, value, mesh)
                     table[name] = local
                     frame.append((table, name, value, local))
             biases = []
@@ -351,9 +367,7 @@ class _LocalShardStyle(ParallelStyle):
             for table, name, original, current in reversed(frame):
                 if table[name] is current:
                     table[name] = original
-            if isinstance(out, torch.Tensor):
-                return self._output(mod, out, mesh, biases)
-            return out
+            return self._finish(mod, out, mesh, biases)
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
@@ -550,6 +564,175 @@ class PackedQKVParallel(ParallelStyle):
         return f"{type(self).__name__}()"
 
 
+def _is_column_parallel(proj: nn.Module | None) -> bool:
+    """Whether a projection's weight is sharded by output rows (ours or PyTorch's ``ColwiseParallel``)."""
+    w = _tensor(proj, "weight") if isinstance(proj, nn.Module) else None
+    return isinstance(w, DTensor) and w.placements == (Shard(0),)
+
+
+class AttentionSinksParallel(_LocalShardStyle):
+    """An attention with attention sinks (gpt-oss's ``sinks``: one logit per query head, ``[num_attention_heads]``,
+    joining each head's softmax denominator), for an attention whose ``q_proj`` / ``k_proj`` / ``v_proj`` are
+    already column-parallel by whole heads and ``o_proj`` row-parallel (their entries come first in the plan).
+
+    ``sinks`` becomes a ``Shard(0)`` ``DTensor`` (the rank's query heads, the rows ``ColwiseParallel`` gives
+    ``q_proj``; ``state_dict`` / ``full_tensor()`` see all heads), and during the forward ``module.sinks`` is its
+    local ``[num_attention_heads / N]`` tensor: what transformers' attention functions (``s_aux=self.sinks``, the
+    eager one reading ``module.sinks``) and triton-ops' attention backend read. Input and output pass through (the
+    projections' styles do the communication). Then, as :class:`PackedQKVParallel`, a q/k/v GEMM ``patch_model``
+    packed is rebuilt over the rank's heads (``patch_model`` does not pack gpt-oss's attention today: nothing to do).
+
+    :class:`ShardingError`: no ``sinks`` tensor, a head count that does not divide by the tensor-parallel size, or
+    ``q_proj`` not column-parallel yet (plan order: the sinks must follow the query heads).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(input_layouts=None, output_layouts=None, use_local_output=True)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _mesh_1d(device_mesh)
+        what = type(module).__name__
+        if not _is_column_parallel(module._modules.get("q_proj")):
+            raise ShardingError(
+                f"{what}: AttentionSinksParallel shards the sinks with the query heads: parallelize q_proj with "
+                "ColwiseParallel first (before this entry in the plan)")
+        super()._apply(module, device_mesh)
+        return PackedQKVParallel()._apply(module, device_mesh)
+
+    def _partition(self, module, mesh):
+        what = type(module).__name__
+        sinks = _tensor(module, "sinks")
+        if sinks is None or sinks.dim() != 1:
+            raise ShardingError(f"{what}: expected an attention with a 1-D sinks tensor (one per query head)")
+        heads, world = sinks.shape[0], mesh.size()
+        if heads % world:
+            raise ShardingError(
+                f"{what}.sinks: {heads} query heads are not divisible by the tensor-parallel size {world}; "
+                "attention is split by whole heads, and uneven head counts are not supported")
+        _set(module, "sinks", _shard(sinks, mesh, Shard(0), self.src_data_rank))
+        return [(module, "sinks")], []
+
+    def _input(self, module, x, mesh):
+        return x
+
+    def _output(self, module, out, mesh, biases):
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# gpt-oss's experts split by their intermediate dimension I: every rank holds every expert, the same pairs j of each
+_EXPERT_PLACEMENTS: dict[str, Placement] = {
+    "gate_up_proj": Shard(2),  # [E, H, 2I], gate j and up j interleaved (columns 2j, 2j + 1): whole pairs per rank
+    "gate_up_proj_bias": Shard(1),  # [E, 2I]: the same columns
+    "down_proj": Shard(1),  # [E, I, H]: the same j, as rows
+    "down_proj_bias": Replicate(),  # [E, H]: in rank 0's partial sum only (zeros on the others), so added once
+    "gate_up_scale": Shard(1),  # FP8 experts: [E, 2I], one scale per output column, with its column
+    "down_scale": Replicate(),  # FP8 experts: [E, H], per output column H (over the whole I), the same on every rank
+}
+
+
+_EXPERTS_SHARDED = "_triton_ops_tp_experts"  # on an experts module: the names GptOssMoEParallel sharded
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Identity whose backward refuses: the split MoE's input gradient would count the router's part once per rank."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ShardingError("GptOssMoEParallel is forward-only (inference): the backward of a mixture of experts "
+                            "split by its intermediate dimension is not supported")
+
+
+class GptOssMoEParallel(_LocalShardStyle):
+    """gpt-oss's mixture of experts (``GptOssMLP``: ``router`` + ``experts``; as it is, or run by ``fused_moe``
+    after ``patch_model``, bf16 or FP8 experts) split by the experts' intermediate dimension, with no expert
+    parallelism: every rank holds every expert's ``I / N`` slice and routes every token.
+
+    - ``router``: replicated (left as it is): every rank computes the same router logits from the same input, so
+      the same experts and weights.
+    - ``experts.gate_up_proj`` ``[E, H, 2I]`` (gate and up interleaved column by column: ``2j`` is gate ``j``,
+      ``2j + 1`` up ``j``): ``Shard(2)``, the rank's contiguous ``2I / N`` columns, i.e. the WHOLE gate/up pairs
+      ``j`` in ``[r I / N, (r + 1) I / N)``; ``gate_up_proj_bias`` ``[E, 2I]`` the same columns (``Shard(1)``);
+      ``down_proj`` ``[E, I, H]`` the same ``j`` (``Shard(1)``). Each rank computes the clamped SwiGLU of its pairs
+      and its partial ``down_proj`` product; their sum over ranks is the one-process product.
+    - ``experts.down_proj_bias`` ``[E, H]``: a replicated ``DTensor`` (the global bias), swapped during the forward
+      for the bias on rank 0 and zeros on the other ranks: each expert's bias, scaled by its routing weight, enters
+      the sum over ranks exactly once (not pre-divided: exact at any tensor-parallel size).
+    - FP8 experts (``fused_moe.convert_experts_to_fp8``, or ``patch_model(fp8=True, fp8_experts=True)``, BEFORE
+      parallelizing: the full weights are quantized, then sharded with their scales): ``gate_up_scale`` ``[E, 2I]``
+      (per output column) sharded with its columns, ``down_scale`` ``[E, H]`` (per output column ``H``, computed
+      over the whole ``I``) replicated, so every rank dequantizes exactly the one-process FP8 weights.
+    - The output (the MLP returns ``(output, router_scores)``) is all-reduced, one all-reduce per MoE block, in
+      place (``output_layouts=Replicate()``); ``router_scores`` (the same on every rank) is returned as it is.
+
+    The input is replicated (a ``DTensor`` input is redistributed to ``Replicate()``). Forward only: a backward
+    through the split MoE raises :class:`ShardingError`. :class:`ShardingError` too: an intermediate size that does
+    not divide by the tensor-parallel size (named), or a module that is not a gpt-oss-like MoE.
+    """
+
+    def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
+                 use_local_output: bool = True) -> None:
+        super().__init__(input_layouts=input_layouts or Replicate(), output_layouts=output_layouts or Replicate(),
+                         use_local_output=use_local_output)
+
+    def _partition(self, module, mesh):
+        what = type(module).__name__
+        router, experts = module._modules.get("router"), module._modules.get("experts")
+        gate_up = _tensor(experts, "gate_up_proj") if experts is not None else None
+        down = _tensor(experts, "down_proj") if experts is not None else None
+        if router is None or gate_up is None or down is None:
+            raise ShardingError(f"{what}: expected a gpt-oss mixture of experts (router; experts with gate_up_proj "
+                                "and down_proj)")
+        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != 2 * down.shape[1]:
+            raise ShardingError(
+                f"{what}: expected experts gate_up_proj [E, H, 2I] and down_proj [E, I, H] (gpt-oss's layout), got "
+                f"{list(gate_up.shape)} and {list(down.shape)}")
+        inter, world = down.shape[1], mesh.size()
+        if inter % world:
+            raise ShardingError(
+                f"{what}: the experts' intermediate size {inter} is not divisible by the tensor-parallel size "
+                f"{world}; the experts are split by whole gate/up pairs of the intermediate dimension, evenly")
+        names = [n for n in _EXPERT_PLACEMENTS if _tensor(experts, n) is not None]
+        for name in names:
+            _set(experts, name, _shard(_tensor(experts, name), mesh, _EXPERT_PLACEMENTS[name], self.src_data_rank))
+        experts.__dict__[_EXPERTS_SHARDED] = tuple(names)  # (not a state: no state_dict key)
+        return [(experts, n) for n in names], []
+
+    def _local_value(self, owner, name, value, mesh):
+        local = _local(value)
+        if name == "down_proj_bias" and _rank(mesh) != 0:
+            return torch.zeros_like(local)  # the bias goes into rank 0's partial sum only
+        return local
+
+    def _input(self, module, x, mesh):
+        experts = module.experts
+        sharded = experts.__dict__.get(_EXPERTS_SHARDED, ())
+        for name in ("gate_up_scale", "down_scale"):
+            if name in experts._buffers and name not in sharded:
+                raise ShardingError(
+                    f"{type(module).__name__}: FP8 experts converted after parallelizing ({name} is not sharded); "
+                    "convert them (fused_moe.convert_experts_to_fp8, patch_model(fp8=True, fp8_experts=True)) "
+                    "first, then parallelize")
+        x = _to_replicated(x, mesh, self.input_layouts)
+        if x.requires_grad and torch.is_grad_enabled():
+            x = _ForwardOnly.apply(x)
+        return x
+
+    def _output(self, module, out, mesh, biases):
+        return _reduce(out, mesh, None, self.output_layouts, self.use_local_output)
+
+    def _finish(self, module, out, mesh, biases):
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):  # (output, router_scores)
+            return (self._output(module, out[0], mesh, biases), *out[1:])
+        return super()._finish(module, out, mesh, biases)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Packed gate/up weights
 # ----------------------------------------------------------------------------------------------------------------
@@ -598,8 +781,8 @@ def _tp_size(tp: DeviceMesh | int | None) -> int:
 
 def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *,
                          lm_head: bool = True) -> dict[str, ParallelStyle]:
-    """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 model (a causal LM or its
-    base model), patched by ``patch_model`` (bf16 or FP8) or not.
+    """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / gpt-oss model (a causal
+    LM or its base model), patched by ``patch_model`` (bf16 or FP8) or not.
 
     - ``layers.*.self_attn.q_proj`` / ``k_proj`` / ``v_proj``: :class:`ColwiseParallel`, whole heads per rank
       (transformers' attention reshapes with ``-1`` heads, so it runs on the local heads unchanged);
@@ -607,6 +790,9 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
     - ``layers.*.self_attn``: :class:`PackedQKVParallel`: where ``patch_model`` packed q/k/v into one GEMM, the
       packing is rebuilt over the rank's heads (one local GEMM; the projections' ``DTensor`` s view its weight);
     - ``layers.*.mlp``: :class:`GatedMLPParallel` (gate/up column-, down row-parallel, one all-reduce);
+    - gpt-oss: ``layers.*.self_attn``: :class:`AttentionSinksParallel` (the per-head ``sinks`` sharded with the q
+      heads) instead; ``layers.*.mlp``: :class:`GptOssMoEParallel` (router replicated, every expert split by its
+      intermediate dimension in whole gate/up pairs, one all-reduce);
     - ``lm_head`` (``lm_head=True``, a causal LM): :class:`ColwiseParallel` with the logits gathered
       (``output_layouts=Replicate()``), as transformers' ``"colwise_gather_output"``; ``lm_head=False`` leaves it
       replicated;
@@ -614,15 +800,15 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
       the final one, Qwen3's QK-norms), the rotary embedding.
 
     ``tp`` (the 1-D mesh, or its size; default the world size) is checked against the head counts: the attention
-    heads and the key/value heads must divide by it (:class:`ShardingError` otherwise). Apply the plan after
+    heads and the key/value heads must divide by it, and gpt-oss's expert intermediate size too
+    (:class:`ShardingError` otherwise, before anything is sharded). Apply the plan after
     ``patch_model`` (required with ``fp8=True``: the full weights are quantized, then sharded with their scales).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model, nn.Module) or model_type not in TP_MODEL_TYPES:
-        why = " (its mixture of experts is not split yet)" if model_type == "gpt_oss" else ""
         raise UnsupportedModelError(
             f"model: tensor_parallel_plan supports config.model_type in {', '.join(map(repr, TP_MODEL_TYPES))}"
-            f", got {model_type!r}{why}")
+            f", got {model_type!r}")
     world = _tp_size(tp)
     config = model.config
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
@@ -633,20 +819,36 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
                 f"model: config.{name}={count} is not divisible by the tensor-parallel size {world}; attention is "
                 "split by whole heads, and uneven head counts are not supported")
     prefix, layers = _decoder_layers(model)
+    kinds = set()  # (attention with sinks, mixture of experts) of every layer: one plan entry covers them all
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or any(not hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise UnsupportedModelError(f"model: {prefix}.{i}.self_attn has no q_proj/k_proj/v_proj/o_proj")
-        if mlp is None or any(not hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            raise UnsupportedModelError(f"model: {prefix}.{i}.mlp is not a gated MLP (gate_proj/up_proj/down_proj)")
+        moe = mlp is not None and all(hasattr(mlp, p) for p in ("router", "experts"))
+        if mlp is None or not (moe or all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+            raise UnsupportedModelError(f"model: {prefix}.{i}.mlp is neither a gated MLP (gate_proj/up_proj/down_proj) "
+                                        "nor a mixture of experts (router/experts)")
+        if moe:
+            inter = getattr(getattr(mlp.experts, "down_proj", None), "shape", (0, 0))[1]
+            if inter % world:
+                raise ShardingError(
+                    f"model: {prefix}.{i}.mlp.experts: intermediate size {inter} (config.intermediate_size="
+                    f"{getattr(config, 'intermediate_size', None)}) is not divisible by the tensor-parallel size "
+                    f"{world}; the experts are split by whole gate/up pairs of the intermediate dimension, evenly")
+        kinds.add((isinstance(getattr(attn, "sinks", None), torch.Tensor), moe))
+    if len(kinds) > 1:
+        raise UnsupportedModelError(f"model: the layers of {prefix} mix attentions with and without sinks, or gated "
+                                    "MLPs and mixtures of experts; the plan's entries cover every layer alike")
+    sinks, moe = kinds.pop()
     layer = f"{prefix}.*"
     plan: dict[str, ParallelStyle] = {
         f"{layer}.self_attn.q_proj": ColwiseParallel(),
         f"{layer}.self_attn.k_proj": ColwiseParallel(),
         f"{layer}.self_attn.v_proj": ColwiseParallel(),
         f"{layer}.self_attn.o_proj": RowwiseParallel(),
-        f"{layer}.self_attn": PackedQKVParallel(),  # after q/k/v: packs their local shards (patched models)
-        f"{layer}.mlp": GatedMLPParallel(),
+        # after q/k/v: packs their local shards (patched models); with sinks (gpt-oss) shards them with the q heads
+        f"{layer}.self_attn": AttentionSinksParallel() if sinks else PackedQKVParallel(),
+        f"{layer}.mlp": GptOssMoEParallel() if moe else GatedMLPParallel(),
     }
     head = getattr(model, "lm_head", None)
     if lm_head and isinstance(head, (nn.Linear, FP8Linear)):
@@ -671,5 +873,6 @@ def parallelize_model(model: nn.Module, device_mesh: DeviceMesh | None = None, *
     return model
 
 
-__all__ = ["FP8_BLOCK", "ColwiseParallel", "GatedColwiseParallel", "GatedMLPParallel", "PackedQKVParallel",
-           "RowwiseParallel", "ShardingError", "parallelize_model", "shard_packed_gate_up", "tensor_parallel_plan"]
+__all__ = ["FP8_BLOCK", "AttentionSinksParallel", "ColwiseParallel", "GatedColwiseParallel", "GatedMLPParallel",
+           "GptOssMoEParallel", "PackedQKVParallel", "RowwiseParallel", "ShardingError", "parallelize_model",
+           "shard_packed_gate_up", "tensor_parallel_plan"]
