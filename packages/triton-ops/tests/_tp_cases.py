@@ -17,6 +17,18 @@ from pathlib import Path
 CASES = {}
 
 
+def _refused(fn, *fragments) -> None:
+    """``fn()`` raises ShardingError whose message holds every fragment."""
+    from triton_ops.parallel import ShardingError
+
+    try:
+        fn()
+    except ShardingError as e:
+        assert all(f in str(e) for f in fragments), (fragments, str(e))
+    else:
+        raise AssertionError(f"expected ShardingError with {fragments}")
+
+
 def case(fn):
     CASES[fn.__name__] = fn
     return fn
@@ -529,31 +541,23 @@ def packed_qkv_refusals_and_custom_plans(mesh):
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops import patch_model
     from triton_ops.models.layers import PACKING_ATTR
-    from triton_ops.parallel import ColwiseParallel, PackedQKVParallel, ShardingError, tensor_parallel_plan
-
-    def expect(fn, *fragments):
-        try:
-            fn()
-        except ShardingError as e:
-            assert all(f in str(e) for f in fragments), (fragments, str(e))
-        else:
-            raise AssertionError(f"expected ShardingError with {fragments}")
+    from triton_ops.parallel import ColwiseParallel, PackedQKVParallel, tensor_parallel_plan
 
     # 3 heads (and 3 kv heads) of 16 over 2 ranks
     model = patch_model(_hf_model("llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=3,
                                   num_hidden_layers=1))
     attn = model.model.layers[0].self_attn
     assert attn.__dict__.get(PACKING_ATTR) is not None
-    expect(lambda: tensor_parallel_plan(model, mesh), "num_attention_heads=3", "tensor-parallel size 2")
+    _refused(lambda: tensor_parallel_plan(model, mesh), "num_attention_heads=3", "tensor-parallel size 2")
     assert type(attn.q_proj.weight) is torch.nn.Parameter  # refused before anything was sharded
     # a custom plan that shards q/k/v anyway: the packing style names the heads that do not divide
     qkv = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel()}
-    expect(lambda: parallelize_module(attn, mesh, {**qkv, "": PackedQKVParallel()}),
+    _refused(lambda: parallelize_module(attn, mesh, {**qkv, "": PackedQKVParallel()}),
            "q_proj: 48 output features (3 heads of head_dim 16)", "tensor-parallel size 2")
     # the packing style before the projections are sharded
     model = patch_model(_hf_model("llama", num_hidden_layers=1))
     attn = model.model.layers[0].self_attn
-    expect(lambda: parallelize_module(attn, mesh, {"": PackedQKVParallel(), **qkv}), "ColwiseParallel first")
+    _refused(lambda: parallelize_module(attn, mesh, {"": PackedQKVParallel(), **qkv}), "ColwiseParallel first")
     # a plan without PackedQKVParallel (bf16): the stale packing is rebuilt over the rank's heads at the first forward
     ref = patch_model(_hf_model("llama", num_hidden_layers=1))
     model = patch_model(_hf_model("llama", num_hidden_layers=1))
@@ -887,32 +891,24 @@ def gpt_oss_refusals(mesh):
     import torch
     from fused_moe import convert_experts_to_fp8
     from torch.distributed.tensor.parallel import parallelize_module
-    from triton_ops.parallel import AttentionSinksParallel, GptOssMoEParallel, ShardingError, tensor_parallel_plan
-
-    def expect(fn, *fragments):
-        try:
-            fn()
-        except ShardingError as e:
-            assert all(f in str(e) for f in fragments), (fragments, str(e))
-        else:
-            raise AssertionError(f"expected ShardingError with {fragments}")
+    from triton_ops.parallel import AttentionSinksParallel, GptOssMoEParallel, tensor_parallel_plan
 
     model = _gpt_oss(intermediate_size=45, num_hidden_layers=1, layer_types=["full_attention"])
     mlp = model.model.layers[0].mlp
-    expect(lambda: tensor_parallel_plan(model, mesh), "intermediate size 45", "intermediate_size=45",
+    _refused(lambda: tensor_parallel_plan(model, mesh), "intermediate size 45", "intermediate_size=45",
            "tensor-parallel size 2")
-    expect(lambda: parallelize_module(mlp, mesh, GptOssMoEParallel()), "intermediate size 45",
+    _refused(lambda: parallelize_module(mlp, mesh, GptOssMoEParallel()), "intermediate size 45",
            "tensor-parallel size 2")
     assert type(mlp.experts.gate_up_proj) is torch.nn.Parameter  # refused before anything was sharded
     attn = _gpt_oss(num_hidden_layers=1, layer_types=["full_attention"]).model.layers[0].self_attn
-    expect(lambda: parallelize_module(attn, mesh, AttentionSinksParallel()), "ColwiseParallel first")
+    _refused(lambda: parallelize_module(attn, mesh, AttentionSinksParallel()), "ColwiseParallel first")
     assert type(attn.sinks) is torch.nn.Parameter
     # FP8 experts converted after the split (their scales never sharded): named at the first forward
     mlp = _gpt_oss(num_hidden_layers=1, layer_types=["full_attention"]).model.layers[0].mlp
     parallelize_module(mlp, mesh, GptOssMoEParallel())
     convert_experts_to_fp8(mlp.experts)
     with torch.no_grad():
-        expect(lambda: mlp(torch.randn(1, 2, 64)), "converted after parallelizing", "first, then parallelize")
+        _refused(lambda: mlp(torch.randn(1, 2, 64)), "converted after parallelizing", "first, then parallelize")
 
 
 # ----------------------------------------------------------------------------------------------------------------
