@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton_ops_core.launch as launch
 
 
@@ -72,3 +75,20 @@ def test_launch_options_reach_the_jit_call(monkeypatch):
     jit = FakeJit()
     launch.Plan(jit, (2,), (), 4, num_stages=3).launch("t")
     assert jit.log[0][4] == {"num_stages": 3}
+
+
+def test_call_key_follows_triton_interpret_as_os_environ_changes(monkeypatch):
+    # the key reads TRITON_INTERPRET on every call (CPU tensors validate only under it), through os.environ's own
+    # mapping: every way of changing os.environ must show
+    a = torch.zeros(8)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    on = launch.call_key(a, "x")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    off = launch.call_key(a, "x")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    unset = launch.call_key(a, "x")
+    assert len({on, off, unset}) == 3
+    os.environ["TRITON_INTERPRET"] = "1"
+    assert launch.call_key(a, "x") == on and launch.interpret_setting() is not None
+    os.environ.pop("TRITON_INTERPRET")
+    assert launch.call_key(a, "x") == unset and launch.interpret_setting() is None

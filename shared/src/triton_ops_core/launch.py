@@ -23,6 +23,23 @@ from triton.compiler import CompiledKernel
 
 MAX_PLANS = 4096
 
+# TRITON_INTERPRET, read on every call (a key part: whether CPU tensors validate depends on it). ``os.environ.get``
+# encodes the key and decodes the value each time (about 10x a tensor attribute read, ~1 us per call on the lent
+# hosts); the mapping os.environ keeps underneath, updated by every assignment to os.environ, reads the same value
+# without that work. Falls back to os.environ.get where that mapping is not there.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")  # type: ignore[attr-defined]
+except AttributeError:
+    _INTERPRET_KEY = None
+
+
+def interpret_setting() -> Any:
+    """The current value of ``TRITON_INTERPRET`` (raw: bytes or str as the platform stores it), or None."""
+    if _ENV_DATA is not None and _INTERPRET_KEY is not None:
+        return _ENV_DATA.get(_INTERPRET_KEY)
+    return os.environ.get("TRITON_INTERPRET")
+
 
 def tensor_key(t: torch.Tensor) -> tuple:
     """What validation and specialization read from a tensor (raises AttributeError for a non-tensor)."""
@@ -49,7 +66,7 @@ def call_key(*parts: Any) -> tuple | None:
 
     Includes ``TRITON_INTERPRET``: whether CPU tensors are allowed depends on it.
     """
-    key = [os.environ.get("TRITON_INTERPRET")]
+    key = [interpret_setting()]
     for p in parts:
         if isinstance(p, _Tensor):
             key += (p.shape, p.stride(), p.dtype, p.device, p.data_ptr() % 16)
@@ -111,4 +128,4 @@ class PlanCache:
         self._plans.clear()
 
 
-__all__ = ["MAX_PLANS", "Plan", "PlanCache", "call_key", "cdiv", "next_pow2", "tensor_key"]
+__all__ = ["MAX_PLANS", "Plan", "PlanCache", "call_key", "cdiv", "interpret_setting", "next_pow2", "tensor_key"]
