@@ -40,6 +40,7 @@ from . import ROOT
 from .bench_model import (
     build_config,
     cache_kwarg,
+    check_known,
     copy_bandwidth_gbps,
     fill_cache,
     make_variant,
@@ -215,10 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = [m for m in args.models.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
     args.rows = [int(r) for r in args.rows.split(",") if r]
-    for what, got, known in (("model", args.models, LAYER_MODELS), ("variant", args.variants, VARIANTS)):
-        bad = [g for g in got if g not in known]
-        if bad:
-            p.error(f"unknown {what}(s) {bad}; known: {', '.join(known)}")
+    check_known(p, (("model", args.models, LAYER_MODELS), ("variant", args.variants, VARIANTS)))
     return args
 
 

@@ -463,12 +463,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.variants = [v for v in args.variants.split(",") if v]
     args.parts = [x for x in args.parts.split(",") if x]
     args.decode_points = [tuple(int(v) for v in pt.split("x")) for pt in args.decode.split(",") if pt]
-    for what, got, known in (("model", args.models, MODELS), ("variant", args.variants, VARIANTS + EXTRA_VARIANTS),
-                             ("part", args.parts, PARTS)):
+    check_known(p, (("model", args.models, MODELS), ("variant", args.variants, VARIANTS + EXTRA_VARIANTS),
+                    ("part", args.parts, PARTS)))
+    return args
+
+
+def check_known(parser: argparse.ArgumentParser, checks) -> None:
+    """``parser.error`` for any chosen name not in its known list: ``checks`` is ``(what, chosen, known)`` triples."""
+    for what, got, known in checks:
         bad = [g for g in got if g not in known]
         if bad:
-            p.error(f"unknown {what}(s) {bad}; known: {', '.join(known)}")
-    return args
+            parser.error(f"unknown {what}(s) {bad}; known: {', '.join(known)}")
 
 
 def main(argv=None) -> int:
