@@ -81,10 +81,17 @@ def build(variant: str, config, device: torch.device) -> tuple[torch.nn.Module, 
     return model, base
 
 
+GRAPH_TIMINGS, GRAPH_REPLAYS_PER_TIMING = 20, 5
+# Every call of a step, CUDA-graph replays included, writes one more token into the cache (transformers 5.1x's
+# StaticLayer advances a device-side length counter inside the graph): room for the warm-up, the profiled steps
+# and every replay, or the cache's index_copy_ runs out of bounds.
+GRAPH_CALLS = 3 + GRAPH_TIMINGS * GRAPH_REPLAYS_PER_TIMING
+
+
 def make_step(model, base, rows: int, context: int, steps: int):
     """A decode step of ``rows`` sequences of one token each, after ``context`` cached tokens."""
     kw = cache_kwarg(model)
-    cache = static_cache(model, context + 8 + 4 * steps)
+    cache = static_cache(model, context + 8 + steps + GRAPH_CALLS)
     fill_cache(model, cache, rows, context)
     x = torch.randn(rows, 1, model.config.hidden_size, device=model.device, dtype=torch.bfloat16)
 
@@ -95,7 +102,7 @@ def make_step(model, base, rows: int, context: int, steps: int):
     return step
 
 
-def graph_us(step, reps: int = 20) -> float | str:
+def graph_us(step) -> float | str:
     """Median time of the step replayed from a CUDA graph (a few replays per timing), or why it could not be
     captured."""
     try:
@@ -113,13 +120,13 @@ def graph_us(step, reps: int = 20) -> float | str:
         return f"n/a ({type(exc).__name__})"
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(reps):
+    for _ in range(GRAPH_TIMINGS):
         start.record()
-        for _ in range(5):
+        for _ in range(GRAPH_REPLAYS_PER_TIMING):
             graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / 5)
+        times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPLAYS_PER_TIMING)
     return sorted(times)[len(times) // 2]
 
 

@@ -23,6 +23,15 @@ def rope_tables(n: int, width: int, dtype: torch.dtype = torch.float32, device="
     return ang.cos().to(dtype).to(device), ang.sin().to(dtype).to(device)
 
 
+def norm_inputs(shape, dtype, seed=0):
+    """x (scaled by 3), a weight near 1 and a residual of ``shape`` for the RMSNorm tests."""
+    torch.manual_seed(seed)
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    w = (1 + 0.2 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    r = torch.randn(shape, device=DEVICE).to(dtype)
+    return x, w, r
+
+
 def f64(t):
     return None if t is None else (t.double() if t.dtype.is_floating_point else t)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _rope_helpers import DEVICE
+from _rope_helpers import DEVICE, norm_inputs
 from fused_rmsnorm_rope import FusedAddRMSNorm, RMSNorm, fused_add_rmsnorm, rmsnorm, rmsnorm_reference
 from fused_rmsnorm_rope.ops.rmsnorm import MAX_ONE_PASS
 from hypothesis import given
@@ -22,12 +22,6 @@ from triton_ops_core.testing import assert_close_rel, count_compiles, opcheck_op
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}
 
 
-def _inputs(shape, dtype, seed=0):
-    torch.manual_seed(seed)
-    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
-    w = (1 + 0.2 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
-    r = torch.randn(shape, device=DEVICE).to(dtype)
-    return x, w, r
 
 
 def _ref(x, w, eps, gemma=False, residual=None):
@@ -38,7 +32,7 @@ def _ref(x, w, eps, gemma=False, residual=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [1, 7, 64, 2880, MAX_ONE_PASS + 100])
 def test_rmsnorm_against_float64(dtype, hidden):
-    x, w, _ = _inputs((3, hidden), dtype)
+    x, w, _ = norm_inputs((3, hidden), dtype)
     out = rmsnorm(x, w, 1e-5)
     assert out.dtype == dtype and out.shape == x.shape
     assert_close_rel(out, _ref(x, w, 1e-5), TOL[dtype])
@@ -47,7 +41,7 @@ def test_rmsnorm_against_float64(dtype, hidden):
 @given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), hidden=st.integers(1, 300), gemma=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]))
 def test_random_shapes(lead, hidden, gemma, dtype):
-    x, w, r = _inputs((*lead, 2, hidden), dtype, seed=hidden)
+    x, w, r = norm_inputs((*lead, 2, hidden), dtype, seed=hidden)
     assert_close_rel(rmsnorm(x, w, 1e-6, gemma=gemma), _ref(x, w, 1e-6, gemma), TOL[dtype])
     y, res = fused_add_rmsnorm(x, r, w, 1e-6, gemma=gemma)
     assert torch.equal(res, x + r)  # the model's own add, rounded to the dtype
@@ -56,16 +50,16 @@ def test_random_shapes(lead, hidden, gemma, dtype):
 
 @pytest.mark.parametrize("hidden", [64, MAX_ONE_PASS + 100])
 def test_fused_add_in_place_and_out_of_place_agree(hidden):
-    x, w, r = _inputs((4, hidden), torch.float32)
+    x, w, r = norm_inputs((4, hidden), torch.float32)
     y, res = fused_add_rmsnorm(x, r, w)
     r2 = r.clone()
     y2, res2 = fused_add_rmsnorm(x, r2, w, inplace=True)
     assert res2 is r2 and torch.equal(r2, res) and torch.equal(y2, y)
-    assert torch.equal(res, x + r) and torch.equal(r, _inputs((4, hidden), torch.float32)[2])  # r itself unchanged
+    assert torch.equal(res, x + r) and torch.equal(r, norm_inputs((4, hidden), torch.float32)[2])  # r itself unchanged
 
 
 def test_strided_rows_and_a_residual_without_one_row_stride():
-    x, w, r = _inputs((6, 2, 64), torch.float32)
+    x, w, r = norm_inputs((6, 2, 64), torch.float32)
     xs = x[::2]  # every other row: one row stride, no copy
     assert_close_rel(rmsnorm(xs, w), _ref(xs, w, 1e-6), 1e-6)
     rt = r.transpose(0, 1)  # [2, 6, 64] view: its rows cannot be walked with one stride
@@ -77,7 +71,7 @@ def test_strided_rows_and_a_residual_without_one_row_stride():
 
 
 def test_output_is_fully_written_and_nan_stays_in_its_row(monkeypatch):
-    x, w, _ = _inputs((5, 96), torch.float32)
+    x, w, _ = norm_inputs((5, 96), torch.float32)
     x[2, 7] = float("nan")
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(real_empty(*a, **k)))
@@ -93,7 +87,7 @@ def test_empty_input():
 
 
 def test_gradients_against_float64():
-    x, w, r = _inputs((3, 40), torch.float32)
+    x, w, r = norm_inputs((3, 40), torch.float32)
     for t in (x, w, r):
         t.requires_grad_(True)
     g1, g2 = torch.randn(3, 40, device=DEVICE), torch.randn(3, 40, device=DEVICE)
@@ -114,7 +108,7 @@ def test_gradients_against_float64():
 
 
 def test_errors_name_the_argument():
-    x, w, r = _inputs((2, 16), torch.float32)
+    x, w, r = norm_inputs((2, 16), torch.float32)
     with pytest.raises(ShapeMismatchError, match=r"^weight: expected shape \[16\]"):
         rmsnorm(x, w[:8])
     with pytest.raises(UnsupportedDtypeError, match=r"^x"):
@@ -133,7 +127,7 @@ def test_errors_name_the_argument():
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(requires_grad):
-    x, w, r = _inputs((2, 3, 32), torch.float32)
+    x, w, r = norm_inputs((2, 3, 32), torch.float32)
     x, w, r = (t.requires_grad_(requires_grad) for t in (x, w, r))
     opcheck_op(torch.ops.triton_ops.rmsnorm.default, (x, w, 1e-6, False))
     opcheck_op(torch.ops.triton_ops.fused_add_rmsnorm.default, (x, r, w, 1e-6, True))
@@ -151,7 +145,7 @@ def test_compiled_equals_eager_and_compiles_once_over_lengths():
     compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
     with count_compiles() as compiles:
         for m in (1, 2, 5, 17):
-            x, _, r = _inputs((1, m, 32), torch.float32, seed=m)
+            x, _, r = norm_inputs((1, m, 32), torch.float32, seed=m)
             for a, b in zip(compiled(x, r), layer(x, r)):
                 assert torch.equal(a, b)
     assert compiles["frames"] <= 2

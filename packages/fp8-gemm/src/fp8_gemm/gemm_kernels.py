@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from .quantize_kernels import _finite_abs, _fp8_bits_rne, _group_scale
+from triton_ops_core.fp8_cast import finite_abs as _finite_abs
+from triton_ops_core.fp8_cast import group_scale as _group_scale
+from triton_ops_core.fp8_cast import to_e4m3 as _to_e4m3
 
 SCALE_BLOCK = 128
 
@@ -192,14 +193,6 @@ def _row_scales(a_ptr, M, K, stride_am, stride_ak, BLOCK_M: tl.constexpr, AMAX_M
     # rows AMAX_M.. of the dot tile are masked (zero) rows: scale and reciprocal 0 there
     pick = tl.arange(0, BLOCK_M)[:, None] == rows[None, :]
     return tl.sum(tl.where(pick, scale[None, :], 0.0), axis=1), tl.sum(tl.where(pick, inv[None, :], 0.0), axis=1)
-
-
-@triton.jit
-def _to_e4m3(v, EMULATE: tl.constexpr):
-    """float32 -> E4M3 in registers, bit-identical to the quantizer's store (saturating, NaN kept)."""
-    if EMULATE:
-        return _fp8_bits_rne(v, True).to(tl.float8e4nv, bitcast=True)
-    return v.to(tl.float8e4nv)
 
 
 @triton.jit(do_not_specialize=["M", "SA_M", "SA_K", "NB", "tiles_per_split"])

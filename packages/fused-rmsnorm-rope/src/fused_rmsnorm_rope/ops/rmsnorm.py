@@ -9,12 +9,14 @@ computes in fp32 whatever the input dtype. The registered ops (``torch.ops.trito
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 import triton
 import triton.language as tl
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.device import is_interpreter, supports_fp8
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.fp8_cast import finite_abs, group_scale, store_fp8
 from triton_ops_core.launch import Plan, PlanCache, call_key, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.validation import (
@@ -37,8 +39,30 @@ MAX_ONE_PASS = 8192
 
 
 @triton.jit
-def _rmsnorm_kernel(X, R, Y, R_OUT, W, n_rows, N, stride_x, stride_r, stride_y, stride_ro, eps,
-                    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def _fp8_row_out(y, mask, y_ptrs, S, row, EMULATE: tl.constexpr):
+    """One row's FP8 output: the scale of its (already rounded) values and their E4M3 cast, stored."""
+    scale, inv, _ = group_scale(tl.max(finite_abs(y), axis=0), 0.0, False, 448.0)
+    store_fp8(y_ptrs, y * inv, mask, True, EMULATE)
+    tl.store(S + row, scale)
+
+
+@triton.jit
+def _normalized(src, W, c, N, rstd, GEMMA: tl.constexpr):
+    """Columns ``c`` of a row (at ``src``) normalized and scaled, in fp32 (0 past ``N``)."""
+    mask = c < N
+    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
+    return tl.load(src + c, mask=mask, other=0.0).to(tl.float32) * rstd * w
+
+
+@triton.jit
+def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_y, stride_ro, eps,
+                    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                    FP8_OUT: tl.constexpr, EMULATE: tl.constexpr):
+    """``FP8_OUT``: the normalized row is rounded to the activation dtype (what ``rmsnorm`` returns), then
+    quantized per row to E4M3 into ``Y`` with its scale in ``S[row]``: bit-identical to ``quantize_fp8`` of
+    ``rmsnorm``'s output, without writing and reading that output. ``Y`` is a uint8 view under ``EMULATE``."""
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = X + row * stride_x, Y + row * stride_y
     r_row, ro_row = R + row * stride_r, R_OUT + row * stride_ro
@@ -57,7 +81,11 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, n_rows, N, stride_x, stride_r, stride_y, 
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if GEMMA:
             w = w + 1.0
-        tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+        if FP8_OUT:
+            y = (x * rstd * w).to(X.dtype.element_ty).to(tl.float32)
+            _fp8_row_out(tl.where(mask, y, 0.0), mask, y_row + cols, S, row, EMULATE)
+        else:
+            tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
@@ -71,17 +99,23 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, n_rows, N, stride_x, stride_r, stride_y, 
                 x = s.to(tl.float32)
             acc += x * x
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        # the source of the normalized values: the program's own residual stores above (read back in the rounded
+        # dtype), else x
+        src = ro_row if HAS_RESIDUAL else x_row
+        if FP8_OUT:  # a pass for the row's absolute maximum before anything is cast
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, N, BLOCK):
+                y = _normalized(src, W, start + cols, N, rstd, GEMMA).to(X.dtype.element_ty)
+                amax = tl.maximum(amax, finite_abs(y.to(tl.float32)))
+            scale, inv, _ = group_scale(tl.max(amax, axis=0), 0.0, False, 448.0)
+            tl.store(S + row, scale)
         for start in range(0, N, BLOCK):
             c = start + cols
-            mask = c < N
-            if HAS_RESIDUAL:  # the program's own stores above: read back in the rounded dtype
-                x = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
+            y = _normalized(src, W, c, N, rstd, GEMMA)
+            if FP8_OUT:
+                store_fp8(y_row + c, y.to(X.dtype.element_ty).to(tl.float32) * inv, c < N, True, EMULATE)
             else:
-                x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-            if GEMMA:
-                w = w + 1.0
-            tl.store(y_row + c, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+                tl.store(y_row + c, y.to(Y.dtype.element_ty), mask=c < N)
 
 
 class NormNeeds(NamedTuple):
@@ -126,15 +160,24 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 _PLANS = PlanCache()
 
 
-def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = None) -> Plan:
+def _check_fp8_out(x: torch.Tensor) -> None:
+    if not supports_fp8(x.device):
+        raise UnsupportedDtypeError(
+            f"fp8_out: an E4M3 output needs FP8 support (compute capability 8.9 or higher), got "
+            f"{torch.cuda.get_device_name(x.device) if x.device.type == 'cuda' else x.device}")
+
+
+def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = None, fp8_out: bool = False) -> Plan:
     """The cached launch of a call signature (validated on its first call). ``inplace``: the new residual is
     written into ``residual`` itself, else into a fresh contiguous tensor. ``config`` (``{"num_warps": w}``, tuning
-    candidates): that launch config, and the plan is not cached."""
-    key = call_key(x, weight, eps, residual, gemma, inplace)
+    candidates): that launch config, and the plan is not cached. ``fp8_out``: E4M3 output and per-row scales."""
+    key = call_key(x, weight, eps, residual, gemma, inplace, fp8_out)
     plan = _PLANS.get(key) if config is None else None
     if plan is not None:
         return plan
     _validate(x, weight, eps, residual, gemma)
+    if fp8_out:
+        _check_fp8_out(x)
     n = x.shape[-1]
     n_rows = x.numel() // n if n else 0
     x2 = _rows(x)
@@ -147,14 +190,16 @@ def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = 
             return lambda: _forward(x, weight, eps, residual, gemma, False, config=cfg)
 
         # kernel-autotune: cached, shipped for this GPU, tuned on first use, else config.norm_heuristic (rows of
-        # 16+ KB stream best with 8 warps; a short row needs few); no search inside a CUDA-graph capture
+        # 16+ KB stream best with 8 warps; a short row needs few); no search inside a CUDA-graph capture. The FP8
+        # output takes the config of the same norm with the activation dtype's output (the same row walk).
         config = get_norm_config(n, block, n_rows, x.dtype, x.device, residual=residual is not None,
                                  bench=None if capturing(x.device) else bench)
         cache = True
     else:
         cache = False
     tail = (n_rows, n, x2.stride(0) if not copy_x else n, r2.stride(0) if not copy_r else n, n, stride_ro,
-            float(eps), residual is not None, bool(gemma), block, n <= MAX_ONE_PASS)
+            float(eps), residual is not None, bool(gemma), block, n <= MAX_ONE_PASS, fp8_out,
+            fp8_out and is_interpreter())
     plan = Plan(_rmsnorm_kernel, (max(1, n_rows),), tail, int(config["num_warps"]), n_rows,
                 extra=NormNeeds(n, copy_x, copy_r))
     return _PLANS.put(key, plan) if cache else plan
@@ -165,26 +210,42 @@ def _forward(x, weight, eps, residual, gemma, inplace: bool = False,
     """One launch: ``(y, new residual)`` (None without ``residual``; ``residual`` itself with ``inplace``)."""
     plan = _plan(x, weight, eps, residual, gemma, inplace, config)  # validates first: nothing allocated for bad input
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, _run(plan, x, weight, residual, inplace, y, y)
+
+
+def _forward_fp8(x, weight, eps, residual, gemma,
+                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One launch: ``(E4M3 y, per-row scales [..., 1], new residual)``."""
+    plan = _plan(x, weight, eps, residual, gemma, inplace, fp8_out=True)
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    y_arg = y.view(torch.uint8) if plan.tail[-1] else y  # EMULATE: the interpreter stores bit patterns
+    return y, scale, _run(plan, x, weight, residual, inplace, y_arg, scale)
+
+
+def _run(plan: Plan, x, weight, residual, inplace: bool, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """Launch ``plan`` writing ``y`` (and ``scale`` for an FP8 output); returns the new residual."""
     new_residual = None
     if residual is not None:
         new_residual = residual if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if plan.n_rows == 0:
-        return y, new_residual
+        return new_residual
     x2 = _rows(x).contiguous() if plan.extra.copy_x else _rows(x)
     y2 = y.view(-1, plan.extra.n)
     if residual is None:
-        plan.launch(x2, x2, y2, y2, weight)
-        return y, None
+        plan.launch(x2, x2, y2, y2, weight, scale)
+        return None
     r2 = _rows(residual).contiguous() if plan.extra.copy_residual else _rows(residual)
     ro2 = r2 if inplace else new_residual.view(-1, plan.extra.n)
-    plan.launch(x2, r2, y2, ro2, weight)
+    plan.launch(x2, r2, y2, ro2, weight, scale)
     if inplace and plan.extra.copy_residual:
         residual.copy_(r2.view(residual.shape))  # a residual without one row stride: written back
-    return y, new_residual
+    return new_residual
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Registration: triton_ops::rmsnorm, fused_add_rmsnorm, fused_add_rmsnorm_
+# Registration: triton_ops::rmsnorm, fused_add_rmsnorm, fused_add_rmsnorm_ and their FP8-output variants
+# (rmsnorm_fp8, fused_add_rmsnorm_fp8, fused_add_rmsnorm_fp8_: inference only, no autograd)
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op(op_name("rmsnorm"), mutates_args=())
@@ -217,6 +278,43 @@ def _fused_add_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch
 @_fused_add_inplace_op.register_fake
 def _(x, residual, weight, eps, gemma):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(op_name("rmsnorm_fp8"), mutates_args=())
+def _rmsnorm_fp8_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_fp8(x, weight, eps, None, gemma)[:2]
+
+
+def _fp8_fakes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@_rmsnorm_fp8_op.register_fake
+def _(x, weight, eps, gemma):
+    return _fp8_fakes(x)
+
+
+@torch.library.custom_op(op_name("fused_add_rmsnorm_fp8"), mutates_args=())
+def _fused_add_fp8_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                      gemma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_fp8(x, weight, eps, residual, gemma)
+
+
+@_fused_add_fp8_op.register_fake
+def _(x, residual, weight, eps, gemma):
+    return (*_fp8_fakes(x), x.new_empty(x.shape))
+
+
+@torch.library.custom_op(op_name("fused_add_rmsnorm_fp8_"), mutates_args=("residual",))
+def _fused_add_fp8_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                              gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_fp8(x, weight, eps, residual, gemma, inplace=True)[:2]
+
+
+@_fused_add_fp8_inplace_op.register_fake
+def _(x, residual, weight, eps, gemma):
+    return _fp8_fakes(x)
 
 
 def _norm_backward(s: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, grad: torch.Tensor,
@@ -269,32 +367,81 @@ _fused_add_op.register_autograd(_fused_add_backward, setup_context=_fused_add_se
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False) -> torch.Tensor:
+def _check_flag(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name}: expected a bool, got {value!r}")
+
+
+def _refuse_grad(*tensors: torch.Tensor | None) -> None:
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors):
+        raise InvalidArgumentError("fp8_out: the FP8 output is not differentiable (inference only); run under "
+                                   "torch.no_grad() / torch.inference_mode(), or take the bf16 output")
+
+
+@overload
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = ..., *, gemma: bool = ...,
+            fp8_out: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = ..., *, gemma: bool = ...,
+            fp8_out: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False,
+            fp8_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension (``1 + weight`` with ``gemma``), in one pass.
 
     Args:
         x: ``[..., hidden]`` fp16/bf16/fp32, unit stride in ``hidden`` (any hidden size: rows longer than 8192
             loop twice over the row). weight: ``[hidden]``, any float dtype. eps: added to the mean square.
         gemma: scale by ``1 + weight`` (Gemma's RMSNorm).
+        fp8_out: return ``(y_fp8, y_scale)`` instead: the output quantized per row to ``float8_e4m3fn`` in the same
+            launch (``y ~ y_fp8.float() * y_scale``; ``y_scale``: float32 ``[..., 1]``), ready for ``fp8_gemm`` as
+            its activation with row scales. Bit-identical to ``quantize_fp8(rmsnorm(x, weight, eps), "e4m3",
+            "row")``: the normalized row is rounded to x's dtype first, as the unfused pair does, so a model
+            changes nothing by fusing. Needs FP8 support (compute capability 8.9+, or the interpreter); not
+            differentiable.
 
     Returns a new tensor of x's shape and dtype; math in fp32, one rounding. Differentiable in x and weight.
-    Registered as ``torch.ops.triton_ops.rmsnorm``.
+    Registered as ``torch.ops.triton_ops.rmsnorm`` (``rmsnorm_fp8`` with ``fp8_out``).
     """
+    if fp8_out is not False:
+        _check_flag(fp8_out, "fp8_out")
+        _refuse_grad(x, weight)
+        if direct_call_ok(x, weight):
+            return _forward_fp8(x, weight, eps, None, gemma)[:2]
+        return _rmsnorm_fp8_op(x, weight, eps, gemma)
     if direct_call_ok(x, weight):  # plain eager: no dispatcher round trip
         return _forward(x, weight, eps, None, gemma)[0]
     return _rmsnorm_op(x, weight, eps, gemma)
 
 
+@overload
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = ..., *,
+                      gemma: bool = ..., inplace: bool = ...,
+                      fp8_out: Literal[False] = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = ..., *,
+                      gemma: bool = ..., inplace: bool = ...,
+                      fp8_out: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
-                      gemma: bool = False, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      gemma: bool = False, inplace: bool = False, fp8_out: bool = False) -> tuple[torch.Tensor, ...]:
     """The decoder layer's ``residual = x + residual; y = rmsnorm(residual)`` in one pass: returns ``(y, residual)``.
 
     The new residual is rounded to the activation dtype (as the model's own add rounds it) and the norm reads that
     rounded sum. With ``inplace=True`` the new residual is written into ``residual`` itself (not differentiable)
-    and returned. Registered as ``torch.ops.triton_ops.fused_add_rmsnorm`` and ``fused_add_rmsnorm_`` (in place).
+    and returned. With ``fp8_out=True``: ``(y_fp8, y_scale, residual)``, ``y`` quantized per row to E4M3 in the
+    same launch (see ``rmsnorm``). Registered as ``torch.ops.triton_ops.fused_add_rmsnorm`` and
+    ``fused_add_rmsnorm_`` (in place), ``fused_add_rmsnorm_fp8`` and ``fused_add_rmsnorm_fp8_``.
     """
-    if not isinstance(inplace, bool):
-        raise InvalidArgumentError(f"inplace: expected a bool, got {inplace!r}")
+    _check_flag(inplace, "inplace")
+    if fp8_out is not False:
+        _check_flag(fp8_out, "fp8_out")
+        _refuse_grad(x, residual, weight)
+        if not inplace:
+            if direct_call_ok(x, residual, weight):
+                return _forward_fp8(x, weight, eps, residual, gemma)
+            return _fused_add_fp8_op(x, residual, weight, eps, gemma)
+        if direct_call_ok(x, residual, weight):
+            return (*_forward_fp8(x, weight, eps, residual, gemma, inplace=True)[:2], residual)
+        return (*_fused_add_fp8_inplace_op(x, residual, weight, eps, gemma), residual)
     if inplace:
         if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, residual, weight)):
             raise InvalidArgumentError("inplace: expected False when a gradient is wanted, got True; run in-place "
