@@ -183,10 +183,58 @@ def render(report: dict[str, Any]) -> str:
                     f"| {v['variant']} | {r['M']} | {t:.1f} us | {_cell(r['graph_us'])} | {r['kernels']:.0f} | "
                     f"{r['attention_us']:.1f} us | {t - r['attention_us']:.1f} us | {v['floor_us']:.1f} us | "
                     f"{t / v['floor_us']:.2f}x | {vs_base} | {vs_comp} |")
+        lines += _where_time_goes(model)
         for err in model.get("errors", []):
             lines.append(f"\nFailed: {err}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _where_time_goes(model: dict[str, Any]) -> list[str]:
+    """The patched variants' largest kernels at one row: what the rest of the step (beyond the floor) is made of."""
+    lines = []
+    for v in model["variants"]:
+        row = next((r for r in v["rows"] if r["M"] == 1), None)
+        if not v["variant"].startswith("patched") or row is None or not row.get("top_kernels"):
+            continue
+        listed = sum(k["us"] for k in row["top_kernels"])
+        lines += ["", f"{v['variant']}, M = 1: its largest kernels ({listed:.1f} of {row['gpu_us']:.1f} us; the "
+                  f"other {row['kernels'] - sum(k['launches'] for k in row['top_kernels']):.0f} launches take the "
+                  "rest)", "", "| kernel | us per step | launches |", "| --- | --- | --- |"]
+        lines += [f"| `{k['kernel'][:90].replace('|', '/')}` | {k['us']:.1f} | {k['launches']:.0f} |"
+                  for k in row["top_kernels"]]
+    return lines
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """GPU time per step of every variant at each M, beside each variant's weight-read floor."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        variants = model["variants"]
+        rows = sorted({r["M"] for v in variants for r in v["rows"]})
+        width = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            times = {r["M"]: r["gpu_us"] for r in v["rows"]}
+            xs = [j + i * width for j, m in enumerate(rows) if m in times]
+            bars = ax.bar(xs, [times[m] for m in rows if m in times], width, label=v["variant"])
+            ax.hlines(v["floor_us"], min(xs) - width / 2, max(xs) + width / 2, colors=bars.patches[0].get_facecolor(),
+                      linestyles="dashed", linewidth=1) if xs else None
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(rows))], [f"M = {m}" for m in rows])
+        ax.set(yscale="log", ylabel="GPU time per step (us); dashed: weight-read floor",
+               title=f"{model['name']}: one decoder layer, {report['context']}-token cache")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def check_on_cpu(args) -> int:
@@ -219,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="profiled steps per measurement")
     p.add_argument("--tiny", action="store_true", help="small layers: checks the harness")
     p.add_argument("--out", type=Path, default=None, help="report folder (default docs/benchmarks on a GPU)")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="render the report (markdown and plot) again from a saved JSON, beside it; no measuring")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -227,8 +277,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def write_report(report: dict[str, Any], out: Path, stem: str, plots: bool = True) -> bool:
+    """The JSON, the markdown and (with ``plots`` and matplotlib) the plot; whether a plot was written."""
+    plotted = plots and plot(report, out / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"{stem}.md").write_text(render(report) + (f"\n![GPU time per step](./{stem}.png)\n" if plotted else ""))
+    return plotted
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        path = args.from_json
+        plotted = write_report(json.loads(path.read_text()), path.parent, path.stem)
+        print(f"rendered {path.with_suffix('.md')}" + (f" and {path.with_suffix('.png')}" if plotted else
+                                                         " (no plot: matplotlib is not installed)"))
+        return 0
     if not torch.cuda.is_available():
         return check_on_cpu(args)
     import transformers
@@ -255,8 +319,8 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others still run
                 print(f"  {name} {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 entry.setdefault("errors", []).append(f"{variant}: {type(exc).__name__}: {str(exc)[:300]}")
-            (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
-            (out / f"{stem}.md").write_text(render(report))
+            write_report(report, out, stem, plots=False)
+    write_report(report, out, stem)
     print(render(report))
     print(f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     return 1 if any(m.get("errors") for m in report["models"]) else 0
