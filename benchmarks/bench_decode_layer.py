@@ -53,11 +53,11 @@ VARIANTS = ("transformers", "transformers-compile", "patched", "patched-fp8-defa
 ATTENTION_NAMES = ("attention", "sdpa", "fmha", "flash")
 
 
-def layer_config(name: str, tiny: bool):
+def layer_config(name: str, tiny: bool, layers: int = 1):
     config = build_config(name, tiny)
-    config.num_hidden_layers = 1
+    config.num_hidden_layers = layers
     if hasattr(config, "layer_types") and config.layer_types:
-        config.layer_types = config.layer_types[:1]
+        config.layer_types = config.layer_types[:layers]
     return config
 
 
@@ -130,7 +130,7 @@ def graph_us(step) -> float | str:
     return sorted(times)[len(times) // 2]
 
 
-def measure(variant: str, config, args, device, bandwidth: float) -> dict[str, Any]:
+def measure(variant: str, config, args, device, bandwidth: float, graphs: bool = True) -> dict[str, Any]:
     model, base = build(variant, config, device)
     nbytes = layer_bytes(model)
     rec: dict[str, Any] = {"variant": variant, "weight_bytes": nbytes, "floor_us": nbytes / (bandwidth * 1e3),
@@ -143,12 +143,29 @@ def measure(variant: str, config, args, device, bandwidth: float) -> dict[str, A
         gpu_us, kernels, top = profiled_gpu_us(step, args.steps, top=64)
         attn_us = sum(k["us"] for k in top if any(a in k["kernel"].lower() for a in ATTENTION_NAMES))
         rec["rows"].append({"M": m, "gpu_us": gpu_us, "kernels": kernels, "attention_us": attn_us,
-                            "graph_us": graph_us(step), "top_kernels": top[:8]})
+                            "graph_us": graph_us(step) if graphs else None, "top_kernels": top[:8]})
         print(f"  {variant} M={m}: {gpu_us:.1f} us GPU ({kernels:.0f} kernels, attention {attn_us:.1f} us), "
               f"floor {rec['floor_us']:.1f} us", file=sys.stderr)
     del model, base
     torch.cuda.empty_cache()
     return rec
+
+
+def _marginal(row: dict[str, Any]) -> str:
+    return f"{row['layer_us']:.1f} us ({row['layer_kernels']:.0f})" if "layer_us" in row else "-"
+
+
+def _marginal_x_floor(row: dict[str, Any], floor_us: float) -> str:
+    return f"{row['layer_us'] / floor_us:.2f}x" if "layer_us" in row else "-"
+
+
+def add_marginal(rec: dict[str, Any], rec2: dict[str, Any]) -> None:
+    """The cost of one more layer: the two-layer model's step minus the one-layer model's, per row count. What a
+    32-layer model pays per layer: the step's once-per-model kernels (rotary tables, cache positions, the final
+    norm) cancel out."""
+    for row, row2 in zip(rec["rows"], rec2["rows"]):
+        row["layer_us"] = row2["gpu_us"] - row["gpu_us"]
+        row["layer_kernels"] = row2["kernels"] - row["kernels"]
 
 
 def _cell(v: float | str | None) -> str:
@@ -169,8 +186,8 @@ def render(report: dict[str, Any]) -> str:
     for model in report["models"]:
         lines += [f"## {model['name']} (hidden {model['hidden']}, MLP {model['intermediate']})", "",
                   "| variant | M | GPU time | CUDA graph | kernels | attention | rest | floor | x floor | "
-                  "vs transformers | vs torch.compile |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "vs transformers | vs torch.compile | one more layer (kernels) | x floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         base = {r["M"]: r["gpu_us"] for v in model["variants"] if v["variant"] == "transformers" for r in v["rows"]}
         comp = {r["M"]: r["gpu_us"] for v in model["variants"] if v["variant"] == "transformers-compile"
                 for r in v["rows"]}
@@ -182,7 +199,8 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {v['variant']} | {r['M']} | {t:.1f} us | {_cell(r['graph_us'])} | {r['kernels']:.0f} | "
                     f"{r['attention_us']:.1f} us | {t - r['attention_us']:.1f} us | {v['floor_us']:.1f} us | "
-                    f"{t / v['floor_us']:.2f}x | {vs_base} | {vs_comp} |")
+                    f"{t / v['floor_us']:.2f}x | {vs_base} | {vs_comp} | {_marginal(r)} | "
+                    f"{_marginal_x_floor(r, v['floor_us'])} |")
         lines += _where_time_goes(model)
         for err in model.get("errors", []):
             lines.append(f"\nFailed: {err}")
@@ -267,6 +285,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="profiled steps per measurement")
     p.add_argument("--tiny", action="store_true", help="small layers: checks the harness")
     p.add_argument("--out", type=Path, default=None, help="report folder (default docs/benchmarks on a GPU)")
+    p.add_argument("--no-marginal", action="store_true",
+                   help="skip the two-layer models (the 'one more layer' columns: half the run time)")
     p.add_argument("--from-json", type=Path, default=None,
                    help="render the report (markdown and plot) again from a saved JSON, beside it; no measuring")
     args = p.parse_args(argv)
@@ -310,12 +330,16 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     for name in args.models:
         config = layer_config(name, args.tiny)
+        config2 = None if args.no_marginal else layer_config(name, args.tiny, layers=2)
         entry: dict[str, Any] = {"name": name, "hidden": config.hidden_size,
                                  "intermediate": config.intermediate_size, "variants": []}
         report["models"].append(entry)
         for variant in args.variants:
             try:
-                entry["variants"].append(measure(variant, config, args, device, report["copy_gbps"]))
+                rec = measure(variant, config, args, device, report["copy_gbps"])
+                if config2 is not None:
+                    add_marginal(rec, measure(variant, config2, args, device, report["copy_gbps"], graphs=False))
+                entry["variants"].append(rec)
             except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others still run
                 print(f"  {name} {variant} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 entry.setdefault("errors", []).append(f"{variant}: {type(exc).__name__}: {str(exc)[:300]}")
