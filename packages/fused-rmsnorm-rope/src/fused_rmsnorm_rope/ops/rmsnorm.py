@@ -47,6 +47,17 @@ def _fp8_row_out(y, mask, y_ptrs, S, row, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _rstd(sum_sq, N, eps):
+    """``1 / sqrt(sum_sq / N + eps)`` with correctly rounded division and square root: the same bits whatever the
+    compiler makes of the rest of the kernel. With approximate ones the bf16 and FP8-output variants differed by an
+    fp32 ulp on some rows, which flips the bf16 rounding of a value sitting on a tie (a few per million on the
+    H200) and broke the FP8 output's equality with quantizing the bf16 output."""
+    one = tl.full(sum_sq.shape, 1.0, tl.float32)  # tensors: N may arrive as a constexpr (Triton specializes 1)
+    mean_sq = tl.math.div_rn(sum_sq, one * N)
+    return tl.math.div_rn(one, tl.sqrt_rn(mean_sq + eps))
+
+
+@triton.jit
 def _normalized(src, W, c, N, rstd, GEMMA: tl.constexpr):
     """Columns ``c`` of a row (at ``src``) normalized and scaled, in fp32 (0 past ``N``)."""
     mask = c < N
@@ -77,7 +88,7 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
             s = s.to(R_OUT.dtype.element_ty)
             tl.store(ro_row + cols, s, mask=mask)
             x = s.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        rstd = _rstd(tl.sum(x * x, axis=0), N, eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if GEMMA:
             w = w + 1.0
@@ -98,7 +109,7 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
                 tl.store(ro_row + c, s, mask=mask)
                 x = s.to(tl.float32)
             acc += x * x
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        rstd = _rstd(tl.sum(acc, axis=0), N, eps)
         # the source of the normalized values: the program's own residual stores above (read back in the rounded
         # dtype), else x
         src = ro_row if HAS_RESIDUAL else x_row
