@@ -35,8 +35,12 @@ DECODE_K256 = {**DECODE_SPLIT3, "SPLIT_K": 1, "BLOCK_K": 256}  # block scales ca
 PREFILL_TMA = {"path": "prefill", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2,
                "num_warps": 4, "num_stages": 2}
 PREFILL_PTR = {**PREFILL_TMA, "USE_TMA": False, "BLOCK_K": 64}
-CONFIGS = [DECODE_SPLIT3, DECODE_TMA, DECODE_K256, PREFILL_TMA, PREFILL_PTR]
-CONFIG_IDS = ["decode-splitk", "decode-tma", "decode-k256", "prefill-tma", "prefill-ptr"]
+# CUDA-core products (FMA): row tiles below a tl.dot's 16 (block scales fall back to the dot with 16 rows)
+DECODE_FMA = {**DECODE_SPLIT3, "BLOCK_M": 8, "BLOCK_K": 64, "FMA": True}
+DECODE_FMA_ROW = {**DECODE_SPLIT3, "BLOCK_M": 1, "BLOCK_K": 128, "SPLIT_K": 1, "FMA": True}
+CONFIGS = [DECODE_SPLIT3, DECODE_TMA, DECODE_K256, PREFILL_TMA, PREFILL_PTR, DECODE_FMA, DECODE_FMA_ROW]
+CONFIG_IDS = ["decode-splitk", "decode-tma", "decode-k256", "prefill-tma", "prefill-ptr", "decode-fma-splitk",
+              "decode-fma-row"]
 
 
 @pytest.mark.parametrize("scaling", ["channel", "block"])
@@ -109,8 +113,9 @@ def test_per_tensor_scale_as_expanded_channel_scale(device):
     assert_close_rel(out, ref, 1e-5)
 
 
+@pytest.mark.parametrize("cfg", [None, DECODE_FMA_ROW], ids=["chosen", "fma"])
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_every_fp8_code_converts_exactly(device, dtype):
+def test_every_fp8_code_converts_exactly(device, dtype, cfg):
     # All finite codes of the format as a 16 x 16 up weight with scale 1; x = identity, gate = ones: output[m, n] is
     # silu(1) * code[n, m], with silu(1) the same fp32 number for every element (the kernel's own, read from a code
     # of 1.0) and one fp32 rounding of the product (fp32 activations and output). A code converted wrongly (a
@@ -122,7 +127,7 @@ def test_every_fp8_code_converts_exactly(device, dtype):
     wg = torch.ones(16, 16).to(dtype).to(device)
     ones = torch.ones(16, device=device)
     x = torch.eye(16, device=device)
-    out = fused_gated_mlp(x, wg, wu, gate_scale=ones, up_scale=ones).cpu().double()
+    out = fused_gated_mlp(x, wg, wu, gate_scale=ones, up_scale=ones, config=cfg).cpu().double()
     one = (codes.reshape(16, 16).float().T == 1.0).nonzero()[0]
     silu_one = out[one[0], one[1]]
     assert abs(silu_one - 0.7310585786300049) < 1e-6  # silu(1), within the GPU's fast exp

@@ -85,3 +85,17 @@ def test_the_shipped_configs_of_this_gpu_are_the_ones_used(tmp_path, monkeypatch
         pytest.skip(f"no shipped fused_gated_mlp entries for {device_info().name} yet "
                     "(python -m kernel_autotune tune --all --write-shipped writes them)")
     assert served > 0
+
+
+def test_fp8_channel_weights_at_one_or_two_rows_take_the_cuda_core_tiles():
+    for tokens, block_k in ((1, 512), (2, 256)):
+        cfg = configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights="fp8_channel")
+        assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (tokens, 8, block_k)
+        chosen = configs.select_gated_mlp_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights="fp8_channel")
+        assert chosen == cfg
+    # three rows, block scales (scaled per K step: the dot's tiles), bf16 weights: tensor-core tiles of 16+ rows
+    for tokens, weights in ((3, "fp8_channel"), (1, "fp8_block"), (1, "same")):
+        cfg = configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights=weights)
+        assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16, (tokens, weights)
+    with pytest.raises(configs.InvalidArgumentError, match=r"^weights: expected one of same, fp8_channel"):
+        configs.heuristic_config(1, 4096, 14336, torch.bfloat16, CPU, weights="fp8")

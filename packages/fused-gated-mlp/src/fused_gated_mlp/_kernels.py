@@ -138,6 +138,51 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
 
 
 @triton.jit
+def _fp8_to_f32(w, INTERPRET: tl.constexpr):
+    """A weight tile in fp32. On a GPU E5M2 goes through fp16 (a byte shift that keeps Inf and NaN; see
+    ``_dot2``); the interpreter converts directly (its own E5M2 -> fp16 misreads some codes)."""
+    if w.dtype == tl.float8e5 and not INTERPRET:
+        w = w.to(tl.float16)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
+                acc_g, acc_u, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+    """``_pointer_k_loop`` on the CUDA cores (config ``FMA``): products in fp32 registers, ``[BLOCK_M, BLOCK_N,
+    BLOCK_K]`` per projection, summed over K once at the end. For one or a few rows with FP8 weights: a tensor-core
+    dot needs 16 rows (15 of them padding at M = 1) and its FP8 -> bf16 conversion in registers, and then streams
+    the FP8 weights at ~60 % of copy bandwidth on the H200; plain loads and FMAs of wide K tiles keep more bytes in
+    flight. No block scales here (the host takes the dot for them)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
+    wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
+    acc3_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k + offs_k) < k_end
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        xf = x.to(tl.float32)[:, None, :]
+        acc3_g += xf * _fp8_to_f32(wg, INTERPRET)[None, :, :]
+        acc3_u += xf * _fp8_to_f32(wu, INTERPRET)[None, :, :]
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    return acc_g + tl.sum(acc3_g, axis=2), acc_u + tl.sum(acc3_u, axis=2)
+
+
+@triton.jit
 def _gate_times_up(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     """``act(gate) * up`` in fp32. Clamps use ``tl.where`` so NaN passes through as in ``torch.clamp``."""
     if ACTIVATION == 0:  # silu
@@ -181,9 +226,10 @@ def _gated_mlp_decode_kernel(
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, W_SCALING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+    UPCAST: tl.constexpr, INTERPRET: tl.constexpr, USE_FMA: tl.constexpr,
 ):
-    """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights."""
+    """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights.
+    ``USE_FMA``: CUDA-core products (``_fma_k_loop``) instead of tensor-core dots; any ``BLOCK_M``, 1 included."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -215,6 +261,10 @@ def _gated_mlp_decode_kernel(
             wu = wu_desc.load([off_n, k])
             acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
                                    srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
+    elif USE_FMA:
+        acc_g, acc_u = _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
+                                   stride_xm, stride_wg, stride_wu, acc_g, acc_u,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET)
     else:
         acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                        stride_xm, stride_wg, stride_wu, acc_g, acc_u,

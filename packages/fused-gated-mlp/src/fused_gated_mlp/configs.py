@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from kernel_autotune import ConfigSpace, select_config
 from triton_ops_core.device import device_info, sm_count
+from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import next_pow2
 
 from .__about__ import __version__
@@ -159,10 +160,26 @@ def _fit_stages(cfg: dict, smem: int) -> dict:
     return cfg
 
 
+# FP8 weights with channel (or tensor) scales at one or two rows: CUDA-core products of wide K tiles (config
+# ``FMA``). The H200 sweep (2026-12-03; Llama-3-8B, Qwen3-8B and gpt-oss-20b expert shapes, CUDA-graph timing, 44
+# FMA tiles against the tensor-core dot's) found one tile best at one row on all three: 8 columns x 512 of K, no
+# split, 4 warps, 4 stages (Llama-3-8B 51.8 -> 35.4 us, Qwen3-8B 38.8 -> 31.1 us, gpt-oss 14.6 -> 7.3 us); at two
+# rows 8 x 256 (48.2 -> 42.4 us on Llama-3-8B); from four rows on the dot wins. Block scales keep the dot (they
+# scale each K step's partial product).
+FMA_MAX_TOKENS = 2
+
+
+def _fp8_fma(tokens: int) -> dict:
+    return {"BLOCK_M": tokens, "BLOCK_N": 8, "BLOCK_K": 512 if tokens == 1 else 256, "SPLIT_K": 1, "GROUP_M": 1,
+            "num_warps": 4, "num_stages": 4, "FMA": True}
+
+
 @functools.lru_cache(maxsize=4096)
 def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int,
-               device: tuple[str, str | None], sms: int, smem: int) -> tuple:
+               device: tuple[str, str | None], sms: int, smem: int, weights: str = "same") -> tuple:
     decode = tokens <= DECODE_MAX_TOKENS
+    if weights == "fp8_channel" and 0 < tokens <= FMA_MAX_TOKENS:
+        return tuple(sorted(_fp8_fma(tokens).items()))
     table = _DEVICE_TABLES.get(device)
     if element_size == 2 and table is not None:
         row = decode_block_m(tokens) if decode else min(max(next_pow2(tokens), 2048), 8192)
@@ -196,19 +213,28 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int,
     return tuple(sorted(_fit_stages(cfg, smem).items()))
 
 
+WEIGHT_KINDS = ("same", "fp8_channel", "fp8_block")
+"""``weights`` of the config functions: the activations' dtype, or FP8 with channel (or tensor) / 128x128 block
+scales."""
+
+
 def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                     device: torch.device) -> dict:
-    """The analytical choice, used when no tuned config is cached or shipped: the device's measured table (the
-    H100's, matched by product name and compute capability), else rules reading its SM count and shared memory."""
+                     device: torch.device, weights: str = "same") -> dict:
+    """The analytical choice, used when no tuned config is cached or shipped: for FP8 weights with channel scales
+    at one or two rows the CUDA-core tile the H200 measured best (``FMA_MAX_TOKENS``); else the device's measured
+    table (the H100's, matched by product name and compute capability), else rules reading its SM count and
+    shared memory. ``dtype``: the activations'; ``weights``: one of :data:`WEIGHT_KINDS`."""
+    if weights not in WEIGHT_KINDS:
+        raise InvalidArgumentError(f"weights: expected one of {', '.join(WEIGHT_KINDS)}, got {weights!r}")
     # the interpreter takes an H100's SM count, so the CPU picks the configs the rules would pick on one
     info = device_info(device)
     return dict(_heuristic(tokens, hidden, intermediate, dtype.itemsize, info.identity,
-                           sm_count(device, cpu=132), _smem_limit(device)))
+                           sm_count(device, cpu=132), _smem_limit(device), weights))
 
 
 def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                            device: torch.device, bench: Callable[[dict], Callable[[], object]] | None = None
-                            ) -> dict:
+                            device: torch.device, bench: Callable[[dict], Callable[[], object]] | None = None,
+                            weights: str = "same") -> dict:
     """The config a call uses: ``kernel_autotune.select_config`` (tuned cache, shipped table, else the heuristic).
 
     ``bench(config)`` returns a zero-argument callable running the kernel once with ``config``: a problem with no
@@ -220,22 +246,25 @@ def select_gated_mlp_config(tokens: int, hidden: int, intermediate: int, dtype: 
         KERNEL_NAME,
         version=__version__,
         problem={"tokens": tokens, "hidden": hidden, "intermediate": intermediate},
-        dtypes=(dtype,),
+        # FP8 weights are their own entries: a config tuned for bf16 weights never serves them
+        dtypes=(dtype,) if weights == "same" else (dtype, weights),
         device=device,
-        default=lambda: heuristic_config(tokens, hidden, intermediate, dtype, device),
+        default=lambda: heuristic_config(tokens, hidden, intermediate, dtype, device, weights),
         bucket=("tokens",),
         shipped=SHIPPED_CONFIGS,
         space=space,
         bench=bench,
     )
     # A cached config from another token bucket may belong to the other path: keep only what fits this one.
-    if not space.allows(cfg, {"tokens": tokens}):
-        return heuristic_config(tokens, hidden, intermediate, dtype, device)
+    if not cfg.get("FMA") and not space.allows(cfg, {"tokens": tokens}):
+        return heuristic_config(tokens, hidden, intermediate, dtype, device, weights)
     return cfg
 
 
 __all__ = [
     "DECODE_MAX_TOKENS",
+    "FMA_MAX_TOKENS",
+    "WEIGHT_KINDS",
     "GATED_MLP_CONFIGS",
     "decode_block_m",
     "heuristic_config",

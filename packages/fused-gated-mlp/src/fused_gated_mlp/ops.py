@@ -166,11 +166,11 @@ def _build_plan(
     if config is not None:
         cfg = dict(config)
     else:
-        # FP8 weights take the activation dtype's config (the kernel is the same; only the weight bytes halve).
-        # No tune-on-first-use for them: tuned entries are keyed by the activation dtype, and an FP8 winner must
-        # not become the bf16 one.
+        # FP8 weights have entries of their own (at one or two rows the CUDA-core tiles). No tune-on-first-use
+        # for them: the tuner's space holds tensor-core tiles only.
+        weights = "same" if scaling == K.SCALE_NONE else "fp8_channel" if scaling == K.SCALE_CHANNEL else "fp8_block"
         cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device,
-                                      bench=bench if scaling == K.SCALE_NONE else None)
+                                      bench=bench if scaling == K.SCALE_NONE else None, weights=weights)
     if scaling == K.SCALE_BLOCK and cfg["BLOCK_K"] > SCALE_BLOCK:
         # Block scales apply per K step: a step must lie inside one 128-wide scale block. Block sizes are powers of
         # two, so capping BLOCK_K at 128 (from 256 in some decode configs) makes it a divisor of 128.
@@ -203,8 +203,14 @@ def _build_plan(
         # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
         even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
         kernel = K._gated_mlp_decode_kernel
+        # CUDA-core products (config FMA): not with block scales (applied per K step to a dot's partial product)
+        use_fma = bool(cfg.get("FMA", False)) and scaling != K.SCALE_BLOCK and not use_tma
+        if not use_fma and cfg["BLOCK_M"] < 16:  # an FMA tile with fewer rows than a tl.dot takes
+            cfg = {**cfg, "BLOCK_M": 16}
+            grid_m = cdiv(M, 16)
+            head = head[:-3] + (16,) + head[-2:]
         grid: tuple[int, ...] = (grid_n, split_k, grid_m)
-        tail = head + (split_k, even_k, cfg["num_stages"], use_tma) + precision + (on_cpu,)
+        tail = head + (split_k, even_k, cfg["num_stages"], use_tma) + precision + (on_cpu, use_fma)
         workspace: tuple[int, ...] | None = (2 * M * N, grid_m * grid_n) if split_k > 1 else ()
     else:
         kernel = K._gated_mlp_prefill_kernel

@@ -47,13 +47,21 @@ def _fp8_row_out(y, mask, y_ptrs, S, row, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _square64(x):
+    """Squares in fp64: exact for fp16/bf16/fp32 values, and so is (nearly always) their fp64 sum, in any order."""
+    x64 = x.to(tl.float64)
+    return x64 * x64
+
+
+@triton.jit
 def _rstd(sum_sq, N, eps):
-    """``1 / sqrt(sum_sq / N + eps)`` with correctly rounded division and square root: the same bits whatever the
-    compiler makes of the rest of the kernel. With approximate ones the bf16 and FP8-output variants differed by an
-    fp32 ulp on some rows, which flips the bf16 rounding of a value sitting on a tie (a few per million on the
-    H200) and broke the FP8 output's equality with quantizing the bf16 output."""
+    """``1 / sqrt(sum_sq / N + eps)`` from an fp64 sum of squares, then correctly rounded fp32 division and square
+    root: the same bits whatever order the compiler sums in. The order follows the register layout, which the
+    output's store width sets: with an fp32 sum the bf16 and the FP8-output variants differed by an fp32 ulp on a
+    few rows of 8192 (H200), which flips the bf16 rounding of a value sitting on a tie and broke the FP8 output's
+    equality with quantizing the bf16 output."""
     one = tl.full(sum_sq.shape, 1.0, tl.float32)  # tensors: N may arrive as a constexpr (Triton specializes 1)
-    mean_sq = tl.math.div_rn(sum_sq, one * N)
+    mean_sq = tl.math.div_rn(sum_sq.to(tl.float32), one * N)
     return tl.math.div_rn(one, tl.sqrt_rn(mean_sq + eps))
 
 
@@ -88,7 +96,7 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
             s = s.to(R_OUT.dtype.element_ty)
             tl.store(ro_row + cols, s, mask=mask)
             x = s.to(tl.float32)
-        rstd = _rstd(tl.sum(x * x, axis=0), N, eps)
+        rstd = _rstd(tl.sum(_square64(x), axis=0), N, eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if GEMMA:
             w = w + 1.0
@@ -98,7 +106,7 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
         else:
             tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
     else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
         for start in range(0, N, BLOCK):
             c = start + cols
             mask = c < N
@@ -108,7 +116,7 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
                 s = s.to(R_OUT.dtype.element_ty)
                 tl.store(ro_row + c, s, mask=mask)
                 x = s.to(tl.float32)
-            acc += x * x
+            acc += _square64(x)
         rstd = _rstd(tl.sum(acc, axis=0), N, eps)
         # the source of the normalized values: the program's own residual stores above (read back in the rounded
         # dtype), else x
