@@ -10,7 +10,7 @@ import torch
 from fused_gated_mlp import configs
 from kernel_autotune import UntunedDeviceWarning
 from kernel_autotune.select import reset_warnings
-from kernel_autotune.testing import H100_SXM, SMALL_GPU, UNTUNED_HOPPER, check_family
+from kernel_autotune.testing import H100_SXM, H200, SMALL_GPU, UNTUNED_HOPPER, check_family
 from triton_ops_core.device import simulate_device
 
 
@@ -99,3 +99,14 @@ def test_fp8_channel_weights_at_one_or_two_rows_take_the_cuda_core_tiles():
         assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16, (tokens, weights)
     with pytest.raises(configs.InvalidArgumentError, match=r"^weights: expected one of same, fp8_channel"):
         configs.heuristic_config(1, 4096, 14336, torch.bfloat16, CPU, weights="fp8")
+
+
+def test_the_h200_fp8_table_serves_fp8_channel_weights_on_the_h200_only():
+    # M = 64 on Qwen3-8B's MLP: the H200 sweep's 64 x 64 x 128 tile (90.9 -> 69.9 us); bf16 weights, block scales
+    # and another GPU keep the bf16-derived choice (32 columns)
+    with simulate_device(H200):
+        assert configs.heuristic_config(64, 4096, 12288, torch.bfloat16, CPU, weights="fp8_channel")["BLOCK_N"] == 64
+        for weights in ("same", "fp8_block"):
+            assert configs.heuristic_config(64, 4096, 12288, torch.bfloat16, CPU, weights=weights)["BLOCK_N"] == 32
+    with simulate_device(H100_SXM):
+        assert configs.heuristic_config(64, 4096, 12288, torch.bfloat16, CPU, weights="fp8_channel")["BLOCK_N"] == 32
