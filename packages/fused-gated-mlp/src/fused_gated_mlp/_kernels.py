@@ -107,6 +107,21 @@ def _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, st
 
 
 @triton.jit
+def _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K: tl.constexpr):
+    """The x, gate and up tiles of the K step at ``k`` (plain loads; no K mask when ``EVEN_K``)."""
+    if EVEN_K:
+        x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+        wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
+        wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        mask_k = (k + offs_k) < k_end
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    return x, wg, wu
+
+
+@triton.jit
 def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                     acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -120,15 +135,7 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
     wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
     wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
-        else:
-            mask_k = (k + offs_k) < k_end
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
         acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
                                srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
         x_ptrs += BLOCK_K
@@ -164,15 +171,7 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     acc3_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_n[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_n[:, None], other=0.0)
-        else:
-            mask_k = (k + offs_k) < k_end
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
         xf = x.to(tl.float32)[:, None, :]
         acc3_g += xf * _fp8_to_f32(wg, INTERPRET)[None, :, :]
         acc3_u += xf * _fp8_to_f32(wu, INTERPRET)[None, :, :]
