@@ -226,12 +226,10 @@ def _where_time_goes(model: dict[str, Any]) -> list[str]:
 
 def plot(report: dict[str, Any], path: Path) -> bool:
     """GPU time per step of every variant at each M, beside each variant's weight-read floor."""
-    try:
-        import matplotlib
+    from triton_ops.benchmark._plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     models = report["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.2), squeeze=False)

@@ -9,15 +9,23 @@ from pathlib import Path
 from ._model import CaseResult
 
 
-def plot_results(results: Sequence[CaseResult], path: Path, title: str | None = None) -> Path | None:
-    """One panel per (group, panel): GB/s or TFLOP/s of every implementation against size, with the copy of the
-    same bytes as the ceiling on bandwidth panels. Returns None when matplotlib is missing or nothing was timed."""
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_results(results: Sequence[CaseResult], path: Path, title: str | None = None) -> Path | None:
+    """One panel per (group, panel): GB/s or TFLOP/s of every implementation against size, with the copy of the
+    same bytes as the ceiling on bandwidth panels. Returns None when matplotlib is missing or nothing was timed."""
+    plt = pyplot()
+    if plt is None:
         return None
     panels: dict[tuple[str, str], list[CaseResult]] = {}
     for r in results:
