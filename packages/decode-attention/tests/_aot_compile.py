@@ -19,6 +19,7 @@ try:
 except ImportError:
     sys.exit(3)
 
+from decode_attention import _cache_kernels as CK  # noqa: E402
 from decode_attention import _kernels as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -66,8 +67,17 @@ def main() -> int:
         ok &= build(K._attention_kernel, types, consts, name, warps)
     combine_types = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "sink_ptr": "*fp32",
                      "out_ptr": "*bf16", **dict.fromkeys(["H_KV", "GROUP", "SQ", "N_SPLITS", "ROWS_PAD"], I32)}
-    ok &= build(K._combine_kernel, combine_types, dict(HAS_SINKS=True, HEAD_DIM=64, BLOCK_R=8, BLOCK_D=64),
-                "combine", 4)
+    ok &= build(K._combine_kernel, combine_types,
+                dict(HAS_SINKS=True, HEAD_DIM=64, BLOCK_R=8, BLOCK_D=64, BLOCK_S=16), "combine", 4)
+    # the KV-cache write with its device length counter, the trap (inline PTX) compiled in
+    cache_types = {"keys_ptr": "*bf16", "values_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+                   "pos_ptr": "*i64", "len_ptr": "*i64",
+                   **dict.fromkeys(["H", "T", "ROWS", "ROWS_PER_PROGRAM", "S_MAX", "s_keys_b", "s_keys_h", "s_keys_s",
+                                    "s_vals_b", "s_vals_h", "s_vals_s", "s_k_b", "s_k_h", "s_k_t", "s_v_b", "s_v_h",
+                                    "s_v_t"], I32)}
+    ok &= build(CK._kv_cache_write_kernel, cache_types,
+                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, K_DIM=128, V_DIM=128, BLOCK_D=128, BLOCK_R=64),
+                "kv cache write", 4)
     return 0 if ok else 1
 
 

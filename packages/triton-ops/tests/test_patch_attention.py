@@ -330,6 +330,48 @@ def test_generate_runs_on_a_packed_llama():
     assert torch.equal(ours[:, 4], ref[:, 4])  # the prefill's greedy token; later ones may part at a near tie
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind, monkeypatch):
+    """Decode steps against transformers' StaticCache: after the prefill (transformers' own update allocates the
+    layer), each step's cache write is one update_kv_cache_ call per layer; the cache tensors, the layer's length
+    counter (5.2x) and the logits are those of the unpatched model's own update."""
+    from decode_attention import kv_cache
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_one_layer(kind, num_hidden_layers=2))
+    reference = _one_layer(kind, num_hidden_layers=2)
+    calls = []
+    original = decoder_layers.update_kv_cache_
+    monkeypatch.setattr(decoder_layers, "update_kv_cache_",
+                        lambda *a, **kw: calls.append(sorted(kw)) or original(*a, **kw))
+    name = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    caches, logits = [], []
+    with torch.no_grad():
+        for m in (model, reference):
+            cache = transformers.StaticCache(config=m.config, max_cache_len=12)
+            steps = [m(ids, use_cache=True, **{name: cache}).logits]
+            for t in range(3):
+                pos = torch.full((2, 1), 5 + t, device=DEVICE)
+                steps.append(m(ids[:, t:t + 1], use_cache=True, position_ids=pos,
+                               cache_position=torch.tensor([5 + t], device=DEVICE), **{name: cache}).logits)
+            caches.append(cache)
+            logits.append(steps)
+    assert len(calls) == 3 * 2  # three steps, two layers; the prefill allocated the layers through transformers
+    counter = hasattr(caches[1].layers[0], "cumulative_length") and "cache_kwargs" not in __import__(
+        "inspect").signature(type(caches[1].layers[0]).update).parameters
+    assert calls[0] == (["length"] if counter else ["positions"])
+    for ours, ref in zip(caches[0].layers, caches[1].layers):
+        assert torch.allclose(ours.keys, ref.keys, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(ours.values, ref.values, rtol=1e-5, atol=1e-5)
+        if counter:
+            assert torch.equal(ours.cumulative_length, ref.cumulative_length)
+            assert int(ours.cumulative_length.reshape(-1)[0]) == 8
+    for a, b in zip(*logits):
+        assert _cosine(a, b) >= TOL
+    assert kv_cache.ONE_PROGRAM_ROWS >= 2 * 2  # a decode step here (batch 2, 2 KV heads) is the one-program launch
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: bf16 decode against the unpatched model, compiled generate()
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@
 - Online softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 state; ``m_use`` stands in for a row max that is
   still -inf so that no ``-inf - -inf`` NaN appears, while a NaN in the inputs still reaches the output.
 
-``_combine_kernel``, program ``(bh, r)``: merges the splits' partials of ``BLOCK_R`` rows in split order (fixed:
-deterministic, no atomics), adds the attention sink to the denominator, normalizes and writes.
+``_combine_kernel``, program ``(bh, r)``: merges the splits' partials of ``BLOCK_R`` rows, ``BLOCK_S`` splits at a
+time loaded together (fixed-shape reductions: deterministic, no atomics), adds the attention sink to the
+denominator, normalizes and writes.
 
 Sinks (gpt-oss's per-head logit) join the denominator only: ``out = sum_j e^(s_j - M) v_j / (sum_j e^(s_j - M) +
 e^(sink - M))``. A row with no attended position writes zeros (the sink alone gives zeros too).
@@ -204,6 +205,7 @@ def _combine_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr,
     H_KV, GROUP, SQ, N_SPLITS, ROWS_PAD,
     HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -214,20 +216,26 @@ def _combine_kernel(
     sq = rows % SQ
     head = hkv * GROUP + rows // SQ
     offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for split in range(0, N_SPLITS):  # in split order: the same sum on every run
-        idx = (pid_bh.to(tl.int64) * N_SPLITS + split) * ROWS_PAD + rows
-        m_s = tl.load(part_m_ptr + idx, mask=row_ok, other=float("-inf"))
-        l_s = tl.load(part_l_ptr + idx, mask=row_ok, other=0.0)
-        a_s = tl.load(part_acc_ptr + idx[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m, m_s)
+    # BLOCK_S splits' partials per step, loaded at once (one memory round trip for a decode step's usual <= 16
+    # splits), merged by reductions of fixed shape: the same sum on every run, no atomics
+    for s0 in range(0, N_SPLITS, BLOCK_S):
+        splits = s0 + offs_s
+        ok = row_ok[:, None] & (splits < N_SPLITS)[None, :]
+        idx = (pid_bh.to(tl.int64) * N_SPLITS + splits[None, :]) * ROWS_PAD + rows[:, None]  # [R, S]
+        m_s = tl.load(part_m_ptr + idx, mask=ok, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + idx, mask=ok, other=0.0)
+        a_s = tl.load(part_acc_ptr + idx[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None],
+                      other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
-        beta = tl.exp2(m_s - m_use)
-        denom = denom * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        beta = tl.exp2(m_s - m_use[:, None])  # a NaN partial stays NaN here, and in the sums
+        denom = denom * alpha + tl.sum(l_s * beta, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(a_s * beta[:, :, None], axis=1)
         m = m_new
     out = _finish(acc, m, denom, sink_ptr, head, row_ok, HAS_SINKS)
     o_row = (b * SQ + sq) * (H_KV * GROUP) + head

@@ -24,6 +24,7 @@ from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
 
 from . import _kernels as K
+from .kv_cache import clear_kv_cache_plans
 from .validation import AttentionInput, validate_decode_attention
 
 
@@ -152,8 +153,10 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     combine = None
     if splits > 1:
         block_r = min(128 if on_cpu else 16, max(2, next_pow2(rows)))
+        # all splits' partials of a row block at once, up to ~8k fp32 accumulator elements per step
+        block_s = max(2, min(next_pow2(splits), 8192 // (block_r * t.block_d) if not on_cpu else 64))
         combine = Plan(K._combine_kernel, (bh, cdiv(rows, block_r)),
-                       (hkv, info.group, sq, splits, rows_pad, sinks is not None, d, block_r, t.block_d), 4)
+                       (hkv, info.group, sq, splits, rows_pad, sinks is not None, d, block_r, t.block_d, block_s), 4)
     return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d)
 
 
@@ -184,8 +187,9 @@ _PLANS = PlanCache()
 
 
 def clear_caches() -> None:
-    """Forget the cached launch plans."""
+    """Forget the cached launch plans (attention and the KV-cache write)."""
     _PLANS.clear()
+    clear_kv_cache_plans()
 
 
 def _on_device(device: torch.device):

@@ -21,8 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from decode_attention import update_kv_cache_
 from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope
 from torch import nn
+from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from .layers import packed_projections
@@ -197,7 +199,11 @@ def _sliding_window(attn: nn.Module) -> dict:
 
 
 def _update_cache(cache, k, v, layer_idx: int, cos, sin, cache_position, kwargs: dict) -> tuple:
-    """``Cache.update`` as the installed transformers defines it (5.0: a ``cache_kwargs`` dict; later: keywords)."""
+    """``Cache.update`` as the installed transformers defines it (5.0: a ``cache_kwargs`` dict; later: keywords),
+    or, for an initialized ``StaticLayer``, the same write in one launch (:func:`_static_layer_update`)."""
+    written = _static_layer_update(cache, k, v, layer_idx, cache_position)
+    if written is not None:
+        return written
     if _takes_cache_kwargs(type(cache)):
         return cache.update(k, v, layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
     return cache.update(k, v, layer_idx, kwargs=kwargs)
@@ -206,6 +212,56 @@ def _update_cache(cache, k, v, layer_idx: int, cos, sin, cache_position, kwargs:
 # Per-class answers, in plain dicts: torch.compile traces a dict lookup, and warns about functools.cache wrappers.
 _CACHE_KWARGS: dict[type, bool] = {}
 _EAGER: dict[type, Callable] = {}
+_STATIC_WRITE: dict[type, str] = {}  # "length", "positions" or "" (not a layer we write ourselves)
+
+
+def _static_write_kind(layer_cls: type) -> str:
+    """How transformers' own ``StaticLayer.update`` places new rows, read from the class once: ``"length"`` (5.2x:
+    at its device counter ``cumulative_length``, then advanced), ``"positions"`` (5.0: at ``cache_position``), or
+    ``""``: any other class (subclasses included: sliding windows roll, offloaded or quantized layers move their
+    tensors), or an ``update`` whose source names neither (a release we do not know keeps its own update)."""
+    kind = _STATIC_WRITE.get(layer_cls)
+    if kind is None:
+        from transformers import cache_utils
+
+        kind = ""
+        if layer_cls is getattr(cache_utils, "StaticLayer", None):
+            try:
+                source = inspect.getsource(layer_cls.update)
+            except (OSError, TypeError):
+                source = ""
+            if "cache_kwargs" in inspect.signature(layer_cls.update).parameters:
+                kind = "positions" if "cache_position" in source else ""
+            elif "cumulative_length.add_(" in source:
+                kind = "length"
+        _STATIC_WRITE[layer_cls] = kind
+    return kind
+
+
+def _static_layer_update(cache, k, v, layer_idx: int, cache_position) -> tuple | None:
+    """``StaticLayer.update`` of an initialized layer as one :func:`~decode_attention.update_kv_cache_` launch
+    (transformers' makes five: ``arange``, two counter adds, two ``index_copy_``), the same rows at the same
+    positions and the counter advanced alike; None where transformers' own update must run (another layer class, a
+    first call that allocates the cache, offloading, a gradient to record, a device Triton does not run on)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or getattr(cache, "offloading", False) or not 0 <= layer_idx < len(layers):
+        return None
+    layer = layers[layer_idx]
+    kind = _static_write_kind(type(layer))
+    if not kind or not getattr(layer, "is_initialized", False):
+        return None
+    keys, values = layer.keys, layer.values
+    if (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)) or not can_run_on(keys.device) \
+            or keys.dtype != k.dtype or values.dtype != v.dtype:
+        return None
+    if kind == "length":
+        length = getattr(layer, "cumulative_length", None)
+        if not isinstance(length, torch.Tensor) or length.device != keys.device:
+            return None
+        return update_kv_cache_(keys, values, k, v, length=length)
+    if cache_position is None:
+        return None
+    return update_kv_cache_(keys, values, k, v, positions=cache_position)
 
 
 def _takes_cache_kwargs(cache_cls: type) -> bool:

@@ -1,0 +1,83 @@
+"""Triton kernel of the KV-cache write: a step's new K and V rows into a static cache, in one launch.
+
+``_kv_cache_write_kernel``, program ``p`` of the grid: rows ``p * ROWS_PER_PROGRAM ..`` of the flattened
+``(batch, kv head, new position)`` index, ``BLOCK_R`` rows a step, each a head-dim vector of K and of V copied from
+the new states (any strides, a unit last one: the transposed views of a packed QKV output as they are) to the
+cache at its position. The position of new row ``t`` is (``POSITIONS``):
+
+- ``POS_INDEX`` (0): ``t`` itself;
+- ``POS_TENSOR`` (1): ``positions[t]`` (transformers 5.0's ``cache_position``);
+- ``POS_LENGTH`` (2): ``length + t``, ``length`` a device counter (transformers 5.2x's ``cumulative_length``);
+  with ``ADVANCE`` the kernel also adds ``T`` to it. Only a one-program grid advances it (its single program read
+  the counter before it writes it), so a decode step's whole cache update is this one launch, where transformers'
+  ``StaticLayer.update`` makes five (``arange``, the add, the in-place add, two ``index_copy_``).
+
+A position outside ``[0, S_MAX)`` is never written. With ``TRAP`` (on a GPU) such a row stops the kernel with a
+``trap`` instruction: the launch fails as ``index_copy_``'s device-side assertion makes it fail, rather than the
+step going on with a stale cache. The interpreter has no ``trap``: the host checks the positions there.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+POS_INDEX = 0
+POS_TENSOR = 1
+POS_LENGTH = 2
+
+
+@triton.jit
+def _trap_if(bad):
+    """Stop the kernel (PTX ``trap``) where ``bad`` is set in any lane."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $1, 0; @p trap; mov.b32 $0, $1; }", "=r,r", [bad.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _copy_rows(dst_ptr, src_ptr, dst_off, src_off, ok, offs_d, d_ok):
+    vals = tl.load(src_ptr + src_off[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :])
+    tl.store(dst_ptr + dst_off[:, None] + offs_d[None, :], vals, mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _kv_cache_write_kernel(
+    keys_ptr, values_ptr, k_ptr, v_ptr, pos_ptr, len_ptr,
+    H, T, ROWS, ROWS_PER_PROGRAM, S_MAX,
+    # strides in elements: the cache's (batch, head, position) and the new states' (batch, head, new position)
+    s_keys_b, s_keys_h, s_keys_s, s_vals_b, s_vals_h, s_vals_s,
+    s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,
+    POSITIONS: tl.constexpr, ADVANCE: tl.constexpr, TRAP: tl.constexpr,
+    K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    start = pid * ROWS_PER_PROGRAM
+    end = tl.minimum(start + ROWS_PER_PROGRAM, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = 0
+    if POSITIONS == 2:
+        base = tl.load(len_ptr).to(tl.int64)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = rows < end
+        t = rows % T
+        bh = rows // T
+        h = (bh % H).to(tl.int64)
+        b = (bh // H).to(tl.int64)
+        if POSITIONS == 1:
+            pos = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.int64)
+        elif POSITIONS == 2:
+            pos = base + t
+        else:
+            pos = t.to(tl.int64)
+        inside = (pos >= 0) & (pos < S_MAX)
+        if TRAP:
+            _trap_if(ok & ~inside)
+        write = ok & inside
+        _copy_rows(keys_ptr, k_ptr, b * s_keys_b + h * s_keys_h + pos * s_keys_s,
+                   b * s_k_b + h * s_k_h + t * s_k_t, write, offs_d, offs_d < K_DIM)
+        _copy_rows(values_ptr, v_ptr, b * s_vals_b + h * s_vals_h + pos * s_vals_s,
+                   b * s_v_b + h * s_v_h + t * s_v_t, write, offs_d, offs_d < V_DIM)
+    if ADVANCE:
+        tl.store(len_ptr, base + T)

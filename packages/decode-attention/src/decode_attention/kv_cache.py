@@ -1,0 +1,261 @@
+"""The KV-cache write of a decode step in one launch: ``update_kv_cache_``, and its two registered ops.
+
+A static KV cache (transformers' ``StaticCache``: per layer ``keys`` / ``values`` ``[B, Hkv, S_max, D]``) takes each
+step's new K and V rows at their positions. transformers' ``StaticLayer.update`` does it with ``index_copy_``
+twice plus, since 5.2x, an ``arange``, an add and an in-place add of its device-side length counter: five launches
+per layer and step, about 7 us of a Llama-3-8B layer's decode step on the H200 in a CUDA graph. Here it is one:
+
+- ``torch.ops.triton_ops.kv_cache_write_(keys, values, k, v, positions)``: rows to ``positions[t]`` (or to ``t``
+  when ``positions`` is None), as ``index_copy_(2, positions, k)`` (transformers 5.0's ``cache_position``);
+  mutates ``keys`` and ``values``.
+- ``torch.ops.triton_ops.kv_cache_append_(keys, values, k, v, length)``: rows to ``length + t``, then
+  ``length += T`` (transformers 5.2x's ``cumulative_length``); mutates all three. Up to ``ONE_PROGRAM_ROWS`` rows
+  (every decode step) one program copies the rows and advances the counter in the same launch; longer writes
+  (prefill) spread over programs and advance the counter with a second launch.
+
+Inference only: nothing here is differentiable (``KVCacheGradientError`` when a gradient would be recorded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, TritonKernelError
+from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
+from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.validation.common import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_kernel_device,
+    check_last_dim_contiguous,
+    check_ndim,
+    check_same_device,
+    check_tensor,
+)
+
+from . import _cache_kernels as K
+
+# Rows (batch x KV heads x new positions) one program copies while it also advances the length counter: every
+# decode step (Llama-3-8B at batch 64: 512 rows); more rows spread over programs and a second launch advances it.
+ONE_PROGRAM_ROWS = 2048
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class KVCacheOverflowError(TritonKernelError, IndexError):
+    """A KV-cache position outside ``[0, S_max)`` (checked on the host where that costs no device sync: under the
+    interpreter; on a GPU the kernel traps instead, as ``index_copy_``'s device-side assertion does)."""
+
+
+class KVCacheGradientError(TritonKernelError, RuntimeError):
+    """A gradient would have to flow through the KV-cache write (it is an inference-only, in-place op)."""
+
+
+@dataclass(frozen=True)
+class KVCacheWrite:
+    """A validated cache write: ``B`` batch, ``H`` KV heads, ``T`` new positions, ``S`` cache length, head dims."""
+
+    batch: int
+    heads: int
+    new: int
+    cache_len: int
+    k_dim: int
+    v_dim: int
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.heads * self.new
+
+
+def _check_pair(cache: object, new: object, cache_name: str, new_name: str) -> None:
+    for t, name in ((cache, cache_name), (new, new_name)):
+        check_tensor(t, name)
+        check_ndim(t, name, exact=4)
+        check_last_dim_contiguous(t, name)
+    check_dtype(cache, cache_name, FLOAT_DTYPES)
+    if new.dtype != cache.dtype:
+        raise InvalidArgumentError(f"{new_name}: expected the dtype of {cache_name} "
+                                   f"({str(cache.dtype).removeprefix('torch.')}), got "
+                                   f"{str(new.dtype).removeprefix('torch.')}")
+    b, h, _, d = cache.shape
+    if (new.shape[0], new.shape[1], new.shape[3]) != (b, h, d):
+        raise ShapeMismatchError(f"{new_name}: expected [B, Hkv, T, D] = [{b}, {h}, T, {d}] ({cache_name}'s batch, "
+                                 f"heads and head dim), got {list(new.shape)}")
+
+
+def validate_kv_cache_write(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            positions: torch.Tensor | None = None, length: torch.Tensor | None = None
+                            ) -> KVCacheWrite:
+    """Check a cache write: ``keys``/``values`` ``[B, Hkv, S, D]`` (``D`` may differ between them), ``k``/``v``
+    ``[B, Hkv, T, D]`` in their cache's dtype (fp16/bf16/fp32, unit last stride, any other strides); ``positions``
+    an int32/int64 ``[T]``; ``length`` an int32/int64 tensor of one element; everything on one device."""
+    _check_pair(keys, k, "keys", "k")
+    _check_pair(values, v, "values", "v")
+    if tuple(values.shape[:3]) != tuple(keys.shape[:3]):
+        raise ShapeMismatchError(f"values: expected [B, Hkv, S] = {list(keys.shape[:3])} (keys'), got "
+                                 f"{list(values.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ShapeMismatchError(f"v: expected {k.shape[2]} new positions (k's) in dimension 2, got {v.shape[2]}")
+    check_same_device(keys=keys, values=values, k=k, v=v, positions=positions, length=length)
+    check_kernel_device(keys, "keys")
+    if positions is not None and length is not None:
+        raise InvalidArgumentError("positions, length: expected at most one of them, got both")
+    if positions is not None:
+        check_dtype(positions, "positions", _INDEX_DTYPES)
+        if tuple(positions.shape) != (k.shape[2],):
+            raise ShapeMismatchError(f"positions: expected shape [{k.shape[2]}] (one per new position), got "
+                                     f"{list(positions.shape)}")
+    if length is not None:
+        check_dtype(length, "length", _INDEX_DTYPES)
+        if length.numel() != 1:
+            raise ShapeMismatchError(f"length: expected one element (the cache's filled length), got shape "
+                                     f"{list(length.shape)}")
+    b, h, s, dk = keys.shape
+    return KVCacheWrite(batch=b, heads=h, new=k.shape[2], cache_len=s, k_dim=dk, v_dim=values.shape[3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan and launch
+# ----------------------------------------------------------------------------------------------------------------
+
+def _plan(keys, values, k, v, mode: int, info: KVCacheWrite) -> Plan | None:
+    rows = info.rows
+    if rows == 0:
+        return None
+    block_d = max(16, next_pow2(max(info.k_dim, info.v_dim)))
+    block_r = min(next_pow2(rows), max(1, 8192 // block_d))  # ~16 KB of K and of V in 16-bit per step
+    one = mode == K.POS_LENGTH and rows <= ONE_PROGRAM_ROWS
+    per_program = rows if one else 4 * block_r
+    return Plan(K._kv_cache_write_kernel, (cdiv(rows, per_program),), (
+        info.heads, info.new, rows, per_program, info.cache_len,
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mode, one, keys.device.type == "cuda", info.k_dim, info.v_dim, block_d, block_r), 4, extra=one)
+
+
+_PLANS = PlanCache()
+
+
+def clear_kv_cache_plans() -> None:
+    """Forget the cached launch plans of the cache write."""
+    _PLANS.clear()
+
+
+def _check_on_host(info: KVCacheWrite, positions: torch.Tensor | None, length: torch.Tensor | None) -> None:
+    """The interpreter's stand-in for the kernel's trap (CPU tensors: reading them costs no device sync)."""
+    if positions is not None:
+        pos = positions.to(torch.int64)
+    else:
+        start = int(length.reshape(()).item()) if length is not None else 0
+        pos = torch.arange(start, start + info.new)
+    bad = (pos < 0) | (pos >= info.cache_len)
+    if bool(bad.any()):
+        raise KVCacheOverflowError(
+            f"positions: expected every position in [0, {info.cache_len}) (the cache's length), got "
+            f"{pos[bad][:4].tolist()}{' ...' if int(bad.sum()) > 4 else ''}; a static cache must be made long "
+            "enough for the prompt and every generated token")
+
+
+def _write(keys, values, k, v, positions, length) -> None:
+    mode = K.POS_TENSOR if positions is not None else K.POS_LENGTH if length is not None else K.POS_INDEX
+    key = call_key("kv_cache_write", keys, values, k, v, positions, length)
+    plan = _PLANS.get(key) if key is not None else None
+    info = plan.info if plan is not None else None
+    if plan is None:
+        info = validate_kv_cache_write(keys, values, k, v, positions, length)
+        plan = _plan(keys, values, k, v, mode, info)
+        if plan is None:
+            return
+        plan.info = info
+        if key is not None:
+            _PLANS.put(key, plan)
+    if keys.device.type != "cuda":
+        _check_on_host(info, positions, length)
+    dummy = keys  # never read: a constexpr says which of positions / length the kernel reads
+    plan.launch(keys, values, k, v, dummy if positions is None else positions, dummy if length is None else length)
+    if length is not None and not plan.extra:  # several programs: advance the counter after they all read it
+        length.add_(info.new)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: triton_ops::kv_cache_write_ and kv_cache_append_
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(op_name("kv_cache_write_"), mutates_args=("keys", "values"))
+def _kv_cache_write_op(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       positions: torch.Tensor | None) -> None:
+    _write(keys, values, k, v, positions, None)
+
+
+@_kv_cache_write_op.register_fake
+def _(keys, values, k, v, positions):
+    return None
+
+
+@torch.library.custom_op(op_name("kv_cache_append_"), mutates_args=("keys", "values", "length"))
+def _kv_cache_append_op(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        length: torch.Tensor) -> None:
+    _write(keys, values, k, v, None, length)
+
+
+@_kv_cache_append_op.register_fake
+def _(keys, values, k, v, length):
+    return None
+
+
+def update_kv_cache_(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a step's new K and V rows into a static KV cache, in place, in one launch.
+
+    ``keys[b, h, p(t)] = k[b, h, t]`` and ``values[b, h, p(t)] = v[b, h, t]`` for every new position ``t``, where
+    ``p(t)`` is ``positions[t]``, or ``length + t`` (then ``length += T``: the cache's filled length advances), or
+    ``t`` when neither is given. The first is ``keys.index_copy_(2, positions, k)`` (transformers 5.0's
+    ``StaticLayer.update``); the second is transformers 5.2x's ``StaticLayer.update`` with its
+    ``cumulative_length`` counter; both values bit for bit (a copy).
+
+    Args:
+        keys, values: the cache ``[B, Hkv, S_max, D]`` (``D`` may differ between them), fp16/bf16/fp32, unit last
+            stride (any other strides).
+        k, v: the new states ``[B, Hkv, T, D]`` in their cache's dtype, any strides with a unit last one (the
+            transposed ``[B, T, Hkv, D]`` views of a packed QKV projection, as they are: nothing is copied first).
+        positions: int32/int64 ``[T]``, the cache positions of the new rows.
+        length: an int32/int64 tensor of one element (0-d or ``[1]``) on the cache's device: the filled length,
+            read on the device (no host sync: a CUDA graph replays it step after step) and advanced by ``T``.
+
+    Returns:
+        ``(keys, values)``, updated (what ``StaticLayer.update`` returns).
+
+    A position outside ``[0, S_max)`` is never written: under the interpreter ``KVCacheOverflowError`` is raised
+    before anything is written; on a GPU the kernel stops with a ``trap`` (the launch fails, as ``index_copy_``'s
+    device-side assertion makes it fail). Registered as ``torch.ops.triton_ops.kv_cache_write_`` (positions or none)
+    and ``kv_cache_append_`` (length), with the mutated arguments in their schemas; inference only
+    (``KVCacheGradientError`` if any argument requires a gradient with grad mode on).
+
+    Raises:
+        ShapeMismatchError, UnsupportedDtypeError, InvalidArgumentError, DeviceMismatchError,
+        UnsupportedDeviceError, LayoutError, KVCacheOverflowError, KVCacheGradientError.
+    """
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (keys, values, k, v)):
+        raise KVCacheGradientError(
+            "update_kv_cache_: the KV-cache write is in place and inference-only; a gradient cannot flow through "
+            "it (run under torch.no_grad() / torch.inference_mode(), or detach k and v)")
+    if positions is not None and length is not None:
+        raise InvalidArgumentError("positions, length: expected at most one of them, got both")
+    if direct_call_ok(keys, values, k, v, positions, length):
+        _write(keys, values, k, v, positions, length)
+    elif length is not None:
+        _kv_cache_append_op(keys, values, k, v, length)
+    else:
+        _kv_cache_write_op(keys, values, k, v, positions)
+    return keys, values
+
+
+__all__ = ["ONE_PROGRAM_ROWS", "KVCacheGradientError", "KVCacheOverflowError", "KVCacheWrite", "update_kv_cache_",
+           "validate_kv_cache_write"]
