@@ -60,7 +60,8 @@ def main() -> int:
         types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "mask_ptr": mask_t, "sink_ptr": "*bf16",
                  "out_ptr": f"*{dt}", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
                  "qk_scale": "fp32", "mask_floor": "fp32", **dict.fromkeys(ints, I32)}
-        consts = dict(MASK_KIND=kind, HAS_SINKS=sinks, CAUSAL=causal, HAS_WINDOW=window, SPLIT=split, HEAD_DIM=hd,
+        consts = dict(MASK_KIND=kind, MASK_1D=kind == K.MASK_BOOL, HAS_SINKS=sinks, CAUSAL=causal,
+                      HAS_WINDOW=window, SPLIT=split, HEAD_DIM=hd,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TRIM_N=max(bn, 8192 // bm),
                       DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                       UPCAST=False, P_LOW=dt != "fp32")

@@ -90,6 +90,29 @@ def test_a_band_of_valid_positions(device, splits):
     assert_close_rel(out, reference(q, torch.nan_to_num(k), torch.nan_to_num(v), mask), TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_masked_holes_inside_the_attended_range_never_count(device, mask_dtype):
+    # one decode row per sequence, its mask broadcast over heads (transformers' [B, 1, 1, S]: one mask row serves
+    # the whole program): positions masked between attended ones hold NaN and Inf; K/V rows of a step load before
+    # the mask is read, so those values reach the kernel and must not reach the output
+    q, k, v = make_qkv(2, 8, 2, 1, 96, 16, device=device, seed=17)
+    keep = torch.ones(2, 1, 1, 96, dtype=torch.bool, device=device)
+    keep[0, ..., 5:9] = False
+    keep[1, ..., 40:41] = False
+    keep[1, ..., 70:90] = False
+    for t in (k, v):
+        t[0, :, 5:9] = float("nan")
+        t[1, :, 40] = float("inf")
+        t[1, :, 70:90] = float("nan")
+    mask = keep if mask_dtype == torch.bool else torch.where(keep, 0.0, torch.finfo(mask_dtype).min).to(mask_dtype)
+    for splits in (1, 3):
+        with tiles(16, 16):
+            out = decode_attention(q, k, v, mask, num_splits=splits)
+        assert torch.isfinite(out).all()
+        want = reference(q, torch.nan_to_num(k, posinf=0.0), torch.nan_to_num(v, posinf=0.0), keep)
+        assert_close_rel(out, want, TOL[torch.float32])
+
+
 def test_strided_views_of_a_bigger_cache(device):
     # k/v every other KV head of a bigger cache, 45 of its 64 positions; q a slice of a wider batch
     q, k, v = make_qkv(3, 8, 4, 1, 64, 32, device=device, seed=4)

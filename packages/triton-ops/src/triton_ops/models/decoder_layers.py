@@ -27,7 +27,8 @@ from torch import nn
 from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from .layers import packed_projections
+from ..layers import GatedMLP, gated_hidden
+from .layers import linear, packed_projections
 
 # The keyword arguments naming the KV cache: transformers 5.2x renamed ``past_key_values`` to ``cache``.
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -59,10 +60,36 @@ class FusedAddNormDecoderLayer(nn.Module):
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
         norm = self.post_attention_layernorm
         normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
+        if _down_adds_residual(self.mlp, residual):
+            # y = h + down(gated(x)) as one GEMM with the residual as its C operand (cuBLAS's beta = 1): no add
+            # launch; the product is rounded once with the sum instead of before it
+            hidden = gated_hidden(self.mlp, normed)
+            down = self.mlp.down_proj.weight
+            residual.view(-1, residual.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), down.t())
+            return residual
         mlp_out = self.mlp(normed)
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
             mlp_out = mlp_out[0]
         return residual + mlp_out
+
+
+def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> bool:
+    """Whether the layer's residual add can run inside the down projection's GEMM: a patched gated MLP
+    (:class:`~triton_ops.layers.GatedMLP`'s forward) whose ``down_proj`` is a plain bias-free ``nn.Linear`` of the
+    residual's dtype, nothing to differentiate (the add is in place on the layer's own residual tensor), and a
+    residual whose rows can be viewed flat."""
+    if type(mlp).forward is not GatedMLP.forward:
+        return False
+    down = getattr(mlp, "down_proj", None)
+    if type(down) is not nn.Linear or down.bias is not None or type(down.weight) not in _PLAIN:
+        return False  # a DTensor weight (tensor parallelism) needs the module's own forward and its hooks
+    if down._forward_hooks or down._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks:
+        return False
+    return (down.weight.dtype == residual.dtype and type(residual) is torch.Tensor and residual.is_contiguous()
+            and not (torch.is_grad_enabled() and (residual.requires_grad or down.weight.requires_grad)))
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 class RopeAttention(nn.Module):
@@ -185,7 +212,16 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out, weights = attention(attn, q, k, v, attention_mask,
                              dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
                              **_sliding_window(attn), **kwargs)
-    return attn.o_proj(out.reshape(*shape, -1).contiguous()), weights
+    return _o_proj(attn.o_proj, out.reshape(*shape, -1).contiguous()), weights
+
+
+def _o_proj(o_proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output projection: a plain, hook-free ``nn.Linear`` through :func:`~triton_ops.models.layers.linear`
+    (one decode row: one launch streaming the weight), anything else (FP8Linear, a sharded or hooked module)
+    called as it is."""
+    if type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks):
+        return linear(x, o_proj.weight, o_proj.bias)
+    return o_proj(x)
 
 
 def _sliding_window(attn: nn.Module) -> dict:

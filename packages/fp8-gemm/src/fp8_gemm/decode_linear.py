@@ -1,0 +1,81 @@
+"""``decode_linear``: ``x @ W^T + b`` for a decode step's few rows, with a 16-bit weight streamed from HBM once.
+
+At one row a linear layer is a matrix-vector product: the weight's bytes are the whole cost. cuBLAS splits K for
+such shapes and adds a reduction launch; on the H200 (CUDA graph, weights rotated past L2) its bf16 GEMMs took
+16.3 / 12.8 us for Llama-3-8B's packed q/k/v (4096 -> 6144) and o (4096 -> 4096) projections, 74 / 63 % of the
+weight-read floor. This runs the weight-only decode kernel (``weight_only_kernels``) with the weight in x's dtype
+and no scale: one program per 8 output columns streams their ``8 x K`` weight rows with CUDA-core FMAs into fp32
+(15.3 / 11.2 us there), one launch, no split. Rows past one take the same kernel's tensor-core tile (correct for
+any M; made for decode).
+
+Registered as ``torch.ops.triton_ops.decode_linear``. Inference first: with a gradient to record it is
+``torch.nn.functional.linear`` (same result up to accumulation order), so training code may call it freely.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from triton_ops_core.launch import PlanCache, call_key
+from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.validation import check_ndim, check_tensor
+
+from . import _scratch
+from .gemm import _CACHE_CLEARERS
+from .weight_only import build_plan
+
+_PLANS = PlanCache()
+_CACHE_CLEARERS.append(_PLANS.clear)  # fp8_gemm.clear_caches() forgets these plans too
+
+
+def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    check_tensor(x, "x")
+    check_ndim(x, "x", minimum=1)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    key = call_key("decode_linear", x2, weight, bias)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = build_plan(x2, weight, None, bias)
+        if key is not None:
+            _PLANS.put(key, plan)
+    out = plan.run(x2, weight, None, bias)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], plan.n)
+
+
+@torch.library.custom_op(op_name("decode_linear"), mutates_args=())
+def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
+        return _decode_linear(x, weight, bias)
+
+
+@_decode_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for the few rows of a decode step, the weight read once in one launch.
+
+    Args:
+        x: ``[..., K]`` float16 or bfloat16 (any strides along the rows). Made for one to a few rows (one token per
+            sequence); any number of rows is computed correctly.
+        weight: ``[N, K]`` in x's dtype (``nn.Linear``'s layout and its ``weight`` as it is).
+        bias: ``[N]`` (any float dtype) or None.
+
+    Returns:
+        ``[..., N]`` in x's dtype: ``x @ weight^T + bias`` accumulated in fp32, rounded once.
+
+    Registered as ``torch.ops.triton_ops.decode_linear`` (``torch.compile``, CUDA graphs, ``torch.export`` see one
+    node). When autograd must record the call it is ``F.linear`` instead (differentiable).
+
+    Raises:
+        UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError.
+    """
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, weight, bias)):
+        return F.linear(x, weight, bias)
+    if direct_call_ok(x, weight, bias):
+        return _decode_linear(x, weight, bias)
+    return _decode_linear_op(x, weight, bias)
+
+
+__all__ = ["decode_linear"]
