@@ -35,8 +35,9 @@ def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     patched = bm.make_variant("patched", config, device, torch.float32)
     assert patched.triton_ops_patch.fused_residual_adds == config.num_hidden_layers
     prompt = torch.randint(0, config.vocab_size, (2, 6), device=device)
-    ref = bm.reference_outputs(reference, prompt, 3)
-    acc = bm.compare_outputs(ref, bm.reference_outputs(patched, prompt, 3, ref["sequence"]))
+    new = 2 if device.type == "cpu" else 3  # two new tokens (a cached decode step) keep CI's interpreter run short
+    ref = bm.reference_outputs(reference, prompt, new)
+    acc = bm.compare_outputs(ref, bm.reference_outputs(patched, prompt, new, ref["sequence"]))
     assert acc["finite"]
     if device.type == "cpu":  # the interpreter computes fp32 exactly like the model
         assert acc["forced_top1_agreement"] == 1.0 and acc["forced_cosine_min"] > 0.99999

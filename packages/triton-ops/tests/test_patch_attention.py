@@ -351,24 +351,24 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
         for m in (model, reference):
             cache = transformers.StaticCache(config=m.config, max_cache_len=12)
             steps = [m(ids, use_cache=True, **{name: cache}).logits]
-            for t in range(3):
+            for t in range(2):
                 pos = torch.full((2, 1), 5 + t, device=DEVICE)
                 steps.append(m(ids[:, t:t + 1], use_cache=True, position_ids=pos,
                                cache_position=torch.tensor([5 + t], device=DEVICE), **{name: cache}).logits)
             caches.append(cache)
             logits.append(steps)
-    assert len(calls) == 3 * 2  # three steps, two layers; the prefill allocated the layers through transformers
+    assert len(calls) == 2 * 2  # two steps, two layers; the prefill allocated the layers through transformers
     counter = hasattr(caches[1].layers[0], "cumulative_length") and "cache_kwargs" not in __import__(
         "inspect").signature(type(caches[1].layers[0]).update).parameters
     assert calls[0] == (["length"] if counter else ["positions"])
     close = 0.9999 if DTYPE == torch.bfloat16 else 0.9999999  # bf16: the packed GEMM rounds its own way
     for ours, ref in zip(caches[0].layers, caches[1].layers):
         for mine, theirs in ((ours.keys, ref.keys), (ours.values, ref.values)):
-            assert _cosine(mine[:, :, :8], theirs[:, :, :8]) >= close
-            assert not mine[:, :, 8:].any() and not theirs[:, :, 8:].any()  # past the 8 tokens: never written
+            assert _cosine(mine[:, :, :7], theirs[:, :, :7]) >= close
+            assert not mine[:, :, 7:].any() and not theirs[:, :, 7:].any()  # past the 7 tokens: never written
         if counter:
             assert torch.equal(ours.cumulative_length, ref.cumulative_length)
-            assert int(ours.cumulative_length.reshape(-1)[0]) == 8
+            assert int(ours.cumulative_length.reshape(-1)[0]) == 7
     for a, b in zip(*logits):
         assert _cosine(a, b) >= TOL
     assert kv_cache.ONE_PROGRAM_ROWS >= 2 * 2  # a decode step here (batch 2, 2 KV heads) is the one-program launch

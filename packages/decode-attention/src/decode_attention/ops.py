@@ -135,7 +135,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     splits = _splits(bh * row_blocks, s, t.block_n, dev, num_splits)
     chunk = cdiv(cdiv(max(s, 1), splits), t.block_n) * t.block_n
     splits = max(1, cdiv(s, chunk))
-    if splits == 1 and dev.type == "cuda" and t.block_m == 16 and bh * row_blocks >= sm_count(dev):
+    if splits == 1 and dev.type == "cuda" and t.block_m == 16 and bh * row_blocks >= sm_count(dev, cpu=1):
         t = t._replace(num_warps=2)  # programs fill the GPU: smaller CTAs, more of them resident (measured, above)
     rows_pad = row_blocks * t.block_m
     if attn_mask is None:
