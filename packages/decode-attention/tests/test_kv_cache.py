@@ -254,3 +254,13 @@ def test_gpu_a_position_past_the_cache_fails_the_launch():
 
     done = subprocess.run([sys.executable, "-c", _TRAP], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "NO ERROR" not in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+def test_one_row(device):
+    """Multi-query attention at batch 1: one KV head, one new row."""
+    keys, values = _cache(1, 1, 6, 32, torch.float32, device, seed=12)
+    k, v = _packed_kv(1, 1, 1, 32, torch.float32, device, seed=12)
+    length = torch.tensor([2], device=device)
+    want_k, want_v = _expected(keys, values, k, v, torch.tensor([2], device=device))
+    update_kv_cache_(keys, values, k, v, length=length)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v) and int(length) == 3

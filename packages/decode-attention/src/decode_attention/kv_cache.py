@@ -126,7 +126,7 @@ def _plan(keys, values, k, v, mode: int, info: KVCacheWrite) -> Plan | None:
     if rows == 0:
         return None
     block_d = max(16, next_pow2(max(info.k_dim, info.v_dim)))
-    block_r = min(next_pow2(rows), max(1, 8192 // block_d))  # ~16 KB of K and of V in 16-bit per step
+    block_r = max(2, min(next_pow2(rows), 8192 // block_d))  # ~16 KB of K and of V in 16-bit per step
     one = mode == K.POS_LENGTH and rows <= ONE_PROGRAM_ROWS
     per_program = rows if one else 4 * block_r
     return Plan(K._kv_cache_write_kernel, (cdiv(rows, per_program),), (

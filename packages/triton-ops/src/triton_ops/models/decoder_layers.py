@@ -65,7 +65,7 @@ class FusedAddNormDecoderLayer(nn.Module):
             # launch; the product is rounded once with the sum instead of before it
             hidden = gated_hidden(self.mlp, normed)
             down = self.mlp.down_proj.weight
-            residual.view(-1, residual.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), down.t())
+            residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), down.t())
             return residual
         mlp_out = self.mlp(normed)
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
