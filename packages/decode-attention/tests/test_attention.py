@@ -236,3 +236,33 @@ def test_nan_propagates(device):
     out = decode_attention(q, k, v, mask, sinks=sinks)
     assert torch.isnan(out[0, 0, 2]).all() and torch.isnan(out[0, 0, 1]).all()
     assert torch.isfinite(out[0, 0, 0]).all() and torch.isfinite(out[0, 0, 3]).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GPU's planning rules, checked on the CPU (a simulated H200: nothing is launched)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _gpu_plan(monkeypatch, b, hq, hkv, d, s, valid):
+    from triton_ops_core.device import DeviceInfo, simulate_device
+
+    h200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
+    monkeypatch.setattr(ops, "_on_gpu", lambda device: True)
+    q, k, v = make_qkv(b, hq, hkv, 1, s, d, dtype=torch.bfloat16, seed=0)
+    mask = valid_prefix_mask(b, 1, s, [valid] * b)
+    info = ops.validate_decode_attention(q, k, v, mask)
+    with simulate_device(h200):
+        return ops._plan(q, k, v, mask, None, None, None, False, None, info)
+
+
+def test_gpu_plan_splits_a_single_sequence_and_reads_one_mask_row(monkeypatch):
+    plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)  # Llama-3-8B heads, batch 1, 2k static cache
+    grid, tail = plan.main.grid, plan.main.tail
+    assert grid[0] == 8 and grid[1] > 1 and plan.combine is not None  # 8 KV heads cannot fill 132 SMs: split
+    mask_kind, mask_1d = tail[23], tail[24]  # after 23 sizes, strides and numbers: MASK_KIND, then MASK_1D
+    assert mask_kind == 1 and mask_1d is True  # a bool mask [B, 1, 1, S]: one vector per program
+    assert plan.main.num_warps == 4
+
+
+def test_gpu_plan_does_not_split_a_full_batch_and_takes_two_warps(monkeypatch):
+    plan = _gpu_plan(monkeypatch, 64, 32, 8, 128, 2048, 1024)  # 512 programs on 132 SMs
+    assert plan.main.grid[1] == 1 and plan.combine is None and plan.main.num_warps == 2

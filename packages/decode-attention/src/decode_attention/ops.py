@@ -57,10 +57,16 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
+def _on_gpu(device: torch.device) -> bool:
+    """Whether launches on ``device`` run compiled on a GPU (else the interpreter): one place the planning asks, so
+    the GPU's planning rules can be checked on a CPU (the tests replace it)."""
+    return device.type == "cuda"
+
+
 def _tiles(rows: int, head_dim: int, device: torch.device) -> Tiles:
     """The tiles for ``rows`` (= group * Sq) query rows of one KV head (tests force small tiles through this)."""
     block_d = max(16, next_pow2(head_dim))
-    if device.type != "cuda":
+    if not _on_gpu(device):
         # interpreter: each program instance and each loop step cost host time, not FLOPs: few, large programs
         return Tiles(min(128, max(16, next_pow2(rows))), 64, block_d, 4, 1)
     # tl.dot needs 16 rows; decode (group * Sq <= 16) is one row block. K + V tiles of 16-32 KB per stage.
@@ -83,7 +89,7 @@ def _splits(programs: int, kv_len: int, block_n: int, device: torch.device, requ
         return min(requested, most)
     # the interpreter counts as one "SM": a split there only costs host time
     sms = sm_count(device, cpu=1)
-    if device.type == "cuda" and programs >= sms:
+    if _on_gpu(device) and programs >= sms:
         return 1
     want = cdiv(PROGRAMS_PER_SM * sms, max(1, programs))
     return max(1, min(want, cdiv(kv_len, max(MIN_SPLIT_POSITIONS, block_n)), MAX_SPLITS))
@@ -135,7 +141,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     splits = _splits(bh * row_blocks, s, t.block_n, dev, num_splits)
     chunk = cdiv(cdiv(max(s, 1), splits), t.block_n) * t.block_n
     splits = max(1, cdiv(s, chunk))
-    if splits == 1 and dev.type == "cuda" and t.block_m == 16 and bh * row_blocks >= sm_count(dev, cpu=1):
+    if splits == 1 and _on_gpu(dev) and t.block_m == 16 and bh * row_blocks >= sm_count(dev, cpu=1):
         t = t._replace(num_warps=2)  # programs fill the GPU: smaller CTAs, more of them resident (measured, above)
     rows_pad = row_blocks * t.block_m
     if attn_mask is None:
@@ -148,7 +154,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     # one mask row for all rows of a program: broadcast over the group's heads and over the query rows (decode)
     mask_1d = attn_mask is not None and (sm_h == 0 or info.group == 1) and (sm_q == 0 or sq == 1)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    on_cpu = dev.type != "cuda"
+    on_cpu = not _on_gpu(dev)
     main = Plan(K._attention_kernel, (bh, splits, row_blocks), (
         hkv, info.group, sq, s, chunk, splits, rows_pad,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
