@@ -24,7 +24,7 @@ import nox
 ROOT = Path(__file__).parent
 nox.options.sessions = ["lint", "tests"]
 nox.options.error_on_missing_interpreters = False
-# uv makes the 12 test environments cheap (seconds each instead of a minute); plain venv+pip where uv is missing.
+# uv makes the 9 test environments cheap (seconds each instead of a minute); plain venv+pip where uv is missing.
 nox.options.default_venv_backend = "uv|virtualenv"
 
 PYTHONS = ["3.11", "3.12"]
@@ -106,23 +106,35 @@ def _gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
+def _test_matrix() -> list:
+    """Each distribution alone with the oldest triton (and oldest transformers): its own venv holding only it and
+    its declared dependencies, so a missing dependency fails. The newest triton (and newest transformers, `kernels`)
+    once for all of them: one venv with every distribution, each one's tests run in turn. A venv costs about 15 s of
+    the 2-core CI machine (install, and compiling torch's bytecode on first import), so the second half of the
+    matrix saves seven of them; the isolation it would repeat is triton-independent."""
+    oldest, newest = TRITONS[0], TRITONS[-1]
+    per_dist = [nox.param(oldest, d, id=f"triton{oldest.replace('.', '')[:2]}-{SHORT[d]}") for d in PACKAGES]
+    return per_dist + [nox.param(newest, ALL, id=f"triton{newest.replace('.', '')[:2]}-all")]
+
+
+ALL = "all"  # the matrix entry that installs every distribution together
+
+
 @nox.session(python=PYTHONS)
-@nox.parametrize(
-    "triton,dist",
-    [nox.param(t, d, id=f"triton{t.replace('.', '')[:2]}-{SHORT[d]}") for t in TRITONS for d in PACKAGES],
-)
+@nox.parametrize("triton,dist", _test_matrix())
 def tests(session: nox.Session, triton: str, dist: str) -> None:
-    """One distribution's tests in a venv holding only it and its real dependencies."""
+    """One distribution's tests in a venv holding only it and its real dependencies, or (``all``) every
+    distribution's tests, one after the other, in a venv holding them all."""
+    dists = list(PACKAGES) if dist == ALL else [dist]
     session.install(*_base_requirements(triton))
     # Non-editable installs: the tests import what a user would get, so a missing dependency or file fails here.
-    session.install(*_local_folders(dist))
-    if dist == "triton-ops":
+    session.install(*dict.fromkeys(folder for d in dists for folder in _local_folders(d)))
+    if "triton-ops" in dists:
         session.install(TRANSFORMERS[triton], *KERNELS.get(triton, []))
-    elif dist == "fused-moe":  # its tests compare with transformers' GptOssMLP / Qwen3-MoE block
+    elif "fused-moe" in dists:  # its tests compare with transformers' GptOssMLP / Qwen3-MoE block
         session.install(TRANSFORMERS[triton])
     env = {} if _gpu_present() else {"TRITON_INTERPRET": "1"}
     env.update(_TEST_PROCESS_ENV)
-    folder = PACKAGES[dist][0]
     # (also the first import of torch in this venv: it writes the bytecode every later process reads)
     session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)",
                 env=env)
@@ -131,9 +143,12 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     # pytest-xdist: one worker per core (interpreted kernels are single-threaded Python). worksteal hands each
     # worker a contiguous half of the tests (a module's tests stay together, so a module-scoped fixture is mostly
     # set up once) and lets an idle worker take over the rest of the other's share. PYTEST_XDIST_AUTO_NUM_WORKERS
-    # sets the count; posargs `-n 0` run serially (`nox -s "tests-3.11(triton39-core)" -- -n 0`).
-    session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
-                "-p", "no:cacheprovider", f"{folder}/tests", *session.posargs, env=env)
+    # sets the count; posargs `-n 0` run serially (`nox -s "tests-3.11(triton36-core)" -- -n 0`).
+    # One pytest per distribution, also in the `all` venv: the test folders share helper module names
+    # (conftest, _aot_compile) that one process would import once for all of them.
+    for d in dists:
+        session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
+                    "-p", "no:cacheprovider", f"{PACKAGES[d][0]}/tests", *session.posargs, env=env)
 
 
 @nox.session(python="3.11")

@@ -14,7 +14,8 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-CASES = {}
+CASES = {}  # the 2-rank run's cases
+CASES_4 = {}  # the 4-rank run's: world-size-generic ones on shapes that 4 ranks divide
 
 
 def _refused(fn, *fragments) -> None:
@@ -31,6 +32,11 @@ def _refused(fn, *fragments) -> None:
 
 def case(fn):
     CASES[fn.__name__] = fn
+    return fn
+
+
+def case4(fn):
+    CASES_4[fn.__name__] = fn
     return fn
 
 
@@ -576,16 +582,17 @@ def packed_qkv_refusals_and_custom_plans(mesh):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, reverse: bool = False,
-                layers: int = 2, generate: bool = False, helper: bool = False) -> None:
+                layers: int = 2, generate: bool = False, helper: bool = False, **overrides) -> None:
     import torch
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops import patch_model
     from triton_ops.parallel import parallelize_model, tensor_parallel_plan
 
-    ref, tp = _hf_model(kind, num_hidden_layers=layers), _hf_model(kind, num_hidden_layers=layers)
+    ref, tp = (_hf_model(kind, num_hidden_layers=layers, **overrides),
+               _hf_model(kind, num_hidden_layers=layers, **overrides))
     if fp8:
-        plain = _hf_model(kind, num_hidden_layers=layers)  # the fp32 model, unpatched
+        plain = _hf_model(kind, num_hidden_layers=layers, **overrides)  # the fp32 model, unpatched
     # the tiny model's 64-wide projections cannot split 128x128 blocks over 2 ranks: per-channel FP8 (every Linear)
     recipe = {"fp8_recipe": "channel"} if fp8 else {}
     if patch:
@@ -599,7 +606,7 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
     if patch and reverse:
         patch_model(tp, fp8=fp8, **recipe)
     assert isinstance(tp.model.layers[0].self_attn.q_proj.weight, DTensor)
-    assert isinstance(tp.lm_head.weight, DTensor)  # 131 rows: 66 and 65, the logits gathered from uneven shards
+    assert isinstance(tp.lm_head.weight, DTensor)  # 131 rows: uneven shards (66 + 65 or 33 x 3 + 32), gathered
     assert type(tp.model.embed_tokens.weight) is torch.nn.Parameter  # replicated: left as it is
     if patch:  # one packed q/k/v GEMM per attention and rank, over the rank's heads
         _check_packed_qkv(tp, ref, mesh, fp8=fp8)
@@ -650,6 +657,75 @@ def llama_parallelize_then_patch(mesh):
 @case
 def qwen3_fp8(mesh):
     _model_case("qwen3", mesh, fp8=True, layers=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Four ranks: shards of a quarter (the same plans; every head, column and row split four ways)
+# ----------------------------------------------------------------------------------------------------------------
+
+# 8 q heads and 4 kv heads of 16 (Llama: hidden 128; Qwen3's head_dim is 16 already): one kv head per rank
+FOUR_RANK_HEADS = {"llama": {"hidden_size": 128, "num_attention_heads": 8, "num_key_value_heads": 4},
+                   "qwen3": {"num_attention_heads": 8, "num_key_value_heads": 4}}
+
+
+@case4
+def four_ranks_gated_mlp_and_fp8_linear(mesh):
+    """FusedGatedMLP column-parallel + down row-parallel, FP8Linear (per-channel) column- and row-parallel: each
+    rank a quarter of the intermediate / the features, against one process."""
+    import copy
+
+    import torch
+    from fused_gated_mlp import FusedGatedMLP
+    from torch import nn
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops.parallel import ColwiseParallel, GatedColwiseParallel, RowwiseParallel
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    assert world == 4
+    torch.manual_seed(1)
+    mlp, down = FusedGatedMLP(64, 4 * 23, bias=True), nn.Linear(4 * 23, 64, bias=True)  # 23 per rank
+    tp_mlp, tp_down = copy.deepcopy(mlp), copy.deepcopy(down)
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        want_h = mlp(x)
+        want = down(want_h)
+        parallelize_module(tp_mlp, mesh, GatedColwiseParallel())
+        parallelize_module(tp_down, mesh, RowwiseParallel())
+        h = tp_mlp(x)
+        torch.testing.assert_close(h, want_h[..., rank * 23:(rank + 1) * 23])
+        torch.testing.assert_close(tp_down(h), want, rtol=1e-5, atol=1e-5)
+        size, quarter = 64, 16
+        x = torch.randn(3, size, generator=torch.Generator().manual_seed(5))
+        ref = _fp8_layer(size, size, "channel")
+        want = ref(x)
+        s, e = rank * quarter, (rank + 1) * quarter
+        col = parallelize_module(copy.deepcopy(ref), mesh, ColwiseParallel(output_layouts=Replicate()))
+        assert torch.equal(col.weight.to_local().view(torch.uint8), ref.weight[s:e].view(torch.uint8))
+        assert torch.equal(col.weight_scale.to_local(), ref.weight_scale[:, s:e])
+        torch.testing.assert_close(col(x), want, rtol=0, atol=0)
+        row = parallelize_module(copy.deepcopy(ref), mesh, RowwiseParallel())
+        got = row(x[:, s:e].contiguous())
+        bounds = [(r * quarter, (r + 1) * quarter) for r in range(world)]
+        torch.testing.assert_close(got, _fp8_emulated(x, ref, bounds), rtol=1e-5, atol=1e-5)
+
+
+@case4
+def four_ranks_llama_patched(mesh):
+    _model_case("llama", mesh, layers=1, **FOUR_RANK_HEADS["llama"])
+
+
+@case4
+def four_ranks_qwen3_fp8(mesh):
+    _model_case("qwen3", mesh, fp8=True, layers=1, **FOUR_RANK_HEADS["qwen3"])
+
+
+@case4
+def four_ranks_uneven_heads_error(mesh):
+    """2 kv heads over 4 ranks: refused, naming the count and the size."""
+    from triton_ops.parallel import tensor_parallel_plan
+
+    _refused(lambda: tensor_parallel_plan(_hf_model("llama"), mesh), "num_key_value_heads=2", "4")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -941,7 +1017,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
                 print(f"rank {rank}: {name}", flush=True)
             t0 = time.perf_counter()
             try:
-                CASES[name](mesh)
+                (CASES.get(name) or CASES_4[name])(mesh)
                 results[name] = {"ok": True, "s": time.perf_counter() - t0}
             except Exception:  # reported by the parent test
                 results[name] = {"ok": False, "s": time.perf_counter() - t0, "error": traceback.format_exc()}

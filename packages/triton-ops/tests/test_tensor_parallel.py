@@ -1,7 +1,10 @@
-"""Tensor parallelism (triton_ops.parallel) on CPU: two processes in a gloo group, kernels under the interpreter.
+"""Tensor parallelism (triton_ops.parallel) on CPU: two and four processes in a gloo group, kernels under the
+interpreter.
 
-One spawn of two ranks runs every case of ``_tp_cases`` (processes and imports cost more than the cases); the one
-test below reports every failing case. Every case compares a parallelized module or model with the same seeded one
+One spawn of two ranks runs every case of ``_tp_cases.CASES`` (processes and imports cost more than the cases), one
+spawn of four ranks ``CASES_4`` (gated MLP and FP8Linear split in quarters, a patched Llama (prefill and a cached
+step) and an FP8 Qwen3 with one kv head per rank, the refusal of 2 kv heads over 4 ranks); each of the two tests
+reports every failing case. Every case compares a parallelized module or model with the same seeded one
 in one process: FusedGatedMLP column-parallel with a row-parallel down projection, a whole gated MLP with its
 gradients, packed gate/up weights, FP8Linear column- and row-parallel with per-channel / per-tensor / block scales,
 the block-scale and head-count errors, and small random Llama and Qwen3 models (transformers' own classes, fp32),
@@ -64,43 +67,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
+def _run_ranks(world: int, names: list[str], out: Path, timeout_s: float) -> list[dict]:
+    """Spawn ``world`` ranks of a gloo group, each running the named cases; every rank's results."""
     import torch.multiprocessing as mp
 
-    out = tmp_path_factory.mktemp("tp")
     try:
-        ctx = mp.start_processes(_tp_cases.worker, args=(WORLD, _free_port(), str(out), CASE_NAMES), nprocs=WORLD,
+        ctx = mp.start_processes(_tp_cases.worker, args=(world, _free_port(), str(out), names), nprocs=world,
                                  join=False, start_method="spawn")
     except (OSError, RuntimeError) as e:  # a sandbox without process spawning or sockets
-        pytest.skip(f"cannot start {WORLD} processes with a local gloo group here: {e}")
-    deadline = time.monotonic() + TIMEOUT_S
+        pytest.skip(f"cannot start {world} processes with a local gloo group here: {e}")
+    deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                raise AssertionError(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+                raise AssertionError(f"the {world} ranks did not finish within {timeout_s} s")
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    return {"ranks": ranks}
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def test_every_case_matches_one_process(results):
-    # One test for all cases: pytest-xdist hands a module's tests to different workers, and each worker would
-    # spawn its own pair of ranks (twice the CPU, and both past the deadline under load). Every failing case is named.
-    for rank in results["ranks"]:
+def _failures(ranks: list[dict], names: list[str]) -> list[str]:
+    for rank in ranks:
         assert rank["_env"]["TRITON_INTERPRET"] == "1"
         assert rank["_env"]["interpreter"] in (True, None)
     failures = []
-    for name in CASE_NAMES:
-        for r, rank in enumerate(results["ranks"]):
+    for name in names:
+        for r, rank in enumerate(ranks):
             res = rank.get(name)
             if res is None:
                 failures.append(f"rank {r} did not run {name}")
             elif not res["ok"]:
                 failures.append(f"rank {r}, {name}:\n{res.get('error')}")
+    return failures
+
+
+# One test per world size for all its cases: pytest-xdist hands a module's tests to different workers, and each
+# worker would spawn its own ranks (more CPU, and past the deadline under load). Every failing case is named.
+def test_every_case_matches_one_process(tmp_path):
+    failures = _failures(_run_ranks(WORLD, CASE_NAMES, tmp_path, TIMEOUT_S), CASE_NAMES)
+    assert not failures, "\n\n".join(failures)
+
+
+def test_four_ranks_match_one_process(tmp_path):
+    # a quarter of every head group, intermediate and feature dimension per rank, the uneven LM head in four
+    names = sorted(_tp_cases.CASES_4)
+    failures = _failures(_run_ranks(4, names, tmp_path, TIMEOUT_S), names)
     assert not failures, "\n\n".join(failures)
 
 

@@ -73,24 +73,27 @@ def _decode_kernels(model, ids) -> tuple[torch.Tensor, Counter]:
     return step, kernels
 
 
+@pytest.mark.parametrize("pack_qkv", [True, False], ids=["packed_qkv", "three_projections"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_single_rank_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh, fp8):
+def test_single_rank_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh, fp8, pack_qkv):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops import patch_model
+    from triton_ops.models.layers import PACKING_ATTR
     from triton_ops.parallel import tensor_parallel_plan
 
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9 or newer")
     ref, tp = _llama(), _llama()
-    # pack_qkv=False: the plan shards q, k and v one by one and a packing over sharded projections is dropped
-    # (three GEMMs instead of one: 4 more launches in these 2 layers, seen on the H200); sharding the packed
-    # projection by heads is not done yet (docs/tensor-parallel.md)
-    recipe = {"fp8_recipe": "channel", "pack_qkv": False} if fp8 else {"pack_qkv": False}
+    # packed (patch_model's default): the plan keeps one q/k/v GEMM per rank over its heads (PackedQKVParallel),
+    # so the kernels must be the unsharded model's; three projections: each sharded on its own
+    recipe = {"fp8_recipe": "channel", "pack_qkv": pack_qkv} if fp8 else {"pack_qkv": pack_qkv}
     patch_model(ref, fp8=fp8, **recipe)
     patch_model(tp, fp8=fp8, **recipe)
     parallelize_module(tp, mesh, tensor_parallel_plan(tp, mesh))
     assert any(isinstance(p, DTensor) for p in tp.parameters())
+    packed = [PACKING_ATTR in layer.self_attn.__dict__ for layer in tp.model.layers]
+    assert packed == [pack_qkv] * len(packed), packed
     ids = torch.randint(0, 1000, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     with torch.no_grad():
         want, got = ref(ids).logits, tp(ids).logits
