@@ -14,12 +14,16 @@ per layer and step, about 7 us of a Llama-3-8B layer's decode step on the H200 i
   same launch; more rows (larger batches, prefill) spread over programs and advance the counter with a second
   launch.
 
+With ``q``, ``cos`` and ``sin`` the same launch first applies the rotary embedding (``rotate_half`` form, float32):
+K rotated in place and into the cache, Q in place (ops ``kv_cache_write_rope_`` / ``kv_cache_append_rope_``). A
+Llama-style decode step's RoPE and cache update are then one launch instead of two.
+
 Inference only: nothing here is differentiable (``KVCacheGradientError`` when a gradient would be recorded).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, TritonKernelError
@@ -64,6 +68,7 @@ class KVCacheWrite:
     cache_len: int
     k_dim: int
     v_dim: int
+    q_per_kv: int = 0  # query heads rotated per KV head (0: no RoPE in the launch)
 
     @property
     def rows(self) -> int:
@@ -117,11 +122,53 @@ def validate_kv_cache_write(keys: torch.Tensor, values: torch.Tensor, k: torch.T
     return KVCacheWrite(batch=b, heads=h, new=k.shape[2], cache_len=s, k_dim=dk, v_dim=values.shape[3])
 
 
+def validate_rope_operands(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
+    """Check the rotary operands of a fused write; the query heads per KV head.
+
+    ``q`` ``[B, G * Hkv, T, D]`` in k's dtype and device (unit last stride), ``D`` = k's head dim, even; ``cos`` /
+    ``sin`` ``[B, T, D]``, ``[1, T, D]`` or ``[T, D]`` (transformers' ``position_embeddings``), a float dtype, unit
+    last stride, on k's device.
+    """
+    check_tensor(q, "q")
+    check_ndim(q, "q", exact=4)
+    check_last_dim_contiguous(q, "q")
+    if q.dtype != k.dtype:
+        raise InvalidArgumentError(f"q: expected k's dtype ({str(k.dtype).removeprefix('torch.')}), got "
+                                   f"{str(q.dtype).removeprefix('torch.')}")
+    b, hkv, t, d = k.shape
+    if d % 2:
+        raise ShapeMismatchError(f"k: the rotary embedding needs an even head dim, got {d}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (b, t, d) or q.shape[1] % hkv:
+        raise ShapeMismatchError(f"q: expected [B, G * Hkv, T, D] = [{b}, G * {hkv}, {t}, {d}] (k's batch, new "
+                                 f"positions and head dim; a whole number of query heads per KV head), got "
+                                 f"{list(q.shape)}")
+    for table, name in ((cos, "cos"), (sin, "sin")):
+        check_tensor(table, name)
+        check_dtype(table, name, FLOAT_DTYPES)
+        check_last_dim_contiguous(table, name)
+        shape = tuple(table.shape)
+        if not (shape == (t, d) or (len(shape) == 3 and shape[0] in (1, b) and shape[1:] == (t, d))):
+            raise ShapeMismatchError(f"{name}: expected [{b}, {t}, {d}], [1, {t}, {d}] or [{t}, {d}] (batch, new "
+                                     f"positions, head dim), got {list(shape)}")
+    if cos.shape != sin.shape or cos.stride() != sin.stride():
+        raise ShapeMismatchError(f"sin: expected cos's shape and strides {list(cos.shape)} / {cos.stride()}, got "
+                                 f"{list(sin.shape)} / {sin.stride()}")
+    check_same_device(k=k, q=q, cos=cos, sin=sin)
+    return q.shape[1] // hkv
+
+
+def _table_strides(table: torch.Tensor) -> tuple[int, int]:
+    """(batch, position) strides of a ``[B', T, D]`` or ``[T, D]`` table; a single batch row is broadcast."""
+    if table.dim() == 2:
+        return 0, table.stride(0)
+    return (0 if table.shape[0] == 1 else table.stride(0)), table.stride(1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plan and launch
 # ----------------------------------------------------------------------------------------------------------------
 
-def _plan(keys, values, k, v, mode: int, info: KVCacheWrite) -> Plan | None:
+def _plan(keys, values, k, v, rope, mode: int, info: KVCacheWrite) -> Plan | None:
     rows = info.rows
     if rows == 0:
         return None
@@ -129,11 +176,16 @@ def _plan(keys, values, k, v, mode: int, info: KVCacheWrite) -> Plan | None:
     block_r = max(2, min(next_pow2(rows), 8192 // block_d))  # ~16 KB of K and of V in 16-bit per step
     one = mode == K.POS_LENGTH and rows <= ONE_PROGRAM_ROWS
     per_program = rows if one else 4 * block_r
+    q_strides, table_strides = (0, 0, 0), (0, 0)
+    if rope is not None:
+        q, cos, _ = rope
+        q_strides, table_strides = (q.stride(0), q.stride(1), q.stride(2)), _table_strides(cos)
     return Plan(K._kv_cache_write_kernel, (cdiv(rows, per_program),), (
-        info.heads, info.new, rows, per_program, info.cache_len,
+        info.heads, info.new, rows, per_program, info.cache_len, info.q_per_kv,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mode, one, keys.device.type == "cuda", info.k_dim, info.v_dim, block_d, block_r), 4, extra=one)
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *q_strides, *table_strides,
+        mode, one, keys.device.type == "cuda", rope is not None, info.k_dim, info.v_dim, block_d, block_r), 4,
+        extra=one)
 
 
 _PLANS = PlanCache()
@@ -159,14 +211,17 @@ def _check_on_host(info: KVCacheWrite, positions: torch.Tensor | None, length: t
             "enough for the prompt and every generated token")
 
 
-def _write(keys, values, k, v, positions, length) -> None:
+def _write(keys, values, k, v, positions, length, rope=None) -> None:
+    """The launch; ``rope``: ``(q, cos, sin)`` to rotate q and k first, or None."""
     mode = K.POS_TENSOR if positions is not None else K.POS_LENGTH if length is not None else K.POS_INDEX
-    key = call_key("kv_cache_write", keys, values, k, v, positions, length)
+    key = call_key("kv_cache_write", keys, values, k, v, positions, length, *(rope or ()))
     plan = _PLANS.get(key) if key is not None else None
     info = plan.info if plan is not None else None
     if plan is None:
         info = validate_kv_cache_write(keys, values, k, v, positions, length)
-        plan = _plan(keys, values, k, v, mode, info)
+        if rope is not None:
+            info = replace(info, q_per_kv=validate_rope_operands(rope[0], k, rope[1], rope[2]))
+        plan = _plan(keys, values, k, v, rope, mode, info)
         if plan is None:
             return
         plan.info = info
@@ -174,8 +229,10 @@ def _write(keys, values, k, v, positions, length) -> None:
             _PLANS.put(key, plan)
     if keys.device.type != "cuda":
         _check_on_host(info, positions, length)
-    dummy = keys  # never read: a constexpr says which of positions / length the kernel reads
-    plan.launch(keys, values, k, v, dummy if positions is None else positions, dummy if length is None else length)
+    dummy = keys  # never read: constexprs say which of positions / length / the rotary operands the kernel reads
+    q, cos, sin = rope if rope is not None else (dummy, dummy, dummy)
+    plan.launch(keys, values, k, v, dummy if positions is None else positions, dummy if length is None else length,
+                q, cos, sin)
     if length is not None and not plan.extra:  # several programs: advance the counter after they all read it
         length.add_(info.new)
 
@@ -206,6 +263,29 @@ def _(keys, values, k, v, length):
     return None
 
 
+@torch.library.custom_op(op_name("kv_cache_write_rope_"), mutates_args=("keys", "values", "q", "k"))
+def _kv_cache_write_rope_op(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            positions: torch.Tensor | None) -> None:
+    _write(keys, values, k, v, positions, None, (q, cos, sin))
+
+
+@_kv_cache_write_rope_op.register_fake
+def _(keys, values, q, k, v, cos, sin, positions):
+    return None
+
+
+@torch.library.custom_op(op_name("kv_cache_append_rope_"), mutates_args=("keys", "values", "q", "k", "length"))
+def _kv_cache_append_rope_op(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor) -> None:
+    _write(keys, values, k, v, None, length, (q, cos, sin))
+
+
+@_kv_cache_append_rope_op.register_fake
+def _(keys, values, q, k, v, cos, sin, length):
+    return None
+
+
 def update_kv_cache_(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -214,6 +294,9 @@ def update_kv_cache_(
     *,
     positions: torch.Tensor | None = None,
     length: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write a step's new K and V rows into a static KV cache, in place, in one launch.
 
@@ -231,6 +314,12 @@ def update_kv_cache_(
         positions: int32/int64 ``[T]``, the cache positions of the new rows.
         length: an int32/int64 tensor of one element (0-d or ``[1]``) on the cache's device: the filled length,
             read on the device (no host sync: a CUDA graph replays it step after step) and advanced by ``T``.
+        q, cos, sin: all three or none. The rotary embedding in the same launch, before the write: ``k`` and ``q``
+            (``[B, G * Hkv, T, D]``, k's dtype) become ``x * cos + rotate_half(x) * sin`` in place (computed in
+            float32, rounded once; ``rotate_half`` as transformers' Llama defines it, over the whole head dim), and
+            the rotated ``k`` is what the cache receives: ``apply_rope(q, k, cos, sin, inplace=True)`` then the
+            write, in one launch. ``cos`` / ``sin``: ``[B, T, D]``, ``[1, T, D]`` or ``[T, D]``, any float dtype
+            (transformers' ``position_embeddings``).
 
     Returns:
         ``(keys, values)``, updated (what ``StaticLayer.update`` returns).
@@ -238,21 +327,31 @@ def update_kv_cache_(
     A position outside ``[0, S_max)`` is never written: under the interpreter ``KVCacheOverflowError`` is raised
     before anything is written; on a GPU the kernel stops with a ``trap`` (the launch fails, as ``index_copy_``'s
     device-side assertion makes it fail). Registered as ``torch.ops.triton_ops.kv_cache_write_`` (positions or none)
-    and ``kv_cache_append_`` (length), with the mutated arguments in their schemas; inference only
+    and ``kv_cache_append_`` (length), with RoPE as ``kv_cache_write_rope_`` / ``kv_cache_append_rope_``, with the
+    mutated arguments in their schemas; inference only
     (``KVCacheGradientError`` if any argument requires a gradient with grad mode on).
 
     Raises:
         ShapeMismatchError, UnsupportedDtypeError, InvalidArgumentError, DeviceMismatchError,
         UnsupportedDeviceError, LayoutError, KVCacheOverflowError, KVCacheGradientError.
     """
-    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (keys, values, k, v)):
+    rope_parts = (q, cos, sin)
+    if any(t is not None for t in rope_parts) and any(t is None for t in rope_parts):
+        missing = ", ".join(n for n, t in zip(("q", "cos", "sin"), rope_parts, strict=True) if t is None)
+        raise InvalidArgumentError(f"q, cos, sin: the rotary embedding needs all three, got no {missing}")
+    rope = None if q is None else rope_parts
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (keys, values, k, v, q)):
         raise KVCacheGradientError(
             "update_kv_cache_: the KV-cache write is in place and inference-only; a gradient cannot flow through "
             "it (run under torch.no_grad() / torch.inference_mode(), or detach k and v)")
     if positions is not None and length is not None:
         raise InvalidArgumentError("positions, length: expected at most one of them, got both")
-    if direct_call_ok(keys, values, k, v, positions, length):
-        _write(keys, values, k, v, positions, length)
+    if direct_call_ok(keys, values, k, v, positions, length, *(rope or ())):
+        _write(keys, values, k, v, positions, length, rope)
+    elif rope is not None and length is not None:
+        _kv_cache_append_rope_op(keys, values, q, k, v, cos, sin, length)
+    elif rope is not None:
+        _kv_cache_write_rope_op(keys, values, q, k, v, cos, sin, positions)
     elif length is not None:
         _kv_cache_append_op(keys, values, k, v, length)
     else:
@@ -261,4 +360,4 @@ def update_kv_cache_(
 
 
 __all__ = ["ONE_PROGRAM_ROWS", "KVCacheGradientError", "KVCacheOverflowError", "KVCacheWrite", "update_kv_cache_",
-           "validate_kv_cache_write"]
+           "validate_kv_cache_write", "validate_rope_operands"]

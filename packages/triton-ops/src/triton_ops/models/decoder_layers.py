@@ -127,9 +127,9 @@ class RopeAttention(nn.Module):
         cos, sin = position_embeddings
         if grad:
             q, k = apply_rope(q, k, cos, sin)
-        else:  # into the projection's output (the packed buffer's q and k columns)
-            apply_rope(q, k, cos, sin, inplace=True)
-        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs)
+        # else: in place, into the projection's output (the packed buffer's q and k columns), by _attend: in the
+        # static cache's write when that is ours (one launch for both), else on its own first
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad)
 
 
 class QKNormRopeAttention(nn.Module):
@@ -198,15 +198,26 @@ def _records_grad(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torc
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-            sin: torch.Tensor, attention_mask: torch.Tensor | None, shape: torch.Size, kwargs: dict) -> tuple:
-    """The rest of transformers' attention forward, from rotated ``[..., seq, heads, head_dim]`` q and k: the cache
-    update, the configured attention function, ``o_proj``."""
+            sin: torch.Tensor, attention_mask: torch.Tensor | None, shape: torch.Size, kwargs: dict,
+            rope: bool = False) -> tuple:
+    """The rest of transformers' attention forward, from ``[..., seq, heads, head_dim]`` q, k and v: the cache
+    update, the configured attention function, ``o_proj``. q and k come rotated, or (``rope``) are rotated here in
+    place: inside the static cache's one-launch write where that runs (:func:`_static_layer_update`), else by one
+    :func:`~fused_rmsnorm_rope.apply_rope` launch before the cache update."""
     cache = next((kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs), None)
     for name in _CACHE_NAMES:  # both names given (one None): neither goes on to the attention function
         kwargs.pop(name, None)
     cache_position = kwargs.pop("cache_position", None)
+    written = None
+    if rope and cache is not None and _fusable_tables(k, cos, sin):
+        written = _static_layer_update(cache, k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx, cache_position,
+                                       rope=(q.transpose(1, 2), cos, sin))
+    if rope and written is None:
+        apply_rope(q, k, cos, sin, inplace=True)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if cache is not None:
+    if written is not None:
+        k, v = written
+    elif cache is not None:
         k, v = _update_cache(cache, k, v, attn.layer_idx, cos, sin, cache_position, kwargs)
     attention = _attention_function(type(attn), attn.config._attn_implementation)
     out, weights = attention(attn, q, k, v, attention_mask,
@@ -274,11 +285,21 @@ def _static_write_kind(layer_cls: type) -> str:
     return kind
 
 
-def _static_layer_update(cache, k, v, layer_idx: int, cache_position) -> tuple | None:
+def _fusable_tables(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the cache write can rotate q and k itself: transformers' ``[B or 1, T, head_dim]`` tables (the
+    rotation over the whole head dim; a partial rotary dim or other tables take ``apply_rope``)."""
+    b, t, _, d = k.shape
+    return (cos.dim() == 3 and cos.shape[0] in (1, b) and tuple(cos.shape[1:]) == (t, d) and cos.shape == sin.shape
+            and cos.stride() == sin.stride() and cos.stride(-1) == 1 and d % 2 == 0)
+
+
+def _static_layer_update(cache, k, v, layer_idx: int, cache_position, rope: tuple | None = None) -> tuple | None:
     """``StaticLayer.update`` of an initialized layer as one :func:`~decode_attention.update_kv_cache_` launch
     (transformers' makes five: ``arange``, two counter adds, two ``index_copy_``), the same rows at the same
-    positions and the counter advanced alike; None where transformers' own update must run (another layer class, a
-    first call that allocates the cache, offloading, a gradient to record, a device Triton does not run on)."""
+    positions and the counter advanced alike; with ``rope`` (``(q, cos, sin)``) the same launch first rotates q and
+    k in place (the cache receives the rotated k). None where transformers' own update must run (another layer
+    class, a first call that allocates the cache, offloading, a gradient to record, a device Triton does not run
+    on): then nothing was rotated either."""
     layers = getattr(cache, "layers", None)
     if layers is None or getattr(cache, "offloading", False) or not 0 <= layer_idx < len(layers):
         return None
@@ -294,10 +315,14 @@ def _static_layer_update(cache, k, v, layer_idx: int, cache_position) -> tuple |
         length = getattr(layer, "cumulative_length", None)
         if not isinstance(length, torch.Tensor) or length.device != keys.device:
             return None
-        return update_kv_cache_(keys, values, k, v, length=length)
+        return update_kv_cache_(keys, values, k, v, length=length, **_rope_kwargs(rope))
     if cache_position is None:
         return None
-    return update_kv_cache_(keys, values, k, v, positions=cache_position)
+    return update_kv_cache_(keys, values, k, v, positions=cache_position, **_rope_kwargs(rope))
+
+
+def _rope_kwargs(rope: tuple | None) -> dict:
+    return {} if rope is None else dict(zip(("q", "cos", "sin"), rope, strict=True))
 
 
 def _takes_cache_kwargs(cache_cls: type) -> bool:
