@@ -1,6 +1,7 @@
 """update_kv_cache_ with the rotary embedding in the same launch (q, cos, sin): q and k rotated in place
-(``x * cos + rotate_half(x) * sin``, float32, one rounding), the rotated k written into the cache at its positions or
-at a device length counter, v copied; against a float64 rotation and index_copy_; errors; the two registered ops."""
+(``x * cos + rotate_half(x) * sin``, float32, one rounding), optionally after Qwen3's per-head RMSNorm, the rotated k
+written into the cache at its positions or at a device length counter, v copied; against a float64 rotation and
+index_copy_; errors; the two registered ops."""
 
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def _rotated(x, cos, sin):
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * c + rot * s
+
+
+def _normed(x, w, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
 
 
 def _tol(dtype):
@@ -98,6 +104,36 @@ def test_length_counter_with_rope(device, monkeypatch, rows_per_program):
     kv_cache.clear_kv_cache_plans()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [False, True])
+def test_qk_norm_then_rope_then_write(device, dtype, length):
+    """Qwen3's step: each q and k head RMS-normalized with its weight, rotated, k written (one launch)."""
+    b, hq, h, t, s, d, eps = 2, 8, 2, 1, 10, 32, 1e-6
+    g = torch.Generator().manual_seed(21)
+    keys = torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype)
+    values = torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype)
+    _, q, k, v = _packed(b, t, hq, h, d, dtype, device, seed=22)
+    q.mul_(3.0)  # a norm that matters
+    qw, kw = (torch.rand(d, generator=g) + 0.5).to(device=device, dtype=dtype), (torch.rand(d, generator=g) + 0.5).to(
+        device=device, dtype=dtype)
+    cos, sin = _tables(b, t, d, torch.tensor([4]), torch.float32, device)
+    want_q = _rotated(_normed(q, qw, eps), cos, sin)
+    want_k = _rotated(_normed(k, kw, eps), cos, sin)
+    where = {"length": torch.tensor(4, device=device)} if length else {"positions": torch.tensor([4], device=device)}
+    update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, q_norm_weight=qw, k_norm_weight=kw, eps=eps, **where)
+    torch.testing.assert_close(q.double(), want_q, **_tol(dtype))
+    torch.testing.assert_close(k.double(), want_k, **_tol(dtype))
+    assert torch.equal(keys[:, :, 4:5], k) and torch.equal(values[:, :, 4:5], v)
+    with pytest.raises(InvalidArgumentError, match="both or neither"):
+        update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, q_norm_weight=qw, positions=where.get("positions"))
+    with pytest.raises(InvalidArgumentError, match="with the rotary embedding"):
+        update_kv_cache_(keys, values, k, v, q_norm_weight=qw, k_norm_weight=kw)
+    with pytest.raises(ShapeMismatchError, match="k_weight: expected a contiguous"):
+        update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, q_norm_weight=qw, k_norm_weight=kw[:-1])
+    with pytest.raises(InvalidArgumentError, match="eps"):
+        update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, q_norm_weight=qw, k_norm_weight=kw, eps=0.0)
+
+
 def test_bf16_tables_and_an_overflow_rotates_nothing(device):
     b, hq, h, t, s, d = 1, 2, 1, 2, 4, 16
     keys, values = torch.zeros(b, h, s, d, device=device), torch.zeros(b, h, s, d, device=device)
@@ -144,8 +180,11 @@ def test_rope_ops_registered_with_mutations_and_opcheck(device):
     _, q, k, v = _packed(b, t, hq, h, d, torch.float32, device, seed=5)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # opcheck clones its arguments
     cos, sin = _tables(b, t, d, torch.tensor([1, 2]), torch.float32, device)
-    opcheck_op(WRITE_ROPE, (keys, values, q, k, v, cos, sin, torch.tensor([5, 1], device=device)))
-    opcheck_op(APPEND_ROPE, (keys, values, q, k, v, cos, sin, torch.zeros((), dtype=torch.int64, device=device)))
+    w = torch.randn(d, device=device)
+    opcheck_op(WRITE_ROPE, (keys, values, q, k, v, cos, sin, torch.tensor([5, 1], device=device), None, None, 1e-6))
+    opcheck_op(WRITE_ROPE, (keys, values, q, k, v, cos, sin, None, w, w.flip(0).contiguous(), 1e-5))
+    opcheck_op(APPEND_ROPE, (keys, values, q, k, v, cos, sin, torch.zeros((), dtype=torch.int64, device=device),
+                             None, None, 1e-6))
 
 
 class _Step(torch.nn.Module):

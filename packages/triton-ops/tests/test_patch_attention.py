@@ -333,7 +333,8 @@ def test_generate_runs_on_a_packed_llama():
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind, monkeypatch):
     """Decode steps against transformers' StaticCache: after the prefill (transformers' own update allocates the
-    layer), each step's cache write is one update_kv_cache_ call per layer, Llama's with the rotary embedding in it;
+    layer), each step's cache write is one update_kv_cache_ call per layer with the rotary embedding in it (Qwen3's
+    QK norm too);
     the cache tensors, the layer's length counter (5.2x) and the logits are those of the unpatched model's own
     update."""
     from decode_attention import kv_cache
@@ -345,9 +346,10 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
     original = decoder_layers.update_kv_cache_
     monkeypatch.setattr(decoder_layers, "update_kv_cache_",
                         lambda *a, **kw: calls.append(sorted(kw)) or original(*a, **kw))
-    rope_calls = []
-    original_rope = decoder_layers.apply_rope
-    monkeypatch.setattr(decoder_layers, "apply_rope", lambda *a, **kw: rope_calls.append(1) or original_rope(*a, **kw))
+    rope_calls = []  # the separate RoPE launches (Llama: apply_rope; Qwen3: fused_qk_norm_rope)
+    rope_fn = "apply_rope" if kind == "llama" else "fused_qk_norm_rope"
+    original_rope = getattr(decoder_layers, rope_fn)
+    monkeypatch.setattr(decoder_layers, rope_fn, lambda *a, **kw: rope_calls.append(1) or original_rope(*a, **kw))
     name = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
     ids = torch.randint(0, 128, (2, 5), device=DEVICE)
     caches, logits = [], []
@@ -364,11 +366,11 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
     assert len(calls) == 2 * 2  # two steps, two layers; the prefill allocated the layers through transformers
     counter = hasattr(caches[1].layers[0], "cumulative_length") and "cache_kwargs" not in __import__(
         "inspect").signature(type(caches[1].layers[0]).update).parameters
-    # Llama: the rotary embedding runs inside the same launch (apply_rope only in the prefill's two layers);
-    # Qwen3's QK-norm + RoPE kernel rotates before the write
-    rope = ["cos", "q", "sin"] if kind == "llama" else []
+    # the rotary embedding (Qwen3: with its QK norm) runs inside the same launch; its own launch only in the
+    # prefill's two layers
+    rope = ["cos", "q", "sin"] + (["eps", "k_norm_weight", "q_norm_weight"] if kind == "qwen3" else [])
     assert calls[0] == sorted(["length" if counter else "positions", *rope])
-    assert len(rope_calls) == (2 if kind == "llama" else 0)
+    assert len(rope_calls) == 2
     close = 0.9999 if DTYPE == torch.bfloat16 else 0.9999999  # bf16: the packed GEMM rounds its own way
     for ours, ref in zip(caches[0].layers, caches[1].layers):
         for mine, theirs in ((ours.keys, ref.keys), (ours.values, ref.values)):

@@ -15,8 +15,9 @@ cache at its position. The position of new row ``t`` is (``POSITIONS``):
 With ``ROPE`` the kernel also applies the rotary embedding first (transformers' ``rotate_half`` form over the whole
 head dim, in float32, rounded once to the states' dtype): K rows are rotated by ``cos`` / ``sin`` ``[B', T, D]`` at
 their batch (``B'`` is 1 or ``B``) and new position, written back to ``k`` in place and to the cache; the ``G`` query
-heads of each KV head (``q`` ``[B, G * Hkv, T, D]``) are rotated in place. A decode step's RoPE and cache update are
-then one launch.
+heads of each KV head (``q`` ``[B, G * Hkv, T, D]``) are rotated in place. With ``NORM`` each head is first
+RMS-normalized with its weight (``qw`` / ``kw`` ``[D]``: Qwen3's q_norm / k_norm). A decode step's RoPE (QK-norm
+included) and cache update are then one launch.
 
 A position outside ``[0, S_MAX)`` is never written. With ``TRAP`` (on a GPU) such a row stops the kernel with a
 ``trap`` instruction: the launch fails as ``index_copy_``'s device-side assertion makes it fail, rather than the
@@ -48,13 +49,19 @@ def _copy_rows(dst_ptr, src_ptr, dst_off, src_off, ok, offs_d, d_ok):
 
 
 @triton.jit
-def _rotate_rows(ptr, off, cos_ptr, sin_ptr, cs_off, ok, offs_h, h_ok, HALF: tl.constexpr):
-    """Rows ``x`` at ``ptr + off`` become ``x * cos + rotate_half(x) * sin`` (float32, one rounding), in place; the
-    rotated rows are returned (the halves, in the rows' dtype)."""
+def _rotate_rows(ptr, off, cos_ptr, sin_ptr, cs_off, ok, offs_h, h_ok, w_ptr, eps, HALF: tl.constexpr,
+                 NORM: tl.constexpr):
+    """Rows ``x`` at ``ptr + off`` become ``n * cos + rotate_half(n) * sin`` in place, ``n`` = x, or with ``NORM``
+    its RMSNorm ``x * rsqrt(mean(x^2) + eps) * w`` (Qwen3's per-head q/k norm); float32, one rounding. The rotated
+    rows are returned (the halves, in the rows' dtype)."""
     m = ok[:, None] & h_ok[None, :]
     lo_ptr = ptr + off[:, None] + offs_h[None, :]
-    x1 = tl.load(lo_ptr, mask=m).to(tl.float32)
-    x2 = tl.load(lo_ptr + HALF, mask=m).to(tl.float32)
+    x1 = tl.load(lo_ptr, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(lo_ptr + HALF, mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        r = tl.rsqrt(tl.sum(x1 * x1 + x2 * x2, axis=1) / (2 * HALF) + eps)[:, None]
+        x1 = x1 * r * tl.load(w_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        x2 = x2 * r * tl.load(w_ptr + HALF + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
     cs = cs_off[:, None] + offs_h[None, :]
     c1 = tl.load(cos_ptr + cs, mask=m).to(tl.float32)
     c2 = tl.load(cos_ptr + cs + HALF, mask=m).to(tl.float32)
@@ -69,14 +76,14 @@ def _rotate_rows(ptr, off, cos_ptr, sin_ptr, cs_off, ok, offs_h, h_ok, HALF: tl.
 
 @triton.jit
 def _kv_cache_write_kernel(
-    keys_ptr, values_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, q_ptr, cos_ptr, sin_ptr,
-    H, T, ROWS, ROWS_PER_PROGRAM, S_MAX, G,
+    keys_ptr, values_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, q_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
+    H, T, ROWS, ROWS_PER_PROGRAM, S_MAX, G, eps,
     # strides in elements: the cache's (batch, head, position) and the new states' (batch, head, new position)
     s_keys_b, s_keys_h, s_keys_s, s_vals_b, s_vals_h, s_vals_s,
     s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,
     # (ROPE) q's (batch, head, new position) and the tables' (batch, new position)
     s_q_b, s_q_h, s_q_t, s_cs_b, s_cs_t,
-    POSITIONS: tl.constexpr, ADVANCE: tl.constexpr, TRAP: tl.constexpr, ROPE: tl.constexpr,
+    POSITIONS: tl.constexpr, ADVANCE: tl.constexpr, TRAP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -109,13 +116,13 @@ def _kv_cache_write_kernel(
             h_ok = offs_h < HALF
             cs_off = b * s_cs_b + t * s_cs_t
             r1, r2 = _rotate_rows(k_ptr, b * s_k_b + h * s_k_h + t * s_k_t, cos_ptr, sin_ptr, cs_off, ok, offs_h,
-                                  h_ok, HALF)
+                                  h_ok, kw_ptr, eps, HALF, NORM)
             dst = keys_ptr + (b * s_keys_b + h * s_keys_h + pos * s_keys_s)[:, None] + offs_h[None, :]
             tl.store(dst, r1, mask=write[:, None] & h_ok[None, :])
             tl.store(dst + HALF, r2, mask=write[:, None] & h_ok[None, :])
             for g in range(G):
                 _rotate_rows(q_ptr, b * s_q_b + (h * G + g) * s_q_h + t * s_q_t, cos_ptr, sin_ptr, cs_off, ok,
-                             offs_h, h_ok, HALF)
+                             offs_h, h_ok, qw_ptr, eps, HALF, NORM)
         else:
             _copy_rows(keys_ptr, k_ptr, b * s_keys_b + h * s_keys_h + pos * s_keys_s,
                        b * s_k_b + h * s_k_h + t * s_k_t, write, offs_d, offs_d < K_DIM)

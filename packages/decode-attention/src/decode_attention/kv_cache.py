@@ -16,7 +16,9 @@ per layer and step, about 7 us of a Llama-3-8B layer's decode step on the H200 i
 
 With ``q``, ``cos`` and ``sin`` the same launch first applies the rotary embedding (``rotate_half`` form, float32):
 K rotated in place and into the cache, Q in place (ops ``kv_cache_write_rope_`` / ``kv_cache_append_rope_``). A
-Llama-style decode step's RoPE and cache update are then one launch instead of two.
+Llama-style decode step's RoPE and cache update are then one launch instead of two; with ``q_norm_weight`` /
+``k_norm_weight`` each head is RMS-normalized first (Qwen3's QK norm), so a Qwen3 step's QK-norm + RoPE and cache
+update are one launch too.
 
 Inference only: nothing here is differentiable (``KVCacheGradientError`` when a gradient would be recorded).
 """
@@ -157,6 +159,21 @@ def validate_rope_operands(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
     return q.shape[1] // hkv
 
 
+def validate_norm_weights(q_weight: torch.Tensor, k_weight: torch.Tensor, k: torch.Tensor, eps: float) -> None:
+    """Check the per-head RMSNorm weights of a fused write: ``[D]`` each (k's head dim), a float dtype, on k's
+    device; ``eps`` a positive number."""
+    d = k.shape[3]
+    for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
+        check_tensor(w, name)
+        check_dtype(w, name, FLOAT_DTYPES)
+        if tuple(w.shape) != (d,) or w.stride() != (1,):
+            raise ShapeMismatchError(f"{name}: expected a contiguous [{d}] (the head dim), got {list(w.shape)} with "
+                                     f"strides {w.stride()}")
+    check_same_device(k=k, q_weight=q_weight, k_weight=k_weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise InvalidArgumentError(f"eps: expected a positive number, got {eps!r}")
+
+
 def _table_strides(table: torch.Tensor) -> tuple[int, int]:
     """(batch, position) strides of a ``[B', T, D]`` or ``[T, D]`` table; a single batch row is broadcast."""
     if table.dim() == 2:
@@ -168,7 +185,7 @@ def _table_strides(table: torch.Tensor) -> tuple[int, int]:
 # Plan and launch
 # ----------------------------------------------------------------------------------------------------------------
 
-def _plan(keys, values, k, v, rope, mode: int, info: KVCacheWrite) -> Plan | None:
+def _plan(keys, values, k, v, rope, norm, mode: int, info: KVCacheWrite) -> Plan | None:
     rows = info.rows
     if rows == 0:
         return None
@@ -182,9 +199,11 @@ def _plan(keys, values, k, v, rope, mode: int, info: KVCacheWrite) -> Plan | Non
         q_strides, table_strides = (q.stride(0), q.stride(1), q.stride(2)), _table_strides(cos)
     return Plan(K._kv_cache_write_kernel, (cdiv(rows, per_program),), (
         info.heads, info.new, rows, per_program, info.cache_len, info.q_per_kv,
+        1e-6 if norm is None else float(norm[2]),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *q_strides, *table_strides,
-        mode, one, keys.device.type == "cuda", rope is not None, info.k_dim, info.v_dim, block_d, block_r), 4,
+        mode, one, keys.device.type == "cuda", rope is not None, norm is not None, info.k_dim, info.v_dim, block_d,
+        block_r), 4,
         extra=one)
 
 
@@ -211,17 +230,20 @@ def _check_on_host(info: KVCacheWrite, positions: torch.Tensor | None, length: t
             "enough for the prompt and every generated token")
 
 
-def _write(keys, values, k, v, positions, length, rope=None) -> None:
-    """The launch; ``rope``: ``(q, cos, sin)`` to rotate q and k first, or None."""
+def _write(keys, values, k, v, positions, length, rope=None, norm=None) -> None:
+    """The launch; ``rope``: ``(q, cos, sin)`` to rotate q and k first, or None; ``norm``: ``(q_weight, k_weight,
+    eps)`` to RMS-normalize each head before (with ``rope`` only), or None."""
     mode = K.POS_TENSOR if positions is not None else K.POS_LENGTH if length is not None else K.POS_INDEX
-    key = call_key("kv_cache_write", keys, values, k, v, positions, length, *(rope or ()))
+    key = call_key("kv_cache_write", keys, values, k, v, positions, length, *(rope or ()), *(norm or ()))
     plan = _PLANS.get(key) if key is not None else None
     info = plan.info if plan is not None else None
     if plan is None:
         info = validate_kv_cache_write(keys, values, k, v, positions, length)
         if rope is not None:
             info = replace(info, q_per_kv=validate_rope_operands(rope[0], k, rope[1], rope[2]))
-        plan = _plan(keys, values, k, v, rope, mode, info)
+        if norm is not None:
+            validate_norm_weights(norm[0], norm[1], k, norm[2])
+        plan = _plan(keys, values, k, v, rope, norm, mode, info)
         if plan is None:
             return
         plan.info = info
@@ -231,8 +253,9 @@ def _write(keys, values, k, v, positions, length, rope=None) -> None:
         _check_on_host(info, positions, length)
     dummy = keys  # never read: constexprs say which of positions / length / the rotary operands the kernel reads
     q, cos, sin = rope if rope is not None else (dummy, dummy, dummy)
+    q_weight, k_weight = norm[:2] if norm is not None else (dummy, dummy)
     plan.launch(keys, values, k, v, dummy if positions is None else positions, dummy if length is None else length,
-                q, cos, sin)
+                q, cos, sin, q_weight, k_weight)
     if length is not None and not plan.extra:  # several programs: advance the counter after they all read it
         length.add_(info.new)
 
@@ -263,26 +286,31 @@ def _(keys, values, k, v, length):
     return None
 
 
+def _norm(q_weight, k_weight, eps) -> tuple | None:
+    return None if q_weight is None else (q_weight, k_weight, eps)
+
+
 @torch.library.custom_op(op_name("kv_cache_write_rope_"), mutates_args=("keys", "values", "q", "k"))
 def _kv_cache_write_rope_op(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                            v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            positions: torch.Tensor | None) -> None:
-    _write(keys, values, k, v, positions, None, (q, cos, sin))
+                            v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
+                            q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> None:
+    _write(keys, values, k, v, positions, None, (q, cos, sin), _norm(q_weight, k_weight, eps))
 
 
 @_kv_cache_write_rope_op.register_fake
-def _(keys, values, q, k, v, cos, sin, positions):
+def _(keys, values, q, k, v, cos, sin, positions, q_weight, k_weight, eps):
     return None
 
 
 @torch.library.custom_op(op_name("kv_cache_append_rope_"), mutates_args=("keys", "values", "q", "k", "length"))
 def _kv_cache_append_rope_op(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor) -> None:
-    _write(keys, values, k, v, None, length, (q, cos, sin))
+                             v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor,
+                             q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> None:
+    _write(keys, values, k, v, None, length, (q, cos, sin), _norm(q_weight, k_weight, eps))
 
 
 @_kv_cache_append_rope_op.register_fake
-def _(keys, values, q, k, v, cos, sin, length):
+def _(keys, values, q, k, v, cos, sin, length, q_weight, k_weight, eps):
     return None
 
 
@@ -297,6 +325,9 @@ def update_kv_cache_(
     q: torch.Tensor | None = None,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write a step's new K and V rows into a static KV cache, in place, in one launch.
 
@@ -320,6 +351,10 @@ def update_kv_cache_(
             the rotated ``k`` is what the cache receives: ``apply_rope(q, k, cos, sin, inplace=True)`` then the
             write, in one launch. ``cos`` / ``sin``: ``[B, T, D]``, ``[1, T, D]`` or ``[T, D]``, any float dtype
             (transformers' ``position_embeddings``).
+        q_norm_weight, k_norm_weight, eps: both weights or neither, with q, cos and sin only. Each q and k head is
+            first RMS-normalized, ``x * rsqrt(mean(x^2) + eps) * weight`` over the head dim (Qwen3's ``q_norm`` /
+            ``k_norm``, ``[D]`` each), then rotated: ``fused_qk_norm_rope(..., inplace=True)`` and the write in one
+            launch.
 
     Returns:
         ``(keys, values)``, updated (what ``StaticLayer.update`` returns).
@@ -339,19 +374,26 @@ def update_kv_cache_(
     if any(t is not None for t in rope_parts) and any(t is None for t in rope_parts):
         missing = ", ".join(n for n, t in zip(("q", "cos", "sin"), rope_parts, strict=True) if t is None)
         raise InvalidArgumentError(f"q, cos, sin: the rotary embedding needs all three, got no {missing}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise InvalidArgumentError("q_norm_weight, k_norm_weight: expected both or neither, got one")
+    if q_norm_weight is not None and q is None:
+        raise InvalidArgumentError("q_norm_weight, k_norm_weight: the QK norm runs with the rotary embedding; "
+                                   "expected q, cos and sin as well")
     rope = None if q is None else rope_parts
-    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (keys, values, k, v, q)):
+    norm = _norm(q_norm_weight, k_norm_weight, eps)
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
+                                       for t in (keys, values, k, v, q, q_norm_weight, k_norm_weight)):
         raise KVCacheGradientError(
             "update_kv_cache_: the KV-cache write is in place and inference-only; a gradient cannot flow through "
             "it (run under torch.no_grad() / torch.inference_mode(), or detach k and v)")
     if positions is not None and length is not None:
         raise InvalidArgumentError("positions, length: expected at most one of them, got both")
-    if direct_call_ok(keys, values, k, v, positions, length, *(rope or ())):
-        _write(keys, values, k, v, positions, length, rope)
+    if direct_call_ok(keys, values, k, v, positions, length, *(rope or ()), q_norm_weight, k_norm_weight):
+        _write(keys, values, k, v, positions, length, rope, norm)
     elif rope is not None and length is not None:
-        _kv_cache_append_rope_op(keys, values, q, k, v, cos, sin, length)
+        _kv_cache_append_rope_op(keys, values, q, k, v, cos, sin, length, q_norm_weight, k_norm_weight, eps)
     elif rope is not None:
-        _kv_cache_write_rope_op(keys, values, q, k, v, cos, sin, positions)
+        _kv_cache_write_rope_op(keys, values, q, k, v, cos, sin, positions, q_norm_weight, k_norm_weight, eps)
     elif length is not None:
         _kv_cache_append_op(keys, values, k, v, length)
     else:
@@ -360,4 +402,4 @@ def update_kv_cache_(
 
 
 __all__ = ["ONE_PROGRAM_ROWS", "KVCacheGradientError", "KVCacheOverflowError", "KVCacheWrite", "update_kv_cache_",
-           "validate_kv_cache_write", "validate_rope_operands"]
+           "validate_kv_cache_write", "validate_norm_weights", "validate_rope_operands"]

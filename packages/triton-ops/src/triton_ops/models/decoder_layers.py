@@ -9,7 +9,8 @@ objects at hand, not from version numbers.
 
 The attentions: :class:`RopeAttention` (Llama, Mistral, Qwen2: packed QKV GEMM, then RoPE in place on its q/k views
 in one launch) and :class:`QKNormRopeAttention` (Qwen3: packed QKV GEMM, then QK-norm + RoPE in place in one
-launch); then, for both, the cache update, the attention function ``config._attn_implementation`` names (through
+launch); with a static cache, those launches are the cache write's (one launch rotates and writes); then, for both, the
+cache update, the attention function ``config._attn_implementation`` names (through
 transformers' ``ALL_ATTENTION_FUNCTIONS``, so any registered backend plugs in by name) and ``o_proj``.
 """
 
@@ -166,9 +167,12 @@ class QKNormRopeAttention(nn.Module):
         q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
         q, k, v, grad = _project_qkv(self, hidden_states, (q_weight, k_weight))
         cos, sin = position_embeddings
-        q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=self.q_norm.variance_epsilon,
-                                  inplace=not grad)
-        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs)
+        eps = self.q_norm.variance_epsilon
+        if grad:
+            q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps)
+        # else: in place, inside the static cache's write when that is ours, else its own launch (_attend)
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
+                       qk_norm=(q_weight, k_weight, eps) if not grad else None)
 
 
 def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torch.Tensor, ...]
@@ -199,20 +203,24 @@ def _records_grad(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torc
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor, attention_mask: torch.Tensor | None, shape: torch.Size, kwargs: dict,
-            rope: bool = False) -> tuple:
+            rope: bool = False, qk_norm: tuple | None = None) -> tuple:
     """The rest of transformers' attention forward, from ``[..., seq, heads, head_dim]`` q, k and v: the cache
     update, the configured attention function, ``o_proj``. q and k come rotated, or (``rope``) are rotated here in
-    place: inside the static cache's one-launch write where that runs (:func:`_static_layer_update`), else by one
-    :func:`~fused_rmsnorm_rope.apply_rope` launch before the cache update."""
+    place, after the per-head RMSNorm of ``qk_norm`` (``(q_weight, k_weight, eps)``, Qwen3) where given: inside the
+    static cache's one-launch write where that runs (:func:`_static_layer_update`), else by one
+    :func:`~fused_rmsnorm_rope.apply_rope` / :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch before the cache
+    update."""
     cache = next((kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs), None)
     for name in _CACHE_NAMES:  # both names given (one None): neither goes on to the attention function
         kwargs.pop(name, None)
     cache_position = kwargs.pop("cache_position", None)
     written = None
-    if rope and cache is not None and _fusable_tables(k, cos, sin):
+    if rope and cache is not None and _fusable_tables(k, cos, sin, qk_norm):
         written = _static_layer_update(cache, k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx, cache_position,
-                                       rope=(q.transpose(1, 2), cos, sin))
-    if rope and written is None:
+                                       rope=(q.transpose(1, 2), cos, sin), qk_norm=qk_norm)
+    if rope and written is None and qk_norm is not None:
+        fused_qk_norm_rope(q, k, qk_norm[0], qk_norm[1], cos, sin, eps=qk_norm[2], inplace=True)
+    elif rope and written is None:
         apply_rope(q, k, cos, sin, inplace=True)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if written is not None:
@@ -285,19 +293,26 @@ def _static_write_kind(layer_cls: type) -> str:
     return kind
 
 
-def _fusable_tables(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether the cache write can rotate q and k itself: transformers' ``[B or 1, T, head_dim]`` tables (the
-    rotation over the whole head dim; a partial rotary dim or other tables take ``apply_rope``)."""
+def _fusable_tables(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qk_norm: tuple | None) -> bool:
+    """Whether the cache write can rotate (and normalize) q and k itself: transformers' ``[B or 1, T, head_dim]``
+    tables (the rotation over the whole head dim), ``[head_dim]`` norm weights of k's dtype family. A partial rotary
+    dim, other tables or other weights take the separate launch."""
     b, t, _, d = k.shape
-    return (cos.dim() == 3 and cos.shape[0] in (1, b) and tuple(cos.shape[1:]) == (t, d) and cos.shape == sin.shape
-            and cos.stride() == sin.stride() and cos.stride(-1) == 1 and d % 2 == 0)
+    tables = (cos.dim() == 3 and cos.shape[0] in (1, b) and tuple(cos.shape[1:]) == (t, d)
+              and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1 and d % 2 == 0)
+    if not tables or qk_norm is None:
+        return tables
+    return all(isinstance(w, torch.Tensor) and tuple(w.shape) == (d,) and w.stride() == (1,)
+               and w.device == k.device for w in qk_norm[:2])
 
 
-def _static_layer_update(cache, k, v, layer_idx: int, cache_position, rope: tuple | None = None) -> tuple | None:
+def _static_layer_update(cache, k, v, layer_idx: int, cache_position, rope: tuple | None = None,
+                         qk_norm: tuple | None = None) -> tuple | None:
     """``StaticLayer.update`` of an initialized layer as one :func:`~decode_attention.update_kv_cache_` launch
     (transformers' makes five: ``arange``, two counter adds, two ``index_copy_``), the same rows at the same
     positions and the counter advanced alike; with ``rope`` (``(q, cos, sin)``) the same launch first rotates q and
-    k in place (the cache receives the rotated k). None where transformers' own update must run (another layer
+    k in place (the cache receives the rotated k), after normalizing each head with ``qk_norm``'s weights if given.
+    None where transformers' own update must run (another layer
     class, a first call that allocates the cache, offloading, a gradient to record, a device Triton does not run
     on): then nothing was rotated either."""
     layers = getattr(cache, "layers", None)
@@ -315,14 +330,17 @@ def _static_layer_update(cache, k, v, layer_idx: int, cache_position, rope: tupl
         length = getattr(layer, "cumulative_length", None)
         if not isinstance(length, torch.Tensor) or length.device != keys.device:
             return None
-        return update_kv_cache_(keys, values, k, v, length=length, **_rope_kwargs(rope))
+        return update_kv_cache_(keys, values, k, v, length=length, **_rope_kwargs(rope, qk_norm))
     if cache_position is None:
         return None
-    return update_kv_cache_(keys, values, k, v, positions=cache_position, **_rope_kwargs(rope))
+    return update_kv_cache_(keys, values, k, v, positions=cache_position, **_rope_kwargs(rope, qk_norm))
 
 
-def _rope_kwargs(rope: tuple | None) -> dict:
-    return {} if rope is None else dict(zip(("q", "cos", "sin"), rope, strict=True))
+def _rope_kwargs(rope: tuple | None, qk_norm: tuple | None) -> dict:
+    kwargs = {} if rope is None else dict(zip(("q", "cos", "sin"), rope, strict=True))
+    if qk_norm is not None:
+        kwargs.update(zip(("q_norm_weight", "k_norm_weight", "eps"), qk_norm, strict=True))
+    return kwargs
 
 
 def _takes_cache_kwargs(cache_cls: type) -> bool:
