@@ -84,3 +84,6 @@ def test_every_public_op_is_registered_in_one_namespace() -> None:
     for name in triton_ops.REGISTERED_OPS:
         op = getattr(torch.ops.triton_ops, name).default
         assert isinstance(op, torch._ops.OpOverload) and op.namespace == "triton_ops", name
+    # and the list is complete: every op the packages registered in the namespace is on it
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("triton_ops::")}
+    assert registered == set(triton_ops.REGISTERED_OPS), registered ^ set(triton_ops.REGISTERED_OPS)

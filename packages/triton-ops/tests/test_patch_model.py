@@ -153,6 +153,28 @@ def test_fp8_patch_converts_every_linear_but_the_lm_head():
     assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
 
 
+def test_fp8_down_projection_adds_the_residual_in_its_kernel(monkeypatch):
+    """A bias-free FP8 down_proj adds into the layer's residual (fp8_linear_add_: on a decode row, the weight-only
+    kernel's epilogue) instead of a separate add: once per layer and forward, the same logits as the separate add
+    (float32: the same sum, bit for bit)."""
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="channel")
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    calls = []
+    fused = decoder_layers.fp8_linear_add_
+    monkeypatch.setattr(decoder_layers, "fp8_linear_add_", lambda r, x, *a: calls.append(x.shape) or fused(r, x, *a))
+    ours = _prefill_and_step(model, ids)
+    assert calls == [(1, 6, 96)] * 2 + [(1, 1, 96)] * 2  # the prefill's two layers, then the step's
+    monkeypatch.setattr(decoder_layers, "_down_adds_residual", lambda mlp, residual: "")
+    separate = _prefill_and_step(model, ids)
+    for a, b in zip(ours, separate, strict=True):
+        if DTYPE == torch.float32:
+            assert torch.equal(a, b)
+        else:
+            assert _cosine(a, b) >= 0.9999
+
+
 def test_generate_runs_on_a_patched_model():
     model = patch_model(_model("qwen3"))
     reference = _model("qwen3")

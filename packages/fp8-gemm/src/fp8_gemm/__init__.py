@@ -11,7 +11,7 @@ from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_repo
 from .decode_linear import decode_linear
 from .gemm import clear_caches, fp8_gemm
 from .gemm_configs import FP8_GEMM_CONFIGS, FP8_GEMM_DECODE_CONFIGS, FP8_GEMM_PTR_CONFIGS
-from .linear import FP8Linear, TrainableFP8Linear, convert_to_fp8, fp8_linear
+from .linear import FP8Linear, TrainableFP8Linear, convert_to_fp8, fp8_linear, fp8_linear_add_
 from .quantize import (
     ACTIVATION_BLOCK,
     GRANULARITIES,
@@ -48,6 +48,7 @@ __all__ = [
     "expand_scale",
     "fp8_gemm",
     "fp8_linear",
+    "fp8_linear_add_",
     "fp8_max",
     "outlier_activations",
     "quantization_sqnr",

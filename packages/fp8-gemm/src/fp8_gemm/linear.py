@@ -305,6 +305,81 @@ def _backward(ctx, grad):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    activation_granularity: str = "row", fast_accum: bool = False, path: str = "auto"
+                    ) -> torch.Tensor:
+    """``residual += x @ dequant(weight)^T``, in place: a decoder layer's residual add inside its (bias-free) FP8
+    down projection.
+
+    On the weight-only path (decode rows, where :func:`fp8_linear`'s ``path="auto"`` takes it) this is one launch:
+    the kernel adds its fp32 product to the residual and rounds the sum once (as cuBLAS's ``addmm_`` with beta = 1
+    does), so the layer makes no separate add. Elsewhere it is :func:`fp8_linear` followed by ``residual.add_``.
+
+    Args:
+        residual: ``[..., out_features]`` in x's dtype, contiguous, x's leading shape; updated and returned.
+        x, weight, weight_scale, activation_granularity, fast_accum, path: as :func:`fp8_linear`'s.
+
+    Inference only: nothing is differentiated (``InvalidArgumentError`` if grad mode is on and an argument
+    requires a gradient). Registered as ``torch.ops.triton_ops.fp8_linear_add_`` (``residual`` mutated).
+    """
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (residual, x)):
+        raise InvalidArgumentError("fp8_linear_add_: an in-place, inference-only residual add; run it under "
+                                   "torch.no_grad() (or use residual + fp8_linear(...) to differentiate)")
+    if direct_call_ok(residual, x, weight, weight_scale):
+        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+    else:
+        _linear_add_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+    return residual
+
+
+def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path) -> None:
+    try:
+        key = call_key("add", residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+    except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says so
+        key = None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _linear_add_plan(residual, x, weight, weight_scale, path)
+        if key is not None:
+            _PLANS.put(key, plan)
+    if plan is False:  # W8A8 (or any other path): the product, then the add
+        residual.add_(_linear(x, weight, weight_scale, None, activation_granularity, fast_accum, path))
+        return
+    plan.run(x.reshape(-1, weight.shape[1]), weight, weight_scale, None, out=residual.view(-1, weight.shape[0]))
+
+
+def _linear_add_plan(residual, x, weight, weight_scale, path):
+    """The weight-only plan adding into ``residual``, or False where another path runs."""
+    check_tensor(residual, "residual")
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_ndim(weight, "weight", exact=2)
+    n, k = weight.shape
+    if x.dim() == 0 or tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ShapeMismatchError(f"residual: expected shape {[*x.shape[:-1], n]} (x's rows, weight's out_features), "
+                                 f"got {list(residual.shape)}")
+    if not residual.is_contiguous():
+        raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
+    check_dtype(residual, "residual", (x.dtype,))
+    x2 = x.reshape(-1, k) if x.dim() and x.shape[-1] == k else x
+    if x2.dim() != 2 or x2.shape[-1] != k or x2.stride(-1) != 1 or not use_weight_only(path, x2.shape[0], weight,
+                                                                                       weight_scale):
+        return False
+    return build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n))
+
+
+@torch.library.custom_op(op_name("fp8_linear_add_"), mutates_args=("residual",))
+def _linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   activation_granularity: str, fast_accum: bool, path: str) -> None:
+    with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
+        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+
+
+@_linear_add_op.register_fake
+def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path):
+    return None
+
+
 class _TrainableFP8(torch.autograd.Function):
     """Forward: the weight quantized to E4M3 on every call, then the FP8 GEMM (``fp8_linear``). Backward: the
     input gradient through the quantized weight, the weight and bias gradients in high precision."""
@@ -420,4 +495,4 @@ def convert_to_fp8(
 
 
 __all__ = ["ACTIVATION_GRANULARITIES", "WEIGHT_GRANULARITIES", "FP8Linear", "TrainableFP8Linear", "convert_to_fp8",
-           "fp8_linear"]
+           "fp8_linear", "fp8_linear_add_"]

@@ -207,12 +207,18 @@ class WeightOnlyPlan:
         self.launch, self.counters, self.partials, self.config = launch, counters, partials, config
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-            bias: torch.Tensor | None) -> torch.Tensor:
-        """``x [M, K] @ dequant(weight)^T + bias`` for this signature's tensors (validated when the plan was made)."""
-        out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
-        if self.kind:
-            if self.kind == 2:
-                out.copy_(bias.expand(self.m, self.n)) if bias is not None else out.zero_()
+            bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [M, K] @ dequant(weight)^T + bias`` for this signature's tensors (validated when the plan was made);
+        with ``out`` (a plan built with ``add_out``): added to it in place, and it is returned."""
+        if out is None:
+            out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
+            if self.kind:
+                if self.kind == 2:
+                    out.copy_(bias.expand(self.m, self.n)) if bias is not None else out.zero_()
+                return out
+        elif self.kind:
+            if self.kind == 2 and bias is not None:
+                out.add_(bias)
             return out
         if weight_scale is None:  # a 16-bit weight (SCALE_NONE): any pointer, never read
             weight_scale = weight
@@ -227,7 +233,7 @@ class WeightOnlyPlan:
 
 
 def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
-               config: dict[str, Any] | None = None) -> WeightOnlyPlan:
+               config: dict[str, Any] | None = None, add_out: torch.Tensor | None = None) -> WeightOnlyPlan:
     """Validate one call signature and plan its launch.
 
     Args:
@@ -237,6 +243,8 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             K and N need not be multiples of 128: the last blocks are partial); or None with a 16-bit weight in
             x's dtype (fp16/bf16: ``decode_linear``, the same kernel unscaled). bias: ``[N]`` or None.
         config: a launch config (keys of ``weight_only_config``) instead of the heuristic's.
+        add_out: a row-major ``[M, N]`` tensor of x's dtype the product is added to in place (``run(..., out=)``
+            with it: a residual stream, one rounding of the sum), or None.
 
     Raises:
         UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
@@ -265,7 +273,13 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         check_dtype(bias, "bias", FLOAT_DTYPES)
         check_ndim(bias, "bias", exact=1)
         check_dim_size(bias, "bias", 0, n, "weight's out_features N")
-    check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias)
+    if add_out is not None:
+        check_tensor(add_out, "residual")
+        check_dtype(add_out, "residual", (x.dtype,))
+        if tuple(add_out.shape) != (m, n) or (m > 1 and add_out.stride(0) != n) or add_out.stride(-1) != 1:
+            raise ShapeMismatchError(f"residual: expected a row-major [{m}, {n}] (x's rows, weight's out_features), "
+                                     f"got shape {list(add_out.shape)} with strides {add_out.stride()}")
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias, residual=add_out)
     check_kernel_device(x, "x")
     kind = 1 if m == 0 or n == 0 else 2 if k == 0 else 0
     if kind:
@@ -292,7 +306,8 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
     tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
             bias.stride(0) if bias is not None else 0, per_split,
-            mode, bias is not None, bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
+            mode, bias is not None, add_out is not None, bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0,
+            n % bn == 0,
             cfg["num_stages"], _INTERP)
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"])

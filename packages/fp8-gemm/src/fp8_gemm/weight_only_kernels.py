@@ -77,6 +77,15 @@ def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
     return acc
 
 
+@triton.jit
+def _store_out(acc, out_ptrs, mask_c, ADD_OUT: tl.constexpr):
+    """The output tile, rounded once; with ``ADD_OUT`` added to what ``out`` holds (a residual updated in place:
+    read and written by this program alone)."""
+    if ADD_OUT:
+        acc = acc + tl.load(out_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask_c)
+
+
 @triton.jit(do_not_specialize=["M"])
 def fp8_weight_only_kernel(
     # tensors
@@ -85,12 +94,13 @@ def fp8_weight_only_kernel(
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_sk, stride_sn, stride_bias,
     tiles_per_split,
     # constexprs
-    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
-    dtype and unscaled), x and out fp16/bf16/fp32.
+    dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out += ...`` (a residual: one rounding of
+    the sum).
 
     ``EVEN_K`` / ``EVEN_N``: K / N are whole tiles (no masks on the weight along that dimension). With block
     scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
@@ -152,7 +162,7 @@ def fp8_weight_only_kernel(
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
         acc = _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE, HAS_BIAS)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c)
+        _store_out(acc, out_ptrs, mask_c, ADD_OUT)
     else:
         slice_stride = M.to(tl.int64) * N
         ws_tile = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -167,7 +177,7 @@ def fp8_weight_only_kernel(
                 total += tl.load(ws_tile + s * slice_stride, mask=mask_c, other=0.0, cache_modifier=".cg")
             total = _scale_and_bias(total, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE,
                                     HAS_BIAS)
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_c)
+            _store_out(total, out_ptrs, mask_c, ADD_OUT)
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
 
 

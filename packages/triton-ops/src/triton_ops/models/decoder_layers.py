@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from decode_attention import update_kv_cache_
+from fp8_gemm import FP8Linear, fp8_linear_add_
 from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope
 from torch import nn
 from triton_ops_core.device import can_run_on
@@ -61,12 +62,18 @@ class FusedAddNormDecoderLayer(nn.Module):
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
         norm = self.post_attention_layernorm
         normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
-        if _down_adds_residual(self.mlp, residual):
-            # y = h + down(gated(x)) as one GEMM with the residual as its C operand (cuBLAS's beta = 1): no add
-            # launch; the product is rounded once with the sum instead of before it
+        how = _down_adds_residual(self.mlp, residual)
+        if how:
+            # y = h + down(gated(x)) as one GEMM that adds into the residual (cuBLAS's beta = 1, or the FP8
+            # weight-only kernel's epilogue): no add launch; the product is rounded once with the sum instead of
+            # before it
             hidden = gated_hidden(self.mlp, normed)
-            down = self.mlp.down_proj.weight
-            residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), down.t())
+            down = self.mlp.down_proj
+            if how == "fp8":
+                fp8_linear_add_(residual, hidden, down.weight, down.weight_scale, down.activation_granularity,
+                                down.fast_accum, down.path)
+            else:
+                residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), down.weight.t())
             return residual
         mlp_out = self.mlp(normed)
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
@@ -74,20 +81,36 @@ class FusedAddNormDecoderLayer(nn.Module):
         return residual + mlp_out
 
 
-def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> bool:
-    """Whether the layer's residual add can run inside the down projection's GEMM: a patched gated MLP
+def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> str:
+    """How the layer's residual add can run inside the down projection's GEMM, or ``""``: a patched gated MLP
     (:class:`~triton_ops.layers.GatedMLP`'s forward) whose ``down_proj`` is a plain bias-free ``nn.Linear`` of the
-    residual's dtype, nothing to differentiate (the add is in place on the layer's own residual tensor), and a
-    residual whose rows can be viewed flat."""
+    residual's dtype (``"bf16"``: ``addmm_``) or a bias-free :class:`~fp8_gemm.FP8Linear` (``"fp8"``:
+    :func:`~fp8_gemm.fp8_linear_add_`), without hooks or sharded (DTensor) weights, nothing to differentiate (the
+    add is in place on the layer's own residual tensor), and a contiguous residual."""
     if type(mlp).forward is not GatedMLP.forward:
-        return False
+        return ""
     down = getattr(mlp, "down_proj", None)
-    if type(down) is not nn.Linear or down.bias is not None or type(down.weight) not in _PLAIN:
-        return False  # a DTensor weight (tensor parallelism) needs the module's own forward and its hooks
+    if type(down) is nn.Linear:
+        weight, how = down.weight, "bf16"
+        if weight.dtype != residual.dtype:
+            return ""
+    elif type(down) is FP8Linear:
+        weight, how = down.weight, "fp8"
+        if type(down.weight_scale) not in _PLAIN:
+            return ""
+    else:
+        return ""
+    if down.bias is not None or type(weight) not in _PLAIN:
+        return ""  # a DTensor weight (tensor parallelism) needs the module's own forward and its hooks
     if down._forward_hooks or down._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks:
-        return False
-    return (down.weight.dtype == residual.dtype and type(residual) is torch.Tensor and residual.is_contiguous()
-            and not (torch.is_grad_enabled() and (residual.requires_grad or down.weight.requires_grad)))
+        return ""
+    if type(residual) is not torch.Tensor or not residual.is_contiguous():
+        return ""
+    if torch.is_grad_enabled() and (residual.requires_grad or weight.requires_grad):
+        return ""
+    if how == "fp8" and torch.is_grad_enabled() and any(p.requires_grad for p in mlp.parameters()):
+        return ""  # the FP8 add is inference-only: a gradient to the gated MLP's input takes the module's path
+    return how
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
