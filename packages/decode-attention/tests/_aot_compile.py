@@ -72,13 +72,19 @@ def main() -> int:
                 dict(HAS_SINKS=True, HEAD_DIM=64, BLOCK_R=8, BLOCK_D=64, BLOCK_S=16), "combine", 4)
     # the KV-cache write with its device length counter, the trap (inline PTX) compiled in
     cache_types = {"keys_ptr": "*bf16", "values_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
-                   "pos_ptr": "*i64", "len_ptr": "*i64",
-                   **dict.fromkeys(["H", "T", "ROWS", "ROWS_PER_PROGRAM", "S_MAX", "s_keys_b", "s_keys_h", "s_keys_s",
+                   "pos_ptr": "*i64", "len_ptr": "*i64", "q_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+                   "qw_ptr": "*bf16", "kw_ptr": "*bf16", "eps": "fp32",
+                   **dict.fromkeys(["H", "T", "ROWS", "ROWS_PER_PROGRAM", "S_MAX", "HQ", "QROWS", "KV_PROGRAMS",
+                                    "s_keys_b", "s_keys_h", "s_keys_s",
                                     "s_vals_b", "s_vals_h", "s_vals_s", "s_k_b", "s_k_h", "s_k_t", "s_v_b", "s_v_h",
-                                    "s_v_t"], I32)}
+                                    "s_v_t", "s_q_b", "s_q_h", "s_q_t", "s_cs_b", "s_cs_t"], I32)}
     ok &= build(CK._kv_cache_write_kernel, cache_types,
-                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, K_DIM=128, V_DIM=128, BLOCK_D=128, BLOCK_R=64),
-                "kv cache write", 4)
+                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=False, NORM=False, K_DIM=128, V_DIM=128,
+                     BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32), "kv cache write", 4)
+    # with Qwen3's QK norm and RoPE of q (its own programs) and k (before the write)
+    ok &= build(CK._kv_cache_write_kernel, cache_types,
+                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=True, K_DIM=128, V_DIM=128,
+                     BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32), "kv cache write with QK norm and RoPE", 4)
     return 0 if ok else 1
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _attention_helpers import make_qkv, reference, tiles, valid_prefix_mask
 from decode_attention import decode_attention, ops
-from triton_ops_core.testing import assert_close_rel
+from triton_ops_core.testing import assert_close_rel, device_for_tests
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
@@ -247,8 +247,10 @@ def _gpu_plan(monkeypatch, b, hq, hkv, d, s, valid):
 
     h200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
     monkeypatch.setattr(ops, "_on_gpu", lambda device: True)
-    q, k, v = make_qkv(b, hq, hkv, 1, s, d, dtype=torch.bfloat16, seed=0)
-    mask = valid_prefix_mask(b, 1, s, [valid] * b)
+    # the test's device: CPU tensors under the interpreter, CUDA ones on a GPU machine (where CPU tensors are refused)
+    dev = device_for_tests()
+    q, k, v = make_qkv(b, hq, hkv, 1, s, d, dtype=torch.bfloat16, seed=0, device=dev)
+    mask = valid_prefix_mask(b, 1, s, [valid] * b, device=dev)
     info = ops.validate_decode_attention(q, k, v, mask)
     with simulate_device(h200):
         return ops._plan(q, k, v, mask, None, None, None, False, None, info)

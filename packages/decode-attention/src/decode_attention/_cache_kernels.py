@@ -1,9 +1,9 @@
 """Triton kernel of the KV-cache write: a step's new K and V rows into a static cache, in one launch.
 
-``_kv_cache_write_kernel``, program ``p`` of the grid: rows ``p * ROWS_PER_PROGRAM ..`` of the flattened
-``(batch, kv head, new position)`` index, ``BLOCK_R`` rows a step, each a head-dim vector of K and of V copied from
-the new states (any strides, a unit last one: the transposed views of a packed QKV output as they are) to the
-cache at its position. The position of new row ``t`` is (``POSITIONS``):
+``_kv_cache_write_kernel``, program ``p < KV_PROGRAMS`` of the grid: rows ``p * ROWS_PER_PROGRAM ..`` of the
+flattened ``(batch, kv head, new position)`` index, ``BLOCK_R`` rows a step, each a head-dim vector of K and of V
+copied from the new states (any strides, a unit last one: the transposed views of a packed QKV output as they are)
+to the cache at its position. The position of new row ``t`` is (``POSITIONS``):
 
 - ``POS_INDEX`` (0): ``t`` itself;
 - ``POS_TENSOR`` (1): ``positions[t]`` (transformers 5.0's ``cache_position``);
@@ -14,10 +14,11 @@ cache at its position. The position of new row ``t`` is (``POSITIONS``):
 
 With ``ROPE`` the kernel also applies the rotary embedding first (transformers' ``rotate_half`` form over the whole
 head dim, in float32, rounded once to the states' dtype): K rows are rotated by ``cos`` / ``sin`` ``[B', T, D]`` at
-their batch (``B'`` is 1 or ``B``) and new position, written back to ``k`` in place and to the cache; the ``G`` query
-heads of each KV head (``q`` ``[B, G * Hkv, T, D]``) are rotated in place. With ``NORM`` each head is first
-RMS-normalized with its weight (``qw`` / ``kw`` ``[D]``: Qwen3's q_norm / k_norm). A decode step's RoPE (QK-norm
-included) and cache update are then one launch.
+their batch (``B'`` is 1 or ``B``) and new position, written back to ``k`` in place and to the cache; the query
+heads (``q`` ``[B, HQ, T, D]``) are rotated in place by further programs (``BLOCK_Q`` query rows each, after the
+``KV_PROGRAMS``), in parallel with the write. With ``NORM`` each head is first RMS-normalized with its weight
+(``qw`` / ``kw`` ``[D]``: Qwen3's q_norm / k_norm). A decode step's RoPE (QK norm included) and cache update are
+then one launch.
 
 A position outside ``[0, S_MAX)`` is never written. With ``TRAP`` (on a GPU) such a row stops the kernel with a
 ``trap`` instruction: the launch fails as ``index_copy_``'s device-side assertion makes it fail, rather than the
@@ -77,56 +78,64 @@ def _rotate_rows(ptr, off, cos_ptr, sin_ptr, cs_off, ok, offs_h, h_ok, w_ptr, ep
 @triton.jit
 def _kv_cache_write_kernel(
     keys_ptr, values_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, q_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
-    H, T, ROWS, ROWS_PER_PROGRAM, S_MAX, G, eps,
+    H, T, ROWS, ROWS_PER_PROGRAM, S_MAX, HQ, QROWS, KV_PROGRAMS, eps,
     # strides in elements: the cache's (batch, head, position) and the new states' (batch, head, new position)
     s_keys_b, s_keys_h, s_keys_s, s_vals_b, s_vals_h, s_vals_s,
     s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,
     # (ROPE) q's (batch, head, new position) and the tables' (batch, new position)
     s_q_b, s_q_h, s_q_t, s_cs_b, s_cs_t,
     POSITIONS: tl.constexpr, ADVANCE: tl.constexpr, TRAP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
-    K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    start = pid * ROWS_PER_PROGRAM
-    end = tl.minimum(start + ROWS_PER_PROGRAM, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    base = 0
-    if POSITIONS == 2:
-        base = tl.load(len_ptr).to(tl.int64)
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        ok = rows < end
+    HALF: tl.constexpr = K_DIM // 2
+    offs_h = tl.arange(0, BLOCK_D // 2)
+    h_ok = offs_h < HALF
+    if pid >= KV_PROGRAMS:
+        # (ROPE) the query rows, (batch, q head, new position), BLOCK_Q of them per program beside the KV
+        # programs: no counter or cache involved, so they run in parallel with the write
+        rows = (pid - KV_PROGRAMS) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        ok = rows < QROWS
         t = rows % T
         bh = rows // T
-        h = (bh % H).to(tl.int64)
-        b = (bh // H).to(tl.int64)
-        if POSITIONS == 1:
-            pos = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.int64)
-        elif POSITIONS == 2:
-            pos = base + t
-        else:
-            pos = t.to(tl.int64)
-        inside = (pos >= 0) & (pos < S_MAX)
-        if TRAP:
-            _trap_if(ok & ~inside)
-        write = ok & inside
-        if ROPE:
-            HALF: tl.constexpr = K_DIM // 2
-            offs_h = tl.arange(0, BLOCK_D // 2)
-            h_ok = offs_h < HALF
-            cs_off = b * s_cs_b + t * s_cs_t
-            r1, r2 = _rotate_rows(k_ptr, b * s_k_b + h * s_k_h + t * s_k_t, cos_ptr, sin_ptr, cs_off, ok, offs_h,
-                                  h_ok, kw_ptr, eps, HALF, NORM)
-            dst = keys_ptr + (b * s_keys_b + h * s_keys_h + pos * s_keys_s)[:, None] + offs_h[None, :]
-            tl.store(dst, r1, mask=write[:, None] & h_ok[None, :])
-            tl.store(dst + HALF, r2, mask=write[:, None] & h_ok[None, :])
-            for g in range(G):
-                _rotate_rows(q_ptr, b * s_q_b + (h * G + g) * s_q_h + t * s_q_t, cos_ptr, sin_ptr, cs_off, ok,
-                             offs_h, h_ok, qw_ptr, eps, HALF, NORM)
-        else:
-            _copy_rows(keys_ptr, k_ptr, b * s_keys_b + h * s_keys_h + pos * s_keys_s,
-                       b * s_k_b + h * s_k_h + t * s_k_t, write, offs_d, offs_d < K_DIM)
-        _copy_rows(values_ptr, v_ptr, b * s_vals_b + h * s_vals_h + pos * s_vals_s,
-                   b * s_v_b + h * s_v_h + t * s_v_t, write, offs_d, offs_d < V_DIM)
-    if ADVANCE:
-        tl.store(len_ptr, base + T)
+        hq = (bh % HQ).to(tl.int64)
+        b = (bh // HQ).to(tl.int64)
+        _rotate_rows(q_ptr, b * s_q_b + hq * s_q_h + t * s_q_t, cos_ptr, sin_ptr, b * s_cs_b + t * s_cs_t, ok,
+                     offs_h, h_ok, qw_ptr, eps, HALF, NORM)
+    else:
+        start = pid * ROWS_PER_PROGRAM
+        end = tl.minimum(start + ROWS_PER_PROGRAM, ROWS)
+        offs_d = tl.arange(0, BLOCK_D)
+        base = 0
+        if POSITIONS == 2:
+            base = tl.load(len_ptr).to(tl.int64)
+        for r0 in range(start, end, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            ok = rows < end
+            t = rows % T
+            bh = rows // T
+            h = (bh % H).to(tl.int64)
+            b = (bh // H).to(tl.int64)
+            if POSITIONS == 1:
+                pos = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.int64)
+            elif POSITIONS == 2:
+                pos = base + t
+            else:
+                pos = t.to(tl.int64)
+            inside = (pos >= 0) & (pos < S_MAX)
+            if TRAP:
+                _trap_if(ok & ~inside)
+            write = ok & inside
+            if ROPE:
+                r1, r2 = _rotate_rows(k_ptr, b * s_k_b + h * s_k_h + t * s_k_t, cos_ptr, sin_ptr,
+                                      b * s_cs_b + t * s_cs_t, ok, offs_h, h_ok, kw_ptr, eps, HALF, NORM)
+                dst = keys_ptr + (b * s_keys_b + h * s_keys_h + pos * s_keys_s)[:, None] + offs_h[None, :]
+                tl.store(dst, r1, mask=write[:, None] & h_ok[None, :])
+                tl.store(dst + HALF, r2, mask=write[:, None] & h_ok[None, :])
+            else:
+                _copy_rows(keys_ptr, k_ptr, b * s_keys_b + h * s_keys_h + pos * s_keys_s,
+                           b * s_k_b + h * s_k_h + t * s_k_t, write, offs_d, offs_d < K_DIM)
+            _copy_rows(values_ptr, v_ptr, b * s_vals_b + h * s_vals_h + pos * s_vals_s,
+                       b * s_v_b + h * s_v_h + t * s_v_t, write, offs_d, offs_d < V_DIM)
+        if ADVANCE:
+            tl.store(len_ptr, base + T)

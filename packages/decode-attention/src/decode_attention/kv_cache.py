@@ -193,18 +193,22 @@ def _plan(keys, values, k, v, rope, norm, mode: int, info: KVCacheWrite) -> Plan
     block_r = max(2, min(next_pow2(rows), 8192 // block_d))  # ~16 KB of K and of V in 16-bit per step
     one = mode == K.POS_LENGTH and rows <= ONE_PROGRAM_ROWS
     per_program = rows if one else 4 * block_r
-    q_strides, table_strides = (0, 0, 0), (0, 0)
+    kv_programs = cdiv(rows, per_program)
+    q_strides, table_strides, q_rows, block_q, q_programs = (0, 0, 0), (0, 0), 0, 2, 0
     if rope is not None:
         q, cos, _ = rope
         q_strides, table_strides = (q.stride(0), q.stride(1), q.stride(2)), _table_strides(cos)
-    return Plan(K._kv_cache_write_kernel, (cdiv(rows, per_program),), (
-        info.heads, info.new, rows, per_program, info.cache_len, info.q_per_kv,
+        q_rows = rows * info.q_per_kv
+        # query rows on programs of their own, beside the write's (in parallel: they touch no cache or counter)
+        block_q = max(2, min(next_pow2(q_rows), 4096 // block_d))
+        q_programs = cdiv(q_rows, block_q)
+    return Plan(K._kv_cache_write_kernel, (kv_programs + q_programs,), (
+        info.heads, info.new, rows, per_program, info.cache_len, info.heads * info.q_per_kv, q_rows, kv_programs,
         1e-6 if norm is None else float(norm[2]),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *q_strides, *table_strides,
         mode, one, keys.device.type == "cuda", rope is not None, norm is not None, info.k_dim, info.v_dim, block_d,
-        block_r), 4,
-        extra=one)
+        block_r, block_q), 4, extra=one)
 
 
 _PLANS = PlanCache()
