@@ -43,7 +43,9 @@ ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
 # Call plans of FP8Linear.forward, keyed by the input's and the module's buffers' metadata (weights loaded later
 # with the same layout reuse them; the plans hold no tensors).
 _PLANS = PlanCache()
+_ADD_PLANS = PlanCache()  # fp8_linear_add_'s: the weight-only plan adding into the residual, or False
 _CACHE_CLEARERS.append(_PLANS.clear)
+_CACHE_CLEARERS.append(_ADD_PLANS.clear)
 _CACHE_CLEARERS.append(_clear_weight_only)
 
 
@@ -337,11 +339,11 @@ def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_
         key = call_key("add", residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
     except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says so
         key = None
-    plan = _PLANS.get(key) if key is not None else None
+    plan = _ADD_PLANS.get(key) if key is not None else None
     if plan is None:
         plan = _linear_add_plan(residual, x, weight, weight_scale, path)
         if key is not None:
-            _PLANS.put(key, plan)
+            _ADD_PLANS.put(key, plan)
     if plan is False:  # W8A8 (or any other path): the product, then the add
         residual.add_(_linear(x, weight, weight_scale, None, activation_granularity, fast_accum, path))
         return
