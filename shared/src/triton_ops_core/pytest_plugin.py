@@ -70,6 +70,9 @@ INTERPRETER_WARNINGS = (
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a compiled kernel on a CUDA GPU (skipped under the interpreter)")
     config.addinivalue_line("markers", "slow: long-running even on a GPU")
+    config.addinivalue_line(
+        "markers", "newest_only: in CI's test matrix, run only beside the newest triton and transformers (benchmark "
+                   "harnesses, a second multi-process run): the oldest pair's sessions deselect it")
     if os.environ.get("TRITON_INTERPRET") == "1":
         for spec in INTERPRETER_WARNINGS:
             config.addinivalue_line("filterwarnings", spec)
