@@ -109,9 +109,9 @@ def _gpu_present() -> bool:
 def _test_matrix() -> list:
     """Each distribution alone with the oldest triton (and oldest transformers): its own venv holding only it and
     its declared dependencies, so a missing dependency fails. The newest triton (and newest transformers, `kernels`)
-    once for all of them: one venv with every distribution, each one's tests run in turn. A venv costs about 15 s of
-    the 2-core CI machine (install, and compiling torch's bytecode on first import), so the second half of the
-    matrix saves seven of them; the isolation it would repeat is triton-independent."""
+    once for all of them: one venv with every distribution, all their tests in one pytest run. A venv costs about
+    15 s of the 2-core CI machine (install, and compiling torch's bytecode on first import), so the second half of
+    the matrix saves seven of them; the isolation it would repeat is triton-independent."""
     oldest, newest = TRITONS[0], TRITONS[-1]
     per_dist = [nox.param(oldest, d, id=f"triton{oldest.replace('.', '')[:2]}-{SHORT[d]}") for d in PACKAGES]
     return per_dist + [nox.param(newest, ALL, id=f"triton{newest.replace('.', '')[:2]}-all")]
@@ -124,7 +124,7 @@ ALL = "all"  # the matrix entry that installs every distribution together
 @nox.parametrize("triton,dist", _test_matrix())
 def tests(session: nox.Session, triton: str, dist: str) -> None:
     """One distribution's tests in a venv holding only it and its real dependencies, or (``all``) every
-    distribution's tests, one after the other, in a venv holding them all."""
+    distribution's tests, in one pytest run, in a venv holding them all."""
     dists = list(PACKAGES) if dist == ALL else [dist]
     session.install(*_base_requirements(triton))
     # Non-editable installs: the tests import what a user would get, so a missing dependency or file fails here.
@@ -144,14 +144,14 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     # worker a contiguous half of the tests (a module's tests stay together, so a module-scoped fixture is mostly
     # set up once) and lets an idle worker take over the rest of the other's share. PYTEST_XDIST_AUTO_NUM_WORKERS
     # sets the count; posargs `-n 0` run serially (`nox -s "tests-3.11(triton36-core)" -- -n 0`).
-    # One pytest per distribution, also in the `all` venv: the test folders share helper module names
-    # (conftest, _aot_compile) that one process would import once for all of them.
+    # The `all` venv runs every folder in one pytest (one start of the workers, no idle worker at each folder's
+    # end); test modules of the same name in two folders need importlib's import mode there.
     # Tests marked newest_only (benchmark harnesses, the four-rank tensor-parallel spawn) run beside the newest
     # triton and transformers only: they check code that does not depend on the triton version, at CPU cost.
-    select = [] if dist == ALL else ["-m", "not newest_only"]
-    for d in dists:
-        session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
-                    "-p", "no:cacheprovider", *select, f"{PACKAGES[d][0]}/tests", *session.posargs, env=env)
+    select = ["--import-mode=importlib"] if dist == ALL else ["-m", "not newest_only"]
+    session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
+                "-p", "no:cacheprovider", *select, *(f"{PACKAGES[d][0]}/tests" for d in dists), *session.posargs,
+                env=env)
 
 
 @nox.session(python="3.11")

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -22,12 +21,3 @@ def cache_dir(tmp_path, monkeypatch):
     yield d
     clear_memo()
     cache.forget_parsed()
-
-
-def subprocess_env(cache_dir: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["KERNEL_AUTOTUNE_CACHE_DIR"] = str(cache_dir)
-    env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), *filter(None, [env.get("PYTHONPATH")])] )
-    env.update(extra)
-    return env

@@ -14,8 +14,8 @@ import warnings
 import kernel_autotune.select as sel
 import pytest
 import torch
+from autotune_env import subprocess_env
 from autotune_helpers import FakeClock
-from conftest import subprocess_env
 from kernel_autotune import (
     ConfigSpace,
     UntunedDeviceWarning,

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 import triton
+from autotune_env import subprocess_env
 from autotune_helpers import scale_kernel
-from conftest import subprocess_env
 from kernel_autotune import ConfigSpace, CudaEventTimer, TritonAutoTuner, block_fits
 
 pytestmark = pytest.mark.gpu

@@ -5,7 +5,7 @@ import sys
 import autotune_helpers as h
 import pytest
 import torch
-from conftest import subprocess_env
+from autotune_env import subprocess_env
 from kernel_autotune import cache, clear_memo, config_source, get_tunable, tune_operation
 from kernel_autotune.cli import main
 from triton_ops_core.device import is_interpreter

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 import triton
+from autotune_env import subprocess_env
 from autotune_helpers import FAKE_MS, SCALE_SPACE, fake_timer, scale_grid, scale_kernel, scale_launch
-from conftest import subprocess_env
 from kernel_autotune import ConfigSpace, TritonAutoTuner, TuningError, cache
 from triton_ops_core.device import is_interpreter
 from triton_ops_core.exceptions import InvalidArgumentError, UnsupportedDeviceError

@@ -9,7 +9,7 @@ import sys
 import autotune_helpers as h
 import pytest
 import torch
-from conftest import subprocess_env
+from autotune_env import subprocess_env
 from kernel_autotune import cache, make_key, registry
 from kernel_autotune.cli import main, write_shipped
 from kernel_autotune.keys import key_string
