@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
+# the helpers beside the tests (_tp_cases, test_patch_model's): importable by name in pytest's importlib import mode
+# too (CI's newest-triton session runs every package's tests in one pytest)
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
 
 @pytest.fixture
