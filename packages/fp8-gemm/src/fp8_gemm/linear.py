@@ -363,9 +363,10 @@ def _linear_add_plan(residual, x, weight, weight_scale, path):
     if not residual.is_contiguous():
         raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
     check_dtype(residual, "residual", (x.dtype,))
-    x2 = x.reshape(-1, k) if x.dim() and x.shape[-1] == k else x
-    if x2.dim() != 2 or x2.shape[-1] != k or x2.stride(-1) != 1 or not use_weight_only(path, x2.shape[0], weight,
-                                                                                       weight_scale):
+    if x.shape[-1] != k:
+        return False  # fp8_linear's own validation names the mismatch
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or not use_weight_only(path, x2.shape[0], weight, weight_scale):
         return False
     return build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n))
 
