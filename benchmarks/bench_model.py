@@ -217,7 +217,11 @@ def generate_ms_per_token(model, batch: int, prompt: int, new: int, static: bool
     t0 = time.perf_counter()
     run(new + 1)  # warm-up; with the static cache this compiles (twice: prefill shape and decode shape)
     first_s = time.perf_counter() - t0
-    long, short = min(run(new + 1) for _ in range(2)), min(run(1) for _ in range(2))
+    # a second warm-up of each length: the host's first replays (CUDA-graph trees' checks, allocator growth) would
+    # otherwise land in the timed runs, which then differ by 30 % and more between runs of the same model
+    run(1)
+    run(new + 1)
+    long, short = min(run(new + 1) for _ in range(3)), min(run(1) for _ in range(3))
     ms = (long - short) / new * 1e3
     return {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms, "first_call_s": first_s, "batch": batch}
 

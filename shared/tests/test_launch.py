@@ -59,6 +59,72 @@ def test_failing_direct_launcher_falls_back_to_jit_for_good(monkeypatch):
     assert plan.runner is None and not plan.direct
 
 
+class FakeCompiledWithRun(FakeCompiled):
+    """Also has what Triton's runner passes on: ``run``, ``function``, ``packed_metadata``."""
+
+    function, packed_metadata = "function-handle", "packed"
+
+    def run(self, gx, gy, gz, stream, function, packed, launch_metadata, enter_hook, exit_hook, *args):
+        if self.fail:
+            raise TypeError("launcher signature changed")
+        self.log.append(("run", (gx, gy, gz), stream, function, packed, launch_metadata, enter_hook, exit_hook, args))
+
+
+class FakeJitWithRun(FakeJit):
+    def __getitem__(self, grid):
+        def run(*args, num_warps, **options):
+            self.log.append(("jit", grid, args, num_warps, options))
+            return FakeCompiledWithRun(self.log, self.fail_direct)
+
+        return run
+
+
+class FakeKnobs:
+    launch_enter_hook = None
+    launch_exit_hook = None
+
+
+def _with_run(monkeypatch):
+    monkeypatch.setattr(launch, "CompiledKernel", FakeCompiledWithRun)
+    monkeypatch.setattr(launch, "_current_device", lambda: 3)
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 1000 + device)
+    knobs = FakeKnobs()
+    monkeypatch.setattr(launch, "_RUNTIME_KNOBS", knobs)
+    return knobs
+
+
+def test_compiled_launcher_called_with_the_current_stream_and_no_hooks(monkeypatch):
+    _with_run(monkeypatch)
+    jit = FakeJitWithRun()
+    plan = launch.Plan(jit, (5, 2), (7, True), 4)
+    plan.launch("a")
+    plan.launch("b")
+    assert [e[0] for e in jit.log] == ["jit", "run"]
+    assert jit.log[1] == ("run", (5, 2, 1), 1003, "function-handle", "packed", None, None, None, ("b", 7, True))
+
+
+def test_launch_hooks_take_tritons_runner(monkeypatch):
+    knobs = _with_run(monkeypatch)
+    jit = FakeJitWithRun()
+    plan = launch.Plan(jit, (1,), (), 4)
+    plan.launch("a")
+    knobs.launch_enter_hook = print  # a profiler's hook: Triton's own runner builds the metadata and calls it
+    plan.launch("b")
+    knobs.launch_enter_hook = None
+    plan.launch("c")
+    assert [e[0] for e in jit.log] == ["jit", "direct", "run"]
+
+
+def test_failing_compiled_launcher_falls_back_to_jit_for_good(monkeypatch):
+    _with_run(monkeypatch)
+    jit = FakeJitWithRun(fail_direct=True)
+    plan = launch.Plan(jit, (2,), (), 4)
+    for i in range(3):
+        plan.launch(i)
+    assert [e[0] for e in jit.log] == ["jit"] * 3
+    assert plan.run is None and plan.runner is None and not plan.direct
+
+
 def test_call_key_is_none_safe_and_distinguishes_alignment():
     import torch
 

@@ -21,6 +21,17 @@ from typing import Any
 import torch
 from triton.compiler import CompiledKernel
 
+try:
+    from triton import knobs as _knobs
+
+    _RUNTIME_KNOBS: Any = _knobs.runtime
+except ImportError:  # a Triton without knobs: no launch hooks to honour, and the runner below is never bypassed
+    _RUNTIME_KNOBS = None
+# The current device's raw CUDA stream, from two C calls: what Triton's runner looks up through its driver proxy
+# and ``torch.cuda.current_device`` (a Python function) on every launch. None in a CPU-only torch.
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
 MAX_PLANS = 4096
 
 # TRITON_INTERPRET, read on every call (a key part: whether CPU tensors validate depends on it). ``os.environ.get``
@@ -78,7 +89,8 @@ def call_key(*parts: Any) -> tuple | None:
 class Plan:
     """One call signature's launch: kernel, grid, scalar tail of the arguments, warps, and the direct launcher."""
 
-    __slots__ = ("kernel", "grid", "tail", "num_warps", "options", "runner", "direct", "n_rows", "info", "extra")
+    __slots__ = ("kernel", "grid", "tail", "num_warps", "options", "runner", "direct", "n_rows", "info", "extra",
+                 "run", "function", "packed")
 
     def __init__(self, kernel: Any, grid: tuple[int, ...], tail: tuple, num_warps: int, n_rows: int = 0,
                  info: Any = None, extra: Any = None, **options: Any) -> None:
@@ -89,21 +101,42 @@ class Plan:
         self.n_rows, self.info, self.extra = n_rows, info, extra
         self.runner: Callable[..., None] | None = None
         self.direct = True  # False once the direct launcher failed: JIT launches only from then on
+        # The compiled kernel's launcher, function handle and packed metadata: what ``runner`` passes on, called
+        # without it (Triton 3.6 to 3.9: ``run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
+        # enter_hook, exit_hook, *args)``). Its lookups of the driver, device and stream cost about a microsecond
+        # a launch on the lent H200's host, a decode step's host time being tens of such launches.
+        self.run: Callable[..., None] | None = None
+        self.function: Any = None
+        self.packed: Any = None
 
     def launch(self, *tensors: torch.Tensor) -> None:
         """Launch with the tensor arguments (in the kernel's order) followed by the plan's scalar tail."""
         if self.runner is not None:
             try:
-                self.runner(*tensors, *self.tail)
+                if self.run is not None and _hooks_off():
+                    grid = self.grid
+                    self.run(grid[0], grid[1], grid[2], _raw_stream(_current_device()), self.function, self.packed,
+                             None, None, None, *tensors, *self.tail)
+                else:  # launch hooks set (a profiler such as proton): Triton's runner calls them
+                    self.runner(*tensors, *self.tail)
                 return
             except (IndexError, TypeError, AttributeError, ValueError):
                 # the launcher's calling convention is Triton-internal: if a Triton version changes it, the
                 # error is raised before anything is enqueued, so fall back to the JIT path for good
-                self.runner = None
+                self.runner = self.run = None
                 self.direct = False
         compiled = self.kernel[self.grid](*tensors, *self.tail, num_warps=self.num_warps, **self.options)
         if self.direct and isinstance(compiled, CompiledKernel):
-            self.runner = compiled[self.grid]
+            self.runner = compiled[self.grid]  # also loads the module: ``run`` and ``function`` exist from here
+            if _raw_stream is not None and _RUNTIME_KNOBS is not None:
+                self.run = getattr(compiled, "run", None)
+                self.function = getattr(compiled, "function", None)
+                self.packed = getattr(compiled, "packed_metadata", None)
+
+
+def _hooks_off() -> bool:
+    """No launch enter or exit hook is set in Triton's runtime knobs (so no launch metadata is needed)."""
+    return _RUNTIME_KNOBS.launch_enter_hook is None and _RUNTIME_KNOBS.launch_exit_hook is None
 
 
 class PlanCache:

@@ -87,7 +87,9 @@ def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> str:
     residual's dtype (``"bf16"``: ``addmm_``) or a bias-free :class:`~fp8_gemm.FP8Linear` (``"fp8"``:
     :func:`~fp8_gemm.fp8_linear_add_`), without hooks or sharded (DTensor) weights, nothing to differentiate (the
     add is in place on the layer's own residual tensor), and a contiguous residual."""
-    if type(mlp).forward is not GatedMLP.forward:
+    # the bound method's function, not ``type(mlp).forward``: torch.compile guards ``type(mlp)``, one class shared
+    # by every layer, with a Python lambda per layer (the same object reached by two paths), evaluated every call
+    if getattr(mlp.forward, "__func__", None) is not GatedMLP.forward:
         return ""
     down = getattr(mlp, "down_proj", None)
     if type(down) is nn.Linear:
