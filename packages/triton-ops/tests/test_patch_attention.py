@@ -253,9 +253,10 @@ def _guard_lines(fn, *args) -> list[str]:
 
 
 def test_compiled_patched_layers_guard_without_python_lambdas_of_their_own():
-    # Dynamo evaluates every guard on every call; a "LAMBDA_GUARD" runs Python. The packing's identity checks and the
-    # decoder layer's MLP check once made four per layer: about a millisecond per decode step of a 32-layer model
-    # under transformers' compiled generate() (H200 host). ids and the bound method's function guard in C++.
+    # Dynamo evaluates every guard on every call; a "LAMBDA_GUARD" runs Python. The packing's identity checks, the
+    # decoder layer's MLP check and the MLP's read of the config once made five per layer: about a millisecond per
+    # decode step of a 32-layer model under transformers' compiled generate() (H200 host). ids, the bound method's
+    # function and the activation name kept on the module guard in C++.
     model = patch_model(_one_layer("llama", num_hidden_layers=2))
     ids = torch.randint(0, 128, (1, 5), device=DEVICE)
     with torch.no_grad():
@@ -263,7 +264,8 @@ def test_compiled_patched_layers_guard_without_python_lambdas_of_their_own():
         got, guards = _guard_lines(lambda i: model(i).logits, ids)
     assert torch.equal(got, eager)
     lambdas = [line for line in guards if "LAMBDA_GUARD" in line]
-    assert not [line for line in lambdas if "_triton_ops_qkv" in line or "_modules['mlp'])" in line], lambdas
+    ours = [line for line in lambdas if "_triton_ops_qkv" in line or "_modules['mlp']" in line]
+    assert not ours, ours
     assert any("ID_MATCH" in line and "q_proj" in line for line in guards)  # the packing's check is still guarded
 
 

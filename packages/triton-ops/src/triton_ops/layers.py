@@ -60,10 +60,20 @@ class GatedMLP(nn.Module):
         return self.down_proj(gated_hidden(self, x))
 
 
+# The kernel's activation name, set on each MLP by ``patch_model`` (the model's own MLP builds its ``act_fn`` from
+# ``config.hidden_act`` once, at construction, too). Read from the module's ``__dict__``: torch.compile guards a
+# string there with one C++ check, where reading ``mlp.config`` (the model's config, reached by a second path)
+# installs a Python lambda guard per layer, evaluated on every call. A layer installed by other means (the
+# ``kernels`` hub) reads the config.
+ACT_ATTR = "_triton_ops_act"
+
+
 def gated_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``act(gate_proj(x)) * up_proj(x)`` of a gated MLP module in one kernel: :class:`GatedMLP`'s forward before
     its ``down_proj``."""
-    act = kernel_activation(mlp.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
+    act = mlp.__dict__.get(ACT_ATTR)
+    if act is None:
+        act = kernel_activation(mlp.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
     gate, up = mlp.gate_proj, mlp.up_proj
     # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
     return fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,

@@ -19,7 +19,7 @@ from fused_moe import convert_experts_to_fp8, is_fp8_experts
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from ..layers import GatedMLP, GptOssMoE, RMSNorm, kernel_activation
+from ..layers import ACT_ATTR, GatedMLP, GptOssMoE, RMSNorm, kernel_activation
 from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .decoder_layers import (
     FusedAddNormDecoderLayer,
@@ -73,6 +73,12 @@ def _patched_class(cls: type, layer: type) -> type:
                  "has_backward": layer.has_backward, "__doc__": f"{cls.__name__} with triton-ops' {layer.__name__}."}
         new = _PATCHED_CLASSES[key] = type(cls.__name__, (cls,), attrs)
     return new
+
+
+def _patch_gated_mlp(mlp: nn.Module) -> None:
+    """``mlp`` runs :class:`~triton_ops.layers.GatedMLP`'s forward, its activation resolved once."""
+    mlp.__dict__[ACT_ATTR] = kernel_activation(mlp.config.hidden_act)
+    mlp.__class__ = _patched_class(type(mlp), GatedMLP)
 
 
 def _gated_mlps(model: nn.Module) -> list[nn.Module]:
@@ -256,7 +262,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
                 setattr(mlp, proj, FP8Projection(q, scale, linear.bias))  # the bf16 weight is released
         bf16_fused = [m for m in mlps if all(m is not o for o in (*split_fp8, *fused_fp8.values()))]
         for mlp in [*fused_fp8.values(), *bf16_fused]:
-            mlp.__class__ = _patched_class(type(mlp), GatedMLP)
+            _patch_gated_mlp(mlp)
         summary.fp8_gated_mlps = len(fused_fp8)
         summary.gated_mlps = len(mlps) - len(split_fp8)
         kept = sum(type(m) is nn.Linear and m is not lm_head for m in model.modules())
@@ -275,7 +281,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         for mlp in mlps:
             kernel_activation(mlp.config.hidden_act)  # every MLP is checked before any is changed
         for mlp in mlps:
-            mlp.__class__ = _patched_class(type(mlp), GatedMLP)
+            _patch_gated_mlp(mlp)
         summary.gated_mlps = len(mlps)
     for moe in moes:
         moe.__class__ = _patched_class(type(moe), GptOssMoE)
