@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from fp8_gemm import decode_linear
 from fp8_gemm import weight_only as wo
-from triton_ops_core.exceptions import ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.testing import assert_close_rel, device_for_tests, opcheck_op
 
 DEVICE = device_for_tests()
@@ -104,6 +104,78 @@ def test_a_gradient_takes_f_linear():
     assert torch.equal(out, F.linear(x, w, b)) and w.grad is not None
 
 
+def _normalized_reference(x, norm_weight, eps):
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (1, 33, 700), (3, 48, 130), (17, 24, 64)])
+def test_rms_norm_prologue_matches_float64(dtype, m, n, k):
+    # one row: the FMA tile; 3 and 17 rows: the tensor-core tile; K = 700: a partial last K tile; the interpreter
+    # splits K past 64, so the split-K path normalizes too
+    x, w, b = _inputs(m, n, k, dtype, seed=m * n + k)
+    x = x * 3.0 + 0.5  # rows far from unit RMS: the normalization matters
+    g = torch.Generator().manual_seed(k)
+    norm_w = (torch.rand(k, generator=g) + 0.5).to(DEVICE, torch.float32 if m == 3 else dtype)
+    out = decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1e-5)
+    assert out.dtype == dtype and out.shape == (m, n)
+    want = _normalized_reference(x, norm_w, 1e-5) @ w.double().t() + b.double()
+    assert_close_rel(out, want, TOL)
+    assert not torch.equal(out, decode_linear(x, w, b))  # the prologue did something
+
+
+def test_rms_norm_prologue_equals_the_normalized_input_within_one_rounding():
+    # the fused product against decode_linear of the input normalized (and rounded once) outside
+    x, w, _ = _inputs(1, 64, 256, torch.float16, seed=11, bias=False)
+    norm_w = torch.rand(256, device=DEVICE).to(torch.float16) + 0.5
+    fused = decode_linear(x, w, norm_weight=norm_w, norm_eps=1e-6)
+    outside = decode_linear(_normalized_reference(x, norm_w, 1e-6).to(torch.float16), w)
+    assert_close_rel(fused, outside, 2e-3)
+
+
+def test_rms_norm_prologue_errors_and_gradient():
+    x, w, b = _inputs(1, 16, 64, torch.bfloat16, seed=12)
+    norm_w = torch.ones(64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ShapeMismatchError, match="norm_weight"):
+        decode_linear(x, w, b, norm_weight=norm_w[:32])
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):
+        decode_linear(x, w, b, norm_weight=norm_w, norm_eps=-1.0)
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):
+        decode_linear(x, w, b, norm_weight=norm_w, norm_eps=float("nan"))
+    with pytest.raises(ShapeMismatchError, match="norm_weight"):
+        decode_linear(x, w, b, norm_weight=torch.ones(64, 2, device=DEVICE)[:, 0])  # strided
+    # a gradient to record: torch's fp32 RMSNorm, then F.linear
+    xg = x.float().requires_grad_()
+    out = decode_linear(xg, w.float(), b.float(), norm_weight=norm_w.float(), norm_eps=1e-6)
+    out.sum().backward()
+    want = _normalized_reference(x.float(), norm_w, 1e-6) @ w.double().t() + b.double()
+    assert_close_rel(out.detach(), want, 1e-5) and xg.grad is not None
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_rms_norm_prologue_on_fp8_weights(m):
+    # the weight-only kernel's other weights: E4M3 with per-channel scales, through its plan
+    x, w, _ = _inputs(m, 48, 192, torch.bfloat16, seed=14 + m, bias=False)
+    g = torch.Generator().manual_seed(15)
+    w8 = (torch.randn(48, 192, generator=g) * 8).to(torch.float8_e4m3fn).to(DEVICE)
+    scale = (torch.rand(1, 48, generator=g) / 16 + 1e-3).to(DEVICE)
+    norm_w = (torch.rand(192, generator=g) + 0.5).to(DEVICE, torch.bfloat16)
+    plan = wo.build_plan(x, w8, scale, None, norm_weight=norm_w, norm_eps=1e-5)
+    out = plan.run(x, w8, scale, None, norm_weight=norm_w)
+    want = _normalized_reference(x, norm_w, 1e-5) @ (w8.double() * scale.double().reshape(48, 1)).t()
+    assert_close_rel(out, want, TOL)
+
+
+def test_rms_norm_prologue_op_opcheck_and_compile():
+    x, w, b = _inputs(2, 16, 64, torch.bfloat16, seed=13)
+    norm_w = (torch.rand(64, device=DEVICE) + 0.5).to(torch.bfloat16)
+    opcheck_op(OP, (x, w, b, norm_w, 1e-5))
+    fn = torch.compile(lambda x: decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1e-5), fullgraph=True,
+                       backend="aot_eager")
+    assert torch.equal(fn(x), decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1e-5))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336), (2880, 4096), (5120, 2880)])
 @pytest.mark.parametrize("m", [1, 2, 16])
@@ -118,3 +190,14 @@ def test_gpu_model_shapes(n, k, m):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(captured, decode_linear(x, w, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (5120, 2880)])
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_gpu_rms_norm_prologue_model_shapes(n, k, m):
+    x, w, b = _inputs(m, n, k, torch.bfloat16, seed=n + k + m)
+    norm_w = (torch.rand(k, device=DEVICE) + 0.5).to(torch.bfloat16)
+    out = decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1e-5)
+    assert_close_rel(out, _normalized_reference(x, norm_w, 1e-5) @ w.double().t() + b.double(), 1e-2)
+    assert torch.equal(out, decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1e-5))  # deterministic

@@ -28,32 +28,41 @@ _PLANS = PlanCache()
 _CACHE_CLEARERS.append(_PLANS.clear)  # fp8_gemm.clear_caches() forgets these plans too
 
 
-def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     check_tensor(x, "x")
     check_ndim(x, "x", minimum=1)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    key = call_key("decode_linear", x2, weight, bias)
+    key = call_key("decode_linear", x2, weight, bias, norm_weight, norm_eps)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = build_plan(x2, weight, None, bias)
+        plan = build_plan(x2, weight, None, bias, norm_weight=norm_weight, norm_eps=norm_eps)
         if key is not None:
             _PLANS.put(key, plan)
-    out = plan.run(x2, weight, None, bias)
+    out = plan.run(x2, weight, None, bias, norm_weight=norm_weight)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], plan.n)
 
 
 @torch.library.custom_op(op_name("decode_linear"), mutates_args=())
-def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        return _decode_linear(x, weight, bias)
+        return _decode_linear(x, weight, bias, norm_weight, norm_eps)
 
 
 @_decode_linear_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, norm_weight=None, norm_eps=0.0):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, rounded once to x's dtype (the differentiable stand-in of the kernel's prologue)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for the few rows of a decode step, the weight read once in one launch.
 
     Args:
@@ -61,21 +70,30 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             sequence); any number of rows is computed correctly.
         weight: ``[N, K]`` in x's dtype (``nn.Linear``'s layout and its ``weight`` as it is).
         bias: ``[N]`` (any float dtype) or None.
+        norm_weight: ``[K]`` (any float dtype), or None: then x is first RMS-normalized over K with this weight and
+            ``norm_eps`` inside the same launch, bit for bit as ``fused_rmsnorm_rope.rmsnorm(x, norm_weight,
+            norm_eps)`` would write it (a decoder layer's input norm and its q/k/v projection in one launch; every
+            program sums its rows' squares again, from L2, so this is for the few rows of decode).
+        norm_eps: the norm's epsilon (>= 0).
 
     Returns:
         ``[..., N]`` in x's dtype: ``x @ weight^T + bias`` accumulated in fp32, rounded once.
 
     Registered as ``torch.ops.triton_ops.decode_linear`` (``torch.compile``, CUDA graphs, ``torch.export`` see one
-    node). When autograd must record the call it is ``F.linear`` instead (differentiable).
+    node). When autograd must record the call it is ``F.linear`` instead (differentiable; with ``norm_weight``,
+    of the RMSNorm computed in fp32 by torch).
 
     Raises:
-        UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError.
+        UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
+        InvalidArgumentError (a bad ``norm_eps``).
     """
-    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, weight, bias)):
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, weight, bias, norm_weight)):
+        if norm_weight is not None:
+            x = _rms_normalized(x, norm_weight, norm_eps)
         return F.linear(x, weight, bias)
-    if direct_call_ok(x, weight, bias):
-        return _decode_linear(x, weight, bias)
-    return _decode_linear_op(x, weight, bias)
+    if direct_call_ok(x, weight, bias, norm_weight):
+        return _decode_linear(x, weight, bias, norm_weight, norm_eps)
+    return _decode_linear_op(x, weight, bias, norm_weight, norm_eps)
 
 
 __all__ = ["decode_linear"]

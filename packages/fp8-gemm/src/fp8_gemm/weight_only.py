@@ -171,6 +171,15 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
             "num_warps": 4, "num_stages": stages}
 
 
+def _norm_block(k: int, block_m: int) -> int:
+    """Columns per step of the RMSNorm prologue's sum of squares: 2048 fp64 squares a program per step (16 registers
+    a thread at 4 warps), so a 4096-wide decode row takes two L2 round trips before the weight streaming starts; fewer
+    columns per row as the row tile grows; 64 under the interpreter (small tests loop)."""
+    if _INTERP:
+        return 64
+    return max(16, min(next_pow2(k), 2048 // block_m))
+
+
 def _check_config(cfg: dict[str, Any], scale_mode: int) -> dict[str, Any]:
     """A given config (tests, benchmarks): the keys of ``weight_only_config`` and what the kernel requires."""
     need = ("USE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
@@ -207,9 +216,11 @@ class WeightOnlyPlan:
         self.launch, self.counters, self.partials, self.config = launch, counters, partials, config
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-            bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None, out: torch.Tensor | None = None,
+            norm_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [M, K] @ dequant(weight)^T + bias`` for this signature's tensors (validated when the plan was made);
-        with ``out`` (a plan built with ``add_out``): added to it in place, and it is returned."""
+        with ``out`` (a plan built with ``add_out``): added to it in place, and it is returned. ``norm_weight``: the
+        RMSNorm weight of a plan built with one (x normalized first)."""
         if out is None:
             out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
             if self.kind:
@@ -223,17 +234,19 @@ class WeightOnlyPlan:
         if weight_scale is None:  # a 16-bit weight (SCALE_NONE): any pointer, never read
             weight_scale = weight
         bias_arg = weight_scale if bias is None else bias  # any pointer: HAS_BIAS is off
+        nw_arg = x if norm_weight is None else norm_weight  # any pointer: NORM is off
         if self.counters:  # split K: counters and partial sums in scratch (the stream's, or the call's own)
             cnt = _scratch.scratch(_COUNTERS, self.device, self.counters, torch.int32, zeroed=True)
             ws = _scratch.scratch(_PARTIALS, self.device, self.partials, torch.float32, zeroed=False)
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws)
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws, nw_arg)
         else:
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, out, out)
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, out, out, nw_arg)
         return out
 
 
 def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
-               config: dict[str, Any] | None = None, add_out: torch.Tensor | None = None) -> WeightOnlyPlan:
+               config: dict[str, Any] | None = None, add_out: torch.Tensor | None = None,
+               norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> WeightOnlyPlan:
     """Validate one call signature and plan its launch.
 
     Args:
@@ -245,6 +258,8 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         config: a launch config (keys of ``weight_only_config``) instead of the heuristic's.
         add_out: a row-major ``[M, N]`` tensor of x's dtype the product is added to in place (``run(..., out=)``
             with it: a residual stream, one rounding of the sum), or None.
+        norm_weight, norm_eps: RMS-normalize x over K first (``[K]`` weight of any float dtype, ``eps`` >= 0), as
+            ``fused_rmsnorm_rope.rmsnorm`` does, bit for bit (``run(..., norm_weight=)`` with it); or None.
 
     Raises:
         UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
@@ -279,7 +294,18 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         if tuple(add_out.shape) != (m, n) or (m > 1 and add_out.stride(0) != n) or add_out.stride(-1) != 1:
             raise ShapeMismatchError(f"residual: expected a row-major [{m}, {n}] (x's rows, weight's out_features), "
                                      f"got shape {list(add_out.shape)} with strides {add_out.stride()}")
-    check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias, residual=add_out)
+    if norm_weight is not None:
+        check_tensor(norm_weight, "norm_weight")
+        check_dtype(norm_weight, "norm_weight", FLOAT_DTYPES)
+        check_ndim(norm_weight, "norm_weight", exact=1)
+        check_dim_size(norm_weight, "norm_weight", 0, k, "x's last dimension K")
+        if norm_weight.stride(0) != 1:
+            raise ShapeMismatchError(
+                f"norm_weight: expected a contiguous [{k}] tensor, got stride {norm_weight.stride()}")
+        if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not 0 <= norm_eps < float("inf"):
+            raise InvalidArgumentError(f"norm_eps: expected a finite number >= 0, got {norm_eps!r}")
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias, residual=add_out,
+                      norm_weight=norm_weight)
     check_kernel_device(x, "x")
     kind = 1 if m == 0 or n == 0 else 2 if k == 0 else 0
     if kind:
@@ -305,9 +331,9 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     counters, partials = (grid[0] * grid[2], split * m * n) if split > 1 else (0, 0)
     # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
     tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
-            bias.stride(0) if bias is not None else 0, per_split,
-            mode, bias is not None, add_out is not None, bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0,
-            n % bn == 0,
+            bias.stride(0) if bias is not None else 0, per_split, float(norm_eps),
+            mode, bias is not None, add_out is not None, norm_weight is not None, _norm_block(k, bm),
+            bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP)
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"])

@@ -26,6 +26,12 @@ deterministic, the same for every run and every arrival order. Counters and work
 (``_scratch``: the stream's; the counters zero at rest). They must stay apart: in one shared buffer a later call with
 more column blocks read the earlier call's partials as its counters.
 
+RMSNorm prologue (``NORM``): x is the un-normalized row (a decoder layer's residual stream); each program first sums
+the squares of its rows over all of K (in fp64, from L2: a decode row is a few KB) and then feeds the GEMM
+``(x * rstd * norm_weight)`` rounded once to x's dtype: bit for bit what ``fused_rmsnorm_rope.rmsnorm`` writes
+(same fp64 sum, correctly rounded division and square root, same fp32 products), without its launch and without
+writing and reading the normalized row. Every program repeats the row's sum: meant for the few rows of decode.
+
 Under Triton's interpreter (``EMULATE``): its FP8 upcast reads E4M3 NaN (0x7F / 0xFF) as 480, and its bf16/fp16
 ``tl.dot`` is unreliable; the weight is converted to fp32 with the NaN patterns restored, and the dot runs in fp32.
 """
@@ -64,6 +70,32 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_C
 
 
 @triton.jit
+def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` of each row of the tile over all of K: an fp64 sum of exact fp64 squares (the
+    same value in any order), then correctly rounded fp32 division and square root, as the RMSNorm kernel does."""
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(rows + kk[None, :] * stride_xk, mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0.0)
+        x64 = x.to(tl.float32).to(tl.float64)
+        acc += x64 * x64
+    sum_sq = tl.sum(acc, axis=1)
+    one = tl.full(sum_sq.shape, 1.0, tl.float32)
+    mean_sq = tl.math.div_rn(sum_sq.to(tl.float32), one * K)
+    return tl.math.div_rn(one, tl.sqrt_rn(mean_sq + eps))
+
+
+@triton.jit
+def _normalized(x, rstd, nw_ptr, kk, K):
+    """An x tile normalized by its rows' ``rstd`` and scaled by the norm weight at K positions ``kk``, in fp32,
+    rounded once to x's dtype (what the RMSNorm kernel stores)."""
+    w = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * rstd[:, None] * w[None, :]).to(x.dtype)
+
+
+@triton.jit
 def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
                     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Per-tensor or per-channel weight scale (block scales were applied in the loop), then the bias, in fp32."""
@@ -89,18 +121,21 @@ def _store_out(acc, out_ptrs, mask_c, ADD_OUT: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def fp8_weight_only_kernel(
     # tensors
-    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr,
+    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr, nw_ptr,
     # sizes and strides (M is not specialized: one binary serves every row count of a decode tile)
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_sk, stride_sn, stride_bias,
-    tiles_per_split,
+    tiles_per_split, norm_eps,
     # constexprs
-    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, USE_DOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, NORM: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out += ...`` (a residual: one rounding of
-    the sum).
+    the sum); with ``NORM``, x is first RMS-normalized over K with the weight at ``nw_ptr`` and ``norm_eps``, its
+    rows' squares summed ``NORM_BLOCK`` columns a step (a whole decode row in one or two loads: each step waits on
+    L2 before the weight streaming starts).
 
     ``EVEN_K`` / ``EVEN_N``: K / N are whole tiles (no masks on the weight along that dimension). With block
     scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
@@ -128,9 +163,13 @@ def fp8_weight_only_kernel(
         # the [BLOCK_N, BLOCK_K] tile of W: K-contiguous rows
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :] * stride_wk
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if NORM:
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_M, NORM_BLOCK)
     for ki in tl.range(k_first, k_last, num_stages=NUM_STAGES):
         k0 = ki * BLOCK_K
         x = _load_tile(x_ptrs, offs_m, M, k0 + offs_k, K, False, EVEN_K)
+        if NORM:
+            x = _normalized(x, rstd, nw_ptr, k0 + offs_k, K)
         if USE_DOT:
             w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
             if EMULATE:
