@@ -172,7 +172,7 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
 
 
 def _norm_block(k: int, block_m: int) -> int:
-    """Columns per step of the RMSNorm prologue's sum of squares: 2048 fp64 squares a program per step (16 registers
+    """Columns per step of the RMSNorm prologue's sum of squares: 2048 fp64 squares a program per step (32 registers
     a thread at 4 warps), so a 4096-wide decode row takes two L2 round trips before the weight streaming starts; fewer
     columns per row as the row tile grows; 64 under the interpreter (small tests loop)."""
     if _INTERP:
