@@ -1,0 +1,48 @@
+"""Compile the weight-only decode kernel's variants for sm_90 (Hopper) with Triton's own compiler and ptxas, without
+a GPU.
+
+Run as a script by ``test_compile_sm90.py`` in a process without ``TRITON_INTERPRET`` (the interpreter never lowers a
+kernel: the E4M3 up-conversion, the fp64 RMSNorm prologue and register use are only checked by compiling). Prints one
+``OK``/``FAIL`` line per variant; exit status 3 when this Triton has no ahead-of-time API this script knows.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+from fp8_gemm import weight_only_kernels as W  # noqa: E402
+from triton_ops_core.aot import compile_sm90  # noqa: E402
+
+INTS = ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_sk", "stride_sn",
+        "stride_bias", "tiles_per_split"]
+
+# (name, weight type, SCALE_MODE, NORM, ADD_OUT, USE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K): the decode configs
+# weight_only_config picks at one row (FMA tiles, bf16 and E4M3 weights) and at 16 rows (tensor-core tile, split K),
+# with the RMSNorm prologue and the residual epilogue
+VARIANTS = [
+    ("bf16 weight, one row, norm prologue", "*bf16", W.SCALE_NONE, True, False, False, 1, 8, 512, 1),
+    ("E4M3 channel scales, one row, norm prologue, residual add", "*fp8e4nv", W.SCALE_CHANNEL, True, True, False, 1,
+     16, 512, 1),
+    ("E4M3 block scales, 16 rows, split K, norm prologue", "*fp8e4nv", W.SCALE_BLOCK, True, False, True, 16, 32, 128,
+     4),
+]
+
+
+def main() -> int:
+    ok = True
+    for name, wtype, mode, norm, add_out, dot, bm, bn, bk, split in VARIANTS:
+        types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
+                 "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "norm_eps": "fp32",
+                 **dict.fromkeys(INTS, "i32")}
+        consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm, NORM_BLOCK=max(16, 2048 // bm),
+                      USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,
+                      NUM_STAGES=4, EMULATE=False)
+        ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, 4, 4)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

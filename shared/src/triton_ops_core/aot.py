@@ -1,0 +1,72 @@
+"""Kernels compiled for Hopper (sm_90) with Triton's own compiler and ptxas, on a machine without a GPU.
+
+The CPU tests run every kernel under Triton's interpreter, which never lowers one: errors that only compilation
+finds (layouts, conversions that exist only on a real target, register or shared-memory limits, inline PTX) would
+wait for a GPU. A package's ``tests/_aot_compile.py`` script compiles its kernels' variants with
+:func:`compile_sm90` (one ``OK`` / ``FAIL`` line each) in a process without ``TRITON_INTERPRET``, and its test runs
+that script with :func:`check_compile_script`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# the exit status of a compile script whose Triton lacks the ahead-of-time API it knows (its test then skips)
+AOT_UNAVAILABLE = 3
+
+
+def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2) -> bool:
+    """Compile the ``@triton.jit`` kernel ``fn`` for sm_90 and print ``OK name`` or ``FAIL name: error``.
+
+    ``types``: the Triton type of every non-constexpr argument (``"*bf16"``, ``"i32"``, ``"fp32"``, ...);
+    ``consts``: every constexpr's value. Exits the process with :data:`AOT_UNAVAILABLE` when this Triton has no
+    ``ASTSource`` / ``GPUTarget`` of the known form. Returns whether it compiled.
+    """
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler import compile as triton_compile
+    except ImportError:
+        sys.exit(AOT_UNAVAILABLE)
+    signature = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
+    try:
+        src = ASTSource(fn, signature, constexprs=consts)
+    except TypeError:
+        sys.exit(AOT_UNAVAILABLE)
+    try:
+        triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
+        print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}")
+        return False
+    print(f"OK {name}")
+    return True
+
+
+def run_compile_script(script: Path, timeout: float = 600) -> subprocess.CompletedProcess | None:
+    """Run a package's compile script in a process without ``TRITON_INTERPRET``; None when this Triton ships no
+    ptxas or lacks the ahead-of-time API."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+    return None if proc.returncode == AOT_UNAVAILABLE else proc
+
+
+def check_compile_script(script: Path, expected_ok: int) -> None:
+    """For a pytest test: run the compile script, skip where it cannot run, and assert that it succeeded with
+    ``expected_ok`` variants compiled."""
+    import pytest
+
+    proc = run_compile_script(script)
+    if proc is None:
+        pytest.skip("this Triton ships no ptxas, or its ahead-of-time compile API is not the one the script knows")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("OK ") == expected_ok, proc.stdout
+
+
+__all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "run_compile_script"]
