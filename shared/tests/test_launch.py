@@ -103,6 +103,18 @@ def test_compiled_launcher_called_with_the_current_stream_and_no_hooks(monkeypat
     assert jit.log[1] == ("run", (5, 2, 1), 1003, "function-handle", "packed", None, None, None, ("b", 7, True))
 
 
+def test_compiled_launcher_gets_tensors_as_their_addresses(monkeypatch):
+    # Triton's launcher validates each tensor's address with a driver call on every launch; an int it takes as is
+    _with_run(monkeypatch)
+    jit = FakeJitWithRun()
+    plan = launch.Plan(jit, (1,), (3,), 4)
+    a, b = torch.randn(4), torch.nn.Parameter(torch.randn(2))
+    plan.launch(a, b, "descriptor")
+    plan.launch(a, b, "descriptor")
+    assert jit.log[0][2] == (a, b, "descriptor", 3)  # the first launch (the JIT's) gets the tensors themselves
+    assert jit.log[1][-1] == (a.data_ptr(), b.data_ptr(), "descriptor", 3)
+
+
 def test_launch_hooks_take_tritons_runner(monkeypatch):
     knobs = _with_run(monkeypatch)
     jit = FakeJitWithRun()

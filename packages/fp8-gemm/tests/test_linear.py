@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from fp8_gemm import FP8Linear, clear_caches, convert_to_fp8, quantize_fp8
+from fp8_gemm import FP8Linear, clear_caches, convert_to_fp8, fp8_linear, quantize_fp8
 from fp8_gemm.reference import fp8_matmul_reference, quantize_fp8_reference
 from torch import nn
 from triton_ops_core.exceptions import (
@@ -221,3 +221,60 @@ def test_fine_tuning_with_trainable_fp8_follows_the_float_model(device):
     fp8, ref = train(True), train(False)
     assert all(b < a for a, b in zip(fp8, fp8[1:])), fp8  # every step lowers the loss
     assert abs(fp8[-1] - ref[-1]) < 0.05 * ref[-1] and fp8[-1] < 0.85 * fp8[0], (fp8, ref)
+
+
+def test_the_remembered_plan_follows_every_change_of_the_call(device):
+    """FP8Linear reuses its previous call's plan only for the same input layout, tensors and options."""
+    torch.manual_seed(5)
+    mod = FP8Linear.from_linear(_linear(96, 40, True, device, seed=5))
+
+    def check(x, what):
+        out = mod(x)
+        assert torch.equal(out, fp8_linear(x, mod.weight, mod.weight_scale, mod.bias, mod.activation_granularity,
+                                           mod.fast_accum, mod.path)), what
+        assert_close_rel(out, _reference_any_path(mod, x), 0.05, what)
+        return out
+
+    with torch.no_grad():
+        x = torch.randn(1, 96, device=device, dtype=torch.bfloat16)
+        first = check(x, "first call")
+        assert mod._last_call is not None
+        again = check(x.clone(), "same layout")
+        assert torch.equal(first, again)
+        check(torch.randn(3, 96, device=device, dtype=torch.bfloat16), "more rows")
+        check(torch.randn(96, 2, device=device, dtype=torch.bfloat16).t(), "strided rows")
+        check(torch.randn(1, 96, device=device, dtype=torch.float16), "another dtype")
+        mod.path = "w8a8"
+        check(x, "another path")
+        mod.path = "auto"
+        mod.load_weight(torch.randn(40, 96, device=device) * 3)  # new buffers: planned afresh, new values used
+        assert not torch.equal(check(x, "a loaded weight"), first)
+        mod.bias.data = torch.randn(40, device=device, dtype=torch.float16)  # same Parameter, new dtype
+        check(x, "a bias of another dtype")
+        clear_caches()
+        check(x, "after clear_caches")
+
+
+def _reference_any_path(mod: FP8Linear, x: torch.Tensor) -> torch.Tensor:
+    """x times the dequantized weight plus bias, in float64 (either path is within FP8 activation rounding)."""
+    w = mod.dequantized_weight(torch.float64)
+    out = x.double() @ w.t() + mod.bias.double()
+    return out
+
+
+def test_a_copy_or_pickle_does_not_carry_the_remembered_plan(device):
+    import copy
+
+    mod = FP8Linear.from_linear(_linear(64, 24, False, device))
+    x = torch.randn(1, 64, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = mod(x)
+        twin = copy.deepcopy(mod)
+        assert "_last_call" not in twin.__dict__ and "_last_call" in mod.__dict__
+        assert torch.equal(twin(x), out)
+        buf = io.BytesIO()
+        torch.save(mod, buf)  # the whole module, pickled
+        buf.seek(0)
+        thawed = torch.load(buf, weights_only=False)
+        assert "_last_call" not in thawed.__dict__
+        assert torch.equal(thawed(x), out)

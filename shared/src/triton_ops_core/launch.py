@@ -115,8 +115,13 @@ class Plan:
             try:
                 if self.run is not None and _hooks_off():
                     grid = self.grid
+                    # Tensors as their addresses: given a tensor, the launcher calls its data_ptr() and asks the
+                    # driver whether the address is device memory (cuPointerGetAttribute), per pointer argument and
+                    # launch; an int is taken as it is. The plan's key fixed every tensor's device when it was
+                    # validated. 7.8 -> 5.9 us per launch of eight pointers on the lent H200 host (2026-12-03).
                     self.run(grid[0], grid[1], grid[2], _raw_stream(_current_device()), self.function, self.packed,
-                             None, None, None, *tensors, *self.tail)
+                             None, None, None, *[t.data_ptr() if type(t) in _TENSOR_TYPES else t for t in tensors],
+                             *self.tail)
                 else:  # launch hooks set (a profiler such as proton): Triton's runner calls them
                     self.runner(*tensors, *self.tail)
                 return
@@ -132,6 +137,9 @@ class Plan:
                 self.run = getattr(compiled, "run", None)
                 self.function = getattr(compiled, "function", None)
                 self.packed = getattr(compiled, "packed_metadata", None)
+
+
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _hooks_off() -> bool:

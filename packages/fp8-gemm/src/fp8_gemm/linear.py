@@ -9,6 +9,7 @@ feature, i.e. per row of the ``[out, in]`` weight) or ``[ceil(K/128), ceil(N/128
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from triton_ops_core.exceptions import (
     UnsupportedDeviceError,
     UnsupportedDtypeError,
 )
-from triton_ops_core.launch import PlanCache, call_key
+from triton_ops_core.launch import PlanCache, call_key, interpret_setting
 from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
@@ -47,6 +48,10 @@ _ADD_PLANS = PlanCache()  # fp8_linear_add_'s: the weight-only plan adding into 
 _CACHE_CLEARERS.append(_PLANS.clear)
 _CACHE_CLEARERS.append(_ADD_PLANS.clear)
 _CACHE_CLEARERS.append(_clear_weight_only)
+# Bumped by fp8_gemm.clear_caches(): a module's remembered plan (FP8Linear._last_call) is from an older generation
+# then, and is planned afresh (with the configs in force now).
+_GENERATION = [0]
+_CACHE_CLEARERS.append(lambda: _GENERATION.__setitem__(0, _GENERATION[0] + 1))
 
 
 def _require_fp8(device: torch.device, what: str) -> None:
@@ -168,10 +173,37 @@ class FP8Linear(nn.Module):
         w_kn = self.weight.t().float() * expand_scale(self.weight_scale, (self.in_features, self.out_features))
         return w_kn.t().to(dtype)
 
+    # The previous eager call's plan and what it was planned for (see forward); never saved or copied.
+    _last_call: tuple | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Buffers straight from their dicts: nn.Module's attribute lookup costs on a path this short.
         weight, weight_scale, bias = self._buffers["weight"], self._buffers["weight_scale"], self._parameters["bias"]
-        return fp8_linear(x, weight, weight_scale, bias, self.activation_granularity, self.fast_accum, self.path)
+        options = (self.activation_granularity, self.fast_accum, self.path)
+        if not direct_call_ok(x, weight, weight_scale, bias):
+            return _linear_op(x, weight, weight_scale, bias, *options)
+        if not isinstance(x, torch.Tensor):
+            return _linear(x, weight, weight_scale, bias, *options)  # validation names the problem
+        # A decode loop calls each module with inputs of one layout: the previous call's plan serves when x has the
+        # same metadata and the module the same tensors (weak references: a replaced weight is neither kept alive
+        # nor mistaken for a new one at the same address) and options. That skips the plan cache's key over four
+        # tensors and its hash, most of what FP8Linear cost on the host beyond nn.Linear at one row.
+        sig = (interpret_setting(), x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, _GENERATION[0],
+               options, None if bias is None else (bias.dtype, bias.device, bias.data_ptr() % 16))
+        last = self._last_call
+        if (last is not None and last[0] == sig and last[1]() is weight and last[2]() is weight_scale
+                and (bias is None or last[3]() is bias)):
+            return _run_plan(last[4], x, weight, weight_scale, bias)
+        plan = _plan_of(x, weight, weight_scale, bias, *options)
+        self.__dict__["_last_call"] = (sig, weakref.ref(weight), weakref.ref(weight_scale),
+                                       None if bias is None else weakref.ref(bias), plan)
+        return _run_plan(plan, x, weight, weight_scale, bias)
+
+    def __getstate__(self) -> dict:
+        # the remembered plan holds compiled kernels: not part of a copy or a pickle (the copy plans its own)
+        state = super().__getstate__()
+        state.pop("_last_call", None)
+        return state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -205,6 +237,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 
 def _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum, path="auto") -> torch.Tensor:
+    plan = _plan_of(x, weight, weight_scale, bias, activation_granularity, fast_accum, path)
+    return _run_plan(plan, x, weight, weight_scale, bias)
+
+
+def _plan_of(x, weight, weight_scale, bias, activation_granularity, fast_accum, path) -> tuple:
+    """The call's plan (see :func:`_linear_plan`): cached by the metadata of all its arguments."""
     try:
         key = call_key(x, weight, weight_scale, bias, activation_granularity, fast_accum, path)
     except (AttributeError, RuntimeError, TypeError):  # x not a tensor: validation says so
@@ -212,6 +250,11 @@ def _linear(x, weight, weight_scale, bias, activation_granularity, fast_accum, p
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         plan = _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_accum, path, key)
+    return plan
+
+
+def _run_plan(plan: tuple, x, weight, weight_scale, bias) -> torch.Tensor:
+    """Launch a call whose arguments ``plan`` was made for (same metadata)."""
     weight_only, quant, gemm, flat = plan
     if flat:  # x is already the row-major [M, K] activation
         x2 = x
