@@ -71,7 +71,7 @@ ACT_ATTR = "_triton_ops_act"
 def gated_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``act(gate_proj(x)) * up_proj(x)`` of a gated MLP module in one kernel: :class:`GatedMLP`'s forward before
     its ``down_proj``."""
-    act = mlp.__dict__.get(ACT_ATTR)
+    act = getattr(mlp, ACT_ATTR, None)  # not mlp.__dict__.get: see models.layers.packed_projections
     if act is None:
         act = kernel_activation(mlp.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
     gate, up = mlp.gate_proj, mlp.up_proj

@@ -428,7 +428,7 @@ def pack_shards(attn: nn.Module) -> QKVPacking:
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-class QKVPacking:
+class QKVPacking(nn.Module):
     """One attention's packed projection: ``linear`` (a :class:`PackedQKVLinear` or an ``FP8Linear``), the split
     ``sizes``, and the weight tensors its projections held when it was made.
 
@@ -441,28 +441,33 @@ class QKVPacking:
     the rank's rows of ``linear``'s weight: :func:`pack_shards`) ``linear`` is the rank's own packed layer, the
     sizes are the rank's, and each projection carries exactly its style's two hooks (which the one GEMM stands in
     for: the input as it is, the rank's columns out).
+
+    An ``nn.Module`` only for ``torch.compile``'s sake: it holds nothing as a parameter, buffer or submodule (every
+    attribute sits in its ``__dict__``; it is no submodule of the attention either, see :meth:`attach`). Dynamo
+    (torch 2.9 to 2.12 by default) skips the guards of an attention module's whole subtree when no dict in it
+    changed, but only for subtrees of modules, dicts and immutable values: a plain object here made the attention's
+    guards run in full on every call, about 15 us per layer and decode step on the lent H200 host (2026-12-03).
     """
 
-    __slots__ = ("linear", "sizes", "fp8", "store", "weights", "weight_ids", "packed_weight", "packed_bias",
-                 "sharded", "hooks")
-
     def __init__(self, linear: nn.Module, sizes: tuple[int, int, int], projections: tuple[nn.Module, ...]) -> None:
-        self.linear = linear
-        self.sizes = sizes
-        self.fp8 = isinstance(linear, FP8Linear)
+        super().__init__()
+        fp8 = isinstance(linear, FP8Linear)
         # where a projection keeps its weight: an nn.Linear a parameter, an FP8Linear a buffer
-        self.store = "_buffers" if self.fp8 else "_parameters"
-        self.weights = tuple(getattr(p, self.store)["weight"] for p in projections)
-        # Their ids, which ``valid`` compares: kept alive by ``weights``, so never reused. ``torch.compile`` guards an
-        # ``id()`` with one C++ identity check, where ``a is b`` of two objects it reached by different paths became
-        # a Python lambda guard, evaluated on every call: three per layer, about a millisecond per decode step of
-        # a 32-layer model (H200 host, 2026-12-03).
-        self.weight_ids = tuple(id(w) for w in self.weights)
-        self.packed_weight = getattr(linear, self.store)["weight"]
-        self.packed_bias = linear._parameters.get("bias")
-        self.sharded = _sharded(projections[0]) and not _plain(self.weights[0])  # DTensors (checked when packed)
-        # the forward hooks and pre-hooks each projection has: none, or its tensor-parallel style's one of each
-        self.hooks = 1 if self.sharded else 0
+        store = "_buffers" if fp8 else "_parameters"
+        weights = tuple(getattr(p, store)["weight"] for p in projections)
+        sharded = _sharded(projections[0]) and not _plain(weights[0])  # DTensors (checked when packed)
+        # straight into __dict__: nn.Module's __setattr__ would register the modules and parameters
+        self.__dict__.update(
+            linear=linear, sizes=tuple(sizes), fp8=fp8, store=store, weights=weights,
+            # Their ids, which ``valid`` compares: kept alive by ``weights``, so never reused. ``torch.compile``
+            # guards an ``id()`` with one C++ identity check, where ``a is b`` of two objects it reached by
+            # different paths became a Python lambda guard, evaluated on every call: three per layer, about a
+            # millisecond per decode step of a 32-layer model (H200 host, 2026-12-03).
+            weight_ids=tuple(id(w) for w in weights),
+            packed_weight=getattr(linear, store)["weight"], packed_bias=linear._parameters.get("bias"),
+            sharded=sharded,
+            # the forward hooks and pre-hooks each projection has: none, or its tensor-parallel style's one of each
+            hooks=1 if sharded else 0)
 
     @classmethod
     def attach(cls, attn: nn.Module, linear: nn.Module, sizes: tuple[int, int, int]) -> QKVPacking:
@@ -532,7 +537,9 @@ def packed_projections(attn: nn.Module) -> QKVPacking | None:
     """The attention's packing if it still holds (rebuilt once if the projections were moved or cast since, or
     sharded by tensor parallelism, in eager mode; dropped if they can no longer be packed); None to run the three
     projections."""
-    packing = attn.__dict__.get(PACKING_ATTR)
+    # getattr, not attn.__dict__.get: Dynamo reads an attribute through the module's __dict__ with guards that
+    # keep the attention's subtree skippable (see QKVPacking), an explicit __dict__ read with ones that do not
+    packing = getattr(attn, PACKING_ATTR, None)
     if packing is None or packing.valid(attn):
         return packing
     if torch.compiler.is_compiling():  # no module changes while tracing: the projections, as they are
