@@ -139,7 +139,16 @@ class Recipe:
     # which Linears the migration applies to (None: every converted one). Those fed by an RMSNorm (q/k/v, gate/up)
     # can fold it into the norm's weight and their own, with no kernel change; o_proj and down_proj cannot.
     smooth_only: Callable[[str], bool] | None = None
+    # one factor per input feature shared by the Linears one norm feeds (a layer's q/k/v, its gate/up): the form that
+    # folds into the norm's weight (the per-Linear factors above cannot: q, k and v would each need their own norm)
+    smooth_shared: bool = False
+    # where the statistics come from: "text" (the calibration text) or "random" (random token ids, no data: outlier
+    # channels are a property of the model more than of the input)
+    calibration: str = "text"
     library: str | None = None  # the fp8_gemm recipe this row measures (backend "kernels" converts through it)
+    # the library's SmoothQuant fold (fp8_gemm.smoothing) with this alpha on the bf16 model, calibrated on the
+    # calibration text, before the library recipe converts (what patch_model(fp8_calibration=ids) does); 0: none
+    library_smooth: float = 0.0
     note: str = ""
 
 
@@ -175,6 +184,12 @@ def _norm_fed(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
+def _norm_group(name: str) -> str:
+    """The Linears that read one norm's output: a layer's q/k/v, or its gate/up."""
+    parent, _, child = name.rpartition(".")
+    return parent + (".qkv" if child in ("q_proj", "k_proj", "v_proj") else f".{child}")
+
+
 def recipes() -> dict[str, Recipe]:
     rows = [
         Recipe("channel-row", "channel", "row", note="per-channel weights, per-row activations (the old default)"),
@@ -207,7 +222,27 @@ def recipes() -> dict[str, Recipe]:
                note="the default's rule, plus SmoothQuant (alpha 0.5) on the Linears an RMSNorm feeds (foldable)"),
         Recipe("channel-row+keep-down-all+smooth-norm-fed", "channel", "row", _keep_down_all, smooth=0.5,
                smooth_only=_norm_fed,
-               note="per-channel/per-row, every down_proj bf16, SmoothQuant on the norm-fed Linears (foldable)"),
+               note="per-channel/per-row, every down_proj bf16, SmoothQuant on the norm-fed Linears, a factor per "
+                    "Linear"),
+        Recipe("channel-row+keep-down-all+smooth-folded", "channel", "row", _keep_down_all, smooth=0.5,
+               smooth_only=_norm_fed, smooth_shared=True,
+               note="as above with one factor per norm (q/k/v share one, gate/up share one): foldable into the norm"),
+        Recipe("block-block+keep-down-all+smooth-folded", "block", "block", _keep_down_all, smooth=0.5,
+               smooth_only=_norm_fed, smooth_shared=True,
+               note="the default's rule, plus one SmoothQuant factor per norm on the Linears it feeds"),
+        Recipe("channel-row+smooth-folded", "channel", "row", smooth=0.5, smooth_only=_norm_fed, smooth_shared=True,
+               note="every Linear per-channel/per-row, one SmoothQuant factor per norm on the Linears it feeds"),
+        Recipe("block-block+keep-down-all+smooth-folded-random", "block", "block", _keep_down_all, smooth=0.5,
+               smooth_only=_norm_fed, smooth_shared=True, calibration="random",
+               note="as block-block+keep-down-all+smooth-folded, calibrated on random token ids (no data)"),
+        Recipe("block-block+smooth-folded", "block", "block", smooth=0.5, smooth_only=_norm_fed, smooth_shared=True,
+               note="every Linear in blocks, one SmoothQuant factor per norm on the Linears it feeds"),
+        Recipe("block-block+smooth-folded-random", "block", "block", smooth=0.5, smooth_only=_norm_fed,
+               smooth_shared=True, calibration="random",
+               note="every Linear in blocks, one SmoothQuant factor per norm, calibrated on random token ids"),
+        Recipe("channel-row+keep-down-all+smooth-folded-random", "channel", "row", _keep_down_all, smooth=0.5,
+               smooth_only=_norm_fed, smooth_shared=True, calibration="random",
+               note="per-channel/per-row, every down_proj bf16, one factor per norm, random-token calibration"),
     ]
     out = {r.name: r for r in rows}
     try:
@@ -218,6 +253,11 @@ def recipes() -> dict[str, Recipe]:
         r = lib.get_recipe(name)
         out[f"lib:{name}"] = Recipe(f"lib:{name}", r.weight_granularity, r.activation_granularity,
                                     library=name, note=f"fp8_gemm recipe {name!r}: {r.description}")
+        for alpha, suffix in ((0.5, ""), (0.3, "-a0.3"), (0.7, "-a0.7")):
+            row = f"lib:{name}+smooth{suffix}"
+            out[row] = Recipe(row, r.weight_granularity, r.activation_granularity, library=name,
+                              library_smooth=alpha,
+                              note=f"fp8_gemm recipe {name!r} with calibration (SmoothQuant folded, alpha {alpha})")
     return out
 
 
@@ -231,9 +271,9 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def calibrate(model: nn.Module, tok, device) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-Linear activation statistics on the calibration text: the absolute maximum (tensor) and per input
-    feature (for SmoothQuant)."""
+def calibrate(model: nn.Module, tok, device, source: str = "text") -> dict[str, dict[str, torch.Tensor]]:
+    """Per-Linear activation statistics on the calibration text (``source="random"``: 512 random token ids of the
+    vocabulary instead, seed 0): the absolute maximum (tensor) and per input feature (for SmoothQuant)."""
     stats: dict[str, dict[str, torch.Tensor]] = {}
     hooks = []
     for name, lin in _linears(model):
@@ -244,8 +284,11 @@ def calibrate(model: nn.Module, tok, device) -> dict[str, dict[str, torch.Tensor
             s["amax"] = torch.maximum(s["amax"], x.max())
             s["col"] = torch.maximum(s["col"], x.amax(0))
         hooks.append(lin.register_forward_pre_hook(hook))
-    text = " ".join(read_texts(CALIBRATION))
-    ids = torch.tensor([tok(text).input_ids], device=device)
+    if source == "random":
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (1, 512), generator=generator).to(device)
+    else:
+        ids = calibration_ids(tok, device)
     with torch.no_grad():
         model(ids)
     for h in hooks:
@@ -253,8 +296,14 @@ def calibrate(model: nn.Module, tok, device) -> dict[str, dict[str, torch.Tensor
     return stats
 
 
+def calibration_ids(tok, device) -> torch.Tensor:
+    """The calibration text as one row of token ids."""
+    return torch.tensor([tok(" ".join(read_texts(CALIBRATION))).input_ids], device=device)
+
+
 def build(base: nn.Module, recipe: Recipe | None, backend: str, *,
-          only: Callable[[str, int | None], bool] | None = None, stats=None, native_bf16: bool = False) -> nn.Module:
+          only: Callable[[str, int | None], bool] | None = None, stats=None, native_bf16: bool = False,
+          calibration_ids: torch.Tensor | None = None) -> nn.Module:
     """A bf16 copy of ``base`` with ``recipe`` applied (None: the bf16 model). ``only(name, idx)``: convert only
     the Linears it accepts (sensitivity sweeps)."""
     import copy
@@ -275,6 +324,17 @@ def build(base: nn.Module, recipe: Recipe | None, backend: str, *,
         fp8_names = {n for n, _ in lins if not (recipe.keep and recipe.keep(n, layer_index(n), n_layers))}
     if only is not None:
         fp8_names = {n for n in fp8_names if only(n, layer_index(n))}
+    if recipe is not None and recipe.library_smooth:
+        from fp8_gemm.smoothing import smooth_norm_fed_linears
+
+        # on the bf16 model, as a user would
+        smooth_norm_fed_linears(model, calibration_ids, alpha=recipe.library_smooth, linears=fp8_names)
+    group_w = {}  # the weights' per-input-feature amax over each norm's Linears (shared smoothing factors)
+    if recipe is not None and recipe.smooth_shared:
+        for name, lin in lins:
+            w = lin.weight.detach().float().abs().amax(0)
+            key = _norm_group(name)
+            group_w[key] = torch.maximum(group_w[key], w) if key in group_w else w
     for name, lin in lins:
         if name in fp8_names:
             if backend == "kernels":
@@ -288,7 +348,8 @@ def build(base: nn.Module, recipe: Recipe | None, backend: str, *,
                 smooth = None
                 if recipe.smooth is not None and (recipe.smooth_only is None or recipe.smooth_only(name)):
                     a = st["col"].clamp_min(1e-5)
-                    w = lin.weight.detach().float().abs().amax(0).clamp_min(1e-5)
+                    w = (group_w[_norm_group(name)] if recipe.smooth_shared
+                         else lin.weight.detach().float().abs().amax(0)).clamp_min(1e-5)
                     smooth = (a.pow(recipe.smooth) / w.pow(1 - recipe.smooth)).clamp_min(1e-5)
                 new = EmulatedFP8Linear(lin, weight_granularity=recipe.weight,
                                         activation_granularity=recipe.activation, activation_scale=scale,
@@ -422,16 +483,18 @@ def run(args: argparse.Namespace) -> dict:
                            "cos_min": 1.0, "top1": 1.0, "greedy": 1.0, "first_diff": args.gen_tokens,
                            "kl": 0.0, "fp8_linears": 0, "note": "baseline of the budget"})
     del bf16
-    stats = None
-    if any(all_recipes[n].static or all_recipes[n].smooth is not None for n in names):
-        stats = calibrate(base, tok, device)
+    stats = {}  # calibration source -> statistics, made when a recipe needs them
+
     for name in names:
         r = all_recipes[name]
-        if args.backend == "kernels" and (r.static or r.smooth is not None):
+        if args.backend == "kernels" and (r.static or r.smooth is not None):  # the library's fold runs on both
             log(f"{name}: emulation only, skipped with --backend kernels")
             continue
         t0 = time.time()
-        m = build(base, r, args.backend, stats=stats, native_bf16=args.native_bf16)
+        if (r.static or r.smooth is not None) and r.calibration not in stats:
+            stats[r.calibration] = calibrate(base, tok, device, r.calibration)
+        m = build(base, r, args.backend, stats=stats.get(r.calibration), native_bf16=args.native_bf16,
+                  calibration_ids=calibration_ids(tok, device) if r.library_smooth else None)
         s = score(m, ids, keep_logits=True)
         cos_mean, cos_min, top1, kl = compare_logits(s.logits, ref.logits)
         gen = greedy(m, prompts, args.gen_tokens) if args.gen_tokens else []

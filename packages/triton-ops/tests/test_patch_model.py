@@ -153,6 +153,24 @@ def test_fp8_patch_converts_every_linear_but_the_lm_head():
     assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
 
 
+def test_fp8_calibration_folds_smoothing_into_the_norms_before_quantizing():
+    model = _model("llama")
+    reference = copy.deepcopy(model)
+    calibration = torch.randint(0, 128, (2, 16), device=DEVICE)
+    patch_model(model, fp8=True, fp8_recipe="channel", fp8_calibration=calibration)
+    assert any("SmoothQuant (alpha 0.5) folded into the norms feeding 10 Linear layers" in n
+               for n in model.triton_ops_patch.notes), model.triton_ops_patch.notes
+    for ours, ref in zip(model.model.layers, reference.model.layers, strict=True):
+        for norm in ("input_layernorm", "post_attention_layernorm"):  # divided by the factors
+            assert not torch.equal(getattr(ours, norm).weight, getattr(ref, norm).weight)
+    assert model.triton_ops_patch.fp8_linears == 2 * 5 and model.triton_ops_patch.fp8_gated_mlps == 2
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    (ours, ours_step), (ref, ref_step) = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
+    assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
+    with pytest.raises(InvalidArgumentError, match="fp8=True"):
+        patch_model(_model("llama"), fp8_calibration=calibration)
+
+
 def test_fp8_down_projection_adds_the_residual_in_its_kernel(monkeypatch):
     """A bias-free FP8 down_proj adds into the layer's residual (fp8_linear_add_: on a decode row, the weight-only
     kernel's epilogue) instead of a separate add: once per layer and forward, the same logits as the separate add
