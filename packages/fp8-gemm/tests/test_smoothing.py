@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from fp8_gemm import FP8Linear, convert_to_fp8
 from fp8_gemm.smoothing import (
     NormGroup,
+    RowGroup,
     calibrate_input_amax,
     fold_smoothing,
     norm_fed_groups,
+    row_groups,
     smooth_factors,
     smooth_norm_fed_linears,
 )
@@ -39,14 +41,21 @@ class GemmaRMSNorm(TinyRMSNorm):  # Gemma's norms scale by (1 + weight): not fol
 
 
 class Attention(nn.Module):
+    """Grouped-query attention: 4 query heads, 2 key/value heads of 16 (v has a bias, as Qwen2's)."""
+
+    head_dim = 16
+
     def __init__(self) -> None:
         super().__init__()
         self.q_proj, self.k_proj = nn.Linear(HIDDEN, HIDDEN, bias=False), nn.Linear(HIDDEN, 32, bias=False)
-        self.v_proj, self.o_proj = nn.Linear(HIDDEN, 32, bias=False), nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(HIDDEN, 32, bias=True), nn.Linear(HIDDEN, HIDDEN, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # not attention, but every projection reads the input
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.o_proj(q * torch.cat([torch.tanh(k), v], -1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, 4, 16).transpose(1, 2)
+        k, v = (p(x).view(b, t, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1) for p in (self.k_proj, self.v_proj))
+        out = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, HIDDEN))
 
 
 class MLP(nn.Module):
@@ -126,6 +135,40 @@ def test_the_fold_leaves_the_model_computing_the_same_in_float64():
     with torch.no_grad():
         after = model(ids)
     assert_close_rel(after, before, 1e-12, "folded model")
+
+
+def test_row_groups_fold_o_proj_into_v_and_down_proj_into_up_exactly_in_float64():
+    torch.manual_seed(0)
+    model = Decoder().double()
+    assert row_groups(model) == [
+        g for i in range(2)
+        for g in (RowGroup(f"layers.{i}.self_attn.v_proj", f"layers.{i}.self_attn.o_proj", 16, 2),
+                  RowGroup(f"layers.{i}.mlp.up_proj", f"layers.{i}.mlp.down_proj"))
+    ]
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids)
+        v_before = model.layers[0].self_attn.v_proj.weight.clone()
+    smoothed = smooth_norm_fed_linears(model, ids, rows=True)
+    assert len(smoothed) == 2 * 7  # q, k, v, gate, up through the norms; o and down through v and up
+    with torch.no_grad():
+        after = model(ids)
+    assert_close_rel(after, before, 1e-12, "model with every fold")
+    assert not torch.allclose(model.layers[0].self_attn.v_proj.weight, v_before)  # the folds did change weights
+
+
+def test_o_proj_factors_are_shared_by_the_query_heads_of_a_key_value_head():
+    torch.manual_seed(0)
+    model = Decoder().double()
+    reference = Decoder().double()
+    reference.load_state_dict(model.state_dict())
+    smooth_norm_fed_linears(model, _ids(), linears=["layers.0.self_attn.o_proj"], rows=True)
+    ratio = (model.layers[0].self_attn.o_proj.weight / reference.layers[0].self_attn.o_proj.weight)[0]
+    heads = ratio.reshape(2, 2, 16)  # [kv head, query head of its group, channel]
+    assert torch.allclose(heads[:, 0], heads[:, 1]) and not torch.allclose(heads[0, 0], heads[1, 0])
+    v_ratio = (reference.layers[0].self_attn.v_proj.weight / model.layers[0].self_attn.v_proj.weight)[:, 0]
+    assert torch.allclose(v_ratio.reshape(2, 16), heads[:, 0])  # v's rows divided by what o's columns gained
+    assert torch.equal(model.layers[0].input_layernorm.weight, reference.layers[0].input_layernorm.weight)
 
 
 def test_factors_follow_the_formula_and_flatten_the_norm_outputs():

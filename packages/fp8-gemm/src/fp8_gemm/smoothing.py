@@ -16,10 +16,17 @@ Measured on SmolLM2-135M in emulation (docs/benchmarks/fp8-accuracy.md): with th
 text of a few paragraphs, +0.31 % perplexity against bf16 instead of +0.92 %, KL to bf16 0.0151 against 0.0182;
 calibrating on random token ids helped less (+0.96 %, KL 0.0174).
 
+Two more folds reach the Linears no norm feeds, both exact as well: ``o_proj`` reads the attention's output, which is
+linear in v, so ``v_proj``'s output rows absorb ``1 / s`` (under grouped-query attention one factor per key/value
+head channel, repeated over the query heads sharing it); ``down_proj`` reads ``act(gate) * up``, so ``up_proj``'s
+output rows absorb it.
+
 Folded only where the structure is known: a pre-norm decoder layer (``input_layernorm`` / ``self_attn.q_proj,
 k_proj, v_proj``; ``post_attention_layernorm`` / ``mlp.gate_proj, up_proj``) with no other norm between (Gemma 2/3's
 ``pre_feedforward_layernorm`` layers are left alone), ``*RMSNorm`` modules whose output is ``normalized * weight``
-(Gemma's ``(1 + weight)`` form is left alone), and plain ``nn.Linear`` projections.
+(Gemma's ``(1 + weight)`` form is left alone), and plain ``nn.Linear`` projections; for ``o_proj`` an attention
+with ``head_dim`` whose query heads are a whole multiple of v's, for ``down_proj`` a gated MLP (``gate_proj``,
+``up_proj``, ``down_proj``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,22 @@ class NormGroup:
 
     norm: str
     linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """A Linear (``producer``) whose output rows, rescaled, leave the result of ``consumer`` unchanged: ``v_proj`` /
+    ``o_proj`` (``head_dim``: the channels of one head; ``repeat``: query heads per key/value head) or ``up_proj`` /
+    ``down_proj`` (``head_dim`` 0: channel for channel)."""
+
+    producer: str
+    consumer: str
+    head_dim: int = 0
+    repeat: int = 1
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (self.consumer,)
 
 
 def _plain_rms_norm(norm: object, features: int) -> bool:
@@ -80,6 +103,31 @@ def norm_fed_groups(model: nn.Module) -> list[NormGroup]:
                 continue
             if _plain_rms_norm(getattr(layer, norm_attr, None), features):
                 groups.append(NormGroup(f"{base}.{norm_attr}", tuple(f"{base}.{block_attr}.{c}" for c in children)))
+    return groups
+
+
+def row_groups(model: nn.Module) -> list[RowGroup]:
+    """Every ``v_proj`` -> ``o_proj`` and ``up_proj`` -> ``down_proj`` pair of the model's decoder layers whose fold
+    is exact (see the module's description), in layer order."""
+    found = decoder_layers(model)
+    if found is None:
+        return []
+    prefix, layers = found
+    groups = []
+    for i, layer in enumerate(layers):
+        base = f"{prefix}.{i}" if prefix else str(i)
+        attn = getattr(layer, "self_attn", None)
+        v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
+        head_dim = getattr(attn, "head_dim", None)
+        if (type(v) is nn.Linear and type(o) is nn.Linear and isinstance(head_dim, int) and head_dim > 0
+                and v.out_features % head_dim == 0 and o.in_features % v.out_features == 0):
+            groups.append(RowGroup(f"{base}.self_attn.v_proj", f"{base}.self_attn.o_proj", head_dim,
+                                   o.in_features // v.out_features))
+        mlp = getattr(layer, "mlp", None)
+        gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+        if (all(type(m) is nn.Linear for m in (gate, up, down)) and up.out_features == down.in_features
+                and gate.out_features == up.out_features):
+            groups.append(RowGroup(f"{base}.mlp.up_proj", f"{base}.mlp.down_proj"))
     return groups
 
 
@@ -137,8 +185,39 @@ def fold_smoothing(model: nn.Module, group: NormGroup, factors: torch.Tensor) ->
         t.copy_(apply(t.to(compute), factors.to(t.device, compute)).to(t.dtype))
 
 
+def row_factors(group: RowGroup, activation_amax: torch.Tensor, consumer_weight: torch.Tensor,
+                alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
+    """The producer's per-row factors of a :class:`RowGroup`: :func:`smooth_factors` of the consumer's input
+    channels, each statistic first reduced (max) over the query heads that read one key/value head's channel."""
+    a, w = activation_amax.float(), consumer_weight.detach().abs().amax(0).float().to(activation_amax.device)
+    if group.repeat > 1:  # consumer channel h * D + d reads producer row (h // repeat) * D + d
+        shape = (-1, group.repeat, group.head_dim)
+        a, w = a.reshape(shape).amax(1).reshape(-1), w.reshape(shape).amax(1).reshape(-1)
+    return smooth_factors(a, [w[None, :]], alpha)
+
+
+@torch.no_grad()
+def fold_row_smoothing(model: nn.Module, group: RowGroup, factors: torch.Tensor) -> None:
+    """The producer's output rows (and bias) divided by ``factors``, the consumer's matching input columns
+    multiplied, in float32 (or wider), rounded once, in place."""
+    if not bool(torch.isfinite(factors).all()) or not bool((factors > 0).all()):
+        raise InvalidArgumentError(f"{group.producer}: smoothing factors must be finite and positive")
+    modules = dict(model.named_modules())
+    producer, consumer = modules[group.producer], modules[group.consumer]
+    columns = factors
+    if group.repeat > 1:  # every query head of a key/value head's group reads its rows
+        columns = factors.reshape(-1, 1, group.head_dim).expand(-1, group.repeat, -1).reshape(-1)
+    for t, apply, f in ((producer.weight, torch.div, factors[:, None]), (producer.bias, torch.div, factors),
+                        (consumer.weight, torch.mul, columns[None, :])):
+        if t is None:
+            continue
+        compute = torch.promote_types(t.dtype, torch.float32)
+        t.copy_(apply(t.to(compute), f.to(t.device, compute)).to(t.dtype))
+
+
 def smooth_norm_fed_linears(model: nn.Module, calibration: torch.Tensor | Sequence[torch.Tensor], *,
-                            alpha: float = DEFAULT_ALPHA, linears: Iterable[str] | None = None) -> list[str]:
+                            alpha: float = DEFAULT_ALPHA, linears: Iterable[str] | None = None,
+                            rows: bool = False) -> list[str]:
     """Calibrate and fold SmoothQuant factors into every foldable norm group of ``model`` (:func:`norm_fed_groups`),
     in place, before its Linears are quantized; returns the smoothed Linears' names.
 
@@ -148,25 +227,31 @@ def smooth_norm_fed_linears(model: nn.Module, calibration: torch.Tensor | Sequen
             transformers model: a few hundred tokens measured enough on a 135M model).
         alpha: the migration strength (0: none; 0.5, SmoothQuant's default, measured best of those tried).
         linears: only groups with at least one of these Linears (the ones about to be converted); default all.
+        rows: also fold into producers' output rows (:func:`row_groups`: ``o_proj`` through ``v_proj``,
+            ``down_proj`` through ``up_proj``).
     """
-    groups = norm_fed_groups(model)
+    groups: list[NormGroup | RowGroup] = [*norm_fed_groups(model), *(row_groups(model) if rows else [])]
     if linears is not None:
         wanted = set(linears)
         groups = [g for g in groups if wanted.intersection(g.linears)]
     if not groups:
         return []
-    # one input per group: its first Linear's (the group's Linears read the same tensor)
+    # one calibration run before any fold (each fold is exact, so the statistics stay valid); one input per group:
+    # its first Linear's (a norm group's Linears read the same tensor)
     amax = calibrate_input_amax(model, calibration, [g.linears[0] for g in groups])
     modules = dict(model.named_modules())
     done = []
     for g in groups:
         if g.linears[0] not in amax:  # the calibration run never reached this layer
             raise InvalidArgumentError(f"calibration: the model's forward never called {g.linears[0]}")
-        factors = smooth_factors(amax[g.linears[0]], [modules[n].weight for n in g.linears], alpha)
-        fold_smoothing(model, g, factors)
+        if isinstance(g, RowGroup):
+            fold_row_smoothing(model, g, row_factors(g, amax[g.consumer], modules[g.consumer].weight, alpha))
+        else:
+            fold_smoothing(model, g, smooth_factors(amax[g.linears[0]], [modules[n].weight for n in g.linears],
+                                                    alpha))
         done += g.linears
     return done
 
 
-__all__ = ["DEFAULT_ALPHA", "NormGroup", "calibrate_input_amax", "fold_smoothing", "norm_fed_groups",
-           "smooth_factors", "smooth_norm_fed_linears"]
+__all__ = ["DEFAULT_ALPHA", "NormGroup", "RowGroup", "calibrate_input_amax", "fold_row_smoothing", "fold_smoothing",
+           "norm_fed_groups", "row_factors", "row_groups", "smooth_factors", "smooth_norm_fed_linears"]
