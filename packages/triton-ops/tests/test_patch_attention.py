@@ -30,13 +30,24 @@ transformers = pytest.importorskip("transformers")
 TOL = 0.999 if DTYPE == torch.bfloat16 else 0.999999
 
 
+# gpt-oss: four experts of two per token, head_dim 16, every layer full attention (a sliding layer's static cache is
+# transformers' own sliding class, which keeps its own update)
+_GPT_OSS = {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4}
+
+
 def _one_layer(kind: str, seed: int = 0, **config):
     cls = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "mistral": "MistralForCausalLM"}[kind]
-    cfg_cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}[kind]
+           "mistral": "MistralForCausalLM", "gpt_oss": "GptOssForCausalLM"}[kind]
+    cfg_cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig",
+               "gpt_oss": "GptOssConfig"}[kind]
     torch.manual_seed(seed)
-    model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**{**SMALL, "num_hidden_layers": 1,
-                                                                         **config}))
+    settings = {**SMALL, "num_hidden_layers": 1, **config}
+    if kind == "gpt_oss":
+        settings = {**settings, **_GPT_OSS, "layer_types": ["full_attention"] * settings["num_hidden_layers"]}
+    cfg = getattr(transformers, cfg_cls)(**settings)
+    if kind == "gpt_oss":
+        cfg._attn_implementation = "eager"  # its attention sinks: transformers runs it eager
+    model = getattr(transformers, cls)(cfg)
     model = model.to(DEVICE, DTYPE).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -402,7 +413,7 @@ def test_generate_runs_on_a_packed_llama():
     assert torch.equal(ours[:, 4], ref[:, 4])  # the prefill's greedy token; later ones may part at a near tie
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt_oss"])
 def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind, monkeypatch):
     """Decode steps against transformers' StaticCache: after the prefill (transformers' own update allocates the
     layer), each step's cache write is one update_kv_cache_ call per layer with the rotary embedding in it (Qwen3's
@@ -419,7 +430,7 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
     monkeypatch.setattr(decoder_layers, "update_kv_cache_",
                         lambda *a, **kw: calls.append(sorted(kw)) or original(*a, **kw))
     rope_calls = []  # the separate RoPE launches (Llama: apply_rope; Qwen3: fused_qk_norm_rope)
-    rope_fn = "apply_rope" if kind == "llama" else "fused_qk_norm_rope"
+    rope_fn = "fused_qk_norm_rope" if kind == "qwen3" else "apply_rope"
     original_rope = getattr(decoder_layers, rope_fn)
     monkeypatch.setattr(decoder_layers, rope_fn, lambda *a, **kw: rope_calls.append(1) or original_rope(*a, **kw))
     name = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"

@@ -289,12 +289,16 @@ def _gpt_oss(seed: int = 0):
 
 def test_patched_gpt_oss_runs_its_experts_in_the_fused_moe():
     from triton_ops.layers import GptOssMoE
+    from triton_ops.models.decoder_layers import SinkRopeAttention
 
     model = _gpt_oss()
     reference = copy.deepcopy(model)
     patch_model(model)
     summary = model.triton_ops_patch
     assert summary.moe_blocks == 2 and summary.gated_mlps == 0 and summary.fused_residual_adds == 2
+    # its attention (sinks, half-head rotary tables, q/k/v biases): packed q/k/v and the rotation in one kernel
+    assert summary.rope_attentions == 2 and summary.packed_qkv == 2
+    assert type(model.model.layers[1].self_attn).forward is SinkRopeAttention.forward
     mlp = model.model.layers[0].mlp
     assert type(mlp).forward is GptOssMoE.forward
     assert mlp.experts.gate_up_proj is model.model.layers[0].mlp.experts.gate_up_proj  # shared, not copied

@@ -579,8 +579,8 @@ class AttentionSinksParallel(_LocalShardStyle):
     ``q_proj``; ``state_dict`` / ``full_tensor()`` see all heads), and during the forward ``module.sinks`` is its
     local ``[num_attention_heads / N]`` tensor: what transformers' attention functions (``s_aux=self.sinks``, the
     eager one reading ``module.sinks``) and triton-ops' attention backend read. Input and output pass through (the
-    projections' styles do the communication). Then, as :class:`PackedQKVParallel`, a q/k/v GEMM ``patch_model``
-    packed is rebuilt over the rank's heads (``patch_model`` does not pack gpt-oss's attention today: nothing to do).
+    projections' styles do the communication). Then, as :class:`PackedQKVParallel`, the q/k/v GEMM ``patch_model``
+    packed (its :class:`~triton_ops.models.decoder_layers.SinkRopeAttention`) is rebuilt over the rank's heads.
 
     :class:`ShardingError`: no ``sinks`` tensor, a head count that does not divide by the tensor-parallel size, or
     ``q_proj`` not column-parallel yet (plan order: the sinks must follow the query heads).

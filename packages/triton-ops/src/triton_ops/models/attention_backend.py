@@ -70,7 +70,9 @@ def _eager_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, causal: bool,
                       kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's own eager attention (gpt-oss's takes the sinks), given the additive mask it expects."""
-    eager: Callable | None = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    # along the MRO: patch_model's attention classes subclass the model's own (their modules have none)
+    eager: Callable | None = next((f for f in (getattr(sys.modules.get(c.__module__), "eager_attention_forward", None)
+                                              for c in type(module).__mro__) if f is not None), None)
     if eager is None:
         raise InvalidArgumentError(
             f"{type(module).__name__}: attention sinks (s_aux) that decode_attention cannot take (dropout, a "

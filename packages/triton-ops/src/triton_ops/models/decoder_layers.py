@@ -200,6 +200,54 @@ class QKNormRopeAttention(nn.Module):
                        qk_norm=(q_weight, k_weight, eps) if not grad else None)
 
 
+class SinkRopeAttention(nn.Module):
+    """gpt-oss attention (per-head attention sinks, a sliding window on every other layer, q/k/v with biases):
+    q, k and v as one GEMM, the rotary embedding in one kernel (inside the static cache's write at decode), as
+    :class:`RopeAttention` does; the sinks go to the attention function as transformers' own attention passes them
+    (``s_aux``).
+
+    gpt-oss's rotary tables hold ``head_dim / 2`` frequencies and rotate the two halves of a head
+    (``first * cos - second * sin``, ``second * cos + first * sin``): the same rotation as transformers'
+    ``rotate_half`` form with each table repeated twice, which is what the kernels take (two small concatenations
+    per layer instead of the model's chunk, four multiplications, two subtractions/additions and a concatenation on
+    each of q and k). The rotation runs in float32 with one rounding, where the model's rounds after each step.
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    sinks: nn.Parameter
+    head_dim: int
+    scaling: float
+    attention_dropout: float
+    sliding_window: int | None
+    layer_idx: int
+    config: Any
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if args:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}: expected the cache and the rest by keyword, got {len(args)} positional")
+        q, k, v, grad = _project_qkv(self, hidden_states, (self.sinks,))
+        cos, sin = (_whole_head_table(t, self.head_dim) for t in position_embeddings)
+        if grad:
+            q, k = apply_rope(q, k, cos, sin)
+        kwargs["s_aux"] = self.sinks
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad)
+
+
+def _whole_head_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A half-head rotary table (gpt-oss's ``[..., head_dim / 2]``) as the ``rotate_half`` form's, the halves
+    repeated; a table already ``head_dim`` wide as it is."""
+    return torch.cat((table, table), dim=-1) if table.shape[-1] * 2 == head_dim else table
+
+
 def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torch.Tensor, ...]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """q, k, v as ``[..., seq, heads, head_dim]`` and whether a gradient is to be recorded.
@@ -427,6 +475,16 @@ def is_rope_attention(attn: nn.Module) -> bool:
             and not hasattr(attn, "q_norm") and not hasattr(attn, "k_norm"))
 
 
+def is_sink_attention(attn: nn.Module) -> bool:
+    """A gpt-oss attention: transformers' ``GptOssAttention`` (or a subclass), its projections, per-head ``sinks``
+    and the attributes its forward reads."""
+    sinks = getattr(attn, "sinks", None)
+    return (any(cls.__name__ == "GptOssAttention" for cls in type(attn).__mro__)
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling",
+                                               "config", "head_dim", "attention_dropout", "sliding_window"))
+            and isinstance(sinks, torch.Tensor) and sinks.dim() == 1)
+
+
 def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
     """A decoder layer with exactly the pre-norm residual structure this fusion assumes (no extra norms)."""
     norm = getattr(layer, "post_attention_layernorm", None)
@@ -438,5 +496,5 @@ def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
             and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
-__all__ = ["ROPE_ATTENTIONS", "FusedAddNormDecoderLayer", "QKNormRopeAttention", "RopeAttention", "has_qk_norm",
-           "is_pre_norm_decoder_layer", "is_rope_attention"]
+__all__ = ["ROPE_ATTENTIONS", "FusedAddNormDecoderLayer", "QKNormRopeAttention", "RopeAttention", "SinkRopeAttention",
+           "has_qk_norm", "is_pre_norm_decoder_layer", "is_rope_attention", "is_sink_attention"]

@@ -27,9 +27,11 @@ from .decoder_layers import (
     FusedAddNormDecoderLayer,
     QKNormRopeAttention,
     RopeAttention,
+    SinkRopeAttention,
     has_qk_norm,
     is_pre_norm_decoder_layer,
     is_rope_attention,
+    is_sink_attention,
 )
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
@@ -55,7 +57,7 @@ class PatchSummary:
     rms_norms: int = 0  # RMSNorm modules computed in one pass
     fused_residual_adds: int = 0  # decoder layers whose post-attention residual add runs inside the RMSNorm
     qk_norm_rope_attentions: int = 0  # attentions whose q/k norms and rotary embedding run as one kernel
-    rope_attentions: int = 0  # Llama-style attentions whose rotary embedding (on q and k) runs as one kernel
+    rope_attentions: int = 0  # Llama-style and gpt-oss attentions whose rotary embedding runs as one kernel
     packed_qkv: int = 0  # attentions whose q, k, v projections run as one GEMM (one FP8 GEMM with fp8)
     fp8_linears: int = 0  # nn.Linear layers now FP8Linear (packed q/k/v count three: each keeps its module)
     fp8_gated_mlps: int = 0  # gated MLPs whose gate/up weights are FP8 inside the fused kernel (weight-only)
@@ -173,7 +175,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     - Attentions: Llama / Mistral / Qwen2 attentions apply the rotary embedding to q and k in one kernel
       (:class:`~triton_ops.models.decoder_layers.RopeAttention`, :func:`fused_rmsnorm_rope.apply_rope`); attentions
       with per-head ``q_norm`` / ``k_norm`` (Qwen3) normalize q and k and apply the rotary embedding in one kernel
-      (:class:`~triton_ops.models.decoder_layers.QKNormRopeAttention`). Both then update the cache and call the
+      (:class:`~triton_ops.models.decoder_layers.QKNormRopeAttention`); gpt-oss attentions (sinks, half-head
+      rotary tables) apply it in one kernel too (:class:`~triton_ops.models.decoder_layers.SinkRopeAttention`,
+      the sinks passed to the attention function as transformers does). All then update the cache and call the
       attention function ``config._attn_implementation`` names, through transformers' ``ALL_ATTENTION_FUNCTIONS``
       (sdpa, flash, eager, or any backend registered there by name), and ``o_proj``, as transformers does.
     - ``pack_qkv=True`` (default): those attentions' ``q_proj``, ``k_proj``, ``v_proj`` run as one GEMM over a
@@ -378,13 +382,16 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def _attentions(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
-    """``(name, module, layer)`` of every attention patch_model replaces: Qwen3's (q/k norms) and Llama-style."""
+    """``(name, module, layer)`` of every attention patch_model replaces: Qwen3's (q/k norms), Llama-style and
+    gpt-oss's (sinks)."""
     found = []
     for name, module in model.named_modules():
         if has_qk_norm(module):
             found.append((name, module, QKNormRopeAttention))
         elif is_rope_attention(module):
             found.append((name, module, RopeAttention))
+        elif is_sink_attention(module):
+            found.append((name, module, SinkRopeAttention))
     return found
 
 
