@@ -189,7 +189,9 @@ def _norm_fed(name: str) -> bool:
 def _norm_group(name: str) -> str:
     """The Linears that read one norm's output: a layer's q/k/v, or its gate/up."""
     parent, _, child = name.rpartition(".")
-    return parent + (".qkv" if child in ("q_proj", "k_proj", "v_proj") else f".{child}")
+    if child in ("q_proj", "k_proj", "v_proj"):
+        return parent + ".qkv"
+    return parent + (".gate_up" if child in ("gate_proj", "up_proj") else f".{child}")
 
 
 def recipes() -> dict[str, Recipe]:

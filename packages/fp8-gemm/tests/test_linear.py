@@ -251,6 +251,12 @@ def test_the_remembered_plan_follows_every_change_of_the_call(device):
         assert not torch.equal(check(x, "a loaded weight"), first)
         mod.bias.data = torch.randn(40, device=device, dtype=torch.float16)  # same Parameter, new dtype
         check(x, "a bias of another dtype")
+        # same buffer objects, other tensors behind them: per-tensor scales where per-channel ones were
+        weight, scale = mod.weight, mod.weight_scale
+        weight.data = (torch.randn(40, 96, device=device) * 0.5).to(torch.float8_e4m3fn)
+        scale.data = torch.full((1,), 0.25, device=device)
+        assert mod.weight is weight and mod.weight_scale is scale
+        check(x, "a weight and scale swapped by .data")
         clear_caches()
         check(x, "after clear_caches")
 

@@ -35,7 +35,7 @@ class TinyRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight
 
 
-class GemmaRMSNorm(TinyRMSNorm):  # Gemma's norms scale by (1 + weight): not foldable as a plain division
+class ZeroCenteredRMSNorm(TinyRMSNorm):  # Qwen3.5's / Gemma's norms scale by (1 + weight): no plain division
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
 
@@ -116,7 +116,11 @@ def test_groups_are_each_layers_norms_and_the_linears_they_feed():
 
 def test_layouts_it_does_not_know_are_left_alone():
     torch.manual_seed(0)
-    assert norm_fed_groups(Decoder(norm=GemmaRMSNorm)) == []  # (1 + weight) norms
+    assert norm_fed_groups(Decoder(norm=ZeroCenteredRMSNorm)) == []  # (1 + weight) norms, whatever their name
+    plain = Decoder()
+    weights = [layer.input_layernorm.weight.detach().clone() for layer in plain.layers]
+    assert len(norm_fed_groups(plain)) == 4  # the probe run leaves the norms' weights as they were
+    assert all(torch.equal(w, layer.input_layernorm.weight) for w, layer in zip(weights, plain.layers))
     other = Decoder()
     other.layers[0].pre_feedforward_layernorm = TinyRMSNorm(HIDDEN)  # Gemma 2/3's layout: norms elsewhere
     other.layers[1].mlp.up_proj = nn.Identity()  # a projection that is no nn.Linear
@@ -240,3 +244,5 @@ def test_convert_to_fp8_says_when_calibration_found_nothing_to_smooth(device):
         convert_to_fp8(model, recipe="channel", calibration=torch.randn(4, HIDDEN, device=device))
     with pytest.raises(InvalidArgumentError, match="trainable"):
         convert_to_fp8(Decoder().to(device), calibration=_ids().to(device), trainable=True)
+    with pytest.warns(UserWarning, match="bare nn.Linear"):
+        convert_to_fp8(nn.Linear(HIDDEN, HIDDEN).to(device), recipe="channel", calibration=_ids().to(device))

@@ -188,10 +188,12 @@ class FP8Linear(nn.Module):
             return _linear(x, weight, weight_scale, bias, *options)  # validation names the problem
         # A decode loop calls each module with inputs of one layout: the previous call's plan serves when x has the
         # same metadata and the module the same tensors (weak references: a replaced weight is neither kept alive
-        # nor mistaken for a new one at the same address) and options. That skips the plan cache's key over four
+        # nor mistaken for a new one at the same address) at the same addresses with the same shapes and strides
+        # (``.data =`` keeps the object and swaps the rest) and options. That skips the plan cache's key over four
         # tensors and its hash, most of what FP8Linear cost on the host beyond nn.Linear at one row.
         sig = (interpret_setting(), x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, _GENERATION[0],
-               options, None if bias is None else (bias.dtype, bias.device, bias.data_ptr() % 16))
+               options, weight.data_ptr(), weight.shape, weight.stride(), weight_scale.data_ptr(), weight_scale.shape,
+               None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))
         last = self._last_call
         if (last is not None and last[0] == sig and last[1]() is weight and last[2]() is weight_scale
                 and (bias is None or last[3]() is bias)):
@@ -538,13 +540,16 @@ def convert_to_fp8(
               "fast_accum": fast_accum}
     convert = (lambda lin: TrainableFP8Linear(lin, **kwargs)) if trainable else (
         lambda lin: FP8Linear.from_linear(lin, **kwargs))
+    if calibration is not None and trainable:
+        raise InvalidArgumentError("calibration: smoothing folds into the weights of an inference conversion; "
+                                   "not with trainable=True")
     if type(model) is nn.Linear:
+        if calibration is not None:
+            warnings.warn("convert_to_fp8: calibration given with a bare nn.Linear (no norm feeds it): nothing was "
+                          "smoothed", stacklevel=2)
         return convert(model) if filter_fn is None or filter_fn("", model) else model
     selected = select_linears(model, r, filter_fn)
     if calibration is not None:
-        if trainable:
-            raise InvalidArgumentError("calibration: smoothing folds into the weights of an inference conversion; "
-                                       "not with trainable=True")
         if not smooth_norm_fed_linears(model, calibration, alpha=smooth_alpha, linears=selected):
             warnings.warn("convert_to_fp8: calibration given, but no RMSNorm of the model feeds the converted "
                           "Linears in a layout fp8_gemm.smoothing knows: nothing was smoothed", stacklevel=2)

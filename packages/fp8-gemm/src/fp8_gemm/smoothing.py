@@ -25,7 +25,8 @@ output rows absorb it.
 Folded only where the structure is known: a pre-norm decoder layer (``input_layernorm`` / ``self_attn.q_proj,
 k_proj, v_proj``; ``post_attention_layernorm`` / ``mlp.gate_proj, up_proj``) with no other norm between (Gemma 2/3's
 ``pre_feedforward_layernorm`` layers are left alone), ``*RMSNorm`` modules whose output is ``normalized * weight``
-(Gemma's ``(1 + weight)`` form is left alone), and plain ``nn.Linear`` projections; for ``o_proj`` an attention
+(checked by running each norm once with its weight doubled: zero-centred ``(1 + weight)`` norms, Gemma's and
+Qwen3.5's, are left alone), and plain ``nn.Linear`` projections; for ``o_proj`` an attention
 with ``head_dim`` whose query heads are a whole multiple of v's, for ``down_proj`` a gated MLP (``gate_proj``,
 ``up_proj``, ``down_proj``).
 """
@@ -75,11 +76,24 @@ class RowGroup:
 
 
 def _plain_rms_norm(norm: object, features: int) -> bool:
-    """An RMSNorm computing ``normalized * weight`` with a ``[features]`` weight (not Gemma's ``1 + weight``)."""
-    name = type(norm).__name__
+    """An RMSNorm computing ``normalized * weight`` with a ``[features]`` weight: a ``*RMSNorm`` module whose output
+    doubles when its weight does (checked by running it: Gemma's, Qwen3.5's and other zero-centred norms scale by
+    ``1 + weight`` under the same class-name pattern, and a fold would change what they compute)."""
     weight = getattr(norm, "weight", None)
-    return (isinstance(norm, nn.Module) and name.endswith("RMSNorm") and not name.startswith("Gemma")
-            and isinstance(weight, torch.Tensor) and weight.shape == (features,) and weight.is_floating_point())
+    if not (isinstance(norm, nn.Module) and type(norm).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor)
+            and weight.shape == (features,) and weight.is_floating_point() and weight.device.type != "meta"):
+        return False
+    probe = torch.randn(2, features, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        saved = weight.detach().clone()
+        try:
+            once = norm(probe)
+            weight.mul_(2.0)  # exact in any float dtype (short of overflow)
+            twice = norm(probe)
+        finally:
+            weight.copy_(saved)
+    return isinstance(once, torch.Tensor) and bool(torch.allclose(twice.float(), 2.0 * once.float(), rtol=1e-3,
+                                                                  atol=1e-6))
 
 
 def norm_fed_groups(model: nn.Module) -> list[NormGroup]:

@@ -485,6 +485,9 @@ class QKVPacking(nn.Module):
         out = self.linear.forward(x) if self.fp8 else linear(x, self.packed_weight, self.packed_bias)
         return out.split(self.sizes, dim=-1)
 
+    # nn.Module's own call path (Dynamo with inline_inbuilt_nn_modules off traces _call_impl) calls forward
+    forward = __call__
+
     def valid(self, attn: nn.Module) -> bool:
         modules, store, hooks = attn._modules, self.store, self.hooks
         for name, weight_id in zip(_QKV, self.weight_ids):

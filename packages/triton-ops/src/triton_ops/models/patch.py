@@ -158,9 +158,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       activation's quantization). ``FP8Linear`` itself runs weight-only for up to 16 rows (decode).
       ``fp8_calibration``: token ids (a tensor, or a sequence of them) of representative text; the unpatched model
       runs on them once, and SmoothQuant factors (strength ``fp8_smooth_alpha``) are folded into the RMSNorms that
-      feed the converted q/k/v and gate/up projections before anything is quantized (``fp8_gemm.smoothing``):
-      fewer activation outliers, the same kernels (SmolLM2-135M, default recipe, emulated on twenty texts: +1.09 %
-      perplexity against bf16 instead of +1.88 %, KL -7 %; docs/benchmarks/fp8-accuracy.md).
+      feed converted ``FP8Linear`` projections (q/k/v; gate/up only where they are not in the fused MLP kernel,
+      whose activations stay unquantized) before anything is quantized (``fp8_gemm.smoothing``): fewer activation
+      outliers where activations are quantized (W8A8, beyond 16 rows: prefill), the same kernels. Measured only as
+      ``convert_to_fp8(calibration=)`` in emulation, W8A8 on every converted Linear (SmolLM2-135M, default recipe,
+      twenty texts: +1.09 % perplexity against bf16 instead of +1.88 %, KL -7 %; docs/benchmarks/fp8-accuracy.md).
 
     - gpt-oss: every mixture of experts (``router`` + ``experts``) runs as ``fused_moe`` (routing, grouped expert
       GEMMs with the clamped SwiGLU, weighted combine; :class:`triton_ops.layers.GptOssMoE`). ``fp8=True``
@@ -246,17 +248,21 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             return fp8_lm_head or linear is not lm_head
 
         recipe = resolve_recipe(fp8_recipe, weight_granularity, activation_granularity)
-        if fp8_calibration is not None:  # before anything reads or quantizes a weight
-            smoothed = smooth_norm_fed_linears(model, fp8_calibration, alpha=fp8_smooth_alpha,
-                                               linears=select_linears(model, recipe, keep))
-            summary.notes.append(f"SmoothQuant (alpha {fp8_smooth_alpha}) folded into the norms feeding "
-                                 f"{len(smoothed)} Linear layers" if smoothed else
-                                 "fp8_calibration given, but no norm feeds the converted Linears in a layout "
-                                 "fp8_gemm.smoothing knows: nothing smoothed")
         _fp8_packs(model, packs, recipe, keep, unpacked)
         fp8_packed = {f"{n}.{p}" for n, mode in packs.items() if mode == "fp8" for p in _QKV}
         fused_fp8, split_fp8 = _fp8_gated_mlps(model, mlps, recipe, keep)
         in_mlp_kernel = {f"{n}.{p}" for n in fused_fp8 for p in ("gate_proj", "up_proj")}
+        if fp8_calibration is not None:  # before any weight is quantized (the choices above read no values)
+            # Only Linears whose activations get quantized (FP8Linear: W8A8 beyond 16 rows) gain from the
+            # migration; the fused MLP's FP8 gate/up read the activation as it is (weight-only), where moving range
+            # into the weights could only cost
+            smoothed = smooth_norm_fed_linears(
+                model, fp8_calibration, alpha=fp8_smooth_alpha,
+                linears=[n for n in select_linears(model, recipe, keep) if n not in in_mlp_kernel])
+            summary.notes.append(f"SmoothQuant (alpha {fp8_smooth_alpha}) folded into the norms feeding "
+                                 f"{len(smoothed)} Linear layers" if smoothed else
+                                 "fp8_calibration given, but no norm feeds a converted FP8Linear in a layout "
+                                 "fp8_gemm.smoothing knows: nothing smoothed")
 
         def convert(name: str, linear: nn.Linear) -> bool:  # packed q/k/v and fused gate/up are quantized below
             return keep(name, linear) and name not in fp8_packed and name not in in_mlp_kernel
