@@ -40,6 +40,11 @@ class ZeroCenteredRMSNorm(TinyRMSNorm):  # Qwen3.5's / Gemma's norms scale by (1
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
 
 
+class ShardedLikeRMSNorm(TinyRMSNorm):  # a norm that cannot run on a plain probe (e.g. a DTensor weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("mixed torch.Tensor and DTensor")
+
+
 class Attention(nn.Module):
     """Grouped-query attention: 4 query heads, 2 key/value heads of 16 (v has a bias, as Qwen2's)."""
 
@@ -117,6 +122,7 @@ def test_groups_are_each_layers_norms_and_the_linears_they_feed():
 def test_layouts_it_does_not_know_are_left_alone():
     torch.manual_seed(0)
     assert norm_fed_groups(Decoder(norm=ZeroCenteredRMSNorm)) == []  # (1 + weight) norms, whatever their name
+    assert norm_fed_groups(Decoder(norm=ShardedLikeRMSNorm)) == []  # norms the probe cannot run
     plain = Decoder()
     weights = [layer.input_layernorm.weight.detach().clone() for layer in plain.layers]
     assert len(norm_fed_groups(plain)) == 4  # the probe run leaves the norms' weights as they were

@@ -90,10 +90,12 @@ def _plain_rms_norm(norm: object, features: int) -> bool:
             once = norm(probe)
             weight.mul_(2.0)  # exact in any float dtype (short of overflow)
             twice = norm(probe)
+        except (RuntimeError, TypeError, ValueError):  # a norm that cannot run on a plain probe (sharded, hooked)
+            return False
         finally:
             weight.copy_(saved)
-    return isinstance(once, torch.Tensor) and bool(torch.allclose(twice.float(), 2.0 * once.float(), rtol=1e-3,
-                                                                  atol=1e-6))
+    return (isinstance(once, torch.Tensor) and isinstance(twice, torch.Tensor)
+            and bool(torch.allclose(twice.float(), 2.0 * once.float(), rtol=1e-3, atol=1e-6)))
 
 
 def norm_fed_groups(model: nn.Module) -> list[NormGroup]:
