@@ -98,18 +98,22 @@ def _plain_rms_norm(norm: object, features: int) -> bool:
             and bool(torch.allclose(twice.float(), 2.0 * once.float(), rtol=1e-3, atol=1e-6)))
 
 
-def norm_fed_groups(model: nn.Module) -> list[NormGroup]:
-    """Every RMSNorm of the model's decoder layers whose output feeds only known Linears, with those Linears (q/k/v
-    of the attention, gate/up of a gated MLP), in layer order. Empty for a model whose layers are laid out otherwise."""
+def _named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, layer)`` of the model's decoder stack (``recipes.decoder_layers``); none without one."""
     found = decoder_layers(model)
     if found is None:
         return []
     prefix, layers = found
+    return [(f"{prefix}.{i}" if prefix else str(i), layer) for i, layer in enumerate(layers)]
+
+
+def norm_fed_groups(model: nn.Module) -> list[NormGroup]:
+    """Every RMSNorm of the model's decoder layers whose output feeds only known Linears, with those Linears (q/k/v
+    of the attention, gate/up of a gated MLP), in layer order. Empty for a model whose layers are laid out otherwise."""
     groups = []
-    for i, layer in enumerate(layers):
+    for base, layer in _named_layers(model):
         if any(hasattr(layer, a) for a in _OTHER_LAYOUTS):
             continue
-        base = f"{prefix}.{i}" if prefix else str(i)
         for norm_attr, block_attr, children in _FEEDS:
             block = getattr(layer, block_attr, None)
             linears = [getattr(block, c, None) for c in children]
@@ -126,13 +130,8 @@ def norm_fed_groups(model: nn.Module) -> list[NormGroup]:
 def row_groups(model: nn.Module) -> list[RowGroup]:
     """Every ``v_proj`` -> ``o_proj`` and ``up_proj`` -> ``down_proj`` pair of the model's decoder layers whose fold
     is exact (see the module's description), in layer order."""
-    found = decoder_layers(model)
-    if found is None:
-        return []
-    prefix, layers = found
     groups = []
-    for i, layer in enumerate(layers):
-        base = f"{prefix}.{i}" if prefix else str(i)
+    for base, layer in _named_layers(model):
         attn = getattr(layer, "self_attn", None)
         v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
         head_dim = getattr(attn, "head_dim", None)

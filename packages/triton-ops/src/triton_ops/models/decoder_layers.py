@@ -146,9 +146,7 @@ class RopeAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if args:
-            raise InvalidArgumentError(
-                f"{type(self).__name__}: expected the cache and the rest by keyword, got {len(args)} positional")
+        _keywords_only(self, args)
         q, k, v, grad = _project_qkv(self, hidden_states, ())
         cos, sin = position_embeddings
         if grad:
@@ -186,9 +184,7 @@ class QKNormRopeAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if args:
-            raise InvalidArgumentError(
-                f"{type(self).__name__}: expected the cache and the rest by keyword, got {len(args)} positional")
+        _keywords_only(self, args)
         q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
         q, k, v, grad = _project_qkv(self, hidden_states, (q_weight, k_weight))
         cos, sin = position_embeddings
@@ -200,7 +196,7 @@ class QKNormRopeAttention(nn.Module):
                        qk_norm=(q_weight, k_weight, eps) if not grad else None)
 
 
-class SinkRopeAttention(nn.Module):
+class SinkRopeAttention(RopeAttention):
     """gpt-oss attention (per-head attention sinks, a sliding window on every other layer, q/k/v with biases):
     q, k and v as one GEMM, the rotary embedding in one kernel (inside the static cache's write at decode), as
     :class:`RopeAttention` does; the sinks go to the attention function as transformers' own attention passes them
@@ -213,33 +209,26 @@ class SinkRopeAttention(nn.Module):
     each of q and k). The rotation runs in float32 with one rounding, where the model's rounds after each step.
     """
 
-    can_torch_compile = True
-    has_backward = True
-
-    q_proj: nn.Module
-    k_proj: nn.Module
-    v_proj: nn.Module
-    o_proj: nn.Module
-    sinks: nn.Parameter
-    head_dim: int
-    scaling: float
-    attention_dropout: float
+    sinks: nn.Parameter  # and RopeAttention's attributes
     sliding_window: int | None
-    layer_idx: int
-    config: Any
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if args:
-            raise InvalidArgumentError(
-                f"{type(self).__name__}: expected the cache and the rest by keyword, got {len(args)} positional")
+        _keywords_only(self, args)
         q, k, v, grad = _project_qkv(self, hidden_states, (self.sinks,))
         cos, sin = (_whole_head_table(t, self.head_dim) for t in position_embeddings)
         if grad:
             q, k = apply_rope(q, k, cos, sin)
         kwargs["s_aux"] = self.sinks
         return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad)
+
+
+def _keywords_only(attn: nn.Module, args: tuple) -> None:
+    """transformers passes an attention everything after the mask by keyword; a positional one would be misread."""
+    if args:
+        raise InvalidArgumentError(
+            f"{type(attn).__name__}: expected the cache and the rest by keyword, got {len(args)} positional")
 
 
 def _whole_head_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
