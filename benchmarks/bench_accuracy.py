@@ -264,6 +264,12 @@ def recipes() -> dict[str, Recipe]:
                                   library_smooth=alpha, library_smooth_rows=rows,
                                   note=f"fp8_gemm recipe {name!r} with calibration (SmoothQuant folded into the "
                                        f"norms{', v_proj and up_proj' if rows else ''}, alpha {alpha})")
+        if name == "default":  # the two levers that lowered KL most, together
+            row = "lib:default+smooth+keep-first-last-layers"
+            out[row] = Recipe(row, r.weight_granularity, r.activation_granularity, _keep_first_last_layers,
+                              library=name, library_smooth=0.5,
+                              note="the default with calibration (SmoothQuant folded, alpha 0.5), every Linear of "
+                                   "the first and last layers bf16 (filter_fn)")
     return out
 
 
@@ -326,6 +332,8 @@ def build(base: nn.Module, recipe: Recipe | None, backend: str, *,
         from fp8_gemm.recipes import select_linears
 
         fp8_names = set(select_linears(model, recipe.library)) & {n for n, _ in lins}
+        if recipe.keep is not None:  # a row's own rule on top of the library's (the filter_fn a user would pass)
+            fp8_names = {n for n in fp8_names if not recipe.keep(n, layer_index(n), n_layers)}
     elif recipe is not None:
         fp8_names = {n for n, _ in lins if not (recipe.keep and recipe.keep(n, layer_index(n), n_layers))}
     if only is not None:

@@ -311,17 +311,25 @@ def uneven_heads_error(mesh):
 # ----------------------------------------------------------------------------------------------------------------
 
 class _Spy:
-    """Counts, while active, the packed q/k/v GEMMs run (QKVPacking calls) and the modules whose ColwiseParallel
-    hooks ran (a packed attention's q/k/v projections must not: their one GEMM stands in for them)."""
+    """Counts, while active, the packed q/k/v GEMMs run (QKVPacking calls), the modules whose ColwiseParallel
+    hooks ran (a packed attention's q/k/v projections must not: their one GEMM stands in for them) and the split
+    MLPs whose down projection a decoder layer ran with the residual added before the all-reduce."""
 
     def __enter__(self):
         from triton_ops.models.layers import QKVPacking
         from triton_ops.parallel import ColwiseParallel
 
-        self.packed_calls, self.colwise_modules = 0, set()
+        from triton_ops.parallel import LocalShards
+
+        self.packed_calls, self.colwise_modules, self.residual_tails = 0, set(), 0
         self._saved = [(QKVPacking, "__call__", QKVPacking.__call__), (ColwiseParallel, "_input",
-                                                                      ColwiseParallel._input)]
-        call, inp = QKVPacking.__call__, ColwiseParallel._input
+                                                                      ColwiseParallel._input),
+                       (LocalShards, "all_reduce", LocalShards.all_reduce)]
+        call, inp, reduce = QKVPacking.__call__, ColwiseParallel._input, LocalShards.all_reduce
+
+        def counted_reduce(shards, out):  # a decoder layer ran a split MLP's tail with the residual in it
+            self.residual_tails += 1
+            return reduce(shards, out)
 
         def counted_call(packing, x):
             self.packed_calls += 1
@@ -332,6 +340,7 @@ class _Spy:
             return inp(style, module, x, mesh)
 
         QKVPacking.__call__, ColwiseParallel._input = counted_call, recorded_input
+        LocalShards.all_reduce = counted_reduce
         return self
 
     def __exit__(self, *exc):
@@ -617,6 +626,8 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
         qkv = {id(getattr(layer.self_attn, p)) for layer in tp.model.layers for p in ("q_proj", "k_proj", "v_proj")}
         assert spy.packed_calls >= 2 * layers and not qkv & spy.colwise_modules, (spy.packed_calls, layers)
         assert id(tp.lm_head) in spy.colwise_modules  # (the spy sees the styles that did run)
+        # no gradient is recorded (_logits): every layer's MLP added the residual inside its row-parallel down GEMM
+        assert spy.residual_tails == spy.packed_calls, (spy.residual_tails, spy.packed_calls)
     if fp8:
         plain = _logits(plain, IDS, nxt=want[3])
         # Row-parallel FP8 layers quantize each rank's activation slice with its own scales, so the split model

@@ -467,6 +467,31 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
     assert kv_cache.ONE_PROGRAM_ROWS >= 2 * 2  # a decode step here (batch 2, 2 KV heads) is the one-program launch
 
 
+def test_static_writes_are_read_in_eager_code_and_recognised_by_name_under_compile(monkeypatch):
+    """patch_model reads transformers' StaticLayer.update (source, signature) in eager code; a compiled call neither
+    imports (transformers 5.17's lazy module is a graph break on torch 2.11) nor reads source: a StaticLayer not read
+    yet keeps transformers' own update, and no other class (subclasses included) is ever written by us."""
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+    from triton_ops.models import decoder_layers
+
+    monkeypatch.setattr(decoder_layers, "_STATIC_WRITE", {})
+    patch_model(_one_layer("llama"))
+    assert decoder_layers._STATIC_WRITE[StaticLayer] in ("length", "positions")
+
+    class OffloadedStaticLayer(StaticLayer):
+        pass
+
+    assert decoder_layers._static_write_kind(OffloadedStaticLayer) == ""
+    assert decoder_layers._static_write_kind(DynamicLayer) == ""
+    monkeypatch.setattr(decoder_layers, "_STATIC_WRITE", {})
+    torch._dynamo.reset()
+    kinds = torch.compile(lambda t: t + len(decoder_layers._static_write_kind(StaticLayer))
+                          + 10 * len(decoder_layers._static_write_kind(DynamicLayer)), fullgraph=True,
+                          backend="eager")(torch.zeros(1))
+    assert kinds.item() == 0 and decoder_layers._STATIC_WRITE == {}
+    assert decoder_layers._static_write_kind(StaticLayer) in ("length", "positions")  # eager: read now
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: bf16 decode against the unpatched model, compiled generate()
 # ----------------------------------------------------------------------------------------------------------------

@@ -75,20 +75,17 @@ def _decode_kernels(model, ids) -> tuple[torch.Tensor, Counter]:
 
 @pytest.mark.parametrize("pack_qkv", [True, False], ids=["packed_qkv", "three_projections"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_single_rank_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh, fp8, pack_qkv, monkeypatch):
+def test_single_rank_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh, fp8, pack_qkv):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops import patch_model
-    from triton_ops.models import decoder_layers
     from triton_ops.models.layers import PACKING_ATTR
     from triton_ops.parallel import tensor_parallel_plan
 
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9 or newer")
-    # A row-parallel down projection all-reduces before the residual add, so the sharded model keeps the add as its
-    # own launch; the unsharded one would add inside the down GEMM (addmm_ / fp8_linear_add_, one rounding). The
-    # comparison is with the unsharded model making the same separate add: no copy or launch of the plan's own.
-    monkeypatch.setattr(decoder_layers, "_down_adds_residual", lambda mlp, residual: "")
+    # The unsharded patched layer adds the residual inside its down GEMM (addmm_ / fp8_linear_add_); the split one
+    # adds it on rank 0 inside its partial product before the all-reduce: the same launches, no add of its own.
     ref, tp = _llama(), _llama()
     # packed (patch_model's default): the plan keeps one q/k/v GEMM per rank over its heads (PackedQKVParallel),
     # so the kernels must be the unsharded model's; three projections: each sharded on its own

@@ -53,7 +53,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torch.distributed.tensor.placement_types import Placement
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from .models.layers import PACKING_ATTR, TP_ATTR, pack_shards, shards_packable
+from .models.layers import LOCAL_SHARDS_ATTR, PACKING_ATTR, TP_ATTR, pack_shards, shards_packable
 from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
@@ -288,6 +288,61 @@ def _reduce(out: torch.Tensor, mesh: DeviceMesh, bias: torch.Tensor | None, layo
     return d if bias is None else d + DTensor.from_local(bias, mesh, [Replicate()], run_check=False)
 
 
+class LocalShards:
+    """One parallelized module's DTensor parameters and buffers, and their local shards.
+
+    Its style's hooks swap the module tree's DTensors for their local tensors (the same storage) around each
+    forward. A patched decoder layer uses the same swap to run a :class:`GatedMLPParallel` MLP's row-parallel down
+    projection itself: rank 0 adds the layer's residual inside its partial product (``addmm_`` /
+    ``fp8_linear_add_``, as one process does), the other ranks compute theirs, and one all-reduce sums them: the
+    unsharded model's launches, with no residual add of its own.
+    """
+
+    __slots__ = ("style", "mesh", "entries", "hook_ids")
+
+    def __init__(self, style: _LocalShardStyle, mesh: DeviceMesh, entries: list) -> None:
+        self.style, self.mesh, self.entries = style, mesh, entries
+        self.hook_ids: tuple[int, int] = (-1, -1)
+
+    def swap(self) -> list:
+        """Put each DTensor's local tensor in its place; returns what :meth:`restore` puts back."""
+        frame = []
+        for owner, name in self.entries:
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            value = table[name]
+            if isinstance(value, DTensor):
+                local = self.style._local_value(owner, name, value, self.mesh)
+                table[name] = local
+                frame.append((table, name, value, local))
+        return frame
+
+    @staticmethod
+    def restore(frame: list) -> None:
+        for table, name, original, current in reversed(frame):
+            if table[name] is current:
+                table[name] = original
+
+    @property
+    def rank(self) -> int:
+        return _rank(self.mesh)
+
+    def adds_residual(self, module: nn.Module) -> bool:
+        """Whether a decoder layer may run ``module`` (a gated MLP) with the residual added on rank 0 before the
+        all-reduce: its style is :class:`GatedMLPParallel` taking a replicated input and giving the all-reduced
+        output as a plain tensor, and the module's only forward hooks are the style's."""
+        style = self.style
+        return (type(style) is GatedMLPParallel and style.use_local_output
+                and isinstance(style.input_layouts, Replicate) and isinstance(style.output_layouts, Replicate)
+                and tuple(module._forward_pre_hooks) == self.hook_ids[:1]
+                and tuple(module._forward_hooks) == self.hook_ids[1:])
+
+    def all_reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` summed over the ranks, in place (nothing to do alone)."""
+        if self.mesh.size() > 1:
+            dist.all_reduce(out, group=self.mesh.get_group())
+        return out
+
+
 class _LocalShardStyle(ParallelStyle):
     """Shards a module tree's tensors into DTensors at ``_apply``; each forward runs on their local shards.
 
@@ -334,20 +389,14 @@ class _LocalShardStyle(ParallelStyle):
         if getattr(module, "_triton_ops_tp", None) is not None:
             raise ShardingError(f"{type(module).__name__}: already parallelized ({module._triton_ops_tp!r})")
         entries, bias_owners = self._partition(module, device_mesh)
+        shards = LocalShards(self, device_mesh, entries)
         mesh = device_mesh
         stash: list[list] = []  # one frame per active call (a module is not re-entered, but be safe)
 
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             x, put = _first_tensor(args, kwargs)
             x = self._input(mod, x, mesh)
-            frame = []
-            for owner, name in entries:
-                table = owner._parameters if name in owner._parameters else owner._buffers
-                value = table[name]
-                if isinstance(value, DTensor):
-                    local = self._local_value(owner, name, value, mesh)
-                    table[name] = local
-                    frame.append((table, name, value, local))
+            frame = shards.swap()
             biases = []
             for owner, name in bias_owners:
                 # a row-parallel forward computes its partial product only: the bias is added after the reduction
@@ -364,14 +413,14 @@ class _LocalShardStyle(ParallelStyle):
             if not stash:  # the pre-hook itself failed: nothing was swapped
                 return out
             frame, biases = stash.pop()
-            for table, name, original, current in reversed(frame):
-                if table[name] is current:
-                    table[name] = original
+            shards.restore(frame)
             return self._finish(mod, out, mesh, biases)
 
-        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+        pre = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        post = module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+        shards.hook_ids = (pre.id, post.id)
         setattr(module, TP_ATTR, self)  # (a packed q/k/v GEMM checks which style hooked its projections)
+        module.__dict__[LOCAL_SHARDS_ATTR] = shards
         return module
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ transformers' ``ALL_ATTENTION_FUNCTIONS``, so any registered backend plugs in by
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import GatedMLP, gated_hidden
-from .layers import linear, packed_projections
+from .layers import LOCAL_SHARDS_ATTR, linear, packed_projections
 
 # The keyword arguments naming the KV cache: transformers 5.2x renamed ``past_key_values`` to ``cache``.
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -62,31 +63,44 @@ class FusedAddNormDecoderLayer(nn.Module):
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
         norm = self.post_attention_layernorm
         normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
-        how = _down_adds_residual(self.mlp, residual)
+        how = _down_adds_residual(self.mlp, residual, normed)
         if how:
             # y = h + down(gated(x)) as one GEMM that adds into the residual (cuBLAS's beta = 1, or the FP8
             # weight-only kernel's epilogue): no add launch; the product is rounded once with the sum instead of
-            # before it
-            hidden = gated_hidden(self.mlp, normed)
-            down = self.mlp.down_proj
-            if how == "fp8":
-                fp8_linear_add_(residual, hidden, down.weight, down.weight_scale, down.activation_granularity,
-                                down.fast_accum, down.path)
-            else:
-                residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), down.weight.t())
-            return residual
+            # before it. Tensor parallelism (a GatedMLPParallel MLP): on the local shards, rank 0 adds the residual
+            # into its partial product, the other ranks compute theirs, one all-reduce sums them.
+            shards = self.mlp.__dict__.get(LOCAL_SHARDS_ATTR)
+            frame = shards.swap() if shards is not None else None
+            try:
+                hidden = gated_hidden(self.mlp, normed)
+                down = self.mlp.down_proj
+                if shards is not None and shards.rank != 0:
+                    out = down(hidden)
+                elif how == "fp8":
+                    out = fp8_linear_add_(residual, hidden, down.weight, down.weight_scale,
+                                          down.activation_granularity, down.fast_accum, down.path)
+                else:
+                    out = residual
+                    residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]),
+                                                                 down.weight.t())
+            finally:
+                if frame is not None:
+                    shards.restore(frame)
+            return out if shards is None else shards.all_reduce(out)
         mlp_out = self.mlp(normed)
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
             mlp_out = mlp_out[0]
         return residual + mlp_out
 
 
-def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> str:
+def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Tensor | None = None) -> str:
     """How the layer's residual add can run inside the down projection's GEMM, or ``""``: a patched gated MLP
     (:class:`~triton_ops.layers.GatedMLP`'s forward) whose ``down_proj`` is a plain bias-free ``nn.Linear`` of the
     residual's dtype (``"bf16"``: ``addmm_``) or a bias-free :class:`~fp8_gemm.FP8Linear` (``"fp8"``:
     :func:`~fp8_gemm.fp8_linear_add_`), without hooks or sharded (DTensor) weights, nothing to differentiate (the
-    add is in place on the layer's own residual tensor), and a contiguous residual."""
+    add is in place on the layer's own residual tensor), and a contiguous residual. Sharded by
+    :class:`~triton_ops.parallel.GatedMLPParallel` (its hooks alone, a plain ``normed`` input): the same, on the
+    local shards, the residual added on rank 0 before the all-reduce (the layer's forward)."""
     # the bound method's function, not ``type(mlp).forward``: torch.compile guards ``type(mlp)``, one class shared
     # by every layer, with a Python lambda per layer (the same object reached by two paths), evaluated every call
     if getattr(mlp.forward, "__func__", None) is not GatedMLP.forward:
@@ -98,14 +112,17 @@ def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> str:
             return ""
     elif type(down) is FP8Linear:
         weight, how = down.weight, "fp8"
-        if type(down.weight_scale) not in _PLAIN:
-            return ""
     else:
         return ""
-    if down.bias is not None or type(weight) not in _PLAIN:
-        return ""  # a DTensor weight (tensor parallelism) needs the module's own forward and its hooks
-    if down._forward_hooks or down._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks:
+    if down.bias is not None or down._forward_hooks or down._forward_pre_hooks:
         return ""
+    shards = mlp.__dict__.get(LOCAL_SHARDS_ATTR)
+    if shards is not None:  # tensor parallelism: only the hooks of a style whose tail the layer can run itself
+        if not shards.adds_residual(mlp) or type(normed) is not torch.Tensor:
+            return ""
+    elif mlp._forward_hooks or mlp._forward_pre_hooks or any(
+            type(t) not in _PLAIN for t in (weight, getattr(down, "weight_scale", None)) if t is not None):
+        return ""  # hooks of someone else's, or sharded (DTensor) tensors without our style's local shards
     if type(residual) is not torch.Tensor or not residual.is_contiguous():
         return ""
     if torch.is_grad_enabled() and (residual.requires_grad or weight.requires_grad):
@@ -333,25 +350,44 @@ _STATIC_WRITE: dict[type, str] = {}  # "length", "positions" or "" (not a layer 
 
 
 def _static_write_kind(layer_cls: type) -> str:
-    """How transformers' own ``StaticLayer.update`` places new rows, read from the class once: ``"length"`` (5.2x:
-    at its device counter ``cumulative_length``, then advanced), ``"positions"`` (5.0: at ``cache_position``), or
-    ``""``: any other class (subclasses included: sliding windows roll, offloaded or quantized layers move their
-    tensors), or an ``update`` whose source names neither (a release we do not know keeps its own update)."""
-    kind = _STATIC_WRITE.get(layer_cls)
-    if kind is None:
-        from transformers import cache_utils
+    """How transformers' own ``StaticLayer.update`` places new rows: ``"length"`` (5.2x: at its device counter
+    ``cumulative_length``, then advanced), ``"positions"`` (5.0: at ``cache_position``), or ``""``: any other class
+    (subclasses included: sliding windows roll, offloaded or quantized layers move their tensors), or an ``update``
+    whose source names neither (a release we do not know keeps its own update).
 
-        kind = ""
-        if layer_cls is getattr(cache_utils, "StaticLayer", None):
-            try:
-                source = inspect.getsource(layer_cls.update)
-            except (OSError, TypeError):
-                source = ""
-            if "cache_kwargs" in inspect.signature(layer_cls.update).parameters:
-                kind = "positions" if "cache_position" in source else ""
-            elif "cumulative_length.add_(" in source:
-                kind = "length"
-        _STATIC_WRITE[layer_cls] = kind
+    Read from the class once, in eager code (:func:`prime_static_write` runs from ``patch_model``): under
+    torch.compile the class is recognised by name alone, without an import (Dynamo refuses transformers' lazy module,
+    a graph break) or ``inspect``; a StaticLayer not read yet then keeps transformers' own update."""
+    kind = _STATIC_WRITE.get(layer_cls)
+    if kind is not None:
+        return kind
+    if layer_cls.__name__ != "StaticLayer" or layer_cls.__module__ != "transformers.cache_utils":
+        return ""
+    if torch.compiler.is_compiling():
+        return ""
+    return prime_static_write(layer_cls)
+
+
+def prime_static_write(layer_cls: type | None = None) -> str:
+    """Read (once) how ``layer_cls`` (default: transformers' ``StaticLayer``) writes new rows; see
+    :func:`_static_write_kind`. Eager code only: it imports and reads source."""
+    if layer_cls is None:
+        layer_cls = getattr(importlib.import_module("transformers.cache_utils"), "StaticLayer", None)
+        if layer_cls is None:  # a release without per-layer caches: nothing is written by us
+            return ""
+    kind = _STATIC_WRITE.get(layer_cls)
+    if kind is not None:
+        return kind
+    try:
+        source = inspect.getsource(layer_cls.update)
+    except (OSError, TypeError):
+        source = ""
+    kind = ""
+    if "cache_kwargs" in inspect.signature(layer_cls.update).parameters:
+        kind = "positions" if "cache_position" in source else ""
+    elif "cumulative_length.add_(" in source:
+        kind = "length"
+    _STATIC_WRITE[layer_cls] = kind
     return kind
 
 

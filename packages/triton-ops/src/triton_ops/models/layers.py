@@ -39,6 +39,10 @@ PACKING_ATTR = "_triton_ops_qkv"
 ROW_BLOCK = WEIGHT_BLOCK[1]
 # The attribute triton_ops.parallel's styles set on a module they sharded (the style itself, in its __dict__).
 TP_ATTR = "_triton_ops_tp"
+# Beside it, the module's LocalShards (triton_ops.parallel): its sharded tensors, swapped for their local shards by
+# the style's hooks, and what a decoder layer needs to run the module's row-parallel tail itself (the residual add
+# inside a row-parallel down projection).
+LOCAL_SHARDS_ATTR = "_triton_ops_local_shards"
 
 
 def _plain(t: torch.Tensor | None) -> bool:

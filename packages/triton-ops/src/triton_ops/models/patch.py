@@ -32,6 +32,7 @@ from .decoder_layers import (
     is_pre_norm_decoder_layer,
     is_rope_attention,
     is_sink_attention,
+    prime_static_write,
 )
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
@@ -340,6 +341,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     for why, count in sorted(unpacked.items()):
         summary.notes.append(f"q/k/v of {count} attention(s) not packed: {why}")
     _patch_layers(model, attentions, summary)
+    prime_static_write()  # read transformers' StaticLayer here, in eager code: a compiled first call cannot
     if attention:
         _set_attention(model, summary)
     model.triton_ops_patch = summary
