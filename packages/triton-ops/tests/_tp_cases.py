@@ -317,9 +317,7 @@ class _Spy:
 
     def __enter__(self):
         from triton_ops.models.layers import QKVPacking
-        from triton_ops.parallel import ColwiseParallel
-
-        from triton_ops.parallel import LocalShards
+        from triton_ops.parallel import ColwiseParallel, LocalShards
 
         self.packed_calls, self.colwise_modules, self.residual_tails = 0, set(), 0
         self._saved = [(QKVPacking, "__call__", QKVPacking.__call__), (ColwiseParallel, "_input",

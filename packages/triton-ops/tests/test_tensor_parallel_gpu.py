@@ -73,6 +73,32 @@ def _decode_kernels(model, ids) -> tuple[torch.Tensor, Counter]:
     return step, kernels
 
 
+def _kinds(kernels: Counter) -> Counter:
+    # cuBLAS and torch.cat may pick other variants for the (contiguous, cloned) local shards than for the unsharded
+    # weights, so kernels are compared by count and kind, not by full name
+    out = Counter()
+    for name, n in kernels.items():
+        kind = "gemm" if ("nvjet" in name or "gemm" in name.lower()) else "cat" if "CatArray" in name else name
+        out[kind] += n
+    return out
+
+
+def _same_logits_and_launches(ref: torch.nn.Module, tp: torch.nn.Module) -> None:
+    """The parallelized model's prefill and decode-step logits are the unsharded model's bit for bit, and its decode
+    step launches the same kernels (NCCL's aside)."""
+    ids = torch.randint(0, 1000, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    with torch.no_grad():
+        want, got = ref(ids).logits, tp(ids).logits
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want_step, want_kernels = _decode_kernels(ref, ids)
+    got_step, got_kernels = _decode_kernels(tp, ids)
+    torch.testing.assert_close(got_step, want_step, rtol=0, atol=0)
+    assert sum(got_kernels.values()) == sum(want_kernels.values()), (dict(got_kernels), dict(want_kernels))
+    extra, missing = _kinds(got_kernels) - _kinds(want_kernels), _kinds(want_kernels) - _kinds(got_kernels)
+    assert not extra and not missing, f"extra kernels {dict(extra)}; missing {dict(missing)}"
+
+
 @pytest.mark.parametrize("pack_qkv", [True, False], ids=["packed_qkv", "three_projections"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_single_rank_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh, fp8, pack_qkv):
@@ -96,23 +122,32 @@ def test_single_rank_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh, f
     assert any(isinstance(p, DTensor) for p in tp.parameters())
     packed = [PACKING_ATTR in layer.self_attn.__dict__ for layer in tp.model.layers]
     assert packed == [pack_qkv] * len(packed), packed
-    ids = torch.randint(0, 1000, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    with torch.no_grad():
-        want, got = ref(ids).logits, tp(ids).logits
-    assert torch.isfinite(want).all()
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    want_step, want_kernels = _decode_kernels(ref, ids)
-    got_step, got_kernels = _decode_kernels(tp, ids)
-    torch.testing.assert_close(got_step, want_step, rtol=0, atol=0)
-    # the same launches; cuBLAS and torch.cat may pick other variants for the (contiguous, cloned) local shards
-    # than for the unsharded weights, so kernels are compared by count and kind, not by full name
-    def kinds(kernels: Counter) -> Counter:
-        out = Counter()
-        for name, n in kernels.items():
-            kind = "gemm" if ("nvjet" in name or "gemm" in name.lower()) else "cat" if "CatArray" in name else name
-            out[kind] += n
-        return out
+    _same_logits_and_launches(ref, tp)
 
-    assert sum(got_kernels.values()) == sum(want_kernels.values()), (dict(got_kernels), dict(want_kernels))
-    extra, missing = kinds(got_kernels) - kinds(want_kernels), kinds(want_kernels) - kinds(got_kernels)
-    assert not extra and not missing, f"extra kernels {dict(extra)}; missing {dict(missing)}"
+
+def _gpt_oss(seed: int = 0) -> torch.nn.Module:
+    config = transformers.GptOssConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=1000,
+                                       num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+                                       sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.04 if p.dim() >= 2 else 0.2)
+    return model
+
+
+def test_single_rank_gpt_oss_plan_matches_the_unsharded_model_and_adds_no_kernel(mesh):
+    """gpt-oss's plan (heads with their sinks and biases, the experts by their intermediate dimension, the router
+    replicated) on one rank: the patched unsharded model's logits bit for bit and the same kernels per decode step."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops import patch_model
+    from triton_ops.parallel import tensor_parallel_plan
+
+    ref, tp = patch_model(_gpt_oss()), patch_model(_gpt_oss())
+    parallelize_module(tp, mesh, tensor_parallel_plan(tp, mesh))
+    assert isinstance(tp.model.layers[0].mlp.experts.gate_up_proj, DTensor)
+    _same_logits_and_launches(ref, tp)
