@@ -268,3 +268,15 @@ def test_gpu_plan_splits_a_single_sequence_and_reads_one_mask_row(monkeypatch):
 def test_gpu_plan_does_not_split_a_full_batch_and_takes_two_warps(monkeypatch):
     plan = _gpu_plan(monkeypatch, 64, 32, 8, 128, 2048, 1024)  # 512 programs on 132 SMs
     assert plan.main.grid[1] == 1 and plan.combine is None and plan.main.num_warps == 2
+
+
+@pytest.mark.parametrize(("b", "hkv", "s", "splits"), [
+    (1, 8, 8192, 32),  # 32 splits x 8 KV heads: the 256 programs the H200 measured best
+    (1, 2, 8192, 64),  # 128 splits would be 2 programs per SM, but at least 128 positions per split: 64
+    (4, 8, 8192, 8),
+    (8, 8, 8192, 4),  # a power of two (9 or 5 splits measured 15-45 % slower there)
+    (1, 8, 1088, 9),  # at least 128 positions per split: 9 splits of a 1088-position cache
+])
+def test_gpu_plan_splits_into_a_power_of_two_up_to_two_programs_per_sm(monkeypatch, b, hkv, s, splits):
+    plan = _gpu_plan(monkeypatch, b, 4 * hkv, hkv, 128, s, s - 64)
+    assert plan.main.grid[1] == splits and plan.main.grid[0] == b * hkv

@@ -158,13 +158,12 @@ def test_fp8_calibration_folds_smoothing_into_the_norms_before_quantizing():
     reference = copy.deepcopy(model)
     calibration = torch.randint(0, 128, (2, 16), device=DEVICE)
     patch_model(model, fp8=True, fp8_recipe="channel", fp8_calibration=calibration)
-    # q/k/v (FP8Linear: activations quantized beyond 16 rows); gate/up run in the fused kernel on the activation as
-    # it is (weight-only FP8): their norm is left alone
-    assert any("SmoothQuant (alpha 0.5) folded into the norms feeding 6 Linear layers" in n
+    # q/k/v (FP8Linear) and gate/up (W8A8 GEMMs beyond 16 rows): activations quantized at prefill
+    assert any("SmoothQuant (alpha 0.5) folded into the norms feeding 10 Linear layers" in n
                for n in model.triton_ops_patch.notes), model.triton_ops_patch.notes
     for ours, ref in zip(model.model.layers, reference.model.layers, strict=True):
         assert not torch.equal(ours.input_layernorm.weight, ref.input_layernorm.weight)  # divided by the factors
-        assert torch.equal(ours.post_attention_layernorm.weight, ref.post_attention_layernorm.weight)
+        assert not torch.equal(ours.post_attention_layernorm.weight, ref.post_attention_layernorm.weight)
     assert model.triton_ops_patch.fp8_linears == 2 * 5 and model.triton_ops_patch.fp8_gated_mlps == 2
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)
     (ours, ours_step), (ref, ref_step) = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
@@ -353,3 +352,26 @@ def test_patched_gpt_oss_with_fp8_keeps_its_experts_by_default():
     assert any("experts kept in their dtype" in note for note in model.triton_ops_patch.notes)
     with pytest.raises(InvalidArgumentError, match="fp8_experts"):
         patch_model(_gpt_oss(), fp8=True, fp8_experts="yes")
+
+
+@pytest.mark.parametrize("recipe", ["channel", "default"])  # per-channel and 128x128-block gate/up scales
+def test_fp8_gate_up_run_weight_only_at_decode_and_as_w8a8_gemms_beyond_16_rows(recipe, monkeypatch):
+    from triton_ops import layers
+
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe=recipe)
+    mlp = model.model.layers[0].mlp
+    fused, w8a8 = [], []
+    fused_fn, linear_fn = layers.fused_gated_mlp, layers.fp8_linear
+    monkeypatch.setattr(layers, "fused_gated_mlp",
+                        lambda x, *a, **k: fused.append(x.shape[:-1]) or fused_fn(x, *a, **k))
+    monkeypatch.setattr(layers, "fp8_linear", lambda x, *a, **k: w8a8.append(x.shape[:-1]) or linear_fn(x, *a, **k))
+    for rows in (layers.W8A8_MIN_ROWS - 1, layers.W8A8_MIN_ROWS):
+        x = torch.randn(1, rows, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
+        with torch.no_grad():
+            ours = layers.gated_hidden(mlp, x)
+            # FP8Projection's own forward: the dequantized weights, activations unquantized
+            ref = torch.nn.functional.silu(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()
+        assert ours.shape == ref.shape and ours.dtype == DTYPE and torch.isfinite(ours).all()
+        assert _cosine(ours, ref) >= 0.99  # W8A8: the activation's E4M3 rounding on top
+    assert fused == [(1, layers.W8A8_MIN_ROWS - 1)]  # 16 rows: the fused kernel, weight-only
+    assert w8a8 == [(1, layers.W8A8_MIN_ROWS)] * 2  # 17: gate and up as W8A8 GEMMs

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fp8_gemm import WEIGHT_ONLY_MAX_M, fp8_linear
 from fused_gated_mlp import fused_gated_mlp
 from fused_moe import fused_moe
 from fused_rmsnorm_rope import rmsnorm
@@ -68,16 +69,44 @@ class GatedMLP(nn.Module):
 ACT_ATTR = "_triton_ops_act"
 
 
+# Beyond FP8Linear's weight-only rows (16: decode), FP8 gate/up run as two W8A8 FP8 GEMMs (:func:`fp8_gemm.fp8_linear`:
+# the activation quantized per row, or per 1x128 block beside 128x128 weight blocks, as FP8Linear quantizes it
+# there), then the activation and the product in the model's dtype, as transformers' own MLP computes them. The
+# fused kernel reads FP8 weights weight-only (converted to bf16 in registers for bf16 tensor-core dots), which pays
+# where the weights' bytes are the cost. Measured on the H200 (session 13, Llama-3-8B's gate/up, GPU time per call,
+# fused against W8A8): per-channel scales 171 / 43 us at 32 rows, 69 / 45 at 64, 220 / 89 at 256, 1522 / 518 at
+# 2048; 128x128 blocks 184 / 64 at 32 rows, 3329 / 749 at 2048. An 8-layer 2048-token prefill: 19.4 -> 11.6 ms.
+W8A8_MIN_ROWS = WEIGHT_ONLY_MAX_M + 1
+_TORCH_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+}
+
+
 def gated_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``act(gate_proj(x)) * up_proj(x)`` of a gated MLP module in one kernel: :class:`GatedMLP`'s forward before
-    its ``down_proj``."""
+    its ``down_proj``. FP8 gate/up (E4M3 ``FP8Projection``) at :data:`W8A8_MIN_ROWS` rows or more: two W8A8 FP8
+    GEMMs and the activation (see there)."""
     act = getattr(mlp, ACT_ATTR, None)  # not mlp.__dict__.get: see models.layers.packed_projections
     if act is None:
         act = kernel_activation(mlp.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
     gate, up = mlp.gate_proj, mlp.up_proj
     # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
+    gate_scale, up_scale = getattr(gate, "weight_scale", None), getattr(up, "weight_scale", None)
+    if gate_scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS \
+            and gate.weight.dtype == up.weight.dtype == torch.float8_e4m3fn:
+        return _TORCH_ACTIVATIONS[act](_w8a8(x, gate, gate_scale)) * _w8a8(x, up, up_scale)
     return fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
-                           gate_scale=getattr(gate, "weight_scale", None), up_scale=getattr(up, "weight_scale", None))
+                           gate_scale=gate_scale, up_scale=up_scale)
+
+
+def _w8a8(x: torch.Tensor, projection: nn.Module, scale: torch.Tensor) -> torch.Tensor:
+    """An FP8Projection's ``x @ dequant(weight)^T + bias`` as a W8A8 FP8 GEMM. Its scales in the GEMM's ``[K, N]``
+    convention: per channel ``[out]`` -> ``[1, out]``, 128x128 blocks ``[out / 128, in / 128]`` transposed (views)."""
+    if scale.dim() == 1:
+        return fp8_linear(x, projection.weight, scale.view(1, -1), projection.bias, "row", path="w8a8")
+    return fp8_linear(x, projection.weight, scale.t(), projection.bias, "block", path="w8a8")
 
 
 class RMSNorm(nn.Module):

@@ -399,13 +399,21 @@ class _LocalShardStyle(ParallelStyle):
             frame = shards.swap()
             biases = []
             for owner, name in bias_owners:
-                # a row-parallel forward computes its partial product only: the bias is added after the reduction
+                # A row-parallel layer's bias enters the sum once. Inference: inside rank 0's GEMM (one rounding and
+                # no add launch, as one process computes it), none in the other ranks' partial products. With a
+                # gradient to record: added after the reduction, so the replicated bias gets the same gradient on
+                # every rank.
                 table = owner._parameters
                 value = table.get(name)
-                if value is not None:
-                    table[name] = None
-                    frame.append((table, name, value, None))
+                if value is None:
+                    continue
+                if torch.is_grad_enabled() and value.requires_grad:
+                    local = None
                     biases.append(value)
+                else:
+                    local = (_local(value) if isinstance(value, DTensor) else value) if _rank(mesh) == 0 else None
+                table[name] = local
+                frame.append((table, name, value, local))
             stash.append((frame, biases))
             return put(x)
 

@@ -155,13 +155,14 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       ``activation_granularity`` override the recipe's scales, ``fast_accum`` is ``FP8Linear``'s. A gated MLP whose
       gate and up projections the recipe converts keeps its fused kernel with FP8 weights
       (``fused_gated_mlp.FP8Projection``: E4M3 with the recipe's weight scales, 128x128 blocks or per channel;
-      the activations stay in the model's dtype, weight-only FP8, which reads half the bytes and skips the
-      activation's quantization). ``FP8Linear`` itself runs weight-only for up to 16 rows (decode).
+      up to 16 rows (decode) the activations stay in the model's dtype, weight-only FP8, which reads half the bytes
+      and skips the activation's quantization; beyond, gate and up run as two W8A8 FP8 GEMMs, 3-4x faster at
+      prefill: :data:`triton_ops.layers.W8A8_MIN_ROWS`). ``FP8Linear`` itself runs weight-only for up to 16 rows.
       ``fp8_calibration``: token ids (a tensor, or a sequence of them) of representative text; the unpatched model
       runs on them once, and SmoothQuant factors (strength ``fp8_smooth_alpha``) are folded into the RMSNorms that
-      feed converted ``FP8Linear`` projections (q/k/v; gate/up only where they are not in the fused MLP kernel,
-      whose activations stay unquantized) before anything is quantized (``fp8_gemm.smoothing``): fewer activation
-      outliers where activations are quantized (W8A8, beyond 16 rows: prefill), the same kernels. Measured only as
+      feed converted projections (q/k/v, gate/up) before anything is quantized (``fp8_gemm.smoothing``): fewer
+      activation outliers where activations are quantized (W8A8, beyond 16 rows: prefill), the same kernels.
+      Measured only as
       ``convert_to_fp8(calibration=)`` in emulation, W8A8 on every converted Linear (SmolLM2-135M, default recipe,
       twenty texts: +1.09 % perplexity against bf16 instead of +1.88 %, KL -7 %; docs/benchmarks/fp8-accuracy.md).
 
@@ -254,15 +255,13 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         fused_fp8, split_fp8 = _fp8_gated_mlps(model, mlps, recipe, keep)
         in_mlp_kernel = {f"{n}.{p}" for n in fused_fp8 for p in ("gate_proj", "up_proj")}
         if fp8_calibration is not None:  # before any weight is quantized (the choices above read no values)
-            # Only Linears whose activations get quantized (FP8Linear: W8A8 beyond 16 rows) gain from the
-            # migration; the fused MLP's FP8 gate/up read the activation as it is (weight-only), where moving range
-            # into the weights could only cost
-            smoothed = smooth_norm_fed_linears(
-                model, fp8_calibration, alpha=fp8_smooth_alpha,
-                linears=[n for n in select_linears(model, recipe, keep) if n not in in_mlp_kernel])
+            # Every converted Linear quantizes its activation beyond 16 rows (FP8Linear, and the FP8 gate/up, which
+            # run as W8A8 GEMMs there: triton_ops.layers.gated_hidden), where the migration pays
+            smoothed = smooth_norm_fed_linears(model, fp8_calibration, alpha=fp8_smooth_alpha,
+                                               linears=select_linears(model, recipe, keep))
             summary.notes.append(f"SmoothQuant (alpha {fp8_smooth_alpha}) folded into the norms feeding "
                                  f"{len(smoothed)} Linear layers" if smoothed else
-                                 "fp8_calibration given, but no norm feeds a converted FP8Linear in a layout "
+                                 "fp8_calibration given, but no norm feeds a converted projection in a layout "
                                  "fp8_gemm.smoothing knows: nothing smoothed")
 
         def convert(name: str, linear: nn.Linear) -> bool:  # packed q/k/v and fused gate/up are quantized below
