@@ -16,7 +16,8 @@ variant, in one run:
 - ``generate``: ``generate()`` as users call it, ms per new token (prefill excluded: two lengths are timed and
   subtracted): eager with the default cache, and transformers' documented fast path (``cache_implementation=
   "static"``, which compiles the forward with CUDA graphs), batch 1.
-- ``prefill``: GPU time of a 2k-token prefill (batch 1, CUDA events), eager.
+- ``prefill``: GPU time of a 2k-token prefill (batch 1, CUDA events), eager and (unless ``--no-compile``) through
+  ``torch.compile(model)``.
 - ``accuracy``: the patched variants' last-token logits against the unpatched model's (cosine) and the greedy
   tokens of ``generate()`` (agreement over the new tokens).
 
@@ -227,22 +228,32 @@ def generate_ms_per_token(model, batch: int, prompt: int, new: int, static: bool
 
 
 @torch.inference_mode()
-def measure_prefill(model, tokens: int) -> dict[str, Any]:
+def measure_prefill(model, tokens: int, compiled: bool = True) -> dict[str, Any]:
+    """Wall time (CUDA events) of one ``tokens``-token prefill, batch 1, no cache, the last position's logits:
+    eager, and with ``compiled`` through ``torch.compile(model)`` (Inductor's default mode: a prefill is GEMM-bound,
+    CUDA graphs would gain little; the targets compare with transformers compiled)."""
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=model.device)
+    out = {"tokens": tokens, "ms": _median_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))}
+    if compiled:
+        torch._dynamo.reset()
+        fast = torch.compile(model)
+        out["compiled_ms"] = _median_ms(lambda: fast(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=2)
+        torch._dynamo.reset()
+    return out
 
-    def run():
-        return model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    run()
+def _median_ms(run: Callable[[], Any], runs: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(5):
+    for _ in range(runs):
         start.record()
         run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return {"tokens": tokens, "ms": sorted(times)[len(times) // 2]}
+    return sorted(times)[len(times) // 2]
 
 
 @torch.inference_mode()
@@ -325,7 +336,7 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
                 print(f"  {name}/{variant} decode b={batch} ctx={context}: {point['gpu_us']:.0f} us GPU, "
                       f"{point['kernels']:.0f} kernels, eager wall {point['eager_wall_ms']:.1f} ms", flush=True)
     if "prefill" in args.parts:
-        res.prefill = attempt("prefill", measure_prefill, model, args.prefill_tokens) or {}
+        res.prefill = attempt("prefill", measure_prefill, model, args.prefill_tokens, not args.no_compile) or {}
     if "generate" in args.parts:
         for mode, static in (("eager", False), ("static-compiled", True)):
             if static and args.no_compile:
@@ -401,12 +412,14 @@ def _model_section(model: dict[str, Any]) -> list[str]:
                      f"{_fmt(s.get('first_call_s'))} s | {floor_ms:.2f} ms | "
                      f"{_fmt(s.get('ms_per_token') and s['ms_per_token'] / floor_ms, '.2f')}x |")
     lines += ["", "### Prefill, accuracy, memory", "",
-              "| variant | prefill | logits cosine (min) | greedy agreement | steps before first difference | "
-              "teacher-forced top-1 agreement | teacher-forced cosine (min) | peak memory | weight bytes |",
+              "| variant | prefill (eager / compiled) | logits cosine (min) | greedy agreement | "
+              "steps before first difference | teacher-forced top-1 agreement | teacher-forced cosine (min) | "
+              "peak memory | weight bytes |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
         pf, acc = v["prefill"], v["accuracy"]
-        lines.append(f"| {v['variant']} | {_fmt(pf.get('ms'), '.2f')} ms ({pf.get('tokens', '-')} tokens) | "
+        compiled = f" / {pf['compiled_ms']:.2f} ms compiled" if pf.get("compiled_ms") is not None else ""
+        lines.append(f"| {v['variant']} | {_fmt(pf.get('ms'), '.2f')} ms{compiled} ({pf.get('tokens', '-')} tokens) | "
                      f"{_fmt(acc.get('logits_cosine_min'), '.5f')} | {_fmt(acc.get('greedy_agreement'), '.2f')} | "
                      f"{acc.get('greedy_steps_before_first_difference', '-')} | "
                      f"{_fmt(acc.get('forced_top1_agreement'), '.3f')} | {_fmt(acc.get('forced_cosine_min'), '.5f')} | "
@@ -459,7 +472,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per timed generate()")
     p.add_argument("--accuracy-tokens", type=int, default=32, help="greedy tokens compared")
     p.add_argument("--prefill-tokens", type=int, default=2048)
-    p.add_argument("--no-compile", action="store_true", help="leave out the static-cache compiled generate()")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out torch.compile: the compiled prefill and the static-cache compiled generate()")
     p.add_argument("--tiny", action="store_true", help="2 small layers: checks the harness")
     p.add_argument("--out", type=Path, default=None, help="report folder (default docs/benchmarks on a GPU)")
     args = p.parse_args(argv)

@@ -64,13 +64,13 @@ def test_report_renders_every_part_and_names_failures(bm):
     point = {"batch": 1, "context": 8, "gpu_us": 20.0, "kernels": 5, "tokens_per_s": 5e4, "eager_wall_ms": 1.0,
              "top_kernels": [{"kernel": "k|1", "us": 12.0, "launches": 2}]}
     variant = {"variant": "transformers", "decode": [point], "generate": {"eager": {"ms_per_token": 1.0,
-               "tokens_per_s": 1000.0}}, "prefill": {"tokens": 16, "ms": 2.0}, "accuracy": {}, "weight_bytes": 100,
-               "peak_memory_gib": 1.0, "errors": ["generate static-compiled: RuntimeError: boom"]}
+               "tokens_per_s": 1000.0}}, "prefill": {"tokens": 16, "ms": 2.0, "compiled_ms": 1.5}, "accuracy": {},
+               "weight_bytes": 100, "peak_memory_gib": 1.0, "errors": ["generate static-compiled: RuntimeError: boom"]}
     report = {"environment": {"device": "X", "command": "c", "torch": "t", "triton": "tr", "transformers": "tf",
                               "cuda": "c", "date_utc": "d"}, "copy_gbps": 4000.0,
               "models": [{"model": "m", "layers": 2, "hidden": 4, "floor_us": {"transformers": 10.0},
                           "variants": [variant]}]}
     md = bm.render(report)
     assert "| transformers | 1 | 8 | 20 us | 5 | 50,000 | 1.00x | 10 us | 2.00x |" in md
-    assert "2.00 ms (16 tokens)" in md and "generate static-compiled: RuntimeError: boom" in md
+    assert "2.00 ms / 1.50 ms compiled (16 tokens)" in md and "generate static-compiled: RuntimeError: boom" in md
     assert "`k/1`" in md and "`k|1`" not in md  # a kernel name never breaks the table
