@@ -37,7 +37,9 @@ class DecodeAttentionBackwardError(TritonKernelError, NotImplementedError):
 # ----------------------------------------------------------------------------------------------------------------
 
 # Flash-decoding: when B * Hkv programs are fewer than the SMs, split the KV length into a power of two of splits,
-# the largest that keeps at most about this many programs per SM. Measured on the H200 (session 13, 8-32 layers'
+# the largest that keeps at most about this many programs per SM (unless the positions cap below binds: then the
+# cap, any count; 1-2 KV heads at 8256 positions get 65 where 64 measured 4-6 % faster, not yet fixed).
+# Measured on the H200 (session 13, 8-32 layers'
 # caches in one CUDA graph, bf16, D 128, splits swept 2-128): the best split count gave 128-256 programs for batch 1
 # (8, 2 and 1 KV heads; 8k and 32k tokens: 32 / 64 / 64 splits at 8k, 32 / 128 / 128 at 32k) and batch 4 (8);
 # four programs per SM (the rule before) chose 65 splits for 8 KV heads at 8k (22.3 us per layer against 19.2 with

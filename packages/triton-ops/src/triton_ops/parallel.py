@@ -401,8 +401,8 @@ class _LocalShardStyle(ParallelStyle):
             for owner, name in bias_owners:
                 # A row-parallel layer's bias enters the sum once. Inference: inside rank 0's GEMM (one rounding and
                 # no add launch, as one process computes it), none in the other ranks' partial products. With a
-                # gradient to record: added after the reduction, so the replicated bias gets the same gradient on
-                # every rank.
+                # gradient to record: added by _reduce (after an all-reduce; into rank 0's partial sum before a
+                # reduce-scatter, whose bias gradient then reaches rank 0 only: a known gap for trainable biases).
                 table = owner._parameters
                 value = table.get(name)
                 if value is None:
