@@ -29,7 +29,8 @@ def main() -> int:
                    **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we", "stride_b"], I32)}
     ok &= build(K._route_kernel, route_types, dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True,
                                                    ROUND_LOGITS=True, EMULATE_BF16=False, BLOCK_T=16, BLOCK_E=32,
-                                                   BLOCK_K=128, DOT_PRECISION="tf32", UPCAST=False), "route")
+                                                   BLOCK_K=128, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False),
+                "route")
     align_types = {**dict.fromkeys(["ids_ptr", "offsets_ptr", "sorted_ptr", "tile_expert_ptr", "tile_start_ptr"],
                                    "*i32"), **dict.fromkeys(["P", "E", "MAX_TILES"], I32)}
     ok &= build(K._align_kernel, align_types,
@@ -50,20 +51,26 @@ def main() -> int:
                          **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_wn",
                                           "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
                          "alpha": "fp32", "limit": "fp32"}
-        for interleaved, bm, bn, warps, stages in ((True, 16, 32, 4, 4), (False, 64, 64, 8, 3)):
+        # tensor-core dots, and the CUDA-core (FMA) tiles of one or two rows
+        for interleaved, bm, bn, bk, warps, stages, fma in ((True, 16, 32, 64, 4, 4, False),
+                                                            (False, 64, 64, 64, 8, 3, False),
+                                                            (True, 1, 128, 32, 2, 3, True),
+                                                            (False, 2, 64, 16, 4, 3, True)):
             ok &= build(K._gate_up_kernel, gate_up_types,
                         dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=scaled,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, EVEN_K=True, NUM_STAGES=stages,
-                             DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False),
-                        f"gate_up {wtype} interleaved={interleaved} BLOCK_M={bm}", warps=warps)
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, NUM_STAGES=stages,
+                             DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=fma, INTERPRET=False),
+                        f"gate_up {wtype} interleaved={interleaved} BLOCK_M={bm} fma={fma}", warps=warps)
         down_types = {"h_ptr": "*bf16", "w_ptr": wtype, "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
                       "y_ptr": "*fp32",
                       **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
                       **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_wn",
                                        "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
-        ok &= build(K._down_kernel, down_types, dict(HAS_BIAS=True, W_SCALED=scaled, BLOCK_M=16, BLOCK_N=32,
-                                                     BLOCK_K=64, EVEN_K=False, NUM_STAGES=4, DOT_PRECISION="tf32",
-                                                     UPCAST=False), f"down {wtype}")
+        for bm, bn, bk, warps, fma in ((16, 32, 64, 4, False), (1, 128, 32, 2, True)):
+            ok &= build(K._down_kernel, down_types,
+                        dict(HAS_BIAS=True, W_SCALED=scaled, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=False,
+                             NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma, INTERPRET=False),
+                        f"down {wtype} BLOCK_M={bm} fma={fma}", warps=warps)
     ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "T": I32, "N": I32, "stride_ym": I32,
                                     "stride_ot": I32}, dict(TOP_K=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False),
                 "combine")

@@ -139,3 +139,56 @@ def test_opcheck_and_compile_with_scales(device):
     fn = torch.compile(lambda x: moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2),
                        fullgraph=True, backend="aot_eager")
     assert torch.equal(fn(x), eager)
+
+
+@pytest.mark.parametrize("block_m", [1, 2])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("layout,transposed,activation", [("interleaved", True, "swiglu_oai"),
+                                                          ("concatenated", False, "silu")])
+def test_cuda_core_tiles(device, monkeypatch, block_m, fp8, layout, transposed, activation):
+    """The FMA tiles (config ``fma``): one or two rows per tile, so an expert with several tokens takes several
+    tiles; odd sizes mask the K and N edges. Against the float64 reference of the (dequantized) weights."""
+    from fused_moe import MoEConfig, ops
+
+    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(block_m, 8, 16, 16, 16, 4, 1, fma=True))
+    ops.clear_caches()
+    try:
+        x, rw, rb, w1, b1, w2, b2 = make_moe(7, 40, 20, 5, device=device, seed=30 + block_m)
+        w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
+        ids, wts = moe_route(x, rw, rb, 3)
+        kw = {"gate_up_layout": layout, "transposed": transposed}
+        if fp8:
+            q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=transposed, dtype=torch.float8_e5m2)
+            out = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, gate_up_scale=s1, down_scale=s2, **kw)
+            d1, d2 = _dequant(q1, s1, transposed), _dequant(q2, s2, transposed)
+        else:
+            out = moe_experts(x, ids, wts, w1, b1, w2, b2, activation, **kw)
+            d1, d2 = f64(w1, w2)
+        xd, idd, wtd, b1d, b2d = f64(x, ids, wts, b1, b2)
+        ref = moe_experts_reference(xd, idd, wtd, d1, b1d, d2, b2d, activation, **kw)
+        assert_close_rel(out, ref, TOL[torch.float32])
+    finally:
+        ops.clear_caches()
+
+
+@pytest.mark.parametrize("layout,transposed,activation", [("interleaved", True, "swiglu_oai"),
+                                                          ("concatenated", False, "silu")])
+def test_fp8_experts_with_bf16_rows_beyond_fp16s_range(device, layout, transposed, activation):
+    """FP8 weights beside bf16 activations of any size: rows of 1e6 (past fp16's 65504) and 1e-7 (below fp16's
+    normal range) come out as accurate as rows of 1, so no path may pass the activations through fp16 unscaled.
+    Checked row by row: one large row would hide the others' errors."""
+    x, rw, rb, w1, b1, w2, b2 = make_moe(6, 64, 40, 6, dtype=torch.bfloat16, device=device, seed=40)
+    x = (x.float() * torch.tensor([1e6, 1e-7, 1.0, 3e4, 1e-3, 5e5], device=device)[:, None]).to(torch.bfloat16)
+    w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
+    if activation == "silu":  # no biases: a row's output scales with it, so every row is measured at its own size
+        b1 = b2 = None
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=transposed)
+    ids, wts = moe_route(x, rw, rb, 2)
+    kw = {"gate_up_layout": layout, "transposed": transposed}
+    out = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, gate_up_scale=s1, down_scale=s2, **kw)
+    xd, idd, wtd, b1d, b2d = f64(x, ids, wts, b1, b2)
+    ref = moe_experts_reference(xd, idd, wtd, _dequant(q1, s1, transposed), b1d, _dequant(q2, s2, transposed), b2d,
+                                activation, round_intermediate=torch.bfloat16, **kw)
+    assert torch.isfinite(out).all()
+    for row in range(6):
+        assert_close_rel(out[row], ref[row], TOL[torch.bfloat16])

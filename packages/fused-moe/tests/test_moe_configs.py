@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fused_moe import MoEConfig, select_config
+from fused_moe.configs import FP8_FMA_TILE, FP8_FMA_TILE_NARROW
 from triton_ops_core.device import DeviceInfo, simulate_device
 
 HOPPER = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
@@ -29,12 +30,28 @@ def stage_bytes(c: MoEConfig) -> int:
     return (c.block_m + 2 * c.gate_up_block_n) * max(c.gate_up_block_k, c.down_block_k) * 2
 
 
-def test_hopper_keeps_its_first_guesses():
+def test_hopper_gets_the_tiles_measured_on_the_h200():
     with simulate_device(HOPPER):
-        assert cfg(1) == MoEConfig(16, 32, 64, 32, 64, 4, 4)  # 2880 = 45 x 64: K steps of 64
-        assert cfg(64) == MoEConfig(64, 64, 64, 64, 64, 4, 4)
+        assert cfg(1) == MoEConfig(16, 32, 64, 32, 64, 4, 4)  # 2880 = 45 x 64: K steps of 64; 4 experts: narrow
+        assert cfg(8) == MoEConfig(16, 64, 64, 64, 64, 4, 4)  # 32 experts hit: wide column tiles
+        assert cfg(64) == MoEConfig(16, 64, 64, 64, 64, 4, 4)  # 16-row tiles, several per busy expert
         assert cfg(2048) == MoEConfig(64, 64, 64, 128, 64, 8, 3)
         assert cfg(64, on_gpu=torch.device("cuda", 0)) == cfg(64)  # the device itself may be passed
+
+
+def test_fp8_experts_take_one_row_cuda_core_tiles_from_two_to_eight_tokens():
+    def fp8(tokens):
+        return select_config(tokens, GPT_OSS["top_k"], GPT_OSS["hidden"], GPT_OSS["intermediate"],
+                             GPT_OSS["num_experts"], True, 1)
+
+    with simulate_device(HOPPER):
+        assert fp8(1) == cfg(1)  # one token: the tensor-core tile measured faster
+        assert fp8(2) == fp8(4) == FP8_FMA_TILE_NARROW
+        for tokens in (5, 8):
+            assert fp8(tokens) == FP8_FMA_TILE
+        assert all(fp8(tokens).fma and fp8(tokens).block_m == 1 for tokens in range(2, 9))
+        assert fp8(9) == cfg(9) and not fp8(9).fma
+        assert cfg(8).fma is False  # bf16 experts keep the dot
 
 
 def test_a_smaller_gpu_gets_tiles_that_fit_and_fill_it():

@@ -271,6 +271,44 @@ def fp8_linear_col_row(mesh):
 
 
 @case
+def fp8_block_gate_up_w8a8(mesh):
+    """A patched MLP's FP8 gate/up with 128x128 block scales beyond 16 rows (two W8A8 GEMMs) under
+    GatedMLPParallel: the scales and patch_model's copy of them in the GEMM's layout sharded together; = one
+    process."""
+    import copy
+
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from triton_ops import layers
+    from triton_ops.models.patch import _patch_gated_mlp, _quantize_gate_up
+    from triton_ops.parallel import GatedMLPParallel
+
+    rank = mesh.get_local_rank()
+    torch.manual_seed(7)
+    ref = LlamaMLP(LlamaConfig(hidden_size=128, intermediate_size=256, mlp_bias=True))  # one block column per rank
+    _quantize_gate_up(ref, "block", "block", False)  # what patch_model(fp8=True) does to it
+    _patch_gated_mlp(ref)
+    tp = parallelize_module(copy.deepcopy(ref), mesh, GatedMLPParallel())
+    for name in ("gate_proj", "up_proj"):
+        kn, ref_kn = (getattr(getattr(m, name), layers.GEMM_SCALE_BUFFER) for m in (tp, ref))
+        assert isinstance(kn, DTensor) and kn.placements == (Shard(1),), kn
+        assert torch.equal(kn.to_local(), ref_kn[:, rank:rank + 1]), name
+    x = torch.randn(layers.W8A8_MIN_ROWS, 128, generator=torch.Generator().manual_seed(8))
+    calls, fp8_linear = [], layers.fp8_linear
+    layers.fp8_linear = lambda *a, **k: calls.append(a[2].shape) or fp8_linear(*a, **k)
+    try:
+        with torch.no_grad():
+            want, got = ref(x), tp(x)
+    finally:
+        layers.fp8_linear = fp8_linear
+    assert calls == [(1, 2)] * 2 + [(1, 1)] * 2, calls  # one process's [K/128, N/128] scales, then the rank's
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@case
 def fp8_block_boundary_error(mesh):
     """Block scales whose shard boundary falls inside a 128-block: a named error, the module left untouched."""
     import torch

@@ -375,3 +375,103 @@ def test_fp8_gate_up_run_weight_only_at_decode_and_as_w8a8_gemms_beyond_16_rows(
         assert _cosine(ours, ref) >= 0.99  # W8A8: the activation's E4M3 rounding on top
     assert fused == [(1, layers.W8A8_MIN_ROWS - 1)]  # 16 rows: the fused kernel, weight-only
     assert w8a8 == [(1, layers.W8A8_MIN_ROWS)] * 2  # 17: gate and up as W8A8 GEMMs
+
+
+def _fp8_linear_spy(monkeypatch, layers) -> list[dict]:
+    """Each ``layers.fp8_linear`` call's arguments by name (the W8A8 gate/up GEMMs), the call itself unchanged."""
+    calls, fp8_linear = [], layers.fp8_linear
+    signature = inspect.signature(fp8_linear)
+
+    def spy(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return fp8_linear(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "fp8_linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("options", "granularity", "fast_accum"), [
+    ({"fp8_recipe": "channel"}, "row", False),
+    ({"fp8_recipe": "default"}, "block", False),
+    ({"fp8_recipe": "tensor", "fast_accum": True}, "tensor", True),  # per-channel gate/up weights, as before
+    ({"fp8_recipe": "default", "activation_granularity": "row"}, "row", False),  # an override reaches them too
+])
+def test_fp8_gate_up_w8a8_gemms_take_the_recipes_activation_scales_and_fast_accum(options, granularity, fast_accum,
+                                                                                  monkeypatch):
+    from triton_ops import layers
+
+    model = patch_model(_model("llama"), fp8=True, **options)
+    mlp = model.model.layers[0].mlp
+    calls = _fp8_linear_spy(monkeypatch, layers)
+    x = torch.randn(1, layers.W8A8_MIN_ROWS, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        ours = layers.gated_hidden(mlp, x)
+        ref = torch.nn.functional.silu(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()
+    assert [(c.get("activation_granularity"), c.get("fast_accum")) for c in calls] == [(granularity, fast_accum)] * 2
+    assert _cosine(ours, ref) >= 0.99
+
+
+def test_fp8_block_gate_up_keep_their_scales_in_the_gemms_layout(monkeypatch):
+    """128x128 block scales are kept once more as the W8A8 GEMM reads them (``[in / 128, out / 128]``, contiguous):
+    the GEMM gets that tensor, so no call copies a transposed view. Not saved with the model; a loaded state dict
+    (which writes ``weight_scale``) refreshes it."""
+    from triton_ops import layers
+
+    model = patch_model(_model("llama"), fp8=True)  # the default recipe: 128x128 blocks
+    mlp = model.model.layers[0].mlp
+    stored = [getattr(p, layers.GEMM_SCALE_BUFFER) for p in (mlp.gate_proj, mlp.up_proj)]
+    for proj, kn in zip((mlp.gate_proj, mlp.up_proj), stored):
+        assert kn.is_contiguous() and torch.equal(kn, proj.weight_scale.t())
+    calls = _fp8_linear_spy(monkeypatch, layers)
+    x = torch.randn(layers.W8A8_MIN_ROWS, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        layers.gated_hidden(mlp, x)
+    assert len(calls) == 2 and all(c["weight_scale"] is s for c, s in zip(calls, stored))  # no copy of them
+    assert not any(key.endswith(layers.GEMM_SCALE_BUFFER) for key in model.state_dict())
+    other = patch_model(_model("llama", seed=1), fp8=True)
+    assert not torch.equal(other.model.layers[0].mlp.gate_proj.weight_scale, mlp.gate_proj.weight_scale)
+    model.load_state_dict(other.state_dict())
+    for proj, src in zip((mlp.gate_proj, mlp.up_proj), (other.model.layers[0].mlp.gate_proj,
+                                                        other.model.layers[0].mlp.up_proj)):
+        assert torch.equal(proj.weight_scale, src.weight_scale)
+        assert torch.equal(getattr(proj, layers.GEMM_SCALE_BUFFER), src.weight_scale.t())
+    channel = patch_model(_model("llama"), fp8=True, fp8_recipe="channel").model.layers[0].mlp
+    assert not hasattr(channel.gate_proj, layers.GEMM_SCALE_BUFFER)  # [1, out]: a view, nothing to keep
+
+
+# Magnitudes of the 2 x 3 weight blocks of 128 x 128 (gate's; up's flipped): a scale read from another block is off
+# by 2x or more.
+_BLOCK_MAGNITUDES = ((1.0, 4.0, 0.5), (0.25, 2.0, 8.0))
+
+
+@pytest.mark.parametrize("w8a8", [False, True], ids=["fused_16_rows", "w8a8_17_rows"])
+def test_fp8_block_gate_up_on_a_non_square_block_grid_with_biases(w8a8):
+    """gate/up weights ``[256, 384]`` with biases: a 2 x 3 grid of block scales (3 x 2 in the W8A8 GEMM's ``[K, N]``
+    layout, where a wrong transpose no longer matches a 1 x 1 grid by accident), against float64 on the
+    dequantized weights, output block by output block."""
+    from triton_ops import layers
+
+    config = transformers.LlamaConfig(hidden_size=384, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=3, num_key_value_heads=1, vocab_size=128,
+                                      max_position_embeddings=64, mlp_bias=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE, DTYPE).eval()
+    mlp = model.model.layers[0].mlp
+    magnitudes = torch.tensor(_BLOCK_MAGNITUDES, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        for proj, m in ((mlp.gate_proj, magnitudes), (mlp.up_proj, magnitudes.flip(0, 1))):
+            proj.weight.normal_(0.0, 0.02).mul_(m.repeat_interleave(128, 0).repeat_interleave(128, 1))
+            proj.bias.normal_(0.0, 0.5)
+    patch_model(model, fp8=True)  # default recipe: 128x128 blocks
+    assert mlp.gate_proj.weight_scale.shape == (2, 3) and mlp.gate_proj.bias is not None
+    rows = layers.W8A8_MIN_ROWS if w8a8 else layers.W8A8_MIN_ROWS - 1
+    x = torch.randn(rows, 384, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        ours = layers.gated_hidden(mlp, x).double()
+        gate, up = (x.double() @ p.dequantized_weight(torch.float32).double().t() + p.bias.double()
+                    for p in (mlp.gate_proj, mlp.up_proj))
+        ref = torch.nn.functional.silu(gate) * up
+    for block in range(2):  # every 128 outputs: the scales of one row of blocks
+        cols = slice(block * 128, (block + 1) * 128)
+        err = (ours[:, cols] - ref[:, cols]).norm() / ref[:, cols].norm()
+        assert err < 0.1, (block, err.item())  # W8A8 (E4M3 activations): about 0.035; a misplaced scale: 0.8

@@ -6,9 +6,10 @@ spawn of four ranks ``CASES_4`` (gated MLP and FP8Linear split in quarters, a pa
 step) and an FP8 Qwen3 with one kv head per rank, the refusal of 2 kv heads over 4 ranks); each of the two tests
 reports every failing case. Every case compares a parallelized module or model with the same seeded one
 in one process: FusedGatedMLP column-parallel with a row-parallel down projection, a whole gated MLP with its
-gradients, packed gate/up weights, FP8Linear column- and row-parallel with per-channel / per-tensor / block scales,
-the block-scale and head-count errors, and small random Llama and Qwen3 models (transformers' own classes, fp32),
-patched (bf16 kernels and FP8) or not, prefill + cached decode step + generate(); a small random gpt-oss, patched
+gradients, packed gate/up weights, a patched MLP's FP8 gate/up with block scales as W8A8 GEMMs (beyond 16 rows),
+FP8Linear column- and row-parallel with per-channel / per-tensor / block scales, the block-scale and head-count
+errors, and small random Llama and Qwen3 models (transformers' own classes, fp32), patched (bf16 kernels and FP8) or
+not, prefill + cached decode step + generate(); a small random gpt-oss, patched
 (fused_moe, decode_attention with sinks) or not, its sinks sharded with the q heads and its experts by whole gate/up
 pairs of their intermediate dimension, the MoE alone with bf16 and FP8 experts, the refusal of an intermediate size
 the ranks do not divide. Patched models keep one packed

@@ -65,6 +65,49 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _weight_f32(w, INTERPRET: tl.constexpr):
+    """A weight tile in fp32 for the CUDA-core products. On a GPU E5M2 goes through fp16 (a byte shift that keeps
+    Inf and NaN, see ``_dot``); the interpreter converts directly."""
+    if w.dtype == tl.float8e5 and not INTERPRET:
+        w = w.to(tl.float16)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _k_loop(a_ptrs, w_ptrs, mask_m, mask_n, K, stride_wk, acc,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+            NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
+            INTERPRET: tl.constexpr):
+    """``acc + A @ W`` over the whole K: rows of ``A`` (``a_ptrs``, unit stride along K) against a ``[BLOCK_K,
+    BLOCK_N]`` weight tile (``w_ptrs``, ``stride_wk`` apart along K), ``NUM_STAGES`` deep.
+
+    ``USE_FMA``: CUDA-core products into a ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 register tile, summed over K once
+    at the end, instead of tensor-core dots. For one or two rows per expert (decode): a dot needs 16 rows (15 of
+    them padding at one token) and, with FP8 weights, their conversion to 16 bits in registers first; plain loads
+    and FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if USE_FMA:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = (k + offs_k) < K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if USE_FMA:
+            acc3 += a.to(tl.float32)[:, :, None] * _weight_f32(w, INTERPRET)[None, :, :]
+        else:
+            acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if USE_FMA:
+        acc += tl.sum(acc3, axis=1)
+    return acc
+
+
+@triton.jit
 def _round(v, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """``v`` (fp32) rounded to ``DTYPE``. ``EMULATE_BF16`` (interpreter only): its fp32 -> bf16 cast truncates,
     so round to nearest even on the bits first (the cast of the result is then exact)."""
@@ -105,7 +148,7 @@ def _route_kernel(
     HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_KP: tl.constexpr, RENORMALIZE: tl.constexpr,
     ROUND_LOGITS: tl.constexpr, EMULATE_BF16: tl.constexpr,
     # tiles
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -117,7 +160,9 @@ def _route_kernel(
     x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
     w_ptrs = w_ptr + offs_e.to(tl.int64)[None, :] * stride_we + offs_k[:, None]
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for k in range(0, H, BLOCK_K):
+    # one program holds every expert of its tokens (the top-k needs them all): at decode that is one program
+    # reading the whole router weight, so its loads are pipelined NUM_STAGES deep (a plain loop waited for each)
+    for k in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
         mask_k = (k + offs_k) < H
         x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_e[None, :], other=0.0)
@@ -302,6 +347,7 @@ def _gate_up_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    USE_FMA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -325,18 +371,9 @@ def _gate_up_kernel(
         offs_c = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         mask_c = offs_c < 2 * N
         w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_c.to(tl.int64)[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_c[None, :], other=0.0)
-            else:
-                mask_k = (k + offs_k) < K
-                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-            acc = _dot(x, w, acc, DOT_PRECISION, UPCAST)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
+        acc = _k_loop(x_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk,
+                      tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32), BLOCK_M, 2 * BLOCK_N, BLOCK_K, EVEN_K,
+                      NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
         if W_SCALED:  # the whole K sum of each column times its scale, before the bias
             acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
         if HAS_BIAS:
@@ -348,23 +385,12 @@ def _gate_up_kernel(
         mask_n = offs_n < N
         wg_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
         wu_ptrs = wg_ptrs + N * stride_wn
-        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                wg = tl.load(wg_ptrs, mask=mask_n[None, :], other=0.0)
-                wu = tl.load(wu_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                mask_k = (k + offs_k) < K
-                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            gate = _dot(x, wg, gate, DOT_PRECISION, UPCAST)
-            up = _dot(x, wu, up, DOT_PRECISION, UPCAST)
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K * stride_wk
-            wu_ptrs += BLOCK_K * stride_wk
+        # two passes over K (gate, then up): x is a few rows, read again from L2
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        gate = _k_loop(x_ptrs, wg_ptrs, mask_m, mask_n, K, stride_wk, zero, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                       NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
+        up = _k_loop(x_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                     NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
@@ -394,7 +420,8 @@ def _down_kernel(
     HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -411,18 +438,8 @@ def _down_kernel(
     a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_k[None, :]
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
               + offs_n.to(tl.int64)[None, :] * stride_wn)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            mask_k = (k + offs_k) < K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _k_loop(a_ptrs, w_ptrs, mask_m, mask_n, K, stride_wk, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:

@@ -1,11 +1,12 @@
 """Launch configs of the MoE kernels: a small heuristic by token count (no tuned table yet).
 
-Decode (``tokens <= DECODE_MAX_TOKENS``) is bound by the read of the experts' weights: ``BLOCK_M`` is at least the
-token count, so every expert hit gets exactly one row tile and each (expert, N-tile) program reads its slice of
-the expert's weights once for all the expert's tokens; narrow ``BLOCK_N`` gives many programs to stream them.
-Prefill uses fixed ``BLOCK_M``-token tiles of each expert's sorted rows.
+Decode (``tokens <= DECODE_MAX_TOKENS``) is bound by the read of the experts' weights: 16-row tiles of each expert's
+rows (one tile per expert hit up to 16 tokens), narrow ``BLOCK_N`` while few experts are hit so that many programs
+stream them; FP8 experts at 2 to 8 tokens take CUDA-core tiles of one row. Prefill uses fixed ``BLOCK_M``-token
+tiles of each expert's sorted rows.
 
-The numbers are first guesses for Hopper (H100/H200), not yet measured: see the package README. Where a GPU differs
+The decode tiles were measured on the H200 (gpt-oss-20b's layer, 1, 8 and 64 tokens, bf16 and FP8 experts, CUDA-graph
+timing; see the comments below); the prefill tiles are first guesses for Hopper. Where a GPU differs
 from Hopper, the heuristic reads its properties (``triton_ops_core.device.device_info``): its SM count (column tiles
 narrow enough for two waves of programs) and its shared memory per block (pipeline stages that fit). fused-moe has no
 tuned table (it does not depend on kernel-autotune), so no GPU is favoured by one.
@@ -33,7 +34,27 @@ class MoEConfig(NamedTuple):
     down_block_k: int
     num_warps: int
     num_stages: int
+    down_num_warps: int = 0  # 0: ``num_warps`` (the down GEMM's own, where it differs)
+    down_num_stages: int = 0  # 0: ``num_stages``
+    fma: bool = False  # CUDA-core products instead of tensor-core dots (one or two rows per expert)
 
+    @property
+    def down_warps(self) -> int:
+        return self.down_num_warps or self.num_warps
+
+    @property
+    def down_stages(self) -> int:
+        return self.down_num_stages or self.num_stages
+
+
+# FP8 experts at 2 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot
+# would pad them to 16 and convert every FP8 weight to bf16 first). H200, gpt-oss-20b layer, gate/up + down GEMMs in
+# CUDA graphs (2026-12-04): 2 tokens 99.5 -> 86.5 us, 4 tokens 174.6 -> 118.1 us with 64-column tiles 6 stages deep;
+# 8 tokens 248 -> 181 us with 128-column tiles 3 deep. At one token the dot tile stays ahead (58 vs 68 us).
+FMA_MIN_TOKENS = 2
+FMA_MAX_TOKENS = 8
+FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 2 to 4 tokens
+FP8_FMA_TILE = MoEConfig(1, 128, 32, 128, 32, 2, 3, fma=True)  # 5 to 8 tokens
 
 _HOPPER_SMEM = 227 * 1024  # what the stage counts below were chosen for
 
@@ -47,7 +68,7 @@ def _stages_that_fit(stages: int, stage_bytes: int, smem: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, num_experts: int,
-                  on_gpu: bool | torch.device) -> MoEConfig:
+                  on_gpu: bool | torch.device, weight_bytes: int = 2) -> MoEConfig:
     """The heuristic. Under the interpreter (``on_gpu=False``) the tiles are as large as the problem allows:
     each interpreted program instance costs about a millisecond, whatever its size. ``on_gpu`` may be the CUDA device
     itself (``True``: the current one), whose SM count and shared memory the GPU rules read."""
@@ -66,14 +87,17 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
     sms = info.sm_count or 132
     smem = info.smem_per_block or _HOPPER_SMEM
     if num_tokens <= DECODE_MAX_TOKENS:
-        # one tile per expert hit (an expert gets at most num_tokens rows): weights read once per call
-        block_m = max(16, next_pow2(num_tokens))
+        if weight_bytes == 1 and FMA_MIN_TOKENS <= num_tokens <= FMA_MAX_TOKENS:
+            return FP8_FMA_TILE_NARROW if num_tokens <= 4 else FP8_FMA_TILE
+        # 16-row tiles (an expert with more rows takes several; at 64 tokens that measured faster than 64-row
+        # tiles, bf16 385 vs 389 us, FP8 306 vs 367 us: less padding in each dot)
+        block_m = 16
         # K steps of 128 where they divide K exactly (no K mask in the weight loads), else 64 (2880 = 45 * 64)
         bk, dk = (128 if hidden % 128 == 0 else 64), (128 if intermediate % 128 == 0 else 64)
-        # narrow N tiles at a few tokens: 4 experts hit x 2880 / 32 = 360 programs per GEMM (~2.7 waves on 132 SMs);
-        # wider ones once the experts hit fill two waves of the device's SMs with them
+        # narrow N tiles while few experts are hit: 4 experts x 2880 / 32 = 360 programs per GEMM; wider ones once
+        # the experts hit fill two waves of the device's SMs with them (8 tokens: 140 -> 92 us for the down GEMM)
         hit = min(num_tokens * top_k, num_experts)
-        bn = 32 if num_tokens <= 16 or hit * -(-intermediate // 64) < 2 * sms else 64
+        bn = 32 if hit * -(-intermediate // 64) < 2 * sms else 64
         # a stage holds the token tile and a (2 x bn)-column weight tile of the gate/up GEMM, 2-byte elements
         stages = _stages_that_fit(4, (block_m + 2 * bn) * max(bk, dk) * 2, smem)
         return MoEConfig(block_m, bn, bk, bn, dk, 4, stages)

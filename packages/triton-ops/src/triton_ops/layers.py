@@ -40,13 +40,16 @@ def kernel_activation(hidden_act: str) -> str:
 
 
 class GatedMLP(nn.Module):
-    """``down_proj(act(gate_proj(x)) * up_proj(x))`` with gate, up and the activation in one kernel.
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` with gate, up and the activation in one kernel, except for FP8
+    gate/up beyond 16 rows (below).
 
     Replaces the ``forward`` of transformers' ``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``Qwen3MLP`` and the other
     gated MLPs with the same attributes. ``down_proj`` stays the model's own module (an ``nn.Linear`` or an
     ``FP8Linear``). Differentiable (the fused op has a backward). ``gate_proj`` / ``up_proj`` may be
     ``fused_gated_mlp.FP8Projection`` modules (FP8 weights and their scales, what ``patch_model(fp8=True)`` makes):
-    the kernel then reads the FP8 weights and keeps the activations in their dtype (weight-only FP8).
+    up to 16 rows (``W8A8_MIN_ROWS - 1``: decode) the kernel then reads the FP8 weights and keeps the activations in
+    their dtype (weight-only FP8); from :data:`W8A8_MIN_ROWS` rows (prefill) gate and up run as two W8A8 FP8 GEMMs,
+    the activation and the product as separate torch operations (see :func:`gated_hidden`).
     """
 
     can_torch_compile = True
@@ -70,13 +73,23 @@ ACT_ATTR = "_triton_ops_act"
 
 
 # Beyond FP8Linear's weight-only rows (16: decode), FP8 gate/up run as two W8A8 FP8 GEMMs (:func:`fp8_gemm.fp8_linear`:
-# the activation quantized per row, or per 1x128 block beside 128x128 weight blocks, as FP8Linear quantizes it
-# there), then the activation and the product in the model's dtype, as transformers' own MLP computes them. The
-# fused kernel reads FP8 weights weight-only (converted to bf16 in registers for bf16 tensor-core dots), which pays
-# where the weights' bytes are the cost. Measured on the H200 (session 13, Llama-3-8B's gate/up, GPU time per call,
-# fused against W8A8): per-channel scales 171 / 43 us at 32 rows, 69 / 45 at 64, 220 / 89 at 256, 1522 / 518 at
-# 2048; 128x128 blocks 184 / 64 at 32 rows, 3329 / 749 at 2048. An 8-layer 2048-token prefill: 19.4 -> 11.6 ms.
+# the activation quantized as the FP8 recipe says, ACTIVATION_GRANULARITY_ATTR), then the activation and the product
+# in the model's dtype, as transformers' own MLP computes them. The fused kernel reads FP8 weights weight-only
+# (converted to bf16 in registers for bf16 tensor-core dots), which pays where the weights' bytes are the cost.
+# Measured on the H200 (session 13, Llama-3-8B's gate/up, GPU time per call, fused against W8A8): per-channel scales
+# 171 / 43 us at 32 rows, 69 / 45 at 64, 220 / 89 at 256, 1522 / 518 at 2048; 128x128 blocks 184 / 64 at 32 rows,
+# 3329 / 749 at 2048. An 8-layer 2048-token prefill: 19.4 -> 11.6 ms.
 W8A8_MIN_ROWS = WEIGHT_ONLY_MAX_M + 1
+# The FP8 recipe's activation scales (``"row"``, ``"block"``, ``"tensor"``) and ``fast_accum`` for those GEMMs, set on
+# each FP8 MLP by ``patch_model`` as plain attributes, as ACT_ATTR is and for its reason (one C++ guard each under
+# torch.compile). Missing (a layer installed by the kernels hub): per row beside per-channel weight scales, 1x128
+# blocks beside 128x128 ones (FP8Linear's pairing), no fast accumulation.
+ACTIVATION_GRANULARITY_ATTR = "_triton_ops_activation_granularity"
+FAST_ACCUM_ATTR = "_triton_ops_fast_accum"
+# A block-scaled FP8Projection's scale in the GEMM's ``[K / 128, N / 128]`` layout, contiguous: a non-persistent buffer
+# ``patch_model`` registers once (so it moves, casts and shards with the module, and stays out of the state dict).
+# The transposed view of ``weight_scale`` would cost the GEMM a copy, one small launch per projection and call.
+GEMM_SCALE_BUFFER = "weight_scale_kn"
 _TORCH_ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
     "gelu": torch.nn.functional.gelu,
@@ -96,17 +109,34 @@ def gated_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate_scale, up_scale = getattr(gate, "weight_scale", None), getattr(up, "weight_scale", None)
     if gate_scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS \
             and gate.weight.dtype == up.weight.dtype == torch.float8_e4m3fn:
-        return _TORCH_ACTIVATIONS[act](_w8a8(x, gate, gate_scale)) * _w8a8(x, up, up_scale)
+        return _gated_w8a8(mlp, x, act)
     return fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
                            gate_scale=gate_scale, up_scale=up_scale)
 
 
-def _w8a8(x: torch.Tensor, projection: nn.Module, scale: torch.Tensor) -> torch.Tensor:
-    """An FP8Projection's ``x @ dequant(weight)^T + bias`` as a W8A8 FP8 GEMM. Its scales in the GEMM's ``[K, N]``
-    convention: per channel ``[out]`` -> ``[1, out]``, 128x128 blocks ``[out / 128, in / 128]`` transposed (views)."""
+def _gated_w8a8(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(gate_proj(x)) * up_proj(x)`` from two W8A8 FP8 GEMMs, with the activation scales and accumulation
+    ``patch_model`` recorded from the FP8 recipe."""
+    granularity = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None)  # getattr: as ACT_ATTR is read
+    fast_accum = getattr(mlp, FAST_ACCUM_ATTR, False)
+    gate = _w8a8(x, mlp.gate_proj, granularity, fast_accum)
+    return _TORCH_ACTIVATIONS[act](gate) * _w8a8(x, mlp.up_proj, granularity, fast_accum)
+
+
+def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_accum: bool) -> torch.Tensor:
+    """An FP8Projection's ``x @ dequant(weight)^T + bias`` as a W8A8 FP8 GEMM, the activation quantized per
+    ``granularity`` (None: as FP8Linear pairs it with the weight's scales). The scales in the GEMM's ``[K, N]``
+    convention: per channel ``[out]`` -> ``[1, out]`` (a view), 128x128 blocks ``[out / 128, in / 128]``
+    transposed (the stored contiguous copy, :data:`GEMM_SCALE_BUFFER`; without one the GEMM copies the view)."""
+    scale = projection.weight_scale
     if scale.dim() == 1:
-        return fp8_linear(x, projection.weight, scale.view(1, -1), projection.bias, "row", path="w8a8")
-    return fp8_linear(x, projection.weight, scale.t(), projection.bias, "block", path="w8a8")
+        scale_kn, default = scale.view(1, -1), "row"
+    else:
+        scale_kn, default = getattr(projection, GEMM_SCALE_BUFFER, None), "block"
+        if scale_kn is None:  # an FP8Projection patch_model did not make
+            scale_kn = scale.t()
+    return fp8_linear(x, projection.weight, scale_kn, projection.bias, activation_granularity=granularity or default,
+                      fast_accum=fast_accum, path="w8a8")
 
 
 class RMSNorm(nn.Module):

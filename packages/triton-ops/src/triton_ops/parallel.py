@@ -53,6 +53,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torch.distributed.tensor.placement_types import Placement
 from triton_ops_core.exceptions import InvalidArgumentError
 
+from .layers import GEMM_SCALE_BUFFER
 from .models.layers import LOCAL_SHARDS_ATTR, PACKING_ATTR, TP_ATTR, pack_shards, shards_packable
 from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
@@ -172,6 +173,8 @@ def _partition_linear(module: nn.Module, mesh: DeviceMesh, kind: str, src: int |
         else:
             scale_placement = Shard(1) if block else Replicate()
         placements = {"weight": Shard(0) if kind == "col" else Shard(1), "weight_scale": scale_placement}
+        if _tensor(module, GEMM_SCALE_BUFFER) is not None:  # patch_model's copy of the blocks in [K/128, N/128]
+            placements[GEMM_SCALE_BUFFER] = Shard(1) if kind == "col" else Shard(0)
     elif isinstance(module, nn.Linear):
         placements = {"weight": Shard(0) if kind == "col" else Shard(1)}
     else:

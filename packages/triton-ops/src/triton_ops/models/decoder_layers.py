@@ -65,32 +65,44 @@ class FusedAddNormDecoderLayer(nn.Module):
         normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
         how = _down_adds_residual(self.mlp, residual, normed)
         if how:
-            # y = h + down(gated(x)) as one GEMM that adds into the residual (cuBLAS's beta = 1, or the FP8
-            # weight-only kernel's epilogue): no add launch; the product is rounded once with the sum instead of
-            # before it. Tensor parallelism (a GatedMLPParallel MLP): on the local shards, rank 0 adds the residual
-            # into its partial product, the other ranks compute theirs, one all-reduce sums them.
-            shards = self.mlp.__dict__.get(LOCAL_SHARDS_ATTR)
-            frame = shards.swap() if shards is not None else None
-            try:
-                hidden = gated_hidden(self.mlp, normed)
-                down = self.mlp.down_proj
-                if shards is not None and shards.rank != 0:
-                    out = down(hidden)
-                elif how == "fp8":
-                    out = fp8_linear_add_(residual, hidden, down.weight, down.weight_scale,
-                                          down.activation_granularity, down.fast_accum, down.path)
-                else:
-                    out = residual
-                    residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]),
-                                                                 down.weight.t())
-            finally:
-                if frame is not None:
-                    shards.restore(frame)
-            return out if shards is None else shards.all_reduce(out)
+            return _mlp_into_residual(self.mlp, normed, residual, how)
         mlp_out = self.mlp(normed)
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
             mlp_out = mlp_out[0]
         return residual + mlp_out
+
+
+def _mlp_into_residual(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how: str) -> torch.Tensor:
+    """``y = h + down(gated(x))`` as one GEMM that adds into the residual ``h`` (``how``: :func:`_down_adds_residual`'s
+    answer): no add launch, and the product is rounded once with the sum instead of before it.
+
+    Tensor parallelism (a GatedMLPParallel MLP): on the local shards, rank 0 adds the residual into its partial
+    product, the other ranks compute theirs, and one all-reduce sums them.
+    """
+    shards = mlp.__dict__.get(LOCAL_SHARDS_ATTR)
+    if shards is None:
+        return _down_add_(mlp, normed, residual, how)
+    frame = shards.swap()
+    try:
+        if shards.rank == 0:
+            out = _down_add_(mlp, normed, residual, how)
+        else:
+            out = mlp.down_proj(gated_hidden(mlp, normed))
+    finally:  # the module's DTensors back in place, whatever happened
+        shards.restore(frame)
+    return shards.all_reduce(out)
+
+
+def _down_add_(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how: str) -> torch.Tensor:
+    """``residual += down_proj(gated_hidden(normed))`` in place, in the down projection's GEMM (cuBLAS's beta = 1
+    for ``"bf16"``, the FP8 kernel's epilogue for ``"fp8"``); returns the residual."""
+    hidden = gated_hidden(mlp, normed)
+    down = mlp.down_proj
+    if how == "fp8":
+        return fp8_linear_add_(residual, hidden, down.weight, down.weight_scale, down.activation_granularity,
+                               down.fast_accum, down.path)
+    residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), down.weight.t())
+    return residual
 
 
 def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Tensor | None = None) -> str:

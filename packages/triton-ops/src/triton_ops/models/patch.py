@@ -21,7 +21,16 @@ from fused_moe import convert_experts_to_fp8, is_fp8_experts
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from ..layers import ACT_ATTR, GatedMLP, GptOssMoE, RMSNorm, kernel_activation
+from ..layers import (
+    ACT_ATTR,
+    ACTIVATION_GRANULARITY_ATTR,
+    FAST_ACCUM_ATTR,
+    GEMM_SCALE_BUFFER,
+    GatedMLP,
+    GptOssMoE,
+    RMSNorm,
+    kernel_activation,
+)
 from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .decoder_layers import (
     FusedAddNormDecoderLayer,
@@ -84,6 +93,38 @@ def _patch_gated_mlp(mlp: nn.Module) -> None:
     """``mlp`` runs :class:`~triton_ops.layers.GatedMLP`'s forward, its activation resolved once."""
     mlp.__dict__[ACT_ATTR] = kernel_activation(mlp.config.hidden_act)
     mlp.__class__ = _patched_class(type(mlp), GatedMLP)
+
+
+def _quantize_gate_up(mlp: nn.Module, scaling: str, activation_granularity: str, fast_accum: bool) -> None:
+    """Quantize a gated MLP's gate and up projections into ``FP8Projection`` s (E4M3, ``scaling`` ``"channel"`` or
+    ``"block"``; the bf16 weights released), and record how its W8A8 GEMMs beyond 16 rows run: the recipe's
+    activation scales and ``fast_accum`` (:func:`triton_ops.layers.gated_hidden`)."""
+    for name in ("gate_proj", "up_proj"):
+        linear = getattr(mlp, name)
+        q, scale = quantize_weight_fp8(linear.weight.detach(), scaling, torch.float8_e4m3fn)
+        projection = FP8Projection(q, scale, linear.bias)
+        if scaling == "block":
+            _store_gemm_scale(projection)
+        setattr(mlp, name, projection)
+    mlp.__dict__[ACTIVATION_GRANULARITY_ATTR] = activation_granularity
+    mlp.__dict__[FAST_ACCUM_ATTR] = bool(fast_accum)
+
+
+def _store_gemm_scale(projection: FP8Projection) -> None:
+    """Keep the block scales also in the W8A8 GEMM's layout (``triton_ops.layers.GEMM_SCALE_BUFFER``), refreshed
+    whenever a state dict is loaded into the projection (which writes ``weight_scale`` only)."""
+    projection.register_buffer(GEMM_SCALE_BUFFER, _gemm_scale(projection.weight_scale), persistent=False)
+    projection.register_load_state_dict_post_hook(_refresh_gemm_scale)
+
+
+def _gemm_scale(weight_scale: torch.Tensor) -> torch.Tensor:
+    """``[out / 128, in / 128]`` block scales as the GEMM's contiguous ``[in / 128, out / 128]``."""
+    return weight_scale.detach().t().contiguous()
+
+
+def _refresh_gemm_scale(projection: nn.Module, incompatible_keys) -> None:
+    """A load_state_dict post-hook (its signature): the copy made again from the ``weight_scale`` just loaded."""
+    projection._buffers[GEMM_SCALE_BUFFER] = _gemm_scale(projection.weight_scale)
 
 
 def _gated_mlps(model: nn.Module) -> list[nn.Module]:
@@ -156,8 +197,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       gate and up projections the recipe converts keeps its fused kernel with FP8 weights
       (``fused_gated_mlp.FP8Projection``: E4M3 with the recipe's weight scales, 128x128 blocks or per channel;
       up to 16 rows (decode) the activations stay in the model's dtype, weight-only FP8, which reads half the bytes
-      and skips the activation's quantization; beyond, gate and up run as two W8A8 FP8 GEMMs, 3-4x faster at
-      prefill: :data:`triton_ops.layers.W8A8_MIN_ROWS`). ``FP8Linear`` itself runs weight-only for up to 16 rows.
+      and skips the activation's quantization; beyond, gate and up run as two W8A8 FP8 GEMMs with the recipe's
+      activation scales and ``fast_accum``, 1.5-4.4x faster at prefill on the H200:
+      :data:`triton_ops.layers.W8A8_MIN_ROWS`). ``FP8Linear`` itself runs weight-only for up to 16 rows.
       ``fp8_calibration``: token ids (a tensor, or a sequence of them) of representative text; the unpatched model
       runs on them once, and SmoothQuant factors (strength ``fp8_smooth_alpha``) are folded into the RMSNorms that
       feed converted projections (q/k/v, gate/up) before anything is quantized (``fp8_gemm.smoothing``): fewer
@@ -284,10 +326,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         summary.fp8_linears = sum(isinstance(m, FP8Linear) for m in model.modules()) - before
         scaling = "block" if recipe.weight_granularity == "block" else "channel"
         for mlp in fused_fp8.values():
-            for proj in ("gate_proj", "up_proj"):
-                linear = getattr(mlp, proj)
-                q, scale = quantize_weight_fp8(linear.weight.detach(), scaling, torch.float8_e4m3fn)
-                setattr(mlp, proj, FP8Projection(q, scale, linear.bias))  # the bf16 weight is released
+            _quantize_gate_up(mlp, scaling, recipe.activation_granularity, fast_accum)
         bf16_fused = [m for m in mlps if all(m is not o for o in (*split_fp8, *fused_fp8.values()))]
         for mlp in [*fused_fp8.values(), *bf16_fused]:
             _patch_gated_mlp(mlp)
