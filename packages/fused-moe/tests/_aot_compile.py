@@ -69,10 +69,11 @@ def main() -> int:
         for bm, bn, bk, warps, fma in ((16, 32, 64, 4, False), (1, 128, 32, 2, True)):
             ok &= build(K._down_kernel, down_types,
                         dict(HAS_BIAS=True, W_SCALED=scaled, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=False,
-                             NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma, INTERPRET=False),
+                             NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma, INTERPRET=False,
+                             SPLIT_K=1 if fma else 4),
                         f"down {wtype} BLOCK_M={bm} fma={fma}", warps=warps)
     ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "T": I32, "N": I32, "stride_ym": I32,
-                                    "stride_ot": I32}, dict(TOP_K=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False),
+                                    "stride_ot": I32}, dict(TERMS=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False),
                 "combine")
     return 0 if ok else 1
 

@@ -73,6 +73,18 @@ def test_prefill_tiles_and_odd_sizes(device, monkeypatch):
     _check(*make_moe(70, 40, 20, 5, device=device, seed=3), 2)
 
 
+@pytest.mark.parametrize("split,fma", [(2, False), (3, False), (5, True)])
+def test_down_projection_split_along_k(device, monkeypatch, split, fma):
+    # the down GEMM's K (intermediate 40, steps of 16: 3 steps) over 2, 3 and 5 programs per tile (5: two splits
+    # get no step and write zeros, or the bias); the combine adds k x split rows per token in a fixed order
+    block_m = 1 if fma else 16
+    monkeypatch.setattr(ops, "_config",
+                        lambda *a: MoEConfig(block_m, 16, 16, 16, 16, 4, 1, fma=fma, down_split_k=split))
+    out = _check(*make_moe(9, 24, 40, 6, device=device, seed=10 + split), 3)
+    again = _check(*make_moe(9, 24, 40, 6, device=device, seed=10 + split), 3)
+    assert torch.equal(out, again)  # deterministic: no atomics, a fixed order of the partial sums
+
+
 @pytest.mark.parametrize("layout,transposed,activation", [
     ("interleaved", True, "swiglu_oai"), ("interleaved", False, "silu"), ("concatenated", True, "gelu"),
     ("concatenated", False, "swiglu_oai"), ("concatenated", False, "silu")])

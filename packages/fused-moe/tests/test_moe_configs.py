@@ -32,7 +32,8 @@ def stage_bytes(c: MoEConfig) -> int:
 
 def test_hopper_gets_the_tiles_measured_on_the_h200():
     with simulate_device(HOPPER):
-        assert cfg(1) == MoEConfig(16, 32, 64, 32, 64, 4, 4)  # 2880 = 45 x 64: K steps of 64; 4 experts: narrow
+        # 2880 = 45 x 64: K steps of 64; 4 experts: narrow gate/up tiles, the down GEMM split in two along K
+        assert cfg(1) == MoEConfig(16, 32, 64, 64, 64, 4, 4, down_split_k=2)
         assert cfg(8) == MoEConfig(16, 64, 64, 64, 64, 4, 4)  # 32 experts hit: wide column tiles
         assert cfg(64) == MoEConfig(16, 64, 64, 64, 64, 4, 4)  # 16-row tiles, several per busy expert
         assert cfg(2048) == MoEConfig(64, 64, 64, 128, 64, 8, 3)
@@ -46,7 +47,7 @@ def test_fp8_experts_take_one_row_cuda_core_tiles_from_two_to_eight_tokens():
 
     with simulate_device(HOPPER):
         assert fp8(1) == cfg(1)  # one token: the tensor-core tile measured faster
-        assert fp8(2) == fp8(4) == FP8_FMA_TILE_NARROW
+        assert fp8(4) == FP8_FMA_TILE_NARROW and fp8(2) == FP8_FMA_TILE_NARROW._replace(down_split_k=2)
         for tokens in (5, 8):
             assert fp8(tokens) == FP8_FMA_TILE
         assert all(fp8(tokens).fma and fp8(tokens).block_m == 1 for tokens in range(2, 9))

@@ -21,7 +21,8 @@ waits for the host (no sync on the routing result; CUDA-graph safe):
    (expert, N-tile) program streams its slice of the expert's weights once for all the expert's tokens.
 4. ``_down_kernel``: the same tiles over ``h``: ``(h @ W2[e] + b2[e]) * topk_weight`` in fp32, written to
    ``y [P, H]`` at the pair's own row (``token * k + slot``).
-5. ``_combine_kernel``: ``out[t] = sum_j y[t * k + j]`` in a fixed order (j = 0..k-1): deterministic.
+5. ``_combine_kernel``: ``out[t] = sum_j y[t * k + j]`` in a fixed order (j = 0..k-1): deterministic. With the
+   down GEMM split along K (decode), each pair has one row per split, summed in the same fixed order.
 
 Weights are addressed through their strides, so transformers' layouts are read where they lie: gpt-oss's
 ``gate_up_proj [E, H, 2I]`` (gate and up interleaved column by column) and ``down_proj [E, I, H]``, or
@@ -411,7 +412,7 @@ def _gate_up_kernel(
 def _down_kernel(
     # inputs
     h_ptr, w_ptr, b_ptr, s_ptr, wts_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
-    # output: [P, N] fp32, row = the pair's index (token * k + slot)
+    # output: [P * SPLIT_K, N] fp32, row = the pair's index (token * k + slot) * SPLIT_K + the K split
     y_ptr,
     # sizes and strides (N: hidden, K: the intermediate size)
     N, K, MAX_TILES, stride_hm, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_se, stride_sn,
@@ -421,13 +422,20 @@ def _down_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
+    write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
+    token that is what fills the GPU: 4 experts x 90 column tiles are fewer programs than the weights need."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     expert = tl.load(tile_expert_ptr + pid_t)
     if expert < 0:
         return
+    steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_start = pid_k * steps * BLOCK_K
+    k_len = tl.minimum(K - k_start, steps * BLOCK_K)
     row0 = tl.load(tile_start_ptr + pid_t)
     row_end = tl.load(offsets_ptr + expert + 1)
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -435,19 +443,21 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_k[None, :]
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
+    a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + (k_start + offs_k)[None, :]
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (k_start + offs_k)[:, None].to(tl.int64) * stride_wk
               + offs_n.to(tl.int64)[None, :] * stride_wn)
-    acc = _k_loop(a_ptrs, w_ptrs, mask_m, mask_n, K, stride_wk, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+    # k_len <= 0 (more splits than K steps): an empty loop, the split writes zeros (or the bias, split 0)
+    acc = _k_loop(a_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n,
-                       other=0.0).to(tl.float32)[None, :]
+        if pid_k == 0:
+            acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n,
+                           other=0.0).to(tl.float32)[None, :]
     pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
     acc = acc * tl.load(wts_ptr + pair, mask=mask_m, other=0.0)[:, None]
-    y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + (pair.to(tl.int64) * SPLIT_K + pid_k)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -457,14 +467,15 @@ def _down_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def _combine_kernel(y_ptr, out_ptr, T, N, stride_ym, stride_ot,
-                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                    TERMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                     EMULATE_BF16: tl.constexpr):
+    """``out[t] = sum_j y[t * TERMS + j]``: a token's k expert outputs (times the down GEMM's K splits)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_t < T)[:, None] & (offs_n < N)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):  # a fixed order of the k terms: the same bits on every run
-        rows = offs_t.to(tl.int64) * TOP_K + j
+    for j in tl.static_range(TERMS):  # a fixed order of the terms: the same bits on every run
+        rows = offs_t.to(tl.int64) * TERMS + j
         acc += tl.load(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
              _round(acc, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)

@@ -255,6 +255,7 @@ class _ExpertsPlan(NamedTuple):
     experts: int
     inter: int
     hidden: int
+    split: int  # the down GEMM's K splits (rows of y per pair)
     align: Plan
     gate_up: Plan
     down: Plan
@@ -275,7 +276,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     tiles = align.tiles
     if t == 0:
         none = Plan(None, (1,), (), 0)
-        return _ExpertsPlan(t, k, e, inter, h, align, none, none, none)
+        return _ExpertsPlan(t, k, e, inter, h, 1, align, none, none, none)
     precision, upcast, emulate = _dot_precision(dtype), _upcast(dev, dtype), _emulate_bf16(dev, dtype)
     b1, b2, s1, s2 = gate_up_proj_bias, down_proj_bias, gate_up_scale, down_scale
     # gate/up: h = act(x @ W1[e] (* s1[e]) + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
@@ -289,19 +290,22 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate, cfg.fma, dev.type == "cpu"), cfg.num_warps)
     # down: y[pair] = (h @ W2[e] + b2[e]) * weight, fp32; y is a fresh contiguous [p, hidden]
-    down = Plan(K._down_kernel, (tiles, cdiv(h, cfg.down_block_n)), (
+    # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
+    # contiguous [p * split, hidden]
+    split = cfg.down_split_k
+    down = Plan(K._down_kernel, (tiles, cdiv(h, cfg.down_block_n), split), (
         h, inter, tiles, inter, *_weight_strides(down_proj, transposed),
         0 if b2 is None else b2.stride(0), 1 if b2 is None else b2.stride(1),
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.down_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu"), cfg.down_warps)
-    # combine: out[t] = sum_j y[t * k + j], fixed order; out is a fresh contiguous [t, hidden]
+        precision, upcast, cfg.fma, dev.type == "cpu", split), cfg.down_warps)
+    # combine: out[t] = sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
     combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
-                   (t, h, h, h, k, block_t, block_n, emulate), 4)
-    return _ExpertsPlan(t, k, e, inter, h, align, gate_up, down, combine)
+                   (t, h, h, h, k * split, block_t, block_n, emulate), 4)
+    return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine)
 
 
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -320,7 +324,7 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     b1 = gate_up_proj if gate_up_proj_bias is None else gate_up_proj_bias
     s1 = gate_up_proj if gate_up_scale is None else gate_up_scale
     plan.gate_up.launch(x2d, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, hmid)
-    y = _empty((p, h), torch.float32, device=dev)
+    y = _empty((p * plan.split, h), torch.float32, device=dev)
     b2 = down_proj if down_proj_bias is None else down_proj_bias
     s2 = down_proj if down_scale is None else down_scale
     plan.down.launch(hmid, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
