@@ -13,6 +13,8 @@ Same model (SmolLM2-135M from its PyPI package), texts and scoring as ``python -
   columns not yet rounded through the inverse Hessian of the calibration activations), scales unchanged.
 - ``groups``: finer weight scales than the recipes have, one per output row and group of 128 (or 32) input columns
   (what the block-scale kernels' per-K-step scaling could read with a row granularity), activations as the recipe.
+- ``combined``: the levers together: SmoothQuant, weight groups of 128, 64 or 32 columns, the first and last layers
+  kept in bf16 (and GPTQ with 128-column groups).
 
 Results: docs/benchmarks/fp8-accuracy.md ("Session 13").
 """
@@ -48,6 +50,13 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def element_scales(w: torch.Tensor, granularity: str) -> torch.Tensor:
     """The converter's scale of every element of an ``[out, in]`` weight: per output row, or per 128x128 block."""
     a = w.abs()
+    if granularity.startswith("group"):  # "group<N>": per output row and N input columns
+        group = int(granularity.removeprefix("group"))
+        rows, cols = w.shape
+        padded = torch.zeros(rows, -(-cols // group) * group)
+        padded[:, :cols] = a
+        s = padded.reshape(rows, -1, group).amax(-1).clamp_min(1e-12) / E4M3_MAX
+        return s.repeat_interleave(group, 1)[:, :cols]
     if granularity == "channel":
         return (a.amax(1, keepdim=True).clamp_min(1e-12) / E4M3_MAX).expand_as(w)
     rows, cols = w.shape
@@ -127,8 +136,9 @@ def build(base: nn.Module, calibration: torch.Tensor, recipe: str, *, smooth: bo
         new = EmulatedFP8Linear(lin, weight_granularity=r.weight_granularity,
                                 activation_granularity=r.activation_granularity)
         if gptq:
-            new.weight = gptq_round(lin.weight, hessians[name], r.weight_granularity)
-        if group is not None:
+            granularity = r.weight_granularity if group is None else f"group{group}"
+            new.weight = gptq_round(lin.weight, hessians[name], granularity)
+        elif group is not None:
             w = lin.weight.detach().float() * (new.smooth if new.smooth is not None else 1.0)
             new.weight = group_quantize(w, group)
         replace(model, name, new)
@@ -197,6 +207,14 @@ def main() -> None:
             t0 = time.time()
             report(f"default{'+smooth' if smooth else ''}, weight scales per row and {group} columns",
                    build(base, calibration, "default", smooth=smooth, group=group), t0)
+    if "combined" in levers:
+        first_last = {0, 1 + max(bench.layer_index(n) or 0 for n in linears(base)) - 1}
+        for group, gptq in ((128, False), (64, False), (32, False), (128, True)):
+            t0 = time.time()
+            report(f"default+smooth{'+gptq' if gptq else ''}, weight scales per row and {group} columns, layers "
+                   f"{sorted(first_last)} kept",
+                   build(base, calibration, "default", smooth=True, group=group, keep_layers=first_last, gptq=gptq),
+                   t0)
 
 
 if __name__ == "__main__":

@@ -171,14 +171,16 @@ def test_cuda_core_tiles(device, monkeypatch, block_m, fp8, layout, transposed, 
         ops.clear_caches()
 
 
+@pytest.mark.parametrize("t", [1, 6, 9])  # on a GPU: the tensor-core tile, the one-row FMA tile, the dot again
 @pytest.mark.parametrize("layout,transposed,activation", [("interleaved", True, "swiglu_oai"),
                                                           ("concatenated", False, "silu")])
-def test_fp8_experts_with_bf16_rows_beyond_fp16s_range(device, layout, transposed, activation):
+def test_fp8_experts_with_bf16_rows_beyond_fp16s_range(device, layout, transposed, activation, t):
     """FP8 weights beside bf16 activations of any size: rows of 1e6 (past fp16's 65504) and 1e-7 (below fp16's
     normal range) come out as accurate as rows of 1, so no path may pass the activations through fp16 unscaled.
     Checked row by row: one large row would hide the others' errors."""
-    x, rw, rb, w1, b1, w2, b2 = make_moe(6, 64, 40, 6, dtype=torch.bfloat16, device=device, seed=40)
-    x = (x.float() * torch.tensor([1e6, 1e-7, 1.0, 3e4, 1e-3, 5e5], device=device)[:, None]).to(torch.bfloat16)
+    x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 40, 6, dtype=torch.bfloat16, device=device, seed=40)
+    sizes = torch.tensor([1e6, 1e-7, 1.0, 3e4, 1e-3, 5e5], device=device).repeat(2)[:t]
+    x = (x.float() * sizes[:, None]).to(torch.bfloat16)
     w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
     if activation == "silu":  # no biases: a row's output scales with it, so every row is measured at its own size
         b1 = b2 = None
@@ -190,5 +192,5 @@ def test_fp8_experts_with_bf16_rows_beyond_fp16s_range(device, layout, transpose
     ref = moe_experts_reference(xd, idd, wtd, _dequant(q1, s1, transposed), b1d, _dequant(q2, s2, transposed), b2d,
                                 activation, round_intermediate=torch.bfloat16, **kw)
     assert torch.isfinite(out).all()
-    for row in range(6):
+    for row in range(t):
         assert_close_rel(out[row], ref[row], TOL[torch.bfloat16])

@@ -71,3 +71,41 @@ def test_the_interpreter_ignores_the_device():
     with simulate_device(SMALL):
         assert cfg(3, on_gpu=False) == cfg(3, on_gpu=torch.device("cpu"))
         assert cfg(3, on_gpu=False).num_stages == 1
+
+
+def test_one_row_tiles_only_while_each_expert_hit_gets_one_or_two_rows():
+    with simulate_device(HOPPER):
+        # Mixtral-like: 8 experts, top 2. 8 tokens: 16 pairs over 8 experts (2 rows each): one-row tiles
+        assert select_config(8, 2, 4096, 14336, 8, True, 1).fma
+        # 4 experts, top 2, 8 tokens: 4 rows per expert would read each expert's weights 4 times
+        assert not select_config(8, 2, 4096, 14336, 4, True, 1).fma
+
+
+def test_the_down_split_never_exceeds_the_k_steps():
+    with simulate_device(HOPPER):
+        one_step = select_config(1, 4, 2880, 64, 32, True)  # intermediate 64: one K step of 64
+        assert one_step.down_split_k == 1
+        assert select_config(1, 4, 2880, 2880, 32, True).down_split_k == 2
+        assert select_config(2, 4, 2880, 32, 32, True, 1).down_split_k == 1  # FMA tile: one K step of 32
+
+
+def test_the_ops_ask_for_fp8_tiles_with_fp8_experts(monkeypatch):
+    from _moe_helpers import make_moe
+    from fused_moe import moe_experts, moe_route, ops, quantize_experts_fp8
+
+    seen = []
+
+    def spy(*args):
+        seen.append(args)
+        return MoEConfig(16, 16, 16, 16, 16, 4, 1)
+
+    spy.cache_clear = lambda: None  # clear_caches() clears select_config's memo
+    ops.clear_caches()
+    monkeypatch.setattr(ops, "select_config", spy)
+    x, rw, rb, w1, b1, w2, b2 = make_moe(3, 32, 16, 4, device=torch.device("cpu"), seed=1)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+    ids, wts = moe_route(x, rw, rb, 2)
+    moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2)
+    moe_experts(x, ids, wts, w1, b1, w2, b2)
+    ops.clear_caches()
+    assert [args[-1] for args in seen] == [1, 4]  # FP8 experts: 1-byte weights; then fp32 ones

@@ -32,6 +32,7 @@ def test_route_with_the_router_gemm_split_along_k(device, monkeypatch, split, dt
     # interpreter, so at 5 splits two get no step), their partial logits added by the route kernel in a fixed order
     from fused_moe import ops
 
+    # (the package's conftest poisons the workspace and outputs: an entry never written fails)
     monkeypatch.setattr(ops, "_route_split", lambda t, h, on_cpu, chosen: split)
     ops.clear_caches()
     try:
@@ -44,6 +45,35 @@ def test_route_with_the_router_gemm_split_along_k(device, monkeypatch, split, dt
         assert torch.equal(moe_route(x, rw, rb, 3)[1], wts)  # deterministic
     finally:
         ops.clear_caches()
+
+
+def test_route_split_count(monkeypatch):
+    from fused_moe import ops
+
+    monkeypatch.setattr(ops, "ROUTE_SPLIT_STEPS", 2)
+    assert ops._route_split(1, 2880, False, None) == 12  # 23 steps of 128, two per program
+    assert ops._route_split(64, 2880, False, None) == 12
+    assert ops._route_split(65, 2880, False, None) == 0  # prefill: the route kernel's programs suffice
+    assert ops._route_split(1, 2880, True, None) == 0  # the interpreter: one program is cheapest
+    assert ops._route_split(1, 2880, True, 3) == 3  # asked for
+    monkeypatch.setattr(ops, "ROUTE_SPLIT_STEPS", 0)
+    assert ops._route_split(1, 2880, False, None) == 0  # off
+
+
+@pytest.mark.parametrize("element_size,experts", [(4, 64), (4, 128), (2, 32)])
+def test_route_tiles_fit_a_gpu_with_less_shared_memory(element_size, experts):
+    from fused_moe import ops
+    from triton_ops_core.device import DeviceInfo, simulate_device
+
+    small = DeviceInfo("Simulated 99 KB GPU", (8, 9), 58, 48 * 2**20, 99 * 1024, 300.0, True, "simulated")
+    block_e = max(16, 1 << (experts - 1).bit_length())
+    block_k = max(16, ops.ROUTE_TILE_K[0] * 64 // max(block_e, 64))
+    with simulate_device(small):
+        k, stages = ops._route_tiles_that_fit(16, block_e, block_k, ops.ROUTE_TILE_K[1], element_size,
+                                              torch.device("cuda"))
+    assert stages >= 1 and k >= 16
+    assert stages * (16 + block_e) * k * element_size <= 99 * 1024
+    assert (k, stages) != (block_k, ops.ROUTE_TILE_K[1]) or experts == 32  # only the fp32 routers had to shrink
 
 
 @pytest.mark.parametrize("experts,top_k", [(4, 4), (32, 4), (128, 8), (20, 6)])

@@ -1,7 +1,7 @@
 """Triton kernels of the mixture of experts: routing, grouping by expert, two grouped GEMMs, the combine.
 
-One forward is five launches (seven in prefill), all of a size fixed by (tokens, top_k, experts) so that nothing
-waits for the host (no sync on the routing result; CUDA-graph safe):
+One forward is five launches (six with the router GEMM split at decode, seven in prefill), all of a size fixed by
+(tokens, top_k, experts) so that nothing waits for the host (no sync on the routing result; CUDA-graph safe):
 
 1. ``_route_kernel``: router logits ``x @ Wr^T + br`` for ``BLOCK_T`` tokens (every expert in one tile, fp32
    accumulation, rounded to the input dtype as the model's ``F.linear`` does), top-k by repeated arg-max (ties go
@@ -17,11 +17,12 @@ waits for the host (no sync on the routing result; CUDA-graph safe):
    read. Integer work only: no float atomics anywhere.
 3. ``_gate_up_kernel``: program ``(i, n)`` computes ``BLOCK_M`` sorted rows x ``BLOCK_N`` intermediate columns
    of both projections of expert ``tile_expert[i]``, gathering its tokens' rows of ``x``; bias and the activation
-   (clamped SwiGLU, SiLU, GELU) in the epilogue; writes ``h [P, I]`` (sorted row order, input dtype). With few
-   tokens the host picks ``BLOCK_M`` at least the token count, so each expert hit has exactly one tile and each
-   (expert, N-tile) program streams its slice of the expert's weights once for all the expert's tokens.
+   (clamped SwiGLU, SiLU, GELU) in the epilogue; writes ``h [P, I]`` (sorted row order, input dtype). At decode
+   the tiles have 16 rows (one per expert hit up to 16 tokens: each (expert, N-tile) program streams its slice of
+   the expert's weights once for all the expert's tokens), or one row on the CUDA cores (``USE_FMA``).
 4. ``_down_kernel``: the same tiles over ``h``: ``(h @ W2[e] + b2[e]) * topk_weight`` in fp32, written to
-   ``y [P, H]`` at the pair's own row (``token * k + slot``).
+   ``y [P * SPLIT_K, H]`` at the pair's own row (``(token * k + slot) * SPLIT_K + split``; ``SPLIT_K`` programs
+   share a tile along K at decode).
 5. ``_combine_kernel``: ``out[t] = sum_j y[t * k + j]`` in a fixed order (j = 0..k-1): deterministic. With the
    down GEMM split along K (decode), each pair has one row per split, summed in the same fixed order.
 
@@ -76,37 +77,53 @@ def _weight_f32(w, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _k_loop(a_ptrs, w_ptrs, mask_m, mask_n, K, stride_wk, acc,
+def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
             NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
-            INTERPRET: tl.constexpr):
-    """``acc + A @ W`` over the whole K: rows of ``A`` (``a_ptrs``, unit stride along K) against a ``[BLOCK_K,
-    BLOCK_N]`` weight tile (``w_ptrs``, ``stride_wk`` apart along K), ``NUM_STAGES`` deep.
+            INTERPRET: tl.constexpr, PAIR: tl.constexpr):
+    """``(acc + A @ W, acc2 + A @ W2)`` over the whole K: rows of ``A`` (``a_ptrs``, unit stride along K) against
+    ``[BLOCK_K, BLOCK_N]`` weight tiles (``w_ptrs``; with ``PAIR`` also ``w2_ptrs``, the up half of a concatenated
+    gate/up, from the same loads of ``A``), ``stride_wk`` apart along K, ``NUM_STAGES`` deep. Without ``PAIR``
+    ``w2_ptrs`` and ``acc2`` are not used (``acc2`` comes back as given).
 
-    ``USE_FMA``: CUDA-core products into a ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 register tile, summed over K once
-    at the end, instead of tensor-core dots. For one or two rows per expert (decode): a dot needs 16 rows (15 of
-    them padding at one token) and, with FP8 weights, their conversion to 16 bits in registers first; plain loads
-    and FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included."""
+    ``USE_FMA``: CUDA-core products into ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 register tiles, summed over K once at
+    the end, instead of tensor-core dots. For one or two rows per expert (decode): a dot needs 16 rows (15 of them
+    padding at one token) and, with FP8 weights, their conversion to 16 bits in registers first; plain loads and
+    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included."""
     offs_k = tl.arange(0, BLOCK_K)
     if USE_FMA:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc3_2 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N) if PAIR else (1, 1, 1), dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+            if PAIR:
+                w2 = tl.load(w2_ptrs, mask=mask_n[None, :], other=0.0)
         else:
             mask_k = (k + offs_k) < K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if PAIR:
+                w2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if USE_FMA:
-            acc3 += a.to(tl.float32)[:, :, None] * _weight_f32(w, INTERPRET)[None, :, :]
+            af = a.to(tl.float32)[:, :, None]
+            acc3 += af * _weight_f32(w, INTERPRET)[None, :, :]
+            if PAIR:
+                acc3_2 += af * _weight_f32(w2, INTERPRET)[None, :, :]
         else:
             acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
+            if PAIR:
+                acc2 = _dot(a, w2, acc2, DOT_PRECISION, UPCAST)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+        if PAIR:
+            w2_ptrs += BLOCK_K * stride_wk
     if USE_FMA:
         acc += tl.sum(acc3, axis=1)
-    return acc
+        if PAIR:
+            acc2 += tl.sum(acc3_2, axis=1)
+    return acc, acc2
 
 
 @triton.jit
@@ -410,9 +427,9 @@ def _gate_up_kernel(
         offs_c = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         mask_c = offs_c < 2 * N
         w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_c.to(tl.int64)[None, :] * stride_wn
-        acc = _k_loop(x_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk,
-                      tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32), BLOCK_M, 2 * BLOCK_N, BLOCK_K, EVEN_K,
-                      NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        acc, _ = _k_loop(x_ptrs, w_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk, acc, acc, BLOCK_M, 2 * BLOCK_N,
+                         BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False)
         if W_SCALED:  # the whole K sum of each column times its scale, before the bias
             acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
         if HAS_BIAS:
@@ -424,12 +441,9 @@ def _gate_up_kernel(
         mask_n = offs_n < N
         wg_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
         wu_ptrs = wg_ptrs + N * stride_wn
-        # two passes over K (gate, then up): x is a few rows, read again from L2
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        gate = _k_loop(x_ptrs, wg_ptrs, mask_m, mask_n, K, stride_wk, zero, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                       NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
-        up = _k_loop(x_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                     NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
+        gate, up = _k_loop(x_ptrs, wg_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, zero, BLOCK_M, BLOCK_N,
+                           BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True)
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
@@ -485,8 +499,9 @@ def _down_kernel(
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (k_start + offs_k)[:, None].to(tl.int64) * stride_wk
               + offs_n.to(tl.int64)[None, :] * stride_wn)
     # k_len <= 0 (more splits than K steps): an empty loop, the split writes zeros (or the bias, split 0)
-    acc = _k_loop(a_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc, _ = _k_loop(a_ptrs, w_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N, BLOCK_K,
+                     EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:

@@ -51,7 +51,9 @@ class MoEConfig(NamedTuple):
 # FP8 experts at 2 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot
 # would pad them to 16 and convert every FP8 weight to bf16 first). H200, gpt-oss-20b layer, gate/up + down GEMMs in
 # CUDA graphs (2026-12-04): 2 tokens 99.5 -> 86.5 us, 4 tokens 174.6 -> 118.1 us with 64-column tiles 6 stages deep;
-# 8 tokens 248 -> 181 us with 128-column tiles 3 deep. At one token the dot tile stays ahead (58 vs 68 us).
+# 8 tokens 248 -> 181 us with 128-column tiles 3 deep. At one token the dot tile stays ahead (58 vs 68 us). The
+# 128-column tile spills registers with 2 warps (ptxas: ~5 KB of spill stores for gate/up) and still measured best;
+# 4 warps spill less and measured 128 vs 113 us for gate/up in the same sweep: worth timing again.
 FMA_MIN_TOKENS = 2
 FMA_MAX_TOKENS = 8
 FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 2 to 4 tokens
@@ -67,12 +69,19 @@ def _stages_that_fit(stages: int, stage_bytes: int, smem: int) -> int:
     return stages
 
 
+def _split(split: int, k: int, block_k: int) -> int:
+    """At most ``split`` programs along a K of ``k``, and no more than its ``block_k`` steps (an idle split would
+    write zeros)."""
+    return max(1, min(split, -(-k // block_k)))
+
+
 @functools.lru_cache(maxsize=1024)
 def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, num_experts: int,
                   on_gpu: bool | torch.device, weight_bytes: int = 2) -> MoEConfig:
     """The heuristic. Under the interpreter (``on_gpu=False``) the tiles are as large as the problem allows:
     each interpreted program instance costs about a millisecond, whatever its size. ``on_gpu`` may be the CUDA device
-    itself (``True``: the current one), whose SM count and shared memory the GPU rules read."""
+    itself (``True``: the current one), whose SM count and shared memory the GPU rules read. ``weight_bytes``: the
+    expert weights' element size (1: FP8 experts, which get tiles of their own at a few tokens)."""
     if isinstance(on_gpu, torch.device):
         device, on_gpu = on_gpu, on_gpu.type == "cuda"
     else:
@@ -88,9 +97,12 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
     sms = info.sm_count or 132
     smem = info.smem_per_block or _HOPPER_SMEM
     if num_tokens <= DECODE_MAX_TOKENS:
-        if weight_bytes == 1 and FMA_MIN_TOKENS <= num_tokens <= FMA_MAX_TOKENS:
-            if num_tokens == 2:  # 8 pairs: the down GEMM split in two along K (31.5 -> 23.9 us)
-                return FP8_FMA_TILE_NARROW._replace(down_split_k=2)
+        # one-row tiles read an expert's weights once per row: only while the experts hit get one or two rows each
+        # (gpt-oss, 32 experts, top 4, where they were measured; not Mixtral's 8 experts, top 2, at 8 tokens)
+        few_rows = num_tokens * top_k <= 2 * num_experts
+        if weight_bytes == 1 and FMA_MIN_TOKENS <= num_tokens <= FMA_MAX_TOKENS and few_rows:
+            if num_tokens == 2:  # 2 x top_k pairs: the down GEMM split in two along K (31.5 -> 23.9 us)
+                return FP8_FMA_TILE_NARROW._replace(down_split_k=_split(2, intermediate, 32))
             return FP8_FMA_TILE_NARROW if num_tokens <= 4 else FP8_FMA_TILE
         # 16-row tiles (an expert with more rows takes several; at 64 tokens that measured faster than 64-row
         # tiles, bf16 385 vs 389 us, FP8 306 vs 367 us: less padding in each dot)
@@ -106,7 +118,7 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
         if num_tokens == 1:
             # 4 experts hit: the down GEMM in 64-column tiles, each split in two along K (partial sums added by the
             # combine), 360 programs that read 128 bytes a row: bf16 20.7 -> 18.5 us, FP8 23.6 -> 18.8 us
-            return MoEConfig(block_m, bn, bk, 64, dk, 4, stages, down_split_k=2)
+            return MoEConfig(block_m, bn, bk, 64, dk, 4, stages, down_split_k=_split(2, intermediate, dk))
         return MoEConfig(block_m, bn, bk, bn, dk, 4, stages)
     return MoEConfig(64, 64, 64, 128, 64, 8, _stages_that_fit(3, (64 + 128) * 64 * 2, smem))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from triton_ops_core.device import device_info
 from triton_ops_core.exceptions import ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
@@ -102,9 +103,20 @@ ROUTE_TILE_K = (256, 3)
 # Up to this many tokens the router GEMM may run first over programs that each take ROUTE_SPLIT_STEPS of its
 # 128-wide K steps (_router_split_kernel: gpt-oss, 23 steps, 12 programs at 2 steps each), the route kernel adding
 # their partial logits. Off (0) until it is timed on a GPU against the one program's 8.2 us: tested on the CPU and
-# compiled for sm_90 in CI, not yet measured.
+# compiled for sm_90 in CI, not yet measured. Plans are cached: call clear_caches() after changing it.
 ROUTE_SPLIT_MAX_TOKENS = 64
 ROUTE_SPLIT_STEPS = 0
+
+
+def _route_tiles_that_fit(block_t: int, block_e: int, block_k: int, stages: int, element_size: int,
+                          device: torch.device) -> tuple[int, int]:
+    """(K step, stages) of the router GEMM lowered until its pipelined x and router tiles fit shared memory."""
+    smem = device_info(device).smem_per_block or 227 * 1024
+    while stages > 1 and stages * (block_t + block_e) * block_k * element_size > smem:
+        stages -= 1
+    while block_k > 16 and stages * (block_t + block_e) * block_k * element_size > smem:
+        block_k //= 2
+    return block_k, stages
 
 
 class _RoutePlan(NamedTuple):
@@ -138,6 +150,8 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     block_k, stages = ROUTE_TILE_K if not on_cpu else (64, 1)
     # a [BLOCK_E, BLOCK_K] router tile per step: narrower K steps for routers of many experts (registers)
     block_k = min(max(16, block_k * 64 // max(block_e, 64)), max(16, next_pow2(h)))
+    if not on_cpu:  # stages, then K steps, that fit the GPU's shared memory (99 KB on an RTX 4090, L4, A10)
+        block_k, stages = _route_tiles_that_fit(block_t, block_e, block_k, stages, x2d.element_size(), x2d.device)
     warps = 4 if block_e <= 64 else 8
     split = _route_split(t, h, on_cpu, split)
     precision, upcast = _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype)
@@ -326,7 +340,6 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         # BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, EMULATE_BF16
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate, cfg.fma, dev.type == "cpu"), cfg.num_warps)
-    # down: y[pair] = (h @ W2[e] + b2[e]) * weight, fp32; y is a fresh contiguous [p, hidden]
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -558,9 +571,10 @@ def moe_experts(
         gate_up_scale, down_scale: FP8 experts (weight-only): with ``gate_up_proj`` / ``down_proj`` in
             ``float8_e4m3fn`` (or both ``float8_e5m2``), their fp32 scales, ``[E, 2I]`` and ``[E, H]``: one per
             expert and output column, the weight being ``W[e][:, n] * scale[e, n]``
-            (:func:`quantize_experts_fp8`). The FP8 tiles are converted to ``hidden``'s dtype in registers (exact)
-            and the scale applied to each column's fp32 sum: half the weight bytes of bf16, the activations
-            unquantized. None (the default) for 16/32-bit weights.
+            (:func:`quantize_experts_fp8`). The FP8 tiles are converted in registers (exact), to ``hidden``'s dtype
+            for the tensor-core tiles or to fp32 for the CUDA-core ones (FP8 experts at 2 to 8 tokens), and the
+            scale applied to each column's fp32 sum: half the weight bytes of bf16, the activations unquantized.
+            None (the default) for 16/32-bit weights.
 
     Returns:
         ``[..., H]`` in ``hidden``'s dtype. Products accumulate in fp32; the intermediate activation is rounded
