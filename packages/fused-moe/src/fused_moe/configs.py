@@ -34,19 +34,8 @@ class MoEConfig(NamedTuple):
     down_block_k: int
     num_warps: int
     num_stages: int
-    down_num_warps: int = 0  # 0: ``num_warps`` (the down GEMM's own, where it differs)
-    down_num_stages: int = 0  # 0: ``num_stages``
     fma: bool = False  # CUDA-core products instead of tensor-core dots (one or two rows per expert)
     down_split_k: int = 1  # programs per down-projection tile along K (partial sums added by the combine)
-
-    @property
-    def down_warps(self) -> int:
-        return self.down_num_warps or self.num_warps
-
-    @property
-    def down_stages(self) -> int:
-        return self.down_num_stages or self.num_stages
-
 
 # FP8 experts at 2 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot
 # would pad them to 16 and convert every FP8 weight to bf16 first). H200, gpt-oss-20b layer, gate/up + down GEMMs in

@@ -348,8 +348,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if b2 is None else b2.stride(0), 1 if b2 is None else b2.stride(1),
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
-        cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.down_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu", split), cfg.down_warps)
+        cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
+        precision, upcast, cfg.fma, dev.type == "cpu", split), cfg.num_warps)
     # combine: out[t] = sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
