@@ -37,6 +37,7 @@ class MoEConfig(NamedTuple):
     fma: bool = False  # CUDA-core products instead of tensor-core dots (one or two rows per expert)
     down_split_k: int = 1  # programs per down-projection tile along K (partial sums added by the combine)
 
+
 # FP8 experts at 2 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot
 # would pad them to 16 and convert every FP8 weight to bf16 first). H200, gpt-oss-20b layer, gate/up + down GEMMs in
 # CUDA graphs (2026-12-04): 2 tokens 99.5 -> 86.5 us, 4 tokens 174.6 -> 118.1 us with 64-column tiles 6 stages deep;
