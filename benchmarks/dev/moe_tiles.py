@@ -124,9 +124,10 @@ def candidates(t: int, base):
         for split in (2, 3, 4):
             yield base._replace(down_split_k=split)
         if t <= 8:
-            for bm, bn, bk, stages in itertools.product((1, 2), (64, 128), (16, 32), (3, 6)):
+            for bm, bn, bk, warps, stages in itertools.product((1, 2), (64, 128), (16, 32), (2, 4), (3, 6)):
                 if bm * bk * 2 * bn <= 16384:
-                    yield MoEConfig(bm, bn, bk, bn, bk, 2, stages, fma=True)
+                    for split in (1, 2, 3) if bm == 1 else (1,):
+                        yield MoEConfig(bm, bn, bk, bn, bk, warps, stages, fma=True, down_split_k=split)
     else:
         for bm, bn, dn, warps, stages in itertools.product((64, 128), (64, 128), (64, 128), (4, 8), (3, 4)):
             yield MoEConfig(bm, bn, 64, dn, 64, warps, stages)

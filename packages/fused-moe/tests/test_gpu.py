@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fused_moe import FusedMoE, MoEConfig, fused_moe, moe_align, moe_reference, ops
+from fused_moe import FusedMoE, MoEConfig, fused_moe, moe_align, moe_reference, ops, quantize_experts_fp8
 from fused_moe.reference import align_reference
 from triton_ops_core.testing import assert_close_rel
 
@@ -123,3 +123,35 @@ def test_nan_token_on_gpu():
     args[0][2, 100] = float("nan")
     out = fused_moe(*args, K)
     assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4, 5, 6, 7]]).all()
+
+
+def _fp8_experts(args):
+    """``args`` with FP8 experts (per-column scales) and, as a reference's arguments, their dequantized weights."""
+    x, rw, rb, w1, b1, w2, b2 = args
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+    dq1, dq2 = q1.float() * s1.unsqueeze(1), q2.float() * s2.unsqueeze(1)
+    return (x, rw, rb, q1, b1, q2, b2), dict(gate_up_scale=s1, down_scale=s2), (x, rw, rb, dq1, b1, dq2, b2)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 64, 2048])
+def test_fp8_experts_at_gpt_oss_20b_shape(t):
+    """Every FP8 tile family the configs pick (split-K down at 1 token, CUDA-core tiles at 2-8, tensor-core tiles
+    beyond) against the fp32 reference over the dequantized weights."""
+    args, scales, deq = _fp8_experts(_gpt_oss(t, seed=40 + t))
+    out = fused_moe(*args, K, **scales)
+    assert_close_rel(out, _ref32(deq), 1e-2)
+
+
+@pytest.mark.parametrize("t", [1, 4, 64])
+def test_fp8_experts_in_a_cuda_graph(t):
+    args, scales, deq = _fp8_experts(_gpt_oss(t, seed=50 + t))
+    x = args[0]
+    fused_moe(*args, K, **scales)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(*args, K, **scales)
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    graph.replay()
+    assert_close_rel(out, _ref32(deq), 1e-2)

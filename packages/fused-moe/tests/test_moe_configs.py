@@ -40,17 +40,17 @@ def test_hopper_gets_the_tiles_measured_on_the_h200():
         assert cfg(64, on_gpu=torch.device("cuda", 0)) == cfg(64)  # the device itself may be passed
 
 
-def test_fp8_experts_take_one_row_cuda_core_tiles_from_two_to_eight_tokens():
+def test_fp8_experts_take_one_row_cuda_core_tiles_from_one_to_eight_tokens():
     def fp8(tokens):
         return select_config(tokens, GPT_OSS["top_k"], GPT_OSS["hidden"], GPT_OSS["intermediate"],
                              GPT_OSS["num_experts"], True, 1)
 
     with simulate_device(HOPPER):
-        assert fp8(1) == cfg(1)  # one token: the tensor-core tile measured faster
+        assert fp8(1) == FP8_FMA_TILE_NARROW._replace(down_split_k=3) and cfg(1).fma is False
         assert fp8(4) == FP8_FMA_TILE_NARROW and fp8(2) == FP8_FMA_TILE_NARROW._replace(down_split_k=2)
-        for tokens in (5, 8):
-            assert fp8(tokens) == FP8_FMA_TILE
-        assert all(fp8(tokens).fma and fp8(tokens).block_m == 1 for tokens in range(2, 9))
+        assert fp8(5) == FP8_FMA_TILE._replace(num_stages=6)
+        assert fp8(8) == FP8_FMA_TILE._replace(down_split_k=3)
+        assert all(fp8(tokens).fma and fp8(tokens).block_m == 1 for tokens in range(1, 9))
         assert fp8(9) == cfg(9) and not fp8(9).fma
         assert cfg(8).fma is False  # bf16 experts keep the dot
 
@@ -89,7 +89,7 @@ def test_the_down_split_never_exceeds_the_k_steps():
         assert select_config(2, 4, 2880, 32, 32, True, 1).down_split_k == 1  # FMA tile: one K step of 32
 
 
-def test_the_ops_ask_for_fp8_tiles_with_fp8_experts(monkeypatch):
+def test_the_ops_ask_for_fp8_tiles_with_fp8_experts(monkeypatch, device):
     from _moe_helpers import make_moe
     from fused_moe import moe_experts, moe_route, ops, quantize_experts_fp8
 
@@ -102,7 +102,7 @@ def test_the_ops_ask_for_fp8_tiles_with_fp8_experts(monkeypatch):
     spy.cache_clear = lambda: None  # clear_caches() clears select_config's memo
     ops.clear_caches()
     monkeypatch.setattr(ops, "select_config", spy)
-    x, rw, rb, w1, b1, w2, b2 = make_moe(3, 32, 16, 4, device=torch.device("cpu"), seed=1)
+    x, rw, rb, w1, b1, w2, b2 = make_moe(3, 32, 16, 4, device=device, seed=1)
     q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
     ids, wts = moe_route(x, rw, rb, 2)
     moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2)

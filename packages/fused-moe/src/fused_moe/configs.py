@@ -38,16 +38,19 @@ class MoEConfig(NamedTuple):
     down_split_k: int = 1  # programs per down-projection tile along K (partial sums added by the combine)
 
 
-# FP8 experts at 2 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot
+# FP8 experts at 1 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot
 # would pad them to 16 and convert every FP8 weight to bf16 first). H200, gpt-oss-20b layer, gate/up + down GEMMs in
-# CUDA graphs (2026-12-04): 2 tokens 99.5 -> 86.5 us, 4 tokens 174.6 -> 118.1 us with 64-column tiles 6 stages deep;
-# 8 tokens 248 -> 181 us with 128-column tiles 3 deep. At one token the dot tile stays ahead (58 vs 68 us). The
-# 128-column tile spills registers with 2 warps (ptxas: ~5 KB of spill stores for gate/up) and still measured best;
-# 4 warps spill less and measured 128 vs 113 us for gate/up in the same sweep: worth timing again.
-FMA_MIN_TOKENS = 2
+# CUDA graphs (benchmarks/dev/moe_tiles.py), against the 16-row tensor-core tiles: 1 token 52.0 -> 45.7 us (down
+# split in three along K), 2 tokens 99.5 -> 68.2 us (split in two), 4 tokens 174.6 -> 107.7 us with 64-column tiles
+# 6 stages deep; 5 tokens 127.0 us with 128-column tiles 6 deep (144.2 at 3 deep, split in three), 8 tokens 248 ->
+# 184.5 us with 128-column tiles 3 deep, the down GEMM split in three (200.2 unsplit; 6 deep: 205, its gate/up slower).
+# 6 and 7 tokens were not measured: they take their neighbours' tiles. The 128-column tile spills registers with 2
+# warps (ptxas: ~5 KB of spill stores for gate/up) and still measured best; 4 warps measured no faster.
+FMA_MIN_TOKENS = 1
 FMA_MAX_TOKENS = 8
-FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 2 to 4 tokens
-FP8_FMA_TILE = MoEConfig(1, 128, 32, 128, 32, 2, 3, fma=True)  # 5 to 8 tokens
+FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 1 to 4 tokens
+FP8_FMA_TILE = MoEConfig(1, 128, 32, 128, 32, 2, 3, fma=True)  # 7 and 8 tokens (6 stages at 5 and 6)
+_FP8_FMA_DOWN_SPLIT = {1: 3, 2: 2, 7: 3, 8: 3}  # tokens -> K split of the down GEMM (else none)
 
 _HOPPER_SMEM = 227 * 1024  # what the stage counts below were chosen for
 
@@ -91,9 +94,11 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
         # (gpt-oss, 32 experts, top 4, where they were measured; not Mixtral's 8 experts, top 2, at 8 tokens)
         few_rows = num_tokens * top_k <= 2 * num_experts
         if weight_bytes == 1 and FMA_MIN_TOKENS <= num_tokens <= FMA_MAX_TOKENS and few_rows:
-            if num_tokens == 2:  # 2 x top_k pairs: the down GEMM split in two along K (31.5 -> 23.9 us)
-                return FP8_FMA_TILE_NARROW._replace(down_split_k=_split(2, intermediate, 32))
-            return FP8_FMA_TILE_NARROW if num_tokens <= 4 else FP8_FMA_TILE
+            tile = FP8_FMA_TILE_NARROW if num_tokens <= 4 else FP8_FMA_TILE
+            if num_tokens in (5, 6):
+                tile = tile._replace(num_stages=6)
+            split = _split(_FP8_FMA_DOWN_SPLIT.get(num_tokens, 1), intermediate, tile.down_block_k)
+            return tile._replace(down_split_k=split)
         # 16-row tiles (an expert with more rows takes several; at 64 tokens that measured faster than 64-row
         # tiles, bf16 385 vs 389 us, FP8 306 vs 367 us: less padding in each dot)
         block_m = 16

@@ -100,12 +100,13 @@ def clear_caches() -> None:
 # The router GEMM's K step and pipeline depth on a GPU (for up to 64 experts; narrower K beyond). H200, gpt-oss-20b
 # router (32 x 2880), CUDA graphs: 15.6 us a call with 128-wide steps unpipelined, 9.5 pipelined 3 deep, 8.2 at 256.
 ROUTE_TILE_K = (256, 3)
-# Up to this many tokens the router GEMM may run first over programs that each take ROUTE_SPLIT_STEPS of its
-# 128-wide K steps (_router_split_kernel: gpt-oss, 23 steps, 12 programs at 2 steps each), the route kernel adding
-# their partial logits. Off (0) until it is timed on a GPU against the one program's 8.2 us: tested on the CPU and
-# compiled for sm_90 in CI, not yet measured. Plans are cached: call clear_caches() after changing it.
+# Up to this many tokens the router GEMM runs first over programs that each take ROUTE_SPLIT_STEPS of its 128-wide
+# K steps (_router_split_kernel: gpt-oss, 23 steps, 12 programs at 2 steps each), the route kernel adding their
+# partial logits in a fixed order. H200, gpt-oss-20b router, CUDA graphs (2026-12-04), one program against 2 / 3 / 4
+# steps a program: 1 token 8.1 / 4.2 / 4.7 / 5.3 us, 8 tokens 8.4 / 4.6 / 5.0 / 5.2, 64 tokens 8.4 / 4.8 / 5.4 / 5.6.
+# 0 switches it off. Plans are cached: call clear_caches() after changing it.
 ROUTE_SPLIT_MAX_TOKENS = 64
-ROUTE_SPLIT_STEPS = 0
+ROUTE_SPLIT_STEPS = 2
 
 
 def _route_tiles_that_fit(block_t: int, block_e: int, block_k: int, stages: int, element_size: int,
