@@ -22,6 +22,8 @@ def _expand(scale: torch.Tensor, rows: int, cols: int, gran: str, is_b: bool) ->
         return s.reshape(rows, 1).expand(rows, cols)
     if gran == "channel":
         return s.reshape(1, cols).expand(rows, cols)
+    if gran == "group":  # b: one scale per column and 128 rows of K
+        return s.repeat_interleave(BLOCK, 0)[:rows, :cols]
     if is_b:
         return s.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :cols]
     return s.repeat_interleave(BLOCK, 1)[:rows, :cols]
@@ -29,7 +31,7 @@ def _expand(scale: torch.Tensor, rows: int, cols: int, gran: str, is_b: bool) ->
 
 def quantize_ref(t: torch.Tensor, gran: str, is_b: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 quantization with amax scaling: a [M, K] by tensor/row/block(1x128), b [K, N] by
-    tensor/channel/block(128x128). Returns (q, scale) with the scale shapes fp8_gemm takes."""
+    tensor/channel/block(128x128)/group(128x1). Returns (q, scale) with the scale shapes fp8_gemm takes."""
     q, scale = quantize_fp8_reference(t.float(), "e4m3", gran, role="weight" if is_b else "activation")
     if gran == "tensor":
         return q, scale.reshape(())

@@ -23,7 +23,7 @@ from triton_ops_core.testing import assert_close_rel, device_for_tests, poison_,
 
 DEV = device_for_tests()
 A_GRANS = ("tensor", "row", "block")
-B_GRANS = ("tensor", "channel", "block")
+B_GRANS = ("tensor", "channel", "block", "group")
 # (M, N, K) reaching each kernel: aligned (tensor descriptors), odd K/N (pointer kernel), M <= 64 (decode)
 SHAPES = {"tma": (80, 48, 256), "ptr": (70, 37, 201), "decode": (5, 40, 300)}
 # Output rounding alone: fp32 ~1e-7, bf16 ~2^-9 / sqrt(3), fp16 ~2^-12 / sqrt(3) (relative, rms)
@@ -33,7 +33,7 @@ OUT_TOL = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
 KERNEL_TOL = 1e-6 if DEV.type == "cpu" else 2e-3
 FAST_TOL = 1e-6 if DEV.type == "cpu" else 5e-3
 _A = {"tensor": 0, "row": 1, "block": 2}
-_B = {"tensor": 0, "channel": 1, "block": 2}
+_B = {"tensor": 0, "channel": 1, "block": 2, "group": 3}
 
 
 def _run(a_q, a_s, b_q, b_s, **kw):
@@ -272,7 +272,7 @@ def test_wrong_device():
             fp8_gemm(_fp8((4, 8)), _fp8((8, 6)).cpu(), a_scale=ONE, b_scale=ONE)
 
 
-@pytest.mark.parametrize("a_gran, b_gran", [("row", "block"), ("block", "channel"), ("tensor", "tensor")])
+@pytest.mark.parametrize("a_gran, b_gran", [("row", "block"), ("block", "channel"), ("tensor", "tensor"), ("row", "group")])
 def test_half_inputs_with_given_scales(a_gran, b_gran):
     # fp16/bf16 operands with static scales (1 % headroom, so no group overflows and gets its scale raised):
     # quantized with exactly those scales, then the same GEMM as for FP8 inputs.

@@ -14,7 +14,7 @@ from triton_ops_core.testing import assert_close_rel, relative_error
 pytestmark = pytest.mark.gpu
 
 A_GRANS = ("tensor", "row", "block")
-B_GRANS = ("tensor", "channel", "block")
+B_GRANS = ("tensor", "channel", "block", "group")
 KERNEL_TOL = 2e-3  # the requirement; faithful accumulation measures ~1.3e-4 on the H100 at any K
 
 
@@ -50,7 +50,7 @@ def test_required_sizes_bias_dtypes(m, n, k, out_dtype):
 
 
 @pytest.mark.parametrize("kmajor", [True, False])
-@pytest.mark.parametrize("grans", [("tensor", "tensor"), ("block", "block")])
+@pytest.mark.parametrize("grans", [("tensor", "tensor"), ("block", "block"), ("row", "group")])
 def test_both_layouts_of_b(kmajor, grans):
     a_q, a_s, b_q, b_s = make_operands(512, 1024, 2048, *grans, "cuda", kmajor_b=kmajor, seed=7)
     out = fp8_gemm(a_q, b_q, a_scale=a_s, b_scale=b_s, out_dtype=torch.float32)

@@ -36,7 +36,8 @@ def _reference(mod: FP8Linear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("w_gran", "a_gran"),
-    [("channel", "row"), ("tensor", "tensor"), ("block", "block"), ("channel", "block"), ("block", "row")],
+    [("channel", "row"), ("tensor", "tensor"), ("block", "block"), ("channel", "block"), ("block", "row"),
+     ("group", "block"), ("group", "row")],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_forward_matches_reference(device, w_gran, a_gran, dtype):
@@ -66,7 +67,7 @@ def test_weight_quantization_is_per_output_feature(device):
     assert_close_rel(mod(x), _reference(mod, x), TOL[torch.float32])
 
 
-@pytest.mark.parametrize("w_gran", ["channel", "tensor", "block"])
+@pytest.mark.parametrize("w_gran", ["channel", "tensor", "block", "group"])
 def test_state_dict_round_trip(device, w_gran):
     lin = _linear(160, 130, True, device, seed=3)
     mod = FP8Linear.from_linear(lin, weight_granularity=w_gran)
@@ -87,6 +88,25 @@ def test_state_dict_round_trip(device, w_gran):
         other = FP8Linear(160, 130, weight_granularity="block", device=device)
         with pytest.raises(RuntimeError, match="weight_scale"):
             other.load_state_dict(sd)
+
+
+def test_group_weights_have_a_scale_per_output_feature_and_128_inputs(device):
+    lin = _linear(300, 72, False, device, seed=5)
+    with torch.no_grad():
+        lin.weight[3, :128] *= 1000  # one huge group must coarsen neither its row's other groups nor other rows
+    mod = FP8Linear.from_linear(lin, weight_granularity="group")
+    assert mod.weight_scale.shape == (3, 72) and mod.weight_scale.is_contiguous()
+    q_ref, s_ref = quantize_fp8_reference(lin.weight.detach().t(), "e4m3", "group")
+    assert torch.equal(mod.weight_scale, s_ref)
+    assert torch.equal(mod.weight.view(torch.uint8), q_ref.t().contiguous().view(torch.uint8))
+    assert mod.weight_scale[0, 3] > 100 * mod.weight_scale[1, 3]
+    assert_close_rel(mod.dequantized_weight()[3, 128:], lin.weight.detach()[3, 128:], 0.05, "row 3 past group 0")
+    x = torch.randn(5, 300, device=device)
+    for path in ("w8a8", "weight_only"):
+        mod.path = path
+        out = mod(x)
+        ref = _reference(mod, x) if path == "w8a8" else x.double() @ mod.dequantized_weight(torch.float64).t()
+        assert_close_rel(out, ref, TOL[torch.float32], path)
 
 
 def test_nan_in_activation_is_quantized_to_nan_without_touching_other_rows(device):

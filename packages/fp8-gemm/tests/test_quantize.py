@@ -21,8 +21,9 @@ from triton_ops_core.exceptions import (
 )
 from triton_ops_core.models import FP8Format
 
-CASES = [("tensor", None), ("row", None), ("channel", None), ("block", (1, 128)), ("block", (128, 128))]
-CASE_IDS = ["tensor", "row", "channel", "block1x128", "block128x128"]
+CASES = [("tensor", None), ("row", None), ("channel", None), ("block", (1, 128)), ("block", (128, 128)),
+         ("group", None)]
+CASE_IDS = ["tensor", "row", "channel", "block1x128", "block128x128", "group"]
 FMTS = ["e4m3", "e5m2"]
 
 
@@ -300,6 +301,10 @@ def test_bad_inputs(device):
         quantize_fp8(x, "e4m3", "block", block_size=(64, 64))
     with pytest.raises(InvalidArgumentError, match="block_size: only applies"):
         quantize_fp8(x, "e4m3", "row", block_size=(1, 128))
+    with pytest.raises(InvalidArgumentError, match="block_size: granularity 'group' has fixed"):
+        quantize_fp8(x, "e4m3", "group", block_size=(128, 128))
+    with pytest.raises(ShapeMismatchError, match="t: expected 2 dimensions"):
+        quantize_fp8(x.reshape(-1), "e4m3", "group")
     with pytest.raises(ShapeMismatchError, match=r"scale: expected shape \[8, 1\]"):
         quantize_fp8(x, "e4m3", "row", scale=torch.ones(8, device=device))
     with pytest.raises(ShapeMismatchError, match="scale: expected shape"):
@@ -353,3 +358,7 @@ def test_scale_shapes_match_the_gemm_validation():
     assert b_scale_granularity(torch.ones(scale_shape((k, n), "tensor")), k, n) == "tensor"
     assert b_scale_granularity(torch.ones(scale_shape((k, n), "channel")), k, n) == "channel"
     assert b_scale_granularity(torch.ones(scale_shape((k, n), "block", role="weight")), k, n) == "block"
+    assert b_scale_granularity(torch.ones(scale_shape((k, n), "group")), k, n) == "group"
+    assert scale_shape((k, n), "group") == scale_shape((k, n), "block", (128, 1)) == (3, n)
+    with pytest.raises(ShapeMismatchError, match=r"\[3, 260\] \(groups of 128 along K"):
+        b_scale_granularity(torch.ones(3, 259), k, n)

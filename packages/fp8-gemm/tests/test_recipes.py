@@ -91,6 +91,24 @@ def test_rule_keeps_the_mlp_output_of_the_first_and_last_layers():
     assert kept_linears(model, "default") == {f"model.layers.{i}.mlp.down_proj" for i in range(4)}
 
 
+def test_group_recipe_keeps_every_mlp_output_and_the_edge_layers_whole():
+    model = _Decoder(n=4)
+    r = get_recipe("group")
+    assert (r.weight_granularity, r.activation_granularity, r.keep_edge_layers) == ("group", "block", (1, 1))
+    edge = {f"model.layers.{i}.{p}" for i in (0, 3) for p in ("self_attn.q_proj", "self_attn.k_proj",
+                                                              "self_attn.v_proj", "self_attn.o_proj",
+                                                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert kept_linears(model, "group") == edge | {f"model.layers.{i}.mlp.down_proj" for i in range(4)}
+    assert len(select_linears(model, "group")) == 29 - 16
+    only_edges = FP8Recipe("edges", keep_edge_layers=(0, 2))
+    assert kept_linears(model, only_edges) == {n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                                               and n.startswith(("model.layers.2.", "model.layers.3."))}
+    with pytest.raises(InvalidArgumentError, match="keep_edge_layers"):
+        FP8Recipe("bad", keep_edge_layers=(1, -1))
+    with pytest.raises(InvalidArgumentError, match="keep_edge_layers"):
+        FP8Recipe("bad", keep_edge_layers="all")
+
+
 def test_rule_finds_mlp_outputs_by_name_or_by_shape():
     assert kept_linears(_Unnamed(), EDGES) == {"blocks.0.4", "blocks.2.4"}
     assert kept_linears(_Unnamed(per_block=2), EDGES) == set()

@@ -40,7 +40,7 @@ DEV = device_for_tests()
 # the product with the dequantized weight up to fp32 accumulation; the W8A8 path's activation quantization would
 # cost ~3e-2 on this data.
 TOL = {torch.float32: 2e-6, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
-MODES = ("tensor", "channel", "block")
+MODES = ("tensor", "channel", "block", "group")
 
 
 def _weight(n: int, k: int, mode: str, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ def _weight(n: int, k: int, mode: str, device, seed: int = 0) -> tuple[torch.Ten
     w = torch.randn(n, k, generator=g) * 64
     w[:, ::7] *= 2.0**-9  # some subnormal E4M3 values
     q = w.clamp(-448, 448).to(FP8)
-    shape = {"tensor": (1,), "channel": (1, n), "block": (-(-k // 128), -(-n // 128))}[mode]
+    shape = {"tensor": (1,), "channel": (1, n), "block": (-(-k // 128), -(-n // 128)), "group": (-(-k // 128), n)}[mode]
     scale = torch.rand(shape, generator=g) * 0.02 + 0.001
     return q.to(device), scale.to(device)
 
@@ -112,6 +112,8 @@ def test_any_decode_shape(m, n, k, mode, dtype, bias, seed):
         # FMA: a K tile across two scale blocks; two row tiles with split K
         ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}, 1, torch.bfloat16),
         ({"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}, 5, torch.float32),
+        # FMA: a K tile of four scale groups (the decode tile's 512), the last partial
+        ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1}, 1, torch.bfloat16),
     ],
 )
 def test_kernel_variants(mode, config, m, dtype):

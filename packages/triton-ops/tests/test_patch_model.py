@@ -153,6 +153,30 @@ def test_fp8_patch_converts_every_linear_but_the_lm_head():
     assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
 
 
+def test_fp8_group_scales_pack_qkv_and_split_gate_up_into_two_gemms():
+    from fp8_gemm import FP8Recipe
+
+    model = _model("llama")
+    reference = copy.deepcopy(model)
+    recipe = FP8Recipe("groups", "group", "block", keep_layers=(0, 0))  # every Linear (2 layers: no edge kept)
+    patch_model(model, fp8=True, fp8_recipe=recipe)
+    summary = model.triton_ops_patch
+    mlp, attn = model.model.layers[1].mlp, model.model.layers[1].self_attn
+    # the fused MLP kernel takes channel or block scales: gate/up stay two FP8Linear GEMMs with their group scales
+    assert summary.fp8_gated_mlps == 0 and summary.fp8_linears == 2 * 7
+    assert all(isinstance(p, FP8Linear) and p.weight_granularity == "group" for p in (mlp.gate_proj, mlp.up_proj))
+    assert mlp.gate_proj.weight_scale.shape == (1, mlp.gate_proj.out_features)  # [ceil(64 / 128), out]
+    assert any("not group ones" in n for n in summary.notes)
+    packed = attn.__dict__[PACKING_ATTR].linear  # group scales split at any row: q/k/v packed
+    assert summary.packed_qkv == 2 and packed.weight_granularity == "group"
+    assert attn.v_proj.weight_scale.data_ptr() == packed.weight_scale.data_ptr() + 96 * 4
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    (ours, ours_step), (ref, ref_step) = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
+    assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
+    # the named recipe keeps the first and last layers whole: on two layers, nothing converts
+    assert patch_model(_model("llama"), fp8=True, fp8_recipe="group").triton_ops_patch.fp8_linears == 0
+
+
 def test_fp8_calibration_folds_smoothing_into_the_norms_before_quantizing():
     model = _model("llama")
     reference = copy.deepcopy(model)

@@ -1,4 +1,4 @@
-"""fp8_gemm: FP8 quantization (tensor, row, channel and block scales), the FP8 GEMM and FP8Linear, in Triton.
+"""fp8_gemm: FP8 quantization (tensor, row, channel, block and group scales), the FP8 GEMM and FP8Linear, in Triton.
 
 Recipes (what ``convert_to_fp8`` converts, and how): :mod:`fp8_gemm.recipes`; a PyTorch emulation for accuracy
 measurements: :mod:`fp8_gemm.emulate`; the weight-only (W8A16) decode path that ``FP8Linear`` takes for at most
@@ -16,6 +16,7 @@ from .quantize import (
     ACTIVATION_BLOCK,
     GRANULARITIES,
     WEIGHT_BLOCK,
+    WEIGHT_GROUP,
     dequantize_fp8,
     expand_scale,
     fp8_max,
@@ -34,6 +35,7 @@ __all__ = [
     "GRANULARITIES",
     "RECIPES",
     "WEIGHT_BLOCK",
+    "WEIGHT_GROUP",
     "WEIGHT_ONLY_MAX_M",
     "DelayedScaler",
     "FP8Linear",

@@ -35,7 +35,8 @@ def fake_quantize(t: torch.Tensor, granularity: str, *, role: str = "activation"
     """``dequantize(quantize_fp8(t))`` in float32, with torch's cast: the values an FP8 GEMM multiplies.
 
     ``t`` is 2-D ``[M, K]`` for activations (``row``: per row, ``block``: 1x128) and ``[K, N]`` for weights
-    (``channel``: per column, ``block``: 128x128); ``tensor`` takes any shape. ``scale``: a given scale.
+    (``channel``: per column, ``block``: 128x128, ``group``: per column and 128 rows); ``tensor`` takes any shape.
+    ``scale``: a given scale.
     """
     block = None
     if granularity == "block":

@@ -26,6 +26,7 @@ from .gemm_kernels import (
     A_TENSOR,
     B_BLOCK,
     B_CHANNEL,
+    B_GROUP,
     B_TENSOR,
     fp8_gemm_decode_kernel,
     fp8_gemm_ptr_kernel,
@@ -37,7 +38,7 @@ from .validation import validate_fp8_gemm_inputs
 
 FP8 = torch.float8_e4m3fn
 _A_MODE = {"tensor": A_TENSOR, "row": A_ROW, "block": A_BLOCK}
-_B_MODE = {"tensor": B_TENSOR, "channel": B_CHANNEL, "block": B_BLOCK}
+_B_MODE = {"tensor": B_TENSOR, "channel": B_CHANNEL, "block": B_BLOCK, "group": B_GROUP}
 DECODE_MAX_M = 64
 # fp16/bf16 activations of at most this many elements (M * K) are quantized per row inside the decode GEMM: one
 # launch instead of two, which saves tens of microseconds of host time per call. Every program reads the whole
@@ -119,7 +120,7 @@ def _plan(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: boo
 def _choose(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: bool, device: torch.device,
             dtypes: tuple, interp: bool, bench=None) -> dict[str, Any]:
     """``_plan``'s lookup, with a ``bench`` for kernel-autotune's tuning on first use."""
-    blocked = a_mode == A_BLOCK or b_mode == B_BLOCK
+    blocked = a_mode == A_BLOCK or b_mode in (B_BLOCK, B_GROUP)
     problem = {"m": m, "n": n, "k": k}
     name = f"fp8_gemm.{path}.a{a_mode}b{b_mode}.{'fast' if fast else 'faithful'}"
     if path == "decode":
@@ -169,7 +170,7 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
     n = b.shape[1]
     interp = _INTERP
     path = "decode" if quant_a else path or _pick_path(a, b, out, m)
-    blocked = a_mode == A_BLOCK or b_mode == B_BLOCK
+    blocked = a_mode == A_BLOCK or b_mode in (B_BLOCK, B_GROUP)
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
         problem = (path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype), interp)
@@ -190,7 +191,7 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
             cfg = cfgs.fused_decode_config(cfg, n, a.element_size(), interp)
     else:
         cfg = _fit_block_k(config, blocked)
-    nb = -(-n // 128)
+    nb = n if b_mode == B_GROUP else -(-n // 128)  # the b scale's row stride (block / group scales)
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     has_bias = bias is not None
     info = {"path": path, **cfg}
@@ -427,8 +428,8 @@ def _apply_prep(prep: tuple, t: torch.Tensor, scale: torch.Tensor, is_b: bool) -
 
 
 def _flat_scale(scale: torch.Tensor, gran: str) -> torch.Tensor:
-    # The kernels read tensor/row/channel scales as a flat vector, block scales row-major (validated fp32).
-    if gran != "block" and scale.dim() != 1:
+    # The kernels read tensor/row/channel scales as a flat vector, block and group scales row-major (validated fp32).
+    if gran not in ("block", "group") and scale.dim() != 1:
         scale = scale.reshape(-1)
     return scale if scale.is_contiguous() else scale.contiguous()
 

@@ -3,7 +3,8 @@ operands, and a split-K decode kernel for small M.
 
 Scale modes (constexpr): ``A_MODE`` 0 tensor, 1 row, 2 block (1x128), 3 per row applied by the caller (the
 decode kernel's in-kernel activation quantization); ``B_MODE`` 0 tensor, 1 channel, 2 block
-(128x128). Tensor/row/channel scales are applied once in the epilogue; block scales are applied to each 128-deep
+(128x128), 3 group (128x1: one scale per output column and 128-deep K block, ``[ceil(K/128), N]`` row-major).
+Tensor/row/channel scales are applied once in the epilogue; block and group scales are applied to each 128-deep
 K block's partial product inside the loop (DeepSeek-V3 style), which is also what keeps that partial product in
 fp32. ``ACC`` selects how FP8 tensor-core partial sums reach the fp32 accumulator on Hopper:
 0 fast (the tensor core's reduced-precision accumulation over the whole K loop), 1 faithful (a fresh partial
@@ -22,7 +23,7 @@ SCALE_BLOCK = 128
 
 # The values of the A_MODE / B_MODE constexprs, by name (the host passes these; the kernels compare with the numbers)
 A_TENSOR, A_ROW, A_BLOCK, A_ROW_IN_KERNEL = 0, 1, 2, 3
-B_TENSOR, B_CHANNEL, B_BLOCK = 0, 1, 2
+B_TENSOR, B_CHANNEL, B_BLOCK, B_GROUP = 0, 1, 2, 3
 
 
 @triton.jit
@@ -49,6 +50,8 @@ def _block_scaled(p, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K
             p = p * tl.load(bs_ptr + kb * NB + (pid_n * BLOCK_N) // 128)
         else:
             p = p * tl.load(bs_ptr + kb * NB + offs_n // 128, mask=offs_n < N, other=0.0)[None, :]
+    elif B_MODE == 3:  # one scale per column of this K block (NB: the scale's row stride, N)
+        p = p * tl.load(bs_ptr + kb * NB + offs_n, mask=offs_n < N, other=0.0)[None, :]
     return p
 
 
@@ -77,7 +80,7 @@ def _epilogue(acc, as_ptr, bs_ptr, bias_ptr, offs_m, offs_n, M, N,
 def _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
                 A_MODE: tl.constexpr, B_MODE: tl.constexpr, ACC: tl.constexpr, PROMOTE_K: tl.constexpr,
                 BLOCK_N: tl.constexpr):
-    if (A_MODE == 2) or (B_MODE == 2):
+    if (A_MODE == 2) or (B_MODE == 2) or (B_MODE == 3):
         acc += _block_scaled(tl.dot(a, b), as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
                              A_MODE, B_MODE, BLOCK_N)
     elif ACC == 0:

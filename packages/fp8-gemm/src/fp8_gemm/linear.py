@@ -4,7 +4,8 @@ calls of at most 16 rows skip that: the weight-only kernel of ``weight_only`` re
 The weight keeps ``nn.Linear``'s ``[out_features, in_features]`` layout (``[N, K]``, row-major) and is handed to
 the GEMM as ``weight.t()``: a column-major ``[K, N]`` operand, the layout cuBLAS and our GEMM read along K.
 Its scale is in the GEMM's ``[K, N]`` convention: ``[1]`` (tensor), ``[1, N]`` (channel: one per output
-feature, i.e. per row of the ``[out, in]`` weight) or ``[ceil(K/128), ceil(N/128)]`` (128x128 blocks).
+feature, i.e. per row of the ``[out, in]`` weight), ``[ceil(K/128), ceil(N/128)]`` (128x128 blocks) or
+``[ceil(K/128), N]`` (group: one per output feature and 128 input features).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .smoothing import DEFAULT_ALPHA, smooth_norm_fed_linears
 from .weight_only import PATHS, build_plan, use_weight_only
 from .weight_only import clear_caches as _clear_weight_only
 
-WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
+WEIGHT_GRANULARITIES = ("tensor", "channel", "block", "group")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
 # Call plans of FP8Linear.forward, keyed by the input's and the module's buffers' metadata (weights loaded later
 # with the same layout reuse them; the plans hold no tensors).
@@ -78,8 +79,9 @@ class FP8Linear(nn.Module):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        weight_granularity: ``"channel"`` (default: one scale per output feature), ``"tensor"`` or ``"block"``
-            (128x128).
+        weight_granularity: ``"channel"`` (default: one scale per output feature), ``"tensor"``, ``"block"``
+            (128x128) or ``"group"`` (one scale per output feature and 128 input features: finer than blocks,
+            the accuracy of the ``"group"`` recipe, docs/benchmarks/fp8-accuracy.md).
         activation_granularity: ``"row"`` (default: one scale per token), ``"tensor"`` or ``"block"`` (1x128).
         fast_accum: the GEMM's fast accumulation (see ``fp8_gemm``); faithful fp32 accumulation by default.
         device, dtype: of the bias (and of the zero weight a fresh module starts with); ``dtype`` fp16/bf16/fp32.
@@ -92,7 +94,7 @@ class FP8Linear(nn.Module):
     Decode: calls of at most ``fp8_gemm.weight_only.WEIGHT_ONLY_MAX_M`` (16) rows skip the activation's
     quantization where that measured faster on the H200 (weight-only W8A16 kernel, one launch: the output is x
     times the dequantized weight up to fp32 accumulation): weights of up to 2**24 elements, and single rows with
-    per-channel or per-tensor scales (``weight_only.use_weight_only``). ``activation_granularity`` and
+    per-channel, per-tensor or group scales (``weight_only.use_weight_only``). ``activation_granularity`` and
     ``fast_accum`` apply to the other calls. The attribute ``path``
     (``"auto"``, ``"weight_only"`` or ``"w8a8"``; not saved in ``state_dict``) forces either path, as
     :func:`fp8_linear`'s ``path`` does.
@@ -125,7 +127,8 @@ class FP8Linear(nn.Module):
         self.weight_granularity = weight_granularity
         self.activation_granularity = activation_granularity
         self.fast_accum = bool(fast_accum)
-        s_shape = scale_shape((in_features, out_features), weight_granularity, WEIGHT_BLOCK, role="weight")
+        block = WEIGHT_BLOCK if weight_granularity == "block" else None
+        s_shape = scale_shape((in_features, out_features), weight_granularity, block, role="weight")
         self.register_buffer(
             "weight", torch.zeros((out_features, in_features), dtype=torch.float8_e4m3fn, device=device)
         )
@@ -223,7 +226,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     Args:
         x: ``[..., in_features]``, fp16/bf16/fp32.
         weight: ``float8_e4m3fn`` ``[out_features, in_features]``; weight_scale: its scale in the GEMM's ``[K, N]``
-            convention (``[1]``, ``[1, out]`` or 128x128 blocks), as ``FP8Linear`` stores them.
+            convention (``[1]``, ``[1, out]``, 128x128 blocks or ``[ceil(in/128), out]`` groups), as ``FP8Linear`` stores them.
         bias: ``[out_features]`` or None. activation_granularity, fast_accum: as ``FP8Linear``'s (W8A8 path only).
         path: ``"auto"`` (default): decode calls (at most 16 rows, ``weight_only.WEIGHT_ONLY_MAX_M``) take the
             weight-only kernel where the H200 measured it faster (weights of up to 2**24 elements; one row with

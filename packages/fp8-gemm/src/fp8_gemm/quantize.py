@@ -48,9 +48,9 @@ from triton_ops_core.validation import (
 )
 
 from .quantize_plan import _PLANS, _build_plan, _column_major, _put, _QuantPlan, _row_major
-from .validation import ACTIVATION_BLOCK, SCALE_BLOCK, WEIGHT_BLOCK
+from .validation import ACTIVATION_BLOCK, SCALE_BLOCK, WEIGHT_BLOCK, WEIGHT_GROUP
 
-GRANULARITIES = ("tensor", "row", "channel", "block")
+GRANULARITIES = ("tensor", "row", "channel", "block", "group")
 ROLES = ("activation", "weight")
 
 
@@ -63,11 +63,22 @@ def _check_block_size(block_size: object, role: str) -> tuple[int, int]:
     if block_size is None:
         return ACTIVATION_BLOCK if role == "activation" else WEIGHT_BLOCK
     size = tuple(block_size) if isinstance(block_size, (tuple, list)) else block_size
-    if size not in (ACTIVATION_BLOCK, WEIGHT_BLOCK):
+    if size not in (ACTIVATION_BLOCK, WEIGHT_BLOCK, WEIGHT_GROUP):
         raise InvalidArgumentError(
-            f"block_size: expected {ACTIVATION_BLOCK} (activations) or {WEIGHT_BLOCK} (weights), got {block_size!r}"
+            f"block_size: expected {ACTIVATION_BLOCK} (activations), {WEIGHT_BLOCK} (weights) or {WEIGHT_GROUP} "
+            f"(weight groups along K), got {block_size!r}"
         )
     return size  # type: ignore[return-value]
+
+
+def _as_block(granularity: str, block_size: object) -> tuple[str, object]:
+    """``group`` is ``block`` with 128x1 blocks (``WEIGHT_GROUP``): the one spelling the kernels take."""
+    if granularity != "group":
+        return granularity, block_size
+    if block_size is not None:
+        raise InvalidArgumentError(f"block_size: granularity 'group' has fixed {WEIGHT_GROUP} groups; pass "
+                                   f"granularity='block' for another block size, got {block_size!r}")
+    return "block", WEIGHT_GROUP
 
 
 def scale_shape(shape: tuple[int, ...], granularity: str, block_size: tuple[int, int] | None = None,
@@ -75,9 +86,11 @@ def scale_shape(shape: tuple[int, ...], granularity: str, block_size: tuple[int,
     """The shape of the scale ``quantize_fp8`` returns for a tensor of ``shape``.
 
     ``tensor``: ``(1,)``; ``row``: ``(*shape[:-1], 1)``; ``channel`` (2-D ``[K, N]``): ``(1, N)``; ``block``
-    (2-D): ``(ceil(M / bm), ceil(K / bk))`` for ``block_size = (bm, bk)``.
+    (2-D): ``(ceil(M / bm), ceil(K / bk))`` for ``block_size = (bm, bk)``; ``group`` (2-D ``[K, N]``):
+    ``(ceil(K / 128), N)``.
     """
     check_choice(granularity, "granularity", GRANULARITIES)
+    granularity, block_size = _as_block(granularity, block_size)
     if granularity == "tensor":
         return (1,)
     if granularity == "row":
@@ -136,6 +149,8 @@ def _validate(t, fmt, granularity, scale, block_size, role):
 
 
 def _quantize(t, fmt, granularity, scale, block_size, strict, role):
+    if granularity == "group":
+        granularity, block_size = _as_block(granularity, block_size)
     try:
         key = call_key(t, fmt, granularity, scale, block_size, role)
     except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says which
@@ -223,13 +238,16 @@ def quantize_fp8(
         fmt: ``"e4m3"`` (``torch.float8_e4m3fn``, max 448) or ``"e5m2"`` (``torch.float8_e5m2``, max 57344).
         granularity: ``"tensor"`` (scale ``[1]``), ``"row"`` (per token: ``[M, 1]``, or ``[*lead, 1]``),
             ``"channel"`` (per output column of a ``[K, N]`` weight used as ``a @ b``: ``[1, N]``; for an
-            ``nn.Linear`` weight ``[out, in]`` pass ``weight.t()``, one scale per output feature) or ``"block"``
-            (``[ceil(M/bm), ceil(K/bk)]``). These are the shapes ``fp8_gemm`` accepts.
+            ``nn.Linear`` weight ``[out, in]`` pass ``weight.t()``, one scale per output feature), ``"block"``
+            (``[ceil(M/bm), ceil(K/bk)]``) or ``"group"`` (weights ``[K, N]``: one scale per output column and
+            128 rows of K, ``[ceil(K/128), N]``; the same as ``"block"`` with ``block_size=(128, 1)``). These are
+            the shapes ``fp8_gemm`` accepts.
         scale: a given scale of that shape (float32), used as is unless some value of its group would not
             round to the format's largest value (``FP8Format.overflow_threshold``: 464 for E4M3); that group's
             scale is then raised to ``amax / max_value`` so nothing clips, and the returned scale says so. A
             non-positive or non-finite given scale counts as overflowing.
-        block_size: ``(1, 128)`` (activations, DeepSeek-V3 style) or ``(128, 128)`` (weights); default by ``role``.
+        block_size: ``(1, 128)`` (activations, DeepSeek-V3 style), ``(128, 128)`` (weights) or ``(128, 1)`` (weight
+            groups); default by ``role``.
         strict: raise ``NumericalOverflowError`` when a given scale had to be raised (synchronizes the GPU).
         role: ``"activation"`` or ``"weight"``: picks the default ``block_size``.
 
@@ -255,6 +273,7 @@ def _quantize_op(t: torch.Tensor, fmt: str, granularity: str, scale: torch.Tenso
 
 @_quantize_op.register_fake
 def _(t, fmt, granularity, scale, block_size, strict, role):
+    granularity, block_size = _as_block(granularity, block_size)
     block = _check_block_size(block_size, role) if granularity == "block" else None
     s = t.new_empty(scale_shape(tuple(t.shape), granularity, block, role), dtype=torch.float32)
     dtype = FP8Format.from_name(fmt).torch_dtype
@@ -342,6 +361,7 @@ __all__ = [
     "ACTIVATION_BLOCK",
     "GRANULARITIES",
     "WEIGHT_BLOCK",
+    "WEIGHT_GROUP",
     "dequantize_fp8",
     "expand_scale",
     "fp8_max",

@@ -23,7 +23,7 @@ from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.validation import check_choice
 
-WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
+WEIGHT_GRANULARITIES = ("tensor", "channel", "block", "group")
 ACTIVATION_GRANULARITIES = ("tensor", "row", "block")
 
 
@@ -41,6 +41,8 @@ class FP8Recipe:
             in a layer of at least four Linears, the one with the most input features), ``"all"`` (every Linear of
             those layers) or a tuple of child names (``("down_proj", "o_proj")``).
         description: one line for humans.
+        keep_edge_layers: ``(first, last)``: that many whole decoder layers at each end of the stack also stay in
+            high precision, on top of the rule above (``(0, 0)``: none).
     """
 
     name: str
@@ -49,19 +51,27 @@ class FP8Recipe:
     keep_layers: str | tuple[int, int] = (0, 0)
     keep_projections: str | tuple[str, ...] = "mlp_out"
     description: str = ""
+    keep_edge_layers: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         check_choice(self.weight_granularity, "weight_granularity", WEIGHT_GRANULARITIES)
         check_choice(self.activation_granularity, "activation_granularity", ACTIVATION_GRANULARITIES)
         kl = self.keep_layers
-        if not (kl == "all" or (isinstance(kl, tuple) and len(kl) == 2 and
-                                all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in kl))):
+        if not (kl == "all" or _first_last(kl)):
             raise InvalidArgumentError(
                 f"keep_layers: expected 'all' or (first, last) non-negative integers, got {kl!r}")
+        if not _first_last(self.keep_edge_layers):
+            raise InvalidArgumentError(
+                f"keep_edge_layers: expected (first, last) non-negative integers, got {self.keep_edge_layers!r}")
         kp = self.keep_projections
         if not (kp in ("mlp_out", "all") or (isinstance(kp, tuple) and all(isinstance(k, str) for k in kp))):
             raise InvalidArgumentError(
                 f"keep_projections: expected 'mlp_out', 'all' or a tuple of child names, got {kp!r}")
+
+
+def _first_last(value: object) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 # The default was chosen by measurement (docs/benchmarks/fp8-accuracy.md): on SmolLM2-135M every all-FP8 recipe
@@ -81,6 +91,10 @@ RECIPES: dict[str, FP8Recipe] = {
         FP8Recipe("channel", "channel", "row",
                   description="per-channel weights, per-row activations, every Linear (the default before recipes)"),
         FP8Recipe("tensor", "tensor", "tensor", description="per-tensor weights and activations, every Linear"),
+        FP8Recipe("group", "group", "block", "all", "mlp_out",
+                  "weights in groups of 128 input features per output feature, 1x128 activation blocks; every MLP "
+                  "output projection and the first and last decoder layers in high precision",
+                  keep_edge_layers=(1, 1)),
     )
 }
 
@@ -148,30 +162,38 @@ def _join(prefix: str, name: str) -> str:
 def kept_linears(model: nn.Module, recipe: str | FP8Recipe = "default") -> set[str]:
     """Qualified names of the ``nn.Linear`` layers that ``recipe``'s rule keeps in high precision in ``model``."""
     r = get_recipe(recipe)
-    if r.keep_layers == (0, 0):
+    if r.keep_layers == (0, 0) and r.keep_edge_layers == (0, 0):
         return set()
     found = decoder_layers(model)
     if found is None:
         return set()
     prefix, layers = found
     n = len(layers)
-    if r.keep_layers == "all":
-        idx = list(range(n))
-    else:
-        first, last = r.keep_layers
-        idx = sorted(set(range(min(first, n))) | set(range(max(n - last, 0), n)))
     keep: set[str] = set()
-    for i in idx:
+    for i in _layer_indices(r.keep_layers, n):
         layer_prefix = f"{prefix}.{i}" if prefix else str(i)
         layer = layers[i]
         if r.keep_projections == "mlp_out":
             keep |= _mlp_out(layer_prefix, layer)
         else:
-            for name, mod in layer.named_modules():
-                if isinstance(mod, nn.Linear) and (r.keep_projections == "all" or
-                                                   name.rsplit(".", 1)[-1] in r.keep_projections):
-                    keep.add(_join(layer_prefix, name))
+            keep |= _linears_of(layer_prefix, layer, r.keep_projections)
+    for i in _layer_indices(r.keep_edge_layers, n):
+        keep |= _linears_of(f"{prefix}.{i}" if prefix else str(i), layers[i], "all")
     return keep
+
+
+def _layer_indices(rule: str | tuple[int, int], n: int) -> list[int]:
+    """The decoder layers a ``keep_layers``-style rule names, of ``n``."""
+    if rule == "all":
+        return list(range(n))
+    first, last = rule
+    return sorted(set(range(min(first, n))) | set(range(max(n - last, 0), n)))
+
+
+def _linears_of(layer_prefix: str, layer: nn.Module, projections: str | tuple[str, ...]) -> set[str]:
+    """Qualified names of the layer's Linears that ``projections`` (``"all"`` or child names) picks."""
+    return {_join(layer_prefix, name) for name, mod in layer.named_modules()
+            if isinstance(mod, nn.Linear) and (projections == "all" or name.rsplit(".", 1)[-1] in projections)}
 
 
 def select_linears(model: nn.Module, recipe: str | FP8Recipe = "default",

@@ -11,7 +11,7 @@ import torch
 from triton_ops_core.launch import cdiv
 from triton_ops_core.models import FP8Format
 
-from .quantize import ACTIVATION_BLOCK, WEIGHT_BLOCK, expand_scale, scale_shape
+from .quantize import ACTIVATION_BLOCK, WEIGHT_BLOCK, WEIGHT_GROUP, expand_scale, scale_shape
 
 
 def group_amax(x: torch.Tensor, granularity: str, block_size: tuple[int, int] | None = None,
@@ -25,6 +25,8 @@ def group_amax(x: torch.Tensor, granularity: str, block_size: tuple[int, int] | 
         return a.amax(dim=-1, keepdim=True)
     if granularity == "channel":
         return a.amax(dim=0, keepdim=True)
+    if granularity == "group":
+        block_size = WEIGHT_GROUP
     bm, bk = block_size or (ACTIVATION_BLOCK if role == "activation" else WEIGHT_BLOCK)
     m, k = a.shape
     padded = torch.zeros((cdiv(m, bm) * bm, cdiv(k, bk) * bk), dtype=a.dtype, device=a.device)

@@ -19,11 +19,14 @@ from triton_ops_core.validation.common import (
     check_tensor,
 )
 
-GRANULARITIES = ("tensor", "row", "channel", "block")
+GRANULARITIES = ("tensor", "row", "channel", "block", "group")
 SCALE_BLOCK = 128
-# The block shapes of block scaling: 1x128 activation groups (DeepSeek-V3 style), 128x128 weight blocks.
+# The block shapes of block scaling: 1x128 activation groups (DeepSeek-V3 style), 128x128 weight blocks, and weight
+# groups of 128 input features per output feature (128x1 in the [K, N] operand: one scale per output column and
+# 128-deep K block, finer than a 128x128 block where the rows of a weight differ in range).
 ACTIVATION_BLOCK = (1, SCALE_BLOCK)
 WEIGHT_BLOCK = (SCALE_BLOCK, SCALE_BLOCK)
+WEIGHT_GROUP = (SCALE_BLOCK, 1)
 
 
 def a_scale_granularity(scale: torch.Tensor, m: int, k: int, name: str = "a_scale") -> str:
@@ -42,17 +45,21 @@ def a_scale_granularity(scale: torch.Tensor, m: int, k: int, name: str = "a_scal
 
 
 def b_scale_granularity(scale: torch.Tensor, k: int, n: int, name: str = "b_scale") -> str:
-    """Granularity of the scale of ``b`` ``[K, N]``: ``tensor``, ``channel`` (``[N]`` or ``[1, N]``) or ``block``
-    (128x128 blocks: ``[ceil(K/128), ceil(N/128)]``)."""
+    """Granularity of the scale of ``b`` ``[K, N]``: ``tensor``, ``channel`` (``[N]`` or ``[1, N]``), ``block``
+    (128x128 blocks: ``[ceil(K/128), ceil(N/128)]``) or ``group`` (one scale per column and 128-deep K block:
+    ``[ceil(K/128), N]``; for N = 1 that is also the block shape, with the same meaning)."""
     if scale.numel() == 1 and scale.dim() <= 2:
         return "tensor"
     if tuple(scale.shape) in ((n,), (1, n)):
         return "channel"
     if tuple(scale.shape) == (cdiv(k, SCALE_BLOCK), cdiv(n, SCALE_BLOCK)):
         return "block"
+    if tuple(scale.shape) == (cdiv(k, SCALE_BLOCK), n):
+        return "group"
     raise ShapeMismatchError(
-        f"{name}: expected one value (per-tensor), [{n}] or [1, {n}] (per-channel), or "
-        f"[{cdiv(k, SCALE_BLOCK)}, {cdiv(n, SCALE_BLOCK)}] ({SCALE_BLOCK}x{SCALE_BLOCK} blocks) for b of shape "
+        f"{name}: expected one value (per-tensor), [{n}] or [1, {n}] (per-channel), "
+        f"[{cdiv(k, SCALE_BLOCK)}, {cdiv(n, SCALE_BLOCK)}] ({SCALE_BLOCK}x{SCALE_BLOCK} blocks) or "
+        f"[{cdiv(k, SCALE_BLOCK)}, {n}] (groups of {SCALE_BLOCK} along K per column) for b of shape "
         f"[{k}, {n}], got {list(scale.shape)}"
     )
 
@@ -143,6 +150,7 @@ __all__ = [
     "GRANULARITIES",
     "SCALE_BLOCK",
     "WEIGHT_BLOCK",
+    "WEIGHT_GROUP",
     "FP8GEMMInput",
     "a_scale_granularity",
     "b_scale_granularity",

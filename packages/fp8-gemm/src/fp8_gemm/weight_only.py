@@ -6,7 +6,7 @@ elements, and one row with per-channel or per-tensor scales), ``fp8_linear`` (he
 ``torch.ops.triton_ops.fp8_linear``) skips the activation's quantization and runs one kernel
 (``weight_only_kernels``): ``x`` read as it is (fp16/bf16/fp32),
 the E4M3 weight streamed from HBM once and up-converted in registers, the weight scale (per tensor, per output
-channel or 128x128 blocks) and the bias applied in fp32, the output in x's dtype. A decode row's output is therefore
+channel, 128x128 blocks or per output channel in groups of 128 input features) and the bias applied in fp32, the output in x's dtype. A decode row's output is therefore
 the exact product of the row with the dequantized weight, up to fp32 accumulation: more accurate than the W8A8 GEMM
 that larger M take (there the activation is quantized to E4M3, per row, per tensor or in 1x128 blocks, as the
 module's ``activation_granularity`` says; that setting does not apply to decode rows).
@@ -54,6 +54,7 @@ from .weight_only_kernels import (
     SCALE_BLOCK,
     SCALE_BLOCK_SIZE,
     SCALE_CHANNEL,
+    SCALE_GROUP,
     SCALE_NONE,
     SCALE_TENSOR,
     fp8_weight_only_kernel,
@@ -63,7 +64,7 @@ WEIGHT_ONLY_MAX_M = 16
 """Rows (tokens) up to which ``path="auto"`` takes the weight-only kernel (see the module docstring)."""
 PATHS = ("auto", "weight_only", "w8a8")
 
-_SCALE_MODE = {"tensor": SCALE_TENSOR, "channel": SCALE_CHANNEL, "block": SCALE_BLOCK}
+_SCALE_MODE = {"tensor": SCALE_TENSOR, "channel": SCALE_CHANNEL, "block": SCALE_BLOCK, "group": SCALE_GROUP}
 # Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
 _INTERP = is_interpreter()
 # Shared memory the pipeline's stages may take (of Hopper's 227 KB a program; the rest is the compiler's scratch for
@@ -127,7 +128,8 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
     - 32 output columns a program (narrow: many programs, each streaming ``32 x K`` bytes); 64 when M > 4 and there
       are still two column blocks per SM, which halves the re-reads of the ``[M, K]`` activation from L2.
     - K tiles of 512 for weights up to 16 MB, else 256 (the W8A8 decode kernel's measured rules, H100); 128 with
-      block scales (a tile must not straddle two scale blocks: each K block's partial product is scaled alone);
+      block or group scales (a tile must not straddle two scale blocks: each K block's partial product is scaled
+      alone; the FMA variant scales each weight element by its group's scale and takes any K tile);
       32 for the fp32 IEEE dot (its FMA tile lives in registers), ``256 / BLOCK_M`` for the FMA variant.
     - Split K when the column blocks alone leave the GPU short (fewer than two per SM, or under 3/4 of a wave at
       K >= 8192): the smallest power of two giving two programs per SM, at most 16, keeping two K tiles per split.
@@ -136,7 +138,7 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
     - Pipeline stages: as many as fit ``_SMEM_BUDGET`` (x and weight tiles per stage), at most 4 (6 for K tiles of
       128 or less).
     """
-    blocked = scale_mode == SCALE_BLOCK
+    blocked = scale_mode in (SCALE_BLOCK, SCALE_GROUP)  # a dot's K tile inside one 128-deep scale block
     fma = m <= FMA_MAX_ROWS.get(x_bytes, 0)
     block_m = next_pow2(m) if fma else 16 if m <= WEIGHT_ONLY_MAX_M else 64
     if interpreter:  # few programs (each costs ~0.1 s there) that still exercise masks and split K on tiny tests
@@ -192,6 +194,10 @@ def _check_config(cfg: dict[str, Any], scale_mode: int) -> dict[str, Any]:
             raise InvalidArgumentError(f"config: {key} must be a power of two, got {v!r}")
     if cfg["USE_DOT"] and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
         raise InvalidArgumentError(f"config: tl.dot needs BLOCK_M, BLOCK_N and BLOCK_K >= 16, got {cfg}")
+    if scale_mode == SCALE_GROUP and cfg["USE_DOT"] and cfg["BLOCK_K"] > SCALE_BLOCK_SIZE:
+        raise InvalidArgumentError(
+            f"config: with group scales a dot's K tile must lie inside one 128-deep group: BLOCK_K <= 128 with "
+            f"USE_DOT, got BLOCK_K={cfg['BLOCK_K']}")
     if scale_mode == SCALE_BLOCK and (cfg["BLOCK_N"] > SCALE_BLOCK_SIZE or
                                       (cfg["USE_DOT"] and cfg["BLOCK_K"] > SCALE_BLOCK_SIZE)):
         raise InvalidArgumentError(

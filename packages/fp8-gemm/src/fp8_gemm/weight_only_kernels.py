@@ -43,7 +43,8 @@ import triton.language as tl
 
 # SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
 # (fp16/bf16, x's dtype) and no scale at all: the same kernel is then a plain decode GEMM (``decode_linear``).
-SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCK, SCALE_NONE = 0, 1, 2, 3
+# SCALE_GROUP: one scale per output feature and 128 input features (the [N, K] weight's rows in groups of 128).
+SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCK, SCALE_NONE, SCALE_GROUP = 0, 1, 2, 3, 4
 # Block scales change every 128 along K and N (DeepSeek-V3 128x128 weight blocks)
 SCALE_BLOCK_SIZE = 128
 
@@ -55,6 +56,20 @@ def _dequant_type(w, dtype: tl.constexpr, EMULATE: tl.constexpr):
         bits = w.to(tl.uint8, bitcast=True)
         return tl.where((bits & 0x7F) == 0x7F, float("nan"), w.to(tl.float32))
     return w.to(dtype)
+
+
+@triton.jit
+def _group_scaled(wf, s_ptr, offs_n, k0, N, stride_sk, stride_sn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A dequantized ``[BLOCK_N, BLOCK_K]`` weight tile (rows: output features, from K position ``k0``) times its
+    group scales, one per row and 128 columns (a tile of 128 or more spans whole groups; a narrower one, one)."""
+    if BLOCK_K >= 128:
+        groups: tl.constexpr = BLOCK_K // 128
+        g = k0 // 128 + tl.arange(0, groups)
+        s = tl.load(s_ptr + g[None, :] * stride_sk + offs_n[:, None] * stride_sn, mask=(offs_n < N)[:, None],
+                    other=0.0)
+        return tl.reshape(tl.reshape(wf, (BLOCK_N, groups, 128)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    s = tl.load(s_ptr + (k0 // 128) * stride_sk + offs_n * stride_sn, mask=offs_n < N, other=0.0)
+    return wf * s[:, None]
 
 
 @triton.jit
@@ -181,6 +196,10 @@ def fp8_weight_only_kernel(
             if SCALE_MODE == 2:
                 # the partial product of this K block times its scale, in fp32
                 acc += tl.dot(xd, wd, input_precision="ieee") * tl.load(s_col + (k0 // 128) * stride_sk)
+            elif SCALE_MODE == 4:
+                # the partial product of this K block times its columns' group scales, in fp32
+                s_row = tl.load(s_ptr + (k0 // 128) * stride_sk + offs_n * stride_sn, mask=offs_n < N, other=0.0)
+                acc += tl.dot(xd, wd, input_precision="ieee") * s_row[None, :]
             else:
                 acc = tl.dot(xd, wd, acc, input_precision="ieee")
         else:
@@ -191,7 +210,10 @@ def fp8_weight_only_kernel(
                 # every column of the tile); one more fp32 rounding per product
                 kk = k0 + offs_k
                 xf = xf * tl.load(s_col + (kk // 128) * stride_sk, mask=kk < K, other=0.0)[None, :]
-            acc3 += xf[:, None, :] * _dequant_type(w, tl.float32, EMULATE and SCALE_MODE != 3)[None, :, :]
+            wf = _dequant_type(w, tl.float32, EMULATE and SCALE_MODE != 3)
+            if SCALE_MODE == 4:
+                wf = _group_scaled(wf, s_ptr, offs_n, k0, N, stride_sk, stride_sn, BLOCK_N, BLOCK_K)
+            acc3 += xf[:, None, :] * wf[None, :, :]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if not USE_DOT:
@@ -220,4 +242,5 @@ def fp8_weight_only_kernel(
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
 
 
-__all__ = ["SCALE_BLOCK", "SCALE_BLOCK_SIZE", "SCALE_CHANNEL", "SCALE_NONE", "SCALE_TENSOR", "fp8_weight_only_kernel"]
+__all__ = ["SCALE_BLOCK", "SCALE_BLOCK_SIZE", "SCALE_CHANNEL", "SCALE_GROUP", "SCALE_NONE", "SCALE_TENSOR",
+           "fp8_weight_only_kernel"]

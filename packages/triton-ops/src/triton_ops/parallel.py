@@ -130,14 +130,15 @@ def _tensor(owner: nn.Module, name: str) -> torch.Tensor | None:
     return owner._buffers.get(name)
 
 
-def _check_block(size: int, world: int, what: str) -> None:
-    """128x128 block scales shard only where every rank's boundary falls on a block boundary."""
+def _check_block(size: int, world: int, what: str, scales: str = "128x128 block") -> None:
+    """128x128 block scales (and group scales along K) shard only where every rank's boundary falls on a block
+    boundary."""
     if world == 1:
         return
     chunk = -(-size // world)
     if chunk % FP8_BLOCK:
         raise ShardingError(
-            f"{what}: FP8 128x128 block scales cannot be sharded over {world} ranks: each rank would hold {chunk} "
+            f"{what}: FP8 {scales} scales cannot be sharded over {world} ranks: each rank would hold {chunk} "
             f"of the {size} features, which is not a multiple of {FP8_BLOCK}, so a block would straddle two ranks. "
             f"Quantize this layer per channel (weight_granularity='channel') or per tensor, or pick a tensor-parallel "
             f"size that divides it into multiples of {FP8_BLOCK}")
@@ -152,15 +153,16 @@ def _partition_linear(module: nn.Module, mesh: DeviceMesh, kind: str, src: int |
                             "full weight per call); shard the nn.Linear, or convert with to_inference() first")
     if isinstance(module, FP8Linear):
         gran = module.weight_granularity
-        if gran == "block":
+        if gran == "block" or (gran == "group" and kind == "row"):  # groups of 128 run along K (in_features)
             attr = "out_features" if kind == "col" else "in_features"
             size = getattr(module, attr)
-            _check_block(size, world, f"{what} ({attr}={size})")
-        # the scale is in the GEMM's [K, N] convention: [1] tensor, [1, N] channel, [K/128, N/128] blocks
+            _check_block(size, world, f"{what} ({attr}={size})", "128x128 block" if gran == "block" else "group")
+        # the scale is in the GEMM's [K, N] convention: [1] tensor, [1, N] channel, [K/128, N/128] blocks,
+        # [K/128, N] groups
         if kind == "col":
             scale_placement: Placement = Replicate() if gran == "tensor" else Shard(1)
         else:
-            scale_placement = Shard(0) if gran == "block" else Replicate()
+            scale_placement = Shard(0) if gran in ("block", "group") else Replicate()
         placements = {"weight": Shard(0) if kind == "col" else Shard(1), "weight_scale": scale_placement}
     elif isinstance(module, FP8Projection):  # a gated MLP's FP8 gate/up (patch_model(fp8=True))
         block = module.scaling == "block"

@@ -257,7 +257,7 @@ class PackedQKVLinear(nn.Linear):
 def fp8_packable(q_features: int, kv_features: int, weight_granularity: str) -> str | None:
     """None when an FP8 packed weight's scales split exactly at the q / k / v boundaries; else why not.
 
-    Per-tensor and per-channel scales always do; 128x128 block scales only when q's and k's rows are multiples of
+    Per-tensor, per-channel and group scales always do; 128x128 block scales only when q's and k's rows are multiples of
     the block (otherwise one block, and its scale, would hold rows of two projections).
     """
     if weight_granularity == "block" and (q_features % ROW_BLOCK or kv_features % ROW_BLOCK):
@@ -278,7 +278,7 @@ def _fp8_rows(packed: FP8Linear, start: int, end: int) -> FP8Linear:
             setattr(view, key, value)
     view.weight = packed.weight[start:end]
     scale = packed.weight_scale
-    if packed.weight_granularity == "channel":  # [1, N]: one scale per output row
+    if packed.weight_granularity in ("channel", "group"):  # [1, N] / [K / 128, N]: scales per output row
         scale = scale[:, start:end]
     elif packed.weight_granularity == "block":  # [K / 128, N / 128]: the rows' blocks (fp8_packable checked)
         scale = scale[:, start // ROW_BLOCK:end // ROW_BLOCK]
@@ -385,7 +385,7 @@ def _pack_fp8_shards(q_proj: FP8Linear, k_proj: FP8Linear, v_proj: FP8Linear) ->
     start = 0
     for m, n in zip(lins, rows):
         _repoint(m, "weight", weight[start:start + n])
-        if gran == "channel":  # [1, N]: one scale per row
+        if gran in ("channel", "group"):  # [1, N] / [K / 128, N]: scales per row
             _repoint(m, "weight_scale", scale[:, start:start + n])
         elif gran == "block":  # [K / 128, N / 128]: the rows' blocks (whole blocks: checked above)
             _repoint(m, "weight_scale", scale[:, start // ROW_BLOCK:(start + n) // ROW_BLOCK])

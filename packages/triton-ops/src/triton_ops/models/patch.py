@@ -340,8 +340,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             summary.notes.append(f"gate/up of {len(fused_fp8)} gated MLP(s): FP8 weights ({scaling} scales) in the "
                                  "fused kernel, activations in the model's dtype (weight-only FP8)")
         if split_fp8:
-            summary.notes.append(f"gate/up of {len(split_fp8)} gated MLP(s): two GEMMs (the {recipe_name!r} recipe "
-                                 "converts only one of them)")
+            why = ("the fused kernel takes per-channel or block FP8 scales, not group ones"
+                   if recipe.weight_granularity == "group" else f"the {recipe_name!r} recipe converts only one of them")
+            summary.notes.append(f"gate/up of {len(split_fp8)} gated MLP(s): two GEMMs ({why})")
         if lm_head is not None and not fp8_lm_head:
             summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
     else:
@@ -389,14 +390,15 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
 def _fp8_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe,
                     keep) -> tuple[dict[str, nn.Module], list[nn.Module]]:
     """With fp8: the gated MLPs whose gate and up projections the recipe converts (by name: their fused kernel
-    takes FP8 weights), and those where it converts only one of the two (two GEMMs, as the recipe says)."""
+    takes FP8 weights), and those where it converts only one of the two, or both with group scales, which the fused
+    kernel does not take (two GEMMs, with the recipe's scales)."""
     selected = set(select_linears(model, recipe, keep))
     names = {id(m): n for n, m in model.named_modules()}
     fused, split = {}, []
     for mlp in mlps:
         name = names[id(mlp)]
         chosen = {f"{name}.gate_proj", f"{name}.up_proj"} & selected
-        if len(chosen) == 1:
+        if len(chosen) == 1 or (chosen and recipe.weight_granularity == "group"):
             split.append(mlp)
             continue
         kernel_activation(mlp.config.hidden_act)  # fused (FP8 or kept in its dtype): checked before any change
