@@ -272,7 +272,8 @@ def test_wrong_device():
             fp8_gemm(_fp8((4, 8)), _fp8((8, 6)).cpu(), a_scale=ONE, b_scale=ONE)
 
 
-@pytest.mark.parametrize("a_gran, b_gran", [("row", "block"), ("block", "channel"), ("tensor", "tensor"), ("row", "group")])
+@pytest.mark.parametrize("a_gran, b_gran", [("row", "block"), ("block", "channel"), ("tensor", "tensor"),
+                                            ("row", "group")])
 def test_half_inputs_with_given_scales(a_gran, b_gran):
     # fp16/bf16 operands with static scales (1 % headroom, so no group overflows and gets its scale raised):
     # quantized with exactly those scales, then the same GEMM as for FP8 inputs.

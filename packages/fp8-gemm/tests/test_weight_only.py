@@ -353,10 +353,18 @@ def test_gpu_heuristic_one_16_bit_row_takes_the_fma_tiles_the_h200_measured():
 
 
 def test_auto_routes_decode_rows_by_the_measured_rule():
+    from fp8_gemm.weight_only_kernels import SCALE_GROUP
+
     small = torch.empty(1024, 4096, dtype=FP8, device="meta")  # 2**22 elements
     big = torch.empty(14336, 4096, dtype=FP8, device="meta")
     channel, blocks = torch.ones(1, 14336, device="meta"), torch.ones(32, 112, device="meta")
     assert wo.use_weight_only("auto", 16, small, torch.ones(1, 1024, device="meta"))
-    assert wo.use_weight_only("auto", 1, big, channel) and not wo.use_weight_only("auto", 2, big, channel)
+    assert all(wo.use_weight_only("auto", m, big, channel) for m in (1, 2, 16))
     assert not wo.use_weight_only("auto", 1, big, blocks)  # the FMA variant's block scales: W8A8 is faster
     assert wo.use_weight_only("weight_only", 64, big, blocks) and not wo.use_weight_only("w8a8", 1, small, None)
+    groups = torch.ones(32, 14336, device="meta")  # group scales: weight-only at every decode M
+    assert all(wo.use_weight_only("auto", m, big, groups) for m in (1, 2, 16)) and not wo.use_weight_only("auto", 17,
+                                                                                                        big, groups)
+    one_row = wo.weight_only_config(1, 14336, 4096, SCALE_GROUP, 2, 132, False)
+    assert one_row["USE_DOT"] is False and (one_row["BLOCK_N"], one_row["BLOCK_K"]) == (32, 512)
+    assert wo.weight_only_config(8, 14336, 4096, SCALE_GROUP, 2, 132, False)["BLOCK_K"] == 128  # a dot per group

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 # (in_features K, out_features N): q/o, k/v, gate/up, down, lm_head
 LLAMA = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096, 128256)]
-RECIPES = {"channel": "row", "block": "block", "tensor": "tensor"}
+RECIPES = {"channel": "row", "block": "block", "tensor": "tensor", "group": "block"}
 # bf16 output rounding (~1.1e-3 rms) with margin; the fp32 accumulation adds ~1e-6
 BF16_TOL = 4e-3
 
@@ -29,8 +29,8 @@ def _module(k: int, n: int, mode: str, dtype=torch.bfloat16, bias: bool = False,
         lin.weight.normal_(0.0, k**-0.5)
         lin.weight[:, 3] *= 30  # an input channel far larger than the rest, as real layers have
     mod = FP8Linear.from_linear(lin, weight_granularity=mode, activation_granularity=RECIPES[mode])
-    # the kernel on every shape (``"auto"`` routes large weights with several rows, or block scales at one row, to
-    # W8A8: weight_only.use_weight_only)
+    # the kernel on every shape (``"auto"`` routes large weights with 128x128 block scales to W8A8:
+    # weight_only.use_weight_only)
     mod.path = "weight_only"
     return mod
 
@@ -52,7 +52,7 @@ def _is_weight_only(m: int) -> bool:
     return any(p[0] is not None and p[0].m == m for p in linear_mod._PLANS._plans.values())
 
 
-@pytest.mark.parametrize("mode", ["channel", "block", "tensor"])
+@pytest.mark.parametrize("mode", ["channel", "block", "tensor", "group"])
 @pytest.mark.parametrize(("k", "n"), LLAMA)
 def test_llama_shapes_against_float64(k, n, mode):
     mod = _module(k, n, mode, seed=k + n)
@@ -66,7 +66,7 @@ def test_llama_shapes_against_float64(k, n, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("mode", ["channel", "block"])
+@pytest.mark.parametrize("mode", ["channel", "block", "group"])
 def test_other_activation_dtypes_and_bias(dtype, mode):
     mod = _module(4096, 1024, mode, dtype=dtype, bias=True, seed=1)
     for m in (1, 2, 8):  # 2, 4, 16 rows; fp32: the FMA variant up to 4 rows, the IEEE dot beyond

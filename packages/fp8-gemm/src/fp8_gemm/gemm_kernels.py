@@ -39,20 +39,23 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block_scaled(p, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
-                  A_MODE: tl.constexpr, B_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Scale the partial product of K block ``kb`` by the block-scaled operands' factors, row vector and column
-    # vector separately (an outer-product tile would cost a second accumulator's worth of registers).
+def _k_block_scales(as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
+                    A_MODE: tl.constexpr, B_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The factors of K block ``kb`` of the block- or group-scaled operands: a row vector and a column vector (an
+    # outer-product tile would cost a second accumulator's worth of registers), 1.0 for the others. Loaded before
+    # the block's dot is issued, so their latency hides behind it.
+    sa = 1.0
+    sb = 1.0
     if A_MODE == 2:
-        p = p * tl.load(as_ptr + offs_m * SA_M + kb * SA_K, mask=offs_m < M, other=0.0)[:, None]
+        sa = tl.load(as_ptr + offs_m * SA_M + kb * SA_K, mask=offs_m < M, other=0.0)[:, None]
     if B_MODE == 2:
         if 128 % BLOCK_N == 0:  # the tile lies inside one 128-wide scale block: one scalar
-            p = p * tl.load(bs_ptr + kb * NB + (pid_n * BLOCK_N) // 128)
+            sb = tl.load(bs_ptr + kb * NB + (pid_n * BLOCK_N) // 128)
         else:
-            p = p * tl.load(bs_ptr + kb * NB + offs_n // 128, mask=offs_n < N, other=0.0)[None, :]
+            sb = tl.load(bs_ptr + kb * NB + offs_n // 128, mask=offs_n < N, other=0.0)[None, :]
     elif B_MODE == 3:  # one scale per column of this K block (NB: the scale's row stride, N)
-        p = p * tl.load(bs_ptr + kb * NB + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    return p
+        sb = tl.load(bs_ptr + kb * NB + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    return sa, sb
 
 
 @triton.jit
@@ -81,8 +84,9 @@ def _accumulate(acc, a, b, as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M
                 A_MODE: tl.constexpr, B_MODE: tl.constexpr, ACC: tl.constexpr, PROMOTE_K: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     if (A_MODE == 2) or (B_MODE == 2) or (B_MODE == 3):
-        acc += _block_scaled(tl.dot(a, b), as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
-                             A_MODE, B_MODE, BLOCK_N)
+        sa, sb = _k_block_scales(as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB, A_MODE, B_MODE,
+                                 BLOCK_N)
+        acc += tl.dot(a, b) * sa * sb
     elif ACC == 0:
         acc = tl.dot(a, b, acc)
     elif ACC == 1:

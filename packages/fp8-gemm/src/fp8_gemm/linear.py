@@ -93,8 +93,8 @@ class FP8Linear(nn.Module):
 
     Decode: calls of at most ``fp8_gemm.weight_only.WEIGHT_ONLY_MAX_M`` (16) rows skip the activation's
     quantization where that measured faster on the H200 (weight-only W8A16 kernel, one launch: the output is x
-    times the dequantized weight up to fp32 accumulation): weights of up to 2**24 elements, and single rows with
-    per-channel, per-tensor or group scales (``weight_only.use_weight_only``). ``activation_granularity`` and
+    times the dequantized weight up to fp32 accumulation): every weight except those of more than 2**24 elements with
+    128x128 block scales (``weight_only.use_weight_only``). ``activation_granularity`` and
     ``fast_accum`` apply to the other calls. The attribute ``path``
     (``"auto"``, ``"weight_only"`` or ``"w8a8"``; not saved in ``state_dict``) forces either path, as
     :func:`fp8_linear`'s ``path`` does.
@@ -226,11 +226,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     Args:
         x: ``[..., in_features]``, fp16/bf16/fp32.
         weight: ``float8_e4m3fn`` ``[out_features, in_features]``; weight_scale: its scale in the GEMM's ``[K, N]``
-            convention (``[1]``, ``[1, out]``, 128x128 blocks or ``[ceil(in/128), out]`` groups), as ``FP8Linear`` stores them.
+            convention (``[1]``, ``[1, out]``, 128x128 blocks or ``[ceil(in/128), out]`` groups), as ``FP8Linear``
+            stores them.
         bias: ``[out_features]`` or None. activation_granularity, fast_accum: as ``FP8Linear``'s (W8A8 path only).
         path: ``"auto"`` (default): decode calls (at most 16 rows, ``weight_only.WEIGHT_ONLY_MAX_M``) take the
-            weight-only kernel where the H200 measured it faster (weights of up to 2**24 elements; one row with
-            per-channel or per-tensor scales): one launch with x unquantized (W8A16: the output is x times the
+            weight-only kernel where the H200 measured it faster (every weight but one of more than 2**24 elements
+            with 128x128 block scales): one launch with x unquantized (W8A16: the output is x times the
             dequantized weight up to fp32 accumulation); other calls quantize x per ``activation_granularity`` and
             run the FP8 GEMM (W8A8). ``"weight_only"`` / ``"w8a8"`` force one path for every M.
 

@@ -1,15 +1,15 @@
 """The weight-only (W8A16) decode path of ``FP8Linear``: the launch config, the call plan and the launcher.
 
 A decode step multiplies a few token rows by every weight of the model: the weight bytes are the whole cost. For
-``M <= WEIGHT_ONLY_MAX_M`` rows, where the H200 measured it faster (``use_weight_only``: weights of up to 2**24
-elements, and one row with per-channel or per-tensor scales), ``fp8_linear`` (hence ``FP8Linear`` and
+``M <= WEIGHT_ONLY_MAX_M`` rows, where the H200 measured it faster (``use_weight_only``: every weight but one of
+more than 2**24 elements with 128x128 block scales), ``fp8_linear`` (hence ``FP8Linear`` and
 ``torch.ops.triton_ops.fp8_linear``) skips the activation's quantization and runs one kernel
-(``weight_only_kernels``): ``x`` read as it is (fp16/bf16/fp32),
-the E4M3 weight streamed from HBM once and up-converted in registers, the weight scale (per tensor, per output
-channel, 128x128 blocks or per output channel in groups of 128 input features) and the bias applied in fp32, the output in x's dtype. A decode row's output is therefore
-the exact product of the row with the dequantized weight, up to fp32 accumulation: more accurate than the W8A8 GEMM
-that larger M take (there the activation is quantized to E4M3, per row, per tensor or in 1x128 blocks, as the
-module's ``activation_granularity`` says; that setting does not apply to decode rows).
+(``weight_only_kernels``): ``x`` read as it is (fp16/bf16/fp32), the E4M3 weight streamed from HBM once and
+up-converted in registers, the weight scale (per tensor, per output channel, 128x128 blocks, or per output channel
+in groups of 128 input features) and the bias applied in fp32, the output in x's dtype. A decode row's output is
+therefore the exact product of the row with the dequantized weight, up to fp32 accumulation: more accurate than the
+W8A8 GEMM that larger M take (there the activation is quantized to E4M3, per row, per tensor or in 1x128 blocks, as
+the module's ``activation_granularity`` says; that setting does not apply to decode rows).
 
 Why 16 rows: the tensor-core row tile (``BLOCK_M``) is 16, the smallest an MMA takes, so every M from 1 to 16 runs
 the same binary, with the weight read once and the cost the weight's bytes whatever M is. Every column block also
@@ -88,6 +88,12 @@ AUTO_WEIGHT_ONLY = True
 # k/v: 1.2-2.1x at M = 1, 4 and 16, any scales), and for one row with per-channel or per-tensor scales at every size
 # (gate/up 1.0x, down 1.19x, lm_head 1.09x); for larger weights with more rows (0.73-0.93x) or with 128x128 block
 # scales at one row (0.49-0.72x: the FMA variant scales x per K element) the W8A8 path is faster and takes them.
+# Re-measured in session 15 (H200, L2 flushed before each call, FP8Linear on Llama-3-8B's packed q/k/v 4096 -> 6144,
+# o, gate 4096 -> 14336 and down; weight-only against W8A8): per-channel scales at M = 4: 18.3 / 15.4 / 29.6 / 28.2 us
+# against 23.3 / 15.3 / 27.5 / 29.8, at M = 16: 18.3 / 15.4 / 29.8 / 28.4 against 56.5 / 15.4 / 35.8 / 30.0 (the
+# W8A8 decode GEMM's larger weights at more rows are no longer faster); group scales at M = 16: 18.7 / 15.1 / 30.7 /
+# 29.9 against 44.7 / - / 62.8 / 72.9 (the W8A8 K loop applies a scale vector per 128-deep block). So every decode M
+# takes the weight-only kernel, except 128x128 block scales on weights past 2**24 elements.
 WEIGHT_ONLY_MAX_ELEMENTS = 2**24
 
 
@@ -101,11 +107,8 @@ def use_weight_only(path: str, m: int, weight: torch.Tensor | None = None,
         return False
     if weight is None or weight.dim() != 2 or weight.numel() <= WEIGHT_ONLY_MAX_ELEMENTS:
         return True
-    if m > 1:
-        return False
     n, k = weight.shape
-    blocked = weight_scale is not None and b_scale_granularity(weight_scale, k, n, "weight_scale") == "block"
-    return not blocked
+    return weight_scale is None or b_scale_granularity(weight_scale, k, n, "weight_scale") != "block"
 
 
 # Rows up to which the CUDA-core FMA variant multiplies instead of the tensor cores, by the activation's element size.
@@ -151,7 +154,9 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
         # for every Llama-3-8B projection; a split cost 5-40 % there). 16-bit weights: 8 columns (the H200 sweep,
         # bf16: 15.3 / 11.2 / 30.2 us for Llama-3-8B's packed q/k/v, o and down against cuBLAS's 16.3 / 12.8 / 31.6;
         # gpt-oss's 2880 x 4096 8.7 against 11.3)
-        block_n = 8 if w_bytes == 2 else 16
+        # group scales: 32 columns (H200, M = 1, Llama-3-8B's q/k/v, gate/up and down: 16.6 / 29.6 / 25.9 us against
+        # 19.3 / 37.6 / 33.9 with 16: the per-element scale multiply wants more columns per x chunk)
+        block_n = 8 if w_bytes == 2 else 32 if scale_mode == SCALE_GROUP else 16
         return {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4,
                 "num_stages": max(1, min(4, _SMEM_BUDGET // (512 * (2 + block_n * w_bytes))))}
     block_n = 64 if (m > 4 and cdiv(n, 64) >= 2 * sms) else 32
