@@ -4,12 +4,12 @@
 Per projection of Llama-3-8B (``in -> out``: 4096 -> 4096 q/o, 4096 -> 1024 k/v, 4096 -> 14336 gate/up,
 14336 -> 4096 down, 4096 -> 128256 lm_head) and M = 1, 4, 16 rows (bf16 activations, no bias):
 
-- ``weight-only channel`` / ``weight-only block``: ``FP8Linear`` forced onto the weight-only kernel
-  (``path="weight_only"``: one launch), per-channel weights (the ``channel`` recipe) and 128x128 weight blocks (the
-  ``default`` / ``block`` recipes); the table's last column says which path ``path="auto"`` takes there
-  (``fp8_gemm.weight_only.use_weight_only``, drawn from this table on the H200);
-- ``W8A8 channel`` / ``W8A8 block``: the same modules forced onto the W8A8 path (``path="w8a8"``: per-row or 1x128
-  activation quantization, then the FP8 GEMM's split-K decode kernel), what every call did before;
+- ``weight-only channel`` / ``weight-only block`` / ``weight-only group``: ``FP8Linear`` forced onto the weight-only
+  kernel (``path="weight_only"``: one launch), per-channel weights (the ``channel`` recipe), 128x128 weight blocks
+  (the ``default`` / ``block`` recipes) and group scales (the ``group`` recipe); the table's last column says which
+  path ``path="auto"`` takes there (``fp8_gemm.weight_only.use_weight_only``, drawn from this table on the H200);
+- ``W8A8 channel`` / ``W8A8 block`` / ``W8A8 group``: the same modules forced onto the W8A8 path (``path="w8a8"``:
+  per-row or 1x128 activation quantization, then the FP8 GEMM's split-K decode kernel), what every call did before;
 - ``bf16 F.linear``: cuBLAS on the bf16 weight (twice the bytes);
 - ``_scaled_mm``: cuBLAS's FP8 GEMM on the same E4M3 weight with row/column scales, GEMM only (the activation
   quantized beforehand, not timed);
@@ -140,18 +140,21 @@ def _dot_plan(x, mod):
     return build_plan(x, mod.weight, mod.weight_scale, None, dict(cfg))
 
 
-def _impls(x, lin, mod_c, mod_b, include_w8a8_block: bool) -> list[tuple[str, str, Callable[[], Any], Any]]:
+def _impls(x, lin, mod_c, mod_b, mod_g, include_w8a8_block: bool) -> list[tuple[str, str, Callable[[], Any], Any]]:
     """(name, kind for the tolerance, call, what its reference is made of)."""
     from fp8_gemm import fp8_linear, quantize_fp8
 
     wc, sc, wb, sb = mod_c.weight, mod_c.weight_scale, mod_b.weight, mod_b.weight_scale
+    wg, sg = mod_g.weight, mod_g.weight_scale
     impls = [
         ("weight-only channel", "weight-only", lambda: mod_c(x), (wc, sc)),
         ("weight-only block", "weight-only", lambda: mod_b(x), (wb, sb)),
+        ("weight-only group", "weight-only", lambda: mod_g(x), (wg, sg)),
         ("W8A8 channel", "W8A8", lambda: fp8_linear(x, wc, sc, None, "row", False, "w8a8"), (wc, sc)),
     ]
     if include_w8a8_block:
         impls.append(("W8A8 block", "W8A8", lambda: fp8_linear(x, wb, sb, None, "block", False, "w8a8"), (wb, sb)))
+        impls.append(("W8A8 group", "W8A8", lambda: fp8_linear(x, wg, sg, None, "block", False, "w8a8"), (wg, sg)))
     impls.append(("bf16 F.linear", "bf16", lambda: F.linear(x, lin.weight), (lin.weight, None)))
     x_q, x_s = quantize_fp8(x, "e4m3", "row")
     impls.append(("_scaled_mm", "W8A8",
@@ -173,18 +176,19 @@ def run_shape(name: str, k: int, n: int, args, flush, bw: float, deadline: float
         lin.weight.normal_(0.0, k**-0.5)
     mod_c = FP8Linear.from_linear(lin, weight_granularity="channel", activation_granularity="row")
     mod_b = FP8Linear.from_linear(lin, weight_granularity="block", activation_granularity="block")
-    mod_c.path = mod_b.path = "weight_only"  # the kernel at every M; what "auto" picks is reported beside it
+    mod_g = FP8Linear.from_linear(lin, weight_granularity="group", activation_granularity="block")
+    mod_c.path = mod_b.path = mod_g.path = "weight_only"  # the kernel at every M; "auto"'s pick is reported beside
     fp8_bytes = n * k
     entry: dict[str, Any] = {"name": name, "in": k, "out": n, "weight_mb_fp8": fp8_bytes / 1e6,
                              "floor_us_fp8": fp8_bytes / (bw * 1e3), "rows": []}
     for m in ROWS:
         row: dict[str, Any] = {"M": m, "impls": {}, "auto": {
             g: "weight-only" if use_weight_only("auto", m, mod.weight, mod.weight_scale) else "W8A8"
-            for g, mod in (("channel", mod_c), ("block", mod_b))}}
+            for g, mod in (("channel", mod_c), ("block", mod_b), ("group", mod_g))}}
         entry["rows"].append(row)
         x = torch.randn(m, k, device=dev, dtype=dt)
         refs: dict[int, torch.Tensor] = {}
-        for label, kind, fn, (w, s) in _impls(x, lin, mod_c, mod_b, not args.no_w8a8_block):
+        for label, kind, fn, (w, s) in _impls(x, lin, mod_c, mod_b, mod_g, not args.no_w8a8_block):
             rec: dict[str, Any] = {}
             row["impls"][label] = rec
             if time.monotonic() > deadline:
@@ -212,7 +216,7 @@ def run_shape(name: str, k: int, n: int, args, flush, bw: float, deadline: float
                 "W8A8 channel": kernels_per_call(
                     lambda x=x: fp8_linear(x, mod_c.weight, mod_c.weight_scale, None, "row", False, "w8a8")),
             }
-    entry["plans"] = {"channel": _plan_info(mod_c, 1), "block": _plan_info(mod_b, 1)}
+    entry["plans"] = {"channel": _plan_info(mod_c, 1), "block": _plan_info(mod_b, 1), "group": _plan_info(mod_g, 1)}
     return entry
 
 
@@ -323,8 +327,9 @@ def render(report: dict[str, Any]) -> str:
         "Floor = the weight's bytes / that bandwidth; each cell: GPU time (median, L2 holding unrelated clean lines) "
         "and % of the floor (bf16: of its own, doubled, bytes). bf16 activations, no bias.", "",
         "- **weight-only**: `FP8Linear` with `path=\"weight_only\"`: one launch, the activation unquantized "
-        "(W8A16). channel: per-channel weight scales; block: 128x128 weight blocks (the default recipe). The last "
-        "column says which path `path=\"auto\"` (the default) takes for that row count (channel / block): "
+        "(W8A16). channel: per-channel weight scales; block: 128x128 weight blocks (the default recipe); group: one "
+        "scale per output feature and 128 inputs (the `group` recipe). The last column says which path "
+        "`path=\"auto\"` (the default) takes for that row count (channel / block / group): "
         "`fp8_gemm.weight_only.use_weight_only`, a rule drawn from this table. "
         "dot (M = 1): the kernel's tensor-core variant with a 16-row tile's config; at M = 1 `path=\"auto\"` runs its "
         "CUDA-core FMA variant (`FMA_MAX_ROWS`).",
@@ -332,8 +337,8 @@ def render(report: dict[str, Any]) -> str:
         "FP8 GEMM); the path every decode call took before.",
         "- **_scaled_mm**: cuBLAS FP8 on the same weight, GEMM only (the activation quantized beforehand).", "",
     ]
-    labels = ["weight-only channel", "weight-only block", "weight-only dot channel", "W8A8 channel", "W8A8 block",
-              "bf16 F.linear", "_scaled_mm"]
+    labels = ["weight-only channel", "weight-only block", "weight-only group", "weight-only dot channel",
+              "W8A8 channel", "W8A8 block", "W8A8 group", "bf16 F.linear", "_scaled_mm"]
     present = [lb for lb in labels if any(lb in r["impls"] for s in report["shapes"] for r in s["rows"])]
     lines += ["| projection (in -> out) | M | FP8 weight | floor | " + " | ".join(present) +
               " | weight-only vs W8A8 | auto takes |",
@@ -352,7 +357,8 @@ def render(report: dict[str, Any]) -> str:
             speed = f"{w8['us'] / wo['us']:.2f}x" if "us" in wo and "us" in w8 else "-"
             lines.append(f"| {s['name']} ({s['in']} -> {s['out']}) | {r['M']} | {s['weight_mb_fp8']:.1f} MB | "
                          f"{s['floor_us_fp8']:.1f} us | " + " | ".join(cells) + f" | {speed} | "
-                         f"{r.get('auto', {}).get('channel', '-')} / {r.get('auto', {}).get('block', '-')} |")
+                         f"{r.get('auto', {}).get('channel', '-')} / {r.get('auto', {}).get('block', '-')} / "
+                         f"{r.get('auto', {}).get('group', '-')} |")
     lines += ["", "Relative error against float64 (the dequantized weight for the FP8 paths; W8A8 and `_scaled_mm` "
               "include the activation's E4M3 rounding):", "",
               "| projection | M | " + " | ".join(present) + " |",
@@ -403,7 +409,7 @@ def run_interpreter() -> int:
     for k, n in ((64, 48), (200, 72)):
         torch.manual_seed(k)
         lin = torch.nn.Linear(k, n, bias=False)
-        for recipe, act in (("channel", "row"), ("block", "block"), ("tensor", "tensor")):
+        for recipe, act in (("channel", "row"), ("block", "block"), ("tensor", "tensor"), ("group", "block")):
             mod = FP8Linear.from_linear(lin, weight_granularity=recipe, activation_granularity=act)
             for m in (1, 4):
                 x = torch.randn(m, k)
@@ -424,7 +430,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=40, help="timed calls per measurement (default 40)")
     p.add_argument("--budget-s", type=float, default=55.0,
                    help="wall-clock budget of the timed table: cases past it are reported as skipped (default 55)")
-    p.add_argument("--no-w8a8-block", action="store_true", help="leave out the W8A8 path with block scales")
+    p.add_argument("--no-w8a8-block", action="store_true", help="leave out the W8A8 path with block and group scales")
     p.add_argument("--no-host", action="store_true", help="leave out the host-time table")
     p.add_argument("--no-launches", dest="launches", action="store_false", help="leave out the launch counts")
     p.add_argument("--sweep", action="store_true", help="also sweep the weight-only kernel's configs (minutes)")
