@@ -125,6 +125,20 @@ def test_kernel_variants(mode, config, m, dtype):
     assert_close_rel(out, _reference(x, q, s, bias), TOL[dtype], f"{config} {dtype}")
 
 
+def test_group_scales_past_k_are_never_read():
+    # K = 300: the FMA tile of 512 spans groups 0-3 of which 3 lies past K; the scale is a view into a buffer whose
+    # next row is NaN, so reading it would poison the output (0 * NaN)
+    q, s = _weight(40, 300, "group", DEV, seed=9)
+    padded = torch.full((s.shape[0] + 2, s.shape[1]), float("nan"), device=DEV)
+    padded[: s.shape[0]] = s
+    s_view = padded[: s.shape[0]]
+    x = _activation(1, 300, torch.bfloat16, DEV, seed=10)
+    for cfg in ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1},
+                {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}):
+        out = wo.weight_only_linear(x, q, s_view, config={**cfg, "num_warps": 4, "num_stages": 1})
+        assert_close_rel(out, _reference(x, q, s, None), TOL[torch.bfloat16], f"{cfg}")
+
+
 def test_k_and_n_multiples_of_the_tiles_and_strided_inputs():
     # EVEN_K and EVEN_N (no weight masks); then x with a non-unit K stride, a weight view with a row stride
     q, s = _weight(64, 256, "block", DEV, seed=5)

@@ -59,14 +59,15 @@ def _dequant_type(w, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _group_scaled(wf, s_ptr, offs_n, k0, N, stride_sk, stride_sn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _group_scaled(wf, s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A dequantized ``[BLOCK_N, BLOCK_K]`` weight tile (rows: output features, from K position ``k0``) times its
-    group scales, one per row and 128 columns (a tile of 128 or more spans whole groups; a narrower one, one)."""
+    group scales, one per row and 128 columns (a tile of 128 or more spans whole groups; a narrower one, one). The
+    last tile's groups past K are masked: their weights are zero, and a scale read past the end could be NaN."""
     if BLOCK_K >= 128:
         groups: tl.constexpr = BLOCK_K // 128
         g = k0 // 128 + tl.arange(0, groups)
-        s = tl.load(s_ptr + g[None, :] * stride_sk + offs_n[:, None] * stride_sn, mask=(offs_n < N)[:, None],
-                    other=0.0)
+        s = tl.load(s_ptr + g[None, :] * stride_sk + offs_n[:, None] * stride_sn,
+                    mask=(offs_n < N)[:, None] & (g < tl.cdiv(K, 128))[None, :], other=0.0)
         return tl.reshape(tl.reshape(wf, (BLOCK_N, groups, 128)) * s[:, :, None], (BLOCK_N, BLOCK_K))
     s = tl.load(s_ptr + (k0 // 128) * stride_sk + offs_n * stride_sn, mask=offs_n < N, other=0.0)
     return wf * s[:, None]
@@ -212,7 +213,7 @@ def fp8_weight_only_kernel(
                 xf = xf * tl.load(s_col + (kk // 128) * stride_sk, mask=kk < K, other=0.0)[None, :]
             wf = _dequant_type(w, tl.float32, EMULATE and SCALE_MODE != 3)
             if SCALE_MODE == 4:
-                wf = _group_scaled(wf, s_ptr, offs_n, k0, N, stride_sk, stride_sn, BLOCK_N, BLOCK_K)
+                wf = _group_scaled(wf, s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_N, BLOCK_K)
             acc3 += xf[:, None, :] * wf[None, :, :]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
