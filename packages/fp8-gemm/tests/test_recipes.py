@@ -88,7 +88,8 @@ def test_rule_keeps_the_mlp_output_of_the_first_and_last_layers():
     assert select_linears(model, EDGES, lambda n, _: n != "lm_head") == [n for n in names if n != "lm_head"]
     for name in ("block", "channel", "tensor"):
         assert kept_linears(model, name) == set() and len(select_linears(model, name)) == 29
-    assert kept_linears(model, "default") == {f"model.layers.{i}.mlp.down_proj" for i in range(4)}
+    assert kept_linears(model, "block-mlp-out") == {f"model.layers.{i}.mlp.down_proj" for i in range(4)}
+    assert kept_linears(model, "default") == kept_linears(model, "group")  # the default is the group recipe
 
 
 def test_group_recipe_keeps_every_mlp_output_and_the_edge_layers_whole():
@@ -114,7 +115,8 @@ def test_rule_finds_mlp_outputs_by_name_or_by_shape():
     assert kept_linears(_Unnamed(per_block=2), EDGES) == set()
     stack = nn.Module()
     stack.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))  # a stack of bare Linears: nothing kept
-    assert kept_linears(stack, "default") == set()
+    assert kept_linears(stack, "block-mlp-out") == set()
+    assert kept_linears(stack, "default") == {"layers.0", "layers.2"}  # the first and last layers stay whole
     assert kept_linears(stack, FP8Recipe("x", keep_layers=(1, 0), keep_projections="all")) == {"layers.0"}
     assert kept_linears(_GPT2Like(), EDGES) == {"transformer.h.0.mlp.c_proj", "transformer.h.2.mlp.c_proj"}
     assert kept_linears(nn.Sequential(nn.Linear(4, 4)), EDGES) == set()  # no decoder stack: nothing kept

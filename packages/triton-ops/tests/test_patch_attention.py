@@ -329,7 +329,7 @@ def test_fp8_block_scales_pack_when_aligned_and_the_views_compute_their_rows():
     # (two layers: the recipes' rules look for a stack of decoder layers)
     model = _one_layer("llama", num_hidden_layers=2, **_BLOCK_ALIGNED)
     reference = copy.deepcopy(model)
-    patch_model(model, fp8=True)  # the default recipe: 128x128 blocks, down_proj kept
+    patch_model(model, fp8=True, fp8_recipe="block-mlp-out")  # 128x128 blocks, down_proj kept
     summary = model.triton_ops_patch
     assert summary.packed_qkv == 2 and summary.fp8_linears == 2 * 4  # q, k, v (views), o
     assert summary.fp8_gated_mlps == 2  # gate/up: FP8 weights in the fused MLP kernel
@@ -515,9 +515,10 @@ def _gpu_model(kind: str):
 def test_gpu_packed_attention_decodes_like_the_model(kind, fp8):
     model = _gpu_model(kind)
     if fp8:
-        _round_to_the_default_recipes_fp8(model)
+        _round_to_the_block_recipes_fp8(model)
     reference = copy.deepcopy(model)
-    patch_model(model, fp8=fp8)  # q 512 and k/v 128 rows: the default recipe's blocks pack too
+    # q 512 and k/v 128 rows: 128x128 blocks pack too (two layers: the default would keep both, the edge layers)
+    patch_model(model, fp8=fp8, **({"fp8_recipe": "block-mlp-out"} if fp8 else {}))
     assert model.triton_ops_patch.packed_qkv == 2
     ids = torch.randint(0, 1024, (2, 33), device="cuda")
     ours, ref = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
@@ -527,17 +528,17 @@ def test_gpu_packed_attention_decodes_like_the_model(kind, fp8):
         assert _cosine(a, b) >= (0.995 if fp8 else 0.999)
 
 
-def _round_to_the_default_recipes_fp8(model: nn.Module) -> None:
-    """Round, in place, the weights that ``patch_model(fp8=True)`` converts to the E4M3 values of its 128x128
-    blocks: the unpatched model then computes with the patched model's weights (up to the bf16 storage of the
-    rounded values), and a comparison measures the kernels and activation quantization, not the weights' FP8
-    rounding."""
+def _round_to_the_block_recipes_fp8(model: nn.Module) -> None:
+    """Round, in place, the weights that ``patch_model(fp8=True, fp8_recipe="block-mlp-out")`` converts to the E4M3
+    values of its 128x128 blocks: the unpatched model then computes with the patched model's weights (up to the bf16
+    storage of the rounded values), and a comparison measures the kernels and activation quantization, not the
+    weights' FP8 rounding."""
     from fp8_gemm.recipes import select_linears
     from fused_gated_mlp import dequantize_weight_fp8, quantize_weight_fp8
 
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for name in select_linears(model, "default"):
+        for name in select_linears(model, "block-mlp-out"):
             if name.endswith("lm_head"):
                 continue
             weight = modules[name].weight

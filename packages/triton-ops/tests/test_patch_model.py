@@ -115,8 +115,18 @@ def test_patched_model_computes_what_the_model_computes(kind, monkeypatch):
     assert _cosine(ours_prefill, ref_prefill) >= tol and _cosine(ours_step, ref_step) >= tol
 
 
-def test_fp8_default_recipe_keeps_the_mlp_output_projections():
+def test_fp8_default_recipe_keeps_the_first_and_last_layers_whole():
+    # the default (the group recipe) keeps the first and last decoder layers in their dtype: in a two-layer model,
+    # every Linear (said in the summary)
     model = patch_model(_model("llama"), fp8=True)
+    summary = model.triton_ops_patch
+    assert summary.fp8_linears == summary.fp8_gated_mlps == 0
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert any("kept in their dtype by the 'default'" in n for n in summary.notes)
+
+
+def test_fp8_block_mlp_out_recipe_keeps_the_mlp_output_projections():
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="block-mlp-out")
     summary = model.triton_ops_patch
     assert summary.fp8_linears == 2 * 4  # q, k, v, o per layer; down_proj kept; gate/up in the MLP kernel
     assert summary.fp8_gated_mlps == summary.gated_mlps == 2
@@ -124,7 +134,7 @@ def test_fp8_default_recipe_keeps_the_mlp_output_projections():
     assert type(layer.mlp.down_proj) is torch.nn.Linear
     assert isinstance(layer.mlp.up_proj, FP8Projection) and layer.mlp.up_proj.scaling == "block"
     assert layer.mlp.gate_proj.weight.dtype == torch.float8_e4m3fn
-    assert any("kept in their dtype by the 'default'" in n for n in model.triton_ops_patch.notes)
+    assert any("kept in their dtype by the 'block-mlp-out'" in n for n in model.triton_ops_patch.notes)
     # this model's 64 q and 32 k/v rows would share 128-row weight blocks: its q/k/v stay three FP8 GEMMs
     assert model.triton_ops_patch.packed_qkv == 0 and PACKING_ATTR not in vars(layer.self_attn)
     assert any("not packed: FP8 weight blocks of 128 rows would straddle" in n for n in model.triton_ops_patch.notes)
@@ -378,7 +388,7 @@ def test_patched_gpt_oss_with_fp8_keeps_its_experts_by_default():
         patch_model(_gpt_oss(), fp8=True, fp8_experts="yes")
 
 
-@pytest.mark.parametrize("recipe", ["channel", "default"])  # per-channel and 128x128-block gate/up scales
+@pytest.mark.parametrize("recipe", ["channel", "block-mlp-out"])  # per-channel and 128x128-block gate/up scales
 def test_fp8_gate_up_run_weight_only_at_decode_and_as_w8a8_gemms_beyond_16_rows(recipe, monkeypatch):
     from triton_ops import layers
 
@@ -416,9 +426,9 @@ def _fp8_linear_spy(monkeypatch, layers) -> list[dict]:
 
 @pytest.mark.parametrize(("options", "granularity", "fast_accum"), [
     ({"fp8_recipe": "channel"}, "row", False),
-    ({"fp8_recipe": "default"}, "block", False),
+    ({"fp8_recipe": "block-mlp-out"}, "block", False),
     ({"fp8_recipe": "tensor", "fast_accum": True}, "tensor", True),  # per-channel gate/up weights, as before
-    ({"fp8_recipe": "default", "activation_granularity": "row"}, "row", False),  # an override reaches them too
+    ({"fp8_recipe": "block-mlp-out", "activation_granularity": "row"}, "row", False),  # an override reaches them
 ])
 def test_fp8_gate_up_w8a8_gemms_take_the_recipes_activation_scales_and_fast_accum(options, granularity, fast_accum,
                                                                                   monkeypatch):
@@ -441,7 +451,7 @@ def test_fp8_block_gate_up_keep_their_scales_in_the_gemms_layout(monkeypatch):
     (which writes ``weight_scale``) refreshes it."""
     from triton_ops import layers
 
-    model = patch_model(_model("llama"), fp8=True)  # the default recipe: 128x128 blocks
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="block-mlp-out")  # 128x128 blocks
     mlp = model.model.layers[0].mlp
     stored = [getattr(p, layers.GEMM_SCALE_BUFFER) for p in (mlp.gate_proj, mlp.up_proj)]
     for proj, kn in zip((mlp.gate_proj, mlp.up_proj), stored):
@@ -452,7 +462,7 @@ def test_fp8_block_gate_up_keep_their_scales_in_the_gemms_layout(monkeypatch):
         layers.gated_hidden(mlp, x)
     assert len(calls) == 2 and all(c["weight_scale"] is s for c, s in zip(calls, stored))  # no copy of them
     assert not any(key.endswith(layers.GEMM_SCALE_BUFFER) for key in model.state_dict())
-    other = patch_model(_model("llama", seed=1), fp8=True)
+    other = patch_model(_model("llama", seed=1), fp8=True, fp8_recipe="block-mlp-out")
     assert not torch.equal(other.model.layers[0].mlp.gate_proj.weight_scale, mlp.gate_proj.weight_scale)
     model.load_state_dict(other.state_dict())
     for proj, src in zip((mlp.gate_proj, mlp.up_proj), (other.model.layers[0].mlp.gate_proj,
@@ -486,7 +496,7 @@ def test_fp8_block_gate_up_on_a_non_square_block_grid_with_biases(w8a8):
         for proj, m in ((mlp.gate_proj, magnitudes), (mlp.up_proj, magnitudes.flip(0, 1))):
             proj.weight.normal_(0.0, 0.02).mul_(m.repeat_interleave(128, 0).repeat_interleave(128, 1))
             proj.bias.normal_(0.0, 0.5)
-    patch_model(model, fp8=True)  # default recipe: 128x128 blocks
+    patch_model(model, fp8=True, fp8_recipe="block")  # 128x128 blocks (one layer: no edge layer rule)
     assert mlp.gate_proj.weight_scale.shape == (2, 3) and mlp.gate_proj.bias is not None
     rows = layers.W8A8_MIN_ROWS if w8a8 else layers.W8A8_MIN_ROWS - 1
     x = torch.randn(rows, 384, device=DEVICE, dtype=DTYPE)

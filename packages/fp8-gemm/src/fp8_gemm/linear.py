@@ -519,10 +519,12 @@ def convert_to_fp8(
     """Replace the ``nn.Linear`` layers of ``model`` (in place) by :meth:`FP8Linear.from_linear`; returns ``model``.
 
     ``recipe`` (a name from ``fp8_gemm.recipes.RECIPES`` or an ``FP8Recipe``) sets the scales and which Linears
-    stay in high precision. Without arguments the ``"default"`` recipe applies: 128x128 weight blocks, 1x128
-    activation blocks, and every MLP output projection (``down_proj``) kept in its dtype (docs/fp8-gemm.md,
-    "Recipes", has the measurements). ``recipe="block"`` converts every Linear with blocks; ``recipe="channel"``
-    every Linear with per-channel weights and per-row activations (the default before recipes).
+    stay in high precision. Without arguments the ``"default"`` recipe applies (the ``"group"`` one): one weight
+    scale per output feature and 128 input features, 1x128 activation blocks, every MLP output projection
+    (``down_proj``) and the first and last decoder layers kept in their dtype (docs/fp8-gemm.md, "Recipes", has the
+    measurements). ``recipe="block-mlp-out"`` is the previous default (128x128 weight blocks, ``down_proj`` kept);
+    ``recipe="block"`` converts every Linear with blocks; ``recipe="channel"`` every Linear with per-channel weights
+    and per-row activations (the default before recipes).
 
     ``weight_granularity`` / ``activation_granularity``: with a ``recipe``, they override its scales (its rule of
     kept layers stays); without one, every Linear is converted with them, as before recipes existed (an unnamed one

@@ -187,10 +187,13 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     - ``fp8=False``: every gated MLP runs its gate and up projections and the activation in one kernel
       (:class:`triton_ops.layers.GatedMLP`; ``down_proj`` unchanged). Weights are shared, not copied.
     - ``fp8=True``: the ``nn.Linear`` layers ``fp8_recipe`` selects become ``FP8Linear`` (weights quantized once,
-      E4M3), the LM head excepted (``fp8_lm_head=True`` converts it too). The ``"default"`` recipe (on a real pretrained
-      decoder +0.92 % perplexity against bf16 emulated, +1.65 % with the kernels on the H200: docs/fp8-gemm.md
-      "Recipes", docs/benchmarks/fp8-accuracy.md) uses 128x128 weight
-      blocks and 1x128 activation blocks and keeps every MLP output projection (``down_proj``) in the model's dtype;
+      E4M3), the LM head excepted (``fp8_lm_head=True`` converts it too). The ``"default"`` recipe (the ``"group"``
+      one: on a real pretrained decoder +0.58 % perplexity against bf16 in emulation over twenty texts, where the
+      previous default measured +1.88 %: docs/fp8-gemm.md "Recipes", docs/benchmarks/fp8-accuracy.md) uses one
+      weight scale per output feature and 128 input features and 1x128 activation blocks, and keeps every MLP output
+      projection (``down_proj``) and the first and last decoder layers in the model's dtype; its gated MLPs run gate
+      and up as two ``FP8Linear`` GEMMs (the fused kernel takes per-channel or block scales only). ``"block-mlp-out"``
+      is the previous default (128x128 weight blocks, ``down_proj`` kept: faster prefill GEMMs, +1.88 %);
       ``fp8_recipe="channel"`` converts every Linear with per-channel weights and per-row activations (faster at
       decode, +2.8 % perplexity on that model), ``"block"`` every Linear with blocks. ``weight_granularity`` /
       ``activation_granularity`` override the recipe's scales, ``fast_accum`` is ``FP8Linear``'s. A gated MLP whose
