@@ -223,7 +223,8 @@ def _fp8_layer(in_f, out_f, granularity, seed=4):
 
 @case
 def fp8_linear_col_row(mesh):
-    """FP8Linear column- and row-parallel, per-channel / per-tensor / 128x128 block scales, against one process."""
+    """FP8Linear column- and row-parallel, per-channel / per-tensor / 128x128 block / group scales, against one
+    process."""
     import copy
 
     import torch
@@ -232,8 +233,9 @@ def fp8_linear_col_row(mesh):
     from triton_ops.parallel import ColwiseParallel, RowwiseParallel
 
     rank = mesh.get_local_rank()
-    # block scales need 128 features per rank: 256 x 256; the others run on 64 x 64 (the interpreter is slow)
-    for gran, size in (("channel", 64), ("tensor", 64), ("block", 256)):
+    # block and group scales need 128 features per rank: 256 x 256; the others run on 64 x 64 (the interpreter is
+    # slow)
+    for gran, size in (("channel", 64), ("tensor", 64), ("block", 256), ("group", 256)):
         x = torch.randn(3, size, generator=torch.Generator().manual_seed(5))
         ref = _fp8_layer(size, size, gran)
         want = ref(x)
@@ -245,14 +247,15 @@ def fp8_linear_col_row(mesh):
         assert col.weight.dtype == torch.float8_e4m3fn and col.weight.placements == (Shard(0),)
         assert torch.equal(col.weight.to_local().view(torch.uint8), ref.weight[s:e].view(torch.uint8))
         sc = ref.weight_scale
-        want_scale = sc if gran == "tensor" else sc[:, s:e] if gran == "channel" else sc[:, rank:rank + 1]
+        want_scale = (sc if gran == "tensor" else sc[:, s:e] if gran in ("channel", "group")
+                      else sc[:, rank:rank + 1])
         assert torch.equal(col.weight_scale.to_local(), want_scale), gran
         torch.testing.assert_close(col(x), want, rtol=0, atol=0)  # gathered over the ranks (an LM head's way)
         # row-parallel: each rank quantizes its own slice of the activation per row (its own scales); the
         # partial products are all-reduced and the bias added once
         row = parallelize_module(copy.deepcopy(ref), mesh, RowwiseParallel())
         assert torch.equal(row.weight.to_local().view(torch.uint8), ref.weight[:, s:e].view(torch.uint8))
-        want_scale = sc[rank:rank + 1] if gran == "block" else sc
+        want_scale = sc[rank:rank + 1] if gran in ("block", "group") else sc  # [K/128, ...]: the rank's K groups
         assert torch.equal(row.weight_scale.to_local(), want_scale), gran
         got = row(x[:, s:e].contiguous())  # a plain input is this rank's slice (Shard(-1))
         torch.testing.assert_close(got, _fp8_emulated(x, ref, [(0, half), (half, size)]), rtol=1e-5, atol=1e-5)
@@ -317,7 +320,8 @@ def fp8_block_boundary_error(mesh):
 
     # 192 features per rank: a block would straddle the ranks (out_features for column-, in_features for row-parallel)
     for style, what, layer in ((ColwiseParallel(), "out_features=384", _fp8_layer(128, 384, "block")),
-                               (RowwiseParallel(), "in_features=384", _fp8_layer(384, 128, "block"))):
+                               (RowwiseParallel(), "in_features=384", _fp8_layer(384, 128, "block")),
+                               (RowwiseParallel(), "in_features=384", _fp8_layer(384, 128, "group"))):
         try:
             parallelize_module(layer, mesh, style)
         except ShardingError as e:
@@ -326,8 +330,8 @@ def fp8_block_boundary_error(mesh):
         else:
             raise AssertionError("expected ShardingError")
         assert type(layer.weight) is torch.Tensor and type(layer.weight_scale) is torch.Tensor
-    ok = _fp8_layer(128, 384, "channel")  # per-channel scales shard anywhere
-    parallelize_module(ok, mesh, ColwiseParallel())
+    for gran in ("channel", "group"):  # per-channel scales shard anywhere; group scales along the output features
+        parallelize_module(_fp8_layer(128, 384, gran), mesh, ColwiseParallel())
 
 
 @case
