@@ -6,8 +6,9 @@ Per projection of Llama-3-8B (``in -> out``: 4096 -> 4096 q/o, 4096 -> 1024 k/v,
 
 - ``weight-only channel`` / ``weight-only block`` / ``weight-only group``: ``FP8Linear`` forced onto the weight-only
   kernel (``path="weight_only"``: one launch), per-channel weights (the ``channel`` recipe), 128x128 weight blocks
-  (the ``default`` / ``block`` recipes) and group scales (the ``group`` recipe); the table's last column says which
-  path ``path="auto"`` takes there (``fp8_gemm.weight_only.use_weight_only``, drawn from this table on the H200);
+  (the ``block-mlp-out`` / ``block`` recipes) and group scales (the ``group`` recipe, the default); the table's last
+  column says which path ``path="auto"`` takes there (``fp8_gemm.weight_only.use_weight_only``, drawn from this table
+  on the H200);
 - ``W8A8 channel`` / ``W8A8 block`` / ``W8A8 group``: the same modules forced onto the W8A8 path (``path="w8a8"``:
   per-row or 1x128 activation quantization, then the FP8 GEMM's split-K decode kernel), what every call did before;
 - ``bf16 F.linear``: cuBLAS on the bf16 weight (twice the bytes);
@@ -327,8 +328,8 @@ def render(report: dict[str, Any]) -> str:
         "Floor = the weight's bytes / that bandwidth; each cell: GPU time (median, L2 holding unrelated clean lines) "
         "and % of the floor (bf16: of its own, doubled, bytes). bf16 activations, no bias.", "",
         "- **weight-only**: `FP8Linear` with `path=\"weight_only\"`: one launch, the activation unquantized "
-        "(W8A16). channel: per-channel weight scales; block: 128x128 weight blocks (the default recipe); group: one "
-        "scale per output feature and 128 inputs (the `group` recipe). The last column says which path "
+        "(W8A16). channel: per-channel weight scales; block: 128x128 weight blocks (the block recipes); group: one "
+        "scale per output feature and 128 inputs (the `group` recipe, the default). The last column says which path "
         "`path=\"auto\"` (the default) takes for that row count (channel / block / group): "
         "`fp8_gemm.weight_only.use_weight_only`, a rule drawn from this table. "
         "dot (M = 1): the kernel's tensor-core variant with a 16-row tile's config; at M = 1 `path=\"auto\"` runs its "

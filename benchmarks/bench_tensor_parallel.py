@@ -9,7 +9,8 @@ own tensor parallel (issue 19). Run with torchrun, one process per GPU:
 Models are built from transformers configs with random bf16 weights (the same seed on every rank: the same
 weights; nothing is downloaded). For each model and each variant:
 
-- ``bf16``: ``patch_model(model)``; ``fp8``: ``patch_model(model, fp8=True)``; then
+- ``bf16``: ``patch_model(model)``; ``fp8``: ``patch_model(model, fp8=True)`` with the default recipe's scales on every
+  layer (its first/last-layer rule left out on these few-layer stand-ins); then
   ``triton_ops.parallel.parallelize_model`` (the plan of docs/tensor-parallel.md);
 - ``transformers``: the unpatched model; on N GPUs transformers' own ``tp_plan="auto"`` (the random weights are saved
   once with ``save_pretrained`` to ``--hf-dir`` and loaded with ``from_pretrained(..., tp_plan="auto")``).
@@ -90,8 +91,17 @@ def variant_model(name: str, variant: str, args, device, dtype):
     from triton_ops import patch_model
 
     model = build_model(name, args, device, dtype)
-    if variant != "transformers":
-        patch_model(model, fp8=variant == "fp8")
+    if variant == "fp8":
+        # the default recipe's scales and MLP rule on every layer: its first/last-layer rule would keep most of a
+        # few-layer stand-in (all of a two-layer one) in bf16
+        from dataclasses import replace
+
+        from fp8_gemm import RECIPES
+
+        patch_model(model, fp8=True, fp8_recipe=replace(RECIPES["default"], name="default (interior layers)",
+                                                        keep_edge_layers=(0, 0)))
+    elif variant != "transformers":
+        patch_model(model)
     return model
 
 

@@ -374,6 +374,8 @@ def test_auto_routes_decode_rows_by_the_measured_rule():
     channel, blocks = torch.ones(1, 14336, device="meta"), torch.ones(32, 112, device="meta")
     assert wo.use_weight_only("auto", 16, small, torch.ones(1, 1024, device="meta"))
     assert all(wo.use_weight_only("auto", m, big, channel) for m in (1, 2, 16))
+    # fp32 activations (an IEEE dot of CUDA-core work): several rows of a large weight keep the W8A8 path
+    assert wo.use_weight_only("auto", 1, big, channel, 4) and not wo.use_weight_only("auto", 2, big, channel, 4)
     assert not wo.use_weight_only("auto", 1, big, blocks)  # the FMA variant's block scales: W8A8 is faster
     assert wo.use_weight_only("weight_only", 64, big, blocks) and not wo.use_weight_only("w8a8", 1, small, None)
     groups = torch.ones(32, 14336, device="meta")  # group scales: weight-only at every decode M

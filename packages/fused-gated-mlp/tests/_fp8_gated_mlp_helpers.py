@@ -18,19 +18,22 @@ def random_fp8(rows, cols, scaling, gen, dtype=torch.float8_e4m3fn, device="cpu"
     weight has entries of about ``1.5 / sqrt(cols)``, as ``_gated_mlp_helpers.make_inputs``'s."""
     fmax = torch.finfo(dtype).max
     q = (torch.randn(rows, cols, generator=gen) * fmax / 6).clamp(-fmax, fmax).to(dtype)
-    shape = (rows,) if scaling == "channel" else (-(-rows // BLOCK), -(-cols // BLOCK))
+    shape = {"channel": (rows,), "block": (-(-rows // BLOCK), -(-cols // BLOCK)),
+             "group": (rows, -(-cols // BLOCK))}[scaling]
     spread = 0.25 + 1.75 * torch.rand(shape, generator=gen)  # 0.25 .. 2: a factor of up to 8 between groups
     scale = spread * (1.5 / cols**0.5) / (fmax / 6)
     return q.to(device), scale.float().to(device)
 
 
 def dequant64(q, scale):
-    """``q * scale`` in float64 (per-channel ``[rows]`` or 128 x 128 block scales)."""
+    """``q * scale`` in float64 (per-channel ``[rows]``, 128 x 128 block or per-row 128-column group scales)."""
     w = q.cpu().double()
     s = scale.cpu().double()
     if s.dim() == 1:
         return w * s[:, None]
     rows, cols = w.shape
+    if s.shape[0] == rows and rows > 1:  # group scales
+        return w * s.repeat_interleave(BLOCK, 1)[:, :cols]
     return w * s.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
 
 

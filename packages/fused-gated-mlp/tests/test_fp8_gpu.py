@@ -50,7 +50,7 @@ def _ref32(x, wg, wu, activation="silu", bg=None, bu=None):
     return g * torch.sigmoid(1.702 * g) * (u + 1)
 
 
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 @pytest.mark.parametrize("m", [1, 16, 64, 512])
 def test_llama3_8b_mlp(m, scaling):
     qg, sg = _weights(14336, 4096, scaling, seed=m)
@@ -61,7 +61,7 @@ def test_llama3_8b_mlp(m, scaling):
     assert_close_rel(out, ref, TOL)
 
 
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 @pytest.mark.parametrize("m", [1, 64, 512])
 def test_gpt_oss_expert_interleaved(m, scaling):
     q, s = _weights(2 * 2880, 2880, scaling, seed=m + 7)
@@ -89,7 +89,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 def test_every_kernel_variant_on_odd_sizes(name, scaling):
     # hidden 1040 (a multiple of 16, TMA allowed; 8 full K blocks and a partial one), intermediate 700 (ragged
     # column tiles and scale rows); 37 tokens: three decode row tiles. Twice: the split-K workspace stays clean.

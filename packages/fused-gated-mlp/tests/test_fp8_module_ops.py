@@ -112,7 +112,7 @@ def _llama_mlp(hidden, inter, hidden_act="silu", bias=False, dtype=torch.bfloat1
     return LlamaMLP(config).to(dtype=dtype, device=device)
 
 
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 def test_from_module_matches_llama_mlp_with_dequantized_weights(device, scaling):
     pytest.importorskip("transformers")
     mlp = _llama_mlp(136, 150, device=device)

@@ -43,7 +43,7 @@ CONFIG_IDS = ["decode-splitk", "decode-tma", "decode-k256", "prefill-tma", "pref
               "decode-fma-row"]
 
 
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("activation", ACTS)
 def test_matches_float64_reference(device, layout, scaling, activation):
@@ -59,7 +59,7 @@ def test_matches_float64_reference(device, layout, scaling, activation):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 def test_every_kernel_variant(device, monkeypatch, cfg, scaling):
     # fp32 activations: exact products in the interpreter, so the check is tight (1e-5) and any scale or tile
     # misread shows. hidden 144 = a full K block + a partial one (a multiple of 16: TMA descriptors allowed);
@@ -89,7 +89,7 @@ def test_packed_block_scales_straddle_the_halves(device, layout):
         assert_close_rel(out, reference_fp8(x, wg64, wu64, "swiglu_oai"), 1e-5, what=f"M={m}")
 
 
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 def test_fp16_activations_e5m2_bias_and_leading_dims(device, scaling):
     gen = torch.Generator().manual_seed(3)
     args, kwargs, wg64, wu64 = fp8_operands(40, 136, "interleaved", scaling, gen, dtype=torch.float8_e5m2,
@@ -136,7 +136,7 @@ def test_every_fp8_code_converts_exactly(device, dtype, cfg):
     assert (err <= 2.0**-23 * expected.abs()).all(), err.max()
 
 
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 @pytest.mark.parametrize("m", [9, 70])
 def test_nan_propagates(device, scaling, m):
     gen = torch.Generator().manual_seed(5)
@@ -147,6 +147,9 @@ def test_nan_propagates(device, scaling, m):
     if scaling == "channel":
         kwargs["gate_scale"][30] = float("nan")  # column 30
         nan_cols = torch.tensor([30])
+    elif scaling == "group":
+        kwargs["gate_scale"][40, 1] = float("nan")  # row 40's K group 1: column 40
+        nan_cols = torch.tensor([40])
     else:
         kwargs["gate_scale"][1, 1] = float("nan")  # rows 128..149, K block 1: columns 128..149
         nan_cols = torch.arange(128, 150)
@@ -159,7 +162,7 @@ def test_nan_propagates(device, scaling, m):
     assert relative_error(out[~expected_nan], ref[~expected_nan]) <= 1e-5
 
 
-@pytest.mark.parametrize("scaling", ["channel", "block"])
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_quantize_weight_fp8(scaling, dtype):
     # amax / fmax per group, the FP8 cast of weight / scale, an all-zero group scaled by 1; against a direct
@@ -174,6 +177,9 @@ def test_quantize_weight_fp8(scaling, dtype):
     if scaling == "channel":
         amax = wb.abs().amax(1)
         assert s.shape == (150,)
+    elif scaling == "group":
+        amax = torch.stack([wb[:, c:c + BLOCK].abs().amax(1) for c in (0, 128)], dim=1)
+        assert s.shape == (150, 2)
     else:
         amax = torch.stack([torch.stack([wb[r:r + BLOCK, c:c + BLOCK].abs().amax() for c in (0, 128)])
                             for r in (0, 128)])
@@ -184,6 +190,8 @@ def test_quantize_weight_fp8(scaling, dtype):
     assert torch.equal(q[7].float(), torch.zeros(200))
     if scaling == "channel":
         full = s[:, None]
+    elif scaling == "group":
+        full = s.repeat_interleave(BLOCK, 1)[:, :200]
     else:
         full = s.repeat_interleave(BLOCK, 0)[:150].repeat_interleave(BLOCK, 1)[:, :200]
     assert torch.equal(q.float(), (wb / full).clamp(-fmax, fmax).to(dtype).float())
@@ -199,10 +207,12 @@ def test_packed_quantization_matches_the_kernel_convention(device):
     wg = torch.randn(70, 136, generator=gen) / 12
     wu = torch.randn(70, 136, generator=gen) / 12
     x = torch.randn(4, 136, generator=gen).to(device)
-    for layout in ("concatenated", "interleaved"):
-        q, s = quantize_weight_fp8(pack_rows(wg, wu, layout), "block")
+    for layout, scaling in (("concatenated", "block"), ("interleaved", "block"), ("concatenated", "group"),
+                            ("interleaved", "group")):
+        q, s = quantize_weight_fp8(pack_rows(wg, wu, layout), scaling)
+        assert s.shape == ((2, 2) if scaling == "block" else (140, 2))
         out = fused_gated_mlp(x, q.to(device), None, "silu", weight_layout=layout, gate_scale=s.to(device))
         full = dequant64(q, s)
         g64, u64 = (full[:70], full[70:]) if layout == "concatenated" else (full[0::2], full[1::2])
         ref = act_mul64(x.cpu().double() @ g64.T, x.cpu().double() @ u64.T, "silu")
-        assert_close_rel(out, ref, 1e-5, what=layout)
+        assert_close_rel(out, ref, 1e-5, what=f"{layout} {scaling}")

@@ -135,8 +135,8 @@ def _fp8_experts(args):
 
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 64, 2048])
 def test_fp8_experts_at_gpt_oss_20b_shape(t):
-    """Every FP8 tile family the configs pick (split-K down at 1 token, CUDA-core tiles at 2-8, tensor-core tiles
-    beyond) against the fp32 reference over the dequantized weights."""
+    """Every FP8 tile family the configs pick (CUDA-core one-row tiles at 1-8 tokens, their down GEMM split along K
+    at 1, 2, 7 and 8; tensor-core tiles beyond) against the fp32 reference over the dequantized weights."""
     args, scales, deq = _fp8_experts(_gpt_oss(t, seed=40 + t))
     out = fused_moe(*args, K, **scales)
     assert_close_rel(out, _ref32(deq), 1e-2)

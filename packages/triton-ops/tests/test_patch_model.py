@@ -163,8 +163,9 @@ def test_fp8_patch_converts_every_linear_but_the_lm_head():
     assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
 
 
-def test_fp8_group_scales_pack_qkv_and_split_gate_up_into_two_gemms():
+def test_fp8_group_scales_pack_qkv_and_keep_the_fused_gate_up(monkeypatch):
     from fp8_gemm import FP8Recipe
+    from triton_ops import layers
 
     model = _model("llama")
     reference = copy.deepcopy(model)
@@ -172,17 +173,28 @@ def test_fp8_group_scales_pack_qkv_and_split_gate_up_into_two_gemms():
     patch_model(model, fp8=True, fp8_recipe=recipe)
     summary = model.triton_ops_patch
     mlp, attn = model.model.layers[1].mlp, model.model.layers[1].self_attn
-    # the fused MLP kernel takes channel or block scales: gate/up stay two FP8Linear GEMMs with their group scales
-    assert summary.fp8_gated_mlps == 0 and summary.fp8_linears == 2 * 7
-    assert all(isinstance(p, FP8Linear) and p.weight_granularity == "group" for p in (mlp.gate_proj, mlp.up_proj))
-    assert mlp.gate_proj.weight_scale.shape == (1, mlp.gate_proj.out_features)  # [ceil(64 / 128), out]
-    assert any("not group ones" in n for n in summary.notes)
+    # gate/up: FP8 weights with a scale per row and 128 columns inside the fused MLP kernel; down: an FP8Linear
+    assert summary.fp8_gated_mlps == 2 and summary.fp8_linears == 2 * 5
+    assert all(isinstance(p, FP8Projection) and p.scaling == "group" for p in (mlp.gate_proj, mlp.up_proj))
+    assert mlp.gate_proj.weight_scale.shape == (mlp.gate_proj.out_features, 1)  # [out, ceil(64 / 128)]
+    kn = getattr(mlp.gate_proj, layers.GEMM_SCALE_BUFFER)  # the W8A8 GEMM's [in / 128, out] copy
+    assert kn.is_contiguous() and torch.equal(kn, mlp.gate_proj.weight_scale.t())
+    assert isinstance(mlp.down_proj, FP8Linear) and mlp.down_proj.weight_granularity == "group"
     packed = attn.__dict__[PACKING_ATTR].linear  # group scales split at any row: q/k/v packed
     assert summary.packed_qkv == 2 and packed.weight_granularity == "group"
     assert attn.v_proj.weight_scale.data_ptr() == packed.weight_scale.data_ptr() + 96 * 4
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)
     (ours, ours_step), (ref, ref_step) = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
     assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
+    # beyond 16 rows the gate/up run as two W8A8 GEMMs on the group scales
+    calls = _fp8_linear_spy(monkeypatch, layers)
+    x = torch.randn(layers.W8A8_MIN_ROWS, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        ours_w8a8 = layers.gated_hidden(mlp, x)
+        want = torch.nn.functional.silu(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()
+    assert len(calls) == 2 and all(c["weight_scale"] is getattr(p, layers.GEMM_SCALE_BUFFER)
+                                   for c, p in zip(calls, (mlp.gate_proj, mlp.up_proj)))
+    assert _cosine(ours_w8a8, want) >= 0.99
     # the named recipe keeps the first and last layers whole: on two layers, nothing converts
     assert patch_model(_model("llama"), fp8=True, fp8_recipe="group").triton_ops_patch.fp8_linears == 0
 

@@ -301,7 +301,7 @@ def _linear_plan(x, weight, weight_scale, bias, activation_granularity, fast_acc
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     flat = x.dim() == 2 and x.stride(-1) == 1
-    if use_weight_only(path, x2.shape[0], weight, weight_scale):
+    if use_weight_only(path, x2.shape[0], weight, weight_scale, x2.element_size()):
         plan = (build_plan(x2, weight, weight_scale, bias), None, None, flat)
         if key is not None:
             _PLANS.put(key, plan)
@@ -417,7 +417,7 @@ def _linear_add_plan(residual, x, weight, weight_scale, path):
     if x.shape[-1] != k:
         return False  # fp8_linear's own validation names the mismatch
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or not use_weight_only(path, x2.shape[0], weight, weight_scale):
+    if x2.stride(-1) != 1 or not use_weight_only(path, x2.shape[0], weight, weight_scale, x2.element_size()):
         return False
     return build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n))
 

@@ -149,6 +149,7 @@ def _validate(t, fmt, granularity, scale, block_size, role):
 
 
 def _quantize(t, fmt, granularity, scale, block_size, strict, role):
+    named = granularity  # what errors call it ("group" runs as 128x1 blocks)
     if granularity == "group":
         granularity, block_size = _as_block(granularity, block_size)
     try:
@@ -162,7 +163,7 @@ def _quantize(t, fmt, granularity, scale, block_size, strict, role):
     if strict and scale is not None:
         _check_given_scale(scale)
     q, s, flag = plan.run(t, scale)
-    _check_overflow(strict, flag, granularity, plan.fmt)
+    _check_overflow(strict, flag, named, plan.fmt)
     return q, s
 
 

@@ -98,9 +98,11 @@ WEIGHT_ONLY_MAX_ELEMENTS = 2**24
 
 
 def use_weight_only(path: str, m: int, weight: torch.Tensor | None = None,
-                    weight_scale: torch.Tensor | None = None) -> bool:
+                    weight_scale: torch.Tensor | None = None, x_bytes: int = 2) -> bool:
     """Whether a call of ``m`` rows with ``path`` takes the weight-only kernel. For ``"auto"`` with a weight given,
-    the measured rule above; without one, every ``m <= WEIGHT_ONLY_MAX_M``."""
+    the measured rule above; without one, every ``m <= WEIGHT_ONLY_MAX_M``. ``x_bytes``: the activation's element
+    size (the rule for several rows of a large weight was measured with 16-bit activations; fp32 ones, whose IEEE
+    dot is CUDA-core work, keep the W8A8 path there)."""
     if path == "weight_only":
         return True
     if path != "auto" or not AUTO_WEIGHT_ONLY or m > WEIGHT_ONLY_MAX_M:
@@ -108,7 +110,9 @@ def use_weight_only(path: str, m: int, weight: torch.Tensor | None = None,
     if weight is None or weight.dim() != 2 or weight.numel() <= WEIGHT_ONLY_MAX_ELEMENTS:
         return True
     n, k = weight.shape
-    return weight_scale is None or b_scale_granularity(weight_scale, k, n, "weight_scale") != "block"
+    if weight_scale is not None and b_scale_granularity(weight_scale, k, n, "weight_scale") == "block":
+        return False
+    return m == 1 or x_bytes == 2
 
 
 # Rows up to which the CUDA-core FMA variant multiplies instead of the tensor cores, by the activation's element size.
@@ -263,8 +267,9 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     Args:
         x: ``[M, K]`` fp16/bf16/fp32 (any strides). weight: ``float8_e4m3fn`` ``[N, K]`` (``nn.Linear`` layout;
             K-contiguous reads are the fast case). weight_scale: fp32, in the GEMM's ``[K, N]`` convention: one
-            value, ``[N]`` / ``[1, N]`` (per output channel) or ``[ceil(K/128), ceil(N/128)]`` (128x128 blocks;
-            K and N need not be multiples of 128: the last blocks are partial); or None with a 16-bit weight in
+            value, ``[N]`` / ``[1, N]`` (per output channel), ``[ceil(K/128), ceil(N/128)]`` (128x128 blocks;
+            K and N need not be multiples of 128: the last blocks are partial) or ``[ceil(K/128), N]`` (groups of
+            128 inputs per output channel); or None with a 16-bit weight in
             x's dtype (fp16/bf16: ``decode_linear``, the same kernel unscaled). bias: ``[N]`` or None.
         config: a launch config (keys of ``weight_only_config``) instead of the heuristic's.
         add_out: a row-major ``[M, N]`` tensor of x's dtype the product is added to in place (``run(..., out=)``

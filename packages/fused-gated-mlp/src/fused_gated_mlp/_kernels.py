@@ -22,7 +22,8 @@ of bf16: the point of the decode kernel) and convert them in registers to the ac
 is exact (every E4M3 and E5M2 value is a bf16 and an fp16 value), so the tensor cores see the FP8 values
 themselves; the scales are applied in fp32 to the accumulators, never to the weights: per output channel
 (``W_SCALING == 1``) once in the epilogue, after all K (and after the split-K partial sums met) and before the bias
-and the activation; per 128x128 block (``W_SCALING == 2``) to each K step's partial product, inside the K loop.
+and the activation; per 128x128 block (``W_SCALING == 2``) or per row and 128-wide K group (``W_SCALING == 3``) to
+each K step's partial product, inside the K loop.
 Prefill therefore runs bf16 (fp16) tensor-core dots on the FP8 values, not FP8 dots (FP8 x FP8 prefill would also
 quantize the activations: a later step).
 """
@@ -43,6 +44,8 @@ ACT_SWIGLU_OAI = 3
 SCALE_NONE = 0
 SCALE_CHANNEL = 1
 SCALE_BLOCK = 2
+# FP8 with one scale per row and 128-wide K group of the weight ([rows, ceil(K / 128)]).
+SCALE_GROUP = 3
 
 
 @triton.jit
@@ -51,13 +54,14 @@ def _sigmoid(v):
 
 
 @triton.jit
-def _block_scales(s_ptr, offs_n, N, stride_s, srow_mul, srow_off, k):
-    """``[BLOCK_N]`` scales of rows ``offs_n`` for the 128-wide K block holding column ``k`` (``W_SCALING == 2``).
+def _block_scales(s_ptr, offs_n, N, stride_s, srow_mul, srow_off, k, ROWS_PER_SCALE: tl.constexpr):
+    """``[BLOCK_N]`` scales of rows ``offs_n`` for the 128-wide K block holding column ``k`` (``W_SCALING`` 2:
+    ``ROWS_PER_SCALE`` 128, one scale per 128 x 128 block; 3: 1, one per row and 128-wide K group).
 
-    Half-row ``n`` lies in scale row ``(n * srow_mul + srow_off) // 128``: ``(1, 0)`` for a weight of its own, and
-    for the halves of a packed weight quantized as one tensor ``(1, I)`` (concatenated: up rows start at ``I``) or
-    ``(2, 0|1)`` (interleaved: half-row ``n`` is packed row ``2n`` or ``2n + 1``)."""
-    rows = (offs_n * srow_mul + srow_off) // 128
+    Half-row ``n`` lies in scale row ``(n * srow_mul + srow_off) // ROWS_PER_SCALE``: ``(1, 0)`` for a weight of its
+    own, and for the halves of a packed weight quantized as one tensor ``(1, I)`` (concatenated: up rows start at
+    ``I``) or ``(2, 0|1)`` (interleaved: half-row ``n`` is packed row ``2n`` or ``2n + 1``)."""
+    rows = (offs_n * srow_mul + srow_off) // ROWS_PER_SCALE
     return tl.load(s_ptr + rows * stride_s + k // 128, mask=offs_n < N, other=0.0)
 
 
@@ -82,7 +86,7 @@ def _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCAST: 
         wu = wu.to(tl.float16)
     wg = wg.to(x.dtype)  # FP8 -> x's dtype (a no-op for 16/32-bit weights, which share x's dtype)
     wu = wu.to(x.dtype)
-    if W_SCALING == 2:
+    if W_SCALING >= 2:
         acc_g += tl.dot(x, tl.trans(wg), input_precision=DOT_PRECISION) * sg[None, :]
         acc_u += tl.dot(x, tl.trans(wu), input_precision=DOT_PRECISION) * su[None, :]
     else:
@@ -98,8 +102,11 @@ def _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, st
     if W_SCALING == 2:
         # K steps never straddle a 128-wide scale block: the host keeps BLOCK_K a divisor of 128 and every
         # step's start a multiple of BLOCK_K.
-        sg = _block_scales(sg_ptr, offs_n, N, stride_sg, srow_mul, srow_off_g, k)
-        su = _block_scales(su_ptr, offs_n, N, stride_su, srow_mul, srow_off_u, k)
+        sg = _block_scales(sg_ptr, offs_n, N, stride_sg, srow_mul, srow_off_g, k, 128)
+        su = _block_scales(su_ptr, offs_n, N, stride_su, srow_mul, srow_off_u, k, 128)
+    elif W_SCALING == 3:  # group scales: the same K steps, a scale row per weight row
+        sg = _block_scales(sg_ptr, offs_n, N, stride_sg, srow_mul, srow_off_g, k, 1)
+        su = _block_scales(su_ptr, offs_n, N, stride_su, srow_mul, srow_off_u, k, 1)
     else:
         sg = 1.0
         su = 1.0

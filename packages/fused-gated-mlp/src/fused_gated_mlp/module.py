@@ -49,8 +49,11 @@ class FP8Projection(nn.Module):
 
     @property
     def scaling(self) -> str:
-        """``"channel"`` or ``"block"``."""
-        return "channel" if self.weight_scale.dim() == 1 else "block"
+        """``"channel"``, ``"block"`` (``[ceil(out / 128), ceil(in / 128)]``) or ``"group"`` (``[out, ceil(in /
+        128)]``; for one output row the two are the same scale, called ``"block"``)."""
+        if self.weight_scale.dim() == 1:
+            return "channel"
+        return "block" if self.weight_scale.shape[0] == -(-self.out_features // 128) else "group"
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``weight * weight_scale`` in ``dtype`` (a new tensor)."""
@@ -157,7 +160,8 @@ class FusedGatedMLP(nn.Module):
                 ``"gelu"``, ``"gelu_pytorch_tanh"``/``"gelu_new"``).
             weight_dtype: None keeps the weights (shared, as :meth:`from_linear`); ``torch.float8_e4m3fn`` (or
                 ``torch.float8_e5m2``) quantizes gate and up once with PyTorch operations.
-            fp8_scaling: ``"channel"`` (one scale per output channel) or ``"block"`` (128 x 128 blocks).
+            fp8_scaling: ``"channel"`` (one scale per output channel), ``"block"`` (128 x 128 blocks) or ``"group"``
+                (one per output channel and 128 inputs).
             alpha, limit: ``"swiglu_oai"``'s parameters.
 
         With FP8 weights the quantized projections also **replace** ``mlp.gate_proj`` and ``mlp.up_proj``, so the

@@ -37,7 +37,7 @@ from . import _kernels as K
 from .configs import DECODE_MAX_TOKENS, _heuristic, select_gated_mlp_config
 from .validation import FP8_WEIGHT_DTYPES, SCALE_BLOCK, validate_gated_mlp_inputs
 
-FP8_SCALINGS = ("channel", "block")
+FP8_SCALINGS = ("channel", "block", "group")
 # FP8_WEIGHT_DTYPES: the weight dtypes the kernels stream as FP8 (every value of both converts exactly to bf16 and
 # fp16); SCALE_BLOCK: rows and columns of one block of a block-scaled weight (128, the DeepSeek-V3 / transformers
 # FP8 block). Both defined with the validation.
@@ -133,6 +133,22 @@ class LaunchNeeds(NamedTuple):
     tma: bool  # device-side tensor descriptors on a GPU: Triton needs its scratch allocator
 
 
+_SCALING_CODES = {"channel": K.SCALE_CHANNEL, "block": K.SCALE_BLOCK, "group": K.SCALE_GROUP}
+
+
+def _scaling_code(gate_scale: torch.Tensor | None, rows: int, kind: str | None) -> int:
+    """The kernels' ``W_SCALING`` for these scales: the validated ``kind``, or (unvalidated calls, separate weights
+    of ``rows`` rows) from the shape: ``[rows]`` per channel, ``[rows, ceil(K/128)]`` per group (for one row the
+    same scale as a block's), ``[ceil(rows/128), ceil(K/128)]`` per block."""
+    if gate_scale is None:
+        return K.SCALE_NONE
+    if kind is not None:
+        return _SCALING_CODES[kind]
+    if gate_scale.dim() == 1:
+        return K.SCALE_CHANNEL
+    return K.SCALE_GROUP if gate_scale.shape[0] == rows else K.SCALE_BLOCK
+
+
 def _build_plan(
     x2d: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -148,6 +164,7 @@ def _build_plan(
     gate_scale: torch.Tensor | None = None,
     up_scale: torch.Tensor | None = None,
     scale_rows: tuple[int, int, int] = (1, 0, 0),
+    scaling_kind: str | None = None,
 ) -> Plan:
     """Everything of a launch but its tensors: kernel, grid, scalar and constexpr tail (in the kernel's signature
     order), warps, stages. ``extra`` holds what the per-call part needs (``LaunchNeeds``). A plan without kernel
@@ -155,23 +172,25 @@ def _build_plan(
 
     FP8 weights come with ``gate_scale`` / ``up_scale`` (the halves' views for a packed channel scale, the packed
     tensor itself twice for a packed block scale); ``scale_rows`` = (multiplier, gate offset, up offset) maps a
-    half's row to its packed row for block scales (see ``_kernels._block_scales``)."""
+    half's row to its packed row for block and group scales (see ``_kernels._block_scales``). ``scaling_kind``: the
+    validated kind of the scales (``"channel"``, ``"block"``, ``"group"``); None: read from their shapes."""
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
     device = x2d.device
     is_cuda = device.type == "cuda"
     if M == 0 or N == 0:
         return Plan(None, (1,), (), 0, n_rows=M, extra=LaunchNeeds(N, device, is_cuda, None, False))
-    scaling = K.SCALE_NONE if gate_scale is None else K.SCALE_CHANNEL if gate_scale.dim() == 1 else K.SCALE_BLOCK
+    scaling = _scaling_code(gate_scale, N, scaling_kind)
     if config is not None:
         cfg = dict(config)
     else:
         # FP8 weights have entries of their own (at one or two rows the CUDA-core tiles). No tune-on-first-use
         # for them: the tuner's space holds tensor-core tiles only.
+        # (group scales take the block entries: the same K steps, a vector of scales per step either way)
         weights = "same" if scaling == K.SCALE_NONE else "fp8_channel" if scaling == K.SCALE_CHANNEL else "fp8_block"
         cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device,
                                       bench=bench if scaling == K.SCALE_NONE else None, weights=weights)
-    if scaling == K.SCALE_BLOCK and cfg["BLOCK_K"] > SCALE_BLOCK:
+    if scaling in (K.SCALE_BLOCK, K.SCALE_GROUP) and cfg["BLOCK_K"] > SCALE_BLOCK:
         # Block scales apply per K step: a step must lie inside one 128-wide scale block. Block sizes are powers of
         # two, so capping BLOCK_K at 128 (from 256 in some decode configs) makes it a divisor of 128.
         cfg = {**cfg, "BLOCK_K": SCALE_BLOCK}  # a copy: a selected config may be a memoized object
@@ -203,8 +222,9 @@ def _build_plan(
         # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
         even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
         kernel = K._gated_mlp_decode_kernel
-        # CUDA-core products (config FMA): not with block scales (applied per K step to a dot's partial product)
-        use_fma = bool(cfg.get("FMA", False)) and scaling != K.SCALE_BLOCK and not use_tma
+        # CUDA-core products (config FMA): not with block or group scales (applied per K step to a dot's partial
+        # product)
+        use_fma = bool(cfg.get("FMA", False)) and scaling not in (K.SCALE_BLOCK, K.SCALE_GROUP) and not use_tma
         if not use_fma and cfg["BLOCK_M"] < 16:  # an FMA tile with fewer rows than a tl.dot takes
             cfg = {**cfg, "BLOCK_M": 16}
             grid_m = cdiv(M, 16)
@@ -585,7 +605,7 @@ def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
               alpha: float, limit: float, config: dict | None, gate_scale: torch.Tensor | None = None,
               up_scale: torch.Tensor | None = None) -> Plan:
     """The first call of a key: validate, choose the config, build the plan and cache it."""
-    validate_gated_mlp_inputs(
+    spec = validate_gated_mlp_inputs(
         x, gate_weight, up_weight, activation, gate_bias=gate_bias, up_bias=up_bias,
         weight_layout=weight_layout, alpha=alpha, limit=limit, gate_scale=gate_scale, up_scale=up_scale,
     )
@@ -608,14 +628,15 @@ def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
 
     tune = config is None and not capturing(x.device)  # never a config search inside a CUDA-graph capture
     plan = _build_plan(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config,
-                       bench if tune else None, gate_scale=gate_scale, up_scale=up_scale, scale_rows=scale_rows)
+                       bench if tune else None, gate_scale=gate_scale, up_scale=up_scale, scale_rows=scale_rows,
+                       scaling_kind=spec.weight_scaling)
     _put(key, plan)
     return plan
 
 
 def _split_packed_scale(scale: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The halves' scales of a packed FP8 weight: views of a per-channel ``[2I]`` scale; a block scale stays the
-    packed tensor for both halves (the kernel maps each half's rows onto it, see ``_new_plan``)."""
+    """The halves' scales of a packed FP8 weight: views of a per-channel ``[2I]`` scale; a block or group scale
+    stays the packed tensor for both halves (the kernel maps each half's rows onto it, see ``_new_plan``)."""
     if scale.dim() == 1:
         return split_packed(scale, layout)
     return scale, scale
@@ -639,8 +660,10 @@ def quantize_weight_fp8(
     Args:
         weight: ``[rows, hidden]``, float16, bfloat16 or float32, finite. A packed gate/up weight is quantized as
             one tensor (its scale is the packed scale ``fused_gated_mlp`` takes as ``gate_scale``).
-        scaling: ``"channel"`` (one scale per row: ``[rows]``) or ``"block"`` (one per 128 x 128 block:
-            ``[ceil(rows / 128), ceil(hidden / 128)]``; partial edge blocks are scaled by their own values).
+        scaling: ``"channel"`` (one scale per row: ``[rows]``), ``"block"`` (one per 128 x 128 block:
+            ``[ceil(rows / 128), ceil(hidden / 128)]``; partial edge blocks are scaled by their own values) or
+            ``"group"`` (one per row and 128 columns: ``[rows, ceil(hidden / 128)]``, finer than blocks: the
+            accuracy of fp8_gemm's ``"group"`` recipe).
         dtype: ``torch.float8_e4m3fn`` (default) or ``torch.float8_e5m2``.
 
     Raises:
@@ -660,6 +683,10 @@ def quantize_weight_fp8(
     if scaling == "channel":
         amax = w.abs().amax(dim=1) if cols else w.new_zeros(rows)
         groups = w
+    elif scaling == "group":
+        pad_c = -cols % SCALE_BLOCK
+        groups = torch.nn.functional.pad(w, (0, pad_c)).view(rows, (cols + pad_c) // SCALE_BLOCK, SCALE_BLOCK)
+        amax = groups.abs().amax(dim=2)
     else:
         pad_r, pad_c = -rows % SCALE_BLOCK, -cols % SCALE_BLOCK
         # zero padding never raises a block's amax
@@ -672,6 +699,9 @@ def quantize_weight_fp8(
     scale = torch.where(amax > 0, amax / torch.full_like(amax, fmax), torch.ones_like(amax))
     if scaling == "channel":
         q = (groups / scale[:, None]).clamp(-fmax, fmax).to(dtype)
+    elif scaling == "group":
+        q = (groups / scale[:, :, None]).clamp(-fmax, fmax).to(dtype)
+        q = q.view(rows, -1)[:, :cols].contiguous()
     else:
         q = (groups / scale[:, None, :, None]).clamp(-fmax, fmax).to(dtype)
         q = q.view(rows + pad_r, cols + pad_c)[:rows, :cols].contiguous()
@@ -680,13 +710,15 @@ def quantize_weight_fp8(
 
 def dequantize_weight_fp8(weight: torch.Tensor, scale: torch.Tensor,
                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``weight * scale`` in ``dtype`` for an FP8 ``[rows, hidden]`` weight and its per-channel (``[rows]``) or
-    128 x 128 block (``[ceil(rows / 128), ceil(hidden / 128)]``) scale: the weights the kernels compute with.
-    (Products are formed in float32, then rounded to ``dtype``.)"""
+    """``weight * scale`` in ``dtype`` for an FP8 ``[rows, hidden]`` weight and its per-channel (``[rows]``),
+    128 x 128 block (``[ceil(rows / 128), ceil(hidden / 128)]``) or group (``[rows, ceil(hidden / 128)]``) scale: the
+    weights the kernels compute with. (Products are formed in float32, then rounded to ``dtype``.)"""
     w = weight.float()
     if scale.dim() == 1:
         return (w * scale.float()[:, None]).to(dtype)
     rows, cols = w.shape
+    if scale.shape[0] == rows:  # group scales (for one row, the same as a block's)
+        return (w * scale.float().repeat_interleave(SCALE_BLOCK, 1)[:, :cols]).to(dtype)
     full = scale.float().repeat_interleave(SCALE_BLOCK, 0)[:rows].repeat_interleave(SCALE_BLOCK, 1)[:, :cols]
     return (w * full).to(dtype)
 

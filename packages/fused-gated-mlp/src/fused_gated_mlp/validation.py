@@ -46,7 +46,7 @@ class GatedMLPInput:
     activation: str
     weight_layout: str = "separate"
     has_bias: bool = False
-    weight_scaling: str | None = None  # FP8 weights: "channel" or "block"; None for weights in x's dtype
+    weight_scaling: str | None = None  # FP8 weights: "channel", "block" or "group"; None for weights in x's dtype
     weight_element_size: int | None = None  # bytes per weight element (1 for FP8); None: x's
 
     @property
@@ -171,7 +171,8 @@ def validate_gated_mlp_inputs(
 
 def _check_scales(x: torch.Tensor, gate_weight: torch.Tensor, gate_scale: torch.Tensor | None,
                   up_scale: torch.Tensor | None, weight_layout: str, hidden: int) -> str:
-    """FP8 weights: the device can convert them, and their scales fit; returns ``"channel"`` or ``"block"``."""
+    """FP8 weights: the device can convert them, and their scales fit; returns ``"channel"``, ``"block"`` or
+    ``"group"``."""
     if x.device.type == "cuda" and not supports_fp8(x.device):
         raise UnsupportedDeviceError(
             f"gate_weight: FP8 weights need a GPU of compute capability 8.9 or higher (Triton's FP8 conversions), "
@@ -179,8 +180,8 @@ def _check_scales(x: torch.Tensor, gate_weight: torch.Tensor, gate_scale: torch.
     packed = weight_layout != "separate"
     rows = gate_weight.shape[0]
     wname = str(gate_weight.dtype).removeprefix("torch.")
-    expected = (f"[{rows}] (per output channel) or [{-(-rows // SCALE_BLOCK)}, {-(-hidden // SCALE_BLOCK)}] "
-                f"(per 128 x 128 block)")
+    expected = (f"[{rows}] (per output channel), [{-(-rows // SCALE_BLOCK)}, {-(-hidden // SCALE_BLOCK)}] "
+                f"(per 128 x 128 block) or [{rows}, {-(-hidden // SCALE_BLOCK)}] (per row and 128 columns)")
     if gate_scale is None:
         raise InvalidArgumentError(
             f"gate_scale: expected a float32 scale {expected} with {wname} weights, got None "
@@ -203,12 +204,14 @@ def _check_scales(x: torch.Tensor, gate_weight: torch.Tensor, gate_scale: torch.
             kinds.append("channel")
         elif scale.dim() == 2:
             blocks = (-(-rows // SCALE_BLOCK), -(-hidden // SCALE_BLOCK))
-            if tuple(scale.shape) != blocks:
+            groups = (rows, blocks[1])
+            if tuple(scale.shape) not in (blocks, groups):
                 raise ShapeMismatchError(
                     f"{name}: expected shape [{blocks[0]}, {blocks[1]}] (128 x 128 blocks of the [{rows}, {hidden}] "
-                    f"weight), got {list(scale.shape)}")
+                    f"weight) or [{groups[0]}, {groups[1]}] (a scale per row and 128 columns), got "
+                    f"{list(scale.shape)}")
             check_last_dim_contiguous(scale, name)
-            kinds.append("block")
+            kinds.append("block" if tuple(scale.shape) == blocks else "group")  # one row: the same scale
         else:
             raise ShapeMismatchError(f"{name}: expected shape {expected}, got {list(scale.shape)}")
     if len(kinds) == 2 and kinds[0] != kinds[1]:

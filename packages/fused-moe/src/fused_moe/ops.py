@@ -134,7 +134,8 @@ def _route_split(t: int, h: int, on_cpu: bool, split: int | None) -> int:
         return split
     if on_cpu or not ROUTE_SPLIT_STEPS or t > ROUTE_SPLIT_MAX_TOKENS:
         return 0
-    return cdiv(cdiv(h, 128), ROUTE_SPLIT_STEPS)
+    split = cdiv(cdiv(h, 128), ROUTE_SPLIT_STEPS)
+    return split if split > 1 else 0  # one program: the route kernel computes the GEMM itself, one launch fewer
 
 
 def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,

@@ -86,7 +86,8 @@ W8A8_MIN_ROWS = WEIGHT_ONLY_MAX_M + 1
 # blocks beside 128x128 ones (FP8Linear's pairing), no fast accumulation.
 ACTIVATION_GRANULARITY_ATTR = "_triton_ops_activation_granularity"
 FAST_ACCUM_ATTR = "_triton_ops_fast_accum"
-# A block-scaled FP8Projection's scale in the GEMM's ``[K / 128, N / 128]`` layout, contiguous: a non-persistent buffer
+# A block- or group-scaled FP8Projection's scale in the GEMM's ``[K / 128, N / 128]`` (``[K / 128, N]``) layout,
+# contiguous: a non-persistent buffer
 # ``patch_model`` registers once (so it moves, casts and shards with the module, and stays out of the state dict).
 # The transposed view of ``weight_scale`` would cost the GEMM a copy, one small launch per projection and call.
 GEMM_SCALE_BUFFER = "weight_scale_kn"
@@ -126,8 +127,9 @@ def _gated_w8a8(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
 def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_accum: bool) -> torch.Tensor:
     """An FP8Projection's ``x @ dequant(weight)^T + bias`` as a W8A8 FP8 GEMM, the activation quantized per
     ``granularity`` (None: as FP8Linear pairs it with the weight's scales). The scales in the GEMM's ``[K, N]``
-    convention: per channel ``[out]`` -> ``[1, out]`` (a view), 128x128 blocks ``[out / 128, in / 128]``
-    transposed (the stored contiguous copy, :data:`GEMM_SCALE_BUFFER`; without one the GEMM copies the view)."""
+    convention: per channel ``[out]`` -> ``[1, out]`` (a view), 128x128 blocks ``[out / 128, in / 128]`` and groups
+    ``[out, in / 128]`` transposed (the stored contiguous copy, :data:`GEMM_SCALE_BUFFER`; without one the GEMM
+    copies the view)."""
     scale = projection.weight_scale
     if scale.dim() == 1:
         scale_kn, default = scale.view(1, -1), "row"

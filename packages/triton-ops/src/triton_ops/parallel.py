@@ -165,15 +165,17 @@ def _partition_linear(module: nn.Module, mesh: DeviceMesh, kind: str, src: int |
             scale_placement = Shard(0) if gran in ("block", "group") else Replicate()
         placements = {"weight": Shard(0) if kind == "col" else Shard(1), "weight_scale": scale_placement}
     elif isinstance(module, FP8Projection):  # a gated MLP's FP8 gate/up (patch_model(fp8=True))
-        block = module.scaling == "block"
-        if block:
+        scaling = module.scaling
+        along_k = scaling in ("block", "group")  # scales per 128-wide K block
+        if scaling == "block" or (scaling == "group" and kind == "row"):
             attr = "out_features" if kind == "col" else "in_features"
-            _check_block(getattr(module, attr), world, f"{what} ({attr}={getattr(module, attr)})")
-        # the scale is in the weight's [N, K] convention: [N] per channel, [N/128, K/128] blocks
+            _check_block(getattr(module, attr), world, f"{what} ({attr}={getattr(module, attr)})",
+                         "128x128 block" if scaling == "block" else "group")
+        # the scale is in the weight's [N, K] convention: [N] per channel, [N/128, K/128] blocks, [N, K/128] groups
         if kind == "col":
             scale_placement = Shard(0)
         else:
-            scale_placement = Shard(1) if block else Replicate()
+            scale_placement = Shard(1) if along_k else Replicate()
         placements = {"weight": Shard(0) if kind == "col" else Shard(1), "weight_scale": scale_placement}
         if _tensor(module, GEMM_SCALE_BUFFER) is not None:  # patch_model's copy of the blocks in [K/128, N/128]
             placements[GEMM_SCALE_BUFFER] = Shard(1) if kind == "col" else Shard(0)

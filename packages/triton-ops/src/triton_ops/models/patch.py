@@ -96,14 +96,14 @@ def _patch_gated_mlp(mlp: nn.Module) -> None:
 
 
 def _quantize_gate_up(mlp: nn.Module, scaling: str, activation_granularity: str, fast_accum: bool) -> None:
-    """Quantize a gated MLP's gate and up projections into ``FP8Projection`` s (E4M3, ``scaling`` ``"channel"`` or
-    ``"block"``; the bf16 weights released), and record how its W8A8 GEMMs beyond 16 rows run: the recipe's
-    activation scales and ``fast_accum`` (:func:`triton_ops.layers.gated_hidden`)."""
+    """Quantize a gated MLP's gate and up projections into ``FP8Projection`` s (E4M3, ``scaling`` ``"channel"``,
+    ``"block"`` or ``"group"``; the bf16 weights released), and record how its W8A8 GEMMs beyond 16 rows run: the
+    recipe's activation scales and ``fast_accum`` (:func:`triton_ops.layers.gated_hidden`)."""
     for name in ("gate_proj", "up_proj"):
         linear = getattr(mlp, name)
         q, scale = quantize_weight_fp8(linear.weight.detach(), scaling, torch.float8_e4m3fn)
         projection = FP8Projection(q, scale, linear.bias)
-        if scaling == "block":
+        if scaling in ("block", "group"):
             _store_gemm_scale(projection)
         setattr(mlp, name, projection)
     mlp.__dict__[ACTIVATION_GRANULARITY_ATTR] = activation_granularity
@@ -111,14 +111,15 @@ def _quantize_gate_up(mlp: nn.Module, scaling: str, activation_granularity: str,
 
 
 def _store_gemm_scale(projection: FP8Projection) -> None:
-    """Keep the block scales also in the W8A8 GEMM's layout (``triton_ops.layers.GEMM_SCALE_BUFFER``), refreshed
-    whenever a state dict is loaded into the projection (which writes ``weight_scale`` only)."""
+    """Keep the block or group scales also in the W8A8 GEMM's layout (``triton_ops.layers.GEMM_SCALE_BUFFER``),
+    refreshed whenever a state dict is loaded into the projection (which writes ``weight_scale`` only)."""
     projection.register_buffer(GEMM_SCALE_BUFFER, _gemm_scale(projection.weight_scale), persistent=False)
     projection.register_load_state_dict_post_hook(_refresh_gemm_scale)
 
 
 def _gemm_scale(weight_scale: torch.Tensor) -> torch.Tensor:
-    """``[out / 128, in / 128]`` block scales as the GEMM's contiguous ``[in / 128, out / 128]``."""
+    """``[out / 128, in / 128]`` block (``[out, in / 128]`` group) scales as the GEMM's contiguous ``[in / 128,
+    out / 128]`` (``[in / 128, out]``)."""
     return weight_scale.detach().t().contiguous()
 
 
@@ -191,14 +192,14 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       one: on a real pretrained decoder +0.58 % perplexity against bf16 in emulation over twenty texts, where the
       previous default measured +1.88 %: docs/fp8-gemm.md "Recipes", docs/benchmarks/fp8-accuracy.md) uses one
       weight scale per output feature and 128 input features and 1x128 activation blocks, and keeps every MLP output
-      projection (``down_proj``) and the first and last decoder layers in the model's dtype; its gated MLPs run gate
-      and up as two ``FP8Linear`` GEMMs (the fused kernel takes per-channel or block scales only). ``"block-mlp-out"``
+      projection (``down_proj``) and the first and last decoder layers in the model's dtype. ``"block-mlp-out"``
       is the previous default (128x128 weight blocks, ``down_proj`` kept: faster prefill GEMMs, +1.88 %);
       ``fp8_recipe="channel"`` converts every Linear with per-channel weights and per-row activations (faster at
       decode, +2.8 % perplexity on that model), ``"block"`` every Linear with blocks. ``weight_granularity`` /
       ``activation_granularity`` override the recipe's scales, ``fast_accum`` is ``FP8Linear``'s. A gated MLP whose
       gate and up projections the recipe converts keeps its fused kernel with FP8 weights
-      (``fused_gated_mlp.FP8Projection``: E4M3 with the recipe's weight scales, 128x128 blocks or per channel;
+      (``fused_gated_mlp.FP8Projection``: E4M3 with the recipe's weight scales, groups, 128x128 blocks or per
+      channel;
       up to 16 rows (decode) the activations stay in the model's dtype, weight-only FP8, which reads half the bytes
       and skips the activation's quantization; beyond, gate and up run as two W8A8 FP8 GEMMs with the recipe's
       activation scales and ``fast_accum``, 1.5-4.4x faster at prefill on the H200:
@@ -327,7 +328,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
                     setattr(attn, proj, view)
                 QKVPacking.attach(attn, linear, sizes)
         summary.fp8_linears = sum(isinstance(m, FP8Linear) for m in model.modules()) - before
-        scaling = "block" if recipe.weight_granularity == "block" else "channel"
+        scaling = recipe.weight_granularity if recipe.weight_granularity in ("block", "group") else "channel"
         for mlp in fused_fp8.values():
             _quantize_gate_up(mlp, scaling, recipe.activation_granularity, fast_accum)
         bf16_fused = [m for m in mlps if all(m is not o for o in (*split_fp8, *fused_fp8.values()))]
@@ -343,9 +344,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             summary.notes.append(f"gate/up of {len(fused_fp8)} gated MLP(s): FP8 weights ({scaling} scales) in the "
                                  "fused kernel, activations in the model's dtype (weight-only FP8)")
         if split_fp8:
-            why = ("the fused kernel takes per-channel or block FP8 scales, not group ones"
-                   if recipe.weight_granularity == "group" else f"the {recipe_name!r} recipe converts only one of them")
-            summary.notes.append(f"gate/up of {len(split_fp8)} gated MLP(s): two GEMMs ({why})")
+            summary.notes.append(f"gate/up of {len(split_fp8)} gated MLP(s): two GEMMs (the {recipe_name!r} recipe "
+                                 "converts only one of them)")
         if lm_head is not None and not fp8_lm_head:
             summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
     else:
@@ -393,15 +393,14 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
 def _fp8_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe,
                     keep) -> tuple[dict[str, nn.Module], list[nn.Module]]:
     """With fp8: the gated MLPs whose gate and up projections the recipe converts (by name: their fused kernel
-    takes FP8 weights), and those where it converts only one of the two, or both with group scales, which the fused
-    kernel does not take (two GEMMs, with the recipe's scales)."""
+    takes FP8 weights), and those where it converts only one of the two (two GEMMs, as the recipe says)."""
     selected = set(select_linears(model, recipe, keep))
     names = {id(m): n for n, m in model.named_modules()}
     fused, split = {}, []
     for mlp in mlps:
         name = names[id(mlp)]
         chosen = {f"{name}.gate_proj", f"{name}.up_proj"} & selected
-        if len(chosen) == 1 or (chosen and recipe.weight_granularity == "group"):
+        if len(chosen) == 1:
             split.append(mlp)
             continue
         kernel_activation(mlp.config.hidden_act)  # fused (FP8 or kept in its dtype): checked before any change
