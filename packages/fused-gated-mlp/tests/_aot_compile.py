@@ -1,0 +1,48 @@
+"""Compile the gated-MLP kernels' FP8 variants for sm_90 (Hopper) with Triton's own compiler and ptxas, without a GPU.
+
+Run as a script by ``test_compile_sm90.py`` in a process without ``TRITON_INTERPRET`` (the interpreter never lowers a
+kernel: the E4M3 up-conversion and the per-K-step scale loads are only checked by compiling). Prints one
+``OK``/``FAIL`` line per variant; exit status 3 when this Triton has no ahead-of-time API this script knows.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+from fused_gated_mlp import _kernels as K  # noqa: E402
+from triton_ops_core.aot import compile_sm90  # noqa: E402
+
+INTS = ["M", "N", "K", "stride_xm", "stride_wg", "stride_wu", "stride_om", "stride_bg", "stride_bu", "stride_sg",
+        "stride_su", "srow_mul", "srow_off_g", "srow_off_u"]
+PTRS = {"x_ptr": "*bf16", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "bg_ptr": "*bf16", "bu_ptr": "*bf16",
+        "sg_ptr": "*fp32", "su_ptr": "*fp32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+COMMON = dict(ACTIVATION=K.ACT_SILU, HAS_GATE_BIAS=False, HAS_UP_BIAS=False, DOT_PRECISION="tf32", UPCAST=False)
+
+# (name, kernel, W_SCALING, the variant's own constexprs): decode (16-row tensor-core tile, split K, as the decode
+# configs capped at 128-deep K steps for per-step scales) and prefill (pointer GEMM), block and group scales
+VARIANTS = [
+    ("decode, 128x128 block scales, split K", K._gated_mlp_decode_kernel, K.SCALE_BLOCK,
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True, NUM_STAGES=4, USE_TMA=False, INTERPRET=False,
+          USE_FMA=False)),
+    ("decode, group scales, split K", K._gated_mlp_decode_kernel, K.SCALE_GROUP,
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True, NUM_STAGES=4, USE_TMA=False, INTERPRET=False,
+          USE_FMA=False)),
+    ("prefill, group scales", K._gated_mlp_prefill_kernel, K.SCALE_GROUP,
+     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, USE_TMA=False)),
+]
+
+
+def main() -> int:
+    ok = True
+    for name, kernel, scaling, own in VARIANTS:
+        types = {**PTRS, "alpha": "fp32", "limit": "fp32", **dict.fromkeys(INTS, "i32")}
+        consts = {**COMMON, "W_SCALING": scaling, **own}
+        ok &= compile_sm90(kernel, types, consts, name, 4, own["NUM_STAGES"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
