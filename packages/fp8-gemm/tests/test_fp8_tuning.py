@@ -46,6 +46,23 @@ def test_the_decode_heuristic_reads_the_sm_count():
         assert cfgs.decode_heuristic(16, 4096, 11264, False, CPU, interpreter=False)["SPLIT_K"] == 1
 
 
+@pytest.mark.parametrize(("m", "n", "k", "split"), [
+    (32, 6144, 4096, 4),    # Llama-3-8B q/k/v: 96 column blocks, split until about two programs per SM
+    (64, 14336, 4096, 1),   # gate/up at 64 rows: 224 column blocks (1.7 per SM) need no split
+    (32, 14336, 4096, 2),   # at 32 rows they split in 2
+    (32, 2880, 4096, 8),    # gpt-oss o_proj: 45 column blocks, 8 ways at up to 32 rows
+    (64, 2880, 4096, 4),    # ... at most 4 past 32 rows
+    (64, 64, 256, 1),       # K of two 128-deep tiles: no split leaves a slice under two tiles
+])
+def test_block_and_group_scales_at_17_to_64_rows_take_wide_split_tiles(m, n, k, split):
+    # measured on the H200 (gemm_configs._blocked_rows_config); per-channel scales keep the older rule
+    with simulate_device(UNTUNED_HOPPER):
+        cfg = cfgs.decode_heuristic(m, n, k, True, CPU, interpreter=False)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]) == (max(32, m), 64, 128, split)
+        assert cfgs.decode_heuristic(m, n, k, False, CPU, interpreter=False)["BLOCK_N"] in (32, 128)
+        assert cfgs.decode_heuristic(16, n, k, True, CPU, interpreter=False)["BLOCK_M"] == 16  # 16 rows: as before
+
+
 def _choose(bench=None, m=4096):
     name = "fp8_gemm.tma.a0b0.faithful"
     return cfgs.choose(name, {"m": m, "n": 4096, "k": 4096}, FP8_DTYPES, CPU,

@@ -103,6 +103,22 @@ def test_decode_split_k_repeatable(split, n, k):
     assert_close_rel(outs[0], gemm_ref(a_q.cpu(), a_s.cpu(), "row", b_q.cpu(), b_s.cpu(), "block"), KERNEL_TOL)
 
 
+@pytest.mark.parametrize("b_gran", ["group", "block"])
+@pytest.mark.parametrize("m", [17, 40])
+def test_decode_tiles_of_blocked_scales_at_17_to_64_rows(m, b_gran):
+    # The GPU rule for block/group scales past 16 rows (64 columns, 128-deep K split in several slices, 32- or
+    # 64-row tiles) on a small problem: rows and columns past the tile masked, a partial last K tile, two K slices.
+    from fp8_gemm import gemm_configs as cfgs
+
+    n, k = 96, 4 * 128 + 40
+    cfg = cfgs._blocked_rows_config(32 if m <= 32 else 64, n, k, sms=4)
+    assert cfg["SPLIT_K"] == 2 and cfg["BLOCK_N"] == 64
+    a_q, a_s, b_q, b_s = make_operands(m, n, k, "block", b_gran, DEV, kmajor_b=True, seed=m)
+    out = poison_(torch.empty(m, n, dtype=torch.float32, device=DEV))
+    _launch(a_q, b_q, out, a_s, b_s, None, 2, 3 if b_gran == "group" else 2, False, "decode", cfg)
+    assert_close_rel(out, gemm_ref(a_q.cpu(), a_s.cpu(), "block", b_q.cpu(), b_s.cpu(), b_gran), KERNEL_TOL)
+
+
 def test_scratch_buffers_are_per_stream():
     # Two streams get different counters and partials (they may run at once); one stream reuses its own; a
     # larger request replaces the buffer with a zeroed one.

@@ -25,7 +25,7 @@ def _ref_gpu(a_q, a_s, a_gran, b_q, b_s, b_gran, bias=None):
 
 @pytest.mark.parametrize("a_gran", A_GRANS)
 @pytest.mark.parametrize("b_gran", B_GRANS)
-@pytest.mark.parametrize("m, n, k", [(1024, 1024, 16384), (64, 4096, 11264), (4, 2880, 2880)])
+@pytest.mark.parametrize("m, n, k", [(1024, 1024, 16384), (64, 4096, 11264), (33, 2880, 4096), (4, 2880, 2880)])
 def test_every_granularity_at_size(m, n, k, a_gran, b_gran):
     a_q, a_s, b_q, b_s = make_operands(m, n, k, a_gran, b_gran, "cuda", kmajor_b=True, seed=m + n)
     out = fp8_gemm(a_q, b_q, a_scale=a_s, b_scale=b_s, out_dtype=torch.float32)

@@ -35,12 +35,15 @@ DECODE_K256 = {**DECODE_SPLIT3, "SPLIT_K": 1, "BLOCK_K": 256}  # block scales ca
 PREFILL_TMA = {"path": "prefill", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2,
                "num_warps": 4, "num_stages": 2}
 PREFILL_PTR = {**PREFILL_TMA, "USE_TMA": False, "BLOCK_K": 64}
-# CUDA-core products (FMA): row tiles below a tl.dot's 16 (block scales fall back to the dot with 16 rows)
+# CUDA-core products (FMA): row tiles below a tl.dot's 16 (block scales fall back to the dot with 16 rows; group
+# scales stay on the CUDA cores: a K tile narrower than a group, one group, and two groups, the second past K)
 DECODE_FMA = {**DECODE_SPLIT3, "BLOCK_M": 8, "BLOCK_K": 64, "FMA": True}
 DECODE_FMA_ROW = {**DECODE_SPLIT3, "BLOCK_M": 1, "BLOCK_K": 128, "SPLIT_K": 1, "FMA": True}
-CONFIGS = [DECODE_SPLIT3, DECODE_TMA, DECODE_K256, PREFILL_TMA, PREFILL_PTR, DECODE_FMA, DECODE_FMA_ROW]
+DECODE_FMA_WIDE = {**DECODE_SPLIT3, "BLOCK_M": 2, "BLOCK_K": 256, "SPLIT_K": 1, "FMA": True}
+CONFIGS = [DECODE_SPLIT3, DECODE_TMA, DECODE_K256, PREFILL_TMA, PREFILL_PTR, DECODE_FMA, DECODE_FMA_ROW,
+           DECODE_FMA_WIDE]
 CONFIG_IDS = ["decode-splitk", "decode-tma", "decode-k256", "prefill-tma", "prefill-ptr", "decode-fma-splitk",
-              "decode-fma-row"]
+              "decode-fma-row", "decode-fma-wide"]
 
 
 @pytest.mark.parametrize("scaling", ["channel", "block", "group"])

@@ -161,14 +161,36 @@ def _fp8_to_f32(w, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _group_scaled(wf, s_ptr, offs_n, N, stride_s, srow_mul, srow_off, k, k_end,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """An fp32 ``[BLOCK_N, BLOCK_K]`` weight tile (rows ``offs_n``, K columns from ``k``, a multiple of 128 or of
+    ``BLOCK_K``) times its group scales (``W_SCALING`` 3: one per row and 128-wide K group; rows mapped as in
+    ``_block_scales``). A tile of 128 columns or more spans whole groups; a narrower one lies inside one. Groups
+    starting past ``k_end`` get a zero scale: their weights were masked to zero, and a scale read past the end of a
+    row could be anything (NaN included)."""
+    rows = offs_n * srow_mul + srow_off
+    if BLOCK_K >= 128:
+        groups: tl.constexpr = BLOCK_K // 128
+        g = k // 128 + tl.arange(0, groups)
+        s = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :],
+                    mask=(offs_n < N)[:, None] & (g * 128 < k_end)[None, :], other=0.0)
+        return tl.reshape(tl.reshape(wf, (BLOCK_N, groups, 128)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    s = tl.load(s_ptr + rows * stride_s + k // 128, mask=offs_n < N, other=0.0)
+    return wf * s[:, None]
+
+
+@triton.jit
 def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
-                acc_g, acc_u, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+                acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, W_SCALING: tl.constexpr):
     """``_pointer_k_loop`` on the CUDA cores (config ``FMA``): products in fp32 registers, ``[BLOCK_M, BLOCK_N,
     BLOCK_K]`` per projection, summed over K once at the end. For one or a few rows with FP8 weights: a tensor-core
     dot needs 16 rows (15 of them padding at M = 1) and its FP8 -> bf16 conversion in registers, and then streams
     the FP8 weights at ~60 % of copy bandwidth on the H200; plain loads and FMAs of wide K tiles keep more bytes in
-    flight. No block scales here (the host takes the dot for them)."""
+    flight. Group scales (``W_SCALING`` 3) multiply each weight element before its product (one more fp32 rounding
+    per product, as the weight-only FP8 GEMM does); 128x128 block scales are not taken here (the host keeps the dot
+    for them)."""
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -180,8 +202,13 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
         xf = x.to(tl.float32)[:, None, :]
-        acc3_g += xf * _fp8_to_f32(wg, INTERPRET)[None, :, :]
-        acc3_u += xf * _fp8_to_f32(wu, INTERPRET)[None, :, :]
+        wgf = _fp8_to_f32(wg, INTERPRET)
+        wuf = _fp8_to_f32(wu, INTERPRET)
+        if W_SCALING == 3:
+            wgf = _group_scaled(wgf, sg_ptr, offs_n, N, stride_sg, srow_mul, srow_off_g, k, k_end, BLOCK_N, BLOCK_K)
+            wuf = _group_scaled(wuf, su_ptr, offs_n, N, stride_su, srow_mul, srow_off_u, k, k_end, BLOCK_N, BLOCK_K)
+        acc3_g += xf * wgf[None, :, :]
+        acc3_u += xf * wuf[None, :, :]
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
@@ -270,7 +297,8 @@ def _gated_mlp_decode_kernel(
     elif USE_FMA:
         acc_g, acc_u = _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                    stride_xm, stride_wg, stride_wu, acc_g, acc_u,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET)
+                                   sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, W_SCALING)
     else:
         acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                        stride_xm, stride_wg, stride_wu, acc_g, acc_u,

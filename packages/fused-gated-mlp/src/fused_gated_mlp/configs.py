@@ -165,7 +165,7 @@ def _fit_stages(cfg: dict, smem: int) -> dict:
 # FMA tiles against the tensor-core dot's) found one tile best at one row on all three: 8 columns x 512 of K, no
 # split, 4 warps, 4 stages (Llama-3-8B 51.8 -> 35.4 us, Qwen3-8B 38.8 -> 31.1 us, gpt-oss 14.6 -> 7.3 us); at two
 # rows 8 x 256 (48.2 -> 42.4 us on Llama-3-8B); from four rows on the dot wins. Block scales keep the dot (they
-# scale each K step's partial product).
+# scale each K step's partial product). Group scales (one per row and 128 of K): see ``_fp8_group_fma``.
 FMA_MAX_TOKENS = 2
 
 
@@ -186,12 +186,32 @@ def _fp8_fma(tokens: int) -> dict:
             "num_warps": 4, "num_stages": 4, "FMA": True}
 
 
+def _fp8_group_fma(tokens: int, intermediate: int, sms: int) -> dict | None:
+    """The CUDA-core tile for group-scaled FP8 weights at one or two rows, where it pays; else None (the tensor-core
+    tile of the block-scale rules, which scales each 128-deep K step's partial product).
+
+    The FMA loop scales every weight element by its group's scale before its product. Measured on the H200
+    (``python -m benchmarks.dev.gated_mlp_group_fma``, four weight pairs back to back in a CUDA graph): slower than
+    the tensor-core tile where that tile's 32-column blocks fill the GPU (Llama-3-8B 65.6 against 52.3 us at one
+    row, Qwen3-8B 56.8 against 41.6), faster where they leave SMs idle (gpt-oss-20b's 2880 columns, 90 blocks on 132
+    SMs: 12.9 against 17.0 us at one row, 14.0 against 16.9 at two) with 8 columns, 256-deep K tiles, 3 stages.
+    """
+    if -(-intermediate // 32) >= sms:
+        return None
+    return {"BLOCK_M": tokens, "BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 1, "GROUP_M": 1, "num_warps": 4,
+            "num_stages": 3, "FMA": True}
+
+
 @functools.lru_cache(maxsize=4096)
 def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int,
                device: tuple[str, str | None], sms: int, smem: int, weights: str = "same") -> tuple:
     decode = tokens <= DECODE_MAX_TOKENS
     if weights == "fp8_channel" and 0 < tokens <= FMA_MAX_TOKENS:
         return tuple(sorted(_fp8_fma(tokens).items()))
+    if weights == "fp8_group" and 0 < tokens <= FMA_MAX_TOKENS:
+        fma = _fp8_group_fma(tokens, intermediate, sms)
+        if fma is not None:
+            return tuple(sorted(fma.items()))
     if weights == "fp8_channel" and decode:
         tuned = _FP8_DEVICE_TABLES.get(device, {}).get((decode_block_m(tokens), hidden, intermediate))
         if tuned is not None:
@@ -229,15 +249,16 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int,
     return tuple(sorted(_fit_stages(cfg, smem).items()))
 
 
-WEIGHT_KINDS = ("same", "fp8_channel", "fp8_block")
-"""``weights`` of the config functions: the activations' dtype, or FP8 with channel (or tensor) / 128x128 block
-scales."""
+WEIGHT_KINDS = ("same", "fp8_channel", "fp8_block", "fp8_group")
+"""``weights`` of the config functions: the activations' dtype, or FP8 with channel (or tensor) / 128x128 block /
+group (one per row and 128 of K) scales."""
 
 
 def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
                      device: torch.device, weights: str = "same") -> dict:
     """The analytical choice, used when no tuned config is cached or shipped: for FP8 weights with channel scales
-    at one or two rows the CUDA-core tile the H200 measured best (``FMA_MAX_TOKENS``); else the device's measured
+    scales at one or two rows the CUDA-core tile the H200 measured best (``FMA_MAX_TOKENS``; group scales where
+    their tensor-core tiles would leave SMs idle, ``_fp8_group_fma``); else the device's measured
     table (the H100's, matched by product name and compute capability), else rules reading its SM count and
     shared memory. ``dtype``: the activations'; ``weights``: one of :data:`WEIGHT_KINDS`."""
     if weights not in WEIGHT_KINDS:

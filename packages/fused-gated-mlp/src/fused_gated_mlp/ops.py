@@ -134,6 +134,9 @@ class LaunchNeeds(NamedTuple):
 
 
 _SCALING_CODES = {"channel": K.SCALE_CHANNEL, "block": K.SCALE_BLOCK, "group": K.SCALE_GROUP}
+# The config tables' weight kind of each scaling code (configs.WEIGHT_KINDS)
+_WEIGHT_KINDS = {K.SCALE_NONE: "same", K.SCALE_CHANNEL: "fp8_channel", K.SCALE_BLOCK: "fp8_block",
+                 K.SCALE_GROUP: "fp8_group"}
 
 
 def _scaling_code(gate_scale: torch.Tensor | None, rows: int, kind: str | None) -> int:
@@ -186,17 +189,21 @@ def _build_plan(
     else:
         # FP8 weights have entries of their own (at one or two rows the CUDA-core tiles). No tune-on-first-use
         # for them: the tuner's space holds tensor-core tiles only.
-        # (group scales take the block entries: the same K steps, a vector of scales per step either way)
-        weights = "same" if scaling == K.SCALE_NONE else "fp8_channel" if scaling == K.SCALE_CHANNEL else "fp8_block"
+        weights = _WEIGHT_KINDS[scaling]
         cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device,
                                       bench=bench if scaling == K.SCALE_NONE else None, weights=weights)
-    if scaling in (K.SCALE_BLOCK, K.SCALE_GROUP) and cfg["BLOCK_K"] > SCALE_BLOCK:
-        # Block scales apply per K step: a step must lie inside one 128-wide scale block. Block sizes are powers of
-        # two, so capping BLOCK_K at 128 (from 256 in some decode configs) makes it a divisor of 128.
-        cfg = {**cfg, "BLOCK_K": SCALE_BLOCK}  # a copy: a selected config may be a memoized object
     on_cpu = device.type == "cpu"
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
+    # CUDA-core products (config FMA; the decode kernel's plain loads): with channel or group scales (the FMA loop
+    # scales each weight element by its group's scale, any K tile); block scales keep the dot (a scale per K step's
+    # partial product)
+    fma = (bool(cfg.get("FMA", False)) and scaling != K.SCALE_BLOCK and path == "decode"
+           and not cfg.get("USE_TMA", False))
+    if scaling in (K.SCALE_BLOCK, K.SCALE_GROUP) and cfg["BLOCK_K"] > SCALE_BLOCK and not fma:
+        # Block scales apply per K step: a step must lie inside one 128-wide scale block. Block sizes are powers of
+        # two, so capping BLOCK_K at 128 (from 256 in some decode configs) makes it a divisor of 128.
+        cfg = {**cfg, "BLOCK_K": SCALE_BLOCK}  # a copy: a selected config may be a memoized object
     # Tensor descriptors (TMA) by default for the prefill GEMM only: the decode kernel streamed its weights 2-15 %
     # faster with plain wide loads on the H100, at every required shape (benchmarks/dev/gated_mlp_decode.py).
     use_tma = bool(cfg.get("USE_TMA", path != "decode") and K_dim > 0 and (on_cpu or _is_hopper(device.index))
@@ -222,9 +229,7 @@ def _build_plan(
         # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
         even_k = use_tma or K_dim % (cfg["BLOCK_K"] * split_k) == 0
         kernel = K._gated_mlp_decode_kernel
-        # CUDA-core products (config FMA): not with block or group scales (applied per K step to a dot's partial
-        # product)
-        use_fma = bool(cfg.get("FMA", False)) and scaling not in (K.SCALE_BLOCK, K.SCALE_GROUP) and not use_tma
+        use_fma = fma and not use_tma  # (TMA only when a forced config asks for it)
         if not use_fma and cfg["BLOCK_M"] < 16:  # an FMA tile with fewer rows than a tl.dot takes
             cfg = {**cfg, "BLOCK_M": 16}
             grid_m = cdiv(M, 16)

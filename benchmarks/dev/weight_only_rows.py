@@ -1,0 +1,142 @@
+# ruff: noqa: B023  (the timed closures run inside the loop iteration that defines them)
+"""FP8 decode GEMMs of 17 to 64 rows: the weight-only kernel's tensor-core tiles against the W8A8 path and bf16.
+
+    python -m benchmarks.dev.weight_only_rows                       # M = 32 and 64, Llama / Qwen3 / gpt-oss shapes
+    python -m benchmarks.dev.weight_only_rows --rows 64 --shapes qkv,o --scales channel
+    python -m benchmarks.dev.weight_only_rows --no-sweep       # FP8Linear's own choice against bf16 only
+
+Batched decode (8 to 64 sequences a step) multiplies up to 64 token rows by every weight: still a weight stream, but
+a 16-row tile no longer holds every row. For each shape, M and weight scale (per channel, or the default recipe's
+groups of 128 inputs), every candidate tile of ``fp8_gemm``'s weight-only kernel (``weight_only.build_plan(...,
+config)``: ``BLOCK_M`` 32 or 64, the whole M in one row tile) runs on ``--copies`` different weights back to back,
+captured in a CUDA graph (no L2 reuse between them, no flush, as consecutive projections of a decode step meet them),
+beside ``FP8Linear``'s current choice for that M (``path="auto"``), the W8A8 path forced, and bf16 ``F.linear``
+(cuBLAS) on the same shapes. Prints the best tiles per case with the weight-read floor (FP8 bytes / copy bandwidth)
+and writes ``weight_only_rows.json`` to ``$OUT`` (default /tmp). Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .weight_only_chain import copy_gbps, graph_us
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate": (14336, 4096), "down": (4096, 14336),
+          "qwen3-gate": (12288, 4096), "qwen3-down": (4096, 12288), "gptoss-qkv": (5120, 2880),
+          "gptoss-o": (2880, 4096)}  # (out_features N, in_features K)
+_SMEM = 160 * 1024
+
+
+def candidates(m: int, scale: str) -> list[dict]:
+    """Tensor-core tiles for ``m`` rows in one row tile (a 16-bit activation, an E4M3 weight)."""
+    block_m = max(16, 1 << (m - 1).bit_length())
+    out = []
+    k_tiles = (64, 128) if scale == "group" else (64, 128, 256)  # a group-scaled dot stays inside 128 inputs
+    for (bn, warps), bk, split in itertools.product(((32, 4), (64, 4), (128, 4), (128, 8)), k_tiles, (1, 2, 4)):
+        stage = bk * (block_m * 2 + bn)
+        stages = min(4, _SMEM // stage)
+        if stages >= 2:
+            out.append({"USE_DOT": True, "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                        "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def _label(cfg: dict) -> str:
+    return "m{BLOCK_M}-n{BLOCK_N}-k{BLOCK_K}-w{num_warps}-s{num_stages}-split{SPLIT_K}".format(**cfg)
+
+
+def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float, sweep: bool = True) -> list[dict]:
+    from fp8_gemm import FP8Linear
+    from fp8_gemm import weight_only as wo
+
+    n, k = SHAPES[name]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    lins = []
+    for _ in range(copies):
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.normal_(0.0, k**-0.5)
+        lins.append(lin)
+    act = "row" if scale == "channel" else "block"
+    mods = [FP8Linear.from_linear(lin, weight_granularity=scale, activation_granularity=act) for lin in lins]
+    floor = n * k / bandwidth / 1e3
+    w0 = mods[0].weight.float()
+    s0 = mods[0].weight_scale
+    if scale == "group":  # [ceil(K/128), N] -> per weight element
+        s_full = s0.t().repeat_interleave(128, dim=1)[:, :k]
+    else:
+        s_full = s0.reshape(-1, 1)
+    reference = x.double() @ (w0.double() * s_full.double()).t()
+
+    def err(out):
+        return ((out.double() - reference).norm() / reference.norm()).item()
+
+    rows = []
+
+    def record(label, fn, first, floor_us=floor):
+        us = graph_us(fn) / copies
+        rows.append({"shape": name, "M": m, "scale": scale, "label": label, "us": us, "floor_us": floor_us,
+                     "rel_err": err(first) if first is not None else None})
+
+    for label, path in (("auto", "auto"), ("w8a8", "w8a8")):
+        for mod in mods:
+            mod.path = path
+        record(label, lambda: [mod(x) for mod in mods], mods[0](x))
+    if scale == "channel":
+        record("bf16 F.linear", lambda: [F.linear(x, lin.weight) for lin in lins], F.linear(x, lins[0].weight),
+               2 * floor)
+    for cfg in candidates(m, scale) if sweep else []:
+        try:
+            plans = [wo.build_plan(x, mod.weight, mod.weight_scale, None, cfg) for mod in mods]
+
+            def fn():
+                return [plan.run(x, mod.weight, mod.weight_scale, None) for plan, mod in zip(plans, mods)]
+
+            record(_label(cfg), fn, fn()[0])
+            rows[-1]["config"] = cfg
+        except Exception as exc:  # a tile the kernel cannot take (resources): reported, the sweep goes on
+            print(f"  {name} M={m} {scale} {_label(cfg)}: {type(exc).__name__}: {str(exc)[:120]}")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dev.weight_only_rows", description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--rows", default="32,64", help="M values")
+    p.add_argument("--scales", default="channel,group")
+    p.add_argument("--copies", type=int, default=4, help="different weights per case in the timed chain")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false",
+                   help="only FP8Linear's choice, the W8A8 path and bf16 (no weight-only tiles)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("weight_only_rows needs a GPU")
+        return 2
+    bandwidth = copy_gbps()
+    print(f"copy bandwidth {bandwidth:,.0f} GB/s", flush=True)
+    rows = []
+    out = Path(os.environ.get("OUT", "/tmp")) / "weight_only_rows.json"
+    for name in args.shapes.split(","):
+        for m in (int(v) for v in args.rows.split(",")):
+            for scale in args.scales.split(","):
+                case = run_case(name, m, scale, args.copies, bandwidth, args.sweep)
+                rows += case
+                out.write_text(json.dumps({"bandwidth_gbps": bandwidth, "rows": rows}, indent=1))
+                fixed = [r for r in case if "config" not in r]
+                best = sorted((r for r in case if "config" in r), key=lambda r: r["us"])
+                print(f"== {name} {SHAPES[name]} M={m} {scale}: floor {case[0]['floor_us']:.2f} us", flush=True)
+                for r in fixed + best[:5]:
+                    print(f"   {r['label']:34s} {r['us']:7.2f} us  {r['floor_us'] / r['us']:4.0%}  "
+                          f"err {r['rel_err']:.1e}", flush=True)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
