@@ -28,9 +28,10 @@ SHAPES = {"llama3-8b": (4096, 14336), "qwen3-8b": (4096, 12288), "gpt-oss-20b": 
 
 def candidates(m: int) -> list[dict]:
     out = []
-    for bn, bk, stages in itertools.product((8, 16, 32), (256, 512), (3, 4)):
-        out.append({"path": "decode", "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 1,
-                    "num_warps": 4, "num_stages": stages, "FMA": True})
+    for bn, bk, stages, warps in itertools.product((8, 16, 32), (256, 512), (3, 4), (2, 4, 8)):
+        if bn >= warps:
+            out.append({"path": "decode", "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 1,
+                        "num_warps": warps, "num_stages": stages, "FMA": True})
     return out
 
 
@@ -60,7 +61,7 @@ def run_case(name: str, m: int, copies: int, bandwidth: float) -> list[dict]:
     rows = []
     cases = [("channel (package)", "channel", None), ("group (package)", "group", None),
              ("group, former tensor-core tile", "group", {**old, "path": "decode"})]
-    cases += [("fma-n{BLOCK_N}-k{BLOCK_K}-s{num_stages}".format(**c), "group", c) for c in candidates(m)]
+    cases += [("fma-n{BLOCK_N}-k{BLOCK_K}-s{num_stages}-w{num_warps}".format(**c), "group", c) for c in candidates(m)]
     for label, scaling, cfg in cases:
         ops = pairs[scaling]
 

@@ -4,6 +4,7 @@
     python -m benchmarks.dev.weight_only_rows                       # M = 32 and 64, Llama / Qwen3 / gpt-oss shapes
     python -m benchmarks.dev.weight_only_rows --rows 64 --shapes qkv,o --scales channel
     python -m benchmarks.dev.weight_only_rows --no-sweep       # FP8Linear's own choice against bf16 only
+    python -m benchmarks.dev.weight_only_rows --rows 1         # one row: the CUDA-core (FMA) tiles instead
 
 Batched decode (8 to 64 sequences a step) multiplies up to 64 token rows by every weight: still a weight stream, but
 a 16-row tile no longer holds every row. For each shape, M and weight scale (per channel, or the default recipe's
@@ -34,8 +35,22 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate": (14336, 4096), "down":
 _SMEM = 160 * 1024
 
 
+def fma_candidates(m: int) -> list[dict]:
+    """CUDA-core (FMA) tiles for one or two rows (a 16-bit activation, an E4M3 weight)."""
+    out = []
+    for bn, bk, split, warps in itertools.product((8, 16, 32, 64), (256, 512), (1, 2), (4, 8)):
+        stages = min(4, _SMEM // (bk * (m * 2 + bn)))
+        if stages >= 2 and bn >= warps:
+            out.append({"USE_DOT": False, "BLOCK_M": m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                        "num_warps": warps, "num_stages": stages})
+    return out
+
+
 def candidates(m: int, scale: str) -> list[dict]:
-    """Tensor-core tiles for ``m`` rows in one row tile (a 16-bit activation, an E4M3 weight)."""
+    """Tensor-core tiles for ``m`` rows in one row tile (a 16-bit activation, an E4M3 weight); FMA tiles for one
+    or two rows."""
+    if m <= 2:
+        return fma_candidates(m)
     block_m = max(16, 1 << (m - 1).bit_length())
     out = []
     k_tiles = (64, 128) if scale == "group" else (64, 128, 256)  # a group-scaled dot stays inside 128 inputs

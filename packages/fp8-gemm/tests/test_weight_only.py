@@ -125,6 +125,20 @@ def test_kernel_variants(mode, config, m, dtype):
     assert_close_rel(out, _reference(x, q, s, bias), TOL[dtype], f"{config} {dtype}")
 
 
+@pytest.mark.parametrize("mode", ["channel", "group"])
+def test_norm_prologue_in_front_of_fp8_weights(mode):
+    # the RMSNorm prologue before E4M3 weights on the FMA variant, split K and a partial last group
+    q, s = _weight(40, 300, mode, DEV, seed=12)
+    x = _activation(1, 300, torch.float32, DEV, seed=13) * 3.0 + 0.5
+    nw = (torch.rand(300, generator=torch.Generator().manual_seed(14)) + 0.5).to(DEV)
+    cfg = {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 4,
+           "num_stages": 1}
+    plan = wo.build_plan(x, q, s, None, config=cfg, norm_weight=nw, norm_eps=1e-5)
+    out = plan.run(x, q, s, None, norm_weight=nw)
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    assert_close_rel(out, _reference(xn, q, s, None), TOL[torch.float32], mode)
+
+
 def test_group_scales_past_k_are_never_read():
     # K = 300: the FMA tile of 512 spans groups 0-3 of which 3 lies past K; the scale is a view into a buffer whose
     # next row is NaN, so reading it would poison the output (0 * NaN)

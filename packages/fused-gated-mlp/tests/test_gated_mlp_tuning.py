@@ -95,9 +95,13 @@ def test_fp8_channel_weights_at_one_or_two_rows_take_the_cuda_core_tiles():
         assert chosen == cfg
     for tokens in (1, 2):  # group scales: CUDA-core tiles where 32-column tensor-core tiles leave SMs idle
         cfg = configs.heuristic_config(tokens, 2880, 2880, torch.bfloat16, CPU, weights="fp8_group")
-        assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (tokens, 8, 256)
-        cfg = configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights="fp8_group")
-        assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16
+        assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) == (tokens, 8, 256, 4)
+    # and at one row of a wide MLP (100+ intermediate columns a SM: Llama-3-8B, not Qwen3-8B), with 2 warps
+    cfg = configs.heuristic_config(1, 4096, 14336, torch.bfloat16, CPU, weights="fp8_group")
+    assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) == (1, 8, 256, 2)
+    for tokens, inter in ((2, 14336), (1, 12288)):
+        cfg = configs.heuristic_config(tokens, 4096, inter, torch.bfloat16, CPU, weights="fp8_group")
+        assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16, (tokens, inter)
     # three rows, block scales (scaled per K step: the dot's tiles), bf16 weights: tensor-core tiles of 16+ rows
     for tokens, weights in ((3, "fp8_channel"), (3, "fp8_group"), (1, "fp8_block"), (1, "same")):
         cfg = configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights=weights)

@@ -160,23 +160,78 @@ def _fp8_to_f32(w, INTERPRET: tl.constexpr):
     return w.to(tl.float32)
 
 
+# The group-scaled CUDA-core loop's view of a K tile: ``k = g * SPAN + e * LANES + c`` for the tile's group ``g``
+# (``SPAN``: 128, the group width, or the whole tile where it is narrower), row ``e`` of the group and lane ``c``
+# (``LANES``: GROUP_LANES, or the span where it is narrower). Lanes run across a warp's threads; a group's rows stay in
+# each thread's registers, so their products are summed there before the group's scale multiplies the sum.
+GROUP_LANES = tl.constexpr(32)
+
+
 @triton.jit
-def _group_scaled(wf, s_ptr, offs_n, N, stride_s, srow_mul, srow_off, k, k_end,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """An fp32 ``[BLOCK_N, BLOCK_K]`` weight tile (rows ``offs_n``, K columns from ``k``, a multiple of 128 or of
-    ``BLOCK_K``) times its group scales (``W_SCALING`` 3: one per row and 128-wide K group; rows mapped as in
-    ``_block_scales``). A tile of 128 columns or more spans whole groups; a narrower one lies inside one. Groups
-    starting past ``k_end`` get a zero scale: their weights were masked to zero, and a scale read past the end of a
-    row could be anything (NaN included)."""
-    rows = offs_n * srow_mul + srow_off
-    if BLOCK_K >= 128:
-        groups: tl.constexpr = BLOCK_K // 128
-        g = k // 128 + tl.arange(0, groups)
-        s = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :],
-                    mask=(offs_n < N)[:, None] & (g * 128 < k_end)[None, :], other=0.0)
-        return tl.reshape(tl.reshape(wf, (BLOCK_N, groups, 128)) * s[:, :, None], (BLOCK_N, BLOCK_K))
-    s = tl.load(s_ptr + rows * stride_s + k // 128, mask=offs_n < N, other=0.0)
-    return wf * s[:, None]
+def _group_k_view(BLOCK_K: tl.constexpr):
+    """The K offsets of a tile as ``[G, E, LANES]`` (group, row, lane); see ``GROUP_LANES``."""
+    SPAN: tl.constexpr = 128 if BLOCK_K >= 128 else BLOCK_K
+    LANES: tl.constexpr = GROUP_LANES if SPAN >= GROUP_LANES else SPAN
+    return (tl.arange(0, BLOCK_K // SPAN)[:, None, None] * SPAN + tl.arange(0, SPAN // LANES)[None, :, None] * LANES
+            + tl.arange(0, LANES)[None, None, :])
+
+
+@triton.jit
+def _group_partial(xf, w, s_ptr, rows, mask_n, stride_s, k, k_end, BLOCK_K: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """One weight's K step at column ``k`` with group scales: ``xf [BLOCK_M, G, E, 1, LANES]`` (fp32) times
+    ``w [G, E, BLOCK_N, LANES]`` (FP8), the products summed over each group's rows in registers, then times the
+    ``[G, BLOCK_N]`` group scales of weight rows ``rows``. Groups starting past ``k_end`` get a zero scale: their
+    weights were masked to zero, and a scale read past the end of a row could be anything (NaN included)."""
+    SPAN: tl.constexpr = 128 if BLOCK_K >= 128 else BLOCK_K
+    part = tl.sum(xf * _fp8_to_f32(w, INTERPRET)[None, :, :, :, :], axis=2)  # [BLOCK_M, G, BLOCK_N, LANES]
+    start = k + tl.arange(0, BLOCK_K // SPAN) * SPAN  # each group's first column in this tile
+    s = tl.load(s_ptr + rows[None, :] * stride_s + (start // 128)[:, None],
+                mask=mask_n[None, :] & (start < k_end)[:, None], other=0.0)
+    return part * s[None, :, :, None]
+
+
+@triton.jit
+def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
+                      acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+    """``_fma_k_loop`` with group scales (``W_SCALING`` 3; ``BLOCK_K`` a power of two, at least 16): the K tile is
+    viewed as ``[group, row, lane]`` (``_group_k_view``), each thread sums the products of its rows of a group and
+    only that sum is scaled: one scale product per ``128 / GROUP_LANES`` weight elements instead of one per element,
+    and a thread needs only the scales of its own rows and groups."""
+    SPAN: tl.constexpr = 128 if BLOCK_K >= 128 else BLOCK_K
+    LANES: tl.constexpr = GROUP_LANES if SPAN >= GROUP_LANES else SPAN
+    kk = _group_k_view(BLOCK_K)  # [G, E, LANES]
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None, None, None] * stride_xm + (k_start + kk)[None, :, :, :]
+    n64 = offs_n.to(tl.int64)[None, None, :, None]
+    wg_ptrs = wg_ptr + n64 * stride_wg + (k_start + kk)[:, :, None, :]  # [G, E, BLOCK_N, LANES]
+    wu_ptrs = wu_ptr + n64 * stride_wu + (k_start + kk)[:, :, None, :]
+    rows_g = offs_n * srow_mul + srow_off_g
+    rows_u = offs_n * srow_mul + srow_off_u
+    mask_x = mask_m[:, None, None, None]
+    mask_w = mask_n[None, None, :, None]
+    acc4_g = tl.zeros((BLOCK_M, BLOCK_K // SPAN, BLOCK_N, LANES), dtype=tl.float32)
+    acc4_u = tl.zeros((BLOCK_M, BLOCK_K // SPAN, BLOCK_N, LANES), dtype=tl.float32)
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_x, other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_w, other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_w, other=0.0)
+        else:
+            in_k = (k + kk) < k_end
+            x = tl.load(x_ptrs, mask=mask_x & in_k[None, :, :, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_w & in_k[:, :, None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_w & in_k[:, :, None, :], other=0.0)
+        xf = x.to(tl.float32)[:, :, :, None, :]
+        acc4_g += _group_partial(xf, wg, sg_ptr, rows_g, mask_n, stride_sg, k, k_end, BLOCK_K, INTERPRET)
+        acc4_u += _group_partial(xf, wu, su_ptr, rows_u, mask_n, stride_su, k, k_end, BLOCK_K, INTERPRET)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    return acc_g + tl.sum(tl.sum(acc4_g, axis=3), axis=1), acc_u + tl.sum(tl.sum(acc4_u, axis=3), axis=1)
 
 
 @triton.jit
@@ -188,9 +243,12 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     BLOCK_K]`` per projection, summed over K once at the end. For one or a few rows with FP8 weights: a tensor-core
     dot needs 16 rows (15 of them padding at M = 1) and its FP8 -> bf16 conversion in registers, and then streams
     the FP8 weights at ~60 % of copy bandwidth on the H200; plain loads and FMAs of wide K tiles keep more bytes in
-    flight. Group scales (``W_SCALING`` 3) multiply each weight element before its product (one more fp32 rounding
-    per product, as the weight-only FP8 GEMM does); 128x128 block scales are not taken here (the host keeps the dot
-    for them)."""
+    flight. Group scales (``W_SCALING`` 3) take ``_fma_group_k_loop``, which scales each group's partial sums;
+    128x128 block scales are not taken here (the host keeps the dot for them)."""
+    if W_SCALING == 3:
+        return _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg,
+                                 stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
+                                 srow_off_u, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -204,9 +262,6 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
         xf = x.to(tl.float32)[:, None, :]
         wgf = _fp8_to_f32(wg, INTERPRET)
         wuf = _fp8_to_f32(wu, INTERPRET)
-        if W_SCALING == 3:
-            wgf = _group_scaled(wgf, sg_ptr, offs_n, N, stride_sg, srow_mul, srow_off_g, k, k_end, BLOCK_N, BLOCK_K)
-            wuf = _group_scaled(wuf, su_ptr, offs_n, N, stride_su, srow_mul, srow_off_u, k, k_end, BLOCK_N, BLOCK_K)
         acc3_g += xf * wgf[None, :, :]
         acc3_u += xf * wuf[None, :, :]
         x_ptrs += BLOCK_K

@@ -190,15 +190,23 @@ def _fp8_group_fma(tokens: int, intermediate: int, sms: int) -> dict | None:
     """The CUDA-core tile for group-scaled FP8 weights at one or two rows, where it pays; else None (the tensor-core
     tile of the block-scale rules, which scales each 128-deep K step's partial product).
 
-    The FMA loop scales every weight element by its group's scale before its product. Measured on the H200
-    (``python -m benchmarks.dev.gated_mlp_group_fma``, four weight pairs back to back in a CUDA graph): slower than
-    the tensor-core tile where that tile's 32-column blocks fill the GPU (Llama-3-8B 65.6 against 52.3 us at one
-    row, Qwen3-8B 56.8 against 41.6), faster where they leave SMs idle (gpt-oss-20b's 2880 columns, 90 blocks on 132
-    SMs: 12.9 against 17.0 us at one row, 14.0 against 16.9 at two) with 8 columns, 256-deep K tiles, 3 stages.
+    The FMA loop sums each group's products in registers before its scale (``_fma_group_k_loop``). Measured on the
+    H200 (``python -m benchmarks.dev.gated_mlp_group_fma``, four weight pairs back to back in a CUDA graph, session
+    17), 8 columns and 256-deep K tiles, 3 stages:
+
+    - where the tensor-core tile's 32-column blocks leave SMs idle (gpt-oss-20b's 2880 columns, 90 blocks on 132
+      SMs), 4 warps: 11.5 against 17.1 us at one row;
+    - at one row with 100 or more intermediate columns per SM, 2 warps: Llama-3-8B (14336) 48.6 against 52.4 us;
+      Qwen3-8B (12288, 93 a SM) keeps the tensor-core tile (41.6 against 42.6);
+    - at two rows the tensor-core tile wins on both (52.4 against 53.2, 41.4 against 46.8).
     """
-    if -(-intermediate // 32) >= sms:
+    if -(-intermediate // 32) < sms:
+        warps = 4
+    elif tokens == 1 and intermediate >= 100 * sms:
+        warps = 2
+    else:
         return None
-    return {"BLOCK_M": tokens, "BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 1, "GROUP_M": 1, "num_warps": 4,
+    return {"BLOCK_M": tokens, "BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 1, "GROUP_M": 1, "num_warps": warps,
             "num_stages": 3, "FMA": True}
 
 
