@@ -33,6 +33,9 @@ VARIANTS = [
     ("decode, group scales, one-row CUDA-core tile", K._gated_mlp_decode_kernel, K.SCALE_GROUP,
      dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, EVEN_K=True, NUM_STAGES=4, USE_TMA=False, INTERPRET=False,
           USE_FMA=True)),
+    ("decode, group scales, two-row CUDA-core tile", K._gated_mlp_decode_kernel, K.SCALE_GROUP,
+     dict(BLOCK_M=2, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1, EVEN_K=False, NUM_STAGES=3, USE_TMA=False, INTERPRET=False,
+          USE_FMA=True)),
     ("prefill, group scales", K._gated_mlp_prefill_kernel, K.SCALE_GROUP,
      dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, USE_TMA=False)),
 ]

@@ -93,15 +93,15 @@ def test_fp8_channel_weights_at_one_or_two_rows_take_the_cuda_core_tiles():
         assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (tokens, 8, block_k)
         chosen = configs.select_gated_mlp_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights="fp8_channel")
         assert chosen == cfg
-    for tokens in (1, 2):  # group scales: CUDA-core tiles where 32-column tensor-core tiles leave SMs idle
-        cfg = configs.heuristic_config(tokens, 2880, 2880, torch.bfloat16, CPU, weights="fp8_group")
-        assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) == (tokens, 8, 256, 4)
-    # and at one row of a wide MLP (100+ intermediate columns a SM: Llama-3-8B, not Qwen3-8B), with 2 warps
-    cfg = configs.heuristic_config(1, 4096, 14336, torch.bfloat16, CPU, weights="fp8_group")
-    assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) == (1, 8, 256, 2)
-    for tokens, inter in ((2, 14336), (1, 12288)):
-        cfg = configs.heuristic_config(tokens, 4096, inter, torch.bfloat16, CPU, weights="fp8_group")
-        assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16, (tokens, inter)
+    # group scales: the CUDA-core tile at one row on every shape; at two rows only where 32-column tensor-core
+    # tiles leave SMs idle (gpt-oss-20b's 2880 columns)
+    for hidden, inter in ((2880, 2880), (4096, 12288), (4096, 14336)):
+        cfg = configs.heuristic_config(1, hidden, inter, torch.bfloat16, CPU, weights="fp8_group")
+        assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (1, 8, 512), inter
+    cfg = configs.heuristic_config(2, 2880, 2880, torch.bfloat16, CPU, weights="fp8_group")
+    assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (2, 8, 256)
+    cfg = configs.heuristic_config(2, 4096, 14336, torch.bfloat16, CPU, weights="fp8_group")
+    assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16
     # three rows, block scales (scaled per K step: the dot's tiles), bf16 weights: tensor-core tiles of 16+ rows
     for tokens, weights in ((3, "fp8_channel"), (3, "fp8_group"), (1, "fp8_block"), (1, "same")):
         cfg = configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights=weights)

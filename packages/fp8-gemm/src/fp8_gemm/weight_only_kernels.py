@@ -74,6 +74,16 @@ def _group_scaled(wf, s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_N: tl
 
 
 @triton.jit
+def _chunk_scales(s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """The group scale of every ``CHUNK``-wide piece of a one-row K tile from ``k0``, ``[BLOCK_N, BLOCK_K //
+    CHUNK]`` (``CHUNK`` divides 128: a piece lies inside one group). Pieces starting past K get a zero scale: their
+    weights were masked to zero, and a scale read past the end could be anything (NaN included)."""
+    starts = k0 + tl.arange(0, BLOCK_K // CHUNK) * CHUNK
+    return tl.load(s_ptr + (starts // 128)[None, :] * stride_sk + offs_n[:, None] * stride_sn,
+                   mask=(offs_n < N)[:, None] & (starts < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     """A 2-D tile, masked only along the dimensions that may run past the tensor (zero there)."""
     if EVEN_ROWS:
@@ -159,6 +169,7 @@ def fp8_weight_only_kernel(
     pipeline depth (asynchronous copies into shared memory); given explicitly, so the FMA variant, whose loads
     feed no ``tl.dot``, is pipelined too.
     """
+    CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # group scales, one row: products summed per chunk
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -178,7 +189,13 @@ def fp8_weight_only_kernel(
     else:
         # the [BLOCK_N, BLOCK_K] tile of W: K-contiguous rows
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :] * stride_wk
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if BLOCK_M == 1:
+            # one row: products in the weight tile's own layout (a thread holds contiguous K bytes of a row, read
+            # from shared memory a vector at a time, no re-layout); group scales: each thread's CHUNK products of
+            # a row summed first (a chunk lies inside one group), then times the group's scale
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K // CHUNK if SCALE_MODE == 4 else BLOCK_K], dtype=tl.float32)
+        else:
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     if NORM:
         rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_M, NORM_BLOCK)
     for ki in tl.range(k_first, k_last, num_stages=NUM_STAGES):
@@ -212,13 +229,23 @@ def fp8_weight_only_kernel(
                 kk = k0 + offs_k
                 xf = xf * tl.load(s_col + (kk // 128) * stride_sk, mask=kk < K, other=0.0)[None, :]
             wf = _dequant_type(w, tl.float32, EMULATE and SCALE_MODE != 3)
-            if SCALE_MODE == 4:
-                wf = _group_scaled(wf, s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_N, BLOCK_K)
-            acc3 += xf[:, None, :] * wf[None, :, :]
+            if BLOCK_M == 1:
+                if SCALE_MODE == 4:
+                    part = tl.sum(tl.reshape(xf * wf, (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
+                    acc2 += part * _chunk_scales(s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_K, CHUNK)
+                else:
+                    acc2 += xf * wf
+            else:
+                if SCALE_MODE == 4:
+                    wf = _group_scaled(wf, s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_N, BLOCK_K)
+                acc3 += xf[:, None, :] * wf[None, :, :]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc2, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=2)
 
     mask_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]

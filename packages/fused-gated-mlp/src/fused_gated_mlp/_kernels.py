@@ -192,6 +192,55 @@ def _group_partial(xf, w, s_ptr, rows, mask_n, stride_s, k, k_end, BLOCK_K: tl.c
 
 
 @triton.jit
+def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
+                        acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                        NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+    """``_fma_group_k_loop`` for one row: the weight tiles as ``[BLOCK_N, G, SPAN]`` (``SPAN`` = 128 or a narrower
+    tile), multiplied in the layout they are loaded in (a thread holds contiguous K bytes of a row, read from shared
+    memory a vector at a time), each weight element times its group's scale (one scale a thread and group), products
+    added into fp32 registers of the same shape and summed once after the loop."""
+    SPAN: tl.constexpr = 128 if BLOCK_K >= 128 else BLOCK_K
+    G: tl.constexpr = BLOCK_K // SPAN
+    kk = tl.arange(0, G)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]  # [G, SPAN]
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm + (k_start + kk)[None, :, :]  # [1, G, SPAN]
+    n64 = offs_n.to(tl.int64)[:, None, None]
+    wg_ptrs = wg_ptr + n64 * stride_wg + (k_start + kk)[None, :, :]  # [BLOCK_N, G, SPAN]
+    wu_ptrs = wu_ptr + n64 * stride_wu + (k_start + kk)[None, :, :]
+    rows_g = offs_n * srow_mul + srow_off_g
+    rows_u = offs_n * srow_mul + srow_off_u
+    mask_w = mask_n[:, None, None]
+    CHUNK: tl.constexpr = 16 if SPAN >= 16 else SPAN
+    acc3_g = tl.zeros((BLOCK_N, G, SPAN // CHUNK), dtype=tl.float32)
+    acc3_u = tl.zeros((BLOCK_N, G, SPAN // CHUNK), dtype=tl.float32)
+    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            wg = tl.load(wg_ptrs, mask=mask_w, other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_w, other=0.0)
+        else:
+            in_k = ((k + kk) < k_end)[None, :, :]
+            x = tl.load(x_ptrs, mask=in_k, other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_w & in_k, other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_w & in_k, other=0.0)
+        start = k + tl.arange(0, G) * SPAN  # each group's first column in this tile
+        live = mask_n[:, None] & (start < k_end)[None, :]
+        sg = tl.load(sg_ptr + rows_g[:, None] * stride_sg + (start // 128)[None, :], mask=live, other=0.0)
+        su = tl.load(su_ptr + rows_u[:, None] * stride_su + (start // 128)[None, :], mask=live, other=0.0)
+        xf = x.to(tl.float32)
+        pg = tl.sum(tl.reshape(xf * _fp8_to_f32(wg, INTERPRET), (BLOCK_N, G, SPAN // CHUNK, CHUNK)), axis=3)
+        pu = tl.sum(tl.reshape(xf * _fp8_to_f32(wu, INTERPRET), (BLOCK_N, G, SPAN // CHUNK, CHUNK)), axis=3)
+        acc3_g += pg * sg[:, :, None]
+        acc3_u += pu * su[:, :, None]
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    return (acc_g + tl.sum(tl.sum(acc3_g, axis=2), axis=1)[None, :],
+            acc_u + tl.sum(tl.sum(acc3_u, axis=2), axis=1)[None, :])
+
+
+@triton.jit
 def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                       acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -202,6 +251,10 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
     and a thread needs only the scales of its own rows and groups."""
     SPAN: tl.constexpr = 128 if BLOCK_K >= 128 else BLOCK_K
     LANES: tl.constexpr = GROUP_LANES if SPAN >= GROUP_LANES else SPAN
+    if BLOCK_M == 1:
+        return _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg,
+                                   stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul,
+                                   srow_off_g, srow_off_u, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET)
     kk = _group_k_view(BLOCK_K)  # [G, E, LANES]
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -255,6 +308,18 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
     wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
     wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
+    if BLOCK_M == 1:
+        acc2_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc2_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
+            xf = x.to(tl.float32)
+            acc2_g += xf * _fp8_to_f32(wg, INTERPRET)
+            acc2_u += xf * _fp8_to_f32(wu, INTERPRET)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
+        return acc_g + tl.sum(acc2_g, axis=1)[None, :], acc_u + tl.sum(acc2_u, axis=1)[None, :]
     acc3_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):

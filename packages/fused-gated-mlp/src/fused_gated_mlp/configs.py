@@ -190,23 +190,20 @@ def _fp8_group_fma(tokens: int, intermediate: int, sms: int) -> dict | None:
     """The CUDA-core tile for group-scaled FP8 weights at one or two rows, where it pays; else None (the tensor-core
     tile of the block-scale rules, which scales each 128-deep K step's partial product).
 
-    The FMA loop sums each group's products in registers before its scale (``_fma_group_k_loop``). Measured on the
-    H200 (``python -m benchmarks.dev.gated_mlp_group_fma``, four weight pairs back to back in a CUDA graph, session
-    17), 8 columns and 256-deep K tiles, 3 stages:
-
-    - where the tensor-core tile's 32-column blocks leave SMs idle (gpt-oss-20b's 2880 columns, 90 blocks on 132
-      SMs), 4 warps: 11.5 against 17.1 us at one row;
-    - at one row with 100 or more intermediate columns per SM, 2 warps: Llama-3-8B (14336) 48.6 against 52.4 us;
-      Qwen3-8B (12288, 93 a SM) keeps the tensor-core tile (41.6 against 42.6);
-    - at two rows the tensor-core tile wins on both (52.4 against 53.2, 41.4 against 46.8).
+    One row (``_fma_group_row_loop``: products in the weight tile's own layout, each thread's 16 products of a row
+    summed before the group's scale): 8 columns, 512-deep K tiles, 3 stages, 4 warps, on every shape. H200, session
+    17 (``python -m benchmarks.dev.gated_mlp_group_fma``, four weight pairs back to back in a CUDA graph):
+    Llama-3-8B 32.7-33.5 us (the tensor-core tile 52.5; channel scales 32.2), gpt-oss-20b 8.1 us (16.9; channel
+    7.7). Two rows (``_fma_group_k_loop``): only where the tensor-core tile's 32-column blocks leave SMs idle
+    (gpt-oss-20b's 2880 columns, 90 blocks on 132 SMs: 14.0 against 16.9 us), 256-deep K tiles; on Llama-3-8B and
+    Qwen3-8B the tensor-core tile measured faster (52.4 against 53.2, 41.4 against 46.8).
     """
-    if -(-intermediate // 32) < sms:
-        warps = 4
-    elif tokens == 1 and intermediate >= 100 * sms:
-        warps = 2
-    else:
+    if tokens == 1:
+        return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1, "GROUP_M": 1, "num_warps": 4,
+                "num_stages": 3, "FMA": True}
+    if -(-intermediate // 32) >= sms:
         return None
-    return {"BLOCK_M": tokens, "BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 1, "GROUP_M": 1, "num_warps": warps,
+    return {"BLOCK_M": tokens, "BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 1, "GROUP_M": 1, "num_warps": 4,
             "num_stages": 3, "FMA": True}
 
 
