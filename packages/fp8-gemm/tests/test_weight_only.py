@@ -396,5 +396,5 @@ def test_auto_routes_decode_rows_by_the_measured_rule():
     assert all(wo.use_weight_only("auto", m, big, groups) for m in (1, 2, 16)) and not wo.use_weight_only("auto", 17,
                                                                                                         big, groups)
     one_row = wo.weight_only_config(1, 14336, 4096, SCALE_GROUP, 2, 132, False)
-    assert one_row["USE_DOT"] is False and (one_row["BLOCK_N"], one_row["BLOCK_K"]) == (32, 512)
+    assert one_row["USE_DOT"] is False and (one_row["BLOCK_N"], one_row["BLOCK_K"]) == (16, 512)
     assert wo.weight_only_config(8, 14336, 4096, SCALE_GROUP, 2, 132, False)["BLOCK_K"] == 128  # a dot per group

@@ -158,9 +158,10 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
         # for every Llama-3-8B projection; a split cost 5-40 % there). 16-bit weights: 8 columns (the H200 sweep,
         # bf16: 15.3 / 11.2 / 30.2 us for Llama-3-8B's packed q/k/v, o and down against cuBLAS's 16.3 / 12.8 / 31.6;
         # gpt-oss's 2880 x 4096 8.7 against 11.3)
-        # group scales: 32 columns (H200, M = 1, Llama-3-8B's q/k/v, gate/up and down: 16.6 / 29.6 / 25.9 us against
-        # 19.3 / 37.6 / 33.9 with 16: the per-element scale multiply wants more columns per x chunk)
-        block_n = 8 if w_bytes == 2 else 32 if scale_mode == SCALE_GROUP else 16
+        # Group scales take the same 16 columns since session 17 (the scale multiplies each thread's 16-element
+        # partial sum, no longer every element): H200, whole Llama-3-8B with the default recipe at batch 1, the 64
+        # q/k/v and o launches of a step 551 us with 32 columns, 509 us with 16.
+        block_n = 8 if w_bytes == 2 else 16
         return {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4,
                 "num_stages": max(1, min(4, _SMEM_BUDGET // (512 * (2 + block_n * w_bytes))))}
     block_n = 64 if (m > 4 and cdiv(n, 64) >= 2 * sms) else 32
