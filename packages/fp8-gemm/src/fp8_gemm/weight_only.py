@@ -136,7 +136,8 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
       are still two column blocks per SM, which halves the re-reads of the ``[M, K]`` activation from L2.
     - K tiles of 512 for weights up to 16 MB, else 256 (the W8A8 decode kernel's measured rules, H100); 128 with
       block or group scales (a tile must not straddle two scale blocks: each K block's partial product is scaled
-      alone; the FMA variant scales each weight element by its group's scale and takes any K tile);
+      alone; the FMA variant takes any K tile: at one row it scales 16-element partial sums, at more rows each
+      weight element);
       32 for the fp32 IEEE dot (its FMA tile lives in registers), ``256 / BLOCK_M`` for the FMA variant.
     - Split K when the column blocks alone leave the GPU short (fewer than two per SM, or under 3/4 of a wave at
       K >= 8192): the smallest power of two giving two programs per SM, at most 16, keeping two K tiles per split.

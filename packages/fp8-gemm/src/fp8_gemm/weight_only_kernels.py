@@ -17,7 +17,10 @@ Two ways to multiply (``USE_DOT``, constexpr):
   not memory traffic): the weight tile ``[BLOCK_K, BLOCK_N]`` is converted to x's dtype (fp16/bf16, exact) and fed
   to the tensor cores, which accumulate in fp32. fp32 activations take the IEEE (non-TF32) dot.
 - CUDA-core FMAs (``BLOCK_M`` 1, 2 or 4): ``x[m, k] * w[n, k]`` accumulated in an fp32 ``[BLOCK_M, BLOCK_N,
-  BLOCK_K]`` register tile, summed over K once after the loop. No shared memory round trip for the weight tile.
+  BLOCK_K]`` register tile, summed over K once after the loop. One row accumulates in ``[BLOCK_N, BLOCK_K]``, the
+  weight tile's own shape, so the products stay in the layout the tile is loaded in (16 contiguous K bytes a thread,
+  one vector read from shared memory; the 3-D tile's layout re-reads it byte by byte), and group scales multiply
+  each thread's 16-element partial sums (``_chunk_scales``) instead of every weight element.
 
 Split K (``SPLIT_K > 1``): each program writes its fp32 partial to the ``[SPLIT_K, M, N]`` workspace; the last
 program of a column block to arrive (an int32 counter per block, reset by that program) sums the partials in the

@@ -198,8 +198,9 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
                         NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
     """``_fma_group_k_loop`` for one row: the weight tiles as ``[BLOCK_N, G, SPAN]`` (``SPAN`` = 128 or a narrower
     tile), multiplied in the layout they are loaded in (a thread holds contiguous K bytes of a row, read from shared
-    memory a vector at a time), each weight element times its group's scale (one scale a thread and group), products
-    added into fp32 registers of the same shape and summed once after the loop."""
+    memory a vector at a time); each thread's products of a ``CHUNK`` (16 K positions, inside one group) are summed in
+    registers and that sum is multiplied by the group's scale (one multiply per 16 weight elements), into fp32
+    registers ``[BLOCK_N, G, SPAN / CHUNK]`` summed once after the loop."""
     SPAN: tl.constexpr = 128 if BLOCK_K >= 128 else BLOCK_K
     G: tl.constexpr = BLOCK_K // SPAN
     kk = tl.arange(0, G)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]  # [G, SPAN]
@@ -296,8 +297,11 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     BLOCK_K]`` per projection, summed over K once at the end. For one or a few rows with FP8 weights: a tensor-core
     dot needs 16 rows (15 of them padding at M = 1) and its FP8 -> bf16 conversion in registers, and then streams
     the FP8 weights at ~60 % of copy bandwidth on the H200; plain loads and FMAs of wide K tiles keep more bytes in
-    flight. Group scales (``W_SCALING`` 3) take ``_fma_group_k_loop``, which scales each group's partial sums;
-    128x128 block scales are not taken here (the host keeps the dot for them)."""
+    flight. One row accumulates in ``[BLOCK_N, BLOCK_K]``, the weight tile's own shape: the products stay in the
+    layout the tile is loaded in (16 contiguous K bytes a thread, one vector read from shared memory), where the
+    3-D tile's default layout re-read the weights byte by byte. Group scales (``W_SCALING`` 3) take
+    ``_fma_group_k_loop``, which scales each group's partial sums; 128x128 block scales are not taken here (the host
+    keeps the dot for them)."""
     if W_SCALING == 3:
         return _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg,
                                  stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,

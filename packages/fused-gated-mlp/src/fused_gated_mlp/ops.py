@@ -196,8 +196,8 @@ def _build_plan(
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
     # CUDA-core products (config FMA; the decode kernel's plain loads): with channel or group scales (the FMA loop
-    # scales each weight element by its group's scale, any K tile); block scales keep the dot (a scale per K step's
-    # partial product)
+    # scales partial sums of each group, any K tile); block scales keep the dot (a scale per K step's partial
+    # product)
     fma = (bool(cfg.get("FMA", False)) and scaling != K.SCALE_BLOCK and path == "decode"
            and not cfg.get("USE_TMA", False))
     if scaling in (K.SCALE_BLOCK, K.SCALE_GROUP) and cfg["BLOCK_K"] > SCALE_BLOCK and not fma:
