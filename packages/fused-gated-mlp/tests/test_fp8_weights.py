@@ -79,6 +79,38 @@ def test_every_kernel_variant(device, monkeypatch, cfg, scaling):
         assert_close_rel(out, reference_fp8(x, wg64, wu64, "gelu", bg, bu), 1e-5, what=f"call {seed}")
 
 
+F16_DOT = {**DECODE_SPLIT3, "F16_DOT": True}  # fp16 tensor-core dots, rows scaled by powers of two
+
+
+@pytest.mark.parametrize("scaling", ["channel", "block", "group"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_f16_dot_matches_the_reference(device, monkeypatch, scaling, dtype):
+    # bf16 activations whose rows span 2^-20 .. 2^20 (a row's own power of two keeps each inside fp16's range), NaN
+    # output poison, split K (a second call on new data: the workspace left clean)
+    monkeypatch.setattr(ops, "_new_output", lambda m, n, dt, dev: poison_(torch.empty(m, n, dtype=dt, device=dev)))
+    gen = torch.Generator().manual_seed(21)
+    for seed in range(2):
+        args, kwargs, wg64, wu64 = fp8_operands(45, 144, "separate", scaling, gen, dtype, device=device)
+        rows = 2.0 ** torch.linspace(-20, 20, 20)[:, None]
+        x = (torch.randn(20, 144, generator=gen) * rows).to(device, torch.bfloat16)
+        out = gated_mlp_forward(x, *args, None, None, "silu", 1.702, 7.0, F16_DOT, **kwargs)
+        ref = reference_fp8(x, wg64, wu64, "silu")
+        for r in range(20):  # row by row: the rows' magnitudes differ by up to 2^40
+            assert_close_rel(out[r], ref[r], TOL_BF16, what=f"call {seed}, row {r}")
+
+
+def test_f16_dot_keeps_inf_and_nan_in_their_row(device):
+    gen = torch.Generator().manual_seed(22)
+    args, kwargs, wg64, wu64 = fp8_operands(40, 144, "separate", "channel", gen, device=device)
+    x = torch.randn(4, 144, generator=gen).to(device, torch.bfloat16)
+    x[1, 7] = float("nan")
+    x[2, 9] = float("inf")
+    out = gated_mlp_forward(x, *args, None, None, "silu", 1.702, 7.0, F16_DOT, **kwargs)
+    assert out[1].isnan().all() and not out[2].isfinite().any()
+    ref = reference_fp8(x[[0, 3]], wg64, wu64, "silu")
+    assert_close_rel(out[[0, 3]], ref, TOL_BF16, what="finite rows")
+
+
 @pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
 def test_packed_block_scales_straddle_the_halves(device, layout):
     # intermediate 160: the packed weight has 320 rows in 3 scale rows; concatenated, packed row 128..255 holds

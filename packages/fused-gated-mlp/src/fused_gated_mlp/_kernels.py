@@ -66,14 +66,56 @@ def _block_scales(s_ptr, offs_n, N, stride_s, srow_mul, srow_off, k, ROWS_PER_SC
 
 
 @triton.jit
+def _pow2(e):
+    """``2 ** e`` in fp32, exactly, for integer ``e`` in [-126, 127] (the exponent field written directly)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _f16_dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              W_SCALING: tl.constexpr):
+    """``_dot2`` on fp16 tensor cores for FP8 weights and bf16 activations (config ``F16_DOT``).
+
+    E4M3 converts to fp16 in one packed instruction per two weights, and the tensor cores take it as it comes; to
+    bf16 it takes a second conversion per weight (sm_90 PTX of a 16 x 32 x 256 decode tile: 274 instructions a K
+    step against 722). The activations go to fp16 instead, exactly: each row of the step's tile is scaled by a power
+    of two that puts its largest magnitude in [2^14, 2^15) (inside fp16's range, so every bf16 value there is an
+    fp16 value; only values below about 2^-29 of the row's largest round), and the step's products are scaled back
+    in fp32. A row holding Inf or NaN keeps it. The weights' scales apply as in ``_dot2``."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), axis=1)
+    # floor(log2(amax)) - 14 from the exponent field; an all-zero row (and Inf / NaN) land anywhere in range
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 14
+    e = tl.minimum(tl.maximum(e, -126), 126)
+    x16 = (xf * _pow2(-e)[:, None]).to(tl.float16)
+    if UPCAST:  # interpreter: fp32 operands holding the same values (its 16-bit dot is wrong; FP8 straight to fp32)
+        x16 = x16.to(tl.float32)
+        wg16 = wg.to(tl.float32)
+        wu16 = wu.to(tl.float32)
+    else:
+        wg16 = wg.to(tl.float16)  # E4M3 / E5M2 -> fp16: exact, Inf and NaN kept
+        wu16 = wu.to(tl.float16)
+    back = _pow2(e)[:, None]
+    pg = tl.dot(x16, tl.trans(wg16), input_precision=DOT_PRECISION) * back
+    pu = tl.dot(x16, tl.trans(wu16), input_precision=DOT_PRECISION) * back
+    if W_SCALING >= 2:
+        pg = pg * sg[None, :]
+        pu = pu * su[None, :]
+    return acc_g + pg, acc_u + pu
+
+
+@triton.jit
 def _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-          W_SCALING: tl.constexpr):
+          W_SCALING: tl.constexpr, F16_DOT: tl.constexpr = False):
     """Both projections of one K step. ``UPCAST`` (interpreter only): its bf16/fp16 ``tl.dot`` is wrong, so the
     operands go to fp32 first; on a GPU the tensor cores take the 16-bit operands directly.
 
     FP8 weight tiles are converted to the activations' dtype (exact). With block scales (``W_SCALING == 2``) each K
     step's partial product is scaled by its rows' block scales ``sg`` / ``su`` (``[BLOCK_N]``, fp32) before it joins
-    the accumulator; otherwise ``sg`` / ``su`` are unused."""
+    the accumulator; otherwise ``sg`` / ``su`` are unused. ``F16_DOT`` (FP8 weights, bf16 activations):
+    ``_f16_dot2`` instead."""
+    if F16_DOT:
+        return _f16_dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION, UPCAST, W_SCALING)
     if UPCAST:
         x = x.to(tl.float32)
         wg = wg.to(tl.float32)
@@ -97,7 +139,8 @@ def _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCAST: 
 
 @triton.jit
 def _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
-            srow_off_u, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr):
+            srow_off_u, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr,
+            F16_DOT: tl.constexpr = False):
     """One K step at column ``k``: the block scales of the step when there are any, then both dots."""
     if W_SCALING == 2:
         # K steps never straddle a 128-wide scale block: the host keeps BLOCK_K a divisor of 128 and every
@@ -110,7 +153,7 @@ def _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, st
     else:
         sg = 1.0
         su = 1.0
-    return _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION, UPCAST, W_SCALING)
+    return _dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
 
 
 @triton.jit
@@ -132,7 +175,8 @@ def _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVE
 def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                     acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr,
+                    F16_DOT: tl.constexpr = False):
     """Both projections of rows ``offs_m`` and columns ``offs_n`` over ``k_start..k_end``, with plain (wide,
     K-contiguous) loads, ``NUM_STAGES`` deep. ``EVEN_K``: the range is whole BLOCK_K tiles, no K mask."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -144,7 +188,7 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
         acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
-                               srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
+                               srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
@@ -383,7 +427,7 @@ def _gated_mlp_decode_kernel(
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, W_SCALING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, INTERPRET: tl.constexpr, USE_FMA: tl.constexpr,
+    UPCAST: tl.constexpr, INTERPRET: tl.constexpr, USE_FMA: tl.constexpr, F16_DOT: tl.constexpr,
 ):
     """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights.
     ``USE_FMA``: CUDA-core products (``_fma_k_loop``) instead of tensor-core dots; any ``BLOCK_M``, 1 included."""
@@ -417,7 +461,7 @@ def _gated_mlp_decode_kernel(
             wg = wg_desc.load([off_n, k])
             wu = wu_desc.load([off_n, k])
             acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
-                                   srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
+                                   srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
     elif USE_FMA:
         acc_g, acc_u = _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                    stride_xm, stride_wg, stride_wu, acc_g, acc_u,
@@ -427,7 +471,7 @@ def _gated_mlp_decode_kernel(
         acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                        stride_xm, stride_wg, stride_wu, acc_g, acc_u,
                                        sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
-                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING)
+                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
 
     if SPLIT_K == 1:
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,

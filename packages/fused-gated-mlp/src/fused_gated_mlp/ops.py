@@ -235,7 +235,10 @@ def _build_plan(
             grid_m = cdiv(M, 16)
             head = head[:-3] + (16,) + head[-2:]
         grid: tuple[int, ...] = (grid_n, split_k, grid_m)
-        tail = head + (split_k, even_k, cfg["num_stages"], use_tma) + precision + (on_cpu, use_fma)
+        # F16_DOT (config, off by default): fp16 tensor-core dots for FP8 weights with bf16 activations
+        f16_dot = (bool(cfg.get("F16_DOT", False)) and not use_fma and scaling != K.SCALE_NONE
+                   and x2d.dtype == torch.bfloat16)
+        tail = head + (split_k, even_k, cfg["num_stages"], use_tma) + precision + (on_cpu, use_fma, f16_dot)
         workspace: tuple[int, ...] | None = (2 * M * N, grid_m * grid_n) if split_k > 1 else ()
     else:
         kernel = K._gated_mlp_prefill_kernel
