@@ -21,27 +21,27 @@ PTRS = {"x_ptr": "*bf16", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "bg_ptr": 
         "sg_ptr": "*fp32", "su_ptr": "*fp32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
 COMMON = dict(ACTIVATION=K.ACT_SILU, HAS_GATE_BIAS=False, HAS_UP_BIAS=False, DOT_PRECISION="tf32", UPCAST=False)
 
-# (name, kernel, W_SCALING, the variant's own constexprs): decode (16-row tensor-core tile, split K, as the decode
-# configs capped at 128-deep K steps for per-step scales) and prefill (pointer GEMM), block and group scales
+def decode(block_m: int, block_n: int, block_k: int, split_k: int, stages: int, *, fma: bool = False,
+           f16_dot: bool = False, even_k: bool = True) -> dict:
+    """The decode kernel's constexprs of one variant (plain loads)."""
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=even_k,
+                NUM_STAGES=stages, USE_TMA=False, INTERPRET=False, USE_FMA=fma, F16_DOT=f16_dot)
+
+
+DECODE = K._gated_mlp_decode_kernel
+# (name, kernel, W_SCALING, the variant's own constexprs): decode (16-row tensor-core tiles, split K, as the decode
+# configs capped at 128-deep K steps for per-step scales; CUDA-core tiles of one and two rows; fp16 dots) and
+# prefill (pointer GEMM), block and group scales
 VARIANTS = [
-    ("decode, 128x128 block scales, split K", K._gated_mlp_decode_kernel, K.SCALE_BLOCK,
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True, NUM_STAGES=4, USE_TMA=False, INTERPRET=False,
-          USE_FMA=False, F16_DOT=False)),
-    ("decode, group scales, split K", K._gated_mlp_decode_kernel, K.SCALE_GROUP,
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True, NUM_STAGES=4, USE_TMA=False, INTERPRET=False,
-          USE_FMA=False, F16_DOT=False)),
-    ("decode, group scales, one-row CUDA-core tile", K._gated_mlp_decode_kernel, K.SCALE_GROUP,
-     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, EVEN_K=True, NUM_STAGES=4, USE_TMA=False, INTERPRET=False,
-          USE_FMA=True, F16_DOT=False)),
-    ("decode, group scales, two-row CUDA-core tile", K._gated_mlp_decode_kernel, K.SCALE_GROUP,
-     dict(BLOCK_M=2, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1, EVEN_K=False, NUM_STAGES=3, USE_TMA=False, INTERPRET=False,
-          USE_FMA=True, F16_DOT=False)),
-    ("decode, channel scales, fp16 tensor-core dots (F16_DOT)", K._gated_mlp_decode_kernel, K.SCALE_CHANNEL,
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, EVEN_K=True, NUM_STAGES=3, USE_TMA=False, INTERPRET=False,
-          USE_FMA=False, F16_DOT=True)),
-    ("decode, group scales, fp16 tensor-core dots (F16_DOT), split K", K._gated_mlp_decode_kernel, K.SCALE_GROUP,
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True, NUM_STAGES=4, USE_TMA=False, INTERPRET=False,
-          USE_FMA=False, F16_DOT=True)),
+    ("decode, 128x128 block scales, split K", DECODE, K.SCALE_BLOCK, decode(16, 32, 128, 4, 4)),
+    ("decode, group scales, split K", DECODE, K.SCALE_GROUP, decode(16, 32, 128, 4, 4)),
+    ("decode, group scales, one-row CUDA-core tile", DECODE, K.SCALE_GROUP, decode(1, 8, 512, 1, 4, fma=True)),
+    ("decode, group scales, two-row CUDA-core tile", DECODE, K.SCALE_GROUP,
+     decode(2, 8, 256, 1, 3, fma=True, even_k=False)),
+    ("decode, channel scales, fp16 tensor-core dots (F16_DOT)", DECODE, K.SCALE_CHANNEL,
+     decode(16, 32, 256, 1, 3, f16_dot=True)),
+    ("decode, group scales, fp16 tensor-core dots (F16_DOT), split K", DECODE, K.SCALE_GROUP,
+     decode(16, 32, 128, 4, 4, f16_dot=True)),
     ("prefill, group scales", K._gated_mlp_prefill_kernel, K.SCALE_GROUP,
      dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, USE_TMA=False)),
 ]
