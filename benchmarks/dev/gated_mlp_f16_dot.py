@@ -9,10 +9,10 @@ registers). With bf16 activations each E4M3 weight costs a packed conversion to 
 fp16 operands the first is all (sm_90 PTX of a 16 x 32 x 256 tile: 530 instructions a K step against 274 for fp16
 activations). Config ``F16_DOT`` feeds the tensor cores fp16: each row of the step's activation tile scaled by a
 power of two into fp16's range (exact), the products scaled back in fp32; the scaling costs a row maximum per step,
-which wider column tiles amortize (16 x 128 x 128, 8 warps: 338 instructions a step against 508). For each shape, M and weight scale (per channel, or the default recipe's
-groups): the package's choice, then tensor-core tiles (columns x K tile x K split) with and without ``F16_DOT``,
-each on ``--copies`` different weight pairs back to back in a CUDA graph (as ``weight_only_chain``), checked
-against a float64 reference first. Writes ``gated_mlp_f16_dot.json`` to ``$OUT`` (default /tmp). Needs a GPU.
+which wider column tiles amortize (16 x 128 x 128, 8 warps: 338 instructions a step against 508). For each shape, M
+and weight scale (per channel, or the default recipe's groups): the package's choice, then tensor-core tiles
+(columns x K tile x K split) with and without ``F16_DOT``, each on ``--copies`` different weight pairs back to back
+in a CUDA graph (as ``weight_only_chain``), checked against a float64 reference first. Writes ``gated_mlp_f16_dot.json`` to ``$OUT`` (default /tmp). Needs a GPU.
 """
 
 from __future__ import annotations
