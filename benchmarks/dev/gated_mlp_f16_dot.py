@@ -12,7 +12,8 @@ power of two into fp16's range (exact), the products scaled back in fp32; the sc
 which wider column tiles amortize (16 x 128 x 128, 8 warps: 338 instructions a step against 508). For each shape, M
 and weight scale (per channel, or the default recipe's groups): the package's choice, then tensor-core tiles
 (columns x K tile x K split) with and without ``F16_DOT``, each on ``--copies`` different weight pairs back to back
-in a CUDA graph (as ``weight_only_chain``), checked against a float64 reference first. Writes ``gated_mlp_f16_dot.json`` to ``$OUT`` (default /tmp). Needs a GPU.
+in a CUDA graph (as ``weight_only_chain``), checked against a float64 reference first. Writes
+``gated_mlp_f16_dot.json`` to ``$OUT`` (default /tmp). Needs a GPU.
 """
 
 from __future__ import annotations
