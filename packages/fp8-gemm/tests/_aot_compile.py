@@ -28,8 +28,11 @@ VARIANTS = [
      16, 512, 1),
     ("E4M3 block scales, 16 rows, split K, norm prologue", "*fp8e4nv", W.SCALE_BLOCK, True, False, True, 16, 32, 128,
      4),
-    # group scales: the one-row FMA tile (a scale per row and 128 columns of its 512-deep K step) and 16 rows
-    ("E4M3 group scales, one row, residual add", "*fp8e4nv", W.SCALE_GROUP, False, True, False, 1, 32, 512, 1),
+    # group scales: the one-row FMA tile (16-element partial sums, a scale per row and 128 columns of its 512-deep
+    # K step; the default's 16 columns, and 32) and 16 rows
+    ("E4M3 group scales, one row, residual add", "*fp8e4nv", W.SCALE_GROUP, False, True, False, 1, 16, 512, 1),
+    ("E4M3 group scales, one row, 32 columns, norm prologue", "*fp8e4nv", W.SCALE_GROUP, True, False, False, 1, 32,
+     512, 1),
     ("E4M3 group scales, 16 rows, split K", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 32, 128, 4),
 ]
 

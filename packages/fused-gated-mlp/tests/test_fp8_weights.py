@@ -36,7 +36,7 @@ PREFILL_TMA = {"path": "prefill", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "
                "num_warps": 4, "num_stages": 2}
 PREFILL_PTR = {**PREFILL_TMA, "USE_TMA": False, "BLOCK_K": 64}
 # CUDA-core products (FMA): row tiles below a tl.dot's 16 (block scales fall back to the dot with 16 rows; group
-# scales stay on the CUDA cores: a K tile narrower than a group, one group, and two groups, the second past K)
+# scales stay on the CUDA cores: a K tile narrower than a group, one group, and two groups, the second partial)
 DECODE_FMA = {**DECODE_SPLIT3, "BLOCK_M": 8, "BLOCK_K": 64, "FMA": True}
 DECODE_FMA_ROW = {**DECODE_SPLIT3, "BLOCK_M": 1, "BLOCK_K": 128, "SPLIT_K": 1, "FMA": True}
 DECODE_FMA_WIDE = {**DECODE_SPLIT3, "BLOCK_M": 2, "BLOCK_K": 256, "SPLIT_K": 1, "FMA": True}
@@ -97,6 +97,20 @@ def test_f16_dot_matches_the_reference(device, monkeypatch, scaling, dtype):
         ref = reference_fp8(x, wg64, wu64, "silu")
         for r in range(20):  # row by row: the rows' magnitudes differ by up to 2^40
             assert_close_rel(out[r], ref[r], TOL_BF16, what=f"call {seed}, row {r}")
+
+
+def test_f16_dot_scales_rows_far_below_one(device):
+    # rows whose largest magnitude lies below 2^-112 (the power of two is clamped at 2^126, or its exponent bits
+    # would overflow), an all-zero row and an ordinary one; swiglu_oai keeps the output linear in tiny inputs
+    gen = torch.Generator().manual_seed(25)
+    args, kwargs, wg64, wu64 = fp8_operands(40, 144, "separate", "channel", gen, device=device)
+    x = torch.randn(4, 144, generator=gen) * torch.tensor([2.0**-116, 2.0**-113, 0.0, 1.0])[:, None]
+    x = x.to(device, torch.bfloat16)
+    out = gated_mlp_forward(x, *args, None, None, "swiglu_oai", 1.702, 7.0, F16_DOT, **kwargs)
+    ref = reference_fp8(x, wg64, wu64, "swiglu_oai", torch.zeros(40), torch.zeros(40))
+    assert torch.equal(out[2].cpu(), ref[2].to(out.dtype))  # the zero row: exactly zero
+    for r in (0, 1, 3):
+        assert_close_rel(out[r], ref[r], TOL_BF16, what=f"row {r}")
 
 
 def test_f16_dot_keeps_inf_and_nan_in_their_row(device):
@@ -169,6 +183,45 @@ def test_every_fp8_code_converts_exactly(device, dtype, cfg):
     expected = silu_one * wu.cpu().double().T
     err = (out - expected).abs()
     assert (err <= 2.0**-23 * expected.abs()).all(), err.max()
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("scaling", ["channel", "group"])
+def test_nan_propagates_on_the_one_and_two_row_tiles(device, scaling, m):
+    # the default tiles at one or two rows (CUDA-core): a NaN input stays in its row, a NaN scale in its column
+    gen = torch.Generator().manual_seed(23)
+    args, kwargs, wg64, wu64 = fp8_operands(150, 136, "separate", scaling, gen, device=device)
+    x = torch.randn(m, 136, generator=gen).to(device, torch.bfloat16)
+    x[m - 1, 7] = float("nan")
+    kwargs["gate_scale"] = kwargs["gate_scale"].clone()
+    kwargs["gate_scale"][(30,) if scaling == "channel" else (30, 1)] = float("nan")
+    out = fused_gated_mlp(x, *args, "silu", **kwargs).cpu()
+    expected_nan = torch.zeros(m, 150, dtype=torch.bool)
+    expected_nan[m - 1] = True
+    expected_nan[:, 30] = True
+    assert torch.equal(torch.isnan(out), expected_nan)
+    ref = reference_fp8(x, wg64, wu64, "silu")
+    assert relative_error(out[~expected_nan], ref[~expected_nan]) <= TOL_BF16
+
+
+@pytest.mark.parametrize("cfg", [{**DECODE_FMA_ROW, "BLOCK_K": 512}, {**DECODE_FMA_WIDE, "BLOCK_K": 512},
+                                 {**DECODE_FMA_ROW, "BLOCK_K": 64, "SPLIT_K": 2}], ids=["row", "two-rows", "row-split"])
+def test_group_scales_past_k_are_never_read(device, cfg):
+    # K = 131: the last group holds 3 columns and K tiles of 512 span groups past it; the scales are views into
+    # buffers whose next column is NaN, so a scale read past a row's last group would poison the output
+    gen = torch.Generator().manual_seed(24)
+    qg, sg = random_fp8(19, 131, "group", gen, device=device)
+    qu, su = random_fp8(19, 131, "group", gen, device=device)
+
+    def padded(s):
+        buf = torch.full((s.shape[0], s.shape[1] + 1), float("nan"), device=device)
+        buf[:, :-1] = s
+        return buf[:, :-1]
+
+    x = torch.randn(cfg["BLOCK_M"], 131, generator=gen).to(device)
+    out = gated_mlp_forward(x, qg, qu, None, None, "silu", 1.702, 7.0, cfg, gate_scale=padded(sg),
+                            up_scale=padded(su))
+    assert_close_rel(out, reference_fp8(x, dequant64(qg, sg), dequant64(qu, su), "silu"), 1e-5)
 
 
 @pytest.mark.parametrize("scaling", ["channel", "block", "group"])
