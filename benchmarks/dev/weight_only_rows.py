@@ -5,6 +5,7 @@
     python -m benchmarks.dev.weight_only_rows --rows 64 --shapes qkv,o --scales channel
     python -m benchmarks.dev.weight_only_rows --no-sweep       # FP8Linear's own choice against bf16 only
     python -m benchmarks.dev.weight_only_rows --rows 1         # one row: the CUDA-core (FMA) tiles instead
+    python -m benchmarks.dev.weight_only_rows --rows 8         # 3-16 rows: 16-row tiles with / without fp16 dots
 
 Batched decode (8 to 64 sequences a step) multiplies up to 64 token rows by every weight: still a weight stream, but
 a 16-row tile no longer holds every row. For each shape, M and weight scale (per channel, or the default recipe's
@@ -46,11 +47,25 @@ def fma_candidates(m: int) -> list[dict]:
     return out
 
 
+def f16_candidates(m: int, scale: str) -> list[dict]:
+    """16-row tensor-core tiles (3 to 16 rows) with and without fp16 dots (``F16_DOT``)."""
+    out = []
+    k_tiles = (128,) if scale == "group" else (128, 256)
+    for (bn, warps), bk, split, f16 in itertools.product(((32, 4), (64, 4), (128, 8)), k_tiles, (1, 2, 4),
+                                                         (False, True)):
+        stages = min(4, _SMEM // (bk * (16 * 2 + bn)))
+        out.append({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                    "num_warps": warps, "num_stages": stages, "F16_DOT": f16})
+    return out
+
+
 def candidates(m: int, scale: str) -> list[dict]:
     """Tensor-core tiles for ``m`` rows in one row tile (a 16-bit activation, an E4M3 weight); FMA tiles for one
-    or two rows."""
+    or two rows; 16-row tiles with and without fp16 dots for 3 to 16 rows."""
     if m <= 2:
         return fma_candidates(m)
+    if m <= 16:
+        return f16_candidates(m, scale)
     block_m = max(16, 1 << (m - 1).bit_length())
     out = []
     k_tiles = (64, 128) if scale == "group" else (64, 128, 256)  # a group-scaled dot stays inside 128 inputs
@@ -64,7 +79,8 @@ def candidates(m: int, scale: str) -> list[dict]:
 
 
 def _label(cfg: dict) -> str:
-    return "m{BLOCK_M}-n{BLOCK_N}-k{BLOCK_K}-w{num_warps}-s{num_stages}-split{SPLIT_K}".format(**cfg)
+    return "m{BLOCK_M}-n{BLOCK_N}-k{BLOCK_K}-w{num_warps}-s{num_stages}-split{SPLIT_K}".format(**cfg) + (
+        "-f16" if cfg.get("F16_DOT") else "")
 
 
 def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float, sweep: bool = True) -> list[dict]:

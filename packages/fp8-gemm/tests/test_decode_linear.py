@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fp8_gemm import decode_linear
+from fp8_gemm import decode_linear, decode_linear_add_
 from fp8_gemm import weight_only as wo
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
-from triton_ops_core.testing import assert_close_rel, device_for_tests, opcheck_op
+from triton_ops_core.testing import assert_close_rel, assert_compiled_in_place_add, device_for_tests, opcheck_op
 
 DEVICE = device_for_tests()
 OP = torch.ops.triton_ops.decode_linear.default
@@ -201,3 +201,72 @@ def test_gpu_rms_norm_prologue_model_shapes(n, k, m):
     out = decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1e-5)
     assert_close_rel(out, _normalized_reference(x, norm_w, 1e-5) @ w.double().t() + b.double(), 1e-2)
     assert torch.equal(out, decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1e-5))  # deterministic
+
+
+ADD_OP = torch.ops.triton_ops.decode_linear_add_.default
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (1, 33, 700), (3, 48, 130)])
+def test_add_into_the_residual(dtype, m, n, k):
+    x, w, _ = _inputs(m, n, k, dtype, seed=21 + m + n)
+    residual = (torch.randn(m, n) * 4).to(DEVICE, dtype)
+    want = residual.double() + _reference(x, w, None)
+    with torch.no_grad():
+        out = decode_linear_add_(residual, x, w)
+    assert out is residual
+    assert_close_rel(residual, want, TOL)
+
+
+def test_add_leading_dims():
+    x, w, _ = _inputs(2, 24, 1024, torch.bfloat16, seed=22, bias=False)
+    residual = torch.randn(2, 1, 24, device=DEVICE).to(torch.bfloat16)
+    want = residual.double() + _reference(x, w, None).reshape(2, 1, 24)
+    decode_linear_add_(residual, x.reshape(2, 1, 1024), w)
+    assert_close_rel(residual, want, TOL)
+
+
+def test_add_errors():
+    x, w, _ = _inputs(2, 48, 64, torch.bfloat16, seed=23, bias=False)
+    with pytest.raises(ShapeMismatchError, match=r"residual: expected shape \[2, 48\]"):
+        decode_linear_add_(torch.zeros(2, 40, device=DEVICE, dtype=torch.bfloat16), x, w)
+    with pytest.raises(ShapeMismatchError, match="contiguous"):
+        decode_linear_add_(torch.zeros(48, 2, device=DEVICE, dtype=torch.bfloat16).t(), x, w)
+    with pytest.raises(UnsupportedDtypeError, match="residual"):
+        decode_linear_add_(torch.zeros(2, 48, device=DEVICE), x, w)
+    with pytest.raises(UnsupportedDtypeError, match="weight"):
+        decode_linear_add_(torch.zeros(2, 48, device=DEVICE, dtype=torch.bfloat16), x, w.half())
+    with pytest.raises(InvalidArgumentError, match="inference-only"):
+        decode_linear_add_(torch.zeros(2, 48, device=DEVICE, dtype=torch.bfloat16), x.float().requires_grad_(),
+                           w.float())
+
+
+def test_add_opcheck_and_compile():
+    x, w, _ = _inputs(1, 16, 64, torch.bfloat16, seed=24, bias=False)
+    residual = torch.randn(1, 16, device=DEVICE).to(torch.bfloat16)
+    opcheck_op(ADD_OP, (residual, x, w))
+    assert_compiled_in_place_add(lambda r, x: decode_linear_add_(r, x, w), residual, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 14336), (4096, 12288), (4096, 4096)])
+@pytest.mark.parametrize("m", [1, 4])
+def test_gpu_add_model_shapes(n, k, m):
+    """Llama-3-8B's and Qwen3-8B's down projections with the residual add, bf16: within the sum's rounding of the
+    float64 reference, deterministic, and captured in a CUDA graph."""
+    x, w, _ = _inputs(m, n, k, torch.bfloat16, seed=n + k + m, bias=False)
+    residual = (torch.randn(m, n, device=DEVICE) * 4).to(torch.bfloat16)
+    start = residual.clone()
+    want = residual.double() + _reference(x, w, None)
+    decode_linear_add_(residual, x, w)
+    assert_close_rel(residual, want, 1e-2)
+    again = start.clone()
+    decode_linear_add_(again, x, w)
+    assert torch.equal(again, residual)
+    graph = torch.cuda.CUDAGraph()
+    captured = start.clone()
+    with torch.cuda.graph(graph):
+        decode_linear_add_(captured, x, w)
+    captured.copy_(start)
+    graph.replay()
+    assert torch.equal(captured, residual)

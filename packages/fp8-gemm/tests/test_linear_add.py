@@ -10,7 +10,7 @@ from fp8_gemm import FP8Linear, fp8_linear, fp8_linear_add_
 from fp8_gemm import weight_only as wo
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
-from triton_ops_core.testing import device_for_tests, opcheck_op
+from triton_ops_core.testing import assert_compiled_in_place_add, device_for_tests, opcheck_op
 
 DEV = device_for_tests()
 OP = torch.ops.triton_ops.fp8_linear_add_.default
@@ -93,15 +93,7 @@ def test_opcheck_and_compile():
     opcheck_op(OP, (residual, x, layer.weight, layer.weight_scale, "row", False, "auto"))
     opcheck_op(OP, (residual.expand(2, 48).contiguous(), x.expand(2, 64).contiguous(), layer.weight,
                     layer.weight_scale, "row", False, "w8a8"))
-
-    def step(r, x):
-        fp8_linear_add_(r, x, layer.weight, layer.weight_scale)
-        return r * 2
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        a, b = residual.clone(), residual.clone()
-        assert torch.equal(compiled(a, x), step(b, x)) and torch.equal(a, b)
+    assert_compiled_in_place_add(lambda r, x: fp8_linear_add_(r, x, layer.weight, layer.weight_scale), residual, x)
 
 
 @pytest.mark.gpu

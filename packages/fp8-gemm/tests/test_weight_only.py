@@ -125,6 +125,41 @@ def test_kernel_variants(mode, config, m, dtype):
     assert_close_rel(out, _reference(x, q, s, bias), TOL[dtype], f"{config} {dtype}")
 
 
+F16_DOT = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
+           "num_stages": 1, "F16_DOT": True}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_f16_dot_matches_the_reference_row_by_row(mode):
+    # fp16 tensor-core dots: bf16 rows spanning 2^-20 .. 2^20 (each scaled into fp16's range by its own power of
+    # two), split K, a bias; a row far below one, an all-zero row
+    q, s = _weight(40, 300, mode, DEV, seed=5)
+    bias = torch.randn(40, device=DEV).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    rows = torch.cat([2.0 ** torch.linspace(-20, 20, 10), torch.tensor([2.0**-115, 0.0])])[:, None]
+    x = (torch.randn(12, 300, generator=g) * rows).to(DEV, torch.bfloat16)
+    out = wo.weight_only_linear(x, q, s, bias, config=F16_DOT)
+    want = _reference(x, q, s, bias)
+    for r in range(12):
+        assert_close_rel(out[r], want[r], TOL[torch.bfloat16], f"{mode} row {r}")
+
+
+def test_f16_dot_keeps_nan_and_inf_in_their_rows_and_is_for_bf16_only():
+    q, s = _weight(40, 300, "channel", DEV, seed=7)
+    x = _activation(4, 300, torch.bfloat16, DEV, seed=8)
+    x[1, 7] = float("nan")
+    x[2, 9] = float("inf")
+    out = wo.weight_only_linear(x, q, s, None, config=F16_DOT)
+    assert out[1].isnan().all() and not out[2].isfinite().any()
+    assert_close_rel(out[[0, 3]], _reference(x[[0, 3]], q, s, None), TOL[torch.bfloat16], "finite rows")
+    # fp16 / fp32 activations, 16-bit weights: the flag is not passed to the kernel
+    for dtype in (torch.float16, torch.float32):
+        plan = wo.build_plan(x.to(dtype), q, s, None, config=F16_DOT)
+        assert plan.launch.tail[-1] is False
+    plan = wo.build_plan(x, q, s, None, config=F16_DOT)
+    assert plan.launch.tail[-1] is True
+
+
 @pytest.mark.parametrize("mode", ["channel", "group"])
 def test_norm_prologue_in_front_of_fp8_weights(mode):
     # the RMSNorm prologue before E4M3 weights on the FMA variant, split K and a partial last group
@@ -378,6 +413,28 @@ def test_gpu_heuristic_one_16_bit_row_takes_the_fma_tiles_the_h200_measured():
             assert two["USE_DOT"] is True and two["BLOCK_M"] == 16
     # fp32 activations keep the FMA variant up to 4 rows
     assert wo.weight_only_config(4, 4096, 4096, SCALE_CHANNEL, 4, 132, False)["USE_DOT"] is False
+
+
+def test_gpu_heuristic_2_to_16_rows_of_e4m3_take_fp16_dots():
+    from fp8_gemm.weight_only_kernels import SCALE_BLOCK, SCALE_CHANNEL, SCALE_GROUP, SCALE_NONE
+
+    def tile(m, n, k, mode, x_bytes=2):
+        cfg = wo.weight_only_config(m, n, k, mode, x_bytes, 132, False)
+        wo._check_config(dict(cfg), mode)
+        return cfg.get("F16_DOT", False), cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"], cfg["num_warps"]
+
+    for m in (2, 8, 16):
+        # Llama-3-8B's q/k/v and o: 64 x 128, K split in 4; down with channel scales 128 x 256, 8 warps
+        assert tile(m, 6144, 4096, SCALE_CHANNEL) == (True, 64, 128, 4, 4)
+        assert tile(m, 4096, 4096, SCALE_GROUP) == (True, 64, 128, 4, 4)
+        assert tile(m, 4096, 14336, SCALE_CHANNEL) == (True, 128, 256, 4, 8)
+        assert tile(m, 4096, 14336, SCALE_GROUP) == (True, 64, 128, 4, 4)
+        assert tile(m, 4096, 14336, SCALE_BLOCK)[:3] == (True, 64, 128)
+        # enough column blocks: no split (an FP8 lm_head)
+        assert tile(m, 128256, 4096, SCALE_CHANNEL)[3] == 1
+        # fp32 activations and 16-bit weights keep their rules
+        assert not tile(m, 6144, 4096, SCALE_NONE)[0]
+    assert not tile(8, 6144, 4096, SCALE_CHANNEL, x_bytes=4)[0]
 
 
 def test_auto_routes_decode_rows_by_the_measured_rule():

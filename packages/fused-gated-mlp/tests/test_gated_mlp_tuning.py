@@ -110,6 +110,21 @@ def test_fp8_channel_weights_at_one_or_two_rows_take_the_cuda_core_tiles():
         configs.heuristic_config(1, 4096, 14336, torch.bfloat16, CPU, weights="fp8")
 
 
+def test_fp8_channel_and_group_weights_at_3_to_16_rows_take_fp16_tensor_core_dots():
+    # the 16-row tensor-core tile with F16_DOT: 64 columns where they fill the SMs (Llama-3-8B, Qwen3-8B), else 32
+    # with split-K (gpt-oss-20b's 2880 columns); group scales keep one 128-wide scale group a K step
+    for tokens in (3, 8, 16):
+        for (hidden, inter), weights, tile in (
+                ((4096, 14336), "fp8_channel", (64, 256, 1)), ((4096, 12288), "fp8_group", (64, 128, 1)),
+                ((2880, 2880), "fp8_channel", (32, 128, 4)), ((2880, 2880), "fp8_group", (32, 128, 4))):
+            cfg = configs.heuristic_config(tokens, hidden, inter, torch.bfloat16, CPU, weights=weights)
+            assert cfg["F16_DOT"] and not cfg.get("FMA"), (tokens, inter, weights)
+            assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]) == (16, *tile), cfg
+    # not for 17+ rows, block scales, or bf16 weights
+    for tokens, weights in ((17, "fp8_channel"), (8, "fp8_block"), (8, "same")):
+        assert not configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights=weights).get("F16_DOT")
+
+
 def test_the_h200_fp8_table_serves_fp8_channel_weights_on_the_h200_only():
     # M = 64 on Qwen3-8B's MLP: the H200 sweep's 64 x 64 x 128 tile (90.9 -> 69.9 us); bf16 weights, block scales
     # and another GPU keep the bf16-derived choice (32 columns)

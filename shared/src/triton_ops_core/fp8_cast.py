@@ -120,3 +120,26 @@ def to_e4m3(v, EMULATE: tl.constexpr):
     if EMULATE:
         return fp8_bits_rne(v, True).to(tl.float8e4nv, bitcast=True)
     return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def pow2(e):
+    """``2 ** e`` in fp32, exactly, for integer ``e`` in [-126, 127] (the exponent field written directly)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rows_to_f16(x):
+    """A ``[rows, K]`` tile of 16-bit (or fp32) activations as fp16, exactly, and the fp32 ``[rows]`` factors that
+    undo the scaling: ``x[r] == x16[r] * back[r]``.
+
+    For FP8 weights on fp16 tensor cores (E4M3 / E5M2 convert to fp16 in one packed instruction per two weights, to
+    bf16 in two). Each row is scaled by a power of two that puts its largest magnitude in [2^14, 2^15): inside
+    fp16's range, so every bf16 value of the row down to about 2^-29 of its largest is an fp16 value after scaling
+    (smaller ones round). A row holding Inf or NaN keeps it; an all-zero row stays zero."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), axis=1)
+    # floor(log2(amax)) - 14 from the exponent field; an all-zero row (and Inf / NaN) land anywhere in range
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 14
+    e = tl.minimum(tl.maximum(e, -126), 126)
+    return (xf * pow2(-e)[:, None]).to(tl.float16), pow2(e)

@@ -6,7 +6,7 @@ Free of pytest so benchmarks can use them too.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -87,6 +87,21 @@ def opcheck_op(op: torch._ops.OpOverload, args: Sequence[object]) -> None:
             continue
         if isinstance(a, torch.Tensor) and not torch.equal(_bits(a), b):
             raise AssertionError(f"{op}: input {i} changed, but the schema declares no mutation")
+
+
+def assert_compiled_in_place_add(add_: Callable[[torch.Tensor, torch.Tensor], object], residual: torch.Tensor,
+                                 x: torch.Tensor) -> None:
+    """``add_(residual, x)`` (an op mutating ``residual``) inside a ``torch.compile``'d step (``fullgraph``,
+    ``aot_eager``) that also reads the mutated tensor afterwards: same result, same mutation as eager."""
+
+    def step(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        add_(r, x)
+        return r * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        a, b = residual.clone(), residual.clone()
+        assert torch.equal(compiled(a, x), step(b, x)) and torch.equal(a, b)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ without FP8: :func:`decode_linear`.
 
 from .__about__ import __version__
 from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
-from .decode_linear import decode_linear
+from .decode_linear import decode_linear, decode_linear_add_
 from .gemm import clear_caches, fp8_gemm
 from .gemm_configs import FP8_GEMM_CONFIGS, FP8_GEMM_DECODE_CONFIGS, FP8_GEMM_PTR_CONFIGS
 from .linear import FP8Linear, TrainableFP8Linear, convert_to_fp8, fp8_linear, fp8_linear_add_
@@ -46,6 +46,7 @@ __all__ = [
     "clear_caches",
     "convert_to_fp8",
     "decode_linear",
+    "decode_linear_add_",
     "dequantize_fp8",
     "expand_scale",
     "fp8_gemm",

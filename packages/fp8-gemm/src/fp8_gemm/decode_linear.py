@@ -10,22 +10,28 @@ any M; made for decode).
 
 Registered as ``torch.ops.triton_ops.decode_linear``. Inference first: with a gradient to record it is
 ``torch.nn.functional.linear`` (same result up to accumulation order), so training code may call it freely.
+
+``decode_linear_add_(residual, x, weight)``: ``residual += x @ W^T`` in the same launch (a decoder layer's down
+projection with its residual add; the product and the sum rounded once, as cuBLAS's ``addmm_`` with beta = 1).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.validation import check_ndim, check_tensor
+from triton_ops_core.validation import check_dtype, check_ndim, check_tensor
 
 from . import _scratch
 from .gemm import _CACHE_CLEARERS
 from .weight_only import build_plan
 
 _PLANS = PlanCache()
+_ADD_PLANS = PlanCache()
 _CACHE_CLEARERS.append(_PLANS.clear)  # fp8_gemm.clear_caches() forgets these plans too
+_CACHE_CLEARERS.append(_ADD_PLANS.clear)
 
 
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -96,4 +102,71 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _decode_linear_op(x, weight, bias, norm_weight, norm_eps)
 
 
-__all__ = ["decode_linear"]
+def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    check_tensor(residual, "residual")
+    check_tensor(x, "x")
+    check_ndim(x, "x", minimum=1)
+    check_tensor(weight, "weight")
+    check_ndim(weight, "weight", exact=2)
+    n, k = weight.shape
+    if tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ShapeMismatchError(f"residual: expected shape {[*x.shape[:-1], n]} (x's rows, weight's out_features), "
+                                 f"got {list(residual.shape)}")
+    if not residual.is_contiguous():
+        raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
+    check_dtype(residual, "residual", (x.dtype,))
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return build_plan(x2, weight, None, None, add_out=residual.view(-1, n))
+
+
+def _decode_linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    key = call_key("decode_linear_add", residual, x, weight)
+    plan = _ADD_PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _add_plan(residual, x, weight)
+        if key is not None:
+            _ADD_PLANS.put(key, plan)
+    plan.run(x.reshape(-1, x.shape[-1]), weight, None, None, out=residual.view(-1, plan.n))
+
+
+@torch.library.custom_op(op_name("decode_linear_add_"), mutates_args=("residual",))
+def _decode_linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
+        _decode_linear_add(residual, x, weight)
+
+
+@_decode_linear_add_op.register_fake
+def _(residual, x, weight):
+    return None
+
+
+def decode_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``residual += x @ weight^T`` in place, one launch: a decoder layer's bias-free down projection with its
+    residual add, for the few rows of a decode step (the weight streamed once, as :func:`decode_linear`).
+
+    The fp32 product is added to the residual and the sum rounded once (what cuBLAS's ``addmm_`` with beta = 1
+    computes, up to accumulation order).
+
+    Args:
+        residual: ``[..., N]`` in x's dtype, contiguous, x's leading shape; updated and returned.
+        x: ``[..., K]`` float16 or bfloat16 (any strides along the rows).
+        weight: ``[N, K]`` in x's dtype.
+
+    Inference only: nothing is differentiated (``InvalidArgumentError`` if grad mode is on and an argument
+    requires a gradient). Registered as ``torch.ops.triton_ops.decode_linear_add_`` (``residual`` mutated).
+
+    Raises:
+        UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
+        InvalidArgumentError.
+    """
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (residual, x, weight)):
+        raise InvalidArgumentError("decode_linear_add_: an in-place, inference-only residual add; run it under "
+                                   "torch.no_grad() (or use residual + decode_linear(...) to differentiate)")
+    if direct_call_ok(residual, x, weight):
+        _decode_linear_add(residual, x, weight)
+    else:
+        _decode_linear_add_op(residual, x, weight)
+    return residual
+
+
+__all__ = ["decode_linear", "decode_linear_add_"]

@@ -132,6 +132,8 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
     - Tensor cores (``USE_DOT``), ``BLOCK_M`` 16 (the MMA's smallest row tile; the whole decode M in one tile), 64
       for larger forced M. Up to ``FMA_MAX_ROWS`` rows: the FMA variant, ``BLOCK_M`` the rows' next power of two;
       one fp16/bf16 row: 16 columns and 512 of K a program, never split (measured, see ``FMA_MAX_ROWS``).
+    - E4M3 weights with 16-bit activations on the 16-row tensor-core tile: ``_f16_dot_tile`` (fp16 dots, measured
+      on the H200). The rules below serve the other cases (16-bit weights, fp32 activations, forced 64-row tiles).
     - 32 output columns a program (narrow: many programs, each streaming ``32 x K`` bytes); 64 when M > 4 and there
       are still two column blocks per SM, which halves the re-reads of the ``[M, K]`` activation from L2.
     - K tiles of 512 for weights up to 16 MB, else 256 (the W8A8 decode kernel's measured rules, H100); 128 with
@@ -165,6 +167,8 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
         block_n = 8 if w_bytes == 2 else 16
         return {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4,
                 "num_stages": max(1, min(4, _SMEM_BUDGET // (512 * (2 + block_n * w_bytes))))}
+    if not fma and block_m == 16 and x_bytes == 2 and w_bytes == 1:
+        return _f16_dot_tile(n, k, blocked, sms)
     block_n = 64 if (m > 4 and cdiv(n, 64) >= 2 * sms) else 32
     if fma:
         block_k = 256 // block_m
@@ -182,6 +186,31 @@ def weight_only_config(m: int, n: int, k: int, scale_mode: int, x_bytes: int, sm
     stages = max(1, min(6 if block_k <= 128 else 4, _SMEM_BUDGET // stage))
     return {"USE_DOT": not fma, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
             "num_warps": 4, "num_stages": stages}
+
+
+def _f16_dot_tile(n: int, k: int, blocked: bool, sms: int) -> dict[str, Any]:
+    """The 16-row tensor-core tile of E4M3 weights with 16-bit activations (2 to 16 rows): fp16 dots (``F16_DOT``;
+    bf16 activations scaled into fp16 by a power of two per row; fp16 ones as they are), K split in 4 while the
+    column blocks number fewer than two per SM.
+
+    H200, session 18 (``python -m benchmarks.dev.weight_only_rows --rows 8``, four weights back to back in a CUDA
+    graph, 36 tiles with and without fp16 dots; the previous rule's tile in brackets): Llama-3-8B's packed q/k/v
+    13.7 us (15.6), o 11.7 (13.1), down 21.3 (26.3) with per-channel scales; with group scales 14.0 (16.5), 11.6
+    (12.7), 25.1 (27.6); gpt-oss's q/k/v 11.5 (14.2) and 11.6 (13.2). 64 columns and 128-deep K steps, 4 warps;
+    per-channel scales at K >= 8192 (down) 128 columns and 256-deep steps, 8 warps (22.8 us with 64 x 256)."""
+    block_n, block_k, warps = (128, 256, 8) if (not blocked and k >= 8192) else (64, 128, 4)
+    cols, k_tiles = cdiv(n, block_n), cdiv(k, block_k)
+    split = 1 if cols >= 2 * sms else max(1, min(4, k_tiles // 2))
+    stages = max(1, min(4, _SMEM_BUDGET // (block_k * (16 * 2 + block_n))))
+    return {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+            "num_warps": warps, "num_stages": stages, "F16_DOT": True}
+
+
+def _f16_dot(cfg: dict[str, Any], mode: int, x_dtype: torch.dtype) -> bool:
+    """Whether the launch takes fp16 tensor-core dots (config ``F16_DOT``): for E4M3 weights with bf16 activations
+    on the tensor-core tile only (fp16 activations already take one conversion a weight; 16-bit weights none)."""
+    return bool(cfg.get("F16_DOT", False)) and bool(cfg["USE_DOT"]) and mode != SCALE_NONE and (
+        x_dtype == torch.bfloat16)
 
 
 def _norm_block(k: int, block_m: int) -> int:
@@ -352,7 +381,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             bias.stride(0) if bias is not None else 0, per_split, float(norm_eps),
             mode, bias is not None, add_out is not None, norm_weight is not None, _norm_block(k, bm),
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
-            cfg["num_stages"], _INTERP)
+            cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"])
     return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info)

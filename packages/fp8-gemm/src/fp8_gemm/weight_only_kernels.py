@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton_ops_core.fp8_cast import rows_to_f16
 
 # SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
 # (fp16/bf16, x's dtype) and no scale at all: the same kernel is then a plain decode GEMM (``decode_linear``).
@@ -159,6 +160,7 @@ def fp8_weight_only_kernel(
     NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out += ...`` (a residual: one rounding of
@@ -170,7 +172,9 @@ def fp8_weight_only_kernel(
     scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
     tile never straddles two scale blocks along N (dot: nor along K). ``NUM_STAGES``: the K loop's software
     pipeline depth (asynchronous copies into shared memory); given explicitly, so the FMA variant, whose loads
-    feed no ``tl.dot``, is pipelined too.
+    feed no ``tl.dot``, is pipelined too. ``F16_DOT`` (E4M3 weights, bf16 x, ``USE_DOT``): the dot runs on fp16
+    operands, x's rows scaled into fp16 exactly by powers of two (``rows_to_f16``), which saves the weight's second
+    conversion (E4M3 -> fp16 is one packed instruction per two weights, -> bf16 two).
     """
     CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # group scales, one row: products summed per chunk
     pid_n = tl.program_id(0)
@@ -208,19 +212,31 @@ def fp8_weight_only_kernel(
             x = _normalized(x, rstd, nw_ptr, k0 + offs_k, K)
         if USE_DOT:
             w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
-            if EMULATE:
+            if F16_DOT:
+                xd, back = rows_to_f16(x)
+                if EMULATE:  # the interpreter's 16-bit dot is wrong: fp32 operands holding the same values
+                    xd = xd.to(tl.float32)
+                    wd = _dequant_type(w, tl.float32, True)
+                else:
+                    wd = w.to(tl.float16)  # E4M3 -> fp16: exact, one packed conversion per two weights
+            elif EMULATE:
                 xd = x.to(tl.float32)
                 wd = _dequant_type(w, tl.float32, SCALE_MODE != 3)
             else:
                 xd = x
                 wd = _dequant_type(w, x_ptr.dtype.element_ty, False)
-            if SCALE_MODE == 2:
-                # the partial product of this K block times its scale, in fp32
-                acc += tl.dot(xd, wd, input_precision="ieee") * tl.load(s_col + (k0 // 128) * stride_sk)
-            elif SCALE_MODE == 4:
-                # the partial product of this K block times its columns' group scales, in fp32
-                s_row = tl.load(s_ptr + (k0 // 128) * stride_sk + offs_n * stride_sn, mask=offs_n < N, other=0.0)
-                acc += tl.dot(xd, wd, input_precision="ieee") * s_row[None, :]
+            if SCALE_MODE == 2 or SCALE_MODE == 4 or F16_DOT:
+                # the partial product of this K block, scaled in fp32: its block scale or its columns' group scales,
+                # and with F16_DOT its rows' factors
+                part = tl.dot(xd, wd, input_precision="ieee")
+                if SCALE_MODE == 2:
+                    part = part * tl.load(s_col + (k0 // 128) * stride_sk)
+                elif SCALE_MODE == 4:
+                    part = part * tl.load(s_ptr + (k0 // 128) * stride_sk + offs_n * stride_sn, mask=offs_n < N,
+                                          other=0.0)[None, :]
+                if F16_DOT:
+                    part = part * back[:, None]
+                acc += part
             else:
                 acc = tl.dot(xd, wd, acc, input_precision="ieee")
         else:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton_ops_core.fp8_cast import rows_to_f16
 
 # Activation codes (constexpr): the host maps names to these.
 ACT_SILU = 0
@@ -66,12 +67,6 @@ def _block_scales(s_ptr, offs_n, N, stride_s, srow_mul, srow_off, k, ROWS_PER_SC
 
 
 @triton.jit
-def _pow2(e):
-    """``2 ** e`` in fp32, exactly, for integer ``e`` in [-126, 127] (the exponent field written directly)."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _f16_dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               W_SCALING: tl.constexpr):
     """``_dot2`` on fp16 tensor cores for FP8 weights and bf16 activations (config ``F16_DOT``).
@@ -82,12 +77,7 @@ def _f16_dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCA
     of two that puts its largest magnitude in [2^14, 2^15) (inside fp16's range, so every bf16 value there is an
     fp16 value; only values below about 2^-29 of the row's largest round), and the step's products are scaled back
     in fp32. A row holding Inf or NaN keeps it. The weights' scales apply as in ``_dot2``."""
-    xf = x.to(tl.float32)
-    amax = tl.max(tl.abs(xf), axis=1)
-    # floor(log2(amax)) - 14 from the exponent field; an all-zero row (and Inf / NaN) land anywhere in range
-    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 14
-    e = tl.minimum(tl.maximum(e, -126), 126)
-    x16 = (xf * _pow2(-e)[:, None]).to(tl.float16)
+    x16, back = rows_to_f16(x)
     if UPCAST:  # interpreter: fp32 operands holding the same values (its 16-bit dot is wrong; FP8 straight to fp32)
         x16 = x16.to(tl.float32)
         wg16 = wg.to(tl.float32)
@@ -95,9 +85,8 @@ def _f16_dot2(x, wg, wu, acc_g, acc_u, sg, su, DOT_PRECISION: tl.constexpr, UPCA
     else:
         wg16 = wg.to(tl.float16)  # E4M3 / E5M2 -> fp16: exact, Inf and NaN kept
         wu16 = wu.to(tl.float16)
-    back = _pow2(e)[:, None]
-    pg = tl.dot(x16, tl.trans(wg16), input_precision=DOT_PRECISION) * back
-    pu = tl.dot(x16, tl.trans(wu16), input_precision=DOT_PRECISION) * back
+    pg = tl.dot(x16, tl.trans(wg16), input_precision=DOT_PRECISION) * back[:, None]
+    pu = tl.dot(x16, tl.trans(wu16), input_precision=DOT_PRECISION) * back[:, None]
     if W_SCALING >= 2:
         pg = pg * sg[None, :]
         pu = pu * su[None, :]

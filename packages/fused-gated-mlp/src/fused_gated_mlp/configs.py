@@ -172,13 +172,29 @@ FMA_MAX_TOKENS = 2
 # Tensor-core tiles for FP8 channel-scaled weights beyond two rows, from the same H200 sweep (54 tiles at M = 8, 26 at
 # M = 64; kept where the winner beat the bf16-derived choice by more than 5 %): (row tile, hidden, intermediate).
 _H200_FP8_CHANNEL: dict[tuple[int, int, int], dict] = {
-    (16, 4096, 14336): _decode(16, 32, 256, 2, 3),  # M = 8: 53.1 -> 47.5 us
     (64, 4096, 14336): _decode(64, 64, 128, 1, 3),  # M = 64: 76.6 -> 70.0 us
     (64, 4096, 12288): _decode(64, 64, 128, 1, 3),  # M = 64: 90.9 -> 69.9 us
 }
 _FP8_DEVICE_TABLES: dict[tuple[str, str | None], dict[tuple[int, int, int], dict]] = {
     ("NVIDIA H200", "9.0"): _H200_FP8_CHANNEL,
 }
+
+
+def _fp8_f16_dot(intermediate: int, group: bool, sms: int) -> dict:
+    """The tensor-core tile for FP8 channel- or group-scaled weights at 3 to 16 rows (one 16-row tile): fp16 dots
+    (``F16_DOT``: each row of the activation tile scaled by a power of two into fp16's range, exact; with bf16
+    activations each E4M3 weight then costs one conversion instead of two).
+
+    H200, session 18 (``python -m benchmarks.dev.gated_mlp_f16_dot --rows 8,16``, four weight pairs back to back in
+    a CUDA graph; 36 tiles with and without fp16 dots), M = 8: Llama-3-8B channel 46.4 -> 34.2 us (64 columns,
+    256-deep K, no split), group 52.8 -> 41.4 us (64 x 128); gpt-oss-20b (2880 columns: 64-column tiles leave SMs
+    idle) channel 15.2 -> 10.7 us, group 16.9 -> 11.8 us (32 columns x 128, split-K 4). M = 16 the same within 3 %.
+    Group scales keep 128-deep K steps (one scale group a step).
+    """
+    block_k = 128 if group else 256
+    if -(-intermediate // 64) >= sms:
+        return {**_decode(16, 64, block_k, 1, 3), "F16_DOT": True}
+    return {**_decode(16, 32, 128, 4, 3), "F16_DOT": True}
 
 
 def _fp8_fma(tokens: int) -> dict:
@@ -217,6 +233,8 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int,
         fma = _fp8_group_fma(tokens, intermediate, sms)
         if fma is not None:
             return tuple(sorted(fma.items()))
+    if weights in ("fp8_channel", "fp8_group") and element_size == 2 and decode_block_m(tokens) == 16:
+        return tuple(sorted(_fp8_f16_dot(intermediate, weights == "fp8_group", sms).items()))
     if weights == "fp8_channel" and decode:
         tuned = _FP8_DEVICE_TABLES.get(device, {}).get((decode_block_m(tokens), hidden, intermediate))
         if tuned is not None:

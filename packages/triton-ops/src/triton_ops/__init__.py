@@ -90,8 +90,8 @@ REGISTERED_OPS = (
     "fused_qk_norm_rope_backward", "rmsnorm", "fused_add_rmsnorm", "fused_add_rmsnorm_",
     "rmsnorm_fp8", "fused_add_rmsnorm_fp8", "fused_add_rmsnorm_fp8_", "rope", "rope_", "rope_backward",
     "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear", "fp8_linear_add_",
-    "decode_linear", "moe_route", "moe_experts", "decode_attention", "kv_cache_write_", "kv_cache_append_",
-    "kv_cache_write_rope_", "kv_cache_append_rope_",
+    "decode_linear", "decode_linear_add_", "moe_route", "moe_experts", "decode_attention", "kv_cache_write_",
+    "kv_cache_append_", "kv_cache_write_rope_", "kv_cache_append_rope_",
 )
 
 __all__ = [

@@ -31,7 +31,7 @@ from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import GatedMLP, gated_hidden
-from .layers import LOCAL_SHARDS_ATTR, linear, packed_projections
+from .layers import LOCAL_SHARDS_ATTR, linear, linear_add_, packed_projections
 
 # The keyword arguments naming the KV cache: transformers 5.2x renamed ``past_key_values`` to ``cache``.
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -94,15 +94,15 @@ def _mlp_into_residual(mlp: nn.Module, normed: torch.Tensor, residual: torch.Ten
 
 
 def _down_add_(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how: str) -> torch.Tensor:
-    """``residual += down_proj(gated_hidden(normed))`` in place, in the down projection's GEMM (cuBLAS's beta = 1
-    for ``"bf16"``, the FP8 kernel's epilogue for ``"fp8"``); returns the residual."""
+    """``residual += down_proj(gated_hidden(normed))`` in place, in the down projection's GEMM (for ``"bf16"``
+    :func:`~triton_ops.models.layers.linear_add_`: ``decode_linear``'s kernel at one row, else cuBLAS's beta = 1;
+    the FP8 kernel's epilogue for ``"fp8"``); returns the residual."""
     hidden = gated_hidden(mlp, normed)
     down = mlp.down_proj
     if how == "fp8":
         return fp8_linear_add_(residual, hidden, down.weight, down.weight_scale, down.activation_granularity,
                                down.fast_accum, down.path)
-    residual.view(-1, residual.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), down.weight.t())
-    return residual
+    return linear_add_(residual, hidden, down.weight)
 
 
 def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Tensor | None = None) -> str:
