@@ -6,6 +6,7 @@
     python -m benchmarks.dev.weight_only_rows --no-sweep       # FP8Linear's own choice against bf16 only
     python -m benchmarks.dev.weight_only_rows --rows 1         # one row: the CUDA-core (FMA) tiles instead
     python -m benchmarks.dev.weight_only_rows --rows 8         # 3-16 rows: 16-row tiles with / without fp16 dots
+    python -m benchmarks.dev.weight_only_rows --rows 1 --tensor-cores --scales channel,bf16   # one row, both kinds
 
 Batched decode (8 to 64 sequences a step) multiplies up to 64 token rows by every weight: still a weight stream, but
 a 16-row tile no longer holds every row. For each shape, M and weight scale (per channel, or the default recipe's
@@ -59,11 +60,12 @@ def f16_candidates(m: int, scale: str) -> list[dict]:
     return out
 
 
-def candidates(m: int, scale: str) -> list[dict]:
+def candidates(m: int, scale: str, tensor_cores: bool = False) -> list[dict]:
     """Tensor-core tiles for ``m`` rows in one row tile (a 16-bit activation, an E4M3 weight); FMA tiles for one
-    or two rows; 16-row tiles with and without fp16 dots for 3 to 16 rows."""
+    or two rows (with ``tensor_cores`` also the 16-row tiles); 16-row tiles with and without fp16 dots for 3 to 16
+    rows."""
     if m <= 2:
-        return fma_candidates(m)
+        return fma_candidates(m) + (f16_candidates(m, scale) if tensor_cores else [])
     if m <= 16:
         return f16_candidates(m, scale)
     block_m = max(16, 1 << (m - 1).bit_length())
@@ -83,7 +85,40 @@ def _label(cfg: dict) -> str:
         "-f16" if cfg.get("F16_DOT") else "")
 
 
-def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float, sweep: bool = True) -> list[dict]:
+def run_bf16_case(name: str, m: int, copies: int, bandwidth: float) -> list[dict]:
+    """16-bit weights (``decode_linear``'s kernel): its choice, cuBLAS, and CUDA-core and tensor-core tiles."""
+    from fp8_gemm import decode_linear
+    from fp8_gemm import weight_only as wo
+
+    n, k = SHAPES[name]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    reference = x.double() @ ws[0].double().t()
+    floor = 2 * n * k / bandwidth / 1e3
+    rows = []
+
+    def record(label, fn, cfg=None):
+        first = fn()[0]
+        err = ((first.double() - reference).norm() / reference.norm()).item()
+        rows.append({"shape": name, "M": m, "scale": "bf16", "label": label, "us": graph_us(fn) / copies,
+                     "floor_us": floor, "rel_err": err, **({"config": cfg} if cfg else {})})
+
+    record("decode_linear", lambda: [decode_linear(x, w) for w in ws])
+    record("bf16 F.linear", lambda: [F.linear(x, w) for w in ws])
+    tiles = [c for c in fma_candidates(m) if c["BLOCK_N"] <= 32] + [
+        {**c, "F16_DOT": False} for c in f16_candidates(m, "channel") if not c["F16_DOT"]]
+    for cfg in tiles:
+        cfg = {**cfg, "num_stages": max(1, min(4, _SMEM // (cfg["BLOCK_K"] * 2 * (cfg["BLOCK_M"] + cfg["BLOCK_N"]))))}
+        try:
+            plans = [wo.build_plan(x, w, None, None, cfg) for w in ws]
+            record(_label(cfg), lambda: [plan.run(x, w, None, None) for plan, w in zip(plans, ws)], cfg)
+        except Exception as exc:  # a tile the kernel cannot take (resources): reported, the sweep goes on
+            print(f"  {name} M={m} bf16 {_label(cfg)}: {type(exc).__name__}: {str(exc)[:120]}")
+    return rows
+
+
+def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float, sweep: bool = True,
+             tensor_cores: bool = False) -> list[dict]:
     from fp8_gemm import FP8Linear
     from fp8_gemm import weight_only as wo
 
@@ -123,7 +158,7 @@ def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float, sweep
     if scale == "channel":
         record("bf16 F.linear", lambda: [F.linear(x, lin.weight) for lin in lins], F.linear(x, lins[0].weight),
                2 * floor)
-    for cfg in candidates(m, scale) if sweep else []:
+    for cfg in candidates(m, scale, tensor_cores) if sweep else []:
         try:
             plans = [wo.build_plan(x, mod.weight, mod.weight_scale, None, cfg) for mod in mods]
 
@@ -141,10 +176,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dev.weight_only_rows", description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     p.add_argument("--rows", default="32,64", help="M values")
-    p.add_argument("--scales", default="channel,group")
+    p.add_argument("--scales", default="channel,group", help="channel, group, or bf16 (16-bit weights)")
     p.add_argument("--copies", type=int, default=4, help="different weights per case in the timed chain")
     p.add_argument("--no-sweep", dest="sweep", action="store_false",
                    help="only FP8Linear's choice, the W8A8 path and bf16 (no weight-only tiles)")
+    p.add_argument("--tensor-cores", action="store_true", help="one or two rows: also the 16-row tensor-core tiles")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("weight_only_rows needs a GPU")
@@ -156,7 +192,10 @@ def main(argv=None) -> int:
     for name in args.shapes.split(","):
         for m in (int(v) for v in args.rows.split(",")):
             for scale in args.scales.split(","):
-                case = run_case(name, m, scale, args.copies, bandwidth, args.sweep)
+                if scale == "bf16":  # 16-bit weights: decode_linear's kernel
+                    case = run_bf16_case(name, m, args.copies, bandwidth)
+                else:
+                    case = run_case(name, m, scale, args.copies, bandwidth, args.sweep, args.tensor_cores)
                 rows += case
                 out.write_text(json.dumps({"bandwidth_gbps": bandwidth, "rows": rows}, indent=1))
                 fixed = [r for r in case if "config" not in r]

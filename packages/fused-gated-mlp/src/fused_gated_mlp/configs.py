@@ -281,7 +281,8 @@ def heuristic_config(tokens: int, hidden: int, intermediate: int, dtype: torch.d
                      device: torch.device, weights: str = "same") -> dict:
     """The analytical choice, used when no tuned config is cached or shipped: for FP8 weights with channel scales
     at one or two rows the CUDA-core tile the H200 measured best (``FMA_MAX_TOKENS``; group scales where
-    their tensor-core tiles would leave SMs idle, ``_fp8_group_fma``); else the device's measured
+    their tensor-core tiles would leave SMs idle, ``_fp8_group_fma``); for channel- or group-scaled FP8 weights on
+    the 16-row tile, fp16 tensor-core dots (``_fp8_f16_dot``); else the device's measured
     table (the H100's, matched by product name and compute capability), else rules reading its SM count and
     shared memory. ``dtype``: the activations'; ``weights``: one of :data:`WEIGHT_KINDS`."""
     if weights not in WEIGHT_KINDS:
