@@ -135,3 +135,18 @@ def test_check_choice():
     v.check_choice("silu", "activation", ("silu", "gelu"))
     with pytest.raises(InvalidArgumentError, match=r"^activation: expected one of 'silu', 'gelu', got 'relu'"):
         v.check_choice("relu", "activation", ("silu", "gelu"))
+
+
+def test_memory_span_and_overlap():
+    x = torch.zeros(4, 6, dtype=torch.bfloat16)
+    assert v.memory_span(x) == 24 * 2
+    assert v.memory_span(x[:, :3]) == (3 * 6 + 2 + 1) * 2  # strided rows: first to last element
+    assert v.memory_span(x[:0]) == 0
+    out = torch.zeros(4, 6, dtype=torch.bfloat16)
+    v.check_no_overlap(out, "residual", v.memory_span(out), x, "x", v.memory_span(x))  # separate tensors pass
+    # adjacent halves pass
+    v.check_no_overlap(x[2:], "residual", v.memory_span(x[2:]), x[:2], "x", v.memory_span(x[:2]))
+    for a, b in ((x, x), (x[1:], x), (x[:, 1:], x[:, :2]), (x.t(), x)):
+        with pytest.raises(InvalidArgumentError, match=r"^residual: shares memory with x"):
+            v.check_no_overlap(a, "residual", v.memory_span(a), b, "x", v.memory_span(b))
+    v.check_no_overlap(x[:0], "residual", 0, x, "x", v.memory_span(x))  # nothing written: nothing shared

@@ -19,9 +19,9 @@ from triton_ops_core.aot import compile_sm90  # noqa: E402
 INTS = ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_sk", "stride_sn",
         "stride_bias", "tiles_per_split"]
 
-# (name, weight type, SCALE_MODE, NORM, ADD_OUT, USE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K[, F16_DOT]): the decode
-# configs weight_only_config picks at one row (FMA tiles, bf16 and E4M3 weights) and at 16 rows (tensor-core tile,
-# split K), with the RMSNorm prologue and the residual epilogue
+# (name, weight type, SCALE_MODE, NORM, ADD_OUT, USE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K[, F16_DOT[, warps]]):
+# the decode configs weight_only_config picks at one row (FMA tiles, bf16 and E4M3 weights) and at 16 rows
+# (tensor-core tile, split K), with the RMSNorm prologue and the residual epilogue
 VARIANTS = [
     ("bf16 weight, one row, norm prologue", "*bf16", W.SCALE_NONE, True, False, False, 1, 8, 512, 1),
     ("E4M3 channel scales, one row, norm prologue, residual add", "*fp8e4nv", W.SCALE_CHANNEL, True, True, False, 1,
@@ -34,23 +34,27 @@ VARIANTS = [
     ("E4M3 group scales, one row, 32 columns, norm prologue", "*fp8e4nv", W.SCALE_GROUP, True, False, False, 1, 32,
      512, 1),
     ("E4M3 group scales, 16 rows, split K", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 32, 128, 4),
-    # fp16 tensor-core dots for bf16 activations (F16_DOT): channel scales, 64 columns; group scales, split K
-    ("E4M3 channel scales, 16 rows, fp16 dots", "*fp8e4nv", W.SCALE_CHANNEL, False, True, True, 16, 64, 256, 1, True),
-    ("E4M3 group scales, 16 rows, split K, fp16 dots", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 32, 128, 4,
+    # fp16 tensor-core dots for bf16 activations (F16_DOT), the tiles _f16_dot_tile picks: 64 x 128 (4 warps) with
+    # split K; channel scales at K >= 8192: 128 x 256, 8 warps; the RMSNorm prologue and residual add on one
+    ("E4M3 group scales, 16 rows, split K, fp16 dots", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 64, 128, 4,
      True),
+    ("E4M3 channel scales, 16 rows, split K, fp16 dots, 8 warps, norm prologue, residual add", "*fp8e4nv",
+     W.SCALE_CHANNEL, True, True, True, 16, 128, 256, 4, True, 8),
 ]
 
 
 def main() -> int:
     ok = True
-    for name, wtype, mode, norm, add_out, dot, bm, bn, bk, split, *f16 in VARIANTS:
+    for name, wtype, mode, norm, add_out, dot, bm, bn, bk, split, *extra in VARIANTS:
+        f16 = extra[0] if extra else False
+        warps = extra[1] if len(extra) > 1 else 4
         types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
                  "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "norm_eps": "fp32",
                  **dict.fromkeys(INTS, "i32")}
         consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm, NORM_BLOCK=max(16, 2048 // bm),
                       USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,
-                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16 and f16[0]))
-        ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, 4, 4)
+                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16))
+        ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, warps, 4)
     return 0 if ok else 1
 
 

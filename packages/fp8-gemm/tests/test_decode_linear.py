@@ -241,6 +241,30 @@ def test_add_errors():
                            w.float())
 
 
+def test_add_refuses_a_residual_sharing_memory_with_x():
+    # the kernel's programs write residual columns while others still read x: a silent wrong sum otherwise
+    x, w, _ = _inputs(1, 64, 64, torch.bfloat16, seed=25, bias=False)
+    buf = torch.randn(2, 64, device=DEVICE).to(torch.bfloat16)
+    decode_linear_add_(buf[1:], buf[:1], w)  # adjacent rows of one buffer: fine
+    for residual, xs in ((x, x), (buf[0:1], buf[0:1])):
+        with pytest.raises(InvalidArgumentError, match="^residual: shares memory with x"):
+            decode_linear_add_(residual, xs, w)
+    # a cached plan does not skip the check (the cache keys on layouts, not addresses)
+    r = torch.zeros(1, 64, device=DEVICE, dtype=torch.bfloat16)
+    decode_linear_add_(r, x, w)
+    with pytest.raises(InvalidArgumentError, match="shares memory"):
+        decode_linear_add_(x, x, w)
+
+
+@pytest.mark.parametrize("m,n,k", [(0, 8, 64), (2, 0, 64), (2, 8, 0)])
+def test_add_empty_shapes(m, n, k):
+    x, w, _ = _inputs(m, n, k, torch.bfloat16, seed=26, bias=False)
+    residual = torch.randn(m, n, device=DEVICE).to(torch.bfloat16)
+    before = residual.clone()
+    assert decode_linear_add_(residual, x, w) is residual
+    assert torch.equal(residual, before)  # K = 0 adds zeros; no rows or columns: nothing to add
+
+
 def test_add_opcheck_and_compile():
     x, w, _ = _inputs(1, 16, 64, torch.bfloat16, seed=24, bias=False)
     residual = torch.randn(1, 16, device=DEVICE).to(torch.bfloat16)

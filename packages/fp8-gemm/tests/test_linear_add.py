@@ -86,6 +86,18 @@ def test_errors():
         fp8_linear_add_(torch.zeros(2, 48, device=DEV), x.requires_grad_(), layer.weight, layer.weight_scale)
 
 
+def test_refuses_a_residual_sharing_memory_with_x():
+    layer = _layer(64, 64, "channel")
+    x = torch.randn(1, 64, device=DEV)
+    with torch.no_grad(), pytest.raises(InvalidArgumentError, match="^residual: shares memory with x"):
+        fp8_linear_add_(x, x, layer.weight, layer.weight_scale, path="weight_only")
+    with torch.no_grad():  # the W8A8 path computes the product first: in place on x is fine there
+        want = x.double() + x.double() @ layer.dequantized_weight(torch.float64).t()
+        y = x.clone()
+        fp8_linear_add_(y, y, layer.weight, layer.weight_scale, path="w8a8")
+        torch.testing.assert_close(y.double(), want, rtol=6e-2, atol=6e-2)
+
+
 def test_opcheck_and_compile():
     layer = _layer(64, 48, "channel")
     x = torch.randn(1, 64, device=DEV)

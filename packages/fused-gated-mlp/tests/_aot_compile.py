@@ -38,10 +38,14 @@ VARIANTS = [
     ("decode, group scales, one-row CUDA-core tile", DECODE, K.SCALE_GROUP, decode(1, 8, 512, 1, 4, fma=True)),
     ("decode, group scales, two-row CUDA-core tile", DECODE, K.SCALE_GROUP,
      decode(2, 8, 256, 1, 3, fma=True, even_k=False)),
+    # fp16 tensor-core dots (F16_DOT): the tiles configs._fp8_f16_dot picks (64 columns, 256 / 128 deep; 32 columns
+    # with split K on narrow shapes)
     ("decode, channel scales, fp16 tensor-core dots (F16_DOT)", DECODE, K.SCALE_CHANNEL,
-     decode(16, 32, 256, 1, 3, f16_dot=True)),
+     decode(16, 64, 256, 1, 3, f16_dot=True)),
+    ("decode, group scales, fp16 tensor-core dots (F16_DOT)", DECODE, K.SCALE_GROUP,
+     decode(16, 64, 128, 1, 3, f16_dot=True)),
     ("decode, group scales, fp16 tensor-core dots (F16_DOT), split K", DECODE, K.SCALE_GROUP,
-     decode(16, 32, 128, 4, 4, f16_dot=True)),
+     decode(16, 32, 128, 4, 3, f16_dot=True)),
     ("prefill, group scales", K._gated_mlp_prefill_kernel, K.SCALE_GROUP,
      dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, USE_TMA=False)),
 ]

@@ -240,6 +240,46 @@ def test_fp8_down_projection_adds_the_residual_in_its_kernel(monkeypatch):
             assert _cosine(a, b) >= 0.9999
 
 
+def test_bf16_down_projection_rule_for_the_one_launch_residual_add():
+    """``linear_add_`` sends one decode row on a GPU to ``decode_linear_add_`` (the rule checked with ``on_gpu``, the
+    add on this machine through ``addmm_``): 16-bit weights in x's dtype, K a multiple of 512, nothing to
+    differentiate."""
+    from triton_ops.models.layers import linear_add_, linear_add_takes_kernel
+
+    w = torch.randn(8, 1024, dtype=torch.bfloat16)
+    x = torch.randn(1, 1, 1024, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert linear_add_takes_kernel(x, w, on_gpu=True)
+        assert not linear_add_takes_kernel(x, w, on_gpu=False)
+        assert not linear_add_takes_kernel(torch.randn(2, 1, 1024, dtype=torch.bfloat16), w, on_gpu=True)
+        assert not linear_add_takes_kernel(x[..., :1000], w[:, :1000], on_gpu=True)  # K not a multiple of 512
+        assert not linear_add_takes_kernel(x.float(), w.float(), on_gpu=True)
+        assert not linear_add_takes_kernel(x, w.half(), on_gpu=True)
+    xg = x.clone().requires_grad_()
+    assert not linear_add_takes_kernel(xg, w, on_gpu=True)  # a gradient to record: addmm_
+    with torch.no_grad():
+        assert linear_add_takes_kernel(xg, w, on_gpu=True)
+    residual = torch.randn(1, 1, 8, dtype=torch.bfloat16)
+    want = residual.double() + x.double() @ w.double().t()
+    with torch.no_grad():
+        out = linear_add_(residual, x, w)
+    assert out is residual
+    torch.testing.assert_close(residual.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_fp8_down_projection_add_is_skipped_when_its_input_needs_a_gradient():
+    from triton_ops.models.decoder_layers import _down_adds_residual
+
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="channel")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mlp = model.model.layers[0].mlp
+    residual = torch.randn(1, 1, 64, device=DEVICE, dtype=DTYPE)
+    normed = torch.randn(1, 1, 64, device=DEVICE, dtype=DTYPE)
+    assert _down_adds_residual(mlp, residual, normed) == "fp8"
+    assert _down_adds_residual(mlp, residual, normed.requires_grad_()) == ""  # the inference-only add would raise
+
+
 def test_generate_runs_on_a_patched_model():
     model = patch_model(_model("qwen3"))
     reference = _model("qwen3")

@@ -17,12 +17,14 @@ projection with its residual add; the product and the sum rounded once, as cuBLA
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.validation import check_dtype, check_ndim, check_tensor
+from triton_ops_core.validation import check_dtype, check_ndim, check_no_overlap, check_tensor, memory_span
 
 from . import _scratch
 from .gemm import _CACHE_CLEARERS
@@ -103,6 +105,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """The weight-only plan adding into ``residual``, and the byte spans of ``residual`` and ``x`` (their overlap
+    is checked on every call: the plan cache keys on layouts, not addresses)."""
     check_tensor(residual, "residual")
     check_tensor(x, "x")
     check_ndim(x, "x", minimum=1)
@@ -115,18 +119,21 @@ def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
     if not residual.is_contiguous():
         raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
     check_dtype(residual, "residual", (x.dtype,))
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return build_plan(x2, weight, None, None, add_out=residual.view(-1, n))
+    m = math.prod(x.shape[:-1])
+    plan = build_plan(x.reshape(m, x.shape[-1]), weight, None, None, add_out=residual.view(m, n))
+    return plan, m, memory_span(residual), memory_span(x)
 
 
 def _decode_linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
     key = call_key("decode_linear_add", residual, x, weight)
-    plan = _ADD_PLANS.get(key) if key is not None else None
-    if plan is None:
-        plan = _add_plan(residual, x, weight)
+    entry = _ADD_PLANS.get(key) if key is not None else None
+    if entry is None:
+        entry = _add_plan(residual, x, weight)
         if key is not None:
-            _ADD_PLANS.put(key, plan)
-    plan.run(x.reshape(-1, x.shape[-1]), weight, None, None, out=residual.view(-1, plan.n))
+            _ADD_PLANS.put(key, entry)
+    plan, m, residual_span, x_span = entry
+    check_no_overlap(residual, "residual", residual_span, x, "x", x_span)
+    plan.run(x.reshape(m, x.shape[-1]), weight, None, None, out=residual.view(m, plan.n))
 
 
 @torch.library.custom_op(op_name("decode_linear_add_"), mutates_args=("residual",))
@@ -148,7 +155,8 @@ def decode_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
     computes, up to accumulation order).
 
     Args:
-        residual: ``[..., N]`` in x's dtype, contiguous, x's leading shape; updated and returned.
+        residual: ``[..., N]`` in x's dtype, contiguous, x's leading shape, sharing no memory with ``x``; updated
+            and returned.
         x: ``[..., K]`` float16 or bfloat16 (any strides along the rows).
         weight: ``[N, K]`` in x's dtype.
 

@@ -31,7 +31,9 @@ from triton_ops_core.validation import (
     check_dtype,
     check_kernel_device,
     check_ndim,
+    check_no_overlap,
     check_tensor,
+    memory_span,
 )
 
 from . import _scratch
@@ -398,11 +400,14 @@ def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_
     if plan is False:  # W8A8 (or any other path): the product, then the add
         residual.add_(_linear(x, weight, weight_scale, None, activation_granularity, fast_accum, path))
         return
+    plan, residual_span, x_span = plan
+    check_no_overlap(residual, "residual", residual_span, x, "x", x_span)
     plan.run(x.reshape(-1, weight.shape[1]), weight, weight_scale, None, out=residual.view(-1, weight.shape[0]))
 
 
 def _linear_add_plan(residual, x, weight, weight_scale, path):
-    """The weight-only plan adding into ``residual``, or False where another path runs."""
+    """The weight-only plan adding into ``residual`` with the byte spans of ``residual`` and ``x``, or False where
+    another path runs."""
     check_tensor(residual, "residual")
     check_tensor(x, "x")
     check_tensor(weight, "weight")
@@ -419,7 +424,9 @@ def _linear_add_plan(residual, x, weight, weight_scale, path):
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or not use_weight_only(path, x2.shape[0], weight, weight_scale, x2.element_size()):
         return False
-    return build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n))
+    # the weight-only kernel writes residual while reading x: their spans are checked on every call
+    return build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n)), memory_span(residual), \
+        memory_span(x)
 
 
 @torch.library.custom_op(op_name("fp8_linear_add_"), mutates_args=("residual",))

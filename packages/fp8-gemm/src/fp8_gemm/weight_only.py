@@ -338,7 +338,8 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if add_out is not None:
         check_tensor(add_out, "residual")
         check_dtype(add_out, "residual", (x.dtype,))
-        if tuple(add_out.shape) != (m, n) or (m > 1 and add_out.stride(0) != n) or add_out.stride(-1) != 1:
+        laid_out = add_out.numel() == 0 or ((m == 1 or add_out.stride(0) == n) and add_out.stride(-1) == 1)
+        if tuple(add_out.shape) != (m, n) or not laid_out:  # (an empty tensor's strides are arbitrary)
             raise ShapeMismatchError(f"residual: expected a row-major [{m}, {n}] (x's rows, weight's out_features), "
                                      f"got shape {list(add_out.shape)} with strides {add_out.stride()}")
     if norm_weight is not None:

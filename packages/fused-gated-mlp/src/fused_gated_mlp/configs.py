@@ -181,7 +181,8 @@ _FP8_DEVICE_TABLES: dict[tuple[str, str | None], dict[tuple[int, int, int], dict
 
 
 def _fp8_f16_dot(intermediate: int, group: bool, sms: int) -> dict:
-    """The tensor-core tile for FP8 channel- or group-scaled weights at 3 to 16 rows (one 16-row tile): fp16 dots
+    """The tensor-core tile for FP8 channel- or group-scaled weights on the 16-row tile (3 to 16 rows; with group
+    scales also 2 rows where ``_fp8_group_fma`` keeps the tensor cores, not measured with fp16 dots): fp16 dots
     (``F16_DOT``: each row of the activation tile scaled by a power of two into fp16's range, exact; with bf16
     activations each E4M3 weight then costs one conversion instead of two).
 

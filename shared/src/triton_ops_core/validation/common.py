@@ -125,6 +125,26 @@ def check_contiguous(t: torch.Tensor, name: str) -> None:
         )
 
 
+def memory_span(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to just past its last one (0 for an empty tensor): with ``t.data_ptr()``,
+    the address range a kernel reading or writing ``t`` may touch. Constant for a call signature (shape, strides,
+    dtype), so plans compute it once."""
+    if t.numel() == 0:
+        return 0
+    return (sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def check_no_overlap(out: torch.Tensor, out_name: str, out_span: int, t: torch.Tensor, name: str, span: int) -> None:
+    """``out`` (written in place by a kernel) and ``t`` (read by it) share no byte: a kernel whose programs write
+    ``out`` while others still read ``t`` would compute from half-updated data. ``*_span``: :func:`memory_span`
+    of each (cached by the caller). Conservative for interleaved strided views (their ranges overlap)."""
+    a, b = out.data_ptr(), t.data_ptr()
+    if out_span and span and a < b + span and b < a + out_span:
+        raise InvalidArgumentError(
+            f"{out_name}: shares memory with {name}; the op updates {out_name} in place while reading {name}: pass "
+            f"a separate tensor (e.g. {name}.clone())")
+
+
 def check_positive(value: float, name: str) -> None:
     if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
         raise InvalidArgumentError(f"{name}: expected a positive finite number, got {value!r}")
@@ -147,9 +167,11 @@ __all__ = [
     "check_kernel_device",
     "check_last_dim_contiguous",
     "check_ndim",
+    "check_no_overlap",
     "check_positive",
     "check_same_device",
     "check_same_dtype",
     "check_shape",
     "check_tensor",
+    "memory_span",
 ]

@@ -139,7 +139,8 @@ def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Te
         return ""
     if torch.is_grad_enabled() and (residual.requires_grad or weight.requires_grad):
         return ""
-    if how == "fp8" and torch.is_grad_enabled() and any(p.requires_grad for p in mlp.parameters()):
+    if how == "fp8" and torch.is_grad_enabled() and (
+            any(p.requires_grad for p in mlp.parameters()) or getattr(normed, "requires_grad", False)):
         return ""  # the FP8 add is inference-only: a gradient to the gated MLP's input takes the module's path
     return how
 

@@ -528,11 +528,18 @@ _DECODE_LINEAR_K = 512
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def decode_gemv(x: torch.Tensor, weight: torch.Tensor, on_gpu: bool | None = None) -> bool:
+    """Whether :func:`fp8_gemm.decode_linear`'s kernel takes ``x @ weight^T``: a single row on a GPU (``on_gpu``
+    overrides ``x.is_cuda``, for tests), a plain 16-bit weight in x's dtype whose K is a multiple of 512, where
+    it measured faster than cuBLAS."""
+    return ((x.is_cuda if on_gpu is None else on_gpu) and x.numel() == x.shape[-1] and weight.dtype in _HALF
+            and x.dtype == weight.dtype and weight.shape[-1] % _DECODE_LINEAR_K == 0 and type(weight) in _PLAIN)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, or :func:`fp8_gemm.decode_linear` (one launch, the weight streamed once) for a single row on a
-    GPU with a 16-bit weight whose K is a multiple of 512, where it measured faster than cuBLAS."""
-    if (x.is_cuda and x.numel() == x.shape[-1] and weight.dtype in _HALF and x.dtype == weight.dtype
-            and weight.shape[-1] % _DECODE_LINEAR_K == 0 and type(weight) in _PLAIN):
+    """``F.linear``, or :func:`fp8_gemm.decode_linear` (one launch, the weight streamed once) where
+    :func:`decode_gemv` says it pays."""
+    if decode_gemv(x, weight):
         return decode_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -540,13 +547,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
+def linear_add_takes_kernel(x: torch.Tensor, weight: torch.Tensor, on_gpu: bool | None = None) -> bool:
+    """:func:`linear_add_`'s rule: :func:`decode_gemv`'s, and nothing to differentiate (the in-place kernel records
+    no gradient; an activation that needs one takes ``addmm_``)."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return decode_gemv(x, weight, on_gpu) and not grad
+
+
 def linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``residual += x @ weight^T`` in place for a bias-free 16-bit projection: :func:`fp8_gemm.decode_linear_add_`
-    (one launch, the weight streamed once) under :func:`linear`'s rule, else cuBLAS's ``addmm_`` with beta = 1.
+    (one launch, the weight streamed once) where :func:`linear_add_takes_kernel` says so, else cuBLAS's ``addmm_``
+    with beta = 1.
     Measured on the H200 (bf16, CUDA graph): Llama-3-8B's down projection (K = 14336) 29.8 us in
     ``decode_linear``'s kernel against 32.1 us for cuBLAS's split-K GEMM and its reduction."""
-    if (x.is_cuda and x.numel() == x.shape[-1] and weight.dtype in _HALF and x.dtype == weight.dtype
-            and weight.shape[-1] % _DECODE_LINEAR_K == 0 and type(weight) in _PLAIN):
+    if linear_add_takes_kernel(x, weight):
         return decode_linear_add_(residual, x, weight)
     residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
     return residual
