@@ -13,7 +13,10 @@
   waiting for the mask, so the loop pipelines), and the step's validity ``[BLOCK_M, BLOCK_N]``: in range, the mask
   (bool: nonzero attends; additive: an entry at or below ``mask_floor``, the lowest finite value of the mask's
   dtype, or -inf, is masked), causal and sliding-window bounds (the queries are the last ``SQ`` positions).
-  Unattended positions get a -inf logit and a zero V row, so whatever they hold (even NaN) never counts. Causal
+  Unattended positions get a -inf logit and a zero V row, so whatever they hold (even NaN) never counts; the V
+  zeroing (``_kv_loop``'s ``CLEAN_V``: the V tile out of shared memory and back, a third of the loop's sm_90
+  instructions) runs only where the loop's range holds a position no row attends (counted by the mask pass), so
+  a static cache's valid prefix and mask-free calls skip it. Causal
   and window bounds narrow the loop itself; with a mask, a first pass over the mask alone (``TRIM_N`` positions a
   step) finds the first and last attended positions of the split, and the loop covers only the blocks between
   them: a static cache's unused tail (and left padding) costs its mask bytes only, never a K/V load. ``MASK_1D``:
@@ -97,6 +100,52 @@ def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, M
 
 
 @triton.jit
+def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn, qk_scale,
+             mask_floor, WINDOW, offs_n, d_ok, MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr, CLEAN_V: tl.constexpr):
+    """The online softmax over positions ``lo..end`` (``BLOCK_N`` a step from the pointers' first tile): the state
+    ``(m, l, acc)`` of the program's rows, base 2.
+
+    ``CLEAN_V``: zero the V rows of positions no row attends before the PV dot. A probability of 0 times a NaN V
+    element is NaN, so a masked position inside the range (a hole in the mask, or the block-aligned start before
+    the first attended position) must not bring its memory in. The caller drops it when the range has no such
+    position: the zeroing takes the V tile out of shared memory and back (a select per element and barriers)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, end, BLOCK_N):
+        cols = n0 + offs_n
+        # K and V of the step's in-range positions load without waiting for the mask (no load-to-load dependency:
+        # the loop pipelines); a masked position inside the range is loaded but never counts: its logit is set to
+        # -inf and (CLEAN_V) its V row to zero
+        kv_ok = (cols < end)[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND, MASK_1D,
+                                CAUSAL, HAS_WINDOW)
+        qk = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        if MASK_KIND == 2:
+            qk = qk + madd * 1.4426950408889634
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        if CLEAN_V:
+            need = tl.max(valid.to(tl.int32), axis=0) > 0
+            v = tl.where(need[:, None], v, 0.0)
+        if P_LOW:
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION, UPCAST)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, mask_ptr, sink_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -156,6 +205,7 @@ def _attention_kernel(
         # loop steps
         first = end
         last = lo - 1
+        attended = 0
         for t0 in range(lo, end, TRIM_N):
             cols_t = t0 + tl.arange(0, TRIM_N)
             valid_t, _ = _attended(cols_t, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND,
@@ -163,44 +213,35 @@ def _attention_kernel(
             hit = tl.max(valid_t.to(tl.int32), axis=0) > 0
             first = tl.minimum(first, tl.min(tl.where(hit, cols_t, end), axis=0))
             last = tl.maximum(last, tl.max(tl.where(hit, cols_t, lo - 1), axis=0))
+            attended += tl.sum(hit.to(tl.int32), axis=0)
         # on the same block grid as before (first >= lo when anything attends; else an empty loop)
         lo = tl.where(first < end, lo + ((first - lo) // BLOCK_N) * BLOCK_N, end)
         end = tl.minimum(end, last + 1)
+        # every position of the loop's range attended by some row (a static cache's valid prefix): no V to clean
+        holes = attended < end - lo
 
     # pointers of the first step's tiles, advanced by BLOCK_N rows a step (the 64-bit start keeps a long cache's
     # position offsets exact; the in-tile offsets stay 32-bit)
     k_ptrs = k_head + lo.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_head + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, end, BLOCK_N):
-        cols = n0 + offs_n
-        # K and V of the step's in-range positions load without waiting for the mask (no load-to-load dependency:
-        # the loop pipelines); a masked position inside the trimmed range is loaded but never counts, even if it
-        # holds NaN: its logit is set to -inf and its V row to zero
-        kv_ok = (cols < end)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-        valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND, MASK_1D,
-                                CAUSAL, HAS_WINDOW)
-        need = tl.max(valid.to(tl.int32), axis=0) > 0
-        qk = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
-        if MASK_KIND == 2:
-            qk = qk + madd * 1.4426950408889634
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(qk - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        v = tl.where(need[:, None], v, 0.0)
-        if P_LOW:
-            p = p.to(v.dtype)
-        acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION, UPCAST)
-        m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+    # Without a mask every position of the range is attended by some row (causal and window bounds narrowed it):
+    # no V to clean. With one, only a range with holes takes the cleaning loop (both are compiled; the branch is
+    # uniform over the program).
+    if MASK_KIND != 0:
+        if holes:
+            m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn,
+                                     stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D,
+                                     CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW,
+                                     True)
+        else:
+            m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn,
+                                     stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D,
+                                     CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW,
+                                     False)
+    else:
+        m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
+                                 qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, False)
 
     if SPLIT:
         # partials at [bh, split, row] (rows padded to ROWS_PAD, head dim to BLOCK_D: no masks needed)
