@@ -16,7 +16,8 @@
   Unattended positions get a -inf logit and a zero V row, so whatever they hold (even NaN) never counts; the V
   zeroing (``_kv_loop``'s ``CLEAN_V``: the V tile out of shared memory and back, a third of the loop's sm_90
   instructions) runs only where the loop's range holds a position no row attends (counted by the mask pass), so
-  a static cache's valid prefix and mask-free calls skip it. Causal
+  a static cache's valid prefix and mask-free calls skip it; with a bool ``MASK_1D`` mask and no such position
+  the loop reads no mask at all. Causal
   and window bounds narrow the loop itself; with a mask, a first pass over the mask alone (``TRIM_N`` positions a
   step) finds the first and last attended positions of the split, and the loop covers only the blocks between
   them: a static cache's unused tail (and left padding) costs its mask bytes only, never a K/V load. ``MASK_1D``:
@@ -233,6 +234,12 @@ def _attention_kernel(
                                      stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D,
                                      CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW,
                                      True)
+        elif MASK_KIND == 1 and MASK_1D:
+            # one bool mask row for every row of the program, attending every position of the range: the loop
+            # needs no mask at all (no per-step mask load)
+            m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn,
+                                     stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, 0, MASK_1D, CAUSAL,
+                                     HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, False)
         else:
             m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn,
                                      stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D,
