@@ -196,6 +196,7 @@ def _attention_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(lo, S - SQ + tl.min(tl.where(row_ok, sq, SQ), axis=0) - WINDOW + 1)
     m_rows = mask_ptr
+    holes = False
     if MASK_KIND != 0:
         if MASK_1D:  # every row of the program reads the same mask row (that of its first row)
             m_rows = mask_ptr + b * stride_mb + (hkv * GROUP).to(tl.int64) * stride_mh
@@ -226,29 +227,18 @@ def _attention_kernel(
     k_ptrs = k_head + lo.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_head + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     # Without a mask every position of the range is attended by some row (causal and window bounds narrowed it):
-    # no V to clean. With one, only a range with holes takes the cleaning loop (both are compiled; the branch is
-    # uniform over the program).
-    if MASK_KIND != 0:
-        if holes:
-            m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn,
-                                     stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D,
-                                     CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW,
-                                     True)
-        elif MASK_KIND == 1 and MASK_1D:
-            # one bool mask row for every row of the program, attending every position of the range: the loop
-            # needs no mask at all (no per-step mask load)
-            m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn,
-                                     stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, 0, MASK_1D, CAUSAL,
-                                     HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, False)
-        else:
-            m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn,
-                                     stride_vn, qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D,
-                                     CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW,
-                                     False)
-    else:
+    # no V to clean (``holes`` stays a constexpr False). With one, only a range with holes takes the cleaning loop
+    # (both are compiled; the branch is uniform over the program); a bool mask row shared by the program's rows and
+    # attending the whole range leaves the loop no mask to read.
+    LOOP_MASK_KIND: tl.constexpr = 0 if (MASK_KIND == 1 and MASK_1D) else MASK_KIND
+    if holes:
         m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
                                  qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW,
-                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, False)
+                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, True)
+    else:
+        m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
+                                 qk_scale, mask_floor, WINDOW, offs_n, d_ok, LOOP_MASK_KIND, MASK_1D, CAUSAL,
+                                 HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, False)
 
     if SPLIT:
         # partials at [bh, split, row] (rows padded to ROWS_PAD, head dim to BLOCK_D: no masks needed)

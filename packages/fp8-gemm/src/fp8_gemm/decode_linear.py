@@ -21,14 +21,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.validation import check_dtype, check_ndim, check_no_overlap, check_tensor, memory_span
+from triton_ops_core.validation import check_ndim, check_no_overlap, check_tensor, memory_span
 
 from . import _scratch
 from .gemm import _CACHE_CLEARERS
-from .weight_only import build_plan
+from .weight_only import build_plan, check_residual
 
 _PLANS = PlanCache()
 _ADD_PLANS = PlanCache()
@@ -107,18 +107,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
     """The weight-only plan adding into ``residual``, and the byte spans of ``residual`` and ``x`` (their overlap
     is checked on every call: the plan cache keys on layouts, not addresses)."""
-    check_tensor(residual, "residual")
-    check_tensor(x, "x")
-    check_ndim(x, "x", minimum=1)
-    check_tensor(weight, "weight")
-    check_ndim(weight, "weight", exact=2)
-    n, k = weight.shape
-    if tuple(residual.shape) != (*x.shape[:-1], n):
-        raise ShapeMismatchError(f"residual: expected shape {[*x.shape[:-1], n]} (x's rows, weight's out_features), "
-                                 f"got {list(residual.shape)}")
-    if not residual.is_contiguous():
-        raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
-    check_dtype(residual, "residual", (x.dtype,))
+    check_residual(residual, x, weight)
+    n = weight.shape[0]
     m = math.prod(x.shape[:-1])
     plan = build_plan(x.reshape(m, x.shape[-1]), weight, None, None, add_out=residual.view(m, n))
     return plan, m, memory_span(residual), memory_span(x)

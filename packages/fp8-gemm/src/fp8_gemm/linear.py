@@ -41,7 +41,7 @@ from .gemm import _CACHE_CLEARERS, _new_call
 from .quantize import WEIGHT_BLOCK, _activation_plan, expand_scale, quantize_fp8, scale_shape
 from .recipes import FP8Recipe, resolve_recipe, select_linears
 from .smoothing import DEFAULT_ALPHA, smooth_norm_fed_linears
-from .weight_only import PATHS, build_plan, use_weight_only
+from .weight_only import PATHS, build_plan, check_residual, use_weight_only
 from .weight_only import clear_caches as _clear_weight_only
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block", "group")
@@ -408,17 +408,8 @@ def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_
 def _linear_add_plan(residual, x, weight, weight_scale, path):
     """The weight-only plan adding into ``residual`` with the byte spans of ``residual`` and ``x``, or False where
     another path runs."""
-    check_tensor(residual, "residual")
-    check_tensor(x, "x")
-    check_tensor(weight, "weight")
-    check_ndim(weight, "weight", exact=2)
+    check_residual(residual, x, weight)
     n, k = weight.shape
-    if x.dim() == 0 or tuple(residual.shape) != (*x.shape[:-1], n):
-        raise ShapeMismatchError(f"residual: expected shape {[*x.shape[:-1], n]} (x's rows, weight's out_features), "
-                                 f"got {list(residual.shape)}")
-    if not residual.is_contiguous():
-        raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
-    check_dtype(residual, "residual", (x.dtype,))
     if x.shape[-1] != k:
         return False  # fp8_linear's own validation names the mismatch
     x2 = x.reshape(-1, k)

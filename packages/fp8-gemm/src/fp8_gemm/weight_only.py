@@ -290,6 +290,22 @@ class WeightOnlyPlan:
         return out
 
 
+def check_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The in-place add ops' checks (``decode_linear_add_``, ``fp8_linear_add_``): tensors, a 2-D weight, and a
+    contiguous ``residual`` of x's leading shape, the weight's out_features and x's dtype."""
+    check_tensor(residual, "residual")
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_ndim(weight, "weight", exact=2)
+    n = weight.shape[0]
+    if x.dim() == 0 or tuple(residual.shape) != (*x.shape[:-1], n):
+        raise ShapeMismatchError(f"residual: expected shape {[*x.shape[:-1], n]} (x's rows, weight's out_features), "
+                                 f"got {list(residual.shape)}")
+    if not residual.is_contiguous():
+        raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
+    check_dtype(residual, "residual", (x.dtype,))
+
+
 def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
                config: dict[str, Any] | None = None, add_out: torch.Tensor | None = None,
                norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> WeightOnlyPlan:
