@@ -18,12 +18,16 @@ from pathlib import Path
 AOT_UNAVAILABLE = 3
 
 
-def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2) -> bool:
-    """Compile the ``@triton.jit`` kernel ``fn`` for sm_90 and print ``OK name`` or ``FAIL name: error``.
+def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2,
+                 no_spills: bool = False) -> bool:
+    """Compile the ``@triton.jit`` (or ``@gluon.jit``) kernel ``fn`` for sm_90 and print ``OK name`` or
+    ``FAIL name: error``.
 
     ``types``: the Triton type of every non-constexpr argument (``"*bf16"``, ``"i32"``, ``"fp32"``, ...);
-    ``consts``: every constexpr's value. Exits the process with :data:`AOT_UNAVAILABLE` when this Triton has no
-    ``ASTSource`` / ``GPUTarget`` of the known form. Returns whether it compiled.
+    ``consts``: every constexpr's value. ``no_spills``: also fail when the machine code spills registers to local
+    memory (read from the cubin with Triton's bundled ``nvdisasm``). Exits the process with
+    :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form. Returns
+    whether it compiled.
     """
     try:
         from triton.backends.compiler import GPUTarget
@@ -31,18 +35,41 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
         from triton.compiler import compile as triton_compile
     except ImportError:
         sys.exit(AOT_UNAVAILABLE)
+    source_type = ASTSource
+    if type(fn).__name__ == "GluonJITFunction":
+        from triton.experimental.gluon._runtime import GluonASTSource as source_type
     signature = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
     try:
-        src = ASTSource(fn, signature, constexprs=consts)
+        src = source_type(fn, signature, constexprs=consts)
     except TypeError:
         sys.exit(AOT_UNAVAILABLE)
     try:
-        triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+        spills = local_memory_ops(compiled.asm["cubin"]) if no_spills else 0
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}")
         return False
+    if spills:
+        print(f"FAIL {name}: {spills} local-memory loads and stores (register spills)")
+        return False
     print(f"OK {name}")
     return True
+
+
+def local_memory_ops(cubin: bytes) -> int:
+    """The number of local-memory loads and stores (``LDL`` / ``STL``: register spills) in a cubin's machine code."""
+    import re
+    import tempfile
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"\b(?:LDL|STL)\b", sass))
 
 
 def run_compile_script(script: Path, timeout: float = 600) -> subprocess.CompletedProcess | None:
@@ -69,4 +96,4 @@ def check_compile_script(script: Path, expected_ok: int) -> None:
     assert proc.stdout.count("OK ") == expected_ok, proc.stdout
 
 
-__all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "run_compile_script"]
+__all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "local_memory_ops", "run_compile_script"]

@@ -17,7 +17,7 @@ from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 
-from . import _scratch
+from . import _scratch, gemm_wgmma
 from . import gemm_configs as cfgs
 from .gemm_kernels import (
     A_BLOCK,
@@ -169,8 +169,15 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
     m, k = a.shape
     n = b.shape[1]
     interp = _INTERP
-    path = "decode" if quant_a else path or _pick_path(a, b, out, m)
     blocked = a_mode == A_BLOCK or b_mode in (B_BLOCK, B_GROUP)
+    if quant_a:
+        path = "decode"
+    elif path is None:
+        path = _pick_path(a, b, out, m)
+        if path == "tma" and _wgmma_takes(a_mode, b_mode, out):
+            path = "wgmma"
+    if path == "wgmma":
+        return _wgmma_plan(a, b, out, a_s, bias, a_mode, b_mode, config or gemm_wgmma.default_config())
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
         problem = (path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype), interp)
@@ -232,6 +239,31 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
             cfg["GROUP_M"])
     return Plan(fp8_gemm_ptr_kernel, grid, tail, cfg["num_warps"], info=info, extra=LaunchNeeds(path, False, 0, False),
                 num_stages=cfg["num_stages"])
+
+
+def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor) -> bool:
+    """The Gluon kernel takes the TMA path's group-scaled weights (activations per tensor, per row or in 1x128
+    blocks) with a 16- or 32-bit output; 128x128 weight blocks stay with the Triton kernel, which is as fast there
+    (``gemm_wgmma``'s docstring)."""
+    return (gemm_wgmma.AVAILABLE and b_mode == B_GROUP and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
+            and out.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _wgmma_plan(a, b, out, a_s, bias, a_mode, b_mode, cfg: dict[str, Any]) -> Plan:
+    """The launch of ``gemm_wgmma``'s kernel: one program per output tile, b K-major (a row-major b is copied per
+    call, as on the TMA path)."""
+    m, k = a.shape
+    n = b.shape[1]
+    kmajor, lead = _b_layout(b)
+    if not kmajor:
+        lead = k
+    nb = n if b_mode == B_GROUP else -(-n // 128)
+    sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, a_mode, b_mode, bias is not None,
+            *gemm_wgmma.launch_args(cfg))
+    return Plan(gemm_wgmma.fp8_scaled_gemm_wgmma_kernel, (tiles,), tail, cfg["num_warps"],
+                info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True))
 
 
 _AMAX_TILE = 8192

@@ -1,0 +1,147 @@
+# ruff: noqa: B023  (the timed closures run inside the loop iteration that defines them)
+"""Prefill FP8 GEMMs with block and group scales against per-channel ones: the Triton TMA kernel, the Gluon wgmma
+kernel (``fp8_gemm.gemm_wgmma``) and its tiles, cuBLAS.
+
+    python -m benchmarks.dev.w8a8_prefill                           # M = 2048, Llama-3-8B's projections
+    python -m benchmarks.dev.w8a8_prefill --rows 2048,8192 --shapes qkv,down,sq4096
+
+Per case, in one run: cuBLAS bf16 ``mm`` and row-wise ``_scaled_mm``; ``fp8_gemm``'s per-channel call (per-row
+activations, the faithful default, the TMA kernel); then per scale kind (``group``: 1x128 activation blocks and
+group weights, the default recipe's; ``block``: 1x128 and 128x128; ``row-group``: per-row activations, group
+weights) the Triton TMA kernel's default and the Gluon kernel's tiles. Operands are quantized beforehand (not timed);
+each GEMM runs on ``--copies`` different weights back to back in a CUDA graph. Errors: relative Frobenius error
+against the float32 product of the dequantized operands. Writes ``w8a8_prefill.json`` to ``$OUT`` (default /tmp).
+Needs a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .weight_only_chain import graph_us
+from .weight_only_rows import SHAPES
+
+EXTRA_SHAPES = {"sq4096": (4096, 4096), "sq8192": (8192, 8192)}
+KINDS = {"group": ("block", "group"), "block": ("block", "block"), "row-group": ("row", "group")}
+
+
+def wgmma_candidates() -> list[dict]:
+    out = []
+    for stages in (3, 4, 5):
+        for group_m in (8, 16):
+            out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": group_m, "STAGES": stages, "num_warps": 8})
+    for stages in (4, 6):
+        out.append({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4})
+    return out
+
+
+def _dequant_a(q, s, gran):
+    x = q.float()
+    if gran == "row":
+        return x * s.reshape(-1, 1)
+    m, k = x.shape
+    return (x.reshape(m, -1, 128) * s.reshape(m, -1, 1)).reshape(m, k) if k % 128 == 0 else None
+
+
+def _dequant_w(q, s, gran):
+    # q: [K, N] view; s: group [ceil(K/128), N] or block [ceil(K/128), ceil(N/128)]
+    w = q.float()
+    k, n = w.shape
+    if gran == "group":
+        return w * s.repeat_interleave(128, 0)[:k]
+    return w * s.repeat_interleave(128, 0)[:k].repeat_interleave(128, 1)[:, :n]
+
+
+def run_case(name: str, m: int, copies: int, kinds: list[str]) -> list[dict]:
+    from fp8_gemm import gemm, gemm_wgmma, quantize_fp8
+
+    n, k = (SHAPES | EXTRA_SHAPES)[name]
+    flops = 2 * m * n * k
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+    outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    rows = []
+
+    def record(label, fn, ref=None, kind=""):
+        try:
+            fn()
+            err = None
+            if ref is not None:
+                err = ((outs[0].float() - ref).norm() / ref.norm()).item()
+                if outs[0].isnan().any():
+                    err = float("nan")
+            us = graph_us(fn) / copies
+        except Exception as exc:  # a tile the kernel cannot take: reported, the sweep goes on
+            print(f"  {name} M={m} {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            return
+        rows.append({"shape": name, "M": m, "N": n, "K": k, "kind": kind, "label": label, "us": us,
+                     "tflops": flops / us / 1e6, "rel_err": err})
+
+    record("cublas bf16 mm", lambda: [torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)])
+    xq, xs = quantize_fp8(x, "e4m3", "row")
+    wch = [quantize_fp8(w.t(), "e4m3", "channel", role="weight") for w in ws]
+    record("cublas _scaled_mm rowwise",
+           lambda: [torch._scaled_mm(xq, b, scale_a=xs.reshape(-1, 1), scale_b=bs.reshape(1, -1),
+                                     out_dtype=torch.bfloat16, out=o) for (b, bs), o in zip(wch, outs)])
+    ref = (x.float() @ ws[0].float().t())
+    record("ours per-channel (tma, faithful)",
+           lambda: [gemm._launch(xq, b, o, xs, bs, None, gemm.A_ROW, gemm.B_CHANNEL, False, "tma") for (b, bs), o
+                    in zip(wch, outs)], ref, "channel")
+    for kind in kinds:
+        a_gran, w_gran = KINDS[kind]
+        aq, as_ = quantize_fp8(x, "e4m3", a_gran)
+        wq = [quantize_fp8(w.t(), "e4m3", w_gran, role="weight") for w in ws]
+        a_mode = gemm.A_BLOCK if a_gran == "block" else gemm.A_ROW
+        b_mode = gemm.B_GROUP if w_gran == "group" else gemm.B_BLOCK
+        da = _dequant_a(aq, as_, a_gran)
+        ref = da @ _dequant_w(*wq[0], w_gran) if da is not None else None
+        record(f"{kind}: triton tma (default)",
+               lambda: [gemm._launch(aq, b, o, as_, bs, None, a_mode, b_mode, False, "tma") for (b, bs), o
+                        in zip(wq, outs)], ref, kind)
+        if not gemm_wgmma.AVAILABLE:
+            continue
+        for cfg in wgmma_candidates():
+            label = "{}: wgmma {BLOCK_M}x{BLOCK_N} w{num_warps} s{STAGES} g{GROUP_M}".format(kind, **cfg)
+            record(label, lambda: [gemm._launch(aq, b, o, as_, bs, None, a_mode, b_mode, False, "wgmma", cfg)
+                                   for (b, bs), o in zip(wq, outs)], ref, kind)
+        record(f"{kind}: public fp8_gemm",
+               lambda: [gemm.fp8_gemm(aq, b, a_scale=as_, b_scale=bs, out_dtype=torch.bfloat16) for b, bs in wq],
+               None, kind)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dev.w8a8_prefill", description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="qkv,o,gate,down")
+    p.add_argument("--rows", default="2048")
+    p.add_argument("--kinds", default="group,block,row-group")
+    p.add_argument("--copies", type=int, default=2)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("w8a8_prefill needs a GPU")
+        return 2
+    out = Path(os.environ.get("OUT", "/tmp")) / "w8a8_prefill.json"
+    rows: list[dict] = []
+    for name in args.shapes.split(","):
+        for m in (int(v) for v in args.rows.split(",")):
+            case = run_case(name, m, args.copies, args.kinds.split(","))
+            rows += case
+            out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+            channel = next((r["us"] for r in case if r["kind"] == "channel"), None)
+            print(f"== {name} M={m} N={case[0]['N']} K={case[0]['K']}", flush=True)
+            for r in case:
+                rel = f"{channel / r['us']:.2f}x of per-channel" if channel else ""
+                err = "" if r["rel_err"] is None else f"err {r['rel_err']:.1e}"
+                print(f"   {r['label']:42s} {r['us']:8.1f} us {r['tflops']:7.0f} TFLOP/s  {rel:22s} {err}",
+                      flush=True)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

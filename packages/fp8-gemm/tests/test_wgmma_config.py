@@ -1,0 +1,36 @@
+"""The Gluon kernel's launch arithmetic (CPU): wgmma's warp grid and instruction width for the tiles the package
+launches, and that the interpreter never routes a call to it (Gluon kernels do not run there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fp8_gemm import gemm, gemm_wgmma
+from triton_ops_core.device import is_interpreter
+
+
+@pytest.mark.parametrize(
+    "block_m, block_n, warps, grid, n",
+    [(128, 128, 8, [8, 1], 128), (64, 128, 4, [4, 1], 128), (64, 128, 8, [4, 2], 64), (128, 256, 8, [8, 1], 256),
+     (64, 200, 4, [4, 1], 200), (64, 96, 8, [4, 2], 48)],
+)
+def test_warp_grid_and_instruction_width(block_m, block_n, warps, grid, n):
+    assert gemm_wgmma.warps_per_cta(block_m, warps) == grid
+    got = gemm_wgmma.instr_n(block_m, block_n, warps)
+    assert got == n
+    # an instruction is a multiple of 8 columns, divides each warp column's share, and is at most 256 wide
+    assert got % 8 == 0 and got <= 256 and (block_n // grid[1]) % got == 0
+
+
+def test_launch_args_follow_the_config():
+    cfg = gemm_wgmma.default_config()
+    assert gemm_wgmma.launch_args(cfg) == (64, 128, cfg["GROUP_M"], cfg["STAGES"], 4, 128)
+    big = {**cfg, "BLOCK_M": 128, "num_warps": 8}
+    assert gemm_wgmma.launch_args(big)[4:] == (8, 128)
+
+
+@pytest.mark.skipif(not is_interpreter(), reason="checks the interpreter's routing")
+def test_interpreter_never_takes_the_gluon_kernel():
+    out = torch.empty(4, 4, dtype=torch.bfloat16)
+    assert not gemm_wgmma.AVAILABLE
+    assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out)
