@@ -1,4 +1,4 @@
-"""The weight-only decode kernel and the Gluon block/group-scaled GEMM compile for Hopper (sm_90) with Triton's
+"""The weight-only decode kernel and the Gluon group-scaled GEMM compile for Hopper (sm_90) with Triton's
 compiler and ptxas, on a machine without a GPU: the CPU tests run the first under the interpreter, which never lowers
 it, and cannot run the second at all (see ``_aot_compile.py`` and ``_aot_compile_wgmma.py``)."""
 
@@ -14,4 +14,4 @@ def test_weight_only_kernel_variants_compile_for_sm90():
 
 
 def test_gluon_scaled_gemm_variants_compile_for_sm90_without_spills():
-    check_compile_script(Path(__file__).with_name("_aot_compile_wgmma.py"), 5)
+    check_compile_script(Path(__file__).with_name("_aot_compile_wgmma.py"), 4)

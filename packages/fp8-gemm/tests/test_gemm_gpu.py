@@ -59,32 +59,37 @@ def test_both_layouts_of_b(kmajor, grans):
 
 
 _MODES = {"tensor": gemm.A_TENSOR, "row": gemm.A_ROW, "block": gemm.A_BLOCK}
-_B_MODES = {"block": gemm.B_BLOCK, "group": gemm.B_GROUP}
 
 
-@pytest.mark.parametrize("grans", [("block", "group"), ("block", "block"), ("row", "group"), ("tensor", "block")])
-@pytest.mark.parametrize("m, n, k", [(333, 2880, 1040), (2048, 4096, 4096), (129, 200, 4224)])
+@pytest.mark.parametrize("grans", [("block", "group"), ("row", "group"), ("tensor", "group")])
+@pytest.mark.parametrize("m, n, k", [(333, 2880, 1040), (2048, 4096, 4096), (129, 200, 4224), (64 + 1, 128, 128)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tile", [None, {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 16, "STAGES": 3, "num_warps": 8}])
 def test_the_wgmma_kernel_computes_what_the_triton_kernel_does(m, n, k, grans, out_dtype, tile):
-    # Hopper: the Gluon kernel (scaling block i - 1 while block i's MMA runs) computes what the Triton TMA kernel
-    # computes, at sizes no tile divides (K past a multiple of 128, N = 200 < two 128-column tiles), with a bias;
-    # group scales reach it by default, block scales when asked
+    # Hopper: the Gluon kernel (scaling block i - 1 while block i's MMA runs, two K blocks an iteration) computes
+    # what the Triton TMA kernel computes, at sizes no tile divides (K past a multiple of 128: an odd block count;
+    # N = 200 < two 128-column tiles; one K block), with a bias
     if not gemm_wgmma.AVAILABLE or not torch.cuda.get_device_capability()[0] == 9:
         pytest.skip("the Gluon kernel is Hopper-only")
     a_q, a_s, b_q, b_s = make_operands(m, n, k, *grans, "cuda", kmajor_b=True, seed=m + k)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
-    auto = gemm._launch(a_q, b_q, torch.empty_like(out), a_s, b_s, bias, _MODES[grans[0]], _B_MODES[grans[1]], False)
-    assert auto["path"] == ("wgmma" if grans[1] == "group" else "tma")
-    info = gemm._launch(a_q, b_q, out, a_s, b_s, bias, _MODES[grans[0]], _B_MODES[grans[1]], False, "wgmma", tile)
+    info = gemm._launch(a_q, b_q, out, a_s, b_s, bias, _MODES[grans[0]], gemm.B_GROUP, False, None, tile)
     assert info["path"] == "wgmma"
     triton_out = torch.full_like(out, float("nan"))
-    gemm._launch(a_q, b_q, triton_out, a_s, b_s, bias, _MODES[grans[0]], _B_MODES[grans[1]], False, "tma")
+    gemm._launch(a_q, b_q, triton_out, a_s, b_s, bias, _MODES[grans[0]], gemm.B_GROUP, False, "tma")
     ref = _ref_gpu(a_q, a_s, grans[0], b_q, b_s, grans[1], bias)
     assert_close_rel(out, ref, KERNEL_TOL if out_dtype == torch.float32 else 4e-3 + KERNEL_TOL / 4)
     # the same partial products, scaled and added in the same order: equal up to fp32 contraction
     assert relative_error(out, triton_out) < (1e-6 if out_dtype == torch.float32 else 4e-3)
+
+
+def test_block_scales_stay_on_the_triton_kernel():
+    a_q, a_s, b_q, b_s = make_operands(256, 512, 1024, "block", "block", "cuda", kmajor_b=True, seed=5)
+    out = torch.empty(256, 512, device="cuda", dtype=torch.float32)
+    assert gemm._launch(a_q, b_q, out, a_s, b_s, None, gemm.A_BLOCK, gemm.B_BLOCK, False)["path"] == "tma"
+    with pytest.raises(ValueError, match="group-scaled"):
+        gemm._launch(a_q, b_q, out, a_s, b_s, None, gemm.A_BLOCK, gemm.B_BLOCK, False, "wgmma")
 
 
 def test_wgmma_kernel_keeps_nan_in_its_row():

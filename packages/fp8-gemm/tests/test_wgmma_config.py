@@ -33,4 +33,5 @@ def test_launch_args_follow_the_config():
 def test_interpreter_never_takes_the_gluon_kernel():
     out = torch.empty(4, 4, dtype=torch.bfloat16)
     assert not gemm_wgmma.AVAILABLE
-    assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out)
+    scales = torch.ones(2, 4)
+    assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out, scales)

@@ -174,10 +174,12 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         path = "decode"
     elif path is None:
         path = _pick_path(a, b, out, m)
-        if path == "tma" and _wgmma_takes(a_mode, b_mode, out):
+        if path == "tma" and _wgmma_takes(a_mode, b_mode, out, b_s):
             path = "wgmma"
     if path == "wgmma":
-        return _wgmma_plan(a, b, out, a_s, bias, a_mode, b_mode, config or gemm_wgmma.default_config())
+        if not _wgmma_takes(a_mode, b_mode, out, b_s):
+            raise ValueError("the wgmma path takes group-scaled weights on Hopper only")
+        return _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, config or gemm_wgmma.default_config())
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
         problem = (path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype), interp)
@@ -241,15 +243,16 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
                 num_stages=cfg["num_stages"])
 
 
-def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor) -> bool:
+def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor, b_s: torch.Tensor) -> bool:
     """The Gluon kernel takes the TMA path's group-scaled weights (activations per tensor, per row or in 1x128
-    blocks) with a 16- or 32-bit output; 128x128 weight blocks stay with the Triton kernel, which is as fast there
-    (``gemm_wgmma``'s docstring)."""
+    blocks) with a 16- or 32-bit output, when TMA can read the scales' rows (unit column stride, 16-byte aligned
+    rows); 128x128 weight blocks stay with the Triton kernel (``gemm_wgmma``'s docstring)."""
     return (gemm_wgmma.AVAILABLE and b_mode == B_GROUP and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
-            and out.dtype in (torch.bfloat16, torch.float16, torch.float32))
+            and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and b_s.stride(-1) == 1 and b_s.data_ptr() % 16 == 0 and (b_s.stride(0) * 4) % 16 == 0)
 
 
-def _wgmma_plan(a, b, out, a_s, bias, a_mode, b_mode, cfg: dict[str, Any]) -> Plan:
+def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, cfg: dict[str, Any]) -> Plan:
     """The launch of ``gemm_wgmma``'s kernel: one program per output tile, b K-major (a row-major b is copied per
     call, as on the TMA path)."""
     m, k = a.shape
@@ -257,12 +260,11 @@ def _wgmma_plan(a, b, out, a_s, bias, a_mode, b_mode, cfg: dict[str, Any]) -> Pl
     kmajor, lead = _b_layout(b)
     if not kmajor:
         lead = k
-    nb = n if b_mode == B_GROUP else -(-n // 128)
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, nb, a_mode, b_mode, bias is not None,
+    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0), a_mode, bias is not None,
             *gemm_wgmma.launch_args(cfg))
-    return Plan(gemm_wgmma.fp8_scaled_gemm_wgmma_kernel, (tiles,), tail, cfg["num_warps"],
+    return Plan(gemm_wgmma.fp8_group_gemm_wgmma_kernel, (tiles,), tail, cfg["num_warps"],
                 info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True))
 
 

@@ -1,21 +1,19 @@
 """The group-scaled FP8 GEMM for Hopper, written in Gluon: each 128-deep K block's partial product is scaled and
 added while the tensor cores already compute the next one.
 
-Group scales (one per output column and 128-deep K block: the default recipe's weights) and 128x128 block scales
-change every 128 along K, so each K block's partial product must be scaled before it joins the fp32 accumulator
-(DeepSeek-V3's promotion). Triton's ``tl.dot`` waits for a partial product right after issuing it, so in
-``gemm_kernels.fp8_gemm_tma_kernel`` the scaling and the tensor-core work take turns. Gluon exposes the asynchronous
-wgmma (``warpgroup_mma(..., is_async=True)`` and ``warpgroup_mma_wait``): here K block ``i``'s MMA is issued first,
-then block ``i - 1``'s partial product (complete, in other registers) is scaled into the accumulator, then the kernel
-waits for block ``i``. Three fp32 tiles live at once (accumulator, partial in flight, partial being scaled): 64 x 128
-a warp group fits in 255 registers without spilling (``tests/_aot_compile_wgmma.py`` checks it).
+Group scales (one per output column and 128-deep K block: the default recipe's weights) change every 128 along K,
+so each K block's partial product must be scaled before it joins the fp32 accumulator (DeepSeek-V3's promotion).
+Triton's ``tl.dot`` waits for a partial product right after issuing it, so in ``gemm_kernels.fp8_gemm_tma_kernel``
+the scaling and the tensor-core work take turns. Gluon exposes the asynchronous wgmma
+(``warpgroup_mma(..., is_async=True)`` and ``warpgroup_mma_wait``): here K block ``i``'s MMA is issued first, then
+block ``i - 1``'s partial product (complete, in other registers) is scaled into the accumulator, then the kernel
+waits for block ``i``. The column scales of a K block arrive by TMA with its operands (a row of ``BLOCK_N`` fp32 in
+the ring), so no per-thread address arithmetic or loads sit in the loop for them.
 
 The scaling is the limit on Hopper. With 1x128 activation blocks each output element takes two FP32 operations per
-K block (row factor, column factor) against the tensor core's 256 FLOPs for it; an SM's 128 FP32 lanes then need as
-many cycles as its FP8 MMAs (8192 FLOP/clock), before the loop's other instructions. On the H200 at 2048 rows
-(``python -m benchmarks.dev.w8a8_prefill``) the kernel runs group scales at 0.54-0.67x of the per-channel kernel's
-speed, against 0.47-0.55x for the Triton kernel; with 128x128 weight blocks (one operation per element) it only
-equals the Triton kernel (0.66-0.81x), so ``gemm`` routes group scales here and block scales to Triton.
+K block (row factor, column factor) against the tensor core's 256 FLOPs for it: an SM's 128 FP32 lanes then need as
+many cycles as its FP8 MMAs (8192 FLOP/clock), before the loop's other instructions (about 260 a K block a thread
+in all, sm_90 machine code). 128x128 weight blocks need one operation per element; the Triton kernel serves them.
 
 Numerics are those of the Triton kernel: a fresh tensor-core partial per 128-deep K block (FP8 products summed in
 the tensor core over 128 only), scaled in fp32 and added in fp32, K blocks in order. Gluon kernels do not run under
@@ -71,52 +69,61 @@ def instr_n(block_m: int, block_n: int, num_warps: int) -> int:
 if gluon is not None:
 
     @gluon.jit
-    def _refill(a_desc, b_desc, a_bufs, b_bufs, bars, off_m, off_n, kb, k_end, STAGES: gl.constexpr,
-                NBYTES: gl.constexpr):
-        # load K block kb (if below k_end) into its ring slot: the slot's previous block's MMA has finished
+    def _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kb, k_end,
+                STAGES: gl.constexpr, NBYTES: gl.constexpr):
+        # K block kb (if below k_end; TMA zero-fills past K) into its ring slot: a, b and b's column scales
         slot = kb % STAGES
         pred = kb < k_end
         mbarrier.expect(bars.index(slot), NBYTES, pred=pred)
         tma.async_copy_global_to_shared(a_desc, [off_m, kb * 128], bars.index(slot), a_bufs.index(slot), pred=pred)
         tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], bars.index(slot), b_bufs.index(slot), pred=pred)
+        tma.async_copy_global_to_shared(s_desc, [kb, off_n], bars.index(slot), s_bufs.index(slot), pred=pred)
 
     @gluon.jit
-    def _k_block_scales(as_ptr, bs_ptr, offs_m, offs_n, kb, pid_n, M, N, SA_M, SA_K, NB,
-                        A_MODE: gl.constexpr, B_MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        # K block kb's row factors (1x128 activation blocks, else 1: row and tensor scales wait for the epilogue)
-        # and column factors (group: one per column; 128x128 blocks: one per 128 columns)
+    def _row_factors(as_ptr, offs_m, kb, M, SA_M, SA_K, k_tiles, A_MODE: gl.constexpr, BLOCK_M: gl.constexpr):
+        # K block kb's row factors: 1x128 activation blocks (zero past the last block), else 1 (row and tensor
+        # scales wait for the epilogue)
         if A_MODE == 2:
-            sa = gl.load(as_ptr + offs_m * SA_M + kb * SA_K, mask=offs_m < M, other=0.0)
+            sa = gl.load(as_ptr + offs_m * SA_M + kb * SA_K, mask=(offs_m < M) & (kb < k_tiles), other=0.0)
         else:
             sa = gl.full([BLOCK_M], 1.0, gl.float32, layout=offs_m.type.layout)
-        if B_MODE == 3:
-            sb = gl.load(bs_ptr + kb * NB + offs_n, mask=offs_n < N, other=0.0)
-        elif 128 % BLOCK_N == 0:  # the tile lies inside one 128-wide scale block: one scalar
-            sb = gl.full([BLOCK_N], 1.0, gl.float32, layout=offs_n.type.layout) * gl.load(
-                bs_ptr + kb * NB + (pid_n * BLOCK_N) // 128)
-        else:
-            sb = gl.load(bs_ptr + kb * NB + offs_n // 128, mask=offs_n < N, other=0.0)
-        return sa, sb
+        return sa
 
     @gluon.jit
-    def fp8_scaled_gemm_wgmma_kernel(
+    def _promote(acc, part, s_bufs, as_ptr, offs_m, kb, M, SA_M, SA_K, k_tiles, STAGES: gl.constexpr,
+                 A_MODE: gl.constexpr, BLOCK_M: gl.constexpr, mma: gl.constexpr):
+        # acc += K block kb's partial product times its row and column factors (the columns' from the ring)
+        sb = s_bufs.index(kb % STAGES).load(mma)  # [1, BLOCK_N], broadcast over the rows
+        sa = _row_factors(as_ptr, offs_m, kb, M, SA_M, SA_K, k_tiles, A_MODE, BLOCK_M)
+        return acc + part * sa[:, None] * sb
+
+    @gluon.jit
+    def fp8_group_gemm_wgmma_kernel(
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
-        M, N, K, stride_am, stride_bn, stride_cm, SA_M, SA_K, NB,
-        A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr,
+        M, N, K, stride_am, stride_bn, stride_cm, SA_M, SA_K, stride_bs,
+        A_MODE: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
         WARPS_M: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """``c = a @ b.T`` for E4M3 ``a [M, K]`` and K-major ``b [N, K]``, one ``[BLOCK_M, BLOCK_N]`` tile a
-        program (grouped order), a ``STAGES``-deep TMA ring of 128-deep K blocks. ``A_MODE`` 0 tensor, 1 row,
-        2 1x128 blocks; ``B_MODE`` 2 128x128 blocks, 3 groups (``gemm_kernels``' numbering)."""
+        """``c = a @ b.T`` for E4M3 ``a [M, K]`` and K-major ``b [N, K]`` with group scales ``bs
+        [ceil(K / 128), N]`` (row stride ``stride_bs``), one ``[BLOCK_M, BLOCK_N]`` tile a program (grouped
+        order), a ``STAGES``-deep TMA ring of 128-deep K blocks (a, b and the block's row of b scales).
+        ``A_MODE`` 0 tensor, 1 row, 2 1x128 blocks (``gemm_kernels``' numbering).
+
+        K blocks go two at a time, into two partial tiles in turn: the MMA of one writes over the tile whose
+        product was scaled in the previous half step, so no register copy feeds it (one loop-carried partial
+        cost 64 moves a K block)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, num_warps // WARPS_M],
                                                       instr_shape=[16, INSTR_N, 32])
         ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         c_dtype: gl.constexpr = c_ptr.dtype.element_ty
         c_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
                                                       element_bitwidth=c_dtype.primitive_bitwidth, rank=2)
+        k_tiles = gl.cdiv(K, 128)
         a_desc = tma.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, 128], ab_layout)
         b_desc = tma.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, 128], ab_layout)
+        s_desc = tma.make_tensor_descriptor(bs_ptr, [k_tiles, N], [stride_bs, 1], [1, BLOCK_N], s_layout)
         c_desc = tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N], c_layout)
 
         # grouped order: GROUP_M row tiles share their B column tiles while they are hot in L2
@@ -135,33 +142,43 @@ if gluon is not None:
 
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
         b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], ab_layout)
+        s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], s_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        k_tiles = gl.cdiv(K, 128)
-        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128
-        for i in gl.static_range(STAGES - 1):  # the ring's first K blocks (TMA zero-fills past K)
-            _refill(a_desc, b_desc, a_bufs, b_bufs, bars, off_m, off_n, i, k_tiles, STAGES, nbytes)
+        k_pairs = (k_tiles + 1) // 2 * 2  # an odd count's last block is TMA's zero fill with zero row factors
+        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4
+        for i in gl.static_range(STAGES):  # the whole ring; a slot takes block + STAGES once its block is scaled
+            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_pairs, STAGES, nbytes)
 
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-        fresh = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)  # ignored by the MMA (use_acc=False)
-        part = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-        sa = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, mma))
-        sb = gl.zeros([BLOCK_N], gl.float32, layout=gl.SliceLayout(0, mma))
-        for ki in range(k_tiles):
-            # refill the slot that block ki - 1 used: its MMA finished at the end of the previous iteration
-            _refill(a_desc, b_desc, a_bufs, b_bufs, bars, off_m, off_n, ki + STAGES - 1, k_tiles, STAGES, nbytes)
-            s = ki % STAGES
-            mbarrier.wait(bars.index(s), (ki // STAGES) & 1)
-            token = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), fresh, use_acc=False,
+        part0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+        part1 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+        for kp in range(0, k_pairs, 2):
+            # even block kp into part0 while block kp - 1 (part1) is scaled into the accumulator; then its ring
+            # slot (its MMA and scale reads done) takes block kp - 1 + STAGES
+            s0 = kp % STAGES
+            mbarrier.wait(bars.index(s0), (kp // STAGES) & 1)
+            token = warpgroup_mma(a_bufs.index(s0), b_bufs.index(s0).permute((1, 0)), part0, use_acc=False,
                                   is_async=True)
-            # while the tensor cores run block ki: block ki - 1's partial, scaled, joins the accumulator (block
-            # -1 is zeros times zero scales), and block ki's scales are loaded
-            acc += part * sa[:, None] * sb[None, :]
-            sa, sb = _k_block_scales(as_ptr, bs_ptr, offs_m, offs_n, ki, pid_n, M, N, SA_M, SA_K, NB, A_MODE,
-                                     B_MODE, BLOCK_M, BLOCK_N)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(s), b_bufs.index(s)))[0]
-        acc += part * sa[:, None] * sb[None, :]
+            if kp > 0:
+                acc = _promote(acc, part1, s_bufs, as_ptr, offs_m, kp - 1, M, SA_M, SA_K, k_tiles, STAGES, A_MODE,
+                               BLOCK_M, mma)
+                _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kp - 1 + STAGES,
+                        k_pairs, STAGES, nbytes)
+            part0 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(s0), b_bufs.index(s0)))[0]
+            # odd block kp + 1 into part1 while block kp (part0) is scaled
+            s1 = (kp + 1) % STAGES
+            mbarrier.wait(bars.index(s1), ((kp + 1) // STAGES) & 1)
+            token = warpgroup_mma(a_bufs.index(s1), b_bufs.index(s1).permute((1, 0)), part1, use_acc=False,
+                                  is_async=True)
+            acc = _promote(acc, part0, s_bufs, as_ptr, offs_m, kp, M, SA_M, SA_K, k_tiles, STAGES, A_MODE, BLOCK_M,
+                           mma)
+            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kp + STAGES, k_pairs,
+                    STAGES, nbytes)
+            part1 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(s1), b_bufs.index(s1)))[0]
+        acc = _promote(acc, part1, s_bufs, as_ptr, offs_m, k_pairs - 1, M, SA_M, SA_K, k_tiles, STAGES, A_MODE,
+                       BLOCK_M, mma)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -178,22 +195,21 @@ if gluon is not None:
         tma.store_wait(pendings=0)
 
 else:  # pragma: no cover
-    fp8_scaled_gemm_wgmma_kernel = None
+    fp8_group_gemm_wgmma_kernel = None
 
 
 def default_config() -> dict:
-    """64 x 128 tiles, one warp group, a 4-deep ring (96 KB of shared memory with the output tile): two programs
-    share an SM, so one's scaling overlaps the other's MMAs too. On the H200 (Llama-3-8B's projections at 2048 rows)
-    it beat 128 x 128 tiles with 8 warps by 0-14 % on group scales (3 to 5 stages, GROUP_M 8 or 16); 6 stages (one
-    program an SM) took 1.6-1.8x as long."""
+    """64 x 128 tiles, one warp group, a 4-deep ring (about 100 KB of shared memory with the output tile): two
+    programs share an SM, so one's scaling also overlaps the other's MMAs. On the H200 (Llama-3-8B's projections at
+    2048 rows, group scales) it was 1-3 % faster than 128 x 128 tiles with 8 warps on q/k/v, o and gate and 5 %
+    slower on down; 6 stages (one program an SM) took 1.3-1.4x as long."""
     return {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4}
 
 
 def launch_args(cfg: dict) -> tuple:
-    """The kernel's trailing constexprs of a config, in signature order (after HAS_BIAS)."""
+    """The kernel's trailing constexprs of a config, in signature order (after ``HAS_BIAS``)."""
     bm, bn, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
     return bm, bn, cfg["GROUP_M"], cfg["STAGES"], warps_per_cta(bm, warps)[0], instr_n(bm, bn, warps)
 
 
-__all__ = ["AVAILABLE", "default_config", "fp8_scaled_gemm_wgmma_kernel", "instr_n", "launch_args",
-           "warps_per_cta"]
+__all__ = ["AVAILABLE", "default_config", "fp8_group_gemm_wgmma_kernel", "instr_n", "launch_args", "warps_per_cta"]
