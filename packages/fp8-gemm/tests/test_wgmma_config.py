@@ -3,6 +3,10 @@ launches, and that the interpreter never routes a call to it (Gluon kernels do n
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from fp8_gemm import gemm, gemm_wgmma
@@ -35,3 +39,17 @@ def test_interpreter_never_takes_the_gluon_kernel():
     assert not gemm_wgmma.AVAILABLE
     scales = torch.ones(2, 4)
     assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out, scales)
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False"), ("1", "True")])
+def test_environment_switch_turns_the_gluon_kernel_off(setting, expected):
+    # outside the interpreter (a fresh process: the flag is read at import)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_OPS_GLUON")}
+    if setting is not None:
+        env["TRITON_OPS_GLUON"] = setting
+    code = "from fp8_gemm import gemm_wgmma; print(gemm_wgmma.AVAILABLE)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if gemm_wgmma.fp8_group_gemm_wgmma_kernel is None:
+        expected = "False"  # this Triton has no Gluon Hopper module
+    assert out.stdout.strip().splitlines()[-1] == expected

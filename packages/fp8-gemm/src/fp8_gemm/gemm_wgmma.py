@@ -17,11 +17,13 @@ in all, sm_90 machine code). 128x128 weight blocks need one operation per elemen
 
 Numerics are those of the Triton kernel: a fresh tensor-core partial per 128-deep K block (FP8 products summed in
 the tensor core over 128 only), scaled in fp32 and added in fp32, K blocks in order. Gluon kernels do not run under
-Triton's interpreter: ``AVAILABLE`` is False there (and on a Triton without Gluon's Hopper module), and the caller
-takes the Triton kernel.
+Triton's interpreter: ``AVAILABLE`` is False there (and on a Triton without Gluon's Hopper module, or with
+``TRITON_OPS_GLUON=0`` in the environment), and the caller takes the Triton kernel.
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 
@@ -40,7 +42,8 @@ except ImportError:  # pragma: no cover - depends on the Triton build
 
 from triton_ops_core.device import is_interpreter
 
-AVAILABLE = gluon is not None and not is_interpreter()
+# TRITON_OPS_GLUON=0 sends these calls back to the Triton kernel (read once, at import)
+AVAILABLE = gluon is not None and not is_interpreter() and os.environ.get("TRITON_OPS_GLUON", "1") != "0"
 SCALE_BLOCK = 128  # the K depth of one scale block, and of the kernel's K step
 
 
