@@ -12,7 +12,7 @@ GEMM (``fused_moe.ops.ROUTE_SPLIT_STEPS``). Lines go to stdout and, as JSON, to 
 
 It is how session 14's decode tiles were chosen (docs/benchmarks/moe-h200.md, the configs' comments): the best tile
 per kernel is printed as ``BEST``. ``block_m`` and ``fma`` are shared by the two GEMMs (one tile table), so the
-``sum`` line is the one a config can take.
+``sum`` line is the one a config can take. FP8 experts: every tensor-core tile also with fp16 dots (``f16_dot``).
 """
 
 from __future__ import annotations
@@ -114,10 +114,19 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list) -> tuple[float, 
     return graph_us(gate_up, reps), graph_us(down, reps)
 
 
-def candidates(t: int, base):
-    """Tiles to try beside the package's choice ``base`` (a MoEConfig)."""
+def candidates(t: int, base, fp8: bool = False):
+    """Tiles to try beside the package's choice ``base`` (a MoEConfig); with ``fp8`` every tensor-core tile also with
+    fp16 dots (``f16_dot``)."""
+    for cfg in _tiles(t, base):
+        yield cfg
+        if fp8 and not cfg.fma and not cfg.f16_dot:
+            yield cfg._replace(f16_dot=True)
+
+
+def _tiles(t: int, base):
     from fused_moe import MoEConfig
 
+    yield base
     if t <= 64:
         for bm, bn, stages in itertools.product((16, 32) if t > 16 else (16,), (32, 64), (3, 4, 6)):
             yield MoEConfig(bm, bn, 64, bn, 64, 4, stages)
@@ -139,7 +148,11 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log) -> None:
     base = select_config(t, TOP_K, HIDDEN, INTER, E, True, 1 if dtype == "fp8" else 2)
     routes = routings(t, w["biases"][0].device)
     best: dict[str, tuple[float, tuple]] = {}
-    for cfg in [base] + [c for c in candidates(t, base) if c != base]:
+    seen = set()
+    for cfg in [base] + [c for c in candidates(t, base, dtype == "fp8") if c != base]:
+        if cfg in seen:
+            continue
+        seen.add(cfg)
         if time.time() > deadline:
             print("budget spent", flush=True)
             break

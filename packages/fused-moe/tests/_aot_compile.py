@@ -64,7 +64,8 @@ def main() -> int:
             ok &= build(K._gate_up_kernel, gate_up_types,
                         dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=scaled,
                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, NUM_STAGES=stages,
-                             DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=fma, INTERPRET=False),
+                             DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=fma, INTERPRET=False,
+                             F16_DOT=False),
                         f"gate_up {wtype} interleaved={interleaved} BLOCK_M={bm} fma={fma}", warps=warps)
         down_types = {"h_ptr": "*bf16", "w_ptr": wtype, "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
                       "y_ptr": "*fp32",
@@ -75,8 +76,19 @@ def main() -> int:
             ok &= build(K._down_kernel, down_types,
                         dict(HAS_BIAS=True, W_SCALED=scaled, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=False,
                              NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma, INTERPRET=False,
-                             SPLIT_K=1 if fma else 4),
+                             SPLIT_K=1 if fma else 4, F16_DOT=False),
                         f"down {wtype} BLOCK_M={bm} fma={fma}", warps=warps)
+        if scaled:  # fp16 tensor-core dots on power-of-two-scaled activation rows (config f16_dot)
+            ok &= build(K._gate_up_kernel, gate_up_types,
+                        dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=True, W_SCALED=True, BLOCK_M=16,
+                             BLOCK_N=32, BLOCK_K=128, EVEN_K=True, NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False,
+                             EMULATE_BF16=False, USE_FMA=False, INTERPRET=False, F16_DOT=True),
+                        f"gate_up {wtype} fp16 dots", warps=4)
+            ok &= build(K._down_kernel, down_types,
+                        dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True,
+                             NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False, INTERPRET=False,
+                             SPLIT_K=2, F16_DOT=True),
+                        f"down {wtype} fp16 dots", warps=4)
     ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "T": I32, "N": I32, "stride_ym": I32,
                                     "stride_ot": I32}, dict(TERMS=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False),
                 "combine")

@@ -194,3 +194,50 @@ def test_fp8_experts_with_bf16_rows_beyond_fp16s_range(device, layout, transpose
     assert torch.isfinite(out).all()
     for row in range(t):
         assert_close_rel(out[row], ref[row], TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("fmt", FP8)
+@pytest.mark.parametrize("layout,transposed,activation", [("interleaved", True, "swiglu_oai"),
+                                                          ("concatenated", False, "silu")])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_fp16_dots_on_scaled_activation_rows(device, monkeypatch, fmt, layout, transposed, activation, block_m):
+    """Config ``f16_dot``: FP8 weights on fp16 tensor-core dots, each bf16 activation row of a K step scaled by a
+    power of two into fp16's range and the products scaled back. Rows from 2^-20 to 2^20 (outside fp16's range at
+    both ends unless scaled), one all-zero token; against the float64 reference of the dequantized weights."""
+    from fused_moe import MoEConfig, ops
+
+    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(block_m, 16, 32, 16, 16, 4, 1, f16_dot=True))
+    ops.clear_caches()
+    try:
+        x, rw, rb, w1, b1, w2, b2 = make_moe(9, 64, 40, 5, dtype=torch.bfloat16, device=device, seed=41)
+        x = (x.float() * torch.logspace(-20, 20, 9, base=2.0, device=x.device)[:, None]).to(torch.bfloat16)
+        x[4] = 0
+        w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
+        ids, wts = moe_route(x, rw, rb, 2)
+        q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=transposed, dtype=fmt)
+        kw = {"gate_up_layout": layout, "transposed": transposed}
+        out = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, gate_up_scale=s1, down_scale=s2, **kw)
+        d1, d2 = _dequant(q1, s1, transposed), _dequant(q2, s2, transposed)
+        xd, idd, wtd, b1d, b2d = f64(x, ids, wts, b1, b2)
+        ref = moe_experts_reference(xd, idd, wtd, d1, b1d, d2, b2d, activation, **kw)
+        for t in range(9):  # per token: the rows differ by 2^40 in scale
+            assert_close_rel(out[t], ref[t], TOL[torch.bfloat16])
+    finally:
+        ops.clear_caches()
+
+
+def test_fp16_dots_keep_nan_in_its_token(device, monkeypatch):
+    from fused_moe import MoEConfig, ops
+
+    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(16, 16, 32, 16, 16, 4, 1, f16_dot=True))
+    ops.clear_caches()
+    try:
+        x, rw, rb, w1, b1, w2, b2 = make_moe(6, 64, 40, 4, dtype=torch.bfloat16, device=device, seed=42)
+        ids, wts = moe_route(x, rw, rb, 2)
+        x[3, 10] = float("nan")
+        q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+        out = moe_experts(x, ids, wts, q1, b1, q2, b2, "swiglu_oai", gate_up_scale=s1, down_scale=s2)
+        assert out[3].isnan().all()
+        assert torch.cat([out[:3], out[4:]]).isfinite().all()
+    finally:
+        ops.clear_caches()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton_ops_core.fp8_cast import rows_to_f16
 
 # Activation codes (constexpr): the host maps names to these.
 ACT_SWIGLU_OAI = 0
@@ -52,9 +53,26 @@ def _sigmoid(v):
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _f16_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` on fp16 tensor cores for an FP8 weight tile ``b`` and bf16 activations ``a`` (config
+    ``f16_dot``): E4M3 / E5M2 convert to fp16 in one packed instruction per two weights, to bf16 in two. The
+    activation rows go to fp16 instead, exactly (``rows_to_f16``: each row of the step's tile scaled by a power of two
+    into fp16's range; a row holding Inf or NaN keeps it), and the step's products are scaled back in fp32."""
+    a16, back = rows_to_f16(a)
+    if UPCAST:  # interpreter: fp32 operands holding the same values (its 16-bit dot is wrong)
+        a16 = a16.to(tl.float32)
+        b16 = b.to(tl.float32)
+    else:
+        b16 = b.to(tl.float16)  # E4M3 / E5M2 -> fp16: exact, Inf and NaN kept
+    return acc + tl.dot(a16, b16, input_precision=DOT_PRECISION) * back[:, None]
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr = False):
     """``acc + a @ b``. An FP8 weight tile ``b`` (weight-only FP8 experts) is converted to ``a``'s dtype first:
-    exact, since every E4M3 / E5M2 value is an fp16, bf16 and fp32 value."""
+    exact, since every E4M3 / E5M2 value is an fp16, bf16 and fp32 value. ``F16_DOT``: ``_f16_dot`` instead."""
+    if F16_DOT:
+        return _f16_dot(a, b, acc, DOT_PRECISION, UPCAST)
     if UPCAST:  # interpreter only: its 16-bit dot is wrong, fp32 operands give the exact products
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -80,7 +98,7 @@ def _weight_f32(w, INTERPRET: tl.constexpr):
 def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
             NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
-            INTERPRET: tl.constexpr, PAIR: tl.constexpr):
+            INTERPRET: tl.constexpr, PAIR: tl.constexpr, F16_DOT: tl.constexpr = False):
     """``(acc + A @ W, acc2 + A @ W2)`` over the whole K: rows of ``A`` (``a_ptrs``, unit stride along K) against
     ``[BLOCK_K, BLOCK_N]`` weight tiles (``w_ptrs``; with ``PAIR`` also ``w2_ptrs``, the up half of a concatenated
     gate/up, from the same loads of ``A``), ``stride_wk`` apart along K, ``NUM_STAGES`` deep. Without ``PAIR``
@@ -89,7 +107,8 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
     ``USE_FMA``: CUDA-core products into ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 register tiles, summed over K once at
     the end, instead of tensor-core dots. For one or two rows per expert (decode): a dot needs 16 rows (15 of them
     padding at one token) and, with FP8 weights, their conversion to 16 bits in registers first; plain loads and
-    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included."""
+    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included. ``F16_DOT`` (FP8 weights, bf16 activations,
+    tensor-core dots): ``_f16_dot``."""
     offs_k = tl.arange(0, BLOCK_K)
     if USE_FMA:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -112,9 +131,9 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             if PAIR:
                 acc3_2 += af * _weight_f32(w2, INTERPRET)[None, :, :]
         else:
-            acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
+            acc = _dot(a, w, acc, DOT_PRECISION, UPCAST, F16_DOT)
             if PAIR:
-                acc2 = _dot(a, w2, acc2, DOT_PRECISION, UPCAST)
+                acc2 = _dot(a, w2, acc2, DOT_PRECISION, UPCAST, F16_DOT)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
         if PAIR:
@@ -403,7 +422,7 @@ def _gate_up_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    USE_FMA: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -429,7 +448,7 @@ def _gate_up_kernel(
         w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_c.to(tl.int64)[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         acc, _ = _k_loop(x_ptrs, w_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk, acc, acc, BLOCK_M, 2 * BLOCK_N,
-                         BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False)
+                         BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT)
         if W_SCALED:  # the whole K sum of each column times its scale, before the bias
             acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
         if HAS_BIAS:
@@ -443,7 +462,7 @@ def _gate_up_kernel(
         wu_ptrs = wg_ptrs + N * stride_wn
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         gate, up = _k_loop(x_ptrs, wg_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, zero, BLOCK_M, BLOCK_N,
-                           BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True)
+                           BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True, F16_DOT)
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
@@ -474,7 +493,7 @@ def _down_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
-    INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr,
+    INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr, F16_DOT: tl.constexpr = False,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -501,7 +520,7 @@ def _down_kernel(
     # k_len <= 0 (more splits than K steps): an empty loop, the split writes zeros (or the bias, split 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc, _ = _k_loop(a_ptrs, w_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N, BLOCK_K,
-                     EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False)
+                     EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:

@@ -36,6 +36,9 @@ class MoEConfig(NamedTuple):
     num_stages: int
     fma: bool = False  # CUDA-core products instead of tensor-core dots (one or two rows per expert)
     down_split_k: int = 1  # programs per down-projection tile along K (partial sums added by the combine)
+    # tensor-core tiles, FP8 experts with bf16 activations: fp16 dots on activation rows scaled by powers of two into
+    # fp16's range (one conversion per E4M3 weight instead of two); off until measured on a GPU
+    f16_dot: bool = False
 
 
 # FP8 experts at 1 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot

@@ -332,6 +332,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         return _ExpertsPlan(t, k, e, inter, h, 1, align, none, none, none)
     precision, upcast, emulate = _dot_precision(dtype), _upcast(dev, dtype), _emulate_bf16(dev, dtype)
     b1, b2, s1, s2 = gate_up_proj_bias, down_proj_bias, gate_up_scale, down_scale
+    # fp16 tensor-core dots (config f16_dot): FP8 weights, bf16 activations, dot tiles only
+    f16 = cfg.f16_dot and not cfg.fma and dtype == torch.bfloat16
     # gate/up: h = act(x @ W1[e] (* s1[e]) + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
     gate_up = Plan(K._gate_up_kernel, (tiles, cdiv(inter, cfg.gate_up_block_n)), (
         inter, h, tiles, x2d.stride(0), *_weight_strides(gate_up_proj, transposed),
@@ -341,7 +343,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved", s1 is not None,
         # BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, EMULATE_BF16
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
-        precision, upcast, emulate, cfg.fma, dev.type == "cpu"), cfg.num_warps)
+        precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None), cfg.num_warps)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -351,7 +353,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu", split), cfg.num_warps)
+        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None), cfg.num_warps)
     # combine: out[t] = sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
