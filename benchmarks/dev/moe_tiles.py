@@ -12,7 +12,8 @@ GEMM (``fused_moe.ops.ROUTE_SPLIT_STEPS``). Lines go to stdout and, as JSON, to 
 
 It is how session 14's decode tiles were chosen (docs/benchmarks/moe-h200.md, the configs' comments): the best tile
 per kernel is printed as ``BEST``. ``block_m`` and ``fma`` are shared by the two GEMMs (one tile table), so the
-``sum`` line is the one a config can take. FP8 experts: every tensor-core tile also with fp16 dots (``f16_dot``).
+``sum`` line is the one a config can take. FP8 experts: every tensor-core tile also with fp16 dots (``f16_dot``);
+``--weights fp8-nk`` stores them ``[E, N, K]`` (K contiguous) instead of gpt-oss's ``[E, K, N]``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def expert_weights(dev: torch.device) -> dict:
     b1 = (torch.randn(E, 2 * INTER, device=dev, generator=g) * 0.5).bfloat16()
     b2 = (torch.randn(E, HIDDEN, device=dev, generator=g) * 0.5).bfloat16()
     q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
-    return {"bf16": (w1, None, w2, None), "fp8": (q1, s1, q2, s2), "biases": (b1, b2)}
+    # the same FP8 experts stored [E, N, K] (K contiguous, F.linear's layout): the kernels' dot tiles then read
+    # K-contiguous weight columns (sm_90 PTX of the gate/up tile: 381 instructions a K step against 564)
+    nk = (q1.transpose(1, 2).contiguous(), s1, q2.transpose(1, 2).contiguous(), s2)
+    return {"bf16": (w1, None, w2, None), "fp8": (q1, s1, q2, s2), "fp8-nk": nk, "biases": (b1, b2)}
 
 
 def routings(t: int, dev: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +95,8 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list) -> tuple[float, 
     ops._config = lambda *a, **k: cfg
     try:
         x = torch.randn(t, HIDDEN, device=dev).bfloat16()
-        plan = ops._experts_plan(x, TOP_K, ga, b1, da, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, gs, ds)
+        plan = ops._experts_plan(x, TOP_K, ga, b1, da, b2, "swiglu_oai", "interleaved", dtype != "fp8-nk", 1.702,
+                                 7.0, gs, ds)
     finally:
         ops._config = saved
     reps = []
@@ -145,11 +150,11 @@ def _tiles(t: int, base):
 def sweep(t: int, dtype: str, w: dict, deadline: float, log) -> None:
     from fused_moe.configs import select_config
 
-    base = select_config(t, TOP_K, HIDDEN, INTER, E, True, 1 if dtype == "fp8" else 2)
+    base = select_config(t, TOP_K, HIDDEN, INTER, E, True, 1 if dtype.startswith("fp8") else 2)
     routes = routings(t, w["biases"][0].device)
     best: dict[str, tuple[float, tuple]] = {}
     seen = set()
-    for cfg in [base] + [c for c in candidates(t, base, dtype == "fp8") if c != base]:
+    for cfg in [base] + [c for c in candidates(t, base, dtype.startswith("fp8")) if c != base]:
         if cfg in seen:
             continue
         seen.add(cfg)
@@ -197,7 +202,7 @@ def time_router(dev: torch.device) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1,2,4,8,64", help="comma-separated token counts")
-    p.add_argument("--weights", default="bf16,fp8", help="comma-separated, of bf16, fp8")
+    p.add_argument("--weights", default="bf16,fp8", help="comma-separated, of bf16, fp8, fp8-nk (FP8 stored [E, N, K])")
     p.add_argument("--budget", type=float, default=400.0, help="seconds for the whole sweep")
     p.add_argument("--router", action="store_true", help="also time the router's variants")
     args = p.parse_args(argv)
