@@ -65,6 +65,32 @@ def test_bias_and_half_outputs(path, out_dtype):
     assert_close_rel(out, ref, OUT_TOL[out_dtype] + KERNEL_TOL / 4)
 
 
+@pytest.mark.parametrize("path", list(SHAPES))
+def test_strided_bias_is_read_at_its_stride(path):
+    # the kernels read the bias at unit stride: a strided view must give what its contiguous copy gives
+    m, n, k = SHAPES[path]
+    a_q, a_s, b_q, b_s = make_operands(m, n, k, "row", "group", DEV, kmajor_b=True, seed=6)
+    wide = (torch.randn(2 * n) * 10).to(DEV)
+    out = _run(a_q, a_s, b_q, b_s, out_dtype=torch.float32, bias=wide[::2])
+    ref = gemm_ref(a_q.cpu(), a_s.cpu(), "row", b_q.cpu(), b_s.cpu(), "group", wide[::2].cpu())
+    assert_close_rel(out, ref, KERNEL_TOL)
+
+
+def test_row_major_b_with_k_off_sixteen_avoids_tma():
+    # a row-major b goes to the TMA kernel through a K-major copy whose row stride is K: K = 1000 cannot (16-byte
+    # rows), even when a's padded row stride (1024) and b's (N = 64) are aligned
+    big = torch.randn(96, 1024)
+    a_q, a_s = quantize_ref(big[:, :1000], "row")
+    a_q = torch.empty(96, 1024, dtype=FP8).copy_(torch.cat([a_q.float(), torch.zeros(96, 24)], 1).to(FP8))[:, :1000]
+    b_q, b_s = quantize_ref(torch.randn(1000, 64), "channel", is_b=True)
+    a_q, a_s, b_q, b_s = (t.to(DEV) for t in (a_q, a_s, b_q, b_s))
+    out = torch.empty(96, 64, dtype=torch.float32, device=DEV)
+    assert a_q.stride(0) == 1024 and b_q.stride(1) == 1
+    assert _pick_path(a_q, b_q, out, 96) == "ptr"
+    got = _run(a_q, a_s, b_q, b_s, out_dtype=torch.float32)
+    assert_close_rel(got, gemm_ref(a_q.cpu(), a_s.cpu(), "row", b_q.cpu(), b_s.cpu(), "channel"), KERNEL_TOL)
+
+
 @pytest.mark.parametrize("path", ["tma", "decode"])
 def test_fast_accum_same_function(path):
     # The interpreter accumulates exactly either way: fast_accum must compute the same product.

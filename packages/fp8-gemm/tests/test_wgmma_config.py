@@ -33,6 +33,12 @@ def test_launch_args_follow_the_config():
     assert gemm_wgmma.launch_args(big)[4:] == (8, 128)
 
 
+def test_one_stage_is_refused():
+    # the loop waits for block kp + 1 before its first refill: with one slot that block would never arrive
+    with pytest.raises(ValueError, match="STAGES"):
+        gemm_wgmma.launch_args({**gemm_wgmma.default_config(), "STAGES": 1})
+
+
 @pytest.mark.skipif(not is_interpreter(), reason="checks the interpreter's routing")
 def test_interpreter_never_takes_the_gluon_kernel():
     out = torch.empty(4, 4, dtype=torch.bfloat16)

@@ -95,7 +95,10 @@ def _pick_path(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, m: int) -> s
     if m <= DECODE_MAX_M:
         return "decode"
     layout = _b_layout(b)
-    b_ok = layout is not None and b.data_ptr() % 16 == 0 and layout[1] % 16 == 0
+    # a K-major b is read in place (its row stride must be 16-byte aligned); a row-major one through a K-major copy
+    # whose row stride is K
+    b_ok = (layout is not None and b.data_ptr() % 16 == 0 and layout[1] % 16 == 0
+            and (layout[0] or b.shape[0] % 16 == 0))
     a_ok = a.stride(1) == 1 and a.data_ptr() % 16 == 0 and a.stride(0) % 16 == 0
     c_ok = out.data_ptr() % 16 == 0 and (out.stride(0) * out.element_size()) % 16 == 0
     tma_device = _device_caps(a.device, _INTERP)[1]
@@ -177,8 +180,8 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         if path == "tma" and _wgmma_takes(a_mode, b_mode, out, b_s):
             path = "wgmma"
     if path == "wgmma":
-        if not _wgmma_takes(a_mode, b_mode, out, b_s):
-            raise ValueError("the wgmma path takes group-scaled weights on Hopper only")
+        if not (_wgmma_takes(a_mode, b_mode, out, b_s) and _pick_path(a, b, out, max(m, DECODE_MAX_M + 1)) == "tma"):
+            raise ValueError("the wgmma path takes group-scaled weights on Hopper only, with TMA-aligned operands")
         return _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, config or gemm_wgmma.default_config())
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
@@ -282,7 +285,8 @@ def _run_launch(plan: Plan, a, b, out, a_s, b_s, bias) -> None:
     """Launch ``plan`` with this call's tensors (the output is per call; partials and counters are the
     stream's scratch buffers)."""
     path, flag, n_cnt, descriptors = plan.extra  # see LaunchNeeds
-    bias_arg = a_s if bias is None else bias
+    # the kernels read the bias at unit stride: a strided view (bias=t[::2]) is copied, not misread
+    bias_arg = a_s if bias is None else (bias if bias.stride(0) == 1 else bias.contiguous())
     if descriptors and not _INTERP:
         _ensure_allocator()
     if path == "decode":

@@ -17,8 +17,8 @@ in all, sm_90 machine code). 128x128 weight blocks need one operation per elemen
 
 Numerics are those of the Triton kernel: a fresh tensor-core partial per 128-deep K block (FP8 products summed in
 the tensor core over 128 only), scaled in fp32 and added in fp32, K blocks in order. Gluon kernels do not run under
-Triton's interpreter: ``AVAILABLE`` is False there (and on a Triton without Gluon's Hopper module, or with
-``TRITON_OPS_GLUON=0`` in the environment), and the caller takes the Triton kernel.
+Triton's interpreter: ``AVAILABLE`` is False there (and on a Triton without Gluon's Hopper module or outside
+``VALIDATED_TRITON``, or with ``TRITON_OPS_GLUON=0`` in the environment), and the caller takes the Triton kernel.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ except ImportError:  # pragma: no cover - depends on the Triton build
 
 from triton_ops_core.device import is_interpreter
 
+# Gluon's API is experimental and the kernel's shared-memory ordering relies on the barriers and proxy fences this
+# Triton's compiler inserts (checked in its sm_90 PTX): only the Triton releases it was validated with take it.
+VALIDATED_TRITON = ("3.5", "3.6")
 # TRITON_OPS_GLUON=0 sends these calls back to the Triton kernel (read once, at import)
-AVAILABLE = gluon is not None and not is_interpreter() and os.environ.get("TRITON_OPS_GLUON", "1") != "0"
+AVAILABLE = (gluon is not None and not is_interpreter() and os.environ.get("TRITON_OPS_GLUON", "1") != "0"
+             and triton.__version__.startswith(VALIDATED_TRITON))
 SCALE_BLOCK = 128  # the K depth of one scale block, and of the kernel's K step
 
 
@@ -149,7 +153,7 @@ if gluon is not None:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        k_pairs = (k_tiles + 1) // 2 * 2  # an odd count's last block is TMA's zero fill with zero row factors
+        k_pairs = (k_tiles + 1) // 2 * 2  # an odd count's last block: TMA's zero fill (operands and column scales)
         nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4
         for i in gl.static_range(STAGES):  # the whole ring; a slot takes block + STAGES once its block is scaled
             _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_pairs, STAGES, nbytes)
@@ -212,6 +216,8 @@ def default_config() -> dict:
 def launch_args(cfg: dict) -> tuple:
     """The kernel's trailing constexprs of a config, in signature order (after ``HAS_BIAS``)."""
     bm, bn, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
+    if cfg["STAGES"] < 2:  # the loop waits for block kp + 1 before refilling: one slot would never be loaded
+        raise ValueError(f"STAGES: expected at least 2, got {cfg['STAGES']}")
     return bm, bn, cfg["GROUP_M"], cfg["STAGES"], warps_per_cta(bm, warps)[0], instr_n(bm, bn, warps)
 
 
