@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import triton
 from fp8_gemm import gemm, gemm_wgmma
 from triton_ops_core.device import is_interpreter
 
@@ -56,6 +57,6 @@ def test_environment_switch_turns_the_gluon_kernel_off(setting, expected):
     code = "from fp8_gemm import gemm_wgmma; print(gemm_wgmma.AVAILABLE)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    if gemm_wgmma.fp8_group_gemm_wgmma_kernel is None:
-        expected = "False"  # this Triton has no Gluon Hopper module
+    if gemm_wgmma.fp8_group_gemm_wgmma_kernel is None or not triton.__version__.startswith(gemm_wgmma.VALIDATED_TRITON):
+        expected = "False"  # this Triton has no Gluon Hopper module, or is not one the kernel was validated with
     assert out.stdout.strip().splitlines()[-1] == expected
