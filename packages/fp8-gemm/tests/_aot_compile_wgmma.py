@@ -1,6 +1,7 @@
 """Compile the Gluon group-scaled GEMM (``gemm_wgmma``) for Hopper (sm_90) without a GPU, and check that its
-three fp32 tiles (the accumulator and two partials: one in flight, one being scaled) fit in registers: a spill
-would undo the kernel's point. Gluon kernels never run under the interpreter, so this is their only CPU check.
+three fp32 tiles (the accumulator and two partials: one in flight, one being scaled) fit in registers and that
+ptxas inserts no wait for the MMA in flight before the kernel's own (either would undo the kernel's point: the
+scaling overlapping the MMA). Gluon kernels never run under the interpreter, so this is their only CPU check.
 
 Run as a script by ``test_compile_sm90.py``; one ``OK``/``FAIL`` line per variant, exit status 3 without the
 ahead-of-time API, without Gluon's Hopper module, or on a Triton outside ``gemm_wgmma.VALIDATED_TRITON`` (Gluon's
@@ -42,7 +43,8 @@ def main() -> int:
         bm_, bn_, group_m, stages_, warps_m, instr_n = W.launch_args(cfg)
         consts = dict(A_MODE=a_mode, HAS_BIAS=bias, BLOCK_M=bm_, BLOCK_N=bn_, GROUP_M=group_m,
                       STAGES=stages_, WARPS_M=warps_m, INSTR_N=instr_n, num_warps=warps)
-        ok &= compile_sm90(W.fp8_group_gemm_wgmma_kernel, types, consts, name, warps, stages, no_spills=True)
+        ok &= compile_sm90(W.fp8_group_gemm_wgmma_kernel, types, consts, name, warps, stages, no_spills=True,
+                           no_injected_waits=True)
     return 0 if ok else 1
 
 

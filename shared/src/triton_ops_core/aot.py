@@ -19,15 +19,17 @@ AOT_UNAVAILABLE = 3
 
 
 def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2,
-                 no_spills: bool = False) -> bool:
+                 no_spills: bool = False, no_injected_waits: bool = False) -> bool:
     """Compile the ``@triton.jit`` (or ``@gluon.jit``) kernel ``fn`` for sm_90 and print ``OK name`` or
     ``FAIL name: error``.
 
     ``types``: the Triton type of every non-constexpr argument (``"*bf16"``, ``"i32"``, ``"fp32"``, ...);
     ``consts``: every constexpr's value. ``no_spills``: also fail when the machine code spills registers to local
-    memory (read from the cubin with Triton's bundled ``nvdisasm``). Exits the process with
-    :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form. Returns
-    whether it compiled.
+    memory (read from the cubin with Triton's bundled ``nvdisasm``). ``no_injected_waits``: also fail when ptxas
+    inserts a wait for an asynchronous wgmma the kernel did not ask for (its warning C7517: the kernel's registers
+    were touched while the MMA writing them could still run, so the overlap the code intends is lost). Exits the
+    process with :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form.
+    Returns whether it compiled.
     """
     try:
         from triton.backends.compiler import GPUTarget
@@ -47,14 +49,34 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
         compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps, "num_stages": stages})
         spills = local_memory_ops(compiled.asm["cubin"]) if no_spills else 0
+        injected = injected_wgmma_waits(compiled.asm["ptx"]) if no_injected_waits else []
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}")
         return False
     if spills:
         print(f"FAIL {name}: {spills} local-memory loads and stores (register spills)")
         return False
+    if injected:
+        print(f"FAIL {name}: ptxas injected wgmma waits: {injected[0]}")
+        return False
     print(f"OK {name}")
     return True
+
+
+def injected_wgmma_waits(ptx: str) -> list[str]:
+    """ptxas's C7517 notes for ``ptx`` (sm_90a): each one a ``warpgroup.wait`` it inserted because registers an
+    asynchronous wgmma defines were used before the kernel waited for it."""
+    import tempfile
+
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    return [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "C7517" in line]
 
 
 def local_memory_ops(cubin: bytes) -> int:
@@ -96,4 +118,5 @@ def check_compile_script(script: Path, expected_ok: int) -> None:
     assert proc.stdout.count("OK ") == expected_ok, proc.stdout
 
 
-__all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "local_memory_ops", "run_compile_script"]
+__all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "injected_wgmma_waits", "local_memory_ops",
+           "run_compile_script"]

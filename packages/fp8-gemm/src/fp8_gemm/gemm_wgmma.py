@@ -87,6 +87,14 @@ if gluon is not None:
         tma.async_copy_global_to_shared(s_desc, [kb, off_n], bars.index(slot), s_bufs.index(slot), pred=pred)
 
     @gluon.jit
+    def _issue(a_bufs, b_bufs, bars, kb, part, STAGES: gl.constexpr):
+        # wait for K block kb's operands, then start its MMA into ``part``'s registers (their old value is dead)
+        slot = kb % STAGES
+        mbarrier.wait(bars.index(slot), (kb // STAGES) & 1)
+        return warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), part, use_acc=False,
+                             is_async=True)
+
+    @gluon.jit
     def _row_factors(as_ptr, offs_m, kb, M, SA_M, SA_K, k_tiles, A_MODE: gl.constexpr, BLOCK_M: gl.constexpr):
         # K block kb's row factors: 1x128 activation blocks (zero past the last block), else 1 (row and tensor
         # scales wait for the epilogue)
@@ -161,24 +169,29 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
         part0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
         part1 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-        for kp in range(0, k_pairs, 2):
+        # The first pair, peeled (its first half has no previous block to scale). Inside the loop, a conditional
+        # scaling there made ptxas wait for the MMA in flight halfway through each half step's scaling
+        # ("warpgroup.wait is injected", C7517) and move part of the other half's after its wait.
+        token = _issue(a_bufs, b_bufs, bars, 0, part0, STAGES)
+        part0 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(0), b_bufs.index(0)))[0]
+        token = _issue(a_bufs, b_bufs, bars, 1, part1, STAGES)
+        acc = _promote(acc, part0, s_bufs, as_ptr, offs_m, 0, M, SA_M, SA_K, k_tiles, STAGES, A_MODE, BLOCK_M, mma)
+        _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, STAGES, k_pairs, STAGES, nbytes)
+        part1 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(1 % STAGES),
+                                                            b_bufs.index(1 % STAGES)))[0]
+        for kp in range(2, k_pairs, 2):
             # even block kp into part0 while block kp - 1 (part1) is scaled into the accumulator; then its ring
             # slot (its MMA and scale reads done) takes block kp - 1 + STAGES
             s0 = kp % STAGES
-            mbarrier.wait(bars.index(s0), (kp // STAGES) & 1)
-            token = warpgroup_mma(a_bufs.index(s0), b_bufs.index(s0).permute((1, 0)), part0, use_acc=False,
-                                  is_async=True)
-            if kp > 0:
-                acc = _promote(acc, part1, s_bufs, as_ptr, offs_m, kp - 1, M, SA_M, SA_K, k_tiles, STAGES, A_MODE,
-                               BLOCK_M, mma)
-                _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kp - 1 + STAGES,
-                        k_pairs, STAGES, nbytes)
+            token = _issue(a_bufs, b_bufs, bars, kp, part0, STAGES)
+            acc = _promote(acc, part1, s_bufs, as_ptr, offs_m, kp - 1, M, SA_M, SA_K, k_tiles, STAGES, A_MODE,
+                           BLOCK_M, mma)
+            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kp - 1 + STAGES, k_pairs,
+                    STAGES, nbytes)
             part0 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(s0), b_bufs.index(s0)))[0]
             # odd block kp + 1 into part1 while block kp (part0) is scaled
             s1 = (kp + 1) % STAGES
-            mbarrier.wait(bars.index(s1), ((kp + 1) // STAGES) & 1)
-            token = warpgroup_mma(a_bufs.index(s1), b_bufs.index(s1).permute((1, 0)), part1, use_acc=False,
-                                  is_async=True)
+            token = _issue(a_bufs, b_bufs, bars, kp + 1, part1, STAGES)
             acc = _promote(acc, part0, s_bufs, as_ptr, offs_m, kp, M, SA_M, SA_K, k_tiles, STAGES, A_MODE, BLOCK_M,
                            mma)
             _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kp + STAGES, k_pairs,
