@@ -182,11 +182,6 @@ def _keep_down_all(name, idx, n):
     return name.endswith("down_proj")
 
 
-def _keep_down_all_and_edge_layers(name, idx, n):
-    # the library's default rule: every down_proj, and every Linear of the first and last decoder layers
-    return name.endswith("down_proj") or idx in (0, n - 1)
-
-
 def _norm_fed(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
@@ -252,9 +247,6 @@ def recipes() -> dict[str, Recipe]:
         Recipe("channel-row+keep-down-all+smooth-folded-random", "channel", "row", _keep_down_all, smooth=0.5,
                smooth_only=_norm_fed, smooth_shared=True, calibration="random",
                note="per-channel/per-row, every down_proj bf16, one factor per norm, random-token calibration"),
-        Recipe("group-row", "group", "row", _keep_down_all_and_edge_layers,
-               note="the default's weights and kept Linears with per-row activations (its prefill GEMM scales each "
-                    "element once a K block, not twice: 0.65-0.81x of per-channel's speed against 0.59-0.68x)"),
     ]
     out = {r.name: r for r in rows}
     try:

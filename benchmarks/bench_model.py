@@ -7,8 +7,8 @@
 
 Each model is built from a transformers config with random bf16 weights on the GPU (nothing is downloaded), in
 three variants: transformers as it is, ``patch_model(model)`` and ``patch_model(model, fp8=True, fp8_recipe="channel")``
-(``--variants`` adds ``patched-fp8-default``, FP8's default recipe, and ``patched-fp8-block``). Measured, per
-variant, in one run:
+(``--variants`` adds ``patched-fp8-default``, FP8's default recipe, ``patched-fp8-group-row``, the same with per-row
+activations, and ``patched-fp8-block``). Measured, per variant, in one run:
 
 - ``decode``: GPU time of one decode step (the profiler's kernel time, so host time is excluded) and the kernels
   it launches, at each batch size and context length, through a ``StaticCache`` (the cache of the compiled path);
@@ -47,8 +47,8 @@ from . import ROOT
 PARTS = ("decode", "generate", "prefill", "accuracy")
 VARIANTS = ("transformers", "patched", "patched-fp8")
 # also known: FP8's default recipe (group scales, MLP output projections kept; its first/last-layer rule left out on
-# these few-layer stand-ins), and blocks on every Linear
-EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-block")
+# these few-layer stand-ins), the same with per-row activations (group-row), and blocks on every Linear
+EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -127,6 +127,13 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
         from fp8_gemm import RECIPES
 
         interior = replace(RECIPES["default"], name="default (interior layers)", keep_edge_layers=(0, 0))
+        triton_ops.patch_model(model, fp8=True, fp8_recipe=interior)
+    elif variant == "patched-fp8-group-row":  # the same, with per-row activations (faster prefill GEMMs)
+        from dataclasses import replace
+
+        from fp8_gemm import RECIPES
+
+        interior = replace(RECIPES["group-row"], name="group-row (interior layers)", keep_edge_layers=(0, 0))
         triton_ops.patch_model(model, fp8=True, fp8_recipe=interior)
     elif variant == "patched-fp8-block":
         triton_ops.patch_model(model, fp8=True, fp8_recipe="block")

@@ -92,6 +92,15 @@ def test_rule_keeps_the_mlp_output_of_the_first_and_last_layers():
     assert kept_linears(model, "default") == kept_linears(model, "group")  # the default is the group recipe
 
 
+def test_group_row_recipe_is_the_group_recipe_with_per_row_activations():
+    model = _Decoder(n=4)
+    g, gr = get_recipe("group"), get_recipe("group-row")
+    assert (gr.weight_granularity, gr.activation_granularity) == ("group", "row")
+    assert (gr.keep_layers, gr.keep_projections, gr.keep_edge_layers) == (g.keep_layers, g.keep_projections,
+                                                                          g.keep_edge_layers)
+    assert kept_linears(model, "group-row") == kept_linears(model, "group")
+
+
 def test_group_recipe_keeps_every_mlp_output_and_the_edge_layers_whole():
     model = _Decoder(n=4)
     r = get_recipe("group")
