@@ -481,11 +481,19 @@ def _fp8_linear_spy(monkeypatch, layers) -> list[dict]:
     ({"fp8_recipe": "block-mlp-out"}, "block", False),
     ({"fp8_recipe": "tensor", "fast_accum": True}, "tensor", True),  # per-channel gate/up weights, as before
     ({"fp8_recipe": "block-mlp-out", "activation_granularity": "row"}, "row", False),  # an override reaches them
+    # the group-row recipe on every layer (two layers here: its edge rule would keep both whole)
+    ({"fp8_recipe": ("group-row", {"keep_edge_layers": (0, 0)})}, "row", False),
 ])
 def test_fp8_gate_up_w8a8_gemms_take_the_recipes_activation_scales_and_fast_accum(options, granularity, fast_accum,
                                                                                   monkeypatch):
+    from dataclasses import replace
+
+    from fp8_gemm import RECIPES
     from triton_ops import layers
 
+    if isinstance(options["fp8_recipe"], tuple):  # (a library recipe, fields changed)
+        name, changes = options["fp8_recipe"]
+        options = {**options, "fp8_recipe": replace(RECIPES[name], **changes)}
     model = patch_model(_model("llama"), fp8=True, **options)
     mlp = model.model.layers[0].mlp
     calls = _fp8_linear_spy(monkeypatch, layers)
