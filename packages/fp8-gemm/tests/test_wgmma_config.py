@@ -12,6 +12,7 @@ import torch
 import triton
 from fp8_gemm import gemm, gemm_wgmma
 from triton_ops_core.device import is_interpreter
+from triton_ops_core.testing import device_for_tests
 
 
 @pytest.mark.parametrize(
@@ -60,3 +61,31 @@ def test_environment_switch_turns_the_gluon_kernel_off(setting, expected):
     if gemm_wgmma.fp8_group_gemm_wgmma_kernel is None or not triton.__version__.startswith(gemm_wgmma.VALIDATED_TRITON):
         expected = "False"  # this Triton has no Gluon Hopper module, or is not one the kernel was validated with
     assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_config_space_holds_the_default_and_only_tiles_that_fit():
+    from fp8_gemm import gemm_configs as cfgs
+
+    space = cfgs.FP8_GEMM_WGMMA_CONFIGS.configs()
+    assert gemm_wgmma.default_config() in space
+    for cfg in space:  # a warp group per 64 rows, a ring of at least two slots, within Hopper's shared memory
+        assert cfg["num_warps"] * 16 == cfg["BLOCK_M"] and cfg["STAGES"] >= 2
+        gemm_wgmma.launch_args(cfg)
+    assert {c["BLOCK_M"] for c in space} == {64, 128}
+
+
+def test_selection_falls_back_to_the_default_config():
+    # nothing cached or shipped for this problem: kernel-autotune answers with gemm_wgmma.default_config
+    dtypes = (torch.float8_e4m3fn, torch.float8_e4m3fn, torch.bfloat16)
+    got = gemm._choose("wgmma", 2048, 4096, 4096, gemm.A_BLOCK, gemm.B_GROUP, False, torch.device("cpu"), dtypes, True)
+    assert got == gemm_wgmma.default_config()
+
+
+def test_tuning_family_prepares_the_default_recipes_prefill():
+    from fp8_gemm import tuning
+
+    groups = [s for s in tuning.SHAPES if s["scaling"] == "group"]
+    assert {(s["n"], s["k"]) for s in groups} == {(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)}
+    out = tuning.prepare({"m": 70, "n": 32, "k": 256, "scaling": "group", "out_dtype": "float32"},
+                         torch.device(device_for_tests()))()
+    assert out.shape == (70, 32) and out.isfinite().all()

@@ -134,6 +134,9 @@ def _choose(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: b
         cfg = cfgs.choose(name, problem, dtypes, device,
                           lambda: cfgs.tma_heuristic(m, n, k, blocked, fast, device, interp), cfgs.FP8_GEMM_CONFIGS,
                           bench)
+    elif path == "wgmma":
+        cfg = cfgs.choose(name, problem, dtypes, device, gemm_wgmma.default_config, cfgs.FP8_GEMM_WGMMA_CONFIGS,
+                          bench)
     else:
         cfg = cfgs.choose(name, problem, dtypes, device, lambda: cfgs.ptr_heuristic(m, n, k, interp),
                           cfgs.FP8_GEMM_PTR_CONFIGS, bench)
@@ -179,10 +182,9 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         path = _pick_path(a, b, out, m)
         if path == "tma" and _wgmma_takes(a_mode, b_mode, out, b_s):
             path = "wgmma"
-    if path == "wgmma":
-        if not (_wgmma_takes(a_mode, b_mode, out, b_s) and _pick_path(a, b, out, max(m, DECODE_MAX_M + 1)) == "tma"):
-            raise ValueError("the wgmma path takes group-scaled weights on Hopper only, with TMA-aligned operands")
-        return _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, config or gemm_wgmma.default_config())
+    if path == "wgmma" and not (_wgmma_takes(a_mode, b_mode, out, b_s)
+                                and _pick_path(a, b, out, max(m, DECODE_MAX_M + 1)) == "tma"):
+        raise ValueError("the wgmma path takes group-scaled weights on Hopper only, with TMA-aligned operands")
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
         problem = (path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype), interp)
@@ -203,6 +205,8 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
             cfg = cfgs.fused_decode_config(cfg, n, a.element_size(), interp)
     else:
         cfg = _fit_block_k(config, blocked)
+    if path == "wgmma":
+        return _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, cfg)
     nb = n if b_mode == B_GROUP else -(-n // 128)  # the b scale's row stride (block / group scales)
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     has_bias = bias is not None
@@ -309,8 +313,9 @@ def _launch(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=None, co
 
 
 def _fit_block_k(cfg: dict[str, Any], blocked: bool) -> dict[str, Any]:
-    # Block scales change every 128 along K: a K tile must not straddle two scale blocks.
-    if blocked and cfg["BLOCK_K"] > 128:
+    # Block scales change every 128 along K: a K tile must not straddle two scale blocks (the Gluon kernel's K step
+    # is 128 by construction: no BLOCK_K in its configs).
+    if blocked and cfg.get("BLOCK_K", 128) > 128:
         return {**cfg, "BLOCK_K": 128}
     return cfg
 

@@ -1,6 +1,7 @@
 """Launch configurations of the FP8 GEMM kernels: the config spaces and the analytical defaults.
 
-Three kernels, three spaces. The defaults come from measurements on the lent H100 (docs/fp8-gemm-kernel.md), with
+Four kernels, four spaces (the fourth, the Gluon kernel for group scales, ``gemm_wgmma``, defaults to its
+``default_config``). The defaults come from measurements on the lent H100 (docs/fp8-gemm-kernel.md), with
 their grid rules reading the device's SM count; ``select_config`` (kernel-autotune) may replace them with cached,
 shipped (the entries of this GPU's product name and compute capability) or tuned configs, keyed by the M bucket, N,
 K, the scale granularities and the accumulation mode (in the kernel name).
@@ -65,7 +66,26 @@ _DECODE_PARAMS = {
     "num_stages": [2, 3, 4, 5],
 }
 
+# The Gluon kernel for group scales (gemm_wgmma): 64-row tiles on one warp group, 128-row tiles on two
+_WGMMA_PARAMS = {
+    "BLOCK_M": [64, 128],
+    "BLOCK_N": [128],
+    "GROUP_M": [8, 16],
+    "STAGES": [3, 4, 5],
+    "num_warps": [4, 8],
+}
+
+
+def _wgmma_fits(cfg: dict[str, Any], problem: Any) -> bool:
+    # each warp group owns 64 rows (three fp32 tiles of 64 x 128 a warp group fit its registers, 128 rows do not);
+    # the ring (a, b, a row of column scales) and a 32-bit output tile in shared memory
+    ring = cfg["STAGES"] * ((cfg["BLOCK_M"] + cfg["BLOCK_N"]) * 128 + cfg["BLOCK_N"] * 4)
+    return (cfg["num_warps"] == cfg["BLOCK_M"] // 16 and cfg["STAGES"] >= 2
+            and ring + cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4 <= _SMEM_BYTES)
+
+
 FP8_GEMM_CONFIGS = ConfigSpace(_TMA_PARAMS, constraints=[_tma_fits])
+FP8_GEMM_WGMMA_CONFIGS = ConfigSpace(_WGMMA_PARAMS, constraints=[_wgmma_fits])
 FP8_GEMM_PTR_CONFIGS = ConfigSpace(_PTR_PARAMS)
 FP8_GEMM_DECODE_CONFIGS = ConfigSpace(_DECODE_PARAMS, constraints=[_decode_fits])
 
@@ -214,6 +234,7 @@ def choose(kernel: str, problem: dict[str, int], dtypes: tuple, device: torch.de
 __all__ = [
     "FP8_GEMM_CONFIGS",
     "FP8_GEMM_DECODE_CONFIGS",
+    "FP8_GEMM_WGMMA_CONFIGS",
     "FP8_GEMM_PTR_CONFIGS",
     "choose",
     "decode_heuristic",

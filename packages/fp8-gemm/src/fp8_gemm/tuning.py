@@ -1,12 +1,14 @@
 """This package's GEMM as a kernel-autotune family: the operation ``python -m kernel_autotune tune`` times, and the
 shapes it tunes: the benchmark suite's (4096^3 and 8192^3 with both scalings and both accumulation modes; decode
 M = 1, 16, 64 against (N, K) = (4096, 4096), (11264, 4096), (4096, 11264), (11264, 11264)) and ``FP8Linear``'s
-(4096 -> 11264, per-row activations and per-channel weights, M = 1, 64, 2048, 8192).
+(4096 -> 11264, per-row activations and per-channel weights, M = 1, 64, 2048, 8192), and the default FP8 recipe's
+prefill GEMMs (Llama-3-8B's projections at 2048 rows).
 
 kernel-autotune finds it through the ``kernel_autotune.tunables`` entry point in this package's ``pyproject.toml``
 (also when run from source: it reads the file beside ``src``); ``--module fp8_gemm.tuning`` registers it explicitly.
-``scaling``: "tensor" (one scale per operand, the cuBLAS comparison) or "row" (per-row activations and per-channel
-weights, what FP8Linear and bf16 inputs use); ``fast_accum``: 0 (faithful fp32 accumulation), 1 (fast), or 2 (both:
+``scaling``: "tensor" (one scale per operand, the cuBLAS comparison), "row" (per-row activations and per-channel
+weights, what FP8Linear and bf16 inputs use) or "group" (1x128 activation blocks and group-scaled weights, the default
+recipe's prefill: the Gluon kernel on Hopper); ``fast_accum``: 0 (faithful fp32 accumulation), 1 (fast), or 2 (both:
 the operation runs the GEMM once each way, so one shape tunes both kernels). The kernel name includes the scaling
 modes and the accumulation, so each is its own cache entry.
 """
@@ -43,7 +45,13 @@ SHAPES: tuple[dict[str, Any], ...] = tuple(
     # decode, per-tensor scales, both accumulation modes per shape
     + [_shape(m, n, k, "tensor", _BOTH) for n, k in ((4096, 4096), (11264, 4096), (4096, 11264), (11264, 11264))
        for m in (1, 16, 64)]
+    # the default recipe's prefill (1x128 activation blocks, group-scaled weights: the Gluon kernel on Hopper),
+    # Llama-3-8B's q/k/v, o, gate and down at 2048 rows
+    + [_shape(2048, n, k, "group", 0) for n, k in ((6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336))]
 )
+
+# scaling -> (activation granularity, weight granularity)
+_GRANULARITIES = {"tensor": ("tensor", "tensor"), "row": ("row", "channel"), "group": ("block", "group")}
 
 
 def prepare(shape: Mapping[str, Any], device: torch.device) -> Callable[[], Any]:
@@ -51,11 +59,10 @@ def prepare(shape: Mapping[str, Any], device: torch.device) -> Callable[[], Any]
     accumulation modes, one after the other, with ``fast_accum`` 2)."""
     m, n, k = int(shape["m"]), int(shape["n"]), int(shape["k"])
     out_dtype = getattr(torch, str(shape.get("dtype", shape.get("out_dtype", "bfloat16"))))
-    per_row = shape.get("scaling", "tensor") == "row"
-    a, a_scale = quantize_fp8(torch.randn(m, k, device=device), "e4m3", "row" if per_row else "tensor")
-    # the [K, N] view of an nn.Linear-style [N, K] weight, one scale per output channel (or per tensor)
-    b, b_scale = quantize_fp8((torch.randn(n, k, device=device) * k ** -0.5).t(), "e4m3",
-                              "channel" if per_row else "tensor", role="weight")
+    a_gran, b_gran = _GRANULARITIES[shape.get("scaling", "tensor")]
+    a, a_scale = quantize_fp8(torch.randn(m, k, device=device), "e4m3", a_gran)
+    # the [K, N] view of an nn.Linear-style [N, K] weight, scaled per tensor, per output channel or in groups
+    b, b_scale = quantize_fp8((torch.randn(n, k, device=device) * k ** -0.5).t(), "e4m3", b_gran, role="weight")
     fast = int(shape.get("fast_accum", 0))
     if fast == _BOTH:
         return lambda: (fp8_gemm(a, b, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, fast_accum=False),
