@@ -38,6 +38,24 @@ def test_the_family_is_found_and_runs(device):
     assert {s["fast_accum"] for s in tunable.shapes} == {0, 1, 2}
 
 
+@pytest.mark.parametrize("scaling", ["tensor", "row", "group", "row-group"])
+def test_every_scaling_of_the_family_computes_the_product(scaling, device):
+    # the prepared call draws a = randn(m, k) and w = randn(n, k) / sqrt(k) and quantizes them with the scaling's
+    # granularities: the same seed redraws them, and the FP8 GEMM must be their product within FP8's rounding
+    from fp8_gemm.tuning import SHAPES, prepare
+
+    shape = {"m": 4, "n": 128, "k": 256, "scaling": scaling, "out_dtype": "float32"}
+    torch.manual_seed(3)
+    out = prepare(shape, device)()
+    torch.manual_seed(3)
+    a = torch.randn(4, 256, device=device).double()
+    w = torch.randn(128, 256, device=device).double() * 256 ** -0.5
+    ref = a @ w.t()
+    assert out.shape == (4, 128) and torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 0.08
+    assert scaling in {s["scaling"] for s in SHAPES}
+
+
 def test_the_decode_heuristic_reads_the_sm_count():
     # K = 11264 and 4096 / 32 = 128 column blocks: fewer than 2 per SM on 132 SMs, so K splits in 4; not on 28 SMs
     with simulate_device(UNTUNED_HOPPER):

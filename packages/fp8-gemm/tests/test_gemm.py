@@ -81,9 +81,10 @@ def test_row_major_b_with_k_off_sixteen_avoids_tma():
     # rows), even when a's padded row stride (1024) and b's (N = 64) are aligned
     big = torch.randn(96, 1024)
     a_q, a_s = quantize_ref(big[:, :1000], "row")
-    a_q = torch.empty(96, 1024, dtype=FP8).copy_(torch.cat([a_q.float(), torch.zeros(96, 24)], 1).to(FP8))[:, :1000]
     b_q, b_s = quantize_ref(torch.randn(1000, 64), "channel", is_b=True)
     a_q, a_s, b_q, b_s = (t.to(DEV) for t in (a_q, a_s, b_q, b_s))
+    # padded on the device: moving a strided view to another device makes it contiguous
+    a_q = torch.cat([a_q.float(), torch.zeros(96, 24, device=DEV)], 1).to(FP8)[:, :1000]
     out = torch.empty(96, 64, dtype=torch.float32, device=DEV)
     assert a_q.stride(0) == 1024 and b_q.stride(1) == 1
     assert _pick_path(a_q, b_q, out, 96) == "ptr"

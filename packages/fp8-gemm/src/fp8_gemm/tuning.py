@@ -1,14 +1,15 @@
 """This package's GEMM as a kernel-autotune family: the operation ``python -m kernel_autotune tune`` times, and the
 shapes it tunes: the benchmark suite's (4096^3 and 8192^3 with both scalings and both accumulation modes; decode
 M = 1, 16, 64 against (N, K) = (4096, 4096), (11264, 4096), (4096, 11264), (11264, 11264)) and ``FP8Linear``'s
-(4096 -> 11264, per-row activations and per-channel weights, M = 1, 64, 2048, 8192), and the default FP8 recipe's
-prefill GEMMs (Llama-3-8B's projections at 2048 rows).
+(4096 -> 11264, per-row activations and per-channel weights, M = 1, 64, 2048, 8192), and the prefill GEMMs of the
+default and group-row FP8 recipes (Llama-3-8B's projections at 2048 rows).
 
 kernel-autotune finds it through the ``kernel_autotune.tunables`` entry point in this package's ``pyproject.toml``
 (also when run from source: it reads the file beside ``src``); ``--module fp8_gemm.tuning`` registers it explicitly.
 ``scaling``: "tensor" (one scale per operand, the cuBLAS comparison), "row" (per-row activations and per-channel
 weights, what FP8Linear and bf16 inputs use) or "group" (1x128 activation blocks and group-scaled weights, the default
-recipe's prefill: the Gluon kernel on Hopper); ``fast_accum``: 0 (faithful fp32 accumulation), 1 (fast), or 2 (both:
+recipe's prefill: the Gluon kernel on Hopper) or "row-group" (per-row activations and group-scaled weights, the
+group-row recipe's prefill); ``fast_accum``: 0 (faithful fp32 accumulation), 1 (fast), or 2 (both:
 the operation runs the GEMM once each way, so one shape tunes both kernels). The kernel name includes the scaling
 modes and the accumulation, so each is its own cache entry.
 """
@@ -47,11 +48,14 @@ SHAPES: tuple[dict[str, Any], ...] = tuple(
        for m in (1, 16, 64)]
     # the default recipe's prefill (1x128 activation blocks, group-scaled weights: the Gluon kernel on Hopper),
     # Llama-3-8B's q/k/v, o, gate and down at 2048 rows
-    + [_shape(2048, n, k, "group", 0) for n, k in ((6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336))]
+    # and the group-row recipe's (per-row activations, the same group-scaled weights)
+    + [_shape(2048, n, k, scaling, 0) for scaling in ("group", "row-group")
+       for n, k in ((6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336))]
 )
 
 # scaling -> (activation granularity, weight granularity)
-_GRANULARITIES = {"tensor": ("tensor", "tensor"), "row": ("row", "channel"), "group": ("block", "group")}
+_GRANULARITIES = {"tensor": ("tensor", "tensor"), "row": ("row", "channel"), "group": ("block", "group"),
+                  "row-group": ("row", "group")}
 
 
 def prepare(shape: Mapping[str, Any], device: torch.device) -> Callable[[], Any]:
