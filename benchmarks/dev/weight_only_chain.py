@@ -3,6 +3,7 @@
 
     python -m benchmarks.dev.weight_only_chain                      # bf16 and FP8, Llama-3-8B's q/k/v, o and down
     python -m benchmarks.dev.weight_only_chain --weights fp8 --shapes o --splits 1,2,4
+    python -m benchmarks.dev.weight_only_chain --weights fp8,fp8-group --swap --rows 1,8   # the swapped fp16 dots
 
 Each candidate config of ``fp8_gemm``'s weight-only kernel (``weight_only.build_plan(..., config)``) runs on
 ``--copies`` different weights of the shape in a row, captured in a CUDA graph: no L2 reuse between them and no flush
@@ -70,6 +71,16 @@ def copy_gbps() -> float:
     return 2 * src.numel() / us / 1e3
 
 
+def swapped_candidates(splits: list[int]) -> list[dict]:
+    """Tensor-core tiles with the weight as the dot's first operand (``SWAP_AB``) and fp16 dots: 64, 128 or 256
+    output features (4, 4 or 8 warps) by 128 of K, 4 stages, each split of ``splits``."""
+    out = []
+    for (bn, warps), stages, split in itertools.product(((64, 4), (128, 4), (256, 8)), (4,), splits):
+        out.append({"USE_DOT": True, "SWAP_AB": True, "F16_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn,
+                    "BLOCK_K": 128, "SPLIT_K": split, "num_warps": warps, "num_stages": stages})
+    return out
+
+
 def candidates(splits: list[int], wide: bool = False) -> list[dict]:
     """FMA tiles of one row: 24 per weight dtype by default (each compiles once, about a second), 128 with ``wide``."""
     space = ((8, 16, 32), (128, 256, 512), (4, 8), (1, 2, 3, 4)) if wide else ((8, 16, 32), (256, 512), (4,), (2, 4))
@@ -82,25 +93,34 @@ def candidates(splits: list[int], wide: bool = False) -> list[dict]:
 
 
 def run_shape(name: str, weights: str, copies: int, bandwidth: float, splits: list[int],
-              wide: bool = False) -> list[dict]:
+              wide: bool = False, rows_m: int = 1, swap: bool = False) -> list[dict]:
     from fp8_gemm import weight_only as wo
 
     n, k = SHAPES[name]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows_m, k, device="cuda", dtype=torch.bfloat16)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in range(copies)]
     scale = None
     if weights == "fp8":
         ws = [w.to(torch.float8_e4m3fn) for w in ws]
         scale = torch.rand(n, device="cuda", dtype=torch.float32) + 0.5
-    outs = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    elif weights == "fp8-group":  # the default recipe's: a scale per output feature and 128 inputs, [K/128, N]
+        ws = [w.to(torch.float8_e4m3fn) for w in ws]
+        scale = torch.rand(-(-k // 128), n, device="cuda", dtype=torch.float32) + 0.5
+    outs = [torch.empty(rows_m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     floor = n * k * ws[0].element_size() / bandwidth / 1e3
-    reference = x.float() @ (ws[0].float() * (1.0 if scale is None else scale[:, None])).t()
-    mode = wo.SCALE_NONE if scale is None else wo.SCALE_CHANNEL
-    heuristic = wo.weight_only_config(1, n, k, mode, 2, torch.cuda.get_device_properties(0).multi_processor_count,
-                                      False)
+    if weights == "fp8-group":
+        dequant = ws[0].float() * scale.repeat_interleave(128, dim=0)[:k].t()
+    else:
+        dequant = ws[0].float() * (1.0 if scale is None else scale[:, None])
+    reference = x.float() @ dequant.t()
+    mode = {"bf16": wo.SCALE_NONE, "fp8": wo.SCALE_CHANNEL, "fp8-group": wo.SCALE_GROUP}[weights]
+    heuristic = wo.weight_only_config(rows_m, n, k, mode, 2,
+                                      torch.cuda.get_device_properties(0).multi_processor_count, False)
     rows = []
-    for label, cfg in [("heuristic", dict(heuristic))] + [(None, c) for c in candidates(splits, wide)]:
-        label = label or "bn{BLOCK_N}-bk{BLOCK_K}-w{num_warps}-s{num_stages}-k{SPLIT_K}".format(**cfg)
+    pool = swapped_candidates(splits) if swap else candidates(splits, wide)
+    for label, cfg in [("heuristic", dict(heuristic))] + [(None, c) for c in pool]:
+        label = label or ("swap-" if cfg.get("SWAP_AB") else "") + \
+            "bn{BLOCK_N}-bk{BLOCK_K}-w{num_warps}-s{num_stages}-k{SPLIT_K}".format(**cfg)
         try:
             plans = [wo.build_plan(x, w, scale, None, cfg) for w in ws]
 
@@ -113,9 +133,9 @@ def run_shape(name: str, weights: str, copies: int, bandwidth: float, splits: li
         except Exception as exc:  # a config the kernel cannot take (resources): reported, the sweep goes on
             print(f"  {weights} {name} {label}: {type(exc).__name__}: {str(exc)[:120]}")
             continue
-        rows.append({"weights": weights, "shape": name, "label": label, "us": us, "floor_us": floor, "rel_err": err,
-                     "config": cfg})
-    if weights == "bf16":
+        rows.append({"weights": weights, "shape": name, "rows": rows_m, "label": label, "us": us, "floor_us": floor,
+                     "rel_err": err, "config": cfg})
+    if weights == "bf16" and rows_m == 1 and not swap:
         for bn, bk in ((16, 256), (8, 512), (16, 512)):
             def fn():
                 for w, out in zip(ws, outs):
@@ -134,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--copies", type=int, default=8, help="different weights per shape in the timed chain")
     p.add_argument("--bandwidth", type=float, default=0.0, help="copy GB/s (default: measured)")
     p.add_argument("--wide", action="store_true", help="the wider tile space (warps 4/8, stages 1-4, K tiles 128)")
+    p.add_argument("--rows", default="1", help="row counts M, comma-separated")
+    p.add_argument("--swap", action="store_true",
+                   help="sweep the swapped fp16 tensor-core tiles (SWAP_AB) instead of the FMA ones")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("weight_only_chain needs a GPU")
@@ -141,15 +164,15 @@ def main(argv=None) -> int:
     bandwidth = args.bandwidth or copy_gbps()
     print(f"copy bandwidth {bandwidth:,.0f} GB/s")
     rows = []
-    for weights in args.weights.split(","):
-        for name in args.shapes.split(","):
-            splits = [int(v) for v in args.splits.split(",")]
-            shape_rows = run_shape(name, weights, args.copies, bandwidth, splits, args.wide)
-            rows += shape_rows
-            best = sorted(shape_rows, key=lambda r: r["us"])
-            print(f"== {weights} {name} {SHAPES[name]}: floor {best[0]['floor_us']:.2f} us")
-            for r in [r for r in shape_rows if r["label"] == "heuristic"] + best[:6]:
-                print(f"   {r['label']:28s} {r['us']:7.2f} us  {r['floor_us'] / r['us']:4.0%}  err {r['rel_err']:.1e}")
+    for weights, rows_m, name in itertools.product(args.weights.split(","), [int(v) for v in args.rows.split(",")],
+                                                   args.shapes.split(",")):
+        splits = [int(v) for v in args.splits.split(",")]
+        shape_rows = run_shape(name, weights, args.copies, bandwidth, splits, args.wide, rows_m, args.swap)
+        rows += shape_rows
+        best = sorted(shape_rows, key=lambda r: r["us"])
+        print(f"== {weights} M={rows_m} {name} {SHAPES[name]}: floor {best[0]['floor_us']:.2f} us", flush=True)
+        for r in [r for r in shape_rows if r["label"] == "heuristic"] + best[:6]:
+            print(f"   {r['label']:28s} {r['us']:7.2f} us  {r['floor_us'] / r['us']:4.0%}  err {r['rel_err']:.1e}")
     out = Path(os.environ.get("OUT", "/tmp")) / "weight_only_chain.json"
     out.write_text(json.dumps({"bandwidth_gbps": bandwidth, "rows": rows}, indent=1))
     print(f"wrote {out}")
