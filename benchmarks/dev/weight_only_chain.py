@@ -3,7 +3,7 @@
 
     python -m benchmarks.dev.weight_only_chain                      # bf16 and FP8, Llama-3-8B's q/k/v, o and down
     python -m benchmarks.dev.weight_only_chain --weights fp8 --shapes o --splits 1,2,4
-    python -m benchmarks.dev.weight_only_chain --weights fp8,fp8-group --swap --rows 1,8   # the swapped fp16 dots
+    python -m benchmarks.dev.weight_only_chain --weights fp8,fp8-group --rows 1,8   # group scales, several rows
 
 Each candidate config of ``fp8_gemm``'s weight-only kernel (``weight_only.build_plan(..., config)``) runs on
 ``--copies`` different weights of the shape in a row, captured in a CUDA graph: no L2 reuse between them and no flush
@@ -71,16 +71,6 @@ def copy_gbps() -> float:
     return 2 * src.numel() / us / 1e3
 
 
-def swapped_candidates(splits: list[int]) -> list[dict]:
-    """Tensor-core tiles with the weight as the dot's first operand (``SWAP_AB``) and fp16 dots: 64, 128 or 256
-    output features (4, 4 or 8 warps) by 128 of K, 4 stages, each split of ``splits``."""
-    out = []
-    for (bn, warps), stages, split in itertools.product(((64, 4), (128, 4), (256, 8)), (4,), splits):
-        out.append({"USE_DOT": True, "SWAP_AB": True, "F16_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn,
-                    "BLOCK_K": 128, "SPLIT_K": split, "num_warps": warps, "num_stages": stages})
-    return out
-
-
 def candidates(splits: list[int], wide: bool = False) -> list[dict]:
     """FMA tiles of one row: 24 per weight dtype by default (each compiles once, about a second), 128 with ``wide``."""
     space = ((8, 16, 32), (128, 256, 512), (4, 8), (1, 2, 3, 4)) if wide else ((8, 16, 32), (256, 512), (4,), (2, 4))
@@ -93,7 +83,7 @@ def candidates(splits: list[int], wide: bool = False) -> list[dict]:
 
 
 def run_shape(name: str, weights: str, copies: int, bandwidth: float, splits: list[int],
-              wide: bool = False, rows_m: int = 1, swap: bool = False) -> list[dict]:
+              wide: bool = False, rows_m: int = 1) -> list[dict]:
     from fp8_gemm import weight_only as wo
 
     n, k = SHAPES[name]
@@ -117,10 +107,8 @@ def run_shape(name: str, weights: str, copies: int, bandwidth: float, splits: li
     heuristic = wo.weight_only_config(rows_m, n, k, mode, 2,
                                       torch.cuda.get_device_properties(0).multi_processor_count, False)
     rows = []
-    pool = swapped_candidates(splits) if swap else candidates(splits, wide)
-    for label, cfg in [("heuristic", dict(heuristic))] + [(None, c) for c in pool]:
-        label = label or ("swap-" if cfg.get("SWAP_AB") else "") + \
-            "bn{BLOCK_N}-bk{BLOCK_K}-w{num_warps}-s{num_stages}-k{SPLIT_K}".format(**cfg)
+    for label, cfg in [("heuristic", dict(heuristic))] + [(None, c) for c in candidates(splits, wide)]:
+        label = label or "bn{BLOCK_N}-bk{BLOCK_K}-w{num_warps}-s{num_stages}-k{SPLIT_K}".format(**cfg)
         try:
             plans = [wo.build_plan(x, w, scale, None, cfg) for w in ws]
 
@@ -135,7 +123,7 @@ def run_shape(name: str, weights: str, copies: int, bandwidth: float, splits: li
             continue
         rows.append({"weights": weights, "shape": name, "rows": rows_m, "label": label, "us": us, "floor_us": floor,
                      "rel_err": err, "config": cfg})
-    if weights == "bf16" and rows_m == 1 and not swap:
+    if weights == "bf16" and rows_m == 1:
         for bn, bk in ((16, 256), (8, 512), (16, 512)):
             def fn():
                 for w, out in zip(ws, outs):
@@ -155,8 +143,6 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth", type=float, default=0.0, help="copy GB/s (default: measured)")
     p.add_argument("--wide", action="store_true", help="the wider tile space (warps 4/8, stages 1-4, K tiles 128)")
     p.add_argument("--rows", default="1", help="row counts M, comma-separated")
-    p.add_argument("--swap", action="store_true",
-                   help="sweep the swapped fp16 tensor-core tiles (SWAP_AB) instead of the FMA ones")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("weight_only_chain needs a GPU")
@@ -167,7 +153,7 @@ def main(argv=None) -> int:
     for weights, rows_m, name in itertools.product(args.weights.split(","), [int(v) for v in args.rows.split(",")],
                                                    args.shapes.split(",")):
         splits = [int(v) for v in args.splits.split(",")]
-        shape_rows = run_shape(name, weights, args.copies, bandwidth, splits, args.wide, rows_m, args.swap)
+        shape_rows = run_shape(name, weights, args.copies, bandwidth, splits, args.wide, rows_m)
         rows += shape_rows
         best = sorted(shape_rows, key=lambda r: r["us"])
         print(f"== {weights} M={rows_m} {name} {SHAPES[name]}: floor {best[0]['floor_us']:.2f} us", flush=True)

@@ -19,8 +19,7 @@ from triton_ops_core.aot import compile_sm90  # noqa: E402
 INTS = ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_sk", "stride_sn",
         "stride_bias", "tiles_per_split"]
 
-# (name, weight type, SCALE_MODE, NORM, ADD_OUT, USE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K[, F16_DOT[, warps[,
-# SWAP_AB]]]):
+# (name, weight type, SCALE_MODE, NORM, ADD_OUT, USE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K[, F16_DOT[, warps]]):
 # the decode configs weight_only_config picks at one row (FMA tiles, bf16 and E4M3 weights) and at 16 rows
 # (tensor-core tile, split K), with the RMSNorm prologue and the residual epilogue
 VARIANTS = [
@@ -41,12 +40,6 @@ VARIANTS = [
      True),
     ("E4M3 channel scales, 16 rows, split K, fp16 dots, 8 warps, norm prologue, residual add", "*fp8e4nv",
      W.SCALE_CHANNEL, True, True, True, 16, 128, 256, 4, True, 8),
-    # the swapped dot (SWAP_AB: the weight tile is the wgmma's register operand): group and channel scales, 128 and
-    # 256 output features a program, split K; with the residual add and the norm prologue on one
-    ("E4M3 group scales, swapped fp16 dots, 256 columns, 8 warps, split K, residual add", "*fp8e4nv", W.SCALE_GROUP,
-     False, True, True, 16, 256, 128, 4, True, 8, True),
-    ("E4M3 channel scales, swapped fp16 dots, 128 columns, split K, norm prologue", "*fp8e4nv", W.SCALE_CHANNEL, True,
-     False, True, 16, 128, 128, 4, True, 4, True),
 ]
 
 
@@ -55,13 +48,12 @@ def main() -> int:
     for name, wtype, mode, norm, add_out, dot, bm, bn, bk, split, *extra in VARIANTS:
         f16 = extra[0] if extra else False
         warps = extra[1] if len(extra) > 1 else 4
-        swap = extra[2] if len(extra) > 2 else False
         types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
                  "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "norm_eps": "fp32",
                  **dict.fromkeys(INTS, "i32")}
         consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm, NORM_BLOCK=max(16, 2048 // bm),
                       USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,
-                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16), SWAP_AB=bool(swap))
+                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16))
         ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, warps, 4)
     return 0 if ok else 1
 

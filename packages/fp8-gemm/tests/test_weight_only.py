@@ -114,14 +114,6 @@ def test_any_decode_shape(m, n, k, mode, dtype, bias, seed):
         ({"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}, 5, torch.float32),
         # FMA: a K tile of four scale groups (the decode tile's 512), the last partial
         ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1}, 1, torch.bfloat16),
-        # the swapped dot (the weight tile as the first operand): fp16, bf16 (without fp16 dots) and fp32 rows,
-        # split K with an uneven last slice, one row
-        ({"USE_DOT": True, "SWAP_AB": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, 3,
-         torch.float16),
-        ({"USE_DOT": True, "SWAP_AB": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3}, 1,
-         torch.bfloat16),
-        ({"USE_DOT": True, "SWAP_AB": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2}, 5,
-         torch.float32),
     ],
 )
 def test_kernel_variants(mode, config, m, dtype):
@@ -135,13 +127,10 @@ def test_kernel_variants(mode, config, m, dtype):
 
 F16_DOT = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
            "num_stages": 1, "F16_DOT": True}
-# the same with the weight tile as the dot's first operand
-SWAPPED_F16_DOT = {**F16_DOT, "SWAP_AB": True}
 
 
-@pytest.mark.parametrize("config", [F16_DOT, SWAPPED_F16_DOT], ids=["f16", "swapped-f16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_f16_dot_matches_the_reference_row_by_row(mode, config):
+def test_f16_dot_matches_the_reference_row_by_row(mode):
     # fp16 tensor-core dots: bf16 rows spanning 2^-20 .. 2^20 (each scaled into fp16's range by its own power of
     # two), split K, a bias; a row far below one, an all-zero row
     q, s = _weight(40, 300, mode, DEV, seed=5)
@@ -149,53 +138,26 @@ def test_f16_dot_matches_the_reference_row_by_row(mode, config):
     g = torch.Generator().manual_seed(6)
     rows = torch.cat([2.0 ** torch.linspace(-20, 20, 10), torch.tensor([2.0**-115, 0.0])])[:, None]
     x = (torch.randn(12, 300, generator=g) * rows).to(DEV, torch.bfloat16)
-    out = wo.weight_only_linear(x, q, s, bias, config=config)
+    out = wo.weight_only_linear(x, q, s, bias, config=F16_DOT)
     want = _reference(x, q, s, bias)
     for r in range(12):
         assert_close_rel(out[r], want[r], TOL[torch.bfloat16], f"{mode} row {r}")
 
 
-@pytest.mark.parametrize("config", [F16_DOT, SWAPPED_F16_DOT], ids=["f16", "swapped-f16"])
-def test_f16_dot_keeps_nan_and_inf_in_their_rows_and_is_for_bf16_only(config):
+def test_f16_dot_keeps_nan_and_inf_in_their_rows_and_is_for_bf16_only():
     q, s = _weight(40, 300, "channel", DEV, seed=7)
     x = _activation(4, 300, torch.bfloat16, DEV, seed=8)
     x[1, 7] = float("nan")
     x[2, 9] = float("inf")
-    out = wo.weight_only_linear(x, q, s, None, config=config)
+    out = wo.weight_only_linear(x, q, s, None, config=F16_DOT)
     assert out[1].isnan().all() and not out[2].isfinite().any()
     assert_close_rel(out[[0, 3]], _reference(x[[0, 3]], q, s, None), TOL[torch.bfloat16], "finite rows")
-    # fp16 / fp32 activations, 16-bit weights: the flag is not passed to the kernel (F16_DOT, then SWAP_AB, last)
-    swapped = "SWAP_AB" in config
+    # fp16 / fp32 activations, 16-bit weights: the flag is not passed to the kernel
     for dtype in (torch.float16, torch.float32):
-        plan = wo.build_plan(x.to(dtype), q, s, None, config=config)
-        assert plan.launch.tail[-2:] == (False, swapped)
-    plan = wo.build_plan(x, q, s, None, config=config)
-    assert plan.launch.tail[-2:] == (True, swapped)
-
-
-def test_swapped_dot_with_the_residual_add_and_the_norm_prologue():
-    # SWAP_AB with both epilogue and prologue options: out += x_normed @ dequant(W)^T, group scales, split K
-    q, s = _weight(40, 300, "group", DEV, seed=15)
-    x = _activation(2, 300, torch.bfloat16, DEV, seed=16) * 3.0 + 0.5
-    nw = (torch.rand(300, generator=torch.Generator().manual_seed(17)) + 0.5).to(DEV, torch.bfloat16)
-    residual = torch.randn(2, 40, generator=torch.Generator().manual_seed(18)).to(DEV, torch.bfloat16)
-    start = residual.clone()
-    plan = wo.build_plan(x, q, s, None, config=SWAPPED_F16_DOT, add_out=residual, norm_weight=nw, norm_eps=1e-5)
-    out = plan.run(x, q, s, None, out=residual, norm_weight=nw)
-    assert out.data_ptr() == residual.data_ptr()
-    xf = x.double()
-    xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16).double() * nw.double()
-    # x normalized and rounded to bf16 once, as the kernel feeds it (rmsnorm's output)
-    want = start.double() + _reference(xn.to(torch.bfloat16), q, s, None)
-    assert_close_rel(out, want, 2 * TOL[torch.bfloat16], "swapped, residual, norm")
-
-
-def test_swapped_dot_needs_the_tensor_core_dot():
-    q, s = _weight(40, 64, "channel", DEV, seed=19)
-    x = _activation(1, 64, torch.bfloat16, DEV, seed=20)
-    with pytest.raises(InvalidArgumentError, match="SWAP_AB"):
-        wo.weight_only_linear(x, q, s, config={"USE_DOT": False, "SWAP_AB": True, "BLOCK_M": 1, "BLOCK_N": 16,
-                                               "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1})
+        plan = wo.build_plan(x.to(dtype), q, s, None, config=F16_DOT)
+        assert plan.launch.tail[-1] is False
+    plan = wo.build_plan(x, q, s, None, config=F16_DOT)
+    assert plan.launch.tail[-1] is True
 
 
 @pytest.mark.parametrize("mode", ["channel", "group"])

@@ -172,19 +172,3 @@ def test_torch_compile_reduce_overhead_and_dynamic_rows():
                 x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
                 assert torch.equal(fn(x), fp8_linear(x, mod.weight, mod.weight_scale, None, "block"))
         assert compiles["frames"] == 0, compiles
-
-
-SWAPPED = [{"USE_DOT": True, "SWAP_AB": True, "F16_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128,
-            "SPLIT_K": split, "num_warps": warps, "num_stages": 4} for bn, warps, split in ((256, 8, 8), (128, 4, 1))]
-
-
-@pytest.mark.parametrize("config", SWAPPED, ids=["256x128-w8-split8", "128x128-w4"])
-@pytest.mark.parametrize("mode", ["channel", "tensor", "group"])
-@pytest.mark.parametrize(("k", "n"), [(4096, 6144), (14336, 4096), (4096, 1024)])
-def test_swapped_fp16_dots_at_llama_shapes(k, n, mode, config):
-    # the weight tile as the wgmma's register operand: every row count of a decode tile, against float64
-    mod = _module(k, n, mode, seed=k + 3 * n)
-    for m in (1, 5, 16):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 4
-        out = wo.weight_only_linear(x, mod.weight, mod.weight_scale, None, config=config)
-        assert_close_rel(out, _reference(x, mod), BF16_TOL, f"K={k} N={n} {mode} M={m} {config}")

@@ -243,9 +243,6 @@ def _check_config(cfg: dict[str, Any], scale_mode: int) -> dict[str, Any]:
         raise InvalidArgumentError(
             f"config: with 128x128 block scales a tile must lie inside one scale block: BLOCK_N <= 128 (and "
             f"BLOCK_K <= 128 with USE_DOT), got BLOCK_N={cfg['BLOCK_N']}, BLOCK_K={cfg['BLOCK_K']}")
-    if cfg.get("SWAP_AB", False) and not cfg["USE_DOT"]:
-        raise InvalidArgumentError(f"config: SWAP_AB swaps the operands of the tensor-core dot: it needs USE_DOT, "
-                                   f"got {cfg}")
     if not isinstance(cfg["SPLIT_K"], int) or cfg["SPLIT_K"] < 1:
         raise InvalidArgumentError(f"config: SPLIT_K must be a positive integer, got {cfg['SPLIT_K']!r}")
     return cfg
@@ -401,7 +398,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             bias.stride(0) if bias is not None else 0, per_split, float(norm_eps),
             mode, bias is not None, add_out is not None, norm_weight is not None, _norm_block(k, bm),
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
-            cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), bool(cfg.get("SWAP_AB", False)))
+            cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"])
     return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info)

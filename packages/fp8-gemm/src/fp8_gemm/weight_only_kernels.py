@@ -126,36 +126,6 @@ def _normalized(x, rstd, nw_ptr, kk, K):
 
 
 @triton.jit
-def _swapped_step(acc_t, x, w, s_ptr, s_col, offs_n, N, k0, stride_sk, stride_sn, SCALE_MODE: tl.constexpr,
-                  F16_DOT: tl.constexpr, EMULATE: tl.constexpr):
-    """One K tile of the ``SWAP_AB`` dot: ``acc_t [BLOCK_N, BLOCK_M] += W_tile [BLOCK_N, BLOCK_K] @ x_tile^T``, the
-    partial product scaled in fp32 by the tile's block scale or its rows' group scales (the weight's output
-    features), and with ``F16_DOT`` by x's rows' factors (the columns here)."""
-    if F16_DOT:
-        xd, back = rows_to_f16(x)
-    else:
-        xd = x
-    if EMULATE:  # the interpreter's 16-bit dot is wrong: fp32 operands holding the same values
-        xd = xd.to(tl.float32)
-        wd = _dequant_type(w, tl.float32, True)
-    elif F16_DOT:
-        wd = w.to(tl.float16)  # E4M3 -> fp16: exact, one packed conversion per two weights
-    else:
-        wd = _dequant_type(w, x.dtype, False)
-    if SCALE_MODE == 2 or SCALE_MODE == 4 or F16_DOT:
-        part = tl.dot(wd, tl.trans(xd), input_precision="ieee")
-        if SCALE_MODE == 2:
-            part = part * tl.load(s_col + (k0 // 128) * stride_sk)
-        elif SCALE_MODE == 4:
-            part = part * tl.load(s_ptr + (k0 // 128) * stride_sk + offs_n * stride_sn, mask=offs_n < N,
-                                  other=0.0)[:, None]
-        if F16_DOT:
-            part = part * back[None, :]
-        return acc_t + part
-    return tl.dot(wd, tl.trans(xd), acc_t, input_precision="ieee")
-
-
-@triton.jit
 def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
                     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Per-tensor or per-channel weight scale (block scales were applied in the loop), then the bias, in fp32."""
@@ -190,7 +160,7 @@ def fp8_weight_only_kernel(
     NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
-    F16_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out += ...`` (a residual: one rounding of
@@ -204,11 +174,7 @@ def fp8_weight_only_kernel(
     pipeline depth (asynchronous copies into shared memory); given explicitly, so the FMA variant, whose loads
     feed no ``tl.dot``, is pipelined too. ``F16_DOT`` (E4M3 weights, bf16 x, ``USE_DOT``): the dot runs on fp16
     operands, x's rows scaled into fp16 exactly by powers of two (``rows_to_f16``), which saves the weight's second
-    conversion (E4M3 -> fp16 is one packed instruction per two weights, -> bf16 two). ``SWAP_AB`` (with
-    ``USE_DOT``): the dot computes ``out^T = W x^T``, the weight tile ``[BLOCK_N, BLOCK_K]`` as the MMA's first
-    operand (Hopper's wgmma takes it from registers, converted there from E4M3 after one shared-memory read) and x's
-    ``BLOCK_M`` rows as its second (16 columns of the MMA): the weight bytes skip the round trip through shared
-    memory in fp16 that the second operand needs, and the output columns fill the MMA's 64-row side.
+    conversion (E4M3 -> fp16 is one packed instruction per two weights, -> bf16 two).
     """
     CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # group scales, one row: products summed per chunk
     pid_n = tl.program_id(0)
@@ -223,11 +189,7 @@ def fp8_weight_only_kernel(
     # the scale block column of this tile (block scales): constant over the tile since BLOCK_N divides 128
     s_col = s_ptr + ((pid_n * BLOCK_N) // 128) * stride_sn
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    if USE_DOT and SWAP_AB:
-        # the [BLOCK_N, BLOCK_K] tile of W (K-contiguous rows), the dot's first operand; the transposed product
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :] * stride_wk
-        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    elif USE_DOT:
+    if USE_DOT:
         # the [BLOCK_K, BLOCK_N] tile of W^T: K-contiguous columns, wide vector loads
         w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k)[:, None] * stride_wk
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -248,11 +210,7 @@ def fp8_weight_only_kernel(
         x = _load_tile(x_ptrs, offs_m, M, k0 + offs_k, K, False, EVEN_K)
         if NORM:
             x = _normalized(x, rstd, nw_ptr, k0 + offs_k, K)
-        if USE_DOT and SWAP_AB:
-            w = _load_tile(w_ptrs, offs_n, N, k0 + offs_k, K, EVEN_N, EVEN_K)
-            acc_t = _swapped_step(acc_t, x, w, s_ptr, s_col, offs_n, N, k0, stride_sk, stride_sn, SCALE_MODE,
-                                  F16_DOT, EMULATE)
-        elif USE_DOT:
+        if USE_DOT:
             w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
             if F16_DOT:
                 xd, back = rows_to_f16(x)
@@ -302,8 +260,6 @@ def fp8_weight_only_kernel(
                 acc3 += xf[:, None, :] * wf[None, :, :]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    if USE_DOT and SWAP_AB:
-        acc = tl.trans(acc_t)
     if not USE_DOT:
         if BLOCK_M == 1:
             acc = tl.sum(acc2, axis=1)[None, :]
