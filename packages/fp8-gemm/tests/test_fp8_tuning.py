@@ -10,7 +10,7 @@ import pytest
 import torch
 from fp8_gemm import gemm_configs as cfgs
 from kernel_autotune import UntunedDeviceWarning
-from kernel_autotune.testing import H100_SXM, SMALL_GPU, UNTUNED_HOPPER, check_family
+from kernel_autotune.testing import H100_SXM, H200, SMALL_GPU, UNTUNED_HOPPER, check_family
 from triton_ops_core.device import simulate_device
 
 CPU = torch.device("cpu")
@@ -95,6 +95,29 @@ def test_shipped_h100_entries_serve_the_h100_only(monkeypatch):
         assert shipped["EPI_SUBTILE"] is True and shipped["BLOCK_M"] == 256
     with simulate_device(UNTUNED_HOPPER), pytest.warns(UntunedDeviceWarning, match="fp8_gemm has no tuned configs"):
         assert _choose() == cfgs.tma_heuristic(4096, 4096, 4096, False, False, CPU, False)
+
+
+@pytest.mark.parametrize(("a_mode", "n", "k", "want"), [
+    # the H200's shipped entries of the Gluon group kernel (session 20): per-row activations (a1) and 1x128 blocks
+    # (a2), Llama-3-8B's down and q/k/v projections at 2048 rows
+    (1, 4096, 14336, {"BLOCK_M": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 8}),
+    (2, 6144, 4096, {"BLOCK_M": 64, "GROUP_M": 16, "STAGES": 3, "num_warps": 4}),
+])
+def test_shipped_h200_entries_of_the_group_kernel_serve_the_h200_only(monkeypatch, a_mode, n, k, want):
+    from fp8_gemm import gemm_wgmma
+
+    monkeypatch.setenv("TRITON_OPS_AUTOTUNE", "0")
+    name = f"fp8_gemm.wgmma.a{a_mode}b3.faithful"
+
+    def choose():
+        return cfgs.choose(name, {"m": 2048, "n": n, "k": k}, FP8_DTYPES, CPU, gemm_wgmma.default_config,
+                           cfgs.FP8_GEMM_WGMMA_CONFIGS)
+
+    with simulate_device(H200):
+        got = choose()
+        assert {key: got[key] for key in want} == want
+    with simulate_device(UNTUNED_HOPPER), pytest.warns(UntunedDeviceWarning):
+        assert choose() == gemm_wgmma.default_config()
 
 
 def test_choose_tunes_on_first_use_when_handed_a_bench(monkeypatch):
