@@ -157,16 +157,20 @@ def _marginal(row: dict[str, Any]) -> str:
 
 
 def _marginal_x_floor(row: dict[str, Any], floor_us: float) -> str:
-    return f"{row['layer_us'] / floor_us:.2f}x" if "layer_us" in row else "-"
+    """The added layer against its own floor where recorded (runs before session 20: the one-layer model's)."""
+    return f"{row['layer_us'] / row.get('layer_floor_us', floor_us):.2f}x" if "layer_us" in row else "-"
 
 
 def add_marginal(rec: dict[str, Any], rec2: dict[str, Any]) -> None:
     """The cost of one more layer: the two-layer model's step minus the one-layer model's, per row count. What a
     32-layer model pays per layer: the step's once-per-model kernels (rotary tables, cache positions, the final
-    norm) cancel out."""
+    norm) cancel out. Its floor is the two models' difference too: an FP8 recipe can convert the layers of a
+    decoder stack differently from a lone layer (the default keeps ``down_proj`` in bf16 only where it finds a
+    stack), so the one-layer model's floor is not the added layer's."""
     for row, row2 in zip(rec["rows"], rec2["rows"]):
         row["layer_us"] = row2["gpu_us"] - row["gpu_us"]
         row["layer_kernels"] = row2["kernels"] - row["kernels"]
+        row["layer_floor_us"] = rec2["floor_us"] - rec["floor_us"]
 
 
 def _cell(v: float | str | None) -> str:

@@ -74,3 +74,22 @@ def test_report_renders_every_part_and_names_failures(bm):
     assert "| transformers | 1 | 8 | 20 us | 5 | 50,000 | 1.00x | 10 us | 2.00x |" in md
     assert "2.00 ms / 1.50 ms compiled (16 tokens)" in md and "generate static-compiled: RuntimeError: boom" in md
     assert "`k/1`" in md and "`k|1`" not in md  # a kernel name never breaks the table
+
+
+def test_decode_layer_marginal_layer_is_held_against_its_own_floor():
+    # the two-layer model's weights minus the one-layer model's: a recipe may convert a lone layer differently
+    # (the default keeps down_proj in bf16 only inside a decoder stack), so the added layer has its own floor
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import bench_decode_layer as dl
+    finally:
+        sys.path.remove(str(REPO))
+    one = {"floor_us": 56.5, "rows": [{"M": 1, "gpu_us": 100.0, "kernels": 20}]}
+    two = {"floor_us": 127.1, "rows": [{"M": 1, "gpu_us": 203.4, "kernels": 29}]}
+    dl.add_marginal(one, two)
+    row = one["rows"][0]
+    assert row["layer_us"] == pytest.approx(103.4) and row["layer_kernels"] == 9
+    assert row["layer_floor_us"] == pytest.approx(70.6)
+    assert dl._marginal_x_floor(row, one["floor_us"]) == "1.46x"
+    # a saved run without the field (before session 20) keeps its old reading
+    assert dl._marginal_x_floor({"layer_us": 103.4}, 56.5) == "1.83x"
