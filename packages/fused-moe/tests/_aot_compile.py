@@ -14,6 +14,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 from fused_moe import _kernels as K  # noqa: E402
+from fused_moe.configs import FP8_FMA_TILE, FP8_FMA_TILE_NARROW  # noqa: E402
 from triton_ops_core.aot import compile_sm90  # noqa: E402
 
 I32 = "i32"
@@ -21,6 +22,53 @@ I32 = "i32"
 
 def build(fn, types: dict, consts: dict, name: str, warps: int = 4) -> bool:
     return compile_sm90(fn, types, consts, name, warps, consts.get("NUM_STAGES", 3))
+
+
+# The one-row FMA tiles of FP8 experts (configs.FP8_FMA_TILE_NARROW / FP8_FMA_TILE: 1 to 8 tokens) stream weights
+# with CUDA-core work on every byte; an sm_90 SM issues 4 warp instructions a cycle and must take in about 16 weight
+# bytes a cycle to keep up with HBM, so the K loop may spend at most a few instructions per byte. With the 3-D
+# product tile the compiler permuted every FP8 tile into that tile's layout: 5.1-7.0 instructions a weight byte in
+# these loops; the 2-D tile (the weight tile's own layout) takes 3.3-3.9. Budget: 5 per weight byte a thread, at
+# gpt-oss's layouts (gate_up [E, K, 2N] and down [E, K, N], N contiguous) with the alignment the launcher
+# specializes at run time (N = 2880: multiples of 16).
+MAX_LOOP_INSTRUCTIONS_PER_BYTE = 5
+GATE_UP_DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "h_ptr", "K", "N", "stride_xt", "stride_we", "stride_wk", "stride_hm")
+DOWN_DIVISIBLE = ("h_ptr", "w_ptr", "s_ptr", "y_ptr", "K", "N", "stride_hm", "stride_we", "stride_wk", "stride_ym")
+
+
+def one_row_fp8_budgets() -> bool:
+    ok = True
+    gate_up_types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16",
+                     **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
+                     **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_be",
+                                      "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
+                     "alpha": "fp32", "limit": "fp32"}
+    down_types = {"h_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
+                  "y_ptr": "*fp32", **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"],
+                                                    "*i32"),
+                  **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_be",
+                                   "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
+    for tile in (FP8_FMA_TILE_NARROW, FP8_FMA_TILE):
+        threads = 32 * tile.num_warps
+        # gate/up: a [BLOCK_K, 2 * BLOCK_N] tile of E4M3 bytes a step (gate and up columns interleaved)
+        budget = MAX_LOOP_INSTRUCTIONS_PER_BYTE * tile.gate_up_block_k * 2 * tile.gate_up_block_n // threads
+        consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=True, W_SCALED=True, BLOCK_M=1,
+                      BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
+                      NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
+                      USE_FMA=True, INTERPRET=False, F16_DOT=False, stride_wn=1)
+        ok &= compile_sm90(K._gate_up_kernel, gate_up_types, consts,
+                           f"gate_up one-row E4M3 tile {tile.gate_up_block_n}x{tile.gate_up_block_k}, loop budget",
+                           tile.num_warps, tile.num_stages, divisible=GATE_UP_DIVISIBLE,
+                           max_loop_instructions=budget)
+        budget = MAX_LOOP_INSTRUCTIONS_PER_BYTE * tile.down_block_k * tile.down_block_n // threads
+        consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
+                      EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=True,
+                      INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1)
+        ok &= compile_sm90(K._down_kernel, down_types, consts,
+                           f"down one-row E4M3 tile {tile.down_block_n}x{tile.down_block_k}, loop budget",
+                           tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE,
+                           max_loop_instructions=budget)
+    return ok
 
 
 def main() -> int:
@@ -89,6 +137,7 @@ def main() -> int:
                              NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False, INTERPRET=False,
                              SPLIT_K=2, F16_DOT=True),
                         f"down {wtype} fp16 dots", warps=4)
+    ok &= one_row_fp8_budgets()
     ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "T": I32, "N": I32, "stride_ym": I32,
                                     "stride_ot": I32}, dict(TERMS=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False),
                 "combine")

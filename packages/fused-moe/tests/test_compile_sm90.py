@@ -10,4 +10,4 @@ from triton_ops_core.aot import check_compile_script
 
 def test_every_kernel_compiles_for_sm90():
     # 15 variants, 6 of them the FP8 (E4M3, E5M2) grouped GEMMs
-    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 30)
+    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 34)

@@ -19,7 +19,8 @@ AOT_UNAVAILABLE = 3
 
 
 def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2,
-                 no_spills: bool = False, no_injected_waits: bool = False) -> bool:
+                 no_spills: bool = False, no_injected_waits: bool = False, divisible: tuple[str, ...] = (),
+                 max_loop_instructions: int | None = None) -> bool:
     """Compile the ``@triton.jit`` (or ``@gluon.jit``) kernel ``fn`` for sm_90 and print ``OK name`` or
     ``FAIL name: error``.
 
@@ -27,9 +28,12 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     ``consts``: every constexpr's value. ``no_spills``: also fail when the machine code spills registers to local
     memory (read from the cubin with Triton's bundled ``nvdisasm``). ``no_injected_waits``: also fail when ptxas
     inserts a wait for an asynchronous wgmma the kernel did not ask for (its warning C7517: the kernel's registers
-    were touched while the MMA writing them could still run, so the overlap the code intends is lost). Exits the
-    process with :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form.
-    Returns whether it compiled.
+    were touched while the MMA writing them could still run, so the overlap the code intends is lost).
+    ``divisible``: arguments compiled as multiples of 16 (pointers aligned to 16 bytes, sizes and strides), as the
+    launcher specializes them at run time. ``max_loop_instructions``: also fail when the longest loop of the machine
+    code (:func:`longest_loop`: a streaming kernel's K loop) has more instructions than that. Exits the process with
+    :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form. Returns whether
+    it compiled.
     """
     try:
         from triton.backends.compiler import GPUTarget
@@ -41,8 +45,10 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     if type(fn).__name__ == "GluonJITFunction":
         from triton.experimental.gluon._runtime import GluonASTSource as source_type
     signature = {p: ("constexpr" if p in consts else types[p]) for p in fn.arg_names}
+    attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in divisible}
     try:
-        src = source_type(fn, signature, constexprs=consts)
+        src = source_type(fn, signature, constexprs=consts, attrs=attrs) if attrs else \
+            source_type(fn, signature, constexprs=consts)
     except TypeError:
         sys.exit(AOT_UNAVAILABLE)
     try:
@@ -50,6 +56,7 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
                                   options={"num_warps": warps, "num_stages": stages})
         spills = local_memory_ops(compiled.asm["cubin"]) if no_spills else 0
         injected = injected_wgmma_waits(compiled.asm["ptx"]) if no_injected_waits else []
+        loop = longest_loop(compiled.asm["cubin"]) if max_loop_instructions is not None else 0
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}")
         return False
@@ -58,6 +65,9 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
         return False
     if injected:
         print(f"FAIL {name}: ptxas injected wgmma waits: {injected[0]}")
+        return False
+    if max_loop_instructions is not None and loop > max_loop_instructions:
+        print(f"FAIL {name}: its longest loop has {loop} instructions, more than {max_loop_instructions}")
         return False
     print(f"OK {name}")
     return True
@@ -79,9 +89,8 @@ def injected_wgmma_waits(ptx: str) -> list[str]:
     return [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "C7517" in line]
 
 
-def local_memory_ops(cubin: bytes) -> int:
-    """The number of local-memory loads and stores (``LDL`` / ``STL``: register spills) in a cubin's machine code."""
-    import re
+def _disassemble(cubin: bytes) -> str:
+    """A cubin's machine code (SASS) as Triton's bundled ``nvdisasm`` prints it."""
     import tempfile
 
     import triton
@@ -90,8 +99,37 @@ def local_memory_ops(cubin: bytes) -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"\b(?:LDL|STL)\b", sass))
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def local_memory_ops(cubin: bytes) -> int:
+    """The number of local-memory loads and stores (``LDL`` / ``STL``: register spills) in a cubin's machine code."""
+    import re
+
+    return len(re.findall(r"\b(?:LDL|STL)\b", _disassemble(cubin)))
+
+
+def longest_loop(cubin: bytes) -> int:
+    """Instructions in the longest loop of a cubin's machine code: from a label to the last branch back to it. For
+    a kernel streaming its weights, that is the K loop: its instructions per weight byte say whether the SM can
+    issue them as fast as memory delivers the bytes (an sm_90 SM takes 4 warp instructions a cycle)."""
+    import re
+
+    labels: dict[str, int] = {}
+    longest = 0
+    count = 0
+    for line in _disassemble(cubin).splitlines():
+        label = re.match(r"^\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = count
+            continue
+        if not re.search(r"/\*[0-9a-f]{4}\*/", line):
+            continue
+        count += 1
+        back = re.search(r"\bBRA\b[^;]*?\.?(L_x_\d+)", line)
+        if back and back.group(1) in labels:
+            longest = max(longest, count - labels[back.group(1)])
+    return longest
 
 
 def run_compile_script(script: Path, timeout: float = 600) -> subprocess.CompletedProcess | None:
@@ -119,4 +157,4 @@ def check_compile_script(script: Path, expected_ok: int) -> None:
 
 
 __all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "injected_wgmma_waits", "local_memory_ops",
-           "run_compile_script"]
+           "longest_loop", "run_compile_script"]

@@ -107,10 +107,17 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
     ``USE_FMA``: CUDA-core products into ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 register tiles, summed over K once at
     the end, instead of tensor-core dots. For one or two rows per expert (decode): a dot needs 16 rows (15 of them
     padding at one token) and, with FP8 weights, their conversion to 16 bits in registers first; plain loads and
-    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included. ``F16_DOT`` (FP8 weights, bf16 activations,
-    tensor-core dots): ``_f16_dot``."""
+    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included: one row accumulates in ``[BLOCK_K, BLOCK_N]``,
+    the weight tile's own layout, so the tile is multiplied where it was loaded (the 3-D tile's layout made the
+    compiler permute every FP8 tile's bytes: 5.1-7.0 sm_90 instructions per weight byte in the gate/up and down
+    loops of the one-row FP8 tiles, against 3.3-3.9 this way; tests/_aot_compile.py holds them to 5). ``F16_DOT``
+    (FP8 weights, bf16 activations, tensor-core dots): ``_f16_dot``."""
     offs_k = tl.arange(0, BLOCK_K)
-    if USE_FMA:
+    ONE_ROW: tl.constexpr = USE_FMA and BLOCK_M == 1
+    if ONE_ROW:
+        acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc2d_2 = tl.zeros((BLOCK_K, BLOCK_N) if PAIR else (1, 1), dtype=tl.float32)
+    elif USE_FMA:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
         acc3_2 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N) if PAIR else (1, 1, 1), dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -125,7 +132,12 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if PAIR:
                 w2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if USE_FMA:
+        if ONE_ROW:
+            af = tl.reshape(a.to(tl.float32), (BLOCK_K,))[:, None]  # the row's K values down the tile's rows
+            acc2d += af * _weight_f32(w, INTERPRET)
+            if PAIR:
+                acc2d_2 += af * _weight_f32(w2, INTERPRET)
+        elif USE_FMA:
             af = a.to(tl.float32)[:, :, None]
             acc3 += af * _weight_f32(w, INTERPRET)[None, :, :]
             if PAIR:
@@ -138,7 +150,11 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
         w_ptrs += BLOCK_K * stride_wk
         if PAIR:
             w2_ptrs += BLOCK_K * stride_wk
-    if USE_FMA:
+    if ONE_ROW:
+        acc += tl.sum(acc2d, axis=0)[None, :]
+        if PAIR:
+            acc2 += tl.sum(acc2d_2, axis=0)[None, :]
+    elif USE_FMA:
         acc += tl.sum(acc3, axis=1)
         if PAIR:
             acc2 += tl.sum(acc3_2, axis=1)
