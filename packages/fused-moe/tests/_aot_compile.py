@@ -48,16 +48,21 @@ def one_row_fp8_budgets() -> bool:
                                                     "*i32"),
                   **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_be",
                                    "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
-    for tile in (FP8_FMA_TILE_NARROW, FP8_FMA_TILE):
+    # E4M3 at both tiles; E5M2 and the concatenated gate/up layout (Qwen3-MoE / Mixtral style) at the narrow one
+    for tile, wtype, interleaved in ((FP8_FMA_TILE_NARROW, "*fp8e4nv", True), (FP8_FMA_TILE, "*fp8e4nv", True),
+                                     (FP8_FMA_TILE_NARROW, "*fp8e5", True), (FP8_FMA_TILE_NARROW, "*fp8e4nv", False)):
         threads = 32 * tile.num_warps
-        # gate/up: a [BLOCK_K, 2 * BLOCK_N] tile of E4M3 bytes a step (gate and up columns interleaved)
+        label = f"{wtype[1:]} {'interleaved' if interleaved else 'concatenated'}"
+        gate_up_types["w_ptr"] = down_types["w_ptr"] = wtype
+        # gate/up: a [BLOCK_K, 2 * BLOCK_N] tile of FP8 bytes a step (gate and up columns side by side, or two
+        # [BLOCK_K, BLOCK_N] tiles of the concatenated halves)
         budget = MAX_LOOP_INSTRUCTIONS_PER_BYTE * tile.gate_up_block_k * 2 * tile.gate_up_block_n // threads
-        consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=True, W_SCALED=True, BLOCK_M=1,
+        consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=True, BLOCK_M=1,
                       BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
                       NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
                       USE_FMA=True, INTERPRET=False, F16_DOT=False, stride_wn=1)
         ok &= compile_sm90(K._gate_up_kernel, gate_up_types, consts,
-                           f"gate_up one-row E4M3 tile {tile.gate_up_block_n}x{tile.gate_up_block_k}, loop budget",
+                           f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}, loop budget",
                            tile.num_warps, tile.num_stages, divisible=GATE_UP_DIVISIBLE,
                            max_loop_instructions=budget)
         budget = MAX_LOOP_INSTRUCTIONS_PER_BYTE * tile.down_block_k * tile.down_block_n // threads
@@ -65,7 +70,7 @@ def one_row_fp8_budgets() -> bool:
                       EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=True,
                       INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1)
         ok &= compile_sm90(K._down_kernel, down_types, consts,
-                           f"down one-row E4M3 tile {tile.down_block_n}x{tile.down_block_k}, loop budget",
+                           f"down one-row {label} tile {tile.down_block_n}x{tile.down_block_k}, loop budget",
                            tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE,
                            max_loop_instructions=budget)
     return ok

@@ -133,10 +133,12 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             if PAIR:
                 w2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if ONE_ROW:
-            af = tl.reshape(a.to(tl.float32), (BLOCK_K,))[:, None]  # the row's K values down the tile's rows
-            acc2d += af * _weight_f32(w, INTERPRET)
+            # the row's K values down the tile's rows; fused multiply-adds asked for explicitly (one instruction a
+            # weight, whatever the compiler's fp-fusion default: Triton 3.9 warns it turns off in 3.10)
+            af = tl.reshape(a.to(tl.float32), (BLOCK_K,))[:, None]
+            acc2d = tl.fma(af, _weight_f32(w, INTERPRET), acc2d)
             if PAIR:
-                acc2d_2 += af * _weight_f32(w2, INTERPRET)
+                acc2d_2 = tl.fma(af, _weight_f32(w2, INTERPRET), acc2d_2)
         elif USE_FMA:
             af = a.to(tl.float32)[:, :, None]
             acc3 += af * _weight_f32(w, INTERPRET)[None, :, :]
