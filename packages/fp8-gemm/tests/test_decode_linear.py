@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fp8_gemm import decode_linear, decode_linear_add_
+from fp8_gemm import decode_linear, decode_linear_add_, fp8_linear
 from fp8_gemm import weight_only as wo
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.testing import assert_close_rel, assert_compiled_in_place_add, device_for_tests, opcheck_op
@@ -165,6 +165,51 @@ def test_rms_norm_prologue_on_fp8_weights(m):
     out = plan.run(x, w8, scale, None, norm_weight=norm_w)
     want = _normalized_reference(x, norm_w, 1e-5) @ (w8.double() * scale.double().reshape(48, 1)).t()
     assert_close_rel(out, want, TOL)
+
+
+def _fp8_weight(n, k, seed, granularity="channel"):
+    g = torch.Generator().manual_seed(seed)
+    w8 = (torch.randn(n, k, generator=g) * 8).to(torch.float8_e4m3fn).to(DEVICE)
+    rows = 1 if granularity == "channel" else -(-k // 128)
+    return w8, (torch.rand(rows, n, generator=g) / 16 + 1e-3).to(DEVICE)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_fp8_weight_is_fp8_linears_weight_only_path(granularity, m):
+    # decode_linear with weight_scale: the kernel FP8Linear runs at decode, the same bits; with the norm prologue,
+    # the float64 reference of the normalized input times the dequantized weight
+    x, _, b = _inputs(m, 40, 256, torch.bfloat16, seed=20 + m)
+    w8, scale = _fp8_weight(40, 256, 21 + m, granularity)
+    out = decode_linear(x, w8, b, weight_scale=scale)
+    assert torch.equal(out, fp8_linear(x, w8, scale, b, path="weight_only"))
+    norm_w = (torch.rand(256, device=DEVICE) + 0.5).to(torch.bfloat16)
+    fused = decode_linear(x * 3 + 0.5, w8, b, weight_scale=scale, norm_weight=norm_w, norm_eps=1e-5)
+    deq = w8.double() * scale.double().repeat_interleave(128, dim=0)[:256].t() if granularity == "group" \
+        else w8.double() * scale.double().reshape(40, 1)
+    want = _normalized_reference(x * 3 + 0.5, norm_w, 1e-5) @ deq.t() + b.double()
+    assert_close_rel(fused, want, TOL)
+    assert torch.equal(fused, decode_linear(x * 3 + 0.5, w8, b, weight_scale=scale, norm_weight=norm_w,
+                                            norm_eps=1e-5))  # deterministic
+
+
+def test_fp8_weight_op_opcheck_errors_and_gradient():
+    x, _, b = _inputs(2, 16, 128, torch.bfloat16, seed=30)
+    w8, scale = _fp8_weight(16, 128, 31)
+    norm_w = (torch.rand(128, device=DEVICE) + 0.5).to(torch.bfloat16)
+    opcheck_op(OP, (x, w8, b, norm_w, 1e-5, scale))
+    with pytest.raises(UnsupportedDtypeError, match="weight"):
+        decode_linear(x, w8.to(torch.bfloat16), b, weight_scale=scale)  # a 16-bit weight with a scale
+    with pytest.raises(UnsupportedDtypeError, match="weight"):
+        decode_linear(x, w8, b)  # an FP8 weight without its scale
+    with pytest.raises(ShapeMismatchError):
+        decode_linear(x, w8, b, weight_scale=scale[:, :8])
+    # a gradient to record: FP8Linear's differentiable weight-only path, the input gradient through it
+    xg = x.float().requires_grad_()
+    out = decode_linear(xg, w8, b, weight_scale=scale)
+    out.sum().backward()
+    assert torch.equal(out.detach(), fp8_linear(x.float(), w8, scale, b, path="weight_only"))
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
 def test_rms_norm_prologue_op_opcheck_and_compile():

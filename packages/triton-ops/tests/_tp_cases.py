@@ -371,9 +371,9 @@ class _Spy:
             self.residual_tails += 1
             return reduce(shards, out)
 
-        def counted_call(packing, x):
+        def counted_call(packing, x, *rest):
             self.packed_calls += 1
-            return call(packing, x)
+            return call(packing, x, *rest)
 
         def recorded_input(style, module, x, mesh):
             self.colwise_modules.add(id(module))

@@ -388,7 +388,7 @@ def test_gradients_reach_the_projections_of_a_packed_llama_attention(monkeypatch
     reference = _one_layer("llama")
     calls = []
     call = QKVPacking.__call__
-    monkeypatch.setattr(QKVPacking, "__call__", lambda self, x: calls.append(1) or call(self, x))
+    monkeypatch.setattr(QKVPacking, "__call__", lambda self, x, *rest: calls.append(1) or call(self, x, *rest))
     ids = torch.randint(0, 128, (1, 5), device=DEVICE)
     model.train()
     reference.train()

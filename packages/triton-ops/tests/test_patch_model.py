@@ -106,7 +106,8 @@ def test_patched_model_computes_what_the_model_computes(kind, monkeypatch):
     assert model.state_dict().keys() == reference.state_dict().keys()
     packed_calls = []  # the attention's q/k/v ran as one GEMM: once per layer and forward
     call = QKVPacking.__call__
-    monkeypatch.setattr(QKVPacking, "__call__", lambda self, x: packed_calls.append(x.shape) or call(self, x))
+    monkeypatch.setattr(QKVPacking, "__call__",
+                        lambda self, x, *rest: packed_calls.append(x.shape) or call(self, x, *rest))
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
     ours_prefill, ours_step = _prefill_and_step(model, ids)
     ref_prefill, ref_step = _prefill_and_step(reference, ids)
@@ -238,6 +239,69 @@ def test_fp8_down_projection_adds_the_residual_in_its_kernel(monkeypatch):
             assert torch.equal(a, b)
         else:
             assert _cosine(a, b) >= 0.9999
+
+
+def _norm_in_qkv_spy(monkeypatch) -> list[bool]:
+    """Whether each packed q/k/v GEMM through decode_linear normalized its input itself."""
+    from triton_ops.models import layers as model_layers
+
+    calls: list[bool] = []
+    real = model_layers.decode_linear
+    monkeypatch.setattr(model_layers, "decode_linear",
+                        lambda *a, **kw: calls.append(kw.get("norm_weight") is not None) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch):
+    """With FP8 weights the packed q/k/v projection of a few rows is the weight-only kernel, whose prologue
+    RMS-normalizes its input: the layer's input norm launch is gone, and the logits are bit for bit those of the
+    separate norm (the prologue writes what the norm kernel writes)."""
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_model(kind), fp8=True, fp8_recipe="channel")
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    calls = _norm_in_qkv_spy(monkeypatch)
+    norms = []
+    for layer in model.model.layers:
+        layer.input_layernorm.register_forward_hook(lambda *a: norms.append(1))
+    hooked = _prefill_and_step(model, ids)
+    assert calls == [] and len(norms) == 4  # a hooked norm is its own launch (its hook sees its output)
+    model = patch_model(_model(kind), fp8=True, fp8_recipe="channel")
+    fused = _prefill_and_step(model, ids)
+    assert calls == [True] * 4  # two layers, prefill (10 rows) and step (2 rows)
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", False)
+    separate = _prefill_and_step(model, ids)
+    assert calls[4:] == []  # the separate path's FP8Linear runs its own plan
+    for a, b, c in zip(fused, separate, hooked, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # beyond NORM_PROLOGUE_MAX_ROWS rows (a prefill of 17 tokens), the norm is its own launch again
+    calls.clear()
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", True)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 17), device=DEVICE))
+    assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_input_norm_in_the_packed_qkv_launch_changes_no_logit(fp8, monkeypatch):
+    """At a K the one-row bf16 kernel takes (512), the decode step's q/k/v GEMMs normalize their input: the same
+    logits, bit for bit, as the norm's own launch."""
+    from triton_ops.models import decoder_layers
+
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE, DTYPE).eval()
+    patch_model(model, fp8=fp8, fp8_recipe="channel")
+    ids = torch.randint(0, 256, (1, 7), device=DEVICE)
+    calls = _norm_in_qkv_spy(monkeypatch)
+    fused = _prefill_and_step(model, ids)
+    assert calls[-2:] == [True, True]  # the decode step's two layers
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", False)
+    separate = _prefill_and_step(model, ids)
+    assert torch.equal(fused[1], separate[1])
 
 
 def test_bf16_down_projection_rule_for_the_one_launch_residual_add():

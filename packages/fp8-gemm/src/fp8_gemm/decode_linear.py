@@ -6,7 +6,8 @@ such shapes and adds a reduction launch; on the H200 (CUDA graph, weights rotate
 weight-read floor. This runs the weight-only decode kernel (``weight_only_kernels``) with the weight in x's dtype
 and no scale: one program per 8 output columns streams their ``8 x K`` weight rows with CUDA-core FMAs into fp32
 (15.3 / 11.2 us there), one launch, no split. Rows past one take the same kernel's tensor-core tile (correct for
-any M; made for decode).
+any M; made for decode). With ``weight_scale`` the weight is ``FP8Linear``'s E4M3 one, up-converted in registers: the
+kernel ``FP8Linear`` runs at decode, here with the RMSNorm prologue available (``norm_weight``).
 
 Registered as ``torch.ops.triton_ops.decode_linear``. Inference first: with a gradient to record it is
 ``torch.nn.functional.linear`` (same result up to accumulation order), so training code may call it freely.
@@ -28,6 +29,7 @@ from triton_ops_core.validation import check_ndim, check_no_overlap, check_tenso
 
 from . import _scratch
 from .gemm import _CACHE_CLEARERS
+from .linear import fp8_linear
 from .weight_only import build_plan, check_residual
 
 _PLANS = PlanCache()
@@ -37,29 +39,31 @@ _CACHE_CLEARERS.append(_ADD_PLANS.clear)
 
 
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
+                   norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                   weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     check_tensor(x, "x")
     check_ndim(x, "x", minimum=1)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    key = call_key("decode_linear", x2, weight, bias, norm_weight, norm_eps)
+    key = call_key("decode_linear", x2, weight, bias, norm_weight, norm_eps, weight_scale)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = build_plan(x2, weight, None, bias, norm_weight=norm_weight, norm_eps=norm_eps)
+        plan = build_plan(x2, weight, weight_scale, bias, norm_weight=norm_weight, norm_eps=norm_eps)
         if key is not None:
             _PLANS.put(key, plan)
-    out = plan.run(x2, weight, None, bias, norm_weight=norm_weight)
+    out = plan.run(x2, weight, weight_scale, bias, norm_weight=norm_weight)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], plan.n)
 
 
 @torch.library.custom_op(op_name("decode_linear"), mutates_args=())
 def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
+                      norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                      weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        return _decode_linear(x, weight, bias, norm_weight, norm_eps)
+        return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale)
 
 
 @_decode_linear_op.register_fake
-def _(x, weight, bias, norm_weight=None, norm_eps=0.0):
+def _(x, weight, bias, norm_weight=None, norm_eps=0.0, weight_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -70,14 +74,19 @@ def _rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+                  weight_scale: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                  norm_eps: float = 1e-6) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for the few rows of a decode step, the weight read once in one launch.
 
     Args:
-        x: ``[..., K]`` float16 or bfloat16 (any strides along the rows). Made for one to a few rows (one token per
-            sequence); any number of rows is computed correctly.
-        weight: ``[N, K]`` in x's dtype (``nn.Linear``'s layout and its ``weight`` as it is).
+        x: ``[..., K]`` float16 or bfloat16 (any strides along the rows); with an FP8 weight, float32 too. Made for
+            one to a few rows (one token per sequence); any number of rows is computed correctly.
+        weight: ``[N, K]`` in x's dtype (``nn.Linear``'s layout and its ``weight`` as it is), or ``float8_e4m3fn``
+            with ``weight_scale`` (``FP8Linear``'s ``weight``: the weight-only kernel of its decode path, x
+            unquantized).
         bias: ``[N]`` (any float dtype) or None.
+        weight_scale: the FP8 weight's fp32 scale as ``FP8Linear`` stores it (per tensor, per channel, 128x128
+            blocks or groups of 128 inputs), or None for a 16-bit weight.
         norm_weight: ``[K]`` (any float dtype), or None: then x is first RMS-normalized over K with this weight and
             ``norm_eps`` inside the same launch, bit for bit as ``fused_rmsnorm_rope.rmsnorm(x, norm_weight,
             norm_eps)`` would write it (a decoder layer's input norm and its q/k/v projection in one launch; every
@@ -85,7 +94,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         norm_eps: the norm's epsilon (>= 0).
 
     Returns:
-        ``[..., N]`` in x's dtype: ``x @ weight^T + bias`` accumulated in fp32, rounded once.
+        ``[..., N]`` in x's dtype: ``x @ weight^T + bias`` (the FP8 weight times its scale) accumulated in fp32,
+        rounded once: with an FP8 weight, what ``fp8_linear(x, weight, weight_scale, bias, path="weight_only")``
+        returns.
 
     Registered as ``torch.ops.triton_ops.decode_linear`` (``torch.compile``, CUDA graphs, ``torch.export`` see one
     node). When autograd must record the call it is ``F.linear`` instead (differentiable; with ``norm_weight``,
@@ -98,10 +109,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, weight, bias, norm_weight)):
         if norm_weight is not None:
             x = _rms_normalized(x, norm_weight, norm_eps)
+        if weight_scale is not None:  # FP8Linear's own differentiable path (the input gradient)
+            return fp8_linear(x, weight, weight_scale, bias, path="weight_only")
         return F.linear(x, weight, bias)
-    if direct_call_ok(x, weight, bias, norm_weight):
-        return _decode_linear(x, weight, bias, norm_weight, norm_eps)
-    return _decode_linear_op(x, weight, bias, norm_weight, norm_eps)
+    if direct_call_ok(x, weight, bias, norm_weight, weight_scale):
+        return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale)
+    return _decode_linear_op(x, weight, bias, norm_weight, norm_eps, weight_scale)
 
 
 def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):

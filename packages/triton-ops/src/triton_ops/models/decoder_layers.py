@@ -31,7 +31,7 @@ from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import GatedMLP, gated_hidden
-from .layers import LOCAL_SHARDS_ATTR, linear, linear_add_, packed_projections
+from .layers import LOCAL_SHARDS_ATTR, PACKING_ATTR, linear, linear_add_, norm_module_fusable, packed_projections
 
 # The keyword arguments naming the KV cache: transformers 5.2x renamed ``past_key_values`` to ``cache``.
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -60,7 +60,11 @@ class FusedAddNormDecoderLayer(nn.Module):
             raise InvalidArgumentError(
                 f"{type(self).__name__}: expected the attention's arguments by keyword (as transformers passes "
                 f"them), got {len(args)} positional")
-        attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        attn, norm = self.self_attn, self.input_layernorm
+        if _input_norm_in_projection(attn, norm, hidden_states):  # the norm inside the q/k/v GEMM's launch
+            attn_out = attn(hidden_states=hidden_states, input_norm=norm, **kwargs)[0]
+        else:
+            attn_out = attn(hidden_states=norm(hidden_states), **kwargs)[0]
         norm = self.post_attention_layernorm
         normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
         how = _down_adds_residual(self.mlp, residual, normed)
@@ -174,10 +178,10 @@ class RopeAttention(nn.Module):
     config: Any
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _keywords_only(self, args)
-        q, k, v, grad = _project_qkv(self, hidden_states, ())
+        q, k, v, grad = _project_qkv(self, hidden_states, (), input_norm)
         cos, sin = position_embeddings
         if grad:
             q, k = apply_rope(q, k, cos, sin)
@@ -212,11 +216,11 @@ class QKNormRopeAttention(nn.Module):
     config: Any
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _keywords_only(self, args)
         q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
-        q, k, v, grad = _project_qkv(self, hidden_states, (q_weight, k_weight))
+        q, k, v, grad = _project_qkv(self, hidden_states, (q_weight, k_weight), input_norm)
         cos, sin = position_embeddings
         eps = self.q_norm.variance_epsilon
         if grad:
@@ -243,15 +247,36 @@ class SinkRopeAttention(RopeAttention):
     sliding_window: int | None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _keywords_only(self, args)
-        q, k, v, grad = _project_qkv(self, hidden_states, (self.sinks,))
+        q, k, v, grad = _project_qkv(self, hidden_states, (self.sinks,), input_norm)
         cos, sin = (_whole_head_table(t, self.head_dim) for t in position_embeddings)
         if grad:
             q, k = apply_rope(q, k, cos, sin)
         kwargs["s_aux"] = self.sinks
         return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad)
+
+
+# Set False to run every decoder layer's input RMSNorm as its own launch (benchmarks time the two against each other).
+INPUT_NORM_IN_QKV = True
+
+
+def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether a decoder layer may hand ``attn`` its input un-normalized with ``input_norm=norm``: one of the
+    attentions here (no hooks, which would see the un-normalized input), ``norm`` exactly an RMSNorm kernel
+    (:func:`~triton_ops.models.layers.norm_module_fusable`), and a packed q/k/v GEMM whose launch normalizes
+    (:meth:`~triton_ops.models.layers.QKVPacking.takes_norm`: bit for bit the norm's own output, one launch less
+    per layer and decode step)."""
+    if not INPUT_NORM_IN_QKV:
+        return False
+    forward = getattr(attn.forward, "__func__", None)
+    if not (forward is RopeAttention.forward or forward is QKNormRopeAttention.forward
+            or forward is SinkRopeAttention.forward) or attn._forward_hooks or attn._forward_pre_hooks:
+        return False
+    packing = getattr(attn, PACKING_ATTR, None)
+    return (packing is not None and norm_module_fusable(norm) and packing.takes_norm(hidden_states)
+            and not (torch.is_grad_enabled() and norm.weight.requires_grad))
 
 
 def _keywords_only(attn: nn.Module, args: tuple) -> None:
@@ -267,19 +292,25 @@ def _whole_head_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat((table, table), dim=-1) if table.shape[-1] * 2 == head_dim else table
 
 
-def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torch.Tensor, ...]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torch.Tensor, ...],
+                 input_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """q, k, v as ``[..., seq, heads, head_dim]`` and whether a gradient is to be recorded.
 
     Without a gradient: one GEMM when the projections are packed (q, k, v are views of its output), else the three
     projections; either way q and k may be rotated in place. With one (``more``: further parameters the caller's
-    kernel differentiates): the three projections, whose weights are the model's parameters.
+    kernel differentiates): the three projections, whose weights are the model's parameters. ``input_norm``: the
+    decoder layer's input RMSNorm, not yet applied to ``hidden_states`` (:func:`_input_norm_in_projection`): inside
+    the packed GEMM's launch where it can, else by the module first.
     """
+    if input_norm is not None:
+        more = (*more, input_norm.weight)
     grad = torch.is_grad_enabled() and _records_grad(attn, hidden_states, more)
     packing = None if grad else packed_projections(attn)
     if packing is not None:
-        q, k, v = packing(hidden_states)
+        q, k, v = packing(hidden_states) if input_norm is None else packing(hidden_states, input_norm)
     else:
+        if input_norm is not None:
+            hidden_states = input_norm(hidden_states)
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
     head_dim = attn.head_dim
     return q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (-1, head_dim)), v.unflatten(-1, (-1, head_dim)), grad

@@ -28,8 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from fp8_gemm import WEIGHT_BLOCK, FP8Linear, decode_linear, decode_linear_add_
+from fp8_gemm.weight_only import use_weight_only
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+
+from ..layers import RMSNorm
 
 # The attribute of an attention module holding its QKVPacking (in its __dict__: not a submodule, so it adds no
 # state_dict keys and no parameters, and the attention's lookup of it is a plain dict read).
@@ -480,14 +483,45 @@ class QKVPacking(nn.Module):
         attn.__dict__[PACKING_ATTR] = packing
         return packing
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(q, k, v)``: views of one GEMM's output ``[..., q + 2 * kv]``."""
+    def __call__(self, x: torch.Tensor, input_norm: nn.Module | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q, k, v)``: views of one GEMM's output ``[..., q + 2 * kv]``. With ``input_norm`` (an RMSNorm module
+        that :func:`norm_module_fusable` accepts), of ``input_norm(x)``: inside the GEMM's launch where
+        :meth:`takes_norm` says so, else by the module first."""
+        if input_norm is not None:
+            if self.takes_norm(x):
+                return self._normed_gemm(x, input_norm).split(self.sizes, dim=-1)
+            x = input_norm(x)
         if self.sharded and type(x) is not torch.Tensor:  # e.g. a DTensor input: replicated, as the style does
             x = _replicated(x, self.weights[0])
         # straight to the GEMM: the packed layer is private to this packing (no hooks), and nn.Module's call and
         # attribute machinery cost microseconds per layer and decode step
         out = self.linear.forward(x) if self.fp8 else linear(x, self.packed_weight, self.packed_bias)
         return out.split(self.sizes, dim=-1)
+
+    def takes_norm(self, x: torch.Tensor) -> bool:
+        """Whether the GEMM of ``x`` runs the weight-only decode kernel, which can RMS-normalize ``x`` in its own
+        launch (``decode_linear``'s prologue, bit for bit the RMSNorm kernel's output): one 16-bit row on a GPU
+        (:func:`decode_gemv`), or an FP8 layer's weight-only path (at most ``NORM_PROLOGUE_MAX_ROWS`` rows); never
+        sharded, and nothing to differentiate."""
+        if self.sharded or type(x) is not torch.Tensor or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if not self.fp8:
+            return decode_gemv(x, self.packed_weight) and not (
+                torch.is_grad_enabled() and self.packed_weight.requires_grad)
+        lin = self.linear
+        rows = x.numel() // max(1, x.shape[-1])
+        return (0 < rows <= NORM_PROLOGUE_MAX_ROWS
+                and use_weight_only(lin.path, rows, lin._buffers["weight"], lin._buffers["weight_scale"],
+                                    x.element_size()))
+
+    def _normed_gemm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        eps = norm.variance_epsilon
+        if not self.fp8:
+            return decode_linear(x, self.packed_weight, self.packed_bias, norm_weight=norm.weight, norm_eps=eps)
+        lin = self.linear
+        return decode_linear(x, lin._buffers["weight"], lin._parameters["bias"],
+                             weight_scale=lin._buffers["weight_scale"], norm_weight=norm.weight, norm_eps=eps)
 
     # nn.Module's own call path (Dynamo with inline_inbuilt_nn_modules off traces _call_impl) calls forward
     forward = __call__
@@ -519,6 +553,21 @@ def _replicated(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from ..parallel import _to_replicated
 
     return _to_replicated(x, weight.device_mesh, Replicate())
+
+
+# The most rows whose input RMSNorm an FP8 packed projection computes inside its weight-only launch: every program
+# of the launch sums its rows' squares again (from L2), which a decode step's few rows pay for with one launch less.
+NORM_PROLOGUE_MAX_ROWS = 16
+
+
+def norm_module_fusable(norm: nn.Module) -> bool:
+    """Whether ``norm`` computes exactly ``fused_rmsnorm_rope.rmsnorm(x, norm.weight, norm.variance_epsilon)``, so
+    a GEMM's prologue may stand in for it: ``patch_model``'s RMSNorm forward, no hooks, a contiguous 1-D weight."""
+    weight = getattr(norm, "weight", None)
+    return (getattr(norm.forward, "__func__", None) is RMSNorm.forward
+            and not (norm._forward_hooks or norm._forward_pre_hooks)
+            and type(weight) in _PLAIN and weight.dim() == 1 and weight.stride(0) == 1
+            and isinstance(norm.variance_epsilon, (int, float)))
 
 
 # The depth of decode_linear's one-row tile: K a multiple of it streams without masked tiles. Measured on the H200
@@ -591,5 +640,5 @@ def packed_projections(attn: nn.Module) -> QKVPacking | None:
     return QKVPacking.attach(attn, linear, linear.sizes)
 
 
-__all__ = ["PACKING_ATTR", "PackedQKVLinear", "QKVPacking", "fp8_packable", "linear", "pack_fp8", "pack_shards",
-           "packable", "packed_projections", "shards_packable"]
+__all__ = ["NORM_PROLOGUE_MAX_ROWS", "PACKING_ATTR", "PackedQKVLinear", "QKVPacking", "fp8_packable", "linear",
+           "norm_module_fusable", "pack_fp8", "pack_shards", "packable", "packed_projections", "shards_packable"]
