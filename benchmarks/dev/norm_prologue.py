@@ -1,20 +1,23 @@
-"""A decoder layer's input RMSNorm inside its q/k/v GEMM, against its own launch, in whole models on one GPU.
+"""A decode step's RMSNorms inside the GEMMs they feed, against their own launches, in whole models on one GPU.
 
     python -m benchmarks.dev.norm_prologue                                # Llama-3-8B, bf16 and default FP8
     python -m benchmarks.dev.norm_prologue --models llama3-8b,qwen3-8b --decode 1x1024,8x1024
 
 For each model and variant (``bench_model``'s: random weights at the published shape, a ``StaticCache`` filled with
-``context`` tokens), one patched model is timed with ``triton_ops.models.decoder_layers.INPUT_NORM_IN_QKV`` on and
-off, alternately (``--rounds`` times each), in the same process: the GPU time of a decode step (the profiler's
-kernel time, as ``bench_model`` reports it), its kernel count, and the step in a CUDA graph (kernel time plus the
-gaps between launches: what a compiled ``generate()`` pays). The decode step's logits are compared between the two
-(the prologue writes what the norm kernel writes: they must be equal). Writes ``norm_prologue.json`` to ``--out``
-(default /tmp). Needs a GPU.
+``context`` tokens), one patched model is timed in three modes, alternately (``--rounds`` times each), in the same
+process: ``off`` (both norms their own launches: ``triton_ops.models.decoder_layers.INPUT_NORM_IN_QKV`` and
+``POST_NORM_IN_MLP`` False), ``input`` (the input norm inside the packed q/k/v GEMM) and ``both`` (also the
+post-attention norm inside the gated MLP, the residual add inside ``o_proj``): the GPU time of a decode step (the
+profiler's kernel time, as ``bench_model`` reports it), its kernel count, and the step in a CUDA graph (kernel time
+plus the gaps between launches: what a compiled ``generate()`` pays). The logits of one step from the same cache are
+compared with ``off``'s (``input`` must be equal: the prologue writes what the norm kernel writes; ``both`` rounds
+the residual sum once instead of twice). Writes ``norm_prologue.json`` to ``--out`` (default /tmp). Needs a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 from pathlib import Path
@@ -48,22 +51,27 @@ def graphed_step_us(model, ids, cache, kw: str, replays: int = 20) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def measure(model, batch: int, context: int, rounds: int, steps: int) -> dict:
+MODES = {"off": (False, False), "input": (True, False), "both": (True, True)}
+
+
+def set_mode(mode: str) -> None:
     from triton_ops.models import decoder_layers
 
+    decoder_layers.INPUT_NORM_IN_QKV, decoder_layers.POST_NORM_IN_MLP = MODES[mode]
+
+
+@torch.inference_mode()
+def measure(model, batch: int, context: int, rounds: int, steps: int) -> dict:
     kw = cache_kwarg(model)
-    room = 8 + rounds * 2 * (steps + 30)
+    room = 8 + rounds * len(MODES) * (steps + 30)
     cache = static_cache(model, context + room)
     fill_cache(model, cache, batch, context)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
-    out: dict = {"batch": batch, "context": context, "on": [], "off": []}
-    logits = {}
-    for _ in range(rounds):
-        for flag in (True, False):
-            decoder_layers.INPUT_NORM_IN_QKV = flag
-            key = "on" if flag else "off"
-            logits[key] = model(input_ids=ids, **{kw: cache}, use_cache=True).logits.float()
+    out: dict = {"batch": batch, "context": context, **{mode: [] for mode in MODES}}
+    for _ in range(rounds if model.device.type == "cuda" else 0):  # (on a CPU: the logits check alone)
+        for key in MODES:
+            set_mode(key)
+            model(input_ids=ids, **{kw: cache}, use_cache=True)
             gpu_us, kernels, top = profiled_gpu_us(lambda: model(input_ids=ids, **{kw: cache}, use_cache=True),
                                                    steps, top=4)
             try:
@@ -72,23 +80,45 @@ def measure(model, batch: int, context: int, rounds: int, steps: int) -> dict:
                 print(f"no CUDA graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 graph_us = float("nan")
             out[key].append({"gpu_us": gpu_us, "kernels": kernels, "graph_us": graph_us, "top": top})
-    decoder_layers.INPUT_NORM_IN_QKV = True
-    # the two logits came from different cache positions (each step writes one): compare a fresh pair instead
-    for flag in (True, False):
-        decoder_layers.INPUT_NORM_IN_QKV = flag
-        cache_b = static_cache(model, context + 4)
-        torch.manual_seed(1)
-        fill_cache(model, cache_b, batch, context)
-        logits["on" if flag else "off"] = model(input_ids=ids, **{kw: cache_b}, use_cache=True).logits.float()
-        del cache_b
-    decoder_layers.INPUT_NORM_IN_QKV = True
-    out["logits_equal"] = bool(torch.equal(logits["on"], logits["off"]))
-    out["logits_max_abs_diff"] = (logits["on"] - logits["off"]).abs().max().item()
-    for key in ("on", "off"):
-        out[f"{key}_gpu_us"] = statistics.median(r["gpu_us"] for r in out[key])
-        out[f"{key}_graph_us"] = statistics.median(r["graph_us"] for r in out[key])
-        out[f"{key}_kernels"] = out[key][0]["kernels"]
+    # one step's logits from the same cache contents in each mode (the timed steps wrote at different positions);
+    # the cache is filled with the separate norms, so every mode reads the same keys and values
+    logits = {}
+    set_mode("off")
+    torch.manual_seed(1)
+    cache_b = static_cache(model, context + 2 * len(MODES))
+    fill_cache(model, cache_b, batch, context)
+    length = _cache_length(cache_b)
+    # transformers before 5.2x writes at cache_position (given here), later ones at the layers' counters (rewound)
+    at = ({"cache_position": torch.tensor([context], device=model.device)}
+          if "cache_position" in inspect.signature(model.forward).parameters else {})
+    for key in MODES:
+        set_mode(key)
+        _rewind(cache_b, length)
+        logits[key] = model(input_ids=ids, **{kw: cache_b}, use_cache=True, **at).logits.float()
+    set_mode("both")
+    nan = float("nan")
+    for key in MODES:
+        runs = out[key]
+        out[f"{key}_gpu_us"] = statistics.median(r["gpu_us"] for r in runs) if runs else nan
+        out[f"{key}_graph_us"] = statistics.median(r["graph_us"] for r in runs) if runs else nan
+        out[f"{key}_kernels"] = runs[0]["kernels"] if runs else nan
+        out[f"{key}_logits_equal_off"] = bool(torch.equal(logits[key], logits["off"]))
+        out[f"{key}_logits_max_abs_diff"] = (logits[key] - logits["off"]).abs().max().item()
+        out[f"{key}_logits_cosine"] = torch.nn.functional.cosine_similarity(
+            logits[key].flatten().double(), logits["off"].flatten().double(), dim=0).item()
     return out
+
+
+def _cache_length(cache) -> list:
+    """Each layer's write position (transformers 5.2x: ``cumulative_length``), to rewind to."""
+    return [layer.cumulative_length.clone() if hasattr(layer, "cumulative_length") else None
+            for layer in getattr(cache, "layers", [])]
+
+
+def _rewind(cache, lengths: list) -> None:
+    for layer, length in zip(getattr(cache, "layers", []), lengths, strict=False):
+        if length is not None:
+            layer.cumulative_length.copy_(length)
 
 
 def main(argv=None) -> int:
@@ -99,22 +129,24 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp"))
+    p.add_argument("--tiny", action="store_true", help="bench_model's 2 small layers, on the CPU without a GPU: the "
+                   "logits check alone (under TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for name in args.models.split(","):
-        config = build_config(name, tiny=False)
+        config = build_config(name, tiny=args.tiny)
         for variant in args.variants.split(","):
-            model = make_variant(variant, config, device, torch.bfloat16)
+            model = make_variant(variant, config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
             for point in args.decode.split(","):
                 batch, context = (int(v) for v in point.split("x"))
                 r = measure(model, batch, context, args.rounds, args.steps)
                 r.update(model=name, variant=variant)
                 results.append(r)
-                print(f"{name} {variant} {point}: GPU {r['off_gpu_us']:.0f} -> {r['on_gpu_us']:.0f} us, graph "
-                      f"{r['off_graph_us']:.0f} -> {r['on_graph_us']:.0f} us, kernels {r['off_kernels']:.0f} -> "
-                      f"{r['on_kernels']:.0f}, logits equal {r['logits_equal']} "
-                      f"(max diff {r['logits_max_abs_diff']:.3g})", flush=True)
+                print(f"{name} {variant} {point}: " + "; ".join(
+                    f"{key} GPU {r[key + '_gpu_us']:.0f} us, graph {r[key + '_graph_us']:.0f} us, "
+                    f"{r[key + '_kernels']:.0f} kernels, logits equal {r[key + '_logits_equal_off']} "
+                    f"(cos {r[key + '_logits_cosine']:.6f})" for key in MODES), flush=True)
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "norm_prologue.json").write_text(json.dumps(results, indent=1))
             del model

@@ -49,7 +49,7 @@ def main() -> int:
         f16 = extra[0] if extra else False
         warps = extra[1] if len(extra) > 1 else 4
         types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
-                 "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "norm_eps": "fp32",
+                 "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "res_ptr": "*bf16", "norm_eps": "fp32",
                  **dict.fromkeys(INTS, "i32")}
         consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm, NORM_BLOCK=max(16, 2048 // bm),
                       USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,

@@ -212,6 +212,55 @@ def test_fp8_weight_op_opcheck_errors_and_gradient():
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
+def test_residual_is_added_into_a_new_tensor(fp8, m):
+    # residual + x @ W^T: one rounding of the sum, the residual left as it was (the layer's input), bias too
+    x, w, b = _inputs(m, 40, 128, torch.bfloat16, seed=40 + m)
+    scale = None
+    if fp8:
+        w, scale = _fp8_weight(40, 128, 41 + m)
+    residual = (torch.randn(m, 40) * 4).to(DEVICE, torch.bfloat16)
+    kept = residual.clone()
+    out = decode_linear(x, w, b, weight_scale=scale, residual=residual)
+    assert torch.equal(residual, kept) and out.data_ptr() != residual.data_ptr()
+    product = decode_linear(x, w, b, weight_scale=scale)
+    want = residual.double() + (x.double() @ (w.double() if scale is None else
+                                              w.double() * scale.double().reshape(40, 1)).t() + b.double())
+    assert_close_rel(out, want, TOL)
+    assert not torch.equal(out, product)
+    # the in-place add computes the same sum
+    in_place = residual.clone()
+    if scale is None:
+        decode_linear_add_(in_place, x, w)
+        assert torch.equal(in_place, decode_linear(x, w, residual=residual))
+    # with the norm prologue too, and a 3-D call
+    norm_w = (torch.rand(128, device=DEVICE) + 0.5).to(torch.bfloat16)
+    out3 = decode_linear(x[None], w, b, weight_scale=scale, residual=residual[None], norm_weight=norm_w)
+    assert out3.shape == (1, m, 40)
+    want3 = residual.double() + decode_linear(x, w, b, weight_scale=scale, norm_weight=norm_w).double()
+    assert_close_rel(out3[0], want3, TOL)
+
+
+def test_residual_errors_op_and_gradient():
+    x, w, b = _inputs(2, 16, 64, torch.bfloat16, seed=42)
+    residual = torch.randn(2, 16, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ShapeMismatchError, match="residual"):
+        decode_linear(x, w, residual=residual[:, :8])
+    with pytest.raises(UnsupportedDtypeError, match="residual"):
+        decode_linear(x, w, residual=residual.float())
+    with pytest.raises(ShapeMismatchError, match="residual"):
+        decode_linear(x, w, residual=torch.randn(16, 2, device=DEVICE, dtype=torch.bfloat16).t())
+    opcheck_op(OP, (x, w, b, None, 1e-6, None, residual))
+    fn = torch.compile(lambda x: decode_linear(x, w, b, residual=residual), fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(x), decode_linear(x, w, b, residual=residual))
+    xg = x.float().requires_grad_()
+    out = decode_linear(xg, w.float(), b.float(), residual=residual.float())
+    out.sum().backward()
+    assert torch.equal(out.detach(), residual.float() + F.linear(x.float(), w.float(), b.float()))
+    assert xg.grad is not None
+
+
 def test_rms_norm_prologue_op_opcheck_and_compile():
     x, w, b = _inputs(2, 16, 64, torch.bfloat16, seed=13)
     norm_w = (torch.rand(64, device=DEVICE) + 0.5).to(torch.bfloat16)

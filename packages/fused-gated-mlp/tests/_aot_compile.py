@@ -18,14 +18,16 @@ from triton_ops_core.aot import compile_sm90  # noqa: E402
 INTS = ["M", "N", "K", "stride_xm", "stride_wg", "stride_wu", "stride_om", "stride_bg", "stride_bu", "stride_sg",
         "stride_su", "srow_mul", "srow_off_g", "srow_off_u"]
 PTRS = {"x_ptr": "*bf16", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "bg_ptr": "*bf16", "bu_ptr": "*bf16",
-        "sg_ptr": "*fp32", "su_ptr": "*fp32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+        "sg_ptr": "*fp32", "su_ptr": "*fp32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32",
+        "nw_ptr": "*bf16"}
 COMMON = dict(ACTIVATION=K.ACT_SILU, HAS_GATE_BIAS=False, HAS_UP_BIAS=False, DOT_PRECISION="tf32", UPCAST=False)
 
 def decode(block_m: int, block_n: int, block_k: int, split_k: int, stages: int, *, fma: bool = False,
-           f16_dot: bool = False, even_k: bool = True) -> dict:
-    """The decode kernel's constexprs of one variant (plain loads)."""
+           f16_dot: bool = False, even_k: bool = True, norm: bool = False) -> dict:
+    """The decode kernel's constexprs of one variant (plain loads; ``norm``: the RMSNorm prologue)."""
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=even_k,
-                NUM_STAGES=stages, USE_TMA=False, INTERPRET=False, USE_FMA=fma, F16_DOT=f16_dot)
+                NUM_STAGES=stages, USE_TMA=False, INTERPRET=False, USE_FMA=fma, F16_DOT=f16_dot, NORM=norm,
+                NORM_BLOCK=2048 // block_m)
 
 
 DECODE = K._gated_mlp_decode_kernel
@@ -46,6 +48,15 @@ VARIANTS = [
      decode(16, 64, 128, 1, 3, f16_dot=True)),
     ("decode, group scales, fp16 tensor-core dots (F16_DOT), split K", DECODE, K.SCALE_GROUP,
      decode(16, 32, 128, 4, 3, f16_dot=True)),
+    # the RMSNorm prologue (a decoder layer's post-attention norm in the launch) on the tiles a decode step takes
+    ("decode, group scales, one-row CUDA-core tile, RMSNorm prologue", DECODE, K.SCALE_GROUP,
+     decode(1, 8, 512, 1, 4, fma=True, norm=True)),
+    ("decode, channel scales, one-row CUDA-core tile, RMSNorm prologue", DECODE, K.SCALE_CHANNEL,
+     decode(1, 8, 512, 1, 4, fma=True, norm=True)),
+    ("decode, group scales, fp16 tensor-core dots (F16_DOT), RMSNorm prologue", DECODE, K.SCALE_GROUP,
+     decode(16, 64, 128, 1, 3, f16_dot=True, norm=True)),
+    ("decode, group scales, two-row CUDA-core tile, split K, RMSNorm prologue", DECODE, K.SCALE_GROUP,
+     decode(2, 8, 256, 2, 3, fma=True, even_k=False, norm=True)),
     ("prefill, group scales", K._gated_mlp_prefill_kernel, K.SCALE_GROUP,
      dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, USE_TMA=False)),
 ]
@@ -54,7 +65,7 @@ VARIANTS = [
 def main() -> int:
     ok = True
     for name, kernel, scaling, own in VARIANTS:
-        types = {**PTRS, "alpha": "fp32", "limit": "fp32", **dict.fromkeys(INTS, "i32")}
+        types = {**PTRS, "alpha": "fp32", "limit": "fp32", "norm_eps": "fp32", **dict.fromkeys(INTS, "i32")}
         consts = {**COMMON, "W_SCALING": scaling, **own}
         ok &= compile_sm90(kernel, types, consts, name, 4, own["NUM_STAGES"])
     return 0 if ok else 1

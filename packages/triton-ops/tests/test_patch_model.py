@@ -283,6 +283,45 @@ def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_post_attention_norm_runs_inside_the_gated_mlp_launch(fp8, monkeypatch):
+    """A decode-size forward (at most 16 rows) adds the attention's residual in o_proj's launch, normalizes inside
+    the gated MLP's launch and adds the MLP's residual in down_proj's: no fused_add_rmsnorm launch. The logits
+    match the separate norm's (the residual sum is rounded once instead of twice), and the layers' inputs, which
+    output_hidden_states returns, are left as they were."""
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_model("llama"), fp8=fp8, fp8_recipe="channel")
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    norms = []
+    real = decoder_layers.fused_add_rmsnorm
+    monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm", lambda *a, **k: norms.append(1) or real(*a, **k))
+    with torch.no_grad():
+        fused = model(ids, output_hidden_states=True)
+    assert norms == []
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", False)
+    with torch.no_grad():
+        separate = model(ids, output_hidden_states=True)
+    assert len(norms) == 2
+    assert _cosine(fused.logits, separate.logits) >= 0.99999
+    for a, b in zip(fused.hidden_states, separate.hidden_states, strict=True):
+        assert _cosine(a, b) >= 0.99999
+    # the embeddings (the first layer's input) came through untouched
+    assert torch.equal(fused.hidden_states[0], separate.hidden_states[0])
+    # more rows than NORM_PROLOGUE_MAX_ROWS: the norm's own launch again
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", True)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 17), device=DEVICE))
+    assert len(norms) == 4
+    # a user's hook on an attention sees its input and output as transformers defines them: that layer keeps the
+    # norm's own launch (transformers' output-capture hook, installed by output_hidden_states above, does not)
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(lambda *args: None)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    assert len(norms) == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_input_norm_in_the_packed_qkv_launch_changes_no_logit(fp8, monkeypatch):

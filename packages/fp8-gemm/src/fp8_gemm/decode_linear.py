@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.rms_prologue import rms_normalized
 from triton_ops_core.validation import check_ndim, check_no_overlap, check_tensor, memory_span
 
 from . import _scratch
@@ -40,42 +41,42 @@ _CACHE_CLEARERS.append(_ADD_PLANS.clear)
 
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
-                   weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+                   weight_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     check_tensor(x, "x")
     check_ndim(x, "x", minimum=1)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    key = call_key("decode_linear", x2, weight, bias, norm_weight, norm_eps, weight_scale)
+    key = call_key("decode_linear", x2, weight, bias, norm_weight, norm_eps, weight_scale, residual)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = build_plan(x2, weight, weight_scale, bias, norm_weight=norm_weight, norm_eps=norm_eps)
+        res2 = None
+        if residual is not None:
+            check_residual(residual, x, weight)
+            res2 = residual.view(x2.shape[0], weight.shape[0])
+        plan = build_plan(x2, weight, weight_scale, bias, add_out=res2, norm_weight=norm_weight, norm_eps=norm_eps)
         if key is not None:
             _PLANS.put(key, plan)
-    out = plan.run(x2, weight, weight_scale, bias, norm_weight=norm_weight)
+    res2 = None if residual is None else residual.view(x2.shape[0], plan.n)
+    out = plan.run(x2, weight, weight_scale, bias, norm_weight=norm_weight, residual=res2)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], plan.n)
 
 
 @torch.library.custom_op(op_name("decode_linear"), mutates_args=())
 def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
-                      weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+                      weight_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale)
+        return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale, residual)
 
 
 @_decode_linear_op.register_fake
-def _(x, weight, bias, norm_weight=None, norm_eps=0.0, weight_scale=None):
+def _(x, weight, bias, norm_weight=None, norm_eps=0.0, weight_scale=None, residual=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, rounded once to x's dtype (the differentiable stand-in of the kernel's prologue)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
-
-
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  weight_scale: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                  norm_eps: float = 1e-6) -> torch.Tensor:
+                  weight_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                  norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for the few rows of a decode step, the weight read once in one launch.
 
     Args:
@@ -87,6 +88,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         bias: ``[N]`` (any float dtype) or None.
         weight_scale: the FP8 weight's fp32 scale as ``FP8Linear`` stores it (per tensor, per channel, 128x128
             blocks or groups of 128 inputs), or None for a 16-bit weight.
+        residual: ``[..., N]`` in x's dtype, contiguous, x's leading shape, or None: then the result is
+            ``residual + x @ weight^T + bias``, the sum rounded once, in a new tensor (a decoder layer's output
+            projection with its residual add, the layer's input left as it is; ``decode_linear_add_`` adds in
+            place).
         norm_weight: ``[K]`` (any float dtype), or None: then x is first RMS-normalized over K with this weight and
             ``norm_eps`` inside the same launch, bit for bit as ``fused_rmsnorm_rope.rmsnorm(x, norm_weight,
             norm_eps)`` would write it (a decoder layer's input norm and its q/k/v projection in one launch; every
@@ -106,15 +111,18 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
         InvalidArgumentError (a bad ``norm_eps``).
     """
-    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, weight, bias, norm_weight)):
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
+                                       for t in (x, weight, bias, norm_weight, residual)):
         if norm_weight is not None:
-            x = _rms_normalized(x, norm_weight, norm_eps)
+            x = rms_normalized(x, norm_weight, norm_eps)
         if weight_scale is not None:  # FP8Linear's own differentiable path (the input gradient)
-            return fp8_linear(x, weight, weight_scale, bias, path="weight_only")
-        return F.linear(x, weight, bias)
-    if direct_call_ok(x, weight, bias, norm_weight, weight_scale):
-        return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale)
-    return _decode_linear_op(x, weight, bias, norm_weight, norm_eps, weight_scale)
+            out = fp8_linear(x, weight, weight_scale, bias, path="weight_only")
+        else:
+            out = F.linear(x, weight, bias)
+        return out if residual is None else residual + out
+    if direct_call_ok(x, weight, bias, norm_weight, weight_scale, residual):
+        return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale, residual)
+    return _decode_linear_op(x, weight, bias, norm_weight, norm_eps, weight_scale, residual)
 
 
 def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):

@@ -38,6 +38,7 @@ import torch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
+from triton_ops_core.rms_prologue import norm_block
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dim_size,
@@ -213,15 +214,6 @@ def _f16_dot(cfg: dict[str, Any], mode: int, x_dtype: torch.dtype) -> bool:
         x_dtype == torch.bfloat16)
 
 
-def _norm_block(k: int, block_m: int) -> int:
-    """Columns per step of the RMSNorm prologue's sum of squares: 2048 fp64 squares a program per step (32 registers
-    a thread at 4 warps), so a 4096-wide decode row takes two L2 round trips before the weight streaming starts; fewer
-    columns per row as the row tile grows; 64 under the interpreter (small tests loop)."""
-    if _INTERP:
-        return 64
-    return max(16, min(next_pow2(k), 2048 // block_m))
-
-
 def _check_config(cfg: dict[str, Any], scale_mode: int) -> dict[str, Any]:
     """A given config (tests, benchmarks): the keys of ``weight_only_config`` and what the kernel requires."""
     need = ("USE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
@@ -263,15 +255,20 @@ class WeightOnlyPlan:
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None, out: torch.Tensor | None = None,
-            norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+            norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x [M, K] @ dequant(weight)^T + bias`` for this signature's tensors (validated when the plan was made);
-        with ``out`` (a plan built with ``add_out``): added to it in place, and it is returned. ``norm_weight``: the
-        RMSNorm weight of a plan built with one (x normalized first)."""
+        with ``out`` (a plan built with ``add_out``): added to it in place, and it is returned; with ``residual``
+        instead (a plan built with ``add_out`` of its layout): ``residual + ...`` in a new tensor. ``norm_weight``:
+        the RMSNorm weight of a plan built with one (x normalized first)."""
         if out is None:
             out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
             if self.kind:
                 if self.kind == 2:
                     out.copy_(bias.expand(self.m, self.n)) if bias is not None else out.zero_()
+                    if residual is not None:
+                        out.add_(residual)
+                elif residual is not None:
+                    out.copy_(residual)
                 return out
         elif self.kind:
             if self.kind == 2 and bias is not None:
@@ -281,12 +278,13 @@ class WeightOnlyPlan:
             weight_scale = weight
         bias_arg = weight_scale if bias is None else bias  # any pointer: HAS_BIAS is off
         nw_arg = x if norm_weight is None else norm_weight  # any pointer: NORM is off
+        res_arg = out if residual is None else residual  # ADD_OUT's source: out itself (in place), or residual
         if self.counters:  # split K: counters and partial sums in scratch (the stream's, or the call's own)
             cnt = _scratch.scratch(_COUNTERS, self.device, self.counters, torch.int32, zeroed=True)
             ws = _scratch.scratch(_PARTIALS, self.device, self.partials, torch.float32, zeroed=False)
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws, nw_arg)
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws, nw_arg, res_arg)
         else:
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, out, out, nw_arg)
+            self.launch.launch(x, weight, out, weight_scale, bias_arg, out, out, nw_arg, res_arg)
         return out
 
 
@@ -396,7 +394,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
     tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
             bias.stride(0) if bias is not None else 0, per_split, float(norm_eps),
-            mode, bias is not None, add_out is not None, norm_weight is not None, _norm_block(k, bm),
+            mode, bias is not None, add_out is not None, norm_weight is not None, norm_block(k, bm, _INTERP),
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},

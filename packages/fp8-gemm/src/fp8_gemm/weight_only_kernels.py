@@ -29,11 +29,11 @@ deterministic, the same for every run and every arrival order. Counters and work
 (``_scratch``: the stream's; the counters zero at rest). They must stay apart: in one shared buffer a later call with
 more column blocks read the earlier call's partials as its counters.
 
-RMSNorm prologue (``NORM``): x is the un-normalized row (a decoder layer's residual stream); each program first sums
-the squares of its rows over all of K (in fp64, from L2: a decode row is a few KB) and then feeds the GEMM
-``(x * rstd * norm_weight)`` rounded once to x's dtype: bit for bit what ``fused_rmsnorm_rope.rmsnorm`` writes
-(same fp64 sum, correctly rounded division and square root, same fp32 products), without its launch and without
-writing and reading the normalized row. Every program repeats the row's sum: meant for the few rows of decode.
+RMSNorm prologue (``NORM``, ``triton_ops_core.rms_prologue``): x is the un-normalized row (a decoder layer's residual
+stream); each program first sums the squares of its rows over all of K (in fp64, from L2: a decode row is a few KB)
+and then feeds the GEMM ``(x * rstd * norm_weight)`` rounded once to x's dtype: bit for bit what
+``fused_rmsnorm_rope.rmsnorm`` writes, without its launch and without writing and reading the normalized row. Every
+program repeats the row's sum: meant for the few rows of decode.
 
 Under Triton's interpreter (``EMULATE``): its FP8 upcast reads E4M3 NaN (0x7F / 0xFF) as 480, and its bf16/fp16
 ``tl.dot`` is unreliable; the weight is converted to fp32 with the NaN patterns restored, and the dot runs in fp32.
@@ -44,6 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.rms_prologue import normalized, row_rstd
 
 # SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
 # (fp16/bf16, x's dtype) and no scale at all: the same kernel is then a plain decode GEMM (``decode_linear``).
@@ -100,32 +101,6 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_C
 
 
 @triton.jit
-def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``1 / sqrt(mean(x^2) + eps)`` of each row of the tile over all of K: an fp64 sum of exact fp64 squares (the
-    same value in any order), then correctly rounded fp32 division and square root, as the RMSNorm kernel does."""
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float64)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(rows + kk[None, :] * stride_xk, mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0.0)
-        x64 = x.to(tl.float32).to(tl.float64)
-        acc += x64 * x64
-    sum_sq = tl.sum(acc, axis=1)
-    one = tl.full(sum_sq.shape, 1.0, tl.float32)
-    mean_sq = tl.math.div_rn(sum_sq.to(tl.float32), one * K)
-    return tl.math.div_rn(one, tl.sqrt_rn(mean_sq + eps))
-
-
-@triton.jit
-def _normalized(x, rstd, nw_ptr, kk, K):
-    """An x tile normalized by its rows' ``rstd`` and scaled by the norm weight at K positions ``kk``, in fp32,
-    rounded once to x's dtype (what the RMSNorm kernel stores)."""
-    w = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-    return (x.to(tl.float32) * rstd[:, None] * w[None, :]).to(x.dtype)
-
-
-@triton.jit
 def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
                     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Per-tensor or per-channel weight scale (block scales were applied in the loop), then the bias, in fp32."""
@@ -140,18 +115,18 @@ def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
 
 
 @triton.jit
-def _store_out(acc, out_ptrs, mask_c, ADD_OUT: tl.constexpr):
-    """The output tile, rounded once; with ``ADD_OUT`` added to what ``out`` holds (a residual updated in place:
-    read and written by this program alone)."""
+def _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT: tl.constexpr):
+    """The output tile, rounded once; with ``ADD_OUT`` the residual's tile added first (the residual is ``out``
+    itself, updated in place, or another row-major tensor of out's shape: read by this program alone)."""
     if ADD_OUT:
-        acc = acc + tl.load(out_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+        acc = acc + tl.load(res_ptrs, mask=mask_c, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit(do_not_specialize=["M"])
 def fp8_weight_only_kernel(
     # tensors
-    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr, nw_ptr,
+    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr, nw_ptr, res_ptr,
     # sizes and strides (M is not specialized: one binary serves every row count of a decode tile)
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_sk, stride_sn, stride_bias,
     tiles_per_split, norm_eps,
@@ -163,10 +138,11 @@ def fp8_weight_only_kernel(
     F16_DOT: tl.constexpr,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
-    dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out += ...`` (a residual: one rounding of
-    the sum); with ``NORM``, x is first RMS-normalized over K with the weight at ``nw_ptr`` and ``norm_eps``, its
-    rows' squares summed ``NORM_BLOCK`` columns a step (a whole decode row in one or two loads: each step waits on
-    L2 before the weight streaming starts).
+    dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out = residual + ...`` (``res_ptr``: ``out``
+    itself for an in-place add, or another row-major ``[M, N]`` tensor; one rounding of the sum); with ``NORM``, x
+    is first RMS-normalized over K with the weight at ``nw_ptr`` and ``norm_eps``, its rows' squares summed
+    ``NORM_BLOCK`` columns a step (a whole decode row in one or two loads: each step waits on L2 before the weight
+    streaming starts).
 
     ``EVEN_K`` / ``EVEN_N``: K / N are whole tiles (no masks on the weight along that dimension). With block
     scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
@@ -204,12 +180,12 @@ def fp8_weight_only_kernel(
         else:
             acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     if NORM:
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_M, NORM_BLOCK)
+        rstd = row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_M, NORM_BLOCK)
     for ki in tl.range(k_first, k_last, num_stages=NUM_STAGES):
         k0 = ki * BLOCK_K
         x = _load_tile(x_ptrs, offs_m, M, k0 + offs_k, K, False, EVEN_K)
         if NORM:
-            x = _normalized(x, rstd, nw_ptr, k0 + offs_k, K)
+            x = normalized(x, rstd[:, None], nw_ptr, (k0 + offs_k)[None, :], K)
         if USE_DOT:
             w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
             if F16_DOT:
@@ -267,10 +243,12 @@ def fp8_weight_only_kernel(
             acc = tl.sum(acc3, axis=2)
 
     mask_c = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + out_offs
+    res_ptrs = res_ptr + out_offs
     if SPLIT_K == 1:
         acc = _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE, HAS_BIAS)
-        _store_out(acc, out_ptrs, mask_c, ADD_OUT)
+        _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT)
     else:
         slice_stride = M.to(tl.int64) * N
         ws_tile = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -285,7 +263,7 @@ def fp8_weight_only_kernel(
                 total += tl.load(ws_tile + s * slice_stride, mask=mask_c, other=0.0, cache_modifier=".cg")
             total = _scale_and_bias(total, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE,
                                     HAS_BIAS)
-            _store_out(total, out_ptrs, mask_c, ADD_OUT)
+            _store_out(total, out_ptrs, res_ptrs, mask_c, ADD_OUT)
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
 
 

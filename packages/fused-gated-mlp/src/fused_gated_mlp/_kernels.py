@@ -33,6 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.rms_prologue import normalized, row_rstd
 
 # Activation codes (constexpr): the host maps names to these.
 ACT_SILU = 0
@@ -165,9 +166,10 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                     acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr,
-                    F16_DOT: tl.constexpr = False):
+                    F16_DOT: tl.constexpr = False, rstd=None, nw_ptr=None, K=None, NORM: tl.constexpr = False):
     """Both projections of rows ``offs_m`` and columns ``offs_n`` over ``k_start..k_end``, with plain (wide,
-    K-contiguous) loads, ``NUM_STAGES`` deep. ``EVEN_K``: the range is whole BLOCK_K tiles, no K mask."""
+    K-contiguous) loads, ``NUM_STAGES`` deep. ``EVEN_K``: the range is whole BLOCK_K tiles, no K mask. ``NORM``:
+    each x tile RMS-normalized by its rows' ``rstd`` and the weight at ``nw_ptr`` first (``rms_prologue``)."""
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -176,6 +178,8 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
     wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
+        if NORM:
+            x = normalized(x, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
         acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
                                srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
         x_ptrs += BLOCK_K
@@ -228,7 +232,7 @@ def _group_partial(xf, w, s_ptr, rows, mask_n, stride_s, k, k_end, BLOCK_K: tl.c
 def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                         acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+                        NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr):
     """``_fma_group_k_loop`` for one row: the weight tiles as ``[BLOCK_N, G, SPAN]`` (``SPAN`` = 128 or a narrower
     tile), multiplied in the layout they are loaded in (a thread holds contiguous K bytes of a row, read from shared
     memory a vector at a time); each thread's products of a ``CHUNK`` (16 K positions, inside one group) are summed in
@@ -258,6 +262,8 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
             x = tl.load(x_ptrs, mask=in_k, other=0.0)
             wg = tl.load(wg_ptrs, mask=mask_w & in_k, other=0.0)
             wu = tl.load(wu_ptrs, mask=mask_w & in_k, other=0.0)
+        if NORM:
+            x = normalized(x, rstd[:, None, None], nw_ptr, (k + kk)[None, :, :], K)
         start = k + tl.arange(0, G) * SPAN  # each group's first column in this tile
         live = mask_n[:, None] & (start < k_end)[None, :]
         sg = tl.load(sg_ptr + rows_g[:, None] * stride_sg + (start // 128)[None, :], mask=live, other=0.0)
@@ -278,7 +284,7 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
 def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                       acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+                      NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr):
     """``_fma_k_loop`` with group scales (``W_SCALING`` 3; ``BLOCK_K`` a power of two, at least 16): the K tile is
     viewed as ``[group, row, lane]`` (``_group_k_view``), each thread sums the products of its rows of a group and
     only that sum is scaled: one scale product per ``128 / GROUP_LANES`` weight elements instead of one per element,
@@ -288,7 +294,8 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
     if BLOCK_M == 1:
         return _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg,
                                    stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul,
-                                   srow_off_g, srow_off_u, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET)
+                                   srow_off_g, srow_off_u, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, rstd,
+                                   nw_ptr, K, NORM)
     kk = _group_k_view(BLOCK_K)  # [G, E, LANES]
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -312,6 +319,8 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
             x = tl.load(x_ptrs, mask=mask_x & in_k[None, :, :, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=mask_w & in_k[:, :, None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=mask_w & in_k[:, :, None, :], other=0.0)
+        if NORM:
+            x = normalized(x, rstd[:, None, None, None], nw_ptr, (k + kk)[None, :, :, :], K)
         xf = x.to(tl.float32)[:, :, :, None, :]
         acc4_g += _group_partial(xf, wg, sg_ptr, rows_g, mask_n, stride_sg, k, k_end, BLOCK_K, INTERPRET)
         acc4_u += _group_partial(xf, wu, su_ptr, rows_u, mask_n, stride_su, k, k_end, BLOCK_K, INTERPRET)
@@ -325,7 +334,8 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
 def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                 acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, W_SCALING: tl.constexpr):
+                EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, W_SCALING: tl.constexpr,
+                rstd, nw_ptr, K, NORM: tl.constexpr):
     """``_pointer_k_loop`` on the CUDA cores (config ``FMA``): products in fp32 registers, ``[BLOCK_M, BLOCK_N,
     BLOCK_K]`` per projection, summed over K once at the end. For one or a few rows with FP8 weights: a tensor-core
     dot needs 16 rows (15 of them padding at M = 1) and its FP8 -> bf16 conversion in registers, and then streams
@@ -338,7 +348,8 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     if W_SCALING == 3:
         return _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg,
                                  stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
-                                 srow_off_u, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET)
+                                 srow_off_u, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, rstd, nw_ptr,
+                                 K, NORM)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -350,6 +361,8 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
         acc2_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
             x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
+            if NORM:
+                x = normalized(x, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
             xf = x.to(tl.float32)
             acc2_g += xf * _fp8_to_f32(wg, INTERPRET)
             acc2_u += xf * _fp8_to_f32(wu, INTERPRET)
@@ -361,6 +374,8 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     acc3_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
+        if NORM:
+            x = normalized(x, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
         xf = x.to(tl.float32)[:, None, :]
         wgf = _fp8_to_f32(wg, INTERPRET)
         wuf = _fp8_to_f32(wu, INTERPRET)
@@ -408,18 +423,22 @@ def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, str
 
 @triton.jit(do_not_specialize=["M"])
 def _gated_mlp_decode_kernel(
-    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, sg_ptr, su_ptr, out_ptr, ws_ptr, lock_ptr,
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, sg_ptr, su_ptr, out_ptr, ws_ptr, lock_ptr, nw_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_om, stride_bg, stride_bu,
     stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
-    alpha, limit,
+    alpha, limit, norm_eps,
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, W_SCALING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, INTERPRET: tl.constexpr, USE_FMA: tl.constexpr, F16_DOT: tl.constexpr,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):
     """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights.
-    ``USE_FMA``: CUDA-core products (``_fma_k_loop``) instead of tensor-core dots; any ``BLOCK_M``, 1 included."""
+    ``USE_FMA``: CUDA-core products (``_fma_k_loop``) instead of tensor-core dots; any ``BLOCK_M``, 1 included.
+    ``NORM``: x is RMS-normalized first with the weight at ``nw_ptr`` and ``norm_eps``, bit for bit as the RMSNorm
+    kernel writes it (``triton_ops_core.rms_prologue``: every program sums its rows' squares over all of K, its
+    K slice or not, ``NORM_BLOCK`` columns a step, then normalizes each x tile it loads)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -433,6 +452,9 @@ def _gated_mlp_decode_kernel(
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM:
+        rstd = row_rstd(x_ptr, offs_m, M, K, stride_xm, 1, norm_eps, BLOCK_M, NORM_BLOCK)
     if USE_TMA:
         # Opt-in (config USE_TMA): the copy engine streams weight tiles into a NUM_STAGES-deep shared-memory ring;
         # rows past N and columns past K read as zero, so no masks. The default plain loads below streamed 2-15 %
@@ -447,6 +469,8 @@ def _gated_mlp_decode_kernel(
         off_n = pid_n * BLOCK_N
         for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
             x = x_desc.load([off_m, k])
+            if NORM:
+                x = normalized(x, rstd[:, None], nw_ptr, (k + tl.arange(0, BLOCK_K))[None, :], K)
             wg = wg_desc.load([off_n, k])
             wu = wu_desc.load([off_n, k])
             acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
@@ -455,12 +479,14 @@ def _gated_mlp_decode_kernel(
         acc_g, acc_u = _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                    stride_xm, stride_wg, stride_wu, acc_g, acc_u,
                                    sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, W_SCALING)
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, W_SCALING, rstd,
+                                   nw_ptr, K, NORM)
     else:
         acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                                        stride_xm, stride_wg, stride_wu, acc_g, acc_u,
                                        sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
-                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
+                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT,
+                                       rstd, nw_ptr, K, NORM)
 
     if SPLIT_K == 1:
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,

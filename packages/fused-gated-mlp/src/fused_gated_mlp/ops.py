@@ -28,9 +28,15 @@ import torch
 import triton
 from triton.runtime import _allocation
 from triton_ops_core.device import is_hopper
-from triton_ops_core.exceptions import InvalidArgumentError, UnsupportedDtypeError
+from triton_ops_core.exceptions import (
+    DeviceMismatchError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedDtypeError,
+)
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv
 from triton_ops_core.library import capturing, direct_call_ok, op_name
+from triton_ops_core.rms_prologue import norm_block, rms_normalized
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_ndim, check_tensor
 
 from . import _kernels as K
@@ -168,6 +174,7 @@ def _build_plan(
     up_scale: torch.Tensor | None = None,
     scale_rows: tuple[int, int, int] = (1, 0, 0),
     scaling_kind: str | None = None,
+    norm_eps: float | None = None,
 ) -> Plan:
     """Everything of a launch but its tensors: kernel, grid, scalar and constexpr tail (in the kernel's signature
     order), warps, stages. ``extra`` holds what the per-call part needs (``LaunchNeeds``). A plan without kernel
@@ -176,7 +183,10 @@ def _build_plan(
     FP8 weights come with ``gate_scale`` / ``up_scale`` (the halves' views for a packed channel scale, the packed
     tensor itself twice for a packed block scale); ``scale_rows`` = (multiplier, gate offset, up offset) maps a
     half's row to its packed row for block and group scales (see ``_kernels._block_scales``). ``scaling_kind``: the
-    validated kind of the scales (``"channel"``, ``"block"``, ``"group"``); None: read from their shapes."""
+    validated kind of the scales (``"channel"``, ``"block"``, ``"group"``); None: read from their shapes.
+    ``norm_eps``: the decode kernel's RMSNorm prologue with this epsilon (the norm weight comes with each call), or
+    None; a plan with it is always a decode plan (a forced prefill config is refused: the prefill kernel has no
+    prologue)."""
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
     device = x2d.device
@@ -190,11 +200,16 @@ def _build_plan(
         # FP8 weights have entries of their own (at one or two rows the CUDA-core tiles). No tune-on-first-use
         # for them: the tuner's space holds tensor-core tiles only.
         weights = _WEIGHT_KINDS[scaling]
-        cfg = select_gated_mlp_config(M, K_dim, N, x2d.dtype, device,
+        # (the RMSNorm prologue runs in the decode kernel: more rows take its config for the most it is made for)
+        rows = min(M, DECODE_MAX_TOKENS) if norm_eps is not None else M
+        cfg = select_gated_mlp_config(rows, K_dim, N, x2d.dtype, device,
                                       bench=bench if scaling == K.SCALE_NONE else None, weights=weights)
     on_cpu = device.type == "cpu"
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
-    path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS else "prefill")
+    path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS or norm_eps is not None else "prefill")
+    if norm_eps is not None and path != "decode":
+        raise InvalidArgumentError(f"config: the RMSNorm prologue (norm_weight) runs in the decode kernel only, got "
+                                   f"path {path!r}")
     # CUDA-core products (config FMA; the decode kernel's plain loads): with channel or group scales (the FMA loop
     # scales partial sums of each group, any K tile); block scales keep the dot (a scale per K step's partial
     # product)
@@ -217,11 +232,9 @@ def _build_plan(
     # Scales are read with their own stride too: element stride per channel (2 for the halves of an interleaved
     # packed scale, 0 for a per-tensor scale expanded to [N]), row stride per block.
     scale_strides = (1 if gate_scale is None else gate_scale.stride(0), 1 if up_scale is None else up_scale.stride(0))
-    head = (M, N, K_dim, x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), N, *bias_strides,
-            *scale_strides, *scale_rows,
-            float(alpha), float(limit),
-            _ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None, scaling,
-            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+    sizes = (M, N, K_dim, x2d.stride(0), gate_weight.stride(0), up_weight.stride(0), N, *bias_strides,
+             *scale_strides, *scale_rows, float(alpha), float(limit))
+    options = (_ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None, scaling)
     precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
     grid_m, grid_n = cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"])
     if path == "decode":
@@ -233,17 +246,20 @@ def _build_plan(
         if not use_fma and cfg["BLOCK_M"] < 16:  # an FMA tile with fewer rows than a tl.dot takes
             cfg = {**cfg, "BLOCK_M": 16}
             grid_m = cdiv(M, 16)
-            head = head[:-3] + (16,) + head[-2:]
         grid: tuple[int, ...] = (grid_n, split_k, grid_m)
         # F16_DOT (config, off by default): fp16 tensor-core dots for FP8 weights with bf16 activations
         f16_dot = (bool(cfg.get("F16_DOT", False)) and not use_fma and scaling != K.SCALE_NONE
                    and x2d.dtype == torch.bfloat16)
-        tail = head + (split_k, even_k, cfg["num_stages"], use_tma) + precision + (on_cpu, use_fma, f16_dot)
+        norm = (norm_eps is not None, norm_block(K_dim, cfg["BLOCK_M"], on_cpu))  # NORM, NORM_BLOCK
+        tail = (sizes + (0.0 if norm_eps is None else float(norm_eps),) + options
+                + (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], split_k, even_k, cfg["num_stages"], use_tma)
+                + precision + (on_cpu, use_fma, f16_dot) + norm)
         workspace: tuple[int, ...] | None = (2 * M * N, grid_m * grid_n) if split_k > 1 else ()
     else:
         kernel = K._gated_mlp_prefill_kernel
         grid = (grid_m * grid_n,)
-        tail = head + (cfg.get("GROUP_M", 8), cfg["num_stages"], use_tma) + precision
+        tail = (sizes + options + (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("GROUP_M", 8),
+                                   cfg["num_stages"], use_tma) + precision)
         workspace = None
     extra = LaunchNeeds(N, device, is_cuda, workspace, use_tma and is_cuda)
     return Plan(kernel, grid, tail, cfg["num_warps"], n_rows=M, info=cfg, extra=extra,
@@ -252,13 +268,13 @@ def _build_plan(
 
 def _run(plan: Plan, x2d: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
          gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, gate_scale: torch.Tensor | None = None,
-         up_scale: torch.Tensor | None = None) -> torch.Tensor:
+         up_scale: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The per-call part of a forward: allocate the output, pick the workspace, launch the plan."""
     n, device, is_cuda, workspace, tma = plan.extra
     if is_cuda and device.index != torch.cuda.current_device():
         # Triton launches on the current device: make it the tensors' one (multi-GPU processes).
         with torch.cuda.device(device):
-            return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale)
+            return _run(plan, x2d, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, norm_weight)
     out = _new_output(plan.n_rows, n, x2d.dtype, device)
     if plan.kernel is None:
         return out
@@ -269,13 +285,14 @@ def _run(plan: Plan, x2d: torch.Tensor, gate_weight: torch.Tensor, up_weight: to
     su = out if up_scale is None else up_scale
     if tma:
         _ensure_tma_allocator()
+    nw = out if norm_weight is None else norm_weight  # decode kernel only: read when its NORM is on
     if workspace is None:
         plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out)
     elif workspace:
         ws, lock = _split_k_workspace(device, *workspace)
-        plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out, ws, lock)
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out, ws, lock, nw)
     else:
-        plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out, out, out)
+        plan.launch(x2d, gate_weight, up_weight, bg, bu, sg, su, out, out, out, nw)
     return out
 
 
@@ -411,10 +428,10 @@ def _config_from_json(config: str | None) -> dict | None:
 
 
 def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-             config: dict | None, gate_scale=None, up_scale=None) -> torch.Tensor:
+             config: dict | None, gate_scale=None, up_scale=None, norm_weight=None, norm_eps=0.0) -> torch.Tensor:
     """The op's implementation: the call's cached plan (built on the first call of its key), then one launch."""
     key = call_key(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, activation, weight_layout,
-                   alpha, limit,
+                   alpha, limit, norm_weight, norm_eps if norm_weight is not None else None,
                    alpha.__class__, limit.__class__,  # True == 1: keep a bool (rejected) apart from an int
                    _config_key(config),
                    # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
@@ -422,14 +439,14 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_l
     plan = _PLANS.get(key)
     if plan is None:
         plan = _new_plan(key, x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha,
-                         limit, config, gate_scale, up_scale)
+                         limit, config, gate_scale, up_scale, norm_weight, norm_eps)
     if weight_layout != "separate":
         gate_weight, up_weight = split_packed(gate_weight, weight_layout)
         if gate_bias is not None:
             gate_bias, up_bias = split_packed(gate_bias, weight_layout)
         if gate_scale is not None:
             gate_scale, up_scale = _split_packed_scale(gate_scale, weight_layout)
-    out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale)
+    out = _run(plan, _as_2d(x), gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, norm_weight)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], plan.extra.n)
 
 
@@ -437,23 +454,26 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_l
 def _gated_mlp_op(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor | None,
                   gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, activation: str, weight_layout: str,
                   alpha: float, limit: float, config: str | None, gate_scale: torch.Tensor | None = None,
-                  up_scale: torch.Tensor | None = None) -> torch.Tensor:
-    # The FP8 scales came last, with defaults, so calls written for the schema without them stay valid.
+                  up_scale: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                  norm_eps: float = 0.0) -> torch.Tensor:
+    # The FP8 scales and then the norm came last, with defaults, so calls written for the schema without them stay
+    # valid.
     return _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-                    _config_from_json(config), gate_scale, up_scale)
+                    _config_from_json(config), gate_scale, up_scale, norm_weight, norm_eps)
 
 
 @_gated_mlp_op.register_fake
 def _(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, config,
-      gate_scale=None, up_scale=None):
+      gate_scale=None, up_scale=None, norm_weight=None, norm_eps=0.0):
     inter = gate_weight.shape[0] if weight_layout == "separate" else gate_weight.shape[0] // 2
     return x.new_empty((*x.shape[:-1], inter))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, _, gs, us = inputs
+    x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit, _, gs, us = inputs[:12]
     ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, gs, us)
     ctx.options = (activation, weight_layout, alpha, limit)
+    ctx.normed = len(inputs) > 12 and inputs[12] is not None
 
 
 def _no_fp8_gradients(ctx) -> None:
@@ -470,6 +490,10 @@ def _no_fp8_gradients(ctx) -> None:
 
 
 def _backward(ctx, grad_out):
+    if ctx.normed:
+        raise InvalidArgumentError(
+            "triton_ops::fused_gated_mlp with norm_weight (the RMSNorm prologue) has no backward; "
+            "fused_gated_mlp(..., norm_weight=) records a differentiable path itself when a gradient is needed")
     x, wg, wu, bg, bu, gs, us = ctx.saved_tensors
     activation, layout, alpha, limit = ctx.options
     need = list(ctx.needs_input_grad[:5])
@@ -482,7 +506,7 @@ def _backward(ctx, grad_out):
         need[1] = need[2] = False
     if layout == "separate":
         grads = _gated_mlp_backward(x, wg, wu, bg, bu, grad_out, activation, alpha, limit, need)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
     # packed: the gradients of both halves, packed back into the layout of the weight (and bias) given
     wg, wu = split_packed(wg, layout)
     if bg is not None:
@@ -491,7 +515,7 @@ def _backward(ctx, grad_out):
     dx, dwg, dwu, dbg, dbu = _gated_mlp_backward(x, wg, wu, bg, bu, grad_out, activation, alpha, limit, need)
     dw = _pack(dwg, dwu, layout) if need[1] else None
     db = _pack(dbg, dbu, layout) if dbg is not None else None
-    return dx, dw, None, db, None, None, None, None, None, None, None, None
+    return dx, dw, None, db, None, None, None, None, None, None, None, None, None, None
 
 
 _gated_mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -529,6 +553,8 @@ def fused_gated_mlp(
     config: dict | None = None,
     gate_scale: torch.Tensor | None = None,
     up_scale: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Gated MLP intermediate ``act(x @ Wg^T + bg) * (x @ Wu^T + bu)`` in one Triton kernel.
 
@@ -561,6 +587,13 @@ def fused_gated_mlp(
             the 128 x 128 blocks of the packed ``[2 * intermediate, hidden]`` tensor, i.e.
             ``[ceil(2 * intermediate / 128), ceil(hidden / 128)]`` (as :func:`quantize_weight_fp8` of the packed
             weight returns it; a block may then hold rows of both halves).
+        norm_weight: ``[hidden]`` (any float dtype, contiguous), or None: then ``x`` is first RMS-normalized with
+            this weight and ``norm_eps``, inside the decode kernel's launch, bit for bit as
+            ``fused_rmsnorm_rope.rmsnorm(x, norm_weight, norm_eps)`` writes it (a decoder layer's post-attention
+            norm and its gated MLP in one launch). Every program sums its rows' squares again (from L2): meant for
+            the few rows of a decode step; more rows than the decode kernel's (``DECODE_MAX_TOKENS``) run it too,
+            with its config for that many.
+        norm_eps: the norm's epsilon (>= 0).
 
     Returns:
         ``[..., intermediate]`` in ``x``'s dtype. Products accumulate in fp32; the activation runs in fp32.
@@ -590,12 +623,17 @@ def fused_gated_mlp(
     validates and builds a launch plan, later ones only allocate the output and launch (see
     ``triton_ops_core.launch``). ``clear_caches()`` forgets the plans.
     """
-    if direct_call_ok(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale):
+    if norm_weight is not None and torch.is_grad_enabled() and any(
+            getattr(t, "requires_grad", False) for t in (x, gate_weight, up_weight, gate_bias, up_bias, norm_weight)):
+        # a gradient to record: the norm in torch (differentiable), then the op and its backward
+        x, norm_weight = rms_normalized(x, norm_weight, norm_eps), None
+    if direct_call_ok(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, norm_weight):
         # plain eager: no dispatcher round trip
         return _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-                        config, gate_scale, up_scale)
+                        config, gate_scale, up_scale, norm_weight, norm_eps)
     return _gated_mlp_op(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_layout, alpha, limit,
-                         None if config is None else _config_to_json(config), gate_scale, up_scale)
+                         None if config is None else _config_to_json(config), gate_scale, up_scale, norm_weight,
+                         float(norm_eps) if norm_weight is not None else 0.0)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -611,12 +649,15 @@ def _config_key(config: dict | None) -> tuple | None:
 def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor | None,
               gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, activation: str, weight_layout: str,
               alpha: float, limit: float, config: dict | None, gate_scale: torch.Tensor | None = None,
-              up_scale: torch.Tensor | None = None) -> Plan:
+              up_scale: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+              norm_eps: float = 0.0) -> Plan:
     """The first call of a key: validate, choose the config, build the plan and cache it."""
     spec = validate_gated_mlp_inputs(
         x, gate_weight, up_weight, activation, gate_bias=gate_bias, up_bias=up_bias,
         weight_layout=weight_layout, alpha=alpha, limit=limit, gate_scale=gate_scale, up_scale=up_scale,
     )
+    if norm_weight is not None:
+        _check_norm(x, norm_weight, norm_eps)
     scale_rows = (1, 0, 0)
     if weight_layout != "separate":
         inter = gate_weight.shape[0] // 2
@@ -636,10 +677,25 @@ def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
 
     tune = config is None and not capturing(x.device)  # never a config search inside a CUDA-graph capture
     plan = _build_plan(x2d, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, limit, config,
-                       bench if tune else None, gate_scale=gate_scale, up_scale=up_scale, scale_rows=scale_rows,
-                       scaling_kind=spec.weight_scaling)
+                       bench if tune and norm_weight is None else None, gate_scale=gate_scale, up_scale=up_scale,
+                       scale_rows=scale_rows, scaling_kind=spec.weight_scaling,
+                       norm_eps=None if norm_weight is None else norm_eps)
     _put(key, plan)
     return plan
+
+
+def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float) -> None:
+    """The RMSNorm prologue's weight (``[hidden]``, a float dtype, contiguous, on x's device) and epsilon."""
+    check_tensor(norm_weight, "norm_weight")
+    check_dtype(norm_weight, "norm_weight", FLOAT_DTYPES)
+    check_ndim(norm_weight, "norm_weight", exact=1)
+    if norm_weight.shape[0] != x.shape[-1] or norm_weight.stride(0) != 1:
+        raise ShapeMismatchError(f"norm_weight: expected a contiguous [{x.shape[-1]}] tensor (x's hidden size), got "
+                                 f"shape {list(norm_weight.shape)} with stride {norm_weight.stride()}")
+    if norm_weight.device != x.device:
+        raise DeviceMismatchError(f"norm_weight: expected x's device {x.device}, got {norm_weight.device}")
+    if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not 0 <= norm_eps < float("inf"):
+        raise InvalidArgumentError(f"norm_eps: expected a finite number >= 0, got {norm_eps!r}")
 
 
 def _split_packed_scale(scale: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:

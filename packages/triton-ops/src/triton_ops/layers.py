@@ -98,10 +98,12 @@ _TORCH_ACTIVATIONS = {
 }
 
 
-def gated_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
     """``act(gate_proj(x)) * up_proj(x)`` of a gated MLP module in one kernel: :class:`GatedMLP`'s forward before
     its ``down_proj``. FP8 gate/up (E4M3 ``FP8Projection``) at :data:`W8A8_MIN_ROWS` rows or more: two W8A8 FP8
-    GEMMs and the activation (see there)."""
+    GEMMs and the activation (see there). ``norm``: an RMSNorm module (``weight``, ``variance_epsilon``: what
+    ``triton_ops.models.layers.norm_module_fusable`` accepts) not yet applied to ``x``: inside the fused kernel's
+    launch (its prologue), or by the module first on the W8A8 path."""
     act = getattr(mlp, ACT_ATTR, None)  # not mlp.__dict__.get: see models.layers.packed_projections
     if act is None:
         act = kernel_activation(mlp.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
@@ -110,7 +112,11 @@ def gated_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate_scale, up_scale = getattr(gate, "weight_scale", None), getattr(up, "weight_scale", None)
     if gate_scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS \
             and gate.weight.dtype == up.weight.dtype == torch.float8_e4m3fn:
-        return _gated_w8a8(mlp, x, act)
+        return _gated_w8a8(mlp, x if norm is None else norm(x), act)
+    if norm is not None:
+        return fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
+                               gate_scale=gate_scale, up_scale=up_scale, norm_weight=norm.weight,
+                               norm_eps=norm.variance_epsilon)
     return fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
                            gate_scale=gate_scale, up_scale=up_scale)
 

@@ -24,14 +24,24 @@ from typing import Any
 
 import torch
 from decode_attention import update_kv_cache_
-from fp8_gemm import FP8Linear, fp8_linear_add_
+from fp8_gemm import FP8Linear, decode_linear, fp8_linear_add_
+from fp8_gemm.weight_only import use_weight_only
 from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope
 from torch import nn
 from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import GatedMLP, gated_hidden
-from .layers import LOCAL_SHARDS_ATTR, PACKING_ATTR, linear, linear_add_, norm_module_fusable, packed_projections
+from .layers import (
+    LOCAL_SHARDS_ATTR,
+    NORM_PROLOGUE_MAX_ROWS,
+    PACKING_ATTR,
+    decode_gemv,
+    linear,
+    linear_add_,
+    norm_module_fusable,
+    packed_projections,
+)
 
 # The keyword arguments naming the KV cache: transformers 5.2x renamed ``past_key_values`` to ``cache``.
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -62,9 +72,16 @@ class FusedAddNormDecoderLayer(nn.Module):
                 f"them), got {len(args)} positional")
         attn, norm = self.self_attn, self.input_layernorm
         if _input_norm_in_projection(attn, norm, hidden_states):  # the norm inside the q/k/v GEMM's launch
-            attn_out = attn(hidden_states=hidden_states, input_norm=norm, **kwargs)[0]
+            attn_kwargs, attn_in = dict(kwargs, input_norm=norm), hidden_states
         else:
-            attn_out = attn(hidden_states=norm(hidden_states), **kwargs)[0]
+            attn_kwargs, attn_in = kwargs, norm(hidden_states)
+        how = _post_norm_in_mlp(self, hidden_states)
+        if how:
+            # h = x + o_proj(attn) in the output projection's launch, the post-attention norm in the gated MLP's,
+            # the residual add in the down projection's: no launch of the norm's own
+            h = attn(hidden_states=attn_in, residual=hidden_states, **attn_kwargs)[0]
+            return _down_add_(self.mlp, h, h, how, self.post_attention_layernorm)
+        attn_out = attn(hidden_states=attn_in, **attn_kwargs)[0]
         norm = self.post_attention_layernorm
         normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
         how = _down_adds_residual(self.mlp, residual, normed)
@@ -97,11 +114,13 @@ def _mlp_into_residual(mlp: nn.Module, normed: torch.Tensor, residual: torch.Ten
     return shards.all_reduce(out)
 
 
-def _down_add_(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how: str) -> torch.Tensor:
+def _down_add_(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how: str,
+               norm: nn.Module | None = None) -> torch.Tensor:
     """``residual += down_proj(gated_hidden(normed))`` in place, in the down projection's GEMM (for ``"bf16"``
     :func:`~triton_ops.models.layers.linear_add_`: ``decode_linear``'s kernel at one row, else cuBLAS's beta = 1;
-    the FP8 kernel's epilogue for ``"fp8"``); returns the residual."""
-    hidden = gated_hidden(mlp, normed)
+    the FP8 kernel's epilogue for ``"fp8"``); returns the residual. ``norm``: ``normed`` is not normalized yet
+    (the gated MLP's launch does it, :func:`~triton_ops.layers.gated_hidden`)."""
+    hidden = gated_hidden(mlp, normed, norm)
     down = mlp.down_proj
     if how == "fp8":
         return fp8_linear_add_(residual, hidden, down.weight, down.weight_scale, down.activation_granularity,
@@ -179,7 +198,7 @@ class RopeAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _keywords_only(self, args)
         q, k, v, grad = _project_qkv(self, hidden_states, (), input_norm)
         cos, sin = position_embeddings
@@ -187,7 +206,8 @@ class RopeAttention(nn.Module):
             q, k = apply_rope(q, k, cos, sin)
         # else: in place, into the projection's output (the packed buffer's q and k columns), by _attend: in the
         # static cache's write when that is ours (one launch for both), else on its own first
-        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad)
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
+                       residual=residual)
 
 
 class QKNormRopeAttention(nn.Module):
@@ -217,7 +237,7 @@ class QKNormRopeAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _keywords_only(self, args)
         q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
         q, k, v, grad = _project_qkv(self, hidden_states, (q_weight, k_weight), input_norm)
@@ -227,7 +247,7 @@ class QKNormRopeAttention(nn.Module):
             q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps)
         # else: in place, inside the static cache's write when that is ours, else its own launch (_attend)
         return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
-                       qk_norm=(q_weight, k_weight, eps) if not grad else None)
+                       qk_norm=(q_weight, k_weight, eps) if not grad else None, residual=residual)
 
 
 class SinkRopeAttention(RopeAttention):
@@ -248,14 +268,27 @@ class SinkRopeAttention(RopeAttention):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _keywords_only(self, args)
         q, k, v, grad = _project_qkv(self, hidden_states, (self.sinks,), input_norm)
         cos, sin = (_whole_head_table(t, self.head_dim) for t in position_embeddings)
         if grad:
             q, k = apply_rope(q, k, cos, sin)
         kwargs["s_aux"] = self.sinks
-        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad)
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
+                       residual=residual)
+
+
+def _ours_unhooked(attn: nn.Module) -> bool:
+    """One of the attentions here, whose hooks would not see a difference when the layer hands it its input
+    un-normalized and takes ``x + attn(...)`` back: no pre-hooks, and no forward hooks but transformers' own
+    output capture (5.2x installs it on the attention once any call asks for ``output_attentions`` and keeps it; it
+    records the attention weights, the output's second item, which stay what they were)."""
+    forward = getattr(attn.forward, "__func__", None)
+    if not (forward is RopeAttention.forward or forward is QKNormRopeAttention.forward
+            or forward is SinkRopeAttention.forward) or attn._forward_pre_hooks:
+        return False
+    return all("output_capturing_hook" in getattr(hook, "__qualname__", "") for hook in attn._forward_hooks.values())
 
 
 # Set False to run every decoder layer's input RMSNorm as its own launch (benchmarks time the two against each other).
@@ -264,19 +297,43 @@ INPUT_NORM_IN_QKV = True
 
 def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: torch.Tensor) -> bool:
     """Whether a decoder layer may hand ``attn`` its input un-normalized with ``input_norm=norm``: one of the
-    attentions here (no hooks, which would see the un-normalized input), ``norm`` exactly an RMSNorm kernel
-    (:func:`~triton_ops.models.layers.norm_module_fusable`), and a packed q/k/v GEMM whose launch normalizes
+    attentions here (:func:`_ours_unhooked`: no hook that would see the un-normalized input), ``norm`` exactly an
+    RMSNorm kernel (:func:`~triton_ops.models.layers.norm_module_fusable`), and a packed q/k/v GEMM whose launch
+    normalizes
     (:meth:`~triton_ops.models.layers.QKVPacking.takes_norm`: bit for bit the norm's own output, one launch less
     per layer and decode step)."""
     if not INPUT_NORM_IN_QKV:
         return False
-    forward = getattr(attn.forward, "__func__", None)
-    if not (forward is RopeAttention.forward or forward is QKNormRopeAttention.forward
-            or forward is SinkRopeAttention.forward) or attn._forward_hooks or attn._forward_pre_hooks:
+    if not _ours_unhooked(attn):
         return False
     packing = getattr(attn, PACKING_ATTR, None)
     return (packing is not None and norm_module_fusable(norm) and packing.takes_norm(hidden_states)
             and not (torch.is_grad_enabled() and norm.weight.requires_grad))
+
+
+# Set False to run every decoder layer's post-attention RMSNorm (with the residual add) as its own launch.
+POST_NORM_IN_MLP = True
+
+
+def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
+    """How the layer's MLP can take its post-attention norm into the gated MLP's launch (the residual add going
+    into the output projection's launch and the MLP's into the down projection's), or ``""``: one of the
+    attentions here without hooks, a plain RMSNorm (:func:`~triton_ops.models.layers.norm_module_fusable`), a
+    patched gated MLP whose down projection adds the residual (:func:`_down_adds_residual`, not sharded) and whose
+    gate/up run the fused kernel (a decode step's few rows: at most ``NORM_PROLOGUE_MAX_ROWS``), nothing to
+    differentiate. The layer's input is left as it is (``h = x + o_proj(...)`` is a new tensor)."""
+    if not POST_NORM_IN_MLP:
+        return ""
+    attn, norm, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
+    if not _ours_unhooked(attn):
+        return ""
+    rows = hidden_states.numel() // max(1, hidden_states.shape[-1])
+    if not 0 < rows <= NORM_PROLOGUE_MAX_ROWS or not norm_module_fusable(norm) \
+            or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
+        return ""
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or norm.weight.requires_grad):
+        return ""
+    return _down_adds_residual(mlp, hidden_states)
 
 
 def _keywords_only(attn: nn.Module, args: tuple) -> None:
@@ -326,9 +383,10 @@ def _records_grad(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torc
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor, attention_mask: torch.Tensor | None, shape: torch.Size, kwargs: dict,
-            rope: bool = False, qk_norm: tuple | None = None) -> tuple:
+            rope: bool = False, qk_norm: tuple | None = None, residual: torch.Tensor | None = None) -> tuple:
     """The rest of transformers' attention forward, from ``[..., seq, heads, head_dim]`` q, k and v: the cache
-    update, the configured attention function, ``o_proj``. q and k come rotated, or (``rope``) are rotated here in
+    update, the configured attention function, ``o_proj`` (with ``residual``: ``residual + o_proj(...)``, the add in
+    the projection's launch where it can). q and k come rotated, or (``rope``) are rotated here in
     place, after the per-head RMSNorm of ``qk_norm`` (``(q_weight, k_weight, eps)``, Qwen3) where given: inside the
     static cache's one-launch write where that runs (:func:`_static_layer_update`), else by one
     :func:`~fused_rmsnorm_rope.apply_rope` / :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch before the cache
@@ -354,16 +412,40 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out, weights = attention(attn, q, k, v, attention_mask,
                              dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
                              **_sliding_window(attn), **kwargs)
-    return _o_proj(attn.o_proj, out.reshape(*shape, -1).contiguous()), weights
+    return _o_proj(attn.o_proj, out.reshape(*shape, -1).contiguous(), residual), weights
 
 
-def _o_proj(o_proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _o_proj(o_proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The output projection: a plain, hook-free ``nn.Linear`` through :func:`~triton_ops.models.layers.linear`
     (one decode row: one launch streaming the weight), anything else (FP8Linear, a sharded or hooked module)
-    called as it is."""
+    called as it is. With ``residual``: ``residual + o_proj(x)``, in the projection's own launch where that is
+    :func:`fp8_gemm.decode_linear` (:func:`_o_proj_adds`), else by an add after it."""
+    if residual is not None and _o_proj_adds(o_proj, x):
+        bufs = o_proj._buffers
+        return decode_linear(x, bufs.get("weight", o_proj.weight), o_proj.bias,
+                             weight_scale=bufs.get("weight_scale"), residual=residual)
     if type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks):
-        return linear(x, o_proj.weight, o_proj.bias)
-    return o_proj(x)
+        out = linear(x, o_proj.weight, o_proj.bias)
+    else:
+        out = o_proj(x)
+    return out if residual is None else residual + out
+
+
+def _o_proj_adds(o_proj: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``residual + o_proj(x)`` can be one :func:`fp8_gemm.decode_linear` launch: a hook-free plain
+    ``nn.Linear`` where :func:`~triton_ops.models.layers.decode_gemv` takes it, or an ``FP8Linear`` whose call runs
+    the weight-only kernel anyway (``use_weight_only``); nothing to differentiate."""
+    if o_proj._forward_hooks or o_proj._forward_pre_hooks or type(x) is not torch.Tensor:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in o_proj.parameters())):
+        return False
+    if type(o_proj) is nn.Linear:
+        return decode_gemv(x, o_proj.weight)
+    if type(o_proj) is FP8Linear:
+        bufs = o_proj._buffers
+        rows = x.numel() // max(1, x.shape[-1])
+        return 0 < rows and use_weight_only(o_proj.path, rows, bufs["weight"], bufs["weight_scale"], x.element_size())
+    return False
 
 
 def _sliding_window(attn: nn.Module) -> dict:

@@ -1,0 +1,67 @@
+"""An RMSNorm in a GEMM's prologue (``@triton.jit`` helpers), bit for bit what the RMSNorm kernel writes.
+
+A decoder layer's RMSNorm feeds a projection. For the few rows of a decode step the projection kernel can normalize
+its own input instead of a separate launch writing the normalized row and the GEMM reading it back: every program
+sums its rows' squares over all of K (the row is a few KB, served by L2), then multiplies each loaded ``x`` tile by
+``rstd`` and the norm weight and rounds it once to x's dtype. That is ``fused_rmsnorm_rope.rmsnorm``'s output: the
+same fp64 sum of exact fp64 squares, correctly rounded fp32 division and square root, the same fp32 products in the
+same order (``(x * rstd) * w``), one rounding. The fp64 sum is exact, hence the same in any order, unless a row's
+magnitudes span more than about 2^15 (fp16/bf16) to 2^2 (fp32, 24-bit significands squared): only then may the
+two sums round apart, by an ulp of fp64, which reaches ``rstd`` (and a normalized value's last bit) only at an fp32
+rounding tie. Users:
+``fp8_gemm``'s weight-only decode kernel (``decode_linear(..., norm_weight=)``) and ``fused_gated_mlp``'s decode
+kernel (``fused_gated_mlp(..., norm_weight=)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` of rows ``offs_m`` of ``x`` (``[M, K]``) over all of K, ``BLOCK_K`` columns a
+    step: an fp64 sum of exact fp64 squares, then correctly rounded fp32 division and square root. ``[BLOCK_M]``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(rows + kk[None, :] * stride_xk, mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0.0)
+        x64 = x.to(tl.float32).to(tl.float64)
+        acc += x64 * x64
+    sum_sq = tl.sum(acc, axis=1)
+    one = tl.full(sum_sq.shape, 1.0, tl.float32)
+    mean_sq = tl.math.div_rn(sum_sq.to(tl.float32), one * K)
+    return tl.math.div_rn(one, tl.sqrt_rn(mean_sq + eps))
+
+
+@triton.jit
+def normalized(x, rstd, nw_ptr, kk, K):
+    """An ``x`` tile normalized: ``(x * rstd) * w[kk]`` in fp32, rounded once to x's dtype (what the RMSNorm kernel
+    stores). ``rstd`` and ``kk`` (the tile's K positions) broadcast against ``x`` as the caller shaped them; the
+    weight reads 0 past ``K`` (where a masked ``x`` is 0 too)."""
+    w = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * rstd * w).to(x.dtype)
+
+
+def norm_block(k: int, rows: int, interpreter: bool = False) -> int:
+    """Columns per step of :func:`row_rstd` for a tile of ``rows`` rows and ``k`` columns: 2048 fp64 squares a
+    program per step (32 registers a thread at 4 warps), so a 4096-wide decode row takes two L2 round trips before
+    the weight streaming starts; fewer columns per row as the row tile grows; 64 under the interpreter (small tests
+    loop)."""
+    if interpreter:
+        return 64
+    return max(16, min(triton.next_power_of_2(max(1, k)), 2048 // max(1, rows)))
+
+
+def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The prologue's result in torch, differentiable: RMSNorm in fp32, rounded once to x's dtype (what a GEMM with
+    the prologue computes on when autograd must record the call; equal to the kernel's up to the last bit)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+__all__ = ["norm_block", "normalized", "rms_normalized", "row_rstd"]
