@@ -263,12 +263,14 @@ def _guard_lines(fn, *args) -> list[str]:
     return out, stream.getvalue().splitlines()
 
 
-def test_compiled_patched_layers_guard_without_python_lambdas_of_their_own():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compiled_patched_layers_guard_without_python_lambdas_of_their_own(fp8):
     # Dynamo evaluates every guard on every call; a "LAMBDA_GUARD" runs Python. The packing's identity checks, the
     # decoder layer's MLP check and the MLP's read of the config once made five per layer: about a millisecond per
     # decode step of a 32-layer model under transformers' compiled generate() (H200 host). ids, the bound method's
-    # function and the activation name kept on the module guard in C++.
-    model = patch_model(_one_layer("llama", num_hidden_layers=2))
+    # function and the activation name kept on the module guard in C++. FP8: the decode-size forward whose norms run
+    # inside the GEMMs (the layer's checks of its modules for that are guarded too).
+    model = patch_model(_one_layer("llama", num_hidden_layers=2), fp8=fp8, fp8_recipe="channel")
     ids = torch.randint(0, 128, (1, 5), device=DEVICE)
     with torch.no_grad():
         eager = model(ids).logits
@@ -280,12 +282,13 @@ def test_compiled_patched_layers_guard_without_python_lambdas_of_their_own():
     assert any("ID_MATCH" in line and "q_proj" in line for line in guards)  # the packing's check is still guarded
 
 
-def test_compiled_patched_layers_keep_their_guard_subtrees_skippable():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compiled_patched_layers_keep_their_guard_subtrees_skippable(fp8):
     # With recursive dict tags (on by default in torch 2.9 to 2.12), Dynamo skips the guards of a submodule's
     # whole subtree while no dict in it changed, but only for subtrees of modules, dicts and immutable values. The
     # packing was a plain object in the attention's __dict__ and the MLP's activation an explicit __dict__ read: both
     # made their module's guards run in full on every call (about 15 us per layer and decode step, H200 host).
-    model = patch_model(_one_layer("llama", num_hidden_layers=2))
+    model = patch_model(_one_layer("llama", num_hidden_layers=2), fp8=fp8, fp8_recipe="channel")
     ids = torch.randint(0, 128, (1, 5), device=DEVICE)
     with torch.no_grad(), torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
         eager = model(ids).logits

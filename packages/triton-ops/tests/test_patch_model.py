@@ -283,15 +283,15 @@ def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_post_attention_norm_runs_inside_the_gated_mlp_launch(fp8, monkeypatch):
-    """A decode-size forward (at most 16 rows) adds the attention's residual in o_proj's launch, normalizes inside
-    the gated MLP's launch and adds the MLP's residual in down_proj's: no fused_add_rmsnorm launch. The logits
-    match the separate norm's (the residual sum is rounded once instead of twice), and the layers' inputs, which
-    output_hidden_states returns, are left as they were."""
+def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch):
+    """A decode-size forward (at most 16 rows) of FP8 projections adds the attention's residual in o_proj's launch
+    (the weight-only kernel), normalizes inside the gated MLP's launch and adds the MLP's residual in down_proj's:
+    no fused_add_rmsnorm launch. The logits match the separate norm's (the residual sum is rounded once instead of
+    twice), and the layers' inputs, which output_hidden_states returns, are left as they were. (bf16 projections:
+    one row on a GPU, test_gpu_decode_step_norms_inside_the_gemms_change_no_logit.)"""
     from triton_ops.models import decoder_layers
 
-    model = patch_model(_model("llama"), fp8=fp8, fp8_recipe="channel")
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="channel")
     ids = torch.randint(0, 128, (2, 5), device=DEVICE)
     norms = []
     real = decoder_layers.fused_add_rmsnorm
@@ -322,11 +322,33 @@ def test_post_attention_norm_runs_inside_the_gated_mlp_launch(fp8, monkeypatch):
     assert len(norms) == 5
 
 
+def test_bf16_o_proj_adds_the_residual_only_where_it_is_one_launch():
+    """x + o_proj(attn) goes into the projection's launch for one bf16 row on a GPU (decode_linear) and FP8
+    weight-only rows; several bf16 rows (cuBLAS) would need an add launch of their own: the layer then keeps the
+    fused add + norm launch instead of moving its norm into the gated MLP."""
+    from torch import nn
+    from triton_ops.models.decoder_layers import _o_proj_adds
+
+    lin = nn.Linear(512, 512, bias=False).to(torch.bfloat16).requires_grad_(False)
+    assert _o_proj_adds(lin, 1, torch.bfloat16, True, False)
+    assert not _o_proj_adds(lin, 8, torch.bfloat16, True, False)  # cuBLAS rows
+    assert not _o_proj_adds(lin, 1, torch.bfloat16, False, False)  # not on a GPU
+    assert not _o_proj_adds(lin, 1, torch.float32, True, False)  # not the weight's dtype
+    assert not _o_proj_adds(nn.Linear(500, 512, bias=False).to(torch.bfloat16), 1, torch.bfloat16, True, False)
+    handle = lin.register_forward_hook(lambda *args: None)
+    assert not _o_proj_adds(lin, 1, torch.bfloat16, True, False)  # a hook would not see the projection alone
+    handle.remove()
+    fp8 = FP8Linear.from_linear(nn.Linear(256, 128).to(DEVICE))
+    assert _o_proj_adds(fp8, 8, torch.bfloat16, DEVICE.type == "cuda", False)
+    assert not _o_proj_adds(fp8, 17, torch.bfloat16, DEVICE.type == "cuda", False)  # W8A8 rows
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
-def test_gpu_input_norm_in_the_packed_qkv_launch_changes_no_logit(fp8, monkeypatch):
+def test_gpu_decode_step_norms_inside_the_gemms_change_no_logit(fp8, monkeypatch):
     """At a K the one-row bf16 kernel takes (512), the decode step's q/k/v GEMMs normalize their input: the same
-    logits, bit for bit, as the norm's own launch."""
+    logits, bit for bit, as the norm's own launch; with the post-attention norm inside the gated MLP's launch too
+    (no fused_add_rmsnorm launch in the step), the same up to the residual sum's single rounding."""
     from triton_ops.models import decoder_layers
 
     torch.manual_seed(3)
@@ -338,9 +360,18 @@ def test_gpu_input_norm_in_the_packed_qkv_launch_changes_no_logit(fp8, monkeypat
     calls = _norm_in_qkv_spy(monkeypatch)
     fused = _prefill_and_step(model, ids)
     assert calls[-2:] == [True, True]  # the decode step's two layers
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", False)
+    input_only = _prefill_and_step(model, ids)
     monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", False)
     separate = _prefill_and_step(model, ids)
-    assert torch.equal(fused[1], separate[1])
+    assert torch.equal(input_only[1], separate[1])
+    assert _cosine(fused[1], separate[1]) >= 0.9999
+    norms = []
+    real = decoder_layers.fused_add_rmsnorm
+    monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm", lambda *a, **k: norms.append(1) or real(*a, **k))
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", True)
+    _prefill_and_step(model, ids)
+    assert len(norms) == (0 if fp8 else 2)  # bf16: the prefill's 7 rows take cuBLAS (the norm's own launch)
 
 
 def test_bf16_down_projection_rule_for_the_one_launch_residual_add():

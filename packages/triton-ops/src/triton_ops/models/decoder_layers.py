@@ -36,7 +36,7 @@ from .layers import (
     LOCAL_SHARDS_ATTR,
     NORM_PROLOGUE_MAX_ROWS,
     PACKING_ATTR,
-    decode_gemv,
+    decode_gemv_rule,
     linear,
     linear_add_,
     norm_module_fusable,
@@ -333,6 +333,10 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
         return ""
     if torch.is_grad_enabled() and (hidden_states.requires_grad or norm.weight.requires_grad):
         return ""
+    # only where x + o_proj(...) is one launch: elsewhere (cuBLAS at several bf16 rows) its add would be a launch of
+    # its own, as many as the norm's, and the MLP would pay its prologue for nothing
+    if not _o_proj_adds(attn.o_proj, rows, hidden_states.dtype, hidden_states.is_cuda, hidden_states.requires_grad):
+        return ""
     return _down_adds_residual(mlp, hidden_states)
 
 
@@ -420,7 +424,9 @@ def _o_proj(o_proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     (one decode row: one launch streaming the weight), anything else (FP8Linear, a sharded or hooked module)
     called as it is. With ``residual``: ``residual + o_proj(x)``, in the projection's own launch where that is
     :func:`fp8_gemm.decode_linear` (:func:`_o_proj_adds`), else by an add after it."""
-    if residual is not None and _o_proj_adds(o_proj, x):
+    rows = x.numel() // max(1, x.shape[-1])
+    if residual is not None and type(x) is torch.Tensor and _o_proj_adds(o_proj, rows, x.dtype, x.is_cuda,
+                                                                         x.requires_grad):
         bufs = o_proj._buffers
         return decode_linear(x, bufs.get("weight", o_proj.weight), o_proj.bias,
                              weight_scale=bufs.get("weight_scale"), residual=residual)
@@ -431,20 +437,20 @@ def _o_proj(o_proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     return out if residual is None else residual + out
 
 
-def _o_proj_adds(o_proj: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``residual + o_proj(x)`` can be one :func:`fp8_gemm.decode_linear` launch: a hook-free plain
-    ``nn.Linear`` where :func:`~triton_ops.models.layers.decode_gemv` takes it, or an ``FP8Linear`` whose call runs
+def _o_proj_adds(o_proj: nn.Module, rows: int, dtype: torch.dtype, on_gpu: bool, requires_grad: bool) -> bool:
+    """Whether ``residual + o_proj(x)`` for an input of ``rows`` rows of ``dtype`` can be one
+    :func:`fp8_gemm.decode_linear` launch: a hook-free plain ``nn.Linear`` where
+    :func:`~triton_ops.models.layers.decode_gemv` takes it (one row on a GPU), or an ``FP8Linear`` whose call runs
     the weight-only kernel anyway (``use_weight_only``); nothing to differentiate."""
-    if o_proj._forward_hooks or o_proj._forward_pre_hooks or type(x) is not torch.Tensor:
+    if o_proj._forward_hooks or o_proj._forward_pre_hooks or rows < 1:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in o_proj.parameters())):
+    if torch.is_grad_enabled() and (requires_grad or any(p.requires_grad for p in o_proj.parameters())):
         return False
     if type(o_proj) is nn.Linear:
-        return decode_gemv(x, o_proj.weight)
+        return decode_gemv_rule(rows == 1, dtype, on_gpu, o_proj.weight)
     if type(o_proj) is FP8Linear:
         bufs = o_proj._buffers
-        rows = x.numel() // max(1, x.shape[-1])
-        return 0 < rows and use_weight_only(o_proj.path, rows, bufs["weight"], bufs["weight_scale"], x.element_size())
+        return use_weight_only(o_proj.path, rows, bufs["weight"], bufs["weight_scale"], dtype.itemsize)
     return False
 
 

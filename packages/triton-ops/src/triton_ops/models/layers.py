@@ -581,8 +581,13 @@ def decode_gemv(x: torch.Tensor, weight: torch.Tensor, on_gpu: bool | None = Non
     """Whether :func:`fp8_gemm.decode_linear`'s kernel takes ``x @ weight^T``: a single row on a GPU (``on_gpu``
     overrides ``x.is_cuda``, for tests), a plain 16-bit weight in x's dtype whose K is a multiple of 512, where
     it measured faster than cuBLAS."""
-    return ((x.is_cuda if on_gpu is None else on_gpu) and x.numel() == x.shape[-1] and weight.dtype in _HALF
-            and x.dtype == weight.dtype and weight.shape[-1] % _DECODE_LINEAR_K == 0 and type(weight) in _PLAIN)
+    return decode_gemv_rule(x.numel() == x.shape[-1], x.dtype, x.is_cuda if on_gpu is None else on_gpu, weight)
+
+
+def decode_gemv_rule(one_row: bool, dtype: torch.dtype, on_gpu: bool, weight: torch.Tensor) -> bool:
+    """:func:`decode_gemv`'s rule from an input's description (a layer deciding before the input exists)."""
+    return (on_gpu and one_row and weight.dtype in _HALF and dtype == weight.dtype
+            and weight.shape[-1] % _DECODE_LINEAR_K == 0 and type(weight) in _PLAIN)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -640,5 +645,6 @@ def packed_projections(attn: nn.Module) -> QKVPacking | None:
     return QKVPacking.attach(attn, linear, linear.sizes)
 
 
-__all__ = ["NORM_PROLOGUE_MAX_ROWS", "PACKING_ATTR", "PackedQKVLinear", "QKVPacking", "fp8_packable", "linear",
+__all__ = ["NORM_PROLOGUE_MAX_ROWS", "PACKING_ATTR", "PackedQKVLinear", "QKVPacking", "decode_gemv",
+           "decode_gemv_rule", "fp8_packable", "linear",
            "norm_module_fusable", "pack_fp8", "pack_shards", "packable", "packed_projections", "shards_packable"]
