@@ -143,6 +143,11 @@ def test_rms_norm_prologue_errors_and_gradient():
         decode_linear(x, w, b, norm_weight=norm_w, norm_eps=-1.0)
     with pytest.raises(InvalidArgumentError, match="norm_eps"):
         decode_linear(x, w, b, norm_weight=norm_w, norm_eps=float("nan"))
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):  # rmsnorm's rule: positive
+        decode_linear(x, w, b, norm_weight=norm_w, norm_eps=0.0)
+    decode_linear(x, w, b, norm_weight=norm_w, norm_eps=1)
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):  # a bool, after the int 1's plan
+        decode_linear(x, w, b, norm_weight=norm_w, norm_eps=True)
     with pytest.raises(ShapeMismatchError, match="norm_weight"):
         decode_linear(x, w, b, norm_weight=torch.ones(64, 2, device=DEVICE)[:, 0])  # strided
     # a gradient to record: torch's fp32 RMSNorm, then F.linear
@@ -255,6 +260,10 @@ def test_residual_errors_op_and_gradient():
     fn = torch.compile(lambda x: decode_linear(x, w, b, residual=residual), fullgraph=True, backend="aot_eager")
     assert torch.equal(fn(x), decode_linear(x, w, b, residual=residual))
     xg = x.float().requires_grad_()
+    with pytest.raises(ShapeMismatchError, match="residual"):  # the differentiable path checks it too
+        decode_linear(xg, w.float(), b.float(), residual=residual.float()[0])
+    with pytest.raises(ShapeMismatchError, match="norm_weight"):
+        decode_linear(xg, w.float(), b.float(), norm_weight=torch.ones(1, device=DEVICE))
     out = decode_linear(xg, w.float(), b.float(), residual=residual.float())
     out.sum().backward()
     assert torch.equal(out.detach(), residual.float() + F.linear(x.float(), w.float(), b.float()))

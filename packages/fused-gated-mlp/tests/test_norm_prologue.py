@@ -74,14 +74,16 @@ def _bf16_weights(inter, hidden, dtype, device, gen):
     return (wg, wu), {}, wg.double().cpu(), wu.double().cpu()
 
 
-# fp16 and fp32 activations: the interpreter's fp32 -> bf16 cast truncates where torch rounds, so the outside
-# normalization could differ from the kernel's in the last bit there; on a GPU bf16 is checked too
-DTYPES = [torch.float16, torch.float32]
+# fp16 activations on every tile and weight kind, fp32 on a few (the interpreter's fp32 -> bf16 cast truncates
+# where a GPU rounds: bf16 is checked on the GPU and, against rmsnorm, in the umbrella's test_norm_prologue.py)
+CASES = [(torch.float16, config, weights) for config in sorted(CONFIGS)
+         for weights in ("x-dtype", "channel", "block", "group")]
+CASES += [(torch.float32, config, weights) for config in ("heuristic", "fma-row", "dot-splitk")
+          for weights in ("x-dtype", "group")]
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("weights", ["x-dtype", "channel", "block", "group"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dtype", "config", "weights"), CASES,
+                         ids=[f"{str(d)[6:]}-{c}-{w}" for d, c, w in CASES])
 def test_prologue_equals_the_kernel_on_the_input_normalized_outside(device, config, weights, dtype):
     hidden, inter = 300, 40  # three 128-wide K blocks, the last partial; several column tiles
     gen = torch.Generator().manual_seed(sum(map(ord, config + weights)) + dtype.itemsize)
@@ -142,6 +144,18 @@ def test_bad_norm_arguments_are_named(device):
         fused_gated_mlp(x, wg, wu, norm_weight=torch.ones(64, device=device), norm_eps=-1.0)
     with pytest.raises(InvalidArgumentError, match="norm_eps"):
         fused_gated_mlp(x, wg, wu, norm_weight=torch.ones(64, device=device), norm_eps=float("inf"))
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):  # rmsnorm's rule: a zero row would give NaN
+        fused_gated_mlp(x, wg, wu, norm_weight=torch.ones(64, device=device), norm_eps=0.0)
+    ones = torch.ones(64, device=device)
+    fused_gated_mlp(x, wg, wu, norm_weight=ones, norm_eps=1)  # an int is a number ...
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):  # ... a bool is not, after it as before it
+        fused_gated_mlp(x, wg, wu, norm_weight=ones, norm_eps=True)
+    # the differentiable path refuses what the kernel's path refuses (no broadcast of a wrong weight)
+    xg = x.clone().requires_grad_()
+    with pytest.raises(ShapeMismatchError, match="norm_weight"):
+        fused_gated_mlp(xg, wg, wu, norm_weight=torch.ones(1, device=device))
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):
+        fused_gated_mlp(xg, wg, wu, norm_weight=ones, norm_eps=-1.0)
     with pytest.raises(InvalidArgumentError, match="decode kernel"):
         fused_gated_mlp(x, wg, wu, norm_weight=torch.ones(64, device=device),
                         config={**DECODE_SPLIT3, "path": "prefill"})

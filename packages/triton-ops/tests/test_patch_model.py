@@ -322,6 +322,24 @@ def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch):
     assert len(norms) == 5
 
 
+def test_grad_mode_keeps_the_separate_norms_and_the_gradients(monkeypatch):
+    """With grad mode on, the layer adds into h in place nowhere: a trainable part of the attention (here Qwen3's
+    q_norm, all else frozen, the embeddings too) gets its gradient, the same as with the norms' own launches."""
+    from triton_ops.models import decoder_layers
+
+    grads = []
+    for post in (True, False):
+        monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", post)
+        model = patch_model(_model("qwen3"), fp8=True, fp8_recipe="channel")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        weight = model.model.layers[0].self_attn.q_norm.weight.requires_grad_(True)
+        model(torch.randint(0, 128, (1, 4), device=DEVICE)).logits.float().sum().backward()
+        grads.append(weight.grad.clone())
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_bf16_o_proj_adds_the_residual_only_where_it_is_one_launch():
     """x + o_proj(attn) goes into the projection's launch for one bf16 row on a GPU (decode_linear) and FP8
     weight-only rows; several bf16 rows (cuBLAS) would need an add launch of their own: the layer then keeps the

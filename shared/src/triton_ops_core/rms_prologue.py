@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .exceptions import InvalidArgumentError
+
 
 @triton.jit
 def row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -57,6 +59,13 @@ def norm_block(k: int, rows: int, interpreter: bool = False) -> int:
     return max(16, min(triton.next_power_of_2(max(1, k)), 2048 // max(1, rows)))
 
 
+def check_norm_eps(eps: object) -> None:
+    """The norm's epsilon: a positive finite number, not a bool (``rmsnorm``'s rule: with 0 an all-zero row, a
+    padding row, would become NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise InvalidArgumentError(f"norm_eps: expected a positive finite number, got {eps!r}")
+
+
 def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The prologue's result in torch, differentiable: RMSNorm in fp32, rounded once to x's dtype (what a GEMM with
     the prologue computes on when autograd must record the call; equal to the kernel's up to the last bit)."""
@@ -64,4 +73,4 @@ def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-__all__ = ["norm_block", "normalized", "rms_normalized", "row_rstd"]
+__all__ = ["check_norm_eps", "norm_block", "normalized", "rms_normalized", "row_rstd"]

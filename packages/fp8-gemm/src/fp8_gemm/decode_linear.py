@@ -22,10 +22,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.rms_prologue import rms_normalized
+from triton_ops_core.rms_prologue import check_norm_eps, rms_normalized
 from triton_ops_core.validation import check_ndim, check_no_overlap, check_tensor, memory_span
 
 from . import _scratch
@@ -45,7 +45,7 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     check_tensor(x, "x")
     check_ndim(x, "x", minimum=1)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    key = call_key("decode_linear", x2, weight, bias, norm_weight, norm_eps, weight_scale, residual)
+    key = call_key("decode_linear", x2, weight, bias, norm_weight, norm_eps, norm_eps.__class__, weight_scale, residual)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         res2 = None
@@ -96,7 +96,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             ``norm_eps`` inside the same launch, bit for bit as ``fused_rmsnorm_rope.rmsnorm(x, norm_weight,
             norm_eps)`` would write it (a decoder layer's input norm and its q/k/v projection in one launch; every
             program sums its rows' squares again, from L2, so this is for the few rows of decode).
-        norm_eps: the norm's epsilon (>= 0).
+        norm_eps: the norm's epsilon (> 0, as ``rmsnorm``'s).
 
     Returns:
         ``[..., N]`` in x's dtype: ``x @ weight^T + bias`` (the FP8 weight times its scale) accumulated in fp32,
@@ -113,7 +113,16 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
                                        for t in (x, weight, bias, norm_weight, residual)):
+        # the differentiable path: the same arguments refused as the kernel's path refuses them
+        if residual is not None:
+            check_residual(residual, x, weight)
         if norm_weight is not None:
+            check_tensor(norm_weight, "norm_weight")
+            check_ndim(norm_weight, "norm_weight", exact=1)
+            if norm_weight.shape[0] != x.shape[-1]:
+                raise ShapeMismatchError(f"norm_weight: expected [{x.shape[-1]}] (x's last dimension), got "
+                                         f"{list(norm_weight.shape)}")
+            check_norm_eps(norm_eps)
             x = rms_normalized(x, norm_weight, norm_eps)
         if weight_scale is not None:  # FP8Linear's own differentiable path (the input gradient)
             out = fp8_linear(x, weight, weight_scale, bias, path="weight_only")

@@ -38,7 +38,7 @@ import torch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
-from triton_ops_core.rms_prologue import norm_block
+from triton_ops_core.rms_prologue import check_norm_eps, norm_block
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dim_size,
@@ -319,7 +319,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         config: a launch config (keys of ``weight_only_config``) instead of the heuristic's.
         add_out: a row-major ``[M, N]`` tensor of x's dtype the product is added to in place (``run(..., out=)``
             with it: a residual stream, one rounding of the sum), or None.
-        norm_weight, norm_eps: RMS-normalize x over K first (``[K]`` weight of any float dtype, ``eps`` >= 0), as
+        norm_weight, norm_eps: RMS-normalize x over K first (``[K]`` weight of any float dtype, ``eps`` > 0), as
             ``fused_rmsnorm_rope.rmsnorm`` does, bit for bit (``run(..., norm_weight=)`` with it); or None.
 
     Raises:
@@ -364,8 +364,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         if norm_weight.stride(0) != 1:
             raise ShapeMismatchError(
                 f"norm_weight: expected a contiguous [{k}] tensor, got stride {norm_weight.stride()}")
-        if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not 0 <= norm_eps < float("inf"):
-            raise InvalidArgumentError(f"norm_eps: expected a finite number >= 0, got {norm_eps!r}")
+        check_norm_eps(norm_eps)
     check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias, residual=add_out,
                       norm_weight=norm_weight)
     check_kernel_device(x, "x")

@@ -36,7 +36,7 @@ from triton_ops_core.exceptions import (
 )
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv
 from triton_ops_core.library import capturing, direct_call_ok, op_name
-from triton_ops_core.rms_prologue import norm_block, rms_normalized
+from triton_ops_core.rms_prologue import check_norm_eps, norm_block, rms_normalized
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_ndim, check_tensor
 
 from . import _kernels as K
@@ -431,7 +431,7 @@ def _forward(x, gate_weight, up_weight, gate_bias, up_bias, activation, weight_l
              config: dict | None, gate_scale=None, up_scale=None, norm_weight=None, norm_eps=0.0) -> torch.Tensor:
     """The op's implementation: the call's cached plan (built on the first call of its key), then one launch."""
     key = call_key(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, activation, weight_layout,
-                   alpha, limit, norm_weight, norm_eps if norm_weight is not None else None,
+                   alpha, limit, norm_weight, norm_eps if norm_weight is not None else None, norm_eps.__class__,
                    alpha.__class__, limit.__class__,  # True == 1: keep a bool (rejected) apart from an int
                    _config_key(config),
                    # fp32 dots follow torch's TF32 switch (read only for fp32 inputs: it costs a microsecond)
@@ -593,7 +593,7 @@ def fused_gated_mlp(
             norm and its gated MLP in one launch). Every program sums its rows' squares again (from L2): meant for
             the few rows of a decode step; more rows than the decode kernel's (``DECODE_MAX_TOKENS``) run it too,
             with its config for that many.
-        norm_eps: the norm's epsilon (>= 0).
+        norm_eps: the norm's epsilon (> 0, as ``rmsnorm``'s).
 
     Returns:
         ``[..., intermediate]`` in ``x``'s dtype. Products accumulate in fp32; the activation runs in fp32.
@@ -625,7 +625,10 @@ def fused_gated_mlp(
     """
     if norm_weight is not None and torch.is_grad_enabled() and any(
             getattr(t, "requires_grad", False) for t in (x, gate_weight, up_weight, gate_bias, up_bias, norm_weight)):
-        # a gradient to record: the norm in torch (differentiable), then the op and its backward
+        # a gradient to record: the norm in torch (differentiable), then the op and its backward; its arguments
+        # refused as the kernel's path refuses them
+        check_tensor(x, "x")
+        _check_norm(x, norm_weight, norm_eps)
         x, norm_weight = rms_normalized(x, norm_weight, norm_eps), None
     if direct_call_ok(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, norm_weight):
         # plain eager: no dispatcher round trip
@@ -694,8 +697,7 @@ def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float) -> 
                                  f"shape {list(norm_weight.shape)} with stride {norm_weight.stride()}")
     if norm_weight.device != x.device:
         raise DeviceMismatchError(f"norm_weight: expected x's device {x.device}, got {norm_weight.device}")
-    if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not 0 <= norm_eps < float("inf"):
-        raise InvalidArgumentError(f"norm_eps: expected a finite number >= 0, got {norm_eps!r}")
+    check_norm_eps(norm_eps)
 
 
 def _split_packed_scale(scale: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:

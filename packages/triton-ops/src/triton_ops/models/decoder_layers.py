@@ -55,6 +55,12 @@ class FusedAddNormDecoderLayer(nn.Module):
     own add rounds it, and normalized). For Llama, Mistral, Qwen2, Qwen3 decoder layers (attributes ``self_attn``,
     ``mlp``, ``input_layernorm``, ``post_attention_layernorm``; the latter a plain RMSNorm with ``weight`` and
     ``variance_epsilon``). Every keyword argument goes to ``self_attn`` unchanged, as the model's own layer does.
+
+    In a decode step the norms can cost no launch of their own: ``norm1`` runs inside the packed q/k/v GEMM's
+    launch where that is the weight-only decode kernel (:func:`_input_norm_in_projection`: one bf16 row on a GPU, or
+    FP8 weights at up to 16 rows; the same values bit for bit), and, where ``x + o_proj(...)`` is one launch too,
+    ``norm2`` runs inside the gated MLP's launch and the MLP's residual add inside the down projection's
+    (:func:`_post_norm_in_mlp`; the residual sum rounded once instead of twice). Inference only (grad mode off).
     """
 
     can_torch_compile = True
@@ -320,8 +326,10 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
     into the output projection's launch and the MLP's into the down projection's), or ``""``: one of the
     attentions here without hooks, a plain RMSNorm (:func:`~triton_ops.models.layers.norm_module_fusable`), a
     patched gated MLP whose down projection adds the residual (:func:`_down_adds_residual`, not sharded) and whose
-    gate/up run the fused kernel (a decode step's few rows: at most ``NORM_PROLOGUE_MAX_ROWS``), nothing to
-    differentiate. The layer's input is left as it is (``h = x + o_proj(...)`` is a new tensor)."""
+    gate/up run the fused kernel (a decode step's few rows: at most ``NORM_PROLOGUE_MAX_ROWS``), an output projection
+    that adds the residual in its own launch (:func:`_o_proj_adds`: one bf16 row on a GPU, or FP8 weight-only rows),
+    and grad mode off (the layer adds into ``h`` in place; anything of the attention may need a gradient). The
+    layer's input is left as it is (``h = x + o_proj(...)`` is a new tensor)."""
     if not POST_NORM_IN_MLP:
         return ""
     attn, norm, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
@@ -331,7 +339,7 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
     if not 0 < rows <= NORM_PROLOGUE_MAX_ROWS or not norm_module_fusable(norm) \
             or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
         return ""
-    if torch.is_grad_enabled() and (hidden_states.requires_grad or norm.weight.requires_grad):
+    if torch.is_grad_enabled():  # inference only: h would be added into in place while autograd may need it
         return ""
     # only where x + o_proj(...) is one launch: elsewhere (cuBLAS at several bf16 rows) its add would be a launch of
     # its own, as many as the norm's, and the MLP would pay its prologue for nothing
