@@ -356,6 +356,13 @@ def test_bf16_o_proj_adds_the_residual_only_where_it_is_one_launch():
     handle = lin.register_forward_hook(lambda *args: None)
     assert not _o_proj_adds(lin, 1, torch.bfloat16, True, False)  # a hook would not see the projection alone
     handle.remove()
+    # the packed q/k/v with the input norm in its launch takes the kernel at any K (gpt-oss's 2880: the launch saved)
+    from triton_ops.models.layers import decode_gemv_rule
+
+    w2880 = torch.zeros(5120, 2880, dtype=torch.bfloat16)
+    assert decode_gemv_rule(True, torch.bfloat16, True, w2880, any_k=True)
+    assert not decode_gemv_rule(True, torch.bfloat16, True, w2880)
+    assert not decode_gemv_rule(False, torch.bfloat16, True, w2880, any_k=True)
     fp8 = FP8Linear.from_linear(nn.Linear(256, 128).to(DEVICE))
     assert _o_proj_adds(fp8, 8, torch.bfloat16, DEVICE.type == "cuda", False)
     assert not _o_proj_adds(fp8, 17, torch.bfloat16, DEVICE.type == "cuda", False)  # W8A8 rows
