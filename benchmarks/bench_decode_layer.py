@@ -44,6 +44,7 @@ from .bench_model import (
     check_known,
     copy_bandwidth_gbps,
     fill_cache,
+    known_variants,
     make_variant,
     profiled_gpu_us,
     static_cache,
@@ -282,7 +283,9 @@ def check_on_cpu(args) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode_layer", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(LAYER_MODELS), help=f"comma-separated, of {', '.join(LAYER_MODELS)}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS)}; a patched one with the suffix -separate-norms: "
+                        "its norms as launches of their own")
     p.add_argument("--rows", default="1,8,64", help="row counts M (sequences of one token), comma-separated")
     p.add_argument("--context", type=int, default=1024, help="tokens in the cache")
     p.add_argument("--steps", type=int, default=10, help="profiled steps per measurement")
@@ -296,7 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = [m for m in args.models.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
     args.rows = [int(r) for r in args.rows.split(",") if r]
-    check_known(p, (("model", args.models, LAYER_MODELS), ("variant", args.variants, VARIANTS)))
+    check_known(p, (("model", args.models, LAYER_MODELS), ("variant", args.variants, known_variants(VARIANTS))))
     return args
 
 

@@ -49,6 +49,9 @@ VARIANTS = ("transformers", "patched", "patched-fp8")
 # also known: FP8's default recipe (group scales, MLP output projections kept; its first/last-layer rule left out on
 # these few-layer stand-ins), the same with per-row activations (group-row), and blocks on every Linear
 EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block")
+# Any patched variant + this suffix: the decode step's RMSNorms as launches of their own (the layer's fusions of its
+# norms into the GEMMs they feed switched off while it is measured), for the before/after of those fusions in one run.
+SEPARATE_NORMS = "-separate-norms"
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -112,8 +115,14 @@ def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0)
 
 
 def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of ``variant``, built and patched. The norm fusions' switches are set for it (a variant is measured
+    right after it is made): off for a ``SEPARATE_NORMS`` variant, on for every other."""
     import triton_ops
+    from triton_ops.models import decoder_layers
 
+    separate = variant.endswith(SEPARATE_NORMS)
+    variant = variant.removesuffix(SEPARATE_NORMS)
+    decoder_layers.INPUT_NORM_IN_QKV = decoder_layers.POST_NORM_IN_MLP = not separate
     model = build_model(config, device, dtype)
     if variant == "patched":
         triton_ops.patch_model(model)
@@ -479,7 +488,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_model", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+                   help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}; a patched one with the suffix "
+                        f"{SEPARATE_NORMS}: its decode step's norms as launches of their own")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",
                    help="decode points, BATCHxCONTEXT, comma-separated")
@@ -496,9 +506,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.variants = [v for v in args.variants.split(",") if v]
     args.parts = [x for x in args.parts.split(",") if x]
     args.decode_points = [tuple(int(v) for v in pt.split("x")) for pt in args.decode.split(",") if pt]
-    check_known(p, (("model", args.models, MODELS), ("variant", args.variants, VARIANTS + EXTRA_VARIANTS),
-                    ("part", args.parts, PARTS)))
+    check_known(p, (("model", args.models, MODELS),
+                    ("variant", args.variants, known_variants(VARIANTS + EXTRA_VARIANTS)), ("part", args.parts, PARTS)))
     return args
+
+
+def known_variants(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` and each patched one with :data:`SEPARATE_NORMS`."""
+    return names + tuple(n + SEPARATE_NORMS for n in names if n.startswith("patched"))
 
 
 def check_known(parser: argparse.ArgumentParser, checks) -> None:

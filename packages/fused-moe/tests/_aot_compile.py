@@ -143,9 +143,11 @@ def main() -> int:
                              SPLIT_K=2, F16_DOT=True),
                         f"down {wtype} fp16 dots", warps=4)
     ok &= one_row_fp8_budgets()
-    ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "T": I32, "N": I32, "stride_ym": I32,
-                                    "stride_ot": I32}, dict(TERMS=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False),
-                "combine")
+    for residual in (False, True):
+        ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "res_ptr": "*bf16", "T": I32,
+                                        "N": I32, "stride_ym": I32, "stride_ot": I32, "stride_rt": I32},
+                    dict(TERMS=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False, HAS_RESIDUAL=residual),
+                    "combine" + (" with the residual" if residual else ""))
     return 0 if ok else 1
 
 

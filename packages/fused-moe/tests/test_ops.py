@@ -86,3 +86,40 @@ def test_experts_under_compile_with_external_routing(device):
                            gate_up_layout="concatenated", transposed=False)
 
     assert torch.equal(torch.compile(block, fullgraph=True, backend="aot_eager")(x), block(x))
+
+
+@pytest.mark.parametrize("lead", [None, (2, 3)])
+def test_residual_joins_the_combine(device, lead):
+    """``residual=``: the decoder layer's add after its MoE inside the combine's one rounding: within fp32 rounding
+    of ``residual + fused_moe(...)`` and of float64, the residual itself untouched; wrong residuals are named."""
+    x, rw, rb, w1, b1, w2, b2 = make_moe(6, 32, 16, 6, device=device, seed=9, lead=lead)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(10)).to(device) * 3
+    kept = residual.clone()
+    plain = fused_moe(x, rw, rb, w1, b1, w2, b2, 2)
+    fused = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=residual)
+    assert torch.equal(residual, kept) and fused.shape == x.shape
+    want = residual.double() + plain.double()
+    assert ((fused.double() - want).norm() / want.norm()).item() < 1e-6
+    assert not torch.equal(fused, plain)
+    ids, wts = moe_route(x, rw, rb, 2)
+    opcheck_op(EXPERTS, (x, ids, wts, w1, b1, w2, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, None, None,
+                         residual))
+    compiled = torch.compile(lambda x, r: fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=r), fullgraph=True,
+                             backend="aot_eager")
+    assert torch.equal(compiled(x, residual), fused)
+
+
+def test_residual_errors(device):
+    from triton_ops_core.exceptions import LayoutError, ShapeMismatchError, UnsupportedDtypeError
+
+    x, rw, rb, w1, b1, w2, b2 = make_moe(4, 32, 16, 6, device=device, seed=11)
+    with pytest.raises(ShapeMismatchError, match="residual"):
+        fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=x[:2])
+    with pytest.raises(UnsupportedDtypeError, match="residual"):
+        fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=x.double())
+    with pytest.raises(LayoutError, match="residual"):
+        fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=torch.randn(32, 4, device=device).t())
+    # a residual with a row stride of its own (a 2-D view) is read as it is
+    wide = torch.randn(4, 64, device=device)
+    got = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=wide[:, :32])
+    assert torch.allclose(got, fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=wide[:, :32].contiguous()))

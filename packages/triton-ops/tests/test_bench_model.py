@@ -51,6 +51,18 @@ def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     assert bm.decode_weight_bytes(reference) == expected
 
 
+def test_separate_norms_variant_switches_the_fusions_for_its_measurement(bm):
+    from triton_ops.models import decoder_layers
+
+    config = bm.build_config("llama3-8b", tiny=True)
+    bm.make_variant("patched-fp8" + bm.SEPARATE_NORMS, config, torch.device("cpu"), torch.float32)
+    assert not decoder_layers.INPUT_NORM_IN_QKV and not decoder_layers.POST_NORM_IN_MLP
+    bm.make_variant("patched", config, torch.device("cpu"), torch.float32)
+    assert decoder_layers.INPUT_NORM_IN_QKV and decoder_layers.POST_NORM_IN_MLP
+    assert "patched-fp8-default-separate-norms" in bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    assert "transformers-separate-norms" not in bm.known_variants(bm.VARIANTS)
+
+
 def test_a_changed_model_is_seen_by_the_comparison(bm):
     ref = {"logits": torch.randn(2, 10), "tokens": torch.tensor([[1, 2, 3], [4, 5, 6]]),
            "forced": torch.randn(2, 3, 10)}

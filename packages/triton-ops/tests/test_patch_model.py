@@ -561,6 +561,34 @@ def test_patched_gpt_oss_runs_its_experts_in_the_fused_moe():
     assert _cosine(out, ref_out) >= tol
 
 
+def test_patched_gpt_oss_adds_the_residual_in_the_moe_combine(monkeypatch):
+    """The residual add after gpt-oss's MoE runs in the fused MoE's combine launch (residual=): once per layer and
+    forward, the same logits as the separate add up to its one rounding; with grad mode on, the separate add."""
+    import fused_moe
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_gpt_oss())
+    residuals = []
+    real = fused_moe.ops.moe_experts
+    monkeypatch.setattr(fused_moe.ops, "moe_experts",
+                        lambda *a, **k: residuals.append(k.get("residual") is not None) or real(*a, **k))
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    fused = _prefill_and_step(model, ids)
+    assert residuals == [True] * 4  # two layers, prefill and step
+    monkeypatch.setattr(decoder_layers, "_moe_adds_residual", lambda *args: False)
+    separate = _prefill_and_step(model, ids)
+    assert residuals[4:] == [False] * 4
+    for a, b in zip(fused, separate, strict=True):
+        assert _cosine(a, b) >= (0.9999 if DTYPE == torch.bfloat16 else 0.999999)
+    monkeypatch.undo()
+    assert not decoder_layers._moe_adds_residual(model.model.layers[0].mlp, torch.zeros(1))  # grad mode is on
+    with torch.no_grad():
+        assert decoder_layers._moe_adds_residual(model.model.layers[0].mlp, torch.zeros(1))
+        handle = model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+        assert not decoder_layers._moe_adds_residual(model.model.layers[0].mlp, torch.zeros(1))
+        handle.remove()
+
+
 def test_patched_gpt_oss_with_fp8_experts_matches_their_dequantized_weights():
     from fused_moe import is_fp8_experts
 

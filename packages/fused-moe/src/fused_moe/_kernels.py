@@ -556,14 +556,18 @@ def _down_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["T"])
-def _combine_kernel(y_ptr, out_ptr, T, N, stride_ym, stride_ot,
+def _combine_kernel(y_ptr, out_ptr, res_ptr, T, N, stride_ym, stride_ot, stride_rt,
                     TERMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                    EMULATE_BF16: tl.constexpr):
-    """``out[t] = sum_j y[t * TERMS + j]``: a token's k expert outputs (times the down GEMM's K splits)."""
+                    EMULATE_BF16: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """``out[t] = sum_j y[t * TERMS + j]``: a token's k expert outputs (times the down GEMM's K splits); with
+    ``HAS_RESIDUAL`` the residual's row first (a decoder layer's add after its MoE, the sum rounded once)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_t < T)[:, None] & (offs_n < N)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    if HAS_RESIDUAL:
+        acc = tl.load(res_ptr + offs_t.to(tl.int64)[:, None] * stride_rt + offs_n[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
     for j in tl.static_range(TERMS):  # a fixed order of the terms: the same bits on every run
         rows = offs_t.to(tl.int64) * TERMS + j
         acc += tl.load(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)

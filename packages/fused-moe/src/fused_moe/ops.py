@@ -24,9 +24,10 @@ from typing import NamedTuple
 
 import torch
 from triton_ops_core.device import device_info
-from triton_ops_core.exceptions import ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
+from triton_ops_core.exceptions import LayoutError, ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.validation import check_dtype, check_same_device, check_tensor
 
 from . import _kernels as K
 from .configs import MoEConfig, select_config
@@ -318,7 +319,8 @@ class _ExpertsPlan(NamedTuple):
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
                   down_proj: torch.Tensor, down_proj_bias: torch.Tensor | None, activation: str,
                   gate_up_layout: str, transposed: bool, alpha: float, limit: float,
-                  gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None) -> _ExpertsPlan:
+                  gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None) -> _ExpertsPlan:
     t, h = x2d.shape
     e = gate_up_proj.shape[0]
     inter = (gate_up_proj.shape[2] if transposed else gate_up_proj.shape[1]) // 2
@@ -354,18 +356,19 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
         precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None), cfg.num_warps)
-    # combine: out[t] = sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
+    # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
+    stride_rt = 0 if residual is None else _as_2d(residual).stride(0)
     combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
-                   (t, h, h, h, k * split, block_t, block_n, emulate), 4)
+                   (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None), 4)
     return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine)
 
 
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
              gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
              down_proj_bias: torch.Tensor | None, gate_up_scale: torch.Tensor | None = None,
-             down_scale: torch.Tensor | None = None) -> torch.Tensor:
+             down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The per-call part: allocate the buffers, launch the grouping, the two grouped GEMMs and the combine."""
     t, h, p, dev = plan.rows, plan.hidden, plan.rows * plan.k, x2d.device
     out = _empty((t, h), x2d.dtype, device=dev)
@@ -383,7 +386,7 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     s2 = down_proj if down_scale is None else down_scale
     plan.down.launch(hmid, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
                      tile_expert, tile_start, y)
-    plan.combine.launch(y, out)
+    plan.combine.launch(y, out, out if residual is None else _as_2d(residual))
     return out
 
 
@@ -421,29 +424,45 @@ def _route_impl(hidden, router_weight, router_bias, top_k, renormalize):
     return ids, wts
 
 
+def _check_residual(hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """The combine's residual: ``hidden``'s shape, dtype and device, rows of unit stride along H (any row stride)."""
+    if residual is None:
+        return
+    check_tensor(residual, "residual")
+    if tuple(residual.shape) != tuple(hidden.shape):
+        raise ShapeMismatchError(f"residual: expected hidden's shape {list(hidden.shape)}, got {list(residual.shape)}")
+    check_dtype(residual, "residual", (hidden.dtype,))
+    check_same_device(hidden=hidden, residual=residual)
+    if residual.stride(-1) != 1 or (residual.dim() != 2 and not residual.is_contiguous()):
+        raise LayoutError(f"residual: expected a unit stride along the hidden size (and, beyond 2-D, a contiguous "
+                          f"tensor), got strides {residual.stride()}")
+
+
 def _rows(t):
     # [..., k] routing tensors as [T, k] (anything else goes to validation unchanged, which names it)
     return t.reshape(-1, t.shape[-1]) if isinstance(t, torch.Tensor) and t.dim() else t
 
 
 def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                  activation, gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None):
+                  activation, gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None,
+                  residual=None):
     """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
     key = call_key("experts", hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
-                   down_proj_bias, gate_up_scale, down_scale, activation, gate_up_layout, transposed, alpha, limit,
-                   alpha.__class__, limit.__class__, transposed.__class__, _tf32(hidden))
+                   down_proj_bias, gate_up_scale, down_scale, residual, activation, gate_up_layout, transposed, alpha,
+                   limit, alpha.__class__, limit.__class__, transposed.__class__, _tf32(hidden))
     ids2d, w2d = _rows(topk_ids), _rows(topk_weights)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         validate_experts_inputs(hidden, ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                 activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale)
+        _check_residual(hidden, residual)
         plan = _experts_plan(_as_2d(hidden), ids2d.shape[1], gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                             down_scale)
+                             down_scale, residual)
         _put(key, plan)
     ctx = _on_device(hidden.device)
     args = (plan, _as_2d(hidden), ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-            gate_up_scale, down_scale)
+            gate_up_scale, down_scale, residual)
     if ctx is not None:
         with ctx:
             out = _experts(*args)
@@ -473,15 +492,15 @@ def _experts_op(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                 gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
                 down_proj_bias: torch.Tensor | None, activation: str, gate_up_layout: str, transposed: bool,
                 alpha: float, limit: float, gate_up_scale: torch.Tensor | None = None,
-                down_scale: torch.Tensor | None = None) -> torch.Tensor:
+                down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                          down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                         down_scale)
+                         down_scale, residual)
 
 
 @_experts_op.register_fake
 def _(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
-      gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None):
+      gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None, residual=None):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
@@ -553,6 +572,7 @@ def moe_experts(
     limit: float = 7.0,
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The experts of a given routing: ``out[t] = sum_j w[t, j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])``
     with ``e = topk_ids[t, j]``, ``act(gate, up)`` the gated activation of the two halves of ``W1``'s output.
@@ -579,6 +599,8 @@ def moe_experts(
             for the tensor-core tiles or to fp32 for the CUDA-core ones (FP8 experts at 2 to 8 tokens), and the
             scale applied to each column's fp32 sum: half the weight bytes of bf16, the activations unquantized.
             None (the default) for 16/32-bit weights.
+        residual: ``hidden``'s shape and dtype (rows of unit stride), or None: added to each token's sum before its
+            one rounding (a decoder layer's residual add after its MoE, without a launch of its own).
 
     Returns:
         ``[..., H]`` in ``hidden``'s dtype. Products accumulate in fp32; the intermediate activation is rounded
@@ -588,12 +610,12 @@ def moe_experts(
     Registered as ``torch.ops.triton_ops.moe_experts``; no gradient (``MoEBackwardError`` on backward).
     """
     if direct_call_ok(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                      gate_up_scale, down_scale):
+                      gate_up_scale, down_scale, residual):
         return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                             down_scale)
+                             down_scale, residual)
     return _experts_op(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                       activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale)
+                       activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale, residual)
 
 
 def fused_moe(
@@ -615,6 +637,7 @@ def fused_moe(
     return_router_scores: bool = False,
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A mixture-of-experts feed-forward block: ``moe_route`` then ``moe_experts``.
 
@@ -626,8 +649,9 @@ def fused_moe(
     ``down_proj`` in FP8 with ``gate_up_scale`` / ``down_scale`` (see :func:`moe_experts`,
     :func:`quantize_experts_fp8`); the router stays in ``hidden``'s dtype.
 
-    Returns ``[..., H]`` in ``hidden``'s dtype; with ``return_router_scores=True`` also the routing weights
-    ``[T, top_k]`` in ``hidden``'s dtype (what ``GptOssMLP`` returns beside its output).
+    Returns ``[..., H]`` in ``hidden``'s dtype (with ``residual``, that plus the residual, rounded once: see
+    :func:`moe_experts`); with ``return_router_scores=True`` also the routing weights ``[T, top_k]`` in
+    ``hidden``'s dtype (what ``GptOssMLP`` returns beside its output).
 
     Raises:
         ShapeMismatchError (also when the router's and the experts' expert counts differ), UnsupportedDtypeError,
@@ -642,7 +666,7 @@ def fused_moe(
     ids, wts = moe_route(hidden, router_weight, router_bias, top_k, renormalize=renormalize)
     out = moe_experts(hidden, ids, wts, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
                       gate_up_layout=gate_up_layout, transposed=transposed, alpha=alpha, limit=limit,
-                      gate_up_scale=gate_up_scale, down_scale=down_scale)
+                      gate_up_scale=gate_up_scale, down_scale=down_scale, residual=residual)
     if return_router_scores:
         return out, wts.reshape(-1, wts.shape[-1]).to(hidden.dtype)
     return out

@@ -177,12 +177,19 @@ class GptOssMoE(nn.Module):
     experts: nn.Module  # gate_up_proj [E, H, 2I] (gate/up interleaved), gate_up_proj_bias, down_proj, alpha, limit
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r, e = self.router, self.experts
-        scales = e._buffers  # FP8 experts (patch_model(fp8=True), fused_moe.convert_experts_to_fp8): their scales
-        return fused_moe(hidden_states, r.weight, r.bias, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj,
-                         e.down_proj_bias, int(r.top_k), "swiglu_oai", float(e.alpha), float(e.limit),
-                         return_router_scores=True, gate_up_scale=scales.get("gate_up_scale"),
-                         down_scale=scales.get("down_scale"))
+        return moe_hidden(self, hidden_states, return_router_scores=True)
 
 
-__all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "gated_hidden", "kernel_activation"]
+def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+               return_router_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:class:`GptOssMoE`'s forward of a gpt-oss MLP module (``router``, ``experts``); with ``residual``, the
+    decoder layer's add after the MoE inside its combine launch (``residual + moe(x)``, rounded once)."""
+    r, e = mlp.router, mlp.experts
+    scales = e._buffers  # FP8 experts (patch_model(fp8=True), fused_moe.convert_experts_to_fp8): their scales
+    return fused_moe(x, r.weight, r.bias, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj, e.down_proj_bias,
+                     int(r.top_k), "swiglu_oai", float(e.alpha), float(e.limit),
+                     return_router_scores=return_router_scores, gate_up_scale=scales.get("gate_up_scale"),
+                     down_scale=scales.get("down_scale"), residual=residual)
+
+
+__all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "gated_hidden", "kernel_activation", "moe_hidden"]

@@ -31,7 +31,7 @@ from torch import nn
 from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from ..layers import GatedMLP, gated_hidden
+from ..layers import GatedMLP, GptOssMoE, gated_hidden, moe_hidden
 from .layers import (
     LOCAL_SHARDS_ATTR,
     NORM_PROLOGUE_MAX_ROWS,
@@ -93,6 +93,8 @@ class FusedAddNormDecoderLayer(nn.Module):
         how = _down_adds_residual(self.mlp, residual, normed)
         if how:
             return _mlp_into_residual(self.mlp, normed, residual, how)
+        if _moe_adds_residual(self.mlp, residual):  # gpt-oss: the add inside the MoE's combine launch
+            return moe_hidden(self.mlp, normed, residual)
         mlp_out = self.mlp(normed)
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
             mlp_out = mlp_out[0]
@@ -175,6 +177,17 @@ def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Te
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _moe_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> bool:
+    """Whether ``residual + mlp(normed)[0]`` can be the fused MoE's own output (:func:`~triton_ops.layers.moe_hidden`
+    with ``residual``: the add in its combine launch): a patched gpt-oss MoE (:class:`~triton_ops.layers.GptOssMoE`'s
+    forward) without hooks or sharded experts, a plain residual, nothing to differentiate (the MoE has no
+    backward either)."""
+    if getattr(mlp.forward, "__func__", None) is not GptOssMoE.forward or mlp._forward_hooks \
+            or mlp._forward_pre_hooks or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
+        return False
+    return type(residual) is torch.Tensor and not torch.is_grad_enabled()
 
 
 class RopeAttention(nn.Module):
