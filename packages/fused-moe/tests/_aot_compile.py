@@ -20,7 +20,16 @@ from triton_ops_core.aot import compile_sm90  # noqa: E402
 I32 = "i32"
 
 
-def build(fn, types: dict, consts: dict, name: str, warps: int = 4) -> bool:
+def with_norm(fn, types: dict, consts: dict, norm: bool = False) -> tuple[dict, dict]:
+    """The RMSNorm prologue's arguments of the kernels that have one (off unless ``norm``)."""
+    if "NORM" not in fn.arg_names:
+        return types, consts
+    return ({**types, "nw_ptr": "*bf16", "norm_eps": "fp32"},
+            {"NORM": norm, "NORM_BLOCK": 2048 // consts.get("BLOCK_M", consts.get("BLOCK_T", 16)), **consts})
+
+
+def build(fn, types: dict, consts: dict, name: str, warps: int = 4, norm: bool = False) -> bool:
+    types, consts = with_norm(fn, types, consts, norm)
     return compile_sm90(fn, types, consts, name, warps, consts.get("NUM_STAGES", 3))
 
 
@@ -61,10 +70,14 @@ def one_row_fp8_budgets() -> bool:
                       BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
                       NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
                       USE_FMA=True, INTERPRET=False, F16_DOT=False, stride_wn=1)
-        ok &= compile_sm90(K._gate_up_kernel, gate_up_types, consts,
-                           f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}, loop budget",
-                           tile.num_warps, tile.num_stages, divisible=GATE_UP_DIVISIBLE,
-                           max_loop_instructions=budget)
+        # (and with the RMSNorm prologue: the post-attention norm in the launch, within the same budget)
+        for norm in (False, True) if interleaved and wtype == "*fp8e4nv" else (False,):
+            types, cs = with_norm(K._gate_up_kernel, gate_up_types, consts, norm)
+            ok &= compile_sm90(K._gate_up_kernel, types, cs,
+                               f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}, loop "
+                               f"budget{', RMSNorm prologue' if norm else ''}",
+                               tile.num_warps, tile.num_stages, divisible=GATE_UP_DIVISIBLE,
+                               max_loop_instructions=budget)
         budget = MAX_LOOP_INSTRUCTIONS_PER_BYTE * tile.down_block_k * tile.down_block_n // threads
         consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
                       EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=True,
@@ -85,10 +98,11 @@ def main() -> int:
                     dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True, ROUND_LOGITS=True, EMULATE_BF16=False,
                          BLOCK_T=16, BLOCK_E=32, BLOCK_K=256, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False,
                          SPLIT=split), f"route SPLIT={split}")
-    ok &= build(K._router_split_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32",
-                                         **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we"], I32)},
-                dict(BLOCK_T=16, BLOCK_E=32, BLOCK_K=128, NUM_STAGES=2, DOT_PRECISION="tf32", UPCAST=False),
-                "router split")
+    for norm in (False, True):
+        ok &= build(K._router_split_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32",
+                                             **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we"], I32)},
+                    dict(BLOCK_T=16, BLOCK_E=32, BLOCK_K=128, NUM_STAGES=2, DOT_PRECISION="tf32", UPCAST=False),
+                    "router split" + (", RMSNorm prologue" if norm else ""), norm=norm)
     align_types = {**dict.fromkeys(["ids_ptr", "offsets_ptr", "sorted_ptr", "tile_expert_ptr", "tile_start_ptr"],
                                    "*i32"), **dict.fromkeys(["P", "E", "MAX_TILES"], I32)}
     ok &= build(K._align_kernel, align_types,

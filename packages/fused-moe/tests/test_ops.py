@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from _moe_helpers import make_moe, to_layout
 from fused_moe import FusedMoE, MoEBackwardError, fused_moe, moe_experts, moe_route
+from triton_ops_core.rms_prologue import normalized, row_rstd
 from triton_ops_core.testing import opcheck_op
 
 ROUTE = torch.ops.triton_ops.moe_route.default
@@ -123,3 +126,79 @@ def test_residual_errors(device):
     wide = torch.randn(4, 64, device=device)
     got = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=wide[:, :32])
     assert torch.allclose(got, fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=wide[:, :32].contiguous()))
+
+
+@triton.jit
+def _normalize_rows_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    rstd = row_rstd(x_ptr, row + tl.arange(0, 1), row + 1, K, K, 1, eps, 1, 64)
+    kk = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + row * K + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+    tl.store(out_ptr + row * K + kk[None, :], normalized(x, rstd[:, None], w_ptr, kk[None, :], K),
+             mask=(kk < K)[None, :])
+
+
+def _normalized_like_the_prologue(x, w, eps):
+    """The rows as a launch of the prologue's own helpers normalizes them (rmsnorm's arithmetic)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(x2)
+    _normalize_rows_kernel[(x2.shape[0],)](x2, w, out, x2.shape[1], eps, triton.next_power_of_2(x2.shape[1]))
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("t", [1, 3, 17])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_norm_prologue_equals_the_moe_of_the_normalized_input(device, t, fp8):
+    """norm_weight=: the post-attention norm inside the router's and the gate/up GEMM's launches; the same routing
+    and outputs, bit for bit, as the MoE of the input normalized by the same arithmetic outside (fp16: the
+    interpreter's fp32 -> bf16 cast truncates); the residual on top; the tiles of 1 token (split router, one-row
+    FMA tiles for FP8 experts) to 17."""
+    from fused_moe import quantize_experts_fp8
+
+    x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 24, 6, dtype=torch.float16, device=device, seed=20 + t)
+    x = x * 3 + 0.5
+    kw = {}
+    if fp8:
+        w1, s1, w2, s2 = quantize_experts_fp8(w1, w2)
+        kw = dict(gate_up_scale=s1, down_scale=s2)
+    norm_w = (torch.rand(64, generator=torch.Generator().manual_seed(t)) + 0.5).to(device, torch.float16)
+    xn = _normalized_like_the_prologue(x, norm_w, 1e-5)
+    fused = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=norm_w, norm_eps=1e-5, residual=x, **kw)
+    outside = fused_moe(xn, rw, rb, w1, b1, w2, b2, 2, residual=x, **kw)
+    assert torch.equal(fused, outside)
+    ids_f, wts_f = moe_route(x, rw, rb, 2, norm_weight=norm_w, norm_eps=1e-5)
+    ids_o, wts_o = moe_route(xn, rw, rb, 2)
+    assert torch.equal(ids_f, ids_o) and torch.equal(wts_f, wts_o)
+    assert not torch.equal(fused, fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=x, **kw))
+
+
+def test_norm_prologue_errors_and_op(device):
+    from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+
+    x, rw, rb, w1, b1, w2, b2 = make_moe(3, 32, 16, 6, device=device, seed=30)
+    ones = torch.ones(32, device=device)
+    with pytest.raises(ShapeMismatchError, match="norm_weight"):
+        fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=ones[:16])
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):
+        fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=ones, norm_eps=0.0)
+    fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=ones, norm_eps=1)
+    with pytest.raises(InvalidArgumentError, match="norm_eps"):  # a bool after the int 1's plan
+        fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=ones, norm_eps=True)
+    opcheck_op(ROUTE, (x, rw, rb, 2, True, ones, 1e-5))
+    ids, wts = moe_route(x, rw, rb, 2)
+    opcheck_op(EXPERTS, (x, ids, wts, w1, b1, w2, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, None, None,
+                         x, ones, 1e-5))
+
+
+def test_norm_prologue_in_the_split_router(device, monkeypatch):
+    """The decode router's split GEMM (each program a K range) normalizes with the whole row's RMS."""
+    from fused_moe import ops
+
+    x, rw, rb, *_ = make_moe(2, 256, 16, 6, dtype=torch.float16, device=device, seed=31)
+    norm_w = (torch.rand(256, generator=torch.Generator().manual_seed(3)) + 0.5).to(device, torch.float16)
+    monkeypatch.setattr(ops, "_route_split", lambda *args: 2)
+    ops.clear_caches()
+    ids_f, wts_f = moe_route(x, rw, rb, 2, norm_weight=norm_w, norm_eps=1e-5)
+    ids_o, wts_o = moe_route(_normalized_like_the_prologue(x, norm_w, 1e-5), rw, rb, 2)
+    assert torch.equal(ids_f, ids_o) and torch.equal(wts_f, wts_o)
+    ops.clear_caches()

@@ -589,6 +589,29 @@ def test_patched_gpt_oss_adds_the_residual_in_the_moe_combine(monkeypatch):
         handle.remove()
 
 
+def test_patched_gpt_oss_normalizes_inside_the_moe(monkeypatch):
+    """gpt-oss in a decode-size forward whose o_proj adds the residual in its launch (FP8 weight-only here): the
+    post-attention norm runs inside the MoE's router and gate/up launches, the residual add in its combine: no
+    fused_add_rmsnorm launch, the logits those of the separate norm up to the residual sum's one rounding."""
+    import fused_moe
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_gpt_oss(), fp8=True, fp8_recipe="channel")
+    norms, normed_moe = [], []
+    real_norm, real_experts = decoder_layers.fused_add_rmsnorm, fused_moe.ops.moe_experts
+    monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+    monkeypatch.setattr(fused_moe.ops, "moe_experts",
+                        lambda *a, **k: normed_moe.append(k.get("norm_weight") is not None) or real_experts(*a, **k))
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    fused = _prefill_and_step(model, ids)
+    assert norms == [] and normed_moe == [True] * 4
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", False)
+    separate = _prefill_and_step(model, ids)
+    assert len(norms) == 4 and normed_moe[4:] == [False] * 4
+    for a, b in zip(fused, separate, strict=True):
+        assert _cosine(a, b) >= (0.9999 if DTYPE == torch.bfloat16 else 0.99999)
+
+
 def test_patched_gpt_oss_with_fp8_experts_matches_their_dequantized_weights():
     from fused_moe import is_fp8_experts
 

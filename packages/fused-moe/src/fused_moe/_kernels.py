@@ -40,6 +40,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.rms_prologue import normalized, row_rstd
 
 # Activation codes (constexpr): the host maps names to these.
 ACT_SWIGLU_OAI = 0
@@ -98,7 +99,8 @@ def _weight_f32(w, INTERPRET: tl.constexpr):
 def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
             NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
-            INTERPRET: tl.constexpr, PAIR: tl.constexpr, F16_DOT: tl.constexpr = False):
+            INTERPRET: tl.constexpr, PAIR: tl.constexpr, F16_DOT: tl.constexpr = False, rstd=None, nw_ptr=None,
+            NORM: tl.constexpr = False):
     """``(acc + A @ W, acc2 + A @ W2)`` over the whole K: rows of ``A`` (``a_ptrs``, unit stride along K) against
     ``[BLOCK_K, BLOCK_N]`` weight tiles (``w_ptrs``; with ``PAIR`` also ``w2_ptrs``, the up half of a concatenated
     gate/up, from the same loads of ``A``), ``stride_wk`` apart along K, ``NUM_STAGES`` deep. Without ``PAIR``
@@ -111,7 +113,8 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
     the weight tile's own layout, so the tile is multiplied where it was loaded (the 3-D tile's layout made the
     compiler permute every FP8 tile's bytes: 5.1-7.0 sm_90 instructions per weight byte in the gate/up and down
     loops of the one-row FP8 tiles, against 3.3-3.9 this way; tests/_aot_compile.py holds them to 5). ``F16_DOT``
-    (FP8 weights, bf16 activations, tensor-core dots): ``_f16_dot``."""
+    (FP8 weights, bf16 activations, tensor-core dots): ``_f16_dot``. ``NORM``: each ``A`` tile RMS-normalized by its
+    rows' ``rstd`` and the weight at ``nw_ptr`` first (``triton_ops_core.rms_prologue``)."""
     offs_k = tl.arange(0, BLOCK_K)
     ONE_ROW: tl.constexpr = USE_FMA and BLOCK_M == 1
     if ONE_ROW:
@@ -132,6 +135,8 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if PAIR:
                 w2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if NORM:
+            a = normalized(a, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
         if ONE_ROW:
             # the row's K values down the tile's rows; fused multiply-adds asked for explicitly (one instruction a
             # weight, whatever the compiler's fp-fusion default: Triton 3.9 warns it turns off in 3.10)
@@ -195,8 +200,13 @@ def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
 @triton.jit
 def _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, stride_xt, stride_we,
                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The router logits ``x @ Wr^T`` of tokens ``offs_t`` and experts ``offs_e`` over ``k_start..k_end``, fp32."""
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, nw_ptr, norm_eps, T, H, NORM: tl.constexpr,
+                 NORM_BLOCK: tl.constexpr):
+    """The router logits ``x @ Wr^T`` of tokens ``offs_t`` and experts ``offs_e`` over ``k_start..k_end``, fp32;
+    with ``NORM``, of ``x`` RMS-normalized over all ``H`` columns first (``triton_ops_core.rms_prologue``)."""
+    rstd = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if NORM:
+        rstd = row_rstd(x_ptr, offs_t, T, H, stride_xt, 1, norm_eps, BLOCK_T, NORM_BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + (k_start + offs_k)[None, :]
     w_ptrs = w_ptr + offs_e.to(tl.int64)[None, :] * stride_we + (k_start + offs_k)[:, None]
@@ -205,6 +215,8 @@ def _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, s
         mask_k = (k + offs_k) < k_end
         x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+        if NORM:
+            x = normalized(x, rstd[:, None], nw_ptr, (k + offs_k)[None, :], H)
         acc = _dot(x, w, acc, DOT_PRECISION, UPCAST)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -212,9 +224,10 @@ def _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, s
 
 
 @triton.jit(do_not_specialize=["T"])
-def _router_split_kernel(x_ptr, w_ptr, ws_ptr, T, E, H, stride_xt, stride_we,
+def _router_split_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, T, E, H, stride_xt, stride_we, norm_eps,
                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                         NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16):
     """Decode's router GEMM over many programs: program ``(t, s)`` writes the partial logits of K range ``s``
     (whole ``BLOCK_K`` steps) to ``ws[s, T, E]`` (fp32); ``_route_kernel`` adds the ranges in a fixed order. One
     program reading the whole router (184 KB for gpt-oss) waited on its own loads."""
@@ -227,7 +240,8 @@ def _router_split_kernel(x_ptr, w_ptr, ws_ptr, T, E, H, stride_xt, stride_we,
     mask_t = offs_t < T
     mask_e = offs_e < E
     acc = _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, stride_xt, stride_we,
-                       BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST)
+                       BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, nw_ptr, norm_eps, T, H, NORM,
+                       NORM_BLOCK)
     ws_ptrs = ws_ptr + (s * T + offs_t.to(tl.int64))[:, None] * E + offs_e[None, :]
     tl.store(ws_ptrs, acc, mask=mask_t[:, None] & mask_e[None, :])
 
@@ -235,17 +249,18 @@ def _router_split_kernel(x_ptr, w_ptr, ws_ptr, T, E, H, stride_xt, stride_we,
 @triton.jit(do_not_specialize=["T"])
 def _route_kernel(
     # inputs (ws: the partial logits of _router_split_kernel, [SPLIT, T, E] fp32, when SPLIT > 0)
-    x_ptr, w_ptr, b_ptr, ws_ptr,
+    x_ptr, w_ptr, b_ptr, ws_ptr, nw_ptr,
     # outputs
     ids_ptr, wts_ptr,
     # sizes and strides
-    T, E, H, stride_xt, stride_we, stride_b,
+    T, E, H, stride_xt, stride_we, stride_b, norm_eps,
     # options
     HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_KP: tl.constexpr, RENORMALIZE: tl.constexpr,
     ROUND_LOGITS: tl.constexpr, EMULATE_BF16: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -255,7 +270,8 @@ def _route_kernel(
     if SPLIT == 0:
         # one program holds every expert of its tokens (the top-k needs them all); its loads pipelined
         acc = _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, 0, H, stride_xt, stride_we,
-                           BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST)
+                           BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, nw_ptr, norm_eps, T, H,
+                           NORM, NORM_BLOCK)
     else:  # the partial logits of the SPLIT K ranges, added in a fixed order (the same bits on every run)
         acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
         mask = mask_t[:, None] & mask_e[None, :]
@@ -428,19 +444,20 @@ def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, P, E, BLOCK_P: tl.const
 @triton.jit(do_not_specialize=["MAX_TILES"])
 def _gate_up_kernel(
     # inputs
-    x_ptr, w_ptr, b_ptr, s_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, nw_ptr,
     # output
     h_ptr,
     # sizes and strides (N: the intermediate size, K: hidden)
     N, K, MAX_TILES, stride_xt, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_se, stride_sn,
-    stride_hm, alpha, limit,
+    stride_hm, alpha, limit, norm_eps,
     # options (W_SCALED: FP8 weights, one fp32 scale per expert and output column, s [E, 2N])
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INTERLEAVED: tl.constexpr,
     W_SCALED: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False,
+    USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False, NORM: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 16,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -453,6 +470,10 @@ def _gate_up_kernel(
     mask_m = offs_m < row_end
     pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
     token = (pair // TOP_K).to(tl.int64)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM:  # the tokens' RMSNorm over all of K; every gathered row is a real token (rows past the tile's are
+        # token 0's, read and never stored), so no row is masked: the bound is each row's own index + 1
+        rstd = row_rstd(x_ptr, token, token + 1, K, stride_xt, 1, norm_eps, BLOCK_M, NORM_BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]
     w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -466,7 +487,8 @@ def _gate_up_kernel(
         w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_c.to(tl.int64)[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         acc, _ = _k_loop(x_ptrs, w_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk, acc, acc, BLOCK_M, 2 * BLOCK_N,
-                         BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT)
+                         BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT,
+                         rstd, nw_ptr, NORM)
         if W_SCALED:  # the whole K sum of each column times its scale, before the bias
             acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
         if HAS_BIAS:
@@ -480,7 +502,8 @@ def _gate_up_kernel(
         wu_ptrs = wg_ptrs + N * stride_wn
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         gate, up = _k_loop(x_ptrs, wg_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, zero, BLOCK_M, BLOCK_N,
-                           BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True, F16_DOT)
+                           BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True, F16_DOT,
+                           rstd, nw_ptr, NORM)
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]

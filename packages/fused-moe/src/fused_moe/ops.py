@@ -27,7 +27,8 @@ from triton_ops_core.device import device_info
 from triton_ops_core.exceptions import LayoutError, ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.validation import check_dtype, check_same_device, check_tensor
+from triton_ops_core.rms_prologue import check_norm_eps, norm_block
+from triton_ops_core.validation import check_dtype, check_ndim, check_same_device, check_tensor
 
 from . import _kernels as K
 from .configs import MoEConfig, select_config
@@ -140,7 +141,7 @@ def _route_split(t: int, h: int, on_cpu: bool, split: int | None) -> int:
 
 
 def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
-                renormalize: bool, split: int | None = None) -> _RoutePlan:
+                renormalize: bool, split: int | None = None, norm_eps: float | None = None) -> _RoutePlan:
     """Everything of the routing launches but their tensors (x, weight, bias, workspace, ids, weights)."""
     t, h = x2d.shape
     e = router_weight.shape[0]
@@ -159,32 +160,36 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     split = _route_split(t, h, on_cpu, split)
     precision, upcast = _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype)
     gemm = None
+    eps = 0.0 if norm_eps is None else float(norm_eps)
+    norm = (norm_eps is not None, norm_block(h, block_t, on_cpu))  # NORM, NORM_BLOCK
     if split:
         split_k = min(128, block_k) if not on_cpu else min(64, block_k)
         gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split),
-                    (t, e, h, x2d.stride(0), router_weight.stride(0),
-                     block_t, block_e, split_k, 2, precision, upcast), warps)
+                    (t, e, h, x2d.stride(0), router_weight.stride(0), eps,
+                     block_t, block_e, split_k, 2, precision, upcast, *norm), warps)
     tail = (t, e, h, x2d.stride(0), router_weight.stride(0), 1 if router_bias is None else router_bias.stride(0),
+            eps,
             # HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16
             router_bias is not None, top_k, next_pow2(top_k), renormalize, x2d.dtype != torch.float32,
             _emulate_bf16(x2d.device, x2d.dtype),
             # BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, SPLIT
-            block_t, block_e, block_k, stages, precision, upcast, split)
+            block_t, block_e, block_k, stages, precision, upcast, split, *norm)
     return _RoutePlan(split, gemm, Plan(K._route_kernel, (cdiv(t, block_t),), tail, warps, n_rows=t))
 
 
 def _route(plan: _RoutePlan, x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
-           top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+           top_k: int, norm_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     t = x2d.shape[0]
     ids = _empty((t, top_k), torch.int32, device=x2d.device)
     wts = _empty((t, top_k), torch.float32, device=x2d.device)
     if plan.route.kernel is None:
         return ids, wts
     ws = router_weight  # any pointer: the route kernel reads no partial logits without a split
+    nw = router_weight if norm_weight is None else norm_weight  # any pointer: NORM is off
     if plan.gemm is not None:
         ws = _empty((plan.split, t, router_weight.shape[0]), torch.float32, device=x2d.device)
-        plan.gemm.launch(x2d, router_weight, ws)
-    plan.route.launch(x2d, router_weight, router_weight if router_bias is None else router_bias, ws, ids, wts)
+        plan.gemm.launch(x2d, router_weight, ws, nw)
+    plan.route.launch(x2d, router_weight, router_weight if router_bias is None else router_bias, ws, nw, ids, wts)
     return ids, wts
 
 
@@ -320,7 +325,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
                   down_proj: torch.Tensor, down_proj_bias: torch.Tensor | None, activation: str,
                   gate_up_layout: str, transposed: bool, alpha: float, limit: float,
                   gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None) -> _ExpertsPlan:
+                  residual: torch.Tensor | None = None, norm_eps: float | None = None) -> _ExpertsPlan:
     t, h = x2d.shape
     e = gate_up_proj.shape[0]
     inter = (gate_up_proj.shape[2] if transposed else gate_up_proj.shape[1]) // 2
@@ -341,11 +346,14 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         inter, h, tiles, x2d.stride(0), *_weight_strides(gate_up_proj, transposed),
         0 if b1 is None else b1.stride(0), 1 if b1 is None else b1.stride(1),
         0 if s1 is None else s1.stride(0), 1 if s1 is None else s1.stride(1), inter, float(alpha), float(limit),
+        0.0 if norm_eps is None else float(norm_eps),
         # TOP_K, ACTIVATION, HAS_BIAS, INTERLEAVED, W_SCALED
         k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved", s1 is not None,
         # BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, EMULATE_BF16
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
-        precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None), cfg.num_warps)
+        precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
+        # NORM, NORM_BLOCK
+        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu")), cfg.num_warps)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -368,7 +376,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
              gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
              down_proj_bias: torch.Tensor | None, gate_up_scale: torch.Tensor | None = None,
-             down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+             down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+             norm_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The per-call part: allocate the buffers, launch the grouping, the two grouped GEMMs and the combine."""
     t, h, p, dev = plan.rows, plan.hidden, plan.rows * plan.k, x2d.device
     out = _empty((t, h), x2d.dtype, device=dev)
@@ -380,7 +389,8 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     # absent biases and scales: any pointer (the kernels' HAS_BIAS / W_SCALED are off)
     b1 = gate_up_proj if gate_up_proj_bias is None else gate_up_proj_bias
     s1 = gate_up_proj if gate_up_scale is None else gate_up_scale
-    plan.gate_up.launch(x2d, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, hmid)
+    nw = gate_up_proj if norm_weight is None else norm_weight  # any pointer: NORM is off
+    plan.gate_up.launch(x2d, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, nw, hmid)
     y = _empty((p * plan.split, h), torch.float32, device=dev)
     b2 = down_proj if down_proj_bias is None else down_proj_bias
     s2 = down_proj if down_scale is None else down_scale
@@ -402,22 +412,43 @@ def _tf32(x: object) -> bool:
     return getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def _route_impl(hidden, router_weight, router_bias, top_k, renormalize):
+def _check_norm(hidden: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float) -> None:
+    """The RMSNorm prologue's weight (``[H]``, a float dtype, contiguous, on hidden's device) and epsilon."""
+    if norm_weight is None:
+        return
+    check_tensor(norm_weight, "norm_weight")
+    check_dtype(norm_weight, "norm_weight", (torch.float16, torch.bfloat16, torch.float32))
+    check_ndim(norm_weight, "norm_weight", exact=1)
+    if norm_weight.shape[0] != hidden.shape[-1] or norm_weight.stride(0) != 1:
+        raise ShapeMismatchError(f"norm_weight: expected a contiguous [{hidden.shape[-1]}] tensor (hidden's size), "
+                                 f"got shape {list(norm_weight.shape)} with stride {norm_weight.stride()}")
+    check_same_device(hidden=hidden, norm_weight=norm_weight)
+    check_norm_eps(norm_eps)
+
+
+def _norm_key(norm_weight, norm_eps) -> tuple:
+    # the epsilon is baked into the plan: its value and type are part of the key (True == 1)
+    return (norm_eps, norm_eps.__class__) if norm_weight is not None else (None, None)
+
+
+def _route_impl(hidden, router_weight, router_bias, top_k, renormalize, norm_weight=None, norm_eps=0.0):
     """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
-    key = call_key("route", hidden, router_weight, router_bias, top_k, top_k.__class__, renormalize,
-                   renormalize.__class__, _tf32(hidden))
+    key = call_key("route", hidden, router_weight, router_bias, norm_weight, *_norm_key(norm_weight, norm_eps),
+                   top_k, top_k.__class__, renormalize, renormalize.__class__, _tf32(hidden))
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         validate_route_inputs(hidden, router_weight, router_bias, top_k, renormalize)
-        plan = _route_plan(_as_2d(hidden), router_weight, router_bias, top_k, renormalize)
+        _check_norm(hidden, norm_weight, norm_eps)
+        plan = _route_plan(_as_2d(hidden), router_weight, router_bias, top_k, renormalize,
+                           norm_eps=None if norm_weight is None else norm_eps)
         _put(key, plan)
     x2d = _as_2d(hidden)
     ctx = _on_device(hidden.device)
     if ctx is not None:
         with ctx:
-            ids, wts = _route(plan, x2d, router_weight, router_bias, top_k)
+            ids, wts = _route(plan, x2d, router_weight, router_bias, top_k, norm_weight)
     else:
-        ids, wts = _route(plan, x2d, router_weight, router_bias, top_k)
+        ids, wts = _route(plan, x2d, router_weight, router_bias, top_k, norm_weight)
     if hidden.dim() != 2:  # [..., k], like the hidden states' leading dimensions
         lead = hidden.shape[:-1]
         ids, wts = ids.reshape(*lead, top_k), wts.reshape(*lead, top_k)
@@ -445,24 +476,26 @@ def _rows(t):
 
 def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                   activation, gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None,
-                  residual=None):
+                  residual=None, norm_weight=None, norm_eps=0.0):
     """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
     key = call_key("experts", hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
-                   down_proj_bias, gate_up_scale, down_scale, residual, activation, gate_up_layout, transposed, alpha,
-                   limit, alpha.__class__, limit.__class__, transposed.__class__, _tf32(hidden))
+                   down_proj_bias, gate_up_scale, down_scale, residual, norm_weight, *_norm_key(norm_weight, norm_eps),
+                   activation, gate_up_layout, transposed, alpha, limit, alpha.__class__, limit.__class__,
+                   transposed.__class__, _tf32(hidden))
     ids2d, w2d = _rows(topk_ids), _rows(topk_weights)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         validate_experts_inputs(hidden, ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                 activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale)
         _check_residual(hidden, residual)
+        _check_norm(hidden, norm_weight, norm_eps)
         plan = _experts_plan(_as_2d(hidden), ids2d.shape[1], gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                             down_scale, residual)
+                             down_scale, residual, None if norm_weight is None else norm_eps)
         _put(key, plan)
     ctx = _on_device(hidden.device)
     args = (plan, _as_2d(hidden), ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-            gate_up_scale, down_scale, residual)
+            gate_up_scale, down_scale, residual, norm_weight)
     if ctx is not None:
         with ctx:
             out = _experts(*args)
@@ -477,12 +510,13 @@ def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bia
 
 @torch.library.custom_op(op_name("moe_route"), mutates_args=())
 def _route_op(hidden: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
-              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _route_impl(hidden, router_weight, router_bias, top_k, renormalize)
+              renormalize: bool, norm_weight: torch.Tensor | None = None,
+              norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route_impl(hidden, router_weight, router_bias, top_k, renormalize, norm_weight, norm_eps)
 
 
 @_route_op.register_fake
-def _(hidden, router_weight, router_bias, top_k, renormalize):
+def _(hidden, router_weight, router_bias, top_k, renormalize, norm_weight=None, norm_eps=0.0):
     shape = (*hidden.shape[:-1], top_k)
     return (hidden.new_empty(shape, dtype=torch.int32), hidden.new_empty(shape, dtype=torch.float32))
 
@@ -492,15 +526,17 @@ def _experts_op(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                 gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None, down_proj: torch.Tensor,
                 down_proj_bias: torch.Tensor | None, activation: str, gate_up_layout: str, transposed: bool,
                 alpha: float, limit: float, gate_up_scale: torch.Tensor | None = None,
-                down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                          down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                         down_scale, residual)
+                         down_scale, residual, norm_weight, norm_eps)
 
 
 @_experts_op.register_fake
 def _(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
-      gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None, residual=None):
+      gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None, residual=None, norm_weight=None,
+      norm_eps=0.0):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
@@ -529,7 +565,8 @@ _experts_op.register_autograd(_experts_backward, setup_context=_no_context)
 # ----------------------------------------------------------------------------------------------------------------
 
 def moe_route(hidden: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None = None,
-              top_k: int = 4, *, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              top_k: int = 4, *, renormalize: bool = True, norm_weight: torch.Tensor | None = None,
+              norm_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """The router: ``logits = hidden @ router_weight^T + router_bias``, the ``top_k`` largest, their weights.
 
     Args:
@@ -539,6 +576,9 @@ def moe_route(hidden: torch.Tensor, router_weight: torch.Tensor, router_bias: to
         top_k: experts per token, ``1 <= top_k <= E``.
         renormalize: True (gpt-oss; Qwen3-MoE / Mixtral with ``norm_topk_prob``): softmax over the k chosen
             logits. False: the softmax over all E logits, taken at the k chosen.
+        norm_weight, norm_eps: ``hidden`` RMS-normalized first with this ``[H]`` weight and epsilon (> 0), inside the
+            router's launches, bit for bit as ``fused_rmsnorm_rope.rmsnorm`` writes it (a decoder layer's
+            post-attention norm; ``triton_ops_core.rms_prologue``); or None.
 
     Returns:
         ``(topk_ids, topk_weights)``, both ``[..., top_k]``: int32 expert ids in descending order of their
@@ -551,9 +591,10 @@ def moe_route(hidden: torch.Tensor, router_weight: torch.Tensor, router_bias: to
         ShapeMismatchError, UnsupportedDtypeError, DeviceMismatchError, UnsupportedDeviceError, LayoutError,
         InvalidArgumentError: naming the offending argument.
     """
-    if direct_call_ok(hidden, router_weight, router_bias):
-        return _route_impl(hidden, router_weight, router_bias, top_k, renormalize)
-    return _route_op(hidden, router_weight, router_bias, top_k, renormalize)
+    if direct_call_ok(hidden, router_weight, router_bias, norm_weight):
+        return _route_impl(hidden, router_weight, router_bias, top_k, renormalize, norm_weight, norm_eps)
+    return _route_op(hidden, router_weight, router_bias, top_k, renormalize, norm_weight,
+                     norm_eps if norm_weight is not None else 0.0)
 
 
 def moe_experts(
@@ -573,6 +614,8 @@ def moe_experts(
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """The experts of a given routing: ``out[t] = sum_j w[t, j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])``
     with ``e = topk_ids[t, j]``, ``act(gate, up)`` the gated activation of the two halves of ``W1``'s output.
@@ -601,6 +644,8 @@ def moe_experts(
             None (the default) for 16/32-bit weights.
         residual: ``hidden``'s shape and dtype (rows of unit stride), or None: added to each token's sum before its
             one rounding (a decoder layer's residual add after its MoE, without a launch of its own).
+        norm_weight, norm_eps: ``hidden`` RMS-normalized first (as :func:`moe_route`'s), inside the gate/up
+            GEMM's launch: every program normalizes the rows of its tokens; or None.
 
     Returns:
         ``[..., H]`` in ``hidden``'s dtype. Products accumulate in fp32; the intermediate activation is rounded
@@ -610,12 +655,13 @@ def moe_experts(
     Registered as ``torch.ops.triton_ops.moe_experts``; no gradient (``MoEBackwardError`` on backward).
     """
     if direct_call_ok(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                      gate_up_scale, down_scale, residual):
+                      gate_up_scale, down_scale, residual, norm_weight):
         return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                             down_scale, residual)
+                             down_scale, residual, norm_weight, norm_eps)
     return _experts_op(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                       activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale, residual)
+                       activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale, residual,
+                       norm_weight, norm_eps if norm_weight is not None else 0.0)
 
 
 def fused_moe(
@@ -638,6 +684,8 @@ def fused_moe(
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A mixture-of-experts feed-forward block: ``moe_route`` then ``moe_experts``.
 
@@ -651,7 +699,10 @@ def fused_moe(
 
     Returns ``[..., H]`` in ``hidden``'s dtype (with ``residual``, that plus the residual, rounded once: see
     :func:`moe_experts`); with ``return_router_scores=True`` also the routing weights ``[T, top_k]`` in
-    ``hidden``'s dtype (what ``GptOssMLP`` returns beside its output).
+    ``hidden``'s dtype (what ``GptOssMLP`` returns beside its output). With ``norm_weight`` (and ``norm_eps``),
+    ``hidden`` is RMS-normalized first inside the router's and the gate/up GEMM's launches (a decoder layer's
+    post-attention norm without a launch of its own; see :func:`moe_route`); ``residual`` is then typically the
+    un-normalized ``hidden`` itself.
 
     Raises:
         ShapeMismatchError (also when the router's and the experts' expert counts differ), UnsupportedDtypeError,
@@ -663,10 +714,12 @@ def fused_moe(
         raise ShapeMismatchError(
             f"router_weight: expected {gate_up_proj.shape[0]} experts (rows) to match gate_up_proj's experts, "
             f"got {router_weight.shape[0]}")
-    ids, wts = moe_route(hidden, router_weight, router_bias, top_k, renormalize=renormalize)
+    ids, wts = moe_route(hidden, router_weight, router_bias, top_k, renormalize=renormalize,
+                         norm_weight=norm_weight, norm_eps=norm_eps)
     out = moe_experts(hidden, ids, wts, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
                       gate_up_layout=gate_up_layout, transposed=transposed, alpha=alpha, limit=limit,
-                      gate_up_scale=gate_up_scale, down_scale=down_scale, residual=residual)
+                      gate_up_scale=gate_up_scale, down_scale=down_scale, residual=residual,
+                      norm_weight=norm_weight, norm_eps=norm_eps)
     if return_router_scores:
         return out, wts.reshape(-1, wts.shape[-1]).to(hidden.dtype)
     return out

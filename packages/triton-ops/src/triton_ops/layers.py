@@ -181,15 +181,19 @@ class GptOssMoE(nn.Module):
 
 
 def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
-               return_router_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               return_router_scores: bool = False, norm: nn.Module | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:class:`GptOssMoE`'s forward of a gpt-oss MLP module (``router``, ``experts``); with ``residual``, the
-    decoder layer's add after the MoE inside its combine launch (``residual + moe(x)``, rounded once)."""
+    decoder layer's add after the MoE inside its combine launch (``residual + moe(x)``, rounded once); with
+    ``norm`` (an RMSNorm module not yet applied to ``x``), the norm inside the router's and the gate/up GEMM's
+    launches."""
     r, e = mlp.router, mlp.experts
     scales = e._buffers  # FP8 experts (patch_model(fp8=True), fused_moe.convert_experts_to_fp8): their scales
+    norm_kw = {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.variance_epsilon}
     return fused_moe(x, r.weight, r.bias, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj, e.down_proj_bias,
                      int(r.top_k), "swiglu_oai", float(e.alpha), float(e.limit),
                      return_router_scores=return_router_scores, gate_up_scale=scales.get("gate_up_scale"),
-                     down_scale=scales.get("down_scale"), residual=residual)
+                     down_scale=scales.get("down_scale"), residual=residual, **norm_kw)
 
 
 __all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "gated_hidden", "kernel_activation", "moe_hidden"]

@@ -86,6 +86,8 @@ class FusedAddNormDecoderLayer(nn.Module):
             # h = x + o_proj(attn) in the output projection's launch, the post-attention norm in the gated MLP's,
             # the residual add in the down projection's: no launch of the norm's own
             h = attn(hidden_states=attn_in, residual=hidden_states, **attn_kwargs)[0]
+            if how == "moe":  # gpt-oss: the norm in the router's and gate/up's launches, the add in the combine's
+                return moe_hidden(self.mlp, h, residual=h, norm=self.post_attention_layernorm)
             return _down_add_(self.mlp, h, h, how, self.post_attention_layernorm)
         attn_out = attn(hidden_states=attn_in, **attn_kwargs)[0]
         norm = self.post_attention_layernorm
@@ -339,7 +341,8 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
     into the output projection's launch and the MLP's into the down projection's), or ``""``: one of the
     attentions here without hooks, a plain RMSNorm (:func:`~triton_ops.models.layers.norm_module_fusable`), a
     patched gated MLP whose down projection adds the residual (:func:`_down_adds_residual`, not sharded) and whose
-    gate/up run the fused kernel (a decode step's few rows: at most ``NORM_PROLOGUE_MAX_ROWS``), an output projection
+    gate/up run the fused kernel (a decode step's few rows: at most ``NORM_PROLOGUE_MAX_ROWS``), or a patched
+    gpt-oss MoE (``"moe"``: :func:`_moe_adds_residual`; its router and gate/up GEMM normalize), an output projection
     that adds the residual in its own launch (:func:`_o_proj_adds`: one bf16 row on a GPU, or FP8 weight-only rows),
     and grad mode off (the layer adds into ``h`` in place; anything of the attention may need a gradient). The
     layer's input is left as it is (``h = x + o_proj(...)`` is a new tensor)."""
@@ -358,6 +361,8 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
     # its own, as many as the norm's, and the MLP would pay its prologue for nothing
     if not _o_proj_adds(attn.o_proj, rows, hidden_states.dtype, hidden_states.is_cuda, hidden_states.requires_grad):
         return ""
+    if _moe_adds_residual(mlp, hidden_states):
+        return "moe"
     return _down_adds_residual(mlp, hidden_states)
 
 
