@@ -49,8 +49,9 @@ VARIANTS = ("transformers", "patched", "patched-fp8")
 # also known: FP8's default recipe (group scales, MLP output projections kept; its first/last-layer rule left out on
 # these few-layer stand-ins), the same with per-row activations (group-row), and blocks on every Linear
 EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block")
-# Any patched variant + this suffix: the decode step's RMSNorms as launches of their own (the layer's fusions of its
-# norms into the GEMMs they feed switched off while it is measured), for the before/after of those fusions in one run.
+# Any patched variant + this suffix: the decode step's RMSNorms (and gpt-oss's residual add after its MoE) as launches
+# of their own (the layer's fusions of them into the GEMMs they feed switched off while it is measured), for the
+# before/after of those fusions in one run.
 SEPARATE_NORMS = "-separate-norms"
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
 MODELS: dict[str, dict[str, Any]] = {
@@ -123,6 +124,7 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     separate = variant.endswith(SEPARATE_NORMS)
     variant = variant.removesuffix(SEPARATE_NORMS)
     decoder_layers.INPUT_NORM_IN_QKV = decoder_layers.POST_NORM_IN_MLP = not separate
+    decoder_layers.RESIDUAL_IN_MOE_COMBINE = not separate
     model = build_model(config, device, dtype)
     if variant == "patched":
         triton_ops.patch_model(model)

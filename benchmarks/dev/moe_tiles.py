@@ -109,7 +109,7 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list) -> tuple[float, 
     def gate_up(r):
         _, g, hmid, _ = r
         plan.gate_up.launch(x, ga, b1, b1 if gs is None else gs, g.sorted_pairs, g.offsets, g.tile_expert,
-                            g.tile_start, hmid)
+                            g.tile_start, ga, hmid)  # (ga: the norm weight's pointer, never read: NORM is off)
 
     def down(r):
         wts, g, hmid, y = r

@@ -147,21 +147,22 @@ def _normalized_like_the_prologue(x, w, eps):
 
 
 @pytest.mark.parametrize("t", [1, 3, 17])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_norm_prologue_equals_the_moe_of_the_normalized_input(device, t, fp8):
+@pytest.mark.parametrize("fp8,dtype", [(False, torch.float16), (True, torch.float16), (True, torch.bfloat16)])
+def test_norm_prologue_equals_the_moe_of_the_normalized_input(device, t, fp8, dtype):
     """norm_weight=: the post-attention norm inside the router's and the gate/up GEMM's launches; the same routing
     and outputs, bit for bit, as the MoE of the input normalized by the same arithmetic outside (fp16: the
     interpreter's fp32 -> bf16 cast truncates); the residual on top; the tiles of 1 token (split router, one-row
     FMA tiles for FP8 experts) to 17."""
     from fused_moe import quantize_experts_fp8
 
-    x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 24, 6, dtype=torch.float16, device=device, seed=20 + t)
+    # (bf16: the interpreter's fp32 -> bf16 cast truncates, in the prologue and in the outside launch alike)
+    x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 24, 6, dtype=dtype, device=device, seed=20 + t)
     x = x * 3 + 0.5
     kw = {}
     if fp8:
         w1, s1, w2, s2 = quantize_experts_fp8(w1, w2)
         kw = dict(gate_up_scale=s1, down_scale=s2)
-    norm_w = (torch.rand(64, generator=torch.Generator().manual_seed(t)) + 0.5).to(device, torch.float16)
+    norm_w = (torch.rand(64, generator=torch.Generator().manual_seed(t)) + 0.5).to(device, dtype)
     xn = _normalized_like_the_prologue(x, norm_w, 1e-5)
     fused = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=norm_w, norm_eps=1e-5, residual=x, **kw)
     outside = fused_moe(xn, rw, rb, w1, b1, w2, b2, 2, residual=x, **kw)

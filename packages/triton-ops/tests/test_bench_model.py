@@ -56,9 +56,11 @@ def test_separate_norms_variant_switches_the_fusions_for_its_measurement(bm):
 
     config = bm.build_config("llama3-8b", tiny=True)
     bm.make_variant("patched-fp8" + bm.SEPARATE_NORMS, config, torch.device("cpu"), torch.float32)
-    assert not decoder_layers.INPUT_NORM_IN_QKV and not decoder_layers.POST_NORM_IN_MLP
+    assert not (decoder_layers.INPUT_NORM_IN_QKV or decoder_layers.POST_NORM_IN_MLP
+                or decoder_layers.RESIDUAL_IN_MOE_COMBINE)
     bm.make_variant("patched", config, torch.device("cpu"), torch.float32)
     assert decoder_layers.INPUT_NORM_IN_QKV and decoder_layers.POST_NORM_IN_MLP
+    assert decoder_layers.RESIDUAL_IN_MOE_COMBINE
     assert "patched-fp8-default-separate-norms" in bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
     assert "transformers-separate-norms" not in bm.known_variants(bm.VARIANTS)
 

@@ -581,11 +581,13 @@ def test_patched_gpt_oss_adds_the_residual_in_the_moe_combine(monkeypatch):
     for a, b in zip(fused, separate, strict=True):
         assert _cosine(a, b) >= (0.9999 if DTYPE == torch.bfloat16 else 0.999999)
     monkeypatch.undo()
-    assert not decoder_layers._moe_adds_residual(model.model.layers[0].mlp, torch.zeros(1))  # grad mode is on
+    mlp, residual = model.model.layers[0].mlp, torch.zeros(1, dtype=DTYPE, device=DEVICE)
+    assert not decoder_layers._moe_adds_residual(mlp, residual)  # grad mode is on
     with torch.no_grad():
-        assert decoder_layers._moe_adds_residual(model.model.layers[0].mlp, torch.zeros(1))
-        handle = model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
-        assert not decoder_layers._moe_adds_residual(model.model.layers[0].mlp, torch.zeros(1))
+        assert decoder_layers._moe_adds_residual(mlp, residual)
+        assert not decoder_layers._moe_adds_residual(mlp, residual.double())  # not the router's dtype
+        handle = mlp.register_forward_hook(lambda *args: None)
+        assert not decoder_layers._moe_adds_residual(mlp, residual)
         handle.remove()
 
 

@@ -471,9 +471,10 @@ def _gate_up_kernel(
     pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
     token = (pair // TOP_K).to(tl.int64)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM:  # the tokens' RMSNorm over all of K; every gathered row is a real token (rows past the tile's are
-        # token 0's, read and never stored), so no row is masked: the bound is each row's own index + 1
-        rstd = row_rstd(x_ptr, token, token + 1, K, stride_xt, 1, norm_eps, BLOCK_M, NORM_BLOCK)
+    if NORM:  # the tokens' RMSNorm over all of K. Each row's bound is its own token + 1 (every gathered row is a
+        # real token), or 0 for rows past the tile's (token 0's otherwise): those load nothing
+        rstd = row_rstd(x_ptr, token, tl.where(mask_m, token + 1, 0), K, stride_xt, 1, norm_eps, BLOCK_M,
+                        NORM_BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]
     w_base = w_ptr + expert.to(tl.int64) * stride_we

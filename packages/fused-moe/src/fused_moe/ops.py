@@ -161,7 +161,8 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     precision, upcast = _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype)
     gemm = None
     eps = 0.0 if norm_eps is None else float(norm_eps)
-    norm = (norm_eps is not None, norm_block(h, block_t, on_cpu))  # NORM, NORM_BLOCK
+    # NORM, NORM_BLOCK (a fixed 16 when off: no compiled variant per hidden size for nothing)
+    norm = (norm_eps is not None, norm_block(h, block_t, on_cpu) if norm_eps is not None else 16)
     if split:
         split_k = min(128, block_k) if not on_cpu else min(64, block_k)
         gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split),
@@ -353,7 +354,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
-        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu")), cfg.num_warps)
+        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu") if norm_eps is not None else 16),
+        cfg.num_warps)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -645,7 +647,9 @@ def moe_experts(
         residual: ``hidden``'s shape and dtype (rows of unit stride), or None: added to each token's sum before its
             one rounding (a decoder layer's residual add after its MoE, without a launch of its own).
         norm_weight, norm_eps: ``hidden`` RMS-normalized first (as :func:`moe_route`'s), inside the gate/up
-            GEMM's launch: every program normalizes the rows of its tokens; or None.
+            GEMM's launch: every program sums its tokens' squares over all of H again (from L2) before its weights
+            stream, which a decode step's few tokens pay for with a launch less; for prefill-sized calls normalize
+            first instead (``rmsnorm``); or None.
 
     Returns:
         ``[..., H]`` in ``hidden``'s dtype. Products accumulate in fp32; the intermediate activation is rounded

@@ -184,12 +184,20 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 def _moe_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> bool:
     """Whether ``residual + mlp(normed)[0]`` can be the fused MoE's own output (:func:`~triton_ops.layers.moe_hidden`
     with ``residual``: the add in its combine launch): a patched gpt-oss MoE (:class:`~triton_ops.layers.GptOssMoE`'s
-    forward) without hooks or sharded experts, a plain residual, nothing to differentiate (the MoE has no
-    backward either)."""
-    if getattr(mlp.forward, "__func__", None) is not GptOssMoE.forward or mlp._forward_hooks \
-            or mlp._forward_pre_hooks or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
+    forward) without hooks or sharded (DTensor) experts, a plain contiguous residual of the router's dtype, nothing
+    to differentiate (the MoE has no backward either), and the switch on (``RESIDUAL_IN_MOE_COMBINE``)."""
+    if not RESIDUAL_IN_MOE_COMBINE or getattr(mlp.forward, "__func__", None) is not GptOssMoE.forward \
+            or mlp._forward_hooks or mlp._forward_pre_hooks or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
         return False
-    return type(residual) is torch.Tensor and not torch.is_grad_enabled()
+    experts = mlp.experts
+    if any(type(t) not in _PLAIN for t in (experts.gate_up_proj, experts.down_proj, mlp.router.weight)):
+        return False
+    return (type(residual) is torch.Tensor and residual.is_contiguous()
+            and residual.dtype == mlp.router.weight.dtype and not torch.is_grad_enabled())
+
+
+# Set False to add gpt-oss's residual after its MoE with a launch of its own (benchmarks time the two).
+RESIDUAL_IN_MOE_COMBINE = True
 
 
 class RopeAttention(nn.Module):

@@ -572,7 +572,8 @@ def norm_module_fusable(norm: nn.Module) -> bool:
 
 # The depth of decode_linear's one-row tile: K a multiple of it streams without masked tiles. Measured on the H200
 # (bf16, CUDA graph): Llama-3-8B's packed q/k/v and o 15.3 / 11.2 us against cuBLAS's 16.3 / 12.8, gpt-oss's o
-# (K = 4096) 8.7 against 11.3, but its packed q/k/v (K = 2880) 10.4 against 10.2: those stay with cuBLAS.
+# (K = 4096) 8.7 against 11.3, but its packed q/k/v (K = 2880) 10.4 against 10.2: those stay with cuBLAS, unless
+# the call also takes the layer's input norm into its launch (decode_gemv_rule's any_k: the launch saved pays).
 _DECODE_LINEAR_K = 512
 _HALF = (torch.float16, torch.bfloat16)
 
