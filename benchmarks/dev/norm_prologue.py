@@ -17,7 +17,6 @@ the residual sum once instead of twice). Writes ``norm_prologue.json`` to ``--ou
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 from pathlib import Path
@@ -55,9 +54,11 @@ MODES = {"off": (False, False), "input": (True, False), "both": (True, True)}
 
 
 def set_mode(mode: str) -> None:
+    """The decoder layers' switches for ``mode`` (gpt-oss's residual add in its MoE's combine goes with ``both``)."""
     from triton_ops.models import decoder_layers
 
     decoder_layers.INPUT_NORM_IN_QKV, decoder_layers.POST_NORM_IN_MLP = MODES[mode]
+    decoder_layers.RESIDUAL_IN_MOE_COMBINE = mode == "both"
 
 
 @torch.inference_mode()
@@ -80,21 +81,18 @@ def measure(model, batch: int, context: int, rounds: int, steps: int) -> dict:
                 print(f"no CUDA graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 graph_us = float("nan")
             out[key].append({"gpu_us": gpu_us, "kernels": kernels, "graph_us": graph_us, "top": top})
-    # one step's logits from the same cache contents in each mode (the timed steps wrote at different positions);
-    # the cache is filled with the separate norms, so every mode reads the same keys and values
+    # one step's logits from the same cache contents in each mode (the timed steps wrote at different positions): a
+    # fresh cache per mode, filled alike with the separate norms (a sliding-window layer rolls its buffer, so
+    # rewinding a cache's counters would not restore it)
     logits = {}
-    set_mode("off")
-    torch.manual_seed(1)
-    cache_b = static_cache(model, context + 2 * len(MODES))
-    fill_cache(model, cache_b, batch, context)
-    length = _cache_length(cache_b)
-    # transformers before 5.2x writes at cache_position (given here), later ones at the layers' counters (rewound)
-    at = ({"cache_position": torch.tensor([context], device=model.device)}
-          if "cache_position" in inspect.signature(model.forward).parameters else {})
     for key in MODES:
+        set_mode("off")
+        torch.manual_seed(1)
+        cache_b = static_cache(model, context + 2)
+        fill_cache(model, cache_b, batch, context)
         set_mode(key)
-        _rewind(cache_b, length)
-        logits[key] = model(input_ids=ids, **{kw: cache_b}, use_cache=True, **at).logits.float()
+        logits[key] = model(input_ids=ids, **{kw: cache_b}, use_cache=True).logits.float()
+        del cache_b
     set_mode("both")
     nan = float("nan")
     for key in MODES:
@@ -107,18 +105,6 @@ def measure(model, batch: int, context: int, rounds: int, steps: int) -> dict:
         out[f"{key}_logits_cosine"] = torch.nn.functional.cosine_similarity(
             logits[key].flatten().double(), logits["off"].flatten().double(), dim=0).item()
     return out
-
-
-def _cache_length(cache) -> list:
-    """Each layer's write position (transformers 5.2x: ``cumulative_length``), to rewind to."""
-    return [layer.cumulative_length.clone() if hasattr(layer, "cumulative_length") else None
-            for layer in getattr(cache, "layers", [])]
-
-
-def _rewind(cache, lengths: list) -> None:
-    for layer, length in zip(getattr(cache, "layers", []), lengths, strict=False):
-        if length is not None:
-            layer.cumulative_length.copy_(length)
 
 
 def main(argv=None) -> int:
