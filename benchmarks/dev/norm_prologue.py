@@ -115,9 +115,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp"))
+    p.add_argument("--bf16-rows", type=int, default=None,
+                   help="triton_ops.models.layers.BF16_FUSED_MAX_ROWS for the run: the most 16-bit rows whose "
+                        "projections take decode_linear to fuse a norm or an add (default: the package's, 1)")
     p.add_argument("--tiny", action="store_true", help="bench_model's 2 small layers, on the CPU without a GPU: the "
                    "logits check alone (under TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
+    if args.bf16_rows is not None:
+        from triton_ops.models import layers as model_layers
+
+        model_layers.BF16_FUSED_MAX_ROWS = args.bf16_rows
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for name in args.models.split(","):

@@ -349,7 +349,16 @@ def test_bf16_o_proj_adds_the_residual_only_where_it_is_one_launch():
 
     lin = nn.Linear(512, 512, bias=False).to(torch.bfloat16).requires_grad_(False)
     assert _o_proj_adds(lin, 1, torch.bfloat16, True, False)
-    assert not _o_proj_adds(lin, 8, torch.bfloat16, True, False)  # cuBLAS rows
+    assert not _o_proj_adds(lin, 8, torch.bfloat16, True, False)  # cuBLAS rows ...
+    from triton_ops.models import layers as model_layers
+
+    saved = model_layers.BF16_FUSED_MAX_ROWS
+    model_layers.BF16_FUSED_MAX_ROWS = 8  # ... unless the fusions' 16-bit row limit says otherwise
+    try:
+        assert _o_proj_adds(lin, 8, torch.bfloat16, True, False)
+        assert not _o_proj_adds(lin, 9, torch.bfloat16, True, False)
+    finally:
+        model_layers.BF16_FUSED_MAX_ROWS = saved
     assert not _o_proj_adds(lin, 1, torch.bfloat16, False, False)  # not on a GPU
     assert not _o_proj_adds(lin, 1, torch.float32, True, False)  # not the weight's dtype
     assert not _o_proj_adds(nn.Linear(500, 512, bias=False).to(torch.bfloat16), 1, torch.bfloat16, True, False)

@@ -32,6 +32,7 @@ from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import GatedMLP, GptOssMoE, gated_hidden, moe_hidden
+from . import layers as model_layers
 from .layers import (
     LOCAL_SHARDS_ATTR,
     NORM_PROLOGUE_MAX_ROWS,
@@ -481,7 +482,7 @@ def _o_proj_adds(o_proj: nn.Module, rows: int, dtype: torch.dtype, on_gpu: bool,
     if torch.is_grad_enabled() and (requires_grad or any(p.requires_grad for p in o_proj.parameters())):
         return False
     if type(o_proj) is nn.Linear:
-        return decode_gemv_rule(rows == 1, dtype, on_gpu, o_proj.weight)
+        return decode_gemv_rule(rows <= model_layers.BF16_FUSED_MAX_ROWS, dtype, on_gpu, o_proj.weight)
     if type(o_proj) is FP8Linear:
         bufs = o_proj._buffers
         return use_weight_only(o_proj.path, rows, bufs["weight"], bufs["weight_scale"], dtype.itemsize)

@@ -507,7 +507,8 @@ class QKVPacking(nn.Module):
         if self.sharded or type(x) is not torch.Tensor or (torch.is_grad_enabled() and x.requires_grad):
             return False
         if not self.fp8:
-            return decode_gemv_rule(x.numel() == x.shape[-1], x.dtype, x.is_cuda, self.packed_weight,
+            rows = x.numel() // max(1, x.shape[-1])
+            return decode_gemv_rule(0 < rows <= BF16_FUSED_MAX_ROWS, x.dtype, x.is_cuda, self.packed_weight,
                                     any_k=True) and not (torch.is_grad_enabled() and self.packed_weight.requires_grad)
         lin = self.linear
         rows = x.numel() // max(1, x.shape[-1])
@@ -558,6 +559,12 @@ def _replicated(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # The most rows whose input RMSNorm an FP8 packed projection computes inside its weight-only launch: every program
 # of the launch sums its rows' squares again (from L2), which a decode step's few rows pay for with one launch less.
 NORM_PROLOGUE_MAX_ROWS = 16
+# The most rows a 16-bit projection (the packed q/k/v with the input norm, o_proj with the residual add) takes
+# decode_linear's kernel for, to save the norm's or the add's launch. One: from 2 rows cuBLAS measured a little
+# faster than decode_linear alone (q/k/v at 4 / 8 rows 15.5 / 15.7 us against 15.9 / 16.4, H200, session 18), and
+# whether the launch saved outweighs that at 2-8 rows is not measured yet (benchmarks.dev.norm_prologue
+# --bf16-rows sets it for a run).
+BF16_FUSED_MAX_ROWS = 1
 
 
 def norm_module_fusable(norm: nn.Module) -> bool:
@@ -649,6 +656,6 @@ def packed_projections(attn: nn.Module) -> QKVPacking | None:
     return QKVPacking.attach(attn, linear, linear.sizes)
 
 
-__all__ = ["NORM_PROLOGUE_MAX_ROWS", "PACKING_ATTR", "PackedQKVLinear", "QKVPacking", "decode_gemv",
-           "decode_gemv_rule", "fp8_packable", "linear",
-           "norm_module_fusable", "pack_fp8", "pack_shards", "packable", "packed_projections", "shards_packable"]
+__all__ = ["BF16_FUSED_MAX_ROWS", "NORM_PROLOGUE_MAX_ROWS", "PACKING_ATTR", "PackedQKVLinear", "QKVPacking",
+           "decode_gemv", "decode_gemv_rule", "fp8_packable", "linear", "norm_module_fusable", "pack_fp8",
+           "pack_shards", "packable", "packed_projections", "shards_packable"]
