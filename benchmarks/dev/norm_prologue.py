@@ -24,31 +24,7 @@ from pathlib import Path
 import torch
 
 from ..bench_model import build_config, cache_kwarg, fill_cache, make_variant, profiled_gpu_us, static_cache
-
-
-def graphed_step_us(model, ids, cache, kw: str, replays: int = 20) -> float:
-    """Median time of one decode step replayed from a CUDA graph (the cache's write position advances each replay:
-    the cache has room)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            model(input_ids=ids, **{kw: cache}, use_cache=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(input_ids=ids, **{kw: cache}, use_cache=True)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    del graph
-    return statistics.median(times)
-
+from .weight_only_chain import graph_us as graph_step_us
 
 MODES = {"off": (False, False), "input": (True, False), "both": (True, True)}
 
@@ -64,7 +40,7 @@ def set_mode(mode: str) -> None:
 @torch.inference_mode()
 def measure(model, batch: int, context: int, rounds: int, steps: int) -> dict:
     kw = cache_kwarg(model)
-    room = 8 + rounds * len(MODES) * (steps + 30)
+    room = 8 + rounds * len(MODES) * (steps + 110)  # each mode's profiled steps, graph warm-up, capture, 100 replays
     cache = static_cache(model, context + room)
     fill_cache(model, cache, batch, context)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
@@ -76,7 +52,7 @@ def measure(model, batch: int, context: int, rounds: int, steps: int) -> dict:
             gpu_us, kernels, top = profiled_gpu_us(lambda: model(input_ids=ids, **{kw: cache}, use_cache=True),
                                                    steps, top=4)
             try:
-                graph_us = graphed_step_us(model, ids, cache, kw)
+                graph_us = graph_step_us(lambda: model(input_ids=ids, **{kw: cache}, use_cache=True))
             except Exception as e:  # noqa: BLE001 - an eager forward that cannot be captured: profiler time only
                 print(f"no CUDA graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 graph_us = float("nan")

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from _fp8_gated_mlp_helpers import act_mul64, fp8_operands
 from fused_gated_mlp import fused_gated_mlp
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
-from triton_ops_core.rms_prologue import normalized, row_rstd
-from triton_ops_core.testing import assert_close_rel, opcheck_op
+from triton_ops_core.testing import assert_close_rel, normalized_like_the_prologue, opcheck_op
 
 OP = torch.ops.triton_ops.fused_gated_mlp.default
 
@@ -32,28 +29,12 @@ CONFIGS = {
 }
 
 
-@triton.jit
-def _normalize_rows_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    offs_m = row + tl.arange(0, 1)
-    rstd = row_rstd(x_ptr, offs_m, row + 1, K, K, 1, eps, 1, NORM_BLOCK)
-    kk = tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + row * K + kk[None, :], mask=(kk < K)[None, :], other=0.0)
-    tl.store(out_ptr + row * K + kk[None, :], normalized(x, rstd[:, None], w_ptr, kk[None, :], K),
-             mask=(kk < K)[None, :])
-
-
 def rmsnorm_like_the_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The normalized rows as a launch of the prologue's own helpers writes them (on the GPU: the RMSNorm kernel's
-    arithmetic, correctly rounded; under the interpreter its emulation of ``div_rn`` / ``sqrt_rn``, which is off by
-    an fp32 ulp now and then, for the prologue and the RMSNorm kernel alike). Float64 inputs: in torch."""
+    """The normalized rows as the prologue's own helpers write them (``normalized_like_the_prologue``); float64
+    inputs: in torch."""
     if x.dtype == torch.float64:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    k = x.shape[-1]
-    _normalize_rows_kernel[(x.shape[0],)](x, weight, out, k, eps, triton.next_power_of_2(k), 64)
-    return out
+    return normalized_like_the_prologue(x, weight, eps)
 
 
 def _row_values(m: int, hidden: int, gen: torch.Generator) -> torch.Tensor:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from _moe_helpers import make_moe, to_layout
 from fused_moe import FusedMoE, MoEBackwardError, fused_moe, moe_experts, moe_route
-from triton_ops_core.rms_prologue import normalized, row_rstd
-from triton_ops_core.testing import opcheck_op
+from triton_ops_core.testing import normalized_like_the_prologue, opcheck_op
 
 ROUTE = torch.ops.triton_ops.moe_route.default
 EXPERTS = torch.ops.triton_ops.moe_experts.default
@@ -128,24 +125,6 @@ def test_residual_errors(device):
     assert torch.allclose(got, fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=wide[:, :32].contiguous()))
 
 
-@triton.jit
-def _normalize_rows_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    rstd = row_rstd(x_ptr, row + tl.arange(0, 1), row + 1, K, K, 1, eps, 1, 64)
-    kk = tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + row * K + kk[None, :], mask=(kk < K)[None, :], other=0.0)
-    tl.store(out_ptr + row * K + kk[None, :], normalized(x, rstd[:, None], w_ptr, kk[None, :], K),
-             mask=(kk < K)[None, :])
-
-
-def _normalized_like_the_prologue(x, w, eps):
-    """The rows as a launch of the prologue's own helpers normalizes them (rmsnorm's arithmetic)."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty_like(x2)
-    _normalize_rows_kernel[(x2.shape[0],)](x2, w, out, x2.shape[1], eps, triton.next_power_of_2(x2.shape[1]))
-    return out.reshape(x.shape)
-
-
 @pytest.mark.parametrize("t", [1, 3, 17])
 @pytest.mark.parametrize("fp8,dtype", [(False, torch.float16), (True, torch.float16), (True, torch.bfloat16)])
 def test_norm_prologue_equals_the_moe_of_the_normalized_input(device, t, fp8, dtype):
@@ -163,7 +142,7 @@ def test_norm_prologue_equals_the_moe_of_the_normalized_input(device, t, fp8, dt
         w1, s1, w2, s2 = quantize_experts_fp8(w1, w2)
         kw = dict(gate_up_scale=s1, down_scale=s2)
     norm_w = (torch.rand(64, generator=torch.Generator().manual_seed(t)) + 0.5).to(device, dtype)
-    xn = _normalized_like_the_prologue(x, norm_w, 1e-5)
+    xn = normalized_like_the_prologue(x, norm_w, 1e-5)
     fused = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=norm_w, norm_eps=1e-5, residual=x, **kw)
     outside = fused_moe(xn, rw, rb, w1, b1, w2, b2, 2, residual=x, **kw)
     assert torch.equal(fused, outside)
@@ -200,6 +179,6 @@ def test_norm_prologue_in_the_split_router(device, monkeypatch):
     monkeypatch.setattr(ops, "_route_split", lambda *args: 2)
     ops.clear_caches()
     ids_f, wts_f = moe_route(x, rw, rb, 2, norm_weight=norm_w, norm_eps=1e-5)
-    ids_o, wts_o = moe_route(_normalized_like_the_prologue(x, norm_w, 1e-5), rw, rb, 2)
+    ids_o, wts_o = moe_route(normalized_like_the_prologue(x, norm_w, 1e-5), rw, rb, 2)
     assert torch.equal(ids_f, ids_o) and torch.equal(wts_f, wts_o)
     ops.clear_caches()

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .exceptions import InvalidArgumentError
+from .exceptions import DeviceMismatchError, InvalidArgumentError, ShapeMismatchError
+from .validation.common import FLOAT_DTYPES, check_dtype, check_ndim, check_tensor
 
 
 @triton.jit
@@ -66,6 +67,20 @@ def check_norm_eps(eps: object) -> None:
         raise InvalidArgumentError(f"norm_eps: expected a positive finite number, got {eps!r}")
 
 
+def check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_eps: object) -> None:
+    """A prologue's norm weight for ``x`` (``[x.shape[-1]]``, a float dtype, contiguous, on x's device) and its
+    epsilon (:func:`check_norm_eps`): the named errors every op with ``norm_weight=`` raises."""
+    check_tensor(norm_weight, "norm_weight")
+    check_dtype(norm_weight, "norm_weight", FLOAT_DTYPES)
+    check_ndim(norm_weight, "norm_weight", exact=1)
+    if norm_weight.shape[0] != x.shape[-1] or norm_weight.stride(0) != 1:
+        raise ShapeMismatchError(f"norm_weight: expected a contiguous [{x.shape[-1]}] tensor (x's last dimension), "
+                                 f"got shape {list(norm_weight.shape)} with stride {norm_weight.stride()}")
+    if norm_weight.device != x.device:
+        raise DeviceMismatchError(f"norm_weight: expected x's device {x.device}, got {norm_weight.device}")
+    check_norm_eps(norm_eps)
+
+
 def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The prologue's result in torch, differentiable: RMSNorm in fp32, rounded once to x's dtype (what a GEMM with
     the prologue computes on when autograd must record the call; equal to the kernel's up to the last bit)."""
@@ -73,4 +88,4 @@ def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-__all__ = ["check_norm_eps", "norm_block", "normalized", "rms_normalized", "row_rstd"]
+__all__ = ["check_norm", "check_norm_eps", "norm_block", "normalized", "rms_normalized", "row_rstd"]

@@ -9,8 +9,11 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from .device import has_gpu, is_interpreter
+from .rms_prologue import normalized, row_rstd
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -163,7 +166,30 @@ def named_error_or_result(fn, *args, **kwargs) -> object:
         raise AssertionError(f"{type(err).__name__} escaped instead of a named error: {err}") from err
 
 
+@triton.jit
+def _normalize_rows_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    rstd = row_rstd(x_ptr, row + tl.arange(0, 1), row + 1, K, K, 1, eps, 1, NORM_BLOCK)
+    kk = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + row * K + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+    tl.store(out_ptr + row * K + kk[None, :], normalized(x, rstd[:, None], w_ptr, kk[None, :], K),
+             mask=(kk < K)[None, :])
+
+
+def normalized_like_the_prologue(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x``'s rows RMS-normalized by a launch of :mod:`triton_ops_core.rms_prologue`'s own helpers, one row a
+    program: what an op's RMSNorm prologue must feed its GEMM (on the GPU the RMSNorm kernel's arithmetic, correctly
+    rounded; under the interpreter its emulation of ``div_rn`` / ``sqrt_rn``, an fp32 ulp off now and then, for the
+    prologue and the RMSNorm kernel alike). For tests of ops with ``norm_weight=``."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(x2)
+    k = x2.shape[1]
+    _normalize_rows_kernel[(x2.shape[0],)](x2, weight, out, k, eps, triton.next_power_of_2(k), 64)
+    return out.reshape(x.shape)
+
+
 __all__ = [
+    "normalized_like_the_prologue",
     "TENSOR_MUTATIONS",
     "assert_close_rel",
     "count_compiles",

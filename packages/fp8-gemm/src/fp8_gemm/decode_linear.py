@@ -22,10 +22,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.rms_prologue import check_norm_eps, rms_normalized
+from triton_ops_core.rms_prologue import check_norm, rms_normalized
 from triton_ops_core.validation import check_ndim, check_no_overlap, check_tensor, memory_span
 
 from . import _scratch
@@ -117,12 +117,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if residual is not None:
             check_residual(residual, x, weight)
         if norm_weight is not None:
-            check_tensor(norm_weight, "norm_weight")
-            check_ndim(norm_weight, "norm_weight", exact=1)
-            if norm_weight.shape[0] != x.shape[-1]:
-                raise ShapeMismatchError(f"norm_weight: expected [{x.shape[-1]}] (x's last dimension), got "
-                                         f"{list(norm_weight.shape)}")
-            check_norm_eps(norm_eps)
+            check_tensor(x, "x")
+            check_norm(x, norm_weight, norm_eps)
             x = rms_normalized(x, norm_weight, norm_eps)
         if weight_scale is not None:  # FP8Linear's own differentiable path (the input gradient)
             out = fp8_linear(x, weight, weight_scale, bias, path="weight_only")

@@ -38,7 +38,7 @@ import torch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
-from triton_ops_core.rms_prologue import check_norm_eps, norm_block
+from triton_ops_core.rms_prologue import check_norm, norm_block
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dim_size,
@@ -357,14 +357,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             raise ShapeMismatchError(f"residual: expected a row-major [{m}, {n}] (x's rows, weight's out_features), "
                                      f"got shape {list(add_out.shape)} with strides {add_out.stride()}")
     if norm_weight is not None:
-        check_tensor(norm_weight, "norm_weight")
-        check_dtype(norm_weight, "norm_weight", FLOAT_DTYPES)
-        check_ndim(norm_weight, "norm_weight", exact=1)
-        check_dim_size(norm_weight, "norm_weight", 0, k, "x's last dimension K")
-        if norm_weight.stride(0) != 1:
-            raise ShapeMismatchError(
-                f"norm_weight: expected a contiguous [{k}] tensor, got stride {norm_weight.stride()}")
-        check_norm_eps(norm_eps)
+        check_norm(x, norm_weight, norm_eps)
     check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias, residual=add_out,
                       norm_weight=norm_weight)
     check_kernel_device(x, "x")

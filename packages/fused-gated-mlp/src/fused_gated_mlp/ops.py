@@ -29,14 +29,12 @@ import triton
 from triton.runtime import _allocation
 from triton_ops_core.device import is_hopper
 from triton_ops_core.exceptions import (
-    DeviceMismatchError,
     InvalidArgumentError,
-    ShapeMismatchError,
     UnsupportedDtypeError,
 )
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv
 from triton_ops_core.library import capturing, direct_call_ok, op_name
-from triton_ops_core.rms_prologue import check_norm_eps, norm_block, rms_normalized
+from triton_ops_core.rms_prologue import check_norm, norm_block, rms_normalized
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_ndim, check_tensor
 
 from . import _kernels as K
@@ -628,7 +626,7 @@ def fused_gated_mlp(
         # a gradient to record: the norm in torch (differentiable), then the op and its backward; its arguments
         # refused as the kernel's path refuses them
         check_tensor(x, "x")
-        _check_norm(x, norm_weight, norm_eps)
+        check_norm(x, norm_weight, norm_eps)
         x, norm_weight = rms_normalized(x, norm_weight, norm_eps), None
     if direct_call_ok(x, gate_weight, up_weight, gate_bias, up_bias, gate_scale, up_scale, norm_weight):
         # plain eager: no dispatcher round trip
@@ -660,7 +658,7 @@ def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
         weight_layout=weight_layout, alpha=alpha, limit=limit, gate_scale=gate_scale, up_scale=up_scale,
     )
     if norm_weight is not None:
-        _check_norm(x, norm_weight, norm_eps)
+        check_norm(x, norm_weight, norm_eps)
     scale_rows = (1, 0, 0)
     if weight_layout != "separate":
         inter = gate_weight.shape[0] // 2
@@ -685,19 +683,6 @@ def _new_plan(key: tuple, x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
                        norm_eps=None if norm_weight is None else norm_eps)
     _put(key, plan)
     return plan
-
-
-def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float) -> None:
-    """The RMSNorm prologue's weight (``[hidden]``, a float dtype, contiguous, on x's device) and epsilon."""
-    check_tensor(norm_weight, "norm_weight")
-    check_dtype(norm_weight, "norm_weight", FLOAT_DTYPES)
-    check_ndim(norm_weight, "norm_weight", exact=1)
-    if norm_weight.shape[0] != x.shape[-1] or norm_weight.stride(0) != 1:
-        raise ShapeMismatchError(f"norm_weight: expected a contiguous [{x.shape[-1]}] tensor (x's hidden size), got "
-                                 f"shape {list(norm_weight.shape)} with stride {norm_weight.stride()}")
-    if norm_weight.device != x.device:
-        raise DeviceMismatchError(f"norm_weight: expected x's device {x.device}, got {norm_weight.device}")
-    check_norm_eps(norm_eps)
 
 
 def _split_packed_scale(scale: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:

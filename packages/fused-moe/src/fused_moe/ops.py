@@ -27,8 +27,8 @@ from triton_ops_core.device import device_info
 from triton_ops_core.exceptions import LayoutError, ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.rms_prologue import check_norm_eps, norm_block
-from triton_ops_core.validation import check_dtype, check_ndim, check_same_device, check_tensor
+from triton_ops_core.rms_prologue import check_norm, norm_block
+from triton_ops_core.validation import check_dtype, check_same_device, check_tensor
 
 from . import _kernels as K
 from .configs import MoEConfig, select_config
@@ -414,20 +414,6 @@ def _tf32(x: object) -> bool:
     return getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def _check_norm(hidden: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float) -> None:
-    """The RMSNorm prologue's weight (``[H]``, a float dtype, contiguous, on hidden's device) and epsilon."""
-    if norm_weight is None:
-        return
-    check_tensor(norm_weight, "norm_weight")
-    check_dtype(norm_weight, "norm_weight", (torch.float16, torch.bfloat16, torch.float32))
-    check_ndim(norm_weight, "norm_weight", exact=1)
-    if norm_weight.shape[0] != hidden.shape[-1] or norm_weight.stride(0) != 1:
-        raise ShapeMismatchError(f"norm_weight: expected a contiguous [{hidden.shape[-1]}] tensor (hidden's size), "
-                                 f"got shape {list(norm_weight.shape)} with stride {norm_weight.stride()}")
-    check_same_device(hidden=hidden, norm_weight=norm_weight)
-    check_norm_eps(norm_eps)
-
-
 def _norm_key(norm_weight, norm_eps) -> tuple:
     # the epsilon is baked into the plan: its value and type are part of the key (True == 1)
     return (norm_eps, norm_eps.__class__) if norm_weight is not None else (None, None)
@@ -440,7 +426,8 @@ def _route_impl(hidden, router_weight, router_bias, top_k, renormalize, norm_wei
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         validate_route_inputs(hidden, router_weight, router_bias, top_k, renormalize)
-        _check_norm(hidden, norm_weight, norm_eps)
+        if norm_weight is not None:
+            check_norm(hidden, norm_weight, norm_eps)
         plan = _route_plan(_as_2d(hidden), router_weight, router_bias, top_k, renormalize,
                            norm_eps=None if norm_weight is None else norm_eps)
         _put(key, plan)
@@ -490,7 +477,8 @@ def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bia
         validate_experts_inputs(hidden, ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                 activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale)
         _check_residual(hidden, residual)
-        _check_norm(hidden, norm_weight, norm_eps)
+        if norm_weight is not None:
+            check_norm(hidden, norm_weight, norm_eps)
         plan = _experts_plan(_as_2d(hidden), ids2d.shape[1], gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
                              down_scale, residual, None if norm_weight is None else norm_eps)
