@@ -165,6 +165,10 @@ def test_norm_prologue_errors_and_op(device):
     with pytest.raises(InvalidArgumentError, match="norm_eps"):  # a bool after the int 1's plan
         fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=ones, norm_eps=True)
     opcheck_op(ROUTE, (x, rw, rb, 2, True, ones, 1e-5))
+    eager = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=ones * 1.5, norm_eps=1e-5, residual=x)
+    compiled = torch.compile(lambda x, w: fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=w, norm_eps=1e-5,
+                                                    residual=x), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, ones * 1.5), eager)
     ids, wts = moe_route(x, rw, rb, 2)
     opcheck_op(EXPERTS, (x, ids, wts, w1, b1, w2, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, None, None,
                          x, ones, 1e-5))
