@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from fp8_gemm import WEIGHT_ONLY_MAX_M, fp8_linear
 from fused_gated_mlp import fused_gated_mlp
-from fused_moe import fused_moe
+from fused_moe import fused_moe, moe_experts
 from fused_rmsnorm_rope import rmsnorm
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
@@ -31,11 +31,14 @@ HF_ACTIVATIONS = {
 
 def kernel_activation(hidden_act: str) -> str:
     """The fused kernel's activation for a transformers ``hidden_act``; InvalidArgumentError if it has none."""
-    act = HF_ACTIVATIONS.get(hidden_act)
+    return _activation(HF_ACTIVATIONS, hidden_act, "the fused gated MLP computes")
+
+
+def _activation(table: dict[str, str], hidden_act: str, whose: str) -> str:
+    act = table.get(hidden_act)
     if act is None:
         raise InvalidArgumentError(
-            f"hidden_act: expected one of {', '.join(map(repr, HF_ACTIVATIONS))} (those the fused gated MLP "
-            f"computes), got {hidden_act!r}")
+            f"hidden_act: expected one of {', '.join(map(repr, table))} (those {whose}), got {hidden_act!r}")
     return act
 
 
@@ -166,8 +169,9 @@ class GptOssMoE(nn.Module):
     """gpt-oss's mixture of experts (``GptOssMLP``: ``router`` + ``experts``) as :func:`fused_moe.fused_moe`:
     routing, the grouped expert GEMMs with the clamped SwiGLU and the weighted combine in five launches, only the
     experts the tokens chose read. Returns ``(output, router_scores)`` as ``GptOssMLP`` does. Forward only (the
-    fused op has no backward); the router's own forward is not called, so transformers' router-logit recording
-    (``output_router_logits``) sees nothing.
+    fused op has no backward). A router with forward hooks (transformers records ``router_logits`` through one once
+    any call asks for recorded outputs) runs its own forward, so the hooks see what they would; only the experts and
+    the combine are then ours.
     """
 
     can_torch_compile = True
@@ -180,20 +184,94 @@ class GptOssMoE(nn.Module):
         return moe_hidden(self, hidden_states, return_router_scores=True)
 
 
+class SparseMoE(nn.Module):
+    """A top-k sparse mixture of experts with bias-free experts stored ``gate_up_proj [E, 2I, H]`` (gate rows, then
+    up rows) and ``down_proj [E, H, I]``, and a bias-free linear router (``gate``: ``weight [E, H]``, ``top_k``):
+    transformers 5's ``Qwen3MoeSparseMoeBlock`` and ``MixtralSparseMoeBlock``, as :func:`fused_moe.fused_moe`
+    (routing, grouped expert GEMMs with the activation, the weighted combine; only the experts hit are read).
+
+    The routing is the router's: a softmax over all experts, the ``top_k`` largest, renormalized to sum to one where
+    the router does (Mixtral always; Qwen3-MoE when ``norm_topk_prob``). ``patch_model`` records that and the
+    kernel's activation on the module (:data:`MOE_ROUTING_ATTR`), since neither block keeps its config. Returns the
+    output tensor, as those blocks do. Forward only. A router with forward hooks (transformers records
+    ``router_logits`` through one) runs its own forward, the experts and the combine ours.
+    """
+
+    can_torch_compile = True
+    has_backward = False
+
+    gate: nn.Module  # weight [E, H], top_k (Qwen3-MoE: norm_topk_prob)
+    experts: nn.Module  # gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I]
+    # Mixtral's block also has jitter_noise (read with getattr: Qwen3-MoE's has none)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if jittered(self):  # Mixtral's router noise in training mode, as its block applies it (here out of place)
+            jitter = self.jitter_noise
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+        return moe_hidden(self, hidden_states)
+
+
+def jittered(block: nn.Module) -> bool:
+    """Whether a sparse MoE block multiplies its input by router noise (Mixtral's ``jitter_noise``, training mode)."""
+    return bool(block.training and getattr(block, "jitter_noise", 0))
+
+
+# ``(activation, renormalize)`` of a SparseMoE block, set by ``patch_model`` as ACT_ATTR is (and for its reason).
+MOE_ROUTING_ATTR = "_triton_ops_moe_routing"
+# transformers' ``config.hidden_act`` -> fused_moe's activation, for the experts of a SparseMoE block
+MOE_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu"}
+
+
+def moe_activation(hidden_act: str) -> str:
+    """fused_moe's activation for a sparse MoE block's ``config.hidden_act``; InvalidArgumentError if it has none."""
+    return _activation(MOE_ACTIVATIONS, hidden_act, "fused_moe's experts compute")
+
+
+def moe_router(mlp: nn.Module) -> nn.Module:
+    """The router module of a patched mixture of experts: gpt-oss's ``router``, a SparseMoE block's ``gate``."""
+    return mlp.gate if getattr(mlp.forward, "__func__", None) is SparseMoE.forward else mlp.router
+
+
+def router_hooked(router: nn.Module) -> bool:
+    """Whether a router's own forward must run because something watches it: transformers' router-logit recording
+    (5.2x: forward hooks, installed once any call asks for recorded outputs; 5.0: the instance's ``forward``
+    replaced for the call) or anyone's hooks."""
+    return bool(router._forward_hooks or router._forward_pre_hooks or "forward" in router.__dict__)
+
+
 def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
                return_router_scores: bool = False, norm: nn.Module | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:class:`GptOssMoE`'s forward of a gpt-oss MLP module (``router``, ``experts``); with ``residual``, the
-    decoder layer's add after the MoE inside its combine launch (``residual + moe(x)``, rounded once); with
-    ``norm`` (an RMSNorm module not yet applied to ``x``), the norm inside the router's and the gate/up GEMM's
-    launches."""
-    r, e = mlp.router, mlp.experts
+    """The forward of a :class:`GptOssMoE` (``router``, ``experts``) or :class:`SparseMoE` (``gate``, ``experts``)
+    module; with ``residual``, the decoder layer's add after the MoE inside its combine launch (``residual +
+    moe(x)``, rounded once); with ``norm`` (an RMSNorm module not yet applied to ``x``), the norm inside the
+    router's and the gate/up GEMM's launches (not with a hooked router: the caller checks
+    :func:`router_hooked`)."""
+    e = mlp.experts
     scales = e._buffers  # FP8 experts (patch_model(fp8=True), fused_moe.convert_experts_to_fp8): their scales
-    norm_kw = {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.variance_epsilon}
-    return fused_moe(x, r.weight, r.bias, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj, e.down_proj_bias,
-                     int(r.top_k), "swiglu_oai", float(e.alpha), float(e.limit),
-                     return_router_scores=return_router_scores, gate_up_scale=scales.get("gate_up_scale"),
-                     down_scale=scales.get("down_scale"), residual=residual, **norm_kw)
+    kw: dict[str, Any] = dict(gate_up_scale=scales.get("gate_up_scale"), down_scale=scales.get("down_scale"),
+                              residual=residual)
+    if norm is not None:
+        kw.update(norm_weight=norm.weight, norm_eps=norm.variance_epsilon)
+    if getattr(mlp.forward, "__func__", None) is SparseMoE.forward:
+        router, biases = mlp.gate, (None, None)
+        act, renormalize = mlp.__dict__[MOE_ROUTING_ATTR]
+        kw.update(activation=act, gate_up_layout="concatenated", transposed=False)
+    else:
+        router, biases, renormalize = mlp.router, (e.gate_up_proj_bias, e.down_proj_bias), True
+        kw.update(activation="swiglu_oai", alpha=float(e.alpha), limit=float(e.limit))
+    if router_hooked(router):  # the router's own forward, its hooks seeing it: (logits, scores [T, k], ids [T, k])
+        if norm is not None:
+            raise InvalidArgumentError("norm: a hooked router runs its own forward, on normalized input only")
+        _, scores, ids = router(x.reshape(-1, x.shape[-1]))
+        out = moe_experts(x, ids.reshape(*x.shape[:-1], -1), scores.reshape(*x.shape[:-1], -1), e.gate_up_proj,
+                          biases[0], e.down_proj, biases[1], **kw)
+        return (out, scores) if return_router_scores else out
+    return fused_moe(x, router.weight, getattr(router, "bias", None), e.gate_up_proj, biases[0], e.down_proj,
+                     biases[1], int(router.top_k), renormalize=renormalize,
+                     return_router_scores=return_router_scores, **kw)
 
 
-__all__ = ["HF_ACTIVATIONS", "GatedMLP", "GptOssMoE", "RMSNorm", "gated_hidden", "kernel_activation", "moe_hidden"]
+__all__ = ["HF_ACTIVATIONS", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GptOssMoE", "RMSNorm", "SparseMoE",
+           "gated_hidden", "kernel_activation", "jittered", "moe_activation", "moe_hidden", "moe_router",
+           "router_hooked"]

@@ -58,8 +58,9 @@ from .models.layers import LOCAL_SHARDS_ATTR, PACKING_ATTR, TP_ATTR, pack_shards
 from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
-# patch_model's models whose layers the plan knows (gpt-oss's experts split by their intermediate dimension)
-TP_MODEL_TYPES = SUPPORTED_MODEL_TYPES
+# patch_model's models whose layers the plan knows (gpt-oss's experts split by their intermediate dimension). Not
+# (yet) Qwen3-MoE's and Mixtral's sparse experts: no sharding style here splits them.
+TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in ("qwen3_moe", "mixtral"))
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
 

@@ -31,7 +31,7 @@ from torch import nn
 from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from ..layers import GatedMLP, GptOssMoE, gated_hidden, moe_hidden
+from ..layers import GatedMLP, GptOssMoE, SparseMoE, gated_hidden, jittered, moe_hidden, moe_router, router_hooked
 from . import layers as model_layers
 from .layers import (
     LOCAL_SHARDS_ATTR,
@@ -87,7 +87,8 @@ class FusedAddNormDecoderLayer(nn.Module):
             # h = x + o_proj(attn) in the output projection's launch, the post-attention norm in the gated MLP's,
             # the residual add in the down projection's: no launch of the norm's own
             h = attn(hidden_states=attn_in, residual=hidden_states, **attn_kwargs)[0]
-            if how == "moe":  # gpt-oss: the norm in the router's and gate/up's launches, the add in the combine's
+            if how == "moe":  # a mixture of experts: the norm in the router's and gate/up's launches, the add in
+                # the combine's
                 return moe_hidden(self.mlp, h, residual=h, norm=self.post_attention_layernorm)
             return _down_add_(self.mlp, h, h, how, self.post_attention_layernorm)
         attn_out = attn(hidden_states=attn_in, **attn_kwargs)[0]
@@ -96,7 +97,7 @@ class FusedAddNormDecoderLayer(nn.Module):
         how = _down_adds_residual(self.mlp, residual, normed)
         if how:
             return _mlp_into_residual(self.mlp, normed, residual, how)
-        if _moe_adds_residual(self.mlp, residual):  # gpt-oss: the add inside the MoE's combine launch
+        if _moe_adds_residual(self.mlp, residual):  # a mixture of experts: the add inside its combine launch
             return moe_hidden(self.mlp, normed, residual)
         mlp_out = self.mlp(normed)
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
@@ -183,21 +184,27 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def _moe_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> bool:
-    """Whether ``residual + mlp(normed)[0]`` can be the fused MoE's own output (:func:`~triton_ops.layers.moe_hidden`
-    with ``residual``: the add in its combine launch): a patched gpt-oss MoE (:class:`~triton_ops.layers.GptOssMoE`'s
-    forward) without hooks or sharded (DTensor) experts, a plain contiguous residual of the router's dtype, nothing
-    to differentiate (the MoE has no backward either), and the switch on (``RESIDUAL_IN_MOE_COMBINE``)."""
-    if not RESIDUAL_IN_MOE_COMBINE or getattr(mlp.forward, "__func__", None) is not GptOssMoE.forward \
+    """Whether ``residual + mlp(normed)`` can be the fused MoE's own output (:func:`~triton_ops.layers.moe_hidden`
+    with ``residual``: the add in its combine launch): a patched mixture of experts (gpt-oss's
+    :class:`~triton_ops.layers.GptOssMoE` or Qwen3-MoE's / Mixtral's :class:`~triton_ops.layers.SparseMoE`) without
+    hooks, on itself or its router, or sharded (DTensor) experts, a plain contiguous residual of the router's dtype,
+    nothing to differentiate (the MoE has no backward either), and the switch on (``RESIDUAL_IN_MOE_COMBINE``)."""
+    if not RESIDUAL_IN_MOE_COMBINE or getattr(mlp.forward, "__func__", None) not in _MOE_FORWARDS \
             or mlp._forward_hooks or mlp._forward_pre_hooks or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
         return False
-    experts = mlp.experts
-    if any(type(t) not in _PLAIN for t in (experts.gate_up_proj, experts.down_proj, mlp.router.weight)):
+    experts, router = mlp.experts, moe_router(mlp)
+    if router_hooked(router) or jittered(mlp):
+        return False
+    if any(type(t) not in _PLAIN for t in (experts.gate_up_proj, experts.down_proj, router.weight)):
         return False
     return (type(residual) is torch.Tensor and residual.is_contiguous()
-            and residual.dtype == mlp.router.weight.dtype and not torch.is_grad_enabled())
+            and residual.dtype == router.weight.dtype and not torch.is_grad_enabled())
 
 
-# Set False to add gpt-oss's residual after its MoE with a launch of its own (benchmarks time the two).
+_MOE_FORWARDS = (GptOssMoE.forward, SparseMoE.forward)
+
+
+# Set False to add the residual after a mixture of experts with a launch of its own (benchmarks time the two).
 RESIDUAL_IN_MOE_COMBINE = True
 
 
@@ -351,10 +358,10 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
     attentions here without hooks, a plain RMSNorm (:func:`~triton_ops.models.layers.norm_module_fusable`), a
     patched gated MLP whose down projection adds the residual (:func:`_down_adds_residual`, not sharded) and whose
     gate/up run the fused kernel (a decode step's few rows: at most ``NORM_PROLOGUE_MAX_ROWS``), or a patched
-    gpt-oss MoE (``"moe"``: :func:`_moe_adds_residual`; its router and gate/up GEMM normalize), an output projection
-    that adds the residual in its own launch (:func:`_o_proj_adds`: one bf16 row on a GPU, or FP8 weight-only rows),
-    and grad mode off (the layer adds into ``h`` in place; anything of the attention may need a gradient). The
-    layer's input is left as it is (``h = x + o_proj(...)`` is a new tensor)."""
+    mixture of experts (``"moe"``: :func:`_moe_adds_residual`; its router and gate/up GEMM normalize), an output
+    projection that adds the residual in its own launch (:func:`_o_proj_adds`: one bf16 row on a GPU, or FP8
+    weight-only rows), and grad mode off (the layer adds into ``h`` in place; anything of the attention may need a
+    gradient). The layer's input is left as it is (``h = x + o_proj(...)`` is a new tensor)."""
     if not POST_NORM_IN_MLP:
         return ""
     attn, norm, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
@@ -655,12 +662,12 @@ def has_qk_norm(attn: nn.Module) -> bool:
 
 # Attention modules whose forward is transformers' Llama attention (up to the sliding window argument): what
 # RopeAttention replaces. Matched by class name (subclasses of the model's own class keep it).
-ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention")
 
 
 def is_rope_attention(attn: nn.Module) -> bool:
-    """A Llama / Mistral / Qwen2 attention: transformers' class, its projections and the attributes its forward
-    reads (and no q/k norms: those are Qwen3's)."""
+    """A Llama / Mistral / Qwen2 / Mixtral attention: transformers' class, its projections and the attributes its
+    forward reads (and no q/k norms: those are Qwen3's and Qwen3-MoE's)."""
     return (any(cls.__name__ in ROPE_ATTENTIONS for cls in type(attn).__mro__)
             and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling",
                                                "config", "head_dim", "attention_dropout"))

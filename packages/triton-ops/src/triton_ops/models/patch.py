@@ -26,10 +26,13 @@ from ..layers import (
     ACTIVATION_GRANULARITY_ATTR,
     FAST_ACCUM_ATTR,
     GEMM_SCALE_BUFFER,
+    MOE_ROUTING_ATTR,
     GatedMLP,
     GptOssMoE,
     RMSNorm,
+    SparseMoE,
     kernel_activation,
+    moe_activation,
 )
 from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .decoder_layers import (
@@ -45,9 +48,9 @@ from .decoder_layers import (
 )
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
-# config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, or
-# gpt-oss's mixture of experts (router + experts).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss")
+# config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, gpt-oss's
+# mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's sparse one (gate + experts).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "mixtral")
 # Known, and not yet supported: what the error says about them.
 PLANNED: dict[str, str] = {}
 
@@ -62,7 +65,7 @@ class PatchSummary:
 
     model_type: str
     gated_mlps: int = 0  # MLPs whose gate/up projections and activation run in one kernel
-    moe_blocks: int = 0  # gpt-oss mixtures of experts run by fused_moe
+    moe_blocks: int = 0  # mixtures of experts (gpt-oss's, Qwen3-MoE's, Mixtral's) run by fused_moe
     fp8_moe_blocks: int = 0  # of those, the ones whose expert weights are FP8 (weight-only, per-column scales)
     rms_norms: int = 0  # RMSNorm modules computed in one pass
     fused_residual_adds: int = 0  # decoder layers whose post-attention residual add runs inside the RMSNorm
@@ -153,6 +156,36 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _sparse_moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every Qwen3-MoE / Mixtral sparse mixture of experts (transformers 5): ``gate``, a bias-free router (``weight
+    [E, H]``, ``top_k``), and ``experts``, bias-free ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``; no
+    shared expert (Qwen2-MoE's would be left out of the sum)."""
+    found = []
+    for module in model.modules():
+        gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        weight = getattr(gate, "weight", None)
+        gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(gate, "top_k")
+                and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
+                and gate_up.dim() == 3 and down.dim() == 3):
+            continue
+        experts_n, hidden = weight.shape
+        if (gate_up.shape == (experts_n, 2 * down.shape[2], hidden) and down.shape[:2] == (experts_n, hidden)
+                and getattr(gate, "bias", None) is None and getattr(experts, "gate_up_proj_bias", None) is None
+                and getattr(experts, "down_proj_bias", None) is None
+                and not any(hasattr(module, a) for a in ("shared_expert", "shared_experts"))):
+            found.append(module)
+    return found
+
+
+def _patch_sparse_moe(block: nn.Module, hidden_act: str) -> None:
+    """``block`` runs :class:`~triton_ops.layers.SparseMoE`'s forward, its activation and routing rule resolved
+    once: renormalized top-k weights where the router renormalizes (Mixtral's always does and has no
+    ``norm_topk_prob``; Qwen3-MoE's when ``norm_topk_prob``)."""
+    block.__dict__[MOE_ROUTING_ATTR] = (moe_activation(hidden_act), bool(getattr(block.gate, "norm_topk_prob", True)))
+    block.__class__ = _patched_class(type(block), SparseMoE)
+
+
 def _rms_norms(model: nn.Module) -> list[nn.Module]:
     """Every transformers RMSNorm of the model: a ``*RMSNorm`` module with a 1-D ``weight`` and ``variance_epsilon``."""
     return [m for m in model.modules()
@@ -180,8 +213,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
                 fp8_smooth_alpha: float = DEFAULT_ALPHA) -> nn.Module:
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
-    Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss and the
-    models that share their layers). What is replaced:
+    Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
+    Qwen3-MoE, Mixtral and the models that share their layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -220,6 +253,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       the experts' memory). Not the default yet: on the H200 (gpt-oss-20b's layer) FP8 experts took 0.97-1.20x
       the bf16 time at 1-64 tokens and 0.74x at 512 (their tiles are the bf16 ones, untuned). The router stays in
       the model's dtype.
+    - Qwen3-MoE and Mixtral: every sparse mixture of experts (``gate`` + ``experts``, transformers 5's
+      ``Qwen3MoeSparseMoeBlock`` / ``MixtralSparseMoeBlock``) runs as ``fused_moe`` with the router's own rule (a
+      softmax over all experts, the top k, renormalized where the router does) and the SwiGLU of
+      ``config.hidden_act`` (:class:`triton_ops.layers.SparseMoE`); Qwen3-MoE's dense layers (``mlp_only_layers``)
+      are gated MLPs as above. ``fp8_experts=True`` converts these experts as gpt-oss's.
     - Every pre-norm decoder layer adds the attention's output to the residual inside the post-attention RMSNorm
       (:class:`~triton_ops.models.decoder_layers.FusedAddNormDecoderLayer`: one launch for the add and the norm).
     - Attentions: Llama / Mistral / Qwen2 attentions apply the rotary embedding to q and k in one kernel
@@ -273,12 +311,14 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     if fp8_calibration is not None and not fp8:
         raise InvalidArgumentError("fp8_calibration: smoothing is for FP8 conversion; pass fp8=True with it")
     summary = PatchSummary(model_type)
-    mlps, moes = _gated_mlps(model), _moe_blocks(model)
-    if not mlps and not moes:
+    mlps, moes, sparse_moes = _gated_mlps(model), _moe_blocks(model), _sparse_moe_blocks(model)
+    if not mlps and not moes and not sparse_moes:
         raise UnsupportedModelError(
-            f"model: no gated MLP (gate_proj / up_proj nn.Linear, down_proj, config.hidden_act) and no gpt-oss "
-            f"mixture of experts (router, experts) found in this {model_type!r} model; its layers are not the ones "
-            f"patch_model knows")
+            f"model: no gated MLP (gate_proj / up_proj nn.Linear, down_proj, config.hidden_act) and no mixture of "
+            f"experts (gpt-oss's router and experts, or a sparse block's gate and experts) found in this "
+            f"{model_type!r} model; its layers are not the ones patch_model knows")
+    if sparse_moes:  # checked before anything is changed
+        hidden_act = moe_activation(getattr(model.config, "hidden_act", None))
     attentions = _attentions(model)
     unpacked: Counter[str] = Counter()  # why some attentions' q/k/v stay three GEMMs
     packs: dict[str, str] = {}  # attention name -> "fp8" (one FP8Linear) or "linear" (one PackedQKVLinear)
@@ -356,12 +396,16 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         summary.gated_mlps = len(mlps)
     for moe in moes:
         moe.__class__ = _patched_class(type(moe), GptOssMoE)
+    for block in sparse_moes:
+        _patch_sparse_moe(block, hidden_act)
+    for moe, transposed in [*((m, True) for m in moes), *((b, False) for b in sparse_moes)]:
         if fp8 and fp8_experts and not is_fp8_experts(moe.experts):
-            convert_experts_to_fp8(moe.experts)
+            convert_experts_to_fp8(moe.experts, transposed=transposed)  # gpt-oss's [E, H, 2I] or [E, 2I, H]
             summary.fp8_moe_blocks += 1
-    summary.moe_blocks = len(moes)
-    if moes:
-        summary.notes.append("router logits are not recorded for output_router_logits (the router runs in the kernel)")
+    summary.moe_blocks = len(moes) + len(sparse_moes)
+    if summary.moe_blocks:
+        summary.notes.append("routers run inside the MoE kernels; a router with hooks (transformers' router-logit "
+                             "recording, once any call asks for recorded outputs) runs its own forward instead")
         if summary.fp8_moe_blocks:
             summary.notes.append(f"experts of {summary.fp8_moe_blocks} MoE block(s): FP8 weights (E4M3, per-column "
                                  "scales), activations in the model's dtype (weight-only FP8); routers kept")

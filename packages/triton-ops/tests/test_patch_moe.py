@@ -1,0 +1,243 @@
+"""patch_model on small random Qwen3-MoE and Mixtral models built from transformers' own classes: every sparse
+mixture of experts runs as fused_moe with the router's own rule (renormalized or not), the patched model computes
+what the unpatched one does (prefill, a cached decode step, greedy generate), FP8 experts stand for their
+dequantized weights, router logits are still recorded when asked for, and the decode-step fusions (the
+post-attention norm inside the MoE, the residual add in its combine) change nothing but rounding. Runs under the
+interpreter on CPU (fp32) and on a GPU (bf16). gpt-oss's mixture of experts: test_patch_model.py."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from triton_ops import patch_model
+from triton_ops.layers import MOE_ROUTING_ATTR, SparseMoE
+from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, QKNormRopeAttention, RopeAttention
+from triton_ops_core.exceptions import InvalidArgumentError
+from triton_ops_core.testing import device_for_tests
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = device_for_tests()
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+TOL = 0.999 if DTYPE == torch.bfloat16 else 0.99999
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "vocab_size": 128, "max_position_embeddings": 64}
+KINDS = ("qwen3_moe", "qwen3_moe_unnormalized", "mixtral")
+
+
+def _config(kind: str, **extra):
+    if kind.startswith("qwen3_moe"):
+        # layer 1 dense (mlp_only_layers): a Qwen3MoeMLP, patched as a gated MLP beside the sparse block
+        return transformers.Qwen3MoeConfig(**SMALL, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                                           num_experts=8, num_experts_per_tok=3, mlp_only_layers=[1],
+                                           norm_topk_prob=kind == "qwen3_moe", **extra)
+    return transformers.MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                      **extra)
+
+
+def _model(kind: str, seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    config = _config(kind, **extra)
+    cls = transformers.MixtralForCausalLM if kind == "mixtral" else transformers.Qwen3MoeForCausalLM
+    model = cls(config).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():  # weights (experts and routers too) large enough that routing and the logits matter
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def _prefill_and_step(model, ids, **kwargs):
+    """Logits of a prefill and of one decode step through transformers' own cache (``cache`` from 5.2x on)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(ids, use_cache=True, **kwargs)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        step = model(ids[:, :1], use_cache=True, **{name: cache}, **kwargs)
+    return out, step
+
+
+def _sparse_blocks(model) -> list:
+    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_patched_sparse_moe_models_compute_what_transformers_does(kind):
+    model = _model(kind)
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    summary = model.triton_ops_patch
+    dense = 1 if kind.startswith("qwen3_moe") else 0
+    assert summary.moe_blocks == 2 - dense and summary.gated_mlps == dense and summary.fused_residual_adds == 2
+    assert summary.packed_qkv == 2
+    attention = QKNormRopeAttention if kind.startswith("qwen3_moe") else RopeAttention
+    assert all(type(layer.self_attn).forward is attention.forward for layer in model.model.layers)
+    assert all(inspect.unwrap(type(layer).forward) is FusedAddNormDecoderLayer.forward for layer in model.model.layers)
+    parameters = dict(model.named_parameters())
+    for index, (block, ref_block) in enumerate(zip(_sparse_blocks(model), _sparse_blocks(reference), strict=True)):
+        assert type(block).forward is SparseMoE.forward and type(block).__name__ == type(ref_block).__name__
+        assert block.__dict__[MOE_ROUTING_ATTR] == ("silu", kind != "qwen3_moe_unnormalized")
+        # the model's own expert weights, read in place (layer `index` holds the index-th sparse block here)
+        assert block.experts.gate_up_proj is parameters[f"model.layers.{index}.mlp.experts.gate_up_proj"]
+        with torch.no_grad():  # what the block returns: one tensor of its input's shape
+            x = torch.randn(2, 3, 64, device=DEVICE, dtype=DTYPE)
+            out, ref_out = block(x), ref_block(x)
+        assert isinstance(out, torch.Tensor) and out.shape == ref_out.shape and _cosine(out, ref_out) >= TOL
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    ours, ref = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.isfinite(a.logits).all() and _cosine(a.logits, b.logits) >= TOL
+    assert set(model.state_dict()) == set(reference.state_dict())
+
+
+def test_the_unnormalized_qwen3_router_weights_are_the_softmax_over_all_experts():
+    """norm_topk_prob=False: the chosen experts' weights are their share of the softmax over all experts (summing
+    to less than one), as Qwen3MoeTopKRouter computes them; renormalizing them would be a different model."""
+    model = patch_model(_model("qwen3_moe_unnormalized", seed=2))
+    reference = _model("qwen3_moe_unnormalized", seed=2)
+    block, ref_block = _sparse_blocks(model)[0], _sparse_blocks(reference)[0]
+    x = torch.randn(1, 5, 64, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        _, scores, _ = ref_block.gate(x.reshape(-1, 64))
+        assert (scores.float().sum(-1) < 0.99).all()  # the case where renormalizing would change the output
+        assert _cosine(block(x), ref_block(x)) >= TOL
+        block.__dict__[MOE_ROUTING_ATTR] = ("silu", True)  # the other rule: a different output
+        assert _cosine(block(x), ref_block(x)) < 0.9999
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_patched_sparse_moe_generates_the_unpatched_models_tokens(kind):
+    model = _model(kind, seed=1)
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    with torch.no_grad():
+        ours = model.generate(ids, max_new_tokens=8, do_sample=False)
+        ref = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    if DTYPE == torch.float32:  # bf16 rounding may part the two at a near tie
+        assert torch.equal(ours, ref)
+    assert ours.shape == ref.shape
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_router_logits_are_recorded_when_asked_for(kind):
+    """output_router_logits=True: transformers records the routers' logits through hooks on them; a hooked router
+    runs its own forward (the experts and combine stay ours), so the logits and the auxiliary loss are the model's."""
+    model = _model(kind, seed=4, output_router_logits=True, router_aux_loss_coef=0.01)
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    with torch.no_grad():
+        ours, ref = model(ids, labels=ids), reference(ids, labels=ids)
+    assert len(ours.router_logits) == len(ref.router_logits) > 0
+    for a, b in zip(ours.router_logits, ref.router_logits, strict=True):  # equal up to the layers' rounding
+        assert a.shape == b.shape and _cosine(a, b) >= TOL
+    assert _cosine(ours.logits, ref.logits) >= TOL
+    assert torch.allclose(ours.aux_loss.float(), ref.aux_loss.float(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_sparse_moe_takes_the_post_attention_norm_and_the_residual_add(kind, monkeypatch):
+    """A decode-size forward whose o_proj adds the residual in its launch (FP8 weight-only here): the post-attention
+    norm runs inside the MoE's router and gate/up launches and the residual add in its combine (no
+    fused_add_rmsnorm in a sparse layer), the logits those of the separate norm up to the residual sum's rounding."""
+    import fused_moe
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_model(kind, seed=5), fp8=True, fp8_recipe="channel")
+    norms, moe_calls = [], []
+    real_norm, real_experts = decoder_layers.fused_add_rmsnorm, fused_moe.ops.moe_experts
+    monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+    monkeypatch.setattr(fused_moe.ops, "moe_experts", lambda *a, **k: moe_calls.append(
+        (k.get("norm_weight") is not None, k.get("residual") is not None)) or real_experts(*a, **k))
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    sparse = len(_sparse_blocks(model))
+    fused = _prefill_and_step(model, ids)
+    assert moe_calls == [(True, True)] * (2 * sparse)
+    assert norms == []  # Qwen3-MoE's dense layer takes its norm into its gated MLP's launch
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", False)
+    separate = _prefill_and_step(model, ids)
+    assert moe_calls[2 * sparse:] == [(False, True)] * (2 * sparse)  # the add still in the combine
+    for a, b in zip(fused, separate, strict=True):
+        assert _cosine(a.logits, b.logits) >= (0.9999 if DTYPE == torch.bfloat16 else 0.99999)
+
+
+def test_a_hooked_router_keeps_the_layers_fusions_away():
+    from triton_ops.models import decoder_layers
+
+    model = patch_model(_model("mixtral"))
+    block = _sparse_blocks(model)[0]
+    residual = torch.zeros(1, 64, dtype=DTYPE, device=DEVICE)
+    with torch.no_grad():
+        assert decoder_layers._moe_adds_residual(block, residual)
+        handle = block.gate.register_forward_hook(lambda *args: None)
+        assert not decoder_layers._moe_adds_residual(block, residual)
+        handle.remove()
+        block.gate.forward = block.gate.forward  # transformers 5.0 records outputs by replacing a forward
+        assert not decoder_layers._moe_adds_residual(block, residual)
+        del block.gate.forward
+        block.train()
+        block.jitter_noise = 0.1  # Mixtral's router noise, in training mode only
+        assert not decoder_layers._moe_adds_residual(block, residual)
+        block.eval()
+        assert decoder_layers._moe_adds_residual(block, residual)
+
+
+def test_mixtral_router_noise_applies_in_training_mode_only():
+    model = patch_model(_model("mixtral", seed=6, router_jitter_noise=0.5))
+    block = _sparse_blocks(model)[0]
+    x = torch.randn(1, 4, 64, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        quiet = block(x)
+        assert torch.equal(block(x), quiet)
+        block.train()
+        noisy = block(x)
+    assert not torch.equal(noisy, quiet) and torch.equal(x, x.clone())
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_sparse_moe_fp8_experts_match_their_dequantized_weights(kind):
+    from fused_moe import is_fp8_experts
+
+    model = _model(kind, seed=3)
+    reference = copy.deepcopy(model)
+    patch_model(model, fp8=True, fp8_experts=True)
+    blocks, ref_blocks = _sparse_blocks(model), _sparse_blocks(reference)
+    assert model.triton_ops_patch.moe_blocks == model.triton_ops_patch.fp8_moe_blocks == len(blocks)
+    for block, ref_block in zip(blocks, ref_blocks, strict=True):
+        experts = block.experts
+        assert is_fp8_experts(experts) and experts.gate_up_proj.dtype == torch.float8_e4m3fn
+        assert experts.gate_up_proj.shape == ref_block.experts.gate_up_proj.shape  # [E, 2I, H], as transformers'
+        assert block.gate.weight.dtype == DTYPE  # the router keeps the model's dtype
+        with torch.no_grad():  # the unpatched block with the weights the FP8 ones stand for (scales per output row)
+            ref_block.experts.gate_up_proj.copy_(experts.gate_up_proj.float() * experts.gate_up_scale[:, :, None])
+            ref_block.experts.down_proj.copy_(experts.down_proj.float() * experts.down_scale[:, :, None])
+            x = torch.randn(2, 3, 64, device=DEVICE, dtype=DTYPE)
+            assert _cosine(block(x), ref_block(x)) >= TOL
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    assert all(torch.isfinite(out.logits).all() for out in _prefill_and_step(model, ids))
+
+
+def test_an_activation_fused_moe_lacks_is_refused_before_anything_changes():
+    model = _model("mixtral")
+    model.config.hidden_act = "relu"
+    with pytest.raises(InvalidArgumentError, match="hidden_act.*'relu'"):
+        patch_model(model)
+    assert getattr(model, "triton_ops_patch", None) is None
+    assert type(model.model.layers[0].mlp).forward is not SparseMoE.forward
+
+
+def test_tensor_parallel_plan_says_it_has_no_style_for_sparse_experts():
+    from triton_ops.models import UnsupportedModelError
+    from triton_ops.parallel import tensor_parallel_plan
+
+    for kind in ("qwen3_moe", "mixtral"):
+        with pytest.raises(UnsupportedModelError, match=f"tensor_parallel_plan supports .* got '{kind}'"):
+            tensor_parallel_plan(_model(kind), 2)
