@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_model                       # Llama-3-8B and Qwen3-8B shapes, every part
     python -m benchmarks.bench_model --models gpt-oss-20b  # gpt-oss-20b's shape (42 GB of weights)
+    python -m benchmarks.bench_model --models qwen3-30b-a3b --variants transformers,patched --parts decode
     python -m benchmarks.bench_model --models llama3-8b --parts decode,generate
     python -m benchmarks.bench_model --tiny                # a 2-layer model: checks the harness (CPU: interpreter)
 
@@ -21,8 +22,9 @@ activations, and ``patched-fp8-block``). Measured, per variant, in one run:
 - ``accuracy``: the patched variants' last-token logits against the unpatched model's (cosine) and the greedy
   tokens of ``generate()`` (agreement over the new tokens).
 
-The floor: every weight a decode step reads (all parameters but the input embedding) divided by the copy bandwidth
-measured in the same run. Writes ``model-<device>.md`` / ``.json`` (and a plot of tokens/s against batch size) to
+The floor: every weight a decode step reads divided by the copy bandwidth measured in the same run: all parameters
+but the input embedding, and of a mixture of experts only the experts the step's tokens are expected to hit
+(:func:`floor_bytes`). Writes ``model-<device>.md`` / ``.json`` (and a plot of tokens/s against batch size) to
 ``--out`` (default ``docs/benchmarks`` on a GPU).
 """
 
@@ -67,6 +69,17 @@ MODELS: dict[str, dict[str, Any]] = {
                         num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088,
                         num_local_experts=32, num_experts_per_tok=4, sliding_window=128, rope_theta=150000.0,
                         rms_norm_eps=1e-5, attn_implementation="eager"),
+    # Qwen/Qwen3-30B-A3B: 48 layers, 128 experts of intermediate 768, top 8 (renormalized), QK-norm; 61 GB.
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                          rope_theta=1000000.0, max_position_embeddings=8192 + 256, rms_norm_eps=1e-6),
+    # mistralai/Mixtral-8x7B-v0.1: 32 layers, 8 experts of intermediate 14336, top 2; 93 GB (one variant at a time
+    # fits the H200).
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         vocab_size=32000, rope_theta=1000000.0, max_position_embeddings=8192 + 256,
+                         rms_norm_eps=1e-5),
 }
 DEFAULT_MODELS = ("llama3-8b", "qwen3-8b")
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -81,6 +94,7 @@ class VariantResult:
     prefill: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)
     weight_bytes: int = 0
+    expert_bytes: int = 0  # of weight_bytes, the mixtures of experts' expert weights (and their FP8 scales)
     peak_memory_gib: float | None = None
     patch: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -98,6 +112,8 @@ def build_config(name: str, tiny: bool):
         spec.update(TINY)
         if "num_local_experts" in spec:  # 8 experts, top 4: routing and grouping still matter, a quarter of the work
             spec["num_local_experts"] = 8
+        if "num_experts" in spec:  # Qwen3-MoE: 16 small experts, top 8 (its own k), half of them chosen per token
+            spec.update(num_experts=16, moe_intermediate_size=64)
     attn = spec.pop("attn_implementation", "sdpa")
     config = AutoConfig.for_model(model_type, **spec)
     config.tie_word_embeddings = False
@@ -151,12 +167,33 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     return model
 
 
-def decode_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads from weights: every parameter and FP8 buffer but the input embedding."""
+def decode_weight_bytes(model: torch.nn.Module, experts_only: bool = False) -> int:
+    """Bytes of the weights a decode step may read: every parameter and FP8 buffer but the input embedding (with
+    ``experts_only``, of those the ones inside a mixture of experts' ``experts`` module)."""
     embed = model.get_input_embeddings().weight
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not embed and t.is_floating_point()}
-    skip = {id(b) for name, b in model.named_buffers() if "rotary" in name or "inv_freq" in name}
-    return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in skip)
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    tensors = {id(t): t for name, t in named if t is not embed and t.is_floating_point()
+               and "rotary" not in name and "inv_freq" not in name and (not experts_only or ".experts." in name)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def moe_shape(config) -> tuple[int, int] | None:
+    """``(experts, top_k)`` of a mixture-of-experts config (gpt-oss, Mixtral: ``num_local_experts``; Qwen3-MoE:
+    ``num_experts``), or None for a dense model."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    return (int(experts), int(top_k)) if experts and top_k else None
+
+
+def floor_bytes(weight_bytes: int, expert_bytes: int, moe: tuple[int, int] | list | None, batch: int) -> float:
+    """The weight bytes one decode step of ``batch`` tokens reads: everything but the experts, and the expected
+    share of the experts that ``batch`` tokens hit when each picks ``top_k`` of ``experts`` uniformly (random
+    weights route about uniformly): ``1 - (1 - top_k / experts) ** batch``."""
+    if not moe or not expert_bytes:
+        return float(weight_bytes)
+    experts, top_k = moe
+    hit = 1.0 - (1.0 - top_k / experts) ** batch
+    return weight_bytes - expert_bytes + expert_bytes * hit
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -336,6 +373,7 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
     torch.cuda.reset_peak_memory_stats()
     model = make_variant(variant, config, device, torch.bfloat16)
     res.weight_bytes = decode_weight_bytes(model)
+    res.expert_bytes = decode_weight_bytes(model, experts_only=True)
     summary = getattr(model, "triton_ops_patch", None)
     res.patch = None if summary is None else str(asdict(summary))
     outputs: dict = {}
@@ -380,7 +418,8 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
 def run_model(name: str, args, device, bandwidth: float, entry: dict[str, Any], save: Callable[[], None]) -> None:
     """Fill ``entry`` (a model's section of the report) variant by variant, calling ``save`` after each."""
     config = build_config(name, args.tiny)
-    entry.update(model=name, layers=config.num_hidden_layers, hidden=config.hidden_size, floor_us={}, variants=[])
+    entry.update(model=name, layers=config.num_hidden_layers, hidden=config.hidden_size, floor_us={}, variants=[],
+                 bandwidth_gbps=bandwidth, moe=moe_shape(config))
     ref = None
     for variant in args.variants:
         print(f"{name}: {variant}", flush=True)
@@ -407,22 +446,35 @@ def render(report: dict[str, Any]) -> str:
              f"{report['copy_gbps']:,.0f} GB/s (1 GiB device-to-device, bytes read + written).", "",
              "Random bf16 weights built on the GPU from each model's published config; sdpa attention; a "
              "`StaticCache`. GPU time = the profiler's kernel time of one decode step (no host time); floor = the "
-             "weights a step reads (every parameter but the input embedding) / the measured copy bandwidth.", ""]
+             "weights a step reads (every parameter but the input embedding; of a mixture of experts, the expected "
+             "share of the experts a step's B tokens hit, each choosing k of E uniformly: 1 - (1 - k/E)^B) / the "
+             "measured copy bandwidth.", ""]
     for model in report["models"]:
         lines += _model_section(model)
     return "\n".join(lines) + "\n"
 
 
+def _floor_us(model: dict[str, Any], variant: dict[str, Any], batch: int) -> float:
+    """A variant's floor at ``batch`` tokens (:func:`floor_bytes`); a report without the MoE fields (written before
+    them): every weight."""
+    if "bandwidth_gbps" not in model:
+        return model["floor_us"][variant["variant"]]
+    nbytes = floor_bytes(variant["weight_bytes"], variant.get("expert_bytes", 0), model.get("moe"), batch)
+    return nbytes / (model["bandwidth_gbps"] * 1e9) * 1e6
+
+
 def _model_section(model: dict[str, Any]) -> list[str]:
     variants = model["variants"]
     base = {(p["batch"], p["context"]): p["gpu_us"] for p in variants[0]["decode"]} if variants else {}
-    lines = [f"## {model['model']} ({model['layers']} layers, hidden {model['hidden']})", "",
+    moe = model.get("moe")
+    experts = f"; {moe[0]} experts, top {moe[1]}" if moe else ""
+    lines = [f"## {model['model']} ({model['layers']} layers, hidden {model['hidden']}{experts})", "",
              "### Decode step, GPU time", "",
              "| variant | batch | context | GPU time | kernels | tokens/s (GPU) | vs transformers | floor | x floor |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
-        floor = model["floor_us"][v["variant"]]
         for p in v["decode"]:
+            floor = _floor_us(model, v, p["batch"])
             b = base.get((p["batch"], p["context"]))
             lines.append(f"| {v['variant']} | {p['batch']} | {p['context']} | {p['gpu_us']:,.0f} us | "
                          f"{p['kernels']:.0f} | {p['tokens_per_s']:,.0f} | {_fmt(b and b / p['gpu_us'], '.2f')}x | "
@@ -432,7 +484,7 @@ def _model_section(model: dict[str, Any]) -> list[str]:
               "first call (compiles) | floor | x floor |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
         e, s = v["generate"].get("eager", {}), v["generate"].get("static-compiled", {})
-        floor_ms = model["floor_us"][v["variant"]] / 1e3
+        floor_ms = _floor_us(model, v, 1) / 1e3
         lines.append(f"| {v['variant']} | {_fmt(e.get('ms_per_token'), '.2f')} ms | {_fmt(e.get('tokens_per_s'))} | "
                      f"{_fmt(s.get('ms_per_token'), '.2f')} ms | {_fmt(s.get('tokens_per_s'))} | "
                      f"{_fmt(s.get('first_call_s'))} s | {floor_ms:.2f} ms | "

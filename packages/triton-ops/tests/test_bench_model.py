@@ -27,7 +27,7 @@ def bm():
     return bench_model
 
 
-@pytest.mark.parametrize("name", ["llama3-8b", "qwen3-8b", "gpt-oss-20b"])
+@pytest.mark.parametrize("name", ["llama3-8b", "qwen3-8b", "gpt-oss-20b", "qwen3-30b-a3b", "mixtral-8x7b"])
 def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     config = bm.build_config(name, tiny=True)
     if name == "gpt-oss-20b":
@@ -49,6 +49,24 @@ def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     embed = reference.get_input_embeddings().weight
     expected = sum(p.numel() * p.element_size() for p in reference.parameters() if p is not embed)
     assert bm.decode_weight_bytes(reference) == expected
+    experts = sum(p.numel() * p.element_size() for n, p in reference.named_parameters() if ".mlp.experts." in n)
+    assert bm.decode_weight_bytes(reference, experts_only=True) == experts
+    assert (experts > 0) == (bm.moe_shape(config) is not None) == (name in ("gpt-oss-20b", "qwen3-30b-a3b",
+                                                                            "mixtral-8x7b"))
+    if name != "gpt-oss-20b":
+        assert patched.triton_ops_patch.moe_blocks == (config.num_hidden_layers if experts else 0)
+
+
+def test_the_floor_of_a_mixture_of_experts_counts_the_experts_a_step_is_expected_to_hit(bm):
+    dense, experts = 1000, 3200  # bytes: everything else, and all 32 experts
+    assert bm.floor_bytes(dense + experts, experts, (32, 4), 1) == pytest.approx(dense + experts * 4 / 32)
+    # two tokens: an expert is missed by both with probability (28/32)^2
+    assert bm.floor_bytes(dense + experts, experts, (32, 4), 2) == pytest.approx(dense + experts * (1 - (28 / 32) ** 2))
+    assert bm.floor_bytes(dense + experts, experts, (32, 4), 512) == pytest.approx(dense + experts)
+    assert bm.floor_bytes(dense, 0, None, 8) == dense  # a dense model: every weight
+    assert bm.moe_shape(bm.build_config("gpt-oss-20b", tiny=False)) == (32, 4)
+    assert bm.moe_shape(bm.build_config("qwen3-30b-a3b", tiny=False)) == (128, 8)
+    assert bm.moe_shape(bm.build_config("llama3-8b", tiny=False)) is None
 
 
 def test_separate_norms_variant_switches_the_fusions_for_its_measurement(bm):
@@ -107,3 +125,19 @@ def test_decode_layer_marginal_layer_is_held_against_its_own_floor():
     assert dl._marginal_x_floor(row, one["floor_us"]) == "1.46x"
     # a saved run without the field (before session 20) keeps its old reading
     assert dl._marginal_x_floor({"layer_us": 103.4}, 56.5) == "1.83x"
+
+
+def test_report_holds_a_mixture_of_experts_against_the_experts_it_hits(bm):
+    points = [{"batch": b, "context": 8, "gpu_us": 20.0, "kernels": 5, "tokens_per_s": 5e4, "eager_wall_ms": 1.0}
+              for b in (1, 64)]
+    variant = {"variant": "patched", "decode": points, "generate": {}, "prefill": {}, "accuracy": {},
+               "weight_bytes": 5_000_000, "expert_bytes": 3_200_000, "peak_memory_gib": 1.0, "errors": []}
+    report = {"environment": {"device": "X", "command": "c", "torch": "t", "triton": "tr", "transformers": "tf",
+                              "cuda": "c", "date_utc": "d"}, "copy_gbps": 1000.0,
+              "models": [{"model": "m", "layers": 2, "hidden": 4, "floor_us": {"patched": 5.0}, "variants": [variant],
+                          "bandwidth_gbps": 1000.0, "moe": [32, 4]}]}
+    md = bm.render(report)
+    assert "## m (2 layers, hidden 4; 32 experts, top 4)" in md
+    # batch 1: 1.8 MB + 4/32 of 3.2 MB = 2.2 MB at 1 TB/s; batch 64: nearly every expert, 5.0 MB
+    assert "| patched | 1 | 8 | 20 us | 5 | 50,000 | 1.00x | 2 us | 9.09x |" in md
+    assert "| patched | 64 | 8 | 20 us | 5 | 50,000 | 1.00x | 5 us | 4.00x |" in md

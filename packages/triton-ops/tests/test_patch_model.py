@@ -652,6 +652,24 @@ def test_patched_gpt_oss_with_fp8_experts_matches_their_dequantized_weights():
     assert model.state_dict()["model.layers.0.mlp.experts.gate_up_scale"].shape == (4, 96)  # saved with the model
 
 
+def test_patched_gpt_oss_records_router_logits_when_asked_for():
+    """output_router_logits=True: the routers' logits and the auxiliary loss are the unpatched model's (a hooked
+    router runs its own forward; the experts and the combine stay fused_moe's)."""
+    model = _gpt_oss(seed=2)
+    model.config.output_router_logits = True
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    with torch.no_grad():
+        ours, ref = model(ids, labels=ids), reference(ids, labels=ids)
+    assert len(ours.router_logits) == len(ref.router_logits) == 2
+    tol = 0.999 if DTYPE == torch.bfloat16 else 0.99999
+    for a, b in zip(ours.router_logits, ref.router_logits, strict=True):
+        assert a.shape == b.shape and _cosine(a, b) >= tol
+    assert _cosine(ours.logits, ref.logits) >= tol
+    assert torch.allclose(ours.aux_loss.float(), ref.aux_loss.float(), rtol=1e-4)
+
+
 def test_patched_gpt_oss_with_fp8_keeps_its_experts_by_default():
     model = patch_model(_gpt_oss(), fp8=True)
     assert model.triton_ops_patch.fp8_moe_blocks == 0
