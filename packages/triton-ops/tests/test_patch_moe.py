@@ -248,18 +248,7 @@ def test_tensor_parallel_plan_says_it_has_no_style_for_sparse_experts():
 def test_gpu_sparse_moe_compiled_generate_with_static_cache(kind):
     """transformers' fast path (static cache, torch.compile fullgraph with CUDA graphs) over the patched model: the
     fused MoE's routing has no host sync, so it compiles in a few frames and computes what eager does."""
-    from triton_ops_core.testing import count_compiles
+    from _compiled_generate import assert_compiled_generate_matches_eager
 
     model = patch_model(_model(kind, seed=7))
-    prompt = torch.randint(0, 128, (1, 12), device="cuda")
-    kwargs = {"max_new_tokens": 16, "do_sample": False, "cache_implementation": "static",
-              "return_dict_in_generate": True, "output_logits": True}
-    compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
-    with torch.no_grad():
-        eager = model.generate(prompt, disable_compile=True, **kwargs)
-        with count_compiles() as compiles:
-            compiled = model.generate(prompt, compile_config=compile_config, **kwargs)
-    assert 1 <= compiles["frames"] <= 4, compiles
-    assert compiled.sequences.shape == eager.sequences.shape
-    for step in range(2):  # prefill and first decode step; later a near tie may part
-        assert _cosine(compiled.logits[step], eager.logits[step]) >= 0.995, step
+    assert_compiled_generate_matches_eager(model, torch.randint(0, 128, (1, 12), device="cuda"))
