@@ -49,8 +49,9 @@ from . import ROOT
 PARTS = ("decode", "generate", "prefill", "accuracy")
 VARIANTS = ("transformers", "patched", "patched-fp8")
 # also known: FP8's default recipe (group scales, MLP output projections kept; its first/last-layer rule left out on
-# these few-layer stand-ins), the same with per-row activations (group-row), and blocks on every Linear
-EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block")
+# these few-layer stand-ins), the same with per-row activations (group-row), blocks on every Linear, and for a mixture
+# of experts the unpatched model with only its experts through fused_moe (transformers' experts interface)
+EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block", "experts-triton_ops")
 # Any patched variant + this suffix: the decode step's RMSNorms (and gpt-oss's residual add after its MoE) as launches
 # of their own (the layer's fusions of them into the GEMMs they feed switched off while it is measured), for the
 # before/after of those fusions in one run.
@@ -164,6 +165,10 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
         triton_ops.patch_model(model, fp8=True, fp8_recipe=interior)
     elif variant == "patched-fp8-block":
         triton_ops.patch_model(model, fp8=True, fp8_recipe="block")
+    elif variant == "experts-triton_ops":  # transformers' model, only its experts through fused_moe.moe_experts
+        from triton_ops.models import register_experts_backend
+
+        model.set_experts_implementation(register_experts_backend())
     return model
 
 

@@ -55,6 +55,18 @@ def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
                                                                             "mixtral-8x7b"))
     if name != "gpt-oss-20b":
         assert patched.triton_ops_patch.moe_blocks == (config.num_hidden_layers if experts else 0)
+    if experts and _takes_named_experts():  # transformers' experts interface: only the experts ours
+        swapped = bm.make_variant("experts-triton_ops", config, device, torch.float32)
+        assert swapped.config._experts_implementation == "triton_ops"
+        got = bm.compare_outputs(ref, bm.reference_outputs(swapped, prompt, new, ref["sequence"]))
+        assert got["forced_cosine_min"] > (0.99999 if device.type == "cpu" else 0.999)
+
+
+def _takes_named_experts() -> bool:
+    """transformers 5.7 and later accept a registered experts implementation (5.0-5.6 only their own three)."""
+    from transformers.integrations import moe
+
+    return "is_concatenated" in moe.use_experts_implementation.__code__.co_varnames
 
 
 def test_the_floor_of_a_mixture_of_experts_counts_the_experts_a_step_is_expected_to_hit(bm):
