@@ -127,6 +127,26 @@ def test_patched_sparse_moe_generates_the_unpatched_models_tokens(kind):
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_patched_sparse_moe_with_a_static_cache_and_a_large_batch(kind):
+    """transformers' StaticCache (eager) at 3 rows, and 17 rows (beyond the decode kernels' 16: the prefill paths
+    of the attention and the MoE): the unpatched model's tokens and logits."""
+    model = _model(kind, seed=8)
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "cache_implementation": "static",
+              "return_dict_in_generate": True, "output_logits": True}
+    for batch in (3, 17):
+        ids = torch.randint(0, 128, (batch, 5), device=DEVICE)
+        with torch.no_grad():
+            ours, ref = model.generate(ids, **kwargs), reference.generate(ids, **kwargs)
+        assert ours.sequences.shape == ref.sequences.shape == (batch, 7)
+        for a, b in zip(ours.logits[:2], ref.logits[:2], strict=True):  # prefill and the first cached step
+            assert _cosine(a, b) >= TOL
+        if DTYPE == torch.float32:
+            assert torch.equal(ours.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
 def test_router_logits_are_recorded_when_asked_for(kind):
     """output_router_logits=True: transformers records the routers' logits through hooks on them; a hooked router
     runs its own forward (the experts and combine stay ours), so the logits and the auxiliary loss are the model's."""
