@@ -839,10 +839,11 @@ class _MoESpy:
     def __enter__(self):
         import triton_ops.layers as layers
 
-        self.widths, self._layers, self._saved = [], layers, layers.fused_moe
+        self.widths, self.shapes, self._layers, self._saved = [], [], layers, layers.fused_moe
 
         def spy(hidden, router_w, router_b, gate_up, *args, **kwargs):
             self.widths.append(gate_up.shape[-1])
+            self.shapes.append(tuple(gate_up.shape))
             return self._saved(hidden, router_w, router_b, gate_up, *args, **kwargs)
 
         layers.fused_moe = spy
@@ -864,11 +865,23 @@ def _full(t):
     return full.full_tensor().view(t.dtype)
 
 
+def _check_expert_shards(experts, ref_experts, want: dict) -> None:
+    """Each named tensor of ``experts`` is a DTensor with the given placement and local shard, whose global tensor
+    is the one-process module's."""
+    from torch.distributed.tensor import DTensor
+
+    for name, (placement, local) in want.items():
+        t = getattr(experts, name)
+        assert isinstance(t, DTensor) and t.placements == (placement,), (name, type(t), getattr(t, "placements", 0))
+        assert _same(t._local_tensor, local) and t.shape == getattr(ref_experts, name).shape, name
+        assert _same(_full(t), getattr(ref_experts, name)), name
+
+
 def _check_experts(mlp, ref_mlp, mesh) -> None:
     """The MoE's experts are DTensors over the rank's WHOLE gate/up pairs (FP8: with their scales), the router is
     left replicated; the global tensors are the one-process ones."""
     import torch
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     rank, world = mesh.get_local_rank(), mesh.size()
     e, ref_e = mlp.experts, ref_mlp.experts
@@ -881,11 +894,7 @@ def _check_experts(mlp, ref_mlp, mesh) -> None:
     if "gate_up_scale" in ref_e._buffers:
         want.update(gate_up_scale=(Shard(1), ref_e.gate_up_scale[:, 2 * j0:2 * j1]),
                     down_scale=(Replicate(), ref_e.down_scale))
-    for name, (placement, local) in want.items():
-        t = getattr(e, name)
-        assert isinstance(t, DTensor) and t.placements == (placement,), (name, type(t), getattr(t, "placements", 0))
-        assert _same(t._local_tensor, local) and t.shape == getattr(ref_e, name).shape, name
-        assert _same(_full(t), getattr(ref_e, name)), name
+    _check_expert_shards(e, ref_e, want)
     # the shard's even columns are gates j0..j1 and its odd ones their ups: no pair is split between ranks
     gu = e.gate_up_proj._local_tensor
     assert _same(gu[..., 0::2], ref_e.gate_up_proj[..., 0::2][..., j0:j1])
@@ -912,7 +921,6 @@ def _check_gpt_oss_shards(tp, ref, mesh) -> None:
 
 
 def _gpt_oss_case(mesh, *, patch: bool, generate: bool = False) -> None:
-    import torch
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops import patch_model
     from triton_ops.parallel import AttentionSinksParallel, GptOssMoEParallel, parallelize_model, tensor_parallel_plan
@@ -930,15 +938,24 @@ def _gpt_oss_case(mesh, *, patch: bool, generate: bool = False) -> None:
     assert isinstance(plan["model.layers.*.self_attn"], AttentionSinksParallel)
     assert isinstance(plan["model.layers.*.mlp"], GptOssMoEParallel)
     _check_gpt_oss_shards(tp, ref, mesh)
+    spy = _moe_model_matches(ref, tp, generate)
+    if patch:  # every MoE call ran fused_moe on the rank's gate/up pairs
+        assert spy.widths and set(spy.widths) == {2 * 48 // mesh.size()}, spy.widths
+
+
+def _moe_model_matches(ref, tp, generate: bool) -> _MoESpy:
+    """The split model's prefill and cached-step logits (and greedy tokens) are the one-process model's; returns
+    what the fused_moe calls of the split model read."""
+    import torch
+
     want = _logits(ref, IDS, generate)
     with _MoESpy() as spy:
         got = _logits(tp, IDS, generate, nxt=want[3])
-    if patch:  # every MoE call ran fused_moe on the rank's gate/up pairs
-        assert spy.widths and set(spy.widths) == {2 * 48 // mesh.size()}, spy.widths
     for g, w in zip(got[:2], want[:2], strict=True):
         torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
     if generate:
         assert torch.equal(got[2], want[2]), (got[2], want[2])
+    return spy
 
 
 @case
@@ -1036,6 +1053,119 @@ def gpt_oss_refusals(mesh):
     convert_experts_to_fp8(mlp.experts)
     with torch.no_grad():
         _refused(lambda: mlp(torch.randn(1, 2, 64)), "converted after parallelizing", "first, then parallelize")
+
+
+def _sparse_moe(kind: str, seed: int = 0, **overrides):
+    """A tiny random Qwen3-MoE (layer 0 sparse: 8 experts of intermediate 32, top 3; layer 1 dense:
+    mlp_only_layers) or Mixtral (4 experts of intermediate 32, top 2), transformers' own classes, fp32."""
+    import torch
+    import transformers
+
+    if kind == "qwen3_moe":
+        cfg = {**SMALL, "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 3,
+               "norm_topk_prob": True, "mlp_only_layers": [1], **overrides}
+        config, cls = transformers.Qwen3MoeConfig(**cfg), transformers.Qwen3MoeForCausalLM
+    else:
+        cfg = {**SMALL, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2, **overrides}
+        config, cls = transformers.MixtralConfig(**cfg), transformers.MixtralForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def _check_sparse_experts(mlp, ref_mlp, mesh) -> None:
+    """A sparse MoE's experts are DTensors over the rank's rows j of the gate AND of the up half (a strided shard
+    whose global tensor is the model's), down_proj over the same columns j (FP8: the scales with their rows); the
+    router (gate) is left replicated."""
+    import torch
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    e, ref_e = mlp.experts, ref_mlp.experts
+    inter = ref_e.down_proj.shape[2]
+    j0, j1 = rank * inter // world, (rank + 1) * inter // world
+
+    def rows(t):  # gate rows j0..j1, then up rows I + j0..I + j1
+        return torch.cat([t[:, j0:j1], t[:, inter + j0:inter + j1]], dim=1)
+
+    want = {"gate_up_proj": (_StridedShard(1, split_factor=2), rows(ref_e.gate_up_proj)),
+            "down_proj": (Shard(2), ref_e.down_proj[..., j0:j1])}
+    if "gate_up_scale" in ref_e._buffers:
+        want.update(gate_up_scale=(_StridedShard(1, split_factor=2), rows(ref_e.gate_up_scale)),
+                    down_scale=(Replicate(), ref_e.down_scale))
+    _check_expert_shards(e, ref_e, want)
+    assert type(mlp.gate.weight) is torch.nn.Parameter and torch.equal(mlp.gate.weight, ref_mlp.gate.weight)
+
+
+def _sparse_moe_case(kind: str, mesh, *, patch: bool, generate: bool = False) -> None:
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops import patch_model
+    from triton_ops.parallel import GatedMLPParallel, SparseMoEParallel, parallelize_model, tensor_parallel_plan
+
+    ref, tp = _sparse_moe(kind), _sparse_moe(kind)
+    if patch:
+        patch_model(ref)
+        patch_model(tp)
+        plan = tensor_parallel_plan(tp, mesh)
+        parallelize_module(tp, mesh, plan)  # rank 0's weights scattered
+    else:
+        plan = parallelize_model(tp, mesh).triton_ops_tp_plan  # every rank keeps its own slice
+    if kind == "qwen3_moe":  # a sparse layer and a dense one: an entry per layer
+        assert isinstance(plan["model.layers.0.mlp"], SparseMoEParallel), plan
+        assert isinstance(plan["model.layers.1.mlp"], GatedMLPParallel), plan
+    else:
+        assert isinstance(plan["model.layers.*.mlp"], SparseMoEParallel), plan
+    _check_sparse_experts(tp.model.layers[0].mlp, ref.model.layers[0].mlp, mesh)
+    spy = _moe_model_matches(ref, tp, generate)
+    if patch:  # every sparse MoE call ran fused_moe on the rank's rows: [E, 2I / N, H]
+        assert spy.shapes and {shape[1:] for shape in spy.shapes} == {(2 * 32 // mesh.size(), 64)}, spy.shapes
+
+
+@case
+def qwen3_moe_patched(mesh):
+    _sparse_moe_case("qwen3_moe", mesh, patch=True, generate=True)
+
+
+@case
+def mixtral_unpatched(mesh):
+    _sparse_moe_case("mixtral", mesh, patch=False)
+
+
+@case
+def sparse_moe_fp8_experts_and_refusals(mesh):
+    """Mixtral's MoE alone, patched, with FP8 experts converted before parallelizing: the one-process result with
+    the same FP8 weights, the scales sharded with their rows; an intermediate size the ranks do not divide is
+    refused before anything is sharded."""
+    import copy
+
+    import torch
+    from fused_moe import convert_experts_to_fp8
+    from torch.distributed.tensor.parallel import parallelize_module
+    from triton_ops import patch_model
+    from triton_ops.parallel import SparseMoEParallel, tensor_parallel_plan
+
+    model = patch_model(_sparse_moe("mixtral", num_hidden_layers=1))
+    ref = model.model.layers[0].mlp
+    convert_experts_to_fp8(ref.experts, transposed=False)
+    tp = copy.deepcopy(ref)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        want = ref(x)
+        parallelize_module(tp, mesh, SparseMoEParallel())
+        _check_sparse_experts(tp, ref, mesh)
+        torch.testing.assert_close(tp(x), want, rtol=2e-5, atol=2e-5)
+    odd = _sparse_moe("mixtral", intermediate_size=45, num_hidden_layers=1)
+    _refused(lambda: tensor_parallel_plan(odd, mesh), "intermediate size 45", "intermediate_size=45",
+             "tensor-parallel size 2")
+    mlp = odd.model.layers[0].mlp
+    _refused(lambda: parallelize_module(mlp, mesh, SparseMoEParallel()), "intermediate size 45")
+    assert type(mlp.experts.gate_up_proj) is torch.nn.Parameter  # refused before anything was sharded
 
 
 # ----------------------------------------------------------------------------------------------------------------

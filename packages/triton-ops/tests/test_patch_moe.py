@@ -254,15 +254,6 @@ def test_an_activation_fused_moe_lacks_is_refused_before_anything_changes():
     assert type(model.model.layers[0].mlp).forward is not SparseMoE.forward
 
 
-def test_tensor_parallel_plan_says_it_has_no_style_for_sparse_experts():
-    from triton_ops.models import UnsupportedModelError
-    from triton_ops.parallel import tensor_parallel_plan
-
-    for kind in ("qwen3_moe", "mixtral"):
-        with pytest.raises(UnsupportedModelError, match=f"tensor_parallel_plan supports .* got '{kind}'"):
-            tensor_parallel_plan(_model(kind), 2)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
 def test_gpu_sparse_moe_compiled_generate_with_static_cache(kind):

@@ -12,7 +12,8 @@ errors, and small random Llama and Qwen3 models (transformers' own classes, fp32
 not, prefill + cached decode step + generate(); a small random gpt-oss, patched
 (fused_moe, decode_attention with sinks) or not, its sinks sharded with the q heads and its experts by whole gate/up
 pairs of their intermediate dimension, the MoE alone with bf16 and FP8 experts, the refusal of an intermediate size
-the ranks do not divide. Patched models keep one packed
+the ranks do not divide; small random Qwen3-MoE (patched, a sparse and a dense layer) and Mixtral (unpatched) models,
+their experts split by gate and up rows, a Mixtral MoE with FP8 experts. Patched models keep one packed
 q/k/v GEMM per rank over its heads (PackedQKVParallel): checked per attention (local packed weight, DTensor shards
 that are its rows, the GEMM = the three sharded projections, torch.save) and during the forward; packed FP8 q/k/v
 with per-tensor and block scales; the packing's refusals.
@@ -156,3 +157,29 @@ def test_gpt_oss_uneven_split_is_refused_with_the_sizes(overrides, message):
 
     with pytest.raises(ShardingError, match=message):
         tensor_parallel_plan(_gpt_oss(**overrides), 2)
+
+
+def test_sparse_moe_plans_split_their_experts():
+    """Qwen3-MoE with a dense layer (mlp_only_layers): an MLP entry per layer, the sparse one SparseMoEParallel;
+    Mixtral: one entry for every layer; an uneven split of Qwen3-MoE's experts names moe_intermediate_size."""
+    import transformers
+    from triton_ops import parallel
+
+    small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 128}
+    qwen = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        **small, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        mlp_only_layers=[1]))
+    plan = parallel.tensor_parallel_plan(qwen, 2)
+    assert type(plan["model.layers.0.mlp"]) is parallel.SparseMoEParallel
+    assert type(plan["model.layers.1.mlp"]) is parallel.GatedMLPParallel
+    assert "model.layers.*.mlp" not in plan and type(plan["model.layers.*.self_attn"]) is parallel.PackedQKVParallel
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(**small, intermediate_size=32,
+                                                                         num_local_experts=4, num_experts_per_tok=2))
+    assert type(parallel.tensor_parallel_plan(mixtral, 2)["model.layers.*.mlp"]) is parallel.SparseMoEParallel
+    three_heads = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        **dict(small, num_attention_heads=6, num_key_value_heads=3), head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2))
+    with pytest.raises(parallel.ShardingError, match=r"intermediate size 32 \(config.moe_intermediate_size=32\) is "
+                                                     r"not divisible by the tensor-parallel size 3"):
+        parallel.tensor_parallel_plan(three_heads, 3)

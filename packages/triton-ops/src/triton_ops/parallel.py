@@ -28,8 +28,10 @@ one all-reduce after a row-parallel one (one per attention block and one per gat
 - :class:`GptOssMoEParallel`: gpt-oss's mixture of experts (transformers' or ``fused_moe``, bf16 or FP8 experts)
   split by the experts' intermediate dimension (whole gate/up pairs per rank, every expert on every rank), the
   router replicated, one all-reduce.
-- :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 / gpt-oss
-  model; :func:`parallelize_model` applies it.
+- :class:`SparseMoEParallel`: Qwen3-MoE's and Mixtral's sparse mixture of experts (``gate`` + ``experts`` with
+  ``[E, 2I, H]`` / ``[E, H, I]`` weights; transformers' or ``fused_moe``, bf16 or FP8 experts) split the same way.
+- :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 / gpt-oss /
+  Qwen3-MoE / Mixtral model; :func:`parallelize_model` applies it.
 - :func:`shard_packed_gate_up`: one rank's slice of a packed ``[2 * intermediate, hidden]`` gate/up weight, packed
   again per rank (for ``fused_gated_mlp(..., weight_layout="concatenated" | "interleaved")``).
 
@@ -50,7 +52,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from .layers import GEMM_SCALE_BUFFER
@@ -58,9 +60,9 @@ from .models.layers import LOCAL_SHARDS_ATTR, PACKING_ATTR, TP_ATTR, pack_shards
 from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
-# patch_model's models whose layers the plan knows (gpt-oss's experts split by their intermediate dimension). Not
-# (yet) Qwen3-MoE's and Mixtral's sparse experts: no sharding style here splits them.
-TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in ("qwen3_moe", "mixtral"))
+# patch_model's models whose layers the plan knows (the experts of gpt-oss, Qwen3-MoE and Mixtral split by their
+# intermediate dimension)
+TP_MODEL_TYPES = SUPPORTED_MODEL_TYPES
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
 
@@ -108,7 +110,11 @@ def _shard(tensor: torch.Tensor, mesh: DeviceMesh, placement: Placement, src_dat
                                       shape=tensor.shape, stride=tensor.stride())
         return distribute_tensor(tensor, mesh, [placement], src_data_rank=src_data_rank)
     local = tensor
-    if isinstance(placement, Shard):
+    if isinstance(placement, _StridedShard):  # the same chunk of each of split_factor equal parts, concatenated
+        dim, parts = placement.dim % tensor.dim(), placement.split_factor
+        start, end = _bounds(tensor.shape[dim] // parts, mesh.size(), _rank(mesh))
+        local = torch.cat([part.narrow(dim, start, end - start) for part in tensor.chunk(parts, dim)], dim)
+    elif isinstance(placement, Shard):
         dim = placement.dim % tensor.dim()
         start, end = _bounds(tensor.shape[dim], mesh.size(), _rank(mesh))
         local = tensor.narrow(dim, start, end - start)
@@ -710,8 +716,8 @@ class _ForwardOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise ShardingError("GptOssMoEParallel is forward-only (inference): the backward of a mixture of experts "
-                            "split by its intermediate dimension is not supported")
+        raise ShardingError("GptOssMoEParallel / SparseMoEParallel is forward-only (inference): the backward of a "
+                            "mixture of experts split by its intermediate dimension is not supported")
 
 
 class GptOssMoEParallel(_LocalShardStyle):
@@ -746,26 +752,30 @@ class GptOssMoEParallel(_LocalShardStyle):
         super().__init__(input_layouts=input_layouts or Replicate(), output_layouts=output_layouts or Replicate(),
                          use_local_output=use_local_output)
 
+    # what differs between the MoE layouts (SparseMoEParallel overrides them)
+    _router_name = "router"
+    _placements = _EXPERT_PLACEMENTS
+    _gate_up_dim, _inter_dim = 2, 1  # gate_up_proj's 2I and down_proj's I
+    _expected = "a gpt-oss mixture of experts (router; experts with gate_up_proj [E, H, 2I] and down_proj [E, I, H])"
+
     def _partition(self, module, mesh):
         what = type(module).__name__
-        router, experts = module._modules.get("router"), module._modules.get("experts")
+        router, experts = module._modules.get(self._router_name), module._modules.get("experts")
         gate_up = _tensor(experts, "gate_up_proj") if experts is not None else None
         down = _tensor(experts, "down_proj") if experts is not None else None
-        if router is None or gate_up is None or down is None:
-            raise ShardingError(f"{what}: expected a gpt-oss mixture of experts (router; experts with gate_up_proj "
-                                "and down_proj)")
-        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != 2 * down.shape[1]:
-            raise ShardingError(
-                f"{what}: expected experts gate_up_proj [E, H, 2I] and down_proj [E, I, H] (gpt-oss's layout), got "
-                f"{list(gate_up.shape)} and {list(down.shape)}")
-        inter, world = down.shape[1], mesh.size()
+        if router is None or gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3 \
+                or gate_up.shape[self._gate_up_dim] != 2 * down.shape[self._inter_dim]:
+            shapes = f", got {list(gate_up.shape)} and {list(down.shape)}" if gate_up is not None and \
+                down is not None else ""
+            raise ShardingError(f"{what}: expected {self._expected}{shapes}")
+        inter, world = down.shape[self._inter_dim], mesh.size()
         if inter % world:
             raise ShardingError(
                 f"{what}: the experts' intermediate size {inter} is not divisible by the tensor-parallel size "
                 f"{world}; the experts are split by whole gate/up pairs of the intermediate dimension, evenly")
-        names = [n for n in _EXPERT_PLACEMENTS if _tensor(experts, n) is not None]
+        names = [n for n in self._placements if _tensor(experts, n) is not None]
         for name in names:
-            _set(experts, name, _shard(_tensor(experts, name), mesh, _EXPERT_PLACEMENTS[name], self.src_data_rank))
+            _set(experts, name, _shard(_tensor(experts, name), mesh, self._placements[name], self.src_data_rank))
         experts.__dict__[_EXPERTS_SHARDED] = tuple(names)  # (not a state: no state_dict key)
         return [(experts, n) for n in names], []
 
@@ -796,6 +806,42 @@ class GptOssMoEParallel(_LocalShardStyle):
         if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):  # (output, router_scores)
             return (self._output(module, out[0], mesh, biases), *out[1:])
         return super()._finish(module, out, mesh, biases)
+
+
+# Qwen3-MoE's and Mixtral's experts split by I too: gate rows j, then up rows j (the same j on a rank: a strided shard
+# of the concatenated rows, as shard_packed_gate_up takes them), and down_proj's columns j
+_SPARSE_EXPERT_PLACEMENTS: dict[str, Placement] = {
+    "gate_up_proj": _StridedShard(1, split_factor=2),  # [E, 2I, H]: rows j of gate and rows I + j of up
+    "down_proj": Shard(2),  # [E, H, I]: the same j, as columns
+    "gate_up_scale": _StridedShard(1, split_factor=2),  # FP8 experts: [E, 2I], one scale per output row, with its row
+    "down_scale": Replicate(),  # FP8 experts: [E, H], per output row H (over the whole I), the same on every rank
+}
+
+
+class SparseMoEParallel(GptOssMoEParallel):
+    """Qwen3-MoE's and Mixtral's sparse mixture of experts (transformers 5's ``Qwen3MoeSparseMoeBlock`` /
+    ``MixtralSparseMoeBlock``: ``gate`` + ``experts``; as it is, through any experts implementation, or run by
+    ``fused_moe`` after ``patch_model``, bf16 or FP8 experts) split by the experts' intermediate dimension, as
+    :class:`GptOssMoEParallel` splits gpt-oss's: every rank holds every expert's ``I / N`` slice and routes every
+    token.
+
+    - ``gate`` (the router): replicated (left as it is).
+    - ``experts.gate_up_proj`` ``[E, 2I, H]`` (the gate's ``I`` rows, then the up's): the rank's rows ``j`` in
+      ``[r I / N, (r + 1) I / N)`` of both halves, concatenated (``_StridedShard(1, split_factor=2)``: the
+      ``DTensor``'s global tensor is the model's); ``down_proj`` ``[E, H, I]`` the same ``j`` as columns
+      (``Shard(2)``). No biases.
+    - FP8 experts (converted BEFORE parallelizing): ``gate_up_scale`` ``[E, 2I]`` sharded with its rows,
+      ``down_scale`` ``[E, H]`` replicated.
+    - The output (a tensor) is all-reduced, one all-reduce per MoE block.
+
+    Forward only; :class:`ShardingError` for an intermediate size the ranks do not divide, or another module.
+    """
+
+    _router_name = "gate"
+    _placements = _SPARSE_EXPERT_PLACEMENTS
+    _gate_up_dim, _inter_dim = 1, 2
+    _expected = ("a sparse mixture of experts (gate; experts with gate_up_proj [E, 2I, H] and down_proj [E, H, I]: "
+                 "Qwen3-MoE's and Mixtral's layout)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -844,10 +890,29 @@ def _tp_size(tp: DeviceMesh | int | None) -> int:
     return tp
 
 
+_MLP_STYLES: dict[str, Callable[[], ParallelStyle]] = {
+    "gated": lambda: GatedMLPParallel(), "gpt_oss": lambda: GptOssMoEParallel(),
+    "sparse": lambda: SparseMoEParallel()}
+
+
+def _mlp_kind(mlp: nn.Module | None) -> str | None:
+    """``"gated"`` (gate_proj / up_proj / down_proj), ``"gpt_oss"`` (router + experts) or ``"sparse"`` (gate +
+    experts: Qwen3-MoE, Mixtral); None for anything else."""
+    if mlp is None:
+        return None
+    if all(hasattr(mlp, p) for p in ("router", "experts")):
+        return "gpt_oss"
+    if all(hasattr(mlp, p) for p in ("gate", "experts")):
+        return "sparse"
+    if all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+        return "gated"
+    return None
+
+
 def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *,
                          lm_head: bool = True) -> dict[str, ParallelStyle]:
-    """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / gpt-oss model (a causal
-    LM or its base model), patched by ``patch_model`` (bf16 or FP8) or not.
+    """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / gpt-oss / Qwen3-MoE /
+    Mixtral model (a causal LM or its base model), patched by ``patch_model`` (bf16 or FP8) or not.
 
     - ``layers.*.self_attn.q_proj`` / ``k_proj`` / ``v_proj``: :class:`ColwiseParallel`, whole heads per rank
       (transformers' attention reshapes with ``-1`` heads, so it runs on the local heads unchanged);
@@ -858,6 +923,8 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
     - gpt-oss: ``layers.*.self_attn``: :class:`AttentionSinksParallel` (the per-head ``sinks`` sharded with the q
       heads) instead; ``layers.*.mlp``: :class:`GptOssMoEParallel` (router replicated, every expert split by its
       intermediate dimension in whole gate/up pairs, one all-reduce);
+    - Qwen3-MoE, Mixtral: ``layers.*.mlp``: :class:`SparseMoEParallel` (the same split of their ``[E, 2I, H]``
+      experts); Qwen3-MoE's dense layers (``mlp_only_layers``) :class:`GatedMLPParallel`, one entry per layer then;
     - ``lm_head`` (``lm_head=True``, a causal LM): :class:`ColwiseParallel` with the logits gathered
       (``output_layouts=Replicate()``), as transformers' ``"colwise_gather_output"``; ``lm_head=False`` leaves it
       replicated;
@@ -865,7 +932,7 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
       the final one, Qwen3's QK-norms), the rotary embedding.
 
     ``tp`` (the 1-D mesh, or its size; default the world size) is checked against the head counts: the attention
-    heads and the key/value heads must divide by it, and gpt-oss's expert intermediate size too
+    heads and the key/value heads must divide by it, and the experts' intermediate size too
     (:class:`ShardingError` otherwise, before anything is sharded). Apply the plan after
     ``patch_model`` (required with ``fp8=True``: the full weights are quantized, then sharded with their scales).
     """
@@ -884,27 +951,31 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
                 f"model: config.{name}={count} is not divisible by the tensor-parallel size {world}; attention is "
                 "split by whole heads, and uneven head counts are not supported")
     prefix, layers = _decoder_layers(model)
-    kinds = set()  # (attention with sinks, mixture of experts) of every layer: one plan entry covers them all
+    sinks, mlps = set(), []  # attention with sinks, of every layer (alike); the kind of each layer's MLP
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or any(not hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise UnsupportedModelError(f"model: {prefix}.{i}.self_attn has no q_proj/k_proj/v_proj/o_proj")
-        moe = mlp is not None and all(hasattr(mlp, p) for p in ("router", "experts"))
-        if mlp is None or not (moe or all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+        kind = _mlp_kind(mlp)
+        if kind is None:
             raise UnsupportedModelError(f"model: {prefix}.{i}.mlp is neither a gated MLP (gate_proj/up_proj/down_proj) "
-                                        "nor a mixture of experts (router/experts)")
-        if moe:
-            inter = getattr(getattr(mlp.experts, "down_proj", None), "shape", (0, 0))[1]
+                                        "nor a mixture of experts (router/experts or gate/experts)")
+        if kind != "gated":
+            down = getattr(getattr(mlp.experts, "down_proj", None), "shape", (0, 0, 0))
+            inter = down[1] if kind == "gpt_oss" else down[2]
             if inter % world:
+                config_name = "intermediate_size" if kind == "gpt_oss" else (
+                    "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size")
                 raise ShardingError(
-                    f"model: {prefix}.{i}.mlp.experts: intermediate size {inter} (config.intermediate_size="
-                    f"{getattr(config, 'intermediate_size', None)}) is not divisible by the tensor-parallel size "
+                    f"model: {prefix}.{i}.mlp.experts: intermediate size {inter} (config.{config_name}="
+                    f"{getattr(config, config_name, None)}) is not divisible by the tensor-parallel size "
                     f"{world}; the experts are split by whole gate/up pairs of the intermediate dimension, evenly")
-        kinds.add((isinstance(getattr(attn, "sinks", None), torch.Tensor), moe))
-    if len(kinds) > 1:
-        raise UnsupportedModelError(f"model: the layers of {prefix} mix attentions with and without sinks, or gated "
-                                    "MLPs and mixtures of experts; the plan's entries cover every layer alike")
-    sinks, moe = kinds.pop()
+        sinks.add(isinstance(getattr(attn, "sinks", None), torch.Tensor))
+        mlps.append(kind)
+    if len(sinks) > 1:
+        raise UnsupportedModelError(f"model: the layers of {prefix} mix attentions with and without sinks; the "
+                                    "plan's entries cover every layer alike")
+    sinks_attn = sinks.pop()
     layer = f"{prefix}.*"
     plan: dict[str, ParallelStyle] = {
         f"{layer}.self_attn.q_proj": ColwiseParallel(),
@@ -912,9 +983,12 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
         f"{layer}.self_attn.v_proj": ColwiseParallel(),
         f"{layer}.self_attn.o_proj": RowwiseParallel(),
         # after q/k/v: packs their local shards (patched models); with sinks (gpt-oss) shards them with the q heads
-        f"{layer}.self_attn": AttentionSinksParallel() if sinks else PackedQKVParallel(),
-        f"{layer}.mlp": GptOssMoEParallel() if moe else GatedMLPParallel(),
+        f"{layer}.self_attn": AttentionSinksParallel() if sinks_attn else PackedQKVParallel(),
     }
+    if len(set(mlps)) == 1:
+        plan[f"{layer}.mlp"] = _MLP_STYLES[mlps[0]]()
+    else:  # Qwen3-MoE's dense layers (mlp_only_layers) beside its sparse ones: one entry per layer
+        plan.update({f"{prefix}.{i}.mlp": _MLP_STYLES[kind]() for i, kind in enumerate(mlps)})
     head = getattr(model, "lm_head", None)
     if lm_head and isinstance(head, (nn.Linear, FP8Linear)):
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
@@ -939,5 +1013,5 @@ def parallelize_model(model: nn.Module, device_mesh: DeviceMesh | None = None, *
 
 
 __all__ = ["FP8_BLOCK", "AttentionSinksParallel", "ColwiseParallel", "GatedColwiseParallel", "GatedMLPParallel",
-           "GptOssMoEParallel", "PackedQKVParallel", "RowwiseParallel", "ShardingError", "parallelize_model",
-           "shard_packed_gate_up", "tensor_parallel_plan"]
+           "GptOssMoEParallel", "PackedQKVParallel", "RowwiseParallel", "ShardingError", "SparseMoEParallel",
+           "parallelize_model", "shard_packed_gate_up", "tensor_parallel_plan"]
