@@ -162,7 +162,7 @@ def gated_mlp_gradients(mesh):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
     from triton_ops.layers import GatedMLP
-    from triton_ops.models.patch import _patched_class
+    from triton_ops.models.patch import patch_forward
     from triton_ops.parallel import GatedMLPParallel
 
     rank = mesh.get_local_rank()
@@ -171,7 +171,7 @@ def gated_mlp_gradients(mesh):
     ref, tp = LlamaMLP(config), LlamaMLP(config)
     tp.load_state_dict(ref.state_dict())
     for m in (ref, tp):  # the patched forward: the fused kernel, then down_proj
-        m.__class__ = _patched_class(type(m), GatedMLP)
+        patch_forward(m, GatedMLP)
     parallelize_module(tp, mesh, GatedMLPParallel())
     x = torch.randn(3, 32)
     xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -980,7 +980,7 @@ def gpt_oss_moe_bf16_and_fp8_experts(mesh):
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops.layers import GptOssMoE
-    from triton_ops.models.patch import _patched_class
+    from triton_ops.models.patch import patch_forward
     from triton_ops.parallel import GptOssMoEParallel, ShardingError
 
     model = _gpt_oss(num_hidden_layers=1, layer_types=["full_attention"])
@@ -990,7 +990,7 @@ def gpt_oss_moe_bf16_and_fp8_experts(mesh):
         exact = plain(x)[0]
     for fp8 in (False, True):
         ref = copy.deepcopy(plain)
-        ref.__class__ = _patched_class(type(ref), GptOssMoE)
+        patch_forward(ref, GptOssMoE)
         if fp8:
             convert_experts_to_fp8(ref.experts)
             xin = x

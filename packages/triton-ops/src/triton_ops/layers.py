@@ -67,6 +67,25 @@ class GatedMLP(nn.Module):
         return self.down_proj(gated_hidden(self, x))
 
 
+# The triton-ops layer whose forward a module runs, set by ``patch_model`` beside the class it swaps in. The decoder
+# layer's fusions ask :func:`runs_forward`. Under torch.compile a module's ``forward.__func__`` is not the function
+# (that test was always False in compiled code, so no fusion ran there); ``type(module).forward``, a test of the
+# instance's ``__dict__`` or an attribute holding the class cost a Python guard per layer and call, an attribute
+# holding the layer's name (a str) one C++ check.
+LAYER_ATTR = "_triton_ops_layer"
+
+
+def runs_forward(module: nn.Module, layer: type) -> bool:
+    """Whether ``patch_model`` gave ``module`` ``layer``'s forward and, in eager code, nothing replaced it on the
+    instance since (transformers 5.0 records outputs by replacing an instance's ``forward`` for the call)."""
+    return getattr(module, LAYER_ATTR, None) == layer.__name__ and not _instance_forward(module)
+
+
+def _instance_forward(module: nn.Module) -> bool:
+    # not looked for under torch.compile: a test of the instance's __dict__ is a Python guard per module and call
+    return not torch.compiler.is_compiling() and "forward" in module.__dict__
+
+
 # The kernel's activation name, set on each MLP by ``patch_model`` (the model's own MLP builds its ``act_fn`` from
 # ``config.hidden_act`` once, at construction, too). Read from the module's ``__dict__``: torch.compile guards a
 # string there with one C++ check, where reading ``mlp.config`` (the model's config, reached by a second path)
@@ -229,14 +248,19 @@ def moe_activation(hidden_act: str) -> str:
 
 def moe_router(mlp: nn.Module) -> nn.Module:
     """The router module of a patched mixture of experts: gpt-oss's ``router``, a SparseMoE block's ``gate``."""
-    return mlp.gate if getattr(mlp.forward, "__func__", None) is SparseMoE.forward else mlp.router
+    return mlp.gate if _is_sparse(mlp) else mlp.router
+
+
+def _is_sparse(mlp: nn.Module) -> bool:
+    # by the class (a module's forward.__func__ is not the function under torch.compile)
+    return type(mlp).forward is SparseMoE.forward
 
 
 def router_hooked(router: nn.Module) -> bool:
     """Whether a router's own forward must run because something watches it: transformers' router-logit recording
     (5.2x: forward hooks, installed once any call asks for recorded outputs; 5.0: the instance's ``forward``
-    replaced for the call) or anyone's hooks."""
-    return bool(router._forward_hooks or router._forward_pre_hooks or "forward" in router.__dict__)
+    replaced for the call, seen in eager code only) or anyone's hooks."""
+    return bool(router._forward_hooks or router._forward_pre_hooks) or _instance_forward(router)
 
 
 def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
@@ -253,7 +277,7 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
                               residual=residual)
     if norm is not None:
         kw.update(norm_weight=norm.weight, norm_eps=norm.variance_epsilon)
-    if getattr(mlp.forward, "__func__", None) is SparseMoE.forward:
+    if _is_sparse(mlp):
         router, biases = mlp.gate, (None, None)
         act, renormalize = mlp.__dict__[MOE_ROUTING_ATTR]
         kw.update(activation=act, gate_up_layout="concatenated", transposed=False)
@@ -272,6 +296,6 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
                      return_router_scores=return_router_scores, **kw)
 
 
-__all__ = ["HF_ACTIVATIONS", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GptOssMoE", "RMSNorm", "SparseMoE",
-           "gated_hidden", "kernel_activation", "jittered", "moe_activation", "moe_hidden", "moe_router",
-           "router_hooked"]
+__all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GptOssMoE", "RMSNorm",
+           "SparseMoE", "gated_hidden", "jittered", "kernel_activation", "moe_activation", "moe_hidden", "moe_router",
+           "router_hooked", "runs_forward"]

@@ -31,7 +31,17 @@ from torch import nn
 from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
-from ..layers import GatedMLP, GptOssMoE, SparseMoE, gated_hidden, jittered, moe_hidden, moe_router, router_hooked
+from ..layers import (
+    GatedMLP,
+    GptOssMoE,
+    SparseMoE,
+    gated_hidden,
+    jittered,
+    moe_hidden,
+    moe_router,
+    router_hooked,
+    runs_forward,
+)
 from . import layers as model_layers
 from .layers import (
     LOCAL_SHARDS_ATTR,
@@ -148,17 +158,18 @@ def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Te
     add is in place on the layer's own residual tensor), and a contiguous residual. Sharded by
     :class:`~triton_ops.parallel.GatedMLPParallel` (its hooks alone, a plain ``normed`` input): the same, on the
     local shards, the residual added on rank 0 before the all-reduce (the layer's forward)."""
-    # the bound method's function, not ``type(mlp).forward``: torch.compile guards ``type(mlp)``, one class shared
-    # by every layer, with a Python lambda per layer (the same object reached by two paths), evaluated every call
-    if getattr(mlp.forward, "__func__", None) is not GatedMLP.forward:
+    if not runs_forward(mlp, GatedMLP):
         return ""
     down = getattr(mlp, "down_proj", None)
-    if type(down) is nn.Linear:
+    # isinstance, not type(down) is ...: under torch.compile, comparing the type of down_proj with the type of
+    # o_proj already checked (the same class) installs a Python guard per layer; an nn.Linear subclass with exotic
+    # weights is turned away by the weight's dtype and tensor type below
+    if isinstance(down, FP8Linear):
+        weight, how = down.weight, "fp8"
+    elif isinstance(down, nn.Linear):
         weight, how = down.weight, "bf16"
         if weight.dtype != residual.dtype:
             return ""
-    elif type(down) is FP8Linear:
-        weight, how = down.weight, "fp8"
     else:
         return ""
     if down.bias is not None or down._forward_hooks or down._forward_pre_hooks:
@@ -189,7 +200,7 @@ def _moe_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> bool:
     :class:`~triton_ops.layers.GptOssMoE` or Qwen3-MoE's / Mixtral's :class:`~triton_ops.layers.SparseMoE`) without
     hooks, on itself or its router, or sharded (DTensor) experts, a plain contiguous residual of the router's dtype,
     nothing to differentiate (the MoE has no backward either), and the switch on (``RESIDUAL_IN_MOE_COMBINE``)."""
-    if not RESIDUAL_IN_MOE_COMBINE or getattr(mlp.forward, "__func__", None) not in _MOE_FORWARDS \
+    if not RESIDUAL_IN_MOE_COMBINE or not (runs_forward(mlp, GptOssMoE) or runs_forward(mlp, SparseMoE)) \
             or mlp._forward_hooks or mlp._forward_pre_hooks or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
         return False
     experts, router = mlp.experts, moe_router(mlp)
@@ -200,8 +211,6 @@ def _moe_adds_residual(mlp: nn.Module, residual: torch.Tensor) -> bool:
     return (type(residual) is torch.Tensor and residual.is_contiguous()
             and residual.dtype == router.weight.dtype and not torch.is_grad_enabled())
 
-
-_MOE_FORWARDS = (GptOssMoE.forward, SparseMoE.forward)
 
 
 # Set False to add the residual after a mixture of experts with a launch of its own (benchmarks time the two).
@@ -321,9 +330,8 @@ def _ours_unhooked(attn: nn.Module) -> bool:
     un-normalized and takes ``x + attn(...)`` back: no pre-hooks, and no forward hooks but transformers' own
     output capture (5.2x installs it on the attention once any call asks for ``output_attentions`` and keeps it; it
     records the attention weights, the output's second item, which stay what they were)."""
-    forward = getattr(attn.forward, "__func__", None)
-    if not (forward is RopeAttention.forward or forward is QKNormRopeAttention.forward
-            or forward is SinkRopeAttention.forward) or attn._forward_pre_hooks:
+    if not (runs_forward(attn, RopeAttention) or runs_forward(attn, QKNormRopeAttention)
+            or runs_forward(attn, SinkRopeAttention)) or attn._forward_pre_hooks:
         return False
     return all("output_capturing_hook" in getattr(hook, "__qualname__", "") for hook in attn._forward_hooks.values())
 
@@ -488,11 +496,11 @@ def _o_proj_adds(o_proj: nn.Module, rows: int, dtype: torch.dtype, on_gpu: bool,
         return False
     if torch.is_grad_enabled() and (requires_grad or any(p.requires_grad for p in o_proj.parameters())):
         return False
-    if type(o_proj) is nn.Linear:
-        return decode_gemv_rule(rows <= model_layers.BF16_FUSED_MAX_ROWS, dtype, on_gpu, o_proj.weight)
-    if type(o_proj) is FP8Linear:
+    if isinstance(o_proj, FP8Linear):  # (isinstance: see _down_adds_residual)
         bufs = o_proj._buffers
         return use_weight_only(o_proj.path, rows, bufs["weight"], bufs["weight_scale"], dtype.itemsize)
+    if isinstance(o_proj, nn.Linear) and type(o_proj.weight) in _PLAIN:
+        return decode_gemv_rule(rows <= model_layers.BF16_FUSED_MAX_ROWS, dtype, on_gpu, o_proj.weight)
     return False
 
 

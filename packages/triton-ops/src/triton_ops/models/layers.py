@@ -32,7 +32,7 @@ from fp8_gemm.weight_only import use_weight_only
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 
-from ..layers import RMSNorm
+from ..layers import RMSNorm, runs_forward
 
 # The attribute of an attention module holding its QKVPacking (in its __dict__: not a submodule, so it adds no
 # state_dict keys and no parameters, and the attention's lookup of it is a plain dict read).
@@ -571,7 +571,7 @@ def norm_module_fusable(norm: nn.Module) -> bool:
     """Whether ``norm`` computes exactly ``fused_rmsnorm_rope.rmsnorm(x, norm.weight, norm.variance_epsilon)``, so
     a GEMM's prologue may stand in for it: ``patch_model``'s RMSNorm forward, no hooks, a contiguous 1-D weight."""
     weight = getattr(norm, "weight", None)
-    return (getattr(norm.forward, "__func__", None) is RMSNorm.forward
+    return (runs_forward(norm, RMSNorm)
             and not (norm._forward_hooks or norm._forward_pre_hooks)
             and type(weight) in _PLAIN and weight.dim() == 1 and weight.stride(0) == 1
             and isinstance(norm.variance_epsilon, (int, float)))

@@ -26,6 +26,7 @@ from ..layers import (
     ACTIVATION_GRANULARITY_ATTR,
     FAST_ACCUM_ATTR,
     GEMM_SCALE_BUFFER,
+    LAYER_ATTR,
     MOE_ROUTING_ATTR,
     GatedMLP,
     GptOssMoE,
@@ -92,10 +93,18 @@ def _patched_class(cls: type, layer: type) -> type:
     return new
 
 
+def patch_forward(module: nn.Module, layer: type) -> None:
+    """``module`` runs ``layer``'s forward: its class becomes the subclass with that forward
+    (:func:`_patched_class`), and ``LAYER_ATTR`` records the layer's name for
+    :func:`triton_ops.layers.runs_forward`."""
+    module.__class__ = _patched_class(type(module), layer)
+    module.__dict__[LAYER_ATTR] = layer.__name__
+
+
 def _patch_gated_mlp(mlp: nn.Module) -> None:
     """``mlp`` runs :class:`~triton_ops.layers.GatedMLP`'s forward, its activation resolved once."""
     mlp.__dict__[ACT_ATTR] = kernel_activation(mlp.config.hidden_act)
-    mlp.__class__ = _patched_class(type(mlp), GatedMLP)
+    patch_forward(mlp, GatedMLP)
 
 
 def _quantize_gate_up(mlp: nn.Module, scaling: str, activation_granularity: str, fast_accum: bool) -> None:
@@ -183,7 +192,7 @@ def _patch_sparse_moe(block: nn.Module, hidden_act: str) -> None:
     once: renormalized top-k weights where the router renormalizes (Mixtral's always does and has no
     ``norm_topk_prob``; Qwen3-MoE's when ``norm_topk_prob``)."""
     block.__dict__[MOE_ROUTING_ATTR] = (moe_activation(hidden_act), bool(getattr(block.gate, "norm_topk_prob", True)))
-    block.__class__ = _patched_class(type(block), SparseMoE)
+    patch_forward(block, SparseMoE)
 
 
 def _rms_norms(model: nn.Module) -> list[nn.Module]:
@@ -395,7 +404,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             _patch_gated_mlp(mlp)
         summary.gated_mlps = len(mlps)
     for moe in moes:
-        moe.__class__ = _patched_class(type(moe), GptOssMoE)
+        patch_forward(moe, GptOssMoE)
     for block in sparse_moes:
         _patch_sparse_moe(block, hidden_act)
     for moe, transposed in [*((m, True) for m in moes), *((b, False) for b in sparse_moes)]:
@@ -413,7 +422,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             summary.notes.append("experts kept in their dtype (fp8_experts=True converts them)")
     norms = _rms_norms(model)
     for norm in norms:
-        norm.__class__ = _patched_class(type(norm), RMSNorm)
+        patch_forward(norm, RMSNorm)
     summary.rms_norms = len(norms)
     modules = dict(model.named_modules())
     for name, mode in packs.items():
@@ -515,10 +524,10 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
     Qwen3's q/k norms) in one kernel."""
     for module in list(model.modules()):
         if is_pre_norm_decoder_layer(module):
-            module.__class__ = _patched_class(type(module), FusedAddNormDecoderLayer)
+            patch_forward(module, FusedAddNormDecoderLayer)
             summary.fused_residual_adds += 1
     for _, attn, layer in attentions:
-        attn.__class__ = _patched_class(type(attn), layer)
+        patch_forward(attn, layer)
         if layer is QKNormRopeAttention:
             summary.qk_norm_rope_attentions += 1
         else:
