@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from triton_ops.models import EXPERTS_NAME, experts_backend, register_experts_backend
+from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.testing import device_for_tests
 
 transformers = pytest.importorskip("transformers")
@@ -127,6 +128,9 @@ def test_what_it_cannot_take_runs_grouped_mm_with_a_warning(monkeypatch):
         out = experts_backend.experts_forward(experts, x, ids, weights)
     out.sum().backward()  # transformers' implementation records the gradient
     assert calls == [] and x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():  # and computes what the eager experts do
+        experts.config._experts_implementation = "eager"
+        assert _cosine(out.detach(), experts(x, ids, weights)) >= TOL
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         experts_backend.experts_forward(experts, x, ids, weights)
@@ -140,8 +144,25 @@ def test_what_it_cannot_take_runs_grouped_mm_with_a_warning(monkeypatch):
         assert "norm after each expert" in experts_backend.unsupported(experts, x, weights)
         experts.has_post_expert_norm = False
         assert experts_backend.unsupported(experts, x.double(), weights) == "torch.float64 on " + DEVICE.type
+        experts.has_gate = False
+        assert "without a gate" in experts_backend.unsupported(experts, x, weights)
+        experts.has_gate = True
+        experts._apply_gate = lambda gate_up: gate_up[..., :32]  # on the instance: not the default gate
+        assert "custom _apply_gate" in experts_backend.unsupported(experts, x, weights)
+        del experts._apply_gate
         experts.act_fn = torch.nn.ReLU()
         assert "its gate (ReLU" in experts_backend.unsupported(experts, x, weights)
+
+
+def test_fp8_experts_it_cannot_take_are_refused_by_name():
+    from fused_moe import convert_experts_to_fp8
+
+    experts = _experts(_model("mixtral", seed=6))[0]
+    convert_experts_to_fp8(experts, transposed=False)
+    experts._is_expert_parallel = True
+    x = torch.randn(2, 64, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad(), pytest.raises(InvalidArgumentError, match="FP8 experts .* expert parallelism"):
+        experts_backend.experts_forward(experts, x, torch.tensor([[0, 1], [2, 3]], device=DEVICE), x[:, :2])
 
 
 def test_a_custom_gate_is_not_taken_for_the_default_one():

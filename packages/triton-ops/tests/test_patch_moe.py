@@ -245,12 +245,13 @@ def test_mixtral_router_noise_applies_in_training_mode_only():
     model = patch_model(_model("mixtral", seed=6, router_jitter_noise=0.5))
     block = _sparse_blocks(model)[0]
     x = torch.randn(1, 4, 64, device=DEVICE, dtype=DTYPE)
+    before = x.clone()
     with torch.no_grad():
         quiet = block(x)
         assert torch.equal(block(x), quiet)
         block.train()
         noisy = block(x)
-    assert not torch.equal(noisy, quiet) and torch.equal(x, x.clone())
+    assert not torch.equal(noisy, quiet) and torch.equal(x, before)  # noise applied out of place
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
@@ -278,11 +279,30 @@ def test_sparse_moe_fp8_experts_match_their_dequantized_weights(kind):
 
 def test_an_activation_fused_moe_lacks_is_refused_before_anything_changes():
     model = _model("mixtral")
-    model.config.hidden_act = "relu"
-    with pytest.raises(InvalidArgumentError, match="hidden_act.*'relu'"):
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()  # what the experts compute, not only the config
+    with pytest.raises(InvalidArgumentError, match="act_fn ReLU"):
         patch_model(model)
     assert getattr(model, "triton_ops_patch", None) is None
+    assert all(type(layer.mlp).forward is not SparseMoE.forward for layer in model.model.layers)
+
+
+def test_only_transformers_own_blocks_and_routers_are_taken():
+    """A router of another kind (here a subclass named otherwise: its forward could score differently) keeps its
+    block as it is; a block whose experts transformers quantized (FP8 weights, no scales of ours) too, with a
+    note; the dense layer is patched either way."""
+    model = _model("qwen3_moe")
+    gate = model.model.layers[0].mlp.gate
+    gate.__class__ = type("SigmoidRouter", (torch.nn.Module,), {"forward": type(gate).forward})
+    patch_model(model)
+    assert model.triton_ops_patch.moe_blocks == 0 and model.triton_ops_patch.gated_mlps == 1
     assert type(model.model.layers[0].mlp).forward is not SparseMoE.forward
+    model = _model("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().to(torch.float8_e4m3fn),
+                                              requires_grad=False)
+    patch_model(model)
+    assert model.triton_ops_patch.moe_blocks == 0
+    assert any("1 MoE block(s) left as they are" in note for note in model.triton_ops_patch.notes)
 
 
 @pytest.mark.gpu

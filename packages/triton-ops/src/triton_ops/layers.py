@@ -190,7 +190,7 @@ class GptOssMoE(nn.Module):
     experts the tokens chose read. Returns ``(output, router_scores)`` as ``GptOssMLP`` does. Forward only (the
     fused op has no backward). A router with forward hooks (transformers records ``router_logits`` through one once
     any call asks for recorded outputs) runs its own forward, so the hooks see what they would; only the experts and
-    the combine are then ours.
+    the combine are then ours. Forward hooks on the ``experts`` module never fire.
     """
 
     can_torch_compile = True
@@ -211,9 +211,10 @@ class SparseMoE(nn.Module):
 
     The routing is the router's: a softmax over all experts, the ``top_k`` largest, renormalized to sum to one where
     the router does (Mixtral always; Qwen3-MoE when ``norm_topk_prob``). ``patch_model`` records that and the
-    kernel's activation on the module (:data:`MOE_ROUTING_ATTR`), since neither block keeps its config. Returns the
-    output tensor, as those blocks do. Forward only. A router with forward hooks (transformers records
-    ``router_logits`` through one) runs its own forward, the experts and the combine ours.
+    kernel's activation (from the experts' ``act_fn``) on the module once (:data:`MOE_ROUTING_ATTR`): a plain
+    attribute is one guard under torch.compile. Returns the output tensor, as those blocks do. Forward only. A
+    router with forward hooks (transformers records ``router_logits`` through one) runs its own forward, the
+    experts and the combine ours; forward hooks on the ``experts`` module never fire.
     """
 
     can_torch_compile = True

@@ -14,10 +14,11 @@ only the experts.
 Which calls run ``moe_experts`` (:func:`unsupported` says why not; the rest go to transformers' ``grouped_mm``
 implementation, its default, with a warning once per experts class and reason):
 
-- gated experts (``has_gate``) whose gate is transformers' default (``act(gate) * up`` with ``act_fn`` a SiLU or an
-  exact GELU) or gpt-oss's clamped SwiGLU (``_apply_gate`` of a module with ``alpha`` and ``limit``), gate and up
-  concatenated or interleaved (``is_concatenated``), stored transposed or not (``is_transposed``), with or
-  without biases (``has_bias``); FP8 experts with their scales (``fused_moe.convert_experts_to_fp8``) too;
+- gated experts (``has_gate``) whose gate is transformers' default (``act(gate) * up`` of the two halves of the
+  gate/up output, ``act_fn`` a SiLU or an exact GELU) or gpt-oss's clamped SwiGLU of interleaved columns
+  (``GptOssExperts._apply_gate``, ``alpha`` and ``limit``), stored transposed or not (``is_transposed``), with or
+  without biases (``has_bias``); FP8 experts with their scales (``fused_moe.convert_experts_to_fp8(experts,
+  transposed=experts.is_transposed)``) too, which only this backend reads (a call it cannot take then raises);
 - no post-expert norm, not expert-parallel (its sentinel ids would index past the experts), nothing to
   differentiate (the op is forward-only), tensors on a device Triton runs on.
 """
@@ -66,10 +67,13 @@ def experts_forward(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k
         return _fallback(experts, why)(experts, hidden_states, top_k_index, top_k_weights)
     bias = bool(getattr(experts, "has_bias", False))
     scales = experts._buffers  # FP8 experts: their scales beside the FP8 weights
+    activation = _activation(experts)
+    # the default gate splits gate_up's output with chunk(2) (concatenated); gpt-oss's takes columns ::2 and 1::2
+    layout = "interleaved" if activation == "swiglu_oai" else "concatenated"
     return moe_experts(
         hidden_states, top_k_index, top_k_weights, experts.gate_up_proj,
         experts.gate_up_proj_bias if bias else None, experts.down_proj, experts.down_proj_bias if bias else None,
-        _activation(experts), gate_up_layout="concatenated" if _concatenated(experts) else "interleaved",
+        activation, gate_up_layout=layout,
         transposed=bool(getattr(experts, "is_transposed", False)), alpha=float(getattr(experts, "alpha", 1.702)),
         limit=float(getattr(experts, "limit", 7.0)), gate_up_scale=scales.get("gate_up_scale"),
         down_scale=scales.get("down_scale"))
@@ -101,6 +105,8 @@ def unsupported(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_wei
 def _activation(experts: torch.nn.Module) -> str | None:
     """moe_experts' activation for the experts' gate: transformers' default gate with a SiLU or exact GELU
     ``act_fn``, or gpt-oss's clamped SwiGLU (its own ``_apply_gate``, ``alpha`` and ``limit``); None otherwise."""
+    if "_apply_gate" in experts.__dict__:  # a gate set on the instance: not one of those known
+        return None
     gate = getattr(type(experts), "_apply_gate", _default_gate)
     if gate is not _default_gate:
         gpt_oss = _is_gpt_oss(experts) and hasattr(experts, "alpha") and hasattr(experts, "limit")
@@ -112,15 +118,13 @@ def _is_gpt_oss(experts: torch.nn.Module) -> bool:
     return any(c.__name__ == "GptOssExperts" for c in type(experts).__mro__)
 
 
-def _concatenated(experts: torch.nn.Module) -> bool:
-    """Gate rows (columns) first, then up; else interleaved. transformers before 5.7 does not say (gpt-oss's are
-    interleaved)."""
-    return bool(getattr(experts, "is_concatenated", not _is_gpt_oss(experts)))
-
-
 def _fallback(experts: torch.nn.Module, why: str):
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+    if experts.gate_up_proj.dtype not in _DTYPES:  # transformers' implementations know no FP8 experts of ours
+        raise InvalidArgumentError(
+            f"experts_implementation={EXPERTS_NAME!r}: {type(experts).__name__} holds FP8 experts "
+            f"(fused_moe.convert_experts_to_fp8), which only fused_moe reads, and fused_moe does not take {why}")
     key = (type(experts), why)
     if key not in _warned:
         _warned.add(key)

@@ -27,6 +27,7 @@ from ..layers import (
     FAST_ACCUM_ATTR,
     GEMM_SCALE_BUFFER,
     LAYER_ATTR,
+    MOE_ACTIVATIONS,
     MOE_ROUTING_ATTR,
     GatedMLP,
     GptOssMoE,
@@ -165,33 +166,64 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _sparse_moe_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every Qwen3-MoE / Mixtral sparse mixture of experts (transformers 5): ``gate``, a bias-free router (``weight
-    [E, H]``, ``top_k``), and ``experts``, bias-free ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``; no
-    shared expert (Qwen2-MoE's would be left out of the sum)."""
-    found = []
+# transformers' sparse MoE blocks and routers whose forward SparseMoE computes (by class name along the MRO, as the
+# attentions are matched): a block or router of another kind (sigmoid scores, a score-correction bias, a shared expert)
+# would be computed wrongly without a word
+SPARSE_MOE_BLOCKS = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
+SPARSE_MOE_ROUTERS = ("Qwen3MoeTopKRouter", "MixtralTopKRouter")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
+    """Every Qwen3-MoE / Mixtral sparse mixture of experts (transformers 5): a block of :data:`SPARSE_MOE_BLOCKS`
+    whose ``gate`` is a router of :data:`SPARSE_MOE_ROUTERS` (``weight [E, H]``, ``top_k``) and whose ``experts``
+    hold ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` in a float dtype (or FP8 with our scales). Experts
+    quantized by transformers (its FP8 checkpoints' ``*_scale_inv`` blocks) are left as they are, with a note."""
+    found, foreign = [], 0
     for module in model.modules():
+        if not _named_along_mro(module, SPARSE_MOE_BLOCKS):
+            continue
         gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
         weight = getattr(gate, "weight", None)
         gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(gate, "top_k")
-                and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
+        if not (_named_along_mro(gate, SPARSE_MOE_ROUTERS) and isinstance(weight, torch.Tensor)
+                and weight.dim() == 2 and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
                 and gate_up.dim() == 3 and down.dim() == 3):
             continue
         experts_n, hidden = weight.shape
-        if (gate_up.shape == (experts_n, 2 * down.shape[2], hidden) and down.shape[:2] == (experts_n, hidden)
-                and getattr(gate, "bias", None) is None and getattr(experts, "gate_up_proj_bias", None) is None
-                and getattr(experts, "down_proj_bias", None) is None
-                and not any(hasattr(module, a) for a in ("shared_expert", "shared_experts"))):
-            found.append(module)
+        if not (gate_up.shape == (experts_n, 2 * down.shape[2], hidden) and down.shape[:2] == (experts_n, hidden)):
+            continue
+        if gate_up.dtype not in _FLOAT_DTYPES and not is_fp8_experts(experts):
+            foreign += 1
+            continue
+        found.append(module)
+    if foreign:
+        notes.append(f"{foreign} MoE block(s) left as they are: their experts are quantized in a format fused_moe "
+                     "does not read (transformers' FP8 experts with scale_inv blocks)")
     return found
 
 
-def _patch_sparse_moe(block: nn.Module, hidden_act: str) -> None:
+def _named_along_mro(module: object, names: tuple[str, ...]) -> bool:
+    return module is not None and any(cls.__name__ in names for cls in type(module).__mro__)
+
+
+def _experts_activation(experts: nn.Module, hidden_act: object) -> str:
+    """fused_moe's activation for a sparse block's experts: from their ``act_fn`` (transformers builds it from
+    ``config.hidden_act``: SiLU, exact GELU), else from ``hidden_act``; InvalidArgumentError for another."""
+    act = getattr(experts, "act_fn", None)
+    by_class = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu"}.get(type(act).__name__)
+    if act is not None and by_class is None:
+        raise InvalidArgumentError(
+            f"hidden_act: the experts' act_fn {type(act).__name__} ({hidden_act!r}) is none of those fused_moe's "
+            f"experts compute ({', '.join(map(repr, MOE_ACTIVATIONS))})")
+    return by_class or moe_activation(hidden_act)
+
+
+def _patch_sparse_moe(block: nn.Module, activation: str) -> None:
     """``block`` runs :class:`~triton_ops.layers.SparseMoE`'s forward, its activation and routing rule resolved
     once: renormalized top-k weights where the router renormalizes (Mixtral's always does and has no
     ``norm_topk_prob``; Qwen3-MoE's when ``norm_topk_prob``)."""
-    block.__dict__[MOE_ROUTING_ATTR] = (moe_activation(hidden_act), bool(getattr(block.gate, "norm_topk_prob", True)))
+    block.__dict__[MOE_ROUTING_ATTR] = (activation, bool(getattr(block.gate, "norm_topk_prob", True)))
     patch_forward(block, SparseMoE)
 
 
@@ -320,14 +352,14 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     if fp8_calibration is not None and not fp8:
         raise InvalidArgumentError("fp8_calibration: smoothing is for FP8 conversion; pass fp8=True with it")
     summary = PatchSummary(model_type)
-    mlps, moes, sparse_moes = _gated_mlps(model), _moe_blocks(model), _sparse_moe_blocks(model)
+    mlps, moes, sparse_moes = _gated_mlps(model), _moe_blocks(model), _sparse_moe_blocks(model, summary.notes)
     if not mlps and not moes and not sparse_moes:
         raise UnsupportedModelError(
             f"model: no gated MLP (gate_proj / up_proj nn.Linear, down_proj, config.hidden_act) and no mixture of "
             f"experts (gpt-oss's router and experts, or a sparse block's gate and experts) found in this "
             f"{model_type!r} model; its layers are not the ones patch_model knows")
-    if sparse_moes:  # checked before anything is changed
-        hidden_act = moe_activation(getattr(model.config, "hidden_act", None))
+    # checked before anything is changed
+    activations = [_experts_activation(b.experts, getattr(model.config, "hidden_act", None)) for b in sparse_moes]
     attentions = _attentions(model)
     unpacked: Counter[str] = Counter()  # why some attentions' q/k/v stay three GEMMs
     packs: dict[str, str] = {}  # attention name -> "fp8" (one FP8Linear) or "linear" (one PackedQKVLinear)
@@ -405,8 +437,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         summary.gated_mlps = len(mlps)
     for moe in moes:
         patch_forward(moe, GptOssMoE)
-    for block in sparse_moes:
-        _patch_sparse_moe(block, hidden_act)
+    for block, activation in zip(sparse_moes, activations, strict=True):
+        _patch_sparse_moe(block, activation)
     for moe, transposed in [*((m, True) for m in moes), *((b, False) for b in sparse_moes)]:
         if fp8 and fp8_experts and not is_fp8_experts(moe.experts):
             convert_experts_to_fp8(moe.experts, transposed=transposed)  # gpt-oss's [E, H, 2I] or [E, 2I, H]
