@@ -220,6 +220,25 @@ def test_compiled_decode_step_keeps_the_fusions(kind):
     assert ("moe_experts" in ours) == (kind != "llama") and ("fused_gated_mlp" in ours) == (kind != "mixtral"), ours
 
 
+def test_recording_hooks_left_by_an_earlier_call_keep_the_fused_router(monkeypatch):
+    """transformers 5.2x keeps its output-capture hooks on the routers after one call asked for hidden states; a
+    later call that records no router logits still runs the router in the kernel (eager), one that does records."""
+    import fused_moe
+
+    model = patch_model(_model("mixtral", seed=9, output_router_logits=False))
+    ids = torch.randint(0, 128, (1, 4), device=DEVICE)
+    with torch.no_grad():
+        model(ids, output_hidden_states=True)
+    routed = []
+    real = fused_moe.ops.moe_route
+    monkeypatch.setattr(fused_moe.ops, "moe_route", lambda *a, **k: routed.append(1) or real(*a, **k))
+    with torch.no_grad():
+        model(ids)
+        assert len(routed) == 2  # both layers' routers in the kernel
+        out = model(ids, output_router_logits=True)
+    assert len(routed) == 2 and len(out.router_logits) == 2  # recorded: the routers' own forwards
+
+
 def test_a_hooked_router_keeps_the_layers_fusions_away():
     from triton_ops.models import decoder_layers
 

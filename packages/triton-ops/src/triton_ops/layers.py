@@ -259,9 +259,28 @@ def _is_sparse(mlp: nn.Module) -> bool:
 
 def router_hooked(router: nn.Module) -> bool:
     """Whether a router's own forward must run because something watches it: transformers' router-logit recording
-    (5.2x: forward hooks, installed once any call asks for recorded outputs; 5.0: the instance's ``forward``
-    replaced for the call, seen in eager code only) or anyone's hooks."""
-    return bool(router._forward_hooks or router._forward_pre_hooks) or _instance_forward(router)
+    (5.2x: forward hooks, installed once any call asks for recorded outputs and kept; in eager code they count only
+    in a call that records router logits; 5.0: the instance's ``forward`` replaced for the call, seen in eager
+    code only) or anyone's hooks."""
+    if router._forward_pre_hooks or _instance_forward(router):
+        return True
+    hooks = router._forward_hooks
+    if hooks and all("output_capturing_hook" in getattr(h, "__qualname__", "") for h in hooks.values()):
+        return _recording("router_logits")  # transformers' own, installed once and kept: active only when asked
+    return bool(hooks)
+
+
+def _recording(key: str) -> bool:
+    """Whether transformers' output capture is collecting ``key`` in this call (5.2x: its active collector).
+    Under torch.compile (or without that collector) assumed so: the router's own forward, always right."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return True
+    collected = _active_collector.get()  # None outside a model's call: the hook records nothing then
+    return collected is not None and key in collected
 
 
 def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
