@@ -49,9 +49,11 @@ def register_experts_backend() -> str:
     """
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
-    except ImportError as exc:  # pragma: no cover - transformers 4
-        raise InvalidArgumentError("transformers: an experts implementation needs transformers 5 (its "
-                                   "integrations.moe.ALL_EXPERTS_FUNCTIONS); install transformers>=5.7") from exc
+    except ImportError as exc:  # pragma: no cover - transformers 4, or a release that moved them
+        raise InvalidArgumentError(
+            "transformers: the installed release has no experts interface as this backend knows it "
+            f"(transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS and _default_apply_gate: {exc}); transformers "
+            "5.7 to 5.25 have it") from exc
     global _default_gate
     _default_gate = _default_apply_gate
     ALL_EXPERTS_FUNCTIONS.register(EXPERTS_NAME, experts_forward)
