@@ -345,9 +345,12 @@ def test_bf16_o_proj_adds_the_residual_only_where_it_is_one_launch():
     weight-only rows; several bf16 rows (cuBLAS) would need an add launch of their own: the layer then keeps the
     fused add + norm launch instead of moving its norm into the gated MLP."""
     from torch import nn
+    from triton_ops.layers import LAYER_ATTR
     from triton_ops.models.decoder_layers import _o_proj_adds
 
     lin = nn.Linear(512, 512, bias=False).to(torch.bfloat16).requires_grad_(False)
+    assert not _o_proj_adds(lin, 1, torch.bfloat16, True, False)  # not marked by patch_model as an exact nn.Linear
+    lin.__dict__[LAYER_ATTR] = "Linear"
     assert _o_proj_adds(lin, 1, torch.bfloat16, True, False)
     assert not _o_proj_adds(lin, 8, torch.bfloat16, True, False)  # cuBLAS rows ...
     from triton_ops.models import layers as model_layers

@@ -309,19 +309,61 @@ def test_only_transformers_own_blocks_and_routers_are_taken():
     """A router of another kind (here a subclass named otherwise: its forward could score differently) keeps its
     block as it is; a block whose experts transformers quantized (FP8 weights, no scales of ours) too, with a
     note; the dense layer is patched either way."""
-    model = _model("qwen3_moe")
-    gate = model.model.layers[0].mlp.gate
-    gate.__class__ = type("SigmoidRouter", (torch.nn.Module,), {"forward": type(gate).forward})
-    patch_model(model)
-    assert model.triton_ops_patch.moe_blocks == 0 and model.triton_ops_patch.gated_mlps == 1
-    assert type(model.model.layers[0].mlp).forward is not SparseMoE.forward
+    for bases in ((torch.nn.Module,), (type(_model("qwen3_moe").model.layers[0].mlp.gate),)):  # unrelated, subclass
+        model = _model("qwen3_moe")
+        gate = model.model.layers[0].mlp.gate
+
+        def sigmoid_forward(self, hidden_states):  # scores of another kind
+            logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+            values, indices = torch.topk(logits.sigmoid(), self.top_k, dim=-1)
+            return logits, values, indices
+
+        gate.__class__ = type("SigmoidRouter", bases, {"forward": sigmoid_forward})
+        reference = copy.deepcopy(model)
+        patch_model(model)
+        assert model.triton_ops_patch.moe_blocks == 0 and model.triton_ops_patch.gated_mlps == 1
+        assert type(model.model.layers[0].mlp).forward is not SparseMoE.forward
+        ids = torch.randint(0, 128, (1, 5), device=DEVICE)
+        with torch.no_grad():
+            assert _cosine(model(ids).logits, reference(ids).logits) >= TOL  # its own router still runs
     model = _model("qwen3_moe")
     experts = model.model.layers[0].mlp.experts
-    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().to(torch.float8_e4m3fn),
-                                              requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().to(torch.float8_e4m3fn), requires_grad=False)
     patch_model(model)
     assert model.triton_ops_patch.moe_blocks == 0
     assert any("1 MoE block(s) left as they are" in note for note in model.triton_ops_patch.notes)
+
+
+def test_what_replaces_a_projection_or_its_forward_keeps_it_out_of_the_fused_launches():
+    """An nn.Linear subclass swapped in for down_proj / o_proj after patching (here fake quantization, whose own
+    forward computes something else than the plain GEMM), or a forward set on a module's instance: the model
+    computes what those modules compute, eager and compiled."""
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, intermediate_size=96))
+    model = patch_model(model.to(DEVICE, DTYPE).eval())
+
+    class Halved(torch.nn.Linear):  # a subclass with a forward of its own
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    layer = model.model.layers[0]
+    for owner, name in ((layer.mlp, "down_proj"), (layer.self_attn, "o_proj")):
+        old = getattr(owner, name)
+        new = Halved(old.in_features, old.out_features, bias=False).to(DEVICE, DTYPE)
+        new.load_state_dict(old.state_dict())
+        setattr(owner, name, new)
+    layer.post_attention_layernorm.forward = lambda x: torch.zeros_like(x)  # the MLP sees zeros
+    reference = copy.deepcopy(model)
+    for module in reference.modules():  # the plain path: every fusion off
+        module.__dict__.pop("_triton_ops_layer", None)
+    ids = torch.randint(0, 128, (1, 1), device=DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = reference(ids, use_cache=False).logits
+        eager = model(ids, use_cache=False).logits
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert _cosine(eager, want) >= 0.999999 and _cosine(compiled, want) >= 0.999999
 
 
 @pytest.mark.gpu

@@ -69,21 +69,25 @@ class GatedMLP(nn.Module):
 
 # The triton-ops layer whose forward a module runs, set by ``patch_model`` beside the class it swaps in. The decoder
 # layer's fusions ask :func:`runs_forward`. Under torch.compile a module's ``forward.__func__`` is not the function
-# (that test was always False in compiled code, so no fusion ran there); ``type(module).forward``, a test of the
-# instance's ``__dict__`` or an attribute holding the class cost a Python guard per layer and call, an attribute
-# holding the layer's name (a str) one C++ check.
+# (that test was always False in compiled code, so no fusion ran there); ``type(module).forward`` or an attribute
+# holding the class cost a Python guard per layer and call, an attribute holding the layer's name (a str) one C++
+# check. ``patch_model`` also marks exact ``nn.Linear`` projections ``"Linear"``: a subclass (fake quantization,
+# ``Float8Linear``) computes something else than the GEMM a fusion would run for it.
 LAYER_ATTR = "_triton_ops_layer"
 
 
-def runs_forward(module: nn.Module, layer: type) -> bool:
-    """Whether ``patch_model`` gave ``module`` ``layer``'s forward and, in eager code, nothing replaced it on the
-    instance since (transformers 5.0 records outputs by replacing an instance's ``forward`` for the call)."""
-    return getattr(module, LAYER_ATTR, None) == layer.__name__ and not _instance_forward(module)
+def runs_forward(module: nn.Module, layer: type | str) -> bool:
+    """Whether ``patch_model`` gave ``module`` ``layer``'s forward (or, with a name, marked it so: ``"Linear"`` for
+    an exact ``nn.Linear``) and nothing replaced its forward on the instance since (transformers 5.0 records
+    outputs that way for a call; accelerate's hooks, ``kernels.kernelize`` and users too)."""
+    name = layer if isinstance(layer, str) else layer.__name__
+    return getattr(module, LAYER_ATTR, None) == name and not instance_forward(module)
 
 
-def _instance_forward(module: nn.Module) -> bool:
-    # not looked for under torch.compile: a test of the instance's __dict__ is a Python guard per module and call
-    return not torch.compiler.is_compiling() and "forward" in module.__dict__
+def instance_forward(module: nn.Module) -> bool:
+    """Whether ``module.forward`` was set on the instance (a key test of its ``__dict__``: no Python guard under
+    torch.compile)."""
+    return "forward" in module.__dict__
 
 
 # The kernel's activation name, set on each MLP by ``patch_model`` (the model's own MLP builds its ``act_fn`` from
@@ -253,16 +257,17 @@ def moe_router(mlp: nn.Module) -> nn.Module:
 
 
 def _is_sparse(mlp: nn.Module) -> bool:
-    # by the class (a module's forward.__func__ is not the function under torch.compile)
-    return type(mlp).forward is SparseMoE.forward
+    # by patch_model's mark (forward.__func__ is not the function under torch.compile; type(mlp).forward costs a
+    # Python guard per layer)
+    return getattr(mlp, LAYER_ATTR, None) == "SparseMoE"
 
 
 def router_hooked(router: nn.Module) -> bool:
     """Whether a router's own forward must run because something watches it: transformers' router-logit recording
     (5.2x: forward hooks, installed once any call asks for recorded outputs and kept; in eager code they count only
-    in a call that records router logits; 5.0: the instance's ``forward`` replaced for the call, seen in eager
-    code only) or anyone's hooks."""
-    if router._forward_pre_hooks or _instance_forward(router):
+    in a call that records router logits; 5.0: the instance's ``forward`` replaced for the call) or anyone's
+    hooks."""
+    if router._forward_pre_hooks or instance_forward(router):
         return True
     hooks = router._forward_hooks
     if hooks and all("output_capturing_hook" in getattr(h, "__qualname__", "") for h in hooks.values()):
@@ -318,4 +323,4 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
 
 __all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GptOssMoE", "RMSNorm",
            "SparseMoE", "gated_hidden", "jittered", "kernel_activation", "moe_activation", "moe_hidden", "moe_router",
-           "router_hooked", "runs_forward"]
+           "instance_forward", "router_hooked", "runs_forward"]

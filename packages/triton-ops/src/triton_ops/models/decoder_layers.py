@@ -36,6 +36,7 @@ from ..layers import (
     GptOssMoE,
     SparseMoE,
     gated_hidden,
+    instance_forward,
     jittered,
     moe_hidden,
     moe_router,
@@ -103,7 +104,11 @@ class FusedAddNormDecoderLayer(nn.Module):
             return _down_add_(self.mlp, h, h, how, self.post_attention_layernorm)
         attn_out = attn(hidden_states=attn_in, **attn_kwargs)[0]
         norm = self.post_attention_layernorm
-        normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
+        if norm_module_fusable(norm):  # patch_model's RMSNorm, no hooks or forward of someone else's
+            normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
+        else:
+            residual = hidden_states + attn_out
+            normed = norm(residual)
         how = _down_adds_residual(self.mlp, residual, normed)
         if how:
             return _mlp_into_residual(self.mlp, normed, residual, how)
@@ -162,11 +167,11 @@ def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Te
         return ""
     down = getattr(mlp, "down_proj", None)
     # isinstance, not type(down) is ...: under torch.compile, comparing the type of down_proj with the type of
-    # o_proj already checked (the same class) installs a Python guard per layer; an nn.Linear subclass with exotic
-    # weights is turned away by the weight's dtype and tensor type below
-    if isinstance(down, FP8Linear):
+    # o_proj already checked (the same class) installs a Python guard per layer; patch_model's "Linear" mark says
+    # it is exactly an nn.Linear (a subclass may compute something else)
+    if isinstance(down, FP8Linear) and not instance_forward(down):
         weight, how = down.weight, "fp8"
-    elif isinstance(down, nn.Linear):
+    elif isinstance(down, nn.Linear) and runs_forward(down, "Linear"):
         weight, how = down.weight, "bf16"
         if weight.dtype != residual.dtype:
             return ""
@@ -480,7 +485,8 @@ def _o_proj(o_proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
         bufs = o_proj._buffers
         return decode_linear(x, bufs.get("weight", o_proj.weight), o_proj.bias,
                              weight_scale=bufs.get("weight_scale"), residual=residual)
-    if type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks):
+    if type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks
+                                          or instance_forward(o_proj)):
         out = linear(x, o_proj.weight, o_proj.bias)
     else:
         out = o_proj(x)
@@ -496,10 +502,12 @@ def _o_proj_adds(o_proj: nn.Module, rows: int, dtype: torch.dtype, on_gpu: bool,
         return False
     if torch.is_grad_enabled() and (requires_grad or any(p.requires_grad for p in o_proj.parameters())):
         return False
-    if isinstance(o_proj, FP8Linear):  # (isinstance: see _down_adds_residual)
+    if instance_forward(o_proj):  # accelerate's hooks, a user's forward: not the GEMM a fusion would run
+        return False
+    if isinstance(o_proj, FP8Linear):  # (isinstance and the mark: see _down_adds_residual)
         bufs = o_proj._buffers
         return use_weight_only(o_proj.path, rows, bufs["weight"], bufs["weight_scale"], dtype.itemsize)
-    if isinstance(o_proj, nn.Linear) and type(o_proj.weight) in _PLAIN:
+    if isinstance(o_proj, nn.Linear) and runs_forward(o_proj, "Linear") and type(o_proj.weight) in _PLAIN:
         return decode_gemv_rule(rows <= model_layers.BF16_FUSED_MAX_ROWS, dtype, on_gpu, o_proj.weight)
     return False
 

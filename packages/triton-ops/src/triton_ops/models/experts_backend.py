@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from fused_moe import moe_experts
+from fused_moe import is_fp8_experts, moe_experts
 from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
@@ -123,7 +123,7 @@ def _is_gpt_oss(experts: torch.nn.Module) -> bool:
 def _fallback(experts: torch.nn.Module, why: str):
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    if experts.gate_up_proj.dtype not in _DTYPES:  # transformers' implementations know no FP8 experts of ours
+    if is_fp8_experts(experts):  # transformers' implementations know no FP8 experts of ours
         raise InvalidArgumentError(
             f"experts_implementation={EXPERTS_NAME!r}: {type(experts).__name__} holds FP8 experts "
             f"(fused_moe.convert_experts_to_fp8), which only fused_moe reads, and fused_moe does not take {why}")

@@ -181,19 +181,19 @@ def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
     quantized by transformers (its FP8 checkpoints' ``*_scale_inv`` blocks) are left as they are, with a note."""
     found, foreign = [], 0
     for module in model.modules():
-        if not _named_along_mro(module, SPARSE_MOE_BLOCKS):
+        if not _forward_defined_by(module, SPARSE_MOE_BLOCKS):
             continue
         gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
         weight = getattr(gate, "weight", None)
         gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-        if not (_named_along_mro(gate, SPARSE_MOE_ROUTERS) and isinstance(weight, torch.Tensor)
+        if not (_forward_defined_by(gate, SPARSE_MOE_ROUTERS) and isinstance(weight, torch.Tensor)
                 and weight.dim() == 2 and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
                 and gate_up.dim() == 3 and down.dim() == 3):
             continue
         experts_n, hidden = weight.shape
         if not (gate_up.shape == (experts_n, 2 * down.shape[2], hidden) and down.shape[:2] == (experts_n, hidden)):
             continue
-        if gate_up.dtype not in _FLOAT_DTYPES and not is_fp8_experts(experts):
+        if not (gate_up.dtype in _FLOAT_DTYPES and down.dtype in _FLOAT_DTYPES or is_fp8_experts(experts)):
             foreign += 1
             continue
         found.append(module)
@@ -203,8 +203,10 @@ def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
     return found
 
 
-def _named_along_mro(module: object, names: tuple[str, ...]) -> bool:
-    return module is not None and any(cls.__name__ in names for cls in type(module).__mro__)
+def _forward_defined_by(module: object, names: tuple[str, ...]) -> bool:
+    """A module whose forward is the one a class of ``names`` defines (a subclass may route differently)."""
+    forward = getattr(type(module), "forward", None) if module is not None else None
+    return getattr(forward, "__qualname__", "").split(".")[0] in names
 
 
 def _experts_activation(experts: nn.Module, hidden_act: object) -> str:
@@ -468,6 +470,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     for why, count in sorted(unpacked.items()):
         summary.notes.append(f"q/k/v of {count} attention(s) not packed: {why}")
     _patch_layers(model, attentions, summary)
+    for module in model.modules():  # exact nn.Linear projections may run inside the layer's fused launches
+        if type(module) is nn.Linear:
+            module.__dict__[LAYER_ATTR] = "Linear"
     prime_static_write()  # read transformers' StaticLayer here, in eager code: a compiled first call cannot
     if attention:
         _set_attention(model, summary)
