@@ -811,3 +811,27 @@ def test_fp8_block_gate_up_on_a_non_square_block_grid_with_biases(w8a8):
         cols = slice(block * 128, (block + 1) * 128)
         err = (ours[:, cols] - ref[:, cols]).norm() / ref[:, cols].norm()
         assert err < 0.1, (block, err.item())  # W8A8 (E4M3 activations): about 0.035; a misplaced scale: 0.8
+
+
+def test_a_patched_model_saved_whole_loads_in_a_fresh_process(tmp_path):
+    """torch.save(model) of a patched model (its classes are made at patch time) loads in another process, which
+    makes them again and registers the attention backend: the same logits (bf16 kernels and FP8 weights)."""
+    import subprocess
+    import sys
+
+    ids = torch.randint(0, 128, (1, 5), device=DEVICE)
+    for name, kwargs in (("bf16", {}), ("fp8", {"fp8": True, "fp8_recipe": "channel"})):
+        model = patch_model(_model("qwen3"), **kwargs)
+        with torch.no_grad():
+            torch.save({"model": model, "ids": ids, "want": model(ids).logits}, tmp_path / f"{name}.pt")
+        assert torch.equal(copy.deepcopy(model)(ids).logits, model(ids).logits)
+    script = ("import sys, torch\n"
+              "for path in sys.argv[1:]:\n"
+              "    saved = torch.load(path, weights_only=False)\n"
+              "    with torch.no_grad():\n"
+              "        got = saved['model'](saved['ids']).logits\n"
+              "    assert torch.equal(got, saved['want']), path\n"
+              "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "bf16.pt"), str(tmp_path / "fp8.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -84,14 +84,33 @@ _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _patched_class(cls: type, layer: type) -> type:
-    """``cls`` with ``layer``'s forward (made once per pair, so isinstance and the state dict are unchanged)."""
+    """``cls`` with ``layer``'s forward (made once per pair, so isinstance and the state dict are unchanged).
+    Its instances pickle (``torch.save(model)``, ``copy.deepcopy``) as ``(cls, layer, state)``: the class is made
+    again where they are loaded, which a lookup by name could not find."""
     key = (cls, layer)
     new = _PATCHED_CLASSES.get(key)
     if new is None:
         attrs = {"forward": layer.forward, "can_torch_compile": layer.can_torch_compile,
-                 "has_backward": layer.has_backward, "__doc__": f"{cls.__name__} with triton-ops' {layer.__name__}."}
+                 "has_backward": layer.has_backward, "__doc__": f"{cls.__name__} with triton-ops' {layer.__name__}.",
+                 "__reduce_ex__": _reduce_patched}
         new = _PATCHED_CLASSES[key] = type(cls.__name__, (cls,), attrs)
+        new._triton_ops_patched_from = key
     return new
+
+
+def _reduce_patched(module: nn.Module, protocol: int) -> tuple:
+    cls, layer = type(module)._triton_ops_patched_from
+    return _rebuild_patched, (cls, layer, module.__getstate__())
+
+
+def _rebuild_patched(cls: type, layer: type, state: dict) -> nn.Module:
+    """A patched module from its pickled state (:func:`_patched_class`); the ``"triton_ops"`` attention the
+    patched model may name is registered in this process too."""
+    register_attention_backend()
+    new = _patched_class(cls, layer)
+    module = new.__new__(new)
+    module.__setstate__(state)
+    return module
 
 
 def patch_forward(module: nn.Module, layer: type) -> None:
