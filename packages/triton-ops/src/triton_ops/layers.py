@@ -297,14 +297,15 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     router's and the gate/up GEMM's launches (not with a hooked router: the caller checks
     :func:`router_hooked`)."""
     e = mlp.experts
-    scales = e._buffers  # FP8 experts (patch_model(fp8=True), fused_moe.convert_experts_to_fp8): their scales
-    kw: dict[str, Any] = dict(gate_up_scale=scales.get("gate_up_scale"), down_scale=scales.get("down_scale"),
-                              residual=residual)
+    # FP8 experts (patch_model(fp8=True), fused_moe.convert_experts_to_fp8): their scales. getattr, not explicit
+    # _buffers / __dict__ reads: those keep torch.compile from skipping the module's guards while nothing changed
+    kw: dict[str, Any] = dict(gate_up_scale=getattr(e, "gate_up_scale", None),
+                              down_scale=getattr(e, "down_scale", None), residual=residual)
     if norm is not None:
         kw.update(norm_weight=norm.weight, norm_eps=norm.variance_epsilon)
     if _is_sparse(mlp):
         router, biases = mlp.gate, (None, None)
-        act, renormalize = mlp.__dict__[MOE_ROUTING_ATTR]
+        act, renormalize = getattr(mlp, MOE_ROUTING_ATTR)
         kw.update(activation=act, gate_up_layout="concatenated", transposed=False)
     else:
         router, biases, renormalize = mlp.router, (e.gate_up_proj_bias, e.down_proj_bias), True
