@@ -289,17 +289,24 @@ def test_compiled_patched_layers_keep_their_guard_subtrees_skippable(fp8):
     # packing was a plain object in the attention's __dict__ and the MLP's activation an explicit __dict__ read: both
     # made their module's guards run in full on every call (about 15 us per layer and decode step, H200 host).
     model = patch_model(_one_layer("llama", num_hidden_layers=2), fp8=fp8, fp8_recipe="channel")
+    assert_guard_subtrees_skippable(model, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
+
+
+def assert_guard_subtrees_skippable(model, children: tuple[str, ...]) -> list[str]:
+    """Compile a 5-token forward of ``model`` (2 layers) with recursive dict tags: the eager logits, and each
+    layer's ``children`` guard subtrees tag safe (a root itself, or inside a tag-safe layer that is the root).
+    Returns the guard lines."""
     ids = torch.randint(0, 128, (1, 5), device=DEVICE)
     with torch.no_grad(), torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
         eager = model(ids).logits
         got, guards = _guard_lines(lambda i: model(i).logits, ids)
     assert torch.equal(got, eager)
     for layer in range(2):
-        for child in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+        for child in children:
             source = f"_modules['{layer}']._modules['{child}'], accessed_by="
             nodes = [line for line in guards if source in line]
-            # tag safe: a root itself, or inside a tag-safe layer that is the root
             assert nodes and all("tag_safe=(True, " in line for line in nodes), (layer, child, nodes)
+    return guards
 
 
 def test_a_compiled_patched_model_follows_a_replaced_projection_weight():
