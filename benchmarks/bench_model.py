@@ -81,6 +81,12 @@ MODELS: dict[str, dict[str, Any]] = {
                          num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                          vocab_size=32000, rope_theta=1000000.0, max_position_embeddings=8192 + 256,
                          rms_norm_eps=1e-5),
+    # google/gemma-3-12b (its text decoder): 48 layers, five sliding-window (1024) layers to one full, head_dim 256,
+    # norms around each sublayer, GELU-tanh MLP, a 262k vocabulary; 24 GB.
+    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                       sliding_window=1024, vocab_size=262208, max_position_embeddings=8192 + 256,
+                       rms_norm_eps=1e-6),
 }
 DEFAULT_MODELS = ("llama3-8b", "qwen3-8b")
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -177,7 +183,8 @@ def decode_weight_bytes(model: torch.nn.Module, experts_only: bool = False) -> i
     ``experts_only``, of those the ones inside a mixture of experts' ``experts`` module)."""
     embed = model.get_input_embeddings().weight
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    tensors = {id(t): t for name, t in named if t is not embed and t.is_floating_point()
+    # (0-d buffers are constants, not weights: Gemma's embedding scale)
+    tensors = {id(t): t for name, t in named if t is not embed and t.is_floating_point() and t.dim() > 0
                and "rotary" not in name and "inv_freq" not in name and (not experts_only or ".experts." in name)}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -55,6 +55,11 @@ def _hf_model(kind: str, seed: int = 0, **overrides):
     cfg = dict(SMALL, **overrides)
     if kind == "llama":
         config, cls = transformers.LlamaConfig(**cfg), transformers.LlamaForCausalLM
+    elif kind == "gemma3":  # sliding-window layers (window 4) then a full one, Gemma 3's norms around each sublayer
+        kinds = ["sliding_attention", "full_attention"] * cfg["num_hidden_layers"]
+        config = transformers.Gemma3TextConfig(**cfg, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                               layer_types=kinds[:cfg["num_hidden_layers"]])
+        cls = transformers.Gemma3ForCausalLM
     else:
         config, cls = transformers.Qwen3Config(**cfg, head_dim=16), transformers.Qwen3ForCausalLM
     config._attn_implementation = "sdpa"
@@ -64,6 +69,8 @@ def _hf_model(kind: str, seed: int = 0, **overrides):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif kind == "gemma3":  # Gemma's norm weights start at zero (a scale of 1 + weight)
+                p.normal_(0.0, 0.3)
     return model
 
 
@@ -667,7 +674,9 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
         assert spy.packed_calls >= 2 * layers and not qkv & spy.colwise_modules, (spy.packed_calls, layers)
         assert id(tp.lm_head) in spy.colwise_modules  # (the spy sees the styles that did run)
         # no gradient is recorded (_logits): every layer's MLP added the residual inside its row-parallel down GEMM
-        assert spy.residual_tails == spy.packed_calls, (spy.residual_tails, spy.packed_calls)
+        # (Gemma 3 normalizes the MLP's output before the add: no such tail)
+        want_tails = 0 if kind == "gemma3" else spy.packed_calls
+        assert spy.residual_tails == want_tails, (spy.residual_tails, spy.packed_calls)
     if fp8:
         plain = _logits(plain, IDS, nxt=want[3])
         # Row-parallel FP8 layers quantize each rank's activation slice with its own scales, so the split model
@@ -708,6 +717,18 @@ def llama_parallelize_then_patch(mesh):
 @case
 def qwen3_fp8(mesh):
     _model_case("qwen3", mesh, fp8=True, layers=1)
+
+
+@case
+def gemma3_patched(mesh):
+    """Gemma 3: the generic plan (its q/k norms replicated, per head) on the sandwich-norm layers, a sliding-window
+    layer and a full one, generate() past the window."""
+    _model_case("gemma3", mesh, generate=True)
+
+
+@case
+def gemma3_fp8(mesh):
+    _model_case("gemma3", mesh, fp8=True, layers=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -189,6 +189,25 @@ def test_sparse_moe_takes_the_post_attention_norm_and_the_residual_add(kind, mon
         assert _cosine(a.logits, b.logits) >= (0.9999 if DTYPE == torch.bfloat16 else 0.99999)
 
 
+def compiled_decode_ops(model) -> list[str]:
+    """Compile a decode-size forward (2 rows, no cache) with ``fullgraph=True`` through a backend that records the
+    graph's ops and runs it as traced; checks the eager logits and returns our ops' names in graph order."""
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    ids = torch.randint(0, 128, (2, 1), device=DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        compiled = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert _cosine(compiled, eager) >= 0.999999
+    return [op.split(".")[1] for op in ops if op.startswith("triton_ops.")]
+
+
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "llama"])
 def test_compiled_decode_step_keeps_the_fusions(kind):
     """torch.compile(fullgraph=True) of a decode-size forward (2 rows, FP8 weight-only projections, so o_proj adds
@@ -202,20 +221,7 @@ def test_compiled_decode_step_keeps_the_fusions(kind):
     else:
         model = _model(kind, seed=5)
     patch_model(model, fp8=True, fp8_recipe="channel")
-    ops = []
-
-    def backend(gm, example_inputs):  # records the graph's ops, runs it as traced
-        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
-        return gm.forward
-
-    ids = torch.randint(0, 128, (2, 1), device=DEVICE)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = model(ids, use_cache=False).logits
-        compiled = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False).logits
-    torch._dynamo.reset()
-    assert _cosine(compiled, eager) >= 0.999999
-    ours = {op.split(".")[1] for op in ops if op.startswith("triton_ops.")}
+    ours = set(compiled_decode_ops(model))
     assert "fused_add_rmsnorm" not in ours, ours
     assert ("moe_experts" in ours) == (kind != "llama") and ("fused_gated_mlp" in ours) == (kind != "mixtral"), ours
 

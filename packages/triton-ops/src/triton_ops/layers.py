@@ -34,6 +34,15 @@ def kernel_activation(hidden_act: str) -> str:
     return _activation(HF_ACTIVATIONS, hidden_act, "the fused gated MLP computes")
 
 
+def config_hidden_act(config: Any) -> Any:
+    """The activation a gated MLP of ``config`` applies, as transformers names it: ``config.hidden_act``, or
+    ``config.hidden_activation`` where the config has no ``hidden_act`` (Gemma 2 and 3; Gemma's first release names
+    both and its MLP applies ``hidden_act``). None where the config names neither."""
+    if hasattr(config, "hidden_act"):
+        return config.hidden_act
+    return getattr(config, "hidden_activation", None)
+
+
 def _activation(table: dict[str, str], hidden_act: str, whose: str) -> str:
     act = table.get(hidden_act)
     if act is None:
@@ -61,7 +70,7 @@ class GatedMLP(nn.Module):
     gate_proj: nn.Linear
     up_proj: nn.Linear
     down_proj: nn.Module
-    config: Any  # reads config.hidden_act
+    config: Any  # reads config.hidden_act (config.hidden_activation where it has none: Gemma 2 and 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gated_hidden(self, x))
@@ -132,7 +141,7 @@ def gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None)
     launch (its prologue), or by the module first on the W8A8 path."""
     act = getattr(mlp, ACT_ATTR, None)  # not mlp.__dict__.get: see models.layers.packed_projections
     if act is None:
-        act = kernel_activation(mlp.config.hidden_act)  # InvalidArgumentError for one the kernel lacks
+        act = kernel_activation(config_hidden_act(mlp.config))  # InvalidArgumentError for one the kernel lacks
     gate, up = mlp.gate_proj, mlp.up_proj
     # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
     gate_scale, up_scale = getattr(gate, "weight_scale", None), getattr(up, "weight_scale", None)
@@ -186,6 +195,21 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm in one pass: ``x * rsqrt(mean(x^2) + eps) * (1 + weight)`` computed in float32 and rounded
+    once to the input's dtype (``fused_rmsnorm_rope.rmsnorm(..., gemma=True)``), as transformers'
+    ``Gemma3RMSNorm`` / ``GemmaRMSNorm`` compute it (``weight``, ``eps``)."""
+
+    can_torch_compile = True
+    has_backward = True
+
+    weight: torch.Tensor
+    eps: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rmsnorm(hidden_states, self.weight, self.eps, gemma=True)
 
 
 class GptOssMoE(nn.Module):
@@ -322,6 +346,6 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
                      return_router_scores=return_router_scores, **kw)
 
 
-__all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GptOssMoE", "RMSNorm",
-           "SparseMoE", "gated_hidden", "jittered", "kernel_activation", "moe_activation", "moe_hidden", "moe_router",
-           "instance_forward", "router_hooked", "runs_forward"]
+__all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GemmaRMSNorm",
+           "GptOssMoE", "RMSNorm", "SparseMoE", "config_hidden_act", "gated_hidden", "jittered", "kernel_activation",
+           "moe_activation", "moe_hidden", "moe_router", "instance_forward", "router_hooked", "runs_forward"]

@@ -57,12 +57,12 @@ from triton_ops_core.exceptions import InvalidArgumentError
 
 from .layers import GEMM_SCALE_BUFFER
 from .models.layers import LOCAL_SHARDS_ATTR, PACKING_ATTR, TP_ATTR, pack_shards, shards_packable
-from .models.patch import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .models.patch import LANGUAGE_MODEL_TYPES, SUPPORTED_MODEL_TYPES, UnsupportedModelError
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
 # patch_model's models whose layers the plan knows (the experts of gpt-oss, Qwen3-MoE and Mixtral split by their
-# intermediate dimension)
-TP_MODEL_TYPES = SUPPORTED_MODEL_TYPES
+# intermediate dimension); of a multimodal model, plan its language model (Gemma 3's gemma3_text)
+TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES)
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
 
@@ -912,7 +912,8 @@ def _mlp_kind(mlp: nn.Module | None) -> str | None:
 def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *,
                          lm_head: bool = True) -> dict[str, ParallelStyle]:
     """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / gpt-oss / Qwen3-MoE /
-    Mixtral model (a causal LM or its base model), patched by ``patch_model`` (bf16 or FP8) or not.
+    Mixtral / Gemma 3 text model (a causal LM or its base model; of a multimodal Gemma 3, its ``language_model``),
+    patched by ``patch_model`` (bf16 or FP8) or not.
 
     - ``layers.*.self_attn.q_proj`` / ``k_proj`` / ``v_proj``: :class:`ColwiseParallel`, whole heads per rank
       (transformers' attention reshapes with ``-1`` heads, so it runs on the local heads unchanged);

@@ -33,6 +33,7 @@ from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import (
     GatedMLP,
+    GemmaRMSNorm,
     GptOssMoE,
     SparseMoE,
     gated_hidden,
@@ -84,10 +85,7 @@ class FusedAddNormDecoderLayer(nn.Module):
     post_attention_layernorm: nn.Module
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
-            raise InvalidArgumentError(
-                f"{type(self).__name__}: expected the attention's arguments by keyword (as transformers passes "
-                f"them), got {len(args)} positional")
+        _layer_keywords_only(self, args)
         attn, norm = self.self_attn, self.input_layernorm
         if _input_norm_in_projection(attn, norm, hidden_states):  # the norm inside the q/k/v GEMM's launch
             attn_kwargs, attn_in = dict(kwargs, input_norm=norm), hidden_states
@@ -118,6 +116,59 @@ class FusedAddNormDecoderLayer(nn.Module):
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
             mlp_out = mlp_out[0]
         return residual + mlp_out
+
+
+class SandwichNormDecoderLayer(nn.Module):
+    """Gemma 3's decoder layer, whose sublayers' outputs are normalized too (``Gemma3DecoderLayer``)::
+
+        h = x + post_attention_layernorm(self_attn(input_layernorm(x)))
+        y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
+
+    with ``x + ...`` and ``pre_feedforward_layernorm`` as one :func:`~fused_rmsnorm_rope.fused_add_rmsnorm` launch
+    (``gemma=True``; the sum rounded to the activation dtype, as the model's own add rounds it) where that norm is
+    patch_model's :class:`~triton_ops.layers.GemmaRMSNorm` without hooks. The four norms are the modules' own calls
+    otherwise (one launch each once patched). Every keyword argument goes to ``self_attn`` unchanged, as the model's
+    own layer does.
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    self_attn: nn.Module
+    mlp: nn.Module
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    pre_feedforward_layernorm: nn.Module
+    post_feedforward_layernorm: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _layer_keywords_only(self, args)
+        attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        attn_out = self.post_attention_layernorm(attn_out)
+        norm = self.pre_feedforward_layernorm
+        if gemma_norm_fusable(norm):
+            normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.eps, gemma=True)
+        else:
+            residual = hidden_states + attn_out
+            normed = norm(residual)
+        return residual + self.post_feedforward_layernorm(self.mlp(normed))
+
+
+def gemma_norm_fusable(norm: nn.Module) -> bool:
+    """Whether ``norm`` computes exactly ``fused_rmsnorm_rope.rmsnorm(x, norm.weight, norm.eps, gemma=True)``:
+    ``patch_model``'s :class:`~triton_ops.layers.GemmaRMSNorm` forward, no hooks, a contiguous 1-D plain weight."""
+    weight = getattr(norm, "weight", None)
+    return (runs_forward(norm, GemmaRMSNorm) and not (norm._forward_hooks or norm._forward_pre_hooks)
+            and type(weight) in _PLAIN and weight.dim() == 1 and weight.stride(0) == 1
+            and isinstance(norm.eps, (int, float)))
+
+
+def _layer_keywords_only(layer: nn.Module, args: tuple) -> None:
+    """transformers passes a decoder layer everything after its input by keyword, to go on to the attention."""
+    if args:
+        raise InvalidArgumentError(
+            f"{type(layer).__name__}: expected the attention's arguments by keyword (as transformers passes them), "
+            f"got {len(args)} positional")
 
 
 def _mlp_into_residual(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how: str) -> torch.Tensor:
@@ -290,15 +341,45 @@ class QKNormRopeAttention(nn.Module):
                 attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
                 residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _keywords_only(self, args)
-        q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
-        q, k, v, grad = _project_qkv(self, hidden_states, (q_weight, k_weight), input_norm)
-        cos, sin = position_embeddings
-        eps = self.q_norm.variance_epsilon
-        if grad:
-            q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps)
-        # else: in place, inside the static cache's write when that is ours, else its own launch (_attend)
-        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
-                       qk_norm=(q_weight, k_weight, eps) if not grad else None, residual=residual)
+        return _qk_norm_rope_attention(self, hidden_states, position_embeddings, attention_mask, input_norm,
+                                       residual, kwargs, self.q_norm.variance_epsilon, gemma=False)
+
+
+def _qk_norm_rope_attention(attn: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple,
+                            attention_mask: torch.Tensor | None, input_norm: nn.Module | None,
+                            residual: torch.Tensor | None, kwargs: dict, eps: float, gemma: bool) -> tuple:
+    """The forward of the attentions with per-head q/k norms: the projections, then the norms and RoPE in one
+    launch (out of place with a gradient to record; else in place: inside the static cache's write when that is
+    ours and the norm is Qwen3's, else a launch of its own before the cache update), then :func:`_attend`."""
+    q_weight, k_weight = attn.q_norm.weight, attn.k_norm.weight
+    q, k, v, grad = _project_qkv(attn, hidden_states, (q_weight, k_weight), input_norm)
+    cos, sin = position_embeddings
+    if grad:
+        q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, gemma=gemma)
+    elif gemma:  # the one-launch cache write normalizes Qwen3's way only: rotated first, the write then its own
+        fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, gemma=True, inplace=True)
+    in_attend = not grad and not gemma  # (_attend rotates in place, in the cache write where it can)
+    return _attend(attn, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=in_attend,
+                   qk_norm=(q_weight, k_weight, eps) if in_attend else None, residual=residual)
+
+
+class GemmaQKNormRopeAttention(QKNormRopeAttention):
+    """Gemma 3's attention (``Gemma3Attention``): per-head ``q_norm`` / ``k_norm`` that scale by ``1 + weight``
+    (Gemma's RMSNorm, ``eps``) and the rotary embedding in one :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch
+    (``gemma=True``), in place on the packed q/k/v GEMM's output, as :class:`QKNormRopeAttention` does for Qwen3;
+    then the cache update, the attention function the model's config names (with the layer's ``scaling``, from
+    ``query_pre_attn_scalar``, and its ``sliding_window``) and ``o_proj``, as transformers' own. A static cache's
+    write is its own launch after the rotation (the one-launch write normalizes Qwen3's way only).
+    """
+
+    sliding_window: int | None  # and QKNormRopeAttention's attributes (q_norm / k_norm: weight, eps)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _keywords_only(self, args)
+        return _qk_norm_rope_attention(self, hidden_states, position_embeddings, attention_mask, input_norm,
+                                       residual, kwargs, self.q_norm.eps, gemma=True)
 
 
 class SinkRopeAttention(RopeAttention):
@@ -336,7 +417,8 @@ def _ours_unhooked(attn: nn.Module) -> bool:
     output capture (5.2x installs it on the attention once any call asks for ``output_attentions`` and keeps it; it
     records the attention weights, the output's second item, which stay what they were)."""
     if not (runs_forward(attn, RopeAttention) or runs_forward(attn, QKNormRopeAttention)
-            or runs_forward(attn, SinkRopeAttention)) or attn._forward_pre_hooks:
+            or runs_forward(attn, SinkRopeAttention) or runs_forward(attn, GemmaQKNormRopeAttention)) \
+            or attn._forward_pre_hooks:
         return False
     return all("output_capturing_hook" in getattr(hook, "__qualname__", "") for hook in attn._forward_hooks.values())
 
@@ -700,6 +782,44 @@ def is_sink_attention(attn: nn.Module) -> bool:
             and isinstance(sinks, torch.Tensor) and sinks.dim() == 1)
 
 
+def forward_defined_by(module: object, names: tuple[str, ...]) -> bool:
+    """A module whose forward is the one a class of ``names`` defines (a subclass may compute something else)."""
+    forward = getattr(type(module), "forward", None) if module is not None else None
+    return getattr(forward, "__qualname__", "").split(".")[0] in names
+
+
+# transformers' RMSNorm classes that scale by ``1 + weight`` (attribute ``eps``): what GemmaRMSNorm computes
+GEMMA_RMS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+# Decoder layers with norms before and after each sublayer (SandwichNormDecoderLayer), and the attentions with
+# Gemma's per-head q/k norms (GemmaQKNormRopeAttention): by the class defining forward, as the MoE blocks are matched
+GEMMA_DECODER_LAYERS = ("Gemma3DecoderLayer",)
+GEMMA_ATTENTIONS = ("Gemma3Attention",)
+
+
+def is_gemma_rms_norm(norm: nn.Module) -> bool:
+    """transformers' Gemma RMSNorm (:data:`GEMMA_RMS_NORMS`'s forward) with a 1-D ``weight`` and a number ``eps``."""
+    return (forward_defined_by(norm, GEMMA_RMS_NORMS) and isinstance(getattr(norm, "weight", None), torch.Tensor)
+            and norm.weight.dim() == 1 and isinstance(getattr(norm, "eps", None), (int, float)))
+
+
+def has_gemma_qk_norm(attn: nn.Module) -> bool:
+    """A Gemma 3 attention: transformers' forward (:data:`GEMMA_ATTENTIONS`), its projections, the attributes its
+    forward reads, and per-head Gemma ``q_norm`` / ``k_norm`` (``[head_dim]`` weights) of one epsilon."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    return (forward_defined_by(attn, GEMMA_ATTENTIONS)
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling",
+                                               "config", "head_dim", "attention_dropout", "sliding_window"))
+            and all(is_gemma_rms_norm(n) and n.weight.shape == (attn.head_dim,) for n in (q_norm, k_norm))
+            and q_norm.eps == k_norm.eps)
+
+
+def is_sandwich_norm_decoder_layer(layer: nn.Module) -> bool:
+    """A Gemma 3 decoder layer (:data:`GEMMA_DECODER_LAYERS`'s forward) with its attention, MLP and four norms."""
+    return (forward_defined_by(layer, GEMMA_DECODER_LAYERS)
+            and all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
+                                                "pre_feedforward_layernorm", "post_feedforward_layernorm")))
+
+
 def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
     """A decoder layer with exactly the pre-norm residual structure this fusion assumes (no extra norms)."""
     norm = getattr(layer, "post_attention_layernorm", None)
@@ -711,5 +831,8 @@ def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
             and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
-__all__ = ["ROPE_ATTENTIONS", "FusedAddNormDecoderLayer", "QKNormRopeAttention", "RopeAttention", "SinkRopeAttention",
-           "has_qk_norm", "is_pre_norm_decoder_layer", "is_rope_attention", "is_sink_attention"]
+__all__ = ["GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "ROPE_ATTENTIONS", "FusedAddNormDecoderLayer",
+           "GemmaQKNormRopeAttention", "QKNormRopeAttention", "RopeAttention", "SandwichNormDecoderLayer",
+           "SinkRopeAttention", "forward_defined_by", "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm",
+           "is_gemma_rms_norm", "is_pre_norm_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
+           "is_sink_attention"]

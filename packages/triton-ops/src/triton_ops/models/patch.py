@@ -30,29 +30,42 @@ from ..layers import (
     MOE_ACTIVATIONS,
     MOE_ROUTING_ATTR,
     GatedMLP,
+    GemmaRMSNorm,
     GptOssMoE,
     RMSNorm,
     SparseMoE,
+    config_hidden_act,
     kernel_activation,
     moe_activation,
 )
 from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .decoder_layers import (
     FusedAddNormDecoderLayer,
+    GemmaQKNormRopeAttention,
     QKNormRopeAttention,
     RopeAttention,
+    SandwichNormDecoderLayer,
     SinkRopeAttention,
+    forward_defined_by,
+    has_gemma_qk_norm,
     has_qk_norm,
+    is_gemma_rms_norm,
     is_pre_norm_decoder_layer,
     is_rope_attention,
+    is_sandwich_norm_decoder_layer,
     is_sink_attention,
     prime_static_write,
 )
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
 # config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, gpt-oss's
-# mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's sparse one (gate + experts).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "mixtral")
+# mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's sparse one (gate + experts); Gemma 3's text
+# decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "mixtral", "gemma3_text",
+                         "gemma3")
+# Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
+# config.model_type -> the text decoder's
+LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text"}
 # Known, and not yet supported: what the error says about them.
 PLANNED: dict[str, str] = {}
 
@@ -123,7 +136,7 @@ def patch_forward(module: nn.Module, layer: type) -> None:
 
 def _patch_gated_mlp(mlp: nn.Module) -> None:
     """``mlp`` runs :class:`~triton_ops.layers.GatedMLP`'s forward, its activation resolved once."""
-    mlp.__dict__[ACT_ATTR] = kernel_activation(mlp.config.hidden_act)
+    mlp.__dict__[ACT_ATTR] = kernel_activation(config_hidden_act(mlp.config))
     patch_forward(mlp, GatedMLP)
 
 
@@ -161,12 +174,13 @@ def _refresh_gemm_scale(projection: nn.Module, incompatible_keys) -> None:
 
 
 def _gated_mlps(model: nn.Module) -> list[nn.Module]:
-    """Every gated MLP of the model: a module with nn.Linear gate_proj / up_proj, a down_proj and config.hidden_act."""
+    """Every gated MLP of the model: a module with nn.Linear gate_proj / up_proj, a down_proj and
+    config.hidden_act (config.hidden_activation: Gemma 3)."""
     found = []
     for module in model.modules():
         gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
         if (type(gate) is nn.Linear and type(up) is nn.Linear and hasattr(module, "down_proj")
-                and hasattr(getattr(module, "config", None), "hidden_act")):
+                and config_hidden_act(getattr(module, "config", None)) is not None):
             found.append(module)
     return found
 
@@ -200,12 +214,12 @@ def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
     quantized by transformers (its FP8 checkpoints' ``*_scale_inv`` blocks) are left as they are, with a note."""
     found, foreign = [], 0
     for module in model.modules():
-        if not _forward_defined_by(module, SPARSE_MOE_BLOCKS):
+        if not forward_defined_by(module, SPARSE_MOE_BLOCKS):
             continue
         gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
         weight = getattr(gate, "weight", None)
         gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-        if not (_forward_defined_by(gate, SPARSE_MOE_ROUTERS) and isinstance(weight, torch.Tensor)
+        if not (forward_defined_by(gate, SPARSE_MOE_ROUTERS) and isinstance(weight, torch.Tensor)
                 and weight.dim() == 2 and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
                 and gate_up.dim() == 3 and down.dim() == 3):
             continue
@@ -220,12 +234,6 @@ def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
         notes.append(f"{foreign} MoE block(s) left as they are: their experts are quantized in a format fused_moe "
                      "does not read (transformers' FP8 experts with scale_inv blocks)")
     return found
-
-
-def _forward_defined_by(module: object, names: tuple[str, ...]) -> bool:
-    """A module whose forward is the one a class of ``names`` defines (a subclass may route differently)."""
-    forward = getattr(type(module), "forward", None) if module is not None else None
-    return getattr(forward, "__qualname__", "").split(".")[0] in names
 
 
 def _experts_activation(experts: nn.Module, hidden_act: object) -> str:
@@ -248,11 +256,18 @@ def _patch_sparse_moe(block: nn.Module, activation: str) -> None:
     patch_forward(block, SparseMoE)
 
 
-def _rms_norms(model: nn.Module) -> list[nn.Module]:
-    """Every transformers RMSNorm of the model: a ``*RMSNorm`` module with a 1-D ``weight`` and ``variance_epsilon``."""
-    return [m for m in model.modules()
-            if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and m.weight.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), (int, float))]
+def _rms_norms(model: nn.Module) -> list[tuple[nn.Module, type]]:
+    """Every transformers RMSNorm of the model and the layer that computes it: a ``*RMSNorm`` module with a 1-D
+    ``weight`` and ``variance_epsilon`` (:class:`~triton_ops.layers.RMSNorm`), or Gemma's, which scales by
+    ``1 + weight`` (``eps``; :class:`~triton_ops.layers.GemmaRMSNorm`)."""
+    found = []
+    for m in model.modules():
+        if is_gemma_rms_norm(m):
+            found.append((m, GemmaRMSNorm))
+        elif (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
+              and m.weight.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), (int, float))):
+            found.append((m, RMSNorm))
+    return found
 
 
 def _model_type(model: object) -> str:
@@ -276,7 +291,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
-    Qwen3-MoE, Mixtral and the models that share their layers). What is replaced:
+    Qwen3-MoE, Mixtral, Gemma 3 and the models that share their layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -346,6 +361,16 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       back to the three projections. ``pack_qkv=False``: the model's three projections, then the same rotation
       kernel.
 
+    - Gemma 3 (``gemma3_text``): its RMSNorms, which scale by ``1 + weight`` (``eps``), run in one pass
+      (:class:`triton_ops.layers.GemmaRMSNorm`); its attentions normalize q and k per head and rotate them in one
+      kernel (:class:`~triton_ops.models.decoder_layers.GemmaQKNormRopeAttention`, packed q/k/v as above); its
+      decoder layers, with norms before and after both sublayers, add the attention's normalized output to the
+      residual inside the pre-feed-forward norm
+      (:class:`~triton_ops.models.decoder_layers.SandwichNormDecoderLayer`); its GELU-tanh gated MLPs
+      (``config.hidden_activation``) run in one kernel. A multimodal ``Gemma3ForConditionalGeneration`` /
+      ``Gemma3Model`` (``gemma3``): its ``language_model`` is patched so, the vision tower and the projector are
+      left as they are (``fp8_lm_head=True`` converts the outer LM head).
+
     - ``attention=True`` (default): the model's attention implementation becomes ``"triton_ops"``
       (:mod:`triton_ops.models.attention_backend`): up to 16 query positions (decode) run
       ``decode_attention.decode_attention``, which reads each K/V element once for all the query heads that share
@@ -367,6 +392,12 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     model_type = _model_type(model)
     if getattr(model, "triton_ops_patch", None) is not None:
         raise InvalidArgumentError("model: already patched by patch_model (see model.triton_ops_patch)")
+    if model_type in LANGUAGE_MODEL_TYPES:
+        return _patch_language_model(
+            model, model_type, fp8=fp8, fp8_recipe=fp8_recipe, fp8_lm_head=fp8_lm_head,
+            weight_granularity=weight_granularity, activation_granularity=activation_granularity,
+            fast_accum=fast_accum, pack_qkv=pack_qkv, attention=attention, fp8_experts=fp8_experts,
+            fp8_calibration=fp8_calibration, fp8_smooth_alpha=fp8_smooth_alpha)
     for flag, value in (("pack_qkv", pack_qkv), ("attention", attention), ("fp8_experts", fp8_experts)):
         if not isinstance(value, bool):
             raise InvalidArgumentError(f"{flag}: expected a bool, got {value!r}")
@@ -452,7 +483,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
     else:
         for mlp in mlps:
-            kernel_activation(mlp.config.hidden_act)  # every MLP is checked before any is changed
+            kernel_activation(config_hidden_act(mlp.config))  # every MLP is checked before any is changed
         for mlp in mlps:
             _patch_gated_mlp(mlp)
         summary.gated_mlps = len(mlps)
@@ -474,8 +505,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         elif fp8:
             summary.notes.append("experts kept in their dtype (fp8_experts=True converts them)")
     norms = _rms_norms(model)
-    for norm in norms:
-        patch_forward(norm, RMSNorm)
+    for norm, layer in norms:
+        patch_forward(norm, layer)
     summary.rms_norms = len(norms)
     modules = dict(model.named_modules())
     for name, mode in packs.items():
@@ -499,6 +530,34 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     return model
 
 
+def _patch_language_model(model: nn.Module, model_type: str, *, fp8: bool, fp8_lm_head: bool, **options) -> nn.Module:
+    """A multimodal model (Gemma 3's ``Gemma3ForConditionalGeneration`` or ``Gemma3Model``): its text decoder
+    (``language_model``) patched as a model of its own, the attention implementation switched on its config only;
+    with ``fp8_lm_head`` the outer model's LM head converted by the recipe too. The summary is the decoder's, under
+    the model's type."""
+    inner = getattr(getattr(model, "model", None), "language_model", None) or getattr(model, "language_model", None)
+    want = LANGUAGE_MODEL_TYPES[model_type]
+    if not isinstance(inner, nn.Module) or getattr(getattr(inner, "config", None), "model_type", None) != want:
+        raise UnsupportedModelError(
+            f"model: a {model_type!r} model whose language_model is a {want!r} decoder was expected; none found")
+    patch_model(inner, fp8=fp8, fp8_lm_head=False, **options)
+    summary = inner.triton_ops_patch
+    summary.model_type = model_type
+    summary.notes.append("only the language model is patched: the vision tower and the multimodal projector are "
+                         "transformers' own")
+    lm_head = getattr(model, "lm_head", None)
+    if fp8 and isinstance(lm_head, nn.Linear):
+        if fp8_lm_head:
+            convert_to_fp8(model, recipe=options["fp8_recipe"], weight_granularity=options["weight_granularity"],
+                           activation_granularity=options["activation_granularity"],
+                           fast_accum=options["fast_accum"], filter_fn=lambda name, linear: linear is lm_head)
+            summary.fp8_linears += 1
+        else:
+            summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
+    model.triton_ops_patch = summary
+    return model
+
+
 def _fp8_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe,
                     keep) -> tuple[dict[str, nn.Module], list[nn.Module]]:
     """With fp8: the gated MLPs whose gate and up projections the recipe converts (by name: their fused kernel
@@ -512,7 +571,7 @@ def _fp8_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe,
         if len(chosen) == 1:
             split.append(mlp)
             continue
-        kernel_activation(mlp.config.hidden_act)  # fused (FP8 or kept in its dtype): checked before any change
+        kernel_activation(config_hidden_act(mlp.config))  # fused (FP8 or kept): checked before any change
         if chosen:
             fused[name] = mlp
     return fused, split
@@ -547,6 +606,8 @@ def _attentions(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
     for name, module in model.named_modules():
         if has_qk_norm(module):
             found.append((name, module, QKNormRopeAttention))
+        elif has_gemma_qk_norm(module):
+            found.append((name, module, GemmaQKNormRopeAttention))
         elif is_rope_attention(module):
             found.append((name, module, RopeAttention))
         elif is_sink_attention(module):
@@ -582,9 +643,12 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
         if is_pre_norm_decoder_layer(module):
             patch_forward(module, FusedAddNormDecoderLayer)
             summary.fused_residual_adds += 1
+        elif is_sandwich_norm_decoder_layer(module):
+            patch_forward(module, SandwichNormDecoderLayer)
+            summary.fused_residual_adds += 1
     for _, attn, layer in attentions:
         patch_forward(attn, layer)
-        if layer is QKNormRopeAttention:
+        if layer in (QKNormRopeAttention, GemmaQKNormRopeAttention):
             summary.qk_norm_rope_attentions += 1
         else:
             summary.rope_attentions += 1
