@@ -87,6 +87,11 @@ MODELS: dict[str, dict[str, Any]] = {
                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
                        sliding_window=1024, vocab_size=262208, max_position_embeddings=8192 + 256,
                        rms_norm_eps=1e-6),
+    # microsoft/phi-4: 40 layers, q/k/v packed as one qkv_proj and gate/up as one gate_up_proj; 29 GB.
+    "phi4": dict(model_type="phi3", hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+                 num_attention_heads=40, num_key_value_heads=10, vocab_size=100352, rope_theta=250000.0,
+                 max_position_embeddings=16384, rms_norm_eps=1e-5, pad_token_id=100349, bos_token_id=100257,
+                 eos_token_id=100265),
 }
 DEFAULT_MODELS = ("llama3-8b", "qwen3-8b")
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -121,6 +126,9 @@ def build_config(name: str, tiny: bool):
             spec["num_local_experts"] = 8
         if "num_experts" in spec:  # Qwen3-MoE: 16 small experts, top 8 (its own k), half of them chosen per token
             spec.update(num_experts=16, moe_intermediate_size=64)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the real vocabulary: inside the tiny one
+            if spec.get(key, 0) >= spec["vocab_size"]:
+                spec[key] = 0
     attn = spec.pop("attn_implementation", "sdpa")
     config = AutoConfig.for_model(model_type, **spec)
     config.tie_word_embeddings = False

@@ -1,7 +1,10 @@
-"""transformers' documented fast path over a patched model, beside its eager generate(): the GPU tests' shared
-check that a model compiles in a few frames and computes what eager does."""
+"""Shared checks of a patched model: transformers' documented fast path beside its eager generate() (the GPU tests':
+a model compiles in a few frames and computes what eager does), greedy tokens against the unpatched model's with both
+caches, and the logits of a prefill and of decode steps."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -27,3 +30,29 @@ def assert_compiled_generate_matches_eager(model: torch.nn.Module, prompt: torch
     for step in range(2):
         a, b = compiled.logits[step].double().flatten(), eager.logits[step].double().flatten()
         assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() >= min_cosine, step
+
+
+def assert_generates_alike(model: torch.nn.Module, reference: torch.nn.Module, prompt: torch.Tensor,
+                           new_tokens: int = 5) -> None:
+    """Greedy ``generate()`` of ``model`` and ``reference`` gives the same tokens with a dynamic and a static
+    cache."""
+    for cache in ("dynamic", "static"):
+        with torch.no_grad():
+            ours = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, cache_implementation=cache)
+            ref = reference.generate(prompt, max_new_tokens=new_tokens, do_sample=False, cache_implementation=cache)
+        assert torch.equal(ours, ref), (cache, ours, ref)
+
+
+def prefill_and_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
+    """Logits of a prefill and of ``steps`` decode steps through transformers' dynamic cache, the same next tokens
+    for every model compared (the prompt's own, so a near tie cannot part two models' inputs). The cache argument is
+    ``cache`` from transformers 5.2x on, ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        logits = [out.logits]
+        for i in range(steps):
+            out = model(ids[:, i:i + 1], use_cache=True, **{name: cache})
+            logits.append(out.logits)
+    return logits

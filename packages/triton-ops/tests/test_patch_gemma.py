@@ -11,6 +11,7 @@ import inspect
 
 import pytest
 import torch
+from _compiled_generate import assert_generates_alike, prefill_and_steps
 from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP, GemmaRMSNorm
 from triton_ops.models import decoder_layers
@@ -47,24 +48,6 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
-def _cache_name(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _prefill_and_steps(model, ids, steps: int = 4) -> list[torch.Tensor]:
-    """Logits of a prefill and of ``steps`` decode steps through transformers' dynamic cache, the same next tokens
-    for every model compared (the prompt's own, so a near tie cannot part two models' inputs)."""
-    name = _cache_name(model)
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        logits = [out.logits]
-        for i in range(steps):
-            out = model(ids[:, i:i + 1], use_cache=True, **{name: cache})
-            logits.append(out.logits)
-    return logits
-
-
 def test_patched_gemma3_computes_what_the_model_computes(monkeypatch):
     model = _model()
     reference = copy.deepcopy(model)
@@ -87,7 +70,7 @@ def test_patched_gemma3_computes_what_the_model_computes(monkeypatch):
     call = QKVPacking.__call__
     monkeypatch.setattr(QKVPacking, "__call__", lambda self, x, *rest: packed.append(x.shape) or call(self, x, *rest))
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)  # 7 prompt tokens and 4 steps: past the window of 4
-    ours, ref = _prefill_and_steps(model, ids), _prefill_and_steps(reference, ids)
+    ours, ref = prefill_and_steps(model, ids, 4), prefill_and_steps(reference, ids, 4)
     assert packed == [(2, 7, 64)] * 3 + [(2, 1, 64)] * 12
     for a, b in zip(ours, ref, strict=True):
         assert _cosine(a, b) >= TOL
@@ -112,12 +95,7 @@ def test_patched_gemma3_with_our_attention_generates_the_models_tokens():
     reference = _model(seed=2)
     model = patch_model(copy.deepcopy(reference))
     assert model.triton_ops_patch.attention == "triton_ops"
-    ids = torch.randint(0, 128, (2, 6), device=DEVICE)
-    for cache in ("dynamic", "static"):
-        with torch.no_grad():
-            ours = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation=cache)
-            ref = reference.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation=cache)
-        assert torch.equal(ours, ref), cache
+    assert_generates_alike(model, reference, torch.randint(0, 128, (2, 6), device=DEVICE))
 
 
 def test_the_pre_feedforward_norm_takes_the_residual_add_unless_hooked(monkeypatch):
@@ -165,7 +143,7 @@ def test_patched_gemma3_with_fp8_converts_by_the_recipe():
     assert isinstance(model.model.layers[2].mlp.down_proj, FP8Linear)
     assert type(model.lm_head) is torch.nn.Linear  # kept (tied to the embedding in Gemma)
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)
-    for a, b in zip(_prefill_and_steps(model, ids, steps=2), _prefill_and_steps(reference, ids, steps=2),
+    for a, b in zip(prefill_and_steps(model, ids, steps=2), prefill_and_steps(reference, ids, steps=2),
                     strict=True):
         assert _cosine(a, b) >= 0.99  # E4M3 weights and activations: the logits point the same way
 
@@ -277,6 +255,6 @@ def test_gpu_gemma3_batch_of_64_decodes_as_the_model_does():
     reference = _model(seed=11)
     model = patch_model(copy.deepcopy(reference))
     ids = torch.randint(0, 128, (64, 9), device=DEVICE)
-    for a, b in zip(_prefill_and_steps(model, ids, steps=3), _prefill_and_steps(reference, ids, steps=3),
+    for a, b in zip(prefill_and_steps(model, ids, steps=3), prefill_and_steps(reference, ids, steps=3),
                     strict=True):
         assert _cosine(a, b) >= TOL

@@ -76,6 +76,48 @@ class GatedMLP(nn.Module):
         return self.down_proj(gated_hidden(self, x))
 
 
+class PackedGatedMLP(nn.Module):
+    """``down_proj(act(gate) * up)`` where gate and up are the two halves of one ``gate_up_proj`` (Phi-3, Phi-4:
+    ``Phi3MLP``), with the two GEMMs and the activation in one kernel: the halves are row views of the packed
+    weight, nothing is copied. A ``gate_up_proj`` that is not a plain bias-free ``nn.Linear`` (an ``FP8Linear`` of
+    ``patch_model(fp8=True)``, a sharded or hooked one) runs as the model's own MLP does: the projection, then the
+    activation and the product. ``down_proj`` stays the model's own module. Differentiable (the fused op has a
+    backward; the views pass the gradients to ``gate_up_proj.weight``).
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    gate_up_proj: nn.Module  # weight [2 * intermediate, hidden]: gate rows, then up rows
+    down_proj: nn.Module
+    config: Any  # reads config.hidden_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(packed_gated_hidden(self, x))
+
+
+def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+    """``act(gate) * up`` of a :class:`PackedGatedMLP` module: one fused kernel over the halves of a plain
+    ``gate_up_proj`` weight, else the projection and the activation as the model computes them. ``norm``: as
+    :func:`gated_hidden`'s (inside the fused kernel's launch, else by the module first)."""
+    act = getattr(mlp, ACT_ATTR, None)  # (see gated_hidden)
+    if act is None:
+        act = kernel_activation(config_hidden_act(mlp.config))
+    packed = mlp.gate_up_proj
+    weight = getattr(packed, "weight", None)
+    if (runs_forward(packed, "Linear") and packed.bias is None and type(weight) in (torch.Tensor, nn.Parameter)
+            and not (packed._forward_hooks or packed._forward_pre_hooks)):
+        inter = weight.shape[0] // 2
+        if norm is not None:
+            return fused_gated_mlp(x, weight[:inter], weight[inter:], act, norm_weight=norm.weight,
+                                   norm_eps=norm.variance_epsilon)
+        return fused_gated_mlp(x, weight[:inter], weight[inter:], act)
+    if norm is not None:
+        x = norm(x)
+    gate, up = packed(x).chunk(2, dim=-1)
+    return up * _TORCH_ACTIVATIONS[act](gate)
+
+
 # The triton-ops layer whose forward a module runs, set by ``patch_model`` beside the class it swaps in. The decoder
 # layer's fusions ask :func:`runs_forward`. Under torch.compile a module's ``forward.__func__`` is not the function
 # (that test was always False in compiled code, so no fusion ran there); ``type(module).forward`` or an attribute
@@ -347,5 +389,6 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
 
 
 __all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GemmaRMSNorm",
-           "GptOssMoE", "RMSNorm", "SparseMoE", "config_hidden_act", "gated_hidden", "jittered", "kernel_activation",
-           "moe_activation", "moe_hidden", "moe_router", "instance_forward", "router_hooked", "runs_forward"]
+           "GptOssMoE", "PackedGatedMLP", "RMSNorm", "SparseMoE", "packed_gated_hidden", "config_hidden_act",
+           "gated_hidden", "jittered", "kernel_activation", "moe_activation", "moe_hidden", "moe_router",
+           "instance_forward", "router_hooked", "runs_forward"]

@@ -61,8 +61,9 @@ from .models.patch import LANGUAGE_MODEL_TYPES, SUPPORTED_MODEL_TYPES, Unsupport
 
 FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
 # patch_model's models whose layers the plan knows (the experts of gpt-oss, Qwen3-MoE and Mixtral split by their
-# intermediate dimension); of a multimodal model, plan its language model (Gemma 3's gemma3_text)
-TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES)
+# intermediate dimension); of a multimodal model, plan its language model (Gemma 3's gemma3_text). Not Phi-3: its
+# packed qkv_proj / gate_up_proj would need styles that split each part by heads / columns.
+TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES and t != "phi3")
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
 

@@ -35,12 +35,14 @@ from ..layers import (
     GatedMLP,
     GemmaRMSNorm,
     GptOssMoE,
+    PackedGatedMLP,
     SparseMoE,
     gated_hidden,
     instance_forward,
     jittered,
     moe_hidden,
     moe_router,
+    packed_gated_hidden,
     router_hooked,
     runs_forward,
 )
@@ -116,6 +118,24 @@ class FusedAddNormDecoderLayer(nn.Module):
         if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
             mlp_out = mlp_out[0]
         return residual + mlp_out
+
+
+class ResidualDropoutDecoderLayer(FusedAddNormDecoderLayer):
+    """Phi-3's decoder layer (``Phi3DecoderLayer``): Llama's pre-norm layer with a dropout on each sublayer's output
+    before its residual add (``resid_attn_dropout``, ``resid_mlp_dropout``). The dropouts are the identity in eval
+    mode (or with probability 0): then :class:`FusedAddNormDecoderLayer`'s forward. In training with a nonzero
+    probability the layer computes as transformers' does, each norm one launch."""
+
+    resid_attn_dropout: nn.Module
+    resid_mlp_dropout: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _layer_keywords_only(self, args)
+        if not (self.training and (self.resid_attn_dropout.p or self.resid_mlp_dropout.p)):
+            return FusedAddNormDecoderLayer.forward(self, hidden_states, **kwargs)
+        attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        residual = hidden_states + self.resid_attn_dropout(attn_out)
+        return residual + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(residual)))
 
 
 class SandwichNormDecoderLayer(nn.Module):
@@ -198,7 +218,10 @@ def _down_add_(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how
     :func:`~triton_ops.models.layers.linear_add_`: ``decode_linear``'s kernel at one row, else cuBLAS's beta = 1;
     the FP8 kernel's epilogue for ``"fp8"``); returns the residual. ``norm``: ``normed`` is not normalized yet
     (the gated MLP's launch does it, :func:`~triton_ops.layers.gated_hidden`)."""
-    hidden = gated_hidden(mlp, normed, norm)
+    if runs_forward(mlp, PackedGatedMLP):
+        hidden = packed_gated_hidden(mlp, normed, norm)
+    else:
+        hidden = gated_hidden(mlp, normed, norm)
     down = mlp.down_proj
     if how == "fp8":
         return fp8_linear_add_(residual, hidden, down.weight, down.weight_scale, down.activation_granularity,
@@ -214,7 +237,7 @@ def _down_adds_residual(mlp: nn.Module, residual: torch.Tensor, normed: torch.Te
     add is in place on the layer's own residual tensor), and a contiguous residual. Sharded by
     :class:`~triton_ops.parallel.GatedMLPParallel` (its hooks alone, a plain ``normed`` input): the same, on the
     local shards, the residual added on rank 0 before the all-reduce (the layer's forward)."""
-    if not runs_forward(mlp, GatedMLP):
+    if not (runs_forward(mlp, GatedMLP) or runs_forward(mlp, PackedGatedMLP)):
         return ""
     down = getattr(mlp, "down_proj", None)
     # isinstance, not type(down) is ...: under torch.compile, comparing the type of down_proj with the type of
@@ -382,6 +405,53 @@ class GemmaQKNormRopeAttention(QKNormRopeAttention):
                                        residual, kwargs, self.q_norm.eps, gemma=True)
 
 
+class PackedRopeAttention(nn.Module):
+    """Phi-3's attention (``Phi3Attention``, Phi-3 and Phi-4): the model's own packed ``qkv_proj`` (q, k, v as one
+    GEMM already), then the rotary embedding of q and k in one kernel in place on that GEMM's output (a partial
+    rotary dimension, ``partial_rotary_factor``, rotates the first ``cos.shape[-1]`` elements of each head, as
+    transformers does), inside the static cache's one-launch write where the rotation covers the whole head; then the
+    cache update, the attention function the config names and ``o_proj``, as transformers' own. ``qkv_proj`` runs
+    through :func:`~triton_ops.models.layers.linear` where it is a plain hook-free ``nn.Linear`` (one decode row on a
+    GPU: one launch streaming the weight), else as the module it is (``FP8Linear`` with ``fp8=True``). With a
+    gradient to record the rotation runs out of place.
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    qkv_proj: nn.Module  # weight [q + 2 * kv, hidden]
+    o_proj: nn.Module
+    head_dim: int
+    num_key_value_heads: int
+    scaling: float
+    attention_dropout: float
+    layer_idx: int
+    config: Any  # num_attention_heads, sliding_window
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _keywords_only(self, args)
+        if input_norm is not None:  # (no packing of ours to take it into the GEMM's launch)
+            hidden_states = input_norm(hidden_states)
+        qkv_proj, head_dim = self.qkv_proj, self.head_dim
+        grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(
+            getattr(t, "requires_grad", False) for t in (getattr(qkv_proj, "weight", None),
+                                                         getattr(qkv_proj, "bias", None))))
+        if type(qkv_proj) is nn.Linear and runs_forward(qkv_proj, "Linear") and not (
+                qkv_proj._forward_hooks or qkv_proj._forward_pre_hooks):
+            qkv = linear(hidden_states, qkv_proj.weight, qkv_proj.bias)
+        else:
+            qkv = qkv_proj(hidden_states)
+        q_size, kv_size = self.config.num_attention_heads * head_dim, self.num_key_value_heads * head_dim
+        q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((q_size, kv_size, kv_size), dim=-1))
+        cos, sin = position_embeddings
+        if grad:
+            q, k = apply_rope(q, k, cos, sin)
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
+                       residual=residual)
+
+
 class SinkRopeAttention(RopeAttention):
     """gpt-oss attention (per-head attention sinks, a sliding window on every other layer, q/k/v with biases):
     q, k and v as one GEMM, the rotary embedding in one kernel (inside the static cache's write at decode), as
@@ -417,7 +487,8 @@ def _ours_unhooked(attn: nn.Module) -> bool:
     output capture (5.2x installs it on the attention once any call asks for ``output_attentions`` and keeps it; it
     records the attention weights, the output's second item, which stay what they were)."""
     if not (runs_forward(attn, RopeAttention) or runs_forward(attn, QKNormRopeAttention)
-            or runs_forward(attn, SinkRopeAttention) or runs_forward(attn, GemmaQKNormRopeAttention)) \
+            or runs_forward(attn, SinkRopeAttention) or runs_forward(attn, GemmaQKNormRopeAttention)
+            or runs_forward(attn, PackedRopeAttention)) \
             or attn._forward_pre_hooks:
         return False
     return all("output_capturing_hook" in getattr(hook, "__qualname__", "") for hook in attn._forward_hooks.values())
@@ -813,6 +884,30 @@ def has_gemma_qk_norm(attn: nn.Module) -> bool:
             and q_norm.eps == k_norm.eps)
 
 
+# Attentions whose q, k, v are one packed projection of the model's own (``qkv_proj``), matched by the class that
+# defines forward: PackedRopeAttention
+PACKED_ROPE_ATTENTIONS = ("Phi3Attention",)
+# Pre-norm decoder layers with a dropout on each sublayer's output: ResidualDropoutDecoderLayer
+RESIDUAL_DROPOUT_DECODER_LAYERS = ("Phi3DecoderLayer",)
+
+
+def is_packed_rope_attention(attn: nn.Module) -> bool:
+    """A Phi-3 attention (:data:`PACKED_ROPE_ATTENTIONS`'s forward) with its ``qkv_proj`` and the attributes its
+    forward reads."""
+    return (forward_defined_by(attn, PACKED_ROPE_ATTENTIONS)
+            and all(hasattr(attn, a) for a in ("qkv_proj", "o_proj", "layer_idx", "scaling", "config", "head_dim",
+                                               "num_key_value_heads", "attention_dropout")))
+
+
+def is_residual_dropout_decoder_layer(layer: nn.Module) -> bool:
+    """A Phi-3 decoder layer (:data:`RESIDUAL_DROPOUT_DECODER_LAYERS`'s forward): a pre-norm layer
+    (:func:`is_pre_norm_decoder_layer`) with ``nn.Dropout`` s ``resid_attn_dropout`` and ``resid_mlp_dropout``."""
+    return (forward_defined_by(layer, RESIDUAL_DROPOUT_DECODER_LAYERS)
+            and all(isinstance(getattr(layer, a, None), nn.Dropout) for a in ("resid_attn_dropout",
+                                                                              "resid_mlp_dropout"))
+            and is_pre_norm_decoder_layer(layer, dropouts=True))
+
+
 def is_sandwich_norm_decoder_layer(layer: nn.Module) -> bool:
     """A Gemma 3 decoder layer (:data:`GEMMA_DECODER_LAYERS`'s forward) with its attention, MLP and four norms."""
     return (forward_defined_by(layer, GEMMA_DECODER_LAYERS)
@@ -820,10 +915,12 @@ def is_sandwich_norm_decoder_layer(layer: nn.Module) -> bool:
                                                 "pre_feedforward_layernorm", "post_feedforward_layernorm")))
 
 
-def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
-    """A decoder layer with exactly the pre-norm residual structure this fusion assumes (no extra norms)."""
+def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
+    """A decoder layer with exactly the pre-norm residual structure this fusion assumes (no extra norms; no dropout
+    on the sublayers' outputs unless ``dropouts``: :class:`ResidualDropoutDecoderLayer` applies them)."""
     norm = getattr(layer, "post_attention_layernorm", None)
-    extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "residual_multiplier")
+    extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "residual_multiplier",
+             *(() if dropouts else ("resid_attn_dropout", "resid_mlp_dropout")))
     return (type(layer).__name__.endswith("DecoderLayer")
             and all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm"))
             and not any(hasattr(layer, a) for a in extra)
@@ -832,7 +929,9 @@ def is_pre_norm_decoder_layer(layer: nn.Module) -> bool:
 
 
 __all__ = ["GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "ROPE_ATTENTIONS", "FusedAddNormDecoderLayer",
-           "GemmaQKNormRopeAttention", "QKNormRopeAttention", "RopeAttention", "SandwichNormDecoderLayer",
-           "SinkRopeAttention", "forward_defined_by", "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm",
-           "is_gemma_rms_norm", "is_pre_norm_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
-           "is_sink_attention"]
+           "GemmaQKNormRopeAttention", "PACKED_ROPE_ATTENTIONS", "PackedRopeAttention", "QKNormRopeAttention",
+           "RESIDUAL_DROPOUT_DECODER_LAYERS", "ResidualDropoutDecoderLayer", "RopeAttention",
+           "SandwichNormDecoderLayer", "SinkRopeAttention", "forward_defined_by", "gemma_norm_fusable",
+           "has_gemma_qk_norm", "has_qk_norm", "is_gemma_rms_norm", "is_packed_rope_attention",
+           "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer", "is_rope_attention",
+           "is_sandwich_norm_decoder_layer", "is_sink_attention"]

@@ -32,6 +32,7 @@ from ..layers import (
     GatedMLP,
     GemmaRMSNorm,
     GptOssMoE,
+    PackedGatedMLP,
     RMSNorm,
     SparseMoE,
     config_hidden_act,
@@ -42,7 +43,9 @@ from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .decoder_layers import (
     FusedAddNormDecoderLayer,
     GemmaQKNormRopeAttention,
+    PackedRopeAttention,
     QKNormRopeAttention,
+    ResidualDropoutDecoderLayer,
     RopeAttention,
     SandwichNormDecoderLayer,
     SinkRopeAttention,
@@ -50,7 +53,9 @@ from .decoder_layers import (
     has_gemma_qk_norm,
     has_qk_norm,
     is_gemma_rms_norm,
+    is_packed_rope_attention,
     is_pre_norm_decoder_layer,
+    is_residual_dropout_decoder_layer,
     is_rope_attention,
     is_sandwich_norm_decoder_layer,
     is_sink_attention,
@@ -62,7 +67,7 @@ from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packabl
 # mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's sparse one (gate + experts); Gemma 3's text
 # decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "mixtral", "gemma3_text",
-                         "gemma3")
+                         "gemma3", "phi3")
 # Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
 # config.model_type -> the text decoder's
 LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text"}
@@ -185,6 +190,19 @@ def _gated_mlps(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+# transformers' MLPs with one packed gate/up projection (gate rows, then up rows) whose forward PackedGatedMLP computes
+PACKED_GATED_MLPS = ("Phi3MLP",)
+
+
+def _packed_gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """Every Phi-3 MLP (:data:`PACKED_GATED_MLPS`'s forward): ``gate_up_proj`` an ``nn.Linear`` with an even number
+    of outputs, a ``down_proj`` and ``config.hidden_act``."""
+    return [m for m in model.modules()
+            if forward_defined_by(m, PACKED_GATED_MLPS) and type(getattr(m, "gate_up_proj", None)) is nn.Linear
+            and m.gate_up_proj.out_features % 2 == 0 and hasattr(m, "down_proj")
+            and config_hidden_act(getattr(m, "config", None)) is not None]
+
+
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     """Every gpt-oss mixture of experts: ``router`` (weight, bias, top_k) and ``experts`` (gate_up_proj, its bias,
     down_proj, its bias, alpha, limit), gate and up interleaved as ``GptOssExperts`` holds them."""
@@ -291,7 +309,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
-    Qwen3-MoE, Mixtral, Gemma 3 and the models that share their layers). What is replaced:
+    Qwen3-MoE, Mixtral, Gemma 3, Phi-3 / Phi-4 and the models that share their layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -370,6 +388,12 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       (``config.hidden_activation``) run in one kernel. A multimodal ``Gemma3ForConditionalGeneration`` /
       ``Gemma3Model`` (``gemma3``): its ``language_model`` is patched so, the vision tower and the projector are
       left as they are (``fp8_lm_head=True`` converts the outer LM head).
+    - Phi-3 / Phi-4 (``phi3``): the attention's own packed ``qkv_proj`` then the rotary embedding in one kernel in
+      place (:class:`~triton_ops.models.decoder_layers.PackedRopeAttention`; a partial rotary dimension as
+      transformers applies it); the MLP's packed ``gate_up_proj`` through the fused kernel over its two halves
+      (:class:`triton_ops.layers.PackedGatedMLP`; an FP8 one: its GEMM, then the activation); the decoder layer as
+      Llama's, its residual dropouts applied in training
+      (:class:`~triton_ops.models.decoder_layers.ResidualDropoutDecoderLayer`).
 
     - ``attention=True`` (default): the model's attention implementation becomes ``"triton_ops"``
       (:mod:`triton_ops.models.attention_backend`): up to 16 query positions (decode) run
@@ -405,18 +429,23 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         raise InvalidArgumentError("fp8_calibration: smoothing is for FP8 conversion; pass fp8=True with it")
     summary = PatchSummary(model_type)
     mlps, moes, sparse_moes = _gated_mlps(model), _moe_blocks(model), _sparse_moe_blocks(model, summary.notes)
-    if not mlps and not moes and not sparse_moes:
+    packed_mlps = _packed_gated_mlps(model)
+    if not mlps and not moes and not sparse_moes and not packed_mlps:
         raise UnsupportedModelError(
             f"model: no gated MLP (gate_proj / up_proj nn.Linear, down_proj, config.hidden_act) and no mixture of "
             f"experts (gpt-oss's router and experts, or a sparse block's gate and experts) found in this "
             f"{model_type!r} model; its layers are not the ones patch_model knows")
     # checked before anything is changed
     activations = [_experts_activation(b.experts, getattr(model.config, "hidden_act", None)) for b in sparse_moes]
+    for mlp in packed_mlps:
+        kernel_activation(config_hidden_act(mlp.config))
     attentions = _attentions(model)
     unpacked: Counter[str] = Counter()  # why some attentions' q/k/v stay three GEMMs
     packs: dict[str, str] = {}  # attention name -> "fp8" (one FP8Linear) or "linear" (one PackedQKVLinear)
     if pack_qkv:
-        for name, attn, _ in attentions:
+        for name, attn, layer in attentions:
+            if layer is PackedRopeAttention:  # packed by the model itself (qkv_proj)
+                continue
             why = packable(attn.q_proj, attn.k_proj, attn.v_proj)
             if why is None:
                 packs[name] = "linear"
@@ -487,6 +516,14 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         for mlp in mlps:
             _patch_gated_mlp(mlp)
         summary.gated_mlps = len(mlps)
+    for mlp in packed_mlps:  # with fp8, a gate_up_proj the recipe converted runs as the model's MLP computes it
+        mlp.__dict__[ACT_ATTR] = kernel_activation(config_hidden_act(mlp.config))
+        patch_forward(mlp, PackedGatedMLP)
+    fused_packed = sum(type(m.gate_up_proj) is nn.Linear for m in packed_mlps)
+    summary.gated_mlps += fused_packed
+    if len(packed_mlps) > fused_packed:
+        summary.notes.append(f"gate_up_proj of {len(packed_mlps) - fused_packed} packed MLP(s): an FP8 GEMM, then "
+                             "the activation (the fused kernel takes the packed weight in its dtype only)")
     for moe in moes:
         patch_forward(moe, GptOssMoE)
     for block, activation in zip(sparse_moes, activations, strict=True):
@@ -608,6 +645,8 @@ def _attentions(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
             found.append((name, module, QKNormRopeAttention))
         elif has_gemma_qk_norm(module):
             found.append((name, module, GemmaQKNormRopeAttention))
+        elif is_packed_rope_attention(module):
+            found.append((name, module, PackedRopeAttention))
         elif is_rope_attention(module):
             found.append((name, module, RopeAttention))
         elif is_sink_attention(module):
@@ -640,7 +679,10 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
     """The decoder layers' residual add into the post-attention norm; the attentions' rotary embedding (with
     Qwen3's q/k norms) in one kernel."""
     for module in list(model.modules()):
-        if is_pre_norm_decoder_layer(module):
+        if is_residual_dropout_decoder_layer(module):
+            patch_forward(module, ResidualDropoutDecoderLayer)
+            summary.fused_residual_adds += 1
+        elif is_pre_norm_decoder_layer(module):
             patch_forward(module, FusedAddNormDecoderLayer)
             summary.fused_residual_adds += 1
         elif is_sandwich_norm_decoder_layer(module):

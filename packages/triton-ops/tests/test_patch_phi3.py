@@ -1,0 +1,171 @@
+"""patch_model on small random Phi-3 models (Phi-3, Phi-4: transformers' Phi3ForCausalLM): q, k, v from the model's
+own packed ``qkv_proj``, gate and up from one packed ``gate_up_proj`` (the fused kernel over its halves), full and
+partial rotary embeddings, dropouts on the sublayers' outputs. The patched model computes what the unpatched one
+does (prefill, decode steps, both caches, FP8, training with dropout), the down projection adds the residual in its
+GEMM, and a compiled forward keeps one graph. CPU under Triton's interpreter (fp32) and a GPU (bf16)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from _compiled_generate import assert_generates_alike, prefill_and_steps
+from triton_ops import FP8Linear, patch_model
+from triton_ops.layers import PackedGatedMLP
+from triton_ops.models import UnsupportedModelError, decoder_layers
+from triton_ops.models.decoder_layers import PackedRopeAttention, ResidualDropoutDecoderLayer
+from triton_ops_core.testing import device_for_tests
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = device_for_tests()
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+TOL = 0.999 if DTYPE == torch.bfloat16 else 0.999999
+SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64, "pad_token_id": 0,
+         "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _config(partial_rotary_factor: float = 1.0, **overrides):
+    """A Phi-3 config; the rotary fraction where the installed transformers reads it (5.0: an attribute, later:
+    ``rope_parameters``)."""
+    config = transformers.Phi3Config(**{**SMALL, **overrides})
+    if isinstance(getattr(config, "rope_parameters", None), dict):
+        config.rope_parameters["partial_rotary_factor"] = partial_rotary_factor
+    config.partial_rotary_factor = partial_rotary_factor
+    return config
+
+
+def _model(seed: int = 0, partial_rotary_factor: float = 1.0, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.Phi3ForCausalLM(_config(partial_rotary_factor, **overrides)).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():  # weights large enough that the logits differ
+        for p in model.parameters():
+            p.normal_(0.0, 0.08) if p.dim() == 2 else p.normal_(1.0, 0.2)
+    return model
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("partial_rotary_factor", [1.0, 0.5])
+def test_patched_phi3_computes_what_the_model_computes(partial_rotary_factor):
+    model = _model(partial_rotary_factor=partial_rotary_factor)
+    reference = copy.deepcopy(model)
+    weight = model.model.layers[1].mlp.gate_up_proj.weight
+    head_dim = 16
+    cos, _ = reference.model.rotary_emb(torch.zeros(1, device=DEVICE), torch.arange(3, device=DEVICE)[None])
+    assert cos.shape[-1] == int(head_dim * partial_rotary_factor)  # the config took the fraction
+    patch_model(model)
+    summary = model.triton_ops_patch
+    assert summary.model_type == "phi3" and summary.gated_mlps == 2 and summary.rms_norms == 2 * 2 + 1
+    assert summary.rope_attentions == 2 and summary.fused_residual_adds == 2 and summary.packed_qkv == 0
+    layer = model.model.layers[1]
+    assert inspect.unwrap(type(layer).forward) is ResidualDropoutDecoderLayer.forward
+    assert inspect.unwrap(type(layer.self_attn).forward) is PackedRopeAttention.forward
+    assert type(layer.mlp).forward is PackedGatedMLP.forward
+    assert layer.mlp.gate_up_proj.weight is weight  # the model's own weight, not a copy
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    ids = torch.randint(3, 128, (2, 7), device=DEVICE)
+    for a, b in zip(prefill_and_steps(model, ids), prefill_and_steps(reference, ids), strict=True):
+        assert _cosine(a, b) >= TOL
+
+
+def test_the_packed_gate_up_runs_as_one_fused_kernel_over_its_halves(monkeypatch):
+    import fused_gated_mlp
+    from triton_ops import layers
+
+    model = _model(seed=1)
+    weight = model.model.layers[0].mlp.gate_up_proj.weight
+    patch_model(model)
+    calls = []
+    real = fused_gated_mlp.fused_gated_mlp
+    monkeypatch.setattr(layers, "fused_gated_mlp", lambda x, gate, up, act, **k: calls.append(
+        (gate.data_ptr(), up.data_ptr(), act)) or real(x, gate, up, act, **k))
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 5), device=DEVICE))
+    # views of the packed weight's rows (gate first, then up), Phi-3's SiLU
+    first = (weight.data_ptr(), weight.data_ptr() + 96 * 64 * weight.element_size(), "silu")
+    assert calls[0] == first and len(calls) == 2
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_patched_phi3_generates_the_models_tokens_with_both_caches(attention):
+    reference = _model(seed=2, partial_rotary_factor=0.5)
+    model = patch_model(copy.deepcopy(reference), attention=attention)
+    assert_generates_alike(model, reference, torch.randint(3, 128, (2, 6), device=DEVICE))
+
+
+def test_the_down_projection_adds_the_residual_in_its_gemm(monkeypatch):
+    model = patch_model(_model(seed=3))
+    reference = _model(seed=3)
+    adds = []
+    real = decoder_layers._down_add_
+    monkeypatch.setattr(decoder_layers, "_down_add_", lambda *a, **k: adds.append(1) or real(*a, **k))
+    ids = torch.randint(3, 128, (1, 5), device=DEVICE)
+    with torch.no_grad():
+        assert _cosine(model(ids).logits, reference(ids).logits) >= TOL
+    assert len(adds) == 2
+
+
+def test_patched_phi3_with_fp8_converts_the_packed_projections():
+    model = _model(seed=4)
+    reference = copy.deepcopy(model)
+    patch_model(model, fp8=True, fp8_recipe="channel")
+    summary = model.triton_ops_patch
+    layer = model.model.layers[0]
+    assert all(isinstance(m, FP8Linear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                  layer.mlp.gate_up_proj, layer.mlp.down_proj))
+    assert summary.fp8_linears == 2 * 4 and summary.gated_mlps == 0
+    assert any("gate_up_proj of 2 packed MLP(s)" in note for note in summary.notes)
+    ids = torch.randint(3, 128, (1, 6), device=DEVICE)
+    for a, b in zip(prefill_and_steps(model, ids, steps=2), prefill_and_steps(reference, ids, steps=2),
+                    strict=True):
+        assert _cosine(a, b) >= 0.99  # E4M3 weights and activations: the logits point the same way
+
+
+def test_training_with_residual_dropout_matches_the_model():
+    # the dropouts on the sublayers' outputs draw as transformers' layer draws them: same seed, same masks
+    reference = _model(seed=5, resid_pdrop=0.3)
+    model = patch_model(copy.deepcopy(reference))
+    model.train()
+    reference.train()
+    ids = torch.randint(3, 128, (2, 6), device=DEVICE)
+    losses = []
+    for m in (model, reference):
+        m.zero_grad()
+        torch.manual_seed(11)
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4 if DTYPE == torch.float32 else 2e-2, atol=1e-5)
+    ours, ref = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name in ("model.layers.0.mlp.gate_up_proj.weight", "model.layers.1.self_attn.qkv_proj.weight",
+                 "model.layers.0.post_attention_layernorm.weight"):
+        assert _cosine(ours[name].grad, ref[name].grad) >= (0.99 if DTYPE == torch.bfloat16 else 0.99999), name
+
+
+def test_a_compiled_phi3_forward_is_one_graph_with_the_fused_kernels():
+    from test_patch_moe import compiled_decode_ops
+
+    ours = compiled_decode_ops(patch_model(_model(seed=7, partial_rotary_factor=0.5)))
+    assert ours.count("fused_gated_mlp") == 2, ours
+
+
+def test_tensor_parallel_plan_refuses_phi3_by_name():
+    from triton_ops.parallel import tensor_parallel_plan
+
+    with pytest.raises(UnsupportedModelError, match="'phi3'"):
+        tensor_parallel_plan(patch_model(_model(seed=8)), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_phi3_compiled_generate_with_static_cache(fp8):
+    from _compiled_generate import assert_compiled_generate_matches_eager
+
+    model = patch_model(_model(seed=9, partial_rotary_factor=0.75), fp8=fp8, fp8_recipe="channel")
+    assert_compiled_generate_matches_eager(model, torch.randint(3, 128, (1, 12), device="cuda"))
