@@ -14,7 +14,7 @@ import torch
 from _compiled_generate import assert_generates_alike, prefill_and_steps
 from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP, GemmaRMSNorm
-from triton_ops.models import decoder_layers
+from triton_ops.models import UnsupportedModelError, decoder_layers
 from triton_ops.models.decoder_layers import GemmaQKNormRopeAttention, SandwichNormDecoderLayer
 from triton_ops.models.layers import QKVPacking
 from triton_ops_core.testing import device_for_tests
@@ -234,6 +234,10 @@ def test_multimodal_gemma3_fp8_converts_the_lm_head_only_when_asked():
     assert not any(isinstance(m, FP8Linear) for m in kept.model.vision_tower.modules())
     converted = patch_model(_multimodal(), fp8=True, fp8_recipe="channel", fp8_lm_head=True)
     assert isinstance(converted.lm_head, FP8Linear) and converted.triton_ops_patch.fp8_linears == 2 * 5 + 1
+    from triton_ops.parallel import tensor_parallel_plan
+
+    with pytest.raises(UnsupportedModelError, match=r"model\.model\.language_model"):  # plan the text model instead
+        tensor_parallel_plan(converted, 2)
     with torch.no_grad():
         ids = torch.randint(0, 290, (1, 6), device=DEVICE)
         assert _cosine(converted(ids).logits, _multimodal()(ids).logits) >= 0.99
@@ -258,3 +262,58 @@ def test_gpu_gemma3_batch_of_64_decodes_as_the_model_does():
     for a, b in zip(prefill_and_steps(model, ids, steps=3), prefill_and_steps(reference, ids, steps=3),
                     strict=True):
         assert _cosine(a, b) >= TOL
+
+
+def test_the_mlp_applies_what_its_act_fn_computes_whatever_else_the_config_names():
+    # Gemma 3's MLP builds act_fn from hidden_activation; a config carrying a different hidden_act as well (configs
+    # in the wild do) must not make the kernel apply that one
+    reference = _model(seed=13, hidden_act="silu")
+    assert reference.config.hidden_act == "silu" and reference.config.hidden_activation == "gelu_pytorch_tanh"
+    model = patch_model(copy.deepcopy(reference))
+    assert model.model.layers[0].mlp.__dict__["_triton_ops_act"] == "gelu_tanh"
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    with torch.no_grad():
+        assert _cosine(model(ids).logits, reference(ids).logits) >= TOL
+
+
+def test_hooks_on_the_q_and_k_norms_see_their_calls():
+    reference = _model(seed=14)
+    model = patch_model(copy.deepcopy(reference))
+    for m in (reference, model):  # a hook that changes the output: the patched model must apply it too
+        m.model.layers[0].self_attn.q_norm.register_forward_hook(lambda mod, args, out: out * 2)
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    for a, b in zip(prefill_and_steps(model, ids, 2), prefill_and_steps(reference, ids, 2), strict=True):
+        assert _cosine(a, b) >= TOL
+
+
+def test_autocast_runs_the_model_in_its_own_promotion():
+    # fp32 weights under autocast: the attention's output in bf16 beside a float32 residual stream
+    reference = _model(seed=15).float()
+    model = patch_model(copy.deepcopy(reference))
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16):
+        assert _cosine(model(ids).logits, reference(ids).logits) >= 0.999
+
+
+def test_the_attention_function_gets_the_models_own_keywords():
+    # scaling from query_pre_attn_scalar, each layer's sliding window, no dropout in eval: what transformers passes
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen: list[tuple] = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("dropout")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register("triton_ops_test_recording", recording)
+    reference = _model(seed=16)
+    reference.config._attn_implementation = "triton_ops_test_recording"
+    model = patch_model(copy.deepcopy(reference), attention=False)
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    with torch.no_grad():
+        reference(ids)
+        expected = list(seen)
+        seen.clear()
+        model(ids)
+    assert seen == expected and [s[2] for s in expected] == [4, None, 4] and expected[0][1] == 24 ** -0.5

@@ -835,3 +835,31 @@ def test_a_patched_model_saved_whole_loads_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "bf16.pt"), str(tmp_path / "fp8.pt")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_lora_adapters_and_hooked_qk_norms_keep_the_models_results():
+    # LoRA-style q/k projections (frozen weight, trainable adapter): q and k need gradients the projections' own
+    # weights do not; a hook on a q/k norm changes its output: the patched model must run it
+    from test_patch_phi3 import _LoRA
+
+    reference = _model("qwen3", seed=4)
+    model = patch_model(copy.deepcopy(reference))
+    for m in (reference, model):
+        m.requires_grad_(False)  # the base model frozen, as LoRA training does: only the adapters learn
+        torch.manual_seed(3)
+        attn = m.model.layers[0].self_attn
+        attn.q_proj, attn.k_proj = _LoRA(attn.q_proj), _LoRA(attn.k_proj)
+        m.model.layers[1].self_attn.k_norm.register_forward_hook(lambda mod, args, out: out * 2)
+    ids = torch.randint(0, 128, (2, 6), device=DEVICE)
+    with torch.no_grad():  # the adapters hold the packed weight's own Parameter: the packing must step aside
+        assert _cosine(model(ids).logits, reference(ids).logits) >= (0.999 if DTYPE == torch.bfloat16 else 0.999999)
+    model.train()
+    reference.train()
+    losses, grads = [], []
+    for m in (model, reference):
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(m.model.layers[0].self_attn.k_proj.b.weight.grad)
+    tol = 0.99 if DTYPE == torch.bfloat16 else 0.99999
+    assert _cosine(grads[0], grads[1]) >= tol and abs(losses[0].item() - losses[1].item()) < 1e-2

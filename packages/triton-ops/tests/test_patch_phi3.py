@@ -158,7 +158,7 @@ def test_a_compiled_phi3_forward_is_one_graph_with_the_fused_kernels():
 def test_tensor_parallel_plan_refuses_phi3_by_name():
     from triton_ops.parallel import tensor_parallel_plan
 
-    with pytest.raises(UnsupportedModelError, match="'phi3'"):
+    with pytest.raises(UnsupportedModelError, match="'phi3' .*packed qkv_proj and gate_up_proj"):
         tensor_parallel_plan(patch_model(_model(seed=8)), 2)
 
 
@@ -169,3 +169,62 @@ def test_gpu_phi3_compiled_generate_with_static_cache(fp8):
 
     model = patch_model(_model(seed=9, partial_rotary_factor=0.75), fp8=fp8, fp8_recipe="channel")
     assert_compiled_generate_matches_eager(model, torch.randint(3, 128, (1, 12), device="cuda"))
+
+
+def test_hooks_on_the_residual_dropouts_are_called_in_eval():
+    reference = _model(seed=10)
+    model = patch_model(copy.deepcopy(reference))
+    for m in (reference, model):
+        m.model.layers[1].resid_mlp_dropout.register_forward_hook(lambda mod, args, out: out * 0.5)
+    ids = torch.randint(3, 128, (1, 5), device=DEVICE)
+    with torch.no_grad():
+        assert _cosine(model(ids).logits, reference(ids).logits) >= TOL
+
+
+class _LoRA(torch.nn.Module):
+    """A frozen linear plus a trainable low-rank update (what PEFT's LoRA layers compute)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.a = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=DTYPE)
+        self.b = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=DTYPE)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) + self.b(self.a(x))
+
+
+def test_training_a_lora_adapter_on_the_frozen_projections():
+    # q, k and v need gradients through the adapter though the projection's own weight is frozen: the rotation
+    # runs out of place (in place it would raise), and the adapter's gradients are the unpatched model's
+    reference = _model(seed=12)
+    model = patch_model(copy.deepcopy(reference))
+    for m in (reference, model):
+        m.requires_grad_(False)  # the base model frozen, as LoRA training does: only the adapters learn
+        torch.manual_seed(3)
+        attn = m.model.layers[0].self_attn
+        attn.qkv_proj = _LoRA(attn.qkv_proj)
+        m.train()
+    ids = torch.randint(3, 128, (2, 6), device=DEVICE)
+    grads = []
+    for m in (model, reference):
+        m(ids, labels=ids).loss.backward()
+        grads.append(m.model.layers[0].self_attn.qkv_proj.a.weight.grad)
+    assert _cosine(grads[0], grads[1]) >= (0.99 if DTYPE == torch.bfloat16 else 0.99999)
+
+
+def test_a_model_converted_to_fp8_first_gets_a_clear_error():
+    from triton_ops import convert_to_fp8
+
+    model = convert_to_fp8(_model(seed=13), recipe="channel")
+    with pytest.raises(UnsupportedModelError, match="FP8Linear already"):
+        patch_model(model)
+
+
+def test_autocast_runs_the_model_in_its_own_promotion():
+    reference = _model(seed=14).float()
+    model = patch_model(copy.deepcopy(reference))
+    ids = torch.randint(3, 128, (2, 5), device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16):
+        assert _cosine(model(ids).logits, reference(ids).logits) >= 0.999

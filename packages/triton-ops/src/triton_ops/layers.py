@@ -35,12 +35,42 @@ def kernel_activation(hidden_act: str) -> str:
 
 
 def config_hidden_act(config: Any) -> Any:
-    """The activation a gated MLP of ``config`` applies, as transformers names it: ``config.hidden_act``, or
-    ``config.hidden_activation`` where the config has no ``hidden_act`` (Gemma 2 and 3; Gemma's first release names
-    both and its MLP applies ``hidden_act``). None where the config names neither."""
-    if hasattr(config, "hidden_act"):
-        return config.hidden_act
-    return getattr(config, "hidden_activation", None)
+    """The activation name of a gated MLP's config: ``config.hidden_act``, else ``config.hidden_activation``
+    (Gemma 2 and 3 name only that one); None where the config names neither. What the MLP applies is its
+    ``act_fn`` (:func:`mlp_activation`): a config may carry both names with different values."""
+    name = getattr(config, "hidden_act", None)
+    return name if name is not None else getattr(config, "hidden_activation", None)
+
+
+# transformers' activation modules (the classes its ACT2FN builds) -> the fused kernel's activation
+ACT_FN_CLASSES = {
+    "SiLUActivation": "silu",
+    "SiLU": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+}
+
+
+def mlp_activation(mlp: nn.Module) -> str:
+    """The fused kernel's activation for a gated MLP module: what its own activation module computes (``act_fn``,
+    Phi-3's ``activation_fn``: the class transformers built from whichever config key that MLP reads), else the
+    config's name (:func:`config_hidden_act`). InvalidArgumentError for an activation the kernel lacks."""
+    name = config_hidden_act(getattr(mlp, "config", None))
+    act_fn = getattr(mlp, "act_fn", None)
+    if act_fn is None:
+        act_fn = getattr(mlp, "activation_fn", None)
+    if not isinstance(act_fn, nn.Module):
+        return kernel_activation(name)
+    act = ACT_FN_CLASSES.get(type(act_fn).__name__)
+    if act is None:
+        if isinstance(name, str) and name not in HF_ACTIVATIONS:
+            kernel_activation(name)  # the usual message: the config names an activation the kernel lacks
+        raise InvalidArgumentError(
+            f"hidden_act: the MLP applies {type(act_fn).__name__} (config: {name!r}), which the fused gated MLP "
+            f"does not compute (it computes {', '.join(sorted(set(ACT_FN_CLASSES)))})")
+    return act
 
 
 def _activation(table: dict[str, str], hidden_act: str, whose: str) -> str:
@@ -102,7 +132,7 @@ def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None 
     :func:`gated_hidden`'s (inside the fused kernel's launch, else by the module first)."""
     act = getattr(mlp, ACT_ATTR, None)  # (see gated_hidden)
     if act is None:
-        act = kernel_activation(config_hidden_act(mlp.config))
+        act = mlp_activation(mlp)
     packed = mlp.gate_up_proj
     weight = getattr(packed, "weight", None)
     if (runs_forward(packed, "Linear") and packed.bias is None and type(weight) in (torch.Tensor, nn.Parameter)
@@ -183,7 +213,7 @@ def gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None)
     launch (its prologue), or by the module first on the W8A8 path."""
     act = getattr(mlp, ACT_ATTR, None)  # not mlp.__dict__.get: see models.layers.packed_projections
     if act is None:
-        act = kernel_activation(config_hidden_act(mlp.config))  # InvalidArgumentError for one the kernel lacks
+        act = mlp_activation(mlp)  # InvalidArgumentError for one the kernel lacks
     gate, up = mlp.gate_proj, mlp.up_proj
     # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
     gate_scale, up_scale = getattr(gate, "weight_scale", None), getattr(up, "weight_scale", None)
@@ -390,5 +420,5 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
 
 __all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GemmaRMSNorm",
            "GptOssMoE", "PackedGatedMLP", "RMSNorm", "SparseMoE", "packed_gated_hidden", "config_hidden_act",
-           "gated_hidden", "jittered", "kernel_activation", "moe_activation", "moe_hidden", "moe_router",
-           "instance_forward", "router_hooked", "runs_forward"]
+           "mlp_activation", "gated_hidden", "jittered", "kernel_activation", "moe_activation", "moe_hidden",
+           "moe_router", "instance_forward", "router_hooked", "runs_forward"]

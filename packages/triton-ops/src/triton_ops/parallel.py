@@ -64,6 +64,12 @@ FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
 # intermediate dimension); of a multimodal model, plan its language model (Gemma 3's gemma3_text). Not Phi-3: its
 # packed qkv_proj / gate_up_proj would need styles that split each part by heads / columns.
 TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES and t != "phi3")
+_TP_REFUSALS = {
+    **{t: f" (plan its language model instead, a {inner!r} model: tensor_parallel_plan(model.model.language_model))"
+       for t, inner in LANGUAGE_MODEL_TYPES.items()},
+    "phi3": (" (Phi-3's packed qkv_proj and gate_up_proj would each need a style that splits q, k and v by heads and "
+             "gate and up by columns; not written yet)"),
+}
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
 
@@ -940,9 +946,10 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model, nn.Module) or model_type not in TP_MODEL_TYPES:
+        why = _TP_REFUSALS.get(model_type, "")
         raise UnsupportedModelError(
             f"model: tensor_parallel_plan supports config.model_type in {', '.join(map(repr, TP_MODEL_TYPES))}"
-            f", got {model_type!r}")
+            f", got {model_type!r}{why}")
     world = _tp_size(tp)
     config = model.config
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)

@@ -104,7 +104,9 @@ class FusedAddNormDecoderLayer(nn.Module):
             return _down_add_(self.mlp, h, h, how, self.post_attention_layernorm)
         attn_out = attn(hidden_states=attn_in, **attn_kwargs)[0]
         norm = self.post_attention_layernorm
-        if norm_module_fusable(norm):  # patch_model's RMSNorm, no hooks or forward of someone else's
+        # patch_model's RMSNorm, no hooks or forward of someone else's; one dtype (autocast may hand the attention's
+        # output in another than the residual stream's: then the model's own promoting add)
+        if norm_module_fusable(norm) and attn_out.dtype == hidden_states.dtype:
             normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
         else:
             residual = hidden_states + attn_out
@@ -124,14 +126,15 @@ class ResidualDropoutDecoderLayer(FusedAddNormDecoderLayer):
     """Phi-3's decoder layer (``Phi3DecoderLayer``): Llama's pre-norm layer with a dropout on each sublayer's output
     before its residual add (``resid_attn_dropout``, ``resid_mlp_dropout``). The dropouts are the identity in eval
     mode (or with probability 0): then :class:`FusedAddNormDecoderLayer`'s forward. In training with a nonzero
-    probability the layer computes as transformers' does, each norm one launch."""
+    probability, or with hooks on a dropout, the layer computes as transformers' does, each norm one launch."""
 
     resid_attn_dropout: nn.Module
     resid_mlp_dropout: nn.Module
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         _layer_keywords_only(self, args)
-        if not (self.training and (self.resid_attn_dropout.p or self.resid_mlp_dropout.p)):
+        attn_drop, mlp_drop = self.resid_attn_dropout, self.resid_mlp_dropout
+        if not (self.training and (attn_drop.p or mlp_drop.p)) and not (_hooked(attn_drop) or _hooked(mlp_drop)):
             return FusedAddNormDecoderLayer.forward(self, hidden_states, **kwargs)
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
         residual = hidden_states + self.resid_attn_dropout(attn_out)
@@ -166,7 +169,7 @@ class SandwichNormDecoderLayer(nn.Module):
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
         attn_out = self.post_attention_layernorm(attn_out)
         norm = self.pre_feedforward_layernorm
-        if gemma_norm_fusable(norm):
+        if gemma_norm_fusable(norm) and attn_out.dtype == hidden_states.dtype:
             normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.eps, gemma=True)
         else:
             residual = hidden_states + attn_out
@@ -374,9 +377,13 @@ def _qk_norm_rope_attention(attn: nn.Module, hidden_states: torch.Tensor, positi
     """The forward of the attentions with per-head q/k norms: the projections, then the norms and RoPE in one
     launch (out of place with a gradient to record; else in place: inside the static cache's write when that is
     ours and the norm is Qwen3's, else a launch of its own before the cache update), then :func:`_attend`."""
-    q_weight, k_weight = attn.q_norm.weight, attn.k_norm.weight
+    q_norm, k_norm = attn.q_norm, attn.k_norm
+    q_weight, k_weight = q_norm.weight, k_norm.weight
     q, k, v, grad = _project_qkv(attn, hidden_states, (q_weight, k_weight), input_norm)
     cos, sin = position_embeddings
+    if _hooked(q_norm) or _hooked(k_norm):  # the norms' own calls, which their hooks see; then the rotation
+        q, k = apply_rope(q_norm(q), k_norm(k), cos, sin)
+        return _attend(attn, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, residual=residual)
     if grad:
         q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, gemma=gemma)
     elif gemma:  # the one-launch cache write normalizes Qwen3's way only: rotated first, the write then its own
@@ -435,9 +442,6 @@ class PackedRopeAttention(nn.Module):
         if input_norm is not None:  # (no packing of ours to take it into the GEMM's launch)
             hidden_states = input_norm(hidden_states)
         qkv_proj, head_dim = self.qkv_proj, self.head_dim
-        grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(
-            getattr(t, "requires_grad", False) for t in (getattr(qkv_proj, "weight", None),
-                                                         getattr(qkv_proj, "bias", None))))
         if type(qkv_proj) is nn.Linear and runs_forward(qkv_proj, "Linear") and not (
                 qkv_proj._forward_hooks or qkv_proj._forward_pre_hooks):
             qkv = linear(hidden_states, qkv_proj.weight, qkv_proj.bias)
@@ -446,6 +450,7 @@ class PackedRopeAttention(nn.Module):
         q_size, kv_size = self.config.num_attention_heads * head_dim, self.num_key_value_heads * head_dim
         q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((q_size, kv_size, kv_size), dim=-1))
         cos, sin = position_embeddings
+        grad = torch.is_grad_enabled() and qkv.requires_grad  # (whatever inside qkv_proj needs it: LoRA too)
         if grad:
             q, k = apply_rope(q, k, cos, sin)
         return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
@@ -548,6 +553,11 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
     return _down_adds_residual(mlp, hidden_states)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """A module with hooks, or a forward set on the instance: a kernel standing in for its call would bypass them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or instance_forward(module)
+
+
 def _keywords_only(attn: nn.Module, args: tuple) -> None:
     """transformers passes an attention everything after the mask by keyword; a positional one would be misread."""
     if args:
@@ -581,6 +591,9 @@ def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torch
         if input_norm is not None:
             hidden_states = input_norm(hidden_states)
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+        # a projection whose output needs a gradient through parameters of its own (a LoRA adapter beside a frozen
+        # weight): q and k are rotated out of place, as with any gradient
+        grad = grad or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
     head_dim = attn.head_dim
     return q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (-1, head_dim)), v.unflatten(-1, (-1, head_dim)), grad
 

@@ -471,6 +471,9 @@ class QKVPacking(nn.Module):
             # different paths became a Python lambda guard, evaluated on every call: three per layer, about a
             # millisecond per decode step of a 32-layer model (H200 host, 2026-12-03).
             weight_ids=tuple(id(w) for w in weights),
+            # and the projections' own ids: a module swapped in that holds the same weight (a LoRA wrapper keeps
+            # the frozen Parameter) computes something else than the packed GEMM
+            module_ids=tuple(id(p) for p in projections),
             packed_weight=getattr(linear, store)["weight"], packed_bias=linear._parameters.get("bias"),
             sharded=sharded,
             # the forward hooks and pre-hooks each projection has: none, or its tensor-parallel style's one of each
@@ -529,9 +532,9 @@ class QKVPacking(nn.Module):
 
     def valid(self, attn: nn.Module) -> bool:
         modules, store, hooks = attn._modules, self.store, self.hooks
-        for name, weight_id in zip(_QKV, self.weight_ids):
+        for name, weight_id, module_id in zip(_QKV, self.weight_ids, self.module_ids):
             module = modules.get(name)
-            if module is None or id(getattr(module, store).get("weight")) != weight_id:
+            if module is None or id(module) != module_id or id(getattr(module, store).get("weight")) != weight_id:
                 return False
             if hooks:  # sharded: exactly the style's hook of each kind
                 if len(module._forward_hooks) != hooks or len(module._forward_pre_hooks) != hooks:

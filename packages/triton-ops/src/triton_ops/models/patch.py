@@ -36,7 +36,7 @@ from ..layers import (
     RMSNorm,
     SparseMoE,
     config_hidden_act,
-    kernel_activation,
+    mlp_activation,
     moe_activation,
 )
 from .attention_backend import ATTENTION_NAME, register_attention_backend
@@ -84,14 +84,15 @@ class PatchSummary:
     """What ``patch_model`` replaced (``model.triton_ops_patch`` after a call)."""
 
     model_type: str
-    gated_mlps: int = 0  # MLPs whose gate/up projections and activation run in one kernel
+    gated_mlps: int = 0  # MLPs whose gate/up projections (Phi-3: packed gate_up) and activation run in one kernel
     moe_blocks: int = 0  # mixtures of experts (gpt-oss's, Qwen3-MoE's, Mixtral's) run by fused_moe
     fp8_moe_blocks: int = 0  # of those, the ones whose expert weights are FP8 (weight-only, per-column scales)
     rms_norms: int = 0  # RMSNorm modules computed in one pass
     fused_residual_adds: int = 0  # decoder layers whose post-attention residual add runs inside the RMSNorm
     qk_norm_rope_attentions: int = 0  # attentions whose q/k norms and rotary embedding run as one kernel
-    rope_attentions: int = 0  # Llama-style and gpt-oss attentions whose rotary embedding runs as one kernel
-    packed_qkv: int = 0  # attentions whose q, k, v projections run as one GEMM (one FP8 GEMM with fp8)
+    rope_attentions: int = 0  # Llama-style, gpt-oss, Phi-3 attentions whose rotary embedding runs as one kernel
+    packed_qkv: int = 0  # attentions whose q, k, v projections patch_model packed into one GEMM (one FP8 GEMM with
+    # fp8); Phi-3's are packed by the model itself (qkv_proj) and not counted here
     fp8_linears: int = 0  # nn.Linear layers now FP8Linear (packed q/k/v count three: each keeps its module)
     fp8_gated_mlps: int = 0  # gated MLPs whose gate/up weights are FP8 inside the fused kernel (weight-only)
     attention: str | None = None  # the attention implementation set on the model (None: left as it was)
@@ -141,7 +142,7 @@ def patch_forward(module: nn.Module, layer: type) -> None:
 
 def _patch_gated_mlp(mlp: nn.Module) -> None:
     """``mlp`` runs :class:`~triton_ops.layers.GatedMLP`'s forward, its activation resolved once."""
-    mlp.__dict__[ACT_ATTR] = kernel_activation(config_hidden_act(mlp.config))
+    mlp.__dict__[ACT_ATTR] = mlp_activation(mlp)
     patch_forward(mlp, GatedMLP)
 
 
@@ -185,7 +186,7 @@ def _gated_mlps(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
         if (type(gate) is nn.Linear and type(up) is nn.Linear and hasattr(module, "down_proj")
-                and config_hidden_act(getattr(module, "config", None)) is not None):
+                and _names_activation(module)):
             found.append(module)
     return found
 
@@ -200,7 +201,13 @@ def _packed_gated_mlps(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules()
             if forward_defined_by(m, PACKED_GATED_MLPS) and type(getattr(m, "gate_up_proj", None)) is nn.Linear
             and m.gate_up_proj.out_features % 2 == 0 and hasattr(m, "down_proj")
-            and config_hidden_act(getattr(m, "config", None)) is not None]
+            and _names_activation(m)]
+
+
+def _names_activation(mlp: nn.Module) -> bool:
+    """A module with an activation module (``act_fn`` / ``activation_fn``) or a config that names one."""
+    return (any(isinstance(getattr(mlp, a, None), nn.Module) for a in ("act_fn", "activation_fn"))
+            or config_hidden_act(getattr(mlp, "config", None)) is not None)
 
 
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:
@@ -431,14 +438,19 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     mlps, moes, sparse_moes = _gated_mlps(model), _moe_blocks(model), _sparse_moe_blocks(model, summary.notes)
     packed_mlps = _packed_gated_mlps(model)
     if not mlps and not moes and not sparse_moes and not packed_mlps:
+        if any(isinstance(m, FP8Linear) for m in model.modules()):
+            raise UnsupportedModelError(
+                "model: its MLP projections are FP8Linear already (convert_to_fp8 ran on it); patch_model takes the "
+                "model in its own dtype and converts it itself: patch_model(model, fp8=True) on the unconverted model")
         raise UnsupportedModelError(
-            f"model: no gated MLP (gate_proj / up_proj nn.Linear, down_proj, config.hidden_act) and no mixture of "
+            f"model: no gated MLP (gate_proj / up_proj or a packed gate_up_proj nn.Linear, down_proj, an activation) "
+            f"and no mixture of "
             f"experts (gpt-oss's router and experts, or a sparse block's gate and experts) found in this "
             f"{model_type!r} model; its layers are not the ones patch_model knows")
     # checked before anything is changed
     activations = [_experts_activation(b.experts, getattr(model.config, "hidden_act", None)) for b in sparse_moes]
     for mlp in packed_mlps:
-        kernel_activation(config_hidden_act(mlp.config))
+        mlp_activation(mlp)
     attentions = _attentions(model)
     unpacked: Counter[str] = Counter()  # why some attentions' q/k/v stay three GEMMs
     packs: dict[str, str] = {}  # attention name -> "fp8" (one FP8Linear) or "linear" (one PackedQKVLinear)
@@ -512,12 +524,12 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
     else:
         for mlp in mlps:
-            kernel_activation(config_hidden_act(mlp.config))  # every MLP is checked before any is changed
+            mlp_activation(mlp)  # every MLP is checked before any is changed
         for mlp in mlps:
             _patch_gated_mlp(mlp)
         summary.gated_mlps = len(mlps)
     for mlp in packed_mlps:  # with fp8, a gate_up_proj the recipe converted runs as the model's MLP computes it
-        mlp.__dict__[ACT_ATTR] = kernel_activation(config_hidden_act(mlp.config))
+        mlp.__dict__[ACT_ATTR] = mlp_activation(mlp)
         patch_forward(mlp, PackedGatedMLP)
     fused_packed = sum(type(m.gate_up_proj) is nn.Linear for m in packed_mlps)
     summary.gated_mlps += fused_packed
@@ -588,7 +600,12 @@ def _patch_language_model(model: nn.Module, model_type: str, *, fp8: bool, fp8_l
             convert_to_fp8(model, recipe=options["fp8_recipe"], weight_granularity=options["weight_granularity"],
                            activation_granularity=options["activation_granularity"],
                            fast_accum=options["fast_accum"], filter_fn=lambda name, linear: linear is lm_head)
-            summary.fp8_linears += 1
+            if isinstance(getattr(model, "lm_head", None), FP8Linear):
+                summary.fp8_linears += 1
+            else:
+                recipe = options["fp8_recipe"]
+                recipe_name = recipe if isinstance(recipe, str) else recipe.name
+                summary.notes.append(f"LM head kept in its dtype (the {recipe_name!r} FP8 recipe keeps it)")
         else:
             summary.notes.append("LM head kept in its dtype (fp8_lm_head=True converts it)")
     model.triton_ops_patch = summary
@@ -608,7 +625,7 @@ def _fp8_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe,
         if len(chosen) == 1:
             split.append(mlp)
             continue
-        kernel_activation(config_hidden_act(mlp.config))  # fused (FP8 or kept): checked before any change
+        mlp_activation(mlp)  # fused (FP8 or kept in its dtype): checked before any change
         if chosen:
             fused[name] = mlp
     return fused, split
