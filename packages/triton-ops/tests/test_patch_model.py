@@ -863,3 +863,26 @@ def test_lora_adapters_and_hooked_qk_norms_keep_the_models_results():
         grads.append(m.model.layers[0].self_attn.k_proj.b.weight.grad)
     tol = 0.99 if DTYPE == torch.bfloat16 else 0.99999
     assert _cosine(grads[0], grads[1]) >= tol and abs(losses[0].item() - losses[1].item()) < 1e-2
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gate_and_up_swapped_or_hooked_after_patching_run_their_own_calls(fp8):
+    # a LoRA wrapper keeps the frozen weight: the fused kernel, which reads weights, must not stand in for it
+    from test_patch_phi3 import _LoRA
+
+    reference = _model("llama", seed=6)
+    model = patch_model(copy.deepcopy(reference), fp8=fp8, fp8_recipe="channel")
+    if fp8:  # the one-process FP8 model as the reference: only the wrapped projections differ from it
+        reference = patch_model(copy.deepcopy(reference), fp8=True, fp8_recipe="channel")
+    for m in (reference, model):
+        torch.manual_seed(3)
+        mlp = m.model.layers[0].mlp
+        if not fp8:
+            mlp.gate_proj = _LoRA(mlp.gate_proj)
+        m.model.layers[1].mlp.up_proj.register_forward_hook(lambda mod, args, out: out * 2)
+    if fp8:  # the reference runs every projection's own call: the model's MLP forward, not the fused one
+        for layer in reference.model.layers:
+            layer.mlp.forward = type(layer.mlp).__mro__[1].forward.__get__(layer.mlp)
+    ids = torch.randint(0, 128, (1, 5), device=DEVICE)
+    with torch.no_grad():
+        assert _cosine(model(ids).logits, reference(ids).logits) >= (0.999 if DTYPE == torch.bfloat16 else 0.99999)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from fp8_gemm import WEIGHT_ONLY_MAX_M, fp8_linear
-from fused_gated_mlp import fused_gated_mlp
+from fused_gated_mlp import FP8Projection, fused_gated_mlp
 from fused_moe import fused_moe, moe_experts
 from fused_rmsnorm_rope import rmsnorm
 from torch import nn
@@ -215,6 +215,11 @@ def gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None)
     if act is None:
         act = mlp_activation(mlp)  # InvalidArgumentError for one the kernel lacks
     gate, up = mlp.gate_proj, mlp.up_proj
+    if not (_kernel_projection(gate) and _kernel_projection(up)):  # e.g. a LoRA wrapper: the modules' own calls
+        if norm is not None:
+            x = norm(x)
+        act_fn = getattr(mlp, "act_fn", None)
+        return (act_fn if isinstance(act_fn, nn.Module) else _TORCH_ACTIVATIONS[act])(gate(x)) * up(x)
     # FP8 gate/up (fused_gated_mlp.FP8Projection, patch_model(fp8=True)) carry their scales; bf16 ones none
     gate_scale, up_scale = getattr(gate, "weight_scale", None), getattr(up, "weight_scale", None)
     if gate_scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS \
@@ -226,6 +231,20 @@ def gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None)
                                norm_eps=norm.variance_epsilon)
     return fused_gated_mlp(x, gate.weight, up.weight, act, gate_bias=gate.bias, up_bias=up.bias,
                            gate_scale=gate_scale, up_scale=up_scale)
+
+
+def _kernel_projection(module: nn.Module) -> bool:
+    """A gate or up projection the fused kernel may stand in for (it reads the weight, never calls the module): an
+    exact ``nn.Linear`` or an ``FP8Projection`` (``patch_model``'s ``"Linear"`` / ``"FP8Projection"`` marks;
+    unmarked, by type: a layer the kernels hub installed), without hooks or a forward set on the instance.
+    Anything else (a LoRA wrapper that keeps the frozen weight, fake quantization) computes something else than its
+    weight's GEMM."""
+    mark = getattr(module, LAYER_ATTR, None)
+    if mark is not None:  # (string compares: one C++ guard each under torch.compile, where a type test is Python)
+        plain = mark == "Linear" or mark == "FP8Projection"
+    else:
+        plain = type(module) is nn.Linear or isinstance(module, FP8Projection)
+    return plain and not (module._forward_hooks or module._forward_pre_hooks) and not instance_forward(module)
 
 
 def _gated_w8a8(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:

@@ -154,6 +154,7 @@ def _quantize_gate_up(mlp: nn.Module, scaling: str, activation_granularity: str,
         linear = getattr(mlp, name)
         q, scale = quantize_weight_fp8(linear.weight.detach(), scaling, torch.float8_e4m3fn)
         projection = FP8Projection(q, scale, linear.bias)
+        projection.__dict__[LAYER_ATTR] = "FP8Projection"  # what the fused kernel may stand in for (layers.py)
         if scaling in ("block", "group"):
             _store_gemm_scale(projection)
         setattr(mlp, name, projection)
