@@ -12,6 +12,7 @@ import inspect
 import pytest
 import torch
 from _compiled_generate import assert_generates_alike, prefill_and_steps
+from fused_gated_mlp import FP8Projection
 from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import PackedGatedMLP
 from triton_ops.models import UnsupportedModelError, decoder_layers
@@ -111,20 +112,37 @@ def test_the_down_projection_adds_the_residual_in_its_gemm(monkeypatch):
     assert len(adds) == 2
 
 
-def test_patched_phi3_with_fp8_converts_the_packed_projections():
-    model = _model(seed=4)
+@pytest.mark.parametrize("recipe", ["channel", "block", "default"])
+def test_patched_phi3_with_fp8_quantizes_the_packed_projections(recipe, monkeypatch):
+    # 4 layers: the default recipe keeps the first and last (and every down_proj) in the model's dtype
+    model = _model(seed=4, num_hidden_layers=4)
     reference = copy.deepcopy(model)
-    patch_model(model, fp8=True, fp8_recipe="channel")
+    patch_model(model, fp8=True, fp8_recipe=recipe)
     summary = model.triton_ops_patch
-    layer = model.model.layers[0]
-    assert all(isinstance(m, FP8Linear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                  layer.mlp.gate_up_proj, layer.mlp.down_proj))
-    assert summary.fp8_linears == 2 * 4 and summary.gated_mlps == 0
-    assert any("gate_up_proj of 2 packed MLP(s)" in note for note in summary.notes)
-    ids = torch.randint(3, 128, (1, 6), device=DEVICE)
-    for a, b in zip(prefill_and_steps(model, ids, steps=2), prefill_and_steps(reference, ids, steps=2),
-                    strict=True):
-        assert _cosine(a, b) >= 0.99  # E4M3 weights and activations: the logits point the same way
+    layer = model.model.layers[1]
+    assert isinstance(layer.self_attn.qkv_proj, FP8Linear) and isinstance(layer.self_attn.o_proj, FP8Linear)
+    # gate/up: the packed weight in FP8 with the recipe's scales, read by the fused kernel
+    assert type(layer.mlp.gate_up_proj) is FP8Projection and layer.mlp.gate_up_proj.weight.shape == (192, 64)
+    assert layer.mlp.gate_up_proj.scaling == {"channel": "channel", "block": "block", "default": "group"}[recipe]
+    converted = 2 if recipe == "default" else 4
+    assert summary.fp8_gated_mlps == converted and summary.gated_mlps == 4
+    assert summary.fp8_linears == converted * (2 if recipe == "default" else 3)
+    assert (type(model.model.layers[0].mlp.gate_up_proj) is torch.nn.Linear) == (recipe == "default")
+    import fused_gated_mlp
+    from triton_ops import layers
+
+    layouts = []
+    real = fused_gated_mlp.fused_gated_mlp
+    monkeypatch.setattr(layers, "fused_gated_mlp", lambda *a, **k: layouts.append(
+        k.get("weight_layout", "separate")) or real(*a, **k))
+    short, long = torch.randint(3, 128, (1, 6), device=DEVICE), torch.randint(3, 128, (1, 20), device=DEVICE)
+    for ids in (short, long):  # 6 rows: the fused kernel (weight-only FP8); 20: one W8A8 GEMM of the packed weight
+        layouts.clear()
+        for a, b in zip(prefill_and_steps(model, ids, steps=2), prefill_and_steps(reference, ids, steps=2),
+                        strict=True):
+            assert _cosine(a, b) >= 0.99  # E4M3 weights: the logits point the same way
+        fp8_calls = layouts.count("concatenated")
+        assert fp8_calls == converted * (3 if ids is short else 2), layouts  # (the decode steps are fused)
 
 
 def test_training_with_residual_dropout_matches_the_model():

@@ -128,24 +128,31 @@ class PackedGatedMLP(nn.Module):
 
 def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
     """``act(gate) * up`` of a :class:`PackedGatedMLP` module: one fused kernel over the halves of a plain
-    ``gate_up_proj`` weight, else the projection and the activation as the model computes them. ``norm``: as
-    :func:`gated_hidden`'s (inside the fused kernel's launch, else by the module first)."""
+    ``gate_up_proj`` weight (bf16: row views; FP8, an ``FP8Projection`` of ``patch_model(fp8=True)``: the packed
+    weight and scale, ``weight_layout="concatenated"``), except FP8 at :data:`W8A8_MIN_ROWS` rows or more (one
+    W8A8 GEMM of the packed weight, then the activation, as :func:`gated_hidden` runs two); any other projection
+    (an ``FP8Linear``, a wrapper, one with hooks) as the model computes it. ``norm``: as :func:`gated_hidden`'s
+    (inside the fused kernel's launch, else by the module first)."""
     act = getattr(mlp, ACT_ATTR, None)  # (see gated_hidden)
     if act is None:
         act = mlp_activation(mlp)
     packed = mlp.gate_up_proj
     weight = getattr(packed, "weight", None)
-    if (runs_forward(packed, "Linear") and packed.bias is None and type(weight) in (torch.Tensor, nn.Parameter)
-            and not (packed._forward_hooks or packed._forward_pre_hooks)):
-        inter = weight.shape[0] // 2
+    if not (_kernel_projection(packed) and packed.bias is None and type(weight) in (torch.Tensor, nn.Parameter)):
         if norm is not None:
-            return fused_gated_mlp(x, weight[:inter], weight[inter:], act, norm_weight=norm.weight,
-                                   norm_eps=norm.variance_epsilon)
-        return fused_gated_mlp(x, weight[:inter], weight[inter:], act)
-    if norm is not None:
-        x = norm(x)
-    gate, up = packed(x).chunk(2, dim=-1)
-    return up * _TORCH_ACTIVATIONS[act](gate)
+            x = norm(x)
+        gate, up = packed(x).chunk(2, dim=-1)
+        return up * _TORCH_ACTIVATIONS[act](gate)
+    scale = getattr(packed, "weight_scale", None)  # FP8 weights carry their scale
+    if scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS:
+        granularity, fast_accum = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None), getattr(mlp, FAST_ACCUM_ATTR, False)
+        gate, up = _w8a8(x if norm is None else norm(x), packed, granularity, fast_accum).chunk(2, dim=-1)
+        return up * _TORCH_ACTIVATIONS[act](gate)
+    norm_args = {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.variance_epsilon}
+    if scale is not None:
+        return fused_gated_mlp(x, weight, None, act, weight_layout="concatenated", gate_scale=scale, **norm_args)
+    inter = weight.shape[0] // 2
+    return fused_gated_mlp(x, weight[:inter], weight[inter:], act, **norm_args)
 
 
 # The triton-ops layer whose forward a module runs, set by ``patch_model`` beside the class it swaps in. The decoder

@@ -146,11 +146,13 @@ def _patch_gated_mlp(mlp: nn.Module) -> None:
     patch_forward(mlp, GatedMLP)
 
 
-def _quantize_gate_up(mlp: nn.Module, scaling: str, activation_granularity: str, fast_accum: bool) -> None:
-    """Quantize a gated MLP's gate and up projections into ``FP8Projection`` s (E4M3, ``scaling`` ``"channel"``,
-    ``"block"`` or ``"group"``; the bf16 weights released), and record how its W8A8 GEMMs beyond 16 rows run: the
-    recipe's activation scales and ``fast_accum`` (:func:`triton_ops.layers.gated_hidden`)."""
-    for name in ("gate_proj", "up_proj"):
+def _quantize_gate_up(mlp: nn.Module, scaling: str, activation_granularity: str, fast_accum: bool,
+                      names: tuple[str, ...] = ("gate_proj", "up_proj")) -> None:
+    """Quantize a gated MLP's gate and up projections (``names``; Phi-3's packed ``("gate_up_proj",)``) into
+    ``FP8Projection`` s (E4M3, ``scaling`` ``"channel"``, ``"block"`` or ``"group"``; the bf16 weights released),
+    and record how its W8A8 GEMMs beyond 16 rows run: the recipe's activation scales and ``fast_accum``
+    (:func:`triton_ops.layers.gated_hidden`, :func:`~triton_ops.layers.packed_gated_hidden`)."""
+    for name in names:
         linear = getattr(mlp, name)
         q, scale = quantize_weight_fp8(linear.weight.detach(), scaling, torch.float8_e4m3fn)
         projection = FP8Projection(q, scale, linear.bias)
@@ -399,7 +401,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     - Phi-3 / Phi-4 (``phi3``): the attention's own packed ``qkv_proj`` then the rotary embedding in one kernel in
       place (:class:`~triton_ops.models.decoder_layers.PackedRopeAttention`; a partial rotary dimension as
       transformers applies it); the MLP's packed ``gate_up_proj`` through the fused kernel over its two halves
-      (:class:`triton_ops.layers.PackedGatedMLP`; an FP8 one: its GEMM, then the activation); the decoder layer as
+      (:class:`triton_ops.layers.PackedGatedMLP`; with ``fp8``, FP8 weights of the packed projection with the
+      recipe's scales, read by the same kernel); the decoder layer as
       Llama's, its residual dropouts applied in training
       (:class:`~triton_ops.models.decoder_layers.ResidualDropoutDecoderLayer`).
 
@@ -475,6 +478,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         fp8_packed = {f"{n}.{p}" for n, mode in packs.items() if mode == "fp8" for p in _QKV}
         fused_fp8, split_fp8 = _fp8_gated_mlps(model, mlps, recipe, keep)
         in_mlp_kernel = {f"{n}.{p}" for n in fused_fp8 for p in ("gate_proj", "up_proj")}
+        packed_fp8 = _fp8_packed_gated_mlps(model, packed_mlps, recipe, keep)  # Phi-3's gate_up_proj
+        in_mlp_kernel |= {f"{n}.gate_up_proj" for n in packed_fp8}
         if fp8_calibration is not None:  # before any weight is quantized (the choices above read no values)
             # Every converted Linear quantizes its activation beyond 16 rows (FP8Linear, and the FP8 gate/up, which
             # run as W8A8 GEMMs there: triton_ops.layers.gated_hidden), where the migration pays
@@ -506,18 +511,21 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         scaling = recipe.weight_granularity if recipe.weight_granularity in ("block", "group") else "channel"
         for mlp in fused_fp8.values():
             _quantize_gate_up(mlp, scaling, recipe.activation_granularity, fast_accum)
+        for mlp in packed_fp8.values():
+            _quantize_gate_up(mlp, scaling, recipe.activation_granularity, fast_accum, names=("gate_up_proj",))
         bf16_fused = [m for m in mlps if all(m is not o for o in (*split_fp8, *fused_fp8.values()))]
         for mlp in [*fused_fp8.values(), *bf16_fused]:
             _patch_gated_mlp(mlp)
-        summary.fp8_gated_mlps = len(fused_fp8)
+        summary.fp8_gated_mlps = len(fused_fp8) + len(packed_fp8)
         summary.gated_mlps = len(mlps) - len(split_fp8)
         kept = sum(type(m) is nn.Linear and m is not lm_head for m in model.modules())
         recipe_name = fp8_recipe if isinstance(fp8_recipe, str) else fp8_recipe.name
         if kept:
             summary.notes.append(f"{kept} Linear layers kept in their dtype by the {recipe_name!r} FP8 recipe")
-        if fused_fp8:
-            summary.notes.append(f"gate/up of {len(fused_fp8)} gated MLP(s): FP8 weights ({scaling} scales) in the "
-                                 "fused kernel, activations in the model's dtype (weight-only FP8)")
+        if fused_fp8 or packed_fp8:
+            summary.notes.append(f"gate/up of {len(fused_fp8) + len(packed_fp8)} gated MLP(s): FP8 weights "
+                                 f"({scaling} scales) in the fused kernel, activations in the model's dtype "
+                                 "(weight-only FP8)")
         if split_fp8:
             summary.notes.append(f"gate/up of {len(split_fp8)} gated MLP(s): two GEMMs (the {recipe_name!r} recipe "
                                  "converts only one of them)")
@@ -529,14 +537,10 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         for mlp in mlps:
             _patch_gated_mlp(mlp)
         summary.gated_mlps = len(mlps)
-    for mlp in packed_mlps:  # with fp8, a gate_up_proj the recipe converted runs as the model's MLP computes it
+    for mlp in packed_mlps:  # in its dtype, or FP8 (an FP8Projection) where the recipe converts it
         mlp.__dict__[ACT_ATTR] = mlp_activation(mlp)
         patch_forward(mlp, PackedGatedMLP)
-    fused_packed = sum(type(m.gate_up_proj) is nn.Linear for m in packed_mlps)
-    summary.gated_mlps += fused_packed
-    if len(packed_mlps) > fused_packed:
-        summary.notes.append(f"gate_up_proj of {len(packed_mlps) - fused_packed} packed MLP(s): an FP8 GEMM, then "
-                             "the activation (the fused kernel takes the packed weight in its dtype only)")
+    summary.gated_mlps += len(packed_mlps)
     for moe in moes:
         patch_forward(moe, GptOssMoE)
     for block, activation in zip(sparse_moes, activations, strict=True):
@@ -630,6 +634,15 @@ def _fp8_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe,
         if chosen:
             fused[name] = mlp
     return fused, split
+
+
+def _fp8_packed_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8Recipe, keep) -> dict[str, nn.Module]:
+    """With fp8: the packed gated MLPs (Phi-3) whose ``gate_up_proj`` the recipe converts, by name: their fused
+    kernel takes the packed weight in FP8 (the projection is quantized with the recipe's scales, not made an
+    FP8Linear)."""
+    selected = set(select_linears(model, recipe, keep))
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(m)]: m for m in mlps if f"{names[id(m)]}.gate_up_proj" in selected}
 
 
 def _set_attention(model: nn.Module, summary: PatchSummary) -> None:
