@@ -100,7 +100,7 @@ class GatedMLP(nn.Module):
     gate_proj: nn.Linear
     up_proj: nn.Linear
     down_proj: nn.Module
-    config: Any  # reads config.hidden_act (config.hidden_activation where it has none: Gemma 2 and 3)
+    act_fn: nn.Module  # its class names the activation (mlp_activation; without one: config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gated_hidden(self, x))
@@ -109,10 +109,11 @@ class GatedMLP(nn.Module):
 class PackedGatedMLP(nn.Module):
     """``down_proj(act(gate) * up)`` where gate and up are the two halves of one ``gate_up_proj`` (Phi-3, Phi-4:
     ``Phi3MLP``), with the two GEMMs and the activation in one kernel: the halves are row views of the packed
-    weight, nothing is copied. A ``gate_up_proj`` that is not a plain bias-free ``nn.Linear`` (an ``FP8Linear`` of
-    ``patch_model(fp8=True)``, a sharded or hooked one) runs as the model's own MLP does: the projection, then the
-    activation and the product. ``down_proj`` stays the model's own module. Differentiable (the fused op has a
-    backward; the views pass the gradients to ``gate_up_proj.weight``).
+    weight, nothing is copied; an ``FP8Projection`` of the packed weight (``patch_model(fp8=True)``) is read packed
+    (see :func:`packed_gated_hidden`). A ``gate_up_proj`` of another kind (an ``FP8Linear``, a wrapper, one with a
+    bias or hooks) runs as the model's own MLP does: the projection, then the activation and the product.
+    ``down_proj`` stays the model's own module. Differentiable in its dtype (the fused op has a backward; the views
+    pass the gradients to ``gate_up_proj.weight``).
     """
 
     can_torch_compile = True
@@ -120,7 +121,7 @@ class PackedGatedMLP(nn.Module):
 
     gate_up_proj: nn.Module  # weight [2 * intermediate, hidden]: gate rows, then up rows
     down_proj: nn.Module
-    config: Any  # reads config.hidden_act
+    activation_fn: nn.Module  # its class names the activation (mlp_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(packed_gated_hidden(self, x))
