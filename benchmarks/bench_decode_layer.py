@@ -284,8 +284,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode_layer", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(LAYER_MODELS), help=f"comma-separated, of {', '.join(LAYER_MODELS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated, of {', '.join(VARIANTS)}; a patched one with the suffix -separate-norms: "
-                        "its norms as launches of their own")
+                   help=f"comma-separated, of {', '.join(VARIANTS)}; a patched one with the suffix -fused-norms: "
+                        "its norms inside the GEMMs' launches")
     p.add_argument("--rows", default="1,8,64", help="row counts M (sequences of one token), comma-separated")
     p.add_argument("--context", type=int, default=1024, help="tokens in the cache")
     p.add_argument("--steps", type=int, default=10, help="profiled steps per measurement")

@@ -31,6 +31,7 @@ but the input embedding, and of a mixture of experts only the experts the step's
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import inspect
 import json
@@ -52,10 +53,12 @@ VARIANTS = ("transformers", "patched", "patched-fp8")
 # these few-layer stand-ins), the same with per-row activations (group-row), blocks on every Linear, and for a mixture
 # of experts the unpatched model with only its experts through fused_moe (transformers' experts interface)
 EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block", "experts-triton_ops")
-# Any patched variant + this suffix: the decode step's RMSNorms (and the residual add after a MoE) as launches
-# of their own (the layer's fusions of them into the GEMMs they feed switched off while it is measured), for the
-# before/after of those fusions in one run.
-SEPARATE_NORMS = "-separate-norms"
+# Any patched variant + this suffix: the decode step's RMSNorms inside the launches of the GEMMs they feed
+# (decoder_layers.INPUT_NORM_IN_QKV and POST_NORM_IN_MLP switched on while it is measured; off by default, measured
+# slower), for the before/after of those fusions in one run.
+FUSED_NORMS = "-fused-norms"
+# The switches as the library ships them, which every other variant is measured with.
+NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -146,16 +149,24 @@ def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0)
     return model.eval()
 
 
+@functools.cache
+def library_switches() -> tuple[bool, ...]:
+    """The :data:`NORM_SWITCHES` as ``triton_ops`` ships them, read before any variant sets them."""
+    from triton_ops.models import decoder_layers
+
+    return tuple(getattr(decoder_layers, name) for name in NORM_SWITCHES)
+
+
 def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The model of ``variant``, built and patched. The norm fusions' switches are set for it (a variant is measured
-    right after it is made): off for a ``SEPARATE_NORMS`` variant, on for every other."""
+    right after it is made): on for a ``FUSED_NORMS`` variant, the library's defaults for every other."""
     import triton_ops
     from triton_ops.models import decoder_layers
 
-    separate = variant.endswith(SEPARATE_NORMS)
-    variant = variant.removesuffix(SEPARATE_NORMS)
-    decoder_layers.INPUT_NORM_IN_QKV = decoder_layers.POST_NORM_IN_MLP = not separate
-    decoder_layers.RESIDUAL_IN_MOE_COMBINE = not separate
+    fused = variant.endswith(FUSED_NORMS)
+    variant = variant.removesuffix(FUSED_NORMS)
+    for name, default in zip(NORM_SWITCHES, library_switches(), strict=True):
+        setattr(decoder_layers, name, True if fused else default)
     model = build_model(config, device, dtype)
     if variant == "patched":
         triton_ops.patch_model(model)
@@ -569,7 +580,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}; a patched one with the suffix "
-                        f"{SEPARATE_NORMS}: its decode step's norms as launches of their own")
+                        f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",
                    help="decode points, BATCHxCONTEXT, comma-separated")
@@ -592,8 +603,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def known_variants(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``names`` and each patched one with :data:`SEPARATE_NORMS`."""
-    return names + tuple(n + SEPARATE_NORMS for n in names if n.startswith("patched"))
+    """``names`` and each patched one with :data:`FUSED_NORMS`."""
+    return names + tuple(n + FUSED_NORMS for n in names if n.startswith("patched"))
 
 
 def check_known(parser: argparse.ArgumentParser, checks) -> None:

@@ -18,8 +18,10 @@ def assert_compiled_generate_matches_eager(model: torch.nn.Module, prompt: torch
     import transformers
     from triton_ops_core.testing import count_compiles
 
-    kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "cache_implementation": "static",
-              "return_dict_in_generate": True, "output_logits": True}
+    # min_new_tokens: a random model whose first greedy token is its EOS would stop after the prefill, which
+    # transformers does not compile, and no decode step would be compiled at all
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "cache_implementation": "static", "return_dict_in_generate": True, "output_logits": True}
     compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
     with torch.no_grad():
         eager = model.generate(prompt, disable_compile=True, **kwargs)

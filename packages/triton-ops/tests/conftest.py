@@ -17,3 +17,13 @@ if str(HERE) not in sys.path:
 @pytest.fixture
 def recorded_json() -> Path:
     return HERE / "fixtures" / "recorded_results.json"
+
+
+@pytest.fixture
+def fused_norms(monkeypatch) -> None:
+    """The decode step's RMSNorms inside the GEMMs' launches (``decoder_layers.INPUT_NORM_IN_QKV`` and
+    ``POST_NORM_IN_MLP``, off by default since they measured slower on the H200), for the tests of those fusions."""
+    from triton_ops.models import decoder_layers
+
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", True)
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", True)

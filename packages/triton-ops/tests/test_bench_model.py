@@ -82,18 +82,24 @@ def test_the_floor_of_a_mixture_of_experts_counts_the_experts_a_step_is_expected
     assert bm.moe_shape(bm.build_config("llama3-8b", tiny=False)) is None
 
 
-def test_separate_norms_variant_switches_the_fusions_for_its_measurement(bm):
+def test_fused_norms_variant_switches_the_fusions_on_for_its_measurement_only(bm, monkeypatch):
     from triton_ops.models import decoder_layers
+    from triton_ops_core.testing import device_for_tests
 
+    shipped = bm.library_switches()
+    assert shipped == (False, False, True)  # the norms' own launches by default (measured faster), the MoE's add fused
+    for name in bm.NORM_SWITCHES:  # restored after the test, whatever make_variant leaves
+        monkeypatch.setattr(decoder_layers, name, getattr(decoder_layers, name))
     config = bm.build_config("llama3-8b", tiny=True)
-    bm.make_variant("patched-fp8" + bm.SEPARATE_NORMS, config, torch.device("cpu"), torch.float32)
-    assert not (decoder_layers.INPUT_NORM_IN_QKV or decoder_layers.POST_NORM_IN_MLP
-                or decoder_layers.RESIDUAL_IN_MOE_COMBINE)
-    bm.make_variant("patched", config, torch.device("cpu"), torch.float32)
+    device = device_for_tests()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bm.make_variant("patched-fp8" + bm.FUSED_NORMS, config, device, dtype)
     assert decoder_layers.INPUT_NORM_IN_QKV and decoder_layers.POST_NORM_IN_MLP
     assert decoder_layers.RESIDUAL_IN_MOE_COMBINE
-    assert "patched-fp8-default-separate-norms" in bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
-    assert "transformers-separate-norms" not in bm.known_variants(bm.VARIANTS)
+    bm.make_variant("patched", config, device, dtype)
+    assert tuple(getattr(decoder_layers, name) for name in bm.NORM_SWITCHES) == shipped
+    assert "patched-fp8-default-fused-norms" in bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    assert "transformers-fused-norms" not in bm.known_variants(bm.VARIANTS)
 
 
 def test_a_changed_model_is_seen_by_the_comparison(bm):

@@ -99,6 +99,23 @@ def test_one_experts_call_against_the_eager_forward(kind):
     assert ours.shape == ref.shape and ours.dtype == x.dtype and _cosine(ours, ref) >= TOL
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_dynamo_recognizes_the_gate_as_eager_does(kind, monkeypatch):
+    """experts_forward traced by Dynamo (fullgraph; the CPU's eager backend): the same gate found as in eager, so
+    the experts run moe_experts, never the fallback (Dynamo read gpt-oss's gate function's name wrong once)."""
+    experts = _experts(_model(kind, seed=2))[0]
+    x = torch.randn(5, 64, device=DEVICE, dtype=DTYPE)
+    ids = torch.stack([torch.randperm(experts.num_experts, device=DEVICE)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, device=DEVICE).softmax(-1)
+    with torch.no_grad():
+        want = experts_backend.experts_forward(experts, x, ids, weights)
+        calls = _counting(monkeypatch)
+        torch._dynamo.reset()
+        got = torch.compile(experts_backend.experts_forward, fullgraph=True, backend="eager")(experts, x, ids, weights)
+    assert calls == ["swiglu_oai" if kind == "gpt_oss" else "silu"]
+    assert torch.equal(got, want)
+
+
 def test_fp8_experts_stand_for_their_dequantized_weights():
     from fused_moe import convert_experts_to_fp8
 

@@ -253,7 +253,7 @@ def _norm_in_qkv_spy(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch):
+def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch, fused_norms):
     """With FP8 weights the packed q/k/v projection of a few rows is the weight-only kernel, whose prologue
     RMS-normalizes its input: the layer's input norm launch is gone, and the logits are bit for bit those of the
     separate norm (the prologue writes what the norm kernel writes)."""
@@ -283,7 +283,7 @@ def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch):
     assert calls == []
 
 
-def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch):
+def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch, fused_norms):
     """A decode-size forward (at most 16 rows) of FP8 projections adds the attention's residual in o_proj's launch
     (the weight-only kernel), normalizes inside the gated MLP's launch and adds the MLP's residual in down_proj's:
     no fused_add_rmsnorm launch. The logits match the separate norm's (the residual sum is rounded once instead of
@@ -382,7 +382,7 @@ def test_bf16_o_proj_adds_the_residual_only_where_it_is_one_launch():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
-def test_gpu_decode_step_norms_inside_the_gemms_change_no_logit(fp8, monkeypatch):
+def test_gpu_decode_step_norms_inside_the_gemms_change_no_logit(fp8, monkeypatch, fused_norms):
     """At a K the one-row bf16 kernel takes (512), the decode step's q/k/v GEMMs normalize their input: the same
     logits, bit for bit, as the norm's own launch; with the post-attention norm inside the gated MLP's launch too
     (no fused_add_rmsnorm launch in the step), the same up to the residual sum's single rounding."""
@@ -603,7 +603,7 @@ def test_patched_gpt_oss_adds_the_residual_in_the_moe_combine(monkeypatch):
         handle.remove()
 
 
-def test_patched_gpt_oss_normalizes_inside_the_moe(monkeypatch):
+def test_patched_gpt_oss_normalizes_inside_the_moe(monkeypatch, fused_norms):
     """gpt-oss in a decode-size forward whose o_proj adds the residual in its launch (FP8 weight-only here): the
     post-attention norm runs inside the MoE's router and gate/up launches, the residual add in its combine: no
     fused_add_rmsnorm launch, the logits those of the separate norm up to the residual sum's one rounding."""

@@ -71,11 +71,12 @@ class FusedAddNormDecoderLayer(nn.Module):
     ``mlp``, ``input_layernorm``, ``post_attention_layernorm``; the latter a plain RMSNorm with ``weight`` and
     ``variance_epsilon``). Every keyword argument goes to ``self_attn`` unchanged, as the model's own layer does.
 
-    In a decode step the norms can cost no launch of their own: ``norm1`` runs inside the packed q/k/v GEMM's
-    launch where that is the weight-only decode kernel (:func:`_input_norm_in_projection`: one bf16 row on a GPU, or
-    FP8 weights at up to 16 rows; the same values bit for bit), and, where ``x + o_proj(...)`` is one launch too,
-    ``norm2`` runs inside the gated MLP's launch and the MLP's residual add inside the down projection's
-    (:func:`_post_norm_in_mlp`; the residual sum rounded once instead of twice). Inference only (grad mode off).
+    Opt-in (``INPUT_NORM_IN_QKV`` / ``POST_NORM_IN_MLP``, off by default: measured slower on the H200), a decode
+    step's norms cost no launch of their own: ``norm1`` runs inside the packed q/k/v GEMM's launch where that is
+    the weight-only decode kernel (:func:`_input_norm_in_projection`: one bf16 row on a GPU, or FP8 weights at up to
+    16 rows), and, where ``x + o_proj(...)`` is one launch too, ``norm2`` runs inside the gated MLP's launch and the
+    MLP's residual add inside the down projection's (:func:`_post_norm_in_mlp`; the residual sum rounded once
+    instead of twice). Inference only (grad mode off).
     """
 
     can_torch_compile = True
@@ -499,8 +500,12 @@ def _ours_unhooked(attn: nn.Module) -> bool:
     return all("output_capturing_hook" in getattr(hook, "__qualname__", "") for hook in attn._forward_hooks.values())
 
 
-# Set False to run every decoder layer's input RMSNorm as its own launch (benchmarks time the two against each other).
-INPUT_NORM_IN_QKV = True
+# Off: every decoder layer's input RMSNorm runs as its own launch. Measured on the H200 (Llama-3-8B, 32 layers, 1k
+# context, session 24), the norms inside the GEMMs' launches cost more than the launches they save: a decode step
+# took 4,665 / 4,862 us with them against 4,210 / 4,872 us without (bf16, batch 1 / 8) and 3,656 / 5,880 us against
+# 3,185 / 4,155 us (FP8 default recipe): every program of the GEMM sums its row's squares again before its first
+# tile. Set True to run them inside (``benchmarks.bench_model``'s ``-fused-norms`` variants time the two).
+INPUT_NORM_IN_QKV = False
 
 
 def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: torch.Tensor) -> bool:
@@ -519,8 +524,9 @@ def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: t
             and not (torch.is_grad_enabled() and norm.weight.requires_grad))
 
 
-# Set False to run every decoder layer's post-attention RMSNorm (with the residual add) as its own launch.
-POST_NORM_IN_MLP = True
+# Off, for the measurement above: every decoder layer's post-attention RMSNorm (with the residual add) runs as its
+# own launch. Set True to normalize inside the gated MLP's (or the mixture of experts' router and gate/up) launch.
+POST_NORM_IN_MLP = False
 
 
 def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:

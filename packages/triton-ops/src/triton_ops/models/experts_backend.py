@@ -104,6 +104,9 @@ def unsupported(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_wei
     return ""
 
 
+# Dynamo would trace this with a function's __qualname__ read wrong (torch 2.11-2.13: gpt-oss's gate then looked
+# unknown inside a compiled generate() and fell back); the gate is fixed per module, so Dynamo calls it as Python.
+@torch._dynamo.assume_constant_result
 def _activation(experts: torch.nn.Module) -> str | None:
     """moe_experts' activation for the experts' gate: transformers' default gate with a SiLU or exact GELU
     ``act_fn``, or gpt-oss's clamped SwiGLU (its own ``_apply_gate``, ``alpha`` and ``limit``); None otherwise."""
@@ -128,7 +131,7 @@ def _fallback(experts: torch.nn.Module, why: str):
             f"experts_implementation={EXPERTS_NAME!r}: {type(experts).__name__} holds FP8 experts "
             f"(fused_moe.convert_experts_to_fp8), which only fused_moe reads, and fused_moe does not take {why}")
     key = (type(experts), why)
-    if key not in _warned:
+    if key not in _warned and not torch.compiler.is_compiling():  # said by the eager call (Dynamo traces no warn)
         _warned.add(key)
         warnings.warn(f"experts_implementation={EXPERTS_NAME!r}: {type(experts).__name__} runs transformers' "
                       f"{FALLBACK!r} implementation here: fused_moe does not take {why}", stacklevel=3)
