@@ -63,6 +63,18 @@ CASES += [(torch.float32, config, weights) for config in ("heuristic", "fma-row"
           for weights in ("x-dtype", "group")]
 
 
+def assert_same_up_to_split_k_order(fused: torch.Tensor, outside: torch.Tensor, config: dict | None, what) -> None:
+    """The same bits under the interpreter or without split K; on a GPU a split-K launch (the heuristic may pick one)
+    adds its partial sums in the order they arrive, so two launches on the same input may part in a last bit:
+    within a few roundings then (measured on the H200: one element of 14336 an ulp apart)."""
+    split = config is None or config.get("SPLIT_K", 1) > 1
+    if fused.is_cuda and split and not torch.equal(fused, outside):
+        assert torch.isfinite(fused).all(), what
+        assert_close_rel(fused, outside, 1e-5 if fused.dtype == torch.float32 else 4e-3)
+    else:
+        assert torch.equal(fused, outside), what
+
+
 @pytest.mark.parametrize(("dtype", "config", "weights"), CASES,
                          ids=[f"{str(d)[6:]}-{c}-{w}" for d, c, w in CASES])
 def test_prologue_equals_the_kernel_on_the_input_normalized_outside(device, config, weights, dtype):
@@ -80,7 +92,7 @@ def test_prologue_equals_the_kernel_on_the_input_normalized_outside(device, conf
         x = _row_values(m, hidden, gen).to(device, dtype)
         fused = fused_gated_mlp(x, *args, "silu", **kwargs, config=cfg, norm_weight=norm_w, norm_eps=1e-5)
         outside = fused_gated_mlp(rmsnorm_like_the_kernel(x, norm_w, 1e-5), *args, "silu", **kwargs, config=cfg)
-        assert torch.equal(fused, outside), (config, weights, m)
+        assert_same_up_to_split_k_order(fused, outside, cfg, (config, weights, m))
         x64 = rmsnorm_like_the_kernel(x.double().cpu(), norm_w.double().cpu(), 1e-5)
         want = act_mul64(x64 @ wg64.T, x64 @ wu64.T, "silu")
         assert_close_rel(fused, want, 2e-2 if dtype == torch.float16 else 1e-4)
@@ -102,7 +114,7 @@ def test_prologue_on_a_packed_weight_with_biases_and_more_rows_than_decode(devic
         outside = fused_gated_mlp(rmsnorm_like_the_kernel(x, norm_w, 1e-6), w, None, "swiglu_oai", **kw)
         assert_close_rel(fused, outside, 1e-5)
         if m == 2:
-            assert torch.equal(fused, outside)
+            assert_same_up_to_split_k_order(fused, outside, None, m)
 
 
 def test_nan_in_a_row_stays_in_that_row(device):
@@ -179,4 +191,4 @@ def test_gpu_prologue_at_model_shapes_in_bf16(weights, m):
     norm_w = _norm_weight(hidden, torch.bfloat16, "cuda", gen)
     fused = fused_gated_mlp(x, *args, "silu", **kwargs, norm_weight=norm_w, norm_eps=1e-5)
     outside = fused_gated_mlp(rmsnorm_like_the_kernel(x, norm_w, 1e-5), *args, "silu", **kwargs)
-    assert torch.equal(fused, outside)
+    assert_same_up_to_split_k_order(fused, outside, None, m)

@@ -38,6 +38,7 @@ _ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gel
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[tuple[type, str]] = set()
 _default_gate = None  # transformers' _default_apply_gate, read once at registration (not inside compiled code)
+_gpt_oss_gate = None  # GptOssExperts._apply_gate, likewise
 
 
 def register_experts_backend() -> str:
@@ -54,8 +55,13 @@ def register_experts_backend() -> str:
             "transformers: the installed release has no experts interface as this backend knows it "
             f"(transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS and _default_apply_gate: {exc}); transformers "
             "5.7 to 5.25 have it") from exc
-    global _default_gate
+    global _default_gate, _gpt_oss_gate
     _default_gate = _default_apply_gate
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:  # pragma: no cover - a release without gpt-oss
+        GptOssExperts = None
+    _gpt_oss_gate = getattr(GptOssExperts, "_apply_gate", None)
     ALL_EXPERTS_FUNCTIONS.register(EXPERTS_NAME, experts_forward)
     return EXPERTS_NAME
 
@@ -104,23 +110,18 @@ def unsupported(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_wei
     return ""
 
 
-# Dynamo would trace this with a function's __qualname__ read wrong (torch 2.11-2.13: gpt-oss's gate then looked
-# unknown inside a compiled generate() and fell back); the gate is fixed per module, so Dynamo calls it as Python.
-@torch._dynamo.assume_constant_result
 def _activation(experts: torch.nn.Module) -> str | None:
     """moe_experts' activation for the experts' gate: transformers' default gate with a SiLU or exact GELU
-    ``act_fn``, or gpt-oss's clamped SwiGLU (its own ``_apply_gate``, ``alpha`` and ``limit``); None otherwise."""
+    ``act_fn``, or gpt-oss's clamped SwiGLU (``GptOssExperts._apply_gate`` itself, with ``alpha`` and ``limit``);
+    None otherwise. By identity of the gate functions, which Dynamo traces as eager runs it (it read a function's
+    ``__qualname__`` wrong: gpt-oss's gate looked unknown inside a compiled ``generate()``)."""
     if "_apply_gate" in experts.__dict__:  # a gate set on the instance: not one of those known
         return None
     gate = getattr(type(experts), "_apply_gate", _default_gate)
     if gate is not _default_gate:
-        gpt_oss = _is_gpt_oss(experts) and hasattr(experts, "alpha") and hasattr(experts, "limit")
-        return "swiglu_oai" if gpt_oss and gate.__qualname__ == "GptOssExperts._apply_gate" else None
+        gpt_oss = gate is _gpt_oss_gate and hasattr(experts, "alpha") and hasattr(experts, "limit")
+        return "swiglu_oai" if gpt_oss else None
     return _ACTIVATIONS.get(type(getattr(experts, "act_fn", None)).__name__)
-
-
-def _is_gpt_oss(experts: torch.nn.Module) -> bool:
-    return any(c.__name__ == "GptOssExperts" for c in type(experts).__mro__)
 
 
 def _fallback(experts: torch.nn.Module, why: str):
