@@ -303,9 +303,10 @@ def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch, fused
     with torch.no_grad():
         separate = model(ids, output_hidden_states=True)
     assert len(norms) == 2
-    assert _cosine(fused.logits, separate.logits) >= (0.9999 if DTYPE == torch.bfloat16 else 0.99999)  # H200: 0.99996
+    tol = 0.9999 if DTYPE == torch.bfloat16 else 0.99999  # measured on the H200 in bf16: 0.99996-0.99997
+    assert _cosine(fused.logits, separate.logits) >= tol
     for a, b in zip(fused.hidden_states, separate.hidden_states, strict=True):
-        assert _cosine(a, b) >= 0.99999
+        assert _cosine(a, b) >= tol
     # the embeddings (the first layer's input) came through untouched
     assert torch.equal(fused.hidden_states[0], separate.hidden_states[0])
     # more rows than NORM_PROLOGUE_MAX_ROWS: the norm's own launch again
