@@ -31,7 +31,6 @@ but the input embedding, and of a mixture of experts only the experts the step's
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import inspect
 import json
@@ -149,12 +148,11 @@ def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0)
     return model.eval()
 
 
-@functools.cache
 def library_switches() -> tuple[bool, ...]:
-    """The :data:`NORM_SWITCHES` as ``triton_ops`` ships them, read before any variant sets them."""
+    """The :data:`NORM_SWITCHES` as ``triton_ops`` ships them (whatever a variant or a test set since)."""
     from triton_ops.models import decoder_layers
 
-    return tuple(getattr(decoder_layers, name) for name in NORM_SWITCHES)
+    return tuple(decoder_layers.SHIPPED_SWITCHES[name] for name in NORM_SWITCHES)
 
 
 def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

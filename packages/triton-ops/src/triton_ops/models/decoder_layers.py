@@ -527,6 +527,9 @@ def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: t
 # Off, for the measurement above: every decoder layer's post-attention RMSNorm (with the residual add) runs as its
 # own launch. Set True to normalize inside the gated MLP's (or the mixture of experts' router and gate/up) launch.
 POST_NORM_IN_MLP = False
+# The fusion switches as shipped, read at import: whoever sets them for a measurement puts them back from here.
+SHIPPED_SWITCHES = {"INPUT_NORM_IN_QKV": INPUT_NORM_IN_QKV, "POST_NORM_IN_MLP": POST_NORM_IN_MLP,
+                    "RESIDUAL_IN_MOE_COMBINE": RESIDUAL_IN_MOE_COMBINE}
 
 
 def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
