@@ -37,13 +37,15 @@ def rmsnorm_rope_cases(race: bool = False):
 
 
 def rmsnorm_cases(race: bool = False):
-    from fused_rmsnorm_rope import fused_add_rmsnorm, rmsnorm
+    from fused_rmsnorm_rope import fused_add_rmsnorm, rmsnorm, rmsnorm_add, rmsnorm_add_rmsnorm
 
     for rows, n in ((1, 1), (3, 7), (5, 2880), (2, 9000), (0, 64)):
         x, r, w = _rand(rows, n), _rand(rows, n), _rand(n)
         rmsnorm(x, w)
         fused_add_rmsnorm(x, r, w)
         fused_add_rmsnorm(x, r.clone(), w, inplace=True)
+        rmsnorm_add_rmsnorm(x, r, w, _rand(n), gemma=True)
+        rmsnorm_add(x, r, w, gemma=True)
 
 
 def gated_mlp_cases(race: bool = False):

@@ -98,23 +98,49 @@ def test_patched_gemma3_with_our_attention_generates_the_models_tokens():
     assert_generates_alike(model, reference, torch.randint(0, 128, (2, 6), device=DEVICE))
 
 
-def test_the_pre_feedforward_norm_takes_the_residual_add_unless_hooked(monkeypatch):
+def _spy(monkeypatch, name: str) -> list:
+    calls = []
+    real = getattr(decoder_layers, name)
+    monkeypatch.setattr(decoder_layers, name, lambda *a, **k: calls.append(k.get("gemma")) or real(*a, **k))
+    return calls
+
+
+def test_the_sandwich_norms_take_the_residual_adds_unless_hooked(monkeypatch):
+    """Each layer: the post-attention norm, the add and the pre-feed-forward norm as one launch, the
+    post-feed-forward norm and its add as another; a hooked norm is called as itself (its hook sees its own
+    input), the others still fused where they can be."""
     model = patch_model(_model(seed=3))
     reference = _model(seed=3)
-    calls = []
-    real = decoder_layers.fused_add_rmsnorm
-    monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm",
-                        lambda *a, **k: calls.append(k.get("gemma")) or real(*a, **k))
+    both, after, add_norm = (_spy(monkeypatch, name) for name in
+                             ("rmsnorm_add_rmsnorm", "rmsnorm_add", "fused_add_rmsnorm"))
     ids = torch.randint(0, 128, (1, 5), device=DEVICE)
     with torch.no_grad():
         ref = reference(ids).logits
         assert _cosine(model(ids).logits, ref) >= TOL
-        assert calls == [True] * 3
+        assert both == [True] * 3 and after == [True] * 3 and add_norm == []
         seen = []  # a hook on the norm sees the summed residual: the layer then adds and calls the norm itself
-        model.model.layers[0].pre_feedforward_layernorm.register_forward_hook(
-            lambda mod, args, out: seen.append(args[0].shape))
+        layers = model.model.layers
+        layers[0].pre_feedforward_layernorm.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+        layers[1].post_attention_layernorm.register_forward_hook(lambda mod, args, out: seen.append("post"))
+        layers[2].post_feedforward_layernorm.register_forward_hook(lambda mod, args, out: seen.append("ff"))
         assert _cosine(model(ids).logits, ref) >= TOL
-    assert calls == [True] * 5 and seen == [(1, 5, 64)]
+    assert seen == [(1, 5, 64), "post", "ff"]
+    assert both == [True] * 4  # layer 2 alone; layer 1's add goes with its pre-feed-forward norm
+    assert add_norm == [True] and after == [True] * 5  # layers 0 and 1
+
+
+def test_the_fused_sandwich_norms_change_no_bit():
+    """The two launches per layer compute what the norm modules and the adds compute, bit for bit (every norm
+    hooked: each its own call, each add torch's)."""
+    model = patch_model(_model(seed=4))
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    with torch.no_grad():
+        fused = model(ids).logits
+        for layer in model.model.layers:
+            for name in ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                getattr(layer, name).register_forward_hook(lambda *args: None)
+        separate = model(ids).logits
+    assert torch.isfinite(fused).all() and torch.equal(fused, separate)
 
 
 def test_gemma_norms_match_transformers_in_every_dtype():
@@ -169,7 +195,8 @@ def test_a_compiled_gemma3_forward_is_one_graph_with_the_fused_kernels():
     from test_patch_moe import compiled_decode_ops
 
     ours = compiled_decode_ops(patch_model(_model(seed=7)))
-    assert ours.count("fused_add_rmsnorm") == 3 and ours.count("fused_gated_mlp") == 3, ours
+    assert ours.count("rmsnorm_add_rmsnorm") == 3 and ours.count("rmsnorm_add") == 3, ours
+    assert "fused_add_rmsnorm" not in ours and ours.count("fused_gated_mlp") == 3, ours
 
 
 def test_compiled_gemma3_layers_keep_their_guard_subtrees_skippable():

@@ -4,6 +4,8 @@
 - ``fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, position_ids, eps, *, rotary_dim, layout, gemma, inplace)``
 - ``apply_rope(q, k, cos, sin, position_ids, *, rotary_dim, layout, inplace)``: RoPE alone on q and k (op ``rope``)
 - ``rmsnorm(x, weight, eps, *, gemma)``, ``fused_add_rmsnorm(x, residual, weight, eps, *, gemma, inplace)``
+- ``rmsnorm_add_rmsnorm(x, residual, x_weight, weight, eps, *, x_eps, gemma)``, ``rmsnorm_add(x, residual, weight,
+  eps, *, gemma)``: Gemma's sandwich norms around the residual add, one launch each
 - ``FusedRMSNormRoPE(hidden_dim, head_dim, eps)``, ``RMSNorm``, ``FusedAddRMSNorm``: the modules.
 - ``reference``: the pure-PyTorch references; ``RMSNORM_ROPE_CONFIGS``: the tunable launch configs.
 """
@@ -18,6 +20,8 @@ from .ops import (
     fused_qk_norm_rope,
     fused_rmsnorm_rope,
     rmsnorm,
+    rmsnorm_add,
+    rmsnorm_add_rmsnorm,
     rmsnorm_reference,
     rope_reference,
 )
@@ -51,6 +55,8 @@ __all__ = [
     "qk_norm_rope_reference",
     "reference",
     "rmsnorm",
+    "rmsnorm_add",
+    "rmsnorm_add_rmsnorm",
     "rmsnorm_reference",
     "rmsnorm_rope_reference",
     "rope_reference",

@@ -48,6 +48,8 @@ from fused_rmsnorm_rope import (
     fused_qk_norm_rope,
     fused_rmsnorm_rope,
     rmsnorm,
+    rmsnorm_add,
+    rmsnorm_add_rmsnorm,
 )
 from kernel_autotune import ConfigSpace, TritonAutoTuner, select_config
 from triton_ops_core import (
@@ -89,6 +91,7 @@ REGISTERED_OPS = (
     "fused_rmsnorm_rope", "fused_rmsnorm_rope_backward", "fused_qk_norm_rope", "fused_qk_norm_rope_",
     "fused_qk_norm_rope_backward", "rmsnorm", "fused_add_rmsnorm", "fused_add_rmsnorm_",
     "rmsnorm_fp8", "fused_add_rmsnorm_fp8", "fused_add_rmsnorm_fp8_", "rope", "rope_", "rope_backward",
+    "rmsnorm_add_rmsnorm", "rmsnorm_add",
     "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear", "fp8_linear_add_",
     "decode_linear", "decode_linear_add_", "moe_route", "moe_experts", "decode_attention", "kv_cache_write_",
     "kv_cache_append_", "kv_cache_write_rope_", "kv_cache_append_rope_",
@@ -139,5 +142,7 @@ __all__ = [
     "patch_model",
     "quantize_fp8",
     "rmsnorm",
+    "rmsnorm_add",
+    "rmsnorm_add_rmsnorm",
     "select_config",
 ]

@@ -26,7 +26,7 @@ import torch
 from decode_attention import update_kv_cache_
 from fp8_gemm import FP8Linear, decode_linear, fp8_linear_add_
 from fp8_gemm.weight_only import use_weight_only
-from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope
+from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope, rmsnorm_add, rmsnorm_add_rmsnorm
 from torch import nn
 from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
@@ -148,11 +148,14 @@ class SandwichNormDecoderLayer(nn.Module):
         h = x + post_attention_layernorm(self_attn(input_layernorm(x)))
         y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
 
-    with ``x + ...`` and ``pre_feedforward_layernorm`` as one :func:`~fused_rmsnorm_rope.fused_add_rmsnorm` launch
-    (``gemma=True``; the sum rounded to the activation dtype, as the model's own add rounds it) where that norm is
-    patch_model's :class:`~triton_ops.layers.GemmaRMSNorm` without hooks. The four norms are the modules' own calls
-    otherwise (one launch each once patched). Every keyword argument goes to ``self_attn`` unchanged, as the model's
-    own layer does.
+    with ``post_attention_layernorm``, ``x + ...`` and ``pre_feedforward_layernorm`` as one
+    :func:`~fused_rmsnorm_rope.rmsnorm_add_rmsnorm` launch, and ``post_feedforward_layernorm`` with ``h + ...`` as
+    one :func:`~fused_rmsnorm_rope.rmsnorm_add` launch (``gemma=True``; each norm's output and each sum rounded to
+    the activation dtype, as the model's own ops round them: the same values bit for bit), where those norms are
+    patch_model's :class:`~triton_ops.layers.GemmaRMSNorm` without hooks: three launches for the layer's four norms
+    and two adds. Otherwise the add and the pre-feed-forward norm alone as one
+    :func:`~fused_rmsnorm_rope.fused_add_rmsnorm`, or the modules' own calls. Every keyword argument goes to
+    ``self_attn`` unchanged, as the model's own layer does.
     """
 
     can_torch_compile = True
@@ -168,14 +171,22 @@ class SandwichNormDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         _layer_keywords_only(self, args)
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
-        attn_out = self.post_attention_layernorm(attn_out)
-        norm = self.pre_feedforward_layernorm
-        if gemma_norm_fusable(norm) and attn_out.dtype == hidden_states.dtype:
-            normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.eps, gemma=True)
+        post, norm = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        same_dtype = attn_out.dtype == hidden_states.dtype  # autocast may differ: the model's own promoting add
+        if same_dtype and gemma_norm_fusable(post) and gemma_norm_fusable(norm):
+            normed, residual = rmsnorm_add_rmsnorm(attn_out, hidden_states, post.weight, norm.weight, norm.eps,
+                                                   x_eps=post.eps, gemma=True)
         else:
-            residual = hidden_states + attn_out
-            normed = norm(residual)
-        return residual + self.post_feedforward_layernorm(self.mlp(normed))
+            attn_out = post(attn_out)
+            if gemma_norm_fusable(norm) and attn_out.dtype == hidden_states.dtype:
+                normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.eps, gemma=True)
+            else:
+                residual = hidden_states + attn_out
+                normed = norm(residual)
+        mlp_out, post_ff = self.mlp(normed), self.post_feedforward_layernorm
+        if mlp_out.dtype == residual.dtype and gemma_norm_fusable(post_ff):
+            return rmsnorm_add(mlp_out, residual, post_ff.weight, post_ff.eps, gemma=True)
+        return residual + post_ff(mlp_out)
 
 
 def gemma_norm_fusable(norm: nn.Module) -> bool:
