@@ -135,6 +135,11 @@ def attention_cases(race: bool = False):
         decode_attention(q, k, v, additive, scale=0.1)
         decode_attention(q, k[:, :, :0], v[:, :, :0])
         decode_attention(q[:0], k[:0], v[:0])
+    # a full sliding window moved on by one row, in place: Gemma 3's window, a short one, a window of one row
+    from decode_attention import shift_kv_cache_
+
+    for b, h, w, d in ((1, 8, 1024, 256), (3, 2, 5, 64), (2, 2, 1, 16)):
+        shift_kv_cache_(_rand(b, h, w, d), _rand(b, h, w, d), _rand(b, h, 1, d), _rand(b, h, 1, d))
 
 
 def main(tool: str) -> int:

@@ -77,18 +77,27 @@ def test_patched_gemma3_computes_what_the_model_computes(monkeypatch):
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_patched_gemma3_follows_the_configured_attention_and_a_static_cache(attn_implementation):
-    # Full layers: transformers' StaticLayer, written in one launch of ours; sliding ones: its rolling layer, whose
-    # own update runs. Greedy tokens agree past the window.
+def test_patched_gemma3_follows_the_configured_attention_and_a_static_cache(attn_implementation, monkeypatch):
+    # Full layers: transformers' StaticLayer, written in one launch of ours; sliding ones: its rolling layer, full
+    # from the 6-token prompt (window 4), moved on by one launch of ours each decode step. Greedy tokens agree past
+    # the window, and so do the logits of every step.
     reference = _model(seed=1)
     reference.config._attn_implementation = attn_implementation
     model = patch_model(copy.deepcopy(reference), attention=False)
+    shifts = []
+    real = decoder_layers.shift_kv_cache_
+    monkeypatch.setattr(decoder_layers, "shift_kv_cache_", lambda *a: shifts.append(a[2].shape) or real(*a))
     ids = torch.randint(0, 128, (2, 6), device=DEVICE)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static",
+              "return_dict_in_generate": True, "output_logits": True}
     with torch.no_grad():
-        ours = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
-        ref = reference.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+        ours = model.generate(ids, **kwargs)
+        ref = reference.generate(ids, **kwargs)
     assert model.config._attn_implementation == attn_implementation
-    assert torch.equal(ours, ref)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert shifts == [(2, 2, 1, 16)] * (2 * 4)  # two sliding layers, four decode steps
+    for a, b in zip(ours.logits, ref.logits, strict=True):
+        assert _cosine(a, b) >= TOL
 
 
 def test_patched_gemma3_with_our_attention_generates_the_models_tokens():

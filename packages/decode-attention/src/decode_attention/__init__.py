@@ -7,11 +7,18 @@ deterministic reduce); masked blocks of the cache (a static cache's unused tail,
 are never loaded. See ``decode_attention``; ``decode_attention_reference`` is its PyTorch twin.
 
 ``update_kv_cache_`` writes a step's new K and V rows into a static cache in one launch (transformers'
-``StaticLayer.update`` makes five).
+``StaticLayer.update`` makes five); ``shift_kv_cache_`` moves a full sliding-window cache on by one new row in one
+launch (transformers' ``StaticSlidingWindowLayer.update`` makes six).
 """
 
 from .__about__ import __version__
-from .kv_cache import KVCacheGradientError, KVCacheOverflowError, update_kv_cache_, validate_kv_cache_write
+from .kv_cache import (
+    KVCacheGradientError,
+    KVCacheOverflowError,
+    shift_kv_cache_,
+    update_kv_cache_,
+    validate_kv_cache_write,
+)
 from .ops import DecodeAttentionBackwardError, Tiles, clear_caches, decode_attention
 from .reference import attended_positions, decode_attention_reference
 from .validation import AttentionInput, validate_decode_attention
@@ -27,6 +34,7 @@ __all__ = [
     "clear_caches",
     "decode_attention",
     "decode_attention_reference",
+    "shift_kv_cache_",
     "update_kv_cache_",
     "validate_decode_attention",
     "validate_kv_cache_write",

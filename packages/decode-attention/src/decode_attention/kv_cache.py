@@ -318,6 +318,81 @@ def _(keys, values, q, k, v, cos, sin, length, q_weight, k_weight, eps):
     return None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A full sliding-window cache: triton_ops::kv_cache_shift_
+# ----------------------------------------------------------------------------------------------------------------
+
+# Columns per program of the shift, and rows per chunk: 16 columns of 2 bytes fill a 32-byte sector; a head of 256
+# columns gives 16 programs per head and tensor, so Gemma 3's 8 KV heads at batch 1 run 256 programs.
+SHIFT_BLOCK_D = 16
+SHIFT_BLOCK_W = 256
+
+
+def validate_kv_cache_shift(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor) -> KVCacheWrite:
+    """Check a shift: a cache write (:func:`validate_kv_cache_write`) of exactly one new row."""
+    info = validate_kv_cache_write(keys, values, k, v)
+    if info.new != 1:
+        raise ShapeMismatchError(f"k: expected one new row (dimension 2) for a shift, got {info.new}")
+    return info
+
+
+def _shift(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    info = validate_kv_cache_shift(keys, values, k, v)
+    if info.batch * info.heads == 0 or info.cache_len == 0:
+        return
+    k_blocks, v_blocks = cdiv(info.k_dim, SHIFT_BLOCK_D), cdiv(info.v_dim, SHIFT_BLOCK_D)
+    K._kv_cache_shift_kernel[(info.batch * info.heads, k_blocks + v_blocks)](
+        keys, values, k, v, info.heads, info.cache_len, info.k_dim, info.v_dim,
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_blocks,
+        BLOCK_W=min(SHIFT_BLOCK_W, next_pow2(max(1, info.cache_len - 1))), BLOCK_D=SHIFT_BLOCK_D, num_warps=4)
+
+
+@torch.library.custom_op(op_name("kv_cache_shift_"), mutates_args=("keys", "values"))
+def _kv_cache_shift_op(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    _shift(keys, values, k, v)
+
+
+@_kv_cache_shift_op.register_fake
+def _(keys, values, k, v):
+    return None
+
+
+def shift_kv_cache_(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full sliding-window cache takes a step's one new row, in place, in one launch.
+
+    ``keys[:, :, :-1] = keys[:, :, 1:]; keys[:, :, -1] = k[:, :, 0]`` (and so for ``values`` and ``v``): the oldest
+    row dropped, the others one position earlier, the new one last. That is transformers' ``StaticSlidingWindowLayer``
+    update once its window is full (``roll(-1)``, an indexed write of the new row, a copy back: six launches per
+    layer and step, each pass over the whole window), bit for bit (a copy).
+
+    Args:
+        keys, values: the cache ``[B, Hkv, W, D]`` (``D`` may differ between them), fp16/bf16/fp32, unit last
+            stride (any other strides).
+        k, v: the new rows ``[B, Hkv, 1, D]`` in their cache's dtype, unit last stride.
+
+    Returns ``(keys, values)``, updated. Registered as ``torch.ops.triton_ops.kv_cache_shift_`` (``keys`` and
+    ``values`` mutated in its schema); inference only (``KVCacheGradientError`` if any argument requires a gradient
+    with grad mode on).
+
+    Raises:
+        ShapeMismatchError, UnsupportedDtypeError, InvalidArgumentError, DeviceMismatchError,
+        UnsupportedDeviceError, LayoutError, KVCacheGradientError.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (keys, values, k, v)
+                                       if isinstance(t, torch.Tensor)):
+        raise KVCacheGradientError(
+            "shift_kv_cache_: the KV-cache shift is in place and inference-only; a gradient cannot flow through it "
+            "(run under torch.no_grad() / torch.inference_mode(), or detach k and v)")
+    if direct_call_ok(keys, values, k, v):
+        _shift(keys, values, k, v)
+    else:
+        _kv_cache_shift_op(keys, values, k, v)
+    return keys, values
+
+
 def update_kv_cache_(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -405,5 +480,6 @@ def update_kv_cache_(
     return keys, values
 
 
-__all__ = ["ONE_PROGRAM_ROWS", "KVCacheGradientError", "KVCacheOverflowError", "KVCacheWrite", "update_kv_cache_",
-           "validate_kv_cache_write", "validate_norm_weights", "validate_rope_operands"]
+__all__ = ["ONE_PROGRAM_ROWS", "SHIFT_BLOCK_D", "SHIFT_BLOCK_W", "KVCacheGradientError", "KVCacheOverflowError",
+           "KVCacheWrite", "shift_kv_cache_", "update_kv_cache_", "validate_kv_cache_shift", "validate_kv_cache_write",
+           "validate_norm_weights", "validate_rope_operands"]

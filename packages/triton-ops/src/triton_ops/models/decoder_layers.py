@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from decode_attention import update_kv_cache_
+from decode_attention import shift_kv_cache_, update_kv_cache_
 from fp8_gemm import FP8Linear, decode_linear, fp8_linear_add_
 from fp8_gemm.weight_only import use_weight_only
 from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope, rmsnorm_add, rmsnorm_add_rmsnorm
@@ -710,8 +710,11 @@ def _sliding_window(attn: nn.Module) -> dict:
 
 def _update_cache(cache, k, v, layer_idx: int, cos, sin, cache_position, kwargs: dict) -> tuple:
     """``Cache.update`` as the installed transformers defines it (5.0: a ``cache_kwargs`` dict; later: keywords),
-    or, for an initialized ``StaticLayer``, the same write in one launch (:func:`_static_layer_update`)."""
+    or, for an initialized ``StaticLayer``, the same write in one launch (:func:`_static_layer_update`), and for a
+    full ``StaticSlidingWindowLayer`` taking one row, its shift in one launch (:func:`_sliding_layer_update`)."""
     written = _static_layer_update(cache, k, v, layer_idx, cache_position)
+    if written is None:
+        written = _sliding_layer_update(cache, k, v, layer_idx)
     if written is not None:
         return written
     if _takes_cache_kwargs(type(cache)):
@@ -765,6 +768,70 @@ def prime_static_write(layer_cls: type | None = None) -> str:
         kind = "length"
     _STATIC_WRITE[layer_cls] = kind
     return kind
+
+
+_SLIDING_SHIFT: dict[type, str] = {}  # the layer's python-int length counter's name, or "" (not ours to write)
+
+
+def _sliding_counter(layer_cls: type) -> str:
+    """The name of the python-int length counter by which transformers' own ``StaticSlidingWindowLayer.update``
+    decides that its window is full (``"cumulative_length_int"`` from 5.2x, ``"cumulative_length"`` in 5.0), where
+    that update rolls the full window by one for one new row (``roll(-1``); ``""`` for any other class, subclasses
+    included, or a release whose update reads otherwise. Read once in eager code (:func:`prime_sliding_shift` runs
+    from ``patch_model``); under torch.compile a class not read yet keeps transformers' own update."""
+    name = _SLIDING_SHIFT.get(layer_cls)
+    if name is not None:
+        return name
+    if layer_cls.__name__ != "StaticSlidingWindowLayer" or layer_cls.__module__ != "transformers.cache_utils" \
+            or torch.compiler.is_compiling():
+        return ""
+    return prime_sliding_shift(layer_cls)
+
+
+def prime_sliding_shift(layer_cls: type | None = None) -> str:
+    """Read (once) ``layer_cls``'s update (default: transformers' ``StaticSlidingWindowLayer``); see
+    :func:`_sliding_counter`. Eager code only: it imports and reads source."""
+    if layer_cls is None:
+        layer_cls = getattr(importlib.import_module("transformers.cache_utils"), "StaticSlidingWindowLayer", None)
+        if layer_cls is None:
+            return ""
+    name = _SLIDING_SHIFT.get(layer_cls)
+    if name is not None:
+        return name
+    try:
+        source = inspect.getsource(layer_cls.update)
+    except (OSError, TypeError):
+        source = ""
+    name = ""
+    if "roll(-1" in source and "key_states.shape[-2] == 1" in source and ">= self.max_cache_len" in source:
+        name = next((c for c in ("cumulative_length_int", "cumulative_length") if f"self.{c} += " in source), "")
+    _SLIDING_SHIFT[layer_cls] = name
+    return name
+
+
+def _sliding_layer_update(cache, k, v, layer_idx: int) -> tuple | None:
+    """A full ``StaticSlidingWindowLayer`` taking one new row, as one :func:`~decode_attention.shift_kv_cache_`
+    launch: the window moves on by the row (transformers' update rolls it with six launches, each over the whole
+    window), and the layer's length counter advances as transformers' advances it. None where transformers' own
+    update must run (another layer class, a window not full yet, several new rows, offloading, a gradient to
+    record, a device Triton does not run on)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or getattr(cache, "offloading", False) or not 0 <= layer_idx < len(layers) or k.shape[-2] != 1:
+        return None
+    layer = layers[layer_idx]
+    counter = _sliding_counter(type(layer))
+    if not counter or not getattr(layer, "is_initialized", False):
+        return None
+    length = getattr(layer, counter, None)
+    if type(length) is not int or length < layer.max_cache_len:
+        return None
+    keys, values = layer.keys, layer.values
+    if (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)) or not can_run_on(keys.device) \
+            or keys.dtype != k.dtype or values.dtype != v.dtype or keys.shape[-2] != layer.max_cache_len:
+        return None
+    shift_kv_cache_(keys, values, k, v)
+    setattr(layer, counter, length + 1)
+    return keys, values
 
 
 def _fusable_tables(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qk_norm: tuple | None) -> bool:

@@ -59,6 +59,7 @@ from .decoder_layers import (
     is_rope_attention,
     is_sandwich_norm_decoder_layer,
     is_sink_attention,
+    prime_sliding_shift,
     prime_static_write,
 )
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
@@ -578,6 +579,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         if type(module) is nn.Linear:
             module.__dict__[LAYER_ATTR] = "Linear"
     prime_static_write()  # read transformers' StaticLayer here, in eager code: a compiled first call cannot
+    prime_sliding_shift()  # and its StaticSlidingWindowLayer
     if attention:
         _set_attention(model, summary)
     model.triton_ops_patch = summary
