@@ -737,37 +737,19 @@ def _static_write_kind(layer_cls: type) -> str:
     Read from the class once, in eager code (:func:`prime_static_write` runs from ``patch_model``): under
     torch.compile the class is recognised by name alone, without an import (Dynamo refuses transformers' lazy module,
     a graph break) or ``inspect``; a StaticLayer not read yet then keeps transformers' own update."""
-    kind = _STATIC_WRITE.get(layer_cls)
-    if kind is not None:
-        return kind
-    if layer_cls.__name__ != "StaticLayer" or layer_cls.__module__ != "transformers.cache_utils":
-        return ""
-    if torch.compiler.is_compiling():
-        return ""
-    return prime_static_write(layer_cls)
+    return _layer_answer(_STATIC_WRITE, "StaticLayer", _static_write_from, layer_cls)
 
 
 def prime_static_write(layer_cls: type | None = None) -> str:
     """Read (once) how ``layer_cls`` (default: transformers' ``StaticLayer``) writes new rows; see
     :func:`_static_write_kind`. Eager code only: it imports and reads source."""
-    if layer_cls is None:
-        layer_cls = getattr(importlib.import_module("transformers.cache_utils"), "StaticLayer", None)
-        if layer_cls is None:  # a release without per-layer caches: nothing is written by us
-            return ""
-    kind = _STATIC_WRITE.get(layer_cls)
-    if kind is not None:
-        return kind
-    try:
-        source = inspect.getsource(layer_cls.update)
-    except (OSError, TypeError):
-        source = ""
-    kind = ""
+    return _prime_layer_answer(_STATIC_WRITE, "StaticLayer", _static_write_from, layer_cls)
+
+
+def _static_write_from(layer_cls: type, source: str) -> str:
     if "cache_kwargs" in inspect.signature(layer_cls.update).parameters:
-        kind = "positions" if "cache_position" in source else ""
-    elif "cumulative_length.add_(" in source:
-        kind = "length"
-    _STATIC_WRITE[layer_cls] = kind
-    return kind
+        return "positions" if "cache_position" in source else ""
+    return "length" if "cumulative_length.add_(" in source else ""
 
 
 _SLIDING_SHIFT: dict[type, str] = {}  # the layer's python-int length counter's name, or "" (not ours to write)
@@ -779,34 +761,52 @@ def _sliding_counter(layer_cls: type) -> str:
     that update rolls the full window by one for one new row (``roll(-1``); ``""`` for any other class, subclasses
     included, or a release whose update reads otherwise. Read once in eager code (:func:`prime_sliding_shift` runs
     from ``patch_model``); under torch.compile a class not read yet keeps transformers' own update."""
-    name = _SLIDING_SHIFT.get(layer_cls)
-    if name is not None:
-        return name
-    if layer_cls.__name__ != "StaticSlidingWindowLayer" or layer_cls.__module__ != "transformers.cache_utils" \
-            or torch.compiler.is_compiling():
-        return ""
-    return prime_sliding_shift(layer_cls)
+    return _layer_answer(_SLIDING_SHIFT, "StaticSlidingWindowLayer", _sliding_counter_from, layer_cls)
 
 
 def prime_sliding_shift(layer_cls: type | None = None) -> str:
     """Read (once) ``layer_cls``'s update (default: transformers' ``StaticSlidingWindowLayer``); see
     :func:`_sliding_counter`. Eager code only: it imports and reads source."""
+    return _prime_layer_answer(_SLIDING_SHIFT, "StaticSlidingWindowLayer", _sliding_counter_from, layer_cls)
+
+
+def _sliding_counter_from(layer_cls: type, source: str) -> str:
+    if "roll(-1" in source and "key_states.shape[-2] == 1" in source and ">= self.max_cache_len" in source:
+        return next((c for c in ("cumulative_length_int", "cumulative_length") if f"self.{c} += " in source), "")
+    return ""
+
+
+def _layer_answer(table: dict, class_name: str, read: Callable[[type, str], str], layer_cls: type) -> str:
+    """``table``'s answer for ``layer_cls``, read from its source the first time (:func:`_prime_layer_answer`) if it
+    is transformers' ``class_name`` itself and this is eager code: under torch.compile the class is recognised by
+    name alone, without an import (Dynamo refuses transformers' lazy module, a graph break) or ``inspect``; a class
+    not read yet then keeps transformers' own update (``""``)."""
+    answer = table.get(layer_cls)
+    if answer is not None:
+        return answer
+    if layer_cls.__name__ != class_name or layer_cls.__module__ != "transformers.cache_utils" \
+            or torch.compiler.is_compiling():
+        return ""
+    return _prime_layer_answer(table, class_name, read, layer_cls)
+
+
+def _prime_layer_answer(table: dict, class_name: str, read: Callable[[type, str], str],
+                        layer_cls: type | None) -> str:
+    """Read (once) ``read(layer_cls, source of its update)`` into ``table``; ``layer_cls`` defaults to
+    transformers' ``class_name`` (``""`` for a release without it)."""
     if layer_cls is None:
-        layer_cls = getattr(importlib.import_module("transformers.cache_utils"), "StaticSlidingWindowLayer", None)
+        layer_cls = getattr(importlib.import_module("transformers.cache_utils"), class_name, None)
         if layer_cls is None:
             return ""
-    name = _SLIDING_SHIFT.get(layer_cls)
-    if name is not None:
-        return name
+    answer = table.get(layer_cls)
+    if answer is not None:
+        return answer
     try:
         source = inspect.getsource(layer_cls.update)
     except (OSError, TypeError):
         source = ""
-    name = ""
-    if "roll(-1" in source and "key_states.shape[-2] == 1" in source and ">= self.max_cache_len" in source:
-        name = next((c for c in ("cumulative_length_int", "cumulative_length") if f"self.{c} += " in source), "")
-    _SLIDING_SHIFT[layer_cls] = name
-    return name
+    table[layer_cls] = answer = read(layer_cls, source)
+    return answer
 
 
 def _sliding_layer_update(cache, k, v, layer_idx: int) -> tuple | None:
