@@ -208,6 +208,35 @@ def test_a_compiled_gemma3_forward_is_one_graph_with_the_fused_kernels():
     assert "fused_add_rmsnorm" not in ours and ours.count("fused_gated_mlp") == 3, ours
 
 
+def test_a_compiled_decode_step_into_full_sliding_windows_runs_the_shift_in_its_graph():
+    """torch.compile(fullgraph=True) of decode steps into a static cache whose sliding windows (4 rows) the
+    6-token prompt filled: the shift, the sandwich norms and the full layer's cache write are ops of the graph, and
+    every step's logits are the unpatched model's."""
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    def steps(model, compiled: bool) -> list:
+        ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            model(ids, use_cache=True, **{name: cache})
+            run = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
+            return [run(ids[:, i:i + 1], use_cache=True, cache_position=torch.tensor([6 + i], device=DEVICE),
+                        **{name: cache}).logits for i in range(3)]
+
+    torch._dynamo.reset()
+    ours, ref = steps(patch_model(_model(seed=1)), True), steps(_model(seed=1), False)
+    torch._dynamo.reset()
+    for a, b in zip(ours, ref, strict=True):
+        assert _cosine(a, b) >= TOL
+    ours_ops = {op.split(".")[1] for op in ops if op.startswith("triton_ops.")}
+    assert {"kv_cache_shift_", "rmsnorm_add_rmsnorm", "rmsnorm_add"} <= ours_ops, ours_ops
+
+
 def test_compiled_gemma3_layers_keep_their_guard_subtrees_skippable():
     from test_patch_attention import assert_guard_subtrees_skippable
 
