@@ -41,6 +41,16 @@ def test_shift_matches_roll_and_write(dtype, b, h, w, dk, dv):
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)
 
 
+def test_key_and_value_caches_of_different_dtypes():
+    # each branch of the kernel its own pointer type (a merged one did not compile for the GPU)
+    keys, values = _rand(2, 2, 9, 16, dtype=torch.bfloat16, seed=20), _rand(2, 2, 9, 8, dtype=torch.float16, seed=21)
+    k, v = _rand(2, 2, 1, 16, dtype=torch.bfloat16, seed=22), _rand(2, 2, 1, 8, dtype=torch.float16, seed=23)
+    want_k, want_v = _rolled(keys, k), _rolled(values, v)
+    with torch.no_grad():
+        shift_kv_cache_(keys, values, k, v)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+
+
 def test_strided_caches_and_transposed_new_rows():
     # a cache sliced from a longer buffer, the new rows as transposed views of a packed projection output
     buf_k, buf_v = _rand(2, 3, 12, 32, seed=5), _rand(2, 3, 12, 32, seed=6)
@@ -76,6 +86,8 @@ def test_errors():
             shift_kv_cache_(keys, values, _rand(1, 3, 1, 16), v)
         with pytest.raises(InvalidArgumentError, match="dtype"):
             shift_kv_cache_(keys, values, k.half(), v)
+        with pytest.raises(InvalidArgumentError, match="one tensor's memory"):
+            shift_kv_cache_(keys, keys, k, k)
     with pytest.raises(KVCacheGradientError):
         shift_kv_cache_(keys, values, k.requires_grad_(True), v)
 

@@ -117,6 +117,8 @@ def test_bad_arguments_are_named():
             rmsnorm_add_rmsnorm(x, r, w_a, w_b, x_eps=0.0)
         with pytest.raises(InvalidArgumentError, match="eps"):
             rmsnorm_add(x, r, w_a, -1.0)
+        with pytest.raises(InvalidArgumentError, match="x"):
+            rmsnorm_add_rmsnorm(None, r, w_a, w_b)
 
 
 def test_registered_ops_opcheck_and_compile():

@@ -142,32 +142,11 @@ def _kv_cache_write_kernel(
 
 
 @triton.jit
-def _kv_cache_shift_kernel(keys, values, k, v, H, W, DK, DV, skb, skh, sks, svb, svh, svs, nkb, nkh, nvb, nvh,
-                           K_BLOCKS, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A full sliding-window cache takes one new row: every row moves one position toward the start (the oldest is
-    dropped) and the new row goes last, in place. Program ``(b * H + h, j)``: ``BLOCK_D`` columns of one head's
-    rows, of K for ``j < K_BLOCKS``, else of V. Its columns are its own, so programs never meet; inside the program
-    a chunk of rows is loaded, a barrier waits for every thread's loads, and then the chunk is stored one row up:
-    the row a store overwrites was loaded by the previous chunk (before the previous barrier) or by this one, and
-    later chunks load only rows no store has reached."""
-    bh = tl.program_id(0)
-    j = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    if j < K_BLOCKS:
-        cache = keys + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-        new = k + b.to(tl.int64) * nkb + h.to(tl.int64) * nkh
-        stride = sks
-        d_end = DK
-        d0 = j * BLOCK_D
-    else:
-        cache = values + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-        new = v + b.to(tl.int64) * nvb + h.to(tl.int64) * nvh
-        stride = svs
-        d_end = DV
-        d0 = (j - K_BLOCKS) * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < d_end
+def _shift_strip(cache, new, stride, W, offs_d, d_ok, BLOCK_W: tl.constexpr):
+    """One strip of columns (``offs_d``) of one head's ``W`` rows at ``cache`` (row stride ``stride``): each row one
+    position up, ``new``'s columns into the last row. A chunk's loads, a barrier for every thread's loads, then its
+    stores: the row a store overwrites was loaded by the previous chunk (before the previous barrier) or by this
+    one, and later chunks load only rows no store has reached."""
     offs_w = tl.arange(0, BLOCK_W)
     for w0 in range(0, W - 1, BLOCK_W):
         dst = w0 + offs_w
@@ -177,4 +156,23 @@ def _kv_cache_shift_kernel(keys, values, k, v, H, W, DK, DV, skb, skh, sks, svb,
         tl.store(cache + dst.to(tl.int64)[:, None] * stride + offs_d[None, :], rows, mask=ok)
     tl.debug_barrier()
     row = tl.load(new + offs_d, mask=d_ok)
-    tl.store(cache + (W - 1) * stride + offs_d, row, mask=d_ok)  # within one head's rows: int32 is enough
+    tl.store(cache + tl.cast(W - 1, tl.int64) * stride + offs_d, row, mask=d_ok)
+
+
+@triton.jit
+def _kv_cache_shift_kernel(keys, values, k, v, H, W, DK, DV, skb, skh, sks, svb, svh, svs, nkb, nkh, nvb, nvh,
+                           K_BLOCKS, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A full sliding-window cache takes one new row: every row moves one position toward the start (the oldest is
+    dropped) and the new row goes last, in place. Program ``(b * H + h, j)``: ``BLOCK_D`` columns of one head's
+    rows (:func:`_shift_strip`), of K for ``j < K_BLOCKS``, else of V (each branch its own call: K and V may differ
+    in dtype and stride width). Its columns are its own, so programs never meet."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    if j < K_BLOCKS:
+        offs_d = j * BLOCK_D + tl.arange(0, BLOCK_D)
+        _shift_strip(keys + b * skb + h * skh, k + b * nkb + h * nkh, sks, W, offs_d, offs_d < DK, BLOCK_W)
+    else:
+        offs_d = (j - K_BLOCKS) * BLOCK_D + tl.arange(0, BLOCK_D)
+        _shift_strip(values + b * svb + h * svh, v + b * nvb + h * nvh, svs, W, offs_d, offs_d < DV, BLOCK_W)

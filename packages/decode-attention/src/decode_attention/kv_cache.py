@@ -334,6 +334,9 @@ def validate_kv_cache_shift(keys: torch.Tensor, values: torch.Tensor, k: torch.T
     info = validate_kv_cache_write(keys, values, k, v)
     if info.new != 1:
         raise ShapeMismatchError(f"k: expected one new row (dimension 2) for a shift, got {info.new}")
+    if keys.numel() and keys.data_ptr() == values.data_ptr():
+        raise InvalidArgumentError("keys, values: expected two caches, got one tensor's memory for both (it would "
+                                   "be shifted twice)")
     return info
 
 

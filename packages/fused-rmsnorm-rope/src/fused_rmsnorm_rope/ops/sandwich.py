@@ -125,6 +125,8 @@ def _(x, residual, weight, eps, gemma):
 def _composed(*tensors: torch.Tensor) -> bool:
     """Whether the call runs as the composition of the differentiable ops: a gradient to record, or a row longer
     than one pass."""
+    if not isinstance(tensors[0], torch.Tensor):
+        return False  # the launch's validation names what it got
     grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
     return grad or not _one_launch(tensors[0])
 

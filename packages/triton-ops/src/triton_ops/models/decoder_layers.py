@@ -827,7 +827,8 @@ def _sliding_layer_update(cache, k, v, layer_idx: int) -> tuple | None:
         return None
     keys, values = layer.keys, layer.values
     if (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)) or not can_run_on(keys.device) \
-            or keys.dtype != k.dtype or values.dtype != v.dtype or keys.shape[-2] != layer.max_cache_len:
+            or keys.dtype != k.dtype or values.dtype != v.dtype or keys.shape[-2] != layer.max_cache_len \
+            or k.stride(-1) != 1 or v.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         return None
     shift_kv_cache_(keys, values, k, v)
     setattr(layer, counter, length + 1)
