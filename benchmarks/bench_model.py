@@ -56,6 +56,10 @@ EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-b
 # (decoder_layers.INPUT_NORM_IN_QKV and POST_NORM_IN_MLP switched on while it is measured; off by default, measured
 # slower), for the before/after of those fusions in one run.
 FUSED_NORMS = "-fused-norms"
+# Any patched variant + this suffix: measured with programmatic dependent launch off (triton_ops_core.pdl: the
+# decode kernels launch early and prefetch their weights before waiting on the previous kernel; on by default on
+# Hopper), for the before/after in one run. It combines with FUSED_NORMS (that suffix last).
+NO_PDL = "-no-pdl"
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
@@ -162,7 +166,7 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     from triton_ops.models import decoder_layers
 
     fused = variant.endswith(FUSED_NORMS)
-    variant = variant.removesuffix(FUSED_NORMS)
+    variant = variant.removesuffix(FUSED_NORMS).removesuffix(NO_PDL)
     for name, default in zip(NORM_SWITCHES, library_switches(), strict=True):
         setattr(decoder_layers, name, True if fused else default)
     model = build_model(config, device, dtype)
@@ -291,7 +295,49 @@ def measure_decode(model, batch: int, context: int, steps: int) -> dict[str, Any
     wall_ms = (time.perf_counter() - t0) * 1e3
     gpu_us, kernels, breakdown = profiled_gpu_us(step, steps)
     return {"batch": batch, "context": context, "gpu_us": gpu_us, "kernels": kernels,
-            "tokens_per_s": batch / (gpu_us * 1e-6), "eager_wall_ms": wall_ms, "top_kernels": breakdown}
+            "tokens_per_s": batch / (gpu_us * 1e-6), "eager_wall_ms": wall_ms, "top_kernels": breakdown,
+            "graph_us": graph_step_us(model, cache, ids, context)}
+
+
+def graph_step_us(model, cache, ids: torch.Tensor, position: int, replays: int = 20) -> float | None:
+    """GPU time of one decode step replayed from a CUDA graph (median of 5 x ``replays``): the kernels and the gaps
+    between them, no host time; what a compiled ``reduce-overhead`` decode pays per step, and the time that shows
+    what PDL overlaps (the profiler's sum of kernel durations counts an early-launched kernel's wait as its own).
+    Every replay writes the same cache position (a fixed ``cache_position``: a graph holds no host-side counter).
+    None when the step cannot be captured (the failure is printed)."""
+    kw = cache_kwarg(model)
+    position_t = torch.tensor([position], device=ids.device)
+
+    def step():
+        return model(input_ids=ids, cache_position=position_t, **{kw: cache}, use_cache=True)
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # a host sync or an allocation the capture refuses: reported, not fatal
+        print(f"  CUDA-graph capture of the decode step failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        torch.cuda.synchronize()
+        return None
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / replays)
+    del graph
+    return sorted(times)[len(times) // 2]
 
 
 @torch.inference_mode()
@@ -396,6 +442,15 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30) -> float:
 
 
 def run_variant(name: str, variant: str, config, args, device, ref: dict | None) -> tuple[VariantResult, dict]:
+    from triton_ops_core import pdl
+
+    if NO_PDL in variant:  # planned and measured with PDL off; plans made under it are dropped when it ends
+        with pdl.override(False):
+            return _run_variant(name, variant, config, args, device, ref)
+    return _run_variant(name, variant, config, args, device, ref)
+
+
+def _run_variant(name: str, variant: str, config, args, device, ref: dict | None) -> tuple[VariantResult, dict]:
     res = VariantResult(variant)
     gc.collect()
     torch.cuda.empty_cache()
@@ -426,8 +481,10 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
             point = attempt(f"decode b{batch} c{context}", measure_decode, model, batch, context, args.steps)
             if point:
                 res.decode.append(point)
+                graph = point.get("graph_us")
                 print(f"  {name}/{variant} decode b={batch} ctx={context}: {point['gpu_us']:.0f} us GPU, "
-                      f"{point['kernels']:.0f} kernels, eager wall {point['eager_wall_ms']:.1f} ms", flush=True)
+                      f"{point['kernels']:.0f} kernels, CUDA graph {'-' if graph is None else f'{graph:.0f} us'}, "
+                      f"eager wall {point['eager_wall_ms']:.1f} ms", flush=True)
     if "prefill" in args.parts:
         res.prefill = attempt("prefill", measure_prefill, model, args.prefill_tokens, not args.no_compile) or {}
     if "generate" in args.parts:
@@ -505,15 +562,18 @@ def _model_section(model: dict[str, Any]) -> list[str]:
     experts = f"; {moe[0]} experts, top {moe[1]}" if moe else ""
     lines = [f"## {model['model']} ({model['layers']} layers, hidden {model['hidden']}{experts})", "",
              "### Decode step, GPU time", "",
-             "| variant | batch | context | GPU time | kernels | tokens/s (GPU) | vs transformers | floor | x floor |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | batch | context | GPU time | kernels | tokens/s (GPU) | vs transformers | floor | x floor | "
+             "CUDA graph | x floor (graph) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
         for p in v["decode"]:
             floor = _floor_us(model, v, p["batch"])
             b = base.get((p["batch"], p["context"]))
+            graph = p.get("graph_us")
+            graph_cells = f"{graph:,.0f} us | {graph / floor:.2f}x" if graph else "- | -"
             lines.append(f"| {v['variant']} | {p['batch']} | {p['context']} | {p['gpu_us']:,.0f} us | "
                          f"{p['kernels']:.0f} | {p['tokens_per_s']:,.0f} | {_fmt(b and b / p['gpu_us'], '.2f')}x | "
-                         f"{floor:,.0f} us | {p['gpu_us'] / floor:.2f}x |")
+                         f"{floor:,.0f} us | {p['gpu_us'] / floor:.2f}x | {graph_cells} |")
     lines += ["", "### generate(), batch 1, as users see it (ms per new token; prefill excluded)", "",
               "| variant | eager | tokens/s | static cache + torch.compile (transformers' fast path) | tokens/s | "
               "first call (compiles) | floor | x floor |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -578,7 +638,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}; a patched one with the suffix "
-                        f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches")
+                        f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches; with {NO_PDL} (before "
+                        f"{FUSED_NORMS}): measured without programmatic dependent launch")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",
                    help="decode points, BATCHxCONTEXT, comma-separated")
@@ -601,8 +662,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def known_variants(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``names`` and each patched one with :data:`FUSED_NORMS`."""
-    return names + tuple(n + FUSED_NORMS for n in names if n.startswith("patched"))
+    """``names`` and each patched one with :data:`NO_PDL`, :data:`FUSED_NORMS` or both (in that order)."""
+    patched = [n for n in names if n.startswith("patched")]
+    return names + tuple(n + suffix for n in patched for suffix in (NO_PDL, FUSED_NORMS, NO_PDL + FUSED_NORMS))
 
 
 def check_known(parser: argparse.ArgumentParser, checks) -> None:

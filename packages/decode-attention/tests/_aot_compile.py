@@ -44,10 +44,14 @@ def main() -> int:
                       DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                       UPCAST=False, P_LOW=dt != "fp32")
         ok &= build(K._attention_kernel, types, consts, name, warps)
+        if split:  # the decode step's launch with programmatic dependent launch (triton_ops_core.pdl)
+            ok &= build(K._attention_kernel, types, {**consts, "PDL": True}, f"{name}, PDL", warps)
     combine_types = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "sink_ptr": "*fp32",
                      "out_ptr": "*bf16", **dict.fromkeys(["H_KV", "GROUP", "SQ", "N_SPLITS", "ROWS_PAD"], I32)}
     ok &= build(K._combine_kernel, combine_types,
                 dict(HAS_SINKS=True, HEAD_DIM=64, BLOCK_R=8, BLOCK_D=64, BLOCK_S=16), "combine", 4)
+    ok &= build(K._combine_kernel, combine_types,
+                dict(HAS_SINKS=False, HEAD_DIM=128, BLOCK_R=16, BLOCK_D=128, BLOCK_S=4, PDL=True), "combine, PDL", 4)
     # the KV-cache write with its device length counter, the trap (inline PTX) compiled in
     cache_types = {"keys_ptr": "*bf16", "values_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                    "pos_ptr": "*i64", "len_ptr": "*i64", "q_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
@@ -63,6 +67,9 @@ def main() -> int:
     ok &= build(CK._kv_cache_write_kernel, cache_types,
                 dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=True, K_DIM=128, V_DIM=128,
                      BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32), "kv cache write with QK norm and RoPE", 4)
+    ok &= build(CK._kv_cache_write_kernel, cache_types,
+                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=False, K_DIM=128, V_DIM=128,
+                     BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32, PDL=True), "kv cache write with RoPE, PDL", 4)
     return 0 if ok else 1
 
 

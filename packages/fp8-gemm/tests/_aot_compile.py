@@ -40,6 +40,13 @@ VARIANTS = [
      True),
     ("E4M3 channel scales, 16 rows, split K, fp16 dots, 8 warps, norm prologue, residual add", "*fp8e4nv",
      W.SCALE_CHANNEL, True, True, True, 16, 128, 256, 4, True, 8),
+    # with programmatic dependent launch (triton_ops_core.pdl): each program's first weight lines prefetched into
+    # L2 before it waits on the previous kernel; one-row FMA tiles (bf16, E4M3 group scales) and a split-K dot tile
+    ("PDL: bf16 weight, one row, residual add", "*bf16", W.SCALE_NONE, False, True, False, 1, 8, 512, 1, False, 4,
+     8),
+    ("PDL: E4M3 group scales, one row", "*fp8e4nv", W.SCALE_GROUP, False, False, False, 1, 16, 512, 1, False, 4, 8),
+    ("PDL: E4M3 group scales, 16 rows, split K, fp16 dots", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 64,
+     128, 4, True, 4, 2),
 ]
 
 
@@ -48,12 +55,13 @@ def main() -> int:
     for name, wtype, mode, norm, add_out, dot, bm, bn, bk, split, *extra in VARIANTS:
         f16 = extra[0] if extra else False
         warps = extra[1] if len(extra) > 1 else 4
+        prefetch = extra[2] if len(extra) > 2 else 0  # PDL with that many prefetched lines a row
         types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
                  "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "res_ptr": "*bf16", "norm_eps": "fp32",
                  **dict.fromkeys(INTS, "i32")}
         consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm, NORM_BLOCK=max(16, 2048 // bm),
                       USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,
-                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16))
+                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16), PDL=bool(prefetch), PREFETCH_LINES=prefetch)
         ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, warps, 4)
     return 0 if ok else 1
 

@@ -57,6 +57,11 @@ VARIANTS = [
      decode(16, 64, 128, 1, 3, f16_dot=True, norm=True)),
     ("decode, group scales, two-row CUDA-core tile, split K, RMSNorm prologue", DECODE, K.SCALE_GROUP,
      decode(2, 8, 256, 2, 3, fma=True, even_k=False, norm=True)),
+    # programmatic dependent launch (triton_ops_core.pdl): both weights' first lines prefetched before the wait
+    ("decode, group scales, one-row CUDA-core tile, PDL", DECODE, K.SCALE_GROUP,
+     {**decode(1, 8, 512, 1, 4, fma=True), "PDL": True, "PREFETCH_LINES": 8}),
+    ("decode, group scales, fp16 tensor-core dots (F16_DOT), split K, PDL", DECODE, K.SCALE_GROUP,
+     {**decode(16, 32, 128, 4, 3, f16_dot=True), "PDL": True, "PREFETCH_LINES": 2}),
     ("prefill, group scales", K._gated_mlp_prefill_kernel, K.SCALE_GROUP,
      dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, USE_TMA=False)),
 ]

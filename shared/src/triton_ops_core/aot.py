@@ -41,6 +41,10 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
         from triton.compiler import compile as triton_compile
     except ImportError:
         sys.exit(AOT_UNAVAILABLE)
+    # constexprs with a default (switches added later, such as PDL) compile at their default unless given
+    consts = {**{p.name: p.default for p in getattr(fn, "params", ()) if getattr(p, "is_constexpr", False)
+                 and getattr(p, "has_default", False) and p.name not in consts}, **consts}
+    launch_pdl = bool(consts.get("PDL", False))
     source_type = ASTSource
     if type(fn).__name__ == "GluonJITFunction":
         from triton.experimental.gluon._runtime import GluonASTSource as source_type
@@ -64,8 +68,8 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
             sys.exit(AOT_UNAVAILABLE)
         max_loop_instructions = None
     try:
-        compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
+        options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if launch_pdl else {})}
+        compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         spills = local_memory_ops(compiled.asm["cubin"]) if no_spills else 0
         injected = injected_wgmma_waits(compiled.asm["ptx"]) if no_injected_waits else []
         loop = longest_loop(compiled.asm["cubin"]) if max_loop_instructions is not None else 0

@@ -148,21 +148,38 @@ def _hooks_off() -> bool:
     return _RUNTIME_KNOBS.launch_enter_hook is None and _RUNTIME_KNOBS.launch_exit_hook is None
 
 
+# Bumped by invalidate_plans(): every PlanCache drops its plans on its next lookup. For settings a plan bakes in
+# that are not part of a call's key (whether launches use PDL: triton_ops_core.pdl.override).
+_generation = 0
+
+
+def invalidate_plans() -> None:
+    """Every :class:`PlanCache` forgets its plans (on its next lookup): the next calls are planned anew."""
+    global _generation
+    _generation += 1
+
+
 class PlanCache:
-    """A bounded dict of plans (cleared when full: shapes in a serving loop repeat, so it refills at once)."""
+    """A bounded dict of plans (cleared when full: shapes in a serving loop repeat, so it refills at once, and by
+    :func:`invalidate_plans`)."""
 
     def __init__(self) -> None:
-        self._plans: dict[tuple, Plan] = {}
+        self._plans: dict[tuple, Any] = {}
+        self._generation = _generation
 
-    def get(self, key: tuple) -> Plan | None:
+    def get(self, key: tuple) -> Any:
+        if self._generation != _generation:
+            self._plans.clear()
+            self._generation = _generation
         try:
             return self._plans.get(key)
         except TypeError:  # an unhashable argument: validation rejects it
             return None
 
-    def put(self, key: tuple, plan: Plan) -> Plan:
-        if len(self._plans) >= MAX_PLANS:
+    def put(self, key: tuple, plan: Any) -> Any:
+        if len(self._plans) >= MAX_PLANS or self._generation != _generation:
             self._plans.clear()
+            self._generation = _generation
         self._plans[key] = plan
         return plan
 
@@ -170,4 +187,5 @@ class PlanCache:
         self._plans.clear()
 
 
-__all__ = ["MAX_PLANS", "Plan", "PlanCache", "call_key", "cdiv", "interpret_setting", "next_pow2", "tensor_key"]
+__all__ = ["MAX_PLANS", "Plan", "PlanCache", "call_key", "cdiv", "interpret_setting", "invalidate_plans", "next_pow2",
+           "tensor_key"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 
 POS_INDEX = 0
 POS_TENSOR = 1
@@ -86,7 +87,11 @@ def _kv_cache_write_kernel(
     s_q_b, s_q_h, s_q_t, s_cs_b, s_cs_t,
     POSITIONS: tl.constexpr, ADVANCE: tl.constexpr, TRAP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
     K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel first
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     HALF: tl.constexpr = K_DIM // 2
     offs_h = tl.arange(0, BLOCK_D // 2)

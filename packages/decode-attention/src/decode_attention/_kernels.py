@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 
 # Mask kinds (constexpr): the host maps the mask's dtype to these.
 MASK_NONE = 0
@@ -166,7 +167,12 @@ def _attention_kernel(
     # tiles (a constexpr head dim: the d-masks fold away or keep 16-element runs, and loads stay vectorized)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TRIM_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel (the cache's write)
+    # before it reads anything
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -259,8 +265,10 @@ def _combine_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr,
     H_KV, GROUP, SQ, N_SPLITS, ROWS_PAD,
     HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # the partials are the attention kernel's
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)

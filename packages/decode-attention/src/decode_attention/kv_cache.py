@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from triton_ops_core import pdl
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, TritonKernelError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
@@ -208,7 +209,7 @@ def _plan(keys, values, k, v, rope, norm, mode: int, info: KVCacheWrite) -> Plan
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *q_strides, *table_strides,
         mode, one, keys.device.type == "cuda", rope is not None, norm is not None, info.k_dim, info.v_dim, block_d,
-        block_r, block_q), 4, extra=one)
+        block_r, block_q, pdl.enabled(keys.device)), 4, extra=one, **pdl.launch_options(pdl.enabled(keys.device)))
 
 
 _PLANS = PlanCache()

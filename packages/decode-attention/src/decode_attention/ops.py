@@ -18,6 +18,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from triton_ops_core import pdl
 from triton_ops_core.device import sm_count
 from triton_ops_core.exceptions import TritonKernelError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
@@ -161,6 +162,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     mask_1d = attn_mask is not None and (sm_h == 0 or info.group == 1) and (sm_q == 0 or sq == 1)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     on_cpu = not _on_gpu(dev)
+    pdl_on = pdl.enabled(dev)
     main = Plan(K._attention_kernel, (bh, splits, row_blocks), (
         hkv, info.group, sq, s, chunk, splits, rows_pad,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -170,15 +172,16 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         mask_kind, mask_1d, sinks is not None, is_causal, sliding_window is not None, splits > 1,
         # HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, TRIM_N, DOT_PRECISION, UPCAST, P_LOW
         d, t.block_m, t.block_n, t.block_d, _trim_n(t, mask_1d), _dot_precision(dtype),
-        on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32), t.num_warps,
-        num_stages=t.num_stages)
+        on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on), t.num_warps,
+        num_stages=t.num_stages, **pdl.launch_options(pdl_on))
     combine = None
     if splits > 1:
         block_r = min(128 if on_cpu else 16, max(2, next_pow2(rows)))
         # all splits' partials of a row block at once, up to ~8k fp32 accumulator elements per step
         block_s = max(2, min(next_pow2(splits), 8192 // (block_r * t.block_d) if not on_cpu else 64))
         combine = Plan(K._combine_kernel, (bh, cdiv(rows, block_r)),
-                       (hkv, info.group, sq, splits, rows_pad, sinks is not None, d, block_r, t.block_d, block_s), 4)
+                       (hkv, info.group, sq, splits, rows_pad, sinks is not None, d, block_r, t.block_d, block_s,
+                        pdl_on), 4, **pdl.launch_options(pdl_on))
     return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d)
 
 

@@ -35,6 +35,7 @@ import functools
 from typing import Any
 
 import torch
+from triton_ops_core import pdl
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
@@ -304,6 +305,22 @@ def check_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     check_dtype(residual, "residual", (x.dtype,))
 
 
+# K tiles of each weight row a program asks L2 for before it waits on the previous kernel (PDL): two tiles' worth,
+# as measured on the H200 (benchmarks/dev/pdl_chain.py, session 25: the first weight tiles fetched before the wait
+# took 0.7-0.9 us more off each GEMV of a chain than the early launch alone).
+PREFETCH_TILES = 2
+
+
+def _pdl_tail(device: torch.device, weight: torch.Tensor, block_k: int, tiles_per_split: int) -> tuple[bool, int]:
+    """The kernel's ``PDL`` and ``PREFETCH_LINES``: whether launches on ``device`` use PDL, and how many 128-byte
+    lines of each weight row a program prefetches first (K-contiguous weights only; a power of two)."""
+    on = pdl.enabled(device)
+    if not on or weight.stride(1) != 1:
+        return on, 0
+    row_bytes = min(PREFETCH_TILES, tiles_per_split) * block_k * weight.element_size()
+    return on, next_pow2(max(1, row_bytes // 128))
+
+
 def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
                config: dict[str, Any] | None = None, add_out: torch.Tensor | None = None,
                norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> WeightOnlyPlan:
@@ -383,14 +400,15 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         ss_k, ss_n = weight_scale.stride(0), weight_scale.stride(1)
     # split K: one int32 counter per (column block, row tile) and the [split, M, N] fp32 partials
     counters, partials = (grid[0] * grid[2], split * m * n) if split > 1 else (0, 0)
+    pdl_on, prefetch = _pdl_tail(x.device, weight, bk, per_split)
     # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
     tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
             bias.stride(0) if bias is not None else 0, per_split, float(norm_eps),
             mode, bias is not None, add_out is not None, norm_weight is not None, norm_block(k, bm, _INTERP),
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
-            cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype))
+            cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch)
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
-                  num_stages=cfg["num_stages"])
+                  num_stages=cfg["num_stages"], **pdl.launch_options(pdl_on))
     return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info)
 
 

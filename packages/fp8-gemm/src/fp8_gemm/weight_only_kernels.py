@@ -44,6 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
 from triton_ops_core.rms_prologue import normalized, row_rstd
 
 # SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
@@ -135,7 +136,7 @@ def fp8_weight_only_kernel(
     NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
-    F16_DOT: tl.constexpr,
+    F16_DOT: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out = residual + ...`` (``res_ptr``: ``out``
@@ -150,7 +151,9 @@ def fp8_weight_only_kernel(
     pipeline depth (asynchronous copies into shared memory); given explicitly, so the FMA variant, whose loads
     feed no ``tl.dot``, is pipelined too. ``F16_DOT`` (E4M3 weights, bf16 x, ``USE_DOT``): the dot runs on fp16
     operands, x's rows scaled into fp16 exactly by powers of two (``rows_to_f16``), which saves the weight's second
-    conversion (E4M3 -> fp16 is one packed instruction per two weights, -> bf16 two).
+    conversion (E4M3 -> fp16 is one packed instruction per two weights, -> bf16 two). ``PDL``
+    (``triton_ops_core.pdl``): launched early, this program asks L2 for the first ``PREFETCH_LINES`` 128-byte
+    lines of each of its weight rows, then waits for the previous kernel before it reads x or writes anything.
     """
     CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # group scales, one row: products summed per chunk
     pid_n = tl.program_id(0)
@@ -162,6 +165,10 @@ def fp8_weight_only_kernel(
     k_first = pid_k * tiles_per_split
     k_last = tl.minimum(k_first + tiles_per_split, tl.cdiv(K, BLOCK_K))
     k_start = k_first * BLOCK_K
+    pdl_launch_dependents(PDL)
+    if PDL and PREFETCH_LINES > 0:  # the weight: no kernel of the step writes it
+        prefetch_rows(w_ptr, offs_n, N, stride_wn, k_start, K, PREFETCH_LINES)
+    pdl_wait(PDL)
     # the scale block column of this tile (block scales): constant over the tile since BLOCK_N divides 128
     s_col = s_ptr + ((pid_n * BLOCK_N) // 128) * stride_sn
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :] * stride_xk

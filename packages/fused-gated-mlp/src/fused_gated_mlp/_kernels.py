@@ -33,6 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
 from triton_ops_core.rms_prologue import normalized, row_rstd
 
 # Activation codes (constexpr): the host maps names to these.
@@ -432,13 +433,15 @@ def _gated_mlp_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, INTERPRET: tl.constexpr, USE_FMA: tl.constexpr, F16_DOT: tl.constexpr,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
 ):
     """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights.
     ``USE_FMA``: CUDA-core products (``_fma_k_loop``) instead of tensor-core dots; any ``BLOCK_M``, 1 included.
     ``NORM``: x is RMS-normalized first with the weight at ``nw_ptr`` and ``norm_eps``, bit for bit as the RMSNorm
     kernel writes it (``triton_ops_core.rms_prologue``: every program sums its rows' squares over all of K, its
-    K slice or not, ``NORM_BLOCK`` columns a step, then normalizes each x tile it loads)."""
+    K slice or not, ``NORM_BLOCK`` columns a step, then normalizes each x tile it loads). ``PDL``
+    (``triton_ops_core.pdl``): launched early, the program asks L2 for the first ``PREFETCH_LINES`` lines of its
+    rows of both weights, then waits for the previous kernel before it reads x or writes anything."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -449,6 +452,11 @@ def _gated_mlp_decode_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_start = pid_k * tiles_per_split * BLOCK_K
     k_end = tl.minimum(K, k_start + tiles_per_split * BLOCK_K)
+    pdl_launch_dependents(PDL)
+    if PDL and PREFETCH_LINES > 0:  # the weights: no kernel of the step writes them
+        prefetch_rows(wg_ptr, offs_n, N, stride_wg, k_start, k_end, PREFETCH_LINES)
+        prefetch_rows(wu_ptr, offs_n, N, stride_wu, k_start, k_end, PREFETCH_LINES)
+    pdl_wait(PDL)
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

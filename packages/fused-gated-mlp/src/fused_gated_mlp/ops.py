@@ -27,12 +27,13 @@ from typing import NamedTuple
 import torch
 import triton
 from triton.runtime import _allocation
+from triton_ops_core import pdl
 from triton_ops_core.device import is_hopper
 from triton_ops_core.exceptions import (
     InvalidArgumentError,
     UnsupportedDtypeError,
 )
-from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv
+from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.rms_prologue import check_norm, norm_block, rms_normalized
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_ndim, check_tensor
@@ -71,6 +72,18 @@ def _ensure_tma_allocator() -> None:
     """
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_alloc_descriptor_scratch)
+
+
+# K tiles of each weight row a decode program asks L2 for before it waits on the previous kernel (PDL), as the FP8
+# weight-only GEMV does (fp8_gemm.weight_only.PREFETCH_TILES; benchmarks/dev/pdl_chain.py, session 25).
+PREFETCH_TILES = 2
+
+
+def _prefetch_lines(pdl_on: bool, block_k: int, tiles_per_split: int, weight_bytes: int) -> int:
+    """The decode kernel's ``PREFETCH_LINES``: 128-byte lines of each weight row prefetched before the PDL wait."""
+    if not pdl_on:
+        return 0
+    return next_pow2(max(1, min(PREFETCH_TILES, tiles_per_split) * block_k * weight_bytes // 128))
 
 
 @functools.cache
@@ -235,6 +248,7 @@ def _build_plan(
     options = (_ACTIVATION_CODES[activation], gate_bias is not None, up_bias is not None, scaling)
     precision = (_dot_precision(x2d.dtype), on_cpu and x2d.dtype != torch.float32)  # DOT_PRECISION, UPCAST
     grid_m, grid_n = cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"])
+    pdl_on = False  # the prefill GEMM launches as before (its tiles are not a decode step's chain)
     if path == "decode":
         split_k = cfg.get("SPLIT_K", 1)
         # EVEN_K only matters to the pointer loads; fixing it under TMA lets all shapes share one binary.
@@ -249,9 +263,12 @@ def _build_plan(
         f16_dot = (bool(cfg.get("F16_DOT", False)) and not use_fma and scaling != K.SCALE_NONE
                    and x2d.dtype == torch.bfloat16)
         norm = (norm_eps is not None, norm_block(K_dim, cfg["BLOCK_M"], on_cpu))  # NORM, NORM_BLOCK
+        pdl_on = pdl.enabled(device)
         tail = (sizes + (0.0 if norm_eps is None else float(norm_eps),) + options
                 + (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], split_k, even_k, cfg["num_stages"], use_tma)
-                + precision + (on_cpu, use_fma, f16_dot) + norm)
+                + precision + (on_cpu, use_fma, f16_dot) + norm
+                + (pdl_on, _prefetch_lines(pdl_on, cfg["BLOCK_K"], cdiv(cdiv(K_dim, cfg["BLOCK_K"]), split_k),
+                                           gate_weight.element_size())))
         workspace: tuple[int, ...] | None = (2 * M * N, grid_m * grid_n) if split_k > 1 else ()
     else:
         kernel = K._gated_mlp_prefill_kernel
@@ -261,7 +278,7 @@ def _build_plan(
         workspace = None
     extra = LaunchNeeds(N, device, is_cuda, workspace, use_tma and is_cuda)
     return Plan(kernel, grid, tail, cfg["num_warps"], n_rows=M, info=cfg, extra=extra,
-                num_stages=cfg["num_stages"])
+                num_stages=cfg["num_stages"], **pdl.launch_options(path == "decode" and pdl_on))
 
 
 def _run(plan: Plan, x2d: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,

@@ -1,0 +1,130 @@
+"""Programmatic dependent launch (PDL): a decode step's next kernel starts while the previous one finishes.
+
+A decode step is a chain of short kernels (norm, projections, attention, MLP), each a few microseconds; between two
+of them the GPU idles for the launch and for the next kernel's first weight loads. With PDL (Hopper and later), a
+kernel launched with ``launch_pdl`` may start as soon as every program of the kernel before it has signalled
+(``gdc_launch_dependents``); it reads what does not depend on that kernel (its weights) and then waits
+(``gdc_wait``, which returns once the previous kernel has completed and its writes are visible) before it reads its
+activations or writes anything. Measured on the H200 (session 25, ``benchmarks/dev/pdl_chain.py``: Llama-3-8B's
+layer GEMVs and norms chained in a CUDA graph): 1.2 us (bf16) to 1.6 us (FP8) less per kernel with the first weight
+tiles prefetched before the wait, 0.5-0.7 us with the wait at the start.
+
+The rules every kernel that takes ``PDL`` follows:
+
+- ``pdl_launch_dependents(PDL)`` early (the next kernel's programs then only wait in ``gdc_wait``);
+- before ``pdl_wait(PDL)``: loads of weights only (parameters no kernel of the step writes), address arithmetic and
+  L2 prefetches; never an activation, a cache, a mask, a position, or a store;
+- after it, everything else.
+
+A kernel that follows a non-PDL kernel (torch's, cuBLAS) starts when that one completes, as without PDL; a non-PDL
+kernel after ours waits for ours to complete. So the rules above are the whole contract. Where ``PDL`` is False (a
+GPU before Hopper, the interpreter, ``TRITON_OPS_PDL=0``) the calls compile to nothing.
+
+The launch side: :func:`enabled` says whether a device's launches use PDL; a plan built for that device passes
+``launch_pdl=True`` with the kernel's ``PDL=True``. :func:`override` switches it for a block (tests, benchmarks)
+and invalidates every cached plan (:func:`triton_ops_core.launch.invalidate_plans`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from .device import is_interpreter
+from .launch import invalidate_plans
+
+try:  # Triton 3.3+ (the oldest we support, 3.6, has it)
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+    _HAVE_GDC = True
+except ImportError:  # pragma: no cover - older Triton: PDL stays off
+    _HAVE_GDC = False
+
+ENV = "TRITON_OPS_PDL"
+_override: bool | None = None
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel's programs start (they wait in their own ``pdl_wait`` until this kernel completes)."""
+    if PDL:
+        _gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has completed and its writes are visible: before any activation is read and
+    before anything is written."""
+    if PDL:
+        _gdc_wait()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (a tensor of addresses; nothing is returned or waited for): a
+    weight tile's first lines fetched before :func:`pdl_wait`, so its first loads after the wait hit L2."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_rows(base, rows, n_rows, stride_row, k_start, k_end, LINES: tl.constexpr):
+    """L2-prefetch the first ``LINES`` 128-byte lines of each row in ``rows`` (``< n_rows``) of a K-contiguous
+    matrix at ``base``, from column ``k_start`` (``< k_end``): a weight tile's first steps, before :func:`pdl_wait`.
+    Lines outside the matrix are not asked for (their addresses fall back to ``base``'s first line)."""
+    LINE: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    cols = k_start + tl.arange(0, LINES) * LINE
+    ok = (rows < n_rows)[:, None] & (cols < k_end)[None, :]
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    prefetch_l2(tl.where(ok, ptrs, base))
+
+
+def _env_setting() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels launched on ``device`` use PDL: a CUDA device of compute capability 9.0 or later (Hopper,
+    Blackwell), compiled kernels (not the interpreter), Triton's GDC instructions present, ``TRITON_OPS_PDL`` not
+    ``0``; :func:`override` decides inside its block."""
+    if device.type != "cuda" or not _HAVE_GDC or is_interpreter():
+        return False
+    if _override is not None:
+        return _override
+    return _env_setting() and _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@contextlib.contextmanager
+def override(on: bool) -> Iterator[None]:
+    """Launches use PDL (``on``) or not inside the block, on every capable device; cached plans are dropped on entry
+    and exit so that the next calls are planned with the setting."""
+    global _override
+    previous = _override
+    _override = bool(on)
+    invalidate_plans()
+    try:
+        yield
+    finally:
+        _override = previous
+        invalidate_plans()
+
+
+def launch_options(on: bool) -> dict:
+    """The JIT launch options of a plan: ``{"launch_pdl": True}`` when ``on``, else none (Triton's default)."""
+    return {"launch_pdl": True} if on else {}
+
+
+__all__ = ["ENV", "enabled", "launch_options", "override", "pdl_launch_dependents", "pdl_wait", "prefetch_l2",
+           "prefetch_rows"]

@@ -1,0 +1,123 @@
+"""Programmatic dependent launch: when launches use it, the switches, the plans it invalidates, the launch option,
+and (on a Hopper GPU) a chain of early-launched kernels computing what the serial chain computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+import triton_ops_core.pdl as pdl
+from triton_ops_core.launch import PlanCache
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A compiled-kernel world with a capable device 0, whatever this machine is."""
+    monkeypatch.setattr(pdl, "is_interpreter", lambda: False)
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)
+    monkeypatch.setattr(pdl, "_HAVE_GDC", True)
+    monkeypatch.delenv(pdl.ENV, raising=False)
+
+
+CUDA0 = torch.device("cuda", 0)
+
+
+def test_on_for_a_capable_gpu_by_default(hopper):
+    assert pdl.enabled(CUDA0)
+
+
+def test_off_on_the_cpu_and_under_the_interpreter(hopper, monkeypatch):
+    assert not pdl.enabled(torch.device("cpu"))
+    with pdl.override(True):  # an override cannot turn it on where the instructions cannot run
+        assert not pdl.enabled(torch.device("cpu"))
+    monkeypatch.setattr(pdl, "is_interpreter", lambda: True)
+    assert not pdl.enabled(CUDA0)
+
+
+def test_off_before_hopper(hopper, monkeypatch):
+    monkeypatch.setattr(pdl, "_capable", lambda index: False)
+    assert not pdl.enabled(CUDA0)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off", " NO "])
+def test_the_environment_turns_it_off(hopper, monkeypatch, value):
+    monkeypatch.setenv(pdl.ENV, value)
+    assert not pdl.enabled(CUDA0)
+    monkeypatch.setenv(pdl.ENV, "1")
+    assert pdl.enabled(CUDA0)
+
+
+def test_override_decides_inside_its_block_and_restores(hopper, monkeypatch):
+    with pdl.override(False):
+        assert not pdl.enabled(CUDA0)
+        with pdl.override(True):
+            assert pdl.enabled(CUDA0)
+        assert not pdl.enabled(CUDA0)
+    assert pdl.enabled(CUDA0)
+    monkeypatch.setenv(pdl.ENV, "0")
+    with pdl.override(True):  # the override wins over the environment
+        assert pdl.enabled(CUDA0)
+
+
+def test_override_drops_every_cached_plan_on_entry_and_exit():
+    cache = PlanCache()
+    cache.put(("key",), "plan")
+    assert cache.get(("key",)) == "plan"
+    with pdl.override(False):
+        assert cache.get(("key",)) is None  # planned before the switch: gone
+        cache.put(("key",), "plan without PDL")
+        assert cache.get(("key",)) == "plan without PDL"
+    assert cache.get(("key",)) is None
+
+
+def test_launch_options():
+    assert pdl.launch_options(True) == {"launch_pdl": True}
+    assert pdl.launch_options(False) == {}
+
+
+@triton.jit
+def _scale_kernel(w_ptr, x_ptr, y_ptr, n, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    pdl.pdl_launch_dependents(PDL)
+    if PDL:
+        pdl.prefetch_rows(w_ptr, offs, n, 1, 0, 1, 1)
+    w = tl.load(w_ptr + offs, mask=ok)  # a weight: readable before the wait
+    pdl.pdl_wait(PDL)
+    x = tl.load(x_ptr + offs, mask=ok)
+    tl.store(y_ptr + offs, x * w + 1.0, mask=ok)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a Hopper (or later) GPU")
+def test_gpu_an_early_launched_chain_reads_each_result_after_it_is_written():
+    """Each kernel reads what the one before wrote; launched early, they must still wait for it. 64 kernels in a
+    CUDA graph, replayed: every result equals the serial chain's."""
+    n = 1 << 20
+    torch.manual_seed(0)
+    weights = [torch.rand(n, device="cuda") * 0.5 + 0.75 for _ in range(64)]
+    x0 = torch.randn(n, device="cuda")
+    bufs = [torch.empty_like(x0), torch.empty_like(x0)]
+
+    def chain(on: bool) -> torch.Tensor:
+        src = x0
+        for i, w in enumerate(weights):
+            dst = bufs[i % 2]
+            _scale_kernel[(triton.cdiv(n, 1024),)](w, src, dst, n, PDL=on, BLOCK=1024, **pdl.launch_options(on))
+            src = dst
+        return src
+
+    want = chain(False).clone()
+    got = chain(True).clone()
+    assert torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(5):
+        bufs[0].fill_(float("nan"))
+        bufs[1].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
