@@ -56,10 +56,11 @@ EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-b
 # (decoder_layers.INPUT_NORM_IN_QKV and POST_NORM_IN_MLP switched on while it is measured; off by default, measured
 # slower), for the before/after of those fusions in one run.
 FUSED_NORMS = "-fused-norms"
-# Any patched variant + this suffix: measured with programmatic dependent launch off (triton_ops_core.pdl: the
-# decode kernels launch early and prefetch their weights before waiting on the previous kernel; on by default on
-# Hopper), for the before/after in one run. It combines with FUSED_NORMS (that suffix last).
-NO_PDL = "-no-pdl"
+# Any patched variant + one of these suffixes: measured with programmatic dependent launch on / off
+# (triton_ops_core.pdl: the decode kernels launch early and prefetch their weights before waiting on the previous
+# kernel; opt-in for now), whatever the environment says, for the before/after in one run. Either combines with
+# FUSED_NORMS (that suffix last).
+PDL_ON, PDL_OFF = "-pdl", "-no-pdl"
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
@@ -166,7 +167,7 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     from triton_ops.models import decoder_layers
 
     fused = variant.endswith(FUSED_NORMS)
-    variant = variant.removesuffix(FUSED_NORMS).removesuffix(NO_PDL)
+    variant = variant.removesuffix(FUSED_NORMS).removesuffix(PDL_OFF).removesuffix(PDL_ON)
     for name, default in zip(NORM_SWITCHES, library_switches(), strict=True):
         setattr(decoder_layers, name, True if fused else default)
     model = build_model(config, device, dtype)
@@ -444,10 +445,19 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30) -> float:
 def run_variant(name: str, variant: str, config, args, device, ref: dict | None) -> tuple[VariantResult, dict]:
     from triton_ops_core import pdl
 
-    if NO_PDL in variant:  # planned and measured with PDL off; plans made under it are dropped when it ends
-        with pdl.override(False):
+    setting = pdl_setting(variant)
+    if setting is not None:  # planned and measured so; plans made under it are dropped when it ends
+        with pdl.override(setting):
             return _run_variant(name, variant, config, args, device, ref)
     return _run_variant(name, variant, config, args, device, ref)
+
+
+def pdl_setting(variant: str) -> bool | None:
+    """PDL on (:data:`PDL_ON`), off (:data:`PDL_OFF`) or as the environment says (None) for ``variant``."""
+    base = variant.removesuffix(FUSED_NORMS)
+    if base.endswith(PDL_OFF):
+        return False
+    return True if base.endswith(PDL_ON) else None
 
 
 def _run_variant(name: str, variant: str, config, args, device, ref: dict | None) -> tuple[VariantResult, dict]:
@@ -638,8 +648,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}; a patched one with the suffix "
-                        f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches; with {NO_PDL} (before "
-                        f"{FUSED_NORMS}): measured without programmatic dependent launch")
+                        f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches; with {PDL_ON} / "
+                        f"{PDL_OFF} (before {FUSED_NORMS}): measured with / without programmatic dependent launch")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",
                    help="decode points, BATCHxCONTEXT, comma-separated")
@@ -662,9 +672,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def known_variants(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``names`` and each patched one with :data:`NO_PDL`, :data:`FUSED_NORMS` or both (in that order)."""
+    """``names`` and each patched one with :data:`PDL_ON` or :data:`PDL_OFF`, :data:`FUSED_NORMS`, or both (in that
+    order)."""
     patched = [n for n in names if n.startswith("patched")]
-    return names + tuple(n + suffix for n in patched for suffix in (NO_PDL, FUSED_NORMS, NO_PDL + FUSED_NORMS))
+    suffixes = (PDL_ON, PDL_OFF, FUSED_NORMS, PDL_ON + FUSED_NORMS, PDL_OFF + FUSED_NORMS)
+    return names + tuple(n + suffix for n in patched for suffix in suffixes)
 
 
 def check_known(parser: argparse.ArgumentParser, checks) -> None:

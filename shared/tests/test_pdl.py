@@ -13,17 +13,23 @@ from triton_ops_core.launch import PlanCache
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """A compiled-kernel world with a capable device 0, whatever this machine is."""
+    """A compiled-kernel world with a capable device 0, whatever this machine is, PDL switched on."""
     monkeypatch.setattr(pdl, "is_interpreter", lambda: False)
     monkeypatch.setattr(pdl, "_capable", lambda index: True)
     monkeypatch.setattr(pdl, "_HAVE_GDC", True)
-    monkeypatch.delenv(pdl.ENV, raising=False)
+    monkeypatch.setenv(pdl.ENV, "1")
 
 
 CUDA0 = torch.device("cuda", 0)
 
 
-def test_on_for_a_capable_gpu_by_default(hopper):
+def test_the_default_for_a_capable_gpu(hopper, monkeypatch):
+    monkeypatch.delenv(pdl.ENV)
+    assert pdl.enabled(CUDA0) is pdl.DEFAULT_ON
+    monkeypatch.setattr(pdl, "DEFAULT_ON", True)
+    assert pdl.enabled(CUDA0)
+    monkeypatch.setenv(pdl.ENV, "1")
+    monkeypatch.setattr(pdl, "DEFAULT_ON", False)
     assert pdl.enabled(CUDA0)
 
 
@@ -56,6 +62,7 @@ def test_override_decides_inside_its_block_and_restores(hopper, monkeypatch):
         assert not pdl.enabled(CUDA0)
     assert pdl.enabled(CUDA0)
     monkeypatch.setenv(pdl.ENV, "0")
+    assert not pdl.enabled(CUDA0)
     with pdl.override(True):  # the override wins over the environment
         assert pdl.enabled(CUDA0)
 

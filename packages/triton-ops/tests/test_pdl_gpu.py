@@ -1,5 +1,6 @@
-"""On a Hopper GPU: a patched model's decode step with programmatic dependent launch (the default there) computes
-what it computes without, eagerly and replayed from a CUDA graph, and its decode kernels are planned with it."""
+"""On a Hopper GPU: a patched model's decode step with programmatic dependent launch (``triton_ops_core.pdl``, opt-in)
+computes what it computes without, eagerly and replayed from a CUDA graph, and its decode kernels are planned with
+it."""
 
 from __future__ import annotations
 
@@ -69,19 +70,25 @@ def test_gpu_decode_step_with_pdl_equals_without(fp8):
     model = _model(fp8)
     with pdl.override(False):
         want = _decode(model, graph=False)[0]
-    assert pdl.enabled(torch.device("cuda"))
-    eager = _decode(model, graph=False)[0]
-    graphed = _decode(model, graph=True)
+    with pdl.override(True):
+        assert pdl.enabled(torch.device("cuda"))
+        eager = _decode(model, graph=False)[0]
+        graphed = _decode(model, graph=True)
+        plans = _weight_only_launches()
     for got in [eager, *graphed]:
         assert torch.isfinite(got).all()
         # the same kernels in the same order; split-K partial sums may meet in another order
         assert _cosine(got, want) >= 0.99999
     # the decode kernels were planned with PDL: the weight-only GEMV's plans launch early
+    assert plans and all(launch.options.get("launch_pdl") for launch in plans)
+
+
+def _weight_only_launches() -> list:
+    """The weight-only GEMV's cached launches (``decode_linear``'s and ``FP8Linear``'s plans)."""
     from fp8_gemm import decode_linear
     from fp8_gemm import linear as fp8_linear
 
     entries = [*decode_linear._PLANS._plans.values(), *decode_linear._ADD_PLANS._plans.values(),
                *fp8_linear._PLANS._plans.values()]
     launches = [getattr(e[0] if isinstance(e, tuple) else e, "launch", None) for e in entries]
-    launches = [launch for launch in launches if hasattr(launch, "options")]
-    assert launches and all(launch.options.get("launch_pdl") for launch in launches)
+    return [launch for launch in launches if hasattr(launch, "options")]

@@ -18,7 +18,12 @@ The rules every kernel that takes ``PDL`` follows:
 
 A kernel that follows a non-PDL kernel (torch's, cuBLAS) starts when that one completes, as without PDL; a non-PDL
 kernel after ours waits for ours to complete. So the rules above are the whole contract. Where ``PDL`` is False (a
-GPU before Hopper, the interpreter, ``TRITON_OPS_PDL=0``) the calls compile to nothing.
+GPU before Hopper, the interpreter, PDL not switched on) the calls compile to nothing.
+
+Opt-in for now (:data:`DEFAULT_ON`): ``TRITON_OPS_PDL=1`` or :func:`override`. The library's kernels were given PDL
+in session 25 on a CPU machine (compiled for sm_90 there, the chain experiment measured on the H200 before), and the
+GPU could not be had again that session to run them; the default turns on once their GPU tests and the model
+benchmark have run with it.
 
 The launch side: :func:`enabled` says whether a device's launches use PDL; a plan built for that device passes
 ``launch_pdl=True`` with the kernel's ``PDL=True``. :func:`override` switches it for a block (tests, benchmarks)
@@ -48,6 +53,9 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     _HAVE_GDC = False
 
 ENV = "TRITON_OPS_PDL"
+# Whether PDL is on where nothing says otherwise (``TRITON_OPS_PDL`` unset): off until the kernels have run with it on
+# a GPU (see the module's docstring).
+DEFAULT_ON = False
 _override: bool | None = None
 
 
@@ -87,7 +95,10 @@ def prefetch_rows(base, rows, n_rows, stride_row, k_start, k_end, LINES: tl.cons
 
 
 def _env_setting() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value:
+        return DEFAULT_ON
+    return value not in {"0", "false", "no", "off"}
 
 
 @functools.cache
@@ -97,8 +108,8 @@ def _capable(index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use PDL: a CUDA device of compute capability 9.0 or later (Hopper,
-    Blackwell), compiled kernels (not the interpreter), Triton's GDC instructions present, ``TRITON_OPS_PDL`` not
-    ``0``; :func:`override` decides inside its block."""
+    Blackwell), compiled kernels (not the interpreter), Triton's GDC instructions present, and ``TRITON_OPS_PDL``
+    set to ``1`` (unset: :data:`DEFAULT_ON`; ``0`` turns it off); :func:`override` decides inside its block."""
     if device.type != "cuda" or not _HAVE_GDC or is_interpreter():
         return False
     if _override is not None:
@@ -126,5 +137,5 @@ def launch_options(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-__all__ = ["ENV", "enabled", "launch_options", "override", "pdl_launch_dependents", "pdl_wait", "prefetch_l2",
-           "prefetch_rows"]
+__all__ = ["DEFAULT_ON", "ENV", "enabled", "launch_options", "override", "pdl_launch_dependents", "pdl_wait",
+           "prefetch_l2", "prefetch_rows"]
