@@ -70,6 +70,12 @@ def main() -> int:
     ok &= build(CK._kv_cache_write_kernel, cache_types,
                 dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=False, K_DIM=128, V_DIM=128,
                      BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32, PDL=True), "kv cache write with RoPE, PDL", 4)
+    # a full sliding window moved on by one row (Gemma 3's 1024, bf16 K and V of head dim 256), early-launched
+    shift_types = {"keys": "*bf16", "values": "*bf16", "k": "*bf16", "v": "*bf16",
+                   **dict.fromkeys(["H", "W", "DK", "DV", "skb", "skh", "sks", "svb", "svh", "svs", "nkb", "nkh",
+                                    "nvb", "nvh", "K_BLOCKS"], I32)}
+    ok &= build(CK._kv_cache_shift_kernel, shift_types, dict(BLOCK_W=256, BLOCK_D=16, PDL=True),
+                "kv cache shift, PDL", 4, 1)
     return 0 if ok else 1
 
 

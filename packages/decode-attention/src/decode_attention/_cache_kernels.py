@@ -166,11 +166,14 @@ def _shift_strip(cache, new, stride, W, offs_d, d_ok, BLOCK_W: tl.constexpr):
 
 @triton.jit
 def _kv_cache_shift_kernel(keys, values, k, v, H, W, DK, DV, skb, skh, sks, svb, svh, svs, nkb, nkh, nvb, nvh,
-                           K_BLOCKS, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
+                           K_BLOCKS, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """A full sliding-window cache takes one new row: every row moves one position toward the start (the oldest is
     dropped) and the new row goes last, in place. Program ``(b * H + h, j)``: ``BLOCK_D`` columns of one head's
     rows (:func:`_shift_strip`), of K for ``j < K_BLOCKS``, else of V (each branch its own call: K and V may differ
-    in dtype and stride width). Its columns are its own, so programs never meet."""
+    in dtype and stride width). Its columns are its own, so programs never meet. ``PDL``: launched early, it waits
+    for the previous kernel first (triton_ops_core.pdl)."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     bh = tl.program_id(0)
     j = tl.program_id(1)
     b = (bh // H).to(tl.int64)

@@ -350,8 +350,9 @@ def _shift(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.T
         keys, values, k, v, info.heads, info.cache_len, info.k_dim, info.v_dim,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_blocks,
-        BLOCK_W=min(SHIFT_BLOCK_W, next_pow2(max(1, info.cache_len - 1))), BLOCK_D=SHIFT_BLOCK_D, num_warps=4,
-        num_stages=1)  # nothing to pipeline: one chunk's loads, a barrier, its stores
+        BLOCK_W=min(SHIFT_BLOCK_W, next_pow2(max(1, info.cache_len - 1))), BLOCK_D=SHIFT_BLOCK_D,
+        PDL=pdl.enabled(keys.device), num_warps=4, num_stages=1,  # nothing to pipeline: loads, a barrier, stores
+        **pdl.launch_options(pdl.enabled(keys.device)))
 
 
 @torch.library.custom_op(op_name("kv_cache_shift_"), mutates_args=("keys", "values"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -230,11 +231,15 @@ def _qk_norm_rope_fwd_kernel(
     Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
     INTERLEAVED: tl.constexpr, GEMMA: tl.constexpr, HAS_POS: tl.constexpr, STORE_RSTD: tl.constexpr,
     ROWS_PER_PROG: tl.constexpr, EVEN_ROWS: tl.constexpr, NORM: tl.constexpr, TRANSPOSE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``fused_qk_norm_rope`` forward: per token, every q head then every k head, in one program.
 
     ``NORM=False``: RoPE alone (``rope``; QW, KW, eps, the RSTDs unused); ``TRANSPOSE=True``: its backward.
+    ``PDL`` (``triton_ops_core.pdl``): launched early, the program loads the norm weights, then waits for the
+    previous kernel before it reads q, k or a table.
     """
+    pdl_launch_dependents(PDL)
     pid = tl.program_id(0)
     if NORM:
         qw1, qw2, qwp = _weights_for(QW, NUM_Q_HEADS, HEAD_DIM, ROT_DIM, Q_HEADS_PAD, HALF_PAD, PASS_PAD,
@@ -243,6 +248,7 @@ def _qk_norm_rope_fwd_kernel(
                                      INTERLEAVED, GEMMA, True)
     else:  # placeholders: the row function reads no weight without NORM
         qw1, qw2, qwp, kw1, kw2, kwp = 1.0, 1.0, 1.0, 1.0, 1.0, 1.0
+    pdl_wait(PDL)
     for i in tl.static_range(ROWS_PER_PROG):
         row = pid * ROWS_PER_PROG + i
         if EVEN_ROWS or row < n_rows:

@@ -8,6 +8,7 @@ contiguous tensors, or q and k themselves with ``inplace=True`` (then the packed
 from __future__ import annotations
 
 import torch
+from triton_ops_core import pdl
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import Plan, PlanCache, call_key, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
@@ -51,15 +52,16 @@ def _qk_plan(q, k, cos, position_ids, eps, rotary_dim, interleaved, gemma, store
         config = get_config(QK_FWD_KERNEL, (hq_pad + hk_pad) * (2 * half_pad + (pass_pad if has_pass else 0)),
                             n_rows, q.dtype, q.device, bench)
     rows = config["ROWS_PER_PROG"]
+    pdl_on = pdl.enabled(q.device) and not transpose  # the backward keeps its plain launch
     tail = (n_rows, seq, cos.shape[-2],
             sqb, sqs, qv.stride(-2), skb, sks, kv.stride(-2), *qo_strides, *ko_strides,
             spb, sps, scb, scs,
             eps,
             hq, hk, head_dim, rotary_dim, hq_pad, hk_pad, half_pad, pass_pad,
-            interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0, norm, transpose)
+            interleaved, gemma, pos is not None, store_rstd, rows, n_rows % rows == 0, norm, transpose, pdl_on)
     extra = RowCopies(qv is not q, kv is not k, pos is not None and pos is not position_ids)
     return Plan(_qk_norm_rope_fwd_kernel, (max(1, (n_rows + rows - 1) // rows),), tail, config["num_warps"], n_rows,
-                extra=extra)
+                extra=extra, **pdl.launch_options(pdl_on))
 
 
 def _run_qk(plan: Plan, q, k, q_weight, k_weight, cos, sin, position_ids, store_rstd: bool, inplace: bool):

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton_ops_core import pdl
 from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 
 from ..config import norm_heuristic
 from .rmsnorm import MAX_ONE_PASS, _rstd, _square64, _validate, fused_add_rmsnorm, rmsnorm
@@ -41,9 +43,12 @@ def _scaled(x, W, cols, mask, rstd, GEMMA: tl.constexpr):
 
 @triton.jit
 def _norm_add_norm_kernel(X, R, XW, W, Y, H, N, stride_x, stride_r, stride_y, stride_h, x_eps, eps,
-                          GEMMA: tl.constexpr, SECOND: tl.constexpr, BLOCK: tl.constexpr):
+                          GEMMA: tl.constexpr, SECOND: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Row ``r``: ``h = R[r] + round(norm(X[r], XW))`` rounded to H's dtype and stored; with ``SECOND`` also
-    ``Y[r] = round(norm(h, W))``."""
+    ``Y[r] = round(norm(h, W))``. ``PDL`` (``triton_ops_core.pdl``): launched early, it waits for the previous
+    kernel first."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -78,10 +83,11 @@ def _forward(x: torch.Tensor, residual: torch.Tensor, x_weight: torch.Tensor, x_
     if rows and n:
         block = triton.next_power_of_2(n)
         second = weight is not None
+        on = pdl.enabled(x.device)
         _norm_add_norm_kernel[(rows,)](
             x2, r2, x_weight, weight if second else x_weight, y if second else h, h, n, x2.stride(0),
             r2.stride(0), (y if second else h).stride(0), h.stride(0), float(x_eps), float(eps), GEMMA=bool(gemma),
-            SECOND=second, BLOCK=block, **norm_heuristic(block, x.element_size()))
+            SECOND=second, BLOCK=block, PDL=on, **norm_heuristic(block, x.element_size()), **pdl.launch_options(on))
     return (None if y is None else y.view(x.shape)), h.view(x.shape)
 
 
