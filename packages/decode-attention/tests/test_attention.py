@@ -265,6 +265,18 @@ def test_gpu_plan_splits_a_single_sequence_and_reads_one_mask_row(monkeypatch):
     assert plan.main.num_warps == 4
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_gpu_plan_launches_both_kernels_early_with_pdl(monkeypatch, on):
+    """With programmatic dependent launch on for the device (triton_ops_core.pdl), the attention kernel and the
+    split combine are planned with ``PDL`` (their last constexpr) and ``launch_pdl``; off, neither."""
+    from triton_ops_core import pdl
+
+    monkeypatch.setattr(pdl, "enabled", lambda device: on)
+    plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)
+    for launch in (plan.main, plan.combine):
+        assert launch.tail[-1] is on and launch.options.get("launch_pdl", False) is on
+
+
 def test_gpu_plan_does_not_split_a_full_batch_and_takes_two_warps(monkeypatch):
     plan = _gpu_plan(monkeypatch, 64, 32, 8, 128, 2048, 1024)  # 512 programs on 132 SMs
     assert plan.main.grid[1] == 1 and plan.combine is None and plan.main.num_warps == 2

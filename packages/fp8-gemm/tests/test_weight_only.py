@@ -466,3 +466,35 @@ def test_auto_routes_decode_rows_by_the_measured_rule():
     one_row = wo.weight_only_config(1, 14336, 4096, SCALE_GROUP, 2, 132, False)
     assert one_row["USE_DOT"] is False and (one_row["BLOCK_N"], one_row["BLOCK_K"]) == (16, 512)
     assert wo.weight_only_config(8, 14336, 4096, SCALE_GROUP, 2, 132, False)["BLOCK_K"] == 128  # a dot per group
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_pdl_plans_launch_early_and_prefetch_two_k_tiles(monkeypatch, on):
+    """With programmatic dependent launch on for the device (triton_ops_core.pdl), a plan launches early and its
+    programs prefetch two K tiles of their weight rows (a power of two of 128-byte lines); a weight whose K is not
+    contiguous prefetches nothing; off, nothing changes. Plans only: the interpreter runs no grid-dependency PTX."""
+    from triton_ops_core import pdl
+
+    monkeypatch.setattr(pdl, "enabled", lambda device: on)
+    x = _activation(1, 1024, torch.bfloat16, DEV)
+    w = torch.randn(64, 1024, dtype=torch.bfloat16, device=DEV)
+    plan = wo.build_plan(x, w, None, None)
+    assert _constexpr(plan, "PDL") is on
+    assert plan.launch.options.get("launch_pdl", False) is on
+    _check_prefetch(plan, 2, on)
+    q, s = _weight(64, 1024, "channel", DEV)
+    _check_prefetch(wo.build_plan(x, q, s, None), 1, on)
+    transposed = torch.randn(1024, 64, dtype=torch.bfloat16, device=DEV).t()  # K strided
+    plan = wo.build_plan(x, transposed, None, None)
+    assert _constexpr(plan, "PDL") is on and _constexpr(plan, "PREFETCH_LINES") == 0
+
+
+def _check_prefetch(plan, weight_bytes: int, on: bool) -> None:
+    """PREFETCH_LINES: 0 without PDL; else a power of two of 128-byte lines that covers the program's first two K
+    tiles (or its whole K range, if shorter) of a weight row, and less than twice that."""
+    lines = _constexpr(plan, "PREFETCH_LINES")
+    if not on:
+        assert lines == 0
+        return
+    want = min(wo.PREFETCH_TILES, _constexpr(plan, "tiles_per_split")) * plan.config["BLOCK_K"] * weight_bytes
+    assert lines & (lines - 1) == 0 and lines * 128 >= want and (lines == 1 or lines * 128 < 2 * want)

@@ -143,3 +143,29 @@ def test_gated_mlp_forward_caches_plans_per_config(device, counts):
             out = ops.gated_mlp_forward(x, wg, wu, None, None, "silu", 1.702, 7.0, cfg)
             assert_close_rel(out, reference64(x, wg, wu, "silu"), TOL[torch.float32])
     assert counts == {"validate": 0, "build": 2}
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_pdl_decode_plans_launch_early_and_prefetch_both_weights(device, monkeypatch, on):
+    """With programmatic dependent launch on for the device (triton_ops_core.pdl), a decode plan launches early and
+    its programs prefetch the first two K tiles of their rows of both weights (a power of two of 128-byte lines, at
+    least those bytes); the prefill GEMM launches as before. Plans only (the interpreter runs no grid-dependency
+    PTX)."""
+    from triton_ops_core import pdl
+
+    monkeypatch.setattr(pdl, "enabled", lambda dev: on)
+    x, wg, wu, _, _ = make_inputs(1, 512, 256, torch.bfloat16, device)
+    plan = ops._build_plan(x, wg, wu, None, None, "silu", 1.702, 7.0)
+    names = ops.K._gated_mlp_decode_kernel.arg_names
+    consts = dict(zip(names[11:], plan.tail, strict=True))  # the tail follows the 11 tensors
+    assert consts["PDL"] is on and plan.options.get("launch_pdl", False) is on
+    lines = consts["PREFETCH_LINES"]
+    if on:
+        tiles = min(ops.PREFETCH_TILES, -(-512 // (consts["BLOCK_K"] * consts["SPLIT_K"])))
+        want = tiles * consts["BLOCK_K"] * wg.element_size()
+        assert lines & (lines - 1) == 0 and lines * 128 >= want and (lines == 1 or lines * 128 < 2 * want)
+    else:
+        assert lines == 0
+    x, wg, wu, _, _ = make_inputs(200, 512, 256, torch.bfloat16, device)  # past DECODE_MAX_TOKENS: prefill
+    prefill = ops._build_plan(x, wg, wu, None, None, "silu", 1.702, 7.0)
+    assert prefill.kernel is ops.K._gated_mlp_prefill_kernel and "launch_pdl" not in prefill.options

@@ -167,3 +167,21 @@ def test_modules_adopt_a_transformers_norm():
     with pytest.raises(InvalidArgumentError, match=r"^norm: expected an RMSNorm module"):
         RMSNorm.from_module(torch.nn.Linear(4, 4))
     assert RMSNorm(8, gemma=True).weight.abs().sum() == 0 and RMSNorm(8).weight.sum() == 8
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_pdl_plans_launch_early(monkeypatch, on):
+    """With programmatic dependent launch on for the device (triton_ops_core.pdl), the norm's plan carries ``PDL``
+    (its last constexpr; EMULATE stays the one before it) and ``launch_pdl``; off, neither. Plans only."""
+    import importlib
+
+    from triton_ops_core import pdl
+
+    rms = importlib.import_module("fused_rmsnorm_rope.ops.rmsnorm")
+    monkeypatch.setattr(pdl, "enabled", lambda device: on)
+    x, w, r = norm_inputs((2, 64), torch.bfloat16, 0)
+    rms._PLANS.clear()
+    plan = rms._plan(x, w, 1e-6, r, False, False)
+    assert plan.tail[-1] is on and plan.options.get("launch_pdl", False) is on
+    assert plan.tail[-2] is False  # EMULATE: an FP8 output under the interpreter only
+    rms._PLANS.clear()
