@@ -162,7 +162,45 @@ def main() -> int:
                                         "N": I32, "stride_ym": I32, "stride_ot": I32, "stride_rt": I32},
                     dict(TERMS=4, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False, HAS_RESIDUAL=residual),
                     "combine" + (" with the residual" if residual else ""))
+    ok &= pdl_decode_step(route_types, align_types)
     return 0 if ok else 1
+
+
+def pdl_decode_step(route_types: dict, align_types: dict) -> bool:
+    """gpt-oss's decode launches as programmatic dependent launch starts them (``PDL``: each waits for the one
+    before it before reading anything): router split, route, align, bf16 one-row gate/up and down, combine."""
+    ok = build(K._router_split_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32",
+                                        **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we"], I32)},
+               dict(BLOCK_T=16, BLOCK_E=32, BLOCK_K=128, NUM_STAGES=2, DOT_PRECISION="tf32", UPCAST=False, PDL=True),
+               "router split, PDL")
+    ok &= build(K._route_kernel, route_types,
+                dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True, ROUND_LOGITS=True, EMULATE_BF16=False,
+                     BLOCK_T=16, BLOCK_E=32, BLOCK_K=256, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False,
+                     SPLIT=12, PDL=True), "route SPLIT=12, PDL")
+    ok &= build(K._align_kernel, align_types, dict(TILE_M=1, BLOCK_P=16, BLOCK_E=32, BLOCK_TILES=16, PDL=True),
+                "align, PDL", warps=8)
+    groups = dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32")
+    ok &= build(K._gate_up_kernel,
+                {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16", **groups,
+                 **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_wn",
+                                  "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
+                 "alpha": "fp32", "limit": "fp32"},
+                dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=True, W_SCALED=False, BLOCK_M=1, BLOCK_N=128,
+                     BLOCK_K=32, EVEN_K=True, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
+                     USE_FMA=True, INTERPRET=False, F16_DOT=False, PDL=True), "gate_up bf16 one row, PDL", warps=2)
+    ok &= build(K._down_kernel,
+                {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
+                 "y_ptr": "*fp32", **groups,
+                 **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_wn",
+                                  "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)},
+                dict(HAS_BIAS=True, W_SCALED=False, BLOCK_M=1, BLOCK_N=128, BLOCK_K=32, EVEN_K=False, NUM_STAGES=4,
+                     DOT_PRECISION="tf32", UPCAST=False, USE_FMA=True, INTERPRET=False, SPLIT_K=3, F16_DOT=False,
+                     PDL=True), "down bf16 one row, PDL", warps=2)
+    ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "res_ptr": "*bf16", "T": I32, "N": I32,
+                                    "stride_ym": I32, "stride_ot": I32, "stride_rt": I32},
+                dict(TERMS=12, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False, HAS_RESIDUAL=True, PDL=True),
+                "combine with the residual, PDL")
+    return ok
 
 
 if __name__ == "__main__":

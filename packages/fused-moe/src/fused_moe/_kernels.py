@@ -40,6 +40,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 from triton_ops_core.rms_prologue import normalized, row_rstd
 
 # Activation codes (constexpr): the host maps names to these.
@@ -227,10 +228,12 @@ def _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, s
 def _router_split_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, T, E, H, stride_xt, stride_we, norm_eps,
                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                          NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                         NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16):
+                         NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False):
     """Decode's router GEMM over many programs: program ``(t, s)`` writes the partial logits of K range ``s``
     (whole ``BLOCK_K`` steps) to ``ws[s, T, E]`` (fp32); ``_route_kernel`` adds the ranges in a fixed order. One
     program reading the whole router (184 KB for gpt-oss) waited on its own loads."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     s = tl.program_id(1)
     steps = tl.cdiv(tl.cdiv(H, BLOCK_K), tl.num_programs(1))
@@ -260,8 +263,10 @@ def _route_kernel(
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-    NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16,
+    NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -354,8 +359,11 @@ def _align_kernel(
     P, E, MAX_TILES,
     # tiles
     TILE_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The whole grouping in one program: decode (a few hundred pairs, one step of ``BLOCK_P``)."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     # pass 1: tokens per expert
@@ -385,8 +393,11 @@ def _align_kernel(
 # Prefill: the same grouping in three launches, so that tens of thousands of pairs are not walked by one program.
 
 @triton.jit(do_not_specialize=["P"])
-def _align_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+def _align_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """counts[c, e]: the pairs of chunk ``c`` (``BLOCK_P`` pairs) routed to expert ``e``."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     c = tl.program_id(0)
     offs_p = c * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_e = tl.arange(0, BLOCK_E)
@@ -398,8 +409,10 @@ def _align_count_kernel(ids_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_
 @triton.jit(do_not_specialize=["P", "N_CHUNKS", "MAX_TILES"])
 def _align_scan_kernel(counts_ptr, base_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, P, E, N_CHUNKS,
                        MAX_TILES, TILE_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_TILES: tl.constexpr):
+                       BLOCK_TILES: tl.constexpr, PDL: tl.constexpr = False):
     """One program: expert offsets, each chunk's first row per expert (``base[c, e]``), the tile table."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -423,8 +436,11 @@ def _align_scan_kernel(counts_ptr, base_ptr, offsets_ptr, tile_expert_ptr, tile_
 
 
 @triton.jit(do_not_specialize=["P"])
-def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """sorted[base[c, e] + rank] = p: the chunk's pairs at their stable place in expert order."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     c = tl.program_id(0)
     offs_p = c * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -457,8 +473,10 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
     USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False, NORM: tl.constexpr = False,
-    NORM_BLOCK: tl.constexpr = 16,
+    NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(tile_expert_ptr + pid_t)
@@ -535,11 +553,13 @@ def _down_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
-    INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr, F16_DOT: tl.constexpr = False,
+    INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr, F16_DOT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
     token that is what fills the GPU: 4 experts x 90 column tiles are fewer programs than the weights need."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -582,9 +602,11 @@ def _down_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _combine_kernel(y_ptr, out_ptr, res_ptr, T, N, stride_ym, stride_ot, stride_rt,
                     TERMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                    EMULATE_BF16: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                    EMULATE_BF16: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False):
     """``out[t] = sum_j y[t * TERMS + j]``: a token's k expert outputs (times the down GEMM's K splits); with
     ``HAS_RESIDUAL`` the residual's row first (a decoder layer's add after its MoE, the sum rounded once)."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_t < T)[:, None] & (offs_n < N)[None, :]

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from triton_ops_core import pdl
 from triton_ops_core.device import device_info
 from triton_ops_core.exceptions import LayoutError, ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
@@ -163,19 +164,21 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     eps = 0.0 if norm_eps is None else float(norm_eps)
     # NORM, NORM_BLOCK (a fixed 16 when off: no compiled variant per hidden size for nothing)
     norm = (norm_eps is not None, norm_block(h, block_t, on_cpu) if norm_eps is not None else 16)
+    on = pdl.enabled(x2d.device)
     if split:
         split_k = min(128, block_k) if not on_cpu else min(64, block_k)
         gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split),
                     (t, e, h, x2d.stride(0), router_weight.stride(0), eps,
-                     block_t, block_e, split_k, 2, precision, upcast, *norm), warps)
+                     block_t, block_e, split_k, 2, precision, upcast, *norm, on), warps, **pdl.launch_options(on))
     tail = (t, e, h, x2d.stride(0), router_weight.stride(0), 1 if router_bias is None else router_bias.stride(0),
             eps,
             # HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16
             router_bias is not None, top_k, next_pow2(top_k), renormalize, x2d.dtype != torch.float32,
             _emulate_bf16(x2d.device, x2d.dtype),
             # BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, SPLIT
-            block_t, block_e, block_k, stages, precision, upcast, split, *norm)
-    return _RoutePlan(split, gemm, Plan(K._route_kernel, (cdiv(t, block_t),), tail, warps, n_rows=t))
+            block_t, block_e, block_k, stages, precision, upcast, split, *norm, on)
+    return _RoutePlan(split, gemm, Plan(K._route_kernel, (cdiv(t, block_t),), tail, warps, n_rows=t,
+                                        **pdl.launch_options(on)))
 
 
 def _route(plan: _RoutePlan, x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
@@ -248,19 +251,21 @@ def _align_plan(num_pairs: int, num_experts: int, block_m: int, device: torch.de
     if chunk is None:
         chunk = ALIGN_CHUNK if device.type == "cuda" else _INTERPRETER_ALIGN_CHUNK
     chunk = min(cap, chunk)
+    on = pdl.enabled(device)
+    early = pdl.launch_options(on)
     if num_pairs <= chunk:
         tail = (num_pairs, num_experts, tiles, block_m, min(cap, max(16, next_pow2(num_pairs))), block_e,
-                block_tiles)
-        return _AlignPlan(tiles, 0, Plan(K._align_kernel, (1,), tail, warps))
+                block_tiles, on)
+        return _AlignPlan(tiles, 0, Plan(K._align_kernel, (1,), tail, warps, **early))
     chunk = next_pow2(chunk)
     chunks = cdiv(num_pairs, chunk)
     block_c = min(max(16, next_pow2(chunks)), max(16, 16384 // block_e))
     return _AlignPlan(
         tiles, chunks, None,
-        Plan(K._align_count_kernel, (chunks,), (num_pairs, num_experts, chunk, block_e), 4),
+        Plan(K._align_count_kernel, (chunks,), (num_pairs, num_experts, chunk, block_e, on), 4, **early),
         Plan(K._align_scan_kernel, (1,), (num_pairs, num_experts, chunks, tiles, block_m, block_c, block_e,
-                                          block_tiles), warps),
-        Plan(K._align_scatter_kernel, (chunks,), (num_pairs, num_experts, chunk, block_e), 4),
+                                          block_tiles, on), warps, **early),
+        Plan(K._align_scatter_kernel, (chunks,), (num_pairs, num_experts, chunk, block_e, on), 4, **early),
     )
 
 
@@ -339,6 +344,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         none = Plan(None, (1,), (), 0)
         return _ExpertsPlan(t, k, e, inter, h, 1, align, none, none, none)
     precision, upcast, emulate = _dot_precision(dtype), _upcast(dev, dtype), _emulate_bf16(dev, dtype)
+    on = pdl.enabled(dev)  # each launch starts as the one before it ends (triton_ops_core.pdl)
+    early = pdl.launch_options(on)
     b1, b2, s1, s2 = gate_up_proj_bias, down_proj_bias, gate_up_scale, down_scale
     # fp16 tensor-core dots (config f16_dot): FP8 weights, bf16 activations, dot tiles only
     f16 = cfg.f16_dot and not cfg.fma and dtype == torch.bfloat16
@@ -354,8 +361,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
-        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu") if norm_eps is not None else 16),
-        cfg.num_warps)
+        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu") if norm_eps is not None else 16, on),
+        cfg.num_warps, **early)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -365,13 +372,14 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None), cfg.num_warps)
+        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on), cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
     stride_rt = 0 if residual is None else _as_2d(residual).stride(0)
     combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
-                   (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None), 4)
+                   (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None, on), 4,
+                   **early)
     return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine)
 
 
