@@ -4,6 +4,8 @@ it."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -35,15 +37,17 @@ def _decode(model, graph: bool) -> list[torch.Tensor]:
     """Prefill 40 tokens into a static cache, then the logits of one decode step at position 40 (eager, or replayed
     five times from a CUDA graph with poisoned outputs in between)."""
     cache = transformers.StaticCache(config=model.config, max_cache_len=64)
+    # transformers 5.2x names the forward's cache argument `cache`, earlier releases `past_key_values`
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     torch.manual_seed(6)
     prompt = torch.randint(0, 512, (1, 40), device="cuda")
     token = torch.randint(0, 512, (1, 1), device="cuda")
     position = torch.tensor([40], device="cuda")
     with torch.inference_mode():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        model(input_ids=prompt, use_cache=True, **{kw: cache})
 
         def step():
-            return model(input_ids=token, cache_position=position, past_key_values=cache, use_cache=True).logits
+            return model(input_ids=token, cache_position=position, use_cache=True, **{kw: cache}).logits
 
         if not graph:
             return [step().clone()]
