@@ -102,6 +102,16 @@ def test_fused_norms_variant_switches_the_fusions_on_for_its_measurement_only(bm
     assert "transformers-fused-norms" not in bm.known_variants(bm.VARIANTS)
 
 
+def test_pdl_variants_set_programmatic_dependent_launch_for_their_measurement(bm):
+    known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    for name in ("patched-pdl", "patched-no-pdl", "patched-fp8-default-pdl-fused-norms"):
+        assert name in known
+    assert "transformers-pdl" not in known and "patched-fused-norms-pdl" not in known
+    assert bm.pdl_setting("patched-fp8-default-pdl") is True
+    assert bm.pdl_setting("patched-no-pdl-fused-norms") is False
+    assert bm.pdl_setting("patched") is None and bm.pdl_setting("transformers") is None
+
+
 def test_a_changed_model_is_seen_by_the_comparison(bm):
     ref = {"logits": torch.randn(2, 10), "tokens": torch.tensor([[1, 2, 3], [4, 5, 6]]),
            "forced": torch.randn(2, 3, 10)}
@@ -122,7 +132,9 @@ def test_report_renders_every_part_and_names_failures(bm):
               "models": [{"model": "m", "layers": 2, "hidden": 4, "floor_us": {"transformers": 10.0},
                           "variants": [variant]}]}
     md = bm.render(report)
-    assert "| transformers | 1 | 8 | 20 us | 5 | 50,000 | 1.00x | 10 us | 2.00x |" in md
+    assert "| transformers | 1 | 8 | 20 us | 5 | 50,000 | 1.00x | 10 us | 2.00x | - | - |" in md  # no graph time
+    point["graph_us"] = 30.0
+    assert "| 10 us | 2.00x | 30 us | 3.00x |" in bm.render(report)  # the CUDA-graph step against the floor
     assert "2.00 ms / 1.50 ms compiled (16 tokens)" in md and "generate static-compiled: RuntimeError: boom" in md
     assert "`k/1`" in md and "`k|1`" not in md  # a kernel name never breaks the table
 
