@@ -39,11 +39,13 @@ import torch
 
 from . import ROOT
 from .bench_model import (
+    GRAPH_CALLS,
     build_config,
     cache_kwarg,
     check_known,
     copy_bandwidth_gbps,
     fill_cache,
+    graph_us,
     known_variants,
     make_variant,
     profiled_gpu_us,
@@ -83,13 +85,6 @@ def build(variant: str, config, device: torch.device) -> tuple[torch.nn.Module, 
     return model, base
 
 
-GRAPH_TIMINGS, GRAPH_REPLAYS_PER_TIMING = 20, 5
-# Every call of a step, CUDA-graph replays included, writes one more token into the cache (transformers 5.1x's
-# StaticLayer advances a device-side length counter inside the graph): room for the warm-up, the profiled steps
-# and every replay, or the cache's index_copy_ runs out of bounds.
-GRAPH_CALLS = 3 + GRAPH_TIMINGS * GRAPH_REPLAYS_PER_TIMING
-
-
 def make_step(model, base, rows: int, context: int, steps: int):
     """A decode step of ``rows`` sequences of one token each, after ``context`` cached tokens."""
     kw = cache_kwarg(model)
@@ -102,34 +97,6 @@ def make_step(model, base, rows: int, context: int, steps: int):
         return base(inputs_embeds=x, **{kw: cache}, use_cache=True).last_hidden_state
 
     return step
-
-
-def graph_us(step) -> float | str:
-    """Median time of the step replayed from a CUDA graph (a few replays per timing), or why it could not be
-    captured."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        torch.cuda.synchronize()
-        return f"n/a ({type(exc).__name__})"
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(GRAPH_TIMINGS):
-        start.record()
-        for _ in range(GRAPH_REPLAYS_PER_TIMING):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPLAYS_PER_TIMING)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(variant: str, config, args, device, bandwidth: float, graphs: bool = True) -> dict[str, Any]:

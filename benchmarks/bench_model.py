@@ -285,7 +285,7 @@ EAGER_WALL_STEPS = 5
 @torch.inference_mode()
 def measure_decode(model, batch: int, context: int, steps: int) -> dict[str, Any]:
     kw = cache_kwarg(model)
-    cache = static_cache(model, context + 3 + 2 * steps + EAGER_WALL_STEPS)
+    cache = static_cache(model, context + 3 + 2 * steps + EAGER_WALL_STEPS + GRAPH_CALLS)
     fill_cache(model, cache, batch, context)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
 
@@ -308,45 +308,56 @@ def measure_decode(model, batch: int, context: int, steps: int) -> dict[str, Any
             "graph_us": graph_step_us(model, cache, ids, context)}
 
 
-def graph_step_us(model, cache, ids: torch.Tensor, position: int, replays: int = 20) -> float | None:
-    """GPU time of one decode step replayed from a CUDA graph (median of 5 x ``replays``): the kernels and the gaps
-    between them, no host time; what a compiled ``reduce-overhead`` decode pays per step, and the time that shows
-    what PDL overlaps (the profiler's sum of kernel durations counts an early-launched kernel's wait as its own).
-    Every replay writes the same cache position (a fixed ``cache_position``: a graph holds no host-side counter).
-    None when the step cannot be captured (the failure is printed)."""
+GRAPH_TIMINGS, GRAPH_REPLAYS_PER_TIMING = 20, 5
+# Every call of a step, CUDA-graph replays included, writes one more token into the cache (transformers 5.1x's
+# StaticLayer advances a device-side length counter inside the graph, whatever cache_position says): room for the
+# warm-up, the profiled steps and every replay, or the cache's index_copy_ runs out of bounds.
+GRAPH_CALLS = 3 + GRAPH_TIMINGS * GRAPH_REPLAYS_PER_TIMING
+
+
+def graph_us(step) -> float | str:
+    """Median time of the step replayed from a CUDA graph (a few replays per timing), or why it could not be
+    captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        torch.cuda.synchronize()
+        print(f"  CUDA-graph capture failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return f"n/a ({type(exc).__name__})"
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(GRAPH_TIMINGS):
+        start.record()
+        for _ in range(GRAPH_REPLAYS_PER_TIMING):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPLAYS_PER_TIMING)
+    return sorted(times)[len(times) // 2]
+
+
+def graph_step_us(model, cache, ids: torch.Tensor, position: int) -> float | None:
+    """GPU time of one decode step replayed from a CUDA graph (:func:`graph_us`): the kernels and the gaps between
+    them, no host time; what a compiled ``reduce-overhead`` decode pays per step, and the time that shows what PDL
+    overlaps (the profiler's sum of kernel durations counts an early-launched kernel's wait as its own). The step
+    attends as the token at ``position`` (a fixed ``cache_position``: a graph holds no host-side counter); the
+    cache needs room for :data:`GRAPH_CALLS` more tokens. None when it cannot be captured (the reason is printed)."""
     kw = cache_kwarg(model)
     position_t = torch.tensor([position], device=ids.device)
 
     def step():
         return model(input_ids=ids, cache_position=position_t, **{kw: cache}, use_cache=True)
 
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-    except Exception as exc:  # a host sync or an allocation the capture refuses: reported, not fatal
-        print(f"  CUDA-graph capture of the decode step failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-        torch.cuda.synchronize()
-        return None
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays)
-    del graph
-    return sorted(times)[len(times) // 2]
+    us = graph_us(step)
+    return None if isinstance(us, str) else us
 
 
 @torch.inference_mode()
