@@ -92,6 +92,27 @@ def test_errors():
         shift_kv_cache_(keys, values, k.requires_grad_(True), v)
 
 
+def test_a_signature_is_planned_once_and_aliased_caches_are_refused_after_it(monkeypatch):
+    """A decode step shifts every sliding layer's caches with the same shapes: validated and planned once. The
+    plan's key holds no addresses, so keys and values sharing memory are still refused on a later call."""
+    from decode_attention import kv_cache
+
+    seen = []
+    real = kv_cache.validate_kv_cache_shift
+    monkeypatch.setattr(kv_cache, "validate_kv_cache_shift", lambda *a: seen.append(1) or real(*a))
+    kv_cache.clear_kv_cache_plans()
+    keys, values = _rand(1, 2, 6, 16), _rand(1, 2, 6, 16)
+    k, v = _rand(1, 2, 1, 16), _rand(1, 2, 1, 16)
+    with torch.no_grad():
+        for _ in range(3):
+            want_k = torch.cat([keys[:, :, 1:], k], dim=2)
+            shift_kv_cache_(keys, values, k, v)
+            assert torch.equal(keys, want_k)
+        assert len(seen) == 1
+        with pytest.raises(InvalidArgumentError, match="one tensor's memory"):
+            shift_kv_cache_(keys, keys, k, k)
+
+
 def test_op_registered_with_mutations_opcheck_and_compile():
     assert "Tensor(a0!) keys" in str(SHIFT._schema) and "Tensor(a1!) values" in str(SHIFT._schema)
     keys, values = _rand(1, 2, 6, 16, seed=8), _rand(1, 2, 6, 16, seed=9)

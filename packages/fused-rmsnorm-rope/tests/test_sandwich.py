@@ -143,3 +143,25 @@ def test_registered_ops_opcheck_and_compile():
         with count_compiles() as compiles:
             compiled = torch.compile(layer_end, fullgraph=True, backend="eager")(x, r)
     assert compiles["frames"] == 1 and torch.equal(compiled, eager)
+
+
+def test_a_call_signature_is_validated_and_planned_once(monkeypatch):
+    """Decode calls the sandwich norms twice a layer with the same shapes: the first call of a signature validates
+    and plans, later ones launch (new data, same result as a fresh plan); another shape plans anew."""
+    seen = []
+    real = sandwich._validate_sandwich
+    monkeypatch.setattr(sandwich, "_validate_sandwich", lambda *a, **k: seen.append(1) or real(*a, **k))
+    sandwich._PLANS.clear()
+    x, r, w_a, w_b = _inputs((3, 48), torch.float32, seed=4)
+    with torch.no_grad():
+        rmsnorm_add_rmsnorm(x, r, w_a, w_b)
+        x2, r2, _, _ = _inputs((3, 48), torch.float32, seed=5)
+        y, h = rmsnorm_add_rmsnorm(x2, r2, w_a, w_b)
+        assert len(seen) == 1
+        sandwich._PLANS.clear()
+        y_new, h_new = rmsnorm_add_rmsnorm(x2, r2, w_a, w_b)
+        assert len(seen) == 2 and torch.equal(y, y_new) and torch.equal(h, h_new)
+        rmsnorm_add_rmsnorm(*_inputs((5, 48), torch.float32, seed=6))
+        assert len(seen) == 3
+        with pytest.raises(ShapeMismatchError):  # a bad call is validated, whatever was planned before
+            rmsnorm_add_rmsnorm(x2, r2[:, :40], w_a, w_b)

@@ -216,8 +216,9 @@ _PLANS = PlanCache()
 
 
 def clear_kv_cache_plans() -> None:
-    """Forget the cached launch plans of the cache write."""
+    """Forget the cached launch plans of the cache write and the shift."""
     _PLANS.clear()
+    _SHIFT_PLANS.clear()
 
 
 def _check_on_host(info: KVCacheWrite, positions: torch.Tensor | None, length: torch.Tensor | None) -> None:
@@ -341,18 +342,38 @@ def validate_kv_cache_shift(keys: torch.Tensor, values: torch.Tensor, k: torch.T
     return info
 
 
-def _shift(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+_SHIFT_PLANS = PlanCache()
+
+
+def _shift_plan(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Plan:
+    """The cached launch of a shift's call signature (validated on its first call; ``n_rows`` 0: nothing to do)."""
+    key = call_key("kv_cache_shift", keys, values, k, v)
+    plan = _SHIFT_PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan
     info = validate_kv_cache_shift(keys, values, k, v)
-    if info.batch * info.heads == 0 or info.cache_len == 0:
-        return
     k_blocks, v_blocks = cdiv(info.k_dim, SHIFT_BLOCK_D), cdiv(info.v_dim, SHIFT_BLOCK_D)
-    K._kv_cache_shift_kernel[(info.batch * info.heads, k_blocks + v_blocks)](
-        keys, values, k, v, info.heads, info.cache_len, info.k_dim, info.v_dim,
+    work = info.batch * info.heads * info.cache_len
+    on = pdl.enabled(keys.device)
+    plan = Plan(K._kv_cache_shift_kernel, (max(1, info.batch * info.heads), k_blocks + v_blocks), (
+        info.heads, info.cache_len, info.k_dim, info.v_dim,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_blocks,
-        BLOCK_W=min(SHIFT_BLOCK_W, next_pow2(max(1, info.cache_len - 1))), BLOCK_D=SHIFT_BLOCK_D,
-        PDL=pdl.enabled(keys.device), num_warps=4, num_stages=1,  # nothing to pipeline: loads, a barrier, stores
-        **pdl.launch_options(pdl.enabled(keys.device)))
+        min(SHIFT_BLOCK_W, next_pow2(max(1, info.cache_len - 1))), SHIFT_BLOCK_D, on),
+        4, work, num_stages=1,  # nothing to pipeline: a chunk's loads, a barrier, its stores
+        **pdl.launch_options(on))
+    if key is not None:
+        _SHIFT_PLANS.put(key, plan)
+    return plan
+
+
+def _shift(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    plan = _shift_plan(keys, values, k, v)
+    # per call: two caches of the same signature may still share memory (the key holds no addresses)
+    if keys.numel() and keys.data_ptr() == values.data_ptr():
+        validate_kv_cache_shift(keys, values, k, v)  # raises, naming it
+    if plan.n_rows:
+        plan.launch(keys, values, k, v)
 
 
 @torch.library.custom_op(op_name("kv_cache_shift_"), mutates_args=("keys", "values"))

@@ -33,11 +33,15 @@ def clear_caches() -> None:
     from .config import clear_config_cache
     from .ops import qk_norm_rope, rmsnorm_rope
     from .ops.rmsnorm import _PLANS as norm_plans
+    from .ops.rope import _PLANS as rope_plans
+    from .ops.sandwich import _PLANS as sandwich_plans
 
     clear_config_cache()
     rmsnorm_rope._PLANS.clear()
     norm_plans.clear()
     qk_norm_rope._PLANS.clear()
+    rope_plans.clear()
+    sandwich_plans.clear()
 
 
 __all__ = [
