@@ -203,13 +203,14 @@ def _plan(keys, values, k, v, rope, norm, mode: int, info: KVCacheWrite) -> Plan
         # query rows on programs of their own, beside the write's (in parallel: they touch no cache or counter)
         block_q = max(2, min(next_pow2(q_rows), 4096 // block_d))
         q_programs = cdiv(q_rows, block_q)
+    early = pdl.enabled(keys.device)  # launched before the previous kernel ends (triton_ops_core.pdl)
     return Plan(K._kv_cache_write_kernel, (kv_programs + q_programs,), (
         info.heads, info.new, rows, per_program, info.cache_len, info.heads * info.q_per_kv, q_rows, kv_programs,
         1e-6 if norm is None else float(norm[2]),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *q_strides, *table_strides,
         mode, one, keys.device.type == "cuda", rope is not None, norm is not None, info.k_dim, info.v_dim, block_d,
-        block_r, block_q, pdl.enabled(keys.device)), 4, extra=one, **pdl.launch_options(pdl.enabled(keys.device)))
+        block_r, block_q, early), 4, extra=one, **pdl.launch_options(early))
 
 
 _PLANS = PlanCache()
