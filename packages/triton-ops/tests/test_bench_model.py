@@ -112,6 +112,27 @@ def test_pdl_variants_set_programmatic_dependent_launch_for_their_measurement(bm
     assert bm.pdl_setting("patched") is None and bm.pdl_setting("transformers") is None
 
 
+def test_shift_variants_switch_the_rings_off_for_their_measurement(bm, monkeypatch):
+    from triton_ops.models import cache_updates
+
+    monkeypatch.setattr(cache_updates, "SLIDING_RING", cache_updates.SLIDING_RING)  # restored after the test
+    known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    assert {"patched-shift", "patched-fp8-default-shift-no-pdl", "patched-shift-pdl-fused-norms"} <= set(known)
+    assert "patched-pdl-shift" not in known and "transformers-shift" not in known
+    assert bm.split_variant("patched-fp8-shift-no-pdl-fused-norms") == (
+        "patched-fp8", frozenset({bm.SHIFT, bm.PDL_OFF, bm.FUSED_NORMS}))
+    assert bm.pdl_setting("patched-shift-pdl") is True
+    from triton_ops_core.testing import device_for_tests
+
+    config = bm.build_config("llama3-8b", tiny=True)
+    device = device_for_tests()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bm.make_variant("patched-shift", config, device, dtype)
+    assert cache_updates.SLIDING_RING is False
+    bm.make_variant("patched", config, device, dtype)
+    assert cache_updates.SLIDING_RING is cache_updates.SHIPPED_SLIDING_RING is True
+
+
 def test_a_changed_model_is_seen_by_the_comparison(bm):
     ref = {"logits": torch.randn(2, 10), "tokens": torch.tensor([[1, 2, 3], [4, 5, 6]]),
            "forced": torch.randn(2, 3, 10)}

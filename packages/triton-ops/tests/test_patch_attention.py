@@ -431,13 +431,13 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
     the cache tensors, the layer's length counter (5.2x) and the logits are those of the unpatched model's own
     update."""
     from decode_attention import kv_cache
-    from triton_ops.models import decoder_layers
+    from triton_ops.models import cache_updates, decoder_layers
 
     model = patch_model(_one_layer(kind, num_hidden_layers=2))
     reference = _one_layer(kind, num_hidden_layers=2)
     calls = []
-    original = decoder_layers.update_kv_cache_
-    monkeypatch.setattr(decoder_layers, "update_kv_cache_",
+    original = cache_updates.update_kv_cache_
+    monkeypatch.setattr(cache_updates, "update_kv_cache_",
                         lambda *a, **kw: calls.append(sorted(kw)) or original(*a, **kw))
     rope_calls = []  # the separate RoPE launches (Llama: apply_rope; Qwen3: fused_qk_norm_rope)
     rope_fn = "fused_qk_norm_rope" if kind == "qwen3" else "apply_rope"
@@ -482,24 +482,24 @@ def test_static_writes_are_read_in_eager_code_and_recognised_by_name_under_compi
     imports (transformers 5.17's lazy module is a graph break on torch 2.11) nor reads source: a StaticLayer not read
     yet keeps transformers' own update, and no other class (subclasses included) is ever written by us."""
     from transformers.cache_utils import DynamicLayer, StaticLayer
-    from triton_ops.models import decoder_layers
+    from triton_ops.models import cache_updates
 
-    monkeypatch.setattr(decoder_layers, "_STATIC_WRITE", {})
+    monkeypatch.setattr(cache_updates, "_STATIC_WRITE", {})
     patch_model(_one_layer("llama"))
-    assert decoder_layers._STATIC_WRITE[StaticLayer] in ("length", "positions")
+    assert cache_updates._STATIC_WRITE[StaticLayer] in ("length", "positions")
 
     class OffloadedStaticLayer(StaticLayer):
         pass
 
-    assert decoder_layers._static_write_kind(OffloadedStaticLayer) == ""
-    assert decoder_layers._static_write_kind(DynamicLayer) == ""
-    monkeypatch.setattr(decoder_layers, "_STATIC_WRITE", {})
+    assert cache_updates.static_write_kind(OffloadedStaticLayer) == ""
+    assert cache_updates.static_write_kind(DynamicLayer) == ""
+    monkeypatch.setattr(cache_updates, "_STATIC_WRITE", {})
     torch._dynamo.reset()
-    kinds = torch.compile(lambda t: t + len(decoder_layers._static_write_kind(StaticLayer))
-                          + 10 * len(decoder_layers._static_write_kind(DynamicLayer)), fullgraph=True,
+    kinds = torch.compile(lambda t: t + len(cache_updates.static_write_kind(StaticLayer))
+                          + 10 * len(cache_updates.static_write_kind(DynamicLayer)), fullgraph=True,
                           backend="eager")(torch.zeros(1))
-    assert kinds.item() == 0 and decoder_layers._STATIC_WRITE == {}
-    assert decoder_layers._static_write_kind(StaticLayer) in ("length", "positions")  # eager: read now
+    assert kinds.item() == 0 and cache_updates._STATIC_WRITE == {}
+    assert cache_updates.static_write_kind(StaticLayer) in ("length", "positions")  # eager: read now
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from _compiled_generate import assert_generates_alike, prefill_and_steps
 from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP, GemmaRMSNorm
-from triton_ops.models import UnsupportedModelError, decoder_layers
+from triton_ops.models import UnsupportedModelError, cache_updates, decoder_layers
 from triton_ops.models.decoder_layers import GemmaQKNormRopeAttention, SandwichNormDecoderLayer
 from triton_ops.models.layers import QKVPacking
 from triton_ops_core.testing import device_for_tests
@@ -76,17 +76,22 @@ def test_patched_gemma3_computes_what_the_model_computes(monkeypatch):
         assert _cosine(a, b) >= TOL
 
 
+@pytest.mark.parametrize("ring", [True, False])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_patched_gemma3_follows_the_configured_attention_and_a_static_cache(attn_implementation, monkeypatch):
+def test_patched_gemma3_follows_the_configured_attention_and_a_static_cache(attn_implementation, ring, monkeypatch):
     # Full layers: transformers' StaticLayer, written in one launch of ours; sliding ones: its rolling layer, full
-    # from the 6-token prompt (window 4), moved on by one launch of ours each decode step. Greedy tokens agree past
-    # the window, and so do the logits of every step.
+    # from the 6-token prompt (window 4), written as a ring (the new row over the oldest, the mask reordered for
+    # eager / sdpa) or, with the ring switched off, moved on by one launch of ours each decode step. Greedy tokens
+    # agree past the window, and so do the logits of every step.
+    monkeypatch.setattr(cache_updates, "SLIDING_RING", ring)
     reference = _model(seed=1)
     reference.config._attn_implementation = attn_implementation
     model = patch_model(copy.deepcopy(reference), attention=False)
-    shifts = []
-    real = decoder_layers.shift_kv_cache_
-    monkeypatch.setattr(decoder_layers, "shift_kv_cache_", lambda *a: shifts.append(a[2].shape) or real(*a))
+    shifts, ring_writes = [], []
+    real, write = cache_updates.shift_kv_cache_, cache_updates.update_kv_cache_
+    monkeypatch.setattr(cache_updates, "shift_kv_cache_", lambda *a: shifts.append(a[2].shape) or real(*a))
+    monkeypatch.setattr(cache_updates, "update_kv_cache_",
+                        lambda *a, **kw: kw.get("ring") and ring_writes.append(a[2].shape) or write(*a, **kw))
     ids = torch.randint(0, 128, (2, 6), device=DEVICE)
     kwargs = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static",
               "return_dict_in_generate": True, "output_logits": True}
@@ -95,7 +100,8 @@ def test_patched_gemma3_follows_the_configured_attention_and_a_static_cache(attn
         ref = reference.generate(ids, **kwargs)
     assert model.config._attn_implementation == attn_implementation
     assert torch.equal(ours.sequences, ref.sequences)
-    assert shifts == [(2, 2, 1, 16)] * (2 * 4)  # two sliding layers, four decode steps
+    # two sliding layers, four decode steps
+    assert (ring_writes, shifts) == (([(2, 2, 1, 16)] * (2 * 4), []) if ring else ([], [(2, 2, 1, 16)] * (2 * 4)))
     for a, b in zip(ours.logits, ref.logits, strict=True):
         assert _cosine(a, b) >= TOL
 
@@ -208,10 +214,12 @@ def test_a_compiled_gemma3_forward_is_one_graph_with_the_fused_kernels():
     assert "fused_add_rmsnorm" not in ours and ours.count("fused_gated_mlp") == 3, ours
 
 
-def test_a_compiled_decode_step_into_full_sliding_windows_runs_the_shift_in_its_graph():
+@pytest.mark.parametrize("ring", [True, False])
+def test_a_compiled_decode_step_into_full_sliding_windows_writes_them_in_its_graph(ring, monkeypatch):
     """torch.compile(fullgraph=True) of decode steps into a static cache whose sliding windows (4 rows) the
-    6-token prompt filled: the shift, the sandwich norms and the full layer's cache write are ops of the graph, and
-    every step's logits are the unpatched model's."""
+    6-token prompt filled: the ring write (or, switched off, the shift), the sandwich norms and the full layer's
+    cache write are ops of the graph, and every step's logits are the unpatched model's."""
+    monkeypatch.setattr(cache_updates, "SLIDING_RING", ring)
     ops = []
 
     def backend(gm, example_inputs):
@@ -234,7 +242,8 @@ def test_a_compiled_decode_step_into_full_sliding_windows_runs_the_shift_in_its_
     for a, b in zip(ours, ref, strict=True):
         assert _cosine(a, b) >= TOL
     ours_ops = {op.split(".")[1] for op in ops if op.startswith("triton_ops.")}
-    assert {"kv_cache_shift_", "rmsnorm_add_rmsnorm", "rmsnorm_add"} <= ours_ops, ours_ops
+    assert {"kv_cache_append_", "rmsnorm_add_rmsnorm", "rmsnorm_add"} <= ours_ops, ours_ops
+    assert ("kv_cache_shift_" in ours_ops) is not ring, ours_ops
 
 
 def test_compiled_gemma3_layers_keep_their_guard_subtrees_skippable():

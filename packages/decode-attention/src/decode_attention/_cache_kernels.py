@@ -11,6 +11,8 @@ to the cache at its position. The position of new row ``t`` is (``POSITIONS``):
   with ``ADVANCE`` the kernel also adds ``T`` to it. Only a one-program grid advances it (its single program read
   the counter before it writes it), so a decode step's whole cache update is this one launch, where transformers'
   ``StaticLayer.update`` makes five (``arange``, the add, the in-place add, two ``index_copy_``).
+- ``POS_RING`` (3): ``(length + t) % S_MAX``, advanced as ``POS_LENGTH``: a ring buffer (a full sliding window
+  whose newest row overwrites its oldest; nothing else moves).
 
 With ``ROPE`` the kernel also applies the rotary embedding first (transformers' ``rotate_half`` form over the whole
 head dim, in float32, rounded once to the states' dtype): K rows are rotated by ``cos`` / ``sin`` ``[B', T, D]`` at
@@ -34,6 +36,7 @@ from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 POS_INDEX = 0
 POS_TENSOR = 1
 POS_LENGTH = 2
+POS_RING = 3
 
 
 @triton.jit
@@ -112,7 +115,7 @@ def _kv_cache_write_kernel(
         end = tl.minimum(start + ROWS_PER_PROGRAM, ROWS)
         offs_d = tl.arange(0, BLOCK_D)
         base = 0
-        if POSITIONS == 2:
+        if POSITIONS >= 2:
             base = tl.load(len_ptr).to(tl.int64)
         for r0 in range(start, end, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
@@ -125,6 +128,8 @@ def _kv_cache_write_kernel(
                 pos = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.int64)
             elif POSITIONS == 2:
                 pos = base + t
+            elif POSITIONS == 3:
+                pos = (base + t) % S_MAX
             else:
                 pos = t.to(tl.int64)
             inside = (pos >= 0) & (pos < S_MAX)

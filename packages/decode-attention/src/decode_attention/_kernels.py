@@ -22,7 +22,11 @@
   step) finds the first and last attended positions of the split, and the loop covers only the blocks between
   them: a static cache's unused tail (and left padding) costs its mask bytes only, never a K/V load. ``MASK_1D``:
   every row of the program reads the same mask row (a mask broadcast over heads, with one query row or broadcast
-  over queries: transformers' decode masks), loaded as one vector per step.
+  over queries: transformers' decode masks), loaded as one vector per step. ``RING``: the cache is a ring buffer
+  (a full sliding window written in place, ``update_kv_cache_(..., ring=True)``) whose oldest entry sits at slot
+  ``ring_start % S``, and the mask is laid out oldest first: slot ``j`` reads mask column ``(j - ring_start) % S``.
+  Softmax attention does not depend on the order of its positions, so the mask's columns are the only thing the
+  ring changes.
 - Online softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 state; ``m_use`` stands in for a row max that is
   still -inf so that no ``-inf - -inf`` NaN appears, while a NaN in the inputs still reaches the output.
 
@@ -75,11 +79,21 @@ def _finish(acc, m, denom, sink_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
 
 
 @triton.jit
-def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND: tl.constexpr,
-              MASK_1D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _mask_cols(cols, m_shift, S, RING: tl.constexpr):
+    """The mask columns of cache slots ``cols``: the slots themselves, or (``RING``) their age order,
+    ``(cols - m_shift) mod S`` with ``0 <= m_shift < S`` the oldest entry's slot."""
+    if RING:
+        mc = cols - m_shift
+        return tl.where(mc < 0, mc + S, mc)
+    return cols
+
+
+@triton.jit
+def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, m_shift, S, MASK_KIND: tl.constexpr,
+              MASK_1D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RING: tl.constexpr):
     """Which (row, position) pairs of a tile attend (``[rows, cols]``), and the additive mask's values there
     (``[rows, cols]``, or ``[1, cols]`` with ``MASK_1D``: one mask row serves every row of the program, loaded as
-    one vector instead of a tile)."""
+    one vector instead of a tile). ``RING``: the mask is read in age order (:func:`_mask_cols`)."""
     in_range = cols < end
     valid = row_ok[:, None] & in_range[None, :]
     if CAUSAL:
@@ -88,10 +102,11 @@ def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, M
         valid = valid & (cols[None, :] > q_pos[:, None] - WINDOW)
     madd = tl.where(valid, 0.0, 0.0)
     if MASK_KIND != 0:
+        mcols = _mask_cols(cols, m_shift, S, RING)
         if MASK_1D:
-            mv = tl.load(m_rows + cols * stride_mn, mask=in_range, other=0)[None, :]
+            mv = tl.load(m_rows + mcols * stride_mn, mask=in_range, other=0)[None, :]
         else:
-            mv = tl.load(m_rows + cols[None, :] * stride_mn, mask=valid, other=0)
+            mv = tl.load(m_rows + mcols[None, :] * stride_mn, mask=valid, other=0)
         if MASK_KIND == 1:
             valid = valid & (mv != 0)
         else:
@@ -103,8 +118,9 @@ def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, M
 
 @triton.jit
 def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn, qk_scale,
-             mask_floor, WINDOW, offs_n, d_ok, MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RING: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr, CLEAN_V: tl.constexpr):
     """The online softmax over positions ``lo..end`` (``BLOCK_N`` a step from the pointers' first tile): the state
     ``(m, l, acc)`` of the program's rows, base 2.
@@ -123,8 +139,8 @@ def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, strid
         # -inf and (CLEAN_V) its V row to zero
         kv_ok = (cols < end)[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-        valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND, MASK_1D,
-                                CAUSAL, HAS_WINDOW)
+        valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, m_shift, S,
+                                MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW, RING)
         qk = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
         if MASK_KIND == 2:
             qk = qk + madd * 1.4426950408889634
@@ -150,7 +166,7 @@ def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, strid
 @triton.jit
 def _attention_kernel(
     # tensors
-    q_ptr, k_ptr, v_ptr, mask_ptr, sink_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, ring_ptr, sink_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     # sizes
     H_KV, GROUP, SQ, S, CHUNK, N_SPLITS, ROWS_PAD,
     # strides, in elements (the last dimension of q, k, v is contiguous)
@@ -162,7 +178,7 @@ def _attention_kernel(
     qk_scale, mask_floor, WINDOW,
     # options
     MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr, HAS_SINKS: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, RING: tl.constexpr,
     SPLIT: tl.constexpr,
     # tiles (a constexpr head dim: the d-masks fold away or keep 16-element runs, and loads stay vectorized)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -203,6 +219,9 @@ def _attention_kernel(
         lo = tl.maximum(lo, S - SQ + tl.min(tl.where(row_ok, sq, SQ), axis=0) - WINDOW + 1)
     m_rows = mask_ptr
     holes = False
+    m_shift = 0
+    if RING:  # the oldest entry's slot (a ring buffer's counter, read on the device)
+        m_shift = (tl.load(ring_ptr).to(tl.int64) % S).to(tl.int32)
     if MASK_KIND != 0:
         if MASK_1D:  # every row of the program reads the same mask row (that of its first row)
             m_rows = mask_ptr + b * stride_mb + (hkv * GROUP).to(tl.int64) * stride_mh
@@ -216,8 +235,8 @@ def _attention_kernel(
         attended = 0
         for t0 in range(lo, end, TRIM_N):
             cols_t = t0 + tl.arange(0, TRIM_N)
-            valid_t, _ = _attended(cols_t, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, MASK_KIND,
-                                   MASK_1D, CAUSAL, HAS_WINDOW)
+            valid_t, _ = _attended(cols_t, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, m_shift, S,
+                                   MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW, RING)
             hit = tl.max(valid_t.to(tl.int32), axis=0) > 0
             first = tl.minimum(first, tl.min(tl.where(hit, cols_t, end), axis=0))
             last = tl.maximum(last, tl.max(tl.where(hit, cols_t, lo - 1), axis=0))
@@ -239,12 +258,13 @@ def _attention_kernel(
     LOOP_MASK_KIND: tl.constexpr = 0 if (MASK_KIND == 1 and MASK_1D) else MASK_KIND
     if holes:
         m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
-                                 qk_scale, mask_floor, WINDOW, offs_n, d_ok, MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW,
-                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, True)
+                                 qk_scale, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND, MASK_1D, CAUSAL,
+                                 HAS_WINDOW, RING, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, True)
     else:
         m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
-                                 qk_scale, mask_floor, WINDOW, offs_n, d_ok, LOOP_MASK_KIND, MASK_1D, CAUSAL,
-                                 HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, False)
+                                 qk_scale, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, LOOP_MASK_KIND, MASK_1D,
+                                 CAUSAL, HAS_WINDOW, RING, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW,
+                                 False)
 
     if SPLIT:
         # partials at [bh, split, row] (rows padded to ROWS_PAD, head dim to BLOCK_D: no masks needed)

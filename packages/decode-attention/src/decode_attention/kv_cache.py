@@ -8,11 +8,13 @@ per layer and step, about 7 us of a Llama-3-8B layer's decode step on the H200 i
 - ``torch.ops.triton_ops.kv_cache_write_(keys, values, k, v, positions)``: rows to ``positions[t]`` (or to ``t``
   when ``positions`` is None), as ``index_copy_(2, positions, k)`` (transformers 5.0's ``cache_position``);
   mutates ``keys`` and ``values``.
-- ``torch.ops.triton_ops.kv_cache_append_(keys, values, k, v, length)``: rows to ``length + t``, then
+- ``torch.ops.triton_ops.kv_cache_append_(keys, values, k, v, length, ring=False)``: rows to ``length + t``, then
   ``length += T`` (transformers 5.2x's ``cumulative_length``); mutates all three. Up to ``ONE_PROGRAM_ROWS`` rows
   (a decode step of up to 8 sequences with 8 KV heads) one program copies the rows and advances the counter in the
   same launch; more rows (larger batches, prefill) spread over programs and advance the counter with a second
-  launch.
+  launch. With ``ring=True`` the rows go to ``(length + t) % S_max`` instead: the cache is a ring buffer, a full
+  sliding window whose newest row overwrites its oldest while nothing else moves (where a shift,
+  ``kv_cache_shift_``, moves the whole window each step).
 
 With ``q``, ``cos`` and ``sin`` the same launch first applies the rotary embedding (``rotate_half`` form, float32):
 K rotated in place and into the cache, Q in place (ops ``kv_cache_write_rope_`` / ``kv_cache_append_rope_``). A
@@ -95,11 +97,12 @@ def _check_pair(cache: object, new: object, cache_name: str, new_name: str) -> N
 
 
 def validate_kv_cache_write(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            positions: torch.Tensor | None = None, length: torch.Tensor | None = None
-                            ) -> KVCacheWrite:
+                            positions: torch.Tensor | None = None, length: torch.Tensor | None = None,
+                            ring: bool = False) -> KVCacheWrite:
     """Check a cache write: ``keys``/``values`` ``[B, Hkv, S, D]`` (``D`` may differ between them), ``k``/``v``
     ``[B, Hkv, T, D]`` in their cache's dtype (fp16/bf16/fp32, unit last stride, any other strides); ``positions``
-    an int32/int64 ``[T]``; ``length`` an int32/int64 tensor of one element; everything on one device."""
+    an int32/int64 ``[T]``; ``length`` an int32/int64 tensor of one element; everything on one device; with
+    ``ring``, ``length`` given and at most ``S`` new rows (each takes a slot of its own)."""
     _check_pair(keys, k, "keys", "k")
     _check_pair(values, v, "values", "v")
     if tuple(values.shape[:3]) != tuple(keys.shape[:3]):
@@ -122,6 +125,12 @@ def validate_kv_cache_write(keys: torch.Tensor, values: torch.Tensor, k: torch.T
             raise ShapeMismatchError(f"length: expected one element (the cache's filled length), got shape "
                                      f"{list(length.shape)}")
     b, h, s, dk = keys.shape
+    if ring:
+        if length is None:
+            raise InvalidArgumentError("ring: a ring buffer's write needs length (its device counter), got none")
+        if k.shape[2] > s:
+            raise ShapeMismatchError(f"k: a ring buffer of {s} rows takes at most {s} new rows at once, got "
+                                     f"{k.shape[2]}")
     return KVCacheWrite(batch=b, heads=h, new=k.shape[2], cache_len=s, k_dim=dk, v_dim=values.shape[3])
 
 
@@ -192,7 +201,7 @@ def _plan(keys, values, k, v, rope, norm, mode: int, info: KVCacheWrite) -> Plan
         return None
     block_d = max(16, next_pow2(max(info.k_dim, info.v_dim)))
     block_r = max(2, min(next_pow2(rows), 8192 // block_d))  # ~16 KB of K and of V in 16-bit per step
-    one = mode == K.POS_LENGTH and rows <= ONE_PROGRAM_ROWS
+    one = mode in (K.POS_LENGTH, K.POS_RING) and rows <= ONE_PROGRAM_ROWS
     per_program = rows if one else 4 * block_r
     kv_programs = cdiv(rows, per_program)
     q_strides, table_strides, q_rows, block_q, q_programs = (0, 0, 0), (0, 0), 0, 2, 0
@@ -237,15 +246,18 @@ def _check_on_host(info: KVCacheWrite, positions: torch.Tensor | None, length: t
             "enough for the prompt and every generated token")
 
 
-def _write(keys, values, k, v, positions, length, rope=None, norm=None) -> None:
+def _write(keys, values, k, v, positions, length, rope=None, norm=None, ring: bool = False) -> None:
     """The launch; ``rope``: ``(q, cos, sin)`` to rotate q and k first, or None; ``norm``: ``(q_weight, k_weight,
-    eps)`` to RMS-normalize each head before (with ``rope`` only), or None."""
+    eps)`` to RMS-normalize each head before (with ``rope`` only), or None; ``ring``: rows at ``(length + t) %
+    S_max``."""
     mode = K.POS_TENSOR if positions is not None else K.POS_LENGTH if length is not None else K.POS_INDEX
-    key = call_key("kv_cache_write", keys, values, k, v, positions, length, *(rope or ()), *(norm or ()))
+    if ring:
+        mode = K.POS_RING
+    key = call_key("kv_cache_write", keys, values, k, v, positions, length, *(rope or ()), *(norm or ()), ring)
     plan = _PLANS.get(key) if key is not None else None
     info = plan.info if plan is not None else None
     if plan is None:
-        info = validate_kv_cache_write(keys, values, k, v, positions, length)
+        info = validate_kv_cache_write(keys, values, k, v, positions, length, ring)
         if rope is not None:
             info = replace(info, q_per_kv=validate_rope_operands(rope[0], k, rope[1], rope[2]))
         if norm is not None:
@@ -256,7 +268,7 @@ def _write(keys, values, k, v, positions, length, rope=None, norm=None) -> None:
         plan.info = info
         if key is not None:
             _PLANS.put(key, plan)
-    if keys.device.type != "cuda":
+    if keys.device.type != "cuda" and not ring:  # (a ring's every position is inside)
         _check_on_host(info, positions, length)
     dummy = keys  # never read: constexprs say which of positions / length / the rotary operands the kernel reads
     q, cos, sin = rope if rope is not None else (dummy, dummy, dummy)
@@ -284,12 +296,12 @@ def _(keys, values, k, v, positions):
 
 @torch.library.custom_op(op_name("kv_cache_append_"), mutates_args=("keys", "values", "length"))
 def _kv_cache_append_op(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        length: torch.Tensor) -> None:
-    _write(keys, values, k, v, None, length)
+                        length: torch.Tensor, ring: bool = False) -> None:
+    _write(keys, values, k, v, None, length, ring=ring)
 
 
 @_kv_cache_append_op.register_fake
-def _(keys, values, k, v, length):
+def _(keys, values, k, v, length, ring=False):
     return None
 
 
@@ -312,12 +324,13 @@ def _(keys, values, q, k, v, cos, sin, positions, q_weight, k_weight, eps):
 @torch.library.custom_op(op_name("kv_cache_append_rope_"), mutates_args=("keys", "values", "q", "k", "length"))
 def _kv_cache_append_rope_op(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor,
-                             q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> None:
-    _write(keys, values, k, v, None, length, (q, cos, sin), _norm(q_weight, k_weight, eps))
+                             q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                             ring: bool = False) -> None:
+    _write(keys, values, k, v, None, length, (q, cos, sin), _norm(q_weight, k_weight, eps), ring)
 
 
 @_kv_cache_append_rope_op.register_fake
-def _(keys, values, q, k, v, cos, sin, length, q_weight, k_weight, eps):
+def _(keys, values, q, k, v, cos, sin, length, q_weight, k_weight, eps, ring=False):
     return None
 
 
@@ -435,6 +448,7 @@ def update_kv_cache_(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    ring: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write a step's new K and V rows into a static KV cache, in place, in one launch.
 
@@ -462,6 +476,11 @@ def update_kv_cache_(
             first RMS-normalized, ``x * rsqrt(mean(x^2) + eps) * weight`` over the head dim (Qwen3's ``q_norm`` /
             ``k_norm``, ``[D]`` each), then rotated: ``fused_qk_norm_rope(..., inplace=True)`` and the write in one
             launch.
+        ring: with ``length``: the cache is a ring buffer of ``S_max`` slots (a full sliding window): new row
+            ``t`` goes to slot ``(length + t) % S_max``, overwriting the oldest row, and ``length += T``; at most
+            ``S_max`` new rows. The rows then sit in slot order, the oldest at slot ``length % S_max`` after the
+            write: :func:`~decode_attention.decode_attention` with ``ring_start=length`` applies a mask laid out
+            oldest first (as transformers lays out a sliding window) to them.
 
     Returns:
         ``(keys, values)``, updated (what ``StaticLayer.update`` returns).
@@ -495,14 +514,18 @@ def update_kv_cache_(
             "it (run under torch.no_grad() / torch.inference_mode(), or detach k and v)")
     if positions is not None and length is not None:
         raise InvalidArgumentError("positions, length: expected at most one of them, got both")
+    if not isinstance(ring, bool):
+        raise InvalidArgumentError(f"ring: expected a bool, got {ring!r}")
+    if ring and length is None:
+        raise InvalidArgumentError("ring: a ring buffer's write needs length (its device counter), got none")
     if direct_call_ok(keys, values, k, v, positions, length, *(rope or ()), q_norm_weight, k_norm_weight):
-        _write(keys, values, k, v, positions, length, rope, norm)
+        _write(keys, values, k, v, positions, length, rope, norm, ring)
     elif rope is not None and length is not None:
-        _kv_cache_append_rope_op(keys, values, q, k, v, cos, sin, length, q_norm_weight, k_norm_weight, eps)
+        _kv_cache_append_rope_op(keys, values, q, k, v, cos, sin, length, q_norm_weight, k_norm_weight, eps, ring)
     elif rope is not None:
         _kv_cache_write_rope_op(keys, values, q, k, v, cos, sin, positions, q_norm_weight, k_norm_weight, eps)
     elif length is not None:
-        _kv_cache_append_op(keys, values, k, v, length)
+        _kv_cache_append_op(keys, values, k, v, length, ring)
     else:
         _kv_cache_write_op(keys, values, k, v, positions)
     return keys, values

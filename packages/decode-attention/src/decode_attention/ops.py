@@ -1,9 +1,9 @@
 """Decode attention: the launcher, the op's registration with its fake, and the public function.
 
 One registered op, forward only: ``torch.ops.triton_ops.decode_attention(q, k, v, attn_mask, scale, sinks,
-sliding_window, is_causal, num_splits)`` returns ``[B, Sq, Hq, D]``. One launch of ``_attention_kernel`` (plus one
-of ``_combine_kernel`` when the KV length is split over programs); sizes fixed by the shapes, nothing read back on
-the host, so a call can be captured in a CUDA graph. No gradient: a backward raises
+sliding_window, is_causal, num_splits, ring_start=None)`` returns ``[B, Sq, Hq, D]``. One launch of
+``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs); sizes fixed by
+the shapes, nothing read back on the host, so a call can be captured in a CUDA graph. No gradient: a backward raises
 ``DecodeAttentionBackwardError``.
 
 As in the other packages, plain eager calls skip the dispatcher (``triton_ops_core.library.direct_call_ok``), and
@@ -135,7 +135,7 @@ class _AttentionPlan(NamedTuple):
 
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
           scale: float | None, sinks: torch.Tensor | None, sliding_window: int | None, is_causal: bool,
-          num_splits: int | None, info: AttentionInput) -> _AttentionPlan:
+          num_splits: int | None, info: AttentionInput, ring: bool = False) -> _AttentionPlan:
     b, hq, hkv, sq, s, d = info.batch, info.q_heads, info.kv_heads, info.q_len, info.kv_len, info.head_dim
     out_shape = (b, sq, hq, d)
     rows = info.group * sq
@@ -168,8 +168,9 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_h, sm_q, sm_n,
         scale * K.LOG2E, mask_floor, sliding_window or 0,
-        # MASK_KIND, MASK_1D, HAS_SINKS, CAUSAL, HAS_WINDOW, SPLIT
-        mask_kind, mask_1d, sinks is not None, is_causal, sliding_window is not None, splits > 1,
+        # MASK_KIND, MASK_1D, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SPLIT
+        mask_kind, mask_1d, sinks is not None, is_causal, sliding_window is not None, ring and attn_mask is not None,
+        splits > 1,
         # HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, TRIM_N, DOT_PRECISION, UPCAST, P_LOW
         d, t.block_m, t.block_n, t.block_d, _trim_n(t, mask_1d), _dot_precision(dtype),
         on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on), t.num_warps,
@@ -191,19 +192,20 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _launch(plan: _AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-            sinks: torch.Tensor | None) -> torch.Tensor:
+            sinks: torch.Tensor | None, ring_start: torch.Tensor | None = None) -> torch.Tensor:
     out = _empty(plan.out_shape, q.dtype, q.device)
     if plan.main is None:
         return out
     mask = q if attn_mask is None else attn_mask  # never read without a mask (a constexpr says so)
+    ring = q if ring_start is None else ring_start  # read only with a mask and a ring (a constexpr says so)
     sink = q if sinks is None else sinks
     if plan.combine is None:
-        plan.main.launch(q, k, v, mask, sink, out, out, out, out)
+        plan.main.launch(q, k, v, mask, ring, sink, out, out, out, out)
         return out
     part_acc = _empty((plan.partials, plan.block_d), torch.float32, q.device)
     part_m = _empty((plan.partials,), torch.float32, q.device)
     part_l = _empty((plan.partials,), torch.float32, q.device)
-    plan.main.launch(q, k, v, mask, sink, out, part_acc, part_m, part_l)
+    plan.main.launch(q, k, v, mask, ring, sink, out, part_acc, part_m, part_l)
     plan.combine.launch(part_acc, part_m, part_l, sink, out)
     return out
 
@@ -229,15 +231,17 @@ def _tf32(x: object) -> bool:
     return getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits):
+def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start=None):
     """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
-    key = call_key("decode_attention", q, k, v, attn_mask, sinks, scale, scale.__class__, sliding_window,
-                   sliding_window.__class__, is_causal, is_causal.__class__, num_splits, num_splits.__class__,
-                   _tf32(q))
+    key = call_key("decode_attention", q, k, v, attn_mask, sinks, ring_start, scale, scale.__class__,
+                   sliding_window, sliding_window.__class__, is_causal, is_causal.__class__, num_splits,
+                   num_splits.__class__, _tf32(q))
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
-        info = validate_decode_attention(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
-        plan = _plan(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, info)
+        info = validate_decode_attention(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits,
+                                         ring_start)
+        plan = _plan(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, info,
+                     ring_start is not None)
         if key is not None:
             try:
                 _PLANS.put(key, plan)
@@ -246,8 +250,8 @@ def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_split
     ctx = _on_device(q.device)
     if ctx is not None:
         with ctx:
-            return _launch(plan, q, k, v, attn_mask, sinks)
-    return _launch(plan, q, k, v, attn_mask, sinks)
+            return _launch(plan, q, k, v, attn_mask, sinks, ring_start)
+    return _launch(plan, q, k, v, attn_mask, sinks, ring_start)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,12 +261,13 @@ def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_split
 @torch.library.custom_op(op_name("decode_attention"), mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                          scale: float | None, sinks: torch.Tensor | None, sliding_window: int | None,
-                         is_causal: bool, num_splits: int | None) -> torch.Tensor:
-    return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
+                         is_causal: bool, num_splits: int | None,
+                         ring_start: torch.Tensor | None = None) -> torch.Tensor:
+    return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start)
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits):
+def _(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start=None):
     b, hq, sq, d = q.shape
     return q.new_empty((b, sq, hq, d))
 
@@ -296,6 +301,7 @@ def decode_attention(
     sliding_window: int | None = None,
     is_causal: bool = False,
     num_splits: int | None = None,
+    ring_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of a few query positions over a KV cache, grouped-query heads read once.
 
@@ -329,6 +335,13 @@ def decode_attention(
             torch's ``is_causal`` when ``Sq == S``); positions past the last query are not loaded.
         num_splits: how many programs share one KV head's positions, at most (default: chosen from the SM count,
             the batch and the heads; 1 once ``B * Hkv`` programs fill the GPU).
+        ring_start: optional int32/int64 tensor of one element on q's device, read on the device (a CUDA graph
+            replays it): ``k`` and ``v`` are a ring buffer (a full sliding window written in place by
+            :func:`~decode_attention.update_kv_cache_` with ``ring=True``, whose ``length`` counter this is) with
+            its oldest entry at slot ``ring_start % S``, while ``attn_mask``'s last dimension is laid out oldest
+            first (as transformers lays out a sliding window): slot ``j`` takes mask column
+            ``(j - ring_start) % S``. Attention does not depend on the order of its positions, so that is all it
+            changes. Not with ``is_causal`` or ``sliding_window`` (they count positions in slot order).
 
     Returns:
         ``[B, Sq, Hq, D]`` contiguous in ``q``'s dtype: the layout transformers' attention functions return
@@ -344,9 +357,9 @@ def decode_attention(
         ShapeMismatchError, UnsupportedDtypeError, DeviceMismatchError, UnsupportedDeviceError, LayoutError,
         InvalidArgumentError: naming the offending argument.
     """
-    if direct_call_ok(q, k, v, attn_mask, sinks):
-        return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
-    return _decode_attention_op(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits)
+    if direct_call_ok(q, k, v, attn_mask, sinks, ring_start):
+        return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start)
+    return _decode_attention_op(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start)
 
 
 __all__ = ["DecodeAttentionBackwardError", "Tiles", "clear_caches", "decode_attention"]

@@ -71,6 +71,17 @@ def _broadcast_shape(mask: torch.Tensor, target: tuple[int, int, int, int]) -> t
     return shape  # type: ignore[return-value]
 
 
+def _check_ring_start(ring_start: object, is_causal: bool, sliding_window: int | None) -> None:
+    check_tensor(ring_start, "ring_start")
+    check_dtype(ring_start, "ring_start", (torch.int32, torch.int64))
+    if ring_start.numel() != 1:
+        raise ShapeMismatchError(f"ring_start: expected one element (a ring buffer's counter), got shape "
+                                 f"{list(ring_start.shape)}")
+    if is_causal or sliding_window is not None:
+        raise InvalidArgumentError("ring_start: a ring buffer's positions are not in slot order; expected neither "
+                                   "is_causal nor sliding_window with it (express them in attn_mask, oldest first)")
+
+
 def validate_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,6 +92,7 @@ def validate_decode_attention(
     sliding_window: int | None = None,
     is_causal: bool = False,
     num_splits: int | None = None,
+    ring_start: torch.Tensor | None = None,
 ) -> AttentionInput:
     """Check a ``decode_attention`` call and return its sizes.
 
@@ -88,12 +100,13 @@ def validate_decode_attention(
     dtype (float16, bfloat16, float32), ``Hq`` a multiple of ``Hkv``, ``1 <= D <= 256``. ``attn_mask`` is bool or
     float (any float dtype), broadcastable to ``[B, Hq, Sq, S]``. ``sinks`` is ``[Hq]`` floating point.
     ``sliding_window`` and ``num_splits`` are None or ints >= 1; ``scale`` None or a finite number.
+    ``ring_start`` None or an int32/int64 tensor of one element, without ``is_causal`` or ``sliding_window``.
     """
     _check_qkv(q, "q")
     _check_qkv(k, "k")
     _check_qkv(v, "v")
     check_same_dtype(q=q, k=k, v=v)
-    check_same_device(q=q, k=k, v=v, attn_mask=attn_mask, sinks=sinks)
+    check_same_device(q=q, k=k, v=v, attn_mask=attn_mask, sinks=sinks, ring_start=ring_start)
     check_kernel_device(q, "q")
     b, hq, sq, d = q.shape
     if tuple(k.shape) != tuple(v.shape):
@@ -129,6 +142,8 @@ def validate_decode_attention(
             raise InvalidArgumentError(f"{name}: expected None or an int >= 1, got {value!r}")
     if not isinstance(is_causal, bool):
         raise InvalidArgumentError(f"is_causal: expected a bool, got {is_causal!r}")
+    if ring_start is not None:
+        _check_ring_start(ring_start, is_causal, sliding_window)
     return AttentionInput(batch=b, q_heads=hq, kv_heads=hkv, q_len=sq, kv_len=s, head_dim=d, mask_shape=mask_shape)
 
 

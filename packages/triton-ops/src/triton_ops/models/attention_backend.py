@@ -19,6 +19,10 @@ sinks, which sdpa cannot take, to the model's own ``eager_attention_forward``):
 
 The ``sliding_window`` argument is not applied by the kernel: transformers' mask already encodes the window, in the
 cache's own positions (a sliding-window cache rolls, so an index-based window would be wrong), as sdpa relies on.
+A patched model's full sliding windows are ring buffers (``triton_ops.models.cache_updates``): their keys come in slot
+order with ``kv_ring_start``, the ring's device counter, and the mask (oldest first, as transformers builds it) is
+read in age order by the kernel (``decode_attention``'s ``ring_start``), or reordered to slot order
+(:func:`slot_order_mask`) for a fallback.
 Without a mask and with more than one query, the call is causal as sdpa makes it (``module.is_causal``, upper-left
 aligned: with a longer cache, as in a static cache's prefill, the keys past the queries are dropped first).
 """
@@ -115,10 +119,13 @@ def triton_ops_attention_forward(
         dropout, scaling: as transformers passes them; ``scaling`` None is ``1 / sqrt(D)``.
         sliding_window: ignored (the mask encodes the window, see the module's docstring).
         s_aux: gpt-oss's attention sinks ``[Hq]``, joining the softmax denominator.
+        kv_ring_start (keyword): where ``key`` / ``value`` are a ring buffer (a patched model's full sliding window),
+            its device counter: the oldest entry sits at slot ``kv_ring_start % S`` while the mask is oldest first.
 
     Returns:
         ``(attn_output [B, Sq, Hq, D] contiguous, None)``, as transformers' sdpa function returns.
     """
+    ring_start = kwargs.pop("kv_ring_start", None)
     is_causal = kwargs.pop("is_causal", None)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len = query.shape[2]
@@ -128,8 +135,11 @@ def triton_ops_attention_forward(
             # sdpa's is_causal is upper-left aligned: the keys past the queries are never attended (a static
             # cache's prefill); dropping them makes it decode_attention's bottom-right causal
             key, value = key[:, :, :q_len], value[:, :, :q_len]
-        out = decode_attention(query, key, value, attention_mask, scale=scaling, sinks=s_aux, is_causal=causal)
+        out = decode_attention(query, key, value, attention_mask, scale=scaling, sinks=s_aux, is_causal=causal,
+                               ring_start=ring_start if attention_mask is not None else None)
         return out, None
+    if ring_start is not None and attention_mask is not None:
+        attention_mask = slot_order_mask(attention_mask, ring_start)
     if s_aux is not None:
         out, _ = _eager_with_sinks(module, query, key, value, attention_mask, dropout, scaling, causal,
                                    {**kwargs, "s_aux": s_aux, "sliding_window": sliding_window})
@@ -138,6 +148,15 @@ def triton_ops_attention_forward(
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, sliding_window=sliding_window, **kwargs)
+
+
+def slot_order_mask(attention_mask: torch.Tensor, ring_start: torch.Tensor) -> torch.Tensor:
+    """A mask whose last dimension is in age order (oldest first, as transformers builds a sliding window's),
+    reordered for keys that sit in a ring buffer's slot order, the oldest at slot ``ring_start % S``: column ``j``
+    of the result is column ``(j - ring_start) % S`` of ``attention_mask``. One gather, on the device."""
+    size = attention_mask.shape[-1]
+    order = torch.remainder(torch.arange(size, device=attention_mask.device) - ring_start.reshape(()), size)
+    return attention_mask.index_select(-1, order)
 
 
 def register_attention_backend(name: str = ATTENTION_NAME) -> str:
@@ -158,4 +177,5 @@ def register_attention_backend(name: str = ATTENTION_NAME) -> str:
     return name
 
 
-__all__ = ["ATTENTION_NAME", "MAX_QUERY_LEN", "register_attention_backend", "triton_ops_attention_forward"]
+__all__ = ["ATTENTION_NAME", "MAX_QUERY_LEN", "register_attention_backend", "slot_order_mask",
+           "triton_ops_attention_forward"]

@@ -16,19 +16,15 @@ transformers' ``ALL_ATTENTION_FUNCTIONS``, so any registered backend plugs in by
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from decode_attention import shift_kv_cache_, update_kv_cache_
 from fp8_gemm import FP8Linear, decode_linear, fp8_linear_add_
 from fp8_gemm.weight_only import use_weight_only
 from fused_rmsnorm_rope import apply_rope, fused_add_rmsnorm, fused_qk_norm_rope, rmsnorm_add, rmsnorm_add_rmsnorm
 from torch import nn
-from triton_ops_core.device import can_run_on
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import (
@@ -47,6 +43,7 @@ from ..layers import (
     runs_forward,
 )
 from . import layers as model_layers
+from .cache_updates import fusable_tables, ring_attention_args, ring_suits, update_cache, write_rotated
 from .layers import (
     LOCAL_SHARDS_ATTR,
     NORM_PROLOGUE_MAX_ROWS,
@@ -633,27 +630,34 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     update, the configured attention function, ``o_proj`` (with ``residual``: ``residual + o_proj(...)``, the add in
     the projection's launch where it can). q and k come rotated, or (``rope``) are rotated here in
     place, after the per-head RMSNorm of ``qk_norm`` (``(q_weight, k_weight, eps)``, Qwen3) where given: inside the
-    static cache's one-launch write where that runs (:func:`_static_layer_update`), else by one
-    :func:`~fused_rmsnorm_rope.apply_rope` / :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch before the cache
-    update."""
+    static cache's one-launch write where that runs (:func:`~triton_ops.models.cache_updates.write_rotated`: a
+    ``StaticLayer``'s, or a full sliding window's ring), else by one :func:`~fused_rmsnorm_rope.apply_rope` /
+    :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch before the cache update. A ring's keys come in slot order:
+    the attention function gets the ring's start or a reordered mask
+    (:func:`~triton_ops.models.cache_updates.ring_attention_args`)."""
     cache = next((kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs), None)
     for name in _CACHE_NAMES:  # both names given (one None): neither goes on to the attention function
         kwargs.pop(name, None)
     cache_position = kwargs.pop("cache_position", None)
+    implementation = attn.config._attn_implementation
+    ring_ok = cache is not None and ring_suits(implementation, attention_mask)
     written = None
-    if rope and cache is not None and _fusable_tables(k, cos, sin, qk_norm):
-        written = _static_layer_update(cache, k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx, cache_position,
-                                       rope=(q.transpose(1, 2), cos, sin), qk_norm=qk_norm)
+    if rope and cache is not None and fusable_tables(k, cos, sin, qk_norm):
+        written = write_rotated(cache, k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx, cache_position,
+                                (q.transpose(1, 2), cos, sin), qk_norm, ring_ok)
     if rope and written is None and qk_norm is not None:
         fused_qk_norm_rope(q, k, qk_norm[0], qk_norm[1], cos, sin, eps=qk_norm[2], inplace=True)
     elif rope and written is None:
         apply_rope(q, k, cos, sin, inplace=True)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    ring = None
     if written is not None:
-        k, v = written
+        k, v, ring = written
     elif cache is not None:
-        k, v = _update_cache(cache, k, v, attn.layer_idx, cos, sin, cache_position, kwargs)
-    attention = _attention_function(type(attn), attn.config._attn_implementation)
+        k, v, ring = update_cache(cache, k, v, attn.layer_idx, cos, sin, cache_position, kwargs, ring_ok)
+    attention = _attention_function(type(attn), implementation)
+    if ring is not None:
+        attention_mask, kwargs = ring_attention_args(attention, attention_mask, ring, kwargs)
     out, weights = attention(attn, q, k, v, attention_mask,
                              dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
                              **_sliding_window(attn), **kwargs)
@@ -708,188 +712,7 @@ def _sliding_window(attn: nn.Module) -> dict:
     return {}
 
 
-def _update_cache(cache, k, v, layer_idx: int, cos, sin, cache_position, kwargs: dict) -> tuple:
-    """``Cache.update`` as the installed transformers defines it (5.0: a ``cache_kwargs`` dict; later: keywords),
-    or, for an initialized ``StaticLayer``, the same write in one launch (:func:`_static_layer_update`), and for a
-    full ``StaticSlidingWindowLayer`` taking one row, its shift in one launch (:func:`_sliding_layer_update`)."""
-    written = _static_layer_update(cache, k, v, layer_idx, cache_position)
-    if written is None:
-        written = _sliding_layer_update(cache, k, v, layer_idx)
-    if written is not None:
-        return written
-    if _takes_cache_kwargs(type(cache)):
-        return cache.update(k, v, layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
-    return cache.update(k, v, layer_idx, kwargs=kwargs)
-
-
-# Per-class answers, in plain dicts: torch.compile traces a dict lookup, and warns about functools.cache wrappers.
-_CACHE_KWARGS: dict[type, bool] = {}
-_EAGER: dict[type, Callable] = {}
-_STATIC_WRITE: dict[type, str] = {}  # "length", "positions" or "" (not a layer we write ourselves)
-
-
-def _static_write_kind(layer_cls: type) -> str:
-    """How transformers' own ``StaticLayer.update`` places new rows: ``"length"`` (5.2x: at its device counter
-    ``cumulative_length``, then advanced), ``"positions"`` (5.0: at ``cache_position``), or ``""``: any other class
-    (subclasses included: sliding windows roll, offloaded or quantized layers move their tensors), or an ``update``
-    whose source names neither (a release we do not know keeps its own update).
-
-    Read from the class once, in eager code (:func:`prime_static_write` runs from ``patch_model``): under
-    torch.compile the class is recognised by name alone, without an import (Dynamo refuses transformers' lazy module,
-    a graph break) or ``inspect``; a StaticLayer not read yet then keeps transformers' own update."""
-    return _layer_answer(_STATIC_WRITE, "StaticLayer", _static_write_from, layer_cls)
-
-
-def prime_static_write(layer_cls: type | None = None) -> str:
-    """Read (once) how ``layer_cls`` (default: transformers' ``StaticLayer``) writes new rows; see
-    :func:`_static_write_kind`. Eager code only: it imports and reads source."""
-    return _prime_layer_answer(_STATIC_WRITE, "StaticLayer", _static_write_from, layer_cls)
-
-
-def _static_write_from(layer_cls: type, source: str) -> str:
-    if "cache_kwargs" in inspect.signature(layer_cls.update).parameters:
-        return "positions" if "cache_position" in source else ""
-    return "length" if "cumulative_length.add_(" in source else ""
-
-
-_SLIDING_SHIFT: dict[type, str] = {}  # the layer's python-int length counter's name, or "" (not ours to write)
-
-
-def _sliding_counter(layer_cls: type) -> str:
-    """The name of the python-int length counter by which transformers' own ``StaticSlidingWindowLayer.update``
-    decides that its window is full (``"cumulative_length_int"`` from 5.2x, ``"cumulative_length"`` in 5.0), where
-    that update rolls the full window by one for one new row (``roll(-1``); ``""`` for any other class, subclasses
-    included, or a release whose update reads otherwise. Read once in eager code (:func:`prime_sliding_shift` runs
-    from ``patch_model``); under torch.compile a class not read yet keeps transformers' own update."""
-    return _layer_answer(_SLIDING_SHIFT, "StaticSlidingWindowLayer", _sliding_counter_from, layer_cls)
-
-
-def prime_sliding_shift(layer_cls: type | None = None) -> str:
-    """Read (once) ``layer_cls``'s update (default: transformers' ``StaticSlidingWindowLayer``); see
-    :func:`_sliding_counter`. Eager code only: it imports and reads source."""
-    return _prime_layer_answer(_SLIDING_SHIFT, "StaticSlidingWindowLayer", _sliding_counter_from, layer_cls)
-
-
-def _sliding_counter_from(layer_cls: type, source: str) -> str:
-    if "roll(-1" in source and "key_states.shape[-2] == 1" in source and ">= self.max_cache_len" in source:
-        return next((c for c in ("cumulative_length_int", "cumulative_length") if f"self.{c} += " in source), "")
-    return ""
-
-
-def _layer_answer(table: dict, class_name: str, read: Callable[[type, str], str], layer_cls: type) -> str:
-    """``table``'s answer for ``layer_cls``, read from its source the first time (:func:`_prime_layer_answer`) if it
-    is transformers' ``class_name`` itself and this is eager code: under torch.compile the class is recognised by
-    name alone, without an import (Dynamo refuses transformers' lazy module, a graph break) or ``inspect``; a class
-    not read yet then keeps transformers' own update (``""``)."""
-    answer = table.get(layer_cls)
-    if answer is not None:
-        return answer
-    if layer_cls.__name__ != class_name or layer_cls.__module__ != "transformers.cache_utils" \
-            or torch.compiler.is_compiling():
-        return ""
-    return _prime_layer_answer(table, class_name, read, layer_cls)
-
-
-def _prime_layer_answer(table: dict, class_name: str, read: Callable[[type, str], str],
-                        layer_cls: type | None) -> str:
-    """Read (once) ``read(layer_cls, source of its update)`` into ``table``; ``layer_cls`` defaults to
-    transformers' ``class_name`` (``""`` for a release without it)."""
-    if layer_cls is None:
-        layer_cls = getattr(importlib.import_module("transformers.cache_utils"), class_name, None)
-        if layer_cls is None:
-            return ""
-    answer = table.get(layer_cls)
-    if answer is not None:
-        return answer
-    try:
-        source = inspect.getsource(layer_cls.update)
-    except (OSError, TypeError):
-        source = ""
-    table[layer_cls] = answer = read(layer_cls, source)
-    return answer
-
-
-def _sliding_layer_update(cache, k, v, layer_idx: int) -> tuple | None:
-    """A full ``StaticSlidingWindowLayer`` taking one new row, as one :func:`~decode_attention.shift_kv_cache_`
-    launch: the window moves on by the row (transformers' update rolls it with six launches, each over the whole
-    window), and the layer's length counter advances as transformers' advances it. None where transformers' own
-    update must run (another layer class, a window not full yet, several new rows, offloading, a gradient to
-    record, a device Triton does not run on)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or getattr(cache, "offloading", False) or not 0 <= layer_idx < len(layers) or k.shape[-2] != 1:
-        return None
-    layer = layers[layer_idx]
-    counter = _sliding_counter(type(layer))
-    if not counter or not getattr(layer, "is_initialized", False):
-        return None
-    length = getattr(layer, counter, None)
-    if type(length) is not int or length < layer.max_cache_len:
-        return None
-    keys, values = layer.keys, layer.values
-    if (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)) or not can_run_on(keys.device) \
-            or keys.dtype != k.dtype or values.dtype != v.dtype or keys.shape[-2] != layer.max_cache_len \
-            or k.stride(-1) != 1 or v.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
-        return None
-    shift_kv_cache_(keys, values, k, v)
-    setattr(layer, counter, length + 1)
-    return keys, values
-
-
-def _fusable_tables(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qk_norm: tuple | None) -> bool:
-    """Whether the cache write can rotate (and normalize) q and k itself: transformers' ``[B or 1, T, head_dim]``
-    tables (the rotation over the whole head dim), ``[head_dim]`` norm weights of k's dtype family. A partial rotary
-    dim, other tables or other weights take the separate launch."""
-    b, t, _, d = k.shape
-    tables = (cos.dim() == 3 and cos.shape[0] in (1, b) and tuple(cos.shape[1:]) == (t, d)
-              and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1 and d % 2 == 0)
-    if not tables or qk_norm is None:
-        return tables
-    return all(isinstance(w, torch.Tensor) and tuple(w.shape) == (d,) and w.stride() == (1,)
-               and w.device == k.device for w in qk_norm[:2])
-
-
-def _static_layer_update(cache, k, v, layer_idx: int, cache_position, rope: tuple | None = None,
-                         qk_norm: tuple | None = None) -> tuple | None:
-    """``StaticLayer.update`` of an initialized layer as one :func:`~decode_attention.update_kv_cache_` launch
-    (transformers' makes five: ``arange``, two counter adds, two ``index_copy_``), the same rows at the same
-    positions and the counter advanced alike; with ``rope`` (``(q, cos, sin)``) the same launch first rotates q and
-    k in place (the cache receives the rotated k), after normalizing each head with ``qk_norm``'s weights if given.
-    None where transformers' own update must run (another layer
-    class, a first call that allocates the cache, offloading, a gradient to record, a device Triton does not run
-    on): then nothing was rotated either."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or getattr(cache, "offloading", False) or not 0 <= layer_idx < len(layers):
-        return None
-    layer = layers[layer_idx]
-    kind = _static_write_kind(type(layer))
-    if not kind or not getattr(layer, "is_initialized", False):
-        return None
-    keys, values = layer.keys, layer.values
-    if (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)) or not can_run_on(keys.device) \
-            or keys.dtype != k.dtype or values.dtype != v.dtype:
-        return None
-    if kind == "length":
-        length = getattr(layer, "cumulative_length", None)
-        if not isinstance(length, torch.Tensor) or length.device != keys.device:
-            return None
-        return update_kv_cache_(keys, values, k, v, length=length, **_rope_kwargs(rope, qk_norm))
-    if cache_position is None:
-        return None
-    return update_kv_cache_(keys, values, k, v, positions=cache_position, **_rope_kwargs(rope, qk_norm))
-
-
-def _rope_kwargs(rope: tuple | None, qk_norm: tuple | None) -> dict:
-    kwargs = {} if rope is None else dict(zip(("q", "cos", "sin"), rope, strict=True))
-    if qk_norm is not None:
-        kwargs.update(zip(("q_norm_weight", "k_norm_weight", "eps"), qk_norm, strict=True))
-    return kwargs
-
-
-def _takes_cache_kwargs(cache_cls: type) -> bool:
-    takes = _CACHE_KWARGS.get(cache_cls)
-    if takes is None:
-        takes = _CACHE_KWARGS[cache_cls] = "cache_kwargs" in inspect.signature(cache_cls.update).parameters
-    return takes
+_EAGER: dict[type, Callable] = {}  # per class, in a plain dict: torch.compile traces a dict lookup
 
 
 def _attention_function(layer_cls: type, implementation: str | None) -> Callable:

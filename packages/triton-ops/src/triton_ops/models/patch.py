@@ -40,6 +40,7 @@ from ..layers import (
     moe_activation,
 )
 from .attention_backend import ATTENTION_NAME, register_attention_backend
+from .cache_updates import prime_sliding_shift, prime_static_write
 from .decoder_layers import (
     FusedAddNormDecoderLayer,
     GemmaQKNormRopeAttention,
@@ -59,8 +60,6 @@ from .decoder_layers import (
     is_rope_attention,
     is_sandwich_norm_decoder_layer,
     is_sink_attention,
-    prime_sliding_shift,
-    prime_static_write,
 )
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
