@@ -177,7 +177,7 @@ class Recipe:
     # where the statistics come from: "text" (the calibration text) or "random" (random token ids, no data: outlier
     # channels are a property of the model more than of the input)
     calibration: str = "text"
-    library: str | None = None  # the fp8_gemm recipe this row measures (backend "kernels" converts through it)
+    library: object = None  # the fp8_gemm recipe (a name or an FP8Recipe) this row measures ("kernels" converts so)
     # the library's SmoothQuant fold (fp8_gemm.smoothing) with this alpha on the bf16 model, calibrated on the
     # calibration text, before the library recipe converts (what patch_model(fp8_calibration=ids) does); 0: none
     library_smooth: float = 0.0
@@ -301,6 +301,13 @@ def recipes() -> dict[str, Recipe]:
                               library=name, library_smooth=0.5,
                               note="the default with calibration (SmoothQuant folded, alpha 0.5), every Linear of "
                                    "the first and last layers bf16 (filter_fn)")
+    # the default's scales with less kept in bf16: which of its two keep rules a model needs
+    for suffix, keep_layers, edges, what in (("every", (0, 0), (0, 0), "nothing kept"),
+                                             ("edges", (0, 0), (1, 1), "the first and last layers kept"),
+                                             ("mlp-out", "all", (0, 0), "every MLP output projection kept")):
+        r = lib.FP8Recipe(f"group-{suffix}", "group", "block", keep_layers, "mlp_out", keep_edge_layers=edges)
+        out[f"lib:group-{suffix}"] = Recipe(f"lib:group-{suffix}", "group", "block", library=r,
+                                            note=f"the default's scales (group weights, 1x128 activations), {what}")
     return out
 
 
