@@ -65,19 +65,23 @@ def main() -> int:
                                     "s_vals_b", "s_vals_h", "s_vals_s", "s_k_b", "s_k_h", "s_k_t", "s_v_b", "s_v_h",
                                     "s_v_t", "s_q_b", "s_q_h", "s_q_t", "s_cs_b", "s_cs_t"], I32)}
     ok &= build(CK._kv_cache_write_kernel, cache_types,
-                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=False, NORM=False, K_DIM=128, V_DIM=128,
-                     BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32), "kv cache write", 4)
+                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=False, NORM=False, GEMMA=False,
+                     K_DIM=128, V_DIM=128, BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32), "kv cache write", 4)
     # with Qwen3's QK norm and RoPE of q (its own programs) and k (before the write)
     ok &= build(CK._kv_cache_write_kernel, cache_types,
-                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=True, K_DIM=128, V_DIM=128,
-                     BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32), "kv cache write with QK norm and RoPE", 4)
+                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=True, GEMMA=False,
+                     K_DIM=128, V_DIM=128, BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32),
+                "kv cache write with QK norm and RoPE", 4)
     ok &= build(CK._kv_cache_write_kernel, cache_types,
-                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=False, K_DIM=128, V_DIM=128,
-                     BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32, PDL=True), "kv cache write with RoPE, PDL", 4)
-    # a full sliding window's ring write: the row over the oldest, the counter advanced, early-launched
+                dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=False, GEMMA=False,
+                     K_DIM=128, V_DIM=128, BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32, PDL=True),
+                "kv cache write with RoPE, PDL", 4)
+    # a full sliding window's ring write: Gemma 3's q/k norms (1 + w) and RoPE, the row over the oldest, the
+    # counter advanced, early-launched
     ok &= build(CK._kv_cache_write_kernel, cache_types,
-                dict(POSITIONS=CK.POS_RING, ADVANCE=True, TRAP=True, ROPE=False, NORM=False, K_DIM=256, V_DIM=256,
-                     BLOCK_D=256, BLOCK_R=32, BLOCK_Q=16, PDL=True), "kv cache ring write, PDL", 4)
+                dict(POSITIONS=CK.POS_RING, ADVANCE=True, TRAP=True, ROPE=True, NORM=True, GEMMA=True, K_DIM=256,
+                     V_DIM=256, BLOCK_D=256, BLOCK_R=32, BLOCK_Q=16, PDL=True),
+                "kv cache ring write with Gemma's QK norm and RoPE, PDL", 4)
     # a full sliding window moved on by one row (Gemma 3's 1024, bf16 K and V of head dim 256), early-launched
     shift_types = {"keys": "*bf16", "values": "*bf16", "k": "*bf16", "v": "*bf16",
                    **dict.fromkeys(["H", "W", "DK", "DV", "skb", "skh", "sks", "svb", "svh", "svs", "nkb", "nkh",

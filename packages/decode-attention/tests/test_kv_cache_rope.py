@@ -134,6 +134,36 @@ def test_qk_norm_then_rope_then_write(device, dtype, length):
         update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, q_norm_weight=qw, k_norm_weight=kw, eps=0.0)
 
 
+@pytest.mark.parametrize("ring", [False, True])
+def test_gemma_qk_norm_scales_by_one_plus_weight(device, ring):
+    """Gemma 3's step: q/k norms that scale by ``1 + weight`` (weights near zero, as Gemma's are), rotated, k
+    written at a position or, for a full sliding window, over the ring's oldest row (against a float64 norm and
+    rotation)."""
+    b, hq, h, t, s, d, eps = 2, 4, 1, 1, 6, 32, 1e-6
+    g = torch.Generator().manual_seed(31)
+    keys = torch.randn(b, h, s, d, generator=g).to(device)
+    values = torch.randn(b, h, s, d, generator=g).to(device)
+    _, q, k, v = _packed(b, t, hq, h, d, torch.float32, device, seed=32)
+    qw, kw = (0.3 * torch.randn(d, generator=g)).to(device), (0.3 * torch.randn(d, generator=g)).to(device)
+    cos, sin = _tables(b, t, d, torch.tensor([9]), torch.float32, device)
+    want_q = _rotated(_normed(q, qw + 1.0, eps), cos, sin)
+    want_k = _rotated(_normed(k, kw + 1.0, eps), cos, sin)
+    length = torch.tensor(9, device=device)
+    where = {"length": length, "ring": True} if ring else {"positions": torch.tensor([3], device=device)}
+    update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, q_norm_weight=qw, k_norm_weight=kw, eps=eps,
+                     gemma=True, **where)
+    torch.testing.assert_close(q.double(), want_q, **_tol(torch.float32))
+    torch.testing.assert_close(k.double(), want_k, **_tol(torch.float32))
+    slot = 9 % s if ring else 3
+    assert torch.equal(keys[:, :, slot:slot + 1], k) and torch.equal(values[:, :, slot:slot + 1], v)
+    with pytest.raises(InvalidArgumentError, match="gemma"):
+        update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, gemma=True,
+                         positions=torch.tensor([3], device=device))
+    with pytest.raises(InvalidArgumentError, match="gemma: expected a bool"):
+        update_kv_cache_(keys, values, k, v, q=q, cos=cos, sin=sin, q_norm_weight=qw, k_norm_weight=kw, gemma=1,
+                         positions=torch.tensor([3], device=device))
+
+
 def test_bf16_tables_and_an_overflow_rotates_nothing(device):
     b, hq, h, t, s, d = 1, 2, 1, 2, 4, 16
     keys, values = torch.zeros(b, h, s, d, device=device), torch.zeros(b, h, s, d, device=device)

@@ -461,7 +461,7 @@ def test_static_cache_steps_write_the_cache_in_one_launch_like_transformers(kind
         "inspect").signature(type(caches[1].layers[0]).update).parameters
     # the rotary embedding (Qwen3: with its QK norm) runs inside the same launch; its own launch only in the
     # prefill's two layers
-    rope = ["cos", "q", "sin"] + (["eps", "k_norm_weight", "q_norm_weight"] if kind == "qwen3" else [])
+    rope = ["cos", "q", "sin"] + (["eps", "gemma", "k_norm_weight", "q_norm_weight"] if kind == "qwen3" else [])
     assert calls[0] == sorted(["length" if counter else "positions", *rope])
     assert len(rope_calls) == 2
     close = 0.9999 if DTYPE == torch.bfloat16 else 0.9999999  # bf16: the packed GEMM rounds its own way

@@ -84,6 +84,7 @@ def test_patched_gemma3_follows_the_configured_attention_and_a_static_cache(attn
     # eager / sdpa) or, with the ring switched off, moved on by one launch of ours each decode step. Greedy tokens
     # agree past the window, and so do the logits of every step.
     monkeypatch.setattr(cache_updates, "SLIDING_RING", ring)
+    ring = ring and cache_updates.ring_available()  # (transformers 5.0: shifted)
     reference = _model(seed=1)
     reference.config._attn_implementation = attn_implementation
     model = patch_model(copy.deepcopy(reference), attention=False)
@@ -220,6 +221,7 @@ def test_a_compiled_decode_step_into_full_sliding_windows_writes_them_in_its_gra
     6-token prompt filled: the ring write (or, switched off, the shift), the sandwich norms and the full layer's
     cache write are ops of the graph, and every step's logits are the unpatched model's."""
     monkeypatch.setattr(cache_updates, "SLIDING_RING", ring)
+    ring = ring and cache_updates.ring_available()  # (transformers 5.0: shifted)
     ops = []
 
     def backend(gm, example_inputs):
@@ -242,8 +244,10 @@ def test_a_compiled_decode_step_into_full_sliding_windows_writes_them_in_its_gra
     for a, b in zip(ours, ref, strict=True):
         assert _cosine(a, b) >= TOL
     ours_ops = {op.split(".")[1] for op in ops if op.startswith("triton_ops.")}
-    assert {"kv_cache_append_", "rmsnorm_add_rmsnorm", "rmsnorm_add"} <= ours_ops, ours_ops
-    assert ("kv_cache_shift_" in ours_ops) is not ring, ours_ops
+    # the q/k norms and RoPE inside the cache writes (the full layer's, and the rings'); shifted windows rotate first
+    assert {"rmsnorm_add_rmsnorm", "rmsnorm_add"} <= ours_ops, ours_ops
+    assert ours_ops & {"kv_cache_append_rope_", "kv_cache_write_rope_"}, ours_ops  # (5.0: at cache_position)
+    assert ("kv_cache_shift_" in ours_ops) is not ring and ("fused_qk_norm_rope_" in ours_ops) is not ring, ours_ops
 
 
 def test_compiled_gemma3_layers_keep_their_guard_subtrees_skippable():

@@ -19,6 +19,9 @@ from triton_ops.models import cache_updates
 from triton_ops.models.attention_backend import slot_order_mask
 
 transformers = pytest.importorskip("transformers")
+# transformers 5.0's sliding-window layer keeps no device counter: its full windows are shifted, never rings
+needs_ring = pytest.mark.skipif(not cache_updates.ring_available(),
+                                reason="this transformers' StaticSlidingWindowLayer has no device counter for a ring")
 WINDOW = 8
 GPT_OSS = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, "max_position_embeddings": 64,
@@ -79,6 +82,17 @@ def _assert_alike(ours: list, ref: list) -> None:
         assert torch.isfinite(a).all() and _cosine(a, b) >= TOL, i
 
 
+def _patched_steps_alike(kind: str, seed: int, steps: int) -> None:
+    """A 10-token prompt (row 0 left-padded) and ``steps`` decode steps: the patched model's logits are the
+    unpatched one's at every call."""
+    reference = _model(kind, seed=seed)
+    model = patch_model(copy.deepcopy(reference))
+    ids, mask = _inputs(seed=seed)
+    chunks = [10] + [1] * steps
+    _assert_alike(_run(model, ids, mask, chunks)[0], _run(reference, ids, mask, chunks)[0])
+
+
+@needs_ring
 @pytest.mark.parametrize("attn", ["triton_ops", "sdpa", "eager"])
 def test_decode_steps_into_full_windows_with_left_padding_inside_them(attn, monkeypatch):
     # 10-token prompt (window 8, row 0 five pads: positions 3 and 4 are pads inside the first step's window), then
@@ -100,6 +114,7 @@ def test_decode_steps_into_full_windows_with_left_padding_inside_them(attn, monk
         assert layer.cumulative_length_int == 16
 
 
+@needs_ring
 def test_several_rows_into_a_full_ring_put_it_back_in_age_order_first():
     # ring steps, then three rows in one call (transformers' own update: it expects age order), then ring steps
     # again from slot 0
@@ -127,6 +142,7 @@ def test_several_rows_into_a_full_ring_put_it_back_in_age_order_first():
     assert _cosine(ours_states[-1][1], ref_states[-1][1].index_select(-2, order)) >= TOL
 
 
+@needs_ring
 def test_switching_the_ring_off_mid_sequence_shifts_from_age_order(monkeypatch):
     reference = _model(seed=2)
     model = patch_model(copy.deepcopy(reference))
@@ -161,21 +177,34 @@ def test_a_reset_cache_starts_over():
     _assert_alike(again, ref)
 
 
+@needs_ring
 def test_gpt_oss_sliding_layers_rotate_inside_the_ring_write(monkeypatch):
     # gpt-oss: attention sinks, q/k rotated by the ring write's own launch (no separate RoPE launch at decode)
     calls = []
     real = cache_updates.update_kv_cache_
     monkeypatch.setattr(cache_updates, "update_kv_cache_",
                         lambda *a, **kw: calls.append((kw.get("ring", False), "q" in kw)) or real(*a, **kw))
-    reference = _model("gpt_oss", seed=4)
-    model = patch_model(copy.deepcopy(reference))
-    ids, mask = _inputs(seed=4)
-    chunks = [10] + [1] * 5
-    ours, _ = _run(model, ids, mask, chunks)
-    ref, _ = _run(reference, ids, mask, chunks)
-    _assert_alike(ours, ref)
+    _patched_steps_alike("gpt_oss", seed=4, steps=5)
     assert calls.count((True, True)) == 5  # the sliding layer's five steps: ring writes with the rotation
     assert calls.count((False, True)) == 5  # the full layer's: StaticLayer writes with the rotation
+
+
+@needs_ring
+def test_gemma_steps_normalize_and_rotate_q_and_k_inside_the_cache_write(monkeypatch):
+    # Gemma 3's q/k norms (1 + weight) and RoPE: in the full layer's StaticLayer write and the sliding layers' ring
+    # writes, one launch each, with no fused_qk_norm_rope launch of their own after the prefill
+    from triton_ops.models import decoder_layers
+
+    writes, separate = [], []
+    real_write, real_norm = cache_updates.update_kv_cache_, decoder_layers.fused_qk_norm_rope
+    monkeypatch.setattr(cache_updates, "update_kv_cache_",
+                        lambda *a, **kw: writes.append((kw.get("gemma"), kw.get("ring", False)))
+                        or real_write(*a, **kw))
+    monkeypatch.setattr(decoder_layers, "fused_qk_norm_rope",
+                        lambda *a, **kw: separate.append(kw.get("gemma")) or real_norm(*a, **kw))
+    _patched_steps_alike("gemma3", seed=5, steps=3)
+    assert separate == [True] * 3  # the prefill's three layers (transformers' own update allocates the cache)
+    assert sorted(writes) == sorted([(True, True)] * 2 * 3 + [(True, False)] * 3)  # 2 rings, 1 full layer; 3 steps
 
 
 @pytest.mark.parametrize("start", [0, 3, 8, 21])

@@ -19,8 +19,8 @@ head dim, in float32, rounded once to the states' dtype): K rows are rotated by 
 their batch (``B'`` is 1 or ``B``) and new position, written back to ``k`` in place and to the cache; the query
 heads (``q`` ``[B, HQ, T, D]``) are rotated in place by further programs (``BLOCK_Q`` query rows each, after the
 ``KV_PROGRAMS``), in parallel with the write. With ``NORM`` each head is first RMS-normalized with its weight
-(``qw`` / ``kw`` ``[D]``: Qwen3's q_norm / k_norm). A decode step's RoPE (QK norm included) and cache update are
-then one launch.
+(``qw`` / ``kw`` ``[D]``: Qwen3's q_norm / k_norm; with ``GEMMA`` scaled by ``1 + w``, Gemma 3's). A decode step's
+RoPE (QK norm included) and cache update are then one launch.
 
 A position outside ``[0, S_MAX)`` is never written. With ``TRAP`` (on a GPU) such a row stops the kernel with a
 ``trap`` instruction: the launch fails as ``index_copy_``'s device-side assertion makes it fail, rather than the
@@ -55,18 +55,24 @@ def _copy_rows(dst_ptr, src_ptr, dst_off, src_off, ok, offs_d, d_ok):
 
 @triton.jit
 def _rotate_rows(ptr, off, cos_ptr, sin_ptr, cs_off, ok, offs_h, h_ok, w_ptr, eps, HALF: tl.constexpr,
-                 NORM: tl.constexpr):
+                 NORM: tl.constexpr, GEMMA: tl.constexpr = False):
     """Rows ``x`` at ``ptr + off`` become ``n * cos + rotate_half(n) * sin`` in place, ``n`` = x, or with ``NORM``
-    its RMSNorm ``x * rsqrt(mean(x^2) + eps) * w`` (Qwen3's per-head q/k norm); float32, one rounding. The rotated
-    rows are returned (the halves, in the rows' dtype)."""
+    its RMSNorm ``x * rsqrt(mean(x^2) + eps) * w`` (Qwen3's per-head q/k norm; ``GEMMA``: ``* (1 + w)``, Gemma 3's);
+    float32, one rounding: ``fused_qk_norm_rope``'s arithmetic. The rotated rows are returned (the halves, in the
+    rows' dtype)."""
     m = ok[:, None] & h_ok[None, :]
     lo_ptr = ptr + off[:, None] + offs_h[None, :]
     x1 = tl.load(lo_ptr, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(lo_ptr + HALF, mask=m, other=0.0).to(tl.float32)
     if NORM:
         r = tl.rsqrt(tl.sum(x1 * x1 + x2 * x2, axis=1) / (2 * HALF) + eps)[:, None]
-        x1 = x1 * r * tl.load(w_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        x2 = x2 * r * tl.load(w_ptr + HALF + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        w1 = tl.load(w_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        if GEMMA:
+            w1 += 1.0
+            w2 += 1.0
+        x1 = x1 * r * w1
+        x2 = x2 * r * w2
     cs = cs_off[:, None] + offs_h[None, :]
     c1 = tl.load(cos_ptr + cs, mask=m).to(tl.float32)
     c2 = tl.load(cos_ptr + cs + HALF, mask=m).to(tl.float32)
@@ -89,7 +95,8 @@ def _kv_cache_write_kernel(
     # (ROPE) q's (batch, head, new position) and the tables' (batch, new position)
     s_q_b, s_q_h, s_q_t, s_cs_b, s_cs_t,
     POSITIONS: tl.constexpr, ADVANCE: tl.constexpr, TRAP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
-    K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
+    GEMMA: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel first
@@ -109,7 +116,7 @@ def _kv_cache_write_kernel(
         hq = (bh % HQ).to(tl.int64)
         b = (bh // HQ).to(tl.int64)
         _rotate_rows(q_ptr, b * s_q_b + hq * s_q_h + t * s_q_t, cos_ptr, sin_ptr, b * s_cs_b + t * s_cs_t, ok,
-                     offs_h, h_ok, qw_ptr, eps, HALF, NORM)
+                     offs_h, h_ok, qw_ptr, eps, HALF, NORM, GEMMA)
     else:
         start = pid * ROWS_PER_PROGRAM
         end = tl.minimum(start + ROWS_PER_PROGRAM, ROWS)
@@ -138,7 +145,7 @@ def _kv_cache_write_kernel(
             write = ok & inside
             if ROPE:
                 r1, r2 = _rotate_rows(k_ptr, b * s_k_b + h * s_k_h + t * s_k_t, cos_ptr, sin_ptr,
-                                      b * s_cs_b + t * s_cs_t, ok, offs_h, h_ok, kw_ptr, eps, HALF, NORM)
+                                      b * s_cs_b + t * s_cs_t, ok, offs_h, h_ok, kw_ptr, eps, HALF, NORM, GEMMA)
                 dst = keys_ptr + (b * s_keys_b + h * s_keys_h + pos * s_keys_s)[:, None] + offs_h[None, :]
                 tl.store(dst, r1, mask=write[:, None] & h_ok[None, :])
                 tl.store(dst + HALF, r2, mask=write[:, None] & h_ok[None, :])

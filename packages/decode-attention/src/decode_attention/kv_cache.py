@@ -19,8 +19,8 @@ per layer and step, about 7 us of a Llama-3-8B layer's decode step on the H200 i
 With ``q``, ``cos`` and ``sin`` the same launch first applies the rotary embedding (``rotate_half`` form, float32):
 K rotated in place and into the cache, Q in place (ops ``kv_cache_write_rope_`` / ``kv_cache_append_rope_``). A
 Llama-style decode step's RoPE and cache update are then one launch instead of two; with ``q_norm_weight`` /
-``k_norm_weight`` each head is RMS-normalized first (Qwen3's QK norm), so a Qwen3 step's QK-norm + RoPE and cache
-update are one launch too.
+``k_norm_weight`` each head is RMS-normalized first (Qwen3's QK norm; with ``gemma=True`` scaled by ``1 + weight``,
+Gemma 3's), so a Qwen3 or Gemma 3 step's QK-norm + RoPE and cache update are one launch too.
 
 Inference only: nothing here is differentiable (``KVCacheGradientError`` when a gradient would be recorded).
 """
@@ -218,7 +218,8 @@ def _plan(keys, values, k, v, rope, norm, mode: int, info: KVCacheWrite) -> Plan
         1e-6 if norm is None else float(norm[2]),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *q_strides, *table_strides,
-        mode, one, keys.device.type == "cuda", rope is not None, norm is not None, info.k_dim, info.v_dim, block_d,
+        mode, one, keys.device.type == "cuda", rope is not None, norm is not None,
+        norm is not None and bool(norm[3]), info.k_dim, info.v_dim, block_d,
         block_r, block_q, early), 4, extra=one, **pdl.launch_options(early))
 
 
@@ -248,8 +249,8 @@ def _check_on_host(info: KVCacheWrite, positions: torch.Tensor | None, length: t
 
 def _write(keys, values, k, v, positions, length, rope=None, norm=None, ring: bool = False) -> None:
     """The launch; ``rope``: ``(q, cos, sin)`` to rotate q and k first, or None; ``norm``: ``(q_weight, k_weight,
-    eps)`` to RMS-normalize each head before (with ``rope`` only), or None; ``ring``: rows at ``(length + t) %
-    S_max``."""
+    eps, gemma)`` to RMS-normalize each head before (with ``rope`` only; ``gemma``: by ``1 + weight``), or None;
+    ``ring``: rows at ``(length + t) % S_max``."""
     mode = K.POS_TENSOR if positions is not None else K.POS_LENGTH if length is not None else K.POS_INDEX
     if ring:
         mode = K.POS_RING
@@ -305,19 +306,20 @@ def _(keys, values, k, v, length, ring=False):
     return None
 
 
-def _norm(q_weight, k_weight, eps) -> tuple | None:
-    return None if q_weight is None else (q_weight, k_weight, eps)
+def _norm(q_weight, k_weight, eps, gemma=False) -> tuple | None:
+    return None if q_weight is None else (q_weight, k_weight, eps, gemma)
 
 
 @torch.library.custom_op(op_name("kv_cache_write_rope_"), mutates_args=("keys", "values", "q", "k"))
 def _kv_cache_write_rope_op(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
-                            q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> None:
-    _write(keys, values, k, v, positions, None, (q, cos, sin), _norm(q_weight, k_weight, eps))
+                            q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                            gemma: bool = False) -> None:
+    _write(keys, values, k, v, positions, None, (q, cos, sin), _norm(q_weight, k_weight, eps, gemma))
 
 
 @_kv_cache_write_rope_op.register_fake
-def _(keys, values, q, k, v, cos, sin, positions, q_weight, k_weight, eps):
+def _(keys, values, q, k, v, cos, sin, positions, q_weight, k_weight, eps, gemma=False):
     return None
 
 
@@ -325,12 +327,12 @@ def _(keys, values, q, k, v, cos, sin, positions, q_weight, k_weight, eps):
 def _kv_cache_append_rope_op(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor,
                              q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                             ring: bool = False) -> None:
-    _write(keys, values, k, v, None, length, (q, cos, sin), _norm(q_weight, k_weight, eps), ring)
+                             ring: bool = False, gemma: bool = False) -> None:
+    _write(keys, values, k, v, None, length, (q, cos, sin), _norm(q_weight, k_weight, eps, gemma), ring)
 
 
 @_kv_cache_append_rope_op.register_fake
-def _(keys, values, q, k, v, cos, sin, length, q_weight, k_weight, eps, ring=False):
+def _(keys, values, q, k, v, cos, sin, length, q_weight, k_weight, eps, ring=False, gemma=False):
     return None
 
 
@@ -449,6 +451,7 @@ def update_kv_cache_(
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     ring: bool = False,
+    gemma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write a step's new K and V rows into a static KV cache, in place, in one launch.
 
@@ -476,6 +479,8 @@ def update_kv_cache_(
             first RMS-normalized, ``x * rsqrt(mean(x^2) + eps) * weight`` over the head dim (Qwen3's ``q_norm`` /
             ``k_norm``, ``[D]`` each), then rotated: ``fused_qk_norm_rope(..., inplace=True)`` and the write in one
             launch.
+        gemma: with the norm weights: scale by ``1 + weight`` (Gemma 3's ``q_norm`` / ``k_norm``):
+            ``fused_qk_norm_rope(..., gemma=True, inplace=True)`` and the write in one launch.
         ring: with ``length``: the cache is a ring buffer of ``S_max`` slots (a full sliding window): new row
             ``t`` goes to slot ``(length + t) % S_max``, overwriting the oldest row, and ``length += T``; at most
             ``S_max`` new rows. The rows then sit in slot order, the oldest at slot ``length % S_max`` after the
@@ -505,8 +510,12 @@ def update_kv_cache_(
     if q_norm_weight is not None and q is None:
         raise InvalidArgumentError("q_norm_weight, k_norm_weight: the QK norm runs with the rotary embedding; "
                                    "expected q, cos and sin as well")
+    if not isinstance(gemma, bool):
+        raise InvalidArgumentError(f"gemma: expected a bool, got {gemma!r}")
+    if gemma and q_norm_weight is None:
+        raise InvalidArgumentError("gemma: scales the QK norm's weights; expected q_norm_weight and k_norm_weight")
     rope = None if q is None else rope_parts
-    norm = _norm(q_norm_weight, k_norm_weight, eps)
+    norm = _norm(q_norm_weight, k_norm_weight, eps, gemma)
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
                                        for t in (keys, values, k, v, q, q_norm_weight, k_norm_weight)):
         raise KVCacheGradientError(
@@ -521,9 +530,10 @@ def update_kv_cache_(
     if direct_call_ok(keys, values, k, v, positions, length, *(rope or ()), q_norm_weight, k_norm_weight):
         _write(keys, values, k, v, positions, length, rope, norm, ring)
     elif rope is not None and length is not None:
-        _kv_cache_append_rope_op(keys, values, q, k, v, cos, sin, length, q_norm_weight, k_norm_weight, eps, ring)
+        _kv_cache_append_rope_op(keys, values, q, k, v, cos, sin, length, q_norm_weight, k_norm_weight, eps, ring,
+                                 gemma)
     elif rope is not None:
-        _kv_cache_write_rope_op(keys, values, q, k, v, cos, sin, positions, q_norm_weight, k_norm_weight, eps)
+        _kv_cache_write_rope_op(keys, values, q, k, v, cos, sin, positions, q_norm_weight, k_norm_weight, eps, gemma)
     elif length is not None:
         _kv_cache_append_op(keys, values, k, v, length, ring)
     else:

@@ -11,7 +11,8 @@
   not depend on the order of its positions, only the mask does, which transformers builds oldest first. The ring's
   start (the layer's ``cumulative_length`` tensor, which transformers leaves unused once the window is full, read
   on the device) goes to the attention with it: ``decode_attention`` reads the mask in age order
-  (``ring_start``); sdpa and eager attention get the mask reordered to slot order (one gather).
+  (``ring_start``); sdpa and eager attention get the mask reordered to slot order (one gather). transformers 5.0's
+  sliding layer keeps no device counter: there the window moves on by the shift (:func:`ring_available`).
 - Anything else (several new rows into a full window, a gradient to record, another attention function, offloaded
   or other cache classes): the window is put back in age order first if it was a ring (:func:`settle_ring`), then
   transformers' own update, or the shift where that takes it.
@@ -81,6 +82,14 @@ def write_rotated(cache, k, v, layer_idx: int, cache_position, rope: tuple, qk_n
     if ring_ok:
         return ring_layer_update(cache, k, v, layer_idx, rope=rope, qk_norm=qk_norm)
     return None
+
+
+def ring_available() -> bool:
+    """Whether the installed transformers' ``StaticSlidingWindowLayer`` can be a ring: its update counts with a
+    python int (``cumulative_length_int``, transformers 5.1x on) and leaves its device counter ``cumulative_length``
+    unused once the window is full, which then holds the ring's start. transformers 5.0's layer has no device
+    counter: its full windows move on by the shift instead. Eager code (it may read transformers' source)."""
+    return prime_sliding_shift() == "cumulative_length_int"
 
 
 def ring_suits(implementation: str | None, attention_mask: object) -> bool:
@@ -317,7 +326,7 @@ def static_layer_update(cache, k, v, layer_idx: int, cache_position, rope: tuple
 def _rope_kwargs(rope: tuple | None, qk_norm: tuple | None) -> dict:
     kwargs = {} if rope is None else dict(zip(("q", "cos", "sin"), rope, strict=True))
     if qk_norm is not None:
-        kwargs.update(zip(("q_norm_weight", "k_norm_weight", "eps"), qk_norm, strict=True))
+        kwargs.update(zip(("q_norm_weight", "k_norm_weight", "eps", "gemma"), qk_norm, strict=True))
     return kwargs
 
 

@@ -383,9 +383,9 @@ class QKNormRopeAttention(nn.Module):
 def _qk_norm_rope_attention(attn: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple,
                             attention_mask: torch.Tensor | None, input_norm: nn.Module | None,
                             residual: torch.Tensor | None, kwargs: dict, eps: float, gemma: bool) -> tuple:
-    """The forward of the attentions with per-head q/k norms: the projections, then the norms and RoPE in one
-    launch (out of place with a gradient to record; else in place: inside the static cache's write when that is
-    ours and the norm is Qwen3's, else a launch of its own before the cache update), then :func:`_attend`."""
+    """The forward of the attentions with per-head q/k norms (Qwen3's, or Gemma 3's ``1 + weight`` ones): the
+    projections, then the norms and RoPE in one launch (out of place with a gradient to record; else in place: inside
+    the cache's write when that is ours, else a launch of its own before the cache update), then :func:`_attend`."""
     q_norm, k_norm = attn.q_norm, attn.k_norm
     q_weight, k_weight = q_norm.weight, k_norm.weight
     q, k, v, grad = _project_qkv(attn, hidden_states, (q_weight, k_weight), input_norm)
@@ -395,20 +395,18 @@ def _qk_norm_rope_attention(attn: nn.Module, hidden_states: torch.Tensor, positi
         return _attend(attn, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, residual=residual)
     if grad:
         q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, gemma=gemma)
-    elif gemma:  # the one-launch cache write normalizes Qwen3's way only: rotated first, the write then its own
-        fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, gemma=True, inplace=True)
-    in_attend = not grad and not gemma  # (_attend rotates in place, in the cache write where it can)
-    return _attend(attn, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=in_attend,
-                   qk_norm=(q_weight, k_weight, eps) if in_attend else None, residual=residual)
+    # (else _attend normalizes and rotates in place, in the cache write where it can)
+    return _attend(attn, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
+                   qk_norm=None if grad else (q_weight, k_weight, eps, gemma), residual=residual)
 
 
 class GemmaQKNormRopeAttention(QKNormRopeAttention):
     """Gemma 3's attention (``Gemma3Attention``): per-head ``q_norm`` / ``k_norm`` that scale by ``1 + weight``
-    (Gemma's RMSNorm, ``eps``) and the rotary embedding in one :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch
-    (``gemma=True``), in place on the packed q/k/v GEMM's output, as :class:`QKNormRopeAttention` does for Qwen3;
-    then the cache update, the attention function the model's config names (with the layer's ``scaling``, from
-    ``query_pre_attn_scalar``, and its ``sliding_window``) and ``o_proj``, as transformers' own. A static cache's
-    write is its own launch after the rotation (the one-launch write normalizes Qwen3's way only).
+    (Gemma's RMSNorm, ``eps``) and the rotary embedding in one launch, in place on the packed q/k/v GEMM's output:
+    inside a static cache's write (a full layer's, or a full sliding window's ring) where that is ours, else one
+    :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch (``gemma=True``), as :class:`QKNormRopeAttention` does for
+    Qwen3; then the attention function the model's config names (with the layer's ``scaling``, from
+    ``query_pre_attn_scalar``, and its ``sliding_window``) and ``o_proj``, as transformers' own.
     """
 
     sliding_window: int | None  # and QKNormRopeAttention's attributes (q_norm / k_norm: weight, eps)
@@ -629,7 +627,8 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """The rest of transformers' attention forward, from ``[..., seq, heads, head_dim]`` q, k and v: the cache
     update, the configured attention function, ``o_proj`` (with ``residual``: ``residual + o_proj(...)``, the add in
     the projection's launch where it can). q and k come rotated, or (``rope``) are rotated here in
-    place, after the per-head RMSNorm of ``qk_norm`` (``(q_weight, k_weight, eps)``, Qwen3) where given: inside the
+    place, after the per-head RMSNorm of ``qk_norm`` (``(q_weight, k_weight, eps, gemma)``: Qwen3's, or with
+    ``gemma`` Gemma 3's ``1 + weight``) where given: inside the
     static cache's one-launch write where that runs (:func:`~triton_ops.models.cache_updates.write_rotated`: a
     ``StaticLayer``'s, or a full sliding window's ring), else by one :func:`~fused_rmsnorm_rope.apply_rope` /
     :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch before the cache update. A ring's keys come in slot order:
@@ -646,7 +645,7 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         written = write_rotated(cache, k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx, cache_position,
                                 (q.transpose(1, 2), cos, sin), qk_norm, ring_ok)
     if rope and written is None and qk_norm is not None:
-        fused_qk_norm_rope(q, k, qk_norm[0], qk_norm[1], cos, sin, eps=qk_norm[2], inplace=True)
+        fused_qk_norm_rope(q, k, qk_norm[0], qk_norm[1], cos, sin, eps=qk_norm[2], gemma=qk_norm[3], inplace=True)
     elif rope and written is None:
         apply_rope(q, k, cos, sin, inplace=True)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
