@@ -147,6 +147,9 @@ def test_opcheck():
     cos, sin = _rand(1, 1, 16, seed=6), _rand(1, 1, 16, seed=7)
     opcheck_op(APPEND_ROPE, (keys, values, q, k, v, cos, sin, torch.tensor(3, device=DEVICE), None, None, 1e-6,
                              True))
+    qw, kw = _rand(16, seed=8), _rand(16, seed=9)  # Gemma 3's q/k norms (1 + weight) in the ring write
+    opcheck_op(APPEND_ROPE, (keys, values, q, k, v, cos, sin, torch.tensor(3, device=DEVICE), qw, kw, 1e-6, True,
+                             True))
     mask = torch.rand(2, 1, 1, 6, device=DEVICE) > 0.3
     opcheck_op(ATTENTION, (q, keys, values, mask, None, None, None, False, None, torch.tensor(4, device=DEVICE)))
 
