@@ -58,7 +58,7 @@ def _run(model, ids: torch.Tensor, mask: torch.Tensor, chunks: list[int], cache=
             end = start + n
             out = model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
                         cache_position=torch.arange(start, end, device=DEVICE), use_cache=True, **{name: cache})
-            logits.append(out.logits)
+            logits.append(out.logits * mask[:, start:end, None])  # (a pad's logits: each attention's own)
             if between is not None:
                 between(i, cache)
             start = end
