@@ -5,8 +5,9 @@ On a GPU: bf16, the gpt-oss-20b layer (hidden 2880, 32 experts, top 4, expert in
 64 and 512 tokens (decode) and 2048 and 8192 tokens (prefill) (``--quick``: 1 and 64). Baselines: transformers'
 ``GptOssMLP`` (its eager loop over the experts hit), its torch.compile, and the best plain PyTorch offers,
 ``torch._grouped_mm`` (routing in torch, one CUTLASS grouped GEMM per projection; GPU only). Ours runs twice: with
-the bf16 experts and with FP8 (E4M3, per-column scales) experts quantized once; the floor table compares the two
-in CUDA graphs (the issue's target: FP8 decode at most 0.6x of bf16).
+the bf16 experts, with FP8 (E4M3, per-column scales) experts quantized once, and W8A8 (the same experts stored
+K-major, the activations quantized per row: ``fp8_activations=True``); the floor table compares them in CUDA graphs
+(the issue's target: FP8 decode at most 0.6x of bf16).
 Every implementation is checked against an fp32 reference of the same
 bf16 inputs before it is timed. Each case also reports the weight-read floor: the bytes of the experts the
 routing actually touches (plus the router) over 4.25e12 B/s (the H200's nominal HBM bandwidth, 4.8 TB/s, less the
@@ -33,6 +34,7 @@ GPT_OSS_20B = {"hidden": 2880, "intermediate": 2880, "experts": 32, "top_k": 4}
 TINY = {"hidden": 64, "intermediate": 48, "experts": 8, "top_k": 2}
 TOL_BF16 = 1.6e-2
 FP8_NAME = "triton-ops FP8 experts"
+W8A8_NAME = "triton-ops W8A8 experts"
 
 
 def _weights(shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -190,6 +192,19 @@ def _case(suite, t: int, shape: dict, dtype: torch.dtype):
                       role="ours", graph=suite.on_gpu, error_fn=fp8_error,
                       note="E4M3 experts, per-column scales, checked against the dequantized experts; bandwidth "
                            "columns count the bf16 bytes"))
+    # W8A8: the same E4M3 experts stored K-major, the activations quantized per row (fp8_activations=True), checked
+    # against the reference that quantizes the activations the same way
+    k1, _, k2, _ = quantize_experts_fp8(p[2], p[4], k_major=True)
+
+    def w8a8_error(out):
+        ref = moe_reference(*(a.float() for a in (x, *dequantized)), k, round_to=dtype, fp8_activations=True)
+        return relative_error(out, ref)
+
+    impls.append(Impl(W8A8_NAME, lambda: fused_moe(x, p[0], p[1], k1, p[3], k2, p[5], k, gate_up_scale=s1,
+                                                   down_scale=s2, fp8_activations=True),
+                      role="ours", graph=suite.on_gpu, error_fn=w8a8_error,
+                      note="E4M3 experts (K-major) and E4M3 activations per row, checked against the reference with "
+                           "both quantized; bandwidth columns count the bf16 bytes"))
     if mlp is not None:
         def eager():
             with torch.no_grad():
@@ -236,6 +251,10 @@ def _floor_table(suite) -> None:
         fp8_graph = fp8.graph_ms if fp8 is not None else None
         cells.append(round(fp8_graph * 1e3, 1) if fp8_graph else "-")
         cells.append(f"{fp8_graph / graph:.2f}" if fp8_graph and graph else "-")
+        w8a8 = r.impl(W8A8_NAME)
+        w8a8_graph = w8a8.graph_ms if w8a8 is not None else None
+        cells.append(round(w8a8_graph * 1e3, 1) if w8a8_graph else "-")
+        cells.append(f"{w8a8_graph / graph:.2f}" if w8a8_graph and graph else "-")
         cells.append(f"{100 * floor / (ours.ms * 1e3):.0f} %" if ours is not None and ours.ms and floor else "-")
         rows.append(cells)
     if not rows:
@@ -246,7 +265,8 @@ def _floor_table(suite) -> None:
                 f"the matrix work / {FLOOR_FLOPS:.3g} FLOP/s; times are medians in us",
         "columns": ["tokens", "experts hit", "bound by", "floor (us)", "triton-ops (us)", "transformers eager (us)",
                     "torch.compile (us)", "torch._grouped_mm (us)", "triton-ops in a CUDA graph (us)",
-                    "FP8 experts in a CUDA graph (us)", "FP8 / bf16 (graphs)", "floor / ours"],
+                    "FP8 experts in a CUDA graph (us)", "FP8 / bf16 (graphs)", "W8A8 in a CUDA graph (us)",
+                    "W8A8 / bf16 (graphs)", "floor / ours"],
         "rows": rows,
     })
     for row in rows:

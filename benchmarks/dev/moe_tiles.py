@@ -109,12 +109,13 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list) -> tuple[float, 
     def gate_up(r):
         _, g, hmid, _ = r
         plan.gate_up.launch(x, ga, b1, b1 if gs is None else gs, g.sorted_pairs, g.offsets, g.tile_expert,
-                            g.tile_start, ga, hmid)  # (ga: the norm weight's pointer, never read: NORM is off)
+                            g.tile_start, ga, ga, hmid)  # (ga: the norm weight's and the activation scales'
+        # pointers, never read: NORM and A_SCALED are off)
 
     def down(r):
         wts, g, hmid, y = r
         plan.down.launch(hmid, da, b2, b2 if ds is None else ds, wts, g.sorted_pairs, g.offsets, g.tile_expert,
-                         g.tile_start, y)
+                         g.tile_start, da, y)  # (da: the activation scales' pointer, never read)
 
     return graph_us(gate_up, reps), graph_us(down, reps)
 

@@ -21,7 +21,9 @@ I32 = "i32"
 
 
 def with_norm(fn, types: dict, consts: dict, norm: bool = False) -> tuple[dict, dict]:
-    """The RMSNorm prologue's arguments of the kernels that have one (off unless ``norm``)."""
+    """The RMSNorm prologue's arguments of the kernels that have one (off unless ``norm``), and the activation
+    scales' pointer of the grouped GEMMs (read only with ``A_SCALED``)."""
+    types = {**{p: "*fp32" for p in ("xs_ptr", "hs_ptr") if p in fn.arg_names}, **types}
     if "NORM" not in fn.arg_names:
         return types, consts
     return ({**types, "nw_ptr": "*bf16", "norm_eps": "fp32"},
@@ -82,7 +84,7 @@ def one_row_fp8_budgets() -> bool:
         consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
                       EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=True,
                       INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1)
-        ok &= compile_sm90(K._down_kernel, down_types, consts,
+        ok &= compile_sm90(K._down_kernel, with_norm(K._down_kernel, down_types, {})[0], consts,
                            f"down one-row {label} tile {tile.down_block_n}x{tile.down_block_k}, loop budget",
                            tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE,
                            max_loop_instructions=budget)
@@ -157,6 +159,7 @@ def main() -> int:
                              SPLIT_K=2, F16_DOT=True),
                         f"down {wtype} fp16 dots", warps=4)
     ok &= one_row_fp8_budgets()
+    ok &= w8a8()
     for residual in (False, True):
         ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "res_ptr": "*bf16", "T": I32,
                                         "N": I32, "stride_ym": I32, "stride_ot": I32, "stride_rt": I32},
@@ -164,6 +167,57 @@ def main() -> int:
                     "combine" + (" with the residual" if residual else ""))
     ok &= pdl_decode_step(route_types, align_types)
     return 0 if ok else 1
+
+
+# W8A8 (E4M3 activations and K-major E4M3 weights) on 64-row tiles: Hopper's FP8 wgmma reads both tiles from shared
+# memory as they were loaded, so the K loop has no per-byte work: the PTX must hold FP8 wgmmas and no byte permutation
+# (``prmt``: an N-major FP8 weight tile goes through registers and is permuted on its way to shared memory) and no
+# conversion to 16 bits for mma.sync (what Triton does below 64 rows). At gpt-oss's sizes (K = 2880: 64-wide steps).
+W8A8_PTX_HAS = ("wgmma.mma_async.sync.aligned.m64n", ".f32.e4m3.e4m3", "cp.async")
+W8A8_PTX_LACKS = ("prmt", "mma.sync")
+
+
+def w8a8() -> bool:
+    from fused_moe.configs import select_config
+
+    ok = build(K._quant_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "R": I32, "C": I32,
+                                      "stride_xr": I32},
+               dict(BLOCK_R=1, BLOCK_C=2048, EMULATE=False), "quant rows")
+    ok &= build(K._quant_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "R": I32, "C": I32,
+                                       "stride_xr": I32},
+                dict(BLOCK_R=1, BLOCK_C=2048, EMULATE=False, PDL=True), "quant rows, RMSNorm prologue, PDL",
+                norm=True)
+    groups = dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32")
+    gate_up_types = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16",
+                     **groups, **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wn",
+                                                "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
+                     "alpha": "fp32", "limit": "fp32"}
+    down_types = {"h_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
+                  "y_ptr": "*fp32", **groups,
+                  **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wn", "stride_be",
+                                   "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
+    for tokens in (1, 64, 2048):
+        cfg = select_config(tokens, 4, 2880, 2880, 32, True, 1, True)
+        for interleaved in (True, False):
+            types, consts = with_norm(K._gate_up_kernel, gate_up_types, dict(
+                TOP_K=4, ACTIVATION=0 if interleaved else 1, HAS_BIAS=interleaved, INTERLEAVED=interleaved,
+                W_SCALED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.gate_up_block_k,
+                EVEN_K=True, NUM_STAGES=cfg.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
+                USE_FMA=False, INTERPRET=False, F16_DOT=False, A_SCALED=True, stride_wk=1))
+            ok &= compile_sm90(K._gate_up_kernel, types, consts,
+                               f"gate_up W8A8 {tokens} tokens {'interleaved' if interleaved else 'concatenated'}, "
+                               "FP8 wgmma", cfg.num_warps, cfg.num_stages,
+                               divisible=tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                               ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
+        types, consts = with_norm(K._down_kernel, down_types, dict(
+            HAS_BIAS=True, W_SCALED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.down_block_k,
+            EVEN_K=True, NUM_STAGES=cfg.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False,
+            INTERPRET=False, SPLIT_K=cfg.down_split_k, F16_DOT=False, A_SCALED=True, stride_wk=1))
+        ok &= compile_sm90(K._down_kernel, types, consts, f"down W8A8 {tokens} tokens, FP8 wgmma", cfg.num_warps,
+                           cfg.num_stages,
+                           divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                           ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
+    return ok
 
 
 def pdl_decode_step(route_types: dict, align_types: dict) -> bool:

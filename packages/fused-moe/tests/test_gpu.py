@@ -155,3 +155,66 @@ def test_fp8_experts_in_a_cuda_graph(t):
     out.fill_(float("nan"))
     graph.replay()
     assert_close_rel(out, _ref32(deq), 1e-2)
+
+
+def _quant_rows_dequantized(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` through the W8A8 quantization (per-row E4M3, ``amax / 448``), back in fp32."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, torch.clamp(amax / 448.0, min=2.0 ** -126), torch.ones_like(amax))
+    return (xf * (1.0 / scale)).to(torch.float8_e4m3fn).float() * scale
+
+
+def _w8a8_reference(args, scales, ids, wts):
+    """fp32 experts of the dequantized weights on the quantized token rows, each intermediate row rounded to bf16
+    and quantized per row as the kernels do."""
+    x, _, _, q1, b1, q2, b2 = args
+    d1 = q1.float() * scales["gate_up_scale"].unsqueeze(1)
+    d2 = q2.float() * scales["down_scale"].unsqueeze(1)
+    xq = _quant_rows_dequantized(x)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, slot = torch.where(ids == e)
+        gu = xq[tok] @ d1[e] + b1[e].float()
+        g, u = gu[:, 0::2].clamp(max=7.0), gu[:, 1::2].clamp(-7.0, 7.0)
+        h = (g * torch.sigmoid(1.702 * g) * (u + 1)).to(x.dtype)
+        y = _quant_rows_dequantized(h) @ d2[e] + b2[e].float()
+        out.index_add_(0, tok, y * wts[tok, slot, None])
+    return out
+
+
+@pytest.mark.parametrize("t", [1, 4, 9, 64, 65, 2048, 8192])
+def test_w8a8_experts_at_gpt_oss_20b_shape(t):
+    """FP8 activations with K-major E4M3 experts (64-row FP8 wgmma tiles at every token count) against the fp32
+    emulation of both per-row quantizations, and near the bf16 experts."""
+    from fused_moe import moe_experts, moe_route
+
+    x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=60 + t)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, k_major=True)
+    assert q1.stride(1) == 1 and q2.stride(1) == 1
+    scales = dict(gate_up_scale=s1, down_scale=s2)
+    ids, wts = moe_route(x, rw, rb, K)
+    out = moe_experts(x, ids, wts, q1, b1, q2, b2, **scales, fp8_activations=True)
+    assert_close_rel(out, _w8a8_reference((x, rw, rb, q1, b1, q2, b2), scales, ids, wts), 1e-2)
+    assert_close_rel(out, moe_experts(x, ids, wts, w1, b1, w2, b2).float(), 0.1)
+    # N-major weights: the same numbers
+    n1, _, n2, _ = quantize_experts_fp8(w1, w2)
+    assert torch.equal(out, moe_experts(x, ids, wts, n1, b1, n2, b2, **scales, fp8_activations=True))
+
+
+@pytest.mark.parametrize("t", [1, 64])
+def test_w8a8_in_a_cuda_graph_and_nan_token(t):
+    x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=70 + t)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, k_major=True)
+    kw = dict(gate_up_scale=s1, down_scale=s2, fp8_activations=True)
+    fused_moe(x, rw, rb, q1, b1, q2, b2, K, **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, rw, rb, q1, b1, q2, b2, K, **kw)
+    x.copy_(torch.randn_like(x))
+    x[0, 5] = float("nan")
+    out.fill_(float("nan"))
+    graph.replay()
+    expected = fused_moe(x, rw, rb, q1, b1, q2, b2, K, **kw)
+    assert out[0].isnan().all() and torch.equal(out[1:], expected[1:]) and out[1:].isfinite().all()

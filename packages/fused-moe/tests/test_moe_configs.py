@@ -107,5 +107,7 @@ def test_the_ops_ask_for_fp8_tiles_with_fp8_experts(monkeypatch, device):
     ids, wts = moe_route(x, rw, rb, 2)
     moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2)
     moe_experts(x, ids, wts, w1, b1, w2, b2)
+    moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2, fp8_activations=True)
     ops.clear_caches()
-    assert [args[-1] for args in seen] == [1, 4]  # FP8 experts: 1-byte weights; then fp32 ones
+    # FP8 experts: 1-byte weights; then fp32 ones; then W8A8's tiles
+    assert [args[-2:] for args in seen] == [(1, False), (4, False), (1, True)]

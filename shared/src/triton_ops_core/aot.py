@@ -20,7 +20,8 @@ AOT_UNAVAILABLE = 3
 
 def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2,
                  no_spills: bool = False, no_injected_waits: bool = False, divisible: tuple[str, ...] = (),
-                 max_loop_instructions: int | None = None) -> bool:
+                 max_loop_instructions: int | None = None, ptx_has: tuple[str, ...] = (),
+                 ptx_lacks: tuple[str, ...] = ()) -> bool:
     """Compile the ``@triton.jit`` (or ``@gluon.jit``) kernel ``fn`` for sm_90 and print ``OK name`` or
     ``FAIL name: error``.
 
@@ -31,7 +32,10 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     were touched while the MMA writing them could still run, so the overlap the code intends is lost).
     ``divisible``: arguments compiled as multiples of 16 (pointers aligned to 16 bytes, sizes and strides), as the
     launcher specializes them at run time. ``max_loop_instructions``: also fail when the longest loop of the machine
-    code (:func:`longest_loop`: a streaming kernel's K loop) has more instructions than that. Exits the process with
+    code (:func:`longest_loop`: a streaming kernel's K loop) has more instructions than that. ``ptx_has`` /
+    ``ptx_lacks``: also fail when the PTX lacks one of these strings (an instruction the kernel must lower to, such as
+    ``".e4m3.e4m3"`` for FP8 tensor-core products) or holds one of those (such as ``"prmt"``: bytes permuted in
+    registers). Exits the process with
     :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form. Returns whether
     it compiled.
     """
@@ -81,6 +85,11 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
         return False
     if injected:
         print(f"FAIL {name}: ptxas injected wgmma waits: {injected[0]}")
+        return False
+    missing = [p for p in ptx_has if p not in compiled.asm["ptx"]]
+    present = [p for p in ptx_lacks if p in compiled.asm["ptx"]]
+    if missing or present:
+        print(f"FAIL {name}: its PTX " + (f"lacks {missing}" if missing else f"holds {present}"))
         return False
     if max_loop_instructions is not None and not 0 < loop <= max_loop_instructions:
         print(f"FAIL {name}: its longest loop has {loop} instructions, more than {max_loop_instructions}"

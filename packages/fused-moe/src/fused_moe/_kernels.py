@@ -26,6 +26,12 @@ One forward is five launches (six with the router GEMM split at decode, seven in
 5. ``_combine_kernel``: ``out[t] = sum_j y[t * k + j]`` in a fixed order (j = 0..k-1): deterministic. With the
    down GEMM split along K (decode), each pair has one row per split, summed in the same fixed order.
 
+FP8 activations (W8A8, ``fp8_activations=True`` with E4M3 experts): ``_quant_rows_kernel`` quantizes the tokens'
+rows before kernel 3 and the intermediate rows before kernel 4 (E4M3, one fp32 scale a row); both grouped GEMMs then
+take E4M3 operands on both sides (Hopper's FP8 tensor cores read the weight tiles as loaded, with no conversion in
+registers when the weights are stored K-major: ``quantize_experts_fp8(k_major=True)``) and apply the row's scale
+beside the column's to the fp32 sum (``A_SCALED``).
+
 Weights are addressed through their strides, so transformers' layouts are read where they lie: gpt-oss's
 ``gate_up_proj [E, H, 2I]`` (gate and up interleaved column by column) and ``down_proj [E, I, H]``, or
 Qwen3-MoE / Mixtral's ``[E, 2I, H]`` (gate rows, then up rows) and ``[E, H, I]``. A stride of 1 is specialized by
@@ -39,7 +45,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.fp8_cast import finite_abs, group_scale, rows_to_f16, store_fp8
 from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 from triton_ops_core.rms_prologue import normalized, row_rstd
 
@@ -454,6 +460,55 @@ def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, P, E, BLOCK_P: tl.const
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FP8 activations (W8A8): rows quantized before each grouped GEMM
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_tile(x_ptr, rows, mask_r, cols, C, stride_xr, rstd, nw_ptr, NORM: tl.constexpr):
+    """Columns ``cols`` of rows ``rows`` in fp32 (normalized first with ``NORM``), their columns and mask."""
+    mask = mask_r[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
+    if NORM:
+        x = normalized(x, rstd[:, None], nw_ptr, cols[None, :], C)
+    return x.to(tl.float32), cols, mask
+
+
+@triton.jit(do_not_specialize=["R"])
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, nw_ptr, R, C, stride_xr, norm_eps,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr,
+                       NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False):
+    """Rows of ``x [R, C]`` to E4M3 with one fp32 scale each: ``s[r] = amax(|x[r]|) / 448`` (finite values only;
+    1 for an all-zero row), ``q[r] = e4m3(x[r] * (1 / s[r]))`` saturating (``triton_ops_core.fp8_cast``'s
+    convention, as ``fp8_gemm``'s per-row activation scales). A row holding NaN or an infinity gets a NaN scale, so
+    its token's output is NaN wherever it goes (E4M3 has no infinity, and the interpreter reads its NaN code as a
+    number): nothing non-finite comes out finite. ``q`` is a contiguous ``[R, C]`` (a ``uint8`` view
+    under ``EMULATE``, the interpreter, whose own FP8 cast is wrong). ``NORM``: each row RMS-normalized first with
+    the weight at ``nw_ptr`` (bit for bit the ``rmsnorm`` output, ``triton_ops_core.rms_prologue``), the
+    normalized row being what is quantized. Two passes over each row: its absolute maximum, then the scaled
+    cast (the row is read again from cache)."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    rows = offs_r.to(tl.int64)
+    rstd = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if NORM:
+        rstd = row_rstd(x_ptr, offs_r, R, C, stride_xr, 1, norm_eps, BLOCK_R, NORM_BLOCK)
+    offs_c = tl.arange(0, BLOCK_C)
+    amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_R,), dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        xf, cols, mask = _row_tile(x_ptr, rows, mask_r, c0 + offs_c, C, stride_xr, rstd, nw_ptr, NORM)
+        amax = tl.maximum(amax, tl.max(finite_abs(xf), axis=1))
+        bad = tl.maximum(bad, tl.max(((tl.abs(xf) == float("inf")) | (xf != xf)).to(tl.int32), axis=1))
+    scale, inv, _ = group_scale(amax, amax, False, 448.0)
+    tl.store(s_ptr + rows, tl.where(bad != 0, float("nan"), scale), mask=mask_r)
+    for c0 in range(0, C, BLOCK_C):
+        xf, cols, mask = _row_tile(x_ptr, rows, mask_r, c0 + offs_c, C, stride_xr, rstd, nw_ptr, NORM)
+        store_fp8(q_ptr + rows[:, None] * C + cols[None, :], xf * inv[:, None], mask, True, EMULATE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 3. Grouped GEMM: gate/up with bias and activation
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -461,6 +516,8 @@ def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, P, E, BLOCK_P: tl.const
 def _gate_up_kernel(
     # inputs
     x_ptr, w_ptr, b_ptr, s_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, nw_ptr,
+    # the tokens' activation scales (fp32 [T], A_SCALED: x holds E4M3 rows from _quant_rows_kernel)
+    xs_ptr,
     # output
     h_ptr,
     # sizes and strides (N: the intermediate size, K: hidden)
@@ -473,7 +530,7 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
     USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False, NORM: tl.constexpr = False,
-    NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False, A_SCALED: tl.constexpr = False,
 ):
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
@@ -510,6 +567,8 @@ def _gate_up_kernel(
                          rstd, nw_ptr, NORM)
         if W_SCALED:  # the whole K sum of each column times its scale, before the bias
             acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
+        if A_SCALED:  # and of each row times its token's activation scale (W8A8)
+            acc *= tl.load(xs_ptr + token, mask=mask_m, other=0.0)[:, None]
         if HAS_BIAS:
             acc += tl.load(b_base + offs_c * stride_bn, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -526,6 +585,10 @@ def _gate_up_kernel(
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
+        if A_SCALED:
+            row_scale = tl.load(xs_ptr + token, mask=mask_m, other=0.0)[:, None]
+            gate *= row_scale
+            up *= row_scale
         if HAS_BIAS:
             gate += tl.load(b_base + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             up += tl.load(b_base + (N + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -543,6 +606,8 @@ def _gate_up_kernel(
 def _down_kernel(
     # inputs
     h_ptr, w_ptr, b_ptr, s_ptr, wts_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
+    # the sorted rows' activation scales (fp32 [P], A_SCALED: h holds E4M3 rows from _quant_rows_kernel)
+    hs_ptr,
     # output: [P * SPLIT_K, N] fp32, row = the pair's index (token * k + slot) * SPLIT_K + the K split
     y_ptr,
     # sizes and strides (N: hidden, K: the intermediate size)
@@ -554,6 +619,7 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
     INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr, F16_DOT: tl.constexpr = False, PDL: tl.constexpr = False,
+    A_SCALED: tl.constexpr = False,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -585,6 +651,8 @@ def _down_kernel(
                      EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+    if A_SCALED:
+        acc *= tl.load(hs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n,

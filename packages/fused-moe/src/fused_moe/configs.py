@@ -71,13 +71,36 @@ def _split(split: int, k: int, block_k: int) -> int:
     return max(1, min(split, -(-k // block_k)))
 
 
+# FP8 activations with E4M3 experts (W8A8): 64-row tiles at every token count, so that Triton's dot is Hopper's FP8
+# wgmma (m64, operands read from shared memory as loaded; below 64 rows it converts both operands to fp16 for mma.sync)
+# and the weight bytes need no instruction of their own: even at decode, padding the experts' few rows to 64 costs
+# tensor-core time well under the time of the weights' read (gpt-oss-20b, 64 tokens: ~70 us of FP8 MMA against 187 us
+# of weights at 4.25 TB/s). First choices from that arithmetic, not yet measured on a GPU.
+W8A8_BLOCK_M = 64
+W8A8_STAGES = 6
+
+
+def _w8a8_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, num_experts: int, sms: int,
+                 smem: int) -> MoEConfig:
+    # K steps of 128 bytes where they divide K (no K mask), else 64 (2880 = 45 * 64)
+    bk, dk = (128 if hidden % 128 == 0 else 64), (128 if intermediate % 128 == 0 else 64)
+    hit = min(num_tokens * top_k, num_experts)
+    # narrow column tiles while the experts hit give fewer than two waves of programs (as the bf16 decode tiles)
+    bn = 32 if hit * -(-intermediate // 64) < 2 * sms else 64
+    dn = bn if num_tokens <= DECODE_MAX_TOKENS else 128
+    stages = _stages_that_fit(W8A8_STAGES, (W8A8_BLOCK_M + 2 * max(bn, dn)) * max(bk, dk), smem)
+    split = _split(2, intermediate, dk) if num_tokens == 1 else 1
+    return MoEConfig(W8A8_BLOCK_M, bn, bk, dn, dk, 4, stages, down_split_k=split)
+
+
 @functools.lru_cache(maxsize=1024)
 def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, num_experts: int,
-                  on_gpu: bool | torch.device, weight_bytes: int = 2) -> MoEConfig:
+                  on_gpu: bool | torch.device, weight_bytes: int = 2, fp8_activations: bool = False) -> MoEConfig:
     """The heuristic. Under the interpreter (``on_gpu=False``) the tiles are as large as the problem allows:
     each interpreted program instance costs about a millisecond, whatever its size. ``on_gpu`` may be the CUDA device
     itself (``True``: the current one), whose SM count and shared memory the GPU rules read. ``weight_bytes``: the
-    expert weights' element size (1: FP8 experts, which get tiles of their own at a few tokens)."""
+    expert weights' element size (1: FP8 experts, which get tiles of their own at a few tokens);
+    ``fp8_activations``: E4M3 activations too (W8A8), FP8 tensor-core tiles of 64 rows."""
     if isinstance(on_gpu, torch.device):
         device, on_gpu = on_gpu, on_gpu.type == "cuda"
     else:
@@ -92,6 +115,8 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
     info = device_info(device)
     sms = info.sm_count or 132
     smem = info.smem_per_block or _HOPPER_SMEM
+    if fp8_activations:
+        return _w8a8_config(num_tokens, top_k, hidden, intermediate, num_experts, sms, smem)
     if num_tokens <= DECODE_MAX_TOKENS:
         # one-row tiles read an expert's weights once per row: only while the experts hit get one or two rows each
         # (gpt-oss, 32 experts, top 4, where they were measured; not Mixtral's 8 experts, top 2, at 8 tokens)
@@ -121,4 +146,4 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
     return MoEConfig(64, 64, 64, 128, 64, 8, _stages_that_fit(3, (64 + 128) * 64 * 2, smem))
 
 
-__all__ = ["DECODE_MAX_TOKENS", "MoEConfig", "select_config"]
+__all__ = ["DECODE_MAX_TOKENS", "W8A8_BLOCK_M", "MoEConfig", "select_config"]

@@ -76,13 +76,16 @@ class FusedMoE(nn.Module):
         return module
 
     @torch.no_grad()
-    def quantize_experts_fp8(self, dtype: torch.dtype = torch.float8_e4m3fn) -> FusedMoE:
+    def quantize_experts_fp8(self, dtype: torch.dtype = torch.float8_e4m3fn, *,
+                             fp8_activations: bool = False) -> FusedMoE:
         """Convert the experts' weights to FP8 in place (weight-only; :func:`fused_moe.quantize_experts_fp8`: one
         scale per expert and output column), for half the weight bytes per decode step. ``experts.gate_up_proj``
         and ``experts.down_proj`` become FP8 parameters (no gradient) and ``experts.gate_up_scale`` /
         ``experts.down_scale`` fp32 buffers; the high-precision weights are released (no second copy), so this is
-        one-way. The router and the biases keep their dtype. Returns ``self``."""
-        convert_experts_to_fp8(self.experts, dtype)
+        one-way. The router and the biases keep their dtype. ``fp8_activations=True`` (E4M3 only): W8A8, the
+        activations quantized per row too and the weights stored K-major (see
+        :func:`convert_experts_to_fp8`). Returns ``self``."""
+        convert_experts_to_fp8(self.experts, dtype, fp8_activations=fp8_activations)
         return self
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,34 +96,46 @@ class FusedMoE(nn.Module):
         return fused_moe(hidden_states, self.router.weight, self.router.bias, e.gate_up_proj, e.gate_up_proj_bias,
                          e.down_proj, e.down_proj_bias, self.top_k, self.activation, self.alpha, self.limit,
                          return_router_scores=True, gate_up_scale=scales.get("gate_up_scale"),
-                         down_scale=scales.get("down_scale"))
+                         down_scale=scales.get("down_scale"), fp8_activations=uses_fp8_activations(e))
 
     def extra_repr(self) -> str:
         return (f"hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
                 f"alpha={self.alpha}, limit={self.limit}"
                 + (f", experts={str(self.experts.gate_up_proj.dtype).removeprefix('torch.')} (fp8, per-column "
-                   "scales)" if is_fp8_experts(self.experts) else ""))
+                   "scales" + (", fp8 activations per row" if uses_fp8_activations(self.experts) else "") + ")"
+                   if is_fp8_experts(self.experts) else ""))
 
 
 @torch.no_grad()
 def convert_experts_to_fp8(experts: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn,
-                           transposed: bool = True) -> nn.Module:
+                           transposed: bool = True, *, fp8_activations: bool = False) -> nn.Module:
     """Convert an experts module (``gate_up_proj``, ``down_proj``: gpt-oss's ``GptOssExperts`` or
     ``FusedMoE.experts``) to weight-only FP8 in place: the two weights become FP8 parameters (no gradient) in the
     same layout, ``gate_up_scale`` / ``down_scale`` fp32 buffers are registered beside them
     (:func:`fused_moe.quantize_experts_fp8`), and the high-precision weights are released. Returns ``experts``.
 
+    ``fp8_activations=True`` (``dtype`` E4M3 only): W8A8. The weights are stored K-major (same shapes; what FP8
+    tensor cores read) and ``experts.fp8_activations`` is set, which tells ``FusedMoE`` and triton-ops' layers to
+    quantize the activations per row (``moe_experts(..., fp8_activations=True)``).
+
     Raises:
-        InvalidArgumentError: already converted. UnsupportedDtypeError, ShapeMismatchError: from the quantizer.
+        InvalidArgumentError: already converted, or ``fp8_activations`` with E5M2. UnsupportedDtypeError,
+        ShapeMismatchError: from the quantizer.
     """
     if is_fp8_experts(experts):
         raise InvalidArgumentError("experts: already FP8 (converted before)")
-    q1, s1, q2, s2 = quantize_experts_fp8(experts.gate_up_proj, experts.down_proj, transposed=transposed, dtype=dtype)
+    if not isinstance(fp8_activations, bool):
+        raise InvalidArgumentError(f"fp8_activations: expected a bool, got {fp8_activations!r}")
+    if fp8_activations and dtype != torch.float8_e4m3fn:
+        raise InvalidArgumentError(f"fp8_activations: E4M3 activations go with float8_e4m3fn weights, got {dtype}")
+    q1, s1, q2, s2 = quantize_experts_fp8(experts.gate_up_proj, experts.down_proj, transposed=transposed, dtype=dtype,
+                                          k_major=fp8_activations)
     experts.gate_up_proj = nn.Parameter(q1, requires_grad=False)
     experts.down_proj = nn.Parameter(q2, requires_grad=False)
     experts.register_buffer("gate_up_scale", s1)
     experts.register_buffer("down_scale", s2)
+    experts.fp8_activations = fp8_activations
     return experts
 
 
@@ -129,4 +144,10 @@ def is_fp8_experts(experts: nn.Module) -> bool:
     return "gate_up_scale" in experts._buffers and "down_scale" in experts._buffers
 
 
-__all__ = ["FusedMoE", "convert_experts_to_fp8", "is_fp8_experts"]
+def uses_fp8_activations(experts: nn.Module) -> bool:
+    """Whether FP8 experts were converted for E4M3 activations too (W8A8: ``convert_experts_to_fp8(...,
+    fp8_activations=True)``)."""
+    return is_fp8_experts(experts) and getattr(experts, "fp8_activations", False) is True
+
+
+__all__ = ["FusedMoE", "convert_experts_to_fp8", "is_fp8_experts", "uses_fp8_activations"]

@@ -73,9 +73,10 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _config(num_tokens: int, top_k: int, hidden: int, inter: int, experts: int, device: torch.device,
-            weight_bytes: int = 2) -> MoEConfig:
+            weight_bytes: int = 2, fp8_activations: bool = False) -> MoEConfig:
     # one place the ops ask for tiles (tests force small tiles through it)
-    return select_config(num_tokens, top_k, hidden, inter, experts, device.type == "cuda", weight_bytes)
+    return select_config(num_tokens, top_k, hidden, inter, experts, device.type == "cuda", weight_bytes,
+                         fp8_activations)
 
 
 _PLANS = PlanCache()
@@ -325,19 +326,35 @@ class _ExpertsPlan(NamedTuple):
     gate_up: Plan
     down: Plan
     combine: Plan
+    quant_x: Plan | None = None  # FP8 activations: the tokens' rows to E4M3 before the gate/up GEMM
+    quant_h: Plan | None = None  # and the intermediate rows before the down GEMM
+
+
+def _quant_rows_plan(rows: int, cols: int, stride: int, device: torch.device, norm_eps: float | None = None) -> Plan:
+    """``_quant_rows_kernel`` over ``rows`` rows of ``cols`` (tensors: x, q, scales, norm weight)."""
+    on_cpu = device.type == "cpu"
+    # GPU: a row a program, its columns 2048 at a time; interpreter: as many rows and columns as fit one step
+    block_r = min(64, max(1, next_pow2(rows))) if on_cpu else 1
+    block_c = min(256 if on_cpu else 2048, max(16, next_pow2(cols)))
+    norm = (norm_eps is not None, norm_block(cols, block_r, on_cpu) if norm_eps is not None else 16)
+    on = pdl.enabled(device)
+    return Plan(K._quant_rows_kernel, (cdiv(rows, block_r),),
+                (rows, cols, stride, 0.0 if norm_eps is None else float(norm_eps), block_r, block_c, on_cpu, *norm,
+                 on), 4, **pdl.launch_options(on))
 
 
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
                   down_proj: torch.Tensor, down_proj_bias: torch.Tensor | None, activation: str,
                   gate_up_layout: str, transposed: bool, alpha: float, limit: float,
                   gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None, norm_eps: float | None = None) -> _ExpertsPlan:
+                  residual: torch.Tensor | None = None, norm_eps: float | None = None,
+                  fp8_activations: bool = False) -> _ExpertsPlan:
     t, h = x2d.shape
     e = gate_up_proj.shape[0]
     inter = (gate_up_proj.shape[2] if transposed else gate_up_proj.shape[1]) // 2
     dev, dtype = x2d.device, x2d.dtype
     p = t * k
-    cfg = _config(t, k, h, inter, e, dev, gate_up_proj.element_size())
+    cfg = _config(t, k, h, inter, e, dev, gate_up_proj.element_size(), fp8_activations)
     align = _align_plan(p, e, cfg.block_m, dev)
     tiles = align.tiles
     if t == 0:
@@ -348,10 +365,18 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     early = pdl.launch_options(on)
     b1, b2, s1, s2 = gate_up_proj_bias, down_proj_bias, gate_up_scale, down_scale
     # fp16 tensor-core dots (config f16_dot): FP8 weights, bf16 activations, dot tiles only
-    f16 = cfg.f16_dot and not cfg.fma and dtype == torch.bfloat16
+    f16 = cfg.f16_dot and not cfg.fma and dtype == torch.bfloat16 and not fp8_activations
+    quant_x = quant_h = None
+    stride_xt = x2d.stride(0)
+    if fp8_activations:
+        # the rows quantized first (normalized there when asked), the GEMMs reading E4M3 on both sides: the
+        # interpreter's FP8 dot is wrong too, so its operands go to fp32 (exact) as its 16-bit ones do
+        quant_x = _quant_rows_plan(t, h, x2d.stride(0), dev, norm_eps)
+        quant_h = _quant_rows_plan(p, inter, inter, dev)
+        stride_xt, norm_eps, upcast = h, None, dev.type == "cpu"
     # gate/up: h = act(x @ W1[e] (* s1[e]) + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
     gate_up = Plan(K._gate_up_kernel, (tiles, cdiv(inter, cfg.gate_up_block_n)), (
-        inter, h, tiles, x2d.stride(0), *_weight_strides(gate_up_proj, transposed),
+        inter, h, tiles, stride_xt, *_weight_strides(gate_up_proj, transposed),
         0 if b1 is None else b1.stride(0), 1 if b1 is None else b1.stride(1),
         0 if s1 is None else s1.stride(0), 1 if s1 is None else s1.stride(1), inter, float(alpha), float(limit),
         0.0 if norm_eps is None else float(norm_eps),
@@ -361,8 +386,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
-        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu") if norm_eps is not None else 16, on),
-        cfg.num_warps, **early)
+        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu") if norm_eps is not None else 16, on,
+        fp8_activations), cfg.num_warps, **early)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -372,7 +397,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on), cfg.num_warps, **early)
+        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations),
+        cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
@@ -380,7 +406,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
                    (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None, on), 4,
                    **early)
-    return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine)
+    return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine, quant_x, quant_h)
 
 
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -396,18 +422,34 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     groups = _align(plan.align, _flat(topk_ids), plan.experts)
     sorted_pairs, offsets, tile_expert, tile_start = groups.sorted_pairs, groups.offsets, *groups[2:]
     hmid = _empty((p, plan.inter), x2d.dtype, device=dev)
-    # absent biases and scales: any pointer (the kernels' HAS_BIAS / W_SCALED are off)
+    # absent biases and scales: any pointer (the kernels' HAS_BIAS / W_SCALED / A_SCALED are off)
     b1 = gate_up_proj if gate_up_proj_bias is None else gate_up_proj_bias
     s1 = gate_up_proj if gate_up_scale is None else gate_up_scale
     nw = gate_up_proj if norm_weight is None else norm_weight  # any pointer: NORM is off
-    plan.gate_up.launch(x2d, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, nw, hmid)
+    a, a_scale = x2d, s1
+    if plan.quant_x is not None:
+        a, a_scale = _quantized_rows(plan.quant_x, x2d, nw)
+    plan.gate_up.launch(a, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, nw, a_scale, hmid)
     y = _empty((p * plan.split, h), torch.float32, device=dev)
     b2 = down_proj if down_proj_bias is None else down_proj_bias
     s2 = down_proj if down_scale is None else down_scale
-    plan.down.launch(hmid, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
-                     tile_expert, tile_start, y)
+    a, a_scale = hmid, s2
+    if plan.quant_h is not None:
+        a, a_scale = _quantized_rows(plan.quant_h, hmid, nw)
+    plan.down.launch(a, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
+                     tile_expert, tile_start, a_scale, y)
     plan.combine.launch(y, out, out if residual is None else _as_2d(residual))
     return out
+
+
+def _quantized_rows(plan: Plan, x2d: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E4M3 rows [R, C], fp32 scales [R])`` of ``x2d`` (``_quant_rows_kernel``; normalized first when the plan
+    says so)."""
+    q = _empty(tuple(x2d.shape), torch.float8_e4m3fn, device=x2d.device)
+    scales = _empty((x2d.shape[0],), torch.float32, device=x2d.device)
+    # the interpreter's FP8 cast is wrong: the kernel writes the rounded codes through a byte view there
+    plan.launch(x2d, q.view(torch.uint8) if x2d.device.type == "cpu" else q, scales, norm_weight)
+    return q, scales
 
 
 def _on_device(device: torch.device):
@@ -473,23 +515,24 @@ def _rows(t):
 
 def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                   activation, gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None,
-                  residual=None, norm_weight=None, norm_eps=0.0):
+                  residual=None, norm_weight=None, norm_eps=0.0, fp8_activations=False):
     """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
     key = call_key("experts", hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                    down_proj_bias, gate_up_scale, down_scale, residual, norm_weight, *_norm_key(norm_weight, norm_eps),
                    activation, gate_up_layout, transposed, alpha, limit, alpha.__class__, limit.__class__,
-                   transposed.__class__, _tf32(hidden))
+                   transposed.__class__, _tf32(hidden), fp8_activations, fp8_activations.__class__)
     ids2d, w2d = _rows(topk_ids), _rows(topk_weights)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         validate_experts_inputs(hidden, ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                                activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale)
+                                activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale,
+                                fp8_activations)
         _check_residual(hidden, residual)
         if norm_weight is not None:
             check_norm(hidden, norm_weight, norm_eps)
         plan = _experts_plan(_as_2d(hidden), ids2d.shape[1], gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                             down_scale, residual, None if norm_weight is None else norm_eps)
+                             down_scale, residual, None if norm_weight is None else norm_eps, fp8_activations)
         _put(key, plan)
     ctx = _on_device(hidden.device)
     args = (plan, _as_2d(hidden), ids2d, w2d, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
@@ -525,16 +568,17 @@ def _experts_op(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                 down_proj_bias: torch.Tensor | None, activation: str, gate_up_layout: str, transposed: bool,
                 alpha: float, limit: float, gate_up_scale: torch.Tensor | None = None,
                 down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
+                norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                fp8_activations: bool = False) -> torch.Tensor:
     return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                          down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                         down_scale, residual, norm_weight, norm_eps)
+                         down_scale, residual, norm_weight, norm_eps, fp8_activations)
 
 
 @_experts_op.register_fake
 def _(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
       gate_up_layout, transposed, alpha, limit, gate_up_scale=None, down_scale=None, residual=None, norm_weight=None,
-      norm_eps=0.0):
+      norm_eps=0.0, fp8_activations=False):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
@@ -614,6 +658,7 @@ def moe_experts(
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
+    fp8_activations: bool = False,
 ) -> torch.Tensor:
     """The experts of a given routing: ``out[t] = sum_j w[t, j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])``
     with ``e = topk_ids[t, j]``, ``act(gate, up)`` the gated activation of the two halves of ``W1``'s output.
@@ -646,6 +691,14 @@ def moe_experts(
             GEMM's launch: every program sums its tokens' squares over all of H again (from L2) before its weights
             stream, which a decode step's few tokens pay for with a launch less; for prefill-sized calls normalize
             first instead (``rmsnorm``); or None.
+        fp8_activations: W8A8 (E4M3 experts with their scales only). Each token's row of ``hidden`` (normalized
+            first with ``norm_weight``) and each intermediate row are quantized to E4M3 with one fp32 scale per row
+            (``amax / 448``, finite values only, saturating; NaN kept) by a launch before each grouped GEMM, whose
+            dots then take FP8 on both sides (Hopper's FP8 tensor cores, fast accumulation as Triton's default FP8
+            dot: partial sums in the tensor core's reduced precision) and scale each fp32 sum by its row's and its
+            column's scale. Store the weights K-major (``quantize_experts_fp8(..., k_major=True)``) so that their
+            tiles reach the tensor cores as loaded. Adds the activations' FP8 rounding (about 2^-4 relative per
+            element) to the weights'. A token whose row holds NaN or an infinity comes out NaN.
 
     Returns:
         ``[..., H]`` in ``hidden``'s dtype. Products accumulate in fp32; the intermediate activation is rounded
@@ -658,10 +711,10 @@ def moe_experts(
                       gate_up_scale, down_scale, residual, norm_weight):
         return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                             down_scale, residual, norm_weight, norm_eps)
+                             down_scale, residual, norm_weight, norm_eps, fp8_activations)
     return _experts_op(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                        activation, gate_up_layout, transposed, alpha, limit, gate_up_scale, down_scale, residual,
-                       norm_weight, norm_eps if norm_weight is not None else 0.0)
+                       norm_weight, norm_eps if norm_weight is not None else 0.0, fp8_activations)
 
 
 def fused_moe(
@@ -686,6 +739,7 @@ def fused_moe(
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
+    fp8_activations: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A mixture-of-experts feed-forward block: ``moe_route`` then ``moe_experts``.
 
@@ -695,7 +749,8 @@ def fused_moe(
     ``router_bias=None``, biases None, ``activation="silu"``, ``gate_up_layout="concatenated"``,
     ``transposed=False`` (and ``renormalize=config.norm_topk_prob``). FP8 experts: ``gate_up_proj`` /
     ``down_proj`` in FP8 with ``gate_up_scale`` / ``down_scale`` (see :func:`moe_experts`,
-    :func:`quantize_experts_fp8`); the router stays in ``hidden``'s dtype.
+    :func:`quantize_experts_fp8`), with ``fp8_activations=True`` E4M3 activations too (W8A8, see
+    :func:`moe_experts`); the router stays in ``hidden``'s dtype.
 
     Returns ``[..., H]`` in ``hidden``'s dtype (with ``residual``, that plus the residual, rounded once: see
     :func:`moe_experts`); with ``return_router_scores=True`` also the routing weights ``[T, top_k]`` in
@@ -719,7 +774,7 @@ def fused_moe(
     out = moe_experts(hidden, ids, wts, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, activation,
                       gate_up_layout=gate_up_layout, transposed=transposed, alpha=alpha, limit=limit,
                       gate_up_scale=gate_up_scale, down_scale=down_scale, residual=residual,
-                      norm_weight=norm_weight, norm_eps=norm_eps)
+                      norm_weight=norm_weight, norm_eps=norm_eps, fp8_activations=fp8_activations)
     if return_router_scores:
         return out, wts.reshape(-1, wts.shape[-1]).to(hidden.dtype)
     return out
@@ -730,7 +785,7 @@ _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 @torch.no_grad()
 def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, transposed: bool = True,
-                         dtype: torch.dtype = torch.float8_e4m3fn
+                         dtype: torch.dtype = torch.float8_e4m3fn, k_major: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Expert weights in FP8 for :func:`moe_experts` / :func:`fused_moe`: ``(gate_up_fp8, gate_up_scale,
     down_fp8, down_scale)``.
@@ -740,6 +795,11 @@ def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
     scale[e, n]``. The FP8 weights keep the layout given (``transposed=True``: gpt-oss's ``[E, H, 2I]`` and
     ``[E, I, H]``; ``False``: ``[E, 2I, H]`` and ``[E, H, I]``), contiguous; the scales are fp32 ``[E, 2I]`` and
     ``[E, H]``. Plain PyTorch, once per model (no kernel).
+
+    ``k_major=True``: the same shapes, stored with the reduction dimension (H for gate/up, I for down) contiguous,
+    whatever ``transposed`` says: Hopper's FP8 tensor cores take only K-major weight tiles, so E4M3 activations
+    (``moe_experts(..., fp8_activations=True)``) read such weights without reordering any byte in registers. The
+    kernels address weights through their strides, so either storage gives the same results.
 
     Raises:
         UnsupportedDtypeError: ``dtype`` not an FP8 format, or weights not floating point.
@@ -759,7 +819,11 @@ def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
         wf = w.float()
         amax = wf.abs().amax(dim=k_dim)
         scale = torch.where(amax > 0, amax / _FP8_MAX[dtype], torch.ones_like(amax))
-        q = (wf / scale.unsqueeze(k_dim)).clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype).contiguous()
+        q = (wf / scale.unsqueeze(k_dim)).clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype)
+        if k_major and k_dim == 1:  # K innermost in memory, the logical shape kept
+            q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        else:
+            q = q.contiguous()
         out += [q, scale.contiguous()]
     return out[0], out[1], out[2], out[3]
 

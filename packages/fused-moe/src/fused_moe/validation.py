@@ -121,6 +121,7 @@ def validate_experts_inputs(
     limit: float = 7.0,
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
+    fp8_activations: bool = False,
 ) -> MoEInput:
     """Check a ``moe_experts`` call and return its sizes.
 
@@ -132,7 +133,8 @@ def validate_experts_inputs(
 
     FP8 experts: ``gate_up_proj`` and ``down_proj`` both ``float8_e4m3fn`` or both ``float8_e5m2``, with
     ``gate_up_scale`` ``[E, 2I]`` and ``down_scale`` ``[E, H]`` in fp32 (one scale per expert and output column;
-    ``quantize_experts_fp8`` makes them); 16/32-bit weights take no scales.
+    ``quantize_experts_fp8`` makes them); 16/32-bit weights take no scales. ``fp8_activations`` (W8A8) needs
+    ``float8_e4m3fn`` experts.
     """
     x = _check_x(hidden)
     h = x.shape[-1]
@@ -146,6 +148,13 @@ def validate_experts_inputs(
     for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         check_tensor(w, name)
         check_ndim(w, name, exact=3)
+    if not isinstance(fp8_activations, bool):
+        raise InvalidArgumentError(f"fp8_activations: expected a bool, got {fp8_activations!r}")
+    if fp8_activations and (gate_up_proj.dtype, down_proj.dtype) != (torch.float8_e4m3fn, torch.float8_e4m3fn):
+        raise InvalidArgumentError(
+            "fp8_activations: E4M3 activations go with float8_e4m3fn expert weights (W8A8); the weights are "
+            f"{str(gate_up_proj.dtype).removeprefix('torch.')} and {str(down_proj.dtype).removeprefix('torch.')} "
+            "(fused_moe.quantize_experts_fp8 makes them)")
     fp8 = gate_up_proj.dtype in FP8_DTYPES or down_proj.dtype in FP8_DTYPES
     if fp8:
         check_same_dtype(gate_up_proj=gate_up_proj, down_proj=down_proj)

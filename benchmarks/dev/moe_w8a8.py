@@ -1,0 +1,111 @@
+"""Device script: fused-moe's W8A8 experts (``fp8_activations=True``) against bf16 and weight-only FP8 experts,
+gpt-oss-20b's layer (hidden 2880, 32 experts, top 4, intermediate 2880), in CUDA graphs.
+
+    python -m benchmarks.dev.moe_w8a8 [--tokens 1,8,64,512,2048,8192] [--sweep]
+
+Per token count: ``moe_experts`` (grouping, both grouped GEMMs, combine; W8A8 also its two row quantizations) with
+bf16 experts, weight-only E4M3 experts (gpt-oss's N-major layout), and W8A8 with the E4M3 experts K-major and
+N-major, each a graph of eight different routings replayed (``moe_tiles.graph_us``: at one token the experts hit
+differ between replays, so L2 does not serve them). ``floor`` is the FP8 bytes of the experts hit over 4.25 TB/s.
+``--sweep`` also times W8A8 tiles around the package's choice (``fused_moe.configs.select_config``). Lines go to
+stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.dev.moe_tiles import HIDDEN, INTER, TOP_K, E, expert_weights, graph_us, routings
+
+BPS = 4.25e12
+
+
+def _emit(out: Path, **row) -> None:
+    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _variants(w: dict):
+    from fused_moe import quantize_experts_fp8
+
+    b1, b2 = w["biases"]
+    w1, _, w2, _ = w["bf16"]
+    q1, s1, q2, s2 = w["fp8"]
+    k1, _, k2, _ = quantize_experts_fp8(w1, w2, k_major=True)
+    return {
+        "bf16": ((w1, b1, w2, b2), {}),
+        "fp8 weight-only": ((q1, b1, q2, b2), dict(gate_up_scale=s1, down_scale=s2)),
+        "w8a8 k-major": ((k1, b1, k2, b2), dict(gate_up_scale=s1, down_scale=s2, fp8_activations=True)),
+        "w8a8 n-major": ((q1, b1, q2, b2), dict(gate_up_scale=s1, down_scale=s2, fp8_activations=True)),
+    }
+
+
+def _time(t: int, x: torch.Tensor, routes: list, weights: tuple, kw: dict) -> float:
+    from fused_moe import moe_experts
+
+    return graph_us(lambda r: moe_experts(x, r[0], r[1], weights[0], weights[1], weights[2], weights[3], **kw),
+                    routes)
+
+
+def _floor_us(t: int, routes: list) -> float:
+    hit = sum(int(torch.unique(ids).numel()) for ids, _ in routes) / len(routes)
+    return hit * 3 * HIDDEN * INTER / BPS * 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="1,8,64,512,2048,8192")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("a GPU is needed", file=sys.stderr)
+        return 2
+    from fused_moe import MoEConfig, ops, select_config
+
+    dev = torch.device("cuda")
+    out = Path(os.environ.get("OUT", ".")) / "moe_w8a8.jsonl"
+    w = expert_weights(dev)
+    variants = _variants(w)
+    for t in (int(s) for s in args.tokens.split(",")):
+        x = torch.randn(t, HIDDEN, device=dev).bfloat16()
+        routes = routings(t, dev)
+        floor = _floor_us(t, routes)
+        base = None
+        for name, (weights, kw) in variants.items():
+            us = _time(t, x, routes, weights, kw)
+            base = base or us
+            _emit(out, tokens=t, variant=name, us=round(us, 1), vs_bf16=round(us / base, 3),
+                  fp8_floor_us=round(floor, 1))
+        if not args.sweep:
+            continue
+        chosen = select_config(t, TOP_K, HIDDEN, INTER, E, dev, 1, True)
+        saved = ops._config
+        weights, kw = variants["w8a8 k-major"]
+        for bn in (32, 64, 128):
+            for stages in (3, 4, 6):
+                for warps in (4, 8):
+                    cfg = MoEConfig(64, bn, 64, bn if t <= 64 else 128, 64, warps, stages,
+                                    down_split_k=chosen.down_split_k)
+                    ops._config = lambda *a, cfg=cfg: cfg
+                    ops.clear_caches()
+                    try:
+                        us = _time(t, x, routes, weights, kw)
+                    except Exception as exc:  # noqa: BLE001 - a tile that does not fit: reported, skipped
+                        _emit(out, tokens=t, sweep=str(cfg), error=type(exc).__name__)
+                        continue
+                    finally:
+                        ops._config = saved
+                        ops.clear_caches()
+                    _emit(out, tokens=t, sweep=str(cfg), us=round(us, 1), chosen=cfg == chosen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
