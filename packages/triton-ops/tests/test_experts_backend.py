@@ -116,13 +116,16 @@ def test_dynamo_recognizes_the_gate_as_eager_does(kind, monkeypatch):
     assert torch.equal(got, want)
 
 
-def test_fp8_experts_stand_for_their_dequantized_weights():
-    from fused_moe import convert_experts_to_fp8
+@pytest.mark.parametrize("w8a8", [False, True])
+def test_fp8_experts_stand_for_their_dequantized_weights(w8a8):
+    """Weight-only FP8 experts, or W8A8 ones (the activations quantized per row: within their E4M3 rounding, and
+    bit for bit what fused_moe's moe_experts computes with fp8_activations=True)."""
+    from fused_moe import convert_experts_to_fp8, moe_experts
 
     model = _model("qwen3_moe", seed=2)
     experts = _experts(model)[0]
     reference = copy.deepcopy(experts)
-    convert_experts_to_fp8(experts, transposed=False)
+    convert_experts_to_fp8(experts, transposed=False, fp8_activations=w8a8)
     with torch.no_grad():
         reference.gate_up_proj.copy_(experts.gate_up_proj.float() * experts.gate_up_scale[:, :, None])
         reference.down_proj.copy_(experts.down_proj.float() * experts.down_scale[:, :, None])
@@ -131,7 +134,11 @@ def test_fp8_experts_stand_for_their_dequantized_weights():
         weights = torch.full((5, 3), 1 / 3, device=DEVICE)
         ours = experts_backend.experts_forward(experts, x, ids, weights)
         reference.config._experts_implementation = "eager"
-        assert _cosine(ours, reference(x, ids, weights)) >= TOL
+        assert _cosine(ours, reference(x, ids, weights)) >= (0.99 if w8a8 else TOL)
+        direct = moe_experts(x, ids, weights, experts.gate_up_proj, None, experts.down_proj, None, "silu",
+                             gate_up_layout="concatenated", transposed=False, gate_up_scale=experts.gate_up_scale,
+                             down_scale=experts.down_scale, fp8_activations=w8a8)
+        assert torch.equal(ours, direct)
 
 
 def test_what_it_cannot_take_runs_grouped_mm_with_a_warning(monkeypatch):

@@ -627,20 +627,27 @@ def test_patched_gpt_oss_normalizes_inside_the_moe(monkeypatch, fused_norms):
         assert _cosine(a, b) >= (0.9999 if DTYPE == torch.bfloat16 else 0.99999)
 
 
-def test_patched_gpt_oss_with_fp8_experts_matches_their_dequantized_weights():
-    from fused_moe import is_fp8_experts
+@pytest.mark.parametrize("fp8_experts", [True, "w8a8"])
+def test_patched_gpt_oss_with_fp8_experts_matches_their_dequantized_weights(fp8_experts):
+    """Weight-only FP8 experts, or W8A8 (K-major weights, the activations quantized per row too: within their
+    E4M3 rounding)."""
+    from fused_moe import is_fp8_experts, uses_fp8_activations
 
     model = _gpt_oss(seed=3)
     reference = copy.deepcopy(model)
-    patch_model(model, fp8=True, fp8_experts=True)
+    patch_model(model, fp8=True, fp8_experts=fp8_experts)
+    w8a8 = fp8_experts == "w8a8"
     summary = model.triton_ops_patch
     assert summary.moe_blocks == summary.fp8_moe_blocks == 2
-    assert any("experts of 2 MoE block(s): FP8 weights" in note for note in summary.notes)
+    assert any("experts of 2 MoE block(s): FP8 weights" in note and ("W8A8" in note) == w8a8
+               for note in summary.notes)
     for layer, ref_layer in zip(model.model.layers, reference.model.layers):
         experts = layer.mlp.experts
         assert is_fp8_experts(experts)
         assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
         assert not experts.gate_up_proj.requires_grad
+        assert uses_fp8_activations(experts) == w8a8
+        assert (experts.gate_up_proj.stride(1) == 1) == w8a8  # gpt-oss's [E, H, 2I]: K-major for W8A8 only
         assert layer.mlp.router.weight.dtype == DTYPE  # the router keeps the model's dtype
         # the unpatched experts with the weights the FP8 ones stand for
         with torch.no_grad():
@@ -650,7 +657,9 @@ def test_patched_gpt_oss_with_fp8_experts_matches_their_dequantized_weights():
             x = torch.randn(2, 3, 64, device=DEVICE, dtype=DTYPE)
             out, scores = layer.mlp(x)
             ref_out, ref_scores = ref_layer.mlp(x)
-        assert _cosine(out, ref_out) >= (0.999 if DTYPE == torch.bfloat16 else 0.99999)
+        assert _cosine(out, ref_out) >= (0.99 if w8a8 else 0.999 if DTYPE == torch.bfloat16 else 0.99999)
+        if w8a8:  # the activations' E4M3 rounding shows
+            assert _cosine(out, ref_out) < 0.99999
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
     assert all(torch.isfinite(t).all() for t in _prefill_and_step(model, ids))
     assert model.state_dict()["model.layers.0.mlp.experts.gate_up_scale"].shape == (4, 96)  # saved with the model

@@ -424,6 +424,8 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     # _buffers / __dict__ reads: those keep torch.compile from skipping the module's guards while nothing changed
     kw: dict[str, Any] = dict(gate_up_scale=getattr(e, "gate_up_scale", None),
                               down_scale=getattr(e, "down_scale", None), residual=residual)
+    # W8A8 experts (fused_moe.convert_experts_to_fp8(..., fp8_activations=True)): the activations quantized too
+    kw["fp8_activations"] = kw["gate_up_scale"] is not None and getattr(e, "fp8_activations", False) is True
     if norm is not None:
         kw.update(norm_weight=norm.weight, norm_eps=norm.variance_epsilon)
     if _is_sparse(mlp):

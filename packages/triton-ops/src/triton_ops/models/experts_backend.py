@@ -84,7 +84,8 @@ def experts_forward(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k
         activation, gate_up_layout=layout,
         transposed=bool(getattr(experts, "is_transposed", False)), alpha=float(getattr(experts, "alpha", 1.702)),
         limit=float(getattr(experts, "limit", 7.0)), gate_up_scale=scales.get("gate_up_scale"),
-        down_scale=scales.get("down_scale"))
+        down_scale=scales.get("down_scale"),
+        fp8_activations="gate_up_scale" in scales and getattr(experts, "fp8_activations", False) is True)
 
 
 def unsupported(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> str:

@@ -313,7 +313,7 @@ def _model_type(model: object) -> str:
 def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Recipe = "default",
                 fp8_lm_head: bool = False, weight_granularity: str | None = None,
                 activation_granularity: str | None = None, fast_accum: bool = False,
-                pack_qkv: bool = True, attention: bool = True, fp8_experts: bool = False,
+                pack_qkv: bool = True, attention: bool = True, fp8_experts: bool | str = False,
                 fp8_calibration: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 fp8_smooth_alpha: float = DEFAULT_ALPHA) -> nn.Module:
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
@@ -357,7 +357,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       tiles are converted in registers; :func:`fused_moe.convert_experts_to_fp8`, the bf16 weights released: half
       the experts' memory). Not the default yet: on the H200 (gpt-oss-20b's layer) FP8 experts took 0.97-1.20x
       the bf16 time at 1-64 tokens and 0.74x at 512 (their tiles are the bf16 ones, untuned). The router stays in
-      the model's dtype.
+      the model's dtype. ``fp8_experts="w8a8"``: the same E4M3 experts stored K-major, the activations quantized
+      per row as well (``fused_moe``'s ``fp8_activations=True``: FP8 tensor-core products on both sides, no
+      conversion of the weights in registers; the activations' E4M3 rounding added; not yet timed on a GPU).
     - Qwen3-MoE and Mixtral: every sparse mixture of experts (``gate`` + ``experts``, transformers 5's
       ``Qwen3MoeSparseMoeBlock`` / ``MixtralSparseMoeBlock``) runs as ``fused_moe`` with the router's own rule (a
       softmax over all experts, the top k, renormalized where the router does) and the SwiGLU of
@@ -433,9 +435,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             weight_granularity=weight_granularity, activation_granularity=activation_granularity,
             fast_accum=fast_accum, pack_qkv=pack_qkv, attention=attention, fp8_experts=fp8_experts,
             fp8_calibration=fp8_calibration, fp8_smooth_alpha=fp8_smooth_alpha)
-    for flag, value in (("pack_qkv", pack_qkv), ("attention", attention), ("fp8_experts", fp8_experts)):
+    for flag, value in (("pack_qkv", pack_qkv), ("attention", attention)):
         if not isinstance(value, bool):
             raise InvalidArgumentError(f"{flag}: expected a bool, got {value!r}")
+    if not (isinstance(fp8_experts, bool) or fp8_experts == "w8a8"):
+        raise InvalidArgumentError(f"fp8_experts: expected a bool or 'w8a8', got {fp8_experts!r}")
     if fp8_calibration is not None and not fp8:
         raise InvalidArgumentError("fp8_calibration: smoothing is for FP8 conversion; pass fp8=True with it")
     summary = PatchSummary(model_type)
@@ -547,13 +551,17 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         _patch_sparse_moe(block, activation)
     for moe, transposed in [*((m, True) for m in moes), *((b, False) for b in sparse_moes)]:
         if fp8 and fp8_experts and not is_fp8_experts(moe.experts):
-            convert_experts_to_fp8(moe.experts, transposed=transposed)  # gpt-oss's [E, H, 2I] or [E, 2I, H]
+            # gpt-oss's [E, H, 2I] or [E, 2I, H]; W8A8 stores them K-major
+            convert_experts_to_fp8(moe.experts, transposed=transposed, fp8_activations=fp8_experts == "w8a8")
             summary.fp8_moe_blocks += 1
     summary.moe_blocks = len(moes) + len(sparse_moes)
     if summary.moe_blocks:
         summary.notes.append("routers run inside the MoE kernels; a router with hooks (transformers' router-logit "
                              "recording, once any call asks for recorded outputs) runs its own forward instead")
-        if summary.fp8_moe_blocks:
+        if summary.fp8_moe_blocks and fp8_experts == "w8a8":
+            summary.notes.append(f"experts of {summary.fp8_moe_blocks} MoE block(s): FP8 weights (E4M3, per-column "
+                                 "scales, K-major) and FP8 activations (E4M3, per row: W8A8); routers kept")
+        elif summary.fp8_moe_blocks:
             summary.notes.append(f"experts of {summary.fp8_moe_blocks} MoE block(s): FP8 weights (E4M3, per-column "
                                  "scales), activations in the model's dtype (weight-only FP8); routers kept")
         elif fp8:
