@@ -34,12 +34,12 @@ from .rmsnorm import MAX_ONE_PASS, _rstd, _square64, _validate, fused_add_rmsnor
 
 
 @triton.jit
-def _scaled(x, W, cols, mask, rstd, GEMMA: tl.constexpr):
-    """``x * rstd * w`` in fp32 (``1 + w`` with ``GEMMA``), rmsnorm's order of operations."""
+def _weight(W, cols, mask, GEMMA: tl.constexpr):
+    """A norm's weight in fp32 (``1 + w`` with ``GEMMA``)."""
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if GEMMA:
         w = w + 1.0
-    return x * rstd * w
+    return w
 
 
 @triton.jit
@@ -53,15 +53,21 @@ def _norm_add_norm_kernel(X, R, XW, W, Y, H, N, stride_x, stride_r, stride_y, st
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    # every load first: a decode step's one row is a chain of latencies, and neither the residual nor a weight
+    # depends on a reduction (issued after one, each waited for its own round trip through the caches)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    xw = _weight(XW, cols, mask, GEMMA)
+    if SECOND:
+        w = _weight(W, cols, mask, GEMMA)
     x_rstd = _rstd(tl.sum(_square64(x), axis=0), N, x_eps)
-    normed = _scaled(x, XW, cols, mask, x_rstd, GEMMA).to(H.dtype.element_ty).to(tl.float32)
-    h = (normed + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+    normed = (x * x_rstd * xw).to(H.dtype.element_ty).to(tl.float32)  # rmsnorm's order of operations
+    h = (normed + r).to(H.dtype.element_ty)
     tl.store(H + row * stride_h + cols, h, mask=mask)
     if SECOND:
         s = h.to(tl.float32)
         rstd = _rstd(tl.sum(_square64(s), axis=0), N, eps)
-        tl.store(Y + row * stride_y + cols, _scaled(s, W, cols, mask, rstd, GEMMA).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + row * stride_y + cols, (s * rstd * w).to(Y.dtype.element_ty), mask=mask)
 
 
 def _validate_sandwich(x: torch.Tensor, residual: torch.Tensor, x_weight: torch.Tensor, x_eps: float,
