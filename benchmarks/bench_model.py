@@ -64,8 +64,12 @@ PDL_ON, PDL_OFF = "-pdl", "-no-pdl"
 # Any patched variant + this suffix: full sliding windows moved on by one shift launch a step
 # (triton_ops.models.cache_updates.SLIDING_RING off while it is measured) instead of written as ring buffers.
 SHIFT = "-shift"
-# The suffixes a patched variant takes, each group at most once, in this order: ``patched-shift-pdl-fused-norms``.
-SUFFIX_GROUPS = ((SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS,))
+# A patched FP8 variant + one of these suffixes: its mixtures of experts converted too, weight-only
+# (``patch_model(fp8_experts=True)``) or W8A8 (``fp8_experts="w8a8"``: the activations quantized per row as well).
+EXPERTS_FP8, EXPERTS_W8A8 = "-experts-fp8", "-experts-w8a8"
+# The suffixes a patched variant takes, each group at most once, in this order:
+# ``patched-fp8-default-experts-w8a8-shift-pdl-fused-norms``.
+SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS,))
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
@@ -176,11 +180,14 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     for name, default in zip(NORM_SWITCHES, library_switches(), strict=True):
         setattr(decoder_layers, name, True if fused else default)
     cache_updates.SLIDING_RING = False if SHIFT in options else cache_updates.SHIPPED_SLIDING_RING
+    experts = "w8a8" if EXPERTS_W8A8 in options else EXPERTS_FP8 in options
+    if experts and not variant.startswith("patched-fp8"):
+        raise ValueError(f"{variant}: the experts' FP8 suffixes go with a patched FP8 variant")
     model = build_model(config, device, dtype)
     if variant == "patched":
         triton_ops.patch_model(model)
     elif variant == "patched-fp8":  # every Linear but the LM head, per-channel weights, per-row activations
-        triton_ops.patch_model(model, fp8=True, fp8_recipe="channel")
+        triton_ops.patch_model(model, fp8=True, fp8_recipe="channel", fp8_experts=experts)
     elif variant == "patched-fp8-default":
         # the default recipe's scales and MLP rule on every layer: a few-layer stand-in's first and last layers are
         # half of it, where a real model's are 2 of 24-36 (the edge rule would measure mostly bf16 here)
@@ -189,16 +196,16 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
         from fp8_gemm import RECIPES
 
         interior = replace(RECIPES["default"], name="default (interior layers)", keep_edge_layers=(0, 0))
-        triton_ops.patch_model(model, fp8=True, fp8_recipe=interior)
+        triton_ops.patch_model(model, fp8=True, fp8_recipe=interior, fp8_experts=experts)
     elif variant == "patched-fp8-group-row":  # the same, with per-row activations (faster prefill GEMMs)
         from dataclasses import replace
 
         from fp8_gemm import RECIPES
 
         interior = replace(RECIPES["group-row"], name="group-row (interior layers)", keep_edge_layers=(0, 0))
-        triton_ops.patch_model(model, fp8=True, fp8_recipe=interior)
+        triton_ops.patch_model(model, fp8=True, fp8_recipe=interior, fp8_experts=experts)
     elif variant == "patched-fp8-block":
-        triton_ops.patch_model(model, fp8=True, fp8_recipe="block")
+        triton_ops.patch_model(model, fp8=True, fp8_recipe="block", fp8_experts=experts)
     elif variant == "experts-triton_ops":  # transformers' model, only its experts through fused_moe.moe_experts
         from triton_ops.models import register_experts_backend
 

@@ -193,3 +193,23 @@ def test_report_holds_a_mixture_of_experts_against_the_experts_it_hits(bm):
     # batch 1: 1.8 MB + 4/32 of 3.2 MB = 2.2 MB at 1 TB/s; batch 64: nearly every expert, 5.0 MB
     assert "| patched | 1 | 8 | 20 us | 5 | 50,000 | 1.00x | 2 us | 9.09x |" in md
     assert "| patched | 64 | 8 | 20 us | 5 | 50,000 | 1.00x | 5 us | 4.00x |" in md
+
+
+def test_experts_suffixes_convert_the_experts_of_fp8_variants(bm):
+    from fused_moe import is_fp8_experts, uses_fp8_activations
+    from triton_ops_core.testing import device_for_tests
+
+    known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    assert {"patched-fp8-default-experts-w8a8", "patched-fp8-experts-fp8-shift-pdl"} <= set(known)
+    assert "patched-fp8-shift-experts-w8a8" not in known
+    assert bm.split_variant("patched-fp8-default-experts-w8a8-no-pdl") == (
+        "patched-fp8-default", frozenset({bm.EXPERTS_W8A8, bm.PDL_OFF}))
+    config = bm.build_config("gpt-oss-20b", tiny=True)
+    device = device_for_tests()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for suffix, fp8, w8a8 in (("", False, False), (bm.EXPERTS_FP8, True, False), (bm.EXPERTS_W8A8, True, True)):
+        model = bm.make_variant("patched-fp8" + suffix, config, device, dtype)
+        experts = [m.experts for m in model.modules() if hasattr(m, "router") and hasattr(m, "experts")]
+        assert experts and all(is_fp8_experts(e) == fp8 and uses_fp8_activations(e) == w8a8 for e in experts)
+    with pytest.raises(ValueError, match="patched FP8 variant"):
+        bm.make_variant("patched" + bm.EXPERTS_W8A8, config, device, dtype)
