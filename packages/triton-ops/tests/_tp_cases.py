@@ -993,11 +993,13 @@ def gpt_oss_unpatched(mesh):
 def gpt_oss_moe_bf16_and_fp8_experts(mesh):
     """The MoE alone, patched (fused_moe): bf16 experts against one process in bf16 (and as close to fp32 as it);
     FP8 experts (convert_experts_to_fp8 before parallelizing) against one process with the same FP8 weights, the
-    scales sharded with their columns; a DTensor input; the unpatched MoE's backward refused."""
+    scales sharded with their columns; W8A8 experts (fp8_activations=True) likewise, each rank quantizing its own
+    half of an intermediate row (a scale per rank: within FP8's rounding of one process, as close to fp32); a
+    DTensor input; the unpatched MoE's backward refused."""
     import copy
 
     import torch
-    from fused_moe import convert_experts_to_fp8
+    from fused_moe import convert_experts_to_fp8, uses_fp8_activations
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops.layers import GptOssMoE
@@ -1009,11 +1011,11 @@ def gpt_oss_moe_bf16_and_fp8_experts(mesh):
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         exact = plain(x)[0]
-    for fp8 in (False, True):
+    for fp8 in (False, True, "w8a8"):
         ref = copy.deepcopy(plain)
         patch_forward(ref, GptOssMoE)
         if fp8:
-            convert_experts_to_fp8(ref.experts)
+            convert_experts_to_fp8(ref.experts, fp8_activations=fp8 == "w8a8")
             xin = x
         else:
             ref = ref.to(torch.bfloat16)
@@ -1025,7 +1027,11 @@ def gpt_oss_moe_bf16_and_fp8_experts(mesh):
             _check_experts(tp, ref, mesh)
             got, scores = tp(xin)
             assert torch.equal(scores, want_scores)  # the same routing on every rank, not reduced
-            if fp8:  # the same FP8 weights and scales: the one-process result up to the sum's order
+            if fp8 == "w8a8":  # the ranks' own row scales of the intermediate: FP8's rounding, a different draw
+                assert uses_fp8_activations(tp.experts)
+                assert 0 < _rel(got, want) < 0.05, _rel(got, want)
+                assert _rel(got, exact) < 1.5 * _rel(want, exact) + 1e-2, (_rel(got, exact), _rel(want, exact))
+            elif fp8:  # the same FP8 weights and scales: the one-process result up to the sum's order
                 torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
             else:  # bf16: two partial sums rounded to bf16, then added
                 assert _rel(got, want) < 1e-2, _rel(got, want)

@@ -745,7 +745,9 @@ class GptOssMoEParallel(_LocalShardStyle):
     - FP8 experts (``fused_moe.convert_experts_to_fp8``, or ``patch_model(fp8=True, fp8_experts=True)``, BEFORE
       parallelizing: the full weights are quantized, then sharded with their scales): ``gate_up_scale`` ``[E, 2I]``
       (per output column) sharded with its columns, ``down_scale`` ``[E, H]`` (per output column ``H``, computed
-      over the whole ``I``) replicated, so every rank dequantizes exactly the one-process FP8 weights.
+      over the whole ``I``) replicated, so every rank dequantizes exactly the one-process FP8 weights. W8A8 experts
+      (``fp8_activations=True``, ``fp8_experts="w8a8"``) quantize each rank's half of an intermediate row with a
+      scale of its own (finer than one process's, a different rounding of the same values).
     - The output (the MLP returns ``(output, router_scores)``) is all-reduced, one all-reduce per MoE block, in
       place (``output_layouts=Replicate()``); ``router_scores`` (the same on every rank) is returned as it is.
 
