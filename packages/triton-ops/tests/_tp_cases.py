@@ -1029,6 +1029,9 @@ def gpt_oss_moe_bf16_and_fp8_experts(mesh):
             assert torch.equal(scores, want_scores)  # the same routing on every rank, not reduced
             if fp8 == "w8a8":  # the ranks' own row scales of the intermediate: FP8's rounding, a different draw
                 assert uses_fp8_activations(tp.experts)
+                # the shards stay K-major (FP8 wgmma's operand order), as the one-process weights
+                assert tp.experts.gate_up_proj._local_tensor.stride(1) == 1
+                assert tp.experts.down_proj._local_tensor.stride(1) == 1
                 assert 0 < _rel(got, want) < 0.05, _rel(got, want)
                 assert _rel(got, exact) < 1.5 * _rel(want, exact) + 1e-2, (_rel(got, exact), _rel(want, exact))
             elif fp8:  # the same FP8 weights and scales: the one-process result up to the sum's order

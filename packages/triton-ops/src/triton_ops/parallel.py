@@ -105,16 +105,21 @@ def _shard(tensor: torch.Tensor, mesh: DeviceMesh, placement: Placement, src_dat
 
     ``src_data_rank=None``: each rank keeps its own slice (every rank loaded the same weights). An int: that rank's
     tensor is scattered / broadcast (``distribute_tensor``), FP8 tensors as their bytes (collectives know no FP8).
-    The local shard is a fresh contiguous tensor, so the full tensor can be freed.
+    The local shard is a fresh contiguous tensor (FP8 expert weights: dense in their own dimension order), so the
+    full tensor can be freed.
     """
     tensor = tensor.detach()
     if isinstance(tensor, DTensor):
         raise ShardingError("expected a plain tensor to shard, got a DTensor (is this module parallelized twice?)")
+    # FP8 experts keep their dimensions' order in memory: W8A8's are stored K-major for the FP8 tensor cores
+    # (fused_moe.quantize_experts_fp8(k_major=True)), which a contiguous shard of a gpt-oss [E, H, 2I] undoes
+    keep_order = tensor.dim() == 3 and tensor.dtype in _FP8_DTYPES
     if src_data_rank is not None and mesh.size() > 1:
         if tensor.dtype in _FP8_DTYPES:
             d = distribute_tensor(tensor.view(torch.uint8), mesh, [placement], src_data_rank=src_data_rank)
-            return DTensor.from_local(d.to_local().view(tensor.dtype), mesh, [placement], run_check=False,
-                                      shape=tensor.shape, stride=tensor.stride())
+            local = d.to_local().view(tensor.dtype)
+            return DTensor.from_local(_in_order_of(local, tensor) if keep_order else local, mesh, [placement],
+                                      run_check=False, shape=tensor.shape, stride=tensor.stride())
         return distribute_tensor(tensor, mesh, [placement], src_data_rank=src_data_rank)
     local = tensor
     if isinstance(placement, _StridedShard):  # the same chunk of each of split_factor equal parts, concatenated
@@ -125,8 +130,15 @@ def _shard(tensor: torch.Tensor, mesh: DeviceMesh, placement: Placement, src_dat
         dim = placement.dim % tensor.dim()
         start, end = _bounds(tensor.shape[dim], mesh.size(), _rank(mesh))
         local = tensor.narrow(dim, start, end - start)
-    local = local.clone(memory_format=torch.contiguous_format)
+    local = _in_order_of(local, tensor) if keep_order else local.clone(memory_format=torch.contiguous_format)
     return DTensor.from_local(local, mesh, [placement], run_check=False, shape=tensor.shape, stride=tensor.stride())
+
+
+def _in_order_of(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A fresh dense copy of ``local`` whose dimensions lie in memory in the order of ``like``'s strides."""
+    order = sorted(range(like.dim()), key=lambda d: like.stride(d), reverse=True)
+    inverse = sorted(range(like.dim()), key=order.__getitem__)
+    return local.permute(order).clone(memory_format=torch.contiguous_format).permute(inverse)
 
 
 def _set(owner: nn.Module, name: str, value: DTensor) -> None:
