@@ -244,3 +244,13 @@ def test_w8a8_configs_use_64_row_tiles_on_a_gpu(tokens):
     assert cfg.gate_up_block_k == cfg.down_block_k == 64  # 2880 = 45 * 64: no K mask
     assert cfg.down_split_k == (2 if tokens == 1 else 1)
     assert select_config(tokens, 4, 4096, 1024, 32, True, 1, True).gate_up_block_k == 128
+
+
+def test_no_tokens_and_leading_dimensions(device):
+    x, rw, rb, w1, b1, w2, b2 = make_moe(6, 32, 16, 4, dtype=torch.bfloat16, device=device, seed=37)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, k_major=True)
+    kw = dict(gate_up_scale=s1, down_scale=s2, fp8_activations=True)
+    assert fused_moe(x[:0], rw, rb, q1, b1, q2, b2, 2, **kw).shape == (0, 32)
+    flat = fused_moe(x, rw, rb, q1, b1, q2, b2, 2, **kw)
+    batched = fused_moe(x.view(2, 3, 32), rw, rb, q1, b1, q2, b2, 2, **kw)
+    assert batched.shape == (2, 3, 32) and torch.equal(batched.view(6, 32), flat)
