@@ -217,6 +217,29 @@ def w8a8() -> bool:
                            cfg.num_stages,
                            divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
                            ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
+    # decode (configs.W8A8_QUANT_IN_GEMM_MAX_TOKENS): the 16-bit activations quantized in registers inside both GEMMs
+    # (the gate/up one with and without the RMSNorm prologue); still FP8 wgmma on the weights as loaded
+    cfg = select_config(1, 4, 2880, 2880, 32, True, 1, True)
+    assert cfg.quant_in_gemm
+    in_gemm = dict(A_SCALED=True, QUANT_A=True, QUANT_BLOCK=4096, EMULATE_FP8=False, stride_wk=1, UPCAST=False,
+                   DOT_PRECISION="tf32", USE_FMA=False, INTERPRET=False, F16_DOT=False, EVEN_K=True,
+                   BLOCK_M=cfg.block_m, NUM_STAGES=cfg.num_stages, W_SCALED=True, HAS_BIAS=True)
+    for norm in (False, True):
+        types, consts = with_norm(K._gate_up_kernel, {**gate_up_types, "x_ptr": "*bf16"}, dict(
+            TOP_K=4, ACTIVATION=0, INTERLEAVED=True, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.gate_up_block_k,
+            EMULATE_BF16=False, **in_gemm), norm)
+        if norm:
+            consts["NORM_BLOCK"] = 2048
+        ok &= compile_sm90(K._gate_up_kernel, types, consts,
+                           "gate_up W8A8 1 token, quantized in registers" + (", RMSNorm prologue" if norm else ""),
+                           cfg.num_warps, cfg.num_stages,
+                           divisible=tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                           ptx_has=W8A8_PTX_HAS + (".e4m3x2.f32",), ptx_lacks=("mma.sync",))
+    types, consts = with_norm(K._down_kernel, {**down_types, "h_ptr": "*bf16"}, dict(
+        BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.down_block_k, SPLIT_K=cfg.down_split_k, **in_gemm))
+    ok &= compile_sm90(K._down_kernel, types, consts, "down W8A8 1 token, quantized in registers", cfg.num_warps,
+                       cfg.num_stages, divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                       ptx_has=W8A8_PTX_HAS + (".e4m3x2.f32",), ptx_lacks=("mma.sync",))
     return ok
 
 

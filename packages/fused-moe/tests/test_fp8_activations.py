@@ -241,6 +241,7 @@ def test_w8a8_configs_use_64_row_tiles_on_a_gpu(tokens):
     # (a pure-Python rule: the GPU branch of the heuristic, no GPU needed)
     cfg = select_config(tokens, 4, 2880, 2880, 32, True, 1, True)
     assert cfg.block_m == 64 and not cfg.fma and not cfg.f16_dot
+    assert cfg.quant_in_gemm == (tokens <= 8)  # a decode step's few rows quantized inside the GEMMs
     assert cfg.gate_up_block_k == cfg.down_block_k == 64  # 2880 = 45 * 64: no K mask
     assert cfg.down_split_k == (2 if tokens == 1 else 1)
     assert select_config(tokens, 4, 4096, 1024, 32, True, 1, True).gate_up_block_k == 128
@@ -254,3 +255,37 @@ def test_no_tokens_and_leading_dimensions(device):
     flat = fused_moe(x, rw, rb, q1, b1, q2, b2, 2, **kw)
     batched = fused_moe(x.view(2, 3, 32), rw, rb, q1, b1, q2, b2, 2, **kw)
     assert batched.shape == (2, 3, 32) and torch.equal(batched.view(6, 32), flat)
+
+
+@pytest.mark.parametrize("layout,transposed", [("interleaved", True), ("concatenated", False)])
+@pytest.mark.parametrize("t,block_m", [(1, 64), (5, 16), (40, 16)])
+def test_quantized_inside_the_gemms_equals_the_launches_before_them(device, monkeypatch, layout, transposed, t,
+                                                                    block_m):
+    """MoEConfig.quant_in_gemm (W8A8 at decode): each GEMM finds its tile's row scales and quantizes its tiles in
+    registers; the same bits as the two row-quantization launches, with the norm prologue and the residual, a NaN
+    token, the down GEMM split along K, experts of several tiles (40 tokens in 16-row tiles)."""
+    from fused_moe import MoEConfig
+
+    x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 40, 6, dtype=torch.bfloat16, device=device, seed=40 + t)
+    w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
+    if t > 1:
+        x[1, 3] = float("nan")
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=transposed, k_major=True)
+    nw = (torch.rand(64, generator=torch.Generator().manual_seed(t)) + 0.5).to(device, torch.bfloat16)
+    ids, wts = moe_route(x, rw, rb, 2)
+    activation = "swiglu_oai" if layout == "interleaved" else "silu"
+    kw = dict(gate_up_layout=layout, transposed=transposed, gate_up_scale=s1, down_scale=s2, fp8_activations=True)
+    outs = []
+    for in_gemm in (False, True):
+        cfg = MoEConfig(block_m, 16, 32, 16, 16, 4, 1, down_split_k=2, quant_in_gemm=in_gemm)
+        monkeypatch.setattr(moe_ops, "_config", lambda *a, cfg=cfg: cfg)
+        moe_ops.clear_caches()
+        plain = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, **kw)
+        normed = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, norm_weight=nw, norm_eps=1e-5, residual=x, **kw)
+        outs.append((plain, normed))
+    moe_ops.clear_caches()
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        if t > 1:
+            assert a[1].isnan().all() and torch.cat([a[:1], a[2:]]).isfinite().all()
+    assert not torch.equal(outs[0][0], outs[0][1])

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton_ops_core.fp8_cast import finite_abs, group_scale, rows_to_f16, store_fp8
+from triton_ops_core.fp8_cast import finite_abs, group_scale, rows_to_f16, store_fp8, to_e4m3
 from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
 from triton_ops_core.rms_prologue import normalized, row_rstd
 
@@ -107,7 +107,7 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
             NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
             INTERPRET: tl.constexpr, PAIR: tl.constexpr, F16_DOT: tl.constexpr = False, rstd=None, nw_ptr=None,
-            NORM: tl.constexpr = False):
+            NORM: tl.constexpr = False, a_inv=None, QUANT_A: tl.constexpr = False, EMULATE_FP8: tl.constexpr = False):
     """``(acc + A @ W, acc2 + A @ W2)`` over the whole K: rows of ``A`` (``a_ptrs``, unit stride along K) against
     ``[BLOCK_K, BLOCK_N]`` weight tiles (``w_ptrs``; with ``PAIR`` also ``w2_ptrs``, the up half of a concatenated
     gate/up, from the same loads of ``A``), ``stride_wk`` apart along K, ``NUM_STAGES`` deep. Without ``PAIR``
@@ -121,7 +121,9 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
     compiler permute every FP8 tile's bytes: 5.1-7.0 sm_90 instructions per weight byte in the gate/up and down
     loops of the one-row FP8 tiles, against 3.3-3.9 this way; tests/_aot_compile.py holds them to 5). ``F16_DOT``
     (FP8 weights, bf16 activations, tensor-core dots): ``_f16_dot``. ``NORM``: each ``A`` tile RMS-normalized by its
-    rows' ``rstd`` and the weight at ``nw_ptr`` first (``triton_ops_core.rms_prologue``)."""
+    rows' ``rstd`` and the weight at ``nw_ptr`` first (``triton_ops_core.rms_prologue``). ``QUANT_A``: each ``A``
+    tile (normalized first) quantized to E4M3 in registers with its rows' reciprocal scales ``a_inv``, bit for bit
+    as ``_quant_rows_kernel`` writes it (W8A8 at decode, without the launches of their own)."""
     offs_k = tl.arange(0, BLOCK_K)
     ONE_ROW: tl.constexpr = USE_FMA and BLOCK_M == 1
     if ONE_ROW:
@@ -144,6 +146,8 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
                 w2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if NORM:
             a = normalized(a, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
+        if QUANT_A:
+            a = to_e4m3(a.to(tl.float32) * a_inv[:, None], EMULATE_FP8)
         if ONE_ROW:
             # the row's K values down the tile's rows; fused multiply-adds asked for explicitly (one instruction a
             # weight, whatever the compiler's fp-fusion default: Triton 3.9 warns it turns off in 3.10)
@@ -473,6 +477,38 @@ def _row_tile(x_ptr, rows, mask_r, cols, C, stride_xr, rstd, nw_ptr, NORM: tl.co
     return x.to(tl.float32), cols, mask
 
 
+@triton.jit
+def _tile_row_scales(x_ptr, rows, n_rows, K, stride_xr, norm_eps, nw_ptr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     ROW_BLOCK: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """``(scale, 1 / scale, rstd)`` of the first ``n_rows`` rows of a tile (``rows``: their int64 row indices into
+    ``x [., K]``): each row's E4M3 scale over all of K as ``_quant_rows_kernel`` computes it (NaN for a row holding
+    NaN or an infinity), with ``NORM`` of the row normalized (and its ``rstd``, as ``row_rstd`` gives it). One row
+    at a time, ``ROW_BLOCK`` columns a step: a decode tile holds a few real rows among its 64, and only those are
+    read. Rows past ``n_rows``: scale 1, ``rstd`` 0."""
+    offs = tl.arange(0, BLOCK_M)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for r in range(0, n_rows):
+        row = tl.full((1,), 0, tl.int64) + tl.sum(tl.where(offs == r, rows, 0), axis=0)  # the r-th row, as [1]
+        r_rstd = tl.zeros((1,), dtype=tl.float32)
+        if NORM:
+            r_rstd = row_rstd(x_ptr, row, row + 1, K, stride_xr, 1, norm_eps, 1, NORM_BLOCK)
+        r_amax = tl.zeros((1,), dtype=tl.float32)
+        r_bad = tl.zeros((1,), dtype=tl.int32)
+        for c0 in range(0, K, ROW_BLOCK):
+            xf, _, _ = _row_tile(x_ptr, row, row >= 0, c0 + tl.arange(0, ROW_BLOCK), K, stride_xr, r_rstd, nw_ptr,
+                                 NORM)
+            r_amax = tl.maximum(r_amax, tl.max(finite_abs(xf), axis=1))
+            r_bad = tl.maximum(r_bad, tl.max(((tl.abs(xf) == float("inf")) | (xf != xf)).to(tl.int32), axis=1))
+        here = offs == r  # (each a sum of one element: itself, NaN included)
+        amax = tl.where(here, tl.sum(r_amax, axis=0), amax)
+        bad = tl.where(here, tl.sum(r_bad, axis=0), bad)
+        rstd = tl.where(here, tl.sum(r_rstd, axis=0), rstd)
+    scale, inv, _ = group_scale(amax, amax, False, 448.0)
+    return tl.where(bad != 0, float("nan"), scale), inv, rstd
+
+
 @triton.jit(do_not_specialize=["R"])
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, nw_ptr, R, C, stride_xr, norm_eps,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr,
@@ -531,7 +567,10 @@ def _gate_up_kernel(
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
     USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False, NORM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False, A_SCALED: tl.constexpr = False,
+    QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16, EMULATE_FP8: tl.constexpr = False,
 ):
+    """``QUANT_A`` (W8A8 at decode, with ``A_SCALED``): ``x`` holds the tokens' 16/32-bit rows, quantized to E4M3 in
+    registers (``_tile_row_scales``, then each tile in ``_k_loop``) instead of by ``_quant_rows_kernel``."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid_t = tl.program_id(0)
@@ -546,7 +585,12 @@ def _gate_up_kernel(
     pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
     token = (pair // TOP_K).to(tl.int64)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM:  # the tokens' RMSNorm over all of K. Each row's bound is its own token + 1 (every gathered row is a
+    a_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    a_inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if QUANT_A:  # the real rows' E4M3 scales (and rstd with NORM), one row at a time
+        a_scale, a_inv, rstd = _tile_row_scales(x_ptr, token, tl.minimum(row_end - row0, BLOCK_M), K, stride_xt,
+                                                norm_eps, nw_ptr, NORM, BLOCK_M, QUANT_BLOCK, NORM_BLOCK)
+    elif NORM:  # the tokens' RMSNorm over all of K. Each row's bound is its own token + 1 (every gathered row is a
         # real token), or 0 for rows past the tile's (token 0's otherwise): those load nothing
         rstd = row_rstd(x_ptr, token, tl.where(mask_m, token + 1, 0), K, stride_xt, 1, norm_eps, BLOCK_M,
                         NORM_BLOCK)
@@ -564,11 +608,14 @@ def _gate_up_kernel(
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         acc, _ = _k_loop(x_ptrs, w_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk, acc, acc, BLOCK_M, 2 * BLOCK_N,
                          BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT,
-                         rstd, nw_ptr, NORM)
+                         rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8)
         if W_SCALED:  # the whole K sum of each column times its scale, before the bias
             acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
         if A_SCALED:  # and of each row times its token's activation scale (W8A8)
-            acc *= tl.load(xs_ptr + token, mask=mask_m, other=0.0)[:, None]
+            if QUANT_A:
+                acc *= a_scale[:, None]
+            else:
+                acc *= tl.load(xs_ptr + token, mask=mask_m, other=0.0)[:, None]
         if HAS_BIAS:
             acc += tl.load(b_base + offs_c * stride_bn, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -581,12 +628,15 @@ def _gate_up_kernel(
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         gate, up = _k_loop(x_ptrs, wg_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, zero, BLOCK_M, BLOCK_N,
                            BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True, F16_DOT,
-                           rstd, nw_ptr, NORM)
+                           rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8)
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
         if A_SCALED:
-            row_scale = tl.load(xs_ptr + token, mask=mask_m, other=0.0)[:, None]
+            if QUANT_A:
+                row_scale = a_scale[:, None]
+            else:
+                row_scale = tl.load(xs_ptr + token, mask=mask_m, other=0.0)[:, None]
             gate *= row_scale
             up *= row_scale
         if HAS_BIAS:
@@ -619,7 +669,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
     INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr, F16_DOT: tl.constexpr = False, PDL: tl.constexpr = False,
-    A_SCALED: tl.constexpr = False,
+    A_SCALED: tl.constexpr = False, QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16,
+    EMULATE_FP8: tl.constexpr = False,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -645,14 +696,23 @@ def _down_kernel(
     a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + (k_start + offs_k)[None, :]
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (k_start + offs_k)[:, None].to(tl.int64) * stride_wk
               + offs_n.to(tl.int64)[None, :] * stride_wn)
+    a_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    a_inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if QUANT_A:  # W8A8 at decode: h's 16/32-bit rows quantized in registers, each over ALL of K (every split)
+        a_scale, a_inv, _ = _tile_row_scales(h_ptr, offs_m.to(tl.int64), tl.minimum(row_end - row0, BLOCK_M), K,
+                                             stride_hm, 0.0, h_ptr, False, BLOCK_M, QUANT_BLOCK, 16)
     # k_len <= 0 (more splits than K steps): an empty loop, the split writes zeros (or the bias, split 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc, _ = _k_loop(a_ptrs, w_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N, BLOCK_K,
-                     EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT)
+                     EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT, None, None, False,
+                     a_inv, QUANT_A, EMULATE_FP8)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if A_SCALED:
-        acc *= tl.load(hs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        if QUANT_A:
+            acc *= a_scale[:, None]
+        else:
+            acc *= tl.load(hs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n,

@@ -39,6 +39,9 @@ class MoEConfig(NamedTuple):
     # tensor-core tiles, FP8 experts with bf16 activations: fp16 dots on activation rows scaled by powers of two into
     # fp16's range (one conversion per E4M3 weight instead of two); off until measured on a GPU
     f16_dot: bool = False
+    # W8A8: the activations quantized inside the grouped GEMMs (each program reads its tile's real rows once for their
+    # scales, then quantizes every tile in registers) instead of by a launch before each GEMM
+    quant_in_gemm: bool = False
 
 
 # FP8 experts at 1 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot
@@ -78,6 +81,11 @@ def _split(split: int, k: int, block_k: int) -> int:
 # of weights at 4.25 TB/s). First choices from that arithmetic, not yet measured on a GPU.
 W8A8_BLOCK_M = 64
 W8A8_STAGES = 6
+# Up to this many tokens W8A8 quantizes the activations inside the grouped GEMMs (MoEConfig.quant_in_gemm): a decode
+# step's chain of launches costs a few microseconds a launch (session 15: the four launches around the two GEMMs took
+# ~16 of the 62 us at one token), while each program reads its tile's few real rows (one or two experts' tokens) from
+# L2 once more. Beyond it, two row-quantization launches: every program re-reading its rows grows with the tokens.
+W8A8_QUANT_IN_GEMM_MAX_TOKENS = 8
 
 
 def _w8a8_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, num_experts: int, sms: int,
@@ -90,7 +98,8 @@ def _w8a8_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, nu
     dn = bn if num_tokens <= DECODE_MAX_TOKENS else 128
     stages = _stages_that_fit(W8A8_STAGES, (W8A8_BLOCK_M + 2 * max(bn, dn)) * max(bk, dk), smem)
     split = _split(2, intermediate, dk) if num_tokens == 1 else 1
-    return MoEConfig(W8A8_BLOCK_M, bn, bk, dn, dk, 4, stages, down_split_k=split)
+    return MoEConfig(W8A8_BLOCK_M, bn, bk, dn, dk, 4, stages, down_split_k=split,
+                     quant_in_gemm=num_tokens <= W8A8_QUANT_IN_GEMM_MAX_TOKENS)
 
 
 @functools.lru_cache(maxsize=1024)

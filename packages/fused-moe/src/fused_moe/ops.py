@@ -330,6 +330,12 @@ class _ExpertsPlan(NamedTuple):
     quant_h: Plan | None = None  # and the intermediate rows before the down GEMM
 
 
+def _row_block(cols: int, device: torch.device) -> int:
+    """Columns a step of a row's E4M3 scale inside the GEMMs (``_tile_row_scales``): the whole row up to 4096 on a
+    GPU (one round trip through L2 a row), 64 under the interpreter."""
+    return min(4096 if device.type == "cuda" else 64, max(16, next_pow2(cols)))
+
+
 def _quant_rows_plan(rows: int, cols: int, stride: int, device: torch.device, norm_eps: float | None = None) -> Plan:
     """``_quant_rows_kernel`` over ``rows`` rows of ``cols`` (tensors: x, q, scales, norm weight)."""
     on_cpu = device.type == "cpu"
@@ -368,12 +374,20 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     f16 = cfg.f16_dot and not cfg.fma and dtype == torch.bfloat16 and not fp8_activations
     quant_x = quant_h = None
     stride_xt = x2d.stride(0)
+    in_gemm = fp8_activations and cfg.quant_in_gemm
+    norm_rows = cfg.block_m  # the rows of the gate/up GEMM's RMSNorm prologue (one at a time with in_gemm)
     if fp8_activations:
-        # the rows quantized first (normalized there when asked), the GEMMs reading E4M3 on both sides: the
-        # interpreter's FP8 dot is wrong too, so its operands go to fp32 (exact) as its 16-bit ones do
+        # the GEMMs read E4M3 on both sides: the interpreter's FP8 dot is wrong too, so its operands go to fp32
+        # (exact) as its 16-bit ones do
+        upcast = dev.type == "cpu"
+    if in_gemm:  # quantized in registers inside the GEMMs (the norm too)
+        norm_rows = 1
+    elif fp8_activations:  # the rows quantized first (normalized there when asked)
         quant_x = _quant_rows_plan(t, h, x2d.stride(0), dev, norm_eps)
         quant_h = _quant_rows_plan(p, inter, inter, dev)
-        stride_xt, norm_eps, upcast = h, None, dev.type == "cpu"
+        stride_xt, norm_eps = h, None
+    # (W8A8 in the GEMMs: each row's columns a step while its scale is found)
+    quant = (in_gemm, _row_block(h, dev), dev.type == "cpu"), (in_gemm, _row_block(inter, dev), dev.type == "cpu")
     # gate/up: h = act(x @ W1[e] (* s1[e]) + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
     gate_up = Plan(K._gate_up_kernel, (tiles, cdiv(inter, cfg.gate_up_block_n)), (
         inter, h, tiles, stride_xt, *_weight_strides(gate_up_proj, transposed),
@@ -386,8 +400,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
-        norm_eps is not None, norm_block(h, cfg.block_m, dev.type == "cpu") if norm_eps is not None else 16, on,
-        fp8_activations), cfg.num_warps, **early)
+        norm_eps is not None, norm_block(h, norm_rows, dev.type == "cpu") if norm_eps is not None else 16, on,
+        fp8_activations, *quant[0]), cfg.num_warps, **early)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -397,7 +411,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations),
+        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1]),
         cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
