@@ -7,8 +7,9 @@ Per token count: ``moe_experts`` (grouping, both grouped GEMMs, combine; W8A8 al
 bf16 experts, weight-only E4M3 experts (gpt-oss's N-major layout), and W8A8 with the E4M3 experts K-major and
 N-major, each a graph of eight different routings replayed (``moe_tiles.graph_us``: at one token the experts hit
 differ between replays, so L2 does not serve them). ``floor`` is the FP8 bytes of the experts hit over 4.25 TB/s.
-``--sweep`` also times W8A8 tiles around the package's choice (``fused_moe.configs.select_config``). Lines go to
-stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
+W8A8 also runs with the activations quantized the other way (``MoEConfig.quant_in_gemm`` flipped: inside the GEMMs
+or by launches before them). ``--sweep`` also times W8A8 tiles around the package's choice
+(``fused_moe.configs.select_config``). Lines go to stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
 """
 
 from __future__ import annotations
@@ -83,16 +84,27 @@ def main(argv=None) -> int:
             base = base or us
             _emit(out, tokens=t, variant=name, us=round(us, 1), vs_bf16=round(us / base, 3),
                   fp8_floor_us=round(floor, 1))
-        if not args.sweep:
-            continue
         chosen = select_config(t, TOP_K, HIDDEN, INTER, E, dev, 1, True)
         saved = ops._config
+        # the other way to quantize the activations: launches before the GEMMs, or inside them (quant_in_gemm)
+        other = chosen._replace(quant_in_gemm=not chosen.quant_in_gemm)
+        ops._config = lambda *a, cfg=other: cfg
+        ops.clear_caches()
+        try:
+            us = _time(t, x, routes, *variants["w8a8 k-major"])
+        finally:
+            ops._config = saved
+            ops.clear_caches()
+        _emit(out, tokens=t, variant=f"w8a8 k-major, quant_in_gemm={other.quant_in_gemm}", us=round(us, 1),
+              vs_bf16=round(us / base, 3), fp8_floor_us=round(floor, 1))
+        if not args.sweep:
+            continue
         weights, kw = variants["w8a8 k-major"]
         for bn in (32, 64, 128):
             for stages in (3, 4, 6):
                 for warps in (4, 8):
                     cfg = MoEConfig(64, bn, 64, bn if t <= 64 else 128, 64, warps, stages,
-                                    down_split_k=chosen.down_split_k)
+                                    down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm)
                     ops._config = lambda *a, cfg=cfg: cfg
                     ops.clear_caches()
                     try:
