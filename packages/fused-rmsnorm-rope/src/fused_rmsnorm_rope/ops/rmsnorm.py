@@ -94,6 +94,9 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
     if ONE_PASS:
         mask = cols < N
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        # the weight is loaded with the row, not after the reduction: a decode step's one row is a chain of cache
+        # round trips, and the weight depends on nothing
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             # the new residual is rounded to the activation dtype, as the model's own add rounds it; the norm reads
             # that rounded sum, as the model's next norm does
@@ -102,7 +105,6 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
             tl.store(ro_row + cols, s, mask=mask)
             x = s.to(tl.float32)
         rstd = _rstd(tl.sum(_square64(x), axis=0), N, eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if GEMMA:
             w = w + 1.0
         if FP8_OUT:
