@@ -218,3 +218,23 @@ def test_w8a8_in_a_cuda_graph_and_nan_token(t):
     graph.replay()
     expected = fused_moe(x, rw, rb, q1, b1, q2, b2, K, **kw)
     assert out[0].isnan().all() and torch.equal(out[1:], expected[1:]) and out[1:].isfinite().all()
+
+
+@pytest.mark.parametrize("t", [1, 4, 8])
+def test_w8a8_quantized_inside_the_gemms_equals_the_launches(t, monkeypatch):
+    """At decode W8A8 quantizes the activations inside the GEMMs (configs.W8A8_QUANT_IN_GEMM_MAX_TOKENS): the same
+    bits as the two row-quantization launches, at gpt-oss-20b's shape."""
+    from fused_moe import moe_experts, moe_route, select_config
+
+    x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=80 + t)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, k_major=True)
+    ids, wts = moe_route(x, rw, rb, K)
+    chosen = select_config(t, K, H, INTER, E, x.device, 1, True)
+    assert chosen.quant_in_gemm
+    outs = []
+    for cfg in (chosen, chosen._replace(quant_in_gemm=False)):
+        monkeypatch.setattr(ops, "_config", lambda *a, cfg=cfg: cfg)
+        ops.clear_caches()
+        outs.append(moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2, fp8_activations=True))
+    ops.clear_caches()
+    assert torch.equal(outs[0], outs[1])
