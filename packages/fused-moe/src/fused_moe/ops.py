@@ -386,7 +386,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         quant_x = _quant_rows_plan(t, h, x2d.stride(0), dev, norm_eps)
         quant_h = _quant_rows_plan(p, inter, inter, dev)
         stride_xt, norm_eps = h, None
-    # (W8A8 in the GEMMs: each row's columns a step while its scale is found)
+    # each GEMM's QUANT_A, QUANT_BLOCK (a row's columns a step while its E4M3 scale is found), EMULATE_FP8
     quant = (in_gemm, _row_block(h, dev), dev.type == "cpu"), (in_gemm, _row_block(inter, dev), dev.type == "cpu")
     # gate/up: h = act(x @ W1[e] (* s1[e]) + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
     gate_up = Plan(K._gate_up_kernel, (tiles, cdiv(inter, cfg.gate_up_block_n)), (
