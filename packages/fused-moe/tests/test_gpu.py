@@ -158,11 +158,11 @@ def test_fp8_experts_in_a_cuda_graph(t):
 
 
 def _quant_rows_dequantized(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` through the W8A8 quantization (per-row E4M3, ``amax / 448``), back in fp32."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, torch.clamp(amax / 448.0, min=2.0 ** -126), torch.ones_like(amax))
-    return (xf * (1.0 / scale)).to(torch.float8_e4m3fn).float() * scale
+    """Rows of ``x`` through the W8A8 quantization (``fused_moe.quantize_rows_reference``), back in fp32."""
+    from fused_moe import quantize_rows_reference
+
+    q, scale = quantize_rows_reference(x)
+    return q.float() * scale[:, None]
 
 
 def _w8a8_reference(args, scales, ids, wts):
