@@ -11,7 +11,7 @@ import pytest
 import torch
 from fused_moe import FusedMoE, MoEConfig, fused_moe, moe_align, moe_reference, ops, quantize_experts_fp8
 from fused_moe.reference import align_reference
-from triton_ops_core.testing import assert_close_rel
+from triton_ops_core.testing import assert_close_rel, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -165,20 +165,22 @@ def _quant_rows_dequantized(x: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-def _w8a8_reference(args, scales, ids, wts):
+def _w8a8_reference(args, scales, ids, wts, quantize=True):
     """fp32 experts of the dequantized weights on the quantized token rows, each intermediate row rounded to bf16
-    and quantized per row as the kernels do."""
+    and quantized per row as the kernels do; ``quantize=False``: the token and intermediate rows as they are
+    (the unquantized result the recipe approximates)."""
     x, _, _, q1, b1, q2, b2 = args
     d1 = q1.float() * scales["gate_up_scale"].unsqueeze(1)
     d2 = q2.float() * scales["down_scale"].unsqueeze(1)
-    xq = _quant_rows_dequantized(x)
+    rows = _quant_rows_dequantized if quantize else torch.Tensor.float
+    xq = rows(x)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         tok, slot = torch.where(ids == e)
         gu = xq[tok] @ d1[e] + b1[e].float()
         g, u = gu[:, 0::2].clamp(max=7.0), gu[:, 1::2].clamp(-7.0, 7.0)
-        h = (g * torch.sigmoid(1.702 * g) * (u + 1)).to(x.dtype)
-        y = _quant_rows_dequantized(h) @ d2[e] + b2[e].float()
+        h = g * torch.sigmoid(1.702 * g) * (u + 1)
+        y = rows(h.to(x.dtype) if quantize else h) @ d2[e] + b2[e].float()
         out.index_add_(0, tok, y * wts[tok, slot, None])
     return out
 
@@ -195,7 +197,15 @@ def test_w8a8_experts_at_gpt_oss_20b_shape(t):
     scales = dict(gate_up_scale=s1, down_scale=s2)
     ids, wts = moe_route(x, rw, rb, K)
     out = moe_experts(x, ids, wts, q1, b1, q2, b2, **scales, fp8_activations=True)
-    assert_close_rel(out, _w8a8_reference((x, rw, rb, q1, b1, q2, b2), scales, ids, wts), 1e-2)
+    emulated = _w8a8_reference((x, rw, rb, q1, b1, q2, b2), scales, ids, wts)
+    # Hopper's FP8 wgmma accumulates in reduced precision (cuBLAS's fast mode), which moves some intermediate
+    # elements across an E4M3 rounding boundary that the fp32 emulation rounds the other way: 1.2-1.5e-2 measured
+    # on the H200 (session 28). A lost or misplaced scale is off by far more.
+    assert_close_rel(out, emulated, 2.5e-2)
+    # ... and the kernel is as accurate as the recipe it implements: its error to the unquantized experts (fp32
+    # products of the same weights, dequantized) is the emulation's own, not more
+    exact = _w8a8_reference((x, rw, rb, q1, b1, q2, b2), scales, ids, wts, quantize=False)
+    assert relative_error(out, exact) <= 1.15 * relative_error(emulated, exact)
     assert_close_rel(out, moe_experts(x, ids, wts, w1, b1, w2, b2).float(), 0.1)
     # N-major weights: the same numbers
     n1, _, n2, _ = quantize_experts_fp8(w1, w2)
@@ -222,17 +232,16 @@ def test_w8a8_in_a_cuda_graph_and_nan_token(t):
 
 @pytest.mark.parametrize("t", [1, 4, 8])
 def test_w8a8_quantized_inside_the_gemms_equals_the_launches(t, monkeypatch):
-    """At decode W8A8 quantizes the activations inside the GEMMs (configs.W8A8_QUANT_IN_GEMM_MAX_TOKENS): the same
-    bits as the two row-quantization launches, at gpt-oss-20b's shape."""
+    """W8A8 with the activations quantized inside the GEMMs (MoEConfig.quant_in_gemm, off by default: measured
+    slower): the same bits as the two row-quantization launches, at gpt-oss-20b's shape."""
     from fused_moe import moe_experts, moe_route, select_config
 
     x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=80 + t)
     q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, k_major=True)
     ids, wts = moe_route(x, rw, rb, K)
     chosen = select_config(t, K, H, INTER, E, x.device, 1, True)
-    assert chosen.quant_in_gemm
     outs = []
-    for cfg in (chosen, chosen._replace(quant_in_gemm=False)):
+    for cfg in (chosen._replace(quant_in_gemm=True), chosen._replace(quant_in_gemm=False)):
         monkeypatch.setattr(ops, "_config", lambda *a, cfg=cfg: cfg)
         ops.clear_caches()
         outs.append(moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2, fp8_activations=True))

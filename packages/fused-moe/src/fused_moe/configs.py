@@ -78,25 +78,32 @@ def _split(split: int, k: int, block_k: int) -> int:
 # wgmma (m64, operands read from shared memory as loaded; below 64 rows it converts both operands to fp16 for mma.sync)
 # and the weight bytes need no instruction of their own: even at decode, padding the experts' few rows to 64 costs
 # tensor-core time well under the time of the weights' read (gpt-oss-20b, 64 tokens: ~70 us of FP8 MMA against 187 us
-# of weights at 4.25 TB/s). First choices from that arithmetic, not yet measured on a GPU.
+# of weights at 4.25 TB/s). Measured on the H200 (session 28, gpt-oss-20b's layer in CUDA graphs,
+# benchmarks/dev/moe_w8a8.py --sweep): at decode, 32-column tiles in both GEMMs and 6 stages (64 tokens: 301 us
+# against 320 us with 64 columns); in prefill, 4 stages (2048 tokens: 805 us against 817 us with 6).
 W8A8_BLOCK_M = 64
 W8A8_STAGES = 6
-# Up to this many tokens W8A8 quantizes the activations inside the grouped GEMMs (MoEConfig.quant_in_gemm): a decode
-# step's chain of launches costs a few microseconds a launch (session 15: the four launches around the two GEMMs took
-# ~16 of the 62 us at one token), while each program reads its tile's few real rows (one or two experts' tokens) from
-# L2 once more. Beyond it, two row-quantization launches: every program re-reading its rows grows with the tokens.
-W8A8_QUANT_IN_GEMM_MAX_TOKENS = 8
+W8A8_PREFILL_STAGES = 4
+# Up to this many tokens W8A8 quantizes the activations inside the grouped GEMMs (MoEConfig.quant_in_gemm) instead of
+# in two row-quantization launches. Measured slower on the H200 (session 28): 1 token 64.2 us inside against 49.3 us
+# with the launches, 8 tokens 233.1 against 211.7 us: every program first walks all of K for its rows' scales before
+# its first weight load, which costs more than the launches it saves. Off (0) until a faster in-GEMM scheme measures.
+W8A8_QUANT_IN_GEMM_MAX_TOKENS = 0
 
 
 def _w8a8_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, num_experts: int, sms: int,
                  smem: int) -> MoEConfig:
     # K steps of 128 bytes where they divide K (no K mask), else 64 (2880 = 45 * 64)
     bk, dk = (128 if hidden % 128 == 0 else 64), (128 if intermediate % 128 == 0 else 64)
-    hit = min(num_tokens * top_k, num_experts)
-    # narrow column tiles while the experts hit give fewer than two waves of programs (as the bf16 decode tiles)
-    bn = 32 if hit * -(-intermediate // 64) < 2 * sms else 64
-    dn = bn if num_tokens <= DECODE_MAX_TOKENS else 128
-    stages = _stages_that_fit(W8A8_STAGES, (W8A8_BLOCK_M + 2 * max(bn, dn)) * max(bk, dk), smem)
+    if num_tokens <= DECODE_MAX_TOKENS:
+        bn = dn = 32
+        stages = W8A8_STAGES
+    else:
+        hit = min(num_tokens * top_k, num_experts)
+        # narrow column tiles while the experts hit give fewer than two waves of programs (as the bf16 tiles)
+        bn, dn = (32 if hit * -(-intermediate // 64) < 2 * sms else 64), 128
+        stages = W8A8_PREFILL_STAGES
+    stages = _stages_that_fit(stages, (W8A8_BLOCK_M + 2 * max(bn, dn)) * max(bk, dk), smem)
     split = _split(2, intermediate, dk) if num_tokens == 1 else 1
     return MoEConfig(W8A8_BLOCK_M, bn, bk, dn, dk, 4, stages, down_split_k=split,
                      quant_in_gemm=num_tokens <= W8A8_QUANT_IN_GEMM_MAX_TOKENS)

@@ -355,11 +355,15 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       converts the attention's Linears by the recipe; the experts stay in their dtype unless ``fp8_experts=True``
       (E4M3, one scale per expert and output column, weight-only: the activations stay in the model's dtype, the
       tiles are converted in registers; :func:`fused_moe.convert_experts_to_fp8`, the bf16 weights released: half
-      the experts' memory). Not the default yet: on the H200 (gpt-oss-20b's layer) FP8 experts took 0.97-1.20x
-      the bf16 time at 1-64 tokens and 0.74x at 512 (their tiles are the bf16 ones, untuned). The router stays in
+      the experts' memory). Not the default: on the H200 (gpt-oss-20b's layer, session 28) weight-only FP8
+      experts took 0.78-0.80x of bf16's time at 8-64 tokens but 1.45x at one token and 1.25-1.40x from 512
+      tokens (the weight tiles' conversion in registers bounds them). The router stays in
       the model's dtype. ``fp8_experts="w8a8"``: the same E4M3 experts stored K-major, the activations quantized
       per row as well (``fused_moe``'s ``fp8_activations=True``: FP8 tensor-core products on both sides, no
-      conversion of the weights in registers; the activations' E4M3 rounding added; not yet timed on a GPU).
+      conversion of the weights in registers; the activations' E4M3 rounding added). On the H200 (gpt-oss-20b's
+      layer) W8A8 experts take 0.64x of bf16's time in prefill and 0.76-0.81x at 1-64 tokens, where weight-only
+      FP8 experts are 1.33-1.40x slower than bf16 in prefill; opt-in while its accuracy on a real MoE checkpoint is
+      unmeasured.
     - Qwen3-MoE and Mixtral: every sparse mixture of experts (``gate`` + ``experts``, transformers 5's
       ``Qwen3MoeSparseMoeBlock`` / ``MixtralSparseMoeBlock``) runs as ``fused_moe`` with the router's own rule (a
       softmax over all experts, the top k, renormalized where the router does) and the SwiGLU of
