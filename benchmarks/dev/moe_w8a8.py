@@ -1,7 +1,7 @@
 """Device script: fused-moe's W8A8 experts (``fp8_activations=True``) against bf16 and weight-only FP8 experts,
 gpt-oss-20b's layer (hidden 2880, 32 experts, top 4, intermediate 2880), in CUDA graphs.
 
-    python -m benchmarks.dev.moe_w8a8 [--tokens 1,8,64,512,2048,8192] [--sweep]
+    python -m benchmarks.dev.moe_w8a8 [--tokens 1,8,64,512,2048,8192] [--sweep] [--profile]
 
 Per token count: ``moe_experts`` (grouping, both grouped GEMMs, combine; W8A8 also its two row quantizations) with
 bf16 experts, weight-only E4M3 experts (gpt-oss's N-major layout), and W8A8 with the E4M3 experts K-major and
@@ -9,7 +9,9 @@ N-major, each a graph of eight different routings replayed (``moe_tiles.graph_us
 differ between replays, so L2 does not serve them). ``floor`` is the FP8 bytes of the experts hit over 4.25 TB/s.
 W8A8 also runs with the activations quantized the other way (``MoEConfig.quant_in_gemm`` flipped: inside the GEMMs
 or by launches before them). ``--sweep`` also times W8A8 tiles around the package's choice
-(``fused_moe.configs.select_config``). Lines go to stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
+(``fused_moe.configs.select_config``). ``--profile`` splits each variant's time by kernel (torch.profiler over
+graph replays: microseconds per call and launches per call of each kernel). Lines go to stdout and, as JSON, to
+``$OUT/moe_w8a8.jsonl``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,34 @@ def _time(t: int, x: torch.Tensor, routes: list, weights: tuple, kw: dict) -> fl
                     routes)
 
 
+def _profile(x: torch.Tensor, routes: list, weights: tuple, kw: dict) -> list[tuple[str, float, float]]:
+    """(kernel, us per call, launches per call) of ``moe_experts`` over ``routes``, from graph replays."""
+    from fused_moe import moe_experts
+    from torch.profiler import ProfilerActivity, profile
+
+    def launch(r):
+        return moe_experts(x, r[0], r[1], weights[0], weights[1], weights[2], weights[3], **kw)
+
+    for r in routes:
+        launch(r)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for r in routes:
+            launch(r)
+    graph.replay()
+    torch.cuda.synchronize()
+    replays = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    calls = replays * len(routes)
+    rows = [(e.key, e.device_time_total / calls, e.count / calls) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def _floor_us(t: int, routes: list) -> float:
     hit = sum(int(torch.unique(ids).numel()) for ids, _ in routes) / len(routes)
     return hit * 3 * HIDDEN * INTER / BPS * 1e6
@@ -64,6 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8,64,512,2048,8192")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="each variant's time split by kernel")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("a GPU is needed", file=sys.stderr)
@@ -84,6 +115,10 @@ def main(argv=None) -> int:
             base = base or us
             _emit(out, tokens=t, variant=name, us=round(us, 1), vs_bf16=round(us / base, 3),
                   fp8_floor_us=round(floor, 1))
+            if args.profile and "n-major" not in name:
+                for kernel, k_us, launches in _profile(x, routes, weights, kw):
+                    _emit(out, tokens=t, variant=name, kernel=kernel[:60], us=round(k_us, 1),
+                          launches=round(launches, 2))
         chosen = select_config(t, TOP_K, HIDDEN, INTER, E, dev, 1, True)
         saved = ops._config
         # the other way to quantize the activations: launches before the GEMMs, or inside them (quant_in_gemm)
