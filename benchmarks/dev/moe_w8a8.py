@@ -85,6 +85,10 @@ def _profile(x: torch.Tensor, routes: list, weights: tuple, kw: dict) -> list[tu
     return sorted(rows, key=lambda r: -r[1])
 
 
+def _ints(csv: str) -> list[int]:
+    return [int(v) for v in csv.split(",")]
+
+
 def _floor_us(t: int, routes: list) -> float:
     hit = sum(int(torch.unique(ids).numel()) for ids, _ in routes) / len(routes)
     return hit * 3 * HIDDEN * INTER / BPS * 1e6
@@ -95,6 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,8,64,512,2048,8192")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="each variant's time split by kernel")
+    ap.add_argument("--sweep-bn", default="32,64,128", help="--sweep: gate/up column tiles (down: the same at decode)")
+    ap.add_argument("--sweep-bk", default="64", help="--sweep: K steps of both GEMMs")
+    ap.add_argument("--sweep-stages", default="3,4,6")
+    ap.add_argument("--sweep-warps", default="4,8")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("a GPU is needed", file=sys.stderr)
@@ -135,22 +143,22 @@ def main(argv=None) -> int:
         if not args.sweep:
             continue
         weights, kw = variants["w8a8 k-major"]
-        for bn in (32, 64, 128):
-            for stages in (3, 4, 6):
-                for warps in (4, 8):
-                    cfg = MoEConfig(64, bn, 64, bn if t <= 64 else 128, 64, warps, stages,
-                                    down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm)
-                    ops._config = lambda *a, cfg=cfg: cfg
-                    ops.clear_caches()
-                    try:
-                        us = _time(t, x, routes, weights, kw)
-                    except Exception as exc:  # noqa: BLE001 - a tile that does not fit: reported, skipped
-                        _emit(out, tokens=t, sweep=str(cfg), error=type(exc).__name__)
-                        continue
-                    finally:
-                        ops._config = saved
-                        ops.clear_caches()
-                    _emit(out, tokens=t, sweep=str(cfg), us=round(us, 1), chosen=cfg == chosen)
+        grid = [(bn, bk, stages, warps) for bn in _ints(args.sweep_bn) for bk in _ints(args.sweep_bk)
+                for stages in _ints(args.sweep_stages) for warps in _ints(args.sweep_warps)]
+        for bn, bk, stages, warps in grid:
+            cfg = MoEConfig(64, bn, bk, bn if t <= 64 else 128, bk, warps, stages,
+                            down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm)
+            ops._config = lambda *a, cfg=cfg: cfg
+            ops.clear_caches()
+            try:
+                us = _time(t, x, routes, weights, kw)
+            except Exception as exc:  # noqa: BLE001 - a tile that does not fit: reported, skipped
+                _emit(out, tokens=t, sweep=str(cfg), error=type(exc).__name__)
+                continue
+            finally:
+                ops._config = saved
+                ops.clear_caches()
+            _emit(out, tokens=t, sweep=str(cfg), us=round(us, 1), chosen=cfg == chosen)
     return 0
 
 
