@@ -7,11 +7,11 @@ Per token count: ``moe_experts`` (grouping, both grouped GEMMs, combine; W8A8 al
 bf16 experts, weight-only E4M3 experts (gpt-oss's N-major layout), and W8A8 with the E4M3 experts K-major and
 N-major, each a graph of eight different routings replayed (``moe_tiles.graph_us``: at one token the experts hit
 differ between replays, so L2 does not serve them). ``floor`` is the FP8 bytes of the experts hit over 4.25 TB/s.
-W8A8 also runs with the activations quantized the other way (``MoEConfig.quant_in_gemm`` flipped: inside the GEMMs
-or by launches before them). ``--sweep`` also times W8A8 tiles around the package's choice
-(``fused_moe.configs.select_config``). ``--profile`` splits each variant's time by kernel (torch.profiler over
-graph replays: microseconds per call and launches per call of each kernel). Lines go to stdout and, as JSON, to
-``$OUT/moe_w8a8.jsonl``.
+W8A8 also runs with the activations quantized another way (``MoEConfig.quant_in_gemm`` flipped: inside the GEMMs or
+by launches before them; ``MoEConfig.quant_h_in_down`` flipped: the intermediate inside the down GEMM). ``--sweep``
+also times W8A8 tiles around the package's choice (``fused_moe.configs.select_config``). ``--profile`` splits each
+variant's time by kernel (torch.profiler over graph replays: microseconds per call and launches per call of each
+kernel). Lines go to stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
 """
 
 from __future__ import annotations
@@ -129,17 +129,19 @@ def main(argv=None) -> int:
                           launches=round(launches, 2))
         chosen = select_config(t, TOP_K, HIDDEN, INTER, E, dev, 1, True)
         saved = ops._config
-        # the other way to quantize the activations: launches before the GEMMs, or inside them (quant_in_gemm)
-        other = chosen._replace(quant_in_gemm=not chosen.quant_in_gemm)
-        ops._config = lambda *a, cfg=other: cfg
-        ops.clear_caches()
-        try:
-            us = _time(t, x, routes, *variants["w8a8 k-major"])
-        finally:
-            ops._config = saved
+        # the other ways to quantize the activations: launches before the GEMMs, or inside them (quant_in_gemm:
+        # both; quant_h_in_down: the intermediate, with scales from the gate/up GEMM's shares)
+        for switch in ("quant_in_gemm", "quant_h_in_down"):
+            other = chosen._replace(**{switch: not getattr(chosen, switch)})
+            ops._config = lambda *a, cfg=other: cfg
             ops.clear_caches()
-        _emit(out, tokens=t, variant=f"w8a8 k-major, quant_in_gemm={other.quant_in_gemm}", us=round(us, 1),
-              vs_bf16=round(us / base, 3), fp8_floor_us=round(floor, 1))
+            try:
+                us = _time(t, x, routes, *variants["w8a8 k-major"])
+            finally:
+                ops._config = saved
+                ops.clear_caches()
+            _emit(out, tokens=t, variant=f"w8a8 k-major, {switch}={getattr(other, switch)}", us=round(us, 1),
+                  vs_bf16=round(us / base, 3), fp8_floor_us=round(floor, 1))
         if not args.sweep:
             continue
         weights, kw = variants["w8a8 k-major"]
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
                 for stages in _ints(args.sweep_stages) for warps in _ints(args.sweep_warps)]
         for bn, bk, stages, warps in grid:
             cfg = MoEConfig(64, bn, bk, bn if t <= 64 else 128, bk, warps, stages,
-                            down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm)
+                            down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm,
+                            quant_h_in_down=chosen.quant_h_in_down)
             ops._config = lambda *a, cfg=cfg: cfg
             ops.clear_caches()
             try:

@@ -22,8 +22,9 @@ I32 = "i32"
 
 def with_norm(fn, types: dict, consts: dict, norm: bool = False) -> tuple[dict, dict]:
     """The RMSNorm prologue's arguments of the kernels that have one (off unless ``norm``), and the activation
-    scales' pointer of the grouped GEMMs (read only with ``A_SCALED``)."""
-    types = {**{p: "*fp32" for p in ("xs_ptr", "hs_ptr") if p in fn.arg_names}, **types}
+    scales' pointers of the grouped GEMMs (read only with ``A_SCALED``; ``hamax_ptr`` written only with
+    ``H_AMAX``)."""
+    types = {**{p: "*fp32" for p in ("xs_ptr", "hs_ptr", "hamax_ptr") if p in fn.arg_names}, **types}
     if "NORM" not in fn.arg_names:
         return types, consts
     return ({**types, "nw_ptr": "*bf16", "norm_eps": "fp32"},
@@ -217,6 +218,30 @@ def w8a8() -> bool:
                            cfg.num_stages,
                            divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
                            ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
+    # MoEConfig.quant_h_in_down: the gate/up GEMM also writes its rows' shares of their scales, the down GEMM reads
+    # the bf16 intermediate and quantizes it in registers with the scales of those shares; both still FP8 wgmma
+    for tokens in (1, 64, 2048):
+        cfg = select_config(tokens, 4, 2880, 2880, 32, True, 1, True)
+        types, consts = with_norm(K._gate_up_kernel, gate_up_types, dict(
+            TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=True, W_SCALED=True, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.gate_up_block_k, EVEN_K=True, NUM_STAGES=cfg.num_stages,
+            DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=False, INTERPRET=False, F16_DOT=False,
+            A_SCALED=True, H_AMAX=True, stride_wk=1))
+        ok &= compile_sm90(K._gate_up_kernel, types, consts, f"gate_up W8A8 {tokens} tokens, shares of h's scales",
+                           cfg.num_warps, cfg.num_stages,
+                           divisible=tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                           ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
+        parts = -(-2880 // cfg.gate_up_block_n)
+        types, consts = with_norm(K._down_kernel, {**down_types, "h_ptr": "*bf16"}, dict(
+            HAS_BIAS=True, W_SCALED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.down_block_k,
+            EVEN_K=True, NUM_STAGES=cfg.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False,
+            INTERPRET=False, SPLIT_K=cfg.down_split_k, F16_DOT=False, A_SCALED=True, QUANT_A=True,
+            QUANT_BLOCK=min(128, 1 << (parts - 1).bit_length()), EMULATE_FP8=False, A_AMAX=True, AMAX_PARTS=parts,
+            stride_wk=1))
+        ok &= compile_sm90(K._down_kernel, types, consts, f"down W8A8 {tokens} tokens, h quantized in registers",
+                           cfg.num_warps, cfg.num_stages,
+                           divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                           ptx_has=W8A8_PTX_HAS + (".e4m3x2.f32",), ptx_lacks=("mma.sync",))
     # MoEConfig.quant_in_gemm (off by default, measured slower): the 16-bit activations quantized in registers inside
     # both GEMMs (the gate/up one with and without the RMSNorm prologue); still FP8 wgmma on the weights as loaded
     cfg = select_config(1, 4, 2880, 2880, 32, True, 1, True)._replace(quant_in_gemm=True)

@@ -269,9 +269,11 @@ def test_no_tokens_and_leading_dimensions(device):
 @pytest.mark.parametrize("t,block_m", [(1, 64), (5, 16), (40, 16)])
 def test_quantized_inside_the_gemms_equals_the_launches_before_them(device, monkeypatch, layout, transposed, t,
                                                                     block_m):
-    """MoEConfig.quant_in_gemm (W8A8 at decode): each GEMM finds its tile's row scales and quantizes its tiles in
-    registers; the same bits as the two row-quantization launches, with the norm prologue and the residual, a NaN
-    token, the down GEMM split along K, experts of several tiles (40 tokens in 16-row tiles)."""
+    """The W8A8 activations quantized inside the GEMMs give the same bits as the two row-quantization launches:
+    MoEConfig.quant_in_gemm (each GEMM finds its tile's row scales and quantizes its tiles in registers) and
+    MoEConfig.quant_h_in_down (the down GEMM quantizes the intermediate with scales from the shares the gate/up GEMM
+    writes: 3 column tiles of 16 over 40 intermediate columns, the last one partial). With the norm prologue and the
+    residual, a NaN token, the down GEMM split along K, experts of several tiles (40 tokens in 16-row tiles)."""
     from fused_moe import MoEConfig
 
     x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 40, 6, dtype=torch.bfloat16, device=device, seed=40 + t)
@@ -284,17 +286,19 @@ def test_quantized_inside_the_gemms_equals_the_launches_before_them(device, monk
     activation = "swiglu_oai" if layout == "interleaved" else "silu"
     kw = dict(gate_up_layout=layout, transposed=transposed, gate_up_scale=s1, down_scale=s2, fp8_activations=True)
     outs = []
-    for in_gemm in (False, True):
+    for mode in ({}, {"quant_in_gemm": True}, {"quant_h_in_down": True}):
         # (K steps of 32: Hopper's FP8 dot takes no fewer)
-        cfg = MoEConfig(block_m, 16, 32, 16, 32, 4, 1, down_split_k=2, quant_in_gemm=in_gemm)
+        cfg = MoEConfig(block_m, 16, 32, 16, 32, 4, 1, down_split_k=2, **mode)
         monkeypatch.setattr(moe_ops, "_config", lambda *a, cfg=cfg: cfg)
         moe_ops.clear_caches()
         plain = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, **kw)
         normed = moe_experts(x, ids, wts, q1, b1, q2, b2, activation, norm_weight=nw, norm_eps=1e-5, residual=x, **kw)
         outs.append((plain, normed))
     moe_ops.clear_caches()
-    for a, b in zip(*outs, strict=True):
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-        if t > 1:
-            assert a[1].isnan().all() and torch.cat([a[:1], a[2:]]).isfinite().all()
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+            if t > 1:
+                assert b[1].isnan().all() and torch.cat([b[:1], b[2:]]).isfinite().all()
+    assert not torch.equal(outs[0][0], outs[0][1])  # (the norm and the residual change the result)
     assert not torch.equal(outs[0][0], outs[0][1])

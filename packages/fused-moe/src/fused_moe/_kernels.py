@@ -509,6 +509,33 @@ def _tile_row_scales(x_ptr, rows, n_rows, K, stride_xr, norm_eps, nw_ptr, NORM: 
     return tl.where(bad != 0, float("nan"), scale), inv, rstd
 
 
+@triton.jit
+def _row_part_max(v, col_ok):
+    """Per row of ``v`` (fp32 ``[R, C]``), over the columns ``col_ok``: the largest finite ``|v|``, or NaN where the
+    row holds NaN or an infinity (one tile's share of a row's E4M3 scale, ``H_AMAX``)."""
+    amax = tl.max(tl.where(col_ok, finite_abs(v), 0.0), axis=1)
+    bad = tl.max((col_ok & ((tl.abs(v) == float("inf")) | (v != v))).to(tl.int32), axis=1)
+    return tl.where(bad != 0, float("nan"), amax)
+
+
+@triton.jit
+def _scales_from_parts(p_ptr, rows, mask_r, PARTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       PARTS_BLOCK: tl.constexpr):
+    """``(scale, 1 / scale)`` of rows ``rows`` from their ``PARTS`` shares (``p [rows, PARTS]``, written by the
+    gate/up GEMM's ``H_AMAX`` epilogue): the scale ``_quant_rows_kernel`` gives the whole row, NaN for a row with a
+    NaN share. Rows outside ``mask_r``: scale 1."""
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for p0 in range(0, PARTS, PARTS_BLOCK):
+        cols = p0 + tl.arange(0, PARTS_BLOCK)
+        v = tl.load(p_ptr + rows[:, None] * PARTS + cols[None, :], mask=mask_r[:, None] & (cols < PARTS)[None, :],
+                    other=0.0)
+        bad = tl.maximum(bad, tl.max((v != v).to(tl.int32), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.where(v != v, 0.0, v), axis=1))
+    scale, inv, _ = group_scale(amax, amax, False, 448.0)
+    return tl.where(bad != 0, float("nan"), scale), inv
+
+
 @triton.jit(do_not_specialize=["R"])
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, nw_ptr, R, C, stride_xr, norm_eps,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr,
@@ -554,8 +581,8 @@ def _gate_up_kernel(
     x_ptr, w_ptr, b_ptr, s_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, nw_ptr,
     # the tokens' activation scales (fp32 [T], A_SCALED: x holds E4M3 rows from _quant_rows_kernel)
     xs_ptr,
-    # output
-    h_ptr,
+    # output (and with H_AMAX each row's share of its E4M3 scale from this program's columns: fp32 [P, N tiles])
+    h_ptr, hamax_ptr,
     # sizes and strides (N: the intermediate size, K: hidden)
     N, K, MAX_TILES, stride_xt, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_se, stride_sn,
     stride_hm, alpha, limit, norm_eps,
@@ -568,9 +595,13 @@ def _gate_up_kernel(
     USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False, NORM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False, A_SCALED: tl.constexpr = False,
     QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16, EMULATE_FP8: tl.constexpr = False,
+    H_AMAX: tl.constexpr = False,
 ):
     """``QUANT_A`` (W8A8 at decode, with ``A_SCALED``): ``x`` holds the tokens' 16/32-bit rows, quantized to E4M3 in
-    registers (``_tile_row_scales``, then each tile in ``_k_loop``) instead of by ``_quant_rows_kernel``."""
+    registers (``_tile_row_scales``, then each tile in ``_k_loop``) instead of by ``_quant_rows_kernel``.
+    ``H_AMAX`` (W8A8, ``MoEConfig.quant_h_in_down``): each program also writes its rows' largest finite ``|h|`` over
+    its columns as stored (NaN for a non-finite value), from which the down GEMM finds each row's scale: no launch
+    quantizes ``h``."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid_t = tl.program_id(0)
@@ -645,7 +676,11 @@ def _gate_up_kernel(
     out = _activate(gate, up, alpha, limit, ACTIVATION)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, _round(out, h_ptr.dtype.element_ty, EMULATE_BF16), mask=mask_m[:, None] & (offs_n < N)[None, :])
+    hv = _round(out, h_ptr.dtype.element_ty, EMULATE_BF16)
+    tl.store(h_ptrs, hv, mask=mask_m[:, None] & (offs_n < N)[None, :])
+    if H_AMAX:  # this program's share of each row's scale: the values as stored, as _quant_rows_kernel reads them
+        part = _row_part_max(hv.to(tl.float32), (offs_n < N)[None, :])
+        tl.store(hamax_ptr + offs_m.to(tl.int64) * tl.cdiv(N, BLOCK_N) + pid_n, part, mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -656,7 +691,8 @@ def _gate_up_kernel(
 def _down_kernel(
     # inputs
     h_ptr, w_ptr, b_ptr, s_ptr, wts_ptr, sorted_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
-    # the sorted rows' activation scales (fp32 [P], A_SCALED: h holds E4M3 rows from _quant_rows_kernel)
+    # the sorted rows' activation scales (fp32 [P], A_SCALED: h holds E4M3 rows from _quant_rows_kernel), or with
+    # A_AMAX the shares of each row's scale (fp32 [P, AMAX_PARTS], the gate/up GEMM's H_AMAX)
     hs_ptr,
     # output: [P * SPLIT_K, N] fp32, row = the pair's index (token * k + slot) * SPLIT_K + the K split
     y_ptr,
@@ -670,7 +706,7 @@ def _down_kernel(
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
     INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr, F16_DOT: tl.constexpr = False, PDL: tl.constexpr = False,
     A_SCALED: tl.constexpr = False, QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16,
-    EMULATE_FP8: tl.constexpr = False,
+    EMULATE_FP8: tl.constexpr = False, A_AMAX: tl.constexpr = False, AMAX_PARTS: tl.constexpr = 1,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -698,7 +734,9 @@ def _down_kernel(
               + offs_n.to(tl.int64)[None, :] * stride_wn)
     a_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     a_inv = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if QUANT_A:  # W8A8 at decode: h's 16/32-bit rows quantized in registers, each over ALL of K (every split)
+    if A_AMAX:  # h's 16/32-bit rows quantized in registers with the scales of their shares from the gate/up GEMM
+        a_scale, a_inv = _scales_from_parts(hs_ptr, offs_m.to(tl.int64), mask_m, AMAX_PARTS, BLOCK_M, QUANT_BLOCK)
+    elif QUANT_A:  # W8A8 at decode: h's 16/32-bit rows quantized in registers, each over ALL of K (every split)
         a_scale, a_inv, _ = _tile_row_scales(h_ptr, offs_m.to(tl.int64), tl.minimum(row_end - row0, BLOCK_M), K,
                                              stride_hm, 0.0, h_ptr, False, BLOCK_M, QUANT_BLOCK, 16)
     # k_len <= 0 (more splits than K steps): an empty loop, the split writes zeros (or the bias, split 0)

@@ -42,6 +42,9 @@ class MoEConfig(NamedTuple):
     # W8A8: the activations quantized inside the grouped GEMMs (each program reads its tile's real rows once for their
     # scales, then quantizes every tile in registers) instead of by a launch before each GEMM
     quant_in_gemm: bool = False
+    # W8A8: the intermediate rows quantized inside the down GEMM with scales from shares the gate/up GEMM writes
+    # beside them (each program: its rows' largest |h| over its columns), instead of by a launch between the GEMMs
+    quant_h_in_down: bool = False
 
 
 # FP8 experts at 1 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot

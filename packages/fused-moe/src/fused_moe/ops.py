@@ -328,6 +328,7 @@ class _ExpertsPlan(NamedTuple):
     combine: Plan
     quant_x: Plan | None = None  # FP8 activations: the tokens' rows to E4M3 before the gate/up GEMM
     quant_h: Plan | None = None  # and the intermediate rows before the down GEMM
+    amax_parts: int = 0  # or (MoEConfig.quant_h_in_down) the gate/up GEMM's shares of their scales per row
 
 
 def _row_block(cols: int, device: torch.device) -> int:
@@ -375,6 +376,9 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     quant_x = quant_h = None
     stride_xt = x2d.stride(0)
     in_gemm = fp8_activations and cfg.quant_in_gemm
+    # the intermediate rows quantized inside the down GEMM, their scales from the gate/up GEMM's shares
+    h_in_down = fp8_activations and cfg.quant_h_in_down and not in_gemm
+    amax_parts = cdiv(inter, cfg.gate_up_block_n) if h_in_down else 0
     norm_rows = cfg.block_m  # the rows of the gate/up GEMM's RMSNorm prologue (one at a time with in_gemm)
     if fp8_activations:
         # the GEMMs read E4M3 on both sides: the interpreter's FP8 dot is wrong too, so its operands go to fp32
@@ -384,10 +388,13 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         norm_rows = 1
     elif fp8_activations:  # the rows quantized first (normalized there when asked)
         quant_x = _quant_rows_plan(t, h, x2d.stride(0), dev, norm_eps)
-        quant_h = _quant_rows_plan(p, inter, inter, dev)
+        quant_h = None if h_in_down else _quant_rows_plan(p, inter, inter, dev)
         stride_xt, norm_eps = h, None
-    # each GEMM's QUANT_A, QUANT_BLOCK (a row's columns a step while its E4M3 scale is found), EMULATE_FP8
-    quant = (in_gemm, _row_block(h, dev), dev.type == "cpu"), (in_gemm, _row_block(inter, dev), dev.type == "cpu")
+    # each GEMM's QUANT_A, QUANT_BLOCK (a row's columns a step while its E4M3 scale is found; with h_in_down the
+    # down GEMM's shares a step), EMULATE_FP8
+    quant = ((in_gemm, _row_block(h, dev), dev.type == "cpu"),
+             (True, min(128, next_pow2(amax_parts)), dev.type == "cpu") if h_in_down
+             else (in_gemm, _row_block(inter, dev), dev.type == "cpu"))
     # gate/up: h = act(x @ W1[e] (* s1[e]) + b1[e]) in sorted row order; h is a fresh contiguous [p, inter]
     gate_up = Plan(K._gate_up_kernel, (tiles, cdiv(inter, cfg.gate_up_block_n)), (
         inter, h, tiles, stride_xt, *_weight_strides(gate_up_proj, transposed),
@@ -401,7 +408,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
         norm_eps is not None, norm_block(h, norm_rows, dev.type == "cpu") if norm_eps is not None else 16, on,
-        fp8_activations, *quant[0]), cfg.num_warps, **early)
+        fp8_activations, *quant[0], h_in_down), cfg.num_warps, **early)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -411,8 +418,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1]),
-        cfg.num_warps, **early)
+        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
+        h_in_down, max(1, amax_parts)), cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
@@ -420,7 +427,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
                    (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None, on), 4,
                    **early)
-    return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine, quant_x, quant_h)
+    return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine, quant_x, quant_h, amax_parts)
 
 
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -443,11 +450,14 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     a, a_scale = x2d, s1
     if plan.quant_x is not None:
         a, a_scale = _quantized_rows(plan.quant_x, x2d, nw)
-    plan.gate_up.launch(a, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, nw, a_scale, hmid)
+    # the shares of each intermediate row's scale (every entry written by one gate/up program), or any pointer
+    hamax = _empty((p, plan.amax_parts), torch.float32, device=dev) if plan.amax_parts else hmid
+    plan.gate_up.launch(a, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, nw, a_scale, hmid,
+                        hamax)
     y = _empty((p * plan.split, h), torch.float32, device=dev)
     b2 = down_proj if down_proj_bias is None else down_proj_bias
     s2 = down_proj if down_scale is None else down_scale
-    a, a_scale = hmid, s2
+    a, a_scale = hmid, hamax if plan.amax_parts else s2
     if plan.quant_h is not None:
         a, a_scale = _quantized_rows(plan.quant_h, hmid, nw)
     plan.down.launch(a, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
