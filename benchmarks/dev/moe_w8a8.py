@@ -8,7 +8,8 @@ bf16 experts, weight-only E4M3 experts (gpt-oss's N-major layout), and W8A8 with
 N-major, each a graph of eight different routings replayed (``moe_tiles.graph_us``: at one token the experts hit
 differ between replays, so L2 does not serve them). ``floor`` is the FP8 bytes of the experts hit over 4.25 TB/s.
 W8A8 also runs with the activations quantized another way (``MoEConfig.quant_in_gemm`` flipped: inside the GEMMs or
-by launches before them; ``MoEConfig.quant_h_in_down`` flipped: the intermediate inside the down GEMM). ``--sweep``
+by launches before them; ``MoEConfig.quant_h_in_down`` flipped: the intermediate inside the down GEMM;
+``MoEConfig.quant_x_with_align`` flipped: the tokens' rows quantized in the grouping's launch or their own). ``--sweep``
 also times W8A8 tiles around the package's choice (``fused_moe.configs.select_config``). ``--profile`` splits each
 variant's time by kernel (torch.profiler over graph replays: microseconds per call and launches per call of each
 kernel). Lines go to stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
@@ -130,8 +131,9 @@ def main(argv=None) -> int:
         chosen = select_config(t, TOP_K, HIDDEN, INTER, E, dev, 1, True)
         saved = ops._config
         # the other ways to quantize the activations: launches before the GEMMs, or inside them (quant_in_gemm:
-        # both; quant_h_in_down: the intermediate, with scales from the gate/up GEMM's shares)
-        for switch in ("quant_in_gemm", "quant_h_in_down"):
+        # both; quant_h_in_down: the intermediate, with scales from the gate/up GEMM's shares), the tokens' rows in
+        # the grouping's launch or a launch of their own (quant_x_with_align)
+        for switch in ("quant_in_gemm", "quant_h_in_down", "quant_x_with_align"):
             other = chosen._replace(**{switch: not getattr(chosen, switch)})
             ops._config = lambda *a, cfg=other: cfg
             ops.clear_caches()
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
         for bn, bk, stages, warps in grid:
             cfg = MoEConfig(64, bn, bk, bn if t <= 64 else 128, bk, warps, stages,
                             down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm,
-                            quant_h_in_down=chosen.quant_h_in_down)
+                            quant_h_in_down=chosen.quant_h_in_down, quant_x_with_align=chosen.quant_x_with_align)
             ops._config = lambda *a, cfg=cfg: cfg
             ops.clear_caches()
             try:

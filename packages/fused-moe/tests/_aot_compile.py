@@ -188,6 +188,17 @@ def w8a8() -> bool:
                                        "stride_xr": I32},
                 dict(BLOCK_R=1, BLOCK_C=2048, EMULATE=False, PDL=True), "quant rows, RMSNorm prologue, PDL",
                 norm=True)
+    # W8A8 at decode (MoEConfig.quant_x_with_align): the grouping's program and the tokens' quantization in one
+    # launch, as gpt-oss's 1-64 token steps launch it (8 warps, with the RMSNorm prologue and PDL)
+    align_quant = {**dict.fromkeys(["ids_ptr", "offsets_ptr", "sorted_ptr", "tile_expert_ptr", "tile_start_ptr"],
+                                   "*i32"),
+                   "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                   **dict.fromkeys(["P", "E", "MAX_TILES", "R", "C", "stride_xr"], I32)}
+    for norm in (False, True):
+        ok &= build(K._align_quant_kernel, align_quant,
+                    dict(TILE_M=64, BLOCK_P=256, BLOCK_E=32, BLOCK_TILES=64, BLOCK_R=1, BLOCK_C=2048, EMULATE=False,
+                         PDL=True), "align + quant rows" + (", RMSNorm prologue" if norm else "") + ", PDL", warps=8,
+                    norm=norm)
     groups = dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32")
     gate_up_types = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16",
                      **groups, **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wn",

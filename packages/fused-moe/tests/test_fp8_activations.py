@@ -269,11 +269,12 @@ def test_no_tokens_and_leading_dimensions(device):
 @pytest.mark.parametrize("t,block_m", [(1, 64), (5, 16), (40, 16)])
 def test_quantized_inside_the_gemms_equals_the_launches_before_them(device, monkeypatch, layout, transposed, t,
                                                                     block_m):
-    """The W8A8 activations quantized inside the GEMMs give the same bits as the two row-quantization launches:
-    MoEConfig.quant_in_gemm (each GEMM finds its tile's row scales and quantizes its tiles in registers) and
-    MoEConfig.quant_h_in_down (the down GEMM quantizes the intermediate with scales from the shares the gate/up GEMM
-    writes: 3 column tiles of 16 over 40 intermediate columns, the last one partial). With the norm prologue and the
-    residual, a NaN token, the down GEMM split along K, experts of several tiles (40 tokens in 16-row tiles)."""
+    """The W8A8 activations quantized elsewhere give the same bits as the two row-quantization launches: the tokens'
+    rows by programs of the grouping's launch (MoEConfig.quant_x_with_align, on by default), MoEConfig.quant_in_gemm
+    (each GEMM finds its tile's row scales and quantizes its tiles in registers) and MoEConfig.quant_h_in_down (the
+    down GEMM quantizes the intermediate with scales from the shares the gate/up GEMM writes: 3 column tiles of 16
+    over 40 intermediate columns, the last one partial). With the norm prologue and the residual, a NaN token, the
+    down GEMM split along K, experts of several tiles (40 tokens in 16-row tiles)."""
     from fused_moe import MoEConfig
 
     x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 40, 6, dtype=torch.bfloat16, device=device, seed=40 + t)
@@ -286,7 +287,7 @@ def test_quantized_inside_the_gemms_equals_the_launches_before_them(device, monk
     activation = "swiglu_oai" if layout == "interleaved" else "silu"
     kw = dict(gate_up_layout=layout, transposed=transposed, gate_up_scale=s1, down_scale=s2, fp8_activations=True)
     outs = []
-    for mode in ({}, {"quant_in_gemm": True}, {"quant_h_in_down": True}):
+    for mode in ({"quant_x_with_align": False}, {}, {"quant_in_gemm": True}, {"quant_h_in_down": True}):
         # (K steps of 32: Hopper's FP8 dot takes no fewer)
         cfg = MoEConfig(block_m, 16, 32, 16, 32, 4, 1, down_split_k=2, **mode)
         monkeypatch.setattr(moe_ops, "_config", lambda *a, cfg=cfg: cfg)

@@ -230,13 +230,15 @@ def test_w8a8_in_a_cuda_graph_and_nan_token(t):
     assert out[0].isnan().all() and torch.equal(out[1:], expected[1:]) and out[1:].isfinite().all()
 
 
-@pytest.mark.parametrize("mode,t", [("quant_in_gemm", 1), ("quant_in_gemm", 4), ("quant_in_gemm", 8),
+@pytest.mark.parametrize("mode,t", [("quant_x_with_align", 1), ("quant_x_with_align", 64),
+                                    ("quant_in_gemm", 1), ("quant_in_gemm", 4), ("quant_in_gemm", 8),
                                     ("quant_h_in_down", 1), ("quant_h_in_down", 9), ("quant_h_in_down", 64),
                                     ("quant_h_in_down", 2048)])
 def test_w8a8_quantized_inside_the_gemms_equals_the_launches(mode, t, monkeypatch):
-    """W8A8 with the activations quantized inside the GEMMs (MoEConfig.quant_in_gemm, off by default: measured
-    slower; MoEConfig.quant_h_in_down: the intermediate inside the down GEMM, its scales from the gate/up GEMM's
-    shares): the same bits as the row-quantization launches, at gpt-oss-20b's shape."""
+    """W8A8 with the activations quantized elsewhere (MoEConfig.quant_x_with_align: the tokens' rows by programs of
+    the grouping's launch; quant_in_gemm, off by default: measured slower; quant_h_in_down: the intermediate inside
+    the down GEMM, its scales from the gate/up GEMM's shares): the same bits as the two row-quantization launches,
+    at gpt-oss-20b's shape."""
     from fused_moe import moe_experts, moe_route, select_config
 
     x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=80 + t)
@@ -246,7 +248,8 @@ def test_w8a8_quantized_inside_the_gemms_equals_the_launches(mode, t, monkeypatc
     ids, wts = moe_route(x, rw, rb, K)
     chosen = select_config(t, K, H, INTER, E, x.device, 1, True)
     outs = []
-    for cfg in (chosen._replace(**{mode: True}), chosen._replace(quant_in_gemm=False, quant_h_in_down=False)):
+    launches = chosen._replace(quant_in_gemm=False, quant_h_in_down=False, quant_x_with_align=False)
+    for cfg in (launches._replace(**{mode: True}), launches):
         monkeypatch.setattr(ops, "_config", lambda *a, cfg=cfg: cfg)
         ops.clear_caches()
         outs.append(moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2, fp8_activations=True))

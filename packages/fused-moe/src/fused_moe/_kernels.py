@@ -374,6 +374,42 @@ def _align_kernel(
     """The whole grouping in one program: decode (a few hundred pairs, one step of ``BLOCK_P``)."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
+    _align_one_program(ids_ptr, offsets_ptr, sorted_ptr, tile_expert_ptr, tile_start_ptr, P, E, MAX_TILES, TILE_M,
+                       BLOCK_P, BLOCK_E, BLOCK_TILES)
+
+
+@triton.jit(do_not_specialize=["P", "MAX_TILES", "R"])
+def _align_quant_kernel(
+    # the grouping's tensors (_align_kernel's)
+    ids_ptr, offsets_ptr, sorted_ptr, tile_expert_ptr, tile_start_ptr,
+    # the tokens' rows and their E4M3 codes and scales (_quant_rows_kernel's)
+    x_ptr, q_ptr, s_ptr, nw_ptr,
+    # sizes
+    P, E, MAX_TILES, R, C, stride_xr, norm_eps,
+    # tiles and options
+    TILE_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, NORM: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False,
+):
+    """W8A8 at decode: the grouping (program 0, as ``_align_kernel``) and the tokens' row quantization (programs
+    1.., ``BLOCK_R`` rows each, as ``_quant_rows_kernel``) in one launch. Neither reads the other's output, so a
+    decode step waits on one launch for both."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
+    pid = tl.program_id(0)
+    if pid == 0:
+        _align_one_program(ids_ptr, offsets_ptr, sorted_ptr, tile_expert_ptr, tile_start_ptr, P, E, MAX_TILES,
+                           TILE_M, BLOCK_P, BLOCK_E, BLOCK_TILES)
+    else:
+        _quant_rows(x_ptr, q_ptr, s_ptr, nw_ptr, pid - 1, R, C, stride_xr, norm_eps, BLOCK_R, BLOCK_C, EMULATE, NORM,
+                    NORM_BLOCK)
+
+
+@triton.jit
+def _align_one_program(ids_ptr, offsets_ptr, sorted_ptr, tile_expert_ptr, tile_start_ptr, P, E, MAX_TILES,
+                       TILE_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_TILES: tl.constexpr):
+    """``_align_kernel``'s work: counts, offsets, a stable sorted order of the pairs and the tile table."""
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     # pass 1: tokens per expert
@@ -551,7 +587,15 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, nw_ptr, R, C, stride_xr, norm_eps,
     cast (the row is read again from cache)."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _quant_rows(x_ptr, q_ptr, s_ptr, nw_ptr, tl.program_id(0), R, C, stride_xr, norm_eps, BLOCK_R, BLOCK_C, EMULATE,
+                NORM, NORM_BLOCK)
+
+
+@triton.jit
+def _quant_rows(x_ptr, q_ptr, s_ptr, nw_ptr, block, R, C, stride_xr, norm_eps, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """``_quant_rows_kernel``'s work for its row block ``block``."""
+    offs_r = block * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     rows = offs_r.to(tl.int64)
     rstd = tl.zeros((BLOCK_R,), dtype=tl.float32)

@@ -45,6 +45,8 @@ class MoEConfig(NamedTuple):
     # W8A8: the intermediate rows quantized inside the down GEMM with scales from shares the gate/up GEMM writes
     # beside them (each program: its rows' largest |h| over its columns), instead of by a launch between the GEMMs
     quant_h_in_down: bool = False
+    # W8A8 at decode (one-program grouping): the tokens' rows quantized by programs of the grouping's launch
+    quant_x_with_align: bool = True
 
 
 # FP8 experts at 1 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot

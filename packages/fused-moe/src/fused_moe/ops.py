@@ -270,12 +270,18 @@ def _align_plan(num_pairs: int, num_experts: int, block_m: int, device: torch.de
     )
 
 
+def _groups(plan: _AlignPlan, ids: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """Fresh tensors of a grouping (written by the align launches)."""
+    dev = ids.device
+    return ExpertGroups(_empty((num_experts + 1,), torch.int32, device=dev),
+                        _empty((ids.numel(),), torch.int32, device=dev),
+                        _empty((plan.tiles,), torch.int32, device=dev),
+                        _empty((plan.tiles,), torch.int32, device=dev))
+
+
 def _align(plan: _AlignPlan, ids: torch.Tensor, num_experts: int) -> ExpertGroups:
     dev = ids.device
-    groups = ExpertGroups(_empty((num_experts + 1,), torch.int32, device=dev),
-                          _empty((ids.numel(),), torch.int32, device=dev),
-                          _empty((plan.tiles,), torch.int32, device=dev),
-                          _empty((plan.tiles,), torch.int32, device=dev))
+    groups = _groups(plan, ids, num_experts)
     if plan.single is not None:
         plan.single.launch(ids, *groups)
     elif plan.chunks:
@@ -329,6 +335,7 @@ class _ExpertsPlan(NamedTuple):
     quant_x: Plan | None = None  # FP8 activations: the tokens' rows to E4M3 before the gate/up GEMM
     quant_h: Plan | None = None  # and the intermediate rows before the down GEMM
     amax_parts: int = 0  # or (MoEConfig.quant_h_in_down) the gate/up GEMM's shares of their scales per row
+    align_quant: Plan | None = None  # W8A8 at decode: the grouping and quant_x in one launch (replaces both)
 
 
 def _row_block(cols: int, device: torch.device) -> int:
@@ -348,6 +355,16 @@ def _quant_rows_plan(rows: int, cols: int, stride: int, device: torch.device, no
     return Plan(K._quant_rows_kernel, (cdiv(rows, block_r),),
                 (rows, cols, stride, 0.0 if norm_eps is None else float(norm_eps), block_r, block_c, on_cpu, *norm,
                  on), 4, **pdl.launch_options(on))
+
+
+def _align_quant_plan(align: Plan, quant: Plan) -> Plan:
+    """``_align_quant_kernel``: the one-program grouping ``align`` and the row quantization ``quant`` (their plans'
+    tails) in one launch, the quantization's row blocks after the grouping's program."""
+    p, e, tiles, tile_m, block_p, block_e, block_tiles, on = align.tail
+    rows, cols, stride, eps, block_r, block_c, emulate, norm, norm_blk, _ = quant.tail
+    return Plan(K._align_quant_kernel, (1 + quant.grid[0],),
+                (p, e, tiles, rows, cols, stride, eps, tile_m, block_p, block_e, block_tiles, block_r, block_c,
+                 emulate, norm, norm_blk, on), align.num_warps, **align.options)
 
 
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
@@ -427,7 +444,11 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
                    (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None, on), 4,
                    **early)
-    return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine, quant_x, quant_h, amax_parts)
+    align_quant = None
+    if quant_x is not None and align.single is not None and cfg.quant_x_with_align:
+        align_quant, quant_x = _align_quant_plan(align.single, quant_x), None
+    return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine, quant_x, quant_h, amax_parts,
+                        align_quant)
 
 
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -440,16 +461,21 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     out = _empty((t, h), x2d.dtype, device=dev)
     if t == 0:
         return out
-    groups = _align(plan.align, _flat(topk_ids), plan.experts)
-    sorted_pairs, offsets, tile_expert, tile_start = groups.sorted_pairs, groups.offsets, *groups[2:]
-    hmid = _empty((p, plan.inter), x2d.dtype, device=dev)
     # absent biases and scales: any pointer (the kernels' HAS_BIAS / W_SCALED / A_SCALED are off)
     b1 = gate_up_proj if gate_up_proj_bias is None else gate_up_proj_bias
     s1 = gate_up_proj if gate_up_scale is None else gate_up_scale
     nw = gate_up_proj if norm_weight is None else norm_weight  # any pointer: NORM is off
     a, a_scale = x2d, s1
-    if plan.quant_x is not None:
-        a, a_scale = _quantized_rows(plan.quant_x, x2d, nw)
+    if plan.align_quant is not None:  # the grouping and the tokens' E4M3 rows from one launch
+        groups = _groups(plan.align, _flat(topk_ids), plan.experts)
+        a, a_scale = _fp8_rows(x2d)
+        plan.align_quant.launch(_flat(topk_ids), *groups, x2d, _fp8_view(a), a_scale, nw)
+    else:
+        groups = _align(plan.align, _flat(topk_ids), plan.experts)
+        if plan.quant_x is not None:
+            a, a_scale = _quantized_rows(plan.quant_x, x2d, nw)
+    sorted_pairs, offsets, tile_expert, tile_start = groups.sorted_pairs, groups.offsets, *groups[2:]
+    hmid = _empty((p, plan.inter), x2d.dtype, device=dev)
     # the shares of each intermediate row's scale (every entry written by one gate/up program), or any pointer
     hamax = _empty((p, plan.amax_parts), torch.float32, device=dev) if plan.amax_parts else hmid
     plan.gate_up.launch(a, gate_up_proj, b1, s1, sorted_pairs, offsets, tile_expert, tile_start, nw, a_scale, hmid,
@@ -469,11 +495,20 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
 def _quantized_rows(plan: Plan, x2d: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(E4M3 rows [R, C], fp32 scales [R])`` of ``x2d`` (``_quant_rows_kernel``; normalized first when the plan
     says so)."""
-    q = _empty(tuple(x2d.shape), torch.float8_e4m3fn, device=x2d.device)
-    scales = _empty((x2d.shape[0],), torch.float32, device=x2d.device)
-    # the interpreter's FP8 cast is wrong: the kernel writes the rounded codes through a byte view there
-    plan.launch(x2d, q.view(torch.uint8) if x2d.device.type == "cpu" else q, scales, norm_weight)
+    q, scales = _fp8_rows(x2d)
+    plan.launch(x2d, _fp8_view(q), scales, norm_weight)
     return q, scales
+
+
+def _fp8_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh E4M3 rows shaped as ``x2d`` and their fp32 scales (written by the row quantization)."""
+    return (_empty(tuple(x2d.shape), torch.float8_e4m3fn, device=x2d.device),
+            _empty((x2d.shape[0],), torch.float32, device=x2d.device))
+
+
+def _fp8_view(q: torch.Tensor) -> torch.Tensor:
+    # the interpreter's FP8 cast is wrong: the kernel writes the rounded codes through a byte view there
+    return q.view(torch.uint8) if q.device.type == "cpu" else q
 
 
 def _on_device(device: torch.device):
