@@ -9,7 +9,8 @@ N-major, each a graph of eight different routings replayed (``moe_tiles.graph_us
 differ between replays, so L2 does not serve them). ``floor`` is the FP8 bytes of the experts hit over 4.25 TB/s.
 W8A8 also runs with the activations quantized another way (``MoEConfig.quant_in_gemm`` flipped: inside the GEMMs or
 by launches before them; ``MoEConfig.quant_h_in_down`` flipped: the intermediate inside the down GEMM;
-``MoEConfig.quant_x_with_align`` flipped: the tokens' rows quantized in the grouping's launch or their own). ``--sweep``
+``MoEConfig.quant_x_with_align`` flipped: the tokens' rows quantized in the grouping's launch or their own); at
+decode also with ``MoEConfig.swap_ab`` (16-token tiles, the weights as wgmma's 64-row operand). ``--sweep``
 also times W8A8 tiles around the package's choice (``fused_moe.configs.select_config``). ``--profile`` splits each
 variant's time by kernel (torch.profiler over graph replays: microseconds per call and launches per call of each
 kernel). Lines go to stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
@@ -86,6 +87,20 @@ def _profile(x: torch.Tensor, routes: list, weights: tuple, kw: dict) -> list[tu
     return sorted(rows, key=lambda r: -r[1])
 
 
+def _time_config(cfg, t: int, x: torch.Tensor, routes: list, weights: tuple, kw: dict) -> float:
+    """``_time`` with the package's tiles replaced by ``cfg`` (restored after)."""
+    from fused_moe import ops
+
+    saved = ops._config
+    ops._config = lambda *a: cfg
+    ops.clear_caches()
+    try:
+        return _time(t, x, routes, weights, kw)
+    finally:
+        ops._config = saved
+        ops.clear_caches()
+
+
 def _ints(csv: str) -> list[int]:
     return [int(v) for v in csv.split(",")]
 
@@ -108,7 +123,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("a GPU is needed", file=sys.stderr)
         return 2
-    from fused_moe import MoEConfig, ops, select_config
+    from fused_moe import MoEConfig, select_config
 
     dev = torch.device("cuda")
     out = Path(os.environ.get("OUT", ".")) / "moe_w8a8.jsonl"
@@ -129,40 +144,33 @@ def main(argv=None) -> int:
                     _emit(out, tokens=t, variant=name, kernel=kernel[:60], us=round(k_us, 1),
                           launches=round(launches, 2))
         chosen = select_config(t, TOP_K, HIDDEN, INTER, E, dev, 1, True)
-        saved = ops._config
-        # the other ways to quantize the activations: launches before the GEMMs, or inside them (quant_in_gemm:
-        # both; quant_h_in_down: the intermediate, with scales from the gate/up GEMM's shares), the tokens' rows in
-        # the grouping's launch or a launch of their own (quant_x_with_align)
-        for switch in ("quant_in_gemm", "quant_h_in_down", "quant_x_with_align"):
-            other = chosen._replace(**{switch: not getattr(chosen, switch)})
-            ops._config = lambda *a, cfg=other: cfg
-            ops.clear_caches()
-            try:
-                us = _time(t, x, routes, *variants["w8a8 k-major"])
-            finally:
-                ops._config = saved
-                ops.clear_caches()
-            _emit(out, tokens=t, variant=f"w8a8 k-major, {switch}={getattr(other, switch)}", us=round(us, 1),
-                  vs_bf16=round(us / base, 3), fp8_floor_us=round(floor, 1))
+        w8a8 = variants["w8a8 k-major"]
+        others = [(f"{switch}={not getattr(chosen, switch)}", chosen._replace(**{switch: not getattr(chosen, switch)}))
+                  # the other ways to quantize the activations: launches before the GEMMs, or inside them
+                  # (quant_in_gemm: both; quant_h_in_down: the intermediate, with scales from the gate/up GEMM's
+                  # shares), the tokens' rows in the grouping's launch or a launch of their own (quant_x_with_align)
+                  for switch in ("quant_in_gemm", "quant_h_in_down", "quant_x_with_align")]
+        if t <= 64:  # decode: the weights as the 64-row wgmma operand, 16-token tiles (MoEConfig.swap_ab)
+            others += [(f"swap_ab, block_m=16, down_block_n={dn}",
+                        chosen._replace(swap_ab=True, block_m=16, gate_up_block_n=32, down_block_n=dn))
+                       for dn in (64, 128)]
+        for label, cfg in others:
+            us = _time_config(cfg, t, x, routes, *w8a8)
+            _emit(out, tokens=t, variant=f"w8a8 k-major, {label}", us=round(us, 1), vs_bf16=round(us / base, 3),
+                  fp8_floor_us=round(floor, 1))
         if not args.sweep:
             continue
-        weights, kw = variants["w8a8 k-major"]
         grid = [(bn, bk, stages, warps) for bn in _ints(args.sweep_bn) for bk in _ints(args.sweep_bk)
                 for stages in _ints(args.sweep_stages) for warps in _ints(args.sweep_warps)]
         for bn, bk, stages, warps in grid:
             cfg = MoEConfig(64, bn, bk, bn if t <= 64 else 128, bk, warps, stages,
                             down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm,
                             quant_h_in_down=chosen.quant_h_in_down, quant_x_with_align=chosen.quant_x_with_align)
-            ops._config = lambda *a, cfg=cfg: cfg
-            ops.clear_caches()
             try:
-                us = _time(t, x, routes, weights, kw)
+                us = _time_config(cfg, t, x, routes, *w8a8)
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit: reported, skipped
                 _emit(out, tokens=t, sweep=str(cfg), error=type(exc).__name__)
                 continue
-            finally:
-                ops._config = saved
-                ops.clear_caches()
             _emit(out, tokens=t, sweep=str(cfg), us=round(us, 1), chosen=cfg == chosen)
     return 0
 

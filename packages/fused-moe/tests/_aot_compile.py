@@ -253,6 +253,32 @@ def w8a8() -> bool:
                            cfg.num_warps, cfg.num_stages,
                            divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
                            ptx_has=W8A8_PTX_HAS + (".e4m3x2.f32",), ptx_lacks=("mma.sync",))
+    # MoEConfig.swap_ab at decode: the weight tile as wgmma's 64-row operand, 16 tokens as its N; E4M3 x E4M3
+    # wgmma on the tiles as loaded (no byte permutation), the activation tile transposed in shared memory
+    swap_has = ("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3", "cp.async")
+    for interleaved, h_in_down in ((True, False), (False, False), (True, True)):
+        types, consts = with_norm(K._gate_up_kernel, gate_up_types, dict(
+            TOP_K=4, ACTIVATION=0 if interleaved else 1, HAS_BIAS=interleaved, INTERLEAVED=interleaved,
+            W_SCALED=True, BLOCK_M=16, BLOCK_N=32 if interleaved else 64, BLOCK_K=64, EVEN_K=True, NUM_STAGES=6,
+            DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=False, INTERPRET=False, F16_DOT=False,
+            A_SCALED=True, H_AMAX=h_in_down, SWAP_AB=True, stride_wk=1))
+        ok &= compile_sm90(K._gate_up_kernel, types, consts,
+                           f"gate_up W8A8 swap_ab {'interleaved' if interleaved else 'concatenated'}"
+                           + (", shares of h's scales" if h_in_down else ""), 4, 6,
+                           divisible=tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                           ptx_has=swap_has, ptx_lacks=W8A8_PTX_LACKS, no_spills=True)
+    for h_in_down in (False, True):
+        quant_a = dict(QUANT_A=True, QUANT_BLOCK=128, EMULATE_FP8=False, A_AMAX=True, AMAX_PARTS=90) if h_in_down \
+            else {}
+        types, consts = with_norm(K._down_kernel, {**down_types, "h_ptr": "*bf16"} if h_in_down else down_types, dict(
+            HAS_BIAS=True, W_SCALED=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, EVEN_K=True, NUM_STAGES=6,
+            DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False, INTERPRET=False, SPLIT_K=1, F16_DOT=False,
+            A_SCALED=True, SWAP_AB=True, stride_wk=1, **quant_a))
+        ok &= compile_sm90(K._down_kernel, types, consts,
+                           "down W8A8 swap_ab" + (", h quantized in registers" if h_in_down else ""), 4, 6,
+                           divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
+                           ptx_has=swap_has, ptx_lacks=W8A8_PTX_LACKS if not h_in_down else ("mma.sync",),
+                           no_spills=True)
     # MoEConfig.quant_in_gemm (off by default, measured slower): the 16-bit activations quantized in registers inside
     # both GEMMs (the gate/up one with and without the RMSNorm prologue); still FP8 wgmma on the weights as loaded
     cfg = select_config(1, 4, 2880, 2880, 32, True, 1, True)._replace(quant_in_gemm=True)

@@ -212,6 +212,36 @@ def test_w8a8_experts_at_gpt_oss_20b_shape(t):
     assert torch.equal(out, moe_experts(x, ids, wts, n1, b1, n2, b2, **scales, fp8_activations=True))
 
 
+@pytest.mark.parametrize("t", [1, 8, 64])
+def test_w8a8_swap_ab_at_gpt_oss_20b_shape(t, monkeypatch):
+    """MoEConfig.swap_ab (the weights as wgmma's 64-row operand, 16-token tiles): the recipe's result, as the
+    default tiles give it (the tensor cores' reduced-precision sums may differ in order), NaN kept to its token."""
+    from fused_moe import moe_experts, moe_route, select_config
+
+    x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=90 + t)
+    if t > 1:
+        x[1, 11] = float("nan")
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, k_major=True)
+    scales = dict(gate_up_scale=s1, down_scale=s2)
+    ids, wts = moe_route(x, rw, rb, K)
+    default = moe_experts(x, ids, wts, q1, b1, q2, b2, **scales, fp8_activations=True)
+    chosen = select_config(t, K, H, INTER, E, x.device, 1, True)
+    swapped = chosen._replace(swap_ab=True, block_m=16, gate_up_block_n=32, down_block_n=64)
+    monkeypatch.setattr(ops, "_config", lambda *a: swapped)
+    ops.clear_caches()
+    try:
+        out = moe_experts(x, ids, wts, q1, b1, q2, b2, **scales, fp8_activations=True)
+    finally:
+        ops.clear_caches()
+    ok = torch.ones(t, dtype=torch.bool, device=x.device)
+    if t > 1:
+        ok[1] = False
+        assert out[1].isnan().all()
+    assert out[ok].isfinite().all()
+    assert_close_rel(out[ok], _w8a8_reference((x[ok], rw, rb, q1, b1, q2, b2), scales, ids[ok], wts[ok]), 2.5e-2)
+    assert_close_rel(out[ok].float(), default[ok].float(), 2e-2)
+
+
 @pytest.mark.parametrize("t", [1, 64])
 def test_w8a8_in_a_cuda_graph_and_nan_token(t):
     x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=70 + t)

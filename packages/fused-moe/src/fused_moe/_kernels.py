@@ -180,6 +180,48 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
 
 
 @triton.jit
+def _k_loop_swap(a_ptrs, wt_ptrs, wt2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PAIR: tl.constexpr,
+                 a_inv=None, QUANT_A: tl.constexpr = False, EMULATE_FP8: tl.constexpr = False):
+    """``_k_loop``'s tensor-core products with the operands swapped (``SWAP_AB``, W8A8 at decode): each step
+    multiplies a weight tile ``[BLOCK_N, BLOCK_K]`` (``wt_ptrs``, ``wt2_ptrs`` with ``PAIR``: the weights' columns
+    as rows, K contiguous in a K-major copy) by the activation tile transposed, ``[BLOCK_K, BLOCK_M]``. The weights'
+    columns fill Hopper's 64-row wgmma operand and a decode tile's few tokens its N (16), instead of 64 activation
+    rows, mostly padding, taking as much shared memory a stage as the weights. Returns ``(acc + A @ W, acc2 +
+    A @ W2)`` as ``_k_loop`` does (the sums transposed back once, after the loop)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc2_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(wt_ptrs, mask=mask_n[:, None], other=0.0)
+            if PAIR:
+                w2 = tl.load(wt2_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k + offs_k) < K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(wt_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if PAIR:
+                w2 = tl.load(wt2_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if QUANT_A:
+            a = to_e4m3(a.to(tl.float32) * a_inv[:, None], EMULATE_FP8)
+        at = tl.trans(a)
+        acc_t = _dot(w, at, acc_t, DOT_PRECISION, UPCAST)
+        if PAIR:
+            acc2_t = _dot(w2, at, acc2_t, DOT_PRECISION, UPCAST)
+        a_ptrs += BLOCK_K
+        wt_ptrs += BLOCK_K * stride_wk
+        if PAIR:
+            wt2_ptrs += BLOCK_K * stride_wk
+    acc += tl.trans(acc_t)
+    if PAIR:
+        acc2 += tl.trans(acc2_t)
+    return acc, acc2
+
+
+@triton.jit
 def _round(v, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """``v`` (fp32) rounded to ``DTYPE``. ``EMULATE_BF16`` (interpreter only): its fp32 -> bf16 cast truncates,
     so round to nearest even on the bits first (the cast of the result is then exact)."""
@@ -639,7 +681,7 @@ def _gate_up_kernel(
     USE_FMA: tl.constexpr, INTERPRET: tl.constexpr, F16_DOT: tl.constexpr = False, NORM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False, A_SCALED: tl.constexpr = False,
     QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16, EMULATE_FP8: tl.constexpr = False,
-    H_AMAX: tl.constexpr = False,
+    H_AMAX: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     """``QUANT_A`` (W8A8 at decode, with ``A_SCALED``): ``x`` holds the tokens' 16/32-bit rows, quantized to E4M3 in
     registers (``_tile_row_scales``, then each tile in ``_k_loop``) instead of by ``_quant_rows_kernel``.
@@ -679,11 +721,17 @@ def _gate_up_kernel(
         # K step, split into the two halves in the epilogue.
         offs_c = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         mask_c = offs_c < 2 * N
-        w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_c.to(tl.int64)[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        acc, _ = _k_loop(x_ptrs, w_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk, acc, acc, BLOCK_M, 2 * BLOCK_N,
-                         BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT,
-                         rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8)
+        if SWAP_AB:  # (W8A8 at decode: the weight tile as the 64-row operand, see _k_loop_swap)
+            wt_ptrs = w_base + offs_c.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            acc, _ = _k_loop_swap(x_ptrs, wt_ptrs, wt_ptrs, mask_m, mask_c, K, stride_wk, acc, acc, BLOCK_M,
+                                  2 * BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, False, a_inv,
+                                  QUANT_A, EMULATE_FP8)
+        else:
+            w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_c.to(tl.int64)[None, :] * stride_wn
+            acc, _ = _k_loop(x_ptrs, w_ptrs, w_ptrs, mask_m, mask_c, K, stride_wk, acc, acc, BLOCK_M, 2 * BLOCK_N,
+                             BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT,
+                             rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8)
         if W_SCALED:  # the whole K sum of each column times its scale, before the bias
             acc *= tl.load(s_base + offs_c * stride_sn, mask=mask_c, other=0.0)[None, :]
         if A_SCALED:  # and of each row times its token's activation scale (W8A8)
@@ -698,12 +746,18 @@ def _gate_up_kernel(
         # concatenated: gate columns [0, N), up columns [N, 2N)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        wg_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
-        wu_ptrs = wg_ptrs + N * stride_wn
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        gate, up = _k_loop(x_ptrs, wg_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, zero, BLOCK_M, BLOCK_N,
-                           BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True, F16_DOT,
-                           rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8)
+        if SWAP_AB:
+            wgt_ptrs = w_base + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            gate, up = _k_loop_swap(x_ptrs, wgt_ptrs, wgt_ptrs + N * stride_wn, mask_m, mask_n, K, stride_wk, zero,
+                                    zero, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, True,
+                                    a_inv, QUANT_A, EMULATE_FP8)
+        else:
+            wg_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+            wu_ptrs = wg_ptrs + N * stride_wn
+            gate, up = _k_loop(x_ptrs, wg_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, zero, BLOCK_M, BLOCK_N,
+                               BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True, F16_DOT,
+                               rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8)
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
@@ -751,6 +805,7 @@ def _down_kernel(
     INTERPRET: tl.constexpr, SPLIT_K: tl.constexpr, F16_DOT: tl.constexpr = False, PDL: tl.constexpr = False,
     A_SCALED: tl.constexpr = False, QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16,
     EMULATE_FP8: tl.constexpr = False, A_AMAX: tl.constexpr = False, AMAX_PARTS: tl.constexpr = 1,
+    SWAP_AB: tl.constexpr = False,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -785,9 +840,15 @@ def _down_kernel(
                                              stride_hm, 0.0, h_ptr, False, BLOCK_M, QUANT_BLOCK, 16)
     # k_len <= 0 (more splits than K steps): an empty loop, the split writes zeros (or the bias, split 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc, _ = _k_loop(a_ptrs, w_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N, BLOCK_K,
-                     EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT, None, None, False,
-                     a_inv, QUANT_A, EMULATE_FP8)
+    if SWAP_AB:  # (W8A8 at decode: the weight tile as the 64-row operand, see _k_loop_swap)
+        wt_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+                   + (k_start + offs_k)[None, :].to(tl.int64) * stride_wk)
+        acc, _ = _k_loop_swap(a_ptrs, wt_ptrs, wt_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N,
+                              BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, False, a_inv, QUANT_A, EMULATE_FP8)
+    else:
+        acc, _ = _k_loop(a_ptrs, w_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N,
+                         BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT, None,
+                         None, False, a_inv, QUANT_A, EMULATE_FP8)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if A_SCALED:

@@ -47,6 +47,9 @@ class MoEConfig(NamedTuple):
     quant_h_in_down: bool = False
     # W8A8 at decode (one-program grouping): the tokens' rows quantized by programs of the grouping's launch
     quant_x_with_align: bool = True
+    # W8A8 (tensor-core tiles): each product with the weight tile as the 64-row wgmma operand and the tokens as its N
+    # (block_m 16 suffices: no 64-row activation tile, mostly padding at decode, in shared memory); off until timed
+    swap_ab: bool = False
 
 
 # FP8 experts at 1 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot

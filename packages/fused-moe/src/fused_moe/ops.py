@@ -396,6 +396,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     # the intermediate rows quantized inside the down GEMM, their scales from the gate/up GEMM's shares
     h_in_down = fp8_activations and cfg.quant_h_in_down and not in_gemm
     amax_parts = cdiv(inter, cfg.gate_up_block_n) if h_in_down else 0
+    # W8A8's tensor-core products with the weights as the 64-row operand (MoEConfig.swap_ab)
+    swap = fp8_activations and cfg.swap_ab and not in_gemm and not cfg.fma
     norm_rows = cfg.block_m  # the rows of the gate/up GEMM's RMSNorm prologue (one at a time with in_gemm)
     if fp8_activations:
         # the GEMMs read E4M3 on both sides: the interpreter's FP8 dot is wrong too, so its operands go to fp32
@@ -425,7 +427,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
         norm_eps is not None, norm_block(h, norm_rows, dev.type == "cpu") if norm_eps is not None else 16, on,
-        fp8_activations, *quant[0], h_in_down), cfg.num_warps, **early)
+        fp8_activations, *quant[0], h_in_down, swap), cfg.num_warps, **early)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -436,7 +438,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
         precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
-        h_in_down, max(1, amax_parts)), cfg.num_warps, **early)
+        h_in_down, max(1, amax_parts), swap), cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
