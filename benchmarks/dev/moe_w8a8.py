@@ -119,11 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-bk", default="64", help="--sweep: K steps of both GEMMs")
     ap.add_argument("--sweep-stages", default="3,4,6")
     ap.add_argument("--sweep-warps", default="4,8")
+    ap.add_argument("--sweep-swap", action="store_true", help="--sweep: MoEConfig.swap_ab tiles (decode)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("a GPU is needed", file=sys.stderr)
         return 2
-    from fused_moe import MoEConfig, select_config
+    from fused_moe import select_config
 
     dev = torch.device("cuda")
     out = Path(os.environ.get("OUT", ".")) / "moe_w8a8.jsonl"
@@ -163,9 +164,13 @@ def main(argv=None) -> int:
         grid = [(bn, bk, stages, warps) for bn in _ints(args.sweep_bn) for bk in _ints(args.sweep_bk)
                 for stages in _ints(args.sweep_stages) for warps in _ints(args.sweep_warps)]
         for bn, bk, stages, warps in grid:
-            cfg = MoEConfig(64, bn, bk, bn if t <= 64 else 128, bk, warps, stages,
-                            down_split_k=chosen.down_split_k, quant_in_gemm=chosen.quant_in_gemm,
-                            quant_h_in_down=chosen.quant_h_in_down, quant_x_with_align=chosen.quant_x_with_align)
+            if args.sweep_swap:  # 16-token tiles, the weights as the 64/128-row operand, down tiles twice as wide
+                cfg = chosen._replace(block_m=16, gate_up_block_n=bn, gate_up_block_k=bk, down_block_n=2 * bn,
+                                      down_block_k=bk, num_warps=warps, num_stages=stages, swap_ab=True)
+            else:
+                cfg = chosen._replace(block_m=64, gate_up_block_n=bn, gate_up_block_k=bk,
+                                      down_block_n=bn if t <= 64 else 128, down_block_k=bk, num_warps=warps,
+                                      num_stages=stages)
             try:
                 us = _time_config(cfg, t, x, routes, *w8a8)
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit: reported, skipped
