@@ -30,7 +30,10 @@ FP8 activations (W8A8, ``fp8_activations=True`` with E4M3 experts): ``_quant_row
 rows before kernel 3 and the intermediate rows before kernel 4 (E4M3, one fp32 scale a row); both grouped GEMMs then
 take E4M3 operands on both sides (Hopper's FP8 tensor cores read the weight tiles as loaded, with no conversion in
 registers when the weights are stored K-major: ``quantize_experts_fp8(k_major=True)``) and apply the row's scale
-beside the column's to the fp32 sum (``A_SCALED``).
+beside the column's to the fp32 sum (``A_SCALED``). At decode the tokens' rows are quantized by programs of the
+grouping's launch instead (``_align_quant_kernel``). Switches of ``MoEConfig``: the intermediate quantized inside
+kernel 4 with scales from shares kernel 3 writes (``H_AMAX`` / ``A_AMAX``), the products with the weight tile as
+the 64-row wgmma operand (``SWAP_AB``, ``_k_loop_swap``), both quantizations inside the GEMMs (``QUANT_A``).
 
 Weights are addressed through their strides, so transformers' layouts are read where they lie: gpt-oss's
 ``gate_up_proj [E, H, 2I]`` (gate and up interleaved column by column) and ``down_proj [E, I, H]``, or
