@@ -10,7 +10,8 @@ differ between replays, so L2 does not serve them). ``floor`` is the FP8 bytes o
 W8A8 also runs with the activations quantized another way (``MoEConfig.quant_in_gemm`` flipped: inside the GEMMs or
 by launches before them; ``MoEConfig.quant_h_in_down`` flipped: the intermediate inside the down GEMM;
 ``MoEConfig.quant_x_with_align`` flipped: the tokens' rows quantized in the grouping's launch or their own); at
-decode also with ``MoEConfig.swap_ab`` (16-token tiles, the weights as wgmma's 64-row operand). ``--sweep``
+decode, where the package takes ``MoEConfig.swap_ab`` (16-token tiles, the weights as wgmma's 64-row operand), also
+without it (64-token tiles, the tokens as that operand). ``--sweep``
 also times W8A8 tiles around the package's choice (``fused_moe.configs.select_config``). ``--profile`` splits each
 variant's time by kernel (torch.profiler over graph replays: microseconds per call and launches per call of each
 kernel). Lines go to stdout and, as JSON, to ``$OUT/moe_w8a8.jsonl``.
@@ -151,10 +152,9 @@ def main(argv=None) -> int:
                   # (quant_in_gemm: both; quant_h_in_down: the intermediate, with scales from the gate/up GEMM's
                   # shares), the tokens' rows in the grouping's launch or a launch of their own (quant_x_with_align)
                   for switch in ("quant_in_gemm", "quant_h_in_down", "quant_x_with_align")]
-        if t <= 64:  # decode: the weights as the 64-row wgmma operand, 16-token tiles (MoEConfig.swap_ab)
-            others += [(f"swap_ab, block_m=16, down_block_n={dn}",
-                        chosen._replace(swap_ab=True, block_m=16, gate_up_block_n=32, down_block_n=dn))
-                       for dn in (64, 128)]
+        if t <= 64:  # decode: the chosen swapped tiles (MoEConfig.swap_ab) against the tokens as the 64-row operand
+            others += [("no swap_ab, block_m=64, down_block_n=32",
+                        chosen._replace(swap_ab=False, block_m=64, gate_up_block_n=32, down_block_n=32))]
         for label, cfg in others:
             us = _time_config(cfg, t, x, routes, *w8a8)
             _emit(out, tokens=t, variant=f"w8a8 k-major, {label}", us=round(us, 1), vs_bf16=round(us / base, 3),
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
             else:
                 cfg = chosen._replace(block_m=64, gate_up_block_n=bn, gate_up_block_k=bk,
                                       down_block_n=bn if t <= 64 else 128, down_block_k=bk, num_warps=warps,
-                                      num_stages=stages)
+                                      num_stages=stages, swap_ab=False)
             try:
                 us = _time_config(cfg, t, x, routes, *w8a8)
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit: reported, skipped

@@ -173,9 +173,10 @@ def main() -> int:
 # W8A8 (E4M3 activations and K-major E4M3 weights) on 64-row tiles: Hopper's FP8 wgmma reads both tiles from shared
 # memory as they were loaded, so the K loop has no per-byte work: the PTX must hold FP8 wgmmas and no byte permutation
 # (``prmt``: an N-major FP8 weight tile goes through registers and is permuted on its way to shared memory) and no
-# conversion to 16 bits for mma.sync (what Triton does below 64 rows). At gpt-oss's sizes (K = 2880: 64-wide steps).
+# conversion to 16 bits for mma.sync (what Triton does below 64 rows). At gpt-oss's sizes (K = 2880).
 W8A8_PTX_HAS = ("wgmma.mma_async.sync.aligned.m64n", ".f32.e4m3.e4m3", "cp.async")
 W8A8_PTX_LACKS = ("prmt", "mma.sync")
+W8A8_PTX_SWAP_HAS = ("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3", "cp.async")
 
 
 def w8a8() -> bool:
@@ -208,83 +209,25 @@ def w8a8() -> bool:
                   "y_ptr": "*fp32", **groups,
                   **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wn", "stride_be",
                                    "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
-    for tokens in (1, 64, 2048):
-        cfg = select_config(tokens, 4, 2880, 2880, 32, True, 1, True)
-        for interleaved in (True, False):
-            types, consts = with_norm(K._gate_up_kernel, gate_up_types, dict(
-                TOP_K=4, ACTIVATION=0 if interleaved else 1, HAS_BIAS=interleaved, INTERLEAVED=interleaved,
-                W_SCALED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.gate_up_block_k,
-                EVEN_K=True, NUM_STAGES=cfg.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
-                USE_FMA=False, INTERPRET=False, F16_DOT=False, A_SCALED=True, stride_wk=1))
-            ok &= compile_sm90(K._gate_up_kernel, types, consts,
-                               f"gate_up W8A8 {tokens} tokens {'interleaved' if interleaved else 'concatenated'}, "
-                               "FP8 wgmma", cfg.num_warps, cfg.num_stages,
-                               divisible=tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
-                               ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
-        types, consts = with_norm(K._down_kernel, down_types, dict(
-            HAS_BIAS=True, W_SCALED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.down_block_k,
-            EVEN_K=True, NUM_STAGES=cfg.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False,
-            INTERPRET=False, SPLIT_K=cfg.down_split_k, F16_DOT=False, A_SCALED=True, stride_wk=1))
-        ok &= compile_sm90(K._down_kernel, types, consts, f"down W8A8 {tokens} tokens, FP8 wgmma", cfg.num_warps,
-                           cfg.num_stages,
-                           divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
-                           ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
+    # The chosen tiles at 1, 64 and 2048 tokens (at decode MoEConfig.swap_ab: the weight tile as wgmma's 64-row
+    # operand, 16 tokens as its N, the activation tile transposed in shared memory; 128-byte K steps, the last one of
+    # 2880 masked), and the unswapped 64-token tiles at decode
+    decode = select_config(64, 4, 2880, 2880, 32, True, 1, True)
+    tiles = [(f"{t} tokens", select_config(t, 4, 2880, 2880, 32, True, 1, True)) for t in (1, 64, 2048)]
+    tiles.append(("64 tokens unswapped", decode._replace(swap_ab=False, block_m=64, down_block_n=32)))
+    for label, cfg in tiles:
+        ok &= w8a8_gemms(cfg, label, gate_up_types, down_types)
     # MoEConfig.quant_h_in_down: the gate/up GEMM also writes its rows' shares of their scales, the down GEMM reads
     # the bf16 intermediate and quantizes it in registers with the scales of those shares; both still FP8 wgmma
-    for tokens in (1, 64, 2048):
-        cfg = select_config(tokens, 4, 2880, 2880, 32, True, 1, True)
-        types, consts = with_norm(K._gate_up_kernel, gate_up_types, dict(
-            TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=True, W_SCALED=True, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.gate_up_block_k, EVEN_K=True, NUM_STAGES=cfg.num_stages,
-            DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=False, INTERPRET=False, F16_DOT=False,
-            A_SCALED=True, H_AMAX=True, stride_wk=1))
-        ok &= compile_sm90(K._gate_up_kernel, types, consts, f"gate_up W8A8 {tokens} tokens, shares of h's scales",
-                           cfg.num_warps, cfg.num_stages,
-                           divisible=tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
-                           ptx_has=W8A8_PTX_HAS, ptx_lacks=W8A8_PTX_LACKS)
-        parts = -(-2880 // cfg.gate_up_block_n)
-        types, consts = with_norm(K._down_kernel, {**down_types, "h_ptr": "*bf16"}, dict(
-            HAS_BIAS=True, W_SCALED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.down_block_k,
-            EVEN_K=True, NUM_STAGES=cfg.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False,
-            INTERPRET=False, SPLIT_K=cfg.down_split_k, F16_DOT=False, A_SCALED=True, QUANT_A=True,
-            QUANT_BLOCK=min(128, 1 << (parts - 1).bit_length()), EMULATE_FP8=False, A_AMAX=True, AMAX_PARTS=parts,
-            stride_wk=1))
-        ok &= compile_sm90(K._down_kernel, types, consts, f"down W8A8 {tokens} tokens, h quantized in registers",
-                           cfg.num_warps, cfg.num_stages,
-                           divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
-                           ptx_has=W8A8_PTX_HAS + (".e4m3x2.f32",), ptx_lacks=("mma.sync",))
-    # MoEConfig.swap_ab at decode: the weight tile as wgmma's 64-row operand, 16 tokens as its N; E4M3 x E4M3
-    # wgmma on the tiles as loaded (no byte permutation), the activation tile transposed in shared memory
-    swap_has = ("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3", "cp.async")
-    for interleaved, h_in_down in ((True, False), (False, False), (True, True)):
-        types, consts = with_norm(K._gate_up_kernel, gate_up_types, dict(
-            TOP_K=4, ACTIVATION=0 if interleaved else 1, HAS_BIAS=interleaved, INTERLEAVED=interleaved,
-            W_SCALED=True, BLOCK_M=16, BLOCK_N=32 if interleaved else 64, BLOCK_K=64, EVEN_K=True, NUM_STAGES=6,
-            DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=False, INTERPRET=False, F16_DOT=False,
-            A_SCALED=True, H_AMAX=h_in_down, SWAP_AB=True, stride_wk=1))
-        ok &= compile_sm90(K._gate_up_kernel, types, consts,
-                           f"gate_up W8A8 swap_ab {'interleaved' if interleaved else 'concatenated'}"
-                           + (", shares of h's scales" if h_in_down else ""), 4, 6,
-                           divisible=tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
-                           ptx_has=swap_has, ptx_lacks=W8A8_PTX_LACKS, no_spills=True)
-    for h_in_down in (False, True):
-        quant_a = dict(QUANT_A=True, QUANT_BLOCK=128, EMULATE_FP8=False, A_AMAX=True, AMAX_PARTS=90) if h_in_down \
-            else {}
-        types, consts = with_norm(K._down_kernel, {**down_types, "h_ptr": "*bf16"} if h_in_down else down_types, dict(
-            HAS_BIAS=True, W_SCALED=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, EVEN_K=True, NUM_STAGES=6,
-            DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False, INTERPRET=False, SPLIT_K=1, F16_DOT=False,
-            A_SCALED=True, SWAP_AB=True, stride_wk=1, **quant_a))
-        ok &= compile_sm90(K._down_kernel, types, consts,
-                           "down W8A8 swap_ab" + (", h quantized in registers" if h_in_down else ""), 4, 6,
-                           divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
-                           ptx_has=swap_has, ptx_lacks=W8A8_PTX_LACKS if not h_in_down else ("mma.sync",),
-                           no_spills=True)
+    for label, cfg in tiles[::2]:
+        ok &= w8a8_gemms(cfg, label + ", h quantized in the down GEMM", gate_up_types, down_types, h_in_down=True)
     # MoEConfig.quant_in_gemm (off by default, measured slower): the 16-bit activations quantized in registers inside
     # both GEMMs (the gate/up one with and without the RMSNorm prologue); still FP8 wgmma on the weights as loaded
-    cfg = select_config(1, 4, 2880, 2880, 32, True, 1, True)._replace(quant_in_gemm=True)
+    cfg = select_config(1, 4, 2880, 2880, 32, True, 1, True)._replace(quant_in_gemm=True, swap_ab=False, block_m=64)
     in_gemm = dict(A_SCALED=True, QUANT_A=True, QUANT_BLOCK=4096, EMULATE_FP8=False, stride_wk=1, UPCAST=False,
-                   DOT_PRECISION="tf32", USE_FMA=False, INTERPRET=False, F16_DOT=False, EVEN_K=True,
-                   BLOCK_M=cfg.block_m, NUM_STAGES=cfg.num_stages, W_SCALED=True, HAS_BIAS=True)
+                   DOT_PRECISION="tf32", USE_FMA=False, INTERPRET=False, F16_DOT=False,
+                   EVEN_K=2880 % cfg.gate_up_block_k == 0, BLOCK_M=cfg.block_m, NUM_STAGES=cfg.num_stages,
+                   W_SCALED=True, HAS_BIAS=True)
     for norm in (False, True):
         types, consts = with_norm(K._gate_up_kernel, {**gate_up_types, "x_ptr": "*bf16"}, dict(
             TOP_K=4, ACTIVATION=0, INTERLEAVED=True, BLOCK_N=cfg.gate_up_block_n, BLOCK_K=cfg.gate_up_block_k,
@@ -301,6 +244,44 @@ def w8a8() -> bool:
     ok &= compile_sm90(K._down_kernel, types, consts, "down W8A8 1 token, quantized in registers", cfg.num_warps,
                        cfg.num_stages, divisible=tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",),
                        ptx_has=W8A8_PTX_HAS + (".e4m3x2.f32",), ptx_lacks=("mma.sync",))
+    return ok
+
+
+
+def w8a8_gemms(cfg, label: str, gate_up_types: dict, down_types: dict, h_in_down: bool = False) -> bool:
+    """Both W8A8 GEMMs of gpt-oss-20b's layer (K = 2880) with ``cfg``'s tiles; ``h_in_down``: the gate/up GEMM writes
+    the shares of h's scales (interleaved layout only), the down GEMM quantizes the bf16 intermediate in registers."""
+    from fused_moe.configs import for_layout
+
+    divisible_gu = tuple(p for p in GATE_UP_DIVISIBLE if p != "stride_wk") + ("stride_wn",)
+    divisible_down = tuple(p for p in DOWN_DIVISIBLE if p != "stride_wk") + ("stride_wn",)
+    swap = dict(SWAP_AB=True) if cfg.swap_ab else {}
+    has = W8A8_PTX_SWAP_HAS if cfg.swap_ab else W8A8_PTX_HAS
+    name = f"{label}{', swap_ab' if cfg.swap_ab else ''}, FP8 wgmma"
+    common = dict(W_SCALED=True, BLOCK_M=cfg.block_m, NUM_STAGES=cfg.num_stages, DOT_PRECISION="tf32", UPCAST=False,
+                  USE_FMA=False, INTERPRET=False, F16_DOT=False, A_SCALED=True, stride_wk=1, **swap)
+    ok = True
+    for interleaved in (True,) if h_in_down else (True, False):
+        block_n = for_layout(cfg, interleaved).gate_up_block_n  # (as the ops take it)
+        types, consts = with_norm(K._gate_up_kernel, gate_up_types, dict(
+            TOP_K=4, ACTIVATION=0 if interleaved else 1, HAS_BIAS=interleaved, INTERLEAVED=interleaved,
+            BLOCK_N=block_n, BLOCK_K=cfg.gate_up_block_k, EVEN_K=2880 % cfg.gate_up_block_k == 0,
+            EMULATE_BF16=False, **({"H_AMAX": True} if h_in_down else {}), **common))
+        ok &= compile_sm90(K._gate_up_kernel, types, consts,
+                           f"gate_up W8A8 {'interleaved' if interleaved else 'concatenated'} {name}",
+                           cfg.num_warps, cfg.num_stages, divisible=divisible_gu, ptx_has=has,
+                           ptx_lacks=W8A8_PTX_LACKS, no_spills=cfg.swap_ab)
+    quant_a = {}
+    if h_in_down:
+        parts = -(-2880 // cfg.gate_up_block_n)
+        quant_a = dict(QUANT_A=True, QUANT_BLOCK=min(128, 1 << (parts - 1).bit_length()), EMULATE_FP8=False,
+                       A_AMAX=True, AMAX_PARTS=parts)
+    types, consts = with_norm(K._down_kernel, {**down_types, "h_ptr": "*bf16"} if h_in_down else down_types, dict(
+        HAS_BIAS=True, BLOCK_N=cfg.down_block_n, BLOCK_K=cfg.down_block_k, EVEN_K=2880 % cfg.down_block_k == 0,
+        SPLIT_K=cfg.down_split_k, **quant_a, **common))
+    ok &= compile_sm90(K._down_kernel, types, consts, f"down W8A8 {name}", cfg.num_warps, cfg.num_stages,
+                       divisible=divisible_down, ptx_has=has + ((".e4m3x2.f32",) if h_in_down else ()),
+                       ptx_lacks=("mma.sync",) if h_in_down else W8A8_PTX_LACKS, no_spills=cfg.swap_ab)
     return ok
 
 

@@ -11,4 +11,4 @@ from triton_ops_core.aot import check_compile_script
 def test_every_kernel_compiles_for_sm90():
     # 30 variants (route, align, combine; bf16, E4M3 and E5M2 grouped GEMMs) and 8 instruction budgets of the
     # one-row FP8 tiles
-    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 75)
+    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 71)

@@ -187,7 +187,7 @@ def _w8a8_reference(args, scales, ids, wts, quantize=True):
 
 @pytest.mark.parametrize("t", [1, 4, 9, 64, 65, 2048, 8192])
 def test_w8a8_experts_at_gpt_oss_20b_shape(t):
-    """FP8 activations with K-major E4M3 experts (64-row FP8 wgmma tiles at every token count) against the fp32
+    """FP8 activations with K-major E4M3 experts (FP8 wgmma tiles at every token count) against the fp32
     emulation of both per-row quantizations, and near the bf16 experts."""
     from fused_moe import moe_experts, moe_route
 
@@ -213,9 +213,10 @@ def test_w8a8_experts_at_gpt_oss_20b_shape(t):
 
 
 @pytest.mark.parametrize("t", [1, 8, 64])
-def test_w8a8_swap_ab_at_gpt_oss_20b_shape(t, monkeypatch):
-    """MoEConfig.swap_ab (the weights as wgmma's 64-row operand, 16-token tiles): the recipe's result, as the
-    default tiles give it (the tensor cores' reduced-precision sums may differ in order), NaN kept to its token."""
+def test_w8a8_decode_tiles_swapped_and_not(t, monkeypatch):
+    """At decode W8A8 takes MoEConfig.swap_ab (the weights as wgmma's 64-row operand, 16-token tiles); the 64-token
+    tiles with the tokens as that operand give the recipe's result too, as the default tiles give it (the tensor
+    cores' reduced-precision sums may differ in order), NaN kept to its token."""
     from fused_moe import moe_experts, moe_route, select_config
 
     x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=90 + t)
@@ -226,8 +227,9 @@ def test_w8a8_swap_ab_at_gpt_oss_20b_shape(t, monkeypatch):
     ids, wts = moe_route(x, rw, rb, K)
     default = moe_experts(x, ids, wts, q1, b1, q2, b2, **scales, fp8_activations=True)
     chosen = select_config(t, K, H, INTER, E, x.device, 1, True)
-    swapped = chosen._replace(swap_ab=True, block_m=16, gate_up_block_n=32, down_block_n=64)
-    monkeypatch.setattr(ops, "_config", lambda *a: swapped)
+    assert chosen.swap_ab and chosen.block_m == 16
+    unswapped = chosen._replace(swap_ab=False, block_m=64, gate_up_block_n=32, down_block_n=32)
+    monkeypatch.setattr(ops, "_config", lambda *a: unswapped)
     ops.clear_caches()
     try:
         out = moe_experts(x, ids, wts, q1, b1, q2, b2, **scales, fp8_activations=True)

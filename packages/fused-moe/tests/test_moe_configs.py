@@ -97,7 +97,7 @@ def test_the_ops_ask_for_fp8_tiles_with_fp8_experts(monkeypatch, device):
 
     def spy(*args):
         seen.append(args)
-        return MoEConfig(16, 16, 16, 16, 16, 4, 1)
+        return MoEConfig(16, 16, 32, 16, 32, 4, 1)  # (K steps of 32: Hopper's FP8 dot takes no fewer)
 
     spy.cache_clear = lambda: None  # clear_caches() clears select_config's memo
     ops.clear_caches()

@@ -48,7 +48,8 @@ class MoEConfig(NamedTuple):
     # W8A8 at decode (one-program grouping): the tokens' rows quantized by programs of the grouping's launch
     quant_x_with_align: bool = True
     # W8A8 (tensor-core tiles): each product with the weight tile as the 64-row wgmma operand and the tokens as its N
-    # (block_m 16 suffices: no 64-row activation tile, mostly padding at decode, in shared memory); off until timed
+    # (block_m 16 suffices: no 64-row activation tile, mostly padding at decode, in shared memory); what W8A8 takes at
+    # decode
     swap_ab: bool = False
 
 
@@ -82,16 +83,23 @@ def _split(split: int, k: int, block_k: int) -> int:
     return max(1, min(split, -(-k // block_k)))
 
 
-# FP8 activations with E4M3 experts (W8A8): 64-row tiles at every token count, so that Triton's dot is Hopper's FP8
-# wgmma (m64, operands read from shared memory as loaded; below 64 rows it converts both operands to fp16 for mma.sync)
-# and the weight bytes need no instruction of their own: even at decode, padding the experts' few rows to 64 costs
-# tensor-core time well under the time of the weights' read (gpt-oss-20b, 64 tokens: ~70 us of FP8 MMA against 187 us
-# of weights at 4.25 TB/s). Measured on the H200 (session 28, gpt-oss-20b's layer in CUDA graphs,
-# benchmarks/dev/moe_w8a8.py --sweep): at decode, 32-column tiles in both GEMMs and 6 stages (64 tokens: 301 us
-# against 320 us with 64 columns); in prefill, 4 stages (2048 tokens: 805 us against 817 us with 6).
+# FP8 activations with E4M3 experts (W8A8): tiles for Hopper's FP8 wgmma (m64, operands read from shared memory as
+# loaded; below 64 rows of its A operand Triton converts both operands to fp16 for mma.sync), and the weight bytes need
+# no instruction of their own. In prefill, 64-token tiles. At decode, the weights are the 64-row operand and the tokens
+# its N (MoEConfig.swap_ab): 16-token tiles, so that no 64-row activation tile, mostly padding, sits in shared memory.
+# K steps of 128 bytes even where they do not divide K (2880 = 22.5 * 128: the last step masked): fewer, larger steps
+# outweigh the masked tail. Measured on an H100 (session 29, gpt-oss-20b's layer in CUDA graphs,
+# benchmarks/dev/moe_w8a8.py --sweep; docs/benchmarks/dev/moe/moe_w8a8-sweep-h100-session29.log): 64-token tiles with
+# 32 columns and 6 stages (the session 28 choice on the H200, where 128-byte K steps were not tried) took 58.9 / 247.3
+# / 369.3 us at 1 / 8 / 64 tokens with 64-byte K steps, 58.8 / 208.6 / 318.3 with 128-byte ones, and the swapped
+# 16-token tiles (gate/up 32 columns, down 64) 53.4 / 204.7 / 313.5 (256-byte steps: 56.6 / 203.1 / 307.7, within
+# noise at 8 and 64 tokens, slower at 1). Prefill, 2048 tokens: 926 us with 64-byte K steps and 4 stages, 843 us with
+# 128-byte steps and 3 stages (838 with 8 warps).
 W8A8_BLOCK_M = 64
+W8A8_DECODE_BLOCK_M = 16
+W8A8_BLOCK_K = 128
 W8A8_STAGES = 6
-W8A8_PREFILL_STAGES = 4
+W8A8_PREFILL_STAGES = 3
 # Up to this many tokens W8A8 quantizes the activations inside the grouped GEMMs (MoEConfig.quant_in_gemm) instead of
 # in two row-quantization launches. Measured slower on the H200 (session 28): 1 token 64.2 us inside against 49.3 us
 # with the launches, 8 tokens 233.1 against 211.7 us: every program first walks all of K for its rows' scales before
@@ -101,20 +109,28 @@ W8A8_QUANT_IN_GEMM_MAX_TOKENS = 0
 
 def _w8a8_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, num_experts: int, sms: int,
                  smem: int) -> MoEConfig:
-    # K steps of 128 bytes where they divide K (no K mask), else 64 (2880 = 45 * 64)
-    bk, dk = (128 if hidden % 128 == 0 else 64), (128 if intermediate % 128 == 0 else 64)
+    # (K steps of at least 32: Hopper's FP8 dot takes no fewer)
+    bk, dk = (min(W8A8_BLOCK_K, max(32, next_pow2(k))) for k in (hidden, intermediate))
     if num_tokens <= DECODE_MAX_TOKENS:
-        bn = dn = 32
-        stages = W8A8_STAGES
+        block_m, bn, dn, stages, swap = W8A8_DECODE_BLOCK_M, 32, 64, W8A8_STAGES, True
     else:
         hit = min(num_tokens * top_k, num_experts)
         # narrow column tiles while the experts hit give fewer than two waves of programs (as the bf16 tiles)
-        bn, dn = (32 if hit * -(-intermediate // 64) < 2 * sms else 64), 128
-        stages = W8A8_PREFILL_STAGES
-    stages = _stages_that_fit(stages, (W8A8_BLOCK_M + 2 * max(bn, dn)) * max(bk, dk), smem)
+        bn = 32 if hit * -(-intermediate // 64) < 2 * sms else 64
+        block_m, dn, stages, swap = W8A8_BLOCK_M, 128, W8A8_PREFILL_STAGES, False
+    stages = _stages_that_fit(stages, (block_m + 2 * max(bn, dn)) * max(bk, dk), smem)
     split = _split(2, intermediate, dk) if num_tokens == 1 else 1
-    return MoEConfig(W8A8_BLOCK_M, bn, bk, dn, dk, 4, stages, down_split_k=split,
-                     quant_in_gemm=num_tokens <= W8A8_QUANT_IN_GEMM_MAX_TOKENS)
+    return MoEConfig(block_m, bn, bk, dn, dk, 4, stages, down_split_k=split,
+                     quant_in_gemm=num_tokens <= W8A8_QUANT_IN_GEMM_MAX_TOKENS, swap_ab=swap)
+
+
+def for_layout(cfg: MoEConfig, interleaved: bool) -> MoEConfig:
+    """``cfg`` for the gate/up weights' layout. Swapped W8A8 products (``swap_ab``) take the weight tile as wgmma's
+    64-row operand: interleaved gate/up columns are one tile of ``2 * gate_up_block_n`` rows, concatenated ones two
+    tiles of ``gate_up_block_n`` rows, which must then be 64 each."""
+    if cfg.swap_ab and not interleaved and cfg.gate_up_block_n < 64:
+        return cfg._replace(gate_up_block_n=64)
+    return cfg
 
 
 @functools.lru_cache(maxsize=1024)

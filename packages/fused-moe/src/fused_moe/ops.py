@@ -32,7 +32,7 @@ from triton_ops_core.rms_prologue import check_norm, norm_block
 from triton_ops_core.validation import check_dtype, check_same_device, check_tensor
 
 from . import _kernels as K
-from .configs import MoEConfig, select_config
+from .configs import MoEConfig, for_layout, select_config
 from .validation import validate_experts_inputs, validate_route_inputs
 
 _ACTIVATION_CODES = {"swiglu_oai": K.ACT_SWIGLU_OAI, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
@@ -379,6 +379,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     dev, dtype = x2d.device, x2d.dtype
     p = t * k
     cfg = _config(t, k, h, inter, e, dev, gate_up_proj.element_size(), fp8_activations)
+    if fp8_activations and dev.type == "cuda":  # (the interpreter's tests choose their tiles)
+        cfg = for_layout(cfg, gate_up_layout == "interleaved")
     align = _align_plan(p, e, cfg.block_m, dev)
     tiles = align.tiles
     if t == 0:
