@@ -315,8 +315,8 @@ def test_quantized_inside_the_gemms_equals_the_launches_before_them(device, monk
         same = outs[2] if mode.get("swap_ab") else outs[0]
         for a, b, c in zip(same, other, outs[0], strict=True):
             assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-            if device.type == "cuda":
-                torch.testing.assert_close(b, c, rtol=1.6e-2, atol=1e-2, equal_nan=True)
+            if device.type == "cuda":  # (an E4M3 step is 6-12 %: a few elements move by one, the whole by little)
+                assert_close_rel(b.nan_to_num(7.0).float(), c.nan_to_num(7.0).float(), 2.5e-2)
             else:
                 assert torch.equal(b.nan_to_num(7.0), c.nan_to_num(7.0))
             if t > 1:

@@ -269,8 +269,8 @@ def test_w8a8_in_a_cuda_graph_and_nan_token(t):
 def test_w8a8_quantized_inside_the_gemms_equals_the_launches(mode, t, monkeypatch):
     """W8A8 with the activations quantized elsewhere (MoEConfig.quant_x_with_align: the tokens' rows by programs of
     the grouping's launch; quant_in_gemm, off by default: measured slower; quant_h_in_down: the intermediate inside
-    the down GEMM, its scales from the gate/up GEMM's shares): the same bits as the two row-quantization launches,
-    at gpt-oss-20b's shape."""
+    the down GEMM, its scales from the gate/up GEMM's shares): the same bits as the two row-quantization launches
+    with the same tiles, at gpt-oss-20b's shape."""
     from fused_moe import moe_experts, moe_route, select_config
 
     x, rw, rb, w1, b1, w2, b2 = _gpt_oss(t, seed=80 + t)
@@ -281,6 +281,8 @@ def test_w8a8_quantized_inside_the_gemms_equals_the_launches(mode, t, monkeypatc
     chosen = select_config(t, K, H, INTER, E, x.device, 1, True)
     outs = []
     launches = chosen._replace(quant_in_gemm=False, quant_h_in_down=False, quant_x_with_align=False)
+    if mode == "quant_in_gemm":  # (which takes the tokens as the 64-row operand: compared with the launches so)
+        launches = launches._replace(swap_ab=False, block_m=64, gate_up_block_n=32, down_block_n=32)
     for cfg in (launches._replace(**{mode: True}), launches):
         monkeypatch.setattr(ops, "_config", lambda *a, cfg=cfg: cfg)
         ops.clear_caches()
