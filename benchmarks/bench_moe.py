@@ -10,8 +10,8 @@ K-major, the activations quantized per row: ``fp8_activations=True``); the floor
 (the issue's target: FP8 decode at most 0.6x of bf16).
 Every implementation is checked against an fp32 reference of the same
 bf16 inputs before it is timed. Each case also reports the weight-read floor: the bytes of the experts the
-routing actually touches (plus the router) over 4.25e12 B/s (the H200's nominal HBM bandwidth, 4.8 TB/s, less the
-~11 % no kernel gets), and our time as a percentage of that floor. The suite's bandwidth columns use the same
+routing actually touches (plus the router) over the run's measured peak copy bandwidth (4.23 TB/s on the H200, 3.00
+on an H100; 4.25e12 B/s where none was measured), and our time as a percentage of that floor. The suite's bandwidth columns use the same
 bytes (``bytes_moved``), so "% of copy bw" is over the bytes actually needed.
 
 Without a GPU: a tiny layer (hidden 64, 8 experts, top 2, intermediate 48) at 1 and 5 tokens under the Triton
@@ -28,7 +28,7 @@ import torch
 from ._common import run_groups
 
 GROUP = "moe"
-FLOOR_BPS = 4.25e12  # bytes per second the weight-read floor divides by
+FLOOR_BPS = 4.25e12  # bytes per second the weight-read floor divides by where the run measured no copy bandwidth
 FLOOR_FLOPS = 790e12  # bf16 dense matrix work the H200/H100 sustain (device notes): the floor of a prefill
 GPT_OSS_20B = {"hidden": 2880, "intermediate": 2880, "experts": 32, "top_k": 4}
 TINY = {"hidden": 64, "intermediate": 48, "experts": 8, "top_k": 2}
@@ -157,6 +157,13 @@ def _compiled(suite, name: str, fn):
     return Impl(name, run, optional=True, gpu_only=True)
 
 
+def _floor_bps(suite) -> float:
+    """The bandwidth the weight-read floor divides by: this run's measured peak copy bandwidth (bytes read plus
+    written per second, as ``FLOOR_BPS``: 4.23 TB/s on the H200, 3.00 on an H100), else ``FLOOR_BPS``."""
+    peak = getattr(suite, "peak_copy_gbps", None)
+    return peak * 1e9 if peak else FLOOR_BPS
+
+
 def _case(suite, t: int, shape: dict, dtype: torch.dtype):
     from fused_moe import fused_moe, moe_reference, quantize_experts_fp8
     from triton_ops.benchmark._model import Case, Impl
@@ -172,7 +179,7 @@ def _case(suite, t: int, shape: dict, dtype: torch.dtype):
     hit, nbytes = _touched_bytes(x, params, k)
     flops = 2 * t * k * 3 * shape["hidden"] * shape["intermediate"]
     # decode is bound by the weights it reads, prefill by its matrix work: the floor is the larger of the two
-    read_us, math_us = nbytes / FLOOR_BPS * 1e6, flops / FLOOR_FLOPS * 1e6
+    read_us, math_us = nbytes / _floor_bps(suite) * 1e6, flops / FLOOR_FLOPS * 1e6
     floor_us, floor_kind = (read_us, "weight read") if read_us >= math_us else (math_us, "matrix work")
     mlp = _transformers_mlp(shape, params)
     x3 = x[None]
@@ -227,7 +234,7 @@ def _case(suite, t: int, shape: dict, dtype: torch.dtype):
         bytes_moved=nbytes, flops=flops,
         panel="gpt-oss MoE: bytes of the experts hit (+ router, x, out)", x=nbytes / 2**20,
         x_label="MB needed (experts hit + router)", metric="gbps",
-        note=f"{hit} of {e} experts hit; floor {floor_us:.1f} us ({floor_kind}: {FLOOR_BPS / 1e12:.2f} TB/s, "
+        note=f"{hit} of {e} experts hit; floor {floor_us:.1f} us ({floor_kind}: {_floor_bps(suite) / 1e12:.2f} TB/s, "
              f"{FLOOR_FLOPS / 1e12:.0f} TFLOP/s)",
     )
 
@@ -235,11 +242,13 @@ def _case(suite, t: int, shape: dict, dtype: torch.dtype):
 def _floor_table(suite) -> None:
     """Our time against the weight-read floor, per case (a table in the report, and lines on stderr)."""
     rows = []
+    bps = _floor_bps(suite)  # (measured by now, if the run measures it at all)
     for r in suite.results:
         if r.group != GROUP:
             continue
-        floor = r.params.get("floor_us", r.params.get("weight_read_floor_us"))
-        cells = [r.params.get("tokens"), r.params.get("experts_hit"), r.params.get("floor", "weight read"), floor]
+        read_us, math_us = r.params["bytes_touched"] / bps * 1e6, r.params["matrix_work_floor_us"]
+        floor, kind = (round(read_us, 2), "weight read") if read_us >= math_us else (math_us, "matrix work")
+        cells = [r.params.get("tokens"), r.params.get("experts_hit"), kind, floor]
         for name in ("triton-ops", "transformers eager", "torch.compile", "torch._grouped_mm"):
             impl = r.impl(name)
             ms = impl.ms if impl is not None else None
@@ -261,7 +270,8 @@ def _floor_table(suite) -> None:
         return
     suite.tables.append({
         "group": GROUP, "title": "gpt-oss MoE: time against the floor",
-        "note": f"floor = the larger of the bytes of the experts hit (+ router, x, out) / {FLOOR_BPS:.3g} B/s and "
+        "note": f"floor = the larger of the bytes of the experts hit (+ router, x, out) / {bps:.3g} B/s (this run's "
+                f"peak copy bandwidth where measured) and "
                 f"the matrix work / {FLOOR_FLOPS:.3g} FLOP/s; times are medians in us",
         "columns": ["tokens", "experts hit", "bound by", "floor (us)", "triton-ops (us)", "transformers eager (us)",
                     "torch.compile (us)", "torch._grouped_mm (us)", "triton-ops in a CUDA graph (us)",
