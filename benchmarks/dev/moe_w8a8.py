@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-stages", default="3,4,6")
     ap.add_argument("--sweep-warps", default="4,8")
     ap.add_argument("--sweep-swap", action="store_true", help="--sweep: MoEConfig.swap_ab tiles (decode)")
+    ap.add_argument("--sweep-split", default="", help="--sweep: the down GEMM's K splits (default: the chosen one)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("a GPU is needed", file=sys.stderr)
@@ -161,9 +162,10 @@ def main(argv=None) -> int:
                   fp8_floor_us=round(floor, 1))
         if not args.sweep:
             continue
-        grid = [(bn, bk, stages, warps) for bn in _ints(args.sweep_bn) for bk in _ints(args.sweep_bk)
-                for stages in _ints(args.sweep_stages) for warps in _ints(args.sweep_warps)]
-        for bn, bk, stages, warps in grid:
+        splits = _ints(args.sweep_split) if args.sweep_split else [chosen.down_split_k]
+        grid = [(bn, bk, stages, warps, split) for bn in _ints(args.sweep_bn) for bk in _ints(args.sweep_bk)
+                for stages in _ints(args.sweep_stages) for warps in _ints(args.sweep_warps) for split in splits]
+        for bn, bk, stages, warps, split in grid:
             if args.sweep_swap:  # 16-token tiles, the weights as the 64/128-row operand, down tiles twice as wide
                 cfg = chosen._replace(block_m=16, gate_up_block_n=bn, gate_up_block_k=bk, down_block_n=2 * bn,
                                       down_block_k=bk, num_warps=warps, num_stages=stages, swap_ab=True)
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
                 cfg = chosen._replace(block_m=64, gate_up_block_n=bn, gate_up_block_k=bk,
                                       down_block_n=bn if t <= 64 else 128, down_block_k=bk, num_warps=warps,
                                       num_stages=stages, swap_ab=False)
+            cfg = cfg._replace(down_split_k=split)
             try:
                 us = _time_config(cfg, t, x, routes, *w8a8)
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit: reported, skipped
