@@ -11,8 +11,8 @@ K-major, the activations quantized per row: ``fp8_activations=True``); the floor
 Every implementation is checked against an fp32 reference of the same
 bf16 inputs before it is timed. Each case also reports the weight-read floor: the bytes of the experts the
 routing actually touches (plus the router) over the run's measured peak copy bandwidth (4.23 TB/s on the H200, 3.00
-on an H100; 4.25e12 B/s where none was measured), and our time as a percentage of that floor. The suite's bandwidth columns use the same
-bytes (``bytes_moved``), so "% of copy bw" is over the bytes actually needed.
+on an H100; 4.25e12 B/s where none was measured), and our time as a percentage of that floor. The suite's
+bandwidth columns use the same bytes (``bytes_moved``), so "% of copy bw" is over the bytes actually needed.
 
 Without a GPU: a tiny layer (hidden 64, 8 experts, top 2, intermediate 48) at 1 and 5 tokens under the Triton
 interpreter, correctness only (our kernel and transformers' eager module against the fp32 reference).
