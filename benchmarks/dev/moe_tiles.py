@@ -109,8 +109,8 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list) -> tuple[float, 
     def gate_up(r):
         _, g, hmid, _ = r
         plan.gate_up.launch(x, ga, b1, b1 if gs is None else gs, g.sorted_pairs, g.offsets, g.tile_expert,
-                            g.tile_start, ga, ga, hmid)  # (ga: the norm weight's and the activation scales'
-        # pointers, never read: NORM and A_SCALED are off)
+                            g.tile_start, ga, ga, hmid, ga)  # (ga: the norm weight's, the activation scales' and
+        # the intermediate shares' pointers, never touched: NORM, A_SCALED and H_AMAX are off)
 
     def down(r):
         wts, g, hmid, y = r

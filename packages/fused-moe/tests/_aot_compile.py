@@ -36,19 +36,17 @@ def build(fn, types: dict, consts: dict, name: str, warps: int = 4, norm: bool =
     return compile_sm90(fn, types, consts, name, warps, consts.get("NUM_STAGES", 3))
 
 
-# The one-row FMA tiles of FP8 experts (configs.FP8_FMA_TILE_NARROW / FP8_FMA_TILE: 1 to 8 tokens) stream weights
-# with CUDA-core work on every byte; an sm_90 SM issues 4 warp instructions a cycle and must take in about 16 weight
-# bytes a cycle to keep up with HBM, so the K loop may spend at most a few instructions per byte. With the 3-D
-# product tile the compiler permuted every FP8 tile into that tile's layout: 5.1-7.0 instructions a weight byte in
-# these loops; the 2-D tile (the weight tile's own layout) takes 3.3-3.9. Budget: 5 per weight byte a thread, at
-# gpt-oss's layouts (gate_up [E, K, 2N] and down [E, K, N], N contiguous) with the alignment the launcher
-# specializes at run time (N = 2880: multiples of 16).
-MAX_LOOP_INSTRUCTIONS_PER_BYTE = 5
+# The one-row FMA tiles of FP8 experts (configs.FP8_FMA_TILE_NARROW / FP8_FMA_TILE: 1 to 8 tokens), compiled at
+# gpt-oss's layouts (gate_up [E, K, 2N] and down [E, K, N], N contiguous) with the alignment the launcher specializes
+# at run time (N = 2880: multiples of 16). Their K loops once had an instruction budget (5 a weight byte, met by
+# accumulating one row in the weight tile's layout); on an H100 that layout measured 1.75x slower (session 30: the
+# row's reshape costs a shared-memory exchange a step, which no instruction count shows), so only compilation is
+# checked here and speed is left to benchmarks.dev.moe_tiles.
 GATE_UP_DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "h_ptr", "K", "N", "stride_xt", "stride_we", "stride_wk", "stride_hm")
 DOWN_DIVISIBLE = ("h_ptr", "w_ptr", "s_ptr", "y_ptr", "K", "N", "stride_hm", "stride_we", "stride_wk", "stride_ym")
 
 
-def one_row_fp8_budgets() -> bool:
+def one_row_fp8_tiles() -> bool:
     ok = True
     gate_up_types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16",
                      **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
@@ -63,32 +61,27 @@ def one_row_fp8_budgets() -> bool:
     # E4M3 at both tiles; E5M2 and the concatenated gate/up layout (Qwen3-MoE / Mixtral style) at the narrow one
     for tile, wtype, interleaved in ((FP8_FMA_TILE_NARROW, "*fp8e4nv", True), (FP8_FMA_TILE, "*fp8e4nv", True),
                                      (FP8_FMA_TILE_NARROW, "*fp8e5", True), (FP8_FMA_TILE_NARROW, "*fp8e4nv", False)):
-        threads = 32 * tile.num_warps
         label = f"{wtype[1:]} {'interleaved' if interleaved else 'concatenated'}"
         gate_up_types["w_ptr"] = down_types["w_ptr"] = wtype
         # gate/up: a [BLOCK_K, 2 * BLOCK_N] tile of FP8 bytes a step (gate and up columns side by side, or two
         # [BLOCK_K, BLOCK_N] tiles of the concatenated halves)
-        budget = MAX_LOOP_INSTRUCTIONS_PER_BYTE * tile.gate_up_block_k * 2 * tile.gate_up_block_n // threads
         consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=True, BLOCK_M=1,
                       BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
                       NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
                       USE_FMA=True, INTERPRET=False, F16_DOT=False, stride_wn=1)
-        # (and with the RMSNorm prologue: the post-attention norm in the launch, within the same budget)
+        # (and with the RMSNorm prologue: the post-attention norm in the launch)
         for norm in (False, True) if interleaved and wtype == "*fp8e4nv" else (False,):
             types, cs = with_norm(K._gate_up_kernel, gate_up_types, consts, norm)
             ok &= compile_sm90(K._gate_up_kernel, types, cs,
-                               f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}, loop "
-                               f"budget{', RMSNorm prologue' if norm else ''}",
-                               tile.num_warps, tile.num_stages, divisible=GATE_UP_DIVISIBLE,
-                               max_loop_instructions=budget)
-        budget = MAX_LOOP_INSTRUCTIONS_PER_BYTE * tile.down_block_k * tile.down_block_n // threads
+                               f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}"
+                               f"{', RMSNorm prologue' if norm else ''}",
+                               tile.num_warps, tile.num_stages, divisible=GATE_UP_DIVISIBLE)
         consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
                       EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=True,
                       INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1)
         ok &= compile_sm90(K._down_kernel, with_norm(K._down_kernel, down_types, {})[0], consts,
-                           f"down one-row {label} tile {tile.down_block_n}x{tile.down_block_k}, loop budget",
-                           tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE,
-                           max_loop_instructions=budget)
+                           f"down one-row {label} tile {tile.down_block_n}x{tile.down_block_k}",
+                           tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE)
     return ok
 
 
@@ -159,7 +152,7 @@ def main() -> int:
                              NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False, INTERPRET=False,
                              SPLIT_K=2, F16_DOT=True),
                         f"down {wtype} fp16 dots", warps=4)
-    ok &= one_row_fp8_budgets()
+    ok &= one_row_fp8_tiles()
     ok &= w8a8()
     for residual in (False, True):
         ok &= build(K._combine_kernel, {"y_ptr": "*fp32", "out_ptr": "*bf16", "res_ptr": "*bf16", "T": I32,

@@ -119,20 +119,17 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
     ``USE_FMA``: CUDA-core products into ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 register tiles, summed over K once at
     the end, instead of tensor-core dots. For one or two rows per expert (decode): a dot needs 16 rows (15 of them
     padding at one token) and, with FP8 weights, their conversion to 16 bits in registers first; plain loads and
-    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included: one row accumulates in ``[BLOCK_K, BLOCK_N]``,
-    the weight tile's own layout, so the tile is multiplied where it was loaded (the 3-D tile's layout made the
-    compiler permute every FP8 tile's bytes: 5.1-7.0 sm_90 instructions per weight byte in the gate/up and down
-    loops of the one-row FP8 tiles, against 3.3-3.9 this way; tests/_aot_compile.py holds them to 5). ``F16_DOT``
-    (FP8 weights, bf16 activations, tensor-core dots): ``_f16_dot``. ``NORM``: each ``A`` tile RMS-normalized by its
-    rows' ``rstd`` and the weight at ``nw_ptr`` first (``triton_ops_core.rms_prologue``). ``QUANT_A``: each ``A``
-    tile (normalized first) quantized to E4M3 in registers with its rows' reciprocal scales ``a_inv``, bit for bit
-    as ``_quant_rows_kernel`` writes it (W8A8 at decode, without the launches of their own)."""
+    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included. (One row accumulated in the weight tile's
+    own ``[BLOCK_K, BLOCK_N]`` layout instead takes fewer sm_90 instructions a weight byte, 3.3-3.9 against 5.1-7.0,
+    but the row reshaped into that layout costs a shared-memory exchange every K step: measured on an H100, session
+    30, gpt-oss-20b's layer in CUDA graphs, FP8 experts at one token 52.5 -> 91.6 us, gate/up 29.6 -> 62.0 us; so
+    the 3-D tile stays.) ``F16_DOT`` (FP8 weights, bf16 activations, tensor-core dots): ``_f16_dot``. ``NORM``:
+    each ``A`` tile RMS-normalized by its rows' ``rstd`` and the weight at ``nw_ptr`` first
+    (``triton_ops_core.rms_prologue``). ``QUANT_A``: each ``A`` tile (normalized first) quantized to E4M3 in
+    registers with its rows' reciprocal scales ``a_inv``, bit for bit as ``_quant_rows_kernel`` writes it (W8A8 at
+    decode, without the launches of their own)."""
     offs_k = tl.arange(0, BLOCK_K)
-    ONE_ROW: tl.constexpr = USE_FMA and BLOCK_M == 1
-    if ONE_ROW:
-        acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        acc2d_2 = tl.zeros((BLOCK_K, BLOCK_N) if PAIR else (1, 1), dtype=tl.float32)
-    elif USE_FMA:
+    if USE_FMA:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
         acc3_2 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N) if PAIR else (1, 1, 1), dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -151,14 +148,7 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             a = normalized(a, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
         if QUANT_A:
             a = to_e4m3(a.to(tl.float32) * a_inv[:, None], EMULATE_FP8)
-        if ONE_ROW:
-            # the row's K values down the tile's rows; fused multiply-adds asked for explicitly (one instruction a
-            # weight, whatever the compiler's fp-fusion default: Triton 3.9 warns it turns off in 3.10)
-            af = tl.reshape(a.to(tl.float32), (BLOCK_K,))[:, None]
-            acc2d = tl.fma(af, _weight_f32(w, INTERPRET), acc2d)
-            if PAIR:
-                acc2d_2 = tl.fma(af, _weight_f32(w2, INTERPRET), acc2d_2)
-        elif USE_FMA:
+        if USE_FMA:
             af = a.to(tl.float32)[:, :, None]
             acc3 += af * _weight_f32(w, INTERPRET)[None, :, :]
             if PAIR:
@@ -171,11 +161,7 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
         w_ptrs += BLOCK_K * stride_wk
         if PAIR:
             w2_ptrs += BLOCK_K * stride_wk
-    if ONE_ROW:
-        acc += tl.sum(acc2d, axis=0)[None, :]
-        if PAIR:
-            acc2 += tl.sum(acc2d_2, axis=0)[None, :]
-    elif USE_FMA:
+    if USE_FMA:
         acc += tl.sum(acc3, axis=1)
         if PAIR:
             acc2 += tl.sum(acc3_2, axis=1)
