@@ -5,7 +5,8 @@
 For each token count and expert dtype it times, in CUDA graphs, the gate/up and the down GEMM of the package's
 current choice (``fused_moe.configs.select_config``) and of candidate tiles: tensor-core tiles over row tiles, column
 widths, pipeline depths and down-GEMM K splits; at 2 to 8 tokens also CUDA-core (FMA) tiles of one or two rows; in
-prefill (more than 64 tokens) wider row and column tiles. Each graph replays eight different routings three times
+prefill (more than 64 tokens) wider row and column tiles; at 1 to 8 tokens the one-row tiles in the weight tile's
+layout (``MoEConfig.row_layout``) first. Each graph replays eight different routings three times
 (the same weights, so at one token the experts hit differ between replays and L2 does not serve them), and the
 median of seven replays is reported per launch. ``--router`` also times the router: one program against the split
 GEMM (``fused_moe.ops.ROUTE_SPLIT_STEPS``). Lines go to stdout and, as JSON, to ``$OUT/moe_tiles.jsonl``.
@@ -133,6 +134,10 @@ def _tiles(t: int, base):
     from fused_moe import MoEConfig
 
     yield base
+    if t <= 8:  # one-row tiles in the weight tile's layout first (MoEConfig.row_layout: off until timed)
+        for bn, bk, stages, split in itertools.product((64, 128), (32, 64), (3, 6), (1, 2, 3)):
+            if bn * bk <= 4096:  # (a [BLOCK_K, 2 * BLOCK_N] fp32 sum: 128 registers a thread of 2 warps)
+                yield MoEConfig(1, bn, bk, bn, bk, 2, stages, fma=True, down_split_k=split, row_layout=True)
     if t <= 64:
         for bm, bn, stages in itertools.product((16, 32) if t > 16 else (16,), (32, 64), (3, 4, 6)):
             yield MoEConfig(bm, bn, 64, bn, 64, 4, stages)

@@ -8,6 +8,8 @@ ahead-of-time API this script knows (the test then skips).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 
@@ -38,51 +40,77 @@ def build(fn, types: dict, consts: dict, name: str, warps: int = 4, norm: bool =
 
 # The one-row FMA tiles of FP8 experts (configs.FP8_FMA_TILE_NARROW / FP8_FMA_TILE: 1 to 8 tokens), compiled at
 # gpt-oss's layouts (gate_up [E, K, 2N] and down [E, K, N], N contiguous) with the alignment the launcher specializes
-# at run time (N = 2880: multiples of 16). Their K loops once had an instruction budget (5 a weight byte, met by
-# accumulating one row in the weight tile's layout); on an H100 that layout measured 1.75x slower (session 30: the
-# row's reshape costs a shared-memory exchange a step, which no instruction count shows), so only compilation is
-# checked here and speed is left to benchmarks.dev.moe_tiles.
+# at run time (N = 2880: multiples of 16). Their K loops must stream: no global load whose result the same K step
+# waits for (aot.loop_sync_global_loads), every operand through the pipeline's asynchronous copies or loaded a step
+# ahead. Session 20's one-row layout broke that (its row loaded one scalar a thread and used at once: FP8 experts
+# 1.75x slower at one token on an H100, though its loops took fewer instructions); session 30 found it. The row
+# layout (MoEConfig.row_layout) now loads its row a step ahead; it is compiled here at 32- and 64-deep K steps within
+# an instruction budget (4.5 a weight byte a thread; the [1, BLOCK_K, BLOCK_N] tile takes 5.4-7.0). As a control, the
+# shipped tile compiled without the alignment (every load synchronous) must be caught.
 GATE_UP_DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "h_ptr", "K", "N", "stride_xt", "stride_we", "stride_wk", "stride_hm")
+GATE_UP_NORM_DIVISIBLE = GATE_UP_DIVISIBLE + ("nw_ptr",)
 DOWN_DIVISIBLE = ("h_ptr", "w_ptr", "s_ptr", "y_ptr", "K", "N", "stride_hm", "stride_we", "stride_wk", "stride_ym")
+ROW_LAYOUT_INSTRUCTIONS_PER_BYTE = 4.5
+GATE_UP_TYPES = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16",
+                 **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
+                 **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_be",
+                                  "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
+                 "alpha": "fp32", "limit": "fp32"}
+DOWN_TYPES = {"h_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
+              "y_ptr": "*fp32", **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"],
+                                                "*i32"),
+              **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_be",
+                               "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
+
+
+def one_row_gate_up(tile, name: str, wtype: str = "*fp8e4nv", interleaved: bool = True, norm: bool = False,
+                    fma: int = 1, budget: float | None = None, aligned: bool = True) -> bool:
+    consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=True, BLOCK_M=1,
+                  BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
+                  NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
+                  USE_FMA=fma, INTERPRET=False, F16_DOT=False, stride_wn=1)
+    types, consts = with_norm(K._gate_up_kernel, {**GATE_UP_TYPES, "w_ptr": wtype}, consts, norm)
+    return compile_sm90(K._gate_up_kernel, types, consts, name, tile.num_warps, tile.num_stages,
+                        divisible=(GATE_UP_NORM_DIVISIBLE if norm else GATE_UP_DIVISIBLE) if aligned else (),
+                        max_loop_instructions=None if budget is None else int(budget), no_sync_loop_loads=True)
+
+
+def one_row_down(tile, name: str, wtype: str = "*fp8e4nv", fma: int = 1, budget: float | None = None) -> bool:
+    consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
+                  EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma,
+                  INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1)
+    return compile_sm90(K._down_kernel, with_norm(K._down_kernel, {**DOWN_TYPES, "w_ptr": wtype}, {})[0], consts,
+                        name, tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE,
+                        max_loop_instructions=None if budget is None else int(budget), no_sync_loop_loads=True)
 
 
 def one_row_fp8_tiles() -> bool:
     ok = True
-    gate_up_types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16",
-                     **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
-                     **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_be",
-                                      "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
-                     "alpha": "fp32", "limit": "fp32"}
-    down_types = {"h_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
-                  "y_ptr": "*fp32", **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"],
-                                                    "*i32"),
-                  **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_be",
-                                   "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
-    # E4M3 at both tiles; E5M2 and the concatenated gate/up layout (Qwen3-MoE / Mixtral style) at the narrow one
+    # the shipped tiles: E4M3 at both; E5M2 and the concatenated gate/up layout (Qwen3-MoE / Mixtral) at the narrow
+    # one; the RMSNorm prologue (the post-attention norm in the launch) with E4M3 interleaved
     for tile, wtype, interleaved in ((FP8_FMA_TILE_NARROW, "*fp8e4nv", True), (FP8_FMA_TILE, "*fp8e4nv", True),
                                      (FP8_FMA_TILE_NARROW, "*fp8e5", True), (FP8_FMA_TILE_NARROW, "*fp8e4nv", False)):
         label = f"{wtype[1:]} {'interleaved' if interleaved else 'concatenated'}"
-        gate_up_types["w_ptr"] = down_types["w_ptr"] = wtype
-        # gate/up: a [BLOCK_K, 2 * BLOCK_N] tile of FP8 bytes a step (gate and up columns side by side, or two
-        # [BLOCK_K, BLOCK_N] tiles of the concatenated halves)
-        consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=True, BLOCK_M=1,
-                      BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
-                      NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
-                      USE_FMA=True, INTERPRET=False, F16_DOT=False, stride_wn=1)
-        # (and with the RMSNorm prologue: the post-attention norm in the launch)
         for norm in (False, True) if interleaved and wtype == "*fp8e4nv" else (False,):
-            types, cs = with_norm(K._gate_up_kernel, gate_up_types, consts, norm)
-            ok &= compile_sm90(K._gate_up_kernel, types, cs,
-                               f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}"
-                               f"{', RMSNorm prologue' if norm else ''}",
-                               tile.num_warps, tile.num_stages, divisible=GATE_UP_DIVISIBLE)
-        consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
-                      EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=True,
-                      INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1)
-        ok &= compile_sm90(K._down_kernel, with_norm(K._down_kernel, down_types, {})[0], consts,
-                           f"down one-row {label} tile {tile.down_block_n}x{tile.down_block_k}",
-                           tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE)
-    return ok
+            ok &= one_row_gate_up(tile, f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}"
+                                        f"{', RMSNorm prologue' if norm else ''}", wtype, interleaved, norm)
+        ok &= one_row_down(tile, f"down one-row {label} tile {tile.down_block_n}x{tile.down_block_k}", wtype)
+    # the row layout (MoEConfig.row_layout): streams, within its budget
+    threads = 32 * FP8_FMA_TILE_NARROW.num_warps
+    for bk in (32, 64):
+        row = FP8_FMA_TILE_NARROW._replace(gate_up_block_k=bk, down_block_k=bk, row_layout=True)
+        ok &= one_row_gate_up(row, f"gate_up row layout tile 64x{bk}", fma=2,
+                              budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * bk * 2 * 64 // threads)
+        ok &= one_row_down(row, f"down row layout tile 64x{bk}", fma=2,
+                           budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * bk * 64 // threads)
+    # the control: unaligned, the shipped tile's loads are synchronous, and the check must say so
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        caught = not one_row_gate_up(FP8_FMA_TILE_NARROW, "unaligned one-row tile", aligned=False)
+    caught = caught and "synchronous global loads" in out.getvalue()
+    print(f"{'OK' if caught else 'FAIL'} the one-row tile unaligned: its synchronous loads are caught"
+          f"{'' if caught else ': ' + out.getvalue().strip()}")
+    return ok and caught
 
 
 def main() -> int:

@@ -141,21 +141,27 @@ def test_opcheck_and_compile_with_scales(device):
     assert torch.equal(fn(x), eager)
 
 
-@pytest.mark.parametrize("block_m", [1, 2])
+@pytest.mark.parametrize("block_m,row_layout", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("layout,transposed,activation", [("interleaved", True, "swiglu_oai"),
                                                           ("concatenated", False, "silu")])
-def test_cuda_core_tiles(device, monkeypatch, block_m, fp8, layout, transposed, activation):
+def test_cuda_core_tiles(device, monkeypatch, block_m, row_layout, fp8, layout, transposed, activation):
     """The FMA tiles (config ``fma``): one or two rows per tile, so an expert with several tokens takes several
-    tiles; odd sizes mask the K and N edges. Against the float64 reference of the (dequantized) weights."""
+    tiles; odd sizes mask the K and N edges (and the row layout's last row load, a step ahead, past K). Against the
+    float64 reference of the (dequantized) weights."""
     from fused_moe import MoEConfig, ops
 
-    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(block_m, 8, 16, 16, 16, 4, 1, fma=True))
+    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(block_m, 8, 16, 16, 16, 4, 1, fma=True,
+                                                             row_layout=row_layout))
     ops.clear_caches()
     try:
         x, rw, rb, w1, b1, w2, b2 = make_moe(7, 40, 20, 5, device=device, seed=30 + block_m)
         w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)
         ids, wts = moe_route(x, rw, rb, 3)
+        # each token's row followed by NaN: a load past K that is not masked off turns its token's output NaN
+        padded = torch.full((x.shape[0], x.shape[1] + 24), float("nan"), device=device, dtype=x.dtype)
+        padded[:, :x.shape[1]] = x
+        x = padded[:, :x.shape[1]]
         kw = {"gate_up_layout": layout, "transposed": transposed}
         if fp8:
             q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=transposed, dtype=torch.float8_e5m2)

@@ -152,6 +152,38 @@ def test_norm_prologue_equals_the_moe_of_the_normalized_input(device, t, fp8, dt
     assert not torch.equal(fused, fused_moe(x, rw, rb, w1, b1, w2, b2, 2, residual=x, **kw))
 
 
+def test_row_layout_behind_the_norm_prologue_keeps_its_result(device, monkeypatch):
+    """MoEConfig.row_layout with the RMSNorm prologue: the gate/up GEMM keeps the [1, BLOCK_K, BLOCK_N] tile (the
+    row layout would load the norm weight synchronously every K step), the down GEMM takes the row layout; FP8
+    experts at one and three tokens give the MoE of the input normalized outside, bit for bit."""
+    from fused_moe import MoEConfig, ops, quantize_experts_fp8
+
+    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(1, 8, 16, 16, 16, 4, 1, fma=True, row_layout=True))
+    planned = []
+    make_plan = ops._experts_plan
+    monkeypatch.setattr(ops, "_experts_plan", lambda *a, **k: planned.append(make_plan(*a, **k)) or planned[-1])
+
+    def fma_mode(plan):  # the launch's USE_FMA (the tail holds the kernel's trailing arguments, USE_FMA among them)
+        names = plan.kernel.arg_names
+        return plan.tail[names.index("USE_FMA") - (len(names) - len(plan.tail))]
+
+    ops.clear_caches()
+    try:
+        for t in (1, 3):
+            x, rw, rb, w1, b1, w2, b2 = make_moe(t, 64, 24, 6, dtype=torch.float16, device=device, seed=60 + t)
+            w1, s1, w2, s2 = quantize_experts_fp8(w1, w2)
+            kw = dict(gate_up_scale=s1, down_scale=s2)
+            norm_w = (torch.rand(64, generator=torch.Generator().manual_seed(t)) + 0.5).to(device, x.dtype)
+            xn = normalized_like_the_prologue(x, norm_w, 1e-5)
+            fused = fused_moe(x, rw, rb, w1, b1, w2, b2, 2, norm_weight=norm_w, norm_eps=1e-5, **kw)
+            assert torch.isfinite(fused).all()
+            assert torch.equal(fused, fused_moe(xn, rw, rb, w1, b1, w2, b2, 2, **kw))
+        # the prologue's plans keep the 3-D tile in the gate/up GEMM; the outside calls take the row layout in both
+        assert {(fma_mode(p.gate_up), fma_mode(p.down)) for p in planned} == {(1, 2), (2, 2)}
+    finally:
+        ops.clear_caches()
+
+
 def test_norm_prologue_errors_and_op(device):
     from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 

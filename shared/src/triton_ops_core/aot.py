@@ -21,7 +21,7 @@ AOT_UNAVAILABLE = 3
 def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2,
                  no_spills: bool = False, no_injected_waits: bool = False, divisible: tuple[str, ...] = (),
                  max_loop_instructions: int | None = None, ptx_has: tuple[str, ...] = (),
-                 ptx_lacks: tuple[str, ...] = ()) -> bool:
+                 ptx_lacks: tuple[str, ...] = (), no_sync_loop_loads: bool = False) -> bool:
     """Compile the ``@triton.jit`` (or ``@gluon.jit``) kernel ``fn`` for sm_90 and print ``OK name`` or
     ``FAIL name: error``.
 
@@ -35,7 +35,9 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     code (:func:`longest_loop`: a streaming kernel's K loop) has more instructions than that. ``ptx_has`` /
     ``ptx_lacks``: also fail when the PTX lacks one of these strings (an instruction the kernel must lower to, such as
     ``".e4m3.e4m3"`` for FP8 tensor-core products) or holds one of those (such as ``"prmt"``: bytes permuted in
-    registers). Exits the process with
+    registers). ``no_sync_loop_loads``: also fail when the longest loop holds a synchronous global load
+    (:func:`loop_sync_global_loads`; compile with ``divisible`` as the launcher specializes, or unaligned pointers
+    make every load synchronous). Exits the process with
     :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form. Returns whether
     it compiled.
     """
@@ -65,18 +67,19 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
         if not attrs:
             sys.exit(AOT_UNAVAILABLE)
         # a Triton whose source object takes no alignment attributes: compile without them, and leave the loop
-        # budget unchecked (the unaligned code is not what runs)
+        # checks out (the unaligned code is not what runs)
         try:
             src = source_type(fn, signature, constexprs=consts)
         except TypeError:
             sys.exit(AOT_UNAVAILABLE)
-        max_loop_instructions = None
+        max_loop_instructions, no_sync_loop_loads = None, False
     try:
         options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if launch_pdl else {})}
         compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         spills = local_memory_ops(compiled.asm["cubin"]) if no_spills else 0
         injected = injected_wgmma_waits(compiled.asm["ptx"]) if no_injected_waits else []
         loop = longest_loop(compiled.asm["cubin"]) if max_loop_instructions is not None else 0
+        sync_loads = loop_sync_global_loads(compiled.asm["cubin"]) if no_sync_loop_loads else 0
     except Exception as exc:  # noqa: BLE001 - reported, the test fails on it
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}")
         return False
@@ -94,6 +97,9 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     if max_loop_instructions is not None and not 0 < loop <= max_loop_instructions:
         print(f"FAIL {name}: its longest loop has {loop} instructions, more than {max_loop_instructions}"
               if loop else f"FAIL {name}: no loop found in its machine code (nvdisasm's format changed?)")
+        return False
+    if sync_loads:
+        print(f"FAIL {name}: {sync_loads} synchronous global loads (LDG) in its longest loop")
         return False
     print(f"OK {name}")
     return True
@@ -135,27 +141,94 @@ def local_memory_ops(cubin: bytes) -> int:
     return len(re.findall(r"\b(?:LDL|STL)\b", _disassemble(cubin)))
 
 
+def _longest_loop_body(cubin: bytes) -> list[str]:
+    """The machine-code lines of a cubin's longest loop: from a label to the last branch back to it."""
+    import re
+
+    labels: dict[str, int] = {}
+    instructions: list[str] = []
+    span = (0, 0)
+    for line in _disassemble(cubin).splitlines():
+        label = re.match(r"^\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        if not re.search(r"/\*[0-9a-f]{4,}\*/", line):  # an instruction's address (5+ digits past 0xffff)
+            continue
+        instructions.append(line)
+        back = re.search(r"\bBRA\b[^;]*?\.?(L_x_\d+)", line)
+        if back and back.group(1) in labels and len(instructions) - labels[back.group(1)] > span[1] - span[0]:
+            span = (labels[back.group(1)], len(instructions))
+    return instructions[span[0]:span[1]]
+
+
 def longest_loop(cubin: bytes) -> int:
     """Instructions in the longest loop of a cubin's machine code: from a label to the last branch back to it. For
     a kernel streaming its weights, that is the K loop: its instructions per weight byte say whether the SM can
     issue them as fast as memory delivers the bytes (an sm_90 SM takes 4 warp instructions a cycle)."""
+    return len(_longest_loop_body(cubin))
+
+
+def loop_sync_global_loads(cubin: bytes) -> int:
+    """Plain global loads (``LDG``) in a cubin's longest loop whose result that same iteration reads within half
+    the loop's instructions: each such step waits for memory with little of its own work in between. A streaming
+    kernel's K loop should have none: its operands arrive through the software pipeline's asynchronous copies
+    (``LDGSTS``, or TMA) steps ahead, or from loads issued a step before their use (read, if at all, only by the
+    loop's last instructions, where the next step's value is kept). Triton falls back to a plain load when a load's
+    layout gives each thread less than 4 bytes (for instance a short row moved into another tensor's layout, one
+    element a thread)."""
+    return sync_loads_in_loop(_longest_loop_body(cubin))
+
+
+def sync_loads_in_loop(body: list[str]) -> int:
+    """:func:`loop_sync_global_loads` of a loop given as its ``nvdisasm`` lines (label to backward branch)."""
+    body = [_sass_operands(line) for line in body]
+    waits = 0
+    for i, (opcode, operands) in enumerate(body):
+        if not opcode.startswith("LDG.") or not operands:
+            continue
+        first = _registers(operands[0])
+        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1  # (the registers a wide load fills)
+        pending = {first[0] + j for j in range(width)} if first else set()
+        for j in range(i + 1, min(len(body), i + (len(body) + 1) // 2)):
+            later_opcode, later_operands = body[j]
+            skip = _first_read(later_opcode, later_operands)
+            if pending & {r for op in later_operands[skip:] for r in _registers(op)}:
+                waits += 1
+                break
+            if skip:  # a write of the register ends its wait
+                pending -= set(_registers(later_operands[0]))
+            if not pending:
+                break
+    return waits
+
+
+def _sass_operands(line: str) -> tuple[str, list[str]]:
+    """(opcode with its modifiers, operands) of one ``nvdisasm`` line."""
     import re
 
-    labels: dict[str, int] = {}
-    longest = 0
-    count = 0
-    for line in _disassemble(cubin).splitlines():
-        label = re.match(r"^\s*\.(L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = count
-            continue
-        if not re.search(r"/\*[0-9a-f]{4,}\*/", line):  # an instruction's address (5+ digits past 0xffff)
-            continue
-        count += 1
-        back = re.search(r"\bBRA\b[^;]*?\.?(L_x_\d+)", line)
-        if back and back.group(1) in labels:
-            longest = max(longest, count - labels[back.group(1)])
-    return longest
+    m = re.search(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);", line)
+    if not m:
+        return "", []
+    return m.group(1), [op.strip() for op in m.group(2).split(",") if op.strip()]
+
+
+def _first_read(opcode: str, operands: list[str]) -> int:
+    """1 where the first operand is a register the instruction writes, else 0 (stores, branches, barriers)."""
+    import re
+
+    writes = not re.match(r"(ST|RED|ATOM|BAR|BRA|LDGSTS|EXIT|NOP|DEPBAR|WARPSYNC|BSYNC|BSSY)", opcode)
+    return int(writes and bool(operands) and re.fullmatch(r"R\d+", operands[0]) is not None)
+
+
+def _registers(operand: str) -> list[int]:
+    """The general registers an operand names (``R4``, a pair ``R4.64`` = R4 and R5, inside addresses too)."""
+    import re
+
+    regs = []
+    for number, wide in re.findall(r"\bR(\d+)(\.64)?\b", operand):
+        regs += [int(number), int(number) + 1] if wide else [int(number)]
+    return regs
 
 
 def run_compile_script(script: Path, timeout: float = 600) -> subprocess.CompletedProcess | None:
@@ -183,4 +256,4 @@ def check_compile_script(script: Path, expected_ok: int) -> None:
 
 
 __all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "injected_wgmma_waits", "local_memory_ops",
-           "longest_loop", "run_compile_script"]
+           "longest_loop", "loop_sync_global_loads", "run_compile_script", "sync_loads_in_loop"]

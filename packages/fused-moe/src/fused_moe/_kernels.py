@@ -119,36 +119,59 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
     ``USE_FMA``: CUDA-core products into ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 register tiles, summed over K once at
     the end, instead of tensor-core dots. For one or two rows per expert (decode): a dot needs 16 rows (15 of them
     padding at one token) and, with FP8 weights, their conversion to 16 bits in registers first; plain loads and
-    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included. (One row accumulated in the weight tile's
-    own ``[BLOCK_K, BLOCK_N]`` layout instead takes fewer sm_90 instructions a weight byte, 3.3-3.9 against 5.1-7.0,
-    but the row reshaped into that layout costs a shared-memory exchange every K step: measured on an H100, session
-    30, gpt-oss-20b's layer in CUDA graphs, FP8 experts at one token 52.5 -> 91.6 us, gate/up 29.6 -> 62.0 us; so
-    the 3-D tile stays.) ``F16_DOT`` (FP8 weights, bf16 activations, tensor-core dots): ``_f16_dot``. ``NORM``:
-    each ``A`` tile RMS-normalized by its rows' ``rstd`` and the weight at ``nw_ptr`` first
+    FMAs keep more weight bytes in flight. Any ``BLOCK_M``, 1 included. ``USE_FMA == 2`` with ``BLOCK_M == 1``
+    (``MoEConfig.row_layout``): the row's products accumulate in ``[BLOCK_K, BLOCK_N]``, the weight tile's own
+    layout, which saves the compiler's byte-wise reads of each FP8 tile from shared memory (sm_90: 3.3-3.7
+    instructions a weight byte against 5.4-7.0). In that layout the row is one element a thread, too little for the
+    pipeline's asynchronous copies, so each step's row is loaded a step ahead; loaded in its own step it made every
+    step wait for memory (session 30: FP8 experts 1.75x slower at one token on an H100). ``F16_DOT`` (FP8 weights,
+    bf16 activations, tensor-core dots): ``_f16_dot``.
+    ``NORM``: each ``A`` tile RMS-normalized by its rows' ``rstd`` and the weight at ``nw_ptr`` first
     (``triton_ops_core.rms_prologue``). ``QUANT_A``: each ``A`` tile (normalized first) quantized to E4M3 in
     registers with its rows' reciprocal scales ``a_inv``, bit for bit as ``_quant_rows_kernel`` writes it (W8A8 at
     decode, without the launches of their own)."""
     offs_k = tl.arange(0, BLOCK_K)
-    if USE_FMA:
+    ROW_LAYOUT: tl.constexpr = USE_FMA == 2 and BLOCK_M == 1
+    if ROW_LAYOUT:
+        acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc2d_2 = tl.zeros((BLOCK_K, BLOCK_N) if PAIR else (1, 1), dtype=tl.float32)
+        # the row's first K step (the loop loads each next one a step ahead)
+        a_next = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+    elif USE_FMA:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
         acc3_2 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N) if PAIR else (1, 1, 1), dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            if not ROW_LAYOUT:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
             if PAIR:
                 w2 = tl.load(w2_ptrs, mask=mask_n[None, :], other=0.0)
         else:
             mask_k = (k + offs_k) < K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if not ROW_LAYOUT:
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if PAIR:
                 w2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if ROW_LAYOUT:
+            # in the weight tile's layout the row is one element a thread, too little for the pipeline's
+            # asynchronous copies: loaded a step before its products instead, so no step waits on it
+            a = a_next
+            a_next = tl.load(a_ptrs + BLOCK_K, mask=mask_m[:, None] & ((k + BLOCK_K + offs_k) < K)[None, :],
+                             other=0.0)
         if NORM:
             a = normalized(a, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
         if QUANT_A:
             a = to_e4m3(a.to(tl.float32) * a_inv[:, None], EMULATE_FP8)
-        if USE_FMA:
+        if ROW_LAYOUT:
+            # the row's K values down the tile's rows; multiply-adds asked for explicitly (one instruction a weight,
+            # whatever the compiler's fp-fusion default)
+            af = tl.reshape(a.to(tl.float32), (BLOCK_K,))[:, None]
+            acc2d = tl.fma(af, _weight_f32(w, INTERPRET), acc2d)
+            if PAIR:
+                acc2d_2 = tl.fma(af, _weight_f32(w2, INTERPRET), acc2d_2)
+        elif USE_FMA:
             af = a.to(tl.float32)[:, :, None]
             acc3 += af * _weight_f32(w, INTERPRET)[None, :, :]
             if PAIR:
@@ -161,7 +184,11 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
         w_ptrs += BLOCK_K * stride_wk
         if PAIR:
             w2_ptrs += BLOCK_K * stride_wk
-    if USE_FMA:
+    if ROW_LAYOUT:
+        acc += tl.sum(acc2d, axis=0)[None, :]
+        if PAIR:
+            acc2 += tl.sum(acc2d_2, axis=0)[None, :]
+    elif USE_FMA:
         acc += tl.sum(acc3, axis=1)
         if PAIR:
             acc2 += tl.sum(acc3_2, axis=1)

@@ -51,6 +51,12 @@ class MoEConfig(NamedTuple):
     # (block_m 16 suffices: no 64-row activation tile, mostly padding at decode, in shared memory); what W8A8 takes at
     # decode
     swap_ab: bool = False
+    # one-row FMA tiles (fma, block_m 1): the row's products accumulated in the weight tile's own [BLOCK_K, BLOCK_N]
+    # layout (sm_90: 3.3-3.7 instructions a weight byte against 5.4-7.0 for the [1, BLOCK_K, BLOCK_N] tile), the row
+    # loaded a step ahead (in that layout it is one element a thread, which the pipeline's asynchronous copies do not
+    # take; loaded in its own step, as in ae47269, FP8 experts ran 1.75x slower at one token on an H100). Not behind
+    # the gate/up GEMM's RMSNorm prologue (that GEMM keeps the default tile there). Off until timed on a GPU.
+    row_layout: bool = False
 
 
 # FP8 experts at 1 to 8 tokens: CUDA-core tiles of one row (each expert hit has one or two rows; a tensor-core dot

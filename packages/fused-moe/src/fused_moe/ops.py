@@ -400,6 +400,11 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     amax_parts = cdiv(inter, cfg.gate_up_block_n) if h_in_down else 0
     # W8A8's tensor-core products with the weights as the 64-row operand (MoEConfig.swap_ab)
     swap = fp8_activations and cfg.swap_ab and not in_gemm and not cfg.fma
+    # the K loops' USE_FMA: 0 dots, 1 the [rows, BLOCK_K, BLOCK_N] CUDA-core tile, 2 one row in the weight tile's
+    # layout (MoEConfig.row_layout; not behind the gate/up GEMM's RMSNorm prologue, whose weight it would load
+    # synchronously in every K step)
+    down_fma = (2 if cfg.row_layout and cfg.block_m == 1 else 1) if cfg.fma else 0
+    fma = 1 if down_fma == 2 and norm_eps is not None else down_fma
     norm_rows = cfg.block_m  # the rows of the gate/up GEMM's RMSNorm prologue (one at a time with in_gemm)
     if fp8_activations:
         # the GEMMs read E4M3 on both sides: the interpreter's FP8 dot is wrong too, so its operands go to fp32
@@ -426,7 +431,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved", s1 is not None,
         # BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, EMULATE_BF16
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
-        precision, upcast, emulate, cfg.fma, dev.type == "cpu", f16 and s1 is not None,
+        precision, upcast, emulate, fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
         norm_eps is not None, norm_block(h, norm_rows, dev.type == "cpu") if norm_eps is not None else 16, on,
         fp8_activations, *quant[0], h_in_down, swap), cfg.num_warps, **early)
@@ -439,7 +444,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
         b2 is not None, s2 is not None,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
-        precision, upcast, cfg.fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
+        precision, upcast, down_fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
         h_in_down, max(1, amax_parts), swap), cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
