@@ -171,12 +171,14 @@ def longest_loop(cubin: bytes) -> int:
 
 def loop_sync_global_loads(cubin: bytes) -> int:
     """Plain global loads (``LDG``) in a cubin's longest loop whose result that same iteration reads within half
-    the loop's instructions: each such step waits for memory with little of its own work in between. A streaming
-    kernel's K loop should have none: its operands arrive through the software pipeline's asynchronous copies
-    (``LDGSTS``, or TMA) steps ahead, or from loads issued a step before their use (read, if at all, only by the
-    loop's last instructions, where the next step's value is kept). Triton falls back to a plain load when a load's
-    layout gives each thread less than 4 bytes (for instance a short row moved into another tensor's layout, one
-    element a thread)."""
+    the loop's instructions: each such step waits for memory with little of its own work in between. In a K loop
+    that Triton pipelines through shared memory (``num_stages``) there should be none: its operands arrive by
+    asynchronous copies (``LDGSTS``, or TMA) steps ahead, or from loads issued a step before their use (read, if at
+    all, only by the loop's last instructions, where the next step's value is kept). Triton falls back to a plain
+    load when a load's layout gives each thread less than 4 bytes (for instance a short row moved into another
+    tensor's layout, one element a thread). Loops that stream through registers instead (many independent loads
+    issued before the first is used, as fp8-gemm's one-row weight-only tile does) count here too; this measure is
+    not meant for them."""
     return sync_loads_in_loop(_longest_loop_body(cubin))
 
 
