@@ -64,7 +64,7 @@ DOWN_TYPES = {"h_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": 
 
 
 def one_row_gate_up(tile, name: str, wtype: str = "*fp8e4nv", interleaved: bool = True, norm: bool = False,
-                    fma: int = 1, budget: float | None = None, aligned: bool = True) -> bool:
+                    fma: int = 1, budget: float | None = None, aligned: bool = True, streams: bool = True) -> bool:
     consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=True, BLOCK_M=1,
                   BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
                   NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
@@ -72,7 +72,7 @@ def one_row_gate_up(tile, name: str, wtype: str = "*fp8e4nv", interleaved: bool 
     types, consts = with_norm(K._gate_up_kernel, {**GATE_UP_TYPES, "w_ptr": wtype}, consts, norm)
     return compile_sm90(K._gate_up_kernel, types, consts, name, tile.num_warps, tile.num_stages,
                         divisible=(GATE_UP_NORM_DIVISIBLE if norm else GATE_UP_DIVISIBLE) if aligned else (),
-                        max_loop_instructions=None if budget is None else int(budget), no_sync_loop_loads=True)
+                        max_loop_instructions=None if budget is None else int(budget), no_sync_loop_loads=streams)
 
 
 def one_row_down(tile, name: str, wtype: str = "*fp8e4nv", fma: int = 1, budget: float | None = None) -> bool:
@@ -95,11 +95,14 @@ def one_row_fp8_tiles() -> bool:
             ok &= one_row_gate_up(tile, f"gate_up one-row {label} tile {tile.gate_up_block_n}x{tile.gate_up_block_k}"
                                         f"{', RMSNorm prologue' if norm else ''}", wtype, interleaved, norm)
         ok &= one_row_down(tile, f"down one-row {label} tile {tile.down_block_n}x{tile.down_block_k}", wtype)
-    # the row layout (MoEConfig.row_layout): streams, within its budget
+    # the row layout (MoEConfig.row_layout), within its budget; its loops checked to stream at 64-deep K steps. At
+    # 32-deep steps Triton 3.6 issues the row's loads a step ahead at the loop's top, but 3.9 schedules them mid-step,
+    # under half a step before the copy that carries them on (read there: the check fails it), so that depth is only
+    # compiled; moe_tiles decides on a GPU
     threads = 32 * FP8_FMA_TILE_NARROW.num_warps
     for bk in (32, 64):
         row = FP8_FMA_TILE_NARROW._replace(gate_up_block_k=bk, down_block_k=bk, row_layout=True)
-        ok &= one_row_gate_up(row, f"gate_up row layout tile 64x{bk}", fma=2,
+        ok &= one_row_gate_up(row, f"gate_up row layout tile 64x{bk}", fma=2, streams=bk >= 64,
                               budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * bk * 2 * 64 // threads)
         ok &= one_row_down(row, f"down row layout tile 64x{bk}", fma=2,
                            budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * bk * 64 // threads)
