@@ -91,6 +91,13 @@ MODELS: dict[str, dict[str, Any]] = {
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                           num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
                           rope_theta=1000000.0, max_position_embeddings=8192 + 256, rms_norm_eps=1e-6),
+    # Qwen/Qwen1.5-MoE-A2.7B: 24 layers, 60 experts of intermediate 1408, top 4 (not renormalized), a shared expert of
+    # intermediate 5632 behind a sigmoid gate, q/k/v biases; 29 GB.
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+                              norm_topk_prob=False, vocab_size=151936, rope_theta=1000000.0,
+                              max_position_embeddings=8192 + 256, rms_norm_eps=1e-6),
     # mistralai/Mixtral-8x7B-v0.1: 32 layers, 8 experts of intermediate 14336, top 2; 93 GB (one variant at a time
     # fits the H200).
     "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -142,6 +149,8 @@ def build_config(name: str, tiny: bool):
             spec["num_local_experts"] = 8
         if "num_experts" in spec:  # Qwen3-MoE: 16 small experts, top 8 (its own k), half of them chosen per token
             spec.update(num_experts=16, moe_intermediate_size=64)
+        if "shared_expert_intermediate_size" in spec:  # Qwen2-MoE's shared expert, as small as the dense MLPs
+            spec["shared_expert_intermediate_size"] = spec["intermediate_size"]
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids of the real vocabulary: inside the tiny one
             if spec.get(key, 0) >= spec["vocab_size"]:
                 spec[key] = 0

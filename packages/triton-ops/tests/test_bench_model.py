@@ -28,7 +28,7 @@ def bm():
 
 
 @pytest.mark.parametrize("name", ["llama3-8b", "qwen3-8b", "gpt-oss-20b", "qwen3-30b-a3b", "mixtral-8x7b",
-                                  "gemma3-12b", "phi4"])
+                                  "qwen1.5-moe-a2.7b", "gemma3-12b", "phi4"])
 def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     config = bm.build_config(name, tiny=True)
     if name == "gpt-oss-20b":
@@ -53,7 +53,7 @@ def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     experts = sum(p.numel() * p.element_size() for n, p in reference.named_parameters() if ".mlp.experts." in n)
     assert bm.decode_weight_bytes(reference, experts_only=True) == experts
     assert (experts > 0) == (bm.moe_shape(config) is not None) == (name in ("gpt-oss-20b", "qwen3-30b-a3b",
-                                                                            "mixtral-8x7b"))
+                                                                            "mixtral-8x7b", "qwen1.5-moe-a2.7b"))
     if name != "gpt-oss-20b":
         assert patched.triton_ops_patch.moe_blocks == (config.num_hidden_layers if experts else 0)
     if experts and _takes_named_experts():  # transformers' experts interface: only the experts ours
@@ -79,6 +79,7 @@ def test_the_floor_of_a_mixture_of_experts_counts_the_experts_a_step_is_expected
     assert bm.floor_bytes(dense, 0, None, 8) == dense  # a dense model: every weight
     assert bm.moe_shape(bm.build_config("gpt-oss-20b", tiny=False)) == (32, 4)
     assert bm.moe_shape(bm.build_config("qwen3-30b-a3b", tiny=False)) == (128, 8)
+    assert bm.moe_shape(bm.build_config("qwen1.5-moe-a2.7b", tiny=False)) == (60, 4)
     assert bm.moe_shape(bm.build_config("llama3-8b", tiny=False)) is None
 
 

@@ -1,5 +1,6 @@
-"""patch_model on small random Qwen3-MoE and Mixtral models built from transformers' own classes: every sparse
-mixture of experts runs as fused_moe with the router's own rule (renormalized or not), the patched model computes
+"""patch_model on small random Qwen3-MoE, Mixtral and Qwen2-MoE models built from transformers' own classes: every
+sparse mixture of experts runs as fused_moe with the router's own rule (renormalized or not; Qwen2-MoE's gated shared
+expert added inside the combine), the patched model computes
 what the unpatched one does (prefill, a cached decode step, greedy generate), FP8 experts stand for their
 dequantized weights, router logits are still recorded when asked for, and the decode-step fusions (the
 post-attention norm inside the MoE, the residual add in its combine) change nothing but rounding. Runs under the
@@ -13,7 +14,7 @@ import inspect
 import pytest
 import torch
 from triton_ops import patch_model
-from triton_ops.layers import MOE_ROUTING_ATTR, SparseMoE
+from triton_ops.layers import MOE_ROUTING_ATTR, GatedMLP, SparseMoE
 from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, QKNormRopeAttention, RopeAttention
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.testing import device_for_tests
@@ -25,7 +26,9 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 TOL = 0.999 if DTYPE == torch.bfloat16 else 0.99999
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "vocab_size": 128, "max_position_embeddings": 64}
-KINDS = ("qwen3_moe", "qwen3_moe_unnormalized", "mixtral")
+KINDS = ("qwen3_moe", "qwen3_moe_unnormalized", "mixtral", "qwen2_moe")
+# the kinds whose layer 1 is dense (mlp_only_layers)
+WITH_DENSE = ("qwen3_moe", "qwen3_moe_unnormalized", "qwen2_moe")
 
 
 def _config(kind: str, **extra):
@@ -34,6 +37,10 @@ def _config(kind: str, **extra):
         return transformers.Qwen3MoeConfig(**SMALL, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
                                            num_experts=8, num_experts_per_tok=3, mlp_only_layers=[1],
                                            norm_topk_prob=kind == "qwen3_moe", **extra)
+    if kind == "qwen2_moe":  # Qwen1.5-MoE's layout: q/k/v biases, a shared expert, unnormalized top-k weights
+        return transformers.Qwen2MoeConfig(**SMALL, intermediate_size=96, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=3,
+                                           mlp_only_layers=[1], norm_topk_prob=False, **extra)
     return transformers.MixtralConfig(**SMALL, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                                       **extra)
 
@@ -41,7 +48,8 @@ def _config(kind: str, **extra):
 def _model(kind: str, seed: int = 0, **extra):
     torch.manual_seed(seed)
     config = _config(kind, **extra)
-    cls = transformers.MixtralForCausalLM if kind == "mixtral" else transformers.Qwen3MoeForCausalLM
+    cls = {"mixtral": transformers.MixtralForCausalLM,
+           "qwen2_moe": transformers.Qwen2MoeForCausalLM}.get(kind, transformers.Qwen3MoeForCausalLM)
     model = cls(config).to(DEVICE, DTYPE).eval()
     with torch.no_grad():  # weights (experts and routers too) large enough that routing and the logits matter
         for p in model.parameters():
@@ -74,16 +82,20 @@ def test_patched_sparse_moe_models_compute_what_transformers_does(kind):
     reference = copy.deepcopy(model)
     patch_model(model)
     summary = model.triton_ops_patch
-    dense = 1 if kind.startswith("qwen3_moe") else 0
-    assert summary.moe_blocks == 2 - dense and summary.gated_mlps == dense and summary.fused_residual_adds == 2
-    assert summary.packed_qkv == 2
+    dense, shared = int(kind in WITH_DENSE), int(kind == "qwen2_moe")  # Qwen2-MoE's shared expert: a gated MLP
+    assert summary.moe_blocks == 2 - dense and summary.gated_mlps == dense + shared
+    assert summary.fused_residual_adds == 2 and summary.packed_qkv == 2
     attention = QKNormRopeAttention if kind.startswith("qwen3_moe") else RopeAttention
     assert all(type(layer.self_attn).forward is attention.forward for layer in model.model.layers)
     assert all(inspect.unwrap(type(layer).forward) is FusedAddNormDecoderLayer.forward for layer in model.model.layers)
     parameters = dict(model.named_parameters())
     for index, (block, ref_block) in enumerate(zip(_sparse_blocks(model), _sparse_blocks(reference), strict=True)):
         assert type(block).forward is SparseMoE.forward and type(block).__name__ == type(ref_block).__name__
-        assert block.__dict__[MOE_ROUTING_ATTR] == ("silu", kind != "qwen3_moe_unnormalized")
+        assert block.__dict__[MOE_ROUTING_ATTR] == ("silu", kind in ("qwen3_moe", "mixtral"))
+        if shared:  # its shared expert runs the fused gated MLP, on the model's own weights
+            assert type(block.shared_expert).forward is GatedMLP.forward
+            assert block.shared_expert.gate_proj.weight is parameters[
+                f"model.layers.{index}.mlp.shared_expert.gate_proj.weight"]
         # the model's own expert weights, read in place (layer `index` holds the index-th sparse block here)
         assert block.experts.gate_up_proj is parameters[f"model.layers.{index}.mlp.experts.gate_up_proj"]
         with torch.no_grad():  # what the block returns: one tensor of its input's shape
@@ -112,7 +124,7 @@ def test_the_unnormalized_qwen3_router_weights_are_the_softmax_over_all_experts(
         assert _cosine(block(x), ref_block(x)) < 0.9999
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_patched_sparse_moe_generates_the_unpatched_models_tokens(kind):
     model = _model(kind, seed=1)
     reference = copy.deepcopy(model)
@@ -126,7 +138,7 @@ def test_patched_sparse_moe_generates_the_unpatched_models_tokens(kind):
     assert ours.shape == ref.shape
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_patched_sparse_moe_with_a_static_cache_and_a_large_batch(kind):
     """transformers' StaticCache (eager) at 3 rows, and 17 rows (beyond the decode kernels' 16: the prefill paths
     of the attention and the MoE): the unpatched model's tokens and logits."""
@@ -149,7 +161,7 @@ def test_patched_sparse_moe_with_a_static_cache_and_a_large_batch(kind):
             assert torch.equal(ours.sequences, ref.sequences)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_router_logits_are_recorded_when_asked_for(kind):
     """output_router_logits=True: transformers records the routers' logits through hooks on them; a hooked router
     runs its own forward (the experts and combine stay ours), so the logits and the auxiliary loss are the model's."""
@@ -167,11 +179,13 @@ def test_router_logits_are_recorded_when_asked_for(kind):
     assert torch.allclose(ours.aux_loss.float(), ref.aux_loss.float(), rtol=1e-4 if DTYPE == torch.float32 else 2e-3)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_sparse_moe_takes_the_post_attention_norm_and_the_residual_add(kind, monkeypatch, fused_norms):
     """A decode-size forward whose o_proj adds the residual in its launch (FP8 weight-only here): the post-attention
     norm runs inside the MoE's router and gate/up launches and the residual add in its combine (no
-    fused_add_rmsnorm in a sparse layer), the logits those of the separate norm up to the residual sum's rounding."""
+    fused_add_rmsnorm in a sparse layer), the logits those of the separate norm up to the residual sum's rounding.
+    Qwen2-MoE's shared expert reads the normalized input too: there the norm keeps its launch (fused with the
+    attention's residual add) and the combine adds the residual and the shared expert's output."""
     import fused_moe
     from triton_ops.models import decoder_layers
 
@@ -184,8 +198,10 @@ def test_sparse_moe_takes_the_post_attention_norm_and_the_residual_add(kind, mon
     ids = torch.randint(0, 128, (2, 5), device=DEVICE)
     sparse = len(_sparse_blocks(model))
     fused = _prefill_and_step(model, ids)
-    assert moe_calls == [(True, True)] * (2 * sparse)
-    assert norms == []  # Qwen3-MoE's dense layer takes its norm into its gated MLP's launch
+    shared = kind == "qwen2_moe"
+    assert moe_calls == [(not shared, True)] * (2 * sparse)
+    # the dense layer (Qwen3-MoE's, Qwen2-MoE's) takes its norm into its gated MLP's launch
+    assert norms == [1] * (2 * sparse * shared)
     monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", False)
     separate = _prefill_and_step(model, ids)
     assert moe_calls[2 * sparse:] == [(False, True)] * (2 * sparse)  # the add still in the combine
@@ -212,7 +228,7 @@ def compiled_decode_ops(model) -> list[str]:
     return [op.split(".")[1] for op in ops if op.startswith("triton_ops.")]
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "llama"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "llama", "qwen2_moe"])
 def test_compiled_decode_step_keeps_the_fusions(kind, fused_norms):
     """torch.compile(fullgraph=True) of a decode-size forward (2 rows, FP8 weight-only projections, so o_proj adds
     the residual in its launch): one graph, the eager logits, and the same fusions as eager: no fused_add_rmsnorm
@@ -226,7 +242,7 @@ def test_compiled_decode_step_keeps_the_fusions(kind, fused_norms):
         model = _model(kind, seed=5)
     patch_model(model, fp8=True, fp8_recipe="channel")
     ours = set(compiled_decode_ops(model))
-    assert "fused_add_rmsnorm" not in ours, ours
+    assert ("fused_add_rmsnorm" in ours) == (kind == "qwen2_moe"), ours  # its shared expert reads the norm's output
     assert ("moe_experts" in ours) == (kind != "llama") and ("fused_gated_mlp" in ours) == (kind != "mixtral"), ours
 
 
@@ -295,7 +311,7 @@ def test_mixtral_router_noise_applies_in_training_mode_only():
     assert not torch.equal(noisy, quiet) and torch.equal(x, before)  # noise applied out of place
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("fp8_experts", [True, "w8a8"])
 def test_sparse_moe_fp8_experts_match_their_dequantized_weights(kind, fp8_experts):
     """Weight-only FP8 experts, or W8A8 (the activations quantized per row too: within their E4M3 rounding)."""
@@ -397,7 +413,7 @@ def test_what_replaces_a_projection_or_its_forward_keeps_it_out_of_the_fused_lau
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_gpu_sparse_moe_compiled_generate_with_static_cache(kind):
     """transformers' fast path (static cache, torch.compile fullgraph with CUDA graphs) over the patched model: the
     fused MoE's routing has no host sync, so it compiles in a few frames and computes what eager does."""
@@ -405,3 +421,57 @@ def test_gpu_sparse_moe_compiled_generate_with_static_cache(kind):
 
     model = patch_model(_model(kind, seed=7))
     assert_compiled_generate_matches_eager(model, torch.randint(0, 128, (1, 12), device="cuda"))
+
+
+def test_qwen2_moe_shared_expert_is_computed_as_its_block_does():
+    """The shared expert's output, scaled by the sigmoid of its gate, is part of the block's output: a gate pushed
+    towards 0 or 1 moves the patched block exactly as it moves the unpatched one; the shared expert's own hooks
+    fire (it is called as a module)."""
+    model = patch_model(_model("qwen2_moe", seed=11))
+    reference = _model("qwen2_moe", seed=11)
+    block, ref_block = _sparse_blocks(model)[0], _sparse_blocks(reference)[0]
+    seen = []
+    block.shared_expert.register_forward_hook(lambda *args: seen.append(1))
+    x = torch.randn(1, 5, 64, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        for scale in (1.0, 50.0, -50.0):  # as it is, the shared expert fully on, fully off
+            for b in (block, ref_block):
+                b.shared_expert_gate.weight.mul_(scale)
+            assert _cosine(block(x), ref_block(x)) >= TOL
+            for b in (block, ref_block):
+                b.shared_expert_gate.weight.div_(scale)
+        block.shared_expert.down_proj.weight.zero_()  # without the shared expert: a different output
+        assert _cosine(block(x), ref_block(x)) < 0.999
+    assert len(seen) == 4
+
+
+def test_qwen2_moe_with_fp8_keeps_the_shared_expert_gate_and_passes_no_sliding_window():
+    """fp8=True converts the shared expert's projections with the rest, never its one-output gate (a per-token
+    scalar, as the routers); Qwen2-MoE's attention passes no sliding_window to the attention function (its config
+    holds 0 when the window is off, which flash attention would take for a window)."""
+    from fp8_gemm import FP8Linear
+    from triton_ops.models.decoder_layers import _sliding_window
+
+    model = patch_model(_model("qwen2_moe", seed=12), fp8=True, fp8_recipe="channel")
+    block = _sparse_blocks(model)[0]
+    assert type(block.shared_expert_gate) is torch.nn.Linear and block.shared_expert_gate.weight.dtype == DTYPE
+    assert isinstance(block.shared_expert.down_proj, FP8Linear)
+    assert any("1 shared-expert gate(s)" in note for note in model.triton_ops_patch.notes)
+    assert model.config.sliding_window == 0 and _sliding_window(model.model.layers[0].self_attn) == {}
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    assert all(torch.isfinite(out.logits).all() for out in _prefill_and_step(model, ids))
+
+
+def test_qwen2_moe_has_no_tensor_parallel_plan_yet():
+    """Refused by name (the shared expert has no split yet), and SparseMoEParallel refuses a block with a shared
+    expert before it shards anything: its all-reduce would add the replicated shared output once per rank."""
+    from triton_ops import parallel
+    from triton_ops.models.patch import UnsupportedModelError
+
+    model = _model("qwen2_moe")
+    with pytest.raises(UnsupportedModelError, match="'qwen2_moe' .*shared expert"):
+        parallel.tensor_parallel_plan(model, 2)
+    block = _sparse_blocks(model)[0]
+    with pytest.raises(parallel.ShardingError, match="shared expert .*once per rank"):
+        parallel.SparseMoEParallel()._partition(block, None)
+    assert block.experts.gate_up_proj.dim() == 3 and type(block.experts.gate_up_proj) is torch.nn.Parameter

@@ -333,8 +333,15 @@ class GptOssMoE(nn.Module):
 class SparseMoE(nn.Module):
     """A top-k sparse mixture of experts with bias-free experts stored ``gate_up_proj [E, 2I, H]`` (gate rows, then
     up rows) and ``down_proj [E, H, I]``, and a bias-free linear router (``gate``: ``weight [E, H]``, ``top_k``):
-    transformers 5's ``Qwen3MoeSparseMoeBlock`` and ``MixtralSparseMoeBlock``, as :func:`fused_moe.fused_moe`
-    (routing, grouped expert GEMMs with the activation, the weighted combine; only the experts hit are read).
+    transformers 5's ``Qwen3MoeSparseMoeBlock``, ``MixtralSparseMoeBlock`` and ``Qwen2MoeSparseMoeBlock``, as
+    :func:`fused_moe.fused_moe` (routing, grouped expert GEMMs with the activation, the weighted combine; only the
+    experts hit are read).
+
+    Qwen2-MoE's block also has a shared expert that every token goes through (``shared_expert``, a gated MLP:
+    ``patch_model`` runs it as :class:`GatedMLP`) scaled by a sigmoid gate (``shared_expert_gate``, a bias-free
+    ``nn.Linear`` with one output): ``moe(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)``. Both modules
+    are called as the model's own block calls them; the sum with the routed experts' output happens inside
+    fused_moe's combine launch (the residual the combine adds), rounded once.
 
     The routing is the router's: a softmax over all experts, the ``top_k`` largest, renormalized to sum to one where
     the router does (Mixtral always; Qwen3-MoE when ``norm_topk_prob``). ``patch_model`` records that and the
@@ -347,8 +354,9 @@ class SparseMoE(nn.Module):
     can_torch_compile = True
     has_backward = False
 
-    gate: nn.Module  # weight [E, H], top_k (Qwen3-MoE: norm_topk_prob)
+    gate: nn.Module  # weight [E, H], top_k (Qwen3-MoE, Qwen2-MoE: norm_topk_prob)
     experts: nn.Module  # gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I]
+    # Qwen2-MoE's block also has shared_expert and shared_expert_gate (read with getattr: the others have none)
     # Mixtral's block also has jitter_noise (read with getattr: Qwen3-MoE's has none)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -356,6 +364,19 @@ class SparseMoE(nn.Module):
             jitter = self.jitter_noise
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
         return moe_hidden(self, hidden_states)
+
+
+def has_shared_expert(block: nn.Module) -> bool:
+    """Whether a sparse MoE block has Qwen2-MoE's gated shared expert (``shared_expert``, ``shared_expert_gate``)."""
+    return getattr(block, "shared_expert", None) is not None
+
+
+def shared_expert_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` of a Qwen2-MoE block, as its own forward computes it
+    (each module called, so its hooks and patches apply); None for a block without a shared expert."""
+    if not has_shared_expert(block):
+        return None
+    return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
 
 
 def jittered(block: nn.Module) -> bool:
@@ -428,6 +449,12 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     kw["fp8_activations"] = kw["gate_up_scale"] is not None and getattr(e, "fp8_activations", False) is True
     if norm is not None:
         kw.update(norm_weight=norm.weight, norm_eps=norm.variance_epsilon)
+    shared = shared_expert_output(mlp, x)
+    if shared is not None:  # Qwen2-MoE: the shared expert's gated output joins the combine as (part of) its residual
+        if norm is not None:
+            raise InvalidArgumentError("norm: a block with a shared expert takes normalized input (the shared expert "
+                                       "reads it too)")
+        kw["residual"] = shared if residual is None else residual + shared
     if _is_sparse(mlp):
         router, biases = mlp.gate, (None, None)
         act, renormalize = getattr(mlp, MOE_ROUTING_ATTR)
@@ -449,5 +476,5 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
 
 __all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GemmaRMSNorm",
            "GptOssMoE", "PackedGatedMLP", "RMSNorm", "SparseMoE", "packed_gated_hidden", "config_hidden_act",
-           "mlp_activation", "gated_hidden", "jittered", "kernel_activation", "moe_activation", "moe_hidden",
-           "moe_router", "instance_forward", "router_hooked", "runs_forward"]
+           "has_shared_expert", "mlp_activation", "gated_hidden", "jittered", "kernel_activation", "moe_activation",
+           "moe_hidden", "moe_router", "instance_forward", "router_hooked", "runs_forward", "shared_expert_output"]

@@ -63,12 +63,15 @@ FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
 # patch_model's models whose layers the plan knows (the experts of gpt-oss, Qwen3-MoE and Mixtral split by their
 # intermediate dimension); of a multimodal model, plan its language model (Gemma 3's gemma3_text). Not Phi-3: its
 # packed qkv_proj / gate_up_proj would need styles that split each part by heads / columns.
-TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES and t != "phi3")
+_NO_PLAN_YET = ("phi3", "qwen2_moe")  # patch_model's, without a plan here (_TP_REFUSALS says why)
+TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES and t not in _NO_PLAN_YET)
 _TP_REFUSALS = {
     **{t: f" (plan its language model instead, a {inner!r} model: tensor_parallel_plan(model.model.language_model))"
        for t, inner in LANGUAGE_MODEL_TYPES.items()},
     "phi3": (" (Phi-3's packed qkv_proj and gate_up_proj would each need a style that splits q, k and v by heads and "
              "gate and up by columns; not written yet)"),
+    "qwen2_moe": (" (Qwen2-MoE's shared expert would need a split that joins the routed experts' one all-reduce; "
+                  "not written yet)"),
 }
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
@@ -781,6 +784,9 @@ class GptOssMoEParallel(_LocalShardStyle):
 
     def _partition(self, module, mesh):
         what = type(module).__name__
+        if "shared_expert" in module._modules:  # its replicated output would be summed once per rank
+            raise ShardingError(f"{what}: a mixture of experts with a shared expert (Qwen2-MoE's) is not supported: "
+                                "the all-reduce of the routed experts' partial sums would add it once per rank")
         router, experts = module._modules.get(self._router_name), module._modules.get("experts")
         gate_up = _tensor(experts, "gate_up_proj") if experts is not None else None
         down = _tensor(experts, "down_proj") if experts is not None else None

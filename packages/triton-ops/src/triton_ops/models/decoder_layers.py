@@ -34,6 +34,7 @@ from ..layers import (
     PackedGatedMLP,
     SparseMoE,
     gated_hidden,
+    has_shared_expert,
     instance_forward,
     jittered,
     moe_hidden,
@@ -564,7 +565,8 @@ def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
     if not _o_proj_adds(attn.o_proj, rows, hidden_states.dtype, hidden_states.is_cuda, hidden_states.requires_grad):
         return ""
     if _moe_adds_residual(mlp, hidden_states):
-        return "moe"
+        # Qwen2-MoE's shared expert reads the normalized input too: the norm keeps its launch there
+        return "" if has_shared_expert(mlp) else "moe"
     return _down_adds_residual(mlp, hidden_states)
 
 
@@ -703,7 +705,9 @@ def _o_proj_adds(o_proj: nn.Module, rows: int, dtype: torch.dtype, on_gpu: bool,
 
 def _sliding_window(attn: nn.Module) -> dict:
     """The ``sliding_window`` argument the model's own attention passes: Qwen2/Qwen3 their layer's
-    ``self.sliding_window``, Mistral its config's, Llama none."""
+    ``self.sliding_window``, Mistral its config's, Llama and Qwen2-MoE none."""
+    if any(cls.__name__ in NO_WINDOW_ARGUMENT_ATTENTIONS for cls in type(attn).__mro__):  # the model's own class
+        return {}
     if hasattr(attn, "sliding_window"):
         return {"sliding_window": attn.sliding_window}
     if hasattr(attn.config, "sliding_window"):
@@ -754,7 +758,10 @@ def has_qk_norm(attn: nn.Module) -> bool:
 
 # Attention modules whose forward is transformers' Llama attention (up to the sliding window argument): what
 # RopeAttention replaces. Matched by class name (subclasses of the model's own class keep it).
-ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention")
+ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention", "Qwen2MoeAttention")
+# Of those, the ones whose own forward passes no sliding_window to the attention function (Qwen2-MoE's sets
+# config.sliding_window to 0 when the window is off, which flash attention would take for a window of 0 tokens)
+NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention",)
 
 
 def is_rope_attention(attn: nn.Module) -> bool:
@@ -852,7 +859,8 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
 
 
 __all__ = ["GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "ROPE_ATTENTIONS", "FusedAddNormDecoderLayer",
-           "GemmaQKNormRopeAttention", "PACKED_ROPE_ATTENTIONS", "PackedRopeAttention", "QKNormRopeAttention",
+           "GemmaQKNormRopeAttention",
+           "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "PackedRopeAttention", "QKNormRopeAttention",
            "RESIDUAL_DROPOUT_DECODER_LAYERS", "ResidualDropoutDecoderLayer", "RopeAttention",
            "SandwichNormDecoderLayer", "SinkRopeAttention", "forward_defined_by", "gemma_norm_fusable",
            "has_gemma_qk_norm", "has_qk_norm", "is_gemma_rms_norm", "is_packed_rope_attention",

@@ -36,6 +36,7 @@ from ..layers import (
     RMSNorm,
     SparseMoE,
     config_hidden_act,
+    has_shared_expert,
     mlp_activation,
     moe_activation,
 )
@@ -64,10 +65,11 @@ from .decoder_layers import (
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
 # config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, gpt-oss's
-# mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's sparse one (gate + experts); Gemma 3's text
+# mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's / Qwen2-MoE's sparse one (gate + experts; Qwen2-MoE
+# with a gated shared expert); Gemma 3's text
 # decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "mixtral", "gemma3_text",
-                         "gemma3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral",
+                         "gemma3_text", "gemma3", "phi3")
 # Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
 # config.model_type -> the text decoder's
 LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text"}
@@ -228,18 +230,23 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 # transformers' sparse MoE blocks and routers whose forward SparseMoE computes (by class name along the MRO, as the
-# attentions are matched): a block or router of another kind (sigmoid scores, a score-correction bias, a shared expert)
-# would be computed wrongly without a word
-SPARSE_MOE_BLOCKS = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
-SPARSE_MOE_ROUTERS = ("Qwen3MoeTopKRouter", "MixtralTopKRouter")
+# attentions are matched): a block or router of another kind (sigmoid scores, a score-correction bias, DeepSeek's
+# shared experts)
+# would be computed wrongly without a word; Qwen2-MoE's shared expert and its sigmoid gate are SparseMoE's too)
+SPARSE_MOE_BLOCKS = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
+SPARSE_MOE_ROUTERS = ("Qwen3MoeTopKRouter", "MixtralTopKRouter", "Qwen2MoeTopKRouter")
+# the blocks whose forward adds sigmoid(shared_expert_gate(x)) * shared_expert(x) to the routed experts' output
+SHARED_EXPERT_BLOCKS = ("Qwen2MoeSparseMoeBlock",)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
-    """Every Qwen3-MoE / Mixtral sparse mixture of experts (transformers 5): a block of :data:`SPARSE_MOE_BLOCKS`
-    whose ``gate`` is a router of :data:`SPARSE_MOE_ROUTERS` (``weight [E, H]``, ``top_k``) and whose ``experts``
-    hold ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` in a float dtype (or FP8 with our scales). Experts
-    quantized by transformers (its FP8 checkpoints' ``*_scale_inv`` blocks) are left as they are, with a note."""
+    """Every Qwen3-MoE / Mixtral / Qwen2-MoE sparse mixture of experts (transformers 5): a block of
+    :data:`SPARSE_MOE_BLOCKS` whose ``gate`` is a router of :data:`SPARSE_MOE_ROUTERS` (``weight [E, H]``,
+    ``top_k``) and whose ``experts`` hold ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` in a float dtype
+    (or FP8 with our scales); Qwen2-MoE's (:data:`SHARED_EXPERT_BLOCKS`) with its ``shared_expert`` and
+    ``shared_expert_gate`` modules. Experts quantized by transformers (its FP8 checkpoints' ``*_scale_inv`` blocks)
+    are left as they are, with a note."""
     found, foreign = [], 0
     for module in model.modules():
         if not forward_defined_by(module, SPARSE_MOE_BLOCKS):
@@ -250,6 +257,9 @@ def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
         if not (forward_defined_by(gate, SPARSE_MOE_ROUTERS) and isinstance(weight, torch.Tensor)
                 and weight.dim() == 2 and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
                 and gate_up.dim() == 3 and down.dim() == 3):
+            continue
+        if forward_defined_by(module, SHARED_EXPERT_BLOCKS) and not all(
+                isinstance(getattr(module, a, None), nn.Module) for a in ("shared_expert", "shared_expert_gate")):
             continue
         experts_n, hidden = weight.shape
         if not (gate_up.shape == (experts_n, 2 * down.shape[2], hidden) and down.shape[:2] == (experts_n, hidden)):
@@ -319,7 +329,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
-    Qwen3-MoE, Mixtral, Gemma 3, Phi-3 / Phi-4 and the models that share their layers). What is replaced:
+    Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma 3, Phi-3 / Phi-4 and the models that share their layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -369,6 +379,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       softmax over all experts, the top k, renormalized where the router does) and the SwiGLU of
       ``config.hidden_act`` (:class:`triton_ops.layers.SparseMoE`); Qwen3-MoE's dense layers (``mlp_only_layers``)
       are gated MLPs as above. ``fp8_experts=True`` converts these experts as gpt-oss's.
+    - Qwen2-MoE (``Qwen2MoeSparseMoeBlock``): the same, and its shared expert (a gated MLP, fused as above) scaled by
+      the sigmoid of its one-output ``shared_expert_gate`` (kept in the model's dtype with ``fp8``, as the routers)
+      and added inside ``fused_moe``'s combine launch. Its attention runs as Qwen2's.
     - Every pre-norm decoder layer adds the attention's output to the residual inside the post-attention RMSNorm
       (:class:`~triton_ops.models.decoder_layers.FusedAddNormDecoderLayer`: one launch for the add and the norm).
     - Attentions: Llama / Mistral / Qwen2 attentions apply the rotary embedding to q and k in one kernel
@@ -477,9 +490,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
                 unpacked[why] += 1
     if fp8:
         lm_head = getattr(model, "lm_head", None)
+        # Qwen2-MoE's shared-expert gates (one output each: a per-token scalar, as the routers, which stay too)
+        shared_gates = {id(b.shared_expert_gate) for b in sparse_moes if has_shared_expert(b)}
 
         def keep(name: str, linear: nn.Linear) -> bool:
-            return fp8_lm_head or linear is not lm_head
+            return (fp8_lm_head or linear is not lm_head) and id(linear) not in shared_gates
 
         recipe = resolve_recipe(fp8_recipe, weight_granularity, activation_granularity)
         _fp8_packs(model, packs, recipe, keep, unpacked)
@@ -526,10 +541,13 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             _patch_gated_mlp(mlp)
         summary.fp8_gated_mlps = len(fused_fp8) + len(packed_fp8)
         summary.gated_mlps = len(mlps) - len(split_fp8)
-        kept = sum(type(m) is nn.Linear and m is not lm_head for m in model.modules())
+        kept = sum(type(m) is nn.Linear and m is not lm_head and id(m) not in shared_gates for m in model.modules())
         recipe_name = fp8_recipe if isinstance(fp8_recipe, str) else fp8_recipe.name
         if kept:
             summary.notes.append(f"{kept} Linear layers kept in their dtype by the {recipe_name!r} FP8 recipe")
+        if shared_gates:
+            summary.notes.append(f"{len(shared_gates)} shared-expert gate(s) (one output each) kept in their dtype, "
+                                 "as the routers")
         if fused_fp8 or packed_fp8:
             summary.notes.append(f"gate/up of {len(fused_fp8) + len(packed_fp8)} gated MLP(s): FP8 weights "
                                  f"({scaling} scales) in the fused kernel, activations in the model's dtype "
