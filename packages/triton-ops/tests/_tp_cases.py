@@ -1087,11 +1087,17 @@ def gpt_oss_refusals(mesh):
 
 def _sparse_moe(kind: str, seed: int = 0, **overrides):
     """A tiny random Qwen3-MoE (layer 0 sparse: 8 experts of intermediate 32, top 3; layer 1 dense:
-    mlp_only_layers) or Mixtral (4 experts of intermediate 32, top 2), transformers' own classes, fp32."""
+    mlp_only_layers), Qwen2-MoE (the same, with a shared expert of intermediate 48 behind its sigmoid gate, q/k/v
+    biases, unnormalized top-k weights) or Mixtral (4 experts of intermediate 32, top 2), transformers' own classes,
+    fp32."""
     import torch
     import transformers
 
-    if kind == "qwen3_moe":
+    if kind == "qwen2_moe":
+        cfg = {**SMALL, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "num_experts": 8,
+               "num_experts_per_tok": 3, "norm_topk_prob": False, "mlp_only_layers": [1], **overrides}
+        config, cls = transformers.Qwen2MoeConfig(**cfg), transformers.Qwen2MoeForCausalLM
+    elif kind == "qwen3_moe":
         cfg = {**SMALL, "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 3,
                "norm_topk_prob": True, "mlp_only_layers": [1], **overrides}
         config, cls = transformers.Qwen3MoeConfig(**cfg), transformers.Qwen3MoeForCausalLM
@@ -1133,6 +1139,24 @@ def _check_sparse_experts(mlp, ref_mlp, mesh) -> None:
     assert type(mlp.gate.weight) is torch.nn.Parameter and torch.equal(mlp.gate.weight, ref_mlp.gate.weight)
 
 
+def _check_shared_expert(mlp, ref_mlp, mesh) -> None:
+    """Qwen2-MoE's shared expert: gate and up rows j, down columns j of the rank (DTensors over the model's
+    weights); its one-output gate replicated (left as it is)."""
+    import torch
+    from torch.distributed.tensor import Shard
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    shared, ref_shared = mlp.shared_expert, ref_mlp.shared_expert
+    inter = ref_shared.gate_proj.weight.shape[0]
+    j0, j1 = rank * inter // world, (rank + 1) * inter // world
+    for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+        weight, ref_weight = getattr(shared, name).weight, getattr(ref_shared, name).weight
+        assert weight.placements == (Shard(dim),), (name, weight.placements)
+        torch.testing.assert_close(weight.to_local(), ref_weight.narrow(dim, j0, j1 - j0), rtol=0, atol=0)
+    gate, ref_gate = mlp.shared_expert_gate.weight, ref_mlp.shared_expert_gate.weight
+    assert type(gate) is torch.nn.Parameter and torch.equal(gate, ref_gate)
+
+
 def _sparse_moe_case(kind: str, mesh, *, patch: bool, generate: bool = False) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
     from triton_ops import patch_model
@@ -1146,12 +1170,14 @@ def _sparse_moe_case(kind: str, mesh, *, patch: bool, generate: bool = False) ->
         parallelize_module(tp, mesh, plan)  # rank 0's weights scattered
     else:
         plan = parallelize_model(tp, mesh).triton_ops_tp_plan  # every rank keeps its own slice
-    if kind == "qwen3_moe":  # a sparse layer and a dense one: an entry per layer
+    if kind in ("qwen3_moe", "qwen2_moe"):  # a sparse layer and a dense one: an entry per layer
         assert isinstance(plan["model.layers.0.mlp"], SparseMoEParallel), plan
         assert isinstance(plan["model.layers.1.mlp"], GatedMLPParallel), plan
     else:
         assert isinstance(plan["model.layers.*.mlp"], SparseMoEParallel), plan
     _check_sparse_experts(tp.model.layers[0].mlp, ref.model.layers[0].mlp, mesh)
+    if kind == "qwen2_moe":
+        _check_shared_expert(tp.model.layers[0].mlp, ref.model.layers[0].mlp, mesh)
     spy = _moe_model_matches(ref, tp, generate)
     if patch:  # every sparse MoE call ran fused_moe on the rank's rows: [E, 2I / N, H]
         assert spy.shapes and {shape[1:] for shape in spy.shapes} == {(2 * 32 // mesh.size(), 64)}, spy.shapes
@@ -1165,6 +1191,16 @@ def qwen3_moe_patched(mesh):
 @case
 def mixtral_unpatched(mesh):
     _sparse_moe_case("mixtral", mesh, patch=False)
+
+
+@case
+def qwen2_moe_patched(mesh):
+    _sparse_moe_case("qwen2_moe", mesh, patch=True, generate=True)
+
+
+@case
+def qwen2_moe_unpatched(mesh):
+    _sparse_moe_case("qwen2_moe", mesh, patch=False)
 
 
 @case

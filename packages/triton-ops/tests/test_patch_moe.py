@@ -460,18 +460,3 @@ def test_qwen2_moe_with_fp8_keeps_the_shared_expert_gate_and_passes_no_sliding_w
     assert model.config.sliding_window == 0 and _sliding_window(model.model.layers[0].self_attn) == {}
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
     assert all(torch.isfinite(out.logits).all() for out in _prefill_and_step(model, ids))
-
-
-def test_qwen2_moe_has_no_tensor_parallel_plan_yet():
-    """Refused by name (the shared expert has no split yet), and SparseMoEParallel refuses a block with a shared
-    expert before it shards anything: its all-reduce would add the replicated shared output once per rank."""
-    from triton_ops import parallel
-    from triton_ops.models.patch import UnsupportedModelError
-
-    model = _model("qwen2_moe")
-    with pytest.raises(UnsupportedModelError, match="'qwen2_moe' .*shared expert"):
-        parallel.tensor_parallel_plan(model, 2)
-    block = _sparse_blocks(model)[0]
-    with pytest.raises(parallel.ShardingError, match="shared expert .*once per rank"):
-        parallel.SparseMoEParallel()._partition(block, None)
-    assert block.experts.gate_up_proj.dim() == 3 and type(block.experts.gate_up_proj) is torch.nn.Parameter

@@ -12,7 +12,8 @@ errors, and small random Llama and Qwen3 models (transformers' own classes, fp32
 not, prefill + cached decode step + generate(); a small random gpt-oss, patched
 (fused_moe, decode_attention with sinks) or not, its sinks sharded with the q heads and its experts by whole gate/up
 pairs of their intermediate dimension, the MoE alone with bf16 and FP8 experts, the refusal of an intermediate size
-the ranks do not divide; small random Qwen3-MoE (patched, a sparse and a dense layer) and Mixtral (unpatched) models,
+the ranks do not divide; small random Qwen3-MoE (patched, a sparse and a dense layer), Qwen2-MoE (patched and
+not: its shared expert split with the experts, under the block's one all-reduce) and Mixtral (unpatched) models,
 their experts split by gate and up rows, a Mixtral MoE with FP8 experts. Patched models keep one packed
 q/k/v GEMM per rank over its heads (PackedQKVParallel): checked per attention (local packed weight, DTensor shards
 that are its rows, the GEMM = the three sharded projections, torch.save) and during the forward; packed FP8 q/k/v
@@ -183,3 +184,10 @@ def test_sparse_moe_plans_split_their_experts():
     with pytest.raises(parallel.ShardingError, match=r"intermediate size 32 \(config.moe_intermediate_size=32\) is "
                                                      r"not divisible by the tensor-parallel size 3"):
         parallel.tensor_parallel_plan(three_heads, 3)
+    # Qwen2-MoE: its sparse block (with the shared expert) SparseMoEParallel, its dense layer GatedMLPParallel
+    qwen2 = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **small, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2, mlp_only_layers=[1]))
+    plan = parallel.tensor_parallel_plan(qwen2, 2)
+    assert type(plan["model.layers.0.mlp"]) is parallel.SparseMoEParallel
+    assert type(plan["model.layers.1.mlp"]) is parallel.GatedMLPParallel

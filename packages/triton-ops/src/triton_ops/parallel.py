@@ -28,10 +28,11 @@ one all-reduce after a row-parallel one (one per attention block and one per gat
 - :class:`GptOssMoEParallel`: gpt-oss's mixture of experts (transformers' or ``fused_moe``, bf16 or FP8 experts)
   split by the experts' intermediate dimension (whole gate/up pairs per rank, every expert on every rank), the
   router replicated, one all-reduce.
-- :class:`SparseMoEParallel`: Qwen3-MoE's and Mixtral's sparse mixture of experts (``gate`` + ``experts`` with
-  ``[E, 2I, H]`` / ``[E, H, I]`` weights; transformers' or ``fused_moe``, bf16 or FP8 experts) split the same way.
+- :class:`SparseMoEParallel`: Qwen3-MoE's, Mixtral's and Qwen2-MoE's sparse mixture of experts (``gate`` +
+  ``experts`` with ``[E, 2I, H]`` / ``[E, H, I]`` weights; transformers' or ``fused_moe``, bf16 or FP8 experts;
+  Qwen2-MoE's shared expert) split the same way.
 - :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 / gpt-oss /
-  Qwen3-MoE / Mixtral model; :func:`parallelize_model` applies it.
+  Qwen3-MoE / Mixtral / Qwen2-MoE / Gemma 3 model; :func:`parallelize_model` applies it.
 - :func:`shard_packed_gate_up`: one rank's slice of a packed ``[2 * intermediate, hidden]`` gate/up weight, packed
   again per rank (for ``fused_gated_mlp(..., weight_layout="concatenated" | "interleaved")``).
 
@@ -63,15 +64,13 @@ FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
 # patch_model's models whose layers the plan knows (the experts of gpt-oss, Qwen3-MoE and Mixtral split by their
 # intermediate dimension); of a multimodal model, plan its language model (Gemma 3's gemma3_text). Not Phi-3: its
 # packed qkv_proj / gate_up_proj would need styles that split each part by heads / columns.
-_NO_PLAN_YET = ("phi3", "qwen2_moe")  # patch_model's, without a plan here (_TP_REFUSALS says why)
+_NO_PLAN_YET = ("phi3",)  # patch_model's, without a plan here (_TP_REFUSALS says why)
 TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES and t not in _NO_PLAN_YET)
 _TP_REFUSALS = {
     **{t: f" (plan its language model instead, a {inner!r} model: tensor_parallel_plan(model.model.language_model))"
        for t, inner in LANGUAGE_MODEL_TYPES.items()},
     "phi3": (" (Phi-3's packed qkv_proj and gate_up_proj would each need a style that splits q, k and v by heads and "
              "gate and up by columns; not written yet)"),
-    "qwen2_moe": (" (Qwen2-MoE's shared expert would need a split that joins the routed experts' one all-reduce; "
-                  "not written yet)"),
 }
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                     if hasattr(torch, n))
@@ -567,6 +566,21 @@ class GatedColwiseParallel(_LocalShardStyle):
                                     self.use_local_output)
 
 
+def _partition_gated_mlp(module: nn.Module, mesh: DeviceMesh, src: int | None, what: str) -> tuple[list, list]:
+    """Shard a gated MLP in place: gate and up column-parallel (the same rows on a rank), down row-parallel; returns
+    the tensors that became DTensors and the down projection's bias (added once, after or inside the reduction)."""
+    gate, up = _gate_up(module, what)
+    down = getattr(module, "down_proj", None)
+    if not isinstance(down, nn.Module):
+        raise ShardingError(f"{what}: expected a down_proj layer")
+    entries = []
+    for child, name in ((gate, "gate_proj"), (up, "up_proj")):
+        entries += [(child, n) for n in _partition_linear(child, mesh, "col", src, f"{what}.{name}")]
+    names = _partition_linear(down, mesh, "row", src, f"{what}.down_proj")
+    entries += [(down, n) for n in names if n != "bias"]
+    return entries, [(down, "bias")]
+
+
 class GatedMLPParallel(_LocalShardStyle):
     """A whole gated MLP (``down_proj(act(gate_proj(x)) * up_proj(x))``: transformers' ``LlamaMLP`` / ``Qwen3MLP``
     as they are, or patched by ``patch_model`` with the fused kernel or FP8 layers): gate and up column-parallel
@@ -580,16 +594,7 @@ class GatedMLPParallel(_LocalShardStyle):
                          use_local_output=use_local_output)
 
     def _partition(self, module, mesh):
-        gate, up = _gate_up(module, type(module).__name__)
-        down = getattr(module, "down_proj", None)
-        if not isinstance(down, nn.Module):
-            raise ShardingError(f"{type(module).__name__}: expected a down_proj layer")
-        entries = []
-        for child, name in ((gate, "gate_proj"), (up, "up_proj")):
-            entries += [(child, n) for n in _partition_linear(child, mesh, "col", self.src_data_rank, name)]
-        names = _partition_linear(down, mesh, "row", self.src_data_rank, "down_proj")
-        entries += [(down, n) for n in names if n != "bias"]
-        return entries, [(down, "bias")]
+        return _partition_gated_mlp(module, mesh, self.src_data_rank, type(module).__name__)
 
     def _input(self, module, x, mesh):
         return _to_replicated(x, mesh, self.input_layouts)
@@ -784,9 +789,6 @@ class GptOssMoEParallel(_LocalShardStyle):
 
     def _partition(self, module, mesh):
         what = type(module).__name__
-        if "shared_expert" in module._modules:  # its replicated output would be summed once per rank
-            raise ShardingError(f"{what}: a mixture of experts with a shared expert (Qwen2-MoE's) is not supported: "
-                                "the all-reduce of the routed experts' partial sums would add it once per rank")
         router, experts = module._modules.get(self._router_name), module._modules.get("experts")
         gate_up = _tensor(experts, "gate_up_proj") if experts is not None else None
         down = _tensor(experts, "down_proj") if experts is not None else None
@@ -859,6 +861,9 @@ class SparseMoEParallel(GptOssMoEParallel):
       (``Shard(2)``). No biases.
     - FP8 experts (converted BEFORE parallelizing): ``gate_up_scale`` ``[E, 2I]`` sharded with its rows,
       ``down_scale`` ``[E, H]`` replicated.
+    - Qwen2-MoE's ``shared_expert`` (a gated MLP): gate and up rows, down columns, as :class:`GatedMLPParallel`
+      splits a gated MLP, with no all-reduce of its own: its partial down product, scaled by the replicated
+      ``shared_expert_gate``'s sigmoid, joins the rank's partial sum of the routed experts.
     - The output (a tensor) is all-reduced, one all-reduce per MoE block.
 
     Forward only; :class:`ShardingError` for an intermediate size the ranks do not divide, or another module.
@@ -869,6 +874,20 @@ class SparseMoEParallel(GptOssMoEParallel):
     _gate_up_dim, _inter_dim = 1, 2
     _expected = ("a sparse mixture of experts (gate; experts with gate_up_proj [E, 2I, H] and down_proj [E, H, I]: "
                  "Qwen3-MoE's and Mixtral's layout)")
+
+    def _partition(self, module, mesh):
+        shared = module._modules.get("shared_expert")
+        if shared is None:
+            return super()._partition(module, mesh)
+        # Qwen2-MoE: the shared expert split as a gated MLP, without an all-reduce of its own: each rank's partial
+        # down product, scaled by the (replicated) sigmoid gate, joins its routed experts' partial sum, and the
+        # block's one all-reduce adds them all (the gate's scaling is linear, so the sum is the one-process output)
+        what = type(module).__name__
+        if not isinstance(module._modules.get("shared_expert_gate"), nn.Module):
+            raise ShardingError(f"{what}: a shared expert without its shared_expert_gate")
+        entries, biases = super()._partition(module, mesh)  # the experts' checks run before anything is sharded
+        shared_entries, shared_biases = _partition_gated_mlp(shared, mesh, self.src_data_rank, f"{what}.shared_expert")
+        return entries + shared_entries, biases + shared_biases
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -939,8 +958,8 @@ def _mlp_kind(mlp: nn.Module | None) -> str | None:
 def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *,
                          lm_head: bool = True) -> dict[str, ParallelStyle]:
     """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / gpt-oss / Qwen3-MoE /
-    Mixtral / Gemma 3 text model (a causal LM or its base model; of a multimodal Gemma 3, its ``language_model``),
-    patched by ``patch_model`` (bf16 or FP8) or not.
+    Mixtral / Qwen2-MoE / Gemma 3 text model (a causal LM or its base model; of a multimodal Gemma 3, its
+    ``language_model``), patched by ``patch_model`` (bf16 or FP8) or not.
 
     - ``layers.*.self_attn.q_proj`` / ``k_proj`` / ``v_proj``: :class:`ColwiseParallel`, whole heads per rank
       (transformers' attention reshapes with ``-1`` heads, so it runs on the local heads unchanged);
@@ -951,8 +970,9 @@ def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *
     - gpt-oss: ``layers.*.self_attn``: :class:`AttentionSinksParallel` (the per-head ``sinks`` sharded with the q
       heads) instead; ``layers.*.mlp``: :class:`GptOssMoEParallel` (router replicated, every expert split by its
       intermediate dimension in whole gate/up pairs, one all-reduce);
-    - Qwen3-MoE, Mixtral: ``layers.*.mlp``: :class:`SparseMoEParallel` (the same split of their ``[E, 2I, H]``
-      experts); Qwen3-MoE's dense layers (``mlp_only_layers``) :class:`GatedMLPParallel`, one entry per layer then;
+    - Qwen3-MoE, Mixtral, Qwen2-MoE: ``layers.*.mlp``: :class:`SparseMoEParallel` (the same split of their
+      ``[E, 2I, H]`` experts; Qwen2-MoE's shared expert beside them); dense layers (``mlp_only_layers``)
+      :class:`GatedMLPParallel`, one entry per layer then;
     - ``lm_head`` (``lm_head=True``, a causal LM): :class:`ColwiseParallel` with the logits gathered
       (``output_layouts=Replicate()``), as transformers' ``"colwise_gather_output"``; ``lm_head=False`` leaves it
       replicated;
