@@ -790,7 +790,9 @@ def forward_defined_by(module: object, names: tuple[str, ...]) -> bool:
 
 
 # transformers' RMSNorm classes that scale by ``1 + weight`` (attribute ``eps``): what GemmaRMSNorm computes
-GEMMA_RMS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+GEMMA_RMS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm",
+                   # Qwen3-Next's and Qwen3.5's zero-centered norms compute the same (weights initialized at 0)
+                   "Qwen3NextRMSNorm", "Qwen3_5RMSNorm", "Qwen3_5MoeRMSNorm")
 # Decoder layers with norms before and after each sublayer (SandwichNormDecoderLayer), and the attentions with
 # Gemma's per-head q/k norms (GemmaQKNormRopeAttention): by the class defining forward, as the MoE blocks are matched
 GEMMA_DECODER_LAYERS = ("Gemma3DecoderLayer",)

@@ -36,7 +36,6 @@ from ..layers import (
     RMSNorm,
     SparseMoE,
     config_hidden_act,
-    has_shared_expert,
     mlp_activation,
     moe_activation,
 )
@@ -69,10 +68,19 @@ from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packabl
 # with a gated shared expert); Gemma 3's text
 # decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral",
-                         "gemma3_text", "gemma3", "phi3")
+                         "gemma3_text", "gemma3", "phi3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5",
+                         "qwen3_5_moe")
 # Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
 # config.model_type -> the text decoder's
-LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text"}
+LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+# Hybrid decoders (Gated DeltaNet linear attention in most layers, gated full attention in the others): their norms,
+# MLPs and mixtures of experts are ours; both token mixers and the decoder layers stay transformers'
+HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+# Linears fp8=True keeps in the model's dtype whatever the recipe, by the end of their qualified name: Qwen2-MoE's,
+# Qwen3-Next's and Qwen3.5's shared-expert gates (one output: a per-token scalar, as the routers) and the Gated
+# DeltaNet's projections to its per-head gates (beta and the decay: a few outputs, which Qwen's own FP8 checkpoints,
+# vLLM and NVIDIA ModelOpt's recipes for these models keep unquantized)
+FP8_KEPT_LINEARS = ("shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.in_proj_ba")
 # Known, and not yet supported: what the error says about them.
 PLANNED: dict[str, str] = {}
 
@@ -233,10 +241,11 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
 # attentions are matched): a block or router of another kind (sigmoid scores, a score-correction bias, DeepSeek's
 # shared experts)
 # would be computed wrongly without a word; Qwen2-MoE's shared expert and its sigmoid gate are SparseMoE's too)
-SPARSE_MOE_BLOCKS = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
-SPARSE_MOE_ROUTERS = ("Qwen3MoeTopKRouter", "MixtralTopKRouter", "Qwen2MoeTopKRouter")
 # the blocks whose forward adds sigmoid(shared_expert_gate(x)) * shared_expert(x) to the routed experts' output
-SHARED_EXPERT_BLOCKS = ("Qwen2MoeSparseMoeBlock",)
+SHARED_EXPERT_BLOCKS = ("Qwen2MoeSparseMoeBlock", "Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock")
+SPARSE_MOE_BLOCKS = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", *SHARED_EXPERT_BLOCKS)
+SPARSE_MOE_ROUTERS = ("Qwen3MoeTopKRouter", "MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3NextTopKRouter",
+                      "Qwen3_5MoeTopKRouter")  # (Qwen3.5's always renormalizes: no norm_topk_prob)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -329,7 +338,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
-    Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma 3, Phi-3 / Phi-4 and the models that share their layers). What is replaced:
+    Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma 3, Phi-3 / Phi-4, Qwen3-Next, Qwen3.5 and the models that share their
+    layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -382,6 +392,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     - Qwen2-MoE (``Qwen2MoeSparseMoeBlock``): the same, and its shared expert (a gated MLP, fused as above) scaled by
       the sigmoid of its one-output ``shared_expert_gate`` (kept in the model's dtype with ``fp8``, as the routers)
       and added inside ``fused_moe``'s combine launch. Its attention runs as Qwen2's.
+    - Qwen3-Next and Qwen3.5 (dense, MoE; the multimodal Qwen3.5 models' language model), hybrid decoders: their
+      zero-centered RMSNorms (``1 + weight``) as Gemma's, their dense MLPs and shared experts as gated MLPs, their
+      sparse blocks as Qwen2-MoE's; the Gated DeltaNet layers, the gated attentions and the decoder layers are
+      transformers' own. With ``fp8`` the Linears of :data:`FP8_KEPT_LINEARS` (shared-expert gates, the DeltaNet's
+      per-head gate projections) stay in the model's dtype whatever the recipe.
     - Every pre-norm decoder layer adds the attention's output to the residual inside the post-attention RMSNorm
       (:class:`~triton_ops.models.decoder_layers.FusedAddNormDecoderLayer`: one launch for the add and the norm).
     - Attentions: Llama / Mistral / Qwen2 attentions apply the rotary embedding to q and k in one kernel
@@ -490,11 +505,12 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
                 unpacked[why] += 1
     if fp8:
         lm_head = getattr(model, "lm_head", None)
-        # Qwen2-MoE's shared-expert gates (one output each: a per-token scalar, as the routers, which stay too)
-        shared_gates = {id(b.shared_expert_gate) for b in sparse_moes if has_shared_expert(b)}
+        # the shared-expert gates and the DeltaNet's gate projections: FP8_KEPT_LINEARS
+        always_kept = {name for name, m in model.named_modules()
+                       if type(m) is nn.Linear and name.endswith(FP8_KEPT_LINEARS)}
 
         def keep(name: str, linear: nn.Linear) -> bool:
-            return (fp8_lm_head or linear is not lm_head) and id(linear) not in shared_gates
+            return (fp8_lm_head or linear is not lm_head) and name not in always_kept
 
         recipe = resolve_recipe(fp8_recipe, weight_granularity, activation_granularity)
         _fp8_packs(model, packs, recipe, keep, unpacked)
@@ -541,13 +557,14 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             _patch_gated_mlp(mlp)
         summary.fp8_gated_mlps = len(fused_fp8) + len(packed_fp8)
         summary.gated_mlps = len(mlps) - len(split_fp8)
-        kept = sum(type(m) is nn.Linear and m is not lm_head and id(m) not in shared_gates for m in model.modules())
+        kept = sum(type(m) is nn.Linear and m is not lm_head and n not in always_kept
+                   for n, m in model.named_modules())
         recipe_name = fp8_recipe if isinstance(fp8_recipe, str) else fp8_recipe.name
         if kept:
             summary.notes.append(f"{kept} Linear layers kept in their dtype by the {recipe_name!r} FP8 recipe")
-        if shared_gates:
-            summary.notes.append(f"{len(shared_gates)} shared-expert gate(s) (one output each) kept in their dtype, "
-                                 "as the routers")
+        if always_kept:
+            summary.notes.append(f"{len(always_kept)} gate projection(s) with a few outputs (shared-expert gates, "
+                                 "Gated DeltaNet's beta / decay projections) kept in their dtype, as the routers")
         if fused_fp8 or packed_fp8:
             summary.notes.append(f"gate/up of {len(fused_fp8) + len(packed_fp8)} gated MLP(s): FP8 weights "
                                  f"({scaling} scales) in the fused kernel, activations in the model's dtype "
@@ -759,8 +776,12 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
     summary.notes.append("the MLP's residual add: transformers' own (it ends the layer)")
     if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
+    if summary.model_type in HYBRID_MODEL_TYPES:
+        summary.notes.append("the Gated DeltaNet (linear attention) layers, the gated full attentions' projections "
+                             "and the decoder layers' residual adds: transformers' own")
     else:
         summary.notes.append("the attention core: the function config._attn_implementation names")
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "PatchSummary", "UnsupportedModelError", "patch_model"]
+__all__ = ["FP8_KEPT_LINEARS", "HYBRID_MODEL_TYPES", "LANGUAGE_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "PatchSummary",
+           "UnsupportedModelError", "patch_model"]
