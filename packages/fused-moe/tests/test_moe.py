@@ -73,7 +73,8 @@ def test_down_projection_split_along_k(device, monkeypatch, split, fma):
 
 @pytest.mark.parametrize("layout,transposed,activation", [
     ("interleaved", True, "swiglu_oai"), ("interleaved", False, "silu"), ("concatenated", True, "gelu"),
-    ("concatenated", False, "swiglu_oai"), ("concatenated", False, "silu")])
+    ("concatenated", False, "swiglu_oai"), ("concatenated", False, "silu"), ("concatenated", False, "gelu_tanh"),
+    ("interleaved", True, "gelu_tanh")])
 def test_layouts_and_activations(device, layout, transposed, activation):
     x, rw, rb, w1, b1, w2, b2 = make_moe(9, 32, 24, 8, device=device, seed=4)
     w1, b1, w2 = to_layout(w1, b1, w2, layout, transposed)

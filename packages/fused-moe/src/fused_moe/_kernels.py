@@ -56,6 +56,7 @@ from triton_ops_core.rms_prologue import normalized, row_rstd
 ACT_SWIGLU_OAI = 0
 ACT_SILU = 1
 ACT_GELU = 2
+ACT_GELU_TANH = 3
 
 
 @triton.jit
@@ -257,8 +258,11 @@ def _activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
         out = g * _sigmoid(alpha * g) * (u + 1.0)
     elif ACTIVATION == 1:  # silu (SwiGLU: Qwen3-MoE, Mixtral)
         out = gate * _sigmoid(gate) * up
-    else:  # gelu, exact (erf)
+    elif ACTIVATION == 2:  # gelu, exact (erf)
         out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    else:  # gelu, tanh approximation (Gemma 4): 0.5 g (1 + tanh(z)) == g * sigmoid(2 z), as fused_gated_mlp's
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        out = gate * _sigmoid(2.0 * z) * up
     return out
 
 

@@ -35,7 +35,8 @@ from . import _kernels as K
 from .configs import MoEConfig, for_layout, select_config
 from .validation import validate_experts_inputs, validate_route_inputs
 
-_ACTIVATION_CODES = {"swiglu_oai": K.ACT_SWIGLU_OAI, "silu": K.ACT_SILU, "gelu": K.ACT_GELU}
+_ACTIVATION_CODES = {"swiglu_oai": K.ACT_SWIGLU_OAI, "silu": K.ACT_SILU, "gelu": K.ACT_GELU,
+                     "gelu_tanh": K.ACT_GELU_TANH}
 
 
 class MoEBackwardError(TritonKernelError, NotImplementedError):
@@ -742,7 +743,8 @@ def moe_experts(
         down_proj: ``[E, I, H]`` (``transposed=True``) or ``[E, H, I]``.
         down_proj_bias: ``[E, H]`` or None.
         activation: ``"swiglu_oai"`` (gpt-oss: ``g = gate.clamp(max=limit)``, ``u = up.clamp(-limit, limit)``,
-            ``g * sigmoid(alpha * g) * (u + 1)``), ``"silu"`` (``silu(gate) * up``) or ``"gelu"`` (exact GELU).
+            ``g * sigmoid(alpha * g) * (u + 1)``), ``"silu"`` (``silu(gate) * up``), ``"gelu"`` (exact GELU) or
+            ``"gelu_tanh"`` (GELU's tanh approximation, transformers' ``gelu_pytorch_tanh``: Gemma's).
         gate_up_layout: ``"interleaved"`` (gpt-oss: gate and up alternate, column 2j is gate j) or
             ``"concatenated"`` (gate first, then up).
         alpha, limit: ``"swiglu_oai"``'s parameters (gpt-oss: 1.702, 7.0).

@@ -63,6 +63,8 @@ def _act(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float, li
         return g * torch.sigmoid(alpha * g) * (u + 1)
     if activation == "silu":
         return F.silu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     return F.gelu(gate) * up
 
 

@@ -22,7 +22,7 @@ from triton_ops_core.validation.common import (
     check_tensor,
 )
 
-ACTIVATIONS = ("swiglu_oai", "silu", "gelu")
+ACTIVATIONS = ("swiglu_oai", "silu", "gelu", "gelu_tanh")
 # Weight-only FP8 experts: E4M3 or E5M2 weights with one fp32 scale per expert and output column
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 GATE_UP_LAYOUTS = ("interleaved", "concatenated")

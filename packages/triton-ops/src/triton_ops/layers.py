@@ -387,7 +387,8 @@ def jittered(block: nn.Module) -> bool:
 # ``(activation, renormalize)`` of a SparseMoE block, set by ``patch_model`` as ACT_ATTR is (and for its reason).
 MOE_ROUTING_ATTR = "_triton_ops_moe_routing"
 # transformers' ``config.hidden_act`` -> fused_moe's activation, for the experts of a SparseMoE block
-MOE_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu"}
+MOE_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                   "gelu_new": "gelu_tanh"}
 
 
 def moe_activation(hidden_act: str) -> str:

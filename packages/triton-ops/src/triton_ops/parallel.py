@@ -64,13 +64,15 @@ FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
 # patch_model's models whose layers the plan knows (the experts of gpt-oss, Qwen3-MoE and Mixtral split by their
 # intermediate dimension); of a multimodal model, plan its language model (Gemma 3's gemma3_text). Not Phi-3: its
 # packed qkv_proj / gate_up_proj would need styles that split each part by heads / columns.
-_NO_PLAN_YET = ("phi3", *HYBRID_MODEL_TYPES)  # patch_model's, without a plan here (_TP_REFUSALS says why)
+_NO_PLAN_YET = ("phi3", "gemma4_text", *HYBRID_MODEL_TYPES)  # patch_model's, without a plan here (_TP_REFUSALS: why)
 TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES and t not in _NO_PLAN_YET)
 _TP_REFUSALS = {
     **{t: f" (plan its language model instead, a {inner!r} model: tensor_parallel_plan(model.model.language_model))"
        for t, inner in LANGUAGE_MODEL_TYPES.items()},
     "phi3": (" (Phi-3's packed qkv_proj and gate_up_proj would each need a style that splits q, k and v by heads and "
              "gate and up by columns; not written yet)"),
+    "gemma4_text": (" (Gemma 4's attention shares K/V across layers and may take V from K; its plan is not written "
+                    "yet)"),
     **{t: " (a hybrid decoder: its Gated DeltaNet layers (linear attention) and gated attentions have no split yet)"
        for t in HYBRID_MODEL_TYPES},
 }

@@ -746,11 +746,19 @@ def _eager_attention(layer_cls: type) -> Callable:
     raise InvalidArgumentError(f"{layer_cls.__name__}: its modeling module has no eager_attention_forward")
 
 
+# Attentions whose forward QKNormRopeAttention computes: matched by class name along the MRO (an attention of another
+# model with q_norm / k_norm of the same shapes may compute otherwise: Gemma 4's also normalizes v and shares K/V)
+QK_NORM_ATTENTIONS = ("Qwen3Attention", "Qwen3MoeAttention")
+
+
 def has_qk_norm(attn: nn.Module) -> bool:
-    """An attention module with per-head ``q_norm`` / ``k_norm`` RMSNorms of one epsilon (Qwen3's)."""
+    """A Qwen3 / Qwen3-MoE attention (:data:`QK_NORM_ATTENTIONS`) with per-head ``q_norm`` / ``k_norm`` RMSNorms of
+    one epsilon."""
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     head_dim = getattr(attn, "head_dim", None)
-    return (all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling", "config"))
+    return (any(cls.__name__ in QK_NORM_ATTENTIONS for cls in type(attn).__mro__)
+            and all(hasattr(attn, a)
+                    for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling", "config"))
             and all(isinstance(getattr(n, "weight", None), torch.Tensor) and n.weight.shape == (head_dim,)
                     and isinstance(getattr(n, "variance_epsilon", None), (int, float)) for n in (q_norm, k_norm))
             and q_norm.variance_epsilon == k_norm.variance_epsilon)
@@ -862,7 +870,8 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
 
 __all__ = ["GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "ROPE_ATTENTIONS", "FusedAddNormDecoderLayer",
            "GemmaQKNormRopeAttention",
-           "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "PackedRopeAttention", "QKNormRopeAttention",
+           "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS", "PackedRopeAttention",
+           "QKNormRopeAttention",
            "RESIDUAL_DROPOUT_DECODER_LAYERS", "ResidualDropoutDecoderLayer", "RopeAttention",
            "SandwichNormDecoderLayer", "SinkRopeAttention", "forward_defined_by", "gemma_norm_fusable",
            "has_gemma_qk_norm", "has_qk_norm", "is_gemma_rms_norm", "is_packed_rope_attention",

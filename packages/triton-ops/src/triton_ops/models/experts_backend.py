@@ -15,10 +15,11 @@ Which calls run ``moe_experts`` (:func:`unsupported` says why not; the rest go t
 implementation, its default, with a warning once per experts class and reason):
 
 - gated experts (``has_gate``) whose gate is transformers' default (``act(gate) * up`` of the two halves of the
-  gate/up output, ``act_fn`` a SiLU or an exact GELU) or gpt-oss's clamped SwiGLU of interleaved columns
-  (``GptOssExperts._apply_gate``, ``alpha`` and ``limit``), stored transposed or not (``is_transposed``), with or
-  without biases (``has_bias``); FP8 experts with their scales (``fused_moe.convert_experts_to_fp8(experts,
-  transposed=experts.is_transposed)``) too, which only this backend reads (a call it cannot take then raises);
+  gate/up output, ``act_fn`` a SiLU, an exact GELU or GELU's tanh approximation) or gpt-oss's clamped SwiGLU of
+  interleaved columns (``GptOssExperts._apply_gate``, ``alpha`` and ``limit``), stored transposed or not
+  (``is_transposed``), with or without biases (``has_bias``); FP8 experts with their scales
+  (``fused_moe.convert_experts_to_fp8(experts, transposed=experts.is_transposed)``) too, which only this backend
+  reads (a call it cannot take then raises);
 - no post-expert norm, not expert-parallel (its sentinel ids would index past the experts), nothing to
   differentiate (the op is forward-only), tensors on a device Triton runs on.
 """
@@ -34,7 +35,10 @@ from triton_ops_core.exceptions import InvalidArgumentError
 
 EXPERTS_NAME = "triton_ops"
 FALLBACK = "grouped_mm"  # transformers' default experts implementation
-_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu"}
+# transformers' act_fn classes -> moe_experts' activation (GELU's tanh approximation: GELUTanh, named PytorchGELUTanh
+# in older releases, and NewGELUActivation compute the same function)
+ACT_FN_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
+                      "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[tuple[type, str]] = set()
 _default_gate = None  # transformers' _default_apply_gate, read once at registration (not inside compiled code)
@@ -112,7 +116,7 @@ def unsupported(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_wei
 
 
 def _activation(experts: torch.nn.Module) -> str | None:
-    """moe_experts' activation for the experts' gate: transformers' default gate with a SiLU or exact GELU
+    """moe_experts' activation for the experts' gate: transformers' default gate with a SiLU, exact GELU or tanh-GELU
     ``act_fn``, or gpt-oss's clamped SwiGLU (``GptOssExperts._apply_gate`` itself, with ``alpha`` and ``limit``);
     None otherwise. By identity of the gate functions, which Dynamo traces as eager runs it (it read a function's
     ``__qualname__`` wrong: gpt-oss's gate looked unknown inside a compiled ``generate()``)."""
@@ -122,7 +126,7 @@ def _activation(experts: torch.nn.Module) -> str | None:
     if gate is not _default_gate:
         gpt_oss = gate is _gpt_oss_gate and hasattr(experts, "alpha") and hasattr(experts, "limit")
         return "swiglu_oai" if gpt_oss else None
-    return _ACTIVATIONS.get(type(getattr(experts, "act_fn", None)).__name__)
+    return ACT_FN_ACTIVATIONS.get(type(getattr(experts, "act_fn", None)).__name__)
 
 
 def _fallback(experts: torch.nn.Module, why: str):
@@ -140,4 +144,5 @@ def _fallback(experts: torch.nn.Module, why: str):
     return ALL_EXPERTS_FUNCTIONS[FALLBACK]
 
 
-__all__ = ["EXPERTS_NAME", "FALLBACK", "experts_forward", "register_experts_backend", "unsupported"]
+__all__ = ["ACT_FN_ACTIVATIONS", "EXPERTS_NAME", "FALLBACK", "experts_forward", "register_experts_backend",
+           "unsupported"]

@@ -61,6 +61,8 @@ from .decoder_layers import (
     is_sandwich_norm_decoder_layer,
     is_sink_attention,
 )
+from .experts_backend import ACT_FN_ACTIVATIONS, register_experts_backend
+from .experts_backend import unsupported as experts_unsupported
 from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
 
 # config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, gpt-oss's
@@ -69,18 +71,21 @@ from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packabl
 # decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral",
                          "gemma3_text", "gemma3", "phi3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5",
-                         "qwen3_5_moe")
+                         "qwen3_5_moe", "gemma4_text", "gemma4")
 # Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
 # config.model_type -> the text decoder's
-LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                        "gemma4": "gemma4_text"}
 # Hybrid decoders (Gated DeltaNet linear attention in most layers, gated full attention in the others): their norms,
 # MLPs and mixtures of experts are ours; both token mixers and the decoder layers stay transformers'
 HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 # Linears fp8=True keeps in the model's dtype whatever the recipe, by the end of their qualified name: Qwen2-MoE's,
-# Qwen3-Next's and Qwen3.5's shared-expert gates (one output: a per-token scalar, as the routers) and the Gated
-# DeltaNet's projections to its per-head gates (beta and the decay: a few outputs, which Qwen's own FP8 checkpoints,
-# vLLM and NVIDIA ModelOpt's recipes for these models keep unquantized)
-FP8_KEPT_LINEARS = ("shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.in_proj_ba")
+# Qwen3-Next's and Qwen3.5's shared-expert gates (one output: a per-token scalar), Gemma 4's router projection (the
+# other models' routers are no nn.Linear and stay in their dtype too: routing decisions), and the Gated DeltaNet's
+# projections to its per-head gates (beta and the decay: a few outputs, which Qwen's own FP8 checkpoints, vLLM and
+# NVIDIA ModelOpt's recipes for these models keep unquantized)
+FP8_KEPT_LINEARS = ("shared_expert_gate", "router.proj", "linear_attn.in_proj_a", "linear_attn.in_proj_b",
+                    "linear_attn.in_proj_ba")
 # Known, and not yet supported: what the error says about them.
 PLANNED: dict[str, str] = {}
 
@@ -285,9 +290,9 @@ def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
 
 def _experts_activation(experts: nn.Module, hidden_act: object) -> str:
     """fused_moe's activation for a sparse block's experts: from their ``act_fn`` (transformers builds it from
-    ``config.hidden_act``: SiLU, exact GELU), else from ``hidden_act``; InvalidArgumentError for another."""
+    ``config.hidden_act``: SiLU, exact or tanh GELU), else from ``hidden_act``; InvalidArgumentError for another."""
     act = getattr(experts, "act_fn", None)
-    by_class = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu"}.get(type(act).__name__)
+    by_class = ACT_FN_ACTIVATIONS.get(type(act).__name__)
     if act is not None and by_class is None:
         raise InvalidArgumentError(
             f"hidden_act: the experts' act_fn {type(act).__name__} ({hidden_act!r}) is none of those fused_moe's "
@@ -338,8 +343,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
-    Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma 3, Phi-3 / Phi-4, Qwen3-Next, Qwen3.5 and the models that share their
-    layers). What is replaced:
+    Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma 3, Phi-3 / Phi-4, Gemma 4, Qwen3-Next, Qwen3.5 and the models that share
+    their layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -392,6 +397,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     - Qwen2-MoE (``Qwen2MoeSparseMoeBlock``): the same, and its shared expert (a gated MLP, fused as above) scaled by
       the sigmoid of its one-output ``shared_expert_gate`` (kept in the model's dtype with ``fp8``, as the routers)
       and added inside ``fused_moe``'s combine launch. Its attention runs as Qwen2's.
+    - Gemma 4 (the multimodal model's language model too): its RMSNorms and gated MLPs; the experts its decoder
+      layers call beside the MLP run ``fused_moe.moe_experts`` through transformers' experts interface (the model
+      switched to ``"triton_ops"``, :mod:`~triton_ops.models.experts_backend`; ``fp8_experts`` converts them); its
+      attention (shared K/V, V from K), per-layer inputs, router and decoder layers are transformers' own. With
+      ``fp8`` its router projection stays in the model's dtype (:data:`FP8_KEPT_LINEARS`).
     - Qwen3-Next and Qwen3.5 (dense, MoE; the multimodal Qwen3.5 models' language model), hybrid decoders: their
       zero-centered RMSNorms (``1 + weight``) as Gemma's, their dense MLPs and shared experts as gated MLPs, their
       sparse blocks as Qwen2-MoE's; the Gated DeltaNet layers, the gated attentions and the decoder layers are
@@ -564,7 +574,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             summary.notes.append(f"{kept} Linear layers kept in their dtype by the {recipe_name!r} FP8 recipe")
         if always_kept:
             summary.notes.append(f"{len(always_kept)} gate projection(s) with a few outputs (shared-expert gates, "
-                                 "Gated DeltaNet's beta / decay projections) kept in their dtype, as the routers")
+                                 "routers, Gated DeltaNet's beta / decay projections) kept in their dtype")
         if fused_fp8 or packed_fp8:
             summary.notes.append(f"gate/up of {len(fused_fp8) + len(packed_fp8)} gated MLP(s): FP8 weights "
                                  f"({scaling} scales) in the fused kernel, activations in the model's dtype "
@@ -594,6 +604,9 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             convert_experts_to_fp8(moe.experts, transposed=transposed, fp8_activations=fp8_experts == "w8a8")
             summary.fp8_moe_blocks += 1
     summary.moe_blocks = len(moes) + len(sparse_moes)
+    loose = _loose_experts(model, [*moes, *sparse_moes])
+    if loose:
+        _run_loose_experts(model, loose, summary, fp8 and fp8_experts)
     if summary.moe_blocks:
         summary.notes.append("routers run inside the MoE kernels; a router with hooks (transformers' router-logit "
                              "recording, once any call asks for recorded outputs) runs its own forward instead")
@@ -691,6 +704,53 @@ def _fp8_packed_gated_mlps(model: nn.Module, mlps: list[nn.Module], recipe: FP8R
     selected = set(select_linears(model, recipe, keep))
     names = {id(m): n for n, m in model.named_modules()}
     return {names[id(m)]: m for m in mlps if f"{names[id(m)]}.gate_up_proj" in selected}
+
+
+def _loose_experts(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """Experts modules of transformers' experts interface (3-D ``gate_up_proj [E, 2I, H]`` and ``down_proj``) that
+    no mixture of experts patched here runs: Gemma 4's, which its decoder layer calls beside the MLP with its own
+    router's choice."""
+    ours = {id(b.experts) for b in blocks}
+    return [m for m in model.modules()
+            if id(m) not in ours and type(m).__name__.endswith("Experts")
+            and all(isinstance(getattr(m, a, None), torch.Tensor) and getattr(m, a).dim() == 3
+                    for a in ("gate_up_proj", "down_proj"))]
+
+
+def _run_loose_experts(model: nn.Module, experts: list[nn.Module], summary: PatchSummary,
+                       fp8_experts: bool | str) -> None:
+    """Run loose experts (:func:`_loose_experts`) as ``fused_moe.moe_experts`` through transformers' experts
+    interface (``set_experts_implementation``: :mod:`~triton_ops.models.experts_backend`), where every one of them
+    is something the backend takes and the model is on one of transformers' own implementations; with
+    ``fp8_experts`` their weights converted to FP8 first (the backend reads our scales). Otherwise a note says
+    why they stay as they are."""
+    config = model.config
+    current = getattr(config, "_experts_implementation", None)
+    probe = torch.empty(0, dtype=experts[0].gate_up_proj.dtype, device=experts[0].gate_up_proj.device)
+    with torch.no_grad():  # what inference calls meet (training ones fall back to transformers' own, per call)
+        why = next((w for w in (experts_unsupported(e, probe, probe) for e in experts) if w), "")
+    if not why and any(e.gate_up_proj.dtype not in _FLOAT_DTYPES for e in experts):
+        why = "weights in a format fused_moe does not read"
+    if not why and current not in (None, "eager", "grouped_mm", "batched_mm"):
+        why = f"the model's experts implementation {current!r} (patch_model switches only transformers' own)"
+    if not why:
+        try:
+            model.set_experts_implementation(register_experts_backend())
+        except (AttributeError, ValueError, TypeError, KeyError) as exc:  # a release without named implementations
+            why = f"this transformers refuses a registered experts implementation ({exc})"
+    if why:
+        summary.notes.append(f"experts of {len(experts)} module(s) beside the MoE blocks patch_model knows left as "
+                             f"they are: {why}")
+        return
+    if fp8_experts:
+        for e in experts:
+            if not is_fp8_experts(e):
+                convert_experts_to_fp8(e, transposed=bool(getattr(e, "is_transposed", False)),
+                                       fp8_activations=fp8_experts == "w8a8")
+        summary.fp8_moe_blocks += len(experts)
+    summary.notes.append(f"experts of {len(experts)} module(s) called by their decoder layers (Gemma 4's) run "
+                         "fused_moe's grouped GEMMs through transformers' experts interface (experts_implementation "
+                         f"{config._experts_implementation!r}); their routers stay the model's")
 
 
 def _set_attention(model: nn.Module, summary: PatchSummary) -> None:
