@@ -10,10 +10,10 @@ attention is never mistaken for Qwen3's (the same q_norm / k_norm shapes). CPU u
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
+from _model_checks import cosine, prefill_and_step
 from triton_ops import patch_model
 from triton_ops.layers import GatedMLP, RMSNorm
 from triton_ops.models.patch import UnsupportedModelError
@@ -47,20 +47,6 @@ def _model(variant: str, seed: int = 0):
             p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3 if p.dim() == 1 else 0.08)
     return model
 
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
-
-
-def _prefill_and_step(model, ids):
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        step = model(ids[:, :1], use_cache=True, **{name: cache})
-    return out, step
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_patched_gemma4_computes_what_transformers_does(variant, monkeypatch):
     from triton_ops.models import experts_backend
@@ -86,8 +72,8 @@ def test_patched_gemma4_computes_what_transformers_does(variant, monkeypatch):
     assert any(note.startswith("experts of 4 module(s) called by their decoder layers") for note in summary.notes) \
         == moe
     ids = torch.randint(0, 128, (2, 11), device=DEVICE)  # longer than the sliding window
-    for a, b in zip(_prefill_and_step(model, ids), _prefill_and_step(reference, ids), strict=True):
-        assert torch.isfinite(a.logits).all() and _cosine(a.logits, b.logits) >= TOL
+    for a, b in zip(prefill_and_step(model, ids), prefill_and_step(reference, ids), strict=True):
+        assert torch.isfinite(a.logits).all() and cosine(a.logits, b.logits) >= TOL
     assert calls == (["gelu_tanh"] * 8 if moe else [])  # each layer's experts, prefill and step: fused_moe's
     assert set(model.state_dict()) == set(reference.state_dict())
 
@@ -123,7 +109,7 @@ def test_gemma4_fp8_keeps_the_router_and_the_multimodal_model_patches_its_langua
     ids = torch.randint(0, 128, (2, 9), device=DEVICE)
     with torch.no_grad():
         ours, ref = model(input_ids=ids).logits, reference(input_ids=ids).logits
-    assert torch.isfinite(ours).all() and _cosine(ours, ref) >= 0.9
+    assert torch.isfinite(ours).all() and cosine(ours, ref) >= 0.9
 
 
 def test_tensor_parallel_plan_refuses_gemma4_by_name():

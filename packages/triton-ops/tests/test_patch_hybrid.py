@@ -9,10 +9,10 @@ Qwen3.5's classes are newer than the oldest transformers we support (5.0 has Qwe
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
+from _model_checks import cosine, prefill_and_step
 from triton_ops import patch_model
 from triton_ops.layers import GatedMLP, GemmaRMSNorm, SparseMoE
 from triton_ops.models.patch import FP8_KEPT_LINEARS, UnsupportedModelError
@@ -50,20 +50,6 @@ def _model(kind: str, seed: int = 0):
             p.normal_(0.0, 0.08 if p.dim() >= 2 else 0.1)
     return model
 
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
-
-
-def _prefill_and_step(model, ids):
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        step = model(ids[:, :1], use_cache=True, **{name: cache})
-    return out, step
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_patched_hybrid_models_compute_what_transformers_does(kind):
     model = _model(kind)
@@ -87,8 +73,8 @@ def test_patched_hybrid_models_compute_what_transformers_does(kind):
             assert type(layer.mlp).forward is GatedMLP.forward
     assert type(model.model.layers[3].self_attn.q_norm).forward is GemmaRMSNorm.forward  # per head, on a view
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
-    for a, b in zip(_prefill_and_step(model, ids), _prefill_and_step(reference, ids), strict=True):
-        assert torch.isfinite(a.logits).all() and _cosine(a.logits, b.logits) >= TOL
+    for a, b in zip(prefill_and_step(model, ids), prefill_and_step(reference, ids), strict=True):
+        assert torch.isfinite(a.logits).all() and cosine(a.logits, b.logits) >= TOL
     assert set(model.state_dict()) == set(reference.state_dict())
 
 
@@ -118,9 +104,9 @@ def test_qwen3_5_moe_router_always_renormalizes():
     assert not hasattr(block.gate, "norm_topk_prob") and block.__dict__[MOE_ROUTING_ATTR] == ("silu", True)
     x = torch.randn(1, 5, 64, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
-        assert _cosine(block(x), ref_block(x)) >= TOL
+        assert cosine(block(x), ref_block(x)) >= TOL
         block.__dict__[MOE_ROUTING_ATTR] = ("silu", False)
-        assert _cosine(block(x), ref_block(x)) < 0.9999
+        assert cosine(block(x), ref_block(x)) < 0.9999
 
 
 @needs_qwen3_5
@@ -141,7 +127,7 @@ def test_fp8_keeps_the_few_output_gate_projections():
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
     with torch.no_grad():
         ours, ref = model(ids).logits, reference(ids).logits
-    assert torch.isfinite(ours).all() and _cosine(ours, ref) >= 0.95
+    assert torch.isfinite(ours).all() and cosine(ours, ref) >= 0.95
 
 
 @needs_qwen3_5
@@ -158,7 +144,7 @@ def test_multimodal_qwen3_5_moe_patches_its_language_model_only():
     assert [type(m) for m in model.model.visual.modules()] == vision_types
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
     with torch.no_grad():
-        assert _cosine(model(input_ids=ids).logits, reference(input_ids=ids).logits) >= TOL
+        assert cosine(model(input_ids=ids).logits, reference(input_ids=ids).logits) >= TOL
 
 
 @needs_qwen3_5

@@ -13,6 +13,7 @@ import inspect
 
 import pytest
 import torch
+from _model_checks import cosine, prefill_and_step
 from triton_ops import patch_model
 from triton_ops.layers import MOE_ROUTING_ATTR, GatedMLP, SparseMoE
 from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, QKNormRopeAttention, RopeAttention
@@ -58,20 +59,6 @@ def _model(kind: str, seed: int = 0, **extra):
     return model
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
-
-
-def _prefill_and_step(model, ids, **kwargs):
-    """Logits of a prefill and of one decode step through transformers' own cache (``cache`` from 5.2x on)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        out = model(ids, use_cache=True, **kwargs)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        step = model(ids[:, :1], use_cache=True, **{name: cache}, **kwargs)
-    return out, step
-
-
 def _sparse_blocks(model) -> list:
     return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
 
@@ -101,11 +88,11 @@ def test_patched_sparse_moe_models_compute_what_transformers_does(kind):
         with torch.no_grad():  # what the block returns: one tensor of its input's shape
             x = torch.randn(2, 3, 64, device=DEVICE, dtype=DTYPE)
             out, ref_out = block(x), ref_block(x)
-        assert isinstance(out, torch.Tensor) and out.shape == ref_out.shape and _cosine(out, ref_out) >= TOL
+        assert isinstance(out, torch.Tensor) and out.shape == ref_out.shape and cosine(out, ref_out) >= TOL
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
-    ours, ref = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
+    ours, ref = prefill_and_step(model, ids), prefill_and_step(reference, ids)
     for a, b in zip(ours, ref, strict=True):
-        assert torch.isfinite(a.logits).all() and _cosine(a.logits, b.logits) >= TOL
+        assert torch.isfinite(a.logits).all() and cosine(a.logits, b.logits) >= TOL
     assert set(model.state_dict()) == set(reference.state_dict())
 
 
@@ -119,9 +106,9 @@ def test_the_unnormalized_qwen3_router_weights_are_the_softmax_over_all_experts(
     with torch.no_grad():
         _, scores, _ = ref_block.gate(x.reshape(-1, 64))
         assert (scores.float().sum(-1) < 0.99).all()  # the case where renormalizing would change the output
-        assert _cosine(block(x), ref_block(x)) >= TOL
+        assert cosine(block(x), ref_block(x)) >= TOL
         block.__dict__[MOE_ROUTING_ATTR] = ("silu", True)  # the other rule: a different output
-        assert _cosine(block(x), ref_block(x)) < 0.9999
+        assert cosine(block(x), ref_block(x)) < 0.9999
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
@@ -156,7 +143,7 @@ def test_patched_sparse_moe_with_a_static_cache_and_a_large_batch(kind):
         # from fp32, so a near tie in one of the 85 tokens can choose another expert (measured at 17 rows: 0.997)
         tol = 0.995 if kind == "mixtral" and DTYPE == torch.bfloat16 else TOL
         for a, b in zip(ours.logits[:2], ref.logits[:2], strict=True):  # prefill and the first cached step
-            assert _cosine(a, b) >= tol
+            assert cosine(a, b) >= tol
         if DTYPE == torch.float32:
             assert torch.equal(ours.sequences, ref.sequences)
 
@@ -173,8 +160,8 @@ def test_router_logits_are_recorded_when_asked_for(kind):
         ours, ref = model(ids, labels=ids), reference(ids, labels=ids)
     assert len(ours.router_logits) == len(ref.router_logits) > 0
     for a, b in zip(ours.router_logits, ref.router_logits, strict=True):  # equal up to the layers' rounding
-        assert a.shape == b.shape and _cosine(a, b) >= TOL
-    assert _cosine(ours.logits, ref.logits) >= TOL
+        assert a.shape == b.shape and cosine(a, b) >= TOL
+    assert cosine(ours.logits, ref.logits) >= TOL
     # the router's logits: ours in fp32, transformers' rounded to bf16 on the GPU (measured: 2.5e-4 apart)
     assert torch.allclose(ours.aux_loss.float(), ref.aux_loss.float(), rtol=1e-4 if DTYPE == torch.float32 else 2e-3)
 
@@ -197,16 +184,16 @@ def test_sparse_moe_takes_the_post_attention_norm_and_the_residual_add(kind, mon
         (k.get("norm_weight") is not None, k.get("residual") is not None)) or real_experts(*a, **k))
     ids = torch.randint(0, 128, (2, 5), device=DEVICE)
     sparse = len(_sparse_blocks(model))
-    fused = _prefill_and_step(model, ids)
+    fused = prefill_and_step(model, ids)
     shared = kind == "qwen2_moe"
     assert moe_calls == [(not shared, True)] * (2 * sparse)
     # the dense layer (Qwen3-MoE's, Qwen2-MoE's) takes its norm into its gated MLP's launch
     assert norms == [1] * (2 * sparse * shared)
     monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", False)
-    separate = _prefill_and_step(model, ids)
+    separate = prefill_and_step(model, ids)
     assert moe_calls[2 * sparse:] == [(False, True)] * (2 * sparse)  # the add still in the combine
     for a, b in zip(fused, separate, strict=True):
-        assert _cosine(a.logits, b.logits) >= (0.999 if DTYPE == torch.bfloat16 else 0.99999)  # H200: 0.9996
+        assert cosine(a.logits, b.logits) >= (0.999 if DTYPE == torch.bfloat16 else 0.99999)  # H200: 0.9996
 
 
 def compiled_decode_ops(model) -> list[str]:
@@ -224,7 +211,7 @@ def compiled_decode_ops(model) -> list[str]:
         eager = model(ids, use_cache=False).logits
         compiled = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False).logits
     torch._dynamo.reset()
-    assert _cosine(compiled, eager) >= 0.999999
+    assert cosine(compiled, eager) >= 0.999999
     return [op.split(".")[1] for op in ops if op.startswith("triton_ops.")]
 
 
@@ -335,11 +322,11 @@ def test_sparse_moe_fp8_experts_match_their_dequantized_weights(kind, fp8_expert
             ref_block.experts.down_proj.copy_(experts.down_proj.float() * experts.down_scale[:, :, None])
             x = torch.randn(2, 3, 64, device=DEVICE, dtype=DTYPE)
             out = block(x)
-            assert _cosine(out, ref_block(x)) >= (0.99 if w8a8 else TOL)
+            assert cosine(out, ref_block(x)) >= (0.99 if w8a8 else TOL)
             if w8a8:  # the activations' E4M3 rounding shows
-                assert _cosine(out, ref_block(x)) < 0.99999
+                assert cosine(out, ref_block(x)) < 0.99999
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
-    assert all(torch.isfinite(out.logits).all() for out in _prefill_and_step(model, ids))
+    assert all(torch.isfinite(out.logits).all() for out in prefill_and_step(model, ids))
 
 
 def test_an_activation_fused_moe_lacks_is_refused_before_anything_changes():
@@ -371,7 +358,7 @@ def test_only_transformers_own_blocks_and_routers_are_taken():
         assert type(model.model.layers[0].mlp).forward is not SparseMoE.forward
         ids = torch.randint(0, 128, (1, 5), device=DEVICE)
         with torch.no_grad():
-            assert _cosine(model(ids).logits, reference(ids).logits) >= TOL  # its own router still runs
+            assert cosine(model(ids).logits, reference(ids).logits) >= TOL  # its own router still runs
     model = _model("qwen3_moe")
     experts = model.model.layers[0].mlp.experts
     experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().to(torch.float8_e4m3fn), requires_grad=False)
@@ -409,7 +396,7 @@ def test_what_replaces_a_projection_or_its_forward_keeps_it_out_of_the_fused_lau
         eager = model(ids, use_cache=False).logits
         compiled = torch.compile(model, backend="eager", fullgraph=True)(ids, use_cache=False).logits
     torch._dynamo.reset()
-    assert _cosine(eager, want) >= 0.999999 and _cosine(compiled, want) >= 0.999999
+    assert cosine(eager, want) >= 0.999999 and cosine(compiled, want) >= 0.999999
 
 
 @pytest.mark.gpu
@@ -437,11 +424,11 @@ def test_qwen2_moe_shared_expert_is_computed_as_its_block_does():
         for scale in (1.0, 50.0, -50.0):  # as it is, the shared expert fully on, fully off
             for b in (block, ref_block):
                 b.shared_expert_gate.weight.mul_(scale)
-            assert _cosine(block(x), ref_block(x)) >= TOL
+            assert cosine(block(x), ref_block(x)) >= TOL
             for b in (block, ref_block):
                 b.shared_expert_gate.weight.div_(scale)
         block.shared_expert.down_proj.weight.zero_()  # without the shared expert: a different output
-        assert _cosine(block(x), ref_block(x)) < 0.999
+        assert cosine(block(x), ref_block(x)) < 0.999
     assert len(seen) == 4
 
 
@@ -459,4 +446,4 @@ def test_qwen2_moe_with_fp8_keeps_the_shared_expert_gate_and_passes_no_sliding_w
     assert any(note.startswith("1 gate projection(s)") for note in model.triton_ops_patch.notes)
     assert model.config.sliding_window == 0 and _sliding_window(model.model.layers[0].self_attn) == {}
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
-    assert all(torch.isfinite(out.logits).all() for out in _prefill_and_step(model, ids))
+    assert all(torch.isfinite(out.logits).all() for out in prefill_and_step(model, ids))

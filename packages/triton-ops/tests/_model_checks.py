@@ -1,0 +1,22 @@
+"""Helpers the model tests share: the cosine of two outputs, and a prefill then one cached decode step through the
+model's own cache (transformers 5.2x renamed the forward's ``past_key_values`` to ``cache``)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def prefill_and_step(model, ids: torch.Tensor, **kwargs):
+    """The outputs of a prefill of ``ids`` and of one decode step (``ids``' first column) on its cache."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(ids, use_cache=True, **kwargs)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        step = model(ids[:, :1], use_cache=True, **{name: cache}, **kwargs)
+    return out, step
