@@ -164,8 +164,11 @@ def test_layers_follow_the_kernels_layer_contract():
     and flags that are true: both ops are registered custom ops with a fake (compile) and an autograd formula."""
     _validate_layer = _kernels_private("layer.layer")._validate_layer
 
-    for layer, host in ((our_layers.RMSNorm, _cls(NORMS["llama"])), (our_layers.RMSNorm, _cls(NORMS["qwen3"])),
-                        (our_layers.GatedMLP, _cls(MLP))):
+    pairs = [(our_layers.RMSNorm, _cls(NORMS["llama"])), (our_layers.RMSNorm, _cls(NORMS["qwen3"])),
+             (our_layers.GatedMLP, _cls(MLP))]
+    if hasattr(transformers, "Qwen3_5ForCausalLM"):
+        pairs.append((our_layers.GemmaRMSNorm, _cls("transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5RMSNorm")))
+    for layer, host in pairs:
         _validate_layer(check_cls=host, cls=layer, repo=f"triton-ops:{layer.__name__}")
         assert layer.can_torch_compile is True and layer.has_backward is True
 
@@ -210,6 +213,31 @@ def test_kernelize_swaps_our_rmsnorm_in(kind, repo, count_rmsnorm):
     assert all(_is_ours(m, our_layers.RMSNorm) for m in norms)
     got = _logits(model)
     assert len(count_rmsnorm) == len(norms)  # every norm ran our kernel, once
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Qwen3_5ForCausalLM"), reason="this transformers has no Qwen3.5")
+def test_kernelize_swaps_our_zero_centered_norm_into_qwen3_5(repo, count_rmsnorm):
+    """Qwen3.5's norms scale by 1 + weight (transformers tags them "RMSNormZeroCentered"): GemmaRMSNorm stands in for
+    them (its eps, its weight), the DeltaNet's gated norms (another tag) stay, and the model computes the same."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+    torch.manual_seed(3)
+    config = transformers.Qwen3_5TextConfig(**SMALL, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+                                            linear_key_head_dim=16, linear_value_head_dim=16,
+                                            layer_types=["linear_attention", "full_attention"])
+    model = transformers.Qwen3_5ForCausalLM(config).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():  # zero-centered norms: weights around 0
+        for p in model.parameters():
+            p.normal_(0.0, 0.08 if p.dim() >= 2 else 0.2)
+    expected = _logits(model)
+    with _tagged((Qwen3_5RMSNorm, "RMSNormZeroCentered")), _ours_only(hub.kernel_mapping(repo, devices=(DEVICE.type,))):
+        kernelize(model, mode=Mode.INFERENCE, device=DEVICE.type)
+    norms = _norms(model, Qwen3_5RMSNorm)
+    assert len(norms) == 2 * 2 + 1 + 2  # two layers' two norms, the final norm, the full attention's q/k norms
+    assert all(_is_ours(m, our_layers.GemmaRMSNorm) for m in norms)
+    got = _logits(model)
+    assert len(count_rmsnorm) == len(norms)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
 
 

@@ -44,10 +44,14 @@ KERNEL_NAME = "triton-ops"
 PACKAGE = "triton_ops"
 
 # transformers' hub layer name -> our layer class in triton_ops.layers. "RMSNorm" is what transformers tags
-# (LlamaRMSNorm, Qwen3RMSNorm, MistralRMSNorm, Qwen2RMSNorm and most other decoders' norms). transformers tags no
+# (LlamaRMSNorm, Qwen3RMSNorm, MistralRMSNorm, Qwen2RMSNorm and most other decoders' norms); "RMSNormZeroCentered"
+# its norms that scale by 1 + weight (Qwen3.5's: weight, eps), GemmaRMSNorm's computation. transformers tags no
 # gated MLP: "GatedMLP" is ours, for a module class tagged by hand with kernels.replace_kernel_forward_from_hub.
-LAYERS = {"RMSNorm": "RMSNorm", "GatedMLP": "GatedMLP"}
-DEFAULT_LAYERS = ("RMSNorm",)
+LAYERS = {"RMSNorm": "RMSNorm", "RMSNormZeroCentered": "GemmaRMSNorm", "GatedMLP": "GatedMLP"}
+DEFAULT_LAYERS = ("RMSNorm", "RMSNormZeroCentered")
+# transformers' KernelConfig refuses a layer name that no module of the model is tagged with: its default is "RMSNorm"
+# alone (pass layers=("RMSNorm", "RMSNormZeroCentered") for a Qwen3.5 model)
+DEFAULT_CONFIG_LAYERS = ("RMSNorm",)
 
 # Backends a variant can be written for: Triton's NVIDIA target, and the CPU under Triton's interpreter (tests).
 BACKENDS = ("cuda", "cpu")
@@ -163,7 +167,8 @@ def kernel_mapping(repo_path: str | Path, *, devices: Sequence[str] = ("cuda",),
     return {hub_name: {device: _local_repository(root, LAYERS[hub_name]) for device in devices} for hub_name in names}
 
 
-def kernel_config(repo_path: str | Path, *, device: str = "cuda", layers: Sequence[str] = DEFAULT_LAYERS) -> Any:
+def kernel_config(repo_path: str | Path, *, device: str = "cuda",
+                  layers: Sequence[str] = DEFAULT_CONFIG_LAYERS) -> Any:
     """transformers' ``KernelConfig`` that swaps triton-ops' layers in from the local repository at ``repo_path``.
 
     ``model.set_use_kernels(True, kernel_config(path))`` on a loaded model. (``from_pretrained(..., use_kernels=True,
@@ -199,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BACKENDS", "DEFAULT_LAYERS", "KERNEL_NAME", "LAYERS", "kernel_config", "kernel_mapping", "main",
-           "write_kernel_repository"]
+__all__ = ["BACKENDS", "DEFAULT_CONFIG_LAYERS", "DEFAULT_LAYERS", "KERNEL_NAME", "LAYERS", "kernel_config",
+           "kernel_mapping", "main", "write_kernel_repository"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
