@@ -20,3 +20,16 @@ def prefill_and_step(model, ids: torch.Tensor, **kwargs):
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         step = model(ids[:, :1], use_cache=True, **{name: cache}, **kwargs)
     return out, step
+
+
+def assert_greedy_tokens_match(model, reference, prompt_len: int = 6, new_tokens: int = 4) -> None:
+    """``generate()`` (greedy) of a patched model and of its unpatched copy from one random prompt: the same shape,
+    and on fp32 the same tokens (bf16 rounding may part the two at a near tie)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, prompt_len), device=device)
+    with torch.no_grad():
+        ours = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        ref = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    assert ours.shape == ref.shape == (1, prompt_len + new_tokens)
+    if next(model.parameters()).dtype == torch.float32:
+        assert torch.equal(ours, ref)
