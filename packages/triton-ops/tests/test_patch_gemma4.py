@@ -15,7 +15,7 @@ import pytest
 import torch
 from _model_checks import assert_greedy_tokens_match, cosine, prefill_and_step
 from triton_ops import patch_model
-from triton_ops.layers import GatedMLP, RMSNorm
+from triton_ops.layers import EpsRMSNorm, GatedMLP, RMSNorm
 from triton_ops.models.patch import UnsupportedModelError
 from triton_ops_core.testing import device_for_tests
 
@@ -64,10 +64,12 @@ def test_patched_gemma4_computes_what_transformers_does(variant, monkeypatch):
     assert summary.gated_mlps == len(layers) and summary.moe_blocks == 0
     assert summary.qk_norm_rope_attentions == summary.rope_attentions == summary.packed_qkv == 0
     assert [type(layer.self_attn) for layer in layers] == attentions  # transformers' own, not QKNormRopeAttention
+    # transformers up to 5.17 names the norms' epsilon eps (EpsRMSNorm), later releases variance_epsilon
+    norm = EpsRMSNorm if hasattr(reference.model.norm, "eps") else RMSNorm
     for layer in layers:
         assert type(layer.mlp).forward is GatedMLP.forward
-        assert type(layer.input_layernorm).forward is RMSNorm.forward
-        assert type(layer.self_attn.q_norm).forward is RMSNorm.forward
+        assert type(layer.input_layernorm).forward is norm.forward
+        assert type(layer.self_attn.q_norm).forward is norm.forward
     moe = variant == "moe"
     assert (model.config._experts_implementation == "triton_ops") == moe
     assert any(note.startswith("experts of 2 module(s) called by their decoder layers") for note in summary.notes) \

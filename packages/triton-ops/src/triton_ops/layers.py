@@ -296,6 +296,21 @@ class RMSNorm(nn.Module):
         return rmsnorm(hidden_states, self.weight, self.variance_epsilon)
 
 
+class EpsRMSNorm(nn.Module):
+    """RMSNorm in one pass for norms that scale by ``weight`` but name their epsilon ``eps``: transformers'
+    ``Gemma4RMSNorm`` before its rename to ``variance_epsilon`` (5.17 and earlier), whose forward computes what
+    :class:`RMSNorm`'s does. patch_model matches it by the class defining the forward (``weight``, ``eps``)."""
+
+    can_torch_compile = True
+    has_backward = True
+
+    weight: torch.Tensor
+    eps: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rmsnorm(hidden_states, self.weight, self.eps)
+
+
 class GemmaRMSNorm(nn.Module):
     """Gemma's RMSNorm in one pass: ``x * rsqrt(mean(x^2) + eps) * (1 + weight)`` computed in float32 and rounded
     once to the input's dtype (``fused_rmsnorm_rope.rmsnorm(..., gemma=True)``), as transformers'
@@ -475,7 +490,8 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
                      return_router_scores=return_router_scores, **kw)
 
 
-__all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "GatedMLP", "GemmaRMSNorm",
+__all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "EpsRMSNorm", "GatedMLP",
+           "GemmaRMSNorm",
            "GptOssMoE", "PackedGatedMLP", "RMSNorm", "SparseMoE", "packed_gated_hidden", "config_hidden_act",
            "has_shared_expert", "mlp_activation", "gated_hidden", "jittered", "kernel_activation", "moe_activation",
            "moe_hidden", "moe_router", "instance_forward", "router_hooked", "runs_forward", "shared_expert_output"]

@@ -801,6 +801,9 @@ def forward_defined_by(module: object, names: tuple[str, ...]) -> bool:
 GEMMA_RMS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm",
                    # Qwen3-Next's and Qwen3.5's zero-centered norms compute the same (weights initialized at 0)
                    "Qwen3NextRMSNorm", "Qwen3_5RMSNorm", "Qwen3_5MoeRMSNorm")
+# RMSNorms that scale by weight (not 1 + weight) but name their epsilon eps: Gemma 4's before transformers renamed it
+# to variance_epsilon (5.17 has eps, 5.25 variance_epsilon)
+EPS_RMS_NORMS = ("Gemma4RMSNorm",)
 # Decoder layers with norms before and after each sublayer (SandwichNormDecoderLayer), and the attentions with
 # Gemma's per-head q/k norms (GemmaQKNormRopeAttention): by the class defining forward, as the MoE blocks are matched
 GEMMA_DECODER_LAYERS = ("Gemma3DecoderLayer",)
@@ -810,6 +813,12 @@ GEMMA_ATTENTIONS = ("Gemma3Attention",)
 def is_gemma_rms_norm(norm: nn.Module) -> bool:
     """transformers' Gemma RMSNorm (:data:`GEMMA_RMS_NORMS`'s forward) with a 1-D ``weight`` and a number ``eps``."""
     return (forward_defined_by(norm, GEMMA_RMS_NORMS) and isinstance(getattr(norm, "weight", None), torch.Tensor)
+            and norm.weight.dim() == 1 and isinstance(getattr(norm, "eps", None), (int, float)))
+
+
+def is_eps_rms_norm(norm: nn.Module) -> bool:
+    """An RMSNorm of :data:`EPS_RMS_NORMS` (plain ``weight`` scale, epsilon ``eps``) with a 1-D ``weight``."""
+    return (forward_defined_by(norm, EPS_RMS_NORMS) and isinstance(getattr(norm, "weight", None), torch.Tensor)
             and norm.weight.dim() == 1 and isinstance(getattr(norm, "eps", None), (int, float)))
 
 
@@ -868,12 +877,13 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
             and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
-__all__ = ["GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "ROPE_ATTENTIONS", "FusedAddNormDecoderLayer",
+__all__ = ["EPS_RMS_NORMS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "ROPE_ATTENTIONS",
+           "FusedAddNormDecoderLayer",
            "GemmaQKNormRopeAttention",
            "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS", "PackedRopeAttention",
            "QKNormRopeAttention",
            "RESIDUAL_DROPOUT_DECODER_LAYERS", "ResidualDropoutDecoderLayer", "RopeAttention",
            "SandwichNormDecoderLayer", "SinkRopeAttention", "forward_defined_by", "gemma_norm_fusable",
-           "has_gemma_qk_norm", "has_qk_norm", "is_gemma_rms_norm", "is_packed_rope_attention",
+           "has_gemma_qk_norm", "has_qk_norm", "is_eps_rms_norm", "is_gemma_rms_norm", "is_packed_rope_attention",
            "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer", "is_rope_attention",
            "is_sandwich_norm_decoder_layer", "is_sink_attention"]

@@ -29,6 +29,7 @@ from ..layers import (
     LAYER_ATTR,
     MOE_ACTIVATIONS,
     MOE_ROUTING_ATTR,
+    EpsRMSNorm,
     GatedMLP,
     GemmaRMSNorm,
     GptOssMoE,
@@ -53,6 +54,7 @@ from .decoder_layers import (
     forward_defined_by,
     has_gemma_qk_norm,
     has_qk_norm,
+    is_eps_rms_norm,
     is_gemma_rms_norm,
     is_packed_rope_attention,
     is_pre_norm_decoder_layer,
@@ -311,11 +313,14 @@ def _patch_sparse_moe(block: nn.Module, activation: str) -> None:
 def _rms_norms(model: nn.Module) -> list[tuple[nn.Module, type]]:
     """Every transformers RMSNorm of the model and the layer that computes it: a ``*RMSNorm`` module with a 1-D
     ``weight`` and ``variance_epsilon`` (:class:`~triton_ops.layers.RMSNorm`), or Gemma's, which scales by
-    ``1 + weight`` (``eps``; :class:`~triton_ops.layers.GemmaRMSNorm`)."""
+    ``1 + weight`` (``eps``; :class:`~triton_ops.layers.GemmaRMSNorm`), or one that scales by ``weight`` and names
+    its epsilon ``eps`` (Gemma 4's in transformers up to 5.17; :class:`~triton_ops.layers.EpsRMSNorm`)."""
     found = []
     for m in model.modules():
         if is_gemma_rms_norm(m):
             found.append((m, GemmaRMSNorm))
+        elif is_eps_rms_norm(m):
+            found.append((m, EpsRMSNorm))
         elif (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
               and m.weight.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), (int, float))):
             found.append((m, RMSNorm))
