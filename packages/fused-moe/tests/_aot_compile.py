@@ -150,17 +150,19 @@ def main() -> int:
                          **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_wn",
                                           "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
                          "alpha": "fp32", "limit": "fp32"}
-        # tensor-core dots, and the CUDA-core (FMA) tiles of one or two rows
-        for interleaved, bm, bn, bk, warps, stages, fma in ((True, 16, 32, 64, 4, 4, False),
-                                                            (False, 64, 64, 64, 8, 3, False),
-                                                            (True, 1, 128, 32, 2, 3, True),
-                                                            (False, 2, 64, 16, 4, 3, True)):
+        # tensor-core dots, and the CUDA-core (FMA) tiles of one or two rows; the concatenated layouts with GELU-tanh
+        # (Gemma 4's experts) and exact GELU: every activation's epilogue compiled somewhere
+        for interleaved, bm, bn, bk, warps, stages, fma, act in ((True, 16, 32, 64, 4, 4, False, K.ACT_SWIGLU_OAI),
+                                                                 (False, 64, 64, 64, 8, 3, False, K.ACT_GELU_TANH),
+                                                                 (True, 1, 128, 32, 2, 3, True, K.ACT_SWIGLU_OAI),
+                                                                 (False, 2, 64, 16, 4, 3, True, K.ACT_GELU)):
             ok &= build(K._gate_up_kernel, gate_up_types,
-                        dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=scaled,
+                        dict(TOP_K=4, ACTIVATION=act, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=scaled,
                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, NUM_STAGES=stages,
                              DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False, USE_FMA=fma, INTERPRET=False,
                              F16_DOT=False),
-                        f"gate_up {wtype} interleaved={interleaved} BLOCK_M={bm} fma={fma}", warps=warps)
+                        f"gate_up {wtype} interleaved={interleaved} BLOCK_M={bm} fma={fma} activation={act}",
+                        warps=warps)
         down_types = {"h_ptr": "*bf16", "w_ptr": wtype, "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
                       "y_ptr": "*fp32",
                       **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
