@@ -9,12 +9,14 @@ Qwen3.5's classes are newer than the oldest transformers we support (5.0 has Qwe
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 from _model_checks import assert_greedy_tokens_match, cosine, prefill_and_step
 from triton_ops import patch_model
 from triton_ops.layers import GatedMLP, GemmaRMSNorm, SparseMoE
+from triton_ops.models.decoder_layers import HybridDecoderLayer
 from triton_ops.models.patch import FP8_KEPT_LINEARS, UnsupportedModelError
 from triton_ops_core.testing import device_for_tests
 
@@ -52,7 +54,7 @@ def _model(kind: str, seed: int = 0):
     return model
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_patched_hybrid_models_compute_what_transformers_does(kind):
+def test_patched_hybrid_models_compute_what_transformers_does(kind, monkeypatch):
     model = _model(kind)
     reference = copy.deepcopy(model)
     token_mixers = [type(getattr(layer, "linear_attn", None) or layer.self_attn) for layer in model.model.layers]
@@ -62,10 +64,11 @@ def test_patched_hybrid_models_compute_what_transformers_does(kind):
     # every layer's two norms, the final norm, the full attention's q/k norms; not the DeltaNet's gated norms
     assert summary.rms_norms == 2 * 2 + 1 + 2
     assert summary.moe_blocks == (2 if moe else 0) and summary.gated_mlps == 2  # shared experts or dense MLPs
-    assert summary.fused_residual_adds == summary.packed_qkv == summary.rope_attentions == 0
+    assert summary.fused_residual_adds == 2 and summary.packed_qkv == summary.rope_attentions == 0
     assert any("Gated DeltaNet" in note for note in summary.notes)
     for layer, mixer in zip(model.model.layers, token_mixers, strict=True):
         assert type(getattr(layer, "linear_attn", None) or layer.self_attn) is mixer  # transformers' own
+        assert inspect.unwrap(type(layer).forward) is HybridDecoderLayer.forward
         assert type(layer.input_layernorm).forward is GemmaRMSNorm.forward
         if moe:
             assert type(layer.mlp).forward is SparseMoE.forward
@@ -74,9 +77,35 @@ def test_patched_hybrid_models_compute_what_transformers_does(kind):
             assert type(layer.mlp).forward is GatedMLP.forward
     assert type(model.model.layers[1].self_attn.q_norm).forward is GemmaRMSNorm.forward  # per head, on a view
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    adds = _count_fused_adds(monkeypatch)
     for a, b in zip(prefill_and_step(model, ids), prefill_and_step(reference, ids), strict=True):
         assert torch.isfinite(a.logits).all() and cosine(a.logits, b.logits) >= TOL
+    # each layer's x + mixer in the post-attention norm's launch; h + mlp in the down GEMM's (dense) or the
+    # combine's (sparse) launch: prefill and step
+    assert adds == {"add_norm": 4, "mlp": 0 if moe else 4, "moe": 4 if moe else 0}
     assert set(model.state_dict()) == set(reference.state_dict())
+
+
+def _count_fused_adds(monkeypatch) -> dict[str, int]:
+    """Counts, from now on, the hybrid layers' fused residual adds: into the post-attention norm, into the dense
+    MLP's down projection, into the mixture of experts' combine."""
+    from triton_ops.models import decoder_layers
+
+    adds = {"add_norm": 0, "mlp": 0, "moe": 0}
+
+    def counted(name, real):
+        def call(*a, **k):
+            adds[name] += 1
+            return real(*a, **k)
+        return call
+
+    monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm", counted("add_norm", decoder_layers.fused_add_rmsnorm))
+    monkeypatch.setattr(decoder_layers, "_mlp_into_residual", counted("mlp", decoder_layers._mlp_into_residual))
+    real_moe = decoder_layers.moe_hidden
+    monkeypatch.setattr(decoder_layers, "moe_hidden",
+                        lambda *a, **k: adds.__setitem__("moe", adds["moe"] + (len(a) > 2 or "residual" in k))
+                        or real_moe(*a, **k))
+    return adds
 
 
 @pytest.mark.parametrize("kind", [pytest.param("qwen3_next", marks=pytest.mark.newest_only),

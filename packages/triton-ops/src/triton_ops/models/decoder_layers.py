@@ -16,9 +16,10 @@ transformers' ``ALL_ATTENTION_FUNCTIONS``, so any registered backend plugs in by
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from fp8_gemm import FP8Linear, decode_linear, fp8_linear_add_
@@ -110,15 +111,105 @@ class FusedAddNormDecoderLayer(nn.Module):
         else:
             residual = hidden_states + attn_out
             normed = norm(residual)
-        how = _down_adds_residual(self.mlp, residual, normed)
-        if how:
-            return _mlp_into_residual(self.mlp, normed, residual, how)
-        if _moe_adds_residual(self.mlp, residual):  # a mixture of experts: the add inside its combine launch
-            return moe_hidden(self.mlp, normed, residual)
-        mlp_out = self.mlp(normed)
-        if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
-            mlp_out = mlp_out[0]
-        return residual + mlp_out
+        return _mlp_with_residual(self.mlp, normed, residual)
+
+
+def _mlp_with_residual(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + mlp(normed)``, the add inside the down projection's GEMM (a patched gated MLP) or the combine's
+    launch (a patched mixture of experts) where those can take it."""
+    how = _down_adds_residual(mlp, residual, normed)
+    if how:
+        return _mlp_into_residual(mlp, normed, residual, how)
+    if _moe_adds_residual(mlp, residual):  # a mixture of experts: the add inside its combine launch
+        return moe_hidden(mlp, normed, residual)
+    mlp_out = mlp(normed)
+    if isinstance(mlp_out, tuple):  # a mixture of experts returns (output, router scores), as gpt-oss's
+        mlp_out = mlp_out[0]
+    return residual + mlp_out
+
+
+class TokenMixer(NamedTuple):
+    """How a hybrid decoder layer calls its token mixer, found once from the module (:func:`hybrid_token_mixer`):
+    ``linear``: a Gated DeltaNet (``linear_attn``), else the full attention (``self_attn``); for the DeltaNet, the
+    name of its cache argument (``cache``; ``cache_params`` up to transformers 5.1x) and the keywords it takes
+    (None: any, it has ``**kwargs``; transformers 5.0's takes only its named ones)."""
+
+    linear: bool
+    cache_keyword: str | None = None
+    keywords: frozenset[str] | None = None
+
+
+# What a hybrid layer's full attention takes and its Gated DeltaNet does not (transformers passes the DeltaNet the
+# cache, the mask and the layer's other keywords)
+_FULL_ATTENTION_ONLY = ("position_embeddings", "position_ids")
+TOKEN_MIXER_ATTR = "_triton_ops_token_mixer"
+
+
+class HybridDecoderLayer(nn.Module):
+    """Qwen3-Next's and Qwen3.5's decoder layer (:data:`HYBRID_DECODER_LAYERS`): a pre-norm layer whose token mixer
+    is a Gated DeltaNet (``linear_attn``) on "linear_attention" layers and a gated full attention (``self_attn``)
+    on the others, both transformers' own.
+
+    ``h = x + mixer(norm1(x)); y = h + mlp(norm2(h))`` with ``x + mixer`` and ``norm2`` (zero-centered, as
+    :class:`~triton_ops.layers.GemmaRMSNorm` computes it) as one :func:`~fused_rmsnorm_rope.fused_add_rmsnorm`
+    launch, and ``h + mlp`` inside the down projection's GEMM (a patched dense MLP) or the combine's launch (a
+    patched sparse block, its shared expert's gated output added to ``h`` first): the model's own rounding of each
+    sum. The mixer gets what transformers' layer passes it (:class:`TokenMixer`, found at patch time: the cache
+    argument's name and the keywords differ between releases).
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _layer_keywords_only(self, args)
+        mixer: TokenMixer = self.__dict__[TOKEN_MIXER_ATTR]
+        normed = self.input_layernorm(hidden_states)
+        if mixer.linear:
+            mixed = self.linear_attn(hidden_states=normed, **_linear_attention_kwargs(mixer, kwargs))
+        else:
+            mixed = self.self_attn(hidden_states=normed, **kwargs)[0]
+        norm = self.post_attention_layernorm
+        if gemma_norm_fusable(norm) and mixed.dtype == hidden_states.dtype:
+            normed, residual = fused_add_rmsnorm(mixed, hidden_states, norm.weight, norm.eps, gemma=True)
+        else:
+            residual = hidden_states + mixed
+            normed = norm(residual)
+        return _mlp_with_residual(self.mlp, normed, residual)
+
+
+def _linear_attention_kwargs(mixer: TokenMixer, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The layer's keywords as transformers' hybrid layer hands them to its Gated DeltaNet: the cache under the
+    DeltaNet's own name for it, without the rotary embedding and position ids, only the keywords it takes."""
+    out: dict[str, Any] = {mixer.cache_keyword: None}
+    for key, value in kwargs.items():
+        if key in _CACHE_NAMES:
+            out[mixer.cache_keyword] = value
+        elif key not in _FULL_ATTENTION_ONLY and (mixer.keywords is None or key in mixer.keywords):
+            out[key] = value
+    return out
+
+
+def hybrid_token_mixer(layer: nn.Module) -> TokenMixer | None:
+    """How :class:`HybridDecoderLayer` calls ``layer``'s token mixer, or None where ``layer`` is not a hybrid
+    decoder layer it computes: :data:`HYBRID_DECODER_LAYERS`'s forward, its two norms and MLP, exactly one of
+    ``linear_attn`` / ``self_attn``, and a DeltaNet whose forward names its cache argument as some release does."""
+    if not (forward_defined_by(layer, HYBRID_DECODER_LAYERS)
+            and all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp"))
+            and hasattr(layer, "linear_attn") != hasattr(layer, "self_attn")):
+        return None
+    if hasattr(layer, "self_attn"):
+        return TokenMixer(linear=False)
+    params = inspect.signature(type(layer.linear_attn).forward).parameters
+    cache = next((name for name in ("cache", "cache_params") if name in params), None)
+    if cache is None or "hidden_states" not in params:
+        return None
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return TokenMixer(True, cache, None if takes_any else frozenset(params) - {"self", "hidden_states", cache})
 
 
 class ResidualDropoutDecoderLayer(FusedAddNormDecoderLayer):
@@ -804,6 +895,8 @@ GEMMA_RMS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm",
 # RMSNorms that scale by weight (not 1 + weight) but name their epsilon eps: Gemma 4's before transformers renamed it
 # to variance_epsilon (5.17 has eps, 5.25 variance_epsilon)
 EPS_RMS_NORMS = ("Gemma4RMSNorm",)
+# Hybrid decoder layers (HybridDecoderLayer): a Gated DeltaNet or a gated full attention, zero-centered norms
+HYBRID_DECODER_LAYERS = ("Qwen3NextDecoderLayer", "Qwen3_5DecoderLayer", "Qwen3_5MoeDecoderLayer")
 # Decoder layers with norms before and after each sublayer (SandwichNormDecoderLayer), and the attentions with
 # Gemma's per-head q/k norms (GemmaQKNormRopeAttention): by the class defining forward, as the MoE blocks are matched
 GEMMA_DECODER_LAYERS = ("Gemma3DecoderLayer",)
@@ -877,13 +970,12 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
             and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
-__all__ = ["EPS_RMS_NORMS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "ROPE_ATTENTIONS",
-           "FusedAddNormDecoderLayer",
-           "GemmaQKNormRopeAttention",
-           "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS", "PackedRopeAttention",
-           "QKNormRopeAttention",
-           "RESIDUAL_DROPOUT_DECODER_LAYERS", "ResidualDropoutDecoderLayer", "RopeAttention",
-           "SandwichNormDecoderLayer", "SinkRopeAttention", "forward_defined_by", "gemma_norm_fusable",
-           "has_gemma_qk_norm", "has_qk_norm", "is_eps_rms_norm", "is_gemma_rms_norm", "is_packed_rope_attention",
-           "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer", "is_rope_attention",
-           "is_sandwich_norm_decoder_layer", "is_sink_attention"]
+__all__ = ["EPS_RMS_NORMS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS",
+           "ROPE_ATTENTIONS", "TOKEN_MIXER_ATTR", "FusedAddNormDecoderLayer", "HybridDecoderLayer", "TokenMixer",
+           "GemmaQKNormRopeAttention", "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS",
+           "PackedRopeAttention", "QKNormRopeAttention", "RESIDUAL_DROPOUT_DECODER_LAYERS",
+           "ResidualDropoutDecoderLayer", "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention",
+           "forward_defined_by", "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer",
+           "is_eps_rms_norm", "is_gemma_rms_norm", "is_packed_rope_attention", "is_pre_norm_decoder_layer",
+           "is_residual_dropout_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
+           "is_sink_attention"]

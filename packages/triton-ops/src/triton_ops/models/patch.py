@@ -43,8 +43,10 @@ from ..layers import (
 from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .cache_updates import prime_sliding_shift, prime_static_write
 from .decoder_layers import (
+    TOKEN_MIXER_ATTR,
     FusedAddNormDecoderLayer,
     GemmaQKNormRopeAttention,
+    HybridDecoderLayer,
     PackedRopeAttention,
     QKNormRopeAttention,
     ResidualDropoutDecoderLayer,
@@ -54,6 +56,7 @@ from .decoder_layers import (
     forward_defined_by,
     has_gemma_qk_norm,
     has_qk_norm,
+    hybrid_token_mixer,
     is_eps_rms_norm,
     is_gemma_rms_norm,
     is_packed_rope_attention,
@@ -823,7 +826,12 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
     """The decoder layers' residual add into the post-attention norm; the attentions' rotary embedding (with
     Qwen3's q/k norms) in one kernel."""
     for module in list(model.modules()):
-        if is_residual_dropout_decoder_layer(module):
+        mixer = hybrid_token_mixer(module)
+        if mixer is not None:
+            module.__dict__[TOKEN_MIXER_ATTR] = mixer
+            patch_forward(module, HybridDecoderLayer)
+            summary.fused_residual_adds += 1
+        elif is_residual_dropout_decoder_layer(module):
             patch_forward(module, ResidualDropoutDecoderLayer)
             summary.fused_residual_adds += 1
         elif is_pre_norm_decoder_layer(module):
@@ -842,8 +850,8 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
     if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
     if summary.model_type in HYBRID_MODEL_TYPES:
-        summary.notes.append("the Gated DeltaNet (linear attention) layers, the gated full attentions' projections "
-                             "and the decoder layers' residual adds: transformers' own")
+        summary.notes.append("the Gated DeltaNet (linear attention) layers and the gated full attentions: "
+                             "transformers' own")
     else:
         summary.notes.append("the attention core: the function config._attn_implementation names")
 
