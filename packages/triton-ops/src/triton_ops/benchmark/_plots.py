@@ -68,7 +68,8 @@ def plot_results(results: Sequence[CaseResult], path: Path, title: str | None = 
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # (a top margin of half an inch for the title: tight_layout alone lets it overlap the first row's titles)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()) if title else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
