@@ -466,7 +466,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       ``"sdpa"`` or ``"eager"`` is switched (a flash-attention choice is left alone, with a note).
 
     The rest of the model (the projection o, and q, k, v unless packed or ``fp8``; the attention function the
-    config names; the rotary embedding's tables; the MLP's residual add; the LM head) is transformers' own. The
+    config names; the rotary embedding's tables; the MLP's residual add where neither the down projection's GEMM
+    nor the MoE combine takes it; the LM head) is transformers' own. The
     patched model works with ``generate()``, its caches and ``torch.compile`` (the kernels are registered custom
     ops). ``model.triton_ops_patch`` says what was replaced (:class:`PatchSummary`).
 
@@ -846,7 +847,9 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
             summary.qk_norm_rope_attentions += 1
         else:
             summary.rope_attentions += 1
-    summary.notes.append("the MLP's residual add: transformers' own (it ends the layer)")
+    summary.notes.append("the MLP's residual add, where the decoder layer is ours: inside the down projection's "
+                         "GEMM (a patched gated MLP, bias-free down projection), the MoE combine's launch or (Gemma "
+                         "3) the post-feed-forward norm's; else one add")
     if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
     if summary.model_type in HYBRID_MODEL_TYPES:
