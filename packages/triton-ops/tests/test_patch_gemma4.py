@@ -10,12 +10,15 @@ attention is never mistaken for Qwen3's (the same q_norm / k_norm shapes). CPU u
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 from _model_checks import assert_greedy_tokens_match, cosine, prefill_and_step
 from triton_ops import patch_model
 from triton_ops.layers import EpsRMSNorm, GatedMLP, RMSNorm
+from triton_ops.models import decoder_layers
+from triton_ops.models.decoder_layers import Gemma4DecoderLayer
 from triton_ops.models.patch import UnsupportedModelError
 from triton_ops_core.testing import device_for_tests
 
@@ -58,6 +61,7 @@ def test_patched_gemma4_computes_what_transformers_does(variant, monkeypatch):
     model = _model(variant)
     reference = copy.deepcopy(model)
     attentions = [type(layer.self_attn) for layer in model.model.layers]
+    moe = variant == "moe"
     patch_model(model)
     summary = model.triton_ops_patch
     layers = model.model.layers
@@ -66,17 +70,27 @@ def test_patched_gemma4_computes_what_transformers_does(variant, monkeypatch):
     assert [type(layer.self_attn) for layer in layers] == attentions  # transformers' own, not QKNormRopeAttention
     # transformers up to 5.17 names the norms' epsilon eps (EpsRMSNorm), later releases variance_epsilon
     norm = EpsRMSNorm if hasattr(reference.model.norm, "eps") else RMSNorm
+    assert summary.fused_residual_adds == len(layers)
     for layer in layers:
+        assert inspect.unwrap(type(layer).forward) is Gemma4DecoderLayer.forward
         assert type(layer.mlp).forward is GatedMLP.forward
         assert type(layer.input_layernorm).forward is norm.forward
         assert type(layer.self_attn.q_norm).forward is norm.forward
-    moe = variant == "moe"
     assert (model.config._experts_implementation == "triton_ops") == moe
     assert any(note.startswith("experts of 2 module(s) called by their decoder layers") for note in summary.notes) \
         == moe
     ids = torch.randint(0, 128, (2, 11), device=DEVICE)  # longer than the sliding window
+    fused = {"rmsnorm_add_rmsnorm": 0, "rmsnorm_add": 0}
+    for name in fused:
+        real_op = getattr(decoder_layers, name)
+        monkeypatch.setattr(decoder_layers, name, lambda *a, _n=name, _f=real_op, **k: fused.__setitem__(
+            _n, fused[_n] + 1) or _f(*a, **k))
     for a, b in zip(prefill_and_step(model, ids), prefill_and_step(reference, ids), strict=True):
         assert torch.isfinite(a.logits).all() and cosine(a.logits, b.logits) >= TOL
+    # per layer and call (prefill, step): the add after the attention between its two norms in one launch; the
+    # per-layer input's and the feed-forward's norm-then-add in one each, the experts' beside the MLP's too
+    launches = 2 * len(layers)
+    assert fused == {"rmsnorm_add_rmsnorm": launches, "rmsnorm_add": launches * (3 if moe else 2)}
     assert calls == (["gelu_tanh"] * 4 if moe else [])  # each layer's experts, prefill and step: fused_moe's
     assert set(model.state_dict()) == set(reference.state_dict())
 

@@ -29,10 +29,12 @@ from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError
 
 from ..layers import (
+    EpsRMSNorm,
     GatedMLP,
     GemmaRMSNorm,
     GptOssMoE,
     PackedGatedMLP,
+    RMSNorm,
     SparseMoE,
     gated_hidden,
     has_shared_expert,
@@ -276,6 +278,94 @@ class SandwichNormDecoderLayer(nn.Module):
         if mlp_out.dtype == residual.dtype and gemma_norm_fusable(post_ff):
             return rmsnorm_add(mlp_out, residual, post_ff.weight, post_ff.eps, gemma=True)
         return residual + post_ff(mlp_out)
+
+
+class Gemma4DecoderLayer(nn.Module):
+    """Gemma 4's decoder layer (``Gemma4TextDecoderLayer``): Gemma 3's norms around each sublayer (plain RMSNorms,
+    scaled by ``weight``), on some models a mixture of experts beside the MLP (``enable_moe_block``: its router reads
+    the residual stream, its experts their own pre-norm, each output its own post-norm, then the shared post-norm),
+    on some a per-layer input (``hidden_size_per_layer_input``: a gated projection added with its own norm), and a
+    final ``layer_scalar``::
+
+        h = x + post_attention_layernorm(self_attn(input_layernorm(x)))
+        m = post_feedforward_layernorm_1(mlp(n)) + post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(h)))
+        y = h + post_feedforward_layernorm(m)        (m = mlp(n) without the experts; n = pre_feedforward_layernorm(h))
+        y = y + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(y)) * per_layer_input))
+        y = y * layer_scalar
+
+    Where the norms are patch_model's (:class:`~triton_ops.layers.RMSNorm` / :class:`~triton_ops.layers.EpsRMSNorm`)
+    without hooks, each "norm, then add" is one :func:`~fused_rmsnorm_rope.rmsnorm_add` launch and the first add
+    with the two norms around it one :func:`~fused_rmsnorm_rope.rmsnorm_add_rmsnorm`: four launches fewer a layer
+    (five with the experts), each norm's output and each sum rounded as the model's own ops round them. The
+    attention, MLP, router, experts and projections are the modules' own calls, with what transformers' layer
+    passes them.
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    self_attn: nn.Module
+    mlp: nn.Module
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    pre_feedforward_layernorm: nn.Module
+    post_feedforward_layernorm: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor, per_layer_input: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        _layer_keywords_only(self, args)
+        attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        normed, residual = _norm_add_norm(attn_out, hidden_states, self.post_attention_layernorm,
+                                          self.pre_feedforward_layernorm)
+        mlp_out = self.mlp(normed)
+        if self.enable_moe_block:
+            mlp_out = self.post_feedforward_layernorm_1(mlp_out)
+            flat = residual.reshape(-1, residual.shape[-1])
+            _, top_k_weights, top_k_index = self.router(flat)
+            experts_out = self.experts(self.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
+            mlp_out = _norm_add(experts_out.reshape(residual.shape), mlp_out, self.post_feedforward_layernorm_2)
+        hidden_states = _norm_add(mlp_out, residual, self.post_feedforward_layernorm)
+        if self.hidden_size_per_layer_input:
+            gated = self.act_fn(self.per_layer_input_gate(hidden_states)) * per_layer_input
+            hidden_states = _norm_add(self.per_layer_projection(gated), hidden_states, self.post_per_layer_input_norm)
+        hidden_states *= self.layer_scalar
+        return hidden_states
+
+
+def _plain_norm(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """``(weight, eps)`` of a norm that computes exactly ``fused_rmsnorm_rope.rmsnorm(x, weight, eps)``
+    (patch_model's :class:`~triton_ops.layers.RMSNorm` or :class:`~triton_ops.layers.EpsRMSNorm` forward, no
+    hooks, a contiguous 1-D plain weight), else None."""
+    if runs_forward(norm, RMSNorm):
+        eps = norm.variance_epsilon
+    elif runs_forward(norm, EpsRMSNorm):
+        eps = norm.eps
+    else:
+        return None
+    weight = norm.weight
+    if (norm._forward_hooks or norm._forward_pre_hooks or type(weight) not in _PLAIN or weight.dim() != 1
+            or weight.stride(0) != 1 or not isinstance(eps, (int, float))):
+        return None
+    return weight, eps
+
+
+def _norm_add(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``residual + norm(x)``: one :func:`~fused_rmsnorm_rope.rmsnorm_add` launch where :func:`_plain_norm` allows."""
+    plain = _plain_norm(norm)
+    if plain is None or x.dtype != residual.dtype:  # (autocast: the model's own promoting add)
+        return residual + norm(x)
+    return rmsnorm_add(x, residual, plain[0], plain[1])
+
+
+def _norm_add_norm(x: torch.Tensor, residual: torch.Tensor, x_norm: nn.Module,
+                   norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = residual + x_norm(x)``, ``(norm(h), h)``: one :func:`~fused_rmsnorm_rope.rmsnorm_add_rmsnorm` launch
+    where :func:`_plain_norm` allows both norms, else what it allows."""
+    plain_x, plain = _plain_norm(x_norm), _plain_norm(norm)
+    if plain_x is not None and plain is not None and x.dtype == residual.dtype:
+        return rmsnorm_add_rmsnorm(x, residual, plain_x[0], plain[0], plain[1], x_eps=plain_x[1])
+    h = _norm_add(x, residual, x_norm)
+    return norm(h), h
 
 
 def gemma_norm_fusable(norm: nn.Module) -> bool:
@@ -895,6 +985,14 @@ GEMMA_RMS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm",
 # RMSNorms that scale by weight (not 1 + weight) but name their epsilon eps: Gemma 4's before transformers renamed it
 # to variance_epsilon (5.17 has eps, 5.25 variance_epsilon)
 EPS_RMS_NORMS = ("Gemma4RMSNorm",)
+# Gemma 4's decoder layer (Gemma4DecoderLayer), with the attributes its forward reads (the experts' and the
+# per-layer input's where the layer has them)
+GEMMA4_DECODER_LAYERS = ("Gemma4TextDecoderLayer",)
+_GEMMA4_LAYER_ATTRS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                       "post_feedforward_layernorm", "layer_scalar", "enable_moe_block", "hidden_size_per_layer_input")
+_GEMMA4_MOE_ATTRS = ("router", "experts", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                     "pre_feedforward_layernorm_2")
+_GEMMA4_PER_LAYER_ATTRS = ("per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm", "act_fn")
 # Hybrid decoder layers (HybridDecoderLayer): a Gated DeltaNet or a gated full attention, zero-centered norms
 HYBRID_DECODER_LAYERS = ("Qwen3NextDecoderLayer", "Qwen3_5DecoderLayer", "Qwen3_5MoeDecoderLayer")
 # Decoder layers with norms before and after each sublayer (SandwichNormDecoderLayer), and the attentions with
@@ -950,6 +1048,16 @@ def is_residual_dropout_decoder_layer(layer: nn.Module) -> bool:
             and is_pre_norm_decoder_layer(layer, dropouts=True))
 
 
+def is_gemma4_decoder_layer(layer: nn.Module) -> bool:
+    """A Gemma 4 decoder layer (:data:`GEMMA4_DECODER_LAYERS`'s forward) with every attribute
+    :class:`Gemma4DecoderLayer` reads: its experts' where ``enable_moe_block``, its per-layer input's where
+    ``hidden_size_per_layer_input``."""
+    if not (forward_defined_by(layer, GEMMA4_DECODER_LAYERS) and all(hasattr(layer, a) for a in _GEMMA4_LAYER_ATTRS)):
+        return False
+    return (all(hasattr(layer, a) for a in _GEMMA4_MOE_ATTRS) or not layer.enable_moe_block) and (
+        all(hasattr(layer, a) for a in _GEMMA4_PER_LAYER_ATTRS) or not layer.hidden_size_per_layer_input)
+
+
 def is_sandwich_norm_decoder_layer(layer: nn.Module) -> bool:
     """A Gemma 3 decoder layer (:data:`GEMMA_DECODER_LAYERS`'s forward) with its attention, MLP and four norms."""
     return (forward_defined_by(layer, GEMMA_DECODER_LAYERS)
@@ -970,12 +1078,12 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
             and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
-__all__ = ["EPS_RMS_NORMS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS",
-           "ROPE_ATTENTIONS", "TOKEN_MIXER_ATTR", "FusedAddNormDecoderLayer", "HybridDecoderLayer", "TokenMixer",
-           "GemmaQKNormRopeAttention", "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS",
-           "PackedRopeAttention", "QKNormRopeAttention", "RESIDUAL_DROPOUT_DECODER_LAYERS",
-           "ResidualDropoutDecoderLayer", "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention",
-           "forward_defined_by", "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer",
-           "is_eps_rms_norm", "is_gemma_rms_norm", "is_packed_rope_attention", "is_pre_norm_decoder_layer",
-           "is_residual_dropout_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
-           "is_sink_attention"]
+__all__ = ["EPS_RMS_NORMS", "GEMMA4_DECODER_LAYERS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS",
+           "HYBRID_DECODER_LAYERS", "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS",
+           "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "TOKEN_MIXER_ATTR", "FusedAddNormDecoderLayer",
+           "Gemma4DecoderLayer", "GemmaQKNormRopeAttention", "HybridDecoderLayer", "PackedRopeAttention",
+           "QKNormRopeAttention", "ResidualDropoutDecoderLayer", "RopeAttention", "SandwichNormDecoderLayer",
+           "SinkRopeAttention", "TokenMixer", "forward_defined_by", "gemma_norm_fusable", "has_gemma_qk_norm",
+           "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm", "is_gemma4_decoder_layer", "is_gemma_rms_norm",
+           "is_packed_rope_attention", "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer",
+           "is_rope_attention", "is_sandwich_norm_decoder_layer", "is_sink_attention"]

@@ -45,6 +45,7 @@ from .cache_updates import prime_sliding_shift, prime_static_write
 from .decoder_layers import (
     TOKEN_MIXER_ATTR,
     FusedAddNormDecoderLayer,
+    Gemma4DecoderLayer,
     GemmaQKNormRopeAttention,
     HybridDecoderLayer,
     PackedRopeAttention,
@@ -58,6 +59,7 @@ from .decoder_layers import (
     has_qk_norm,
     hybrid_token_mixer,
     is_eps_rms_norm,
+    is_gemma4_decoder_layer,
     is_gemma_rms_norm,
     is_packed_rope_attention,
     is_pre_norm_decoder_layer,
@@ -840,6 +842,9 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
             summary.fused_residual_adds += 1
         elif is_sandwich_norm_decoder_layer(module):
             patch_forward(module, SandwichNormDecoderLayer)
+            summary.fused_residual_adds += 1
+        elif is_gemma4_decoder_layer(module):
+            patch_forward(module, Gemma4DecoderLayer)
             summary.fused_residual_adds += 1
     for _, attn, layer in attentions:
         patch_forward(attn, layer)
