@@ -280,7 +280,7 @@ class SandwichNormDecoderLayer(nn.Module):
         return residual + post_ff(mlp_out)
 
 
-class Gemma4DecoderLayer(nn.Module):
+class Gemma4DecoderLayer(SandwichNormDecoderLayer):
     """Gemma 4's decoder layer (``Gemma4TextDecoderLayer``): Gemma 3's norms around each sublayer (plain RMSNorms,
     scaled by ``weight``), on some models a mixture of experts beside the MLP (``enable_moe_block``: its router reads
     the residual stream, its experts their own pre-norm, each output its own post-norm, then the shared post-norm),
@@ -298,18 +298,8 @@ class Gemma4DecoderLayer(nn.Module):
     with the two norms around it one :func:`~fused_rmsnorm_rope.rmsnorm_add_rmsnorm`: four launches fewer a layer
     (five with the experts), each norm's output and each sum rounded as the model's own ops round them. The
     attention, MLP, router, experts and projections are the modules' own calls, with what transformers' layer
-    passes them.
+    passes them. (A :class:`SandwichNormDecoderLayer` for its attributes; the forward is its own.)
     """
-
-    can_torch_compile = True
-    has_backward = True
-
-    self_attn: nn.Module
-    mlp: nn.Module
-    input_layernorm: nn.Module
-    post_attention_layernorm: nn.Module
-    pre_feedforward_layernorm: nn.Module
-    post_feedforward_layernorm: nn.Module
 
     def forward(self, hidden_states: torch.Tensor, per_layer_input: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
