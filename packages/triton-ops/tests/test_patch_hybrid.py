@@ -16,7 +16,8 @@ import torch
 from _model_checks import assert_greedy_tokens_match, cosine, prefill_and_step
 from triton_ops import patch_model
 from triton_ops.layers import GatedMLP, GemmaRMSNorm, SparseMoE
-from triton_ops.models.decoder_layers import HybridDecoderLayer
+from triton_ops.models import decoder_layers
+from triton_ops.models.decoder_layers import GatedQKNormRopeAttention, HybridDecoderLayer
 from triton_ops.models.patch import FP8_KEPT_LINEARS, UnsupportedModelError
 from triton_ops_core.testing import device_for_tests
 
@@ -64,10 +65,12 @@ def test_patched_hybrid_models_compute_what_transformers_does(kind, monkeypatch)
     # every layer's two norms, the final norm, the full attention's q/k norms; not the DeltaNet's gated norms
     assert summary.rms_norms == 2 * 2 + 1 + 2
     assert summary.moe_blocks == (2 if moe else 0) and summary.gated_mlps == 2  # shared experts or dense MLPs
-    assert summary.fused_residual_adds == 2 and summary.packed_qkv == summary.rope_attentions == 0
+    # the full attention's q/k norms and partial rotary embedding in one kernel, q (with its gate), k, v one GEMM
+    assert summary.fused_residual_adds == 2 and summary.qk_norm_rope_attentions == summary.packed_qkv == 1
+    assert summary.rope_attentions == 0
     assert any("Gated DeltaNet" in note for note in summary.notes)
     for layer, mixer in zip(model.model.layers, token_mixers, strict=True):
-        assert type(getattr(layer, "linear_attn", None) or layer.self_attn) is mixer  # transformers' own
+        assert isinstance(getattr(layer, "linear_attn", None) or layer.self_attn, mixer)
         assert inspect.unwrap(type(layer).forward) is HybridDecoderLayer.forward
         assert type(layer.input_layernorm).forward is GemmaRMSNorm.forward
         if moe:
@@ -75,11 +78,19 @@ def test_patched_hybrid_models_compute_what_transformers_does(kind, monkeypatch)
             assert type(layer.mlp.shared_expert).forward is GatedMLP.forward
         else:
             assert type(layer.mlp).forward is GatedMLP.forward
+    assert type(model.model.layers[0].linear_attn) is token_mixers[0]  # the DeltaNet: transformers' own
+    assert inspect.unwrap(type(model.model.layers[1].self_attn).forward) is GatedQKNormRopeAttention.forward
     assert type(model.model.layers[1].self_attn.q_norm).forward is GemmaRMSNorm.forward  # per head, on a view
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
     adds = _count_fused_adds(monkeypatch)
+    rotations = []
+    real_rotation = decoder_layers.fused_qk_norm_rope
+    monkeypatch.setattr(decoder_layers, "fused_qk_norm_rope",
+                        lambda q, k, *a, **kw: rotations.append(q.shape[-1] - a[2].shape[-1]) or real_rotation(
+                            q, k, *a, **kw))
     for a, b in zip(prefill_and_step(model, ids), prefill_and_step(reference, ids), strict=True):
         assert torch.isfinite(a.logits).all() and cosine(a.logits, b.logits) >= TOL
+    assert rotations == [16 - 4, 16 - 4]  # prefill and step: the first quarter of each head rotated (partial)
     # each layer's x + mixer in the post-attention norm's launch; h + mlp in the down GEMM's (dense) or the
     # combine's (sparse) launch: prefill and step
     assert adds == {"add_norm": 4, "mlp": 0 if moe else 4, "moe": 4 if moe else 0}
@@ -89,8 +100,6 @@ def test_patched_hybrid_models_compute_what_transformers_does(kind, monkeypatch)
 def _count_fused_adds(monkeypatch) -> dict[str, int]:
     """Counts, from now on, the hybrid layers' fused residual adds: into the post-attention norm, into the dense
     MLP's down projection, into the mixture of experts' combine."""
-    from triton_ops.models import decoder_layers
-
     adds = {"add_norm": 0, "mlp": 0, "moe": 0}
 
     def counted(name, real):

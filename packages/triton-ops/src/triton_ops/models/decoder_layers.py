@@ -554,22 +554,29 @@ class QKNormRopeAttention(nn.Module):
 
 def _qk_norm_rope_attention(attn: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple,
                             attention_mask: torch.Tensor | None, input_norm: nn.Module | None,
-                            residual: torch.Tensor | None, kwargs: dict, eps: float, gemma: bool) -> tuple:
+                            residual: torch.Tensor | None, kwargs: dict, eps: float, gemma: bool,
+                            gated: bool = False) -> tuple:
     """The forward of the attentions with per-head q/k norms (Qwen3's, or Gemma 3's ``1 + weight`` ones): the
     projections, then the norms and RoPE in one launch (out of place with a gradient to record; else in place: inside
-    the cache's write when that is ours, else a launch of its own before the cache update), then :func:`_attend`."""
+    the cache's write when that is ours, else a launch of its own before the cache update), then :func:`_attend`.
+    ``gated``: each head's ``q_proj`` output is its query and then its output gate (Qwen3-Next, Qwen3.5)."""
     q_norm, k_norm = attn.q_norm, attn.k_norm
     q_weight, k_weight = q_norm.weight, k_norm.weight
     q, k, v, grad = _project_qkv(attn, hidden_states, (q_weight, k_weight), input_norm)
+    gate = None
+    if gated:  # [..., 2 * heads, head_dim]: head h's query at 2h, its gate at 2h + 1 (strided views, unit stride in
+        # head_dim: the fused kernels take them, and normalize and rotate the queries in place)
+        q, gate = q[..., 0::2, :], q[..., 1::2, :]
     cos, sin = position_embeddings
+    shape = hidden_states.shape[:-1]
     if _hooked(q_norm) or _hooked(k_norm):  # the norms' own calls, which their hooks see; then the rotation
         q, k = apply_rope(q_norm(q), k_norm(k), cos, sin)
-        return _attend(attn, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, residual=residual)
+        return _attend(attn, q, k, v, cos, sin, attention_mask, shape, kwargs, residual=residual, gate=gate)
     if grad:
         q, k = fused_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps=eps, gemma=gemma)
     # (else _attend normalizes and rotates in place, in the cache write where it can)
-    return _attend(attn, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
-                   qk_norm=None if grad else (q_weight, k_weight, eps, gemma), residual=residual)
+    return _attend(attn, q, k, v, cos, sin, attention_mask, shape, kwargs, rope=not grad,
+                   qk_norm=None if grad else (q_weight, k_weight, eps, gemma), residual=residual, gate=gate)
 
 
 class GemmaQKNormRopeAttention(QKNormRopeAttention):
@@ -589,6 +596,26 @@ class GemmaQKNormRopeAttention(QKNormRopeAttention):
         _keywords_only(self, args)
         return _qk_norm_rope_attention(self, hidden_states, position_embeddings, attention_mask, input_norm,
                                        residual, kwargs, self.q_norm.eps, gemma=True)
+
+
+class GatedQKNormRopeAttention(QKNormRopeAttention):
+    """The gated full attention of Qwen3-Next and Qwen3.5 (:data:`GATED_ATTENTIONS`): ``q_proj`` yields each head's
+    query and its output gate; the per-head ``q_norm`` / ``k_norm`` scale by ``1 + weight`` (zero-centered, ``eps``)
+    and the rotary embedding covers the first ``cos.shape[-1]`` elements of each head (``partial_rotary_factor``).
+
+    q, k and v come from one GEMM where ``patch_model`` packed the projections (the query-and-gate rows, then k's,
+    then v's); the norms and the rotation run as one :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch in place on
+    the queries (strided views beside their gates) and the keys, instead of transformers' two norms and the rotation's
+    element-wise kernels (slices, ``rotate_half``, products, sums, concatenations); then the cache update, the
+    attention function the config names, ``attention * sigmoid(gate)`` and ``o_proj``, as transformers' own.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _keywords_only(self, args)
+        return _qk_norm_rope_attention(self, hidden_states, position_embeddings, attention_mask, input_norm,
+                                       residual, kwargs, self.q_norm.eps, gemma=True, gated=True)
 
 
 class PackedRopeAttention(nn.Module):
@@ -796,7 +823,8 @@ def _records_grad(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torc
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor, attention_mask: torch.Tensor | None, shape: torch.Size, kwargs: dict,
-            rope: bool = False, qk_norm: tuple | None = None, residual: torch.Tensor | None = None) -> tuple:
+            rope: bool = False, qk_norm: tuple | None = None, residual: torch.Tensor | None = None,
+            gate: torch.Tensor | None = None) -> tuple:
     """The rest of transformers' attention forward, from ``[..., seq, heads, head_dim]`` q, k and v: the cache
     update, the configured attention function, ``o_proj`` (with ``residual``: ``residual + o_proj(...)``, the add in
     the projection's launch where it can). q and k come rotated, or (``rope``) are rotated here in
@@ -806,7 +834,8 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``StaticLayer``'s, or a full sliding window's ring), else by one :func:`~fused_rmsnorm_rope.apply_rope` /
     :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch before the cache update. A ring's keys come in slot order:
     the attention function gets the ring's start or a reordered mask
-    (:func:`~triton_ops.models.cache_updates.ring_attention_args`)."""
+    (:func:`~triton_ops.models.cache_updates.ring_attention_args`). ``gate``: the attention's output is multiplied
+    by its sigmoid before ``o_proj`` (the gated attentions of Qwen3-Next and Qwen3.5), as transformers' does."""
     cache = next((kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs), None)
     for name in _CACHE_NAMES:  # both names given (one None): neither goes on to the attention function
         kwargs.pop(name, None)
@@ -833,7 +862,10 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out, weights = attention(attn, q, k, v, attention_mask,
                              dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
                              **_sliding_window(attn), **kwargs)
-    return _o_proj(attn.o_proj, out.reshape(*shape, -1).contiguous(), residual), weights
+    out = out.reshape(*shape, -1).contiguous()
+    if gate is not None:
+        out = out * torch.sigmoid(gate.reshape(*shape, -1))
+    return _o_proj(attn.o_proj, out, residual), weights
 
 
 def _o_proj(o_proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -940,7 +972,10 @@ def has_qk_norm(attn: nn.Module) -> bool:
 ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention", "Qwen2MoeAttention")
 # Of those, the ones whose own forward passes no sliding_window to the attention function (Qwen2-MoE's sets
 # config.sliding_window to 0 when the window is off, which flash attention would take for a window of 0 tokens)
-NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention",)
+# The gated full attentions of the hybrid decoders (GatedQKNormRopeAttention)
+GATED_ATTENTIONS = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention")
+# Attentions whose transformers forward passes the attention function no sliding_window
+NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention", *GATED_ATTENTIONS)
 
 
 def is_rope_attention(attn: nn.Module) -> bool:
@@ -1001,6 +1036,20 @@ def is_eps_rms_norm(norm: nn.Module) -> bool:
     """An RMSNorm of :data:`EPS_RMS_NORMS` (plain ``weight`` scale, epsilon ``eps``) with a 1-D ``weight``."""
     return (forward_defined_by(norm, EPS_RMS_NORMS) and isinstance(getattr(norm, "weight", None), torch.Tensor)
             and norm.weight.dim() == 1 and isinstance(getattr(norm, "eps", None), (int, float)))
+
+
+def is_gated_attention(attn: nn.Module) -> bool:
+    """A gated full attention (:data:`GATED_ATTENTIONS`' forward): its projections (``q_proj`` of twice the
+    queries' width: query and gate per head), the attributes its forward reads, and zero-centered per-head
+    ``q_norm`` / ``k_norm`` (``[head_dim]`` weights) of one epsilon."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    return (forward_defined_by(attn, GATED_ATTENTIONS)
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling",
+                                               "config", "head_dim", "attention_dropout"))
+            and getattr(attn.q_proj, "out_features", None)
+            == 2 * getattr(attn.config, "num_attention_heads", -1) * attn.head_dim
+            and all(is_gemma_rms_norm(n) and n.weight.shape == (attn.head_dim,) for n in (q_norm, k_norm))
+            and q_norm.eps == k_norm.eps)
 
 
 def has_gemma_qk_norm(attn: nn.Module) -> bool:
@@ -1068,12 +1117,13 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
             and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
-__all__ = ["EPS_RMS_NORMS", "GEMMA4_DECODER_LAYERS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS",
-           "HYBRID_DECODER_LAYERS", "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS",
-           "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "TOKEN_MIXER_ATTR", "FusedAddNormDecoderLayer",
-           "Gemma4DecoderLayer", "GemmaQKNormRopeAttention", "HybridDecoderLayer", "PackedRopeAttention",
-           "QKNormRopeAttention", "ResidualDropoutDecoderLayer", "RopeAttention", "SandwichNormDecoderLayer",
-           "SinkRopeAttention", "TokenMixer", "forward_defined_by", "gemma_norm_fusable", "has_gemma_qk_norm",
-           "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm", "is_gemma4_decoder_layer", "is_gemma_rms_norm",
-           "is_packed_rope_attention", "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer",
-           "is_rope_attention", "is_sandwich_norm_decoder_layer", "is_sink_attention"]
+__all__ = ["EPS_RMS_NORMS", "GATED_ATTENTIONS", "GEMMA4_DECODER_LAYERS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS",
+           "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS", "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS",
+           "QK_NORM_ATTENTIONS", "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "TOKEN_MIXER_ATTR",
+           "FusedAddNormDecoderLayer", "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention",
+           "HybridDecoderLayer", "PackedRopeAttention", "QKNormRopeAttention", "ResidualDropoutDecoderLayer",
+           "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "forward_defined_by",
+           "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm",
+           "is_gated_attention", "is_gemma4_decoder_layer", "is_gemma_rms_norm", "is_packed_rope_attention",
+           "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer", "is_rope_attention",
+           "is_sandwich_norm_decoder_layer", "is_sink_attention"]

@@ -45,6 +45,7 @@ from .cache_updates import prime_sliding_shift, prime_static_write
 from .decoder_layers import (
     TOKEN_MIXER_ATTR,
     FusedAddNormDecoderLayer,
+    GatedQKNormRopeAttention,
     Gemma4DecoderLayer,
     GemmaQKNormRopeAttention,
     HybridDecoderLayer,
@@ -59,6 +60,7 @@ from .decoder_layers import (
     has_qk_norm,
     hybrid_token_mixer,
     is_eps_rms_norm,
+    is_gated_attention,
     is_gemma4_decoder_layer,
     is_gemma_rms_norm,
     is_packed_rope_attention,
@@ -410,13 +412,19 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     - Gemma 4 (the multimodal model's language model too): its RMSNorms and gated MLPs; the experts its decoder
       layers call beside the MLP run ``fused_moe.moe_experts`` through transformers' experts interface (the model
       switched to ``"triton_ops"``, :mod:`~triton_ops.models.experts_backend`; ``fp8_experts`` converts them); its
-      attention (shared K/V, V from K), per-layer inputs, router and decoder layers are transformers' own. With
+      decoder layers as :class:`~triton_ops.models.decoder_layers.Gemma4DecoderLayer` (each norm with the residual
+      add after it in one launch); its attention (shared K/V, V from K), per-layer input projections and router are
+      transformers' own. With
       ``fp8`` its router projection stays in the model's dtype (:data:`FP8_KEPT_LINEARS`).
     - Qwen3-Next and Qwen3.5 (dense, MoE; the multimodal Qwen3.5 models' language model), hybrid decoders: their
       zero-centered RMSNorms (``1 + weight``) as Gemma's, their dense MLPs and shared experts as gated MLPs, their
-      sparse blocks as Qwen2-MoE's; the Gated DeltaNet layers, the gated attentions and the decoder layers are
-      transformers' own. With ``fp8`` the Linears of :data:`FP8_KEPT_LINEARS` (shared-expert gates, the DeltaNet's
-      per-head gate projections) stay in the model's dtype whatever the recipe.
+      sparse blocks as Qwen2-MoE's, their gated full attentions as
+      :class:`~triton_ops.models.decoder_layers.GatedQKNormRopeAttention` (one packed q/k/v GEMM, the q/k norms
+      and the partial rotary embedding in one kernel), their decoder layers as
+      :class:`~triton_ops.models.decoder_layers.HybridDecoderLayer` (each residual add in a neighbouring launch);
+      the Gated DeltaNet layers are transformers' own. With ``fp8`` the Linears of :data:`FP8_KEPT_LINEARS`
+      (shared-expert gates, the DeltaNet's per-head gate projections) stay in the model's dtype whatever the
+      recipe.
     - Every pre-norm decoder layer adds the attention's output to the residual inside the post-attention RMSNorm
       (:class:`~triton_ops.models.decoder_layers.FusedAddNormDecoderLayer`: one launch for the add and the norm).
     - Attentions: Llama / Mistral / Qwen2 attentions apply the rotary embedding to q and k in one kernel
@@ -795,6 +803,8 @@ def _attentions(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
             found.append((name, module, QKNormRopeAttention))
         elif has_gemma_qk_norm(module):
             found.append((name, module, GemmaQKNormRopeAttention))
+        elif is_gated_attention(module):
+            found.append((name, module, GatedQKNormRopeAttention))
         elif is_packed_rope_attention(module):
             found.append((name, module, PackedRopeAttention))
         elif is_rope_attention(module):
@@ -848,7 +858,7 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
             summary.fused_residual_adds += 1
     for _, attn, layer in attentions:
         patch_forward(attn, layer)
-        if layer in (QKNormRopeAttention, GemmaQKNormRopeAttention):
+        if layer in (QKNormRopeAttention, GemmaQKNormRopeAttention, GatedQKNormRopeAttention):
             summary.qk_norm_rope_attentions += 1
         else:
             summary.rope_attentions += 1
@@ -858,8 +868,7 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
     if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
     if summary.model_type in HYBRID_MODEL_TYPES:
-        summary.notes.append("the Gated DeltaNet (linear attention) layers and the gated full attentions: "
-                             "transformers' own")
+        summary.notes.append("the Gated DeltaNet (linear attention) layers: transformers' own")
     else:
         summary.notes.append("the attention core: the function config._attn_implementation names")
 
