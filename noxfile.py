@@ -6,6 +6,7 @@
     nox -s release-check -- fp8-gemm-v0.2.0
     nox -s bench               the benchmark suite (full sweep on a GPU; interpreter correctness run without)
     nox -s quickstart          docs/quickstart.md's install command, as written, in a clean venv, then an example
+    nox -s models -- 5.17.0    the model integration's tests against one transformers release (e.g. the GPU's)
 
 Without a GPU, tests run kernels under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. torch 2.13.0's CPU
 build is the torch of every CPU session: it declares no triton dependency, so any triton can be paired with it.
@@ -152,6 +153,25 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
                 "-p", "no:cacheprovider", *select, *(f"{PACKAGES[d][0]}/tests" for d in dists), *session.posargs,
                 env=env)
+
+
+@nox.session(python="3.11")
+def models(session: nox.Session) -> None:
+    """The model integration's tests (triton-ops', and fused-moe's against transformers' MoE blocks) against one
+    transformers release that the matrix does not pin, e.g. the lent GPU's before a GPU session (its 5.17 named
+    Gemma 4's norm epsilon ``eps``, which neither 5.0 nor 5.25 does): ``nox -s models -- 5.17.0 [pytest args]``.
+    Newest triton, every distribution in one venv, as the ``triton39-all`` session."""
+    if not session.posargs or not re.fullmatch(r"\d+\.\d+(\.\d+)?", session.posargs[0]):
+        session.error("usage: nox -s models -- <transformers version, e.g. 5.17.0> [pytest arguments]")
+    version, pytest_args = session.posargs[0], session.posargs[1:]
+    session.install(*_base_requirements(TRITONS[-1]))
+    session.install(*dict.fromkeys(folder for d in PACKAGES for folder in _local_folders(d)))
+    session.install(f"transformers=={version}")
+    env = {} if _gpu_present() else {"TRITON_INTERPRET": "1"}
+    env.update(_TEST_PROCESS_ENV)
+    session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
+                "-p", "no:cacheprovider", "--import-mode=importlib", "packages/triton-ops/tests",
+                "packages/fused-moe/tests", *pytest_args, env=env)
 
 
 @nox.session(python="3.11")
