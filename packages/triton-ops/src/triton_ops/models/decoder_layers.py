@@ -970,11 +970,11 @@ def has_qk_norm(attn: nn.Module) -> bool:
 # Attention modules whose forward is transformers' Llama attention (up to the sliding window argument): what
 # RopeAttention replaces. Matched by class name (subclasses of the model's own class keep it).
 ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention", "Qwen2MoeAttention")
-# Of those, the ones whose own forward passes no sliding_window to the attention function (Qwen2-MoE's sets
-# config.sliding_window to 0 when the window is off, which flash attention would take for a window of 0 tokens)
 # The gated full attentions of the hybrid decoders (GatedQKNormRopeAttention)
 GATED_ATTENTIONS = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention")
-# Attentions whose transformers forward passes the attention function no sliding_window
+# The attentions whose own forward passes no sliding_window to the attention function: of ROPE_ATTENTIONS Qwen2-MoE's
+# (it sets config.sliding_window to 0 when the window is off, which flash attention would take for a window of 0
+# tokens), and the gated ones
 NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention", *GATED_ATTENTIONS)
 
 
