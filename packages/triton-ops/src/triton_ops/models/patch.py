@@ -864,7 +864,7 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
             summary.rope_attentions += 1
     summary.notes.append("the MLP's residual add, where the decoder layer is ours: inside the down projection's "
                          "GEMM (a patched gated MLP, bias-free down projection), the MoE combine's launch or (Gemma "
-                         "3) the post-feed-forward norm's; else one add")
+                         "3 and 4) the post-feed-forward norm's; else one add")
     if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
     if summary.model_type in HYBRID_MODEL_TYPES:
