@@ -18,17 +18,20 @@ from triton_ops_core.aot import compile_sm90 as build  # noqa: E402
 
 I32 = "i32"
 
-# (name, dtype, mask pointer type, MASK_KIND, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SPLIT, HEAD_DIM, BLOCK_M,
-#  BLOCK_N, BLOCK_D, warps): the Llama decode step with transformers' bool mask, Gemma 3's sliding window as a ring
-# (the mask read in age order), and every other option at once (sinks, a window, causal, an additive mask, a padded
-# head dim, fp16). fp32 (IEEE dots: ~10 s of compile on the CPU machine) is left to the GPU tests.
+# (name, dtype, mask pointer type, MASK_KIND, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SOFTCAP, SPLIT, HEAD_DIM,
+#  BLOCK_M, BLOCK_N, BLOCK_D, warps): the Llama decode step with transformers' bool mask, Gemma 3's sliding window as
+# a ring (the mask read in age order), Gemma 2's softcapped logits, and every other option at once (sinks, a window,
+# causal, an additive mask, a padded head dim, fp16). fp32 (IEEE dots: ~10 s of compile on the CPU machine) is left
+# to the GPU tests.
 VARIANTS = [
-    ("llama decode bool mask split", "bf16", "*i1", K.MASK_BOOL, False, False, False, False, True, 128, 16, 64, 128,
-     4),
-    ("gemma ring bool mask split d=256", "bf16", "*i1", K.MASK_BOOL, False, False, False, True, True, 256, 16, 32,
-     256, 4),
-    ("sinks window causal additive mask d=80", "fp16", "*bf16", K.MASK_ADD, True, True, True, False, False, 80, 64,
-     64, 128, 4),
+    ("llama decode bool mask split", "bf16", "*i1", K.MASK_BOOL, False, False, False, False, False, True, 128, 16, 64,
+     128, 4),
+    ("gemma ring bool mask split d=256", "bf16", "*i1", K.MASK_BOOL, False, False, False, True, False, True, 256, 16,
+     32, 256, 4),
+    ("gemma2 softcap bool mask d=256", "bf16", "*i1", K.MASK_BOOL, False, False, False, False, True, False, 256, 16,
+     32, 256, 4),
+    ("sinks window causal additive mask d=80", "fp16", "*bf16", K.MASK_ADD, True, True, True, False, False, False, 80,
+     64, 64, 128, 4),
 ]
 
 
@@ -37,13 +40,13 @@ def main() -> int:
     ints = ["H_KV", "GROUP", "SQ", "S", "CHUNK", "N_SPLITS", "ROWS_PAD", "stride_qb", "stride_qh", "stride_qs",
             "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh",
             "stride_mq", "stride_mn", "WINDOW"]
-    for name, dt, mask_t, kind, sinks, causal, window, ring, split, hd, bm, bn, bd, warps in VARIANTS:
+    for name, dt, mask_t, kind, sinks, causal, window, ring, softcap, split, hd, bm, bn, bd, warps in VARIANTS:
         types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "mask_ptr": mask_t, "ring_ptr": "*i64",
                  "sink_ptr": "*bf16",
                  "out_ptr": f"*{dt}", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
-                 "qk_scale": "fp32", "mask_floor": "fp32", **dict.fromkeys(ints, I32)}
+                 "qk_scale": "fp32", "cap_log2": "fp32", "mask_floor": "fp32", **dict.fromkeys(ints, I32)}
         consts = dict(MASK_KIND=kind, MASK_1D=kind == K.MASK_BOOL, HAS_SINKS=sinks, CAUSAL=causal,
-                      HAS_WINDOW=window, RING=ring, SPLIT=split, HEAD_DIM=hd,
+                      HAS_WINDOW=window, RING=ring, SOFTCAP=softcap, SPLIT=split, HEAD_DIM=hd,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TRIM_N=max(bn, 8192 // bm),
                       DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                       UPCAST=False, P_LOW=dt != "fp32")

@@ -1,7 +1,7 @@
 """decode_attention against a float64 reference (plain softmax attention with the KV heads repeated): GQA groups,
 query lengths, odd cache lengths, masks (bool, additive, padding, a static cache's masked tail holding NaN), sinks,
-sliding windows, causal rows, strided caches, split KV, fully masked rows, NaN propagation. Small shapes: every
-kernel runs under the interpreter on a CPU (and on a GPU with the same tolerances)."""
+softcapped logits, sliding windows, causal rows, strided caches, split KV, fully masked rows, NaN propagation. Small
+shapes: every kernel runs under the interpreter on a CPU (and on a GPU with the same tolerances)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from _attention_helpers import make_qkv, reference, tiles, valid_prefix_mask
 from decode_attention import decode_attention, ops
+from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.testing import assert_close_rel, device_for_tests
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
@@ -161,6 +162,53 @@ def test_sinks_join_the_denominator_only(device):
     assert_close_rel(half, out, 2e-3)
 
 
+def test_softcapped_logits(device):
+    # Gemma 2's attn_logit_softcapping (50) over logits large enough that the cap bends them (scale 1: logits of
+    # tens), with an additive mask added after the cap, split KV, a ring and fp16
+    q, k, v = make_qkv(2, 8, 2, 2, 37, 32, device=device, seed=30)
+    q = q * 4
+    mask = torch.randn(2, 1, 2, 37, device=device)
+    mask[..., 30:] = torch.finfo(torch.float32).min
+    for kwargs in ({"softcap": 50.0, "scale": 1.0}, {"softcap": 5.0}, {"softcap": 20.0, "num_splits": 3}):
+        out = decode_attention(q, k, v, mask, **kwargs)
+        want = reference(q, k, v, mask, **{k: v for k, v in kwargs.items() if k != "num_splits"})
+        assert_close_rel(out, want, TOL[torch.float32])
+        # the cap changes the result: an uncapped call differs by far more than the tolerance
+        uncapped = reference(q, k, v, mask, scale=kwargs.get("scale"))
+        assert (want - uncapped).norm() > 100 * TOL[torch.float32] * want.norm()
+    # transformers' eager attention (Gemma 2's): logits * scaling, / cap, tanh, * cap, + mask, softmax in fp32
+    kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    logits = torch.tanh(q @ kk.transpose(-1, -2) * 0.25 / 10.0) * 10.0 + mask
+    eager = (logits.softmax(-1) @ vv).transpose(1, 2)
+    assert_close_rel(decode_attention(q, k, v, mask, scale=0.25, softcap=10.0), eager, 1e-5)
+    ring = torch.tensor([5], device=device)
+    assert_close_rel(decode_attention(q, k, v, mask, softcap=10.0, ring_start=ring),
+                     decode_attention(q, k, v, ops_slot_order(mask, 5), softcap=10.0), TOL[torch.float32])
+    half = decode_attention(q.half(), k.half(), v.half(), mask.half(), softcap=10.0)
+    assert_close_rel(half, reference(q, k, v, mask, softcap=10.0), TOL[torch.float16])
+    # NaN in a query stays in its head; a huge logit saturates at the cap instead of overflowing
+    q2 = q.clone()
+    q2[0, 0, 0, 0] = float("nan")
+    q2[1, 3, 1] = 1e30
+    out = decode_attention(q2, k, v, softcap=10.0)
+    assert torch.isnan(out[0, 0, 0]).all() and torch.isfinite(out[0, 0, 1:]).all()
+    assert torch.isfinite(out[1]).all()
+
+
+def ops_slot_order(mask: torch.Tensor, start: int) -> torch.Tensor:
+    """``mask`` (oldest first) in a ring's slot order, the oldest at slot ``start``: slot j holds column
+    ``(j - start) % S``."""
+    size = mask.shape[-1]
+    return mask[..., (torch.arange(size) - start) % size]
+
+
+def test_softcap_must_be_a_positive_number(device):
+    q, k, v = make_qkv(1, 2, 1, 1, 5, 16, device=device, seed=31)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "50"):
+        with pytest.raises(InvalidArgumentError, match="softcap"):
+            decode_attention(q, k, v, softcap=bad)
+
+
 def test_sliding_window_and_causal(device):
     # the window's older positions hold NaN: they are neither attended nor loaded
     q, k, v = make_qkv(1, 4, 2, 3, 40, 32, device=device, seed=8)
@@ -260,7 +308,7 @@ def test_gpu_plan_splits_a_single_sequence_and_reads_one_mask_row(monkeypatch):
     plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)  # Llama-3-8B heads, batch 1, 2k static cache
     grid, tail = plan.main.grid, plan.main.tail
     assert grid[0] == 8 and grid[1] > 1 and plan.combine is not None  # 8 KV heads cannot fill 132 SMs: split
-    mask_kind, mask_1d = tail[23], tail[24]  # after 23 sizes, strides and numbers: MASK_KIND, then MASK_1D
+    mask_kind, mask_1d = tail[24], tail[25]  # after 24 sizes, strides and numbers: MASK_KIND, then MASK_1D
     assert mask_kind == 1 and mask_1d is True  # a bool mask [B, 1, 1, S]: one vector per program
     assert plan.main.num_warps == 4
 

@@ -33,3 +33,30 @@ def assert_greedy_tokens_match(model, reference, prompt_len: int = 6, new_tokens
     assert ours.shape == ref.shape == (1, prompt_len + new_tokens)
     if next(model.parameters()).dtype == torch.float32:
         assert torch.equal(ours, ref)
+
+
+def attention_keywords(reference, patch, ids: torch.Tensor, keys: tuple[str, ...], attention=None) -> tuple[list, list]:
+    """What each attention call passes the attention function: ``(layer_idx, *kwargs[key] for keys)`` of every call,
+    in order, for ``reference`` and for ``patch(copy of reference)``, both configured for a recording function
+    (registered with transformers) that then runs ``attention`` (default: transformers' sdpa function)."""
+    import copy
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen: list[tuple] = []
+    run = attention or sdpa_attention_forward
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, *(kwargs.get(k) for k in keys)))
+        return run(module, query, key, value, attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register("triton_ops_test_recording", recording)
+    reference.config._attn_implementation = "triton_ops_test_recording"
+    model = patch(copy.deepcopy(reference))
+    with torch.no_grad():
+        reference(ids)
+        expected = list(seen)
+        seen.clear()
+        model(ids)
+    return expected, seen

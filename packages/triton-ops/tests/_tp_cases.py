@@ -60,16 +60,21 @@ def _hf_model(kind: str, seed: int = 0, **overrides):
         config = transformers.Gemma3TextConfig(**cfg, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                                                layer_types=kinds[:cfg["num_hidden_layers"]])
         cls = transformers.Gemma3ForCausalLM
+    elif kind == "gemma2":  # the same layers and norms as Gemma 3, no q/k norms, logits capped at 0.2
+        kinds = ["sliding_attention", "full_attention"] * cfg["num_hidden_layers"]
+        config = transformers.Gemma2Config(**cfg, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                           attn_logit_softcapping=0.2, layer_types=kinds[:cfg["num_hidden_layers"]])
+        cls = transformers.Gemma2ForCausalLM
     else:
         config, cls = transformers.Qwen3Config(**cfg, head_dim=16), transformers.Qwen3ForCausalLM
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager" if kind == "gemma2" else "sdpa"  # (transformers refuses sdpa for Gemma 2)
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32).eval()
     with torch.no_grad():  # weights large enough that the logits are not all alike
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
-            elif kind == "gemma3":  # Gemma's norm weights start at zero (a scale of 1 + weight)
+            elif kind in ("gemma2", "gemma3"):  # Gemma's norm weights start at zero (a scale of 1 + weight)
                 p.normal_(0.0, 0.3)
     return model
 
@@ -675,7 +680,7 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
         assert id(tp.lm_head) in spy.colwise_modules  # (the spy sees the styles that did run)
         # no gradient is recorded (_logits): every layer's MLP added the residual inside its row-parallel down GEMM
         # (Gemma 3 normalizes the MLP's output before the add: no such tail)
-        want_tails = 0 if kind == "gemma3" else spy.packed_calls
+        want_tails = 0 if kind in ("gemma2", "gemma3") else spy.packed_calls
         assert spy.residual_tails == want_tails, (spy.residual_tails, spy.packed_calls)
     if fp8:
         plain = _logits(plain, IDS, nxt=want[3])
@@ -729,6 +734,13 @@ def gemma3_patched(mesh):
 @case
 def gemma3_fp8(mesh):
     _model_case("gemma3", mesh, fp8=True, layers=1)
+
+
+@case
+def gemma2_patched(mesh):
+    """Gemma 2: the generic plan on Gemma 3's layers, each rank's heads' logits capped (in decode_attention, and in
+    the model's eager attention for the prompt), generate() past the window."""
+    _model_case("gemma2", mesh, generate=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

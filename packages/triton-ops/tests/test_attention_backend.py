@@ -153,13 +153,39 @@ def test_what_falls_back_to_transformers(monkeypatch):
     triton_ops_attention_forward(module, q, k, v, None)  # a gradient to record
     triton_ops_attention_forward(module, q.detach(), k, v, None, dropout=0.1)  # dropout
     assert used == ["sdpa"] * 3
-    try:  # softcapping: sdpa's answer (transformers 5.2x raises, earlier releases ignore it)
-        triton_ops_attention_forward(module, q.detach(), k, v, None, softcap=30.0)
-    except ValueError as exc:
-        assert "softcap" in str(exc)
-    assert used == ["sdpa"] * 4
     triton_ops_attention_forward(module, q.detach(), k, v, None)
     assert used[-1] == "ours"
+
+
+def test_softcapped_logits_run_in_our_kernel_or_the_models_eager_attention(monkeypatch):
+    # Gemma 2's cap: decode_attention caps in the kernel; a call it does not take goes to the model's own eager
+    # attention, which caps too, never to transformers' sdpa function (5.2x refuses a cap, earlier releases ignored
+    # it: a silent wrong answer)
+    from transformers.integrations import sdpa_attention
+    from transformers.models.gemma2 import modeling_gemma2
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **kw: pytest.fail("sdpa with a cap"))
+    module, q, k, v = _attention_args(3, 11)
+    module.__class__ = type("Gemma2Like", (torch.nn.Module,), {"__module__": modeling_gemma2.__name__})
+    module.head_dim = 16
+    mask = torch.rand(2, 1, 3, 11, device=DEVICE) > 0.3
+    mask[..., -1] = True
+    kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    logits = torch.tanh((q @ kk.transpose(-1, -2)).double() * 0.25 / 0.5) * 0.5
+    want = logits.masked_fill(~mask, float("-inf")).softmax(-1).to(DTYPE) @ vv
+    with torch.no_grad():
+        ours, _ = triton_ops_attention_forward(module, q, k, v, mask, scaling=0.25, softcap=0.5)
+    _close(ours, want.transpose(1, 2))
+    eager, _ = triton_ops_attention_forward(module, q.requires_grad_(), k, v, mask, scaling=0.25, softcap=0.5)
+    assert eager.requires_grad  # a gradient to record: the model's eager attention, capped as well
+    _close(eager.detach(), want.transpose(1, 2))
+    _, q, k, v = _attention_args(MAX_QUERY_LEN + 1, MAX_QUERY_LEN + 1)
+    with torch.no_grad():  # a long prompt, causal without a mask: the model's eager attention with sdpa's causal mask
+        ours, _ = triton_ops_attention_forward(module, q, k, v, None, scaling=0.25, softcap=0.5)
+    kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    logits = torch.tanh((q @ kk.transpose(-1, -2)).double() * 0.25 / 0.5) * 0.5
+    causal = torch.ones(MAX_QUERY_LEN + 1, MAX_QUERY_LEN + 1, dtype=torch.bool, device=DEVICE).tril()
+    _close(ours, (logits.masked_fill(~causal, float("-inf")).softmax(-1).to(DTYPE) @ vv).transpose(1, 2))
 
 
 def test_sinks_fall_back_to_the_models_eager_attention():

@@ -12,6 +12,7 @@ import inspect
 import pytest
 import torch
 from _compiled_generate import assert_generates_alike, prefill_and_steps
+from _model_checks import attention_keywords
 from triton_ops import FP8Linear, patch_model
 from triton_ops.layers import GatedMLP, GemmaRMSNorm
 from triton_ops.models import UnsupportedModelError, cache_updates, decoder_layers
@@ -375,23 +376,7 @@ def test_autocast_runs_the_model_in_its_own_promotion():
 
 def test_the_attention_function_gets_the_models_own_keywords():
     # scaling from query_pre_attn_scalar, each layer's sliding window, no dropout in eval: what transformers passes
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    seen: list[tuple] = []
-
-    def recording(module, query, key, value, attention_mask, **kwargs):
-        seen.append((module.layer_idx, kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("dropout")))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    ALL_ATTENTION_FUNCTIONS.register("triton_ops_test_recording", recording)
-    reference = _model(seed=16)
-    reference.config._attn_implementation = "triton_ops_test_recording"
-    model = patch_model(copy.deepcopy(reference), attention=False)
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)
-    with torch.no_grad():
-        reference(ids)
-        expected = list(seen)
-        seen.clear()
-        model(ids)
+    expected, seen = attention_keywords(_model(seed=16), lambda m: patch_model(m, attention=False), ids,
+                                        ("scaling", "sliding_window", "dropout"))
     assert seen == expected and [s[2] for s in expected] == [4, None, 4] and expected[0][1] == 24 ** -0.5

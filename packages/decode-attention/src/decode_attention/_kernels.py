@@ -27,8 +27,11 @@
   ``ring_start % S``, and the mask is laid out oldest first: slot ``j`` reads mask column ``(j - ring_start) % S``.
   Softmax attention does not depend on the order of its positions, so the mask's columns are the only thing the
   ring changes.
-- Online softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 state; ``m_use`` stands in for a row max that is
-  still -inf so that no ``-inf - -inf`` NaN appears, while a NaN in the inputs still reaches the output.
+- Online softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 state; ``SOFTCAP`` (Gemma 2's logit
+  softcapping): the scaled logit becomes ``cap * tanh(logit / cap)`` before the mask is added, as transformers' eager
+  attention computes it (then ``qk_scale = scale / cap`` and ``cap_log2 = cap * log2(e)``); ``m_use`` stands in
+  for a row max that is still -inf so that no ``-inf - -inf`` NaN appears, while a NaN in the inputs still reaches
+  the output.
 
 ``_combine_kernel``, program ``(bh, r)``: merges the splits' partials of ``BLOCK_R`` rows, ``BLOCK_S`` splits at a
 time loaded together (fixed-shape reductions: deterministic, no atomics), adds the attention sink to the
@@ -117,10 +120,17 @@ def _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, m
 
 
 @triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): exact limits (+-1, where e^2x overflows or vanishes), NaN stays NaN; fp32 (the
+    # interpreter has no libdevice). Near 0 its absolute error is ~1e-7, a logit error of cap * 1e-7.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
 def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn, qk_scale,
-             mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RING: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             cap_log2, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RING: tl.constexpr, SOFTCAP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr, CLEAN_V: tl.constexpr):
     """The online softmax over positions ``lo..end`` (``BLOCK_N`` a step from the pointers' first tile): the state
     ``(m, l, acc)`` of the program's rows, base 2.
@@ -142,6 +152,8 @@ def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, strid
         valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, m_shift, S,
                                 MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW, RING)
         qk = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        if SOFTCAP:  # qk_scale = scale / cap: cap * tanh(scale * q.k / cap), in base 2 (cap_log2 = cap * log2(e))
+            qk = _tanh(qk) * cap_log2
         if MASK_KIND == 2:
             qk = qk + madd * 1.4426950408889634
         qk = tl.where(valid, qk, float("-inf"))
@@ -175,10 +187,10 @@ def _attention_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mq, stride_mn,
     # numbers
-    qk_scale, mask_floor, WINDOW,
+    qk_scale, cap_log2, mask_floor, WINDOW,
     # options
     MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr, HAS_SINKS: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, RING: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, RING: tl.constexpr, SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,
     # tiles (a constexpr head dim: the d-masks fold away or keep 16-element runs, and loads stay vectorized)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -258,13 +270,14 @@ def _attention_kernel(
     LOOP_MASK_KIND: tl.constexpr = 0 if (MASK_KIND == 1 and MASK_1D) else MASK_KIND
     if holes:
         m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
-                                 qk_scale, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND, MASK_1D, CAUSAL,
-                                 HAS_WINDOW, RING, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, True)
+                                 qk_scale, cap_log2, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND, MASK_1D,
+                                 CAUSAL, HAS_WINDOW, RING, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST,
+                                 P_LOW, True)
     else:
         m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
-                                 qk_scale, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, LOOP_MASK_KIND, MASK_1D,
-                                 CAUSAL, HAS_WINDOW, RING, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST, P_LOW,
-                                 False)
+                                 qk_scale, cap_log2, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, LOOP_MASK_KIND,
+                                 MASK_1D, CAUSAL, HAS_WINDOW, RING, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                                 UPCAST, P_LOW, False)
 
     if SPLIT:
         # partials at [bh, split, row] (rows padded to ROWS_PAD, head dim to BLOCK_D: no masks needed)

@@ -1,7 +1,7 @@
 """Decode attention: the launcher, the op's registration with its fake, and the public function.
 
 One registered op, forward only: ``torch.ops.triton_ops.decode_attention(q, k, v, attn_mask, scale, sinks,
-sliding_window, is_causal, num_splits, ring_start=None)`` returns ``[B, Sq, Hq, D]``. One launch of
+sliding_window, is_causal, num_splits, ring_start=None, softcap=None)`` returns ``[B, Sq, Hq, D]``. One launch of
 ``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs); sizes fixed by
 the shapes, nothing read back on the host, so a call can be captured in a CUDA graph. No gradient: a backward raises
 ``DecodeAttentionBackwardError``.
@@ -135,7 +135,8 @@ class _AttentionPlan(NamedTuple):
 
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
           scale: float | None, sinks: torch.Tensor | None, sliding_window: int | None, is_causal: bool,
-          num_splits: int | None, info: AttentionInput, ring: bool = False) -> _AttentionPlan:
+          num_splits: int | None, info: AttentionInput, ring: bool = False,
+          softcap: float | None = None) -> _AttentionPlan:
     b, hq, hkv, sq, s, d = info.batch, info.q_heads, info.kv_heads, info.q_len, info.kv_len, info.head_dim
     out_shape = (b, sq, hq, d)
     rows = info.group * sq
@@ -161,16 +162,18 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     # one mask row for all rows of a program: broadcast over the group's heads and over the query rows (decode)
     mask_1d = attn_mask is not None and (sm_h == 0 or info.group == 1) and (sm_q == 0 or sq == 1)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    # softcapping: tanh of the logit over the cap (scale / cap folded into the dot's scale), times the cap in base 2
+    qk_scale, cap_log2 = (scale * K.LOG2E, 1.0) if softcap is None else (scale / softcap, softcap * K.LOG2E)
     on_cpu = not _on_gpu(dev)
     pdl_on = pdl.enabled(dev)
     main = Plan(K._attention_kernel, (bh, splits, row_blocks), (
         hkv, info.group, sq, s, chunk, splits, rows_pad,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_h, sm_q, sm_n,
-        scale * K.LOG2E, mask_floor, sliding_window or 0,
-        # MASK_KIND, MASK_1D, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SPLIT
+        qk_scale, cap_log2, mask_floor, sliding_window or 0,
+        # MASK_KIND, MASK_1D, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SOFTCAP, SPLIT
         mask_kind, mask_1d, sinks is not None, is_causal, sliding_window is not None, ring and attn_mask is not None,
-        splits > 1,
+        softcap is not None, splits > 1,
         # HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, TRIM_N, DOT_PRECISION, UPCAST, P_LOW
         d, t.block_m, t.block_n, t.block_d, _trim_n(t, mask_1d), _dot_precision(dtype),
         on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on), t.num_warps,
@@ -231,17 +234,17 @@ def _tf32(x: object) -> bool:
     return getattr(x, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start=None):
+def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start=None, softcap=None):
     """The op's implementation: the call's cached plan (validated and built on the first call of its key)."""
     key = call_key("decode_attention", q, k, v, attn_mask, sinks, ring_start, scale, scale.__class__,
                    sliding_window, sliding_window.__class__, is_causal, is_causal.__class__, num_splits,
-                   num_splits.__class__, _tf32(q))
+                   num_splits.__class__, softcap, softcap.__class__, _tf32(q))
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         info = validate_decode_attention(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits,
-                                         ring_start)
+                                         ring_start, softcap)
         plan = _plan(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, info,
-                     ring_start is not None)
+                     ring_start is not None, softcap)
         if key is not None:
             try:
                 _PLANS.put(key, plan)
@@ -262,12 +265,12 @@ def _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_split
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                          scale: float | None, sinks: torch.Tensor | None, sliding_window: int | None,
                          is_causal: bool, num_splits: int | None,
-                         ring_start: torch.Tensor | None = None) -> torch.Tensor:
-    return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start)
+                         ring_start: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+    return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start, softcap)
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start=None):
+def _(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start=None, softcap=None):
     b, hq, sq, d = q.shape
     return q.new_empty((b, sq, hq, d))
 
@@ -302,6 +305,7 @@ def decode_attention(
     is_causal: bool = False,
     num_splits: int | None = None,
     ring_start: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of a few query positions over a KV cache, grouped-query heads read once.
 
@@ -342,6 +346,9 @@ def decode_attention(
             first (as transformers lays out a sliding window): slot ``j`` takes mask column
             ``(j - ring_start) % S``. Attention does not depend on the order of its positions, so that is all it
             changes. Not with ``is_causal`` or ``sliding_window`` (they count positions in slot order).
+        softcap: optional ``c > 0``, logit softcapping (Gemma 2's ``attn_logit_softcapping``): each scaled logit
+            ``x`` becomes ``c * tanh(x / c)`` before the mask is added, as transformers' eager attention computes
+            it.
 
     Returns:
         ``[B, Sq, Hq, D]`` contiguous in ``q``'s dtype: the layout transformers' attention functions return
@@ -358,8 +365,9 @@ def decode_attention(
         InvalidArgumentError: naming the offending argument.
     """
     if direct_call_ok(q, k, v, attn_mask, sinks, ring_start):
-        return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start)
-    return _decode_attention_op(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start)
+        return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start, softcap)
+    return _decode_attention_op(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start,
+                                softcap)
 
 
 __all__ = ["DecodeAttentionBackwardError", "Tiles", "clear_caches", "decode_attention"]

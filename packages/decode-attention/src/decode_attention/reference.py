@@ -40,11 +40,13 @@ def decode_attention_reference(
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
     is_causal: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``decode_attention``'s result, ``[B, Sq, Hq, D]``, computed in ``q``'s dtype with plain PyTorch.
 
     ``softmax(q k^T * scale + additive mask)`` over the attended positions (see ``attended_positions``), with the
     sink logit ``sinks[h]`` (if given) in the denominator only, times ``v``; KV heads repeated ``Hq / Hkv`` times.
+    ``softcap``: the scaled logits ``x`` become ``softcap * tanh(x / softcap)`` before the mask is added.
     K and V at positions that no query row of their KV head attends count as zeros (the kernel never reads them).
     """
     b, hq, sq, d = q.shape
@@ -58,6 +60,8 @@ def decode_attention_reference(
     v = torch.where(read, v, torch.zeros((), dtype=v.dtype, device=v.device)).repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         logits = logits + attn_mask.to(logits.dtype)
     logits = logits.masked_fill(~keep, float("-inf"))

@@ -93,6 +93,7 @@ def validate_decode_attention(
     is_causal: bool = False,
     num_splits: int | None = None,
     ring_start: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> AttentionInput:
     """Check a ``decode_attention`` call and return its sizes.
 
@@ -101,6 +102,7 @@ def validate_decode_attention(
     float (any float dtype), broadcastable to ``[B, Hq, Sq, S]``. ``sinks`` is ``[Hq]`` floating point.
     ``sliding_window`` and ``num_splits`` are None or ints >= 1; ``scale`` None or a finite number.
     ``ring_start`` None or an int32/int64 tensor of one element, without ``is_causal`` or ``sliding_window``.
+    ``softcap`` None or a finite number > 0.
     """
     _check_qkv(q, "q")
     _check_qkv(k, "k")
@@ -137,6 +139,9 @@ def validate_decode_attention(
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise InvalidArgumentError(f"scale: expected None or a finite number, got {scale!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise InvalidArgumentError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
     for name, value in (("sliding_window", sliding_window), ("num_splits", num_splits)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InvalidArgumentError(f"{name}: expected None or an int >= 1, got {value!r}")

@@ -32,7 +32,7 @@ one all-reduce after a row-parallel one (one per attention block and one per gat
   ``experts`` with ``[E, 2I, H]`` / ``[E, H, I]`` weights; transformers' or ``fused_moe``, bf16 or FP8 experts;
   Qwen2-MoE's shared expert) split the same way.
 - :func:`tensor_parallel_plan`: the plan for a (patched or unpatched) Llama / Mistral / Qwen2 / Qwen3 / gpt-oss /
-  Qwen3-MoE / Mixtral / Qwen2-MoE / Gemma 3 model; :func:`parallelize_model` applies it.
+  Qwen3-MoE / Mixtral / Qwen2-MoE / Gemma / Gemma 2 / Gemma 3 model; :func:`parallelize_model` applies it.
 - :func:`shard_packed_gate_up`: one rank's slice of a packed ``[2 * intermediate, hidden]`` gate/up weight, packed
   again per rank (for ``fused_gated_mlp(..., weight_layout="concatenated" | "interleaved")``).
 
@@ -67,8 +67,8 @@ FP8_BLOCK = 128  # FP8Linear's 128x128 weight blocks
 _NO_PLAN_YET = ("phi3", "gemma4_text", *HYBRID_MODEL_TYPES)  # patch_model's, without a plan here (_TP_REFUSALS: why)
 TP_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in LANGUAGE_MODEL_TYPES and t not in _NO_PLAN_YET)
 _TP_REFUSALS = {
-    **{t: f" (plan its language model instead, a {inner!r} model: tensor_parallel_plan(model.model.language_model))"
-       for t, inner in LANGUAGE_MODEL_TYPES.items()},
+    **{t: f" (plan its language model instead, a {' or '.join(map(repr, inner))} model: "
+          "tensor_parallel_plan(model.model.language_model))" for t, inner in LANGUAGE_MODEL_TYPES.items()},
     "phi3": (" (Phi-3's packed qkv_proj and gate_up_proj would each need a style that splits q, k and v by heads and "
              "gate and up by columns; not written yet)"),
     "gemma4_text": (" (Gemma 4's attention shares K/V across layers and may take V from K; its plan is not written "
@@ -962,8 +962,8 @@ def _mlp_kind(mlp: nn.Module | None) -> str | None:
 def tensor_parallel_plan(model: nn.Module, tp: DeviceMesh | int | None = None, *,
                          lm_head: bool = True) -> dict[str, ParallelStyle]:
     """The ``parallelize_module`` plan for a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / gpt-oss / Qwen3-MoE /
-    Mixtral / Qwen2-MoE / Gemma 3 text model (a causal LM or its base model; of a multimodal Gemma 3, its
-    ``language_model``), patched by ``patch_model`` (bf16 or FP8) or not.
+    Mixtral / Qwen2-MoE / Gemma / Gemma 2 / Gemma 3 text model (a causal LM or its base model; of a multimodal Gemma
+    3, its ``language_model``), patched by ``patch_model`` (bf16 or FP8) or not.
 
     - ``layers.*.self_attn.q_proj`` / ``k_proj`` / ``v_proj``: :class:`ColwiseParallel`, whole heads per rank
       (transformers' attention reshapes with ``-1`` heads, so it runs on the local heads unchanged);

@@ -14,8 +14,10 @@ sinks, which sdpa cannot take, to the model's own ``eager_attention_forward``):
 - at most ``MAX_QUERY_LEN`` (16) query positions (decode, speculative decoding, short prompts), or any length with
   attention sinks (``s_aux``: gpt-oss), since the fallback would be eager attention; with sinks, not several new
   tokens after a cache (a mismatch seen on the H200, under investigation: those go to eager attention);
-- no dropout, no softcapping, no position bias, no gradient to record (the op is forward-only), tensors on a device
-  Triton runs on here, a bool or float mask (or None).
+- no dropout, no position bias, no gradient to record (the op is forward-only), tensors on a device Triton runs on
+  here, a bool or float mask (or None). Logit softcapping (Gemma 2's ``softcap``) runs inside the kernel; a call
+  with softcapping that falls back goes to the model's own eager attention, as with sinks (transformers' sdpa
+  function drops ``softcap``: a model that runs eager attention for it would silently lose the cap).
 
 The ``sliding_window`` argument is not applied by the kernel: transformers' mask already encodes the window, in the
 cache's own positions (a sliding-window cache rolls, so an index-based window would be wrong), as sdpa relies on.
@@ -29,6 +31,7 @@ aligned: with a longer cache, as in a static cache's prefill, the keys past the 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
@@ -57,7 +60,7 @@ def _ours(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention
         # several new tokens after a cache, with sinks (gpt-oss speculative steps): on the H200 the logits of a
         # 3-token step left transformers' eager attention by up to 26 % (not seen on the CPU); eager until fixed
         return False
-    if dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+    if dropout or kwargs.get("position_bias") is not None or not _softcap_ok(kwargs.get("softcap")):
         return False
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or attention_mask.dtype not in _MASK_DTYPES
@@ -70,18 +73,25 @@ def _ours(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention
     return can_run_on(query.device) and not _needs_grad(query, key, value, s_aux)
 
 
-def _eager_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, causal: bool,
-                      kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's own eager attention (gpt-oss's takes the sinks), given the additive mask it expects."""
+def _softcap_ok(softcap: object) -> bool:
+    """A softcap ``decode_attention`` takes: None, or a finite number > 0 (anything else falls back)."""
+    return softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                               and math.isfinite(softcap) and softcap > 0)
+
+
+def _model_eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, causal: bool,
+                 kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own eager attention (gpt-oss's takes the sinks, Gemma 2's the softcap), given the additive mask
+    it expects."""
     # along the MRO: patch_model's attention classes subclass the model's own (their modules have none)
     eager: Callable | None = next((f for f in (getattr(sys.modules.get(c.__module__), "eager_attention_forward", None)
                                               for c in type(module).__mro__) if f is not None), None)
     if eager is None:
         raise InvalidArgumentError(
-            f"{type(module).__name__}: attention sinks (s_aux) that decode_attention cannot take (dropout, a "
-            "gradient, softcapping, or a device Triton does not run on) need the model's eager_attention_forward, "
-            "and its modeling module has none")
+            f"{type(module).__name__}: attention sinks (s_aux) or logit softcapping that decode_attention cannot "
+            "take (dropout, a gradient, a long prompt, or a device Triton does not run on) need the model's "
+            "eager_attention_forward, and its modeling module has none")
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and causal:
         rows = torch.arange(q_len, device=query.device)[:, None]
@@ -92,8 +102,12 @@ def _eager_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         attention_mask = torch.where(attention_mask, zero, torch.full((), low, dtype=query.dtype,
                                                                       device=query.device))
         attention_mask = attention_mask.expand(query.shape[0], 1, q_len, kv_len)
+    if kwargs.get("softcap") is None:
+        kwargs.pop("softcap", None)
+    if kwargs.get("s_aux") is None:
+        kwargs.pop("s_aux", None)
     return eager(module, query, key, value, attention_mask, dropout=dropout,
-                 scaling=module.scaling if scaling is None else scaling, s_aux=kwargs.pop("s_aux", None), **kwargs)
+                 scaling=module.scaling if scaling is None else scaling, **kwargs)
 
 
 def triton_ops_attention_forward(
@@ -119,6 +133,7 @@ def triton_ops_attention_forward(
         dropout, scaling: as transformers passes them; ``scaling`` None is ``1 / sqrt(D)``.
         sliding_window: ignored (the mask encodes the window, see the module's docstring).
         s_aux: gpt-oss's attention sinks ``[Hq]``, joining the softmax denominator.
+        softcap (keyword): Gemma 2's logit softcapping (``c * tanh(logit / c)`` before the mask).
         kv_ring_start (keyword): where ``key`` / ``value`` are a ring buffer (a patched model's full sliding window),
             its device counter: the oldest entry sits at slot ``kv_ring_start % S`` while the mask is oldest first.
 
@@ -136,13 +151,14 @@ def triton_ops_attention_forward(
             # cache's prefill); dropping them makes it decode_attention's bottom-right causal
             key, value = key[:, :, :q_len], value[:, :, :q_len]
         out = decode_attention(query, key, value, attention_mask, scale=scaling, sinks=s_aux, is_causal=causal,
-                               ring_start=ring_start if attention_mask is not None else None)
+                               ring_start=ring_start if attention_mask is not None else None,
+                               softcap=kwargs.get("softcap"))
         return out, None
     if ring_start is not None and attention_mask is not None:
         attention_mask = slot_order_mask(attention_mask, ring_start)
-    if s_aux is not None:
-        out, _ = _eager_with_sinks(module, query, key, value, attention_mask, dropout, scaling, causal,
-                                   {**kwargs, "s_aux": s_aux, "sliding_window": sliding_window})
+    if s_aux is not None or kwargs.get("softcap") is not None:
+        out, _ = _model_eager(module, query, key, value, attention_mask, dropout, scaling, causal,
+                              {**kwargs, "s_aux": s_aux, "sliding_window": sliding_window})
         return out, None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

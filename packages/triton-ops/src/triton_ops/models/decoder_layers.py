@@ -68,9 +68,10 @@ class FusedAddNormDecoderLayer(nn.Module):
 
     ``h = x + attn(norm1(x)); y = h + mlp(norm2(h))``, with ``x + attn`` and ``norm2`` as one
     :func:`~fused_rmsnorm_rope.fused_add_rmsnorm` launch (the sum is rounded to the activation dtype, as the model's
-    own add rounds it, and normalized). For Llama, Mistral, Qwen2, Qwen3 decoder layers (attributes ``self_attn``,
-    ``mlp``, ``input_layernorm``, ``post_attention_layernorm``; the latter a plain RMSNorm with ``weight`` and
-    ``variance_epsilon``). Every keyword argument goes to ``self_attn`` unchanged, as the model's own layer does.
+    own add rounds it, and normalized). For Llama, Mistral, Qwen2, Qwen3, Gemma decoder layers (attributes
+    ``self_attn``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``; the latter a plain RMSNorm with
+    ``weight`` and ``variance_epsilon``, or Gemma's, which scales by ``1 + weight``: ``gemma=True``). Every keyword
+    argument goes to ``self_attn`` unchanged, as the model's own layer does.
 
     Opt-in (``INPUT_NORM_IN_QKV`` / ``POST_NORM_IN_MLP``, off by default: measured slower on the H200), a decode
     step's norms cost no launch of their own: ``norm1`` runs inside the packed q/k/v GEMM's launch where that is
@@ -110,6 +111,8 @@ class FusedAddNormDecoderLayer(nn.Module):
         # output in another than the residual stream's: then the model's own promoting add)
         if norm_module_fusable(norm) and attn_out.dtype == hidden_states.dtype:
             normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.variance_epsilon)
+        elif gemma_norm_fusable(norm) and attn_out.dtype == hidden_states.dtype:  # Gemma's (1 + weight) norms
+            normed, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, norm.eps, gemma=True)
         else:
             residual = hidden_states + attn_out
             normed = norm(residual)
@@ -516,7 +519,7 @@ class RopeAttention(nn.Module):
         # else: in place, into the projection's output (the packed buffer's q and k columns), by _attend: in the
         # static cache's write when that is ours (one launch for both), else on its own first
         return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
-                       residual=residual)
+                       residual=residual, q_scale=_query_temperature(self, kwargs))
 
 
 class QKNormRopeAttention(nn.Module):
@@ -824,7 +827,7 @@ def _records_grad(attn: nn.Module, hidden_states: torch.Tensor, more: tuple[torc
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor, attention_mask: torch.Tensor | None, shape: torch.Size, kwargs: dict,
             rope: bool = False, qk_norm: tuple | None = None, residual: torch.Tensor | None = None,
-            gate: torch.Tensor | None = None) -> tuple:
+            gate: torch.Tensor | None = None, q_scale: torch.Tensor | None = None) -> tuple:
     """The rest of transformers' attention forward, from ``[..., seq, heads, head_dim]`` q, k and v: the cache
     update, the configured attention function, ``o_proj`` (with ``residual``: ``residual + o_proj(...)``, the add in
     the projection's launch where it can). q and k come rotated, or (``rope``) are rotated here in
@@ -835,7 +838,9 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     :func:`~fused_rmsnorm_rope.fused_qk_norm_rope` launch before the cache update. A ring's keys come in slot order:
     the attention function gets the ring's start or a reordered mask
     (:func:`~triton_ops.models.cache_updates.ring_attention_args`). ``gate``: the attention's output is multiplied
-    by its sigmoid before ``o_proj`` (the gated attentions of Qwen3-Next and Qwen3.5), as transformers' does."""
+    by its sigmoid before ``o_proj`` (the gated attentions of Qwen3-Next and Qwen3.5), as transformers' does.
+    ``q_scale``: the rotated queries (``[B, H, S, D]``) are multiplied by it, in their dtype, before the attention
+    (Ministral 3's temperature: :func:`_query_temperature`)."""
     cache = next((kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs), None)
     for name in _CACHE_NAMES:  # both names given (one None): neither goes on to the attention function
         kwargs.pop(name, None)
@@ -851,6 +856,8 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     elif rope and written is None:
         apply_rope(q, k, cos, sin, inplace=True)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q_scale is not None:
+        q = q * q_scale.to(q.dtype)
     ring = None
     if written is not None:
         k, v, ring = written
@@ -861,7 +868,7 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         attention_mask, kwargs = ring_attention_args(attention, attention_mask, ring, kwargs)
     out, weights = attention(attn, q, k, v, attention_mask,
                              dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
-                             **_sliding_window(attn), **kwargs)
+                             **_sliding_window(attn), **_softcap(attn), **kwargs)
     out = out.reshape(*shape, -1).contiguous()
     if gate is not None:
         out = out * torch.sigmoid(gate.reshape(*shape, -1))
@@ -918,6 +925,14 @@ def _sliding_window(attn: nn.Module) -> dict:
     return {}
 
 
+def _softcap(attn: nn.Module) -> dict:
+    """The ``softcap`` argument the model's own attention passes: Gemma 2's ``attn_logit_softcapping`` (its
+    attention function then caps the logits: the model's eager one, or ours), the others none."""
+    if any(cls.__name__ in SOFTCAP_ATTENTIONS for cls in type(attn).__mro__):
+        return {"softcap": attn.attn_logit_softcapping}
+    return {}
+
+
 _EAGER: dict[type, Callable] = {}  # per class, in a plain dict: torch.compile traces a dict lookup
 
 
@@ -967,23 +982,62 @@ def has_qk_norm(attn: nn.Module) -> bool:
             and q_norm.variance_epsilon == k_norm.variance_epsilon)
 
 
-# Attention modules whose forward is transformers' Llama attention (up to the sliding window argument): what
-# RopeAttention replaces. Matched by class name (subclasses of the model's own class keep it).
-ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention", "Qwen2MoeAttention")
+# Attention modules whose forward is transformers' Llama attention (up to the sliding window and softcap arguments):
+# what RopeAttention replaces. Matched by class name (subclasses of the model's own class keep it).
+ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention", "Qwen2MoeAttention",
+                   "GemmaAttention", "Gemma2Attention", "MinistralAttention", "Ministral3Attention")
 # The gated full attentions of the hybrid decoders (GatedQKNormRopeAttention)
 GATED_ATTENTIONS = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention")
 # The attentions whose own forward passes no sliding_window to the attention function: of ROPE_ATTENTIONS Qwen2-MoE's
 # (it sets config.sliding_window to 0 when the window is off, which flash attention would take for a window of 0
-# tokens), and the gated ones
-NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention", *GATED_ATTENTIONS)
+# tokens) and Gemma's, and the gated ones
+NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention", "GemmaAttention", *GATED_ATTENTIONS)
+# The attentions whose forward passes their attn_logit_softcapping to the attention function as ``softcap``
+SOFTCAP_ATTENTIONS = ("Gemma2Attention",)
+# The attentions whose forward scales the rotated queries by Llama 4's attention temperature,
+# ``1 + beta * log(1 + floor(position / original_max_position_embeddings))`` (``config.rope_parameters``'
+# ``llama_4_scaling_beta`` and ``original_max_position_embeddings``): 1 up to the original context, more beyond
+TEMPERATURE_ATTENTIONS = ("Ministral3Attention",)
+# Which positions such an attention's forward reads (found at patch time from its signature:
+# :func:`temperature_positions`): ``position_ids`` (transformers 5.2x, per sequence) or ``cache_position`` (5.0)
+TEMPERATURE_POSITIONS_ATTR = "_triton_ops_temperature_positions"
+
+
+def temperature_positions(attn: nn.Module) -> str | None:
+    """The keyword whose positions a :data:`TEMPERATURE_ATTENTIONS` attention's forward scales its queries by
+    (``position_ids``, or ``cache_position`` in releases whose forward names that), or None for another attention."""
+    if not any(cls.__name__ in TEMPERATURE_ATTENTIONS for cls in type(attn).__mro__):
+        return None
+    params = inspect.signature(type(attn).forward).parameters
+    return "position_ids" if "position_ids" in params else "cache_position"
+
+
+def _query_temperature(attn: nn.Module, kwargs: dict) -> torch.Tensor | None:
+    """The factor transformers' attention multiplies the rotated queries ``[B, H, S, D]`` by (Ministral 3's), as its
+    release shapes it, or None where the attention has none."""
+    source = attn.__dict__.get(TEMPERATURE_POSITIONS_ATTR)
+    if source is None:
+        return None
+    positions = kwargs.get(source)
+    if positions is None:
+        raise InvalidArgumentError(f"{type(attn).__name__}: its queries are scaled by their positions, and no "
+                                   f"{source} was passed (transformers' decoder layer passes it)")
+    rope = attn.config.rope_parameters
+    beta, original = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
+    scale = 1 + beta * torch.log(1 + torch.floor(positions / original))
+    # position_ids [B, S] -> [B, 1, S, 1]; cache_position [S] -> [S, 1]: each release's own broadcast
+    return scale[:, None, :, None] if source == "position_ids" else scale.unsqueeze(-1)
 
 
 def is_rope_attention(attn: nn.Module) -> bool:
-    """A Llama / Mistral / Qwen2 / Mixtral attention: transformers' class, its projections and the attributes its
-    forward reads (and no q/k norms: those are Qwen3's and Qwen3-MoE's)."""
+    """A Llama / Mistral / Qwen2 / Mixtral / Gemma / Gemma 2 attention: transformers' class, its projections and the
+    attributes its forward reads (Gemma 2's ``attn_logit_softcapping`` too), and no q/k norms (those are Qwen3's and
+    Qwen3-MoE's)."""
+    softcap = any(cls.__name__ in SOFTCAP_ATTENTIONS for cls in type(attn).__mro__)
     return (any(cls.__name__ in ROPE_ATTENTIONS for cls in type(attn).__mro__)
             and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling",
                                                "config", "head_dim", "attention_dropout"))
+            and (not softcap or hasattr(attn, "attn_logit_softcapping"))
             and not hasattr(attn, "q_norm") and not hasattr(attn, "k_norm"))
 
 
@@ -1022,7 +1076,7 @@ _GEMMA4_PER_LAYER_ATTRS = ("per_layer_input_gate", "per_layer_projection", "post
 HYBRID_DECODER_LAYERS = ("Qwen3NextDecoderLayer", "Qwen3_5DecoderLayer", "Qwen3_5MoeDecoderLayer")
 # Decoder layers with norms before and after each sublayer (SandwichNormDecoderLayer), and the attentions with
 # Gemma's per-head q/k norms (GemmaQKNormRopeAttention): by the class defining forward, as the MoE blocks are matched
-GEMMA_DECODER_LAYERS = ("Gemma3DecoderLayer",)
+GEMMA_DECODER_LAYERS = ("Gemma2DecoderLayer", "Gemma3DecoderLayer")
 GEMMA_ATTENTIONS = ("Gemma3Attention",)
 
 
@@ -1114,16 +1168,17 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
             and all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm"))
             and not any(hasattr(layer, a) for a in extra)
             and isinstance(getattr(norm, "weight", None), torch.Tensor) and norm.weight.dim() == 1
-            and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
+            and (isinstance(getattr(norm, "variance_epsilon", None), (int, float)) or is_gemma_rms_norm(norm)))
 
 
 __all__ = ["EPS_RMS_NORMS", "GATED_ATTENTIONS", "GEMMA4_DECODER_LAYERS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS",
            "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS", "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS",
-           "QK_NORM_ATTENTIONS", "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "TOKEN_MIXER_ATTR",
-           "FusedAddNormDecoderLayer", "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention",
-           "HybridDecoderLayer", "PackedRopeAttention", "QKNormRopeAttention", "ResidualDropoutDecoderLayer",
-           "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "forward_defined_by",
-           "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm",
-           "is_gated_attention", "is_gemma4_decoder_layer", "is_gemma_rms_norm", "is_packed_rope_attention",
-           "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer", "is_rope_attention",
-           "is_sandwich_norm_decoder_layer", "is_sink_attention"]
+           "QK_NORM_ATTENTIONS", "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "SOFTCAP_ATTENTIONS",
+           "TEMPERATURE_ATTENTIONS", "TEMPERATURE_POSITIONS_ATTR", "TOKEN_MIXER_ATTR", "FusedAddNormDecoderLayer",
+           "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention", "HybridDecoderLayer",
+           "PackedRopeAttention", "QKNormRopeAttention", "ResidualDropoutDecoderLayer", "RopeAttention",
+           "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "forward_defined_by", "gemma_norm_fusable",
+           "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm", "is_gated_attention",
+           "is_gemma4_decoder_layer", "is_gemma_rms_norm", "is_packed_rope_attention", "is_pre_norm_decoder_layer",
+           "is_residual_dropout_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
+           "is_sink_attention", "temperature_positions"]

@@ -43,6 +43,7 @@ from ..layers import (
 from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .cache_updates import prime_sliding_shift, prime_static_write
 from .decoder_layers import (
+    TEMPERATURE_POSITIONS_ATTR,
     TOKEN_MIXER_ATTR,
     FusedAddNormDecoderLayer,
     GatedQKNormRopeAttention,
@@ -69,6 +70,7 @@ from .decoder_layers import (
     is_rope_attention,
     is_sandwich_norm_decoder_layer,
     is_sink_attention,
+    temperature_positions,
 )
 from .experts_backend import ACT_FN_ACTIVATIONS, register_experts_backend
 from .experts_backend import unsupported as experts_unsupported
@@ -77,14 +79,18 @@ from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packabl
 # config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, gpt-oss's
 # mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's / Qwen2-MoE's sparse one (gate + experts; Qwen2-MoE
 # with a gated shared expert); Gemma 3's text
-# decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer.
+# decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer, Gemma 2's (the same
+# norms, softcapped attention logits) and Gemma's (Llama's layer with (1 + weight) norms); Ministral's (Mistral's
+# layer, a window per layer) and Ministral 3's (Mistral's, the queries scaled by a position-dependent temperature).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral",
                          "gemma3_text", "gemma3", "phi3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5",
-                         "qwen3_5_moe", "gemma4_text", "gemma4")
+                         "qwen3_5_moe", "gemma4_text", "gemma4", "gemma", "gemma2", "ministral", "ministral3",
+                         "mistral3")
 # Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
-# config.model_type -> the text decoder's
-LANGUAGE_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
-                        "gemma4": "gemma4_text"}
+# config.model_type -> the text decoders' it may hold (Mistral 3's: Mistral Small 3.x a Mistral, Ministral 3 a
+# Ministral 3 decoder)
+LANGUAGE_MODEL_TYPES = {"gemma3": ("gemma3_text",), "qwen3_5": ("qwen3_5_text",), "qwen3_5_moe": ("qwen3_5_moe_text",),
+                        "gemma4": ("gemma4_text",), "mistral3": ("mistral", "ministral3")}
 # Hybrid decoders (Gated DeltaNet linear attention in most layers, gated full attention in the others): their norms,
 # MLPs and mixtures of experts are ours; both token mixers and the decoder layers stay transformers'
 HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -355,8 +361,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     """Patch a Hugging Face causal LM (or its base model) in place with triton-ops kernels; returns ``model``.
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
-    Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma 3, Phi-3 / Phi-4, Gemma 4, Qwen3-Next, Qwen3.5 and the models that share
-    their layers). What is replaced:
+    Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma, Gemma 2, Gemma 3, Phi-3 / Phi-4, Gemma 4, Qwen3-Next, Qwen3.5, Ministral,
+    Ministral 3, Mistral 3's language model and the models that share their layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -460,6 +466,19 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       (``config.hidden_activation``) run in one kernel. A multimodal ``Gemma3ForConditionalGeneration`` /
       ``Gemma3Model`` (``gemma3``): its ``language_model`` is patched so, the vision tower and the projector are
       left as they are (``fp8_lm_head=True`` converts the outer LM head).
+    - Gemma 2 (``gemma2``): Gemma 3's decoder layer and norms (as above), its attention as Llama's (packed q/k/v, the
+      rotary embedding in one kernel; :class:`~triton_ops.models.decoder_layers.RopeAttention`) with its logit
+      softcapping (``attn_logit_softcapping``) passed to the attention function as transformers' does: ours caps
+      the logits inside ``decode_attention``, and a call it does not take goes to the model's own eager attention
+      (transformers' sdpa function ignores the cap). The final logit softcapping is the model's own. Gemma
+      (``gemma``): Llama's layers with Gemma's norms, the add and the post-attention norm in one launch.
+    - Ministral (``ministral``): Mistral's layers with a sliding window per layer (``layer_types``), each layer's
+      window passed as transformers' attention passes it. Ministral 3 (``ministral3``): Mistral's layers whose
+      rotated queries are scaled by Llama 4's position temperature (``rope_parameters``'
+      ``llama_4_scaling_beta``, ``original_max_position_embeddings``), computed from the positions the release's
+      own attention reads (``position_ids``, or ``cache_position`` in 5.0: found from its signature at patch time).
+      Mistral 3 (``mistral3``, ``Mistral3ForConditionalGeneration``): its language model (a Mistral or a Ministral
+      3 decoder) patched so, the Pixtral tower and the projector left as they are.
     - Phi-3 / Phi-4 (``phi3``): the attention's own packed ``qkv_proj`` then the rotary embedding in one kernel in
       place (:class:`~triton_ops.models.decoder_layers.PackedRopeAttention`; a partial rotary dimension as
       transformers applies it); the MLP's packed ``gate_up_proj`` through the fused kernel over its two halves
@@ -665,15 +684,17 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
 
 
 def _patch_language_model(model: nn.Module, model_type: str, *, fp8: bool, fp8_lm_head: bool, **options) -> nn.Module:
-    """A multimodal model (Gemma 3's ``Gemma3ForConditionalGeneration`` or ``Gemma3Model``): its text decoder
+    """A multimodal model (Gemma 3's ``Gemma3ForConditionalGeneration`` or ``Gemma3Model``, Mistral 3's, Qwen3.5's,
+    Gemma 4's): its text decoder
     (``language_model``) patched as a model of its own, the attention implementation switched on its config only;
     with ``fp8_lm_head`` the outer model's LM head converted by the recipe too. The summary is the decoder's, under
     the model's type."""
     inner = getattr(getattr(model, "model", None), "language_model", None) or getattr(model, "language_model", None)
     want = LANGUAGE_MODEL_TYPES[model_type]
-    if not isinstance(inner, nn.Module) or getattr(getattr(inner, "config", None), "model_type", None) != want:
+    if not isinstance(inner, nn.Module) or getattr(getattr(inner, "config", None), "model_type", None) not in want:
         raise UnsupportedModelError(
-            f"model: a {model_type!r} model whose language_model is a {want!r} decoder was expected; none found")
+            f"model: a {model_type!r} model whose language_model is a {' or '.join(map(repr, want))} decoder was "
+            "expected; none found")
     patch_model(inner, fp8=fp8, fp8_lm_head=False, **options)
     summary = inner.triton_ops_patch
     summary.model_type = model_type
@@ -857,6 +878,9 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
             patch_forward(module, Gemma4DecoderLayer)
             summary.fused_residual_adds += 1
     for _, attn, layer in attentions:
+        positions = temperature_positions(attn)  # read from the model's own forward, before it is replaced
+        if positions is not None:
+            attn.__dict__[TEMPERATURE_POSITIONS_ATTR] = positions
         patch_forward(attn, layer)
         if layer in (QKNormRopeAttention, GemmaQKNormRopeAttention, GatedQKNormRopeAttention):
             summary.qk_norm_rope_attentions += 1
