@@ -110,6 +110,13 @@ MODELS: dict[str, dict[str, Any]] = {
                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
                        sliding_window=1024, vocab_size=262208, max_position_embeddings=8192 + 256,
                        rms_norm_eps=1e-6),
+    # google/gemma-2-9b: 42 layers alternating sliding-window (4096) and full attention, head_dim 256, attention logits
+    # capped at 50 (transformers runs it eager: it refuses sdpa with a cap), norms around each sublayer; 18 GB.
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                      sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      vocab_size=256000, max_position_embeddings=8192 + 256, rms_norm_eps=1e-6,
+                      attn_implementation="eager"),
     # microsoft/phi-4: 40 layers, q/k/v packed as one qkv_proj and gate/up as one gate_up_proj; 29 GB.
     "phi4": dict(model_type="phi3", hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
                  num_attention_heads=40, num_key_value_heads=10, vocab_size=100352, rope_theta=250000.0,

@@ -28,7 +28,7 @@ def bm():
 
 
 @pytest.mark.parametrize("name", ["llama3-8b", "qwen3-8b", "gpt-oss-20b", "qwen3-30b-a3b", "mixtral-8x7b",
-                                  "gemma3-12b", "phi4"])
+                                  "gemma3-12b", "gemma2-9b", "phi4"])
 def test_patched_variant_agrees_with_the_unpatched_model(bm, name, device):
     config = bm.build_config(name, tiny=True)
     if name == "gpt-oss-20b":

@@ -514,12 +514,18 @@ class RopeAttention(nn.Module):
         _keywords_only(self, args)
         q, k, v, grad = _project_qkv(self, hidden_states, (), input_norm)
         cos, sin = position_embeddings
-        if grad:
+        rotate = _rotates(self)
+        if grad and rotate:
             q, k = apply_rope(q, k, cos, sin)
         # else: in place, into the projection's output (the packed buffer's q and k columns), by _attend: in the
         # static cache's write when that is ours (one launch for both), else on its own first
-        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
-                       residual=residual, q_scale=_query_temperature(self, kwargs))
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs,
+                       rope=rotate and not grad, residual=residual, q_scale=_query_temperature(self, kwargs))
+
+
+def _rotates(attn: nn.Module) -> bool:
+    """Whether the attention rotates q and k: all do but SmolLM3's NoPE layers (``use_rope`` false)."""
+    return not any(cls.__name__ in NOPE_ATTENTIONS for cls in type(attn).__mro__) or bool(attn.use_rope)
 
 
 class QKNormRopeAttention(nn.Module):
@@ -985,7 +991,7 @@ def has_qk_norm(attn: nn.Module) -> bool:
 # Attention modules whose forward is transformers' Llama attention (up to the sliding window and softcap arguments):
 # what RopeAttention replaces. Matched by class name (subclasses of the model's own class keep it).
 ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "MixtralAttention", "Qwen2MoeAttention",
-                   "GemmaAttention", "Gemma2Attention", "MinistralAttention", "Ministral3Attention")
+                   "GemmaAttention", "Gemma2Attention", "MinistralAttention", "Ministral3Attention", "SmolLM3Attention")
 # The gated full attentions of the hybrid decoders (GatedQKNormRopeAttention)
 GATED_ATTENTIONS = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention")
 # The attentions whose own forward passes no sliding_window to the attention function: of ROPE_ATTENTIONS Qwen2-MoE's
@@ -994,6 +1000,8 @@ GATED_ATTENTIONS = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttenti
 NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention", "GemmaAttention", *GATED_ATTENTIONS)
 # The attentions whose forward passes their attn_logit_softcapping to the attention function as ``softcap``
 SOFTCAP_ATTENTIONS = ("Gemma2Attention",)
+# The attentions whose forward rotates q and k only where their ``use_rope`` says so (SmolLM3's NoPE layers)
+NOPE_ATTENTIONS = ("SmolLM3Attention",)
 # The attentions whose forward scales the rotated queries by Llama 4's attention temperature,
 # ``1 + beta * log(1 + floor(position / original_max_position_embeddings))`` (``config.rope_parameters``'
 # ``llama_4_scaling_beta`` and ``original_max_position_embeddings``): 1 up to the original context, more beyond
@@ -1030,14 +1038,15 @@ def _query_temperature(attn: nn.Module, kwargs: dict) -> torch.Tensor | None:
 
 
 def is_rope_attention(attn: nn.Module) -> bool:
-    """A Llama / Mistral / Qwen2 / Mixtral / Gemma / Gemma 2 attention: transformers' class, its projections and the
-    attributes its forward reads (Gemma 2's ``attn_logit_softcapping`` too), and no q/k norms (those are Qwen3's and
-    Qwen3-MoE's)."""
+    """A Llama / Mistral / Qwen2 / Mixtral / Gemma / Gemma 2 / Ministral / SmolLM3 attention: transformers' class, its
+    projections and the attributes its forward reads (Gemma 2's ``attn_logit_softcapping``, SmolLM3's ``use_rope``
+    too), and no q/k norms (those are Qwen3's and Qwen3-MoE's)."""
     softcap = any(cls.__name__ in SOFTCAP_ATTENTIONS for cls in type(attn).__mro__)
+    nope = any(cls.__name__ in NOPE_ATTENTIONS for cls in type(attn).__mro__)
     return (any(cls.__name__ in ROPE_ATTENTIONS for cls in type(attn).__mro__)
             and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling",
                                                "config", "head_dim", "attention_dropout"))
-            and (not softcap or hasattr(attn, "attn_logit_softcapping"))
+            and (not softcap or hasattr(attn, "attn_logit_softcapping")) and (not nope or hasattr(attn, "use_rope"))
             and not hasattr(attn, "q_norm") and not hasattr(attn, "k_norm"))
 
 
@@ -1172,13 +1181,13 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
 
 
 __all__ = ["EPS_RMS_NORMS", "GATED_ATTENTIONS", "GEMMA4_DECODER_LAYERS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS",
-           "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS", "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS",
-           "QK_NORM_ATTENTIONS", "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "SOFTCAP_ATTENTIONS",
-           "TEMPERATURE_ATTENTIONS", "TEMPERATURE_POSITIONS_ATTR", "TOKEN_MIXER_ATTR", "FusedAddNormDecoderLayer",
-           "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention", "HybridDecoderLayer",
-           "PackedRopeAttention", "QKNormRopeAttention", "ResidualDropoutDecoderLayer", "RopeAttention",
-           "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "forward_defined_by", "gemma_norm_fusable",
-           "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm", "is_gated_attention",
-           "is_gemma4_decoder_layer", "is_gemma_rms_norm", "is_packed_rope_attention", "is_pre_norm_decoder_layer",
-           "is_residual_dropout_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
-           "is_sink_attention", "temperature_positions"]
+           "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS", "NOPE_ATTENTIONS", "NO_WINDOW_ARGUMENT_ATTENTIONS",
+           "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS", "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS",
+           "SOFTCAP_ATTENTIONS", "TEMPERATURE_ATTENTIONS", "TEMPERATURE_POSITIONS_ATTR", "TOKEN_MIXER_ATTR",
+           "FusedAddNormDecoderLayer", "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention",
+           "HybridDecoderLayer", "PackedRopeAttention", "QKNormRopeAttention", "ResidualDropoutDecoderLayer",
+           "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "forward_defined_by",
+           "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm",
+           "is_gated_attention", "is_gemma4_decoder_layer", "is_gemma_rms_norm", "is_packed_rope_attention",
+           "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer", "is_rope_attention",
+           "is_sandwich_norm_decoder_layer", "is_sink_attention", "temperature_positions"]

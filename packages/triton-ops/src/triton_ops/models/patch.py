@@ -81,11 +81,12 @@ from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packabl
 # with a gated shared expert); Gemma 3's text
 # decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer, Gemma 2's (the same
 # norms, softcapped attention logits) and Gemma's (Llama's layer with (1 + weight) norms); Ministral's (Mistral's
-# layer, a window per layer) and Ministral 3's (Mistral's, the queries scaled by a position-dependent temperature).
+# layer, a window per layer) and Ministral 3's (Mistral's, the queries scaled by a position-dependent temperature);
+# SmolLM3's (Llama's, without the rotary embedding in some layers).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral",
                          "gemma3_text", "gemma3", "phi3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5",
                          "qwen3_5_moe", "gemma4_text", "gemma4", "gemma", "gemma2", "ministral", "ministral3",
-                         "mistral3")
+                         "mistral3", "smollm3")
 # Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
 # config.model_type -> the text decoders' it may hold (Mistral 3's: Mistral Small 3.x a Mistral, Ministral 3 a
 # Ministral 3 decoder)
@@ -362,7 +363,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
     Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma, Gemma 2, Gemma 3, Phi-3 / Phi-4, Gemma 4, Qwen3-Next, Qwen3.5, Ministral,
-    Ministral 3, Mistral 3's language model and the models that share their layers). What is replaced:
+    Ministral 3, Mistral 3's language model, SmolLM3 and the models that share their layers). What is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -478,7 +479,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       ``llama_4_scaling_beta``, ``original_max_position_embeddings``), computed from the positions the release's
       own attention reads (``position_ids``, or ``cache_position`` in 5.0: found from its signature at patch time).
       Mistral 3 (``mistral3``, ``Mistral3ForConditionalGeneration``): its language model (a Mistral or a Ministral
-      3 decoder) patched so, the Pixtral tower and the projector left as they are.
+      3 decoder) patched so, the Pixtral tower and the projector left as they are. SmolLM3 (``smollm3``): Llama's
+      layers; its NoPE layers (``use_rope`` false: ``config.no_rope_layers``) rotate nothing, as its own attention.
     - Phi-3 / Phi-4 (``phi3``): the attention's own packed ``qkv_proj`` then the rotary embedding in one kernel in
       place (:class:`~triton_ops.models.decoder_layers.PackedRopeAttention`; a partial rotary dimension as
       transformers applies it); the MLP's packed ``gate_up_proj`` through the fused kernel over its two halves
