@@ -60,3 +60,15 @@ def attention_keywords(reference, patch, ids: torch.Tensor, keys: tuple[str, ...
         seen.clear()
         model(ids)
     return expected, seen
+
+
+def assert_gradients_match(model, reference, ids: torch.Tensor, names: tuple[str, ...], min_cosine: float) -> None:
+    """A training step's gradients (``labels=ids``) of the named parameters point as the reference model's do."""
+    model.train()
+    reference.train()
+    for m in (model, reference):
+        m.zero_grad()
+        m(ids, labels=ids).loss.backward()
+    ours, ref = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name in names:
+        assert cosine(ours[name].grad, ref[name].grad) >= min_cosine, name

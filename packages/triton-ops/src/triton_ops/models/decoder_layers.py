@@ -283,6 +283,33 @@ class SandwichNormDecoderLayer(nn.Module):
         return residual + post_ff(mlp_out)
 
 
+class PostNormDecoderLayer(nn.Module):
+    """OLMo 2's and OLMo 3's decoder layer (:data:`POST_NORM_DECODER_LAYERS`), whose norms follow the sublayers::
+
+        h = x + post_attention_layernorm(self_attn(x))
+        y = h + post_feedforward_layernorm(mlp(h))
+
+    each norm with the add after it as one :func:`~fused_rmsnorm_rope.rmsnorm_add` launch where the norm is
+    patch_model's :class:`~triton_ops.layers.RMSNorm` without hooks (the norm's output and the sum rounded as the
+    model's own ops round them), else the modules' own calls. Every keyword argument goes to ``self_attn``
+    unchanged, as the model's own layer does.
+    """
+
+    can_torch_compile = True
+    has_backward = True
+
+    self_attn: nn.Module
+    mlp: nn.Module
+    post_attention_layernorm: nn.Module
+    post_feedforward_layernorm: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _layer_keywords_only(self, args)
+        attn_out = self.self_attn(hidden_states=hidden_states, **kwargs)[0]
+        h = _norm_add(attn_out, hidden_states, self.post_attention_layernorm)
+        return _norm_add(self.mlp(h), h, self.post_feedforward_layernorm)
+
+
 class Gemma4DecoderLayer(SandwichNormDecoderLayer):
     """Gemma 4's decoder layer (``Gemma4TextDecoderLayer``): Gemma 3's norms around each sublayer (plain RMSNorms,
     scaled by ``weight``), on some models a mixture of experts beside the MLP (``enable_moe_block``: its router reads
@@ -672,6 +699,35 @@ class PackedRopeAttention(nn.Module):
                        residual=residual)
 
 
+class FullQKNormRopeAttention(RopeAttention):
+    """OLMo 2's and OLMo 3's attention (:data:`FULL_QK_NORM_ATTENTIONS`): ``q_norm`` / ``k_norm`` RMSNorms over
+    all of q's and k's features (not per head), then the rotary embedding. q, k and v come from one packed GEMM where
+    ``patch_model`` packed them; each norm runs as its module's call (patch_model's one-pass RMSNorm) on its slice of
+    the packed output, and the rotation as one :func:`~fused_rmsnorm_rope.apply_rope` launch in place on the two
+    normalized tensors (inside the static cache's write where that is ours), instead of transformers' three
+    projections and the rotation's element-wise kernels; then the cache update, the attention function the config
+    names (Olmo 3's sliding window where its layer has one) and ``o_proj``, as transformers' own.
+    """
+
+    q_norm: nn.Module  # [num_heads * head_dim]; and RopeAttention's attributes
+    k_norm: nn.Module  # [num_kv_heads * head_dim]
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, *args: Any, input_norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _keywords_only(self, args)
+        q, k, v, grad = _project_qkv(self, hidden_states, (), input_norm)
+        q = self.q_norm(q.flatten(-2)).unflatten(-1, (-1, self.head_dim))
+        k = self.k_norm(k.flatten(-2)).unflatten(-1, (-1, self.head_dim))
+        cos, sin = position_embeddings
+        grad = grad or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+        if grad:
+            q, k = apply_rope(q, k, cos, sin)
+        # else: rotated in place (the norms' outputs are new tensors), in the static cache's write where it can
+        return _attend(self, q, k, v, cos, sin, attention_mask, hidden_states.shape[:-1], kwargs, rope=not grad,
+                       residual=residual)
+
+
 class SinkRopeAttention(RopeAttention):
     """gpt-oss attention (per-head attention sinks, a sliding window on every other layer, q/k/v with biases):
     q, k and v as one GEMM, the rotary embedding in one kernel (inside the static cache's write at decode), as
@@ -996,12 +1052,38 @@ ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Mixt
 GATED_ATTENTIONS = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention")
 # The attentions whose own forward passes no sliding_window to the attention function: of ROPE_ATTENTIONS Qwen2-MoE's
 # (it sets config.sliding_window to 0 when the window is off, which flash attention would take for a window of 0
-# tokens) and Gemma's, and the gated ones
-NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention", "GemmaAttention", *GATED_ATTENTIONS)
+# tokens), Gemma's and OLMo 2's, and the gated ones
+NO_WINDOW_ARGUMENT_ATTENTIONS = ("Qwen2MoeAttention", "GemmaAttention", "Olmo2Attention", *GATED_ATTENTIONS)
 # The attentions whose forward passes their attn_logit_softcapping to the attention function as ``softcap``
 SOFTCAP_ATTENTIONS = ("Gemma2Attention",)
 # The attentions whose forward rotates q and k only where their ``use_rope`` says so (SmolLM3's NoPE layers)
 NOPE_ATTENTIONS = ("SmolLM3Attention",)
+# Attentions with RMSNorms over all of q's and k's features before the rotation (FullQKNormRopeAttention), and the
+# decoder layers whose norms follow each sublayer (PostNormDecoderLayer): OLMo 2's and OLMo 3's
+FULL_QK_NORM_ATTENTIONS = ("Olmo2Attention", "Olmo3Attention")
+POST_NORM_DECODER_LAYERS = ("Olmo2DecoderLayer", "Olmo3DecoderLayer")
+
+
+def has_full_qk_norm(attn: nn.Module) -> bool:
+    """An OLMo 2 / OLMo 3 attention (:data:`FULL_QK_NORM_ATTENTIONS`' forward), its projections, the attributes its
+    forward reads, and ``q_norm`` / ``k_norm`` RMSNorms (``weight``, ``variance_epsilon``) as wide as q and k."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    q_proj, k_proj = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
+    return (forward_defined_by(attn, FULL_QK_NORM_ATTENTIONS)
+            and all(hasattr(attn, a) for a in ("v_proj", "o_proj", "layer_idx", "scaling", "config", "head_dim",
+                                               "attention_dropout"))
+            and all(isinstance(getattr(n, "weight", None), torch.Tensor) and n.weight.dim() == 1
+                    and isinstance(getattr(n, "variance_epsilon", None), (int, float)) for n in (q_norm, k_norm))
+            and q_norm.weight.shape[0] == getattr(q_proj, "out_features", None)
+            and k_norm.weight.shape[0] == getattr(k_proj, "out_features", None))
+
+
+def is_post_norm_decoder_layer(layer: nn.Module) -> bool:
+    """An OLMo 2 / OLMo 3 decoder layer (:data:`POST_NORM_DECODER_LAYERS`' forward) with its attention, MLP and two
+    norms."""
+    return (forward_defined_by(layer, POST_NORM_DECODER_LAYERS)
+            and all(hasattr(layer, a) for a in ("self_attn", "mlp", "post_attention_layernorm",
+                                                "post_feedforward_layernorm")))
 # The attentions whose forward scales the rotated queries by Llama 4's attention temperature,
 # ``1 + beta * log(1 + floor(position / original_max_position_embeddings))`` (``config.rope_parameters``'
 # ``llama_4_scaling_beta`` and ``original_max_position_embeddings``): 1 up to the original context, more beyond
@@ -1180,14 +1262,16 @@ def is_pre_norm_decoder_layer(layer: nn.Module, dropouts: bool = False) -> bool:
             and (isinstance(getattr(norm, "variance_epsilon", None), (int, float)) or is_gemma_rms_norm(norm)))
 
 
-__all__ = ["EPS_RMS_NORMS", "GATED_ATTENTIONS", "GEMMA4_DECODER_LAYERS", "GEMMA_ATTENTIONS", "GEMMA_DECODER_LAYERS",
-           "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS", "NOPE_ATTENTIONS", "NO_WINDOW_ARGUMENT_ATTENTIONS",
-           "PACKED_ROPE_ATTENTIONS", "QK_NORM_ATTENTIONS", "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS",
-           "SOFTCAP_ATTENTIONS", "TEMPERATURE_ATTENTIONS", "TEMPERATURE_POSITIONS_ATTR", "TOKEN_MIXER_ATTR",
-           "FusedAddNormDecoderLayer", "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention",
-           "HybridDecoderLayer", "PackedRopeAttention", "QKNormRopeAttention", "ResidualDropoutDecoderLayer",
+__all__ = ["EPS_RMS_NORMS", "FULL_QK_NORM_ATTENTIONS", "GATED_ATTENTIONS", "GEMMA4_DECODER_LAYERS", "GEMMA_ATTENTIONS",
+           "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS", "NOPE_ATTENTIONS",
+           "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "POST_NORM_DECODER_LAYERS", "QK_NORM_ATTENTIONS",
+           "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "SOFTCAP_ATTENTIONS", "TEMPERATURE_ATTENTIONS",
+           "TEMPERATURE_POSITIONS_ATTR", "TOKEN_MIXER_ATTR", "FullQKNormRopeAttention", "FusedAddNormDecoderLayer",
+           "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention", "HybridDecoderLayer",
+           "PackedRopeAttention", "PostNormDecoderLayer", "QKNormRopeAttention", "ResidualDropoutDecoderLayer",
            "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "forward_defined_by",
-           "gemma_norm_fusable", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer", "is_eps_rms_norm",
-           "is_gated_attention", "is_gemma4_decoder_layer", "is_gemma_rms_norm", "is_packed_rope_attention",
-           "is_pre_norm_decoder_layer", "is_residual_dropout_decoder_layer", "is_rope_attention",
-           "is_sandwich_norm_decoder_layer", "is_sink_attention", "temperature_positions"]
+           "gemma_norm_fusable", "has_full_qk_norm", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer",
+           "is_eps_rms_norm", "is_gated_attention", "is_gemma4_decoder_layer", "is_gemma_rms_norm",
+           "is_packed_rope_attention", "is_post_norm_decoder_layer", "is_pre_norm_decoder_layer",
+           "is_residual_dropout_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
+           "is_sink_attention", "temperature_positions"]

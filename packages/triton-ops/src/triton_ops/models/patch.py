@@ -45,18 +45,21 @@ from .cache_updates import prime_sliding_shift, prime_static_write
 from .decoder_layers import (
     TEMPERATURE_POSITIONS_ATTR,
     TOKEN_MIXER_ATTR,
+    FullQKNormRopeAttention,
     FusedAddNormDecoderLayer,
     GatedQKNormRopeAttention,
     Gemma4DecoderLayer,
     GemmaQKNormRopeAttention,
     HybridDecoderLayer,
     PackedRopeAttention,
+    PostNormDecoderLayer,
     QKNormRopeAttention,
     ResidualDropoutDecoderLayer,
     RopeAttention,
     SandwichNormDecoderLayer,
     SinkRopeAttention,
     forward_defined_by,
+    has_full_qk_norm,
     has_gemma_qk_norm,
     has_qk_norm,
     hybrid_token_mixer,
@@ -65,6 +68,7 @@ from .decoder_layers import (
     is_gemma4_decoder_layer,
     is_gemma_rms_norm,
     is_packed_rope_attention,
+    is_post_norm_decoder_layer,
     is_pre_norm_decoder_layer,
     is_residual_dropout_decoder_layer,
     is_rope_attention,
@@ -82,11 +86,12 @@ from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packabl
 # decoder (Gemma3ForCausalLM, Gemma3TextModel) with its (1 + weight) norms around each sublayer, Gemma 2's (the same
 # norms, softcapped attention logits) and Gemma's (Llama's layer with (1 + weight) norms); Ministral's (Mistral's
 # layer, a window per layer) and Ministral 3's (Mistral's, the queries scaled by a position-dependent temperature);
-# SmolLM3's (Llama's, without the rotary embedding in some layers).
+# SmolLM3's (Llama's, without the rotary embedding in some layers); OLMo 2's and 3's (norms after each sublayer, q/k
+# norms over all heads).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "qwen2_moe", "mixtral",
                          "gemma3_text", "gemma3", "phi3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5",
                          "qwen3_5_moe", "gemma4_text", "gemma4", "gemma", "gemma2", "ministral", "ministral3",
-                         "mistral3", "smollm3")
+                         "mistral3", "smollm3", "olmo2", "olmo3")
 # Multimodal models whose text decoder patch_model patches (the vision tower and the projector stay transformers'):
 # config.model_type -> the text decoders' it may hold (Mistral 3's: Mistral Small 3.x a Mistral, Ministral 3 a
 # Ministral 3 decoder)
@@ -363,7 +368,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
 
     Supported: ``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, gpt-oss,
     Qwen3-MoE, Mixtral, Qwen2-MoE, Gemma, Gemma 2, Gemma 3, Phi-3 / Phi-4, Gemma 4, Qwen3-Next, Qwen3.5, Ministral,
-    Ministral 3, Mistral 3's language model, SmolLM3 and the models that share their layers). What is replaced:
+    Ministral 3, Mistral 3's language model, SmolLM3, OLMo 2, OLMo 3 and the models that share their layers). What
+    is replaced:
 
     - Every RMSNorm (``variance_epsilon``, 1-D ``weight``: the layers' norms, the final norm, Qwen3's QK-norms) runs
       in one pass (:class:`triton_ops.layers.RMSNorm`).
@@ -481,6 +487,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
       Mistral 3 (``mistral3``, ``Mistral3ForConditionalGeneration``): its language model (a Mistral or a Ministral
       3 decoder) patched so, the Pixtral tower and the projector left as they are. SmolLM3 (``smollm3``): Llama's
       layers; its NoPE layers (``use_rope`` false: ``config.no_rope_layers``) rotate nothing, as its own attention.
+    - OLMo 2 and OLMo 3 (``olmo2``, ``olmo3``): their decoder layers, whose norms follow the sublayers, as
+      :class:`~triton_ops.models.decoder_layers.PostNormDecoderLayer` (each norm with the add after it in one
+      launch); their attentions as :class:`~triton_ops.models.decoder_layers.FullQKNormRopeAttention` (packed
+      q/k/v, the q and k norms over all heads as one launch each, the rotation as one; OLMo 3's sliding windows
+      passed on); their norms (which round once, as ours) and gated MLPs as Llama's.
     - Phi-3 / Phi-4 (``phi3``): the attention's own packed ``qkv_proj`` then the rotary embedding in one kernel in
       place (:class:`~triton_ops.models.decoder_layers.PackedRopeAttention`; a partial rotary dimension as
       transformers applies it); the MLP's packed ``gate_up_proj`` through the fused kernel over its two halves
@@ -830,6 +841,8 @@ def _attentions(model: nn.Module) -> list[tuple[str, nn.Module, type]]:
             found.append((name, module, GatedQKNormRopeAttention))
         elif is_packed_rope_attention(module):
             found.append((name, module, PackedRopeAttention))
+        elif has_full_qk_norm(module):
+            found.append((name, module, FullQKNormRopeAttention))
         elif is_rope_attention(module):
             found.append((name, module, RopeAttention))
         elif is_sink_attention(module):
@@ -879,6 +892,9 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
         elif is_gemma4_decoder_layer(module):
             patch_forward(module, Gemma4DecoderLayer)
             summary.fused_residual_adds += 1
+        elif is_post_norm_decoder_layer(module):
+            patch_forward(module, PostNormDecoderLayer)
+            summary.fused_residual_adds += 1
     for _, attn, layer in attentions:
         positions = temperature_positions(attn)  # read from the model's own forward, before it is replaced
         if positions is not None:
@@ -890,7 +906,7 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
             summary.rope_attentions += 1
     summary.notes.append("the MLP's residual add, where the decoder layer is ours: inside the down projection's "
                          "GEMM (a patched gated MLP, bias-free down projection), the MoE combine's launch or (Gemma "
-                         "3 and 4) the post-feed-forward norm's; else one add")
+                         "3 and 4, OLMo) the post-feed-forward norm's; else one add")
     if not attentions:
         summary.notes.append("rotary embedding and the attention itself: transformers' own")
     if summary.model_type in HYBRID_MODEL_TYPES:
