@@ -35,14 +35,28 @@ def assert_compiled_generate_matches_eager(model: torch.nn.Module, prompt: torch
 
 
 def assert_generates_alike(model: torch.nn.Module, reference: torch.nn.Module, prompt: torch.Tensor,
-                           new_tokens: int = 5) -> None:
-    """Greedy ``generate()`` of ``model`` and ``reference`` gives the same tokens with a dynamic and a static
-    cache."""
+                           new_tokens: int = 5, min_cosine: float = 0.999) -> None:
+    """Greedy ``generate()`` of ``model`` and ``reference`` gives the same tokens with a dynamic and a static cache:
+    in float32 every token; in 16 bits (a GPU's bf16 run of a small random model, where rounding can part two
+    near-tied logits) the same tokens up to the first step where they part, and every step's logits up to and
+    including that one within ``min_cosine`` (the inputs are the same up to there: a parting is a near tie)."""
+    exact = next(model.parameters()).dtype == torch.float32
+    kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "return_dict_in_generate": True,
+              "output_logits": True}
     for cache in ("dynamic", "static"):
         with torch.no_grad():
-            ours = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, cache_implementation=cache)
-            ref = reference.generate(prompt, max_new_tokens=new_tokens, do_sample=False, cache_implementation=cache)
-        assert torch.equal(ours, ref), (cache, ours, ref)
+            ours = model.generate(prompt, cache_implementation=cache, **kwargs)
+            ref = reference.generate(prompt, cache_implementation=cache, **kwargs)
+        if exact or torch.equal(ours.sequences, ref.sequences):
+            assert torch.equal(ours.sequences, ref.sequences), (cache, ours.sequences, ref.sequences)
+            continue
+        start, end = prompt.shape[1], min(ours.sequences.shape[1], ref.sequences.shape[1])
+        differs = (ours.sequences[:, start:end] != ref.sequences[:, start:end]).any(0).nonzero()
+        # (no differing token in the common length: one stopped at its EOS where the other did not, a parting too)
+        parted = int(differs[0]) if len(differs) else end - start - 1
+        for step in range(parted + 1):
+            a, b = ours.logits[step].double().flatten(), ref.logits[step].double().flatten()
+            assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() >= min_cosine, (cache, step)
 
 
 def prefill_and_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:

@@ -15,12 +15,7 @@ from _compiled_generate import assert_generates_alike, prefill_and_steps
 from _model_checks import attention_keywords
 from triton_ops import patch_model
 from triton_ops.models import UnsupportedModelError
-from triton_ops.models.decoder_layers import (
-    TEMPERATURE_POSITIONS_ATTR,
-    FusedAddNormDecoderLayer,
-    RopeAttention,
-    temperature_positions,
-)
+from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, RopeAttention, attention_traits
 from triton_ops_core.testing import device_for_tests
 
 transformers = pytest.importorskip("transformers")
@@ -96,8 +91,8 @@ def test_patched_ministral3_scales_its_queries_as_the_model_does():
     attn = model.model.layers[1].self_attn
     want = "position_ids" if "position_ids" in inspect.signature(
         type(reference.model.layers[1].self_attn).forward).parameters else "cache_position"  # (5.0: cache_position)
-    assert attn.__dict__[TEMPERATURE_POSITIONS_ATTR] == want
-    assert temperature_positions(_ministral(seed=0).model.layers[0].self_attn) is None  # Ministral's: no factor
+    assert attention_traits(attn).temperature == want
+    assert attention_traits(patch_model(_ministral(seed=0)).model.layers[0].self_attn).temperature is None
     ids = torch.randint(0, 128, (2, 6), device=DEVICE)  # positions 0..5, then steps at 6..8: factors 1, 1.35, 1.55
     ours, ref = prefill_and_steps(model, ids, 3), prefill_and_steps(reference, ids, 3)
     for a, b in zip(ours, ref, strict=True):

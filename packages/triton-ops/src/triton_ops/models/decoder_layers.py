@@ -552,7 +552,7 @@ class RopeAttention(nn.Module):
 
 def _rotates(attn: nn.Module) -> bool:
     """Whether the attention rotates q and k: all do but SmolLM3's NoPE layers (``use_rope`` false)."""
-    return not any(cls.__name__ in NOPE_ATTENTIONS for cls in type(attn).__mro__) or bool(attn.use_rope)
+    return not attention_traits(attn).nope or bool(attn.use_rope)
 
 
 class QKNormRopeAttention(nn.Module):
@@ -978,11 +978,10 @@ def _o_proj_adds(o_proj: nn.Module, rows: int, dtype: torch.dtype, on_gpu: bool,
 def _sliding_window(attn: nn.Module) -> dict:
     """The ``sliding_window`` argument the model's own attention passes: Qwen2/Qwen3 their layer's
     ``self.sliding_window``, Mistral its config's, Llama and Qwen2-MoE none."""
-    if any(cls.__name__ in NO_WINDOW_ARGUMENT_ATTENTIONS for cls in type(attn).__mro__):  # the model's own class
-        return {}
-    if hasattr(attn, "sliding_window"):
+    window = attention_traits(attn).window
+    if window == "attn":
         return {"sliding_window": attn.sliding_window}
-    if hasattr(attn.config, "sliding_window"):
+    if window == "config":
         return {"sliding_window": attn.config.sliding_window}
     return {}
 
@@ -990,9 +989,61 @@ def _sliding_window(attn: nn.Module) -> dict:
 def _softcap(attn: nn.Module) -> dict:
     """The ``softcap`` argument the model's own attention passes: Gemma 2's ``attn_logit_softcapping`` (its
     attention function then caps the logits: the model's eager one, or ours), the others none."""
-    if any(cls.__name__ in SOFTCAP_ATTENTIONS for cls in type(attn).__mro__):
+    if attention_traits(attn).softcap:
         return {"softcap": attn.attn_logit_softcapping}
     return {}
+
+
+class AttentionTraits(NamedTuple):
+    """What a patched attention's forward passes on or computes besides Llama's, by the model's own class:
+    ``window`` where its ``sliding_window`` argument comes from (``"attn"``, ``"config"``, or ``""``: none),
+    ``softcap`` whether it passes ``attn_logit_softcapping`` (:data:`SOFTCAP_ATTENTIONS`), ``nope`` whether
+    ``use_rope`` decides its rotation (:data:`NOPE_ATTENTIONS`), ``temperature`` the positions its query temperature
+    reads (:data:`TEMPERATURE_ATTENTIONS`; None: no temperature)."""
+
+    window: str
+    softcap: bool
+    nope: bool
+    temperature: str | None
+
+
+# Per class, in a plain dict filled at patch time: under torch.compile each call traces one dict lookup, not a scan
+# of the class's MRO or an instance-dict read, either of which put guards in the attention's guard subtree that
+# Dynamo's recursive dict tags cannot skip (every layer's guards then ran in full on every call)
+_TRAITS: dict[type, AttentionTraits] = {}
+
+
+def attention_traits(attn: nn.Module) -> AttentionTraits:
+    """The :class:`AttentionTraits` of ``attn``'s class, found once per class (:func:`register_attention_traits`
+    runs at patch time; a class met first here, e.g. unpickled, is registered on its first eager call)."""
+    traits = _TRAITS.get(type(attn))
+    if traits is None:
+        traits = register_attention_traits(attn)
+    return traits
+
+
+def register_attention_traits(attn: nn.Module) -> AttentionTraits:
+    """Find and keep the :class:`AttentionTraits` of ``attn``'s class (the temperature's positions from the
+    model's own forward: call this before the forward is replaced, or on a patched class, whose MRO holds the
+    model's)."""
+    names = {cls.__name__ for cls in type(attn).__mro__}
+    if names & set(NO_WINDOW_ARGUMENT_ATTENTIONS):
+        window = ""
+    elif hasattr(attn, "sliding_window"):
+        window = "attn"
+    else:
+        window = "config" if hasattr(attn.config, "sliding_window") else ""
+    temperature = None
+    # the model's own class (patch_model's subclass of it has its name and our forward)
+    own = next((cls for cls in type(attn).__mro__
+                if cls.__name__ in TEMPERATURE_ATTENTIONS and "_triton_ops_patched_from" not in cls.__dict__), None)
+    if own is not None:
+        params = inspect.signature(own.forward).parameters
+        temperature = "position_ids" if "position_ids" in params else "cache_position"
+    traits = AttentionTraits(window, bool(names & set(SOFTCAP_ATTENTIONS)), bool(names & set(NOPE_ATTENTIONS)),
+                             temperature)
+    _TRAITS[type(attn)] = traits
+    return traits
 
 
 _EAGER: dict[type, Callable] = {}  # per class, in a plain dict: torch.compile traces a dict lookup
@@ -1088,24 +1139,10 @@ def is_post_norm_decoder_layer(layer: nn.Module) -> bool:
 # ``1 + beta * log(1 + floor(position / original_max_position_embeddings))`` (``config.rope_parameters``'
 # ``llama_4_scaling_beta`` and ``original_max_position_embeddings``): 1 up to the original context, more beyond
 TEMPERATURE_ATTENTIONS = ("Ministral3Attention",)
-# Which positions such an attention's forward reads (found at patch time from its signature:
-# :func:`temperature_positions`): ``position_ids`` (transformers 5.2x, per sequence) or ``cache_position`` (5.0)
-TEMPERATURE_POSITIONS_ATTR = "_triton_ops_temperature_positions"
-
-
-def temperature_positions(attn: nn.Module) -> str | None:
-    """The keyword whose positions a :data:`TEMPERATURE_ATTENTIONS` attention's forward scales its queries by
-    (``position_ids``, or ``cache_position`` in releases whose forward names that), or None for another attention."""
-    if not any(cls.__name__ in TEMPERATURE_ATTENTIONS for cls in type(attn).__mro__):
-        return None
-    params = inspect.signature(type(attn).forward).parameters
-    return "position_ids" if "position_ids" in params else "cache_position"
-
-
 def _query_temperature(attn: nn.Module, kwargs: dict) -> torch.Tensor | None:
     """The factor transformers' attention multiplies the rotated queries ``[B, H, S, D]`` by (Ministral 3's), as its
     release shapes it, or None where the attention has none."""
-    source = attn.__dict__.get(TEMPERATURE_POSITIONS_ATTR)
+    source = attention_traits(attn).temperature
     if source is None:
         return None
     positions = kwargs.get(source)
@@ -1115,7 +1152,8 @@ def _query_temperature(attn: nn.Module, kwargs: dict) -> torch.Tensor | None:
     rope = attn.config.rope_parameters
     beta, original = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
     scale = 1 + beta * torch.log(1 + torch.floor(positions / original))
-    # position_ids [B, S] -> [B, 1, S, 1]; cache_position [S] -> [S, 1]: each release's own broadcast
+    # position_ids [B, S] -> [B, 1, S, 1] (transformers 5.2x, per sequence); cache_position [S] -> [S, 1] (5.0):
+    # each release's own positions and broadcast, read from its forward's signature (AttentionTraits)
     return scale[:, None, :, None] if source == "position_ids" else scale.unsqueeze(-1)
 
 
@@ -1266,12 +1304,12 @@ __all__ = ["EPS_RMS_NORMS", "FULL_QK_NORM_ATTENTIONS", "GATED_ATTENTIONS", "GEMM
            "GEMMA_DECODER_LAYERS", "GEMMA_RMS_NORMS", "HYBRID_DECODER_LAYERS", "NOPE_ATTENTIONS",
            "NO_WINDOW_ARGUMENT_ATTENTIONS", "PACKED_ROPE_ATTENTIONS", "POST_NORM_DECODER_LAYERS", "QK_NORM_ATTENTIONS",
            "RESIDUAL_DROPOUT_DECODER_LAYERS", "ROPE_ATTENTIONS", "SOFTCAP_ATTENTIONS", "TEMPERATURE_ATTENTIONS",
-           "TEMPERATURE_POSITIONS_ATTR", "TOKEN_MIXER_ATTR", "FullQKNormRopeAttention", "FusedAddNormDecoderLayer",
+           "TOKEN_MIXER_ATTR", "AttentionTraits", "FullQKNormRopeAttention", "FusedAddNormDecoderLayer",
            "GatedQKNormRopeAttention", "Gemma4DecoderLayer", "GemmaQKNormRopeAttention", "HybridDecoderLayer",
            "PackedRopeAttention", "PostNormDecoderLayer", "QKNormRopeAttention", "ResidualDropoutDecoderLayer",
-           "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "forward_defined_by",
-           "gemma_norm_fusable", "has_full_qk_norm", "has_gemma_qk_norm", "has_qk_norm", "hybrid_token_mixer",
-           "is_eps_rms_norm", "is_gated_attention", "is_gemma4_decoder_layer", "is_gemma_rms_norm",
-           "is_packed_rope_attention", "is_post_norm_decoder_layer", "is_pre_norm_decoder_layer",
+           "RopeAttention", "SandwichNormDecoderLayer", "SinkRopeAttention", "TokenMixer", "attention_traits",
+           "forward_defined_by", "gemma_norm_fusable", "has_full_qk_norm", "has_gemma_qk_norm", "has_qk_norm",
+           "hybrid_token_mixer", "is_eps_rms_norm", "is_gated_attention", "is_gemma4_decoder_layer",
+           "is_gemma_rms_norm", "is_packed_rope_attention", "is_post_norm_decoder_layer", "is_pre_norm_decoder_layer",
            "is_residual_dropout_decoder_layer", "is_rope_attention", "is_sandwich_norm_decoder_layer",
-           "is_sink_attention", "temperature_positions"]
+           "is_sink_attention", "register_attention_traits"]

@@ -43,7 +43,6 @@ from ..layers import (
 from .attention_backend import ATTENTION_NAME, register_attention_backend
 from .cache_updates import prime_sliding_shift, prime_static_write
 from .decoder_layers import (
-    TEMPERATURE_POSITIONS_ATTR,
     TOKEN_MIXER_ATTR,
     FullQKNormRopeAttention,
     FusedAddNormDecoderLayer,
@@ -74,7 +73,7 @@ from .decoder_layers import (
     is_rope_attention,
     is_sandwich_norm_decoder_layer,
     is_sink_attention,
-    temperature_positions,
+    register_attention_traits,
 )
 from .experts_backend import ACT_FN_ACTIVATIONS, register_experts_backend
 from .experts_backend import unsupported as experts_unsupported
@@ -896,10 +895,8 @@ def _patch_layers(model: nn.Module, attentions: list[tuple[str, nn.Module, type]
             patch_forward(module, PostNormDecoderLayer)
             summary.fused_residual_adds += 1
     for _, attn, layer in attentions:
-        positions = temperature_positions(attn)  # read from the model's own forward, before it is replaced
-        if positions is not None:
-            attn.__dict__[TEMPERATURE_POSITIONS_ATTR] = positions
         patch_forward(attn, layer)
+        register_attention_traits(attn)  # per class, once: what its forward passes on (a dict lookup per call)
         if layer in (QKNormRopeAttention, GemmaQKNormRopeAttention, GatedQKNormRopeAttention):
             summary.qk_norm_rope_attentions += 1
         else:
