@@ -739,8 +739,8 @@ def gemma3_fp8(mesh):
 @case
 def gemma2_patched(mesh):
     """Gemma 2: the generic plan on Gemma 3's layers, each rank's heads' logits capped (in decode_attention, and in
-    the model's eager attention for the prompt), generate() past the window."""
-    _model_case("gemma2", mesh, generate=True)
+    the model's eager attention for the prompt), a prefill and a cached step (Gemma 3's case runs generate())."""
+    _model_case("gemma2", mesh)
 
 
 # ----------------------------------------------------------------------------------------------------------------

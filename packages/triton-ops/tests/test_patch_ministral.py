@@ -59,20 +59,20 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
-@pytest.mark.parametrize("attention", [True, False])
-def test_patched_ministral_computes_what_the_model_computes(attention):
+def test_patched_ministral_computes_what_the_model_computes():
+    # (with attention=False the configured function gets each layer's window: test_ministral_layers_pass_their_own...)
     reference = _ministral(attn_implementation="sdpa")
-    model = patch_model(copy.deepcopy(reference), attention=attention)
+    model = patch_model(copy.deepcopy(reference))
     summary = model.triton_ops_patch
     assert summary.model_type == "ministral" and summary.rope_attentions == 3 and summary.packed_qkv == 3
     assert summary.fused_residual_adds == 3 and summary.gated_mlps == 3 and summary.rms_norms == 3 * 2 + 1
     layer = model.model.layers[0]
     assert inspect.unwrap(type(layer).forward) is FusedAddNormDecoderLayer.forward
     assert inspect.unwrap(type(layer.self_attn).forward) is RopeAttention.forward
-    ids = torch.randint(0, 128, (2, 7), device=DEVICE)  # 7 prompt tokens and 3 steps: past the window of 4
-    for a, b in zip(prefill_and_steps(model, ids, 3), prefill_and_steps(reference, ids, 3), strict=True):
+    ids = torch.randint(0, 128, (1, 7), device=DEVICE)  # 7 prompt tokens and 2 steps: past the window of 4
+    for a, b in zip(prefill_and_steps(model, ids, 2), prefill_and_steps(reference, ids, 2), strict=True):
         assert _cosine(a, b) >= TOL
-    assert_generates_alike(model, reference, ids[:, :6])
+    assert_generates_alike(model, reference, ids[:, :6], new_tokens=3)
 
 
 def test_ministral_layers_pass_their_own_windows():

@@ -55,10 +55,11 @@ def test_patched_olmo_computes_what_the_model_computes(kind, layers):
     assert inspect.unwrap(type(layer).forward) is PostNormDecoderLayer.forward
     assert inspect.unwrap(type(layer.self_attn).forward) is FullQKNormRopeAttention.forward
     assert type(layer.self_attn.q_norm).forward is RMSNorm.forward and type(layer.mlp).forward is GatedMLP.forward
-    ids = torch.randint(0, 128, (2, 7), device=DEVICE)  # 7 prompt tokens and 3 steps: past OLMo 3's window of 4
-    for a, b in zip(prefill_and_steps(model, ids, 3), prefill_and_steps(reference, ids, 3), strict=True):
+    ids = torch.randint(0, 128, (1, 7), device=DEVICE)  # 7 prompt tokens and 2 steps: past OLMo 3's window of 4
+    for a, b in zip(prefill_and_steps(model, ids, 2), prefill_and_steps(reference, ids, 2), strict=True):
         assert cosine(a, b) >= TOL
-    assert_generates_alike(model, reference, ids[:, :6])
+    if kind == "olmo3":  # (the layers are OLMo 2's as well)
+        assert_generates_alike(model, reference, ids[:, :6], new_tokens=3)
 
 
 def test_each_norm_takes_the_add_after_it_unless_hooked(monkeypatch):
@@ -89,8 +90,8 @@ def test_olmo3_layers_pass_their_own_windows():
 def test_static_cache_and_fp8():
     reference = _model(seed=3)
     model = patch_model(copy.deepcopy(reference))
-    ids = torch.randint(0, 128, (2, 6), device=DEVICE)
-    kwargs = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static",
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static",
               "return_dict_in_generate": True, "output_logits": True}
     with torch.no_grad():
         ours, ref = model.generate(ids, **kwargs), reference.generate(ids, **kwargs)
@@ -99,7 +100,7 @@ def test_static_cache_and_fp8():
         assert cosine(a, b) >= TOL
     fp8 = patch_model(copy.deepcopy(reference), fp8=True, fp8_recipe="channel")
     assert fp8.triton_ops_patch.fp8_linears == 4 * 5 and isinstance(fp8.model.layers[3].self_attn.o_proj, FP8Linear)
-    for a, b in zip(prefill_and_steps(fp8, ids, 2), prefill_and_steps(reference, ids, 2), strict=True):
+    for a, b in zip(prefill_and_steps(fp8, ids, 1), prefill_and_steps(reference, ids, 1), strict=True):
         assert cosine(a, b) >= 0.99  # E4M3 weights and activations: the logits point the same way
 
 

@@ -37,11 +37,10 @@ def _model(seed: int = 0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("attention", [True, False])
-def test_patched_smollm3_rotates_only_where_the_model_does(attention, monkeypatch):
+def test_patched_smollm3_rotates_only_where_the_model_does(monkeypatch):
     reference = _model()
     assert reference.config.no_rope_layers == [1, 1, 1, 0]  # the fourth layer has no rotary embedding
-    model = patch_model(copy.deepcopy(reference), attention=attention)
+    model = patch_model(copy.deepcopy(reference))
     summary = model.triton_ops_patch
     assert summary.model_type == "smollm3" and summary.rope_attentions == 4 and summary.packed_qkv == 4
     assert summary.fused_residual_adds == 4 and summary.gated_mlps == 4
@@ -49,11 +48,11 @@ def test_patched_smollm3_rotates_only_where_the_model_does(attention, monkeypatc
     real = decoder_layers.apply_rope
     monkeypatch.setattr(decoder_layers, "apply_rope",
                         lambda q, *a, **kw: rotations.append(q.shape) or real(q, *a, **kw))
-    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
-    for a, b in zip(prefill_and_steps(model, ids, 2), prefill_and_steps(reference, ids, 2), strict=True):
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    for a, b in zip(prefill_and_steps(model, ids, 1), prefill_and_steps(reference, ids, 1), strict=True):
         assert cosine(a, b) >= TOL
-    assert len(rotations) == 3 * 3  # three rotating layers, the prompt and two steps (dynamic cache: no fused write)
-    assert_generates_alike(model, reference, ids[:, :6])
+    assert len(rotations) == 3 * 2  # three rotating layers, the prompt and a step (dynamic cache: no fused write)
+    assert_generates_alike(model, reference, ids[:, :5], new_tokens=3)
 
 
 def test_without_rope_the_position_is_not_a_rotation():
