@@ -15,15 +15,17 @@ OP = torch.ops.triton_ops.decode_attention.default
 def test_op_is_registered():
     assert isinstance(OP, torch._ops.OpOverload)
     schema = str(OP._schema)
-    assert "attn_mask" in schema and "sinks" in schema and "sliding_window" in schema
+    assert "attn_mask" in schema and "sinks" in schema and "sliding_window" in schema and "softcap" in schema
 
 
-@pytest.mark.parametrize("dtype,with_mask,with_sinks", [(torch.float32, True, True), (torch.bfloat16, False, False)])
-def test_opcheck(device, dtype, with_mask, with_sinks):
+@pytest.mark.parametrize("dtype,with_mask,with_sinks,softcap", [(torch.float32, True, True, None),
+                                                                (torch.bfloat16, False, False, None),
+                                                                (torch.float32, True, False, 2.0)])
+def test_opcheck(device, dtype, with_mask, with_sinks, softcap):
     q, k, v = make_qkv(1, 4, 2, 2, 20, 16, dtype=dtype, device=device, seed=1)
     mask = torch.rand(1, 1, 2, 20, device=device) > 0.3 if with_mask else None
     sinks = torch.randn(4, device=device) if with_sinks else None
-    opcheck_op(OP, (q, k, v, mask, 0.25, sinks, None, False, None))
+    opcheck_op(OP, (q, k, v, mask, 0.25, sinks, None, False, None, None, softcap))
 
 
 class _Block(torch.nn.Module):
@@ -49,6 +51,9 @@ def test_compiled_equals_eager(device):
     fn = torch.compile(lambda q, k, v: decode_attention(q, k, v, is_causal=True), fullgraph=True,
                        backend="aot_eager")
     assert torch.equal(fn(q, k, v), decode_attention(q, k, v, is_causal=True))
+    capped = torch.compile(lambda q, k, v, m: decode_attention(q, k, v, m, softcap=3.0), fullgraph=True,
+                           backend="aot_eager")  # Gemma 2's logit cap: a float argument of the op
+    assert torch.equal(capped(q, k, v, mask), decode_attention(q, k, v, mask, softcap=3.0))
 
 
 def test_export(device):
