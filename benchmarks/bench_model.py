@@ -51,7 +51,12 @@ VARIANTS = ("transformers", "patched", "patched-fp8")
 # also known: FP8's default recipe (group scales, MLP output projections kept; its first/last-layer rule left out on
 # these few-layer stand-ins), the same with per-row activations (group-row), blocks on every Linear, and for a mixture
 # of experts the unpatched model with only its experts through fused_moe (transformers' experts interface)
-EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block", "experts-triton_ops")
+EXTRA_VARIANTS = ("patched-fp8-default", "patched-fp8-group-row", "patched-fp8-block", "experts-triton_ops",
+                  "transformers-fp8-checkpoint", "patched-fp8-checkpoint")
+# A pre-quantized FP8 checkpoint (Qwen3-8B-FP8's recipe: E4M3 weights in 128x128 blocks, 1x128 dynamic activations)
+# as transformers loads it (every Linear but the LM head its fine-grained FP8Linear; the weights quantized here from
+# the random bf16 ones), as it is and patched (patch_model adopts its FP8 weights as they are).
+FP8_CHECKPOINT_BLOCK = (128, 128)
 # Any patched variant + this suffix: the decode step's RMSNorms inside the launches of the GEMMs they feed
 # (decoder_layers.INPUT_NORM_IN_QKV and POST_NORM_IN_MLP switched on while it is measured; off by default, measured
 # slower), for the before/after of those fusions in one run.
@@ -200,7 +205,9 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     if experts and not variant.startswith("patched-fp8"):
         raise ValueError(f"{variant}: the experts' FP8 suffixes go with a patched FP8 variant")
     model = build_model(config, device, dtype)
-    if variant == "patched":
+    if variant.endswith("-fp8-checkpoint"):
+        as_fp8_checkpoint(model)
+    if variant in ("patched", "patched-fp8-checkpoint"):
         triton_ops.patch_model(model)
     elif variant == "patched-fp8":  # every Linear but the LM head, per-channel weights, per-row activations
         triton_ops.patch_model(model, fp8=True, fp8_recipe="channel", fp8_experts=experts)
@@ -227,6 +234,28 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
 
         model.set_experts_implementation(register_experts_backend())
     return model
+
+
+@torch.no_grad()
+def as_fp8_checkpoint(model: torch.nn.Module) -> None:
+    """``model`` as transformers loads its pre-quantized FP8 checkpoint (:data:`FP8_CHECKPOINT_BLOCK`): every
+    ``nn.Linear`` but the LM head replaced by transformers' fine-grained ``FP8Linear`` holding the weight quantized
+    per 128x128 block (``weight_scale_inv`` its dequantization factor), one layer at a time."""
+    from fused_gated_mlp import quantize_weight_fp8
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    lm_head = model.get_output_embeddings()
+    for name, linear in list(model.named_modules()):
+        if type(linear) is not torch.nn.Linear or linear is lm_head:
+            continue
+        with torch.device("meta"):
+            fp8 = FP8Linear(linear.in_features, linear.out_features, block_size=FP8_CHECKPOINT_BLOCK)
+        q, scale = quantize_weight_fp8(linear.weight, "block")
+        fp8.weight = torch.nn.Parameter(q, requires_grad=False)
+        fp8.weight_scale_inv = torch.nn.Parameter(scale, requires_grad=False)
+        fp8.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, fp8.eval())
 
 
 def decode_weight_bytes(model: torch.nn.Module, experts_only: bool = False) -> int:

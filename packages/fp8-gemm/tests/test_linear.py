@@ -175,6 +175,74 @@ def test_bad_inputs(device):
         convert_to_fp8("model")
 
 
+def _scale_out_in(mod: FP8Linear) -> torch.Tensor:
+    """A module's [K, N]-oriented weight scale as a checkpoint stores it: in the weight's [out, in] orientation."""
+    if mod.weight_granularity == "tensor":
+        return mod.weight_scale.reshape(())
+    if mod.weight_granularity == "channel":
+        return mod.weight_scale.reshape(mod.out_features)
+    return mod.weight_scale.t().contiguous()
+
+
+@pytest.mark.parametrize(("w_gran", "a_gran"), [("block", "block"), ("group", "block"), ("channel", "row"),
+                                                ("tensor", "row")])
+@pytest.mark.parametrize("path", ["auto", "w8a8"])
+def test_from_quantized_adopts_a_checkpoint_weight_as_our_own_quantization(device, w_gran, a_gran, path):
+    # 136 x 200: neither multiple of 128, so block, group and channel scales differ in shape
+    lin = _linear(200, 136, True, device, seed=3)
+    ours = FP8Linear.from_linear(lin, weight_granularity=w_gran, activation_granularity=a_gran)
+    weight = ours.weight.clone()
+    adopted = FP8Linear.from_quantized(weight, _scale_out_in(ours), lin.bias, activation_granularity=a_gran)
+    assert adopted.weight.data_ptr() == weight.data_ptr()  # shared, not copied
+    assert adopted.weight_granularity == w_gran and adopted.weight_scale.shape == ours.weight_scale.shape
+    assert torch.equal(adopted.weight_scale, ours.weight_scale) and adopted.weight_scale.is_contiguous()
+    assert not adopted.bias.requires_grad and torch.equal(adopted.bias, lin.bias)
+    ours.path = adopted.path = path
+    x = torch.randn(2, 3, 200, device=device, dtype=torch.bfloat16)
+    out = adopted(x)
+    assert torch.equal(out, ours(x)), "the adopted weight computes what quantizing the float weight computes"
+    assert_close_rel(adopted.dequantized_weight(), lin.weight.detach(), 0.05, "dequantized weight")
+
+
+def test_from_quantized_reads_power_of_two_e8m0_scales_and_per_channel_columns(device):
+    if not hasattr(torch, "float8_e8m0fnu"):
+        pytest.skip("this torch has no float8_e8m0fnu")
+    torch.manual_seed(5)
+    weight = (torch.randn(256, 384, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    exponents = torch.randint(-12, -2, (2, 3), device=device).float()
+    scale = torch.exp2(exponents).to(torch.float8_e8m0fnu)
+    mod = FP8Linear.from_quantized(weight, scale, activation_granularity="block")
+    assert mod.weight_granularity == "block" and mod.bias is None
+    assert torch.equal(mod.weight_scale, torch.exp2(exponents).t())  # powers of two: exact in float32
+    expected = weight.float() * torch.exp2(exponents).repeat_interleave(128, 0).repeat_interleave(128, 1)
+    assert torch.equal(mod.dequantized_weight(), expected)
+    column = FP8Linear.from_quantized(weight, torch.rand(256, 1, device=device) + 0.5)
+    assert column.weight_granularity == "channel" and column.weight_scale.shape == (1, 256)
+
+
+def test_from_quantized_bad_inputs(device):
+    weight = torch.randn(64, 200, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones(1, 2, device=device)  # 128x128 blocks of a [64, 200] weight
+    with pytest.raises(UnsupportedDtypeError, match="weight: expected dtype"):
+        FP8Linear.from_quantized(weight.to(torch.float8_e5m2), scale)
+    with pytest.raises(UnsupportedDtypeError, match="weight: expected dtype"):
+        FP8Linear.from_quantized(weight.float(), scale)
+    with pytest.raises(UnsupportedDtypeError, match="weight_scale: expected dtype"):
+        FP8Linear.from_quantized(weight, scale.to(torch.int32))
+    with pytest.raises(ShapeMismatchError, match=r"weight_scale: expected one element .* got \[2, 1\]"):
+        FP8Linear.from_quantized(weight, scale.t())  # the [K, N] orientation: not a checkpoint's
+    with pytest.raises(InvalidArgumentError, match="weight_scale: expected finite scales"):
+        FP8Linear.from_quantized(weight, torch.tensor([[1.0, float("nan")]], device=device))
+    with pytest.raises(InvalidArgumentError, match="weight_scale: expected finite scales"):
+        FP8Linear.from_quantized(weight, -scale)
+    with pytest.raises(ShapeMismatchError, match=r"bias: expected shape \[64\]"):
+        FP8Linear.from_quantized(weight, scale, torch.zeros(200, device=device))
+    with pytest.raises(ShapeMismatchError, match="weight"):
+        FP8Linear.from_quantized(weight[0], scale)
+    with pytest.raises(InvalidArgumentError, match="weight: expected a torch.Tensor"):
+        FP8Linear.from_quantized("weight", scale)
+
+
 def test_unsupported_gpu_raises_unsupported_dtype(device, monkeypatch):
     import fp8_gemm.linear as linear_mod
     import fp8_gemm.quantize as quant_mod

@@ -235,12 +235,17 @@ def test_training_a_lora_adapter_on_the_frozen_projections():
     assert _cosine(grads[0], grads[1]) >= (0.99 if DTYPE == torch.bfloat16 else 0.99999)
 
 
-def test_a_model_converted_to_fp8_first_gets_a_clear_error():
+def test_a_model_converted_to_fp8_first_runs_its_packed_fp8_gate_up_in_the_fused_kernel():
+    from fused_gated_mlp import FP8Projection
     from triton_ops import convert_to_fp8
 
-    model = convert_to_fp8(_model(seed=13), recipe="channel")
-    with pytest.raises(UnsupportedModelError, match="FP8Linear already"):
-        patch_model(model)
+    reference = convert_to_fp8(_model(seed=13), recipe="channel")
+    model = patch_model(copy.deepcopy(reference))
+    assert model.triton_ops_patch.fp8_gated_mlps == model.triton_ops_patch.gated_mlps == 2
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, FP8Projection)
+    ids = torch.randint(3, 128, (1, 6), device=DEVICE)
+    with torch.no_grad():
+        assert _cosine(model(ids).logits, reference(ids).logits) >= (0.999 if DTYPE == torch.bfloat16 else 0.99999)
 
 
 def test_autocast_runs_the_model_in_its_own_promotion():

@@ -10,6 +10,7 @@ feature, i.e. per row of the ``[out, in]`` weight), ``[ceil(K/128), ceil(N/128)]
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -74,6 +75,28 @@ def _require_fp8(device: torch.device, what: str) -> None:
 def _check_positive_int(value: object, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InvalidArgumentError(f"{name}: expected a positive integer, got {value!r}")
+
+
+# Scale dtypes a pre-quantized checkpoint may store (DeepSeek-V3.1's UE8M0 powers of two) beside the float ones.
+_SCALE_ONLY_DTYPES = tuple(getattr(torch, n) for n in ("float8_e8m0fnu",) if hasattr(torch, n))
+
+
+def _granularity_of_scale(shape: tuple[int, ...], out_features: int, in_features: int) -> str:
+    """The weight granularity a ``[out, in]``-oriented dequantization scale of ``shape`` stands for
+    (``FP8Linear.from_quantized``); ShapeMismatchError for a shape of none."""
+    blocks_out, blocks_in = -(-out_features // WEIGHT_BLOCK[0]), -(-in_features // WEIGHT_BLOCK[1])
+    if math.prod(shape) == 1:
+        return "tensor"
+    if shape in ((out_features,), (out_features, 1)):
+        return "channel"
+    if shape == (blocks_out, blocks_in):
+        return "block"
+    if shape == (out_features, blocks_in):
+        return "group"
+    raise ShapeMismatchError(
+        f"weight_scale: expected one element (per tensor), [{out_features}] (per output channel), "
+        f"[{blocks_out}, {blocks_in}] (128x128 blocks) or [{out_features}, {blocks_in}] (1x128 groups) for a "
+        f"[{out_features}, {in_features}] weight, got {list(shape)}")
 
 
 class FP8Linear(nn.Module):
@@ -155,6 +178,58 @@ class FP8Linear(nn.Module):
         mod.load_weight(w)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
+        return mod
+
+    @classmethod
+    @torch.no_grad()
+    def from_quantized(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                       activation_granularity: str = "row", fast_accum: bool = False) -> FP8Linear:
+        """Adopt a weight quantized elsewhere (a pre-quantized checkpoint: DeepSeek-V3-style 128x128 blocks,
+        per-tensor, per-channel) without dequantizing it.
+
+        Args:
+            weight: ``float8_e4m3fn`` ``[out_features, in_features]``; used as it is (no copy when contiguous).
+            weight_scale: its dequantization factor (``weight ~= weight_fp8 * scale``: a checkpoint's
+                ``weight_scale_inv``), float32, bfloat16, float16 or ``float8_e8m0fnu``, in the weight's ``[out,
+                in]`` orientation; its shape names the granularity: one element (``"tensor"``), ``[out]`` or
+                ``[out, 1]`` (``"channel"``), ``[ceil(out / 128), ceil(in / 128)]`` (``"block"``: 128x128) or
+                ``[out, ceil(in / 128)]`` (``"group"``: 1x128). Stored as float32 in the GEMM's ``[K, N]``
+                orientation (a copy of the scales only).
+            bias: ``[out_features]`` in float16, bfloat16 or float32, or None.
+            activation_granularity, fast_accum: as the constructor's.
+
+        Raises:
+            UnsupportedDtypeError: the weight is not E4M3, or a scale or bias dtype is not one of the above.
+            ShapeMismatchError: a scale shape of none of the granularities, or a bias of another length.
+            InvalidArgumentError: a scale that is NaN, infinite or negative.
+        """
+        check_tensor(weight, "weight")
+        check_ndim(weight, "weight", exact=2)
+        check_dtype(weight, "weight", (torch.float8_e4m3fn,))
+        check_tensor(weight_scale, "weight_scale")
+        check_dtype(weight_scale, "weight_scale", (*FLOAT_DTYPES, *_SCALE_ONLY_DTYPES))
+        out_features, in_features = weight.shape
+        granularity = _granularity_of_scale(tuple(weight_scale.shape), out_features, in_features)
+        scale = weight_scale.detach().to(weight.device, torch.float32)
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise InvalidArgumentError("weight_scale: expected finite scales >= 0 (the weight's dequantization "
+                                       "factors), got NaN, infinity or a negative value")
+        if bias is not None:
+            check_tensor(bias, "bias")
+            check_dtype(bias, "bias", FLOAT_DTYPES)
+            if tuple(bias.shape) != (out_features,):
+                raise ShapeMismatchError(f"bias: expected shape [{out_features}] (out_features), got "
+                                         f"{list(bias.shape)}")
+        _require_fp8(weight.device, "weight")
+        mod = cls(in_features, out_features, bias is not None, weight_granularity=granularity,
+                  activation_granularity=activation_granularity, fast_accum=fast_accum, device="meta",
+                  dtype=bias.dtype if bias is not None else None)
+        mod.weight = weight.detach().contiguous()
+        # the [K, N] convention of the module's scale (see the module docstring)
+        mod.weight_scale = (scale.reshape(1) if granularity == "tensor" else scale.reshape(1, out_features)
+                            if granularity == "channel" else scale.t().contiguous())
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach().to(weight.device), requires_grad=False)
         return mod
 
     @torch.no_grad()

@@ -10,6 +10,8 @@ output q / k / v are then strided views, which the RoPE kernels rotate in place.
   weight.
 - :func:`pack_fp8`: the FP8 counterpart: the packed linear quantized once as one ``FP8Linear``, and three
   ``FP8Linear`` that are views of its buffers (rows and scales) to stand where the projections were.
+  :func:`pack_fp8_linears` packs projections that are ``FP8Linear`` already (a pre-quantized checkpoint's) the
+  same way, by concatenating their E4M3 rows and scales.
 - :class:`QKVPacking`: what ``patch_model`` attaches to an attention module: the packed layer, the sizes of the
   split, and the weights the projections held when it was made, to tell whether it still describes them (not after
   the model is moved or cast with ``.to()``, deep-copied, its weights reassigned by
@@ -320,15 +322,9 @@ def pack_fp8(q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, *, weight_
     return fp8, views  # type: ignore[return-value]
 
 
-def _fp8_shards_problem(lins: tuple[nn.Module, ...]) -> str | None:
-    """None when three column-parallel ``FP8Linear`` shards pack into one local ``FP8Linear``; else why not."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    if not all(type(m) is FP8Linear for m in lins):
-        return "q/k/v projections are not all FP8Linear"
-    why = _shards_problem(lins, ("weight", "bias", "weight_scale"))
-    if why is not None:
-        return why
+def _fp8_mismatch(lins: tuple[FP8Linear, ...]) -> str | None:
+    """None when three ``FP8Linear`` q / k / v projections agree in what one packed layer needs (options, input size,
+    k's and v's outputs, biases, dtypes and devices); else why not."""
     q, k, v = lins
     if len({(m.weight_granularity, m.activation_granularity, m.fast_accum, m.path, m.in_features)
             for m in lins}) != 1 or k.out_features != v.out_features:
@@ -340,6 +336,72 @@ def _fp8_shards_problem(lins: tuple[nn.Module, ...]) -> str | None:
     if (len({m.weight.dtype for m in lins}) != 1 or len({m.bias.dtype for m in lins if m.bias is not None}) > 1
             or len({t.device for t in tensors}) != 1):
         return "q/k/v weights differ in dtype or device"
+    return None
+
+
+def fp8_linears_packable(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> str | None:
+    """None when three ``FP8Linear`` projections (a pre-quantized checkpoint's, adopted, or ``convert_to_fp8``'s)
+    pack into one by concatenation (:func:`pack_fp8_linears`); else why not (for the summary)."""
+    lins = (q_proj, k_proj, v_proj)
+    if not all(type(m) is FP8Linear for m in lins):
+        return "q/k/v projections are not all nn.Linear, or not all FP8Linear"
+    if any(_sharded(m) for m in lins):
+        return "they are sharded by tensor parallelism (parallelize_model packs them per rank)"
+    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in lins):
+        return "a q/k/v projection has forward hooks or a replaced forward (one GEMM would bypass them)"
+    if not all(_plain(t) for m in lins for t in (m.weight, m.weight_scale, m.bias)):
+        return "q/k/v weights are not plain tensors (sharded or wrapped)"
+    return _fp8_mismatch(lins) or fp8_packable(q_proj.out_features, k_proj.out_features, q_proj.weight_granularity)
+
+
+def pack_fp8_linears(q_proj: FP8Linear, k_proj: FP8Linear, v_proj: FP8Linear
+                     ) -> tuple[FP8Linear, tuple[FP8Linear, FP8Linear, FP8Linear]]:
+    """Three ``FP8Linear`` projections as one ``FP8Linear`` of their concatenated E4M3 rows and scales (per-tensor
+    scales that differ become per-channel ones: the same factors, one per row), and three ``FP8Linear`` viewing its
+    rows to put in their place (one copy of the FP8 weights, the projections' own dropped with them).
+
+    Raises:
+        InvalidArgumentError: the projections cannot be packed (:func:`fp8_linears_packable` says why).
+    """
+    why = fp8_linears_packable(q_proj, k_proj, v_proj)
+    if why is not None:
+        raise InvalidArgumentError(f"q_proj, k_proj, v_proj: expected FP8Linear projections to pack, but {why}")
+    lins = (q_proj, k_proj, v_proj)
+    gran = q_proj.weight_granularity
+    with torch.no_grad():
+        scales = [m.weight_scale for m in lins]
+        if gran == "tensor" and not all(torch.equal(s, scales[0]) for s in scales[1:]):
+            gran = "channel"
+            scales = [s.reshape(1, 1).expand(1, m.out_features) for s, m in zip(scales, lins)]
+        scale = scales[0].clone() if gran == "tensor" else torch.cat(scales, dim=1)
+        # concatenated as bytes: a plain copy, whatever the FP8 dtype's operator coverage on the device
+        weight = torch.cat([m.weight.view(torch.uint8) for m in lins]).view(q_proj.weight.dtype)
+        bias = None if q_proj.bias is None else torch.cat([m.bias.detach() for m in lins])
+    packed = FP8Linear(q_proj.in_features, weight.shape[0], bias is not None, weight_granularity=gran,
+                       activation_granularity=q_proj.activation_granularity, fast_accum=q_proj.fast_accum,
+                       device="meta", dtype=bias.dtype if bias is not None else None)
+    packed.weight, packed.weight_scale = weight, scale
+    if bias is not None:
+        packed.bias = nn.Parameter(bias, requires_grad=False)
+    packed.train(q_proj.training)
+    q, k = q_proj.out_features, k_proj.out_features
+    views = tuple(_fp8_rows(packed, a, b) for a, b in ((0, q), (q, q + k), (q + k, q + 2 * k)))
+    return packed, views  # type: ignore[return-value]
+
+
+def _fp8_shards_problem(lins: tuple[nn.Module, ...]) -> str | None:
+    """None when three column-parallel ``FP8Linear`` shards pack into one local ``FP8Linear``; else why not."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not all(type(m) is FP8Linear for m in lins):
+        return "q/k/v projections are not all FP8Linear"
+    why = _shards_problem(lins, ("weight", "bias", "weight_scale"))
+    if why is not None:
+        return why
+    why = _fp8_mismatch(lins)
+    if why is not None:
+        return why
+    q = lins[0]
     gran = q.weight_granularity
     want = Replicate() if gran == "tensor" else Shard(1)
     scales = [m.weight_scale for m in lins]
@@ -660,5 +722,5 @@ def packed_projections(attn: nn.Module) -> QKVPacking | None:
 
 
 __all__ = ["BF16_FUSED_MAX_ROWS", "NORM_PROLOGUE_MAX_ROWS", "PACKING_ATTR", "PackedQKVLinear", "QKVPacking",
-           "decode_gemv", "decode_gemv_rule", "fp8_packable", "linear", "norm_module_fusable", "pack_fp8",
-           "pack_shards", "packable", "packed_projections", "shards_packable"]
+           "decode_gemv", "decode_gemv_rule", "fp8_linears_packable", "fp8_packable", "linear", "norm_module_fusable",
+           "pack_fp8", "pack_fp8_linears", "pack_shards", "packable", "packed_projections", "shards_packable"]

@@ -77,7 +77,16 @@ from .decoder_layers import (
 )
 from .experts_backend import ACT_FN_ACTIVATIONS, register_experts_backend
 from .experts_backend import unsupported as experts_unsupported
-from .layers import PackedQKVLinear, QKVPacking, fp8_packable, pack_fp8, packable
+from .layers import (
+    PackedQKVLinear,
+    QKVPacking,
+    fp8_linears_packable,
+    fp8_packable,
+    pack_fp8,
+    pack_fp8_linears,
+    packable,
+)
+from .prequantized import adopt_gate_up, adopt_transformers_fp8, fp8_gate_up
 
 # config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, gpt-oss's
 # mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's / Qwen2-MoE's sparse one (gate + experts; Qwen2-MoE
@@ -128,7 +137,8 @@ class PatchSummary:
     rope_attentions: int = 0  # Llama-style, gpt-oss, Phi-3 attentions whose rotary embedding runs as one kernel
     packed_qkv: int = 0  # attentions whose q, k, v projections patch_model packed into one GEMM (one FP8 GEMM with
     # fp8); Phi-3's are packed by the model itself (qkv_proj) and not counted here
-    fp8_linears: int = 0  # nn.Linear layers now FP8Linear (packed q/k/v count three: each keeps its module)
+    fp8_linears: int = 0  # nn.Linear layers now FP8Linear, and a pre-quantized checkpoint's FP8 layers adopted as
+    # FP8Linear (packed q/k/v count three: each keeps its module; gate/up in the fused kernel count as fp8_gated_mlps)
     fp8_gated_mlps: int = 0  # gated MLPs whose gate/up weights are FP8 inside the fused kernel (weight-only)
     attention: str | None = None  # the attention implementation set on the model (None: left as it was)
     notes: list[str] = field(default_factory=list)  # what was left as it was, and why
@@ -240,6 +250,23 @@ def _packed_gated_mlps(model: nn.Module) -> list[nn.Module]:
             if forward_defined_by(m, PACKED_GATED_MLPS) and type(getattr(m, "gate_up_proj", None)) is nn.Linear
             and m.gate_up_proj.out_features % 2 == 0 and hasattr(m, "down_proj")
             and _names_activation(m)]
+
+
+def _fp8_linear_gated_mlps(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """``(mlp, names)`` of every gated MLP whose gate and up projections ``names`` are ``FP8Linear`` already (a
+    pre-quantized checkpoint's, adopted; or ``convert_to_fp8``'s) and fused-kernel ready
+    (:func:`~.prequantized.fp8_gate_up`), with a ``down_proj`` and an activation; Phi-3's packed ``gate_up_proj``
+    only in the MLPs whose forward :class:`~triton_ops.layers.PackedGatedMLP` computes."""
+    found = []
+    for m in model.modules():
+        names = fp8_gate_up(m)
+        if names is None or not hasattr(m, "down_proj") or not _names_activation(m):
+            continue
+        if names == ("gate_up_proj",) and not (forward_defined_by(m, PACKED_GATED_MLPS)
+                                                and m.gate_up_proj.out_features % 2 == 0):
+            continue
+        found.append((m, names))
+    return found
 
 
 def _names_activation(mlp: nn.Module) -> bool:
@@ -535,13 +562,11 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     if fp8_calibration is not None and not fp8:
         raise InvalidArgumentError("fp8_calibration: smoothing is for FP8 conversion; pass fp8=True with it")
     summary = PatchSummary(model_type)
+    # a pre-quantized FP8 checkpoint's layers (transformers' fine-grained FP8) become FP8Linear holding its weights
+    adopted = adopt_transformers_fp8(model, summary.notes)
     mlps, moes, sparse_moes = _gated_mlps(model), _moe_blocks(model), _sparse_moe_blocks(model, summary.notes)
-    packed_mlps = _packed_gated_mlps(model)
-    if not mlps and not moes and not sparse_moes and not packed_mlps:
-        if any(isinstance(m, FP8Linear) for m in model.modules()):
-            raise UnsupportedModelError(
-                "model: its MLP projections are FP8Linear already (convert_to_fp8 ran on it); patch_model takes the "
-                "model in its own dtype and converts it itself: patch_model(model, fp8=True) on the unconverted model")
+    packed_mlps, fp8_mlps = _packed_gated_mlps(model), _fp8_linear_gated_mlps(model)
+    if not mlps and not moes and not sparse_moes and not packed_mlps and not fp8_mlps:
         raise UnsupportedModelError(
             f"model: no gated MLP (gate_proj / up_proj or a packed gate_up_proj nn.Linear, down_proj, an activation) "
             f"and no mixture of "
@@ -549,7 +574,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             f"{model_type!r} model; its layers are not the ones patch_model knows")
     # checked before anything is changed
     activations = [_experts_activation(b.experts, getattr(model.config, "hidden_act", None)) for b in sparse_moes]
-    for mlp in packed_mlps:
+    for mlp in [*packed_mlps, *(m for m, _ in fp8_mlps)]:
         mlp_activation(mlp)
     attentions = _attentions(model)
     unpacked: Counter[str] = Counter()  # why some attentions' q/k/v stay three GEMMs
@@ -561,8 +586,13 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             why = packable(attn.q_proj, attn.k_proj, attn.v_proj)
             if why is None:
                 packs[name] = "linear"
-            else:
-                unpacked[why] += 1
+                continue
+            if all(isinstance(getattr(attn, p), FP8Linear) for p in _QKV):  # FP8 already: a checkpoint's
+                why = fp8_linears_packable(attn.q_proj, attn.k_proj, attn.v_proj)
+                if why is None:
+                    packs[name] = "fp8_linears"
+                    continue
+            unpacked[why] += 1
     if fp8:
         lm_head = getattr(model, "lm_head", None)
         # the shared-expert gates and the DeltaNet's gate projections: FP8_KEPT_LINEARS
@@ -640,6 +670,21 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         for mlp in mlps:
             _patch_gated_mlp(mlp)
         summary.gated_mlps = len(mlps)
+    adopted_ids = {id(m) for m in adopted}
+    # adopted layers that stay FP8Linear (gate/up go into the fused kernel: counted as fp8_gated_mlps)
+    summary.fp8_linears += len(adopted) - sum(id(getattr(m, n)) in adopted_ids for m, names in fp8_mlps for n in names)
+    for mlp, names in fp8_mlps:  # gate and up FP8Linear already (a pre-quantized checkpoint, or convert_to_fp8's)
+        adopt_gate_up(mlp, names, _store_gemm_scale)
+        if names == ("gate_up_proj",):
+            mlp.__dict__[ACT_ATTR] = mlp_activation(mlp)
+            patch_forward(mlp, PackedGatedMLP)
+        else:
+            _patch_gated_mlp(mlp)
+    summary.gated_mlps += len(fp8_mlps)
+    summary.fp8_gated_mlps += len(fp8_mlps)
+    if fp8_mlps:
+        summary.notes.append(f"gate/up of {len(fp8_mlps)} gated MLP(s) FP8Linear already: their E4M3 weights and "
+                             "scales in the fused kernel as they are")
     for mlp in packed_mlps:  # in its dtype, or FP8 (an FP8Projection) where the recipe converts it
         mlp.__dict__[ACT_ATTR] = mlp_activation(mlp)
         patch_forward(mlp, PackedGatedMLP)
@@ -674,10 +719,15 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     summary.rms_norms = len(norms)
     modules = dict(model.named_modules())
     for name, mode in packs.items():
+        attn = modules[name]
         if mode == "linear":
-            attn = modules[name]
             linear = PackedQKVLinear.from_linear(attn.q_proj, attn.k_proj, attn.v_proj, share=True)
             QKVPacking.attach(attn, linear, linear.sizes)
+        elif mode == "fp8_linears":  # FP8Linear projections: their E4M3 rows concatenated
+            linear, views = pack_fp8_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            for proj, view in zip(_QKV, views):
+                setattr(attn, proj, view)
+            QKVPacking.attach(attn, linear, tuple(v.out_features for v in views))
     summary.packed_qkv = len(packs)
     if not pack_qkv and attentions:
         summary.notes.append("q/k/v projections: three GEMMs (pack_qkv=False)")

@@ -1,0 +1,144 @@
+"""patch_model on models whose Linear layers are FP8 already: a pre-quantized checkpoint as transformers loads it
+(its fine-grained FP8 ``FP8Linear``: E4M3 weights, ``weight_scale_inv`` per 128x128 block, per 1x128 group or per
+tensor) and a model ``convert_to_fp8`` converted. The weights are adopted as they are (never dequantized), q/k/v
+packed by concatenation, gate/up handed to the fused kernel; the patched model computes what the checkpoint means:
+its dequantized weights in a float model. CPU under Triton's interpreter (fp32) and a GPU (bf16)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _model_checks import cosine
+from fp8_gemm import FP8Linear
+from fused_gated_mlp import FP8Projection, quantize_weight_fp8
+from torch import nn
+from triton_ops import convert_to_fp8, patch_model
+from triton_ops.models.layers import PACKING_ATTR, QKVPacking
+from triton_ops.models.prequantized import is_transformers_fp8_linear
+from triton_ops_core.testing import device_for_tests
+
+transformers = pytest.importorskip("transformers")
+finegrained_fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+
+DEVICE = device_for_tests()
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+# q 4 heads x 64 = 256 rows and k/v 2 x 64 = 128: whole 128-row blocks, so block-scaled q/k/v pack
+SMALL = {"hidden_size": 256, "intermediate_size": 384, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 128, "max_position_embeddings": 64}
+# Decode-sized calls (at most 16 rows) read the FP8 weights with the activations as they are: the dequantized
+# model up to accumulation order. Longer ones quantize the activations too (W8A8).
+TOL = 0.999 if DTYPE == torch.bfloat16 else 0.99999
+W8A8_TOL = 0.99
+
+
+def _float_model(kind: str = "qwen3", seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    config_cls, model_cls = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                             "llama": ("LlamaConfig", "LlamaForCausalLM")}[kind]
+    config = getattr(transformers, config_cls)(**{**SMALL, **overrides})
+    model = getattr(transformers, model_cls)(config).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def _quantize(weight: torch.Tensor, block_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 weight and its ``[out, in]``-oriented dequantization scale, as a checkpoint stores them."""
+    if block_size is None:
+        scale = weight.float().abs().amax().clamp(min=1e-12) / 448.0
+        return (weight.float() / scale).to(torch.float8_e4m3fn), scale
+    return quantize_weight_fp8(weight.detach(), {(128, 128): "block", (1, 128): "group"}[tuple(block_size)])
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, block_size) -> torch.Tensor:
+    if block_size is None:
+        return q.float() * scale
+    rows, cols = block_size
+    full = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    return q.float() * full[:q.shape[0], :q.shape[1]]
+
+
+def _checkpoint(reference: nn.Module, block_size, activation_scheme: str = "dynamic") -> nn.Module:
+    """``reference`` as transformers loads its pre-quantized FP8 checkpoint: every Linear but the LM head a
+    fine-grained ``FP8Linear``; ``reference`` itself gets the dequantized weights (what the checkpoint means)."""
+    model = copy.deepcopy(reference)
+    for name, linear in list(model.named_modules()):
+        if type(linear) is not nn.Linear or name == "lm_head":
+            continue
+        fp8 = finegrained_fp8.FP8Linear(linear.in_features, linear.out_features, block_size=block_size,
+                                        activation_scheme=activation_scheme).to(DEVICE)
+        q, scale = _quantize(linear.weight, block_size)
+        with torch.no_grad():
+            fp8.weight = nn.Parameter(q, requires_grad=False)
+            fp8.weight_scale_inv = nn.Parameter(scale.reshape(fp8.weight_scale_inv.shape).float(),
+                                                requires_grad=False)
+            reference.get_submodule(name).weight.copy_(_dequantized(q, scale, block_size))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, fp8.eval())
+    return model
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("block_size", [(128, 128), (1, 128), None], ids=["block", "group", "tensor"])
+def test_a_prequantized_checkpoint_runs_its_own_fp8_weights(block_size):
+    reference = _float_model()
+    checkpoint = _checkpoint(reference, block_size)
+    assert is_transformers_fp8_linear(checkpoint.model.layers[0].mlp.down_proj)
+    down_weight = checkpoint.model.layers[0].mlp.down_proj.weight
+    model = patch_model(checkpoint)
+    summary = model.triton_ops_patch
+    assert summary.fp8_linears == 5 and summary.fp8_gated_mlps == summary.gated_mlps == 1
+    assert summary.packed_qkv == 1 and summary.qk_norm_rope_attentions == 1
+    assert any("run as FP8Linear" in n and "never dequantized" in n for n in summary.notes), summary.notes
+    layer = model.model.layers[0]
+    assert type(layer.mlp.down_proj) is FP8Linear
+    assert layer.mlp.down_proj.weight.data_ptr() == down_weight.data_ptr()  # adopted, not copied
+    assert isinstance(layer.mlp.gate_proj, FP8Projection) and isinstance(layer.mlp.up_proj, FP8Projection)
+    packing = layer.self_attn.__dict__[PACKING_ATTR]
+    assert isinstance(packing, QKVPacking) and packing.fp8 and packing.sizes == (256, 128, 128)
+    assert not any(is_transformers_fp8_linear(m) for m in model.modules())
+    ids = torch.randint(0, 128, (2, 9), device=DEVICE)
+    assert cosine(_logits(model, ids[:, :4]), _logits(reference, ids[:, :4])) >= TOL  # 8 rows: weight-only
+    # 18 rows: W8A8 (1x128 activation blocks for block and group weights, per row for per-tensor ones)
+    assert cosine(_logits(model, ids), _logits(reference, ids)) >= W8A8_TOL
+
+
+def test_a_static_activation_checkpoint_with_unaligned_heads_is_said_and_runs():
+    # k/v of one 64-row head: 128-row weight blocks would straddle the q/k/v boundaries, so they stay three GEMMs;
+    # the checkpoint's static activation scales are not used (activations are scaled per call) and it says so
+    reference = _float_model("llama", seed=1, num_key_value_heads=1, num_hidden_layers=2)
+    model = patch_model(_checkpoint(reference, (128, 128), activation_scheme="static"))
+    summary = model.triton_ops_patch
+    assert summary.packed_qkv == 0 and summary.fp8_linears == 2 * 5
+    assert any("static activation scales not used" in n for n in summary.notes), summary.notes
+    assert any("straddle" in n for n in summary.notes), summary.notes
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL
+
+
+def test_layers_fp8_gemm_cannot_run_stay_transformers_with_a_note():
+    reference = _float_model(seed=2)
+    checkpoint = _checkpoint(reference, (128, 128))
+    odd = checkpoint.model.layers[0].self_attn.o_proj
+    odd.block_size = (64, 64)  # a block size fp8_gemm has no kernel for (its scales are not redone: never run)
+    model = patch_model(checkpoint)
+    assert model.model.layers[0].self_attn.o_proj is odd
+    assert any("1 FP8 Linear layer(s) of the checkpoint left to transformers: weight blocks of [64, 64]" in n
+               for n in model.triton_ops_patch.notes), model.triton_ops_patch.notes
+
+
+def test_a_model_convert_to_fp8_converted_is_patched_with_its_weights():
+    reference = convert_to_fp8(_float_model("llama", seed=3), recipe="channel")
+    model = patch_model(copy.deepcopy(reference))
+    summary = model.triton_ops_patch
+    assert summary.fp8_gated_mlps == 1 and summary.packed_qkv == 1 and summary.fp8_linears == 0
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL
