@@ -1,8 +1,9 @@
 """patch_model on models whose Linear layers are FP8 already: a pre-quantized checkpoint as transformers loads it
 (its fine-grained FP8 ``FP8Linear``: E4M3 weights, ``weight_scale_inv`` per 128x128 block, per 1x128 group or per
-tensor) and a model ``convert_to_fp8`` converted. The weights are adopted as they are (never dequantized), q/k/v
-packed by concatenation, gate/up handed to the fused kernel; the patched model computes what the checkpoint means:
-its dequantized weights in a float model. CPU under Triton's interpreter (fp32) and a GPU (bf16)."""
+tensor; FBGEMM's and compressed-tensors' per-channel FP8 layers) and a model ``convert_to_fp8`` converted. The
+weights are adopted as they are (never dequantized), q/k/v packed by concatenation, gate/up handed to the fused
+kernel; the patched model computes what the checkpoint means: its dequantized weights in a float model. CPU under
+Triton's interpreter (fp32) and a GPU (bf16)."""
 
 from __future__ import annotations
 
@@ -47,36 +48,70 @@ def _float_model(kind: str = "qwen3", seed: int = 0, **overrides) -> nn.Module:
 
 
 def _quantize(weight: torch.Tensor, block_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 weight and its ``[out, in]``-oriented dequantization scale, as a checkpoint stores them."""
+    """E4M3 weight and its ``[out, in]``-oriented dequantization scale, as a checkpoint stores them
+    (``"channel"``: one per output row)."""
     if block_size is None:
         scale = weight.float().abs().amax().clamp(min=1e-12) / 448.0
         return (weight.float() / scale).to(torch.float8_e4m3fn), scale
-    return quantize_weight_fp8(weight.detach(), {(128, 128): "block", (1, 128): "group"}[tuple(block_size)])
+    scaling = "channel" if block_size == "channel" else {(128, 128): "block", (1, 128): "group"}[tuple(block_size)]
+    return quantize_weight_fp8(weight.detach(), scaling)
 
 
 def _dequantized(q: torch.Tensor, scale: torch.Tensor, block_size) -> torch.Tensor:
     if block_size is None:
         return q.float() * scale
+    if block_size == "channel":
+        return q.float() * scale[:, None]
     rows, cols = block_size
     full = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
     return q.float() * full[:q.shape[0], :q.shape[1]]
 
 
-def _checkpoint(reference: nn.Module, block_size, activation_scheme: str = "dynamic") -> nn.Module:
-    """``reference`` as transformers loads its pre-quantized FP8 checkpoint: every Linear but the LM head a
-    fine-grained ``FP8Linear``; ``reference`` itself gets the dequantized weights (what the checkpoint means)."""
+def _fine_grained(linear: nn.Linear, block_size, activation_scheme: str) -> tuple[nn.Linear, torch.Tensor]:
+    fp8 = finegrained_fp8.FP8Linear(linear.in_features, linear.out_features, block_size=block_size,
+                                    activation_scheme=activation_scheme).to(DEVICE)
+    q, scale = _quantize(linear.weight, block_size)
+    fp8.weight = nn.Parameter(q, requires_grad=False)
+    fp8.weight_scale_inv = nn.Parameter(scale.reshape(fp8.weight_scale_inv.shape).float(), requires_grad=False)
+    return fp8, _dequantized(q, scale, block_size)
+
+
+def _channel_scaled(linear: nn.Linear, cls: type) -> tuple[nn.Linear, torch.Tensor]:
+    """FBGEMM's ([out, 1] scales) or compressed-tensors' ([1, out]) per-channel FP8 linear."""
+    fp8 = cls(linear.in_features, linear.out_features, linear.bias is not None).to(DEVICE)
+    q, scale = _quantize(linear.weight, "channel")
+    fp8.weight = nn.Parameter(q, requires_grad=False)
+    fp8.weight_scale = nn.Parameter(scale.reshape(fp8.weight_scale.shape).float(), requires_grad=False)
+    return fp8, _dequantized(q, scale, "channel")
+
+
+def _checkpoint_layer(fmt: str) -> object:
+    """A function making a Linear into ``fmt``'s transformers FP8 layer and its dequantized weight."""
+    if fmt == "fbgemm":
+        from transformers.integrations.fbgemm_fp8 import FbgemmFp8Linear
+
+        return lambda linear, block_size, scheme: _channel_scaled(linear, FbgemmFp8Linear)
+    if fmt == "compressed-tensors":
+        ct = pytest.importorskip("transformers.integrations.compressed_tensors")
+        if not hasattr(ct, "CompressedTensorsFP8Linear"):
+            pytest.skip("this transformers has no CompressedTensorsFP8Linear")
+        return lambda linear, block_size, scheme: _channel_scaled(linear, ct.CompressedTensorsFP8Linear)
+    return _fine_grained
+
+
+def _checkpoint(reference: nn.Module, block_size, activation_scheme: str = "dynamic", fmt: str = "fine-grained"
+                ) -> nn.Module:
+    """``reference`` as transformers loads its pre-quantized FP8 checkpoint of format ``fmt``: every Linear but the
+    LM head transformers' FP8 linear; ``reference`` itself gets the dequantized weights (what the checkpoint
+    means)."""
+    make = _checkpoint_layer(fmt)
     model = copy.deepcopy(reference)
     for name, linear in list(model.named_modules()):
         if type(linear) is not nn.Linear or name == "lm_head":
             continue
-        fp8 = finegrained_fp8.FP8Linear(linear.in_features, linear.out_features, block_size=block_size,
-                                        activation_scheme=activation_scheme).to(DEVICE)
-        q, scale = _quantize(linear.weight, block_size)
         with torch.no_grad():
-            fp8.weight = nn.Parameter(q, requires_grad=False)
-            fp8.weight_scale_inv = nn.Parameter(scale.reshape(fp8.weight_scale_inv.shape).float(),
-                                                requires_grad=False)
-            reference.get_submodule(name).weight.copy_(_dequantized(q, scale, block_size))
+            fp8, dequantized = make(linear, block_size, activation_scheme)
+            reference.get_submodule(name).weight.copy_(dequantized)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, fp8.eval())
     return model
@@ -87,10 +122,13 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.mark.parametrize("block_size", [(128, 128), (1, 128), None], ids=["block", "group", "tensor"])
-def test_a_prequantized_checkpoint_runs_its_own_fp8_weights(block_size):
+@pytest.mark.parametrize(("fmt", "block_size"), [("fine-grained", (128, 128)), ("fine-grained", (1, 128)),
+                                                 ("fine-grained", None), ("fbgemm", None),
+                                                 ("compressed-tensors", None)],
+                         ids=["block", "group", "tensor", "fbgemm", "compressed-tensors"])
+def test_a_prequantized_checkpoint_runs_its_own_fp8_weights(fmt, block_size):
     reference = _float_model()
-    checkpoint = _checkpoint(reference, block_size)
+    checkpoint = _checkpoint(reference, block_size, fmt=fmt)
     assert is_transformers_fp8_linear(checkpoint.model.layers[0].mlp.down_proj)
     down_weight = checkpoint.model.layers[0].mlp.down_proj.weight
     model = patch_model(checkpoint)
@@ -98,6 +136,7 @@ def test_a_prequantized_checkpoint_runs_its_own_fp8_weights(block_size):
     assert summary.fp8_linears == 5 and summary.fp8_gated_mlps == summary.gated_mlps == 1
     assert summary.packed_qkv == 1 and summary.qk_norm_rope_attentions == 1
     assert any("run as FP8Linear" in n and "never dequantized" in n for n in summary.notes), summary.notes
+    assert any("FBGEMM's activation upper bound" in n for n in summary.notes) == (fmt == "fbgemm")
     layer = model.model.layers[0]
     assert type(layer.mlp.down_proj) is FP8Linear
     assert layer.mlp.down_proj.weight.data_ptr() == down_weight.data_ptr()  # adopted, not copied

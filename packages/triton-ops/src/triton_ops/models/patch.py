@@ -402,9 +402,10 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     - ``fp8=False``: every gated MLP runs its gate and up projections and the activation in one kernel
       (:class:`triton_ops.layers.GatedMLP`; ``down_proj`` unchanged). Weights are shared, not copied.
     - A pre-quantized FP8 checkpoint (whatever ``fp8`` says): transformers' fine-grained FP8 layers (128x128 weight
-      blocks, 1x128 groups or per tensor) become ``FP8Linear`` holding their E4M3 weights as they are
-      (``FP8Linear.from_quantized``: never dequantized; 1x128 activation blocks for block and group weights, per
-      row for per-tensor ones; a static activation scale is not used); gated MLPs whose gate and up are FP8Linear
+      blocks, 1x128 groups or per tensor), FBGEMM FP8 and compressed-tensors FP8 layers (per channel) become
+      ``FP8Linear`` holding their E4M3 weights as they are (``FP8Linear.from_quantized``: never dequantized; 1x128
+      activation blocks for block and group weights, per row otherwise; a static activation scale or an activation
+      bound is not used); gated MLPs whose gate and up are FP8Linear
       (adopted, or ``convert_to_fp8``'s) run them in the fused kernel with those weights, and FP8Linear q/k/v pack
       by concatenation (:mod:`triton_ops.models.prequantized`). Layers fp8_gemm cannot run (another block size,
       E5M2) stay transformers', with a note.

@@ -1,10 +1,19 @@
 """Models whose Linear layers are FP8 already: pre-quantized checkpoints and ``convert_to_fp8``'s output.
 
-A checkpoint quantized to FP8 by its publisher (Qwen3-8B-FP8, DeepSeek-V3-style 128x128 weight blocks, or one
-scale per tensor) loads through transformers' fine-grained FP8 integration: each ``nn.Linear`` becomes transformers'
-``FP8Linear`` (an ``nn.Linear`` subclass holding an E4M3 ``weight``, its dequantization factor ``weight_scale_inv``
-in the weight's ``[out, in]`` orientation, ``block_size`` and ``activation_scheme``). ``patch_model`` takes such a
-model as it is:
+A checkpoint quantized to FP8 by its publisher loads through one of transformers' FP8 integrations, each of which
+makes every quantized ``nn.Linear`` an ``nn.Linear`` subclass holding an E4M3 ``weight`` and its dequantization
+factor (:data:`CHECKPOINT_FORMATS`):
+
+- fine-grained FP8 (Qwen3-8B-FP8, DeepSeek-V3 style; ``transformers.integrations.finegrained_fp8.FP8Linear``):
+  ``weight_scale_inv`` per 128x128 block (``block_size``), per 1x128 group or per tensor, in the weight's ``[out,
+  in]`` orientation; dynamic 1x128 activation blocks (or a static per-tensor activation scale);
+- FBGEMM FP8 (Meta's Llama 3.1 405B FP8; ``FbgemmFp8Linear``): ``weight_scale [out, 1]``, per-row activations
+  clamped to an upper bound (``input_scale_ub``);
+- compressed-tensors FP8 on transformers' FP8 kernel path (``use_optimized_inference``, the "FP8-dynamic"
+  checkpoints; ``CompressedTensorsFP8Linear``): ``weight_scale`` per output channel (or per tensor), per-row
+  activations.
+
+``patch_model`` takes such a model as it is:
 
 - :func:`adopt_transformers_fp8` makes each of those layers our ``FP8Linear`` (``FP8Linear.from_quantized``: the
   E4M3 weight used as it is, never dequantized; only the scales are copied into our layout);
@@ -28,26 +37,53 @@ from .layers import _plain
 
 # transformers' block sizes ([rows, columns] of the [out, in] weight) and the granularity FP8Linear gives them
 _BLOCK_GRANULARITIES = {(128, 128): "block", (1, 128): "group"}
+# transformers' FP8 linear classes with one scale per output channel (or per tensor) in ``weight_scale``, by name:
+# what they are called in the summary
+_CHANNEL_SCALED = {"FbgemmFp8Linear": "FBGEMM FP8", "CompressedTensorsFP8Linear": "compressed-tensors FP8"}
+CHECKPOINT_FORMATS = ("fine-grained FP8", *_CHANNEL_SCALED.values())
+
+
+def checkpoint_format(module: object) -> str | None:
+    """Which of transformers' FP8 linear layers ``module`` is (:data:`CHECKPOINT_FORMATS`), by its class and the
+    attributes that class documents: an ``nn.Linear`` subclass with an FP8 ``weight`` and either ``weight_scale_inv``
+    and ``block_size`` (fine-grained) or a ``weight_scale`` of one element per output channel or one in all (FBGEMM,
+    compressed-tensors); None for any other module."""
+    weight = getattr(module, "weight", None)
+    if not (isinstance(module, nn.Linear) and type(module) is not nn.Linear and isinstance(weight, torch.Tensor)
+            and weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)):
+        return None
+    if isinstance(getattr(module, "weight_scale_inv", None), torch.Tensor) and hasattr(module, "block_size"):
+        return "fine-grained FP8"
+    scale = getattr(module, "weight_scale", None)
+    name = next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in _CHANNEL_SCALED), None)
+    if name is not None and isinstance(scale, torch.Tensor) and scale.numel() in (1, module.out_features):
+        return _CHANNEL_SCALED[name]
+    return None
 
 
 def is_transformers_fp8_linear(module: object) -> bool:
-    """transformers' fine-grained FP8 linear (``transformers.integrations.finegrained_fp8.FP8Linear``, by its
-    documented attributes): an ``nn.Linear`` subclass with an FP8 ``weight``, a ``weight_scale_inv`` tensor and a
-    ``block_size``."""
-    weight = getattr(module, "weight", None)
-    return (isinstance(module, nn.Linear) and type(module) is not nn.Linear and isinstance(weight, torch.Tensor)
-            and weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-            and isinstance(getattr(module, "weight_scale_inv", None), torch.Tensor) and hasattr(module, "block_size"))
+    """One of transformers' FP8 linear layers (:func:`checkpoint_format`)."""
+    return checkpoint_format(module) is not None
+
+
+def _scale(module: nn.Module) -> torch.Tensor:
+    """The checkpoint layer's dequantization factor in ``FP8Linear.from_quantized``'s ``[out, in]`` orientation."""
+    if checkpoint_format(module) == "fine-grained FP8":
+        scale = module.weight_scale_inv.detach()
+        return scale.reshape(()) if module.block_size is None else scale
+    scale = module.weight_scale.detach()  # [out, 1], [1, out] or one element
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(module.out_features)
 
 
 def _adoption_problem(module: nn.Module) -> str | None:
     """None when :func:`adopt_transformers_fp8` takes this transformers FP8 linear; else why not (for the summary)."""
     if module.weight.dtype != torch.float8_e4m3fn:
         return "E5M2 weights (fp8_gemm's GEMMs read E4M3)"
-    block = module.block_size
+    block = getattr(module, "block_size", None) if checkpoint_format(module) == "fine-grained FP8" else None
     if block is not None and tuple(block) not in _BLOCK_GRANULARITIES:
         return (f"weight blocks of {list(block)} (fp8_gemm scales whole tensors, 128x128 blocks or 1x128 groups)")
-    if not all(_plain(t) for t in (module.weight, module.weight_scale_inv, module.bias)):
+    scale = module.weight_scale_inv if checkpoint_format(module) == "fine-grained FP8" else module.weight_scale
+    if not all(_plain(t) for t in (module.weight, scale, module.bias)):
         return "weights that are not plain tensors (sharded or wrapped)"
     if module.weight.device.type == "meta":
         return "weights on the meta device (not loaded)"
@@ -59,18 +95,34 @@ def _adoption_problem(module: nn.Module) -> str | None:
 def _adopt(module: nn.Module) -> FP8Linear:
     """Our ``FP8Linear`` holding ``module``'s E4M3 weight (shared) and its scales. Activations: 1x128 blocks for a
     block- or group-scaled weight (the recipe such checkpoints are made for, transformers' dynamic scheme), one
-    scale per row for a per-tensor one; a static activation scale is not used (activations are scaled per call)."""
-    block = module.block_size
-    activation = "row" if block is None else "block"
-    scale = module.weight_scale_inv.detach()
-    return FP8Linear.from_quantized(module.weight.detach(), scale.reshape(()) if block is None else scale,
+    scale per row otherwise (as FBGEMM's and compressed-tensors' kernels scale them); a static activation scale or
+    an activation upper bound is not used (activations are scaled per call by their own values)."""
+    blocked = getattr(module, "block_size", None) is not None and checkpoint_format(module) == "fine-grained FP8"
+    return FP8Linear.from_quantized(module.weight.detach(), _scale(module),
                                     None if module.bias is None else module.bias.detach(),
-                                    activation_granularity=activation).train(module.training)
+                                    activation_granularity="block" if blocked else "row").train(module.training)
+
+
+def _kinds(module: nn.Module) -> list[str]:
+    """What the summary says of an adopted layer: its format and scales, and what of the checkpoint is not used."""
+    fmt = checkpoint_format(module)
+    if fmt == "fine-grained FP8":
+        block = module.block_size
+        kinds = [f"{fmt}, " + ("per-tensor weight scales" if block is None else f"{block[0]}x{block[1]} weight blocks")]
+        if getattr(module, "activation_scheme", "dynamic") == "static":
+            kinds.append("static activation scales not used: activations scaled per call")
+        return kinds
+    kinds = [f"{fmt}, " + ("per-tensor" if module.weight_scale.numel() == 1 else "per-channel") + " weight scales"]
+    if fmt == "FBGEMM FP8":
+        kinds.append("FBGEMM's activation upper bound (input_scale_ub) not applied: each row scaled by its own "
+                     "largest value")
+    return kinds
 
 
 def adopt_transformers_fp8(model: nn.Module, notes: list[str]) -> list[FP8Linear]:
-    """Replace every transformers fine-grained FP8 linear of ``model`` that fp8_gemm can run by our ``FP8Linear``
-    holding its weights (:func:`_adopt`); the others stay, with a note saying why. Returns the new layers."""
+    """Replace every transformers FP8 linear of ``model`` (:data:`CHECKPOINT_FORMATS`) that fp8_gemm can run by our
+    ``FP8Linear`` holding its weights (:func:`_adopt`); the others stay, with a note saying why. Returns the new
+    layers."""
     adopted, left, kinds = [], Counter(), Counter()
     for name, module in list(model.named_modules()):
         if not is_transformers_fp8_linear(module):
@@ -82,14 +134,10 @@ def adopt_transformers_fp8(model: nn.Module, notes: list[str]) -> list[FP8Linear
         parent_name, _, attr = name.rpartition(".")
         adopted.append(_adopt(module))
         setattr(model.get_submodule(parent_name), attr, adopted[-1])
-        block = module.block_size
-        static = getattr(module, "activation_scheme", "dynamic") == "static"
-        kinds["per-tensor weight scales" if block is None else f"{block[0]}x{block[1]} weight blocks"] += 1
-        kinds["static activation scales not used: activations scaled per call"] += static
+        kinds.update(_kinds(module))
     if adopted:
-        notes.append(f"{len(adopted)} FP8 Linear layers of the checkpoint (transformers' fine-grained FP8: "
-                     f"{', '.join(k for k in kinds if kinds[k])}) run as FP8Linear: their E4M3 weights used as they "
-                     "are, never dequantized")
+        notes.append(f"{len(adopted)} FP8 Linear layers of the checkpoint ({'; '.join(kinds)}) run as FP8Linear: "
+                     "their E4M3 weights used as they are, never dequantized")
     for why, count in sorted(left.items()):
         notes.append(f"{count} FP8 Linear layer(s) of the checkpoint left to transformers: {why}")
     return adopted
@@ -147,4 +195,5 @@ def adopt_gate_up(mlp: nn.Module, names: tuple[str, ...], store_gemm_scale) -> N
     mlp.__dict__[FAST_ACCUM_ATTR] = first.fast_accum
 
 
-__all__ = ["GATE_UP_NAMES", "adopt_gate_up", "adopt_transformers_fp8", "fp8_gate_up", "is_transformers_fp8_linear"]
+__all__ = ["CHECKPOINT_FORMATS", "GATE_UP_NAMES", "adopt_gate_up", "adopt_transformers_fp8", "checkpoint_format",
+           "fp8_gate_up", "is_transformers_fp8_linear"]
