@@ -181,3 +181,21 @@ def test_a_model_convert_to_fp8_converted_is_patched_with_its_weights():
     assert summary.fp8_gated_mlps == 1 and summary.packed_qkv == 1 and summary.fp8_linears == 0
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)
     assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL
+
+
+def test_a_patched_checkpoint_compiles_whole():
+    # torch.compile(fullgraph=True) through the adopted layers: no graph break, the same logits as eager
+    model = patch_model(_checkpoint(_float_model(seed=4), (128, 128)))
+    ids = torch.randint(0, 128, (1, 5), device=DEVICE)
+    eager = _logits(model, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.equal(_logits(compiled, ids), eager)
+
+
+@pytest.mark.gpu
+def test_gpu_a_patched_checkpoint_generates_compiled_with_cuda_graphs():
+    from _compiled_generate import assert_compiled_generate_matches_eager
+
+    model = patch_model(_checkpoint(_float_model(seed=5, num_hidden_layers=2), (128, 128)))
+    assert_compiled_generate_matches_eager(model, torch.randint(0, 128, (1, 12), device="cuda"))
