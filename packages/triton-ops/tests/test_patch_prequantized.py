@@ -8,6 +8,7 @@ Triton's interpreter (fp32) and a GPU (bf16)."""
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -199,3 +200,48 @@ def test_gpu_a_patched_checkpoint_generates_compiled_with_cuda_graphs():
 
     model = patch_model(_checkpoint(_float_model(seed=5, num_hidden_layers=2), (128, 128)))
     assert_compiled_generate_matches_eager(model, torch.randint(0, 128, (1, 12), device="cuda"))
+
+
+def _stub_mxfp4_forward(self, hidden_states):
+    """A stand-in for transformers' MXFP4 MoE forward (its kernels come from the Hub): the router's logits and a
+    function of the input the test can compute on any device."""
+    logits = nn.functional.linear(hidden_states, self.router.weight, self.router.bias)
+    return torch.tanh(hidden_states) * 0.5, logits
+
+
+def test_gpt_oss_with_mxfp4_experts_patches_the_rest_and_leaves_the_experts(monkeypatch):
+    # transformers' MXFP4 experts (packed uint8 bytes, read by triton_kernels' kernels): fused_moe cannot read them,
+    # so they keep their own forward, said in the summary; attention, norms and the residual adds are ours. Before,
+    # patch_model took them for bf16 experts and the first forward failed.
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                       layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(6)
+    reference = transformers.GptOssForCausalLM(config).to(DEVICE, DTYPE).eval()
+    # transformers 5.2x wraps router and experts in its Mxfp4GptOssMLP; 5.0 swaps the experts and sets the MLP's
+    # forward on the instance
+    wrapper = getattr(mxfp4, "Mxfp4GptOssMLP", None)
+    for layer in reference.model.layers:
+        experts = mxfp4.Mxfp4GptOssExperts(config).to(DEVICE)
+        with torch.no_grad():
+            experts.gate_up_proj.random_(0, 256)
+            experts.down_proj.random_(0, 256)
+        if wrapper is not None:
+            layer.mlp = wrapper(layer.mlp.router, experts)
+        else:
+            layer.mlp.experts = experts
+            layer.mlp.forward = types.MethodType(_stub_mxfp4_forward, layer.mlp)
+    if wrapper is not None:
+        monkeypatch.setattr(wrapper, "forward", _stub_mxfp4_forward)
+    mlp_class = type(reference.model.layers[0].mlp)
+    model = patch_model(copy.deepcopy(reference))
+    summary = model.triton_ops_patch
+    assert summary.moe_blocks == 0 and summary.rope_attentions == 2 and summary.fused_residual_adds == 2
+    assert any("2 MoE block(s) left as they are" in n and "MXFP4" in n for n in summary.notes), summary.notes
+    assert not any("beside the MoE blocks" in n for n in summary.notes), summary.notes  # not loose experts either
+    assert type(model.model.layers[0].mlp) is mlp_class
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL

@@ -275,17 +275,26 @@ def _names_activation(mlp: nn.Module) -> bool:
             or config_hidden_act(getattr(mlp, "config", None)) is not None)
 
 
-def _moe_blocks(model: nn.Module) -> list[nn.Module]:
+def _moe_blocks(model: nn.Module, foreign: list[nn.Module]) -> list[nn.Module]:
     """Every gpt-oss mixture of experts: ``router`` (weight, bias, top_k) and ``experts`` (gate_up_proj, its bias,
-    down_proj, its bias, alpha, limit), gate and up interleaved as ``GptOssExperts`` holds them."""
+    down_proj, its bias, alpha, limit), gate and up interleaved as ``GptOssExperts`` holds them, the weights in a
+    float dtype (or FP8 with our scales). Blocks whose experts are held otherwise (transformers' MXFP4 experts:
+    packed ``uint8`` bytes, or triton_kernels' swizzled tensors) go to ``foreign``: they keep their own forward."""
     found = []
     for module in model.modules():
         router, experts = getattr(module, "router", None), getattr(module, "experts", None)
-        if (all(isinstance(getattr(router, a, None), torch.Tensor) for a in ("weight", "bias"))
+        if not (all(isinstance(getattr(router, a, None), torch.Tensor) for a in ("weight", "bias"))
                 and hasattr(router, "top_k") and all(hasattr(experts, a) for a in ("alpha", "limit"))
-                and all(isinstance(getattr(experts, a, None), torch.Tensor)
+                and all(hasattr(experts, a)
                         for a in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"))):
+            continue
+        tensors = [getattr(experts, a) for a in ("gate_up_proj", "down_proj")]
+        if (all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == router.weight.shape[0]
+                for t in tensors)
+                and (all(t.dtype in _FLOAT_DTYPES for t in tensors) or is_fp8_experts(experts))):
             found.append(module)
+        else:
+            foreign.append(module)
     return found
 
 
@@ -301,14 +310,14 @@ SPARSE_MOE_ROUTERS = ("Qwen3MoeTopKRouter", "MixtralTopKRouter", "Qwen2MoeTopKRo
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
+def _sparse_moe_blocks(model: nn.Module, foreign: list[nn.Module]) -> list[nn.Module]:
     """Every Qwen3-MoE / Mixtral / Qwen2-MoE sparse mixture of experts (transformers 5): a block of
     :data:`SPARSE_MOE_BLOCKS` whose ``gate`` is a router of :data:`SPARSE_MOE_ROUTERS` (``weight [E, H]``,
     ``top_k``) and whose ``experts`` hold ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` in a float dtype
     (or FP8 with our scales); Qwen2-MoE's (:data:`SHARED_EXPERT_BLOCKS`) with its ``shared_expert`` and
-    ``shared_expert_gate`` modules. Experts quantized by transformers (its FP8 checkpoints' ``*_scale_inv`` blocks)
-    are left as they are, with a note."""
-    found, foreign = [], 0
+    ``shared_expert_gate`` modules. Blocks whose experts transformers quantized (its FP8 checkpoints'
+    ``*_scale_inv`` blocks) go to ``foreign``: they keep their own forward."""
+    found = []
     for module in model.modules():
         if not forward_defined_by(module, SPARSE_MOE_BLOCKS):
             continue
@@ -326,12 +335,9 @@ def _sparse_moe_blocks(model: nn.Module, notes: list[str]) -> list[nn.Module]:
         if not (gate_up.shape == (experts_n, 2 * down.shape[2], hidden) and down.shape[:2] == (experts_n, hidden)):
             continue
         if not (gate_up.dtype in _FLOAT_DTYPES and down.dtype in _FLOAT_DTYPES or is_fp8_experts(experts)):
-            foreign += 1
+            foreign.append(module)
             continue
         found.append(module)
-    if foreign:
-        notes.append(f"{foreign} MoE block(s) left as they are: their experts are quantized in a format fused_moe "
-                     "does not read (transformers' FP8 experts with scale_inv blocks)")
     return found
 
 
@@ -572,9 +578,16 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     summary = PatchSummary(model_type)
     # a pre-quantized FP8 checkpoint's layers (transformers' fine-grained FP8) become FP8Linear holding its weights
     adopted = adopt_transformers_fp8(model, summary.notes)
-    mlps, moes, sparse_moes = _gated_mlps(model), _moe_blocks(model), _sparse_moe_blocks(model, summary.notes)
+    foreign_moes: list[nn.Module] = []  # mixtures of experts whose experts fused_moe cannot read: left as they are
+    mlps, moes = _gated_mlps(model), _moe_blocks(model, foreign_moes)
+    sparse_moes = _sparse_moe_blocks(model, foreign_moes)
     packed_mlps, fp8_mlps = _packed_gated_mlps(model), _fp8_linear_gated_mlps(model)
-    if not mlps and not moes and not sparse_moes and not packed_mlps and not fp8_mlps:
+    if foreign_moes:
+        summary.notes.append(
+            f"{len(foreign_moes)} MoE block(s) left as they are (their own forward, transformers' kernels): their "
+            "experts are quantized in a format fused_moe does not read (transformers' MXFP4 experts, or FP8 experts "
+            "with scale_inv blocks); the rest of each layer is patched")
+    if not mlps and not moes and not sparse_moes and not packed_mlps and not fp8_mlps and not foreign_moes:
         raise UnsupportedModelError(
             f"model: no gated MLP (gate_proj / up_proj or a packed gate_up_proj nn.Linear, down_proj, an activation) "
             f"and no mixture of "
@@ -707,7 +720,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
             convert_experts_to_fp8(moe.experts, transposed=transposed, fp8_activations=fp8_experts == "w8a8")
             summary.fp8_moe_blocks += 1
     summary.moe_blocks = len(moes) + len(sparse_moes)
-    loose = _loose_experts(model, [*moes, *sparse_moes])
+    loose = _loose_experts(model, [*moes, *sparse_moes, *foreign_moes])
     if loose:
         _run_loose_experts(model, loose, summary, fp8 and fp8_experts)
     if summary.moe_blocks:
