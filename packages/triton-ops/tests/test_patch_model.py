@@ -252,7 +252,8 @@ def _norm_in_qkv_spy(monkeypatch) -> list[bool]:
     return calls
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+# (Qwen3's beside the newest transformers only: the fusion is off by default, and CI time)
+@pytest.mark.parametrize("kind", ["llama", pytest.param("qwen3", marks=pytest.mark.newest_only)])
 def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch, fused_norms):
     """With FP8 weights the packed q/k/v projection of a few rows is the weight-only kernel, whose prologue
     RMS-normalizes its input: the layer's input norm launch is gone, and the logits are bit for bit those of the
