@@ -245,3 +245,24 @@ def test_gpt_oss_with_mxfp4_experts_patches_the_rest_and_leaves_the_experts(monk
     assert type(model.model.layers[0].mlp) is mlp_class
     ids = torch.randint(0, 128, (1, 6), device=DEVICE)
     assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL
+
+
+def test_packing_fp8_linears_keeps_their_weights_options_and_per_tensor_scales():
+    from triton_ops.models.layers import pack_fp8_linears
+
+    torch.manual_seed(7)
+    lins = []
+    for rows in (256, 128, 128):
+        weight = (torch.randn(rows, 64, device=DEVICE) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        lin = FP8Linear.from_quantized(weight, torch.rand((), device=DEVICE) + 0.5)  # its own per-tensor scale
+        lin.path = "w8a8"  # an option set on the instance
+        lins.append(lin)
+    packed, views = pack_fp8_linears(*lins)
+    # different per-tensor scales: one per row of the packed weight, the same factors
+    assert packed.weight_granularity == "channel" and packed.weight.shape == (512, 64)
+    assert packed.path == "w8a8" and all(v.path == "w8a8" for v in views)
+    for lin, view in zip(lins, views, strict=True):
+        assert torch.equal(view.dequantized_weight(), lin.dequantized_weight())
+        assert view.weight.untyped_storage().data_ptr() == packed.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, 64, device=DEVICE)
+    torch.testing.assert_close(packed(x), torch.cat([lin(x) for lin in lins], dim=-1), rtol=1e-4, atol=1e-4)

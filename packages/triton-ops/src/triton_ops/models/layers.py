@@ -339,6 +339,22 @@ def _fp8_mismatch(lins: tuple[FP8Linear, ...]) -> str | None:
     return None
 
 
+def _packed_fp8_linear(q_proj: FP8Linear, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       weight_granularity: str) -> FP8Linear:
+    """The ``FP8Linear`` of q/k/v's concatenated rows: ``q_proj``'s options (and the plain ones set on the instance,
+    e.g. a forced GEMM path), the given buffers, ``q_proj``'s training mode."""
+    packed = FP8Linear(q_proj.in_features, weight.shape[0], bias is not None, weight_granularity=weight_granularity,
+                       activation_granularity=q_proj.activation_granularity, fast_accum=q_proj.fast_accum,
+                       device="meta", dtype=bias.dtype if bias is not None else None)
+    for key, value in vars(q_proj).items():  # plain options set on the instance (e.g. a forced GEMM path)
+        if not key.startswith("_") and key not in ("in_features", "out_features", "training", "weight_granularity"):
+            setattr(packed, key, value)
+    packed.weight, packed.weight_scale = weight, scale
+    if bias is not None:
+        packed.bias = nn.Parameter(bias, requires_grad=False)
+    return packed.train(q_proj.training)
+
+
 def fp8_linears_packable(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> str | None:
     """None when three ``FP8Linear`` projections (a pre-quantized checkpoint's, adopted, or ``convert_to_fp8``'s)
     pack into one by concatenation (:func:`pack_fp8_linears`); else why not (for the summary)."""
@@ -377,13 +393,7 @@ def pack_fp8_linears(q_proj: FP8Linear, k_proj: FP8Linear, v_proj: FP8Linear
         # concatenated as bytes: a plain copy, whatever the FP8 dtype's operator coverage on the device
         weight = torch.cat([m.weight.view(torch.uint8) for m in lins]).view(q_proj.weight.dtype)
         bias = None if q_proj.bias is None else torch.cat([m.bias.detach() for m in lins])
-    packed = FP8Linear(q_proj.in_features, weight.shape[0], bias is not None, weight_granularity=gran,
-                       activation_granularity=q_proj.activation_granularity, fast_accum=q_proj.fast_accum,
-                       device="meta", dtype=bias.dtype if bias is not None else None)
-    packed.weight, packed.weight_scale = weight, scale
-    if bias is not None:
-        packed.bias = nn.Parameter(bias, requires_grad=False)
-    packed.train(q_proj.training)
+    packed = _packed_fp8_linear(q_proj, weight, scale, bias, gran)
     q, k = q_proj.out_features, k_proj.out_features
     views = tuple(_fp8_rows(packed, a, b) for a, b in ((0, q), (q, q + k), (q + k, q + 2 * k)))
     return packed, views  # type: ignore[return-value]
@@ -436,17 +446,7 @@ def _pack_fp8_shards(q_proj: FP8Linear, k_proj: FP8Linear, v_proj: FP8Linear) ->
         scale = scales[0].clone() if gran == "tensor" else torch.cat(scales, dim=1)
         if bias is not None:
             bias = torch.cat([_local(m.bias) for m in lins])
-    packed = FP8Linear(q_proj.in_features, sum(rows), bias is not None, weight_granularity=gran,
-                       activation_granularity=q_proj.activation_granularity, fast_accum=q_proj.fast_accum,
-                       device="meta", dtype=bias.dtype if bias is not None else None)
-    for key, value in vars(q_proj).items():  # plain options set on the instance (e.g. a forced GEMM path)
-        if not key.startswith("_") and key not in ("in_features", "out_features", "training"):
-            setattr(packed, key, value)
-    packed.weight = weight
-    packed.weight_scale = scale
-    if bias is not None:
-        packed.bias = nn.Parameter(bias, requires_grad=False)
-    packed.train(q_proj.training)
+    packed = _packed_fp8_linear(q_proj, weight, scale, bias, gran)
     start = 0
     for m, n in zip(lins, rows):
         _repoint(m, "weight", weight[start:start + n])
