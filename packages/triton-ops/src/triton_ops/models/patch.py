@@ -576,7 +576,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     if fp8_calibration is not None and not fp8:
         raise InvalidArgumentError("fp8_calibration: smoothing is for FP8 conversion; pass fp8=True with it")
     summary = PatchSummary(model_type)
-    # a pre-quantized FP8 checkpoint's layers (transformers' fine-grained FP8) become FP8Linear holding its weights
+    # a pre-quantized FP8 checkpoint's layers (transformers' fine-grained, FBGEMM or compressed-tensors FP8) become
+    # FP8Linear holding its weights
     adopted = adopt_transformers_fp8(model, summary.notes)
     foreign_moes: list[nn.Module] = []  # mixtures of experts whose experts fused_moe cannot read: left as they are
     mlps, moes = _gated_mlps(model), _moe_blocks(model, foreign_moes)
