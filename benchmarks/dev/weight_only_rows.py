@@ -51,7 +51,7 @@ def fma_candidates(m: int) -> list[dict]:
 def f16_candidates(m: int, scale: str) -> list[dict]:
     """16-row tensor-core tiles (3 to 16 rows) with and without fp16 dots (``F16_DOT``)."""
     out = []
-    k_tiles = (128,) if scale == "group" else (128, 256)
+    k_tiles = (128,) if scale in ("group", "block") else (128, 256)
     for (bn, warps), bk, split, f16 in itertools.product(((32, 4), (64, 4), (128, 8)), k_tiles, (1, 2, 4),
                                                          (False, True)):
         stages = min(4, _SMEM // (bk * (16 * 2 + bn)))
@@ -70,7 +70,7 @@ def candidates(m: int, scale: str, tensor_cores: bool = False) -> list[dict]:
         return f16_candidates(m, scale)
     block_m = max(16, 1 << (m - 1).bit_length())
     out = []
-    k_tiles = (64, 128) if scale == "group" else (64, 128, 256)  # a group-scaled dot stays inside 128 inputs
+    k_tiles = (64, 128) if scale in ("group", "block") else (64, 128, 256)  # a scaled dot stays in 128 inputs
     for (bn, warps), bk, split in itertools.product(((32, 4), (64, 4), (128, 4), (128, 8)), k_tiles, (1, 2, 4)):
         stage = bk * (block_m * 2 + bn)
         stages = min(4, _SMEM // stage)
@@ -137,6 +137,8 @@ def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float, sweep
     s0 = mods[0].weight_scale
     if scale == "group":  # [ceil(K/128), N] -> per weight element
         s_full = s0.t().repeat_interleave(128, dim=1)[:, :k]
+    elif scale == "block":  # [ceil(K/128), ceil(N/128)] -> per weight element
+        s_full = s0.t().repeat_interleave(128, dim=0)[:n].repeat_interleave(128, dim=1)[:, :k]
     else:
         s_full = s0.reshape(-1, 1)
     reference = x.double() @ (w0.double() * s_full.double()).t()
@@ -151,7 +153,7 @@ def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float, sweep
         rows.append({"shape": name, "M": m, "scale": scale, "label": label, "us": us, "floor_us": floor_us,
                      "rel_err": err(first) if first is not None else None})
 
-    for label, path in (("auto", "auto"), ("w8a8", "w8a8")):
+    for label, path in (("auto", "auto"), ("weight_only", "weight_only"), ("w8a8", "w8a8")):
         for mod in mods:
             mod.path = path
         record(label, lambda: [mod(x) for mod in mods], mods[0](x))
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dev.weight_only_rows", description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     p.add_argument("--rows", default="32,64", help="M values")
-    p.add_argument("--scales", default="channel,group", help="channel, group, or bf16 (16-bit weights)")
+    p.add_argument("--scales", default="channel,group",
+                   help="channel, group, block (128x128 weight blocks) or bf16 (16-bit weights)")
     p.add_argument("--copies", type=int, default=4, help="different weights per case in the timed chain")
     p.add_argument("--no-sweep", dest="sweep", action="store_false",
                    help="only FP8Linear's choice, the W8A8 path and bf16 (no weight-only tiles)")

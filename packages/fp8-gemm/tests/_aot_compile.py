@@ -34,6 +34,8 @@ VARIANTS = [
     ("E4M3 group scales, one row, 32 columns, norm prologue", "*fp8e4nv", W.SCALE_GROUP, True, False, False, 1, 32,
      512, 1),
     ("E4M3 group scales, 16 rows, split K", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 32, 128, 4),
+    # 128x128 block scales on the one-row FMA tile: a block scale per 16-element partial sum, like the groups
+    ("E4M3 block scales, one row, residual add", "*fp8e4nv", W.SCALE_BLOCK, False, True, False, 1, 16, 512, 1),
     # fp16 tensor-core dots for bf16 activations (F16_DOT), the tiles _f16_dot_tile picks: 64 x 128 (4 warps) with
     # split K; channel scales at K >= 8192: 128 x 256, 8 warps; the RMSNorm prologue and residual add on one
     ("E4M3 group scales, 16 rows, split K, fp16 dots", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 64, 128, 4,

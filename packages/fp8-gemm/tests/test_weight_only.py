@@ -458,7 +458,12 @@ def test_auto_routes_decode_rows_by_the_measured_rule():
     assert all(wo.use_weight_only("auto", m, big, channel) for m in (1, 2, 16))
     # fp32 activations (an IEEE dot of CUDA-core work): several rows of a large weight keep the W8A8 path
     assert wo.use_weight_only("auto", 1, big, channel, 4) and not wo.use_weight_only("auto", 2, big, channel, 4)
-    assert not wo.use_weight_only("auto", 1, big, blocks)  # the FMA variant's block scales: W8A8 is faster
+    # 128x128 block scales: one row always on the weight-only kernel (its FMA tile scales 16-element partial sums);
+    # several rows only up to BLOCK_WEIGHT_ONLY_MAX_ELEMENTS (packed q/k/v yes, the MLP's 58.7M-element weights no)
+    qkv, qkv_blocks = torch.empty(6144, 4096, dtype=FP8, device="meta"), torch.ones(32, 48, device="meta")
+    assert wo.use_weight_only("auto", 1, big, blocks) and not wo.use_weight_only("auto", 2, big, blocks)
+    assert all(wo.use_weight_only("auto", m, qkv, qkv_blocks) for m in (1, 4, 16))
+    assert not wo.use_weight_only("auto", 4, qkv, qkv_blocks, 4)  # fp32 activations: several rows stay W8A8
     assert wo.use_weight_only("weight_only", 64, big, blocks) and not wo.use_weight_only("w8a8", 1, small, None)
     groups = torch.ones(32, 14336, device="meta")  # group scales: weight-only at every decode M
     assert all(wo.use_weight_only("auto", m, big, groups) for m in (1, 2, 16)) and not wo.use_weight_only("auto", 17,

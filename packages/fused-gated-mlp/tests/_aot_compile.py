@@ -38,6 +38,10 @@ VARIANTS = [
     ("decode, 128x128 block scales, split K", DECODE, K.SCALE_BLOCK, decode(16, 32, 128, 4, 4)),
     ("decode, group scales, split K", DECODE, K.SCALE_GROUP, decode(16, 32, 128, 4, 4)),
     ("decode, group scales, one-row CUDA-core tile", DECODE, K.SCALE_GROUP, decode(1, 8, 512, 1, 4, fma=True)),
+    ("decode, 128x128 block scales, one-row CUDA-core tile", DECODE, K.SCALE_BLOCK,
+     decode(1, 8, 512, 1, 3, fma=True)),
+    ("decode, 128x128 block scales, fp16 tensor-core dots (F16_DOT)", DECODE, K.SCALE_BLOCK,
+     decode(16, 64, 128, 1, 3, f16_dot=True)),
     ("decode, group scales, two-row CUDA-core tile", DECODE, K.SCALE_GROUP,
      decode(2, 8, 256, 1, 3, fma=True, even_k=False)),
     # fp16 tensor-core dots (F16_DOT): the tiles configs._fp8_f16_dot picks (64 columns, 256 / 128 deep; 32 columns

@@ -35,8 +35,8 @@ DECODE_K256 = {**DECODE_SPLIT3, "SPLIT_K": 1, "BLOCK_K": 256}  # block scales ca
 PREFILL_TMA = {"path": "prefill", "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2,
                "num_warps": 4, "num_stages": 2}
 PREFILL_PTR = {**PREFILL_TMA, "USE_TMA": False, "BLOCK_K": 64}
-# CUDA-core products (FMA): row tiles below a tl.dot's 16 (block scales fall back to the dot with 16 rows; group
-# scales stay on the CUDA cores: a K tile narrower than a group, one group, and two groups, the second partial)
+# CUDA-core products (FMA): row tiles below a tl.dot's 16 (group and block scales on the CUDA cores too: a K tile
+# narrower than a group, one group, and two groups, the second partial)
 DECODE_FMA = {**DECODE_SPLIT3, "BLOCK_M": 8, "BLOCK_K": 64, "FMA": True}
 DECODE_FMA_ROW = {**DECODE_SPLIT3, "BLOCK_M": 1, "BLOCK_K": 128, "SPLIT_K": 1, "FMA": True}
 DECODE_FMA_WIDE = {**DECODE_SPLIT3, "BLOCK_M": 2, "BLOCK_K": 256, "SPLIT_K": 1, "FMA": True}
@@ -186,19 +186,20 @@ def test_every_fp8_code_converts_exactly(device, dtype, cfg):
 
 
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("scaling", ["channel", "group"])
+@pytest.mark.parametrize("scaling", ["channel", "group", "block"])
 def test_nan_propagates_on_the_one_and_two_row_tiles(device, scaling, m):
     # the default tiles at one or two rows (CUDA-core): a NaN input stays in its row, a NaN scale in its column
+    # (a 128x128 block's scale: in the block's columns, here the second block row's 22)
     gen = torch.Generator().manual_seed(23)
     args, kwargs, wg64, wu64 = fp8_operands(150, 136, "separate", scaling, gen, device=device)
     x = torch.randn(m, 136, generator=gen).to(device, torch.bfloat16)
     x[m - 1, 7] = float("nan")
     kwargs["gate_scale"] = kwargs["gate_scale"].clone()
-    kwargs["gate_scale"][(30,) if scaling == "channel" else (30, 1)] = float("nan")
+    kwargs["gate_scale"][{"channel": (30,), "group": (30, 1), "block": (1, 1)}[scaling]] = float("nan")
     out = fused_gated_mlp(x, *args, "silu", **kwargs).cpu()
     expected_nan = torch.zeros(m, 150, dtype=torch.bool)
     expected_nan[m - 1] = True
-    expected_nan[:, 30] = True
+    expected_nan[:, slice(128, 150) if scaling == "block" else 30] = True
     assert torch.equal(torch.isnan(out), expected_nan)
     ref = reference_fp8(x, wg64, wu64, "silu")
     assert relative_error(out[~expected_nan], ref[~expected_nan]) <= TOL_BF16
@@ -206,12 +207,13 @@ def test_nan_propagates_on_the_one_and_two_row_tiles(device, scaling, m):
 
 @pytest.mark.parametrize("cfg", [{**DECODE_FMA_ROW, "BLOCK_K": 512}, {**DECODE_FMA_WIDE, "BLOCK_K": 512},
                                  {**DECODE_FMA_ROW, "BLOCK_K": 64, "SPLIT_K": 2}], ids=["row", "two-rows", "row-split"])
-def test_group_scales_past_k_are_never_read(device, cfg):
+@pytest.mark.parametrize("scaling", ["group", "block"])
+def test_group_scales_past_k_are_never_read(device, cfg, scaling):
     # K = 131: the last group holds 3 columns and K tiles of 512 span groups past it; the scales are views into
     # buffers whose next column is NaN, so a scale read past a row's last group would poison the output
     gen = torch.Generator().manual_seed(24)
-    qg, sg = random_fp8(19, 131, "group", gen, device=device)
-    qu, su = random_fp8(19, 131, "group", gen, device=device)
+    qg, sg = random_fp8(19, 131, scaling, gen, device=device)
+    qu, su = random_fp8(19, 131, scaling, gen, device=device)
 
     def padded(s):
         buf = torch.full((s.shape[0], s.shape[1] + 1), float("nan"), device=device)

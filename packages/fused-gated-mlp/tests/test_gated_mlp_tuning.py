@@ -93,35 +93,37 @@ def test_fp8_channel_weights_at_one_or_two_rows_take_the_cuda_core_tiles():
         assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (tokens, 8, block_k)
         chosen = configs.select_gated_mlp_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights="fp8_channel")
         assert chosen == cfg
-    # group scales: the CUDA-core tile at one row on every shape; at two rows only where 32-column tensor-core
-    # tiles leave SMs idle (gpt-oss-20b's 2880 columns)
-    for hidden, inter in ((2880, 2880), (4096, 12288), (4096, 14336)):
-        cfg = configs.heuristic_config(1, hidden, inter, torch.bfloat16, CPU, weights="fp8_group")
-        assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (1, 8, 512), inter
-    cfg = configs.heuristic_config(2, 2880, 2880, torch.bfloat16, CPU, weights="fp8_group")
-    assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (2, 8, 256)
-    cfg = configs.heuristic_config(2, 4096, 14336, torch.bfloat16, CPU, weights="fp8_group")
-    assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16
-    # three rows, block scales (scaled per K step: the dot's tiles), bf16 weights: tensor-core tiles of 16+ rows
-    for tokens, weights in ((3, "fp8_channel"), (3, "fp8_group"), (1, "fp8_block"), (1, "same")):
+    # group and 128x128 block scales: the CUDA-core tile at one row on every shape; at two rows only where
+    # 32-column tensor-core tiles leave SMs idle (gpt-oss-20b's 2880 columns)
+    for weights in ("fp8_group", "fp8_block"):
+        for hidden, inter in ((2880, 2880), (4096, 12288), (4096, 14336)):
+            cfg = configs.heuristic_config(1, hidden, inter, torch.bfloat16, CPU, weights=weights)
+            assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (1, 8, 512), inter
+        cfg = configs.heuristic_config(2, 2880, 2880, torch.bfloat16, CPU, weights=weights)
+        assert cfg["FMA"] and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (2, 8, 256)
+        cfg = configs.heuristic_config(2, 4096, 14336, torch.bfloat16, CPU, weights=weights)
+        assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16
+    # three rows, bf16 weights: tensor-core tiles of 16+ rows
+    for tokens, weights in ((3, "fp8_channel"), (3, "fp8_group"), (3, "fp8_block"), (1, "same")):
         cfg = configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights=weights)
         assert not cfg.get("FMA") and cfg["BLOCK_M"] == 16, (tokens, weights)
     with pytest.raises(configs.InvalidArgumentError, match=r"^weights: expected one of same, fp8_channel"):
         configs.heuristic_config(1, 4096, 14336, torch.bfloat16, CPU, weights="fp8")
 
 
-def test_fp8_channel_and_group_weights_at_3_to_16_rows_take_fp16_tensor_core_dots():
+def test_fp8_channel_group_and_block_weights_at_3_to_16_rows_take_fp16_tensor_core_dots():
     # the 16-row tensor-core tile with F16_DOT: 64 columns where they fill the SMs (Llama-3-8B, Qwen3-8B), else 32
-    # with split-K (gpt-oss-20b's 2880 columns); group scales keep one 128-wide scale group a K step
+    # with split-K (gpt-oss-20b's 2880 columns); group and block scales keep one 128-wide scale group a K step
     for tokens in (3, 8, 16):
         for (hidden, inter), weights, tile in (
                 ((4096, 14336), "fp8_channel", (64, 256, 1)), ((4096, 12288), "fp8_group", (64, 128, 1)),
+                ((4096, 14336), "fp8_block", (64, 128, 1)), ((2880, 2880), "fp8_block", (32, 128, 4)),
                 ((2880, 2880), "fp8_channel", (32, 128, 4)), ((2880, 2880), "fp8_group", (32, 128, 4))):
             cfg = configs.heuristic_config(tokens, hidden, inter, torch.bfloat16, CPU, weights=weights)
             assert cfg["F16_DOT"] and not cfg.get("FMA"), (tokens, inter, weights)
             assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]) == (16, *tile), cfg
-    # not for 17+ rows, block scales, or bf16 weights
-    for tokens, weights in ((17, "fp8_channel"), (8, "fp8_block"), (8, "same")):
+    # not for 17+ rows or bf16 weights
+    for tokens, weights in ((17, "fp8_channel"), (17, "fp8_block"), (8, "same")):
         assert not configs.heuristic_config(tokens, 4096, 14336, torch.bfloat16, CPU, weights=weights).get("F16_DOT")
 
 

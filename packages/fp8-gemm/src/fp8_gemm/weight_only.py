@@ -89,14 +89,24 @@ AUTO_WEIGHT_ONLY = True
 # projections, bf16 activations): the weight-only kernel beat the W8A8 path for weights of up to 2**24 elements (q/o,
 # k/v: 1.2-2.1x at M = 1, 4 and 16, any scales), and for one row with per-channel or per-tensor scales at every size
 # (gate/up 1.0x, down 1.19x, lm_head 1.09x); for larger weights with more rows (0.73-0.93x) or with 128x128 block
-# scales at one row (0.49-0.72x: the FMA variant scales x per K element) the W8A8 path is faster and takes them.
+# scales at one row (0.49-0.72x: the FMA variant then scaled x per K element; see BLOCK_WEIGHT_ONLY_MAX_ELEMENTS for
+# today's rule) the W8A8 path was faster and took them.
 # Re-measured in session 15 (H200, L2 flushed before each call, FP8Linear on Llama-3-8B's packed q/k/v 4096 -> 6144,
 # o, gate 4096 -> 14336 and down; weight-only against W8A8): per-channel scales at M = 4: 18.3 / 15.4 / 29.6 / 28.2 us
 # against 23.3 / 15.3 / 27.5 / 29.8, at M = 16: 18.3 / 15.4 / 29.8 / 28.4 against 56.5 / 15.4 / 35.8 / 30.0 (the
 # W8A8 decode GEMM's larger weights at more rows are no longer faster); group scales at M = 16: 18.7 / 15.1 / 30.7 /
 # 29.9 against 44.7 / - / 62.8 / 72.9 (the W8A8 K loop applies a scale vector per 128-deep block). So every decode M
-# takes the weight-only kernel, except 128x128 block scales on weights past 2**24 elements.
+# takes the weight-only kernel, except 128x128 block scales on large weights at several rows.
 WEIGHT_ONLY_MAX_ELEMENTS = 2**24
+
+# 128x128 block scales (FP8 checkpoints' format), re-measured in session 35 on the H200 after the one-row FMA tile
+# began scaling 16-element partial sums instead of every element of x (``python -m benchmarks.dev.weight_only_rows
+# --rows 1,4,16 --scales block --no-sweep``, four weights back to back in a CUDA graph; weight-only against W8A8):
+# M = 1: packed q/k/v 4096 -> 6144 8.8 / 19.0 us, down 17.2 / 25.1, gate 18.4 / 24.1; M = 4 and 16: q/k/v 13.7-13.8
+# / 19.0-19.4, down 25.8-26.1 / 25.3-26.2, gate 25.4-26.9 / 24.2-25.1. Weights past this many elements (Llama-3-8B's
+# MLP weights, 58.7M) keep the W8A8 path at several rows; one row always takes the weight-only kernel. Whole
+# Llama-3-8B from an FP8 checkpoint, batch 1: 4,038 us a step before the session, 2,748 with this rule.
+BLOCK_WEIGHT_ONLY_MAX_ELEMENTS = 2**25
 
 
 def use_weight_only(path: str, m: int, weight: torch.Tensor | None = None,
@@ -113,7 +123,7 @@ def use_weight_only(path: str, m: int, weight: torch.Tensor | None = None,
         return True
     n, k = weight.shape
     if weight_scale is not None and b_scale_granularity(weight_scale, k, n, "weight_scale") == "block":
-        return False
+        return m == 1 or (x_bytes == 2 and n * k <= BLOCK_WEIGHT_ONLY_MAX_ELEMENTS)
     return m == 1 or x_bytes == 2
 
 

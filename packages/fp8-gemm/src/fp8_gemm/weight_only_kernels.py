@@ -19,8 +19,9 @@ Two ways to multiply (``USE_DOT``, constexpr):
 - CUDA-core FMAs (``BLOCK_M`` 1, 2 or 4): ``x[m, k] * w[n, k]`` accumulated in an fp32 ``[BLOCK_M, BLOCK_N,
   BLOCK_K]`` register tile, summed over K once after the loop. One row accumulates in ``[BLOCK_N, BLOCK_K]``, the
   weight tile's own shape, so the products stay in the layout the tile is loaded in (16 contiguous K bytes a thread,
-  one vector read from shared memory; the 3-D tile's layout re-reads it byte by byte), and group scales multiply
-  each thread's 16-element partial sums (``_chunk_scales``) instead of every weight element.
+  one vector read from shared memory; the 3-D tile's layout re-reads it byte by byte), and block and group scales
+  multiply each thread's 16-element partial sums (``_chunk_scales``, ``_block_chunk_scales``) instead of every
+  weight element (or, for blocks before session 35, every element of x: 0.49-0.72x of the W8A8 path on the H200).
 
 Split K (``SPLIT_K > 1``): each program writes its fp32 partial to the ``[SPLIT_K, M, N]`` workspace; the last
 program of a column block to arrive (an int32 counter per block, reset by that program) sums the partials in the
@@ -90,6 +91,14 @@ def _chunk_scales(s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_K: tl.con
 
 
 @triton.jit
+def _block_chunk_scales(s_col, k0, K, stride_sk, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """The 128x128 block scale of every ``CHUNK``-wide piece of a one-row K tile from ``k0``, ``[BLOCK_K //
+    CHUNK]``, in the tile's block column ``s_col``; zero for pieces past K (as ``_chunk_scales``)."""
+    starts = k0 + tl.arange(0, BLOCK_K // CHUNK) * CHUNK
+    return tl.load(s_col + (starts // 128) * stride_sk, mask=starts < K, other=0.0)
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     """A 2-D tile, masked only along the dimensions that may run past the tensor (zero there)."""
     if EVEN_ROWS:
@@ -155,7 +164,8 @@ def fp8_weight_only_kernel(
     (``triton_ops_core.pdl``): launched early, this program asks L2 for the first ``PREFETCH_LINES`` 128-byte
     lines of each of its weight rows, then waits for the previous kernel before it reads x or writes anything.
     """
-    CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # group scales, one row: products summed per chunk
+    CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # block / group scales, one row: products summed per chunk
+    CHUNKED: tl.constexpr = (not USE_DOT) and BLOCK_M == 1 and (SCALE_MODE == 2 or SCALE_MODE == 4)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -183,7 +193,7 @@ def fp8_weight_only_kernel(
             # one row: products in the weight tile's own layout (a thread holds contiguous K bytes of a row, read
             # from shared memory a vector at a time, no re-layout); group scales: each thread's CHUNK products of
             # a row summed first (a chunk lies inside one group), then times the group's scale
-            acc2 = tl.zeros([BLOCK_N, BLOCK_K // CHUNK if SCALE_MODE == 4 else BLOCK_K], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K // CHUNK if CHUNKED else BLOCK_K], dtype=tl.float32)
         else:
             acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     if NORM:
@@ -225,16 +235,19 @@ def fp8_weight_only_kernel(
         else:
             w = _load_tile(w_ptrs, offs_n, N, k0 + offs_k, K, EVEN_N, EVEN_K)
             xf = x.to(tl.float32)
-            if SCALE_MODE == 2:
+            if SCALE_MODE == 2 and not CHUNKED:
                 # scale x by its K positions' block scale: cheaper than scaling the weight tile (x is shared by
                 # every column of the tile); one more fp32 rounding per product
                 kk = k0 + offs_k
                 xf = xf * tl.load(s_col + (kk // 128) * stride_sk, mask=kk < K, other=0.0)[None, :]
             wf = _dequant_type(w, tl.float32, EMULATE and SCALE_MODE != 3)
             if BLOCK_M == 1:
-                if SCALE_MODE == 4:
+                if CHUNKED:
                     part = tl.sum(tl.reshape(xf * wf, (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
-                    acc2 += part * _chunk_scales(s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_K, CHUNK)
+                    if SCALE_MODE == 4:
+                        acc2 += part * _chunk_scales(s_ptr, offs_n, k0, N, K, stride_sk, stride_sn, BLOCK_K, CHUNK)
+                    else:  # the tile's one block column: a scale per chunk, shared by its BLOCK_N rows
+                        acc2 += part * _block_chunk_scales(s_col, k0, K, stride_sk, BLOCK_K, CHUNK)[None, :]
                 else:
                     acc2 += xf * wf
             else:

@@ -233,7 +233,8 @@ def _group_partial(xf, w, s_ptr, rows, mask_n, stride_s, k, k_end, BLOCK_K: tl.c
 def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                         acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr):
+                        NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr,
+                        ROWS_PER_SCALE: tl.constexpr = 1):
     """``_fma_group_k_loop`` for one row: the weight tiles as ``[BLOCK_N, G, SPAN]`` (``SPAN`` = 128 or a narrower
     tile), multiplied in the layout they are loaded in (a thread holds contiguous K bytes of a row, read from shared
     memory a vector at a time); each thread's products of a ``CHUNK`` (16 K positions, inside one group) are summed in
@@ -247,8 +248,8 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
     n64 = offs_n.to(tl.int64)[:, None, None]
     wg_ptrs = wg_ptr + n64 * stride_wg + (k_start + kk)[None, :, :]  # [BLOCK_N, G, SPAN]
     wu_ptrs = wu_ptr + n64 * stride_wu + (k_start + kk)[None, :, :]
-    rows_g = offs_n * srow_mul + srow_off_g
-    rows_u = offs_n * srow_mul + srow_off_u
+    rows_g = (offs_n * srow_mul + srow_off_g) // ROWS_PER_SCALE
+    rows_u = (offs_n * srow_mul + srow_off_u) // ROWS_PER_SCALE
     mask_w = mask_n[:, None, None]
     CHUNK: tl.constexpr = 16 if SPAN >= 16 else SPAN
     acc3_g = tl.zeros((BLOCK_N, G, SPAN // CHUNK), dtype=tl.float32)
@@ -285,18 +286,20 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
 def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                       acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr):
+                      NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr,
+                      ROWS_PER_SCALE: tl.constexpr = 1):
     """``_fma_k_loop`` with group scales (``W_SCALING`` 3; ``BLOCK_K`` a power of two, at least 16): the K tile is
     viewed as ``[group, row, lane]`` (``_group_k_view``), each thread sums the products of its rows of a group and
     only that sum is scaled: one scale product per ``128 / GROUP_LANES`` weight elements instead of one per element,
-    and a thread needs only the scales of its own rows and groups."""
+    and a thread needs only the scales of its own rows and groups. 128x128 block scales (``W_SCALING`` 2) are group
+    scales shared by 128 rows: ``ROWS_PER_SCALE`` 128 maps a weight row to its scale row (as ``_block_scales``)."""
     SPAN: tl.constexpr = 128 if BLOCK_K >= 128 else BLOCK_K
     LANES: tl.constexpr = GROUP_LANES if SPAN >= GROUP_LANES else SPAN
     if BLOCK_M == 1:
         return _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg,
                                    stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul,
                                    srow_off_g, srow_off_u, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, rstd,
-                                   nw_ptr, K, NORM)
+                                   nw_ptr, K, NORM, ROWS_PER_SCALE)
     kk = _group_k_view(BLOCK_K)  # [G, E, LANES]
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -304,8 +307,8 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
     n64 = offs_n.to(tl.int64)[None, None, :, None]
     wg_ptrs = wg_ptr + n64 * stride_wg + (k_start + kk)[:, :, None, :]  # [G, E, BLOCK_N, LANES]
     wu_ptrs = wu_ptr + n64 * stride_wu + (k_start + kk)[:, :, None, :]
-    rows_g = offs_n * srow_mul + srow_off_g
-    rows_u = offs_n * srow_mul + srow_off_u
+    rows_g = (offs_n * srow_mul + srow_off_g) // ROWS_PER_SCALE
+    rows_u = (offs_n * srow_mul + srow_off_u) // ROWS_PER_SCALE
     mask_x = mask_m[:, None, None, None]
     mask_w = mask_n[None, None, :, None]
     acc4_g = tl.zeros((BLOCK_M, BLOCK_K // SPAN, BLOCK_N, LANES), dtype=tl.float32)
@@ -343,14 +346,13 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     the FP8 weights at ~60 % of copy bandwidth on the H200; plain loads and FMAs of wide K tiles keep more bytes in
     flight. One row accumulates in ``[BLOCK_N, BLOCK_K]``, the weight tile's own shape: the products stay in the
     layout the tile is loaded in (16 contiguous K bytes a thread, one vector read from shared memory), where the
-    3-D tile's default layout re-read the weights byte by byte. Group scales (``W_SCALING`` 3) take
-    ``_fma_group_k_loop``, which scales each group's partial sums; 128x128 block scales are not taken here (the host
-    keeps the dot for them)."""
-    if W_SCALING == 3:
+    3-D tile's default layout re-read the weights byte by byte. Group and 128x128 block scales (``W_SCALING`` 3, 2)
+    take ``_fma_group_k_loop``, which scales each group's partial sums."""
+    if W_SCALING >= 2:
         return _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg,
                                  stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
                                  srow_off_u, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, rstd, nw_ptr,
-                                 K, NORM)
+                                 K, NORM, 128 if W_SCALING == 2 else 1)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N

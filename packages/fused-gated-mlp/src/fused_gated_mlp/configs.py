@@ -230,12 +230,14 @@ def _heuristic(tokens: int, hidden: int, intermediate: int, element_size: int,
     decode = tokens <= DECODE_MAX_TOKENS
     if weights == "fp8_channel" and 0 < tokens <= FMA_MAX_TOKENS:
         return tuple(sorted(_fp8_fma(tokens).items()))
-    if weights == "fp8_group" and 0 < tokens <= FMA_MAX_TOKENS:
+    # 128x128 block scales are group scales shared by 128 rows: the group rules' tiles serve them (the kernels read
+    # a row's scale at row // 128)
+    if weights in ("fp8_group", "fp8_block") and 0 < tokens <= FMA_MAX_TOKENS:
         fma = _fp8_group_fma(tokens, intermediate, sms)
         if fma is not None:
             return tuple(sorted(fma.items()))
-    if weights in ("fp8_channel", "fp8_group") and element_size == 2 and decode_block_m(tokens) == 16:
-        return tuple(sorted(_fp8_f16_dot(intermediate, weights == "fp8_group", sms).items()))
+    if weights in ("fp8_channel", "fp8_group", "fp8_block") and element_size == 2 and decode_block_m(tokens) == 16:
+        return tuple(sorted(_fp8_f16_dot(intermediate, weights != "fp8_channel", sms).items()))
     if weights == "fp8_channel" and decode:
         tuned = _FP8_DEVICE_TABLES.get(device, {}).get((decode_block_m(tokens), hidden, intermediate))
         if tuned is not None:

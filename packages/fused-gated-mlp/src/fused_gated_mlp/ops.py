@@ -221,11 +221,9 @@ def _build_plan(
     if norm_eps is not None and path != "decode":
         raise InvalidArgumentError(f"config: the RMSNorm prologue (norm_weight) runs in the decode kernel only, got "
                                    f"path {path!r}")
-    # CUDA-core products (config FMA; the decode kernel's plain loads): with channel or group scales (the FMA loop
-    # scales partial sums of each group, any K tile); block scales keep the dot (a scale per K step's partial
-    # product)
-    fma = (bool(cfg.get("FMA", False)) and scaling != K.SCALE_BLOCK and path == "decode"
-           and not cfg.get("USE_TMA", False))
+    # CUDA-core products (config FMA; the decode kernel's plain loads): with channel scales, or group and block
+    # scales (the FMA loop scales partial sums of each group, any K tile)
+    fma = bool(cfg.get("FMA", False)) and path == "decode" and not cfg.get("USE_TMA", False)
     if scaling in (K.SCALE_BLOCK, K.SCALE_GROUP) and cfg["BLOCK_K"] > SCALE_BLOCK and not fma:
         # Block scales apply per K step: a step must lie inside one 128-wide scale block. Block sizes are powers of
         # two, so capping BLOCK_K at 128 (from 256 in some decode configs) makes it a divisor of 128.
