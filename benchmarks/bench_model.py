@@ -237,17 +237,47 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
 
 
 @torch.no_grad()
+def _experts_as_fp8_checkpoint(model: torch.nn.Module) -> None:
+    """Every gated experts module in transformers' ``[E, 2I, H]`` layout (not gpt-oss's transposed one, which its
+    FP8 checkpoints do not use) replaced by an ``FP8Experts`` holding its weights per 128x128 block, one layer at a
+    time. A transformers without ``FP8Experts`` keeps them."""
+    from fused_moe import quantize_experts_fp8
+    from transformers.integrations import finegrained_fp8
+
+    cls = getattr(finegrained_fp8, "FP8Experts", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # names, not modules: a list of the modules would keep every replaced layer's weights alive to the end
+    for name in [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "experts"]:
+        experts = model.get_submodule(name)
+        gate_up = getattr(experts, "gate_up_proj", None)
+        if (cls is None or not isinstance(gate_up, torch.Tensor) or gate_up.dim() != 3
+                or not gate_up.is_floating_point() or getattr(experts, "is_transposed", False)
+                or not getattr(experts, "has_gate", True)):
+            continue
+        with torch.device("meta"):
+            fp8 = cls(config, block_size=FP8_CHECKPOINT_BLOCK)
+        q1, s1, q2, s2 = quantize_experts_fp8(gate_up, experts.down_proj, transposed=False, granularity="block")
+        for attr, value in (("gate_up_proj", q1), ("gate_up_proj_scale_inv", s1), ("down_proj", q2),
+                            ("down_proj_scale_inv", s2)):
+            setattr(fp8, attr, torch.nn.Parameter(value, requires_grad=False))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, fp8.eval())
+        del q1, q2, experts, gate_up
+
+
+@torch.no_grad()
 def as_fp8_checkpoint(model: torch.nn.Module) -> None:
     """``model`` as transformers loads its pre-quantized FP8 checkpoint (:data:`FP8_CHECKPOINT_BLOCK`): every
     ``nn.Linear`` but the LM head replaced by transformers' fine-grained ``FP8Linear`` holding the weight quantized
-    per 128x128 block (``weight_scale_inv`` its dequantization factor), one layer at a time."""
+    per 128x128 block (``weight_scale_inv`` its dequantization factor), one layer at a time; the experts of a sparse
+    mixture of experts (Qwen3-MoE's, Mixtral's) by transformers' ``FP8Experts`` likewise (``*_scale_inv``)."""
     from fused_gated_mlp import quantize_weight_fp8
     from transformers.integrations.finegrained_fp8 import FP8Linear
 
+    _experts_as_fp8_checkpoint(model)
     lm_head = model.get_output_embeddings()
-    for name, linear in list(model.named_modules()):
-        if type(linear) is not torch.nn.Linear or linear is lm_head:
-            continue
+    for name in [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not lm_head]:
+        linear = model.get_submodule(name)
         with torch.device("meta"):
             fp8 = FP8Linear(linear.in_features, linear.out_features, block_size=FP8_CHECKPOINT_BLOCK)
         q, scale = quantize_weight_fp8(linear.weight, "block")

@@ -244,7 +244,7 @@ def _floor_table(suite) -> None:
     rows = []
     bps = _floor_bps(suite)  # (measured by now, if the run measures it at all)
     for r in suite.results:
-        if r.group != GROUP:
+        if r.group != GROUP or "bytes_touched" not in r.params:  # (a case past the time budget: no sizes)
             continue
         read_us, math_us = r.params["bytes_touched"] / bps * 1e6, r.params["matrix_work_floor_us"]
         floor, kind = (round(read_us, 2), "weight read") if read_us >= math_us else (math_us, "matrix work")

@@ -25,8 +25,9 @@ I32 = "i32"
 def with_norm(fn, types: dict, consts: dict, norm: bool = False) -> tuple[dict, dict]:
     """The RMSNorm prologue's arguments of the kernels that have one (off unless ``norm``), and the activation
     scales' pointers of the grouped GEMMs (read only with ``A_SCALED``; ``hamax_ptr`` written only with
-    ``H_AMAX``)."""
-    types = {**{p: "*fp32" for p in ("xs_ptr", "hs_ptr", "hamax_ptr") if p in fn.arg_names}, **types}
+    ``H_AMAX``), and their block scales' K stride (read only with ``W_BLOCK``)."""
+    types = {**{p: "*fp32" for p in ("xs_ptr", "hs_ptr", "hamax_ptr") if p in fn.arg_names},
+             **({"stride_sk": I32} if "stride_sk" in fn.arg_names else {}), **types}
     if "NORM" not in fn.arg_names:
         return types, consts
     return ({**types, "nw_ptr": "*bf16", "norm_eps": "fp32"},
@@ -185,6 +186,7 @@ def main() -> int:
                              NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=False, INTERPRET=False,
                              SPLIT_K=2, F16_DOT=True),
                         f"down {wtype} fp16 dots", warps=4)
+    ok &= block_scaled_experts()
     ok &= one_row_fp8_tiles()
     ok &= w8a8()
     for residual in (False, True):
@@ -194,6 +196,36 @@ def main() -> int:
                     "combine" + (" with the residual" if residual else ""))
     ok &= pdl_decode_step(route_types, align_types)
     return 0 if ok else 1
+
+
+def block_scaled_experts() -> bool:
+    """E4M3 experts with 128x128 block scales (FP8 checkpoints'; W_BLOCK): the gate/up GEMM (concatenated) and the
+    down GEMM on the tensor-core tile (each step's partial product scaled), the one-row CUDA-core tile and the row
+    layout (the row's values scaled), and split K in the down GEMM."""
+    ok = True
+    gate_up_types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16",
+                     **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32"),
+                     **dict.fromkeys(["N", "K", "MAX_TILES", "stride_xt", "stride_we", "stride_wk", "stride_wn",
+                                      "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_hm"], I32),
+                     "alpha": "fp32", "limit": "fp32"}
+    down_types = {"h_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
+                  "y_ptr": "*fp32", **dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"],
+                                                    "*i32"),
+                  **dict.fromkeys(["N", "K", "MAX_TILES", "stride_hm", "stride_we", "stride_wk", "stride_wn",
+                                   "stride_be", "stride_bn", "stride_se", "stride_sn", "stride_ym"], I32)}
+    for bm, bn, bk, warps, fma in ((16, 64, 128, 4, 0), (1, 16, 64, 4, 1), (1, 64, 64, 4, 2)):
+        ok &= build(K._gate_up_kernel, gate_up_types,
+                    dict(TOP_K=8, ACTIVATION=K.ACT_SILU, HAS_BIAS=False, INTERLEAVED=False, W_SCALED=False,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, NUM_STAGES=3, DOT_PRECISION="tf32",
+                         UPCAST=False, EMULATE_BF16=False, USE_FMA=fma, INTERPRET=False, F16_DOT=False,
+                         W_BLOCK=True),
+                    f"gate_up E4M3 128x128 block scales BLOCK_M={bm} fma={fma}", warps=warps)
+        ok &= build(K._down_kernel, down_types,
+                    dict(HAS_BIAS=False, W_SCALED=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True,
+                         NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma, INTERPRET=False,
+                         SPLIT_K=1 if fma else 4, F16_DOT=False, W_BLOCK=True),
+                    f"down E4M3 128x128 block scales BLOCK_M={bm} fma={fma}", warps=warps)
+    return ok
 
 
 # W8A8 (E4M3 activations and K-major E4M3 weights) on 64-row tiles: Hopper's FP8 wgmma reads both tiles from shared

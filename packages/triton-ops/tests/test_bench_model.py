@@ -216,3 +216,23 @@ def test_experts_suffixes_convert_the_experts_of_fp8_variants(bm):
         assert experts and all(is_fp8_experts(e) == fp8 and uses_fp8_activations(e) == w8a8 for e in experts)
     with pytest.raises(ValueError, match="patched FP8 variant"):
         bm.make_variant("patched" + bm.EXPERTS_W8A8, config, device, dtype)
+
+
+def test_the_fp8_checkpoint_variant_holds_fp8_experts_that_patch_model_adopts(bm, device):
+    # Qwen3-MoE as an FP8 checkpoint loads: its experts transformers' FP8Experts (128x128 blocks), which patch_model
+    # hands to fused_moe as they are; the model stays close to the bf16 one (FP8 rounding only)
+    finegrained = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    if not hasattr(finegrained, "FP8Experts"):
+        pytest.skip("this transformers has no FP8Experts")
+    config = bm.build_config("qwen3-30b-a3b", tiny=True)
+    device = torch.device(device)
+    reference = bm.make_variant("transformers", config, device, torch.float32)
+    patched = bm.make_variant("patched-fp8-checkpoint", config, device, torch.float32)
+    experts = [m for m in patched.modules() if type(m) is finegrained.FP8Experts]
+    assert len(experts) == config.num_hidden_layers
+    assert all(e.gate_up_scale.dim() == 3 and e.gate_up_proj.dtype == torch.float8_e4m3fn for e in experts)
+    assert patched.triton_ops_patch.moe_blocks == config.num_hidden_layers
+    prompt = torch.randint(0, config.vocab_size, (1, 5), device=device)
+    ref = bm.reference_outputs(reference, prompt, 1)
+    acc = bm.compare_outputs(ref, bm.reference_outputs(patched, prompt, 1, ref["sequence"]))
+    assert acc["finite"] and acc["forced_cosine_min"] > 0.99

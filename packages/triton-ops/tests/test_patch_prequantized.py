@@ -266,3 +266,71 @@ def test_packing_fp8_linears_keeps_their_weights_options_and_per_tensor_scales()
         assert view.weight.untyped_storage().data_ptr() == packed.weight.untyped_storage().data_ptr()
     x = torch.randn(3, 64, device=DEVICE)
     torch.testing.assert_close(packed(x), torch.cat([lin(x) for lin in lins], dim=-1), rtol=1e-4, atol=1e-4)
+
+
+FP8_EXPERTS = getattr(finegrained_fp8, "FP8Experts", None)
+
+
+def _stacked_blocks(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's ``[out, in]`` weight in E4M3 with 128x128 block scales, stacked: what an FP8 checkpoint's
+    ``gate_up_proj`` / ``down_proj`` and their ``*_scale_inv`` hold, and the dequantized weights."""
+    pairs = [quantize_weight_fp8(w.detach(), "block") for w in weights]
+    q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]).float()
+    return q, s, torch.stack([_dequantized(a, b, (128, 128)) for a, b in pairs])
+
+
+@pytest.mark.skipif(FP8_EXPERTS is None, reason="this transformers has no FP8Experts")
+def test_a_checkpoints_fp8_experts_run_in_fused_moe_with_their_weights():
+    # Qwen3-MoE loaded from an FP8 checkpoint: transformers' FP8Experts (E4M3 gate_up_proj [E, 2I, H] and down_proj,
+    # *_scale_inv per 128x128 block). fused_moe reads them as they are; the model computes what the dequantized
+    # weights do. Hidden 192 and intermediate 80: partial blocks, the up half starting inside a block.
+    torch.manual_seed(6)
+    config = transformers.Qwen3MoeConfig(hidden_size=192, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=48, vocab_size=128,
+                                         max_position_embeddings=64, intermediate_size=96, moe_intermediate_size=80,
+                                         num_experts=4, num_experts_per_tok=2)
+    reference = transformers.Qwen3MoeForCausalLM(config).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    checkpoint = copy.deepcopy(reference)
+    experts = reference.model.layers[0].mlp.experts
+    fp8 = FP8_EXPERTS(config, block_size=(128, 128)).to(DEVICE)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            q, s, dequantized = _stacked_blocks(getattr(experts, name).float())
+            setattr(fp8, name, nn.Parameter(q, requires_grad=False))
+            setattr(fp8, f"{name}_scale_inv", nn.Parameter(s, requires_grad=False))
+            getattr(experts, name).copy_(dequantized.to(DTYPE))  # the reference: the checkpoint's meaning
+    checkpoint.model.layers[0].mlp.experts = fp8
+    keys = set(checkpoint.state_dict())
+    model = patch_model(checkpoint)
+    summary = model.triton_ops_patch
+    assert summary.moe_blocks == 1 and summary.fp8_moe_blocks == 0, summary
+    assert any("checkpoint's FP8 experts" in n for n in summary.notes), summary.notes
+    assert not any("left as they are" in n for n in summary.notes), summary.notes
+    assert fp8.gate_up_scale.data_ptr() == fp8.gate_up_proj_scale_inv.data_ptr()  # the checkpoint's, not a copy
+    assert set(model.state_dict()) == keys  # the scales' second names are not states
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL
+
+
+@pytest.mark.skipif(FP8_EXPERTS is None, reason="this transformers has no FP8Experts")
+def test_fp8_experts_fused_moe_cannot_read_stay_transformers_with_a_note():
+    from triton_ops.models.prequantized import adopt_fp8_experts, fp8_experts_problem
+
+    config = transformers.Qwen3MoeConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                         moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    holder = nn.Module()
+    holder.block64 = FP8_EXPERTS(config, block_size=(64, 64))
+    holder.clamped = FP8_EXPERTS(config, block_size=(128, 128))
+    holder.clamped.limit = 7.0
+    holder.ok = FP8_EXPERTS(config, block_size=(128, 128))
+    assert "weight blocks of (64, 64)" in fp8_experts_problem(holder.block64)
+    assert "a gate other than act(gate) * up" in fp8_experts_problem(holder.clamped)
+    notes: list[str] = []
+    assert adopt_fp8_experts(holder, notes) == [holder.ok]
+    assert "gate_up_scale" not in holder.block64._buffers and "gate_up_scale" in holder.ok._buffers
+    assert sum("left to transformers" in n for n in notes) == 2, notes

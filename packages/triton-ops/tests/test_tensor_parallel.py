@@ -184,6 +184,11 @@ def test_sparse_moe_plans_split_their_experts():
     with pytest.raises(parallel.ShardingError, match=r"intermediate size 32 \(config.moe_intermediate_size=32\) is "
                                                      r"not divisible by the tensor-parallel size 3"):
         parallel.tensor_parallel_plan(three_heads, 3)
+    # an FP8 checkpoint's block-scaled experts (their scales registered by patch_model): refused before any split
+    block = qwen.model.layers[0].mlp
+    block.experts.register_buffer("gate_up_scale", torch.ones(4, 1, 1), persistent=False)
+    with pytest.raises(parallel.ShardingError, match="FP8 experts with 128x128 block scales"):
+        plan["model.layers.0.mlp"]._partition(block, None)
     # Qwen2-MoE: its sparse block (with the shared expert) SparseMoEParallel, its dense layer GatedMLPParallel
     qwen2 = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
         **small, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,

@@ -107,11 +107,23 @@ def _weight_f32(w, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _block_scaled(af, ws_ptr, ws2_ptr, stride_sk, k, PAIR: tl.constexpr):
+    """``(af * s, af * s2)``: fp32 row values times the 128x128 block scales of the K step at ``k`` of the weight
+    tiles whose block-scale rows ``ws_ptr`` / ``ws2_ptr`` point at (``s2`` with ``PAIR`` only; else ``af`` again)."""
+    kb = k // 128
+    scaled = af * tl.load(ws_ptr + kb * stride_sk)
+    if PAIR:
+        return scaled, af * tl.load(ws2_ptr + kb * stride_sk)
+    return scaled, af
+
+
+@triton.jit
 def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
             NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_FMA: tl.constexpr,
             INTERPRET: tl.constexpr, PAIR: tl.constexpr, F16_DOT: tl.constexpr = False, rstd=None, nw_ptr=None,
-            NORM: tl.constexpr = False, a_inv=None, QUANT_A: tl.constexpr = False, EMULATE_FP8: tl.constexpr = False):
+            NORM: tl.constexpr = False, a_inv=None, QUANT_A: tl.constexpr = False, EMULATE_FP8: tl.constexpr = False,
+            ws_ptr=None, ws2_ptr=None, stride_sk=0, k_base=0, W_BLOCK: tl.constexpr = False):
     """``(acc + A @ W, acc2 + A @ W2)`` over the whole K: rows of ``A`` (``a_ptrs``, unit stride along K) against
     ``[BLOCK_K, BLOCK_N]`` weight tiles (``w_ptrs``; with ``PAIR`` also ``w2_ptrs``, the up half of a concatenated
     gate/up, from the same loads of ``A``), ``stride_wk`` apart along K, ``NUM_STAGES`` deep. Without ``PAIR``
@@ -130,7 +142,14 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
     ``NORM``: each ``A`` tile RMS-normalized by its rows' ``rstd`` and the weight at ``nw_ptr`` first
     (``triton_ops_core.rms_prologue``). ``QUANT_A``: each ``A`` tile (normalized first) quantized to E4M3 in
     registers with its rows' reciprocal scales ``a_inv``, bit for bit as ``_quant_rows_kernel`` writes it (W8A8 at
-    decode, without the launches of their own)."""
+    decode, without the launches of their own).
+
+    ``W_BLOCK``: 128x128 block-scaled weights (FP8 checkpoints' experts). The host keeps every K step inside one
+    128-deep scale block (``BLOCK_K`` divides 128; the steps start at ``k_base``, a multiple of ``BLOCK_K``) and
+    each weight tile's columns inside one 128-wide block, so a step's scale is one number a weight: ``ws_ptr`` /
+    ``ws2_ptr`` point at the tile's row of block scales (``stride_sk`` apart along K). The CUDA-core paths multiply
+    the row values by it before their products (one fp32 multiply a row element, not a weight element); the dots
+    scale each step's partial product before it joins the accumulator."""
     offs_k = tl.arange(0, BLOCK_K)
     ROW_LAYOUT: tl.constexpr = USE_FMA == 2 and BLOCK_M == 1
     if ROW_LAYOUT:
@@ -169,14 +188,26 @@ def _k_loop(a_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, K, stride_wk, acc, acc2,
             # the row's K values down the tile's rows; multiply-adds asked for explicitly (one instruction a weight,
             # whatever the compiler's fp-fusion default)
             af = tl.reshape(a.to(tl.float32), (BLOCK_K,))[:, None]
+            af2 = af
+            if W_BLOCK:  # this step's block scale of each weight tile, on the row's values
+                af, af2 = _block_scaled(af, ws_ptr, ws2_ptr, stride_sk, k_base + k, PAIR)
             acc2d = tl.fma(af, _weight_f32(w, INTERPRET), acc2d)
             if PAIR:
-                acc2d_2 = tl.fma(af, _weight_f32(w2, INTERPRET), acc2d_2)
+                acc2d_2 = tl.fma(af2, _weight_f32(w2, INTERPRET), acc2d_2)
         elif USE_FMA:
             af = a.to(tl.float32)[:, :, None]
+            af2 = af
+            if W_BLOCK:
+                af, af2 = _block_scaled(af, ws_ptr, ws2_ptr, stride_sk, k_base + k, PAIR)
             acc3 += af * _weight_f32(w, INTERPRET)[None, :, :]
             if PAIR:
-                acc3_2 += af * _weight_f32(w2, INTERPRET)[None, :, :]
+                acc3_2 += af2 * _weight_f32(w2, INTERPRET)[None, :, :]
+        elif W_BLOCK:  # each step's partial product scaled before it joins the fp32 accumulator
+            kb = (k_base + k) // 128
+            acc += _dot(a, w, tl.zeros_like(acc), DOT_PRECISION, UPCAST, F16_DOT) * tl.load(ws_ptr + kb * stride_sk)
+            if PAIR:
+                acc2 += (_dot(a, w2, tl.zeros_like(acc2), DOT_PRECISION, UPCAST, F16_DOT)
+                         * tl.load(ws2_ptr + kb * stride_sk))
         else:
             acc = _dot(a, w, acc, DOT_PRECISION, UPCAST, F16_DOT)
             if PAIR:
@@ -702,6 +733,9 @@ def _gate_up_kernel(
     NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False, A_SCALED: tl.constexpr = False,
     QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16, EMULATE_FP8: tl.constexpr = False,
     H_AMAX: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    # W_BLOCK: FP8 weights with 128x128 block scales, s [E, ceil(2N / 128), ceil(K / 128)] (strides stride_se,
+    # stride_sn per block row, stride_sk per block column), applied in the K loop (concatenated layout only)
+    stride_sk=0, W_BLOCK: tl.constexpr = False,
 ):
     """``QUANT_A`` (W8A8 at decode, with ``A_SCALED``): ``x`` holds the tokens' 16/32-bit rows, quantized to E4M3 in
     registers (``_tile_row_scales``, then each tile in ``_k_loop``) instead of by ``_quant_rows_kernel``.
@@ -775,9 +809,12 @@ def _gate_up_kernel(
         else:
             wg_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
             wu_ptrs = wg_ptrs + N * stride_wn
+            # (W_BLOCK) the block-scale rows of the gate tile (rows from pid_n * BLOCK_N) and of the up tile
+            sg_row = s_base + ((pid_n * BLOCK_N) // 128) * stride_sn
+            su_row = s_base + ((N + pid_n * BLOCK_N) // 128) * stride_sn
             gate, up = _k_loop(x_ptrs, wg_ptrs, wu_ptrs, mask_m, mask_n, K, stride_wk, zero, zero, BLOCK_M, BLOCK_N,
                                BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, True, F16_DOT,
-                               rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8)
+                               rstd, nw_ptr, NORM, a_inv, QUANT_A, EMULATE_FP8, sg_row, su_row, stride_sk, 0, W_BLOCK)
         if W_SCALED:
             gate *= tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
             up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=mask_n, other=0.0)[None, :]
@@ -826,6 +863,8 @@ def _down_kernel(
     A_SCALED: tl.constexpr = False, QUANT_A: tl.constexpr = False, QUANT_BLOCK: tl.constexpr = 16,
     EMULATE_FP8: tl.constexpr = False, A_AMAX: tl.constexpr = False, AMAX_PARTS: tl.constexpr = 1,
     SWAP_AB: tl.constexpr = False,
+    # W_BLOCK: 128x128 block scales, s [E, ceil(N / 128), ceil(K / 128)] (as _gate_up_kernel's)
+    stride_sk=0, W_BLOCK: tl.constexpr = False,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -866,9 +905,10 @@ def _down_kernel(
         acc, _ = _k_loop_swap(a_ptrs, wt_ptrs, wt_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N,
                               BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, False, a_inv, QUANT_A, EMULATE_FP8)
     else:
+        s_row = s_ptr + expert.to(tl.int64) * stride_se + ((pid_n * BLOCK_N) // 128) * stride_sn  # (W_BLOCK)
         acc, _ = _k_loop(a_ptrs, w_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N,
                          BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT, None,
-                         None, False, a_inv, QUANT_A, EMULATE_FP8)
+                         None, False, a_inv, QUANT_A, EMULATE_FP8, s_row, s_row, stride_sk, k_start, W_BLOCK)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if A_SCALED:

@@ -102,8 +102,9 @@ class FusedMoE(nn.Module):
         return (f"hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
                 f"alpha={self.alpha}, limit={self.limit}"
-                + (f", experts={str(self.experts.gate_up_proj.dtype).removeprefix('torch.')} (fp8, per-column "
-                   "scales" + (", fp8 activations per row" if uses_fp8_activations(self.experts) else "") + ")"
+                + (f", experts={str(self.experts.gate_up_proj.dtype).removeprefix('torch.')} (fp8, "
+                   + ("128x128 block" if self.experts.gate_up_scale.dim() == 3 else "per-column") + " scales"
+                   + (", fp8 activations per row" if uses_fp8_activations(self.experts) else "") + ")"
                    if is_fp8_experts(self.experts) else ""))
 
 
@@ -140,7 +141,8 @@ def convert_experts_to_fp8(experts: nn.Module, dtype: torch.dtype = torch.float8
 
 
 def is_fp8_experts(experts: nn.Module) -> bool:
-    """Whether an experts module holds FP8 weights with their scales (``FusedMoE.quantize_experts_fp8``)."""
+    """Whether an experts module holds FP8 weights with their scales (``FusedMoE.quantize_experts_fp8``; or an FP8
+    checkpoint's block scales registered under those names, as ``triton_ops.patch_model`` does)."""
     return "gate_up_scale" in experts._buffers and "down_scale" in experts._buffers
 
 

@@ -29,11 +29,11 @@ from triton_ops_core.exceptions import LayoutError, ShapeMismatchError, TritonKe
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.rms_prologue import check_norm, norm_block
-from triton_ops_core.validation import check_dtype, check_same_device, check_tensor
+from triton_ops_core.validation import check_choice, check_dtype, check_same_device, check_tensor
 
 from . import _kernels as K
 from .configs import MoEConfig, for_layout, select_config
-from .validation import validate_experts_inputs, validate_route_inputs
+from .validation import SCALE_BLOCK, validate_experts_inputs, validate_route_inputs
 
 _ACTIVATION_CODES = {"swiglu_oai": K.ACT_SWIGLU_OAI, "silu": K.ACT_SILU, "gelu": K.ACT_GELU,
                      "gelu_tanh": K.ACT_GELU_TANH}
@@ -368,6 +368,19 @@ def _align_quant_plan(align: Plan, quant: Plan) -> Plan:
                  emulate, norm, norm_blk, on), align.num_warps, **align.options)
 
 
+def _for_block_scales(cfg: MoEConfig, inter: int) -> MoEConfig:
+    """``cfg`` for 128x128 block-scaled experts: a K step inside one scale block (``BLOCK_K`` at most 128, a power
+    of two, so a divisor of 128), and every weight tile's columns inside one block: ``BLOCK_N`` a divisor of 128 and,
+    for the up half (whose rows start at ``inter``), of ``inter``'s offset into its block. No swapped W8A8 products
+    (``_k_loop_swap`` takes no block scales)."""
+    gate_up_n = min(cfg.gate_up_block_n, SCALE_BLOCK)
+    while (inter % SCALE_BLOCK) % gate_up_n:
+        gate_up_n //= 2
+    return cfg._replace(gate_up_block_n=gate_up_n, gate_up_block_k=min(cfg.gate_up_block_k, SCALE_BLOCK),
+                        down_block_n=min(cfg.down_block_n, SCALE_BLOCK),
+                        down_block_k=min(cfg.down_block_k, SCALE_BLOCK), swap_ab=False)
+
+
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
                   down_proj: torch.Tensor, down_proj_bias: torch.Tensor | None, activation: str,
                   gate_up_layout: str, transposed: bool, alpha: float, limit: float,
@@ -382,6 +395,9 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     cfg = _config(t, k, h, inter, e, dev, gate_up_proj.element_size(), fp8_activations)
     if fp8_activations and dev.type == "cuda":  # (the interpreter's tests choose their tiles)
         cfg = for_layout(cfg, gate_up_layout == "interleaved")
+    blocks = gate_up_scale is not None and gate_up_scale.dim() == 3  # 128x128 block scales, applied in the K loops
+    if blocks:
+        cfg = _for_block_scales(cfg, inter)
     align = _align_plan(p, e, cfg.block_m, dev)
     tiles = align.tiles
     if t == 0:
@@ -428,14 +444,15 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         0 if b1 is None else b1.stride(0), 1 if b1 is None else b1.stride(1),
         0 if s1 is None else s1.stride(0), 1 if s1 is None else s1.stride(1), inter, float(alpha), float(limit),
         0.0 if norm_eps is None else float(norm_eps),
-        # TOP_K, ACTIVATION, HAS_BIAS, INTERLEAVED, W_SCALED
-        k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved", s1 is not None,
+        # TOP_K, ACTIVATION, HAS_BIAS, INTERLEAVED, W_SCALED (per column, in the epilogue)
+        k, _ACTIVATION_CODES[activation], b1 is not None, gate_up_layout == "interleaved",
+        s1 is not None and not blocks,
         # BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, EMULATE_BF16
         cfg.block_m, cfg.gate_up_block_n, cfg.gate_up_block_k, h % cfg.gate_up_block_k == 0, cfg.num_stages,
         precision, upcast, emulate, fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
         norm_eps is not None, norm_block(h, norm_rows, dev.type == "cpu") if norm_eps is not None else 16, on,
-        fp8_activations, *quant[0], h_in_down, swap), cfg.num_warps, **early)
+        fp8_activations, *quant[0], h_in_down, swap, s1.stride(2) if blocks else 0, blocks), cfg.num_warps, **early)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -443,10 +460,10 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         h, inter, tiles, inter, *_weight_strides(down_proj, transposed),
         0 if b2 is None else b2.stride(0), 1 if b2 is None else b2.stride(1),
         0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
-        b2 is not None, s2 is not None,
+        b2 is not None, s2 is not None and not blocks,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
         precision, upcast, down_fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
-        h_in_down, max(1, amax_parts), swap), cfg.num_warps, **early)
+        h_in_down, max(1, amax_parts), swap, s2.stride(2) if blocks else 0, blocks), cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
@@ -754,7 +771,12 @@ def moe_experts(
             (:func:`quantize_experts_fp8`). The FP8 tiles are converted in registers (exact), to ``hidden``'s dtype
             for the tensor-core tiles or to fp32 for the CUDA-core ones (FP8 experts at 2 to 8 tokens), and the
             scale applied to each column's fp32 sum: half the weight bytes of bf16, the activations unquantized.
-            None (the default) for 16/32-bit weights.
+            Or 128x128 block scales, as FP8 checkpoints ship their experts (transformers' ``FP8Experts``:
+            ``gate_up_proj_scale_inv`` / ``down_proj_scale_inv``, float32): ``[E, ceil(2I / 128), ceil(H /
+            128)]`` and ``[E, ceil(H / 128), ceil(I / 128)]``, output features by input features whatever the
+            weights' layout, ``W[e][n, k] * scale[e, n // 128, k // 128]``; concatenated gate/up only, the
+            intermediate size a multiple of 16. Each 128-deep K step's partial product (tensor cores) or row values
+            (CUDA cores) are scaled by the step's block scale. None (the default) for 16/32-bit weights.
         residual: ``hidden``'s shape and dtype (rows of unit stride), or None: added to each token's sum before its
             one rounding (a decoder layer's residual add after its MoE, without a launch of its own).
         norm_weight, norm_eps: ``hidden`` RMS-normalized first (as :func:`moe_route`'s), inside the gate/up
@@ -855,8 +877,8 @@ _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 @torch.no_grad()
 def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, transposed: bool = True,
-                         dtype: torch.dtype = torch.float8_e4m3fn, k_major: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         dtype: torch.dtype = torch.float8_e4m3fn, k_major: bool = False,
+                         granularity: str = "channel") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Expert weights in FP8 for :func:`moe_experts` / :func:`fused_moe`: ``(gate_up_fp8, gate_up_scale,
     down_fp8, down_scale)``.
 
@@ -865,6 +887,12 @@ def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
     scale[e, n]``. The FP8 weights keep the layout given (``transposed=True``: gpt-oss's ``[E, H, 2I]`` and
     ``[E, I, H]``; ``False``: ``[E, 2I, H]`` and ``[E, H, I]``), contiguous; the scales are fp32 ``[E, 2I]`` and
     ``[E, H]``. Plain PyTorch, once per model (no kernel).
+
+    ``granularity="block"``: one scale per expert and 128x128 block of the weight (each block's absolute maximum
+    mapped to the format's largest value), as FP8 checkpoints quantize their experts (DeepSeek-V3, Qwen3-MoE's FP8
+    releases): scales ``[E, ceil(2I / 128), ceil(H / 128)]`` and ``[E, ceil(H / 128), ceil(I / 128)]``, output
+    features by input features in either layout; for the concatenated gate/up layout (``moe_experts`` reads them
+    there). Finer than per-column scales along K, so closer to the weights where a column's values differ a lot.
 
     ``k_major=True``: the same shapes, stored with the reduction dimension (H for gate/up, I for down) contiguous,
     whatever ``transposed`` says: Hopper's FP8 tensor cores take only K-major weight tiles, so E4M3 activations
@@ -877,6 +905,7 @@ def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
     """
     if dtype not in _FP8_MAX:
         raise UnsupportedDtypeError(f"dtype: expected torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    check_choice(granularity, "granularity", ("channel", "block"))
     out = []
     for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dtype in _FP8_MAX:
@@ -887,15 +916,32 @@ def quantize_experts_fp8(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *,
             raise ShapeMismatchError(f"{name}: expected a 3-D [experts, ., .] weight, got shape {list(w.shape)}")
         k_dim = 1 if transposed else 2  # the reduction dimension; the scales run along the other one
         wf = w.float()
-        amax = wf.abs().amax(dim=k_dim)
-        scale = torch.where(amax > 0, amax / _FP8_MAX[dtype], torch.ones_like(amax))
-        q = (wf / scale.unsqueeze(k_dim)).clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype)
+        if granularity == "block":
+            q, scale = _block_quantized(wf.transpose(1, 2) if transposed else wf, dtype)
+            q = q.transpose(1, 2) if transposed else q
+        else:
+            amax = wf.abs().amax(dim=k_dim)
+            scale = torch.where(amax > 0, amax / _FP8_MAX[dtype], torch.ones_like(amax))
+            q = (wf / scale.unsqueeze(k_dim)).clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype)
         if k_major and k_dim == 1:  # K innermost in memory, the logical shape kept
             q = q.transpose(1, 2).contiguous().transpose(1, 2)
         else:
             q = q.contiguous()
         out += [q, scale.contiguous()]
     return out[0], out[1], out[2], out[3]
+
+
+def _block_quantized(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 ``[E, out, in]`` weight in ``dtype`` with one scale per 128x128 block: ``(q [E, out, in], scales
+    [E, ceil(out / 128), ceil(in / 128)])``."""
+    e, rows, cols = w.shape
+    pad_r, pad_c = -rows % SCALE_BLOCK, -cols % SCALE_BLOCK
+    blocks = torch.nn.functional.pad(w, (0, pad_c, 0, pad_r)).view(
+        e, (rows + pad_r) // SCALE_BLOCK, SCALE_BLOCK, (cols + pad_c) // SCALE_BLOCK, SCALE_BLOCK)
+    amax = blocks.abs().amax(dim=(2, 4))
+    scale = torch.where(amax > 0, amax / _FP8_MAX[dtype], torch.ones_like(amax))
+    full = scale.repeat_interleave(SCALE_BLOCK, 1)[:, :rows].repeat_interleave(SCALE_BLOCK, 2)[:, :, :cols]
+    return (w / full).clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype), scale
 
 
 __all__ = ["ExpertGroups", "MoEBackwardError", "clear_caches", "fused_moe", "max_tiles", "moe_align",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
+from triton_ops_core.launch import cdiv
 from triton_ops_core.validation.common import (
     FLOAT_DTYPES,
     HALF_DTYPES,
@@ -28,6 +29,7 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 GATE_UP_LAYOUTS = ("interleaved", "concatenated")
 MAX_EXPERTS = 1024  # every expert's logit of a token lives in one tile of the routing kernel
 MAX_TOP_K = 64
+SCALE_BLOCK = 128  # rows and columns of one block of block-scaled FP8 experts (DeepSeek-V3's, transformers' FP8Experts)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,10 @@ def validate_experts_inputs(
 
     FP8 experts: ``gate_up_proj`` and ``down_proj`` both ``float8_e4m3fn`` or both ``float8_e5m2``, with
     ``gate_up_scale`` ``[E, 2I]`` and ``down_scale`` ``[E, H]`` in fp32 (one scale per expert and output column;
-    ``quantize_experts_fp8`` makes them); 16/32-bit weights take no scales. ``fp8_activations`` (W8A8) needs
+    ``quantize_experts_fp8`` makes them), or with 128x128 block scales (FP8 checkpoints' experts, transformers'
+    ``FP8Experts``): ``gate_up_scale`` ``[E, ceil(2I / 128), ceil(H / 128)]`` and ``down_scale`` ``[E, ceil(H /
+    128), ceil(I / 128)]`` in fp32, output features by input features whatever the weights' layout, the
+    concatenated gate/up layout only; 16/32-bit weights take no scales. ``fp8_activations`` (W8A8) needs
     ``float8_e4m3fn`` experts.
     """
     x = _check_x(hidden)
@@ -178,7 +183,20 @@ def validate_experts_inputs(
                         "the hidden size" if transposed else "the intermediate size")[d])
     _check_bias(gate_up_proj_bias, "gate_up_proj_bias", (e, two_i))
     _check_bias(down_proj_bias, "down_proj_bias", (e, h))
-    for name, scale, shape in (("gate_up_scale", gate_up_scale, (e, two_i)), ("down_scale", down_scale, (e, h))):
+    blocks = isinstance(gate_up_scale, torch.Tensor) and gate_up_scale.dim() == 3
+    if blocks and gate_up_layout != "concatenated":
+        raise InvalidArgumentError(
+            "gate_up_scale: 128x128 block scales go with the concatenated gate/up layout (transformers' FP8Experts), "
+            f"got gate_up_layout={gate_up_layout!r}")
+    if blocks and inter % 16:
+        raise ShapeMismatchError(
+            f"gate_up_proj: 128x128 block-scaled experts need an intermediate size that is a multiple of 16 (each "
+            f"tile of the up half inside one scale block), got {inter}")
+    shapes = (((e, cdiv(two_i, SCALE_BLOCK), cdiv(h, SCALE_BLOCK)), (e, cdiv(h, SCALE_BLOCK), cdiv(inter, SCALE_BLOCK)))
+              if blocks else ((e, two_i), (e, h)))
+    what = ("128x128 block scales (output features by input features)" if blocks
+            else "one per expert and output column")
+    for name, scale, shape in (("gate_up_scale", gate_up_scale, shapes[0]), ("down_scale", down_scale, shapes[1])):
         if not fp8:
             if scale is not None:
                 raise InvalidArgumentError(
@@ -187,11 +205,11 @@ def validate_experts_inputs(
             continue
         if scale is None:
             raise InvalidArgumentError(
-                f"{name}: FP8 expert weights need their fp32 scales, {list(shape)} (one per expert and output "
-                "column; fused_moe.quantize_experts_fp8 makes weights and scales)")
+                f"{name}: FP8 expert weights need their fp32 scales, {list(shape)} ({what}; "
+                "fused_moe.quantize_experts_fp8 makes weights and scales)")
         check_tensor(scale, name)
         check_dtype(scale, name, (torch.float32,))
-        check_ndim(scale, name, exact=2)
+        check_ndim(scale, name, exact=len(shape))
         for d, size in enumerate(shape):
             check_dim_size(scale, name, d, size)
 
@@ -217,5 +235,5 @@ def validate_experts_inputs(
                     activation=activation, gate_up_layout=gate_up_layout, transposed=transposed)
 
 
-__all__ = ["ACTIVATIONS", "FP8_DTYPES", "GATE_UP_LAYOUTS", "MAX_EXPERTS", "MAX_TOP_K", "MoEInput",
+__all__ = ["ACTIVATIONS", "FP8_DTYPES", "GATE_UP_LAYOUTS", "MAX_EXPERTS", "MAX_TOP_K", "MoEInput", "SCALE_BLOCK",
            "validate_experts_inputs", "validate_route_inputs"]

@@ -801,6 +801,11 @@ class GptOssMoEParallel(_LocalShardStyle):
             shapes = f", got {list(gate_up.shape)} and {list(down.shape)}" if gate_up is not None and \
                 down is not None else ""
             raise ShardingError(f"{what}: expected {self._expected}{shapes}")
+        scale = experts._buffers.get("gate_up_scale")
+        if isinstance(scale, torch.Tensor) and scale.dim() == 3:
+            raise ShardingError(
+                f"{what}: FP8 experts with 128x128 block scales (an FP8 checkpoint's) cannot be sharded yet (their "
+                "scales are per block of output rows, which the split by gate/up pairs would cut); run them unsharded")
         inter, world = down.shape[self._inter_dim], mesh.size()
         if inter % world:
             raise ShardingError(

@@ -86,7 +86,7 @@ from .layers import (
     pack_fp8_linears,
     packable,
 )
-from .prequantized import adopt_gate_up, adopt_transformers_fp8, fp8_gate_up
+from .prequantized import adopt_fp8_experts, adopt_gate_up, adopt_transformers_fp8, fp8_gate_up
 
 # config.model_type of the decoders whose layers we know: a gated MLP with gate_proj/up_proj/down_proj, gpt-oss's
 # mixture of experts (router + experts), or Qwen3-MoE's / Mixtral's / Qwen2-MoE's sparse one (gate + experts; Qwen2-MoE
@@ -579,6 +579,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     # a pre-quantized FP8 checkpoint's layers (transformers' fine-grained, FBGEMM or compressed-tensors FP8) become
     # FP8Linear holding its weights
     adopted = adopt_transformers_fp8(model, summary.notes)
+    adopt_fp8_experts(model, summary.notes)  # and its FP8 experts (128x128 blocks) read by fused_moe as they are
     foreign_moes: list[nn.Module] = []  # mixtures of experts whose experts fused_moe cannot read: left as they are
     mlps, moes = _gated_mlps(model), _moe_blocks(model, foreign_moes)
     sparse_moes = _sparse_moe_blocks(model, foreign_moes)
@@ -587,7 +588,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         summary.notes.append(
             f"{len(foreign_moes)} MoE block(s) left as they are (their own forward, transformers' kernels): their "
             "experts are quantized in a format fused_moe does not read (transformers' MXFP4 experts, or FP8 experts "
-            "with scale_inv blocks); the rest of each layer is patched")
+            "of another block size or gate); the rest of each layer is patched")
     if not mlps and not moes and not sparse_moes and not packed_mlps and not fp8_mlps and not foreign_moes:
         raise UnsupportedModelError(
             f"model: no gated MLP (gate_proj / up_proj or a packed gate_up_proj nn.Linear, down_proj, an activation) "

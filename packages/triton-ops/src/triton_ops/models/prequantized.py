@@ -20,7 +20,10 @@ factor (:data:`CHECKPOINT_FORMATS`):
 - :func:`fp8_gate_up` finds gated MLPs whose gate and up projections are our ``FP8Linear`` (adopted, or made by
   ``convert_to_fp8``) and :func:`adopt_gate_up` hands their weights to the fused gated-MLP kernel as
   ``FP8Projection`` s;
-- q, k and v ``FP8Linear`` s pack into one GEMM by concatenation (``layers.pack_fp8_linears``).
+- q, k and v ``FP8Linear`` s pack into one GEMM by concatenation (``layers.pack_fp8_linears``);
+- :func:`adopt_fp8_experts` lets ``fused_moe`` read the experts of a sparse mixture of experts that transformers
+  loaded as ``FP8Experts`` (Qwen3-30B-A3B-FP8 and the like: ``gate_up_proj`` / ``down_proj`` in E4M3 with
+  ``*_scale_inv`` per 128x128 block), their weights and scales as they are.
 """
 
 from __future__ import annotations
@@ -143,6 +146,77 @@ def adopt_transformers_fp8(model: nn.Module, notes: list[str]) -> list[FP8Linear
     return adopted
 
 
+# transformers' FP8Experts attributes that select another gate than act(gate) * up (gpt-oss's clamped SwiGLU, softcaps,
+# a clamp): experts with any of them set stay transformers'
+_FP8_EXPERTS_GATE_OPTIONS = ("swiglu_alpha", "limit", "gate_softcap", "up_softcap")
+_SCALE_DTYPES = (torch.float32, getattr(torch, "float8_e8m0fnu", torch.float32))
+
+
+def is_transformers_fp8_experts(experts: object) -> bool:
+    """transformers' ``FP8Experts`` (``transformers.integrations.finegrained_fp8``), by class name along the MRO and
+    the attributes it documents: FP8 ``gate_up_proj`` / ``down_proj`` with ``*_scale_inv`` beside them."""
+    return (isinstance(experts, nn.Module) and any(c.__name__ == "FP8Experts" for c in type(experts).__mro__)
+            and all(isinstance(getattr(experts, a, None), torch.Tensor)
+                    for a in ("down_proj", "down_proj_scale_inv")) and hasattr(experts, "block_size"))
+
+
+def fp8_experts_problem(experts: nn.Module) -> str | None:
+    """None when ``fused_moe`` can read these transformers ``FP8Experts`` (:func:`adopt_fp8_experts`); else why not."""
+    if not getattr(experts, "has_gate", False) or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        return "experts without a gate (up_proj only)"
+    if getattr(experts, "has_bias", False):
+        return "expert biases"
+    if experts.block_size is None or tuple(experts.block_size) != (128, 128):
+        return f"weight blocks of {experts.block_size} (fused_moe reads 128x128 blocks)"
+    if any(getattr(experts, a, None) is not None for a in _FP8_EXPERTS_GATE_OPTIONS) or \
+            getattr(experts, "limit_after_act", False):
+        return "a gate other than act(gate) * up (a clamp, a softcap or gpt-oss's SwiGLU)"
+    tensors = (experts.gate_up_proj, experts.gate_up_proj_scale_inv, experts.down_proj, experts.down_proj_scale_inv)
+    if not all(_plain(t) for t in tensors):
+        return "weights that are not plain tensors (sharded or wrapped)"
+    if any(t.device.type == "meta" for t in tensors):
+        return "weights on the meta device (not loaded)"
+    if experts.gate_up_proj.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or \
+            experts.down_proj.dtype != experts.gate_up_proj.dtype:
+        return f"expert weights in {experts.gate_up_proj.dtype} (not FP8)"
+    if any(t.dtype not in _SCALE_DTYPES for t in tensors[1::2]):
+        return f"scales in {experts.gate_up_proj_scale_inv.dtype}"
+    if getattr(experts, "_is_expert_parallel", False):
+        return "expert parallelism (sentinel expert ids)"
+    if experts.gate_up_proj.shape[1] % 32:
+        return "an intermediate size that is not a multiple of 16"
+    return None
+
+
+@torch.no_grad()
+def adopt_fp8_experts(model: nn.Module, notes: list[str]) -> list[nn.Module]:
+    """Let ``fused_moe`` read every transformers ``FP8Experts`` of ``model`` that it can (:func:`fp8_experts_problem`):
+    their ``*_scale_inv`` registered as the ``gate_up_scale`` / ``down_scale`` buffers that ``fused_moe``'s FP8
+    experts carry (non-persistent, so ``state_dict`` keeps the checkpoint's keys only; the tensors themselves when
+    float32, an fp32 copy of UE8M0 scales). The E4M3 weights are used as they are. Returns the experts adopted; the
+    others stay transformers' (a note says why) and their MoE blocks keep their own forward."""
+    adopted, left, static = [], Counter(), 0
+    for module in model.modules():
+        if not is_transformers_fp8_experts(module) or "gate_up_scale" in module._buffers:
+            continue
+        why = fp8_experts_problem(module)
+        if why is not None:
+            left[why] += 1
+            continue
+        for name, scale in (("gate_up_scale", module.gate_up_proj_scale_inv),
+                            ("down_scale", module.down_proj_scale_inv)):
+            module.register_buffer(name, scale.detach().float(), persistent=False)  # (no copy when float32)
+        static += getattr(module, "activation_scheme", "dynamic") == "static"
+        adopted.append(module)
+    if adopted:
+        notes.append(f"experts of {len(adopted)} MoE block(s) are the checkpoint's FP8 experts (E4M3, 128x128 weight "
+                     "blocks): fused_moe reads their weights and scales as they are, activations in the model's dtype "
+                     "(weight-only FP8)" + (f"; the static activation scales of {static} not used" if static else ""))
+    for why, count in sorted(left.items()):
+        notes.append(f"FP8 experts of {count} MoE block(s) left to transformers: {why}")
+    return adopted
+
+
 GATE_UP_NAMES = (("gate_proj", "up_proj"), ("gate_up_proj",))  # separate, or packed (Phi-3's)
 
 
@@ -195,5 +269,6 @@ def adopt_gate_up(mlp: nn.Module, names: tuple[str, ...], store_gemm_scale) -> N
     mlp.__dict__[FAST_ACCUM_ATTR] = first.fast_accum
 
 
-__all__ = ["CHECKPOINT_FORMATS", "GATE_UP_NAMES", "adopt_gate_up", "adopt_transformers_fp8", "checkpoint_format",
-           "fp8_gate_up", "is_transformers_fp8_linear"]
+__all__ = ["CHECKPOINT_FORMATS", "GATE_UP_NAMES", "adopt_fp8_experts", "adopt_gate_up", "adopt_transformers_fp8",
+           "checkpoint_format", "fp8_experts_problem", "fp8_gate_up", "is_transformers_fp8_experts",
+           "is_transformers_fp8_linear"]
