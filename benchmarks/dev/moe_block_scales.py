@@ -9,7 +9,8 @@ E4M3 with one scale per output column (``quantize_experts_fp8``), and in E4M3 wi
 on random top-k routings (``REPS`` of them captured in one graph by ``moe_tiles.graph_us``, so that one token's
 experts differ between launches and L2 does not serve them). ``floor``: the FP8 bytes of the experts hit (the
 expected share at random routing) over the copy bandwidth measured first. Each variant is checked against a
-float64 product of its own dequantized weights at the first token count. Lines go to stdout and, as JSON, to
+float64 product of its own dequantized weights at the first token count. ``--w8a8``: each FP8 variant also with
+E4M3 activations per row (``fp8_activations=True``). Lines go to stdout and, as JSON, to
 ``$OUT/moe_block_scales.jsonl``.
 """
 
@@ -48,7 +49,7 @@ def _dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return qd * full
 
 
-def run_model(name: str, tokens: list[int], bandwidth: float, out: Path) -> None:
+def run_model(name: str, tokens: list[int], bandwidth: float, out: Path, w8a8: bool = False) -> None:
     from fused_moe import moe_experts, moe_experts_reference, quantize_experts_fp8
 
     hidden, inter, e, k = MODELS[name]
@@ -67,9 +68,11 @@ def run_model(name: str, tokens: list[int], bandwidth: float, out: Path) -> None
         floor_us = hit * expert_bytes / (bandwidth * 1e9) * 1e6
         row = {"model": name, "tokens": t, "experts_hit": round(hit, 1), "fp8_floor_us": round(floor_us, 2)}
         for label, (a, sa, b, sb) in variants.items():
-            def fn(route, x=x, a=a, sa=sa, b=b, sb=sb):
+            def fn(route, x=x, a=a, sa=sa, b=b, sb=sb, act=False):
                 return moe_experts(x, *route, a, None, b, None, "silu", gate_up_layout="concatenated",
-                                   transposed=False, gate_up_scale=sa, down_scale=sb)
+                                   transposed=False, gate_up_scale=sa, down_scale=sb, fp8_activations=act)
+            if w8a8 and sa is not None:  # E4M3 activations per row too (the weights are K-major in this layout)
+                row[f"{label} W8A8 us"] = round(graph_us(lambda route, fn=fn: fn(route, act=True), routes), 2)
             if t == tokens[0]:  # checked once against float64 of its own (dequantized) weights
                 ids, wts = routes[0]
                 d1 = a.double() if sa is None else _dequant(a, sa)
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dev.moe_block_scales", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--tokens", default="1,8,64,512,2048")
+    p.add_argument("--w8a8", action="store_true", help="also each FP8 variant with E4M3 activations (W8A8)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_block_scales needs a GPU")
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bandwidth:,.0f} GB/s; {torch.cuda.get_device_name()}", flush=True)
     out = Path(os.environ.get("OUT", "/tmp")) / "moe_block_scales.jsonl"
     for name in args.models.split(","):
-        run_model(name, [int(v) for v in args.tokens.split(",")], bandwidth, out)
+        run_model(name, [int(v) for v in args.tokens.split(",")], bandwidth, out, args.w8a8)
     return 0
 
 

@@ -17,6 +17,7 @@ from fp8_gemm import FP8Linear
 from fused_gated_mlp import FP8Projection, quantize_weight_fp8
 from torch import nn
 from triton_ops import convert_to_fp8, patch_model
+from triton_ops import layers as triton_ops_layers
 from triton_ops.models.layers import PACKING_ATTR, QKVPacking
 from triton_ops.models.prequantized import is_transformers_fp8_linear
 from triton_ops_core.testing import device_for_tests
@@ -280,7 +281,7 @@ def _stacked_blocks(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.skipif(FP8_EXPERTS is None, reason="this transformers has no FP8Experts")
-def test_a_checkpoints_fp8_experts_run_in_fused_moe_with_their_weights():
+def test_a_checkpoints_fp8_experts_run_in_fused_moe_with_their_weights(monkeypatch):
     # Qwen3-MoE loaded from an FP8 checkpoint: transformers' FP8Experts (E4M3 gate_up_proj [E, 2I, H] and down_proj,
     # *_scale_inv per 128x128 block). fused_moe reads them as they are; the model computes what the dequantized
     # weights do. Hidden 192 and intermediate 80: partial blocks, the up half starting inside a block.
@@ -313,7 +314,15 @@ def test_a_checkpoints_fp8_experts_run_in_fused_moe_with_their_weights():
     assert fp8.gate_up_scale.data_ptr() == fp8.gate_up_proj_scale_inv.data_ptr()  # the checkpoint's, not a copy
     assert set(model.state_dict()) == keys  # the scales' second names are not states
     ids = torch.randint(0, 128, (2, 5), device=DEVICE)
-    assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL
+    calls = []
+    original = triton_ops_layers.fused_moe
+    monkeypatch.setattr(triton_ops_layers, "fused_moe", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    assert cosine(_logits(model, ids), _logits(reference, ids)) >= TOL  # 10 tokens: weight-only
+    # a prefill of 64 tokens: the activations quantized per row too (W8A8)
+    long_ids = torch.randint(0, 128, (2, 32), device=DEVICE)
+    assert cosine(_logits(model, long_ids), _logits(reference, long_ids)) >= W8A8_TOL
+    assert [kw["fp8_activations"] for kw in calls] == [False, True]
+    assert all(kw["gate_up_scale"].dim() == 3 for kw in calls)
 
 
 @pytest.mark.skipif(FP8_EXPERTS is None, reason="this transformers has no FP8Experts")

@@ -401,6 +401,10 @@ def jittered(block: nn.Module) -> bool:
 
 # ``(activation, renormalize)`` of a SparseMoE block, set by ``patch_model`` as ACT_ATTR is (and for its reason).
 MOE_ROUTING_ATTR = "_triton_ops_moe_routing"
+# FP8 experts whose calls of at least this many tokens quantize the activations per row too (W8A8), fewer taking the
+# weight-only path: an attribute of the experts module (patch_model sets it on an FP8 checkpoint's block-scaled
+# experts, models.prequantized). Experts converted with fp8_activations=True run W8A8 at every size.
+W8A8_FROM_TOKENS_ATTR = "_triton_ops_w8a8_from_tokens"
 # transformers' ``config.hidden_act`` -> fused_moe's activation, for the experts of a SparseMoE block
 MOE_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                    "gelu_new": "gelu_tanh"}
@@ -461,8 +465,12 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     # _buffers / __dict__ reads: those keep torch.compile from skipping the module's guards while nothing changed
     kw: dict[str, Any] = dict(gate_up_scale=getattr(e, "gate_up_scale", None),
                               down_scale=getattr(e, "down_scale", None), residual=residual)
-    # W8A8 experts (fused_moe.convert_experts_to_fp8(..., fp8_activations=True)): the activations quantized too
-    kw["fp8_activations"] = kw["gate_up_scale"] is not None and getattr(e, "fp8_activations", False) is True
+    # W8A8 experts (fused_moe.convert_experts_to_fp8(..., fp8_activations=True)): the activations quantized too;
+    # or from a number of tokens on (W8A8_FROM_TOKENS_ATTR)
+    from_tokens = getattr(e, W8A8_FROM_TOKENS_ATTR, None)
+    kw["fp8_activations"] = kw["gate_up_scale"] is not None and (
+        getattr(e, "fp8_activations", False) is True
+        or (from_tokens is not None and x.numel() >= from_tokens * x.shape[-1]))
     if norm is not None:
         kw.update(norm_weight=norm.weight, norm_eps=norm.variance_epsilon)
     shared = shared_expert_output(mlp, x)
@@ -490,8 +498,8 @@ def moe_hidden(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
                      return_router_scores=return_router_scores, **kw)
 
 
-__all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "EpsRMSNorm", "GatedMLP",
-           "GemmaRMSNorm",
+__all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR", "W8A8_FROM_TOKENS_ATTR", "EpsRMSNorm",
+           "GatedMLP", "GemmaRMSNorm",
            "GptOssMoE", "PackedGatedMLP", "RMSNorm", "SparseMoE", "packed_gated_hidden", "config_hidden_act",
            "has_shared_expert", "mlp_activation", "gated_hidden", "jittered", "kernel_activation", "moe_activation",
            "moe_hidden", "moe_router", "instance_forward", "router_hooked", "runs_forward", "shared_expert_output"]

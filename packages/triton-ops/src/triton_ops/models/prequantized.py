@@ -35,7 +35,7 @@ from fp8_gemm import FP8Linear
 from fused_gated_mlp import FP8Projection
 from torch import nn
 
-from ..layers import ACTIVATION_GRANULARITY_ATTR, FAST_ACCUM_ATTR, LAYER_ATTR
+from ..layers import ACTIVATION_GRANULARITY_ATTR, FAST_ACCUM_ATTR, LAYER_ATTR, W8A8_FROM_TOKENS_ATTR
 from .layers import _plain
 
 # transformers' block sizes ([rows, columns] of the [out, in] weight) and the granularity FP8Linear gives them
@@ -150,6 +150,11 @@ def adopt_transformers_fp8(model: nn.Module, notes: list[str]) -> list[FP8Linear
 # a clamp): experts with any of them set stay transformers'
 _FP8_EXPERTS_GATE_OPTIONS = ("swiglu_alpha", "limit", "gate_softcap", "up_softcap")
 _SCALE_DTYPES = (torch.float32, getattr(torch, "float8_e8m0fnu", torch.float32))
+# Tokens from which an FP8 checkpoint's E4M3 experts run W8A8 (activations per row), fewer weight-only: H100, session
+# 35, Qwen3-30B-A3B's layer with 128x128 blocks (benchmarks.dev.moe_block_scales --w8a8): 64 tokens 251.9 us W8A8
+# against 262.1 weight-only, 512: 289.8 / 452.4, 2048: 542.0 / 1,071.8 (bf16 experts 806.8); decode sizes keep the
+# weight-only path (the activations unquantized, 1-8 tokens within 1.08x of per-column FP8 experts).
+CHECKPOINT_EXPERTS_W8A8_FROM_TOKENS = 64
 
 
 def is_transformers_fp8_experts(experts: object) -> bool:
@@ -193,8 +198,10 @@ def adopt_fp8_experts(model: nn.Module, notes: list[str]) -> list[nn.Module]:
     """Let ``fused_moe`` read every transformers ``FP8Experts`` of ``model`` that it can (:func:`fp8_experts_problem`):
     their ``*_scale_inv`` registered as the ``gate_up_scale`` / ``down_scale`` buffers that ``fused_moe``'s FP8
     experts carry (non-persistent, so ``state_dict`` keeps the checkpoint's keys only; the tensors themselves when
-    float32, an fp32 copy of UE8M0 scales). The E4M3 weights are used as they are. Returns the experts adopted; the
-    others stay transformers' (a note says why) and their MoE blocks keep their own forward."""
+    float32, an fp32 copy of UE8M0 scales). The E4M3 weights are used as they are; calls of at least
+    :data:`CHECKPOINT_EXPERTS_W8A8_FROM_TOKENS` tokens quantize the activations per row (W8A8, E4M3 experts). Returns
+    the experts adopted; the others stay transformers' (a note says why) and their MoE blocks keep their own
+    forward."""
     adopted, left, static = [], Counter(), 0
     for module in model.modules():
         if not is_transformers_fp8_experts(module) or "gate_up_scale" in module._buffers:
@@ -206,12 +213,16 @@ def adopt_fp8_experts(model: nn.Module, notes: list[str]) -> list[nn.Module]:
         for name, scale in (("gate_up_scale", module.gate_up_proj_scale_inv),
                             ("down_scale", module.down_proj_scale_inv)):
             module.register_buffer(name, scale.detach().float(), persistent=False)  # (no copy when float32)
+        if module.gate_up_proj.dtype == torch.float8_e4m3fn:  # W8A8 for prefill-sized calls (E4M3 activations)
+            setattr(module, W8A8_FROM_TOKENS_ATTR, CHECKPOINT_EXPERTS_W8A8_FROM_TOKENS)
         static += getattr(module, "activation_scheme", "dynamic") == "static"
         adopted.append(module)
     if adopted:
         notes.append(f"experts of {len(adopted)} MoE block(s) are the checkpoint's FP8 experts (E4M3, 128x128 weight "
-                     "blocks): fused_moe reads their weights and scales as they are, activations in the model's dtype "
-                     "(weight-only FP8)" + (f"; the static activation scales of {static} not used" if static else ""))
+                     "blocks): fused_moe reads their weights and scales as they are; calls of fewer than "
+                     f"{CHECKPOINT_EXPERTS_W8A8_FROM_TOKENS} tokens keep the activations in the model's dtype "
+                     "(weight-only), longer ones quantize them to E4M3 per row (W8A8)"
+                     + (f"; the static activation scales of {static} not used" if static else ""))
     for why, count in sorted(left.items()):
         notes.append(f"FP8 experts of {count} MoE block(s) left to transformers: {why}")
     return adopted
