@@ -306,6 +306,9 @@ def test_a_checkpoints_fp8_experts_run_in_fused_moe_with_their_weights(monkeypat
             getattr(experts, name).copy_(dequantized.to(DTYPE))  # the reference: the checkpoint's meaning
     checkpoint.model.layers[0].mlp.experts = fp8
     keys = set(checkpoint.state_dict())
+    # with fp8=True (the float Linears converted too) the experts are said to be the checkpoint's, not "kept"
+    notes = patch_model(copy.deepcopy(checkpoint), fp8=True).triton_ops_patch.notes
+    assert any("checkpoint's FP8 experts" in n for n in notes) and not any("kept in their dtype" in n for n in notes)
     model = patch_model(checkpoint)
     summary = model.triton_ops_patch
     assert summary.moe_blocks == 1 and summary.fp8_moe_blocks == 0, summary

@@ -579,7 +579,8 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
     # a pre-quantized FP8 checkpoint's layers (transformers' fine-grained, FBGEMM or compressed-tensors FP8) become
     # FP8Linear holding its weights
     adopted = adopt_transformers_fp8(model, summary.notes)
-    adopt_fp8_experts(model, summary.notes)  # and its FP8 experts (128x128 blocks) read by fused_moe as they are
+    # and its FP8 experts (128x128 blocks), read by fused_moe as they are
+    adopted_experts = adopt_fp8_experts(model, summary.notes)
     foreign_moes: list[nn.Module] = []  # mixtures of experts whose experts fused_moe cannot read: left as they are
     mlps, moes = _gated_mlps(model), _moe_blocks(model, foreign_moes)
     sparse_moes = _sparse_moe_blocks(model, foreign_moes)
@@ -734,7 +735,7 @@ def patch_model(model: nn.Module, *, fp8: bool = False, fp8_recipe: str | FP8Rec
         elif summary.fp8_moe_blocks:
             summary.notes.append(f"experts of {summary.fp8_moe_blocks} MoE block(s): FP8 weights (E4M3, per-column "
                                  "scales), activations in the model's dtype (weight-only FP8); routers kept")
-        elif fp8:
+        elif fp8 and len(adopted_experts) < summary.moe_blocks:  # (a checkpoint's FP8 experts are said above)
             summary.notes.append("experts kept in their dtype (fp8_experts=True converts them)")
     norms = _rms_norms(model)
     for norm, layer in norms:
