@@ -269,6 +269,25 @@ def test_packing_fp8_linears_keeps_their_weights_options_and_per_tensor_scales()
     torch.testing.assert_close(packed(x), torch.cat([lin(x) for lin in lins], dim=-1), rtol=1e-4, atol=1e-4)
 
 
+def test_a_copied_or_loaded_fp8_model_keeps_its_packed_qkv():
+    # a deep copy (as torch.save / torch.load of the whole model) gives every object a new identity but keeps the
+    # q/k/v views inside the packed weight's one storage: the copy packs again (one GEMM, the same bits), where it
+    # used to drop the packing and run three GEMMs (a model loaded in a fresh process computed other bits)
+    from triton_ops.models.layers import packed_projections
+
+    model = patch_model(_checkpoint(_float_model(seed=8), (128, 128)))
+    ids = torch.randint(0, 128, (1, 5), device=DEVICE)
+    want = _logits(model, ids)
+    copied = copy.deepcopy(model)
+    attn = copied.model.layers[0].self_attn
+    packing = packed_projections(attn)
+    assert packing is not None and packing.linear is not model.model.layers[0].self_attn.__dict__[PACKING_ATTR].linear
+    assert packing.valid(attn) and torch.equal(_logits(copied, ids), want)
+    # projections no longer viewing the packed rows (their own storage, as .to() gives each tensor): unpacked
+    attn.q_proj.weight = attn.q_proj.weight.clone()
+    assert packed_projections(attn) is None and PACKING_ATTR not in attn.__dict__
+
+
 FP8_EXPERTS = getattr(finegrained_fp8, "FP8Experts", None)
 
 

@@ -696,6 +696,25 @@ def linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
     return residual
 
 
+def _still_views(packing: QKVPacking, projections: tuple[nn.Module, ...]) -> bool:
+    """Whether FP8 projections still view their packing's rows (:func:`_fp8_rows`): plain ``FP8Linear`` s without
+    hooks whose weights lie in the packed weight's storage at their rows' offsets. A deep copy or a pickle keeps
+    that sharing (one storage, copied once) while giving every object a new identity; ``.to()`` does not."""
+    packed = packing.packed_weight
+    if not _plain(packed):
+        return False
+    row, start = packed.stride(0), 0
+    for module, size in zip(projections, packing.sizes, strict=True):
+        weight = module._buffers.get("weight") if type(module) is FP8Linear else None
+        if (weight is None or not _plain(weight) or module._forward_hooks or module._forward_pre_hooks
+                or "forward" in vars(module) or weight.shape != (size, packed.shape[1])
+                or weight.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr()
+                or weight.storage_offset() != packed.storage_offset() + start * row):
+            return False
+        start += size
+    return True
+
+
 def packed_projections(attn: nn.Module) -> QKVPacking | None:
     """The attention's packing if it still holds (rebuilt once if the projections were moved or cast since, or
     sharded by tensor parallelism, in eager mode; dropped if they can no longer be packed); None to run the three
@@ -712,6 +731,9 @@ def packed_projections(attn: nn.Module) -> QKVPacking | None:
         # FP8 views sharded since by a plan without PackedQKVParallel: packed again per rank
         if all(_sharded(m) for m in (q, k, v)) and _fp8_shards_problem((q, k, v)) is None:
             return pack_shards(attn)
+        # a deep copy or a model loaded whole (torch.save): new objects, the views still of the packed rows
+        if _still_views(packing, (q, k, v)):
+            return QKVPacking.attach(attn, packing.linear, packing.sizes)
         del attn.__dict__[PACKING_ATTR]
         return None
     if packable(q, k, v) is not None:
