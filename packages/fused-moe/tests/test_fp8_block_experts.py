@@ -79,8 +79,8 @@ def test_block_scaled_experts_match_the_dequantized_reference(device, dtype, tra
 
 
 @pytest.mark.parametrize("config", [
-    MoEConfig(1, 8, 16, 16, 16, 4, 1, fma=True),  # one row on the CUDA cores, a 16-deep K step
-    MoEConfig(2, 8, 32, 16, 32, 4, 1, fma=True),  # two rows
+    MoEConfig(1, 16, 32, 16, 32, 4, 1, fma=True),  # one row on the CUDA cores, 32-deep K steps
+    MoEConfig(2, 16, 64, 16, 64, 4, 1, fma=True),  # two rows
     MoEConfig(1, 16, 64, 16, 64, 4, 1, fma=True, row_layout=True),  # one row in the weight tile's layout
     # tensor-core tiles: 32 gate/up columns become 16 (the up half starts 16 rows into a block), the down GEMM
     # split in 3 along K (its second and third splits start at 64 and 128: block columns 0 and 1)
