@@ -178,6 +178,12 @@ def test_block_scale_validation(device):
                     down_scale=torch.ones(NUM_EXPERTS, 2, 1, device=device))
 
 
-def test_opcheck_with_block_scales(device):
+def test_opcheck_and_compile_with_block_scales(device):
     x, ids, wts, (_, b1, _, b2), (q1, s1, q2, s2) = _operands(2, torch.float32, device, False, 90)
     opcheck_op(EXPERTS, (x, ids, wts, q1, b1, q2, b2, "silu", "concatenated", False, 1.702, 7.0, s1, s2))
+    kw = {"gate_up_layout": "concatenated", "transposed": False, "gate_up_scale": s1, "down_scale": s2}
+    eager = moe_experts(x, ids, wts, q1, b1, q2, b2, "silu", **kw)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: moe_experts(x, ids, wts, q1, b1, q2, b2, "silu", **kw), fullgraph=True,
+                       backend="aot_eager")
+    assert torch.equal(fn(x), eager)
