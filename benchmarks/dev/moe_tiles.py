@@ -1,6 +1,7 @@
 """Device script: the tiles of fused-moe's grouped GEMMs and its router, gpt-oss-20b's layer, timed per kernel.
 
-    python -m benchmarks.dev.moe_tiles [--tokens 1,8,64] [--weights bf16,fp8] [--budget 400] [--router]
+    python -m benchmarks.dev.moe_tiles [--model gpt-oss-20b] [--tokens 1,8,64] [--weights bf16,fp8] [--budget 400]
+        [--router]
 
 For each token count and expert dtype it times, in CUDA graphs, the gate/up and the down GEMM of the package's
 current choice (``fused_moe.configs.select_config``) and of candidate tiles: tensor-core tiles over row tiles, column
@@ -14,7 +15,10 @@ GEMM (``fused_moe.ops.ROUTE_SPLIT_STEPS``). Lines go to stdout and, as JSON, to 
 It is how session 14's decode tiles were chosen (docs/benchmarks/moe-h200.md, the configs' comments): the best tile
 per kernel is printed as ``BEST``. ``block_m`` and ``fma`` are shared by the two GEMMs (one tile table), so the
 ``sum`` line is the one a config can take. FP8 experts: every tensor-core tile also with fp16 dots (``f16_dot``);
-``--weights fp8-nk`` stores them ``[E, N, K]`` (K contiguous) instead of gpt-oss's ``[E, K, N]``.
+``--weights fp8-nk`` stores them ``[E, N, K]`` (K contiguous) instead of gpt-oss's ``[E, K, N]``; ``fp8-block``
+quantizes them with 128x128 block scales (FP8 checkpoints' format; the package caps its tiles to the blocks).
+``--model``: gpt-oss-20b's layer (interleaved gate/up ``[E, H, 2I]`` with biases, the clamped SwiGLU) or Qwen3-MoE's
+(``qwen3-30b-a3b``, ``qwen3-235b-a22b``: concatenated ``[E, 2I, H]``, SiLU, no biases).
 """
 
 from __future__ import annotations
@@ -26,40 +30,69 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-HIDDEN = INTER = 2880
-E = 32
-TOP_K = 4
+
+class Shape(NamedTuple):
+    """One model's MoE layer as the grouped GEMMs see it."""
+
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    layout: str  # gate/up columns: "interleaved" (gpt-oss) or "concatenated"
+    transposed: bool  # weights [E, K, N] (gpt-oss) rather than [E, N, K]
+    activation: str
+    biases: bool
+
+
+MODELS = {"gpt-oss-20b": Shape(2880, 2880, 32, 4, "interleaved", True, "swiglu_oai", True),
+          "qwen3-30b-a3b": Shape(2048, 768, 128, 8, "concatenated", False, "silu", False),
+          "qwen3-235b-a22b": Shape(4096, 1536, 128, 8, "concatenated", False, "silu", False)}
+GPT_OSS = MODELS["gpt-oss-20b"]
+HIDDEN, INTER, E, TOP_K = GPT_OSS.hidden, GPT_OSS.inter, GPT_OSS.experts, GPT_OSS.top_k
 REPS = 8
 
 
-def expert_weights(dev: torch.device) -> dict:
-    """gpt-oss-layout experts (bf16 and their FP8 quantization) and biases, random, on ``dev``."""
+def expert_weights(dev: torch.device, shape: Shape = GPT_OSS) -> dict:
+    """The layer's experts in its own layout (bf16 and their FP8 quantizations) and biases (None where it has
+    none), random, on ``dev``."""
     from fused_moe import quantize_experts_fp8
 
     g = torch.Generator(device=dev).manual_seed(0)
-    w1 = (torch.randn(E, HIDDEN, 2 * INTER, device=dev, generator=g) * 3 * HIDDEN ** -0.5).bfloat16()
-    w2 = (torch.randn(E, INTER, HIDDEN, device=dev, generator=g) * INTER ** -0.5).bfloat16()
-    b1 = (torch.randn(E, 2 * INTER, device=dev, generator=g) * 0.5).bfloat16()
-    b2 = (torch.randn(E, HIDDEN, device=dev, generator=g) * 0.5).bfloat16()
-    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
-    # the same FP8 experts stored [E, N, K] (K contiguous, F.linear's layout): the kernels' dot tiles then read
-    # K-contiguous weight columns (sm_90 PTX of the gate/up tile: 381 instructions a K step against 564)
-    nk = (q1.transpose(1, 2).contiguous(), s1, q2.transpose(1, 2).contiguous(), s2)
-    return {"bf16": (w1, None, w2, None), "fp8": (q1, s1, q2, s2), "fp8-nk": nk, "biases": (b1, b2)}
+    e, h, i = shape.experts, shape.hidden, shape.inter
+    w1 = torch.randn(e, h, 2 * i, device=dev, generator=g) * 3 * h ** -0.5
+    w2 = torch.randn(e, i, h, device=dev, generator=g) * i ** -0.5
+    if not shape.transposed:
+        w1, w2 = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
+    w1, w2 = w1.bfloat16(), w2.bfloat16()
+    b1 = b2 = None
+    if shape.biases:
+        b1 = (torch.randn(e, 2 * i, device=dev, generator=g) * 0.5).bfloat16()
+        b2 = (torch.randn(e, h, device=dev, generator=g) * 0.5).bfloat16()
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, transposed=shape.transposed)
+    out = {"bf16": (w1, None, w2, None), "fp8": (q1, s1, q2, s2), "biases": (b1, b2)}
+    if shape.layout == "concatenated":  # (block scales: the package reads them in this layout only)
+        out["fp8-block"] = quantize_experts_fp8(w1, w2, transposed=shape.transposed, granularity="block")
+    if shape.transposed:
+        # the same FP8 experts stored [E, N, K] (K contiguous, F.linear's layout): the kernels' dot tiles then read
+        # K-contiguous weight columns (sm_90 PTX of the gate/up tile: 381 instructions a K step against 564)
+        out["fp8-nk"] = (q1.transpose(1, 2).contiguous(), s1, q2.transpose(1, 2).contiguous(), s2)
+    return out
 
 
-def routings(t: int, dev: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def routings(t: int, dev: torch.device, shape: Shape = GPT_OSS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """REPS routings of ``t`` tokens: at one token disjoint expert sets in turn, else random top-k sets."""
+    e, k = shape.experts, shape.top_k
     out = []
     for r in range(REPS):
         if t == 1:
-            ids = ((TOP_K * r + torch.arange(TOP_K)) % E).view(1, TOP_K)
+            ids = ((k * r + torch.arange(k)) % e).view(1, k)
         else:
-            ids = torch.stack([torch.randperm(E)[:TOP_K] for _ in range(t)])
-        out.append((ids.to(dev, torch.int32), torch.rand(t, TOP_K, device=dev).softmax(-1)))
+            ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+        out.append((ids.to(dev, torch.int32), torch.rand(t, k, device=dev).softmax(-1)))
     return out
 
 
@@ -84,8 +117,9 @@ def graph_us(launch, args_per_rep: list) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_config(cfg, t: int, dtype: str, w: dict, routes: list) -> tuple[float, float]:
-    """(gate/up us, down us) of ``cfg``: the package's own plan for it, launched on prepared groupings."""
+def time_config(cfg, t: int, dtype: str, w: dict, routes: list, shape: Shape = GPT_OSS) -> tuple[float, float]:
+    """(gate/up us, down us) of ``cfg``: the package's own plan for it, launched on prepared groupings. The plan
+    applies the package's own adjustments (block scales cap the tiles to their blocks)."""
     from fused_moe import ops
 
     ga, gs, da, ds = w[dtype]
@@ -95,39 +129,58 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list) -> tuple[float, 
     saved = ops._config
     ops._config = lambda *a, **k: cfg
     try:
-        x = torch.randn(t, HIDDEN, device=dev).bfloat16()
-        plan = ops._experts_plan(x, TOP_K, ga, b1, da, b2, "swiglu_oai", "interleaved", dtype != "fp8-nk", 1.702,
-                                 7.0, gs, ds)
+        x = torch.randn(t, shape.hidden, device=dev).bfloat16()
+        plan = ops._experts_plan(x, shape.top_k, ga, b1, da, b2, shape.activation, shape.layout,
+                                 shape.transposed and dtype != "fp8-nk", 1.702, 7.0, gs, ds)
     finally:
         ops._config = saved
     reps = []
     for ids, wts in routes:
-        groups = ops._align(plan.align, ops._flat(ids), E)
-        hmid = torch.empty(t * TOP_K, INTER, device=dev, dtype=torch.bfloat16)
-        y = torch.empty(t * TOP_K * plan.split, HIDDEN, device=dev, dtype=torch.float32)
+        groups = ops._align(plan.align, ops._flat(ids), shape.experts)
+        hmid = torch.empty(t * shape.top_k, shape.inter, device=dev, dtype=torch.bfloat16)
+        y = torch.empty(t * shape.top_k * plan.split, shape.hidden, device=dev, dtype=torch.float32)
         reps.append((wts.reshape(-1).contiguous(), groups, hmid, y))
+    # (ga: every absent bias's and scale's pointer, the norm weight's, the activation scales' and the intermediate
+    # shares' pointers, never touched: HAS_BIAS, W_SCALED, NORM, A_SCALED and H_AMAX are off)
+    b1, b2 = (ga if b is None else b for b in (b1, b2))
 
     def gate_up(r):
         _, g, hmid, _ = r
-        plan.gate_up.launch(x, ga, b1, b1 if gs is None else gs, g.sorted_pairs, g.offsets, g.tile_expert,
-                            g.tile_start, ga, ga, hmid, ga)  # (ga: the norm weight's, the activation scales' and
-        # the intermediate shares' pointers, never touched: NORM, A_SCALED and H_AMAX are off)
+        plan.gate_up.launch(x, ga, b1, ga if gs is None else gs, g.sorted_pairs, g.offsets, g.tile_expert,
+                            g.tile_start, ga, ga, hmid, ga)
 
     def down(r):
         wts, g, hmid, y = r
-        plan.down.launch(hmid, da, b2, b2 if ds is None else ds, wts, g.sorted_pairs, g.offsets, g.tile_expert,
-                         g.tile_start, da, y)  # (da: the activation scales' pointer, never read)
+        plan.down.launch(hmid, da, b2, da if ds is None else ds, wts, g.sorted_pairs, g.offsets, g.tile_expert,
+                         g.tile_start, da, y)
 
     return graph_us(gate_up, reps), graph_us(down, reps)
 
 
-def candidates(t: int, base, fp8: bool = False):
+def candidates(t: int, base, fp8: bool = False, fma_only: bool = False):
     """Tiles to try beside the package's choice ``base`` (a MoEConfig); with ``fp8`` every tensor-core tile also with
-    fp16 dots (``f16_dot``)."""
+    fp16 dots (``f16_dot``); ``fma_only``: only one-row CUDA-core (FMA) tiles (:func:`_fma_grid`)."""
+    if fma_only:
+        yield from _fma_grid(base)
+        return
     for cfg in _tiles(t, base):
         yield cfg
         if fp8 and not cfg.fma and not cfg.f16_dot:
             yield cfg._replace(f16_dot=True)
+
+
+def _fma_grid(base):
+    """One-row CUDA-core tiles, FP8 decode's family at 1 to 8 tokens, as a factorized grid: the two GEMMs are timed
+    apart, so each config pairs the i-th gate/up tile with the i-th down tile (column width, K step, down K split)
+    for 2 or 4 warps and 3 or 6 stages; the best of each GEMM per (warps, stages) make the best config."""
+    gate_up = list(itertools.product((16, 32, 64, 128), (16, 32)))
+    down = list(itertools.product((32, 64, 128), (16, 32), (1, 2, 3)))
+    for warps, stages in itertools.product((2, 4), (3, 6)):
+        for i, (bn, bk, split) in enumerate(down):
+            gn, gk = gate_up[i % len(gate_up)]
+            yield base._replace(block_m=1, gate_up_block_n=gn, gate_up_block_k=gk, down_block_n=bn, down_block_k=bk,
+                                num_warps=warps, num_stages=stages, fma=True, down_split_k=split, row_layout=False,
+                                f16_dot=False)
 
 
 def _tiles(t: int, base):
@@ -143,8 +196,8 @@ def _tiles(t: int, base):
             yield MoEConfig(bm, bn, 64, bn, 64, 4, stages)
         for split in (2, 3, 4):
             yield base._replace(down_split_k=split)
-        if t <= 8:
-            for bm, bn, bk, warps, stages in itertools.product((1, 2), (64, 128), (16, 32), (2, 4), (3, 6)):
+        if t <= 8:  # (32-column tiles: twice the programs where few experts' columns are read)
+            for bm, bn, bk, warps, stages in itertools.product((1, 2), (32, 64, 128), (16, 32), (2, 4), (3, 6)):
                 if bm * bk * 2 * bn <= 16384:
                     for split in (1, 2, 3) if bm == 1 else (1,):
                         yield MoEConfig(bm, bn, bk, bn, bk, warps, stages, fma=True, down_split_k=split)
@@ -153,14 +206,16 @@ def _tiles(t: int, base):
             yield MoEConfig(bm, bn, 64, dn, 64, warps, stages)
 
 
-def sweep(t: int, dtype: str, w: dict, deadline: float, log) -> None:
+def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_OSS, model: str = "",
+          fma_only: bool = False) -> None:
     from fused_moe.configs import select_config
 
-    base = select_config(t, TOP_K, HIDDEN, INTER, E, True, 1 if dtype.startswith("fp8") else 2)
-    routes = routings(t, w["biases"][0].device)
+    fp8 = dtype.startswith("fp8")
+    base = select_config(t, shape.top_k, shape.hidden, shape.inter, shape.experts, True, 1 if fp8 else 2)
+    routes = routings(t, w["bf16"][0].device, shape)
     best: dict[str, tuple[float, tuple]] = {}
     seen = set()
-    for cfg in [base] + [c for c in candidates(t, base, dtype.startswith("fp8")) if c != base]:
+    for cfg in [base] + [c for c in candidates(t, base, fp8, fma_only) if c != base]:
         if cfg in seen:
             continue
         seen.add(cfg)
@@ -168,11 +223,11 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log) -> None:
             print("budget spent", flush=True)
             break
         try:
-            gu, dn = time_config(cfg, t, dtype, w, routes)
+            gu, dn = time_config(cfg, t, dtype, w, routes, shape)
         except Exception as exc:  # a tile that does not fit the device (shared memory) or does not compile
             print(f"{dtype} T={t} {tuple(cfg)} {type(exc).__name__}: {str(exc)[:100]}", flush=True)
             continue
-        log.write(json.dumps({"weights": dtype, "tokens": t, "config": cfg._asdict(), "gate_up_us": gu,
+        log.write(json.dumps({"model": model, "weights": dtype, "tokens": t, "config": cfg._asdict(), "gate_up_us": gu,
                               "down_us": dn, "current": cfg == base}) + "\n")
         log.flush()
         print(f"{dtype} T={t} {tuple(cfg)} gate_up {gu:7.1f} down {dn:7.1f}{'  (current)' if cfg == base else ''}",
@@ -207,10 +262,14 @@ def time_router(dev: torch.device) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt-oss-20b", choices=sorted(MODELS), help="the MoE layer's shape")
     p.add_argument("--tokens", default="1,2,4,8,64", help="comma-separated token counts")
-    p.add_argument("--weights", default="bf16,fp8", help="comma-separated, of bf16, fp8, fp8-nk (FP8 stored [E, N, K])")
+    p.add_argument("--weights", default="bf16,fp8",
+                   help="comma-separated, of bf16, fp8, fp8-nk (FP8 stored [E, N, K], gpt-oss only), fp8-block "
+                        "(128x128 block scales, Qwen3-MoE only)")
     p.add_argument("--budget", type=float, default=400.0, help="seconds for the whole sweep")
     p.add_argument("--router", action="store_true", help="also time the router's variants")
+    p.add_argument("--fma-only", action="store_true", help="beside the current choice, only CUDA-core (FMA) tiles")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_tiles needs a CUDA GPU", file=sys.stderr)
@@ -221,10 +280,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.router:
         time_router(dev)
-    w = expert_weights(dev)
+    shape = MODELS[args.model]
+    w = expert_weights(dev, shape)
+    unknown = [d for d in args.weights.split(",") if d not in w or d == "biases"]
+    if unknown:
+        p.error(f"--weights {','.join(unknown)}: {args.model} has {', '.join(k for k in w if k != 'biases')}")
+    print(f"{args.model}: {shape}; {torch.cuda.get_device_name()}", flush=True)
     with open(out / "moe_tiles.jsonl", "a") as log:
         for t, dtype in itertools.product((int(v) for v in args.tokens.split(",")), args.weights.split(",")):
-            sweep(t, dtype, w, deadline, log)
+            sweep(t, dtype, w, deadline, log, shape, args.model, args.fma_only)
     return 0
 
 

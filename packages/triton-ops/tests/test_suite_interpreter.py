@@ -67,3 +67,26 @@ def test_benchmarks_cli_without_gpu(tmp_path) -> None:
     assert "0 failing" in proc.stdout
     md = (tmp_path / "gated-mlp.md").read_text()
     assert "under the Triton interpreter on the CPU" in md and "| triton-ops | ours | ok |" in md
+
+
+@pytest.mark.skipif(REPO is None, reason="needs the monorepo checkout (benchmarks/)")
+def test_budget_split_gives_each_family_its_share_of_what_is_left() -> None:
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks._common import SHARES, family_budget_s
+    finally:
+        sys.path.remove(str(REPO))
+    families = ["rmsnorm-rope", "gated-mlp", "fp8-gemm", "moe", "attention"]
+    assert set(families) <= set(SHARES)  # every family of `python -m benchmarks` has a share of its own
+    total = sum(SHARES[f] for f in families)
+    assert family_budget_s(0.0, 500.0, families) == pytest.approx(500.0 * SHARES["rmsnorm-rope"] / total)
+    # the family before attention (the last) gets its share of what is left, not a sliver beside a default share
+    moe_until = family_budget_s(200.0, 500.0, ["moe", "attention"])
+    assert moe_until == pytest.approx(200.0 + 300.0 * SHARES["moe"] / (SHARES["moe"] + SHARES["attention"]))
+    assert moe_until - 200.0 > 0.5 * 300.0
+    assert family_budget_s(100.0, 500.0, ["attention"]) == pytest.approx(500.0)  # the last gets all that is left
+    assert family_budget_s(600.0, 500.0, ["moe", "attention"]) == pytest.approx(600.0)  # overrun: nothing more
+    # a family without a listed share gets the mean one
+    unknown = family_budget_s(0.0, 100.0, ["new-family", "attention"])
+    mean = total / len(SHARES)
+    assert unknown == pytest.approx(100.0 * mean / (mean + SHARES["attention"]))

@@ -67,6 +67,10 @@ class MoEConfig(NamedTuple):
 # 184.5 us with 128-column tiles 3 deep, the down GEMM split in three (200.2 unsplit; 6 deep: 205, its gate/up slower).
 # 6 and 7 tokens were not measured: they take their neighbours' tiles. The 128-column tile spills registers with 2
 # warps (ptxas: ~5 KB of spill stores for gate/up) and still measured best; 4 warps measured no faster.
+# Qwen3-30B-A3B's layer (128 experts, top 8, hidden 2048, inter 768; H100, session 36, `moe_tiles --model
+# qwen3-30b-a3b --fma-only`, logs in docs/benchmarks/dev/moe/): one token's 8 experts give the 64-column gate/up tile
+# only 96 programs, yet it measured best (per-column scales 18.1 us, 128x128 blocks 20.4 us); 32 columns took 52-54
+# us, 16 columns 31-34 us, 4 warps or 128 columns no faster; at 4 and 8 tokens every alternative within 5 % (noise).
 FMA_MIN_TOKENS = 1
 FMA_MAX_TOKENS = 8
 FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 1 to 4 tokens
