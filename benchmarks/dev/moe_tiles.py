@@ -136,7 +136,11 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list, shape: Shape = G
         ops._config = saved
     reps = []
     for ids, wts in routes:
-        groups = ops._align(plan.align, ops._flat(ids), shape.experts)
+        if plan.grouped:
+            groups = ops._align(plan.align, ops._flat(ids), shape.experts)
+        else:  # one-row tiles in pair order (no grouping launch): the ids are the tile table
+            flat = ops._flat(ids)
+            groups = ops.ExpertGroups(flat, flat, flat, flat)
         hmid = torch.empty(t * shape.top_k, shape.inter, device=dev, dtype=torch.bfloat16)
         y = torch.empty(t * shape.top_k * plan.split, shape.hidden, device=dev, dtype=torch.float32)
         reps.append((wts.reshape(-1).contiguous(), groups, hmid, y))

@@ -25,9 +25,10 @@ I32 = "i32"
 def with_norm(fn, types: dict, consts: dict, norm: bool = False) -> tuple[dict, dict]:
     """The RMSNorm prologue's arguments of the kernels that have one (off unless ``norm``), and the activation
     scales' pointers of the grouped GEMMs (read only with ``A_SCALED``; ``hamax_ptr`` written only with
-    ``H_AMAX``), and their block scales' K stride (read only with ``W_BLOCK``)."""
+    ``H_AMAX``), their block scales' K stride (read only with ``W_BLOCK``) and their expert count (read only with
+    ``GROUPED`` off)."""
     types = {**{p: "*fp32" for p in ("xs_ptr", "hs_ptr", "hamax_ptr") if p in fn.arg_names},
-             **({"stride_sk": I32} if "stride_sk" in fn.arg_names else {}), **types}
+             **{p: I32 for p in ("stride_sk", "NUM_EXPERTS") if p in fn.arg_names}, **types}
     if "NORM" not in fn.arg_names:
         return types, consts
     return ({**types, "nw_ptr": "*bf16", "norm_eps": "fp32"},
@@ -69,7 +70,7 @@ def one_row_gate_up(tile, name: str, wtype: str = "*fp8e4nv", interleaved: bool 
     consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=True, BLOCK_M=1,
                   BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
                   NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
-                  USE_FMA=fma, INTERPRET=False, F16_DOT=False, stride_wn=1)
+                  USE_FMA=fma, INTERPRET=False, F16_DOT=False, stride_wn=1, GROUPED=False)
     types, consts = with_norm(K._gate_up_kernel, {**GATE_UP_TYPES, "w_ptr": wtype}, consts, norm)
     return compile_sm90(K._gate_up_kernel, types, consts, name, tile.num_warps, tile.num_stages,
                         divisible=(GATE_UP_NORM_DIVISIBLE if norm else GATE_UP_DIVISIBLE) if aligned else (),
@@ -79,7 +80,7 @@ def one_row_gate_up(tile, name: str, wtype: str = "*fp8e4nv", interleaved: bool 
 def one_row_down(tile, name: str, wtype: str = "*fp8e4nv", fma: int = 1, budget: float | None = None) -> bool:
     consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
                   EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma,
-                  INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1)
+                  INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1, GROUPED=False)
     return compile_sm90(K._down_kernel, with_norm(K._down_kernel, {**DOWN_TYPES, "w_ptr": wtype}, {})[0], consts,
                         name, tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE,
                         max_loop_instructions=None if budget is None else int(budget), no_sync_loop_loads=True)
@@ -218,12 +219,12 @@ def block_scaled_experts() -> bool:
                     dict(TOP_K=8, ACTIVATION=K.ACT_SILU, HAS_BIAS=False, INTERLEAVED=False, W_SCALED=False,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, NUM_STAGES=3, DOT_PRECISION="tf32",
                          UPCAST=False, EMULATE_BF16=False, USE_FMA=fma, INTERPRET=False, F16_DOT=False,
-                         W_BLOCK=True),
+                         W_BLOCK=True, GROUPED=bm > 1),
                     f"gate_up E4M3 128x128 block scales BLOCK_M={bm} fma={fma}", warps=warps)
         ok &= build(K._down_kernel, down_types,
                     dict(HAS_BIAS=False, W_SCALED=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True,
                          NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma, INTERPRET=False,
-                         SPLIT_K=1 if fma else 4, F16_DOT=False, W_BLOCK=True),
+                         SPLIT_K=1 if fma else 4, F16_DOT=False, W_BLOCK=True, GROUPED=bm > 1),
                     f"down E4M3 128x128 block scales BLOCK_M={bm} fma={fma}", warps=warps)
     return ok
 

@@ -141,6 +141,46 @@ def test_opcheck_and_compile_with_scales(device):
     assert torch.equal(fn(x), eager)
 
 
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_one_row_tiles_take_the_pairs_in_their_own_order(device, monkeypatch, ids_dtype):
+    """One-row tiles (``block_m`` 1: FP8 experts at 1 to 8 tokens) need no grouping: tile i is pair i, the routing's
+    ids its tile table, and no grouping launch runs before the GEMMs (two-row tiles still group). The result is the
+    float64 reference's, and the same bits as with the ids in the other integer dtype. An id outside the experts
+    (unchecked input) is skipped: the other tokens' outputs stay exact and nothing is read past the weights."""
+    from fused_moe import MoEConfig, ops
+
+    x, rw, rb, w1, b1, w2, b2 = make_moe(6, 40, 24, 5, device=device, seed=41)
+    ids, wts = moe_route(x, rw, rb, 2)
+    ids = ids.to(ids_dtype)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+    grouped = []
+    real_align = ops._align
+    monkeypatch.setattr(ops, "_align", lambda *a: grouped.append(1) or real_align(*a))
+
+    def run(block_m, ids=ids):
+        monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(block_m, 8, 16, 16, 16, 4, 1, fma=True))
+        ops.clear_caches()
+        try:
+            return moe_experts(x, ids, wts, q1, b1, q2, b2, "swiglu_oai", gate_up_scale=s1, down_scale=s2)
+        finally:
+            ops.clear_caches()
+
+    out = run(1)
+    assert grouped == []
+    assert torch.equal(run(1, ids.to(torch.int64 if ids_dtype == torch.int32 else torch.int32)), out)
+    xd, idd, wtd, b1d, b2d = f64(x, ids, wts, b1, b2)
+    ref = moe_experts_reference(xd, idd, wtd, _dequant(q1, s1, True), b1d, _dequant(q2, s2, True), b2d, "swiglu_oai")
+    assert_close_rel(out, ref, TOL[torch.float32])
+    assert_close_rel(run(2), ref, TOL[torch.float32])
+    assert grouped == [1]  # two-row tiles group the pairs first
+    bad = ids.clone()
+    bad[3, 1] = 5  # one past the last expert
+    bad[4, 0] = -1
+    out_bad = run(1, bad)
+    keep = torch.tensor([0, 1, 2, 5], device=device)
+    assert torch.equal(out_bad[keep], out[keep])
+
+
 @pytest.mark.parametrize("block_m,row_layout", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("layout,transposed,activation", [("interleaved", True, "swiglu_oai"),

@@ -712,6 +712,36 @@ def _quant_rows(x_ptr, q_ptr, s_ptr, nw_ptr, block, R, C, stride_xr, norm_eps, B
 # 3. Grouped GEMM: gate/up with bias and activation
 # ----------------------------------------------------------------------------------------------------------------
 
+@triton.jit
+def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, NUM_EXPERTS, GROUPED: tl.constexpr):
+    """``(expert, first row, row bound, skip)`` of a grouped GEMM's tile ``pid_t``. ``GROUPED``: from the grouping's
+    tile table (rows of one expert in sorted order; ``-1`` past the last tile). Otherwise, for one-row tiles, no
+    grouping at all: tile ``i`` is row ``i``, the pair ``i`` itself, and ``tile_expert_ptr`` holds the pairs' expert
+    ids (``topk_ids``). A pair's row is then its own: at 1 to 8 tokens each expert hit has one or two rows, so
+    sorting bought nothing but a launch. Ids outside ``[0, NUM_EXPERTS)`` (unchecked input) are skipped rather than
+    read past the weights."""
+    expert = tl.load(tile_expert_ptr + pid_t)
+    if GROUPED:
+        row0 = tl.load(tile_start_ptr + pid_t)
+        skip = expert < 0
+        row_end = tl.load(offsets_ptr + tl.maximum(expert, 0) + 1)
+    else:
+        row0 = pid_t
+        skip = (expert < 0) | (expert >= NUM_EXPERTS)
+        row_end = pid_t + 1
+    return expert, row0, row_end, skip
+
+
+@triton.jit
+def _tile_pairs(sorted_ptr, offs_m, mask_m, GROUPED: tl.constexpr):
+    """The (token, slot) pairs of a tile's rows (``_tile_rows``): the sorted order's, or the rows themselves."""
+    if GROUPED:
+        pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
+    else:
+        pair = offs_m
+    return pair
+
+
 @triton.jit(do_not_specialize=["MAX_TILES"])
 def _gate_up_kernel(
     # inputs
@@ -736,6 +766,9 @@ def _gate_up_kernel(
     # W_BLOCK: FP8 weights with 128x128 block scales, s [E, ceil(2N / 128), ceil(K / 128)] (strides stride_se,
     # stride_sn per block row, stride_sk per block column), applied in the K loop (concatenated layout only)
     stride_sk=0, W_BLOCK: tl.constexpr = False,
+    # GROUPED off (one-row tiles): no grouping launch before this one; tile i is pair i, tile_expert_ptr the pairs'
+    # expert ids (topk_ids), ids outside [0, NUM_EXPERTS) skipped (see _tile_rows)
+    NUM_EXPERTS=0, GROUPED: tl.constexpr = True,
 ):
     """``QUANT_A`` (W8A8 at decode, with ``A_SCALED``): ``x`` holds the tokens' 16/32-bit rows, quantized to E4M3 in
     registers (``_tile_row_scales``, then each tile in ``_k_loop``) instead of by ``_quant_rows_kernel``.
@@ -746,14 +779,13 @@ def _gate_up_kernel(
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + pid_t)
-    if expert < 0:  # past the last tile: this launch had fewer (expert, tile) pairs than its worst case
+    expert, row0, row_end, skip = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, NUM_EXPERTS,
+                                             GROUPED)
+    if skip:  # past the last tile: this launch had fewer (expert, tile) pairs than its worst case
         return
-    row0 = tl.load(tile_start_ptr + pid_t)
-    row_end = tl.load(offsets_ptr + expert + 1)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-    pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
+    pair = _tile_pairs(sorted_ptr, offs_m, mask_m, GROUPED)
     token = (pair // TOP_K).to(tl.int64)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     a_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -865,6 +897,8 @@ def _down_kernel(
     SWAP_AB: tl.constexpr = False,
     # W_BLOCK: 128x128 block scales, s [E, ceil(N / 128), ceil(K / 128)] (as _gate_up_kernel's)
     stride_sk=0, W_BLOCK: tl.constexpr = False,
+    # GROUPED off: one-row tiles of the pairs in their own order (as _gate_up_kernel's)
+    NUM_EXPERTS=0, GROUPED: tl.constexpr = True,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -874,14 +908,13 @@ def _down_kernel(
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    expert = tl.load(tile_expert_ptr + pid_t)
-    if expert < 0:
+    expert, row0, row_end, skip = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, NUM_EXPERTS,
+                                             GROUPED)
+    if skip:
         return
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_start = pid_k * steps * BLOCK_K
     k_len = tl.minimum(K - k_start, steps * BLOCK_K)
-    row0 = tl.load(tile_start_ptr + pid_t)
-    row_end = tl.load(offsets_ptr + expert + 1)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -920,7 +953,7 @@ def _down_kernel(
         if pid_k == 0:
             acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=mask_n,
                            other=0.0).to(tl.float32)[None, :]
-    pair = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0)
+    pair = _tile_pairs(sorted_ptr, offs_m, mask_m, GROUPED)
     acc = acc * tl.load(wts_ptr + pair, mask=mask_m, other=0.0)[:, None]
     y_ptrs = y_ptr + (pair.to(tl.int64) * SPLIT_K + pid_k)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])

@@ -337,6 +337,7 @@ class _ExpertsPlan(NamedTuple):
     quant_h: Plan | None = None  # and the intermediate rows before the down GEMM
     amax_parts: int = 0  # or (MoEConfig.quant_h_in_down) the gate/up GEMM's shares of their scales per row
     align_quant: Plan | None = None  # W8A8 at decode: the grouping and quant_x in one launch (replaces both)
+    grouped: bool = True  # False: one-row tiles of the pairs in their own order, no grouping launch (_ungrouped)
 
 
 def _row_block(cols: int, device: torch.device) -> int:
@@ -381,6 +382,20 @@ def _for_block_scales(cfg: MoEConfig, inter: int) -> MoEConfig:
                         down_block_k=min(cfg.down_block_k, SCALE_BLOCK), swap_ab=False)
 
 
+# One-row tiles read the pairs in their own order, without the grouping launch (see _ungrouped). False: they group
+# first, as every other tile does (for a before/after in one run: benchmarks.dev.moe_grouping). Plans are cached:
+# call clear_caches() after changing it.
+UNGROUPED_ONE_ROW_TILES = True
+
+
+def _ungrouped(cfg: MoEConfig, fp8_activations: bool) -> bool:
+    """Whether the grouped GEMMs take the pairs in their own order, one row a tile, with no grouping launch before
+    them (the kernels' ``GROUPED`` off): one-row tiles (``block_m`` 1, FP8 experts' CUDA-core tiles at 1 to 8
+    tokens), where sorting the pairs by expert only decided which tile reads which row. Not with E4M3 activations,
+    whose decode launch groups and quantizes the tokens at once."""
+    return UNGROUPED_ONE_ROW_TILES and cfg.block_m == 1 and not fp8_activations
+
+
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
                   down_proj: torch.Tensor, down_proj_bias: torch.Tensor | None, activation: str,
                   gate_up_layout: str, transposed: bool, alpha: float, limit: float,
@@ -398,6 +413,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     blocks = gate_up_scale is not None and gate_up_scale.dim() == 3  # 128x128 block scales, applied in the K loops
     if blocks:
         cfg = _for_block_scales(cfg, inter)
+    grouped = not _ungrouped(cfg, fp8_activations)
     align = _align_plan(p, e, cfg.block_m, dev)
     tiles = align.tiles
     if t == 0:
@@ -452,7 +468,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         precision, upcast, emulate, fma, dev.type == "cpu", f16 and s1 is not None,
         # NORM, NORM_BLOCK
         norm_eps is not None, norm_block(h, norm_rows, dev.type == "cpu") if norm_eps is not None else 16, on,
-        fp8_activations, *quant[0], h_in_down, swap, s1.stride(2) if blocks else 0, blocks), cfg.num_warps, **early)
+        fp8_activations, *quant[0], h_in_down, swap, s1.stride(2) if blocks else 0, blocks, e, grouped),
+        cfg.num_warps, **early)
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
@@ -463,7 +480,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         b2 is not None, s2 is not None and not blocks,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
         precision, upcast, down_fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
-        h_in_down, max(1, amax_parts), swap, s2.stride(2) if blocks else 0, blocks), cfg.num_warps, **early)
+        h_in_down, max(1, amax_parts), swap, s2.stride(2) if blocks else 0, blocks, e, grouped), cfg.num_warps,
+        **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
@@ -475,7 +493,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     if quant_x is not None and align.single is not None and cfg.quant_x_with_align:
         align_quant, quant_x = _align_quant_plan(align.single, quant_x), None
     return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine, quant_x, quant_h, amax_parts,
-                        align_quant)
+                        align_quant, grouped)
 
 
 def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -493,7 +511,10 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     s1 = gate_up_proj if gate_up_scale is None else gate_up_scale
     nw = gate_up_proj if norm_weight is None else norm_weight  # any pointer: NORM is off
     a, a_scale = x2d, s1
-    if plan.align_quant is not None:  # the grouping and the tokens' E4M3 rows from one launch
+    if not plan.grouped:  # one-row tiles in pair order: the ids are the tile table; the rest is never read
+        ids = _flat(topk_ids)
+        groups = ExpertGroups(ids, ids, ids, ids)
+    elif plan.align_quant is not None:  # the grouping and the tokens' E4M3 rows from one launch
         groups = _groups(plan.align, _flat(topk_ids), plan.experts)
         a, a_scale = _fp8_rows(x2d)
         plan.align_quant.launch(_flat(topk_ids), *groups, x2d, _fp8_view(a), a_scale, nw)
