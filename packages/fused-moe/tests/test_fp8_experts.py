@@ -129,16 +129,27 @@ def test_scale_validation(device):
         quantize_experts_fp8(w1, w2[0])
 
 
-def test_opcheck_and_compile_with_scales(device):
-    x, rw, rb, w1, b1, w2, b2 = make_moe(5, 32, 16, 6, device=device, seed=23)
-    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
-    ids, wts = moe_route(x, rw, rb, 2)
-    assert "gate_up_scale" in str(EXPERTS._schema) and "down_scale" in str(EXPERTS._schema)
-    opcheck_op(EXPERTS, (x, ids, wts, q1, b1, q2, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, s1, s2))
-    eager = moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2)
-    fn = torch.compile(lambda x: moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2),
-                       fullgraph=True, backend="aot_eager")
-    assert torch.equal(fn(x), eager)
+@pytest.mark.parametrize("one_row", [False, True])
+def test_opcheck_and_compile_with_scales(device, monkeypatch, one_row):
+    # one_row: the one-row tiles, which take the pairs in their own order (no grouping launch)
+    from fused_moe import MoEConfig, ops
+
+    if one_row:
+        monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(1, 8, 16, 16, 16, 4, 1, fma=True))
+        ops.clear_caches()
+        monkeypatch.setattr(ops, "_align", lambda *a: pytest.fail("one-row tiles launched a grouping"))
+    try:
+        x, rw, rb, w1, b1, w2, b2 = make_moe(5, 32, 16, 6, device=device, seed=23)
+        q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+        ids, wts = moe_route(x, rw, rb, 2)
+        assert "gate_up_scale" in str(EXPERTS._schema) and "down_scale" in str(EXPERTS._schema)
+        opcheck_op(EXPERTS, (x, ids, wts, q1, b1, q2, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, s1, s2))
+        eager = moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2)
+        fn = torch.compile(lambda x: moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2),
+                           fullgraph=True, backend="aot_eager")
+        assert torch.equal(fn(x), eager)
+    finally:
+        ops.clear_caches()  # (no plan of the one-row config left for the next test)
 
 
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
