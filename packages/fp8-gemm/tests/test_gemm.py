@@ -146,39 +146,6 @@ def test_decode_tiles_of_blocked_scales_at_17_to_64_rows(m, b_gran):
     assert_close_rel(out, gemm_ref(a_q.cpu(), a_s.cpu(), "block", b_q.cpu(), b_s.cpu(), b_gran), KERNEL_TOL)
 
 
-def test_scratch_buffers_are_per_stream():
-    # Two streams get different counters and partials (they may run at once); one stream reuses its own; a
-    # larger request replaces the buffer with a zeroed one.
-    from fp8_gemm import _scratch
-
-    dev = torch.device(DEV)
-    a = _scratch.scratch("test.counters", dev, 10, torch.int32, zeroed=True, stream=1)
-    b = _scratch.scratch("test.counters", dev, 10, torch.int32, zeroed=True, stream=2)
-    assert a.data_ptr() != b.data_ptr()
-    assert _scratch.scratch("test.counters", dev, 8, torch.int32, zeroed=True, stream=1).data_ptr() == a.data_ptr()
-    a[:10] = 7
-    grown = _scratch.scratch("test.counters", dev, 5000, torch.int32, zeroed=True, stream=1)
-    assert grown.numel() >= 5000 and not grown.any()
-    assert _scratch._stream_id(torch.device("cpu")) == 0
-
-
-def test_calls_through_the_registered_op_keep_no_scratch_buffer():
-    # torch.compile's CUDA graphs refuse a buffer made during a call that outlives it: inside per_call() (the
-    # registered ops' implementations) every request gets a buffer of its own, zeroed when asked, never kept.
-    from fp8_gemm import _scratch
-
-    dev = torch.device(DEV)
-    kept = _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3)
-    kept[:] = 5
-    with _scratch.per_call():
-        with _scratch.per_call():  # nested ops (FP8Linear -> its GEMM) stay per call
-            inner = _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3)
-        outer = _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3)
-    assert len({kept.data_ptr(), inner.data_ptr(), outer.data_ptr()}) == 3
-    assert not inner.any() and not outer.any() and inner.numel() == 16
-    assert _scratch.scratch("test.per_call", dev, 16, torch.int32, zeroed=True, stream=3).data_ptr() == kept.data_ptr()
-
-
 def test_strided_operands_take_pointer_path():
     # a with a row stride past K (a slice of a wider buffer), b neither row- nor column-major contiguous.
     m, n, k = 72, 24, 96

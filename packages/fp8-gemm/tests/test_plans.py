@@ -223,7 +223,7 @@ def test_quantize_given_per_tensor_scale_host_path(quant_validations, monkeypatc
     results bit-exact. ``grid``: a large tensor (more than 4 tiles per program of the cooperative grid; under
     the interpreter that grid is one program), the casting grid and its fix-up launch; ``cooperative``: one
     launch with a grid barrier."""
-    from fp8_gemm import _scratch
+    from triton_ops_core import scratch as _scratch
     from triton_ops_core.launch import Plan
 
     if path == "grid":

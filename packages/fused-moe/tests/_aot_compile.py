@@ -27,8 +27,11 @@ def with_norm(fn, types: dict, consts: dict, norm: bool = False) -> tuple[dict, 
     scales' pointers of the grouped GEMMs (read only with ``A_SCALED``; ``hamax_ptr`` written only with
     ``H_AMAX``), their block scales' K stride (read only with ``W_BLOCK``) and their expert count (read only with
     ``GROUPED`` off)."""
-    types = {**{p: "*fp32" for p in ("xs_ptr", "hs_ptr", "hamax_ptr") if p in fn.arg_names},
-             **{p: I32 for p in ("stride_sk", "NUM_EXPERTS") if p in fn.arg_names}, **types}
+    later = {"xs_ptr": "*fp32", "hs_ptr": "*fp32", "hamax_ptr": "*fp32", "stride_sk": I32, "NUM_EXPERTS": I32,
+             # the one-launch finishes' outputs and arrival counters (written only with FINISH)
+             "out_ptr": "*bf16", "res_ptr": "*bf16", "cnt_ptr": "*i32", "stride_ot": I32, "stride_rt": I32,
+             "b_ptr": "*bf16", "ids_ptr": "*i32", "wts_ptr": "*fp32", "stride_b": I32}
+    types = {**{p: t for p, t in later.items() if p in fn.arg_names}, **types}
     if "NORM" not in fn.arg_names:
         return types, consts
     return ({**types, "nw_ptr": "*bf16", "norm_eps": "fp32"},
@@ -80,7 +83,8 @@ def one_row_gate_up(tile, name: str, wtype: str = "*fp8e4nv", interleaved: bool 
 def one_row_down(tile, name: str, wtype: str = "*fp8e4nv", fma: int = 1, budget: float | None = None) -> bool:
     consts = dict(HAS_BIAS=True, W_SCALED=True, BLOCK_M=1, BLOCK_N=tile.down_block_n, BLOCK_K=tile.down_block_k,
                   EVEN_K=True, NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=fma,
-                  INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1, GROUPED=False)
+                  INTERPRET=False, SPLIT_K=3, F16_DOT=False, stride_wn=1, GROUPED=False, FINISH=True, TOP_K=4,
+                  HAS_RESIDUAL=True)  # (the combine in the launch, as shipped: fused_moe.ops.COMBINE_IN_DOWN)
     return compile_sm90(K._down_kernel, with_norm(K._down_kernel, {**DOWN_TYPES, "w_ptr": wtype}, {})[0], consts,
                         name, tile.num_warps, tile.num_stages, divisible=DOWN_DIVISIBLE,
                         max_loop_instructions=None if budget is None else int(budget), no_sync_loop_loads=True)
@@ -127,11 +131,17 @@ def main() -> int:
                     dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True, ROUND_LOGITS=True, EMULATE_BF16=False,
                          BLOCK_T=16, BLOCK_E=32, BLOCK_K=256, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False,
                          SPLIT=split), f"route SPLIT={split}")
-    for norm in (False, True):
+    # the router split alone and (FINISH, shipped) as the whole routing: gpt-oss's 32 experts and Qwen3-MoE's 128
+    for norm, finish, experts in ((False, False, 32), (True, False, 32), (False, True, 32), (True, True, 128)):
+        select = dict(FINISH=True, HAS_BIAS=experts == 32, TOP_K=4 if experts == 32 else 8,
+                      BLOCK_KP=4 if experts == 32 else 8, RENORMALIZE=True, ROUND_LOGITS=True) if finish else {}
         ok &= build(K._router_split_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32",
                                              **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we"], I32)},
-                    dict(BLOCK_T=16, BLOCK_E=32, BLOCK_K=128, NUM_STAGES=2, DOT_PRECISION="tf32", UPCAST=False),
-                    "router split" + (", RMSNorm prologue" if norm else ""), norm=norm)
+                    dict(BLOCK_T=16, BLOCK_E=experts, BLOCK_K=128 * 64 // max(experts, 64), NUM_STAGES=2,
+                         DOT_PRECISION="tf32", UPCAST=False, **select),
+                    "router split" + (", RMSNorm prologue" if norm else "") + (f", the whole routing of {experts} "
+                                                                                "experts" if finish else ""),
+                    warps=4 if experts <= 64 else 8, norm=norm)
     align_types = {**dict.fromkeys(["ids_ptr", "offsets_ptr", "sorted_ptr", "tile_expert_ptr", "tile_start_ptr"],
                                    "*i32"), **dict.fromkeys(["P", "E", "MAX_TILES"], I32)}
     ok &= build(K._align_kernel, align_types,

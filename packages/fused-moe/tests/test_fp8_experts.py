@@ -192,6 +192,74 @@ def test_one_row_tiles_take_the_pairs_in_their_own_order(device, monkeypatch, id
     assert torch.equal(out_bad[keep], out[keep])
 
 
+class _NotLaunched:
+    """A kernel that fails the test if a plan launches it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, grid):
+        pytest.fail(f"{self.name} was launched")
+
+
+def _counters_at_rest(name: str) -> bool:
+    from triton_ops_core import scratch
+
+    kept = [buf for key, buf in scratch._BUFFERS.items() if key[0] == name]
+    return bool(kept) and all(not buf.any() for buf in kept)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_tiles_add_the_terms_in_the_down_gemm(device, monkeypatch, split, dtype):
+    """One-row tiles need no combine launch: the last of each (token, column tile)'s down-GEMM programs adds the
+    token's k expert rows (times the K splits) and the residual in the combine's fixed order, the same bits as the
+    combine launch. An id outside the experts still arrives (zeros), so its token completes. The arrival counters are
+    at zero after every call: the kept buffers of plain calls; the registered op's calls get fresh ones."""
+    from fused_moe import MoEConfig, ops
+    from fused_moe import _kernels as K
+
+    x, rw, rb, w1, b1, w2, b2 = make_moe(5, 40, 24, 6, dtype=dtype, device=device, seed=43 + split)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
+    ids, wts = moe_route(x, rw, rb, 3)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2)
+    monkeypatch.setattr(ops, "_config",
+                        lambda *a: MoEConfig(1, 8, 16, 16, 16, 4, 1, fma=True, down_split_k=split))
+
+    def run(ids=ids, wts=wts, op=False):
+        ops.clear_caches()
+        try:
+            if op:
+                return EXPERTS(x, ids, wts, q1, b1, q2, b2, "swiglu_oai", "interleaved", True, 1.702, 7.0, s1, s2,
+                               residual)
+            return moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2, residual=residual)
+        finally:
+            ops.clear_caches()
+
+    with monkeypatch.context() as m:
+        m.setattr(K, "_combine_kernel", _NotLaunched("the combine"))
+        fused = run()
+        assert _counters_at_rest(ops._DOWN_COUNTERS)
+        assert torch.equal(run(), fused)  # the kept counters serve the next call
+        assert torch.equal(run(op=True), fused)
+        bad = ids.clone()
+        bad[2, 1] = 6  # one past the last expert: that pair adds zeros
+        out_bad = run(bad)
+        assert _counters_at_rest(ops._DOWN_COUNTERS)
+        wts_zero = wts.clone()
+        wts_zero[2, 1] = 0.0  # the same pair's share, gone
+        assert torch.equal(out_bad, run(wts=wts_zero))
+    with monkeypatch.context() as m:
+        m.setattr(ops, "COMBINE_IN_DOWN", False)
+        assert torch.equal(run(), fused)
+    assert not fused.isnan().any()
+    keep = torch.tensor([0, 1, 3, 4], device=device)
+    assert torch.equal(out_bad[keep], fused[keep]) and not torch.equal(out_bad[2], fused[2])
+    xd, idd, wtd, b1d, b2d = f64(x, ids, wts, b1, b2)
+    ref = moe_experts_reference(xd, idd, wtd, _dequant(q1, s1, True), b1d, _dequant(q2, s2, True), b2d, "swiglu_oai")
+    assert_close_rel(fused, ref + residual.double().cpu(), TOL[dtype])
+
+
 @pytest.mark.parametrize("block_m,row_layout", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("layout,transposed,activation", [("interleaved", True, "swiglu_oai"),

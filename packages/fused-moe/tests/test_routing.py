@@ -47,6 +47,62 @@ def test_route_with_the_router_gemm_split_along_k(device, monkeypatch, split, dt
         ops.clear_caches()
 
 
+class _Launches:
+    """Stands for the route kernel: counts the launches, and fails the test on one where none may happen."""
+
+    def __init__(self, kernel, allowed: bool) -> None:
+        self.kernel, self.allowed, self.count = kernel, allowed, 0
+
+    def __getitem__(self, grid):
+        if not self.allowed:
+            pytest.fail("the route kernel was launched")
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("t,split", [(7, 1), (7, 5), (70, 3)])
+def test_one_launch_routing_gives_the_two_launch_bits(device, monkeypatch, t, split):
+    """With the router GEMM split, a plain eager call routes in one launch: the split kernel's last program of each
+    token block (70 tokens: two blocks under the interpreter) adds the partial logits and selects the experts, with
+    the two-launch routing's ids and weights bit for bit and the kept arrival counters back at zero. Calls through
+    the registered op (torch.compile, its CUDA graphs) take the two launches, as do routers without renormalization."""
+    from fused_moe import _kernels as K
+    from fused_moe import ops
+    from triton_ops_core import scratch
+
+    monkeypatch.setattr(ops, "_route_split", lambda t, h, on_cpu, chosen: split)
+    x, rw, rb, *_ = make_moe(t, 150, 8, 12, dtype=torch.bfloat16, seed=t + split, router_scale=4.0, device=DEVICE)
+    real = K._route_kernel
+
+    def route(allowed, op=False, renormalize=True):
+        ops.clear_caches()
+        spy = _Launches(real, allowed)
+        monkeypatch.setattr(K, "_route_kernel", spy)
+        try:
+            if op:
+                return torch.ops.triton_ops.moe_route(x, rw, rb, 3, renormalize), spy.count
+            return moe_route(x, rw, rb, 3, renormalize=renormalize), spy.count
+        finally:
+            monkeypatch.setattr(K, "_route_kernel", real)
+            ops.clear_caches()
+
+    (ids, wts), _ = route(allowed=False)
+    kept = [buf for key, buf in scratch._BUFFERS.items() if key[0] == ops._ROUTE_COUNTERS]
+    assert kept and not any(buf.any() for buf in kept)
+    (ids_op, wts_op), launches = route(allowed=True, op=True)
+    assert launches == 1
+    monkeypatch.setattr(ops, "ROUTE_IN_ONE_LAUNCH", False)
+    (ids2, wts2), launches = route(allowed=True)
+    assert launches == 1
+    assert torch.equal(ids, ids2) and torch.equal(wts, wts2)
+    assert torch.equal(ids_op, ids2) and torch.equal(wts_op, wts2)
+    rids, _ = route_reference(*f64(x, rw, rb), 3, round_to=torch.bfloat16)
+    assert torch.equal(ids.cpu().long(), rids)
+    monkeypatch.setattr(ops, "ROUTE_IN_ONE_LAUNCH", True)
+    (ids_all, _), launches = route(allowed=True, renormalize=False)  # the softmax over every expert
+    assert launches == 1 and torch.equal(ids_all, ids)
+
+
 def test_route_split_count(monkeypatch):
     from fused_moe import ops
 

@@ -22,13 +22,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from triton_ops_core import scratch as _scratch
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.rms_prologue import check_norm, rms_normalized
 from triton_ops_core.validation import check_ndim, check_no_overlap, check_tensor, memory_span
 
-from . import _scratch
 from .gemm import _CACHE_CLEARERS
 from .linear import fp8_linear
 from .weight_only import build_plan, check_residual

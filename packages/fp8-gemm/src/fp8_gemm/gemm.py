@@ -12,13 +12,14 @@ from typing import Any, NamedTuple
 
 import torch
 import triton
+from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_hopper, is_interpreter, sm_count, supports_fp8
 from triton_ops_core.exceptions import UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 
-from . import _scratch, gemm_wgmma
 from . import gemm_configs as cfgs
+from . import gemm_wgmma
 from .gemm_kernels import (
     A_BLOCK,
     A_ROW,

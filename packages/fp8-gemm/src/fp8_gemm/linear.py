@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import supports_fp8
 from triton_ops_core.exceptions import (
     InvalidArgumentError,
@@ -37,7 +38,6 @@ from triton_ops_core.validation import (
     memory_span,
 )
 
-from . import _scratch
 from .gemm import _CACHE_CLEARERS, _new_call
 from .quantize import WEIGHT_BLOCK, _activation_plan, expand_scale, quantize_fp8, scale_shape
 from .recipes import FP8Recipe, resolve_recipe, select_linears

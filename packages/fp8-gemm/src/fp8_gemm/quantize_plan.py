@@ -7,11 +7,11 @@ from __future__ import annotations
 import functools
 
 import torch
+from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.launch import Plan, PlanCache, cdiv, next_pow2
 from triton_ops_core.models import FP8Format
 
-from . import _scratch
 from .quantize_kernels import (
     _quant_blocks_kernel,
     _quant_lines_kernel,

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from triton_ops_core import pdl
+from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
@@ -50,7 +51,6 @@ from triton_ops_core.validation import (
     check_tensor,
 )
 
-from . import _scratch
 from .validation import b_scale_granularity
 from .weight_only_kernels import (
     SCALE_BLOCK,

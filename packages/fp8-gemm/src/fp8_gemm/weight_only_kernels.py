@@ -27,8 +27,8 @@ Split K (``SPLIT_K > 1``): each program writes its fp32 partial to the ``[SPLIT_
 program of a column block to arrive (an int32 counter per block, reset by that program) sums the partials in the
 fixed order 0..SPLIT_K-1, applies scale and bias and writes the output. Integer atomics only: the result is
 deterministic, the same for every run and every arrival order. Counters and workspace are two scratch buffers
-(``_scratch``: the stream's; the counters zero at rest). They must stay apart: in one shared buffer a later call with
-more column blocks read the earlier call's partials as its counters.
+(``triton_ops_core.scratch``: the stream's; the counters zero at rest). They must stay apart: in one shared
+buffer a later call with more column blocks read the earlier call's partials as its counters.
 
 RMSNorm prologue (``NORM``, ``triton_ops_core.rms_prologue``): x is the un-normalized row (a decoder layer's residual
 stream); each program first sums the squares of its rows over all of K (in fp64, from L2: a decode row is a few KB)

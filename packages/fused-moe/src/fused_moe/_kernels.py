@@ -327,17 +327,82 @@ def _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, s
     return acc
 
 
+@triton.jit
+def _select_experts(acc, x_ptr, b_ptr, ids_ptr, wts_ptr, offs_t, mask_t, offs_e, mask_e, E, stride_b,
+                    HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_KP: tl.constexpr, RENORMALIZE: tl.constexpr,
+                    ROUND_LOGITS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
+    """From the router logits ``acc [BLOCK_T, BLOCK_E]`` (fp32, bias not yet added) of tokens ``offs_t``: the top-k
+    experts and their weights, written to ``ids`` / ``wts`` ``[T, TOP_K]``."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_e * stride_b, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+    if ROUND_LOGITS:
+        # The model's router is an F.linear in the input dtype: its logits (hence its choice of experts and
+        # their ties) are rounded once to that dtype. Same here, so the experts chosen are the model's.
+        acc = _round(acc, x_ptr.dtype.element_ty, EMULATE_BF16).to(tl.float32)
+
+    col = offs_e[None, :] + tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32)
+    valid = col < E
+    # Selection key: a NaN logit never wins, so a token with NaN still gets k distinct, valid experts (its own
+    # weights, hence its own output, are NaN; no other token is touched).
+    key = tl.where(acc != acc, float("-inf"), acc)
+    avail = valid
+    kcol = tl.arange(0, BLOCK_KP)[None, :]
+    ids = tl.zeros((BLOCK_T, BLOCK_KP), dtype=tl.int32)
+    vals = tl.full((BLOCK_T, BLOCK_KP), float("-inf"), dtype=tl.float32)
+    top = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    den = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.where(avail, key, float("-inf")), axis=1)
+        hit = avail & (key == best[:, None])
+        idx = tl.min(tl.where(hit, col, BLOCK_E), axis=1)  # lowest index among equals
+        sel = col == idx[:, None]
+        val = tl.sum(tl.where(sel, acc, 0.0), axis=1)
+        ids = tl.where(kcol == j, idx[:, None], ids)
+        vals = tl.where(kcol == j, val[:, None], vals)
+        avail = avail & (col != idx[:, None])
+        if RENORMALIZE:
+            # The chosen come largest first. Their exponentials are added one at a time in that order, not by a
+            # reduction whose order follows the register layout (which differs between the route kernel and the
+            # one-launch routing: on an H100 Qwen3-MoE's weights differed in their last bits): the same bits in both.
+            if j == 0:
+                top = val
+            den += tl.exp(val - top)
+
+    kmask = kcol < TOP_K
+    if RENORMALIZE:  # softmax over the k chosen logits (gpt-oss; == Qwen3-MoE / Mixtral with norm_topk_prob)
+        num = tl.where(kmask, tl.exp(vals - top[:, None]), 0.0)
+    else:  # the full softmax over every expert, taken at the k chosen
+        vmax = tl.max(tl.where(valid, acc, float("-inf")), axis=1)
+        num = tl.where(kmask, tl.exp(vals - vmax[:, None]), 0.0)
+        den = tl.sum(tl.where(valid, tl.exp(acc - vmax[:, None]), 0.0), axis=1)
+    wts = num / den[:, None]
+    out_offs = offs_t.to(tl.int64)[:, None] * TOP_K + kcol
+    out_mask = mask_t[:, None] & kmask
+    tl.store(ids_ptr + out_offs, ids, mask=out_mask)
+    tl.store(wts_ptr + out_offs, wts, mask=out_mask)
+
+
 @triton.jit(do_not_specialize=["T"])
-def _router_split_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, T, E, H, stride_xt, stride_we, norm_eps,
+def _router_split_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, b_ptr, ids_ptr, wts_ptr, cnt_ptr, T, E, H, stride_xt,
+                         stride_we, stride_b, norm_eps,
                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                          NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                         NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False):
+                         NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False,
+                         FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, TOP_K: tl.constexpr = 1,
+                         BLOCK_KP: tl.constexpr = 1, RENORMALIZE: tl.constexpr = True,
+                         ROUND_LOGITS: tl.constexpr = False, EMULATE_BF16: tl.constexpr = False):
     """Decode's router GEMM over many programs: program ``(t, s)`` writes the partial logits of K range ``s``
-    (whole ``BLOCK_K`` steps) to ``ws[s, T, E]`` (fp32); ``_route_kernel`` adds the ranges in a fixed order. One
-    program reading the whole router (184 KB for gpt-oss) waited on its own loads."""
+    (whole ``BLOCK_K`` steps) to ``ws[s, T, E]`` (fp32). One program reading the whole router (184 KB for gpt-oss)
+    waited on its own loads. Without ``FINISH``, ``_route_kernel`` adds the ranges in a fixed order and selects.
+    With it, the routing is this one launch: the last program of a token block to arrive (an arrival counter per
+    block, ``cnt [T / BLOCK_T]`` int32, zero at rest: ``triton_ops_core.scratch``) adds the ranges in the same
+    fixed order, selects the block's experts (``_select_experts``: the route kernel's bits) and puts the counter
+    back to zero."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_t = tl.program_id(0)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     s = tl.program_id(1)
     steps = tl.cdiv(tl.cdiv(H, BLOCK_K), tl.num_programs(1))
     k_start = s * steps * BLOCK_K
@@ -348,8 +413,20 @@ def _router_split_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, T, E, H, stride_xt, strid
     acc = _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, stride_xt, stride_we,
                        BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, nw_ptr, norm_eps, T, H, NORM,
                        NORM_BLOCK)
-    ws_ptrs = ws_ptr + (s * T + offs_t.to(tl.int64))[:, None] * E + offs_e[None, :]
-    tl.store(ws_ptrs, acc, mask=mask_t[:, None] & mask_e[None, :])
+    mask = mask_t[:, None] & mask_e[None, :]
+    ws_tile = ws_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :]
+    tl.store(ws_tile + s * T * E, acc, mask=mask)
+    if FINISH:
+        tl.debug_barrier()  # every thread's partial is stored before the counter says so
+        arrived = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(1) - 1:
+            # the last of the block: the ranges in a fixed order (as _route_kernel adds them), read through L2
+            total = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+            for r in range(0, tl.num_programs(1)):
+                total += tl.load(ws_tile + r * T * E, mask=mask, other=0.0, cache_modifier=".cg")
+            _select_experts(total, x_ptr, b_ptr, ids_ptr, wts_ptr, offs_t, mask_t, offs_e, mask_e, E, stride_b,
+                            HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16, BLOCK_T, BLOCK_E)
+            tl.atomic_xchg(cnt_ptr + pid_t, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -386,46 +463,8 @@ def _route_kernel(
         for s in tl.static_range(SPLIT):
             acc += tl.load(ws_ptr + (s * T + offs_t.to(tl.int64))[:, None] * E + offs_e[None, :], mask=mask,
                            other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_e * stride_b, mask=mask_e, other=0.0).to(tl.float32)[None, :]
-    if ROUND_LOGITS:
-        # The model's router is an F.linear in the input dtype: its logits (hence its choice of experts and
-        # their ties) are rounded once to that dtype. Same here, so the experts chosen are the model's.
-        acc = _round(acc, x_ptr.dtype.element_ty, EMULATE_BF16).to(tl.float32)
-
-    col = offs_e[None, :] + tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32)
-    valid = col < E
-    # Selection key: a NaN logit never wins, so a token with NaN still gets k distinct, valid experts (its own
-    # weights, hence its own output, are NaN; no other token is touched).
-    key = tl.where(acc != acc, float("-inf"), acc)
-    avail = valid
-    kcol = tl.arange(0, BLOCK_KP)[None, :]
-    ids = tl.zeros((BLOCK_T, BLOCK_KP), dtype=tl.int32)
-    vals = tl.full((BLOCK_T, BLOCK_KP), float("-inf"), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(tl.where(avail, key, float("-inf")), axis=1)
-        hit = avail & (key == best[:, None])
-        idx = tl.min(tl.where(hit, col, BLOCK_E), axis=1)  # lowest index among equals
-        sel = col == idx[:, None]
-        val = tl.sum(tl.where(sel, acc, 0.0), axis=1)
-        ids = tl.where(kcol == j, idx[:, None], ids)
-        vals = tl.where(kcol == j, val[:, None], vals)
-        avail = avail & (col != idx[:, None])
-
-    kmask = kcol < TOP_K
-    if RENORMALIZE:  # softmax over the k chosen logits (gpt-oss; == Qwen3-MoE / Mixtral with norm_topk_prob)
-        vmax = tl.max(tl.where(kmask, vals, float("-inf")), axis=1)
-        num = tl.where(kmask, tl.exp(vals - vmax[:, None]), 0.0)
-        den = tl.sum(num, axis=1)
-    else:  # the full softmax over every expert, taken at the k chosen
-        vmax = tl.max(tl.where(valid, acc, float("-inf")), axis=1)
-        num = tl.where(kmask, tl.exp(vals - vmax[:, None]), 0.0)
-        den = tl.sum(tl.where(valid, tl.exp(acc - vmax[:, None]), 0.0), axis=1)
-    wts = num / den[:, None]
-    out_offs = offs_t.to(tl.int64)[:, None] * TOP_K + kcol
-    out_mask = mask_t[:, None] & kmask
-    tl.store(ids_ptr + out_offs, ids, mask=out_mask)
-    tl.store(wts_ptr + out_offs, wts, mask=out_mask)
+    _select_experts(acc, x_ptr, b_ptr, ids_ptr, wts_ptr, offs_t, mask_t, offs_e, mask_e, E, stride_b, HAS_BIAS,
+                    TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16, BLOCK_T, BLOCK_E)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -883,9 +922,12 @@ def _down_kernel(
     hs_ptr,
     # output: [P * SPLIT_K, N] fp32, row = the pair's index (token * k + slot) * SPLIT_K + the K split
     y_ptr,
+    # FINISH: the layer's output [T, N], the residual added to it (HAS_RESIDUAL) and the arrival counters
+    # [T, N / BLOCK_N] (int32, zero at rest); any pointers otherwise
+    out_ptr, res_ptr, cnt_ptr,
     # sizes and strides (N: hidden, K: the intermediate size)
     N, K, MAX_TILES, stride_hm, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_se, stride_sn,
-    stride_ym,
+    stride_ym, stride_ot, stride_rt,
     # options (W_SCALED: FP8 weights, one fp32 scale per expert and output column, s [E, N])
     HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr,
     # tiles
@@ -899,10 +941,18 @@ def _down_kernel(
     stride_sk=0, W_BLOCK: tl.constexpr = False,
     # GROUPED off: one-row tiles of the pairs in their own order (as _gate_up_kernel's)
     NUM_EXPERTS=0, GROUPED: tl.constexpr = True,
+    # FINISH (one-row tiles, GROUPED off): the combine in this launch (see below); TOP_K, the slots of a token
+    FINISH: tl.constexpr = False, TOP_K: tl.constexpr = 1, HAS_RESIDUAL: tl.constexpr = False,
+    EMULATE_BF16: tl.constexpr = False,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
-    token that is what fills the GPU: 4 experts x 90 column tiles are fewer programs than the weights need."""
+    token that is what fills the GPU: 4 experts x 90 column tiles are fewer programs than the weights need.
+
+    ``FINISH``: no combine launch. The ``TOP_K * SPLIT_K`` programs of a (token, column tile) count their arrivals
+    (``cnt``); the last adds the token's rows of ``y`` in the combine's fixed order (``_sum_terms``: its bits), the
+    residual first, writes the output and puts the counter back to zero. A pair with an id outside the experts
+    still arrives, with a row of zeros."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid_t = tl.program_id(0)
@@ -910,11 +960,15 @@ def _down_kernel(
     pid_k = tl.program_id(2)
     expert, row0, row_end, skip = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, NUM_EXPERTS,
                                              GROUPED)
-    if skip:
-        return
+    if not FINISH:
+        if skip:
+            return
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_start = pid_k * steps * BLOCK_K
     k_len = tl.minimum(K - k_start, steps * BLOCK_K)
+    if FINISH:  # a skipped pair reads nothing (an empty K loop on expert 0's pointers) and stores zeros
+        expert = tl.where(skip, 0, expert)
+        k_len = tl.where(skip, 0, k_len)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -955,13 +1009,45 @@ def _down_kernel(
                            other=0.0).to(tl.float32)[None, :]
     pair = _tile_pairs(sorted_ptr, offs_m, mask_m, GROUPED)
     acc = acc * tl.load(wts_ptr + pair, mask=mask_m, other=0.0)[:, None]
+    if FINISH:
+        acc = tl.where(skip, 0.0, acc)
     y_ptrs = y_ptr + (pair.to(tl.int64) * SPLIT_K + pid_k)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    if FINISH:  # (one-row tiles in pair order: this program's row is pair pid_t, of token pid_t // TOP_K)
+        token = pid_t // TOP_K
+        tl.debug_barrier()  # every thread's share of the row is stored before the counter says so
+        cnt = cnt_ptr + token * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == TOP_K * SPLIT_K - 1:
+            offs_t = token + tl.arange(0, 1)
+            mask = (offs_t < token + 1)[:, None] & mask_n[None, :]
+            total = _sum_terms(y_ptr, res_ptr, offs_t, offs_n, mask, stride_ym, stride_rt, TOP_K * SPLIT_K,
+                               HAS_RESIDUAL, ".cg")
+            tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
+                     _round(total, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Combine
 # ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sum_terms(y_ptr, res_ptr, offs_t, offs_n, mask, stride_ym, stride_rt, TERMS: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, CACHE: tl.constexpr):
+    """``(residual[t] +) sum_j y[t * TERMS + j]`` over columns ``offs_n`` of tokens ``offs_t``, fp32, the terms in a
+    fixed order (the same bits on every run, and in ``_combine_kernel`` and the down GEMM's ``FINISH`` alike).
+    ``CACHE``: the loads' cache modifier (``.cg``: through L2, for rows other programs of the launch wrote)."""
+    acc = tl.zeros(mask.shape, dtype=tl.float32)
+    if HAS_RESIDUAL:
+        acc = tl.load(res_ptr + offs_t.to(tl.int64)[:, None] * stride_rt + offs_n[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+    for j in tl.static_range(TERMS):
+        rows = offs_t.to(tl.int64) * TERMS + j
+        acc += tl.load(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0,
+                       cache_modifier=CACHE)
+    return acc
+
 
 @triton.jit(do_not_specialize=["T"])
 def _combine_kernel(y_ptr, out_ptr, res_ptr, T, N, stride_ym, stride_ot, stride_rt,
@@ -974,12 +1060,6 @@ def _combine_kernel(y_ptr, out_ptr, res_ptr, T, N, stride_ym, stride_ot, stride_
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_t < T)[:, None] & (offs_n < N)[None, :]
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    if HAS_RESIDUAL:
-        acc = tl.load(res_ptr + offs_t.to(tl.int64)[:, None] * stride_rt + offs_n[None, :], mask=mask,
-                      other=0.0).to(tl.float32)
-    for j in tl.static_range(TERMS):  # a fixed order of the terms: the same bits on every run
-        rows = offs_t.to(tl.int64) * TERMS + j
-        acc += tl.load(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0)
+    acc = _sum_terms(y_ptr, res_ptr, offs_t, offs_n, mask, stride_ym, stride_rt, TERMS, HAS_RESIDUAL, "")
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
              _round(acc, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from triton_ops_core import pdl
+from triton_ops_core import pdl, scratch
 from triton_ops_core.device import device_info
 from triton_ops_core.exceptions import LayoutError, ShapeMismatchError, TritonKernelError, UnsupportedDtypeError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
@@ -112,6 +112,20 @@ ROUTE_TILE_K = (256, 3)
 # 0 switches it off. Plans are cached: call clear_caches() after changing it.
 ROUTE_SPLIT_MAX_TOKENS = 64
 ROUTE_SPLIT_STEPS = 2
+# With the router GEMM split, plain eager calls route in one launch: the split kernel's last program of each token
+# block adds the partial logits and selects the experts (an arrival counter kept between calls,
+# triton_ops_core.scratch) instead of a route kernel after it; the same bits either way. Not in CUDA graphs (captures
+# and torch.compile's), where the counters would be a fresh buffer per call and its memset a graph node: H100,
+# session 37 (benchmarks.dev.moe_one_launch), gpt-oss-20b's router at 1 token 4.44 us in two launches against 5.57 in
+# one launch plus the memset (Qwen3-30B-A3B's 7.86 / 8.14), while eager calls, bound by the host, went 82 -> 70 us
+# (72 -> 55). Routers whose weights are the softmax over all experts (renormalize=False) keep two launches: that
+# softmax's sum is a reduction whose order follows each kernel's register layout, so the bits could differ between an
+# eager call and a graph replay. False: always two launches. Plans are cached: call clear_caches() after changing it.
+ROUTE_IN_ONE_LAUNCH = True
+_NO_SELECT = (False, 1, 1, True, False, False)  # the split kernel's selection constexprs when it does not select
+# The scratch buffers' names (per device and stream: triton_ops_core.scratch): int32 arrival counters, zero at rest
+_ROUTE_COUNTERS = "moe.route_counters"
+_DOWN_COUNTERS = "moe.down_counters"
 
 
 def _route_tiles_that_fit(block_t: int, block_e: int, block_k: int, stages: int, element_size: int,
@@ -126,11 +140,13 @@ def _route_tiles_that_fit(block_t: int, block_e: int, block_k: int, stages: int,
 
 
 class _RoutePlan(NamedTuple):
-    """The routing's launches: the split router GEMM (None: the route kernel computes it) and the route kernel."""
+    """The routing's launches: the split router GEMM (None: the route kernel computes it) and the route kernel,
+    or (``one_launch``, plain eager calls) the split GEMM whose last programs select the experts."""
 
     split: int
     gemm: Plan | None
     route: Plan
+    one_launch: Plan | None = None
 
 
 def _route_split(t: int, h: int, on_cpu: bool, split: int | None) -> int:
@@ -167,20 +183,25 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     # NORM, NORM_BLOCK (a fixed 16 when off: no compiled variant per hidden size for nothing)
     norm = (norm_eps is not None, norm_block(h, block_t, on_cpu) if norm_eps is not None else 16)
     on = pdl.enabled(x2d.device)
+    stride_b = 1 if router_bias is None else router_bias.stride(0)
+    # HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16
+    select = (router_bias is not None, top_k, next_pow2(top_k), renormalize, x2d.dtype != torch.float32,
+              _emulate_bf16(x2d.device, x2d.dtype))
+    one_launch = None
     if split:
         split_k = min(128, block_k) if not on_cpu else min(64, block_k)
-        gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split),
-                    (t, e, h, x2d.stride(0), router_weight.stride(0), eps,
-                     block_t, block_e, split_k, 2, precision, upcast, *norm, on), warps, **pdl.launch_options(on))
-    tail = (t, e, h, x2d.stride(0), router_weight.stride(0), 1 if router_bias is None else router_bias.stride(0),
-            eps,
-            # HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16
-            router_bias is not None, top_k, next_pow2(top_k), renormalize, x2d.dtype != torch.float32,
-            _emulate_bf16(x2d.device, x2d.dtype),
+        head = (t, e, h, x2d.stride(0), router_weight.stride(0), stride_b, eps,
+                block_t, block_e, split_k, 2, precision, upcast, *norm, on)
+        gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split), (*head, False, *_NO_SELECT), warps,
+                    **pdl.launch_options(on))
+        if ROUTE_IN_ONE_LAUNCH and renormalize:
+            one_launch = Plan(K._router_split_kernel, (cdiv(t, block_t), split), (*head, True, *select), warps,
+                              **pdl.launch_options(on))
+    tail = (t, e, h, x2d.stride(0), router_weight.stride(0), stride_b, eps, *select,
             # BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, SPLIT
             block_t, block_e, block_k, stages, precision, upcast, split, *norm, on)
     return _RoutePlan(split, gemm, Plan(K._route_kernel, (cdiv(t, block_t),), tail, warps, n_rows=t,
-                                        **pdl.launch_options(on)))
+                                        **pdl.launch_options(on)), one_launch)
 
 
 def _route(plan: _RoutePlan, x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
@@ -192,10 +213,16 @@ def _route(plan: _RoutePlan, x2d: torch.Tensor, router_weight: torch.Tensor, rou
         return ids, wts
     ws = router_weight  # any pointer: the route kernel reads no partial logits without a split
     nw = router_weight if norm_weight is None else norm_weight  # any pointer: NORM is off
+    bias = router_weight if router_bias is None else router_bias  # any pointer: HAS_BIAS is off
     if plan.gemm is not None:
         ws = _empty((plan.split, t, router_weight.shape[0]), torch.float32, device=x2d.device)
-        plan.gemm.launch(x2d, router_weight, ws, nw)
-    plan.route.launch(x2d, router_weight, router_weight if router_bias is None else router_bias, ws, nw, ids, wts)
+        if plan.one_launch is not None and scratch.kept(x2d.device):
+            # the token blocks' arrival counters, zero at rest (see ROUTE_IN_ONE_LAUNCH)
+            cnt = scratch.scratch(_ROUTE_COUNTERS, x2d.device, plan.gemm.grid[0], torch.int32, zeroed=True)
+            plan.one_launch.launch(x2d, router_weight, ws, nw, bias, ids, wts, cnt)
+            return ids, wts
+        plan.gemm.launch(x2d, router_weight, ws, nw, bias, ids, wts, ids)
+    plan.route.launch(x2d, router_weight, bias, ws, nw, ids, wts)
     return ids, wts
 
 
@@ -332,7 +359,7 @@ class _ExpertsPlan(NamedTuple):
     align: Plan
     gate_up: Plan
     down: Plan
-    combine: Plan
+    combine: Plan | None  # None: the down GEMM adds the terms (COMBINE_IN_DOWN)
     quant_x: Plan | None = None  # FP8 activations: the tokens' rows to E4M3 before the gate/up GEMM
     quant_h: Plan | None = None  # and the intermediate rows before the down GEMM
     amax_parts: int = 0  # or (MoEConfig.quant_h_in_down) the gate/up GEMM's shares of their scales per row
@@ -386,6 +413,13 @@ def _for_block_scales(cfg: MoEConfig, inter: int) -> MoEConfig:
 # first, as every other tile does (for a before/after in one run: benchmarks.dev.moe_grouping). Plans are cached:
 # call clear_caches() after changing it.
 UNGROUPED_ONE_ROW_TILES = True
+
+
+# Where the one-row tiles run (_ungrouped), the down GEMM also adds each token's expert outputs (and the residual):
+# the last of a (token, column tile)'s programs to arrive writes the output (an arrival counter,
+# triton_ops_core.scratch), so no combine launch follows. The same bits either way. False: the combine launch (a
+# before/after in one run: benchmarks.dev.moe_one_launch). Plans are cached: call clear_caches() after changing it.
+COMBINE_IN_DOWN = True
 
 
 def _ungrouped(cfg: MoEConfig, fp8_activations: bool) -> bool:
@@ -473,22 +507,25 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     # down: y[pair * split + s] = (h @ W2[e] (* s2[e]) + b2[e]) * weight over split s's K range, fp32; y is a fresh
     # contiguous [p * split, hidden]
     split = cfg.down_split_k
+    finish = not grouped and COMBINE_IN_DOWN  # the combine in the down GEMM's last programs (COMBINE_IN_DOWN)
+    stride_rt = 0 if residual is None else _as_2d(residual).stride(0)
     down = Plan(K._down_kernel, (tiles, cdiv(h, cfg.down_block_n), split), (
         h, inter, tiles, inter, *_weight_strides(down_proj, transposed),
         0 if b2 is None else b2.stride(0), 1 if b2 is None else b2.stride(1),
-        0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h,
+        0 if s2 is None else s2.stride(0), 1 if s2 is None else s2.stride(1), h, h, stride_rt,
         b2 is not None, s2 is not None and not blocks,
         cfg.block_m, cfg.down_block_n, cfg.down_block_k, inter % cfg.down_block_k == 0, cfg.num_stages,
         precision, upcast, down_fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
-        h_in_down, max(1, amax_parts), swap, s2.stride(2) if blocks else 0, blocks, e, grouped), cfg.num_warps,
+        h_in_down, max(1, amax_parts), swap, s2.stride(2) if blocks else 0, blocks, e, grouped,
+        # FINISH, TOP_K, HAS_RESIDUAL, EMULATE_BF16 (of the output's rounding)
+        finish, k if finish else 1, finish and residual is not None, finish and emulate), cfg.num_warps,
         **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
-    stride_rt = 0 if residual is None else _as_2d(residual).stride(0)
-    combine = Plan(K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
-                   (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None, on), 4,
-                   **early)
+    combine = None if finish else Plan(
+        K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
+        (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None, on), 4, **early)
     align_quant = None
     if quant_x is not None and align.single is not None and cfg.quant_x_with_align:
         align_quant, quant_x = _align_quant_plan(align.single, quant_x), None
@@ -534,9 +571,15 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     a, a_scale = hmid, hamax if plan.amax_parts else s2
     if plan.quant_h is not None:
         a, a_scale = _quantized_rows(plan.quant_h, hmid, nw)
+    res = out if residual is None else _as_2d(residual)  # any pointer without a residual
+    if plan.combine is None:  # the down GEMM's last programs add the terms (zero-at-rest arrival counters)
+        cnt = scratch.scratch(_DOWN_COUNTERS, dev, t * plan.down.grid[1], torch.int32, zeroed=True)
+        plan.down.launch(a, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
+                         tile_expert, tile_start, a_scale, y, out, res, cnt)
+        return out
     plan.down.launch(a, down_proj, b2, s2, _flat(topk_weights, torch.float32), sorted_pairs, offsets,
-                     tile_expert, tile_start, a_scale, y)
-    plan.combine.launch(y, out, out if residual is None else _as_2d(residual))
+                     tile_expert, tile_start, a_scale, y, out, res, out)
+    plan.combine.launch(y, out, res)
     return out
 
 
@@ -660,7 +703,8 @@ def _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bia
 def _route_op(hidden: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
               renormalize: bool, norm_weight: torch.Tensor | None = None,
               norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    return _route_impl(hidden, router_weight, router_bias, top_k, renormalize, norm_weight, norm_eps)
+    with scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see triton_ops_core.scratch)
+        return _route_impl(hidden, router_weight, router_bias, top_k, renormalize, norm_weight, norm_eps)
 
 
 @_route_op.register_fake
@@ -677,9 +721,10 @@ def _experts_op(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                 down_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
                 fp8_activations: bool = False) -> torch.Tensor:
-    return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
-                         down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
-                         down_scale, residual, norm_weight, norm_eps, fp8_activations)
+    with scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see triton_ops_core.scratch)
+        return _experts_impl(hidden, topk_ids, topk_weights, gate_up_proj, gate_up_proj_bias, down_proj,
+                             down_proj_bias, activation, gate_up_layout, transposed, alpha, limit, gate_up_scale,
+                             down_scale, residual, norm_weight, norm_eps, fp8_activations)
 
 
 @_experts_op.register_fake
