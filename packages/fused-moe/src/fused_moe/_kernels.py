@@ -7,7 +7,8 @@ One forward is five launches (six with the router GEMM split at decode, seven in
    accumulation, rounded to the input dtype as the model's ``F.linear`` does), top-k by repeated arg-max (ties go
    to the lowest expert index), softmax over the k chosen (or, without renormalization, the full softmax taken at
    the k chosen). Writes ``topk_ids [T, k]`` (int32) and ``topk_weights [T, k]`` (fp32). At decode the GEMM may
-   run before it over many programs (``_router_split_kernel``, partial sums over K ranges, added in a fixed order).
+   run before it over many programs (``_router_split_kernel``, partial sums over K ranges, added in a fixed order),
+   or (``FINISH``, plain eager calls) be the whole routing: its last program per token block selects.
 2. ``_align_kernel`` (one program; past ``ALIGN_CHUNK`` pairs ``_align_count_kernel``, ``_align_scan_kernel``
    and ``_align_scatter_kernel``: a program per chunk of pairs around a one-program scan): groups the
    ``P = T * k`` (token, slot) pairs by expert. Counts per expert, exclusive offsets, and a stable order:
@@ -24,7 +25,8 @@ One forward is five launches (six with the router GEMM split at decode, seven in
    ``y [P * SPLIT_K, H]`` at the pair's own row (``(token * k + slot) * SPLIT_K + split``; ``SPLIT_K`` programs
    share a tile along K at decode).
 5. ``_combine_kernel``: ``out[t] = sum_j y[t * k + j]`` in a fixed order (j = 0..k-1): deterministic. With the
-   down GEMM split along K (decode), each pair has one row per split, summed in the same fixed order.
+   down GEMM split along K (decode), each pair has one row per split, summed in the same fixed order. After one-row
+   tiles the down GEMM does this itself (``FINISH``: the last program of each (token, column tile) to arrive).
 
 FP8 activations (W8A8, ``fp8_activations=True`` with E4M3 experts): ``_quant_rows_kernel`` quantizes the tokens'
 rows before kernel 3 and the intermediate rows before kernel 4 (E4M3, one fp32 scale a row); both grouped GEMMs then
