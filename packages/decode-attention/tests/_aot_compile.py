@@ -44,6 +44,7 @@ def main() -> int:
         types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "mask_ptr": mask_t, "ring_ptr": "*i64",
                  "sink_ptr": "*bf16",
                  "out_ptr": f"*{dt}", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+                 "cnt_ptr": "*i32",
                  "qk_scale": "fp32", "cap_log2": "fp32", "mask_floor": "fp32", **dict.fromkeys(ints, I32)}
         consts = dict(MASK_KIND=kind, MASK_1D=kind == K.MASK_BOOL, HAS_SINKS=sinks, CAUSAL=causal,
                       HAS_WINDOW=window, RING=ring, SOFTCAP=softcap, SPLIT=split, HEAD_DIM=hd,
@@ -53,6 +54,9 @@ def main() -> int:
         ok &= build(K._attention_kernel, types, consts, name, warps)
         if split and not ring:  # the decode step's launch with programmatic dependent launch (triton_ops_core.pdl)
             ok &= build(K._attention_kernel, types, {**consts, "PDL": True}, f"{name}, PDL", warps)
+        if split:  # as plain eager calls take it: the splits merged by the last to arrive (FINISH)
+            ok &= build(K._attention_kernel, types, {**consts, "FINISH": True, "MERGE_R": min(16, bm),
+                                                     "MERGE_S": 4}, f"{name}, merged in the launch", warps)
     combine_types = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "sink_ptr": "*fp32",
                      "out_ptr": "*bf16", **dict.fromkeys(["H_KV", "GROUP", "SQ", "N_SPLITS", "ROWS_PAD"], I32)}
     ok &= build(K._combine_kernel, combine_types,

@@ -138,6 +138,52 @@ def test_split_kv_and_row_blocks(device, splits):
     assert_close_rel(out, reference(q, k, v, mask, sinks=sinks), TOL[torch.float32])
 
 
+class _Launches:
+    """Stands for the combine kernel: counts its launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("splits,sq", [(2, 1), (3, 3)])
+def test_plain_calls_merge_the_splits_in_the_attention_launch(device, monkeypatch, splits, sq):
+    """A plain eager call with the KV length split merges the splits in the attention launch (its last split of each
+    row block to arrive), with the combine launch's result; calls through the registered op (torch.compile, its CUDA
+    graphs) launch the combine. The arrival counters are back at zero after each call."""
+    from decode_attention import _kernels as K
+    from triton_ops_core import scratch
+
+    q, k, v = make_qkv(2, 16, 2, sq, 40, 16, device=device, seed=7 + sq)
+    mask = torch.rand(2, 1, sq, 40, device=device) > 0.3
+    sinks = torch.randn(16, device=device)
+    spy = _Launches(K._combine_kernel)
+    monkeypatch.setattr(K, "_combine_kernel", spy)
+
+    def run(op=False):
+        ops.clear_caches()
+        with tiles(16, 16):
+            if op:
+                return torch.ops.triton_ops.decode_attention(q, k, v, mask, None, sinks, None, False, splits)
+            return decode_attention(q, k, v, mask, sinks=sinks, num_splits=splits)
+
+    merged = run()
+    assert spy.count == 0
+    kept = [buf for key, buf in scratch._BUFFERS.items() if key[0] == ops._COUNTERS]
+    assert kept and not any(buf.any() for buf in kept)
+    assert torch.equal(run(), merged)
+    combined = run(op=True)
+    assert spy.count == 1
+    assert torch.equal(combined, merged)
+    monkeypatch.setattr(ops, "COMBINE_IN_LAUNCH", False)
+    assert torch.equal(run(), merged) and spy.count == 2
+    ops.clear_caches()
+    assert_close_rel(merged, reference(q, k, v, mask, sinks=sinks), TOL[torch.float32])
+
+
 def test_default_splits_follow_the_programs(device):
     # one (batch, KV head): the default splits the KV length (on the interpreter too, which counts as one SM)
     q, k, v = make_qkv(1, 4, 1, 1, 150, 16, device=device, seed=6)

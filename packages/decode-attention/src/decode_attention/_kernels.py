@@ -35,7 +35,9 @@
 
 ``_combine_kernel``, program ``(bh, r)``: merges the splits' partials of ``BLOCK_R`` rows, ``BLOCK_S`` splits at a
 time loaded together (fixed-shape reductions: deterministic, no atomics), adds the attention sink to the
-denominator, normalizes and writes.
+denominator, normalizes and writes. With ``FINISH`` (plain eager calls) the attention kernel's last split of each
+row block to arrive does this itself (``_merge_rows``, the same tiles; an integer arrival counter per row block):
+one launch.
 
 Sinks (gpt-oss's per-head logit) join the denominator only: ``out = sum_j e^(s_j - M) v_j / (sum_j e^(s_j - M) +
 e^(sink - M))``. A row with no attended position writes zeros (the sink alone gives zeros too).
@@ -178,7 +180,7 @@ def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, strid
 @triton.jit
 def _attention_kernel(
     # tensors
-    q_ptr, k_ptr, v_ptr, mask_ptr, ring_ptr, sink_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, ring_ptr, sink_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, cnt_ptr,
     # sizes
     H_KV, GROUP, SQ, S, CHUNK, N_SPLITS, ROWS_PAD,
     # strides, in elements (the last dimension of q, k, v is contiguous)
@@ -196,6 +198,9 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TRIM_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr,
     PDL: tl.constexpr = False,
+    # FINISH (with SPLIT): the last split of a row block to arrive merges the partials (_merge_rows, MERGE_R rows
+    # and MERGE_S splits a step: the combine's tiles) and writes the output; no _combine_kernel launch
+    FINISH: tl.constexpr = False, MERGE_R: tl.constexpr = 16, MERGE_S: tl.constexpr = 2,
 ):
     # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel (the cache's write)
     # before it reads anything
@@ -285,6 +290,16 @@ def _attention_kernel(
         tl.store(part_m_ptr + idx, m_i)
         tl.store(part_l_ptr + idx, l_i)
         tl.store(part_acc_ptr + idx[:, None] * BLOCK_D + offs_d[None, :], acc)
+        if FINISH:  # arrival counters per (bh, row block), zero at rest (triton_ops_core.scratch)
+            tl.debug_barrier()  # every thread's partial is stored before the counter says so
+            cnt = cnt_ptr + pid_bh * tl.num_programs(2) + pid_m
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if arrived == N_SPLITS - 1:
+                for r0 in tl.static_range(0, BLOCK_M, MERGE_R):
+                    _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr, pid_bh,
+                                pid_m * BLOCK_M + r0 + tl.arange(0, MERGE_R), H_KV, GROUP, SQ, N_SPLITS, ROWS_PAD,
+                                HAS_SINKS, HEAD_DIM, MERGE_R, BLOCK_D, MERGE_S, ".cg")
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
     else:
         out = _finish(acc, m_i, l_i, sink_ptr, head, row_ok, HAS_SINKS)
         # out is [B, SQ, H_KV * GROUP, D], contiguous
@@ -303,10 +318,20 @@ def _combine_kernel(
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # the partials are the attention kernel's
     pid_bh = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr, pid_bh, rows, H_KV, GROUP, SQ, N_SPLITS,
+                ROWS_PAD, HAS_SINKS, HEAD_DIM, BLOCK_R, BLOCK_D, BLOCK_S, "")
+
+
+@triton.jit
+def _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr, pid_bh, rows, H_KV, GROUP, SQ, N_SPLITS,
+                ROWS_PAD, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+    """Merge the splits' partials of rows ``rows`` of KV head ``pid_bh`` and write their output (the combine, and
+    the attention kernel's ``FINISH``). ``CACHE``: the partials' loads' cache modifier (``.cg``: through L2, for
+    partials other programs of the same launch wrote)."""
     b = (pid_bh // H_KV).to(tl.int64)
     hkv = pid_bh % H_KV
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < GROUP * SQ
     sq = rows % SQ
     head = hkv * GROUP + rows // SQ
@@ -321,10 +346,10 @@ def _combine_kernel(
         splits = s0 + offs_s
         ok = row_ok[:, None] & (splits < N_SPLITS)[None, :]
         idx = (pid_bh.to(tl.int64) * N_SPLITS + splits[None, :]) * ROWS_PAD + rows[:, None]  # [R, S]
-        m_s = tl.load(part_m_ptr + idx, mask=ok, other=float("-inf"))
-        l_s = tl.load(part_l_ptr + idx, mask=ok, other=0.0)
+        m_s = tl.load(part_m_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=CACHE)
+        l_s = tl.load(part_l_ptr + idx, mask=ok, other=0.0, cache_modifier=CACHE)
         a_s = tl.load(part_acc_ptr + idx[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None],
-                      other=0.0)
+                      other=0.0, cache_modifier=CACHE)
         m_new = tl.maximum(m, tl.max(m_s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)

@@ -18,7 +18,7 @@ import math
 from typing import NamedTuple
 
 import torch
-from triton_ops_core import pdl
+from triton_ops_core import pdl, scratch
 from triton_ops_core.device import sm_count
 from triton_ops_core.exceptions import TritonKernelError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
@@ -52,6 +52,15 @@ PROGRAMS_PER_SM = 2
 # gpt-oss heads) batch 64 took 70 / 39 us unsplit against 79 / 42 us in two splits, and 2 warps beat 4 there.
 MIN_SPLIT_POSITIONS = 128
 MAX_SPLITS = 128
+
+# With the KV length split, plain eager calls merge the splits in the attention launch itself: its last split of each
+# row block to arrive (an arrival counter kept between calls, triton_ops_core.scratch) merges the partials as
+# _combine_kernel would, so the combine launch goes (a launch less of host time a layer in eager decode). CUDA graphs
+# (captures, torch.compile's) keep the combine launch: there the counters would be a fresh buffer per call and its
+# memset a graph node, as fused-moe's routing measured slower. False: always the combine launch. Plans are cached:
+# call clear_caches() after changing it.
+COMBINE_IN_LAUNCH = True
+_COUNTERS = "decode_attention.counters"
 
 
 class Tiles(NamedTuple):
@@ -131,6 +140,7 @@ class _AttentionPlan(NamedTuple):
     combine: Plan | None  # None: one split, the main kernel writes the output
     partials: int  # rows of the split partials (bh * splits * rows_pad); 0 without splits
     block_d: int
+    finish: Plan | None = None  # splits, plain eager calls: the main kernel merging them itself (COMBINE_IN_LAUNCH)
 
 
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -166,7 +176,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     qk_scale, cap_log2 = (scale * K.LOG2E, 1.0) if softcap is None else (scale / softcap, softcap * K.LOG2E)
     on_cpu = not _on_gpu(dev)
     pdl_on = pdl.enabled(dev)
-    main = Plan(K._attention_kernel, (bh, splits, row_blocks), (
+    main_tail = (
         hkv, info.group, sq, s, chunk, splits, rows_pad,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_h, sm_q, sm_n,
@@ -176,17 +186,21 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         softcap is not None, splits > 1,
         # HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, TRIM_N, DOT_PRECISION, UPCAST, P_LOW
         d, t.block_m, t.block_n, t.block_d, _trim_n(t, mask_1d), _dot_precision(dtype),
-        on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on), t.num_warps,
-        num_stages=t.num_stages, **pdl.launch_options(pdl_on))
-    combine = None
+        on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on)
+    main = Plan(K._attention_kernel, (bh, splits, row_blocks), main_tail, t.num_warps, num_stages=t.num_stages,
+                **pdl.launch_options(pdl_on))
+    combine = finish = None
     if splits > 1:
-        block_r = min(128 if on_cpu else 16, max(2, next_pow2(rows)))
+        block_r = min(128 if on_cpu else 16, max(2, next_pow2(rows)), t.block_m)
         # all splits' partials of a row block at once, up to ~8k fp32 accumulator elements per step
         block_s = max(2, min(next_pow2(splits), 8192 // (block_r * t.block_d) if not on_cpu else 64))
         combine = Plan(K._combine_kernel, (bh, cdiv(rows, block_r)),
                        (hkv, info.group, sq, splits, rows_pad, sinks is not None, d, block_r, t.block_d, block_s,
                         pdl_on), 4, **pdl.launch_options(pdl_on))
-    return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d)
+        if COMBINE_IN_LAUNCH:  # FINISH, MERGE_R, MERGE_S: the combine's tiles
+            finish = Plan(K._attention_kernel, (bh, splits, row_blocks), (*main_tail, True, block_r, block_s),
+                          t.num_warps, num_stages=t.num_stages, **pdl.launch_options(pdl_on))
+    return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d, finish)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -203,12 +217,18 @@ def _launch(plan: _AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     ring = q if ring_start is None else ring_start  # read only with a mask and a ring (a constexpr says so)
     sink = q if sinks is None else sinks
     if plan.combine is None:
-        plan.main.launch(q, k, v, mask, ring, sink, out, out, out, out)
+        plan.main.launch(q, k, v, mask, ring, sink, out, out, out, out, out)
         return out
     part_acc = _empty((plan.partials, plan.block_d), torch.float32, q.device)
     part_m = _empty((plan.partials,), torch.float32, q.device)
     part_l = _empty((plan.partials,), torch.float32, q.device)
-    plan.main.launch(q, k, v, mask, ring, sink, out, part_acc, part_m, part_l)
+    if plan.finish is not None and scratch.kept(q.device):
+        # the row blocks' arrival counters, zero at rest (see COMBINE_IN_LAUNCH)
+        cnt = scratch.scratch(_COUNTERS, q.device, plan.finish.grid[0] * plan.finish.grid[2], torch.int32,
+                              zeroed=True)
+        plan.finish.launch(q, k, v, mask, ring, sink, out, part_acc, part_m, part_l, cnt)
+        return out
+    plan.main.launch(q, k, v, mask, ring, sink, out, part_acc, part_m, part_l, out)
     plan.combine.launch(part_acc, part_m, part_l, sink, out)
     return out
 
@@ -266,7 +286,8 @@ def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn
                          scale: float | None, sinks: torch.Tensor | None, sliding_window: int | None,
                          is_causal: bool, num_splits: int | None,
                          ring_start: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
-    return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start, softcap)
+    with scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see triton_ops_core.scratch)
+        return _impl(q, k, v, attn_mask, scale, sinks, sliding_window, is_causal, num_splits, ring_start, softcap)
 
 
 @_decode_attention_op.register_fake
