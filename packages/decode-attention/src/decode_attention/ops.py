@@ -2,7 +2,8 @@
 
 One registered op, forward only: ``torch.ops.triton_ops.decode_attention(q, k, v, attn_mask, scale, sinks,
 sliding_window, is_causal, num_splits, ring_start=None, softcap=None)`` returns ``[B, Sq, Hq, D]``. One launch of
-``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs); sizes fixed by
+``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs, except in plain
+eager calls, which merge the splits in the attention launch: ``COMBINE_IN_LAUNCH``); sizes fixed by
 the shapes, nothing read back on the host, so a call can be captured in a CUDA graph. No gradient: a backward raises
 ``DecodeAttentionBackwardError``.
 
