@@ -61,6 +61,30 @@ def test_splits_agree_and_are_deterministic(splits):
     assert_close_rel(out, _ref32(q, k, v), TOL_BF16)
 
 
+@pytest.mark.parametrize("heads,b,sq,context", [(LLAMA, 1, 1, 1024), (GPT_OSS, 1, 1, 4096), (LLAMA, 4, 1, 2048),
+                                                 ((64, 4, 256), 1, 1, 2048), (LLAMA, 2, 4, 1500)],
+                         ids=["llama-1k", "gpt-oss-4k", "llama-b4", "d256", "llama-sq4"])
+def test_the_splits_merged_in_the_launch_give_the_combines_bits(heads, b, sq, context):
+    # plain eager calls merge the splits in the attention launch (its last split to arrive); the registered op, as
+    # torch.compile and CUDA graphs call it, launches the combine: the same bits, so a graph replays what eager gave;
+    # the arrival counters are zero again after each call (a stale one would skip or repeat a merge)
+    from decode_attention import ops
+    from triton_ops_core import scratch
+
+    hq, hkv, d = heads
+    q, k, v = make_qkv(b, hq, hkv, sq, context, d, dtype=torch.bfloat16, device="cuda", seed=context + d,
+                       cache_len=2 * context)
+    mask = valid_prefix_mask(b, sq, 2 * context, [context - 5 * i for i in range(b)], device="cuda")
+    sinks = torch.randn(hq, device="cuda", dtype=torch.bfloat16) if heads == GPT_OSS else None
+    merged = [decode_attention(q, k, v, mask, sinks=sinks) for _ in range(3)]
+    assert all(torch.equal(m, merged[0]) for m in merged)
+    combined = torch.ops.triton_ops.decode_attention(q, k, v, mask, None, sinks, None, False, None)
+    assert torch.equal(combined, merged[0])
+    counters = [buf for key, buf in scratch._BUFFERS.items() if key[0] == ops._COUNTERS]
+    assert counters and not any(buf.any() for buf in counters)
+    assert_close_rel(merged[0], _ref32(q, k, v, mask, sinks=sinks), TOL_BF16)
+
+
 def test_cuda_graph_capture_and_replay():
     q, k, v = make_qkv(1, *LLAMA[:2], 1, 2048, 128, dtype=torch.bfloat16, device="cuda", seed=3)
     mask = valid_prefix_mask(1, 1, 2048, [1500], device="cuda")

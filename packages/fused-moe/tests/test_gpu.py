@@ -312,3 +312,39 @@ def test_w8a8_quantized_inside_the_gemms_equals_the_launches(mode, t, monkeypatc
     assert torch.equal(outs[0].nan_to_num(7.0), outs[1].nan_to_num(7.0))
     if t > 1:
         assert outs[0][1].isnan().all() and torch.cat([outs[0][:1], outs[0][2:]]).isfinite().all()
+
+
+@pytest.mark.parametrize("h,inter,experts,top_k", [(H, INTER, E, K), (2048, 768, 128, 8)],
+                         ids=["gpt-oss", "qwen3-30b-a3b-sizes"])
+@pytest.mark.parametrize("t", [1, 8, 64])
+def test_reductions_in_the_launch_before_give_the_same_bits(h, inter, experts, top_k, t):
+    # Plain eager calls route in one launch (the split router GEMM's last program selects) and, with FP8 experts at
+    # 1 to 8 tokens, add each token's expert rows in the down GEMM; the registered op's calls (torch.compile, CUDA
+    # graphs) route in two launches; with both switches off, the combine launch returns too. All the same bits (the
+    # chosen experts' weights are summed in selection order in both routing kernels), counters back at zero.
+    from triton_ops_core import scratch
+
+    args, scales, _ = _fp8_experts(_gpt_oss(t, seed=70 + t, h=h, i=inter, e=experts))
+    x, rw, rb, q1, b1, q2, b2 = args
+    residual = torch.randn_like(x)
+
+    def both(op=False):
+        route = torch.ops.triton_ops.moe_route if op else ops.moe_route
+        ids, wts = route(x, rw, rb, top_k, True) if op else route(x, rw, rb, top_k)
+        out = ops.moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=scales["gate_up_scale"],
+                              down_scale=scales["down_scale"], residual=residual)
+        return ids, wts, out
+
+    eager = both()
+    assert all(torch.equal(a, b) for a, b in zip(both(), eager))
+    assert all(torch.equal(a, b) for a, b in zip(both(op=True), eager))
+    for name in (ops._ROUTE_COUNTERS, ops._DOWN_COUNTERS):
+        kept = [buf for key, buf in scratch._BUFFERS.items() if key[0] == name]
+        assert not any(buf.any() for buf in kept)
+    try:
+        ops.ROUTE_IN_ONE_LAUNCH = ops.COMBINE_IN_DOWN = False
+        ops.clear_caches()
+        assert all(torch.equal(a, b) for a, b in zip(both(), eager))
+    finally:
+        ops.ROUTE_IN_ONE_LAUNCH = ops.COMBINE_IN_DOWN = True
+        ops.clear_caches()
