@@ -162,6 +162,7 @@ def test_plain_calls_merge_the_splits_in_the_attention_launch(device, monkeypatc
     sinks = torch.randn(16, device=device)
     spy = _Launches(K._combine_kernel)
     monkeypatch.setattr(K, "_combine_kernel", spy)
+    monkeypatch.setattr(ops, "COMBINE_IN_LAUNCH", True)
 
     def run(op=False):
         ops.clear_caches()

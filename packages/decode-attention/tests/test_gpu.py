@@ -64,7 +64,7 @@ def test_splits_agree_and_are_deterministic(splits):
 @pytest.mark.parametrize("heads,b,sq,context", [(LLAMA, 1, 1, 1024), (GPT_OSS, 1, 1, 4096), (LLAMA, 4, 1, 2048),
                                                  ((64, 4, 256), 1, 1, 2048), (LLAMA, 2, 4, 1500)],
                          ids=["llama-1k", "gpt-oss-4k", "llama-b4", "d256", "llama-sq4"])
-def test_the_splits_merged_in_the_launch_give_the_combines_bits(heads, b, sq, context):
+def test_the_splits_merged_in_the_launch_give_the_combines_bits(heads, b, sq, context, monkeypatch):
     # plain eager calls merge the splits in the attention launch (its last split to arrive); the registered op, as
     # torch.compile and CUDA graphs call it, launches the combine: the same bits, so a graph replays what eager gave;
     # the arrival counters are zero again after each call (a stale one would skip or repeat a merge)
@@ -76,6 +76,8 @@ def test_the_splits_merged_in_the_launch_give_the_combines_bits(heads, b, sq, co
                        cache_len=2 * context)
     mask = valid_prefix_mask(b, sq, 2 * context, [context - 5 * i for i in range(b)], device="cuda")
     sinks = torch.randn(hq, device="cuda", dtype=torch.bfloat16) if heads == GPT_OSS else None
+    monkeypatch.setattr(ops, "COMBINE_IN_LAUNCH", True)
+    ops.clear_caches()
     merged = [decode_attention(q, k, v, mask, sinks=sinks) for _ in range(3)]
     assert all(torch.equal(m, merged[0]) for m in merged)
     combined = torch.ops.triton_ops.decode_attention(q, k, v, mask, None, sinks, None, False, None)
@@ -83,6 +85,7 @@ def test_the_splits_merged_in_the_launch_give_the_combines_bits(heads, b, sq, co
     counters = [buf for key, buf in scratch._BUFFERS.items() if key[0] == ops._COUNTERS]
     assert counters and not any(buf.any() for buf in counters)
     assert_close_rel(merged[0], _ref32(q, k, v, mask, sinks=sinks), TOL_BF16)
+    ops.clear_caches()
 
 
 def test_cuda_graph_capture_and_replay():
