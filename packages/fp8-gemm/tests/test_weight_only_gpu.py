@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fp8_gemm import FP8Linear, _scratch, clear_caches, fp8_linear
+from fp8_gemm import FP8Linear, clear_caches, fp8_linear
 from fp8_gemm import linear as linear_mod
 from fp8_gemm import weight_only as wo
 from fp8_gemm.quantize import expand_scale
 from torch import nn
+from triton_ops_core import scratch as _scratch
 from triton_ops_core.testing import assert_close_rel, count_compiles
 
 pytestmark = pytest.mark.gpu
