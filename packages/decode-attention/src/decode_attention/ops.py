@@ -2,8 +2,8 @@
 
 One registered op, forward only: ``torch.ops.triton_ops.decode_attention(q, k, v, attn_mask, scale, sinks,
 sliding_window, is_causal, num_splits, ring_start=None, softcap=None)`` returns ``[B, Sq, Hq, D]``. One launch of
-``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs, except in plain
-eager calls, which merge the splits in the attention launch: ``COMBINE_IN_LAUNCH``); sizes fixed by
+``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs, except, with
+``COMBINE_IN_LAUNCH`` on, in plain eager calls, which then merge the splits in the attention launch); sizes fixed by
 the shapes, nothing read back on the host, so a call can be captured in a CUDA graph. No gradient: a backward raises
 ``DecodeAttentionBackwardError``.
 
@@ -58,9 +58,11 @@ MAX_SPLITS = 128
 # row block to arrive (an arrival counter kept between calls, triton_ops_core.scratch) merges the partials as
 # _combine_kernel would, so the combine launch goes (a launch less of host time a layer in eager decode). CUDA graphs
 # (captures, torch.compile's) keep the combine launch: there the counters would be a fresh buffer per call and its
-# memset a graph node, as fused-moe's routing measured slower. False: always the combine launch. Plans are cached:
-# call clear_caches() after changing it.
-COMBINE_IN_LAUNCH = True
+# memset a graph node, as fused-moe's routing measured slower. Off (False: always the combine launch) until its GPU
+# tests have run (written in session 37, tested under the interpreter and compiled for sm_90 there; no GPU could be
+# had after that: tests/test_gpu.py::test_the_splits_merged_in_the_launch_give_the_combines_bits decides, then the
+# eager decode step's time). Plans are cached: call clear_caches() after changing it.
+COMBINE_IN_LAUNCH = False
 _COUNTERS = "decode_attention.counters"
 
 
