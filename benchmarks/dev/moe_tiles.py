@@ -144,6 +144,10 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list, shape: Shape = G
         hmid = torch.empty(t * shape.top_k, shape.inter, device=dev, dtype=torch.bfloat16)
         y = torch.empty(t * shape.top_k * plan.split, shape.hidden, device=dev, dtype=torch.float32)
         reps.append((wts.reshape(-1).contiguous(), groups, hmid, y))
+    # the output and the arrival counters of a down GEMM that adds the terms itself (FINISH: no combine launch; the
+    # counters are zero at rest, each launch leaves them so); without FINISH the three are never read
+    out = torch.empty(t, shape.hidden, device=dev, dtype=torch.bfloat16)
+    cnt = torch.zeros(t * plan.down.grid[1], device=dev, dtype=torch.int32) if plan.combine is None else out
     # (ga: every absent bias's and scale's pointer, the norm weight's, the activation scales' and the intermediate
     # shares' pointers, never touched: HAS_BIAS, W_SCALED, NORM, A_SCALED and H_AMAX are off)
     b1, b2 = (ga if b is None else b for b in (b1, b2))
@@ -156,7 +160,7 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list, shape: Shape = G
     def down(r):
         wts, g, hmid, y = r
         plan.down.launch(hmid, da, b2, da if ds is None else ds, wts, g.sorted_pairs, g.offsets, g.tile_expert,
-                         g.tile_start, da, y)
+                         g.tile_start, da, y, out, out, cnt)
 
     return graph_us(gate_up, reps), graph_us(down, reps)
 
@@ -245,22 +249,24 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_
         print(f"BEST {dtype} T={t} {key}: {us:.1f} us {cfg}", flush=True)
 
 
-def time_router(dev: torch.device) -> None:
-    """The router at 1, 8 and 64 tokens: one program, and the split GEMM at 2, 3 and 4 K steps per program."""
+def time_router(dev: torch.device, shape: Shape = GPT_OSS) -> None:
+    """The router of ``shape`` at 1, 8 and 64 tokens: one program, and the split GEMM at 1 to 4 K steps per program."""
     from fused_moe import moe_route, ops
 
-    rw = (torch.randn(E, HIDDEN, device=dev) * 3 * HIDDEN ** -0.5).bfloat16()
-    rb = torch.randn(E, device=dev).bfloat16()
+    e, h = shape.experts, shape.hidden
+    rw = (torch.randn(e, h, device=dev) * 3 * h ** -0.5).bfloat16()
+    rb = torch.randn(e, device=dev).bfloat16() if shape.biases else None
     saved = ops.ROUTE_SPLIT_STEPS
     try:
         for t in (1, 8, 64):
-            xs = [torch.randn(t, HIDDEN, device=dev).bfloat16() for _ in range(REPS)]
+            xs = [torch.randn(t, h, device=dev).bfloat16() for _ in range(REPS)]
             cells = []
-            for steps in (0, 2, 3, 4):
+            for steps in (0, 1, 2, 3, 4):
                 ops.ROUTE_SPLIT_STEPS = steps
                 ops.clear_caches()
-                cells.append(f"{steps or 'one program'}: {graph_us(lambda x: moe_route(x, rw, rb, TOP_K), xs):.1f} us")
-            print(f"router T={t}: " + ", ".join(cells), flush=True)
+                us = graph_us(lambda x: moe_route(x, rw, rb, shape.top_k), xs)
+                cells.append(f"{steps or 'one program'}: {us:.1f} us")
+            print(f"router {e}x{h} T={t}: " + ", ".join(cells), flush=True)
     finally:
         ops.ROUTE_SPLIT_STEPS = saved
         ops.clear_caches()
@@ -284,9 +290,9 @@ def main(argv=None) -> int:
     deadline = time.time() + args.budget
     out = Path(os.environ.get("OUT", "/tmp"))
     out.mkdir(parents=True, exist_ok=True)
-    if args.router:
-        time_router(dev)
     shape = MODELS[args.model]
+    if args.router:
+        time_router(dev, shape)
     w = expert_weights(dev, shape)
     unknown = [d for d in args.weights.split(",") if d not in w or d == "biases"]
     if unknown:

@@ -2,8 +2,8 @@
 
 One registered op, forward only: ``torch.ops.triton_ops.decode_attention(q, k, v, attn_mask, scale, sinks,
 sliding_window, is_causal, num_splits, ring_start=None, softcap=None)`` returns ``[B, Sq, Hq, D]``. One launch of
-``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs, except, with
-``COMBINE_IN_LAUNCH`` on, in plain eager calls, which then merge the splits in the attention launch); sizes fixed by
+``_attention_kernel`` (plus one of ``_combine_kernel`` when the KV length is split over programs, except in plain
+eager calls, which merge the splits in the attention launch: ``COMBINE_IN_LAUNCH``); sizes fixed by
 the shapes, nothing read back on the host, so a call can be captured in a CUDA graph. No gradient: a backward raises
 ``DecodeAttentionBackwardError``.
 
@@ -56,13 +56,15 @@ MAX_SPLITS = 128
 
 # With the KV length split, plain eager calls merge the splits in the attention launch itself: its last split of each
 # row block to arrive (an arrival counter kept between calls, triton_ops_core.scratch) merges the partials as
-# _combine_kernel would, so the combine launch goes (a launch less of host time a layer in eager decode). CUDA graphs
-# (captures, torch.compile's) keep the combine launch: there the counters would be a fresh buffer per call and its
-# memset a graph node, as fused-moe's routing measured slower. Off (False: always the combine launch) until its GPU
-# tests have run (written in session 37, tested under the interpreter and compiled for sm_90 there; no GPU could be
-# had after that: tests/test_gpu.py::test_the_splits_merged_in_the_launch_give_the_combines_bits decides, then the
-# eager decode step's time). Plans are cached: call clear_caches() after changing it.
-COMBINE_IN_LAUNCH = False
+# _combine_kernel would, so the combine launch goes: the same bits, a launch less of host time a layer in eager decode.
+# H100, session 38 (benchmarks.dev.attention_one_launch, 32 layers' calls back to back): 78 -> 50 us of wall time a
+# call (Llama-3-8B heads at 1x1024, 8x1024, 1x8192; gpt-oss at 1x1024), while the kernels' GPU time grows by 0.7 to
+# 5 us (8.4 -> 11.2 at 1x1024: the last split's merge is the launch's tail). Splits are taken only when B * Hkv
+# programs cannot fill the GPU, that is where eager decode waits on the host, not the GPU. CUDA graphs (captures,
+# torch.compile's) keep the combine launch: there the counters would be a fresh buffer per call and its memset a
+# graph node, as fused-moe's routing measured slower. False: always the combine launch. Plans are cached: call
+# clear_caches() after changing it.
+COMBINE_IN_LAUNCH = True
 _COUNTERS = "decode_attention.counters"
 
 
