@@ -57,12 +57,12 @@ MAX_SPLITS = 128
 # With the KV length split, plain eager calls merge the splits in the attention launch itself: its last split of each
 # row block to arrive (an arrival counter kept between calls, triton_ops_core.scratch) merges the partials as
 # _combine_kernel would, so the combine launch goes: the same bits, a launch less of host time a layer in eager decode.
-# H100, session 38 (benchmarks.dev.attention_one_launch, 32 layers' calls back to back): 78 -> 50 us of wall time a
-# call (Llama-3-8B heads at 1x1024, 8x1024, 1x8192; gpt-oss at 1x1024), while the kernels' GPU time grows by 0.7 to
-# 5 us (8.4 -> 11.2 at 1x1024: the last split's merge is the launch's tail). Splits are taken only when B * Hkv
-# programs cannot fill the GPU, that is where eager decode waits on the host, not the GPU. CUDA graphs (captures,
-# torch.compile's) keep the combine launch: there the counters would be a fresh buffer per call and its memset a
-# graph node, as fused-moe's routing measured slower. False: always the combine launch. Plans are cached: call
+# H100, session 38 (benchmarks.dev.attention_one_launch, layers' calls back to back): 75 -> 48 us of wall time a
+# call with Llama-3-8B's heads at 1x1024 (8x8192: 108 -> 100; gpt-oss's at 8x8192: 77 -> 71), while the kernels' GPU
+# time grows by 0 to 5 us (8.4 -> 11.1 at 1x1024: the last split's merge is the launch's tail). Splits are taken only
+# when B * Hkv programs cannot fill the GPU, that is where eager decode waits on the host, not the GPU. CUDA graphs
+# (captures, torch.compile's) keep the combine launch: there the counters would be a fresh buffer per call and its
+# memset a graph node, as fused-moe's routing measured slower. False: always the combine launch. Plans are cached: call
 # clear_caches() after changing it.
 COMBINE_IN_LAUNCH = True
 _COUNTERS = "decode_attention.counters"
