@@ -10,8 +10,7 @@ prefill (more than 64 tokens) wider row and column tiles; at 1 to 8 tokens the o
 layout (``MoEConfig.row_layout``) first. Each graph replays eight different routings three times
 (the same weights, so at one token the experts hit differ between replays and L2 does not serve them), and the
 median of seven replays is reported per launch. ``--router`` also times the router: one program against the split
-GEMM (``fused_moe.ops.ROUTE_SPLIT_STEPS``, ``ROUTE_SPLIT_STEPS_WIDE``). Lines go to stdout and, as JSON, to
-``$OUT/moe_tiles.jsonl``.
+GEMM (``fused_moe.ops.ROUTE_SPLIT_STEPS``). Lines go to stdout and, as JSON, to ``$OUT/moe_tiles.jsonl``.
 
 It is how session 14's decode tiles were chosen (docs/benchmarks/moe-h200.md, the configs' comments): the best tile
 per kernel is printed as ``BEST``. ``block_m`` and ``fma`` are shared by the two GEMMs (one tile table), so the
@@ -262,19 +261,19 @@ def time_router(dev: torch.device, shape: Shape = GPT_OSS) -> None:
     e, h = shape.experts, shape.hidden
     rw = (torch.randn(e, h, device=dev) * 3 * h ** -0.5).bfloat16()
     rb = torch.randn(e, device=dev).bfloat16() if shape.biases else None
-    saved = ops.ROUTE_SPLIT_STEPS, ops.ROUTE_SPLIT_STEPS_WIDE
+    saved = ops.ROUTE_SPLIT_STEPS
     try:
         for t in (1, 8, 64):
             xs = [torch.randn(t, h, device=dev).bfloat16() for _ in range(REPS)]
             cells = []
             for steps in (0, 1, 2, 3, 4):
-                ops.ROUTE_SPLIT_STEPS = ops.ROUTE_SPLIT_STEPS_WIDE = steps
+                ops.ROUTE_SPLIT_STEPS = steps
                 ops.clear_caches()
                 us = graph_us(lambda x: moe_route(x, rw, rb, shape.top_k), xs)
                 cells.append(f"{steps or 'one program'}: {us:.1f} us")
             print(f"router {e}x{h} T={t}: " + ", ".join(cells), flush=True)
     finally:
-        ops.ROUTE_SPLIT_STEPS, ops.ROUTE_SPLIT_STEPS_WIDE = saved
+        ops.ROUTE_SPLIT_STEPS = saved
         ops.clear_caches()
 
 

@@ -16,7 +16,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 from fused_moe import _kernels as K  # noqa: E402
-from fused_moe.configs import FP8_FMA_TILE, FP8_FMA_TILE_NARROW  # noqa: E402
+from fused_moe.configs import FP8_FMA_TILE, FP8_FMA_TILE_NARROW, FP8_ROW_TILE_ONE_TOKEN  # noqa: E402
 from triton_ops_core.aot import compile_sm90  # noqa: E402
 
 I32 = "i32"
@@ -112,6 +112,19 @@ def one_row_fp8_tiles() -> bool:
                               budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * bk * 2 * 64 // threads)
         ok &= one_row_down(row, f"down row layout tile 64x{bk}", fma=2,
                            budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * bk * 64 // threads)
+    # the one-token tile as shipped (4 warps), at the gate/up widths it takes (gpt-oss-20b: 32, Qwen3-30B-A3B: 16,
+    # concatenated) and its down tile. The 16-column tile is held to streaming only: 16 bytes a thread a step leave
+    # the loop's fixed instructions (87 in all with Triton 3.6) above the per-byte budget, and it measured fastest
+    threads = 32 * FP8_ROW_TILE_ONE_TOKEN.num_warps
+    for bn, interleaved in ((32, True), (16, False)):
+        row = FP8_ROW_TILE_ONE_TOKEN._replace(gate_up_block_n=bn)
+        budget = ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * row.gate_up_block_k * 2 * bn // threads if bn >= 32 else None
+        ok &= one_row_gate_up(row, f"gate_up one-token row layout tile {bn}x{row.gate_up_block_k}"
+                                   f"{'' if interleaved else ' concatenated'}", interleaved=interleaved, fma=2,
+                              budget=budget)
+    row = FP8_ROW_TILE_ONE_TOKEN
+    ok &= one_row_down(row, f"down one-token row layout tile {row.down_block_n}x{row.down_block_k}", fma=2,
+                       budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * row.down_block_k * row.down_block_n // threads)
     # the control: unaligned, the shipped tile's loads are synchronous, and the check must say so
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -145,15 +145,16 @@ def test_fp8_experts_at_gpt_oss_20b_shape(t):
 @pytest.mark.parametrize("t", [1, 2, 8])
 @pytest.mark.parametrize("block_k", [32, 64])
 def test_fp8_experts_in_the_row_layout(t, block_k, monkeypatch):
-    """MoEConfig.row_layout (one-row FMA tiles in the weight tile's layout, the row loaded a step ahead; off by
-    default until timed) at gpt-oss-20b's shape, 32- and 64-deep K steps: the fp32 reference over the dequantized
-    weights, and the default tiles' result to fp32 rounding (the same products, fused multiply-adds)."""
+    """MoEConfig.row_layout (one-row FMA tiles in the weight tile's layout, the row loaded a step ahead; the default
+    at one token) at gpt-oss-20b's shape, 32- and 64-deep K steps, 2 warps, against the other layout: the fp32
+    reference over the dequantized weights, and the two layouts' results to fp32 rounding (the same products, fused
+    multiply-adds)."""
     args, scales, deq = _fp8_experts(_gpt_oss(t, seed=70 + t))
     default = fused_moe(*args, K, **scales)
     chosen = ops._config(t, K, H, INTER, E, args[0].device, 1)
-    assert chosen.fma and chosen.block_m == 1 and not chosen.row_layout
-    row = chosen._replace(gate_up_block_k=block_k, down_block_k=block_k, num_warps=2, row_layout=True)
-    monkeypatch.setattr(ops, "_config", lambda *a: row)
+    assert chosen.fma and chosen.block_m == 1 and chosen.row_layout == (t == 1)
+    other = chosen._replace(gate_up_block_k=block_k, down_block_k=block_k, num_warps=2, row_layout=t != 1)
+    monkeypatch.setattr(ops, "_config", lambda *a: other)
     ops.clear_caches()
     try:
         out = fused_moe(*args, K, **scales)

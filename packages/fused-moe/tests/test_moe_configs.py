@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fused_moe import MoEConfig, select_config
-from fused_moe.configs import FP8_FMA_TILE, FP8_FMA_TILE_NARROW
+from fused_moe.configs import FP8_FMA_TILE, FP8_FMA_TILE_NARROW, FP8_ROW_TILE_ONE_TOKEN
 from triton_ops_core.device import DeviceInfo, simulate_device
 
 HOPPER = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
@@ -46,13 +46,28 @@ def test_fp8_experts_take_one_row_cuda_core_tiles_from_one_to_eight_tokens():
                              GPT_OSS["num_experts"], True, 1)
 
     with simulate_device(HOPPER):
-        assert fp8(1) == FP8_FMA_TILE_NARROW._replace(down_split_k=3) and cfg(1).fma is False
+        # one token: the row layout, gate/up columns narrowed to 32 (4 experts x 2880 / 32 = 360 programs)
+        assert fp8(1) == FP8_ROW_TILE_ONE_TOKEN._replace(gate_up_block_n=32, down_split_k=3) and cfg(1).fma is False
+        assert fp8(1).row_layout and not any(fp8(tokens).row_layout for tokens in range(2, 9))
         assert fp8(4) == FP8_FMA_TILE_NARROW and fp8(2) == FP8_FMA_TILE_NARROW._replace(down_split_k=2)
         assert fp8(5) == FP8_FMA_TILE._replace(num_stages=6)
         assert fp8(8) == FP8_FMA_TILE._replace(down_split_k=3)
         assert all(fp8(tokens).fma and fp8(tokens).block_m == 1 for tokens in range(1, 9))
         assert fp8(9) == cfg(9) and not fp8(9).fma
         assert cfg(8).fma is False  # bf16 experts keep the dot
+
+
+def test_one_token_gate_up_columns_give_two_waves_of_programs():
+    with simulate_device(HOPPER):  # 132 SMs
+        # Qwen3-30B-A3B: 8 experts x 768 / 16 = 384 programs (32 columns: 192, under two waves)
+        qwen = select_config(1, 8, 2048, 768, 128, True, 1)
+        assert qwen.row_layout and qwen.gate_up_block_n == 16 and qwen.down_split_k == 3
+        # Mixtral-like: 2 experts x 14336 / 64 = 448 programs: the widest tile
+        assert select_config(1, 2, 4096, 14336, 8, True, 1).gate_up_block_n == 64
+        # never narrower than 16 columns, however few the programs
+        assert select_config(1, 1, 64, 64, 4, True, 1).gate_up_block_n == 16
+        # bf16 experts keep their tiles
+        assert not select_config(1, 8, 2048, 768, 128, True, 2).row_layout
 
 
 def test_a_smaller_gpu_gets_tiles_that_fit_and_fill_it():

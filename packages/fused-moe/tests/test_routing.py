@@ -33,7 +33,7 @@ def test_route_with_the_router_gemm_split_along_k(device, monkeypatch, split, dt
     from fused_moe import ops
 
     # (the package's conftest poisons the workspace and outputs: an entry never written fails)
-    monkeypatch.setattr(ops, "_route_split", lambda t, h, block_e, on_cpu, chosen: split)
+    monkeypatch.setattr(ops, "_route_split", lambda t, h, on_cpu, chosen: split)
     ops.clear_caches()
     try:
         x, rw, rb, *_ = make_moe(7, 150, 8, 12, dtype=dtype, seed=split, router_scale=4.0, device=DEVICE)
@@ -70,7 +70,7 @@ def test_one_launch_routing_gives_the_two_launch_bits(device, monkeypatch, t, sp
     from fused_moe import ops
     from triton_ops_core import scratch
 
-    monkeypatch.setattr(ops, "_route_split", lambda t, h, block_e, on_cpu, chosen: split)
+    monkeypatch.setattr(ops, "_route_split", lambda t, h, on_cpu, chosen: split)
     x, rw, rb, *_ = make_moe(t, 150, 8, 12, dtype=torch.bfloat16, seed=t + split, router_scale=4.0, device=DEVICE)
     real = K._route_kernel
 
@@ -106,20 +106,17 @@ def test_one_launch_routing_gives_the_two_launch_bits(device, monkeypatch, t, sp
 def test_route_split_count(monkeypatch):
     from fused_moe import ops
 
+    monkeypatch.setattr(ops, "ROUTE_SPLIT_STEPS", 1)
+    assert ops._route_split(1, 2880, False, None) == 23  # gpt-oss: 23 steps of 128, one per program
+    assert ops._route_split(64, 2048, False, None) == 16  # Qwen3-MoE
     monkeypatch.setattr(ops, "ROUTE_SPLIT_STEPS", 2)
-    monkeypatch.setattr(ops, "ROUTE_SPLIT_STEPS_WIDE", 1)
-    assert ops._route_split(1, 2880, 32, False, None) == 12  # gpt-oss: 23 steps of 128, two per program
-    assert ops._route_split(64, 2880, 32, False, None) == 12
-    assert ops._route_split(1, 2048, 128, False, None) == 16  # Qwen3-MoE's 128 experts: one step a program
-    assert ops._route_split(1, 2048, 64, False, None) == 8  # up to 64 experts: ROUTE_SPLIT_STEPS
-    assert ops._route_split(65, 2880, 32, False, None) == 0  # prefill: the route kernel's programs suffice
-    assert ops._route_split(1, 2880, 32, True, None) == 0  # the interpreter: one program is cheapest
-    assert ops._route_split(1, 2880, 32, True, 3) == 3  # asked for
+    assert ops._route_split(1, 2880, False, None) == 12  # two per program
+    assert ops._route_split(65, 2880, False, None) == 0  # prefill: the route kernel's programs suffice
+    assert ops._route_split(1, 2880, True, None) == 0  # the interpreter: one program is cheapest
+    assert ops._route_split(1, 2880, True, 3) == 3  # asked for
+    assert ops._route_split(1, 200, False, None) == 0  # one program: the route kernel computes the GEMM itself
     monkeypatch.setattr(ops, "ROUTE_SPLIT_STEPS", 0)
-    assert ops._route_split(1, 2880, 32, False, None) == 0  # off
-    assert ops._route_split(1, 2048, 128, False, None) == 16  # (the wide routers' own setting)
-    monkeypatch.setattr(ops, "ROUTE_SPLIT_STEPS_WIDE", 0)
-    assert ops._route_split(1, 2048, 128, False, None) == 0
+    assert ops._route_split(1, 2880, False, None) == 0  # off
 
 
 @pytest.mark.parametrize("element_size,experts", [(4, 64), (4, 128), (2, 32)])

@@ -73,7 +73,15 @@ class MoEConfig(NamedTuple):
 # us, 16 columns 31-34 us, 4 warps or 128 columns no faster; at 4 and 8 tokens every alternative within 5 % (noise).
 FMA_MIN_TOKENS = 1
 FMA_MAX_TOKENS = 8
-FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 1 to 4 tokens
+FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 2 to 4 tokens
+# One token: the row's products in the weight tile's layout (MoEConfig.row_layout), 64-deep K steps, 4 warps, 3
+# stages, the gate/up columns narrowed (_one_token_gate_up_n) until the experts hit give two waves of programs. H100,
+# session 38, CUDA graphs (benchmarks/dev/moe_tiles.py --fma-only --row-layout, each GEMM's tiles swept apart; logs in
+# docs/benchmarks/dev/moe/): Qwen3-30B-A3B (8 experts hit, inter 768) gate/up 18.0 -> 16.4 us with 16 columns (32:
+# 17.4, 64: 18.6), down 10.9 -> 9.3 us with 64x64 tiles split in three (128 columns, split in two: 9.1); gpt-oss-20b
+# (4 experts hit, inter 2880) gate/up 29.4 -> 28.7 us with 32 columns (16: 33.9, 64: 31.7), down 19.2 -> 17.5. In the
+# row layout 64-deep K steps beat 32 and 16 at every column width; 128 was not tried.
+FP8_ROW_TILE_ONE_TOKEN = MoEConfig(1, 64, 64, 64, 64, 4, 3, fma=True, row_layout=True)
 FP8_FMA_TILE = MoEConfig(1, 128, 32, 128, 32, 2, 3, fma=True)  # 7 and 8 tokens (6 stages at 5 and 6)
 _FP8_FMA_DOWN_SPLIT = {1: 3, 2: 2, 7: 3, 8: 3}  # tokens -> K split of the down GEMM (else none)
 
@@ -85,6 +93,15 @@ def _stages_that_fit(stages: int, stage_bytes: int, smem: int) -> int:
     while stages > 2 and stages * stage_bytes > smem:
         stages -= 1
     return stages
+
+
+def _one_token_gate_up_n(top_k: int, intermediate: int, sms: int) -> int:
+    """The gate/up column tile at one token: 64 columns halved (down to 16) while the ``top_k`` experts' column
+    tiles number fewer than two waves of ``sms`` programs (Qwen3-30B-A3B: 16, 384 programs; gpt-oss-20b: 32, 360)."""
+    bn = FP8_ROW_TILE_ONE_TOKEN.gate_up_block_n
+    while bn > 16 and top_k * -(-intermediate // bn) < 2 * sms:
+        bn //= 2
+    return bn
 
 
 def _split(split: int, k: int, block_k: int) -> int:
@@ -172,6 +189,10 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
         # (gpt-oss, 32 experts, top 4, where they were measured; not Mixtral's 8 experts, top 2, at 8 tokens)
         few_rows = num_tokens * top_k <= 2 * num_experts
         if weight_bytes == 1 and FMA_MIN_TOKENS <= num_tokens <= FMA_MAX_TOKENS and few_rows:
+            if num_tokens == 1:
+                return FP8_ROW_TILE_ONE_TOKEN._replace(
+                    gate_up_block_n=_one_token_gate_up_n(top_k, intermediate, sms),
+                    down_split_k=_split(_FP8_FMA_DOWN_SPLIT[1], intermediate, FP8_ROW_TILE_ONE_TOKEN.down_block_k))
             tile = FP8_FMA_TILE_NARROW if num_tokens <= 4 else FP8_FMA_TILE
             if num_tokens in (5, 6):
                 tile = tile._replace(num_stages=6)

@@ -106,17 +106,15 @@ def clear_caches() -> None:
 # router (32 x 2880), CUDA graphs: 15.6 us a call with 128-wide steps unpipelined, 9.5 pipelined 3 deep, 8.2 at 256.
 ROUTE_TILE_K = (256, 3)
 # Up to this many tokens the router GEMM runs first over programs that each take ROUTE_SPLIT_STEPS of its 128-wide
-# K steps (_router_split_kernel: gpt-oss, 23 steps, 12 programs at 2 steps each), the route kernel adding their
-# partial logits in a fixed order. H200, gpt-oss-20b router, CUDA graphs (2026-12-04), one program against 2 / 3 / 4
-# steps a program: 1 token 8.1 / 4.2 / 4.7 / 5.3 us, 8 tokens 8.4 / 4.6 / 5.0 / 5.2, 64 tokens 8.4 / 4.8 / 5.4 / 5.6.
-# 0 switches it off. Plans are cached: call clear_caches() after changing it.
+# K steps (_router_split_kernel: gpt-oss, 23 steps, 23 programs), the route kernel adding their partial logits in a
+# fixed order. H200, gpt-oss-20b router, CUDA graphs (2026-12-04), one program against 2 / 3 / 4 steps a program:
+# 1 token 8.1 / 4.2 / 4.7 / 5.3 us, 8 tokens 8.4 / 4.6 / 5.0 / 5.2, 64 tokens 8.4 / 4.8 / 5.4 / 5.6. H100, session 38
+# (benchmarks.dev.moe_tiles --router), one program against 1 / 2 / 3 / 4 steps a program: gpt-oss-20b's router
+# (32 x 2880) 8.0 / 4.0 / 4.3 / 4.8 / 5.2 us at 1 token, 8.2 / 4.4 / 4.6 / 4.9 / 5.3 at 8, 8.2 / 4.6 / 4.8 / 5.1 / 5.5
+# at 64; Qwen3-30B-A3B's (128 x 2048) 15.4 / 6.9 / 7.8 / 7.7 / 8.9 at 1 token, 15.5 / 7.4 / 8.3 / 7.9 / 9.0 at 8,
+# 15.4 / 7.7 / 8.7 / 8.0 / 9.2 at 64. 0 switches it off. Plans are cached: call clear_caches() after changing it.
 ROUTE_SPLIT_MAX_TOKENS = 64
-ROUTE_SPLIT_STEPS = 2
-# Routers of more than 64 experts (a [128, 128] router tile a step: Qwen3-MoE's 128): one step a program. H100,
-# session 38, Qwen3-30B-A3B's router (128 x 2048, benchmarks.dev.moe_tiles --router), one program against 1 / 2 / 3 / 4
-# steps a program: 1 token 15.4 / 7.0 / 7.9 / 7.8 / 9.0 us, 8 tokens 15.6 / 7.6 / 8.4 / 8.0 / 9.1, 64 tokens
-# 15.5 / 7.9 / 8.8 / 8.1 / 9.3.
-ROUTE_SPLIT_STEPS_WIDE = 1
+ROUTE_SPLIT_STEPS = 1
 # With the router GEMM split, plain eager calls route in one launch: the split kernel's last program of each token
 # block adds the partial logits and selects the experts (an arrival counter kept between calls,
 # triton_ops_core.scratch) instead of a route kernel after it; the same bits either way. Not in CUDA graphs (captures
@@ -154,14 +152,13 @@ class _RoutePlan(NamedTuple):
     one_launch: Plan | None = None
 
 
-def _route_split(t: int, h: int, block_e: int, on_cpu: bool, split: int | None) -> int:
+def _route_split(t: int, h: int, on_cpu: bool, split: int | None) -> int:
     """How many programs share the router GEMM's K (0: none, the route kernel's program computes it)."""
     if split is not None:
         return split
-    steps = ROUTE_SPLIT_STEPS_WIDE if block_e > 64 else ROUTE_SPLIT_STEPS
-    if on_cpu or not steps or t > ROUTE_SPLIT_MAX_TOKENS:
+    if on_cpu or not ROUTE_SPLIT_STEPS or t > ROUTE_SPLIT_MAX_TOKENS:
         return 0
-    split = cdiv(cdiv(h, 128), steps)
+    split = cdiv(cdiv(h, 128), ROUTE_SPLIT_STEPS)
     return split if split > 1 else 0  # one program: the route kernel computes the GEMM itself, one launch fewer
 
 
@@ -182,7 +179,7 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     if not on_cpu:  # stages, then K steps, that fit the GPU's shared memory (99 KB on an RTX 4090, L4, A10)
         block_k, stages = _route_tiles_that_fit(block_t, block_e, block_k, stages, x2d.element_size(), x2d.device)
     warps = 4 if block_e <= 64 else 8
-    split = _route_split(t, h, block_e, on_cpu, split)
+    split = _route_split(t, h, on_cpu, split)
     precision, upcast = _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype)
     gemm = None
     eps = 0.0 if norm_eps is None else float(norm_eps)
