@@ -165,12 +165,13 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list, shape: Shape = G
     return graph_us(gate_up, reps), graph_us(down, reps)
 
 
-def candidates(t: int, base, fp8: bool = False, fma_only: bool = False, row_layout: bool = False):
+def candidates(t: int, base, fp8: bool = False, fma_only: bool = False, row_layout: bool = False,
+               k_steps: tuple[int, ...] = (16, 32, 64), stages_options: tuple[int, ...] = (3, 6)):
     """Tiles to try beside the package's choice ``base`` (a MoEConfig); with ``fp8`` every tensor-core tile also with
     fp16 dots (``f16_dot``); ``fma_only``: only one-row CUDA-core (FMA) tiles (:func:`_fma_grid`), with
     ``row_layout`` in the weight tile's layout (``MoEConfig.row_layout``)."""
     if fma_only:
-        yield from _fma_grid(base, row_layout)
+        yield from _fma_grid(base, row_layout, k_steps, stages_options)
         return
     for cfg in _tiles(t, base):
         yield cfg
@@ -178,16 +179,18 @@ def candidates(t: int, base, fp8: bool = False, fma_only: bool = False, row_layo
             yield cfg._replace(f16_dot=True)
 
 
-def _fma_grid(base, row_layout: bool = False):
+def _fma_grid(base, row_layout: bool = False, k_steps: tuple[int, ...] = (16, 32, 64),
+              stages_options: tuple[int, ...] = (3, 6)):
     """One-row CUDA-core tiles, FP8 decode's family at 1 to 8 tokens, as a factorized grid: the two GEMMs are timed
-    apart, so each config pairs the i-th gate/up tile with the i-th down tile (column width, K step, down K split)
-    for 2 or 4 warps and 3 or 6 stages; the best of each GEMM per (warps, stages) make the best config.
-    ``row_layout``: the same grid with the row's products in the weight tile's layout (``MoEConfig.row_layout``)."""
+    apart, so each config pairs the i-th gate/up tile with the i-th down tile (column width, K step of ``k_steps``,
+    down K split) for 2 or 4 warps and ``stages_options``; the best of each GEMM per (warps, stages) make the best
+    config. ``row_layout``: the same grid with the row's products in the weight tile's layout
+    (``MoEConfig.row_layout``)."""
     # (64-deep K steps: twice the bytes in flight a stage, for layers whose experts hit give fewer programs than SMs,
     # Qwen3-30B-A3B's 96 at one token; not swept before session 36)
-    gate_up = list(itertools.product((16, 32, 64, 128), (16, 32, 64)))
-    down = list(itertools.product((32, 64, 128), (16, 32, 64), (1, 2, 3)))
-    for warps, stages in itertools.product((2, 4), (3, 6)):
+    gate_up = list(itertools.product((16, 32, 64, 128) if not row_layout else (16, 32, 64), k_steps))
+    down = list(itertools.product((32, 64, 128), k_steps, (1, 2, 3)))
+    for warps, stages in itertools.product((2, 4), stages_options):
         for i, (bn, bk, split) in enumerate(down):
             gn, gk = gate_up[i % len(gate_up)]
             yield base._replace(block_m=1, gate_up_block_n=gn, gate_up_block_k=gk, down_block_n=bn, down_block_k=bk,
@@ -219,7 +222,8 @@ def _tiles(t: int, base):
 
 
 def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_OSS, model: str = "",
-          fma_only: bool = False, row_layout: bool = False) -> None:
+          fma_only: bool = False, row_layout: bool = False, k_steps: tuple[int, ...] = (16, 32, 64),
+          stages_options: tuple[int, ...] = (3, 6)) -> None:
     from fused_moe.configs import select_config
 
     fp8 = dtype.startswith("fp8")
@@ -230,7 +234,8 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_
     # a warm-up run of the current choice, not reported: the first config timed in a process measured up to 15 %
     # slower than the same tile timed later in the sweep (session 38)
     time_config(base, t, dtype, w, routes, shape)
-    for cfg in [base] + [c for c in candidates(t, base, fp8, fma_only, row_layout) if c != base]:
+    for cfg in [base] + [c for c in candidates(t, base, fp8, fma_only, row_layout, k_steps, stages_options)
+                          if c != base]:
         if cfg in seen:
             continue
         seen.add(cfg)
@@ -277,6 +282,10 @@ def time_router(dev: torch.device, shape: Shape = GPT_OSS) -> None:
         ops.clear_caches()
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt-oss-20b", choices=sorted(MODELS), help="the MoE layer's shape")
@@ -289,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--fma-only", action="store_true", help="beside the current choice, only CUDA-core (FMA) tiles")
     p.add_argument("--row-layout", action="store_true",
                    help="with --fma-only: the one-row tiles in the weight tile's layout (MoEConfig.row_layout)")
+    p.add_argument("--k-steps", default="16,32,64", help="with --fma-only: the K steps swept, comma-separated")
+    p.add_argument("--stages", default="3,6", help="with --fma-only: the pipeline depths swept, comma-separated")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_tiles needs a CUDA GPU", file=sys.stderr)
@@ -307,7 +318,8 @@ def main(argv=None) -> int:
     print(f"{args.model}: {shape}; {torch.cuda.get_device_name()}", flush=True)
     with open(out / "moe_tiles.jsonl", "a") as log:
         for t, dtype in itertools.product((int(v) for v in args.tokens.split(",")), args.weights.split(",")):
-            sweep(t, dtype, w, deadline, log, shape, args.model, args.fma_only, args.row_layout)
+            sweep(t, dtype, w, deadline, log, shape, args.model, args.fma_only, args.row_layout,
+                  _ints(args.k_steps), _ints(args.stages))
     return 0
 
 
