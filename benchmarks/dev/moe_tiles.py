@@ -3,7 +3,9 @@
     python -m benchmarks.dev.moe_tiles [--model gpt-oss-20b] [--tokens 1,8,64] [--weights bf16,fp8] [--budget 400]
         [--router]
 
-For each token count and expert dtype it times, in CUDA graphs, the gate/up and the down GEMM of the package's
+Every candidate's output (``moe_experts`` with it as the tile choice, one routing) is first compared with the current
+choice's: more than ``MAX_REL_ERR`` apart, it is reported ``WRONG`` and not timed. For each token count and expert
+dtype it times, in CUDA graphs, the gate/up and the down GEMM of the package's
 current choice (``fused_moe.configs.select_config``) and of candidate tiles: tensor-core tiles over row tiles, column
 widths, pipeline depths and down-GEMM K splits; at 2 to 8 tokens also CUDA-core (FMA) tiles of one or two rows; in
 prefill (more than 64 tokens) wider row and column tiles; at 1 to 8 tokens the one-row tiles in the weight tile's
@@ -221,6 +223,38 @@ def _tiles(t: int, base):
             yield MoEConfig(bm, bn, 64, dn, 64, warps, stages)
 
 
+def experts_with(cfg, t: int, dtype: str, w: dict, route, shape: Shape = GPT_OSS) -> torch.Tensor:
+    """``moe_experts``' output for one routing with ``cfg`` as the package's tile choice (the whole op: grouping,
+    both GEMMs, the combine or the down GEMM's own), on tokens drawn from a fixed seed."""
+    from fused_moe import moe_experts, ops
+
+    ga, gs, da, ds = w[dtype]
+    b1, b2 = w["biases"]
+    g = torch.Generator(device=ga.device).manual_seed(7)
+    x = torch.randn(t, shape.hidden, device=ga.device, generator=g).bfloat16()
+    ids, wts = route
+    saved = ops._config
+    ops._config = lambda *a, **k: cfg
+    ops.clear_caches()
+    try:
+        return moe_experts(x, ids, wts, ga, b1, da, b2, shape.activation, gate_up_layout=shape.layout,
+                           transposed=shape.transposed and dtype != "fp8-nk", gate_up_scale=gs, down_scale=ds)
+    finally:
+        ops._config = saved
+        ops.clear_caches()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error in float32 (NaN when either holds a NaN: it then fails any tolerance)."""
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+# A candidate whose output differs from the current choice's by more than this (relative) is reported and not timed:
+# the two sum the same fp32 products in other orders, within 1e-3 of each other at these shapes
+MAX_REL_ERR = 1e-2
+
+
 def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_OSS, model: str = "",
           fma_only: bool = False, row_layout: bool = False, k_steps: tuple[int, ...] = (16, 32, 64),
           stages_options: tuple[int, ...] = (3, 6)) -> None:
@@ -234,6 +268,7 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_
     # a warm-up run of the current choice, not reported: the first config timed in a process measured up to 15 %
     # slower than the same tile timed later in the sweep (session 38)
     time_config(base, t, dtype, w, routes, shape)
+    expected = experts_with(base, t, dtype, w, routes[0], shape)
     for cfg in [base] + [c for c in candidates(t, base, fp8, fma_only, row_layout, k_steps, stages_options)
                           if c != base]:
         if cfg in seen:
@@ -243,12 +278,17 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_
             print("budget spent", flush=True)
             break
         try:
+            err = rel_err(experts_with(cfg, t, dtype, w, routes[0], shape), expected)
+            if not err <= MAX_REL_ERR:  # (NaN fails too)
+                print(f"{dtype} T={t} {tuple(cfg)} WRONG: relative error {err:.2e} against the current choice",
+                      flush=True)
+                continue
             gu, dn = time_config(cfg, t, dtype, w, routes, shape)
         except Exception as exc:  # a tile that does not fit the device (shared memory) or does not compile
             print(f"{dtype} T={t} {tuple(cfg)} {type(exc).__name__}: {str(exc)[:100]}", flush=True)
             continue
         log.write(json.dumps({"model": model, "weights": dtype, "tokens": t, "config": cfg._asdict(), "gate_up_us": gu,
-                              "down_us": dn, "current": cfg == base}) + "\n")
+                              "down_us": dn, "rel_err": err, "current": cfg == base}) + "\n")
         log.flush()
         print(f"{dtype} T={t} {tuple(cfg)} gate_up {gu:7.1f} down {dn:7.1f}{'  (current)' if cfg == base else ''}",
               flush=True)
