@@ -61,7 +61,7 @@ def main() -> int:
         types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
                  "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "res_ptr": "*bf16", "norm_eps": "fp32",
                  **dict.fromkeys(INTS, "i32")}
-        consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm, NORM_BLOCK=max(16, 2048 // bm),
+        consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm,
                       USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,
                       NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16), PDL=bool(prefetch), PREFETCH_LINES=prefetch)
         ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, warps, 4)

@@ -24,10 +24,9 @@ COMMON = dict(ACTIVATION=K.ACT_SILU, HAS_GATE_BIAS=False, HAS_UP_BIAS=False, DOT
 
 def decode(block_m: int, block_n: int, block_k: int, split_k: int, stages: int, *, fma: bool = False,
            f16_dot: bool = False, even_k: bool = True, norm: bool = False) -> dict:
-    """The decode kernel's constexprs of one variant (plain loads; ``norm``: the RMSNorm prologue)."""
+    """The decode kernel's constexprs of one variant (plain loads; ``norm``: the deferred RMSNorm)."""
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=even_k,
-                NUM_STAGES=stages, USE_TMA=False, INTERPRET=False, USE_FMA=fma, F16_DOT=f16_dot, NORM=norm,
-                NORM_BLOCK=2048 // block_m)
+                NUM_STAGES=stages, USE_TMA=False, INTERPRET=False, USE_FMA=fma, F16_DOT=f16_dot, NORM=norm)
 
 
 DECODE = K._gated_mlp_decode_kernel

@@ -1,10 +1,10 @@
-"""fused_gated_mlp(..., norm_weight=): the RMSNorm prologue in the decode kernel (a decoder layer's post-attention
-norm inside the gated MLP's launch). Every decode variant (tensor-core dots with split K, TMA, CUDA-core tiles of one
-and more rows, FP8 channel / block / group scales) gives exactly what the same kernel gives on the input normalized
-outside with the same arithmetic (an fp64 sum of squares, correctly rounded fp32 division and square root,
-``(x * rstd) * w`` rounded once: ``triton_ops_core.rms_prologue`` in a launch of its own); against a float64
-reference too; errors, the op, and the gradient path. (Equality with ``fused_rmsnorm_rope.rmsnorm`` itself: the
-umbrella's test_norm_prologue.py.)"""
+"""fused_gated_mlp(..., norm_weight=): the RMSNorm in the decode kernel (a decoder layer's post-attention norm inside
+the gated MLP's launch, deferred: each x tile times the norm weight, the rows' squares summed alongside, both sums
+times the row's ``rstd`` at the end). Every decode variant (tensor-core dots with split K, TMA, CUDA-core tiles of
+one and more rows, FP8 channel / block / group scales) gives what the same kernel gives on the input normalized
+outside (``triton_ops_core.rms_prologue``'s helpers in a launch of their own), up to that input's rounding to x's
+dtype, and matches a float64 reference; errors, the op, and the gradient path. (Against
+``fused_rmsnorm_rope.rmsnorm`` itself: the umbrella's test_norm_prologue.py.)"""
 
 from __future__ import annotations
 
@@ -38,11 +38,10 @@ def rmsnorm_like_the_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -
 
 
 def _row_values(m: int, hidden: int, gen: torch.Generator) -> torch.Tensor:
-    """Rows far from unit RMS whose magnitudes lie within [0.5, 5): their fp64 sum of squares is exact in any order,
-    so the prologue's sum and torch's agree to the bit (a row spanning more than about 2^15 in magnitude may round
-    its fp64 sum differently in another order: then rstd may differ by an fp32 ulp)."""
-    sign = torch.randint(0, 2, (m, hidden), generator=gen) * 2 - 1
-    return sign * (0.5 + 4.5 * torch.rand(m, hidden, generator=gen))
+    """Random rows far from unit RMS (the normalization matters), off-centre, with a few large entries."""
+    rows = torch.randn(m, hidden, generator=gen) * 3 + 0.5
+    rows[:, ::17] *= 8
+    return rows
 
 
 def _norm_weight(hidden: int, dtype: torch.dtype, device, gen) -> torch.Tensor:
@@ -63,16 +62,17 @@ CASES += [(torch.float32, config, weights) for config in ("heuristic", "fma-row"
           for weights in ("x-dtype", "group")]
 
 
-def assert_same_up_to_split_k_order(fused: torch.Tensor, outside: torch.Tensor, config: dict | None, what) -> None:
-    """The same bits under the interpreter or without split K; on a GPU a split-K launch (the heuristic may pick one)
-    adds its partial sums in the order they arrive, so two launches on the same input may part in a last bit:
-    within a few roundings then (measured on the H200: one element of 14336 an ulp apart)."""
-    split = config is None or config.get("SPLIT_K", 1) > 1
-    if fused.is_cuda and split and not torch.equal(fused, outside):
-        assert torch.isfinite(fused).all(), what
-        assert_close_rel(fused, outside, 1e-5 if fused.dtype == torch.float32 else 4e-3)
-    else:
-        assert torch.equal(fused, outside), what
+# The kernel feeds its products ``x * w`` in fp32 (rounded to x's dtype only for a tensor-core dot) and scales the
+# sums by ``rstd``; normalized outside, the input is rounded to x's dtype first: one rounding of the input apart
+# (bf16: 2^-9 relative at most per element, fp16 2^-12), plus the output's own rounding.
+WITHIN_ONE_ROUNDING = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_within_one_rounding(fused: torch.Tensor, outside: torch.Tensor, what) -> None:
+    """``fused`` (the norm in the kernel) against ``outside`` (the input normalized by a launch of its own): finite
+    where it is, and within the rounding of the normalized input (``WITHIN_ONE_ROUNDING``)."""
+    assert torch.equal(torch.isfinite(fused), torch.isfinite(outside)), what
+    assert_close_rel(fused, outside, WITHIN_ONE_ROUNDING[fused.dtype])
 
 
 @pytest.mark.parametrize(("dtype", "config", "weights"), CASES,
@@ -92,7 +92,7 @@ def test_prologue_equals_the_kernel_on_the_input_normalized_outside(device, conf
         x = _row_values(m, hidden, gen).to(device, dtype)
         fused = fused_gated_mlp(x, *args, "silu", **kwargs, config=cfg, norm_weight=norm_w, norm_eps=1e-5)
         outside = fused_gated_mlp(rmsnorm_like_the_kernel(x, norm_w, 1e-5), *args, "silu", **kwargs, config=cfg)
-        assert_same_up_to_split_k_order(fused, outside, cfg, (config, weights, m))
+        assert_within_one_rounding(fused, outside, (config, weights, m))
         x64 = rmsnorm_like_the_kernel(x.double().cpu(), norm_w.double().cpu(), 1e-5)
         want = act_mul64(x64 @ wg64.T, x64 @ wu64.T, "silu")
         assert_close_rel(fused, want, 2e-2 if dtype == torch.float16 else 1e-4)
@@ -113,8 +113,6 @@ def test_prologue_on_a_packed_weight_with_biases_and_more_rows_than_decode(devic
         fused = fused_gated_mlp(x, w, None, "swiglu_oai", **kw, norm_weight=norm_w, norm_eps=1e-6)
         outside = fused_gated_mlp(rmsnorm_like_the_kernel(x, norm_w, 1e-6), w, None, "swiglu_oai", **kw)
         assert_close_rel(fused, outside, 1e-5)
-        if m == 2:
-            assert_same_up_to_split_k_order(fused, outside, None, m)
 
 
 def test_nan_in_a_row_stays_in_that_row(device):
@@ -191,4 +189,4 @@ def test_gpu_prologue_at_model_shapes_in_bf16(weights, m):
     norm_w = _norm_weight(hidden, torch.bfloat16, "cuda", gen)
     fused = fused_gated_mlp(x, *args, "silu", **kwargs, norm_weight=norm_w, norm_eps=1e-5)
     outside = fused_gated_mlp(rmsnorm_like_the_kernel(x, norm_w, 1e-5), *args, "silu", **kwargs)
-    assert_same_up_to_split_k_order(fused, outside, None, m)
+    assert_within_one_rounding(fused, outside, m)

@@ -255,9 +255,9 @@ def _norm_in_qkv_spy(monkeypatch) -> list[bool]:
 # (Qwen3's beside the newest transformers only: the fusion is off by default, and CI time)
 @pytest.mark.parametrize("kind", ["llama", pytest.param("qwen3", marks=pytest.mark.newest_only)])
 def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch, fused_norms):
-    """With FP8 weights the packed q/k/v projection of a few rows is the weight-only kernel, whose prologue
-    RMS-normalizes its input: the layer's input norm launch is gone, and the logits are bit for bit those of the
-    separate norm (the prologue writes what the norm kernel writes)."""
+    """With FP8 weights the packed q/k/v projection of a few rows is the weight-only kernel, which RMS-normalizes its
+    input itself: the layer's input norm launch is gone, and the logits are those of the separate norm up to the
+    normalized row's rounding to the activation dtype (the kernel scales its fp32 sums by the row's rstd)."""
     from triton_ops.models import decoder_layers
 
     model = patch_model(_model(kind), fp8=True, fp8_recipe="channel")
@@ -274,8 +274,9 @@ def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch, fus
     monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", False)
     separate = _prefill_and_step(model, ids)
     assert calls[4:] == []  # the separate path's FP8Linear runs its own plan
+    tol = 0.9999 if DTYPE == torch.bfloat16 else 0.99999
     for a, b, c in zip(fused, separate, hooked, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
+        assert torch.equal(b, c) and _cosine(a, b) >= tol
     # beyond NORM_PROLOGUE_MAX_ROWS rows (a prefill of 17 tokens), the norm is its own launch again
     calls.clear()
     monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", True)
@@ -385,9 +386,9 @@ def test_bf16_o_proj_adds_the_residual_only_where_it_is_one_launch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_decode_step_norms_inside_the_gemms_change_no_logit(fp8, monkeypatch, fused_norms):
-    """At a K the one-row bf16 kernel takes (512), the decode step's q/k/v GEMMs normalize their input: the same
-    logits, bit for bit, as the norm's own launch; with the post-attention norm inside the gated MLP's launch too
-    (no fused_add_rmsnorm launch in the step), the same up to the residual sum's single rounding."""
+    """At a K the one-row bf16 kernel takes (512), the decode step's q/k/v GEMMs normalize their input: the logits
+    of the norm's own launch up to the normalized row's rounding; with the post-attention norm inside the gated MLP's
+    launch too (no fused_add_rmsnorm launch in the step), up to the residual sum's single rounding as well."""
     from triton_ops.models import decoder_layers
 
     torch.manual_seed(3)
@@ -403,7 +404,7 @@ def test_gpu_decode_step_norms_inside_the_gemms_change_no_logit(fp8, monkeypatch
     input_only = _prefill_and_step(model, ids)
     monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", False)
     separate = _prefill_and_step(model, ids)
-    assert torch.equal(input_only[1], separate[1])
+    assert _cosine(input_only[1], separate[1]) >= 0.9999
     assert _cosine(fused[1], separate[1]) >= 0.9999
     norms = []
     real = decoder_layers.fused_add_rmsnorm

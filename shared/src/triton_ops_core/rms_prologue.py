@@ -50,6 +50,24 @@ def normalized(x, rstd, nw_ptr, kk, K):
     return (x.to(tl.float32) * rstd * w).to(x.dtype)
 
 
+@triton.jit
+def weighed(x, ss, nw_ptr, kk, K):
+    """A step of the deferred norm (:func:`rstd_from_squares`) on an ``x`` tile: ``x * w[kk]`` in fp32, un-normalized
+    (the rows' ``rstd`` multiplies the GEMM's sums at the end), and ``ss`` (fp32, x's shape) plus the tile's squares.
+    ``kk`` (the tile's K positions) broadcasts against ``x``; the weight reads 0 past ``K``."""
+    xf = x.to(tl.float32)
+    w = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    return xf * w, ss + xf * xf
+
+
+@triton.jit
+def rstd_from_squares(sum_sq, K, eps):
+    """``1 / sqrt(sum_sq / K + eps)`` in fp32, correctly rounded division and square root, as ``row_rstd``."""
+    one = tl.full(sum_sq.shape, 1.0, tl.float32)
+    mean_sq = tl.math.div_rn(sum_sq.to(tl.float32), one * K)
+    return tl.math.div_rn(one, tl.sqrt_rn(mean_sq + eps))
+
+
 def norm_block(k: int, rows: int, interpreter: bool = False) -> int:
     """Columns per step of :func:`row_rstd` for a tile of ``rows`` rows and ``k`` columns: 2048 fp64 squares a
     program per step (32 registers a thread at 4 warps), so a 4096-wide decode row takes two L2 round trips before
@@ -88,4 +106,5 @@ def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-__all__ = ["check_norm", "check_norm_eps", "norm_block", "normalized", "rms_normalized", "row_rstd"]
+__all__ = ["check_norm", "check_norm_eps", "norm_block", "normalized", "rms_normalized", "row_rstd",
+           "rstd_from_squares", "weighed"]

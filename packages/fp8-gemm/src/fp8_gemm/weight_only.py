@@ -40,7 +40,7 @@ from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
-from triton_ops_core.rms_prologue import check_norm, norm_block
+from triton_ops_core.rms_prologue import check_norm
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dim_size,
@@ -408,13 +408,14 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         ss_k, ss_n = 0, weight_scale.stride(-1)
     else:
         ss_k, ss_n = weight_scale.stride(0), weight_scale.stride(1)
-    # split K: one int32 counter per (column block, row tile) and the [split, M, N] fp32 partials
-    counters, partials = (grid[0] * grid[2], split * m * n) if split > 1 else (0, 0)
+    # split K: one int32 counter per (column block, row tile), the [split, M, N] fp32 partials and, for the norm,
+    # the [split, M] sums of squares
+    counters, partials = (grid[0] * grid[2], split * m * (n + 1)) if split > 1 else (0, 0)
     pdl_on, prefetch = _pdl_tail(x.device, weight, bk, per_split)
     # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
     tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
             bias.stride(0) if bias is not None else 0, per_split, float(norm_eps),
-            mode, bias is not None, add_out is not None, norm_weight is not None, norm_block(k, bm, _INTERP),
+            mode, bias is not None, add_out is not None, norm_weight is not None,
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch)
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},

@@ -30,11 +30,16 @@ deterministic, the same for every run and every arrival order. Counters and work
 (``triton_ops_core.scratch``: the stream's; the counters zero at rest). They must stay apart: in one shared
 buffer a later call with more column blocks read the earlier call's partials as its counters.
 
-RMSNorm prologue (``NORM``, ``triton_ops_core.rms_prologue``): x is the un-normalized row (a decoder layer's residual
-stream); each program first sums the squares of its rows over all of K (in fp64, from L2: a decode row is a few KB)
-and then feeds the GEMM ``(x * rstd * norm_weight)`` rounded once to x's dtype: bit for bit what
-``fused_rmsnorm_rope.rmsnorm`` writes, without its launch and without writing and reading the normalized row. Every
-program repeats the row's sum: meant for the few rows of decode.
+RMSNorm (``NORM``, ``triton_ops_core.rms_prologue``), deferred: x is the un-normalized row (a decoder layer's residual
+stream). ``rstd`` is one number per row, so ``(x * rstd * w) @ W^T == rstd * ((x * w) @ W^T)``: each program feeds
+the GEMM ``x * norm_weight`` (fp32; rounded to x's dtype where a 16-bit dot takes it) and sums the squares of the
+x tiles it loads anyway; the row's sum of squares is complete where its K slices meet (one program without split
+K; the last of a column block with it, from the ``[SPLIT_K, M]`` sums stored after the partials, in a fixed
+order), and ``rstd`` (fp32, correctly rounded division and square root, as ``fused_rmsnorm_rope.rmsnorm``) multiplies
+the sums before the weight scale and the bias. No launch of the norm's own, no normalized row written and read back,
+and nothing read before the weight streaming starts (session 24's prologue, where every program summed the whole
+row's squares first, made Llama-3-8B's decode step slower). The result differs from the norm's own launch followed
+by this GEMM only by the normalized row's rounding to x's dtype, which is skipped here.
 
 Under Triton's interpreter (``EMULATE``): its FP8 upcast reads E4M3 NaN (0x7F / 0xFF) as 480, and its bf16/fp16
 ``tl.dot`` is unreliable; the weight is converted to fp32 with the NaN patterns restored, and the dot runs in fp32.
@@ -46,7 +51,7 @@ import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
 from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
-from triton_ops_core.rms_prologue import normalized, row_rstd
+from triton_ops_core.rms_prologue import rstd_from_squares, weighed
 
 # SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
 # (fp16/bf16, x's dtype) and no scale at all: the same kernel is then a plain decode GEMM (``decode_linear``).
@@ -142,7 +147,7 @@ def fp8_weight_only_kernel(
     tiles_per_split, norm_eps,
     # constexprs
     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, NORM: tl.constexpr,
-    NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
     F16_DOT: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
@@ -150,9 +155,7 @@ def fp8_weight_only_kernel(
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out = residual + ...`` (``res_ptr``: ``out``
     itself for an in-place add, or another row-major ``[M, N]`` tensor; one rounding of the sum); with ``NORM``, x
-    is first RMS-normalized over K with the weight at ``nw_ptr`` and ``norm_eps``, its rows' squares summed
-    ``NORM_BLOCK`` columns a step (a whole decode row in one or two loads: each step waits on L2 before the weight
-    streaming starts).
+    is RMS-normalized over K with the weight at ``nw_ptr`` and ``norm_eps``, deferred (see the module docstring).
 
     ``EVEN_K`` / ``EVEN_N``: K / N are whole tiles (no masks on the weight along that dimension). With block
     scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
@@ -196,13 +199,15 @@ def fp8_weight_only_kernel(
             acc2 = tl.zeros([BLOCK_N, BLOCK_K // CHUNK if CHUNKED else BLOCK_K], dtype=tl.float32)
         else:
             acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if NORM:
-        rstd = row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, norm_eps, BLOCK_M, NORM_BLOCK)
+    # the deferred norm: the squares of this program's K slice of its rows (summed over the splits at the end)
+    ss = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for ki in tl.range(k_first, k_last, num_stages=NUM_STAGES):
         k0 = ki * BLOCK_K
         x = _load_tile(x_ptrs, offs_m, M, k0 + offs_k, K, False, EVEN_K)
         if NORM:
-            x = normalized(x, rstd[:, None], nw_ptr, (k0 + offs_k)[None, :], K)
+            x, ss = weighed(x, ss, nw_ptr, (k0 + offs_k)[None, :], K)
+            if USE_DOT and not F16_DOT and not EMULATE:  # the 16-bit dot's operand
+                x = x.to(x_ptr.dtype.element_ty)
         if USE_DOT:
             w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
             if F16_DOT:
@@ -267,12 +272,19 @@ def fp8_weight_only_kernel(
     out_ptrs = out_ptr + out_offs
     res_ptrs = res_ptr + out_offs
     if SPLIT_K == 1:
+        if NORM:
+            acc = acc * rstd_from_squares(tl.sum(ss, axis=1), K, norm_eps)[:, None]
         acc = _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE, HAS_BIAS)
         _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT)
     else:
         slice_stride = M.to(tl.int64) * N
         ws_tile = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(ws_tile + pid_k * slice_stride, acc, mask=mask_c)
+        # the squares of this K slice, after the [SPLIT_K, M, N] partials: every column block of the slice writes
+        # the same values (the same rows, tiles and order)
+        ws_ss = ws_ptr + SPLIT_K * slice_stride + offs_m
+        if NORM:
+            tl.store(ws_ss + pid_k * M, tl.sum(ss, axis=1), mask=offs_m < M)
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
@@ -281,6 +293,11 @@ def fp8_weight_only_kernel(
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(ws_tile + s * slice_stride, mask=mask_c, other=0.0, cache_modifier=".cg")
+            if NORM:
+                sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    sum_sq += tl.load(ws_ss + s * M, mask=offs_m < M, other=0.0, cache_modifier=".cg")
+                total = total * rstd_from_squares(sum_sq, K, norm_eps)[:, None]
             total = _scale_and_bias(total, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE,
                                     HAS_BIAS)
             _store_out(total, out_ptrs, res_ptrs, mask_c, ADD_OUT)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
 from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
-from triton_ops_core.rms_prologue import normalized, row_rstd
+from triton_ops_core.rms_prologue import rstd_from_squares, weighed
 
 # Activation codes (constexpr): the host maps names to these.
 ACT_SILU = 0
@@ -167,11 +167,14 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
                     acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_SCALING: tl.constexpr,
-                    F16_DOT: tl.constexpr = False, rstd=None, nw_ptr=None, K=None, NORM: tl.constexpr = False):
+                    F16_DOT: tl.constexpr = False, nw_ptr=None, K=None, NORM: tl.constexpr = False):
     """Both projections of rows ``offs_m`` and columns ``offs_n`` over ``k_start..k_end``, with plain (wide,
     K-contiguous) loads, ``NUM_STAGES`` deep. ``EVEN_K``: the range is whole BLOCK_K tiles, no K mask. ``NORM``:
-    each x tile RMS-normalized by its rows' ``rstd`` and the weight at ``nw_ptr`` first (``rms_prologue``)."""
+    each x tile times the norm weight at ``nw_ptr`` (rounded to x's dtype for the dot) and its squares summed
+    (``rms_prologue.weighed``: the deferred norm). Returns both sums and the rows' sums of squares (``[BLOCK_M]``,
+    zero without ``NORM``)."""
     offs_k = tl.arange(0, BLOCK_K)
+    ss = tl.zeros((offs_m.shape[0], BLOCK_K), dtype=tl.float32)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
@@ -180,13 +183,14 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
         if NORM:
-            x = normalized(x, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
+            xw, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K)
+            x = xw.to(x.dtype)
         acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
                                srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
-    return acc_g, acc_u
+    return acc_g, acc_u, tl.sum(ss, axis=1)
 
 
 @triton.jit
@@ -233,7 +237,7 @@ def _group_partial(xf, w, s_ptr, rows, mask_n, stride_s, k, k_end, BLOCK_K: tl.c
 def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                         acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr,
+                        NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, nw_ptr, K, NORM: tl.constexpr,
                         ROWS_PER_SCALE: tl.constexpr = 1):
     """``_fma_group_k_loop`` for one row: the weight tiles as ``[BLOCK_N, G, SPAN]`` (``SPAN`` = 128 or a narrower
     tile), multiplied in the layout they are loaded in (a thread holds contiguous K bytes of a row, read from shared
@@ -254,6 +258,7 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
     CHUNK: tl.constexpr = 16 if SPAN >= 16 else SPAN
     acc3_g = tl.zeros((BLOCK_N, G, SPAN // CHUNK), dtype=tl.float32)
     acc3_u = tl.zeros((BLOCK_N, G, SPAN // CHUNK), dtype=tl.float32)
+    ss = tl.zeros((1, G, SPAN), dtype=tl.float32)
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -264,13 +269,13 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
             x = tl.load(x_ptrs, mask=in_k, other=0.0)
             wg = tl.load(wg_ptrs, mask=mask_w & in_k, other=0.0)
             wu = tl.load(wu_ptrs, mask=mask_w & in_k, other=0.0)
-        if NORM:
-            x = normalized(x, rstd[:, None, None], nw_ptr, (k + kk)[None, :, :], K)
         start = k + tl.arange(0, G) * SPAN  # each group's first column in this tile
         live = mask_n[:, None] & (start < k_end)[None, :]
         sg = tl.load(sg_ptr + rows_g[:, None] * stride_sg + (start // 128)[None, :], mask=live, other=0.0)
         su = tl.load(su_ptr + rows_u[:, None] * stride_su + (start // 128)[None, :], mask=live, other=0.0)
         xf = x.to(tl.float32)
+        if NORM:
+            xf, ss = weighed(x, ss, nw_ptr, (k + kk)[None, :, :], K)
         pg = tl.sum(tl.reshape(xf * _fp8_to_f32(wg, INTERPRET), (BLOCK_N, G, SPAN // CHUNK, CHUNK)), axis=3)
         pu = tl.sum(tl.reshape(xf * _fp8_to_f32(wu, INTERPRET), (BLOCK_N, G, SPAN // CHUNK, CHUNK)), axis=3)
         acc3_g += pg * sg[:, :, None]
@@ -279,14 +284,14 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
     return (acc_g + tl.sum(tl.sum(acc3_g, axis=2), axis=1)[None, :],
-            acc_u + tl.sum(tl.sum(acc3_u, axis=2), axis=1)[None, :])
+            acc_u + tl.sum(tl.sum(acc3_u, axis=2), axis=1)[None, :], tl.sum(tl.sum(ss, axis=2), axis=1))
 
 
 @triton.jit
 def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg, stride_wu,
                       acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, rstd, nw_ptr, K, NORM: tl.constexpr,
+                      NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, nw_ptr, K, NORM: tl.constexpr,
                       ROWS_PER_SCALE: tl.constexpr = 1):
     """``_fma_k_loop`` with group scales (``W_SCALING`` 3; ``BLOCK_K`` a power of two, at least 16): the K tile is
     viewed as ``[group, row, lane]`` (``_group_k_view``), each thread sums the products of its rows of a group and
@@ -298,8 +303,8 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
     if BLOCK_M == 1:
         return _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end, stride_xm, stride_wg,
                                    stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul,
-                                   srow_off_g, srow_off_u, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, rstd,
-                                   nw_ptr, K, NORM, ROWS_PER_SCALE)
+                                   srow_off_g, srow_off_u, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, nw_ptr,
+                                   K, NORM, ROWS_PER_SCALE)
     kk = _group_k_view(BLOCK_K)  # [G, E, LANES]
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -313,6 +318,7 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
     mask_w = mask_n[None, None, :, None]
     acc4_g = tl.zeros((BLOCK_M, BLOCK_K // SPAN, BLOCK_N, LANES), dtype=tl.float32)
     acc4_u = tl.zeros((BLOCK_M, BLOCK_K // SPAN, BLOCK_N, LANES), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_M, BLOCK_K // SPAN, SPAN // LANES, LANES), dtype=tl.float32)
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_x, other=0.0)
@@ -323,15 +329,17 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
             x = tl.load(x_ptrs, mask=mask_x & in_k[None, :, :, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=mask_w & in_k[:, :, None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=mask_w & in_k[:, :, None, :], other=0.0)
+        xf = x.to(tl.float32)
         if NORM:
-            x = normalized(x, rstd[:, None, None, None], nw_ptr, (k + kk)[None, :, :, :], K)
-        xf = x.to(tl.float32)[:, :, :, None, :]
+            xf, ss = weighed(x, ss, nw_ptr, (k + kk)[None, :, :, :], K)
+        xf = xf[:, :, :, None, :]
         acc4_g += _group_partial(xf, wg, sg_ptr, rows_g, mask_n, stride_sg, k, k_end, BLOCK_K, INTERPRET)
         acc4_u += _group_partial(xf, wu, su_ptr, rows_u, mask_n, stride_su, k, k_end, BLOCK_K, INTERPRET)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
-    return acc_g + tl.sum(tl.sum(acc4_g, axis=3), axis=1), acc_u + tl.sum(tl.sum(acc4_u, axis=3), axis=1)
+    return (acc_g + tl.sum(tl.sum(acc4_g, axis=3), axis=1), acc_u + tl.sum(tl.sum(acc4_u, axis=3), axis=1),
+            tl.sum(tl.sum(tl.sum(ss, axis=3), axis=2), axis=1))
 
 
 @triton.jit
@@ -339,7 +347,7 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
                 acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr, W_SCALING: tl.constexpr,
-                rstd, nw_ptr, K, NORM: tl.constexpr):
+                nw_ptr, K, NORM: tl.constexpr):
     """``_pointer_k_loop`` on the CUDA cores (config ``FMA``): products in fp32 registers, ``[BLOCK_M, BLOCK_N,
     BLOCK_K]`` per projection, summed over K once at the end. For one or a few rows with FP8 weights: a tensor-core
     dot needs 16 rows (15 of them padding at M = 1) and its FP8 -> bf16 conversion in registers, and then streams
@@ -351,35 +359,37 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
     if W_SCALING >= 2:
         return _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, stride_xm, stride_wg,
                                  stride_wu, acc_g, acc_u, sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
-                                 srow_off_u, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, rstd, nw_ptr,
-                                 K, NORM, 128 if W_SCALING == 2 else 1)
+                                 srow_off_u, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, nw_ptr, K,
+                                 NORM, 128 if W_SCALING == 2 else 1)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
     wg_ptrs = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wg + (k_start + offs_k)[None, :]
     wu_ptrs = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wu + (k_start + offs_k)[None, :]
+    ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if BLOCK_M == 1:
         acc2_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc2_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
             x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
-            if NORM:
-                x = normalized(x, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
             xf = x.to(tl.float32)
+            if NORM:
+                xf, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K)
             acc2_g += xf * _fp8_to_f32(wg, INTERPRET)
             acc2_u += xf * _fp8_to_f32(wu, INTERPRET)
             x_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
-        return acc_g + tl.sum(acc2_g, axis=1)[None, :], acc_u + tl.sum(acc2_u, axis=1)[None, :]
+        return acc_g + tl.sum(acc2_g, axis=1)[None, :], acc_u + tl.sum(acc2_u, axis=1)[None, :], tl.sum(ss, axis=1)
     acc3_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3_u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
+        xf = x.to(tl.float32)
         if NORM:
-            x = normalized(x, rstd[:, None], nw_ptr, (k + offs_k)[None, :], K)
-        xf = x.to(tl.float32)[:, None, :]
+            xf, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K)
+        xf = xf[:, None, :]
         wgf = _fp8_to_f32(wg, INTERPRET)
         wuf = _fp8_to_f32(wu, INTERPRET)
         acc3_g += xf * wgf[None, :, :]
@@ -387,7 +397,7 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
-    return acc_g + tl.sum(acc3_g, axis=2), acc_u + tl.sum(acc3_u, axis=2)
+    return acc_g + tl.sum(acc3_g, axis=2), acc_u + tl.sum(acc3_u, axis=2), tl.sum(ss, axis=1)
 
 
 @triton.jit
@@ -435,13 +445,18 @@ def _gated_mlp_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, INTERPRET: tl.constexpr, USE_FMA: tl.constexpr, F16_DOT: tl.constexpr,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
+    NORM: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
 ):
     """Few tokens: grid (N tiles, SPLIT_K, M tiles); each program streams [BLOCK_N, K / SPLIT_K] of both weights.
     ``USE_FMA``: CUDA-core products (``_fma_k_loop``) instead of tensor-core dots; any ``BLOCK_M``, 1 included.
-    ``NORM``: x is RMS-normalized first with the weight at ``nw_ptr`` and ``norm_eps``, bit for bit as the RMSNorm
-    kernel writes it (``triton_ops_core.rms_prologue``: every program sums its rows' squares over all of K, its
-    K slice or not, ``NORM_BLOCK`` columns a step, then normalizes each x tile it loads). ``PDL``
+    ``NORM``: x is RMS-normalized with the weight at ``nw_ptr`` and ``norm_eps``, deferred: each loaded x tile times
+    the norm weight feeds the products (fp32; rounded to x's dtype for a dot) and its squares are summed; where the
+    row's K slices meet (this program without split K, else the tile's last, from ``[column blocks, M]`` sums after
+    the partials) both sums are multiplied by the row's ``rstd`` before the scales, the bias and the activation
+    (``rstd`` is a row factor: ``(x * rstd * w) @ W^T == rstd * ((x * w) @ W^T)``). Nothing is read before the
+    weight streaming starts (session 24's prologue summed the whole row first in every program, and was slower than
+    the norm's own launch); the result differs from the norm's own launch first only by the normalized row's
+    rounding to x's dtype, skipped here. ``PDL``
     (``triton_ops_core.pdl``): launched early, the program asks L2 for the first ``PREFETCH_LINES`` lines of its
     rows of both weights, then waits for the previous kernel before it reads x or writes anything."""
     pid_n = tl.program_id(0)
@@ -462,9 +477,6 @@ def _gated_mlp_decode_kernel(
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM:
-        rstd = row_rstd(x_ptr, offs_m, M, K, stride_xm, 1, norm_eps, BLOCK_M, NORM_BLOCK)
     if USE_TMA:
         # Opt-in (config USE_TMA): the copy engine streams weight tiles into a NUM_STAGES-deep shared-memory ring;
         # rows past N and columns past K read as zero, so no masks. The default plain loads below streamed 2-15 %
@@ -477,28 +489,34 @@ def _gated_mlp_decode_kernel(
                                             block_shape=[BLOCK_N, BLOCK_K])
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
+        ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
             x = x_desc.load([off_m, k])
             if NORM:
-                x = normalized(x, rstd[:, None], nw_ptr, (k + tl.arange(0, BLOCK_K))[None, :], K)
+                xw, ss = weighed(x, ss, nw_ptr, (k + tl.arange(0, BLOCK_K))[None, :], K)
+                x = xw.to(x.dtype)
             wg = wg_desc.load([off_n, k])
             wu = wu_desc.load([off_n, k])
             acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
                                    srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
+        sum_sq = tl.sum(ss, axis=1)
     elif USE_FMA:
-        acc_g, acc_u = _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
-                                   stride_xm, stride_wg, stride_wu, acc_g, acc_u,
-                                   sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, W_SCALING, rstd,
-                                   nw_ptr, K, NORM)
+        acc_g, acc_u, sum_sq = _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
+                                           stride_xm, stride_wg, stride_wu, acc_g, acc_u,
+                                           sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, NUM_STAGES, INTERPRET, W_SCALING,
+                                           nw_ptr, K, NORM)
     else:
-        acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
-                                       stride_xm, stride_wg, stride_wu, acc_g, acc_u,
-                                       sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
-                                       BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT,
-                                       rstd, nw_ptr, K, NORM)
+        acc_g, acc_u, sum_sq = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
+                                               stride_xm, stride_wg, stride_wu, acc_g, acc_u,
+                                               sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
+                                               srow_off_u, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST,
+                                               W_SCALING, F16_DOT, nw_ptr, K, NORM)
 
     if SPLIT_K == 1:
+        if NORM:  # the deferred norm: the whole row's rstd times both sums
+            rstd = rstd_from_squares(sum_sq, K, norm_eps)[:, None]
+            acc_g, acc_u = acc_g * rstd, acc_u * rstd
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,
                   stride_sg, stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
                   W_SCALING)
@@ -507,7 +525,8 @@ def _gated_mlp_decode_kernel(
         _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, 1, SPLIT_K,
                        bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr, stride_sg, stride_su,
                        out_ptr, stride_om, alpha, limit,
-                       ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, W_SCALING, BLOCK_M, BLOCK_N, INTERPRET)
+                       ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, W_SCALING, BLOCK_M, BLOCK_N, INTERPRET,
+                       sum_sq, pid_n, K, norm_eps, NORM)
 
 
 @triton.jit
@@ -516,19 +535,24 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
                    out_ptr, stride_om, alpha, limit,
                    ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
                    W_SCALING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   INTERPRET: tl.constexpr):
+                   INTERPRET: tl.constexpr, sum_sq, pid_n, K, norm_eps, NORM: tl.constexpr):
     """Add a partial sum of an output tile that several programs share; the program that completes the tile
     finishes it.
 
     Partial sums meet in the fp32 workspace ``[2, M, N]``; ``lock`` counts the K slices summed so far (each
     program adds its ``units``), so the program that brings it to ``total_units`` reads the totals, applies the
-    epilogue and resets workspace and counter to zero for the next call.
+    epilogue and resets workspace and counter to zero for the next call. With ``NORM`` the rows' sums of squares
+    of each K slice (``sum_sq``) meet after them, ``[column blocks, M]`` (the tile's own slots, ``pid_n``), and the
+    last program multiplies both totals by the rows' ``rstd``.
     """
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ws_g = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     ws_u = ws_g + M.to(tl.int64) * N
+    ws_ss = ws_ptr + 2 * M.to(tl.int64) * N + pid_n * M + offs_m
     tl.atomic_add(ws_g, acc_g, mask=mask, sem="relaxed")
     tl.atomic_add(ws_u, acc_u, mask=mask, sem="relaxed")
+    if NORM:
+        tl.atomic_add(ws_ss, sum_sq, mask=offs_m < M, sem="relaxed")
     # Classic threadfence reduction: every thread waits until its own partial sums are performed at GPU
     # scope (membar.gl), then one thread counts the arrival. A barrier alone does not wait for in-flight
     # atomics (wrong sums were seen on an H100 with 32- and 64-row tiles without the fence).
@@ -545,6 +569,10 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_g = tl.atomic_add(ws_g, zeros, mask=mask, sem="relaxed")
         acc_u = tl.atomic_add(ws_u, zeros, mask=mask, sem="relaxed")
+        if NORM:
+            rows_ss = tl.atomic_add(ws_ss, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=offs_m < M, sem="relaxed")
+            rstd = rstd_from_squares(rows_ss, K, norm_eps)[:, None]
+            acc_g, acc_u = acc_g * rstd, acc_u * rstd
         _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,
                   stride_sg, stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
                   W_SCALING)
@@ -552,6 +580,8 @@ def _meet_partials(acc_g, acc_u, offs_m, offs_n, M, N, ws_ptr, lock, units, tota
         tl.debug_barrier()
         tl.store(ws_g, zeros, mask=mask)
         tl.store(ws_u, zeros, mask=mask)
+        if NORM:
+            tl.store(ws_ss, tl.zeros((BLOCK_M,), dtype=tl.float32), mask=offs_m < M)
         tl.atomic_xchg(lock, 0, sem="relaxed")
 
 
@@ -601,10 +631,10 @@ def _gated_mlp_prefill_kernel(
             acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
                                    srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING)
     else:
-        acc_g, acc_u = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, 0, K,
-                                       stride_xm, stride_wg, stride_wu, acc_g, acc_u,
-                                       sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
-                                       BLOCK_K, False, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING)
+        acc_g, acc_u, _ = _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, 0, K,
+                                          stride_xm, stride_wg, stride_wu, acc_g, acc_u,
+                                          sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g, srow_off_u,
+                                          BLOCK_K, False, NUM_STAGES, DOT_PRECISION, UPCAST, W_SCALING)
 
     _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,
               stride_sg, stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,

@@ -35,7 +35,7 @@ from triton_ops_core.exceptions import (
 )
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
-from triton_ops_core.rms_prologue import check_norm, norm_block, rms_normalized
+from triton_ops_core.rms_prologue import check_norm, rms_normalized
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_ndim, check_tensor
 
 from . import _kernels as K
@@ -260,14 +260,15 @@ def _build_plan(
         # F16_DOT (config, off by default): fp16 tensor-core dots for FP8 weights with bf16 activations
         f16_dot = (bool(cfg.get("F16_DOT", False)) and not use_fma and scaling != K.SCALE_NONE
                    and x2d.dtype == torch.bfloat16)
-        norm = (norm_eps is not None, norm_block(K_dim, cfg["BLOCK_M"], on_cpu))  # NORM, NORM_BLOCK
+        norm = (norm_eps is not None,)  # NORM
         pdl_on = pdl.enabled(device)
         tail = (sizes + (0.0 if norm_eps is None else float(norm_eps),) + options
                 + (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], split_k, even_k, cfg["num_stages"], use_tma)
                 + precision + (on_cpu, use_fma, f16_dot) + norm
                 + (pdl_on, _prefetch_lines(pdl_on, cfg["BLOCK_K"], cdiv(cdiv(K_dim, cfg["BLOCK_K"]), split_k),
                                            gate_weight.element_size())))
-        workspace: tuple[int, ...] | None = (2 * M * N, grid_m * grid_n) if split_k > 1 else ()
+        # split K: the [2, M, N] partial sums, with the norm the [column blocks, M] sums of squares after them
+        workspace: tuple[int, ...] | None = (2 * M * N + grid_n * M, grid_m * grid_n) if split_k > 1 else ()
     else:
         kernel = K._gated_mlp_prefill_kernel
         grid = (grid_m * grid_n,)
