@@ -51,12 +51,16 @@ def normalized(x, rstd, nw_ptr, kk, K):
 
 
 @triton.jit
-def weighed(x, ss, nw_ptr, kk, K):
+def weighed(x, ss, nw_ptr, kk, K, EVEN_K: tl.constexpr = False):
     """A step of the deferred norm (:func:`rstd_from_squares`) on an ``x`` tile: ``x * w[kk]`` in fp32, un-normalized
     (the rows' ``rstd`` multiplies the GEMM's sums at the end), and ``ss`` (fp32, x's shape) plus the tile's squares.
-    ``kk`` (the tile's K positions) broadcasts against ``x``; the weight reads 0 past ``K``."""
+    ``kk`` (the tile's K positions) broadcasts against ``x``; the weight reads 0 past ``K`` (``EVEN_K``: the tile
+    lies inside K, no mask)."""
     xf = x.to(tl.float32)
-    w = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    if EVEN_K:
+        w = tl.load(nw_ptr + kk).to(tl.float32)
+    else:
+        w = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
     return xf * w, ss + xf * xf
 
 

@@ -205,7 +205,7 @@ def fp8_weight_only_kernel(
         k0 = ki * BLOCK_K
         x = _load_tile(x_ptrs, offs_m, M, k0 + offs_k, K, False, EVEN_K)
         if NORM:
-            x, ss = weighed(x, ss, nw_ptr, (k0 + offs_k)[None, :], K)
+            x, ss = weighed(x, ss, nw_ptr, (k0 + offs_k)[None, :], K, EVEN_K)
             if USE_DOT and not F16_DOT and not EMULATE:  # the 16-bit dot's operand
                 x = x.to(x_ptr.dtype.element_ty)
         if USE_DOT:

@@ -183,7 +183,7 @@ def _pointer_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end,
     for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
         if NORM:
-            xw, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K)
+            xw, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K, EVEN_K)
             x = xw.to(x.dtype)
         acc_g, acc_u = _k_step(x, wg, wu, acc_g, acc_u, k, offs_n, N, sg_ptr, su_ptr, stride_sg, stride_su,
                                srow_mul, srow_off_g, srow_off_u, DOT_PRECISION, UPCAST, W_SCALING, F16_DOT)
@@ -275,7 +275,7 @@ def _fma_group_row_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, N, k_start, k_end
         su = tl.load(su_ptr + rows_u[:, None] * stride_su + (start // 128)[None, :], mask=live, other=0.0)
         xf = x.to(tl.float32)
         if NORM:
-            xf, ss = weighed(x, ss, nw_ptr, (k + kk)[None, :, :], K)
+            xf, ss = weighed(x, ss, nw_ptr, (k + kk)[None, :, :], K, EVEN_K)
         pg = tl.sum(tl.reshape(xf * _fp8_to_f32(wg, INTERPRET), (BLOCK_N, G, SPAN // CHUNK, CHUNK)), axis=3)
         pu = tl.sum(tl.reshape(xf * _fp8_to_f32(wu, INTERPRET), (BLOCK_N, G, SPAN // CHUNK, CHUNK)), axis=3)
         acc3_g += pg * sg[:, :, None]
@@ -331,7 +331,7 @@ def _fma_group_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_en
             wu = tl.load(wu_ptrs, mask=mask_w & in_k[:, :, None, :], other=0.0)
         xf = x.to(tl.float32)
         if NORM:
-            xf, ss = weighed(x, ss, nw_ptr, (k + kk)[None, :, :, :], K)
+            xf, ss = weighed(x, ss, nw_ptr, (k + kk)[None, :, :, :], K, EVEN_K)
         xf = xf[:, :, :, None, :]
         acc4_g += _group_partial(xf, wg, sg_ptr, rows_g, mask_n, stride_sg, k, k_end, BLOCK_K, INTERPRET)
         acc4_u += _group_partial(xf, wu, su_ptr, rows_u, mask_n, stride_su, k, k_end, BLOCK_K, INTERPRET)
@@ -375,7 +375,7 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
             x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
             xf = x.to(tl.float32)
             if NORM:
-                xf, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K)
+                xf, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K, EVEN_K)
             acc2_g += xf * _fp8_to_f32(wg, INTERPRET)
             acc2_u += xf * _fp8_to_f32(wu, INTERPRET)
             x_ptrs += BLOCK_K
@@ -388,7 +388,7 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
         x, wg, wu = _load_k_step(x_ptrs, wg_ptrs, wu_ptrs, k, offs_k, k_end, mask_m, mask_n, EVEN_K)
         xf = x.to(tl.float32)
         if NORM:
-            xf, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K)
+            xf, ss = weighed(x, ss, nw_ptr, (k + offs_k)[None, :], K, EVEN_K)
         xf = xf[:, None, :]
         wgf = _fp8_to_f32(wg, INTERPRET)
         wuf = _fp8_to_f32(wu, INTERPRET)
