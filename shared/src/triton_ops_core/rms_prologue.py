@@ -1,18 +1,24 @@
-"""An RMSNorm in a GEMM's prologue (``@triton.jit`` helpers), bit for bit what the RMSNorm kernel writes.
+"""An RMSNorm inside the GEMM it feeds (``@triton.jit`` helpers), two ways.
 
 A decoder layer's RMSNorm feeds a projection. For the few rows of a decode step the projection kernel can normalize
-its own input instead of a separate launch writing the normalized row and the GEMM reading it back: every program
-sums its rows' squares over all of K (the row is a few KB, served by L2), then multiplies each loaded ``x`` tile by
-``rstd`` and the norm weight and rounds it once to x's dtype. That is ``fused_rmsnorm_rope.rmsnorm``'s output: the
-same fp64 sum of exact fp64 squares, correctly rounded fp32 division and square root, the same fp32 products in the
-same order (``(x * rstd) * w``), one rounding. The fp64 sum is exact, hence the same in any order, unless a row's
-magnitudes span more than about 2^15 (fp16/bf16) to 2^2 (fp32, 24-bit significands squared): only then may the
-two sums round apart, by an ulp of fp64, which reaches ``rstd`` (and a normalized value's last bit) only at an fp32
-rounding tie. Users:
-``fp8_gemm``'s weight-only decode kernel (``decode_linear(..., norm_weight=)``) and ``fused_gated_mlp``'s decode
-kernel (``fused_gated_mlp(..., norm_weight=)``).
-"""
+its own input instead of a separate launch writing the normalized row and the GEMM reading it back.
 
+- Deferred (:func:`weighed`, :func:`rstd_from_squares`): ``rstd`` is one number per row, so ``(x * rstd * w) @ W^T
+  == rstd * ((x * w) @ W^T)``. The GEMM multiplies each ``x`` tile it loads by the norm weight and sums the tile's
+  squares alongside; where the row's K slices meet, ``rstd`` multiplies the sums. Nothing is read before the weight
+  streaming starts; the result differs from the separate norm only by the normalized row's rounding to x's dtype,
+  which is skipped. Users: ``fp8_gemm``'s weight-only decode kernel (``decode_linear(..., norm_weight=)``) and
+  ``fused_gated_mlp``'s decode kernel (``fused_gated_mlp(..., norm_weight=)``).
+- Prologue (:func:`row_rstd`, :func:`normalized`), bit for bit what the RMSNorm kernel writes: every program sums
+  its rows' squares over all of K (the row is a few KB, served by L2), then multiplies each loaded ``x`` tile by
+  ``rstd`` and the norm weight and rounds it once to x's dtype. That is ``fused_rmsnorm_rope.rmsnorm``'s output:
+  the same fp64 sum of exact fp64 squares, correctly rounded fp32 division and square root, the same fp32 products
+  in the same order (``(x * rstd) * w``), one rounding. The fp64 sum is exact, hence the same in any order, unless a
+  row's magnitudes span more than about 2^15 (fp16/bf16) to 2^2 (fp32, 24-bit significands squared): only then may
+  the two sums round apart, by an ulp of fp64, which reaches ``rstd`` (and a normalized value's last bit) only at an
+  fp32 rounding tie. Users: ``fused_moe``'s router, expert GEMMs and activation quantization, and the tests'
+  reference launch (``triton_ops_core.testing.normalized_like_the_prologue``).
+"""
 from __future__ import annotations
 
 import torch
