@@ -2,7 +2,7 @@
 a GPU.
 
 Run as a script by ``test_compile_sm90.py`` in a process without ``TRITON_INTERPRET`` (the interpreter never lowers a
-kernel: the E4M3 up-conversion, the fp64 RMSNorm prologue and register use are only checked by compiling). Prints one
+kernel: the E4M3 up-conversion, the deferred RMSNorm and register use are only checked by compiling). Prints one
 ``OK``/``FAIL`` line per variant; exit status 3 when this Triton has no ahead-of-time API this script knows.
 """
 
@@ -21,26 +21,26 @@ INTS = ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stri
 
 # (name, weight type, SCALE_MODE, NORM, ADD_OUT, USE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K[, F16_DOT[, warps]]):
 # the decode configs weight_only_config picks at one row (FMA tiles, bf16 and E4M3 weights) and at 16 rows
-# (tensor-core tile, split K), with the RMSNorm prologue and the residual epilogue
+# (tensor-core tile, split K), with the deferred RMSNorm and the residual epilogue
 VARIANTS = [
-    ("bf16 weight, one row, norm prologue", "*bf16", W.SCALE_NONE, True, False, False, 1, 8, 512, 1),
-    ("E4M3 channel scales, one row, norm prologue, residual add", "*fp8e4nv", W.SCALE_CHANNEL, True, True, False, 1,
+    ("bf16 weight, one row, deferred norm", "*bf16", W.SCALE_NONE, True, False, False, 1, 8, 512, 1),
+    ("E4M3 channel scales, one row, deferred norm, residual add", "*fp8e4nv", W.SCALE_CHANNEL, True, True, False, 1,
      16, 512, 1),
-    ("E4M3 block scales, 16 rows, split K, norm prologue", "*fp8e4nv", W.SCALE_BLOCK, True, False, True, 16, 32, 128,
+    ("E4M3 block scales, 16 rows, split K, deferred norm", "*fp8e4nv", W.SCALE_BLOCK, True, False, True, 16, 32, 128,
      4),
     # group scales: the one-row FMA tile (16-element partial sums, a scale per row and 128 columns of its 512-deep
     # K step; the default's 16 columns, and 32) and 16 rows
     ("E4M3 group scales, one row, residual add", "*fp8e4nv", W.SCALE_GROUP, False, True, False, 1, 16, 512, 1),
-    ("E4M3 group scales, one row, 32 columns, norm prologue", "*fp8e4nv", W.SCALE_GROUP, True, False, False, 1, 32,
+    ("E4M3 group scales, one row, 32 columns, deferred norm", "*fp8e4nv", W.SCALE_GROUP, True, False, False, 1, 32,
      512, 1),
     ("E4M3 group scales, 16 rows, split K", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 32, 128, 4),
     # 128x128 block scales on the one-row FMA tile: a block scale per 16-element partial sum, like the groups
     ("E4M3 block scales, one row, residual add", "*fp8e4nv", W.SCALE_BLOCK, False, True, False, 1, 16, 512, 1),
     # fp16 tensor-core dots for bf16 activations (F16_DOT), the tiles _f16_dot_tile picks: 64 x 128 (4 warps) with
-    # split K; channel scales at K >= 8192: 128 x 256, 8 warps; the RMSNorm prologue and residual add on one
+    # split K; channel scales at K >= 8192: 128 x 256, 8 warps; the deferred RMSNorm and residual add on one
     ("E4M3 group scales, 16 rows, split K, fp16 dots", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 64, 128, 4,
      True),
-    ("E4M3 channel scales, 16 rows, split K, fp16 dots, 8 warps, norm prologue, residual add", "*fp8e4nv",
+    ("E4M3 channel scales, 16 rows, split K, fp16 dots, 8 warps, deferred norm, residual add", "*fp8e4nv",
      W.SCALE_CHANNEL, True, True, True, 16, 128, 256, 4, True, 8),
     # with programmatic dependent launch (triton_ops_core.pdl): each program's first weight lines prefetched into
     # L2 before it waits on the previous kernel; one-row FMA tiles (bf16, E4M3 group scales) and a split-K dot tile

@@ -170,7 +170,7 @@ def _constexpr(plan, name: str):
 
 @pytest.mark.parametrize("mode", ["channel", "group"])
 def test_norm_prologue_in_front_of_fp8_weights(mode):
-    # the RMSNorm prologue before E4M3 weights on the FMA variant, split K and a partial last group
+    # the deferred RMSNorm before E4M3 weights on the FMA variant, split K and a partial last group
     q, s = _weight(40, 300, mode, DEV, seed=12)
     x = _activation(1, 300, torch.float32, DEV, seed=13) * 3.0 + 0.5
     nw = (torch.rand(300, generator=torch.Generator().manual_seed(14)) + 0.5).to(DEV)

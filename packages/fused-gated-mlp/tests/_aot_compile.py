@@ -51,14 +51,14 @@ VARIANTS = [
      decode(16, 64, 128, 1, 3, f16_dot=True)),
     ("decode, group scales, fp16 tensor-core dots (F16_DOT), split K", DECODE, K.SCALE_GROUP,
      decode(16, 32, 128, 4, 3, f16_dot=True)),
-    # the RMSNorm prologue (a decoder layer's post-attention norm in the launch) on the tiles a decode step takes
-    ("decode, group scales, one-row CUDA-core tile, RMSNorm prologue", DECODE, K.SCALE_GROUP,
+    # the deferred RMSNorm (a decoder layer's post-attention norm in the launch) on the tiles a decode step takes
+    ("decode, group scales, one-row CUDA-core tile, deferred RMSNorm", DECODE, K.SCALE_GROUP,
      decode(1, 8, 512, 1, 4, fma=True, norm=True)),
-    ("decode, channel scales, one-row CUDA-core tile, RMSNorm prologue", DECODE, K.SCALE_CHANNEL,
+    ("decode, channel scales, one-row CUDA-core tile, deferred RMSNorm", DECODE, K.SCALE_CHANNEL,
      decode(1, 8, 512, 1, 4, fma=True, norm=True)),
-    ("decode, group scales, fp16 tensor-core dots (F16_DOT), RMSNorm prologue", DECODE, K.SCALE_GROUP,
+    ("decode, group scales, fp16 tensor-core dots (F16_DOT), deferred RMSNorm", DECODE, K.SCALE_GROUP,
      decode(16, 64, 128, 1, 3, f16_dot=True, norm=True)),
-    ("decode, group scales, two-row CUDA-core tile, split K, RMSNorm prologue", DECODE, K.SCALE_GROUP,
+    ("decode, group scales, two-row CUDA-core tile, split K, deferred RMSNorm", DECODE, K.SCALE_GROUP,
      decode(2, 8, 256, 2, 3, fma=True, even_k=False, norm=True)),
     # programmatic dependent launch (triton_ops_core.pdl): both weights' first lines prefetched before the wait
     ("decode, group scales, one-row CUDA-core tile, PDL", DECODE, K.SCALE_GROUP,

@@ -7,7 +7,8 @@ weight-read floor. This runs the weight-only decode kernel (``weight_only_kernel
 and no scale: one program per 8 output columns streams their ``8 x K`` weight rows with CUDA-core FMAs into fp32
 (15.3 / 11.2 us there), one launch, no split. Rows past one take the same kernel's tensor-core tile (correct for
 any M; made for decode). With ``weight_scale`` the weight is ``FP8Linear``'s E4M3 one, up-converted in registers: the
-kernel ``FP8Linear`` runs at decode, here with the RMSNorm prologue available (``norm_weight``).
+kernel ``FP8Linear`` runs at decode, here with the RMSNorm in the same launch available (``norm_weight``, deferred:
+``triton_ops_core.rms_prologue``).
 
 Registered as ``torch.ops.triton_ops.decode_linear``. Inference first: with a gradient to record it is
 ``torch.nn.functional.linear`` (same result up to accumulation order), so training code may call it freely.
@@ -93,9 +94,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             projection with its residual add, the layer's input left as it is; ``decode_linear_add_`` adds in
             place).
         norm_weight: ``[K]`` (any float dtype), or None: then x is first RMS-normalized over K with this weight and
-            ``norm_eps`` inside the same launch, bit for bit as ``fused_rmsnorm_rope.rmsnorm(x, norm_weight,
-            norm_eps)`` would write it (a decoder layer's input norm and its q/k/v projection in one launch; every
-            program sums its rows' squares again, from L2, so this is for the few rows of decode).
+            ``norm_eps`` inside the same launch, deferred (x times the weight feeds the products, the rows' rstd
+            multiplies the sums): ``fused_rmsnorm_rope.rmsnorm(x, norm_weight, norm_eps)`` followed by the GEMM up to
+            the normalized row's rounding to x's dtype, which is skipped (a decoder layer's input norm and its q/k/v
+            projection in one launch, for the few rows of decode).
         norm_eps: the norm's epsilon (> 0, as ``rmsnorm``'s).
 
     Returns:

@@ -195,9 +195,9 @@ def _build_plan(
     tensor itself twice for a packed block scale); ``scale_rows`` = (multiplier, gate offset, up offset) maps a
     half's row to its packed row for block and group scales (see ``_kernels._block_scales``). ``scaling_kind``: the
     validated kind of the scales (``"channel"``, ``"block"``, ``"group"``); None: read from their shapes.
-    ``norm_eps``: the decode kernel's RMSNorm prologue with this epsilon (the norm weight comes with each call), or
-    None; a plan with it is always a decode plan (a forced prefill config is refused: the prefill kernel has no
-    prologue)."""
+    ``norm_eps``: the decode kernel's RMSNorm (deferred, in its launch) with this epsilon (the norm weight comes with
+    each call), or None; a plan with it is always a decode plan (a forced prefill config is refused: the prefill
+    kernel has no norm)."""
     M, K_dim = x2d.shape
     N = gate_weight.shape[0]
     device = x2d.device
@@ -211,7 +211,7 @@ def _build_plan(
         # FP8 weights have entries of their own (at one or two rows the CUDA-core tiles). No tune-on-first-use
         # for them: the tuner's space holds tensor-core tiles only.
         weights = _WEIGHT_KINDS[scaling]
-        # (the RMSNorm prologue runs in the decode kernel: more rows take its config for the most it is made for)
+        # (the RMSNorm runs in the decode kernel only: more rows take its config for the most it is made for)
         rows = min(M, DECODE_MAX_TOKENS) if norm_eps is not None else M
         cfg = select_gated_mlp_config(rows, K_dim, N, x2d.dtype, device,
                                       bench=bench if scaling == K.SCALE_NONE else None, weights=weights)
@@ -219,8 +219,8 @@ def _build_plan(
     # The path follows the token count; a forced config may name it (tests run both paths on any size).
     path = cfg.get("path", "decode" if M <= DECODE_MAX_TOKENS or norm_eps is not None else "prefill")
     if norm_eps is not None and path != "decode":
-        raise InvalidArgumentError(f"config: the RMSNorm prologue (norm_weight) runs in the decode kernel only, got "
-                                   f"path {path!r}")
+        raise InvalidArgumentError(f"config: the RMSNorm in the launch (norm_weight) runs in the decode kernel only, "
+                                   f"got path {path!r}")
     # CUDA-core products (config FMA; the decode kernel's plain loads): with channel scales, or group and block
     # scales (the FMA loop scales partial sums of each group, any K tile)
     fma = bool(cfg.get("FMA", False)) and path == "decode" and not cfg.get("USE_TMA", False)
@@ -506,7 +506,7 @@ def _no_fp8_gradients(ctx) -> None:
 def _backward(ctx, grad_out):
     if ctx.normed:
         raise InvalidArgumentError(
-            "triton_ops::fused_gated_mlp with norm_weight (the RMSNorm prologue) has no backward; "
+            "triton_ops::fused_gated_mlp with norm_weight (the RMSNorm in its launch) has no backward; "
             "fused_gated_mlp(..., norm_weight=) records a differentiable path itself when a gradient is needed")
     x, wg, wu, bg, bu, gs, us = ctx.saved_tensors
     activation, layout, alpha, limit = ctx.options

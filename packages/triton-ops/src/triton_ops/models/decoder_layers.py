@@ -783,7 +783,7 @@ def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: t
     attentions here (:func:`_ours_unhooked`: no hook that would see the un-normalized input), ``norm`` exactly an
     RMSNorm kernel (:func:`~triton_ops.models.layers.norm_module_fusable`), and a packed q/k/v GEMM whose launch
     normalizes
-    (:meth:`~triton_ops.models.layers.QKVPacking.takes_norm`: bit for bit the norm's own output, one launch less
+    (:meth:`~triton_ops.models.layers.QKVPacking.takes_norm`: the norm's own output up to its rounding, one launch less
     per layer and decode step)."""
     if not INPUT_NORM_IN_QKV:
         return False

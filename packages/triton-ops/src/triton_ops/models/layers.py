@@ -566,7 +566,8 @@ class QKVPacking(nn.Module):
 
     def takes_norm(self, x: torch.Tensor) -> bool:
         """Whether the GEMM of ``x`` runs the weight-only decode kernel, which can RMS-normalize ``x`` in its own
-        launch (``decode_linear``'s prologue, bit for bit the RMSNorm kernel's output): one 16-bit row on a GPU
+        launch (``decode_linear``'s deferred norm: the RMSNorm kernel's output up to the normalized row's rounding,
+        which it skips): one 16-bit row on a GPU
         (:func:`decode_gemv_rule`, any K: the launch saved pays for a K off the kernel's tile), or an FP8 layer's
         weight-only path (at most ``NORM_PROLOGUE_MAX_ROWS`` rows); never sharded, and nothing to differentiate."""
         if self.sharded or type(x) is not torch.Tensor or (torch.is_grad_enabled() and x.requires_grad):
@@ -621,8 +622,8 @@ def _replicated(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _to_replicated(x, weight.device_mesh, Replicate())
 
 
-# The most rows whose input RMSNorm an FP8 packed projection computes inside its weight-only launch: every program
-# of the launch sums its rows' squares again (from L2), which a decode step's few rows pay for with one launch less.
+# The most rows whose input RMSNorm an FP8 packed projection computes inside its weight-only launch (the deferred
+# norm: each x tile times the norm weight, its squares summed, the rows' rstd on the sums), the weight-only path's.
 NORM_PROLOGUE_MAX_ROWS = 16
 # The most rows a 16-bit projection (the packed q/k/v with the input norm, o_proj with the residual add) takes
 # decode_linear's kernel for, to save the norm's or the add's launch. One: from 2 rows cuBLAS measured a little
