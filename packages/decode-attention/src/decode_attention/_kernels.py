@@ -296,9 +296,12 @@ def _attention_kernel(
             arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
             if arrived == N_SPLITS - 1:
                 for r0 in tl.static_range(0, BLOCK_M, MERGE_R):
-                    _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr, pid_bh,
-                                pid_m * BLOCK_M + r0 + tl.arange(0, MERGE_R), H_KV, GROUP, SQ, N_SPLITS, ROWS_PAD,
-                                HAS_SINKS, HEAD_DIM, MERGE_R, BLOCK_D, MERGE_S, ".cg")
+                    # steps of padding rows only (a decode step's GQA group is often smaller than the row tile) are
+                    # skipped: each merge step waits on its partials' loads, one L2 round trip after another
+                    if pid_m * BLOCK_M + r0 < GROUP * SQ:
+                        _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr, pid_bh,
+                                    pid_m * BLOCK_M + r0 + tl.arange(0, MERGE_R), H_KV, GROUP, SQ, N_SPLITS,
+                                    ROWS_PAD, HAS_SINKS, HEAD_DIM, MERGE_R, BLOCK_D, MERGE_S, ".cg")
                 tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
     else:
         out = _finish(acc, m_i, l_i, sink_ptr, head, row_ok, HAS_SINKS)
