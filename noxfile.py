@@ -149,10 +149,16 @@ def tests(session: nox.Session, triton: str, dist: str) -> None:
     # end); test modules of the same name in two folders need importlib's import mode there.
     # Tests marked newest_only (benchmark harnesses, the four-rank tensor-parallel spawn) run beside the newest
     # triton and transformers only: they check code that does not depend on the triton version, at CPU cost.
+    # The kernel packages' parametrized cases (dtypes, shapes, layouts) are split between the two tritons
+    # (--param-shard: each function's first case in both, every other case in one): every test function runs on
+    # both front ends and every case on one, at half the interpreter time. The model integration's cases (model
+    # families, recipes: transformers code paths, a different transformers release in each session) run whole in
+    # both (its conftest marks them every_param). `-- --param-shard 0/1` runs every case.
     select = ["--import-mode=importlib"] if dist == ALL else ["-m", "not newest_only"]
+    shard = ["--param-shard", f"{TRITONS.index(triton)}/{len(TRITONS)}"]
     session.run("pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "triton_ops_core.pytest_plugin",
-                "-p", "no:cacheprovider", *select, *(f"{PACKAGES[d][0]}/tests" for d in dists), *session.posargs,
-                env=env)
+                "-p", "no:cacheprovider", *select, *shard, *(f"{PACKAGES[d][0]}/tests" for d in dists),
+                *session.posargs, env=env)
 
 
 @nox.session(python="3.11")

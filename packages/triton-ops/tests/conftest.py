@@ -27,3 +27,13 @@ def fused_norms(monkeypatch) -> None:
 
     monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", True)
     monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The model integration's tests run every parametrized case in every CI session (``every_param``): their cases
+    are model families and recipes, each a different transformers code path, and the two sessions run different
+    transformers releases. The kernel packages' cases (dtypes, shapes, layouts) are split between the two triton
+    versions (``--param-shard``, docs/development.md)."""
+    for item in items:
+        if Path(item.path).resolve().is_relative_to(HERE):
+            item.add_marker(pytest.mark.every_param)

@@ -10,11 +10,16 @@ installing triton-ops-core must not change how other projects' tests run.
   instance costs about a millisecond) and ``gpu``. ``HYPOTHESIS_PROFILE`` overrides the choice.
 - The ``device`` fixture is the device kernels run on in this session.
 - ``TRITON_OPS_AUTOTUNE`` defaults to ``0`` (no tuning on first use) unless the environment sets it.
+- ``--param-shard K/N`` (or ``TRITON_OPS_PARAM_SHARD``) runs, of each parametrized test function, its first case
+  and the cases whose name hashes to ``K`` modulo ``N``: sessions given the shards ``0/N`` .. ``N-1/N`` run every
+  case at least once between them and every test function in each. CI's two triton versions take one half each
+  of the kernel packages' cases; tests marked ``every_param`` always run whole.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _gpu_visible() -> bool:
@@ -34,6 +39,9 @@ if not _gpu_visible():
 # Tests never tune on first use (a GPU without shipped configs would otherwise search every shape a test meets, up to
 # 10 s each): they run the shipped configs or the heuristics. Tests of the tuning itself set the variable themselves.
 os.environ.setdefault("TRITON_OPS_AUTOTUNE", "0")
+
+import zlib  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -150,6 +158,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a compiled kernel on a CUDA GPU (skipped under the interpreter)")
     config.addinivalue_line("markers", "slow: long-running even on a GPU")
     config.addinivalue_line(
+        "markers", "every_param: every parametrized case runs in each session, whatever --param-shard says")
+    config.addinivalue_line(
         "markers", "newest_only: in CI's test matrix, run only beside the newest triton and transformers (benchmark "
                    "harnesses, a second multi-process run): the oldest pair's sessions deselect it")
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -159,7 +169,64 @@ def pytest_configure(config: pytest.Config) -> None:
             _skip_repatching_in_device_calls()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--param-shard", default=os.environ.get("TRITON_OPS_PARAM_SHARD") or None, metavar="K/N",
+        help="of each parametrized test function, run the first case and the cases whose name hashes to K modulo N "
+             "(the shards 0/N .. N-1/N together run every case); tests marked every_param run whole "
+             "(default: $TRITON_OPS_PARAM_SHARD, else every case)")
+
+
+def parse_param_shard(spec: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``; a ``pytest.UsageError`` naming the option otherwise."""
+    try:
+        k, n = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--param-shard takes K/N (e.g. 0/2), got {spec!r}") from None
+    if not 0 <= k < n:
+        raise pytest.UsageError(f"--param-shard {spec}: K must be in 0..N-1 and N at least 1")
+    return k, n
+
+
+def param_case_in_shard(key: str, shard: int, shards: int) -> bool:
+    """Whether the case named ``key`` belongs to ``shard`` of ``shards``: a hash of the name, the same in every
+    process, session and machine (xdist's workers must collect the same tests)."""
+    return zlib.crc32(key.encode()) % shards == shard
+
+
+def select_param_shard(items: Iterable[pytest.Item], shard: int, shards: int) -> tuple[list, list]:
+    """Split ``items`` into (kept, deselected) for ``--param-shard``: a test function's first parametrized case
+    always stays (every function runs in every shard), its other cases stay in the shard their name hashes to;
+    unparametrized tests and tests marked ``every_param`` stay whole. The key is the module's file name and the
+    test's name, so a case keeps its shard whichever folder or root pytest was started from."""
+    kept, deselected, seen = [], [], set()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        function = (str(item.path), getattr(getattr(item, "cls", None), "__name__", ""),
+                    getattr(item, "originalname", item.name))
+        first = function not in seen
+        seen.add(function)
+        if (callspec is None or first or item.get_closest_marker("every_param") is not None
+                or param_case_in_shard(f"{Path(item.path).name}::{item.name}", shard, shards)):
+            kept.append(item)
+        else:
+            deselected.append(item)
+    return kept, deselected
+
+
+@pytest.hookimpl(trylast=True)  # after conftests have marked what must run whole
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _skip_gpu_tests_without_a_gpu(items)
+    spec = config.getoption("--param-shard", default=None)
+    if spec:
+        shard, shards = parse_param_shard(spec)
+        kept, deselected = select_param_shard(items, shard, shards)
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = kept
+
+
+def _skip_gpu_tests_without_a_gpu(items: list[pytest.Item]) -> None:
     from .device import has_gpu, is_interpreter
 
     if has_gpu() and not is_interpreter():
@@ -185,4 +252,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     from .device import device_name, is_interpreter
 
     mode = "Triton interpreter on CPU" if is_interpreter() else "compiled kernels"
-    return f"triton-ops: {mode}; device {device_name()}; torch {torch.__version__}; triton {triton.__version__}"
+    spec = config.getoption("--param-shard", default=None)
+    shard = f"; parametrized cases: shard {spec} (and each function's first)" if spec else ""
+    return (f"triton-ops: {mode}; device {device_name()}; torch {torch.__version__}; triton {triton.__version__}"
+            f"{shard}")
