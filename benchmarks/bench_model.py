@@ -61,6 +61,10 @@ FP8_CHECKPOINT_BLOCK = (128, 128)
 # (decoder_layers.INPUT_NORM_IN_QKV and POST_NORM_IN_MLP switched on while it is measured; off by default, measured
 # slower), for the before/after of those fusions in one run.
 FUSED_NORMS = "-fused-norms"
+# Any patched variant + this suffix (instead of FUSED_NORMS): only the input norm inside the packed q/k/v launch
+# (INPUT_NORM_IN_QKV on, POST_NORM_IN_MLP as shipped): the two fusions' costs apart (session 39, H100: the
+# weight-only kernel took the norm for +0.7 us a launch at one row, the gated MLP for +7.5 us).
+INPUT_NORM = "-input-norm"
 # Any patched variant + one of these suffixes: measured with programmatic dependent launch on / off
 # (triton_ops_core.pdl: the decode kernels launch early and prefetch their weights before waiting on the previous
 # kernel; opt-in for now), whatever the environment says, for the before/after in one run. Either combines with
@@ -74,7 +78,7 @@ SHIFT = "-shift"
 EXPERTS_FP8, EXPERTS_W8A8 = "-experts-fp8", "-experts-w8a8"
 # The suffixes a patched variant takes, each group at most once, in this order:
 # ``patched-fp8-default-experts-w8a8-shift-pdl-fused-norms``.
-SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS,))
+SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS, INPUT_NORM))
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
@@ -199,7 +203,8 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     variant, options = split_variant(variant)
     fused = FUSED_NORMS in options
     for name, default in zip(NORM_SWITCHES, library_switches(), strict=True):
-        setattr(decoder_layers, name, True if fused else default)
+        on = fused or (INPUT_NORM in options and name == "INPUT_NORM_IN_QKV")
+        setattr(decoder_layers, name, True if on else default)
     cache_updates.SLIDING_RING = False if SHIFT in options else cache_updates.SHIPPED_SLIDING_RING
     experts = "w8a8" if EXPERTS_W8A8 in options else EXPERTS_FP8 in options
     if experts and not variant.startswith("patched-fp8"):
@@ -766,7 +771,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}; a patched one with the suffix "
-                        f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches; with {PDL_ON} / "
+                        f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches ({INPUT_NORM}: the "
+                        f"input norm only, inside the q/k/v launch); with {PDL_ON} / "
                         f"{PDL_OFF}: measured with / without programmatic dependent launch; with {SHIFT}: full "
                         f"sliding windows shifted, not rings (in this order: patched{SHIFT}{PDL_ON}{FUSED_NORMS})")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")

@@ -101,6 +101,15 @@ def test_fused_norms_variant_switches_the_fusions_on_for_its_measurement_only(bm
     assert decoder_layers.RESIDUAL_IN_MOE_COMBINE
     bm.make_variant("patched", config, device, dtype)
     assert tuple(getattr(decoder_layers, name) for name in bm.NORM_SWITCHES) == shipped
+    bm.make_variant("patched" + bm.INPUT_NORM, config, device, dtype)  # the input norm's fusion alone
+    assert decoder_layers.INPUT_NORM_IN_QKV and not decoder_layers.POST_NORM_IN_MLP
+    bm.make_variant("patched", config, device, dtype)
+    assert tuple(getattr(decoder_layers, name) for name in bm.NORM_SWITCHES) == shipped
+    known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    assert {"patched-fp8-checkpoint-input-norm", "patched-pdl-input-norm"} <= set(known)
+    assert "patched-fused-norms-input-norm" not in known and "patched-input-norm-pdl" not in known
+    assert bm.split_variant("patched-fp8-checkpoint-input-norm") == ("patched-fp8-checkpoint",
+                                                                     frozenset({bm.INPUT_NORM}))
     assert "patched-fp8-default-fused-norms" in bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
     assert "transformers-fused-norms" not in bm.known_variants(bm.VARIANTS)
 
