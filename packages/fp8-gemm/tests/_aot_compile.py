@@ -16,6 +16,13 @@ os.environ.pop("TRITON_INTERPRET", None)
 from fp8_gemm import weight_only_kernels as W  # noqa: E402
 from triton_ops_core.aot import compile_sm90  # noqa: E402
 
+
+def _norm_out_block(rows: int) -> int:  # (the plan's NORM_OUT_BLOCK for a 4096-wide output)
+    from fp8_gemm.weight_only import norm_out_block
+
+    return norm_out_block(4096, rows, False)
+
+
 INTS = ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_sk", "stride_sn",
         "stride_bias", "tiles_per_split"]
 
@@ -49,6 +56,14 @@ VARIANTS = [
     ("PDL: E4M3 group scales, one row", "*fp8e4nv", W.SCALE_GROUP, False, False, False, 1, 16, 512, 1, False, 4, 8),
     ("PDL: E4M3 group scales, 16 rows, split K, fp16 dots", "*fp8e4nv", W.SCALE_GROUP, False, False, True, 16, 64,
      128, 4, True, 4, 2),
+    # the output's RMSNorm in the launch (NORM_OUT: an output projection's residual stream and the post-attention
+    # norm): bf16 and E4M3 channel weights at one row, with and without split K, and the 16-row dot tile
+    ("bf16 weight, one row, residual add, output norm", "*bf16", W.SCALE_NONE, False, True, False, 1, 8, 512, 1,
+     False, 4, 0, True),
+    ("E4M3 channel scales, one row, split K, residual add, output norm", "*fp8e4nv", W.SCALE_CHANNEL, False, True,
+     False, 1, 16, 512, 2, False, 4, 0, True),
+    ("E4M3 channel scales, 16 rows, split K, fp16 dots, residual add, output norm", "*fp8e4nv", W.SCALE_CHANNEL,
+     False, True, True, 16, 64, 128, 4, True, 4, 0, True),
 ]
 
 
@@ -58,12 +73,14 @@ def main() -> int:
         f16 = extra[0] if extra else False
         warps = extra[1] if len(extra) > 1 else 4
         prefetch = extra[2] if len(extra) > 2 else 0  # PDL with that many prefetched lines a row
+        norm_out = extra[3] if len(extra) > 3 else False
         types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
-                 "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "res_ptr": "*bf16", "norm_eps": "fp32",
-                 **dict.fromkeys(INTS, "i32")}
+                 "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "res_ptr": "*bf16", "normed_ptr": "*bf16",
+                 "nwo_ptr": "*bf16", "norm_eps": "fp32", "norm_out_eps": "fp32", **dict.fromkeys(INTS, "i32")}
         consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm,
                       USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,
-                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16), PDL=bool(prefetch), PREFETCH_LINES=prefetch)
+                      NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16), PDL=bool(prefetch), PREFETCH_LINES=prefetch,
+                      NORM_OUT=norm_out, NORM_OUT_BLOCK=_norm_out_block(bm) if norm_out else 1)
         ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, warps, 4)
     return 0 if ok else 1
 

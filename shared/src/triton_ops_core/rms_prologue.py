@@ -88,25 +88,28 @@ def norm_block(k: int, rows: int, interpreter: bool = False) -> int:
     return max(16, min(triton.next_power_of_2(max(1, k)), 2048 // max(1, rows)))
 
 
-def check_norm_eps(eps: object) -> None:
+def check_norm_eps(eps: object, name: str = "norm_eps") -> None:
     """The norm's epsilon: a positive finite number, not a bool (``rmsnorm``'s rule: with 0 an all-zero row, a
     padding row, would become NaN)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise InvalidArgumentError(f"norm_eps: expected a positive finite number, got {eps!r}")
+        raise InvalidArgumentError(f"{name}: expected a positive finite number, got {eps!r}")
 
 
-def check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_eps: object) -> None:
-    """A prologue's norm weight for ``x`` (``[x.shape[-1]]``, a float dtype, contiguous, on x's device) and its
-    epsilon (:func:`check_norm_eps`): the named errors every op with ``norm_weight=`` raises."""
-    check_tensor(norm_weight, "norm_weight")
-    check_dtype(norm_weight, "norm_weight", FLOAT_DTYPES)
-    check_ndim(norm_weight, "norm_weight", exact=1)
-    if norm_weight.shape[0] != x.shape[-1] or norm_weight.stride(0) != 1:
-        raise ShapeMismatchError(f"norm_weight: expected a contiguous [{x.shape[-1]}] tensor (x's last dimension), "
+def check_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_eps: object, *, name: str = "norm_weight",
+               size: int | None = None, size_name: str = "x's last dimension") -> None:
+    """A prologue's norm weight for ``x`` (``[x.shape[-1]]``, or ``[size]`` when given: ``size_name`` says what
+    it is; a float dtype, contiguous, on x's device) and its epsilon (:func:`check_norm_eps`): the named errors
+    every op with ``norm_weight=`` raises (``name``: the argument's name in them)."""
+    check_tensor(norm_weight, name)
+    check_dtype(norm_weight, name, FLOAT_DTYPES)
+    check_ndim(norm_weight, name, exact=1)
+    size = x.shape[-1] if size is None else size
+    if norm_weight.shape[0] != size or norm_weight.stride(0) != 1:
+        raise ShapeMismatchError(f"{name}: expected a contiguous [{size}] tensor ({size_name}), "
                                  f"got shape {list(norm_weight.shape)} with stride {norm_weight.stride()}")
     if norm_weight.device != x.device:
-        raise DeviceMismatchError(f"norm_weight: expected x's device {x.device}, got {norm_weight.device}")
-    check_norm_eps(norm_eps)
+        raise DeviceMismatchError(f"{name}: expected x's device {x.device}, got {norm_weight.device}")
+    check_norm_eps(norm_eps, name.replace("weight", "eps"))
 
 
 def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,7 +14,8 @@ Registered as ``torch.ops.triton_ops.decode_linear``. Inference first: with a gr
 ``torch.nn.functional.linear`` (same result up to accumulation order), so training code may call it freely.
 
 ``decode_linear_add_(residual, x, weight)``: ``residual += x @ W^T`` in the same launch (a decoder layer's down
-projection with its residual add; the product and the sum rounded once, as cuBLAS's ``addmm_`` with beta = 1).
+projection with its residual add; the product and the sum rounded once, as cuBLAS's ``addmm_`` with beta = 1);
+with ``norm_weight=``, ``normed=`` the updated residual's RMSNorm written in that launch too.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from triton_ops_core import scratch as _scratch
 from triton_ops_core.exceptions import InvalidArgumentError
 from triton_ops_core.launch import PlanCache, call_key
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.rms_prologue import check_norm, rms_normalized
+from triton_ops_core.rms_prologue import check_norm, check_norm_eps, rms_normalized
 from triton_ops_core.validation import check_ndim, check_no_overlap, check_tensor, memory_span
 
 from .gemm import _CACHE_CLEARERS
 from .linear import fp8_linear
-from .weight_only import build_plan, check_residual
+from .weight_only import build_plan, check_normed, check_residual
 
 _PLANS = PlanCache()
 _ADD_PLANS = PlanCache()
@@ -132,67 +133,101 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _decode_linear_op(x, weight, bias, norm_weight, norm_eps, weight_scale, residual)
 
 
-def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
-    """The weight-only plan adding into ``residual``, and the byte spans of ``residual`` and ``x`` (their overlap
-    is checked on every call: the plan cache keys on layouts, not addresses)."""
+def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
+              norm_eps: float, normed: torch.Tensor | None):
+    """The weight-only plan adding into ``residual`` (and writing its norm to ``normed``), and the byte spans of
+    ``residual``, ``x`` and ``normed`` (their overlaps are checked on every call: the plan cache keys on layouts,
+    not addresses)."""
     check_residual(residual, x, weight)
+    if normed is not None:
+        check_normed(normed, residual, norm_weight, norm_eps)
     n = weight.shape[0]
     m = math.prod(x.shape[:-1])
-    plan = build_plan(x.reshape(m, x.shape[-1]), weight, None, None, add_out=residual.view(m, n))
-    return plan, m, memory_span(residual), memory_span(x)
+    plan = build_plan(x.reshape(m, x.shape[-1]), weight, None, None, add_out=residual.view(m, n),
+                      norm_out_weight=norm_weight if normed is not None else None, norm_out_eps=norm_eps)
+    return plan, m, memory_span(residual), memory_span(x), None if normed is None else memory_span(normed)
 
 
-def _decode_linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
-    key = call_key("decode_linear_add", residual, x, weight)
+def _decode_linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                       normed: torch.Tensor | None = None) -> None:
+    key = call_key("decode_linear_add", residual, x, weight, norm_weight, norm_eps, norm_eps.__class__, normed)
     entry = _ADD_PLANS.get(key) if key is not None else None
     if entry is None:
-        entry = _add_plan(residual, x, weight)
+        entry = _add_plan(residual, x, weight, norm_weight, norm_eps, normed)
         if key is not None:
             _ADD_PLANS.put(key, entry)
-    plan, m, residual_span, x_span = entry
+    plan, m, residual_span, x_span, normed_span = entry
     check_no_overlap(residual, "residual", residual_span, x, "x", x_span)
-    plan.run(x.reshape(m, x.shape[-1]), weight, None, None, out=residual.view(m, plan.n))
+    if normed is not None:
+        check_no_overlap(normed, "normed", normed_span, residual, "residual", residual_span)
+        check_no_overlap(normed, "normed", normed_span, x, "x", x_span)
+    plan.run(x.reshape(m, x.shape[-1]), weight, None, None, out=residual.view(m, plan.n),
+             normed=None if normed is None else normed.view(m, plan.n), norm_out_weight=norm_weight)
 
 
-@torch.library.custom_op(op_name("decode_linear_add_"), mutates_args=("residual",))
-def _decode_linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+@torch.library.custom_op(op_name("decode_linear_add_"), mutates_args=("residual", "normed"))
+def _decode_linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                          normed: torch.Tensor | None = None) -> None:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        _decode_linear_add(residual, x, weight)
+        _decode_linear_add(residual, x, weight, norm_weight, norm_eps, normed)
 
 
 @_decode_linear_add_op.register_fake
-def _(residual, x, weight):
+def _(residual, x, weight, norm_weight=None, norm_eps=0.0, normed=None):
     return None
 
 
-def decode_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def decode_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *,
+                       norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                       normed: torch.Tensor | None = None) -> torch.Tensor:
     """``residual += x @ weight^T`` in place, one launch: a decoder layer's bias-free down projection with its
     residual add, for the few rows of a decode step (the weight streamed once, as :func:`decode_linear`).
 
     The fp32 product is added to the residual and the sum rounded once (what cuBLAS's ``addmm_`` with beta = 1
-    computes, up to accumulation order).
+    computes, up to accumulation order). With ``normed`` the same launch also writes the updated residual's
+    RMSNorm there: ``normed = rmsnorm(residual, norm_weight, norm_eps)``, bit for bit
+    ``fused_rmsnorm_rope.rmsnorm``'s output (a decoder layer's output projection and its post-attention norm: the
+    last program to finish a row tile's columns normalizes its rows; no launch of the norm's own).
 
     Args:
         residual: ``[..., N]`` in x's dtype, contiguous, x's leading shape, sharing no memory with ``x``; updated
             and returned.
         x: ``[..., K]`` float16 or bfloat16 (any strides along the rows).
         weight: ``[N, K]`` in x's dtype.
+        norm_weight, norm_eps: the norm written to ``normed`` (``[N]``, any float dtype, contiguous; ``eps`` > 0).
+        normed: a contiguous tensor of the residual's shape and dtype, sharing no memory with ``residual`` or
+            ``x``: overwritten with the norm; or None (no norm).
 
     Inference only: nothing is differentiated (``InvalidArgumentError`` if grad mode is on and an argument
-    requires a gradient). Registered as ``torch.ops.triton_ops.decode_linear_add_`` (``residual`` mutated).
+    requires a gradient). Registered as ``torch.ops.triton_ops.decode_linear_add_`` (``residual`` and
+    ``normed`` mutated).
 
     Raises:
         UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
         InvalidArgumentError.
     """
-    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (residual, x, weight)):
+    _check_norm_pair(norm_weight, normed)
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
+                                       for t in (residual, x, weight, norm_weight, normed)):
         raise InvalidArgumentError("decode_linear_add_: an in-place, inference-only residual add; run it under "
                                    "torch.no_grad() (or use residual + decode_linear(...) to differentiate)")
-    if direct_call_ok(residual, x, weight):
-        _decode_linear_add(residual, x, weight)
+    eps = float(norm_eps) if normed is not None else 0.0
+    if normed is not None:
+        check_norm_eps(norm_eps)
+    if direct_call_ok(residual, x, weight, norm_weight, normed):
+        _decode_linear_add(residual, x, weight, norm_weight, eps, normed)
     else:
-        _decode_linear_add_op(residual, x, weight)
+        _decode_linear_add_op(residual, x, weight, norm_weight, eps, normed)
     return residual
+
+
+def _check_norm_pair(norm_weight: torch.Tensor | None, normed: torch.Tensor | None) -> None:
+    """``norm_weight`` and ``normed`` come together (the add ops' output norm)."""
+    if (norm_weight is None) != (normed is None):
+        raise InvalidArgumentError("norm_weight and normed go together: the norm's weight and the tensor it is "
+                                   "written to")
 
 
 __all__ = ["decode_linear", "decode_linear_add_"]

@@ -27,6 +27,7 @@ from triton_ops_core.exceptions import (
 )
 from triton_ops_core.launch import PlanCache, call_key, interpret_setting
 from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.rms_prologue import check_norm_eps, rms_normalized
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_choice,
@@ -42,7 +43,7 @@ from .gemm import _CACHE_CLEARERS, _new_call
 from .quantize import WEIGHT_BLOCK, _activation_plan, expand_scale, quantize_fp8, scale_shape
 from .recipes import FP8Recipe, resolve_recipe, select_linears
 from .smoothing import DEFAULT_ALPHA, smooth_norm_fed_linears
-from .weight_only import PATHS, build_plan, check_residual, use_weight_only
+from .weight_only import PATHS, build_plan, check_normed, check_residual, use_weight_only
 from .weight_only import clear_caches as _clear_weight_only
 
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block", "group")
@@ -436,8 +437,9 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    activation_granularity: str = "row", fast_accum: bool = False, path: str = "auto"
-                    ) -> torch.Tensor:
+                    activation_granularity: str = "row", fast_accum: bool = False, path: str = "auto", *,
+                    norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                    normed: torch.Tensor | None = None) -> torch.Tensor:
     """``residual += x @ dequant(weight)^T``, in place: a decoder layer's residual add inside its (bias-free) FP8
     down projection.
 
@@ -445,65 +447,101 @@ def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     the kernel adds its fp32 product to the residual and rounds the sum once (as cuBLAS's ``addmm_`` with beta = 1
     does), so the layer makes no separate add. Elsewhere it is :func:`fp8_linear` followed by ``residual.add_``.
 
+    With ``normed``, the updated residual's RMSNorm is written there too: ``normed = rmsnorm(residual,
+    norm_weight, norm_eps)``. On the weight-only path in the same launch, bit for bit
+    ``fused_rmsnorm_rope.rmsnorm``'s output (an output projection and its post-attention norm: the last program to
+    finish a row tile's columns normalizes its rows, no launch of the norm's own); elsewhere in torch after the add
+    (fp32, one rounding: equal up to the last bit).
+
     Args:
         residual: ``[..., out_features]`` in x's dtype, contiguous, x's leading shape; updated and returned.
         x, weight, weight_scale, activation_granularity, fast_accum, path: as :func:`fp8_linear`'s.
+        norm_weight, norm_eps: the norm written to ``normed`` (``[out_features]``, any float dtype, contiguous;
+            ``eps`` > 0).
+        normed: a contiguous tensor of the residual's shape and dtype, sharing no memory with ``residual`` or
+            ``x``: overwritten with the norm; or None (no norm).
 
     Inference only: nothing is differentiated (``InvalidArgumentError`` if grad mode is on and an argument
-    requires a gradient). Registered as ``torch.ops.triton_ops.fp8_linear_add_`` (``residual`` mutated).
+    requires a gradient). Registered as ``torch.ops.triton_ops.fp8_linear_add_`` (``residual`` and ``normed``
+    mutated).
     """
-    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (residual, x)):
+    if (norm_weight is None) != (normed is None):
+        raise InvalidArgumentError("fp8_linear_add_: norm_weight and normed go together: the norm's weight and the "
+                                   "tensor it is written to")
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (residual, x, normed)):
         raise InvalidArgumentError("fp8_linear_add_: an in-place, inference-only residual add; run it under "
                                    "torch.no_grad() (or use residual + fp8_linear(...) to differentiate)")
-    if direct_call_ok(residual, x, weight, weight_scale):
-        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+    eps = 0.0
+    if normed is not None:
+        check_norm_eps(norm_eps)
+        eps = float(norm_eps)
+    if direct_call_ok(residual, x, weight, weight_scale, norm_weight, normed):
+        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight, eps,
+                    normed)
     else:
-        _linear_add_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+        _linear_add_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight, eps,
+                       normed)
     return residual
 
 
-def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path) -> None:
+def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path,
+                norm_weight=None, norm_eps=0.0, normed=None) -> None:
     try:
-        key = call_key("add", residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+        key = call_key("add", residual, x, weight, weight_scale, activation_granularity, fast_accum, path,
+                       norm_weight, norm_eps, normed)
     except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says so
         key = None
     plan = _ADD_PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = _linear_add_plan(residual, x, weight, weight_scale, path)
+        plan = _linear_add_plan(residual, x, weight, weight_scale, path, norm_weight, norm_eps, normed)
         if key is not None:
             _ADD_PLANS.put(key, plan)
-    if plan is False:  # W8A8 (or any other path): the product, then the add
+    if plan is False:  # W8A8 (or any other path): the product, then the add (and the norm)
         residual.add_(_linear(x, weight, weight_scale, None, activation_granularity, fast_accum, path))
+        if normed is not None:
+            normed.copy_(rms_normalized(residual, norm_weight, norm_eps))
         return
-    plan, residual_span, x_span = plan
+    plan, residual_span, x_span, normed_span = plan
     check_no_overlap(residual, "residual", residual_span, x, "x", x_span)
-    plan.run(x.reshape(-1, weight.shape[1]), weight, weight_scale, None, out=residual.view(-1, weight.shape[0]))
+    n, k = weight.shape
+    if normed is not None:
+        check_no_overlap(normed, "normed", normed_span, residual, "residual", residual_span)
+        check_no_overlap(normed, "normed", normed_span, x, "x", x_span)
+        normed = normed.view(-1, n)
+    plan.run(x.reshape(-1, k), weight, weight_scale, None, out=residual.view(-1, n), normed=normed,
+             norm_out_weight=norm_weight)
 
 
-def _linear_add_plan(residual, x, weight, weight_scale, path):
-    """The weight-only plan adding into ``residual`` with the byte spans of ``residual`` and ``x``, or False where
-    another path runs."""
+def _linear_add_plan(residual, x, weight, weight_scale, path, norm_weight=None, norm_eps=0.0, normed=None):
+    """The weight-only plan adding into ``residual`` (and writing its norm to ``normed``) with the byte spans of
+    ``residual``, ``x`` and ``normed``, or False where another path runs."""
     check_residual(residual, x, weight)
+    if normed is not None:
+        check_normed(normed, residual, norm_weight, norm_eps)
     n, k = weight.shape
     if x.shape[-1] != k:
         return False  # fp8_linear's own validation names the mismatch
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or not use_weight_only(path, x2.shape[0], weight, weight_scale, x2.element_size()):
         return False
-    # the weight-only kernel writes residual while reading x: their spans are checked on every call
-    return build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n)), memory_span(residual), \
-        memory_span(x)
+    # the weight-only kernel writes residual (and normed) while reading x: their spans are checked on every call
+    plan = build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n),
+                      norm_out_weight=norm_weight if normed is not None else None, norm_out_eps=norm_eps)
+    return plan, memory_span(residual), memory_span(x), None if normed is None else memory_span(normed)
 
 
-@torch.library.custom_op(op_name("fp8_linear_add_"), mutates_args=("residual",))
+@torch.library.custom_op(op_name("fp8_linear_add_"), mutates_args=("residual", "normed"))
 def _linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   activation_granularity: str, fast_accum: bool, path: str) -> None:
+                   activation_granularity: str, fast_accum: bool, path: str, norm_weight: torch.Tensor | None = None,
+                   norm_eps: float = 0.0, normed: torch.Tensor | None = None) -> None:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight,
+                    norm_eps, normed)
 
 
 @_linear_add_op.register_fake
-def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path):
+def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight=None, norm_eps=0.0,
+      normed=None):
     return None
 
 

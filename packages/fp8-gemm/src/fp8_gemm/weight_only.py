@@ -40,7 +40,7 @@ from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
-from triton_ops_core.rms_prologue import check_norm
+from triton_ops_core.rms_prologue import check_norm, norm_block, rms_normalized
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dim_size,
@@ -257,20 +257,25 @@ class WeightOnlyPlan:
     ``kind``: 0 a launch, 1 an empty output (M or N is 0), 2 K == 0 (the bias, or zeros).
     """
 
-    __slots__ = ("m", "n", "out_dtype", "device", "kind", "launch", "counters", "partials", "config")
+    __slots__ = ("m", "n", "out_dtype", "device", "kind", "launch", "counters", "partials", "config", "norm_out_eps")
 
     def __init__(self, m: int, n: int, out_dtype: torch.dtype, device: torch.device, kind: int,
-                 launch: Plan | None, counters: int, partials: int, config: dict[str, Any] | None) -> None:
+                 launch: Plan | None, counters: int, partials: int, config: dict[str, Any] | None,
+                 norm_out_eps: float = 0.0) -> None:
         self.m, self.n, self.out_dtype, self.device, self.kind = m, n, out_dtype, device, kind
         self.launch, self.counters, self.partials, self.config = launch, counters, partials, config
+        self.norm_out_eps = norm_out_eps
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None, out: torch.Tensor | None = None,
-            norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+            norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+            normed: torch.Tensor | None = None, norm_out_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [M, K] @ dequant(weight)^T + bias`` for this signature's tensors (validated when the plan was made);
         with ``out`` (a plan built with ``add_out``): added to it in place, and it is returned; with ``residual``
         instead (a plan built with ``add_out`` of its layout): ``residual + ...`` in a new tensor. ``norm_weight``:
-        the RMSNorm weight of a plan built with one (x normalized first)."""
+        the RMSNorm weight of a plan built with one (x normalized first). ``normed``, ``norm_out_weight``: a plan
+        built with ``norm_out_weight``: the output's RMSNorm is written to ``normed`` (``[M, N]``, contiguous, the
+        output's dtype) in the same launch."""
         if out is None:
             out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
             if self.kind:
@@ -280,23 +285,33 @@ class WeightOnlyPlan:
                         out.add_(residual)
                 elif residual is not None:
                     out.copy_(residual)
+                self._normalize_apart(out, normed, norm_out_weight)
                 return out
         elif self.kind:
             if self.kind == 2 and bias is not None:
                 out.add_(bias)
+            self._normalize_apart(out, normed, norm_out_weight)
             return out
         if weight_scale is None:  # a 16-bit weight (SCALE_NONE): any pointer, never read
             weight_scale = weight
         bias_arg = weight_scale if bias is None else bias  # any pointer: HAS_BIAS is off
         nw_arg = x if norm_weight is None else norm_weight  # any pointer: NORM is off
         res_arg = out if residual is None else residual  # ADD_OUT's source: out itself (in place), or residual
-        if self.counters:  # split K: counters and partial sums in scratch (the stream's, or the call's own)
-            cnt = _scratch.scratch(_COUNTERS, self.device, self.counters, torch.int32, zeroed=True)
-            ws = _scratch.scratch(_PARTIALS, self.device, self.partials, torch.float32, zeroed=False)
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws, nw_arg, res_arg)
-        else:
-            self.launch.launch(x, weight, out, weight_scale, bias_arg, out, out, nw_arg, res_arg)
+        normed_arg, nwo_arg = (out, nw_arg) if normed is None else (normed, norm_out_weight)  # NORM_OUT is off
+        # counters (split K's per column block, NORM_OUT's per row tile) and split K's partial sums in scratch (the
+        # stream's, or the call's own)
+        cnt = _scratch.scratch(_COUNTERS, self.device, self.counters, torch.int32, zeroed=True) \
+            if self.counters else out
+        ws = _scratch.scratch(_PARTIALS, self.device, self.partials, torch.float32, zeroed=False) \
+            if self.partials else out
+        self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws, nw_arg, res_arg, normed_arg, nwo_arg)
         return out
+
+    def _normalize_apart(self, out: torch.Tensor, normed: torch.Tensor | None,
+                         norm_out_weight: torch.Tensor | None) -> None:
+        """``NORM_OUT`` without a launch (M, N or K is 0): the norm of ``out`` as the kernel's tail writes it."""
+        if normed is not None and normed.numel():
+            normed.copy_(rms_normalized(out, norm_out_weight, self.norm_out_eps))
 
 
 def check_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -313,6 +328,19 @@ def check_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     if not residual.is_contiguous():
         raise ShapeMismatchError("residual: expected a contiguous tensor (updated in place through a flat view)")
     check_dtype(residual, "residual", (x.dtype,))
+
+
+def check_normed(normed: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, norm_eps: object) -> None:
+    """The add ops' output norm (``norm_weight=``, ``normed=``): ``normed`` a contiguous tensor of the residual's
+    shape, dtype and device, ``norm_weight`` ``[N]`` (``check_norm``'s rules, named ``norm_weight`` /
+    ``norm_eps``)."""
+    check_tensor(normed, "normed")
+    if tuple(normed.shape) != tuple(residual.shape) or not normed.is_contiguous():
+        raise ShapeMismatchError(f"normed: expected a contiguous tensor of the residual's shape "
+                                 f"{list(residual.shape)}, got shape {list(normed.shape)}")
+    check_dtype(normed, "normed", (residual.dtype,))
+    check_same_device(residual=residual, normed=normed)
+    check_norm(residual, norm_weight, norm_eps)
 
 
 # K tiles of each weight row a program asks L2 for before it waits on the previous kernel (PDL): two tiles' worth,
@@ -333,7 +361,8 @@ def _pdl_tail(device: torch.device, weight: torch.Tensor, block_k: int, tiles_pe
 
 def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
                config: dict[str, Any] | None = None, add_out: torch.Tensor | None = None,
-               norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> WeightOnlyPlan:
+               norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+               norm_out_weight: torch.Tensor | None = None, norm_out_eps: float = 0.0) -> WeightOnlyPlan:
     """Validate one call signature and plan its launch.
 
     Args:
@@ -346,8 +375,11 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         config: a launch config (keys of ``weight_only_config``) instead of the heuristic's.
         add_out: a row-major ``[M, N]`` tensor of x's dtype the product is added to in place (``run(..., out=)``
             with it: a residual stream, one rounding of the sum), or None.
-        norm_weight, norm_eps: RMS-normalize x over K first (``[K]`` weight of any float dtype, ``eps`` > 0), as
-            ``fused_rmsnorm_rope.rmsnorm`` does, bit for bit (``run(..., norm_weight=)`` with it); or None.
+        norm_weight, norm_eps: RMS-normalize x over K first (``[K]`` weight of any float dtype, ``eps`` > 0),
+            deferred (``run(..., norm_weight=)`` with it); or None.
+        norm_out_weight, norm_out_eps: also write the output's RMSNorm (``[N]`` weight of any float dtype, ``eps``
+            > 0), bit for bit ``fused_rmsnorm_rope.rmsnorm(out, norm_out_weight, norm_out_eps)``, in the same
+            launch (``run(..., normed=, norm_out_weight=)``: a contiguous ``[M, N]`` tensor of x's dtype); or None.
 
     Raises:
         UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
@@ -385,12 +417,16 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                                      f"got shape {list(add_out.shape)} with strides {add_out.stride()}")
     if norm_weight is not None:
         check_norm(x, norm_weight, norm_eps)
+    if norm_out_weight is not None:
+        check_norm(x, norm_out_weight, norm_out_eps, name="norm_out_weight", size=n,
+                   size_name="the weight's out_features")
     check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias, residual=add_out,
-                      norm_weight=norm_weight)
+                      norm_weight=norm_weight, norm_out_weight=norm_out_weight)
     check_kernel_device(x, "x")
     kind = 1 if m == 0 or n == 0 else 2 if k == 0 else 0
+    out_eps = float(norm_out_eps) if norm_out_weight is not None else 0.0
     if kind:
-        return WeightOnlyPlan(m, n, x.dtype, x.device, kind, None, 0, 0, None)
+        return WeightOnlyPlan(m, n, x.dtype, x.device, kind, None, 0, 0, None, out_eps)
 
     mode = SCALE_NONE if weight_scale is None else _SCALE_MODE[granularity]
     if config is None:
@@ -409,18 +445,27 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     else:
         ss_k, ss_n = weight_scale.stride(0), weight_scale.stride(1)
     # split K: one int32 counter per (column block, row tile), the [split, M, N] fp32 partials and, for the norm,
-    # the [split, M] sums of squares
+    # the [split, M] sums of squares; the output's norm: one more counter per row tile, after those
     counters, partials = (grid[0] * grid[2], split * m * (n + 1)) if split > 1 else (0, 0)
+    if norm_out_weight is not None:
+        counters = grid[0] * grid[2] + grid[2]
     pdl_on, prefetch = _pdl_tail(x.device, weight, bk, per_split)
     # Constexprs go positionally, in the kernel's signature order (the direct launcher takes every argument).
     tail = (m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), n, ss_k, ss_n,
-            bias.stride(0) if bias is not None else 0, per_split, float(norm_eps),
+            bias.stride(0) if bias is not None else 0, per_split, float(norm_eps), out_eps,
             mode, bias is not None, add_out is not None, norm_weight is not None,
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
-            cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch)
+            cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch,
+            norm_out_weight is not None, norm_out_block(n, bm, _INTERP))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"], **pdl.launch_options(pdl_on))
-    return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info)
+    return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info, out_eps)
+
+
+def norm_out_block(n: int, rows: int, interpreter: bool) -> int:
+    """Columns a step of ``NORM_OUT``'s tail (``rms_prologue.norm_block``: 2048 fp64 squares a step, 64 under the
+    interpreter)."""
+    return norm_block(n, rows, interpreter)
 
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -443,5 +488,5 @@ def clear_caches() -> None:
     weight_only_config.cache_clear()
 
 
-__all__ = ["PATHS", "WEIGHT_ONLY_MAX_ELEMENTS", "WEIGHT_ONLY_MAX_M", "WeightOnlyPlan", "build_plan", "use_weight_only",
-           "weight_only_config", "weight_only_linear"]
+__all__ = ["PATHS", "WEIGHT_ONLY_MAX_ELEMENTS", "WEIGHT_ONLY_MAX_M", "WeightOnlyPlan", "build_plan", "check_normed",
+           "check_residual", "norm_out_block", "use_weight_only", "weight_only_config", "weight_only_linear"]

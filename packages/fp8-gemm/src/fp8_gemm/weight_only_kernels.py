@@ -41,6 +41,15 @@ and nothing read before the weight streaming starts (session 24's prologue, wher
 row's squares first, made Llama-3-8B's decode step slower). The result differs from the norm's own launch followed
 by this GEMM only by the normalized row's rounding to x's dtype, which is skipped here.
 
+The next RMSNorm (``NORM_OUT``): a decoder layer's output projection adds the residual (``ADD_OUT``) and the
+post-attention RMSNorm reads the sum next. With ``NORM_OUT`` the launch writes that norm's output too: every program
+that finishes a column block of the output (each without split K, the last of the block's K slices with it) counts
+itself on its row tile's counter (int32, after the column counters, zero at rest) once its tile is stored, and the
+last of the row tile's column blocks reads the finished rows back through L2 and writes ``rmsnorm(out, nw_out,
+eps_out)`` to ``normed``, bit for bit ``fused_rmsnorm_rope.rmsnorm``'s output (``rms_prologue.row_rstd`` /
+``normalized``'s arithmetic, reading through L2). One program's tail instead of the norm's own launch: for the few
+rows of a decode step.
+
 Under Triton's interpreter (``EMULATE``): its FP8 upcast reads E4M3 NaN (0x7F / 0xFF) as 480, and its bf16/fp16
 ``tl.dot`` is unreliable; the weight is converted to fp32 with the NaN patterns restored, and the dot runs in fp32.
 """
@@ -51,7 +60,7 @@ import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
 from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
-from triton_ops_core.rms_prologue import rstd_from_squares, weighed
+from triton_ops_core.rms_prologue import normalized, rstd_from_squares, weighed
 
 # SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
 # (fp16/bf16, x's dtype) and no scale at all: the same kernel is then a plain decode GEMM (``decode_linear``).
@@ -138,24 +147,66 @@ def _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT: tl.constexpr):
     tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask_c)
 
 
+@triton.jit
+def _normalize_rows(out_ptr, normed_ptr, nwo_ptr, offs_m, M, N, stride_om, eps,
+                    BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """``NORM_OUT``'s tail: rows ``offs_m`` of the finished ``out`` (``[M, N]``, written by every program of the
+    row tile, so read through L2: ``.cg``) RMS-normalized with ``nwo_ptr`` and ``eps`` into ``normed`` (``out``'s
+    layout and dtype): an fp64 sum of exact squares, correctly rounded fp32 ``rstd``, ``(x * rstd) * w`` rounded
+    once: ``rms_prologue.row_rstd`` and ``normalized``, as the RMSNorm kernel computes them."""
+    offs = tl.arange(0, NORM_BLOCK)
+    rows = offs_m[:, None].to(tl.int64) * stride_om
+    mask_m = (offs_m < M)[:, None]
+    acc = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float64)
+    for n0 in range(0, N, NORM_BLOCK):
+        nn = n0 + offs
+        h = tl.load(out_ptr + rows + nn[None, :], mask=mask_m & (nn < N)[None, :], other=0.0, cache_modifier=".cg")
+        h64 = h.to(tl.float32).to(tl.float64)
+        acc += h64 * h64
+    rstd = rstd_from_squares(tl.sum(acc, axis=1).to(tl.float32), N, eps)[:, None]
+    for n0 in range(0, N, NORM_BLOCK):
+        nn = n0 + offs
+        mask = mask_m & (nn < N)[None, :]
+        h = tl.load(out_ptr + rows + nn[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(normed_ptr + rows + nn[None, :], normalized(h, rstd, nwo_ptr, nn[None, :], N), mask=mask)
+
+
+@triton.jit
+def _last_of_row_tile_normalizes(cnt_ptr, out_ptr, normed_ptr, nwo_ptr, offs_m, pid_m, M, N, stride_om, eps,
+                                 BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """After a program stored its finished output tile: count it on the row tile's counter (after the column
+    blocks' ``[row tiles, column blocks]`` counters); the row tile's last column block normalizes its rows
+    (``_normalize_rows``) and sets the counter back to zero."""
+    tl.debug_barrier()  # every thread's output is written before the counter says so
+    row_cnt = cnt_ptr + tl.num_programs(2) * tl.num_programs(0) + pid_m
+    done = tl.atomic_add(row_cnt, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:
+        _normalize_rows(out_ptr, normed_ptr, nwo_ptr, offs_m, M, N, stride_om, eps, BLOCK_M, NORM_BLOCK)
+        tl.atomic_xchg(row_cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
+
+
 @triton.jit(do_not_specialize=["M"])
 def fp8_weight_only_kernel(
     # tensors
-    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr, nw_ptr, res_ptr,
+    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr, nw_ptr, res_ptr, normed_ptr, nwo_ptr,
     # sizes and strides (M is not specialized: one binary serves every row count of a decode tile)
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_sk, stride_sn, stride_bias,
-    tiles_per_split, norm_eps,
+    tiles_per_split, norm_eps, norm_out_eps,
     # constexprs
     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, NORM: tl.constexpr,
     USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
     F16_DOT: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
+    NORM_OUT: tl.constexpr = False, NORM_OUT_BLOCK: tl.constexpr = 1,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out = residual + ...`` (``res_ptr``: ``out``
     itself for an in-place add, or another row-major ``[M, N]`` tensor; one rounding of the sum); with ``NORM``, x
-    is RMS-normalized over K with the weight at ``nw_ptr`` and ``norm_eps``, deferred (see the module docstring).
+    is RMS-normalized over K with the weight at ``nw_ptr`` and ``norm_eps``, deferred (see the module docstring);
+    with ``NORM_OUT``, the finished ``out`` rows are also RMS-normalized over N with the weight at ``nwo_ptr`` and
+    ``norm_out_eps`` into ``normed_ptr`` (``out``'s layout), by the last column block of each row tile
+    (``NORM_OUT_BLOCK`` columns a step; see the module docstring).
 
     ``EVEN_K`` / ``EVEN_N``: K / N are whole tiles (no masks on the weight along that dimension). With block
     scales the host guarantees that ``BLOCK_N`` divides 128 and, with ``USE_DOT``, that ``BLOCK_K`` does too, so a
@@ -276,6 +327,9 @@ def fp8_weight_only_kernel(
             acc = acc * rstd_from_squares(tl.sum(ss, axis=1), K, norm_eps)[:, None]
         acc = _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE, HAS_BIAS)
         _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT)
+        if NORM_OUT:
+            _last_of_row_tile_normalizes(cnt_ptr, out_ptr, normed_ptr, nwo_ptr, offs_m, pid_m, M, N, stride_om,
+                                         norm_out_eps, BLOCK_M, NORM_OUT_BLOCK)
     else:
         slice_stride = M.to(tl.int64) * N
         ws_tile = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -302,6 +356,9 @@ def fp8_weight_only_kernel(
                                     HAS_BIAS)
             _store_out(total, out_ptrs, res_ptrs, mask_c, ADD_OUT)
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
+            if NORM_OUT:
+                _last_of_row_tile_normalizes(cnt_ptr, out_ptr, normed_ptr, nwo_ptr, offs_m, pid_m, M, N, stride_om,
+                                             norm_out_eps, BLOCK_M, NORM_OUT_BLOCK)
 
 
 __all__ = ["SCALE_BLOCK", "SCALE_BLOCK_SIZE", "SCALE_CHANNEL", "SCALE_GROUP", "SCALE_NONE", "SCALE_TENSOR",
