@@ -147,7 +147,7 @@ def test_fp8_linear_add_writes_the_updated_residuals_norm(m, path):
     with torch.no_grad():
         fp8_linear_add_(expected, x, layer.weight, layer.weight_scale, path=path)
         out, normed = residual.clone(), poison_(torch.empty_like(residual))
-        fp8_linear_add_(out, x, layer.weight, layer.weight_scale, path=path, norm_weight=nw, norm_eps=EPS,
+        fp8_linear_add_(out, x, layer.weight, layer.weight_scale, path=path, next_norm_weight=nw, next_norm_eps=EPS,
                         normed=normed)
     assert torch.equal(out, expected)
     if path == "auto":  # the weight-only launch: the RMSNorm kernel's bits
@@ -168,7 +168,7 @@ def test_decode_linear_add_writes_the_updated_residuals_norm():
     with torch.no_grad():
         decode_linear_add_(expected, x, w)
         out, normed = residual.clone(), poison_(torch.empty_like(residual))
-        decode_linear_add_(out, x, w, norm_weight=nw, norm_eps=1e-6, normed=normed)
+        decode_linear_add_(out, x, w, next_norm_weight=nw, next_norm_eps=1e-6, normed=normed)
     assert torch.equal(out, expected)
     assert torch.equal(normed, normalized_like_the_prologue(out, nw, 1e-6))
 
@@ -182,20 +182,20 @@ def test_add_ops_refuse_bad_norm_arguments():
     nw = torch.rand(32, device=DEV) + 0.5
     with torch.no_grad():
         with pytest.raises(InvalidArgumentError, match="go together"):
-            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, norm_weight=nw)
+            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, next_norm_weight=nw)
         with pytest.raises(InvalidArgumentError, match="go together"):
             decode_linear_add_(residual.half(), x.half(), layer.weight.half(), normed=torch.empty_like(residual))
         with pytest.raises(ShapeMismatchError, match="normed"):
-            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, norm_weight=nw,
+            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, next_norm_weight=nw,
                             normed=torch.empty(2, 32, device=DEV))
-        with pytest.raises(ShapeMismatchError, match="norm_weight"):
-            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, norm_weight=nw[:8],
+        with pytest.raises(ShapeMismatchError, match="next_norm_weight"):
+            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, next_norm_weight=nw[:8],
                             normed=torch.empty_like(residual))
-        with pytest.raises(InvalidArgumentError, match="norm_eps"):
-            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, norm_weight=nw, norm_eps=0.0,
+        with pytest.raises(InvalidArgumentError, match="next_norm_eps"):
+            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, next_norm_weight=nw, next_norm_eps=0.0,
                             normed=torch.empty_like(residual))
         with pytest.raises(InvalidArgumentError, match="normed: shares memory with residual"):
-            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, norm_weight=nw, normed=residual)
+            fp8_linear_add_(residual, x, layer.weight, layer.weight_scale, next_norm_weight=nw, normed=residual)
 
 
 def test_the_registered_ops_with_the_norm():
@@ -214,10 +214,56 @@ def test_the_registered_ops_with_the_norm():
                (residual.half(), x.half(), w16, nw, EPS, torch.empty_like(residual.half())))
 
     def add_(r, x):  # the norm read after the compiled step too
-        fp8_linear_add_(r, x, layer.weight, layer.weight_scale, norm_weight=nw, norm_eps=EPS, normed=normed)
+        fp8_linear_add_(r, x, layer.weight, layer.weight_scale, next_norm_weight=nw, next_norm_eps=EPS, normed=normed)
 
     assert_compiled_in_place_add(add_, residual, x)
     with torch.no_grad():
         r = residual.clone()
         add_(r, x)
     assert torch.equal(normed, normalized_like_the_prologue(r, nw, EPS))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_linear_with_a_residual_writes_the_outputs_norm(fp8):
+    # an output projection with its residual add into a new tensor (the layer's input left as it is) and the
+    # post-attention norm of the sum, one launch
+    from fp8_gemm import decode_linear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 1, 64, generator=g).to(DEV, torch.float16)
+    residual = torch.randn(1, 1, 48, generator=g).to(DEV, torch.float16)
+    nw = (torch.rand(48, generator=g) + 0.5).to(DEV)
+    if fp8:
+        layer = _fp8_layer(64, 48, seed=3)
+        w, kw = layer.weight, {"weight_scale": layer.weight_scale}
+    else:
+        w, kw = (torch.randn(48, 64, generator=g) * 0.1).to(DEV, torch.float16), {}
+    before = residual.clone()
+    with torch.no_grad():
+        want = decode_linear(x, w, residual=residual, **kw)
+        normed = poison_(torch.empty_like(residual))
+        out = decode_linear(x, w, residual=residual, next_norm_weight=nw, next_norm_eps=EPS, normed=normed, **kw)
+    assert torch.equal(residual, before)  # the input is left as it is
+    assert torch.equal(out, want)
+    assert torch.equal(normed, normalized_like_the_prologue(out, nw, EPS))
+    opcheck_args = (x, w, None, None, 0.0, kw.get("weight_scale"), residual, nw, EPS, torch.empty_like(residual))
+    from triton_ops_core.testing import opcheck_op
+
+    opcheck_op(torch.ops.triton_ops.decode_linear.default, opcheck_args)
+
+
+def test_decode_linear_refuses_a_norm_without_its_buffer_or_under_autograd():
+    from fp8_gemm import decode_linear
+
+    x = torch.randn(1, 32, device=DEV, dtype=torch.float16)
+    w = torch.randn(16, 32, device=DEV, dtype=torch.float16)
+    nw = torch.rand(16, device=DEV) + 0.5
+    with pytest.raises(InvalidArgumentError, match="go together"):
+        decode_linear(x, w, next_norm_weight=nw)
+    with pytest.raises(InvalidArgumentError, match="inference-only"):
+        decode_linear(x, w.requires_grad_(), next_norm_weight=nw, normed=torch.empty(1, 16, device=DEV,
+                                                                                      dtype=torch.float16))
+    with torch.no_grad(), pytest.raises(ShapeMismatchError, match="normed"):
+        decode_linear(x, w, next_norm_weight=nw, normed=torch.empty(2, 16, device=DEV, dtype=torch.float16))
+    with torch.no_grad(), pytest.raises(InvalidArgumentError, match="normed: shares memory with x"):
+        decode_linear(x[:, :16], w[:, :16], next_norm_weight=nw, normed=x[:, :16])

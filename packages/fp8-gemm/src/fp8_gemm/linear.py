@@ -438,7 +438,7 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     activation_granularity: str = "row", fast_accum: bool = False, path: str = "auto", *,
-                    norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
+                    next_norm_weight: torch.Tensor | None = None, next_norm_eps: float = 1e-6,
                     normed: torch.Tensor | None = None) -> torch.Tensor:
     """``residual += x @ dequant(weight)^T``, in place: a decoder layer's residual add inside its (bias-free) FP8
     down projection.
@@ -448,7 +448,7 @@ def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     does), so the layer makes no separate add. Elsewhere it is :func:`fp8_linear` followed by ``residual.add_``.
 
     With ``normed``, the updated residual's RMSNorm is written there too: ``normed = rmsnorm(residual,
-    norm_weight, norm_eps)``. On the weight-only path in the same launch, bit for bit
+    next_norm_weight, next_norm_eps)``. On the weight-only path in the same launch, bit for bit
     ``fused_rmsnorm_rope.rmsnorm``'s output (an output projection and its post-attention norm: the last program to
     finish a row tile's columns normalizes its rows, no launch of the norm's own); elsewhere in torch after the add
     (fp32, one rounding: equal up to the last bit).
@@ -456,8 +456,8 @@ def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     Args:
         residual: ``[..., out_features]`` in x's dtype, contiguous, x's leading shape; updated and returned.
         x, weight, weight_scale, activation_granularity, fast_accum, path: as :func:`fp8_linear`'s.
-        norm_weight, norm_eps: the norm written to ``normed`` (``[out_features]``, any float dtype, contiguous;
-            ``eps`` > 0).
+        next_norm_weight, next_norm_eps: the norm written to ``normed`` (``[out_features]``, any float dtype,
+            contiguous; ``eps`` > 0).
         normed: a contiguous tensor of the residual's shape and dtype, sharing no memory with ``residual`` or
             ``x``: overwritten with the norm; or None (no norm).
 
@@ -465,41 +465,41 @@ def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     requires a gradient). Registered as ``torch.ops.triton_ops.fp8_linear_add_`` (``residual`` and ``normed``
     mutated).
     """
-    if (norm_weight is None) != (normed is None):
-        raise InvalidArgumentError("fp8_linear_add_: norm_weight and normed go together: the norm's weight and the "
-                                   "tensor it is written to")
+    if (next_norm_weight is None) != (normed is None):
+        raise InvalidArgumentError("fp8_linear_add_: next_norm_weight and normed go together: the norm's weight and "
+                                   "the tensor it is written to")
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (residual, x, normed)):
         raise InvalidArgumentError("fp8_linear_add_: an in-place, inference-only residual add; run it under "
                                    "torch.no_grad() (or use residual + fp8_linear(...) to differentiate)")
     eps = 0.0
     if normed is not None:
-        check_norm_eps(norm_eps)
-        eps = float(norm_eps)
-    if direct_call_ok(residual, x, weight, weight_scale, norm_weight, normed):
-        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight, eps,
-                    normed)
+        check_norm_eps(next_norm_eps, "next_norm_eps")
+        eps = float(next_norm_eps)
+    if direct_call_ok(residual, x, weight, weight_scale, next_norm_weight, normed):
+        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, next_norm_weight,
+                    eps, normed)
     else:
-        _linear_add_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight, eps,
-                       normed)
+        _linear_add_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path,
+                       next_norm_weight, eps, normed)
     return residual
 
 
 def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path,
-                norm_weight=None, norm_eps=0.0, normed=None) -> None:
+                next_norm_weight=None, next_norm_eps=0.0, normed=None) -> None:
     try:
         key = call_key("add", residual, x, weight, weight_scale, activation_granularity, fast_accum, path,
-                       norm_weight, norm_eps, normed)
+                       next_norm_weight, next_norm_eps, normed)
     except (AttributeError, RuntimeError, TypeError):  # not tensors: validation says so
         key = None
     plan = _ADD_PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = _linear_add_plan(residual, x, weight, weight_scale, path, norm_weight, norm_eps, normed)
+        plan = _linear_add_plan(residual, x, weight, weight_scale, path, next_norm_weight, next_norm_eps, normed)
         if key is not None:
             _ADD_PLANS.put(key, plan)
     if plan is False:  # W8A8 (or any other path): the product, then the add (and the norm)
         residual.add_(_linear(x, weight, weight_scale, None, activation_granularity, fast_accum, path))
         if normed is not None:
-            normed.copy_(rms_normalized(residual, norm_weight, norm_eps))
+            normed.copy_(rms_normalized(residual, next_norm_weight, next_norm_eps))
         return
     plan, residual_span, x_span, normed_span = plan
     check_no_overlap(residual, "residual", residual_span, x, "x", x_span)
@@ -509,15 +509,16 @@ def _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_
         check_no_overlap(normed, "normed", normed_span, x, "x", x_span)
         normed = normed.view(-1, n)
     plan.run(x.reshape(-1, k), weight, weight_scale, None, out=residual.view(-1, n), normed=normed,
-             norm_out_weight=norm_weight)
+             norm_out_weight=next_norm_weight)
 
 
-def _linear_add_plan(residual, x, weight, weight_scale, path, norm_weight=None, norm_eps=0.0, normed=None):
+def _linear_add_plan(residual, x, weight, weight_scale, path, next_norm_weight=None, next_norm_eps=0.0,
+                     normed=None):
     """The weight-only plan adding into ``residual`` (and writing its norm to ``normed``) with the byte spans of
     ``residual``, ``x`` and ``normed``, or False where another path runs."""
     check_residual(residual, x, weight)
     if normed is not None:
-        check_normed(normed, residual, norm_weight, norm_eps)
+        check_normed(normed, residual.shape, residual.dtype, residual.device, next_norm_weight, next_norm_eps)
     n, k = weight.shape
     if x.shape[-1] != k:
         return False  # fp8_linear's own validation names the mismatch
@@ -526,22 +527,23 @@ def _linear_add_plan(residual, x, weight, weight_scale, path, norm_weight=None, 
         return False
     # the weight-only kernel writes residual (and normed) while reading x: their spans are checked on every call
     plan = build_plan(x2, weight, weight_scale, None, add_out=residual.view(-1, n),
-                      norm_out_weight=norm_weight if normed is not None else None, norm_out_eps=norm_eps)
+                      norm_out_weight=next_norm_weight if normed is not None else None, norm_out_eps=next_norm_eps)
     return plan, memory_span(residual), memory_span(x), None if normed is None else memory_span(normed)
 
 
 @torch.library.custom_op(op_name("fp8_linear_add_"), mutates_args=("residual", "normed"))
 def _linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   activation_granularity: str, fast_accum: bool, path: str, norm_weight: torch.Tensor | None = None,
-                   norm_eps: float = 0.0, normed: torch.Tensor | None = None) -> None:
+                   activation_granularity: str, fast_accum: bool, path: str,
+                   next_norm_weight: torch.Tensor | None = None, next_norm_eps: float = 0.0,
+                   normed: torch.Tensor | None = None) -> None:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight,
-                    norm_eps, normed)
+        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, next_norm_weight,
+                    next_norm_eps, normed)
 
 
 @_linear_add_op.register_fake
-def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, norm_weight=None, norm_eps=0.0,
-      normed=None):
+def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, next_norm_weight=None,
+      next_norm_eps=0.0, normed=None):
     return None
 
 

@@ -38,7 +38,7 @@ import torch
 from triton_ops_core import pdl
 from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter, sm_count
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.exceptions import DeviceMismatchError, InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
 from triton_ops_core.rms_prologue import check_norm, norm_block, rms_normalized
 from triton_ops_core.validation import (
@@ -330,17 +330,19 @@ def check_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     check_dtype(residual, "residual", (x.dtype,))
 
 
-def check_normed(normed: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, norm_eps: object) -> None:
-    """The add ops' output norm (``norm_weight=``, ``normed=``): ``normed`` a contiguous tensor of the residual's
-    shape, dtype and device, ``norm_weight`` ``[N]`` (``check_norm``'s rules, named ``norm_weight`` /
-    ``norm_eps``)."""
+def check_normed(normed: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 norm_weight: torch.Tensor, norm_eps: object) -> None:
+    """The ops' next norm (``next_norm_weight=``, ``normed=``): ``normed`` a contiguous tensor of the output's
+    ``shape``, ``dtype`` and ``device``; ``norm_weight`` ``[shape[-1]]`` (``check_norm``'s rules, named
+    ``next_norm_weight`` / ``next_norm_eps``)."""
     check_tensor(normed, "normed")
-    if tuple(normed.shape) != tuple(residual.shape) or not normed.is_contiguous():
-        raise ShapeMismatchError(f"normed: expected a contiguous tensor of the residual's shape "
-                                 f"{list(residual.shape)}, got shape {list(normed.shape)}")
-    check_dtype(normed, "normed", (residual.dtype,))
-    check_same_device(residual=residual, normed=normed)
-    check_norm(residual, norm_weight, norm_eps)
+    if tuple(normed.shape) != tuple(shape) or not normed.is_contiguous():
+        raise ShapeMismatchError(f"normed: expected a contiguous tensor of the output's shape {list(shape)}, got "
+                                 f"shape {list(normed.shape)}")
+    check_dtype(normed, "normed", (dtype,))
+    if normed.device != device:
+        raise DeviceMismatchError(f"normed: expected the output's device {device}, got {normed.device}")
+    check_norm(normed, norm_weight, norm_eps, name="next_norm_weight", size_name="the output's last dimension")
 
 
 # K tiles of each weight row a program asks L2 for before it waits on the previous kernel (PDL): two tiles' worth,
