@@ -65,6 +65,9 @@ FUSED_NORMS = "-fused-norms"
 # (INPUT_NORM_IN_QKV on, POST_NORM_IN_MLP as shipped): the two fusions' costs apart (session 39, H100: the
 # weight-only kernel took the norm for +0.7 us a launch at one row, the gated MLP for +7.5 us).
 INPUT_NORM = "-input-norm"
+# Any patched variant + this suffix (after either above): the post-attention norm written by the output projection's
+# launch (POST_NORM_IN_O_PROJ on while it is measured; off by default until measured).
+O_PROJ_NORM = "-o-proj-norm"
 # Any patched variant + one of these suffixes: measured with programmatic dependent launch on / off
 # (triton_ops_core.pdl: the decode kernels launch early and prefetch their weights before waiting on the previous
 # kernel; opt-in for now), whatever the environment says, for the before/after in one run. Either combines with
@@ -78,9 +81,9 @@ SHIFT = "-shift"
 EXPERTS_FP8, EXPERTS_W8A8 = "-experts-fp8", "-experts-w8a8"
 # The suffixes a patched variant takes, each group at most once, in this order:
 # ``patched-fp8-default-experts-w8a8-shift-pdl-fused-norms``.
-SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS, INPUT_NORM))
+SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS, INPUT_NORM), (O_PROJ_NORM,))
 # The switches as the library ships them, which every other variant is measured with.
-NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE")
+NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE", "POST_NORM_IN_O_PROJ")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -203,7 +206,8 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
     variant, options = split_variant(variant)
     fused = FUSED_NORMS in options
     for name, default in zip(NORM_SWITCHES, library_switches(), strict=True):
-        on = fused or (INPUT_NORM in options and name == "INPUT_NORM_IN_QKV")
+        on = ((fused and name != "POST_NORM_IN_O_PROJ") or (INPUT_NORM in options and name == "INPUT_NORM_IN_QKV")
+              or (O_PROJ_NORM in options and name == "POST_NORM_IN_O_PROJ"))
         setattr(decoder_layers, name, True if on else default)
     cache_updates.SLIDING_RING = False if SHIFT in options else cache_updates.SHIPPED_SLIDING_RING
     experts = "w8a8" if EXPERTS_W8A8 in options else EXPERTS_FP8 in options
@@ -772,7 +776,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}; a patched one with the suffix "
                         f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches ({INPUT_NORM}: the "
-                        f"input norm only, inside the q/k/v launch); with {PDL_ON} / "
+                        f"input norm only, inside the q/k/v launch; {O_PROJ_NORM}: the post-attention norm "
+                        f"written by the output projection's launch); with {PDL_ON} / "
                         f"{PDL_OFF}: measured with / without programmatic dependent launch; with {SHIFT}: full "
                         f"sliding windows shifted, not rings (in this order: patched{SHIFT}{PDL_ON}{FUSED_NORMS})")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")

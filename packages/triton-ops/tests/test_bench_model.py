@@ -90,7 +90,8 @@ def test_fused_norms_variant_switches_the_fusions_on_for_its_measurement_only(bm
     from triton_ops_core.testing import device_for_tests
 
     shipped = bm.library_switches()
-    assert shipped == (False, False, True)  # the norms' own launches by default (measured faster), the MoE's add fused
+    # the norms' own launches by default (measured faster), the MoE's add fused
+    assert shipped == (False, False, True, False)
     for name in bm.NORM_SWITCHES:  # restored after the test, whatever make_variant leaves
         monkeypatch.setattr(decoder_layers, name, getattr(decoder_layers, name))
     config = bm.build_config("llama3-8b", tiny=True)
@@ -108,6 +109,11 @@ def test_fused_norms_variant_switches_the_fusions_on_for_its_measurement_only(bm
     known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
     assert {"patched-fp8-checkpoint-input-norm", "patched-pdl-input-norm"} <= set(known)
     assert "patched-fused-norms-input-norm" not in known and "patched-input-norm-pdl" not in known
+    bm.make_variant("patched-fp8" + bm.INPUT_NORM + bm.O_PROJ_NORM, config, device, dtype)
+    assert decoder_layers.INPUT_NORM_IN_QKV and decoder_layers.POST_NORM_IN_O_PROJ
+    assert not decoder_layers.POST_NORM_IN_MLP
+    assert "patched-fp8-checkpoint-input-norm-o-proj-norm" in known and "patched-o-proj-norm" in known
+    assert "patched-o-proj-norm-input-norm" not in known
     assert bm.split_variant("patched-fp8-checkpoint-input-norm") == ("patched-fp8-checkpoint",
                                                                      frozenset({bm.INPUT_NORM}))
     assert "patched-fp8-default-fused-norms" in bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)

@@ -18,7 +18,7 @@ from triton_ops.models import UnsupportedModelError
 from triton_ops.models.decoder_layers import FusedAddNormDecoderLayer, QKNormRopeAttention, RopeAttention
 from triton_ops.models.layers import PACKING_ATTR, QKVPacking
 from triton_ops_core.exceptions import InvalidArgumentError
-from triton_ops_core.testing import device_for_tests
+from triton_ops_core.testing import device_for_tests, normalized_like_the_prologue
 
 transformers = pytest.importorskip("transformers")
 
@@ -323,6 +323,56 @@ def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch, fused
         model(ids)
     handle.remove()
     assert len(norms) == 5
+
+
+def test_post_attention_norm_written_by_the_output_projections_launch(monkeypatch):
+    """POST_NORM_IN_O_PROJ: a decode-size forward of FP8 projections adds the attention's residual in o_proj's launch
+    and has that launch write the post-attention norm of the sum (decode_linear's normed=), which the gated MLP
+    reads as it is: no fused_add_rmsnorm launch, no norm inside the MLP. The norm's output is the RMSNorm of the
+    sum bit for bit (the sum rounded once, as POST_NORM_IN_MLP rounds it), so the logits equal the POST_NORM_IN_MLP
+    path's up to that path's deferred rounding, and match the separate norm's; the layers' inputs stay as they
+    were; more rows than the weight-only path takes keep the norm's own launch."""
+    from triton_ops.models import decoder_layers
+
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_O_PROJ", True)
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="channel")
+    ids = torch.randint(0, 128, (2, 5), device=DEVICE)
+    norms, written = [], []
+    real_norm, real_linear = decoder_layers.fused_add_rmsnorm, decoder_layers.decode_linear
+    monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+
+    def recording_linear(*args, **kwargs):
+        out = real_linear(*args, **kwargs)
+        if kwargs.get("normed") is not None:
+            written.append((out.clone(), kwargs["normed"].clone(), kwargs["next_norm_weight"],
+                            kwargs["next_norm_eps"]))
+        return out
+
+    monkeypatch.setattr(decoder_layers, "decode_linear", recording_linear)
+    with torch.no_grad():
+        in_o_proj = model(ids, output_hidden_states=True)
+    assert norms == []
+    assert len(written) == len(model.model.layers)
+    for layer, (h, normed, weight, eps) in zip(model.model.layers, written, strict=True):
+        norm = layer.post_attention_layernorm
+        assert weight is norm.weight and eps == norm.variance_epsilon
+        # the RMSNorm kernel's bits, of the sum the launch wrote
+        assert torch.equal(normed, normalized_like_the_prologue(h, weight, eps))
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_O_PROJ", False)
+    with torch.no_grad():
+        separate = model(ids, output_hidden_states=True)
+    assert len(norms) == len(model.model.layers)
+    tol = 0.9999 if DTYPE == torch.bfloat16 else 0.99999
+    assert _cosine(in_o_proj.logits, separate.logits) >= tol
+    for a, b in zip(in_o_proj.hidden_states, separate.hidden_states, strict=True):
+        assert _cosine(a, b) >= tol
+    assert torch.equal(in_o_proj.hidden_states[0], separate.hidden_states[0])
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_O_PROJ", True)
+    # more rows than the weight-only path's: o_proj is no weight-only launch, the norm's own launch again
+    before = len(norms)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 17), device=DEVICE))
+    assert len(norms) == before + len(model.model.layers)
 
 
 def test_grad_mode_keeps_the_separate_norms_and_the_gradients(monkeypatch):

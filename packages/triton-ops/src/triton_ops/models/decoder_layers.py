@@ -96,6 +96,13 @@ class FusedAddNormDecoderLayer(nn.Module):
             attn_kwargs, attn_in = dict(kwargs, input_norm=norm), hidden_states
         else:
             attn_kwargs, attn_in = kwargs, norm(hidden_states)
+        if _post_norm_in_o_proj(self, hidden_states):
+            # h = x + o_proj(attn) and the post-attention norm of h in the output projection's launch, the MLP's
+            # residual add in the down projection's: no launch of the norm's own, nothing normalized in the MLP
+            normed = torch.empty_like(hidden_states)
+            h = attn(hidden_states=attn_in, residual=NormAfterResidual(hidden_states, self.post_attention_layernorm,
+                                                                       normed), **attn_kwargs)[0]
+            return _mlp_with_residual(self.mlp, normed, h)
         how = _post_norm_in_mlp(self, hidden_states)
         if how:
             # h = x + o_proj(attn) in the output projection's launch, the post-attention norm in the gated MLP's,
@@ -797,9 +804,33 @@ def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: t
 # Off, for the measurement above: every decoder layer's post-attention RMSNorm (with the residual add) runs as its
 # own launch. Set True to normalize inside the gated MLP's (or the mixture of experts' router and gate/up) launch.
 POST_NORM_IN_MLP = False
+# Off until measured on a GPU (session 40: written and tested under the interpreter only): set True to have the
+# output projection's launch, which adds the residual, also write the post-attention norm of the sum (the last
+# program to finish a row tile's columns normalizes its rows, the RMSNorm kernel's bits), so the gated MLP reads a
+# normalized input and the norm costs no launch and nothing inside the MLP's loop. Takes precedence over
+# POST_NORM_IN_MLP where both are on.
+POST_NORM_IN_O_PROJ = False
 # The fusion switches as shipped, read at import: whoever sets them for a measurement puts them back from here.
 SHIPPED_SWITCHES = {"INPUT_NORM_IN_QKV": INPUT_NORM_IN_QKV, "POST_NORM_IN_MLP": POST_NORM_IN_MLP,
+                    "POST_NORM_IN_O_PROJ": POST_NORM_IN_O_PROJ,
                     "RESIDUAL_IN_MOE_COMBINE": RESIDUAL_IN_MOE_COMBINE}
+
+
+def _post_norm_in_o_proj(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether the layer's output projection can add the residual and write the post-attention norm of the sum in
+    one launch (:class:`NormAfterResidual`): the switch on (``POST_NORM_IN_O_PROJ``), one of the attentions here
+    without hooks, a plain RMSNorm (:func:`~triton_ops.models.layers.norm_module_fusable`), an output projection
+    that adds the residual in its own launch (:func:`_o_proj_adds`), grad mode off, and an MLP that is not sharded
+    (its input is the normalized tensor, whatever it is). The layer's input is left as it is (the sum is a new
+    tensor)."""
+    if not POST_NORM_IN_O_PROJ or torch.is_grad_enabled():
+        return False
+    attn, norm = layer.self_attn, layer.post_attention_layernorm
+    if not _ours_unhooked(attn) or not norm_module_fusable(norm) or layer.mlp.__dict__.get(LOCAL_SHARDS_ATTR):
+        return False
+    rows = hidden_states.numel() // max(1, hidden_states.shape[-1])
+    return (type(hidden_states) is torch.Tensor and hidden_states.is_contiguous()
+            and _o_proj_adds(attn.o_proj, rows, hidden_states.dtype, hidden_states.is_cuda, False))
 
 
 def _post_norm_in_mlp(layer: nn.Module, hidden_states: torch.Tensor) -> str:
@@ -937,23 +968,46 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _o_proj(attn.o_proj, out, residual), weights
 
 
-def _o_proj(o_proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+class NormAfterResidual(NamedTuple):
+    """A decoder layer's ``residual=`` for its attention when the output projection's launch also writes the
+    post-attention norm: the residual stream, the norm (a plain RMSNorm, :func:`norm_module_fusable`) and the
+    tensor its output goes to (``residual``'s shape and dtype)."""
+
+    residual: torch.Tensor
+    norm: nn.Module
+    normed: torch.Tensor
+
+
+def _o_proj(o_proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | NormAfterResidual | None = None
+            ) -> torch.Tensor:
     """The output projection: a plain, hook-free ``nn.Linear`` through :func:`~triton_ops.models.layers.linear`
     (one decode row: one launch streaming the weight), anything else (FP8Linear, a sharded or hooked module)
     called as it is. With ``residual``: ``residual + o_proj(x)``, in the projection's own launch where that is
-    :func:`fp8_gemm.decode_linear` (:func:`_o_proj_adds`), else by an add after it."""
+    :func:`fp8_gemm.decode_linear` (:func:`_o_proj_adds`), else by an add after it. A :class:`NormAfterResidual`
+    also has the sum's norm written to its ``normed``: in the same launch (``decode_linear``'s ``normed=``, the
+    RMSNorm kernel's bits) where the add is in it, else by the norm's call after the add."""
+    after = None
+    if isinstance(residual, NormAfterResidual):
+        residual, after = residual.residual, residual
     rows = x.numel() // max(1, x.shape[-1])
     if residual is not None and type(x) is torch.Tensor and _o_proj_adds(o_proj, rows, x.dtype, x.is_cuda,
                                                                          x.requires_grad):
         bufs = o_proj._buffers
-        return decode_linear(x, bufs.get("weight", o_proj.weight), o_proj.bias,
-                             weight_scale=bufs.get("weight_scale"), residual=residual)
+        weight, scale = bufs.get("weight", o_proj.weight), bufs.get("weight_scale")
+        if after is None:
+            return decode_linear(x, weight, o_proj.bias, weight_scale=scale, residual=residual)
+        return decode_linear(x, weight, o_proj.bias, weight_scale=scale, residual=residual,
+                             next_norm_weight=after.norm.weight, next_norm_eps=after.norm.variance_epsilon,
+                             normed=after.normed)
     if type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks
                                           or instance_forward(o_proj)):
         out = linear(x, o_proj.weight, o_proj.bias)
     else:
         out = o_proj(x)
-    return out if residual is None else residual + out
+    out = out if residual is None else residual + out
+    if after is not None:
+        after.normed.copy_(after.norm(out))
+    return out
 
 
 def _o_proj_adds(o_proj: nn.Module, rows: int, dtype: torch.dtype, on_gpu: bool, requires_grad: bool) -> bool:
