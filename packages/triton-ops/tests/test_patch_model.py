@@ -464,6 +464,40 @@ def test_gpu_decode_step_norms_inside_the_gemms_change_no_logit(fp8, monkeypatch
     assert len(norms) == (0 if fp8 else 2)  # bf16: the prefill's 7 rows take cuBLAS (the norm's own launch)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_decode_step_with_the_post_norm_written_by_o_proj(fp8, monkeypatch):
+    """POST_NORM_IN_O_PROJ on a GPU, at a K the one-row bf16 kernel takes (512): the decode step's output
+    projections write the post-attention norm (no fused_add_rmsnorm launch in the step); the logits are the norm's
+    own launch's up to the residual sum's single rounding, and the norm the RMSNorm kernel's bits on that sum."""
+    from triton_ops.models import decoder_layers
+
+    torch.manual_seed(4)
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE, DTYPE).eval()
+    patch_model(model, fp8=fp8, fp8_recipe="channel")
+    ids = torch.randint(0, 256, (1, 7), device=DEVICE)
+    separate = _prefill_and_step(model, ids)
+    monkeypatch.setattr(decoder_layers, "POST_NORM_IN_O_PROJ", True)
+    written = []
+    real_linear = decoder_layers.decode_linear
+
+    def recording_linear(*args, **kwargs):
+        out = real_linear(*args, **kwargs)
+        if kwargs.get("normed") is not None:
+            written.append((out.clone(), kwargs["normed"].clone(), kwargs["next_norm_weight"],
+                            kwargs["next_norm_eps"]))
+        return out
+
+    monkeypatch.setattr(decoder_layers, "decode_linear", recording_linear)
+    in_o_proj = _prefill_and_step(model, ids)
+    assert len(written) >= 2  # the decode step's two layers (and the prefill's, with FP8 weight-only rows)
+    for h, normed, weight, eps in written:
+        assert torch.equal(normed, normalized_like_the_prologue(h, weight, eps))
+    assert _cosine(in_o_proj[1], separate[1]) >= 0.9999
+
+
 def test_bf16_down_projection_rule_for_the_one_launch_residual_add():
     """``linear_add_`` sends one decode row on a GPU to ``decode_linear_add_`` (the rule checked with ``on_gpu``, the
     add on this machine through ``addmm_``): 16-bit weights in x's dtype, K a multiple of 512, nothing to
