@@ -76,11 +76,13 @@ def main() -> int:
         norm_out = extra[3] if len(extra) > 3 else False
         types = {"x_ptr": "*bf16", "w_ptr": wtype, "out_ptr": "*bf16", "s_ptr": "*fp32", "bias_ptr": "*bf16",
                  "cnt_ptr": "*i32", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "res_ptr": "*bf16", "normed_ptr": "*bf16",
-                 "nwo_ptr": "*bf16", "norm_eps": "fp32", "norm_out_eps": "fp32", **dict.fromkeys(INTS, "i32")}
+                 "nwo_ptr": "*bf16", "sq_ptr": "*fp64", "norm_eps": "fp32", "norm_out_eps": "fp32",
+                 **dict.fromkeys(INTS, "i32")}
         consts = dict(SCALE_MODE=mode, HAS_BIAS=False, ADD_OUT=add_out, NORM=norm,
                       USE_DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, EVEN_N=True,
                       NUM_STAGES=4, EMULATE=False, F16_DOT=bool(f16), PDL=bool(prefetch), PREFETCH_LINES=prefetch,
-                      NORM_OUT=norm_out, NORM_OUT_BLOCK=_norm_out_block(bm) if norm_out else 1)
+                      NORM_OUT=norm_out, NORM_OUT_BLOCK=_norm_out_block(bm) if norm_out else 1,
+                      NORM_OUT_N_BLOCKS=256 if norm_out else 1)
         ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, warps, 4)
     return 0 if ok else 1
 

@@ -162,10 +162,10 @@ def test_f16_dot_keeps_nan_and_inf_in_their_rows_and_is_for_bf16_only():
 
 
 def _constexpr(plan, name: str):
-    """A scalar argument of a weight-only plan's launch, by the kernel's parameter name (the tail follows the eleven
+    """A scalar argument of a weight-only plan's launch, by the kernel's parameter name (the tail follows the twelve
     tensors)."""
     names = wo.fp8_weight_only_kernel.arg_names
-    return plan.launch.tail[names.index(name) - 11]
+    return plan.launch.tail[names.index(name) - 12]
 
 
 @pytest.mark.parametrize("mode", ["channel", "group"])

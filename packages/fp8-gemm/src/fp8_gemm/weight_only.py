@@ -40,7 +40,7 @@ from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter, sm_count
 from triton_ops_core.exceptions import DeviceMismatchError, InvalidArgumentError, ShapeMismatchError
 from triton_ops_core.launch import Plan, cdiv, next_pow2
-from triton_ops_core.rms_prologue import check_norm, norm_block, rms_normalized
+from triton_ops_core.rms_prologue import check_norm, rms_normalized
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dim_size,
@@ -77,6 +77,7 @@ _SMEM_BUDGET = 160 * 1024
 # partials for counters (wrong sums, H200).
 _COUNTERS = "weight_only.counters"
 _PARTIALS = "weight_only.partials"
+_SQUARES = "weight_only.squares"  # NORM_OUT: each column block's fp64 sums of its rows' squares
 
 
 # Whether ``path="auto"`` takes the weight-only kernel for M <= WEIGHT_ONLY_MAX_M. It was off for a while: on the H200
@@ -298,13 +299,15 @@ class WeightOnlyPlan:
         nw_arg = x if norm_weight is None else norm_weight  # any pointer: NORM is off
         res_arg = out if residual is None else residual  # ADD_OUT's source: out itself (in place), or residual
         normed_arg, nwo_arg = (out, nw_arg) if normed is None else (normed, norm_out_weight)  # NORM_OUT is off
+        sq = out if normed is None else _scratch.scratch(_SQUARES, self.device, self.launch.grid[0] * self.m,
+                                                          torch.float64, zeroed=False)
         # counters (split K's per column block, NORM_OUT's per row tile) and split K's partial sums in scratch (the
         # stream's, or the call's own)
         cnt = _scratch.scratch(_COUNTERS, self.device, self.counters, torch.int32, zeroed=True) \
             if self.counters else out
         ws = _scratch.scratch(_PARTIALS, self.device, self.partials, torch.float32, zeroed=False) \
             if self.partials else out
-        self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws, nw_arg, res_arg, normed_arg, nwo_arg)
+        self.launch.launch(x, weight, out, weight_scale, bias_arg, cnt, ws, nw_arg, res_arg, normed_arg, nwo_arg, sq)
         return out
 
     def _normalize_apart(self, out: torch.Tensor, normed: torch.Tensor | None,
@@ -458,16 +461,19 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             mode, bias is not None, add_out is not None, norm_weight is not None,
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch,
-            norm_out_weight is not None, norm_out_block(n, bm, _INTERP))
+            norm_out_weight is not None, norm_out_block(n, bm, _INTERP), next_pow2(grid[0]))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"], **pdl.launch_options(pdl_on))
     return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info, out_eps)
 
 
 def norm_out_block(n: int, rows: int, interpreter: bool) -> int:
-    """Columns a step of ``NORM_OUT``'s tail (``rms_prologue.norm_block``: 2048 fp64 squares a step, 64 under the
-    interpreter)."""
-    return norm_block(n, rows, interpreter)
+    """Columns a step of ``NORM_OUT``'s tail: 4096 fp32 values a program a step (a decode row of up to 4096 in one
+    L2 round trip; 32 registers a thread at 4 warps), fewer columns as the row tile grows; 64 under the interpreter
+    (small tests loop)."""
+    if interpreter:
+        return 64
+    return max(16, min(next_pow2(max(1, n)), 4096 // max(1, rows)))
 
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -44,11 +44,12 @@ by this GEMM only by the normalized row's rounding to x's dtype, which is skippe
 The next RMSNorm (``NORM_OUT``): a decoder layer's output projection adds the residual (``ADD_OUT``) and the
 post-attention RMSNorm reads the sum next. With ``NORM_OUT`` the launch writes that norm's output too: every program
 that finishes a column block of the output (each without split K, the last of the block's K slices with it) counts
-itself on its row tile's counter (int32, after the column counters, zero at rest) once its tile is stored, and the
-last of the row tile's column blocks reads the finished rows back through L2 and writes ``rmsnorm(out, nw_out,
-eps_out)`` to ``normed``, bit for bit ``fused_rmsnorm_rope.rmsnorm``'s output (``rms_prologue.row_rstd`` /
-``normalized``'s arithmetic, reading through L2). One program's tail instead of the norm's own launch: for the few
-rows of a decode step.
+itself on its row tile's counter (int32, after the column counters, zero at rest) once its tile is stored, with
+its rows' fp64 sums of exact squares beside (``sq_ptr``, ``[column blocks, M]``); the last of the row tile's column
+blocks adds those sums, reads the finished rows back through L2 once and writes ``rmsnorm(out, nw_out, eps_out)``
+to ``normed``, bit for bit ``fused_rmsnorm_rope.rmsnorm``'s output (``rms_prologue.row_rstd`` / ``normalized``'s
+arithmetic). One program's tail (one L2 round trip for the sums, one pass over the rows) instead of the norm's own
+launch: for the few rows of a decode step.
 
 Under Triton's interpreter (``EMULATE``): its FP8 upcast reads E4M3 NaN (0x7F / 0xFF) as 480, and its bf16/fp16
 ``tl.dot`` is unreliable; the weight is converted to fp32 with the NaN patterns restored, and the dot runs in fp32.
@@ -141,54 +142,61 @@ def _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias,
 @triton.jit
 def _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT: tl.constexpr):
     """The output tile, rounded once; with ``ADD_OUT`` the residual's tile added first (the residual is ``out``
-    itself, updated in place, or another row-major tensor of out's shape: read by this program alone)."""
+    itself, updated in place, or another row-major tensor of out's shape: read by this program alone). Returns the
+    stored (rounded) tile."""
     if ADD_OUT:
         acc = acc + tl.load(res_ptrs, mask=mask_c, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask_c)
+    stored = acc.to(out_ptrs.dtype.element_ty)
+    tl.store(out_ptrs, stored, mask=mask_c)
+    return stored
 
 
 @triton.jit
-def _normalize_rows(out_ptr, normed_ptr, nwo_ptr, offs_m, M, N, stride_om, eps,
-                    BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr):
+def _normalize_rows(out_ptr, normed_ptr, nwo_ptr, sq_ptr, offs_m, M, N, stride_om, eps,
+                    BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
     """``NORM_OUT``'s tail: rows ``offs_m`` of the finished ``out`` (``[M, N]``, written by every program of the
     row tile, so read through L2: ``.cg``) RMS-normalized with ``nwo_ptr`` and ``eps`` into ``normed`` (``out``'s
-    layout and dtype): an fp64 sum of exact squares, correctly rounded fp32 ``rstd``, ``(x * rstd) * w`` rounded
-    once: ``rms_prologue.row_rstd`` and ``normalized``, as the RMSNorm kernel computes them."""
+    layout and dtype). The rows' squares come summed per column block (``sq_ptr``: ``[column blocks, M]`` fp64
+    sums of exact squares, ``N_BLOCKS`` a power of two at least their count): their fp64 sum, then correctly rounded
+    fp32 ``rstd`` and ``(x * rstd) * w`` rounded once: ``rms_prologue.row_rstd`` and ``normalized``, as the RMSNorm
+    kernel computes them (an fp64 sum of exact squares is exact, whatever its order)."""
+    blocks = tl.arange(0, N_BLOCKS)
+    mask_m = offs_m < M
+    parts = tl.load(sq_ptr + blocks[:, None].to(tl.int64) * M + offs_m[None, :],
+                    mask=(blocks < tl.num_programs(0))[:, None] & mask_m[None, :], other=0.0, cache_modifier=".cg")
+    rstd = rstd_from_squares(tl.sum(parts, axis=0), N, eps)[:, None]
     offs = tl.arange(0, NORM_BLOCK)
     rows = offs_m[:, None].to(tl.int64) * stride_om
-    mask_m = (offs_m < M)[:, None]
-    acc = tl.zeros([BLOCK_M, NORM_BLOCK], dtype=tl.float64)
     for n0 in range(0, N, NORM_BLOCK):
         nn = n0 + offs
-        h = tl.load(out_ptr + rows + nn[None, :], mask=mask_m & (nn < N)[None, :], other=0.0, cache_modifier=".cg")
-        h64 = h.to(tl.float32).to(tl.float64)
-        acc += h64 * h64
-    rstd = rstd_from_squares(tl.sum(acc, axis=1).to(tl.float32), N, eps)[:, None]
-    for n0 in range(0, N, NORM_BLOCK):
-        nn = n0 + offs
-        mask = mask_m & (nn < N)[None, :]
+        mask = mask_m[:, None] & (nn < N)[None, :]
         h = tl.load(out_ptr + rows + nn[None, :], mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(normed_ptr + rows + nn[None, :], normalized(h, rstd, nwo_ptr, nn[None, :], N), mask=mask)
 
 
 @triton.jit
-def _last_of_row_tile_normalizes(cnt_ptr, out_ptr, normed_ptr, nwo_ptr, offs_m, pid_m, M, N, stride_om, eps,
-                                 BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr):
-    """After a program stored its finished output tile: count it on the row tile's counter (after the column
-    blocks' ``[row tiles, column blocks]`` counters); the row tile's last column block normalizes its rows
+def _last_of_row_tile_normalizes(stored, mask_c, cnt_ptr, out_ptr, normed_ptr, nwo_ptr, sq_ptr, offs_m, pid_m, pid_n,
+                                 M, N, stride_om, eps, BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                                 N_BLOCKS: tl.constexpr):
+    """After a program stored its finished output tile (``stored``, rounded): its rows' fp64 sums of exact squares
+    go to ``sq_ptr[pid_n, rows]``, and the program counts itself on its row tile's counter (after the column blocks'
+    ``[row tiles, column blocks]`` counters); the row tile's last column block normalizes its rows
     (``_normalize_rows``) and sets the counter back to zero."""
-    tl.debug_barrier()  # every thread's output is written before the counter says so
+    h64 = tl.where(mask_c, stored.to(tl.float32), 0.0).to(tl.float64)
+    tl.store(sq_ptr + pid_n * M + offs_m, tl.sum(h64 * h64, axis=1), mask=offs_m < M)
+    tl.debug_barrier()  # every thread's output and squares are written before the counter says so
     row_cnt = cnt_ptr + tl.num_programs(2) * tl.num_programs(0) + pid_m
     done = tl.atomic_add(row_cnt, 1, sem="acq_rel", scope="gpu")
     if done == tl.num_programs(0) - 1:
-        _normalize_rows(out_ptr, normed_ptr, nwo_ptr, offs_m, M, N, stride_om, eps, BLOCK_M, NORM_BLOCK)
+        _normalize_rows(out_ptr, normed_ptr, nwo_ptr, sq_ptr, offs_m, M, N, stride_om, eps, BLOCK_M, NORM_BLOCK,
+                        N_BLOCKS)
         tl.atomic_xchg(row_cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
 
 
 @triton.jit(do_not_specialize=["M"])
 def fp8_weight_only_kernel(
     # tensors
-    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr, nw_ptr, res_ptr, normed_ptr, nwo_ptr,
+    x_ptr, w_ptr, out_ptr, s_ptr, bias_ptr, cnt_ptr, ws_ptr, nw_ptr, res_ptr, normed_ptr, nwo_ptr, sq_ptr,
     # sizes and strides (M is not specialized: one binary serves every row count of a decode tile)
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_sk, stride_sn, stride_bias,
     tiles_per_split, norm_eps, norm_out_eps,
@@ -198,7 +206,7 @@ def fp8_weight_only_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
     F16_DOT: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
-    NORM_OUT: tl.constexpr = False, NORM_OUT_BLOCK: tl.constexpr = 1,
+    NORM_OUT: tl.constexpr = False, NORM_OUT_BLOCK: tl.constexpr = 1, NORM_OUT_N_BLOCKS: tl.constexpr = 1,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out = residual + ...`` (``res_ptr``: ``out``
@@ -326,10 +334,11 @@ def fp8_weight_only_kernel(
         if NORM:
             acc = acc * rstd_from_squares(tl.sum(ss, axis=1), K, norm_eps)[:, None]
         acc = _scale_and_bias(acc, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE, HAS_BIAS)
-        _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT)
+        stored = _store_out(acc, out_ptrs, res_ptrs, mask_c, ADD_OUT)
         if NORM_OUT:
-            _last_of_row_tile_normalizes(cnt_ptr, out_ptr, normed_ptr, nwo_ptr, offs_m, pid_m, M, N, stride_om,
-                                         norm_out_eps, BLOCK_M, NORM_OUT_BLOCK)
+            _last_of_row_tile_normalizes(stored, mask_c, cnt_ptr, out_ptr, normed_ptr, nwo_ptr, sq_ptr, offs_m,
+                                         pid_m, pid_n, M, N, stride_om, norm_out_eps, BLOCK_M, NORM_OUT_BLOCK,
+                                         NORM_OUT_N_BLOCKS)
     else:
         slice_stride = M.to(tl.int64) * N
         ws_tile = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -354,11 +363,12 @@ def fp8_weight_only_kernel(
                 total = total * rstd_from_squares(sum_sq, K, norm_eps)[:, None]
             total = _scale_and_bias(total, s_ptr, bias_ptr, offs_n, N, stride_sn, stride_bias, SCALE_MODE,
                                     HAS_BIAS)
-            _store_out(total, out_ptrs, res_ptrs, mask_c, ADD_OUT)
+            stored = _store_out(total, out_ptrs, res_ptrs, mask_c, ADD_OUT)
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
             if NORM_OUT:
-                _last_of_row_tile_normalizes(cnt_ptr, out_ptr, normed_ptr, nwo_ptr, offs_m, pid_m, M, N, stride_om,
-                                             norm_out_eps, BLOCK_M, NORM_OUT_BLOCK)
+                _last_of_row_tile_normalizes(stored, mask_c, cnt_ptr, out_ptr, normed_ptr, nwo_ptr, sq_ptr, offs_m,
+                                             pid_m, pid_n, M, N, stride_om, norm_out_eps, BLOCK_M, NORM_OUT_BLOCK,
+                                             NORM_OUT_N_BLOCKS)
 
 
 __all__ = ["SCALE_BLOCK", "SCALE_BLOCK_SIZE", "SCALE_CHANNEL", "SCALE_GROUP", "SCALE_NONE", "SCALE_TENSOR",
