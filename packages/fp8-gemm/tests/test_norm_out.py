@@ -207,10 +207,10 @@ def test_the_registered_ops_with_the_norm():
     residual = torch.randn(1, 48, device=DEV)
     nw = torch.rand(48, device=DEV) + 0.5
     normed = torch.empty_like(residual)
-    opcheck_op(torch.ops.triton_ops.fp8_linear_add_.default,
+    opcheck_op(torch.ops.triton_ops.fp8_linear_add_norm_.default,
                (residual, x, layer.weight, layer.weight_scale, "row", False, "auto", nw, EPS, normed))
     w16 = layer.dequantized_weight(torch.float16)
-    opcheck_op(torch.ops.triton_ops.decode_linear_add_.default,
+    opcheck_op(torch.ops.triton_ops.decode_linear_add_norm_.default,
                (residual.half(), x.half(), w16, nw, EPS, torch.empty_like(residual.half())))
 
     def add_(r, x):  # the norm read after the compiled step too
@@ -249,7 +249,7 @@ def test_decode_linear_with_a_residual_writes_the_outputs_norm(fp8):
     opcheck_args = (x, w, None, None, 0.0, kw.get("weight_scale"), residual, nw, EPS, torch.empty_like(residual))
     from triton_ops_core.testing import opcheck_op
 
-    opcheck_op(torch.ops.triton_ops.decode_linear.default, opcheck_args)
+    opcheck_op(torch.ops.triton_ops.decode_linear_norm_out.default, opcheck_args)
 
 
 def test_decode_linear_refuses_a_norm_without_its_buffer_or_under_autograd():

@@ -26,6 +26,8 @@ def fused_norms(monkeypatch) -> None:
     from triton_ops.models import decoder_layers
 
     monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", True)
+    # every row count the kernels take (the shipped default fuses one row only), so the tests see their reach
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_MAX_ROWS", 16)
     monkeypatch.setattr(decoder_layers, "POST_NORM_IN_MLP", True)
 
 

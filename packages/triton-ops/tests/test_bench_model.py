@@ -90,8 +90,9 @@ def test_fused_norms_variant_switches_the_fusions_on_for_its_measurement_only(bm
     from triton_ops_core.testing import device_for_tests
 
     shipped = bm.library_switches()
-    # the norms' own launches by default (measured faster), the MoE's add fused
-    assert shipped == (False, False, True, False)
+    # the input norm inside the q/k/v launch (at one row), the post-attention norm's own launch (measured faster),
+    # the MoE's add fused
+    assert shipped == (True, False, True, False)
     for name in bm.NORM_SWITCHES:  # restored after the test, whatever make_variant leaves
         monkeypatch.setattr(decoder_layers, name, getattr(decoder_layers, name))
     config = bm.build_config("llama3-8b", tiny=True)
@@ -102,6 +103,7 @@ def test_fused_norms_variant_switches_the_fusions_on_for_its_measurement_only(bm
     assert decoder_layers.RESIDUAL_IN_MOE_COMBINE
     bm.make_variant("patched", config, device, dtype)
     assert tuple(getattr(decoder_layers, name) for name in bm.NORM_SWITCHES) == shipped
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", False)
     bm.make_variant("patched" + bm.INPUT_NORM, config, device, dtype)  # the input norm's fusion alone
     assert decoder_layers.INPUT_NORM_IN_QKV and not decoder_layers.POST_NORM_IN_MLP
     bm.make_variant("patched", config, device, dtype)

@@ -285,6 +285,30 @@ def test_fp8_input_norm_runs_inside_the_packed_qkv_launch(kind, monkeypatch, fus
     assert calls == []
 
 
+def test_shipped_input_norm_fusion_takes_one_row(monkeypatch):
+    """As shipped (INPUT_NORM_IN_QKV on, INPUT_NORM_MAX_ROWS 1): a one-row FP8 decode step normalizes inside its
+    packed q/k/v launch, a two-row one keeps the norm's own launch; the logits match the separate norm's."""
+    from triton_ops.models import decoder_layers
+
+    assert decoder_layers.SHIPPED_SWITCHES["INPUT_NORM_IN_QKV"] and decoder_layers.INPUT_NORM_MAX_ROWS == 1
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="channel")
+    calls = _norm_in_qkv_spy(monkeypatch)
+    one = _prefill_and_step(model, torch.randint(0, 128, (1, 5), device=DEVICE))
+    assert calls == [True, True]  # the step's two layers (the 5-row prefill keeps the norm's launch)
+    calls.clear()
+    _prefill_and_step(model, torch.randint(0, 128, (2, 5), device=DEVICE))
+    assert calls == []
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", False)
+    torch.manual_seed(0)
+    separate = _prefill_and_step(model, torch.randint(0, 128, (1, 5), device=DEVICE))
+    torch.manual_seed(0)
+    monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", True)
+    fused = _prefill_and_step(model, torch.randint(0, 128, (1, 5), device=DEVICE))
+    tol = 0.9999 if DTYPE == torch.bfloat16 else 0.99999
+    assert torch.equal(fused[0], separate[0]) and _cosine(fused[1], separate[1]) >= tol
+    assert one[1].shape == fused[1].shape
+
+
 def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch, fused_norms):
     """A decode-size forward (at most 16 rows) of FP8 projections adds the attention's residual in o_proj's launch
     (the weight-only kernel), normalizes inside the gated MLP's launch and adds the MLP's residual in down_proj's:

@@ -86,20 +86,34 @@ def _plan(x, x2, weight, bias, norm_weight, norm_eps, weight_scale, residual, ne
     return plan, spans
 
 
-@torch.library.custom_op(op_name("decode_linear"), mutates_args=("normed",))
+@torch.library.custom_op(op_name("decode_linear"), mutates_args=())
 def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
-                      weight_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                      next_norm_weight: torch.Tensor | None = None, next_norm_eps: float = 0.0,
-                      normed: torch.Tensor | None = None) -> torch.Tensor:
+                      weight_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
+        return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale, residual)
+
+
+@_decode_linear_op.register_fake
+def _(x, weight, bias, norm_weight=None, norm_eps=0.0, weight_scale=None, residual=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# The same with the output's next norm written to ``normed``: an op of its own, whose mutated tensor is never None
+# (torch 2.11's functionalization fails on an optional mutated argument passed as None: IndexError)
+@torch.library.custom_op(op_name("decode_linear_norm_out"), mutates_args=("normed",))
+def _decode_linear_norm_out_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               norm_weight: torch.Tensor | None, norm_eps: float, weight_scale: torch.Tensor | None,
+                               residual: torch.Tensor | None, next_norm_weight: torch.Tensor, next_norm_eps: float,
+                               normed: torch.Tensor) -> torch.Tensor:
+    with _scratch.per_call():
         return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale, residual, next_norm_weight,
                               next_norm_eps, normed)
 
 
-@_decode_linear_op.register_fake
-def _(x, weight, bias, norm_weight=None, norm_eps=0.0, weight_scale=None, residual=None, next_norm_weight=None,
-      next_norm_eps=0.0, normed=None):
+@_decode_linear_norm_out_op.register_fake
+def _(x, weight, bias, norm_weight, norm_eps, weight_scale, residual, next_norm_weight, next_norm_eps, normed):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -173,8 +187,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if direct_call_ok(x, weight, bias, norm_weight, weight_scale, residual, next_norm_weight, normed):
         return _decode_linear(x, weight, bias, norm_weight, norm_eps, weight_scale, residual, next_norm_weight,
                               next_norm_eps, normed)
-    return _decode_linear_op(x, weight, bias, norm_weight, norm_eps, weight_scale, residual, next_norm_weight,
-                             next_norm_eps, normed)
+    if normed is None:
+        return _decode_linear_op(x, weight, bias, norm_weight, norm_eps, weight_scale, residual)
+    return _decode_linear_norm_out_op(x, weight, bias, norm_weight, norm_eps, weight_scale, residual,
+                                      next_norm_weight, next_norm_eps, normed)
 
 
 def _add_plan(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, next_norm_weight: torch.Tensor | None,
@@ -211,16 +227,26 @@ def _decode_linear_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
              normed=None if normed is None else normed.view(m, plan.n), norm_out_weight=next_norm_weight)
 
 
-@torch.library.custom_op(op_name("decode_linear_add_"), mutates_args=("residual", "normed"))
-def _decode_linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                          next_norm_weight: torch.Tensor | None = None, next_norm_eps: float = 0.0,
-                          normed: torch.Tensor | None = None) -> None:
+@torch.library.custom_op(op_name("decode_linear_add_"), mutates_args=("residual",))
+def _decode_linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
-        _decode_linear_add(residual, x, weight, next_norm_weight, next_norm_eps, normed)
+        _decode_linear_add(residual, x, weight)
 
 
 @_decode_linear_add_op.register_fake
-def _(residual, x, weight, next_norm_weight=None, next_norm_eps=0.0, normed=None):
+def _(residual, x, weight):
+    return None
+
+
+@torch.library.custom_op(op_name("decode_linear_add_norm_"), mutates_args=("residual", "normed"))
+def _decode_linear_add_norm_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               next_norm_weight: torch.Tensor, next_norm_eps: float, normed: torch.Tensor) -> None:
+    with _scratch.per_call():
+        _decode_linear_add(residual, x, weight, next_norm_weight, next_norm_eps, normed)
+
+
+@_decode_linear_add_norm_op.register_fake
+def _(residual, x, weight, next_norm_weight, next_norm_eps, normed):
     return None
 
 
@@ -247,8 +273,8 @@ def decode_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
             ``x``: overwritten with the norm; or None (no norm).
 
     Inference only: nothing is differentiated (``InvalidArgumentError`` if grad mode is on and an argument
-    requires a gradient). Registered as ``torch.ops.triton_ops.decode_linear_add_`` (``residual`` and
-    ``normed`` mutated).
+    requires a gradient). Registered as ``torch.ops.triton_ops.decode_linear_add_`` (``residual`` mutated) and,
+    with ``normed``, ``decode_linear_add_norm_`` (``residual`` and ``normed`` mutated).
 
     Raises:
         UnsupportedDtypeError, ShapeMismatchError, DeviceMismatchError, UnsupportedDeviceError,
@@ -265,7 +291,10 @@ def decode_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
     if direct_call_ok(residual, x, weight, next_norm_weight, normed):
         _decode_linear_add(residual, x, weight, next_norm_weight, eps, normed)
     else:
-        _decode_linear_add_op(residual, x, weight, next_norm_weight, eps, normed)
+        if normed is None:
+            _decode_linear_add_op(residual, x, weight)
+        else:
+            _decode_linear_add_norm_op(residual, x, weight, next_norm_weight, eps, normed)
     return residual
 
 

@@ -462,8 +462,8 @@ def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             ``x``: overwritten with the norm; or None (no norm).
 
     Inference only: nothing is differentiated (``InvalidArgumentError`` if grad mode is on and an argument
-    requires a gradient). Registered as ``torch.ops.triton_ops.fp8_linear_add_`` (``residual`` and ``normed``
-    mutated).
+    requires a gradient). Registered as ``torch.ops.triton_ops.fp8_linear_add_`` (``residual`` mutated) and, with
+    ``normed``, ``fp8_linear_add_norm_`` (``residual`` and ``normed`` mutated).
     """
     if (next_norm_weight is None) != (normed is None):
         raise InvalidArgumentError("fp8_linear_add_: next_norm_weight and normed go together: the norm's weight and "
@@ -479,8 +479,11 @@ def fp8_linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, next_norm_weight,
                     eps, normed)
     else:
-        _linear_add_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path,
-                       next_norm_weight, eps, normed)
+        if normed is None:
+            _linear_add_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+        else:
+            _linear_add_norm_op(residual, x, weight, weight_scale, activation_granularity, fast_accum, path,
+                                next_norm_weight, eps, normed)
     return residual
 
 
@@ -531,19 +534,32 @@ def _linear_add_plan(residual, x, weight, weight_scale, path, next_norm_weight=N
     return plan, memory_span(residual), memory_span(x), None if normed is None else memory_span(normed)
 
 
-@torch.library.custom_op(op_name("fp8_linear_add_"), mutates_args=("residual", "normed"))
+@torch.library.custom_op(op_name("fp8_linear_add_"), mutates_args=("residual",))
 def _linear_add_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   activation_granularity: str, fast_accum: bool, path: str,
-                   next_norm_weight: torch.Tensor | None = None, next_norm_eps: float = 0.0,
-                   normed: torch.Tensor | None = None) -> None:
+                   activation_granularity: str, fast_accum: bool, path: str) -> None:
     with _scratch.per_call():  # no buffer outlives the call (torch.compile's CUDA graphs; see _scratch)
+        _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path)
+
+
+@_linear_add_op.register_fake
+def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path):
+    return None
+
+
+# With the next norm written to ``normed``: an op of its own, whose mutated tensor is never None (torch 2.11's
+# functionalization fails on an optional mutated argument passed as None)
+@torch.library.custom_op(op_name("fp8_linear_add_norm_"), mutates_args=("residual", "normed"))
+def _linear_add_norm_op(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        activation_granularity: str, fast_accum: bool, path: str, next_norm_weight: torch.Tensor,
+                        next_norm_eps: float, normed: torch.Tensor) -> None:
+    with _scratch.per_call():
         _linear_add(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, next_norm_weight,
                     next_norm_eps, normed)
 
 
-@_linear_add_op.register_fake
-def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, next_norm_weight=None,
-      next_norm_eps=0.0, normed=None):
+@_linear_add_norm_op.register_fake
+def _(residual, x, weight, weight_scale, activation_granularity, fast_accum, path, next_norm_weight, next_norm_eps,
+      normed):
     return None
 
 

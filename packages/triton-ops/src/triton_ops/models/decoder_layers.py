@@ -73,12 +73,13 @@ class FusedAddNormDecoderLayer(nn.Module):
     ``weight`` and ``variance_epsilon``, or Gemma's, which scales by ``1 + weight``: ``gemma=True``). Every keyword
     argument goes to ``self_attn`` unchanged, as the model's own layer does.
 
-    Opt-in (``INPUT_NORM_IN_QKV`` / ``POST_NORM_IN_MLP``, off by default: measured slower on the H200), a decode
-    step's norms cost no launch of their own: ``norm1`` runs inside the packed q/k/v GEMM's launch where that is
-    the weight-only decode kernel (:func:`_input_norm_in_projection`: one bf16 row on a GPU, or FP8 weights at up to
-    16 rows), and, where ``x + o_proj(...)`` is one launch too, ``norm2`` runs inside the gated MLP's launch and the
-    MLP's residual add inside the down projection's (:func:`_post_norm_in_mlp`; the residual sum rounded once
-    instead of twice). Inference only (grad mode off).
+    A decode step's norms can cost no launch of their own: ``norm1`` runs inside the packed q/k/v GEMM's launch
+    where that is the weight-only decode kernel (``INPUT_NORM_IN_QKV``, on for one row:
+    :func:`_input_norm_in_projection`, a bf16 row on a GPU or FP8 weights); opt-in (off by default: measured
+    slower), where ``x + o_proj(...)`` is one launch too, ``norm2`` runs inside the gated MLP's launch
+    (``POST_NORM_IN_MLP``) or is written by the output projection's launch (``POST_NORM_IN_O_PROJ``), and the MLP's
+    residual add runs inside the down projection's (:func:`_post_norm_in_mlp`; the residual sum rounded once instead
+    of twice). Inference only (grad mode off).
     """
 
     can_torch_compile = True
@@ -782,7 +783,13 @@ def _ours_unhooked(attn: nn.Module) -> bool:
 # took 4,665 / 4,862 us with them against 4,210 / 4,872 us without (bf16, batch 1 / 8) and 3,656 / 5,880 us against
 # 3,185 / 4,155 us (FP8 default recipe): every program of the GEMM sums its row's squares again before its first
 # tile. Set True to run them inside (``benchmarks.bench_model``'s ``-fused-norms`` variants time the two).
-INPUT_NORM_IN_QKV = False
+# On since session 40 for a single row (one sequence's decode step): measured on the H200 (Llama-3-8B's FP8 checkpoint,
+# 1k context, bench_model's -input-norm variant), the deferred norm inside the q/k/v launch costs less than the
+# launch it saves: 2,785 -> 2,751 us of GPU time a step at batch 1 (CUDA graph 2,899 -> 2,833; the weight-only
+# kernel 1,027 -> 1,051 us, the norms' launches 114 -> 60 us). At 8 rows the multi-row tile's norm multiply cost
+# more (3,814 -> 4,087 us): more rows than INPUT_NORM_MAX_ROWS keep the norm's own launch.
+INPUT_NORM_IN_QKV = True
+INPUT_NORM_MAX_ROWS = 1
 
 
 def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: torch.Tensor) -> bool:
@@ -793,6 +800,8 @@ def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: t
     (:meth:`~triton_ops.models.layers.QKVPacking.takes_norm`: the norm's own output up to its rounding, one launch less
     per layer and decode step)."""
     if not INPUT_NORM_IN_QKV:
+        return False
+    if hidden_states.numel() > INPUT_NORM_MAX_ROWS * max(1, hidden_states.shape[-1]):
         return False
     if not _ours_unhooked(attn):
         return False
