@@ -15,7 +15,7 @@ Registered as ``torch.ops.triton_ops.decode_linear``. Inference first: with a gr
 
 ``decode_linear_add_(residual, x, weight)``: ``residual += x @ W^T`` in the same launch (a decoder layer's down
 projection with its residual add; the product and the sum rounded once, as cuBLAS's ``addmm_`` with beta = 1);
-with ``norm_weight=``, ``normed=`` the updated residual's RMSNorm written in that launch too.
+with ``next_norm_weight=``, ``normed=`` the updated residual's RMSNorm written in that launch too.
 """
 
 from __future__ import annotations
