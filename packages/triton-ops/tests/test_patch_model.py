@@ -349,6 +349,25 @@ def test_post_attention_norm_runs_inside_the_gated_mlp_launch(monkeypatch, fused
     assert len(norms) == 5
 
 
+def _next_norm_spy(monkeypatch) -> list[tuple]:
+    """``(output, normed, next_norm_weight, next_norm_eps)`` of each output projection's decode_linear call that
+    wrote the post-attention norm (``normed=``), copied when the call returns."""
+    from triton_ops.models import decoder_layers
+
+    written: list[tuple] = []
+    real = decoder_layers.decode_linear
+
+    def recording_linear(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs.get("normed") is not None:
+            written.append((out.clone(), kwargs["normed"].clone(), kwargs["next_norm_weight"],
+                            kwargs["next_norm_eps"]))
+        return out
+
+    monkeypatch.setattr(decoder_layers, "decode_linear", recording_linear)
+    return written
+
+
 def test_post_attention_norm_written_by_the_output_projections_launch(monkeypatch):
     """POST_NORM_IN_O_PROJ: a decode-size forward of FP8 projections adds the attention's residual in o_proj's launch
     and has that launch write the post-attention norm of the sum (decode_linear's normed=), which the gated MLP
@@ -361,18 +380,10 @@ def test_post_attention_norm_written_by_the_output_projections_launch(monkeypatc
     monkeypatch.setattr(decoder_layers, "POST_NORM_IN_O_PROJ", True)
     model = patch_model(_model("llama"), fp8=True, fp8_recipe="channel")
     ids = torch.randint(0, 128, (2, 5), device=DEVICE)
-    norms, written = [], []
-    real_norm, real_linear = decoder_layers.fused_add_rmsnorm, decoder_layers.decode_linear
+    norms = []
+    real_norm = decoder_layers.fused_add_rmsnorm
     monkeypatch.setattr(decoder_layers, "fused_add_rmsnorm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
-
-    def recording_linear(*args, **kwargs):
-        out = real_linear(*args, **kwargs)
-        if kwargs.get("normed") is not None:
-            written.append((out.clone(), kwargs["normed"].clone(), kwargs["next_norm_weight"],
-                            kwargs["next_norm_eps"]))
-        return out
-
-    monkeypatch.setattr(decoder_layers, "decode_linear", recording_linear)
+    written = _next_norm_spy(monkeypatch)
     with torch.no_grad():
         in_o_proj = model(ids, output_hidden_states=True)
     assert norms == []
@@ -504,17 +515,7 @@ def test_gpu_decode_step_with_the_post_norm_written_by_o_proj(fp8, monkeypatch):
     ids = torch.randint(0, 256, (1, 7), device=DEVICE)
     separate = _prefill_and_step(model, ids)
     monkeypatch.setattr(decoder_layers, "POST_NORM_IN_O_PROJ", True)
-    written = []
-    real_linear = decoder_layers.decode_linear
-
-    def recording_linear(*args, **kwargs):
-        out = real_linear(*args, **kwargs)
-        if kwargs.get("normed") is not None:
-            written.append((out.clone(), kwargs["normed"].clone(), kwargs["next_norm_weight"],
-                            kwargs["next_norm_eps"]))
-        return out
-
-    monkeypatch.setattr(decoder_layers, "decode_linear", recording_linear)
+    written = _next_norm_spy(monkeypatch)
     in_o_proj = _prefill_and_step(model, ids)
     assert len(written) >= 2  # the decode step's two layers (and the prefill's, with FP8 weight-only rows)
     for h, normed, weight, eps in written:
