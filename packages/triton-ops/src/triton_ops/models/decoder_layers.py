@@ -787,7 +787,8 @@ def _ours_unhooked(attn: nn.Module) -> bool:
 # 1k context, bench_model's -input-norm variant), the deferred norm inside the q/k/v launch costs less than the
 # launch it saves: 2,785 -> 2,751 us of GPU time a step at batch 1 (CUDA graph 2,899 -> 2,833; the weight-only
 # kernel 1,027 -> 1,051 us, the norms' launches 114 -> 60 us). At 8 rows the multi-row tile's norm multiply cost
-# more (3,814 -> 4,087 us): more rows than INPUT_NORM_MAX_ROWS keep the norm's own launch.
+# more (3,814 -> 4,087 us): more rows than INPUT_NORM_MAX_ROWS keep the norm's own launch. bf16 weights too (session
+# 41, H100, Llama-3-8B bf16, batch 1: 5,997 -> 5,950 us, CUDA graph 6,104 -> 6,006 us).
 INPUT_NORM_IN_QKV = True
 INPUT_NORM_MAX_ROWS = 1
 
