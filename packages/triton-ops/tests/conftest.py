@@ -21,8 +21,9 @@ def recorded_json() -> Path:
 
 @pytest.fixture
 def fused_norms(monkeypatch) -> None:
-    """The decode step's RMSNorms inside the GEMMs' launches (``decoder_layers.INPUT_NORM_IN_QKV`` and
-    ``POST_NORM_IN_MLP``, off by default since they measured slower on the H200), for the tests of those fusions."""
+    """The decode step's RMSNorms inside the GEMMs' launches (``decoder_layers.INPUT_NORM_IN_QKV`` for every row
+    count the kernels take, shipped for one row only, and ``POST_NORM_IN_MLP``, shipped off: both measured on the
+    H200), for the tests of those fusions."""
     from triton_ops.models import decoder_layers
 
     monkeypatch.setattr(decoder_layers, "INPUT_NORM_IN_QKV", True)
