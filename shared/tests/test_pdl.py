@@ -97,6 +97,42 @@ def _scale_kernel(w_ptr, x_ptr, y_ptr, n, PDL: tl.constexpr, BLOCK: tl.constexpr
     tl.store(y_ptr + offs, x * w + 1.0, mask=ok)
 
 
+_PTX_ORDER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import test_pdl
+src = ASTSource(test_pdl._scale_kernel, {"w_ptr": "*fp32", "x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32",
+                "PDL": "constexpr", "BLOCK": "constexpr"}, constexprs={"PDL": True, "BLOCK": 1024})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+print(" ".join(line.split(";")[0].strip() for line in ptx.splitlines() if "griddepcontrol" in line))
+"""
+
+
+@pytest.mark.parametrize("trigger, order", [
+    (None, "griddepcontrol.launch_dependents griddepcontrol.wait"),
+    ("start", "griddepcontrol.launch_dependents griddepcontrol.wait"),
+    ("wait", "griddepcontrol.wait griddepcontrol.launch_dependents"),
+])
+def test_the_trigger_setting_places_the_next_kernels_launch(trigger, order, tmp_path):
+    """``TRITON_OPS_PDL_TRIGGER`` (read at import, hence a fresh process): the next kernel may launch at this
+    kernel's start, or only once this kernel's wait returned (one kernel ahead at most). Compiled for sm_90 on any
+    machine: the PTX holds the two instructions in that order, once each."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", pdl.TRIGGER_ENV)}
+    if trigger is not None:
+        env[pdl.TRIGGER_ENV] = trigger
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # no binary compiled under the other setting
+    done = subprocess.run([sys.executable, "-c", _PTX_ORDER], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == order
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a Hopper (or later) GPU")
 def test_gpu_an_early_launched_chain_reads_each_result_after_it_is_written():

@@ -57,21 +57,29 @@ ENV = "TRITON_OPS_PDL"
 # a GPU (see the module's docstring).
 DEFAULT_ON = False
 _override: bool | None = None
+# Where a kernel lets the next one launch: "start" (``pdl_launch_dependents``, before its own wait: the next kernel,
+# and the one after it, may launch while the previous one still runs) or "wait" (inside ``pdl_wait``, once this
+# kernel runs: one kernel ahead at most, so the early kernels' L2 prefetches do not pile up). Read once at import
+# (``TRITON_OPS_PDL_TRIGGER``; a jitted function's globals are fixed once it compiles); for measurements.
+TRIGGER_ENV = "TRITON_OPS_PDL_TRIGGER"
+_TRIGGER_AFTER_WAIT = tl.constexpr(os.environ.get(TRIGGER_ENV, "start").strip().lower() == "wait")
 
 
 @triton.jit
 def pdl_launch_dependents(PDL: tl.constexpr):
     """Let the next kernel's programs start (they wait in their own ``pdl_wait`` until this kernel completes)."""
-    if PDL:
+    if PDL and not _TRIGGER_AFTER_WAIT:
         _gdc_launch_dependents()
 
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """Wait until the previous kernel has completed and its writes are visible: before any activation is read and
-    before anything is written."""
+    before anything is written. (With ``TRITON_OPS_PDL_TRIGGER=wait``, the next kernel may launch from here.)"""
     if PDL:
         _gdc_wait()
+        if _TRIGGER_AFTER_WAIT:
+            _gdc_launch_dependents()
 
 
 @triton.jit
