@@ -149,7 +149,6 @@ def main(argv=None) -> int:
                        over_floor_per_kernel_us=round((us - floor) / (5 * args.layers), 2))
             results.append(row)
             print(row, flush=True)
-        del layers
         torch.cuda.empty_cache()
     out = Path(args.out) / "pdl_layers.json"
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bandwidth, "trigger": trigger,
