@@ -382,6 +382,7 @@ def test_what_replaces_a_projection_or_its_forward_keeps_it_out_of_the_fused_lau
         def forward(self, x):
             return super().forward(x) * 0.5
 
+    untouched = copy.deepcopy(model)
     layer = model.model.layers[0]
     for owner, name in ((layer.mlp, "down_proj"), (layer.self_attn, "o_proj")):
         old = getattr(owner, name)
@@ -398,8 +399,13 @@ def test_what_replaces_a_projection_or_its_forward_keeps_it_out_of_the_fused_lau
         want = reference(ids, use_cache=False).logits
         eager = model(ids, use_cache=False).logits
         compiled = torch.compile(model, backend="eager", fullgraph=True)(ids, use_cache=False).logits
+        ignored = untouched(ids, use_cache=False).logits  # what the fused launches would give, ignoring them
     torch._dynamo.reset()
-    assert cosine(eager, want) >= 0.999999 and cosine(compiled, want) >= 0.999999
+    # fp32: the same sums to rounding; bf16 (GPU): the fused and plain paths round in different orders (H100:
+    # 0.99998). Either way far closer than the model that ignores the replacements.
+    tol = 0.999999 if DTYPE == torch.float32 else 0.9999
+    assert cosine(want, ignored) < tol
+    assert cosine(eager, want) >= tol and cosine(compiled, want) >= tol
 
 
 @pytest.mark.gpu

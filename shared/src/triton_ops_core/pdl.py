@@ -20,10 +20,10 @@ A kernel that follows a non-PDL kernel (torch's, cuBLAS) starts when that one co
 kernel after ours waits for ours to complete. So the rules above are the whole contract. Where ``PDL`` is False (a
 GPU before Hopper, the interpreter, PDL not switched on) the calls compile to nothing.
 
-Opt-in for now (:data:`DEFAULT_ON`): ``TRITON_OPS_PDL=1`` or :func:`override`. The library's kernels were given PDL
-in session 25 on a CPU machine (compiled for sm_90 there, the chain experiment measured on the H200 before), and the
-GPU could not be had again that session to run them; the default turns on once their GPU tests and the model
-benchmark have run with it.
+Opt-in (:data:`DEFAULT_ON`): ``TRITON_OPS_PDL=1`` or :func:`override`. The library's kernels took PDL in session 25;
+their GPU tests pass with it, and it measured no faster: whole models on the H100 0-2 % (sessions 26, 36; a mixture
+of experts' one-token step half again slower), the library's own decode kernels of 16 Llama-3-8B layers in a CUDA
+graph 1.4-1.6 % slower with it than without (session 42, H100, ``benchmarks.dev.pdl_layers``; docs/torch-compile.md).
 
 The launch side: :func:`enabled` says whether a device's launches use PDL; a plan built for that device passes
 ``launch_pdl=True`` with the kernel's ``PDL=True``. :func:`override` switches it for a block (tests, benchmarks)
@@ -53,8 +53,7 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     _HAVE_GDC = False
 
 ENV = "TRITON_OPS_PDL"
-# Whether PDL is on where nothing says otherwise (``TRITON_OPS_PDL`` unset): off until the kernels have run with it on
-# a GPU (see the module's docstring).
+# Whether PDL is on where nothing says otherwise (``TRITON_OPS_PDL`` unset): off, as measured (the module's docstring).
 DEFAULT_ON = False
 _override: bool | None = None
 # Where a kernel lets the next one launch: "start" (``pdl_launch_dependents``, before its own wait: the next kernel,
