@@ -3,6 +3,7 @@
 
     python -m benchmarks.dev.pdl_layers                                 # Llama-3-8B's layer, FP8 blocks and bf16
     TRITON_OPS_PDL_TRIGGER=wait python -m benchmarks.dev.pdl_layers     # the next kernel launches once this one runs
+    TRITON_OPS_PDL_TRIGGER=end python -m benchmarks.dev.pdl_layers      # ... once this one's main loop is done
     python -m benchmarks.dev.pdl_layers --weights fp8 --prefetch-tiles 0,2,8
 
 ``benchmarks.dev.pdl_chain`` (session 25) measured PDL on a plain GEMV kernel of its own: 1.2-1.6 us less per
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     from triton_ops_core import pdl
 
     bandwidth = copy_gbps()
-    trigger = os.environ.get(pdl.TRIGGER_ENV, "start") or "start"
+    trigger = pdl.TRIGGER
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth:,.0f} GB/s, PDL trigger {trigger}", flush=True)
     results = []
     for weights in args.weights.split(","):

@@ -94,6 +94,7 @@ def _scale_kernel(w_ptr, x_ptr, y_ptr, n, PDL: tl.constexpr, BLOCK: tl.constexpr
     w = tl.load(w_ptr + offs, mask=ok)  # a weight: readable before the wait
     pdl.pdl_wait(PDL)
     x = tl.load(x_ptr + offs, mask=ok)
+    pdl.pdl_streamed(PDL)
     tl.store(y_ptr + offs, x * w + 1.0, mask=ok)
 
 
@@ -116,19 +117,32 @@ try:
 except TypeError:
     sys.exit(AOT_UNAVAILABLE)
 ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": True}).asm["ptx"]
-print(" ".join(line.split(";")[0].strip() for line in ptx.splitlines() if "griddepcontrol" in line))
+# the two PDL instructions and the global loads and stores, in program order (consecutive repeats once)
+names = {"griddepcontrol.launch_dependents": "launch", "griddepcontrol.wait": "wait", "ld.global": "load",
+         "st.global": "store"}
+seq = [next(v for k, v in names.items() if k in line) for line in ptx.splitlines() if any(k in line for k in names)]
+print(" ".join(t for i, t in enumerate(seq) if i == 0 or seq[i - 1] != t))
 """
 
 
-@pytest.mark.parametrize("trigger, order", [
-    (None, "griddepcontrol.launch_dependents griddepcontrol.wait"),
-    ("start", "griddepcontrol.launch_dependents griddepcontrol.wait"),
-    ("wait", "griddepcontrol.wait griddepcontrol.launch_dependents"),
-])
-def test_the_trigger_setting_places_the_next_kernels_launch(trigger, order, tmp_path, monkeypatch):
+def _launch_placed(trigger: str | None, seq: list[str]) -> bool:
+    """Where the setting puts the next kernel's launch among the wait, the loads and the store (PTX program order):
+    at the start, before the wait; right after the wait; after the last load (the main loop's end), before the
+    store."""
+    launch, wait = seq.index("launch"), seq.index("wait")
+    if trigger in (None, "start"):
+        return launch < wait
+    if trigger == "wait":
+        return launch == wait + 1
+    last_load = max(i for i, t in enumerate(seq) if t == "load")
+    return wait < last_load < launch < seq.index("store")
+
+
+@pytest.mark.parametrize("trigger", [None, "start", "wait", "end"])
+def test_the_trigger_setting_places_the_next_kernels_launch(trigger, tmp_path, monkeypatch):
     """``TRITON_OPS_PDL_TRIGGER`` (read at import, hence a fresh process): the next kernel may launch at this
-    kernel's start, or only once this kernel's wait returned (one kernel ahead at most). Compiled for sm_90 on any
-    machine: the PTX holds the two instructions in that order, once each."""
+    kernel's start, once this kernel's wait returned (one kernel ahead at most), or once its main loop is done
+    (``pdl_streamed``). Compiled for sm_90 on any machine: the PTX holds each instruction once, in that place."""
     import os
     import sys
     from pathlib import Path
@@ -146,7 +160,17 @@ def test_the_trigger_setting_places_the_next_kernels_launch(trigger, order, tmp_
     if done is None:
         pytest.skip("this Triton ships no ptxas, or its ahead-of-time compile API is not the one the script knows")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == order
+    seq = done.stdout.strip().splitlines()[-1].split()
+    assert seq.count("launch") == 1 and seq.count("wait") == 1, seq
+    assert _launch_placed(trigger, seq), seq
+
+
+def test_an_unknown_trigger_setting_warns_and_keeps_the_start(monkeypatch):
+    monkeypatch.setenv(pdl.TRIGGER_ENV, "later")
+    with pytest.warns(UserWarning, match="TRITON_OPS_PDL_TRIGGER='later' is not one of"):
+        assert pdl._trigger_setting() == "start"
+    monkeypatch.setenv(pdl.TRIGGER_ENV, " End ")
+    assert pdl._trigger_setting() == "end"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -57,17 +58,33 @@ ENV = "TRITON_OPS_PDL"
 DEFAULT_ON = False
 _override: bool | None = None
 # Where a kernel lets the next one launch: "start" (``pdl_launch_dependents``, before its own wait: the next kernel,
-# and the one after it, may launch while the previous one still runs) or "wait" (inside ``pdl_wait``, once this
-# kernel runs: one kernel ahead at most, so the early kernels' L2 prefetches do not pile up). Read once at import
+# and the one after it, may launch while the previous one still runs), "wait" (inside ``pdl_wait``, once this
+# kernel runs: one kernel ahead at most, so the early kernels' L2 prefetches do not pile up) or "end"
+# (``pdl_streamed``, once a streaming kernel's main loop is done: the next kernel's programs take the SMs only for
+# this one's epilogue and tail; kernels without that call let it launch as they exit). Read once at import
 # (``TRITON_OPS_PDL_TRIGGER``; a jitted function's globals are fixed once it compiles); for measurements.
 TRIGGER_ENV = "TRITON_OPS_PDL_TRIGGER"
-_TRIGGER_AFTER_WAIT = tl.constexpr(os.environ.get(TRIGGER_ENV, "start").strip().lower() == "wait")
+TRIGGERS = ("start", "wait", "end")
+
+
+def _trigger_setting() -> str:
+    value = os.environ.get(TRIGGER_ENV, "").strip().lower() or TRIGGERS[0]
+    if value not in TRIGGERS:
+        warnings.warn(f"{TRIGGER_ENV}={value!r} is not one of {TRIGGERS}: using {TRIGGERS[0]!r}", stacklevel=2)
+        return TRIGGERS[0]
+    return value
+
+
+TRIGGER = _trigger_setting()
+_TRIGGER_AT_START = tl.constexpr(TRIGGER == "start")
+_TRIGGER_AFTER_WAIT = tl.constexpr(TRIGGER == "wait")
+_TRIGGER_AT_END = tl.constexpr(TRIGGER == "end")
 
 
 @triton.jit
 def pdl_launch_dependents(PDL: tl.constexpr):
     """Let the next kernel's programs start (they wait in their own ``pdl_wait`` until this kernel completes)."""
-    if PDL and not _TRIGGER_AFTER_WAIT:
+    if PDL and _TRIGGER_AT_START:
         _gdc_launch_dependents()
 
 
@@ -79,6 +96,15 @@ def pdl_wait(PDL: tl.constexpr):
         _gdc_wait()
         if _TRIGGER_AFTER_WAIT:
             _gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_streamed(PDL: tl.constexpr):
+    """A streaming kernel's main loop is done (its epilogue follows): with ``TRITON_OPS_PDL_TRIGGER=end``, the next
+    kernel may launch from here. Correctness never depends on where: the next kernel still waits for this one to
+    complete in its ``pdl_wait``."""
+    if PDL and _TRIGGER_AT_END:
+        _gdc_launch_dependents()
 
 
 @triton.jit
@@ -144,5 +170,5 @@ def launch_options(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-__all__ = ["DEFAULT_ON", "ENV", "enabled", "launch_options", "override", "pdl_launch_dependents", "pdl_wait",
-           "prefetch_l2", "prefetch_rows"]
+__all__ = ["DEFAULT_ON", "ENV", "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options", "override",
+           "pdl_launch_dependents", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows"]

@@ -60,7 +60,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
-from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_streamed, pdl_wait, prefetch_rows
 from triton_ops_core.rms_prologue import normalized, rstd_from_squares, weighed
 
 # SCALE_MODE (constexpr): how the weight's scale applies; values by name for the host. SCALE_NONE: a 16-bit weight
@@ -320,6 +320,7 @@ def fp8_weight_only_kernel(
                 acc3 += xf[:, None, :] * wf[None, :, :]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    pdl_streamed(PDL)  # (TRITON_OPS_PDL_TRIGGER=end: the next kernel may launch during the epilogue)
     if not USE_DOT:
         if BLOCK_M == 1:
             acc = tl.sum(acc2, axis=1)[None, :]

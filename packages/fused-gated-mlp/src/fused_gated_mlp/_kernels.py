@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
-from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_streamed, pdl_wait, prefetch_rows
 from triton_ops_core.rms_prologue import rstd_from_squares, weighed
 
 # Activation codes (constexpr): the host maps names to these.
@@ -512,6 +512,7 @@ def _gated_mlp_decode_kernel(
                                                sg_ptr, su_ptr, stride_sg, stride_su, srow_mul, srow_off_g,
                                                srow_off_u, BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST,
                                                W_SCALING, F16_DOT, nw_ptr, K, NORM)
+    pdl_streamed(PDL)  # (TRITON_OPS_PDL_TRIGGER=end: the next kernel may launch during the epilogue)
 
     if SPLIT_K == 1:
         if NORM:  # the deferred norm: the whole row's rstd times both sums
