@@ -84,3 +84,54 @@ def test_another_tritons_helper_call_is_left_as_it_is(monkeypatch):
     monkeypatch.setattr(interpreter.InterpretedFunction, "__call__", other_call)
     assert not pytest_plugin._skip_repatching_in_device_calls()
     assert interpreter.InterpretedFunction.__call__ is other_call
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_OPS_INTERPRETER_AS_IS") == "1", reason="the shortcut switched off")
+def test_the_numpy_dtype_lookup_answers_as_tritons_own_function():
+    from triton.runtime import interpreter
+
+    lookup = interpreter._get_np_dtype
+    assert getattr(lookup, "_triton_ops_table", False)
+    assert pytest_plugin._np_dtype_lookup()  # a second call changes nothing and says so
+    import numpy as np
+
+    expected = [(tl.float32, np.float32), (tl.bfloat16, np.uint16), (tl.float8e4nv, np.uint8), (tl.int1, bool),
+                (tl.int64, np.int64), (tl.pointer_type(tl.float16), np.uint64)]
+    for t, want in expected:
+        assert lookup(t) == np.dtype(want) and lookup(tl.block_type(t, [4, 2])) == np.dtype(want)
+    with pytest.raises(KeyError):  # as Triton's: a type without a numpy form
+        lookup(tl.void)
+
+
+def test_a_numpy_dtype_function_that_answers_otherwise_is_left_as_it_is(monkeypatch):
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def other(tt_dtype):  # answers that a table by element type cannot give: a block's shape decides
+        return np.dtype(np.float64 if isinstance(tt_dtype, tl.block_type) and tt_dtype.shape == (2, 8) else np.float32)
+
+    monkeypatch.setattr(interpreter, "_get_np_dtype", other)
+    assert not pytest_plugin._np_dtype_lookup()
+    assert interpreter._get_np_dtype is other
+
+
+def test_tuple_types_are_named_as_triton_names_them():
+    from triton.language import core
+
+    t = core.tuple_type([tl.float32, tl.pointer_type(tl.int8)], ["a", "b"])
+    assert t.name == str(t) == "[a:fp32,b:pointer<int8>]"
+    assert core.tuple_type([tl.int32]).name == core.tuple_type([tl.int32]).name
+    assert t == core.tuple_type([tl.float32, tl.pointer_type(tl.int8)], ["a", "b"])
+    assert t != core.tuple_type([tl.float32, tl.pointer_type(tl.int16)], ["a", "b"])
+
+
+def test_another_tritons_tuple_type_is_left_as_it_is(monkeypatch):
+    from triton.language import core
+
+    class other_tuple_type:  # a constructor the shortcut was not written for
+        def __init__(self, types, fields=None):
+            self.types, self.fields, self.name = types, fields, "other"
+
+    monkeypatch.setattr(core, "tuple_type", other_tuple_type)
+    assert not pytest_plugin._tuple_type_named_when_asked()
+    assert other_tuple_type([tl.int32]).name == "other"
