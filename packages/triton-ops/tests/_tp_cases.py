@@ -1263,7 +1263,9 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
     results = {"_env": {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}}
     try:
         import triton
+        from triton_ops_core.pytest_plugin import install_interpreter_shortcuts
 
+        install_interpreter_shortcuts()  # as in the pytest session that spawned this rank
         results["_env"]["interpreter"] = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else None
         mesh = init_device_mesh("cpu", (world,))
         global IDS

@@ -14,6 +14,8 @@ installing triton-ops-core must not change how other projects' tests run.
   and the cases whose name hashes to ``K`` modulo ``N``: sessions given the shards ``0/N`` .. ``N-1/N`` run every
   case at least once between them and every test function in each. CI's two triton versions take one half each
   of the kernel packages' cases; tests marked ``every_param`` always run whole.
+- Under the interpreter, shortcuts for work Triton's interpreter repeats for nothing (``install_interpreter_shortcuts``,
+  also for processes tests spawn; ``TRITON_OPS_INTERPRETER_AS_IS=1`` leaves it as shipped; docs/development.md).
 """
 
 from __future__ import annotations
@@ -241,6 +243,17 @@ def _tuple_type_named_when_asked() -> bool:
     return True
 
 
+def install_interpreter_shortcuts() -> None:
+    """The interpreter shortcuts above, each where the installed Triton's code is the one it was written for; none
+    with ``TRITON_OPS_INTERPRETER_AS_IS=1``. For processes that tests start themselves (the pytest session installs
+    them under the interpreter)."""
+    if os.environ.get("TRITON_OPS_INTERPRETER_AS_IS", "0") == "1":  # 1: Triton's interpreter untouched
+        return
+    _skip_repatching_in_device_calls()
+    _np_dtype_lookup()
+    _tuple_type_named_when_asked()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a compiled kernel on a CUDA GPU (skipped under the interpreter)")
     config.addinivalue_line("markers", "slow: long-running even on a GPU")
@@ -252,10 +265,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         for spec in INTERPRETER_WARNINGS:
             config.addinivalue_line("filterwarnings", spec)
-        if os.environ.get("TRITON_OPS_INTERPRETER_AS_IS", "0") != "1":  # 1: Triton's interpreter untouched
-            _skip_repatching_in_device_calls()
-            _np_dtype_lookup()
-            _tuple_type_named_when_asked()
+        install_interpreter_shortcuts()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
