@@ -19,10 +19,10 @@ from triton_ops_core.aot import compile_sm90 as build  # noqa: E402
 I32 = "i32"
 
 # (name, dtype, mask pointer type, MASK_KIND, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SOFTCAP, SPLIT, HEAD_DIM,
-#  BLOCK_M, BLOCK_N, BLOCK_D, warps): the Llama decode step with transformers' bool mask, Gemma 3's sliding window as
-# a ring (the mask read in age order), Gemma 2's softcapped logits, and every other option at once (sinks, a window,
-# causal, an additive mask, a padded head dim, fp16). fp32 (IEEE dots: ~10 s of compile on the CPU machine) is left
-# to the GPU tests.
+#  BLOCK_M, BLOCK_N, BLOCK_D, warps): the Llama decode step with transformers' bool mask (its splits interleaved),
+# Gemma 3's sliding window as a ring (the mask read in age order), Gemma 2's softcapped logits, every other option at
+# once (sinks, a window, causal, an additive mask, a padded head dim, fp16), and a split without a mask (contiguous
+# chunks). fp32 (IEEE dots: ~10 s of compile on the CPU machine) is left to the GPU tests.
 VARIANTS = [
     ("llama decode bool mask split", "bf16", "*i1", K.MASK_BOOL, False, False, False, False, False, True, 128, 16, 64,
      128, 4),
@@ -32,6 +32,8 @@ VARIANTS = [
      32, 256, 4),
     ("sinks window causal additive mask d=80", "fp16", "*bf16", K.MASK_ADD, True, True, True, False, False, False, 80,
      64, 64, 128, 4),
+    ("no mask split (contiguous chunks)", "bf16", "*i1", K.MASK_NONE, False, False, False, False, False, True, 128,
+     16, 64, 128, 4),
 ]
 
 
@@ -46,8 +48,10 @@ def main() -> int:
                  "out_ptr": f"*{dt}", "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
                  "cnt_ptr": "*i32",
                  "qk_scale": "fp32", "cap_log2": "fp32", "mask_floor": "fp32", **dict.fromkeys(ints, I32)}
+        # a split over a mask or a window takes the KV blocks in turn (ops.INTERLEAVE_SPLITS)
         consts = dict(MASK_KIND=kind, MASK_1D=kind == K.MASK_BOOL, HAS_SINKS=sinks, CAUSAL=causal,
-                      HAS_WINDOW=window, RING=ring, SOFTCAP=softcap, SPLIT=split, HEAD_DIM=hd,
+                      HAS_WINDOW=window, RING=ring, SOFTCAP=softcap, SPLIT=split,
+                      INTERLEAVE=split and (kind != K.MASK_NONE or window), HEAD_DIM=hd,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TRIM_N=max(bn, 8192 // bm),
                       DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                       UPCAST=False, P_LOW=dt != "fp32")

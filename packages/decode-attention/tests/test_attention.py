@@ -91,6 +91,76 @@ def test_a_band_of_valid_positions(device, splits):
     assert_close_rel(out, reference(q, torch.nan_to_num(k), torch.nan_to_num(v), mask), TOL[torch.float32])
 
 
+def _interleaved(plan) -> bool:
+    # the main kernel's INTERLEAVE constexpr in the plan's scalar tail (the arguments from H_KV on)
+    from decode_attention import _kernels as K
+
+    names = K._attention_kernel.arg_names
+    return plan.main.tail[names.index("INTERLEAVE") - names.index("H_KV")]
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("case", ["static prefix", "window over a mask", "window, causal rows", "holes and padding"])
+def test_splits_taking_the_kv_blocks_in_turn(device, monkeypatch, interleave, case):
+    """Split j reads KV blocks j, j + splits, ... (``INTERLEAVE``, every split gets part of whatever is attended) or
+    one contiguous chunk: the same attention either way. The static cache's tails, the band outside a window and the
+    masked holes hold NaN and Inf (never loaded, or loaded and cleaned); blocks of 16 positions, 3 or 4 splits, tails
+    that end mid-block, windows that start mid-block."""
+    monkeypatch.setattr(ops, "INTERLEAVE_SPLITS", interleave)
+    kwargs: dict = {}
+    if case == "static prefix":  # 37 and 150 of 203 positions valid, two query rows (causal among themselves)
+        q, k, v = make_qkv(2, 8, 2, 2, 150, 16, device=device, seed=21, cache_len=203)
+        mask = valid_prefix_mask(2, 2, 203, [37, 150], device=device)
+        splits = 4
+        for t in (k, v):
+            t[0, :, 37:] = float("nan")
+    elif case == "window over a mask":  # a 29-position window (174..202) and a padding mask, one decode row
+        q, k, v = make_qkv(2, 4, 1, 1, 203, 16, device=device, seed=22)
+        mask = valid_prefix_mask(2, 1, 203, [203, 190], device=device)
+        splits, kwargs = 3, {"sliding_window": 29}
+        for t in (k, v):
+            t[:, :, :174] = float("nan")
+            t[1, :, 190:] = float("inf")
+    elif case == "window, causal rows":  # no mask: the window's first tile starts mid-block, what lies before is NaN
+        q, k, v = make_qkv(1, 4, 2, 3, 100, 16, device=device, seed=23)
+        mask = None
+        splits, kwargs = 4, {"sliding_window": 21, "is_causal": True}
+        k[:, :, :100 - 3 - 21 + 1] = float("nan")
+        v[:, :, :100 - 3 - 21 + 1] = float("inf")
+    else:  # left padding, holes, a masked tail, an additive mask
+        q, k, v = make_qkv(2, 8, 2, 1, 160, 16, device=device, seed=24)
+        keep = torch.zeros(2, 1, 1, 160, dtype=torch.bool, device=device)
+        keep[0, ..., 10:130] = True
+        keep[0, ..., 40:75] = False
+        keep[1, ..., 3:60] = True
+        mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+        splits = 3
+        for t in (k, v):
+            t[0, :, 40:75] = float("nan")
+            t[0, :, :10] = float("inf")
+            t[1, :, 60:] = float("nan")
+    with tiles(16, 16):
+        out = decode_attention(q, k, v, mask, num_splits=splits, **kwargs)
+        (plan,) = ops._PLANS._plans.values()
+    assert _interleaved(plan) is interleave and plan.main.grid[1] == splits
+    assert torch.isfinite(out).all()
+    clean_k, clean_v = (torch.nan_to_num(t, nan=0.0, posinf=0.0) for t in (k, v))
+    assert_close_rel(out, reference(q, clean_k, clean_v, mask, **kwargs), TOL[torch.float32])
+
+
+def test_gpu_plan_interleaves_the_splits_of_masked_and_windowed_calls(monkeypatch):
+    monkeypatch.setattr(ops, "_on_gpu", lambda device: True)
+    monkeypatch.setattr(ops, "sm_count", lambda device, cpu=1: 132)
+    q, k, v = make_qkv(1, 32, 8, 1, 4096, 128, dtype=torch.bfloat16)
+    mask = valid_prefix_mask(1, 1, 4096, [1000])
+    info = ops.validate_decode_attention(q, k, v, mask, None, None, None, False, None)
+    for attn_mask, window, want in ((mask, None, True), (None, 128, True), (None, None, False)):
+        plan = ops._plan(q, k, v, attn_mask, None, None, window, False, None, info)
+        assert plan.main.grid[1] > 1 and _interleaved(plan) is want
+    monkeypatch.setattr(ops, "INTERLEAVE_SPLITS", False)
+    assert not _interleaved(ops._plan(q, k, v, mask, None, None, None, False, None, info))
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_masked_holes_inside_the_attended_range_never_count(device, mask_dtype):
     # one decode row per sequence, its mask broadcast over heads (transformers' [B, 1, 1, S]: one mask row serves

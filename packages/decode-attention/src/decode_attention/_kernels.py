@@ -7,8 +7,11 @@
   ``m * BLOCK_M ..``. With ``GROUP * SQ <= BLOCK_M`` (every decode and speculative-decoding shape) one program holds
   all of them, so each K/V element of the head is read from HBM once per step: no ``repeat_kv``.
 - ``split`` takes the KV positions ``split * CHUNK .. + CHUNK`` (flash-decoding, when ``B * H_KV`` programs cannot
-  fill the GPU). With one split the program normalizes and writes the output; with several it writes its partial
-  row maxima, sums and unnormalized accumulators (fp32) for ``_combine_kernel``.
+  fill the GPU), or with ``INTERLEAVE`` the ``BLOCK_N``-position blocks ``split, split + N_SPLITS, ..``: where a
+  mask or a window decides which part of the cache is attended (a static cache's valid prefix, unknown on the host),
+  every split then gets its share of it, where contiguous chunks past the prefix would find nothing to read. With
+  one split the program normalizes and writes the output; with several it writes its partial row maxima, sums and
+  unnormalized accumulators (fp32) for ``_combine_kernel``.
 - The KV loop takes ``BLOCK_N`` positions a step: the K and V rows of its in-range positions (loaded without
   waiting for the mask, so the loop pipelines), and the step's validity ``[BLOCK_M, BLOCK_N]``: in range, the mask
   (bool: nonzero attends; additive: an entry at or below ``mask_floor``, the lowest finite value of the mask's
@@ -129,13 +132,16 @@ def _tanh(x):
 
 
 @triton.jit
-def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn, qk_scale,
-             cap_log2, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RING: tl.constexpr, SOFTCAP: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr, CLEAN_V: tl.constexpr):
-    """The online softmax over positions ``lo..end`` (``BLOCK_N`` a step from the pointers' first tile): the state
-    ``(m, l, acc)`` of the program's rows, base 2.
+def _kv_loop(q, k_ptrs, v_ptrs, lo, end, step, first_pos, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
+             qk_scale, cap_log2, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND: tl.constexpr,
+             MASK_1D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RING: tl.constexpr,
+             SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr, CLEAN_V: tl.constexpr,
+             INTERLEAVE: tl.constexpr):
+    """The online softmax over the ``BLOCK_N``-position tiles starting at ``lo, lo + step, ..`` below ``end`` (the
+    pointers at the first tile; ``step`` is ``BLOCK_N``, or with ``INTERLEAVE`` the splits' stride): the state
+    ``(m, l, acc)`` of the program's rows, base 2. Positions at or past ``end`` (and, ``INTERLEAVE``, below
+    ``first_pos``: the first tile of a window's range starts on the block grid) are not loaded and never count.
 
     ``CLEAN_V``: zero the V rows of positions no row attends before the PV dot. A probability of 0 times a NaN V
     element is NaN, so a masked position inside the range (a hole in the mask, or the block-aligned start before
@@ -144,12 +150,15 @@ def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, strid
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, end, BLOCK_N):
+    for n0 in range(lo, end, step):
         cols = n0 + offs_n
         # K and V of the step's in-range positions load without waiting for the mask (no load-to-load dependency:
         # the loop pipelines); a masked position inside the range is loaded but never counts: its logit is set to
         # -inf and (CLEAN_V) its V row to zero
-        kv_ok = (cols < end)[:, None] & d_ok[None, :]
+        in_range = cols < end
+        if INTERLEAVE:  # a window's first tile starts on the block grid: what lies before it is not loaded
+            in_range = in_range & (cols >= first_pos)
+        kv_ok = in_range[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
         valid, madd = _attended(cols, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, m_shift, S,
                                 MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW, RING)
@@ -172,8 +181,8 @@ def _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, strid
             p = p.to(v.dtype)
         acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION, UPCAST)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        k_ptrs += step * stride_kn
+        v_ptrs += step * stride_vn
     return m_i, l_i, acc
 
 
@@ -193,7 +202,7 @@ def _attention_kernel(
     # options
     MASK_KIND: tl.constexpr, MASK_1D: tl.constexpr, HAS_SINKS: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, RING: tl.constexpr, SOFTCAP: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, INTERLEAVE: tl.constexpr,
     # tiles (a constexpr head dim: the d-masks fold away or keep 16-element runs, and loads stay vectorized)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TRIM_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr,
@@ -227,13 +236,25 @@ def _attention_kernel(
     # the position of each query row in the cache: the queries are its last SQ entries
     q_pos = S - SQ + sq
 
-    # this split's positions, narrowed by the causal and window bounds of the block's rows
-    lo = pid_split * CHUNK
-    end = tl.minimum(lo + CHUNK, S)
+    # the positions some row of the block may attend: narrowed by the causal and window bounds of its rows
+    lo = 0
+    end = S
     if CAUSAL:
         end = tl.minimum(end, S - SQ + tl.max(tl.where(row_ok, sq, 0), axis=0) + 1)
     if HAS_WINDOW:
         lo = tl.maximum(lo, S - SQ + tl.min(tl.where(row_ok, sq, SQ), axis=0) - WINDOW + 1)
+    first_pos = lo
+    if INTERLEAVE:
+        # this split's tiles: blocks pid_split, pid_split + N_SPLITS, .. of BLOCK_N positions (from the block that
+        # holds ``lo``): whatever part of the cache is attended, every split gets its share of it
+        step = N_SPLITS * BLOCK_N
+        lo_block = lo // BLOCK_N
+        lo = (lo_block + (pid_split - lo_block % N_SPLITS + N_SPLITS) % N_SPLITS) * BLOCK_N
+    else:
+        # this split's positions: one contiguous chunk
+        step = BLOCK_N
+        lo = tl.maximum(lo, pid_split * CHUNK)
+        end = tl.minimum(end, pid_split * CHUNK + CHUNK)
     m_rows = mask_ptr
     holes = False
     m_shift = 0
@@ -244,27 +265,37 @@ def _attention_kernel(
             m_rows = mask_ptr + b * stride_mb + (hkv * GROUP).to(tl.int64) * stride_mh
         else:
             m_rows = mask_ptr + b * stride_mb + head[:, None] * stride_mh + sq[:, None] * stride_mq
-        # the first and last positions some row attends, from the mask alone in TRIM_N-wide steps: the KV loop then
-        # covers only those blocks, so a static cache's unused tail (or left padding) costs its mask bytes, not
-        # loop steps
+        # the first and last positions some row attends, from the mask alone in TRIM_N-wide steps (of this split's
+        # tiles): the KV loop then covers only the tiles between them, so a static cache's unused tail (or left
+        # padding) costs its mask bytes, not loop steps
         first = end
         last = lo - 1
         attended = 0
-        for t0 in range(lo, end, TRIM_N):
-            cols_t = t0 + tl.arange(0, TRIM_N)
+        offs_t = tl.arange(0, TRIM_N)
+        for t0 in range(lo, end, (TRIM_N // BLOCK_N) * step):
+            if INTERLEAVE:  # TRIM_N // BLOCK_N of this split's tiles
+                cols_t = t0 + (offs_t // BLOCK_N) * step + offs_t % BLOCK_N
+            else:
+                cols_t = t0 + offs_t
             valid_t, _ = _attended(cols_t, end, row_ok, q_pos, m_rows, stride_mn, mask_floor, WINDOW, m_shift, S,
                                    MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW, RING)
-            hit = tl.max(valid_t.to(tl.int32), axis=0) > 0
+            hit = tl.max(valid_t.to(tl.int32), axis=0) > 0  # (the window's bound is part of the validity)
             first = tl.minimum(first, tl.min(tl.where(hit, cols_t, end), axis=0))
             last = tl.maximum(last, tl.max(tl.where(hit, cols_t, lo - 1), axis=0))
             attended += tl.sum(hit.to(tl.int32), axis=0)
-        # on the same block grid as before (first >= lo when anything attends; else an empty loop)
-        lo = tl.where(first < end, lo + ((first - lo) // BLOCK_N) * BLOCK_N, end)
+        # on the same tile grid as before (first >= lo when anything attends; else an empty loop)
+        lo = tl.where(first < end, lo + ((first - lo) // step) * step, end)
         end = tl.minimum(end, last + 1)
-        # every position of the loop's range attended by some row (a static cache's valid prefix): no V to clean
-        holes = attended < end - lo
+        # every position of the loop's tiles below ``end`` (and from ``first_pos``) attended by some row (a static
+        # cache's valid prefix): no V to clean. The tiles hold ``tiles * BLOCK_N`` positions, less the last tile's
+        # part past ``end`` and the first's before ``first_pos``
+        tiles = tl.maximum((end - lo + step - 1) // step, 0)
+        in_loop = tiles * BLOCK_N - tl.maximum(lo + (tiles - 1) * step + BLOCK_N - end, 0)
+        if INTERLEAVE:
+            in_loop -= tl.minimum(tl.maximum(first_pos - lo, 0), BLOCK_N)
+        holes = attended < in_loop
 
-    # pointers of the first step's tiles, advanced by BLOCK_N rows a step (the 64-bit start keeps a long cache's
+    # pointers of the first step's tiles, advanced by ``step`` rows a step (the 64-bit start keeps a long cache's
     # position offsets exact; the in-tile offsets stay 32-bit)
     k_ptrs = k_head + lo.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_head + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -274,15 +305,15 @@ def _attention_kernel(
     # attending the whole range leaves the loop no mask to read.
     LOOP_MASK_KIND: tl.constexpr = 0 if (MASK_KIND == 1 and MASK_1D) else MASK_KIND
     if holes:
-        m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
-                                 qk_scale, cap_log2, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, MASK_KIND, MASK_1D,
-                                 CAUSAL, HAS_WINDOW, RING, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST,
-                                 P_LOW, True)
+        m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, step, first_pos, row_ok, q_pos, m_rows, stride_mn,
+                                 stride_kn, stride_vn, qk_scale, cap_log2, mask_floor, WINDOW, m_shift, S, offs_n,
+                                 d_ok, MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW, RING, SOFTCAP, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, True, INTERLEAVE)
     else:
-        m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, row_ok, q_pos, m_rows, stride_mn, stride_kn, stride_vn,
-                                 qk_scale, cap_log2, mask_floor, WINDOW, m_shift, S, offs_n, d_ok, LOOP_MASK_KIND,
-                                 MASK_1D, CAUSAL, HAS_WINDOW, RING, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
-                                 UPCAST, P_LOW, False)
+        m_i, l_i, acc = _kv_loop(q, k_ptrs, v_ptrs, lo, end, step, first_pos, row_ok, q_pos, m_rows, stride_mn,
+                                 stride_kn, stride_vn, qk_scale, cap_log2, mask_floor, WINDOW, m_shift, S, offs_n,
+                                 d_ok, LOOP_MASK_KIND, MASK_1D, CAUSAL, HAS_WINDOW, RING, SOFTCAP, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, DOT_PRECISION, UPCAST, P_LOW, False, INTERLEAVE)
 
     if SPLIT:
         # partials at [bh, split, row] (rows padded to ROWS_PAD, head dim to BLOCK_D: no masks needed)

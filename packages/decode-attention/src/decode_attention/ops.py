@@ -54,6 +54,13 @@ PROGRAMS_PER_SM = 2
 MIN_SPLIT_POSITIONS = 128
 MAX_SPLITS = 128
 
+# Where the attended positions are not known on the host (a mask: a static cache's valid prefix, left padding) or
+# are a narrow band of the cache (a sliding window), the splits take the KV blocks in turn (split j: blocks j,
+# j + splits, ...; ``INTERLEAVE``) instead of one contiguous chunk each: with contiguous chunks, the splits past a
+# static cache's valid prefix find nothing to read and the rest read it all (half a 64k cache valid: half the
+# programs idle). Without a mask or a window the chunks are already even, and stay contiguous.
+INTERLEAVE_SPLITS = True
+
 # With the KV length split, plain eager calls merge the splits in the attention launch itself: its last split of each
 # row block to arrive (an arrival counter kept between calls, triton_ops_core.scratch) merges the partials as
 # _combine_kernel would, so the combine launch goes: the same bits, a launch less of host time a layer in eager decode.
@@ -114,6 +121,11 @@ def _splits(programs: int, kv_len: int, block_n: int, device: torch.device, requ
         return 1
     want = 1 << (max(1, (PROGRAMS_PER_SM * sms) // max(1, programs)).bit_length() - 1)  # a power of two
     return max(1, min(want, cdiv(kv_len, max(MIN_SPLIT_POSITIONS, block_n)), MAX_SPLITS))
+
+
+def _interleave(splits: int, attn_mask: torch.Tensor | None, sliding_window: int | None) -> bool:
+    """Whether the splits take the KV blocks in turn (``INTERLEAVE_SPLITS``, above)."""
+    return INTERLEAVE_SPLITS and splits > 1 and (attn_mask is not None or sliding_window is not None)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -186,9 +198,9 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_h, sm_q, sm_n,
         qk_scale, cap_log2, mask_floor, sliding_window or 0,
-        # MASK_KIND, MASK_1D, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SOFTCAP, SPLIT
+        # MASK_KIND, MASK_1D, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SOFTCAP, SPLIT, INTERLEAVE
         mask_kind, mask_1d, sinks is not None, is_causal, sliding_window is not None, ring and attn_mask is not None,
-        softcap is not None, splits > 1,
+        softcap is not None, splits > 1, _interleave(splits, attn_mask, sliding_window),
         # HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, TRIM_N, DOT_PRECISION, UPCAST, P_LOW
         d, t.block_m, t.block_n, t.block_d, _trim_n(t, mask_1d), _dot_precision(dtype),
         on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on)
