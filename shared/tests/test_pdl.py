@@ -130,11 +130,11 @@ def _launch_placed(trigger: str | None, seq: list[str]) -> bool:
     at the start, before the wait; right after the wait; after the last load (the main loop's end), before the
     store."""
     launch, wait = seq.index("launch"), seq.index("wait")
-    if trigger in (None, "start"):
+    if trigger == "start":
         return launch < wait
     if trigger == "wait":
         return launch == wait + 1
-    last_load = max(i for i, t in enumerate(seq) if t == "load")
+    last_load = max(i for i, t in enumerate(seq) if t == "load")  # "end", also the default (None)
     return wait < last_load < launch < seq.index("store")
 
 
@@ -165,11 +165,14 @@ def test_the_trigger_setting_places_the_next_kernels_launch(trigger, tmp_path, m
     assert _launch_placed(trigger, seq), seq
 
 
-def test_an_unknown_trigger_setting_warns_and_keeps_the_start(monkeypatch):
+def test_an_unknown_trigger_setting_warns_and_keeps_the_default(monkeypatch):
+    assert pdl.DEFAULT_TRIGGER == "end"
     monkeypatch.setenv(pdl.TRIGGER_ENV, "later")
     with pytest.warns(UserWarning, match="TRITON_OPS_PDL_TRIGGER='later' is not one of"):
-        assert pdl._trigger_setting() == "start"
-    monkeypatch.setenv(pdl.TRIGGER_ENV, " End ")
+        assert pdl._trigger_setting() == "end"
+    monkeypatch.setenv(pdl.TRIGGER_ENV, " Start ")
+    assert pdl._trigger_setting() == "start"
+    monkeypatch.delenv(pdl.TRIGGER_ENV)
     assert pdl._trigger_setting() == "end"
 
 

@@ -148,19 +148,6 @@ def test_splits_taking_the_kv_blocks_in_turn(device, monkeypatch, interleave, ca
     assert_close_rel(out, reference(q, clean_k, clean_v, mask, **kwargs), TOL[torch.float32])
 
 
-def test_gpu_plan_interleaves_the_splits_of_masked_and_windowed_calls(monkeypatch):
-    monkeypatch.setattr(ops, "_on_gpu", lambda device: True)
-    monkeypatch.setattr(ops, "sm_count", lambda device, cpu=1: 132)
-    q, k, v = make_qkv(1, 32, 8, 1, 4096, 128, dtype=torch.bfloat16)
-    mask = valid_prefix_mask(1, 1, 4096, [1000])
-    info = ops.validate_decode_attention(q, k, v, mask, None, None, None, False, None)
-    for attn_mask, window, want in ((mask, None, True), (None, 128, True), (None, None, False)):
-        plan = ops._plan(q, k, v, attn_mask, None, None, window, False, None, info)
-        assert plan.main.grid[1] > 1 and _interleaved(plan) is want
-    monkeypatch.setattr(ops, "INTERLEAVE_SPLITS", False)
-    assert not _interleaved(ops._plan(q, k, v, mask, None, None, None, False, None, info))
-
-
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_masked_holes_inside_the_attended_range_never_count(device, mask_dtype):
     # one decode row per sequence, its mask broadcast over heads (transformers' [B, 1, 1, S]: one mask row serves
@@ -421,6 +408,23 @@ def _gpu_plan(monkeypatch, b, hq, hkv, d, s, valid):
         return ops._plan(q, k, v, mask, None, None, None, False, None, info)
 
 
+def test_gpu_plan_interleaves_the_splits_of_masked_and_windowed_calls(monkeypatch):
+    from triton_ops_core.device import DeviceInfo, simulate_device
+
+    h200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
+    monkeypatch.setattr(ops, "_on_gpu", lambda device: True)
+    dev = device_for_tests()
+    q, k, v = make_qkv(1, 32, 8, 1, 4096, 128, dtype=torch.bfloat16, device=dev)
+    mask = valid_prefix_mask(1, 1, 4096, [1000], device=dev)
+    info = ops.validate_decode_attention(q, k, v, mask)
+    with simulate_device(h200):
+        for attn_mask, window, want in ((mask, None, True), (None, 128, True), (None, None, False)):
+            plan = ops._plan(q, k, v, attn_mask, None, None, window, False, None, info)
+            assert plan.main.grid[1] > 1 and _interleaved(plan) is want
+        monkeypatch.setattr(ops, "INTERLEAVE_SPLITS", False)
+        assert not _interleaved(ops._plan(q, k, v, mask, None, None, None, False, None, info))
+
+
 def test_gpu_plan_splits_a_single_sequence_and_reads_one_mask_row(monkeypatch):
     plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)  # Llama-3-8B heads, batch 1, 2k static cache
     grid, tail = plan.main.grid, plan.main.tail
@@ -445,6 +449,22 @@ def test_gpu_plan_launches_both_kernels_early_with_pdl(monkeypatch, on):
 def test_gpu_plan_does_not_split_a_full_batch_and_takes_two_warps(monkeypatch):
     plan = _gpu_plan(monkeypatch, 64, 32, 8, 128, 2048, 1024)  # 512 programs on 132 SMs
     assert plan.main.grid[1] == 1 and plan.combine is None and plan.main.num_warps == 2
+
+
+@pytest.mark.parametrize(("programs", "kv_len", "splits"), [
+    (512, 8192, 2),  # 64 sequences x 8 KV heads: under 4 programs per SM, a long cache: two splits
+    (512, 33000, 2),
+    (512, 8191, 1),
+    (1024, 32768, 1),  # 7.8 programs per SM: enough waves already
+    (132, 65536, 2),
+])
+def test_gpu_plan_splits_a_full_batchs_long_cache_in_two(monkeypatch, programs, kv_len, splits):
+    from triton_ops_core.device import DeviceInfo, simulate_device
+
+    h200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
+    monkeypatch.setattr(ops, "_on_gpu", lambda device: True)
+    with simulate_device(h200):
+        assert ops._splits(programs, kv_len, 64, device_for_tests(), None) == splits
 
 
 @pytest.mark.parametrize(("b", "hkv", "s", "splits"), [

@@ -53,6 +53,14 @@ PROGRAMS_PER_SM = 2
 # gpt-oss heads) batch 64 took 70 / 39 us unsplit against 79 / 42 us in two splits, and 2 warps beat 4 there.
 MIN_SPLIT_POSITIONS = 128
 MAX_SPLITS = 128
+# Unsplit programs that fill the GPU run with this many warps (smaller CTAs, more of them resident: measured above).
+FULL_GPU_WARPS = 2
+# A batch that fills the GPU with fewer than FULL_SPLIT_BELOW programs per SM still splits a long cache in two (at
+# least LONG_CACHE positions): H100, session 43 (benchmarks.dev.attention_splits, 64 sequences x 8 KV heads = 512
+# programs, bool mask, 32k of a 33k static cache): Llama-3-8B heads 3,343 -> 2,844 us, gpt-oss heads
+# 1,727 -> 1,448 us (4 or 8 splits: no better than 2).
+FULL_SPLIT_BELOW = 4
+LONG_CACHE = 8192
 
 # Where the attended positions are not known on the host (a mask: a static cache's valid prefix, left padding) or
 # are a narrow band of the cache (a sliding window), the splits take the KV blocks in turn (split j: blocks j,
@@ -118,7 +126,7 @@ def _splits(programs: int, kv_len: int, block_n: int, device: torch.device, requ
     # the interpreter counts as one "SM": a split there only costs host time
     sms = sm_count(device, cpu=1)
     if _on_gpu(device) and programs >= sms:
-        return 1
+        return 2 if programs < FULL_SPLIT_BELOW * sms and kv_len >= LONG_CACHE else 1
     want = 1 << (max(1, (PROGRAMS_PER_SM * sms) // max(1, programs)).bit_length() - 1)  # a power of two
     return max(1, min(want, cdiv(kv_len, max(MIN_SPLIT_POSITIONS, block_n)), MAX_SPLITS))
 
@@ -177,7 +185,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     chunk = cdiv(cdiv(max(s, 1), splits), t.block_n) * t.block_n
     splits = max(1, cdiv(s, chunk))
     if splits == 1 and _on_gpu(dev) and t.block_m == 16 and bh * row_blocks >= sm_count(dev, cpu=1):
-        t = t._replace(num_warps=2)  # programs fill the GPU: smaller CTAs, more of them resident (measured, above)
+        t = t._replace(num_warps=FULL_GPU_WARPS)  # programs fill the GPU: smaller CTAs, more of them resident
     rows_pad = row_blocks * t.block_m
     if attn_mask is None:
         mask_kind, mask_floor = K.MASK_NONE, 0.0
