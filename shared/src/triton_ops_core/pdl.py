@@ -174,5 +174,5 @@ def launch_options(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options", "override",
-           "pdl_launch_dependents", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows"]
+__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options",
+           "override", "pdl_launch_dependents", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows"]
