@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _attention_helpers import make_qkv, reference
+from _attention_helpers import make_qkv, reference, tiles
 from decode_attention import decode_attention, kv_cache, update_kv_cache_
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.testing import device_for_tests, opcheck_op
@@ -105,6 +105,30 @@ def test_attention_reads_an_age_ordered_mask_against_the_slots(kind, splits, sta
     want = reference(q, _age_order(k, start), _age_order(v, start), mask, sinks=sinks)
     got = decode_attention(q, k, v, mask, sinks=sinks, num_splits=splits,
                            ring_start=torch.tensor(start, device=DEVICE))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("start", [0, 17, 39])
+def test_interleaved_splits_read_a_ring_through_its_age_ordered_mask(kind, start):
+    # a 40-slot ring, blocks of 16 slots taken in turn by 3 splits (the last one partial); the mask masks a run of the
+    # oldest entries (a window not yet full) and some holes, whose slots hold NaN
+    b, hq, hkv, w, d = 2, 4, 2, 40, 16
+    q, k, v = make_qkv(b, hq, hkv, 1, w, d, device=DEVICE, seed=start + 1)
+    g = torch.Generator().manual_seed(start)
+    keep = torch.rand(b, 1, 1, w, generator=g) > 0.2
+    keep[..., :9] = False  # in age order: the 9 oldest entries were never written
+    slots = (torch.arange(w) + start) % w  # slot of the entry of age i
+    for t in (k, v):
+        for i in range(b):
+            t[i, :, slots[~keep[i, 0, 0]]] = float("nan")
+    mask = keep if kind == "bool" else torch.where(keep, 0.0, float("-inf"))
+    mask = mask.to(DEVICE)
+    clean_k, clean_v = torch.nan_to_num(k), torch.nan_to_num(v)
+    want = reference(q, _age_order(clean_k, start), _age_order(clean_v, start), keep.to(DEVICE))
+    with tiles(16, 16):
+        got = decode_attention(q, k, v, mask, num_splits=3, ring_start=torch.tensor(start, device=DEVICE))
+    assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
