@@ -23,14 +23,29 @@ def hopper(monkeypatch):
 CUDA0 = torch.device("cuda", 0)
 
 
-def test_the_default_for_a_capable_gpu(hopper, monkeypatch):
+@pytest.mark.parametrize("name, on", [("NVIDIA H100 80GB HBM3", True), ("NVIDIA H100 PCIe", True),
+                                       ("NVIDIA H200", False), ("NVIDIA B200", False)])
+def test_the_default_is_per_device_where_measured(hopper, monkeypatch, name, on):
     monkeypatch.delenv(pdl.ENV)
-    assert pdl.enabled(CUDA0) is pdl.DEFAULT_ON
-    monkeypatch.setattr(pdl, "DEFAULT_ON", True)
+    monkeypatch.setattr(pdl, "_device_name", lambda index: name)
+    assert pdl.enabled(CUDA0) is on
+    assert pdl.on_by_default(name) is on
+    monkeypatch.setattr(pdl, "DEFAULT_ON", True)  # every capable device
     assert pdl.enabled(CUDA0)
-    monkeypatch.setenv(pdl.ENV, "1")
     monkeypatch.setattr(pdl, "DEFAULT_ON", False)
+    monkeypatch.setattr(pdl, "ON_BY_DEFAULT", ())  # no device measured faster
+    assert not pdl.enabled(CUDA0)
+    monkeypatch.setenv(pdl.ENV, "1")  # the environment decides wherever it is set
     assert pdl.enabled(CUDA0)
+    monkeypatch.setattr(pdl, "ON_BY_DEFAULT", ("H",))
+    monkeypatch.setenv(pdl.ENV, "0")
+    assert not pdl.enabled(CUDA0)
+
+
+def test_no_override_turns_it_on_before_hopper(hopper, monkeypatch):
+    monkeypatch.setattr(pdl, "_capable", lambda index: False)
+    with pdl.override(True):
+        assert not pdl.enabled(CUDA0)
 
 
 def test_off_on_the_cpu_and_under_the_interpreter(hopper, monkeypatch):

@@ -20,10 +20,14 @@ A kernel that follows a non-PDL kernel (torch's, cuBLAS) starts when that one co
 kernel after ours waits for ours to complete. So the rules above are the whole contract. Where ``PDL`` is False (a
 GPU before Hopper, the interpreter, PDL not switched on) the calls compile to nothing.
 
-Opt-in (:data:`DEFAULT_ON`): ``TRITON_OPS_PDL=1`` or :func:`override`. The library's kernels took PDL in session 25;
-their GPU tests pass with it, and it measured no faster: whole models on the H100 0-2 % (sessions 26, 36; a mixture
-of experts' one-token step half again slower), the library's own decode kernels of 16 Llama-3-8B layers in a CUDA
-graph 1.4-1.6 % slower with it than without (session 42, H100, ``benchmarks.dev.pdl_layers``; docs/torch-compile.md).
+On by default where it measured faster (:data:`ON_BY_DEFAULT`, matched against the device's name: the H100, session
+44), off elsewhere (:data:`DEFAULT_ON`) until measured there; ``TRITON_OPS_PDL=1`` / ``0`` or :func:`override`
+decide otherwise. With the trigger at the streaming loop's end (:data:`DEFAULT_TRIGGER`), on the lent H100: the
+library's decode kernels of 16 Llama-3-8B layers in a CUDA graph 1.4-1.5 % faster than without it
+(``benchmarks.dev.pdl_layers``), whole decode steps in a CUDA graph at one row 1-6 % faster (Llama-3-8B FP8
+checkpoint 3,606 -> 3,450 us, bf16 6,021 -> 5,962; Qwen3-30B-A3B 4,148 -> 3,902) and within 0.4 % at eight rows;
+every GPU test of the library passed with it on (session 44: 2,512). With the trigger at the start (sessions 26-42)
+it measured no faster (a mixture of experts' one-token step half again slower): docs/torch-compile.md.
 
 The launch side: :func:`enabled` says whether a device's launches use PDL; a plan built for that device passes
 ``launch_pdl=True`` with the kernel's ``PDL=True``. :func:`override` switches it for a block (tests, benchmarks)
@@ -54,7 +58,10 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     _HAVE_GDC = False
 
 ENV = "TRITON_OPS_PDL"
-# Whether PDL is on where nothing says otherwise (``TRITON_OPS_PDL`` unset): off, as measured (the module's docstring).
+# Where nothing says otherwise (``TRITON_OPS_PDL`` unset), PDL is on for a device whose name contains one of these
+# (measured faster there: the module's docstring) and :data:`DEFAULT_ON` for any other capable device (not measured
+# there yet: the H200, Blackwell).
+ON_BY_DEFAULT = ("H100",)
 DEFAULT_ON = False
 _override: bool | None = None
 # Where a kernel lets the next one launch: "start" (``pdl_launch_dependents``, before its own wait: the next kernel,
@@ -131,11 +138,23 @@ def prefetch_rows(base, rows, n_rows, stride_row, k_start, k_end, LINES: tl.cons
     prefetch_l2(tl.where(ok, ptrs, base))
 
 
-def _env_setting() -> bool:
+def _env_setting() -> bool | None:
+    """``TRITON_OPS_PDL`` as a switch, or None where it is unset."""
     value = os.environ.get(ENV, "").strip().lower()
     if not value:
-        return DEFAULT_ON
+        return None
     return value not in {"0", "false", "no", "off"}
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def on_by_default(name: str) -> bool:
+    """Whether a capable device called ``name`` (``torch.cuda.get_device_name``) uses PDL where nothing says
+    otherwise: :data:`ON_BY_DEFAULT` names it, or :data:`DEFAULT_ON`."""
+    return DEFAULT_ON or any(known in name for known in ON_BY_DEFAULT)
 
 
 @functools.cache
@@ -145,13 +164,18 @@ def _capable(index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use PDL: a CUDA device of compute capability 9.0 or later (Hopper,
-    Blackwell), compiled kernels (not the interpreter), Triton's GDC instructions present, and ``TRITON_OPS_PDL``
-    set to ``1`` (unset: :data:`DEFAULT_ON`; ``0`` turns it off); :func:`override` decides inside its block."""
+    Blackwell), compiled kernels (not the interpreter), Triton's GDC instructions present, and PDL switched on:
+    :func:`override` inside its block, else ``TRITON_OPS_PDL`` (``1`` on, ``0`` off), else :func:`on_by_default`
+    for the device's name."""
     if device.type != "cuda" or not _HAVE_GDC or is_interpreter():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not _capable(index):
         return False
     if _override is not None:
         return _override
-    return _env_setting() and _capable(device.index if device.index is not None else torch.cuda.current_device())
+    setting = _env_setting()
+    return on_by_default(_device_name(index)) if setting is None else setting
 
 
 @contextlib.contextmanager
@@ -174,5 +198,6 @@ def launch_options(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options",
-           "override", "pdl_launch_dependents", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows"]
+__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "ON_BY_DEFAULT", "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled",
+           "launch_options", "on_by_default", "override", "pdl_launch_dependents", "pdl_streamed", "pdl_wait",
+           "prefetch_l2", "prefetch_rows"]
