@@ -110,6 +110,13 @@ def test_any_decode_shape(m, n, k, mode, dtype, bias, seed):
     [
         ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, 3, torch.float16),
         ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3}, 2, torch.bfloat16),  # uneven
+        # W @ x^T (SWAP_AB): the weight tile as the dot's row operand, split K, uneven N, several dtypes
+        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "SWAP_AB": True}, 5,
+         torch.bfloat16),
+        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "SWAP_AB": True}, 16,
+         torch.float16),
+        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "SWAP_AB": True}, 3,
+         torch.float32),
         # FMA: a K tile across two scale blocks; two row tiles with split K
         ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}, 1, torch.bfloat16),
         ({"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}, 5, torch.float32),
@@ -130,16 +137,17 @@ F16_DOT = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT
            "num_stages": 1, "F16_DOT": True}
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_f16_dot_matches_the_reference_row_by_row(mode):
+def test_f16_dot_matches_the_reference_row_by_row(mode, swap):
     # fp16 tensor-core dots: bf16 rows spanning 2^-20 .. 2^20 (each scaled into fp16's range by its own power of
-    # two), split K, a bias; a row far below one, an all-zero row
+    # two), split K, a bias; a row far below one, an all-zero row; unswapped and as W @ x^T
     q, s = _weight(40, 300, mode, DEV, seed=5)
     bias = torch.randn(40, device=DEV).to(torch.bfloat16)
     g = torch.Generator().manual_seed(6)
     rows = torch.cat([2.0 ** torch.linspace(-20, 20, 10), torch.tensor([2.0**-115, 0.0])])[:, None]
     x = (torch.randn(12, 300, generator=g) * rows).to(DEV, torch.bfloat16)
-    out = wo.weight_only_linear(x, q, s, bias, config=F16_DOT)
+    out = wo.weight_only_linear(x, q, s, bias, config={**F16_DOT, "SWAP_AB": swap})
     want = _reference(x, q, s, bias)
     for r in range(12):
         assert_close_rel(out[r], want[r], TOL[torch.bfloat16], f"{mode} row {r}")
@@ -159,6 +167,17 @@ def test_f16_dot_keeps_nan_and_inf_in_their_rows_and_is_for_bf16_only():
         assert _constexpr(plan, "F16_DOT") is False
     plan = wo.build_plan(x, q, s, None, config=F16_DOT)
     assert _constexpr(plan, "F16_DOT") is True
+
+
+def test_swap_ab_is_a_tensor_core_option_and_reaches_the_kernel():
+    q, s = _weight(40, 300, "block", DEV, seed=7)
+    x = _activation(4, 300, torch.bfloat16, DEV, seed=8)
+    assert _constexpr(wo.build_plan(x, q, s, None, config={**F16_DOT, "SWAP_AB": True}), "SWAP_AB") is True
+    assert _constexpr(wo.build_plan(x, q, s, None, config=F16_DOT), "SWAP_AB") is False
+    fma = {"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4,
+           "num_stages": 1}
+    with pytest.raises(InvalidArgumentError, match="SWAP_AB"):
+        wo.build_plan(x, q, s, None, config={**fma, "SWAP_AB": True})
 
 
 def _constexpr(plan, name: str):
@@ -459,12 +478,16 @@ def test_auto_routes_decode_rows_by_the_measured_rule():
     assert all(wo.use_weight_only("auto", m, big, channel) for m in (1, 2, 16))
     # fp32 activations (an IEEE dot of CUDA-core work): several rows of a large weight keep the W8A8 path
     assert wo.use_weight_only("auto", 1, big, channel, 4) and not wo.use_weight_only("auto", 2, big, channel, 4)
-    # 128x128 block scales: one row always on the weight-only kernel (its FMA tile scales 16-element partial sums);
-    # several rows only up to BLOCK_WEIGHT_ONLY_MAX_ELEMENTS (packed q/k/v yes, the MLP's 58.7M-element weights no)
+    # 128x128 block scales: every 16-bit decode row on the weight-only kernel, the MLP's 58.7M-element weights
+    # included (session 44: faster on the H100, a tie on the H200, and no activation quantization)
     qkv, qkv_blocks = torch.empty(6144, 4096, dtype=FP8, device="meta"), torch.ones(32, 48, device="meta")
-    assert wo.use_weight_only("auto", 1, big, blocks) and not wo.use_weight_only("auto", 2, big, blocks)
+    assert all(wo.use_weight_only("auto", m, big, blocks) for m in (1, 2, 8, 16))
+    assert not wo.use_weight_only("auto", 17, big, blocks)
     assert all(wo.use_weight_only("auto", m, qkv, qkv_blocks) for m in (1, 4, 16))
-    assert not wo.use_weight_only("auto", 4, qkv, qkv_blocks, 4)  # fp32 activations: several rows stay W8A8
+    # fp32 activations: several rows of a weight past 2**24 elements stay W8A8, one row or a small weight do not
+    assert not wo.use_weight_only("auto", 4, big, blocks, 4) and wo.use_weight_only("auto", 1, big, blocks, 4)
+    assert not wo.use_weight_only("auto", 4, qkv, qkv_blocks, 4)
+    assert wo.use_weight_only("auto", 4, small, torch.ones(32, 8, device="meta"), 4)
     assert wo.use_weight_only("weight_only", 64, big, blocks) and not wo.use_weight_only("w8a8", 1, small, None)
     groups = torch.ones(32, 14336, device="meta")  # group scales: weight-only at every decode M
     assert all(wo.use_weight_only("auto", m, big, groups) for m in (1, 2, 16)) and not wo.use_weight_only("auto", 17,

@@ -1,8 +1,8 @@
 """The weight-only (W8A16) decode path of ``FP8Linear``: the launch config, the call plan and the launcher.
 
 A decode step multiplies a few token rows by every weight of the model: the weight bytes are the whole cost. For
-``M <= WEIGHT_ONLY_MAX_M`` rows, where the H200 measured it faster (``use_weight_only``: every weight but one of
-more than 2**24 elements with 128x128 block scales), ``fp8_linear`` (hence ``FP8Linear`` and
+``M <= WEIGHT_ONLY_MAX_M`` rows, where it measured faster (``use_weight_only``: every row of a 16-bit activation,
+one row of an fp32 one past 2**24 weight elements), ``fp8_linear`` (hence ``FP8Linear`` and
 ``torch.ops.triton_ops.fp8_linear``) skips the activation's quantization and runs one kernel
 (``weight_only_kernels``): ``x`` read as it is (fp16/bf16/fp32), the E4M3 weight streamed from HBM once and
 up-converted in registers, the weight scale (per tensor, per output channel, 128x128 blocks, or per output channel
@@ -104,27 +104,26 @@ WEIGHT_ONLY_MAX_ELEMENTS = 2**24
 # began scaling 16-element partial sums instead of every element of x (``python -m benchmarks.dev.weight_only_rows
 # --rows 1,4,16 --scales block --no-sweep``, four weights back to back in a CUDA graph; weight-only against W8A8):
 # M = 1: packed q/k/v 4096 -> 6144 8.8 / 19.0 us, down 17.2 / 25.1, gate 18.4 / 24.1; M = 4 and 16: q/k/v 13.7-13.8
-# / 19.0-19.4, down 25.8-26.1 / 25.3-26.2, gate 25.4-26.9 / 24.2-25.1. Weights past this many elements (Llama-3-8B's
-# MLP weights, 58.7M) keep the W8A8 path at several rows; one row always takes the weight-only kernel. Whole
-# Llama-3-8B from an FP8 checkpoint, batch 1: 4,038 us a step before the session, 2,748 with this rule.
-BLOCK_WEIGHT_ONLY_MAX_ELEMENTS = 2**25
-
+# / 19.0-19.4, down 25.8-26.1 / 25.3-26.2, gate 25.4-26.9 / 24.2-25.1: a tie for the MLP's 58.7M-element weights at
+# several rows, which kept the W8A8 path until session 44. Session 44, lent H100, M = 8 (``--rows 1,8 --scales
+# block``): down 26.9 us weight-only against 29.6 W8A8 (and 1.7e-3 against 2.6e-2 relative error: no activation
+# quantization); in Llama-3-8B's FP8-checkpoint step at batch 8 the W8A8 down projections took 812 us plus 60 us of
+# activation quantization (32 launches each). So every 16-bit decode row takes the weight-only kernel, block scales
+# included; fp32 activations (an IEEE dot: CUDA-core work at several rows) keep the W8A8 path past one row.
 
 def use_weight_only(path: str, m: int, weight: torch.Tensor | None = None,
                     weight_scale: torch.Tensor | None = None, x_bytes: int = 2) -> bool:
     """Whether a call of ``m`` rows with ``path`` takes the weight-only kernel. For ``"auto"`` with a weight given,
     the measured rule above; without one, every ``m <= WEIGHT_ONLY_MAX_M``. ``x_bytes``: the activation's element
     size (the rule for several rows of a large weight was measured with 16-bit activations; fp32 ones, whose IEEE
-    dot is CUDA-core work, keep the W8A8 path there)."""
+    dot is CUDA-core work, keep the W8A8 path there). ``weight_scale`` no longer changes the answer (since session
+    44 block scales follow the same rule); it stays in the signature for callers that pass it."""
     if path == "weight_only":
         return True
     if path != "auto" or not AUTO_WEIGHT_ONLY or m > WEIGHT_ONLY_MAX_M:
         return False
     if weight is None or weight.dim() != 2 or weight.numel() <= WEIGHT_ONLY_MAX_ELEMENTS:
         return True
-    n, k = weight.shape
-    if weight_scale is not None and b_scale_granularity(weight_scale, k, n, "weight_scale") == "block":
-        return m == 1 or (x_bytes == 2 and n * k <= BLOCK_WEIGHT_ONLY_MAX_ELEMENTS)
     return m == 1 or x_bytes == 2
 
 
@@ -247,6 +246,8 @@ def _check_config(cfg: dict[str, Any], scale_mode: int) -> dict[str, Any]:
         raise InvalidArgumentError(
             f"config: with 128x128 block scales a tile must lie inside one scale block: BLOCK_N <= 128 (and "
             f"BLOCK_K <= 128 with USE_DOT), got BLOCK_N={cfg['BLOCK_N']}, BLOCK_K={cfg['BLOCK_K']}")
+    if cfg.get("SWAP_AB", False) and not cfg["USE_DOT"]:
+        raise InvalidArgumentError(f"config: SWAP_AB (W @ x^T on the tensor cores) needs USE_DOT, got {cfg}")
     if not isinstance(cfg["SPLIT_K"], int) or cfg["SPLIT_K"] < 1:
         raise InvalidArgumentError(f"config: SPLIT_K must be a positive integer, got {cfg['SPLIT_K']!r}")
     return cfg
@@ -461,7 +462,8 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             mode, bias is not None, add_out is not None, norm_weight is not None,
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch,
-            norm_out_weight is not None, norm_out_block(n, bm, _INTERP), next_pow2(grid[0]))
+            norm_out_weight is not None, norm_out_block(n, bm, _INTERP), next_pow2(grid[0]),
+            bool(cfg.get("SWAP_AB", False)) and bool(cfg["USE_DOT"]))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"], **pdl.launch_options(pdl_on))
     return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info, out_eps)
