@@ -117,6 +117,11 @@ def test_any_decode_shape(m, n, k, mode, dtype, bias, seed):
          torch.float16),
         ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "SWAP_AB": True}, 3,
          torch.float32),
+        # the next weight tile loaded a step ahead (NEXT_TILE): split K with uneven slices, a partial last tile
+        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "NEXT_TILE": True}, 7,
+         torch.bfloat16),
+        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "NEXT_TILE": True}, 16,
+         torch.float16),
         # FMA: a K tile across two scale blocks; two row tiles with split K
         ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}, 1, torch.bfloat16),
         ({"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}, 5, torch.float32),
@@ -137,9 +142,9 @@ F16_DOT = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT
            "num_stages": 1, "F16_DOT": True}
 
 
-@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("swap, next_tile", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("mode", MODES)
-def test_f16_dot_matches_the_reference_row_by_row(mode, swap):
+def test_f16_dot_matches_the_reference_row_by_row(mode, swap, next_tile):
     # fp16 tensor-core dots: bf16 rows spanning 2^-20 .. 2^20 (each scaled into fp16's range by its own power of
     # two), split K, a bias; a row far below one, an all-zero row; unswapped and as W @ x^T
     q, s = _weight(40, 300, mode, DEV, seed=5)
@@ -147,7 +152,7 @@ def test_f16_dot_matches_the_reference_row_by_row(mode, swap):
     g = torch.Generator().manual_seed(6)
     rows = torch.cat([2.0 ** torch.linspace(-20, 20, 10), torch.tensor([2.0**-115, 0.0])])[:, None]
     x = (torch.randn(12, 300, generator=g) * rows).to(DEV, torch.bfloat16)
-    out = wo.weight_only_linear(x, q, s, bias, config={**F16_DOT, "SWAP_AB": swap})
+    out = wo.weight_only_linear(x, q, s, bias, config={**F16_DOT, "SWAP_AB": swap, "NEXT_TILE": next_tile})
     want = _reference(x, q, s, bias)
     for r in range(12):
         assert_close_rel(out[r], want[r], TOL[torch.bfloat16], f"{mode} row {r}")

@@ -463,7 +463,8 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch,
             norm_out_weight is not None, norm_out_block(n, bm, _INTERP), next_pow2(grid[0]),
-            bool(cfg.get("SWAP_AB", False)) and bool(cfg["USE_DOT"]))
+            bool(cfg.get("SWAP_AB", False)) and bool(cfg["USE_DOT"]),
+            bool(cfg.get("NEXT_TILE", False)) and bool(cfg["USE_DOT"]) and not cfg.get("SWAP_AB", False))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"], **pdl.launch_options(pdl_on))
     return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info, out_eps)

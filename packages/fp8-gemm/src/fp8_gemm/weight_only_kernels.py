@@ -225,7 +225,7 @@ def fp8_weight_only_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
     F16_DOT: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
     NORM_OUT: tl.constexpr = False, NORM_OUT_BLOCK: tl.constexpr = 1, NORM_OUT_N_BLOCKS: tl.constexpr = 1,
-    SWAP_AB: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False, NEXT_TILE: tl.constexpr = False,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out = residual + ...`` (``res_ptr``: ``out``
@@ -247,6 +247,9 @@ def fp8_weight_only_kernel(
     ``SWAP_AB`` (``USE_DOT``): the dot computes ``out^T = W @ x^T``, the ``[BLOCK_N, BLOCK_K]`` weight tile as its
     row operand and x's few rows as its columns, so that ``BLOCK_N`` (64 or more) rows, not 16, make the MMA's
     M: Hopper's warpgroup MMA takes at least 64 there, and a 16-row tile falls back to the older ``mma.sync``.
+    ``NEXT_TILE`` (``USE_DOT``, not ``SWAP_AB``): each step loads the next step's weight tile into registers before
+    it multiplies its own (the loads of a tile that feeds a converted dot are not pipelined through shared memory
+    by Triton's pipeliner: without this, each step waits for its own weight loads).
     """
     CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # block / group scales, one row: products summed per chunk
     CHUNKED: tl.constexpr = (not USE_DOT) and BLOCK_M == 1 and (SCALE_MODE == 2 or SCALE_MODE == 4)
@@ -274,6 +277,9 @@ def fp8_weight_only_kernel(
         # the [BLOCK_K, BLOCK_N] tile of W^T: K-contiguous columns, wide vector loads
         w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k)[:, None] * stride_wk
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if NEXT_TILE:  # this slice's first weight tile; each step then loads the one after its own
+            k_end = tl.minimum(K, k_last * BLOCK_K)
+            w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[:, None] & (offs_n < N)[None, :], other=0.0)
     else:
         # the [BLOCK_N, BLOCK_K] tile of W: K-contiguous rows
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :] * stride_wk
@@ -296,6 +302,10 @@ def fp8_weight_only_kernel(
         if USE_DOT:
             if SWAP_AB:
                 w = _load_tile(w_ptrs, offs_n, N, k0 + offs_k, K, EVEN_N, EVEN_K)
+            elif NEXT_TILE:
+                w = w_next
+                w_next = tl.load(w_ptrs + BLOCK_K * stride_wk,
+                                 mask=((k0 + BLOCK_K + offs_k) < k_end)[:, None] & (offs_n < N)[None, :], other=0.0)
             else:
                 w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
             if F16_DOT:
