@@ -49,8 +49,7 @@ def fma_candidates(m: int) -> list[dict]:
 
 
 def f16_candidates(m: int, scale: str) -> list[dict]:
-    """16-row tensor-core tiles (3 to 16 rows) with and without fp16 dots (``F16_DOT``), and with fp16 dots as
-    ``W @ x^T`` (``SWAP_AB``: 64 or 128 weight rows make the MMA's M, so Hopper's warpgroup MMA takes it)."""
+    """16-row tensor-core tiles (3 to 16 rows) with and without fp16 dots (``F16_DOT``)."""
     out = []
     k_tiles = (128,) if scale in ("group", "block") else (128, 256)
     for (bn, warps), bk, split, f16 in itertools.product(((32, 4), (64, 4), (128, 8)), k_tiles, (1, 2, 4),
@@ -58,17 +57,6 @@ def f16_candidates(m: int, scale: str) -> list[dict]:
         stages = min(4, _SMEM // (bk * (16 * 2 + bn)))
         out.append({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                     "num_warps": warps, "num_stages": stages, "F16_DOT": f16})
-    for (bn, warps), bk, split in itertools.product(((64, 4), (128, 8)), k_tiles, (2, 4)):
-        # the next weight tile loaded a step ahead (NEXT_TILE: the dot's weight loads are not pipelined otherwise)
-        out.append({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-                    "num_warps": warps, "num_stages": min(4, _SMEM // (bk * (16 * 2 + bn))), "F16_DOT": True,
-                    "NEXT_TILE": True})
-    for (bn, warps), bk, split in itertools.product(((64, 4), (128, 8)), k_tiles, (1, 2, 4)):
-        if bn == 128 and bk == 256:  # spills (sm_90 compile: 2,600 local-memory operations at 4 warps)
-            continue
-        out.append({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-                    "num_warps": warps, "num_stages": min(4, _SMEM // (bk * (16 * 2 + bn))), "F16_DOT": True,
-                    "SWAP_AB": True})
     return out
 
 
@@ -94,8 +82,7 @@ def candidates(m: int, scale: str, tensor_cores: bool = False) -> list[dict]:
 
 def _label(cfg: dict) -> str:
     return "m{BLOCK_M}-n{BLOCK_N}-k{BLOCK_K}-w{num_warps}-s{num_stages}-split{SPLIT_K}".format(**cfg) + (
-        "-f16" if cfg.get("F16_DOT") else "") + ("-swap" if cfg.get("SWAP_AB") else "") + (
-        "-next" if cfg.get("NEXT_TILE") else "")
+        "-f16" if cfg.get("F16_DOT") else "")
 
 
 def run_bf16_case(name: str, m: int, copies: int, bandwidth: float) -> list[dict]:
@@ -217,10 +204,7 @@ def main(argv=None) -> int:
                 fixed = [r for r in case if "config" not in r]
                 best = sorted((r for r in case if "config" in r), key=lambda r: r["us"])
                 print(f"== {name} {SHAPES[name]} M={m} {scale}: floor {case[0]['floor_us']:.2f} us", flush=True)
-                # the best W @ x^T and next-tile variants, too
-                others = [r for r in best if r["config"].get("SWAP_AB")][:2] + [
-                    r for r in best if r["config"].get("NEXT_TILE")][:3]
-                for r in fixed + best[:5] + [r for r in others if r not in best[:5]]:
+                for r in fixed + best[:5]:
                     print(f"   {r['label']:34s} {r['us']:7.2f} us  {r['floor_us'] / r['us']:4.0%}  "
                           f"err {r['rel_err']:.1e}", flush=True)
     print(f"wrote {out}")

@@ -110,18 +110,6 @@ def test_any_decode_shape(m, n, k, mode, dtype, bias, seed):
     [
         ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, 3, torch.float16),
         ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3}, 2, torch.bfloat16),  # uneven
-        # W @ x^T (SWAP_AB): the weight tile as the dot's row operand, split K, uneven N, several dtypes
-        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "SWAP_AB": True}, 5,
-         torch.bfloat16),
-        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "SWAP_AB": True}, 16,
-         torch.float16),
-        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "SWAP_AB": True}, 3,
-         torch.float32),
-        # the next weight tile loaded a step ahead (NEXT_TILE): split K with uneven slices, a partial last tile
-        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "NEXT_TILE": True}, 7,
-         torch.bfloat16),
-        ({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "NEXT_TILE": True}, 16,
-         torch.float16),
         # FMA: a K tile across two scale blocks; two row tiles with split K
         ({"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}, 1, torch.bfloat16),
         ({"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}, 5, torch.float32),
@@ -142,17 +130,16 @@ F16_DOT = {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT
            "num_stages": 1, "F16_DOT": True}
 
 
-@pytest.mark.parametrize("swap, next_tile", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("mode", MODES)
-def test_f16_dot_matches_the_reference_row_by_row(mode, swap, next_tile):
+def test_f16_dot_matches_the_reference_row_by_row(mode):
     # fp16 tensor-core dots: bf16 rows spanning 2^-20 .. 2^20 (each scaled into fp16's range by its own power of
-    # two), split K, a bias; a row far below one, an all-zero row; unswapped and as W @ x^T
+    # two), split K, a bias; a row far below one, an all-zero row
     q, s = _weight(40, 300, mode, DEV, seed=5)
     bias = torch.randn(40, device=DEV).to(torch.bfloat16)
     g = torch.Generator().manual_seed(6)
     rows = torch.cat([2.0 ** torch.linspace(-20, 20, 10), torch.tensor([2.0**-115, 0.0])])[:, None]
     x = (torch.randn(12, 300, generator=g) * rows).to(DEV, torch.bfloat16)
-    out = wo.weight_only_linear(x, q, s, bias, config={**F16_DOT, "SWAP_AB": swap, "NEXT_TILE": next_tile})
+    out = wo.weight_only_linear(x, q, s, bias, config=F16_DOT)
     want = _reference(x, q, s, bias)
     for r in range(12):
         assert_close_rel(out[r], want[r], TOL[torch.bfloat16], f"{mode} row {r}")
@@ -172,17 +159,6 @@ def test_f16_dot_keeps_nan_and_inf_in_their_rows_and_is_for_bf16_only():
         assert _constexpr(plan, "F16_DOT") is False
     plan = wo.build_plan(x, q, s, None, config=F16_DOT)
     assert _constexpr(plan, "F16_DOT") is True
-
-
-def test_swap_ab_is_a_tensor_core_option_and_reaches_the_kernel():
-    q, s = _weight(40, 300, "block", DEV, seed=7)
-    x = _activation(4, 300, torch.bfloat16, DEV, seed=8)
-    assert _constexpr(wo.build_plan(x, q, s, None, config={**F16_DOT, "SWAP_AB": True}), "SWAP_AB") is True
-    assert _constexpr(wo.build_plan(x, q, s, None, config=F16_DOT), "SWAP_AB") is False
-    fma = {"USE_DOT": False, "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4,
-           "num_stages": 1}
-    with pytest.raises(InvalidArgumentError, match="SWAP_AB"):
-        wo.build_plan(x, q, s, None, config={**fma, "SWAP_AB": True})
 
 
 def _constexpr(plan, name: str):

@@ -209,7 +209,13 @@ def _f16_dot_tile(n: int, k: int, blocked: bool, sms: int) -> dict[str, Any]:
     graph, 36 tiles with and without fp16 dots; the previous rule's tile in brackets): Llama-3-8B's packed q/k/v
     13.7 us (15.6), o 11.7 (13.1), down 21.3 (26.3) with per-channel scales; with group scales 14.0 (16.5), 11.6
     (12.7), 25.1 (27.6); gpt-oss's q/k/v 11.5 (14.2) and 11.6 (13.2). 64 columns and 128-deep K steps, 4 warps;
-    per-channel scales at K >= 8192 (down) 128 columns and 256-deep steps, 8 warps (22.8 us with 64 x 256)."""
+    per-channel scales at K >= 8192 (down) 128 columns and 256-deep steps, 8 warps (22.8 us with 64 x 256).
+
+    Measured and not taken (session 44, lent H100, M = 8 and 16, block and channel scales; log:
+    docs/benchmarks/dev/fp8-gemm/weight_only_rows-m8-swap-next-h100-session44.log): ``out^T = W @ x^T`` with the
+    weight tile as the warpgroup MMA's row operand (as session 20 found on the H200) 4-9 % slower than this tile;
+    the next weight tile loaded into registers a step ahead (compiled for sm_90, this tile's loop waits on 77 plain
+    weight loads, 16 with it) 30-45 % slower, Llama-3-8B's FP8-checkpoint step at batch 8 4,363 -> 5,015 us."""
     block_n, block_k, warps = (128, 256, 8) if (not blocked and k >= 8192) else (64, 128, 4)
     cols, k_tiles = cdiv(n, block_n), cdiv(k, block_k)
     split = 1 if cols >= 2 * sms else max(1, min(4, k_tiles // 2))
@@ -246,8 +252,6 @@ def _check_config(cfg: dict[str, Any], scale_mode: int) -> dict[str, Any]:
         raise InvalidArgumentError(
             f"config: with 128x128 block scales a tile must lie inside one scale block: BLOCK_N <= 128 (and "
             f"BLOCK_K <= 128 with USE_DOT), got BLOCK_N={cfg['BLOCK_N']}, BLOCK_K={cfg['BLOCK_K']}")
-    if cfg.get("SWAP_AB", False) and not cfg["USE_DOT"]:
-        raise InvalidArgumentError(f"config: SWAP_AB (W @ x^T on the tensor cores) needs USE_DOT, got {cfg}")
     if not isinstance(cfg["SPLIT_K"], int) or cfg["SPLIT_K"] < 1:
         raise InvalidArgumentError(f"config: SPLIT_K must be a positive integer, got {cfg['SPLIT_K']!r}")
     return cfg
@@ -462,9 +466,7 @@ def build_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             mode, bias is not None, add_out is not None, norm_weight is not None,
             bool(cfg["USE_DOT"]), bm, bn, bk, split, k % bk == 0, n % bn == 0,
             cfg["num_stages"], _INTERP, _f16_dot(cfg, mode, x.dtype), pdl_on, prefetch,
-            norm_out_weight is not None, norm_out_block(n, bm, _INTERP), next_pow2(grid[0]),
-            bool(cfg.get("SWAP_AB", False)) and bool(cfg["USE_DOT"]),
-            bool(cfg.get("NEXT_TILE", False)) and bool(cfg["USE_DOT"]) and not cfg.get("SWAP_AB", False))
+            norm_out_weight is not None, norm_out_block(n, bm, _INTERP), next_pow2(grid[0]))
     launch = Plan(fp8_weight_only_kernel, grid, tail, cfg["num_warps"], info={**cfg, "SPLIT_K": split},
                   num_stages=cfg["num_stages"], **pdl.launch_options(pdl_on))
     return WeightOnlyPlan(m, n, x.dtype, x.device, 0, launch, counters, partials, launch.info, out_eps)

@@ -114,24 +114,6 @@ def _block_chunk_scales(s_col, k0, K, stride_sk, BLOCK_K: tl.constexpr, CHUNK: t
 
 
 @triton.jit
-def _swapped_step(acc_t, xd, wd, back, s_ptr, s_col, offs_n, k0, N, stride_sk, stride_sn,
-                  SCALE_MODE: tl.constexpr, F16_DOT: tl.constexpr):
-    """One K block of ``SWAP_AB``: ``acc_t [BLOCK_N, BLOCK_M] += (W_tile @ x_tile^T)``, the partial product scaled
-    in fp32 as the unswapped dot's (its block scale, its rows' group scales, with ``F16_DOT`` x's row factors)."""
-    if SCALE_MODE == 2 or SCALE_MODE == 4 or F16_DOT:
-        part = tl.dot(wd, tl.trans(xd), input_precision="ieee")
-        if SCALE_MODE == 2:
-            part = part * tl.load(s_col + (k0 // 128) * stride_sk)
-        elif SCALE_MODE == 4:
-            part = part * tl.load(s_ptr + (k0 // 128) * stride_sk + offs_n * stride_sn, mask=offs_n < N,
-                                  other=0.0)[:, None]
-        if F16_DOT:
-            part = part * back[None, :]
-        return acc_t + part
-    return tl.dot(wd, tl.trans(xd), acc_t, input_precision="ieee")
-
-
-@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     """A 2-D tile, masked only along the dimensions that may run past the tensor (zero there)."""
     if EVEN_ROWS:
@@ -225,7 +207,6 @@ def fp8_weight_only_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
     F16_DOT: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
     NORM_OUT: tl.constexpr = False, NORM_OUT_BLOCK: tl.constexpr = 1, NORM_OUT_N_BLOCKS: tl.constexpr = 1,
-    SWAP_AB: tl.constexpr = False, NEXT_TILE: tl.constexpr = False,
 ):
     """``out[M, N] = x[M, K] @ (W[N, K] * scale)^T + bias``, W in E4M3 (or, with ``SCALE_MODE`` 3, in x's 16-bit
     dtype and unscaled), x and out fp16/bf16/fp32; with ``ADD_OUT``, ``out = residual + ...`` (``res_ptr``: ``out``
@@ -244,12 +225,6 @@ def fp8_weight_only_kernel(
     conversion (E4M3 -> fp16 is one packed instruction per two weights, -> bf16 two). ``PDL``
     (``triton_ops_core.pdl``): launched early, this program asks L2 for the first ``PREFETCH_LINES`` 128-byte
     lines of each of its weight rows, then waits for the previous kernel before it reads x or writes anything.
-    ``SWAP_AB`` (``USE_DOT``): the dot computes ``out^T = W @ x^T``, the ``[BLOCK_N, BLOCK_K]`` weight tile as its
-    row operand and x's few rows as its columns, so that ``BLOCK_N`` (64 or more) rows, not 16, make the MMA's
-    M: Hopper's warpgroup MMA takes at least 64 there, and a 16-row tile falls back to the older ``mma.sync``.
-    ``NEXT_TILE`` (``USE_DOT``, not ``SWAP_AB``): each step loads the next step's weight tile into registers before
-    it multiplies its own (the loads of a tile that feeds a converted dot are not pipelined through shared memory
-    by Triton's pipeliner: without this, each step waits for its own weight loads).
     """
     CHUNK: tl.constexpr = 16 if BLOCK_K >= 16 else BLOCK_K  # block / group scales, one row: products summed per chunk
     CHUNKED: tl.constexpr = (not USE_DOT) and BLOCK_M == 1 and (SCALE_MODE == 2 or SCALE_MODE == 4)
@@ -269,17 +244,10 @@ def fp8_weight_only_kernel(
     # the scale block column of this tile (block scales): constant over the tile since BLOCK_N divides 128
     s_col = s_ptr + ((pid_n * BLOCK_N) // 128) * stride_sn
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    if USE_DOT and SWAP_AB:
-        # the [BLOCK_N, BLOCK_K] tile of W, K-contiguous rows: the dot's row operand; the accumulator is out^T
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :] * stride_wk
-        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    elif USE_DOT:
+    if USE_DOT:
         # the [BLOCK_K, BLOCK_N] tile of W^T: K-contiguous columns, wide vector loads
         w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k)[:, None] * stride_wk
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if NEXT_TILE:  # this slice's first weight tile; each step then loads the one after its own
-            k_end = tl.minimum(K, k_last * BLOCK_K)
-            w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[:, None] & (offs_n < N)[None, :], other=0.0)
     else:
         # the [BLOCK_N, BLOCK_K] tile of W: K-contiguous rows
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :] * stride_wk
@@ -300,14 +268,7 @@ def fp8_weight_only_kernel(
             if USE_DOT and not F16_DOT and not EMULATE:  # the 16-bit dot's operand
                 x = x.to(x_ptr.dtype.element_ty)
         if USE_DOT:
-            if SWAP_AB:
-                w = _load_tile(w_ptrs, offs_n, N, k0 + offs_k, K, EVEN_N, EVEN_K)
-            elif NEXT_TILE:
-                w = w_next
-                w_next = tl.load(w_ptrs + BLOCK_K * stride_wk,
-                                 mask=((k0 + BLOCK_K + offs_k) < k_end)[:, None] & (offs_n < N)[None, :], other=0.0)
-            else:
-                w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
+            w = _load_tile(w_ptrs, k0 + offs_k, K, offs_n, N, EVEN_K, EVEN_N)
             if F16_DOT:
                 xd, back = rows_to_f16(x)
                 if EMULATE:  # the interpreter's 16-bit dot is wrong: fp32 operands holding the same values
@@ -321,13 +282,7 @@ def fp8_weight_only_kernel(
             else:
                 xd = x
                 wd = _dequant_type(w, x_ptr.dtype.element_ty, False)
-            if SWAP_AB and F16_DOT:
-                acc_t = _swapped_step(acc_t, xd, wd, back, s_ptr, s_col, offs_n, k0, N, stride_sk, stride_sn,
-                                      SCALE_MODE, True)
-            elif SWAP_AB:
-                acc_t = _swapped_step(acc_t, xd, wd, None, s_ptr, s_col, offs_n, k0, N, stride_sk, stride_sn,
-                                      SCALE_MODE, False)
-            elif SCALE_MODE == 2 or SCALE_MODE == 4 or F16_DOT:
+            if SCALE_MODE == 2 or SCALE_MODE == 4 or F16_DOT:
                 # the partial product of this K block, scaled in fp32: its block scale or its columns' group scales,
                 # and with F16_DOT its rows' factors
                 part = tl.dot(xd, wd, input_precision="ieee")
@@ -366,8 +321,6 @@ def fp8_weight_only_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     pdl_streamed(PDL)  # (TRITON_OPS_PDL_TRIGGER=end: the next kernel may launch during the epilogue)
-    if USE_DOT and SWAP_AB:
-        acc = tl.trans(acc_t)
     if not USE_DOT:
         if BLOCK_M == 1:
             acc = tl.sum(acc2, axis=1)[None, :]
