@@ -692,6 +692,29 @@ def _floor_us(model: dict[str, Any], variant: dict[str, Any], batch: int) -> flo
     return nbytes / (model["bandwidth_gbps"] * 1e9) * 1e6
 
 
+def _kernel_breakdown(variant: dict[str, Any], top: int = 10) -> list[str]:
+    """Where a variant's decode steps spend their GPU time: one column per decode point (us per step, launches), one
+    row per kernel among the largest ``top`` over all points (a kernel past a point's own top list: "-")."""
+    points = [p for p in variant["decode"] if p.get("top_kernels")]
+    if not points:
+        return []
+    total: dict[str, float] = {}
+    for p in points:
+        for k in p["top_kernels"]:
+            total[k["kernel"]] = total.get(k["kernel"], 0.0) + k["us"]
+    names = sorted(total, key=total.get, reverse=True)[:top]
+    lines = ["", f"Where a decode step's GPU time goes, {variant['variant']} (top kernels; us per step, launches):",
+             "", "| kernel | " + " | ".join(f"{p['batch']} x {p['context']}" for p in points) + " |",
+             "| --- |" + " --- |" * len(points)]
+    for name in names:
+        cells = []
+        for p in points:
+            k = next((k for k in p["top_kernels"] if k["kernel"] == name), None)
+            cells.append(f"{k['us']:,.0f} ({k['launches']:.0f})" if k else "-")
+        lines.append(f"| `{name.replace('|', '/')}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _model_section(model: dict[str, Any]) -> list[str]:
     variants = model["variants"]
     base = {(p["batch"], p["context"]): p["gpu_us"] for p in variants[0]["decode"]} if variants else {}
@@ -736,13 +759,7 @@ def _model_section(model: dict[str, Any]) -> list[str]:
                      f"{_fmt(v['peak_memory_gib'], '.1f')} GiB | "
                      f"{v['weight_bytes'] / 1e9:.2f} GB |")
     for v in variants:
-        first = v["decode"][0] if v["decode"] else None
-        if first and first.get("top_kernels"):
-            lines += ["", f"Where a decode step's GPU time goes, {v['variant']}, batch {first['batch']}, context "
-                      f"{first['context']} (top kernels):", "", "| kernel | us per step | launches per step |",
-                      "| --- | --- | --- |"]
-            lines += [f"| `{k['kernel'].replace('|', '/')}` | {k['us']:,.0f} | {k['launches']:.0f} |"
-                      for k in first["top_kernels"]]
+        lines += _kernel_breakdown(v)
     errors = [f"- {v['variant']}: {e}" for v in variants for e in v["errors"]]
     if errors:
         lines += ["", "Failed parts:", "", *errors]

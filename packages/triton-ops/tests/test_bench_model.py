@@ -178,6 +178,13 @@ def test_report_renders_every_part_and_names_failures(bm):
     assert "| 10 us | 2.00x | 30 us | 3.00x |" in bm.render(report)  # the CUDA-graph step against the floor
     assert "2.00 ms / 1.50 ms compiled (16 tokens)" in md and "generate static-compiled: RuntimeError: boom" in md
     assert "`k/1`" in md and "`k|1`" not in md  # a kernel name never breaks the table
+    # one breakdown column per decode point; a kernel outside a point's top list shows "-" there
+    variant["decode"].append({**point, "batch": 8, "top_kernels": [{"kernel": "k|1", "us": 30.0, "launches": 4},
+                                                                    {"kernel": "other", "us": 50.0, "launches": 1}]})
+    md = bm.render(report)
+    assert "| kernel | 1 x 8 | 8 x 8 |" in md
+    assert "| `other` | - | 50 (1) |" in md and "| `k/1` | 12 (2) | 30 (4) |" in md
+    assert md.index("`other`") < md.index("`k/1` | 12")  # the larger total first
 
 
 def test_decode_layer_marginal_layer_is_held_against_its_own_floor():
