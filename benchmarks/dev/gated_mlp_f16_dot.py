@@ -3,6 +3,7 @@
 
     python -m benchmarks.dev.gated_mlp_f16_dot                     # Llama-3-8B, Qwen3-8B, gpt-oss-20b; M = 4, 8, 16
     python -m benchmarks.dev.gated_mlp_f16_dot --rows 8 --shapes llama3-8b --scales group
+    python -m benchmarks.dev.gated_mlp_f16_dot --rows 8 --scales block       # 128x128 blocks (FP8 checkpoints)
 
 From three rows on, FP8 gate/up weights take 16-row tensor-core tiles (weight-only: the weights converted in
 registers). With bf16 activations each E4M3 weight costs a packed conversion to fp16 and a second one to bf16; with
@@ -10,9 +11,10 @@ fp16 operands the first is all (sm_90 PTX of a 16 x 32 x 256 tile: 530 instructi
 activations). Config ``F16_DOT`` feeds the tensor cores fp16: each row of the step's activation tile scaled by a
 power of two into fp16's range (exact), the products scaled back in fp32; the scaling costs a row maximum per step,
 which wider column tiles amortize (16 x 128 x 128, 8 warps: 338 instructions a step against 508). For each shape, M
-and weight scale (per channel, or the default recipe's groups): the package's choice, then tensor-core tiles
-(columns x K tile x K split) with and without ``F16_DOT``, each on ``--copies`` different weight pairs back to back
-in a CUDA graph (as ``weight_only_chain``), checked against a float64 reference first. Writes
+and weight scale (per channel, the default recipe's groups, or an FP8 checkpoint's 128x128 blocks): the package's
+choice, then tensor-core tiles (columns x K tile x K split) with and without ``F16_DOT``, each on ``--copies``
+different weight pairs back to back in a CUDA graph (as ``weight_only_chain``), checked against a float64 reference
+first. Writes
 ``gated_mlp_f16_dot.json`` to ``$OUT`` (default /tmp). Needs a GPU.
 """
 
@@ -32,9 +34,10 @@ SHAPES = {"llama3-8b": (4096, 14336), "qwen3-8b": (4096, 12288), "gpt-oss-20b": 
 
 
 def candidates(scale: str) -> list[dict]:
-    """16-row tensor-core tiles, with and without fp16 dots (group scales: K tiles inside one 128-wide group)."""
+    """16-row tensor-core tiles, with and without fp16 dots (group and block scales: K tiles inside one 128-wide
+    group)."""
     out = []
-    k_tiles = (128,) if scale == "group" else (128, 256)
+    k_tiles = (128,) if scale in ("group", "block") else (128, 256)
     for bn, bk, split, f16 in itertools.product((32, 64, 128), k_tiles, (1, 2, 4), (False, True)):
         stages = 3 if bk * (16 * 2 + 2 * bn) * 4 <= 200 * 1024 else 2
         out.append({"path": "decode", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 1,
@@ -63,6 +66,8 @@ def run_case(name: str, m: int, scale: str, copies: int, bandwidth: float) -> li
     def dequant(q, s):
         if s.dim() == 1:
             return q.double() * s.double()[:, None]
+        if scale == "block":  # [ceil(rows / 128), ceil(hidden / 128)]
+            return q.double() * s.double().repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, :hidden]
         return q.double() * s.double().repeat_interleave(128, 1)[:, :hidden]
 
     qg, sg, qu, su = ops[0]
