@@ -49,10 +49,10 @@ def fma_candidates(m: int) -> list[dict]:
 
 
 def f16_candidates(m: int, scale: str) -> list[dict]:
-    """16-row tensor-core tiles (3 to 16 rows) with and without fp16 dots (``F16_DOT``)."""
+    """16-row tensor-core tiles (3 to 16 rows) with and without fp16 dots (``F16_DOT``), K split in up to 16."""
     out = []
     k_tiles = (128,) if scale in ("group", "block") else (128, 256)
-    for (bn, warps), bk, split, f16 in itertools.product(((32, 4), (64, 4), (128, 8)), k_tiles, (1, 2, 4),
+    for (bn, warps), bk, split, f16 in itertools.product(((32, 4), (64, 4), (128, 8)), k_tiles, (1, 2, 4, 8, 16),
                                                          (False, True)):
         stages = min(4, _SMEM // (bk * (16 * 2 + bn)))
         out.append({"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
