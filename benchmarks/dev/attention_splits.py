@@ -95,6 +95,11 @@ def main(argv=None) -> int:
                    help="split counts, comma-separated (auto: the package's choice); each is capped by the kernel")
     p.add_argument("--full-warps", default=None,
                    help="warps of unsplit programs that fill the GPU (ops.FULL_GPU_WARPS), comma-separated: swept")
+    p.add_argument("--prefetch", default=None,
+                   help="K/V tiles asked of L2 before the mask pass (ops.PREFETCH_TILES), comma-separated: swept")
+    p.add_argument("--combine-in-graphs", default=None,
+                   help="0/1: split merged in the attention launch under the graph's capture (ops.COMBINE_IN_GRAPHS), "
+                        "comma-separated: swept")
     p.add_argument("--copies", type=int, default=16, help="layers' caches per graph, at most")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = p.parse_args(argv)
@@ -107,14 +112,26 @@ def main(argv=None) -> int:
     from decode_attention import ops
 
     rows = []
-    default_warps = ops.FULL_GPU_WARPS
-    for warps in [int(w) for w in args.full_warps.split(",")] if args.full_warps else [default_warps]:
-        ops.FULL_GPU_WARPS = warps
-        print(f"unsplit programs that fill the GPU: {warps} warps", flush=True)
-        for case in args.cases.split(","):
-            rows += [{**r, "full_gpu_warps": warps} for r in run_case(case, splits, args.copies, bandwidth)]
-            torch.cuda.empty_cache()
-    ops.FULL_GPU_WARPS = default_warps
+    shipped = ops.FULL_GPU_WARPS, ops.PREFETCH_TILES, ops.COMBINE_IN_GRAPHS
+
+    def sweep(text, default, kind):
+        return [kind(x) for x in text.split(",")] if text else [default]
+
+    try:
+        for warps in sweep(args.full_warps, shipped[0], int):
+            for prefetch in sweep(args.prefetch, shipped[1], int):
+                for combine in sweep(args.combine_in_graphs, shipped[2], lambda x: bool(int(x))):
+                    ops.FULL_GPU_WARPS, ops.PREFETCH_TILES, ops.COMBINE_IN_GRAPHS = warps, prefetch, combine
+                    print(f"unsplit programs that fill the GPU: {warps} warps; K/V tiles prefetched {prefetch}; "
+                          f"splits merged in the launch under capture: {combine}", flush=True)
+                    for case in args.cases.split(","):
+                        rows += [{**r, "full_gpu_warps": warps, "prefetch_tiles": prefetch,
+                                  "combine_in_graphs": combine}
+                                 for r in run_case(case, splits, args.copies, bandwidth)]
+                        torch.cuda.empty_cache()
+    finally:
+        ops.FULL_GPU_WARPS, ops.PREFETCH_TILES, ops.COMBINE_IN_GRAPHS = shipped
+        ops.clear_caches()
     out = Path(args.out) / "attention_splits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -43,3 +43,76 @@ def test_kept_buffers_only_on_plain_calls():
     with scratch.per_call():
         assert not scratch.kept(dev)
     assert scratch.kept(dev)
+
+
+class _Graph:
+    """Stands for the torch CUDAGraph being captured (its Python object keeps attributes)."""
+
+
+def _capture(monkeypatch, graph):
+    monkeypatch.setattr(scratch, "_capturing", lambda device: True)
+    monkeypatch.setattr(scratch, "_capturing_graph", lambda: graph)
+
+
+def test_a_capture_by_hand_keeps_its_buffers_on_the_graph(monkeypatch):
+    # Launches captured into one graph share a buffer per (name, stream): one memset node in the graph, not one per
+    # split-K launch. Another graph gets its own (they may replay in any order); eager buffers are not touched.
+    dev = torch.device("cpu")
+    eager = scratch.scratch("test.capture", dev, 16, torch.int32, zeroed=True, stream=7)
+    eager[:] = 3
+    first, second = _Graph(), _Graph()
+    _capture(monkeypatch, first)
+    assert scratch.kept(dev)
+    a = scratch.scratch("test.capture", dev, 16, torch.int32, zeroed=True, stream=7)
+    assert a.data_ptr() != eager.data_ptr() and not a.any()
+    a[:] = 0  # zero at rest, as the kernels leave it
+    assert scratch.scratch("test.capture", dev, 12, torch.int32, zeroed=True, stream=7).data_ptr() == a.data_ptr()
+    assert scratch.scratch("test.capture", dev, 12, torch.int32, zeroed=True, stream=8).data_ptr() != a.data_ptr()
+    grown = scratch.scratch("test.capture", dev, 5000, torch.int32, zeroed=True, stream=7)
+    assert grown.numel() >= 5000 and not grown.any()
+    # launches captured before the growth still point at the old buffer: the graph keeps it alive
+    assert any(t is a for t in first._triton_ops_scratch[scratch._RETIRED])
+    _capture(monkeypatch, second)
+    b = scratch.scratch("test.capture", dev, 16, torch.int32, zeroed=True, stream=7)
+    assert b.data_ptr() not in (a.data_ptr(), grown.data_ptr(), eager.data_ptr())
+    monkeypatch.setattr(scratch, "_capturing", lambda device: False)
+    assert scratch.scratch("test.capture", dev, 16, torch.int32, zeroed=True, stream=7).data_ptr() == eager.data_ptr()
+
+
+def test_a_capture_through_the_registered_op_or_an_unnamed_graph_gets_fresh_buffers(monkeypatch):
+    dev = torch.device("cpu")
+    graph = _Graph()
+    _capture(monkeypatch, graph)
+    with scratch.per_call():  # torch.compile's CUDA graphs: nothing made in the call may outlive it
+        assert not scratch.kept(dev)
+        one = scratch.scratch("test.capture_fresh", dev, 16, torch.int32, zeroed=True, stream=1)
+        two = scratch.scratch("test.capture_fresh", dev, 16, torch.int32, zeroed=True, stream=1)
+    assert one.data_ptr() != two.data_ptr() and not hasattr(graph, "_triton_ops_scratch")
+
+    class _NewWrapperEachTime:  # a torch that names the graph by a new Python object on every call
+        def __call__(self):
+            return _Graph()
+
+    monkeypatch.setattr(scratch, "_capturing_graph", _NewWrapperEachTime())
+    assert not scratch.kept(dev)
+    one = scratch.scratch("test.capture_fresh", dev, 16, torch.int32, zeroed=True, stream=1)
+    two = scratch.scratch("test.capture_fresh", dev, 16, torch.int32, zeroed=True, stream=1)
+    assert one.data_ptr() != two.data_ptr() and not one.any()
+    monkeypatch.setattr(scratch, "_capturing_graph", lambda: None)  # a torch without get_currently_capturing_graph
+    assert not scratch.kept(dev)
+
+
+def test_the_capturing_graph_is_named_by_torch_where_it_can():
+    # torch's CUDAGraph names the graph being captured (the binding the graph-kept buffers rest on); off a capture
+    # it raises, which reads as "no graph".
+    get = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
+    if get is None or not torch.cuda.is_available():
+        assert scratch._capturing_graph() is None
+        return
+    assert scratch._capturing_graph() is None
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        named = scratch._capturing_graph()
+        buffers = scratch._graph_buffers()
+    assert named is graph and buffers is graph._triton_ops_scratch

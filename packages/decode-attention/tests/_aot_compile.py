@@ -58,6 +58,10 @@ def main() -> int:
         ok &= build(K._attention_kernel, types, consts, name, warps)
         if split and not ring:  # the decode step's launch with programmatic dependent launch (triton_ops_core.pdl)
             ok &= build(K._attention_kernel, types, {**consts, "PDL": True}, f"{name}, PDL", warps)
+        if kind != K.MASK_NONE:  # the first K/V tiles asked of L2 before the mask pass (ops.PREFETCH_TILES)
+            lines = 1 << max(0, (hd * (4 if dt == "fp32" else 2) - 1) // 128).bit_length()
+            ok &= build(K._attention_kernel, types, {**consts, "PREFETCH_TILES": 2, "KV_LINES": lines},
+                        f"{name}, K/V prefetch", warps)
         if split:  # as plain eager calls take it: the splits merged by the last to arrive (FINISH)
             ok &= build(K._attention_kernel, types, {**consts, "FINISH": True, "MERGE_R": min(16, bm),
                                                      "MERGE_S": 4}, f"{name}, merged in the launch", warps)

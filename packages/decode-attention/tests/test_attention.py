@@ -91,12 +91,16 @@ def test_a_band_of_valid_positions(device, splits):
     assert_close_rel(out, reference(q, torch.nan_to_num(k), torch.nan_to_num(v), mask), TOL[torch.float32])
 
 
-def _interleaved(plan) -> bool:
-    # the main kernel's INTERLEAVE constexpr in the plan's scalar tail (the arguments from H_KV on)
+def _main_arg(plan, name: str):
+    # one of the main kernel's arguments in the plan's scalar tail (the arguments from H_KV on)
     from decode_attention import _kernels as K
 
     names = K._attention_kernel.arg_names
-    return plan.main.tail[names.index("INTERLEAVE") - names.index("H_KV")]
+    return plan.main.tail[names.index(name) - names.index("H_KV")]
+
+
+def _interleaved(plan) -> bool:
+    return _main_arg(plan, "INTERLEAVE")
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -394,7 +398,7 @@ def test_nan_propagates(device):
 # The GPU's planning rules, checked on the CPU (a simulated H200: nothing is launched)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _gpu_plan(monkeypatch, b, hq, hkv, d, s, valid):
+def _gpu_plan(monkeypatch, b, hq, hkv, d, s, valid, masked=True):
     from triton_ops_core.device import DeviceInfo, simulate_device
 
     h200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 60 * 2**20, 227 * 1024, 4300.0, True, "simulated")
@@ -402,7 +406,7 @@ def _gpu_plan(monkeypatch, b, hq, hkv, d, s, valid):
     # the test's device: CPU tensors under the interpreter, CUDA ones on a GPU machine (where CPU tensors are refused)
     dev = device_for_tests()
     q, k, v = make_qkv(b, hq, hkv, 1, s, d, dtype=torch.bfloat16, seed=0, device=dev)
-    mask = valid_prefix_mask(b, 1, s, [valid] * b, device=dev)
+    mask = valid_prefix_mask(b, 1, s, [valid] * b, device=dev) if masked else None
     info = ops.validate_decode_attention(q, k, v, mask)
     with simulate_device(h200):
         return ops._plan(q, k, v, mask, None, None, None, False, None, info)
@@ -442,8 +446,20 @@ def test_gpu_plan_launches_both_kernels_early_with_pdl(monkeypatch, on):
 
     monkeypatch.setattr(pdl, "enabled", lambda device: on)
     plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)
+    assert _main_arg(plan, "PDL") is on and plan.combine.tail[-1] is on
     for launch in (plan.main, plan.combine):
-        assert launch.tail[-1] is on and launch.options.get("launch_pdl", False) is on
+        assert launch.options.get("launch_pdl", False) is on
+
+
+@pytest.mark.parametrize("tiles", [0, 2])
+def test_gpu_plan_prefetches_the_first_kv_tiles_only_before_a_mask_pass(monkeypatch, tiles):
+    """``ops.PREFETCH_TILES`` of each split's first K and V tiles are asked of L2 before the mask pass (a GPU plan
+    with a mask); without a mask there is no pass to overlap."""
+    monkeypatch.setattr(ops, "PREFETCH_TILES", tiles)
+    plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)
+    assert _main_arg(plan, "PREFETCH_TILES") == tiles and _main_arg(plan, "KV_LINES") == 2  # 128 bf16: 256 bytes
+    unmasked = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 2048, masked=False)
+    assert _main_arg(unmasked, "PREFETCH_TILES") == 0
 
 
 def test_gpu_plan_does_not_split_a_full_batch_and_takes_two_warps(monkeypatch):

@@ -88,20 +88,38 @@ def test_the_splits_merged_in_the_launch_give_the_combines_bits(heads, b, sq, co
     ops.clear_caches()
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("merged,prefetch", [(False, 0), (True, 0), (False, 2), (True, 2)])
+def test_cuda_graph_capture_and_replay(monkeypatch, merged, prefetch):
+    # Two layers' calls in one graph: the splits merged by a combine launch or in the attention launch (its counters
+    # kept on the graph, shared by both calls: triton_ops_core.scratch), with or without the first K/V tiles
+    # prefetched; each replay gives what eager gives on the new contents.
+    from decode_attention import ops
+
+    monkeypatch.setattr(ops, "COMBINE_IN_GRAPHS", merged)
+    monkeypatch.setattr(ops, "PREFETCH_TILES", prefetch)
+    ops.clear_caches()
     q, k, v = make_qkv(1, *LLAMA[:2], 1, 2048, 128, dtype=torch.bfloat16, device="cuda", seed=3)
+    k2, v2 = torch.randn_like(k), torch.randn_like(v)
     mask = valid_prefix_mask(1, 1, 2048, [1500], device="cuda")
     decode_attention(q, k, v, mask)  # compile and plan outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = decode_attention(q, k, v, mask)
-    mask[..., 1500:1700] = True  # the next steps: more valid positions, new values in place
-    k[:, :, 1500:1700] = torch.randn_like(k[:, :, 1500:1700])
-    v[:, :, 1500:1700] = torch.randn_like(v[:, :, 1500:1700])
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_close_rel(out, _ref32(q, k, v, mask), TOL_BF16)
+        out2 = decode_attention(q, k2, v2, mask)
+    kept = getattr(graph, "_triton_ops_scratch", {})
+    assert any(key[0] == ops._COUNTERS for key in kept if isinstance(key, tuple)) is merged
+    for step in range(3):  # the next steps: more valid positions, new values in place
+        lo, hi = 1500 + 100 * step, 1600 + 100 * step
+        mask[..., lo:hi] = True
+        for cache in (k, v, k2, v2):
+            cache[:, :, lo:hi] = torch.randn_like(cache[:, :, lo:hi])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, decode_attention(q, k, v, mask))
+        assert torch.equal(out2, decode_attention(q, k2, v2, mask))
+        assert_close_rel(out, _ref32(q, k, v, mask), TOL_BF16)
+    ops.clear_caches()
 
 
 def test_large_batch_and_long_queries():

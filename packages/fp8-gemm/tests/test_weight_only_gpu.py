@@ -158,6 +158,43 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(out, mod(x))
 
 
+def test_split_k_graphs_by_hand_keep_their_counters_and_replay_in_any_order():
+    # 8 rows split K: the arrival counters are kept on each graph (triton_ops_core.scratch), shared by the graph's
+    # launches; the second graph's buffers are its own, so it may replay first. The same module through
+    # torch.compile's CUDA graphs (registered op: a fresh buffer per launch) gives the same bits.
+    mods = [_module(4096, 1024, "block", seed=11), _module(4096, 4096, "block", seed=12),
+            _module(14336, 4096, "channel", seed=13)]
+    xs = [torch.randn(8, m.in_features, device="cuda", dtype=torch.bfloat16) for m in mods]
+
+    def step():
+        return [m(x) for m, x in zip(mods, xs, strict=True)]
+
+    step()  # validates, compiles and plans outside the capture
+    graphs, outs = [], []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(step())
+        graphs.append(graph)
+        kept = graph._triton_ops_scratch  # what the launches share (raises if nothing was kept)
+        assert any(key[0] == wo._COUNTERS for key in kept if isinstance(key, tuple)), kept.keys()
+    for order in ((1, 0), (0, 1, 1, 0)):
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        expected = step()
+        for i in order:
+            graphs[i].replay()
+        torch.cuda.synchronize()
+        for i in set(order):
+            for out, exp in zip(outs[i], expected, strict=True):
+                assert torch.equal(out, exp)
+    with torch.no_grad():
+        graphed = torch.compile(mods[1], mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, recording, replay
+            out = graphed(xs[1])
+        assert torch.equal(out, mods[1](xs[1]))
+
+
 def test_torch_compile_reduce_overhead_and_dynamic_rows():
     mod = _module(4096, 1024, "block", seed=7)
     with torch.no_grad():

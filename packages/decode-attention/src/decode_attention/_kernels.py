@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
 
 # Mask kinds (constexpr): the host maps the mask's dtype to these.
 MASK_NONE = 0
@@ -207,6 +207,9 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TRIM_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_LOW: tl.constexpr,
     PDL: tl.constexpr = False,
+    # PREFETCH_TILES (with a mask): this split's first tiles' K and V rows asked of L2 before the mask pass, KV_LINES
+    # 128-byte lines a row
+    PREFETCH_TILES: tl.constexpr = 0, KV_LINES: tl.constexpr = 1,
     # FINISH (with SPLIT): the last split of a row block to arrive merges the partials (_merge_rows, MERGE_R rows
     # and MERGE_S splits a step: the combine's tiles) and writes the output; no _combine_kernel launch
     FINISH: tl.constexpr = False, MERGE_R: tl.constexpr = 16, MERGE_S: tl.constexpr = 2,
@@ -255,6 +258,14 @@ def _attention_kernel(
         step = BLOCK_N
         lo = tl.maximum(lo, pid_split * CHUNK)
         end = tl.minimum(end, pid_split * CHUNK + CHUNK)
+    if PREFETCH_TILES > 0 and MASK_KIND != 0:
+        # the mask pass below decides where this split's loop starts, a load-to-load wait; a static cache's valid
+        # prefix starts at the split's first tiles, so ask L2 for their K and V rows now: their DRAM latency
+        # overlaps the mask's
+        for t in tl.static_range(PREFETCH_TILES):
+            pos = lo + t * step + offs_n
+            prefetch_rows(k_head, pos, end, stride_kn, 0, HEAD_DIM, KV_LINES)
+            prefetch_rows(v_head, pos, end, stride_vn, 0, HEAD_DIM, KV_LINES)
     m_rows = mask_ptr
     holes = False
     m_shift = 0

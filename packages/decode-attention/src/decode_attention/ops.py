@@ -23,7 +23,7 @@ from triton_ops_core import pdl, scratch
 from triton_ops_core.device import sm_count
 from triton_ops_core.exceptions import TritonKernelError
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
-from triton_ops_core.library import direct_call_ok, op_name
+from triton_ops_core.library import capturing, direct_call_ok, op_name
 
 from . import _kernels as K
 from .kv_cache import clear_kv_cache_plans
@@ -76,10 +76,17 @@ INTERLEAVE_SPLITS = True
 # call with Llama-3-8B's heads at 1x1024 (8x8192: 108 -> 100; gpt-oss's at 8x8192: 77 -> 71), while the kernels' GPU
 # time grows by 0 to 5 us (8.4 -> 11.1 at 1x1024: the last split's merge is the launch's tail). Splits are taken only
 # when B * Hkv programs cannot fill the GPU, that is where eager decode waits on the host, not the GPU. CUDA graphs
-# (captures, torch.compile's) keep the combine launch: there the counters would be a fresh buffer per call and its
-# memset a graph node, as fused-moe's routing measured slower. False: always the combine launch. Plans are cached: call
-# clear_caches() after changing it.
+# keep the combine launch (torch.compile's: the counters would be a fresh buffer per call and its memset a graph node,
+# as fused-moe's routing measured slower; captures by hand: COMBINE_IN_GRAPHS). False: always the combine launch.
+# Plans are cached: call clear_caches() after changing it.
 COMBINE_IN_LAUNCH = True
+# Under a capture by hand the counters are kept on the graph (triton_ops_core.scratch), so a graph could take the
+# one launch too; it keeps the combine launch unless this says otherwise (measured: benchmarks.dev.attention_splits
+# --combine-in-graphs 0,1). Read at each call.
+COMBINE_IN_GRAPHS = False
+# With a mask, the first PREFETCH_TILES tiles of each split's K and V rows are asked of L2 before the mask pass that
+# trims the split's range (0: none). Plans are cached: call clear_caches() after changing it.
+PREFETCH_TILES = 0
 _COUNTERS = "decode_attention.counters"
 
 
@@ -211,7 +218,9 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         softcap is not None, splits > 1, _interleave(splits, attn_mask, sliding_window),
         # HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, TRIM_N, DOT_PRECISION, UPCAST, P_LOW
         d, t.block_m, t.block_n, t.block_d, _trim_n(t, mask_1d), _dot_precision(dtype),
-        on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on)
+        on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on,
+        # PREFETCH_TILES, KV_LINES (an L2 prefetch is PTX: not under the interpreter)
+        0 if on_cpu or attn_mask is None else PREFETCH_TILES, next_pow2(cdiv(d * k.element_size(), 128)))
     main = Plan(K._attention_kernel, (bh, splits, row_blocks), main_tail, t.num_warps, num_stages=t.num_stages,
                 **pdl.launch_options(pdl_on))
     combine = finish = None
@@ -247,7 +256,7 @@ def _launch(plan: _AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     part_acc = _empty((plan.partials, plan.block_d), torch.float32, q.device)
     part_m = _empty((plan.partials,), torch.float32, q.device)
     part_l = _empty((plan.partials,), torch.float32, q.device)
-    if plan.finish is not None and scratch.kept(q.device):
+    if plan.finish is not None and scratch.kept(q.device) and (COMBINE_IN_GRAPHS or not capturing(q.device)):
         # the row blocks' arrival counters, zero at rest (see COMBINE_IN_LAUNCH)
         cnt = scratch.scratch(_COUNTERS, q.device, plan.finish.grid[0] * plan.finish.grid[2], torch.int32,
                               zeroed=True)
