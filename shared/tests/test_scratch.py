@@ -100,6 +100,9 @@ def test_a_capture_through_the_registered_op_or_an_unnamed_graph_gets_fresh_buff
     assert one.data_ptr() != two.data_ptr() and not one.any()
     monkeypatch.setattr(scratch, "_capturing_graph", lambda: None)  # a torch without get_currently_capturing_graph
     assert not scratch.kept(dev)
+    monkeypatch.setattr(scratch, "_capturing_graph", lambda: graph)
+    monkeypatch.setattr(scratch, "KEEP_IN_CAPTURES", False)  # switched off: every capture as the registered op's
+    assert not scratch.kept(dev) and not hasattr(graph, "_triton_ops_scratch")
 
 
 def test_the_capturing_graph_is_named_by_torch_where_it_can():

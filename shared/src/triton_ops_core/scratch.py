@@ -34,6 +34,8 @@ import torch
 
 _BUFFERS: dict[tuple, torch.Tensor] = {}
 _LOCAL = threading.local()
+# Whether a capture by hand keeps its buffers on the graph (below); False: fresh buffers per call under every capture.
+KEEP_IN_CAPTURES = True
 _GRAPH_ATTR = "_triton_ops_scratch"  # the dict of a capture's buffers, kept on its graph
 _RETIRED = "retired"  # buffers a capture outgrew
 
@@ -72,7 +74,7 @@ def _capturing_graph() -> object | None:
 def _graph_buffers() -> dict | None:
     """The dict of buffers kept on the graph being captured, or None where the graph cannot keep one: this torch
     cannot name it, or names it by a new Python object each time (an attribute set on it would not last)."""
-    graph = _capturing_graph()
+    graph = _capturing_graph() if KEEP_IN_CAPTURES else None
     if graph is None:
         return None
     buffers = getattr(graph, _GRAPH_ATTR, None)
