@@ -50,6 +50,7 @@ class _Graph:
 
 
 def _capture(monkeypatch, graph):
+    monkeypatch.setattr(scratch, "KEEP_IN_CAPTURES", True)
     monkeypatch.setattr(scratch, "_capturing", lambda device: True)
     monkeypatch.setattr(scratch, "_capturing_graph", lambda: graph)
 
@@ -105,7 +106,7 @@ def test_a_capture_through_the_registered_op_or_an_unnamed_graph_gets_fresh_buff
     assert not scratch.kept(dev) and not hasattr(graph, "_triton_ops_scratch")
 
 
-def test_the_capturing_graph_is_named_by_torch_where_it_can():
+def test_the_capturing_graph_is_named_by_torch_where_it_can(monkeypatch):
     # torch's CUDAGraph names the graph being captured (the binding the graph-kept buffers rest on); off a capture
     # it raises, which reads as "no graph".
     get = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
@@ -113,6 +114,7 @@ def test_the_capturing_graph_is_named_by_torch_where_it_can():
         assert scratch._capturing_graph() is None
         return
     assert scratch._capturing_graph() is None
+    monkeypatch.setattr(scratch, "KEEP_IN_CAPTURES", True)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), torch.cuda.graph(graph):

@@ -94,7 +94,9 @@ def test_cuda_graph_capture_and_replay(monkeypatch, merged, prefetch):
     # kept on the graph, shared by both calls: triton_ops_core.scratch), with or without the first K/V tiles
     # prefetched; each replay gives what eager gives on the new contents.
     from decode_attention import ops
+    from triton_ops_core import scratch
 
+    monkeypatch.setattr(scratch, "KEEP_IN_CAPTURES", True)
     monkeypatch.setattr(ops, "COMBINE_IN_GRAPHS", merged)
     monkeypatch.setattr(ops, "PREFETCH_TILES", prefetch)
     ops.clear_caches()
