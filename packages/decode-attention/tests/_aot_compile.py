@@ -17,6 +17,8 @@ from decode_attention import _kernels as K  # noqa: E402
 from triton_ops_core.aot import compile_sm90 as build  # noqa: E402
 
 I32 = "i32"
+# a PDL launch that lets the next kernel launch once it runs (RELEASE, triton_ops_core.pdl.release_early)
+RELEASED = ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
 
 # (name, dtype, mask pointer type, MASK_KIND, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SOFTCAP, SPLIT, HEAD_DIM,
 #  BLOCK_M, BLOCK_N, BLOCK_D, warps): the Llama decode step with transformers' bool mask (its splits interleaved),
@@ -57,7 +59,8 @@ def main() -> int:
                       UPCAST=False, P_LOW=dt != "fp32")
         ok &= build(K._attention_kernel, types, consts, name, warps)
         if split and not ring:  # the decode step's launch with programmatic dependent launch (triton_ops_core.pdl)
-            ok &= build(K._attention_kernel, types, {**consts, "PDL": True}, f"{name}, PDL", warps)
+            ok &= build(K._attention_kernel, types, {**consts, "PDL": True, "RELEASE": True}, f"{name}, PDL", warps,
+                        ptx_has=RELEASED)
         if kind != K.MASK_NONE:  # the first K/V tiles asked of L2 before the mask pass (ops.PREFETCH_TILES)
             lines = 1 << max(0, (hd * (4 if dt == "fp32" else 2) - 1) // 128).bit_length()
             ok &= build(K._attention_kernel, types, {**consts, "PREFETCH_TILES": 2, "KV_LINES": lines},
@@ -70,7 +73,8 @@ def main() -> int:
     ok &= build(K._combine_kernel, combine_types,
                 dict(HAS_SINKS=True, HEAD_DIM=64, BLOCK_R=8, BLOCK_D=64, BLOCK_S=16), "combine", 4)
     ok &= build(K._combine_kernel, combine_types,
-                dict(HAS_SINKS=False, HEAD_DIM=128, BLOCK_R=16, BLOCK_D=128, BLOCK_S=4, PDL=True), "combine, PDL", 4)
+                dict(HAS_SINKS=False, HEAD_DIM=128, BLOCK_R=16, BLOCK_D=128, BLOCK_S=4, PDL=True, RELEASE=True),
+                "combine, PDL", 4, ptx_has=RELEASED)
     # the KV-cache write with its device length counter, the trap (inline PTX) compiled in
     cache_types = {"keys_ptr": "*bf16", "values_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                    "pos_ptr": "*i64", "len_ptr": "*i64", "q_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
@@ -89,13 +93,13 @@ def main() -> int:
                 "kv cache write with QK norm and RoPE", 4)
     ok &= build(CK._kv_cache_write_kernel, cache_types,
                 dict(POSITIONS=CK.POS_LENGTH, ADVANCE=True, TRAP=True, ROPE=True, NORM=False, GEMMA=False,
-                     K_DIM=128, V_DIM=128, BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32, PDL=True),
-                "kv cache write with RoPE, PDL", 4)
+                     K_DIM=128, V_DIM=128, BLOCK_D=128, BLOCK_R=64, BLOCK_Q=32, PDL=True, RELEASE=True),
+                "kv cache write with RoPE, PDL", 4, ptx_has=RELEASED)
     # a full sliding window's ring write: Gemma 3's q/k norms (1 + w) and RoPE, the row over the oldest, the
     # counter advanced, early-launched
     ok &= build(CK._kv_cache_write_kernel, cache_types,
                 dict(POSITIONS=CK.POS_RING, ADVANCE=True, TRAP=True, ROPE=True, NORM=True, GEMMA=True, K_DIM=256,
-                     V_DIM=256, BLOCK_D=256, BLOCK_R=32, BLOCK_Q=16, PDL=True),
+                     V_DIM=256, BLOCK_D=256, BLOCK_R=32, BLOCK_Q=16, PDL=True, RELEASE=True),
                 "kv cache ring write with Gemma's QK norm and RoPE, PDL", 4)
     # a full sliding window moved on by one row (Gemma 3's 1024, bf16 K and V of head dim 256), early-launched
     shift_types = {"keys": "*bf16", "values": "*bf16", "k": "*bf16", "v": "*bf16",

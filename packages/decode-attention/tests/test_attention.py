@@ -441,14 +441,33 @@ def test_gpu_plan_splits_a_single_sequence_and_reads_one_mask_row(monkeypatch):
 @pytest.mark.parametrize("on", [False, True])
 def test_gpu_plan_launches_both_kernels_early_with_pdl(monkeypatch, on):
     """With programmatic dependent launch on for the device (triton_ops_core.pdl), the attention kernel and the
-    split combine are planned with ``PDL`` (their last constexpr) and ``launch_pdl``; off, neither."""
+    split combine are planned with ``PDL`` and ``launch_pdl``; off, neither. ``RELEASE`` (the next kernel launched
+    once this one runs) only with PDL and the release switch on."""
     from triton_ops_core import pdl
 
     monkeypatch.setattr(pdl, "enabled", lambda device: on)
+    monkeypatch.setattr(pdl, "RELEASE_SHORT", False)
     plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)
-    assert _main_arg(plan, "PDL") is on and plan.combine.tail[-1] is on
+    assert _main_arg(plan, "PDL") is on and plan.combine.tail[-2] is on  # the combine's PDL, then its RELEASE
+    assert _main_arg(plan, "RELEASE") is False and plan.combine.tail[-1] is False
     for launch in (plan.main, plan.combine):
         assert launch.options.get("launch_pdl", False) is on
+    monkeypatch.setattr(pdl, "RELEASE_SHORT", True)
+    monkeypatch.setattr(pdl, "TRIGGER", "end")
+    plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)  # 8 KV heads x a few splits: one wave on 132 SMs
+    assert _main_arg(plan, "RELEASE") is on and plan.combine.tail[-1] is on
+
+
+def test_gpu_plan_of_several_waves_keeps_the_exit_trigger(monkeypatch):
+    """A full batch's attention (64 sequences x 8 KV heads: 512 programs on 132 SMs) does not release the next
+    kernel early: its programs would take the slots of the later waves."""
+    from triton_ops_core import pdl
+
+    monkeypatch.setattr(pdl, "enabled", lambda device: True)
+    monkeypatch.setattr(pdl, "RELEASE_SHORT", True)
+    monkeypatch.setattr(pdl, "TRIGGER", "end")
+    plan = _gpu_plan(monkeypatch, 64, 32, 8, 128, 2048, 1024)
+    assert _main_arg(plan, "PDL") is True and _main_arg(plan, "RELEASE") is False
 
 
 @pytest.mark.parametrize("tiles", [0, 2])

@@ -34,7 +34,8 @@ def main() -> int:
     # the post-attention norm of a decode step: the residual add, one pass over a 4096-wide row
     ok &= compile_sm90(R._rmsnorm_kernel, _types(R._rmsnorm_kernel, {**bf16, "S": "*fp32"}, ("eps",)),
                        dict(HAS_RESIDUAL=True, GEMMA=False, BLOCK=4096, ONE_PASS=True, FP8_OUT=False, EMULATE=False,
-                            PDL=True), "rmsnorm with the residual add, PDL", 8)
+                            PDL=True, RELEASE=True), "rmsnorm with the residual add, PDL", 8,
+                       ptx_has=("griddepcontrol.wait", "griddepcontrol.launch_dependents"))
     # Gemma 3's per-head QK norm and rotation in place (8 q heads and 4 k heads of 256, position ids)
     qk = {n: "*bf16" for n in ("Q", "K", "QO", "KO", "QW", "KW", "COS", "SIN")}
     ok &= compile_sm90(K._qk_norm_rope_fwd_kernel,

@@ -172,16 +172,24 @@ def test_modules_adopt_a_transformers_norm():
 @pytest.mark.parametrize("on", [False, True])
 def test_pdl_plans_launch_early(monkeypatch, on):
     """With programmatic dependent launch on for the device (triton_ops_core.pdl), the norm's plan carries ``PDL``
-    (its last constexpr; EMULATE stays the one before it) and ``launch_pdl``; off, neither. Plans only."""
+    (EMULATE the constexpr before it, RELEASE the one after) and ``launch_pdl``; off, neither. With the release
+    switch, a grid of one wave (2 rows) lets the next kernel launch once it runs. Plans only."""
     import importlib
 
     from triton_ops_core import pdl
 
     rms = importlib.import_module("fused_rmsnorm_rope.ops.rmsnorm")
     monkeypatch.setattr(pdl, "enabled", lambda device: on)
+    monkeypatch.setattr(pdl, "RELEASE_SHORT", False)
     x, w, r = norm_inputs((2, 64), torch.bfloat16, 0)
     rms._PLANS.clear()
     plan = rms._plan(x, w, 1e-6, r, False, False)
-    assert plan.tail[-1] is on and plan.options.get("launch_pdl", False) is on
-    assert plan.tail[-2] is False  # EMULATE: an FP8 output under the interpreter only
+    assert plan.tail[-2] is on and plan.options.get("launch_pdl", False) is on
+    assert plan.tail[-3] is False  # EMULATE: an FP8 output under the interpreter only
+    assert plan.tail[-1] is False  # RELEASE: the switch is off
+    monkeypatch.setattr(pdl, "RELEASE_SHORT", True)
+    monkeypatch.setattr(pdl, "TRIGGER", "end")
+    monkeypatch.setattr(pdl, "sm_count", lambda device, cpu: 132)
+    rms._PLANS.clear()
+    assert rms._plan(x, w, 1e-6, r, False, False).tail[-1] is on
     rms._PLANS.clear()

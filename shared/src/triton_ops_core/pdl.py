@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import is_interpreter
+from .device import is_interpreter, sm_count
 from .launch import invalidate_plans
 
 try:  # Triton 3.3+ (the oldest we support, 3.6, has it)
@@ -87,6 +87,15 @@ def _trigger_setting() -> str:
 
 
 TRIGGER = _trigger_setting()
+# With the "end" trigger, a kernel without a streaming loop (attention, the KV-cache write, a norm) lets the next
+# kernel launch as it exits, so the next one's launch and its first weight loads start only then. With this switch
+# such a kernel lets it launch right after its own wait where its grid fits in one wave (``release_early``: one
+# program per SM at most): the next kernel's programs take only the SMs this one leaves idle, ask L2 for their first
+# weight tiles and wait, as the rules above say. A long kernel of many waves keeps its exit trigger (the early
+# programs would take the slots of its later waves: the "wait" trigger's loss). ``TRITON_OPS_PDL_RELEASE=1`` /
+# ``0``, read at import; off until measured on a GPU (written in session 46 without one).
+RELEASE_ENV = "TRITON_OPS_PDL_RELEASE"
+RELEASE_SHORT = os.environ.get(RELEASE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 _TRIGGER_AT_START = tl.constexpr(TRIGGER == "start")
 _TRIGGER_AFTER_WAIT = tl.constexpr(TRIGGER == "wait")
 _TRIGGER_AT_END = tl.constexpr(TRIGGER == "end")
@@ -116,6 +125,22 @@ def pdl_streamed(PDL: tl.constexpr):
     complete in its ``pdl_wait``."""
     if PDL and _TRIGGER_AT_END:
         _gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr, RELEASE: tl.constexpr):
+    """After :func:`pdl_wait` in a kernel without a streaming loop: with ``RELEASE`` (the host's
+    :func:`release_early` for this launch) and the "end" trigger, the next kernel may launch from here, as this one
+    runs instead of as it exits."""
+    if PDL and RELEASE and _TRIGGER_AT_END:
+        _gdc_launch_dependents()
+
+
+def release_early(on: bool, programs: int, device: torch.device) -> bool:
+    """Whether a launch of ``programs`` programs of a kernel without a streaming loop lets the next kernel launch
+    right after its wait (:func:`pdl_release`): PDL ``on`` for it, :data:`RELEASE_SHORT`, the "end" trigger, and a
+    grid of one wave (at most one program per SM of ``device``)."""
+    return bool(on and RELEASE_SHORT and TRIGGER == "end" and 0 < programs <= sm_count(device, 0))
 
 
 @triton.jit
@@ -198,6 +223,6 @@ def launch_options(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "ON_BY_DEFAULT", "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled",
-           "launch_options", "on_by_default", "override", "pdl_launch_dependents", "pdl_streamed", "pdl_wait",
-           "prefetch_l2", "prefetch_rows"]
+__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "ON_BY_DEFAULT", "RELEASE_ENV", "RELEASE_SHORT", "TRIGGER",
+           "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options", "on_by_default", "override", "pdl_launch_dependents",
+           "pdl_release", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows", "release_early"]

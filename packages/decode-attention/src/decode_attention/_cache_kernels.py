@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_release, pdl_wait
 
 POS_INDEX = 0
 POS_TENSOR = 1
@@ -97,11 +97,13 @@ def _kv_cache_write_kernel(
     POSITIONS: tl.constexpr, ADVANCE: tl.constexpr, TRAP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
     GEMMA: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, RELEASE: tl.constexpr = False,
 ):
-    # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel first
+    # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel first; with RELEASE
+    # (a grid of one wave: pdl.release_early) the next kernel (the attention) may launch once this one runs
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)
+    pdl_release(PDL, RELEASE)
     pid = tl.program_id(0)
     HALF: tl.constexpr = K_DIM // 2
     offs_h = tl.arange(0, BLOCK_D // 2)

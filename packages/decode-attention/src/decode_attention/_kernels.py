@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait, prefetch_rows
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_release, pdl_wait, prefetch_rows
 
 # Mask kinds (constexpr): the host maps the mask's dtype to these.
 MASK_NONE = 0
@@ -213,11 +213,14 @@ def _attention_kernel(
     # FINISH (with SPLIT): the last split of a row block to arrive merges the partials (_merge_rows, MERGE_R rows
     # and MERGE_S splits a step: the combine's tiles) and writes the output; no _combine_kernel launch
     FINISH: tl.constexpr = False, MERGE_R: tl.constexpr = 16, MERGE_S: tl.constexpr = 2,
+    # RELEASE (triton_ops_core.pdl.release_early): the next kernel may launch once this one runs (a grid of one wave)
+    RELEASE: tl.constexpr = False,
 ):
     # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel (the cache's write)
     # before it reads anything
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)
+    pdl_release(PDL, RELEASE)
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -358,10 +361,11 @@ def _combine_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr,
     H_KV, GROUP, SQ, N_SPLITS, ROWS_PAD,
     HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_S: tl.constexpr, PDL: tl.constexpr = False, RELEASE: tl.constexpr = False,
 ):
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # the partials are the attention kernel's
+    pdl_release(PDL, RELEASE)
     pid_bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, sink_ptr, out_ptr, pid_bh, rows, H_KV, GROUP, SQ, N_SPLITS,

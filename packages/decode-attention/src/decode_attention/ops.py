@@ -221,8 +221,10 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         on_cpu and dtype != torch.float32, not on_cpu and dtype != torch.float32, pdl_on,
         # PREFETCH_TILES, KV_LINES (an L2 prefetch is PTX: not under the interpreter)
         0 if on_cpu or attn_mask is None else PREFETCH_TILES, next_pow2(cdiv(d * k.element_size(), 128)))
-    main = Plan(K._attention_kernel, (bh, splits, row_blocks), main_tail, t.num_warps, num_stages=t.num_stages,
-                **pdl.launch_options(pdl_on))
+    # RELEASE (triton_ops_core.pdl.release_early): a grid of one wave lets the next kernel launch once it runs
+    release = pdl.release_early(pdl_on, bh * splits * row_blocks, dev)
+    main = Plan(K._attention_kernel, (bh, splits, row_blocks), (*main_tail, False, 16, 2, release), t.num_warps,
+                num_stages=t.num_stages, **pdl.launch_options(pdl_on))
     combine = finish = None
     if splits > 1:
         block_r = min(128 if on_cpu else 16, max(2, next_pow2(rows)), t.block_m)
@@ -230,9 +232,10 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         block_s = max(2, min(next_pow2(splits), 8192 // (block_r * t.block_d) if not on_cpu else 64))
         combine = Plan(K._combine_kernel, (bh, cdiv(rows, block_r)),
                        (hkv, info.group, sq, splits, rows_pad, sinks is not None, d, block_r, t.block_d, block_s,
-                        pdl_on), 4, **pdl.launch_options(pdl_on))
+                        pdl_on, pdl.release_early(pdl_on, bh * cdiv(rows, block_r), dev)), 4,
+                       **pdl.launch_options(pdl_on))
         if COMBINE_IN_LAUNCH:  # FINISH, MERGE_R, MERGE_S: the combine's tiles
-            finish = Plan(K._attention_kernel, (bh, splits, row_blocks), (*main_tail, True, block_r, block_s),
+            finish = Plan(K._attention_kernel, (bh, splits, row_blocks), (*main_tail, True, block_r, block_s, release),
                           t.num_warps, num_stages=t.num_stages, **pdl.launch_options(pdl_on))
     return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d, finish)
 

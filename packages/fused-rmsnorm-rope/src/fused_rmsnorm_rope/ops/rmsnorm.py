@@ -20,7 +20,7 @@ from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError,
 from triton_ops_core.fp8_cast import finite_abs, group_scale, store_fp8
 from triton_ops_core.launch import Plan, PlanCache, call_key, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
-from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_release, pdl_wait
 from triton_ops_core.validation import (
     FLOAT_DTYPES,
     check_dtype,
@@ -80,13 +80,16 @@ def _normalized(src, W, c, N, rstd, GEMMA: tl.constexpr):
 @triton.jit
 def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_y, stride_ro, eps,
                     HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
-                    FP8_OUT: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False):
+                    FP8_OUT: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
+                    RELEASE: tl.constexpr = False):
     """``FP8_OUT``: the normalized row is rounded to the activation dtype (what ``rmsnorm`` returns), then
     quantized per row to E4M3 into ``Y`` with its scale in ``S[row]``: bit-identical to ``quantize_fp8`` of
     ``rmsnorm``'s output, without writing and reading that output. ``Y`` is a uint8 view under ``EMULATE``.
-    ``PDL`` (``triton_ops_core.pdl``): launched early, the program waits for the previous kernel first."""
+    ``PDL`` (``triton_ops_core.pdl``): launched early, the program waits for the previous kernel first; with
+    ``RELEASE`` (a grid of one wave: ``pdl.release_early``) the next kernel may launch once this one runs."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)
+    pdl_release(PDL, RELEASE)
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = X + row * stride_x, Y + row * stride_y
     r_row, ro_row = R + row * stride_r, R_OUT + row * stride_ro
@@ -226,7 +229,7 @@ def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = 
     pdl_on = pdl.enabled(x.device)
     tail = (n_rows, n, x2.stride(0) if not copy_x else n, r2.stride(0) if not copy_r else n, n, stride_ro,
             float(eps), residual is not None, bool(gemma), block, n <= MAX_ONE_PASS, fp8_out,
-            fp8_out and is_interpreter(), pdl_on)
+            fp8_out and is_interpreter(), pdl_on, pdl.release_early(pdl_on, max(1, n_rows), x.device))
     plan = Plan(_rmsnorm_kernel, (max(1, n_rows),), tail, int(config["num_warps"]), n_rows,
                 extra=NormNeeds(n, copy_x, copy_r), **pdl.launch_options(pdl_on))
     return _PLANS.put(key, plan) if cache else plan
