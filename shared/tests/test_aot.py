@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from triton_ops_core.aot import sync_loads_in_loop
+from triton_ops_core.aot import misplaced_pairs, sync_loads_in_loop
 
 
 def _loop(*instructions: str, filler: int = 0) -> list[str]:
@@ -35,3 +35,13 @@ def test_wide_loads_address_reads_and_overwrites():
     # asynchronous copies into shared memory are not plain loads
     assert sync_loads_in_loop(_loop("LDGSTS.E.BYPASS.128 [R17+0x1000], desc[UR14][R2.64], P0 ;",
                                     "IADD3 R30, R17, 0x10, RZ ;", filler=8)) == 0
+
+
+def test_instructions_out_of_their_order_are_named():
+    ptx = "prefetch.global.L2 [%rd1];\nld.global.u8 %rs1, [%rd2];\ngriddepcontrol.wait;\nst.global.b32 [%rd3], %r1;"
+    assert misplaced_pairs(ptx, (("prefetch.global.L2", "griddepcontrol.wait"), ("griddepcontrol.wait", "st.global"))) \
+        == []
+    assert misplaced_pairs(ptx, (("st.global", "ld.global"),)) == [("st.global", "ld.global")]
+    # either one missing: misplaced too
+    assert misplaced_pairs(ptx, (("griddepcontrol.launch_dependents", "st.global"), ("ld.global", "bar.sync"))) == [
+        ("griddepcontrol.launch_dependents", "st.global"), ("ld.global", "bar.sync")]

@@ -19,6 +19,9 @@ from triton_ops_core.aot import compile_sm90 as build  # noqa: E402
 I32 = "i32"
 # a PDL launch that lets the next kernel launch once it runs (RELEASE, triton_ops_core.pdl.release_early)
 RELEASED = ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+# EARLY: the K/V tiles' L2 requests and the mask's loads issued before the wait; the wait before any store
+MASK_PASS_EARLY = (("prefetch.global.L2", "griddepcontrol.wait"), ("ld.global", "griddepcontrol.wait"),
+                   ("griddepcontrol.wait", "st.global"))
 
 # (name, dtype, mask pointer type, MASK_KIND, HAS_SINKS, CAUSAL, HAS_WINDOW, RING, SOFTCAP, SPLIT, HEAD_DIM,
 #  BLOCK_M, BLOCK_N, BLOCK_D, warps): the Llama decode step with transformers' bool mask (its splits interleaved),
@@ -59,8 +62,11 @@ def main() -> int:
                       UPCAST=False, P_LOW=dt != "fp32")
         ok &= build(K._attention_kernel, types, consts, name, warps)
         if split and not ring:  # the decode step's launch with programmatic dependent launch (triton_ops_core.pdl)
-            ok &= build(K._attention_kernel, types, {**consts, "PDL": True, "RELEASE": True}, f"{name}, PDL", warps,
-                        ptx_has=RELEASED)
+            # with a mask, its pass and the first K/V tiles' L2 requests before the wait (EARLY)
+            early = {"EARLY": True, "PREFETCH_TILES": 2, "KV_LINES": 2} if kind != K.MASK_NONE else {}
+            ok &= build(K._attention_kernel, types, {**consts, "PDL": True, "RELEASE": True, **early},
+                        f"{name}, PDL{', mask pass before the wait' if early else ''}", warps, ptx_has=RELEASED,
+                        ptx_before=MASK_PASS_EARLY if early else ())
         if kind != K.MASK_NONE:  # the first K/V tiles asked of L2 before the mask pass (ops.PREFETCH_TILES)
             lines = 1 << max(0, (hd * (4 if dt == "fp32" else 2) - 1) // 128).bit_length()
             ok &= build(K._attention_kernel, types, {**consts, "PREFETCH_TILES": 2, "KV_LINES": lines},

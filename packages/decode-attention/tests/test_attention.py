@@ -454,8 +454,14 @@ def test_gpu_plan_launches_both_kernels_early_with_pdl(monkeypatch, on):
         assert launch.options.get("launch_pdl", False) is on
     monkeypatch.setattr(pdl, "RELEASE_SHORT", True)
     monkeypatch.setattr(pdl, "TRIGGER", "end")
+    assert _main_arg(plan, "EARLY") is False  # the kernel before would not release this one early: no overlap
     plan = _gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024)  # 8 KV heads x a few splits: one wave on 132 SMs
     assert _main_arg(plan, "RELEASE") is on and plan.combine.tail[-1] is on
+    # launched early, the mask pass runs before the wait (a mask and no ring); without a mask nothing to move
+    assert _main_arg(plan, "EARLY") is on
+    assert _main_arg(_gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 2048, masked=False), "EARLY") is False
+    monkeypatch.setattr(ops, "EARLY_MASK_PASS", False)
+    assert _main_arg(_gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024), "EARLY") is False
 
 
 def test_gpu_plan_of_several_waves_keeps_the_exit_trigger(monkeypatch):

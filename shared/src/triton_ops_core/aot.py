@@ -21,7 +21,8 @@ AOT_UNAVAILABLE = 3
 def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int = 4, stages: int = 2,
                  no_spills: bool = False, no_injected_waits: bool = False, divisible: tuple[str, ...] = (),
                  max_loop_instructions: int | None = None, ptx_has: tuple[str, ...] = (),
-                 ptx_lacks: tuple[str, ...] = (), no_sync_loop_loads: bool = False) -> bool:
+                 ptx_lacks: tuple[str, ...] = (), no_sync_loop_loads: bool = False,
+                 ptx_before: tuple[tuple[str, str], ...] = ()) -> bool:
     """Compile the ``@triton.jit`` (or ``@gluon.jit``) kernel ``fn`` for sm_90 and print ``OK name`` or
     ``FAIL name: error``.
 
@@ -37,7 +38,9 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     ``".e4m3.e4m3"`` for FP8 tensor-core products) or holds one of those (such as ``"prmt"``: bytes permuted in
     registers). ``no_sync_loop_loads``: also fail when the longest loop holds a synchronous global load
     (:func:`loop_sync_global_loads`; compile with ``divisible`` as the launcher specializes, or unaligned pointers
-    make every load synchronous). Exits the process with
+    make every load synchronous). ``ptx_before``: ``(a, b)`` pairs: also fail unless the PTX holds both and ``a``
+    first appears before ``b`` does (an instruction the kernel must issue before another, such as a load before
+    PDL's ``griddepcontrol.wait``). Exits the process with
     :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form. Returns whether
     it compiled.
     """
@@ -94,6 +97,10 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     if missing or present:
         print(f"FAIL {name}: its PTX " + (f"lacks {missing}" if missing else f"holds {present}"))
         return False
+    misplaced = misplaced_pairs(compiled.asm["ptx"], ptx_before)
+    if misplaced:
+        print(f"FAIL {name}: its PTX does not hold {misplaced[0][0]!r} before {misplaced[0][1]!r}")
+        return False
     if max_loop_instructions is not None and not 0 < loop <= max_loop_instructions:
         print(f"FAIL {name}: its longest loop has {loop} instructions, more than {max_loop_instructions}"
               if loop else f"FAIL {name}: no loop found in its machine code (nvdisasm's format changed?)")
@@ -103,6 +110,11 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
         return False
     print(f"OK {name}")
     return True
+
+
+def misplaced_pairs(ptx: str, pairs: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """The ``(a, b)`` of ``pairs`` where ``ptx`` lacks either, or ``a`` first appears after ``b`` first does."""
+    return [(a, b) for a, b in pairs if not 0 <= ptx.find(a) < ptx.find(b)]
 
 
 def injected_wgmma_waits(ptx: str) -> list[str]:
@@ -258,4 +270,4 @@ def check_compile_script(script: Path, expected_ok: int) -> None:
 
 
 __all__ = ["AOT_UNAVAILABLE", "check_compile_script", "compile_sm90", "injected_wgmma_waits", "local_memory_ops",
-           "longest_loop", "loop_sync_global_loads", "run_compile_script", "sync_loads_in_loop"]
+           "longest_loop", "loop_sync_global_loads", "misplaced_pairs", "run_compile_script", "sync_loads_in_loop"]

@@ -215,12 +215,19 @@ def _attention_kernel(
     FINISH: tl.constexpr = False, MERGE_R: tl.constexpr = 16, MERGE_S: tl.constexpr = 2,
     # RELEASE (triton_ops_core.pdl.release_early): the next kernel may launch once this one runs (a grid of one wave)
     RELEASE: tl.constexpr = False,
+    # EARLY (PDL, a mask, no ring; ops.EARLY_MASK_PASS): the mask pass and the K/V prefetch run before the wait
+    EARLY: tl.constexpr = False,
 ):
     # PDL (triton_ops_core.pdl): launched early, every program waits for the previous kernel (the cache's write)
-    # before it reads anything
+    # before it reads q, the cache or the ring's counter. With EARLY, the mask pass (and PREFETCH_TILES' L2 requests)
+    # come first: the mask was written before the decoder layers ran, and where every trigger follows its kernel's
+    # own wait (not TRITON_OPS_PDL_TRIGGER=start) the kernel before the previous one has completed when this one
+    # starts, so only the previous kernel's writes (q rotated, the new K/V row) are still to come; a prefetched line
+    # that the previous kernel then writes is updated in L2, which serves every later load.
     pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
-    pdl_release(PDL, RELEASE)
+    if not EARLY:
+        pdl_wait(PDL)
+        pdl_release(PDL, RELEASE)
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -235,8 +242,6 @@ def _attention_kernel(
     d_ok = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
 
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + sq[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_head = k_ptr + b * stride_kb + hkv.to(tl.int64) * stride_kh
     v_head = v_ptr + b * stride_vb + hkv.to(tl.int64) * stride_vh
     # the position of each query row in the cache: the queries are its last SQ entries
@@ -308,6 +313,11 @@ def _attention_kernel(
         if INTERLEAVE:
             in_loop -= tl.minimum(tl.maximum(first_pos - lo, 0), BLOCK_N)
         holes = attended < in_loop
+    if EARLY:
+        pdl_wait(PDL)
+        pdl_release(PDL, RELEASE)
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + sq[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     # pointers of the first step's tiles, advanced by ``step`` rows a step (the 64-bit start keeps a long cache's
     # position offsets exact; the in-tile offsets stay 32-bit)

@@ -87,6 +87,11 @@ COMBINE_IN_GRAPHS = False
 # With a mask, the first PREFETCH_TILES tiles of each split's K and V rows are asked of L2 before the mask pass that
 # trims the split's range (0: none). Plans are cached: call clear_caches() after changing it.
 PREFETCH_TILES = 0
+# Launched early with PDL, the mask pass (and PREFETCH_TILES' requests) run before the kernel waits for the cache
+# write before it (the kernel's EARLY): a mask, no ring, and where the kernel before the attention lets it launch
+# while it runs (triton_ops_core.pdl.RELEASE_SHORT, the "end" trigger; else it launches as that kernel exits and
+# nothing would overlap). Plans are cached: call clear_caches() after changing it.
+EARLY_MASK_PASS = True
 _COUNTERS = "decode_attention.counters"
 
 
@@ -223,8 +228,10 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         0 if on_cpu or attn_mask is None else PREFETCH_TILES, next_pow2(cdiv(d * k.element_size(), 128)))
     # RELEASE (triton_ops_core.pdl.release_early): a grid of one wave lets the next kernel launch once it runs
     release = pdl.release_early(pdl_on, bh * splits * row_blocks, dev)
-    main = Plan(K._attention_kernel, (bh, splits, row_blocks), (*main_tail, False, 16, 2, release), t.num_warps,
-                num_stages=t.num_stages, **pdl.launch_options(pdl_on))
+    early = (pdl_on and EARLY_MASK_PASS and pdl.RELEASE_SHORT and pdl.TRIGGER == "end" and attn_mask is not None
+             and not ring)
+    main = Plan(K._attention_kernel, (bh, splits, row_blocks), (*main_tail, False, 16, 2, release, early),
+                t.num_warps, num_stages=t.num_stages, **pdl.launch_options(pdl_on))
     combine = finish = None
     if splits > 1:
         block_r = min(128 if on_cpu else 16, max(2, next_pow2(rows)), t.block_m)
@@ -235,8 +242,8 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
                         pdl_on, pdl.release_early(pdl_on, bh * cdiv(rows, block_r), dev)), 4,
                        **pdl.launch_options(pdl_on))
         if COMBINE_IN_LAUNCH:  # FINISH, MERGE_R, MERGE_S: the combine's tiles
-            finish = Plan(K._attention_kernel, (bh, splits, row_blocks), (*main_tail, True, block_r, block_s, release),
-                          t.num_warps, num_stages=t.num_stages, **pdl.launch_options(pdl_on))
+            finish = Plan(K._attention_kernel, (bh, splits, row_blocks),
+                          (*main_tail, True, block_r, block_s, release, early), t.num_warps, num_stages=t.num_stages, **pdl.launch_options(pdl_on))
     return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d, finish)
 
 
