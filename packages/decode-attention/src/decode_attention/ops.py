@@ -243,7 +243,8 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
                        **pdl.launch_options(pdl_on))
         if COMBINE_IN_LAUNCH:  # FINISH, MERGE_R, MERGE_S: the combine's tiles
             finish = Plan(K._attention_kernel, (bh, splits, row_blocks),
-                          (*main_tail, True, block_r, block_s, release, early), t.num_warps, num_stages=t.num_stages, **pdl.launch_options(pdl_on))
+                          (*main_tail, True, block_r, block_s, release, early), t.num_warps,
+                          num_stages=t.num_stages, **pdl.launch_options(pdl_on))
     return _AttentionPlan(out_shape, main, combine, bh * splits * rows_pad if splits > 1 else 0, t.block_d, finish)
 
 
