@@ -243,13 +243,18 @@ def _forward(x, weight, eps, residual, gemma, inplace: bool = False,
     return y, _run(plan, x, weight, residual, inplace, y, y)
 
 
+# EMULATE's place in a plan's tail (the kernel's arguments from n_rows on)
+_EMULATE_AT = _rmsnorm_kernel.arg_names.index("EMULATE") - _rmsnorm_kernel.arg_names.index("n_rows")
+
+
 def _forward_fp8(x, weight, eps, residual, gemma,
                  inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One launch: ``(E4M3 y, per-row scales [..., 1], new residual)``."""
     plan = _plan(x, weight, eps, residual, gemma, inplace, fp8_out=True)
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    y_arg = y.view(torch.uint8) if plan.tail[-2] else y  # EMULATE: the interpreter stores bit patterns
+    emulate = plan.tail[_EMULATE_AT]  # the interpreter stores bit patterns
+    y_arg = y.view(torch.uint8) if emulate else y
     return y, scale, _run(plan, x, weight, residual, inplace, y_arg, scale)
 
 
