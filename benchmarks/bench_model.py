@@ -31,6 +31,7 @@ but the input embedding, and of a mixture of experts only the experts the step's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
 import json
@@ -73,6 +74,11 @@ O_PROJ_NORM = "-o-proj-norm"
 # kernel; opt-in for now), whatever the environment says, for the before/after in one run. Either combines with
 # FUSED_NORMS (that suffix last).
 PDL_ON, PDL_OFF = "-pdl", "-no-pdl"
+# Any patched variant + these suffixes: measured with triton_ops_core.scratch.KEEP_IN_CAPTURES on (a CUDA graph captured
+# by hand keeps its split-K counters, one memset per graph instead of one per launch) and with
+# triton_ops_core.pdl.RELEASE_SHORT on (one-wave attention, cache-write and norm launches let the next kernel launch
+# once they run; the attention's mask pass before its wait), both off as shipped until measured.
+KEEP_SCRATCH, RELEASE_EARLY = "-keep", "-release"
 # Any patched variant + this suffix: full sliding windows moved on by one shift launch a step
 # (triton_ops.models.cache_updates.SLIDING_RING off while it is measured) instead of written as ring buffers.
 SHIFT = "-shift"
@@ -80,8 +86,9 @@ SHIFT = "-shift"
 # (``patch_model(fp8_experts=True)``) or W8A8 (``fp8_experts="w8a8"``: the activations quantized per row as well).
 EXPERTS_FP8, EXPERTS_W8A8 = "-experts-fp8", "-experts-w8a8"
 # The suffixes a patched variant takes, each group at most once, in this order:
-# ``patched-fp8-default-experts-w8a8-shift-pdl-fused-norms``.
-SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (FUSED_NORMS, INPUT_NORM), (O_PROJ_NORM,))
+# ``patched-fp8-default-experts-w8a8-shift-pdl-keep-release-fused-norms``.
+SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (KEEP_SCRATCH,), (RELEASE_EARLY,),
+                 (FUSED_NORMS, INPUT_NORM), (O_PROJ_NORM,))
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE", "POST_NORM_IN_O_PROJ")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
@@ -561,11 +568,31 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30) -> float:
 def run_variant(name: str, variant: str, config, args, device, ref: dict | None) -> tuple[VariantResult, dict]:
     from triton_ops_core import pdl
 
-    setting = pdl_setting(variant)
-    if setting is not None:  # planned and measured so; plans made under it are dropped when it ends
-        with pdl.override(setting):
-            return _run_variant(name, variant, config, args, device, ref)
-    return _run_variant(name, variant, config, args, device, ref)
+    with launch_switches(variant):
+        setting = pdl_setting(variant)
+        if setting is not None:  # planned and measured so; plans made under it are dropped when it ends
+            with pdl.override(setting):
+                return _run_variant(name, variant, config, args, device, ref)
+        return _run_variant(name, variant, config, args, device, ref)
+
+
+@contextlib.contextmanager
+def launch_switches(variant: str):
+    """``scratch.KEEP_IN_CAPTURES`` (:data:`KEEP_SCRATCH`) and ``pdl.RELEASE_SHORT`` (:data:`RELEASE_EARLY`) as
+    ``variant`` asks, the shipped values otherwise; restored, and the launch plans made under them dropped, after."""
+    from triton_ops_core import pdl, scratch
+    from triton_ops_core.launch import invalidate_plans
+
+    options = split_variant(variant)[1]
+    shipped = scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT
+    scratch.KEEP_IN_CAPTURES = shipped[0] or KEEP_SCRATCH in options
+    pdl.RELEASE_SHORT = shipped[1] or RELEASE_EARLY in options
+    invalidate_plans()
+    try:
+        yield
+    finally:
+        scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT = shipped
+        invalidate_plans()
 
 
 def pdl_setting(variant: str) -> bool | None:
@@ -795,8 +822,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{FUSED_NORMS}: its decode step's norms inside the GEMMs' launches ({INPUT_NORM}: the "
                         f"input norm only, inside the q/k/v launch; {O_PROJ_NORM}: the post-attention norm "
                         f"written by the output projection's launch); with {PDL_ON} / "
-                        f"{PDL_OFF}: measured with / without programmatic dependent launch; with {SHIFT}: full "
-                        f"sliding windows shifted, not rings (in this order: patched{SHIFT}{PDL_ON}{FUSED_NORMS})")
+                        f"{PDL_OFF}: measured with / without programmatic dependent launch; with {KEEP_SCRATCH}: "
+                        f"split-K counters kept on a graph captured by hand; with {RELEASE_EARLY}: one-wave short "
+                        f"kernels release the next launch once they run; with {SHIFT}: full sliding windows "
+                        f"shifted, not rings (in this order: "
+                        f"patched{SHIFT}{PDL_ON}{KEEP_SCRATCH}{RELEASE_EARLY}{FUSED_NORMS})")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",
                    help="decode points, BATCHxCONTEXT, comma-separated")

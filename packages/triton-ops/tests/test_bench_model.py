@@ -132,6 +132,25 @@ def test_pdl_variants_set_programmatic_dependent_launch_for_their_measurement(bm
     assert bm.pdl_setting("patched") is None and bm.pdl_setting("transformers") is None
 
 
+def test_keep_and_release_variants_switch_them_on_for_their_measurement_only(bm):
+    from triton_ops_core import launch, pdl, scratch
+
+    known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    assert {"patched-fp8-checkpoint-pdl-keep-release", "patched-keep", "patched-release-input-norm"} <= set(known)
+    assert "patched-release-keep" not in known and "transformers-keep" not in known
+    assert bm.split_variant("patched-fp8-checkpoint-pdl-keep-release") == (
+        "patched-fp8-checkpoint", frozenset({bm.PDL_ON, bm.KEEP_SCRATCH, bm.RELEASE_EARLY}))
+    shipped = scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT
+    seen = []
+    for variant in ("patched-pdl-keep-release", "patched-keep", "patched-release", "patched"):
+        generation = launch._generation
+        with bm.launch_switches(variant):
+            seen.append((scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT))
+            assert launch._generation > generation  # plans made before are not reused under the switches
+        assert (scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT) == shipped
+    assert seen == [(True, True), (True, shipped[1]), (shipped[0], True), shipped]
+
+
 def test_shift_variants_switch_the_rings_off_for_their_measurement(bm, monkeypatch):
     from triton_ops.models import cache_updates
 
