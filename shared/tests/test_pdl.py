@@ -98,36 +98,39 @@ def test_launch_options():
     assert pdl.launch_options(False) == {}
 
 
-@pytest.mark.parametrize("release, trigger, programs, want", [
-    (True, "end", 1, True), (True, "end", 132, True), (True, "end", 133, False), (True, "end", 0, False),
-    (False, "end", 8, False), (True, "wait", 8, False), (True, "start", 8, False)])
-def test_a_short_kernel_releases_the_next_one_early_only_in_one_wave(monkeypatch, release, trigger, programs, want):
-    """``release_early``: with the switch and the "end" trigger, a launch of at most one program per SM (132 here)
-    lets the next kernel launch once it runs; a grid of several waves, another trigger (which places the launch
-    itself) or the switch off never do."""
+@pytest.mark.parametrize("release, trigger, programs, rows, want", [
+    (True, "end", 1, 1, True), (True, "end", 132, 1, True), (True, "end", 133, 1, False), (True, "end", 0, 1, False),
+    (True, "end", 8, 2, False), (True, "end", 8, 0, False), (False, "end", 8, 1, False), (True, "wait", 8, 1, False),
+    (True, "start", 8, 1, False)])
+def test_a_short_kernel_releases_the_next_one_early_only_for_one_row_in_one_wave(monkeypatch, release, trigger,
+                                                                                 programs, rows, want):
+    """``release_early``: with the switch and the "end" trigger, a launch over one row (a one-sequence decode step)
+    of at most one program per SM (132 here) lets the next kernel launch once it runs; more rows (measured slower at
+    eight), a grid of several waves, another trigger (which places the launch itself) or the switch off never do."""
     monkeypatch.setattr(pdl, "RELEASE_SHORT", release)
     monkeypatch.setattr(pdl, "TRIGGER", trigger)
     monkeypatch.setattr(pdl, "sm_count", lambda device, cpu: 132)
-    assert pdl.release_early(True, programs, CUDA0) is want
-    assert pdl.release_early(False, programs, CUDA0) is False  # PDL off for the launch: nothing to release
+    assert pdl.RELEASE_MAX_ROWS == 1
+    assert pdl.release_early(True, programs, CUDA0, rows) is want
+    assert pdl.release_early(False, programs, CUDA0, rows) is False  # PDL off for the launch: nothing to release
 
 
 def test_the_release_switch_is_read_from_the_environment(tmp_path):
-    """``TRITON_OPS_PDL_RELEASE`` (read at import): off unless set to a true value."""
+    """``TRITON_OPS_PDL_RELEASE`` (read at import): on unless set to a false value."""
     import os
     import subprocess
     import sys
 
     code = "import triton_ops_core.pdl as p; print(p.RELEASE_SHORT)"
     seen = []
-    for value in (None, "1", "0", "on"):
+    for value in (None, "1", "0", "off"):
         env = {k: v for k, v in os.environ.items() if k != pdl.RELEASE_ENV}
         if value is not None:
             env[pdl.RELEASE_ENV] = value
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         seen.append(done.stdout.strip().splitlines()[-1])
-    assert seen == ["False", "True", "False", "True"]
+    assert seen == ["True", "True", "False", "False"]
 
 
 @triton.jit

@@ -464,16 +464,19 @@ def test_gpu_plan_launches_both_kernels_early_with_pdl(monkeypatch, on):
     assert _main_arg(_gpu_plan(monkeypatch, 1, 32, 8, 128, 2048, 1024), "EARLY") is False
 
 
-def test_gpu_plan_of_several_waves_keeps_the_exit_trigger(monkeypatch):
-    """A full batch's attention (64 sequences x 8 KV heads: 512 programs on 132 SMs) does not release the next
-    kernel early: its programs would take the slots of the later waves."""
+@pytest.mark.parametrize("batch", [2, 8, 64])
+def test_gpu_plan_of_several_rows_keeps_the_exit_trigger(monkeypatch, batch):
+    """Several sequences' attention does not release the next kernel early (measured slower at eight; a full batch,
+    64 sequences x 8 KV heads, would also be 512 programs on 132 SMs, whose later waves the early programs would
+    take the slots of), and so runs its mask pass after its wait."""
     from triton_ops_core import pdl
 
     monkeypatch.setattr(pdl, "enabled", lambda device: True)
     monkeypatch.setattr(pdl, "RELEASE_SHORT", True)
     monkeypatch.setattr(pdl, "TRIGGER", "end")
-    plan = _gpu_plan(monkeypatch, 64, 32, 8, 128, 2048, 1024)
+    plan = _gpu_plan(monkeypatch, batch, 32, 8, 128, 2048, 1024)
     assert _main_arg(plan, "PDL") is True and _main_arg(plan, "RELEASE") is False
+    assert _main_arg(plan, "EARLY") is False
 
 
 @pytest.mark.parametrize("tiles", [0, 2])

@@ -173,7 +173,8 @@ def test_modules_adopt_a_transformers_norm():
 def test_pdl_plans_launch_early(monkeypatch, on):
     """With programmatic dependent launch on for the device (triton_ops_core.pdl), the norm's plan carries ``PDL``
     (EMULATE the constexpr before it, RELEASE the one after) and ``launch_pdl``; off, neither. With the release
-    switch, a grid of one wave (2 rows) lets the next kernel launch once it runs. Plans only."""
+    switch, a one-row norm (a one-sequence decode step) lets the next kernel launch once it runs; two rows do not.
+    Plans only."""
     import importlib
 
     from triton_ops_core import pdl
@@ -191,5 +192,7 @@ def test_pdl_plans_launch_early(monkeypatch, on):
     monkeypatch.setattr(pdl, "TRIGGER", "end")
     monkeypatch.setattr(pdl, "sm_count", lambda device, cpu: 132)
     rms._PLANS.clear()
-    assert rms._plan(x, w, 1e-6, r, False, False).tail[-1] is on
+    assert rms._plan(x, w, 1e-6, r, False, False).tail[-1] is False  # two rows
+    x1, w1, r1 = norm_inputs((1, 64), torch.bfloat16, 0)
+    assert rms._plan(x1, w1, 1e-6, r1, False, False).tail[-1] is on
     rms._PLANS.clear()

@@ -89,13 +89,18 @@ def _trigger_setting() -> str:
 TRIGGER = _trigger_setting()
 # With the "end" trigger, a kernel without a streaming loop (attention, the KV-cache write, a norm) lets the next
 # kernel launch as it exits, so the next one's launch and its first weight loads start only then. With this switch
-# such a kernel lets it launch right after its own wait where its grid fits in one wave (``release_early``: one
-# program per SM at most): the next kernel's programs take only the SMs this one leaves idle, ask L2 for their first
-# weight tiles and wait, as the rules above say. A long kernel of many waves keeps its exit trigger (the early
-# programs would take the slots of its later waves: the "wait" trigger's loss). ``TRITON_OPS_PDL_RELEASE=1`` /
-# ``0``, read at import; off until measured on a GPU (written in session 46 without one).
+# such a kernel of a single row (a one-sequence decode step: ``rows`` at most RELEASE_MAX_ROWS) and a grid of one wave
+# (at most one program per SM) lets it launch right after its own wait (``release_early``): the next kernel's
+# programs take the SMs this one leaves idle, ask L2 for their first weight tiles and wait, as the rules above say.
+# A long kernel of many waves keeps its exit trigger (the early programs would take the slots of its later waves: the
+# "wait" trigger's loss). Measured on the lent H100 (session 46, bench_model, Llama-3-8B, 1k context, CUDA graph,
+# three runs): one row 3,452-3,483 -> 3,380-3,388 us a step with the FP8 checkpoint (-2.0 to -3.0 %), 5,922 -> 5,856
+# us in bf16 (-1.1 %); eight rows (released too in that measurement) 4,469-4,470 -> 4,535-4,538 us in two runs of
+# three (+1.5 %), 6,692 -> 6,740 in bf16: hence the one-row rule. ``TRITON_OPS_PDL_RELEASE=0`` turns it off (read at
+# import).
 RELEASE_ENV = "TRITON_OPS_PDL_RELEASE"
-RELEASE_SHORT = os.environ.get(RELEASE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+RELEASE_SHORT = os.environ.get(RELEASE_ENV, "").strip().lower() not in {"0", "false", "no", "off"}
+RELEASE_MAX_ROWS = 1
 _TRIGGER_AT_START = tl.constexpr(TRIGGER == "start")
 _TRIGGER_AFTER_WAIT = tl.constexpr(TRIGGER == "wait")
 _TRIGGER_AT_END = tl.constexpr(TRIGGER == "end")
@@ -136,11 +141,13 @@ def pdl_release(PDL: tl.constexpr, RELEASE: tl.constexpr):
         _gdc_launch_dependents()
 
 
-def release_early(on: bool, programs: int, device: torch.device) -> bool:
-    """Whether a launch of ``programs`` programs of a kernel without a streaming loop lets the next kernel launch
-    right after its wait (:func:`pdl_release`): PDL ``on`` for it, :data:`RELEASE_SHORT`, the "end" trigger, and a
-    grid of one wave (at most one program per SM of ``device``)."""
-    return bool(on and RELEASE_SHORT and TRIGGER == "end" and 0 < programs <= sm_count(device, 0))
+def release_early(on: bool, programs: int, device: torch.device, rows: int) -> bool:
+    """Whether a launch of ``programs`` programs of a kernel without a streaming loop, over ``rows`` rows (tokens of
+    a decode step), lets the next kernel launch right after its wait (:func:`pdl_release`): PDL ``on`` for it,
+    :data:`RELEASE_SHORT`, the "end" trigger, at most :data:`RELEASE_MAX_ROWS` rows and a grid of one wave (at most
+    one program per SM of ``device``)."""
+    return bool(on and RELEASE_SHORT and TRIGGER == "end" and 0 < rows <= RELEASE_MAX_ROWS
+                and 0 < programs <= sm_count(device, 0))
 
 
 @triton.jit
@@ -223,6 +230,7 @@ def launch_options(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "ON_BY_DEFAULT", "RELEASE_ENV", "RELEASE_SHORT", "TRIGGER",
-           "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options", "on_by_default", "override", "pdl_launch_dependents",
-           "pdl_release", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows", "release_early"]
+__all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "ON_BY_DEFAULT", "RELEASE_ENV", "RELEASE_MAX_ROWS", "RELEASE_SHORT",
+           "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options", "on_by_default", "override",
+           "pdl_launch_dependents", "pdl_release", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows",
+           "release_early"]

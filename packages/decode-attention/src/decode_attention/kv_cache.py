@@ -220,7 +220,8 @@ def _plan(keys, values, k, v, rope, norm, mode: int, info: KVCacheWrite) -> Plan
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *q_strides, *table_strides,
         mode, one, keys.device.type == "cuda", rope is not None, norm is not None,
         norm is not None and bool(norm[3]), info.k_dim, info.v_dim, block_d,
-        block_r, block_q, early, pdl.release_early(early, kv_programs + q_programs, keys.device)), 4, extra=one,
+        block_r, block_q, early, pdl.release_early(early, kv_programs + q_programs, keys.device,
+                                                     info.batch * info.new)), 4, extra=one,
         **pdl.launch_options(early))
 
 

@@ -229,7 +229,7 @@ def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = 
     pdl_on = pdl.enabled(x.device)
     tail = (n_rows, n, x2.stride(0) if not copy_x else n, r2.stride(0) if not copy_r else n, n, stride_ro,
             float(eps), residual is not None, bool(gemma), block, n <= MAX_ONE_PASS, fp8_out,
-            fp8_out and is_interpreter(), pdl_on, pdl.release_early(pdl_on, max(1, n_rows), x.device))
+            fp8_out and is_interpreter(), pdl_on, pdl.release_early(pdl_on, max(1, n_rows), x.device, n_rows))
     plan = Plan(_rmsnorm_kernel, (max(1, n_rows),), tail, int(config["num_warps"]), n_rows,
                 extra=NormNeeds(n, copy_x, copy_r), **pdl.launch_options(pdl_on))
     return _PLANS.put(key, plan) if cache else plan
