@@ -13,7 +13,9 @@ The rules every kernel that takes ``PDL`` follows:
 
 - ``pdl_launch_dependents(PDL)`` early (the next kernel's programs then only wait in ``gdc_wait``);
 - before ``pdl_wait(PDL)``: loads of weights only (parameters no kernel of the step writes), address arithmetic and
-  L2 prefetches; never an activation, a cache, a mask, a position, or a store;
+  L2 prefetches; never an activation, a cache, a mask, a position, or a store (one exception, decode-attention's
+  ``EARLY`` mask pass: where every trigger follows its kernel's own wait, as ``release_early`` ensures, what was
+  written before the previous kernel started is complete, and the mask is written before the decoder layers run);
 - after it, everything else.
 
 A kernel that follows a non-PDL kernel (torch's, cuBLAS) starts when that one completes, as without PDL; a non-PDL
