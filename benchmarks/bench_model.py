@@ -74,11 +74,12 @@ O_PROJ_NORM = "-o-proj-norm"
 # kernel; opt-in for now), whatever the environment says, for the before/after in one run. Either combines with
 # FUSED_NORMS (that suffix last).
 PDL_ON, PDL_OFF = "-pdl", "-no-pdl"
-# Any patched variant + these suffixes: measured with triton_ops_core.scratch.KEEP_IN_CAPTURES on (a CUDA graph captured
-# by hand keeps its split-K counters, one memset per graph instead of one per launch) and with
-# triton_ops_core.pdl.RELEASE_SHORT on (one-wave attention, cache-write and norm launches let the next kernel launch
-# once they run; the attention's mask pass before its wait), both off as shipped until measured.
+# Any patched variant + these suffixes: its CUDA graph captured inside triton_ops_core.scratch.keep_on (the graph keeps
+# the split-K counters: one memset per graph instead of one per launch; KEEP_ON_GRAPH while it is measured), and
+# measured with triton_ops_core.pdl.RELEASE_SHORT on (one-row attention, cache-write and norm launches let the next
+# kernel launch once they run; the attention's mask pass before its wait; on as shipped since session 46).
 KEEP_SCRATCH, RELEASE_EARLY = "-keep", "-release"
+KEEP_ON_GRAPH = False
 # Any patched variant + this suffix: full sliding windows moved on by one shift launch a step
 # (triton_ops.models.cache_updates.SLIDING_RING off while it is measured) instead of written as ring buffers.
 SHIFT = "-shift"
@@ -421,7 +422,10 @@ GRAPH_CALLS = 3 + GRAPH_TIMINGS * GRAPH_REPLAYS_PER_TIMING
 
 def graph_us(step) -> float | str:
     """Median time of the step replayed from a CUDA graph (a few replays per timing), or why it could not be
-    captured."""
+    captured. With :data:`KEEP_ON_GRAPH` (a :data:`KEEP_SCRATCH` variant), the capture keeps the split-K scratch
+    buffers on the graph (``triton_ops_core.scratch.keep_on``)."""
+    from triton_ops_core import scratch
+
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -430,7 +434,7 @@ def graph_us(step) -> float | str:
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), (scratch.keep_on(graph) if KEEP_ON_GRAPH else contextlib.nullcontext()):
             step()
     except Exception as exc:  # noqa: BLE001 - reported in the table
         torch.cuda.synchronize()
@@ -578,20 +582,21 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
 
 @contextlib.contextmanager
 def launch_switches(variant: str):
-    """``scratch.KEEP_IN_CAPTURES`` (:data:`KEEP_SCRATCH`) and ``pdl.RELEASE_SHORT`` (:data:`RELEASE_EARLY`) as
-    ``variant`` asks, the shipped values otherwise; restored, and the launch plans made under them dropped, after."""
-    from triton_ops_core import pdl, scratch
+    """:data:`KEEP_ON_GRAPH` (:data:`KEEP_SCRATCH`) and ``pdl.RELEASE_SHORT`` (:data:`RELEASE_EARLY`) as ``variant``
+    asks, the shipped values otherwise; restored, and the launch plans made under them dropped, after."""
+    global KEEP_ON_GRAPH
+    from triton_ops_core import pdl
     from triton_ops_core.launch import invalidate_plans
 
     options = split_variant(variant)[1]
-    shipped = scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT
-    scratch.KEEP_IN_CAPTURES = shipped[0] or KEEP_SCRATCH in options
+    shipped = KEEP_ON_GRAPH, pdl.RELEASE_SHORT
+    KEEP_ON_GRAPH = shipped[0] or KEEP_SCRATCH in options
     pdl.RELEASE_SHORT = shipped[1] or RELEASE_EARLY in options
     invalidate_plans()
     try:
         yield
     finally:
-        scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT = shipped
+        KEEP_ON_GRAPH, pdl.RELEASE_SHORT = shipped
         invalidate_plans()
 
 
@@ -823,7 +828,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"input norm only, inside the q/k/v launch; {O_PROJ_NORM}: the post-attention norm "
                         f"written by the output projection's launch); with {PDL_ON} / "
                         f"{PDL_OFF}: measured with / without programmatic dependent launch; with {KEEP_SCRATCH}: "
-                        f"split-K counters kept on a graph captured by hand; with {RELEASE_EARLY}: one-wave short "
+                        f"split-K counters kept on the graph it captures; with {RELEASE_EARLY}: one-row short "
                         f"kernels release the next launch once they run; with {SHIFT}: full sliding windows "
                         f"shifted, not rings (in this order: "
                         f"patched{SHIFT}{PDL_ON}{KEEP_SCRATCH}{RELEASE_EARLY}{FUSED_NORMS})")

@@ -4,12 +4,12 @@
 
 Kernels that split K (the weight-only decode GEMM, ``fp8_gemm.weight_only``) meet their partial sums through int32
 arrival counters that the last program resets, so the counters are zero at rest. Eager calls reuse one buffer per
-device and stream (``triton_ops_core.scratch``); with ``scratch.KEEP_IN_CAPTURES`` a capture by hand keeps one per
+device and stream (``triton_ops_core.scratch``); inside ``scratch.keep_on(graph)`` a capture by hand keeps one per
 name on the graph being captured; otherwise, and for a call through the registered op (``torch.compile``'s graphs),
 each launch takes a fresh ``torch.zeros`` buffer: a memset node in the graph per split-K launch (Llama-3-8B's q/k/v
 and output projections at 2-16 rows split K in four: 64 a step). This script captures 16 FP8 projections of 8 rows
 (128x128 block scales: the 16-row tensor-core tile, K split in 4) twice, with fresh counters (``scratch.per_call``,
-the registered op's way) and kept on the graph (``KEEP_IN_CAPTURES`` on for that capture), checks that both graphs
+the registered op's way) and kept on the graph (``scratch.keep_on``), checks that both graphs
 give the same bits and times a replay of each (CUDA events, best of three). Session 45 measured the gain on the H100
 with the kept buffer forced by hand (14.13 -> 12.68 us a projection at 6144 x 4096, 11.89 -> 10.36 at 4096 x 4096).
 """
@@ -29,9 +29,13 @@ def _projections(n: int, k: int, copies: int) -> list:
     return out
 
 
-def _capture(step):
+def _capture(step, keep: bool = False):
+    import contextlib
+
+    from triton_ops_core import scratch
+
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g), (scratch.keep_on(g) if keep else contextlib.nullcontext()):
         outs = step()
     return g, outs
 
@@ -65,12 +69,7 @@ def run_shape(n: int, k: int, rows: int = 8, copies: int = 16) -> dict:
     torch.cuda.current_stream().wait_stream(side)
     with scratch.per_call():  # the registered op's way: a fresh zeroed counter buffer per launch
         fresh, fresh_out = _capture(step)
-    shipped = scratch.KEEP_IN_CAPTURES
-    scratch.KEEP_IN_CAPTURES = True
-    try:
-        kept, kept_out = _capture(step)  # by hand: the graph keeps one buffer per name
-    finally:
-        scratch.KEEP_IN_CAPTURES = shipped
+    kept, kept_out = _capture(step, keep=True)  # by hand, scratch.keep_on: the graph keeps one buffer per name
     for _ in range(3):
         fresh.replay()
         kept.replay()

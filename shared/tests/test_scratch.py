@@ -121,3 +121,32 @@ def test_the_capturing_graph_is_named_by_torch_where_it_can(monkeypatch):
         named = scratch._capturing_graph()
         buffers = scratch._graph_buffers()
     assert named is graph and buffers is graph._triton_ops_scratch
+
+
+def test_keep_on_names_the_graph_on_any_torch(monkeypatch):
+    # scratch.keep_on(graph): the graph given keeps the buffers, whatever torch can name and whatever the switch says;
+    # outside the block (or inside per_call, the registered ops' way) nothing is kept on it.
+    dev = torch.device("cpu")
+    monkeypatch.setattr(scratch, "KEEP_IN_CAPTURES", False)
+    monkeypatch.setattr(scratch, "_capturing", lambda device: True)
+    monkeypatch.setattr(scratch, "_capturing_graph", lambda: None)  # this torch names no graph
+    graph, other = _Graph(), _Graph()
+    assert not scratch.kept(dev)
+    with scratch.keep_on(graph):
+        assert scratch.kept(dev)
+        a = scratch.scratch("test.keep_on", dev, 16, torch.int32, zeroed=True, stream=3)
+        assert not a.any()
+        assert scratch.scratch("test.keep_on", dev, 8, torch.int32, zeroed=True, stream=3).data_ptr() == a.data_ptr()
+        with scratch.keep_on(other):  # nested: the inner graph's own, then back to the outer one
+            assert scratch.scratch("test.keep_on", dev, 16, torch.int32, zeroed=True, stream=3).data_ptr() \
+                != a.data_ptr()
+        assert scratch.scratch("test.keep_on", dev, 16, torch.int32, zeroed=True, stream=3).data_ptr() == a.data_ptr()
+        with scratch.per_call():
+            assert not scratch.kept(dev)
+            assert scratch.scratch("test.keep_on", dev, 16, torch.int32, zeroed=True, stream=3).data_ptr() \
+                != a.data_ptr()
+    assert any(t is a for t in graph._triton_ops_scratch.values() if isinstance(t, torch.Tensor))
+    assert len(other._triton_ops_scratch) == 1
+    assert not scratch.kept(dev)  # after the block: fresh buffers again under a capture
+    one = scratch.scratch("test.keep_on", dev, 16, torch.int32, zeroed=True, stream=3)
+    assert one.data_ptr() != a.data_ptr()

@@ -91,12 +91,11 @@ def test_the_splits_merged_in_the_launch_give_the_combines_bits(heads, b, sq, co
 @pytest.mark.parametrize("merged,prefetch", [(False, 0), (True, 0), (False, 2), (True, 2)])
 def test_cuda_graph_capture_and_replay(monkeypatch, merged, prefetch):
     # Two layers' calls in one graph: the splits merged by a combine launch or in the attention launch (its counters
-    # kept on the graph, shared by both calls: triton_ops_core.scratch), with or without the first K/V tiles
+    # kept on the graph, shared by both calls: triton_ops_core.scratch.keep_on), with or without the first K/V tiles
     # prefetched; each replay gives what eager gives on the new contents.
     from decode_attention import ops
     from triton_ops_core import scratch
 
-    monkeypatch.setattr(scratch, "KEEP_IN_CAPTURES", True)
     monkeypatch.setattr(ops, "COMBINE_IN_GRAPHS", merged)
     monkeypatch.setattr(ops, "PREFETCH_TILES", prefetch)
     ops.clear_caches()
@@ -106,7 +105,7 @@ def test_cuda_graph_capture_and_replay(monkeypatch, merged, prefetch):
     decode_attention(q, k, v, mask)  # compile and plan outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), scratch.keep_on(graph):
         out = decode_attention(q, k, v, mask)
         out2 = decode_attention(q, k2, v2, mask)
     kept = getattr(graph, "_triton_ops_scratch", {})

@@ -158,11 +158,10 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(out, mod(x))
 
 
-def test_split_k_graphs_by_hand_keep_their_counters_and_replay_in_any_order(monkeypatch):
-    # 8 rows split K: the arrival counters are kept on each graph (triton_ops_core.scratch), shared by the graph's
-    # launches; the second graph's buffers are its own, so it may replay first. The same module through
+def test_split_k_graphs_by_hand_keep_their_counters_and_replay_in_any_order():
+    # 8 rows split K: the arrival counters are kept on each graph (triton_ops_core.scratch.keep_on), shared by the
+    # graph's launches; the second graph's buffers are its own, so it may replay first. The same module through
     # torch.compile's CUDA graphs (registered op: a fresh buffer per launch) gives the same bits.
-    monkeypatch.setattr(_scratch, "KEEP_IN_CAPTURES", True)
     mods = [_module(4096, 1024, "block", seed=11), _module(4096, 4096, "block", seed=12),
             _module(14336, 4096, "channel", seed=13)]
     xs = [torch.randn(8, m.in_features, device="cuda", dtype=torch.bfloat16) for m in mods]
@@ -174,7 +173,7 @@ def test_split_k_graphs_by_hand_keep_their_counters_and_replay_in_any_order(monk
     graphs, outs = [], []
     for _ in range(2):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), _scratch.keep_on(graph):
             outs.append(step())
         graphs.append(graph)
         kept = graph._triton_ops_scratch  # what the launches share (raises if nothing was kept)

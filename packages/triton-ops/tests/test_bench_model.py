@@ -133,21 +133,21 @@ def test_pdl_variants_set_programmatic_dependent_launch_for_their_measurement(bm
 
 
 def test_keep_and_release_variants_switch_them_on_for_their_measurement_only(bm):
-    from triton_ops_core import launch, pdl, scratch
+    from triton_ops_core import launch, pdl
 
     known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
     assert {"patched-fp8-checkpoint-pdl-keep-release", "patched-keep", "patched-release-input-norm"} <= set(known)
     assert "patched-release-keep" not in known and "transformers-keep" not in known
     assert bm.split_variant("patched-fp8-checkpoint-pdl-keep-release") == (
         "patched-fp8-checkpoint", frozenset({bm.PDL_ON, bm.KEEP_SCRATCH, bm.RELEASE_EARLY}))
-    shipped = scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT
+    shipped = bm.KEEP_ON_GRAPH, pdl.RELEASE_SHORT
     seen = []
     for variant in ("patched-pdl-keep-release", "patched-keep", "patched-release", "patched"):
         generation = launch._generation
         with bm.launch_switches(variant):
-            seen.append((scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT))
+            seen.append((bm.KEEP_ON_GRAPH, pdl.RELEASE_SHORT))
             assert launch._generation > generation  # plans made before are not reused under the switches
-        assert (scratch.KEEP_IN_CAPTURES, pdl.RELEASE_SHORT) == shipped
+        assert (bm.KEEP_ON_GRAPH, pdl.RELEASE_SHORT) == shipped
     assert seen == [(True, True), (True, shipped[1]), (shipped[0], True), shipped]
 
 

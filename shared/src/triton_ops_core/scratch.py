@@ -10,9 +10,9 @@ Every program must arrive, skipped work included, or the counter stays off zero 
 Two launches on different streams may run at the same time and must not share counters: the buffers are keyed
 by the current stream (calls on one stream run one after another).
 
-Kept buffers serve plain eager calls and, with :data:`KEEP_IN_CAPTURES`, calls captured into a CUDA graph by hand
-(``torch.cuda.graph``, as a serving loop or ``benchmarks.bench_model`` does). A capture keeps its own buffers on the
-graph being captured: made
+Kept buffers serve plain eager calls and, inside :func:`keep_on` (or with :data:`KEEP_IN_CAPTURES` where torch names
+the capturing graph), calls captured into a CUDA graph by hand (``torch.cuda.graph``, as a serving loop or
+``benchmarks.bench_model`` does). A capture keeps its own buffers on the graph being captured: made
 (and, for counters, zeroed by one memset node) at their first use in that graph, shared by every later launch
 captured on the same stream, freed with the graph. Measured on the H100 (``benchmarks.dev.capture_scratch``, 16 FP8
 projections of 8 rows, K split in four): 14.1 -> 12.7 us a projection against a fresh zeroed buffer, a memset node,
@@ -22,7 +22,8 @@ A call through the registered op (``torch.compile``, its CUDA graphs) gets buffe
 torch.compile's CUDA graphs allocate from a private pool and refuse to record while a tensor made there stays alive
 without being an output ("tensors in the cudagraph pool not tracked as outputs", seen on a whole FP8 Llama), and a
 kept buffer would be one. The price there is one small memset for the counters per split-K call. So is it under a
-capture where this torch cannot name the capturing graph (``CUDAGraph.get_currently_capturing_graph``).
+capture by hand outside :func:`keep_on` where this torch cannot name the capturing graph
+(``CUDAGraph.get_currently_capturing_graph``, which no torch at hand has).
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ import torch
 
 _BUFFERS: dict[tuple, torch.Tensor] = {}
 _LOCAL = threading.local()
-# Whether a capture by hand keeps its buffers on the graph (below); False: fresh buffers per call under every capture.
-# Off until it has run on a GPU: session 45 measured the gain with the buffer forced (benchmarks.dev.capture_scratch)
-# but got no GPU for the shipped code's tests; tests/test_scratch.py covers the keying on CPU, and the GPU tests
-# test_weight_only_gpu.py::test_split_k_graphs_by_hand_keep_their_counters_and_replay_in_any_order and
-# decode-attention's test_cuda_graph_capture_and_replay switch it on.
+# Whether a capture by hand keeps its buffers on the graph torch names as capturing
+# (``CUDAGraph.get_currently_capturing_graph``), without :func:`keep_on`. No torch at hand has that method (2.11 on
+# the lent GPUs, 2.13 here: session 46), so this has no effect there and stays off; :func:`keep_on` names the graph
+# explicitly on any torch.
 KEEP_IN_CAPTURES = False
 _GRAPH_ATTR = "_triton_ops_scratch"  # the dict of a capture's buffers, kept on its graph
 _RETIRED = "retired"  # buffers a capture outgrew
@@ -76,20 +76,49 @@ def _capturing_graph() -> object | None:
         return None
 
 
+@contextlib.contextmanager
+def keep_on(graph: torch.cuda.CUDAGraph) -> Iterator[None]:
+    """Inside, calls captured by hand keep their scratch buffers on ``graph``, which must be the graph being
+    captured (they live as long as it does)::
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), scratch.keep_on(graph):
+            out = model(x)
+
+    One memset node per graph and buffer instead of one per split-K launch; works on every torch (no torch at hand,
+    2.11 on the lent GPUs nor 2.13, names the capturing graph itself, which :data:`KEEP_IN_CAPTURES` needs).
+    Calls through the registered ops (``torch.compile``'s graphs, :func:`per_call`) keep getting fresh buffers."""
+    previous = getattr(_LOCAL, "graph", None)
+    _LOCAL.graph = graph
+    try:
+        yield
+    finally:
+        _LOCAL.graph = previous
+
+
 def _graph_buffers() -> dict | None:
-    """The dict of buffers kept on the graph being captured, or None where the graph cannot keep one: this torch
-    cannot name it, or names it by a new Python object each time (an attribute set on it would not last)."""
+    """The dict of buffers kept on the graph being captured, or None where the graph cannot keep one: not named by
+    :func:`keep_on`, and this torch cannot name it (or :data:`KEEP_IN_CAPTURES` is off), or names it by a new Python
+    object each time (an attribute set on it would not last)."""
+    named = getattr(_LOCAL, "graph", None)
+    if named is not None:
+        return _buffers_on(named)
     graph = _capturing_graph() if KEEP_IN_CAPTURES else None
     if graph is None:
         return None
+    buffers = _buffers_on(graph)
+    if buffers is not None and getattr(_capturing_graph(), _GRAPH_ATTR, None) is not buffers:
+        return None
+    return buffers
+
+
+def _buffers_on(graph: object) -> dict | None:
     buffers = getattr(graph, _GRAPH_ATTR, None)
     if buffers is None:
         buffers = {}
         try:
             setattr(graph, _GRAPH_ATTR, buffers)
         except AttributeError:
-            return None
-        if getattr(_capturing_graph(), _GRAPH_ATTR, None) is not buffers:
             return None
     return buffers
 
