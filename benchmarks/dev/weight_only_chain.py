@@ -44,13 +44,18 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, K: tl.constexpr, BLOCK_N: tl.constexpr, 
     tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    """Median-of-five time of one replay of ``fn`` captured in a CUDA graph, in microseconds."""
+def graph_us(fn, reps: int = 20, keep: bool = False) -> float:
+    """Median-of-five time of one replay of ``fn`` captured in a CUDA graph, in microseconds. ``keep``: captured
+    inside ``triton_ops_core.scratch.keep_on`` (split-K counters kept on the graph)."""
+    import contextlib
+
+    from triton_ops_core import scratch
+
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), (scratch.keep_on(graph) if keep else contextlib.nullcontext()):
         fn()
     times = []
     for _ in range(5):
