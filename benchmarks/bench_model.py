@@ -78,7 +78,7 @@ PDL_ON, PDL_OFF = "-pdl", "-no-pdl"
 # the split-K counters: one memset per graph instead of one per launch; KEEP_ON_GRAPH while it is measured), and
 # measured with triton_ops_core.pdl.RELEASE_SHORT on (one-row attention, cache-write and norm launches let the next
 # kernel launch once they run; the attention's mask pass before its wait; on as shipped since session 46).
-KEEP_SCRATCH, RELEASE_EARLY = "-keep", "-release"
+KEEP_SCRATCH, RELEASE_EARLY, NO_RELEASE = "-keep", "-release", "-no-release"
 KEEP_ON_GRAPH = False
 # Any patched variant + this suffix: full sliding windows moved on by one shift launch a step
 # (triton_ops.models.cache_updates.SLIDING_RING off while it is measured) instead of written as ring buffers.
@@ -88,7 +88,7 @@ SHIFT = "-shift"
 EXPERTS_FP8, EXPERTS_W8A8 = "-experts-fp8", "-experts-w8a8"
 # The suffixes a patched variant takes, each group at most once, in this order:
 # ``patched-fp8-default-experts-w8a8-shift-pdl-keep-release-fused-norms``.
-SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (KEEP_SCRATCH,), (RELEASE_EARLY,),
+SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (SHIFT,), (PDL_ON, PDL_OFF), (KEEP_SCRATCH,), (RELEASE_EARLY, NO_RELEASE),
                  (FUSED_NORMS, INPUT_NORM), (O_PROJ_NORM,))
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE", "POST_NORM_IN_O_PROJ")
@@ -582,7 +582,8 @@ def run_variant(name: str, variant: str, config, args, device, ref: dict | None)
 
 @contextlib.contextmanager
 def launch_switches(variant: str):
-    """:data:`KEEP_ON_GRAPH` (:data:`KEEP_SCRATCH`) and ``pdl.RELEASE_SHORT`` (:data:`RELEASE_EARLY`) as ``variant``
+    """:data:`KEEP_ON_GRAPH` (:data:`KEEP_SCRATCH`) and ``pdl.RELEASE_SHORT`` (:data:`RELEASE_EARLY` on,
+    :data:`NO_RELEASE` off) as ``variant``
     asks, the shipped values otherwise; restored, and the launch plans made under them dropped, after."""
     global KEEP_ON_GRAPH
     from triton_ops_core import pdl
@@ -591,7 +592,7 @@ def launch_switches(variant: str):
     options = split_variant(variant)[1]
     shipped = KEEP_ON_GRAPH, pdl.RELEASE_SHORT
     KEEP_ON_GRAPH = shipped[0] or KEEP_SCRATCH in options
-    pdl.RELEASE_SHORT = shipped[1] or RELEASE_EARLY in options
+    pdl.RELEASE_SHORT = (shipped[1] or RELEASE_EARLY in options) and NO_RELEASE not in options
     invalidate_plans()
     try:
         yield
@@ -828,9 +829,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"input norm only, inside the q/k/v launch; {O_PROJ_NORM}: the post-attention norm "
                         f"written by the output projection's launch); with {PDL_ON} / "
                         f"{PDL_OFF}: measured with / without programmatic dependent launch; with {KEEP_SCRATCH}: "
-                        f"split-K counters kept on the graph it captures; with {RELEASE_EARLY}: one-row short "
-                        f"kernels release the next launch once they run; with {SHIFT}: full sliding windows "
-                        f"shifted, not rings (in this order: "
+                        f"split-K counters kept on the graph it captures; with {RELEASE_EARLY} / {NO_RELEASE}: one-row "
+                        f"short kernels release the next launch once they run, or not; with {SHIFT}: full sliding "
+                        f"windows shifted, not rings (in this order: "
                         f"patched{SHIFT}{PDL_ON}{KEEP_SCRATCH}{RELEASE_EARLY}{FUSED_NORMS})")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--decode", default="1x1024,8x1024,64x1024,1x8192,8x8192",

@@ -142,13 +142,15 @@ def test_keep_and_release_variants_switch_them_on_for_their_measurement_only(bm)
         "patched-fp8-checkpoint", frozenset({bm.PDL_ON, bm.KEEP_SCRATCH, bm.RELEASE_EARLY}))
     shipped = bm.KEEP_ON_GRAPH, pdl.RELEASE_SHORT
     seen = []
-    for variant in ("patched-pdl-keep-release", "patched-keep", "patched-release", "patched"):
+    for variant in ("patched-pdl-keep-release", "patched-keep", "patched-release", "patched", "patched-no-release"):
         generation = launch._generation
         with bm.launch_switches(variant):
             seen.append((bm.KEEP_ON_GRAPH, pdl.RELEASE_SHORT))
             assert launch._generation > generation  # plans made before are not reused under the switches
         assert (bm.KEEP_ON_GRAPH, pdl.RELEASE_SHORT) == shipped
-    assert seen == [(True, True), (True, shipped[1]), (shipped[0], True), shipped]
+    assert seen == [(True, True), (True, shipped[1]), (shipped[0], True), shipped, (shipped[0], False)]
+    assert bm.split_variant("patched-fp8-checkpoint-pdl-no-release") == (
+        "patched-fp8-checkpoint", frozenset({bm.PDL_ON, bm.NO_RELEASE}))
 
 
 def test_shift_variants_switch_the_rings_off_for_their_measurement(bm, monkeypatch):
