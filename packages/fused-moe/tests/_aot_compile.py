@@ -38,9 +38,15 @@ def with_norm(fn, types: dict, consts: dict, norm: bool = False) -> tuple[dict, 
             {"NORM": norm, "NORM_BLOCK": 2048 // consts.get("BLOCK_M", consts.get("BLOCK_T", 16)), **consts})
 
 
-def build(fn, types: dict, consts: dict, name: str, warps: int = 4, norm: bool = False) -> bool:
+def build(fn, types: dict, consts: dict, name: str, warps: int = 4, norm: bool = False, **checks) -> bool:
     types, consts = with_norm(fn, types, consts, norm)
-    return compile_sm90(fn, types, consts, name, warps, consts.get("NUM_STAGES", 3))
+    return compile_sm90(fn, types, consts, name, warps, consts.get("NUM_STAGES", 3), **checks)
+
+
+# PDL launches (the library's "end" trigger): the next kernel let launch from the streaming loop's end or, released,
+# from the wait; weights asked of L2 before the wait, which comes before any store
+LETS_NEXT_LAUNCH = ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+PREFETCHED_BEFORE_WAIT = (("prefetch.global.L2", "griddepcontrol.wait"), ("griddepcontrol.wait", "st.global"))
 
 
 # The one-row FMA tiles of FP8 experts (configs.FP8_FMA_TILE_NARROW / FP8_FMA_TILE: 1 to 8 tokens), compiled at
@@ -372,12 +378,16 @@ def pdl_decode_step(route_types: dict, align_types: dict) -> bool:
     before it before reading anything): router split, route, align, bf16 one-row gate/up and down, combine."""
     ok = build(K._router_split_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32",
                                         **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we"], I32)},
-               dict(BLOCK_T=16, BLOCK_E=32, BLOCK_K=128, NUM_STAGES=2, DOT_PRECISION="tf32", UPCAST=False, PDL=True),
-               "router split, PDL")
-    ok &= build(K._route_kernel, route_types,
-                dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True, ROUND_LOGITS=True, EMULATE_BF16=False,
-                     BLOCK_T=16, BLOCK_E=32, BLOCK_K=256, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False,
-                     SPLIT=12, PDL=True), "route SPLIT=12, PDL")
+               dict(BLOCK_T=16, BLOCK_E=32, BLOCK_K=128, NUM_STAGES=2, DOT_PRECISION="tf32", UPCAST=False, PDL=True,
+                    PREFETCH_LINES=2),
+               "router split, PDL, its slice prefetched", ptx_has=LETS_NEXT_LAUNCH, ptx_before=PREFETCHED_BEFORE_WAIT)
+    for release in (False, True):
+        ok &= build(K._route_kernel, route_types,
+                    dict(HAS_BIAS=True, TOP_K=4, BLOCK_KP=4, RENORMALIZE=True, ROUND_LOGITS=True, EMULATE_BF16=False,
+                         BLOCK_T=16, BLOCK_E=32, BLOCK_K=256, NUM_STAGES=3, DOT_PRECISION="tf32", UPCAST=False,
+                         SPLIT=12, PDL=True, RELEASE=release), f"route SPLIT=12, PDL{', released' if release else ''}",
+                    ptx_has=LETS_NEXT_LAUNCH if release else (),
+                    ptx_lacks=() if release else ("griddepcontrol.launch_dependents",))
     ok &= build(K._align_kernel, align_types, dict(TILE_M=1, BLOCK_P=16, BLOCK_E=32, BLOCK_TILES=16, PDL=True),
                 "align, PDL", warps=8)
     groups = dict.fromkeys(["sorted_ptr", "offsets_ptr", "tile_expert_ptr", "tile_start_ptr"], "*i32")
@@ -401,6 +411,36 @@ def pdl_decode_step(route_types: dict, align_types: dict) -> bool:
                                     "stride_ym": I32, "stride_ot": I32, "stride_rt": I32},
                 dict(TERMS=12, BLOCK_T=16, BLOCK_N=256, EMULATE_BF16=False, HAS_RESIDUAL=True, PDL=True),
                 "combine with the residual, PDL")
+    ok &= one_token_bf16_pdl(groups)
+    return ok
+
+
+def one_token_bf16_pdl(groups: dict) -> bool:
+    """bf16 experts at one token as shipped (configs.select_config: 16-row tensor-core tiles, the down GEMM in
+    64-column tiles split in two; ops.UNGROUPED_ONE_TOKEN: the pairs ungrouped, the combine in the down GEMM) with
+    PDL: both GEMMs let the next kernel launch from their K loop's end; the down GEMM asks L2 for its first weight
+    tiles before its wait (gpt-oss's N-contiguous ``[E, I, H]``: 128 rows of one line; Qwen3-MoE's K-contiguous
+    ``[E, H, I]``: 64 rows of two lines)."""
+    ints = ["N", "K", "MAX_TILES", "stride_we", "stride_wk", "stride_be", "stride_bn", "stride_se", "stride_sn"]
+    ok = build(K._gate_up_kernel,
+               {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*fp32", "h_ptr": "*bf16", **groups,
+                **dict.fromkeys(ints + ["stride_xt", "stride_hm"], I32), "alpha": "fp32", "limit": "fp32"},
+               dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=True, W_SCALED=False, BLOCK_M=16, BLOCK_N=32,
+                    BLOCK_K=64, EVEN_K=True, NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
+                    USE_FMA=0, INTERPRET=False, F16_DOT=False, PDL=True, GROUPED=False, stride_wn=1),
+               "gate_up bf16 one token ungrouped, PDL", ptx_has=LETS_NEXT_LAUNCH)
+    for mode, rows, lines, label in ((1, 128, 1, "N-contiguous"), (2, 64, 2, "K-contiguous")):
+        ok &= build(K._down_kernel,
+                    {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*fp32", "wts_ptr": "*fp32",
+                     "y_ptr": "*fp32", **groups,
+                     **dict.fromkeys(ints + ["stride_hm", "stride_ym"] + (["stride_wn"] if mode == 2 else []), I32)},
+                    dict(HAS_BIAS=True, W_SCALED=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, EVEN_K=True,
+                         NUM_STAGES=4, DOT_PRECISION="tf32", UPCAST=False, USE_FMA=0, INTERPRET=False, SPLIT_K=2,
+                         F16_DOT=False, PDL=True, GROUPED=False, FINISH=True, TOP_K=4, HAS_RESIDUAL=True,
+                         PREFETCH=mode, PREFETCH_ROWS=rows, PREFETCH_LINES=lines,
+                         **({"stride_wn": 1} if mode == 1 else {"stride_wk": 1})),
+                    f"down bf16 one token ungrouped, the combine in it, PDL, {label} weights prefetched",
+                    ptx_has=LETS_NEXT_LAUNCH, ptx_before=PREFETCHED_BEFORE_WAIT)
     return ok
 
 

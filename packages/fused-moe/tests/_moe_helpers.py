@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from triton_ops_core.testing import device_for_tests
 
@@ -47,3 +48,21 @@ def to_layout(w1, b1, w2, layout, transposed):
 
 def f64(*ts):
     return tuple(None if t is None else t.detach().double().cpu() for t in ts)
+
+
+class NotLaunched:
+    """A kernel that fails the test if a plan launches it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, grid):
+        pytest.fail(f"{self.name} was launched")
+
+
+def counters_at_rest(name: str) -> bool:
+    """Whether the kept scratch buffers called ``name`` (arrival counters) exist and are all zero."""
+    from triton_ops_core import scratch
+
+    kept = [buf for key, buf in scratch._BUFFERS.items() if key[0] == name]
+    return bool(kept) and all(not buf.any() for buf in kept)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _moe_helpers import TOL, f64, make_moe, to_layout
+from _moe_helpers import TOL, NotLaunched, counters_at_rest, f64, make_moe, to_layout
 from fused_moe import FusedMoE, fused_moe, moe_experts, moe_experts_reference, moe_route, quantize_experts_fp8
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.testing import assert_close_rel, opcheck_op
@@ -192,23 +192,6 @@ def test_one_row_tiles_take_the_pairs_in_their_own_order(device, monkeypatch, id
     assert torch.equal(out_bad[keep], out[keep])
 
 
-class _NotLaunched:
-    """A kernel that fails the test if a plan launches it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __getitem__(self, grid):
-        pytest.fail(f"{self.name} was launched")
-
-
-def _counters_at_rest(name: str) -> bool:
-    from triton_ops_core import scratch
-
-    kept = [buf for key, buf in scratch._BUFFERS.items() if key[0] == name]
-    return bool(kept) and all(not buf.any() for buf in kept)
-
-
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_row_tiles_add_the_terms_in_the_down_gemm(device, monkeypatch, split, dtype):
@@ -237,15 +220,15 @@ def test_one_row_tiles_add_the_terms_in_the_down_gemm(device, monkeypatch, split
             ops.clear_caches()
 
     with monkeypatch.context() as m:
-        m.setattr(K, "_combine_kernel", _NotLaunched("the combine"))
+        m.setattr(K, "_combine_kernel", NotLaunched("the combine"))
         fused = run()
-        assert _counters_at_rest(ops._DOWN_COUNTERS)
+        assert counters_at_rest(ops._DOWN_COUNTERS)
         assert torch.equal(run(), fused)  # the kept counters serve the next call
         assert torch.equal(run(op=True), fused)
         bad = ids.clone()
         bad[2, 1] = 6  # one past the last expert: that pair adds zeros
         out_bad = run(bad)
-        assert _counters_at_rest(ops._DOWN_COUNTERS)
+        assert counters_at_rest(ops._DOWN_COUNTERS)
         wts_zero = wts.clone()
         wts_zero[2, 1] = 0.0  # the same pair's share, gone
         assert torch.equal(out_bad, run(wts=wts_zero))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _moe_helpers import TOL, f64, make_moe, to_layout
+from _moe_helpers import TOL, NotLaunched, counters_at_rest, f64, make_moe, to_layout
 from fused_moe import MoEConfig, fused_moe, moe_experts, moe_experts_reference, moe_reference, ops, route_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,6 +69,53 @@ def test_down_projection_split_along_k(device, monkeypatch, split, fma):
     out = _check(*make_moe(9, 24, 40, 6, device=device, seed=10 + split), 3)
     again = _check(*make_moe(9, 24, 40, 6, device=device, seed=10 + split), 3)
     assert torch.equal(out, again)  # deterministic: no atomics, a fixed order of the partial sums
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_needs_no_grouping_or_combine_launch(device, monkeypatch, split, dtype):
+    """One token on 16-row tensor-core tiles (bf16 experts at decode): its k pairs go one a tile in pair order
+    (ops.UNGROUPED_ONE_TOKEN), so neither the grouping nor the combine launches; the same bits as grouping them
+    first, the residual added once, and the reference's result. Ids given by hand that repeat an expert, or fall
+    outside the experts (that pair adds nothing), are still right."""
+    from fused_moe import _kernels as K
+
+    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(16, 16, 16, 16, 16, 4, 1, down_split_k=split))
+    x, rw, rb, w1, b1, w2, b2 = make_moe(1, 40, 24, 6, dtype=dtype, device=device, seed=60 + split)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(dtype).to(device)
+    ids, wts = route_reference(x, rw, rb, 3)
+    ids, wts = ids.to(device), wts.to(device)
+
+    def run(ids=ids, wts=wts):
+        ops.clear_caches()
+        try:
+            return moe_experts(x, ids, wts, w1, b1, w2, b2, residual=residual)
+        finally:
+            ops.clear_caches()
+
+    with monkeypatch.context() as m:
+        m.setattr(K, "_align_kernel", NotLaunched("the grouping"))
+        m.setattr(K, "_combine_kernel", NotLaunched("the combine"))
+        out = run()
+        assert counters_at_rest(ops._DOWN_COUNTERS)
+        repeated = torch.tensor([[ids[0, 0], ids[0, 0], ids[0, 2]]], dtype=ids.dtype, device=device)
+        out_repeated = run(repeated)
+        outside = ids.clone()
+        outside[0, 1] = 6  # one past the last expert
+        out_outside = run(outside)
+        assert counters_at_rest(ops._DOWN_COUNTERS)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "UNGROUPED_ONE_TOKEN", False)
+        assert torch.equal(run(), out)
+    rt = dtype if dtype != torch.float32 else None
+    xd, wd, w1d, b1d, w2d, b2d, rd = f64(x, wts, w1, b1, w2, b2, residual)
+    for got, route, weights in ((out, ids, wd), (out_repeated, repeated, wd), (out_outside, ids, wd.clone())):
+        if got is out_outside:
+            weights[0, 1] = 0.0  # the pair outside the experts (its valid id here, weighted 0): nothing of it
+        ref = moe_experts_reference(xd, route.cpu(), weights, w1d, b1d, w2d, b2d, "swiglu_oai",
+                                    round_intermediate=rt)
+        assert not got.isnan().any()
+        assert_close_rel(got, ref + rd, TOL[dtype])
 
 
 @pytest.mark.parametrize("layout,transposed,activation", [

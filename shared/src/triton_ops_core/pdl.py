@@ -13,9 +13,11 @@ The rules every kernel that takes ``PDL`` follows:
 
 - ``pdl_launch_dependents(PDL)`` early (the next kernel's programs then only wait in ``gdc_wait``);
 - before ``pdl_wait(PDL)``: loads of weights only (parameters no kernel of the step writes), address arithmetic and
-  L2 prefetches; never an activation, a cache, a mask, a position, or a store (one exception, decode-attention's
-  ``EARLY`` mask pass: where every trigger follows its kernel's own wait, as ``release_early`` ensures, what was
-  written before the previous kernel started is complete, and the mask is written before the decoder layers run);
+  L2 prefetches; never an activation, a cache, a mask, a position, or a store. Two exceptions read what was written
+  before the previous kernel started, which is complete where every trigger follows its kernel's own wait
+  (:func:`sees_two_back`): decode-attention's ``EARLY`` mask pass (the mask is written before the decoder layers
+  run) and fused-moe's down GEMM finding its tile's expert (written before the gate/up GEMM ran) to prefetch its
+  weights;
 - after it, everything else.
 
 A kernel that follows a non-PDL kernel (torch's, cuBLAS) starts when that one completes, as without PDL; a non-PDL
@@ -152,6 +154,15 @@ def release_early(on: bool, programs: int, device: torch.device, rows: int) -> b
                 and 0 < programs <= sm_count(device, 0))
 
 
+def sees_two_back(on: bool) -> bool:
+    """Whether a kernel launched with PDL ``on`` may read, before its wait, what the kernel before the previous one
+    wrote (the rules' other exception: a grouped GEMM's expert ids, written before the GEMM ahead of it ran). With
+    the "wait" or "end" trigger every kernel of the library lets the next one launch only after its own wait has
+    returned, that is after the kernel before it completed and its writes became visible; with "start" the previous
+    kernel may still be waiting when this one starts."""
+    return bool(on and TRIGGER != "start")
+
+
 @triton.jit
 def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines at ``ptrs`` (a tensor of addresses; nothing is returned or waited for): a
@@ -235,4 +246,4 @@ def launch_options(on: bool) -> dict:
 __all__ = ["DEFAULT_ON", "DEFAULT_TRIGGER", "ENV", "ON_BY_DEFAULT", "RELEASE_ENV", "RELEASE_MAX_ROWS", "RELEASE_SHORT",
            "TRIGGER", "TRIGGERS", "TRIGGER_ENV", "enabled", "launch_options", "on_by_default", "override",
            "pdl_launch_dependents", "pdl_release", "pdl_streamed", "pdl_wait", "prefetch_l2", "prefetch_rows",
-           "release_early"]
+           "release_early", "sees_two_back"]

@@ -25,8 +25,9 @@ One forward is five launches (six with the router GEMM split at decode, seven in
    ``y [P * SPLIT_K, H]`` at the pair's own row (``(token * k + slot) * SPLIT_K + split``; ``SPLIT_K`` programs
    share a tile along K at decode).
 5. ``_combine_kernel``: ``out[t] = sum_j y[t * k + j]`` in a fixed order (j = 0..k-1): deterministic. With the
-   down GEMM split along K (decode), each pair has one row per split, summed in the same fixed order. After one-row
-   tiles the down GEMM does this itself (``FINISH``: the last program of each (token, column tile) to arrive).
+   down GEMM split along K (decode), each pair has one row per split, summed in the same fixed order. After tiles of
+   one pair each (one-row tiles, one token) the down GEMM does this itself (``FINISH``: the last program of each
+   (token, column tile) to arrive).
 
 FP8 activations (W8A8, ``fp8_activations=True`` with E4M3 experts): ``_quant_rows_kernel`` quantizes the tokens'
 rows before kernel 3 and the intermediate rows before kernel 4 (E4M3, one fp32 scale a row); both grouped GEMMs then
@@ -51,7 +52,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import finite_abs, group_scale, rows_to_f16, store_fp8, to_e4m3
-from triton_ops_core.pdl import pdl_launch_dependents, pdl_wait
+from triton_ops_core.pdl import pdl_launch_dependents, pdl_release, pdl_streamed, pdl_wait, prefetch_rows
 from triton_ops_core.rms_prologue import normalized, row_rstd
 
 # Activation codes (constexpr): the host maps names to these.
@@ -393,28 +394,35 @@ def _router_split_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, b_ptr, ids_ptr, wts_ptr, 
                          NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False,
                          FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, TOP_K: tl.constexpr = 1,
                          BLOCK_KP: tl.constexpr = 1, RENORMALIZE: tl.constexpr = True,
-                         ROUND_LOGITS: tl.constexpr = False, EMULATE_BF16: tl.constexpr = False):
+                         ROUND_LOGITS: tl.constexpr = False, EMULATE_BF16: tl.constexpr = False,
+                         PREFETCH_LINES: tl.constexpr = 0):
     """Decode's router GEMM over many programs: program ``(t, s)`` writes the partial logits of K range ``s``
     (whole ``BLOCK_K`` steps) to ``ws[s, T, E]`` (fp32). One program reading the whole router (184 KB for gpt-oss)
     waited on its own loads. Without ``FINISH``, ``_route_kernel`` adds the ranges in a fixed order and selects.
     With it, the routing is this one launch: the last program of a token block to arrive (an arrival counter per
     block, ``cnt [T / BLOCK_T]`` int32, zero at rest: ``triton_ops_core.scratch``) adds the ranges in the same
     fixed order, selects the block's experts (``_select_experts``: the route kernel's bits) and puts the counter
-    back to zero."""
+    back to zero.
+
+    ``PREFETCH_LINES`` (with ``PDL``): launched early, the program asks L2 for that many 128-byte lines of each
+    expert's router row from its K range before it waits (weights: no kernel of the step writes them)."""
     pdl_launch_dependents(PDL)
-    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
-    pid_t = tl.program_id(0)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     s = tl.program_id(1)
     steps = tl.cdiv(tl.cdiv(H, BLOCK_K), tl.num_programs(1))
     k_start = s * steps * BLOCK_K
     k_end = tl.minimum(H, k_start + steps * BLOCK_K)
     offs_e = tl.arange(0, BLOCK_E)
+    if PDL and PREFETCH_LINES > 0:
+        prefetch_rows(w_ptr, offs_e, E, stride_we, k_start, k_end, PREFETCH_LINES)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: no activation is read before the previous kernel is done
+    pid_t = tl.program_id(0)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     mask_e = offs_e < E
     acc = _router_gemm(x_ptr, w_ptr, offs_t, mask_t, offs_e, mask_e, k_start, k_end, stride_xt, stride_we,
                        BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, nw_ptr, norm_eps, T, H, NORM,
                        NORM_BLOCK)
+    pdl_streamed(PDL)  # (TRITON_OPS_PDL_TRIGGER=end: the next kernel may launch while the partials are stored)
     mask = mask_t[:, None] & mask_e[None, :]
     ws_tile = ws_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :]
     tl.store(ws_tile + s * T * E, acc, mask=mask)
@@ -446,9 +454,13 @@ def _route_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 16, PDL: tl.constexpr = False,
+    RELEASE: tl.constexpr = False,
 ):
+    """``RELEASE`` (the host's ``triton_ops_core.pdl.release_early``: one token): the next launch may start from
+    this kernel's wait on, as it runs."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
+    pdl_release(PDL, RELEASE)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -756,11 +768,11 @@ def _quant_rows(x_ptr, q_ptr, s_ptr, nw_ptr, block, R, C, stride_xr, norm_eps, B
 @triton.jit
 def _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, NUM_EXPERTS, GROUPED: tl.constexpr):
     """``(expert, first row, row bound, skip)`` of a grouped GEMM's tile ``pid_t``. ``GROUPED``: from the grouping's
-    tile table (rows of one expert in sorted order; ``-1`` past the last tile). Otherwise, for one-row tiles, no
-    grouping at all: tile ``i`` is row ``i``, the pair ``i`` itself, and ``tile_expert_ptr`` holds the pairs' expert
-    ids (``topk_ids``). A pair's row is then its own: at 1 to 8 tokens each expert hit has one or two rows, so
-    sorting bought nothing but a launch. Ids outside ``[0, NUM_EXPERTS)`` (unchecked input) are skipped rather than
-    read past the weights."""
+    tile table (rows of one expert in sorted order; ``-1`` past the last tile). Otherwise no grouping at all (one-row
+    tiles, or one token whatever the tile's rows): tile ``i`` is row ``i``, the pair ``i`` itself, and
+    ``tile_expert_ptr`` holds the pairs' expert ids (``topk_ids``). A pair's row is then its own: at 1 to 8 tokens
+    each expert hit has one or two rows, at one token one, so sorting bought nothing but a launch. Ids outside
+    ``[0, NUM_EXPERTS)`` (unchecked input) are skipped rather than read past the weights."""
     expert = tl.load(tile_expert_ptr + pid_t)
     if GROUPED:
         row0 = tl.load(tile_start_ptr + pid_t)
@@ -807,7 +819,7 @@ def _gate_up_kernel(
     # W_BLOCK: FP8 weights with 128x128 block scales, s [E, ceil(2N / 128), ceil(K / 128)] (strides stride_se,
     # stride_sn per block row, stride_sk per block column), applied in the K loop (concatenated layout only)
     stride_sk=0, W_BLOCK: tl.constexpr = False,
-    # GROUPED off (one-row tiles): no grouping launch before this one; tile i is pair i, tile_expert_ptr the pairs'
+    # GROUPED off (one pair a tile): no grouping launch before this one; tile i is pair i, tile_expert_ptr the pairs'
     # expert ids (topk_ids), ids outside [0, NUM_EXPERTS) skipped (see _tile_rows)
     NUM_EXPERTS=0, GROUPED: tl.constexpr = True,
 ):
@@ -901,6 +913,7 @@ def _gate_up_kernel(
         if HAS_BIAS:
             gate += tl.load(b_base + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             up += tl.load(b_base + (N + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    pdl_streamed(PDL)  # (TRITON_OPS_PDL_TRIGGER=end: the next kernel may launch during the epilogue)
     out = _activate(gate, up, alpha, limit, ACTIVATION)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
@@ -914,6 +927,35 @@ def _gate_up_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Grouped GEMM: down with bias and the routing weight
 # ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prefetch_down_tile(w_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, pid_n, pid_k, N, K, stride_we,
+                        stride_wk, stride_wn, NUM_EXPERTS, GROUPED: tl.constexpr, SPLIT_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                        PREFETCH_ROWS: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+    """Before the down GEMM's PDL wait: ask L2 for the first lines of this program's weight tile (expert, its
+    ``BLOCK_N`` columns, its split's K range). ``PREFETCH`` 1: N-contiguous weights (gpt-oss's ``[E, I, H]``), the
+    first ``PREFETCH_ROWS`` rows of the K range, ``PREFETCH_LINES`` lines of the tile's columns each; 2:
+    K-contiguous (``[E, H, I]``), the tile's ``PREFETCH_ROWS`` (= ``BLOCK_N``) rows, the first ``PREFETCH_LINES``
+    lines of the K range each.
+
+    The expert comes from the tile table (or the ids), which the launches before the gate/up GEMM wrote: the host
+    asks for this only where that kernel lets this one launch after its own wait returned
+    (``triton_ops_core.pdl.sees_two_back``), so those writes are complete here. Nothing is stored."""
+    expert, row0, row_end, skip = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, NUM_EXPERTS,
+                                             GROUPED)
+    if not skip:
+        steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        k_start = pid_k * steps * BLOCK_K
+        k_end = tl.minimum(K, k_start + steps * BLOCK_K)
+        w_e = w_ptr + expert.to(tl.int64) * stride_we
+        if PREFETCH == 1:
+            rows = k_start + tl.arange(0, PREFETCH_ROWS)
+            prefetch_rows(w_e + pid_n * BLOCK_N, rows, k_end, stride_wk, 0, N - pid_n * BLOCK_N, PREFETCH_LINES)
+        else:
+            rows = pid_n * BLOCK_N + tl.arange(0, PREFETCH_ROWS)
+            prefetch_rows(w_e, rows, N, stride_wn, k_start, k_end, PREFETCH_LINES)
+
 
 @triton.jit(do_not_specialize=["MAX_TILES"])
 def _down_kernel(
@@ -941,11 +983,13 @@ def _down_kernel(
     SWAP_AB: tl.constexpr = False,
     # W_BLOCK: 128x128 block scales, s [E, ceil(N / 128), ceil(K / 128)] (as _gate_up_kernel's)
     stride_sk=0, W_BLOCK: tl.constexpr = False,
-    # GROUPED off: one-row tiles of the pairs in their own order (as _gate_up_kernel's)
+    # GROUPED off: one pair a tile, in the pairs' own order (as _gate_up_kernel's)
     NUM_EXPERTS=0, GROUPED: tl.constexpr = True,
-    # FINISH (one-row tiles, GROUPED off): the combine in this launch (see below); TOP_K, the slots of a token
+    # FINISH (GROUPED off): the combine in this launch (see below); TOP_K, the slots of a token
     FINISH: tl.constexpr = False, TOP_K: tl.constexpr = 1, HAS_RESIDUAL: tl.constexpr = False,
     EMULATE_BF16: tl.constexpr = False,
+    # PREFETCH (with PDL; see _prefetch_down_tile): 0 none, 1 N-contiguous weights, 2 K-contiguous weights
+    PREFETCH: tl.constexpr = 0, PREFETCH_ROWS: tl.constexpr = 1, PREFETCH_LINES: tl.constexpr = 1,
 ):
     """``SPLIT_K`` programs share each output tile, each over its own range of K (whole ``BLOCK_K`` steps), and
     write their partial sums to rows of their own; the combine adds them in a fixed order (deterministic). At one
@@ -954,12 +998,19 @@ def _down_kernel(
     ``FINISH``: no combine launch. The ``TOP_K * SPLIT_K`` programs of a (token, column tile) count their arrivals
     (``cnt``); the last adds the token's rows of ``y`` in the combine's fixed order (``_sum_terms``: its bits), the
     residual first, writes the output and puts the counter back to zero. A pair with an id outside the experts
-    still arrives, with a row of zeros."""
+    still arrives, with a row of zeros.
+
+    ``PREFETCH`` (with ``PDL``): launched early, the program asks L2 for the first lines of its weight tile before
+    it waits (``_prefetch_down_tile``)."""
     pdl_launch_dependents(PDL)
-    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if PDL and PREFETCH > 0:
+        _prefetch_down_tile(w_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, pid_n, pid_k, N, K,
+                            stride_we, stride_wk, stride_wn, NUM_EXPERTS, GROUPED, SPLIT_K, BLOCK_N, BLOCK_K,
+                            PREFETCH, PREFETCH_ROWS, PREFETCH_LINES)
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: no activation is read before the previous kernel is done
     expert, row0, row_end, skip = _tile_rows(tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_t, NUM_EXPERTS,
                                              GROUPED)
     if not FINISH:
@@ -998,6 +1049,7 @@ def _down_kernel(
         acc, _ = _k_loop(a_ptrs, w_ptrs, w_ptrs, mask_m, mask_n, k_len, stride_wk, acc, acc, BLOCK_M, BLOCK_N,
                          BLOCK_K, EVEN_K, NUM_STAGES, DOT_PRECISION, UPCAST, USE_FMA, INTERPRET, False, F16_DOT, None,
                          None, False, a_inv, QUANT_A, EMULATE_FP8, s_row, s_row, stride_sk, k_start, W_BLOCK)
+    pdl_streamed(PDL)  # (TRITON_OPS_PDL_TRIGGER=end: the next kernel may launch during the epilogue)
     if W_SCALED:
         acc *= tl.load(s_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     if A_SCALED:
@@ -1015,7 +1067,7 @@ def _down_kernel(
         acc = tl.where(skip, 0.0, acc)
     y_ptrs = y_ptr + (pair.to(tl.int64) * SPLIT_K + pid_k)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
-    if FINISH:  # (one-row tiles in pair order: this program's row is pair pid_t, of token pid_t // TOP_K)
+    if FINISH:  # (one pair a tile, in pair order: this program's row is pair pid_t, of token pid_t // TOP_K)
         token = pid_t // TOP_K
         tl.debug_barrier()  # every thread's share of the row is stored before the counter says so
         cnt = cnt_ptr + token * tl.num_programs(1) + pid_n

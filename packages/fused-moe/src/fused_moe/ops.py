@@ -125,6 +125,12 @@ ROUTE_SPLIT_STEPS = 1
 # softmax's sum is a reduction whose order follows each kernel's register layout, so the bits could differ between an
 # eager call and a graph replay. False: always two launches. Plans are cached: call clear_caches() after changing it.
 ROUTE_IN_ONE_LAUNCH = True
+# Launched early with PDL (triton_ops_core.pdl), programs ask L2 for their first weights before they wait: each router
+# split program its whole slice of the router (at most 8 lines a row), each down-GEMM program the first
+# PREFETCH_TILES K tiles of its weight tile (its expert from the tile table the launches before the gate/up GEMM
+# wrote: pdl.sees_two_back). The gate/up GEMM cannot: its experts come from the launch just before it. 0: none.
+# Plans are cached: call clear_caches() after changing it.
+PREFETCH_TILES = 2
 _NO_SELECT = (False, 1, 1, True, False, False)  # the split kernel's selection constexprs when it does not select
 # The scratch buffers' names (per device and stream: triton_ops_core.scratch): int32 arrival counters, zero at rest
 _ROUTE_COUNTERS = "moe.route_counters"
@@ -195,16 +201,44 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
         split_k = min(128, block_k) if not on_cpu else min(64, block_k)
         head = (t, e, h, x2d.stride(0), router_weight.stride(0), stride_b, eps,
                 block_t, block_e, split_k, 2, precision, upcast, *norm, on)
-        gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split), (*head, False, *_NO_SELECT), warps,
+        lines = _router_prefetch_lines(on, h, split, split_k, router_weight.element_size())
+        gemm = Plan(K._router_split_kernel, (cdiv(t, block_t), split), (*head, False, *_NO_SELECT, lines), warps,
                     **pdl.launch_options(on))
         if ROUTE_IN_ONE_LAUNCH and renormalize:
-            one_launch = Plan(K._router_split_kernel, (cdiv(t, block_t), split), (*head, True, *select), warps,
-                              **pdl.launch_options(on))
+            one_launch = Plan(K._router_split_kernel, (cdiv(t, block_t), split), (*head, True, *select, lines),
+                              warps, **pdl.launch_options(on))
     tail = (t, e, h, x2d.stride(0), router_weight.stride(0), stride_b, eps, *select,
             # BLOCK_T, BLOCK_E, BLOCK_K, NUM_STAGES, DOT_PRECISION, UPCAST, SPLIT
-            block_t, block_e, block_k, stages, precision, upcast, split, *norm, on)
+            block_t, block_e, block_k, stages, precision, upcast, split, *norm, on,
+            # RELEASE: one token's route lets the gate/up GEMM launch as it runs
+            pdl.release_early(on, cdiv(t, block_t), x2d.device, t))
     return _RoutePlan(split, gemm, Plan(K._route_kernel, (cdiv(t, block_t),), tail, warps, n_rows=t,
                                         **pdl.launch_options(on)), one_launch)
+
+
+def _router_prefetch_lines(on: bool, hidden: int, split: int, block_k: int, element_size: int) -> int:
+    """The router split kernel's ``PREFETCH_LINES``: the 128-byte lines of each expert's row in a program's K range
+    (at most 8), or 0 without PDL or :data:`PREFETCH_TILES`."""
+    if not (on and PREFETCH_TILES):
+        return 0
+    steps = cdiv(cdiv(hidden, block_k), split)
+    return min(8, next_pow2(cdiv(steps * block_k * element_size, 128)))
+
+
+def _down_prefetch(on: bool, w: torch.Tensor, transposed: bool, block_n: int, block_k: int) -> tuple[int, int, int]:
+    """The down GEMM's ``(PREFETCH, PREFETCH_ROWS, PREFETCH_LINES)`` (``K._prefetch_down_tile``): its first
+    :data:`PREFETCH_TILES` K tiles, along whichever dimension of the weight is contiguous; none without PDL, where
+    the tile's expert may not be read before the wait (``pdl.sees_two_back``), or for weights contiguous in
+    neither."""
+    _, stride_k, stride_n = _weight_strides(w, transposed)
+    if not (PREFETCH_TILES and pdl.sees_two_back(on)):
+        return 0, 1, 1
+    per_line = 128 // w.element_size()
+    if stride_n == 1:  # rows along K, the tile's columns in lines
+        return 1, next_pow2(PREFETCH_TILES * block_k), max(1, next_pow2(cdiv(block_n, per_line)))
+    if stride_k == 1:  # the tile's rows, their first K tiles in lines
+        return 2, block_n, max(1, next_pow2(cdiv(PREFETCH_TILES * block_k, per_line)))
+    return 0, 1, 1
 
 
 def _route(plan: _RoutePlan, x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
@@ -367,7 +401,7 @@ class _ExpertsPlan(NamedTuple):
     quant_h: Plan | None = None  # and the intermediate rows before the down GEMM
     amax_parts: int = 0  # or (MoEConfig.quant_h_in_down) the gate/up GEMM's shares of their scales per row
     align_quant: Plan | None = None  # W8A8 at decode: the grouping and quant_x in one launch (replaces both)
-    grouped: bool = True  # False: one-row tiles of the pairs in their own order, no grouping launch (_ungrouped)
+    grouped: bool = True  # False: one pair a tile, in the pairs' own order, no grouping launch (_ungrouped)
 
 
 def _row_block(cols: int, device: torch.device) -> int:
@@ -416,21 +450,31 @@ def _for_block_scales(cfg: MoEConfig, inter: int) -> MoEConfig:
 # first, as every other tile does (for a before/after in one run: benchmarks.dev.moe_grouping). Plans are cached:
 # call clear_caches() after changing it.
 UNGROUPED_ONE_ROW_TILES = True
+# One token's pairs too, whatever the tiles (bf16 experts' 16-row tensor-core tiles): the router's top k are k distinct
+# experts, so grouping them made one tile per pair, each of one row, in expert order; in pair order, with the ids as
+# the tile table, the grouping launch goes and the down GEMM adds the token's terms (COMBINE_IN_DOWN): two launches
+# fewer. (Ids given to moe_experts that repeat an expert are still right: that expert is read once per pair.) False:
+# one token groups as before (benchmarks.dev.moe_grouping times both). Plans are cached: call clear_caches() after
+# changing it.
+UNGROUPED_ONE_TOKEN = True
 
 
-# Where the one-row tiles run (_ungrouped), the down GEMM also adds each token's expert outputs (and the residual):
+# Where the pairs run ungrouped (_ungrouped), the down GEMM also adds each token's expert outputs (and the residual):
 # the last of a (token, column tile)'s programs to arrive writes the output (an arrival counter,
 # triton_ops_core.scratch), so no combine launch follows. The same bits either way. False: the combine launch (a
 # before/after in one run: benchmarks.dev.moe_one_launch). Plans are cached: call clear_caches() after changing it.
 COMBINE_IN_DOWN = True
 
 
-def _ungrouped(cfg: MoEConfig, fp8_activations: bool) -> bool:
-    """Whether the grouped GEMMs take the pairs in their own order, one row a tile, with no grouping launch before
+def _ungrouped(cfg: MoEConfig, fp8_activations: bool, tokens: int) -> bool:
+    """Whether the grouped GEMMs take the pairs in their own order, one pair a tile, with no grouping launch before
     them (the kernels' ``GROUPED`` off): one-row tiles (``block_m`` 1, FP8 experts' CUDA-core tiles at 1 to 8
-    tokens), where sorting the pairs by expert only decided which tile reads which row. Not with E4M3 activations,
-    whose decode launch groups and quantizes the tokens at once."""
-    return UNGROUPED_ONE_ROW_TILES and cfg.block_m == 1 and not fp8_activations
+    tokens, :data:`UNGROUPED_ONE_ROW_TILES`) and one token (:data:`UNGROUPED_ONE_TOKEN`), where sorting the pairs by
+    expert only decided which tile reads which row. Not with E4M3 activations, whose decode launch groups and
+    quantizes the tokens at once."""
+    if fp8_activations:
+        return False
+    return (UNGROUPED_ONE_ROW_TILES and cfg.block_m == 1) or (UNGROUPED_ONE_TOKEN and tokens == 1)
 
 
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
@@ -450,9 +494,9 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     blocks = gate_up_scale is not None and gate_up_scale.dim() == 3  # 128x128 block scales, applied in the K loops
     if blocks:
         cfg = _for_block_scales(cfg, inter)
-    grouped = not _ungrouped(cfg, fp8_activations)
+    grouped = not _ungrouped(cfg, fp8_activations, t)
     align = _align_plan(p, e, cfg.block_m, dev)
-    tiles = align.tiles
+    tiles = align.tiles if grouped else p  # ungrouped: tile i is pair i
     if t == 0:
         none = Plan(None, (1,), (), 0)
         return _ExpertsPlan(t, k, e, inter, h, 1, align, none, none, none)
@@ -521,8 +565,8 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         precision, upcast, down_fma, dev.type == "cpu", split, f16 and s2 is not None, on, fp8_activations, *quant[1],
         h_in_down, max(1, amax_parts), swap, s2.stride(2) if blocks else 0, blocks, e, grouped,
         # FINISH, TOP_K, HAS_RESIDUAL, EMULATE_BF16 (of the output's rounding)
-        finish, k if finish else 1, finish and residual is not None, finish and emulate), cfg.num_warps,
-        **early)
+        finish, k if finish else 1, finish and residual is not None, finish and emulate,
+        *_down_prefetch(on, down_proj, transposed, cfg.down_block_n, cfg.down_block_k)), cfg.num_warps, **early)
     # combine: out[t] = (residual[t] +) sum_j y[t * k * split + j], fixed order; out is a fresh contiguous [t, hidden]
     block_t = 16 if dev.type == "cuda" else min(64, max(16, next_pow2(t)))
     block_n = min(256, max(16, next_pow2(h)))
