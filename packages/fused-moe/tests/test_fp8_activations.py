@@ -145,6 +145,36 @@ def test_w8a8_experts_match_the_emulated_reference(device, dtype, layout, transp
     assert not torch.equal(out, weight_only)  # the activations were quantized
 
 
+def test_w8a8_one_token_needs_no_grouping_or_combine_launch(device, monkeypatch):
+    """W8A8 at one token: its pairs one a tile in pair order (ops.UNGROUPED_ONE_TOKEN), the row quantized by a launch
+    of its own, the combine in the down GEMM; the same bits as grouping them first (the grouping launch quantizing
+    the row)."""
+    from _moe_helpers import NotLaunched, counters_at_rest
+    from fused_moe import _kernels as K
+
+    x, rw, rb, w1, b1, w2, b2 = make_moe(1, 96, 40, 6, dtype=torch.bfloat16, device=device, seed=39)
+    q1, s1, q2, s2 = quantize_experts_fp8(w1, w2, k_major=True)
+    ids, wts = moe_route(x, rw, rb, 3)
+
+    def run():
+        moe_ops.clear_caches()
+        try:
+            return moe_experts(x, ids, wts, q1, b1, q2, b2, gate_up_scale=s1, down_scale=s2, fp8_activations=True)
+        finally:
+            moe_ops.clear_caches()
+
+    with monkeypatch.context() as m:
+        for name in ("_align_kernel", "_align_quant_kernel", "_combine_kernel"):
+            m.setattr(K, name, NotLaunched(name))
+        out = run()
+        assert counters_at_rest(moe_ops._DOWN_COUNTERS)
+    with monkeypatch.context() as m:
+        m.setattr(moe_ops, "UNGROUPED_ONE_TOKEN", False)
+        assert torch.equal(run(), out)
+    ref = w8a8_reference(x, ids, wts, q1, s1, b1, q2, s2, b2, "swiglu_oai", "interleaved", True)
+    assert_close_rel(out, ref, 1.5e-2 if device.type == "cuda" else 8e-3)
+
+
 def test_k_major_storage(device):
     _, _, _, w1, _, w2, _ = make_moe(1, 64, 24, 3, device=device, seed=31)
     for transposed in (True, False):

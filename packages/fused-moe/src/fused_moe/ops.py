@@ -470,11 +470,11 @@ def _ungrouped(cfg: MoEConfig, fp8_activations: bool, tokens: int) -> bool:
     """Whether the grouped GEMMs take the pairs in their own order, one pair a tile, with no grouping launch before
     them (the kernels' ``GROUPED`` off): one-row tiles (``block_m`` 1, FP8 experts' CUDA-core tiles at 1 to 8
     tokens, :data:`UNGROUPED_ONE_ROW_TILES`) and one token (:data:`UNGROUPED_ONE_TOKEN`), where sorting the pairs by
-    expert only decided which tile reads which row. Not with E4M3 activations, whose decode launch groups and
-    quantizes the tokens at once."""
-    if fp8_activations:
-        return False
-    return (UNGROUPED_ONE_ROW_TILES and cfg.block_m == 1) or (UNGROUPED_ONE_TOKEN and tokens == 1)
+    expert only decided which tile reads which row. With E4M3 activations (W8A8) only at one token: its row is
+    quantized by a launch of its own instead of the grouping's (which quantizes at 2 to 64 tokens), and the combine
+    launch goes."""
+    one_token = UNGROUPED_ONE_TOKEN and tokens == 1
+    return one_token or (UNGROUPED_ONE_ROW_TILES and cfg.block_m == 1 and not fp8_activations)
 
 
 def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor | None,
@@ -574,7 +574,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
         K._combine_kernel, (cdiv(t, block_t), cdiv(h, block_n)),
         (t, h, h, h, stride_rt, k * split, block_t, block_n, emulate, residual is not None, on), 4, **early)
     align_quant = None
-    if quant_x is not None and align.single is not None and cfg.quant_x_with_align:
+    if quant_x is not None and align.single is not None and cfg.quant_x_with_align and grouped:
         align_quant, quant_x = _align_quant_plan(align.single, quant_x), None
     return _ExpertsPlan(t, k, e, inter, h, split, align, gate_up, down, combine, quant_x, quant_h, amax_parts,
                         align_quant, grouped)
@@ -595,7 +595,7 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
     s1 = gate_up_proj if gate_up_scale is None else gate_up_scale
     nw = gate_up_proj if norm_weight is None else norm_weight  # any pointer: NORM is off
     a, a_scale = x2d, s1
-    if not plan.grouped:  # one-row tiles in pair order: the ids are the tile table; the rest is never read
+    if not plan.grouped:  # one pair a tile, in pair order: the ids are the tile table; the rest is never read
         ids = _flat(topk_ids)
         groups = ExpertGroups(ids, ids, ids, ids)
     elif plan.align_quant is not None:  # the grouping and the tokens' E4M3 rows from one launch
@@ -604,8 +604,8 @@ def _experts(plan: _ExpertsPlan, x2d: torch.Tensor, topk_ids: torch.Tensor, topk
         plan.align_quant.launch(_flat(topk_ids), *groups, x2d, _fp8_view(a), a_scale, nw)
     else:
         groups = _align(plan.align, _flat(topk_ids), plan.experts)
-        if plan.quant_x is not None:
-            a, a_scale = _quantized_rows(plan.quant_x, x2d, nw)
+    if plan.quant_x is not None:  # (W8A8 without the grouping's launch to quantize them)
+        a, a_scale = _quantized_rows(plan.quant_x, x2d, nw)
     sorted_pairs, offsets, tile_expert, tile_start = groups.sorted_pairs, groups.offsets, *groups[2:]
     hmid = _empty((p, plan.inter), x2d.dtype, device=dev)
     # the shares of each intermediate row's scale (every entry written by one gate/up program), or any pointer
