@@ -125,12 +125,15 @@ ROUTE_SPLIT_STEPS = 1
 # softmax's sum is a reduction whose order follows each kernel's register layout, so the bits could differ between an
 # eager call and a graph replay. False: always two launches. Plans are cached: call clear_caches() after changing it.
 ROUTE_IN_ONE_LAUNCH = True
-# Launched early with PDL (triton_ops_core.pdl), programs ask L2 for their first weights before they wait: each router
-# split program its whole slice of the router (at most 8 lines a row), each down-GEMM program the first
+# Launched early with PDL (triton_ops_core.pdl), programs may ask L2 for their first weights before they wait: each
+# router split program its whole slice of the router (at most 8 lines a row), each down-GEMM program the first
 # PREFETCH_TILES K tiles of its weight tile (its expert from the tile table the launches before the gate/up GEMM
-# wrote: pdl.sees_two_back). The gate/up GEMM cannot: its experts come from the launch just before it. 0: none.
-# Plans are cached: call clear_caches() after changing it.
-PREFETCH_TILES = 2
+# wrote: pdl.sees_two_back). The gate/up GEMM cannot: its experts come from the launch just before it. Off (0): on
+# an H100 (session 47, benchmarks.dev.moe_decode_launches, the layer in CUDA graphs with PDL, 0 against 2) it
+# measured no faster: gpt-oss-20b 75.7 / 75.1 us at one token (bf16), 354.3 / 355.6 at eight, FP8 experts 199.4 /
+# 204.3 at eight; Qwen3-30B-A3B 41.0 / 41.8 at one token, 182.3 / 182.1 at eight. Plans are cached: call
+# clear_caches() after changing it.
+PREFETCH_TILES = 0
 _NO_SELECT = (False, 1, 1, True, False, False)  # the split kernel's selection constexprs when it does not select
 # The scratch buffers' names (per device and stream: triton_ops_core.scratch): int32 arrival counters, zero at rest
 _ROUTE_COUNTERS = "moe.route_counters"
