@@ -1,24 +1,29 @@
 """Device script: a mixture of experts' decode layer as its launches chain, switch by switch, in CUDA graphs.
 
     python -m benchmarks.dev.moe_decode_launches [--models gpt-oss-20b,qwen3-30b-a3b] [--tokens 1,8]
-        [--weights bf16,fp8]
+        [--weights bf16,fp8] [--prefetch]
 
 ``fused_moe`` (router, experts, the residual added) over ``moe_tiles.REPS`` different inputs in one graph (so the
 experts hit differ between launches and L2 does not serve them), timed as each step below is switched on in turn,
 in the same run:
 
-1. ``grouped``: one token's pairs grouped by expert first (``fused_moe.ops.UNGROUPED_ONE_TOKEN`` off), PDL off;
+1. ``grouped``: one token's pairs grouped by expert first (``fused_moe.ops.UNGROUPED_ONE_TOKEN`` off), PDL off, the
+   router's K split over programs (``ROUTE_ROWS_MAX_TOKENS`` 0);
 2. ``ungrouped``: one token's pairs one a tile in their own order, no grouping or combine launch (for FP8 experts'
    one-row tiles this was already so: 1 = 2 there);
 3. ``pdl``: the launches with programmatic dependent launch (``triton_ops_core.pdl.override(True)``: the trigger at
-   each streaming loop's end, one token's route released early), no prefetch (``fused_moe.ops.PREFETCH_TILES`` 0);
-4. ``pdl+prefetch``: the router split's and the down GEMM's first weights asked of L2 before their wait
-   (``PREFETCH_TILES`` as shipped).
+   each streaming loop's end, one token's route released early);
+4. ``rows``: up to ``ROUTE_ROWS_MAX_TOKENS`` tokens the router's experts split over programs instead of its K
+   (``_router_rows_kernel``), as shipped;
+5. with ``--prefetch``, ``prefetch``: also the router split's and the down GEMM's first weights asked of L2 before
+   their wait (``fused_moe.ops.PREFETCH_TILES`` 2; off as shipped).
 
 Each row also gives the weight-read floor: the bytes of the router and of the experts the routings hit (each
 expert's gate/up and down weights, scales and biases, once per launch), over the copy bandwidth this run measures,
-and the share of it each step reaches (issue 15: at least 80 % at decode). Every step must give the bits of the
-first (``same bits``). Lines go to stdout and, as JSON, to ``$OUT/moe_decode_launches.jsonl``.
+and the share of it each step reaches (issue 15: at least 80 % at decode). Every step but ``rows`` must give the bits
+of the one before it (``same bits``; the rows router sums each logit in another order, so a near tie may choose
+otherwise: its ids are compared with the step before, ``same experts``). Lines go to stdout and, as JSON, to
+``$OUT/moe_decode_launches.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 
 from benchmarks.dev.moe_tiles import MODELS, REPS, expert_weights, graph_us
 
-STEPS = ("grouped", "ungrouped", "pdl", "pdl+prefetch")
+STEPS = ("grouped", "ungrouped", "pdl", "rows")
 
 
 def copy_gbps(dev: torch.device) -> float:
@@ -58,15 +63,16 @@ def switched(step: str):
     from fused_moe import ops
     from triton_ops_core import pdl
 
-    shipped = ops.UNGROUPED_ONE_TOKEN, ops.PREFETCH_TILES
+    shipped = ops.UNGROUPED_ONE_TOKEN, ops.PREFETCH_TILES, ops.ROUTE_ROWS_MAX_TOKENS
     ops.UNGROUPED_ONE_TOKEN = step != "grouped"
-    ops.PREFETCH_TILES = shipped[1] if step == "pdl+prefetch" else 0
+    ops.PREFETCH_TILES = 2 if step == "prefetch" else 0
+    ops.ROUTE_ROWS_MAX_TOKENS = shipped[2] if step in ("rows", "prefetch") else 0
     ops.clear_caches()
     try:
-        with pdl.override(step.startswith("pdl")):
+        with pdl.override(step not in ("grouped", "ungrouped")):
             yield
     finally:
-        ops.UNGROUPED_ONE_TOKEN, ops.PREFETCH_TILES = shipped
+        ops.UNGROUPED_ONE_TOKEN, ops.PREFETCH_TILES, ops.ROUTE_ROWS_MAX_TOKENS = shipped
         ops.clear_caches()
 
 
@@ -82,7 +88,7 @@ def floor_us(weights: tuple, biases: tuple, router: torch.Tensor, hit: float, gb
     return read / (gbps * 1e9) * 1e6
 
 
-def run_model(name: str, tokens: list[int], kinds: list[str], gbps: float, out: Path) -> None:
+def run_model(name: str, tokens: list[int], kinds: list[str], gbps: float, out: Path, steps: tuple) -> None:
     from fused_moe import fused_moe, moe_route
 
     shape = MODELS[name]
@@ -108,15 +114,18 @@ def run_model(name: str, tokens: list[int], kinds: list[str], gbps: float, out: 
             floor = floor_us((a, sa, b, sb), (b1, b2), rw, hit, gbps)
             row = {"model": name, "tokens": t, "weights": kind, "experts hit": round(hit, 2),
                    "floor us": round(floor, 2)}
-            first = None
-            for step in STEPS:
+            before = None
+            for step in steps:
                 with switched(step):
                     result = layer((xs[0], res[0])).clone()
+                    ids = [moe_route(x, rw, rb, shape.top_k)[0] for x in xs]
                     us = graph_us(layer, list(zip(xs, res)))
-                first = result if first is None else first
                 row[f"{step} us"] = round(us, 2)
                 row[f"{step} % of floor"] = round(100 * floor / us, 1)
-                row[f"{step} same bits"] = bool(torch.equal(result, first))
+                if before is not None:
+                    row[f"{step} same bits"] = bool(torch.equal(result, before[0]))
+                    row[f"{step} same experts"] = all(torch.equal(a, b) for a, b in zip(ids, before[1]))
+                before = result, ids
             print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -128,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="gpt-oss-20b,qwen3-30b-a3b", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--tokens", default="1,8")
     p.add_argument("--weights", default="bf16,fp8", help="comma-separated, of bf16, fp8, fp8-block")
+    p.add_argument("--prefetch", action="store_true", help="also the weights prefetched before the PDL wait")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_decode_launches needs a GPU")
@@ -137,7 +147,8 @@ def main(argv=None) -> int:
     print(torch.cuda.get_device_name(), torch.__version__, f"copy {gbps:.0f} GB/s", flush=True)
     out = Path(os.environ.get("OUT", "/tmp")) / "moe_decode_launches.jsonl"
     for name in args.models.split(","):
-        run_model(name, [int(v) for v in args.tokens.split(",")], args.weights.split(","), gbps, out)
+        run_model(name, [int(v) for v in args.tokens.split(",")], args.weights.split(","), gbps, out,
+                  STEPS + (("prefetch",) if args.prefetch else ()))
     return 0
 
 

@@ -300,25 +300,33 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_
 
 
 def time_router(dev: torch.device, shape: Shape = GPT_OSS) -> None:
-    """The router of ``shape`` at 1, 8 and 64 tokens: one program, and the split GEMM at 1 to 4 K steps per program."""
+    """The router of ``shape`` at 1, 8 and 64 tokens: one program, the split GEMM at 1 to 4 K steps per program and,
+    up to ``ROUTE_ROWS_MAX_TOKENS`` tokens as shipped, the experts split over 8 to 64 programs (``rows/N``)."""
     from fused_moe import moe_route, ops
 
     e, h = shape.experts, shape.hidden
     rw = (torch.randn(e, h, device=dev) * 3 * h ** -0.5).bfloat16()
     rb = torch.randn(e, device=dev).bfloat16() if shape.biases else None
-    saved = ops.ROUTE_SPLIT_STEPS
+    saved = ops.ROUTE_SPLIT_STEPS, ops.ROUTE_ROWS_MAX_TOKENS, ops.ROUTE_ROWS_PROGRAMS
     try:
         for t in (1, 8, 64):
             xs = [torch.randn(t, h, device=dev).bfloat16() for _ in range(REPS)]
             cells = []
+            ops.ROUTE_ROWS_MAX_TOKENS = 0
             for steps in (0, 1, 2, 3, 4):
                 ops.ROUTE_SPLIT_STEPS = steps
                 ops.clear_caches()
                 us = graph_us(lambda x: moe_route(x, rw, rb, shape.top_k), xs)
                 cells.append(f"{steps or 'one program'}: {us:.1f} us")
+            ops.ROUTE_SPLIT_STEPS, ops.ROUTE_ROWS_MAX_TOKENS = saved[:2]
+            for programs in (8, 16, 32, 64) if t <= saved[1] else ():
+                ops.ROUTE_ROWS_PROGRAMS = programs
+                ops.clear_caches()
+                us = graph_us(lambda x: moe_route(x, rw, rb, shape.top_k), xs)
+                cells.append(f"rows/{programs}: {us:.1f} us")
             print(f"router {e}x{h} T={t}: " + ", ".join(cells), flush=True)
     finally:
-        ops.ROUTE_SPLIT_STEPS = saved
+        ops.ROUTE_SPLIT_STEPS, ops.ROUTE_ROWS_MAX_TOKENS, ops.ROUTE_ROWS_PROGRAMS = saved
         ops.clear_caches()
 
 

@@ -161,6 +161,7 @@ def main() -> int:
                     "router split" + (", RMSNorm prologue" if norm else "") + (f", the whole routing of {experts} "
                                                                                 "experts" if finish else ""),
                     warps=4 if experts <= 64 else 8, norm=norm)
+    ok &= rows_router()
     align_types = {**dict.fromkeys(["ids_ptr", "offsets_ptr", "sorted_ptr", "tile_expert_ptr", "tile_start_ptr"],
                                    "*i32"), **dict.fromkeys(["P", "E", "MAX_TILES"], I32)}
     ok &= build(K._align_kernel, align_types,
@@ -226,6 +227,30 @@ def main() -> int:
                     "combine" + (" with the residual" if residual else ""))
     ok &= pdl_decode_step(route_types, align_types)
     return 0 if ok else 1
+
+
+def rows_router() -> bool:
+    """The few-token router (``_router_rows_kernel``) at the tiles ``ops._rows_route_plans`` gives: gpt-oss-20b's
+    (32 experts, one a program, K 2880 in one 4096-wide step) and Qwen3-30B-A3B's (128 experts, four a program,
+    K 2048) at one token, Qwen3-30B-A3B's at eight (256-wide K steps, 3 stages), with the RMSNorm prologue; the logits
+    alone and as the whole routing (FINISH), with PDL (the trigger at the K loop's end). No spills."""
+    ok = True
+    types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32", "nw_ptr": "*bf16", "b_ptr": "*bf16",
+             "ids_ptr": "*i32", "wts_ptr": "*fp32", "cnt_ptr": "*i32", "norm_eps": "fp32",
+             **dict.fromkeys(["T", "E", "H", "stride_xt", "stride_we", "stride_b"], I32)}
+    for label, bt, ep, bk, stages, experts, top_k, bias, norm in (
+            ("gpt-oss-20b, 1 token", 1, 1, 4096, 1, 32, 4, True, False),
+            ("Qwen3-30B-A3B, 1 token, RMSNorm prologue", 1, 4, 2048, 1, 128, 8, False, True),
+            ("Qwen3-30B-A3B, 8 tokens, RMSNorm prologue", 8, 4, 256, 3, 128, 8, False, True)):
+        for finish in (False, True):
+            consts = dict(BLOCK_T=bt, BLOCK_EP=ep, BLOCK_K=bk, NUM_STAGES=stages, NORM=norm,
+                          NORM_BLOCK=2048 // bt if norm else 16, PDL=True, FINISH=finish, HAS_BIAS=bias and finish,
+                          TOP_K=top_k if finish else 1, BLOCK_KP=top_k if finish else 1, RENORMALIZE=True,
+                          ROUND_LOGITS=finish, EMULATE_BF16=False, BLOCK_E=experts)
+            ok &= compile_sm90(K._router_rows_kernel, types, consts,
+                               f"router rows, {label}{', the whole routing' if finish else ''}", 4, stages,
+                               no_spills=True, ptx_has=LETS_NEXT_LAUNCH)
+    return ok
 
 
 def block_scaled_experts() -> bool:

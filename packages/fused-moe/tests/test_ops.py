@@ -206,13 +206,20 @@ def test_norm_prologue_errors_and_op(device):
                          x, ones, 1e-5))
 
 
-def test_norm_prologue_in_the_split_router(device, monkeypatch):
-    """The decode router's split GEMM (each program a K range) normalizes with the whole row's RMS."""
+@pytest.mark.parametrize("path", ["split", "rows"])
+def test_norm_prologue_in_the_split_router(device, monkeypatch, path):
+    """The decode router's split GEMM (each program a K range) and its few-token kernel (each program some experts
+    over all of K) normalize with the whole row's RMS: the same ids and weights as routing the normalized rows."""
     from fused_moe import ops
 
     x, rw, rb, *_ = make_moe(2, 256, 16, 6, dtype=torch.float16, device=device, seed=31)
     norm_w = (torch.rand(256, generator=torch.Generator().manual_seed(3)) + 0.5).to(device, torch.float16)
-    monkeypatch.setattr(ops, "_route_split", lambda *args: 2)
+    if path == "split":
+        monkeypatch.setattr(ops, "_route_split", lambda *args: 2)
+    else:
+        monkeypatch.setattr(ops, "_route_rows", lambda *args: True)
+        monkeypatch.setattr(ops, "ROUTE_ROWS_PROGRAMS", 2)
+        monkeypatch.setattr(ops, "ROUTE_ROWS_TILE", 256)
     ops.clear_caches()
     ids_f, wts_f = moe_route(x, rw, rb, 2, norm_weight=norm_w, norm_eps=1e-5)
     ids_o, wts_o = moe_route(normalized_like_the_prologue(x, norm_w, 1e-5), rw, rb, 2)

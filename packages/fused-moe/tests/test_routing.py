@@ -47,6 +47,52 @@ def test_route_with_the_router_gemm_split_along_k(device, monkeypatch, split, dt
         ops.clear_caches()
 
 
+@pytest.mark.parametrize("t", [1, 3, 8])
+@pytest.mark.parametrize("experts,programs", [(12, 4), (40, 4), (8, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_with_the_logits_split_by_expert(device, monkeypatch, t, experts, programs, dtype):
+    # the few-token decode path (_router_rows_kernel): the experts over about `programs` programs (12 experts in
+    # blocks of 4: 3 programs; 40 in blocks of 16, the last partial; 8 in blocks of 1), each summing its experts'
+    # logits over all of K (hidden 150: K steps masked at the edge); one launch routes (eager), or the route kernel
+    # reads the logits (the registered op): the same bits, and the reference's choice
+    from fused_moe import ops
+    from triton_ops_core import scratch
+
+    monkeypatch.setattr(ops, "_route_rows", lambda t, on_cpu: True)
+    monkeypatch.setattr(ops, "ROUTE_ROWS_PROGRAMS", programs)
+    monkeypatch.setattr(ops, "ROUTE_ROWS_TILE", 1024)  # several K steps
+    ops.clear_caches()
+    try:
+        x, rw, rb, *_ = make_moe(t, 150, 8, experts, dtype=dtype, seed=t + experts, router_scale=4.0, device=DEVICE)
+        ids, wts = moe_route(x, rw, rb, 3)
+        rids, rwts = route_reference(*f64(x, rw, rb), 3, round_to=dtype if dtype != torch.float32 else None)
+        assert torch.equal(ids.cpu().long(), rids)
+        torch.testing.assert_close(wts.cpu().double(), rwts, atol=1e-6 if dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)
+        kept = [buf for key, buf in scratch._BUFFERS.items() if key[0] == ops._ROUTE_COUNTERS]
+        assert kept and not any(buf.any() for buf in kept)
+        ids_op, wts_op = torch.ops.triton_ops.moe_route(x, rw, rb, 3, True)
+        assert torch.equal(ids_op, ids) and torch.equal(wts_op, wts)
+        ids_all, _ = moe_route(x, rw, rb, 3, renormalize=False)  # the softmax over every expert: two launches
+        assert torch.equal(ids_all, ids)
+    finally:
+        ops.clear_caches()
+
+
+def test_rows_router_tiles():
+    # about ROUTE_ROWS_PROGRAMS programs of whole experts; the product tile within ROUTE_ROWS_TILE elements
+    from fused_moe import ops
+
+    x = torch.empty(1, 2048, dtype=torch.bfloat16)
+    for experts, t, programs, block_k in ((128, 1, 32, 2048), (32, 1, 32, 2048), (128, 8, 32, 256), (8, 1, 8, 2048)):
+        w = torch.empty(experts, 2048, dtype=torch.bfloat16)
+        logits, whole = ops._rows_route_plans(x.expand(t, -1), w, 1, 0.0, (False, 16), False,
+                                              (False, 4, 4, True, True, False), True)
+        assert logits.grid[0] == programs and whole.grid[0] == programs
+        block_t, block_ep, bk = logits.tail[7:10]
+        assert (block_t, bk) == (t, block_k) and block_t * block_ep * bk <= ops.ROUTE_ROWS_TILE
+
+
 class _Launches:
     """Stands for the route kernel: counts the launches, and fails the test on one where none may happen."""
 

@@ -440,6 +440,60 @@ def _router_split_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, b_ptr, ids_ptr, wts_ptr, 
 
 
 @triton.jit(do_not_specialize=["T"])
+def _router_rows_kernel(x_ptr, w_ptr, ws_ptr, nw_ptr, b_ptr, ids_ptr, wts_ptr, cnt_ptr, T, E, H, stride_xt,
+                        stride_we, stride_b, norm_eps,
+                        BLOCK_T: tl.constexpr, BLOCK_EP: tl.constexpr, BLOCK_K: tl.constexpr,
+                        NUM_STAGES: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr,
+                        FINISH: tl.constexpr, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_KP: tl.constexpr,
+                        RENORMALIZE: tl.constexpr, ROUND_LOGITS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """A few tokens' router logits on the CUDA cores, the experts split over the programs: program ``p`` sums the
+    products of all ``T`` (at most ``BLOCK_T``) tokens' rows with experts ``p * BLOCK_EP ..`` over all of ``H``
+    (fp32) and writes those logits whole to ``ws [T, E]`` (fp32). Each logit is one program's sum in a fixed order,
+    so no partial sums meet: where the K-split GEMM (``_router_split_kernel``) left every K range's partials for
+    the last program to add, one load of ``[T, E]`` logits is what the selection waits for. Without ``FINISH``,
+    ``_route_kernel`` (``SPLIT`` 1) selects from them; with it the last program to arrive (an arrival counter,
+    ``cnt [1]`` int32, zero at rest) does, with the same bits, and puts the counter back to zero. ``NORM``: the
+    rows RMS-normalized first, as ``_router_gemm`` does."""
+    pdl_launch_dependents(PDL)
+    offs_ep = tl.program_id(0) * BLOCK_EP + tl.arange(0, BLOCK_EP)
+    mask_ep = offs_ep < E
+    pdl_wait(PDL)  # (triton_ops_core.pdl) launched early: nothing is read before the previous kernel is done
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    rstd = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if NORM:
+        rstd = row_rstd(x_ptr, offs_t, T, H, stride_xt, 1, norm_eps, BLOCK_T, NORM_BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
+    w_rows = w_ptr + offs_ep.to(tl.int64)[:, None] * stride_we
+    acc = tl.zeros((BLOCK_T, BLOCK_EP), dtype=tl.float32)
+    for k in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
+        kk = k + offs_k
+        mask_k = kk < H
+        x = tl.load(x_rows + kk[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=mask_ep[:, None] & mask_k[None, :], other=0.0)
+        if NORM:
+            x = normalized(x, rstd[:, None], nw_ptr, kk[None, :], H)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    pdl_streamed(PDL)  # (TRITON_OPS_PDL_TRIGGER=end: the next kernel may launch while the logits are stored)
+    tl.store(ws_ptr + offs_t[:, None] * E + offs_ep[None, :], acc, mask=mask_t[:, None] & mask_ep[None, :])
+    if FINISH:
+        tl.debug_barrier()  # every thread's logits are stored before the counter says so
+        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) - 1:
+            # the last to arrive: every expert's logits, read through L2 (as _route_kernel adds its one split)
+            offs_e = tl.arange(0, BLOCK_E)
+            mask_e = offs_e < E
+            total = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+            total += tl.load(ws_ptr + offs_t[:, None] * E + offs_e[None, :], mask=mask_t[:, None] & mask_e[None, :],
+                             other=0.0, cache_modifier=".cg")
+            _select_experts(total, x_ptr, b_ptr, ids_ptr, wts_ptr, offs_t, mask_t, offs_e, mask_e, E, stride_b,
+                            HAS_BIAS, TOP_K, BLOCK_KP, RENORMALIZE, ROUND_LOGITS, EMULATE_BF16, BLOCK_T, BLOCK_E)
+            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")  # zero at rest for the next call
+
+
+@triton.jit(do_not_specialize=["T"])
 def _route_kernel(
     # inputs (ws: the partial logits of _router_split_kernel, [SPLIT, T, E] fp32, when SPLIT > 0)
     x_ptr, w_ptr, b_ptr, ws_ptr, nw_ptr,

@@ -125,6 +125,16 @@ ROUTE_SPLIT_STEPS = 1
 # softmax's sum is a reduction whose order follows each kernel's register layout, so the bits could differ between an
 # eager call and a graph replay. False: always two launches. Plans are cached: call clear_caches() after changing it.
 ROUTE_IN_ONE_LAUNCH = True
+# Up to this many tokens (on a GPU) the router's logits come from _router_rows_kernel instead: the experts split over
+# about ROUTE_ROWS_PROGRAMS programs, each summing its experts' logits over all of K on the CUDA cores, so the
+# selection reads whole logits (one load) rather than every K range's partials (the split GEMM's 16 to 23 of them,
+# added in order). It routes in one launch where the split GEMM would (ROUTE_IN_ONE_LAUNCH), the route kernel reading
+# the logits otherwise. 0: off (the split GEMM up to ROUTE_SPLIT_MAX_TOKENS). Plans are cached: call clear_caches()
+# after changing it.
+ROUTE_ROWS_MAX_TOKENS = 8
+ROUTE_ROWS_PROGRAMS = 32
+# The rows kernel's [tokens, experts, K] product tile, elements (its K step follows): registers, not shared memory
+ROUTE_ROWS_TILE = 8192
 # Launched early with PDL (triton_ops_core.pdl), programs may ask L2 for their first weights before they wait: each
 # router split program its whole slice of the router (at most 8 lines a row), each down-GEMM program the first
 # PREFETCH_TILES K tiles of its weight tile (its expert from the tile table the launches before the gate/up GEMM
@@ -171,6 +181,33 @@ def _route_split(t: int, h: int, on_cpu: bool, split: int | None) -> int:
     return split if split > 1 else 0  # one program: the route kernel computes the GEMM itself, one launch fewer
 
 
+def _route_rows(t: int, on_cpu: bool) -> bool:
+    """Whether ``t`` tokens' router logits come from ``_router_rows_kernel`` (:data:`ROUTE_ROWS_MAX_TOKENS`; not
+    under the interpreter, where the route kernel's one program is cheapest; the tests ask for it)."""
+    return not on_cpu and 0 < t <= ROUTE_ROWS_MAX_TOKENS
+
+
+def _rows_route_plans(x2d: torch.Tensor, router_weight: torch.Tensor, stride_b: int, eps: float, norm: tuple,
+                      on: bool, select: tuple, one_launch: bool) -> tuple[Plan, Plan | None]:
+    """``_router_rows_kernel``'s plans (logits only; and, with ``one_launch``, the whole routing)."""
+    t, h = x2d.shape
+    e = router_weight.shape[0]
+    block_t = next_pow2(t)
+    block_ep = max(1, next_pow2(e) // ROUTE_ROWS_PROGRAMS)
+    block_k = min(next_pow2(h), max(16, ROUTE_ROWS_TILE // (block_t * block_ep)))
+    steps = cdiv(h, block_k)
+    if norm[0]:  # (the norm prologue's step for this kernel's rows)
+        norm = (True, norm_block(h, block_t, x2d.device.type == "cpu"))
+    head = (t, e, h, x2d.stride(0), router_weight.stride(0), stride_b, eps, block_t, block_ep, block_k,
+            min(3, steps), *norm, on)
+    grid, warps, block_e = (cdiv(e, block_ep),), 4, max(16, next_pow2(e))
+    logits = Plan(K._router_rows_kernel, grid, (*head, False, *_NO_SELECT, block_e), warps, **pdl.launch_options(on))
+    whole = None
+    if one_launch:
+        whole = Plan(K._router_rows_kernel, grid, (*head, True, *select, block_e), warps, **pdl.launch_options(on))
+    return logits, whole
+
+
 def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
                 renormalize: bool, split: int | None = None, norm_eps: float | None = None) -> _RoutePlan:
     """Everything of the routing launches but their tensors (x, weight, bias, workspace, ids, weights)."""
@@ -179,6 +216,7 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     on_cpu = x2d.device.type == "cpu"
     if t == 0:
         return _RoutePlan(0, None, Plan(None, (1,), (), 0, n_rows=0))
+    rows = _route_rows(t, on_cpu)
     block_e = max(16, next_pow2(e))
     # interpreter: one program for up to 64 tokens (each program instance costs ~1 ms there); GPU: 16 tokens
     block_t = min(64, max(16, next_pow2(t))) if on_cpu else 16
@@ -188,7 +226,7 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     if not on_cpu:  # stages, then K steps, that fit the GPU's shared memory (99 KB on an RTX 4090, L4, A10)
         block_k, stages = _route_tiles_that_fit(block_t, block_e, block_k, stages, x2d.element_size(), x2d.device)
     warps = 4 if block_e <= 64 else 8
-    split = _route_split(t, h, on_cpu, split)
+    split = 1 if rows else _route_split(t, h, on_cpu, split)
     precision, upcast = _dot_precision(x2d.dtype), _upcast(x2d.device, x2d.dtype)
     gemm = None
     eps = 0.0 if norm_eps is None else float(norm_eps)
@@ -200,7 +238,10 @@ def _route_plan(x2d: torch.Tensor, router_weight: torch.Tensor, router_bias: tor
     select = (router_bias is not None, top_k, next_pow2(top_k), renormalize, x2d.dtype != torch.float32,
               _emulate_bf16(x2d.device, x2d.dtype))
     one_launch = None
-    if split:
+    if rows:  # (its logits whole: the route kernel reads them as one split)
+        gemm, one_launch = _rows_route_plans(x2d, router_weight, stride_b, eps, norm, on, select,
+                                             ROUTE_IN_ONE_LAUNCH and renormalize)
+    elif split:
         split_k = min(128, block_k) if not on_cpu else min(64, block_k)
         head = (t, e, h, x2d.stride(0), router_weight.stride(0), stride_b, eps,
                 block_t, block_e, split_k, 2, precision, upcast, *norm, on)
