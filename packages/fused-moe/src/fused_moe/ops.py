@@ -129,9 +129,15 @@ ROUTE_IN_ONE_LAUNCH = True
 # about ROUTE_ROWS_PROGRAMS programs, each summing its experts' logits over all of K on the CUDA cores, so the
 # selection reads whole logits (one load) rather than every K range's partials (the split GEMM's 16 to 23 of them,
 # added in order). It routes in one launch where the split GEMM would (ROUTE_IN_ONE_LAUNCH), the route kernel reading
-# the logits otherwise. 0: off (the split GEMM up to ROUTE_SPLIT_MAX_TOKENS). Plans are cached: call clear_caches()
+# the logits otherwise. One token only: H100, session 47, CUDA graphs (benchmarks.dev.moe_tiles --router, the split
+# GEMM at one K step a program against rows/N: the experts over N programs), gpt-oss-20b's router (32 x 2880) at one
+# token 3.6 us against rows/8 3.7, rows/16 3.1, rows/32 3.0, rows/64 3.0; Qwen3-30B-A3B's (128 x 2048) 6.4 against
+# 7.5 / 6.1 / 5.3 / 5.4; at eight tokens the rows took longer (gpt-oss-20b 3.7 against 4.7 at best, Qwen3-30B-A3B 6.9
+# against 7.7: the [tokens, experts, K] products outgrow the registers). The layer at one token
+# (benchmarks.dev.moe_decode_launches, with PDL): gpt-oss-20b 75.5 -> 74.7 us, Qwen3-30B-A3B 41.1 -> 40.2 (FP8
+# experts 32.9 -> 32.0). 0: off (the split GEMM up to ROUTE_SPLIT_MAX_TOKENS). Plans are cached: call clear_caches()
 # after changing it.
-ROUTE_ROWS_MAX_TOKENS = 8
+ROUTE_ROWS_MAX_TOKENS = 1
 ROUTE_ROWS_PROGRAMS = 32
 # The rows kernel's [tokens, experts, K] product tile, elements (its K step follows): registers, not shared memory
 ROUTE_ROWS_TILE = 8192
