@@ -16,7 +16,12 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 from fused_moe import _kernels as K  # noqa: E402
-from fused_moe.configs import FP8_FMA_TILE, FP8_FMA_TILE_NARROW, FP8_ROW_TILE_ONE_TOKEN  # noqa: E402
+from fused_moe.configs import (  # noqa: E402
+    FP8_FMA_TILE,
+    FP8_FMA_TILE_NARROW,
+    FP8_ROW_TILE_ONE_TOKEN,
+    ONE_TOKEN_K_MAJOR_GATE_UP_K,
+)
 from triton_ops_core.aot import compile_sm90  # noqa: E402
 
 I32 = "i32"
@@ -75,14 +80,22 @@ DOWN_TYPES = {"h_ptr": "*bf16", "w_ptr": "*fp8e4nv", "b_ptr": "*bf16", "s_ptr": 
 
 
 def one_row_gate_up(tile, name: str, wtype: str = "*fp8e4nv", interleaved: bool = True, norm: bool = False,
-                    fma: int = 1, budget: float | None = None, aligned: bool = True, streams: bool = True) -> bool:
+                    fma: int = 1, budget: float | None = None, aligned: bool = True, streams: bool = True,
+                    k_contiguous: bool = False) -> bool:
+    """``k_contiguous``: the weights stored ``[E, 2N, K]`` (``stride_wk`` 1, ``stride_wn`` a multiple of 16)."""
     consts = dict(TOP_K=4, ACTIVATION=0, HAS_BIAS=True, INTERLEAVED=interleaved, W_SCALED=True, BLOCK_M=1,
                   BLOCK_N=tile.gate_up_block_n, BLOCK_K=tile.gate_up_block_k, EVEN_K=True,
                   NUM_STAGES=tile.num_stages, DOT_PRECISION="tf32", UPCAST=False, EMULATE_BF16=False,
-                  USE_FMA=fma, INTERPRET=False, F16_DOT=False, stride_wn=1, GROUPED=False)
-    types, consts = with_norm(K._gate_up_kernel, {**GATE_UP_TYPES, "w_ptr": wtype}, consts, norm)
+                  USE_FMA=fma, INTERPRET=False, F16_DOT=False, GROUPED=False,
+                  **({"stride_wk": 1} if k_contiguous else {"stride_wn": 1}))
+    types = {**GATE_UP_TYPES, "w_ptr": wtype}
+    divisible = GATE_UP_NORM_DIVISIBLE if norm else GATE_UP_DIVISIBLE
+    if k_contiguous:
+        types = {**{k: v for k, v in types.items() if k != "stride_wk"}, "stride_wn": I32}
+        divisible = tuple(a for a in divisible if a != "stride_wk") + ("stride_wn",)
+    types, consts = with_norm(K._gate_up_kernel, types, consts, norm)
     return compile_sm90(K._gate_up_kernel, types, consts, name, tile.num_warps, tile.num_stages,
-                        divisible=(GATE_UP_NORM_DIVISIBLE if norm else GATE_UP_DIVISIBLE) if aligned else (),
+                        divisible=divisible if aligned else (),
                         max_loop_instructions=None if budget is None else int(budget), no_sync_loop_loads=streams)
 
 
@@ -128,6 +141,11 @@ def one_row_fp8_tiles() -> bool:
         ok &= one_row_gate_up(row, f"gate_up one-token row layout tile {bn}x{row.gate_up_block_k}"
                                    f"{'' if interleaved else ' concatenated'}", interleaved=interleaved, fma=2,
                               budget=budget)
+    # over K-contiguous gate/up weights (Qwen3-MoE's [E, 2I, H], configs.for_weights) 128-deep K steps: streaming
+    # (no per-byte budget: the 16-column tile's fixed instructions, as above)
+    row = FP8_ROW_TILE_ONE_TOKEN._replace(gate_up_block_n=16, gate_up_block_k=ONE_TOKEN_K_MAJOR_GATE_UP_K)
+    ok &= one_row_gate_up(row, f"gate_up one-token row layout tile 16x{row.gate_up_block_k} concatenated, K-contiguous",
+                          interleaved=False, fma=2, k_contiguous=True)
     row = FP8_ROW_TILE_ONE_TOKEN
     ok &= one_row_down(row, f"down one-token row layout tile {row.down_block_n}x{row.down_block_k}", fma=2,
                        budget=ROW_LAYOUT_INSTRUCTIONS_PER_BYTE * row.down_block_k * row.down_block_n // threads)

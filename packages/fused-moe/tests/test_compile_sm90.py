@@ -13,5 +13,5 @@ def test_every_kernel_compiles_for_sm90():
     # one-row FP8 tiles at gpt-oss's layouts (their K loops streaming, the row layout's within its instruction budget,
     # and the check's control; the down GEMM with the combine in it); W8A8; the PDL launches of a decode step (the
     # route released, the triggers at the loops' ends, prefetches before the wait), bf16 one token ungrouped; the
-    # few-token router (experts split over programs)
-    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 97)
+    # few-token router (experts split over programs); the one-token row tile over K-contiguous weights
+    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 98)

@@ -126,3 +126,20 @@ def test_the_ops_ask_for_fp8_tiles_with_fp8_experts(monkeypatch, device):
     ops.clear_caches()
     # FP8 experts: 1-byte weights; then fp32 ones; then W8A8's tiles
     assert [args[-2:] for args in seen] == [(1, False), (4, False), (1, True)]
+
+
+def test_one_token_row_tile_steps_a_line_deep_over_k_contiguous_gate_up_weights():
+    # configs.for_weights: K-contiguous gate/up weights (Qwen3-MoE's [E, 2I, H]) take 128-deep K steps at one token,
+    # unless the RMSNorm prologue feeds the gate/up GEMM; N-contiguous ones (gpt-oss) and other tiles keep theirs
+    from fused_moe.configs import ONE_TOKEN_K_MAJOR_GATE_UP_K, for_weights
+
+    with simulate_device(HOPPER):
+        one = select_config(1, 8, 2048, 768, 128, True, 1)
+        eight = select_config(8, 8, 2048, 768, 128, True, 1)
+    assert one.row_layout and one.gate_up_block_k < ONE_TOKEN_K_MAJOR_GATE_UP_K
+    deeper = for_weights(one, gate_up_k_contiguous=True, norm_prologue=False)
+    assert deeper == one._replace(gate_up_block_k=ONE_TOKEN_K_MAJOR_GATE_UP_K)
+    assert deeper.down_block_k == one.down_block_k
+    assert for_weights(one, gate_up_k_contiguous=False, norm_prologue=False) == one
+    assert for_weights(one, gate_up_k_contiguous=True, norm_prologue=True) == one
+    assert for_weights(eight, gate_up_k_contiguous=True, norm_prologue=False) == eight

@@ -83,6 +83,13 @@ FP8_FMA_TILE_NARROW = MoEConfig(1, 64, 32, 64, 32, 2, 6, fma=True)  # 2 to 4 tok
 # row layout 64-deep K steps beat 32 and 16 at every column width; 128 was not tried.
 FP8_ROW_TILE_ONE_TOKEN = MoEConfig(1, 64, 64, 64, 64, 4, 3, fma=True, row_layout=True)
 FP8_FMA_TILE = MoEConfig(1, 128, 32, 128, 32, 2, 3, fma=True)  # 7 and 8 tokens (6 stages at 5 and 6)
+# The one-token row tile over gate/up weights stored K-contiguous ([E, 2I, H]: Qwen3-MoE, Mixtral): 128-deep K steps
+# (a whole 128-byte line of each FP8 weight row a step). H100, session 47, CUDA graphs (the two GEMMs timed apart as
+# benchmarks.dev.moe_tiles does; logs in docs/benchmarks/dev/moe/): Qwen3-30B-A3B's gate/up 16.6-17.0 -> 12.8-13.1 us
+# (256-deep: 11.8-13.1), 128x128 block scales alike; its down GEMM stays at 64 (128: 9.4 -> 11.4 us, three K splits
+# of 256); gpt-oss-20b's N-contiguous gate/up no faster (28.8 -> 28.1 at 128, 32.2 at 256). Not behind the RMSNorm
+# prologue, whose gate/up keeps the [1, BLOCK_K, BLOCK_N] tile (Qwen3-30B-A3B's experts with it 51.0 -> 69.1 us).
+ONE_TOKEN_K_MAJOR_GATE_UP_K = 128
 _FP8_FMA_DOWN_SPLIT = {1: 3, 2: 2, 7: 3, 8: 3}  # tokens -> K split of the down GEMM (else none)
 
 _HOPPER_SMEM = 227 * 1024  # what the stage counts below were chosen for
@@ -151,6 +158,14 @@ def _w8a8_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, nu
                      quant_in_gemm=num_tokens <= W8A8_QUANT_IN_GEMM_MAX_TOKENS, swap_ab=swap)
 
 
+def for_weights(cfg: MoEConfig, gate_up_k_contiguous: bool, norm_prologue: bool) -> MoEConfig:
+    """``cfg`` for how the gate/up weights are stored: the one-token row tile (``row_layout``, one row) over
+    K-contiguous weights steps :data:`ONE_TOKEN_K_MAJOR_GATE_UP_K` deep along K, except behind the RMSNorm prologue."""
+    if cfg.row_layout and cfg.block_m == 1 and gate_up_k_contiguous and not norm_prologue:
+        return cfg._replace(gate_up_block_k=max(cfg.gate_up_block_k, ONE_TOKEN_K_MAJOR_GATE_UP_K))
+    return cfg
+
+
 def for_layout(cfg: MoEConfig, interleaved: bool) -> MoEConfig:
     """``cfg`` for the gate/up weights' layout. Swapped W8A8 products (``swap_ab``) take the weight tile as wgmma's
     64-row operand: interleaved gate/up columns are one tile of ``2 * gate_up_block_n`` rows, concatenated ones two
@@ -217,4 +232,4 @@ def select_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, n
     return MoEConfig(64, 64, 64, 128, 64, 8, _stages_that_fit(3, (64 + 128) * 64 * 2, smem))
 
 
-__all__ = ["DECODE_MAX_TOKENS", "W8A8_BLOCK_M", "MoEConfig", "select_config"]
+__all__ = ["DECODE_MAX_TOKENS", "W8A8_BLOCK_M", "MoEConfig", "for_layout", "for_weights", "select_config"]

@@ -32,7 +32,7 @@ from triton_ops_core.rms_prologue import check_norm, norm_block
 from triton_ops_core.validation import check_choice, check_dtype, check_same_device, check_tensor
 
 from . import _kernels as K
-from .configs import MoEConfig, for_layout, select_config
+from .configs import MoEConfig, for_layout, for_weights, select_config
 from .validation import SCALE_BLOCK, validate_experts_inputs, validate_route_inputs
 
 _ACTIVATION_CODES = {"swiglu_oai": K.ACT_SWIGLU_OAI, "silu": K.ACT_SILU, "gelu": K.ACT_GELU,
@@ -541,6 +541,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     cfg = _config(t, k, h, inter, e, dev, gate_up_proj.element_size(), fp8_activations)
     if fp8_activations and dev.type == "cuda":  # (the interpreter's tests choose their tiles)
         cfg = for_layout(cfg, gate_up_layout == "interleaved")
+    cfg = for_weights(cfg, _weight_strides(gate_up_proj, transposed)[1] == 1, norm_eps is not None)
     blocks = gate_up_scale is not None and gate_up_scale.dim() == 3  # 128x128 block scales, applied in the K loops
     if blocks:
         cfg = _for_block_scales(cfg, inter)
