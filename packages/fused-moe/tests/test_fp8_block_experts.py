@@ -82,11 +82,12 @@ def test_block_scaled_experts_match_the_dequantized_reference(device, dtype, tra
     MoEConfig(1, 16, 32, 16, 32, 4, 1, fma=True),  # one row on the CUDA cores, 32-deep K steps
     MoEConfig(2, 16, 64, 16, 64, 4, 1, fma=True),  # two rows
     MoEConfig(1, 16, 64, 16, 64, 4, 1, fma=True, row_layout=True),  # one row in the weight tile's layout
+    MoEConfig(1, 16, 128, 16, 64, 4, 2, fma=True, row_layout=True),  # 128-deep gate/up steps (one token's, K-major)
     # tensor-core tiles: 32 gate/up columns become 16 (the up half starts 16 rows into a block), the down GEMM
     # split in 3 along K (its second and third splits start at 64 and 128: block columns 0 and 1)
     MoEConfig(16, 32, 64, 32, 64, 4, 1, down_split_k=3),
     MoEConfig(16, 64, 256, 256, 256, 4, 1),  # wider than a block: capped at 128 (K) and 128 / 16 (N)
-], ids=["fma-row", "fma-two-rows", "row-layout", "dots-split-k", "dots-capped"])
+], ids=["fma-row", "fma-two-rows", "row-layout", "row-layout-128", "dots-split-k", "dots-capped"])
 def test_block_scales_on_every_tile(device, monkeypatch, config):
     monkeypatch.setattr(ops, "_config", lambda *a: config)
     ops.clear_caches()
@@ -187,3 +188,28 @@ def test_opcheck_and_compile_with_block_scales(device):
     fn = torch.compile(lambda x: moe_experts(x, ids, wts, q1, b1, q2, b2, "silu", **kw), fullgraph=True,
                        backend="aot_eager")
     assert torch.equal(fn(x), eager)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_token_row_tile_asks_for_the_weights_layout(device, monkeypatch, transposed):
+    # the plan hands configs.for_weights the token count, whether the gate/up weights are K-contiguous (Qwen3-MoE's
+    # [E, 2I, H]: yes; [E, H, 2I]: no) and the norm prologue; the deeper steps it gives still match the reference
+    from fused_moe import configs
+
+    seen = []
+
+    def spy(cfg, tokens, k_contiguous, norm):
+        seen.append((tokens, k_contiguous, norm))
+        return configs.for_weights(cfg, tokens, k_contiguous, norm)
+
+    monkeypatch.setattr(ops, "_config", lambda *a: MoEConfig(1, 16, 32, 16, 32, 4, 2, fma=True, row_layout=True))
+    monkeypatch.setattr(ops, "for_weights", spy)
+    ops.clear_caches()
+    try:
+        x, ids, wts, (_, b1, _, b2), (q1, s1, q2, s2) = _operands(1, torch.float32, device, transposed, 61)
+        out = moe_experts(x, ids, wts, q1, b1, q2, b2, "silu", gate_up_layout="concatenated", transposed=transposed,
+                          gate_up_scale=s1, down_scale=s2)
+        assert seen == [(1, not transposed, False)]
+        assert_close_rel(out, _reference(x, ids, wts, b1, b2, q1, s1, q2, s2, transposed), TOL[torch.float32])
+    finally:
+        ops.clear_caches()

@@ -137,9 +137,10 @@ def test_one_token_row_tile_steps_a_line_deep_over_k_contiguous_gate_up_weights(
         one = select_config(1, 8, 2048, 768, 128, True, 1)
         eight = select_config(8, 8, 2048, 768, 128, True, 1)
     assert one.row_layout and one.gate_up_block_k < ONE_TOKEN_K_MAJOR_GATE_UP_K
-    deeper = for_weights(one, gate_up_k_contiguous=True, norm_prologue=False)
+    deeper = for_weights(one, 1, gate_up_k_contiguous=True, norm_prologue=False)
     assert deeper == one._replace(gate_up_block_k=ONE_TOKEN_K_MAJOR_GATE_UP_K)
     assert deeper.down_block_k == one.down_block_k
-    assert for_weights(one, gate_up_k_contiguous=False, norm_prologue=False) == one
-    assert for_weights(one, gate_up_k_contiguous=True, norm_prologue=True) == one
-    assert for_weights(eight, gate_up_k_contiguous=True, norm_prologue=False) == eight
+    assert for_weights(one, 1, gate_up_k_contiguous=False, norm_prologue=False) == one
+    assert for_weights(one, 1, gate_up_k_contiguous=True, norm_prologue=True) == one
+    assert for_weights(eight, 8, gate_up_k_contiguous=True, norm_prologue=False) == eight
+    assert for_weights(one, 2, gate_up_k_contiguous=True, norm_prologue=False) == one  # (a row tile forced at two)

@@ -158,10 +158,10 @@ def _w8a8_config(num_tokens: int, top_k: int, hidden: int, intermediate: int, nu
                      quant_in_gemm=num_tokens <= W8A8_QUANT_IN_GEMM_MAX_TOKENS, swap_ab=swap)
 
 
-def for_weights(cfg: MoEConfig, gate_up_k_contiguous: bool, norm_prologue: bool) -> MoEConfig:
-    """``cfg`` for how the gate/up weights are stored: the one-token row tile (``row_layout``, one row) over
+def for_weights(cfg: MoEConfig, num_tokens: int, gate_up_k_contiguous: bool, norm_prologue: bool) -> MoEConfig:
+    """``cfg`` for how the gate/up weights are stored: at one token the row tile (``row_layout``, one row) over
     K-contiguous weights steps :data:`ONE_TOKEN_K_MAJOR_GATE_UP_K` deep along K, except behind the RMSNorm prologue."""
-    if cfg.row_layout and cfg.block_m == 1 and gate_up_k_contiguous and not norm_prologue:
+    if num_tokens == 1 and cfg.row_layout and cfg.block_m == 1 and gate_up_k_contiguous and not norm_prologue:
         return cfg._replace(gate_up_block_k=max(cfg.gate_up_block_k, ONE_TOKEN_K_MAJOR_GATE_UP_K))
     return cfg
 

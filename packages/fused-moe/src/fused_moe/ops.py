@@ -541,7 +541,7 @@ def _experts_plan(x2d: torch.Tensor, k: int, gate_up_proj: torch.Tensor, gate_up
     cfg = _config(t, k, h, inter, e, dev, gate_up_proj.element_size(), fp8_activations)
     if fp8_activations and dev.type == "cuda":  # (the interpreter's tests choose their tiles)
         cfg = for_layout(cfg, gate_up_layout == "interleaved")
-    cfg = for_weights(cfg, _weight_strides(gate_up_proj, transposed)[1] == 1, norm_eps is not None)
+    cfg = for_weights(cfg, t, _weight_strides(gate_up_proj, transposed)[1] == 1, norm_eps is not None)
     blocks = gate_up_scale is not None and gate_up_scale.dim() == 3  # 128x128 block scales, applied in the K loops
     if blocks:
         cfg = _for_block_scales(cfg, inter)
