@@ -190,7 +190,9 @@ def _fma_grid(base, row_layout: bool = False, k_steps: tuple[int, ...] = (16, 32
     (``MoEConfig.row_layout``)."""
     # (64-deep K steps: twice the bytes in flight a stage, for layers whose experts hit give fewer programs than SMs,
     # Qwen3-30B-A3B's 96 at one token; not swept before session 36)
-    gate_up = list(itertools.product((16, 32, 64, 128) if not row_layout else (16, 32, 64), k_steps))
+    # (8 columns in the row layout: twice the programs of 16 where one token's experts give under three per SM,
+    # Qwen3-30B-A3B's 384; not swept before session 47)
+    gate_up = list(itertools.product((16, 32, 64, 128) if not row_layout else (8, 16, 32, 64), k_steps))
     down = list(itertools.product((32, 64, 128), k_steps, (1, 2, 3)))
     for warps, stages in itertools.product((2, 4), stages_options):
         for i, (bn, bk, split) in enumerate(down):
