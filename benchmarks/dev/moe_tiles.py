@@ -168,12 +168,13 @@ def time_config(cfg, t: int, dtype: str, w: dict, routes: list, shape: Shape = G
 
 
 def candidates(t: int, base, fp8: bool = False, fma_only: bool = False, row_layout: bool = False,
-               k_steps: tuple[int, ...] = (16, 32, 64), stages_options: tuple[int, ...] = (3, 6)):
+               k_steps: tuple[int, ...] = (16, 32, 64), stages_options: tuple[int, ...] = (3, 6),
+               splits: tuple[int, ...] = (1, 2, 3)):
     """Tiles to try beside the package's choice ``base`` (a MoEConfig); with ``fp8`` every tensor-core tile also with
     fp16 dots (``f16_dot``); ``fma_only``: only one-row CUDA-core (FMA) tiles (:func:`_fma_grid`), with
     ``row_layout`` in the weight tile's layout (``MoEConfig.row_layout``)."""
     if fma_only:
-        yield from _fma_grid(base, row_layout, k_steps, stages_options)
+        yield from _fma_grid(base, row_layout, k_steps, stages_options, splits)
         return
     for cfg in _tiles(t, base):
         yield cfg
@@ -182,18 +183,18 @@ def candidates(t: int, base, fp8: bool = False, fma_only: bool = False, row_layo
 
 
 def _fma_grid(base, row_layout: bool = False, k_steps: tuple[int, ...] = (16, 32, 64),
-              stages_options: tuple[int, ...] = (3, 6)):
+              stages_options: tuple[int, ...] = (3, 6), splits: tuple[int, ...] = (1, 2, 3)):
     """One-row CUDA-core tiles, FP8 decode's family at 1 to 8 tokens, as a factorized grid: the two GEMMs are timed
     apart, so each config pairs the i-th gate/up tile with the i-th down tile (column width, K step of ``k_steps``,
-    down K split) for 2 or 4 warps and ``stages_options``; the best of each GEMM per (warps, stages) make the best
-    config. ``row_layout``: the same grid with the row's products in the weight tile's layout
+    down K split of ``splits``) for 2 or 4 warps and ``stages_options``; the best of each GEMM per (warps, stages)
+    make the best config. ``row_layout``: the same grid with the row's products in the weight tile's layout
     (``MoEConfig.row_layout``)."""
     # (64-deep K steps: twice the bytes in flight a stage, for layers whose experts hit give fewer programs than SMs,
     # Qwen3-30B-A3B's 96 at one token; not swept before session 36)
     # (8 columns in the row layout: twice the programs of 16 where one token's experts give under three per SM,
     # Qwen3-30B-A3B's 384; not swept before session 47)
     gate_up = list(itertools.product((16, 32, 64, 128) if not row_layout else (8, 16, 32, 64), k_steps))
-    down = list(itertools.product((32, 64, 128), k_steps, (1, 2, 3)))
+    down = list(itertools.product((32, 64, 128), k_steps, splits))
     for warps, stages in itertools.product((2, 4), stages_options):
         for i, (bn, bk, split) in enumerate(down):
             gn, gk = gate_up[i % len(gate_up)]
@@ -259,7 +260,7 @@ MAX_REL_ERR = 1e-2
 
 def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_OSS, model: str = "",
           fma_only: bool = False, row_layout: bool = False, k_steps: tuple[int, ...] = (16, 32, 64),
-          stages_options: tuple[int, ...] = (3, 6)) -> None:
+          stages_options: tuple[int, ...] = (3, 6), splits: tuple[int, ...] = (1, 2, 3)) -> None:
     from fused_moe.configs import select_config
 
     fp8 = dtype.startswith("fp8")
@@ -271,7 +272,7 @@ def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_
     # slower than the same tile timed later in the sweep (session 38)
     time_config(base, t, dtype, w, routes, shape)
     expected = experts_with(base, t, dtype, w, routes[0], shape)
-    for cfg in [base] + [c for c in candidates(t, base, fp8, fma_only, row_layout, k_steps, stages_options)
+    for cfg in [base] + [c for c in candidates(t, base, fp8, fma_only, row_layout, k_steps, stages_options, splits)
                           if c != base]:
         if cfg in seen:
             continue
@@ -350,6 +351,7 @@ def main(argv=None) -> int:
                    help="with --fma-only: the one-row tiles in the weight tile's layout (MoEConfig.row_layout)")
     p.add_argument("--k-steps", default="16,32,64", help="with --fma-only: the K steps swept, comma-separated")
     p.add_argument("--stages", default="3,6", help="with --fma-only: the pipeline depths swept, comma-separated")
+    p.add_argument("--splits", default="1,2,3", help="with --fma-only: the down GEMM's K splits swept, comma-separated")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_tiles needs a CUDA GPU", file=sys.stderr)
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
     with open(out / "moe_tiles.jsonl", "a") as log:
         for t, dtype in itertools.product((int(v) for v in args.tokens.split(",")), args.weights.split(",")):
             sweep(t, dtype, w, deadline, log, shape, args.model, args.fma_only, args.row_layout,
-                  _ints(args.k_steps), _ints(args.stages))
+                  _ints(args.k_steps), _ints(args.stages), _ints(args.splits))
     return 0
 
 
