@@ -133,6 +133,31 @@ def _fp8_experts(args):
     return (x, rw, rb, q1, b1, q2, b2), dict(gate_up_scale=s1, down_scale=s2), (x, rw, rb, dq1, b1, dq2, b2)
 
 
+@pytest.mark.parametrize("granularity", ["channel", "block"])
+@pytest.mark.parametrize("t", [1, 2, 8])
+def test_fp8_experts_in_the_qwen3_layout(t, granularity):
+    """Qwen3-30B-A3B's experts stored as its checkpoints store them ([E, 2I, H] and [E, H, I], K contiguous) in
+    E4M3, per-column scales or 128x128 blocks: the tiles the configs pick (at one token the row tile 128 deep along
+    K, configs.for_weights) against the fp32 reference over the dequantized weights."""
+    x, rw, _, w1, _, w2, _ = _gpt_oss(t, seed=80 + t, h=2048, i=768, e=128)
+    w1c = torch.cat([w1[..., 0::2], w1[..., 1::2]], -1).transpose(1, 2).contiguous()
+    w2c = w2.transpose(1, 2).contiguous()
+    q1, s1, q2, s2 = quantize_experts_fp8(w1c, w2c, transposed=False, granularity=granularity)
+    kw = dict(activation="silu", gate_up_layout="concatenated", transposed=False)
+    out = fused_moe(x, rw, None, q1, None, q2, None, 8, gate_up_scale=s1, down_scale=s2, **kw)
+    d1, d2 = (_dequantized(q, s, granularity) for q, s in ((q1, s1), (q2, s2)))
+    ref = moe_reference(x.float(), rw.float(), None, d1, None, d2, None, 8, round_to=x.dtype, **kw)
+    assert_close_rel(out, ref, 1e-2)
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, granularity: str) -> torch.Tensor:
+    """fp32 ``[E, N, K]`` weights of E4M3 ``q`` and their per-row (``[E, N]``) or 128x128 block scales."""
+    if granularity == "channel":
+        return q.float() * scale.unsqueeze(2)
+    rows = scale.repeat_interleave(128, 1)[:, :q.shape[1]]
+    return q.float() * rows.repeat_interleave(128, 2)[:, :, :q.shape[2]]
+
+
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9, 64, 2048])
 def test_fp8_experts_at_gpt_oss_20b_shape(t):
     """Every FP8 tile family the configs pick (CUDA-core one-row tiles at 1-8 tokens, their down GEMM split along K
