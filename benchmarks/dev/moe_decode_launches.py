@@ -1,7 +1,7 @@
 """Device script: a mixture of experts' decode layer as its launches chain, switch by switch, in CUDA graphs.
 
     python -m benchmarks.dev.moe_decode_launches [--models gpt-oss-20b,qwen3-30b-a3b] [--tokens 1,8]
-        [--weights bf16,fp8] [--prefetch]
+        [--weights bf16,fp8,w8a8] [--prefetch]
 
 ``fused_moe`` (router, experts, the residual added) over ``moe_tiles.REPS`` different inputs in one graph (so the
 experts hit differ between launches and L2 does not serve them), timed as each step below is switched on in turn,
@@ -20,7 +20,10 @@ in the same run:
 
 Each row also gives the weight-read floor: the bytes of the router and of the experts the routings hit (each
 expert's gate/up and down weights, scales and biases, once per launch), over the copy bandwidth this run measures,
-and the share of it each step reaches (issue 15: at least 80 % at decode). Every step but ``rows`` must give the bits
+and the share of it each step reaches (issue 15: at least 80 % at decode). ``--weights``: ``bf16``, ``fp8``
+(weight-only E4M3 experts, per-column scales), ``fp8-block`` (128x128 blocks, Qwen3-MoE's layout only) and ``w8a8``
+(K-major E4M3 experts, the activations quantized too: ``fp8_activations=True``); each FP8 row also gives its time
+over bf16's (issue 15: at most 0.6 at decode). Every step but ``rows`` must give the bits
 of the one before it (``same bits``; the rows router sums each logit in another order, so a near tie may choose
 otherwise: its ids are compared with the step before, ``same experts``). Lines go to stdout and, as JSON, to
 ``$OUT/moe_decode_launches.jsonl``.
@@ -89,11 +92,13 @@ def floor_us(weights: tuple, biases: tuple, router: torch.Tensor, hit: float, gb
 
 
 def run_model(name: str, tokens: list[int], kinds: list[str], gbps: float, out: Path, steps: tuple) -> None:
-    from fused_moe import fused_moe, moe_route
+    from fused_moe import fused_moe, moe_route, quantize_experts_fp8
 
     shape = MODELS[name]
     dev = torch.device("cuda")
     w = expert_weights(dev, shape)
+    if "w8a8" in kinds:  # (K-major E4M3: what Hopper's FP8 tensor cores read as loaded)
+        w["w8a8"] = quantize_experts_fp8(w["bf16"][0], w["bf16"][2], transposed=shape.transposed, k_major=True)
     b1, b2 = w["biases"]
     g = torch.Generator(device=dev).manual_seed(1)
     rw = (torch.randn(shape.experts, shape.hidden, device=dev, generator=g) * shape.hidden ** -0.5).bfloat16()
@@ -102,14 +107,16 @@ def run_model(name: str, tokens: list[int], kinds: list[str], gbps: float, out: 
         xs = [torch.randn(t, shape.hidden, device=dev, generator=g).bfloat16() for _ in range(REPS)]
         res = [torch.randn(t, shape.hidden, device=dev, generator=g).bfloat16() for _ in range(REPS)]
         hit = sum(moe_route(x, rw, rb, shape.top_k)[0].unique().numel() for x in xs) / REPS
+        bf16_us = {}
         for kind in [k for k in kinds if k in w]:
             a, sa, b, sb = w[kind]
+            w8a8 = kind == "w8a8"
 
-            def layer(args, a=a, sa=sa, b=b, sb=sb):
+            def layer(args, a=a, sa=sa, b=b, sb=sb, w8a8=w8a8):
                 x, r = args
                 return fused_moe(x, rw, rb, a, b1, b, b2, shape.top_k, shape.activation,
                                  gate_up_layout=shape.layout, transposed=shape.transposed,
-                                 gate_up_scale=sa, down_scale=sb, residual=r)
+                                 gate_up_scale=sa, down_scale=sb, residual=r, fp8_activations=w8a8)
 
             floor = floor_us((a, sa, b, sb), (b1, b2), rw, hit, gbps)
             row = {"model": name, "tokens": t, "weights": kind, "experts hit": round(hit, 2),
@@ -126,6 +133,10 @@ def run_model(name: str, tokens: list[int], kinds: list[str], gbps: float, out: 
                     row[f"{step} same bits"] = bool(torch.equal(result, before[0]))
                     row[f"{step} same experts"] = all(torch.equal(a, b) for a, b in zip(ids, before[1]))
                 before = result, ids
+                if kind == "bf16":
+                    bf16_us[step] = us
+                elif step in bf16_us:
+                    row[f"{step} / bf16"] = round(us / bf16_us[step], 3)
             print(" ".join(f"{key}={v}" for key, v in row.items()), flush=True)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
