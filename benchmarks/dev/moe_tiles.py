@@ -26,6 +26,7 @@ quantizes them with 128x128 block scales (FP8 checkpoints' format; the package c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -119,23 +120,35 @@ def graph_us(launch, args_per_rep: list) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@contextlib.contextmanager
+def tiles_as(cfg):
+    """fused-moe plans ``cfg`` as its tile choice inside the block: ``ops._config`` returns it and the choice the
+    plan makes for the weights' layout (``ops.for_weights``) leaves it as it is; the block scales' caps still apply."""
+    from fused_moe import ops
+
+    saved = ops._config, ops.for_weights
+    ops._config = lambda *a, **k: cfg
+    ops.for_weights = lambda chosen, *a, **k: chosen
+    ops.clear_caches()
+    try:
+        yield
+    finally:
+        ops._config, ops.for_weights = saved
+        ops.clear_caches()
+
+
 def time_config(cfg, t: int, dtype: str, w: dict, routes: list, shape: Shape = GPT_OSS) -> tuple[float, float]:
-    """(gate/up us, down us) of ``cfg``: the package's own plan for it, launched on prepared groupings. The plan
-    applies the package's own adjustments (block scales cap the tiles to their blocks)."""
+    """(gate/up us, down us) of ``cfg``: the package's own plan for it (:func:`tiles_as`), launched on prepared
+    groupings. The plan applies the package's own adjustments (block scales cap the tiles to their blocks)."""
     from fused_moe import ops
 
     ga, gs, da, ds = w[dtype]
     b1, b2 = w["biases"]
     dev = ga.device
-    ops.clear_caches()
-    saved = ops._config
-    ops._config = lambda *a, **k: cfg
-    try:
+    with tiles_as(cfg):
         x = torch.randn(t, shape.hidden, device=dev).bfloat16()
         plan = ops._experts_plan(x, shape.top_k, ga, b1, da, b2, shape.activation, shape.layout,
                                  shape.transposed and dtype != "fp8-nk", 1.702, 7.0, gs, ds)
-    finally:
-        ops._config = saved
     reps = []
     for ids, wts in routes:
         if plan.grouped:
@@ -229,22 +242,16 @@ def _tiles(t: int, base):
 def experts_with(cfg, t: int, dtype: str, w: dict, route, shape: Shape = GPT_OSS) -> torch.Tensor:
     """``moe_experts``' output for one routing with ``cfg`` as the package's tile choice (the whole op: grouping,
     both GEMMs, the combine or the down GEMM's own), on tokens drawn from a fixed seed."""
-    from fused_moe import moe_experts, ops
+    from fused_moe import moe_experts
 
     ga, gs, da, ds = w[dtype]
     b1, b2 = w["biases"]
     g = torch.Generator(device=ga.device).manual_seed(7)
     x = torch.randn(t, shape.hidden, device=ga.device, generator=g).bfloat16()
     ids, wts = route
-    saved = ops._config
-    ops._config = lambda *a, **k: cfg
-    ops.clear_caches()
-    try:
+    with tiles_as(cfg):
         return moe_experts(x, ids, wts, ga, b1, da, b2, shape.activation, gate_up_layout=shape.layout,
                            transposed=shape.transposed and dtype != "fp8-nk", gate_up_scale=gs, down_scale=ds)
-    finally:
-        ops._config = saved
-        ops.clear_caches()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -261,10 +268,12 @@ MAX_REL_ERR = 1e-2
 def sweep(t: int, dtype: str, w: dict, deadline: float, log, shape: Shape = GPT_OSS, model: str = "",
           fma_only: bool = False, row_layout: bool = False, k_steps: tuple[int, ...] = (16, 32, 64),
           stages_options: tuple[int, ...] = (3, 6), splits: tuple[int, ...] = (1, 2, 3)) -> None:
-    from fused_moe.configs import select_config
+    from fused_moe.configs import for_weights, select_config
 
     fp8 = dtype.startswith("fp8")
     base = select_config(t, shape.top_k, shape.hidden, shape.inter, shape.experts, True, 1 if fp8 else 2)
+    # the current choice as the plan makes it for these weights' layout (K-contiguous: not gpt-oss's [E, K, N])
+    base = for_weights(base, t, not shape.transposed or dtype == "fp8-nk", False)
     routes = routings(t, w["bf16"][0].device, shape)
     best: dict[str, tuple[float, tuple]] = {}
     seen = set()
