@@ -39,25 +39,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_fp8_decode import copy_gbps
 from benchmarks.dev.moe_tiles import MODELS, REPS, expert_weights, graph_us
 
 STEPS = ("grouped", "ungrouped", "pdl", "rows")
-
-
-def copy_gbps(dev: torch.device) -> float:
-    """Device-to-device copy bandwidth (bytes read plus written per second, GB/s) of a 1 GiB copy, median of 10."""
-    src = torch.empty(1 << 29, dtype=torch.float16, device=dev)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2] / 1e9
 
 
 @contextlib.contextmanager
