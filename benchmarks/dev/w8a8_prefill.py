@@ -1,6 +1,6 @@
 # ruff: noqa: B023  (the timed closures run inside the loop iteration that defines them)
 """Prefill FP8 GEMMs with block and group scales against per-channel ones: the Triton TMA kernel, the Gluon wgmma
-kernel for group scales (``fp8_gemm.gemm_wgmma``) and its tiles, cuBLAS.
+kernel for group and block scales (``fp8_gemm.gemm_wgmma``) and its tiles, cuBLAS.
 
     python -m benchmarks.dev.w8a8_prefill                           # M = 2048, Llama-3-8B's projections
     python -m benchmarks.dev.w8a8_prefill --rows 2048,8192 --shapes qkv,down,sq4096
@@ -8,7 +8,8 @@ kernel for group scales (``fp8_gemm.gemm_wgmma``) and its tiles, cuBLAS.
 Per case, in one run: cuBLAS bf16 ``mm`` and row-wise ``_scaled_mm``; ``fp8_gemm``'s per-channel call (per-row
 activations, the faithful default, the TMA kernel); then per scale kind (``group``: 1x128 activation blocks and
 group weights, the default recipe's; ``block``: 1x128 and 128x128; ``row-group``: per-row activations, group
-weights) the Triton TMA kernel's default and, for group weights, the Gluon kernel's tiles. Operands are quantized
+weights) the Triton TMA kernel's default and the Gluon kernel's tiles (block weights on it with their one-FMA
+scaling, ``path="wgmma"``). Operands are quantized
 beforehand (not timed); each GEMM runs on ``--copies`` different weights back to back in a CUDA graph. Errors:
 relative Frobenius error against the float32 product of the dequantized operands. Writes ``w8a8_prefill.json`` to
 ``$OUT`` (default /tmp). Needs a Hopper GPU.
@@ -103,7 +104,7 @@ def run_case(name: str, m: int, copies: int, kinds: list[str]) -> list[dict]:
         record(f"{kind}: triton tma (default)",
                lambda: [gemm._launch(aq, b, o, as_, bs, None, a_mode, b_mode, False, "tma") for (b, bs), o
                         in zip(wq, outs)], ref, kind)
-        if not gemm_wgmma.AVAILABLE or w_gran != "group":  # the Gluon kernel takes group scales
+        if not gemm_wgmma.AVAILABLE:  # the Gluon kernel takes group and (asked for) block scales
             continue
         for cfg in wgmma_candidates():
             label = "{}: wgmma {BLOCK_M}x{BLOCK_N} w{num_warps} s{STAGES} g{GROUP_M}".format(kind, **cfg)

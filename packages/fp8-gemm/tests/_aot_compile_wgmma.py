@@ -21,14 +21,18 @@ from triton_ops_core.aot import AOT_UNAVAILABLE, compile_sm90  # noqa: E402
 
 INTS = ["M", "N", "K", "stride_am", "stride_bn", "stride_cm", "SA_M", "SA_K", "stride_bs"]
 
-# (name, A_MODE, output type, bias, BLOCK_M, BLOCK_N, STAGES, warps): the default tile (64 x 128, 4 warps) for the
-# default recipe's activations (1x128 blocks) and the other activation scales the TMA path routes here, output
-# dtypes and bias, and the 128 x 128 tile with 8 warps
+# (name, A_MODE, 128x128 weight blocks, output type, bias, BLOCK_M, BLOCK_N, STAGES, warps): group weights with the
+# default tile (64 x 128, 4 warps) for the default recipe's activations (1x128 blocks) and the other activation
+# scales the TMA path routes here, output dtypes and bias, and the 128 x 128 tile with 8 warps; block weights (the
+# FP8 checkpoints' 1x128 x 128x128) on both tiles and with per-row activations
 VARIANTS = [
-    ("1x128 activations, bf16 out (the default recipe)", 2, "*bf16", False, 64, 128, 4, 4),
-    ("per-row activations, fp32 out, bias", 1, "*fp32", True, 64, 128, 4, 4),
-    ("per-tensor activations, fp16 out", 0, "*fp16", False, 64, 128, 3, 4),
-    ("1x128 activations, 128 x 128, 8 warps, bias", 2, "*bf16", True, 128, 128, 4, 8),
+    ("1x128 activations, bf16 out (the default recipe)", 2, False, "*bf16", False, 64, 128, 4, 4),
+    ("per-row activations, fp32 out, bias", 1, False, "*fp32", True, 64, 128, 4, 4),
+    ("per-tensor activations, fp16 out", 0, False, "*fp16", False, 64, 128, 3, 4),
+    ("1x128 activations, 128 x 128, 8 warps, bias", 2, False, "*bf16", True, 128, 128, 4, 8),
+    ("block weights, 1x128 activations, bf16 out", 2, True, "*bf16", False, 64, 128, 4, 4),
+    ("block weights, 1x128 activations, 128 x 128, 8 warps, bias", 2, True, "*bf16", True, 128, 128, 4, 8),
+    ("block weights, per-row activations, fp32 out", 1, True, "*fp32", False, 64, 128, 4, 4),
 ]
 
 
@@ -36,12 +40,12 @@ def main() -> int:
     if W.fp8_group_gemm_wgmma_kernel is None or not triton.__version__.startswith(W.VALIDATED_TRITON):
         return AOT_UNAVAILABLE  # no Gluon here, or a Triton the package never sends these calls to the kernel on
     ok = True
-    for name, a_mode, out, bias, bm, bn, stages, warps in VARIANTS:
+    for name, a_mode, b_blocks, out, bias, bm, bn, stages, warps in VARIANTS:
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out, "as_ptr": "*fp32", "bs_ptr": "*fp32",
                  "bias_ptr": "*bf16", **dict.fromkeys(INTS, "i32")}
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "STAGES": stages, "num_warps": warps}
         bm_, bn_, group_m, stages_, warps_m, instr_n = W.launch_args(cfg)
-        consts = dict(A_MODE=a_mode, HAS_BIAS=bias, BLOCK_M=bm_, BLOCK_N=bn_, GROUP_M=group_m,
+        consts = dict(A_MODE=a_mode, B_BLOCKS=b_blocks, HAS_BIAS=bias, BLOCK_M=bm_, BLOCK_N=bn_, GROUP_M=group_m,
                       STAGES=stages_, WARPS_M=warps_m, INSTR_N=instr_n, num_warps=warps)
         ok &= compile_sm90(W.fp8_group_gemm_wgmma_kernel, types, consts, name, warps, stages, no_spills=True,
                            no_injected_waits=True)

@@ -61,35 +61,50 @@ def test_both_layouts_of_b(kmajor, grans):
 _MODES = {"tensor": gemm.A_TENSOR, "row": gemm.A_ROW, "block": gemm.A_BLOCK}
 
 
-@pytest.mark.parametrize("grans", [("block", "group"), ("row", "group"), ("tensor", "group")])
+_B_MODES = {"group": gemm.B_GROUP, "block": gemm.B_BLOCK}
+
+
+@pytest.mark.parametrize("grans", [("block", "group"), ("row", "group"), ("tensor", "group"), ("block", "block"),
+                                   ("row", "block")])
 @pytest.mark.parametrize("m, n, k", [(333, 2880, 1040), (2048, 4096, 4096), (129, 200, 4224), (64 + 1, 128, 128)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tile", [None, {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 16, "STAGES": 3, "num_warps": 8}])
 def test_the_wgmma_kernel_computes_what_the_triton_kernel_does(m, n, k, grans, out_dtype, tile):
     # Hopper: the Gluon kernel (scaling block i - 1 while block i's MMA runs, two K blocks an iteration) computes
     # what the Triton TMA kernel computes, at sizes no tile divides (K past a multiple of 128: an odd block count;
-    # N = 200 < two 128-column tiles; one K block), with a bias
+    # N = 200 < two 128-column tiles; one K block), with a bias; group weights and (asked for) 128x128 blocks
     if not gemm_wgmma.AVAILABLE or not torch.cuda.get_device_capability()[0] == 9:
         pytest.skip("the Gluon kernel is Hopper-only")
     a_q, a_s, b_q, b_s = make_operands(m, n, k, *grans, "cuda", kmajor_b=True, seed=m + k)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
-    info = gemm._launch(a_q, b_q, out, a_s, b_s, bias, _MODES[grans[0]], gemm.B_GROUP, False, None, tile)
+    a_mode, b_mode = _MODES[grans[0]], _B_MODES[grans[1]]
+    info = gemm._launch(a_q, b_q, out, a_s, b_s, bias, a_mode, b_mode, False, "wgmma" if grans[1] == "block" else None,
+                        tile)
     assert info["path"] == "wgmma"
     triton_out = torch.full_like(out, float("nan"))
-    gemm._launch(a_q, b_q, triton_out, a_s, b_s, bias, _MODES[grans[0]], gemm.B_GROUP, False, "tma")
+    gemm._launch(a_q, b_q, triton_out, a_s, b_s, bias, a_mode, b_mode, False, "tma")
     ref = _ref_gpu(a_q, a_s, grans[0], b_q, b_s, grans[1], bias)
     assert_close_rel(out, ref, KERNEL_TOL if out_dtype == torch.float32 else 4e-3 + KERNEL_TOL / 4)
     # the same partial products, scaled and added in the same order: equal up to fp32 contraction
     assert relative_error(out, triton_out) < (1e-6 if out_dtype == torch.float32 else 4e-3)
 
 
-def test_block_scales_stay_on_the_triton_kernel():
+def test_block_scales_take_the_gluon_kernel_only_when_routed_there(monkeypatch):
+    if not gemm_wgmma.AVAILABLE or not torch.cuda.get_device_capability()[0] == 9:
+        pytest.skip("the Gluon kernel is Hopper-only")
     a_q, a_s, b_q, b_s = make_operands(256, 512, 1024, "block", "block", "cuda", kmajor_b=True, seed=5)
     out = torch.empty(256, 512, device="cuda", dtype=torch.float32)
+    monkeypatch.setattr(gemm, "WGMMA_BLOCK_SCALES", False)
+    gemm.clear_caches()
     assert gemm._launch(a_q, b_q, out, a_s, b_s, None, gemm.A_BLOCK, gemm.B_BLOCK, False)["path"] == "tma"
-    with pytest.raises(ValueError, match="group-scaled"):
-        gemm._launch(a_q, b_q, out, a_s, b_s, None, gemm.A_BLOCK, gemm.B_BLOCK, False, "wgmma")
+    monkeypatch.setattr(gemm, "WGMMA_BLOCK_SCALES", True)
+    gemm.clear_caches()
+    assert gemm._launch(a_q, b_q, out, a_s, b_s, None, gemm.A_BLOCK, gemm.B_BLOCK, False)["path"] == "wgmma"
+    with pytest.raises(ValueError, match="divide 128"):
+        gemm._launch(a_q, b_q, out, a_s, b_s, None, gemm.A_BLOCK, gemm.B_BLOCK, False, "wgmma",
+                     {"BLOCK_M": 64, "BLOCK_N": 256, "GROUP_M": 8, "STAGES": 3, "num_warps": 4})
+    gemm.clear_caches()
 
 
 def test_wgmma_kernel_keeps_nan_in_its_row():

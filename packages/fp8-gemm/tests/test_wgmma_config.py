@@ -49,6 +49,25 @@ def test_interpreter_never_takes_the_gluon_kernel():
     assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out, scales)
 
 
+def test_which_weight_scales_the_gluon_kernel_takes(monkeypatch):
+    # as on a Hopper GPU with Gluon: group weights with TMA-readable scale rows by default; 128x128 blocks only
+    # when asked for (path="wgmma") or with WGMMA_BLOCK_SCALES on; never per-channel or per-tensor weights
+    monkeypatch.setattr(gemm_wgmma, "AVAILABLE", True)
+    monkeypatch.setattr(gemm, "WGMMA_BLOCK_SCALES", False)
+    out = torch.empty(4, 256, dtype=torch.bfloat16)
+    group, blocks = torch.ones(2, 256), torch.ones(2, 2)
+    assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out, group)
+    assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out, torch.ones(2, 258)[:, :255])  # rows off 16 bytes
+    assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks)
+    assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks, explicit=True)
+    assert gemm._wgmma_takes(gemm.A_ROW, gemm.B_BLOCK, out, blocks, explicit=True)
+    assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks.t(), explicit=True)  # strided columns
+    assert not gemm._wgmma_takes(gemm.A_ROW, gemm.B_CHANNEL, out, torch.ones(256), explicit=True)
+    assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out.to(torch.float8_e4m3fn), blocks, explicit=True)
+    monkeypatch.setattr(gemm, "WGMMA_BLOCK_SCALES", True)
+    assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks)
+
+
 @pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False"), ("1", "True")])
 def test_environment_switch_turns_the_gluon_kernel_off(setting, expected):
     # outside the interpreter (a fresh process: the flag is read at import)

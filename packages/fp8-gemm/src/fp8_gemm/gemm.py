@@ -46,6 +46,9 @@ DECODE_MAX_M = 64
 # activation to find its row maxima, so the GPU time grows with M * K: at this size it matches the two launches'
 # (H100, M = 1 at K = 4096 and 11264, M = 4 at K = 4096); larger ones quantize in their own launch (docs/fp8-gemm.md).
 FUSED_ROW_QUANT_MAX = 16384
+# 128x128 weight blocks on the Gluon kernel by default (Hopper, M > 64): its one-FMA-an-element scaling, against the
+# Triton TMA kernel's scaling between its MMAs. False until measured faster (benchmarks/dev/w8a8_prefill.py).
+WGMMA_BLOCK_SCALES = False
 # Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
 _INTERP = is_interpreter()
 
@@ -183,9 +186,10 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         path = _pick_path(a, b, out, m)
         if path == "tma" and _wgmma_takes(a_mode, b_mode, out, b_s):
             path = "wgmma"
-    if path == "wgmma" and not (_wgmma_takes(a_mode, b_mode, out, b_s)
+    if path == "wgmma" and not (_wgmma_takes(a_mode, b_mode, out, b_s, explicit=True)
                                 and _pick_path(a, b, out, max(m, DECODE_MAX_M + 1)) == "tma"):
-        raise ValueError("the wgmma path takes group-scaled weights on Hopper only, with TMA-aligned operands")
+        raise ValueError("the wgmma path takes group- or block-scaled weights on Hopper only, with TMA-aligned "
+                         "operands")
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
         problem = (path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype), interp)
@@ -207,7 +211,7 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
     else:
         cfg = _fit_block_k(config, blocked)
     if path == "wgmma":
-        return _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, cfg)
+        return _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg)
     nb = n if b_mode == B_GROUP else -(-n // 128)  # the b scale's row stride (block / group scales)
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     has_bias = bias is not None
@@ -251,16 +255,20 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
                 num_stages=cfg["num_stages"])
 
 
-def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor, b_s: torch.Tensor) -> bool:
+def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor, b_s: torch.Tensor, explicit: bool = False) -> bool:
     """The Gluon kernel takes the TMA path's group-scaled weights (activations per tensor, per row or in 1x128
     blocks) with a 16- or 32-bit output, when TMA can read the scales' rows (unit column stride, 16-byte aligned
-    rows); 128x128 weight blocks stay with the Triton kernel (``gemm_wgmma``'s docstring)."""
-    return (gemm_wgmma.AVAILABLE and b_mode == B_GROUP and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
-            and out.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and b_s.stride(-1) == 1 and b_s.data_ptr() % 16 == 0 and (b_s.stride(0) * 4) % 16 == 0)
+    rows). 128x128 weight blocks run on it when asked for (``path="wgmma"``, :data:`WGMMA_BLOCK_SCALES` routes
+    them there by default)."""
+    if not (gemm_wgmma.AVAILABLE and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
+            and out.dtype in (torch.bfloat16, torch.float16, torch.float32) and b_s.stride(-1) == 1):
+        return False
+    if b_mode == B_BLOCK:
+        return explicit or WGMMA_BLOCK_SCALES
+    return b_mode == B_GROUP and b_s.data_ptr() % 16 == 0 and (b_s.stride(0) * 4) % 16 == 0
 
 
-def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, cfg: dict[str, Any]) -> Plan:
+def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) -> Plan:
     """The launch of ``gemm_wgmma``'s kernel: one program per output tile, b K-major (a row-major b is copied per
     call, as on the TMA path)."""
     m, k = a.shape
@@ -268,10 +276,12 @@ def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, cfg: dict[str, Any]) -> Plan:
     kmajor, lead = _b_layout(b)
     if not kmajor:
         lead = k
+    if b_mode == B_BLOCK and 128 % cfg["BLOCK_N"]:
+        raise ValueError(f"128x128 weight blocks need BLOCK_N to divide 128, got {cfg['BLOCK_N']}")
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0), a_mode, bias is not None,
-            *gemm_wgmma.launch_args(cfg))
+    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0), a_mode, b_mode == B_BLOCK,
+            bias is not None, *gemm_wgmma.launch_args(cfg))
     return Plan(gemm_wgmma.fp8_group_gemm_wgmma_kernel, (tiles,), tail, cfg["num_warps"],
                 info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True))
 

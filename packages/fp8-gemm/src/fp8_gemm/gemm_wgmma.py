@@ -1,5 +1,5 @@
-"""The group-scaled FP8 GEMM for Hopper, written in Gluon: each 128-deep K block's partial product is scaled and
-added while the tensor cores already compute the next one.
+"""The group- and block-scaled FP8 GEMM for Hopper, written in Gluon: each 128-deep K block's partial product is
+scaled and added while the tensor cores already compute the next one.
 
 Group scales (one per output column and 128-deep K block: the default recipe's weights) change every 128 along K,
 so each K block's partial product must be scaled before it joins the fp32 accumulator (DeepSeek-V3's promotion).
@@ -13,7 +13,10 @@ the ring), so no per-thread address arithmetic or loads sit in the loop for them
 The scaling is the limit on Hopper. With 1x128 activation blocks each output element takes two FP32 operations per
 K block (row factor, column factor) against the tensor core's 256 FLOPs for it: an SM's 128 FP32 lanes then need as
 many cycles as its FP8 MMAs (8192 FLOP/clock), before the loop's other instructions (about 260 a K block a thread
-in all, sm_90 machine code). 128x128 weight blocks need one operation per element; the Triton kernel serves them.
+in all, sm_90 machine code). 128x128 weight blocks (``B_BLOCKS``: the FP8 checkpoints' 1x128 x 128x128 recipe) need
+one FMA an element: a tile of at most 128 columns lies in one column of weight blocks, so the block's scale joins
+the row factors (about 190 instructions a K block a thread). ``gemm`` sends block weights here only when asked
+(``path="wgmma"``) or with ``gemm.WGMMA_BLOCK_SCALES`` on.
 
 Numerics are those of the Triton kernel: a fresh tensor-core partial per 128-deep K block (FP8 products summed in
 the tensor core over 128 only), scaled in fp32 and added in fp32, K blocks in order. Gluon kernels do not run under
@@ -77,14 +80,16 @@ if gluon is not None:
 
     @gluon.jit
     def _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kb, k_end,
-                STAGES: gl.constexpr, NBYTES: gl.constexpr):
-        # K block kb (if below k_end; TMA zero-fills past K) into its ring slot: a, b and b's column scales
+                STAGES: gl.constexpr, NBYTES: gl.constexpr, B_BLOCKS: gl.constexpr):
+        # K block kb (if below k_end; TMA zero-fills past K) into its ring slot: a, b and (group scales) b's
+        # column scales
         slot = kb % STAGES
         pred = kb < k_end
         mbarrier.expect(bars.index(slot), NBYTES, pred=pred)
         tma.async_copy_global_to_shared(a_desc, [off_m, kb * 128], bars.index(slot), a_bufs.index(slot), pred=pred)
         tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], bars.index(slot), b_bufs.index(slot), pred=pred)
-        tma.async_copy_global_to_shared(s_desc, [kb, off_n], bars.index(slot), s_bufs.index(slot), pred=pred)
+        if not B_BLOCKS:
+            tma.async_copy_global_to_shared(s_desc, [kb, off_n], bars.index(slot), s_bufs.index(slot), pred=pred)
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, bars, kb, part, STAGES: gl.constexpr):
@@ -95,35 +100,50 @@ if gluon is not None:
                              is_async=True)
 
     @gluon.jit
-    def _row_factors(as_ptr, offs_m, kb, M, SA_M, SA_K, k_tiles, A_MODE: gl.constexpr, BLOCK_M: gl.constexpr):
-        # K block kb's row factors: 1x128 activation blocks (zero past the last block), else 1 (row and tensor
-        # scales wait for the epilogue)
+    def _row_factors(sa_rows, offs_m, kb, SA_K, k_tiles, A_MODE: gl.constexpr, BLOCK_M: gl.constexpr):
+        # K block kb's row factors: 1x128 activation blocks, else 1 (row and tensor scales wait for the epilogue).
+        # No masks: sa_rows clamps the rows to M (rows past it are zero-filled operands, never stored) and an odd
+        # block count's padding block (zero operands) takes the last block's scales, finite times zero.
         if A_MODE == 2:
-            sa = gl.load(as_ptr + offs_m * SA_M + kb * SA_K, mask=(offs_m < M) & (kb < k_tiles), other=0.0)
+            sa = gl.load(sa_rows + gl.minimum(kb, k_tiles - 1) * SA_K)
         else:
             sa = gl.full([BLOCK_M], 1.0, gl.float32, layout=offs_m.type.layout)
         return sa
 
     @gluon.jit
-    def _promote(acc, part, s_bufs, as_ptr, offs_m, kb, M, SA_M, SA_K, k_tiles, STAGES: gl.constexpr,
-                 A_MODE: gl.constexpr, BLOCK_M: gl.constexpr, mma: gl.constexpr):
-        # acc += K block kb's partial product times its row and column factors (the columns' from the ring)
-        sb = s_bufs.index(kb % STAGES).load(mma)  # [1, BLOCK_N], broadcast over the rows
-        sa = _row_factors(as_ptr, offs_m, kb, M, SA_M, SA_K, k_tiles, A_MODE, BLOCK_M)
-        return acc + part * sa[:, None] * sb
+    def _promote(acc, part, s_bufs, sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs,
+                 STAGES: gl.constexpr, A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, BLOCK_M: gl.constexpr,
+                 mma: gl.constexpr, FIRST: gl.constexpr = False):
+        # acc += K block kb's partial product times its row and column factors (FIRST: acc starts from it). Group
+        # scales: the columns' from the ring, two operations an element. 128x128 weight blocks: the tile lies in one
+        # column of blocks, so the block's scale joins the row factors and each element takes one FMA.
+        sa = _row_factors(sa_rows, offs_m, kb, SA_K, k_tiles, A_MODE, BLOCK_M)
+        if B_BLOCKS:
+            f = (sa * gl.load(bs_col_ptr + gl.minimum(kb, k_tiles - 1) * stride_bs))[:, None]
+            if FIRST:
+                return part * f
+            else:
+                return gl.fma(part, f, acc)
+        else:
+            sb = s_bufs.index(kb % STAGES).load(mma)  # [1, BLOCK_N], broadcast over the rows
+            if FIRST:
+                return part * sa[:, None] * sb
+            else:
+                return acc + part * sa[:, None] * sb
 
     @gluon.jit
     def fp8_group_gemm_wgmma_kernel(
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
         M, N, K, stride_am, stride_bn, stride_cm, SA_M, SA_K, stride_bs,
-        A_MODE: gl.constexpr, HAS_BIAS: gl.constexpr,
+        A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
         WARPS_M: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``c = a @ b.T`` for E4M3 ``a [M, K]`` and K-major ``b [N, K]`` with group scales ``bs
-        [ceil(K / 128), N]`` (row stride ``stride_bs``), one ``[BLOCK_M, BLOCK_N]`` tile a program (grouped
-        order), a ``STAGES``-deep TMA ring of 128-deep K blocks (a, b and the block's row of b scales).
-        ``A_MODE`` 0 tensor, 1 row, 2 1x128 blocks (``gemm_kernels``' numbering).
+        [ceil(K / 128), N]`` or (``B_BLOCKS``) 128x128 block scales ``bs [ceil(K / 128), ceil(N / 128)]`` (row
+        stride ``stride_bs``; blocks need ``BLOCK_N`` to divide 128), one ``[BLOCK_M, BLOCK_N]`` tile a program
+        (grouped order), a ``STAGES``-deep TMA ring of 128-deep K blocks (a, b and, for groups, the block's row of
+        b scales). ``A_MODE`` 0 tensor, 1 row, 2 1x128 blocks (``gemm_kernels``' numbering).
 
         K blocks go two at a time, into two partial tiles in turn: the MMA of one writes over the tile whose
         product was scaled in the previous half step, so no register copy feeds it (one loop-carried partial
@@ -138,7 +158,10 @@ if gluon is not None:
         k_tiles = gl.cdiv(K, 128)
         a_desc = tma.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, 128], ab_layout)
         b_desc = tma.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, 128], ab_layout)
-        s_desc = tma.make_tensor_descriptor(bs_ptr, [k_tiles, N], [stride_bs, 1], [1, BLOCK_N], s_layout)
+        if B_BLOCKS:  # a block scale is one scalar a tile and K block, loaded where it is used
+            s_desc = a_desc
+        else:
+            s_desc = tma.make_tensor_descriptor(bs_ptr, [k_tiles, N], [stride_bs, 1], [1, BLOCK_N], s_layout)
         c_desc = tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N], c_layout)
 
         # grouped order: GROUP_M row tiles share their B column tiles while they are hot in L2
@@ -153,7 +176,8 @@ if gluon is not None:
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        sa_rows = as_ptr + gl.minimum(offs_m, M - 1) * SA_M  # 1x128 activation blocks: each row's scales
+        bs_col_ptr = bs_ptr + off_n // 128  # 128x128 weight blocks: the tile's column of block scales
 
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
         b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], ab_layout)
@@ -162,11 +186,11 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         k_pairs = (k_tiles + 1) // 2 * 2  # an odd count's last block: TMA's zero fill (operands and column scales)
-        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4
+        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
         for i in gl.static_range(STAGES):  # the whole ring; a slot takes block + STAGES once its block is scaled
-            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_pairs, STAGES, nbytes)
+            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_pairs, STAGES, nbytes,
+                    B_BLOCKS)
 
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
         part0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
         part1 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
         # The first pair, peeled (its first half has no previous block to scale). Inside the loop, a conditional
@@ -175,8 +199,10 @@ if gluon is not None:
         token = _issue(a_bufs, b_bufs, bars, 0, part0, STAGES)
         part0 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(0), b_bufs.index(0)))[0]
         token = _issue(a_bufs, b_bufs, bars, 1, part1, STAGES)
-        acc = _promote(acc, part0, s_bufs, as_ptr, offs_m, 0, M, SA_M, SA_K, k_tiles, STAGES, A_MODE, BLOCK_M, mma)
-        _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, STAGES, k_pairs, STAGES, nbytes)
+        acc = _promote(part0, part0, s_bufs, sa_rows, bs_col_ptr, offs_m, 0, SA_K, k_tiles,
+                       stride_bs, STAGES, A_MODE, B_BLOCKS, BLOCK_M, mma, FIRST=True)
+        _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, STAGES, k_pairs, STAGES, nbytes,
+                B_BLOCKS)
         part1 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(1 % STAGES),
                                                             b_bufs.index(1 % STAGES)))[0]
         for kp in range(2, k_pairs, 2):
@@ -184,21 +210,21 @@ if gluon is not None:
             # slot (its MMA and scale reads done) takes block kp - 1 + STAGES
             s0 = kp % STAGES
             token = _issue(a_bufs, b_bufs, bars, kp, part0, STAGES)
-            acc = _promote(acc, part1, s_bufs, as_ptr, offs_m, kp - 1, M, SA_M, SA_K, k_tiles, STAGES, A_MODE,
-                           BLOCK_M, mma)
+            acc = _promote(acc, part1, s_bufs, sa_rows, bs_col_ptr, offs_m, kp - 1, SA_K, k_tiles,
+                           stride_bs, STAGES, A_MODE, B_BLOCKS, BLOCK_M, mma)
             _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kp - 1 + STAGES, k_pairs,
-                    STAGES, nbytes)
+                    STAGES, nbytes, B_BLOCKS)
             part0 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(s0), b_bufs.index(s0)))[0]
             # odd block kp + 1 into part1 while block kp (part0) is scaled
             s1 = (kp + 1) % STAGES
             token = _issue(a_bufs, b_bufs, bars, kp + 1, part1, STAGES)
-            acc = _promote(acc, part0, s_bufs, as_ptr, offs_m, kp, M, SA_M, SA_K, k_tiles, STAGES, A_MODE, BLOCK_M,
-                           mma)
+            acc = _promote(acc, part0, s_bufs, sa_rows, bs_col_ptr, offs_m, kp, SA_K, k_tiles,
+                           stride_bs, STAGES, A_MODE, B_BLOCKS, BLOCK_M, mma)
             _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kp + STAGES, k_pairs,
-                    STAGES, nbytes)
+                    STAGES, nbytes, B_BLOCKS)
             part1 = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(s1), b_bufs.index(s1)))[0]
-        acc = _promote(acc, part1, s_bufs, as_ptr, offs_m, k_pairs - 1, M, SA_M, SA_K, k_tiles, STAGES, A_MODE,
-                       BLOCK_M, mma)
+        acc = _promote(acc, part1, s_bufs, sa_rows, bs_col_ptr, offs_m, k_pairs - 1, SA_K, k_tiles,
+                       stride_bs, STAGES, A_MODE, B_BLOCKS, BLOCK_M, mma)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -207,7 +233,12 @@ if gluon is not None:
         elif A_MODE == 1:
             acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         if HAS_BIAS:
-            acc = acc + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+            # one column a thread, then to the accumulator's layout: the MMA layout's own load needs an address
+            # per column a thread holds, which pushed the loop's registers into spills (block weights)
+            cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+            offs_b = off_n + gl.arange(0, BLOCK_N, layout=cols)
+            bias = gl.load(bias_ptr + offs_b, mask=offs_b < N, other=0.0).to(gl.float32)
+            acc = acc + gl.convert_layout(bias, gl.SliceLayout(0, mma))[None, :]
         c_smem = gl.allocate_shared_memory(c_dtype, [BLOCK_M, BLOCK_N], c_layout)
         c_smem.store(acc.to(c_dtype))
         fence_async_shared()
