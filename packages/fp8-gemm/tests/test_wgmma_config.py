@@ -30,9 +30,9 @@ def test_warp_grid_and_instruction_width(block_m, block_n, warps, grid, n):
 
 def test_launch_args_follow_the_config():
     cfg = gemm_wgmma.default_config()
-    assert gemm_wgmma.launch_args(cfg) == (64, 128, cfg["GROUP_M"], cfg["STAGES"], 4, 128)
-    big = {**cfg, "BLOCK_M": 128, "num_warps": 8}
-    assert gemm_wgmma.launch_args(big)[4:] == (8, 128)
+    assert gemm_wgmma.launch_args(cfg) == (128, 128, cfg["GROUP_M"], cfg["STAGES"], 8, 128)
+    small = {**cfg, "BLOCK_M": 64, "num_warps": 4}
+    assert gemm_wgmma.launch_args(small)[4:] == (4, 128)
 
 
 def test_one_stage_is_refused():
@@ -63,6 +63,7 @@ def test_which_weight_scales_the_gluon_kernel_takes(monkeypatch):
     assert gemm._wgmma_takes(gemm.A_ROW, gemm.B_BLOCK, out, blocks, explicit=True)
     assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks.t(), explicit=True)  # strided columns
     assert not gemm._wgmma_takes(gemm.A_ROW, gemm.B_CHANNEL, out, torch.ones(256), explicit=True)
+    assert not gemm._wgmma_takes(gemm.A_TENSOR, gemm.B_TENSOR, out, torch.tensor(1.0), explicit=True)
     assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out.to(torch.float8_e4m3fn), blocks, explicit=True)
     monkeypatch.setattr(gemm, "WGMMA_BLOCK_SCALES", True)
     assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks)

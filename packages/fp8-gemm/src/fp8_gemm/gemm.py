@@ -46,9 +46,11 @@ DECODE_MAX_M = 64
 # activation to find its row maxima, so the GPU time grows with M * K: at this size it matches the two launches'
 # (H100, M = 1 at K = 4096 and 11264, M = 4 at K = 4096); larger ones quantize in their own launch (docs/fp8-gemm.md).
 FUSED_ROW_QUANT_MAX = 16384
-# 128x128 weight blocks on the Gluon kernel by default (Hopper, M > 64): its one-FMA-an-element scaling, against the
-# Triton TMA kernel's scaling between its MMAs. False until measured faster (benchmarks/dev/w8a8_prefill.py).
-WGMMA_BLOCK_SCALES = False
+# 128x128 weight blocks go to the Gluon kernel (Hopper, M > 64): one FMA an element, overlapping the next K block's
+# MMA, against the Triton TMA kernel's scaling between its MMAs. H100, Llama-3-8B's projections at 2048 rows
+# (session 48, benchmarks/dev/w8a8_prefill.py): 1.04-1.26x the Triton kernel's speed; the FP8 checkpoint's 2k prefill
+# 52.96 -> 49.02 ms. False sends them back to the Triton kernel.
+WGMMA_BLOCK_SCALES = True
 # Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
 _INTERP = is_interpreter()
 
@@ -260,7 +262,7 @@ def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor, b_s: torch.Tensor,
     blocks) with a 16- or 32-bit output, when TMA can read the scales' rows (unit column stride, 16-byte aligned
     rows). 128x128 weight blocks run on it when asked for (``path="wgmma"``, :data:`WGMMA_BLOCK_SCALES` routes
     them there by default)."""
-    if not (gemm_wgmma.AVAILABLE and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
+    if not (gemm_wgmma.AVAILABLE and b_mode in (B_BLOCK, B_GROUP) and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
             and out.dtype in (torch.bfloat16, torch.float16, torch.float32) and b_s.stride(-1) == 1):
         return False
     if b_mode == B_BLOCK:

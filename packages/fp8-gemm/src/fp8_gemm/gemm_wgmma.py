@@ -250,11 +250,13 @@ else:  # pragma: no cover
 
 
 def default_config() -> dict:
-    """64 x 128 tiles, one warp group, a 4-deep ring (about 100 KB of shared memory with the output tile): two
-    programs share an SM, so one's scaling also overlaps the other's MMAs. On the H200 (Llama-3-8B's projections at
-    2048 rows, group scales) it was 1-3 % faster than 128 x 128 tiles with 8 warps on q/k/v, o and gate and 5 %
-    slower on down; 6 stages (one program an SM) took 1.3-1.4x as long."""
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4}
+    """128 x 128 tiles on two warp groups, a 4-deep ring (one program an SM), for group and 128x128 block weights.
+    On the H100 (session 48, Llama-3-8B's projections at 2048 rows, ``benchmarks/dev/w8a8_prefill.py``) it beat
+    64 x 128 tiles on one warp group (two programs an SM) on every projection: group weights 1.03-1.22x as fast,
+    block weights 1.10-1.21x; those smaller tiles read 1.5x the operand bytes from L2 for the same product, and the
+    kernel is L2-bound with them (``ncu``: L2 throughput 72-81 %, issue slots 24-33 % busy). The H200's shipped
+    entries (session 20, group weights) keep 64 x 128 where they measured it faster."""
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 8}
 
 
 def launch_args(cfg: dict) -> tuple:
