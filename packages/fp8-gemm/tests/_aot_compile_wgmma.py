@@ -33,6 +33,9 @@ VARIANTS = [
     ("block weights, 1x128 activations, bf16 out", 2, True, "*bf16", False, 64, 128, 4, 4),
     ("block weights, 1x128 activations, 128 x 128, 8 warps, bias", 2, True, "*bf16", True, 128, 128, 4, 8),
     ("block weights, per-row activations, fp32 out", 1, True, "*fp32", False, 64, 128, 4, 4),
+    ("256 x 128 tiles, block weights, 1x128 activations, bf16 out", 2, True, "*bf16", False, 256, 128, 4, 8),
+    ("256 x 128 tiles, group weights, 1x128 activations, bias", 2, False, "*bf16", True, 256, 128, 4, 8),
+    ("256 x 128 tiles, block weights, per-row activations, fp32 out, bias", 1, True, "*fp32", True, 256, 128, 4, 8),
 ]
 
 
@@ -44,10 +47,12 @@ def main() -> int:
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out, "as_ptr": "*fp32", "bs_ptr": "*fp32",
                  "bias_ptr": "*bf16", **dict.fromkeys(INTS, "i32")}
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "STAGES": stages, "num_warps": warps}
-        bm_, bn_, group_m, stages_, warps_m, instr_n = W.launch_args(cfg)
-        consts = dict(A_MODE=a_mode, B_BLOCKS=b_blocks, HAS_BIAS=bias, BLOCK_M=bm_, BLOCK_N=bn_, GROUP_M=group_m,
-                      STAGES=stages_, WARPS_M=warps_m, INSTR_N=instr_n, num_warps=warps)
-        ok &= compile_sm90(W.fp8_group_gemm_wgmma_kernel, types, consts, name, warps, stages, no_spills=True,
+        consts = dict(A_MODE=a_mode, B_BLOCKS=b_blocks, HAS_BIAS=bias, num_warps=warps)
+        if bm == W.TALL_BLOCK_M:
+            consts.update(zip(("GROUP_M", "STAGES"), W.launch_args(cfg)))
+        else:
+            consts.update(zip(("BLOCK_M", "BLOCK_N", "GROUP_M", "STAGES", "WARPS_M", "INSTR_N"), W.launch_args(cfg)))
+        ok &= compile_sm90(W.kernel_for(cfg), types, consts, name, warps, stages, no_spills=True,
                            no_injected_waits=True)
     return 0 if ok else 1
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 from fp8_gemm import gemm, gemm_wgmma
+from fp8_gemm import gemm_configs as cfgs
 from triton_ops_core.device import is_interpreter
 from triton_ops_core.testing import device_for_tests
 
@@ -33,6 +34,18 @@ def test_launch_args_follow_the_config():
     assert gemm_wgmma.launch_args(cfg) == (128, 128, cfg["GROUP_M"], cfg["STAGES"], 8, 128)
     small = {**cfg, "BLOCK_M": 64, "num_warps": 4}
     assert gemm_wgmma.launch_args(small)[4:] == (4, 128)
+
+
+def test_tall_tiles_take_their_own_kernel():
+    tall = {"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": 16, "STAGES": 4, "num_warps": 8}
+    assert gemm_wgmma.launch_args(tall) == (16, 4)
+    assert gemm_wgmma.kernel_for(tall) is gemm_wgmma.fp8_scaled_gemm_wgmma_tall_kernel
+    assert gemm_wgmma.kernel_for(gemm_wgmma.default_config()) is gemm_wgmma.fp8_group_gemm_wgmma_kernel
+    for bad in ({"BLOCK_N": 64}, {"num_warps": 4}):
+        with pytest.raises(ValueError, match="256 x 128"):
+            gemm_wgmma.launch_args({**tall, **bad})
+    space = cfgs.FP8_GEMM_WGMMA_CONFIGS.configs()
+    assert tall in space and {**tall, "STAGES": 5} not in space  # five stages overflow shared memory
 
 
 def test_one_stage_is_refused():
@@ -84,14 +97,12 @@ def test_environment_switch_turns_the_gluon_kernel_off(setting, expected):
 
 
 def test_config_space_holds_the_default_and_only_tiles_that_fit():
-    from fp8_gemm import gemm_configs as cfgs
-
     space = cfgs.FP8_GEMM_WGMMA_CONFIGS.configs()
     assert gemm_wgmma.default_config() in space
-    for cfg in space:  # a warp group per 64 rows, a ring of at least two slots, within Hopper's shared memory
-        assert cfg["num_warps"] * 16 == cfg["BLOCK_M"] and cfg["STAGES"] >= 2
+    for cfg in space:  # a warp group per 64 rows (two for 256-row tiles), a ring of at least two slots
+        assert cfg["num_warps"] == min(cfg["BLOCK_M"] // 16, 8) and cfg["STAGES"] >= 2
         gemm_wgmma.launch_args(cfg)
-    assert {c["BLOCK_M"] for c in space} == {64, 128}
+    assert {c["BLOCK_M"] for c in space} == {64, 128, 256}
 
 
 def test_selection_falls_back_to_the_default_config():

@@ -66,9 +66,10 @@ _DECODE_PARAMS = {
     "num_stages": [2, 3, 4, 5],
 }
 
-# The Gluon kernel for group scales (gemm_wgmma): 64-row tiles on one warp group, 128-row tiles on two
+# The Gluon kernels for group and block scales (gemm_wgmma): 64-row tiles on one warp group, 128-row tiles on two,
+# 256 x 128 tiles (the tall kernel) on two
 _WGMMA_PARAMS = {
-    "BLOCK_M": [64, 128],
+    "BLOCK_M": [64, 128, 256],
     "BLOCK_N": [128],
     "GROUP_M": [8, 16],
     "STAGES": [3, 4, 5],
@@ -77,11 +78,14 @@ _WGMMA_PARAMS = {
 
 
 def _wgmma_fits(cfg: dict[str, Any], problem: Any) -> bool:
-    # each warp group owns 64 rows (three fp32 tiles of 64 x 128 a warp group fit its registers, 128 rows do not);
-    # the ring (a, b, a row of column scales) and a 32-bit output tile in shared memory
+    # each warp group owns 64 rows (three fp32 tiles of 64 x 128 a warp group fit its registers, 128 rows do not;
+    # the tall kernel's two warp groups hold 256 x 128 as four 128 x 64 sub-tiles and two partials); the ring (a,
+    # b, a row of column scales) and a 32-bit output tile (the tall kernel's: one 128 x 64 sub-tile) in shared memory
+    tall = cfg["BLOCK_M"] == 256
     ring = cfg["STAGES"] * ((cfg["BLOCK_M"] + cfg["BLOCK_N"]) * 128 + cfg["BLOCK_N"] * 4)
-    return (cfg["num_warps"] == cfg["BLOCK_M"] // 16 and cfg["STAGES"] >= 2
-            and ring + cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4 <= _SMEM_BYTES)
+    out_tile = 128 * 64 * 4 if tall else cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4
+    warps_ok = cfg["num_warps"] == 8 if tall else cfg["num_warps"] == cfg["BLOCK_M"] // 16
+    return warps_ok and cfg["STAGES"] >= 2 and ring + out_tile <= _SMEM_BYTES
 
 
 FP8_GEMM_CONFIGS = ConfigSpace(_TMA_PARAMS, constraints=[_tma_fits])

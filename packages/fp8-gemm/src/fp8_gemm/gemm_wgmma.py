@@ -245,8 +245,178 @@ if gluon is not None:
         tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
         tma.store_wait(pendings=0)
 
+    @gluon.jit
+    def _tall_factors(sa_rows, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, H: gl.constexpr,
+                      STAGES: gl.constexpr, A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, SUB_M: gl.constexpr,
+                      SUB_N: gl.constexpr, sub: gl.constexpr):
+        # K block kb's factors of one [SUB_M, SUB_N] sub-tile: [SUB_M, 1] (block weights: the row factors times
+        # the block's scale) or [SUB_M, SUB_N] (group weights: times column half H's scales from the ring)
+        if A_MODE == 2:
+            sa = gl.load(sa_rows + gl.minimum(kb, k_tiles - 1) * SA_K)
+        else:
+            sa = gl.full([SUB_M], 1.0, gl.float32, layout=gl.SliceLayout(1, sub))
+        if B_BLOCKS:
+            return (sa * gl.load(bs_col_ptr + gl.minimum(kb, k_tiles - 1) * stride_bs))[:, None]
+        else:
+            sb = s_bufs.index(kb % STAGES).slice(H * SUB_N, SUB_N, dim=1).load(sub)  # [1, SUB_N]
+            return sa[:, None] * sb
+
+    @gluon.jit
+    def _tall_issue(a_bufs, b_bufs, kb, part, S: gl.constexpr, H: gl.constexpr, STAGES: gl.constexpr,
+                    SUB_M: gl.constexpr, SUB_N: gl.constexpr):
+        # K block kb's MMA of sub-tile (row half S, column half H) into ``part`` (its old value is dead)
+        slot = kb % STAGES
+        a = a_bufs.index(slot).slice(S * SUB_M, SUB_M, dim=0)
+        b = b_bufs.index(slot).slice(H * SUB_N, SUB_N, dim=0)
+        return warpgroup_mma(a, b.permute((1, 0)), part, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _tall_wait(token, a_bufs, b_bufs, kb, STAGES: gl.constexpr):
+        slot = kb % STAGES
+        return warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(slot), b_bufs.index(slot)))[0]
+
+    @gluon.jit
+    def _tall_store(acc, c_desc, c_smem, as_ptr, bias_ptr, off_m, off_n, M, N, S: gl.constexpr, H: gl.constexpr,
+                    A_MODE: gl.constexpr, HAS_BIAS: gl.constexpr, SUB_M: gl.constexpr, SUB_N: gl.constexpr,
+                    num_warps: gl.constexpr, sub: gl.constexpr):
+        # one sub-tile's epilogue: per-tensor or per-row activation scales, the bias, then a TMA store through
+        # the one staging buffer (the previous sub-tile's store drained first)
+        row0 = off_m + S * SUB_M
+        col0 = off_n + H * SUB_N
+        if A_MODE == 0:
+            acc = acc * gl.load(as_ptr)
+        elif A_MODE == 1:
+            offs_m = row0 + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, sub))
+            acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if HAS_BIAS:
+            cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+            offs_b = col0 + gl.arange(0, SUB_N, layout=cols)
+            bias = gl.load(bias_ptr + offs_b, mask=offs_b < N, other=0.0).to(gl.float32)
+            acc = acc + gl.convert_layout(bias, gl.SliceLayout(0, sub))[None, :]
+        tma.store_wait(pendings=0)
+        c_smem.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [row0, col0], c_smem)
+
+    @gluon.jit
+    def fp8_scaled_gemm_wgmma_tall_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
+        M, N, K, stride_am, stride_bn, stride_cm, SA_M, SA_K, stride_bs,
+        A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """``fp8_group_gemm_wgmma_kernel``'s product (same arguments and numerics) on 256 x 128 tiles: half the
+        operand bytes from L2 of its 128 x 128 tiles for the same product (those tiles are L2-bound).
+
+        Two warp groups hold the 256 x 128 accumulator as four 128 x 64 sub-tiles; each K block runs four sub-tile
+        MMAs (row half S, column half H), each into one of two 128 x 64 partials in turn while the previous
+        sub-tile's partial is scaled into its accumulator. Registers: four accumulator and two partial sub-tiles,
+        as many as the 128 x 128 kernel's one accumulator and two partials."""
+        BLOCK_M: gl.constexpr = 256
+        BLOCK_N: gl.constexpr = 128
+        SUB_M: gl.constexpr = 128
+        SUB_N: gl.constexpr = 64
+        sub: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, SUB_N, 32])
+        ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        c_dtype: gl.constexpr = c_ptr.dtype.element_ty
+        c_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                      element_bitwidth=c_dtype.primitive_bitwidth, rank=2)
+        k_tiles = gl.cdiv(K, 128)
+        a_desc = tma.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, 128], ab_layout)
+        b_desc = tma.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, 128], ab_layout)
+        if B_BLOCKS:
+            s_desc = a_desc
+        else:
+            s_desc = tma.make_tensor_descriptor(bs_ptr, [k_tiles, N], [stride_bs, 1], [1, BLOCK_N], s_layout)
+        c_desc = tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [SUB_M, SUB_N], c_layout)
+
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        pid = gl.program_id(0)
+        group_size = GROUP_M * num_pid_n
+        first_m = (pid // group_size) * GROUP_M
+        rows = gl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group_size) % rows
+        pid_n = (pid % group_size) // rows
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows0 = off_m + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, sub))
+        sa_rows0 = as_ptr + gl.minimum(rows0, M - 1) * SA_M
+        sa_rows1 = as_ptr + gl.minimum(rows0 + SUB_M, M - 1) * SA_M
+        bs_col_ptr = bs_ptr + off_n // 128
+
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], ab_layout)
+        s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], s_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
+        for i in gl.static_range(STAGES):
+            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_tiles, STAGES, nbytes,
+                    B_BLOCKS)
+
+        part0 = gl.zeros([SUB_M, SUB_N], gl.float32, layout=sub)
+        part1 = gl.zeros([SUB_M, SUB_N], gl.float32, layout=sub)
+        acc11 = gl.zeros([SUB_M, SUB_N], gl.float32, layout=sub)
+        # K block 0, peeled: its first three sub-tiles start their accumulators
+        mbarrier.wait(bars.index(0), 0)
+        token = _tall_issue(a_bufs, b_bufs, 0, part0, 0, 0, STAGES, SUB_M, SUB_N)
+        part0 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
+        token = _tall_issue(a_bufs, b_bufs, 0, part1, 0, 1, STAGES, SUB_M, SUB_N)
+        acc00 = part0 * _tall_factors(sa_rows0, bs_col_ptr, s_bufs, 0, SA_K, k_tiles, stride_bs, 0, STAGES, A_MODE,
+                                      B_BLOCKS, SUB_M, SUB_N, sub)
+        part1 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
+        token = _tall_issue(a_bufs, b_bufs, 0, part0, 1, 0, STAGES, SUB_M, SUB_N)
+        acc01 = part1 * _tall_factors(sa_rows0, bs_col_ptr, s_bufs, 0, SA_K, k_tiles, stride_bs, 1, STAGES, A_MODE,
+                                      B_BLOCKS, SUB_M, SUB_N, sub)
+        part0 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
+        token = _tall_issue(a_bufs, b_bufs, 0, part1, 1, 1, STAGES, SUB_M, SUB_N)
+        acc10 = part0 * _tall_factors(sa_rows1, bs_col_ptr, s_bufs, 0, SA_K, k_tiles, stride_bs, 0, STAGES, A_MODE,
+                                      B_BLOCKS, SUB_M, SUB_N, sub)
+        part1 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
+        for kb in range(1, k_tiles):
+            # sub-tile (0, 0) of block kb while block kb - 1's last partial is scaled; then block kb - 1's slot (its
+            # MMAs and scale reads done) takes block kb - 1 + STAGES
+            mbarrier.wait(bars.index(kb % STAGES), (kb // STAGES) & 1)
+            token = _tall_issue(a_bufs, b_bufs, kb, part0, 0, 0, STAGES, SUB_M, SUB_N)
+            acc11 = gl.fma(part1, _tall_factors(sa_rows1, bs_col_ptr, s_bufs, kb - 1, SA_K, k_tiles, stride_bs, 1,
+                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc11)
+            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kb - 1 + STAGES, k_tiles,
+                    STAGES, nbytes, B_BLOCKS)
+            part0 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
+            token = _tall_issue(a_bufs, b_bufs, kb, part1, 0, 1, STAGES, SUB_M, SUB_N)
+            acc00 = gl.fma(part0, _tall_factors(sa_rows0, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 0,
+                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc00)
+            part1 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
+            token = _tall_issue(a_bufs, b_bufs, kb, part0, 1, 0, STAGES, SUB_M, SUB_N)
+            acc01 = gl.fma(part1, _tall_factors(sa_rows0, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 1,
+                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc01)
+            part0 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
+            token = _tall_issue(a_bufs, b_bufs, kb, part1, 1, 1, STAGES, SUB_M, SUB_N)
+            acc10 = gl.fma(part0, _tall_factors(sa_rows1, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 0,
+                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc10)
+            part1 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
+        acc11 = gl.fma(part1, _tall_factors(sa_rows1, bs_col_ptr, s_bufs, k_tiles - 1, SA_K, k_tiles, stride_bs, 1,
+                                            STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc11)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        c_smem = gl.allocate_shared_memory(c_dtype, [SUB_M, SUB_N], c_layout)
+        _tall_store(acc00, c_desc, c_smem, as_ptr, bias_ptr, off_m, off_n, M, N, 0, 0, A_MODE, HAS_BIAS, SUB_M, SUB_N,
+                    num_warps, sub)
+        _tall_store(acc01, c_desc, c_smem, as_ptr, bias_ptr, off_m, off_n, M, N, 0, 1, A_MODE, HAS_BIAS, SUB_M, SUB_N,
+                    num_warps, sub)
+        _tall_store(acc10, c_desc, c_smem, as_ptr, bias_ptr, off_m, off_n, M, N, 1, 0, A_MODE, HAS_BIAS, SUB_M, SUB_N,
+                    num_warps, sub)
+        _tall_store(acc11, c_desc, c_smem, as_ptr, bias_ptr, off_m, off_n, M, N, 1, 1, A_MODE, HAS_BIAS, SUB_M, SUB_N,
+                    num_warps, sub)
+        tma.store_wait(pendings=0)
+
 else:  # pragma: no cover
-    fp8_group_gemm_wgmma_kernel = None
+    fp8_group_gemm_wgmma_kernel = fp8_scaled_gemm_wgmma_tall_kernel = None
 
 
 def default_config() -> dict:
@@ -259,12 +429,26 @@ def default_config() -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 8}
 
 
+TALL_BLOCK_M = 256  # a config with this many rows takes the 256 x 128 tile kernel (8 warps)
+
+
+def kernel_for(cfg: dict):
+    """The kernel a config launches: ``fp8_scaled_gemm_wgmma_tall_kernel`` for 256-row tiles, else
+    ``fp8_group_gemm_wgmma_kernel``."""
+    return fp8_scaled_gemm_wgmma_tall_kernel if cfg["BLOCK_M"] == TALL_BLOCK_M else fp8_group_gemm_wgmma_kernel
+
+
 def launch_args(cfg: dict) -> tuple:
     """The kernel's trailing constexprs of a config, in signature order (after ``HAS_BIAS``)."""
     bm, bn, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
     if cfg["STAGES"] < 2:  # the loop waits for block kp + 1 before refilling: one slot would never be loaded
         raise ValueError(f"STAGES: expected at least 2, got {cfg['STAGES']}")
+    if bm == TALL_BLOCK_M:
+        if bn != 128 or warps != 8:
+            raise ValueError(f"256-row tiles are 256 x 128 on 8 warps, got {bm} x {bn} on {warps}")
+        return cfg["GROUP_M"], cfg["STAGES"]
     return bm, bn, cfg["GROUP_M"], cfg["STAGES"], warps_per_cta(bm, warps)[0], instr_n(bm, bn, warps)
 
 
-__all__ = ["AVAILABLE", "default_config", "fp8_group_gemm_wgmma_kernel", "instr_n", "launch_args", "warps_per_cta"]
+__all__ = ["AVAILABLE", "TALL_BLOCK_M", "default_config", "fp8_group_gemm_wgmma_kernel",
+           "fp8_scaled_gemm_wgmma_tall_kernel", "instr_n", "kernel_for", "launch_args", "warps_per_cta"]
