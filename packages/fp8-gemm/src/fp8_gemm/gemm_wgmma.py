@@ -92,6 +92,59 @@ if gluon is not None:
             tma.async_copy_global_to_shared(s_desc, [kb, off_n], bars.index(slot), s_bufs.index(slot), pred=pred)
 
     @gluon.jit
+    def _tile_origin(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        # this program's tile in grouped order: GROUP_M row tiles share their B column tiles while they are hot in L2
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        pid = gl.program_id(0)
+        group_size = GROUP_M * num_pid_n
+        first_m = (pid // group_size) * GROUP_M
+        rows = gl.minimum(num_pid_m - first_m, GROUP_M)
+        return (first_m + (pid % group_size) % rows) * BLOCK_M, (pid % group_size) // rows * BLOCK_N
+
+    @gluon.jit
+    def _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs, k_tiles,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, B_BLOCKS: gl.constexpr):
+        # TMA descriptors of a, b and (group scales) b's column scales; a block scale is one scalar a tile and K
+        # block, loaded where it is used (its descriptor slot holds a's, never read)
+        ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        a_desc = tma.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, 128], ab_layout)
+        b_desc = tma.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, 128], ab_layout)
+        if B_BLOCKS:
+            s_desc = a_desc
+        else:
+            s_desc = tma.make_tensor_descriptor(bs_ptr, [k_tiles, N], [stride_bs, 1], [1, BLOCK_N], s_layout)
+        return a_desc, b_desc, s_desc
+
+    @gluon.jit
+    def _alloc_ring(a_desc, b_desc, s_desc, off_m, off_n, k_end, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, B_BLOCKS: gl.constexpr):
+        # the STAGES-deep ring of K blocks (a, b, b's column scales) and its barriers, every slot's load started
+        ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], ab_layout)
+        s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], s_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
+        for i in gl.static_range(STAGES):
+            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_end, STAGES, nbytes,
+                    B_BLOCKS)
+        return a_bufs, b_bufs, s_bufs, bars
+
+    @gluon.jit
+    def _add_bias(acc, bias_ptr, col0, N, WIDTH: gl.constexpr, num_warps: gl.constexpr, layout: gl.constexpr):
+        # one column a thread, then to the accumulator's layout: the MMA layout's own load needs an address per
+        # column a thread holds, which pushed the loop's registers into spills (block weights)
+        cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        offs_b = col0 + gl.arange(0, WIDTH, layout=cols)
+        bias = gl.load(bias_ptr + offs_b, mask=offs_b < N, other=0.0).to(gl.float32)
+        return acc + gl.convert_layout(bias, gl.SliceLayout(0, layout))[None, :]
+
+    @gluon.jit
     def _issue(a_bufs, b_bufs, bars, kb, part, STAGES: gl.constexpr):
         # wait for K block kb's operands, then start its MMA into ``part``'s registers (their old value is dead)
         slot = kb % STAGES
@@ -150,46 +203,22 @@ if gluon is not None:
         cost 64 moves a K block)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, num_warps // WARPS_M],
                                                       instr_shape=[16, INSTR_N, 32])
-        ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-        s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         c_dtype: gl.constexpr = c_ptr.dtype.element_ty
         c_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
                                                       element_bitwidth=c_dtype.primitive_bitwidth, rank=2)
         k_tiles = gl.cdiv(K, 128)
-        a_desc = tma.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, 128], ab_layout)
-        b_desc = tma.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, 128], ab_layout)
-        if B_BLOCKS:  # a block scale is one scalar a tile and K block, loaded where it is used
-            s_desc = a_desc
-        else:
-            s_desc = tma.make_tensor_descriptor(bs_ptr, [k_tiles, N], [stride_bs, 1], [1, BLOCK_N], s_layout)
+        a_desc, b_desc, s_desc = _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs,
+                                                      k_tiles, BLOCK_M, BLOCK_N, B_BLOCKS)
         c_desc = tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N], c_layout)
-
-        # grouped order: GROUP_M row tiles share their B column tiles while they are hot in L2
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        pid = gl.program_id(0)
-        group_size = GROUP_M * num_pid_n
-        first_m = (pid // group_size) * GROUP_M
-        rows = gl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group_size) % rows
-        pid_n = (pid % group_size) // rows
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        off_m, off_n = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         sa_rows = as_ptr + gl.minimum(offs_m, M - 1) * SA_M  # 1x128 activation blocks: each row's scales
         bs_col_ptr = bs_ptr + off_n // 128  # 128x128 weight blocks: the tile's column of block scales
-
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], ab_layout)
-        s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], s_layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
         k_pairs = (k_tiles + 1) // 2 * 2  # an odd count's last block: TMA's zero fill (operands and column scales)
         nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
-        for i in gl.static_range(STAGES):  # the whole ring; a slot takes block + STAGES once its block is scaled
-            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_pairs, STAGES, nbytes,
-                    B_BLOCKS)
+        # the whole ring loading; a slot takes block + STAGES once its block is scaled
+        a_bufs, b_bufs, s_bufs, bars = _alloc_ring(a_desc, b_desc, s_desc, off_m, off_n, k_pairs, BLOCK_M, BLOCK_N,
+                                                   STAGES, B_BLOCKS)
 
         part0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
         part1 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
@@ -233,12 +262,7 @@ if gluon is not None:
         elif A_MODE == 1:
             acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         if HAS_BIAS:
-            # one column a thread, then to the accumulator's layout: the MMA layout's own load needs an address
-            # per column a thread holds, which pushed the loop's registers into spills (block weights)
-            cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-            offs_b = off_n + gl.arange(0, BLOCK_N, layout=cols)
-            bias = gl.load(bias_ptr + offs_b, mask=offs_b < N, other=0.0).to(gl.float32)
-            acc = acc + gl.convert_layout(bias, gl.SliceLayout(0, mma))[None, :]
+            acc = _add_bias(acc, bias_ptr, off_n, N, BLOCK_N, num_warps, mma)
         c_smem = gl.allocate_shared_memory(c_dtype, [BLOCK_M, BLOCK_N], c_layout)
         c_smem.store(acc.to(c_dtype))
         fence_async_shared()
@@ -289,10 +313,7 @@ if gluon is not None:
             offs_m = row0 + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, sub))
             acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         if HAS_BIAS:
-            cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-            offs_b = col0 + gl.arange(0, SUB_N, layout=cols)
-            bias = gl.load(bias_ptr + offs_b, mask=offs_b < N, other=0.0).to(gl.float32)
-            acc = acc + gl.convert_layout(bias, gl.SliceLayout(0, sub))[None, :]
+            acc = _add_bias(acc, bias_ptr, col0, N, SUB_N, num_warps, sub)
         tma.store_wait(pendings=0)
         c_smem.store(acc.to(c_desc.dtype))
         fence_async_shared()
@@ -318,45 +339,21 @@ if gluon is not None:
         SUB_N: gl.constexpr = 64
         sub: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, SUB_N, 32])
-        ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-        s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         c_dtype: gl.constexpr = c_ptr.dtype.element_ty
         c_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
                                                       element_bitwidth=c_dtype.primitive_bitwidth, rank=2)
         k_tiles = gl.cdiv(K, 128)
-        a_desc = tma.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, 128], ab_layout)
-        b_desc = tma.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, 128], ab_layout)
-        if B_BLOCKS:
-            s_desc = a_desc
-        else:
-            s_desc = tma.make_tensor_descriptor(bs_ptr, [k_tiles, N], [stride_bs, 1], [1, BLOCK_N], s_layout)
+        a_desc, b_desc, s_desc = _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs,
+                                                      k_tiles, BLOCK_M, BLOCK_N, B_BLOCKS)
         c_desc = tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [SUB_M, SUB_N], c_layout)
-
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        pid = gl.program_id(0)
-        group_size = GROUP_M * num_pid_n
-        first_m = (pid // group_size) * GROUP_M
-        rows = gl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group_size) % rows
-        pid_n = (pid % group_size) // rows
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        off_m, off_n = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows0 = off_m + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, sub))
         sa_rows0 = as_ptr + gl.minimum(rows0, M - 1) * SA_M
         sa_rows1 = as_ptr + gl.minimum(rows0 + SUB_M, M - 1) * SA_M
         bs_col_ptr = bs_ptr + off_n // 128
-
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], ab_layout)
-        s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], s_layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
         nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
-        for i in gl.static_range(STAGES):
-            _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, i, k_tiles, STAGES, nbytes,
-                    B_BLOCKS)
+        a_bufs, b_bufs, s_bufs, bars = _alloc_ring(a_desc, b_desc, s_desc, off_m, off_n, k_tiles, BLOCK_M, BLOCK_N,
+                                                   STAGES, B_BLOCKS)
 
         part0 = gl.zeros([SUB_M, SUB_N], gl.float32, layout=sub)
         part1 = gl.zeros([SUB_M, SUB_N], gl.float32, layout=sub)
