@@ -36,8 +36,7 @@ def wgmma_candidates() -> list[dict]:
     for stages in (3, 4, 5):
         for group_m in (8, 16):
             out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": group_m, "STAGES": stages, "num_warps": 8})
-    for stages in (4, 6):
-        out.append({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4})
+    out.append({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4})
     for stages in (3, 4):
         for group_m in (8, 16):
             out.append({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": group_m, "STAGES": stages, "num_warps": 8})
