@@ -493,13 +493,21 @@ def generate_ms_per_token(model, batch: int, prompt: int, new: int, static: bool
     return {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms, "first_call_s": first_s, "batch": batch}
 
 
+PREFILL_TOP_KERNELS = 12  # kernels listed in a prefill's breakdown
+
+
 @torch.inference_mode()
 def measure_prefill(model, tokens: int, compiled: bool = True) -> dict[str, Any]:
     """Wall time (CUDA events) of one ``tokens``-token prefill, batch 1, no cache, the last position's logits:
     eager, and with ``compiled`` through ``torch.compile(model)`` (Inductor's default mode: a prefill is GEMM-bound,
-    CUDA graphs would gain little; the targets compare with transformers compiled)."""
+    CUDA graphs would gain little; the targets compare with transformers compiled). The eager prefill is also
+    profiled once: its kernel time, launches and largest kernels (``top_kernels``)."""
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=model.device)
     out = {"tokens": tokens, "ms": _median_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))}
+    # where the eager prefill's GPU time goes: kernel time (host gaps excluded), launches, the largest kernels
+    gpu_us, kernels, top = profiled_gpu_us(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 1,
+                                           top=PREFILL_TOP_KERNELS)
+    out.update(gpu_ms=gpu_us / 1e3, kernels=kernels, top_kernels=top)
     if compiled:
         torch._dynamo.reset()
         fast = torch.compile(model)
@@ -748,6 +756,22 @@ def _kernel_breakdown(variant: dict[str, Any], top: int = 10) -> list[str]:
     return lines
 
 
+def _prefill_breakdown(variant: dict[str, Any]) -> list[str]:
+    """Where a variant's eager prefill spends its GPU time: its largest kernels (us, launches, share of the kernel
+    time)."""
+    pf = variant["prefill"]
+    if not pf.get("top_kernels"):
+        return []
+    total_us = pf["gpu_ms"] * 1e3
+    lines = ["", f"Where a {pf['tokens']}-token prefill's GPU time goes, {variant['variant']} (eager: "
+             f"{pf['gpu_ms']:.2f} ms of kernels in {pf['kernels']:.0f} launches; the largest):", "",
+             "| kernel | us | launches | share |", "| --- | --- | --- | --- |"]
+    for k in pf["top_kernels"]:
+        lines.append(f"| `{k['kernel'].replace('|', '/')}` | {k['us']:,.0f} | {k['launches']:.0f} | "
+                     f"{k['us'] / total_us:.1%} |")
+    return lines
+
+
 def _model_section(model: dict[str, Any]) -> list[str]:
     variants = model["variants"]
     base = {(p["batch"], p["context"]): p["gpu_us"] for p in variants[0]["decode"]} if variants else {}
@@ -793,6 +817,8 @@ def _model_section(model: dict[str, Any]) -> list[str]:
                      f"{v['weight_bytes'] / 1e9:.2f} GB |")
     for v in variants:
         lines += _kernel_breakdown(v)
+    for v in variants:
+        lines += _prefill_breakdown(v)
     errors = [f"- {v['variant']}: {e}" for v in variants for e in v["errors"]]
     if errors:
         lines += ["", "Failed parts:", "", *errors]

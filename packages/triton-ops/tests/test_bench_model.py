@@ -206,6 +206,11 @@ def test_report_renders_every_part_and_names_failures(bm):
     assert "| kernel | 1 x 8 | 8 x 8 |" in md
     assert "| `other` | - | 50 (1) |" in md and "| `k/1` | 12 (2) | 30 (4) |" in md
     assert md.index("`other`") < md.index("`k/1` | 12")  # the larger total first
+    assert "prefill's GPU time" not in md  # no profiled prefill, no breakdown
+    variant["prefill"].update(gpu_ms=1.6, kernels=40, top_kernels=[{"kernel": "gemm|x", "us": 800.0, "launches": 8}])
+    md = bm.render(report)
+    assert "16-token prefill's GPU time goes, transformers (eager: 1.60 ms of kernels in 40 launches" in md
+    assert "| `gemm/x` | 800 | 8 | 50.0% |" in md
 
 
 def test_decode_layer_marginal_layer_is_held_against_its_own_floor():
