@@ -4,6 +4,8 @@ kernel for group and block scales (``fp8_gemm.gemm_wgmma``) and its tiles, cuBLA
 
     python -m benchmarks.dev.w8a8_prefill                           # M = 2048, Llama-3-8B's projections
     python -m benchmarks.dev.w8a8_prefill --rows 2048,8192 --shapes qkv,down,sq4096
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        python -m benchmarks.dev.w8a8_prefill --shapes gate --kinds block --copies 1 --ncu
 
 Per case, in one run: cuBLAS bf16 ``mm`` and row-wise ``_scaled_mm``; ``fp8_gemm``'s per-channel call (per-row
 activations, the faithful default, the TMA kernel); then per scale kind (``group``: 1x128 activation blocks and
@@ -60,7 +62,7 @@ def _dequant_w(q, s, gran):
     return w * s.repeat_interleave(128, 0)[:k].repeat_interleave(128, 1)[:, :n]
 
 
-def run_case(name: str, m: int, copies: int, kinds: list[str]) -> list[dict]:
+def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False) -> list[dict]:
     from fp8_gemm import gemm, gemm_wgmma, quantize_fp8
 
     n, k = (SHAPES | EXTRA_SHAPES)[name]
@@ -71,6 +73,15 @@ def run_case(name: str, m: int, copies: int, kinds: list[str]) -> list[dict]:
     rows = []
 
     def record(label, fn, ref=None, kind=""):
+        if ncu:  # one call of each GEMM inside the profiler range, for `ncu --profile-from-start off`
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStart()
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+            print(f"  profiled {name} M={m} {label}", flush=True)
+            return
         try:
             fn()
             err = None
@@ -124,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="2048")
     p.add_argument("--kinds", default="group,block,row-group")
     p.add_argument("--copies", type=int, default=2)
+    p.add_argument("--ncu", action="store_true",
+                   help="time nothing: run each GEMM once inside cudaProfilerStart/Stop (under `ncu "
+                        "--profile-from-start off`; with --copies 1 each kernel is profiled once)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("w8a8_prefill needs a GPU")
@@ -132,7 +146,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for name in args.shapes.split(","):
         for m in (int(v) for v in args.rows.split(",")):
-            case = run_case(name, m, args.copies, args.kinds.split(","))
+            case = run_case(name, m, args.copies, args.kinds.split(","), args.ncu)
+            if args.ncu:
+                continue
             rows += case
             out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
             channel = next((r["us"] for r in case if r["kind"] == "channel"), None)
