@@ -42,6 +42,8 @@ def wgmma_candidates() -> list[dict]:
     for stages in (3, 4):
         for group_m in (8, 16):
             out.append({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": group_m, "STAGES": stages, "num_warps": 8})
+            out.append({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": group_m, "STAGES": stages, "num_warps": 8,
+                        "A_REGS": True})
     return out
 
 
@@ -121,6 +123,7 @@ def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False
             continue
         for cfg in wgmma_candidates():
             label = "{}: wgmma {BLOCK_M}x{BLOCK_N} w{num_warps} s{STAGES} g{GROUP_M}".format(kind, **cfg)
+            label += " a-regs" if cfg.get("A_REGS") else ""
             record(label, lambda: [gemm._launch(aq, b, o, as_, bs, None, a_mode, b_mode, False, "wgmma", cfg)
                                    for (b, bs), o in zip(wq, outs)], ref, kind)
         record(f"{kind}: public fp8_gemm",

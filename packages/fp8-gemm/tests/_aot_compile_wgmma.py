@@ -49,7 +49,7 @@ def main() -> int:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "STAGES": stages, "num_warps": warps}
         consts = dict(A_MODE=a_mode, B_BLOCKS=b_blocks, HAS_BIAS=bias, num_warps=warps)
         if bm == W.TALL_BLOCK_M:
-            consts.update(zip(("GROUP_M", "STAGES"), W.launch_args(cfg)))
+            consts.update(zip(("GROUP_M", "STAGES", "A_REGS"), W.launch_args(cfg)))
         else:
             consts.update(zip(("BLOCK_M", "BLOCK_N", "GROUP_M", "STAGES", "WARPS_M", "INSTR_N"), W.launch_args(cfg)))
         ok &= compile_sm90(W.kernel_for(cfg), types, consts, name, warps, stages, no_spills=True,

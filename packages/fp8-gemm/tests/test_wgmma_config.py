@@ -38,7 +38,9 @@ def test_launch_args_follow_the_config():
 
 def test_tall_tiles_take_their_own_kernel():
     tall = {"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": 16, "STAGES": 4, "num_warps": 8}
-    assert gemm_wgmma.launch_args(tall) == (16, 4)
+    assert gemm_wgmma.launch_args(tall) == (16, 4, False)
+    assert gemm_wgmma.launch_args({**tall, "A_REGS": True}) == (16, 4, True)  # a in registers: asked for only
+    assert all(not c.get("A_REGS") for c in cfgs.FP8_GEMM_WGMMA_CONFIGS.configs())
     assert gemm_wgmma.kernel_for(tall) is gemm_wgmma.fp8_scaled_gemm_wgmma_tall_kernel
     assert gemm_wgmma.kernel_for(gemm_wgmma.default_config()) is gemm_wgmma.fp8_group_gemm_wgmma_kernel
     for bad in ({"BLOCK_N": 64}, {"num_warps": 4}):

@@ -286,16 +286,26 @@ if gluon is not None:
             return sa[:, None] * sb
 
     @gluon.jit
-    def _tall_issue(a_bufs, b_bufs, kb, part, S: gl.constexpr, H: gl.constexpr, STAGES: gl.constexpr,
-                    SUB_M: gl.constexpr, SUB_N: gl.constexpr):
-        # K block kb's MMA of sub-tile (row half S, column half H) into ``part`` (its old value is dead)
-        slot = kb % STAGES
-        a = a_bufs.index(slot).slice(S * SUB_M, SUB_M, dim=0)
-        b = b_bufs.index(slot).slice(H * SUB_N, SUB_N, dim=0)
+    def _tall_a(a_bufs, kb, S: gl.constexpr, STAGES: gl.constexpr, SUB_M: gl.constexpr, A_REGS: gl.constexpr,
+                sub: gl.constexpr):
+        # row half S of K block kb's a tile: its shared-memory view, or (A_REGS) its values in registers, read from
+        # shared memory once for both column halves' MMAs instead of once by each
+        view = a_bufs.index(kb % STAGES).slice(S * SUB_M, SUB_M, dim=0)
+        if A_REGS:
+            return view.load(gl.DotOperandLayout(operand_index=0, parent=sub, k_width=4))
+        else:
+            return view
+
+    @gluon.jit
+    def _tall_issue(a, b_bufs, kb, part, H: gl.constexpr, STAGES: gl.constexpr, SUB_N: gl.constexpr):
+        # K block kb's MMA of sub-tile (a's row half, column half H) into ``part`` (its old value is dead)
+        b = b_bufs.index(kb % STAGES).slice(H * SUB_N, SUB_N, dim=0)
         return warpgroup_mma(a, b.permute((1, 0)), part, use_acc=False, is_async=True)
 
     @gluon.jit
     def _tall_wait(token, a_bufs, b_bufs, kb, STAGES: gl.constexpr):
+        # the MMA's result; the slot's a and b stay untouched until then (a in registers: ptxas tracks the
+        # asynchronous MMA's register operands itself; the sm_90 compile test fails on any wait it injects for them)
         slot = kb % STAGES
         return warpgroup_mma_wait(num_outstanding=0, deps=(token, a_bufs.index(slot), b_bufs.index(slot)))[0]
 
@@ -324,7 +334,7 @@ if gluon is not None:
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
         M, N, K, stride_am, stride_bn, stride_cm, SA_M, SA_K, stride_bs,
         A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr,
-        GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``fp8_group_gemm_wgmma_kernel``'s product (same arguments and numerics) on 256 x 128 tiles: half the
         operand bytes from L2 of its 128 x 128 tiles for the same product (those tiles are L2-bound).
@@ -332,7 +342,13 @@ if gluon is not None:
         Two warp groups hold the 256 x 128 accumulator as four 128 x 64 sub-tiles; each K block runs four sub-tile
         MMAs (row half S, column half H), each into one of two 128 x 64 partials in turn while the previous
         sub-tile's partial is scaled into its accumulator. Registers: four accumulator and two partial sub-tiles,
-        as many as the 128 x 128 kernel's one accumulator and two partials."""
+        as many as the 128 x 128 kernel's one accumulator and two partials.
+
+        The 64-column MMAs read each row half of ``a`` from shared memory twice a K block (once per column half),
+        which cost what the halved L2 traffic saved (H100, session 48: no faster than 128 x 128 tiles). ``A_REGS``
+        loads each row half into registers once and feeds both MMAs from there (wgmma's register operand), cutting
+        the shared-memory reads a K block by a quarter; not yet run on a GPU (``launch_args``: ``A_REGS`` in the
+        config, off by default and outside the tuner's space)."""
         BLOCK_M: gl.constexpr = 256
         BLOCK_N: gl.constexpr = 128
         SUB_M: gl.constexpr = 128
@@ -360,44 +376,53 @@ if gluon is not None:
         acc11 = gl.zeros([SUB_M, SUB_N], gl.float32, layout=sub)
         # K block 0, peeled: its first three sub-tiles start their accumulators
         mbarrier.wait(bars.index(0), 0)
-        token = _tall_issue(a_bufs, b_bufs, 0, part0, 0, 0, STAGES, SUB_M, SUB_N)
+        a0 = _tall_a(a_bufs, 0, 0, STAGES, SUB_M, A_REGS, sub)
+        token = _tall_issue(a0, b_bufs, 0, part0, 0, STAGES, SUB_N)
         part0 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
-        token = _tall_issue(a_bufs, b_bufs, 0, part1, 0, 1, STAGES, SUB_M, SUB_N)
-        acc00 = part0 * _tall_factors(sa_rows0, bs_col_ptr, s_bufs, 0, SA_K, k_tiles, stride_bs, 0, STAGES, A_MODE,
-                                      B_BLOCKS, SUB_M, SUB_N, sub)
+        token = _tall_issue(a0, b_bufs, 0, part1, 1, STAGES, SUB_N)
+        acc00 = part0 * _tall_factors(sa_rows0, bs_col_ptr, s_bufs, 0, SA_K, k_tiles,
+                                      stride_bs, 0, STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
         part1 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
-        token = _tall_issue(a_bufs, b_bufs, 0, part0, 1, 0, STAGES, SUB_M, SUB_N)
-        acc01 = part1 * _tall_factors(sa_rows0, bs_col_ptr, s_bufs, 0, SA_K, k_tiles, stride_bs, 1, STAGES, A_MODE,
-                                      B_BLOCKS, SUB_M, SUB_N, sub)
+        a1 = _tall_a(a_bufs, 0, 1, STAGES, SUB_M, A_REGS, sub)
+        token = _tall_issue(a1, b_bufs, 0, part0, 0, STAGES, SUB_N)
+        acc01 = part1 * _tall_factors(sa_rows0, bs_col_ptr, s_bufs, 0, SA_K, k_tiles,
+                                      stride_bs, 1, STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
         part0 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
-        token = _tall_issue(a_bufs, b_bufs, 0, part1, 1, 1, STAGES, SUB_M, SUB_N)
-        acc10 = part0 * _tall_factors(sa_rows1, bs_col_ptr, s_bufs, 0, SA_K, k_tiles, stride_bs, 0, STAGES, A_MODE,
-                                      B_BLOCKS, SUB_M, SUB_N, sub)
+        token = _tall_issue(a1, b_bufs, 0, part1, 1, STAGES, SUB_N)
+        acc10 = part0 * _tall_factors(sa_rows1, bs_col_ptr, s_bufs, 0, SA_K, k_tiles,
+                                      stride_bs, 0, STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
         part1 = _tall_wait(token, a_bufs, b_bufs, 0, STAGES)
         for kb in range(1, k_tiles):
             # sub-tile (0, 0) of block kb while block kb - 1's last partial is scaled; then block kb - 1's slot (its
             # MMAs and scale reads done) takes block kb - 1 + STAGES
             mbarrier.wait(bars.index(kb % STAGES), (kb // STAGES) & 1)
-            token = _tall_issue(a_bufs, b_bufs, kb, part0, 0, 0, STAGES, SUB_M, SUB_N)
-            acc11 = gl.fma(part1, _tall_factors(sa_rows1, bs_col_ptr, s_bufs, kb - 1, SA_K, k_tiles, stride_bs, 1,
-                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc11)
+            a0 = _tall_a(a_bufs, kb, 0, STAGES, SUB_M, A_REGS, sub)
+            token = _tall_issue(a0, b_bufs, kb, part0, 0, STAGES, SUB_N)
+            f = _tall_factors(sa_rows1, bs_col_ptr, s_bufs, kb - 1, SA_K, k_tiles, stride_bs, 1,
+                              STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
+            acc11 = gl.fma(part1, f, acc11)
             _refill(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, bars, off_m, off_n, kb - 1 + STAGES, k_tiles,
                     STAGES, nbytes, B_BLOCKS)
             part0 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
-            token = _tall_issue(a_bufs, b_bufs, kb, part1, 0, 1, STAGES, SUB_M, SUB_N)
-            acc00 = gl.fma(part0, _tall_factors(sa_rows0, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 0,
-                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc00)
+            token = _tall_issue(a0, b_bufs, kb, part1, 1, STAGES, SUB_N)
+            f = _tall_factors(sa_rows0, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 0,
+                              STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
+            acc00 = gl.fma(part0, f, acc00)
             part1 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
-            token = _tall_issue(a_bufs, b_bufs, kb, part0, 1, 0, STAGES, SUB_M, SUB_N)
-            acc01 = gl.fma(part1, _tall_factors(sa_rows0, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 1,
-                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc01)
+            a1 = _tall_a(a_bufs, kb, 1, STAGES, SUB_M, A_REGS, sub)
+            token = _tall_issue(a1, b_bufs, kb, part0, 0, STAGES, SUB_N)
+            f = _tall_factors(sa_rows0, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 1,
+                              STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
+            acc01 = gl.fma(part1, f, acc01)
             part0 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
-            token = _tall_issue(a_bufs, b_bufs, kb, part1, 1, 1, STAGES, SUB_M, SUB_N)
-            acc10 = gl.fma(part0, _tall_factors(sa_rows1, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 0,
-                                                STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc10)
+            token = _tall_issue(a1, b_bufs, kb, part1, 1, STAGES, SUB_N)
+            f = _tall_factors(sa_rows1, bs_col_ptr, s_bufs, kb, SA_K, k_tiles, stride_bs, 0,
+                              STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
+            acc10 = gl.fma(part0, f, acc10)
             part1 = _tall_wait(token, a_bufs, b_bufs, kb, STAGES)
-        acc11 = gl.fma(part1, _tall_factors(sa_rows1, bs_col_ptr, s_bufs, k_tiles - 1, SA_K, k_tiles, stride_bs, 1,
-                                            STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub), acc11)
+        f = _tall_factors(sa_rows1, bs_col_ptr, s_bufs, k_tiles - 1, SA_K, k_tiles, stride_bs, 1,
+                          STAGES, A_MODE, B_BLOCKS, SUB_M, SUB_N, sub)
+        acc11 = gl.fma(part1, f, acc11)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -443,7 +468,7 @@ def launch_args(cfg: dict) -> tuple:
     if bm == TALL_BLOCK_M:
         if bn != 128 or warps != 8:
             raise ValueError(f"256-row tiles are 256 x 128 on 8 warps, got {bm} x {bn} on {warps}")
-        return cfg["GROUP_M"], cfg["STAGES"]
+        return cfg["GROUP_M"], cfg["STAGES"], bool(cfg.get("A_REGS", False))
     return bm, bn, cfg["GROUP_M"], cfg["STAGES"], warps_per_cta(bm, warps)[0], instr_n(bm, bn, warps)
 
 
