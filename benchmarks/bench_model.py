@@ -764,6 +764,8 @@ def _prefill_breakdown(variant: dict[str, Any]) -> list[str]:
     """Where a variant's eager prefill spends its GPU time: its largest kernels (us, launches, share of the kernel
     time)."""
     pf = variant["prefill"]
+    if pf.get("profile_error"):
+        return ["", f"The {variant['variant']} prefill could not be profiled: {pf['profile_error']}"]
     if not pf.get("top_kernels"):
         return []
     total_us = pf["gpu_ms"] * 1e3

@@ -211,6 +211,8 @@ def test_report_renders_every_part_and_names_failures(bm):
     md = bm.render(report)
     assert "16-token prefill's GPU time goes, transformers (eager: 1.60 ms of kernels in 40 launches" in md
     assert "| `gemm/x` | 800 | 8 | 50.0% |" in md
+    variant["prefill"]["profile_error"] = "RuntimeError: no CUPTI"
+    assert "prefill could not be profiled: RuntimeError: no CUPTI" in bm.render(report)
 
 
 def test_decode_layer_marginal_layer_is_held_against_its_own_floor():
