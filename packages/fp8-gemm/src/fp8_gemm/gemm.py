@@ -360,6 +360,8 @@ def fp8_gemm(
         fast_accum: keep the FP8 tensor core's reduced-precision running sum over the whole K loop (as cuBLAS's
             ``use_fast_accum=True``): faster, with an error that grows with K (about 3e-3 relative at K=16384
             on the H100). The default promotes the partial sums to fp32 every K block (error ~1e-4 at any K).
+            Block and group scales always promote (each 128-deep K block's product is scaled before it is added),
+            so the flag changes nothing for them.
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``.
