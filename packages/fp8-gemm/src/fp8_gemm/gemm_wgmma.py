@@ -118,6 +118,14 @@ if gluon is not None:
         return a_desc, b_desc, s_desc
 
     @gluon.jit
+    def _output_descriptor(c_ptr, M, N, stride_cm, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        # the TMA descriptor the epilogue stores [BLOCK_M, BLOCK_N] tiles of c through
+        c_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                      element_bitwidth=c_ptr.dtype.element_ty.primitive_bitwidth,
+                                                      rank=2)
+        return tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N], c_layout)
+
+    @gluon.jit
     def _alloc_ring(a_desc, b_desc, s_desc, off_m, off_n, k_end, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     STAGES: gl.constexpr, B_BLOCKS: gl.constexpr):
         # the STAGES-deep ring of K blocks (a, b, b's column scales) and its barriers, every slot's load started
@@ -203,13 +211,10 @@ if gluon is not None:
         cost 64 moves a K block)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, num_warps // WARPS_M],
                                                       instr_shape=[16, INSTR_N, 32])
-        c_dtype: gl.constexpr = c_ptr.dtype.element_ty
-        c_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                      element_bitwidth=c_dtype.primitive_bitwidth, rank=2)
         k_tiles = gl.cdiv(K, 128)
         a_desc, b_desc, s_desc = _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs,
                                                       k_tiles, BLOCK_M, BLOCK_N, B_BLOCKS)
-        c_desc = tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N], c_layout)
+        c_desc = _output_descriptor(c_ptr, M, N, stride_cm, BLOCK_M, BLOCK_N)
         off_m, off_n = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         sa_rows = as_ptr + gl.minimum(offs_m, M - 1) * SA_M  # 1x128 activation blocks: each row's scales
@@ -263,8 +268,8 @@ if gluon is not None:
             acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         if HAS_BIAS:
             acc = _add_bias(acc, bias_ptr, off_n, N, BLOCK_N, num_warps, mma)
-        c_smem = gl.allocate_shared_memory(c_dtype, [BLOCK_M, BLOCK_N], c_layout)
-        c_smem.store(acc.to(c_dtype))
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+        c_smem.store(acc.to(c_desc.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
         tma.store_wait(pendings=0)
@@ -355,13 +360,10 @@ if gluon is not None:
         SUB_N: gl.constexpr = 64
         sub: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, SUB_N, 32])
-        c_dtype: gl.constexpr = c_ptr.dtype.element_ty
-        c_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                      element_bitwidth=c_dtype.primitive_bitwidth, rank=2)
         k_tiles = gl.cdiv(K, 128)
         a_desc, b_desc, s_desc = _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs,
                                                       k_tiles, BLOCK_M, BLOCK_N, B_BLOCKS)
-        c_desc = tma.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [SUB_M, SUB_N], c_layout)
+        c_desc = _output_descriptor(c_ptr, M, N, stride_cm, SUB_M, SUB_N)
         off_m, off_n = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows0 = off_m + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, sub))
         sa_rows0 = as_ptr + gl.minimum(rows0, M - 1) * SA_M
@@ -426,7 +428,7 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        c_smem = gl.allocate_shared_memory(c_dtype, [SUB_M, SUB_N], c_layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [SUB_M, SUB_N], c_desc.layout)
         _tall_store(acc00, c_desc, c_smem, as_ptr, bias_ptr, off_m, off_n, M, N, 0, 0, A_MODE, HAS_BIAS, SUB_M, SUB_N,
                     num_warps, sub)
         _tall_store(acc01, c_desc, c_smem, as_ptr, bias_ptr, off_m, off_n, M, N, 0, 1, A_MODE, HAS_BIAS, SUB_M, SUB_N,
