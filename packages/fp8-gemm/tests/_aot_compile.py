@@ -1,5 +1,5 @@
-"""Compile the weight-only decode kernel's variants for sm_90 (Hopper) with Triton's own compiler and ptxas, without
-a GPU.
+"""Compile the weight-only decode kernel's variants and the gated quantization kernels for sm_90 (Hopper) with
+Triton's own compiler and ptxas, without a GPU.
 
 Run as a script by ``test_compile_sm90.py`` in a process without ``TRITON_INTERPRET`` (the interpreter never lowers a
 kernel: the E4M3 up-conversion, the deferred RMSNorm and register use are only checked by compiling). Prints one
@@ -13,6 +13,7 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+from fp8_gemm import quantize_kernels as Q  # noqa: E402
 from fp8_gemm import weight_only_kernels as W  # noqa: E402
 from triton_ops_core.aot import compile_sm90  # noqa: E402
 
@@ -84,7 +85,35 @@ def main() -> int:
                       NORM_OUT=norm_out, NORM_OUT_BLOCK=_norm_out_block(bm) if norm_out else 1,
                       NORM_OUT_N_BLOCKS=256 if norm_out else 1)
         ok &= compile_sm90(W.fp8_weight_only_kernel, types, consts, name, warps, 4)
+    ok &= _gated_quantization()
     return 0 if ok else 1
+
+
+# quantize_gated_fp8's kernels as fp8_gemm.gated plans them: rows in registers (SINGLE, up to 16384 columns:
+# Llama-3-8B's 14336), a row walked twice (longer ones), 1x128 blocks; SwiGLU, gpt-oss's and GeGLU (tanh); the E4M3
+# cast must lower to the hardware's saturating conversion
+GATED = [
+    ("gated rows, bf16 silu, one row of 16384 in registers", Q._quant_gated_rows_kernel, "*bf16", 0, 16,
+     dict(BLOCK_R=1, BLOCK_C=16384, SINGLE=True)),
+    ("gated rows, fp16 swiglu_oai, four rows of 1024 in registers", Q._quant_gated_rows_kernel, "*fp16", 3, 4,
+     dict(BLOCK_R=4, BLOCK_C=1024, SINGLE=True)),
+    ("gated rows, bf16 silu, two passes", Q._quant_gated_rows_kernel, "*bf16", 0, 4,
+     dict(BLOCK_R=1, BLOCK_C=4096, SINGLE=False)),
+    ("gated 1x128 blocks, bf16 silu", Q._quant_gated_groups_kernel, "*bf16", 0, 4, dict(BLOCK_R=32, GROUP=128)),
+    ("gated 1x128 blocks, fp16 gelu_tanh", Q._quant_gated_groups_kernel, "*fp16", 2, 4, dict(BLOCK_R=32, GROUP=128)),
+]
+
+
+def _gated_quantization() -> bool:
+    ok = True
+    for name, kernel, dtype, act, warps, tiles in GATED:
+        ints = ["R", "C", "stride_gr", "stride_ur", "stride_qr"] + (["stride_sr"] if "GROUP" in tiles else [])
+        types = {"gate_ptr": dtype, "up_ptr": dtype, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "alpha": "fp32",
+                 "limit": "fp32", **dict.fromkeys(ints, "i32")}
+        consts = dict(ACTIVATION=act, MAX_VALUE=448.0, IS_E4M3=True, EMULATE=False, **tiles)
+        ok &= compile_sm90(kernel, types, consts, name, warps, 1, no_spills=True, ptx_has=("satfinite.e4m3x2",),
+                           divisible=("gate_ptr", "up_ptr", "q_ptr", "C", "stride_gr", "stride_ur", "stride_qr"))
+    return ok
 
 
 if __name__ == "__main__":

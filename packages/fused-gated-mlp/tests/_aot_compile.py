@@ -14,13 +14,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 from fused_gated_mlp import _kernels as K  # noqa: E402
 from triton_ops_core.aot import compile_sm90  # noqa: E402
+from triton_ops_core.gated_activation import ACT_SILU  # noqa: E402
 
 INTS = ["M", "N", "K", "stride_xm", "stride_wg", "stride_wu", "stride_om", "stride_bg", "stride_bu", "stride_sg",
         "stride_su", "srow_mul", "srow_off_g", "srow_off_u"]
 PTRS = {"x_ptr": "*bf16", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "bg_ptr": "*bf16", "bu_ptr": "*bf16",
         "sg_ptr": "*fp32", "su_ptr": "*fp32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32",
         "nw_ptr": "*bf16"}
-COMMON = dict(ACTIVATION=K.ACT_SILU, HAS_GATE_BIAS=False, HAS_UP_BIAS=False, DOT_PRECISION="tf32", UPCAST=False)
+COMMON = dict(ACTIVATION=ACT_SILU, HAS_GATE_BIAS=False, HAS_UP_BIAS=False, DOT_PRECISION="tf32", UPCAST=False)
 
 def decode(block_m: int, block_n: int, block_k: int, split_k: int, stages: int, *, fma: bool = False,
            f16_dot: bool = False, even_k: bool = True, norm: bool = False) -> dict:

@@ -312,13 +312,13 @@ def fp8_block_gate_up_w8a8(mesh):
         assert isinstance(kn, DTensor) and kn.placements == (Shard(1),), kn
         assert torch.equal(kn.to_local(), ref_kn[:, rank:rank + 1]), name
     x = torch.randn(layers.W8A8_MIN_ROWS, 128, generator=torch.Generator().manual_seed(8))
-    calls, fp8_linear = [], layers.fp8_linear
-    layers.fp8_linear = lambda *a, **k: calls.append(a[2].shape) or fp8_linear(*a, **k)
+    calls, fp8_gemm = [], layers.fp8_gemm
+    layers.fp8_gemm = lambda *a, **k: calls.append(k["b_scale"].shape) or fp8_gemm(*a, **k)  # the weight's scale
     try:
         with torch.no_grad():
             want, got = ref(x), tp(x)
     finally:
-        layers.fp8_linear = fp8_linear
+        layers.fp8_gemm = fp8_gemm
     assert calls == [(1, 2)] * 2 + [(1, 1)] * 2, calls  # one process's [K/128, N/128] scales, then the rank's
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 

@@ -188,13 +188,13 @@ def test_fp8_group_scales_pack_qkv_and_keep_the_fused_gate_up(monkeypatch):
     (ours, ours_step), (ref, ref_step) = _prefill_and_step(model, ids), _prefill_and_step(reference, ids)
     assert _cosine(ours, ref) >= 0.99 and _cosine(ours_step, ref_step) >= 0.99
     # beyond 16 rows the gate/up run as two W8A8 GEMMs on the group scales
-    calls = _fp8_linear_spy(monkeypatch, layers)
+    _, gemms = _w8a8_spy(monkeypatch, layers)
     x = torch.randn(layers.W8A8_MIN_ROWS, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
         ours_w8a8 = layers.gated_hidden(mlp, x)
         want = torch.nn.functional.silu(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()
-    assert len(calls) == 2 and all(c["weight_scale"] is getattr(p, layers.GEMM_SCALE_BUFFER)
-                                   for c, p in zip(calls, (mlp.gate_proj, mlp.up_proj)))
+    assert len(gemms) == 2 and all(c["b_scale"] is getattr(p, layers.GEMM_SCALE_BUFFER)
+                                   for c, p in zip(gemms, (mlp.gate_proj, mlp.up_proj)))
     assert _cosine(ours_w8a8, want) >= 0.99
     # the named recipe keeps the first and last layers whole: on two layers, nothing converts
     assert patch_model(_model("llama"), fp8=True, fp8_recipe="group").triton_ops_patch.fp8_linears == 0
@@ -809,11 +809,10 @@ def test_fp8_gate_up_run_weight_only_at_decode_and_as_w8a8_gemms_beyond_16_rows(
 
     model = patch_model(_model("llama"), fp8=True, fp8_recipe=recipe)
     mlp = model.model.layers[0].mlp
-    fused, w8a8 = [], []
-    fused_fn, linear_fn = layers.fused_gated_mlp, layers.fp8_linear
+    fused, fused_fn = [], layers.fused_gated_mlp
     monkeypatch.setattr(layers, "fused_gated_mlp",
                         lambda x, *a, **k: fused.append(x.shape[:-1]) or fused_fn(x, *a, **k))
-    monkeypatch.setattr(layers, "fp8_linear", lambda x, *a, **k: w8a8.append(x.shape[:-1]) or linear_fn(x, *a, **k))
+    quantized, gemms = _w8a8_spy(monkeypatch, layers)
     for rows in (layers.W8A8_MIN_ROWS - 1, layers.W8A8_MIN_ROWS):
         x = torch.randn(1, rows, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
         with torch.no_grad():
@@ -823,20 +822,69 @@ def test_fp8_gate_up_run_weight_only_at_decode_and_as_w8a8_gemms_beyond_16_rows(
         assert ours.shape == ref.shape and ours.dtype == DTYPE and torch.isfinite(ours).all()
         assert _cosine(ours, ref) >= 0.99  # W8A8: the activation's E4M3 rounding on top
     assert fused == [(1, layers.W8A8_MIN_ROWS - 1)]  # 16 rows: the fused kernel, weight-only
-    assert w8a8 == [(1, layers.W8A8_MIN_ROWS)] * 2  # 17: gate and up as W8A8 GEMMs
+    # 17: x quantized once, gate and up as two W8A8 GEMMs over it
+    assert [tuple(c["t"].shape[:-1]) for c in quantized] == [(layers.W8A8_MIN_ROWS,)]
+    assert [tuple(c["a"].shape[:-1]) for c in gemms] == [(layers.W8A8_MIN_ROWS,)] * 2
+    assert all(c["a"].dtype == torch.float8_e4m3fn for c in gemms)
 
 
-def _fp8_linear_spy(monkeypatch, layers) -> list[dict]:
-    """Each ``layers.fp8_linear`` call's arguments by name (the W8A8 gate/up GEMMs), the call itself unchanged."""
-    calls, fp8_linear = [], layers.fp8_linear
-    signature = inspect.signature(fp8_linear)
+@pytest.mark.parametrize("recipe", ["channel", "block"])  # every Linear: per-row / 1x128 activation scales
+def test_fp8_mlp_beyond_16_rows_quantizes_the_product_for_the_down_gemm_in_one_pass(recipe, monkeypatch):
+    """FP8 gate/up and an FP8Linear down at W8A8 rows: ``act(gate) * up`` is quantized as it is formed and the
+    down GEMM reads it (``fp8_gated_linear``, the down projection's own activation scales), in the module's
+    forward and in the decoder layer's residual add; at 16 rows the fused kernel and the weight-only down run as
+    before. Within the FP8 activations' error of the dequantized weights' float product."""
+    from triton_ops import layers
+
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe=recipe)
+    reference = patch_model(_model("llama"), fp8=True, fp8_recipe=recipe)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.down_proj, FP8Linear)
+    calls = _spy(monkeypatch, layers, "fp8_gated_linear")
+    for rows in (layers.W8A8_MIN_ROWS - 1, layers.W8A8_MIN_ROWS):
+        x = torch.randn(1, rows, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
+        with torch.no_grad():
+            ours = mlp(x)
+            h = torch.nn.functional.silu(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()
+            ref = h @ mlp.down_proj.dequantized_weight().t()
+        assert ours.shape == ref.shape and ours.dtype == DTYPE
+        assert _cosine(ours, ref) >= 0.99
+    assert len(calls) == 1  # 17 rows only
+    assert calls[0]["activation_granularity"] == mlp.down_proj.activation_granularity
+    assert calls[0]["weight"] is mlp.down_proj.weight and calls[0]["activation"] == "silu"
+    # a prefill through the decoder layers (the down GEMM's residual add): one call per layer, the logits those of
+    # the unfused path (the same FP8 model, every MLP's forward given back its hidden state in the model's dtype)
+    from triton_ops.models import decoder_layers
+
+    ids = torch.randint(0, 128, (1, layers.W8A8_MIN_ROWS + 3), device=DEVICE)
+    with monkeypatch.context() as unfused_path, torch.no_grad():
+        for module in (layers, decoder_layers):
+            unfused_path.setattr(module, "w8a8_gated_down", lambda *a, **k: None)
+        unfused = reference(ids).logits
+    calls.clear()
+    with torch.no_grad():
+        fused = model(ids).logits
+    assert len(calls) == len(model.model.layers)
+    assert _cosine(fused, unfused) >= 0.999
+
+
+def _spy(monkeypatch, module, name: str) -> list[dict]:
+    """Each ``module.<name>`` call's arguments by name, the call itself unchanged."""
+    calls, fn = [], getattr(module, name)
+    signature = inspect.signature(fn)
 
     def spy(*args, **kwargs):
         calls.append(signature.bind(*args, **kwargs).arguments)
-        return fp8_linear(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "fp8_linear", spy)
+    monkeypatch.setattr(module, name, spy)
     return calls
+
+
+def _w8a8_spy(monkeypatch, layers) -> tuple[list[dict], list[dict]]:
+    """The W8A8 gate/up's calls: the activation's quantizations (``layers.quantize_fp8``) and the GEMMs
+    (``layers.fp8_gemm``), by argument name."""
+    return _spy(monkeypatch, layers, "quantize_fp8"), _spy(monkeypatch, layers, "fp8_gemm")
 
 
 @pytest.mark.parametrize(("options", "granularity", "fast_accum"), [
@@ -859,12 +907,13 @@ def test_fp8_gate_up_w8a8_gemms_take_the_recipes_activation_scales_and_fast_accu
         options = {**options, "fp8_recipe": replace(RECIPES[name], **changes)}
     model = patch_model(_model("llama"), fp8=True, **options)
     mlp = model.model.layers[0].mlp
-    calls = _fp8_linear_spy(monkeypatch, layers)
+    quantized, gemms = _w8a8_spy(monkeypatch, layers)
     x = torch.randn(1, layers.W8A8_MIN_ROWS, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
         ours = layers.gated_hidden(mlp, x)
         ref = torch.nn.functional.silu(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()
-    assert [(c.get("activation_granularity"), c.get("fast_accum")) for c in calls] == [(granularity, fast_accum)] * 2
+    assert [c["granularity"] for c in quantized] == [granularity]  # x quantized once for both GEMMs
+    assert [c.get("fast_accum", False) for c in gemms] == [fast_accum] * 2
     assert _cosine(ours, ref) >= 0.99
 
 
@@ -879,11 +928,11 @@ def test_fp8_block_gate_up_keep_their_scales_in_the_gemms_layout(monkeypatch):
     stored = [getattr(p, layers.GEMM_SCALE_BUFFER) for p in (mlp.gate_proj, mlp.up_proj)]
     for proj, kn in zip((mlp.gate_proj, mlp.up_proj), stored):
         assert kn.is_contiguous() and torch.equal(kn, proj.weight_scale.t())
-    calls = _fp8_linear_spy(monkeypatch, layers)
+    _, gemms = _w8a8_spy(monkeypatch, layers)
     x = torch.randn(layers.W8A8_MIN_ROWS, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
         layers.gated_hidden(mlp, x)
-    assert len(calls) == 2 and all(c["weight_scale"] is s for c, s in zip(calls, stored))  # no copy of them
+    assert len(gemms) == 2 and all(c["b_scale"] is s for c, s in zip(gemms, stored))  # no copy of them
     assert not any(key.endswith(layers.GEMM_SCALE_BUFFER) for key in model.state_dict())
     other = patch_model(_model("llama", seed=1), fp8=True, fp8_recipe="block-mlp-out")
     assert not torch.equal(other.model.layers[0].mlp.gate_proj.weight_scale, mlp.gate_proj.weight_scale)

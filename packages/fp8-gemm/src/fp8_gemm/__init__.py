@@ -9,6 +9,7 @@ without FP8: :func:`decode_linear`.
 from .__about__ import __version__
 from .accuracy import outlier_activations, quantization_sqnr, sqnr_db, sqnr_report
 from .decode_linear import decode_linear, decode_linear_add_
+from .gated import fp8_gated_linear, gated_reference, quantize_gated_fp8
 from .gemm import clear_caches, fp8_gemm
 from .gemm_configs import FP8_GEMM_CONFIGS, FP8_GEMM_DECODE_CONFIGS, FP8_GEMM_PTR_CONFIGS
 from .linear import FP8Linear, TrainableFP8Linear, convert_to_fp8, fp8_linear, fp8_linear_add_
@@ -49,13 +50,16 @@ __all__ = [
     "decode_linear_add_",
     "dequantize_fp8",
     "expand_scale",
+    "fp8_gated_linear",
     "fp8_gemm",
     "fp8_linear",
     "fp8_linear_add_",
     "fp8_max",
+    "gated_reference",
     "outlier_activations",
     "quantization_sqnr",
     "quantize_fp8",
+    "quantize_gated_fp8",
     "scale_shape",
     "sqnr_db",
     "sqnr_report",

@@ -11,6 +11,7 @@ from triton_ops_core.fp8_cast import finite_abs as _finite_abs
 from triton_ops_core.fp8_cast import group_scale as _group_scale
 from triton_ops_core.fp8_cast import overflows as _overflows
 from triton_ops_core.fp8_cast import store_fp8 as _store_fp8
+from triton_ops_core.gated_activation import gate_times_up as _gate_times_up
 
 # --------------------------------------------------------------------------------------------------------------
 # Kernels. Every kernel sees a row-major [R, C] problem (unit column stride, any row stride): the host wrapper
@@ -309,3 +310,76 @@ def _quant_tensor_given_fixup_kernel(
     elif pid == 0:
         tl.store(scale_ptr, given)
         tl.store(flag_ptr, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A gated MLP's hidden state, act(gate) * up, quantized in the same pass (``quantize_gated_fp8``): the product is
+# formed in fp32 from the two inputs and never written in their dtype.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gated_tile(gate_ptr, up_ptr, r64, c, mask, stride_gr, stride_ur, alpha, limit, ACTIVATION: tl.constexpr):
+    """``act(gate) * up`` of one tile in fp32 (masked elements: 0 for every activation but swiglu_oai's, whose
+    ``(up + 1)`` makes them ``0 * sigmoid(0) * 1 = 0`` too)."""
+    g = tl.load(gate_ptr + r64[:, None] * stride_gr + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + r64[:, None] * stride_ur + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    return _gate_times_up(g, u, alpha, limit, ACTIVATION)
+
+
+@triton.jit
+def _quant_gated_rows_kernel(
+    gate_ptr, up_ptr, q_ptr, scale_ptr,
+    R, C, stride_gr, stride_ur, stride_qr, alpha, limit,
+    ACTIVATION: tl.constexpr, MAX_VALUE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+):
+    """One scale per row of ``act(gate) * up`` (per token). A program owns BLOCK_R rows and walks their columns
+    twice, once for the absolute maximum and once to cast (the second read of both inputs hits L2), or once when a
+    row fits one tile (``SINGLE``: the product stays in registers)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r64 = rows.to(tl.int64)
+    row_mask = rows < R
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        mask = row_mask[:, None] & (cols[None, :] < C)
+        h = _gated_tile(gate_ptr, up_ptr, r64, cols, mask, stride_gr, stride_ur, alpha, limit, ACTIVATION)
+        amax = tl.max(_finite_abs(h), axis=1)
+    else:
+        amax = tl.zeros((BLOCK_R,), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = row_mask[:, None] & (c[None, :] < C)
+            h = _gated_tile(gate_ptr, up_ptr, r64, c, mask, stride_gr, stride_ur, alpha, limit, ACTIVATION)
+            amax = tl.maximum(amax, tl.max(_finite_abs(h), axis=1))
+    scale, inv, _ = _group_scale(amax, amax, False, MAX_VALUE)
+    tl.store(scale_ptr + r64, scale, mask=row_mask)
+    if SINGLE:
+        _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], h * inv[:, None], mask, IS_E4M3, EMULATE)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = row_mask[:, None] & (c[None, :] < C)
+            h = _gated_tile(gate_ptr, up_ptr, r64, c, mask, stride_gr, stride_ur, alpha, limit, ACTIVATION)
+            _store_fp8(q_ptr + r64[:, None] * stride_qr + c[None, :], h * inv[:, None], mask, IS_E4M3, EMULATE)
+
+
+@triton.jit
+def _quant_gated_groups_kernel(
+    gate_ptr, up_ptr, q_ptr, scale_ptr,
+    R, C, stride_gr, stride_ur, stride_qr, stride_sr, alpha, limit,
+    ACTIVATION: tl.constexpr, MAX_VALUE: tl.constexpr, IS_E4M3: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+):
+    """One scale per row and ``GROUP`` (128) columns of ``act(gate) * up`` (1x128 activation blocks), one read: a
+    ``[BLOCK_R, GROUP]`` tile per program."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    group = tl.program_id(1)
+    cols = group * GROUP + tl.arange(0, GROUP)
+    r64 = rows.to(tl.int64)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    h = _gated_tile(gate_ptr, up_ptr, r64, cols, mask, stride_gr, stride_ur, alpha, limit, ACTIVATION)
+    amax = tl.max(_finite_abs(h), axis=1)
+    scale, inv, _ = _group_scale(amax, amax, False, MAX_VALUE)
+    tl.store(scale_ptr + r64 * stride_sr + group, scale, mask=rows < R)
+    _store_fp8(q_ptr + r64[:, None] * stride_qr + cols[None, :], h * inv[:, None], mask, IS_E4M3, EMULATE)

@@ -33,14 +33,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton_ops_core.fp8_cast import rows_to_f16
+from triton_ops_core.gated_activation import gate_times_up  # ACTIVATION: its ACTIVATION_CODES
 from triton_ops_core.pdl import pdl_launch_dependents, pdl_streamed, pdl_wait, prefetch_rows
 from triton_ops_core.rms_prologue import rstd_from_squares, weighed
-
-# Activation codes (constexpr): the host maps names to these.
-ACT_SILU = 0
-ACT_GELU = 1
-ACT_GELU_TANH = 2
-ACT_SWIGLU_OAI = 3
 
 # Weight scaling codes (constexpr W_SCALING): plain weights, FP8 with one scale per output channel, FP8 with one
 # scale per 128 x 128 block (rows x K) of the weight (the 128 below is validation.SCALE_BLOCK).
@@ -49,11 +44,6 @@ SCALE_CHANNEL = 1
 SCALE_BLOCK = 2
 # FP8 with one scale per row and 128-wide K group of the weight ([rows, ceil(K / 128)]).
 SCALE_GROUP = 3
-
-
-@triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
 
 
 @triton.jit
@@ -401,23 +391,6 @@ def _fma_k_loop(x_ptr, wg_ptr, wu_ptr, offs_m, offs_n, M, N, k_start, k_end, str
 
 
 @triton.jit
-def _gate_times_up(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
-    """``act(gate) * up`` in fp32. Clamps use ``tl.where`` so NaN passes through as in ``torch.clamp``."""
-    if ACTIVATION == 0:  # silu
-        out = gate * _sigmoid(gate) * up
-    elif ACTIVATION == 1:  # gelu, exact (erf)
-        out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
-    elif ACTIVATION == 2:  # gelu, tanh approximation: 0.5 g (1 + tanh(z)) == g * sigmoid(2 z)
-        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        out = gate * _sigmoid(2.0 * z) * up
-    else:  # swiglu_oai (gpt-oss): clamped gate and up, (up + 1)
-        g = tl.where(gate > limit, limit, gate)
-        u = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
-        out = g * _sigmoid(alpha * g) * (u + 1.0)
-    return out
-
-
-@triton.jit
 def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr, stride_sg,
               stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
               HAS_UP_BIAS: tl.constexpr, W_SCALING: tl.constexpr):
@@ -429,7 +402,7 @@ def _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, str
         acc_g += tl.load(bg_ptr + offs_n * stride_bg, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_UP_BIAS:
         acc_u += tl.load(bu_ptr + offs_n * stride_bu, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = _gate_times_up(acc_g, acc_u, alpha, limit, ACTIVATION)
+    out = gate_times_up(acc_g, acc_u, alpha, limit, ACTIVATION)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 

@@ -33,6 +33,7 @@ from triton_ops_core.exceptions import (
     InvalidArgumentError,
     UnsupportedDtypeError,
 )
+from triton_ops_core.gated_activation import ACTIVATION_CODES
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.rms_prologue import check_norm, rms_normalized
@@ -47,12 +48,7 @@ FP8_SCALINGS = ("channel", "block", "group")
 # fp16); SCALE_BLOCK: rows and columns of one block of a block-scaled weight (128, the DeepSeek-V3 / transformers
 # FP8 block). Both defined with the validation.
 
-_ACTIVATION_CODES = {
-    "silu": K.ACT_SILU,
-    "gelu": K.ACT_GELU,
-    "gelu_tanh": K.ACT_GELU_TANH,
-    "swiglu_oai": K.ACT_SWIGLU_OAI,
-}
+_ACTIVATION_CODES = ACTIVATION_CODES  # the kernels' ACTIVATION constexpr by name
 
 
 # ----------------------------------------------------------------------------------------------------------------

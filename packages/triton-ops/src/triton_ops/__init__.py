@@ -93,7 +93,8 @@ REGISTERED_OPS = (
     "rmsnorm_fp8", "fused_add_rmsnorm_fp8", "fused_add_rmsnorm_fp8_", "rope", "rope_", "rope_backward",
     "rmsnorm_add_rmsnorm", "rmsnorm_add",
     "fused_gated_mlp", "quantize_fp8", "dequantize_fp8", "fp8_gemm", "fp8_linear", "fp8_linear_add_",
-    "fp8_linear_add_norm_", "decode_linear", "decode_linear_norm_out", "decode_linear_add_", "decode_linear_add_norm_",
+    "fp8_linear_add_norm_", "quantize_gated_fp8", "fp8_gated_linear", "decode_linear", "decode_linear_norm_out",
+    "decode_linear_add_", "decode_linear_add_norm_",
     "moe_route", "moe_experts", "decode_attention", "kv_cache_write_",
     "kv_cache_append_", "kv_cache_write_rope_", "kv_cache_append_rope_", "kv_cache_shift_",
 )

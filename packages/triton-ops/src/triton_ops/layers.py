@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fp8_gemm import WEIGHT_ONLY_MAX_M, fp8_linear
+from fp8_gemm import WEIGHT_ONLY_MAX_M, FP8Linear, fp8_gated_linear, fp8_gemm, fp8_linear, quantize_fp8
 from fused_gated_mlp import FP8Projection, fused_gated_mlp
 from fused_moe import fused_moe, moe_experts
 from fused_rmsnorm_rope import rmsnorm
@@ -103,7 +103,8 @@ class GatedMLP(nn.Module):
     act_fn: nn.Module  # its class names the activation (mlp_activation; without one: config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_hidden(self, x))
+        out = w8a8_gated_down(self, x)
+        return out if out is not None else self.down_proj(gated_hidden(self, x))
 
 
 class PackedGatedMLP(nn.Module):
@@ -124,7 +125,8 @@ class PackedGatedMLP(nn.Module):
     activation_fn: nn.Module  # its class names the activation (mlp_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(packed_gated_hidden(self, x))
+        out = w8a8_gated_down(self, x, packed=True)
+        return out if out is not None else self.down_proj(packed_gated_hidden(self, x))
 
 
 def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
@@ -146,8 +148,7 @@ def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None 
         return up * _TORCH_ACTIVATIONS[act](gate)
     scale = getattr(packed, "weight_scale", None)  # FP8 weights carry their scale
     if scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS:
-        granularity, fast_accum = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None), getattr(mlp, FAST_ACCUM_ATTR, False)
-        gate, up = _w8a8(x if norm is None else norm(x), packed, granularity, fast_accum).chunk(2, dim=-1)
+        gate, up = _w8a8_packed_gate_up(mlp, x if norm is None else norm(x))
         return up * _TORCH_ACTIVATIONS[act](gate)
     norm_args = {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.variance_epsilon}
     if scale is not None:
@@ -258,27 +259,106 @@ def _kernel_projection(module: nn.Module) -> bool:
 def _gated_w8a8(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
     """``act(gate_proj(x)) * up_proj(x)`` from two W8A8 FP8 GEMMs, with the activation scales and accumulation
     ``patch_model`` recorded from the FP8 recipe."""
+    gate, up = _w8a8_gate_up(mlp, x)
+    return _TORCH_ACTIVATIONS[act](gate) * up
+
+
+def _w8a8_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_proj(x)``, ``up_proj(x)`` of FP8Projection gate/up as two W8A8 FP8 GEMMs over one quantization of
+    ``x`` (the activation scales and accumulation ``patch_model`` recorded from the FP8 recipe; without a record
+    as FP8Linear pairs them with gate's weight scales). Bit for bit two ``fp8_linear(..., path="w8a8")`` calls,
+    one quantization launch fewer."""
     granularity = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None)  # getattr: as ACT_ATTR is read
     fast_accum = getattr(mlp, FAST_ACCUM_ATTR, False)
-    gate = _w8a8(x, mlp.gate_proj, granularity, fast_accum)
-    return _TORCH_ACTIVATIONS[act](gate) * _w8a8(x, mlp.up_proj, granularity, fast_accum)
+    gate, up = mlp.gate_proj, mlp.up_proj
+    gate_kn, default = _gemm_scale(gate)
+    up_kn, up_default = _gemm_scale(up)
+    if granularity is None and up_default != default:  # (mixed weight scalings) each its own pairing
+        return (_w8a8(x, gate, granularity, fast_accum), _w8a8(x, up, granularity, fast_accum))
+    a_q, a_s = quantize_fp8(x.reshape(-1, x.shape[-1]), "e4m3", granularity or default)
+    lead = x.shape[:-1]
+    g = fp8_gemm(a_q, gate.weight.t(), a_scale=a_s, b_scale=gate_kn, out_dtype=x.dtype, bias=gate.bias,
+                 fast_accum=fast_accum)
+    u = fp8_gemm(a_q, up.weight.t(), a_scale=a_s, b_scale=up_kn, out_dtype=x.dtype, bias=up.bias,
+                 fast_accum=fast_accum)
+    return g.view(*lead, g.shape[-1]), u.view(*lead, u.shape[-1])
+
+
+def _w8a8_packed_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The halves of a packed FP8 ``gate_up_proj(x)`` (one W8A8 GEMM): row-strided views, read in place by
+    :func:`fp8_gemm.fp8_gated_linear`."""
+    granularity, fast_accum = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None), getattr(mlp, FAST_ACCUM_ATTR, False)
+    return _w8a8(x, mlp.gate_up_proj, granularity, fast_accum).chunk(2, dim=-1)
+
+
+def _gemm_scale(projection: nn.Module) -> tuple[torch.Tensor, str]:
+    """An FP8Projection's weight scale in the GEMM's ``[K, N]`` convention and the activation scales FP8Linear
+    pairs with it: per channel ``[out]`` -> ``[1, out]`` (a view) and per row; 128x128 blocks
+    ``[out / 128, in / 128]`` and groups ``[out, in / 128]`` transposed (the stored contiguous copy,
+    :data:`GEMM_SCALE_BUFFER`; without one the GEMM copies the view) and 1x128 blocks."""
+    scale = projection.weight_scale
+    if scale.dim() == 1:
+        return scale.view(1, -1), "row"
+    scale_kn = getattr(projection, GEMM_SCALE_BUFFER, None)
+    return (scale.t() if scale_kn is None else scale_kn), "block"  # None: an FP8Projection patch_model did not make
 
 
 def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_accum: bool) -> torch.Tensor:
     """An FP8Projection's ``x @ dequant(weight)^T + bias`` as a W8A8 FP8 GEMM, the activation quantized per
-    ``granularity`` (None: as FP8Linear pairs it with the weight's scales). The scales in the GEMM's ``[K, N]``
-    convention: per channel ``[out]`` -> ``[1, out]`` (a view), 128x128 blocks ``[out / 128, in / 128]`` and groups
-    ``[out, in / 128]`` transposed (the stored contiguous copy, :data:`GEMM_SCALE_BUFFER`; without one the GEMM
-    copies the view)."""
-    scale = projection.weight_scale
-    if scale.dim() == 1:
-        scale_kn, default = scale.view(1, -1), "row"
-    else:
-        scale_kn, default = getattr(projection, GEMM_SCALE_BUFFER, None), "block"
-        if scale_kn is None:  # an FP8Projection patch_model did not make
-            scale_kn = scale.t()
+    ``granularity`` (None: as FP8Linear pairs it with the weight's scales, :func:`_gemm_scale`)."""
+    scale_kn, default = _gemm_scale(projection)
     return fp8_linear(x, projection.weight, scale_kn, projection.bias, activation_granularity=granularity or default,
                       fast_accum=fast_accum, path="w8a8")
+
+
+def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None,
+                    packed: bool = False) -> torch.Tensor | None:
+    """``down_proj(act(gate) * up)`` of a gated MLP (:class:`GatedMLP`, or :class:`PackedGatedMLP` with ``packed``)
+    whose FP8 gate/up run W8A8 (:data:`W8A8_MIN_ROWS` rows or more, see :func:`gated_hidden`) and whose
+    ``down_proj`` is a plain :class:`~fp8_gemm.FP8Linear` on its W8A8 path: the product quantized in the pass that
+    forms it and the down GEMM over it (:func:`fp8_gemm.fp8_gated_linear`), never written in 16 bits. None where
+    that does not apply (the caller runs the hidden state, then ``down_proj``). ``norm``: as :func:`gated_hidden`'s.
+
+    The product is formed in fp32 and not rounded to the model's dtype before its FP8 cast (the unfused path rounds
+    it twice: after the activation and after the product), a difference far below the cast's."""
+    down = mlp.down_proj
+    if not (isinstance(down, FP8Linear) and _fp8_down_plain(down)) or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
+        return None
+    act = getattr(mlp, ACT_ATTR, None)
+    if act is None:
+        act = mlp_activation(mlp)
+    if act not in _TORCH_ACTIVATIONS:
+        return None
+    if packed:
+        projection = mlp.gate_up_proj
+        if not (_kernel_projection(projection) and projection.bias is None and _fp8_weight(projection)):
+            return None
+        gate, up = _w8a8_packed_gate_up(mlp, x if norm is None else norm(x))
+    else:
+        gate_proj, up_proj = mlp.gate_proj, mlp.up_proj
+        if not (_kernel_projection(gate_proj) and _kernel_projection(up_proj) and _fp8_weight(gate_proj)
+                and _fp8_weight(up_proj)):
+            return None
+        gate, up = _w8a8_gate_up(mlp, x if norm is None else norm(x))
+    return fp8_gated_linear(gate, up, down.weight, down.weight_scale, down.bias, act, down.activation_granularity,
+                            down.fast_accum)
+
+
+def _fp8_weight(projection: nn.Module) -> bool:
+    """An FP8Projection's E4M3 weight (with its scale) as a plain tensor: what the W8A8 GEMMs read."""
+    weight = getattr(projection, "weight", None)
+    return (getattr(projection, "weight_scale", None) is not None and type(weight) in (torch.Tensor, nn.Parameter)
+            and weight.dtype == torch.float8_e4m3fn)
+
+
+def _fp8_down_plain(down: FP8Linear) -> bool:
+    """An FP8Linear down projection whose call is its W8A8 GEMM (path ``"auto"`` beyond the weight-only rows, or
+    ``"w8a8"``): no hooks or forward of someone else's, plain (not sharded) tensors."""
+    bufs = down._buffers
+    return (down.path in ("auto", "w8a8") and not (down._forward_hooks or down._forward_pre_hooks)
+            and not instance_forward(down)
+            and all(type(bufs.get(n)) in (torch.Tensor, nn.Parameter) for n in ("weight", "weight_scale"))
+            and (down.bias is None or type(down.bias) in (torch.Tensor, nn.Parameter)))
 
 
 class RMSNorm(nn.Module):
@@ -502,4 +582,5 @@ __all__ = ["HF_ACTIVATIONS", "LAYER_ATTR", "MOE_ACTIVATIONS", "MOE_ROUTING_ATTR"
            "GatedMLP", "GemmaRMSNorm",
            "GptOssMoE", "PackedGatedMLP", "RMSNorm", "SparseMoE", "packed_gated_hidden", "config_hidden_act",
            "has_shared_expert", "mlp_activation", "gated_hidden", "jittered", "kernel_activation", "moe_activation",
-           "moe_hidden", "moe_router", "instance_forward", "router_hooked", "runs_forward", "shared_expert_output"]
+           "moe_hidden", "moe_router", "instance_forward", "router_hooked", "runs_forward", "shared_expert_output",
+           "w8a8_gated_down"]

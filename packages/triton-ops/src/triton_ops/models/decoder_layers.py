@@ -45,6 +45,7 @@ from ..layers import (
     packed_gated_hidden,
     router_hooked,
     runs_forward,
+    w8a8_gated_down,
 )
 from . import layers as model_layers
 from .cache_updates import fusable_tables, ring_attention_args, ring_suits, update_cache, write_rotated
@@ -439,8 +440,15 @@ def _down_add_(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor, how
     """``residual += down_proj(gated_hidden(normed))`` in place, in the down projection's GEMM (for ``"bf16"``
     :func:`~triton_ops.models.layers.linear_add_`: ``decode_linear``'s kernel at one row, else cuBLAS's beta = 1;
     the FP8 kernel's epilogue for ``"fp8"``); returns the residual. ``norm``: ``normed`` is not normalized yet
-    (the gated MLP's launch does it, :func:`~triton_ops.layers.gated_hidden`)."""
-    if runs_forward(mlp, PackedGatedMLP):
+    (the gated MLP's launch does it, :func:`~triton_ops.layers.gated_hidden`). FP8 gate/up and down at W8A8 rows
+    (prefill): the down GEMM over the product quantized as it is formed
+    (:func:`~triton_ops.layers.w8a8_gated_down`), then the add."""
+    packed = runs_forward(mlp, PackedGatedMLP)
+    if how == "fp8":
+        out = w8a8_gated_down(mlp, normed, norm, packed)
+        if out is not None:  # (fp8_linear_add_ adds after its GEMM on the W8A8 path too)
+            return residual.add_(out)
+    if packed:
         hidden = packed_gated_hidden(mlp, normed, norm)
     else:
         hidden = gated_hidden(mlp, normed, norm)

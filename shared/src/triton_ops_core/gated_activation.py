@@ -1,0 +1,45 @@
+"""The gated activations of transformer MLPs inside Triton kernels (``@triton.jit`` helpers), shared by every
+package that computes ``act(gate) * up``: the fused gated MLP's epilogue and FP8's fused quantization of a gated
+MLP's hidden state.
+
+``ACTIVATION_CODES`` maps the names the packages accept to the ``ACTIVATION`` constexpr of :func:`gate_times_up`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+ACT_SWIGLU_OAI = 3
+ACTIVATION_CODES = {
+    "silu": ACT_SILU,  # SwiGLU: Llama, Qwen, Mistral
+    "gelu": ACT_GELU,  # exact (erf)
+    "gelu_tanh": ACT_GELU_TANH,  # GeGLU with the tanh approximation: Gemma
+    "swiglu_oai": ACT_SWIGLU_OAI,  # gpt-oss: clamped gate and up, (up + 1), sigmoid(alpha * gate)
+}
+
+
+@triton.jit
+def sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def gate_times_up(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    """``act(gate) * up`` in fp32 (``alpha``, ``limit``: swiglu_oai's only). Clamps use ``tl.where`` so NaN passes
+    through as in ``torch.clamp``."""
+    if ACTIVATION == 0:  # silu
+        out = gate * sigmoid(gate) * up
+    elif ACTIVATION == 1:  # gelu, exact (erf)
+        out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    elif ACTIVATION == 2:  # gelu, tanh approximation: 0.5 g (1 + tanh(z)) == g * sigmoid(2 z)
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        out = gate * sigmoid(2.0 * z) * up
+    else:  # swiglu_oai (gpt-oss): clamped gate and up, (up + 1)
+        g = tl.where(gate > limit, limit, gate)
+        u = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
+        out = g * sigmoid(alpha * g) * (u + 1.0)
+    return out
