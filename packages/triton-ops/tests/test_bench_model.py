@@ -288,3 +288,22 @@ def test_the_fp8_checkpoint_variant_holds_fp8_experts_that_patch_model_adopts(bm
     ref = bm.reference_outputs(reference, prompt, 1)
     acc = bm.compare_outputs(ref, bm.reference_outputs(patched, prompt, 1, ref["sequence"]))
     assert acc["finite"] and acc["forced_cosine_min"] > 0.99
+
+
+def test_unfused_tail_variants_switch_the_gated_down_fusion_off_for_their_measurement(bm, monkeypatch):
+    from triton_ops import layers
+    from triton_ops_core.testing import device_for_tests
+
+    monkeypatch.setattr(layers, "W8A8_GATED_DOWN", layers.W8A8_GATED_DOWN)  # restored after the test
+    known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
+    assert {"patched-fp8-checkpoint-unfused-tail", "patched-fp8-unfused-tail-pdl"} <= set(known)
+    assert "patched-pdl-unfused-tail" not in known and "transformers-unfused-tail" not in known
+    assert bm.split_variant("patched-fp8-checkpoint-unfused-tail-pdl") == (
+        "patched-fp8-checkpoint", frozenset({bm.UNFUSED_TAIL, bm.PDL_ON}))
+    config = bm.build_config("llama3-8b", tiny=True)
+    device = device_for_tests()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bm.make_variant("patched-unfused-tail", config, device, dtype)
+    assert layers.W8A8_GATED_DOWN is False
+    bm.make_variant("patched", config, device, dtype)
+    assert layers.W8A8_GATED_DOWN is True

@@ -854,14 +854,12 @@ def test_fp8_mlp_beyond_16_rows_quantizes_the_product_for_the_down_gemm_in_one_p
     assert calls[0]["weight"] is mlp.down_proj.weight and calls[0]["activation"] == "silu"
     # a prefill through the decoder layers (the down GEMM's residual add): one call per layer, the logits those of
     # the unfused path (the same FP8 model, every MLP's forward given back its hidden state in the model's dtype)
-    from triton_ops.models import decoder_layers
-
     ids = torch.randint(0, 128, (1, layers.W8A8_MIN_ROWS + 3), device=DEVICE)
-    with monkeypatch.context() as unfused_path, torch.no_grad():
-        for module in (layers, decoder_layers):
-            unfused_path.setattr(module, "w8a8_gated_down", lambda *a, **k: None)
-        unfused = reference(ids).logits
     calls.clear()
+    with monkeypatch.context() as unfused_path, torch.no_grad():
+        unfused_path.setattr(layers, "W8A8_GATED_DOWN", False)  # the switch: the tail as it ran before
+        unfused = reference(ids).logits
+    assert not calls
     with torch.no_grad():
         fused = model(ids).logits
     assert len(calls) == len(model.model.layers)

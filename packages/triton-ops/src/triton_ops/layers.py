@@ -311,6 +311,12 @@ def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_
                       fast_accum=fast_accum, path="w8a8")
 
 
+# On: W8A8 gated MLP tails run as fp8_gated_linear (w8a8_gated_down). Off: unfused (the activation, the product and the
+# down projection's own quantization and GEMM), for before/after measurements (benchmarks.bench_model's
+# "-unfused-tail" variants). Read on every call.
+W8A8_GATED_DOWN = True
+
+
 def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None,
                     packed: bool = False) -> torch.Tensor | None:
     """``down_proj(act(gate) * up)`` of a gated MLP (:class:`GatedMLP`, or :class:`PackedGatedMLP` with ``packed``)
@@ -322,7 +328,9 @@ def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = No
     The product is formed in fp32 and not rounded to the model's dtype before its FP8 cast (the unfused path rounds
     it twice: after the activation and after the product), a difference far below the cast's."""
     down = mlp.down_proj
-    if not (isinstance(down, FP8Linear) and _fp8_down_plain(down)) or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
+    if not W8A8_GATED_DOWN or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
+        return None
+    if not (isinstance(down, FP8Linear) and _fp8_down_plain(down)):
         return None
     act = getattr(mlp, ACT_ATTR, None)
     if act is None:
