@@ -137,15 +137,21 @@ def test_patched_phi3_with_fp8_quantizes_the_packed_projections(recipe, monkeypa
     real = fused_gated_mlp.fused_gated_mlp
     monkeypatch.setattr(layers, "fused_gated_mlp", lambda *a, **k: layouts.append(
         k.get("weight_layout", "separate")) or real(*a, **k))
+    tails, real_tail = [], layers.fp8_gated_linear  # the W8A8 tail over the packed output's halves (FP8 down only)
+    monkeypatch.setattr(layers, "fp8_gated_linear", lambda g, u, *a, **k: tails.append(g.is_contiguous())
+                        or real_tail(g, u, *a, **k))
     short, long = torch.randint(3, 128, (1, 6), device=DEVICE), torch.randint(3, 128, (1, 20), device=DEVICE)
     for ids in (short, long):  # 6 rows: the fused kernel (weight-only FP8); 20: one W8A8 GEMM of the packed weight
         layouts.clear()
+        tails.clear()
         for a, b in zip(prefill_and_steps(model, ids, steps=2), prefill_and_steps(reference, ids, steps=2),
                         strict=True):
             # E4M3 weights: the logits point the same way (a 64-wide random model; on the H200 in bf16: 0.989-0.990)
             assert _cosine(a, b) >= 0.98
         fp8_calls = layouts.count("concatenated")
         assert fp8_calls == converted * (3 if ids is short else 2), layouts  # (the decode steps are fused)
+        # the 20-row prefill's tails: the packed GEMM's halves (row-strided views) quantized as they are read
+        assert tails == ([False] * converted if ids is long and recipe != "default" else []), tails
 
 
 def test_training_with_residual_dropout_matches_the_model():
