@@ -643,7 +643,7 @@ def packed_qkv_refusals_and_custom_plans(mesh):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, reverse: bool = False,
-                layers: int = 2, generate: bool = False, helper: bool = False, **overrides) -> None:
+                layers: int = 2, generate: bool = False, helper: bool = False, ids=None, **overrides) -> None:
     import torch
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
@@ -671,9 +671,10 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
     assert type(tp.model.embed_tokens.weight) is torch.nn.Parameter  # replicated: left as it is
     if patch:  # one packed q/k/v GEMM per attention and rank, over the rank's heads
         _check_packed_qkv(tp, ref, mesh, fp8=fp8)
-    want = _logits(ref, IDS, generate)
+    ids = IDS if ids is None else ids
+    want = _logits(ref, ids, generate)
     with _Spy() as spy:
-        got = _logits(tp, IDS, generate, nxt=want[3])  # the same decode token (FP8 may pick another greedy one)
+        got = _logits(tp, ids, generate, nxt=want[3])  # the same decode token (FP8 may pick another greedy one)
     if patch:  # every attention call ran the packed GEMM, none ran its three projections
         qkv = {id(getattr(layer.self_attn, p)) for layer in tp.model.layers for p in ("q_proj", "k_proj", "v_proj")}
         assert spy.packed_calls >= 2 * layers and not qkv & spy.colwise_modules, (spy.packed_calls, layers)
@@ -683,7 +684,7 @@ def _model_case(kind: str, mesh, *, fp8: bool = False, patch: bool = True, rever
         want_tails = 0 if kind in ("gemma2", "gemma3") else spy.packed_calls
         assert spy.residual_tails == want_tails, (spy.residual_tails, spy.packed_calls)
     if fp8:
-        plain = _logits(plain, IDS, nxt=want[3])
+        plain = _logits(plain, ids, nxt=want[3])
         # Row-parallel FP8 layers quantize each rank's activation slice with its own scales, so the split model
         # rounds differently from the one-process FP8 model, by about as much as FP8 itself (vs the fp32 model).
         for g, w, p in zip(got[:2], want[:2], plain[:2], strict=True):
@@ -722,6 +723,26 @@ def llama_parallelize_then_patch(mesh):
 @case
 def qwen3_fp8(mesh):
     _model_case("qwen3", mesh, fp8=True, layers=1)
+
+
+@case
+def llama_fp8_prefill_rows(mesh):
+    """A 20-token FP8 prefill (W8A8 rows): each rank's MLP tail is the fused one (fp8_gated_linear over its shard of
+    the product), rank 0's with the residual added before the all-reduce; the decode step (one row) is not."""
+    import math
+
+    import torch
+    from triton_ops import layers
+
+    tails, real = [], layers.fp8_gated_linear
+    layers.fp8_gated_linear = lambda gate, *a, **k: tails.append(gate.shape[:-1]) or real(gate, *a, **k)
+    try:
+        ids = torch.randint(0, SMALL["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(8))
+        _model_case("llama", mesh, fp8=True, layers=1, ids=ids)
+    finally:
+        layers.fp8_gated_linear = real
+    # the reference model (one process) and the split one each run one fused tail at the prefill
+    assert len(tails) == 2 and all(math.prod(t) == 20 for t in tails), tails
 
 
 @case

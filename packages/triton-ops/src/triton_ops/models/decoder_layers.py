@@ -428,8 +428,10 @@ def _mlp_into_residual(mlp: nn.Module, normed: torch.Tensor, residual: torch.Ten
     try:
         if shards.rank == 0:
             out = _down_add_(mlp, normed, residual, how)
-        else:
-            out = mlp.down_proj(gated_hidden(mlp, normed))
+        else:  # the same tail as rank 0's (the fused W8A8 one where it applies), without the add
+            out = w8a8_gated_down(mlp, normed, packed=runs_forward(mlp, PackedGatedMLP)) if how == "fp8" else None
+            if out is None:
+                out = mlp.down_proj(gated_hidden(mlp, normed))
     finally:  # the module's DTensors back in place, whatever happened
         shards.restore(frame)
     return shards.all_reduce(out)
