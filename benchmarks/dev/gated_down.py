@@ -2,7 +2,8 @@
 """A W8A8 prefill's gated MLP tail, ``down_proj(act(gate) * up)``, fused against unfused: the product quantized as
 it is formed (``fp8_gemm.quantize_gated_fp8``) and the down GEMM over it (``fp8_gated_linear``), against what the
 patched model ran before (torch's SiLU, the product, ``fp8_linear``'s quantization and GEMM) and against
-transformers' bf16 tail (SiLU, product, cuBLAS ``nn.Linear``).
+transformers' bf16 tail (SiLU, product, cuBLAS ``nn.Linear``); and the product alone in one pass
+(``fused_gated_mlp.gated_activation``, a 16-bit ``down_proj``'s input) against torch's two kernels.
 
     python -m benchmarks.dev.gated_down                        # Llama-3-8B (I 14336, H 4096), 2048 rows
     python -m benchmarks.dev.gated_down --rows 512,2048,8192 --shapes llama3-8b,qwen3-8b
@@ -44,6 +45,11 @@ def _case(rows: int, inter: int, hidden: int, granularity: str, gbps: float) -> 
     scale_bytes = 4 * (rows if granularity == "row" else rows * -(-inter // 128))
     fused_bytes = 2 * 2 * element + element + scale_bytes  # read gate and up, write E4M3 and scales
     quant_bytes = 2 * element + element + scale_bytes  # read the product, write E4M3 and scales
+    from fused_gated_mlp import gated_activation
+
+    act_bytes = 3 * 2 * element  # read gate and up, write the product (bf16)
+    act_fused = graph_us(lambda: gated_activation(gate, up, "silu"))
+    act_torch = graph_us(lambda: torch.nn.functional.silu(gate) * up)
     fused_q = graph_us(lambda: fp8_gemm.quantize_gated_fp8(gate, up, "silu", granularity))
     quant_only = graph_us(lambda: fp8_gemm.quantize_fp8(hidden_bf16, "e4m3", granularity))
     unfused_fn = lambda: down(torch.nn.functional.silu(gate) * up)  # noqa: E731
@@ -56,6 +62,9 @@ def _case(rows: int, inter: int, hidden: int, granularity: str, gbps: float) -> 
         err = relative_error(fused_fn(), unfused_fn().float())
     return {
         "rows": rows, "intermediate": inter, "hidden": hidden, "granularity": granularity,
+        "gated_activation_us": act_fused,
+        "gated_activation_pct_copy": 100 * act_bytes / (act_fused * 1e-6) / 1e9 / gbps,
+        "torch_silu_times_up_us": act_torch,
         "quantize_gated_us": fused_q, "quantize_gated_pct_copy": 100 * fused_bytes / (fused_q * 1e-6) / 1e9 / gbps,
         "quantize_fp8_of_product_us": quant_only,
         "quantize_fp8_pct_copy": 100 * quant_bytes / (quant_only * 1e-6) / 1e9 / gbps,
@@ -80,6 +89,9 @@ def main() -> None:
                 r = _case(rows, inter, hidden, gran, gbps)
                 r["shape"] = shape
                 results.append(r)
+                print(f"{shape} {rows} rows: gated_activation {r['gated_activation_us']:.1f} us "
+                      f"({r['gated_activation_pct_copy']:.0f} % of copy) vs torch silu(g) * u "
+                      f"{r['torch_silu_times_up_us']:.1f} us")
                 print(f"{shape} {rows} rows {gran}: quantize fused {r['quantize_gated_us']:.1f} us "
                       f"({r['quantize_gated_pct_copy']:.0f} % of copy) vs quantize_fp8 of the product "
                       f"{r['quantize_fp8_of_product_us']:.1f} us ({r['quantize_fp8_pct_copy']:.0f} %); tail fused "

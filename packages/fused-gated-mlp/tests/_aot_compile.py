@@ -1,4 +1,5 @@
-"""Compile the gated-MLP kernels' FP8 variants for sm_90 (Hopper) with Triton's own compiler and ptxas, without a GPU.
+"""Compile the gated-MLP kernels' FP8 variants and ``gated_activation``'s kernel for sm_90 (Hopper) with Triton's own
+compiler and ptxas, without a GPU.
 
 Run as a script by ``test_compile_sm90.py`` in a process without ``TRITON_INTERPRET`` (the interpreter never lowers a
 kernel: the E4M3 up-conversion and the per-K-step scale loads are only checked by compiling). Prints one
@@ -77,6 +78,14 @@ def main() -> int:
         types = {**PTRS, "alpha": "fp32", "limit": "fp32", "norm_eps": "fp32", **dict.fromkeys(INTS, "i32")}
         consts = {**COMMON, "W_SCALING": scaling, **own}
         ok &= compile_sm90(kernel, types, consts, name, 4, own["NUM_STAGES"])
+    # gated_activation's tiles as its plan makes them (4096 products a program, 8 warps): bf16 SwiGLU, fp16 gpt-oss
+    for name, dtype, act in (("gated_activation, bf16 silu", "*bf16", 0), ("gated_activation, fp16 swiglu_oai",
+                                                                          "*fp16", 3)):
+        types = {"gate_ptr": dtype, "up_ptr": dtype, "out_ptr": dtype, "alpha": "fp32", "limit": "fp32",
+                 **dict.fromkeys(["R", "C", "stride_gr", "stride_ur", "stride_or"], "i32")}
+        ok &= compile_sm90(K._gated_activation_kernel, types, dict(ACTIVATION=act, BLOCK_R=4, BLOCK_C=1024), name, 8,
+                           1, no_spills=True, divisible=("gate_ptr", "up_ptr", "out_ptr", "C", "stride_gr",
+                                                         "stride_ur", "stride_or"))
     return 0 if ok else 1
 
 

@@ -9,5 +9,5 @@ from pathlib import Path
 from triton_ops_core.aot import check_compile_script
 
 
-def test_fp8_scaled_kernel_variants_compile_for_sm90():
-    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 16)
+def test_fp8_scaled_and_gated_activation_kernels_compile_for_sm90():
+    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 18)

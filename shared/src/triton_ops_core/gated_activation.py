@@ -1,12 +1,14 @@
-"""The gated activations of transformer MLPs inside Triton kernels (``@triton.jit`` helpers), shared by every
-package that computes ``act(gate) * up``: the fused gated MLP's epilogue and FP8's fused quantization of a gated
-MLP's hidden state.
+"""The gated activations of transformer MLPs, shared by every package that computes ``act(gate) * up``: the fused
+gated MLP's epilogue and its one-pass ``gated_activation``, FP8's fused quantization of a gated MLP's hidden state.
 
-``ACTIVATION_CODES`` maps the names the packages accept to the ``ACTIVATION`` constexpr of :func:`gate_times_up`.
+``ACTIVATION_CODES`` maps the names the packages accept to the ``ACTIVATION`` constexpr of :func:`gate_times_up`
+(``@triton.jit``, fp32); :func:`gated_product` is the same function in PyTorch operations (the references).
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -20,6 +22,25 @@ ACTIVATION_CODES = {
     "gelu_tanh": ACT_GELU_TANH,  # GeGLU with the tanh approximation: Gemma
     "swiglu_oai": ACT_SWIGLU_OAI,  # gpt-oss: clamped gate and up, (up + 1), sigmoid(alpha * gate)
 }
+
+
+# gpt-oss's swiglu_oai constants (transformers' GptOssExperts: alpha 1.702, limit 7.0)
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
+
+
+def gated_product(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = SWIGLU_OAI_ALPHA,
+                  limit: float = SWIGLU_OAI_LIMIT) -> torch.Tensor:
+    """``act(gate) * up`` with PyTorch operations in the inputs' dtype (``activation``: a key of
+    :data:`ACTIVATION_CODES`, already validated)."""
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    g = gate.clamp(max=limit)
+    return g * torch.sigmoid(alpha * g) * (up.clamp(-limit, limit) + 1)
 
 
 @triton.jit

@@ -17,11 +17,10 @@ operations (there is no one-pass kernel for it: the whole product's maximum come
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
-from triton_ops_core.gated_activation import ACTIVATION_CODES
+from triton_ops_core.gated_activation import ACTIVATION_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, gated_product
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.models import FP8Format
@@ -42,9 +41,6 @@ from .validation import SCALE_BLOCK
 
 ACTIVATIONS = tuple(ACTIVATION_CODES)
 GATED_GRANULARITIES = ("tensor", "row", "block")
-# gpt-oss's swiglu_oai defaults (transformers' GptOssExperts: alpha 1.702, limit 7.0)
-SWIGLU_OAI_ALPHA = 1.702
-SWIGLU_OAI_LIMIT = 7.0
 
 _QUANT_PLANS = PlanCache()
 _LINEAR_PLANS = PlanCache()
@@ -65,15 +61,7 @@ def gated_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = "sil
     """``act(gate) * up`` in float32 with torch operations: what the kernels compute before the cast (and the
     per-tensor path, and the backward's recomputation)."""
     check_choice(activation, "activation", ACTIVATIONS)
-    g, u = gate.float(), up.float()
-    if activation == "silu":
-        return F.silu(g) * u
-    if activation == "gelu":
-        return F.gelu(g) * u
-    if activation == "gelu_tanh":
-        return F.gelu(g, approximate="tanh") * u
-    g = g.clamp(max=limit)
-    return g * torch.sigmoid(alpha * g) * (u.clamp(-limit, limit) + 1.0)
+    return gated_product(gate.float(), up.float(), activation, alpha, limit)
 
 
 def _validate_pair(gate: object, up: object, activation: object, granularity: object) -> None:

@@ -6,6 +6,7 @@ or FP8 (E4M3 / E5M2, weight-only, per-channel or 128 x 128 block scales). See ``
 """
 
 from .__about__ import __version__
+from .activation import gated_activation
 from .configs import DECODE_MAX_TOKENS, GATED_MLP_CONFIGS, heuristic_config, select_gated_mlp_config
 from .module import FP8Projection, FusedGatedMLP
 from .ops import (
@@ -28,6 +29,7 @@ __all__ = [
     "clear_caches",
     "dequantize_weight_fp8",
     "fused_gated_mlp",
+    "gated_activation",
     "gated_mlp_reference",
     "heuristic_config",
     "quantize_weight_fp8",

@@ -613,3 +613,18 @@ def _gated_mlp_prefill_kernel(
     _epilogue(acc_g, acc_u, offs_m, offs_n, M, N, bg_ptr, bu_ptr, stride_bg, stride_bu, sg_ptr, su_ptr,
               stride_sg, stride_su, out_ptr, stride_om, alpha, limit, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS,
               W_SCALING)
+
+
+@triton.jit
+def _gated_activation_kernel(gate_ptr, up_ptr, out_ptr, R, C, stride_gr, stride_ur, stride_or, alpha, limit,
+                             ACTIVATION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``out = act(gate) * up`` over a ``[R, C]`` tile grid (unit column strides, any row strides: the halves of a
+    packed gate/up output are read in place), in fp32, rounded once to the output's dtype."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    r64 = rows.to(tl.int64)[:, None]
+    g = tl.load(gate_ptr + r64 * stride_gr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + r64 * stride_ur + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = gate_times_up(g, u, alpha, limit, ACTIVATION)
+    tl.store(out_ptr + r64 * stride_or + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -33,7 +33,7 @@ from triton_ops_core.exceptions import (
     InvalidArgumentError,
     UnsupportedDtypeError,
 )
-from triton_ops_core.gated_activation import ACTIVATION_CODES
+from triton_ops_core.gated_activation import ACTIVATION_CODES, gated_product
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import capturing, direct_call_ok, op_name
 from triton_ops_core.rms_prologue import check_norm, rms_normalized
@@ -817,15 +817,7 @@ def gated_mlp_reference(
         gate = gate + gate_bias.to(gate.dtype)
     if up_bias is not None:
         up = up + up_bias.to(up.dtype)
-    if activation == "silu":
-        return torch.nn.functional.silu(gate) * up
-    if activation == "gelu":
-        return torch.nn.functional.gelu(gate) * up
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(gate, approximate="tanh") * up
-    g = gate.clamp(max=limit)
-    u = up.clamp(-limit, limit)
-    return g * torch.sigmoid(alpha * g) * (u + 1)
+    return gated_product(gate, up, activation, alpha, limit)
 
 
 __all__ = ["FP8_SCALINGS", "FP8_WEIGHT_DTYPES", "SCALE_BLOCK", "clear_caches", "dequantize_weight_fp8",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from fp8_gemm import WEIGHT_ONLY_MAX_M, FP8Linear, fp8_gated_linear, fp8_gemm, fp8_linear, quantize_fp8
-from fused_gated_mlp import FP8Projection, fused_gated_mlp
+from fused_gated_mlp import FP8Projection, fused_gated_mlp, gated_activation
 from fused_moe import fused_moe, moe_experts
 from fused_rmsnorm_rope import rmsnorm
 from torch import nn
@@ -90,8 +90,9 @@ class GatedMLP(nn.Module):
     ``FP8Linear``). Differentiable (the fused op has a backward). ``gate_proj`` / ``up_proj`` may be
     ``fused_gated_mlp.FP8Projection`` modules (FP8 weights and their scales, what ``patch_model(fp8=True)`` makes):
     up to 16 rows (``W8A8_MIN_ROWS - 1``: decode) the kernel then reads the FP8 weights and keeps the activations in
-    their dtype (weight-only FP8); from :data:`W8A8_MIN_ROWS` rows (prefill) gate and up run as two W8A8 FP8 GEMMs,
-    the activation and the product as separate torch operations (see :func:`gated_hidden`).
+    their dtype (weight-only FP8); from :data:`W8A8_MIN_ROWS` rows (prefill) gate and up run as two W8A8 FP8 GEMMs
+    over one quantization of the input, the activation and the product in one pass (see :func:`gated_hidden`), or,
+    with an ``FP8Linear`` ``down_proj``, quantized for it as they are formed (:func:`w8a8_gated_down`).
     """
 
     can_torch_compile = True
@@ -149,7 +150,7 @@ def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None 
     scale = getattr(packed, "weight_scale", None)  # FP8 weights carry their scale
     if scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS:
         gate, up = _w8a8_packed_gate_up(mlp, x if norm is None else norm(x))
-        return up * _TORCH_ACTIVATIONS[act](gate)
+        return gated_activation(gate, up, act)  # the halves read in place
     norm_args = {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.variance_epsilon}
     if scale is not None:
         return fused_gated_mlp(x, weight, None, act, weight_layout="concatenated", gate_scale=scale, **norm_args)
@@ -188,9 +189,10 @@ def instance_forward(module: nn.Module) -> bool:
 ACT_ATTR = "_triton_ops_act"
 
 
-# Beyond FP8Linear's weight-only rows (16: decode), FP8 gate/up run as two W8A8 FP8 GEMMs (:func:`fp8_gemm.fp8_linear`:
-# the activation quantized as the FP8 recipe says, ACTIVATION_GRANULARITY_ATTR), then the activation and the product
-# in the model's dtype, as transformers' own MLP computes them. The fused kernel reads FP8 weights weight-only
+# Beyond FP8Linear's weight-only rows (16: decode), FP8 gate/up run as two W8A8 FP8 GEMMs (fp8_gemm's: the input
+# quantized once as the FP8 recipe says, ACTIVATION_GRANULARITY_ATTR), then the activation and the product in one pass
+# (fused_gated_mlp.gated_activation) or, for an FP8Linear down_proj, its quantization too (w8a8_gated_down). The fused
+# kernel reads FP8 weights weight-only
 # (converted to bf16 in registers for bf16 tensor-core dots), which pays where the weights' bytes are the cost.
 # Measured on the H200 (session 13, Llama-3-8B's gate/up, GPU time per call, fused against W8A8): per-channel scales
 # 171 / 43 us at 32 rows, 69 / 45 at 64, 220 / 89 at 256, 1522 / 518 at 2048; 128x128 blocks 184 / 64 at 32 rows,
@@ -258,9 +260,10 @@ def _kernel_projection(module: nn.Module) -> bool:
 
 def _gated_w8a8(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
     """``act(gate_proj(x)) * up_proj(x)`` from two W8A8 FP8 GEMMs, with the activation scales and accumulation
-    ``patch_model`` recorded from the FP8 recipe."""
+    ``patch_model`` recorded from the FP8 recipe, and the product in one pass (``gated_activation``: computed in
+    fp32 and rounded once, where torch's ``act(gate) * up`` rounds the activation first)."""
     gate, up = _w8a8_gate_up(mlp, x)
-    return _TORCH_ACTIVATIONS[act](gate) * up
+    return gated_activation(gate, up, act)
 
 
 def _w8a8_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
