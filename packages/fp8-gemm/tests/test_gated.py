@@ -18,7 +18,7 @@ from fp8_gemm.quantize import expand_scale
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.testing import assert_close_rel, device_for_tests, opcheck_op
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
@@ -143,7 +143,7 @@ def test_named_errors(device):
     gate, up = _inputs((4, 64), torch.bfloat16, device)
     with pytest.raises(ShapeMismatchError, match="up"):
         quantize_gated_fp8(gate, up[:, :32])
-    with pytest.raises(InvalidArgumentError, match="up"):
+    with pytest.raises(UnsupportedDtypeError, match="up"):
         quantize_gated_fp8(gate, up.float())
     with pytest.raises(InvalidArgumentError, match="activation"):
         quantize_gated_fp8(gate, up, "relu")

@@ -8,7 +8,7 @@ import torch
 from fused_gated_mlp import gated_activation
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
+from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.gated_activation import gated_product
 from triton_ops_core.testing import assert_close_rel, device_for_tests, opcheck_op, poison_
 
@@ -86,7 +86,7 @@ def test_named_errors(device):
     gate, up = _inputs((4, 64), torch.bfloat16, device)
     with pytest.raises(ShapeMismatchError, match="up"):
         gated_activation(gate, up[:, :32])
-    with pytest.raises(Exception, match="up"):
+    with pytest.raises(UnsupportedDtypeError, match="up"):
         gated_activation(gate, up.float())
     with pytest.raises(InvalidArgumentError, match="activation"):
         gated_activation(gate, up, "relu")

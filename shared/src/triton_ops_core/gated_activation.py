@@ -12,6 +12,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .exceptions import ShapeMismatchError
+from .validation.common import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_dtype,
+    check_kernel_device,
+    check_ndim,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+
 ACT_SILU = 0
 ACT_GELU = 1
 ACT_GELU_TANH = 2
@@ -27,6 +39,22 @@ ACTIVATION_CODES = {
 # gpt-oss's swiglu_oai constants (transformers' GptOssExperts: alpha 1.702, limit 7.0)
 SWIGLU_OAI_ALPHA = 1.702
 SWIGLU_OAI_LIMIT = 7.0
+
+
+def check_gate_up(gate: object, up: object, activation: object) -> None:
+    """The inputs of one gated activation: ``gate`` and ``up`` tensors of one shape (at least 1-D), dtype (fp16,
+    bf16 or fp32) and device, on a device the kernels run on, and an activation of :data:`ACTIVATION_CODES`;
+    named errors otherwise."""
+    check_tensor(gate, "gate")
+    check_tensor(up, "up")
+    check_dtype(gate, "gate", FLOAT_DTYPES)
+    check_ndim(gate, "gate", minimum=1)
+    if up.shape != gate.shape:
+        raise ShapeMismatchError(f"up: expected gate's shape {list(gate.shape)}, got {list(up.shape)}")
+    check_same_dtype(gate=gate, up=up)
+    check_same_device(gate=gate, up=up)
+    check_choice(activation, "activation", tuple(ACTIVATION_CODES))
+    check_kernel_device(gate, "gate")
 
 
 def gated_product(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = SWIGLU_OAI_ALPHA,

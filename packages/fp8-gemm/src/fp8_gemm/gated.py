@@ -20,15 +20,18 @@ import torch
 from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
-from triton_ops_core.gated_activation import ACTIVATION_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, gated_product
+from triton_ops_core.gated_activation import (
+    ACTIVATION_CODES,
+    SWIGLU_OAI_ALPHA,
+    SWIGLU_OAI_LIMIT,
+    check_gate_up,
+    gated_product,
+)
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
 from triton_ops_core.models import FP8Format
 from triton_ops_core.validation import (
-    FLOAT_DTYPES,
     check_choice,
-    check_dtype,
-    check_kernel_device,
     check_ndim,
     check_same_device,
     check_tensor,
@@ -65,18 +68,8 @@ def gated_reference(gate: torch.Tensor, up: torch.Tensor, activation: str = "sil
 
 
 def _validate_pair(gate: object, up: object, activation: object, granularity: object) -> None:
-    check_tensor(gate, "gate")
-    check_tensor(up, "up")
-    check_dtype(gate, "gate", FLOAT_DTYPES)
-    check_ndim(gate, "gate", minimum=1)
-    if up.shape != gate.shape:
-        raise ShapeMismatchError(f"up: expected gate's shape {list(gate.shape)}, got {list(up.shape)}")
-    if up.dtype != gate.dtype:
-        raise InvalidArgumentError(f"up: expected gate's dtype {gate.dtype}, got {up.dtype}")
-    check_same_device(gate=gate, up=up)
-    check_choice(activation, "activation", ACTIVATIONS)
+    check_gate_up(gate, up, activation)
     check_choice(granularity, "granularity", GATED_GRANULARITIES)
-    check_kernel_device(gate, "gate")
     if not _fp8_ok(gate.device):
         name = torch.cuda.get_device_name(gate.device) if gate.device.type == "cuda" else str(gate.device)
         raise UnsupportedDtypeError(f"gate: FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or "

@@ -10,24 +10,12 @@ the activation first: the results differ by at most that rounding (about one ulp
 from __future__ import annotations
 
 import torch
-from triton_ops_core.exceptions import ShapeMismatchError
-from triton_ops_core.gated_activation import ACTIVATION_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT
+from triton_ops_core.gated_activation import ACTIVATION_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, check_gate_up
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
-from triton_ops_core.validation.common import (
-    FLOAT_DTYPES,
-    check_choice,
-    check_dtype,
-    check_kernel_device,
-    check_ndim,
-    check_same_device,
-    check_same_dtype,
-    check_tensor,
-)
 
 from . import _kernels as K
 from .ops import _activation_grads  # the fused MLP's backward formulas
-from .validation import ACTIVATIONS
 
 _PLANS = PlanCache()
 _TILE = 4096  # elements a program: 16 KB of bf16 inputs, the memory-bound kernels' usual share
@@ -37,19 +25,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, C]`` with unit column stride (a view where it can be)."""
     t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
-
-
-def _validate(gate: object, up: object, activation: object) -> None:
-    check_tensor(gate, "gate")
-    check_tensor(up, "up")
-    check_dtype(gate, "gate", FLOAT_DTYPES)
-    check_ndim(gate, "gate", minimum=1)
-    if up.shape != gate.shape:
-        raise ShapeMismatchError(f"up: expected gate's shape {list(gate.shape)}, got {list(up.shape)}")
-    check_same_dtype(gate=gate, up=up)
-    check_same_device(gate=gate, up=up)
-    check_choice(activation, "activation", ACTIVATIONS)
-    check_kernel_device(gate, "gate")
 
 
 def _plan(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float, limit: float) -> Plan:
@@ -70,7 +45,7 @@ def _gated_activation(gate, up, activation, alpha, limit) -> torch.Tensor:
         key = None
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
-        _validate(gate, up, activation)
+        check_gate_up(gate, up, activation)
         plan = _plan(gate, up, activation, alpha, limit)
         if key is not None:
             _PLANS.put(key, plan)
