@@ -86,8 +86,8 @@ SHIFT = "-shift"
 # A patched FP8 variant + one of these suffixes: its mixtures of experts converted too, weight-only
 # (``patch_model(fp8_experts=True)``) or W8A8 (``fp8_experts="w8a8"``: the activations quantized per row as well).
 EXPERTS_FP8, EXPERTS_W8A8 = "-experts-fp8", "-experts-w8a8"
-# A patched FP8 variant + this suffix: its W8A8 gated MLP tails unfused (triton_ops.layers.W8A8_GATED_DOWN off while it
-# is measured: the activation, the product, the down projection's quantization and GEMM, as before session 49).
+# A patched FP8 variant + this suffix: its W8A8 gated MLP tails unfused (triton_ops.layers.FUSED_W8A8_TAIL off while
+# it is measured: torch's activation and product, the down projection's own quantization, as before session 49).
 UNFUSED_TAIL = "-unfused-tail"
 # The suffixes a patched variant takes, each group at most once, in this order:
 # ``patched-fp8-default-experts-w8a8-unfused-tail-shift-pdl-keep-release-fused-norms``.
@@ -222,7 +222,7 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
               or (O_PROJ_NORM in options and name == "POST_NORM_IN_O_PROJ"))
         setattr(decoder_layers, name, True if on else default)
     cache_updates.SLIDING_RING = False if SHIFT in options else cache_updates.SHIPPED_SLIDING_RING
-    triton_layers.W8A8_GATED_DOWN = UNFUSED_TAIL not in options
+    triton_layers.FUSED_W8A8_TAIL = UNFUSED_TAIL not in options
     experts = "w8a8" if EXPERTS_W8A8 in options else EXPERTS_FP8 in options
     if experts and not variant.startswith("patched-fp8"):
         raise ValueError(f"{variant}: the experts' FP8 suffixes go with a patched FP8 variant")

@@ -294,7 +294,7 @@ def test_unfused_tail_variants_switch_the_gated_down_fusion_off_for_their_measur
     from triton_ops import layers
     from triton_ops_core.testing import device_for_tests
 
-    monkeypatch.setattr(layers, "W8A8_GATED_DOWN", layers.W8A8_GATED_DOWN)  # restored after the test
+    monkeypatch.setattr(layers, "FUSED_W8A8_TAIL", layers.FUSED_W8A8_TAIL)  # restored after the test
     known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
     assert {"patched-fp8-checkpoint-unfused-tail", "patched-fp8-unfused-tail-pdl"} <= set(known)
     assert "patched-pdl-unfused-tail" not in known and "transformers-unfused-tail" not in known
@@ -304,6 +304,6 @@ def test_unfused_tail_variants_switch_the_gated_down_fusion_off_for_their_measur
     device = device_for_tests()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bm.make_variant("patched-unfused-tail", config, device, dtype)
-    assert layers.W8A8_GATED_DOWN is False
+    assert layers.FUSED_W8A8_TAIL is False
     bm.make_variant("patched", config, device, dtype)
-    assert layers.W8A8_GATED_DOWN is True
+    assert layers.FUSED_W8A8_TAIL is True

@@ -857,7 +857,7 @@ def test_fp8_mlp_beyond_16_rows_quantizes_the_product_for_the_down_gemm_in_one_p
     ids = torch.randint(0, 128, (1, layers.W8A8_MIN_ROWS + 3), device=DEVICE)
     calls.clear()
     with monkeypatch.context() as unfused_path, torch.no_grad():
-        unfused_path.setattr(layers, "W8A8_GATED_DOWN", False)  # the switch: the tail as it ran before
+        unfused_path.setattr(layers, "FUSED_W8A8_TAIL", False)  # the switch: the tail as it ran before
         unfused = reference(ids).logits
     assert not calls
     with torch.no_grad():

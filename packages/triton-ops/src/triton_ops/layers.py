@@ -150,6 +150,8 @@ def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None 
     scale = getattr(packed, "weight_scale", None)  # FP8 weights carry their scale
     if scale is not None and x.numel() >= W8A8_MIN_ROWS * x.shape[-1] and act in _TORCH_ACTIVATIONS:
         gate, up = _w8a8_packed_gate_up(mlp, x if norm is None else norm(x))
+        if not FUSED_W8A8_TAIL:
+            return up * _TORCH_ACTIVATIONS[act](gate)
         return gated_activation(gate, up, act)  # the halves read in place
     norm_args = {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.variance_epsilon}
     if scale is not None:
@@ -263,7 +265,7 @@ def _gated_w8a8(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
     ``patch_model`` recorded from the FP8 recipe, and the product in one pass (``gated_activation``: computed in
     fp32 and rounded once, where torch's ``act(gate) * up`` rounds the activation first)."""
     gate, up = _w8a8_gate_up(mlp, x)
-    return gated_activation(gate, up, act)
+    return gated_activation(gate, up, act) if FUSED_W8A8_TAIL else _TORCH_ACTIVATIONS[act](gate) * up
 
 
 def _w8a8_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,10 +316,11 @@ def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_
                       fast_accum=fast_accum, path="w8a8")
 
 
-# On: W8A8 gated MLP tails run as fp8_gated_linear (w8a8_gated_down). Off: unfused (the activation, the product and the
-# down projection's own quantization and GEMM), for before/after measurements (benchmarks.bench_model's
+# On: a W8A8 gated MLP's tail is fused: act(gate) * up in one pass (gated_activation), or, for an FP8Linear down_proj,
+# quantized for it as it is formed (fp8_gated_linear: w8a8_gated_down). Off: as before session 49 (torch's activation
+# and product, the down projection's own quantization), for before/after measurements (benchmarks.bench_model's
 # "-unfused-tail" variants). Read on every call.
-W8A8_GATED_DOWN = True
+FUSED_W8A8_TAIL = True
 
 
 def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None,
@@ -331,7 +334,7 @@ def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = No
     The product is formed in fp32 and not rounded to the model's dtype before its FP8 cast (the unfused path rounds
     it twice: after the activation and after the product), a difference far below the cast's."""
     down = mlp.down_proj
-    if not W8A8_GATED_DOWN or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
+    if not FUSED_W8A8_TAIL or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
         return None
     if not (isinstance(down, FP8Linear) and _fp8_down_plain(down)):
         return None
