@@ -8,6 +8,7 @@ import pytest
 import torch
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError, UnsupportedDtypeError
 from triton_ops_core.gated_activation import ACTIVATION_CODES, check_gate_up, gated_product
+from triton_ops_core.testing import device_for_tests
 
 
 def test_gated_product_against_closed_forms():
@@ -27,7 +28,7 @@ def test_gated_product_against_closed_forms():
 
 
 def test_check_gate_up_names_each_problem():
-    gate, up = torch.randn(4, 8), torch.randn(4, 8)
+    gate, up = torch.randn(4, 8, device=device_for_tests()), torch.randn(4, 8, device=device_for_tests())
     check_gate_up(gate, up, "silu")
     with pytest.raises(ShapeMismatchError, match="up"):
         check_gate_up(gate, up[:, :4], "silu")

@@ -134,6 +134,10 @@ def test_empty_and_one_column(device):
     gate, up = _inputs((0, 64), torch.bfloat16, device)
     q, s = quantize_gated_fp8(gate, up, "silu", "row")
     assert q.shape == (0, 64) and s.shape == (0, 1)
+    gate, up = _inputs((2, 3, 0), torch.bfloat16, device)  # no columns, leading dimensions
+    for granularity, scale_shape in (("row", (2, 3, 1)), ("block", (6, 0))):
+        q, s = quantize_gated_fp8(gate, up, "silu", granularity)
+        assert q.shape == (2, 3, 0) and s.shape == scale_shape
     gate, up = _inputs((3, 1), torch.bfloat16, device)
     q, s = quantize_gated_fp8(gate, up, "gelu", "block")
     _check_quantized(q, s, gated_reference(gate, up, "gelu"), "block", gate)

@@ -80,6 +80,18 @@ def test_nan_and_infinity_propagate_as_in_torch(device):
 def test_empty(device):
     gate, up = _inputs((0, 16), torch.bfloat16, device)
     assert gated_activation(gate, up).shape == (0, 16)
+    gate, up = _inputs((2, 3, 0), torch.bfloat16, device)
+    assert gated_activation(gate, up).shape == (2, 3, 0)
+
+
+def test_clear_caches_forgets_the_plans(device):
+    import fused_gated_mlp
+    from fused_gated_mlp import activation
+
+    gated_activation(*_inputs((3, 40), torch.bfloat16, device))
+    assert activation._PLANS._plans
+    fused_gated_mlp.clear_caches()
+    assert not activation._PLANS._plans
 
 
 def test_named_errors(device):

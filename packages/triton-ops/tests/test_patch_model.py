@@ -866,6 +866,28 @@ def test_fp8_mlp_beyond_16_rows_quantizes_the_product_for_the_down_gemm_in_one_p
     assert _cosine(fused, unfused) >= 0.999
 
 
+@pytest.mark.parametrize("recipe", ["channel", "block-mlp-out"])  # FP8 down (fused tail) / bf16 down (the product)
+def test_fp8_mlp_beyond_16_rows_is_differentiable_in_its_input(recipe):
+    """A gradient to the input of an FP8 MLP at W8A8 rows: gate and up take ``fp8_linear`` (differentiable, straight
+    through the activation's quantization) instead of the shared quantization, the tail its differentiable op; the
+    input gradient points where the dequantized weights' float MLP's does."""
+    from triton_ops import layers
+
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe=recipe)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, layers.W8A8_MIN_ROWS + 2, mlp.gate_proj.in_features, device=DEVICE, dtype=torch.float32)
+    grad = torch.randn(1, x.shape[1], mlp.down_proj.out_features, device=DEVICE, dtype=torch.float32)
+    ours_x = x.to(DTYPE).clone().requires_grad_(True)
+    mlp(ours_x).float().backward(grad)
+    ref_x = x.clone().requires_grad_(True)
+    h = torch.nn.functional.silu(mlp.gate_proj(ref_x.to(DTYPE)).float()) * mlp.up_proj(ref_x.to(DTYPE)).float()
+    down = mlp.down_proj
+    w_down = down.dequantized_weight() if isinstance(down, FP8Linear) else down.weight.float()
+    (h @ w_down.t()).backward(grad)
+    assert ours_x.grad is not None and torch.isfinite(ours_x.grad).all()
+    assert _cosine(ours_x.grad, ref_x.grad) >= 0.99
+
+
 def _spy(monkeypatch, module, name: str) -> list[dict]:
     """Each ``module.<name>`` call's arguments by name, the call itself unchanged."""
     calls, fn = [], getattr(module, name)

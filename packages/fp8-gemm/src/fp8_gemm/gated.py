@@ -16,6 +16,8 @@ operations (there is no one-pass kernel for it: the whole product's maximum come
 
 from __future__ import annotations
 
+import math
+
 import torch
 from triton_ops_core import scratch as _scratch
 from triton_ops_core.device import is_interpreter
@@ -79,7 +81,7 @@ def _validate_pair(gate: object, up: object, activation: object, granularity: ob
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, C]`` with unit column stride (a view where it can be: a packed gate/up output's halves
     are row-strided views and stay so)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() != 2 else t  # (-1 fails for C == 0)
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 

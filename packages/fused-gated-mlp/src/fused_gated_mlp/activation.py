@@ -9,13 +9,14 @@ the activation first: the results differ by at most that rounding (about one ulp
 
 from __future__ import annotations
 
+import math
+
 import torch
 from triton_ops_core.gated_activation import ACTIVATION_CODES, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, check_gate_up
 from triton_ops_core.launch import Plan, PlanCache, call_key, cdiv, next_pow2
 from triton_ops_core.library import direct_call_ok, op_name
 
 from . import _kernels as K
-from .ops import _activation_grads  # the fused MLP's backward formulas
 
 _PLANS = PlanCache()
 _TILE = 4096  # elements a program: 16 KB of bf16 inputs, the memory-bound kernels' usual share
@@ -23,7 +24,7 @@ _TILE = 4096  # elements a program: 16 KB of bf16 inputs, the memory-bound kerne
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, C]`` with unit column stride (a view where it can be)."""
-    t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    t2 = t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # (-1 fails for C == 0)
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
@@ -84,6 +85,35 @@ def _gated_activation_op(gate: torch.Tensor, up: torch.Tensor, activation: str, 
 @_gated_activation_op.register_fake
 def _(gate, up, activation, alpha, limit):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+def _activation_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, activation: str,
+                      alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d(act(gate) * up)`` with respect to gate and up, given the upstream gradient (all fp32)."""
+    if activation == "silu":
+        s = torch.sigmoid(gate)
+        act = gate * s
+        dact = s * (1.0 + gate * (1.0 - s))
+        return grad * up * dact, grad * act
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(gate * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * gate * gate) * (1.0 / math.sqrt(2.0 * math.pi))
+        return grad * up * (cdf + gate * pdf), grad * gate * cdf
+    if activation == "gelu_tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(c * (gate + 0.044715 * gate**3))
+        act = 0.5 * gate * (1.0 + t)
+        dact = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * gate * gate)
+        return grad * up * dact, grad * act
+    # swiglu_oai: torch.clamp passes the gradient where min <= v <= max, and so do we.
+    g = gate.clamp(max=limit)
+    u = up.clamp(-limit, limit)
+    s = torch.sigmoid(alpha * g)
+    glu = g * s
+    dglu = s * (1.0 + alpha * g * (1.0 - s))
+    d_gate = grad * (u + 1.0) * dglu * (gate <= limit)
+    d_up = grad * glu * ((up >= -limit) & (up <= limit))
+    return d_gate, d_up
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -40,6 +39,8 @@ from triton_ops_core.rms_prologue import check_norm, rms_normalized
 from triton_ops_core.validation import FLOAT_DTYPES, check_choice, check_dtype, check_ndim, check_tensor
 
 from . import _kernels as K
+from .activation import _PLANS as _ACTIVATION_PLANS
+from .activation import _activation_grads
 from .configs import DECODE_MAX_TOKENS, _heuristic, select_gated_mlp_config
 from .validation import FP8_WEIGHT_DTYPES, SCALE_BLOCK, validate_gated_mlp_inputs
 
@@ -357,41 +358,13 @@ def _put(key: tuple, plan: Plan) -> None:
 def clear_caches() -> None:
     """Forget cached launch plans and memoized configs, e.g. after tuning, so the next calls choose again."""
     _PLANS.clear()
+    _ACTIVATION_PLANS.clear()
     _heuristic.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backward: analytic derivatives of act(gate) * up, in fp32
 # ----------------------------------------------------------------------------------------------------------------
-
-def _activation_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, activation: str,
-                      alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``d(act(gate) * up)`` with respect to gate and up, given the upstream gradient (all fp32)."""
-    if activation == "silu":
-        s = torch.sigmoid(gate)
-        act = gate * s
-        dact = s * (1.0 + gate * (1.0 - s))
-        return grad * up * dact, grad * act
-    if activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(gate * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * gate * gate) * (1.0 / math.sqrt(2.0 * math.pi))
-        return grad * up * (cdf + gate * pdf), grad * gate * cdf
-    if activation == "gelu_tanh":
-        c = math.sqrt(2.0 / math.pi)
-        t = torch.tanh(c * (gate + 0.044715 * gate**3))
-        act = 0.5 * gate * (1.0 + t)
-        dact = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * gate * gate)
-        return grad * up * dact, grad * act
-    # swiglu_oai: torch.clamp passes the gradient where min <= v <= max, and so do we.
-    g = gate.clamp(max=limit)
-    u = up.clamp(-limit, limit)
-    s = torch.sigmoid(alpha * g)
-    glu = g * s
-    dglu = s * (1.0 + alpha * g * (1.0 - s))
-    d_gate = grad * (u + 1.0) * dglu * (gate <= limit)
-    d_up = grad * glu * ((up >= -limit) & (up <= limit))
-    return d_gate, d_up
-
 
 def _pack(gate: torch.Tensor, up: torch.Tensor, layout: str) -> torch.Tensor:
     """The inverse of ``split_packed``: one ``[2 * intermediate, ...]`` tensor from the two halves."""

@@ -272,13 +272,16 @@ def _w8a8_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     """``gate_proj(x)``, ``up_proj(x)`` of FP8Projection gate/up as two W8A8 FP8 GEMMs over one quantization of
     ``x`` (the activation scales and accumulation ``patch_model`` recorded from the FP8 recipe; without a record
     as FP8Linear pairs them with gate's weight scales). Bit for bit two ``fp8_linear(..., path="w8a8")`` calls,
-    one quantization launch fewer."""
+    one quantization launch fewer; those two calls themselves where a gradient is recorded (``fp8_linear`` is
+    differentiable in ``x`` and the biases, the quantization and ``fp8_gemm`` are not)."""
     granularity = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None)  # getattr: as ACT_ATTR is read
     fast_accum = getattr(mlp, FAST_ACCUM_ATTR, False)
     gate, up = mlp.gate_proj, mlp.up_proj
     gate_kn, default = _gemm_scale(gate)
     up_kn, up_default = _gemm_scale(up)
-    if granularity is None and up_default != default:  # (mixed weight scalings) each its own pairing
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        b is not None and b.requires_grad for b in (gate.bias, up.bias)))
+    if grad or (granularity is None and up_default != default):  # (mixed weight scalings: each its own pairing)
         return (_w8a8(x, gate, granularity, fast_accum), _w8a8(x, up, granularity, fast_accum))
     a_q, a_s = quantize_fp8(x.reshape(-1, x.shape[-1]), "e4m3", granularity or default)
     lead = x.shape[:-1]
@@ -332,7 +335,7 @@ def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = No
     that does not apply (the caller runs the hidden state, then ``down_proj``). ``norm``: as :func:`gated_hidden`'s.
 
     The product is formed in fp32 and not rounded to the model's dtype before its FP8 cast (the unfused path rounds
-    it twice: after the activation and after the product), a difference far below the cast's."""
+    it first: :func:`gated_activation` once, torch's composition twice), a difference far below the cast's."""
     down = mlp.down_proj
     if not FUSED_W8A8_TAIL or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
         return None
