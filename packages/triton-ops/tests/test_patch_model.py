@@ -866,6 +866,24 @@ def test_fp8_mlp_beyond_16_rows_quantizes_the_product_for_the_down_gemm_in_one_p
     assert _cosine(fused, unfused) >= 0.999
 
 
+def test_fp8_mlp_with_per_tensor_activation_scales_keeps_the_product_in_16_bits(monkeypatch):
+    """Per-tensor activation scales have no one-pass quantization of the product: the MLP's tail is the product in
+    one pass (``gated_activation``, in the model's dtype), then ``down_proj``'s own call."""
+    from triton_ops import layers
+
+    model = patch_model(_model("llama"), fp8=True, fp8_recipe="tensor")
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.down_proj, FP8Linear) and mlp.down_proj.activation_granularity == "tensor"
+    fused, products = _spy(monkeypatch, layers, "fp8_gated_linear"), _spy(monkeypatch, layers, "gated_activation")
+    x = torch.randn(1, layers.W8A8_MIN_ROWS, mlp.gate_proj.in_features, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        ours = mlp(x)
+        h = torch.nn.functional.silu(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()
+        ref = h @ mlp.down_proj.dequantized_weight().t()
+    assert not fused and len(products) == 1
+    assert _cosine(ours, ref) >= 0.99
+
+
 @pytest.mark.parametrize("recipe", ["channel", "block-mlp-out"])  # FP8 down (fused tail) / bf16 down (the product)
 def test_fp8_mlp_beyond_16_rows_is_differentiable_in_its_input(recipe):
     """A gradient to the input of an FP8 MLP at W8A8 rows: gate and up take ``fp8_linear`` (differentiable, straight

@@ -339,7 +339,9 @@ def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = No
     down = mlp.down_proj
     if not FUSED_W8A8_TAIL or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
         return None
-    if not (isinstance(down, FP8Linear) and _fp8_down_plain(down)):
+    # per-tensor activation scales: no one-pass kernel (the product's maximum comes first); the bf16 product of
+    # gated_activation, then down_proj's own quantization, moves fewer bytes than the fp32 product would
+    if not (isinstance(down, FP8Linear) and _fp8_down_plain(down)) or down.activation_granularity == "tensor":
         return None
     act = getattr(mlp, ACT_ATTR, None)
     if act is None:
