@@ -44,6 +44,8 @@ def wgmma_candidates() -> list[dict]:
             out.append({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": group_m, "STAGES": stages, "num_warps": 8})
             out.append({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": group_m, "STAGES": stages, "num_warps": 8,
                         "A_REGS": True})
+    for stages in (3, 4):  # the warp-specialized 128 x 128 kernel (a TMA partition, two consumer warp groups)
+        out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4, "PINGPONG": True})
     return out
 
 
@@ -128,6 +130,7 @@ def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False
         for cfg in wgmma_candidates():
             label = "{}: wgmma {BLOCK_M}x{BLOCK_N} w{num_warps} s{STAGES} g{GROUP_M}".format(kind, **cfg)
             label += " a-regs" if cfg.get("A_REGS") else ""
+            label += " ping-pong" if cfg.get("PINGPONG") else ""
             record(label, lambda: [gemm._launch(aq, b, o, as_, bs, None, a_mode, b_mode, False, "wgmma", cfg)
                                    for (b, bs), o in zip(wq, outs)], ref, kind)
         record(f"{kind}: public fp8_gemm",

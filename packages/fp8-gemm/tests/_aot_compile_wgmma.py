@@ -48,6 +48,15 @@ REGISTER_A_VARIANTS = [
 ]
 
 
+# The warp-specialized 128 x 128 kernel (PINGPONG configs: a TMA partition and two consumer warp groups, one
+# partial each), at its launch's register cap: no spills, no injected waits.
+PINGPONG_VARIANTS = [
+    ("ping-pong 128 x 128, block weights, 1x128 activations, bf16 out", 2, True, "*bf16", False),
+    ("ping-pong 128 x 128, group weights, 1x128 activations, bias", 2, False, "*bf16", True),
+    ("ping-pong 128 x 128, block weights, per-row activations, fp32 out, bias", 1, True, "*fp32", True),
+]
+
+
 def main() -> int:
     if W.fp8_group_gemm_wgmma_kernel is None or not triton.__version__.startswith(W.VALIDATED_TRITON):
         return AOT_UNAVAILABLE  # no Gluon here, or a Triton the package never sends these calls to the kernel on
@@ -64,6 +73,14 @@ def main() -> int:
             consts.update(zip(("BLOCK_M", "BLOCK_N", "GROUP_M", "STAGES", "WARPS_M", "INSTR_N"), W.launch_args(cfg)))
         ok &= compile_sm90(W.kernel_for(cfg), types, consts, name, warps, stages, no_spills=not a_regs,
                            no_injected_waits=True)
+    for name, a_mode, b_blocks, out, bias in PINGPONG_VARIANTS:
+        types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out, "as_ptr": "*fp32", "bs_ptr": "*fp32",
+                 "bias_ptr": "*bf16", **dict.fromkeys(INTS, "i32")}
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4, "PINGPONG": True}
+        consts = dict(A_MODE=a_mode, B_BLOCKS=b_blocks, HAS_BIAS=bias, num_warps=4,
+                      **dict(zip(("GROUP_M", "STAGES", "CONSUMER_REGS"), W.launch_args(cfg))))
+        ok &= compile_sm90(W.kernel_for(cfg), types, consts, name, 4, 4, no_spills=True, no_injected_waits=True,
+                           options=W.launch_options(cfg))
     return 0 if ok else 1
 
 

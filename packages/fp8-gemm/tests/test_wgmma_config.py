@@ -50,6 +50,20 @@ def test_tall_tiles_take_their_own_kernel():
     assert tall in space and {**tall, "STAGES": 5} not in space  # five stages overflow shared memory
 
 
+def test_ping_pong_tiles_take_the_warp_specialized_kernel():
+    pingpong = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4, "PINGPONG": True}
+    assert gemm_wgmma.kernel_for(pingpong) is gemm_wgmma.fp8_scaled_gemm_wgmma_pingpong_kernel
+    assert gemm_wgmma.launch_args(pingpong) == (8, 4, gemm_wgmma.PINGPONG_REGS)
+    # 12 warps (the 4-warp default partition and two consumer warp groups) within the 64K-register file
+    assert gemm_wgmma.launch_options(pingpong) == {"maxnreg": gemm_wgmma.PINGPONG_MAXNREG}
+    assert gemm_wgmma.PINGPONG_MAXNREG * 12 * 32 <= 65536 and 2 * 128 * gemm_wgmma.PINGPONG_REGS < 65536
+    assert gemm_wgmma.launch_options(gemm_wgmma.default_config()) == {}
+    for bad in ({"BLOCK_N": 64}, {"BLOCK_M": 64}, {"num_warps": 8}):
+        with pytest.raises(ValueError, match="ping-pong"):
+            gemm_wgmma.launch_args({**pingpong, **bad})
+    assert all(not c.get("PINGPONG") for c in cfgs.FP8_GEMM_WGMMA_CONFIGS.configs())  # explicit configs only
+
+
 def test_one_stage_is_refused():
     # the loop waits for block kp + 1 before its first refill: with one slot that block would never arrive
     with pytest.raises(ValueError, match="STAGES"):

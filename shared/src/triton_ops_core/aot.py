@@ -22,7 +22,7 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
                  no_spills: bool = False, no_injected_waits: bool = False, divisible: tuple[str, ...] = (),
                  max_loop_instructions: int | None = None, ptx_has: tuple[str, ...] = (),
                  ptx_lacks: tuple[str, ...] = (), no_sync_loop_loads: bool = False,
-                 ptx_before: tuple[tuple[str, str], ...] = ()) -> bool:
+                 ptx_before: tuple[tuple[str, str], ...] = (), options: dict | None = None) -> bool:
     """Compile the ``@triton.jit`` (or ``@gluon.jit``) kernel ``fn`` for sm_90 and print ``OK name`` or
     ``FAIL name: error``.
 
@@ -40,7 +40,8 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
     (:func:`loop_sync_global_loads`; compile with ``divisible`` as the launcher specializes, or unaligned pointers
     make every load synchronous). ``ptx_before``: ``(a, b)`` pairs: also fail unless the PTX holds both and ``a``
     first appears before ``b`` does (an instruction the kernel must issue before another, such as a load before
-    PDL's ``griddepcontrol.wait``). Exits the process with
+    PDL's ``griddepcontrol.wait``). ``options``: further compile options the launch passes (``maxnreg`` of a
+    warp-specialized kernel). Exits the process with
     :data:`AOT_UNAVAILABLE` when this Triton has no ``ASTSource`` / ``GPUTarget`` of the known form. Returns whether
     it compiled.
     """
@@ -77,7 +78,8 @@ def compile_sm90(fn, types: dict[str, str], consts: dict, name: str, warps: int 
             sys.exit(AOT_UNAVAILABLE)
         max_loop_instructions, no_sync_loop_loads = None, False
     try:
-        options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if launch_pdl else {})}
+        options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if launch_pdl else {}),
+                   **(options or {})}
         compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         spills = local_memory_ops(compiled.asm["cubin"]) if no_spills else 0
         injected = injected_wgmma_waits(compiled.asm["ptx"]) if no_injected_waits else []

@@ -285,7 +285,8 @@ def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) 
     tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0), a_mode, b_mode == B_BLOCK,
             bias is not None, *gemm_wgmma.launch_args(cfg))
     return Plan(gemm_wgmma.kernel_for(cfg), (tiles,), tail, cfg["num_warps"],
-                info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True))
+                info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True),
+                **gemm_wgmma.launch_options(cfg))
 
 
 _AMAX_TILE = 8192

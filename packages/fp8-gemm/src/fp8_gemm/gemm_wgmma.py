@@ -172,6 +172,16 @@ if gluon is not None:
         return sa
 
     @gluon.jit
+    def _factors(sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs, A_MODE: gl.constexpr,
+                 B_BLOCKS: gl.constexpr, BLOCK_M: gl.constexpr):
+        # K block kb's row factors: the 1x128 activation scales (else 1), times the tile's 128x128 weight-block
+        # scale for block weights
+        sa = _row_factors(sa_rows, offs_m, kb, SA_K, k_tiles, A_MODE, BLOCK_M)
+        if B_BLOCKS:
+            sa = sa * gl.load(bs_col_ptr + gl.minimum(kb, k_tiles - 1) * stride_bs)
+        return sa
+
+    @gluon.jit
     def _promote(acc, part, s_bufs, sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs,
                  STAGES: gl.constexpr, A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, BLOCK_M: gl.constexpr,
                  mma: gl.constexpr, FIRST: gl.constexpr = False):
@@ -439,8 +449,109 @@ if gluon is not None:
                     num_warps, sub)
         tma.store_wait(pendings=0)
 
+    @gluon.jit
+    def _pingpong_producer(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, off_m, off_n, k_tiles,
+                           STAGES: gl.constexpr, NBYTES: gl.constexpr, B_BLOCKS: gl.constexpr):
+        # the default partition: each K block's operands (and group scales) into its ring slot once both consumers
+        # released the slot's previous block (empty: count 2; a fresh barrier counts as released: phase 1)
+        for kb in range(k_tiles):
+            slot = kb % STAGES
+            mbarrier.wait(empty.index(slot), ((kb // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), NBYTES)
+            tma.async_copy_global_to_shared(a_desc, [off_m, kb * 128], ready.index(slot), a_bufs.index(slot))
+            tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], ready.index(slot), b_bufs.index(slot))
+            if not B_BLOCKS:
+                tma.async_copy_global_to_shared(s_desc, [kb, off_n], ready.index(slot), s_bufs.index(slot))
+
+    @gluon.jit
+    def _pingpong_consumer(half: gl.constexpr, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr,
+                           bias_ptr, off_m, off_n, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE: gl.constexpr,
+                           B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
+                           STAGES: gl.constexpr):
+        # one warp group: rows half * 64 .. + 63 of the 128-row tile. Each K block: its MMA into the partial, the
+        # wait, the slot released, the promotion; the other warp group's MMA runs on the tensor cores meanwhile
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        row0 = off_m + half * 64
+        offs_m = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+        sa_rows = as_ptr + gl.minimum(offs_m, M - 1) * SA_M
+        bs_col_ptr = bs_ptr + off_n // 128
+        acc = gl.zeros([64, BLOCK_N], gl.float32, layout=mma)
+        part = gl.zeros([64, BLOCK_N], gl.float32, layout=mma)
+        for kb in range(k_tiles):
+            slot = kb % STAGES
+            mbarrier.wait(ready.index(slot), (kb // STAGES) & 1)
+            a_half = a_bufs.index(slot).slice(half * 64, 64, dim=0)
+            b_tile = b_bufs.index(slot).permute((1, 0))
+            token = warpgroup_mma(a_half, b_tile, part, use_acc=False, is_async=True)
+            f = _factors(sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs, A_MODE, B_BLOCKS, 64)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_half, b_tile))[0]
+            if B_BLOCKS:
+                acc = gl.fma(part, f[:, None], acc)
+            else:
+                sb = s_bufs.index(slot).load(mma)  # read before the slot is released
+                acc = acc + part * f[:, None] * sb
+            if not B_BLOCKS:
+                fence_async_shared()  # (the generic-proxy read of the scales before the producer's TMA write)
+            mbarrier.arrive(empty.index(slot), count=1)
+        if A_MODE == 0:
+            acc = acc * gl.load(as_ptr)
+        elif A_MODE == 1:
+            acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if HAS_BIAS:
+            acc = _add_bias(acc, bias_ptr, off_n, N, BLOCK_N, 4, mma)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [64, BLOCK_N], c_desc.layout)
+        c_smem.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [row0, off_n], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def fp8_scaled_gemm_wgmma_pingpong_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
+        M, N, K, stride_am, stride_bn, stride_cm, SA_M, SA_K, stride_bs,
+        A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """The 128 x 128 tile of ``fp8_group_gemm_wgmma_kernel`` (same arguments, scales and numerics) with warp
+        specialization: the default partition (``num_warps`` warps) loads the ring by TMA; two worker warp groups
+        (``CONSUMER_REGS`` registers a thread) each own 64 of the tile's rows and run their K blocks one at a time
+        (MMA, wait, promotion), so one group's promotion runs beside the other's MMA on the SM's tensor cores:
+        the overlap the one-partition kernel's schedule loses in ptxas (docs/fp8-gemm.md, session 49). One
+        partial a warp group (no second one in flight). Compiled for sm_90; not yet run on a GPU."""
+        BLOCK_M: gl.constexpr = 128
+        BLOCK_N: gl.constexpr = 128
+        k_tiles = gl.cdiv(K, 128)
+        a_desc, b_desc, s_desc = _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs,
+                                                      k_tiles, BLOCK_M, BLOCK_N, B_BLOCKS)
+        c_desc = _output_descriptor(c_ptr, M, N, stride_cm, 64, BLOCK_N)
+        off_m, off_n = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], ab_layout)
+        s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], s_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # both consumer warp groups release a slot
+        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
+        gl.warp_specialize([
+            (_pingpong_producer, (a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, off_m, off_n,
+                                  k_tiles, STAGES, nbytes, B_BLOCKS)),
+            (_pingpong_consumer, (0, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, off_m,
+                                  off_n, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N,
+                                  STAGES)),
+            (_pingpong_consumer, (1, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, off_m,
+                                  off_n, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N,
+                                  STAGES)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        # (the barriers are not invalidated: the producer partition may finish before the consumers do)
+
+
 else:  # pragma: no cover
-    fp8_group_gemm_wgmma_kernel = fp8_scaled_gemm_wgmma_tall_kernel = None
+    fp8_group_gemm_wgmma_kernel = fp8_scaled_gemm_wgmma_tall_kernel = fp8_scaled_gemm_wgmma_pingpong_kernel = None
 
 
 def default_config() -> dict:
@@ -456,10 +567,24 @@ def default_config() -> dict:
 TALL_BLOCK_M = 256  # a config with this many rows takes the 256 x 128 tile kernel (8 warps)
 
 
+# A config with ``"PINGPONG": True`` takes the warp-specialized 128 x 128 kernel: 4 warps load (the default
+# partition), two warp groups of PINGPONG_REGS registers a thread compute; launched with PINGPONG_MAXNREG so the
+# 12 warps fit the register file (the producer keeps what the consumers leave: 40 a thread).
+PINGPONG_REGS = 232
+PINGPONG_MAXNREG = 168
+
+
 def kernel_for(cfg: dict):
-    """The kernel a config launches: ``fp8_scaled_gemm_wgmma_tall_kernel`` for 256-row tiles, else
-    ``fp8_group_gemm_wgmma_kernel``."""
+    """The kernel a config launches: ``fp8_scaled_gemm_wgmma_pingpong_kernel`` for ``PINGPONG`` configs,
+    ``fp8_scaled_gemm_wgmma_tall_kernel`` for 256-row tiles, else ``fp8_group_gemm_wgmma_kernel``."""
+    if cfg.get("PINGPONG"):
+        return fp8_scaled_gemm_wgmma_pingpong_kernel
     return fp8_scaled_gemm_wgmma_tall_kernel if cfg["BLOCK_M"] == TALL_BLOCK_M else fp8_group_gemm_wgmma_kernel
+
+
+def launch_options(cfg: dict) -> dict:
+    """Launch options beyond ``num_warps`` a config's kernel needs: the register cap of the warp-specialized one."""
+    return {"maxnreg": PINGPONG_MAXNREG} if cfg.get("PINGPONG") else {}
 
 
 def launch_args(cfg: dict) -> tuple:
@@ -467,6 +592,10 @@ def launch_args(cfg: dict) -> tuple:
     bm, bn, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
     if cfg["STAGES"] < 2:  # the loop waits for block kp + 1 before refilling: one slot would never be loaded
         raise ValueError(f"STAGES: expected at least 2, got {cfg['STAGES']}")
+    if cfg.get("PINGPONG"):
+        if bm != 128 or bn != 128 or warps != 4:
+            raise ValueError(f"ping-pong tiles are 128 x 128 on 4 + 8 warps (num_warps 4), got {bm} x {bn} on {warps}")
+        return cfg["GROUP_M"], cfg["STAGES"], PINGPONG_REGS
     if bm == TALL_BLOCK_M:
         if bn != 128 or warps != 8:
             raise ValueError(f"256-row tiles are 256 x 128 on 8 warps, got {bm} x {bn} on {warps}")
@@ -474,5 +603,6 @@ def launch_args(cfg: dict) -> tuple:
     return bm, bn, cfg["GROUP_M"], cfg["STAGES"], warps_per_cta(bm, warps)[0], instr_n(bm, bn, warps)
 
 
-__all__ = ["AVAILABLE", "TALL_BLOCK_M", "default_config", "fp8_group_gemm_wgmma_kernel",
-           "fp8_scaled_gemm_wgmma_tall_kernel", "instr_n", "kernel_for", "launch_args", "warps_per_cta"]
+__all__ = ["AVAILABLE", "PINGPONG_MAXNREG", "PINGPONG_REGS", "TALL_BLOCK_M", "default_config",
+           "fp8_group_gemm_wgmma_kernel", "fp8_scaled_gemm_wgmma_pingpong_kernel", "fp8_scaled_gemm_wgmma_tall_kernel",
+           "instr_n", "kernel_for", "launch_args", "launch_options", "warps_per_cta"]
