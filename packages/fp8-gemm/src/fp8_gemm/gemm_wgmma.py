@@ -46,8 +46,10 @@ except ImportError:  # pragma: no cover - depends on the Triton build
 from triton_ops_core.device import is_interpreter
 
 # Gluon's API is experimental and the kernel's shared-memory ordering relies on the barriers and proxy fences this
-# Triton's compiler inserts (checked in its sm_90 PTX): only the Triton releases it was validated with take it.
-VALIDATED_TRITON = ("3.5", "3.6")
+# Triton's compiler inserts (checked in its sm_90 PTX): only the Triton releases it was validated with take it. Triton
+# 3.5's Gluon lacks tma.make_tensor_descriptor (and takes warp_specialize's partitions in another form): 3.6 only, as
+# the packages require.
+VALIDATED_TRITON = ("3.6",)
 # TRITON_OPS_GLUON=0 sends these calls back to the Triton kernel (read once, at import)
 AVAILABLE = (gluon is not None and not is_interpreter() and os.environ.get("TRITON_OPS_GLUON", "1") != "0"
              and triton.__version__.startswith(VALIDATED_TRITON))
@@ -547,7 +549,7 @@ if gluon is not None:
                                   off_n, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N,
                                   STAGES)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
-        # (the barriers are not invalidated: the producer partition may finish before the consumers do)
+        # (warp_specialize joins the partitions before this point; the barriers die with the program)
 
 
 else:  # pragma: no cover
