@@ -86,13 +86,16 @@ SHIFT = "-shift"
 # A patched FP8 variant + one of these suffixes: its mixtures of experts converted too, weight-only
 # (``patch_model(fp8_experts=True)``) or W8A8 (``fp8_experts="w8a8"``: the activations quantized per row as well).
 EXPERTS_FP8, EXPERTS_W8A8 = "-experts-fp8", "-experts-w8a8"
-# A patched FP8 variant + this suffix: its W8A8 gated MLP tails unfused (triton_ops.layers.FUSED_W8A8_TAIL off while
-# it is measured: torch's activation and product, the down projection's own quantization, as before session 49).
-UNFUSED_TAIL = "-unfused-tail"
+# A patched FP8 variant + one of these suffixes, for before/after measurements of a prefill's W8A8 fusions:
+# "-unfused-norm-fp8": the norms before W8A8 projections write 16 bits and each projection quantizes them
+# (triton_ops.layers.NORM_QUANTIZES_W8A8 off while it is measured, as before session 50); "-unfused-tail": that and
+# the gated MLP tails unfused too (FUSED_W8A8_TAIL off: torch's activation and product, the down projection's own
+# quantization, as before session 49).
+UNFUSED_NORM_FP8, UNFUSED_TAIL = "-unfused-norm-fp8", "-unfused-tail"
 # The suffixes a patched variant takes, each group at most once, in this order:
 # ``patched-fp8-default-experts-w8a8-unfused-tail-shift-pdl-keep-release-fused-norms``.
-SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (UNFUSED_TAIL,), (SHIFT,), (PDL_ON, PDL_OFF), (KEEP_SCRATCH,),
-                 (RELEASE_EARLY, NO_RELEASE), (FUSED_NORMS, INPUT_NORM), (O_PROJ_NORM,))
+SUFFIX_GROUPS = ((EXPERTS_FP8, EXPERTS_W8A8), (UNFUSED_NORM_FP8, UNFUSED_TAIL), (SHIFT,), (PDL_ON, PDL_OFF),
+                 (KEEP_SCRATCH,), (RELEASE_EARLY, NO_RELEASE), (FUSED_NORMS, INPUT_NORM), (O_PROJ_NORM,))
 # The switches as the library ships them, which every other variant is measured with.
 NORM_SWITCHES = ("INPUT_NORM_IN_QKV", "POST_NORM_IN_MLP", "RESIDUAL_IN_MOE_COMBINE", "POST_NORM_IN_O_PROJ")
 # Shapes of the published checkpoints (config.json of meta-llama/Meta-Llama-3-8B and Qwen/Qwen3-8B).
@@ -223,6 +226,7 @@ def make_variant(variant: str, config, device: torch.device, dtype: torch.dtype)
         setattr(decoder_layers, name, True if on else default)
     cache_updates.SLIDING_RING = False if SHIFT in options else cache_updates.SHIPPED_SLIDING_RING
     triton_layers.FUSED_W8A8_TAIL = UNFUSED_TAIL not in options
+    triton_layers.NORM_QUANTIZES_W8A8 = not (UNFUSED_TAIL in options or UNFUSED_NORM_FP8 in options)
     experts = "w8a8" if EXPERTS_W8A8 in options else EXPERTS_FP8 in options
     if experts and not variant.startswith("patched-fp8"):
         raise ValueError(f"{variant}: the experts' FP8 suffixes go with a patched FP8 variant")

@@ -3,7 +3,9 @@
 it is formed (``fp8_gemm.quantize_gated_fp8``) and the down GEMM over it (``fp8_gated_linear``), against what the
 patched model ran before (torch's SiLU, the product, ``fp8_linear``'s quantization and GEMM) and against
 transformers' bf16 tail (SiLU, product, cuBLAS ``nn.Linear``); and the product alone in one pass
-(``fused_gated_mlp.gated_activation``, a 16-bit ``down_proj``'s input) against torch's two kernels.
+(``fused_gated_mlp.gated_activation``, a 16-bit ``down_proj``'s input) against torch's two kernels; and the
+post-attention norm before gate/up: ``fused_add_rmsnorm(..., fp8_out=granularity)`` (the norm's launch writes E4M3 and
+scales) against ``fused_add_rmsnorm`` then ``quantize_fp8`` of its output.
 
     python -m benchmarks.dev.gated_down                        # Llama-3-8B (I 14336, H 4096), 2048 rows
     python -m benchmarks.dev.gated_down --rows 512,2048,8192 --shapes llama3-8b,qwen3-8b
@@ -60,7 +62,8 @@ def _case(rows: int, inter: int, hidden: int, granularity: str, gbps: float) -> 
         unfused, fused = graph_us(unfused_fn), graph_us(fused_fn)
         bf16 = graph_us(bf16_fn)
         err = relative_error(fused_fn(), unfused_fn().float())
-    return {
+    norm = _norm_case(rows, hidden, granularity, gbps)
+    return {**norm,
         "rows": rows, "intermediate": inter, "hidden": hidden, "granularity": granularity,
         "gated_activation_us": act_fused,
         "gated_activation_pct_copy": 100 * act_bytes / (act_fused * 1e-6) / 1e9 / gbps,
@@ -71,6 +74,31 @@ def _case(rows: int, inter: int, hidden: int, granularity: str, gbps: float) -> 
         "tail_unfused_us": unfused, "tail_fused_us": fused, "tail_bf16_cublas_us": bf16,
         "fused_vs_unfused": unfused / fused, "fused_vs_bf16": bf16 / fused, "rel_error_vs_unfused": err,
     }
+
+
+def _norm_case(rows: int, hidden: int, granularity: str, gbps: float) -> dict:
+    """The residual add and RMSNorm writing E4M3 for gate/up, against the 16-bit norm and ``quantize_fp8``."""
+    import fp8_gemm
+    from fused_rmsnorm_rope import fused_add_rmsnorm
+
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    weight = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    element = rows * hidden
+    scale_bytes = 4 * (rows if granularity == "row" else rows * -(-hidden // 128))
+    fused_bytes = 3 * 2 * element + element + scale_bytes  # read x and the residual, write the sum, E4M3, scales
+
+    def unfused():
+        y, _ = fused_add_rmsnorm(x, residual, weight)
+        return fp8_gemm.quantize_fp8(y, "e4m3", granularity)
+
+    fused = lambda: fused_add_rmsnorm(x, residual, weight, fp8_out=granularity)[:2]  # noqa: E731
+    same = all(torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
+                           b.view(torch.uint8) if b.dtype != torch.float32 else b) for a, b in zip(fused(), unfused()))
+    fused_us, unfused_us = graph_us(fused), graph_us(unfused)
+    return {"norm_fp8_out_us": fused_us, "norm_then_quantize_us": unfused_us,
+            "norm_fp8_out_pct_copy": 100 * fused_bytes / (fused_us * 1e-6) / 1e9 / gbps,
+            "norm_fp8_out_bit_identical": same}
 
 
 def main() -> None:
@@ -98,6 +126,9 @@ def main() -> None:
                       f"{r['tail_fused_us']:.1f} us, unfused {r['tail_unfused_us']:.1f} us "
                       f"({r['fused_vs_unfused']:.2f}x), bf16 cuBLAS {r['tail_bf16_cublas_us']:.1f} us "
                       f"({r['fused_vs_bf16']:.2f}x); rel. error {r['rel_error_vs_unfused']:.2e}")
+                print(f"{shape} {rows} rows {gran}: add + norm writing E4M3 {r['norm_fp8_out_us']:.1f} us "
+                      f"({r['norm_fp8_out_pct_copy']:.0f} % of copy) vs add + norm, quantize_fp8 "
+                      f"{r['norm_then_quantize_us']:.1f} us; bit-identical: {r['norm_fp8_out_bit_identical']}")
     out = Path(os.environ.get("OUT", "/tmp")) / "gated_down.json"
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": gbps, "results": results},
                               indent=1))

@@ -36,6 +36,14 @@ def main() -> int:
                        dict(HAS_RESIDUAL=True, GEMMA=False, BLOCK=4096, ONE_PASS=True, FP8_OUT=False, EMULATE=False,
                             PDL=True, RELEASE=True), "rmsnorm with the residual add, PDL", 8,
                        ptx_has=("griddepcontrol.wait", "griddepcontrol.launch_dependents"))
+    # a prefill's W8A8 input: the residual add and norm with E4M3 output in 1x128 blocks, one pass and two
+    fp8 = {**bf16, "Y": "*fp8e4nv", "S": "*fp32"}
+    for n, one_pass in ((4096, True), (8192 + 128, False)):
+        ok &= compile_sm90(R._rmsnorm_kernel, _types(R._rmsnorm_kernel, fp8, ("eps",)),
+                           dict(HAS_RESIDUAL=True, GEMMA=False, BLOCK=min(n, 8192), ONE_PASS=one_pass, FP8_OUT=True,
+                                EMULATE=False, PDL=False, RELEASE=False, FP8_GROUP=128),
+                           f"rmsnorm with the residual add, FP8 1x128 blocks, {'one pass' if one_pass else 'two'}", 8,
+                           no_spills=True, ptx_has=("cvt.rn.satfinite.e4m3x2.f32",))
     # Gemma 3's per-head QK norm and rotation in place (8 q heads and 4 k heads of 256, position ids)
     qk = {n: "*bf16" for n in ("Q", "K", "QO", "KO", "QW", "KW", "COS", "SIN")}
     ok &= compile_sm90(K._qk_norm_rope_fwd_kernel,

@@ -9,4 +9,4 @@ from triton_ops_core.aot import check_compile_script
 
 
 def test_norm_kernels_compile_for_sm90_with_pdl():
-    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 3)
+    check_compile_script(Path(__file__).with_name("_aot_compile.py"), 5)

@@ -172,7 +172,7 @@ def test_modules_adopt_a_transformers_norm():
 @pytest.mark.parametrize("on", [False, True])
 def test_pdl_plans_launch_early(monkeypatch, on):
     """With programmatic dependent launch on for the device (triton_ops_core.pdl), the norm's plan carries ``PDL``
-    (EMULATE the constexpr before it, RELEASE the one after) and ``launch_pdl``; off, neither. With the release
+    (and EMULATE, RELEASE beside it, found by name) and ``launch_pdl``; off, neither. With the release
     switch, a one-row norm (a one-sequence decode step) lets the next kernel launch once it runs; two rows do not.
     Plans only."""
     import importlib
@@ -184,15 +184,17 @@ def test_pdl_plans_launch_early(monkeypatch, on):
     monkeypatch.setattr(pdl, "RELEASE_SHORT", False)
     x, w, r = norm_inputs((2, 64), torch.bfloat16, 0)
     rms._PLANS.clear()
+    names = rms._rmsnorm_kernel.arg_names
+    emulate_at, pdl_at, release_at = (names.index(n) - names.index("n_rows") for n in ("EMULATE", "PDL", "RELEASE"))
     plan = rms._plan(x, w, 1e-6, r, False, False)
-    assert plan.tail[-2] is on and plan.options.get("launch_pdl", False) is on
-    assert plan.tail[-3] is False  # EMULATE: an FP8 output under the interpreter only
-    assert plan.tail[-1] is False  # RELEASE: the switch is off
+    assert plan.tail[pdl_at] is on and plan.options.get("launch_pdl", False) is on
+    assert plan.tail[emulate_at] is False  # EMULATE: an FP8 output under the interpreter only
+    assert plan.tail[release_at] is False  # RELEASE: the switch is off
     monkeypatch.setattr(pdl, "RELEASE_SHORT", True)
     monkeypatch.setattr(pdl, "TRIGGER", "end")
     monkeypatch.setattr(pdl, "sm_count", lambda device, cpu: 132)
     rms._PLANS.clear()
-    assert rms._plan(x, w, 1e-6, r, False, False).tail[-1] is False  # two rows
+    assert rms._plan(x, w, 1e-6, r, False, False).tail[release_at] is False  # two rows
     x1, w1, r1 = norm_inputs((1, 64), torch.bfloat16, 0)
-    assert rms._plan(x1, w1, 1e-6, r1, False, False).tail[-1] is on
+    assert rms._plan(x1, w1, 1e-6, r1, False, False).tail[release_at] is on
     rms._PLANS.clear()

@@ -295,8 +295,11 @@ def test_unfused_tail_variants_switch_the_gated_down_fusion_off_for_their_measur
     from triton_ops_core.testing import device_for_tests
 
     monkeypatch.setattr(layers, "FUSED_W8A8_TAIL", layers.FUSED_W8A8_TAIL)  # restored after the test
+    monkeypatch.setattr(layers, "NORM_QUANTIZES_W8A8", layers.NORM_QUANTIZES_W8A8)
     known = bm.known_variants(bm.VARIANTS + bm.EXTRA_VARIANTS)
-    assert {"patched-fp8-checkpoint-unfused-tail", "patched-fp8-unfused-tail-pdl"} <= set(known)
+    assert {"patched-fp8-checkpoint-unfused-tail", "patched-fp8-unfused-tail-pdl",
+            "patched-fp8-checkpoint-unfused-norm-fp8"} <= set(known)
+    assert "patched-fp8-unfused-norm-fp8-unfused-tail" not in known  # one of the group
     assert "patched-pdl-unfused-tail" not in known and "transformers-unfused-tail" not in known
     assert bm.split_variant("patched-fp8-checkpoint-unfused-tail-pdl") == (
         "patched-fp8-checkpoint", frozenset({bm.UNFUSED_TAIL, bm.PDL_ON}))
@@ -304,6 +307,8 @@ def test_unfused_tail_variants_switch_the_gated_down_fusion_off_for_their_measur
     device = device_for_tests()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bm.make_variant("patched-unfused-tail", config, device, dtype)
-    assert layers.FUSED_W8A8_TAIL is False
+    assert layers.FUSED_W8A8_TAIL is False and layers.NORM_QUANTIZES_W8A8 is False
+    bm.make_variant("patched-unfused-norm-fp8", config, device, dtype)
+    assert layers.FUSED_W8A8_TAIL is True and layers.NORM_QUANTIZES_W8A8 is False
     bm.make_variant("patched", config, device, dtype)
-    assert layers.FUSED_W8A8_TAIL is True
+    assert layers.FUSED_W8A8_TAIL is True and layers.NORM_QUANTIZES_W8A8 is True

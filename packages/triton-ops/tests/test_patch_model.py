@@ -6,6 +6,7 @@ Runs under the interpreter on CPU (fp32) and on a GPU (bf16). More on the attent
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 
 import pytest
@@ -864,6 +865,64 @@ def test_fp8_mlp_beyond_16_rows_quantizes_the_product_for_the_down_gemm_in_one_p
         fused = model(ids).logits
     assert len(calls) == len(model.model.layers)
     assert _cosine(fused, unfused) >= 0.999
+
+
+# 128x128 weight blocks pack q/k/v only where each projection's rows are whole blocks: heads of 64, 2 + 2 of them
+_BLOCK_PACKABLE = {**SMALL, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+                   "num_key_value_heads": 2, "head_dim": 64}
+
+
+@pytest.mark.parametrize(("kind", "config", "recipe", "scaling", "packs"), [
+    ("llama", SMALL, "channel", "row", True),  # FP8 down: the fused tail after gate/up
+    ("llama", _BLOCK_PACKABLE, "block", "block", True),
+    ("llama", SMALL, "block", "block", False),  # q/k/v not packed (rows of 64 and 32): only the MLP's norm quantizes
+    ("qwen3", _BLOCK_PACKABLE, "block-mlp-out", "block", True),  # bf16 down; Qwen3's QK norm after q/k/v
+])
+def test_fp8_prefill_norms_write_their_output_quantized_for_the_w8a8_gemms(kind, config, recipe, scaling, packs,
+                                                                            monkeypatch):
+    """At W8A8 rows (a prefill) the input norm's launch quantizes for the packed q/k/v GEMM, the post-attention
+    norm's (with the residual add) for gate/up, as those GEMMs take it (per row or per 1x128 block): no
+    quantization launch of their own, and the logits bit for bit those of the norms' 16-bit outputs quantized by the
+    projections (the switch off). At 16 rows (weight-only FP8) nothing changes."""
+    from triton_ops import layers
+    from triton_ops.models import layers as model_layers
+
+    norm_ops = importlib.import_module("fused_rmsnorm_rope.ops.rmsnorm")  # (ops.rmsnorm is the function)
+    decoder_layers = importlib.import_module("triton_ops.models.decoder_layers")
+    torch.manual_seed(0)
+    model = getattr(transformers, CLASSES[kind])(getattr(transformers, f"{CLASSES[kind][:-11]}Config")(**config))
+    model = model.to(DEVICE, DTYPE).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model = patch_model(model, fp8=True, fp8_recipe=recipe)
+    n_layers = len(model.model.layers)
+    quantized = _spy(monkeypatch, layers, "quantize_fp8")
+    fused_norms = []
+    for module, name in ((model_layers, "rmsnorm"), (decoder_layers, "fused_add_rmsnorm")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, **k: fused_norms.append(k.get("fp8_out")) or _fn(*a, **k))
+    quantizations = _spy(monkeypatch, norm_ops, "_forward_fp8")
+    ids = torch.randint(0, 128, (1, layers.W8A8_MIN_ROWS + 5), device=DEVICE)
+    with torch.no_grad():
+        ours = model(ids).logits
+    packed = sum(PACKING_ATTR in layer.self_attn.__dict__ for layer in model.model.layers)
+    assert packed == (n_layers if packs else 0)
+    # each layer's post-attention norm, and its input norm where q/k/v are one GEMM
+    assert fused_norms.count(scaling) == n_layers + packed
+    assert [c["fp8_out"] for c in quantizations] == [scaling] * (n_layers + packed)
+    assert not quantized  # gate/up: no quantization launch of their own
+    with monkeypatch.context() as off, torch.no_grad():
+        off.setattr(layers, "NORM_QUANTIZES_W8A8", False)
+        fused_norms.clear()
+        unfused = model(ids).logits
+    assert not any(fused_norms) and len(quantized) == n_layers  # gate/up's own quantization, once a layer
+    assert torch.equal(ours, unfused)
+    fused_norms.clear()
+    with torch.no_grad():
+        model(ids[:, :layers.W8A8_MIN_ROWS - 1])  # weight-only FP8: the 16-bit norms
+    assert not any(fused_norms)
 
 
 def test_fp8_mlp_with_per_tensor_activation_scales_keeps_the_product_in_16_bits(monkeypatch):

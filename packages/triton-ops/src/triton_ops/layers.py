@@ -9,7 +9,7 @@ local ``kernels`` repository whose ``layers`` is this module, for ``kernels.kern
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from fp8_gemm import WEIGHT_ONLY_MAX_M, FP8Linear, fp8_gated_linear, fp8_gemm, fp8_linear, quantize_fp8
@@ -140,6 +140,9 @@ def packed_gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None 
     act = getattr(mlp, ACT_ATTR, None)  # (see gated_hidden)
     if act is None:
         act = mlp_activation(mlp)
+    if type(x) is NormedFP8:  # quantized by the norm's launch for the W8A8 GEMM (mlp_input_scaling said so)
+        gate, up = _w8a8_packed_gate_up(mlp, x)
+        return gated_activation(gate, up, act) if FUSED_W8A8_TAIL else up * _TORCH_ACTIVATIONS[act](gate)
     packed = mlp.gate_up_proj
     weight = getattr(packed, "weight", None)
     if not (_kernel_projection(packed) and packed.bias is None and type(weight) in (torch.Tensor, nn.Parameter)):
@@ -227,6 +230,8 @@ def gated_hidden(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None)
     act = getattr(mlp, ACT_ATTR, None)  # not mlp.__dict__.get: see models.layers.packed_projections
     if act is None:
         act = mlp_activation(mlp)  # InvalidArgumentError for one the kernel lacks
+    if type(x) is NormedFP8:  # quantized by the norm's launch for the W8A8 GEMMs (mlp_input_scaling said so)
+        return _gated_w8a8(mlp, x, act)
     gate, up = mlp.gate_proj, mlp.up_proj
     if not (_kernel_projection(gate) and _kernel_projection(up)):  # e.g. a LoRA wrapper: the modules' own calls
         if norm is not None:
@@ -268,35 +273,45 @@ def _gated_w8a8(mlp: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor:
     return gated_activation(gate, up, act) if FUSED_W8A8_TAIL else _TORCH_ACTIVATIONS[act](gate) * up
 
 
-def _w8a8_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _w8a8_gate_up(mlp: nn.Module, x: torch.Tensor | NormedFP8) -> tuple[torch.Tensor, torch.Tensor]:
     """``gate_proj(x)``, ``up_proj(x)`` of FP8Projection gate/up as two W8A8 FP8 GEMMs over one quantization of
     ``x`` (the activation scales and accumulation ``patch_model`` recorded from the FP8 recipe; without a record
-    as FP8Linear pairs them with gate's weight scales). Bit for bit two ``fp8_linear(..., path="w8a8")`` calls,
-    one quantization launch fewer; those two calls themselves where a gradient is recorded (``fp8_linear`` is
-    differentiable in ``x`` and the biases, the quantization and ``fp8_gemm`` are not)."""
+    as FP8Linear pairs them with gate's weight scales), or over ``x`` as the norm's launch quantized it
+    (:class:`NormedFP8`). Bit for bit two ``fp8_linear(..., path="w8a8")`` calls, one quantization launch fewer;
+    those two calls themselves where a gradient is recorded (``fp8_linear`` is differentiable in ``x`` and the
+    biases, the quantization and ``fp8_gemm`` are not)."""
     granularity = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None)  # getattr: as ACT_ATTR is read
     fast_accum = getattr(mlp, FAST_ACCUM_ATTR, False)
     gate, up = mlp.gate_proj, mlp.up_proj
     gate_kn, default = _gemm_scale(gate)
     up_kn, up_default = _gemm_scale(up)
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        b is not None and b.requires_grad for b in (gate.bias, up.bias)))
-    if grad or (granularity is None and up_default != default):  # (mixed weight scalings: each its own pairing)
-        return (_w8a8(x, gate, granularity, fast_accum), _w8a8(x, up, granularity, fast_accum))
-    a_q, a_s = quantize_fp8(x.reshape(-1, x.shape[-1]), "e4m3", granularity or default)
-    lead = x.shape[:-1]
-    g = fp8_gemm(a_q, gate.weight.t(), a_scale=a_s, b_scale=gate_kn, out_dtype=x.dtype, bias=gate.bias,
+    if type(x) is NormedFP8:
+        (a_q, a_s), lead, dtype = x.rows(), x.q.shape[:-1], x.dtype
+    else:
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            b is not None and b.requires_grad for b in (gate.bias, up.bias)))
+        if grad or (granularity is None and up_default != default):  # (mixed weight scalings: each its own pairing)
+            return (_w8a8(x, gate, granularity, fast_accum), _w8a8(x, up, granularity, fast_accum))
+        a_q, a_s = quantize_fp8(x.reshape(-1, x.shape[-1]), "e4m3", granularity or default)
+        lead, dtype = x.shape[:-1], x.dtype
+    g = fp8_gemm(a_q, gate.weight.t(), a_scale=a_s, b_scale=gate_kn, out_dtype=dtype, bias=gate.bias,
                  fast_accum=fast_accum)
-    u = fp8_gemm(a_q, up.weight.t(), a_scale=a_s, b_scale=up_kn, out_dtype=x.dtype, bias=up.bias,
+    u = fp8_gemm(a_q, up.weight.t(), a_scale=a_s, b_scale=up_kn, out_dtype=dtype, bias=up.bias,
                  fast_accum=fast_accum)
     return g.view(*lead, g.shape[-1]), u.view(*lead, u.shape[-1])
 
 
-def _w8a8_packed_gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The halves of a packed FP8 ``gate_up_proj(x)`` (one W8A8 GEMM): row-strided views, read in place by
-    :func:`fp8_gemm.fp8_gated_linear`."""
+def _w8a8_packed_gate_up(mlp: nn.Module, x: torch.Tensor | NormedFP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The halves of a packed FP8 ``gate_up_proj(x)`` (one W8A8 GEMM; over ``x`` as the norm's launch quantized
+    it for a :class:`NormedFP8`): row-strided views, read in place by :func:`fp8_gemm.fp8_gated_linear`."""
     granularity, fast_accum = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None), getattr(mlp, FAST_ACCUM_ATTR, False)
-    return _w8a8(x, mlp.gate_up_proj, granularity, fast_accum).chunk(2, dim=-1)
+    projection = mlp.gate_up_proj
+    if type(x) is NormedFP8:
+        a_q, a_s = x.rows()
+        out = fp8_gemm(a_q, projection.weight.t(), a_scale=a_s, b_scale=_gemm_scale(projection)[0],
+                       out_dtype=x.dtype, bias=projection.bias, fast_accum=fast_accum)
+        return out.view(*x.q.shape[:-1], out.shape[-1]).chunk(2, dim=-1)
+    return _w8a8(x, projection, granularity, fast_accum).chunk(2, dim=-1)
 
 
 def _gemm_scale(projection: nn.Module) -> tuple[torch.Tensor, str]:
@@ -319,6 +334,59 @@ def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_
                       fast_accum=fast_accum, path="w8a8")
 
 
+class NormedFP8(NamedTuple):
+    """A gated MLP's input as the RMSNorm's launch before it wrote it for the MLP's W8A8 gate/up GEMMs
+    (``fused_rmsnorm_rope``'s ``fp8_out``; :func:`mlp_input_scaling` tells when): E4M3 values ``[..., hidden]``,
+    their scales (``[..., 1]`` per row or ``[..., hidden / 128]`` per 1x128 block) and the model's activation dtype
+    (the GEMMs' output). The same bits as quantizing the norm's 16-bit output, without writing and reading it."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values and scales as the GEMM's 2-D ``[rows, hidden]`` activation."""
+        return self.q.view(-1, self.q.shape[-1]), self.scale.view(-1, self.scale.shape[-1])
+
+
+# On: a prefill's RMSNorm before W8A8 FP8 projections (the packed q/k/v, a gated MLP's gate/up) writes its output
+# quantized as those GEMMs take it (per row or per 1x128 block, fused_rmsnorm_rope's fp8_out), so the activation is
+# not written in 16 bits and read back by a quantization launch. Off: the norm's 16-bit output, then the projection's
+# own quantization (the same bits), for before/after measurements (benchmarks.bench_model's "-unfused-norm-fp8"
+# variants). Read on every call.
+NORM_QUANTIZES_W8A8 = True
+
+
+def mlp_input_scaling(mlp: nn.Module, x: torch.Tensor) -> str:
+    """The activation scaling (``"row"`` or ``"block"``) under which a patched gated MLP (:class:`GatedMLP`,
+    :class:`PackedGatedMLP`) runs its gate/up as W8A8 GEMMs over one quantization of its input ``x`` (its norm's
+    output), which the norm's launch can write (:class:`NormedFP8`), else ``""``: :data:`W8A8_MIN_ROWS` rows or more,
+    FP8 projections the GEMMs read (plain tensors, no hooks; the packed one without bias), per-row or 1x128
+    activation scales (the recipe's, or FP8Linear's pairing with the weights' scales), an activation of ours,
+    nothing to differentiate, and :data:`NORM_QUANTIZES_W8A8` on."""
+    if not NORM_QUANTIZES_W8A8 or torch.is_grad_enabled() or type(x) is not torch.Tensor:
+        return ""
+    if x.dim() == 0 or x.numel() < W8A8_MIN_ROWS * x.shape[-1] or mlp._forward_hooks or mlp._forward_pre_hooks:
+        return ""
+    if runs_forward(mlp, PackedGatedMLP):
+        projections = (mlp.gate_up_proj,)
+        if projections[0].bias is not None:
+            return ""
+    elif runs_forward(mlp, GatedMLP):
+        projections = (mlp.gate_proj, mlp.up_proj)
+    else:
+        return ""
+    if getattr(mlp, ACT_ATTR, None) not in _TORCH_ACTIVATIONS:
+        return ""
+    if not all(_kernel_projection(p) and _fp8_weight(p) for p in projections):
+        return ""
+    granularity = getattr(mlp, ACTIVATION_GRANULARITY_ATTR, None)
+    if granularity is None:  # FP8Linear's pairing, one for both projections
+        pairings = {_gemm_scale(p)[1] for p in projections}
+        granularity = pairings.pop() if len(pairings) == 1 else None
+    return granularity if granularity in ("row", "block") else ""
+
+
 # On: a W8A8 gated MLP's tail is fused: act(gate) * up in one pass (gated_activation), or, for an FP8Linear down_proj,
 # quantized for it as it is formed (fp8_gated_linear: w8a8_gated_down). Off: as before session 49 (torch's activation
 # and product, the down projection's own quantization), for before/after measurements (benchmarks.bench_model's
@@ -326,18 +394,20 @@ def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_
 FUSED_W8A8_TAIL = True
 
 
-def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor, norm: nn.Module | None = None,
+def w8a8_gated_down(mlp: nn.Module, x: torch.Tensor | NormedFP8, norm: nn.Module | None = None,
                     packed: bool = False) -> torch.Tensor | None:
     """``down_proj(act(gate) * up)`` of a gated MLP (:class:`GatedMLP`, or :class:`PackedGatedMLP` with ``packed``)
     whose FP8 gate/up run W8A8 (:data:`W8A8_MIN_ROWS` rows or more, see :func:`gated_hidden`) and whose
     ``down_proj`` is a plain :class:`~fp8_gemm.FP8Linear` on its W8A8 path: the product quantized in the pass that
     forms it and the down GEMM over it (:func:`fp8_gemm.fp8_gated_linear`), never written in 16 bits. None where
     that does not apply (the caller runs the hidden state, then ``down_proj``). ``norm``: as :func:`gated_hidden`'s.
+    ``x`` may be a :class:`NormedFP8` (the input as its norm's launch quantized it for gate/up).
 
     The product is formed in fp32 and not rounded to the model's dtype before its FP8 cast (the unfused path rounds
     it first: :func:`gated_activation` once, torch's composition twice), a difference far below the cast's."""
     down = mlp.down_proj
-    if not FUSED_W8A8_TAIL or x.numel() < W8A8_MIN_ROWS * x.shape[-1]:
+    rows = x.q if type(x) is NormedFP8 else x
+    if not FUSED_W8A8_TAIL or rows.numel() < W8A8_MIN_ROWS * rows.shape[-1]:
         return None
     # per-tensor activation scales: no one-pass kernel (the product's maximum comes first); the bf16 product of
     # gated_activation, then down_proj's own quantization, moves fewer bytes than the fp32 product would

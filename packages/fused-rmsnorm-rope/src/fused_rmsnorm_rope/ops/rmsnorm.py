@@ -38,14 +38,30 @@ from ..config import get_norm_config
 # One pass keeps the row in registers up to this many elements (Llama-70B's 8192 included); longer rows loop twice
 # over the row (sum of squares, then normalize) in tiles of this size.
 MAX_ONE_PASS = 8192
+# The FP8 output's scalings: one scale per row, or per 1 x 128 block of a row (DeepSeek-V3's activation blocks,
+# fp8_gemm's A_BLOCK: what block- and group-scaled FP8 weights pair with)
+FP8_OUT_GROUP = {"row": 0, "block": 128}
 
 
 @triton.jit
-def _fp8_row_out(y, mask, y_ptrs, S, row, EMULATE: tl.constexpr):
+def _fp8_row_out(y, mask, y_ptrs, s_ptr, EMULATE: tl.constexpr):
     """One row's FP8 output: the scale of its (already rounded) values and their E4M3 cast, stored."""
     scale, inv, _ = group_scale(tl.max(finite_abs(y), axis=0), 0.0, False, 448.0)
     store_fp8(y_ptrs, y * inv, mask, True, EMULATE)
-    tl.store(S + row, scale)
+    tl.store(s_ptr, scale)
+
+
+@triton.jit
+def _fp8_groups_out(y, c0, N, y_row, s_row, BLOCK: tl.constexpr, GROUP: tl.constexpr, EMULATE: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK`` of a row's FP8 output in 1 x ``GROUP`` blocks (``c0`` a multiple of ``GROUP``):
+    each block's scale from its own (already rounded) values, as ``quantize_fp8(..., "block")`` computes it."""
+    groups = tl.reshape(finite_abs(y), [BLOCK // GROUP, GROUP])
+    scale, inv, _ = group_scale(tl.max(groups, axis=1), 0.0, False, 448.0)
+    q = tl.reshape(tl.reshape(y, [BLOCK // GROUP, GROUP]) * inv[:, None], [BLOCK])
+    c = c0 + tl.arange(0, BLOCK)
+    store_fp8(y_row + c, q, c < N, True, EMULATE)
+    g = c0 // GROUP + tl.arange(0, BLOCK // GROUP)
+    tl.store(s_row + g, scale, mask=g * GROUP < N)
 
 
 @triton.jit
@@ -78,20 +94,21 @@ def _normalized(src, W, c, N, rstd, GEMMA: tl.constexpr):
 
 
 @triton.jit
-def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_y, stride_ro, eps,
+def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_y, stride_ro, stride_s, eps,
                     HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
                     FP8_OUT: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
-                    RELEASE: tl.constexpr = False):
+                    RELEASE: tl.constexpr = False, FP8_GROUP: tl.constexpr = 0):
     """``FP8_OUT``: the normalized row is rounded to the activation dtype (what ``rmsnorm`` returns), then
-    quantized per row to E4M3 into ``Y`` with its scale in ``S[row]``: bit-identical to ``quantize_fp8`` of
-    ``rmsnorm``'s output, without writing and reading that output. ``Y`` is a uint8 view under ``EMULATE``.
+    quantized to E4M3 into ``Y``, per row with its scale in ``S[row * stride_s]``, or with ``FP8_GROUP`` in blocks of
+    1 x ``FP8_GROUP`` columns with their scales in ``S[row * stride_s + block]``: bit-identical to ``quantize_fp8``
+    of ``rmsnorm``'s output, without writing and reading that output. ``Y`` is a uint8 view under ``EMULATE``.
     ``PDL`` (``triton_ops_core.pdl``): launched early, the program waits for the previous kernel first; with
     ``RELEASE`` (a grid of one wave: ``pdl.release_early``) the next kernel may launch once this one runs."""
     pdl_launch_dependents(PDL)
     pdl_wait(PDL)
     pdl_release(PDL, RELEASE)
     row = tl.program_id(0).to(tl.int64)
-    x_row, y_row = X + row * stride_x, Y + row * stride_y
+    x_row, y_row, s_row = X + row * stride_x, Y + row * stride_y, S + row * stride_s
     r_row, ro_row = R + row * stride_r, R_OUT + row * stride_ro
     cols = tl.arange(0, BLOCK)
     if ONE_PASS:
@@ -111,8 +128,11 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
         if GEMMA:
             w = w + 1.0
         if FP8_OUT:
-            y = (x * rstd * w).to(X.dtype.element_ty).to(tl.float32)
-            _fp8_row_out(tl.where(mask, y, 0.0), mask, y_row + cols, S, row, EMULATE)
+            y = tl.where(mask, (x * rstd * w).to(X.dtype.element_ty).to(tl.float32), 0.0)
+            if FP8_GROUP > 0:
+                _fp8_groups_out(y, 0, N, y_row, s_row, BLOCK, FP8_GROUP, EMULATE)
+            else:
+                _fp8_row_out(y, mask, y_row + cols, s_row, EMULATE)
         else:
             tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
     else:
@@ -131,18 +151,22 @@ def _rmsnorm_kernel(X, R, Y, R_OUT, W, S, n_rows, N, stride_x, stride_r, stride_
         # the source of the normalized values: the program's own residual stores above (read back in the rounded
         # dtype), else x
         src = ro_row if HAS_RESIDUAL else x_row
-        if FP8_OUT:  # a pass for the row's absolute maximum before anything is cast
+        if FP8_OUT and FP8_GROUP == 0:  # a pass for the row's absolute maximum before anything is cast
             amax = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, N, BLOCK):
                 y = _normalized(src, W, start + cols, N, rstd, GEMMA).to(X.dtype.element_ty)
                 amax = tl.maximum(amax, finite_abs(y.to(tl.float32)))
             scale, inv, _ = group_scale(tl.max(amax, axis=0), 0.0, False, 448.0)
-            tl.store(S + row, scale)
+            tl.store(s_row, scale)
         for start in range(0, N, BLOCK):
             c = start + cols
             y = _normalized(src, W, c, N, rstd, GEMMA)
             if FP8_OUT:
-                store_fp8(y_row + c, y.to(X.dtype.element_ty).to(tl.float32) * inv, c < N, True, EMULATE)
+                y = y.to(X.dtype.element_ty).to(tl.float32)
+                if FP8_GROUP > 0:  # a tile holds whole blocks (BLOCK is a multiple of the group): no extra pass
+                    _fp8_groups_out(y, start, N, y_row, s_row, BLOCK, FP8_GROUP, EMULATE)
+                else:
+                    store_fp8(y_row + c, y * inv, c < N, True, EMULATE)
             else:
                 tl.store(y_row + c, y.to(Y.dtype.element_ty), mask=c < N)
 
@@ -196,10 +220,11 @@ def _check_fp8_out(x: torch.Tensor) -> None:
             f"{torch.cuda.get_device_name(x.device) if x.device.type == 'cuda' else x.device}")
 
 
-def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = None, fp8_out: bool = False) -> Plan:
+def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = None, fp8_out: str = "") -> Plan:
     """The cached launch of a call signature (validated on its first call). ``inplace``: the new residual is
     written into ``residual`` itself, else into a fresh contiguous tensor. ``config`` (``{"num_warps": w}``, tuning
-    candidates): that launch config, and the plan is not cached. ``fp8_out``: E4M3 output and per-row scales."""
+    candidates): that launch config, and the plan is not cached. ``fp8_out``: ``""`` (the activation dtype's
+    output), or an E4M3 output with ``"row"`` or ``"block"`` scales (:data:`FP8_OUT_GROUP`)."""
     key = call_key(x, weight, eps, residual, gemma, inplace, fp8_out)
     plan = _PLANS.get(key) if config is None else None
     if plan is not None:
@@ -214,6 +239,8 @@ def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = 
     copy_x, copy_r = x2.data_ptr() != x.data_ptr(), residual is not None and r2.data_ptr() != residual.data_ptr()
     stride_ro = (r2.stride(0) if not copy_r else n) if inplace else n
     block = min(next_pow2(n), MAX_ONE_PASS)
+    group = FP8_OUT_GROUP[fp8_out] if fp8_out else 0
+    block = max(block, group)  # a tile holds whole blocks of the FP8 output
     if config is None:
         def bench(cfg: dict):  # tune-on-first-use candidates: never in place (a fresh residual output each run)
             return lambda: _forward(x, weight, eps, residual, gemma, False, config=cfg)
@@ -228,8 +255,9 @@ def _plan(x, weight, eps, residual, gemma, inplace: bool, config: dict | None = 
         cache = False
     pdl_on = pdl.enabled(x.device)
     tail = (n_rows, n, x2.stride(0) if not copy_x else n, r2.stride(0) if not copy_r else n, n, stride_ro,
-            float(eps), residual is not None, bool(gemma), block, n <= MAX_ONE_PASS, fp8_out,
-            fp8_out and is_interpreter(), pdl_on, pdl.release_early(pdl_on, max(1, n_rows), x.device, n_rows))
+            fp8_scale_shape(x.shape, fp8_out)[-1] if fp8_out else 1, float(eps), residual is not None, bool(gemma),
+            block, n <= MAX_ONE_PASS, bool(fp8_out), bool(fp8_out) and is_interpreter(), pdl_on,
+            pdl.release_early(pdl_on, max(1, n_rows), x.device, n_rows), group)
     plan = Plan(_rmsnorm_kernel, (max(1, n_rows),), tail, int(config["num_warps"]), n_rows,
                 extra=NormNeeds(n, copy_x, copy_r), **pdl.launch_options(pdl_on))
     return _PLANS.put(key, plan) if cache else plan
@@ -247,12 +275,20 @@ def _forward(x, weight, eps, residual, gemma, inplace: bool = False,
 _EMULATE_AT = _rmsnorm_kernel.arg_names.index("EMULATE") - _rmsnorm_kernel.arg_names.index("n_rows")
 
 
-def _forward_fp8(x, weight, eps, residual, gemma,
-                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One launch: ``(E4M3 y, per-row scales [..., 1], new residual)``."""
-    plan = _plan(x, weight, eps, residual, gemma, inplace, fp8_out=True)
+def fp8_scale_shape(shape: tuple[int, ...], fp8_out: str) -> tuple[int, ...]:
+    """The FP8 output's scale shape for an input of ``shape``: ``[..., 1]`` per row, ``[..., ceil(hidden / 128)]``
+    per 1 x 128 block (``quantize_fp8``'s for the 2-D view of the rows)."""
+    group = FP8_OUT_GROUP[fp8_out]
+    return (*shape[:-1], -(-shape[-1] // group) if group else 1)
+
+
+def _forward_fp8(x, weight, eps, residual, gemma, inplace: bool = False,
+                 fp8_out: str = "row") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One launch: ``(E4M3 y, scales, new residual)``: per row ``[..., 1]`` or per 1 x 128 block
+    ``[..., ceil(hidden / 128)]`` (``fp8_out``)."""
+    plan = _plan(x, weight, eps, residual, gemma, inplace, fp8_out=fp8_out)
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    scale = torch.empty(fp8_scale_shape(x.shape, fp8_out), dtype=torch.float32, device=x.device)
     emulate = plan.tail[_EMULATE_AT]  # the interpreter stores bit patterns
     y_arg = y.view(torch.uint8) if emulate else y
     return y, scale, _run(plan, x, weight, residual, inplace, y_arg, scale)
@@ -315,41 +351,46 @@ def _(x, residual, weight, eps, gemma):
     return x.new_empty(x.shape)
 
 
+def _scaling(block: bool) -> str:
+    return "block" if block else "row"
+
+
 @torch.library.custom_op(op_name("rmsnorm_fp8"), mutates_args=())
-def _rmsnorm_fp8_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_fp8(x, weight, eps, None, gemma)[:2]
+def _rmsnorm_fp8_op(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
+                    block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_fp8(x, weight, eps, None, gemma, fp8_out=_scaling(block))[:2]
 
 
-def _fp8_fakes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+def _fp8_fakes(x: torch.Tensor, block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+            x.new_empty(fp8_scale_shape(x.shape, _scaling(block)), dtype=torch.float32))
 
 
 @_rmsnorm_fp8_op.register_fake
-def _(x, weight, eps, gemma):
-    return _fp8_fakes(x)
+def _(x, weight, eps, gemma, block=False):
+    return _fp8_fakes(x, block)
 
 
 @torch.library.custom_op(op_name("fused_add_rmsnorm_fp8"), mutates_args=())
-def _fused_add_fp8_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      gemma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_fp8(x, weight, eps, residual, gemma)
+def _fused_add_fp8_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
+                      block: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_fp8(x, weight, eps, residual, gemma, fp8_out=_scaling(block))
 
 
 @_fused_add_fp8_op.register_fake
-def _(x, residual, weight, eps, gemma):
-    return (*_fp8_fakes(x), x.new_empty(x.shape))
+def _(x, residual, weight, eps, gemma, block=False):
+    return (*_fp8_fakes(x, block), x.new_empty(x.shape))
 
 
 @torch.library.custom_op(op_name("fused_add_rmsnorm_fp8_"), mutates_args=("residual",))
 def _fused_add_fp8_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                              gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_fp8(x, weight, eps, residual, gemma, inplace=True)[:2]
+                              gemma: bool, block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_fp8(x, weight, eps, residual, gemma, inplace=True, fp8_out=_scaling(block))[:2]
 
 
 @_fused_add_fp8_inplace_op.register_fake
-def _(x, residual, weight, eps, gemma):
-    return _fp8_fakes(x)
+def _(x, residual, weight, eps, gemma, block=False):
+    return _fp8_fakes(x, block)
 
 
 def _norm_backward(s: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, grad: torch.Tensor,
@@ -407,6 +448,15 @@ def _check_flag(value: object, name: str) -> None:
         raise InvalidArgumentError(f"{name}: expected a bool, got {value!r}")
 
 
+def _fp8_scaling(fp8_out: object) -> str:
+    """``fp8_out`` as a scaling: ``"row"`` (``True`` too) or ``"block"``."""
+    if fp8_out is True or fp8_out == "row":
+        return "row"
+    if fp8_out == "block":
+        return "block"
+    raise InvalidArgumentError(f"fp8_out: expected False, True, 'row' or 'block', got {fp8_out!r}")
+
+
 def _refuse_grad(*tensors: torch.Tensor | None) -> None:
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors):
         raise InvalidArgumentError("fp8_out: the FP8 output is not differentiable (inference only); run under "
@@ -418,31 +468,34 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = ..., *, gemma: b
             fp8_out: Literal[False] = ...) -> torch.Tensor: ...
 @overload
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = ..., *, gemma: bool = ...,
-            fp8_out: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+            fp8_out: Literal[True, "row", "block"]) -> tuple[torch.Tensor, torch.Tensor]: ...
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False,
-            fp8_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            fp8_out: bool | Literal["row", "block"] = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension (``1 + weight`` with ``gemma``), in one pass.
 
     Args:
         x: ``[..., hidden]`` fp16/bf16/fp32, unit stride in ``hidden`` (any hidden size: rows longer than 8192
             loop twice over the row). weight: ``[hidden]``, any float dtype. eps: added to the mean square.
         gemma: scale by ``1 + weight`` (Gemma's RMSNorm).
-        fp8_out: return ``(y_fp8, y_scale)`` instead: the output quantized per row to ``float8_e4m3fn`` in the same
-            launch (``y ~ y_fp8.float() * y_scale``; ``y_scale``: float32 ``[..., 1]``), ready for ``fp8_gemm`` as
-            its activation with row scales. Bit-identical to ``quantize_fp8(rmsnorm(x, weight, eps), "e4m3",
-            "row")``: the normalized row is rounded to x's dtype first, as the unfused pair does, so a model
-            changes nothing by fusing. Needs FP8 support (compute capability 8.9+, or the interpreter); not
+        fp8_out: return ``(y_fp8, y_scale)`` instead: the output quantized to ``float8_e4m3fn`` in the same launch,
+            ready for ``fp8_gemm`` as its activation. ``True`` or ``"row"``: one scale per row (``y_scale``: float32
+            ``[..., 1]``, ``y ~ y_fp8.float() * y_scale``); ``"block"``: one per 1 x 128 block of a row (``y_scale``:
+            float32 ``[..., ceil(hidden / 128)]``, the activation blocks that block- and group-scaled FP8 weights
+            pair with). Bit-identical to ``quantize_fp8(rmsnorm(x, weight, eps), "e4m3", scaling)`` (for the 2-D
+            view of the rows): the normalized row is rounded to x's dtype first, as the unfused pair does, so a
+            model changes nothing by fusing. Needs FP8 support (compute capability 8.9+, or the interpreter); not
             differentiable.
 
     Returns a new tensor of x's shape and dtype; math in fp32, one rounding. Differentiable in x and weight.
-    Registered as ``torch.ops.triton_ops.rmsnorm`` (``rmsnorm_fp8`` with ``fp8_out``).
+    Registered as ``torch.ops.triton_ops.rmsnorm`` (``rmsnorm_fp8`` with ``fp8_out``, its ``block`` flag for
+    ``"block"``).
     """
     if fp8_out is not False:
-        _check_flag(fp8_out, "fp8_out")
+        scaling = _fp8_scaling(fp8_out)
         _refuse_grad(x, weight)
         if direct_call_ok(x, weight):
-            return _forward_fp8(x, weight, eps, None, gemma)[:2]
-        return _rmsnorm_fp8_op(x, weight, eps, gemma)
+            return _forward_fp8(x, weight, eps, None, gemma, fp8_out=scaling)[:2]
+        return _rmsnorm_fp8_op(x, weight, eps, gemma, scaling == "block")
     if direct_call_ok(x, weight):  # plain eager: no dispatcher round trip
         return _forward(x, weight, eps, None, gemma)[0]
     return _rmsnorm_op(x, weight, eps, gemma)
@@ -455,28 +508,31 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
 @overload
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = ..., *,
                       gemma: bool = ..., inplace: bool = ...,
-                      fp8_out: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+                      fp8_out: Literal[True, "row", "block"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
-                      gemma: bool = False, inplace: bool = False, fp8_out: bool = False) -> tuple[torch.Tensor, ...]:
+                      gemma: bool = False, inplace: bool = False,
+                      fp8_out: bool | Literal["row", "block"] = False) -> tuple[torch.Tensor, ...]:
     """The decoder layer's ``residual = x + residual; y = rmsnorm(residual)`` in one pass: returns ``(y, residual)``.
 
     The new residual is rounded to the activation dtype (as the model's own add rounds it) and the norm reads that
     rounded sum. With ``inplace=True`` the new residual is written into ``residual`` itself (not differentiable)
-    and returned. With ``fp8_out=True``: ``(y_fp8, y_scale, residual)``, ``y`` quantized per row to E4M3 in the
-    same launch (see ``rmsnorm``). Registered as ``torch.ops.triton_ops.fused_add_rmsnorm`` and
-    ``fused_add_rmsnorm_`` (in place), ``fused_add_rmsnorm_fp8`` and ``fused_add_rmsnorm_fp8_``.
+    and returned. With ``fp8_out`` (``True`` / ``"row"``, or ``"block"``): ``(y_fp8, y_scale, residual)``, ``y``
+    quantized to E4M3 in the same launch, per row or per 1 x 128 block (see ``rmsnorm``). Registered as
+    ``torch.ops.triton_ops.fused_add_rmsnorm`` and ``fused_add_rmsnorm_`` (in place), ``fused_add_rmsnorm_fp8``
+    and ``fused_add_rmsnorm_fp8_``.
     """
     _check_flag(inplace, "inplace")
     if fp8_out is not False:
-        _check_flag(fp8_out, "fp8_out")
+        scaling = _fp8_scaling(fp8_out)
+        block = scaling == "block"
         _refuse_grad(x, residual, weight)
         if not inplace:
             if direct_call_ok(x, residual, weight):
-                return _forward_fp8(x, weight, eps, residual, gemma)
-            return _fused_add_fp8_op(x, residual, weight, eps, gemma)
+                return _forward_fp8(x, weight, eps, residual, gemma, fp8_out=scaling)
+            return _fused_add_fp8_op(x, residual, weight, eps, gemma, block)
         if direct_call_ok(x, residual, weight):
-            return (*_forward_fp8(x, weight, eps, residual, gemma, inplace=True)[:2], residual)
-        return (*_fused_add_fp8_inplace_op(x, residual, weight, eps, gemma), residual)
+            return (*_forward_fp8(x, weight, eps, residual, gemma, inplace=True, fp8_out=scaling)[:2], residual)
+        return (*_fused_add_fp8_inplace_op(x, residual, weight, eps, gemma, block), residual)
     if inplace:
         if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (x, residual, weight)):
             raise InvalidArgumentError("inplace: expected False when a gradient is wanted, got True; run in-place "
@@ -498,4 +554,4 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, 
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
 
 
-__all__ = ["MAX_ONE_PASS", "fused_add_rmsnorm", "rmsnorm", "rmsnorm_reference"]
+__all__ = ["FP8_OUT_GROUP", "MAX_ONE_PASS", "fp8_scale_shape", "fused_add_rmsnorm", "rmsnorm", "rmsnorm_reference"]

@@ -33,6 +33,7 @@ from ..layers import (
     GatedMLP,
     GemmaRMSNorm,
     GptOssMoE,
+    NormedFP8,
     PackedGatedMLP,
     RMSNorm,
     SparseMoE,
@@ -40,6 +41,7 @@ from ..layers import (
     has_shared_expert,
     instance_forward,
     jittered,
+    mlp_input_scaling,
     moe_hidden,
     moe_router,
     packed_gated_hidden,
@@ -116,6 +118,10 @@ class FusedAddNormDecoderLayer(nn.Module):
             return _down_add_(self.mlp, h, h, how, self.post_attention_layernorm)
         attn_out = attn(hidden_states=attn_in, **attn_kwargs)[0]
         norm = self.post_attention_layernorm
+        if attn_out.dtype == hidden_states.dtype:
+            out = _quantized_norm_mlp(self.mlp, norm, attn_out, hidden_states)
+            if out is not None:
+                return out
         # patch_model's RMSNorm, no hooks or forward of someone else's; one dtype (autocast may hand the attention's
         # output in another than the residual stream's: then the model's own promoting add)
         if norm_module_fusable(norm) and attn_out.dtype == hidden_states.dtype:
@@ -126,6 +132,30 @@ class FusedAddNormDecoderLayer(nn.Module):
             residual = hidden_states + attn_out
             normed = norm(residual)
         return _mlp_with_residual(self.mlp, normed, residual)
+
+
+def _quantized_norm_mlp(mlp: nn.Module, norm: nn.Module, attn_out: torch.Tensor,
+                        hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """``h + mlp(norm(h))`` with ``h = hidden_states + attn_out``, where the MLP's gate/up are W8A8 GEMMs over one
+    quantization of their input (a prefill's FP8 gated MLP: :func:`~triton_ops.layers.mlp_input_scaling`) and its
+    down projection adds the residual (:func:`_down_adds_residual`): the residual add and the post-attention norm in
+    one launch that writes the norm's output quantized as gate/up take it (``fused_add_rmsnorm(...,
+    fp8_out=scaling)``: the bits quantizing its 16-bit output would give), so that output is never written in 16
+    bits nor read back by a quantization launch. None where that does not apply."""
+    if norm_module_fusable(norm):
+        eps, gemma = norm.variance_epsilon, False
+    elif gemma_norm_fusable(norm):
+        eps, gemma = norm.eps, True
+    else:
+        return None
+    scaling = mlp_input_scaling(mlp, hidden_states)  # "" unless grad mode is off, and more
+    if not scaling or mlp.__dict__.get(LOCAL_SHARDS_ATTR) is not None:
+        return None
+    how = _down_adds_residual(mlp, hidden_states)  # (the new residual is a fresh contiguous tensor of its kind)
+    if not how:
+        return None
+    q, scale, residual = fused_add_rmsnorm(attn_out, hidden_states, norm.weight, eps, gemma=gemma, fp8_out=scaling)
+    return _down_add_(mlp, NormedFP8(q, scale, hidden_states.dtype), residual, how)
 
 
 def _mlp_with_residual(mlp: nn.Module, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -809,16 +839,18 @@ def _input_norm_in_projection(attn: nn.Module, norm: nn.Module, hidden_states: t
     RMSNorm kernel (:func:`~triton_ops.models.layers.norm_module_fusable`), and a packed q/k/v GEMM whose launch
     normalizes
     (:meth:`~triton_ops.models.layers.QKVPacking.takes_norm`: the norm's own output up to its rounding, one launch less
-    per layer and decode step)."""
-    if not INPUT_NORM_IN_QKV:
-        return False
-    if hidden_states.numel() > INPUT_NORM_MAX_ROWS * max(1, hidden_states.shape[-1]):
-        return False
+    per layer and decode step), or a W8A8 GEMM whose input the norm's launch quantizes
+    (:meth:`~triton_ops.models.layers.QKVPacking.norm_quantizes`: the same bits, one pass over the activation less
+    per layer at prefill)."""
     if not _ours_unhooked(attn):
         return False
     packing = getattr(attn, PACKING_ATTR, None)
-    return (packing is not None and norm_module_fusable(norm) and packing.takes_norm(hidden_states)
-            and not (torch.is_grad_enabled() and norm.weight.requires_grad))
+    if packing is None or not norm_module_fusable(norm) or (torch.is_grad_enabled() and norm.weight.requires_grad):
+        return False
+    if packing.norm_quantizes(hidden_states):  # a prefill's W8A8 GEMM: the norm's launch quantizes its output
+        return True
+    return (INPUT_NORM_IN_QKV and hidden_states.numel() <= INPUT_NORM_MAX_ROWS * max(1, hidden_states.shape[-1])
+            and packing.takes_norm(hidden_states))
 
 
 # Off, for the measurement above: every decoder layer's post-attention RMSNorm (with the residual add) runs as its

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fp8_gemm import WEIGHT_BLOCK, FP8Linear, decode_linear, decode_linear_add_
+from fp8_gemm import WEIGHT_BLOCK, FP8Linear, decode_linear, decode_linear_add_, fp8_gemm
 from fp8_gemm.weight_only import use_weight_only
+from fused_rmsnorm_rope import rmsnorm
 from torch import nn
 from triton_ops_core.exceptions import InvalidArgumentError, ShapeMismatchError
 
+from .. import layers as _layers
 from ..layers import RMSNorm, runs_forward
 
 # The attribute of an attention module holding its QKVPacking (in its __dict__: not a submodule, so it adds no
@@ -552,10 +554,14 @@ class QKVPacking(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(q, k, v)``: views of one GEMM's output ``[..., q + 2 * kv]``. With ``input_norm`` (an RMSNorm module
         that :func:`norm_module_fusable` accepts), of ``input_norm(x)``: inside the GEMM's launch where
-        :meth:`takes_norm` says so, else by the module first."""
+        :meth:`takes_norm` says so, quantized for a W8A8 GEMM by the norm's launch where :meth:`norm_quantizes`
+        does, else by the module first."""
         if input_norm is not None:
             if self.takes_norm(x):
                 return self._normed_gemm(x, input_norm).split(self.sizes, dim=-1)
+            scaling = self.norm_quantizes(x)
+            if scaling:
+                return self._quantized_norm_gemm(x, input_norm, scaling).split(self.sizes, dim=-1)
             x = input_norm(x)
         if self.sharded and type(x) is not torch.Tensor:  # e.g. a DTensor input: replicated, as the style does
             x = _replicated(x, self.weights[0])
@@ -581,6 +587,38 @@ class QKVPacking(nn.Module):
         return (0 < rows <= NORM_PROLOGUE_MAX_ROWS
                 and use_weight_only(lin.path, rows, lin._buffers["weight"], lin._buffers["weight_scale"],
                                     x.element_size()))
+
+    def norm_quantizes(self, x: torch.Tensor) -> str:
+        """The activation scaling (``"row"`` or ``"block"``) under which an FP8 packed layer's call on ``x`` is a
+        W8A8 GEMM whose input the RMSNorm's own launch can quantize (``rmsnorm(..., fp8_out=scaling)``: bit for
+        bit what quantizing the norm's output gives, without writing and reading it in 16 bits), else ``""``:
+        more rows than the weight-only path takes (a prefill), per-row or 1x128 activation scales (per-tensor
+        ones need the whole tensor's maximum first), never sharded, nothing to differentiate, and the switch
+        :data:`triton_ops.layers.NORM_QUANTIZES_W8A8` on."""
+        if not (self.fp8 and _layers.NORM_QUANTIZES_W8A8) or self.sharded or type(x) is not torch.Tensor:
+            return ""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return ""
+        lin = self.linear
+        scaling = lin.activation_granularity
+        if scaling not in ("row", "block") or lin.path == "weight_only" or not x.is_floating_point():
+            return ""
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows == 0 or use_weight_only(lin.path, rows, lin._buffers["weight"], lin._buffers["weight_scale"],
+                                        x.element_size()):
+            return ""
+        return scaling
+
+    def _quantized_norm_gemm(self, x: torch.Tensor, norm: nn.Module, scaling: str) -> torch.Tensor:
+        """``linear(norm(x))`` as ``FP8Linear``'s W8A8 GEMM over the norm's FP8 output (:meth:`norm_quantizes`)."""
+        lin = self.linear
+        a_q, a_s = rmsnorm(x, norm.weight, norm.variance_epsilon, fp8_out=scaling)
+        k = x.shape[-1]
+        weight = lin._buffers["weight"]
+        out = fp8_gemm(a_q.view(-1, k), weight.t(), a_scale=a_s.view(-1, a_s.shape[-1]),
+                       b_scale=lin._buffers["weight_scale"], out_dtype=x.dtype, bias=lin._parameters.get("bias"),
+                       fast_accum=lin.fast_accum)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     def _normed_gemm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         eps = norm.variance_epsilon
