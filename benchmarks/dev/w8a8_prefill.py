@@ -33,7 +33,17 @@ EXTRA_SHAPES = {"sq4096": (4096, 4096), "sq8192": (8192, 8192)}
 KINDS = {"group": ("block", "group"), "block": ("block", "block"), "row-group": ("row", "group")}
 
 
-def wgmma_candidates() -> list[dict]:
+def wgmma_candidates(lead: bool = False) -> list[dict]:
+    """The Gluon configs timed; ``lead``: only the default 128 x 128 tile and the warp-specialized ones."""
+    if lead:
+        out = [{"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 8}]
+        for stages in (3, 4):
+            out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4,
+                        "PINGPONG": True})
+        for stages in (3, 4, 5):
+            out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4,
+                        "PINGPONG": True, "PERSISTENT": True})
+        return out
     out = []
     for stages in (3, 4, 5):
         for group_m in (8, 16):
@@ -46,6 +56,8 @@ def wgmma_candidates() -> list[dict]:
                         "A_REGS": True})
     for stages in (3, 4):  # the warp-specialized 128 x 128 kernel (a TMA partition, two consumer warp groups)
         out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4, "PINGPONG": True})
+        out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4, "PINGPONG": True,
+                    "PERSISTENT": True})
     return out
 
 
@@ -66,7 +78,7 @@ def _dequant_w(q, s, gran):
     return w * s.repeat_interleave(128, 0)[:k].repeat_interleave(128, 1)[:, :n]
 
 
-def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False) -> list[dict]:
+def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False, lead: bool = False) -> list[dict]:
     from fp8_gemm import gemm, gemm_wgmma, quantize_fp8
 
     n, k = (SHAPES | EXTRA_SHAPES)[name]
@@ -127,10 +139,11 @@ def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False
                         in zip(wq, outs)], ref, kind)
         if not gemm_wgmma.AVAILABLE:  # the Gluon kernel takes group and (asked for) block scales
             continue
-        for cfg in wgmma_candidates():
+        for cfg in wgmma_candidates(lead):
             label = "{}: wgmma {BLOCK_M}x{BLOCK_N} w{num_warps} s{STAGES} g{GROUP_M}".format(kind, **cfg)
             label += " a-regs" if cfg.get("A_REGS") else ""
             label += " ping-pong" if cfg.get("PINGPONG") else ""
+            label += " persistent" if cfg.get("PERSISTENT") else ""
             record(label, lambda: [gemm._launch(aq, b, o, as_, bs, None, a_mode, b_mode, False, "wgmma", cfg)
                                    for (b, bs), o in zip(wq, outs)], ref, kind)
         record(f"{kind}: public fp8_gemm",
@@ -145,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="2048")
     p.add_argument("--kinds", default="group,block,row-group")
     p.add_argument("--copies", type=int, default=2)
+    p.add_argument("--lead", action="store_true",
+                   help="of the Gluon configs, only the default 128 x 128 tile and the warp-specialized ones")
     p.add_argument("--ncu", action="store_true",
                    help="time nothing: run each GEMM once inside cudaProfilerStart/Stop (under `ncu "
                         "--profile-from-start off`; with --copies 1 each kernel is profiled once)")
@@ -156,7 +171,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for name in args.shapes.split(","):
         for m in (int(v) for v in args.rows.split(",")):
-            case = run_case(name, m, args.copies, args.kinds.split(","), args.ncu)
+            case = run_case(name, m, args.copies, args.kinds.split(","), args.ncu, args.lead)
             if args.ncu:
                 continue
             rows += case

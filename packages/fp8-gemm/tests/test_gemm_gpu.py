@@ -73,7 +73,9 @@ _B_MODES = {"group": gemm.B_GROUP, "block": gemm.B_BLOCK}
                                   {"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 8,
                                    "A_REGS": True},
                                   {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4,
-                                   "PINGPONG": True}])
+                                   "PINGPONG": True},
+                                  {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4,
+                                   "PINGPONG": True, "PERSISTENT": True}])
 def test_the_wgmma_kernel_computes_what_the_triton_kernel_does(m, n, k, grans, out_dtype, tile):
     # Hopper: the Gluon kernel (scaling block i - 1 while block i's MMA runs, two K blocks an iteration) computes
     # what the Triton TMA kernel computes, at sizes no tile divides (K past a multiple of 128: an odd block count;

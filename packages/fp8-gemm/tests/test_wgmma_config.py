@@ -63,6 +63,15 @@ def test_ping_pong_tiles_take_the_warp_specialized_kernel():
             gemm_wgmma.launch_args({**pingpong, **bad})
     assert all(not c.get("PINGPONG") for c in cfgs.FP8_GEMM_WGMMA_CONFIGS.configs())  # explicit configs only
 
+    # one program a tile, or (persistent) at most one an SM walking several
+    assert gemm_wgmma.programs(pingpong, 512, 132) == 512
+    persistent = {**pingpong, "PERSISTENT": True}
+    assert gemm_wgmma.launch_args(persistent) == gemm_wgmma.launch_args(pingpong)
+    assert gemm_wgmma.programs(persistent, 512, 132) == 132 and gemm_wgmma.programs(persistent, 69, 132) == 69
+    assert gemm_wgmma.programs(persistent, 0, 132) == 1
+    with pytest.raises(ValueError, match="PERSISTENT"):
+        gemm_wgmma.launch_args({**gemm_wgmma.default_config(), "PERSISTENT": True})
+
 
 def test_one_stage_is_refused():
     # the loop waits for block kp + 1 before its first refill: with one slot that block would never arrive

@@ -271,8 +271,8 @@ def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor, b_s: torch.Tensor,
 
 
 def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) -> Plan:
-    """The launch of ``gemm_wgmma``'s kernel: one program per output tile, b K-major (a row-major b is copied per
-    call, as on the TMA path)."""
+    """The launch of ``gemm_wgmma``'s kernel: one program per output tile (at most one an SM for a persistent
+    config: ``gemm_wgmma.programs``), b K-major (a row-major b is copied per call, as on the TMA path)."""
     m, k = a.shape
     n = b.shape[1]
     kmajor, lead = _b_layout(b)
@@ -284,7 +284,8 @@ def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) 
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0), a_mode, b_mode == B_BLOCK,
             bias is not None, *gemm_wgmma.launch_args(cfg))
-    return Plan(gemm_wgmma.kernel_for(cfg), (tiles,), tail, cfg["num_warps"],
+    grid = gemm_wgmma.programs(cfg, tiles, sm_count(a.device))
+    return Plan(gemm_wgmma.kernel_for(cfg), (grid,), tail, cfg["num_warps"],
                 info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True),
                 **gemm_wgmma.launch_options(cfg))
 

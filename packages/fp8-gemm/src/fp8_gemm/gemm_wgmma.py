@@ -96,9 +96,13 @@ if gluon is not None:
     @gluon.jit
     def _tile_origin(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
         # this program's tile in grouped order: GROUP_M row tiles share their B column tiles while they are hot in L2
+        return _tile_origin_of(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    @gluon.jit
+    def _tile_origin_of(pid, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        # tile ``pid``'s origin in grouped order
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
-        pid = gl.program_id(0)
         group_size = GROUP_M * num_pid_n
         first_m = (pid // group_size) * GROUP_M
         rows = gl.minimum(num_pid_m - first_m, GROUP_M)
@@ -452,60 +456,73 @@ if gluon is not None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _pingpong_producer(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, off_m, off_n, k_tiles,
-                           STAGES: gl.constexpr, NBYTES: gl.constexpr, B_BLOCKS: gl.constexpr):
-        # the default partition: each K block's operands (and group scales) into its ring slot once both consumers
-        # released the slot's previous block (empty: count 2; a fresh barrier counts as released: phase 1)
-        for kb in range(k_tiles):
-            slot = kb % STAGES
-            mbarrier.wait(empty.index(slot), ((kb // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(slot), NBYTES)
-            tma.async_copy_global_to_shared(a_desc, [off_m, kb * 128], ready.index(slot), a_bufs.index(slot))
-            tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], ready.index(slot), b_bufs.index(slot))
-            if not B_BLOCKS:
-                tma.async_copy_global_to_shared(s_desc, [kb, off_n], ready.index(slot), s_bufs.index(slot))
+    def _pingpong_producer(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, M, N, k_tiles,
+                           STAGES: gl.constexpr, NBYTES: gl.constexpr, B_BLOCKS: gl.constexpr, GROUP_M: gl.constexpr):
+        # the default partition: each K block of each of the program's tiles into its ring slot once both
+        # consumers released the slot's previous block (empty: count 2; a fresh barrier counts as released: phase
+        # 1). It runs ahead across tiles: the next tile's first blocks load while the consumers store this one.
+        num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, 128)
+        it = 0  # K blocks loaded so far, over the program's tiles: the ring position and phase
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            off_m, off_n = _tile_origin_of(tile, M, N, 128, 128, GROUP_M)
+            for kb in range(k_tiles):
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), NBYTES)
+                tma.async_copy_global_to_shared(a_desc, [off_m, kb * 128], ready.index(slot), a_bufs.index(slot))
+                tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], ready.index(slot), b_bufs.index(slot))
+                if not B_BLOCKS:
+                    tma.async_copy_global_to_shared(s_desc, [kb, off_n], ready.index(slot), s_bufs.index(slot))
+                it += 1
 
     @gluon.jit
     def _pingpong_consumer(half: gl.constexpr, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr,
-                           bias_ptr, off_m, off_n, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE: gl.constexpr,
+                           bias_ptr, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE: gl.constexpr,
                            B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr):
-        # one warp group: rows half * 64 .. + 63 of the 128-row tile. Each K block: its MMA into the partial, the
-        # wait, the slot released, the promotion; the other warp group's MMA runs on the tensor cores meanwhile
+                           STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        # one warp group: rows half * 64 .. + 63 of each 128-row tile. Each K block: its MMA into the partial, the
+        # wait, the slot released, the promotion; the other warp group's MMA runs on the tensor cores meanwhile.
+        # A tile's store is asynchronous: waited for only before the next tile's result goes into the buffer.
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
-        row0 = off_m + half * 64
-        offs_m = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
-        sa_rows = as_ptr + gl.minimum(offs_m, M - 1) * SA_M
-        bs_col_ptr = bs_ptr + off_n // 128
-        acc = gl.zeros([64, BLOCK_N], gl.float32, layout=mma)
-        part = gl.zeros([64, BLOCK_N], gl.float32, layout=mma)
-        for kb in range(k_tiles):
-            slot = kb % STAGES
-            mbarrier.wait(ready.index(slot), (kb // STAGES) & 1)
-            a_half = a_bufs.index(slot).slice(half * 64, 64, dim=0)
-            b_tile = b_bufs.index(slot).permute((1, 0))
-            token = warpgroup_mma(a_half, b_tile, part, use_acc=False, is_async=True)
-            f = _factors(sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs, A_MODE, B_BLOCKS, 64)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_half, b_tile))[0]
-            if B_BLOCKS:
-                acc = gl.fma(part, f[:, None], acc)
-            else:
-                sb = s_bufs.index(slot).load(mma)  # read before the slot is released
-                acc = acc + part * f[:, None] * sb
-            if not B_BLOCKS:
-                fence_async_shared()  # (the generic-proxy read of the scales before the producer's TMA write)
-            mbarrier.arrive(empty.index(slot), count=1)
-        if A_MODE == 0:
-            acc = acc * gl.load(as_ptr)
-        elif A_MODE == 1:
-            acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-        if HAS_BIAS:
-            acc = _add_bias(acc, bias_ptr, off_n, N, BLOCK_N, 4, mma)
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [64, BLOCK_N], c_desc.layout)
-        c_smem.store(acc.to(c_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [row0, off_n], c_smem)
+        num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, 128)
+        it = 0  # K blocks consumed so far (the producer's count)
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            off_m, off_n = _tile_origin_of(tile, M, N, 128, BLOCK_N, GROUP_M)
+            row0 = off_m + half * 64
+            offs_m = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+            sa_rows = as_ptr + gl.minimum(offs_m, M - 1) * SA_M
+            bs_col_ptr = bs_ptr + off_n // 128
+            acc = gl.zeros([64, BLOCK_N], gl.float32, layout=mma)
+            part = gl.zeros([64, BLOCK_N], gl.float32, layout=mma)
+            for kb in range(k_tiles):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                a_half = a_bufs.index(slot).slice(half * 64, 64, dim=0)
+                b_tile = b_bufs.index(slot).permute((1, 0))
+                token = warpgroup_mma(a_half, b_tile, part, use_acc=False, is_async=True)
+                f = _factors(sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs, A_MODE, B_BLOCKS, 64)
+                part = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_half, b_tile))[0]
+                if B_BLOCKS:
+                    acc = gl.fma(part, f[:, None], acc)
+                else:
+                    sb = s_bufs.index(slot).load(mma)  # read before the slot is released
+                    acc = acc + part * f[:, None] * sb
+                if not B_BLOCKS:
+                    fence_async_shared()  # (the generic-proxy read of the scales before the producer's TMA write)
+                mbarrier.arrive(empty.index(slot), count=1)
+                it += 1
+            if A_MODE == 0:
+                acc = acc * gl.load(as_ptr)
+            elif A_MODE == 1:
+                acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+            if HAS_BIAS:
+                acc = _add_bias(acc, bias_ptr, off_n, N, BLOCK_N, 4, mma)
+            tma.store_wait(pendings=0)  # the previous tile's store has read the buffer
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [row0, off_n], c_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -520,14 +537,16 @@ if gluon is not None:
         (``CONSUMER_REGS`` registers a thread) each own 64 of the tile's rows and run their K blocks one at a time
         (MMA, wait, promotion), so one group's promotion runs beside the other's MMA on the SM's tensor cores:
         the overlap the one-partition kernel's schedule loses in ptxas (docs/fp8-gemm.md, session 49). One
-        partial a warp group (no second one in flight). Compiled for sm_90; not yet run on a GPU."""
+        partial a warp group (no second one in flight). A program walks the tiles ``program_id``, ``+
+        num_programs`` ... (grouped order): launched with one program a tile, or persistent (a grid of at most
+        one program an SM: ``PERSISTENT`` configs), where the ring runs on across tiles, so the next tile's loads
+        and this tile's store overlap. Compiled for sm_90; not yet run on a GPU."""
         BLOCK_M: gl.constexpr = 128
         BLOCK_N: gl.constexpr = 128
         k_tiles = gl.cdiv(K, 128)
         a_desc, b_desc, s_desc = _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs,
                                                       k_tiles, BLOCK_M, BLOCK_N, B_BLOCKS)
         c_desc = _output_descriptor(c_ptr, M, N, stride_cm, 64, BLOCK_N)
-        off_m, off_n = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, 128], ab_layout)
@@ -540,14 +559,14 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=2)  # both consumer warp groups release a slot
         nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
         gl.warp_specialize([
-            (_pingpong_producer, (a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, off_m, off_n,
-                                  k_tiles, STAGES, nbytes, B_BLOCKS)),
-            (_pingpong_consumer, (0, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, off_m,
-                                  off_n, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N,
-                                  STAGES)),
-            (_pingpong_consumer, (1, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, off_m,
-                                  off_n, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N,
-                                  STAGES)),
+            (_pingpong_producer, (a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, M, N, k_tiles,
+                                  STAGES, nbytes, B_BLOCKS, GROUP_M)),
+            (_pingpong_consumer, (0, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, M, N,
+                                  k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N, STAGES,
+                                  GROUP_M)),
+            (_pingpong_consumer, (1, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, M, N,
+                                  k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N, STAGES,
+                                  GROUP_M)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
         # (warp_specialize joins the partitions before this point; the barriers die with the program)
 
@@ -571,7 +590,10 @@ TALL_BLOCK_M = 256  # a config with this many rows takes the 256 x 128 tile kern
 
 # A config with ``"PINGPONG": True`` takes the warp-specialized 128 x 128 kernel: 4 warps load (the default
 # partition), two warp groups of PINGPONG_REGS registers a thread compute; launched with PINGPONG_MAXNREG so the
-# 12 warps fit the register file (the producer keeps what the consumers leave: 40 a thread).
+# 12 warps fit the register file (the producer keeps what the consumers leave: 40 a thread). ``"PERSISTENT": True``
+# beside it launches at most one program an SM, each walking several tiles (``programs``): a program of the
+# one-tile launch starts with its ring empty and ends waiting for its store, about a tenth of a 4096-deep tile's
+# time that a persistent program overlaps with its next tile's loads.
 PINGPONG_REGS = 232
 PINGPONG_MAXNREG = 168
 
@@ -584,6 +606,12 @@ def kernel_for(cfg: dict):
     return fp8_scaled_gemm_wgmma_tall_kernel if cfg["BLOCK_M"] == TALL_BLOCK_M else fp8_group_gemm_wgmma_kernel
 
 
+def programs(cfg: dict, tiles: int, sms: int) -> int:
+    """The grid of a config over ``tiles`` output tiles: one program a tile, or for ``PERSISTENT`` ping-pong configs
+    at most one an SM (``sms``), each walking its tiles with the ring running on across them."""
+    return max(1, min(tiles, sms)) if cfg.get("PERSISTENT") else tiles
+
+
 def launch_options(cfg: dict) -> dict:
     """Launch options beyond ``num_warps`` a config's kernel needs: the register cap of the warp-specialized one."""
     return {"maxnreg": PINGPONG_MAXNREG} if cfg.get("PINGPONG") else {}
@@ -594,6 +622,8 @@ def launch_args(cfg: dict) -> tuple:
     bm, bn, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
     if cfg["STAGES"] < 2:  # the loop waits for block kp + 1 before refilling: one slot would never be loaded
         raise ValueError(f"STAGES: expected at least 2, got {cfg['STAGES']}")
+    if cfg.get("PERSISTENT") and not cfg.get("PINGPONG"):
+        raise ValueError("PERSISTENT: only the ping-pong kernel walks several tiles a program (PINGPONG configs)")
     if cfg.get("PINGPONG"):
         if bm != 128 or bn != 128 or warps != 4:
             raise ValueError(f"ping-pong tiles are 128 x 128 on 4 + 8 warps (num_warps 4), got {bm} x {bn} on {warps}")
@@ -607,4 +637,4 @@ def launch_args(cfg: dict) -> tuple:
 
 __all__ = ["AVAILABLE", "PINGPONG_MAXNREG", "PINGPONG_REGS", "TALL_BLOCK_M", "default_config",
            "fp8_group_gemm_wgmma_kernel", "fp8_scaled_gemm_wgmma_pingpong_kernel", "fp8_scaled_gemm_wgmma_tall_kernel",
-           "instr_n", "kernel_for", "launch_args", "launch_options", "warps_per_cta"]
+           "instr_n", "kernel_for", "launch_args", "launch_options", "programs", "warps_per_cta"]
