@@ -30,7 +30,7 @@ def test_warp_grid_and_instruction_width(block_m, block_n, warps, grid, n):
 
 
 def test_launch_args_follow_the_config():
-    cfg = gemm_wgmma.default_config()
+    cfg = gemm_wgmma.one_partition_config()
     assert gemm_wgmma.launch_args(cfg) == (128, 128, cfg["GROUP_M"], cfg["STAGES"], 8, 128)
     small = {**cfg, "BLOCK_M": 64, "num_warps": 4}
     assert gemm_wgmma.launch_args(small)[4:] == (4, 128)
@@ -42,7 +42,10 @@ def test_tall_tiles_take_their_own_kernel():
     assert gemm_wgmma.launch_args({**tall, "A_REGS": True}) == (16, 4, True)  # a in registers: asked for only
     assert all(not c.get("A_REGS") for c in cfgs.FP8_GEMM_WGMMA_CONFIGS.configs())
     assert gemm_wgmma.kernel_for(tall) is gemm_wgmma.fp8_scaled_gemm_wgmma_tall_kernel
-    assert gemm_wgmma.kernel_for(gemm_wgmma.default_config()) is gemm_wgmma.fp8_group_gemm_wgmma_kernel
+    assert gemm_wgmma.kernel_for(gemm_wgmma.one_partition_config()) is gemm_wgmma.fp8_group_gemm_wgmma_kernel
+    # the default (session 50): the persistent warp-specialized kernel
+    assert gemm_wgmma.kernel_for(gemm_wgmma.default_config()) is gemm_wgmma.fp8_scaled_gemm_wgmma_pingpong_kernel
+    assert gemm_wgmma.default_config()["PERSISTENT"]
     for bad in ({"BLOCK_N": 64}, {"num_warps": 4}):
         with pytest.raises(ValueError, match="256 x 128"):
             gemm_wgmma.launch_args({**tall, **bad})
@@ -57,7 +60,7 @@ def test_ping_pong_tiles_take_the_warp_specialized_kernel():
     # 12 warps (the 4-warp default partition and two consumer warp groups) within the 64K-register file
     assert gemm_wgmma.launch_options(pingpong) == {"maxnreg": gemm_wgmma.PINGPONG_MAXNREG}
     assert gemm_wgmma.PINGPONG_MAXNREG * 12 * 32 <= 65536 and 2 * 128 * gemm_wgmma.PINGPONG_REGS < 65536
-    assert gemm_wgmma.launch_options(gemm_wgmma.default_config()) == {}
+    assert gemm_wgmma.launch_options(gemm_wgmma.one_partition_config()) == {}
     for bad in ({"BLOCK_N": 64}, {"BLOCK_M": 64}, {"num_warps": 8}):
         with pytest.raises(ValueError, match="ping-pong"):
             gemm_wgmma.launch_args({**pingpong, **bad})
@@ -70,13 +73,33 @@ def test_ping_pong_tiles_take_the_warp_specialized_kernel():
     assert gemm_wgmma.programs(persistent, 512, 132) == 132 and gemm_wgmma.programs(persistent, 69, 132) == 69
     assert gemm_wgmma.programs(persistent, 0, 132) == 1
     with pytest.raises(ValueError, match="PERSISTENT"):
-        gemm_wgmma.launch_args({**gemm_wgmma.default_config(), "PERSISTENT": True})
+        gemm_wgmma.launch_args({**gemm_wgmma.one_partition_config(), "PERSISTENT": True})
+
+
+def test_wgmma_plans_launch_one_program_a_tile_or_for_persistent_configs_one_an_sm():
+    """The plan's grid (CPU tensors, an H100 record simulated: the plan is built, never launched)."""
+    from triton_ops_core.device import DeviceInfo, simulate_device
+
+    fp8 = torch.float8_e4m3fn
+    m, n, k = 2048, 4096, 4096
+    a = torch.zeros(m, k, dtype=fp8)
+    b = torch.zeros(n, k, dtype=fp8).t()  # K-major [K, N], as FP8Linear's weight.t()
+    a_s, b_s = torch.ones(m, k // 128), torch.ones(k // 128, n // 128)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    h100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 50 * 2**20, 227 * 1024, 3.0e3, True)
+    pingpong = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4, "PINGPONG": True}
+    with simulate_device(h100):
+        for cfg, grid in ((gemm_wgmma.one_partition_config(), 512), (pingpong, 512),
+                          ({**pingpong, "PERSISTENT": True}, 132), (gemm_wgmma.default_config(), 132)):
+            plan = gemm._wgmma_plan(a, b, out, a_s, b_s, None, gemm.A_BLOCK, gemm.B_BLOCK, cfg)
+            assert plan.grid == (grid, 1, 1) and plan.info["path"] == "wgmma"
+            assert plan.kernel is gemm_wgmma.kernel_for(cfg)
 
 
 def test_one_stage_is_refused():
     # the loop waits for block kp + 1 before its first refill: with one slot that block would never arrive
     with pytest.raises(ValueError, match="STAGES"):
-        gemm_wgmma.launch_args({**gemm_wgmma.default_config(), "STAGES": 1})
+        gemm_wgmma.launch_args({**gemm_wgmma.one_partition_config(), "STAGES": 1})
 
 
 @pytest.mark.skipif(not is_interpreter(), reason="checks the interpreter's routing")
@@ -123,7 +146,7 @@ def test_environment_switch_turns_the_gluon_kernel_off(setting, expected):
 
 def test_config_space_holds_the_default_and_only_tiles_that_fit():
     space = cfgs.FP8_GEMM_WGMMA_CONFIGS.configs()
-    assert gemm_wgmma.default_config() in space
+    assert gemm_wgmma.one_partition_config() in space and gemm_wgmma.default_config() not in space
     for cfg in space:  # a warp group per 64 rows (two for 256-row tiles), a ring of at least two slots
         assert cfg["num_warps"] == min(cfg["BLOCK_M"] // 16, 8) and cfg["STAGES"] >= 2
         gemm_wgmma.launch_args(cfg)

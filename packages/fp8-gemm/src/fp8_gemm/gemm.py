@@ -284,7 +284,7 @@ def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) 
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0), a_mode, b_mode == B_BLOCK,
             bias is not None, *gemm_wgmma.launch_args(cfg))
-    grid = gemm_wgmma.programs(cfg, tiles, sm_count(a.device))
+    grid = gemm_wgmma.programs(cfg, tiles, sm_count(a.device, cpu=4))
     return Plan(gemm_wgmma.kernel_for(cfg), (grid,), tail, cfg["num_warps"],
                 info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True),
                 **gemm_wgmma.launch_options(cfg))

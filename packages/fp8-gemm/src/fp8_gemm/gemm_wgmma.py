@@ -576,12 +576,21 @@ else:  # pragma: no cover
 
 
 def default_config() -> dict:
-    """128 x 128 tiles on two warp groups, a 4-deep ring (one program an SM), for group and 128x128 block weights.
-    On the H100 (session 48, Llama-3-8B's projections at 2048 rows, ``benchmarks/dev/w8a8_prefill.py``) it beat
-    64 x 128 tiles on one warp group (two programs an SM) on every projection: group weights 1.03-1.22x as fast,
-    block weights 1.10-1.21x; those smaller tiles read 1.5x the operand bytes from L2 for the same product, and the
-    kernel is L2-bound with them (``ncu``: L2 throughput 72-81 %, issue slots 24-33 % busy). The H200's shipped
-    entries (session 20, group weights) keep 64 x 128 where they measured it faster."""
+    """The persistent warp-specialized kernel's 128 x 128 tiles (a TMA partition, two consumer warp groups, a 3-deep
+    ring, one program an SM), for group and 128x128 block weights. On the H100 (session 50, Llama-3-8B's
+    projections at 2048 rows, ``benchmarks/dev/w8a8_prefill.py --lead``, docs/fp8-gemm.md) against the
+    one-partition 128 x 128 kernel (the default of session 48, which beat 64 x 128 tiles there): block weights
+    138.2 -> 106.8 us (q/k/v), 93.9 -> 75.3 (o), 312.3 -> 237.7 (gate), 284.3 -> 250.7 (down), 0.90-1.06x of the
+    per-channel kernel's speed; group weights 162.3 -> 129.2, 108.0 -> 88.3, 378.7 -> 321.4, 311.5 -> 321.4 (down
+    the one loss, 3 %). Not in the tuner's space (explicit configs only). The H200's shipped entries (session 20,
+    group weights, the one-partition kernel's 64 x 128 tiles) predate it and still win selection there."""
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 3, "num_warps": 4, "PINGPONG": True,
+            "PERSISTENT": True}
+
+
+def one_partition_config() -> dict:
+    """The one-partition kernel's 128 x 128 tiles on two warp groups (the default of sessions 48-49): the tuner's
+    space holds its family."""
     return {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 8}
 
 
@@ -608,7 +617,9 @@ def kernel_for(cfg: dict):
 
 def programs(cfg: dict, tiles: int, sms: int) -> int:
     """The grid of a config over ``tiles`` output tiles: one program a tile, or for ``PERSISTENT`` ping-pong configs
-    at most one an SM (``sms``), each walking its tiles with the ring running on across them."""
+    one an SM (``sms``; fewer for fewer tiles), each walking its tiles with the ring running on across them. (As
+    measured in session 50; spreading the tiles evenly over the fewest programs that keep the waves,
+    ``gemm_configs.persistent_programs``, measured 1.5 % faster for the Triton TMA kernel and is untried here.)"""
     return max(1, min(tiles, sms)) if cfg.get("PERSISTENT") else tiles
 
 
@@ -637,4 +648,5 @@ def launch_args(cfg: dict) -> tuple:
 
 __all__ = ["AVAILABLE", "PINGPONG_MAXNREG", "PINGPONG_REGS", "TALL_BLOCK_M", "default_config",
            "fp8_group_gemm_wgmma_kernel", "fp8_scaled_gemm_wgmma_pingpong_kernel", "fp8_scaled_gemm_wgmma_tall_kernel",
-           "instr_n", "kernel_for", "launch_args", "launch_options", "programs", "warps_per_cta"]
+           "instr_n", "kernel_for", "launch_args", "launch_options", "one_partition_config", "programs",
+           "warps_per_cta"]

@@ -337,8 +337,9 @@ def _w8a8(x: torch.Tensor, projection: nn.Module, granularity: str | None, fast_
 class NormedFP8(NamedTuple):
     """A gated MLP's input as the RMSNorm's launch before it wrote it for the MLP's W8A8 gate/up GEMMs
     (``fused_rmsnorm_rope``'s ``fp8_out``; :func:`mlp_input_scaling` tells when): E4M3 values ``[..., hidden]``,
-    their scales (``[..., 1]`` per row or ``[..., hidden / 128]`` per 1x128 block) and the model's activation dtype
-    (the GEMMs' output). The same bits as quantizing the norm's 16-bit output, without writing and reading it."""
+    their scales (``[..., 1]`` per row or ``[..., ceil(hidden / 128)]`` per 1x128 block) and the model's activation
+    dtype (the GEMMs' output). The same bits as quantizing the norm's 16-bit output, without writing and reading
+    it."""
 
     q: torch.Tensor
     scale: torch.Tensor

@@ -829,6 +829,7 @@ def _ours_unhooked(attn: nn.Module) -> bool:
 # kernel 1,027 -> 1,051 us, the norms' launches 114 -> 60 us). At 8 rows the multi-row tile's norm multiply cost
 # more (3,814 -> 4,087 us): more rows than INPUT_NORM_MAX_ROWS keep the norm's own launch. bf16 weights too (session
 # 41, H100, Llama-3-8B bf16, batch 1: 5,997 -> 5,950 us, CUDA graph 6,104 -> 6,006 us).
+# (At prefill the input norm quantizing for a W8A8 q/k/v GEMM is triton_ops.layers.NORM_QUANTIZES_W8A8's, not this.)
 INPUT_NORM_IN_QKV = True
 INPUT_NORM_MAX_ROWS = 1
 
