@@ -506,11 +506,15 @@ PREFILL_TOP_KERNELS = 12  # kernels listed in a prefill's breakdown
 
 
 @torch.inference_mode()
-def measure_prefill(model, tokens: int, compiled: bool = True) -> dict[str, Any]:
+def measure_prefill(model, tokens: int, compiled: bool = True, with_cache: bool = False) -> dict[str, Any]:
     """Wall time (CUDA events) of one ``tokens``-token prefill, batch 1, no cache, the last position's logits:
     eager, and with ``compiled`` through ``torch.compile(model)`` (Inductor's default mode: a prefill is GEMM-bound,
     CUDA graphs would gain little; the targets compare with transformers compiled). The eager prefill is also
-    profiled once: its kernel time, launches and largest kernels (``top_kernels``)."""
+    profiled once: its kernel time, launches and largest kernels (``top_kernels``). ``with_cache``: the compiled
+    prefill is also timed into an empty ``DynamicCache`` (``compiled_cache_ms``, as ``generate()`` prefills by
+    default). Without a cache transformers cannot rule out packed sequences while tracing, so a compiled
+    cacheless prefill always gets an explicit causal mask (sdpa's masked kernel); with a cache, a patched model's
+    attention backend drops it (``triton_ops_mask``) where transformers before 5.25 keeps it."""
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=model.device)
     out = {"tokens": tokens, "ms": _median_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))}
     # where the eager prefill's GPU time goes: kernel time (host gaps excluded), launches, the largest kernels (a
@@ -525,6 +529,13 @@ def measure_prefill(model, tokens: int, compiled: bool = True) -> dict[str, Any]
         torch._dynamo.reset()
         fast = torch.compile(model)
         out["compiled_ms"] = _median_ms(lambda: fast(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=2)
+        if with_cache:
+            from transformers import DynamicCache
+
+            kw = cache_kwarg(model)
+            out["compiled_cache_ms"] = _median_ms(
+                lambda: fast(input_ids=ids, logits_to_keep=1, **{kw: DynamicCache(config=model.config)}),
+                warmup=2)
         torch._dynamo.reset()
     return out
 
@@ -677,7 +688,8 @@ def _run_variant(name: str, variant: str, config, args, device, ref: dict | None
                       f"{point['kernels']:.0f} kernels, CUDA graph {'-' if graph is None else f'{graph:.0f} us'}, "
                       f"eager wall {point['eager_wall_ms']:.1f} ms", flush=True)
     if "prefill" in args.parts:
-        res.prefill = attempt("prefill", measure_prefill, model, args.prefill_tokens, not args.no_compile) or {}
+        res.prefill = attempt("prefill", measure_prefill, model, args.prefill_tokens, not args.no_compile,
+                              args.prefill_cache) or {}
     if "generate" in args.parts:
         for mode, static in (("eager", False), ("static-compiled", True)):
             if static and args.no_compile:
@@ -824,6 +836,8 @@ def _model_section(model: dict[str, Any]) -> list[str]:
     for v in variants:
         pf, acc = v["prefill"], v["accuracy"]
         compiled = f" / {pf['compiled_ms']:.2f} ms compiled" if pf.get("compiled_ms") is not None else ""
+        if pf.get("compiled_cache_ms") is not None:
+            compiled += f" / {pf['compiled_cache_ms']:.2f} ms compiled into a DynamicCache"
         lines.append(f"| {v['variant']} | {_fmt(pf.get('ms'), '.2f')} ms{compiled} ({pf.get('tokens', '-')} tokens) | "
                      f"{_fmt(acc.get('logits_cosine_min'), '.5f')} | {_fmt(acc.get('greedy_agreement'), '.2f')} | "
                      f"{acc.get('greedy_steps_before_first_difference', '-')} | "
@@ -883,6 +897,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--no-compile", action="store_true",
                    help="leave out torch.compile: the compiled prefill and the static-cache compiled generate()")
+    p.add_argument("--prefill-cache", action="store_true",
+                   help="also time the compiled prefill into an empty DynamicCache (one more compilation a variant)")
     p.add_argument("--tiny", action="store_true", help="2 small layers: checks the harness")
     p.add_argument("--out", type=Path, default=None, help="report folder (default docs/benchmarks on a GPU)")
     args = p.parse_args(argv)

@@ -219,3 +219,75 @@ def test_causal_prefill_over_a_longer_static_cache():
         want = torch.nn.functional.scaled_dot_product_attention(
             q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True, scale=0.25).transpose(1, 2)
     _close(ours, want)
+
+
+def _mask_call(**overrides):
+    from transformers.masking_utils import causal_mask_function
+
+    call = {"batch_size": 2, "q_length": 6, "kv_length": 6, "q_offset": 0, "kv_offset": 0,
+            "mask_function": causal_mask_function, "attention_mask": None, "allow_is_causal_skip": True,
+            "dtype": DTYPE, "device": DEVICE}
+    call.update(overrides)
+    return call
+
+
+@pytest.mark.parametrize("case", [
+    {"attention_mask": "padded"}, {"kv_length": 9}, {"q_length": 1, "kv_length": 1}, {"local_size": 4},
+    {"allow_is_causal_skip": False}, {"mask_function": "or"}, {"kv_offset": 2},
+])
+def test_the_mask_is_sdpa_mask_unless_plainly_causal(case):
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    case = dict(case)
+    if case.get("attention_mask") == "padded":
+        case["attention_mask"] = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
+    if case.get("mask_function") == "or":  # a custom pattern (transformers' or_mask_function): never skipped
+        case["mask_function"] = lambda b, h, q, kv: causal_mask_function(b, h, q, kv) | (kv == 0)
+    call = _mask_call(**case)
+    # traced (dynamo, no Inductor) as torch.compile traces it: sdpa_mask keeps every mask there
+    want = torch.compile(lambda: sdpa_mask(**call), backend="eager", fullgraph=True)()
+    got = torch.compile(lambda: attention_backend.triton_ops_mask(**call), backend="eager", fullgraph=True)()
+    assert (got is None) == (want is None)
+    if want is not None:
+        assert torch.equal(got, want)
+
+
+def test_a_plain_causal_mask_is_left_out_while_compiling():
+    from transformers.masking_utils import sdpa_mask
+
+    call = _mask_call()
+    assert attention_backend.triton_ops_mask(**call) is None
+    assert sdpa_mask(**call) is None  # eager: transformers skips it too
+    # compiled (dynamo): transformers up to 5.2x (with torch before 2.14) builds the full causal mask; we do not
+    traced = torch.compile(lambda: attention_backend.triton_ops_mask(**call), backend="eager", fullgraph=True)()
+    assert traced is None
+    transformers_traced = torch.compile(lambda: sdpa_mask(**call), backend="eager", fullgraph=True)()
+    if transformers_traced is not None:  # what our skip replaces: exactly the causal mask
+        rows = torch.arange(6, device=DEVICE)
+        assert torch.equal(transformers_traced, (rows[None, :] <= rows[:, None]).expand(2, 1, 6, 6))
+
+
+def test_compiled_prefill_runs_causal_without_a_mask():
+    # a patched model's prefill into an empty DynamicCache without padding, traced by dynamo (no Inductor: CPU CI):
+    # the attention function gets no mask, and the logits are transformers' sdpa ones. (Without a cache,
+    # transformers checks position_ids for packed sequences, which it cannot read while tracing: a mask stays.)
+    reference = _model("llama")
+    ours = _ours(reference)
+    masks = []
+    real = attention_backend.triton_ops_attention_forward
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        masks.append(attention_mask is None)
+        return real(module, query, key, value, attention_mask, *args, **kwargs)
+
+    transformers.AttentionInterface.register(ATTENTION_NAME, spy)
+    try:
+        ids = torch.randint(0, 96, (2, 20), device=DEVICE)  # more queries than MAX_QUERY_LEN: transformers' sdpa
+        name = "cache" if "cache" in inspect.signature(ours.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            got = torch.compile(ours, backend="eager")(ids, **{name: transformers.DynamicCache(config=ours.config)})
+            want = reference(ids, **{name: transformers.DynamicCache(config=reference.config)})
+    finally:
+        register_attention_backend()
+    assert masks and all(masks), masks
+    _close(got.logits, want.logits)

@@ -5,7 +5,8 @@ transformers' sdpa path expands the KV cache from ``Hkv`` to ``Hq`` heads (``rep
 mask is passed or the model is compiled, and reads a static cache's whole length; ``decode_attention`` reads each
 K/V element once and skips the masked tail. This module gives it transformers' attention-interface signature
 (``AttentionInterface``) and registers transformers' own ``sdpa_mask`` as the mask of the same name
-(``AttentionMaskInterface``): the backend receives the bool masks sdpa does (or None where sdpa would rely on
+(``AttentionMaskInterface``, through :func:`triton_ops_mask`, which also leaves out a plain causal mask while
+``torch.compile`` traces): the backend receives the bool masks sdpa does (or None where sdpa would rely on
 ``is_causal``).
 
 Which calls run ``decode_attention`` (the rest go to transformers' ``sdpa_attention_forward``, or, for gpt-oss's
@@ -175,9 +176,43 @@ def slot_order_mask(attention_mask: torch.Tensor, ring_start: torch.Tensor) -> t
     return attention_mask.index_select(-1, order)
 
 
+def triton_ops_mask(*args, **kwargs) -> torch.Tensor | None:
+    """The mask function registered beside the backend: transformers' ``sdpa_mask``, except that a plain causal
+    call (as many keys as queries, no padding mask, no window, the causal skip allowed) returns None also while
+    ``torch.compile`` traces.
+
+    transformers up to 5.2x never skips the mask while tracing (``_ignore_causal_mask_sdpa`` guards against
+    ``torch.export`` hard-coding ``is_causal``; 5.25 relaxes it only for torch >= 2.14), so a compiled prefill
+    without a cache gets a ``[B, 1, S, S]`` mask, and sdpa leaves its causal flash kernel for a masked one that
+    reads the mask and skips no block. The conditions read only shapes and Python values, which dynamo guards
+    (and ``torch.export`` specializes or constrains; there is no test of ``torch.compiler.is_exporting()``, which
+    dynamo before torch 2.14 answers True while compiling): with ``q_length == kv_length`` and nothing padded or
+    windowed, the mask is exactly the causal one, upper-left and lower-right alike, so dropping it computes what it
+    computes, for every input the traced graph accepts. Everything else goes to ``sdpa_mask`` unchanged.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    if args or not _plain_causal(kwargs):
+        return sdpa_mask(*args, **kwargs)
+    return None
+
+
+def _plain_causal(kwargs: dict) -> bool:
+    """Whether a mask call (transformers' keywords) is the plain causal mask of as many keys as queries."""
+    from transformers.masking_utils import causal_mask_function
+
+    kv_offset = kwargs.get("kv_offset", 0)
+    q_length, kv_length = kwargs.get("q_length"), kwargs.get("kv_length")
+    return (kwargs.get("allow_is_causal_skip", True) and kwargs.get("attention_mask") is None
+            and kwargs.get("local_size") is None and kwargs.get("mask_function", causal_mask_function)
+            is causal_mask_function and isinstance(kv_offset, int) and kv_offset == 0
+            and isinstance(q_length, int) and q_length > 1 and q_length == kv_length)
+
+
 def register_attention_backend(name: str = ATTENTION_NAME) -> str:
     """Register ``triton_ops_attention_forward`` with transformers under ``name`` (default ``"triton_ops"``), and
-    transformers' ``sdpa_mask`` as that name's mask function. Returns ``name``.
+    :func:`triton_ops_mask` (transformers' ``sdpa_mask``, which also skips a plain causal mask under
+    ``torch.compile``) as that name's mask function. Returns ``name``.
 
     Then ``model.set_attn_implementation("triton_ops")`` (transformers 5.0 to 5.24 at least; also at load time,
     ``from_pretrained(..., attn_implementation="triton_ops")``) routes every attention layer through it. Setting
@@ -186,12 +221,12 @@ def register_attention_backend(name: str = ATTENTION_NAME) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"name: expected a non-empty str, got {name!r}")
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, triton_ops_attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, triton_ops_mask)
     return name
 
 
 __all__ = ["ATTENTION_NAME", "MAX_QUERY_LEN", "register_attention_backend", "slot_order_mask",
-           "triton_ops_attention_forward"]
+           "triton_ops_attention_forward", "triton_ops_mask"]
