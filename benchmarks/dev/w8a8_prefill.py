@@ -8,7 +8,8 @@ kernel for group and block scales (``fp8_gemm.gemm_wgmma``) and its tiles, cuBLA
         python -m benchmarks.dev.w8a8_prefill --shapes gate --kinds block --copies 1 --ncu
 
 Per case, in one run: cuBLAS bf16 ``mm`` and row-wise ``_scaled_mm``; ``fp8_gemm``'s per-channel call (per-row
-activations, the faithful default, the TMA kernel); then per scale kind (``group``: 1x128 activation blocks and
+activations, the faithful default, the TMA kernel) and the same on the Gluon ping-pong kernel (``path="wgmma"``,
+one program a tile and persistent); then per scale kind (``group``: 1x128 activation blocks and
 group weights, the default recipe's; ``block``: 1x128 and 128x128; ``row-group``: per-row activations, group
 weights) the Triton TMA kernel's default and the Gluon kernel's tiles (block weights on it with their one-FMA
 scaling, ``path="wgmma"``). Operands are quantized
@@ -59,6 +60,12 @@ def wgmma_candidates(lead: bool = False) -> list[dict]:
         out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4, "PINGPONG": True,
                     "PERSISTENT": True})
     return out
+
+
+def pingpong_candidates() -> list[dict]:
+    """The ping-pong configs timed for per-channel weights: one program a tile, and persistent."""
+    base = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "PINGPONG": True}
+    return [{**base, "STAGES": 4}] + [{**base, "STAGES": s, "PERSISTENT": True} for s in (3, 4, 5)]
 
 
 def _dequant_a(q, s, gran):
@@ -126,6 +133,12 @@ def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False
     record("ours per-channel (tma, faithful)",
            lambda: [gemm._launch(xq, b, o, xs, bs, None, gemm.A_ROW, gemm.B_CHANNEL, False, "tma") for (b, bs), o
                     in zip(wch, outs)], ref, "channel")
+    if gemm_wgmma.AVAILABLE:  # per-channel weights on the ping-pong kernel (faithful, scales in the epilogue)
+        for cfg in pingpong_candidates():
+            label = "channel: wgmma ping-pong s{STAGES} g{GROUP_M}".format(**cfg)
+            label += " persistent" if cfg.get("PERSISTENT") else ""
+            record(label, lambda: [gemm._launch(xq, b, o, xs, bs, None, gemm.A_ROW, gemm.B_CHANNEL, False, "wgmma",
+                                                cfg) for (b, bs), o in zip(wch, outs)], ref, "channel")
     for kind in kinds:
         a_gran, w_gran = KINDS[kind]
         aq, as_ = quantize_fp8(x, "e4m3", a_gran)

@@ -50,10 +50,14 @@ REGISTER_A_VARIANTS = [
 
 # The warp-specialized 128 x 128 kernel (PINGPONG configs: a TMA partition and two consumer warp groups, one
 # partial each), at its launch's register cap: no spills, no injected waits.
+# B_MODE: gemm_kernels' weight-scale modes (0 tensor, 1 channel, 2 block, 3 group).
 PINGPONG_VARIANTS = [
-    ("ping-pong 128 x 128, block weights, 1x128 activations, bf16 out", 2, True, "*bf16", False),
-    ("ping-pong 128 x 128, group weights, 1x128 activations, bias", 2, False, "*bf16", True),
-    ("ping-pong 128 x 128, block weights, per-row activations, fp32 out, bias", 1, True, "*fp32", True),
+    ("ping-pong 128 x 128, block weights, 1x128 activations, bf16 out", 2, 2, "*bf16", False),
+    ("ping-pong 128 x 128, group weights, 1x128 activations, bias", 2, 3, "*bf16", True),
+    ("ping-pong 128 x 128, block weights, per-row activations, fp32 out, bias", 1, 2, "*fp32", True),
+    ("ping-pong 128 x 128, channel weights, per-row activations, bf16 out", 1, 1, "*bf16", False),
+    ("ping-pong 128 x 128, channel weights, 1x128 activations, bias", 2, 1, "*bf16", True),
+    ("ping-pong 128 x 128, per-tensor weights and activations, fp16 out", 0, 0, "*fp16", False),
 ]
 
 
@@ -73,11 +77,11 @@ def main() -> int:
             consts.update(zip(("BLOCK_M", "BLOCK_N", "GROUP_M", "STAGES", "WARPS_M", "INSTR_N"), W.launch_args(cfg)))
         ok &= compile_sm90(W.kernel_for(cfg), types, consts, name, warps, stages, no_spills=not a_regs,
                            no_injected_waits=True)
-    for name, a_mode, b_blocks, out, bias in PINGPONG_VARIANTS:
+    for name, a_mode, b_mode, out, bias in PINGPONG_VARIANTS:
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out, "as_ptr": "*fp32", "bs_ptr": "*fp32",
                  "bias_ptr": "*bf16", **dict.fromkeys(INTS, "i32")}
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": 4, "num_warps": 4, "PINGPONG": True}
-        consts = dict(A_MODE=a_mode, B_BLOCKS=b_blocks, HAS_BIAS=bias, num_warps=4,
+        consts = dict(A_MODE=a_mode, B_MODE=b_mode, HAS_BIAS=bias, num_warps=4,
                       **dict(zip(("GROUP_M", "STAGES", "CONSUMER_REGS"), W.launch_args(cfg))))
         ok &= compile_sm90(W.kernel_for(cfg), types, consts, name, 4, 4, no_spills=True, no_injected_waits=True,
                            options=W.launch_options(cfg))

@@ -97,6 +97,31 @@ def test_the_wgmma_kernel_computes_what_the_triton_kernel_does(m, n, k, grans, o
     assert relative_error(out, triton_out) < (1e-6 if out_dtype == torch.float32 else 4e-3)
 
 
+@pytest.mark.parametrize("grans", [("row", "channel"), ("block", "channel"), ("tensor", "tensor")])
+@pytest.mark.parametrize("m, n, k", [(333, 2880, 1040), (2048, 4096, 4096), (129, 200, 4224)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile", [None, {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 16, "STAGES": 4, "num_warps": 4,
+                                         "PINGPONG": True}])
+def test_the_ping_pong_kernel_takes_per_channel_and_per_tensor_weights(m, n, k, grans, out_dtype, tile):
+    # Hopper: per-channel and per-tensor weights (path="wgmma": the ping-pong kernel, persistent by default) compute
+    # what the Triton TMA kernel's faithful accumulation computes: the same fresh partial per 128-deep K block,
+    # added in fp32, the weight scales in the epilogue; with a bias, at sizes no tile divides
+    if not gemm_wgmma.AVAILABLE or not torch.cuda.get_device_capability()[0] == 9:
+        pytest.skip("the Gluon kernel is Hopper-only")
+    a_q, a_s, b_q, b_s = make_operands(m, n, k, *grans, "cuda", kmajor_b=True, seed=m + k + 1)
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+    a_mode, b_mode = _MODES[grans[0]], {"channel": gemm.B_CHANNEL, "tensor": gemm.B_TENSOR}[grans[1]]
+    info = gemm._launch(a_q, b_q, out, a_s, b_s, bias, a_mode, b_mode, False, "wgmma", tile)
+    assert info["path"] == "wgmma" and info["PINGPONG"]
+    triton_out = torch.full_like(out, float("nan"))
+    gemm._launch(a_q, b_q, triton_out, a_s, b_s, bias, a_mode, b_mode, False, "tma")
+    ref = _ref_gpu(a_q, a_s, grans[0], b_q, b_s, grans[1], bias)
+    assert_close_rel(out, ref, KERNEL_TOL if out_dtype == torch.float32 else 4e-3 + KERNEL_TOL / 4)
+    # (the Triton kernel promotes through max_num_imprecise_acc: the same 128-deep partials, another fp32 order)
+    assert relative_error(out, triton_out) < (1e-4 if out_dtype == torch.float32 else 4e-3)
+
+
 def test_block_scales_take_the_gluon_kernel_only_when_routed_there(monkeypatch):
     if not gemm_wgmma.AVAILABLE or not torch.cuda.get_device_capability()[0] == 9:
         pytest.skip("the Gluon kernel is Hopper-only")

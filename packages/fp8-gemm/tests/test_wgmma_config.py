@@ -96,6 +96,37 @@ def test_wgmma_plans_launch_one_program_a_tile_or_for_persistent_configs_one_an_
             assert plan.kernel is gemm_wgmma.kernel_for(cfg)
 
 
+def test_per_channel_and_per_tensor_weights_plan_the_ping_pong_kernel_only():
+    """The weight-scale constexpr each kernel gets (an H100 record simulated: plans built, never launched)."""
+    from triton_ops_core.device import DeviceInfo, simulate_device
+
+    fp8 = torch.float8_e4m3fn
+    m, n, k = 512, 384, 1024
+    a, b = torch.zeros(m, k, dtype=fp8), torch.zeros(n, k, dtype=fp8).t()
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    h100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 50 * 2**20, 227 * 1024, 3.0e3, True)
+    b_mode_at = 10  # the tail: m, n, k, 3 strides, 2 activation-scale strides, the weight scale's row stride, A_MODE
+    cases = [(gemm.A_ROW, torch.ones(m, 1), gemm.B_CHANNEL, torch.ones(1, n)),
+             (gemm.A_TENSOR, torch.tensor(1.0), gemm.B_TENSOR, torch.tensor(1.0)),
+             (gemm.A_BLOCK, torch.ones(m, k // 128), gemm.B_CHANNEL, torch.ones(1, n)),
+             (gemm.A_BLOCK, torch.ones(m, k // 128), gemm.B_GROUP, torch.ones(k // 128, n)),
+             (gemm.A_BLOCK, torch.ones(m, k // 128), gemm.B_BLOCK, torch.ones(k // 128, 3))]
+    with simulate_device(h100):
+        for a_mode, a_s, b_mode, b_s in cases:
+            plan = gemm._wgmma_plan(a, b, out, a_s, b_s, None, a_mode, b_mode, gemm_wgmma.default_config())
+            assert plan.kernel is gemm_wgmma.fp8_scaled_gemm_wgmma_pingpong_kernel
+            assert plan.tail[b_mode_at - 1] == a_mode and plan.tail[b_mode_at] == b_mode  # B_MODE: every mode
+            if b_mode in (gemm.B_TENSOR, gemm.B_CHANNEL):
+                with pytest.raises(ValueError, match="ping-pong kernel only"):
+                    gemm._wgmma_plan(a, b, out, a_s, b_s, None, a_mode, b_mode, gemm_wgmma.one_partition_config())
+            else:  # the one-partition kernel's B_BLOCKS
+                plan = gemm._wgmma_plan(a, b, out, a_s, b_s, None, a_mode, b_mode, gemm_wgmma.one_partition_config())
+                assert plan.tail[b_mode_at] is (b_mode == gemm.B_BLOCK)
+    # their tuning space holds ping-pong configs alone
+    assert all(c["PINGPONG"] and c["BLOCK_M"] == c["BLOCK_N"] == 128 for c in cfgs.FP8_GEMM_PINGPONG_CONFIGS.configs())
+    assert gemm_wgmma.default_config() in cfgs.FP8_GEMM_PINGPONG_CONFIGS.configs()
+
+
 def test_one_stage_is_refused():
     # the loop waits for block kp + 1 before its first refill: with one slot that block would never arrive
     with pytest.raises(ValueError, match="STAGES"):
@@ -112,9 +143,11 @@ def test_interpreter_never_takes_the_gluon_kernel():
 
 def test_which_weight_scales_the_gluon_kernel_takes(monkeypatch):
     # as on a Hopper GPU with Gluon: group weights with TMA-readable scale rows by default; 128x128 blocks only
-    # when asked for (path="wgmma") or with WGMMA_BLOCK_SCALES on; never per-channel or per-tensor weights
+    # when asked for (path="wgmma") or with WGMMA_BLOCK_SCALES on; per-channel and per-tensor weights likewise
+    # (WGMMA_CHANNEL_SCALES), with faithful accumulation only
     monkeypatch.setattr(gemm_wgmma, "AVAILABLE", True)
     monkeypatch.setattr(gemm, "WGMMA_BLOCK_SCALES", False)
+    monkeypatch.setattr(gemm, "WGMMA_CHANNEL_SCALES", False)
     out = torch.empty(4, 256, dtype=torch.bfloat16)
     group, blocks = torch.ones(2, 256), torch.ones(2, 2)
     assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_GROUP, out, group)
@@ -123,11 +156,18 @@ def test_which_weight_scales_the_gluon_kernel_takes(monkeypatch):
     assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks, explicit=True)
     assert gemm._wgmma_takes(gemm.A_ROW, gemm.B_BLOCK, out, blocks, explicit=True)
     assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks.t(), explicit=True)  # strided columns
-    assert not gemm._wgmma_takes(gemm.A_ROW, gemm.B_CHANNEL, out, torch.ones(256), explicit=True)
-    assert not gemm._wgmma_takes(gemm.A_TENSOR, gemm.B_TENSOR, out, torch.tensor(1.0), explicit=True)
     assert not gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out.to(torch.float8_e4m3fn), blocks, explicit=True)
     monkeypatch.setattr(gemm, "WGMMA_BLOCK_SCALES", True)
     assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_BLOCK, out, blocks)
+    channel, tensor = torch.ones(1, 256), torch.tensor(1.0)  # (a 0-dim per-tensor scale: no stride read)
+    assert not gemm._wgmma_takes(gemm.A_ROW, gemm.B_CHANNEL, out, channel)
+    assert gemm._wgmma_takes(gemm.A_ROW, gemm.B_CHANNEL, out, channel, explicit=True)
+    assert gemm._wgmma_takes(gemm.A_TENSOR, gemm.B_TENSOR, out, tensor, explicit=True)
+    assert not gemm._wgmma_takes(gemm.A_ROW, gemm.B_CHANNEL, out, channel, explicit=True, fast_accum=True)
+    monkeypatch.setattr(gemm, "WGMMA_CHANNEL_SCALES", True)
+    assert gemm._wgmma_takes(gemm.A_BLOCK, gemm.B_CHANNEL, out, channel)
+    assert gemm._wgmma_takes(gemm.A_TENSOR, gemm.B_TENSOR, out, tensor)
+    assert not gemm._wgmma_takes(gemm.A_TENSOR, gemm.B_TENSOR, out, tensor, fast_accum=True)
 
 
 @pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False"), ("1", "True")])

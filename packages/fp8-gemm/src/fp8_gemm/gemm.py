@@ -51,6 +51,10 @@ FUSED_ROW_QUANT_MAX = 16384
 # (session 48, benchmarks/dev/w8a8_prefill.py): 1.04-1.26x the Triton kernel's speed; the FP8 checkpoint's 2k prefill
 # 52.96 -> 49.02 ms. False sends them back to the Triton kernel.
 WGMMA_BLOCK_SCALES = True
+# Per-tensor and per-channel weights with faithful accumulation on the Gluon ping-pong kernel (Hopper, M > 64; its
+# weight scales wait for the epilogue, as the Triton kernel's do): compiled for sm_90 without spills, not yet timed
+# on a GPU, so opt-in: ``path="wgmma"`` per call, or True here for every such call. False: the Triton TMA kernel.
+WGMMA_CHANNEL_SCALES = False
 # Triton reads TRITON_INTERPRET when the kernels are decorated (at import): that decision holds for the process.
 _INTERP = is_interpreter()
 
@@ -141,8 +145,9 @@ def _choose(path: str, m: int, n: int, k: int, a_mode: int, b_mode: int, fast: b
                           lambda: cfgs.tma_heuristic(m, n, k, blocked, fast, device, interp), cfgs.FP8_GEMM_CONFIGS,
                           bench)
     elif path == "wgmma":
-        cfg = cfgs.choose(name, problem, dtypes, device, gemm_wgmma.default_config, cfgs.FP8_GEMM_WGMMA_CONFIGS,
-                          bench)
+        # per-tensor and per-channel weights run on the ping-pong kernel alone: its own space
+        space = cfgs.FP8_GEMM_WGMMA_CONFIGS if b_mode in (B_BLOCK, B_GROUP) else cfgs.FP8_GEMM_PINGPONG_CONFIGS
+        cfg = cfgs.choose(name, problem, dtypes, device, gemm_wgmma.default_config, space, bench)
     else:
         cfg = cfgs.choose(name, problem, dtypes, device, lambda: cfgs.ptr_heuristic(m, n, k, interp),
                           cfgs.FP8_GEMM_PTR_CONFIGS, bench)
@@ -186,12 +191,12 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
         path = "decode"
     elif path is None:
         path = _pick_path(a, b, out, m)
-        if path == "tma" and _wgmma_takes(a_mode, b_mode, out, b_s):
+        if path == "tma" and _wgmma_takes(a_mode, b_mode, out, b_s, fast_accum=fast_accum):
             path = "wgmma"
-    if path == "wgmma" and not (_wgmma_takes(a_mode, b_mode, out, b_s, explicit=True)
+    if path == "wgmma" and not (_wgmma_takes(a_mode, b_mode, out, b_s, explicit=True, fast_accum=fast_accum)
                                 and _pick_path(a, b, out, max(m, DECODE_MAX_M + 1)) == "tma"):
-        raise ValueError("the wgmma path takes group- or block-scaled weights on Hopper only, with TMA-aligned "
-                         "operands")
+        raise ValueError("the wgmma path takes group- or block-scaled weights (and per-tensor or per-channel ones "
+                         "with faithful accumulation) on Hopper only, with TMA-aligned operands")
     if config is None:
         cfg_a_mode, a_dtype = (A_ROW, FP8) if quant_a else (a_mode, a.dtype)
         problem = (path, m, n, k, cfg_a_mode, b_mode, bool(fast_accum), a.device, (a_dtype, b.dtype, out.dtype), interp)
@@ -257,17 +262,23 @@ def _launch_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, fast_accum, path=Non
                 num_stages=cfg["num_stages"])
 
 
-def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor, b_s: torch.Tensor, explicit: bool = False) -> bool:
-    """The Gluon kernel takes the TMA path's group-scaled weights (activations per tensor, per row or in 1x128
+def _wgmma_takes(a_mode: int, b_mode: int, out: torch.Tensor, b_s: torch.Tensor, explicit: bool = False,
+                 fast_accum: bool = False) -> bool:
+    """The Gluon kernels take the TMA path's group-scaled weights (activations per tensor, per row or in 1x128
     blocks) with a 16- or 32-bit output, when TMA can read the scales' rows (unit column stride, 16-byte aligned
-    rows). 128x128 weight blocks run on it when asked for (``path="wgmma"``, :data:`WGMMA_BLOCK_SCALES` routes
-    them there by default)."""
-    if not (gemm_wgmma.AVAILABLE and b_mode in (B_BLOCK, B_GROUP) and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
-            and out.dtype in (torch.bfloat16, torch.float16, torch.float32) and b_s.stride(-1) == 1):
+    rows). 128x128 weight blocks run on them when asked for (``path="wgmma"``, :data:`WGMMA_BLOCK_SCALES` routes
+    them there by default); per-tensor and per-channel weights with faithful accumulation likewise
+    (:data:`WGMMA_CHANNEL_SCALES`), on the ping-pong kernel only."""
+    if not (gemm_wgmma.AVAILABLE and a_mode in (A_TENSOR, A_ROW, A_BLOCK)
+            and out.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+        return False
+    if b_mode in (B_TENSOR, B_CHANNEL):  # (a per-tensor scale may be 0-dim: no stride to read)
+        return not fast_accum and (explicit or WGMMA_CHANNEL_SCALES)
+    if b_mode not in (B_BLOCK, B_GROUP) or b_s.stride(-1) != 1:
         return False
     if b_mode == B_BLOCK:
         return explicit or WGMMA_BLOCK_SCALES
-    return b_mode == B_GROUP and b_s.data_ptr() % 16 == 0 and (b_s.stride(0) * 4) % 16 == 0
+    return b_s.data_ptr() % 16 == 0 and (b_s.stride(0) * 4) % 16 == 0
 
 
 def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) -> Plan:
@@ -282,8 +293,8 @@ def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) 
         raise ValueError(f"128x128 weight blocks need BLOCK_N to divide 128, got {cfg['BLOCK_N']}")
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0), a_mode, b_mode == B_BLOCK,
-            bias is not None, *gemm_wgmma.launch_args(cfg))
+    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0) if b_s.dim() == 2 else 0, a_mode,
+            gemm_wgmma.weight_mode_arg(cfg, b_mode), bias is not None, *gemm_wgmma.launch_args(cfg))
     grid = gemm_wgmma.programs(cfg, tiles, sm_count(a.device, cpu=4))
     return Plan(gemm_wgmma.kernel_for(cfg), (grid,), tail, cfg["num_warps"],
                 info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True),

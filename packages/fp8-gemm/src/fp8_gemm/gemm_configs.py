@@ -88,8 +88,22 @@ def _wgmma_fits(cfg: dict[str, Any], problem: Any) -> bool:
     return warps_ok and cfg["STAGES"] >= 2 and ring + out_tile <= _SMEM_BYTES
 
 
+# The warp-specialized ping-pong kernel (gemm_wgmma's PINGPONG configs: 128 x 128 tiles on a TMA partition and two
+# consumer warp groups), one program a tile or persistent: the space of per-tensor and per-channel weights, which only
+# it takes (group and block weights search the one-partition and tall kernels' space, beside the ping-pong default)
+_PINGPONG_PARAMS = {
+    "BLOCK_M": [128],
+    "BLOCK_N": [128],
+    "GROUP_M": [8, 16],
+    "STAGES": [3, 4, 5],
+    "num_warps": [4],
+    "PINGPONG": [True],
+    "PERSISTENT": [True, False],
+}
+
 FP8_GEMM_CONFIGS = ConfigSpace(_TMA_PARAMS, constraints=[_tma_fits])
 FP8_GEMM_WGMMA_CONFIGS = ConfigSpace(_WGMMA_PARAMS, constraints=[_wgmma_fits])
+FP8_GEMM_PINGPONG_CONFIGS = ConfigSpace(_PINGPONG_PARAMS)
 FP8_GEMM_PTR_CONFIGS = ConfigSpace(_PTR_PARAMS)
 FP8_GEMM_DECODE_CONFIGS = ConfigSpace(_DECODE_PARAMS, constraints=[_decode_fits])
 
@@ -238,6 +252,7 @@ def choose(kernel: str, problem: dict[str, int], dtypes: tuple, device: torch.de
 __all__ = [
     "FP8_GEMM_CONFIGS",
     "FP8_GEMM_DECODE_CONFIGS",
+    "FP8_GEMM_PINGPONG_CONFIGS",
     "FP8_GEMM_WGMMA_CONFIGS",
     "FP8_GEMM_PTR_CONFIGS",
     "choose",

@@ -18,6 +18,10 @@ one FMA an element: a tile of at most 128 columns lies in one column of weight b
 the row factors (about 190 instructions a K block a thread). ``gemm`` sends block weights here only when asked
 (``path="wgmma"``) or with ``gemm.WGMMA_BLOCK_SCALES`` on.
 
+The warp-specialized ping-pong kernel also takes per-tensor and per-channel weights with faithful accumulation
+(``gemm.WGMMA_CHANNEL_SCALES``, or ``path="wgmma"``): the Triton kernel's scheme for those, a fresh partial per K
+block added in fp32 and the weight scale in the epilogue, on a TMA producer and two alternating consumer warp groups.
+
 Numerics are those of the Triton kernel: a fresh tensor-core partial per 128-deep K block (FP8 products summed in
 the tensor core over 128 only), scaled in fp32 and added in fp32, K blocks in order. Gluon kernels do not run under
 Triton's interpreter: ``AVAILABLE`` is False there (and on a Triton without Gluon's Hopper module or outside
@@ -29,6 +33,9 @@ from __future__ import annotations
 import os
 
 import triton
+import triton.language as tl
+
+from . import gemm_kernels
 
 try:  # Gluon is experimental: its Hopper module is present from Triton 3.5 on
     from triton.experimental import gluon
@@ -54,6 +61,10 @@ VALIDATED_TRITON = ("3.6",)
 AVAILABLE = (gluon is not None and not is_interpreter() and os.environ.get("TRITON_OPS_GLUON", "1") != "0"
              and triton.__version__.startswith(VALIDATED_TRITON))
 SCALE_BLOCK = 128  # the K depth of one scale block, and of the kernel's K step
+# the weight-scale modes (gemm_kernels' numbering) as the kernels' globals must be: constexpr. The ping-pong kernel
+# takes all four (B_MODE); the one-partition and tall kernels take group or block weights (B_BLOCKS)
+_B_TENSOR, _B_CHANNEL, _B_BLOCK, _B_GROUP = (tl.constexpr(m) for m in (gemm_kernels.B_TENSOR, gemm_kernels.B_CHANNEL,
+                                                                       gemm_kernels.B_BLOCK, gemm_kernels.B_GROUP))
 
 
 def warps_per_cta(block_m: int, num_warps: int) -> list[int]:
@@ -175,16 +186,6 @@ if gluon is not None:
             sa = gl.load(sa_rows + gl.minimum(kb, k_tiles - 1) * SA_K)
         else:
             sa = gl.full([BLOCK_M], 1.0, gl.float32, layout=offs_m.type.layout)
-        return sa
-
-    @gluon.jit
-    def _factors(sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs, A_MODE: gl.constexpr,
-                 B_BLOCKS: gl.constexpr, BLOCK_M: gl.constexpr):
-        # K block kb's row factors: the 1x128 activation scales (else 1), times the tile's 128x128 weight-block
-        # scale for block weights
-        sa = _row_factors(sa_rows, offs_m, kb, SA_K, k_tiles, A_MODE, BLOCK_M)
-        if B_BLOCKS:
-            sa = sa * gl.load(bs_col_ptr + gl.minimum(kb, k_tiles - 1) * stride_bs)
         return sa
 
     @gluon.jit
@@ -457,7 +458,7 @@ if gluon is not None:
 
     @gluon.jit
     def _pingpong_producer(a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, M, N, k_tiles,
-                           STAGES: gl.constexpr, NBYTES: gl.constexpr, B_BLOCKS: gl.constexpr, GROUP_M: gl.constexpr):
+                           STAGES: gl.constexpr, NBYTES: gl.constexpr, B_MODE: gl.constexpr, GROUP_M: gl.constexpr):
         # the default partition: each K block of each of the program's tiles into its ring slot once both
         # consumers released the slot's previous block (empty: count 2; a fresh barrier counts as released: phase
         # 1). It runs ahead across tiles: the next tile's first blocks load while the consumers store this one.
@@ -471,18 +472,48 @@ if gluon is not None:
                 mbarrier.expect(ready.index(slot), NBYTES)
                 tma.async_copy_global_to_shared(a_desc, [off_m, kb * 128], ready.index(slot), a_bufs.index(slot))
                 tma.async_copy_global_to_shared(b_desc, [off_n, kb * 128], ready.index(slot), b_bufs.index(slot))
-                if not B_BLOCKS:
+                if B_MODE == _B_GROUP:
                     tma.async_copy_global_to_shared(s_desc, [kb, off_n], ready.index(slot), s_bufs.index(slot))
                 it += 1
 
     @gluon.jit
+    def _column_scales(acc, bs_ptr, col0, N, WIDTH: gl.constexpr, num_warps: gl.constexpr, layout: gl.constexpr):
+        # acc times per-channel weight scales: one column a thread, then to the accumulator's layout (as the bias)
+        cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        offs_b = col0 + gl.arange(0, WIDTH, layout=cols)
+        sb = gl.load(bs_ptr + offs_b, mask=offs_b < N, other=0.0)
+        return acc * gl.convert_layout(sb, gl.SliceLayout(0, layout))[None, :]
+
+    @gluon.jit
+    def _pingpong_scales(acc, as_ptr, bs_ptr, offs_m, off_n, M, N, A_MODE: gl.constexpr, B_MODE: gl.constexpr,
+                         BLOCK_N: gl.constexpr, mma: gl.constexpr):
+        # the scales constant along K, in the Triton kernel's order (gemm_kernels._epilogue): per-tensor or per-row
+        # activations, then per-channel or per-tensor weights (a per-tensor pair as one product)
+        if A_MODE == 0:
+            if B_MODE == _B_TENSOR:
+                acc = acc * (gl.load(as_ptr) * gl.load(bs_ptr))
+            else:
+                acc = acc * gl.load(as_ptr)
+        elif A_MODE == 1:
+            acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if B_MODE == _B_CHANNEL:
+            acc = _column_scales(acc, bs_ptr, off_n, N, BLOCK_N, 4, mma)
+        elif B_MODE == _B_TENSOR:
+            if A_MODE != 0:
+                acc = acc * gl.load(bs_ptr)
+        return acc
+
+    @gluon.jit
     def _pingpong_consumer(half: gl.constexpr, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr,
                            bias_ptr, M, N, k_tiles, SA_M, SA_K, stride_bs, A_MODE: gl.constexpr,
-                           B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
+                           B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, GROUP_M: gl.constexpr):
         # one warp group: rows half * 64 .. + 63 of each 128-row tile. Each K block: its MMA into the partial, the
         # wait, the slot released, the promotion; the other warp group's MMA runs on the tensor cores meanwhile.
         # A tile's store is asynchronous: waited for only before the next tile's result goes into the buffer.
+        # Per-tensor and per-channel weights (B_MODE 0, 1) are constant along K: their partials join the
+        # accumulator unscaled (times the 1x128 activation scales, if any) and the weight scale waits for the
+        # epilogue, as in the Triton kernel.
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [64, BLOCK_N], c_desc.layout)
@@ -502,21 +533,21 @@ if gluon is not None:
                 a_half = a_bufs.index(slot).slice(half * 64, 64, dim=0)
                 b_tile = b_bufs.index(slot).permute((1, 0))
                 token = warpgroup_mma(a_half, b_tile, part, use_acc=False, is_async=True)
-                f = _factors(sa_rows, bs_col_ptr, offs_m, kb, SA_K, k_tiles, stride_bs, A_MODE, B_BLOCKS, 64)
+                f = _row_factors(sa_rows, offs_m, kb, SA_K, k_tiles, A_MODE, 64)
+                if B_MODE == _B_BLOCK:
+                    f = f * gl.load(bs_col_ptr + gl.minimum(kb, k_tiles - 1) * stride_bs)
                 part = warpgroup_mma_wait(num_outstanding=0, deps=(token, a_half, b_tile))[0]
-                if B_BLOCKS:
-                    acc = gl.fma(part, f[:, None], acc)
-                else:
+                if B_MODE == _B_GROUP:
                     sb = s_bufs.index(slot).load(mma)  # read before the slot is released
                     acc = acc + part * f[:, None] * sb
-                if not B_BLOCKS:
                     fence_async_shared()  # (the generic-proxy read of the scales before the producer's TMA write)
+                elif B_MODE == _B_BLOCK or A_MODE == 2:
+                    acc = gl.fma(part, f[:, None], acc)
+                else:
+                    acc = acc + part
                 mbarrier.arrive(empty.index(slot), count=1)
                 it += 1
-            if A_MODE == 0:
-                acc = acc * gl.load(as_ptr)
-            elif A_MODE == 1:
-                acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+            acc = _pingpong_scales(acc, as_ptr, bs_ptr, offs_m, off_n, M, N, A_MODE, B_MODE, BLOCK_N, mma)
             if HAS_BIAS:
                 acc = _add_bias(acc, bias_ptr, off_n, N, BLOCK_N, 4, mma)
             tma.store_wait(pendings=0)  # the previous tile's store has read the buffer
@@ -529,7 +560,7 @@ if gluon is not None:
     def fp8_scaled_gemm_wgmma_pingpong_kernel(
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr,
         M, N, K, stride_am, stride_bn, stride_cm, SA_M, SA_K, stride_bs,
-        A_MODE: gl.constexpr, B_BLOCKS: gl.constexpr, HAS_BIAS: gl.constexpr,
+        A_MODE: gl.constexpr, B_MODE: gl.constexpr, HAS_BIAS: gl.constexpr,
         GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The 128 x 128 tile of ``fp8_group_gemm_wgmma_kernel`` (same arguments, scales and numerics) with warp
@@ -540,12 +571,14 @@ if gluon is not None:
         partial a warp group (no second one in flight). A program walks the tiles ``program_id``, ``+
         num_programs`` ... (grouped order): launched with one program a tile, or persistent (a grid of at most
         one program an SM: ``PERSISTENT`` configs), where the ring runs on across tiles, so the next tile's loads
-        and this tile's store overlap. Compiled for sm_90; not yet run on a GPU."""
+        and this tile's store overlap. ``B_MODE`` (``gemm_kernels``' numbering) takes every weight scaling: group
+        and 128x128 block weights promote per K block as above; per-tensor and per-channel weights (faithful
+        accumulation: a fresh partial per K block, added in fp32) are scaled once in the epilogue."""
         BLOCK_M: gl.constexpr = 128
         BLOCK_N: gl.constexpr = 128
         k_tiles = gl.cdiv(K, 128)
         a_desc, b_desc, s_desc = _operand_descriptors(a_ptr, b_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_bs,
-                                                      k_tiles, BLOCK_M, BLOCK_N, B_BLOCKS)
+                                                      k_tiles, BLOCK_M, BLOCK_N, B_MODE != _B_GROUP)
         c_desc = _output_descriptor(c_ptr, M, N, stride_cm, 64, BLOCK_N)
         ab_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         s_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
@@ -557,15 +590,15 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # both consumer warp groups release a slot
-        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (1 - B_BLOCKS)
+        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * 128 + BLOCK_N * 4 * (B_MODE == _B_GROUP)
         gl.warp_specialize([
             (_pingpong_producer, (a_desc, b_desc, s_desc, a_bufs, b_bufs, s_bufs, ready, empty, M, N, k_tiles,
-                                  STAGES, nbytes, B_BLOCKS, GROUP_M)),
+                                  STAGES, nbytes, B_MODE, GROUP_M)),
             (_pingpong_consumer, (0, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, M, N,
-                                  k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N, STAGES,
+                                  k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_MODE, HAS_BIAS, BLOCK_N, STAGES,
                                   GROUP_M)),
             (_pingpong_consumer, (1, c_desc, a_bufs, b_bufs, s_bufs, ready, empty, as_ptr, bs_ptr, bias_ptr, M, N,
-                                  k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_BLOCKS, HAS_BIAS, BLOCK_N, STAGES,
+                                  k_tiles, SA_M, SA_K, stride_bs, A_MODE, B_MODE, HAS_BIAS, BLOCK_N, STAGES,
                                   GROUP_M)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
         # (warp_specialize joins the partitions before this point; the barriers die with the program)
@@ -623,6 +656,18 @@ def programs(cfg: dict, tiles: int, sms: int) -> int:
     return max(1, min(tiles, sms)) if cfg.get("PERSISTENT") else tiles
 
 
+def weight_mode_arg(cfg: dict, b_mode: int):
+    """The weight-scale constexpr a config's kernel takes: the ping-pong kernel's ``B_MODE`` (every mode, in
+    ``gemm_kernels``' numbering), else ``B_BLOCKS`` (128x128 blocks, or else group scales: the only two the
+    one-partition and tall kernels know)."""
+    if cfg.get("PINGPONG"):
+        return b_mode
+    if b_mode not in (gemm_kernels.B_BLOCK, gemm_kernels.B_GROUP):
+        raise ValueError("per-tensor and per-channel weights run on the ping-pong kernel only (a PINGPONG config), "
+                         f"got {cfg}")
+    return b_mode == gemm_kernels.B_BLOCK
+
+
 def launch_options(cfg: dict) -> dict:
     """Launch options beyond ``num_warps`` a config's kernel needs: the register cap of the warp-specialized one."""
     return {"maxnreg": PINGPONG_MAXNREG} if cfg.get("PINGPONG") else {}
@@ -649,4 +694,4 @@ def launch_args(cfg: dict) -> tuple:
 __all__ = ["AVAILABLE", "PINGPONG_MAXNREG", "PINGPONG_REGS", "TALL_BLOCK_M", "default_config",
            "fp8_group_gemm_wgmma_kernel", "fp8_scaled_gemm_wgmma_pingpong_kernel", "fp8_scaled_gemm_wgmma_tall_kernel",
            "instr_n", "kernel_for", "launch_args", "launch_options", "one_partition_config", "programs",
-           "warps_per_cta"]
+           "warps_per_cta", "weight_mode_arg"]
