@@ -44,6 +44,7 @@ def wgmma_candidates(lead: bool = False) -> list[dict]:
         for stages in (3, 4, 5):
             out.append({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "STAGES": stages, "num_warps": 4,
                         "PINGPONG": True, "PERSISTENT": True})
+        out.append({**out[-3], "BALANCED": True})  # the default's tiles spread evenly over the programs
         return out
     out = []
     for stages in (3, 4, 5):
@@ -65,7 +66,8 @@ def wgmma_candidates(lead: bool = False) -> list[dict]:
 def pingpong_candidates() -> list[dict]:
     """The ping-pong configs timed for per-channel weights: one program a tile, and persistent."""
     base = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "PINGPONG": True}
-    return [{**base, "STAGES": 4}] + [{**base, "STAGES": s, "PERSISTENT": True} for s in (3, 4, 5)]
+    return ([{**base, "STAGES": 4}] + [{**base, "STAGES": s, "PERSISTENT": True} for s in (3, 4, 5)]
+            + [{**base, "STAGES": 3, "PERSISTENT": True, "BALANCED": True}])
 
 
 def _dequant_a(q, s, gran):
@@ -137,6 +139,7 @@ def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False
         for cfg in pingpong_candidates():
             label = "channel: wgmma ping-pong s{STAGES} g{GROUP_M}".format(**cfg)
             label += " persistent" if cfg.get("PERSISTENT") else ""
+            label += " balanced" if cfg.get("BALANCED") else ""
             record(label, lambda: [gemm._launch(xq, b, o, xs, bs, None, gemm.A_ROW, gemm.B_CHANNEL, False, "wgmma",
                                                 cfg) for (b, bs), o in zip(wch, outs)], ref, "channel")
     for kind in kinds:
@@ -157,6 +160,7 @@ def run_case(name: str, m: int, copies: int, kinds: list[str], ncu: bool = False
             label += " a-regs" if cfg.get("A_REGS") else ""
             label += " ping-pong" if cfg.get("PINGPONG") else ""
             label += " persistent" if cfg.get("PERSISTENT") else ""
+            label += " balanced" if cfg.get("BALANCED") else ""
             record(label, lambda: [gemm._launch(aq, b, o, as_, bs, None, a_mode, b_mode, False, "wgmma", cfg)
                                    for (b, bs), o in zip(wq, outs)], ref, kind)
         record(f"{kind}: public fp8_gemm",

@@ -72,6 +72,10 @@ def test_ping_pong_tiles_take_the_warp_specialized_kernel():
     assert gemm_wgmma.launch_args(persistent) == gemm_wgmma.launch_args(pingpong)
     assert gemm_wgmma.programs(persistent, 512, 132) == 132 and gemm_wgmma.programs(persistent, 69, 132) == 69
     assert gemm_wgmma.programs(persistent, 0, 132) == 1
+    balanced = {**persistent, "BALANCED": True}  # 768 tiles: 6 waves of 132, spread as 128 programs of 6
+    assert gemm_wgmma.programs(balanced, 768, 132) == 128 and gemm_wgmma.programs(persistent, 768, 132) == 132
+    assert gemm_wgmma.programs(balanced, 69, 132) == 69 and gemm_wgmma.programs({**pingpong, "BALANCED": True}, 768,
+                                                                                132) == 768
     with pytest.raises(ValueError, match="PERSISTENT"):
         gemm_wgmma.launch_args({**gemm_wgmma.one_partition_config(), "PERSISTENT": True})
 

@@ -650,10 +650,17 @@ def kernel_for(cfg: dict):
 
 def programs(cfg: dict, tiles: int, sms: int) -> int:
     """The grid of a config over ``tiles`` output tiles: one program a tile, or for ``PERSISTENT`` ping-pong configs
-    one an SM (``sms``; fewer for fewer tiles), each walking its tiles with the ring running on across them. (As
-    measured in session 50; spreading the tiles evenly over the fewest programs that keep the waves,
-    ``gemm_configs.persistent_programs``, measured 1.5 % faster for the Triton TMA kernel and is untried here.)"""
-    return max(1, min(tiles, sms)) if cfg.get("PERSISTENT") else tiles
+    one an SM (``sms``; fewer for fewer tiles), each walking its tiles with the ring running on across them. With
+    ``"BALANCED": True`` beside it, the tiles spread evenly over the fewest programs that keep the number of waves
+    (``gemm_configs.persistent_programs``: 1.5 % faster for the Triton TMA kernel on the H100; candidates in
+    ``benchmarks.dev.w8a8_prefill``, not yet timed here)."""
+    if not cfg.get("PERSISTENT"):
+        return tiles
+    if cfg.get("BALANCED"):
+        from .gemm_configs import persistent_programs
+
+        return persistent_programs(tiles, sms)
+    return max(1, min(tiles, sms))
 
 
 def weight_mode_arg(cfg: dict, b_mode: int):
