@@ -690,6 +690,9 @@ def _run_variant(name: str, variant: str, config, args, device, ref: dict | None
     if "prefill" in args.parts:
         res.prefill = attempt("prefill", measure_prefill, model, args.prefill_tokens, not args.no_compile,
                               args.prefill_cache) or {}
+        print(f"  {name}/{variant} prefill: " + ", ".join(f"{key} {res.prefill[key]:.2f}" for key in
+                                                         ("ms", "gpu_ms", "compiled_ms", "compiled_cache_ms")
+                                                         if res.prefill.get(key) is not None), flush=True)
     if "generate" in args.parts:
         for mode, static in (("eager", False), ("static-compiled", True)):
             if static and args.no_compile:
