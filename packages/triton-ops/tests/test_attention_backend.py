@@ -228,6 +228,10 @@ def _mask_call(**overrides):
             "mask_function": causal_mask_function, "attention_mask": None, "allow_is_causal_skip": True,
             "dtype": DTYPE, "device": DEVICE}
     call.update(overrides)
+    if "cache_position" in inspect.signature(transformers.masking_utils.sdpa_mask).parameters:
+        # transformers before 5.1x: the queries' cache positions instead of their count and offset (no device)
+        first = call.pop("q_offset")
+        call["cache_position"] = torch.arange(first, first + call.pop("q_length"), device=call.pop("device"))
     return call
 
 

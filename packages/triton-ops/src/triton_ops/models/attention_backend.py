@@ -203,6 +203,9 @@ def _plain_causal(kwargs: dict) -> bool:
 
     kv_offset = kwargs.get("kv_offset", 0)
     q_length, kv_length = kwargs.get("q_length"), kwargs.get("kv_length")
+    cache_position = kwargs.get("cache_position")
+    if q_length is None and isinstance(cache_position, torch.Tensor):  # transformers before 5.1x: the queries' slots
+        q_length = cache_position.shape[0]
     return (kwargs.get("allow_is_causal_skip", True) and kwargs.get("attention_mask") is None
             and kwargs.get("local_size") is None and kwargs.get("mask_function", causal_mask_function)
             is causal_mask_function and isinstance(kv_offset, int) and kv_offset == 0
