@@ -293,8 +293,9 @@ def _wgmma_plan(a, b, out, a_s, b_s, bias, a_mode, b_mode, cfg: dict[str, Any]) 
         raise ValueError(f"128x128 weight blocks need BLOCK_N to divide 128, got {cfg['BLOCK_N']}")
     sa_m, sa_k = (a_s.stride(0), a_s.stride(1)) if a_mode == A_BLOCK else (0, 0)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0) if b_s.dim() == 2 else 0, a_mode,
-            gemm_wgmma.weight_mode_arg(cfg, b_mode), bias is not None, *gemm_wgmma.launch_args(cfg))
+    # the weight scale's row stride is read for block and group scales only (0 otherwise: one specialization)
+    tail = (m, n, k, a.stride(0), lead, out.stride(0), sa_m, sa_k, b_s.stride(0) if b_mode in (B_BLOCK, B_GROUP) else 0,
+            a_mode, gemm_wgmma.weight_mode_arg(cfg, b_mode), bias is not None, *gemm_wgmma.launch_args(cfg))
     grid = gemm_wgmma.programs(cfg, tiles, sm_count(a.device, cpu=4))
     return Plan(gemm_wgmma.kernel_for(cfg), (grid,), tail, cfg["num_warps"],
                 info={"path": "wgmma", **cfg}, extra=LaunchNeeds("tma", not kmajor, 0, True),
