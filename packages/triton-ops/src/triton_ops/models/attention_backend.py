@@ -181,12 +181,13 @@ def triton_ops_mask(*args, **kwargs) -> torch.Tensor | None:
     call (as many keys as queries, no padding mask, no window, the causal skip allowed) returns None also while
     ``torch.compile`` traces.
 
-    transformers up to 5.2x never skips the mask while tracing (``_ignore_causal_mask_sdpa`` guards against
-    ``torch.export`` hard-coding ``is_causal``; 5.25 relaxes it only for torch >= 2.14), so a compiled prefill
-    without a cache gets a ``[B, 1, S, S]`` mask, and sdpa leaves its causal flash kernel for a masked one that
+    transformers before 5.25 never skips the mask while tracing (``_ignore_causal_mask_sdpa`` guards against
+    ``torch.export`` hard-coding ``is_causal``; 5.25 relaxes it), so a compiled prefill into an empty
+    ``DynamicCache`` gets a ``[B, 1, S, S]`` mask, and sdpa leaves its causal flash kernel for a masked one that
     reads the mask and skips no block. The conditions read only shapes and Python values, which dynamo guards
     (and ``torch.export`` specializes or constrains; there is no test of ``torch.compiler.is_exporting()``, which
-    dynamo before torch 2.14 answers True while compiling): with ``q_length == kv_length`` and nothing padded or
+    dynamo answers True while compiling before torch 2.14, as transformers 5.25 notes): with ``q_length ==
+    kv_length`` and nothing padded or
     windowed, the mask is exactly the causal one, upper-left and lower-right alike, so dropping it computes what it
     computes, for every input the traced graph accepts. Everything else goes to ``sdpa_mask`` unchanged.
     """
