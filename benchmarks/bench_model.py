@@ -18,7 +18,8 @@ activations, and ``patched-fp8-block``). Measured, per variant, in one run:
   subtracted): eager with the default cache, and transformers' documented fast path (``cache_implementation=
   "static"``, which compiles the forward with CUDA graphs), batch 1.
 - ``prefill``: GPU time of a 2k-token prefill (batch 1, CUDA events), eager and (unless ``--no-compile``) through
-  ``torch.compile(model)``.
+  ``torch.compile(model)``, without a cache; with ``--prefill-cache`` also compiled into an empty ``DynamicCache``
+  (where a patched model's attention backend keeps SDPA's causal flash path, see :func:`measure_prefill`).
 - ``accuracy``: the patched variants' last-token logits against the unpatched model's (cosine) and the greedy
   tokens of ``generate()`` (agreement over the new tokens).
 
