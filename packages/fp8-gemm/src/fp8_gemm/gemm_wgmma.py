@@ -161,13 +161,18 @@ if gluon is not None:
         return a_bufs, b_bufs, s_bufs, bars
 
     @gluon.jit
-    def _add_bias(acc, bias_ptr, col0, N, WIDTH: gl.constexpr, num_warps: gl.constexpr, layout: gl.constexpr):
-        # one column a thread, then to the accumulator's layout: the MMA layout's own load needs an address per
-        # column a thread holds, which pushed the loop's registers into spills (block weights)
+    def _column_row(ptr, col0, N, WIDTH: gl.constexpr, num_warps: gl.constexpr, layout: gl.constexpr):
+        # a per-column vector (bias, channel scales) as fp32, shaped [1, WIDTH] for the accumulator: one column a
+        # thread, then to the accumulator's layout (the MMA layout's own load needs an address per column a thread
+        # holds, which pushed the loop's registers into spills with block weights)
         cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        offs_b = col0 + gl.arange(0, WIDTH, layout=cols)
-        bias = gl.load(bias_ptr + offs_b, mask=offs_b < N, other=0.0).to(gl.float32)
-        return acc + gl.convert_layout(bias, gl.SliceLayout(0, layout))[None, :]
+        offs = col0 + gl.arange(0, WIDTH, layout=cols)
+        vec = gl.load(ptr + offs, mask=offs < N, other=0.0).to(gl.float32)
+        return gl.convert_layout(vec, gl.SliceLayout(0, layout))[None, :]
+
+    @gluon.jit
+    def _add_bias(acc, bias_ptr, col0, N, WIDTH: gl.constexpr, num_warps: gl.constexpr, layout: gl.constexpr):
+        return acc + _column_row(bias_ptr, col0, N, WIDTH, num_warps, layout)
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, bars, kb, part, STAGES: gl.constexpr):
@@ -477,14 +482,6 @@ if gluon is not None:
                 it += 1
 
     @gluon.jit
-    def _column_scales(acc, bs_ptr, col0, N, WIDTH: gl.constexpr, num_warps: gl.constexpr, layout: gl.constexpr):
-        # acc times per-channel weight scales: one column a thread, then to the accumulator's layout (as the bias)
-        cols: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        offs_b = col0 + gl.arange(0, WIDTH, layout=cols)
-        sb = gl.load(bs_ptr + offs_b, mask=offs_b < N, other=0.0)
-        return acc * gl.convert_layout(sb, gl.SliceLayout(0, layout))[None, :]
-
-    @gluon.jit
     def _pingpong_scales(acc, as_ptr, bs_ptr, offs_m, off_n, M, N, A_MODE: gl.constexpr, B_MODE: gl.constexpr,
                          BLOCK_N: gl.constexpr, mma: gl.constexpr):
         # the scales constant along K, in the Triton kernel's order (gemm_kernels._epilogue): per-tensor or per-row
@@ -497,7 +494,7 @@ if gluon is not None:
         elif A_MODE == 1:
             acc = acc * gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         if B_MODE == _B_CHANNEL:
-            acc = _column_scales(acc, bs_ptr, off_n, N, BLOCK_N, 4, mma)
+            acc = acc * _column_row(bs_ptr, off_n, N, BLOCK_N, 4, mma)
         elif B_MODE == _B_TENSOR:
             if A_MODE != 0:
                 acc = acc * gl.load(bs_ptr)
