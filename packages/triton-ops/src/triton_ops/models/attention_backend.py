@@ -186,10 +186,10 @@ def triton_ops_mask(*args, **kwargs) -> torch.Tensor | None:
     ``DynamicCache`` gets a ``[B, 1, S, S]`` mask, and sdpa leaves its causal flash kernel for a masked one that
     reads the mask and skips no block. The conditions read only shapes and Python values, which dynamo guards
     (and ``torch.export`` specializes or constrains; there is no test of ``torch.compiler.is_exporting()``, which
-    dynamo answers True while compiling before torch 2.14, as transformers 5.25 notes): with ``q_length ==
-    kv_length`` and nothing padded or
-    windowed, the mask is exactly the causal one, upper-left and lower-right alike, so dropping it computes what it
-    computes, for every input the traced graph accepts. Everything else goes to ``sdpa_mask`` unchanged.
+    dynamo answers True while compiling before torch 2.14, as transformers 5.25 notes). With ``q_length ==
+    kv_length`` and nothing padded or windowed, the mask is exactly the causal one, upper-left and lower-right
+    alike, so dropping it computes what it computes, for every input the traced graph accepts. A symbolic length
+    (dynamic shapes) is not an int: such a call keeps its mask. Everything else goes to ``sdpa_mask`` unchanged.
     """
     from transformers.masking_utils import sdpa_mask
 
