@@ -534,9 +534,13 @@ def measure_prefill(model, tokens: int, compiled: bool = True, with_cache: bool 
             from transformers import DynamicCache
 
             kw = cache_kwarg(model)
-            out["compiled_cache_ms"] = _median_ms(
-                lambda: fast(input_ids=ids, logits_to_keep=1, **{kw: DynamicCache(config=model.config)}),
-                warmup=2)
+            try:  # (a failure here leaves the cacheless timings standing, and says why)
+                out["compiled_cache_ms"] = _median_ms(
+                    lambda: fast(input_ids=ids, logits_to_keep=1, **{kw: DynamicCache(config=model.config)}),
+                    warmup=2)
+            except Exception as exc:  # noqa: BLE001 - any compile or runtime failure is reported, not raised
+                out["compiled_cache_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"  compiled prefill into a DynamicCache failed: {out['compiled_cache_error']}", flush=True)
         torch._dynamo.reset()
     return out
 
