@@ -218,7 +218,7 @@ def register_attention_backend(name: str = ATTENTION_NAME) -> str:
     :func:`triton_ops_mask` (transformers' ``sdpa_mask``, which also skips a plain causal mask under
     ``torch.compile``) as that name's mask function. Returns ``name``.
 
-    Then ``model.set_attn_implementation("triton_ops")`` (transformers 5.0 to 5.24 at least; also at load time,
+    Then ``model.set_attn_implementation("triton_ops")`` (transformers 5.0 to 5.25 at least; also at load time,
     ``from_pretrained(..., attn_implementation="triton_ops")``) routes every attention layer through it. Setting
     ``model.config._attn_implementation = "triton_ops"`` works too, without transformers' checks. Idempotent.
     """
